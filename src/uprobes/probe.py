@@ -1,0 +1,78 @@
+"""A resolved probe: what engines place. Identity is (st_dev, st_ino, file offset).
+
+Three address spaces meet here; names say which one a number is in:
+`file_offset` (the kernel's uprobe offset, inside the file), `link_addr`
+(an address in the ELF's own view, as symbols give it) and `runtime_addr`
+(where it sits in one process). Conversions live in `uprobes.elf.image`
+(file <-> link) and `uprobes.sys.procfs` (file <-> runtime, per mapping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from uprobes.spec.ast import FetchArg, ProbeKind, ProbeSpec
+
+
+@dataclass(frozen=True, order=True)
+class InodeKey:
+    """A probed instruction in a file: the kernel's identity of a uprobe."""
+
+    dev: int
+    ino: int
+    file_offset: int
+
+
+@dataclass(frozen=True, order=True)
+class VdsoKey:
+    """A probed instruction in one process's vDSO (which has no inode)."""
+
+    pid: int
+    offset: int
+
+
+ProbeKey = InodeKey | VdsoKey
+
+
+@dataclass(frozen=True)
+class UsdtArg:
+    """One SDT argument as the note spells it (`-4@%eax`, `8@-16(%rbp)`, `$5`)."""
+
+    size: int
+    signed: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class ResolvedProbe:
+    """One probe point from one spec (a glob gives several).
+
+    `path` opens the very file `key` names (absolute; may be a
+    `/proc/PID/root/...` path). `event` and `group` are final names.
+    `args` are the spec's fetchargs, with `$argN` still symbolic: each engine
+    turns them into what it fetches (the kernel engine into `%di`... or the
+    USDT operand, through `uprobes.spec.lower`).
+    """
+
+    spec: ProbeSpec
+    key: ProbeKey
+    path: str
+    file_offset: int
+    kind: ProbeKind
+    group: str
+    event: str
+    args: tuple[FetchArg, ...]
+    symbol: str | None = None
+    symbol_offset: int = 0
+    link_addr: int | None = None
+    ref_ctr_offset: int | None = None
+    usdt_args: tuple[UsdtArg, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_return(self) -> bool:
+        return self.kind is ProbeKind.RETURN
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}/{self.event}"

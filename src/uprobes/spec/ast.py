@@ -1,0 +1,224 @@
+"""The probe language as data: what a parsed line means, before any file is read.
+
+Parse (text -> these frozen dataclasses) knows nothing of files; resolution
+(`uprobes.resolve`) turns a `ProbeSpec` into probes keyed by inode and file
+offset; engines place those. Offsets here are as written by the user: a
+`FileTarget.offset` is a *file offset* (the kernel's uprobe offset), and
+`symbol_offset` is added to the symbol's link-time address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ProbeKind(Enum):
+    ENTRY = "p"
+    RETURN = "r"
+
+
+# ---------------------------------------------------------------- targets
+
+@dataclass(frozen=True)
+class FileTarget:
+    """`PATH:OFFSET` or `PATH:SYMBOL[+OFF]`.
+
+    `path` is as written: an absolute or relative path, a library short name
+    (`c`, `libc`, `libc.so.6`) or a program name looked up on PATH.
+    Exactly one of `offset` (a file offset) and `symbol` is set. `symbol` may
+    carry a version (`memcpy@GLIBC_2.14`) and glob characters (`str*`).
+    """
+
+    path: str
+    offset: int | None = None
+    symbol: str | None = None
+    symbol_offset: int = 0
+    ref_ctr_offset: int | None = None
+
+
+@dataclass(frozen=True)
+class UsdtTarget:
+    """`usdt:PATH:PROVIDER:NAME`; PROVIDER and NAME may be globs."""
+
+    path: str
+    provider: str
+    name: str
+
+
+@dataclass(frozen=True)
+class VdsoTarget:
+    """`:vdso:SYMBOL[+OFF]` or `:vdso:0xOFF` (offset into the vDSO image)."""
+
+    offset: int | None = None
+    symbol: str | None = None
+    symbol_offset: int = 0
+
+
+Target = FileTarget | UsdtTarget | VdsoTarget
+
+
+# ---------------------------------------------------------------- fetchargs
+
+@dataclass(frozen=True)
+class Register:
+    """`%REG`: `name` is the kernel's x86-64 name (`ax`, `di`, `r8`, `ip`, ...)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Memory:
+    """`@ADDR`: an absolute user-space address."""
+
+    address: int
+
+
+@dataclass(frozen=True)
+class FileOffset:
+    """`@+OFFSET`: memory at a file offset of the probed file."""
+
+    file_offset: int
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """`$stackN`: the N-th word on the stack at the hit."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class StackPointer:
+    """`$stack`: the stack pointer."""
+
+
+@dataclass(frozen=True)
+class RetVal:
+    """`$retval`: return probes only."""
+
+
+@dataclass(frozen=True)
+class Comm:
+    """`$comm`: the task's command name."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """`$argN` (N >= 1): the N-th integer argument of the SysV x86-64 ABI, or,
+    in a USDT probe, the N-th SDT argument."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Deref:
+    """`+|-[u]OFFS(FETCHARG)`: memory at `base + offset`."""
+
+    offset: int
+    base: "FetchExpr"
+    user: bool = False
+
+
+@dataclass(frozen=True)
+class Immediate:
+    r"""`\IMM`."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class ImmString:
+    r"""`\"text"`."""
+
+    text: str
+
+
+FetchExpr = (
+    Register | Memory | FileOffset | StackEntry | StackPointer | RetVal | Comm
+    | Arg | Deref | Immediate | ImmString
+)
+
+
+@dataclass(frozen=True)
+class Bitfield:
+    """`b<width>@<offset>/<container>`: `container` in bits (8, 16, 32, 64)."""
+
+    width: int
+    offset: int
+    container: int
+
+
+@dataclass(frozen=True)
+class FetchType:
+    """A fetcharg type.
+
+    `base` is one of `u8..u64 s8..s64 x8..x64 char string ustring` or
+    `bitfield` (then `bitfield` is set); `array` is N for `TYPE[N]`.
+    `explicit` is False when the type was defaulted (x64 on x86-64, string
+    for $comm and immediate strings).
+    """
+
+    base: str
+    bitfield: Bitfield | None = None
+    array: int | None = None
+    explicit: bool = True
+
+    @property
+    def is_string(self) -> bool:
+        return self.base in ("string", "ustring")
+
+    @property
+    def size(self) -> int:
+        """Bytes of one element (a string's element is its pointer: 8)."""
+        if self.bitfield is not None:
+            return self.bitfield.container // 8
+        if self.base == "char":
+            return 1
+        if self.is_string:
+            return 8
+        return int(self.base[1:]) // 8
+
+    @property
+    def signed(self) -> bool:
+        return self.base.startswith("s")
+
+
+@dataclass(frozen=True)
+class FetchArg:
+    """`NAME=FETCHARG[:TYPE]`; `name` is given or generated (`arg1`, `arg2`...)."""
+
+    name: str
+    expr: FetchExpr
+    type: FetchType
+    text: str = ""
+
+
+# ---------------------------------------------------------------- lines
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One `p`/`r` line (or a line without the `p`)."""
+
+    kind: ProbeKind
+    target: Target
+    args: tuple[FetchArg, ...] = ()
+    group: str | None = None
+    event: str | None = None
+    text: str = ""
+
+    @property
+    def is_return(self) -> bool:
+        return self.kind is ProbeKind.RETURN
+
+
+@dataclass(frozen=True)
+class ClearSpec:
+    """`-:[GRP/]EVENT`."""
+
+    event: str
+    group: str | None = None
+    text: str = ""
+
+
+Spec = ProbeSpec | ClearSpec

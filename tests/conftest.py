@@ -1,0 +1,99 @@
+"""Shared test plumbing: real fixtures compiled with gcc, real kernel checks.
+
+Under UPROBES_REQUIRE_KERNEL=1 (set by .ci/run) a test that would skip for
+want of root, tracefs or ptrace fails instead: CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REQUIRE_KERNEL = os.environ.get("UPROBES_REQUIRE_KERNEL") == "1"
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip unless `condition`; under UPROBES_REQUIRE_KERNEL=1, fail instead."""
+    if condition:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"UPROBES_REQUIRE_KERNEL=1 but {why}")
+    pytest.skip(why)
+
+
+def _tracefs_root() -> Path | None:
+    for cand in TRACEFS_CANDIDATES:
+        if Path(cand, "uprobe_events").exists():
+            return Path(cand)
+    if os.geteuid() == 0 and Path("/sys/kernel/tracing").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"],
+                       capture_output=True)
+        if Path("/sys/kernel/tracing/uprobe_events").exists():
+            return Path("/sys/kernel/tracing")
+    return None
+
+
+@pytest.fixture(scope="session")
+def tracefs() -> Path:
+    """The tracefs root, mounted if need be; needs root."""
+    need(os.geteuid() == 0, "tracefs tests need root")
+    root = _tracefs_root()
+    need(root is not None, "tracefs with uprobe_events is not available")
+    assert root is not None
+    return root
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("build")
+
+
+class Compiler:
+    """Compiles a fixture from tests/fixtures once per flag set, with gcc."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __call__(self, source: str, *flags: str, name: str | None = None) -> Path:
+        src = FIXTURES / source
+        tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
+        exe = self.out / (name or f"{src.stem}-{tag}")
+        if not exe.exists():
+            cc = "g++" if src.suffix == ".cc" else "gcc"
+            cmd = [cc, "-O1", "-g", "-fno-omit-frame-pointer", *flags, "-o", str(exe), str(src)]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return exe
+
+
+@pytest.fixture(scope="session")
+def compile_c(build_dir: Path) -> Compiler:
+    assert shutil.which("gcc"), "gcc is required to build the test fixtures"
+    return Compiler(build_dir)
+
+
+def _our_uprobe_events() -> list[str]:
+    root = None
+    for cand in TRACEFS_CANDIDATES:
+        if Path(cand, "uprobe_events").exists():
+            root = Path(cand)
+            break
+    if root is None or os.geteuid() != 0:
+        return []
+    lines = Path(root, "uprobe_events").read_text().splitlines()
+    return [ln for ln in lines if ln[2:].startswith("uprobes_")]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_probes() -> object:
+    """After every test: no uprobe_events of ours (groups `uprobes_*`) remain."""
+    before = set(_our_uprobe_events())
+    yield
+    leaked = set(_our_uprobe_events()) - before
+    assert not leaked, f"test left uprobe events behind: {sorted(leaked)}"
