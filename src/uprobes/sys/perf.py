@@ -1,0 +1,417 @@
+"""perf_event_open(2): the attr struct, event fds, and the mmap ring buffer.
+
+Tracepoint events (`PERF_TYPE_TRACEPOINT`, `config` = a tracefs event id) are
+how the kernel engine receives probe hits: PERF_SAMPLE_RAW carries the trace
+record the event's `format` file describes.
+
+Per-CPU vs per-task rings, as measured on 6.18: a per-task event (`pid=PID,
+cpu=-1`) can be mmapped only without `inherit` (perf_mmap() refuses EINVAL
+for inherited per-task events so children don't all write into one buffer).
+To follow children, open one event per CPU with `pid=PID, cpu=N, inherit=1`
+and a ring per CPU; several events on the same CPU share one ring through
+`set_output()` (the kernel refuses cross-CPU redirection).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from uprobes.errors import KernelError
+from uprobes.sys.libc import kernel_error, kernel_errors, syscall
+
+PERF_TYPE_TRACEPOINT = 2
+
+# attr.sample_type bits (include/uapi/linux/perf_event.h).
+PERF_SAMPLE_IP = 1 << 0
+PERF_SAMPLE_TID = 1 << 1
+PERF_SAMPLE_TIME = 1 << 2
+PERF_SAMPLE_ADDR = 1 << 3
+PERF_SAMPLE_ID = 1 << 6
+PERF_SAMPLE_CPU = 1 << 7
+PERF_SAMPLE_PERIOD = 1 << 8
+PERF_SAMPLE_STREAM_ID = 1 << 9
+PERF_SAMPLE_RAW = 1 << 10
+PERF_SAMPLE_IDENTIFIER = 1 << 16
+# The layouts RingBuffer can parse: every field before RAW that it knows.
+_PARSEABLE = (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
+              | PERF_SAMPLE_ADDR | PERF_SAMPLE_ID | PERF_SAMPLE_STREAM_ID | PERF_SAMPLE_CPU
+              | PERF_SAMPLE_PERIOD | PERF_SAMPLE_RAW)
+
+# The attr flags word, one named bit each (the C struct's bitfield, in order).
+ATTR_DISABLED = 1 << 0
+ATTR_INHERIT = 1 << 1
+ATTR_PINNED = 1 << 2
+ATTR_EXCLUSIVE = 1 << 3
+ATTR_EXCLUDE_USER = 1 << 4
+ATTR_EXCLUDE_KERNEL = 1 << 5
+ATTR_EXCLUDE_HV = 1 << 6
+ATTR_EXCLUDE_IDLE = 1 << 7
+ATTR_MMAP = 1 << 8
+ATTR_COMM = 1 << 9
+ATTR_FREQ = 1 << 10
+ATTR_INHERIT_STAT = 1 << 11
+ATTR_ENABLE_ON_EXEC = 1 << 12
+ATTR_TASK = 1 << 13
+ATTR_WATERMARK = 1 << 14
+ATTR_SAMPLE_ID_ALL = 1 << 18
+ATTR_USE_CLOCKID = 1 << 25
+ATTR_WRITE_BACKWARD = 1 << 27
+ATTR_INHERIT_THREAD = 1 << 35
+ATTR_REMOVE_ON_EXEC = 1 << 36
+
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+
+# ioctl requests: _IO('$', n) and _IOW('$', 6, char *).
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_DISABLE = 0x2401
+PERF_EVENT_IOC_RESET = 0x2403
+PERF_EVENT_IOC_SET_OUTPUT = 0x2405
+PERF_EVENT_IOC_SET_FILTER = 0x40082406
+
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+
+PERF_ATTR_SIZE_VER8 = 136
+PAGE_SIZE = mmap.PAGESIZE
+# struct perf_event_mmap_page: data_head, data_tail, data_offset, data_size.
+_DATA_HEAD = 1024
+_DATA_TAIL = 1032
+_DATA_OFFSET = 1040
+_DATA_SIZE = 1048
+
+_OPEN_HINTS: Mapping[int, str] = {
+    errno.EACCES: "need root or CAP_PERFMON (perf_event_paranoid is too strict)",
+    errno.EPERM: "need root or CAP_PERFMON (perf_event_paranoid is too strict)",
+    errno.ESRCH: "no such process",
+    errno.ENOENT: "no such event (was the tracefs event removed?)",
+    errno.EINVAL: "the kernel refused these perf attributes",
+    errno.EMFILE: "too many open files: raise `ulimit -n` (one fd per probe per CPU)",
+}
+
+
+class PerfEventAttr(ctypes.Structure):
+    """`struct perf_event_attr`, PERF_ATTR_SIZE_VER8 (136 bytes).
+
+    The C bitfield is one u64 `flags`; set bits with the `ATTR_*` constants.
+    """
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period", ctypes.c_uint64),  # union with sample_freq
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("wakeup_events", ctypes.c_uint32),  # union with wakeup_watermark
+        ("bp_type", ctypes.c_uint32),
+        ("config1", ctypes.c_uint64),  # uprobe_path for the uprobe PMU
+        ("config2", ctypes.c_uint64),  # probe_offset for the uprobe PMU
+        ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64),
+        ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32),
+        ("sample_regs_intr", ctypes.c_uint64),
+        ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16),
+        ("reserved_2", ctypes.c_uint16),
+        ("aux_sample_size", ctypes.c_uint32),
+        ("aux_action", ctypes.c_uint32),
+        ("sig_data", ctypes.c_uint64),
+        ("config3", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(PerfEventAttr) == PERF_ATTR_SIZE_VER8
+
+
+def perf_event_open(attr: PerfEventAttr, pid: int, cpu: int, group_fd: int = -1,
+                    flags: int = PERF_FLAG_FD_CLOEXEC, *, what: str = "perf_event_open",
+                    hints: Mapping[int, str] | None = None) -> int:
+    """The raw call; returns the new fd. Retries once with the kernel's own
+    attr size when it answers E2BIG (an older kernel; it writes its size back)."""
+    attr.size = attr.size or ctypes.sizeof(attr)
+    merged = {**_OPEN_HINTS, **(hints or {})}
+    try:
+        return syscall("perf_event_open", ctypes.addressof(attr), pid, cpu, group_fd, flags,
+                       what=what, hints=merged)
+    except KernelError as e:
+        if e.errno != errno.E2BIG or attr.size >= ctypes.sizeof(attr):
+            raise
+    return syscall("perf_event_open", ctypes.addressof(attr), pid, cpu, group_fd, flags,
+                   what=what, hints=merged)
+
+
+class PerfEvent:
+    """One perf event fd, owned: closed on exit."""
+
+    def __init__(self, fd: int, attr: PerfEventAttr, pid: int, cpu: int, what: str) -> None:
+        self.fd = fd
+        self.attr = attr
+        self.pid = pid
+        self.cpu = cpu
+        self.what = what
+
+    @classmethod
+    def open(cls, attr: PerfEventAttr, *, pid: int = -1, cpu: int = -1,
+             what: str = "opening perf event",
+             hints: Mapping[int, str] | None = None) -> PerfEvent:
+        """Open an event with `attr` for task `pid` (-1: all) on `cpu` (-1: any)."""
+        fd = perf_event_open(attr, pid, cpu, what=what, hints=hints)
+        return cls(fd, attr, pid, cpu, what)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def _ioctl(self, request: int, arg: int | bytes, what: str) -> None:
+        with kernel_errors(f"{what} ({self.what})", _OPEN_HINTS):
+            fcntl.ioctl(self.fd, request, arg)
+
+    def enable(self) -> None:
+        """PERF_EVENT_IOC_ENABLE."""
+        self._ioctl(PERF_EVENT_IOC_ENABLE, 0, "enabling perf event")
+
+    def disable(self) -> None:
+        """PERF_EVENT_IOC_DISABLE."""
+        self._ioctl(PERF_EVENT_IOC_DISABLE, 0, "disabling perf event")
+
+    def reset(self) -> None:
+        """PERF_EVENT_IOC_RESET: the counter back to zero."""
+        self._ioctl(PERF_EVENT_IOC_RESET, 0, "resetting perf event")
+
+    def set_output(self, target: PerfEvent) -> None:
+        """Send this event's records to `target`'s ring (same CPU only)."""
+        self._ioctl(PERF_EVENT_IOC_SET_OUTPUT, target.fd, "redirecting perf event output")
+
+    def set_filter(self, expr: str) -> None:
+        """PERF_EVENT_IOC_SET_FILTER: an ftrace filter expression on a tracepoint event."""
+        buf = ctypes.create_string_buffer(expr.encode())
+        self._ioctl(PERF_EVENT_IOC_SET_FILTER, ctypes.addressof(buf), "setting perf filter")
+
+    def read_count(self) -> int:
+        """The counter value (read_format 0: one u64)."""
+        with kernel_errors(f"reading counter ({self.what})"):
+            data = os.read(self.fd, 8)
+        if len(data) != 8:
+            raise KernelError(f"reading counter ({self.what}): short read of {len(data)} bytes")
+        return int(struct.unpack("<Q", data)[0])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> PerfEvent:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int = 1,
+                    watermark_bytes: int = 0, clockid: int | None = time.CLOCK_MONOTONIC,
+                    sample_type: int = PERF_SAMPLE_RAW | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
+                    | PERF_SAMPLE_CPU) -> PerfEventAttr:
+    """Attr for a sampling tracepoint event: every hit is one record.
+
+    Timestamps come from `clockid` (CLOCK_MONOTONIC by default, via
+    `use_clockid`); None keeps perf's default local_clock. With
+    `watermark_bytes` the reader is woken per that many bytes instead of
+    per `wakeup_events` records. Starts disabled.
+    """
+    attr = PerfEventAttr()
+    attr.size = ctypes.sizeof(attr)
+    attr.type = PERF_TYPE_TRACEPOINT
+    attr.config = event_id
+    attr.sample_period = 1
+    attr.sample_type = sample_type
+    attr.flags = ATTR_DISABLED | (ATTR_INHERIT if inherit else 0)
+    if watermark_bytes:
+        attr.flags |= ATTR_WATERMARK
+        attr.wakeup_events = watermark_bytes
+    else:
+        attr.wakeup_events = wakeup_events
+    if clockid is not None:
+        attr.flags |= ATTR_USE_CLOCKID
+        attr.clockid = clockid
+    return attr
+
+
+def open_tracepoint(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: bool = False,
+                    wakeup_events: int = 1, watermark_bytes: int = 0,
+                    clockid: int | None = time.CLOCK_MONOTONIC) -> PerfEvent:
+    """Open a (disabled) sampling event on tracepoint `event_id`.
+
+    `pid=-1, cpu=N`: system-wide on CPU N. `pid=P, cpu=-1`: task P on every
+    CPU (mmap needs `inherit=False`). `pid=P, cpu=N, inherit=True`: P and
+    its future children, on CPU N.
+    """
+    if pid == -1 and cpu == -1:
+        raise KernelError("a system-wide perf event needs a CPU: open one per CPU", errno.EINVAL)
+    attr = tracepoint_attr(event_id, inherit=inherit, wakeup_events=wakeup_events,
+                           watermark_bytes=watermark_bytes, clockid=clockid)
+    return PerfEvent.open(attr, pid=pid, cpu=cpu,
+                          what=f"tracepoint {event_id} pid {pid} cpu {cpu}")
+
+
+def online_cpus() -> list[int]:
+    """CPUs in /sys/devices/system/cpu/online (`0-3,5`)."""
+    with kernel_errors("reading the list of online CPUs"):
+        text = Path("/sys/devices/system/cpu/online").read_text().strip()
+    cpus: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A PERF_RECORD_SAMPLE: who, when (ns of the event's clock), where, and the raw record."""
+
+    pid: int
+    tid: int
+    time_ns: int
+    cpu: int
+    raw: bytes
+    ip: int = 0
+    id: int = 0
+
+
+class RingBuffer:
+    """The mmap ring of one perf event: 1 metadata page + 2^n data pages.
+
+    The kernel writes records and advances `data_head`; we read up to it and
+    publish `data_tail`, which lets the kernel reuse the space. When the ring
+    is full the kernel drops records and later writes one PERF_RECORD_LOST
+    with how many; `lost` sums them.
+    """
+
+    def __init__(self, event: PerfEvent, data_pages: int = 64) -> None:
+        if data_pages < 1 or data_pages & (data_pages - 1):
+            raise KernelError(f"ring buffer data pages must be a power of two, not {data_pages}",
+                              errno.EINVAL)
+        self.event = event
+        self.sample_type = int(event.attr.sample_type)
+        if self.sample_type & ~_PARSEABLE:
+            raise KernelError(f"RingBuffer cannot parse sample_type {self.sample_type:#x}",
+                              errno.EINVAL)
+        self.lost = 0
+        self.samples = 0
+        size = (1 + data_pages) * PAGE_SIZE
+        with kernel_errors(f"mapping the ring buffer of {event.what}", {
+                errno.EINVAL: "a per-task event with inherit cannot be mmapped: "
+                              "open one event per CPU", errno.EPERM:
+                "over the locked-memory limit (perf_event_mlock_kb)"}):
+            self._map = mmap.mmap(event.fd, size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        self._offset = self._u64(_DATA_OFFSET) or PAGE_SIZE
+        self._size = self._u64(_DATA_SIZE) or data_pages * PAGE_SIZE
+
+    def _u64(self, at: int) -> int:
+        return int(struct.unpack_from("<Q", self._map, at)[0])
+
+    def fileno(self) -> int:
+        """The event fd: poll it for POLLIN (wakeup_events / watermark reached)."""
+        return self.event.fd
+
+    def _copy(self, pos: int, n: int) -> bytes:
+        start = self._offset + pos % self._size
+        end = start + n
+        limit = self._offset + self._size
+        if end <= limit:
+            return bytes(self._map[start:end])
+        return bytes(self._map[start:limit]) + bytes(self._map[self._offset:self._offset + end - limit])
+
+    def read(self) -> Iterator[Sample]:
+        """Yield the samples the kernel has written since the last read.
+
+        `data_head` is read once, then the records up to it; x86-64 does not
+        reorder loads with loads, so no barrier is needed between them (other
+        arches need the smp_rmb() of perf's reader, which Python cannot
+        issue). `data_tail` is published after the records are copied out.
+        """
+        if self._map.closed:
+            return
+        head = self._u64(_DATA_HEAD)
+        tail = self._u64(_DATA_TAIL)
+        while tail < head:
+            rtype, _misc, rsize = struct.unpack("<IHH", self._copy(tail, 8))
+            if rsize < 8:
+                raise KernelError(f"corrupt perf record of size {rsize} in {self.event.what}")
+            body = self._copy(tail + 8, rsize - 8)
+            tail += rsize
+            if rtype == PERF_RECORD_SAMPLE:
+                self.samples += 1
+                sample = self._parse_sample(body)
+                struct.pack_into("<Q", self._map, _DATA_TAIL, tail)
+                yield sample
+                continue
+            if rtype == PERF_RECORD_LOST:
+                self.lost += struct.unpack_from("<QQ", body)[1]
+            struct.pack_into("<Q", self._map, _DATA_TAIL, tail)
+
+    def _parse_sample(self, body: bytes) -> Sample:
+        st = self.sample_type
+        at = 0
+        vals = {"pid": 0, "tid": 0, "time_ns": 0, "cpu": 0, "ip": 0, "id": 0}
+
+        def u64() -> int:
+            nonlocal at
+            v = int(struct.unpack_from("<Q", body, at)[0])
+            at += 8
+            return v
+
+        # The order of the fields is the kernel's (perf_output_sample()).
+        if st & PERF_SAMPLE_IDENTIFIER:
+            vals["id"] = u64()
+        if st & PERF_SAMPLE_IP:
+            vals["ip"] = u64()
+        if st & PERF_SAMPLE_TID:
+            vals["pid"], vals["tid"] = struct.unpack_from("<II", body, at)
+            at += 8
+        if st & PERF_SAMPLE_TIME:
+            vals["time_ns"] = u64()
+        if st & PERF_SAMPLE_ADDR:
+            u64()
+        if st & PERF_SAMPLE_ID:
+            vals["id"] = u64()
+        if st & PERF_SAMPLE_STREAM_ID:
+            u64()
+        if st & PERF_SAMPLE_CPU:
+            vals["cpu"] = struct.unpack_from("<I", body, at)[0]
+            at += 8
+        if st & PERF_SAMPLE_PERIOD:
+            u64()
+        raw = b""
+        if st & PERF_SAMPLE_RAW:
+            (n,) = struct.unpack_from("<I", body, at)
+            raw = body[at + 4:at + 4 + n]
+        return Sample(raw=raw, **vals)
+
+    def close(self) -> None:
+        """Unmap the ring (the event fd stays with its owner)."""
+        if not self._map.closed:
+            self._map.close()
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+__all__ = ["PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "kernel_error",
+           "online_cpus", "open_tracepoint", "perf_event_open", "tracepoint_attr"]
