@@ -1,2 +1,90 @@
+"""The `uprobes` command line: one module per subcommand, one error exit.
+
+Every subcommand module has `NAME`, `HELP`, `EXAMPLES` (run by the tests),
+`add_arguments(parser)` and `run(args, out) -> int`. `main(argv)` is the
+whole CLI, callable in-process; errors of ours become one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+from typing import NoReturn, TextIO
+
+from uprobes.errors import UprobesError, UsageError
+
+PROG = "uprobes"
+
+
+def _modules() -> list[ModuleType]:
+    from uprobes.commands import doctor, list_cmd, resolve
+
+    return [list_cmd, resolve, doctor]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so errors print our way."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Dynamic user-space probes for Linux.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for mod in _modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
+                           epilog="examples:\n" + "\n".join("  " + e for e in mod.EXAMPLES),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def _version() -> str:
+    from uprobes import __version__
+    return __version__
+
+
+def print_error(err: UprobesError, stream: TextIO) -> None:
+    lines = err.lines()
+    stream.write(f"{PROG}: error: {lines[0]}\n")
+    for extra in lines[1:]:
+        stream.write(extra + "\n")
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for bad input, 1 for failures)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(out)
+            return 2
+        return int(args.run(args, out))
+    except UprobesError as e:
+        print_error(e, err)
+        return e.exit_status
+    except SystemExit as e:  # --help and --version end here
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
 def entry_point() -> int:
-    raise SystemExit("not yet")
+    status = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Whoever read our output (`| head`) has gone: not an error of ours.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return status

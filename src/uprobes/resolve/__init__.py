@@ -1,0 +1,1 @@
+"""Resolution: from names in probe specs to files, inodes and file offsets."""

@@ -1,0 +1,125 @@
+"""`uprobes list`: what can be probed in a file, a process, or the vDSO."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+from typing import Any, TextIO
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import Symbol, SymbolTable
+from uprobes.elf.usdt import read_usdt_notes
+from uprobes.errors import ResolveError
+from uprobes.render.json import write_json
+from uprobes.render.table import write_table
+from uprobes.resolve.resolver import Resolver
+from uprobes.resolve.vdso import read_vdso
+from uprobes.sys.procfs import read_maps
+
+NAME = "list"
+HELP = "list the functions and USDT probes of a program, a library, a process or the vDSO"
+EXAMPLES = [
+    "uprobes list libc 'str*'            # libc's functions named str*",
+    "uprobes list /usr/bin/python3.11 'python:*'   # its USDT probes",
+    "uprobes list :vdso                  # the vDSO's functions",
+    "uprobes list -p $$                  # the files a process maps",
+    "uprobes list -p $$ libc malloc --json",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", metavar="TARGET",
+                   help="a path, a library name (libc), a program on PATH, or :vdso")
+    p.add_argument("glob", nargs="?", metavar="GLOB",
+                   help="only names matching this glob (functions: NAME; USDT: PROVIDER:NAME)")
+    p.add_argument("-p", "--pid", type=int, help="resolve TARGET as process PID sees it")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.add_argument("--debug-dir", action="append", dest="debug_dirs", metavar="DIR",
+                   help="also look for separate debug files here")
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.target is None:
+        if args.pid is None:
+            raise ResolveError("give a TARGET (a path, a library name or :vdso), or -p PID")
+        return _list_process(args.pid, args.json, out)
+    pattern = args.glob or "*"
+    if args.target in (":vdso", "vdso", "[vdso]"):
+        image = read_vdso(args.pid)
+        table = SymbolTable.load(image)
+        doc = _doc("[vdso]", image, table, [], pattern)
+    else:
+        dirs = tuple(args.debug_dirs) if args.debug_dirs else None
+        resolver = Resolver(pid=args.pid, debug_dirs=dirs)
+        ref = resolver.file(args.target)
+        image = resolver.image(ref)
+        table = resolver.symbols(ref)
+        doc = _doc(ref.display, image, table, read_usdt_notes(image), pattern)
+    if args.json:
+        write_json(out, doc)
+    else:
+        _write_text(out, doc)
+    return 0
+
+
+def _doc(path: str, image: ElfImage, table: SymbolTable, notes: list[Any],
+         pattern: str) -> dict[str, Any]:
+    funcs = [s for s in table.functions() if fnmatch.fnmatchcase(s.name, pattern)]
+    usdt = [n for n in notes if fnmatch.fnmatchcase(f"{n.provider}:{n.name}", pattern)
+            or fnmatch.fnmatchcase(n.name, pattern)]
+    return {
+        "file": path,
+        "build_id": image.build_id,
+        "functions": [_func(image, s) for s in funcs],
+        "usdt": [{
+            "provider": n.provider, "name": n.name, "file_offset": n.file_offset,
+            "args": [a.text for a in n.args],
+            "semaphore": n.semaphore_file_offset,
+        } for n in usdt],
+    }
+
+
+def _func(image: ElfImage, s: Symbol) -> dict[str, Any]:
+    return {
+        "name": s.name, "version": s.version, "file_offset": image.link_to_file_offset(s.link_addr),
+        "link_addr": s.link_addr, "size": s.size, "kind": s.kind, "source": s.source,
+    }
+
+
+def _write_text(out: TextIO, doc: dict[str, Any]) -> None:
+    funcs = doc["functions"]
+    if funcs:
+        rows = [[f["name"] + (f"@{f['version']}" if f["version"] else "")
+                 + (" [ifunc]" if f["kind"] == "ifunc" else ""),
+                 f"0x{f['file_offset']:x}", str(f["size"])] for f in funcs]
+        write_table(out, ["FUNCTION", "OFFSET", "SIZE"], rows,
+                    title=f"{doc['file']}: {len(funcs)} functions", right=(2,))
+    if doc["usdt"]:
+        if funcs:
+            out.write("\n")
+        rows = [[f"{u['provider']}:{u['name']}", f"0x{u['file_offset']:x}",
+                 f"0x{u['semaphore']:x}" if u["semaphore"] else "-", " ".join(u["args"])]
+                for u in doc["usdt"]]
+        write_table(out, ["USDT PROBE", "OFFSET", "SEMAPHORE", "ARGUMENTS"], rows,
+                    title=f"{doc['file']}: {len(rows)} USDT probes")
+    if not funcs and not doc["usdt"]:
+        out.write(f"{doc['file']}: nothing matches\n")
+
+
+def _list_process(pid: int, as_json: bool, out: TextIO) -> int:
+    objects: dict[str, dict[str, Any]] = {}
+    for m in read_maps(pid):
+        if not (m.path.startswith("/") or m.path == "[vdso]"):
+            continue
+        o = objects.setdefault(m.path, {"path": m.path, "inode": m.inode,
+                                        "start": m.start, "executable": False})
+        o["start"] = min(o["start"], m.start)
+        o["executable"] = o["executable"] or "x" in m.perms
+    rows = [o for o in objects.values() if o["executable"]]
+    if as_json:
+        write_json(out, {"pid": pid, "objects": rows})
+    else:
+        write_table(out, ["OBJECT", "INODE", "BASE"],
+                    [[o["path"], str(o["inode"]), f"0x{o['start']:x}"] for o in rows],
+                    title=f"process {pid}: {len(rows)} executable mappings")
+    return 0

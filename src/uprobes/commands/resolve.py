@@ -1,0 +1,69 @@
+"""`uprobes resolve`: show what probe specs resolve to, without placing anything."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from uprobes.errors import SpecError
+from uprobes.probe import InodeKey, ResolvedProbe
+from uprobes.render.json import write_json
+from uprobes.resolve.resolver import Resolver
+from uprobes.spec import kernel_line, parse
+from uprobes.spec.ast import ProbeSpec
+
+NAME = "resolve"
+HELP = "resolve probe specs to files, inodes and offsets, and show the kernel's line for each"
+EXAMPLES = [
+    "uprobes resolve 'libc:malloc size=%di:u64'",
+    "uprobes resolve 'r:libc:malloc ptr=$retval'",
+    "uprobes resolve 'libc:str*cmp' --json",
+    "uprobes resolve 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string'",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="probe specs")
+    p.add_argument("-p", "--pid", type=int, help="resolve names as process PID sees them")
+    p.add_argument("--force", action="store_true",
+                   help="skip the executable-segment and instruction-boundary checks")
+    p.add_argument("--json", action="store_true", help="one JSON object per probe")
+
+
+def parse_specs(texts: list[str]) -> list[ProbeSpec]:
+    """Parse command-line specs; clearing lines (`-:EVENT`) make no sense here."""
+    specs = []
+    for text in texts:
+        spec = parse(text)
+        if not isinstance(spec, ProbeSpec):
+            raise SpecError("a '-:EVENT' line clears a probe; give probes to place", text, 0)
+        specs.append(spec)
+    return specs
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    resolver = Resolver(pid=args.pid, force=args.force)
+    probes = resolver.resolve_all(parse_specs(args.specs))
+    for p in probes:
+        if args.json:
+            write_json(out, describe(p))
+        else:
+            out.write(kernel_line(p) + "\n")
+        for note in p.notes:
+            sys.stderr.write(f"uprobes: note: {note}\n")
+    return 0
+
+
+def describe(p: ResolvedProbe) -> dict[str, object]:
+    key = p.key
+    doc: dict[str, object] = {
+        "probe": p.name, "kind": p.kind.value, "path": p.path, "file_offset": p.file_offset,
+        "symbol": p.symbol, "symbol_offset": p.symbol_offset, "link_addr": p.link_addr,
+        "ref_ctr_offset": p.ref_ctr_offset,
+    }
+    if isinstance(key, InodeKey):
+        doc.update(dev=key.dev, ino=key.ino)
+    if p.path != "[vdso]":
+        doc["kernel_line"] = kernel_line(p)
+    return doc

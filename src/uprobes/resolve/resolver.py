@@ -1,0 +1,268 @@
+"""Resolution: a parsed `ProbeSpec` -> probes keyed by (inode, file offset).
+
+Parse has already checked the grammar; here we read files. Every probe is
+validated before an engine sees it: its offset lies in executable code and
+on an instruction boundary (decoded from the start of the function that
+holds it). The kernel checks neither, and a probe in the middle of an
+instruction corrupts the target; we refuse unless `force`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.insn import check_boundary
+from uprobes.elf.symbols import Symbol, SymbolTable
+from uprobes.elf.usdt import UsdtNote, read_usdt_notes
+from uprobes.errors import ResolveError, SpecError
+from uprobes.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
+from uprobes.resolve.paths import FileRef, find_file
+from uprobes.resolve.vdso import read_vdso
+from uprobes.spec.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
+from uprobes.spec.render import auto_event_name, symbol_event_name
+from uprobes.sys.procfs import read_maps
+
+DEFAULT_GROUP = "uprobes"
+MAX_EVENT_NAME = 63
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass
+class Resolver:
+    """Resolves specs for one run: against the host, or against process `pid`."""
+
+    pid: int | None = None
+    force: bool = False
+    debug_dirs: tuple[str, ...] | None = None
+    _images: dict[tuple[int, int], ElfImage] = field(default_factory=dict)
+    _symbols: dict[tuple[int, int], SymbolTable] = field(default_factory=dict)
+    _mapped: list[str] | None = None
+
+    # ------------------------------------------------------------ files
+
+    def mapped_files(self) -> list[str]:
+        """Files process `pid` maps, as it names them (empty without a pid)."""
+        if self.pid is None:
+            return []
+        if self._mapped is None:
+            seen: dict[str, None] = {}
+            for m in read_maps(self.pid):
+                if m.path.startswith("/"):
+                    seen.setdefault(m.path)
+            self._mapped = list(seen)
+        return self._mapped
+
+    def file(self, spec_path: str) -> FileRef:
+        return find_file(spec_path, self.pid, self.mapped_files())
+
+    def image(self, ref: FileRef) -> ElfImage:
+        k = (ref.dev, ref.ino)
+        if k not in self._images:
+            self._images[k] = ElfImage.open(ref.path)
+        return self._images[k]
+
+    def symbols(self, ref: FileRef) -> SymbolTable:
+        k = (ref.dev, ref.ino)
+        if k not in self._symbols:
+            self._symbols[k] = SymbolTable.load(self.image(ref), debug_dirs=self.debug_dirs)
+        return self._symbols[k]
+
+    # ------------------------------------------------------------ specs
+
+    def resolve(self, spec: ProbeSpec) -> list[ResolvedProbe]:
+        target = spec.target
+        if isinstance(target, FileTarget):
+            return self._resolve_file(spec, target)
+        if isinstance(target, UsdtTarget):
+            return self._resolve_usdt(spec, target)
+        return self._resolve_vdso(spec, target)
+
+    def resolve_all(self, specs: list[ProbeSpec]) -> list[ResolvedProbe]:
+        """Resolve many specs; event names made unique within the run."""
+        out: list[ResolvedProbe] = []
+        used: set[str] = set()
+        for spec in specs:
+            for p in self.resolve(spec):
+                name, n = p.event, 1
+                while f"{p.group}/{name}" in used:
+                    suffix = f"_{n}"
+                    name = p.event[: MAX_EVENT_NAME - len(suffix)] + suffix
+                    n += 1
+                used.add(f"{p.group}/{name}")
+                out.append(p if name == p.event else _renamed(p, name))
+        return out
+
+    def _resolve_file(self, spec: ProbeSpec, t: FileTarget) -> list[ResolvedProbe]:
+        ref = self.file(t.path)
+        image = self.image(ref)
+        if t.offset is not None:
+            self._check_code(ref, image, t.offset, None)
+            event = spec.event or auto_event_name(ref.display, t.offset)
+            return [self._point(spec, ref, t.offset, event, ref_ctr=t.ref_ctr_offset)]
+        assert t.symbol is not None
+        table = self.symbols(ref)
+        if _GLOB.search(t.symbol):
+            matches = _distinct(table.glob(t.symbol))
+            if not matches:
+                raise ResolveError(f"no function matches '{t.symbol}' in {ref.display}")
+        else:
+            matches = _distinct(table.lookup(t.symbol))
+            if not matches:
+                hint = table.suggest(t.symbol.split("@", 1)[0])
+                also = f" (did you mean: {', '.join(hint)}?)" if hint else ""
+                raise ResolveError(f"symbol '{t.symbol}' not found in {ref.display}{also}")
+            if len(matches) > 1:
+                where = ", ".join(f"0x{image.link_to_file_offset(s.link_addr):x}" for s in matches)
+                raise ResolveError(
+                    f"symbol '{t.symbol}' is ambiguous in {ref.display}: it names "
+                    f"{len(matches)} functions, at file offsets {where}; probe one as "
+                    f"{t.path}:0xOFFSET")
+        if spec.is_return and t.symbol_offset:
+            raise SpecError("Retprobe address must be an function entry", spec.text,
+                            _pos(spec.text, "+"))
+        out = []
+        for sym in matches:
+            if t.symbol_offset and sym.size and t.symbol_offset >= sym.size and not self.force:
+                raise ResolveError(f"{sym.name}+0x{t.symbol_offset:x} is past the end of "
+                                   f"{sym.name} (size 0x{sym.size:x}) in {ref.display}")
+            file_offset = image.link_to_file_offset(sym.link_addr + t.symbol_offset)
+            self._check_code(ref, image, file_offset, sym)
+            label = sym.name + (f"@{sym.version}" if sym.version and "@" in t.symbol else "")
+            if spec.event and len(matches) > 1:
+                event = f"{spec.event}_{_ident(sym.name)}"[:MAX_EVENT_NAME]
+            else:
+                event = spec.event or symbol_event_name(label, spec.is_return)
+            notes = ()
+            if sym.kind == "ifunc":
+                notes = (f"{sym.name} is an IFUNC resolver: it runs once at load time "
+                         f"to pick an implementation; probe the implementation instead",)
+            out.append(self._point(spec, ref, file_offset, event, sym=sym,
+                                   sym_off=t.symbol_offset, ref_ctr=t.ref_ctr_offset, notes=notes))
+        return out
+
+    def _resolve_usdt(self, spec: ProbeSpec, t: UsdtTarget) -> list[ResolvedProbe]:
+        ref = self.file(t.path)
+        image = self.image(ref)
+        notes = [n for n in read_usdt_notes(image)
+                 if fnmatch.fnmatchcase(n.provider, t.provider) and fnmatch.fnmatchcase(n.name, t.name)]
+        if not notes:
+            raise ResolveError(f"no USDT probe {t.provider}:{t.name} in {ref.display} "
+                               f"(see: uprobes list {t.path})")
+        out = []
+        for note in notes:
+            _check_usdt_args(spec, note)
+            group = spec.group or _ident(note.provider)
+            event = spec.event or _ident(note.name)
+            if spec.event and len(notes) > 1:
+                event = f"{spec.event}_{_ident(note.name)}"[:MAX_EVENT_NAME]
+            args = tuple(UsdtArg(a.size, a.signed, a.text) for a in note.args)
+            out.append(self._point(spec, ref, note.file_offset, event, group=group,
+                                   ref_ctr=note.semaphore_file_offset, usdt_args=args))
+        return out
+
+    def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:
+        image = read_vdso(self.pid)
+        table = SymbolTable.load(image)
+        ref = FileRef("[vdso]", "[vdso]", 0, 0)
+        if t.offset is not None:
+            syms: list[Symbol | None] = [table.containing(image.file_to_link_addr(t.offset))]
+            offsets = [t.offset]
+        else:
+            assert t.symbol is not None
+            found = _distinct(table.glob(t.symbol) if _GLOB.search(t.symbol) else _vdso_lookup(table, t.symbol))
+            if not found:
+                hint = table.suggest(t.symbol)
+                also = f" (did you mean: {', '.join(hint)}?)" if hint else ""
+                raise ResolveError(f"symbol '{t.symbol}' not found in the vDSO{also}")
+            syms = list(found)
+            offsets = [image.link_to_file_offset(s.link_addr + t.symbol_offset) for s in found]
+        out = []
+        for sym, off in zip(syms, offsets):
+            self._check_code(ref, image, off, sym)
+            name = sym.name.removeprefix("__vdso_") if sym else None
+            event = spec.event or (symbol_event_name(name, spec.is_return) if name
+                                   else f"p_vdso_0x{off:x}")
+            out.append(ResolvedProbe(
+                spec=spec, key=VdsoKey(self.pid or 0, off), path="[vdso]", file_offset=off,
+                kind=spec.kind, group=spec.group or DEFAULT_GROUP, event=event, args=spec.args,
+                symbol=sym.name if sym else None, symbol_offset=t.symbol_offset,
+                link_addr=image.file_to_link_addr(off)))
+        return out
+
+    # ------------------------------------------------------------ checks
+
+    def _check_code(self, ref: FileRef, image: ElfImage, file_offset: int,
+                    sym: Symbol | None) -> None:
+        if self.force:
+            return
+        if not image.is_executable_file_offset(file_offset):
+            raise ResolveError(f"{ref.display}:0x{file_offset:x} is not in an executable "
+                               f"segment (use --force to probe it anyway)")
+        if sym is None:
+            table = self.symbols(ref) if ref.path != "[vdso]" else None
+            sym = table.containing(image.file_to_link_addr(file_offset)) if table else None
+        if sym is None:
+            raise ResolveError(
+                f"{ref.display}:0x{file_offset:x}: no function symbol covers this offset, so "
+                f"it cannot be checked to be an instruction boundary (use --force if you are sure)")
+        check_boundary(image, sym, file_offset)
+
+    def _point(self, spec: ProbeSpec, ref: FileRef, file_offset: int, event: str, *,
+               group: str | None = None, sym: Symbol | None = None, sym_off: int = 0,
+               ref_ctr: int | None = None, usdt_args: tuple[UsdtArg, ...] = (),
+               notes: tuple[str, ...] = ()) -> ResolvedProbe:
+        image = self.image(ref)
+        return ResolvedProbe(
+            spec=spec, key=InodeKey(ref.dev, ref.ino, file_offset), path=ref.path,
+            file_offset=file_offset, kind=spec.kind, group=group or spec.group or DEFAULT_GROUP,
+            event=event, args=spec.args, symbol=sym.name if sym else None,
+            symbol_offset=sym_off, link_addr=image.file_to_link_addr(file_offset),
+            ref_ctr_offset=ref_ctr, usdt_args=usdt_args, notes=notes)
+
+
+def _distinct(symbols: list[Symbol]) -> list[Symbol]:
+    """One symbol per address: aliases (`__libc_malloc`/`malloc`) are one probe."""
+    by_addr: dict[int, Symbol] = {}
+    for s in symbols:
+        by_addr.setdefault(s.link_addr, s)
+    return sorted(by_addr.values(), key=lambda s: s.link_addr)
+
+
+def _vdso_lookup(table: SymbolTable, name: str) -> list[Symbol]:
+    return table.lookup(name) or table.lookup("__vdso_" + name)
+
+
+def _check_usdt_args(spec: ProbeSpec, note: UsdtNote) -> None:
+    for arg in spec.args:
+        for n in _arg_indexes(arg):
+            if n > len(note.args):
+                raise ResolveError(
+                    f"USDT probe {note.provider}:{note.name} has {len(note.args)} "
+                    f"argument{'s' if len(note.args) != 1 else ''}; $arg{n} does not exist")
+
+
+def _arg_indexes(arg: FetchArg) -> list[int]:
+    expr = arg.expr
+    while isinstance(expr, Deref):
+        expr = expr.base
+    return [expr.index] if isinstance(expr, Arg) else []
+
+
+def _ident(text: str) -> str:
+    name = re.sub(r"\W", "_", text)
+    if not name or name[0].isdigit():
+        name = "_" + name
+    return name[:MAX_EVENT_NAME]
+
+
+def _pos(text: str, ch: str) -> int:
+    i = text.find(ch)
+    return max(i, 0)
+
+
+def _renamed(p: ResolvedProbe, event: str) -> ResolvedProbe:
+    from dataclasses import replace
+    return replace(p, event=event)

@@ -1,0 +1,90 @@
+"""PATH as written in a probe -> a file: paths, links, short names, processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uprobes.errors import ResolveError
+from uprobes.resolve.paths import find_file
+
+
+def ldconfig_path(soname: str) -> str:
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.strip().startswith(soname + " ") and "x86-64" in line:
+            return line.split("=>")[1].strip()
+    raise AssertionError(f"{soname} not in ldconfig -p")
+
+
+@pytest.mark.parametrize("name", ["c", "libc", "libc.so.6"])
+def test_libc_short_names_agree_with_ldconfig(name: str) -> None:
+    ref = find_file(name)
+    want = os.stat(ldconfig_path("libc.so.6"))
+    assert (ref.dev, ref.ino) == (want.st_dev, want.st_ino)
+
+
+def test_libm_and_pthread() -> None:
+    for name, soname in [("m", "libm.so.6"), ("pthread", "libpthread.so.0")]:
+        ref = find_file(name)
+        want = os.stat(ldconfig_path(soname))
+        assert (ref.dev, ref.ino) == (want.st_dev, want.st_ino)
+
+
+def test_program_on_path_must_be_elf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = tmp_path / "true"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    ref = find_file("true")
+    assert ref.ino == os.stat("/usr/bin/true").st_ino  # the shell script was skipped
+
+
+def test_links_give_one_identity(compile_c, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    exe = compile_c("target.c")
+    hard = tmp_path / "hard"
+    soft = tmp_path / "soft"
+    os.link(exe, hard)
+    soft.symlink_to(exe)
+    ids = {(r.dev, r.ino) for r in (find_file(str(exe)), find_file(str(hard)), find_file(str(soft)))}
+    assert len(ids) == 1
+
+
+def test_process_view_goes_through_proc_root() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps").read_text().split("\n")
+        mapped = sorted({ln.split()[-1] for ln in maps if ln.count("/") and "libc.so" in ln})
+        ref = find_file("libc", pid=proc.pid, mapped=mapped)
+        assert ref.path.startswith(f"/proc/{proc.pid}/root/")
+        assert ref.display == mapped[0]
+        host = os.stat(mapped[0])
+        assert (ref.dev, ref.ino) == (host.st_dev, host.st_ino)
+        abs_ref = find_file("/usr/bin/true", pid=proc.pid)
+        assert abs_ref.path == f"/proc/{proc.pid}/root/usr/bin/true"
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait()
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/nonexistent/x", "no such file"),
+    ("/tmp", "is a directory"),
+    ("/dev/null", "not a regular file"),
+    ("no-such-lib-or-program-xyz", "no such library or program"),
+])
+def test_bad_paths(path: str, message: str) -> None:
+    with pytest.raises(ResolveError, match=message):
+        find_file(path)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ResolveError, match="not a regular file"):
+        find_file(str(fifo))
