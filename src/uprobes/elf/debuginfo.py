@@ -1,0 +1,138 @@
+"""Symbols kept outside the file's own tables: MiniDebugInfo and separate debug files.
+
+Both are optional extras, so a broken one is reported as a note and skipped,
+never an error for the file we were asked about.
+
+Search order for a separate debug file, as gdb documents it ("Separate Debug
+Files"): by build-id, `<debug_dir>/.build-id/ab/cdef....debug` (the build-id
+must match); then by `.gnu_debuglink` name, in the file's own directory, its
+`.debug/` subdirectory and `<debug_dir>/<the file's directory>/` (the CRC32 of
+the candidate must match the one in the link).
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import stat
+import zlib
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
+
+from uprobes.elf._guard import guard
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symread import Source, Symbol, read_symbols, symbol_sections
+from uprobes.errors import ElfError, UprobesError
+
+DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
+# A MiniDebugInfo payload is a few hundred KiB even for large programs; the cap
+# keeps a crafted .gnu_debugdata from inflating into gigabytes (an xz bomb).
+MAX_MINIDEBUGINFO = 256 << 20
+
+
+def _open_regular(path: str) -> BinaryIO | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    stream = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        stream.close()
+        return None
+    return stream
+
+
+def _crc32(stream: BinaryIO) -> int:
+    crc = 0
+    stream.seek(0)
+    while chunk := stream.read(1 << 20):
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _build_id_of(elf: ELFFile) -> str | None:
+    for sec in elf.iter_sections():
+        if isinstance(sec, NoteSection):
+            for note in sec.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                    return str(note["n_desc"])
+    return None
+
+
+def _symtab_symbols(elf: ELFFile, name: str, source: Source) -> list[Symbol]:
+    if elf.elfclass != 64 or elf.header["e_machine"] != "EM_X86_64":
+        raise ElfError(f"{name}: not an x86-64 ELF64 file")
+    sec = symbol_sections(elf).get("symtab")
+    return read_symbols(elf, sec, source) if sec is not None else []
+
+
+def _candidates(image: ElfImage, debug_dirs: Iterable[str]) -> list[tuple[str, str]]:
+    """(path, how-to-verify) pairs, best first; verify is 'build-id' or 'crc'."""
+    dirs = list(debug_dirs)
+    out: list[tuple[str, str]] = []
+    if image.build_id and len(image.build_id) > 2:
+        bid = image.build_id
+        out += [(os.path.join(d, ".build-id", bid[:2], bid[2:] + ".debug"), "build-id")
+                for d in dirs]
+    if image.debuglink is not None and image.identity is not None:
+        link = image.debuglink[0]
+        own_dir = os.path.dirname(os.path.realpath(image.path))
+        out += [(os.path.join(own_dir, link), "crc"), (os.path.join(own_dir, ".debug", link), "crc")]
+        out += [(os.path.join(d, own_dir.lstrip("/"), link), "crc") for d in dirs]
+    return out
+
+
+def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_DIRS,
+                    notes: list[str] | None = None) -> tuple[str, list[Symbol]] | None:
+    """The separate debug file for `image` and its `.symtab`, or None.
+
+    Candidates that exist but do not match (wrong build-id or CRC, malformed)
+    are skipped with a line appended to `notes`.
+    """
+    notes = notes if notes is not None else []
+    own = os.path.realpath(image.path) if image.identity is not None else None
+    for path, verify in _candidates(image, debug_dirs):
+        if own is not None and os.path.realpath(path) == own:
+            continue
+        stream = _open_regular(path)
+        if stream is None:
+            continue
+        try:
+            with stream, guard(path):
+                elf = ELFFile(stream)
+                if verify == "build-id" and _build_id_of(elf) != image.build_id:
+                    notes.append(f"{path}: ignored, its build-id does not match {image.path}")
+                    continue
+                if verify == "crc" and image.debuglink and _crc32(stream) != image.debuglink[1]:
+                    notes.append(f"{path}: ignored, its CRC32 does not match the .gnu_debuglink "
+                                 f"of {image.path}")
+                    continue
+                return path, _symtab_symbols(elf, path, "debugfile")
+        except UprobesError as exc:
+            notes.append(f"ignored debug file: {exc}")
+    return None
+
+
+def minidebuginfo_symbols(image: ElfImage, elf: ELFFile,
+                          notes: list[str] | None = None) -> list[Symbol]:
+    """The `.symtab` of the xz-compressed ELF in `.gnu_debugdata` (Fedora's MiniDebugInfo)."""
+    notes = notes if notes is not None else []
+    sec = elf.get_section_by_name(".gnu_debugdata")
+    if sec is None or sec["sh_type"] == "SHT_NOBITS":
+        return []
+    label = f"{image.path} (.gnu_debugdata)"
+    try:
+        with guard(label, "malformed MiniDebugInfo"):
+            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            payload = decompressor.decompress(sec.data(), max_length=MAX_MINIDEBUGINFO)
+            if not decompressor.eof:
+                raise ElfError(f"{label}: MiniDebugInfo is truncated or larger than "
+                               f"{MAX_MINIDEBUGINFO >> 20} MiB")
+            return _symtab_symbols(ELFFile(io.BytesIO(payload)), label, "minidebuginfo")
+    except UprobesError as exc:
+        notes.append(f"ignored MiniDebugInfo: {exc}")
+        return []
