@@ -33,6 +33,7 @@ SYSCALL_NUMBERS: Mapping[str, Mapping[str, int]] = {
 # variadic, so its arguments are passed as explicit c_long values.
 _DECLARATIONS: Mapping[str, tuple[Any, list[Any] | None]] = {
     "syscall": (ctypes.c_long, None),
+    "ioctl": (ctypes.c_int, [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]),
     "mount": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                              ctypes.c_ulong, ctypes.c_void_p]),
 }
@@ -106,6 +107,17 @@ def syscall(name: str, *args: int | ctypes.c_void_p | Any, what: str,
     cargs = [a if not isinstance(a, int) else ctypes.c_long(a) for a in args]
     ctypes.set_errno(0)
     res = int(fn(ctypes.c_long(syscall_number(name)), *cargs))
+    if res == -1:
+        raise kernel_error(what, ctypes.get_errno(), hints)
+    return res
+
+
+def ioctl(fd: int, request: int, arg: int | None = None, *, what: str,
+          hints: Mapping[int, str] | None = None) -> int:
+    """ioctl(2) with an integer or pointer argument; `KernelError` on -1."""
+    fn = libc().function("ioctl")
+    ctypes.set_errno(0)
+    res = int(fn(fd, request, arg))
     if res == -1:
         raise kernel_error(what, ctypes.get_errno(), hints)
     return res

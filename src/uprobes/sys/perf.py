@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import struct
@@ -27,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from uprobes.errors import KernelError
-from uprobes.sys.libc import kernel_error, kernel_errors, syscall
+from uprobes.sys.libc import ioctl, kernel_error, kernel_errors, syscall
 
 PERF_TYPE_TRACEPOINT = 2
 
@@ -173,9 +172,8 @@ class PerfEvent:
     def fileno(self) -> int:
         return self.fd
 
-    def _ioctl(self, request: int, arg: int | bytes, what: str) -> None:
-        with kernel_errors(f"{what} ({self.what})", _OPEN_HINTS):
-            fcntl.ioctl(self.fd, request, arg)
+    def _ioctl(self, request: int, arg: int, what: str) -> None:
+        ioctl(self.fd, request, arg, what=f"{what} ({self.what})", hints=_OPEN_HINTS)
 
     def enable(self) -> None:
         """PERF_EVENT_IOC_ENABLE."""

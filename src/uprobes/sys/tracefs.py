@@ -21,7 +21,8 @@ from uprobes.sys.event_format import EventFormat, parse_format
 from uprobes.sys.libc import kernel_error, kernel_errors, mount
 
 CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-_EVENT_LINE_RE = re.compile(r"^(?P<kind>[pr-]):(?:(?P<group>[^/\s.]*)[/.])?(?P<event>\S*)")
+_EVENT_LINE_RE = re.compile(
+    r"^(?P<kind>[pr-])(?::(?:(?P<group>[^/\s.]*)[/.])?(?P<event>\S*))?(?:\s|$)")
 
 _WRITE_HINTS: Mapping[int, str] = {
     errno.EACCES: "need root (tracefs is writable by root only)",
@@ -124,7 +125,7 @@ def split_event_line(line: str) -> tuple[str, str, str]:
     m = _EVENT_LINE_RE.match(line.strip())
     if not m:
         raise KernelError(f"not a uprobe_events line: {line!r}", errno.EINVAL)
-    return m.group("kind"), m.group("group") or "", m.group("event")
+    return m.group("kind"), m.group("group") or "", m.group("event") or ""
 
 
 class Tracefs:
