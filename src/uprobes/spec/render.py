@@ -1,0 +1,79 @@
+"""Spec -> canonical text in our language; `parse(render(s)) == s` but for `text`.
+
+Canonical: the kind token always written (`p`/`r`, never `%return`), offsets
+in hex, dereference offsets in decimal, every argument named, a type only
+where one was written.
+"""
+
+from __future__ import annotations
+
+from uprobes.spec.ast import (
+    Arg, ClearSpec, Comm, Deref, FetchArg, FetchExpr, FileOffset, FileTarget, Immediate,
+    ImmString, Memory, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer, Target,
+    UsdtTarget, VdsoTarget,
+)
+from uprobes.spec.types import render_type
+
+
+def render(spec: Spec) -> str:
+    """The canonical line for `spec`."""
+    if isinstance(spec, ClearSpec):
+        return "-:" + (f"{spec.group}/" if spec.group is not None else "") + spec.event
+    head = spec.kind.value
+    if spec.group is not None or spec.event is not None:
+        head += ":" + (f"{spec.group}/" if spec.group is not None else "") + (spec.event or "")
+    return " ".join([head, render_target(spec.target), *map(render_fetcharg, spec.args)])
+
+
+def render_target(target: Target) -> str:
+    if isinstance(target, UsdtTarget):
+        return f"usdt:{target.path}:{target.provider}:{target.name}"
+    if isinstance(target, VdsoTarget):
+        return ":vdso:" + _location(target.offset, target.symbol, target.symbol_offset)
+    text = f"{target.path}:" + _location(target.offset, target.symbol, target.symbol_offset)
+    if target.ref_ctr_offset is not None:
+        text += f"(0x{target.ref_ctr_offset:x})"
+    return text
+
+
+def _location(offset: int | None, symbol: str | None, symbol_offset: int) -> str:
+    if symbol is None:
+        return f"0x{offset or 0:x}"
+    return symbol + (f"+0x{symbol_offset:x}" if symbol_offset else "")
+
+
+def render_fetcharg(arg: FetchArg) -> str:
+    text = f"{arg.name}={render_expr(arg.expr)}"
+    if arg.type.explicit:
+        text += ":" + render_type(arg.type)
+    return text
+
+
+def render_expr(expr: FetchExpr) -> str:
+    """A fetch expression as the kernel (and our parser) reads it."""
+    match expr:
+        case Register(name):
+            return f"%{name}"
+        case Memory(address):
+            return f"@0x{address:x}"
+        case FileOffset(file_offset):
+            sign = "-" if file_offset < 0 else ""
+            return f"@+{sign}0x{abs(file_offset):x}"
+        case StackEntry(index):
+            return f"$stack{index}"
+        case StackPointer():
+            return "$stack"
+        case RetVal():
+            return "$retval"
+        case Comm():
+            return "$comm"
+        case Arg(index):
+            return f"$arg{index}"
+        case Deref(offset, base, user):
+            sign = "-" if offset < 0 else "+"
+            return f"{sign}{'u' if user else ''}{abs(offset)}({render_expr(base)})"
+        case Immediate(value):
+            return f"\\{value}"
+        case ImmString(text):
+            return f'\\"{text}"'
+    raise TypeError(f"not a fetch expression: {expr!r}")

@@ -1,0 +1,167 @@
+"""The probe point token: where a probe goes.
+
+Forms, tried in this order:
+
+* `usdt:PATH:PROVIDER:NAME` (also `u:PATH:PROVIDER:NAME`): a USDT probe.
+  PROVIDER and NAME are the last two ':'-separated fields, PATH the rest.
+  The short `u:` form is taken only when there are exactly three ':' and no
+  empty field, so a file named `u` still works (`u:main`, `u:0x10`).
+* `:vdso:SYMBOL[+OFF][%return]` or `:vdso:OFFSET[%return]`.
+* `PATH:OFFSET[%return][(REF_CTR_OFFSET)]`, the kernel's own form: PATH is
+  everything before the LAST ':', and OFFSET starts with a digit. Checked
+  with the kernel's rules, errors and caret positions.
+* `PATH:SYMBOL[+OFF][%return][(REF_CTR_OFFSET)]`, our extension. Since C++
+  symbols contain `::` and a path never does, the token is split at the
+  last ':' that is not part of a `::` (`libfoo.so:ns::func` is PATH
+  `libfoo.so`, SYMBOL `ns::func`). SYMBOL may carry a version
+  (`memcpy@GLIBC_2.14`, `@@GLIBC_2.2.5`) and glob characters. A trailing
+  `(...)` is a reference counter only if it holds a number, so demangled
+  `ns::f(int)` stays a symbol. `+OFF` is split off at the last '+' only if
+  a number follows (`operator+` stays whole).
+
+PATH is never looked at: short names (`c`, `libc.so.6`, `python3`) are for
+resolution to decide.
+"""
+
+from __future__ import annotations
+
+from uprobes.spec import messages as msg
+from uprobes.spec.ast import FileTarget, Target, UsdtTarget, VdsoTarget
+from uprobes.spec.messages import TokenError
+from uprobes.spec.numbers import is_digit, kstrtoul
+
+VDSO_PREFIX = ":vdso:"
+
+
+def is_kernel_place(token: str) -> bool:
+    """Would the kernel take `token` as its PATH:OFFSET (a '/' in it, and a
+    digit after the last ':')?"""
+    colon = token.rfind(":")
+    return "/" in token and colon >= 0 and is_digit(token[colon + 1:colon + 2])
+
+
+def parse_target(token: str) -> tuple[Target, bool]:
+    """-> (target, True if `%return` was given). Raises TokenError."""
+    if token.startswith("usdt:") or _is_short_usdt(token):
+        return _parse_usdt(token), False
+    if token.startswith(VDSO_PREFIX):
+        return _parse_vdso(token)
+    colon = token.rfind(":")
+    if colon >= 0 and is_digit(token[colon + 1:colon + 2]):
+        return _parse_file_offset(token, colon)
+    sep = _symbol_separator(token)
+    if sep < 0:
+        raise TokenError(msg.BAD_PLACE, 0)
+    if sep == 0:
+        raise TokenError(msg.NO_PATH, 0)
+    if is_digit(token[sep + 1:sep + 2]):
+        return _parse_file_offset(token, sep)
+    return _parse_file_symbol(token, sep)
+
+
+def _is_short_usdt(token: str) -> bool:
+    if not token.startswith("u:") or token.count(":") != 3 or "::" in token:
+        return False
+    return all(token.split(":"))
+
+
+def _parse_usdt(token: str) -> UsdtTarget:
+    rest = token.split(":", 1)[1]
+    fields = rest.rsplit(":", 2)
+    if len(fields) != 3 or not all(fields):
+        raise TokenError(msg.BAD_USDT, 0)
+    path, provider, name = fields
+    if "%" in provider + name or "(" in provider + name:
+        raise TokenError(msg.USDT_SUFFIX, len(token) - len(name) - len(provider) - 1)
+    return UsdtTarget(path, provider, name)
+
+
+def _parse_vdso(token: str) -> tuple[Target, bool]:
+    at = len(VDSO_PREFIX)
+    rest = token[at:]
+    if "(" in rest:
+        raise TokenError(msg.VDSO_REFCNT, at + rest.index("("))
+    rest, is_return = _split_return(rest, at)
+    if not rest:
+        raise TokenError(msg.BAD_VDSO, at)
+    if is_digit(rest[0]):
+        offset = kstrtoul(rest)
+        if offset is None:
+            raise TokenError(msg.BAD_UPROBE_OFFS, at)
+        return VdsoTarget(offset=offset), is_return
+    symbol, symbol_offset = _split_symbol_offset(rest, at)
+    return VdsoTarget(symbol=symbol, symbol_offset=symbol_offset), is_return
+
+
+def _parse_file_offset(token: str, colon: int) -> tuple[Target, bool]:
+    """The kernel's order: reference counter, then %return, then offset."""
+    at = colon + 1
+    place = token[at:]
+    ref: int | None = None
+    open_at = place.find("(")
+    if open_at >= 0:
+        close_at = place.find(")", open_at)
+        if close_at < 0:
+            raise TokenError(msg.REFCNT_OPEN_BRACE, at + len(place))
+        if close_at + 1 != len(place):
+            raise TokenError(msg.BAD_REFCNT_SUFFIX, at + close_at + 1)
+        ref = kstrtoul(place[open_at + 1:close_at])
+        if ref is None:
+            raise TokenError(msg.BAD_REFCNT, at + open_at + 1)
+        place = place[:open_at]
+    is_return = False
+    pct = place.find("%")
+    if pct >= 0:
+        if place[pct:] != "%return":
+            raise TokenError(msg.BAD_ADDR_SUFFIX, at + pct)
+        is_return = True
+        place = place[:pct]
+    offset = kstrtoul(place)
+    if offset is None:
+        raise TokenError(msg.BAD_UPROBE_OFFS, at)
+    return FileTarget(token[:colon], offset=offset, ref_ctr_offset=ref), is_return
+
+
+def _parse_file_symbol(token: str, sep: int) -> tuple[Target, bool]:
+    at = sep + 1
+    place = token[at:]
+    if not place:
+        raise TokenError(msg.NO_SYMBOL, at)
+    ref: int | None = None
+    if place.endswith(")"):
+        open_at = place.rfind("(")
+        value = kstrtoul(place[open_at + 1:-1]) if open_at > 0 else None
+        if value is not None:
+            ref, place = value, place[:open_at]
+    place, is_return = _split_return(place, at)
+    symbol, symbol_offset = _split_symbol_offset(place, at)
+    return FileTarget(token[:sep], symbol=symbol, symbol_offset=symbol_offset,
+                      ref_ctr_offset=ref), is_return
+
+
+def _split_return(place: str, at: int) -> tuple[str, bool]:
+    pct = place.find("%")
+    if pct < 0:
+        return place, False
+    if place[pct:] != "%return":
+        raise TokenError(msg.BAD_ADDR_SUFFIX, at + pct)
+    return place[:pct], True
+
+
+def _split_symbol_offset(place: str, at: int) -> tuple[str, int]:
+    plus = place.rfind("+")
+    if plus > 0:
+        value = kstrtoul(place[plus + 1:])
+        if value is not None:
+            return place[:plus], value
+    if not place or place[0] == "+":
+        raise TokenError(msg.NO_SYMBOL, at)
+    return place, 0
+
+
+def _symbol_separator(token: str) -> int:
+    """Index of the last ':' not part of a '::', or -1."""
+    for i in range(len(token) - 1, -1, -1):
+        if token[i] == ":" and token[i - 1:i] != ":" and token[i + 1:i + 2] != ":":
+            return i
+    return -1
