@@ -88,7 +88,7 @@ def parse_fetcharg(token: str, index: int, is_return: bool,
             raise TokenError(msg.NO_ARG_NAME, 0)
         name, body, boff = token[:eq], token[eq + 1:], eq + 1
     else:
-        name, body, boff = _default_name(token, index), token, 0
+        name, body, boff = f"arg{index + 1}", token, 0
     if not is_good_name(name):
         raise TokenError(msg.BAD_ARG_NAME, 0)
     if name in RESERVED_NAMES or name in used:
@@ -108,15 +108,10 @@ def parse_fetcharg(token: str, index: int, is_return: bool,
 
     ctx = _Ctx(offset=boff, is_return=is_return)
     expr, op = _parse_expr(expr_text, ctx)
-    ftype = _finalize(op, type_text, array, ctx, boff + toff, is_str_source)
+    # Past this point the kernel reports type errors at ctx->offset + the
+    # type's offset, and a dereference has moved ctx->offset to its inside.
+    ftype = _finalize(op, type_text, array, ctx, ctx.offset + toff, is_str_source)
     return FetchArg(name, expr, ftype, text=body)
-
-
-def _default_name(token: str, index: int) -> str:
-    # With BTF args configured the kernel first tries the text before ':' as
-    # the name (a BTF variable); such an argument then fails for uprobes.
-    head = token.split(":", 1)[0]
-    return head if is_good_name(head) else f"arg{index + 1}"
 
 
 def _split_type(body: str, boff: int) -> tuple[str, str | None, int | None, int]:
@@ -159,7 +154,8 @@ def _parse_expr(s: str, ctx: _Ctx) -> tuple[FetchExpr, Op]:
         return _parse_deref(s, ctx)
     if head == "\\":
         return _parse_immediate(s, ctx)
-    if head and (is_alpha(head) or head == "_"):
+    # Live 6.x kernels also send '(' (a BTF typecast) to the BTF branch.
+    if head and (is_alpha(head) or head in "_("):
         raise TokenError(msg.NOSUP_BTFARG, ctx.offset)
     raise TokenError(msg.BAD_FETCH_ARG, ctx.offset)
 
@@ -239,9 +235,7 @@ def _parse_deref(s: str, ctx: _Ctx) -> tuple[FetchExpr, Op]:
 def _parse_immediate(s: str, ctx: _Ctx) -> tuple[FetchExpr, Op]:
     if s[1:2] == '"':
         text = s[2:]
-        # An empty `\"` passes in the kernel too: it reads the quote itself
-        # as the closing one (str[len - 1] with len == 0).
-        if text and text[-1] != '"':
+        if not text or text[-1] != '"':
             raise TokenError(msg.IMMSTR_NO_CLOSE, ctx.offset + 2 + len(text))
         return ImmString(text[:-1]), Op.DATA
     digits = s[1:]

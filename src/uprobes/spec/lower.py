@@ -147,6 +147,6 @@ def kernel_line(probe: ResolvedProbe) -> str:
     head = f"{'r' if probe.is_return else 'p'}:{probe.group}/{probe.event}"
     args = [render_fetcharg(lower_fetcharg(a, usdt)) for a in probe.args]
     line = " ".join([head, place, *args])
-    from uprobes.spec.grammar import parse
+    from uprobes.spec.grammar import parse  # here: grammar imports nothing of ours back
     parse(line)
     return line

@@ -156,6 +156,8 @@ def _split_symbol_offset(place: str, at: int) -> tuple[str, int]:
             return place[:plus], value
     if not place or place[0] == "+":
         raise TokenError(msg.NO_SYMBOL, at)
+    if place[0] in "-%()@:=\\\"":
+        raise TokenError(msg.BAD_SYMBOL, at)
     return place, 0
 
 
