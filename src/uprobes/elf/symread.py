@@ -91,19 +91,22 @@ def split_version(name: str) -> tuple[str, str | None, bool]:
     return name[:at], name[at + 1:] or None, False
 
 
-def _version_names(elf: ELFFile) -> dict[int, str]:
-    names: dict[int, str] = {}
+def _version_names(elf: ELFFile) -> dict[int, tuple[str, bool]]:
+    """Version index -> (name, defined here).  Only a version this file defines
+    can be its default (`@@`); a needed one (a copy-relocated `stdout` in an
+    executable, bound to libc's GLIBC_2.2.5) prints as `@`, as readelf does."""
+    names: dict[int, tuple[str, bool]] = {}
     for sec in elf.iter_sections():
         if isinstance(sec, GNUVerDefSection):
             for verdef, auxiliaries in sec.iter_versions():
                 if not verdef["vd_flags"] & _VER_FLG_BASE:  # BASE names the file itself
                     aux = next(auxiliaries, None)
                     if aux is not None:
-                        names[verdef["vd_ndx"]] = aux.name
+                        names[verdef["vd_ndx"]] = (aux.name, True)
         elif isinstance(sec, GNUVerNeedSection):
             for _verneed, auxiliaries in sec.iter_versions():
                 for aux in auxiliaries:
-                    names[aux["vna_other"]] = aux.name
+                    names.setdefault(aux["vna_other"], (aux.name, False))
     return names
 
 
@@ -154,8 +157,8 @@ def read_symbols(elf: ELFFile, section: SymbolTableSection, source: Source) -> l
         if versym is not None:
             raw = versym[i] if i < len(versym) else 0
             index = raw & ~_VERSYM_HIDDEN
-            version = version_names.get(index) if index > 1 else None
-            default = version is not None and not raw & _VERSYM_HIDDEN
+            version, own = version_names.get(index, (None, False)) if index > 1 else (None, False)
+            default = own and not raw & _VERSYM_HIDDEN
         else:
             name, version, default = split_version(name)
         out.append(Symbol(name, version, default, value, size, kind, binding, source))
