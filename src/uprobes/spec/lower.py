@@ -12,15 +12,18 @@ not use this module.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from uprobes.errors import SpecError
-from uprobes.probe import ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.spec.ast import (
     Arg, Bitfield, Deref, FetchArg, FetchExpr, FetchType, Immediate, Memory, Register,
     StackEntry, UsdtTarget,
 )
 from uprobes.spec.numbers import kstrtol, kstrtoul
 from uprobes.spec.render import render_fetcharg
+
+if TYPE_CHECKING:  # uprobes.probe imports uprobes.spec.ast: no cycle at run time
+    from uprobes.probe import ResolvedProbe, UsdtArg
 
 SYSV_ARG_REGISTERS = ("di", "si", "dx", "cx", "r8", "r9")
 
@@ -134,6 +137,9 @@ def kernel_line(probe: ResolvedProbe) -> str:
 
     The line is checked with our kernel-faithful parser, so a SpecError here
     carries the kernel's own message for it."""
+    from uprobes.probe import VdsoKey
+    from uprobes.spec.grammar import parse
+
     if isinstance(probe.key, VdsoKey):
         raise SpecError("vDSO probes have no uprobe_events form (no file to name)",
                         probe.spec.text, 0)
@@ -147,6 +153,5 @@ def kernel_line(probe: ResolvedProbe) -> str:
     head = f"{'r' if probe.is_return else 'p'}:{probe.group}/{probe.event}"
     args = [render_fetcharg(lower_fetcharg(a, usdt)) for a in probe.args]
     line = " ".join([head, place, *args])
-    from uprobes.spec.grammar import parse  # here: grammar imports nothing of ours back
     parse(line)
     return line
