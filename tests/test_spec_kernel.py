@@ -22,7 +22,7 @@ import pytest
 from conftest import need
 from uprobes.errors import SpecError
 from uprobes.spec import auto_event_name, parse, render
-from uprobes.spec.ast import FetchArg, FileTarget, ProbeSpec, Spec
+from uprobes.spec.ast import ClearSpec, FileTarget, ProbeSpec, Spec
 
 GROUP = f"uprobes_test_{os.getpid()}"
 CMD = "  Command: "
@@ -257,3 +257,21 @@ def test_listing_round_trips(kernel: Kernel) -> None:
     line = (f"p:{GROUP}/lst {k.path}:{hex(off)}(0x40) a=%di:u32 b=+8(+0(%si)):string "
             f"c=$comm d=\\\"x\" e=@+0x10:b3@2/8 f=-16(%sp):s8[3] g=+u8(%di):u16")
     assert check_line(k, line) == "accepted"
+
+
+RST_EXAMPLES = [  # Documentation/trace/uprobetracer.rst, /bin/bash and /bin/zsh -> our copy
+    "p {P}:{O}", "r {P}:{O}", "p:zfree_entry {P}:{O} %ip %ax", "r:zfree_exit {P}:{O} %ip %ax",
+    "p:uprobes/zfree_entry {P}:{O} arg1=%ip arg2=%ax",
+]
+
+
+def test_uprobetracer_rst_examples(kernel: Kernel) -> None:
+    """Each example round-trips through us and through the live kernel."""
+    k = kernel
+    off = _entry_file_offset(Path(k.path))
+    for example in RST_EXAMPLES:
+        line = _fill(example, k, off)
+        spec = parse(line)
+        assert _bare(parse(render(spec))) == _bare(spec)
+        assert check_line(k, line) == "accepted"
+    assert parse("-:p_bash_0x4245c0") == ClearSpec("p_bash_0x4245c0", None, "-:p_bash_0x4245c0")

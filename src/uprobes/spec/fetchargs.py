@@ -22,7 +22,7 @@ from enum import Enum, auto
 from uprobes.spec import messages as msg
 from uprobes.spec import types
 from uprobes.spec.ast import (
-    Arg, Comm, Deref, FetchArg, FetchExpr, FileOffset, Immediate, ImmString,
+    Arg, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString,
     Memory, Register, RetVal, StackEntry, StackPointer,
 )
 from uprobes.spec.messages import TokenError
@@ -252,16 +252,16 @@ def _parse_immediate(s: str, ctx: _Ctx) -> tuple[FetchExpr, Op]:
 
 
 def _finalize(op: Op, type_text: str | None, array: int | None, ctx: _Ctx,
-              type_at: int, is_str_source: bool) -> types.FetchType:
+              type_at: int, is_str_source: bool) -> FetchType:
     """The store/modify/loop stage (finalize_fetch_insn): which expressions
     may carry which type, and the instruction budget."""
     if is_str_source:
-        ftype = types.FetchType("string", explicit=type_text is not None)
+        ftype = FetchType("string", explicit=type_text is not None)
         base = "string"
     elif type_text is None:
         ftype, base = types.DEFAULT_TYPE, "x64"
     else:
-        ftype, base = types.FetchType("x64"), type_text
+        ftype, base = FetchType("x64"), type_text
     if base in types.STRING_TYPES:
         if op not in (Op.DEREF, Op.UDEREF, Op.IMM, Op.COMM, Op.DATA):
             raise TokenError(msg.BAD_STRING, type_at)
