@@ -128,7 +128,12 @@ def test_inherit_per_cpu_follows_threads_and_forks(tfs: Tracefs, group: str,
                                                     threads_exe: Path) -> None:
     """Measured: tracepoint events with inherit (pid + one per CPU) follow new
     threads and forked children, and pthread_create keeps working, unlike the
-    uprobe PMU with inherit (see test_sys_pmu)."""
+    uprobe PMU with inherit (see test_sys_pmu).
+
+    Threads are exact. The forked child is seen, but in about 1 run in 8 on
+    6.18 part of its samples never arrive (uprobe_profile counts all 5000
+    hits, no PERF_RECORD_LOST): so its count is not asserted exactly here.
+    """
     off = file_offset(threads_exe, "add")
     with ProbeGroup(tfs, group) as pg:
         pg.add(f"p:{group}/add {threads_exe}:{off:#x} a=%di:s64")
@@ -144,13 +149,16 @@ def test_inherit_per_cpu_follows_threads_and_forks(tfs: Tracefs, group: str,
                 out = child.release()
                 per_task = collections.Counter((s.pid, s.tid) for r in rings for s in r.read())
                 lost = sum(r.lost for r in rings)
+                hits = [p.hits for p in tfs.profile() if p.event == "add"]
         finally:
             child.kill()
     assert "threads=4 failed=0 forked=1" in out
-    assert lost == 0 and sum(per_task.values()) == 5000
-    assert sorted(per_task.values()) == [1000] * 5
-    forked = [pid for pid, tid in per_task if pid != child.pid]
-    assert len(forked) == 1  # the forked child, with its own pid
+    assert lost == 0 and hits == [5000]
+    threads = {tid: n for (pid, tid), n in per_task.items() if pid == child.pid}
+    assert len(threads) == 4 and child.pid not in threads
+    assert sorted(threads.values()) == [1000] * 4
+    forked = {pid: n for (pid, tid), n in per_task.items() if pid != child.pid}
+    assert len(forked) == 1 and 0 < sum(forked.values()) <= 1000, per_task
 
 
 def test_set_output_refuses_cross_cpu(tfs: Tracefs, group: str, target: Path) -> None:

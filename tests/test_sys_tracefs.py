@@ -61,7 +61,7 @@ def recording(tfs: Tracefs, group: str, events: list[str],
 
 def drain(formats: dict[int, EventFormat],
           rings: list[RingBuffer]) -> list[tuple[str, dict[str, object], Sample]]:
-    out = []
+    out: list[tuple[str, dict[str, object], Sample]] = []
     for ring in rings:
         for s in ring.read():
             fmt = formats[int.from_bytes(s.raw[:2], "little")]
