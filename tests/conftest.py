@@ -87,7 +87,19 @@ def _our_uprobe_events() -> list[str]:
     if root is None or os.geteuid() != 0:
         return []
     lines = Path(root, "uprobe_events").read_text().splitlines()
-    return [ln for ln in lines if ln[2:].startswith("uprobes_")]
+    return [ln for ln in lines if ln[2:].startswith("uprobes_") and _ours_or_dead(ln)]
+
+
+def _ours_or_dead(line: str) -> bool:
+    """Groups carry the pid of the run that made them (`uprobes_<pid>`,
+    `uprobes_test_<pid>`): ours, or a run that is gone. Another live run's
+    events (a second test session on this machine) are not our leak."""
+    group = line[2:].split("/", 1)[0]
+    digits = group.rsplit("_", 1)[-1]
+    if not digits.isdigit():
+        return True
+    pid = int(digits)
+    return pid == os.getpid() or not Path(f"/proc/{pid}").exists()
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,9 @@ PROG = "uprobes"
 
 
 def _modules() -> list[ModuleType]:
-    from uprobes.commands import doctor, list_cmd, resolve
+    from uprobes.commands import demo, doctor, list_cmd, resolve
 
-    return [list_cmd, resolve, doctor]
+    return [demo, list_cmd, resolve, doctor]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,13 +8,13 @@ from typing import Any, TextIO
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import Symbol, SymbolTable
-from uprobes.elf.usdt import read_usdt_notes
+from uprobes.elf.usdt import usdt_notes
 from uprobes.errors import ResolveError
 from uprobes.render.json import write_json
 from uprobes.render.table import write_table
 from uprobes.resolve.resolver import Resolver
 from uprobes.resolve.vdso import read_vdso
-from uprobes.sys.procfs import read_maps
+from uprobes.sys import procfs
 
 NAME = "list"
 HELP = "list the functions and USDT probes of a program, a library, a process or the vDSO"
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         ref = resolver.file(args.target)
         image = resolver.image(ref)
         table = resolver.symbols(ref)
-        doc = _doc(ref.display, image, table, read_usdt_notes(image), pattern)
+        doc = _doc(ref.display, image, table, usdt_notes(image), pattern)
     if args.json:
         write_json(out, doc)
     else:
@@ -73,7 +73,7 @@ def _doc(path: str, image: ElfImage, table: SymbolTable, notes: list[Any],
         "functions": [_func(image, s) for s in funcs],
         "usdt": [{
             "provider": n.provider, "name": n.name, "file_offset": n.file_offset,
-            "args": [a.text for a in n.args],
+            "args": [f"{-a.size if a.signed else a.size}@{a.operand}" for a in n.args],
             "semaphore": n.semaphore_file_offset,
         } for n in usdt],
     }
@@ -81,7 +81,7 @@ def _doc(path: str, image: ElfImage, table: SymbolTable, notes: list[Any],
 
 def _func(image: ElfImage, s: Symbol) -> dict[str, Any]:
     return {
-        "name": s.name, "version": s.version, "file_offset": image.link_to_file_offset(s.link_addr),
+        "name": s.name, "display_name": s.display_name, "version": s.version, "file_offset": image.link_to_file_offset(s.link_addr),
         "link_addr": s.link_addr, "size": s.size, "kind": s.kind, "source": s.source,
     }
 
@@ -89,7 +89,7 @@ def _func(image: ElfImage, s: Symbol) -> dict[str, Any]:
 def _write_text(out: TextIO, doc: dict[str, Any]) -> None:
     funcs = doc["functions"]
     if funcs:
-        rows = [[f["name"] + (f"@{f['version']}" if f["version"] else "")
+        rows = [[f["display_name"]
                  + (" [ifunc]" if f["kind"] == "ifunc" else ""),
                  f"0x{f['file_offset']:x}", str(f["size"])] for f in funcs]
         write_table(out, ["FUNCTION", "OFFSET", "SIZE"], rows,
@@ -108,7 +108,7 @@ def _write_text(out: TextIO, doc: dict[str, Any]) -> None:
 
 def _list_process(pid: int, as_json: bool, out: TextIO) -> int:
     objects: dict[str, dict[str, Any]] = {}
-    for m in read_maps(pid):
+    for m in procfs.maps(pid):
         if not (m.path.startswith("/") or m.path == "[vdso]"):
             continue
         o = objects.setdefault(m.path, {"path": m.path, "inode": m.inode,

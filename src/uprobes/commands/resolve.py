@@ -17,7 +17,7 @@ NAME = "resolve"
 HELP = "resolve probe specs to files, inodes and offsets, and show the kernel's line for each"
 EXAMPLES = [
     "uprobes resolve 'libc:malloc size=%di:u64'",
-    "uprobes resolve 'r:libc:malloc ptr=$retval'",
+    "uprobes resolve 'libc:malloc%return ptr=$retval'",
     "uprobes resolve 'libc:str*cmp' --json",
     "uprobes resolve 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string'",
 ]

@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import check_boundary
-from uprobes.elf.symbols import Symbol, SymbolTable
-from uprobes.elf.usdt import UsdtNote, read_usdt_notes
+from uprobes.elf.symbols import Symbol, SymbolTable, ifunc_warning
+from uprobes.elf.usdt import UsdtNote, usdt_notes
 from uprobes.errors import ResolveError, SpecError
 from uprobes.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.vdso import read_vdso
 from uprobes.spec.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
-from uprobes.spec.render import auto_event_name, symbol_event_name
-from uprobes.sys.procfs import read_maps
+from uprobes.spec.names import auto_event_name, symbol_event_name
+from uprobes.sys import procfs
 
 DEFAULT_GROUP = "uprobes"
 MAX_EVENT_NAME = 63
@@ -49,7 +49,7 @@ class Resolver:
             return []
         if self._mapped is None:
             seen: dict[str, None] = {}
-            for m in read_maps(self.pid):
+            for m in procfs.maps(self.pid):
                 if m.path.startswith("/"):
                     seen.setdefault(m.path)
             self._mapped = list(seen)
@@ -67,7 +67,9 @@ class Resolver:
     def symbols(self, ref: FileRef) -> SymbolTable:
         k = (ref.dev, ref.ino)
         if k not in self._symbols:
-            self._symbols[k] = SymbolTable.load(self.image(ref), debug_dirs=self.debug_dirs)
+            image = self.image(ref)
+            self._symbols[k] = (SymbolTable.load(image, debug_dirs=self.debug_dirs)
+                                if self.debug_dirs is not None else SymbolTable.load(image))
         return self._symbols[k]
 
     # ------------------------------------------------------------ specs
@@ -135,10 +137,8 @@ class Resolver:
                 event = f"{spec.event}_{_ident(sym.name)}"[:MAX_EVENT_NAME]
             else:
                 event = spec.event or symbol_event_name(label, spec.is_return)
-            notes = ()
-            if sym.kind == "ifunc":
-                notes = (f"{sym.name} is an IFUNC resolver: it runs once at load time "
-                         f"to pick an implementation; probe the implementation instead",)
+            warning = ifunc_warning(sym)
+            notes = (warning,) if warning else ()
             out.append(self._point(spec, ref, file_offset, event, sym=sym,
                                    sym_off=t.symbol_offset, ref_ctr=t.ref_ctr_offset, notes=notes))
         return out
@@ -146,7 +146,7 @@ class Resolver:
     def _resolve_usdt(self, spec: ProbeSpec, t: UsdtTarget) -> list[ResolvedProbe]:
         ref = self.file(t.path)
         image = self.image(ref)
-        notes = [n for n in read_usdt_notes(image)
+        notes = [n for n in usdt_notes(image)
                  if fnmatch.fnmatchcase(n.provider, t.provider) and fnmatch.fnmatchcase(n.name, t.name)]
         if not notes:
             raise ResolveError(f"no USDT probe {t.provider}:{t.name} in {ref.display} "
@@ -158,7 +158,7 @@ class Resolver:
             event = spec.event or _ident(note.name)
             if spec.event and len(notes) > 1:
                 event = f"{spec.event}_{_ident(note.name)}"[:MAX_EVENT_NAME]
-            args = tuple(UsdtArg(a.size, a.signed, a.text) for a in note.args)
+            args = tuple(UsdtArg(a.size, a.signed, a.operand) for a in note.args)
             out.append(self._point(spec, ref, note.file_offset, event, group=group,
                                    ref_ctr=note.semaphore_file_offset, usdt_args=args))
         return out

@@ -7,15 +7,17 @@ differs), so without a pid we read our own.
 
 from __future__ import annotations
 
+import os
+
 from uprobes.elf.image import ElfImage
 from uprobes.errors import ProcessError
-from uprobes.sys.procfs import read_maps
+from uprobes.sys import procfs
 
 
 def vdso_bytes(pid: int | None = None) -> bytes:
     """The vDSO image of process `pid` (ours when None)."""
     who = "self" if pid is None else str(pid)
-    maps = [m for m in read_maps(pid if pid is not None else "self") if m.path == "[vdso]"]
+    maps = [m for m in procfs.maps(pid if pid is not None else os.getpid()) if m.path == "[vdso]"]
     if not maps:
         raise ProcessError(f"process {who} has no vDSO mapped")
     start, end = maps[0].start, maps[-1].end

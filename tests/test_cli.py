@@ -1,0 +1,111 @@
+"""The command line as users run it: examples, errors, exit statuses."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uprobes.commands import _modules, main
+
+BIN = str(Path(sys.executable).parent)
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "uprobes", *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+EXAMPLES = [(m.NAME, e) for m in _modules() for e in m.EXAMPLES]
+
+
+@pytest.mark.parametrize("command,example", EXAMPLES, ids=[e for _, e in EXAMPLES])
+def test_every_help_example_runs(command: str, example: str) -> None:
+    """The worked examples at the end of each --help are real commands that work."""
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "-c", example.split("  #")[0]], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "an example should show something"
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_ends_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    for mod in _modules():
+        assert main([mod.NAME, "--help"]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(mod.EXAMPLES[-1])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["list", "/nonexistent"], "uprobes: error: /nonexistent: no such file"),
+    (["list", "/etc/passwd"], "uprobes: error: /etc/passwd: is not an ELF file"),
+    (["list", "/tmp"], "is a directory"),
+    (["resolve", "libc:no_such_function_xyz"], "symbol 'no_such_function_xyz' not found"),
+    (["resolve", "libc:malloc x=%zz"], "Invalid register name"),
+    (["resolve", "libc:malloc x=%di:u7"], "Unknown type is specified"),
+    (["resolve", "libc:malloc x=$retval"], "$retval is not available on probe"),
+    (["resolve", "libc:malloc " + " ".join(f"a{i}=%di" for i in range(129))], "Too many arguments"),
+    (["resolve", "libc:malloc+1"], "inside an instruction"),
+    (["resolve", "libc:0x10"], "not in an executable segment"),
+    (["list", "-p", "999999999"], "999999999"),
+    (["list"], "give a TARGET"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_input_is_one_clear_line_exit_2(argv: list[str], message: str) -> None:
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("uprobes: error: ")
+    assert message in proc.stderr
+
+
+def test_spec_error_has_caret_under_the_fault() -> None:
+    proc = run_cli("resolve", "libc:malloc size=%di:u99")
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "uprobes: error: Unknown type is specified"
+    assert lines[1] == "  libc:malloc size=%di:u99"
+    assert lines[2].index("^") == lines[1].index("u99")
+
+
+def test_list_json_matches_readelf(compile_c) -> None:  # type: ignore[no-untyped-def]
+    exe = compile_c("target.c")
+    out = io.StringIO()
+    assert main(["list", str(exe), "--json"], out=out) == 0
+    doc = json.loads(out.getvalue())
+    names = {f["name"]: f for f in doc["functions"]}
+    readelf = subprocess.run(["readelf", "-Ws", "--wide", str(exe)], capture_output=True,
+                             text=True, check=True).stdout
+    for line in readelf.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[3] == "FUNC" and f[6] != "UND":
+            assert names[f[7]]["link_addr"] == int(f[1], 16)
+            assert names[f[7]]["size"] == int(f[2], 0)
+
+
+def test_list_process(compile_c) -> None:  # type: ignore[no-untyped-def]
+    proc = subprocess.Popen(["/usr/bin/sleep", "30"])
+    try:
+        out = io.StringIO()
+        assert main(["list", "-p", str(proc.pid), "--json"], out=out) == 0
+        paths = {o["path"] for o in json.loads(out.getvalue())["objects"]}
+        assert "/usr/bin/sleep" in paths and any("libc.so" in p for p in paths)
+        out = io.StringIO()
+        assert main(["list", "-p", str(proc.pid), "libc", "malloc", "--json"], out=out) == 0
+        assert [f["name"] for f in json.loads(out.getvalue())["functions"]] == ["malloc"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_list_usdt_of_python() -> None:
+    out = io.StringIO()
+    assert main(["list", "/usr/bin/python3.11", "python:function__*", "--json"], out=out) == 0
+    usdt = json.loads(out.getvalue())["usdt"]
+    assert [u["name"] for u in usdt] == ["function__entry", "function__return"]
+    assert all(u["semaphore"] and len(u["args"]) == 3 for u in usdt)
