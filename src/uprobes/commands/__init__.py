@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
     err = err or sys.stderr
     try:
         parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        # `-- CMD ARGS...` is the command to start and trace; argparse never sees it.
+        command: list[str] | None = None
+        if "--" in argv:
+            i = argv.index("--")
+            argv, command = argv[:i], argv[i + 1:]
         args = parser.parse_args(argv)
+        args.argv_command = command
         if args.command is None:
             parser.print_help(out)
             return 2

@@ -1,0 +1,1 @@
+"""The kernel engine: the kernel's own uprobes, through tracefs and perf_event."""

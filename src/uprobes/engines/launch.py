@@ -1,0 +1,98 @@
+"""Starting a command so that probes are in place before its first instruction.
+
+The child is forked and waits on a pipe before it execs; the engine opens
+its perf events on the child's pid (which exec keeps), then releases it.
+A signal sent to uprobes alone never reaches the child: it runs to its end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+from uprobes.errors import UsageError
+
+
+@dataclass
+class Launched:
+    """A command started held before exec; `release()` lets it run."""
+
+    argv: list[str]
+    pid: int
+    _go: int
+    _err: int
+    status: int | None = field(default=None)
+
+    def release(self) -> None:
+        """Let the child exec; raise UsageError if the exec failed."""
+        if self._go < 0:
+            return
+        os.write(self._go, b"x")
+        os.close(self._go)
+        self._go = -1
+        failure = b""
+        while chunk := os.read(self._err, 512):
+            failure += chunk
+        os.close(self._err)
+        if failure:
+            self.wait()
+            raise UsageError(f"cannot run {self.argv[0]}: {failure.decode(errors='replace')}")
+
+    def wait(self) -> int:
+        """Wait for the command; its exit status as a shell reports it (128+N for signal N)."""
+        if self.status is None:
+            while True:
+                try:
+                    _, raw = os.waitpid(self.pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            self.status = os.waitstatus_to_exitcode(raw)
+            if self.status < 0:
+                self.status = 128 - self.status
+        return self.status
+
+    def poll(self) -> int | None:
+        """The exit status if the command has ended, else None."""
+        if self.status is None:
+            pid, raw = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                code = os.waitstatus_to_exitcode(raw)
+                self.status = 128 - code if code < 0 else code
+        return self.status
+
+    def abort(self) -> None:
+        """The engine failed before release: the command must not run at all."""
+        if self.status is None:
+            if self._go >= 0:
+                os.close(self._go)  # the child sees EOF and exits without exec
+                self._go = -1
+            self.wait()
+
+
+def launch(argv: list[str]) -> Launched:
+    """Fork a child that will exec `argv` once released."""
+    if not argv:
+        raise UsageError("no command given after --")
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the child: only async-signal-safe work until exec
+        try:
+            os.close(go_w)
+            os.close(err_r)
+            if os.read(go_r, 1) != b"x":
+                os._exit(127)
+            os.close(go_r)
+            # Our own handlers must not leak into the command: defaults back.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            os.write(err_w, (e.strerror or str(e)).encode())
+        finally:
+            os._exit(127)
+    os.close(go_r)
+    os.close(err_w)
+    return Launched(argv, pid, go_w, err_r)
