@@ -109,3 +109,15 @@ def no_leftover_probes() -> object:
     yield
     leaked = set(_our_uprobe_events()) - before
     assert not leaked, f"test left uprobe events behind: {sorted(leaked)}"
+
+
+@pytest.fixture
+def running_process() -> object:
+    """A live process with its libraries mapped (it said `ready`), killed afterwards."""
+    proc = subprocess.Popen(
+        ["/usr/bin/python3.11", "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -88,19 +88,15 @@ def test_list_json_matches_readelf(compile_c) -> None:  # type: ignore[no-untype
             assert names[f[7]]["size"] == int(f[2], 0)
 
 
-def test_list_process(compile_c) -> None:  # type: ignore[no-untyped-def]
-    proc = subprocess.Popen(["/usr/bin/sleep", "30"])
-    try:
-        out = io.StringIO()
-        assert main(["list", "-p", str(proc.pid), "--json"], out=out) == 0
-        paths = {o["path"] for o in json.loads(out.getvalue())["objects"]}
-        assert "/usr/bin/sleep" in paths and any("libc.so" in p for p in paths)
-        out = io.StringIO()
-        assert main(["list", "-p", str(proc.pid), "libc", "malloc", "--json"], out=out) == 0
-        assert [f["name"] for f in json.loads(out.getvalue())["functions"]] == ["malloc"]
-    finally:
-        proc.kill()
-        proc.wait()
+def test_list_process(running_process: subprocess.Popen[str]) -> None:
+    pid = str(running_process.pid)
+    out = io.StringIO()
+    assert main(["list", "-p", pid, "--json"], out=out) == 0
+    paths = {o["path"] for o in json.loads(out.getvalue())["objects"]}
+    assert "/usr/bin/python3.11" in paths and any("libc.so" in p for p in paths)
+    out = io.StringIO()
+    assert main(["list", "-p", pid, "libc", "malloc", "--json"], out=out) == 0
+    assert [f["name"] for f in json.loads(out.getvalue())["functions"]] == ["malloc"]
 
 
 def test_list_usdt_of_python() -> None:

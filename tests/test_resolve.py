@@ -168,16 +168,13 @@ def test_vdso_symbol_keyed_by_process() -> None:
     assert p.symbol in ("clock_gettime", "__vdso_clock_gettime")
 
 
-def test_process_view_resolves_the_libc_it_maps() -> None:
-    proc = subprocess.Popen(["/usr/bin/sleep", "30"])
-    try:
-        [p] = Resolver(pid=proc.pid).resolve(spec("libc:malloc"))
-        assert p.path.startswith(f"/proc/{proc.pid}/root/")
-        [host] = Resolver().resolve(spec("libc:malloc"))
-        assert p.key == host.key  # one inode, one probe, whichever path named it
-    finally:
-        proc.kill()
-        proc.wait()
+def test_process_view_resolves_the_libc_it_maps(
+        running_process: subprocess.Popen[str]) -> None:
+    pid = running_process.pid
+    [p] = Resolver(pid=pid).resolve(spec("libc:malloc"))
+    assert p.path.startswith(f"/proc/{pid}/root/")
+    [host] = Resolver().resolve(spec("libc:malloc"))
+    assert p.key == host.key  # one inode, one probe, whichever path named it
 
 
 def test_event_names_unique_within_a_run(compile_c) -> None:  # type: ignore[no-untyped-def]
