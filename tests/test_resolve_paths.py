@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,22 +53,18 @@ def test_links_give_one_identity(compile_c, tmp_path: Path) -> None:  # type: ig
     assert len(ids) == 1
 
 
-def test_process_view_goes_through_proc_root() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                            stdin=subprocess.PIPE)
-    try:
-        maps = Path(f"/proc/{proc.pid}/maps").read_text().split("\n")
-        mapped = sorted({ln.split()[-1] for ln in maps if ln.count("/") and "libc.so" in ln})
-        ref = find_file("libc", pid=proc.pid, mapped=mapped)
-        assert ref.path.startswith(f"/proc/{proc.pid}/root/")
-        assert ref.display == mapped[0]
-        host = os.stat(mapped[0])
-        assert (ref.dev, ref.ino) == (host.st_dev, host.st_ino)
-        abs_ref = find_file("/usr/bin/true", pid=proc.pid)
-        assert abs_ref.path == f"/proc/{proc.pid}/root/usr/bin/true"
-    finally:
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait()
+def test_process_view_goes_through_proc_root(
+        running_process: subprocess.Popen[str]) -> None:
+    pid = running_process.pid
+    maps = Path(f"/proc/{pid}/maps").read_text().split("\n")
+    mapped = sorted({ln.split()[-1] for ln in maps if ln.count("/") and "libc.so" in ln})
+    ref = find_file("libc", pid=pid, mapped=mapped)
+    assert ref.path.startswith(f"/proc/{pid}/root/")
+    assert ref.display == mapped[0]
+    host = os.stat(mapped[0])
+    assert (ref.dev, ref.ino) == (host.st_dev, host.st_ino)
+    abs_ref = find_file("/usr/bin/true", pid=pid)
+    assert abs_ref.path == f"/proc/{pid}/root/usr/bin/true"
 
 
 @pytest.mark.parametrize("path,message", [
