@@ -92,8 +92,7 @@ def _lib_dirs(root: str) -> list[str]:
         except OSError:
             continue
     dirs.extend(DEFAULT_LIB_DIRS)
-    seen: set[str] = set()
-    return [d for d in dirs if not (d in seen or seen.add(d))]
+    return list(dict.fromkeys(dirs))
 
 
 def _soname_rank(path: str) -> tuple[int, int, str]:
