@@ -18,9 +18,9 @@ PROG = "uprobes"
 
 
 def _modules() -> list[ModuleType]:
-    from uprobes.commands import demo, doctor, list_cmd, resolve
+    from uprobes.commands import cleanup, count, demo, doctor, list_cmd, resolve, trace
 
-    return [demo, list_cmd, resolve, doctor]
+    return [demo, list_cmd, resolve, trace, count, cleanup, doctor]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,90 @@
+"""`uprobes trace`: print every hit of the probes, with the values they fetch.
+
+Text is the kernel's own trace line per hit; `--json` one object per hit and
+a last `{"summary": {"events": N, "lost": M}}` line. The summary also goes to
+stderr (`uprobes: N events, M lost`): lost records are never silent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import ExitStack
+from typing import TextIO
+
+from uprobes.commands.resolve import parse_specs
+from uprobes.commands.selection import add_selection_arguments, check_selection
+from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
+from uprobes.engines.kernel.tracer import KernelTracer
+from uprobes.engines.launch import Launched, launch
+from uprobes.errors import UsageError
+from uprobes.probe import ResolvedProbe
+from uprobes.render.jsonl import JsonLinesRenderer
+from uprobes.render.trace_text import TraceTextRenderer
+from uprobes.resolve.resolver import Resolver
+
+NAME = "trace"
+HELP = "print each hit of the probes with the values they fetch"
+EXAMPLES = [
+    "uprobes trace 'libc:malloc size=%di:u64' -- /bin/ls /",
+    "uprobes trace --json 'r libc:getenv value=+0($retval):string' -- /usr/bin/env -i /bin/true",
+    "uprobes trace 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string "
+    "fn=+0($arg2):string line=$arg3:s32' -- /usr/bin/python3.11 -c $'def f(): pass\\nf()'",
+    "uprobes trace --duration 2 'libc:getppid' & sleep 1; python3 -c 'import os; os.getppid()'"
+    "; wait  # system-wide, for 2 seconds",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_selection_arguments(p)
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="stop after SECONDS (default: when the command or process ends, "
+                        "or on Ctrl-C)")
+    p.add_argument("--ring-pages", type=int, default=DEFAULT_RING_PAGES, metavar="N",
+                   help=f"data pages of each CPU's ring buffer, a power of two "
+                        f"(default {DEFAULT_RING_PAGES}); more loses fewer records in bursts")
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    check_selection(args)
+    if args.duration is not None and args.duration < 0:
+        raise UsageError("--duration must be at least 0")
+    probes = Resolver(pid=args.pid, force=args.force).resolve_all(parse_specs(args.specs))
+    for p in probes:
+        for note in p.notes:
+            sys.stderr.write(f"uprobes: note: {note}\n")
+    with ExitStack() as stack:
+        if args.output:
+            try:
+                out = stack.enter_context(open(args.output, "w"))
+            except OSError as e:
+                raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
+        child = launch(args.argv_command) if args.argv_command else None
+        return _trace(args, out, probes, child)
+
+
+def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
+           child: Launched | None) -> int:
+    renderer: TraceTextRenderer | JsonLinesRenderer | None = None
+    tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
+                          ring_pages=args.ring_pages,
+                          note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
+    try:
+        with tracer:
+            renderer = (JsonLinesRenderer if args.json else TraceTextRenderer)(out, tracer.infos)
+            if child is not None:
+                child.release()
+            tracer.run(renderer.event, args.duration)
+            renderer.summary(tracer.events, tracer.lost)
+            out.flush()
+    except BaseException:
+        if child is not None:
+            if renderer is None:
+                child.abort()  # never released: the command must not run at all
+            else:
+                child.wait()  # it runs on, unharmed, to its end
+        raise
+    sys.stderr.write(f"uprobes: {tracer.events} events, {tracer.lost} lost\n")
+    if child is not None:
+        return child.wait()
+    return 0

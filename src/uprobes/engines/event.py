@@ -1,0 +1,56 @@
+"""What a probe hit is, whichever engine saw it: `Event`, and the `ProbeInfo`
+renderers need to format its values.
+
+Addresses in an event are run-time addresses (`ip`, `func`); `ts_ns` is
+CLOCK_MONOTONIC, so events line up with other sources on the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from uprobes.spec.ast import FetchType
+
+ArgValue = int | str | None | list[int] | list[str | None]
+"""An argument's value: an integer, a string, None for a string whose fetch
+faulted (the kernel prints `(fault)`), or a list for `TYPE[N]`."""
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """A probe as the user named it, and the types of its arguments.
+
+    `name` is `GROUP/EVENT` in the user's group (`uprobes` by default, the
+    provider for USDT), never an engine's internal group.
+    """
+
+    name: str
+    kind: str
+    args: tuple[tuple[str, FetchType], ...] = ()
+
+    @property
+    def event(self) -> str:
+        """The event part of `name` (what the kernel's trace line shows)."""
+        return self.name.rpartition("/")[2]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One hit of one probe.
+
+    `kind` is "p" (entry) or "r" (return). `ip` is the probed instruction's
+    run-time address for "p" and the address returned to for "r"; `func`
+    (return probes only) is the function's entry address. `args` maps each
+    fetcharg name to its value, in the probe's order.
+    """
+
+    probe: str
+    kind: str
+    pid: int
+    tid: int
+    comm: str
+    cpu: int
+    ts_ns: int
+    ip: int
+    func: int | None = None
+    args: dict[str, ArgValue] = field(default_factory=dict)

@@ -1,0 +1,136 @@
+"""Perf tracepoint events on our probes, and one ring buffer per CPU they share.
+
+Which tasks: system-wide (`pid=-1` on every CPU); or given tasks, each opened
+with `inherit` on every CPU so threads and children they create later are
+followed. `inherit` only covers tasks created after the open, so for an
+existing process every thread is opened, as `perf record -p` does; threads
+started while we open are caught by rescanning /proc/PID/task until no new
+one appears. The kernel also uses the tasks as the uprobe's prefilter: only
+their address spaces get breakpoints.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+from uprobes.errors import KernelError
+from uprobes.sys import procfs
+from uprobes.sys.perf import PerfEvent, RingBuffer, Sample, online_cpus, open_tracepoint
+
+DEFAULT_RING_PAGES = 256
+
+
+class CpuStreams:
+    """Owns every perf event and every per-CPU ring; closes them on exit."""
+
+    def __init__(self, ring_pages: int = DEFAULT_RING_PAGES) -> None:
+        self.ring_pages = ring_pages
+        self.cpus = online_cpus()
+        self.rings: dict[int, RingBuffer] = {}
+        self.events: list[PerfEvent] = []
+        self._stack = ExitStack()
+        self._opened: set[tuple[int, int]] = set()  # (event id, task)
+
+    def open(self, event_ids: list[int], tasks: list[int]) -> None:
+        """Open (enabled) events for every id x task x CPU; `tasks=[-1]`: system-wide."""
+        _raise_fd_limit(len(event_ids) * len(tasks) * len(self.cpus) + len(self.events))
+        for event_id in event_ids:
+            for task in tasks:
+                if (event_id, task) in self._opened:
+                    continue
+                self._open_one(event_id, task)
+                self._opened.add((event_id, task))
+
+    def _open_one(self, event_id: int, task: int) -> None:
+        for cpu in self.cpus:
+            ring = self.rings.get(cpu)
+            # Wake the reader when a quarter of the ring is used; the poll
+            # timeout bounds the latency when hits are few.
+            watermark = self.ring_pages * 4096 // 4
+            ev = self._stack.enter_context(open_tracepoint(
+                event_id, pid=task, cpu=cpu, inherit=task != -1, watermark_bytes=watermark))
+            self.events.append(ev)
+            if ring is None:
+                self.rings[cpu] = self._stack.enter_context(RingBuffer(ev, self.ring_pages))
+            else:
+                ev.set_output(ring.event)
+            ev.enable()
+
+    def follow_process(self, pid: int, event_ids: list[int]) -> None:
+        """Every thread of `pid`, until a scan finds no thread we have not opened."""
+        seen: set[int] = set()
+        while True:
+            now = set(procfs.tids(pid))
+            new = sorted(now - seen)
+            if not new:
+                return
+            for tid in new:
+                try:
+                    self.open(event_ids, [tid])
+                except KernelError as e:
+                    if e.errno != errno.ESRCH:  # the thread ended meanwhile: nothing to follow
+                        raise
+            seen |= now
+
+    def fds(self) -> list[int]:
+        return [r.fileno() for r in self.rings.values()]
+
+    def read(self) -> Iterator[Sample]:
+        for ring in self.rings.values():
+            yield from ring.read()
+
+    @property
+    def lost_records(self) -> int:
+        """What PERF_RECORD_LOST records reported so far."""
+        return sum(r.lost for r in self.rings.values())
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.rings.values())
+
+    def hits(self) -> int:
+        """Every hit the events counted, children's included (an inherited
+        event's read() sums its children). A sampling event counts a hit even
+        when the ring had no room for its record."""
+        return sum(ev.read_count() for ev in self.events)
+
+    def lost(self) -> int:
+        """Records that never reached us: hits counted minus samples read.
+
+        PERF_RECORD_LOST alone is not enough: the kernel writes it only
+        when a later record fits, so losses at the end of a run (a child's
+        last burst into a full ring) would go unreported. Read this after
+        disable() and a last read()."""
+        return max(self.lost_records, self.hits() - self.samples)
+
+    def disable(self) -> None:
+        for ev in self.events:
+            try:
+                ev.disable()
+            except KernelError:
+                pass
+
+    def close(self) -> None:
+        self.events.clear()
+        self.rings.clear()
+        self._stack.close()
+
+    def __enter__(self) -> CpuStreams:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _raise_fd_limit(need: int) -> None:
+    """One fd per probe per task per CPU: lift the soft limit to the hard one if short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+

@@ -1,0 +1,199 @@
+"""`KernelTracer`: the kernel engine's tracing session.
+
+Places every probe in the run's tracefs group, opens perf tracepoint events
+on them (system-wide, for a process and its threads, or for a launched
+command and its children), reads the per-CPU rings in a poll loop and hands
+each hit as an `Event` to a callback. Everything is undone on exit, on an
+exception, and after SIGINT/SIGTERM/SIGHUP (which stop the loop, never the
+traced program).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from types import TracebackType
+
+from uprobes.engines.event import Event, ProbeInfo
+from uprobes.engines.kernel.groups import run_group
+from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, kernel_probes
+from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
+from uprobes.engines.signals import StopSignals
+from uprobes.errors import KernelError, ProcessError
+from uprobes.probe import ResolvedProbe
+from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
+
+POLL_MS = 100  # longest wait for a quiet ring: the output latency at low rates
+
+
+class KernelTracer:
+    """A tracing session on the kernel's uprobes; use as a context manager.
+
+    `pid`: an existing process (all its threads, and what they start later).
+    `child`: a launched command's pid, held before exec (it and its
+    children). Neither: system-wide. `note` receives one line per probe
+    skipped because the kernel refused it (globs only; a single probe the
+    kernel refuses is an error).
+    """
+
+    def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
+                 child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,
+                 tracefs: Tracefs | None = None,
+                 note: Callable[[str], None] | None = None) -> None:
+        self.probes = probes
+        self.pid = pid
+        self.child = child
+        self.ring_pages = ring_pages
+        self._tracefs = tracefs
+        self._note = note or (lambda _: None)
+        self.decoders: dict[int, RecordDecoder] = {}
+        self.placed: list[KernelProbe] = []
+        self.events = 0
+        self.signal: int | None = None
+        self.target_exited = False
+        self._stack = ExitStack()
+        self._streams: CpuStreams | None = None
+        self._signals: StopSignals | None = None
+        self._pidfd = -1
+        self._lost_final: int | None = None
+
+    @property
+    def infos(self) -> dict[str, ProbeInfo]:
+        """Display name -> ProbeInfo, for the renderers."""
+        return {kp.info.name: kp.info for kp in self.placed}
+
+    @property
+    def lost(self) -> int:
+        """Records the kernel dropped because a ring was full (PERF_RECORD_LOST)."""
+        if self._lost_final is not None:
+            return self._lost_final
+        return self._streams.lost_records if self._streams else 0
+
+    # ------------------------------------------------------------ set-up
+
+    def __enter__(self) -> KernelTracer:
+        try:
+            self._signals = self._stack.enter_context(StopSignals())
+            tfs = self._tracefs or Tracefs()
+            group = self._stack.enter_context(ProbeGroup(tfs, run_group()))
+            self._streams = self._stack.enter_context(CpuStreams(self.ring_pages))
+            self._stack.callback(self._streams.disable)
+            if self.pid is not None or self.child is not None:
+                self._open_pidfd(self.child if self.child is not None else self.pid)
+            multi = _glob_specs(self.probes)
+            for kp in kernel_probes(self.probes, group.name):
+                self._place(tfs, group, kp, multi)
+            if not self.placed:
+                raise KernelError("the kernel refused every probe")
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _place(self, tfs: Tracefs, group: ProbeGroup, kp: KernelProbe, multi: set[int]) -> None:
+        streams = self._streams
+        assert streams is not None
+        try:
+            group.add(kp.line)
+            fmt = tfs.event_format(kp.group, kp.event)
+            if self.child is not None:
+                streams.open([fmt.id], [self.child])
+            elif self.pid is not None:
+                streams.follow_process(self.pid, [fmt.id])
+            else:
+                streams.open([fmt.id], [-1])
+        except KernelError as e:
+            # A glob places what the kernel accepts (some libc entry points
+            # start with instructions uprobes refuse: ENOTSUPP) and names the rest.
+            if id(kp.probe.spec) not in multi:
+                raise
+            self._note(f"skipped {kp.info.name}: {_reason(e)}")
+            return
+        self.decoders[fmt.id] = RecordDecoder(fmt, kp.info)
+        self.placed.append(kp)
+
+    def _open_pidfd(self, pid: int) -> None:
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ProcessError(f"no process {pid}") from e
+            raise KernelError(f"pidfd_open({pid}): {e.strerror}", e.errno) from e
+        self._stack.callback(os.close, self._pidfd)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stack.close()
+        self._streams = None
+
+    # ------------------------------------------------------------ the loop
+
+    def stop(self) -> None:
+        """Stop `run()` after its current read (callable from a handler)."""
+        if self._signals is not None and self._signals.signum is None:
+            self._signals.signum = 0
+
+    def run(self, on_event: Callable[[Event], None], duration: float | None = None) -> None:
+        """Deliver events until the target exits, a stop signal, `stop()`, or
+        `duration` seconds; then deliver what the rings still hold."""
+        streams, signals = self._streams, self._signals
+        assert streams is not None and signals is not None, "enter the tracer first"
+        poller = select.poll()
+        for fd in streams.fds():
+            poller.register(fd, select.POLLIN)
+        poller.register(signals.fileno(), select.POLLIN)
+        if self._pidfd >= 0:
+            poller.register(self._pidfd, select.POLLIN)
+        deadline = None if duration is None else time.monotonic() + duration
+        while True:
+            timeout = POLL_MS
+            if deadline is not None:
+                timeout = max(0, min(timeout, int((deadline - time.monotonic()) * 1000)))
+            ready = {fd for fd, _ in poller.poll(timeout)}
+            # The target's end is checked before the read: every record it
+            # wrote is in the rings by then (samples are written at the hit).
+            ended = self._pidfd in ready
+            if ended:
+                self.target_exited = True
+                break
+            if signals.stopped or (deadline is not None and time.monotonic() >= deadline):
+                break
+            self._drain(on_event)
+        self.signal = signals.signum or None
+        # Stop counting, read what is left, then compare counts with samples.
+        streams.disable()
+        self._drain(on_event)
+        self._lost_final = streams.lost()
+
+    def _drain(self, on_event: Callable[[Event], None]) -> None:
+        streams = self._streams
+        assert streams is not None
+        batch: list[Event] = []
+        decoders = self.decoders
+        for sample in streams.read():
+            dec = decoders.get(int.from_bytes(sample.raw[:2], "little"))
+            if dec is not None:
+                batch.append(dec.decode(sample))
+        # Rings are per CPU: order what one read gathered by time.
+        batch.sort(key=lambda e: e.ts_ns)
+        self.events += len(batch)
+        for ev in batch:
+            on_event(ev)
+
+
+def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
+    """Specs (by identity) that resolved to more than one probe."""
+    seen: dict[int, int] = {}
+    for p in probes:
+        seen[id(p.spec)] = seen.get(id(p.spec), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def _reason(e: KernelError) -> str:
+    if isinstance(e, ProbeRejected):
+        return e.kernel_message
+    return str(e)

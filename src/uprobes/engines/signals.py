@@ -1,0 +1,56 @@
+"""SIGINT, SIGTERM and SIGHUP stop a run instead of killing it, so its
+clean-up runs; the previous handlers come back on exit.
+
+A handler only sets a flag and writes a byte to a pipe that the run's poll
+loop watches, so the loop wakes at once (PEP 475 would otherwise resume the
+poll until its timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopSignals:
+    """While entered, the stop signals set `signum` and make `fileno()` readable."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous: dict[int, Any] = {}
+
+    def fileno(self) -> int:
+        return self._r
+
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        try:
+            os.write(self._w, b"s")
+        except OSError:
+            pass  # the pipe is full: the loop is already woken
+
+    def __enter__(self) -> StopSignals:
+        # signal.signal works only in the main thread; elsewhere the caller
+        # stops the run itself (a Python API user in a worker thread).
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        for fd in (self._r, self._w):
+            os.close(fd)
