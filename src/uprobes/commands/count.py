@@ -123,10 +123,11 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
     try:
         if pids is not None:
             watch = _pidfd(pids[0])
-        with KernelCounter(probes, pids=pids, all_threads=launched is None) as counter:
+        with KernelCounter(probes, pids=pids, all_threads=launched is None,
+                           force=args.force) as counter:
             if counter.refused:
                 sys.stderr.write("uprobes: note: "
-                                 + refusal_note(counter.refused, len(probes)) + "\n")
+                                 + refusal_note(counter.refused, counter.total) + "\n")
             if launched is not None:
                 launched.release()
             _loop(args, counter, sink, stop, watch)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 from uprobes.engines.kernel.groups import run_group
+from uprobes.engines.kernel.insn_guard import unsafe_site
 from uprobes.errors import EngineError, KernelError
 from uprobes.probe import ResolvedProbe, VdsoKey
 from uprobes.spec import kernel_line
@@ -76,15 +77,18 @@ def refusal_reason(probe: ResolvedProbe, err: KernelError) -> str:
 
 
 def refusal_note(refused: Sequence[Refusal], total: int, shown: int = 8) -> str:
-    """One line naming the refused probes, grouped by reason."""
-    by_reason: dict[str, list[str]] = {}
+    """One line naming the refused probes, grouped by reason: the kernel's
+    refusals first, then the sites we left out ourselves (insn_guard)."""
+    by_reason: dict[tuple[bool, str], list[str]] = {}
     for r in refused:
-        by_reason.setdefault(r.reason, []).append(r.name.rsplit("/", 1)[-1])
+        by_reason.setdefault((r.errno is None, r.reason), []).append(r.name.rsplit("/", 1)[-1])
     parts = []
-    for reason, names in by_reason.items():
+    for (ours, reason), names in sorted(by_reason.items()):
         listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-        parts.append(f"({reason}): {listed}")
-    return f"the kernel refused {len(refused)} of {total} probes " + "; ".join(parts)
+        head = (f"left out {len(names)} of {total} probes" if ours
+                else f"the kernel refused {len(names)} of {total} probes")
+        parts.append(f"{head} ({reason}): {listed}")
+    return "; ".join(parts)
 
 
 def display_names(probes: Sequence[ResolvedProbe]) -> list[str]:
@@ -109,17 +113,27 @@ class KernelCounter:
     """
 
     def __init__(self, probes: Sequence[ResolvedProbe], *, pids: Sequence[int] | None = None,
-                 all_threads: bool = True, tracefs: Tracefs | None = None) -> None:
+                 all_threads: bool = True, tracefs: Tracefs | None = None,
+                 force: bool = False) -> None:
         for p in probes:
             if isinstance(p.key, VdsoKey):
                 raise EngineError(f"{p.name}: vDSO probes cannot be placed by the kernel "
                                   "engine (the vDSO has no file); use -e ptrace")
-        self.probes = list(probes)
-        self.names = display_names(self.probes)
+        self.refused: list[Refusal] = []
+        names = display_names(probes)
+        self.total = len(names)
+        self.probes: list[ResolvedProbe] = []
+        self.names: list[str] = []
+        for name, p in zip(names, probes):
+            why = None if force else unsafe_site(p.path, p.file_offset)
+            if why:
+                self.refused.append(Refusal(name, None, why))
+            else:
+                self.probes.append(p)
+                self.names.append(name)
         self.pids = list(pids) if pids is not None else None
         self.all_threads = all_threads
         self._tracefs = tracefs
-        self.refused: list[Refusal] = []
         self.group: ProbeGroup | None = None
         # Per placed probe: its display name and the perf events whose counts sum to it.
         self._placed: list[tuple[str, list[PerfEvent] | UprobeCounter]] = []
@@ -144,11 +158,11 @@ class KernelCounter:
         return self
 
     def _all_refused(self) -> None:
-        if not self.probes:
+        if not self.refused:
             raise EngineError("no probes to count")
         first = self.refused[0]
         more = f" (and the other {len(self.refused) - 1})" if len(self.refused) > 1 else ""
-        raise KernelError(f"the kernel refused every probe: {first.name}: {first.reason}{more}",
+        raise KernelError(f"no probe could be placed: {first.name}: {first.reason}{more}",
                           first.errno)
 
     def _refuse(self, name: str, probe: ResolvedProbe, err: KernelError) -> None:
