@@ -130,6 +130,11 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
                                  + refusal_note(counter.refused, counter.total) + "\n")
             if launched is not None:
                 launched.release()
+            else:
+                where = f"process {pids[0]}" if pids else "system-wide"
+                sys.stderr.write(f"uprobes: counting {len(counter.names)} probes {where}; "
+                                 "Ctrl-C to stop\n")
+                sys.stderr.flush()
             _loop(args, counter, sink, stop, watch)
             counter.disable()
             final = counter.counts()
