@@ -138,12 +138,14 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
             _loop(args, counter, sink, stop, watch)
             counter.disable()
             final = counter.counts()
-            # The table first: detaching many probes takes the kernel a while.
-            if args.json:
-                write_count_json(sink, final)
-            else:
-                write_count_table(sink, final)
-            sink.flush()
+            if launched is None:  # the table first: detaching many probes takes a while
+                _final(args, sink, final)
+        if launched is not None:
+            # A stop signal ends the counting, never the command: it runs to its
+            # end, and the counts are the last lines, after its own output.
+            status = launched.wait()
+            _final(args, sink, final)
+            return status
     except BaseException:
         if launched is not None and launched._go >= 0:
             launched.abort()
@@ -151,7 +153,15 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
     finally:
         if watch >= 0:
             os.close(watch)
-    return launched.wait() if launched is not None else 0
+    return 0
+
+
+def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int]) -> None:
+    if args.json:
+        write_count_json(sink, final)
+    else:
+        write_count_table(sink, final)
+    sink.flush()
 
 
 def _loop(args: argparse.Namespace, counter: KernelCounter, sink: TextIO, stop: _Stop,
