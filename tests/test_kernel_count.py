@@ -56,6 +56,15 @@ def group_lines(group: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln[2:].startswith(group + "/")]
 
 
+def append(path: Path, line: str) -> None:
+    """One write with O_APPEND (Python's "a" mode seeks, which tracefs refuses)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def wait_for(pred: Any, what: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while not pred():
@@ -280,8 +289,7 @@ def test_cleanup_removes_a_killed_runs_group_only(threads: Path, tracefs: Path) 
                               env={**os.environ, "TARGET_WAIT": "1"})
     assert live.stdout and live.stdin and victim.stdout
     try:
-        with open(events, "a") as f:
-            f.write(foreign + "\n")
+        append(events, foreign)
         read_until(live.stdout, r"^ready")
         read_until(victim.stdout, r"^ready")
         dead_group, live_group = f"uprobes_{victim.pid}", f"uprobes_{live.pid}"
@@ -304,5 +312,4 @@ def test_cleanup_removes_a_killed_runs_group_only(threads: Path, tracefs: Path) 
         for p in (live, victim):
             p.kill()
             p.wait()
-        with open(events, "a") as f:
-            f.write("-:someoneelse/x\n")
+        append(events, "-:someoneelse/x")
