@@ -13,7 +13,7 @@ from typing import TextIO
 from uprobes.errors import UprobesError
 
 NAME = "demo"
-HELP = "compile the bundled example program and probe it"
+HELP = "compile the bundled example program, then list, trace and count its functions"
 EXAMPLES = ["uprobes demo"]
 
 
@@ -42,8 +42,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         exe = build_example(where)
         steps = [
             ["list", str(exe), "kv_*"],
-            ["resolve", f"{exe}:kv_put key=+0(%di):string value=%si:s64",
-             f"{exe}:kv_get%return value=$retval:s64"],
+            ["trace", f"{exe}:kv_put key=+0(%di):string value=%si:s64",
+             f"{exe}:kv_get%return value=$retval:s64", "--", str(exe)],
+            ["count", f"{exe}:kv_*", "libc:__strcmp_*", "libc:printf", "--", str(exe)],
         ]
         for argv in steps:
             out.write("$ uprobes " + " ".join(_quote(a) for a in argv) + "\n")
