@@ -94,7 +94,8 @@ TYPES_EXPECTED = {
 def test_every_fetcharg_kind_and_type_exact(types_exe: Path,
                                             capfd: pytest.CaptureFixture[str]) -> None:
     status, docs = trace_json([*types_specs(types_exe), "--", str(types_exe)])
-    printed = capfd.readouterr().out
+    printed = re.search(r"sp=(0x[0-9a-f]+)", capfd.readouterr().out)
+    assert printed
     assert status == 0
     *hits, summary = docs
     assert summary == {"summary": {"events": 3, "lost": 0}}
@@ -102,7 +103,7 @@ def test_every_fetcharg_kind_and_type_exact(types_exe: Path,
     assert len(entry) == 1
     args = entry[0]["args"]
     assert args == {**TYPES_EXPECTED, "cm": types_exe.name[:15],
-                    "sp": int(re.search(r"sp=(0x[0-9a-f]+)", printed)[1], 16)}
+                    "sp": int(printed[1], 16)}
     assert entry[0]["probe"] == "uprobes/probe_me" and entry[0]["comm"] == types_exe.name[:15]
     assert "func" not in entry[0]
     rets = [d for d in hits if d["kind"] == "r"]

@@ -43,7 +43,7 @@ class KernelTracer:
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,
                  tracefs: Tracefs | None = None,
-                 note: Callable[[str], None] | None = None) -> None:
+                 note: Callable[[str], object] | None = None) -> None:
         self.probes = probes
         self.pid = pid
         self.child = child
@@ -82,8 +82,9 @@ class KernelTracer:
             group = self._stack.enter_context(ProbeGroup(tfs, run_group()))
             self._streams = self._stack.enter_context(CpuStreams(self.ring_pages))
             self._stack.callback(self._streams.disable)
-            if self.pid is not None or self.child is not None:
-                self._open_pidfd(self.child if self.child is not None else self.pid)
+            target = self.child if self.child is not None else self.pid
+            if target is not None:
+                self._open_pidfd(target)
             multi = _glob_specs(self.probes)
             for kp in kernel_probes(self.probes, group.name):
                 self._place(tfs, group, kp, multi)
