@@ -67,7 +67,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
            child: Launched | None) -> int:
     renderer: TraceTextRenderer | JsonLinesRenderer | None = None
     tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
-                          ring_pages=args.ring_pages,
+                          ring_pages=args.ring_pages, force=args.force,
                           note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
     try:
         with tracer:

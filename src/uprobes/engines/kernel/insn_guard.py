@@ -11,8 +11,12 @@ not these, so we refuse them ourselves.
 
 from __future__ import annotations
 
-_LEGACY_PREFIXES = frozenset(b"\x66\x67\xf0\xf2\xf3\x2e\x36\x3e\x26\x64\x65")
-_EVEX = 0x62  # in 64-bit mode always EVEX (BOUND does not exist there)
+from iced_x86 import EncodingKind
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.insn import decode_at
+from uprobes.errors import UprobesError
+
 EVEX_REASON = "AVX-512 (EVEX) instruction: the kernel's single-step loses its result"
 
 
@@ -20,14 +24,10 @@ def unsafe_site(path: str, file_offset: int) -> str | None:
     """Why probing the instruction at `file_offset` of `path` would corrupt
     the target, or None if nothing we know of is wrong with it."""
     try:
-        with open(path, "rb") as f:
-            f.seek(file_offset)
-            code = f.read(15)
-    except OSError:
-        return None  # the kernel reports the file's problem itself
-    i = 0
-    while i < len(code) and code[i] in _LEGACY_PREFIXES:
-        i += 1
-    if i < len(code) and code[i] == _EVEX:
+        with ElfImage.open(path) as image:
+            insn = decode_at(image, file_offset)
+    except UprobesError:
+        return None  # validation (or the kernel) reports the file's problem itself
+    if insn.instruction.encoding == EncodingKind.EVEX:
         return EVEX_REASON
     return None

@@ -23,7 +23,8 @@ from uprobes.engines.kernel.groups import run_group
 from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, kernel_probes
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
-from uprobes.errors import KernelError, ProcessError
+from uprobes.engines.kernel.insn_guard import unsafe_site
+from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
 
@@ -42,9 +43,10 @@ class KernelTracer:
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,
-                 tracefs: Tracefs | None = None,
+                 tracefs: Tracefs | None = None, force: bool = False,
                  note: Callable[[str], object] | None = None) -> None:
         self.probes = probes
+        self.force = force
         self.pid = pid
         self.child = child
         self.ring_pages = ring_pages
@@ -98,6 +100,12 @@ class KernelTracer:
     def _place(self, tfs: Tracefs, group: ProbeGroup, kp: KernelProbe, multi: set[int]) -> None:
         streams = self._streams
         assert streams is not None
+        unsafe = None if self.force else unsafe_site(kp.probe.path, kp.probe.file_offset)
+        if unsafe:
+            if id(kp.probe.spec) not in multi:
+                raise ResolveError(f"{kp.info.name}: {unsafe} (use --force to probe it anyway)")
+            self._note(f"skipped {kp.info.name}: {unsafe}")
+            return
         try:
             group.add(kp.line)
             fmt = tfs.event_format(kp.group, kp.event)
