@@ -29,6 +29,8 @@ from uprobes.errors import ElfError, ResolveError
 _EM_X86_64 = 62
 _DF_1_PIE = 0x08000000
 _HEADER_SIZE = 64  # sizeof(Elf64_Ehdr)
+_PHDR_SIZE = 56  # sizeof(Elf64_Phdr)
+_SHDR_SIZE = 64  # sizeof(Elf64_Shdr)
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -231,6 +233,8 @@ class ElfImage:
         """`size` bytes at `file_offset` (fewer at the end of the file)."""
         if file_offset < 0 or size < 0:
             raise ResolveError(f"{self.path}: negative file offset or size")
+        # A corrupt st_size can ask for exabytes; never ask read() for more than exists.
+        size = max(0, min(size, self.file_size - file_offset))
         with self, guard(self.path):
             assert self._stream is not None
             self._stream.seek(file_offset)
@@ -261,6 +265,14 @@ class ElfImage:
             desc = what.get(str(hdr["e_type"]), f"of type {hdr['e_type']}")
             raise ElfError(f"{self.path}: is {desc}, not an executable or shared library")
         self.elf_type = "EXEC" if hdr["e_type"] == "ET_EXEC" else "DYN"
+        # The kernel's loader insists on these sizes; trusting others lets a
+        # tiny file claim 65535 section headers all at one offset.
+        if hdr["e_phnum"] and hdr["e_phentsize"] != _PHDR_SIZE:
+            raise ElfError(f"{self.path}: malformed ELF file (program header size "
+                           f"{hdr['e_phentsize']}, expected {_PHDR_SIZE})")
+        if elf.num_sections() and hdr["e_shentsize"] != _SHDR_SIZE:
+            raise ElfError(f"{self.path}: malformed ELF file (section header size "
+                           f"{hdr['e_shentsize']}, expected {_SHDR_SIZE})")
         ph_end = hdr["e_phoff"] + hdr["e_phnum"] * hdr["e_phentsize"]
         if hdr["e_phnum"] and ph_end > self.file_size:
             raise self._truncated("the program header table", ph_end)

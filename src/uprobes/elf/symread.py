@@ -10,6 +10,7 @@ version into the name itself (`memcpy@@GLIBC_2.14`), so that is parsed too.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ _BINDINGS = {_B["STB_GLOBAL"]: "global", _B["STB_WEAK"]: "weak", _B["STB_LOCAL"]
 _SKIPPED_SHNDX = tuple(ENUM_ST_SHNDX[n] for n in ("SHN_UNDEF", "SHN_ABS", "SHN_COMMON"))
 _VERSYM_HIDDEN = 0x8000
 _VER_FLG_BASE = 0x1
+_MIN_VERSION_ENTRY = 16  # sizeof(Elf64_Verdef) == sizeof(Elf64_Verneed) == 16 (Vernaux too)
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,26 @@ def _version_names(elf: ELFFile) -> dict[int, tuple[str, bool]]:
     executable, bound to libc's GLIBC_2.2.5) prints as `@`, as readelf does."""
     names: dict[int, tuple[str, bool]] = {}
     for sec in elf.iter_sections():
+        # pyelftools trusts the entry count (sh_info) and keeps re-reading the
+        # last entry when vd_next/vn_next is 0: a corrupt count means billions of
+        # iterations.  A real chain fits in the section and ends with next == 0.
+        limit = sec["sh_size"] // _MIN_VERSION_ENTRY + 1
         if isinstance(sec, GNUVerDefSection):
-            for verdef, auxiliaries in sec.iter_versions():
+            for verdef, auxiliaries in itertools.islice(sec.iter_versions(), limit):
                 if not verdef["vd_flags"] & _VER_FLG_BASE:  # BASE names the file itself
                     aux = next(auxiliaries, None)
                     if aux is not None:
                         names[verdef["vd_ndx"]] = (aux.name, True)
+                if verdef["vd_next"] == 0:
+                    break
         elif isinstance(sec, GNUVerNeedSection):
-            for _verneed, auxiliaries in sec.iter_versions():
-                for aux in auxiliaries:
+            for verneed, auxiliaries in itertools.islice(sec.iter_versions(), limit):
+                for aux in itertools.islice(auxiliaries, limit):
                     names.setdefault(aux["vna_other"], (aux.name, False))
+                    if aux["vna_next"] == 0:
+                        break
+                if verneed["vn_next"] == 0:
+                    break
     return names
 
 
