@@ -11,8 +11,12 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from uprobes.sys.tracefs import Tracefs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUIRE_KERNEL = os.environ.get("UPROBES_REQUIRE_KERNEL") == "1"
@@ -121,3 +125,22 @@ def running_process() -> object:
     yield proc
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def tfs(tracefs: Path) -> "Tracefs":
+    """Our tracefs layer on the test machine's tracefs."""
+    from uprobes.sys.tracefs import Tracefs
+    return Tracefs(tracefs)
+
+
+@pytest.fixture
+def group() -> str:
+    """A tracefs group for raw-layer tests, named after this test run."""
+    return f"uprobes_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def target(compile_c: Compiler) -> Path:
+    """The basic fixture program, tests/fixtures/target.c."""
+    return compile_c("target.c")

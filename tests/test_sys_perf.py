@@ -22,21 +22,6 @@ from uprobes.sys.perf import (PERF_TYPE_TRACEPOINT, PerfEvent, PerfEventAttr, Ri
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 
-@pytest.fixture
-def tfs(tracefs: Path) -> Tracefs:
-    return Tracefs(tracefs)
-
-
-@pytest.fixture
-def group() -> str:
-    return f"uprobes_test_{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def target(compile_c: object) -> Path:
-    return compile_c("target.c")  # type: ignore[operator,no-any-return]
-
-
 def pin_cpu0() -> None:
     os.sched_setaffinity(0, {0})
 

@@ -21,21 +21,6 @@ from uprobes.sys.tracefs import (ProbeGroup, ProbeRejected, Tracefs, parse_error
 LOOPS = 7
 
 
-@pytest.fixture
-def tfs(tracefs: Path) -> Tracefs:
-    return Tracefs(tracefs)
-
-
-@pytest.fixture
-def group() -> str:
-    return f"uprobes_test_{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def target(compile_c: object) -> Path:
-    return compile_c("target.c")  # type: ignore[operator,no-any-return]
-
-
 @contextmanager
 def recording(tfs: Tracefs, group: str, events: list[str],
               data_pages: int = 16) -> Iterator[tuple[dict[int, EventFormat], list[RingBuffer]]]:
