@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from readelf_ref import readelf_func
 
 THREADS_C = r"""
 #include <pthread.h>
@@ -43,24 +44,7 @@ int main(void) {
 
 def file_offset(exe: Path, symbol: str) -> int:
     """File offset of `symbol` in `exe`: st_value mapped through its PT_LOAD."""
-    syms = subprocess.run(["readelf", "-Ws", str(exe)], check=True, capture_output=True,
-                          text=True).stdout
-    link_addr = None
-    for line in syms.splitlines():
-        parts = line.split()
-        if len(parts) >= 8 and parts[7] == symbol and parts[3] == "FUNC":
-            link_addr = int(parts[1], 16)
-            break
-    assert link_addr is not None, f"{symbol} not in {exe}"
-    segs = subprocess.run(["readelf", "-lW", str(exe)], check=True, capture_output=True,
-                          text=True).stdout
-    for line in segs.splitlines():
-        parts = line.split()
-        if parts and parts[0] == "LOAD":
-            off, vaddr, filesz = int(parts[1], 16), int(parts[2], 16), int(parts[4], 16)
-            if vaddr <= link_addr < vaddr + filesz:
-                return link_addr - vaddr + off
-    raise AssertionError(f"{symbol} at {link_addr:#x} is in no PT_LOAD of {exe}")
+    return readelf_func(exe, symbol)[0]
 
 
 def open_fds() -> set[str]:
