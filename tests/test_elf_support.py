@@ -212,3 +212,18 @@ def elf_bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run("gcc", "-O2", "-g", "-o", shapes, FIXTURES / "elf_shapes.c")
     bins["shapes"] = shapes
     return bins
+
+
+def readelf_func(exe: str | os.PathLike[str], name: str) -> tuple[int, int]:
+    """(file offset, size) of FUNC `name` (as readelf prints it, `malloc@@GLIBC_2.2.5`
+    included), from readelf's symbols mapped through readelf's PT_LOADs."""
+    def printed(s: RSym) -> str:
+        return s.name if s.version is None else f"{s.name}{'@@' if s.default else '@'}{s.version}"
+
+    hits = [s for s in readelf_symbols(exe) if s.type == "FUNC" and printed(s) == name]
+    assert hits, f"{name} not in {exe}"
+    value, size = hits[-1].value, hits[-1].size
+    for seg in readelf_segments(exe):
+        if seg.type == "LOAD" and seg.vaddr <= value < seg.vaddr + seg.filesz:
+            return value - seg.vaddr + seg.offset, size
+    raise AssertionError(f"{name} at {value:#x} is in no PT_LOAD of {exe}")

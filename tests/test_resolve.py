@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from readelf_ref import readelf_func
+from test_elf_support import readelf_func
 from uprobes.errors import ResolveError, SpecError
 from uprobes.probe import InodeKey, VdsoKey
 from uprobes.resolve.resolver import Resolver

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from readelf_ref import readelf_func
+from test_elf_support import readelf_func
 
 THREADS_C = r"""
 #include <pthread.h>
