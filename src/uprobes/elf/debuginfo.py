@@ -21,10 +21,9 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import NoteSection
 
 from uprobes.elf._guard import guard
-from uprobes.elf.image import ElfImage
+from uprobes.elf.image import ElfImage, build_id_of
 from uprobes.elf.symread import Source, Symbol, read_symbols, symbol_sections
 from uprobes.errors import ElfError, UprobesError
 
@@ -52,15 +51,6 @@ def _crc32(stream: BinaryIO) -> int:
     while chunk := stream.read(1 << 20):
         crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _build_id_of(elf: ELFFile) -> str | None:
-    for sec in elf.iter_sections():
-        if isinstance(sec, NoteSection):
-            for note in sec.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
-                    return str(note["n_desc"])
-    return None
 
 
 def _symtab_symbols(elf: ELFFile, name: str, source: Source) -> list[Symbol]:
@@ -104,7 +94,7 @@ def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_D
         try:
             with stream, guard(path):
                 elf = ELFFile(stream)
-                if verify == "build-id" and _build_id_of(elf) != image.build_id:
+                if verify == "build-id" and build_id_of(elf) != image.build_id:
                     notes.append(f"{path}: ignored, its build-id does not match {image.path}")
                     continue
                 if verify == "crc" and image.debuglink and _crc32(stream) != image.debuglink[1]:

@@ -21,6 +21,7 @@ from elftools.elf.constants import P_FLAGS
 from elftools.elf.dynamic import DynamicSection, DynamicSegment
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_E_MACHINE
+from elftools.elf.sections import NoteSection
 from elftools.elf.segments import InterpSegment, NoteSegment
 
 from uprobes.elf._guard import guard
@@ -122,6 +123,19 @@ def _check_ident(name: str, head: bytes, size: int) -> None:
         )
     if size < _HEADER_SIZE:
         raise ElfError(f"{name}: truncated ELF file ({size} bytes, shorter than the ELF header)")
+
+
+def build_id_of(elf: ELFFile) -> str | None:
+    """The GNU build-id, from the note segments (a stripped file may have no
+    sections) or else the note sections (a separate debug file's segments
+    carry no data)."""
+    containers = [*elf.iter_segments(), *elf.iter_sections()]
+    for part in containers:
+        if isinstance(part, (NoteSegment, NoteSection)):
+            for note in part.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                    return str(note["n_desc"])
+    return None
 
 
 class ElfImage:
@@ -283,7 +297,7 @@ class ElfImage:
         self._read_segments(elf)
         self._read_sections(elf)
         self._read_dynamic(elf)
-        self.build_id = self._find_build_id(elf)
+        self.build_id = build_id_of(elf)
         self.debuglink = self._find_debuglink(elf)
 
     def _read_segments(self, elf: ELFFile) -> None:
@@ -331,15 +345,6 @@ class ElfImage:
         self.is_pie = self.elf_type == "DYN" and (
             bool(flags_1 & _DF_1_PIE) or (self.interp is not None and self.soname is None)
         )
-
-    @staticmethod
-    def _find_build_id(elf: ELFFile) -> str | None:
-        for seg in elf.iter_segments():
-            if isinstance(seg, NoteSegment):
-                for note in seg.iter_notes():
-                    if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
-                        return str(note["n_desc"])
-        return None
 
     def _find_debuglink(self, elf: ELFFile) -> tuple[str, int] | None:
         sec = elf.get_section_by_name(".gnu_debuglink")
