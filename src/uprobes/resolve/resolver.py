@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import check_boundary
@@ -38,7 +38,6 @@ class Resolver:
     force: bool = False
     debug_dirs: tuple[str, ...] | None = None
     _images: dict[tuple[int, int], ElfImage] = field(default_factory=dict)
-    _symbols: dict[tuple[int, int], SymbolTable] = field(default_factory=dict)
     _mapped: list[str] | None = None
 
     # ------------------------------------------------------------ files
@@ -65,12 +64,11 @@ class Resolver:
         return self._images[k]
 
     def symbols(self, ref: FileRef) -> SymbolTable:
-        k = (ref.dev, ref.ino)
-        if k not in self._symbols:
-            image = self.image(ref)
-            self._symbols[k] = (SymbolTable.load(image, debug_dirs=self.debug_dirs)
-                                if self.debug_dirs is not None else SymbolTable.load(image))
-        return self._symbols[k]
+        """The file's symbols (SymbolTable.load caches them per file version)."""
+        image = self.image(ref)
+        if self.debug_dirs is None:
+            return SymbolTable.load(image)
+        return SymbolTable.load(image, debug_dirs=self.debug_dirs)
 
     # ------------------------------------------------------------ specs
 
@@ -94,7 +92,7 @@ class Resolver:
                     name = p.event[: MAX_EVENT_NAME - len(suffix)] + suffix
                     n += 1
                 used.add(f"{p.group}/{name}")
-                out.append(p if name == p.event else _renamed(p, name))
+                out.append(p if name == p.event else replace(p, event=name))
         return out
 
     def _resolve_file(self, spec: ProbeSpec, t: FileTarget) -> list[ResolvedProbe]:
@@ -261,8 +259,3 @@ def _ident(text: str) -> str:
 def _pos(text: str, ch: str) -> int:
     i = text.find(ch)
     return max(i, 0)
-
-
-def _renamed(p: ResolvedProbe, event: str) -> ResolvedProbe:
-    from dataclasses import replace
-    return replace(p, event=event)
