@@ -80,7 +80,7 @@ def _nothing(task: TaskLike) -> None:
     return None
 
 
-def _prepare(pairs: list[tuple[TaskFilter | None, Handler]]) -> Dispatch:
+def prepare_dispatch(pairs: list[tuple[TaskFilter | None, Handler]]) -> Dispatch:
     """The call a hit makes: direct for one consumer, a loop over a tuple for several."""
     if not pairs:
         return _nothing
@@ -127,8 +127,8 @@ class Probe:
     def _rebuild(self) -> None:
         entry = [(c.filter, c.handler) for c in self.consumers if c.handler is not None]
         ret = [(c.filter, c.ret_handler) for c in self.consumers if c.ret_handler is not None]
-        self.dispatch = _prepare(entry)
-        self.ret_dispatch = _prepare(ret)
+        self.dispatch = prepare_dispatch(entry)
+        self.ret_dispatch = prepare_dispatch(ret)
 
 
 def _sort_key(key: ProbeKey) -> tuple[int, int, int, int]:

@@ -1,0 +1,228 @@
+"""`Session`: uprobes from Python. Probe lines with handlers, then one run.
+
+    import uprobes
+
+    s = uprobes.Session()
+    @s.probe("libc:malloc size=%di:u64")
+    def on_malloc(ev):
+        print(ev.comm, ev.args["size"])
+    status = s.spawn(["/bin/ls", "/"])
+
+A session collects probes (`probe()`), then runs once: `spawn()` starts a
+command with the probes in place before its first instruction and returns
+its exit status; `attach()` follows a running process and its threads;
+`run()` traces system-wide. Each blocks, calling handlers in the caller's
+thread, until the command or process ends, `duration` passes, a handler
+calls `stop()`, or SIGINT/SIGTERM/SIGHUP arrive (which stop the run, never
+the traced program). Every probe is removed on every way out.
+
+Probe lines are parsed when given, so a mistake shows at the line that made
+it; they are resolved when the run starts (`attach()` resolves names as the
+process sees them). The same line given twice is one probe with two
+consumers; a hit calls its only handler directly, or a prepared chain when
+there are several (see `uprobes.registry`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from uprobes.engines.event import Event
+from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
+from uprobes.engines.kernel.tracer import KernelTracer
+from uprobes.engines.launch import Launched, launch
+from uprobes.errors import SpecError, UsageError
+from uprobes.probe import ResolvedProbe
+from uprobes.registry import Consumer, TaskFilter, prepare_dispatch
+from uprobes.resolve.resolver import Resolver
+from uprobes.spec import parse
+from uprobes.spec.ast import ProbeSpec
+from uprobes.spec.render import render
+
+EventHandler = Callable[[Event], object]
+EventFilter = Callable[[Event], bool]
+H = TypeVar("H", bound=EventHandler)
+
+ENGINES = ("auto", "kernel")
+
+
+@dataclass
+class _Line:
+    """One distinct probe line and the consumers that asked for it."""
+
+    spec: ProbeSpec
+    consumers: list[Consumer] = field(default_factory=list)
+
+
+class Session:
+    """Probe lines with handlers, run once on an engine.
+
+    `engine`: "kernel" (the kernel's uprobes) or "auto" (the kernel where it
+    can serve). `force` skips the executable-segment and instruction
+    checks. `note` receives the one-line notes a run produces (a glob entry
+    the kernel refused, an IFUNC); by default they go to stderr.
+    """
+
+    def __init__(self, engine: str = "auto", *, force: bool = False,
+                 ring_pages: int = DEFAULT_RING_PAGES,
+                 note: Callable[[str], object] | None = None) -> None:
+        if engine not in ENGINES:
+            raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+        self.engine = engine
+        self.force = force
+        self.ring_pages = ring_pages
+        self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
+        self._lines: dict[str, _Line] = {}
+        self._tracer: KernelTracer | None = None
+        self._ran = False
+        self._stopped = False
+        self.events = 0
+        """Events delivered by the run (to handlers or not)."""
+        self.lost = 0
+        """Records the kernel dropped (ring full); never silent: check it."""
+        self.probes: list[ResolvedProbe] = []
+        """What the run placed its probes from, once it has started."""
+
+    # ------------------------------------------------------------ probes
+
+    def probe(self, spec: str, handler: H | None = None, *,
+              filter: EventFilter | None = None, pid: int | Sequence[int] | None = None,
+              tid: int | Sequence[int] | None = None,
+              comm: str | Sequence[str] | None = None) -> Callable[[H], H] | H:
+        """Add a probe line with a handler; as a decorator without `handler`.
+
+        The handler gets each `Event` of the line that passes the filters:
+        `pid`/`tid`/`comm` (one or several) and `filter(event) -> bool`.
+        """
+        if self._ran:
+            raise UsageError("a session runs once: add probes before spawn/attach/run")
+        parsed = parse(spec)
+        if not isinstance(parsed, ProbeSpec):
+            raise SpecError("a '-:EVENT' line clears a probe; give probes to place", spec, 0)
+        task_filter = _task_filter(pid, tid, comm)
+
+        def add(fn: H) -> H:
+            call: EventHandler = fn
+            if filter is not None:
+                predicate = filter
+
+                def call(ev: Event) -> object:
+                    return fn(ev) if predicate(ev) else None
+            line = self._lines.setdefault(render(parsed), _Line(parsed))
+            line.consumers.append(Consumer(handler=call, filter=task_filter, tag=fn))  # type: ignore[arg-type]
+            return fn
+
+        return add if handler is None else add(handler)
+
+    # ------------------------------------------------------------ runs
+
+    def spawn(self, argv: Sequence[str], *, duration: float | None = None,
+              ready: Callable[[], object] | None = None) -> int:
+        """Run `argv` with the probes in place from its first instruction;
+        return its exit status (128+N if signal N ended it). If tracing stops
+        first (duration, stop(), a signal, an exception), the command runs on
+        unharmed and this waits for it."""
+        self._resolve(pid=None)
+        child = launch(list(argv))
+        released = False
+        try:
+            with self._open(child=child.pid):
+                child.release()
+                released = True
+                self._run(duration, ready)
+        except BaseException:
+            if released:
+                child.wait()
+            else:
+                child.abort()  # never released: the command must not run at all
+            raise
+        return child.wait()
+
+    def attach(self, pid: int, *, duration: float | None = None,
+               ready: Callable[[], object] | None = None) -> None:
+        """Trace process `pid` (all its threads, and the children it starts)
+        until it exits, `duration` passes or `stop()`."""
+        self._resolve(pid=pid)
+        with self._open(pid=pid):
+            self._run(duration, ready)
+
+    def run(self, duration: float | None = None,
+            ready: Callable[[], object] | None = None) -> None:
+        """Trace every process on the machine that hits the probes.
+
+        `ready` (in every run method) is called once every probe is in
+        place, before the first event is delivered: the moment to start a
+        workload that must be seen whole."""
+        self._resolve(pid=None)
+        with self._open():
+            self._run(duration, ready)
+
+    def stop(self) -> None:
+        """Stop the run: no handler is called after this (call it from a handler)."""
+        self._stopped = True
+        if self._tracer is not None:
+            self._tracer.stop()
+
+    # ------------------------------------------------------------ inside
+
+    def _resolve(self, *, pid: int | None) -> None:
+        """Resolve every line, as process `pid` sees names (the run starts here)."""
+        if self._ran:
+            raise UsageError("a session runs once: make a new Session for another run")
+        if not self._lines:
+            raise UsageError("no probes: add some with Session.probe() first")
+        self._ran = True
+        self.probes = Resolver(pid=pid, force=self.force).resolve_all(
+            [line.spec for line in self._lines.values()])
+        for p in self.probes:
+            for text in p.notes:
+                self._note(text)
+
+    def _open(self, *, pid: int | None = None, child: int | None = None) -> KernelTracer:
+        """The engine's tracer for the resolved probes, to be entered."""
+        self._tracer = KernelTracer(self.probes, pid=pid, child=child,
+                                    ring_pages=self.ring_pages, force=self.force,
+                                    note=self._note)
+        return self._tracer
+
+    def _run(self, duration: float | None, ready: Callable[[], object] | None) -> None:
+        tracer = self._tracer
+        assert tracer is not None
+        # Placed names -> prepared dispatch. A spec's probes share its
+        # consumers; a glob gives one placed probe per address.
+        by_spec = {id(line.spec): line for line in self._lines.values()}
+        dispatch: dict[str, Callable[[Event], None]] = {}
+        for kp in tracer.placed:
+            line = by_spec[id(kp.probe.spec)]
+            dispatch[kp.info.name] = prepare_dispatch(
+                [(c.filter, c.handler) for c in line.consumers if c.handler is not None])
+        table = dispatch.get
+
+        def deliver(ev: Event) -> None:
+            call = table(ev.probe)
+            if call is not None and not self._stopped:
+                call(ev)
+
+        try:
+            if ready is not None:
+                ready()
+            tracer.run(deliver, duration)
+        finally:
+            self.events, self.lost = tracer.events, tracer.lost
+
+
+def _task_filter(pid: int | Sequence[int] | None, tid: int | Sequence[int] | None,
+                 comm: str | Sequence[str] | None) -> TaskFilter | None:
+    if pid is None and tid is None and comm is None:
+        return None
+
+    def ints(v: int | Sequence[int] | None) -> frozenset[int] | None:
+        return None if v is None else frozenset([v] if isinstance(v, int) else v)
+    comms = None if comm is None else frozenset([comm] if isinstance(comm, str) else comm)
+    return TaskFilter(pids=ints(pid), tids=ints(tid), comms=comms)
+
+
+__all__ = ["Event", "Session"]
