@@ -1,0 +1,264 @@
+"""ptrace(2) and waitpid(2), thin: requests, options, registers, stop decoding.
+
+One module for the whole interface (x86-64). Every request goes through
+`_ptrace`, which turns errno into `KernelError`; the hit path's requests
+(`getregs`, `setregs`, `cont`) are plain functions over a preallocated
+`UserRegs`, so a hit costs its syscalls and little Python.
+
+`wait_any()` calls libc's waitpid directly (not `os.waitpid`), so a signal
+to the tracer interrupts it (EINTR, returned as pid 0) instead of being
+retried by PEP 475: the tracer's loop sees its stop flag at once.
+
+Stops are decoded the way ptrace(2) "Stopped states" describes them, for a
+tracee attached with PTRACE_SEIZE:
+- `status >> 16 == PTRACE_EVENT_*`: an event stop (clone, fork, exec...);
+  PTRACE_EVENT_STOP is a group-stop when the signal is a stop signal, else
+  an interrupt stop (our PTRACE_INTERRUPT, or a new child's first stop);
+- otherwise a signal-delivery-stop for WSTOPSIG (to re-inject on resume).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import signal
+from collections.abc import Mapping
+
+from uprobes.errors import KernelError
+from uprobes.sys.libc import kernel_error, libc
+
+# Requests (include/uapi/linux/ptrace.h).
+PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+
+# Options. No PTRACE_O_EXITKILL: the traced program must outlive us (a
+# dead tracer's breakpoints are a risk we remove on every exit path; a
+# killed program is a certainty).
+O_TRACESYSGOOD = 0x01
+O_TRACEFORK = 0x02
+O_TRACEVFORK = 0x04
+O_TRACECLONE = 0x08
+O_TRACEEXEC = 0x10
+FOLLOW = O_TRACEFORK | O_TRACEVFORK | O_TRACECLONE | O_TRACEEXEC
+
+# Events (status >> 16).
+EVENT_FORK = 1
+EVENT_VFORK = 2
+EVENT_CLONE = 3
+EVENT_EXEC = 4
+EVENT_VFORK_DONE = 5
+EVENT_EXIT = 6
+EVENT_STOP = 128
+
+WALL = 0x40000000  # __WALL: threads and processes alike
+WNOHANG = 1
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+# si_code values of SIGTRAP (include/uapi/asm-generic/siginfo.h).
+SI_KERNEL = 0x80
+TRAP_BRKPT = 1
+TRAP_TRACE = 2
+
+_HINTS: Mapping[int, str] = {
+    _errno.ESRCH: "the task is gone or not stopped",
+    _errno.EPERM: "not permitted (another tracer, another user, or ptrace_scope)",
+}
+
+
+class UserRegs(ctypes.Structure):
+    """x86-64 `struct user_regs_struct`, glibc's field names, in order."""
+
+    _fields_ = [(name, ctypes.c_ulonglong) for name in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+        "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+        "gs_base", "ds", "es", "fs", "gs")]
+
+    r15: int
+    r14: int
+    r13: int
+    r12: int
+    rbp: int
+    rbx: int
+    r11: int
+    r10: int
+    r9: int
+    r8: int
+    rax: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    orig_rax: int
+    rip: int
+    cs: int
+    eflags: int
+    rsp: int
+    ss: int
+    fs_base: int
+    gs_base: int
+    ds: int
+    es: int
+    fs: int
+    gs: int
+
+    def copy(self) -> UserRegs:
+        out = UserRegs()
+        ctypes.pointer(out)[0] = self
+        return out
+
+
+class SigInfo(ctypes.Structure):
+    """The head of `siginfo_t` (128 bytes): number, errno, code, then the union."""
+
+    _fields_ = [("si_signo", ctypes.c_int), ("si_errno", ctypes.c_int),
+                ("si_code", ctypes.c_int), ("_pad", ctypes.c_int),
+                ("si_addr", ctypes.c_ulonglong), ("_rest", ctypes.c_byte * 104)]
+
+    si_signo: int
+    si_errno: int
+    si_code: int
+    si_addr: int
+
+
+def _function(name: str, restype: object, argtypes: list[object]) -> object:
+    fn = libc().function(name)
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
+_raw_ptrace = _function("ptrace", ctypes.c_long,
+                        [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p])
+_raw_waitpid = _function("waitpid", ctypes.c_int,
+                         [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int])
+_status = ctypes.c_int(0)
+_status_ref = ctypes.byref(_status)
+
+
+def _ptrace(request: int, tid: int, addr: int, data: int, what: str) -> int:
+    res: int = _raw_ptrace(request, tid, addr, data)  # type: ignore[operator]
+    if res == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise kernel_error(f"{what} (task {tid})", err, _HINTS)
+    return res
+
+
+def seize(tid: int, options: int = FOLLOW) -> None:
+    """Attach without stopping the task (PTRACE_SEIZE), with `options`."""
+    _ptrace(PTRACE_SEIZE, tid, 0, options, "PTRACE_SEIZE")
+
+
+def interrupt(tid: int) -> None:
+    """Make a seized task stop (it reports a PTRACE_EVENT_STOP)."""
+    _ptrace(PTRACE_INTERRUPT, tid, 0, 0, "PTRACE_INTERRUPT")
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    """Resume a stopped task, delivering `sig` (0: none)."""
+    _ptrace(PTRACE_CONT, tid, 0, sig, "PTRACE_CONT")
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, "PTRACE_SINGLESTEP")
+
+
+def listen(tid: int) -> None:
+    """Leave a task in its group-stop, still traced (PTRACE_LISTEN)."""
+    _ptrace(PTRACE_LISTEN, tid, 0, 0, "PTRACE_LISTEN")
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_DETACH, tid, 0, sig, "PTRACE_DETACH")
+
+
+def getregs(tid: int, regs: UserRegs) -> UserRegs:
+    """Fill `regs` with the stopped task's registers; returns it."""
+    _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs), "PTRACE_GETREGS")
+    return regs
+
+
+def setregs(tid: int, regs: UserRegs) -> None:
+    _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs), "PTRACE_SETREGS")
+
+
+def geteventmsg(tid: int) -> int:
+    """The event's message: the new task's id (clone/fork), the former tid (exec)."""
+    msg = ctypes.c_ulong(0)
+    _ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg), "PTRACE_GETEVENTMSG")
+    return msg.value
+
+
+def getsiginfo(tid: int) -> SigInfo:
+    info = SigInfo()
+    _ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(info), "PTRACE_GETSIGINFO")
+    return info
+
+
+def wait_any(nohang: bool = False) -> tuple[int, int]:
+    """waitpid(-1, __WALL): (tid, raw status); (0, 0) when interrupted by a
+    signal, or when `nohang` and nothing is pending; (-1, 0) when there is
+    no child left (ECHILD)."""
+    tid: int = _raw_waitpid(-1, _status_ref, WALL | (WNOHANG if nohang else 0))  # type: ignore[operator]
+    if tid > 0:
+        return tid, _status.value
+    if tid == 0:
+        return 0, 0
+    err = ctypes.get_errno()
+    if err == _errno.EINTR:
+        return 0, 0
+    if err == _errno.ECHILD:
+        return -1, 0
+    raise kernel_error("waitpid", err)
+
+
+def wait_task(tid: int) -> int:
+    """waitpid(tid, __WALL), retried on EINTR: the raw status."""
+    while True:
+        got: int = _raw_waitpid(tid, _status_ref, WALL)  # type: ignore[operator]
+        if got == tid:
+            return _status.value
+        err = ctypes.get_errno()
+        if got == -1 and err != _errno.EINTR:
+            raise kernel_error(f"waitpid({tid})", err)
+
+
+# Status decoding, as <sys/wait.h> macros do.
+
+def exited(status: int) -> bool:
+    """The task is gone: exited or killed."""
+    return (status & 0xFF) != 0x7F and status != 0xFFFF
+
+
+def stopped(status: int) -> bool:
+    return (status & 0xFF) == 0x7F
+
+
+def stop_signal(status: int) -> int:
+    return (status >> 8) & 0xFF
+
+
+def stop_event(status: int) -> int:
+    return status >> 16
+
+
+def exit_code(status: int) -> int:
+    """The status as a shell reports it: the exit code, or 128+N for signal N."""
+    if (status & 0x7F) == 0:
+        return (status >> 8) & 0xFF
+    return 128 + (status & 0x7F)
+
+
+def ensure_x86_64() -> None:
+    import platform
+    if platform.machine() != "x86_64":
+        raise KernelError(f"the ptrace engine supports x86-64 only, not {platform.machine()}")
