@@ -18,9 +18,11 @@ PROG = "uprobes"
 
 
 def _modules() -> list[ModuleType]:
-    from uprobes.commands import cleanup, count, demo, doctor, list_cmd, resolve, trace
+    from uprobes.commands import (
+        cleanup, count, demo, doctor, latency, list_cmd, resolve, trace,
+    )
 
-    return [demo, list_cmd, resolve, trace, count, cleanup, doctor]
+    return [demo, list_cmd, resolve, trace, count, latency, cleanup, doctor]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,95 @@
+"""`uprobes latency`: how long each call of a function takes, as a histogram.
+
+Each SPEC names a function; it gets an entry and a return probe, and the
+calls are paired per thread (see `uprobes.analysis.latency`). The result is
+a log2 histogram per function, as funclatency draws it, with count, mean,
+p50/p90/p99 and max; `--json` gives the numbers as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from typing import TextIO
+
+from uprobes.analysis.latency import SP_ARG, CallPairer
+from uprobes.commands.resolve import parse_specs
+from uprobes.commands.selection import add_selection_arguments, check_selection
+from uprobes.engines.event import Event
+from uprobes.errors import SpecError, UsageError
+from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
+from uprobes.session import Session
+from uprobes.spec.ast import FileTarget, ProbeKind, ProbeSpec
+from uprobes.spec.render import render
+
+NAME = "latency"
+HELP = "histogram of how long each call of the functions takes"
+EXAMPLES = [
+    "uprobes latency 'libc:malloc' 'libc:free' -- /bin/ls /usr",
+    "uprobes latency --unit us 'libc:getaddrinfo' -- /usr/bin/getent hosts localhost",
+    "uprobes latency --json 'libc:qsort' -- /usr/bin/sort /etc/services -o /dev/null",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_selection_arguments(p)
+    p.add_argument("--unit", choices=tuple(UNITS), default="ns",
+                   help="histogram buckets in ns (default), us or ms")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="stop after SECONDS (default: when the command or process ends, "
+                        "or on Ctrl-C)")
+
+
+def probe_pair(spec: ProbeSpec) -> tuple[str, str]:
+    """The entry and return probe lines that time the function `spec` names."""
+    if spec.kind is not ProbeKind.ENTRY:
+        raise SpecError("latency times functions: name the function, not its return",
+                        spec.text, 0)
+    if not isinstance(spec.target, FileTarget):
+        raise SpecError("latency times functions in a file (not USDT or vDSO probes)",
+                        spec.text, 0)
+    if spec.args:
+        raise SpecError("latency fetches no arguments; give the function only", spec.text, 0)
+    sp = f"{SP_ARG}=%sp:u64"
+    entry = render(spec) + " " + sp
+    ret_event = f"{spec.event}__return" if spec.event else None
+    ret = render(replace(spec, kind=ProbeKind.RETURN, event=ret_event)) + " " + sp
+    return entry, ret
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    check_selection(args)
+    if args.duration is not None and args.duration < 0:
+        raise UsageError("--duration must be at least 0")
+    pairer = CallPairer()
+    session = Session(args.engine, force=args.force)
+    for spec in parse_specs(args.specs):
+        entry, ret = probe_pair(spec)
+
+        def on_entry(ev: Event) -> None:
+            pairer.entry(ev, ev.probe)
+        session.probe(entry, on_entry)
+        session.probe(ret, pairer.ret)
+    sink = open(args.output, "w") if args.output else out
+    try:
+        status = 0
+        if args.argv_command:
+            status = session.spawn(args.argv_command, duration=args.duration)
+        elif args.pid is not None:
+            session.attach(args.pid, duration=args.duration)
+        else:
+            session.run(args.duration, ready=lambda: sys.stderr.write(
+                "uprobes: timing calls system-wide; Ctrl-C to stop\n"))
+        if args.json:
+            write_histograms_json(sink, pairer.histograms)
+        else:
+            write_histograms(sink, pairer.histograms, args.unit)
+        sink.flush()
+    finally:
+        if sink is not out:
+            sink.close()
+    if session.lost or pairer.unpaired_returns or pairer.abandoned:
+        sys.stderr.write(f"uprobes: {session.lost} records lost, {pairer.unpaired_returns} "
+                         f"returns without an entry, {pairer.abandoned} calls never returned\n")
+    return status

@@ -1,0 +1,83 @@
+"""`uprobes latency`: calls paired per thread, histograms with the known calls of a fixture."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import Compiler
+from uprobes.analysis.histogram import Histogram
+from uprobes.commands import main
+
+MS = 1_000_000
+
+
+@pytest.fixture
+def latency_exe(tracefs: Path, compile_c: Compiler) -> Path:
+    return compile_c("latency.c")
+
+
+def run_latency(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    status = main(["latency", *argv], out=out)
+    return status, out.getvalue()
+
+
+def test_histograms_hold_exactly_the_fixtures_calls(latency_exe: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    status, out = run_latency("--json", f"{latency_exe}:nap", f"{latency_exe}:fib",
+                              f"{latency_exe}:leap", "--", str(latency_exe))
+    assert status == 0
+    assert "nap=25 fib=177 (55) leap=4+3" in capfd.readouterr().out
+    doc = json.loads(out.splitlines()[-1])
+    nap, fib, leap = doc["uprobes/nap"], doc["uprobes/fib"], doc["uprobes/leap"]
+    # nap: 5 sleeps of 2 ms land at or above the 1-2 ms bucket, 20 instant returns below it.
+    assert nap["count"] == 25
+    assert sum(n for lo, hi, n in nap["buckets"] if lo >= 2**20) == 5
+    assert sum(n for lo, hi, n in nap["buckets"] if hi < 2**20) == 20
+    assert nap["max_ns"] >= 2 * MS and nap["p50_ns"] < MS
+    # fib(10): every one of the 177 nested, recursive calls paired.
+    assert fib["count"] == 177
+    assert sum(n for _, _, n in fib["buckets"]) == 177
+    # leap: the 3 calls left by longjmp are dropped, not paired with later returns.
+    assert leap["count"] == 4
+    assert leap["max_ns"] < MS
+
+
+def test_text_output_draws_a_histogram_per_function(latency_exe: Path) -> None:
+    status, out = run_latency("--unit", "us", f"{latency_exe}:nap", "--", str(latency_exe))
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == "uprobes/nap"
+    assert lines[1].split()[:3] == ["usecs", ":", "count"]
+    rows = [ln for ln in lines if "->" in ln]
+    assert sum(int(r.split(":")[1].split()[0]) for r in rows) == 25
+    assert lines[-1].strip().startswith("count 25  mean ")
+
+
+def test_bad_specs_are_one_clear_error(latency_exe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for spec in (f"r {latency_exe}:nap", f"{latency_exe}:nap us=%di", "usdt:/x:p:n"):
+        assert main(["latency", spec, "--", "/bin/true"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("uprobes: error: ") and "Traceback" not in err
+
+
+def test_histogram_percentiles_are_within_the_bucket_precision() -> None:
+    rng = random.Random(7)
+    values = [int(rng.lognormvariate(9, 2)) for _ in range(20_000)]
+    h = Histogram()
+    for v in values:
+        h.add(v)
+    values.sort()
+    assert h.count == len(values) and h.min == values[0] and h.max == values[-1]
+    assert h.mean == pytest.approx(sum(values) / len(values))
+    for p in (50, 90, 99, 99.9):
+        true = values[max(0, int(-(-len(values) * p // 100)) - 1)]
+        assert abs(h.percentile(p) - true) <= true / 64 + 1
+    assert sum(n for _, _, n in h.log2_buckets()) == len(values)
+    for lo, hi, n in h.log2_buckets():
+        assert n == sum(1 for v in values if lo <= v <= hi)
