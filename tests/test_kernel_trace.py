@@ -118,13 +118,16 @@ def test_text_is_the_kernels_own_trace_line(types_exe: Path, tracefs: Path) -> N
     `trace` file) and once through us, on the fixture without ASLR so every
     address and value is the same: for each hit the part after `EVENT: `
     is identical (the hidden `__uprobes_comm` aside). Both at once is not
-    possible: the kernel refuses ftrace on a uprobe event perf uses (EINTR)."""
+    possible: the kernel refuses ftrace on a uprobe event perf uses (EINTR).
+    The kernel's side uses its uretprobe; ours, probes on the function's rets."""
     argv = ["setarch", "-R", str(types_exe)]
-    probes = Resolver().resolve_all(parse_specs(types_specs(types_exe)))
+    specs = parse_specs(types_specs(types_exe))
+    probes = Resolver().resolve_all(specs)
+    assert probes[1].ret_sites
     tfs = Tracefs(tracefs)
     group = f"uprobes_test_{os.getpid()}"
     with ProbeGroup(tfs, group) as pg:
-        kps = kernel_probes(probes, group)
+        kps = kernel_probes(Resolver(uretprobe=True).resolve_all(specs), group)
         for kp in kps:
             pg.add(kp.line)
         (tracefs / "trace").write_text("")

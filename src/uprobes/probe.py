@@ -52,6 +52,11 @@ class ResolvedProbe:
     `args` are the spec's fetchargs, with `$argN` still symbolic: each engine
     turns them into what it fetches (the kernel engine into `%di`... or the
     USDT operand, through `uprobes.spec.lower`).
+
+    A return probe has `ret_sites`: the file offsets of its function's `ret`s,
+    where engines place it as entry-style probes that see what a uretprobe
+    would (`uprobes.resolve.retsites`); or None, and `uretprobe_reason` says
+    why the kernel's uretprobe is used instead (None when the user asked for it).
     """
 
     spec: ProbeSpec
@@ -68,6 +73,8 @@ class ResolvedProbe:
     ref_ctr_offset: int | None = None
     usdt_args: tuple[UsdtArg, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    ret_sites: tuple[int, ...] | None = None
+    uretprobe_reason: str | None = None
 
     @property
     def is_return(self) -> bool:

@@ -14,7 +14,8 @@ from types import FrameType
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_selection_arguments, check_selection
+from uprobes.commands.selection import add_selection_arguments, check_selection, \
+    uretprobe_note
 from uprobes.engines.kernel.counting import KernelCounter, refusal_note
 from uprobes.engines.launch import Launched, launch
 from uprobes.errors import ProcessError, UsageError
@@ -95,13 +96,15 @@ def _pidfd(pid: int) -> int:
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     _check(args)
-    probes = Resolver(pid=args.pid, force=args.force).resolve_all(parse_specs(args.specs))
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
+    probes = resolver.resolve_all(parse_specs(args.specs))
     notes = [note for p in probes for note in p.notes]
     for note in notes[:3]:
         sys.stderr.write(f"uprobes: note: {note}\n")
     if len(notes) > 3:  # a glob over libc: one note per IFUNC would bury the counts
         sys.stderr.write(f"uprobes: note: ... and {len(notes) - 3} more notes "
                          "(`uprobes resolve` shows them all)\n")
+    uretprobe_note(probes, sys.stderr)
     sink = open(args.output, "w") if args.output else out
     try:
         with _Stop().installed() as stop:
@@ -132,7 +135,7 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
                 launched.release()
             else:
                 where = f"process {pids[0]}" if pids else "system-wide"
-                sys.stderr.write(f"uprobes: counting {len(counter.names)} probes {where}; "
+                sys.stderr.write(f"uprobes: counting {len(set(counter.names))} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
             _loop(args, counter, sink, stop, watch)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from uprobes.commands.selection import add_uretprobe_argument
 from uprobes.errors import SpecError
 from uprobes.probe import InodeKey, ResolvedProbe
 from uprobes.render.json import write_json
@@ -17,7 +18,8 @@ NAME = "resolve"
 HELP = "resolve probe specs to files, inodes and offsets, and show the kernel's line for each"
 EXAMPLES = [
     "uprobes resolve 'libc:malloc size=%di:u64'",
-    "uprobes resolve 'libc:malloc%return ptr=$retval'",
+    "uprobes resolve 'libc:malloc%return ptr=$retval'  # one entry probe per ret of malloc",
+    "uprobes resolve --uretprobe 'libc:malloc%return ptr=$retval'  # the kernel's uretprobe",
     "uprobes resolve 'libc:str*cmp' --json",
     "uprobes resolve 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string'",
 ]
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="skip the executable-segment and instruction-boundary checks")
     p.add_argument("--json", action="store_true", help="one JSON object per probe")
+    add_uretprobe_argument(p)
 
 
 def parse_specs(texts: list[str]) -> list[ProbeSpec]:
@@ -43,16 +46,28 @@ def parse_specs(texts: list[str]) -> list[ProbeSpec]:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    resolver = Resolver(pid=args.pid, force=args.force)
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
     probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:
         if args.json:
             write_json(out, describe(p))
         else:
-            out.write(kernel_line(p) + "\n")
+            out.writelines(line + "\n" for line in kernel_lines(p))
         for note in p.notes:
             sys.stderr.write(f"uprobes: note: {note}\n")
+        if p.uretprobe_reason:
+            sys.stderr.write(f"uprobes: note: {p.name} uses the kernel's uretprobe: "
+                             f"{p.uretprobe_reason}\n")
     return 0
+
+
+def kernel_lines(p: ResolvedProbe) -> list[str]:
+    """What the kernel engine writes for `p`: one line, or one entry probe per
+    `ret` of a return probe's function (the engine adds a hidden fetcharg
+    for the address returned to)."""
+    if p.ret_sites:
+        return [kernel_line(p, ret_site=site) for site in p.ret_sites]
+    return [kernel_line(p)]
 
 
 def describe(p: ResolvedProbe) -> dict[str, object]:
@@ -62,8 +77,13 @@ def describe(p: ResolvedProbe) -> dict[str, object]:
         "symbol": p.symbol, "symbol_offset": p.symbol_offset, "link_addr": p.link_addr,
         "ref_ctr_offset": p.ref_ctr_offset,
     }
+    if p.is_return:
+        doc.update(ret_sites=list(p.ret_sites) if p.ret_sites else None,
+                   uretprobe_reason=p.uretprobe_reason)
     if isinstance(key, InodeKey):
         doc.update(dev=key.dev, ino=key.ino)
     if p.path != "[vdso]":
         doc["kernel_line"] = kernel_line(p)
+        if p.ret_sites:
+            doc["kernel_lines"] = kernel_lines(p)
     return doc

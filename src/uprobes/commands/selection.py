@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import TextIO
 
 from uprobes.errors import UsageError
+from uprobes.probe import ResolvedProbe
+from uprobes.resolve import retsites
 
 ENGINES = ("auto", "kernel", "ptrace")
 
@@ -18,8 +22,23 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace only this process (names resolve as it sees them)")
     p.add_argument("--force", action="store_true",
                    help="skip the executable-segment and instruction-boundary checks")
+    add_uretprobe_argument(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument("--json", action="store_true", help="JSON output")
+
+
+def add_uretprobe_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uretprobe", action="store_true",
+                   help="return probes use the kernel's uretprobe (it swaps the return "
+                        "address: a C++ exception or longjmp through the function aborts the "
+                        "program) instead of probes on the function's own rets")
+
+
+def uretprobe_note(probes: Sequence[ResolvedProbe], err: TextIO) -> None:
+    """Say, in one line, which return probes had to use the kernel's uretprobe."""
+    note = retsites.uretprobe_note(probes)
+    if note:
+        err.write(f"uprobes: note: {note}\n")
 
 
 def check_selection(args: argparse.Namespace) -> None:

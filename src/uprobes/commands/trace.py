@@ -13,7 +13,8 @@ from contextlib import ExitStack
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_selection_arguments, check_selection
+from uprobes.commands.selection import add_selection_arguments, check_selection, \
+    uretprobe_note
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
@@ -28,6 +29,9 @@ HELP = "print each hit of the probes with the values they fetch"
 EXAMPLES = [
     "uprobes trace 'libc:malloc size=%di:u64' -- /bin/ls /",
     "uprobes trace --json 'r libc:getenv value=+0($retval):string' -- /usr/bin/env -i /bin/true",
+    "uprobes trace --json --uretprobe 'r libc:getenv value=+0($retval):string' -- "
+    "/usr/bin/env -i /bin/true  # the kernel's uretprobe, not probes on getenv's rets "
+    "(a C++ exception through it aborts the program)",
     "uprobes trace 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string "
     "fn=+0($arg2):string line=$arg3:s32' -- /usr/bin/python3.11 -c $'def f(): pass\\nf()'",
     "uprobes trace --duration 2 'libc:getppid' & sleep 1; python3 -c 'import os; os.getppid()'"
@@ -49,10 +53,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     check_selection(args)
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
-    probes = Resolver(pid=args.pid, force=args.force).resolve_all(parse_specs(args.specs))
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
+    probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:
         for note in p.notes:
             sys.stderr.write(f"uprobes: note: {note}\n")
+    uretprobe_note(probes, sys.stderr)
     with ExitStack() as stack:
         if args.output:
             try:

@@ -20,6 +20,7 @@ from uprobes.elf.usdt import UsdtNote, usdt_notes
 from uprobes.errors import ResolveError, SpecError
 from uprobes.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.paths import FileRef, find_file
+from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
 from uprobes.spec.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
 from uprobes.spec.names import auto_event_name, symbol_event_name
@@ -32,10 +33,15 @@ _GLOB = re.compile(r"[*?\[]")
 
 @dataclass
 class Resolver:
-    """Resolves specs for one run: against the host, or against process `pid`."""
+    """Resolves specs for one run: against the host, or against process `pid`.
+
+    `uretprobe`: return probes use the kernel's uretprobe, never the
+    function's own `ret`s (see `uprobes.resolve.retsites`).
+    """
 
     pid: int | None = None
     force: bool = False
+    uretprobe: bool = False
     debug_dirs: tuple[str, ...] | None = None
     _images: dict[tuple[int, int], ElfImage] = field(default_factory=dict)
     _mapped: list[str] | None = None
@@ -101,7 +107,13 @@ class Resolver:
         if t.offset is not None:
             self._check_code(ref, image, t.offset, None)
             event = spec.event or auto_event_name(ref.display, t.offset)
-            return [self._point(spec, ref, t.offset, event, ref_ctr=t.ref_ctr_offset)]
+            entry = None
+            if spec.is_return:
+                entry = self.symbols(ref).containing(image.file_to_link_addr(t.offset))
+                if entry is not None and image.link_to_file_offset(entry.link_addr) != t.offset:
+                    entry = None
+            return [self._point(spec, ref, t.offset, event, ref_ctr=t.ref_ctr_offset,
+                                returns=self._returns(spec, image, entry))]
         assert t.symbol is not None
         table = self.symbols(ref)
         if _GLOB.search(t.symbol):
@@ -138,7 +150,8 @@ class Resolver:
             warning = ifunc_warning(sym)
             notes = (warning,) if warning else ()
             out.append(self._point(spec, ref, file_offset, event, sym=sym,
-                                   sym_off=t.symbol_offset, ref_ctr=t.ref_ctr_offset, notes=notes))
+                                   sym_off=t.symbol_offset, ref_ctr=t.ref_ctr_offset, notes=notes,
+                                   returns=self._returns(spec, image, sym)))
         return out
 
     def _resolve_usdt(self, spec: ProbeSpec, t: UsdtTarget) -> list[ResolvedProbe]:
@@ -180,6 +193,7 @@ class Resolver:
         out = []
         for sym, off in zip(syms, offsets):
             self._check_code(ref, image, off, sym)
+            ret_sites, why = self._returns(spec, image, sym)
             name = sym.name.removeprefix("__vdso_") if sym else None
             event = spec.event or (symbol_event_name(name, spec.is_return) if name
                                    else f"p_vdso_0x{off:x}")
@@ -187,8 +201,16 @@ class Resolver:
                 spec=spec, key=VdsoKey(self.pid or 0, off), path="[vdso]", file_offset=off,
                 kind=spec.kind, group=spec.group or DEFAULT_GROUP, event=event, args=spec.args,
                 symbol=sym.name if sym else None, symbol_offset=t.symbol_offset,
-                link_addr=image.file_to_link_addr(off)))
+                link_addr=image.file_to_link_addr(off), ret_sites=ret_sites,
+                uretprobe_reason=why))
         return out
+
+    def _returns(self, spec: ProbeSpec, image: ElfImage, entry: Symbol | None
+                 ) -> tuple[tuple[int, ...] | None, str | None]:
+        """A return probe's (`ret_sites`, `uretprobe_reason`)."""
+        if not spec.is_return or self.uretprobe:
+            return None, None
+        return return_sites_for(image, entry, spec.args)
 
     # ------------------------------------------------------------ checks
 
@@ -211,14 +233,17 @@ class Resolver:
     def _point(self, spec: ProbeSpec, ref: FileRef, file_offset: int, event: str, *,
                group: str | None = None, sym: Symbol | None = None, sym_off: int = 0,
                ref_ctr: int | None = None, usdt_args: tuple[UsdtArg, ...] = (),
-               notes: tuple[str, ...] = ()) -> ResolvedProbe:
+               notes: tuple[str, ...] = (),
+               returns: tuple[tuple[int, ...] | None, str | None] = (None, None)
+               ) -> ResolvedProbe:
         image = self.image(ref)
         return ResolvedProbe(
             spec=spec, key=InodeKey(ref.dev, ref.ino, file_offset), path=ref.path,
             file_offset=file_offset, kind=spec.kind, group=group or spec.group or DEFAULT_GROUP,
             event=event, args=spec.args, symbol=sym.name if sym else None,
             symbol_offset=sym_off, link_addr=image.file_to_link_addr(file_offset),
-            ref_ctr_offset=ref_ctr, usdt_args=usdt_args, notes=notes)
+            ref_ctr_offset=ref_ctr, usdt_args=usdt_args, notes=notes, ret_sites=returns[0],
+            uretprobe_reason=returns[1])
 
 
 def _distinct(symbols: list[Symbol]) -> list[Symbol]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from uprobes.errors import SpecError
 from uprobes.spec.ast import (
-    Arg, Bitfield, Deref, FetchArg, FetchExpr, FetchType, Immediate, Memory, Register,
-    StackEntry, UsdtTarget,
+    Arg, Bitfield, Deref, FetchArg, FetchExpr, FetchType, Immediate, Memory, Register, RetVal,
+    StackEntry, StackPointer, UsdtTarget,
 )
 from uprobes.spec.numbers import kstrtol, kstrtoul
 from uprobes.spec.render import render_fetcharg
@@ -127,14 +127,51 @@ def lower_fetcharg(arg: FetchArg, usdt: tuple[UsdtArg, ...] | None) -> FetchArg:
     return FetchArg(arg.name, expr, ftype, arg.text)
 
 
+def at_ret_site(expr: FetchExpr) -> FetchExpr | None:
+    """`expr` as a uretprobe would see it, fetched instead at the function's
+    `ret` (one instruction earlier: the return address is still at `%sp`).
+
+    `$retval` is `%ax`; `%ip` (the address returned to) is `+0(%sp)`; the
+    stack is one word deeper (`$stackN` -> `$stack(N+1)`, `+N(%sp)` ->
+    `+(N+8)(%sp)`). None for the stack pointer itself (`$stack`, bare
+    `%sp`): no fetcharg adds 8 to it.
+    """
+    if isinstance(expr, RetVal):
+        return Register("ax")
+    if isinstance(expr, Register) and expr.name == "ip":
+        return Deref(0, Register("sp"))
+    if isinstance(expr, StackEntry):
+        return StackEntry(expr.index + 1)
+    if isinstance(expr, Deref):
+        if _is_stack_pointer(expr.base):
+            return Deref(expr.offset + 8, Register("sp"), expr.user)
+        base = at_ret_site(expr.base)
+        return None if base is None else Deref(expr.offset, base, expr.user)
+    return None if _is_stack_pointer(expr) else expr
+
+
+def _at_ret_site_arg(arg: FetchArg, spec_text: str) -> FetchArg:
+    expr = at_ret_site(arg.expr)
+    if expr is None:
+        raise SpecError(f"{arg.name} reads the stack pointer, which a probe on the ret "
+                        "cannot give as a uretprobe would", spec_text, 0)
+    return FetchArg(arg.name, expr, arg.type, arg.text)
+
+
+def _is_stack_pointer(expr: FetchExpr) -> bool:
+    return isinstance(expr, StackPointer) or (isinstance(expr, Register) and expr.name == "sp")
+
+
 def _has_arg(expr: FetchExpr) -> bool:
     return isinstance(expr, Arg) or (isinstance(expr, Deref) and _has_arg(expr.base))
 
 
-def kernel_line(probe: ResolvedProbe) -> str:
+def kernel_line(probe: ResolvedProbe, ret_site: int | None = None) -> str:
     """The uprobe_events line for `probe`:
     `p:GRP/EVENT PATH:0xOFF[(0xREF)] NAME=FETCHARG[:TYPE]...` (or `r:`).
 
+    With `ret_site` (one of `probe.ret_sites`), the return probe as an entry
+    probe on that `ret`, fetching what the uretprobe would (`at_ret_site`).
     The line is checked with our kernel-faithful parser, so a SpecError here
     carries the kernel's own message for it."""
     from uprobes.probe import VdsoKey
@@ -147,11 +184,15 @@ def kernel_line(probe: ResolvedProbe) -> str:
     if usdt is None and probe.is_return and any(_has_arg(a.expr) for a in probe.args):
         raise SpecError("$argN is not available on return probes with the kernel engine",
                         probe.spec.text, 0)
-    place = f"{probe.path}:0x{probe.file_offset:x}"
+    place = f"{probe.path}:0x{probe.file_offset if ret_site is None else ret_site:x}"
     if probe.ref_ctr_offset:
         place += f"(0x{probe.ref_ctr_offset:x})"
-    head = f"{'r' if probe.is_return else 'p'}:{probe.group}/{probe.event}"
-    args = [render_fetcharg(lower_fetcharg(a, usdt)) for a in probe.args]
+    lowered = [lower_fetcharg(a, usdt) for a in probe.args]
+    if ret_site is not None:
+        lowered = [_at_ret_site_arg(a, probe.spec.text) for a in lowered]
+    kind = "r" if probe.is_return and ret_site is None else "p"
+    head = f"{kind}:{probe.group}/{probe.event}"
+    args = [render_fetcharg(a) for a in lowered]
     line = " ".join([head, place, *args])
     parse(line)
     return line

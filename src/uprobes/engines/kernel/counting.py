@@ -46,8 +46,9 @@ from types import TracebackType
 from uprobes.engines.kernel.groups import run_group
 from uprobes.engines.kernel.insn_guard import unsafe_site
 from uprobes.errors import EngineError, KernelError
-from uprobes.probe import ResolvedProbe, VdsoKey
+from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.spec import kernel_line
+from uprobes.spec.ast import ProbeKind
 from uprobes.sys import procfs
 from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, PERF_TYPE_TRACEPOINT, PerfEvent, \
     PerfEventAttr
@@ -124,13 +125,14 @@ class KernelCounter:
         self.total = len(names)
         self.probes: list[ResolvedProbe] = []
         self.names: list[str] = []
-        for name, p in zip(names, probes):
-            why = None if force else unsafe_site(p.path, p.file_offset)
-            if why:
-                self.refused.append(Refusal(name, None, why))
-            else:
-                self.probes.append(p)
-                self.names.append(name)
+        for name, probe in zip(names, probes):
+            for p in _sites(probe):
+                why = None if force else unsafe_site(p.path, p.file_offset)
+                if why:
+                    self.refused.append(Refusal(name, None, why))
+                else:
+                    self.probes.append(p)
+                    self.names.append(name)
         self.pids = list(pids) if pids is not None else None
         self.all_threads = all_threads
         self._tracefs = tracefs
@@ -248,11 +250,11 @@ class KernelCounter:
     def counts(self) -> dict[str, int]:
         """Hits per probe (display name) so far, every placed probe listed."""
         out: dict[str, int] = {}
-        for name, ev in self._placed:
+        for name, ev in self._placed:  # a return probe on its rets: one entry per ret
             if isinstance(ev, UprobeCounter):
-                out[name] = ev.read()
+                out[name] = out.get(name, 0) + ev.read()
             else:
-                out[name] = sum(e.read_count() for e in ev)
+                out[name] = out.get(name, 0) + sum(e.read_count() for e in ev)
         return out
 
     def disable(self) -> None:
@@ -294,6 +296,17 @@ class KernelCounter:
         except BaseException:
             if exc is None:
                 raise
+
+
+def _sites(p: ResolvedProbe) -> list[ResolvedProbe]:
+    """What is placed for `p`: itself, or a return probe with `ret_sites` as
+    one entry probe on each `ret` (their hits sum to its returns). Counting
+    fetches nothing, so the copies carry no fetchargs."""
+    if not p.ret_sites:
+        return [p]
+    return [replace(p, kind=ProbeKind.ENTRY, file_offset=site, args=(), ret_sites=None, link_addr=None,
+                    key=replace(p.key, file_offset=site) if isinstance(p.key, InodeKey) else p.key)
+            for site in p.ret_sites]
 
 
 def _open_counting(event_id: int, tid: int) -> PerfEvent:

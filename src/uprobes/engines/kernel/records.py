@@ -5,6 +5,11 @@ whatever group the user named; `KernelProbe` keeps both names. Each line gets
 one hidden fetcharg, `__uprobes_comm=$comm`, so every record carries the
 name of the task that hit the probe exactly as it was at the hit (perf
 samples carry no comm, and /proc may be gone by the time we read).
+
+A return probe with `ret_sites` becomes one entry event per `ret` of its
+function, with a second hidden fetcharg, `__uprobes_ret=+0(%sp):x64`, the
+address the `ret` returns to; `RetSiteDecoder` turns their records into the
+return events a uretprobe would have given (`(0xRET <- 0xFUNC)`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from uprobes.spec import kernel_line
 from uprobes.spec.ast import UsdtTarget
 from uprobes.spec.lower import lower_fetcharg
 from uprobes.sys.event_format import EventFormat, Field
+from uprobes.spec.ast import FetchType
 from uprobes.sys.perf import Sample
 
 COMM_FIELD = "__uprobes_comm"
+RET_FIELD = "__uprobes_ret"
 MAX_ARGS = 128  # MAX_TRACE_ARGS in kernel/trace/trace_probe.h
 _MAX_EVENT_NAME = 63
 _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -29,13 +36,22 @@ _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 @dataclass(frozen=True)
 class KernelProbe:
-    """One resolved probe placed as `group/event` in our own group."""
+    """One resolved probe placed as `group/event` in our own group, at
+    `file_offset`: the probe's own, or one of its `ret_sites` (then
+    `func_delta` is how far that `ret` lies past the function's entry)."""
 
     probe: ResolvedProbe
     info: ProbeInfo
     group: str
     event: str
     line: str
+    file_offset: int
+    func_delta: int | None = None
+
+    def decoder(self, fmt: EventFormat) -> RecordDecoder | RetSiteDecoder:
+        if self.func_delta is None:
+            return RecordDecoder(fmt, self.info)
+        return RetSiteDecoder(fmt, self.info, self.func_delta)
 
 
 def kernel_probes(probes: list[ResolvedProbe], group: str) -> list[KernelProbe]:
@@ -44,16 +60,27 @@ def kernel_probes(probes: list[ResolvedProbe], group: str) -> list[KernelProbe]:
     out: list[KernelProbe] = []
     used: set[str] = set()
     for p in probes:
-        event, n = p.event, 1
-        while event in used:
-            suffix = f"_{n}"
-            event = p.event[:_MAX_EVENT_NAME - len(suffix)] + suffix
-            n += 1
-        used.add(event)
-        line = kernel_line(replace(p, group=group, event=event))
-        if len(p.args) < MAX_ARGS and all(a.name != COMM_FIELD for a in p.args):
-            line += f" {COMM_FIELD}=$comm"
-        out.append(KernelProbe(p, probe_info(p), group, event, line))
+        info = probe_info(p)
+        sites: list[int | None] = list(p.ret_sites) if p.ret_sites else [None]
+        for site in sites:
+            event, n = p.event, 1
+            while event in used:
+                suffix = f"_{n}"
+                event = p.event[:_MAX_EVENT_NAME - len(suffix)] + suffix
+                n += 1
+            used.add(event)
+            line = kernel_line(replace(p, group=group, event=event), ret_site=site)
+            hidden = 1
+            if site is not None:
+                line += f" {RET_FIELD}=+0(%sp):x64"
+                hidden += 1
+            if len(p.args) + hidden <= MAX_ARGS and all(a.name != COMM_FIELD for a in p.args):
+                line += f" {COMM_FIELD}=$comm"
+            if site is None:
+                out.append(KernelProbe(p, info, group, event, line, p.file_offset))
+            else:
+                out.append(KernelProbe(p, info, group, event, line, site,
+                                       site - p.file_offset))
     return out
 
 
@@ -116,6 +143,25 @@ class RecordDecoder:
             cpu=sample.cpu, ts_ns=sample.time_ns, ip=ip if isinstance(ip, int) else 0,
             func=func if isinstance(func, int) else None,
             args={name: got.get(name) for name in self._arg_names})
+
+
+class RetSiteDecoder:
+    """Records of an entry event on a `ret` -> the return events a uretprobe
+    gives: `ip` the address returned to (the hidden `__uprobes_ret`),
+    `func` the function's entry (the `ret`'s address less `func_delta`:
+    both lie in one mapping, so run-time distance is file distance)."""
+
+    def __init__(self, fmt: EventFormat, info: ProbeInfo, func_delta: int) -> None:
+        self.info = info
+        self._delta = func_delta
+        self._entry = RecordDecoder(fmt, ProbeInfo(
+            info.name, "p", (*info.args, (RET_FIELD, FetchType("x64")))))
+
+    def decode(self, sample: Sample) -> Event:
+        ev = self._entry.decode(sample)
+        ret = ev.args.pop(RET_FIELD)
+        return replace(ev, kind="r", ip=ret if isinstance(ret, int) else 0,
+                       func=ev.ip - self._delta)
 
 
 def _string(raw: bytes, loc: int) -> str | None:

@@ -20,7 +20,8 @@ from types import TracebackType
 
 from uprobes.engines.event import Event, ProbeInfo
 from uprobes.engines.kernel.groups import run_group
-from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, kernel_probes
+from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, RetSiteDecoder, \
+    kernel_probes
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.kernel.insn_guard import unsafe_site
@@ -52,7 +53,7 @@ class KernelTracer:
         self.ring_pages = ring_pages
         self._tracefs = tracefs
         self._note = note or (lambda _: None)
-        self.decoders: dict[int, RecordDecoder] = {}
+        self.decoders: dict[int, RecordDecoder | RetSiteDecoder] = {}
         self.placed: list[KernelProbe] = []
         self.events = 0
         self.signal: int | None = None
@@ -100,9 +101,11 @@ class KernelTracer:
     def _place(self, tfs: Tracefs, group: ProbeGroup, kp: KernelProbe, multi: set[int]) -> None:
         streams = self._streams
         assert streams is not None
-        unsafe = None if self.force else unsafe_site(kp.probe.path, kp.probe.file_offset)
+        unsafe = None if self.force else unsafe_site(kp.probe.path, kp.file_offset)
+        # A return probe on its rets is placed whole or not at all: never skipped.
+        skippable = id(kp.probe.spec) in multi and kp.func_delta is None
         if unsafe:
-            if id(kp.probe.spec) not in multi:
+            if not skippable:
                 raise ResolveError(f"{kp.info.name}: {unsafe} (use --force to probe it anyway)")
             self._note(f"skipped {kp.info.name}: {unsafe}")
             return
@@ -118,11 +121,11 @@ class KernelTracer:
         except KernelError as e:
             # A glob places what the kernel accepts (some libc entry points
             # start with instructions uprobes refuse: ENOTSUPP) and names the rest.
-            if id(kp.probe.spec) not in multi:
+            if not skippable:
                 raise
             self._note(f"skipped {kp.info.name}: {_reason(e)}")
             return
-        self.decoders[fmt.id] = RecordDecoder(fmt, kp.info)
+        self.decoders[fmt.id] = kp.decoder(fmt)
         self.placed.append(kp)
 
     def _open_pidfd(self, pid: int) -> None:
