@@ -1,7 +1,7 @@
 """`uprobes latency`: how long each call of a function takes, as a histogram.
 
 Each SPEC names a function; it gets an entry and a return probe, and the
-calls are paired per thread (see `uprobes.analysis.latency`). The result is
+calls are paired per thread (see `uprobes.analysis.calls`). The result is
 a log2 histogram per function, as funclatency draws it, with count, mean,
 p50/p90/p99 and max; `--json` gives the numbers as one line.
 """
@@ -13,7 +13,8 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
-from uprobes.analysis.latency import SP_ARG, CallPairer
+from uprobes.analysis.calls import SP_ARG, CallPairer
+from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import add_selection_arguments, check_selection
 from uprobes.engines.event import Event
@@ -63,14 +64,23 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
     pairer = CallPairer()
+    histograms: dict[str, Histogram] = {}
+
+    def on_entry(ev: Event) -> None:
+        if ev.probe not in histograms:
+            histograms[ev.probe] = Histogram()
+        pairer.entry(ev)
+
+    def on_return(ev: Event) -> None:
+        start = pairer.ret(ev)
+        if start is not None:
+            histograms[start.probe].add(ev.ts_ns - start.ts_ns)
+
     session = Session(args.engine, force=args.force)
     for spec in parse_specs(args.specs):
         entry, ret = probe_pair(spec)
-
-        def on_entry(ev: Event) -> None:
-            pairer.entry(ev, ev.probe)
         session.probe(entry, on_entry)
-        session.probe(ret, pairer.ret)
+        session.probe(ret, on_return)
     sink = open(args.output, "w") if args.output else out
     try:
         status = 0
@@ -82,9 +92,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             session.run(args.duration, ready=lambda: sys.stderr.write(
                 "uprobes: timing calls system-wide; Ctrl-C to stop\n"))
         if args.json:
-            write_histograms_json(sink, pairer.histograms)
+            write_histograms_json(sink, histograms)
         else:
-            write_histograms(sink, pairer.histograms, args.unit)
+            write_histograms(sink, histograms, args.unit)
         sink.flush()
     finally:
         if sink is not out:
