@@ -20,10 +20,13 @@ from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe
+from uprobes.engines.event import ProbeInfo
 from uprobes.render.jsonl import JsonLinesRenderer
+from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
 
+FORMATS = ("text", "jsonl", "perfetto")
 NAME = "trace"
 HELP = "print each hit of the probes with the values they fetch"
 EXAMPLES = [
@@ -34,6 +37,8 @@ EXAMPLES = [
     "(a C++ exception through it aborts the program)",
     "uprobes trace 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string "
     "fn=+0($arg2):string line=$arg3:s32' -- /usr/bin/python3.11 -c $'def f(): pass\\nf()'",
+    "uprobes trace --format perfetto -o /tmp/ls.json 'libc:malloc size=%di:u64' "
+    "'r libc:malloc ptr=$retval:x64' -- /bin/ls /  # open it in ui.perfetto.dev",
     "uprobes trace --duration 2 'libc:getppid' & sleep 1; python3 -c 'import os; os.getppid()'"
     "; wait  # system-wide, for 2 seconds",
 ]
@@ -44,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="stop after SECONDS (default: when the command or process ends, "
                         "or on Ctrl-C)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="text: the kernel's trace lines (default); jsonl: one JSON object "
+                        "per hit (same as --json); perfetto: a trace file for "
+                        "ui.perfetto.dev (entry+return of a call as one slice)")
     p.add_argument("--ring-pages", type=int, default=DEFAULT_RING_PAGES, metavar="N",
                    help=f"data pages of each CPU's ring buffer, a power of two "
                         f"(default {DEFAULT_RING_PAGES}); more loses fewer records in bursts")
@@ -51,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     check_selection(args)
+    if args.json and args.format not in (None, "jsonl"):
+        raise UsageError(f"--json is --format jsonl; it cannot go with --format {args.format}")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
@@ -69,15 +80,33 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         return _trace(args, out, probes, child)
 
 
+Renderer = TraceTextRenderer | JsonLinesRenderer | PerfettoRenderer
+
+
+def _renderer(args: argparse.Namespace, out: TextIO, infos: dict[str, ProbeInfo],
+              probes: list[ResolvedProbe]) -> Renderer:
+    fmt = args.format or ("jsonl" if args.json else "text")
+    if fmt == "perfetto":
+        return PerfettoRenderer(out, infos, call_entries(probes))
+    return (JsonLinesRenderer if fmt == "jsonl" else TraceTextRenderer)(out, infos)
+
+
+def call_entries(probes: list[ResolvedProbe]) -> set[str]:
+    """Names of the entry probes on a function that also has a return probe."""
+    returns = {p.key for p in probes if p.is_return}
+    return {p.name for p in probes
+            if not p.is_return and p.key in returns and p.symbol_offset == 0}
+
+
 def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
            child: Launched | None) -> int:
-    renderer: TraceTextRenderer | JsonLinesRenderer | None = None
+    renderer: Renderer | None = None
     tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
                           ring_pages=args.ring_pages, force=args.force,
                           note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
     try:
         with tracer:
-            renderer = (JsonLinesRenderer if args.json else TraceTextRenderer)(out, tracer.infos)
+            renderer = _renderer(args, out, tracer.infos, probes)
             if child is not None:
                 child.release()
             tracer.run(renderer.event, args.duration)

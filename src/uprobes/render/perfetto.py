@@ -1,0 +1,93 @@
+"""Trace files for ui.perfetto.dev and chrome://tracing: the Chrome
+trace-event JSON format.
+
+An entry and the return of the same call (a `p` and an `r` probe on one
+function, paired per thread by `uprobes.analysis.calls`) become one
+complete slice (`"ph": "X"`) on the thread's track, with the entry's args
+and the return's under `"return"`; every other hit is an instant
+(`"ph": "i"`, thread scope). Processes and threads are named by their comm
+(metadata events). Timestamps are CLOCK_MONOTONIC microseconds, so the file
+lines up with other traces of the machine. Events are streamed as they
+come: a slice when its call returns, an entry still open at the end as an
+instant. The last object, `uprobes`, holds the event and lost counts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TextIO
+
+from uprobes.analysis.calls import CallPairer
+from uprobes.engines.event import Event, ProbeInfo
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _us(ns: int) -> float:
+    return ns / 1000
+
+
+class PerfettoRenderer:
+    """Writes one JSON document; `summary()` closes it.
+
+    `calls`: names of the entry probes that have a return probe on the same
+    function; their hits wait for the return to become slices. (Hits of any
+    other entry probe are instants at once, so nothing piles up.)
+    """
+
+    def __init__(self, out: TextIO, probes: dict[str, ProbeInfo],
+                 calls: Iterable[str] = ()) -> None:
+        self.out = out
+        self.probes = probes
+        self.calls = frozenset(calls)
+        self._pairer = CallPairer()
+        self._threads: set[int] = set()
+        self._processes: set[int] = set()
+        self._first = True
+        out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
+
+    def _write(self, doc: dict[str, object]) -> None:
+        self.out.write(("" if self._first else ",\n") + _dumps(doc))
+        self._first = False
+
+    def _name_task(self, ev: Event) -> None:
+        if ev.pid not in self._processes and (ev.tid == ev.pid or ev.pid not in self._threads):
+            self._processes.add(ev.pid)
+            self._write({"ph": "M", "name": "process_name", "pid": ev.pid, "tid": ev.pid,
+                         "args": {"name": ev.comm}})
+        if ev.tid not in self._threads:
+            self._threads.add(ev.tid)
+            self._write({"ph": "M", "name": "thread_name", "pid": ev.pid, "tid": ev.tid,
+                         "args": {"name": ev.comm}})
+
+    def event(self, ev: Event) -> None:
+        self._name_task(ev)
+        if ev.kind == "p" and ev.probe in self.calls:
+            self._pairer.entry(ev)
+            return
+        if ev.kind == "r":
+            start = self._pairer.ret(ev)
+            if start is not None:
+                self._slice(start, ev)
+                return
+        self._instant(ev)
+
+    def _slice(self, start: Event, end: Event) -> None:
+        args: dict[str, object] = dict(start.args)
+        if end.args:
+            args["return"] = end.args
+        self._write({"ph": "X", "name": self.probes[start.probe].event, "cat": start.probe,
+                     "pid": start.pid, "tid": start.tid, "ts": _us(start.ts_ns),
+                     "dur": _us(end.ts_ns - start.ts_ns), "args": args})
+
+    def _instant(self, ev: Event) -> None:
+        info = self.probes.get(ev.probe)
+        self._write({"ph": "i", "s": "t", "name": info.event if info else ev.probe,
+                     "cat": ev.probe, "pid": ev.pid, "tid": ev.tid, "ts": _us(ev.ts_ns),
+                     "args": dict(ev.args)})
+
+    def summary(self, events: int, lost: int) -> None:
+        for ev in sorted(self._pairer.still_open(), key=lambda e: e.ts_ns):
+            self._instant(ev)
+        self.out.write('\n],"uprobes":' + _dumps({"events": events, "lost": lost}) + "}\n")
