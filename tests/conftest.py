@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,10 +100,11 @@ def _ours_or_dead(line: str) -> bool:
     `uprobes_test_<pid>`): ours, or a run that is gone. Another live run's
     events (a second test session on this machine) are not our leak."""
     group = line[2:].split("/", 1)[0]
-    digits = group.rsplit("_", 1)[-1]
-    if not digits.isdigit():
+    # the pid may be followed by more (the kernel-parity tests pad names to the limit)
+    m = re.match(r"uprobes_(?:test_)?(\d+)", group)
+    if not m:
         return True
-    pid = int(digits)
+    pid = int(m.group(1))
     return pid == os.getpid() or not Path(f"/proc/{pid}").exists()
 
 
