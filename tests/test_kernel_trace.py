@@ -20,11 +20,12 @@ from conftest import Compiler
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
-from uprobes.engines.event import Event
+from uprobes.engines.event import Event, Hit, hit_event
 from uprobes.engines.kernel.records import kernel_probes
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
-from uprobes.render.trace_text import format_args, format_location
+from uprobes.render.jsonl import JsonLinesRenderer
+from uprobes.render.trace_text import TraceTextRenderer, format_args, format_location
 from uprobes.resolve.resolver import Resolver
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
@@ -144,18 +145,26 @@ def test_text_is_the_kernels_own_trace_line(types_exe: Path, tracefs: Path) -> N
             m = re.search(r": (\w+): (\(.*)$", line)
             if m and m.group(1) in {kp.event for kp in kps}:
                 kernel.append(re.sub(r' __uprobes_comm="[^"]*"$', "", m.group(2)))
-    events: list[Event] = []
+    hits: list[Hit] = []
     child = launch(argv)
     try:
         with KernelTracer(probes, child=child.pid) as tracer:
             child.release()
-            tracer.run(events.append)
+            tracer.run_hits(hits.extend)
             infos = tracer.infos
     finally:
         child.abort()
+    events = [hit_event(h, infos[h[4]]) for h in hits]
     ours = [format_location(e) + format_args(e, infos[e.probe]) for e in events]
     assert len(ours) == 3
     assert ours == kernel
+    # The fast renderers (templates over hits) write what the general ones do.
+    for renderer in (TraceTextRenderer, JsonLinesRenderer):
+        fast, general = io.StringIO(), io.StringIO()
+        renderer(fast, infos).hits(hits)
+        for e in events:
+            renderer(general, infos).event(e)
+        assert fast.getvalue() == general.getvalue()
 
 
 def test_command_counts_status_and_output(target: Path, types_exe: Path) -> None:

@@ -109,7 +109,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             renderer = _renderer(args, out, tracer.infos, probes)
             if child is not None:
                 child.release()
-            tracer.run(renderer.event, args.duration)
+            tracer.run_hits(renderer.hits, args.duration)
             renderer.summary(tracer.events, tracer.lost)
             out.flush()
     except BaseException:

@@ -11,9 +11,11 @@ key, and learn whether the kernel dropped records (lost > 0).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TextIO
 
-from uprobes.engines.event import Event, ProbeInfo
+from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.spec.ast import FetchType
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -29,15 +31,65 @@ def event_doc(event: Event) -> dict[str, object]:
     return doc
 
 
+def _is_int(ftype: FetchType) -> bool:
+    return not ftype.is_string and ftype.array is None
+
+
+class _Template:
+    """One probe's line as a %-template: the keys and constant parts are
+    encoded once, a hit only fills in numbers and (escaped) strings. The
+    output is what `_dumps(event_doc(...))` writes, byte for byte."""
+
+    def __init__(self, info: ProbeInfo) -> None:
+        head = (f'{{"probe":{_dumps(info.name)},"kind":{_dumps(info.kind)},'
+                '"pid":%d,"tid":%d,"comm":%s,"cpu":%d,"ts_ns":%d,"ip":%d')
+        self.is_return = info.kind == "r"
+        if self.is_return:
+            head += ',"func":%s'
+        body = ",".join(f"{_dumps(name)}:{'%d' if _is_int(t) else '%s'}" for name, t in info.args)
+        self.text = head + ',"args":{' + body + "}}\n"
+        self.plain = all(_is_int(t) for _, t in info.args)
+        self.converts: list[Callable[[ArgValue], object]] = [
+            (lambda v: v) if _is_int(t) else _dumps for _, t in info.args]
+
+
 class JsonLinesRenderer:
     """Writes one JSON object per event and a summary object at the end."""
 
     def __init__(self, out: TextIO, probes: dict[str, ProbeInfo]) -> None:
         self.out = out
         self.probes = probes
+        self._templates: dict[str, _Template] = {}
+        self._comms: dict[str, str] = {}
 
     def event(self, event: Event) -> None:
         self.out.write(_dumps(event_doc(event)) + "\n")
+
+    def hits(self, hits: list[Hit]) -> None:
+        """Write a batch of hits (the fast path: no `Event` objects)."""
+        templates, comms = self._templates, self._comms
+        lines = []
+        for hit in hits:
+            ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit
+            t = templates.get(probe) or self._template(probe)
+            c = comms.get(comm)
+            if c is None:
+                c = comms[comm] = _dumps(comm)
+            head: tuple[object, ...] = (pid, tid, c, cpu, ts_ns, ip)
+            if t.is_return:
+                head += ("null" if func is None else str(func),)
+            try:
+                if t.plain:
+                    lines.append(t.text % (head + args))
+                else:
+                    lines.append(t.text % (head + tuple(f(v) for f, v in zip(t.converts, args))))
+            except TypeError:  # a value of an unexpected kind: the slow, general way
+                lines.append(_dumps(event_doc(hit_event(hit, self.probes[probe]))) + "\n")
+        self.out.write("".join(lines))
+
+    def _template(self, probe: str) -> _Template:
+        t = self._templates[probe] = _Template(self.probes[probe])
+        return t
 
     def summary(self, events: int, lost: int) -> None:
         self.out.write(_dumps({"summary": {"events": events, "lost": lost}}) + "\n")

@@ -10,9 +10,10 @@ file's header (of CLOCK_MONOTONIC here, not the trace clock).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TextIO
 
-from uprobes.engines.event import ArgValue, Event, ProbeInfo
+from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.spec.ast import FetchType
 
 
@@ -57,15 +58,69 @@ def format_line(event: Event, info: ProbeInfo) -> str:
     return f"{head}: {info.event}: {format_location(event)}{format_args(event, info)}"
 
 
+def _fast_code(ftype: FetchType) -> str | None:
+    """A %-code printing a value of `ftype` as the kernel does, when the
+    decoded value needs no work first: u* and s* come decoded with the
+    record's own signedness, x* unsigned. None: use `format_value`."""
+    if ftype.is_string or ftype.array is not None or ftype.bitfield is not None:
+        return None
+    if ftype.base[0] in "us":
+        return "%d"
+    if ftype.base[0] == "x":
+        return "0x%x"
+    return None
+
+
+class _Template:
+    """One probe's trace line as a %-template (see `format_line`)."""
+
+    def __init__(self, info: ProbeInfo) -> None:
+        event = info.event.replace("%", "%%")
+        self.is_return = info.kind == "r"
+        where = "(0x%x <- 0x%x)" if self.is_return else "(0x%x)"
+        codes = [_fast_code(t) for _, t in info.args]
+        self.text = (f"%16s-%-7d [%03d] %5d.%06d: {event}: {where}"
+                     + "".join(f" {name.replace('%', '%%')}={c or '%s'}"
+                               for (name, _), c in zip(info.args, codes)) + "\n")
+        self.plain = None not in codes
+        self.converts: list[Callable[[ArgValue], object]] = [
+            (lambda v: v) if c else (lambda v, t=t: format_value(v, t))  # type: ignore[misc]
+            for (_, t), c in zip(info.args, codes)]
+
+
 class TraceTextRenderer:
     """Writes one kernel-style trace line per event."""
 
     def __init__(self, out: TextIO, probes: dict[str, ProbeInfo]) -> None:
         self.out = out
         self.probes = probes
+        self._templates: dict[str, _Template] = {}
 
     def event(self, event: Event) -> None:
         self.out.write(format_line(event, self.probes[event.probe]) + "\n")
+
+    def hits(self, hits: list[Hit]) -> None:
+        """Write a batch of hits (the fast path: no `Event` objects)."""
+        templates = self._templates
+        lines = []
+        for hit in hits:
+            ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit
+            t = templates.get(probe)
+            if t is None:
+                t = templates[probe] = _Template(self.probes[probe])
+            secs, nsec = divmod(ts_ns, 1_000_000_000)
+            head: tuple[object, ...] = (comm, tid, cpu, secs, nsec // 1000, ip)
+            if t.is_return:
+                head += (func or 0,)
+            try:
+                if t.plain:
+                    lines.append(t.text % (head + args))
+                else:
+                    lines.append(t.text % (head + tuple(f(v) for f, v in zip(t.converts, args))))
+            except TypeError:  # a value of an unexpected kind: the slow, general way
+                lines.append(format_line(hit_event(hit, self.probes[probe]),
+                                         self.probes[probe]) + "\n")
+        self.out.write("".join(lines))
 
     def summary(self, events: int, lost: int) -> None:
         """Text output carries no summary line: it goes to stderr."""

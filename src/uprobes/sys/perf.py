@@ -225,10 +225,13 @@ class PerfEvent:
         self.close()
 
 
+# What a tracepoint sample carries by default: the raw record, who, when, which CPU.
+TRACE_SAMPLE_TYPE = PERF_SAMPLE_RAW | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_SAMPLE_CPU
+
+
 def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int = 1,
                     watermark_bytes: int = 0, clockid: int | None = time.CLOCK_MONOTONIC,
-                    sample_type: int = PERF_SAMPLE_RAW | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
-                    | PERF_SAMPLE_CPU) -> PerfEventAttr:
+                    sample_type: int = TRACE_SAMPLE_TYPE) -> PerfEventAttr:
     """Attr for a sampling tracepoint event: every hit is one record.
 
     Timestamps come from `clockid` (CLOCK_MONOTONIC by default, via
@@ -282,6 +285,60 @@ def online_cpus() -> list[int]:
     return cpus
 
 
+# What each PERF_SAMPLE_* bit puts in a sample, in the kernel's order
+# (perf_output_sample()), as struct codes and the names of their values; a
+# name of "" is padding. RAW ends the fixed part with its u32 size.
+_SAMPLE_FIELDS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (PERF_SAMPLE_IDENTIFIER, "Q", ("id",)),
+    (PERF_SAMPLE_IP, "Q", ("ip",)),
+    (PERF_SAMPLE_TID, "II", ("pid", "tid")),
+    (PERF_SAMPLE_TIME, "Q", ("time_ns",)),
+    (PERF_SAMPLE_ADDR, "Q", ("",)),
+    (PERF_SAMPLE_ID, "Q", ("id",)),
+    (PERF_SAMPLE_STREAM_ID, "Q", ("",)),
+    (PERF_SAMPLE_CPU, "II", ("cpu", "")),
+    (PERF_SAMPLE_PERIOD, "Q", ("",)),
+    (PERF_SAMPLE_RAW, "I", ("raw_size",)),
+)
+_HEADER = struct.Struct("<IHH")  # struct perf_event_header: type, misc, size
+_LOST = struct.Struct("<QQ")  # PERF_RECORD_LOST: id, lost
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """The fixed part of a PERF_RECORD_SAMPLE body for one `sample_type`.
+
+    `code` is a struct code (no byte-order prefix) for every field up to and
+    including RAW's u32 size; `names` names each value it unpacks ("" for
+    what we skip); the raw record, if any, starts `size` bytes into the body.
+    A reader that knows the record's own layout appends its code to `code`
+    and unpacks sample and record with one call.
+    """
+
+    code: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sample_type: int) -> SampleLayout:
+        if sample_type & ~_PARSEABLE:
+            raise KernelError(f"cannot parse perf samples of sample_type {sample_type:#x}",
+                              errno.EINVAL)
+        code, names = "", ()
+        for bit, c, n in _SAMPLE_FIELDS:
+            if sample_type & bit:
+                code += c
+                names += n
+        return cls(code, names)
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize("<" + self.code)
+
+    def index(self, name: str) -> int | None:
+        """Where `name` is in the unpacked values (None when not sampled)."""
+        return self.names.index(name) if name in self.names else None
+
+
 @dataclass(frozen=True)
 class Sample:
     """A PERF_RECORD_SAMPLE: who, when (ns of the event's clock), where, and the raw record."""
@@ -310,9 +367,8 @@ class RingBuffer:
                               errno.EINVAL)
         self.event = event
         self.sample_type = int(event.attr.sample_type)
-        if self.sample_type & ~_PARSEABLE:
-            raise KernelError(f"RingBuffer cannot parse sample_type {self.sample_type:#x}",
-                              errno.EINVAL)
+        self.layout = SampleLayout.of(self.sample_type)
+        self._sample = struct.Struct("<" + self.layout.code)
         self.lost = 0
         self.samples = 0
         size = (1 + data_pages) * PAGE_SIZE
@@ -348,74 +404,62 @@ class RingBuffer:
         end = start + n
         limit = self._offset + self._size
         if end <= limit:
-            return bytes(self._map[start:end])
-        return bytes(self._map[start:limit]) + bytes(self._map[self._offset:self._offset + end - limit])
+            return self._map[start:end]
+        return self._map[start:limit] + self._map[self._offset:self._offset + end - limit]
 
-    def read(self) -> Iterator[Sample]:
-        """Yield the samples the kernel has written since the last read.
+    def read_batch(self) -> tuple[bytes, list[int]]:
+        """Everything the kernel wrote since the last read, in one copy.
 
-        `data_head` is read once, then the records up to it; x86-64 does not
-        reorder loads with loads, so no barrier is needed between them (other
-        arches need the smp_rmb() of perf's reader, which Python cannot
-        issue). `data_tail` is published after the records are copied out.
+        Returns the bytes from `data_tail` to `data_head` and the offsets in
+        them of each PERF_RECORD_SAMPLE's body (after its 8-byte header); a
+        body unpacks with `layout`, its raw record follows at `layout.size`.
+        PERF_RECORD_LOST records are summed into `lost`. `data_head` is read
+        once; x86-64 does not reorder loads with loads, so no barrier is
+        needed before the copy (other arches need the smp_rmb() of perf's
+        reader, which Python cannot issue). `data_tail` is published once,
+        after the copy, which frees the whole batch for the kernel.
         """
         if self._map.closed:
-            return
-        head = self._u64(_DATA_HEAD)
-        tail = self._u64(_DATA_TAIL)
-        while tail < head:
-            rtype, _misc, rsize = struct.unpack("<IHH", self._copy(tail, 8))
-            if rsize < 8:
+            return b"", []
+        words = self._words
+        head = int(words[_DATA_HEAD // 8])
+        tail = int(words[_DATA_TAIL // 8])
+        if tail >= head:
+            return b"", []
+        data = self._copy(tail, head - tail)
+        bodies: list[int] = []
+        unpack = _HEADER.unpack_from
+        pos, end = 0, len(data)
+        while pos < end:
+            rtype, _misc, rsize = unpack(data, pos)
+            if rsize < 8 or pos + rsize > end:
+                self._publish_tail(head)
                 raise KernelError(f"corrupt perf record of size {rsize} in {self.event.what}")
-            body = self._copy(tail + 8, rsize - 8)
-            tail += rsize
             if rtype == PERF_RECORD_SAMPLE:
-                self.samples += 1
-                sample = self._parse_sample(body)
-                self._publish_tail(tail)
-                yield sample
-                continue
-            if rtype == PERF_RECORD_LOST:
-                self.lost += struct.unpack_from("<QQ", body)[1]
-            self._publish_tail(tail)
+                bodies.append(pos + 8)
+            elif rtype == PERF_RECORD_LOST:
+                self.lost += _LOST.unpack_from(data, pos + 8)[1]
+            pos += rsize
+        self.samples += len(bodies)
+        self._publish_tail(head)
+        return data, bodies
 
-    def _parse_sample(self, body: bytes) -> Sample:
-        st = self.sample_type
-        at = 0
-        vals = {"pid": 0, "tid": 0, "time_ns": 0, "cpu": 0, "ip": 0, "id": 0}
+    def read(self) -> Iterator[Sample]:
+        """The samples the kernel has written since the last read, as `Sample`s
+        (one `read_batch()`; the convenient, slower way)."""
+        data, bodies = self.read_batch()
+        for at in bodies:
+            yield self._parse_sample(data, at)
 
-        def u64() -> int:
-            nonlocal at
-            v = int(struct.unpack_from("<Q", body, at)[0])
-            at += 8
-            return v
-
-        # The order of the fields is the kernel's (perf_output_sample()).
-        if st & PERF_SAMPLE_IDENTIFIER:
-            vals["id"] = u64()
-        if st & PERF_SAMPLE_IP:
-            vals["ip"] = u64()
-        if st & PERF_SAMPLE_TID:
-            vals["pid"], vals["tid"] = struct.unpack_from("<II", body, at)
-            at += 8
-        if st & PERF_SAMPLE_TIME:
-            vals["time_ns"] = u64()
-        if st & PERF_SAMPLE_ADDR:
-            u64()
-        if st & PERF_SAMPLE_ID:
-            vals["id"] = u64()
-        if st & PERF_SAMPLE_STREAM_ID:
-            u64()
-        if st & PERF_SAMPLE_CPU:
-            vals["cpu"] = struct.unpack_from("<I", body, at)[0]
-            at += 8
-        if st & PERF_SAMPLE_PERIOD:
-            u64()
+    def _parse_sample(self, data: bytes, at: int) -> Sample:
+        vals = dict(zip(self.layout.names, self._sample.unpack_from(data, at)))
         raw = b""
-        if st & PERF_SAMPLE_RAW:
-            (n,) = struct.unpack_from("<I", body, at)
-            raw = body[at + 4:at + 4 + n]
-        return Sample(raw=raw, **vals)
+        if "raw_size" in vals:
+            start = at + self._sample.size
+            raw = data[start:start + vals["raw_size"]]
+        return Sample(pid=vals.get("pid", 0), tid=vals.get("tid", 0),
+                      time_ns=vals.get("time_ns", 0), cpu=vals.get("cpu", 0), raw=raw,
+                      ip=vals.get("ip", 0), id=vals.get("id", 0))
 
     def close(self) -> None:
         """Unmap the ring (the event fd stays with its owner)."""
@@ -431,5 +475,5 @@ class RingBuffer:
         self.close()
 
 
-__all__ = ["PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "kernel_error",
+__all__ = ["PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout", "kernel_error",
            "online_cpus", "open_tracepoint", "perf_event_open", "tracepoint_attr"]

@@ -15,17 +15,19 @@ return events a uretprobe would have given (`(0xRET <- 0xFUNC)`).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from operator import itemgetter
 
-from uprobes.engines.event import ArgValue, Event, ProbeInfo
+from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.errors import KernelError
 from uprobes.probe import ResolvedProbe
 from uprobes.spec import kernel_line
 from uprobes.spec.ast import UsdtTarget
 from uprobes.spec.lower import lower_fetcharg
-from uprobes.sys.event_format import EventFormat, Field
 from uprobes.spec.ast import FetchType
-from uprobes.sys.perf import Sample
+from uprobes.sys.event_format import EventFormat
+from uprobes.sys.perf import TRACE_SAMPLE_TYPE, Sample, SampleLayout
 
 COMM_FIELD = "__uprobes_comm"
 RET_FIELD = "__uprobes_ret"
@@ -93,56 +95,146 @@ def probe_info(p: ResolvedProbe) -> ProbeInfo:
 
 
 class RecordDecoder:
-    """Raw record of one event -> `Event`, with one precompiled struct for the
-    fixed part of the record (the format file gives every field's offset)."""
+    """Perf sample of one event -> `Hit` (or `Event`), with one precompiled
+    struct for the sample's fixed part and the record's fixed fields (the
+    format file gives every field's offset): one unpack per hit. Strings
+    (`__data_loc`) are sliced out only for the fields that are strings."""
 
-    def __init__(self, fmt: EventFormat, info: ProbeInfo) -> None:
+    def __init__(self, fmt: EventFormat, info: ProbeInfo,
+                 layout: SampleLayout | None = None) -> None:
         self.info = info
+        self.probe = info.name
         self.is_return = fmt.is_return
-        fields = sorted(fmt.fields, key=lambda f: f.offset)
-        code, at = "<", 0
-        # (name, first index in the unpacked tuple, count or 0, data_loc)
-        self._slots: list[tuple[str, int, int, bool]] = []
-        index = 0
-        for f in fields:
+        self.layout = layout or SampleLayout.of(TRACE_SAMPLE_TYPE)
+        ip_name = "__probe_ret_ip" if self.is_return else "__probe_ip"
+        wanted = {ip_name, COMM_FIELD, *(name for name, _ in info.args)}
+        if self.is_return:
+            wanted.add("__probe_func")
+        # The sample's fixed part, then the record's fields; what we do not
+        # use is padding, so an unpack makes only the values a hit needs.
+        prefix, index = "", 0
+        sample_at: dict[str, int] = {}
+        for c, name in zip(self.layout.code, self.layout.names):
+            if name in ("time_ns", "pid", "tid", "cpu"):
+                prefix += c
+                sample_at[name] = index
+                index += 1
+            else:
+                prefix += "x" * struct.calcsize(c)
+        if len(sample_at) != 4:
+            raise KernelError("trace samples need TIME, TID and CPU")
+        self._sample_at = tuple(sample_at[n] for n in ("time_ns", "pid", "tid", "cpu"))
+        self._base = base = index
+        # (first index in the unpacked record values, count or 0, data_loc)
+        slots: dict[str, tuple[int, int, bool]] = {}
+        full_code, at, index = "", 0, 0
+        for f in sorted(fmt.fields, key=lambda f: f.offset):
             if f.offset < at:
                 raise KernelError(f"overlapping fields in the format of {fmt.name}")
-            code += "x" * (f.offset - at)
+            full_code += "x" * (f.offset - at)
             elem = f.element_size
             if elem not in _CODES:
                 raise KernelError(f"field {f.name} of {fmt.name} has size {f.size}")
             one = _CODES[elem].lower() if f.signed and not f.data_loc else _CODES[elem]
             count = f.array_len or 0
-            code += one * max(count, 1)
-            self._slots.append((f.name, index, count, f.data_loc))
-            index += max(count, 1)
+            if f.name in wanted:
+                full_code += one * max(count, 1)
+                slots[f.name] = (index, count, f.data_loc)
+                index += max(count, 1)
+            else:
+                full_code += "x" * f.size
             at = f.offset + f.size
-        self._struct = struct.Struct(code)
-        self._arg_names = [name for name, _ in info.args]
-        self._fields: dict[str, Field] = {f.name: f for f in fields}
+        self._full = struct.Struct("<" + prefix + full_code)
+        self._raw_at = self.layout.size
+        # decode(Sample) unpacks the raw record alone, wanted fields at the same indices.
+        self._raw = struct.Struct("<" + full_code)
+        self._comm = slots.get(COMM_FIELD)
+        ip = slots.get(ip_name)
+        if ip is None:
+            raise KernelError(f"the format of {fmt.name} has no {ip_name}")
+        self._ip = ip[0]
+        func = slots.get("__probe_func") if self.is_return else None
+        self._func = func[0] if func else None
+        # Each argument: (index, count, data_loc), or None when the format lacks it.
+        self._args = [slots.get(name) for name, _ in info.args]
+        self._getter: Callable[[tuple[int, ...]], tuple[ArgValue, ...]] | None = None
+        if all(a is not None and not a[1] and not a[2] for a in self._args):
+            self._getter = _getter([base + a[0] for a in self._args if a is not None])
+        self._comms: dict[bytes, str] = {}
+
+    def _arg_values(self, values: tuple[int, ...], data: bytes, raw_at: int,
+                    base: int) -> tuple[ArgValue, ...]:
+        out: list[ArgValue] = []
+        for a in self._args:
+            if a is None:
+                out.append(None)
+                continue
+            i, count, data_loc = a
+            if data_loc:
+                out.append(_string_at(data, raw_at, values[base + i]))
+            elif count:
+                out.append(list(values[base + i:base + i + count]))
+            else:
+                out.append(values[base + i])
+        return tuple(out)
+
+    def _comm_at(self, values: tuple[int, ...], data: bytes, raw_at: int, base: int,
+                 tid: int) -> str:
+        if self._comm is None:
+            return _proc_comm(tid)
+        loc = values[base + self._comm[0]]
+        start = raw_at + (loc & 0xFFFF)
+        key = data[start:start + (loc >> 16)]
+        comm = self._comms.get(key)
+        if comm is None:
+            if not key:  # the fetch faulted
+                return _proc_comm(tid)
+            comm = key.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+            self._comms[key] = comm
+        return comm
+
+    def hit(self, data: bytes, at: int) -> Hit:
+        """The hit whose sample body starts at `at` in `data` (RingBuffer.read_batch)."""
+        return self.hit_function()(data, at)
+
+    def hit_function(self) -> Callable[[bytes, int], Hit]:
+        """`hit` as a closure over this format's constants: what the read
+        loop calls once per record (no attribute lookups, one unpack)."""
+        unpack = self._full.unpack_from
+        t, p, d, c = self._sample_at
+        base, raw_at, probe = self._base, self._raw_at, self.probe
+        ip = base + self._ip
+        func = None if self._func is None else base + self._func
+        getter, comm_at, arg_values = self._getter, self._comm_at, self._arg_values
+        comms = self._comms
+        comm_i = None if self._comm is None else base + self._comm[0]
+
+        def hit(data: bytes, at: int) -> Hit:
+            v = unpack(data, at)
+            tid = v[d]  # type: ignore[index]
+            if comm_i is not None:
+                loc = v[comm_i]
+                start = at + raw_at + (loc & 0xFFFF)
+                comm = comms.get(data[start:start + (loc >> 16)])
+                if comm is None:
+                    comm = comm_at(v, data, at + raw_at, base, tid)
+            else:
+                comm = comm_at(v, data, at + raw_at, base, tid)
+            args = getter(v) if getter is not None else arg_values(v, data, at + raw_at, base)
+            return (v[t], v[p], tid, v[c], probe, comm, v[ip],  # type: ignore[index]
+                    None if func is None else v[func], args)
+
+        return hit
 
     def decode(self, sample: Sample) -> Event:
+        """The `Event` of one parsed `Sample` (the convenient, slower way)."""
         raw = sample.raw
-        values = self._struct.unpack_from(raw)
-        got: dict[str, ArgValue] = {}
-        for name, i, count, data_loc in self._slots:
-            if data_loc:
-                got[name] = _string(raw, values[i])
-            elif count:
-                got[name] = list(values[i:i + count])
-            else:
-                got[name] = values[i]
-        comm = got.pop(COMM_FIELD, None)
-        if self.is_return:
-            ip, func = got["__probe_ret_ip"], got["__probe_func"]
-        else:
-            ip, func = got["__probe_ip"], None
-        return Event(
-            probe=self.info.name, kind=self.info.kind, pid=sample.pid, tid=sample.tid,
-            comm=comm if isinstance(comm, str) else _proc_comm(sample.tid),
-            cpu=sample.cpu, ts_ns=sample.time_ns, ip=ip if isinstance(ip, int) else 0,
-            func=func if isinstance(func, int) else None,
-            args={name: got.get(name) for name in self._arg_names})
+        v = self._raw.unpack_from(raw)
+        hit: Hit = (sample.time_ns, sample.pid, sample.tid, sample.cpu, self.probe,
+                    self._comm_at(v, raw, 0, 0, sample.tid), v[self._ip],
+                    v[self._func] if self._func is not None else None,
+                    self._arg_values(v, raw, 0, 0))
+        return hit_event(hit, self.info)
 
 
 class RetSiteDecoder:
@@ -153,9 +245,26 @@ class RetSiteDecoder:
 
     def __init__(self, fmt: EventFormat, info: ProbeInfo, func_delta: int) -> None:
         self.info = info
+        self.probe = info.name
         self._delta = func_delta
         self._entry = RecordDecoder(fmt, ProbeInfo(
             info.name, "p", (*info.args, (RET_FIELD, FetchType("x64")))))
+
+    def hit(self, data: bytes, at: int) -> Hit:
+        """The hit whose sample body starts at `at` in `data` (RingBuffer.read_batch)."""
+        return self.hit_function()(data, at)
+
+    def hit_function(self) -> Callable[[bytes, int], Hit]:
+        """The entry decoder's closure, turned into the return hit."""
+        entry, delta = self._entry.hit_function(), self._delta
+
+        def hit(data: bytes, at: int) -> Hit:
+            ts_ns, pid, tid, cpu, probe, comm, ip, _, args = entry(data, at)
+            ret = args[-1]
+            return (ts_ns, pid, tid, cpu, probe, comm, ret if isinstance(ret, int) else 0,
+                    ip - delta, args[:-1])
+
+        return hit
 
     def decode(self, sample: Sample) -> Event:
         ev = self._entry.decode(sample)
@@ -164,14 +273,25 @@ class RetSiteDecoder:
                        func=ev.ip - self._delta)
 
 
-def _string(raw: bytes, loc: int) -> str | None:
-    """A `__data_loc` string: u32 `len << 16 | offset`; length 0 means the
-    fetch faulted (an empty string still has its NUL)."""
+def _getter(indices: list[int]) -> Callable[[tuple[int, ...]], tuple[ArgValue, ...]]:
+    """A function picking `indices` out of a tuple, as a tuple (itemgetter
+    returns a bare item for one index)."""
+    if not indices:
+        return lambda v: ()
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda v: (v[i],)
+    return itemgetter(*indices)
+
+
+def _string_at(data: bytes, raw_at: int, loc: int) -> str | None:
+    """A `__data_loc` string of the record at `raw_at`: u32 `len << 16 |
+    offset`; length 0 means the fetch faulted (an empty string still has its NUL)."""
     length = loc >> 16
     if length == 0:
         return None
-    start = loc & 0xFFFF
-    return raw[start:start + length].split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    start = raw_at + (loc & 0xFFFF)
+    return data[start:start + length].split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
 def _proc_comm(tid: int) -> str:

@@ -82,6 +82,10 @@ class CpuStreams:
         for ring in self.rings.values():
             yield from ring.read()
 
+    def read_batches(self) -> list[tuple[bytes, list[int]]]:
+        """One `RingBuffer.read_batch()` per CPU: (bytes, sample body offsets)."""
+        return [ring.read_batch() for ring in self.rings.values()]
+
     @property
     def lost_records(self) -> int:
         """What PERF_RECORD_LOST records reported so far."""

@@ -14,11 +14,13 @@ import errno
 import os
 import select
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from contextlib import ExitStack
+from operator import itemgetter
 from types import TracebackType
 
-from uprobes.engines.event import Event, ProbeInfo
+from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.kernel.groups import run_group
 from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, RetSiteDecoder, \
     kernel_probes
@@ -27,6 +29,7 @@ from uprobes.engines.signals import StopSignals
 from uprobes.engines.kernel.insn_guard import unsafe_site
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
+from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
 
 POLL_MS = 100  # longest wait for a quiet ring: the output latency at low rates
@@ -54,6 +57,7 @@ class KernelTracer:
         self._tracefs = tracefs
         self._note = note or (lambda _: None)
         self.decoders: dict[int, RecordDecoder | RetSiteDecoder] = {}
+        self._hit_functions: dict[int, Callable[[bytes, int], Hit]] = {}
         self.placed: list[KernelProbe] = []
         self.events = 0
         self.signal: int | None = None
@@ -151,7 +155,27 @@ class KernelTracer:
 
     def run(self, on_event: Callable[[Event], None], duration: float | None = None) -> None:
         """Deliver events until the target exits, a stop signal, `stop()`, or
-        `duration` seconds; then deliver what the rings still hold."""
+        `duration` seconds; then deliver what the rings still hold. Events
+        come in time order across CPUs (see `run_hits`)."""
+        infos = {kp.info.name: kp.info for kp in self.placed}
+
+        def deliver(hits: list[Hit]) -> None:
+            for hit in hits:
+                on_event(hit_event(hit, infos[hit[4]]))
+
+        self.run_hits(deliver, duration)
+
+    def run_hits(self, on_hits: Callable[[list[Hit]], None],
+                 duration: float | None = None) -> None:
+        """`run()` for the fast path: hands over batches of `Hit` tuples.
+
+        Rings are per CPU, so one read gathers each CPU's recent hits and a
+        hit on one CPU may still be unread while a later one on another CPU
+        is in hand. Hits are held back until they are older than the start
+        of the previous read round: by then every record stamped earlier has
+        been written to its ring and read (a record is written right at its
+        hit). What is held back is delivered at the end.
+        """
         streams, signals = self._streams, self._signals
         assert streams is not None and signals is not None, "enter the tracer first"
         poller = select.poll()
@@ -161,6 +185,8 @@ class KernelTracer:
         if self._pidfd >= 0:
             poller.register(self._pidfd, select.POLLIN)
         deadline = None if duration is None else time.monotonic() + duration
+        held: list[Hit] = []
+        previous_round = 0
         while True:
             timeout = POLL_MS
             if deadline is not None:
@@ -168,33 +194,50 @@ class KernelTracer:
             ready = {fd for fd, _ in poller.poll(timeout)}
             # The target's end is checked before the read: every record it
             # wrote is in the rings by then (samples are written at the hit).
-            ended = self._pidfd in ready
-            if ended:
+            if self._pidfd in ready:
                 self.target_exited = True
                 break
             if signals.stopped or (deadline is not None and time.monotonic() >= deadline):
                 break
-            self._drain(on_event)
+            this_round = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            held = self._read_round(held)
+            cut = bisect_left(held, previous_round, key=_ts)
+            if cut:
+                self._deliver(held[:cut], on_hits)
+                del held[:cut]
+            previous_round = this_round
         self.signal = signals.signum or None
         # Stop counting, read what is left, then compare counts with samples.
         streams.disable()
-        self._drain(on_event)
+        self._deliver(self._read_round(held), on_hits)
         self._lost_final = streams.lost()
 
-    def _drain(self, on_event: Callable[[Event], None]) -> None:
+    def _read_round(self, held: list[Hit]) -> list[Hit]:
+        """`held` and every hit the rings hold now, sorted by time."""
         streams = self._streams
         assert streams is not None
-        batch: list[Event] = []
-        decoders = self.decoders
-        for sample in streams.read():
-            dec = decoders.get(int.from_bytes(sample.raw[:2], "little"))
-            if dec is not None:
-                batch.append(dec.decode(sample))
-        # Rings are per CPU: order what one read gathered by time.
-        batch.sort(key=lambda e: e.ts_ns)
-        self.events += len(batch)
-        for ev in batch:
-            on_event(ev)
+        hits = self._hit_functions
+        if len(hits) != len(self.decoders):
+            hits.update((i, d.hit_function()) for i, d in self.decoders.items())
+        append = held.append
+        for data, bodies in streams.read_batches():
+            for body in bodies:
+                at = body + RAW_AT
+                hit = hits.get(data[at] | data[at + 1] << 8)
+                if hit is not None:
+                    append(hit(data, body))
+        # Each ring is in time order: sorting merges a few sorted runs.
+        held.sort(key=_ts)
+        return held
+
+    def _deliver(self, hits: list[Hit], on_hits: Callable[[list[Hit]], None]) -> None:
+        if hits:
+            self.events += len(hits)
+            on_hits(hits)
+
+
+_ts = itemgetter(0)
+RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first
 
 
 def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
