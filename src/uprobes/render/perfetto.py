@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from uprobes.analysis.calls import CallPairer
-from uprobes.engines.event import Event, ProbeInfo
+from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -60,6 +60,11 @@ class PerfettoRenderer:
             self._threads.add(ev.tid)
             self._write({"ph": "M", "name": "thread_name", "pid": ev.pid, "tid": ev.tid,
                          "args": {"name": ev.comm}})
+
+    def hits(self, hits: list[Hit]) -> None:
+        """A batch of hits (what `KernelTracer.run_hits` hands over)."""
+        for hit in hits:
+            self.event(hit_event(hit, self.probes[hit[4]]))
 
     def event(self, ev: Event) -> None:
         self._name_task(ev)
