@@ -1,16 +1,14 @@
 """Displaced instructions (uprobes.engines.ptrace.relocate), checked by running them.
 
 tests/fixtures/reloc.c has one function per instruction kind, each starting
-with that kind.  A minimal tracer here (a few lines of test-only ctypes
-ptrace: the engine's own sys/ptrace.py belongs to another module) puts an
-int3 on every one, and on each hit does what the engine's hit path does:
+with that kind.  A minimal tracer here (uprobes.sys.ptrace, and a test-only
+/proc/PID/mem reader) puts an int3 on every one, and on each hit does what the engine's hit path does:
 emulate, or send the thread through the slot.  The program's output must be
 that of an untraced run, and every hit counted.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -26,25 +24,9 @@ from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace.relocate import SLOT_SIZE, SlotPlan, UnsupportedInstruction, plan
 from uprobes.resolve.paths import find_library
+from uprobes.sys import ptrace
 
-_REG_NAMES = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs "
-              "eflags rsp ss fs_base gs_base ds es fs gs").split()
-PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS, PTRACE_ATTACH = 7, 12, 13, 16
-
-
-class UserRegs(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_ulonglong) for name in _REG_NAMES]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.restype = ctypes.c_long
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-
-
-def _ptrace(request: int, pid: int, addr: int = 0, data: object = None) -> None:
-    if _libc.ptrace(request, pid, addr, data) == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"ptrace({request}): {os.strerror(err)}")
+_REG_NAMES = [name for name, _ in ptrace.UserRegs._fields_]
 
 
 class ProcMem:
@@ -106,10 +88,10 @@ def run_traced(exe: Path, area: str, force_slot: bool = False) -> Run:
     proc, syms, areas = _start(exe)
     run = Run([], -1)
     by_addr: dict[int, tuple[str, SlotPlan]] = {}
-    _ptrace(PTRACE_ATTACH, proc.pid)
+    ptrace.seize(proc.pid, 0)
     try:
-        _, status = os.waitpid(proc.pid, 0)
-        assert os.WIFSTOPPED(status)
+        ptrace.interrupt(proc.pid)
+        assert ptrace.stop_event(ptrace.wait_task(proc.pid)) == ptrace.EVENT_STOP
         mem = ProcMem(proc.pid)
         for i, (name, addr) in enumerate(syms.items()):
             original = mem.read(addr, 16)
@@ -122,21 +104,21 @@ def run_traced(exe: Path, area: str, force_slot: bool = False) -> Run:
             mem.write(addr, b"\xcc")
             by_addr[addr] = (name, p)
             run.plans[name] = p
-        _ptrace(PTRACE_CONT, proc.pid)
+        ptrace.cont(proc.pid)
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.close()
-        regs = UserRegs()
+        regs = ptrace.UserRegs()
         while True:
-            _, status = os.waitpid(proc.pid, 0)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                run.status = os.waitstatus_to_exitcode(status)
+            status = ptrace.wait_task(proc.pid)
+            if ptrace.exited(status):
+                run.status = ptrace.exit_code(status)
                 break
-            sig = os.WSTOPSIG(status)
-            if sig != signal.SIGTRAP:
-                _ptrace(PTRACE_CONT, proc.pid, 0, sig)
+            sig = ptrace.stop_signal(status)
+            if sig != signal.SIGTRAP or ptrace.stop_event(status):
+                ptrace.cont(proc.pid, 0 if ptrace.stop_event(status) else sig)
                 continue
-            _ptrace(PTRACE_GETREGS, proc.pid, 0, ctypes.byref(regs))
+            ptrace.getregs(proc.pid, regs)
             name, p = by_addr[regs.rip - 1]
             run.hits[name] += 1
             regs.rip -= 1
@@ -145,8 +127,8 @@ def run_traced(exe: Path, area: str, force_slot: bool = False) -> Run:
             elif not p.emulate(regs, mem):
                 assert p.boosted, name
                 regs.rip = p.slot_addr
-            _ptrace(PTRACE_SETREGS, proc.pid, 0, ctypes.byref(regs))
-            _ptrace(PTRACE_CONT, proc.pid)
+            ptrace.setregs(proc.pid, regs)
+            ptrace.cont(proc.pid)
         mem.close()
     finally:
         if proc.poll() is None and run.status == -1:
