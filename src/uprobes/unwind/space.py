@@ -1,0 +1,149 @@
+"""A process's code as files: runtime addresses -> (file, link address), and
+from there CFI rules and symbol names.
+
+Maps are read from /proc/PID/maps when a process is first seen and again
+when an address falls in no known mapping (a library loaded since); once
+the process is gone, the last maps read still serve. The vDSO (no file) is
+read from the process's memory once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
+from uprobes.errors import UprobesError
+from uprobes.resolve.vdso import read_vdso
+from uprobes.sys import procfs
+from uprobes.unwind.cfi import CfiTable, FrameRule
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One code address, named: `symbol+offset (path)`; unknown parts None."""
+
+    runtime_addr: int
+    path: str | None
+    symbol: str | None
+    offset: int = 0
+
+    def __str__(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        if self.symbol is None:
+            return f"0x{self.runtime_addr:x}{where}"
+        return f"{self.symbol}+0x{self.offset:x}{where}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"addr": self.runtime_addr, "symbol": self.symbol, "offset": self.offset,
+                "file": self.path}
+
+
+class _Process:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.maps: list[procfs.Mapping] = []
+        self.starts: list[int] = []
+        self.alive = True
+        self.vdso: ElfImage | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.alive:
+            return
+        try:
+            maps = [m for m in procfs.maps(self.pid) if m.executable]
+        except UprobesError:
+            self.alive = False
+            return
+        if maps:
+            self.maps = sorted(maps, key=lambda m: m.start)
+            self.starts = [m.start for m in self.maps]
+        else:
+            self.alive = False  # a zombie's maps are empty: keep the last ones
+
+    def mapping(self, runtime_addr: int) -> procfs.Mapping | None:
+        i = bisect.bisect_right(self.starts, runtime_addr) - 1
+        if i >= 0 and self.maps[i].contains_runtime(runtime_addr):
+            return self.maps[i]
+        return None
+
+
+class AddressSpaces:
+    """Per-process address → file lookups for a run (many processes)."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, _Process] = {}
+        self._images: dict[str, ElfImage | None] = {}
+
+    def _process(self, pid: int) -> _Process:
+        proc = self._procs.get(pid)
+        if proc is None:
+            proc = self._procs[pid] = _Process(pid)
+        return proc
+
+    def locate(self, pid: int, runtime_addr: int) -> tuple[ElfImage, int, str] | None:
+        """(image, link address, display path) of the code at `runtime_addr`."""
+        proc = self._process(pid)
+        m = proc.mapping(runtime_addr)
+        if m is None:
+            proc.refresh()
+            m = proc.mapping(runtime_addr)
+        if m is None:
+            return None
+        if m.path == "[vdso]":
+            if proc.vdso is None:
+                try:
+                    proc.vdso = read_vdso(pid)
+                except UprobesError:
+                    return None
+            image = proc.vdso
+            return image, image.file_to_link_addr(runtime_addr - m.start), "[vdso]"
+        if not m.path.startswith("/"):
+            return None
+        image = self._image(pid, m.path)
+        if image is None:
+            return None
+        try:
+            link = image.file_to_link_addr(runtime_addr - m.start + m.file_offset)
+        except UprobesError:
+            return None
+        return image, link, m.path
+
+    def _image(self, pid: int, path: str) -> ElfImage | None:
+        if path not in self._images:
+            image = None
+            for candidate in (f"/proc/{pid}/root{path}", path):
+                try:
+                    image = ElfImage.open(candidate)
+                    break
+                except UprobesError:
+                    continue
+            self._images[path] = image
+        return self._images[path]
+
+    def rule_finder(self, pid: int):  # type: ignore[no-untyped-def]
+        """A `RuleFinder` for `uprobes.unwind.stack.unwind` in process `pid`."""
+        def rule_for(runtime_addr: int) -> FrameRule | None:
+            where = self.locate(pid, runtime_addr)
+            if where is None:
+                raise LookupError(runtime_addr)
+            image, link, _ = where
+            return CfiTable.load(image).rule_at(link)
+        return rule_for
+
+    def frame(self, pid: int, runtime_addr: int, return_address: bool = False) -> Frame:
+        """Name the code at `runtime_addr`; a `return_address` is named by the
+        call before it (a call can be the last instruction of a function)."""
+        where = self.locate(pid, runtime_addr - return_address)
+        if where is None:
+            return Frame(runtime_addr, None, None)
+        image, link, path = where
+        try:
+            sym = SymbolTable.load(image).containing(link)
+        except UprobesError:
+            sym = None
+        if sym is None:
+            return Frame(runtime_addr, path, None)
+        return Frame(runtime_addr, path, sym.display_name, link + return_address - sym.link_addr)
