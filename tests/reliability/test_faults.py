@@ -1,0 +1,144 @@
+"""Faults: stop signals at random moments, SIGKILL then cleanup, two runs on
+one binary at once, a target that ends while probes are placed, and bad
+input. The target always finishes correctly; nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Compiler
+from uprobes.commands import main
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+LOOPS = 20000
+EXPECTED = f"calls work={4 * LOOPS}\n".encode()
+
+
+@pytest.fixture(scope="module")
+def threads_exe(compile_c: Compiler) -> Path:
+    return compile_c("threads.c", "-pthread")
+
+
+def _our_group_lines(pid: int) -> list[str]:
+    text = Path("/sys/kernel/tracing/uprobe_events").read_text()
+    return [ln for ln in text.splitlines() if re.match(rf"[pr]:uprobes_{pid}/", ln)]
+
+
+def _wait_placed(pid: int) -> None:
+    """Until run `pid` has its probes in tracefs (it is mid-run from then on)."""
+    deadline = time.monotonic() + 30
+    while not _our_group_lines(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _our_group_lines(pid), "the run never placed its probes"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_signal_at_a_random_moment(seed: int, tracefs: Path, threads_exe: Path,
+                                        tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    sig = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)[seed % 3]
+    mode = ("trace", "count")[seed % 2]
+    out = ["-o", str(tmp_path / "out.txt")]
+    run = subprocess.Popen([*UPROBES, mode, *out, f"{threads_exe}:work",
+                            f"r {threads_exe}:work", "--", str(threads_exe), str(LOOPS)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_placed(run.pid)
+    time.sleep(rng.uniform(0.0, 0.5))
+    run.send_signal(sig)  # to uprobes alone, as `kill` would
+    stdout, stderr = run.communicate(timeout=120)
+    assert b"Traceback" not in stderr, stderr.decode()
+    assert stdout == EXPECTED, stderr.decode()  # the command ran on, unharmed
+    assert run.returncode == 0, stderr.decode()
+    assert _our_group_lines(run.pid) == []
+
+
+def test_sigkill_then_cleanup_leaves_nothing(tracefs: Path, threads_exe: Path) -> None:
+    run = subprocess.Popen([*UPROBES, "trace", "-o", os.devnull, f"{threads_exe}:work",
+                            "--", str(threads_exe), str(LOOPS * 5)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_placed(run.pid)
+    # The command is uprobes' child: find it before uprobes dies.
+    children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+    run.kill()
+    run.wait()
+    assert _our_group_lines(run.pid), "SIGKILL cannot clean up: the group stays until cleanup"
+    for child in map(int, children):  # the orphaned command finishes on its own
+        while Path(f"/proc/{child}").exists():
+            time.sleep(0.05)
+    done = subprocess.run([*UPROBES, "cleanup"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert _our_group_lines(run.pid) == []
+
+
+def test_two_runs_on_one_binary_at_once(tracefs: Path, threads_exe: Path) -> None:
+    runs = [subprocess.Popen([*UPROBES, "count", "--json", f"{threads_exe}:work", "--",
+                              str(threads_exe), str(LOOPS)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(2)]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, stderr.decode()
+        lines = stdout.decode().splitlines()
+        assert lines[0] == EXPECTED.decode().strip()
+        assert lines[-1] == '{"uprobes/work":%d}' % (4 * LOOPS)  # each counts its own exactly
+
+
+def test_target_that_ends_while_probes_are_placed(tracefs: Path) -> None:
+    """A glob of many probes takes a while to place; the process exits meanwhile."""
+    for delay in (0.0, 0.05, 0.2):
+        target = subprocess.Popen(["/bin/sleep", str(delay)])
+        done = subprocess.run([*UPROBES, "count", "-p", str(target.pid), "libc:str*"],
+                              capture_output=True, text=True, timeout=120)
+        target.wait()
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.returncode in (0, 2), done.stderr
+        if done.returncode == 2:
+            assert done.stderr.startswith("uprobes: error: "), done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uprobes: error: "), err
+    return err
+
+
+def test_bad_targets_are_one_clear_line(tracefs: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (tmp_path, fifo, tmp_path / "missing", Path("/etc/passwd")):
+        for cmd in ("trace", "count", "resolve"):
+            tail = ["--", "/bin/true"] if cmd != "resolve" else []
+            _one_error_line([cmd, f"{path}:main", *tail], capsys)
+        _one_error_line(["list", str(path)], capsys)
+    for cmd in ("trace", "count"):
+        _one_error_line([cmd, "-p", "999999999", "libc:malloc"], capsys)
+
+
+def test_a_file_we_cannot_read(tmp_path: Path, compile_c: Compiler) -> None:
+    """Root reads everything; without CAP_DAC_OVERRIDE/READ_SEARCH it reads
+    only what the modes allow, as any user does."""
+    exe = compile_c("target.c")
+    secret = tmp_path / "secret"
+    secret.write_bytes(exe.read_bytes())
+    os.chown(secret, 65534, 65534)
+    secret.chmod(0o700)
+    done = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                           *UPROBES, "resolve", f"{secret}:add"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.startswith("uprobes: error: ") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "ermission" in done.stderr or "cannot read" in done.stderr, done.stderr
