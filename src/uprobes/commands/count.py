@@ -15,9 +15,10 @@ from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import add_selection_arguments, check_selection, \
-    uretprobe_note
+    choose_engine, uretprobe_note
 from uprobes.engines.kernel.counting import KernelCounter, refusal_note
 from uprobes.engines.launch import Launched, launch
+from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.errors import ProcessError, UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.render.counts import write_count_json, write_count_table
@@ -107,6 +108,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     uretprobe_note(probes, sys.stderr)
     sink = open(args.output, "w") if args.output else out
     try:
+        if choose_engine(args, probes) == "ptrace":
+            return _count_ptrace(args, probes, sink)
         with _Stop().installed() as stop:
             return _count(args, probes, sink, stop)
     finally:
@@ -157,6 +160,56 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
         if watch >= 0:
             os.close(watch)
     return 0
+
+
+def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) -> int:
+    """Counting on the ptrace engine: its loop is the wait for stops, run in
+    slices of an interval (or the whole duration)."""
+    launched = launch(args.argv_command) if args.argv_command else None
+    tracer = None
+    try:
+        tracer = PtraceTracer(probes, pid=args.pid, child=launched.pid if launched else None,
+                              force=args.force,
+                              note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
+        with tracer:
+            if launched is not None:
+                launched.release()
+            else:
+                sys.stderr.write(f"uprobes: counting {len(tracer.counts)} probes in process "
+                                 f"{args.pid}; Ctrl-C to stop\n")
+                sys.stderr.flush()
+            start = time.monotonic()
+            deadline = start + args.duration if args.duration else None
+            previous: dict[str, int] = {}
+            while True:
+                now = time.monotonic()
+                slices = [t - now for t in (deadline,) if t is not None]
+                if args.interval:
+                    slices.append(args.interval)
+                tracer.run(None, max(0.0, min(slices)) if slices else None)
+                if args.interval:
+                    current = dict(tracer.counts)
+                    _interval(args, sink, {k: v - previous.get(k, 0) for k, v in current.items()})
+                    previous = current
+                if tracer.target_exited or tracer.signal is not None or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    break
+            final = dict(tracer.counts)
+        if launched is None:
+            _final(args, sink, final)
+            return 0
+        if tracer.child_status is not None:
+            launched.status = tracer.child_status
+        status = launched.wait()
+        _final(args, sink, final)
+        return status
+    except BaseException:
+        if launched is not None:
+            if tracer is not None and tracer.child_status is not None:
+                launched.status = tracer.child_status
+            if launched._go >= 0:
+                launched.abort()
+        raise
 
 
 def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int]) -> None:

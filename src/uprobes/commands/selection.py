@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from uprobes.errors import UsageError
-from uprobes.probe import ResolvedProbe
+from uprobes.probe import ResolvedProbe, VdsoKey
 from uprobes.resolve import retsites
 
 ENGINES = ("auto", "kernel", "ptrace")
@@ -42,8 +42,30 @@ def uretprobe_note(probes: Sequence[ResolvedProbe], err: TextIO) -> None:
 
 
 def check_selection(args: argparse.Namespace) -> None:
-    """`-p PID` and `-- CMD` exclude each other; the engine must be one we have."""
+    """`-p PID` and `-- CMD` exclude each other; ptrace needs one of them."""
     if args.pid is not None and args.argv_command:
         raise UsageError("give either -p PID or -- CMD, not both")
-    if args.engine == "ptrace":
-        raise UsageError("the ptrace engine is not built yet; use -e kernel")
+    if args.engine == "ptrace" and args.pid is None and not args.argv_command:
+        raise UsageError("the ptrace engine traces a process or a command: "
+                         "give -p PID or -- CMD")
+
+
+def choose_engine(args: argparse.Namespace, probes: list[ResolvedProbe]) -> str:
+    """`kernel` or `ptrace`. Auto takes the kernel unless it cannot serve: a
+    vDSO probe (no inode), or no usable tracefs; then ptrace, given a
+    process or a command to trace."""
+    if args.engine != "auto":
+        return str(args.engine)
+    from uprobes.sys.features import features
+    vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
+    why = None
+    if vdso is not None:
+        why = f"{vdso.name} is in the vDSO, which the kernel cannot probe"
+    elif not features().kernel_engine_usable:
+        why = features().tracefs_why or "the kernel's uprobes are not usable here"
+    if why is None:
+        return "kernel"
+    if args.pid is None and not args.argv_command:
+        raise UsageError(f"{why}; the ptrace engine can, in a process or a command: "
+                         "give -p PID or -- CMD")
+    return "ptrace"

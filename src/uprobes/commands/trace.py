@@ -14,10 +14,11 @@ from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import add_selection_arguments, check_selection, \
-    uretprobe_note
+    choose_engine, uretprobe_note
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
+from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.engines.event import ProbeInfo
@@ -101,9 +102,19 @@ def call_entries(probes: list[ResolvedProbe]) -> set[str]:
 def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
            child: Launched | None) -> int:
     renderer: Renderer | None = None
-    tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
-                          ring_pages=args.ring_pages, force=args.force,
-                          note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
+    note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
+    tracer: KernelTracer | PtraceTracer
+    try:
+        if choose_engine(args, probes) == "ptrace":
+            tracer = PtraceTracer(probes, pid=args.pid, child=child.pid if child else None,
+                                  force=args.force, note=note)
+        else:
+            tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
+                                  ring_pages=args.ring_pages, force=args.force, note=note)
+    except BaseException:
+        if child is not None:
+            child.abort()
+        raise
     try:
         with tracer:
             renderer = _renderer(args, out, tracer.infos, probes)
@@ -114,6 +125,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             out.flush()
     except BaseException:
         if child is not None:
+            _reaped(tracer, child)
             if renderer is None:
                 child.abort()  # never released: the command must not run at all
             else:
@@ -121,5 +133,12 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
         raise
     sys.stderr.write(f"uprobes: {tracer.events} events, {tracer.lost} lost\n")
     if child is not None:
+        _reaped(tracer, child)
         return child.wait()
     return 0
+
+
+def _reaped(tracer: KernelTracer | PtraceTracer, child: Launched) -> None:
+    """The ptrace engine, the command's tracer, reaps it: pass its status on."""
+    if isinstance(tracer, PtraceTracer) and tracer.child_status is not None:
+        child.status = tracer.child_status

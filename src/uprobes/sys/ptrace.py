@@ -140,6 +140,7 @@ _raw_ptrace = _function("ptrace", ctypes.c_long,
                         [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p])
 _raw_waitpid = _function("waitpid", ctypes.c_int,
                          [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int])
+_raw_tgkill = _function("tgkill", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
 _status = ctypes.c_int(0)
 _status_ref = ctypes.byref(_status)
 
@@ -179,6 +180,14 @@ def listen(tid: int) -> None:
 
 def detach(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_DETACH, tid, 0, sig, "PTRACE_DETACH")
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """Send `sig` to one thread (a signal held back during a step, re-raised)."""
+    if _raw_tgkill(tgid, tid, sig) == -1:  # type: ignore[operator]
+        err = ctypes.get_errno()
+        if err != _errno.ESRCH:
+            raise kernel_error(f"tgkill({tid}, {sig})", err)
 
 
 def getregs(tid: int, regs: UserRegs) -> UserRegs:

@@ -1,0 +1,93 @@
+"""Return probes: the return address swapped for a trampoline, per-thread chains.
+
+At the entry of a return-probed function (the probe is at its first
+instruction, so `[rsp]` is the return address) the return address is
+replaced by the trampoline of the probe's XOL area, an int3, and a
+`ReturnInstance` is pushed on the thread's stack. The trampoline's trap pops
+the instances that this return completes and puts `rip` at the real return
+address. The rules are the kernel's (prepare_uretprobe(),
+uprobe_handle_trampoline(), arch_uretprobe_is_alive() on x86):
+- chained: a tail call into another probed function finds the trampoline
+  already in `[rsp]`; it keeps the real address from the instance below;
+- stale instances (a longjmp or an exception unwound past the frame) are
+  dropped by stack pointer, their return handlers never called: at a call
+  an instance is alive while `rsp < ri.sp`, at a return while `rsp <= ri.sp`;
+- at most MAX_DEPTH pending instances per thread (deeper calls are not
+  hijacked, as MAX_URETPROBE_DEPTH).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from uprobes.engines.ptrace.mem import MemoryFault, ProcessMemory
+
+if TYPE_CHECKING:
+    from uprobes.registry import Probe
+
+MAX_DEPTH = 64
+_Q = struct.Struct("<Q")
+
+
+@dataclass(eq=False)
+class ReturnInstance:
+    probe: Probe
+    func: int       # run-time address of the function's entry (the probe)
+    sp: int         # rsp at entry: where the return address lives
+    orig_ret: int   # the real return address
+    chained: bool
+    trampoline: int
+    file_base: int
+
+
+def hijack(returns: list[ReturnInstance], mem: ProcessMemory, rsp: int, trampoline: int,
+           probe: Probe, func: int, file_base: int) -> bool:
+    """Swap the return address at `rsp` for `trampoline`; False if not done
+    (too deep, an unreadable stack, or a chain with nothing under it)."""
+    try:
+        orig = _Q.unpack(mem.read(rsp, 8))[0]
+    except MemoryFault:
+        return False
+    chained = orig == trampoline
+    # cleanup_return_instances(): a chained call may share the frame (sp <= ri.sp).
+    while returns and not (rsp <= returns[-1].sp if chained else rsp < returns[-1].sp):
+        returns.pop()
+    if len(returns) >= MAX_DEPTH:
+        return False
+    if chained:
+        if not returns:
+            return False
+        orig = returns[-1].orig_ret
+    else:
+        try:
+            mem.write(rsp, _Q.pack(trampoline))
+        except MemoryFault:
+            return False
+    returns.append(ReturnInstance(probe, func, rsp, orig, chained, trampoline, file_base))
+    return True
+
+
+def complete(returns: list[ReturnInstance], rsp: int) -> list[ReturnInstance]:
+    """At the trampoline (after its `ret`, `rsp` is one word above the
+    return address slot): the instances this return completes, innermost
+    first; empty if there are none (corruption). Stale groups are dropped."""
+    while returns:
+        group = [returns.pop()]
+        while group[-1].chained and returns:
+            group.append(returns.pop())
+        if not returns or rsp <= returns[-1].sp:
+            return group
+    return []
+
+
+def restore(returns: list[ReturnInstance], mem: ProcessMemory) -> None:
+    """Put every hijacked return address back where the trampoline still is."""
+    for ri in returns:
+        try:
+            if _Q.unpack(mem.read(ri.sp, 8))[0] == ri.trampoline:
+                mem.write(ri.sp, _Q.pack(ri.orig_ret))
+        except MemoryFault:
+            pass
+    returns.clear()

@@ -1,0 +1,106 @@
+"""Traced threads and the address spaces they run in.
+
+An `AddressSpace` is the engine's view of one mm: its memory, the
+breakpoint sites placed in it (by run-time address) and its XOL areas.
+Threads of a process share one; a vfork child shares its parent's until it
+execs; a fork child gets a copy (the kernel's dup_mmap copied the int3s,
+the slots and the areas along with everything else).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from uprobes.engines.ptrace.breakpoints import Site
+from uprobes.engines.ptrace.mem import ProcessMemory
+from uprobes.engines.ptrace.retprobes import ReturnInstance
+from uprobes.engines.ptrace.xol import XolArea
+from uprobes.sys import ptrace
+
+COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (prctl/pthread_setname_np)
+
+
+@dataclass(eq=False)
+class AddressSpace:
+    """One traced mm. `held`: a launched command not yet exec'd (our own
+    image still runs there; nothing is placed until exec)."""
+
+    pid: int
+    mem: ProcessMemory
+    sites: dict[int, Site] = field(default_factory=dict)
+    areas: list[XolArea] = field(default_factory=list)
+    trampolines: set[int] = field(default_factory=set)
+    syscall_addr: int | None = None
+    scanned: dict[tuple[int, int], tuple[int, int] | None] = field(default_factory=dict)
+    rendezvous: int | None = None
+    held: bool = False
+    users: int = 1
+
+    def fork_copy(self, pid: int) -> AddressSpace:
+        """The child's copy after fork: same addresses, its own memory."""
+        return AddressSpace(pid, ProcessMemory(pid), dict(self.sites),
+                            [XolArea(a.start, a.size, a.used) for a in self.areas],
+                            set(self.trampolines), self.syscall_addr, dict(self.scanned),
+                            self.rendezvous)
+
+    def area_of(self, runtime_addr: int) -> XolArea | None:
+        for a in self.areas:
+            if a.contains(runtime_addr):
+                return a
+        return None
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.mem.close()
+
+
+@dataclass(eq=False)
+class Thread:
+    """One traced task. `stopped`: in a ptrace stop we have not resumed;
+    `resume_sig`: the signal to deliver when it is resumed; `group_stop`:
+    resume with PTRACE_LISTEN, not CONT."""
+
+    tid: int
+    pid: int
+    mm: AddressSpace
+    comm_cached: str = ""
+    comm_at: int = 0
+    stopped: bool = False
+    resume_sig: int = 0
+    group_stop: bool = False
+    returns: list[ReturnInstance] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # signals held back, to deliver
+    regs: ptrace.UserRegs = field(default_factory=ptrace.UserRegs)
+    _stat_fd: int = -1
+
+    @property
+    def comm(self) -> str:
+        now = time.monotonic_ns()
+        if now - self.comm_at > COMM_TTL_NS:
+            try:
+                with open(f"/proc/{self.pid}/task/{self.tid}/comm", "rb") as f:
+                    self.comm_cached = f.read().rstrip(b"\n").decode(errors="replace")
+            except OSError:
+                pass
+            self.comm_at = now
+        return self.comm_cached
+
+    def cpu(self) -> int:
+        """The CPU the (stopped) thread last ran on, i.e. where it trapped:
+        field 39 of /proc/TID/stat, one pread on a kept-open fd."""
+        try:
+            if self._stat_fd < 0:
+                self._stat_fd = os.open(f"/proc/{self.pid}/task/{self.tid}/stat",
+                                        os.O_RDONLY | os.O_CLOEXEC)
+            text = os.pread(self._stat_fd, 1024, 0)
+            return int(text[text.rindex(b")") + 2:].split()[36])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def close(self) -> None:
+        if self._stat_fd >= 0:
+            os.close(self._stat_fd)
+            self._stat_fd = -1

@@ -1,0 +1,697 @@
+"""`PtraceTracer`: the ptrace engine's tracing session (the kernel engine's interface).
+
+It traces a launched command (`child`: seized while held before exec,
+probes placed at its exec stop) or a running process (`pid`: every
+thread seized and interrupted, probes placed, threads resumed), follows
+clone, fork, vfork and exec, and places int3s in every traced address
+space that maps a probed file, also when libraries come later (the
+dynamic linker's rendezvous). Each hit runs the registry's consumers
+synchronously (see hit.py), then the displaced instruction out of line
+(displaced.py), never in place. Signals reach the program as they would
+untraced; group-stops are kept with PTRACE_LISTEN.
+
+The hit path is one waitpid, PTRACE_GETREGS, PTRACE_SETREGS and
+PTRACE_CONT (boosted or emulated instructions); a return probe adds one
+read and one write of the stack at entry. The `cpu` of an event costs one
+more pread (/proc/TID/stat), only when events are built (`trace`).
+
+Every ptrace request must come from the thread that attached: enter, run
+and exit a tracer in one thread. Exit undoes everything, at any moment:
+every thread stopped, threads inside a slot moved back to the original
+code, hijacked return addresses restored, int3s removed, all detached
+(the XOL areas stay mapped: a signal frame may still point into one).
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from types import TracebackType
+
+from uprobes.engines.event import Event, ProbeInfo
+from uprobes.engines.kernel.counting import display_names
+from uprobes.engines.kernel.records import probe_info
+from uprobes.engines.ptrace import breakpoints, displaced, rendezvous, retprobes
+from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
+from uprobes.engines.ptrace.hit import Hit
+from uprobes.engines.ptrace.mem import MemoryFault, ProcessMemory
+from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
+from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
+from uprobes.engines.signals import StopSignals
+from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
+from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
+from uprobes.registry import Consumer, Probe, Registry
+from uprobes.sys import procfs, ptrace
+from uprobes.sys.ptrace import UserRegs
+
+_SIGTRAP = int(signal.SIGTRAP)
+_FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+_WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
+
+try:
+    from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
+except ImportError:  # the `fetch` helper's module is not on main yet
+    ArgFetcher = None  # type: ignore[assignment,misc]
+    FetchContext = None  # type: ignore[assignment,misc]
+
+
+class PtraceTracer:
+    """A tracing session on the ptrace engine; use as a context manager.
+
+    `pid`: an existing process (all its threads, and what they start later).
+    `child`: a launched command's pid, held before exec (it and its
+    children). `note` receives one line per probe skipped. `registry`
+    holds the probes and their consumers: add consumers (handlers getting a
+    `Hit`) before entering; the tracer adds one per probe for its events.
+    """
+
+    def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
+                 child: int | None = None, force: bool = False,
+                 note: Callable[[str], object] | None = None) -> None:
+        ptrace.ensure_x86_64()
+        if pid is None and child is None:
+            raise UsageError("the ptrace engine traces a process (-p PID) or a command "
+                             "(-- CMD), not the whole system")
+        self.probes = probes
+        self.pid = pid
+        self.child = child
+        self.force = force
+        self._note = note or (lambda _: None)
+        self.registry = Registry()
+        self.counts: dict[str, int] = {}
+        self._infos: dict[str, ProbeInfo] = {}
+        self._multi = _glob_specs(probes)
+        self._refused: set[str] = set()
+        for name, p in zip(display_names(probes), probes):
+            reason = None if isinstance(p.key, VdsoKey) else _precheck(p)
+            if reason is not None:
+                if id(p.spec) not in self._multi:
+                    raise EngineError(f"{p.name}: {reason}")
+                self._note(f"skipped {p.name}: {reason}")
+                continue
+            info = probe_info(p)
+            self._infos[info.name] = info
+            self.counts[name] = 0
+            handler = self._event_handler(name, info, p)
+            consumer = Consumer(ret_handler=handler, tag=name) if p.is_return else \
+                Consumer(handler=handler, tag=name)
+            self.registry.add(p, consumer)
+        if not self.counts:
+            raise EngineError("no probe can be placed")
+        self.threads: dict[int, Thread] = {}
+        self.events = 0
+        self.lost = 0
+        self.signal: int | None = None
+        self.target_exited = False
+        self.child_status: int | None = None
+        self._on_event: Callable[[Event], None] | None = None
+        self._pending_new: dict[int, int] = {}
+        self._done = False
+        self._placed_once = False
+        self._quiescing = False
+        self._stack = ExitStack()
+        self._signals: StopSignals | None = None
+
+    @property
+    def infos(self) -> dict[str, ProbeInfo]:
+        """Display name -> ProbeInfo, for the renderers."""
+        return dict(self._infos)
+
+    # ------------------------------------------------------------ consumers
+
+    def _event_handler(self, name: str, info: ProbeInfo,
+                       p: ResolvedProbe) -> Callable[[Hit], None]:
+        counts = self.counts
+        fetcher = None
+
+        def on_hit(hit: Hit) -> None:
+            nonlocal fetcher
+            counts[name] += 1
+            emit = self._on_event
+            if emit is None:
+                return
+            t = hit.thread
+            args = {}
+            if p.args:
+                if fetcher is None:
+                    if ArgFetcher is None:
+                        raise EngineError(f"{p.name}: the ptrace engine cannot fetch "
+                                          "arguments yet")
+                    fetcher = ArgFetcher(p)
+                args = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
+            self.events += 1
+            emit(Event(probe=info.name, kind=info.kind, pid=t.pid, tid=t.tid, comm=t.comm,
+                       cpu=t.cpu(), ts_ns=hit.ts_ns, ip=hit.ip, func=hit.func, args=args))
+        return on_hit
+
+    # ------------------------------------------------------------ set-up
+
+    def __enter__(self) -> PtraceTracer:
+        try:
+            self._signals = self._stack.enter_context(StopSignals())
+            self._stack.callback(self._detach_all)
+            if self.child is not None:
+                self._seize_child(self.child)
+            else:
+                assert self.pid is not None
+                self._attach(self.pid)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stack.close()
+
+    def _seize_child(self, pid: int) -> None:
+        try:
+            ptrace.seize(pid)
+        except KernelError as e:
+            raise ProcessError(f"cannot trace the command: {e}") from None
+        mm = AddressSpace(pid, ProcessMemory(pid), held=True)
+        self.threads[pid] = Thread(pid, pid, mm)
+
+    def _attach(self, pid: int) -> None:
+        check_attach(pid)
+        mm = AddressSpace(pid, ProcessMemory(pid))
+        while True:
+            try:
+                new = [t for t in procfs.tids(pid) if t not in self.threads]
+            except UprobesError:
+                raise ProcessError(f"process {pid} ended while attaching") from None
+            if not new:
+                break
+            for tid in new:
+                try:
+                    ptrace.seize(tid)
+                    ptrace.interrupt(tid)
+                except KernelError as e:
+                    if e.errno == errno.ESRCH:
+                        continue  # the thread ended meanwhile
+                    if e.errno == errno.EPERM:
+                        raise ProcessError(explain_refusal(pid)) from None
+                    raise
+                self.threads[tid] = Thread(tid, pid, mm)
+        self._quiesce(interrupt=False)
+        leader = self.threads.get(pid) or next(iter(self.threads.values()), None)
+        if leader is None:
+            raise ProcessError(f"process {pid} ended while attaching")
+        self._place_all(leader)
+        for t in list(self.threads.values()):
+            self._resume(t)
+
+    # ------------------------------------------------------------ placing
+
+    def _place_all(self, t: Thread) -> None:
+        """Place every probe the mappings of `t`'s address space call for
+        (and the rendezvous breakpoint); `t` is stopped and lends itself to
+        the remote mmap of an XOL area."""
+        mm = t.mm
+        if mm.held:
+            return
+        try:
+            maps = procfs.maps(mm.pid)
+        except UprobesError:
+            return
+        regs = ptrace.getregs(t.tid, UserRegs())
+        vdso = [p for p in self.registry if isinstance(p.key, VdsoKey)]
+        for m in breakpoints.executable_file_mappings(maps):
+            key = (m.start, m.end)
+            if key in mm.scanned:
+                continue
+            ident = self._identity(mm.pid, m)
+            mm.scanned[key] = ident
+            if m.path == "[vdso]":
+                for probe in vdso:
+                    assert isinstance(probe.key, VdsoKey)
+                    self._place(t, regs, probe, m, probe.key.offset, None)
+            elif ident is not None:
+                for probe in self.registry.in_inode(*ident):
+                    if m.contains_file_offset(probe.point.file_offset):
+                        self._place(t, regs, probe, m, probe.point.file_offset, ident)
+        if mm.rendezvous is None:
+            rv = rendezvous.find(mm.pid, maps)
+            if rv is not None and rv.runtime_addr not in mm.sites:
+                mm.rendezvous = rv.runtime_addr
+                try:
+                    original = breakpoints.original_bytes(rv.path, rv.dev, rv.ino, rv.file_offset)
+                    self._insert(t, regs, rv.runtime_addr, None, original,
+                                 rv.runtime_addr - rv.file_offset, "rendezvous")
+                except UprobesError as e:
+                    self._note(f"libraries loaded later in process {mm.pid} will not be "
+                               f"probed: {e}")
+        self._placed_once = True
+
+    @staticmethod
+    def _identity(pid: int, m: procfs.Mapping) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the mapped file, as stat of the path gives it
+        (map_files follows to the very file, whatever its name here)."""
+        if m.path == "[vdso]":
+            return None
+        import os
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _place(self, t: Thread, regs: UserRegs, probe: Probe, m: procfs.Mapping,
+               file_offset: int, ident: tuple[int, int] | None) -> None:
+        addr = m.file_to_runtime_addr(file_offset)
+        if addr in t.mm.sites:
+            return
+        point = probe.point
+        try:
+            if ident is None:  # the vDSO: the original is this process's own copy
+                original = t.mm.mem.read_upto(addr, breakpoints.INSN_MAX)
+            else:
+                original = breakpoints.original_bytes(point.path, ident[0], ident[1],
+                                                      file_offset)
+            self._insert(t, regs, addr, probe, original, addr - file_offset, "")
+        except (PlacementRefused, displaced.UnsupportedInstruction, MemoryFault) as e:
+            self._refuse(probe, str(e))
+
+    def _insert(self, t: Thread, regs: UserRegs, addr: int, probe: Probe | None,
+                original: bytes, file_base: int, internal: str) -> None:
+        mm = t.mm
+        what = probe.point.name if probe else internal
+        area = self._area_for(t, regs, addr)
+        slot = area.alloc()
+        assert slot is not None
+        plan = displaced.plan(original, addr, slot)
+        breakpoints.check_memory(mm.mem, addr, original, plan.insn_len, mm.sites, what)
+        site = Site(addr, probe, original, plan, slot, file_base, internal)
+        breakpoints.insert(mm.mem, site)
+        mm.sites[addr] = site
+
+    def _area_for(self, t: Thread, regs: UserRegs, addr: int) -> XolArea:
+        mm = t.mm
+        for a in mm.areas:
+            if a.reaches(addr) and a.used + displaced.SLOT_SIZE <= a.size:
+                return a
+        if mm.syscall_addr is None:
+            mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
+        held: list[int] = []
+        area = map_area(t.tid, regs, mm.pid, mm.syscall_addr, addr, held)
+        mm.mem.write(area.trampoline, bytes([breakpoints.INT3]))
+        mm.areas.append(area)
+        mm.trampolines.add(area.trampoline)
+        t.pending.extend(held)
+        return area
+
+    def _refuse(self, probe: Probe, reason: str) -> None:
+        name = probe.point.name
+        if not self._placed_once and id(probe.point.spec) not in self._multi:
+            raise EngineError(f"{name}: {reason}")
+        if name not in self._refused:
+            self._refused.add(name)
+            self._note(f"skipped {name}: {reason}")
+
+    # ------------------------------------------------------------ the loop
+
+    def stop(self) -> None:
+        """Stop `run()` at its next wake-up (callable from a handler)."""
+        self._done = True
+
+    def run(self, on_event: Callable[[Event], None] | None,
+            duration: float | None = None) -> None:
+        """Handle hits (and hand `on_event` an Event for each) until the
+        target exits, a stop signal, `stop()`, or `duration` seconds."""
+        signals = self._signals
+        assert signals is not None, "enter the tracer first"
+        self._on_event = on_event
+        deadline = None if duration is None else time.monotonic() + duration
+        main = threading.current_thread() is threading.main_thread()
+        old = None
+        if main:
+            old = signal.signal(signal.SIGALRM, lambda *_: None)
+            signal.setitimer(signal.ITIMER_REAL, _WAKE_S, _WAKE_S)
+        try:
+            for t in list(self.threads.values()):
+                if t.stopped:
+                    self._resume(t)
+            if self.child is not None and self.child in self.threads:
+                pass  # released by the caller; its exec stop places the probes
+            while not self._done and not signals.stopped:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                tid, status = ptrace.wait_any(nohang=not main)
+                if tid == 0:
+                    if not main:
+                        time.sleep(0.0005)
+                    continue
+                if tid < 0:
+                    break
+                self._handle(tid, status)
+        finally:
+            if main:
+                signal.setitimer(signal.ITIMER_REAL, 0, 0)
+                signal.signal(signal.SIGALRM, old)
+            self.signal = signals.signum or None
+
+    def _handle(self, tid: int, status: int) -> None:
+        t = self.threads.get(tid)
+        if t is None:
+            if status & 0xFF == 0x7F:
+                self._pending_new[tid] = status  # a new task, before its parent's event
+            return
+        if status & 0xFF != 0x7F:
+            self._gone(t, status)
+            return
+        t.stopped = True
+        sig = (status >> 8) & 0xFF
+        event = status >> 16
+        if event == 0:
+            if sig == _SIGTRAP:
+                self._trap(t)
+                return
+            t.resume_sig = sig  # delivered exactly as untraced
+        elif event == ptrace.EVENT_STOP:
+            if sig in ptrace.STOP_SIGNALS:
+                t.group_stop = True
+        else:
+            self._task_event(t, event)
+        self._resume(t)
+
+    def _resume(self, t: Thread) -> None:
+        t.stopped = False
+        sig, t.resume_sig = t.resume_sig, 0
+        if not sig and t.pending:
+            sig = t.pending.pop(0)
+        for more in t.pending:
+            ptrace.tgkill(t.pid, t.tid, more)
+        t.pending.clear()
+        try:
+            if t.group_stop:
+                t.group_stop = False
+                ptrace.listen(t.tid)
+            else:
+                ptrace.cont(t.tid, sig)
+        except KernelError as e:
+            if e.errno != errno.ESRCH:
+                raise
+
+    # ------------------------------------------------------------ hits
+
+    def _trap(self, t: Thread) -> None:
+        regs = ptrace.getregs(t.tid, t.regs)
+        bp = regs.rip - 1
+        mm = t.mm
+        site = mm.sites.get(bp)
+        if site is None:
+            if bp in mm.trampolines:
+                self._return_hit(t, regs)
+            else:
+                t.resume_sig = _SIGTRAP  # the program's own trap
+                self._resume(t)
+            return
+        regs.rip = bp
+        probe = site.probe
+        try:
+            if probe is None:
+                self._place_all(t)  # the rendezvous: libraries came or went
+            else:
+                probe.dispatch(Hit(t, regs, probe, "p", bp, None, site.file_base))
+                if probe.wants_return and mm.areas:
+                    area = mm.area_of(site.slot_addr) or mm.areas[0]
+                    retprobes.hijack(t.returns, mm.mem, regs.rsp, area.trampoline, probe, bp,
+                                     site.file_base)
+        except BaseException:
+            regs.rip = bp
+            ptrace.setregs(t.tid, regs)
+            raise
+        if regs.rip == bp:
+            self._execute(t, regs, site)
+        else:  # a handler moved rip: the probed instruction is skipped
+            ptrace.setregs(t.tid, regs)
+            self._resume(t)
+
+    def _execute(self, t: Thread, regs: UserRegs, site: Site) -> None:
+        plan = site.plan
+        if plan.emulate(regs, t.mm.mem):
+            ptrace.setregs(t.tid, regs)
+        elif plan.boosted:
+            regs.rip = site.slot_addr
+            ptrace.setregs(t.tid, regs)
+        else:
+            self._step(t, regs, site)
+            return
+        t.stopped = False
+        ptrace.cont(t.tid, 0) if not t.pending else self._resume(t)
+
+    def _step(self, t: Thread, regs: UserRegs, site: Site) -> None:
+        """Single-step the slot; asynchronous signals wait until it is done, a
+        fault of the copy is delivered as a fault of the original."""
+        regs.rip = site.slot_addr
+        ptrace.setregs(t.tid, regs)
+        while True:
+            ptrace.singlestep(t.tid)
+            status = ptrace.wait_task(t.tid)
+            if status & 0xFF != 0x7F:
+                self._gone(t, status)
+                return
+            sig, event = (status >> 8) & 0xFF, status >> 16
+            if event:
+                continue
+            if sig == _SIGTRAP:
+                break
+            if sig in _FAULTS:
+                ptrace.getregs(t.tid, regs)
+                if site.in_slot(regs.rip):  # the copy faulted: as if the original did
+                    regs.rip = site.runtime_addr
+                    ptrace.setregs(t.tid, regs)
+                    t.resume_sig = sig
+                    self._resume(t)
+                    return
+            t.pending.append(sig)
+        ptrace.getregs(t.tid, regs)
+        site.plan.after_step(regs)
+        ptrace.setregs(t.tid, regs)
+        self._resume(t)
+
+    def _return_hit(self, t: Thread, regs: UserRegs) -> None:
+        done = retprobes.complete(t.returns, regs.rsp)
+        if not done:  # nothing pending: someone jumped here (the kernel sends SIGILL)
+            t.resume_sig = signal.SIGILL
+            self._resume(t)
+            return
+        regs.rip = done[0].orig_ret
+        try:
+            for ri in done:
+                ri.probe.ret_dispatch(Hit(t, regs, ri.probe, "r", ri.orig_ret, ri.func,
+                                          ri.file_base))
+        finally:
+            ptrace.setregs(t.tid, regs)
+        t.stopped = False
+        ptrace.cont(t.tid, 0) if not t.pending else self._resume(t)
+
+    # ------------------------------------------------------------ tasks
+
+    def _task_event(self, t: Thread, event: int) -> None:
+        if event in (ptrace.EVENT_CLONE, ptrace.EVENT_FORK, ptrace.EVENT_VFORK):
+            self._new_task(t, ptrace.geteventmsg(t.tid), event)
+        elif event == ptrace.EVENT_EXEC:
+            self._exec(t, ptrace.geteventmsg(t.tid))
+
+    def _new_task(self, parent: Thread, tid: int, event: int) -> None:
+        try:
+            tgid = procfs.status(tid).tgid
+        except UprobesError:
+            tgid = parent.pid if event == ptrace.EVENT_CLONE else tid
+        if tgid == parent.pid:
+            new = Thread(tid, parent.pid, parent.mm)
+        else:
+            if event == ptrace.EVENT_VFORK:
+                mm = parent.mm  # shared until the child execs or exits
+                mm.users += 1
+            else:
+                mm = parent.mm.fork_copy(tid)
+            new = Thread(tid, tid, mm)
+            new.returns = list(parent.returns)  # its stack holds the same trampolines
+        new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
+        self.threads[tid] = new
+        status = self._pending_new.pop(tid, None)
+        if status is not None:  # its first stop came before this event
+            new.stopped = True
+            if not self._quiescing:
+                self._resume(new)
+
+    def _exec(self, t: Thread, former: int) -> None:
+        if former != t.tid and former in self.threads:
+            self.threads.pop(former).close()
+        for other in [o for o in self.threads.values() if o.pid == t.pid and o is not t]:
+            self.threads.pop(other.tid).close()
+        t.mm.release()
+        t.mm = AddressSpace(t.pid, ProcessMemory(t.pid))
+        t.returns.clear()
+        t.comm_at = 0
+        self._settle(t)
+        self._place_all(t)
+
+    def _settle(self, t: Thread) -> None:
+        """Take a thread stopped inside a system call (an exec event) to the
+        call's exit: a single-step reports there, before any instruction
+        runs, with the call's result set. Registers saved and restored
+        around a remote call are then final (execve's return value
+        would otherwise overwrite the injected call's number)."""
+        rip = ptrace.getregs(t.tid, t.regs).rip
+        while True:
+            ptrace.singlestep(t.tid)
+            status = ptrace.wait_task(t.tid)
+            if status & 0xFF != 0x7F:
+                self._gone(t, status)
+                return
+            sig, event = (status >> 8) & 0xFF, status >> 16
+            if event == 0 and sig == _SIGTRAP:
+                if ptrace.getregs(t.tid, t.regs).rip != rip:
+                    self._note(f"process {t.pid}: its first instruction ran before the "
+                               "probes were placed")
+                return
+            if event == 0:
+                t.pending.append(sig)
+
+    def _gone(self, t: Thread, status: int) -> None:
+        self.threads.pop(t.tid, None)
+        t.close()
+        if t.tid == t.pid:
+            t.mm.release()
+        target = self.child if self.child is not None else self.pid
+        if t.tid == target:
+            self.target_exited = True
+            self._done = True
+            if self.child is not None:
+                self.child_status = ptrace.exit_code(status)
+
+    # ------------------------------------------------------------ stopping
+
+    def _quiesce(self, interrupt: bool = True) -> None:
+        """Until every traced thread is in a ptrace stop (interrupting the
+        running ones), recording what each stop means for its resume."""
+        self._quiescing = True
+        try:
+            self._quiesce_all(interrupt)
+        finally:
+            self._quiescing = False
+
+    def _quiesce_all(self, interrupt: bool) -> None:
+        if interrupt:
+            for t in list(self.threads.values()):
+                if not t.stopped:
+                    try:
+                        ptrace.interrupt(t.tid)
+                    except KernelError:
+                        pass
+        while any(not t.stopped for t in self.threads.values()):
+            tid, status = ptrace.wait_any()
+            if tid == 0:
+                continue
+            if tid < 0:
+                for t in list(self.threads.values()):
+                    if not t.stopped:
+                        self.threads.pop(t.tid)
+                break
+            t = self.threads.get(tid)
+            if t is None:
+                if status & 0xFF == 0x7F:
+                    self._pending_new[tid] = status
+                continue
+            if status & 0xFF != 0x7F:
+                self._gone(t, status)
+                continue
+            t.stopped = True
+            sig, event = (status >> 8) & 0xFF, status >> 16
+            if event == ptrace.EVENT_STOP:
+                t.group_stop = sig in ptrace.STOP_SIGNALS
+            elif event:
+                self._task_event(t, event)
+            elif sig == _SIGTRAP:
+                regs = ptrace.getregs(t.tid, t.regs)
+                if regs.rip - 1 in t.mm.sites:  # a hit we will not handle: rewind
+                    regs.rip -= 1
+                    ptrace.setregs(t.tid, regs)
+                elif regs.rip - 1 not in t.mm.trampolines:
+                    t.resume_sig = sig
+                else:
+                    regs.rip -= 1  # at the trampoline: _unwind puts it right
+                    ptrace.setregs(t.tid, regs)
+            else:
+                t.resume_sig = sig
+
+    def _detach_all(self) -> None:
+        if not self.threads:
+            return
+        self._quiesce()
+        for t in self.threads.values():
+            try:
+                self._unwind(t)
+            except UprobesError:
+                pass
+        spaces = {id(t.mm): t.mm for t in self.threads.values()}
+        for mm in spaces.values():
+            for site in mm.sites.values():
+                breakpoints.remove(mm.mem, site)
+            mm.sites.clear()
+        for t in list(self.threads.values()):
+            try:
+                ptrace.detach(t.tid, t.resume_sig)
+            except KernelError:
+                pass
+            t.close()
+        for tid in self._pending_new:
+            try:
+                ptrace.detach(tid, 0)
+            except KernelError:
+                pass
+        for mm in spaces.values():
+            mm.mem.close()
+        self.threads.clear()
+        self._pending_new.clear()
+
+    def _unwind(self, t: Thread) -> None:
+        """Put a stopped thread back in the original code: out of a slot,
+        off the trampoline; then restore its hijacked return addresses."""
+        regs = ptrace.getregs(t.tid, t.regs)
+        mm = t.mm
+        rip = regs.rip
+        if mm.area_of(rip) is not None:
+            if rip in mm.trampolines:
+                done = retprobes.complete(t.returns, regs.rsp)
+                if done:
+                    regs.rip = done[0].orig_ret
+            else:
+                for site in mm.sites.values():
+                    if site.in_slot(rip):
+                        back = site.plan.original_rip(rip)
+                        if back is not None:
+                            regs.rip = back
+                        break
+            if regs.rip != rip:
+                ptrace.setregs(t.tid, regs)
+        retprobes.restore(t.returns, mm.mem)
+
+
+def _precheck(p: ResolvedProbe) -> str | None:
+    """Whether the probed instruction can run out of line at all (decided from
+    the file, before anything runs): None, or why not."""
+    assert isinstance(p.key, InodeKey)
+    try:
+        original = breakpoints.original_bytes(p.path, p.key.dev, p.key.ino, p.file_offset)
+        probe_addr = 0x10000000 + p.file_offset
+        displaced.plan(original, probe_addr, probe_addr + 0x100000)
+    except (PlacementRefused, displaced.UnsupportedInstruction) as e:
+        return str(e)
+    return None
+
+
+def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
+    """Specs (by identity) that resolved to more than one probe."""
+    seen: dict[int, int] = {}
+    for p in probes:
+        seen[id(p.spec)] = seen.get(id(p.spec), 0) + 1
+    return {k for k, n in seen.items() if n > 1}

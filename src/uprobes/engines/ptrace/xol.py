@@ -1,0 +1,151 @@
+"""The execute-out-of-line area: anonymous r-x memory mapped inside a tracee.
+
+It is mapped by making a stopped thread of the tracee run one `mmap`
+system call (a remote syscall): its registers are saved, pointed at a
+`syscall` instruction found in the vDSO or the program's text, stepped once,
+and restored, `orig_rax` included, so a thread stopped inside an
+interrupted system call still restarts it afterwards (the kernel's
+restart logic reads the restored `rax`/`orig_rax` on resume).
+
+Each area lies within +-2 GiB of the code it serves (MAP_FIXED_NOREPLACE in
+a free gap near it), so relocated RIP-relative displacements and the jmp
+back from a boosted slot fit in 32 bits. Offset 0 holds the return-probe
+trampoline (one int3); every probe then owns a fixed slot, so any number of
+threads can run it at once. Areas are never unmapped while attached (a
+thread may be inside one) and are left behind at detach (a few KiB).
+"""
+
+from __future__ import annotations
+
+import mmap
+import signal
+from dataclasses import dataclass, field
+
+from uprobes.engines.ptrace.displaced import SLOT_SIZE
+from uprobes.engines.ptrace.mem import ProcessMemory
+from uprobes.errors import EngineError
+from uprobes.sys import procfs, ptrace
+
+AREA_SIZE = 64 * 1024
+_NR_MMAP = 9
+_MAP_FIXED_NOREPLACE = 0x100000
+_REACH = 2**31 - AREA_SIZE - 2 * 1024 * 1024  # keep rel32 targets comfortably in range
+_MMAP_MIN = 0x10000
+
+
+@dataclass
+class XolArea:
+    """One mapped area: trampoline at `start`, then fixed slots."""
+
+    start: int
+    size: int = AREA_SIZE
+    used: int = SLOT_SIZE  # slot 0 is the trampoline
+
+    @property
+    def trampoline(self) -> int:
+        return self.start
+
+    def reaches(self, runtime_addr: int) -> bool:
+        return abs(runtime_addr - self.start) < _REACH
+
+    def alloc(self) -> int | None:
+        if self.used + SLOT_SIZE > self.size:
+            return None
+        addr = self.start + self.used
+        self.used += SLOT_SIZE
+        return addr
+
+    def contains(self, runtime_addr: int) -> bool:
+        return self.start <= runtime_addr < self.start + self.size
+
+
+@dataclass
+class RemoteCall:
+    """Signals that arrived while a thread ran an injected call: re-deliver them."""
+
+    held: list[int] = field(default_factory=list)
+
+
+def find_syscall_insn(pid: int, mem: ProcessMemory) -> int:
+    """The address of a `syscall` (0f 05) in executable memory of `pid`:
+    the vDSO first (small, always there), then executable file mappings."""
+    maps = procfs.maps(pid)
+    order = sorted((m for m in maps if m.executable and m.path != "[vsyscall]"),
+                   key=lambda m: (m.path != "[vdso]", m.start))
+    for m in order:
+        at = m.start
+        while at < m.end:
+            chunk = mem.read_upto(at, min(1 << 20, m.end - at) + 1)
+            i = chunk.find(b"\x0f\x05")
+            if i >= 0 and at + i + 2 <= m.end:
+                return at + i
+            if len(chunk) <= 1:
+                break
+            at += len(chunk) - 1
+    raise EngineError(f"process {pid}: no syscall instruction found to map the XOL area")
+
+
+def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
+                   args: tuple[int, ...], held: list[int]) -> int:
+    """Run syscall `nr(*args)` in stopped thread `tid` (whose current registers
+    are `regs`, left unchanged); signals that arrive meanwhile go to `held`."""
+    call = regs.copy()
+    call.rip = syscall_addr
+    call.rax = nr
+    call.orig_rax = 2**64 - 1  # not in a syscall: no restart logic on this resume
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        setattr(call, name, value & (2**64 - 1))
+    ptrace.setregs(tid, call)
+    try:
+        while True:
+            ptrace.singlestep(tid)
+            status = ptrace.wait_task(tid)
+            if ptrace.exited(status):
+                raise EngineError(f"thread {tid} ended during an injected system call")
+            sig = ptrace.stop_signal(status)
+            if ptrace.stop_event(status) or sig != signal.SIGTRAP:
+                if not ptrace.stop_event(status):
+                    held.append(sig)  # an asynchronous signal: after the call
+                continue
+            done = ptrace.getregs(tid, ptrace.UserRegs())
+            if done.rip == syscall_addr + 2:
+                result = done.rax
+                return result - 2**64 if result >= 2**63 else result
+            raise EngineError(f"thread {tid}: the injected system call stopped at "
+                              f"{done.rip:#x}, not after {syscall_addr:#x}")
+    finally:
+        ptrace.setregs(tid, regs)
+
+
+def map_area(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, near: int,
+             held: list[int]) -> XolArea:
+    """Map a new area within reach of `near` in process `pid`, through thread `tid`."""
+    for hint in _candidates(procfs.maps(pid), near):
+        got = remote_syscall(tid, regs, syscall_addr, _NR_MMAP, (
+            hint, AREA_SIZE, mmap.PROT_READ | mmap.PROT_EXEC,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0), held)
+        if got == hint:
+            return XolArea(hint)
+        if got < 0 and got not in (-17, -12):  # EEXIST, ENOMEM: try another gap
+            raise EngineError(f"process {pid}: cannot map the XOL area: mmap failed "
+                              f"with errno {-got} (a seccomp or W^X policy?)")
+    raise EngineError(f"process {pid}: no free address range within 2 GiB of {near:#x} "
+                      "for the XOL area")
+
+
+def _candidates(maps: list[procfs.Mapping], near: int) -> list[int]:
+    """Page-aligned starts in free gaps within reach of `near`: below it first
+    (the gap above a program is where its brk heap grows), nearest first.
+    A guard of 16 pages is left to the mapping above each candidate."""
+    spans = sorted((m.start, m.end) for m in maps)
+    guard = 16 * 4096
+    out: list[int] = []
+    prev_end = _MMAP_MIN
+    for start, end in spans + [(0x7FFFFFFFF000, 0x7FFFFFFFF000)]:
+        lo, top = prev_end + guard, start - guard - AREA_SIZE
+        if top >= lo:
+            best = max(lo, min(top, near - AREA_SIZE)) & ~0xFFF
+            if best >= lo and abs(best - near) < _REACH:
+                out.append(best)
+        prev_end = max(prev_end, end)
+    return sorted(out, key=lambda a: (a > near, abs(a - near)))[:8]

@@ -1,0 +1,250 @@
+"""The ptrace engine end to end: real fixtures, real processes, exact counts.
+
+Every test compares with the program run untraced (output, exit status) or
+with the count the program prints, and, where tracefs exists, with the
+kernel engine's own lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Compiler
+from uprobes.commands import main
+from uprobes.commands.resolve import parse_specs
+from uprobes.engines.event import Event
+from uprobes.engines.launch import launch
+from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.resolve.resolver import Resolver
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+
+
+@pytest.fixture(scope="module")
+def threads_exe(compile_c: Compiler) -> Path:
+    return compile_c("threads.c", "-pthread")
+
+
+def trace_json(argv: list[str]) -> tuple[int, list[dict[str, Any]]]:
+    out = io.StringIO()
+    status = main(["trace", "-e", "ptrace", "--json", *argv], out=out)
+    return status, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def count_json(argv: list[str]) -> tuple[int, dict[str, int]]:
+    out = io.StringIO()
+    status = main(["count", "-e", "ptrace", "--json", *argv], out=out)
+    return status, json.loads(out.getvalue().splitlines()[-1])
+
+
+def traced_by(pid: int) -> int:
+    """TracerPid of `pid` (0 when untraced or gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    return int(re.search(r"TracerPid:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+
+
+def calls(stdout: str, name: str) -> int:
+    m = re.search(rf"calls .*{name}=(\d+)", stdout)
+    assert m, stdout
+    return int(m.group(1))
+
+
+def test_entry_and_return_probes_count_exactly(target: Path) -> None:
+    status, docs = trace_json([f"{target}:add", f"{target}:fib", f"r {target}:fib",
+                               f"r {target}:point_sum", "--", str(target), "7"])
+    assert status == 0
+    per_probe = Counter(d["probe"] for d in docs[:-1])
+    assert per_probe == {"uprobes/add": 7, "uprobes/fib": 15, "uprobes/fib__return": 15,
+                         "uprobes/point_sum__return": 7}
+    assert docs[-1] == {"summary": {"events": 44, "lost": 0}}
+    returns = [d for d in docs if d.get("kind") == "r"]
+    assert all(d["func"] and d["ip"] != d["func"] for d in returns)
+
+
+def test_output_and_exit_status_unchanged(target: Path, tmp_path: Path) -> None:
+    plain = subprocess.run([str(target), "5"], capture_output=True, text=True, check=True)
+    traced = subprocess.run([*UPROBES, "trace", "-e", "ptrace", "-o", str(tmp_path / "t"),
+                             f"{target}:add", f"r {target}:greet", "libc:strlen",
+                             "--", str(target), "5"], capture_output=True, text=True, timeout=60)
+    assert traced.returncode == 0, traced.stderr
+    assert traced.stdout == plain.stdout
+    assert traced.stderr.strip().endswith("uprobes: 11 events, 0 lost")
+    shell = ["/bin/sh", "-c", f"{target} 2 >/dev/null; exit 7"]
+    assert main(["trace", "-e", "ptrace", f"{target}:add", "--", *shell], out=io.StringIO()) == 7
+    assert main(["count", "-e", "ptrace", f"{target}:add", "--", "/bin/sh", "-c",
+                 "kill -TERM $$"], out=io.StringIO()) == 128 + signal.SIGTERM
+
+
+def test_same_lines_as_the_kernel_engine(target: Path, tracefs: Path) -> None:
+    specs = [f"{target}:add", f"{target}:greet", f"r {target}:fib"]
+
+    def lines(engine: str) -> list[str]:
+        out = io.StringIO()
+        assert main(["trace", "-e", engine, *specs, "--", str(target), "3"], out=out) == 0
+        # comm-tid [cpu] secs: rest -- tid, cpu and time differ run to run
+        return [re.sub(r"^ *(\S+)-\d+ +\[\d+\] +\d+\.\d+: ", r"\1: ", ln)
+                for ln in out.getvalue().splitlines()]
+
+    kernel, ours = lines("kernel"), lines("ptrace")
+    # run-time addresses differ by the load base (ASLR): compare the offsets from `add`
+    def rebase(ls: list[str]) -> list[str]:
+        base = int(re.search(r"add: \((0x[0-9a-f]+)\)", ls[0]).group(1), 16)  # type: ignore[union-attr]
+        return [re.sub(r"0x[0-9a-f]+", lambda m: hex(int(m.group(0), 16) - base), ln)
+                for ln in ls]
+    assert rebase(ours) == rebase(kernel)
+    assert len(ours) == 3 + 3 + 15
+
+
+def test_four_threads_and_a_fork_count_exactly(threads_exe: Path) -> None:
+    env = dict(os.environ, TARGET_FORK="1")
+    proc_env = os.environ.copy()
+    try:
+        os.environ.update(env)
+        status, counts = count_json([f"{threads_exe}:work", "--", str(threads_exe), "20000"])
+    finally:
+        os.environ.clear()
+        os.environ.update(proc_env)
+    assert status == 0
+    assert counts == {"uprobes/work": 5 * 20000}
+
+
+@pytest.mark.heavy
+def test_four_threads_100k_each(threads_exe: Path) -> None:
+    status, counts = count_json([f"{threads_exe}:work", "--", str(threads_exe), "100000"])
+    assert status == 0 and counts == {"uprobes/work": 400000}
+
+
+def test_exec_is_followed(target: Path) -> None:
+    status, docs = trace_json([f"{target}:add", "--", "/bin/sh", "-c",
+                               f"{target} 4 >/dev/null; exec {target} 6 >/dev/null"])
+    assert status == 0
+    by_pid = Counter(d["pid"] for d in docs[:-1])
+    assert sorted(by_pid.values()) == [4, 6]
+    assert {d["comm"] for d in docs[:-1]} == {target.name[:15]}
+
+
+def test_dlopen_is_followed(compile_c: Compiler) -> None:
+    lib = compile_c("ptrace_plugin.c", "-shared", "-fPIC", name="libptrace_plugin.so")
+    exe = compile_c("ptrace_dlopen.c", "-ldl")
+    status, counts = count_json([f"{lib}:plugin_work", f"r {lib}:plugin_work",
+                                 "--", str(exe), str(lib), "250"])
+    assert status == 0
+    assert counts == {"uprobes/plugin_work": 250, "uprobes/plugin_work__return": 250}
+
+
+def test_attach_to_a_running_process(threads_exe: Path) -> None:
+    proc = subprocess.Popen([str(threads_exe), "3000"], env=dict(os.environ, TARGET_WAIT="1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == f"ready {proc.pid}\n"
+        events: list[Event] = []
+        probes = Resolver(pid=proc.pid).resolve_all(parse_specs([f"{threads_exe}:work"]))
+        with PtraceTracer(probes, pid=proc.pid) as tracer:
+            assert traced_by(proc.pid) == os.getpid()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            tracer.run(events.append, duration=60)
+            assert tracer.target_exited
+        assert calls(proc.stdout.read(), "work") == 12000
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(events) == 12000
+    assert len({e.tid for e in events}) == 4 and {e.pid for e in events} == {proc.pid}
+
+
+def test_detach_mid_run_leaves_the_program_unharmed(threads_exe: Path) -> None:
+    proc = subprocess.Popen([str(threads_exe), "200000"], env=dict(os.environ, TARGET_WAIT="1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == f"ready {proc.pid}\n"
+        probes = Resolver(pid=proc.pid).resolve_all(
+            parse_specs([f"{threads_exe}:work", f"r {threads_exe}:work"]))
+        with PtraceTracer(probes, pid=proc.pid) as tracer:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            tracer.run(None, duration=0.5)  # detach while 4 threads hit both probes
+            assert sum(tracer.counts.values()) > 0
+        assert traced_by(proc.pid) == 0
+        assert calls(proc.stdout.read(), "work") == 800000
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_mid_run_and_the_command_finishes(threads_exe: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", f"{threads_exe}:work",
+                             f"r {threads_exe}:work", "--", str(threads_exe), "100000"],
+                            env=dict(os.environ, TARGET_WAIT="1"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready ")
+        child = int(line.split()[1])
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while traced_by(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert traced_by(child) == 0
+        proc.stdin.close()
+        out = proc.stdout.read()
+        assert calls(out, "work") == 400000
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_signal_storm_during_hits(compile_c: Compiler) -> None:
+    """Queued signals (each one delivered, each handler calls the probed
+    function), and a SIGSTOP/SIGCONT, while the loop hits both probes."""
+    exe = compile_c("ptrace_signals.c")
+    proc = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--json", f"{exe}:work",
+                             f"r {exe}:work", "--", str(exe), "30000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready ")
+        child = int(line.split()[1])
+        sent = 0
+        for i in range(400):
+            os.kill(child, signal.SIGRTMIN)
+            sent += 1
+            if i == 200:
+                os.kill(child, signal.SIGSTOP)
+                time.sleep(0.02)
+                os.kill(child, signal.SIGCONT)
+        proc.stdin.write(f"{sent}\n")
+        proc.stdin.close()
+        out = proc.stdout.read()
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.wait()
+    assert f"calls work={30000 + sent} signals={sent}" in out
+    counts = json.loads(out.splitlines()[-1])
+    assert counts == {"uprobes/work": 30000 + sent, "uprobes/work__return": 30000 + sent}
