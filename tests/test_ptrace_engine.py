@@ -64,8 +64,9 @@ def calls(stdout: str, name: str) -> int:
     return int(m.group(1))
 
 
-def test_entry_and_return_probes_count_exactly(target: Path) -> None:
-    status, docs = trace_json([f"{target}:add", f"{target}:fib", f"r {target}:fib",
+@pytest.mark.parametrize("how", [[], ["--uretprobe"]], ids=["ret-sites", "trampoline"])
+def test_entry_and_return_probes_count_exactly(target: Path, how: list[str]) -> None:
+    status, docs = trace_json([*how, f"{target}:add", f"{target}:fib", f"r {target}:fib",
                                f"r {target}:point_sum", "--", str(target), "7"])
     assert status == 0
     per_probe = Counter(d["probe"] for d in docs[:-1])
@@ -175,7 +176,8 @@ def test_detach_mid_run_leaves_the_program_unharmed(threads_exe: Path) -> None:
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == f"ready {proc.pid}\n"
-        probes = Resolver(pid=proc.pid).resolve_all(
+        # the return probe by trampoline: detach must put return addresses back
+        probes = Resolver(pid=proc.pid, uretprobe=True).resolve_all(
             parse_specs([f"{threads_exe}:work", f"r {threads_exe}:work"]))
         with PtraceTracer(probes, pid=proc.pid) as tracer:
             proc.stdin.write("go\n")

@@ -42,6 +42,7 @@ class Site:
     slot_addr: int
     file_base: int
     internal: str = ""
+    ret_func: int | None = None  # a return probe on this `ret`: its function's entry
 
     def in_slot(self, runtime_addr: int) -> bool:
         return self.slot_addr <= runtime_addr < self.slot_addr + max(len(self.plan.code), 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import signal
+from dataclasses import replace
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class PtraceTracer:
         self._infos: dict[str, ProbeInfo] = {}
         self._multi = _glob_specs(probes)
         self._refused: set[str] = set()
+        self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
         for name, p in zip(display_names(probes), probes):
             reason = None if isinstance(p.key, VdsoKey) else _precheck(p)
             if reason is not None:
@@ -98,9 +100,18 @@ class PtraceTracer:
             self._infos[info.name] = info
             self.counts[name] = 0
             handler = self._event_handler(name, info, p)
-            consumer = Consumer(ret_handler=handler, tag=name) if p.is_return else \
-                Consumer(handler=handler, tag=name)
-            self.registry.add(p, consumer)
+            if not p.is_return:
+                self.registry.add(p, Consumer(handler=handler, tag=name))
+                continue
+            consumer = Consumer(ret_handler=handler, tag=name)
+            if p.ret_sites and isinstance(p.key, InodeKey):
+                # On the function's own rets (resolve/retsites.py): nothing on the stack.
+                for off in p.ret_sites:
+                    at = replace(p, key=InodeKey(p.key.dev, p.key.ino, off), file_offset=off)
+                    self._ret_sites[at.key] = off - p.file_offset
+                    self.registry.add(at, consumer)
+            else:
+                self.registry.add(p, consumer)
         if not self.counts:
             raise EngineError("no probe can be placed")
         self.threads: dict[int, Thread] = {}
@@ -273,12 +284,15 @@ class PtraceTracer:
             else:
                 original = breakpoints.original_bytes(point.path, ident[0], ident[1],
                                                       file_offset)
-            self._insert(t, regs, addr, probe, original, addr - file_offset, "")
+            site = self._insert(t, regs, addr, probe, original, addr - file_offset, "")
+            delta = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
+            if delta is not None:
+                site.ret_func = addr - delta
         except (PlacementRefused, displaced.UnsupportedInstruction, MemoryFault) as e:
             self._refuse(probe, str(e))
 
     def _insert(self, t: Thread, regs: UserRegs, addr: int, probe: Probe | None,
-                original: bytes, file_base: int, internal: str) -> None:
+                original: bytes, file_base: int, internal: str) -> Site:
         mm = t.mm
         what = probe.point.name if probe else internal
         area = self._area_for(t, regs, addr)
@@ -289,6 +303,7 @@ class PtraceTracer:
         site = Site(addr, probe, original, plan, slot, file_base, internal)
         breakpoints.insert(mm.mem, site)
         mm.sites[addr] = site
+        return site
 
     def _area_for(self, t: Thread, regs: UserRegs, addr: int) -> XolArea:
         mm = t.mm
@@ -418,11 +433,19 @@ class PtraceTracer:
                 self._place_all(t)  # the rendezvous: libraries came or went
             else:
                 probe.dispatch(Hit(t, regs, probe, "p", bp, None, site.file_base))
-                if probe.wants_return and mm.areas:
+                if site.ret_func is not None and site.plan.emulate(regs, mm.mem):
+                    # A probe on a ret: handlers see the state after it, as a uretprobe's.
+                    probe.ret_dispatch(Hit(t, regs, probe, "r", regs.rip, site.ret_func,
+                                           site.file_base))
+                    ptrace.setregs(t.tid, regs)
+                    self._resume(t)
+                    return
+                if probe.wants_return and site.ret_func is None and mm.areas:
                     area = mm.area_of(site.slot_addr) or mm.areas[0]
                     retprobes.hijack(t.returns, mm.mem, regs.rsp, area.trampoline, probe, bp,
                                      site.file_base)
         except BaseException:
+            ptrace.getregs(t.tid, regs)  # as trapped: a handler's changes are dropped
             regs.rip = bp
             ptrace.setregs(t.tid, regs)
             raise
