@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from uprobes.engines.ptrace.displaced import SlotPlan
-from uprobes.engines.ptrace.mem import MemoryFault, ProcessMemory
-from uprobes.errors import EngineError
+from uprobes.engines.ptrace.relocate import SlotPlan
+from uprobes.errors import EngineError, UprobesError
+from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.registry import Probe
 
 if TYPE_CHECKING:
@@ -105,8 +105,8 @@ def remove(mem: ProcessMemory, site: Site) -> None:
     try:
         if mem.read(site.runtime_addr, 1)[0] == INT3:
             mem.write(site.runtime_addr, site.original[:1])
-    except MemoryFault:
-        pass  # unmapped meanwhile: nothing left to restore
+    except UprobesError:
+        pass  # unmapped meanwhile, or the process is gone: nothing left to restore
 
 
 def executable_file_mappings(maps: list[Mapping]) -> list[Mapping]:

@@ -1,6 +1,6 @@
 """What a synchronous handler sees: the stopped thread at one probe hit.
 
-Registry consumers of the ptrace engine are called with a `Hit` while the
+Registry consumers of the ptrace engine are called with a `PtraceHit` while the
 thread that hit the probe is stopped (a `TaskLike`: pid, tid, comm):
 
     hit.regs                 # uprobes.sys.ptrace.UserRegs, live (rip = the probe's address
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from uprobes.registry import Probe
 
 
-class Hit:
+class PtraceHit:
     """One probe hit of one stopped thread."""
 
     __slots__ = ("thread", "regs", "probe", "kind", "ip", "func", "file_base", "ts_ns",

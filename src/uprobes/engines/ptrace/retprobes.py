@@ -22,7 +22,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from uprobes.engines.ptrace.mem import MemoryFault, ProcessMemory
+from uprobes.errors import UprobesError
+from uprobes.sys.procmem import MemoryFault, ProcessMemory
 
 if TYPE_CHECKING:
     from uprobes.registry import Probe
@@ -88,6 +89,6 @@ def restore(returns: list[ReturnInstance], mem: ProcessMemory) -> None:
         try:
             if _Q.unpack(mem.read(ri.sp, 8))[0] == ri.trampoline:
                 mem.write(ri.sp, _Q.pack(ri.orig_ret))
-        except MemoryFault:
-            pass
+        except UprobesError:
+            pass  # the stack is gone (the thread exited)
     returns.clear()

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from uprobes.engines.ptrace.breakpoints import Site
-from uprobes.engines.ptrace.mem import ProcessMemory
+from uprobes.sys.procmem import ProcessMemory
 from uprobes.engines.ptrace.retprobes import ReturnInstance
 from uprobes.engines.ptrace.xol import XolArea
 from uprobes.sys import ptrace

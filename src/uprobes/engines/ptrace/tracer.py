@@ -7,7 +7,7 @@ clone, fork, vfork and exec, and places int3s in every traced address
 space that maps a probed file, also when libraries come later (the
 dynamic linker's rendezvous). Each hit runs the registry's consumers
 synchronously (see hit.py), then the displaced instruction out of line
-(displaced.py), never in place. Signals reach the program as they would
+(relocate.py), never in place. Signals reach the program as they would
 untraced; group-stops are kept with PTRACE_LISTEN.
 
 The hit path is one waitpid, PTRACE_GETREGS, PTRACE_SETREGS and
@@ -33,13 +33,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from types import TracebackType
 
-from uprobes.engines.event import Event, ProbeInfo
+from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.kernel.counting import display_names
 from uprobes.engines.kernel.records import probe_info
-from uprobes.engines.ptrace import breakpoints, displaced, rendezvous, retprobes
+from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
-from uprobes.engines.ptrace.hit import Hit
-from uprobes.engines.ptrace.mem import MemoryFault, ProcessMemory
+from uprobes.engines.ptrace.hit import PtraceHit
+from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
@@ -68,7 +68,7 @@ class PtraceTracer:
     `child`: a launched command's pid, held before exec (it and its
     children). `note` receives one line per probe skipped. `registry`
     holds the probes and their consumers: add consumers (handlers getting a
-    `Hit`) before entering; the tracer adds one per probe for its events.
+    `PtraceHit`) before entering; the tracer adds one per probe for its events.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
@@ -120,7 +120,7 @@ class PtraceTracer:
         self.signal: int | None = None
         self.target_exited = False
         self.child_status: int | None = None
-        self._on_event: Callable[[Event], None] | None = None
+        self._on_hits: Callable[[list[Hit]], None] | None = None
         self._pending_new: dict[int, int] = {}
         self._done = False
         self._placed_once = False
@@ -136,28 +136,29 @@ class PtraceTracer:
     # ------------------------------------------------------------ consumers
 
     def _event_handler(self, name: str, info: ProbeInfo,
-                       p: ResolvedProbe) -> Callable[[Hit], None]:
+                       p: ResolvedProbe) -> Callable[[PtraceHit], None]:
         counts = self.counts
         fetcher = None
 
-        def on_hit(hit: Hit) -> None:
+        def on_hit(hit: PtraceHit) -> None:
             nonlocal fetcher
             counts[name] += 1
-            emit = self._on_event
+            emit = self._on_hits
             if emit is None:
                 return
             t = hit.thread
-            args = {}
+            args: tuple[ArgValue, ...] = ()
             if p.args:
                 if fetcher is None:
                     if ArgFetcher is None:
                         raise EngineError(f"{p.name}: the ptrace engine cannot fetch "
                                           "arguments yet")
                     fetcher = ArgFetcher(p)
-                args = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
+                got = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
+                args = tuple(got.get(n) for n, _ in info.args)
             self.events += 1
-            emit(Event(probe=info.name, kind=info.kind, pid=t.pid, tid=t.tid, comm=t.comm,
-                       cpu=t.cpu(), ts_ns=hit.ts_ns, ip=hit.ip, func=hit.func, args=args))
+            emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip, hit.func,
+                   args)])
         return on_hit
 
     # ------------------------------------------------------------ set-up
@@ -288,7 +289,7 @@ class PtraceTracer:
             delta = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
             if delta is not None:
                 site.ret_func = addr - delta
-        except (PlacementRefused, displaced.UnsupportedInstruction, MemoryFault) as e:
+        except (PlacementRefused, relocate.UnsupportedInstruction, MemoryFault) as e:
             self._refuse(probe, str(e))
 
     def _insert(self, t: Thread, regs: UserRegs, addr: int, probe: Probe | None,
@@ -298,7 +299,7 @@ class PtraceTracer:
         area = self._area_for(t, regs, addr)
         slot = area.alloc()
         assert slot is not None
-        plan = displaced.plan(original, addr, slot)
+        plan = relocate.plan(original, addr, slot)
         breakpoints.check_memory(mm.mem, addr, original, plan.insn_len, mm.sites, what)
         site = Site(addr, probe, original, plan, slot, file_base, internal)
         breakpoints.insert(mm.mem, site)
@@ -308,7 +309,7 @@ class PtraceTracer:
     def _area_for(self, t: Thread, regs: UserRegs, addr: int) -> XolArea:
         mm = t.mm
         for a in mm.areas:
-            if a.reaches(addr) and a.used + displaced.SLOT_SIZE <= a.size:
+            if a.reaches(addr) and a.used + relocate.SLOT_SIZE <= a.size:
                 return a
         if mm.syscall_addr is None:
             mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
@@ -337,10 +338,25 @@ class PtraceTracer:
     def run(self, on_event: Callable[[Event], None] | None,
             duration: float | None = None) -> None:
         """Handle hits (and hand `on_event` an Event for each) until the
-        target exits, a stop signal, `stop()`, or `duration` seconds."""
+        target exits, a stop signal, `stop()`, or `duration` seconds.
+        Without `on_event` only `counts` are kept (nothing is fetched)."""
+        if on_event is None:
+            self.run_hits(None, duration)
+            return
+        infos = self._infos
+
+        def deliver(hits: list[Hit]) -> None:
+            for hit in hits:
+                on_event(hit_event(hit, infos[hit[4]]))
+        self.run_hits(deliver, duration)
+
+    def run_hits(self, on_hits: Callable[[list[Hit]], None] | None,
+                 duration: float | None = None) -> None:
+        """`run()` handing over `Hit` tuples (here one per call, at the hit,
+        while the thread is still stopped)."""
         signals = self._signals
         assert signals is not None, "enter the tracer first"
-        self._on_event = on_event
+        self._on_hits = on_hits
         deadline = None if duration is None else time.monotonic() + duration
         main = threading.current_thread() is threading.main_thread()
         old = None
@@ -432,10 +448,10 @@ class PtraceTracer:
             if probe is None:
                 self._place_all(t)  # the rendezvous: libraries came or went
             else:
-                probe.dispatch(Hit(t, regs, probe, "p", bp, None, site.file_base))
+                probe.dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
                 if site.ret_func is not None and site.plan.emulate(regs, mm.mem):
                     # A probe on a ret: handlers see the state after it, as a uretprobe's.
-                    probe.ret_dispatch(Hit(t, regs, probe, "r", regs.rip, site.ret_func,
+                    probe.ret_dispatch(PtraceHit(t, regs, probe, "r", regs.rip, site.ret_func,
                                            site.file_base))
                     ptrace.setregs(t.tid, regs)
                     self._resume(t)
@@ -507,7 +523,7 @@ class PtraceTracer:
         regs.rip = done[0].orig_ret
         try:
             for ri in done:
-                ri.probe.ret_dispatch(Hit(t, regs, ri.probe, "r", ri.orig_ret, ri.func,
+                ri.probe.ret_dispatch(PtraceHit(t, regs, ri.probe, "r", ri.orig_ret, ri.func,
                                           ri.file_base))
         finally:
             ptrace.setregs(t.tid, regs)
@@ -706,8 +722,8 @@ def _precheck(p: ResolvedProbe) -> str | None:
     try:
         original = breakpoints.original_bytes(p.path, p.key.dev, p.key.ino, p.file_offset)
         probe_addr = 0x10000000 + p.file_offset
-        displaced.plan(original, probe_addr, probe_addr + 0x100000)
-    except (PlacementRefused, displaced.UnsupportedInstruction) as e:
+        relocate.plan(original, probe_addr, probe_addr + 0x100000)
+    except (PlacementRefused, relocate.UnsupportedInstruction) as e:
         return str(e)
     return None
 

@@ -21,8 +21,8 @@ import mmap
 import signal
 from dataclasses import dataclass, field
 
-from uprobes.engines.ptrace.displaced import SLOT_SIZE
-from uprobes.engines.ptrace.mem import ProcessMemory
+from uprobes.engines.ptrace.relocate import SLOT_SIZE
+from uprobes.sys.procmem import ProcessMemory
 from uprobes.errors import EngineError
 from uprobes.sys import procfs, ptrace
 
