@@ -250,3 +250,88 @@ def test_signal_storm_during_hits(compile_c: Compiler) -> None:
     assert f"calls work={30000 + sent} signals={sent}" in out
     counts = json.loads(out.splitlines()[-1])
     assert counts == {"uprobes/work": 30000 + sent, "uprobes/work__return": 30000 + sent}
+
+
+def test_usdt_semaphore_is_set_while_traced(compile_c: Compiler) -> None:
+    exe = compile_c("usdt_target.c")
+    proc = subprocess.run([*UPROBES, "count", "-e", "ptrace", "--json",
+                           f"usdt:{exe}:demo:tick", "--", str(exe), "4"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("semaphore=1") == 4  # the fixture prints it when set
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"demo/tick": 4}
+
+
+def test_a_process_traced_by_another_is_refused_in_one_line(target: Path) -> None:
+    from uprobes.sys import ptrace
+    sleeper = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        ptrace.seize(sleeper.pid)  # we are its tracer now; uprobes must say so
+        proc = subprocess.run([*UPROBES, "count", "-e", "ptrace", "-p", str(sleeper.pid),
+                               "libc:malloc"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (
+            f"uprobes: error: cannot attach to process {sleeper.pid}: it is already traced "
+            f"by process {os.getpid()} ({Path('/proc/self/comm').read_text().strip()}); "
+            "one tracer per process")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_exception_in_a_handler_detaches_cleanly(threads_exe: Path) -> None:
+    """A consumer that raises mid-run: every int3 and return address is put
+    back, and the program finishes with its right output."""
+    from uprobes.registry import Consumer
+
+    class Boom(Exception):
+        pass
+
+    seen = []
+
+    def handler(hit: Any) -> None:
+        seen.append(hit.tid)
+        assert hit.read(hit.regs.rsp, 8)  # the stopped thread's memory
+        if len(seen) == 5000:
+            raise Boom()
+
+    proc = subprocess.Popen([str(threads_exe), "50000"], env=dict(os.environ, TARGET_WAIT="1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == f"ready {proc.pid}\n"
+        probes = Resolver(pid=proc.pid, uretprobe=True).resolve_all(
+            parse_specs([f"r {threads_exe}:work"]))
+        with pytest.raises(Boom):
+            with PtraceTracer(probes, pid=proc.pid) as tracer:
+                for p in tracer.registry:
+                    tracer.registry.add(p.point, Consumer(ret_handler=handler))
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                tracer.run(None, duration=60)
+        assert traced_by(proc.pid) == 0
+        assert calls(proc.stdout.read(), "work") == 200000
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_handler_changes_the_return_value(target: Path,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """Synchronous handlers may write registers: `add` returns 1000 more."""
+    from uprobes.registry import Consumer
+    probes = Resolver().resolve_all(parse_specs([f"r {target}:add"]))
+
+    def bump(hit: Any) -> None:
+        hit.set(rax=hit.regs.rax + 1000)
+
+    child = launch([str(target), "3"])
+    with PtraceTracer(probes, child=child.pid) as tracer:
+        for p in tracer.registry:
+            tracer.registry.add(p.point, Consumer(ret_handler=bump))
+        child.release()
+        tracer.run(None)
+    assert tracer.child_status == 0 and tracer.counts == {"uprobes/add__return": 3}
+    # untraced: total=359 for 3 loops; three add() calls each return 1000 more
+    assert "total=3359" in capfd.readouterr().out

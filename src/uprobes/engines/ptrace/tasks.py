@@ -35,6 +35,7 @@ class AddressSpace:
     syscall_addr: int | None = None
     scanned: dict[tuple[int, int], tuple[int, int] | None] = field(default_factory=dict)
     rendezvous: int | None = None
+    semaphores: dict[int, int] = field(default_factory=dict)  # USDT: address -> our adds
     held: bool = False
     users: int = 1
 
@@ -43,7 +44,7 @@ class AddressSpace:
         return AddressSpace(pid, ProcessMemory(pid), dict(self.sites),
                             [XolArea(a.start, a.size, a.used) for a in self.areas],
                             set(self.trampolines), self.syscall_addr, dict(self.scanned),
-                            self.rendezvous)
+                            self.rendezvous, dict(self.semaphores))
 
     def area_of(self, runtime_addr: int) -> XolArea | None:
         for a in self.areas:

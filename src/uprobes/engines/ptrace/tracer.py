@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from types import TracebackType
+from typing import cast
 
 from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.kernel.counting import display_names
@@ -46,7 +47,7 @@ from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
-from uprobes.registry import Consumer, Probe, Registry
+from uprobes.registry import Consumer, Probe, Registry, TaskLike
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.ptrace import UserRegs
 
@@ -55,10 +56,11 @@ _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 
 try:
-    from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
+    from uprobes.engines.ptrace.fetch import (  # type: ignore[import-untyped,unused-ignore]
+        ArgFetcher, FetchContext)
 except ImportError:  # the `fetch` helper's module is not on main yet
-    ArgFetcher = None  # type: ignore[assignment,misc]
-    FetchContext = None  # type: ignore[assignment,misc]
+    ArgFetcher = None  # type: ignore[assignment,misc,unused-ignore]
+    FetchContext = None  # type: ignore[assignment,misc,unused-ignore]
 
 
 class PtraceTracer:
@@ -107,9 +109,9 @@ class PtraceTracer:
             if p.ret_sites and isinstance(p.key, InodeKey):
                 # On the function's own rets (resolve/retsites.py): nothing on the stack.
                 for off in p.ret_sites:
-                    at = replace(p, key=InodeKey(p.key.dev, p.key.ino, off), file_offset=off)
-                    self._ret_sites[at.key] = off - p.file_offset
-                    self.registry.add(at, consumer)
+                    key = InodeKey(p.key.dev, p.key.ino, off)
+                    self._ret_sites[key] = off - p.file_offset
+                    self.registry.add(replace(p, key=key, file_offset=off), consumer)
             else:
                 self.registry.add(p, consumer)
         if not self.counts:
@@ -136,12 +138,13 @@ class PtraceTracer:
     # ------------------------------------------------------------ consumers
 
     def _event_handler(self, name: str, info: ProbeInfo,
-                       p: ResolvedProbe) -> Callable[[PtraceHit], None]:
+                       p: ResolvedProbe) -> Callable[[TaskLike], None]:
         counts = self.counts
         fetcher = None
 
-        def on_hit(hit: PtraceHit) -> None:
+        def on_hit(task: TaskLike) -> None:
             nonlocal fetcher
+            hit = cast(PtraceHit, task)
             counts[name] += 1
             emit = self._on_hits
             if emit is None:
@@ -247,6 +250,8 @@ class PtraceTracer:
                 for probe in self.registry.in_inode(*ident):
                     if m.contains_file_offset(probe.point.file_offset):
                         self._place(t, regs, probe, m, probe.point.file_offset, ident)
+                        if probe.point.ref_ctr_offset is not None:
+                            self._semaphore(mm, maps, m, probe.point.ref_ctr_offset)
         if mm.rendezvous is None:
             rv = rendezvous.find(mm.pid, maps)
             if rv is not None and rv.runtime_addr not in mm.sites:
@@ -259,6 +264,25 @@ class PtraceTracer:
                     self._note(f"libraries loaded later in process {mm.pid} will not be "
                                f"probed: {e}")
         self._placed_once = True
+
+    def _semaphore(self, mm: AddressSpace, maps: list[procfs.Mapping], text: procfs.Mapping,
+                   ref_ctr_offset: int) -> None:
+        """Add one to a USDT probe's semaphore (a short in the file's data),
+        as the kernel's update_ref_ctr() does for its uprobes; undone at detach."""
+        for m in maps:
+            if (m.inode, m.dev_major, m.dev_minor) == (text.inode, text.dev_major,
+                                                       text.dev_minor) \
+                    and "w" in m.perms and m.contains_file_offset(ref_ctr_offset):
+                addr = m.file_to_runtime_addr(ref_ctr_offset)
+                if addr in mm.semaphores:
+                    return
+                try:
+                    value = int.from_bytes(mm.mem.read(addr, 2), "little")
+                    mm.mem.write(addr, ((value + 1) & 0xFFFF).to_bytes(2, "little"))
+                    mm.semaphores[addr] = 1
+                except UprobesError as e:
+                    self._note(f"cannot enable a USDT semaphore in process {mm.pid}: {e}")
+                return
 
     @staticmethod
     def _identity(pid: int, m: procfs.Mapping) -> tuple[int, int] | None:
@@ -631,15 +655,16 @@ class PtraceTracer:
             if tid == 0:
                 continue
             if tid < 0:
-                for t in list(self.threads.values()):
-                    if not t.stopped:
-                        self.threads.pop(t.tid)
+                for gone in list(self.threads.values()):
+                    if not gone.stopped:
+                        self.threads.pop(gone.tid)
                 break
-            t = self.threads.get(tid)
-            if t is None:
+            found = self.threads.get(tid)
+            if found is None:
                 if status & 0xFF == 0x7F:
                     self._pending_new[tid] = status
                 continue
+            t = found
             if status & 0xFF != 0x7F:
                 self._gone(t, status)
                 continue
@@ -676,6 +701,13 @@ class PtraceTracer:
             for site in mm.sites.values():
                 breakpoints.remove(mm.mem, site)
             mm.sites.clear()
+            for addr, n in mm.semaphores.items():
+                try:
+                    value = int.from_bytes(mm.mem.read(addr, 2), "little")
+                    mm.mem.write(addr, max(0, value - n).to_bytes(2, "little"))
+                except UprobesError:
+                    pass
+            mm.semaphores.clear()
         for t in list(self.threads.values()):
             try:
                 ptrace.detach(t.tid, t.resume_sig)
