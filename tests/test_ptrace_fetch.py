@@ -59,6 +59,10 @@ RETURN_ARGS = "rv=$retval:x64 rs=+0($retval):string rv8=$retval:s8"
 # and the record is capped at a page.
 SHARING_ARGS = ("ifs=+0(+0(+56(%di))):string after=+0(+48(%di)):string "
                 "long=+0(+72(%di)):string after2=+0(+48(%di)):string big=+0(+112(%di)):string")
+# %di is 5 bytes before an unmapped page: reads that straddle it keep what
+# was readable and zero the rest (copy_from_user), an 8-byte pointer there faults.
+EDGE_ARGS = ("e5=+0(%di):u8[5] e8=+2(%di):u64 e16=+4(%di):x16 e0=+5(%di):u8 es=+0(%di):string "
+             "ea=+1(%di):u16[3] ep=+0(+0(%di)):u8 ew=+0(%di):b4@36/64")
 MIXED_ARGS = "u1=$arg1 u2=$arg2 u3=$arg3 u1x=$arg1:x8 u3s=$arg3:s32 u2d=$arg2:u64"
 TEXT_ARGS = "t=+0($arg1):string tp=$arg1 t2=$arg2 t1=+1($arg1):u8[3]"
 
@@ -87,7 +91,7 @@ def specs_for(exe: Path, pie: bool) -> list[str]:
         entry += (f" g=@{g:#x}:s64 gu8=@{g:#x}:u8[3] gs=@{text:#x}:string "
                   f"imms=\\{text:#x}:string")
     return [f"{entry} {REGS}", f"r {exe}:pick {RETURN_ARGS} {REGS}",
-            f"{exe}:g {SHARING_ARGS} {REGS}",
+            f"{exe}:g {SHARING_ARGS} {REGS}", f"{exe}:h {EDGE_ARGS} {REGS}",
             f"usdt:{exe}:oracle:mixed {MIXED_ARGS} {REGS}",
             f"usdt:{exe}:oracle:text {TEXT_ARGS} {REGS}"]
 
@@ -134,7 +138,7 @@ def test_every_fetcharg_as_the_kernel_gives_it(tracefs: Path, compile_c: Compile
     hits = oracle_run(exe, specs_for(exe, pie))
     assert [(h.event.probe, h.event.kind) for h in hits] == [
         ("uprobes/f", "p"), ("uprobes/f", "p"), ("uprobes/pick__return", "r"),
-        ("uprobes/pick__return", "r"), ("uprobes/g", "p"), ("oracle/mixed", "p"),
+        ("uprobes/pick__return", "r"), ("uprobes/g", "p"), ("uprobes/h", "p"), ("oracle/mixed", "p"),
         ("oracle/text", "p")]
     good, faulty = hits[0], hits[1]
     for i, hit in enumerate(hits):
@@ -177,6 +181,9 @@ def test_every_fetcharg_as_the_kernel_gives_it(tracefs: Path, compile_c: Compile
     assert isinstance(sharing["long"], str) and set(sharing["long"]) == {"L"}
     assert 100 < len(sharing["long"]) < 4000
     assert sharing["after2"] is None and sharing["big"] is None
-    assert {k: hits[5].ours[k] for k in ("u1", "u2", "u3", "u1x", "u3s")} == {
+    assert hits[5].ours == {**hits[5].ours, "e5": list(b"abcde"), "e0": 0, "es": None,
+                            "e8": int.from_bytes(b"cde", "little"), "e16": ord("e"), "ep": 0,
+                            "ea": [ord("b") | ord("c") << 8, ord("d") | ord("e") << 8, 0]}
+    assert {k: hits[6].ours[k] for k in ("u1", "u2", "u3", "u1x", "u3s")} == {
         "u1": -9, "u2": -1234, "u3": 77777777777, "u1x": 0xF7, "u3s": 468366449}  # the low 32 bits, signed
-    assert hits[6].ours["t"] == "global text" and hits[6].ours["t1"] == list(b"lob")
+    assert hits[7].ours["t"] == "global text" and hits[7].ours["t1"] == list(b"lob")

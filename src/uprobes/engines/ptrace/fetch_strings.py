@@ -88,8 +88,11 @@ Text.INNER_FAULT = Text(_INNER_FAULT)
 TextFetch = Callable[[Any, Any, Any], list[Text]]
 
 
-def _decode(data: bytes) -> str:
-    return data.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+def _decode(data: bytes, nul: int = -1) -> str:
+    """As the kernel engine decodes a string: up to its first NUL."""
+    if nul < 0:
+        nul = data.find(b"\0")
+    return (data[:nul] if nul >= 0 else data).decode("utf-8", "backslashreplace")
 
 
 TextArg = tuple["str | None", bool, list[Text]]
@@ -100,15 +103,26 @@ share of the space and is left out of the values."""
 def share_string_space(texts: Sequence[TextArg], fixed_size: int) -> dict[str, ArgValue]:
     """The string arguments' values, in order. `fixed_size` is the record's
     fixed part (every argument's field, strings as u32 locations)."""
-    measured = [0 if any(t.kind == _INNER_FAULT for t in elems)
-                else sum(t.measured for t in elems) for _, _, elems in texts]
-    room = min(sum(measured), MAX_RECORD_SIZE - fixed_size)
-    if room == sum(measured) and all(t.kind == _COMM or (t.kind == _USER and t.nul >= 0)
-                                     for _, _, elems in texts for t in elems):
-        # The common case: everything fits, every string is whole.
-        return {name: _value(is_array, [_decode(t.data) for t in elems])
-                for name, is_array, elems in texts if name is not None}
-    return _replay(texts, room)
+    total = 0
+    for _, _, elems in texts:
+        for t in elems:
+            if t.nul < 0 or t.kind > _COMM:
+                return _replay(texts, _room(texts, fixed_size))
+            total += t.nul + 1
+    if total > MAX_RECORD_SIZE - fixed_size:
+        return _replay(texts, _room(texts, fixed_size))
+    # The common case: every string is whole and they all fit.
+    return {name: [_decode(t.data, t.nul) for t in elems] if is_array
+            else _decode(elems[0].data, elems[0].nul)
+            for name, is_array, elems in texts if name is not None}
+
+
+def _room(texts: Sequence[TextArg], fixed_size: int) -> int:
+    """First pass (__get_data_size): what the strings ask for, capped by
+    the record's page; an argument whose inner dereference faulted asks 0."""
+    measured = sum(0 if any(t.kind == _INNER_FAULT for t in elems)
+                   else sum(t.measured for t in elems) for _, _, elems in texts)
+    return min(measured, MAX_RECORD_SIZE - fixed_size)
 
 
 def _value(is_array: bool, values: list[str | None]) -> ArgValue:
