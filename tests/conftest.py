@@ -108,6 +108,20 @@ def _ours_or_dead(line: str) -> bool:
     return pid == os.getpid() or not Path(f"/proc/{pid}").exists()
 
 
+def reapers_of(pid: int) -> list[int]:
+    """Pids of the reaper processes watching run `pid`'s group."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"uprobes.engines.kernel.reaper" in cmd and f"uprobes_{pid}".encode() in cmd:
+                found.append(int(proc.name))
+    return found
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_probes() -> object:
     """After every test: no uprobe_events of ours (groups `uprobes_*`) remain."""

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, reapers_of
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 PY311 = "/usr/bin/python3.11"
@@ -306,6 +306,8 @@ def test_cleanup_removes_a_killed_runs_group_only(threads: Path, tracefs: Path) 
         read_until(live.stdout, r"^ready")
         read_until(victim.stdout, r"^ready")
         dead_group, live_group = f"uprobes_{victim.pid}", f"uprobes_{live.pid}"
+        for reaper in reapers_of(victim.pid):  # else it removes the group itself
+            os.kill(reaper, signal.SIGKILL)
         victim.kill()
         victim.wait()
         assert group_lines(dead_group)

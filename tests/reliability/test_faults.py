@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, reapers_of
 from uprobes.commands import main
 
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -61,19 +61,46 @@ def test_stop_signal_at_a_random_moment(seed: int, tracefs: Path, threads_exe: P
     assert _our_group_lines(run.pid) == []
 
 
-def test_sigkill_then_cleanup_leaves_nothing(tracefs: Path, threads_exe: Path) -> None:
+def _sigkill_mid_run(threads_exe: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
     run = subprocess.Popen([*UPROBES, "trace", "-o", os.devnull, f"{threads_exe}:work",
                             "--", str(threads_exe), str(LOOPS * 5)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_placed(run.pid)
     # The command is uprobes' child: find it before uprobes dies.
     children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+    return run, [int(c) for c in children]
+
+
+def _wait_gone(pids: list[int]) -> None:
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+
+
+def test_sigkill_leaves_nothing_the_reaper_removes_it(tracefs: Path, threads_exe: Path) -> None:
+    run, children = _sigkill_mid_run(threads_exe)
+    assert len(reapers_of(run.pid)) == 1
     run.kill()
     run.wait()
-    assert _our_group_lines(run.pid), "SIGKILL cannot clean up: the group stays until cleanup"
-    for child in map(int, children):  # the orphaned command finishes on its own
-        while Path(f"/proc/{child}").exists():
-            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while _our_group_lines(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _our_group_lines(run.pid) == [], "the reaper did not remove the group"
+    while reapers_of(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reapers_of(run.pid) == []  # and it exited
+    _wait_gone(children)  # the orphaned command finishes on its own
+
+
+def test_sigkill_of_uprobes_and_its_reaper_then_cleanup(tracefs: Path, threads_exe: Path) -> None:
+    run, children = _sigkill_mid_run(threads_exe)
+    for reaper in reapers_of(run.pid):
+        os.kill(reaper, signal.SIGKILL)
+    run.kill()
+    run.wait()
+    time.sleep(0.2)
+    assert _our_group_lines(run.pid), "with the reaper killed too, the group stays"
+    _wait_gone(children)
     done = subprocess.run([*UPROBES, "cleanup"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert _our_group_lines(run.pid) == []

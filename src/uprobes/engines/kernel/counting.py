@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 
-from uprobes.engines.kernel.groups import run_group
+from uprobes.engines.kernel.groups import open_run_group, remove_run_group
 from uprobes.engines.kernel.insn_guard import unsafe_site
 from uprobes.errors import EngineError, KernelError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
@@ -200,7 +200,7 @@ class KernelCounter:
 
     def _place_tracepoints(self, pids: Sequence[int]) -> None:
         tracefs = self._tracefs or Tracefs()
-        self.group = ProbeGroup(tracefs, run_group())
+        self.group = open_run_group(tracefs)
         events = self._event_names()
         for event, p in zip(events, self.probes):
             # Counting fetches nothing: the line carries only the place (and
@@ -347,4 +347,4 @@ def _remove_group_at_once(group: ProbeGroup) -> None:
         pass  # the group's own removal below names what failed
     group.events.clear()
     if group.tracefs.events_of_group(group.name):
-        group.remove_all(leftovers=True)
+        remove_run_group(group)

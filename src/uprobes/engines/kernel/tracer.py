@@ -21,7 +21,7 @@ from operator import itemgetter
 from types import TracebackType
 
 from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
-from uprobes.engines.kernel.groups import run_group
+from uprobes.engines.kernel.groups import open_run_group, remove_run_group
 from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, RetSiteDecoder, \
     kernel_probes
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
@@ -86,7 +86,8 @@ class KernelTracer:
         try:
             self._signals = self._stack.enter_context(StopSignals())
             tfs = self._tracefs or Tracefs()
-            group = self._stack.enter_context(ProbeGroup(tfs, run_group()))
+            group = open_run_group(tfs)
+            self._stack.callback(remove_run_group, group)
             self._streams = self._stack.enter_context(CpuStreams(self.ring_pages))
             self._stack.callback(self._streams.disable)
             target = self.child if self.child is not None else self.pid

@@ -1,0 +1,73 @@
+"""The reaper: our tracefs probes go away even when uprobes is SIGKILLed.
+
+Probes made through tracefs outlive the process that made them (perf-PMU
+and BPF-link probes are fd-owned; tracefs ones are not), and tools that die
+leave them behind, up to filling `uprobe_events`. So the first time a run
+makes its group, it starts a watcher: a separate small process (exec'd, so
+it holds none of our perf fds; in a session of its own, so Ctrl-C at the
+terminal does not reach it) that waits for EOF on a pipe only we hold. EOF
+comes when we exit by any means; the watcher then removes what is left of
+our group (retrying while the kernel still closes our perf events: EBUSY)
+and exits. After a normal exit there is nothing left and it exits at once.
+
+Run as `python -m uprobes.engines.kernel.reaper GROUP TRACEFS_ROOT`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+_started: set[str] = set()
+_pipes: list[int] = []
+GIVE_UP_S = 24 * 3600.0  # a traced command's inherited events can hold them that long
+
+
+def ensure_reaper(group: str, tracefs_root: str) -> None:
+    """Start the watcher of `group` unless this process already has one."""
+    if group in _started:
+        return
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        subprocess.Popen([sys.executable, "-m", "uprobes.engines.kernel.reaper", group,
+                          tracefs_root], stdin=r, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError:
+        os.close(w)  # no watcher: `uprobes cleanup` remains the way after a SIGKILL
+        return
+    finally:
+        os.close(r)
+    _pipes.append(w)  # held open, never written, until this process ends
+    _started.add(group)
+
+
+def is_watched(group: str) -> bool:
+    """Whether this process started the watcher of `group`."""
+    return group in _started
+
+
+def _reap(group: str, tracefs_root: str) -> int:
+    while os.read(0, 4096):
+        pass  # nothing is ever written: wait for EOF
+    # Imported only now: the watcher costs nothing but a blocked read meanwhile.
+    from uprobes.errors import KernelError
+    from uprobes.sys.tracefs import Tracefs
+
+    tracefs = Tracefs(tracefs_root)
+    deadline = time.monotonic() + GIVE_UP_S
+    delay = 0.01
+    while True:
+        try:
+            tracefs.remove_group(group)
+            return 0
+        except KernelError:
+            if time.monotonic() >= deadline:
+                return 1
+            time.sleep(delay)  # perf events on them are still being closed
+            delay = min(delay * 2, 1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(_reap(sys.argv[1], sys.argv[2]))
