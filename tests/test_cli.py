@@ -54,6 +54,12 @@ def test_help_ends_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
     (["resolve", "libc:0x10"], "not in an executable segment"),
     (["list", "-p", "999999999"], "999999999"),
     (["list"], "give a TARGET"),
+    (["trace", "-e", "kernel", ":vdso:clock_gettime", "--", "/bin/true"],
+     "uprobes/clock_gettime: the kernel's uprobes cannot probe the vDSO (it has no file, so no "
+     "inode to name); -e ptrace can"),
+    (["count", "-e", "kernel", ":vdso:time", "--", "/bin/true"], "-e ptrace can"),
+    (["vdso", "-p", "999999999"], "no process with pid 999999999"),
+    (["vdso", "--dump", "/nonexistent/vdso.so"], "cannot write /nonexistent/vdso.so"),
     (["nonsense"], "invalid choice"),
 ])
 def test_bad_input_is_one_clear_line_exit_2(argv: list[str], message: str) -> None:

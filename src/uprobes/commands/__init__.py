@@ -19,10 +19,10 @@ PROG = "uprobes"
 
 def _modules() -> list[ModuleType]:
     from uprobes.commands import (
-        cleanup, count, demo, doctor, latency, list_cmd, resolve, top, trace,
+        cleanup, count, demo, doctor, latency, list_cmd, resolve, top, trace, vdso,
     )
 
-    return [demo, list_cmd, resolve, trace, count, latency, top, cleanup, doctor]
+    return [demo, list_cmd, resolve, trace, count, latency, top, vdso, cleanup, doctor]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -54,10 +54,13 @@ def choose_engine(args: argparse.Namespace, probes: list[ResolvedProbe]) -> str:
     """`kernel` or `ptrace`. Auto takes the kernel unless it cannot serve: a
     vDSO probe (no inode), or no usable tracefs; then ptrace, given a
     process or a command to trace."""
+    vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
+    if args.engine == "kernel" and vdso is not None:
+        raise UsageError(f"{vdso.name}: the kernel's uprobes cannot probe the vDSO (it has no "
+                         "file, so no inode to name); -e ptrace can")
     if args.engine != "auto":
         return str(args.engine)
     from uprobes.sys.features import features
-    vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
     why = None
     if vdso is not None:
         why = f"{vdso.name} is in the vDSO, which the kernel cannot probe"

@@ -14,13 +14,19 @@ from uprobes.errors import ProcessError
 from uprobes.sys import procfs
 
 
-def vdso_bytes(pid: int | None = None) -> bytes:
-    """The vDSO image of process `pid` (ours when None)."""
-    who = "self" if pid is None else str(pid)
+def vdso_region(pid: int | None = None) -> tuple[int, int]:
+    """[start, end) run-time addresses of process `pid`'s vDSO (ours when None)."""
     maps = [m for m in procfs.maps(pid if pid is not None else os.getpid()) if m.path == "[vdso]"]
     if not maps:
-        raise ProcessError(f"process {who} has no vDSO mapped")
-    start, end = maps[0].start, maps[-1].end
+        raise ProcessError(f"process {'self' if pid is None else pid} has no vDSO mapped")
+    return maps[0].start, maps[-1].end
+
+
+def vdso_bytes(pid: int | None = None) -> bytes:
+    """The vDSO image of process `pid` (ours when None): a whole ELF file,
+    section headers included, as the kernel built it."""
+    who = "self" if pid is None else str(pid)
+    start, end = vdso_region(pid)
     try:
         with open(f"/proc/{who}/mem", "rb", buffering=0) as mem:
             mem.seek(start)
