@@ -47,13 +47,14 @@ from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
-from uprobes.registry import Consumer, Probe, Registry, TaskLike
+from uprobes.registry import Consumer, Probe, Registry, TaskLike, prepare_dispatch
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.ptrace import UserRegs
 
 _SIGTRAP = int(signal.SIGTRAP)
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
+_NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
 
 try:
     from uprobes.engines.ptrace.fetch import (  # type: ignore[import-untyped,unused-ignore]
@@ -472,7 +473,8 @@ class PtraceTracer:
             if probe is None:
                 self._place_all(t)  # the rendezvous: libraries came or went
             else:
-                probe.dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
+                if probe.dispatch is not _NO_HANDLER:
+                    probe.dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
                 if site.ret_func is not None and site.plan.emulate(regs, mm.mem):
                     # A probe on a ret: handlers see the state after it, as a uretprobe's.
                     probe.ret_dispatch(PtraceHit(t, regs, probe, "r", regs.rip, site.ret_func,
@@ -480,7 +482,8 @@ class PtraceTracer:
                     ptrace.setregs(t.tid, regs)
                     self._resume(t)
                     return
-                if probe.wants_return and site.ret_func is None and mm.areas:
+                if probe.ret_dispatch is not _NO_HANDLER and site.ret_func is None \
+                        and mm.areas:
                     area = mm.area_of(site.slot_addr) or mm.areas[0]
                     retprobes.hijack(t.returns, mm.mem, regs.rsp, area.trampoline, probe, bp,
                                      site.file_base)
