@@ -92,7 +92,8 @@ def test_output_and_exit_status_unchanged(target: Path, tmp_path: Path) -> None:
 
 
 def test_same_lines_as_the_kernel_engine(target: Path, tracefs: Path) -> None:
-    specs = [f"{target}:add", f"{target}:greet", f"r {target}:fib"]
+    specs = [f"{target}:add a=%di:s64", f"{target}:greet name=+0(%di):string t=%si:s32",
+             f"r {target}:fib v=$retval:s64"]
 
     def lines(engine: str) -> list[str]:
         out = io.StringIO()
