@@ -1,0 +1,252 @@
+"""Per-hit overhead of ptrace-based probing (issue 4), side by side in one run.
+
+    python -m bench.ptrace [--scale 1] [--repeats 5] [--syscalls] [--only NAME]
+
+Every row probes the same workload (bench/workload.c: a loop calling one
+noinline function N times) and is timed at two hit counts; the per-hit
+figure is the median slope (bench/measure.py).  Rows:
+
+- the naive ptrace loop written in Python (bench/naive_ptrace.py: int3,
+  restore, single-step, re-insert);
+- `ltrace -x FUNCTION` (it also breaks on every return, to print the value);
+- gdb with `break FUNCTION` + `commands; silent; continue; end`;
+- `uprobes count -e ptrace`: entry probes on a function whose first
+  instruction is emulated (push rbp) or boosted (mov), return probes on the
+  function's rets and with --uretprobe;
+- `uprobes count -e kernel`, the same probes, for reference.
+
+A tool that is missing (or our engine before it is built) is skipped with the
+reason.  `--syscalls` also runs each tracer under `strace -c` (its main
+thread) and reports syscalls per hit.  Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.measure import Outcome, Series, Skip, markdown_table, strace_calls, timed
+from bench.workload import Workload, build
+
+_ROOT = Path(__file__).resolve().parents[1]
+Count = Callable[[subprocess.CompletedProcess[str], Path], int | None]
+
+
+@dataclass
+class Tool:
+    name: str
+    probe: str
+    function: str
+    command: Callable[[int, Path], list[str]]
+    count: Count
+    traced: bool = True           # a tracer whose own syscalls are worth counting
+    requires: str | None = None   # an executable that must be on PATH
+    hits: tuple[int, int] = (2000, 20000)   # small and big hit counts: ~1-3 s of hits
+
+    def run(self, hits: int, work: Path, wrap: list[str] | None = None) -> Outcome:
+        argv = (wrap or []) + self.command(hits, work)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=_ROOT)
+        if proc.returncode != 0:
+            err = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+            raise Skip(err[-1] if err else f"exit status {proc.returncode}")
+        return Outcome(self.count(proc, work))
+
+
+def _no_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    return None
+
+
+def _ltrace_count(function: str) -> Count:
+    def count(proc: subprocess.CompletedProcess[str], work: Path) -> int:
+        lines = (work / "ltrace.out").read_text().splitlines()
+        return sum(1 for ln in lines if ln.startswith(function + "("))
+    return count
+
+
+def _gdb_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    found = re.search(r"breakpoint already hit (\d+) time", proc.stdout)
+    return int(found.group(1)) if found else 0
+
+
+def _naive_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    found = re.search(r"^hits (\d+)$", proc.stdout, re.M)
+    return int(found.group(1)) if found else None
+
+
+def _uprobes_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    found = re.findall(r"^uprobes/\S+\s+(\d+)$", proc.stdout, re.M)
+    return int(found[-1]) if found else 0
+
+
+_GDB_SCRIPT = """set pagination off
+set confirm off
+break {function}
+commands 1
+silent
+continue
+end
+run
+info breakpoints
+"""
+
+
+def tools(workload: Workload) -> list[Tool]:
+    emulated, boosted = "work_emulated", "work_boosted"
+    py = sys.executable
+
+    def plain(function: str) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: workload.argv(n, function)
+
+    def naive(n: int, work: Path) -> list[str]:
+        return [py, "-m", "bench.naive_ptrace", *workload.argv(n, emulated)]
+
+    def ltrace(n: int, work: Path) -> list[str]:
+        return ["ltrace", "-o", str(work / "ltrace.out"), "-x", emulated, "-e", "",
+                *workload.argv(n, emulated)]
+
+    def gdb(n: int, work: Path) -> list[str]:
+        script = work / "bench.gdb"
+        script.write_text(_GDB_SCRIPT.format(function=emulated))
+        return ["gdb", "-q", "-nx", "-batch", "-x", str(script), "--args",
+                *workload.argv(n, emulated)]
+
+    def uprobes(engine: str, function: str, suffix: str = "",
+                extra: tuple[str, ...] = ()) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: [py, "-m", "uprobes", "count", "-e", engine, *extra,
+                                f"{workload.exe}:{function}{suffix}", "--",
+                                *workload.argv(n, function)]
+
+    rows = [
+        Tool("untraced", "-", emulated, plain(emulated), _no_count, traced=False,
+             hits=(100_000, 1_000_000)),
+        Tool("naive ptrace loop (Python)", "entry", emulated, naive, _naive_count),
+        Tool("ltrace -x", "entry+return", emulated, ltrace, _ltrace_count(emulated),
+             requires="ltrace"),
+        Tool("gdb, commands: silent, continue", "entry", emulated, gdb, _gdb_count,
+             requires="gdb", hits=(1000, 8000)),
+    ]
+    for engine in ("ptrace", "kernel"):
+        traced = engine == "ptrace"
+        n = (2000, 20000) if traced else (20_000, 200_000)
+        rows += [
+            Tool(f"uprobes -e {engine}", "entry", emulated, uprobes(engine, emulated),
+                 _uprobes_count, traced, hits=n),
+            Tool(f"uprobes -e {engine}", "entry", boosted, uprobes(engine, boosted),
+                 _uprobes_count, traced, hits=n),
+            Tool(f"uprobes -e {engine}", "return (rets)", emulated,
+                 uprobes(engine, emulated, "%return"), _uprobes_count, traced, hits=n),
+            Tool(f"uprobes -e {engine}", "return (--uretprobe)", emulated,
+                 uprobes(engine, emulated, "%return", ("--uretprobe",)), _uprobes_count,
+                 traced, hits=n),
+        ]
+    return rows
+
+
+def _counts(tool: Tool, scale: float) -> tuple[int, int]:
+    return max(1, int(tool.hits[0] * scale)), max(2, int(tool.hits[1] * scale))
+
+
+_FIRST = {"work_emulated": "push rbp", "work_boosted": "mov rax,rdi"}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def bench(args: argparse.Namespace) -> str:
+    workload = build()
+    all_tools = [t for t in tools(workload) if args.only is None or args.only in t.name]
+    series: dict[int, Series] = {}
+    skipped: dict[int, str] = {}
+    with tempfile.TemporaryDirectory(prefix="uprobes-bench-") as tmp:
+        work = Path(tmp)
+        for i, tool in enumerate(all_tools):
+            if tool.requires and shutil.which(tool.requires) is None:
+                skipped[i] = f"{tool.requires} is not installed"
+            else:
+                try:
+                    outcome = tool.run(1, work)
+                    if outcome.hits not in (None, 1):
+                        skipped[i] = f"counted {outcome.hits} of 1 hit"
+                except Skip as why:
+                    skipped[i] = str(why)
+            series[i] = Series()
+        for _ in range(args.repeats):
+            for i, tool in enumerate(all_tools):
+                if i in skipped:
+                    continue
+                small, big = _counts(tool, args.scale)
+                for n, into in ((small, series[i].small), (big, series[i].big)):
+                    seconds, outcome = timed(lambda k: tool.run(k, work), n)
+                    into.append(seconds)
+                    series[i].hits_seen.add((n, outcome.hits))
+        if args.syscalls and shutil.which("strace"):
+            for i, tool in enumerate(all_tools):
+                if i in skipped or not tool.traced:
+                    continue
+                for n in _counts(tool, args.scale):
+                    summary = work / "strace.txt"
+                    tool.run(n, work, ["strace", "-c", "-o", str(summary)])
+                    series[i].syscalls[n] = strace_calls(summary)
+
+    def per_hit_us(name: str) -> float | None:
+        for i, tool in enumerate(all_tools):
+            if tool.name.startswith(name) and i not in skipped:
+                return series[i].per_hit(*_counts(tool, args.scale)) * 1e6
+        return None
+
+    naive_us, ltrace_us = per_hit_us("naive"), per_hit_us("ltrace")
+    rows = []
+    notes = []
+    for i, tool in enumerate(all_tools):
+        first = f"{tool.function} ({_FIRST[tool.function]})"
+        small, big = _counts(tool, args.scale)
+        if i in skipped:
+            notes.append(f"- {tool.name} {tool.probe} {tool.function}: skipped: {skipped[i]}")
+            rows.append([tool.name, tool.probe, first, "skipped", "", "", "", "", "", ""])
+            continue
+        s = series[i]
+        us = s.per_hit(small, big) * 1e6
+        right = s.counted_right()
+        rows.append([
+            tool.name, tool.probe, first, f"{us:.1f}",
+            _fmt(us / naive_us if naive_us else None, ".2f"),
+            _fmt(us / ltrace_us if ltrace_us else None, ".2f"),
+            f"{s.startup(small, big) * 1e3:.0f}", f"{small}/{big}",
+            {None: "-", True: "exact", False: "WRONG"}[right],
+            _fmt(s.syscalls_per_hit(small, big), ".1f"),
+        ])
+    headers = ["tool", "probe", "function (first insn)", "us/hit", "x naive", "x ltrace",
+               "startup ms", "hits timed", "count", "syscalls/hit"]
+    load = os.getloadavg()
+    head = (f"{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs, "
+            f"load {load[0]:.1f} at the end; per-hit = median over {args.repeats} repeats of "
+            "(time(big) - time(small)) / (big - small)")
+    return "\n".join([head, "", markdown_table(headers, rows), "", *notes])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ptrace", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every row's hit counts (default 1: ~1-3 s per run)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--syscalls", action="store_true",
+                        help="also count each tracer's syscalls per hit (strace -c)")
+    parser.add_argument("--only", help="only the tools whose name contains this")
+    args = parser.parse_args(argv)
+    print(bench(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+/* The bench workload: call one noinline function N times.
+ *   workload N FUNCTION     FUNCTION: work_emulated or work_boosted
+ * Both functions are written in assembly so their first instruction is known:
+ * work_emulated starts with `push rbp` (the kernel and our ptrace engine
+ * emulate it), work_boosted with a `mov` (the kernel single-steps it out of
+ * line, our ptrace engine runs it from a boosted slot).  With BENCH_WAIT set
+ * it prints "ready ADDR" (the function's runtime address) and waits for a
+ * line on stdin, so a tracer can attach first. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+asm(".intel_syntax noprefix\n.text\n"
+    ".globl work_emulated\n.type work_emulated,@function\nwork_emulated:\n"
+    " push rbp\n mov rbp, rsp\n lea rax, [rdi+1]\n pop rbp\n ret\n"
+    ".size work_emulated, .-work_emulated\n"
+    ".globl work_boosted\n.type work_boosted,@function\nwork_boosted:\n"
+    " mov rax, rdi\n add rax, 1\n ret\n"
+    ".size work_boosted, .-work_boosted\n"
+    ".att_syntax prefix\n");
+
+long work_emulated(long), work_boosted(long);
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: workload N work_emulated|work_boosted\n");
+        return 2;
+    }
+    long n = atol(argv[1]);
+    long (*fn)(long) = strcmp(argv[2], "work_boosted") == 0 ? work_boosted : work_emulated;
+    if (getenv("BENCH_WAIT")) {
+        char line[8];
+        printf("ready %p\n", (void *)fn);
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin)) return 1;
+    }
+    long sum = 0;
+    for (long i = 0; i < n; i++)
+        sum += fn(i);
+    printf("sum=%ld\n", sum);
+    return 0;
+}
