@@ -81,10 +81,10 @@ def run_untraced(exe: Path) -> Run:
     return Run(out.splitlines(), proc.returncode)
 
 
-def run_traced(exe: Path, area: str, force_slot: bool = False) -> Run:
+def run_traced(exe: Path, area: str, force_slot: bool = False, boost: bool = True) -> Run:
     """Probe every function's first instruction; on each hit emulate (unless
-    `force_slot` and the plan has slot code: the emulation-fault fallback) or
-    run the boosted slot, as the engine's hit path does."""
+    `force_slot` and the plan has slot code: the emulation-fault fallback),
+    run the boosted slot, or single-step the slot, as the engine's hit path does."""
     proc, syms, areas = _start(exe)
     run = Run([], -1)
     by_addr: dict[int, tuple[str, SlotPlan]] = {}
@@ -96,7 +96,7 @@ def run_traced(exe: Path, area: str, force_slot: bool = False) -> Run:
         for i, (name, addr) in enumerate(syms.items()):
             original = mem.read(addr, 16)
             try:
-                p = plan(original, addr, areas[area] + i * SLOT_SIZE)
+                p = plan(original, addr, areas[area] + i * SLOT_SIZE, boost)
             except UnsupportedInstruction as err:
                 run.refused[name] = str(err)
                 continue
@@ -125,8 +125,15 @@ def run_traced(exe: Path, area: str, force_slot: bool = False) -> Run:
             if force_slot and p.code:
                 regs.rip = p.slot_addr
             elif not p.emulate(regs, mem):
-                assert p.boosted, name
                 regs.rip = p.slot_addr
+                if not p.boosted:
+                    ptrace.setregs(proc.pid, regs)
+                    ptrace.singlestep(proc.pid)
+                    assert ptrace.stop_signal(ptrace.wait_task(proc.pid)) == signal.SIGTRAP
+                    ptrace.getregs(proc.pid, regs)
+                    p.after_step(regs)
+                    assert p.original_rip(p.slot_addr) == p.insn_addr
+                    assert regs.rip == p.insn_addr + p.insn_len, name
             ptrace.setregs(proc.pid, regs)
             ptrace.cont(proc.pid)
         mem.close()
@@ -157,11 +164,12 @@ def _need_ptrace() -> None:
          "ptrace_scope forbids attaching to our own child")
 
 
-@pytest.mark.parametrize("force_slot", [False, True], ids=["emulate", "slot-fallback"])
+@pytest.mark.parametrize("force_slot, boost", [(False, True), (True, True), (False, False)],
+                         ids=["emulate", "slot-fallback", "unboosted"])
 def test_every_kind_runs_like_the_original(reloc_exe: Path, untraced: Run,
-                                           force_slot: bool) -> None:
+                                           force_slot: bool, boost: bool) -> None:
     _need_ptrace()
-    run = run_traced(reloc_exe, "slot_area", force_slot)
+    run = run_traced(reloc_exe, "slot_area", force_slot, boost)
     assert run.refused == {}
     assert run.status == 0
     assert run.output == untraced.output
@@ -173,7 +181,9 @@ def test_every_kind_runs_like_the_original(reloc_exe: Path, untraced: Run,
         "f_jmp_reg", "f_jmp8", "f_jmp32", "f_jg32", "f_loop", "f_jrcxz", "f_ret", "f_ret8",
         "f_push", "f_push_r12", "f_push_rsp", "f_push_imm8", "f_push_imm32", "f_nop", "f_nopl",
         "f_endbr", "f_prologue"} | {n for n in kinds if n.startswith("j")}
-    assert all(k == "boosted" for n, k in kinds.items() if n not in emulated)
+    rest = "boosted" if boost else "stepped"
+    assert {n: k for n, k in kinds.items() if n not in emulated} == {
+        n: "boosted" if n == "f_rep" else rest for n in kinds if n not in emulated}
 
 
 def test_far_slot_uses_a_scratch_register_or_refuses(reloc_exe: Path, untraced: Run) -> None:

@@ -357,10 +357,15 @@ def _fallback_code(insn: Instruction, raw: bytes, disp_offset: int, slot: _SlotW
     return False
 
 
-def plan(code: bytes, insn_addr: int, slot_addr: int) -> SlotPlan:
+def plan(code: bytes, insn_addr: int, slot_addr: int, boost: bool = True) -> SlotPlan:
     """How to run the instruction whose original bytes start `code`, at runtime address
     `insn_addr`, with a slot at `slot_addr` (both in the tracee).  Raises
-    `UnsupportedInstruction` for what cannot run correctly out of line."""
+    `UnsupportedInstruction` for what cannot run correctly out of line.
+
+    `boost=False` gives the kernel's tier instead, to measure what boosting saves:
+    what would be boosted is single-stepped from the slot (then `after_step`),
+    except rep string instructions (a step runs one iteration) and the
+    scratch-register form (several instructions), which stay boosted."""
     decoder = Decoder(64, bytes(code[:15]), ip=insn_addr)
     insn = decoder.decode()
     where = f"instruction at {insn_addr:#x}"
@@ -388,6 +393,8 @@ def plan(code: bytes, insn_addr: int, slot_addr: int) -> SlotPlan:
                 slot.relocated(insn, raw, disp_offset)
                 slot.resume_at(insn.next_ip)
                 slot.jump(insn.next_ip)
+                boosted = boost or (insn.is_string_instruction
+                                    and (insn.has_rep_prefix or insn.has_repne_prefix))
             except OutOfReach:
                 slot = _SlotWriter(slot_addr)
                 slot.resume_at(insn_addr)
