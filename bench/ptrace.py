@@ -164,7 +164,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def bench(args: argparse.Namespace) -> str:
     workload = build()
-    all_tools = [t for t in tools(workload) if args.only is None or args.only in t.name]
+    wanted = args.only.split(",") if args.only else [""]
+    all_tools = [t for t in tools(workload) if any(w in t.name for w in wanted)]
     series: dict[int, Series] = {}
     skipped: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="uprobes-bench-") as tmp:
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--syscalls", action="store_true",
                         help="also count each tracer's syscalls per hit (strace -c)")
-    parser.add_argument("--only", help="only the tools whose name contains this")
+    parser.add_argument("--only", help="only the tools whose name contains one of these "
+                                       "(comma-separated), e.g. naive,ltrace,ptrace")
     args = parser.parse_args(argv)
     print(bench(args))
     return 0
