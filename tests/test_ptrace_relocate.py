@@ -1,8 +1,8 @@
 """Displaced instructions (uprobes.engines.ptrace.relocate), checked by running them.
 
 tests/fixtures/reloc.c has one function per instruction kind, each starting
-with that kind.  A minimal tracer here (uprobes.sys.ptrace, and a test-only
-/proc/PID/mem reader) puts an int3 on every one, and on each hit does what the engine's hit path does:
+with that kind.  A minimal tracer here (uprobes.sys.ptrace and
+uprobes.sys.procmem) puts an int3 on every one, and on each hit does what the engine's hit path does:
 emulate, or send the thread through the slot.  The program's output must be
 that of an untraced run, and every hit counted.
 """
@@ -25,25 +25,9 @@ from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace.relocate import SLOT_SIZE, SlotPlan, UnsupportedInstruction, plan
 from uprobes.resolve.paths import find_library
 from uprobes.sys import ptrace
+from uprobes.sys.procmem import ProcessMemory
 
 _REG_NAMES = [name for name, _ in ptrace.UserRegs._fields_]
-
-
-class ProcMem:
-    """Test-only /proc/PID/mem access (the engine's is uprobes.sys.procmem)."""
-
-    def __init__(self, pid: int) -> None:
-        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
-
-    def read(self, runtime_addr: int, n: int) -> bytes:
-        return os.pread(self.fd, n, runtime_addr)
-
-    def write(self, runtime_addr: int, data: bytes) -> None:
-        if os.pwrite(self.fd, data, runtime_addr) != len(data):
-            raise OSError("short write")
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @dataclass
@@ -92,7 +76,7 @@ def run_traced(exe: Path, area: str, force_slot: bool = False, boost: bool = Tru
     try:
         ptrace.interrupt(proc.pid)
         assert ptrace.stop_event(ptrace.wait_task(proc.pid)) == ptrace.EVENT_STOP
-        mem = ProcMem(proc.pid)
+        mem = ProcessMemory(proc.pid)
         for i, (name, addr) in enumerate(syms.items()):
             original = mem.read(addr, 16)
             try:
@@ -213,9 +197,7 @@ def _regs(**values: int) -> SimpleNamespace:
 def test_emulation_that_faults_changes_nothing(running_process: subprocess.Popen[str]) -> None:
     """A push/call/ret whose stack access faults (here: an unmapped stack) leaves the
     registers alone and says so, so the engine runs the real instruction in the slot."""
-    with open(f"/proc/{running_process.pid}/mem", "r+b", buffering=0) as f:
-        mem = SimpleNamespace(read=lambda a, n: os.pread(f.fileno(), n, a),
-                              write=lambda a, d: os.pwrite(f.fileno(), d, a))
+    with ProcessMemory(running_process.pid) as mem:
         for code in ("55", "e800100000", "c3", "ff1500100000"):
             p = plan(bytes.fromhex(code) + bytes(12), 0x400000, 0x401000)
             regs = _regs(rip=0x400001, rsp=0x10)
