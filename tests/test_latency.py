@@ -81,3 +81,11 @@ def test_histogram_percentiles_are_within_the_bucket_precision() -> None:
     assert sum(n for _, _, n in h.log2_buckets()) == len(values)
     for lo, hi, n in h.log2_buckets():
         assert n == sum(1 for v in values if lo <= v <= hi)
+
+
+def test_filters_apply_to_calls(latency_exe: Path) -> None:
+    status, out = run_latency("--comm", "nobody", f"{latency_exe}:nap", "--", str(latency_exe))
+    assert status == 0 and out == "no calls seen\n"
+    status, out = run_latency("--json", "--if", f'comm == "{latency_exe.name[:15]}"',
+                              f"{latency_exe}:nap", "--", str(latency_exe))
+    assert json.loads(out)["uprobes/nap"]["count"] == 25

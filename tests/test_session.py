@@ -48,10 +48,13 @@ def test_one_line_twice_is_one_probe_with_two_consumers_and_filters(target: Path
     s.probe(line, lambda ev: first.append(ev.args["a"]))
     s.probe(line, lambda ev: second.append(ev.args["a"]), filter=lambda ev: ev.args["a"] % 2 == 0)
     s.probe(line, lambda ev: pytest.fail("comm filter let a hit through"), comm="nobody")
+    third: list[int] = []
+    s.probe(line, lambda ev: third.append(ev.args["a"]), condition="a >= 3 && a & 1")
     assert s.spawn([str(target), str(LOOPS)]) == 0
     assert len(s.probes) == 1  # placed once
     assert first == list(range(LOOPS))
     assert second == [i for i in range(LOOPS) if i % 2 == 0]
+    assert third == [i for i in range(LOOPS) if i >= 3 and i & 1]
 
 
 def test_stop_from_a_handler_ends_the_run_and_the_command_runs_on(target: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -107,6 +110,8 @@ def test_bad_input_is_a_clear_error_at_the_line_that_made_it(target: Path) -> No
     s = uprobes.Session()
     with pytest.raises(SpecError):
         s.probe(f"{target}:add a=%nosuchreg")
+    with pytest.raises(SpecError, match="has no field 'b'"):
+        s.probe(f"{target}:add a=%di", print, condition="b > 1")
     with pytest.raises(UsageError, match="no probes"):
         s.spawn([str(target)])
     s = uprobes.Session()

@@ -48,3 +48,15 @@ def test_a_table_per_interval_in_a_pipe(target: Path) -> None:
     assert "PROBE" in text and "HITS/S" in text  # at least one live table after the hits
     assert text.splitlines()[-2].split()[:4] == ["PROBE", "PID", "COMM", "TOTAL"]
     assert text.splitlines()[-1].split()[-1] == "3"
+
+
+def test_if_comm_and_tid_filter_hits(target: Path) -> None:
+    out = io.StringIO()
+    assert main(["top", "--json", "-i", "5", "--if", "a >= 30 && a & 1",
+                 f"{target}:add a=%di:s64", "--", str(target), "40"], out=out) == 0
+    final = json.loads(out.getvalue().splitlines()[-1])
+    assert [row["total"] for row in final["summary"]] == [5]  # 31 33 35 37 39
+    out = io.StringIO()
+    assert main(["top", "--json", "--comm", "nobody", f"{target}:add",
+                 "--", str(target), "40"], out=out) == 0
+    assert json.loads(out.getvalue().splitlines()[-1])["summary"] == []

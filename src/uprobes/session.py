@@ -40,6 +40,7 @@ from uprobes.registry import Consumer, TaskFilter, prepare_dispatch
 from uprobes.resolve.resolver import Resolver
 from uprobes.spec import parse
 from uprobes.spec.ast import ProbeSpec
+from uprobes.spec.condition import parse_condition
 from uprobes.spec.render import render
 
 EventHandler = Callable[[Event], object]
@@ -89,13 +90,16 @@ class Session:
     # ------------------------------------------------------------ probes
 
     def probe(self, spec: str, handler: H | None = None, *,
-              filter: EventFilter | None = None, pid: int | Sequence[int] | None = None,
+              filter: EventFilter | None = None, condition: str | None = None,
+              pid: int | Sequence[int] | None = None,
               tid: int | Sequence[int] | None = None,
               comm: str | Sequence[str] | None = None) -> Callable[[H], H] | H:
         """Add a probe line with a handler; as a decorator without `handler`.
 
         The handler gets each `Event` of the line that passes the filters:
-        `pid`/`tid`/`comm` (one or several) and `filter(event) -> bool`.
+        `pid`/`tid`/`comm` (one or several), `condition` (the kernel's filter
+        language on the line's fetchargs, `comm`, `pid` and `tid`:
+        `'size > 4096 && comm == "ls"'`) and `filter(event) -> bool`.
         """
         if self._ran:
             raise UsageError("a session runs once: add probes before spawn/attach/run")
@@ -103,14 +107,24 @@ class Session:
         if not isinstance(parsed, ProbeSpec):
             raise SpecError("a '-:EVENT' line clears a probe; give probes to place", spec, 0)
         task_filter = _task_filter(pid, tid, comm)
+        tests: list[EventFilter] = []
+        if condition is not None:
+            cond = parse_condition(condition)
+            cond.check_fields(spec, {a.name: a.type for a in parsed.args})
+            tests.append(cond.predicate())
+        if filter is not None:
+            tests.append(filter)
 
         def add(fn: H) -> H:
             call: EventHandler = fn
-            if filter is not None:
-                predicate = filter
+            if len(tests) == 1:
+                predicate = tests[0]
 
                 def call(ev: Event) -> object:
                     return fn(ev) if predicate(ev) else None
+            elif tests:
+                def call(ev: Event) -> object:
+                    return fn(ev) if all(t(ev) for t in tests) else None
             line = self._lines.setdefault(render(parsed), _Line(parsed))
             line.consumers.append(Consumer(handler=call, filter=task_filter, tag=fn))  # type: ignore[arg-type]
             return fn

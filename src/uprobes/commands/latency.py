@@ -16,7 +16,9 @@ from typing import TextIO
 from uprobes.analysis.calls import SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_selection_arguments, check_selection
+from uprobes.commands.selection import (
+    add_filter_arguments, add_selection_arguments, check_selection,
+)
 from uprobes.engines.event import Event
 from uprobes.errors import SpecError, UsageError
 from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
@@ -35,6 +37,7 @@ EXAMPLES = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_selection_arguments(p)
+    add_filter_arguments(p)
     p.add_argument("--unit", choices=tuple(UNITS), default="ns",
                    help="histogram buckets in ns (default), us or ms")
     p.add_argument("--duration", type=float, metavar="SECONDS",
@@ -79,8 +82,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     session = Session(args.engine, force=args.force)
     for spec in parse_specs(args.specs):
         entry, ret = probe_pair(spec)
-        session.probe(entry, on_entry)
-        session.probe(ret, on_return)
+        filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)
+        session.probe(entry, on_entry, **filters)
+        session.probe(ret, on_return, **filters)
     sink = open(args.output, "w") if args.output else out
     try:
         status = 0

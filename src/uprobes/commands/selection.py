@@ -72,3 +72,15 @@ def choose_engine(args: argparse.Namespace, probes: list[ResolvedProbe]) -> str:
         raise UsageError(f"{why}; the ptrace engine can, in a process or a command: "
                          "give -p PID or -- CMD")
     return "ptrace"
+
+
+def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    """Filters on hits: which tasks, and a condition on fetched values."""
+    p.add_argument("--if", dest="condition", metavar="COND",
+                   help="only hits where COND holds: the kernel's filter language on the "
+                        "probe's fetchargs, comm, pid and tid (e.g. 'size > 4096 && "
+                        "comm == \"ls\"'; strings take == != and ~ globs)")
+    p.add_argument("--comm", action="append", metavar="NAME",
+                   help="only hits of tasks with this comm (repeatable)")
+    p.add_argument("--tid", action="append", type=int, metavar="TID",
+                   help="only hits of this thread (repeatable)")

@@ -16,7 +16,9 @@ from typing import TextIO
 
 from uprobes.analysis.rates import HitRates, RateRow
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_selection_arguments, check_selection
+from uprobes.commands.selection import (
+    add_filter_arguments, add_selection_arguments, check_selection,
+)
 from uprobes.errors import UsageError
 from uprobes.render.json import write_json
 from uprobes.render.table import write_table
@@ -28,12 +30,14 @@ HELP = "live table of hits per second, per probe and process"
 EXAMPLES = [
     "uprobes top --duration 3 'libc:malloc' 'libc:free'  # system-wide, 3 seconds",
     "uprobes top -i 0.5 'libc:str*' -- /usr/bin/python3.11 -c 'import json, csv'",
+    "uprobes top --if 'size >= 4096' 'libc:malloc size=%di:u64' -- /usr/bin/sort /etc/services",
 ]
 _CLEAR = "\x1b[H\x1b[2J"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_selection_arguments(p)
+    add_filter_arguments(p)
     p.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 1)")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     rates = HitRates()
     session = Session(args.engine, force=args.force)
     for spec in specs:
-        session.probe(render(spec), rates.add)
+        session.probe(render(spec), rates.add, condition=args.condition, comm=args.comm,
+                      tid=args.tid)
     where = (f"in {args.argv_command[0]}" if args.argv_command else
              f"in process {args.pid}" if args.pid is not None else "system-wide")
     sink = open(args.output, "w") if args.output else out

@@ -16,6 +16,9 @@ BAR = 40
 def write_histograms(out: TextIO, hists: Mapping[str, Histogram], unit: str = "ns") -> None:
     """One block per function, most calls first: the log2 distribution in
     `unit`, then count, mean, p50/p90/p99 and max."""
+    if not hists:
+        out.write("no calls seen\n")
+        return
     first = True
     for name, h in sorted(hists.items(), key=lambda kv: (-kv[1].count, kv[0])):
         if not first:
