@@ -38,7 +38,7 @@ ENTRY_ARGS = (
     "u64=+0(%di):u64 s64=+8(%di):s64 u32=+16(%di):u32 s32=+20(%di):s32 "
     "u16=+24(%di):u16 s16=+26(%di):s16 u8=+28(%di):u8 s8=+29(%di):s8 x8=+28(%di):x8 "
     "x16=+24(%di):x16 x32=+16(%di):x32 x64=+0(%di):x64 c=+30(%di):char "
-    "bf=+32(%di):b4@8/32 bfw=+32(%di):b12@20/32 bf8=+31(%di):b3@5/8 bfa=+31(%di):b2@1/8[2] "
+    "bf=+32(%di):b4@8/32 bfw=+32(%di):b12@20/32 bf8=+120(%di):b3@5/8 bfa=+120(%di):b2@1/8[2] "
     "bf64=+0(%di):b7@57/64 bfr=%si:b4@0/16 "
     "arr=+36(%di):s32[3] arr8=+36(%di):u8[4] arrx=+36(%di):x16[3] arr64=+0(%di):u64[2] "
     "rdi=%di rsi8=%si:s8 rsi16=%si:u16 rdx=%dx:s16 rcx=%cx:s32 r8=%r8:s64 r9=%r9:u8 "
@@ -159,7 +159,7 @@ def test_every_fetcharg_as_the_kernel_gives_it(tracefs: Path, compile_c: Compile
     expected = {
         "u64": 18000000000000000000, "s64": -5000000000, "u32": 4000000000, "s32": -70000,
         "u16": 65000, "s16": -300, "u8": 250, "s8": -5, "x8": 0xFA, "c": ord("Z"),
-        "bf": 0x2, "bfw": 0xABC, "bf8": 0x5, "bfa": [2, 2], "arr": [-1, 2, -3],
+        "bf": 0x2, "bfw": 0xABC, "bf8": 0x5, "bfa": [2, 1], "arr": [-1, 2, -3],
         "arr8": [0xFF] * 4, "a2": -7, "a3": -300, "a4": -70000, "a5": -5000000000, "a6": 200,
         "a7": -77, "a8": 88, "a1d": -5000000000, "stfar": 0, "imm": 42, "immn": -5,
         "immx": 0x1234, "immbig": -1, "immstr": None, "cm": exe.name[:15],

@@ -36,7 +36,7 @@ from uprobes.engines.ptrace.fetch_strings import Text, TextArg, TextFetch, share
 from uprobes.errors import SpecError
 from uprobes.probe import ResolvedProbe
 from uprobes.spec.ast import (
-    Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString, Memory,
+    Arg, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString, Memory,
     Register, RetVal, StackEntry, StackPointer, UsdtTarget,
 )
 from uprobes.spec.lower import lower_fetcharg
@@ -189,7 +189,6 @@ def _plan_window(args: list[FetchArg]) -> tuple[Callable[[Any], int], int, int] 
 # ------------------------------------------------------------ compiling
 
 def _has_arg(expr: FetchExpr) -> bool:
-    from uprobes.spec.ast import Arg
     return isinstance(expr, Arg) or (isinstance(expr, Deref) and _has_arg(expr.base))
 
 
