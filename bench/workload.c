@@ -5,10 +5,20 @@
  * emulate it), work_boosted with a `mov` (the kernel single-steps it out of
  * line, our ptrace engine runs it from a boosted slot).  With BENCH_WAIT set
  * it prints "ready ADDR" (the function's runtime address) and waits for a
- * line on stdin, so a tracer can attach first. */
+ * line on stdin, so a tracer can attach first.
+ *   workload N FUNCTION RATE   calls at RATE per second (in batches of 100)
+ * The last line also gives when the loop started and how long it took
+ * (CLOCK_MONOTONIC ns): "sum=S start_ns=T loop_ns=L". */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
 
 asm(".intel_syntax noprefix\n.text\n"
     ".globl work_emulated\n.type work_emulated,@function\nwork_emulated:\n"
@@ -22,8 +32,8 @@ asm(".intel_syntax noprefix\n.text\n"
 long work_emulated(long), work_boosted(long);
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: workload N work_emulated|work_boosted\n");
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: workload N work_emulated|work_boosted [RATE]\n");
         return 2;
     }
     long n = atol(argv[1]);
@@ -34,9 +44,19 @@ int main(int argc, char **argv) {
         fflush(stdout);
         if (!fgets(line, sizeof line, stdin)) return 1;
     }
-    long sum = 0;
-    for (long i = 0; i < n; i++)
-        sum += fn(i);
-    printf("sum=%ld\n", sum);
+    long rate = argc == 4 ? atol(argv[3]) : 0;
+    long sum = 0, start = now_ns();
+    if (rate > 0) {
+        long period = 100 * 1000000000L / rate;
+        for (long i = 0; i < n; i++) {
+            if (i % 100 == 0)
+                while (now_ns() < start + (i / 100) * period) {}
+            sum += fn(i);
+        }
+    } else {
+        for (long i = 0; i < n; i++)
+            sum += fn(i);
+    }
+    printf("sum=%ld start_ns=%ld loop_ns=%ld\n", sum, start, now_ns() - start);
     return 0;
 }

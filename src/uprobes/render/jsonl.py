@@ -69,23 +69,28 @@ class JsonLinesRenderer:
         """Write a batch of hits (the fast path: no `Event` objects)."""
         templates, comms = self._templates, self._comms
         lines = []
+        append = lines.append
         for hit in hits:
             ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit
             t = templates.get(probe) or self._template(probe)
-            c = comms.get(comm)
-            if c is None:
-                c = comms[comm] = _dumps(comm)
-            head: tuple[object, ...] = (pid, tid, c, cpu, ts_ns, ip)
-            if t.is_return:
-                head += ("null" if func is None else str(func),)
+            c = comms.get(comm) or self._comm(comm)
             try:
-                if t.plain:
-                    lines.append(t.text % (head + args))
+                if t.plain and not t.is_return:
+                    append(t.text % (pid, tid, c, cpu, ts_ns, ip, *args))
                 else:
-                    lines.append(t.text % (head + tuple(f(v) for f, v in zip(t.converts, args))))
+                    values = args if t.plain else [f(v) for f, v in zip(t.converts, args)]
+                    if t.is_return:
+                        append(t.text % (pid, tid, c, cpu, ts_ns, ip,
+                                         "null" if func is None else func, *values))
+                    else:
+                        append(t.text % (pid, tid, c, cpu, ts_ns, ip, *values))
             except TypeError:  # a value of an unexpected kind: the slow, general way
-                lines.append(_dumps(event_doc(hit_event(hit, self.probes[probe]))) + "\n")
+                append(_dumps(event_doc(hit_event(hit, self.probes[probe]))) + "\n")
         self.out.write("".join(lines))
+
+    def _comm(self, comm: str) -> str:
+        c = self._comms[comm] = _dumps(comm)
+        return c
 
     def _template(self, probe: str) -> _Template:
         t = self._templates[probe] = _Template(self.probes[probe])

@@ -103,23 +103,21 @@ class TraceTextRenderer:
         """Write a batch of hits (the fast path: no `Event` objects)."""
         templates = self._templates
         lines = []
+        append = lines.append
         for hit in hits:
             ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit
             t = templates.get(probe)
             if t is None:
                 t = templates[probe] = _Template(self.probes[probe])
             secs, nsec = divmod(ts_ns, 1_000_000_000)
-            head: tuple[object, ...] = (comm, tid, cpu, secs, nsec // 1000, ip)
-            if t.is_return:
-                head += (func or 0,)
             try:
-                if t.plain:
-                    lines.append(t.text % (head + args))
+                values = args if t.plain else [f(v) for f, v in zip(t.converts, args)]
+                if t.is_return:
+                    append(t.text % (comm, tid, cpu, secs, nsec // 1000, ip, func or 0, *values))
                 else:
-                    lines.append(t.text % (head + tuple(f(v) for f, v in zip(t.converts, args))))
+                    append(t.text % (comm, tid, cpu, secs, nsec // 1000, ip, *values))
             except TypeError:  # a value of an unexpected kind: the slow, general way
-                lines.append(format_line(hit_event(hit, self.probes[probe]),
-                                         self.probes[probe]) + "\n")
+                append(format_line(hit_event(hit, self.probes[probe]), self.probes[probe]) + "\n")
         self.out.write("".join(lines))
 
     def summary(self, events: int, lost: int) -> None:

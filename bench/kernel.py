@@ -1,0 +1,292 @@
+"""The kernel engine's benchmark: `python -m bench.kernel` (as root, from the repo root).
+
+Per-hit costs, measured side by side in each round and reported as medians:
+the workload unprobed; under a raw `uprobe` PMU counter opened directly;
+under `count`'s counter (KernelCounter, system-wide: the same PMU); under
+`uprobes trace` to /dev/null as text and as --json. Then the rates trace
+sustains with no lost record, and the time to attach and detach 1, 100
+and ~1,000 `libc:*` probes, each way the engine places them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench.measure import markdown_table
+from bench.workload import Workload, build
+from uprobes.commands.resolve import parse_specs
+from uprobes.engines.kernel.counting import KernelCounter
+from uprobes.engines.kernel.tracer import KernelTracer
+from uprobes.engines.launch import Launched, launch
+from uprobes.probe import ResolvedProbe
+from uprobes.render.jsonl import JsonLinesRenderer
+from uprobes.render.trace_text import TraceTextRenderer
+from uprobes.resolve.resolver import Resolver
+from uprobes.sys.pmu import UprobeCounter
+
+_SUMMARY = re.compile(r"uprobes: (\d+) events, (\d+) lost")
+_RESULT = re.compile(r"start_ns=(\d+) loop_ns=(\d+)")
+UPROBES = [sys.executable, "-m", "uprobes"]
+FUNCTION = "work_emulated"  # its first instruction (push) is emulated: one trap per hit
+median = statistics.median
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the workload: when its loop started, how long it took."""
+
+    start_ns: int
+    loop_ns: int
+    calls: int
+    end_ns: int  # when the command (the workload, or uprobes around it) was done
+    stderr: str = ""
+
+    @property
+    def ns_per_call(self) -> float:
+        return self.loop_ns / self.calls
+
+
+def workload(w: Workload, calls: int, rate: int = 0) -> list[str]:
+    return [*w.argv(calls, FUNCTION), *([str(rate)] if rate else [])]
+
+
+def run(argv: list[str]) -> Run:
+    """Run `argv` (the workload, or uprobes running it) and read the
+    workload's timing from its last line."""
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    end = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    m = _RESULT.search(proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise SystemExit(f"bench: {' '.join(argv)} failed ({proc.returncode}):\n"
+                         f"{proc.stdout}{proc.stderr}")
+    calls = int(argv[argv.index(FUNCTION) - 1])
+    return Run(int(m[1]), int(m[2]), calls, end, proc.stderr)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    return markdown_table(header, [[str(c) for c in row] for row in rows])
+
+
+def machine() -> str:
+    """What the figures were measured on."""
+    model = next((ln.split(":", 1)[1].strip() for ln in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), "")
+    return (f"{os.uname().release}, {os.cpu_count()} CPUs ({model}), "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def _probe(exe: Path) -> ResolvedProbe:
+    return Resolver().resolve_all(parse_specs([f"{exe}:{FUNCTION}"]))[0]
+
+
+def _counted(make: Callable[[], object], argv: list[str], read: Callable[[object], int],
+             calls: int) -> Run:
+    """Run the workload under a counter made by `make`; check the count is exact."""
+    with make() as counter:  # type: ignore[attr-defined]
+        r = run(argv)
+        got = read(counter)
+    if got != calls:
+        raise SystemExit(f"bench: counted {got} hits of {calls}")
+    return r
+
+
+def _enabled(counter: UprobeCounter) -> UprobeCounter:
+    counter.enable()
+    return counter
+
+
+def _trace(argv: list[str], spec: str, json: bool, ring_pages: int | None = None) -> Run:
+    cmd = [*UPROBES, "trace", "-o", "/dev/null", spec]
+    if json:
+        cmd.insert(len(UPROBES) + 1, "--json")
+    if ring_pages:
+        cmd[len(UPROBES) + 1:len(UPROBES) + 1] = ["--ring-pages", str(ring_pages)]
+    return run([*cmd, "--", *argv])
+
+
+def _events(r: Run) -> tuple[int, int]:
+    m = _SUMMARY.search(r.stderr)
+    if not m:
+        raise SystemExit(f"bench: no summary from uprobes trace:\n{r.stderr}")
+    return int(m[1]), int(m[2])
+
+
+def per_hit(w: Workload, calls: int, repeats: int) -> str:
+    """The per-hit table: each mode once per round, rounds repeated."""
+    exe = w.exe
+    probe = _probe(exe)
+    spec = f"{exe}:{FUNCTION} n=%di:s64 sp=%sp:x64"
+    argv = workload(w, calls)
+    modes: dict[str, list[Run]] = {m: [] for m in
+                                   ("unprobed", "raw", "count", "text", "json")}
+    for _ in range(repeats):
+        modes["unprobed"].append(run(argv))
+        modes["raw"].append(_counted(
+            lambda: _enabled(UprobeCounter(probe.path, probe.file_offset)), argv,
+            lambda c: c.read(), calls))  # type: ignore[attr-defined]
+        modes["count"].append(_counted(
+            lambda: KernelCounter([probe]), argv,
+            lambda c: sum(c.counts().values()), calls))  # type: ignore[attr-defined]
+        modes["text"].append(_trace(argv, spec, json=False))
+        modes["json"].append(_trace(argv, spec, json=True))
+    base = median([r.ns_per_call for r in modes["unprobed"]])
+    cost = {m: median([r.ns_per_call for r in runs]) - base for m, runs in modes.items()}
+    rows: list[list[object]] = [["unprobed", f"{base:.1f} ns/call", "", ""]]
+    rows.append(["raw uprobe PMU counter (perf_event_open directly)",
+                 f"{cost['raw']:.0f} ns/hit", "", ""])
+    rows.append(["`count` (KernelCounter, system-wide uprobe PMU)", f"{cost['count']:.0f} ns/hit",
+                 f"{cost['count'] / cost['raw']:.3f}x raw", ""])
+    for m, label in (("text", "`trace -o /dev/null` (text)"),
+                     ("json", "`trace --json -o /dev/null`")):
+        runs = modes[m]
+        lost = [_events(r)[1] for r in runs]
+        # The reader's rate: records delivered per second from the workload's
+        # first call until uprobes had written the last one and exited.
+        rates = [_events(r)[0] / ((r.end_ns - r.start_ns) / 1e9) for r in runs]
+        rows.append([label, f"{cost[m]:.0f} ns/hit",
+                     f"{median(rates) / 1e3:.0f}k events/s end to end",
+                     f"lost {median(lost):.0f} of {calls} (median)"])
+    return table(["mode", f"cost ({calls:,} calls, median of {repeats})", "", "lost"], rows)
+
+
+def _quiet_launch(argv: list[str]) -> Launched:
+    """launch() with the workload's stdout on /dev/null (the child inherits fd 1)."""
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return launch(argv)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def reader_rate(w: Workload, calls: int, repeats: int) -> str:
+    """How fast the tracer reads, decodes, orders and renders, apart from the
+    kernel's cost per hit (which bounds how fast one thread can make hits):
+    the workload runs to its end with records piling up in large rings, then
+    `run_hits` delivers them all into a renderer writing to /dev/null."""
+    probes = Resolver().resolve_all(parse_specs([f"{w.exe}:{FUNCTION} n=%di:s64 sp=%sp:x64"]))
+    pages = 1 << max(0, (calls * 128 // 4096).bit_length())  # room for every record
+    rows = []
+    for name, renderer in (("text", TraceTextRenderer), ("--json", JsonLinesRenderer)):
+        rates, lost = [], []
+        for _ in range(repeats):
+            child = _quiet_launch(workload(w, calls))
+            try:
+                with open(os.devnull, "w") as sink, \
+                        KernelTracer(probes, child=child.pid, ring_pages=pages) as tracer:
+                    child.release()
+                    child.wait()
+                    out = renderer(sink, tracer.infos)
+                    took = timed(lambda: tracer.run_hits(out.hits))  # noqa: B023
+                    rates.append(tracer.events / took)
+                    lost.append(tracer.lost)
+            finally:
+                child.abort()
+        rows.append([f"`trace {name}` reader", f"{median(rates) / 1e3:.0f}k events/s",
+                     f"{max(lost)}"])
+    return table([f"{calls:,} records already in the rings", "delivered", "lost"], rows)
+
+
+def sustained(w: Workload, rates: Sequence[int], seconds: float, repeats: int) -> str:
+    """trace --json at paced rates: lost records at each."""
+    spec = f"{w.exe}:{FUNCTION} n=%di:s64 sp=%sp:x64"
+    rows = []
+    for rate in rates:
+        calls = int(rate * seconds)
+        lost, got = [], []
+        for _ in range(repeats):
+            r = _trace(workload(w, calls, rate), spec, json=True)
+            events, n = _events(r)
+            lost.append(n)
+            got.append(calls / (r.loop_ns / 1e9))
+        rows.append([f"{rate / 1e3:.0f}k/s for {seconds:g} s", f"{median(got) / 1e3:.0f}k/s",
+                     f"{max(lost)}", f"{sum(1 for n in lost if n == 0)} of {repeats}"])
+    return table(["`trace --json` at", "achieved", "lost (worst)", "runs with none lost"], rows)
+
+
+def libc_probes(n: int) -> list[ResolvedProbe]:
+    """The first `n` probes of `libc:*` (entry probes, by file offset)."""
+    probes = Resolver().resolve_all(parse_specs(["libc:*"]))
+    return sorted(probes, key=lambda p: p.file_offset)[:n]
+
+
+def attach_detach(sizes: Sequence[int], repeats: int, ways: Sequence[str]) -> str:
+    """Seconds to place and to remove N libc probes, each way."""
+    sleeper = subprocess.Popen(["sleep", "3600"])
+    rows = []
+    try:
+        for n in sizes:
+            probes = libc_probes(n)
+            makers: dict[str, Callable[[], object]] = {
+                "trace": lambda: KernelTracer(probes),
+                "trace -p": lambda: KernelTracer(probes, pid=sleeper.pid),
+                "count": lambda: KernelCounter(probes),
+                "count -p": lambda: KernelCounter(probes, pids=[sleeper.pid]),
+            }
+            for way in ways:
+                up, down, placed = [], [], 0
+                for _ in range(repeats if n < 500 else 1):
+                    obj = makers[way]()
+                    up.append(timed(obj.__enter__))  # type: ignore[attr-defined]
+                    placed = len(getattr(obj, "placed", None) or getattr(obj, "names", []))
+                    down.append(timed(lambda: obj.__exit__(None, None, None)))  # type: ignore
+                rows.append([f"`{way}`", f"{n} ({placed} placed)", f"{median(up):.3f} s",
+                             f"{median(down):.3f} s"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    return table(["way", "libc:* probes", "attach", "detach"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=1_000_000, help="calls per per-hit run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rates", default="100000,200000,300000",
+                    help="paced rates for trace --json, comma-separated")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each paced run")
+    ap.add_argument("--sizes", default="1,100,1000", help="probe counts for attach/detach")
+    ap.add_argument("--ways", default="trace,trace -p,count,count -p",
+                    help="placements to time for attach/detach, comma-separated")
+    ap.add_argument("--only", choices=("per-hit", "reader", "sustained", "attach"), action="append",
+                    help="run only these parts (repeatable)")
+    args = ap.parse_args(argv)
+    parts = set(args.only or ("per-hit", "reader", "sustained", "attach"))
+    w = build()
+    cmd = "python -m bench.kernel " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"`{cmd.strip()}` on {machine()}, {time.strftime('%Y-%m-%d')}\n")
+    if "per-hit" in parts:
+        print(per_hit(w, args.calls, args.repeats), "\n", flush=True)
+    if "reader" in parts:
+        print(reader_rate(w, args.calls, args.repeats), "\n", flush=True)
+    if "sustained" in parts:
+        rates = [int(r) for r in args.rates.split(",")]
+        print(sustained(w, rates, args.seconds, max(1, args.repeats // 2 + 1)), "\n",
+              flush=True)
+    if "attach" in parts:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        print(attach_detach(sizes, args.repeats, args.ways.split(",")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
