@@ -296,3 +296,24 @@ def test_output_is_in_time_order_across_cpus(tracefs: Path, compile_c: Compiler)
     per_cpu = Counter(h["cpu"] for h in hits)
     assert len(per_cpu) == 2 and min(per_cpu.values()) > 1000
     assert {h["args"]["cpu"] for h in hits} == {0, 1}
+
+
+def test_probes_alike_share_one_kernel_event(target: Path) -> None:
+    """Probes of one file with the same fetchargs become one kernel event
+    (removed with one grace period, not one per probe); each hit is still
+    named after the probe that fired (told by its address's page offset)."""
+    probes = Resolver().resolve_all(parse_specs(
+        [f"{target}:add", f"{target}:greet", f"{target}:point_sum", f"{target}:fib n=%di:s32"]))
+    hits: list[Hit] = []
+    child = launch([str(target), "5"])
+    try:
+        with KernelTracer(probes, child=child.pid) as tracer:
+            assert len(tracer.placed) == 4
+            assert len(tracer.decoders) == 2  # add+greet+point_sum, and fib (other args)
+            child.release()
+            tracer.run_hits(hits.extend)
+    finally:
+        child.abort()
+    assert Counter(h[4] for h in hits) == {"uprobes/add": 5, "uprobes/greet": 5,
+                                           "uprobes/point_sum": 5, "uprobes/fib": 15}
+    assert {h[8] for h in hits if h[4] == "uprobes/fib"} == {(5,), (4,), (3,), (2,), (1,), (0,)}

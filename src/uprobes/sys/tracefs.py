@@ -183,6 +183,12 @@ class Tracefs:
         self._write_checked(line.strip() + "\n", f"adding probe {line.strip()!r}",
                             "uprobe_events")
 
+    def add_probes(self, lines: list[str]) -> None:
+        """Append many definition lines in one write (the kernel runs them in
+        order and stops at the first it refuses; those before it stay)."""
+        text = "".join(line.strip() + "\n" for line in lines)
+        self._write_checked(text, f"adding {len(lines)} probes", "uprobe_events")
+
     def remove_event(self, group: str, event: str) -> None:
         """Delete event `group/event` (EBUSY while a perf event or ftrace uses it)."""
         self._write_checked(f"-:{group}/{event}\n", f"removing event {group}/{event}",
@@ -272,6 +278,31 @@ class ProbeGroup:
         if event and event not in self.events:
             self.events.append(event)
         return event
+
+    def add_event(self, event: str, lines: list[str]) -> None:
+        """Define `event` by `lines` (one probe point each) in one write; on
+        failure nothing of it is left."""
+        for line in lines:
+            kind, group, name = split_event_line(line)
+            if kind == "-" or group != self.name or name != event:
+                raise KernelError(f"probe line {line!r} does not define {self.name}/{event}",
+                                  errno.EINVAL)
+        if event not in self.events:
+            self.events.append(event)
+        try:
+            self.tracefs.add_probes(lines)
+        except KernelError:
+            if event in self.tracefs.events_of_group(self.name):
+                self.remove(event)
+            else:
+                self.events.remove(event)
+            raise
+
+    def remove(self, event: str) -> None:
+        """Remove one of our events now (every probe point it holds)."""
+        self.tracefs.remove_event(self.name, event)
+        if event in self.events:
+            self.events.remove(event)
 
     def remove_all(self, *, leftovers: bool = False) -> None:
         """Remove our events (and, with `leftovers`, anything else in the group)."""

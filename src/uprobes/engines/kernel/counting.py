@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
-from uprobes.engines.kernel.insn_guard import unsafe_site
+from uprobes.engines.kernel.insn_guard import unsafe_sites
 from uprobes.errors import EngineError, KernelError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.spec import kernel_line
@@ -125,14 +125,15 @@ class KernelCounter:
         self.total = len(names)
         self.probes: list[ResolvedProbe] = []
         self.names: list[str] = []
-        for name, probe in zip(names, probes):
-            for p in _sites(probe):
-                why = None if force else unsafe_site(p.path, p.file_offset)
-                if why:
-                    self.refused.append(Refusal(name, None, why))
-                else:
-                    self.probes.append(p)
-                    self.names.append(name)
+        sites = [(name, p) for name, probe in zip(names, probes) for p in _sites(probe)]
+        unsafe = {} if force else unsafe_sites((p.path, p.file_offset) for _, p in sites)
+        for name, p in sites:
+            why = unsafe.get((p.path, p.file_offset))
+            if why:
+                self.refused.append(Refusal(name, None, why))
+            else:
+                self.probes.append(p)
+                self.names.append(name)
         self.pids = list(pids) if pids is not None else None
         self.all_threads = all_threads
         self._tracefs = tracefs

@@ -11,7 +11,9 @@ not these, so we refuse them ourselves.
 
 from __future__ import annotations
 
-from iced_x86 import EncodingKind
+from collections.abc import Iterable
+
+from iced_x86 import EncodingKind, OpCodeTableKind, Register
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import decode_at
@@ -23,11 +25,49 @@ EVEX_REASON = "AVX-512 (EVEX) instruction: the kernel's single-step loses its re
 def unsafe_site(path: str, file_offset: int) -> str | None:
     """Why probing the instruction at `file_offset` of `path` would corrupt
     the target, or None if nothing we know of is wrong with it."""
-    try:
-        with ElfImage.open(path) as image:
-            insn = decode_at(image, file_offset)
-    except UprobesError:
-        return None  # validation (or the kernel) reports the file's problem itself
-    if insn.instruction.encoding == EncodingKind.EVEX:
-        return EVEX_REASON
-    return None
+    return unsafe_sites([(path, file_offset)]).get((path, file_offset))
+
+
+# What arch/x86/kernel/uprobes.c uprobe_init_insn() refuses with ENOTSUPP
+# whatever the opcode tables say: LOCK and ES/CS/SS/DS prefixes
+# (is_prefix_bad()), and opcodes of more than two bytes (0F 38, 0F 3A, in
+# legacy or VEX form: only 1- and 2-byte opcode tables are checked).
+_BAD_SEGMENTS = (Register.ES, Register.CS, Register.SS, Register.DS)
+_THREE_BYTE = (OpCodeTableKind.T0F38, OpCodeTableKind.T0F3A)
+
+
+def unsafe_sites(sites: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """`unsafe_site` for many (path, file_offset) sites, each file opened
+    once (opening libc takes tens of ms: per probe of `libc:*` that was
+    most of the time to attach); only the unsafe ones are in the result."""
+    return screen_sites(sites)[0]
+
+
+def screen_sites(sites: Iterable[tuple[str, int]]
+                 ) -> tuple[dict[tuple[str, int], str], set[tuple[str, int]]]:
+    """(`unsafe_sites`, the sites the kernel will most likely refuse). The
+    second is a guess used only to keep such probes out of shared events
+    (one refused probe point fails its whole event): the kernel decides."""
+    refusable: set[tuple[str, int]] = set()
+    by_path: dict[str, set[int]] = {}
+    for path, file_offset in sites:
+        by_path.setdefault(path, set()).add(file_offset)
+    unsafe: dict[tuple[str, int], str] = {}
+    for path, offsets in by_path.items():
+        try:
+            image = ElfImage.open(path)
+        except UprobesError:
+            continue  # validation (or the kernel) reports the file's problem itself
+        with image:
+            for file_offset in offsets:
+                try:
+                    insn = decode_at(image, file_offset)
+                except UprobesError:
+                    continue
+                ins = insn.instruction
+                if ins.encoding == EncodingKind.EVEX:
+                    unsafe[(path, file_offset)] = EVEX_REASON
+                elif (ins.has_lock_prefix or ins.segment_prefix in _BAD_SEGMENTS
+                      or ins.op_code().table in _THREE_BYTE):
+                    refusable.add((path, file_offset))
+    return unsafe, refusable

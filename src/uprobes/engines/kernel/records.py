@@ -86,6 +86,52 @@ def kernel_probes(probes: list[ResolvedProbe], group: str) -> list[KernelProbe]:
     return out
 
 
+PAGE_MASK = 0xFFF
+
+
+def shared_events(kps: list[KernelProbe],
+                  alone: set[tuple[str, int]] = frozenset()) -> list[list[KernelProbe]]:  # type: ignore[assignment]
+    """The probes grouped into kernel events: each list becomes one event.
+
+    The kernel lets one event hold many probe points (a line naming an
+    existing event with the same fetchargs appends to it), and it removes
+    them all at once: one grace period for the event instead of one per
+    probe (about 90 ms each on this machine; why detaching `libc:*` took
+    minutes). An event's records all look alike, so the probe that fired is
+    told by the low 12 bits of its address: a file is mapped page by page,
+    so an address and its file offset agree there. Probes of one file, kind
+    and fetchargs share an event when those bits differ; return probes on
+    `ret` sites and USDT probes (a semaphore each) keep an event each, and
+    so do the (path, file_offset) sites in `alone` (likely refused).
+    """
+    events: list[list[KernelProbe]] = []
+    slots: dict[tuple[str, str, str], list[tuple[set[int], list[KernelProbe]]]] = {}
+    for kp in kps:
+        kind, _, rest = kp.line.partition(":")
+        place, _, args = rest.partition(" ")[2].partition(" ")
+        if (kp.func_delta is not None or kp.probe.ref_ctr_offset or "(" in place
+                or (kp.probe.path, kp.file_offset) in alone):
+            events.append([kp])
+            continue
+        low = kp.file_offset & PAGE_MASK
+        for used, members in slots.setdefault((kind, kp.probe.path, args), []):
+            if low not in used:
+                used.add(low)
+                members.append(kp)
+                break
+        else:
+            members = [kp]
+            slots[(kind, kp.probe.path, args)].append(({low}, members))
+            events.append(members)
+    return events
+
+
+def event_line(kp: KernelProbe, event: str) -> str:
+    """`kp`'s uprobe_events line, defining (or appending to) `group/event`."""
+    head, _, rest = kp.line.partition(" ")
+    return f"{head.partition(':')[0]}:{kp.group}/{event} {rest}"
+
+
 def probe_info(p: ResolvedProbe) -> ProbeInfo:
     """Display name, kind and argument types (after lowering: a USDT `$argN`
     takes the operand's size and sign) of a resolved probe."""
@@ -101,9 +147,12 @@ class RecordDecoder:
     (`__data_loc`) are sliced out only for the fields that are strings."""
 
     def __init__(self, fmt: EventFormat, info: ProbeInfo,
-                 layout: SampleLayout | None = None) -> None:
+                 layout: SampleLayout | None = None,
+                 names: dict[int, str] | None = None) -> None:
         self.info = info
         self.probe = info.name
+        # An event shared by probes (shared_events): probe name by address & PAGE_MASK.
+        self.names = names
         self.is_return = fmt.is_return
         self.layout = layout or SampleLayout.of(TRACE_SAMPLE_TYPE)
         ip_name = "__probe_ret_ip" if self.is_return else "__probe_ip"
@@ -208,6 +257,9 @@ class RecordDecoder:
         getter, comm_at, arg_values = self._getter, self._comm_at, self._arg_values
         comms = self._comms
         comm_i = None if self._comm is None else base + self._comm[0]
+        names = self.names
+        # A return probe's __probe_func is the probed function; an entry's ip the probe.
+        where = func if self.is_return and func is not None else ip
 
         def hit(data: bytes, at: int) -> Hit:
             v = unpack(data, at)
@@ -221,7 +273,8 @@ class RecordDecoder:
             else:
                 comm = comm_at(v, data, at + raw_at, base, tid)
             args = getter(v) if getter is not None else arg_values(v, data, at + raw_at, base)
-            return (v[t], v[p], tid, v[c], probe, comm, v[ip],  # type: ignore[index]
+            name = probe if names is None else names.get(v[where] & PAGE_MASK, probe)
+            return (v[t], v[p], tid, v[c], name, comm, v[ip],  # type: ignore[index]
                     None if func is None else v[func], args)
 
         return hit
@@ -230,7 +283,11 @@ class RecordDecoder:
         """The `Event` of one parsed `Sample` (the convenient, slower way)."""
         raw = sample.raw
         v = self._raw.unpack_from(raw)
-        hit: Hit = (sample.time_ns, sample.pid, sample.tid, sample.cpu, self.probe,
+        probe = self.probe
+        if self.names is not None:
+            at = v[self._func] if self.is_return and self._func is not None else v[self._ip]
+            probe = self.names.get(at & PAGE_MASK, probe)
+        hit: Hit = (sample.time_ns, sample.pid, sample.tid, sample.cpu, probe,
                     self._comm_at(v, raw, 0, 0, sample.tid), v[self._ip],
                     v[self._func] if self._func is not None else None,
                     self._arg_values(v, raw, 0, 0))

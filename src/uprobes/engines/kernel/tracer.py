@@ -22,11 +22,11 @@ from types import TracebackType
 
 from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
-from uprobes.engines.kernel.records import KernelProbe, RecordDecoder, RetSiteDecoder, \
-    kernel_probes
+from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
+    RetSiteDecoder, event_line, kernel_probes, shared_events
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
-from uprobes.engines.kernel.insn_guard import unsafe_site
+from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
@@ -94,8 +94,21 @@ class KernelTracer:
             if target is not None:
                 self._open_pidfd(target)
             multi = _glob_specs(self.probes)
-            for kp in kernel_probes(self.probes, group.name):
-                self._place(tfs, group, kp, multi)
+            kps = kernel_probes(self.probes, group.name)
+            unsafe, alone = screen_sites((kp.probe.path, kp.file_offset) for kp in kps)
+            if self.force:
+                unsafe = {}
+            safe = []
+            for kp in kps:
+                why = unsafe.get((kp.probe.path, kp.file_offset))
+                if why is None:
+                    safe.append(kp)
+                elif not _skippable(kp, multi):
+                    raise ResolveError(f"{kp.info.name}: {why} (use --force to probe it anyway)")
+                else:
+                    self._note(f"skipped {kp.info.name}: {why}")
+            for members in shared_events(safe, alone):
+                self._place(tfs, group, members, multi)
             if not self.placed:
                 raise KernelError("the kernel refused every probe")
         except BaseException:
@@ -103,20 +116,35 @@ class KernelTracer:
             raise
         return self
 
-    def _place(self, tfs: Tracefs, group: ProbeGroup, kp: KernelProbe, multi: set[int]) -> None:
+    def _place(self, tfs: Tracefs, group: ProbeGroup, members: list[KernelProbe],
+               multi: set[int]) -> None:
+        """Place `members` as one kernel event (named after the first). When
+        the kernel refuses the event (one probe point it cannot take fails
+        them all, e.g. ENOTSUPP for an instruction it cannot step), the
+        halves are placed apart, down to the probe it refused."""
         streams = self._streams
         assert streams is not None
-        unsafe = None if self.force else unsafe_site(kp.probe.path, kp.file_offset)
-        # A return probe on its rets is placed whole or not at all: never skipped.
-        skippable = id(kp.probe.spec) in multi and kp.func_delta is None
-        if unsafe:
-            if not skippable:
-                raise ResolveError(f"{kp.info.name}: {unsafe} (use --force to probe it anyway)")
-            self._note(f"skipped {kp.info.name}: {unsafe}")
-            return
+        event = members[0].event
+        added: list[KernelProbe] = []
         try:
-            group.add(kp.line)
-            fmt = tfs.event_format(kp.group, kp.event)
+            try:
+                group.add_event(event, [event_line(kp, event) for kp in members])
+                added = list(members)
+            except KernelError:
+                if len(members) == 1:
+                    raise
+                # One line was refused: find which, one line at a time.
+                for kp in members:
+                    try:
+                        group.add(event_line(kp, event))
+                        added.append(kp)
+                    except KernelError as e:
+                        if not _skippable(kp, multi):
+                            raise
+                        self._note(f"skipped {kp.info.name}: {_reason(e)}")
+            if not added:
+                return
+            fmt = tfs.event_format(group.name, event)
             if self.child is not None:
                 streams.open([fmt.id], [self.child])
             elif self.pid is not None:
@@ -124,14 +152,27 @@ class KernelTracer:
             else:
                 streams.open([fmt.id], [-1])
         except KernelError as e:
+            if len(added) > 1:
+                group.remove(event)
+                half = len(added) // 2
+                self._place(tfs, group, added[:half], multi)
+                self._place(tfs, group, added[half:], multi)
+                return
             # A glob places what the kernel accepts (some libc entry points
             # start with instructions uprobes refuse: ENOTSUPP) and names the rest.
-            if not skippable:
+            kp = (added or members)[0]
+            if not _skippable(kp, multi):
                 raise
             self._note(f"skipped {kp.info.name}: {_reason(e)}")
+            if added:
+                group.remove(event)
             return
-        self.decoders[fmt.id] = kp.decoder(fmt)
-        self.placed.append(kp)
+        if len(added) == 1:
+            self.decoders[fmt.id] = added[0].decoder(fmt)
+        else:
+            names = {kp.file_offset & PAGE_MASK: kp.info.name for kp in added}
+            self.decoders[fmt.id] = RecordDecoder(fmt, added[0].info, names=names)
+        self.placed.extend(added)
 
     def _open_pidfd(self, pid: int) -> None:
         try:
@@ -239,6 +280,12 @@ class KernelTracer:
 
 _ts = itemgetter(0)
 RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first
+
+
+def _skippable(kp: KernelProbe, multi: set[int]) -> bool:
+    """A probe of a glob may be left out with a note; a return probe on its
+    rets is placed whole or not at all."""
+    return id(kp.probe.spec) in multi and kp.func_delta is None
 
 
 def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
