@@ -105,7 +105,11 @@ def _ours_or_dead(line: str) -> bool:
     if not m:
         return True
     pid = int(m.group(1))
-    return pid == os.getpid() or not Path(f"/proc/{pid}").exists()
+    if pid == os.getpid():
+        return True
+    # A dead run whose reaper still waits for the kernel to let go is being
+    # cleaned up (see uprobes.engines.kernel.reaper), not leaked.
+    return not Path(f"/proc/{pid}").exists() and not reapers_of(pid)
 
 
 def reapers_of(pid: int) -> list[int]:

@@ -130,3 +130,32 @@ def test_the_readme_example_runs(tracefs: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1].startswith("ls exited 0:") and "malloc calls" in lines[-1]
+
+
+def test_ptrace_engine_same_events_and_handlers_that_change_registers(
+        target: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The same lines on the ptrace engine give the kernel's values, and a
+    handler there runs while the thread is stopped: it can change the value
+    `add` returns to its caller."""
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    for engine in ("kernel", "ptrace"):
+        s = uprobes.Session(engine=engine)
+        got: list[tuple[int, ...]] = []
+        s.probe(f"{target}:add a=%di:s64 b=%si:s64", lambda ev: got.append((ev.args["a"], ev.args["b"])))
+        s.probe(f"r {target}:add v=$retval:s64", lambda ev: got.append((ev.args["v"],)))
+        assert s.spawn([str(target), str(LOOPS)]) == 0
+        assert s.engine_used == engine
+        seen[engine] = got
+    assert seen["kernel"] == seen["ptrace"] and len(seen["kernel"]) == 2 * LOOPS
+    capfd.readouterr()
+
+    s = uprobes.Session(engine="ptrace")
+
+    @s.probe(f"r {target}:add")
+    def bump(ev: uprobes.Event) -> None:
+        assert ev.hit is not None and ev.hit.regs.rip == ev.ip
+        ev.hit.set(rax=ev.hit.regs.rax + 1000)
+
+    assert s.spawn([str(target), "3"]) == 0
+    out = capfd.readouterr().out
+    assert "total=3359" in out  # untraced: 359; three add() calls return 1000 more each

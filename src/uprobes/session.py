@@ -11,7 +11,12 @@
 A session collects probes (`probe()`), then runs once: `spawn()` starts a
 command with the probes in place before its first instruction and returns
 its exit status; `attach()` follows a running process and its threads;
-`run()` traces system-wide. Each blocks, calling handlers in the caller's
+`run()` traces system-wide (the kernel engine only).
+
+Engines: "kernel" (the kernel's uprobes: events reach handlers a moment
+after the hit), "ptrace" (ours: handlers run while the thread is stopped at
+the probe; `event.hit` gives its registers and memory and can change them)
+and "auto" (the kernel where it can serve, see `uprobes.engines.choose`). Each blocks, calling handlers in the caller's
 thread, until the command or process ends, `duration` passes, a handler
 calls `stop()`, or SIGINT/SIGTERM/SIGHUP arrive (which stop the run, never
 the traced program). Every probe is removed on every way out.
@@ -27,9 +32,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeVar
 
+from uprobes.engines.choose import ENGINES, pick_engine
 from uprobes.engines.event import Event
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
@@ -43,11 +49,13 @@ from uprobes.spec.ast import ProbeSpec
 from uprobes.spec.condition import parse_condition
 from uprobes.spec.render import render
 
+if TYPE_CHECKING:
+    from uprobes.engines.ptrace.tracer import PtraceTracer
+
 EventHandler = Callable[[Event], object]
 EventFilter = Callable[[Event], bool]
 H = TypeVar("H", bound=EventHandler)
 
-ENGINES = ("auto", "kernel")
 
 
 @dataclass
@@ -61,8 +69,7 @@ class _Line:
 class Session:
     """Probe lines with handlers, run once on an engine.
 
-    `engine`: "kernel" (the kernel's uprobes) or "auto" (the kernel where it
-    can serve). `force` skips the executable-segment and instruction
+    `engine`: "kernel", "ptrace" or "auto" (see the module's docstring). `force` skips the executable-segment and instruction
     checks. `note` receives the one-line notes a run produces (a glob entry
     the kernel refused, an IFUNC); by default they go to stderr.
     """
@@ -72,12 +79,14 @@ class Session:
                  note: Callable[[str], object] | None = None) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+        self.engine_used: str | None = None
+        """The engine the run took (`auto` decides when the run starts)."""
         self.engine = engine
         self.force = force
         self.ring_pages = ring_pages
         self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
         self._lines: dict[str, _Line] = {}
-        self._tracer: KernelTracer | None = None
+        self._tracer: KernelTracer | PtraceTracer | None = None
         self._ran = False
         self._stopped = False
         self.events = 0
@@ -139,7 +148,7 @@ class Session:
         return its exit status (128+N if signal N ended it). If tracing stops
         first (duration, stop(), a signal, an exception), the command runs on
         unharmed and this waits for it."""
-        self._resolve(pid=None)
+        self._resolve(pid=None, has_target=True)
         child = launch(list(argv))
         released = False
         try:
@@ -148,18 +157,20 @@ class Session:
                 released = True
                 self._run(duration, ready)
         except BaseException:
+            self._pass_status(child)
             if released:
                 child.wait()
             else:
                 child.abort()  # never released: the command must not run at all
             raise
+        self._pass_status(child)
         return child.wait()
 
     def attach(self, pid: int, *, duration: float | None = None,
                ready: Callable[[], object] | None = None) -> None:
         """Trace process `pid` (all its threads, and the children it starts)
         until it exits, `duration` passes or `stop()`."""
-        self._resolve(pid=pid)
+        self._resolve(pid=pid, has_target=True)
         with self._open(pid=pid):
             self._run(duration, ready)
 
@@ -170,7 +181,7 @@ class Session:
         `ready` (in every run method) is called once every probe is in
         place, before the first event is delivered: the moment to start a
         workload that must be seen whole."""
-        self._resolve(pid=None)
+        self._resolve(pid=None, has_target=False)
         with self._open():
             self._run(duration, ready)
 
@@ -182,8 +193,9 @@ class Session:
 
     # ------------------------------------------------------------ inside
 
-    def _resolve(self, *, pid: int | None) -> None:
-        """Resolve every line, as process `pid` sees names (the run starts here)."""
+    def _resolve(self, *, pid: int | None, has_target: bool) -> None:
+        """Resolve every line, as process `pid` sees names, and pick the
+        engine (the run starts here)."""
         if self._ran:
             raise UsageError("a session runs once: make a new Session for another run")
         if not self._lines:
@@ -194,13 +206,26 @@ class Session:
         for p in self.probes:
             for text in p.notes:
                 self._note(text)
+        self.engine_used = pick_engine(self.engine, self.probes, has_target=has_target)
 
-    def _open(self, *, pid: int | None = None, child: int | None = None) -> KernelTracer:
+    def _open(self, *, pid: int | None = None,
+              child: int | None = None) -> KernelTracer | PtraceTracer:
         """The engine's tracer for the resolved probes, to be entered."""
-        self._tracer = KernelTracer(self.probes, pid=pid, child=child,
-                                    ring_pages=self.ring_pages, force=self.force,
-                                    note=self._note)
+        if self.engine_used == "ptrace":
+            from uprobes.engines.ptrace.tracer import PtraceTracer
+            self._tracer = PtraceTracer(self.probes, pid=pid, child=child, force=self.force,
+                                        note=self._note)
+        else:
+            self._tracer = KernelTracer(self.probes, pid=pid, child=child,
+                                        ring_pages=self.ring_pages, force=self.force,
+                                        note=self._note)
         return self._tracer
+
+    def _pass_status(self, child: Launched) -> None:
+        """The ptrace engine is the command's tracer and reaps it: pass its status on."""
+        status = getattr(self._tracer, "child_status", None)
+        if status is not None:
+            child.status = status
 
     def _run(self, duration: float | None, ready: Callable[[], object] | None) -> None:
         tracer = self._tracer
@@ -209,16 +234,20 @@ class Session:
         # consumers; a glob gives one placed probe per address.
         by_spec = {id(line.spec): line for line in self._lines.values()}
         dispatch: dict[str, Callable[[Event], None]] = {}
-        for kp in tracer.placed:
-            line = by_spec[id(kp.probe.spec)]
-            dispatch[kp.info.name] = prepare_dispatch(
+        for p in self.probes:  # an event's `probe` is its resolved probe's name
+            line = by_spec[id(p.spec)]
+            dispatch[p.name] = prepare_dispatch(
                 [(c.filter, c.handler) for c in line.consumers if c.handler is not None])
         table = dispatch.get
+        stopped_at_hit = self.engine_used == "ptrace"
 
         def deliver(ev: Event) -> None:
             call = table(ev.probe)
-            if call is not None and not self._stopped:
-                call(ev)
+            if call is None or self._stopped:
+                return
+            if stopped_at_hit:  # the ptrace engine: handlers see the stopped thread
+                ev = replace(ev, hit=getattr(tracer, "current_hit", None))
+            call(ev)
 
         try:
             if ready is not None:

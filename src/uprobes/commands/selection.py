@@ -6,11 +6,11 @@ import argparse
 from collections.abc import Sequence
 from typing import TextIO
 
+from uprobes.engines.choose import ENGINES, pick_engine
 from uprobes.errors import UsageError
-from uprobes.probe import ResolvedProbe, VdsoKey
+from uprobes.probe import ResolvedProbe
 from uprobes.resolve import retsites
 
-ENGINES = ("auto", "kernel", "ptrace")
 
 
 def add_selection_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,27 +51,9 @@ def check_selection(args: argparse.Namespace) -> None:
 
 
 def choose_engine(args: argparse.Namespace, probes: list[ResolvedProbe]) -> str:
-    """`kernel` or `ptrace`. Auto takes the kernel unless it cannot serve: a
-    vDSO probe (no inode), or no usable tracefs; then ptrace, given a
-    process or a command to trace."""
-    vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
-    if args.engine == "kernel" and vdso is not None:
-        raise UsageError(f"{vdso.name}: the kernel's uprobes cannot probe the vDSO (it has no "
-                         "file, so no inode to name); -e ptrace can")
-    if args.engine != "auto":
-        return str(args.engine)
-    from uprobes.sys.features import features
-    why = None
-    if vdso is not None:
-        why = f"{vdso.name} is in the vDSO, which the kernel cannot probe"
-    elif not features().kernel_engine_usable:
-        why = features().tracefs_why or "the kernel's uprobes are not usable here"
-    if why is None:
-        return "kernel"
-    if args.pid is None and not args.argv_command:
-        raise UsageError(f"{why}; the ptrace engine can, in a process or a command: "
-                         "give -p PID or -- CMD")
-    return "ptrace"
+    """`kernel` or `ptrace` for this command line (see `uprobes.engines.choose`)."""
+    return pick_engine(args.engine, probes,
+                       has_target=args.pid is not None or bool(args.argv_command))
 
 
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ CLOCK_MONOTONIC, so events line up with other sources on the machine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from uprobes.spec.ast import FetchType
 
@@ -42,6 +43,10 @@ class Event:
     run-time address for "p" and the address returned to for "r"; `func`
     (return probes only) is the function's entry address. `args` maps each
     fetcharg name to its value, in the probe's order.
+
+    `hit`: on the ptrace engine, while a `Session` handler runs, the stopped
+    thread (`uprobes.engines.ptrace.hit.PtraceHit`: `regs`, `read`, `write`,
+    `set`); None on the kernel engine, and after the handler returns.
     """
 
     probe: str
@@ -54,6 +59,7 @@ class Event:
     ip: int
     func: int | None = None
     args: dict[str, ArgValue] = field(default_factory=dict)
+    hit: Any = field(default=None, compare=False, repr=False)
 
 
 Hit = tuple[int, int, int, int, str, str, int, int | None, tuple[ArgValue, ...]]

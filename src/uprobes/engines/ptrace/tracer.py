@@ -123,6 +123,7 @@ class PtraceTracer:
         self.signal: int | None = None
         self.target_exited = False
         self.child_status: int | None = None
+        self.current_hit: PtraceHit | None = None
         self._on_hits: Callable[[list[Hit]], None] | None = None
         self._pending_new: dict[int, int] = {}
         self._done = False
@@ -161,8 +162,12 @@ class PtraceTracer:
                 got = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
                 args = tuple(got.get(n) for n, _ in info.args)
             self.events += 1
-            emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip, hit.func,
-                   args)])
+            self.current_hit = hit  # the stopped thread, for a Session handler
+            try:
+                emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip, hit.func,
+                       args)])
+            finally:
+                self.current_hit = None
         return on_hit
 
     # ------------------------------------------------------------ set-up

@@ -1,0 +1,40 @@
+"""Which engine serves a run: `kernel` or `ptrace`.
+
+`auto` takes the kernel (system-wide, cheapest per hit) unless it cannot
+serve: a vDSO probe (no file, so no inode for the kernel to name), or no
+usable tracefs and kernel uprobes (not root, lockdown, no CONFIG_UPROBES).
+Then the ptrace engine, which needs a process or a command to trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from uprobes.errors import UsageError
+from uprobes.probe import ResolvedProbe, VdsoKey
+
+ENGINES = ("auto", "kernel", "ptrace")
+
+
+def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: bool) -> str:
+    """The engine for `probes`; `has_target`: a process or a command is given."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
+    if engine == "kernel" and vdso is not None:
+        raise UsageError(f"{vdso.name}: the kernel's uprobes cannot probe the vDSO (it has no "
+                         "file, so no inode to name); -e ptrace can")
+    if engine != "auto":
+        return engine
+    from uprobes.sys.features import features
+    why = None
+    if vdso is not None:
+        why = f"{vdso.name} is in the vDSO, which the kernel cannot probe"
+    elif not features().kernel_engine_usable:
+        why = features().tracefs_why or "the kernel's uprobes are not usable here"
+    if why is None:
+        return "kernel"
+    if not has_target:
+        raise UsageError(f"{why}; the ptrace engine can, in a process or a command: "
+                         "give -p PID or -- CMD")
+    return "ptrace"
