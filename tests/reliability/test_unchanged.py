@@ -18,7 +18,7 @@ import pytest
 from conftest import Compiler
 
 UPROBES = [sys.executable, "-m", "uprobes"]
-ENGINES = ["kernel"]
+ENGINES = ["kernel", "ptrace"]
 
 
 @dataclass(frozen=True)

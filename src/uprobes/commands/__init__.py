@@ -12,6 +12,7 @@ import sys
 from types import ModuleType
 from typing import NoReturn, TextIO
 
+from uprobes.engines.signals import CommandSignals, StopRequested
 from uprobes.errors import UprobesError, UsageError
 
 PROG = "uprobes"
@@ -64,31 +65,46 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        parser = build_parser()
-        argv = list(sys.argv[1:] if argv is None else argv)
-        # `-- CMD ARGS...` is the command to start and trace; argparse never sees it.
-        command: list[str] | None = None
-        if "--" in argv:
-            i = argv.index("--")
-            argv, command = argv[:i], argv[i + 1:]
-        args = parser.parse_args(argv)
-        args.argv_command = command
-        if args.command is None:
-            parser.print_help(out)
-            return 2
-        return int(args.run(args, out))
+        with CommandSignals():
+            return _main(argv, out)
     except UprobesError as e:
         print_error(e, err)
         return e.exit_status
     except SystemExit as e:  # --help and --version end here
         return e.code if isinstance(e.code, int) else 0
+    except StopRequested as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
 
 
+def _main(argv: list[str] | None, out: TextIO) -> int:
+    """Parse and run one command."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `-- CMD ARGS...` is the command to start and trace; argparse never sees it.
+    command: list[str] | None = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    args = parser.parse_args(argv)
+    args.argv_command = command
+    if args.command is None:
+        parser.print_help(out)
+        return 2
+    return int(args.run(args, out))
+
+
 def entry_point() -> int:
+    # From here to the process's end, a stop signal never kills us with the
+    # default action: main() decides what it means (CommandSignals), and
+    # after main() it arrives too late to matter (we are exiting with the
+    # traced command's status). A launched command gets the defaults back.
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     status = main()
     try:
         sys.stdout.flush()

@@ -40,6 +40,8 @@ class StopSignals:
             pass  # the pipe is full: the loop is already woken
 
     def __enter__(self) -> StopSignals:
+        global _runs
+        _runs += 1
         # signal.signal works only in the main thread; elsewhere the caller
         # stops the run itself (a Python API user in a worker thread).
         if threading.current_thread() is threading.main_thread():
@@ -54,3 +56,43 @@ class StopSignals:
         self._previous.clear()
         for fd in (self._r, self._w):
             os.close(fd)
+
+
+_runs = 0  # tracing runs entered by this process (StopSignals)
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGHUP before any tracing began: stop, as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class CommandSignals:
+    """For one whole command: SIGTERM and SIGHUP before tracing begins stop
+    it (StopRequested; nothing is placed yet); while tracing, StopSignals
+    takes them; once a tracing run has ended, they are only noted, so a late
+    one cannot kill us between the clean-up and passing on the traced
+    command's exit status."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._runs_before = _runs
+        self.late: int | None = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if _runs == self._runs_before:
+            raise StopRequested(signum)
+        self.late = signum
+
+    def __enter__(self) -> CommandSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
