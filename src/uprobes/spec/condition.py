@@ -21,18 +21,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uprobes.errors import SpecError
+from uprobes.registry import TaskLike
 from uprobes.spec.ast import FetchType
 
 
-class Event(Protocol):
+class Event(TaskLike, Protocol):
     """What a condition reads of a hit (an engine's `Event` is one)."""
 
-    @property
-    def pid(self) -> int: ...
-    @property
-    def tid(self) -> int: ...
-    @property
-    def comm(self) -> str: ...
     @property
     def args(self) -> Mapping[str, object]: ...
 

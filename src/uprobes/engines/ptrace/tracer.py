@@ -522,12 +522,10 @@ class PtraceTracer:
         regs.rip = site.slot_addr
         ptrace.setregs(t.tid, regs)
         while True:
-            ptrace.singlestep(t.tid)
-            status = ptrace.wait_task(t.tid)
-            if status & 0xFF != 0x7F:
-                self._gone(t, status)
+            stop = self._single_step(t)
+            if stop is None:
                 return
-            sig, event = (status >> 8) & 0xFF, status >> 16
+            sig, event = stop
             if event:
                 continue
             if sig == _SIGTRAP:
@@ -613,12 +611,10 @@ class PtraceTracer:
         would otherwise overwrite the injected call's number)."""
         rip = ptrace.getregs(t.tid, t.regs).rip
         while True:
-            ptrace.singlestep(t.tid)
-            status = ptrace.wait_task(t.tid)
-            if status & 0xFF != 0x7F:
-                self._gone(t, status)
+            stop = self._single_step(t)
+            if stop is None:
                 return
-            sig, event = (status >> 8) & 0xFF, status >> 16
+            sig, event = stop
             if event == 0 and sig == _SIGTRAP:
                 if ptrace.getregs(t.tid, t.regs).rip != rip:
                     self._note(f"process {t.pid}: its first instruction ran before the "
@@ -626,6 +622,16 @@ class PtraceTracer:
                 return
             if event == 0:
                 t.pending.append(sig)
+
+    def _single_step(self, t: Thread) -> tuple[int, int] | None:
+        """One single-step of `t`: its stop's (signal, ptrace event), or None
+        if the thread is gone (exited or killed) instead."""
+        ptrace.singlestep(t.tid)
+        status = ptrace.wait_task(t.tid)
+        if status & 0xFF != 0x7F:
+            self._gone(t, status)
+            return None
+        return (status >> 8) & 0xFF, status >> 16
 
     def _gone(self, t: Thread, status: int) -> None:
         self.threads.pop(t.tid, None)
