@@ -3,6 +3,12 @@
 Text is the kernel's own trace line per hit; `--json` one object per hit and
 a last `{"summary": {"events": N, "lost": M}}` line. The summary also goes to
 stderr (`uprobes: N events, M lost`): lost records are never silent.
+
+`--stack` adds each hit's user stack, walked in user space from what was
+captured at the hit (registers and the top of the stack: the kernel copies
+them into the perf sample, the ptrace engine reads them while the thread
+is stopped), by the DWARF CFI of `.eh_frame` or else frame pointers.
+Events then go through `run(on_event)`, not the tuple fast path.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
+from uprobes.unwind.capture import DEFAULT_STACK_BYTES, MAX_STACK_BYTES
 
 FORMATS = ("text", "jsonl", "perfetto")
 NAME = "trace"
@@ -40,6 +47,8 @@ EXAMPLES = [
     "fn=+0($arg2):string line=$arg3:s32' -- /usr/bin/python3.11 -c $'def f(): pass\\nf()'",
     "uprobes trace --format perfetto -o /tmp/ls.json 'libc:malloc size=%di:u64' "
     "'r libc:malloc ptr=$retval:x64' -- /bin/ls /  # open it in ui.perfetto.dev",
+    "uprobes trace --stack 'libc:malloc' -- /usr/bin/python3.11 -c 'import json'"
+    "  # each hit with its user stack, one frame a line",
     "uprobes trace --duration 2 'libc:getppid' & sleep 1; python3 -c 'import os; os.getppid()'"
     "; wait  # system-wide, for 2 seconds",
 ]
@@ -54,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text: the kernel's trace lines (default); jsonl: one JSON object "
                         "per hit (same as --json); perfetto: a trace file for "
                         "ui.perfetto.dev (entry+return of a call as one slice)")
+    p.add_argument("--stack", action="store_true",
+                   help="print the user stack of each hit (symbol+offset and file, innermost "
+                        "first), from DWARF CFI (.eh_frame) or frame pointers")
+    p.add_argument("--stack-bytes", type=int, default=DEFAULT_STACK_BYTES, metavar="N",
+                   help=f"with --stack: bytes of stack copied at each hit from the stack "
+                        f"pointer up, a multiple of 8 (default {DEFAULT_STACK_BYTES}); a "
+                        f"deeper stack is cut where the copy ends")
     p.add_argument("--ring-pages", type=int, default=DEFAULT_RING_PAGES, metavar="N",
                    help=f"data pages of each CPU's ring buffer, a power of two "
                         f"(default {DEFAULT_RING_PAGES}); more loses fewer records in bursts")
@@ -65,6 +81,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"--json is --format jsonl; it cannot go with --format {args.format}")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
+    if not (8 <= args.stack_bytes <= MAX_STACK_BYTES and args.stack_bytes % 8 == 0):
+        raise UsageError(f"--stack-bytes must be a multiple of 8 from 8 to {MAX_STACK_BYTES}")
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
     probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:
@@ -104,13 +122,15 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
     tracer: KernelTracer | PtraceTracer
+    stack_bytes = args.stack_bytes if args.stack else 0
     try:
         if choose_engine(args, probes) == "ptrace":
             tracer = PtraceTracer(probes, pid=args.pid, child=child.pid if child else None,
-                                  force=args.force, note=note)
+                                  force=args.force, note=note, stack_bytes=stack_bytes)
         else:
             tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
-                                  ring_pages=args.ring_pages, force=args.force, note=note)
+                                  ring_pages=args.ring_pages, force=args.force, note=note,
+                                  stack_bytes=stack_bytes)
     except BaseException:
         if child is not None:
             child.abort()
@@ -125,7 +145,10 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                 sys.stderr.write(f"uprobes: tracing {len(tracer.infos)} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
-            tracer.run_hits(renderer.hits, args.duration)
+            if stack_bytes:
+                tracer.run(renderer.event, args.duration)
+            else:
+                tracer.run_hits(renderer.hits, args.duration)
             renderer.summary(tracer.events, tracer.lost)
             out.flush()
     except BaseException:

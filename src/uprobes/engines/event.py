@@ -8,9 +8,12 @@ CLOCK_MONOTONIC, so events line up with other sources on the machine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uprobes.spec.ast import FetchType
+
+if TYPE_CHECKING:
+    from uprobes.unwind.space import Frame
 
 ArgValue = int | str | None | list[int] | list[str | None]
 """An argument's value: an integer, a string, None for a string whose fetch
@@ -44,6 +47,10 @@ class Event:
     (return probes only) is the function's entry address. `args` maps each
     fetcharg name to its value, in the probe's order.
 
+    `stack`: with stacks asked for (`trace --stack`), the user stack at the
+    hit, innermost first (the probed function, then its callers); None
+    otherwise.
+
     `hit`: on the ptrace engine, while a `Session` handler runs, the stopped
     thread (`uprobes.engines.ptrace.hit.PtraceHit`: `regs`, `read`, `write`,
     `set`); None on the kernel engine, and after the handler returns.
@@ -59,6 +66,7 @@ class Event:
     ip: int
     func: int | None = None
     args: dict[str, ArgValue] = field(default_factory=dict)
+    stack: tuple[Frame, ...] | None = None
     hit: Any = field(default=None, compare=False, repr=False)
 
 
@@ -69,9 +77,9 @@ probe, comm, ip, func, args)`, `args` in the probe's order. Sorts by time
 first."""
 
 
-def hit_event(hit: Hit, info: ProbeInfo) -> Event:
-    """The `Event` of a hit of the probe `info`."""
+def hit_event(hit: Hit, info: ProbeInfo, stack: tuple[Frame, ...] | None = None) -> Event:
+    """The `Event` of a hit of the probe `info` (with its `stack`, if walked)."""
     ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit
     return Event(probe=probe, kind=info.kind, pid=pid, tid=tid, comm=comm, cpu=cpu,
                  ts_ns=ts_ns, ip=ip, func=func,
-                 args={name: value for (name, _), value in zip(info.args, args)})
+                 args={name: value for (name, _), value in zip(info.args, args)}, stack=stack)

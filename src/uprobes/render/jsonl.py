@@ -1,7 +1,9 @@
 """JSON Lines: one object per hit, then one summary object.
 
 `{"probe": "GRP/EVENT", "kind": "p"|"r", "pid", "tid", "comm", "cpu",
-"ts_ns", "ip", "func" (return probes only), "args": {name: value}}`.
+"ts_ns", "ip", "func" (return probes only), "args": {name: value}}`, and
+with `trace --stack` `"stack": [{"addr", "symbol", "offset", "file"}, ...]`
+innermost first (unknown parts null).
 Integers are JSON numbers (a `char` too: its byte value), strings are
 strings, a faulted string fetch is null, an array a list. The last line is
 `{"summary": {"events": N, "lost": M}}`: scripts tell it apart by its only
@@ -28,6 +30,8 @@ def event_doc(event: Event) -> dict[str, object]:
     if event.kind == "r":
         doc["func"] = event.func
     doc["args"] = event.args
+    if event.stack is not None:
+        doc["stack"] = [frame.as_dict() for frame in event.stack]
     return doc
 
 

@@ -6,7 +6,9 @@ function, paired per thread by `uprobes.analysis.calls`) become one
 complete slice (`"ph": "X"`) on the thread's track, with the entry's args
 and the return's under `"return"`; every other hit is an instant
 (`"ph": "i"`, thread scope). Processes and threads are named by their comm
-(metadata events). Timestamps are CLOCK_MONOTONIC microseconds, so the file
+(metadata events). With `trace --stack` a hit's frames are its arg
+`stack` (a slice: the entry's), one `symbol+0xoff (path)` string each.
+Timestamps are CLOCK_MONOTONIC microseconds, so the file
 lines up with other traces of the machine. Events are streamed as they
 come: a slice when its call returns, an entry still open at the end as an
 instant. The last object, `uprobes`, holds the event and lost counts.
@@ -80,6 +82,8 @@ class PerfettoRenderer:
 
     def _slice(self, start: Event, end: Event) -> None:
         args: dict[str, object] = dict(start.args)
+        if start.stack is not None:
+            args["stack"] = [str(frame) for frame in start.stack]
         if end.args:
             args["return"] = end.args
         self._write({"ph": "X", "name": self.probes[start.probe].event, "cat": start.probe,
@@ -88,9 +92,12 @@ class PerfettoRenderer:
 
     def _instant(self, ev: Event) -> None:
         info = self.probes.get(ev.probe)
+        args: dict[str, object] = dict(ev.args)
+        if ev.stack is not None:
+            args["stack"] = [str(frame) for frame in ev.stack]
         self._write({"ph": "i", "s": "t", "name": info.event if info else ev.probe,
                      "cat": ev.probe, "pid": ev.pid, "tid": ev.tid, "ts": _us(ev.ts_ns),
-                     "args": dict(ev.args)})
+                     "args": args})
 
     def summary(self, events: int, lost: int) -> None:
         for ev in sorted(self._pairer.still_open(), key=lambda e: e.ts_ns):

@@ -6,6 +6,10 @@ prints each fetch type: u* `%u`, s* `%d`, x* `0x%x`, char `'%c'`, strings
 `"%s"` or `(fault)`, arrays `{a,b,c}` (trace_probe_print_args()), bitfields
 as their container's u* type. Seconds are `%5lu.%06lu` as in the trace
 file's header (of CLOCK_MONOTONIC here, not the trace clock).
+
+An event with a stack (`trace --stack`) is followed by one line per frame,
+innermost first, each indented by a tab (as perf script and bpftrace print
+stacks): `\tsymbol+0xoff (path)`.
 """
 
 from __future__ import annotations
@@ -97,7 +101,10 @@ class TraceTextRenderer:
         self._templates: dict[str, _Template] = {}
 
     def event(self, event: Event) -> None:
-        self.out.write(format_line(event, self.probes[event.probe]) + "\n")
+        text = format_line(event, self.probes[event.probe]) + "\n"
+        if event.stack is not None:
+            text += "".join(f"\t{frame}\n" for frame in event.stack)
+        self.out.write(text)
 
     def hits(self, hits: list[Hit]) -> None:
         """Write a batch of hits (the fast path: no `Event` objects)."""

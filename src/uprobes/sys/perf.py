@@ -48,11 +48,21 @@ PERF_SAMPLE_CPU = 1 << 7
 PERF_SAMPLE_PERIOD = 1 << 8
 PERF_SAMPLE_STREAM_ID = 1 << 9
 PERF_SAMPLE_RAW = 1 << 10
+PERF_SAMPLE_REGS_USER = 1 << 12
+PERF_SAMPLE_STACK_USER = 1 << 13
 PERF_SAMPLE_IDENTIFIER = 1 << 16
-# The layouts RingBuffer can parse: every field before RAW that it knows.
+# The layouts RingBuffer can parse: every field before RAW that it knows, and
+# the user registers and stack that come after RAW (`user_tail()` reads them).
 _PARSEABLE = (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
               | PERF_SAMPLE_ADDR | PERF_SAMPLE_ID | PERF_SAMPLE_STREAM_ID | PERF_SAMPLE_CPU
-              | PERF_SAMPLE_PERIOD | PERF_SAMPLE_RAW)
+              | PERF_SAMPLE_PERIOD | PERF_SAMPLE_RAW | PERF_SAMPLE_REGS_USER
+              | PERF_SAMPLE_STACK_USER)
+
+# x86-64 perf register numbers (arch/x86/include/uapi/asm/perf_regs.h); a
+# sample's registers come in the order of their bits in `sample_regs_user`.
+PERF_REG_X86 = {"ax": 0, "bx": 1, "cx": 2, "dx": 3, "si": 4, "di": 5, "bp": 6, "sp": 7,
+                "ip": 8, "flags": 9, "cs": 10, "ss": 11, "ds": 12, "es": 13, "fs": 14,
+                "gs": 15, **{f"r{n}": 8 + n for n in range(8, 16)}}
 
 # The attr flags word, one named bit each (the C struct's bitfield, in order).
 ATTR_DISABLED = 1 << 0
@@ -70,7 +80,9 @@ ATTR_INHERIT_STAT = 1 << 11
 ATTR_ENABLE_ON_EXEC = 1 << 12
 ATTR_TASK = 1 << 13
 ATTR_WATERMARK = 1 << 14
+ATTR_MMAP_DATA = 1 << 17
 ATTR_SAMPLE_ID_ALL = 1 << 18
+ATTR_MMAP2 = 1 << 23
 ATTR_USE_CLOCKID = 1 << 25
 ATTR_WRITE_BACKWARD = 1 << 27
 ATTR_INHERIT_THREAD = 1 << 35
@@ -87,6 +99,7 @@ PERF_EVENT_IOC_SET_FILTER = 0x40082406
 
 PERF_RECORD_LOST = 2
 PERF_RECORD_SAMPLE = 9
+PERF_RECORD_MMAP2 = 10
 
 PERF_ATTR_SIZE_VER8 = 136
 PAGE_SIZE = mmap.PAGESIZE
@@ -231,13 +244,19 @@ TRACE_SAMPLE_TYPE = PERF_SAMPLE_RAW | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_
 
 def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int = 1,
                     watermark_bytes: int = 0, clockid: int | None = time.CLOCK_MONOTONIC,
-                    sample_type: int = TRACE_SAMPLE_TYPE) -> PerfEventAttr:
+                    sample_type: int = TRACE_SAMPLE_TYPE, user_regs: int = 0,
+                    user_stack_bytes: int = 0, track_mmaps: bool = False) -> PerfEventAttr:
     """Attr for a sampling tracepoint event: every hit is one record.
 
     Timestamps come from `clockid` (CLOCK_MONOTONIC by default, via
     `use_clockid`); None keeps perf's default local_clock. With
     `watermark_bytes` the reader is woken per that many bytes instead of
-    per `wakeup_events` records. Starts disabled.
+    per `wakeup_events` records. `user_regs` (a mask of PERF_REG_X86 bits)
+    and `user_stack_bytes` (a multiple of 8) add the user registers and a
+    copy of the user stack at the hit to each sample. `track_mmaps`: the
+    ring also gets a PERF_RECORD_MMAP2 for every executable mapping the
+    tasks make (exec's included; one event per ring should ask, or each
+    asking event writes its own copy). Starts disabled.
     """
     attr = PerfEventAttr()
     attr.size = ctypes.sizeof(attr)
@@ -245,7 +264,15 @@ def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int 
     attr.config = event_id
     attr.sample_period = 1
     attr.sample_type = sample_type
+    if user_regs:
+        attr.sample_type |= PERF_SAMPLE_REGS_USER
+        attr.sample_regs_user = user_regs
+    if user_stack_bytes:
+        attr.sample_type |= PERF_SAMPLE_STACK_USER
+        attr.sample_stack_user = user_stack_bytes
     attr.flags = ATTR_DISABLED | (ATTR_INHERIT if inherit else 0)
+    if track_mmaps:
+        attr.flags |= ATTR_MMAP | ATTR_MMAP2
     if watermark_bytes:
         attr.flags |= ATTR_WATERMARK
         attr.wakeup_events = watermark_bytes
@@ -259,7 +286,8 @@ def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int 
 
 def open_tracepoint(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: bool = False,
                     wakeup_events: int = 1, watermark_bytes: int = 0,
-                    clockid: int | None = time.CLOCK_MONOTONIC) -> PerfEvent:
+                    clockid: int | None = time.CLOCK_MONOTONIC, user_regs: int = 0,
+                    user_stack_bytes: int = 0, track_mmaps: bool = False) -> PerfEvent:
     """Open a (disabled) sampling event on tracepoint `event_id`.
 
     `pid=-1, cpu=N`: system-wide on CPU N. `pid=P, cpu=-1`: task P on every
@@ -269,7 +297,9 @@ def open_tracepoint(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: boo
     if pid == -1 and cpu == -1:
         raise KernelError("a system-wide perf event needs a CPU: open one per CPU", errno.EINVAL)
     attr = tracepoint_attr(event_id, inherit=inherit, wakeup_events=wakeup_events,
-                           watermark_bytes=watermark_bytes, clockid=clockid)
+                           watermark_bytes=watermark_bytes, clockid=clockid,
+                           user_regs=user_regs, user_stack_bytes=user_stack_bytes,
+                           track_mmaps=track_mmaps)
     return PerfEvent.open(attr, pid=pid, cpu=cpu,
                           what=f"tracepoint {event_id} pid {pid} cpu {cpu}")
 
@@ -301,7 +331,63 @@ _SAMPLE_FIELDS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (PERF_SAMPLE_RAW, "I", ("raw_size",)),
 )
 _HEADER = struct.Struct("<IHH")  # struct perf_event_header: type, misc, size
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def user_tail(data: bytes, raw_size_at: int, nregs: int,
+              stack: bool) -> tuple[tuple[int, ...] | None, bytes]:
+    """The user registers and stack of a sample whose RAW size (u32) is at
+    `raw_size_at` in `data`: (`nregs` register values in mask-bit order, or
+    None when the hit had no user registers; the bytes copied from the
+    user stack pointer up, whose address is the sampled sp). Layout (perf_output_sample()): RAW's size counts its padding to
+    8 bytes; REGS_USER is u64 abi, then the registers if abi != 0;
+    STACK_USER is u64 size, `size` bytes, then u64 dyn_size (what was really
+    copied) if size != 0."""
+    at = raw_size_at + 4 + _U32.unpack_from(data, raw_size_at)[0]
+    regs = None
+    if nregs:
+        abi = _U64.unpack_from(data, at)[0]
+        at += 8
+        if abi:
+            regs = struct.unpack_from(f"<{nregs}Q", data, at)
+            at += 8 * nregs
+    copied = b""
+    if stack:
+        size = _U64.unpack_from(data, at)[0]
+        at += 8
+        if size:
+            dyn = _U64.unpack_from(data, at + size)[0]
+            copied = data[at:at + min(size, dyn)]
+    return regs, copied
 _LOST = struct.Struct("<QQ")  # PERF_RECORD_LOST: id, lost
+# PERF_RECORD_MMAP2: pid, tid, addr, len, pgoff, maj, min, ino, ino_generation,
+# prot, flags, then the NUL-terminated file name.
+_MMAP2 = struct.Struct("<IIQQQIIQQII")
+
+
+@dataclass(frozen=True)
+class MmapRecord:
+    """A PERF_RECORD_MMAP2: task `pid` mapped `path` at [`start`, `start +
+    length`) from `file_offset` (bytes)."""
+
+    pid: int
+    tid: int
+    start: int
+    length: int
+    file_offset: int
+    dev_major: int
+    dev_minor: int
+    inode: int
+    prot: int
+    path: str
+
+    @classmethod
+    def parse(cls, body: bytes) -> MmapRecord:
+        pid, tid, start, length, pgoff, maj, mnr, ino, _gen, prot, _flags = \
+            _MMAP2.unpack_from(body)
+        name = body[_MMAP2.size:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        return cls(pid, tid, start, length, pgoff, maj, mnr, ino, prot, name)
 
 
 @dataclass(frozen=True)
@@ -371,6 +457,7 @@ class RingBuffer:
         self._sample = struct.Struct("<" + self.layout.code)
         self.lost = 0
         self.samples = 0
+        self.mmaps: list[MmapRecord] = []  # PERF_RECORD_MMAP2s read, for the owner to take
         size = (1 + data_pages) * PAGE_SIZE
         with kernel_errors(f"mapping the ring buffer of {event.what}", {
                 errno.EINVAL: "a per-task event with inherit cannot be mmapped: "
@@ -439,6 +526,8 @@ class RingBuffer:
                 bodies.append(pos + 8)
             elif rtype == PERF_RECORD_LOST:
                 self.lost += _LOST.unpack_from(data, pos + 8)[1]
+            elif rtype == PERF_RECORD_MMAP2:
+                self.mmaps.append(MmapRecord.parse(data[pos + 8:pos + rsize]))
             pos += rsize
         self.samples += len(bodies)
         self._publish_tail(head)
@@ -475,5 +564,5 @@ class RingBuffer:
         self.close()
 
 
-__all__ = ["PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout", "kernel_error",
+__all__ = ["MmapRecord", "PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout", "kernel_error",
            "online_cpus", "open_tracepoint", "perf_event_open", "tracepoint_attr"]

@@ -61,7 +61,7 @@ class CfiTable:
                         fdes = [e for e in dwarf.EH_CFI_entries() if isinstance(e, FDE)]
                 table = cls(fdes)
         except ElfError:
-            table = cls([])
+            return cls([])  # not cached: the file may be readable again later
         if key is not None:
             _cache[key] = table
             if len(_cache) > _CACHE_SIZE:

@@ -10,6 +10,7 @@ read from the process's memory once.
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 
 from uprobes.elf.image import ElfImage
@@ -63,6 +64,12 @@ class _Process:
         else:
             self.alive = False  # a zombie's maps are empty: keep the last ones
 
+    def add(self, m: procfs.Mapping) -> None:
+        """A mapping made since (it replaces what it overlaps, as mmap does)."""
+        keep = [old for old in self.maps if old.end <= m.start or old.start >= m.end]
+        self.maps = sorted([*keep, m], key=lambda x: x.start)
+        self.starts = [x.start for x in self.maps]
+
     def mapping(self, runtime_addr: int) -> procfs.Mapping | None:
         i = bisect.bisect_right(self.starts, runtime_addr) - 1
         if i >= 0 and self.maps[i].contains_runtime(runtime_addr):
@@ -83,6 +90,17 @@ class AddressSpaces:
             proc = self._procs[pid] = _Process(pid)
         return proc
 
+    def seen(self, pid: int) -> None:
+        """Note `pid`: its maps are read now if it is new (read them while
+        the process lives: a hit may be walked after it exited)."""
+        if pid not in self._procs:
+            self._procs[pid] = _Process(pid)
+
+    def mapped(self, pid: int, m: procfs.Mapping) -> None:
+        """Process `pid` mapped `m` (a PERF_RECORD_MMAP2): known even once
+        the process has exited. Its maps are read first if it is new."""
+        self._process(pid).add(m)
+
     def locate(self, pid: int, runtime_addr: int) -> tuple[ElfImage, int, str] | None:
         """(image, link address, display path) of the code at `runtime_addr`."""
         proc = self._process(pid)
@@ -102,7 +120,7 @@ class AddressSpaces:
             return image, image.file_to_link_addr(runtime_addr - m.start), "[vdso]"
         if not m.path.startswith("/"):
             return None
-        image = self._image(pid, m.path)
+        image = self._image(pid, m)
         if image is None:
             return None
         try:
@@ -111,10 +129,23 @@ class AddressSpaces:
             return None
         return image, link, m.path
 
-    def _image(self, pid: int, path: str) -> ElfImage | None:
+    def _image(self, pid: int, m: procfs.Mapping) -> ElfImage | None:
+        """The mapped file; by its own path when that is the very file mapped
+        (an image reopens its path to read tables later, and
+        /proc/PID/root/... is gone once the process exits), else as the
+        process sees it."""
+        path = m.path
         if path not in self._images:
             image = None
-            for candidate in (f"/proc/{pid}/root{path}", path):
+            candidates = [f"/proc/{pid}/root{path}", path]
+            try:
+                st = os.stat(path)
+                if (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) == \
+                        (m.inode, m.dev_major, m.dev_minor):
+                    candidates.reverse()
+            except OSError:
+                pass
+            for candidate in candidates:
                 try:
                     image = ElfImage.open(candidate)
                     break

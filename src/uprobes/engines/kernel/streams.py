@@ -18,7 +18,8 @@ from contextlib import ExitStack
 
 from uprobes.errors import KernelError
 from uprobes.sys import procfs
-from uprobes.sys.perf import PerfEvent, RingBuffer, Sample, online_cpus, open_tracepoint
+from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_cpus, \
+    open_tracepoint
 
 DEFAULT_RING_PAGES = 256
 
@@ -26,13 +27,17 @@ DEFAULT_RING_PAGES = 256
 class CpuStreams:
     """Owns every perf event and every per-CPU ring; closes them on exit."""
 
-    def __init__(self, ring_pages: int = DEFAULT_RING_PAGES) -> None:
+    def __init__(self, ring_pages: int = DEFAULT_RING_PAGES, user_regs: int = 0,
+                 user_stack_bytes: int = 0) -> None:
         self.ring_pages = ring_pages
+        self.user_regs = user_regs  # each sample's user registers and stack (perf.tracepoint_attr)
+        self.user_stack_bytes = user_stack_bytes
         self.cpus = online_cpus()
         self.rings: dict[int, RingBuffer] = {}
         self.events: list[PerfEvent] = []
         self._stack = ExitStack()
         self._opened: set[tuple[int, int]] = set()  # (event id, task)
+        self._tracked: set[int] = set()  # tasks whose mmaps one of their events reports
 
     def open(self, event_ids: list[int], tasks: list[int]) -> None:
         """Open (enabled) events for every id x task x CPU; `tasks=[-1]`: system-wide."""
@@ -45,13 +50,19 @@ class CpuStreams:
                 self._opened.add((event_id, task))
 
     def _open_one(self, event_id: int, task: int) -> None:
+        # With stacks, a task's first event also reports its mappings: a
+        # stack is named after the process may have exited (and its maps gone).
+        track = bool(self.user_regs) and task not in self._tracked
+        self._tracked.add(task)
         for cpu in self.cpus:
             ring = self.rings.get(cpu)
             # Wake the reader when a quarter of the ring is used; the poll
             # timeout bounds the latency when hits are few.
             watermark = self.ring_pages * 4096 // 4
             ev = self._stack.enter_context(open_tracepoint(
-                event_id, pid=task, cpu=cpu, inherit=task != -1, watermark_bytes=watermark))
+                event_id, pid=task, cpu=cpu, inherit=task != -1, watermark_bytes=watermark,
+                user_regs=self.user_regs, user_stack_bytes=self.user_stack_bytes,
+                track_mmaps=track))
             self.events.append(ev)
             if ring is None:
                 self.rings[cpu] = self._stack.enter_context(RingBuffer(ev, self.ring_pages))
@@ -85,6 +96,15 @@ class CpuStreams:
     def read_batches(self) -> list[tuple[bytes, list[int]]]:
         """One `RingBuffer.read_batch()` per CPU: (bytes, sample body offsets)."""
         return [ring.read_batch() for ring in self.rings.values()]
+
+    def take_mmaps(self) -> list[MmapRecord]:
+        """The PERF_RECORD_MMAP2s read since the last call."""
+        out: list[MmapRecord] = []
+        for ring in self.rings.values():
+            if ring.mmaps:
+                out += ring.mmaps
+                ring.mmaps = []
+        return out
 
     @property
     def lost_records(self) -> int:

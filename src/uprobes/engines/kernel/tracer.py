@@ -24,13 +24,16 @@ from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
 from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
     RetSiteDecoder, event_line, kernel_probes, shared_events
+from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
+from uprobes.sys import procfs
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
+from uprobes.unwind.capture import Symbolizer, stack_delivery
 
 POLL_MS = 100  # longest wait for a quiet ring: the output latency at low rates
 
@@ -42,14 +45,18 @@ class KernelTracer:
     `child`: a launched command's pid, held before exec (it and its
     children). Neither: system-wide. `note` receives one line per probe
     skipped because the kernel refused it (globs only; a single probe the
-    kernel refuses is an error).
+    kernel refuses is an error). `stack_bytes`: each sample also carries
+    the user registers and that many bytes of user stack, and `run()` gives
+    each event its walked, named stack (0: no stacks).
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,
                  tracefs: Tracefs | None = None, force: bool = False,
-                 note: Callable[[str], object] | None = None) -> None:
+                 note: Callable[[str], object] | None = None, stack_bytes: int = 0) -> None:
         self.probes = probes
+        self.stack_bytes = stack_bytes
+        self.symbolizer: Symbolizer | None = None
         self.force = force
         self.pid = pid
         self.child = child
@@ -88,7 +95,8 @@ class KernelTracer:
             tfs = self._tracefs or Tracefs()
             group = open_run_group(tfs)
             self._stack.callback(remove_run_group, group)
-            self._streams = self._stack.enter_context(CpuStreams(self.ring_pages))
+            self._streams = self._stack.enter_context(CpuStreams(
+                self.ring_pages, USER_REGS_MASK if self.stack_bytes else 0, self.stack_bytes))
             self._stack.callback(self._streams.disable)
             target = self.child if self.child is not None else self.pid
             if target is not None:
@@ -200,6 +208,15 @@ class KernelTracer:
         `duration` seconds; then deliver what the rings still hold. Events
         come in time order across CPUs (see `run_hits`)."""
         infos = {kp.info.name: kp.info for kp in self.placed}
+        if self.stack_bytes:
+            # Hits carry captures (see _read_round); they are walked as
+            # delivered, with maps read when each process was first seen.
+            self.symbolizer = Symbolizer()
+            try:
+                self.run_hits(stack_delivery(infos, on_event, self.symbolizer), duration)
+            finally:
+                self.symbolizer = None
+            return
 
         def deliver(hits: list[Hit]) -> None:
             for hit in hits:
@@ -260,7 +277,7 @@ class KernelTracer:
         assert streams is not None
         hits = self._hit_functions
         if len(hits) != len(self.decoders):
-            hits.update((i, d.hit_function()) for i, d in self.decoders.items())
+            hits.update((i, self._hit_function(d)) for i, d in self.decoders.items())
         append = held.append
         for data, bodies in streams.read_batches():
             for body in bodies:
@@ -268,9 +285,26 @@ class KernelTracer:
                 hit = hits.get(data[at] | data[at + 1] << 8)
                 if hit is not None:
                     append(hit(data, body))
+        symbolizer = self.symbolizer
+        if symbolizer is not None:
+            # Mappings as the samples were taken (a process may have exited
+            # since), then the maps of each process still running.
+            spaces = symbolizer.spaces
+            for m in streams.take_mmaps():
+                spaces.mapped(m.pid, procfs.Mapping(
+                    m.start, m.start + m.length, "r-xp", m.file_offset, m.dev_major,
+                    m.dev_minor, m.inode, m.path))
+            for h in held:
+                spaces.seen(h[1])
         # Each ring is in time order: sorting merges a few sorted runs.
         held.sort(key=_ts)
         return held
+
+    def _hit_function(self, decoder: RecordDecoder | RetSiteDecoder) -> Callable[[bytes, int], Hit]:
+        hit = decoder.hit_function()
+        if not self.stack_bytes:
+            return hit
+        return with_capture(hit, RAW_AT - 4, isinstance(decoder, RetSiteDecoder))
 
     def _deliver(self, hits: list[Hit], on_hits: Callable[[list[Hit]], None]) -> None:
         if hits:

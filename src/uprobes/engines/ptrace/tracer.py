@@ -50,6 +50,8 @@ from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.registry import Consumer, Probe, Registry, TaskLike, prepare_dispatch
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.ptrace import UserRegs
+from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery
+from uprobes.unwind.stack import StackCopy
 
 _SIGTRAP = int(signal.SIGTRAP)
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
@@ -72,11 +74,14 @@ class PtraceTracer:
     children). `note` receives one line per probe skipped. `registry`
     holds the probes and their consumers: add consumers (handlers getting a
     `PtraceHit`) before entering; the tracer adds one per probe for its events.
+    `stack_bytes`: `run()` gives each event its user stack, walked from the
+    registers and up to that many bytes read from the stack pointer at the
+    hit (0: no stacks).
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, force: bool = False,
-                 note: Callable[[str], object] | None = None) -> None:
+                 note: Callable[[str], object] | None = None, stack_bytes: int = 0) -> None:
         ptrace.ensure_x86_64()
         if pid is None and child is None:
             raise UsageError("the ptrace engine traces a process (-p PID) or a command "
@@ -85,6 +90,8 @@ class PtraceTracer:
         self.pid = pid
         self.child = child
         self.force = force
+        self.stack_bytes = stack_bytes
+        self._capturing = False
         self._note = note or (lambda _: None)
         self.registry = Registry()
         self.counts: dict[str, int] = {}
@@ -164,11 +171,25 @@ class PtraceTracer:
             self.events += 1
             self.current_hit = hit  # the stopped thread, for a Session handler
             try:
+                if self._capturing:  # run() with stacks: the capture rides along
+                    emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip,
+                           hit.func, args, self._capture(hit))])  # type: ignore[list-item]
+                    return
                 emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip, hit.func,
                        args)])
             finally:
                 self.current_hit = None
         return on_hit
+
+    def _capture(self, hit: PtraceHit) -> StackCapture:
+        """Registers and the top of the stack of the stopped thread (a return
+        hit's registers are already the caller's: rip the return address)."""
+        r = hit.regs
+        regs = {0: r.rax, 1: r.rdx, 2: r.rcx, 3: r.rbx, 4: r.rsi, 5: r.rdi, 6: r.rbp,
+                7: r.rsp, 8: r.r8, 9: r.r9, 10: r.r10, 11: r.r11, 12: r.r12, 13: r.r13,
+                14: r.r14, 15: r.r15, 16: hit.ip}
+        data = hit.thread.mm.mem.read_upto(r.rsp, self.stack_bytes)
+        return StackCapture(regs, StackCopy(r.rsp, data))
 
     # ------------------------------------------------------------ set-up
 
@@ -374,6 +395,14 @@ class PtraceTracer:
             self.run_hits(None, duration)
             return
         infos = self._infos
+        if self.stack_bytes > 0:
+            # Walked at the hit, while the maps are the ones the stack was built on.
+            self._capturing = True
+            try:
+                self.run_hits(stack_delivery(infos, on_event, Symbolizer()), duration)
+            finally:
+                self._capturing = False
+            return
 
         def deliver(hits: list[Hit]) -> None:
             for hit in hits:

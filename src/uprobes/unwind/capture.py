@@ -1,0 +1,71 @@
+"""What an engine keeps of a hit to walk its stack later: the registers (DWARF
+numbers) and a copy of the stack from the stack pointer up; and `Symbolizer`,
+which turns one into named frames.
+
+The capture is taken at the hit (the kernel copies it into the perf sample,
+the ptrace engine reads it while the thread is stopped); the walk and the
+names come later, in user space, from the process's maps and files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
+from uprobes.unwind.cfi import RA, RSP
+from uprobes.unwind.space import AddressSpaces, Frame
+from uprobes.unwind.stack import StackCopy, unwind
+
+DEFAULT_STACK_BYTES = 8192  # as perf record --call-graph dwarf: most C stacks fit
+# A perf sample is at most 64 KiB (its header's u16 size), the copy included;
+# the kernel trims a bigger request (perf_sample_ustack_size()).
+MAX_STACK_BYTES = 65528 - 4096
+
+
+@dataclass(frozen=True)
+class StackCapture:
+    """Registers by DWARF number (RA = 16 holds the ip) and the stack copy."""
+
+    regs: dict[int, int]
+    stack: StackCopy
+
+    def returned(self) -> StackCapture:
+        """The capture as it is after a `ret` at this point: ip = the word at
+        sp, sp one word up (how a probe on a function's `ret` is shown as the
+        kernel's uretprobe shows it: in the caller, at the return address)."""
+        sp = self.regs.get(RSP, 0)
+        ret = self.stack.u64(sp)
+        if ret is None:
+            return self
+        regs = dict(self.regs)
+        regs[RA], regs[RSP] = ret, sp + 8
+        return StackCapture(regs, self.stack)
+
+
+class Symbolizer:
+    """Walks captures and names their frames, for a run over many processes
+    (maps and per-file tables are cached across hits)."""
+
+    def __init__(self) -> None:
+        self.spaces = AddressSpaces()
+
+    def frames(self, pid: int, capture: StackCapture) -> tuple[Frame, ...]:
+        """The frames of `capture` in process `pid`, innermost first: the
+        hit's ip, then each caller (named by its call)."""
+        spaces = self.spaces
+        addrs = unwind(capture.regs, capture.stack, spaces.rule_finder(pid))
+        return tuple(spaces.frame(pid, a, return_address=i > 0) for i, a in enumerate(addrs))
+
+
+def stack_delivery(infos: dict[str, ProbeInfo], on_event: Callable[[Event], None],
+                   symbolizer: Symbolizer) -> Callable[[list[Hit]], None]:
+    """What an engine's `run()` hands its hits to when stacks are on: each
+    hit is a `Hit` followed by its `StackCapture` (None: none was taken),
+    delivered as an `Event` with its `stack`."""
+    def deliver(hits: list[Hit]) -> None:
+        for hit in hits:
+            capture = hit[9]  # type: ignore[misc]
+            stack = None if capture is None else symbolizer.frames(hit[1], capture)
+            on_event(hit_event(hit[:9], infos[hit[4]], stack))  # type: ignore[arg-type]
+    return deliver
