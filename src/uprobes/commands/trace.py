@@ -21,7 +21,7 @@ from typing import TextIO
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import add_selection_arguments, check_selection, \
     choose_engine, uretprobe_note
-from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
+from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
@@ -70,9 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"with --stack: bytes of stack copied at each hit from the stack "
                         f"pointer up, a multiple of 8 (default {DEFAULT_STACK_BYTES}); a "
                         f"deeper stack is cut where the copy ends")
-    p.add_argument("--ring-pages", type=int, default=DEFAULT_RING_PAGES, metavar="N",
+    p.add_argument("--ring-pages", type=int, default=None, metavar="N",
                    help=f"data pages of each CPU's ring buffer, a power of two "
-                        f"(default {DEFAULT_RING_PAGES}); more loses fewer records in bursts")
+                        f"(default {DEFAULT_RING_PAGES}, {STACK_RING_PAGES} with --stack: a "
+                        f"sample then holds the stack copy); more loses fewer records in "
+                        f"bursts")
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -129,7 +131,9 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                                   force=args.force, note=note, stack_bytes=stack_bytes)
         else:
             tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
-                                  ring_pages=args.ring_pages, force=args.force, note=note,
+                                  ring_pages=args.ring_pages or (
+                                      STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES),
+                                  force=args.force, note=note,
                                   stack_bytes=stack_bytes)
     except BaseException:
         if child is not None:

@@ -9,11 +9,14 @@ names come later, in user space, from the process's maps and files.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
-from uprobes.unwind.cfi import RA, RSP
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
+from uprobes.errors import UprobesError
+from uprobes.unwind.cfi import RA, RSP, CfiTable
 from uprobes.unwind.space import AddressSpaces, Frame
 from uprobes.unwind.stack import StackCopy, unwind
 
@@ -49,6 +52,18 @@ class Symbolizer:
 
     def __init__(self) -> None:
         self.spaces = AddressSpaces()
+
+    def preload(self, paths: Iterable[str]) -> None:
+        """Read the CFI and symbols of files every stack will start in (the
+        probed files) now: a first walk that reads libc's (~1 s) is a second
+        in which the kernel's rings fill unread."""
+        for path in set(paths):
+            try:
+                image = ElfImage.open(path)
+                CfiTable.load(image)
+                SymbolTable.load(image)
+            except UprobesError:
+                continue  # named as well as can be when a hit comes
 
     def frames(self, pid: int, capture: StackCapture) -> tuple[Frame, ...]:
         """The frames of `capture` in process `pid`, innermost first: the

@@ -48,6 +48,11 @@ class _Process:
         self.starts: list[int] = []
         self.alive = True
         self.vdso: ElfImage | None = None
+        # Per code address, while the maps stay the same: the same return
+        # addresses recur in every stack of a run (measured: 36 frames per
+        # malloc under python3.11, 2 ms a stack walked and named uncached).
+        self.rules: dict[int, FrameRule | None | LookupError] = {}
+        self.named: dict[tuple[int, bool], Frame] = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -59,16 +64,22 @@ class _Process:
             self.alive = False
             return
         if maps:
-            self.maps = sorted(maps, key=lambda m: m.start)
-            self.starts = [m.start for m in self.maps]
+            maps.sort(key=lambda m: m.start)
+            if maps != self.maps:
+                self._set(maps)
         else:
             self.alive = False  # a zombie's maps are empty: keep the last ones
 
     def add(self, m: procfs.Mapping) -> None:
         """A mapping made since (it replaces what it overlaps, as mmap does)."""
         keep = [old for old in self.maps if old.end <= m.start or old.start >= m.end]
-        self.maps = sorted([*keep, m], key=lambda x: x.start)
-        self.starts = [x.start for x in self.maps]
+        self._set(sorted([*keep, m], key=lambda x: x.start))
+
+    def _set(self, maps: list[procfs.Mapping]) -> None:
+        self.maps = maps
+        self.starts = [x.start for x in maps]
+        self.rules.clear()
+        self.named.clear()
 
     def mapping(self, runtime_addr: int) -> procfs.Mapping | None:
         i = bisect.bisect_right(self.starts, runtime_addr) - 1
@@ -156,17 +167,34 @@ class AddressSpaces:
 
     def rule_finder(self, pid: int):  # type: ignore[no-untyped-def]
         """A `RuleFinder` for `uprobes.unwind.stack.unwind` in process `pid`."""
+        rules = self._process(pid).rules
+
         def rule_for(runtime_addr: int) -> FrameRule | None:
-            where = self.locate(pid, runtime_addr)
-            if where is None:
-                raise LookupError(runtime_addr)
-            image, link, _ = where
-            return CfiTable.load(image).rule_at(link)
+            rule = rules.get(runtime_addr)
+            if rule is None and runtime_addr not in rules:
+                where = self.locate(pid, runtime_addr)
+                if where is None:
+                    rule = LookupError(runtime_addr)
+                else:
+                    image, link, _ = where
+                    rule = CfiTable.load(image).rule_at(link)
+                rules[runtime_addr] = rule
+            if isinstance(rule, LookupError):
+                raise rule
+            return rule
         return rule_for
 
     def frame(self, pid: int, runtime_addr: int, return_address: bool = False) -> Frame:
         """Name the code at `runtime_addr`; a `return_address` is named by the
         call before it (a call can be the last instruction of a function)."""
+        named = self._process(pid).named
+        frame = named.get((runtime_addr, return_address))
+        if frame is None:
+            frame = named[(runtime_addr, return_address)] = self._name(pid, runtime_addr,
+                                                                      return_address)
+        return frame
+
+    def _name(self, pid: int, runtime_addr: int, return_address: bool) -> Frame:
         where = self.locate(pid, runtime_addr - return_address)
         if where is None:
             return Frame(runtime_addr, None, None)

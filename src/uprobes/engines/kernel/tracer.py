@@ -57,6 +57,7 @@ class KernelTracer:
         self.probes = probes
         self.stack_bytes = stack_bytes
         self.symbolizer: Symbolizer | None = None
+        self._capturing = False
         self.force = force
         self.pid = pid
         self.child = child
@@ -119,6 +120,9 @@ class KernelTracer:
                 self._place(tfs, group, members, multi)
             if not self.placed:
                 raise KernelError("the kernel refused every probe")
+            if self.stack_bytes:  # before a launched command runs (see preload)
+                self.symbolizer = Symbolizer()
+                self.symbolizer.preload(kp.probe.path for kp in self.placed)
         except BaseException:
             self._stack.close()
             raise
@@ -208,14 +212,17 @@ class KernelTracer:
         `duration` seconds; then deliver what the rings still hold. Events
         come in time order across CPUs (see `run_hits`)."""
         infos = {kp.info.name: kp.info for kp in self.placed}
-        if self.stack_bytes:
+        if self.symbolizer is not None:
             # Hits carry captures (see _read_round); they are walked as
-            # delivered, with maps read when each process was first seen.
-            self.symbolizer = Symbolizer()
+            # delivered, with the mappings the rings reported. (run_hits
+            # alone gives plain hits: the samples' stacks are skipped.)
+            self._capturing = True
+            self._hit_functions.clear()
             try:
                 self.run_hits(stack_delivery(infos, on_event, self.symbolizer), duration)
             finally:
-                self.symbolizer = None
+                self._capturing = False
+                self._hit_functions.clear()
             return
 
         def deliver(hits: list[Hit]) -> None:
@@ -302,7 +309,7 @@ class KernelTracer:
 
     def _hit_function(self, decoder: RecordDecoder | RetSiteDecoder) -> Callable[[bytes, int], Hit]:
         hit = decoder.hit_function()
-        if not self.stack_bytes:
+        if not self._capturing:
             return hit
         return with_capture(hit, RAW_AT - 4, isinstance(decoder, RetSiteDecoder))
 
