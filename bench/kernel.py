@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.measure import markdown_table
-from bench.workload import Workload, build
+from bench.workload import RESULT, Workload, build
 from uprobes.commands.resolve import parse_specs
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.tracer import KernelTracer
@@ -34,7 +34,6 @@ from uprobes.resolve.resolver import Resolver
 from uprobes.sys.pmu import UprobeCounter
 
 _SUMMARY = re.compile(r"uprobes: (\d+) events, (\d+) lost")
-_RESULT = re.compile(r"start_ns=(\d+) loop_ns=(\d+)")
 UPROBES = [sys.executable, "-m", "uprobes"]
 FUNCTION = "work_emulated"  # its first instruction (push) is emulated: one trap per hit
 median = statistics.median
@@ -64,7 +63,7 @@ def run(argv: list[str]) -> Run:
     workload's timing from its last line."""
     proc = subprocess.run(argv, capture_output=True, text=True)
     end = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    m = _RESULT.search(proc.stdout)
+    m = RESULT.search(proc.stdout)
     if proc.returncode != 0 or not m:
         raise SystemExit(f"bench: {' '.join(argv)} failed ({proc.returncode}):\n"
                          f"{proc.stdout}{proc.stderr}")
@@ -95,12 +94,30 @@ def _probe(exe: Path) -> ResolvedProbe:
     return Resolver().resolve_all(parse_specs([f"{exe}:{FUNCTION}"]))[0]
 
 
+def counted(make: Callable[[], object], argv: list[str],
+            read: Callable[[object], int]) -> tuple[Run, int]:
+    """Run the workload under a counter made by `make`: the run and what it counted."""
+    with make() as counter:  # type: ignore[attr-defined]
+        r = run(argv)
+        return r, read(counter)
+
+
+def raw_counter(probe: ResolvedProbe) -> UprobeCounter:
+    """The baseline: one uprobe PMU counter opened directly, enabled."""
+    return _enabled(UprobeCounter(probe.path, probe.file_offset))
+
+
+def count_hits(counter: object) -> int:
+    """What `read` gives for a raw counter or a KernelCounter."""
+    if isinstance(counter, UprobeCounter):
+        return counter.read()
+    return sum(counter.counts().values())  # type: ignore[attr-defined]
+
+
 def _counted(make: Callable[[], object], argv: list[str], read: Callable[[object], int],
              calls: int) -> Run:
     """Run the workload under a counter made by `make`; check the count is exact."""
-    with make() as counter:  # type: ignore[attr-defined]
-        r = run(argv)
-        got = read(counter)
+    r, got = counted(make, argv, read)
     if got != calls:
         raise SystemExit(f"bench: counted {got} hits of {calls}")
     return r
@@ -137,12 +154,9 @@ def per_hit(w: Workload, calls: int, repeats: int) -> str:
                                    ("unprobed", "raw", "count", "text", "json")}
     for _ in range(repeats):
         modes["unprobed"].append(run(argv))
-        modes["raw"].append(_counted(
-            lambda: _enabled(UprobeCounter(probe.path, probe.file_offset)), argv,
-            lambda c: c.read(), calls))  # type: ignore[attr-defined]
-        modes["count"].append(_counted(
-            lambda: KernelCounter([probe]), argv,
-            lambda c: sum(c.counts().values()), calls))  # type: ignore[attr-defined]
+        modes["raw"].append(_counted(lambda: raw_counter(probe), argv, count_hits, calls))
+        modes["count"].append(_counted(lambda: KernelCounter([probe]), argv, count_hits,
+                                       calls))
         modes["text"].append(_trace(argv, spec, json=False))
         modes["json"].append(_trace(argv, spec, json=True))
     base = median([r.ns_per_call for r in modes["unprobed"]])
@@ -228,6 +242,27 @@ def libc_probes(n: int) -> list[ResolvedProbe]:
     return sorted(probes, key=lambda p: p.file_offset)[:n]
 
 
+WAYS = ("trace", "trace -p", "count", "count -p")
+
+
+def place(way: str, probes: list[ResolvedProbe], pid: int) -> tuple[int, float, float]:
+    """Place `probes` one of the WAYS (`-p`: on process `pid`), then remove them:
+    how many the engine placed, seconds to attach, seconds to detach."""
+    makers: dict[str, Callable[[], object]] = {
+        "trace": lambda: KernelTracer(probes),
+        "trace -p": lambda: KernelTracer(probes, pid=pid),
+        "count": lambda: KernelCounter(probes),
+        "count -p": lambda: KernelCounter(probes, pids=[pid]),
+    }
+    obj = makers[way]()
+    up = timed(obj.__enter__)  # type: ignore[attr-defined]
+    try:
+        placed = len(getattr(obj, "placed", None) or getattr(obj, "names", []))
+    finally:
+        down = timed(lambda: obj.__exit__(None, None, None))  # type: ignore[attr-defined]
+    return placed, up, down
+
+
 def attach_detach(sizes: Sequence[int], repeats: int, ways: Sequence[str]) -> str:
     """Seconds to place and to remove N libc probes, each way."""
     sleeper = subprocess.Popen(["sleep", "3600"])
@@ -235,19 +270,12 @@ def attach_detach(sizes: Sequence[int], repeats: int, ways: Sequence[str]) -> st
     try:
         for n in sizes:
             probes = libc_probes(n)
-            makers: dict[str, Callable[[], object]] = {
-                "trace": lambda: KernelTracer(probes),
-                "trace -p": lambda: KernelTracer(probes, pid=sleeper.pid),
-                "count": lambda: KernelCounter(probes),
-                "count -p": lambda: KernelCounter(probes, pids=[sleeper.pid]),
-            }
             for way in ways:
                 up, down, placed = [], [], 0
                 for _ in range(repeats if n < 500 else 1):
-                    obj = makers[way]()
-                    up.append(timed(obj.__enter__))  # type: ignore[attr-defined]
-                    placed = len(getattr(obj, "placed", None) or getattr(obj, "names", []))
-                    down.append(timed(lambda: obj.__exit__(None, None, None)))  # type: ignore
+                    placed, t_up, t_down = place(way, probes, sleeper.pid)
+                    up.append(t_up)
+                    down.append(t_down)
                 rows.append([f"`{way}`", f"{n} ({placed} placed)", f"{median(up):.3f} s",
                              f"{median(down):.3f} s"])
     finally:
@@ -265,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="paced rates for trace --json, comma-separated")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each paced run")
     ap.add_argument("--sizes", default="1,100,1000", help="probe counts for attach/detach")
-    ap.add_argument("--ways", default="trace,trace -p,count,count -p",
+    ap.add_argument("--ways", default=",".join(WAYS),
                     help="placements to time for attach/detach, comma-separated")
     ap.add_argument("--only", choices=("per-hit", "reader", "sustained", "attach"), action="append",
                     help="run only these parts (repeatable)")

@@ -23,10 +23,14 @@ class Skip(Exception):
 
 @dataclass
 class Outcome:
-    """One run: the hits the tool counted (None if it does not say), its syscalls."""
+    """One run: the hits the tool counted (None if it does not say), its syscalls,
+    the workload's own loop time (bench.workload.loop_ns), the records it
+    reported lost (a tracer: hits = delivered + lost)."""
 
     hits: int | None
     syscalls: int | None = None
+    loop_ns: int | None = None
+    lost: int | None = None
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import Outcome, Series, Skip, markdown_table, strace_calls, timed
-from bench.workload import Workload, build
+from bench.workload import Workload, build, loop_ns
 
 _ROOT = Path(__file__).resolve().parents[1]
 Count = Callable[[subprocess.CompletedProcess[str], Path], int | None]
@@ -58,7 +58,7 @@ class Tool:
         if proc.returncode != 0:
             err = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
             raise Skip(err[-1] if err else f"exit status {proc.returncode}")
-        return Outcome(self.count(proc, work))
+        return Outcome(self.count(proc, work), loop_ns=loop_ns(proc.stdout))
 
 
 def _no_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
