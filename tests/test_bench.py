@@ -1,0 +1,50 @@
+"""`python -m bench --quick --ours` end to end, so the comparison bench cannot rot.
+
+Only our engines and the raw kernel counter: the other tools (bpftrace, perf,
+gdb, ltrace, frida) are the bench's business, never the suite's.  What is
+checked is that every row ran and counted exactly; the figures are not
+(speed goals live in the bench, not in timed tests).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.kernel
+def test_bench_quick_runs_our_engines_exactly(tracefs: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--ours", "--sizes", "1",
+                           "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "bench.md").read_text()
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] not in ("tool", "") and not cells[0].startswith("-"):
+            rows[(cells[0], cells[1])] = cells
+    wanted = [("raw uprobe PMU counter (perf_event_open)", "entry"),
+              ("uprobes count -e kernel", "entry"),
+              ("uprobes trace (text, 2 args)", "entry"),
+              ("uprobes trace --json (2 args)", "entry"),
+              ("uprobes count -e ptrace", "entry (push: emulated)"),
+              ("uprobes count -e ptrace", "entry (mov: boosted)"),
+              ("uprobes count -e ptrace", "entry (mov: not boosted, stepped)"),
+              ("uprobes count -e ptrace", "return (probes on the rets)"),
+              ("uprobes count -e ptrace", "return (--uretprobe)")]
+    for key in wanted:
+        assert key in rows, f"{key} missing from\n{table}"
+        tool, probe, function, ns, ratio, hits, count = rows[key]
+        assert count.startswith("exact"), f"{key}: {count}"
+        assert re.fullmatch(r"-?[\d,]+", ns), f"{key}: {ns}"
+        assert ratio.endswith("x"), f"{key}: {ratio}"
+    attach = [ln for ln in table.splitlines() if ln.startswith("| uprobes count -e kernel")
+              and "placed" in ln]
+    assert attach and "1 (1 placed)" in attach[0], table
