@@ -145,10 +145,15 @@ Interceptor.attach(Module.getGlobalExportByName('exit'), {
 });
 """
 
+# Frida refuses some functions ("unable to intercept"): those are counted out.
 _FRIDA_ATTACH = """
 const libc = Process.getModuleByName('%s');
-let n = 0;
-for (const off of [%s]) Interceptor.attach(libc.base.add(off), { onEnter() { n++; } });
+let n = 0, placed = 0;
+for (const off of [%s]) {
+  try { Interceptor.attach(libc.base.add(off), { onEnter() { n++; } }); placed++; }
+  catch (e) {}
+}
+send(placed);
 """
 
 
@@ -205,12 +210,25 @@ def frida_attach(probes: Sequence[ResolvedProbe]) -> tuple[int, float, float]:
             for batch in ([], [p.link_addr for p in probes if p.link_addr is not None]):
                 script = session.create_script(
                     _FRIDA_ATTACH % (libc, ",".join(str(a) for a in batch)))
+                said: list[dict[str, Any]] = []
+                script.on("message", lambda message, data: said.append(message))  # noqa: B023
                 start = time.perf_counter()
-                script.load()
+                try:
+                    script.load()
+                except frida.TransportError as e:
+                    time.sleep(0.2)
+                    raise RuntimeError(f"frida: {e} while hooking {len(batch)} functions; "
+                                       f"the target's status: {sleeper.poll()}") from None
                 up = time.perf_counter() - start
+                for _ in range(100):
+                    if said:
+                        break
+                    time.sleep(0.01)
+                if not said or said[0].get("type") != "send":
+                    raise RuntimeError(f"frida: {said[0] if said else 'no answer'}")
                 start = time.perf_counter()
                 script.unload()
-                times.append((len(batch), up, time.perf_counter() - start))
+                times.append((int(said[0]["payload"]), up, time.perf_counter() - start))
         finally:
             session.detach()
     finally:
