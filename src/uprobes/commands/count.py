@@ -14,8 +14,8 @@ from types import FrameType
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_selection_arguments, check_selection, \
-    choose_engine, uretprobe_note
+from uprobes.commands.selection import add_filter_arguments, add_selection_arguments, \
+    check_selection, choose_engine, hit_filter, uretprobe_note
 from uprobes.engines.kernel.counting import KernelCounter, refusal_note
 from uprobes.engines.launch import Launched, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
@@ -41,6 +41,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_selection_arguments(p)
+    add_filter_arguments(p)
     p.add_argument("-i", "--interval", type=float, metavar="SECONDS",
                    help="also print the counts of each interval of SECONDS")
     p.add_argument("--duration", type=float, metavar="S", help="stop counting after S seconds")
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     _check(args)
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
     probes = resolver.resolve_all(parse_specs(args.specs))
+    args.hit_filter = hit_filter(args, probes)
     notes = [note for p in probes for note in p.notes]
     for note in notes[:3]:
         sys.stderr.write(f"uprobes: note: {note}\n")
@@ -130,7 +132,7 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
         if pids is not None:
             watch = _pidfd(pids[0])
         with KernelCounter(probes, pids=pids, all_threads=launched is None,
-                           force=args.force) as counter:
+                           force=args.force, hit_filter=args.hit_filter) as counter:
             if counter.refused:
                 sys.stderr.write("uprobes: note: "
                                  + refusal_note(counter.refused, counter.total) + "\n")
@@ -169,7 +171,7 @@ def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: T
     tracer = None
     try:
         tracer = PtraceTracer(probes, pid=args.pid, child=launched.pid if launched else None,
-                              force=args.force,
+                              force=args.force, hit_filter=args.hit_filter,
                               note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
         with tracer:
             if launched is not None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from uprobes.engines.choose import ENGINES, pick_engine
+from uprobes.engines.filters import HitFilter
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.resolve import retsites
@@ -66,3 +67,11 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
                    help="only hits of tasks with this comm (repeatable)")
     p.add_argument("--tid", action="append", type=int, metavar="TID",
                    help="only hits of this thread (repeatable)")
+
+
+def hit_filter(args: argparse.Namespace, probes: Sequence[ResolvedProbe]) -> HitFilter | None:
+    """The filter `add_filter_arguments` asked for, checked against every probe."""
+    flt = HitFilter.parse(args.condition, args.comm, args.tid)
+    if flt is not None:
+        flt.check(probes)
+    return flt

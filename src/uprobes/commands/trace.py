@@ -19,8 +19,8 @@ from contextlib import ExitStack
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_selection_arguments, check_selection, \
-    choose_engine, uretprobe_note
+from uprobes.commands.selection import add_filter_arguments, add_selection_arguments, \
+    check_selection, choose_engine, hit_filter, uretprobe_note
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
@@ -56,6 +56,7 @@ EXAMPLES = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_selection_arguments(p)
+    add_filter_arguments(p)
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="stop after SECONDS (default: when the command or process ends, "
                         "or on Ctrl-C)")
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"--stack-bytes must be a multiple of 8 from 8 to {MAX_STACK_BYTES}")
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
     probes = resolver.resolve_all(parse_specs(args.specs))
+    args.hit_filter = hit_filter(args, probes)
     for p in probes:
         for note in p.notes:
             sys.stderr.write(f"uprobes: note: {note}\n")
@@ -128,13 +130,14 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
     try:
         if choose_engine(args, probes) == "ptrace":
             tracer = PtraceTracer(probes, pid=args.pid, child=child.pid if child else None,
-                                  force=args.force, note=note, stack_bytes=stack_bytes)
+                                  force=args.force, note=note, stack_bytes=stack_bytes,
+                                  hit_filter=args.hit_filter)
         else:
             tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
                                   ring_pages=args.ring_pages or (
                                       STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES),
                                   force=args.force, note=note,
-                                  stack_bytes=stack_bytes)
+                                  stack_bytes=stack_bytes, hit_filter=args.hit_filter)
     except BaseException:
         if child is not None:
             child.abort()

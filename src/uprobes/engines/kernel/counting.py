@@ -18,6 +18,13 @@ Two ways, chosen by what is counted:
   /proc/PID/task until no new thread appears. Measured exact for 4 threads
   x 100k calls and for forked children (tests/test_kernel_count.py).
 
+With a filter (`--if`, `--comm`, `--tid`), counting takes tracepoint
+counting events everywhere, system-wide too (one per CPU, pid -1): the
+PMU's events have no record to test, so they cannot be filtered, while a
+tracepoint event's filter is tested before it counts (perf_tp_event()).
+The probe then fetches what the filter names (the fetchargs it uses and
+the hidden `__uprobes_comm`), and nothing else.
+
 The pid given to perf is also the kernel's prefilter (uprobe_perf_filter):
 other processes never get the breakpoints.
 
@@ -43,7 +50,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 
+from uprobes.engines.filters import HitFilter
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
+from uprobes.engines.kernel.records import COMM_FIELD
 from uprobes.engines.kernel.insn_guard import unsafe_sites
 from uprobes.errors import EngineError, KernelError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
@@ -51,7 +60,7 @@ from uprobes.spec import kernel_line
 from uprobes.spec.ast import ProbeKind
 from uprobes.sys import procfs
 from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, PERF_TYPE_TRACEPOINT, PerfEvent, \
-    PerfEventAttr
+    PerfEventAttr, online_cpus
 from uprobes.sys.pmu import UprobeCounter, UprobePmu
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
@@ -110,12 +119,20 @@ class KernelCounter:
 
     With `all_threads` each pid is a process whose existing threads are all
     counted (for `-p`); without, each pid is one task (a launched command
-    held before exec has just one).
+    held before exec has just one). `hit_filter` counts only the hits it
+    keeps, in the kernel (it must be one the kernel can say).
     """
 
     def __init__(self, probes: Sequence[ResolvedProbe], *, pids: Sequence[int] | None = None,
                  all_threads: bool = True, tracefs: Tracefs | None = None,
-                 force: bool = False) -> None:
+                 force: bool = False, hit_filter: HitFilter | None = None) -> None:
+        self.filter_text: str | None = None
+        if hit_filter is not None:
+            self.filter_text = hit_filter.kernel_filter()
+            if self.filter_text is None:
+                raise EngineError("count filters in the kernel, and here it cannot: "
+                                  f"{hit_filter.why_not_kernel()}; `uprobes trace` can")
+        self.hit_filter = hit_filter
         for p in probes:
             if isinstance(p.key, VdsoKey):
                 raise EngineError(f"{p.name}: vDSO probes cannot be placed by the kernel "
@@ -125,15 +142,18 @@ class KernelCounter:
         self.total = len(names)
         self.probes: list[ResolvedProbe] = []
         self.names: list[str] = []
-        sites = [(name, p) for name, probe in zip(names, probes) for p in _sites(probe)]
-        unsafe = {} if force else unsafe_sites((p.path, p.file_offset) for _, p in sites)
-        for name, p in sites:
+        self._lines: list[tuple[ResolvedProbe, int | None]] = []  # what a line is made of
+        sites = [(name, probe, p, site) for name, probe in zip(names, probes)
+                 for p, site in _sites(probe)]
+        unsafe = {} if force else unsafe_sites((p.path, p.file_offset) for _, _, p, _ in sites)
+        for name, probe, p, site in sites:
             why = unsafe.get((p.path, p.file_offset))
             if why:
                 self.refused.append(Refusal(name, None, why))
             else:
                 self.probes.append(p)
                 self.names.append(name)
+                self._lines.append((probe, site))
         self.pids = list(pids) if pids is not None else None
         self.all_threads = all_threads
         self._tracefs = tracefs
@@ -146,7 +166,7 @@ class KernelCounter:
 
     def __enter__(self) -> KernelCounter:
         try:
-            if self.pids is None:
+            if self.pids is None and self.filter_text is None:
                 self._place_pmu()
             else:
                 self._place_tracepoints(self.pids)
@@ -199,19 +219,44 @@ class KernelCounter:
             out.append(name)
         return out
 
-    def _place_tracepoints(self, pids: Sequence[int]) -> None:
+    def _line(self, i: int, event: str) -> str:
+        """Counting fetches nothing but what the filter tests: the line carries
+        the place (and the USDT semaphore, `(0xREF)`, so the kernel sets it)."""
+        assert self.group is not None
+        p = self.probes[i]
+        flt = self.hit_filter
+        if flt is None or not (flt.arg_fields or flt.needs_comm):
+            return kernel_line(replace(p, group=self.group.name, event=event, args=()))
+        probe, site = self._lines[i]
+        kept = tuple(a for a in probe.args if a.name in flt.arg_fields)
+        line = kernel_line(replace(probe, group=self.group.name, event=event, args=kept),
+                           ret_site=site)
+        return line + (f" {COMM_FIELD}=$comm" if flt.needs_comm else "")
+
+    def _place_tracepoints(self, pids: Sequence[int] | None) -> None:
+        """Counting tracepoint events on `pids`, or on every CPU for None."""
         tracefs = self._tracefs or Tracefs()
         self.group = open_run_group(tracefs)
         events = self._event_names()
-        for event, p in zip(events, self.probes):
-            # Counting fetches nothing: the line carries only the place (and
-            # the USDT semaphore, `(0xREF)`, so the kernel sets it).
-            self.group.add(kernel_line(replace(p, group=self.group.name, event=event, args=())))
+        for i, event in enumerate(events):
+            self.group.add(self._line(i, event))
         ids = [tracefs.event_id(self.group.name, e) for e in events]
         live = list(zip(self.names, self.probes, ids))
         slots: list[list[PerfEvent]] = [[] for _ in live]
         dead: set[int] = set()
-        pending = list(pids)
+        if pids is None:
+            for i, (name, p, event_id) in enumerate(live):
+                try:
+                    for cpu in online_cpus():
+                        slots[i].append(self._counting(event_id, -1, cpu))
+                except KernelError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM):
+                        raise
+                    self._refuse(name, p, e)
+                    dead.add(i)
+                    for ev in slots[i]:
+                        ev.close()
+        pending = list(pids or ())
         while pending:
             for tid in pending:
                 self._tasks.add(tid)
@@ -219,7 +264,7 @@ class KernelCounter:
                     if i in dead:
                         continue
                     try:
-                        slots[i].append(_open_counting(event_id, tid))
+                        slots[i].append(self._counting(event_id, tid, -1))
                     except KernelError as e:
                         if e.errno == errno.ESRCH:
                             break  # the thread ended before we reached it
@@ -230,8 +275,19 @@ class KernelCounter:
                         for ev in slots[i]:
                             ev.close()
                         slots[i].clear()
-            pending = self._new_threads(pids) if self.all_threads else []
+            pending = self._new_threads(pids) if self.all_threads and pids else []
         self._placed = [(name, slots[i]) for i, (name, _, _) in enumerate(live) if i not in dead]
+
+    def _counting(self, event_id: int, task: int, cpu: int) -> PerfEvent:
+        ev = _open_counting(event_id, task, cpu)
+        if self.filter_text is not None:
+            try:
+                ev.set_filter(self.filter_text)
+            except KernelError as e:
+                ev.close()
+                raise EngineError(f"the kernel refused the filter {self.filter_text!r}: "
+                                  f"{e}") from e
+        return ev
 
     def _new_threads(self, pids: Sequence[int]) -> list[int]:
         """Threads of `pids` we have no counter on yet. A thread created by one
@@ -299,29 +355,30 @@ class KernelCounter:
                 raise
 
 
-def _sites(p: ResolvedProbe) -> list[ResolvedProbe]:
+def _sites(p: ResolvedProbe) -> list[tuple[ResolvedProbe, int | None]]:
     """What is placed for `p`: itself, or a return probe with `ret_sites` as
-    one entry probe on each `ret` (their hits sum to its returns). Counting
-    fetches nothing, so the copies carry no fetchargs."""
+    one entry probe on each `ret` (their hits sum to its returns), each with
+    its `ret` site. The copies carry no fetchargs (a filter's come from `p`)."""
     if not p.ret_sites:
-        return [p]
-    return [replace(p, kind=ProbeKind.ENTRY, file_offset=site, args=(), ret_sites=None, link_addr=None,
-                    key=replace(p.key, file_offset=site) if isinstance(p.key, InodeKey) else p.key)
+        return [(p, None)]
+    return [(replace(p, kind=ProbeKind.ENTRY, file_offset=site, args=(), ret_sites=None,
+                     link_addr=None, key=replace(p.key, file_offset=site)
+                     if isinstance(p.key, InodeKey) else p.key), site)
             for site in p.ret_sites]
 
 
-def _open_counting(event_id: int, tid: int) -> PerfEvent:
+def _open_counting(event_id: int, tid: int, cpu: int = -1) -> PerfEvent:
     """A counting (not sampling) tracepoint event on task `tid` and the tasks
-    it creates, on any CPU."""
+    it creates, on any CPU; or (`tid` -1) on every task of CPU `cpu`."""
     attr = PerfEventAttr()
     attr.size = ctypes.sizeof(attr)
     attr.type = PERF_TYPE_TRACEPOINT
     attr.config = event_id
     attr.sample_period = 0
     attr.sample_type = 0
-    attr.flags = ATTR_DISABLED | ATTR_INHERIT
-    return PerfEvent.open(attr, pid=tid, cpu=-1,
-                          what=f"counting tracepoint {event_id} on task {tid}")
+    attr.flags = ATTR_DISABLED | (ATTR_INHERIT if tid != -1 else 0)
+    return PerfEvent.open(attr, pid=tid, cpu=cpu,
+                          what=f"counting tracepoint {event_id} on task {tid} cpu {cpu}")
 
 
 def _remove_group_at_once(group: ProbeGroup) -> None:

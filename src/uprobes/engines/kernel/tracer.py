@@ -21,9 +21,10 @@ from operator import itemgetter
 from types import TracebackType
 
 from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
+from uprobes.engines.filters import HitFilter
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
 from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
-    RetSiteDecoder, event_line, kernel_probes, shared_events
+    COMM_FIELD, RetSiteDecoder, event_line, kernel_probes, shared_events
 from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
@@ -47,17 +48,23 @@ class KernelTracer:
     skipped because the kernel refused it (globs only; a single probe the
     kernel refuses is an error). `stack_bytes`: each sample also carries
     the user registers and that many bytes of user stack, and `run()` gives
-    each event its walked, named stack (0: no stacks).
+    each event its walked, named stack (0: no stacks). `hit_filter`: only
+    the hits it keeps are delivered; tested in the kernel (no record for the
+    others) where its event filter can say it, else per hit here, with one
+    note saying so.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,
                  tracefs: Tracefs | None = None, force: bool = False,
-                 note: Callable[[str], object] | None = None, stack_bytes: int = 0) -> None:
+                 note: Callable[[str], object] | None = None, stack_bytes: int = 0,
+                 hit_filter: HitFilter | None = None) -> None:
         self.probes = probes
         self.stack_bytes = stack_bytes
         self.symbolizer: Symbolizer | None = None
         self._capturing = False
+        self.hit_filter = hit_filter
+        self._python_filtered: dict[int, str] = {}  # event id -> why not in the kernel
         self.force = force
         self.pid = pid
         self.child = child
@@ -120,6 +127,7 @@ class KernelTracer:
                 self._place(tfs, group, members, multi)
             if not self.placed:
                 raise KernelError("the kernel refused every probe")
+            self._note_python_filter()
             if self.stack_bytes:  # before a launched command runs (see preload)
                 self.symbolizer = Symbolizer()
                 self.symbolizer.preload(kp.probe.path for kp in self.placed)
@@ -157,6 +165,7 @@ class KernelTracer:
             if not added:
                 return
             fmt = tfs.event_format(group.name, event)
+            self._choose_filter(tfs, group, event, fmt.id, added)
             if self.child is not None:
                 streams.open([fmt.id], [self.child])
             elif self.pid is not None:
@@ -185,6 +194,38 @@ class KernelTracer:
             names = {kp.file_offset & PAGE_MASK: kp.info.name for kp in added}
             self.decoders[fmt.id] = RecordDecoder(fmt, added[0].info, names=names)
         self.placed.extend(added)
+
+    def _choose_filter(self, tfs: Tracefs, group: ProbeGroup, event: str, event_id: int,
+                       members: list[KernelProbe]) -> None:
+        """The filter of `event`: in the kernel (set on each of its perf
+        events before they are enabled) or, where it cannot say it, here."""
+        streams = self._streams
+        assert streams is not None
+        if self.hit_filter is None:
+            return
+        text = self.hit_filter.kernel_filter()
+        if text is None:
+            self._python_filtered[event_id] = self.hit_filter.why_not_kernel()
+            return
+        if self.hit_filter.needs_comm and any(COMM_FIELD not in kp.line for kp in members):
+            self._python_filtered[event_id] = \
+                f"{members[0].info.name} has no room for the hidden {COMM_FIELD} field"
+            return
+        # The tracefs `filter` file runs the same parser: a filter the kernel
+        # refuses shows here, with no perf event (and no uprobe) made for it.
+        try:
+            tfs.set_filter(group.name, event, text)
+            tfs.set_filter(group.name, event, "0")
+        except KernelError as e:
+            self._python_filtered[event_id] = f"the kernel refused {text!r}: {e}"
+            return
+        streams.filters[event_id] = text
+
+    def _note_python_filter(self) -> None:
+        why = {w for fid, w in self._python_filtered.items() if fid in self.decoders}
+        if why:
+            self._note("the filter is tested per hit here, not in the kernel ("
+                       + "; ".join(sorted(why)) + "): every hit is still a record")
 
     def _open_pidfd(self, pid: int) -> None:
         try:
@@ -286,12 +327,15 @@ class KernelTracer:
         if len(hits) != len(self.decoders):
             hits.update((i, self._hit_function(d)) for i, d in self.decoders.items())
         append = held.append
-        for data, bodies in streams.read_batches():
-            for body in bodies:
-                at = body + RAW_AT
-                hit = hits.get(data[at] | data[at + 1] << 8)
-                if hit is not None:
-                    append(hit(data, body))
+        if self._python_filtered:
+            self._read_filtered(streams, hits, append)
+        else:
+            for data, bodies in streams.read_batches():
+                for body in bodies:
+                    at = body + RAW_AT
+                    hit = hits.get(data[at] | data[at + 1] << 8)
+                    if hit is not None:
+                        append(hit(data, body))
         symbolizer = self.symbolizer
         if symbolizer is not None:
             # Mappings as the samples were taken (a process may have exited
@@ -312,6 +356,25 @@ class KernelTracer:
         if not self._capturing:
             return hit
         return with_capture(hit, RAW_AT - 4, isinstance(decoder, RetSiteDecoder))
+
+    def _read_filtered(self, streams: CpuStreams, hits: dict[int, Callable[[bytes, int], Hit]],
+                       append: Callable[[Hit], None]) -> None:
+        """The read loop when some events are filtered here, per hit."""
+        assert self.hit_filter is not None
+        keep = self.hit_filter.predicate()
+        infos = {kp.info.name: kp.info for kp in self.placed}
+        here = self._python_filtered
+        for data, bodies in streams.read_batches():
+            for body in bodies:
+                at = body + RAW_AT
+                event_id = data[at] | data[at + 1] << 8
+                hit = hits.get(event_id)
+                if hit is None:
+                    continue
+                h = hit(data, body)
+                # h[:9]: without a stack capture --stack appends
+                if event_id not in here or keep(hit_event(h[:9], infos[h[4]])):  # type: ignore[arg-type]
+                    append(h)
 
     def _deliver(self, hits: list[Hit], on_hits: Callable[[list[Hit]], None]) -> None:
         if hits:

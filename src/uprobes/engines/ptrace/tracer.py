@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import cast
 
 from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.engines.filters import HitFilter, TaskView
 from uprobes.engines.kernel.counting import display_names
 from uprobes.engines.kernel.records import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
@@ -77,12 +78,18 @@ class PtraceTracer:
     `stack_bytes`: `run()` gives each event its user stack, walked from the
     registers and up to that many bytes read from the stack pointer at the
     hit (0: no stacks).
+    `hit_filter`: only the hits it keeps are counted and delivered; its
+    `--tid`/`--comm` part is tested before anything is fetched, the
+    condition as soon as what it names is fetched.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, force: bool = False,
-                 note: Callable[[str], object] | None = None, stack_bytes: int = 0) -> None:
+                 note: Callable[[str], object] | None = None, stack_bytes: int = 0,
+                 hit_filter: HitFilter | None = None) -> None:
         ptrace.ensure_x86_64()
+        self.hit_filter = hit_filter
+        task_filter = hit_filter.task_filter() if hit_filter else None
         if pid is None and child is None:
             raise UsageError("the ptrace engine traces a process (-p PID) or a command "
                              "(-- CMD), not the whole system")
@@ -111,9 +118,9 @@ class PtraceTracer:
             self.counts[name] = 0
             handler = self._event_handler(name, info, p)
             if not p.is_return:
-                self.registry.add(p, Consumer(handler=handler, tag=name))
+                self.registry.add(p, Consumer(handler=handler, filter=task_filter, tag=name))
                 continue
-            consumer = Consumer(ret_handler=handler, tag=name)
+            consumer = Consumer(ret_handler=handler, filter=task_filter, tag=name)
             if p.ret_sites and isinstance(p.key, InodeKey):
                 # On the function's own rets (resolve/retsites.py): nothing on the stack.
                 for off in p.ret_sites:
@@ -150,15 +157,24 @@ class PtraceTracer:
                        p: ResolvedProbe) -> Callable[[TaskLike], None]:
         counts = self.counts
         fetcher = None
+        # The condition (`--tid`/`--comm` are the consumer's TaskFilter, tested
+        # before this runs): before the fetch when it names no fetcharg.
+        cond = self.hit_filter.condition if self.hit_filter else None
+        keep = cond.predicate() if cond else None
+        keep_after_fetch = keep is not None and bool(self.hit_filter and
+                                                     self.hit_filter.arg_fields)
 
         def on_hit(task: TaskLike) -> None:
             nonlocal fetcher
             hit = cast(PtraceHit, task)
-            counts[name] += 1
-            emit = self._on_hits
-            if emit is None:
-                return
             t = hit.thread
+            if keep is not None and not keep_after_fetch \
+                    and not keep(TaskView(t.pid, t.tid, t.comm, {})):
+                return
+            emit = self._on_hits
+            if emit is None and not keep_after_fetch:
+                counts[name] += 1
+                return
             args: tuple[ArgValue, ...] = ()
             if p.args:
                 if fetcher is None:
@@ -167,7 +183,12 @@ class PtraceTracer:
                                           "arguments yet")
                     fetcher = ArgFetcher(p)
                 got = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
+                if keep_after_fetch and not keep(TaskView(t.pid, t.tid, t.comm, got)):
+                    return
                 args = tuple(got.get(n) for n, _ in info.args)
+            counts[name] += 1
+            if emit is None:
+                return
             self.events += 1
             self.current_hit = hit  # the stopped thread, for a Session handler
             try:
