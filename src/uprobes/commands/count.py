@@ -112,6 +112,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         if choose_engine(args, probes) == "ptrace":
             return _count_ptrace(args, probes, sink)
+        flt = args.hit_filter
+        if flt is not None and flt.kernel_filter() is None:
+            # No records to test here: counting happens in the kernel alone.
+            raise UsageError(f"count filters in the kernel, and here it cannot: "
+                             f"{flt.why_not_kernel()}; `uprobes trace` or -e ptrace can")
         with _Stop().installed() as stop:
             return _count(args, probes, sink, stop)
     finally:
