@@ -89,3 +89,13 @@ def test_filters_apply_to_calls(latency_exe: Path) -> None:
     status, out = run_latency("--json", "--if", f'comm == "{latency_exe.name[:15]}"',
                               f"{latency_exe}:nap", "--", str(latency_exe))
     assert json.loads(out)["uprobes/nap"]["count"] == 25
+
+
+def test_the_ptrace_engine_pairs_the_same_calls(compile_c: Compiler) -> None:
+    exe = compile_c("latency.c")
+    status, out = run_latency("-e", "ptrace", "--json", f"{exe}:fib", f"{exe}:leap",
+                              "--if", "tid > 0", "--", str(exe))
+    assert status == 0
+    doc = json.loads(out.splitlines()[-1])
+    assert (doc["uprobes/fib"]["count"], doc["uprobes/leap"]["count"]) == (177, 4)
+    assert sum(n for _, _, n in doc["uprobes/fib"]["buckets"]) == 177

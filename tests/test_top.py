@@ -60,3 +60,12 @@ def test_if_comm_and_tid_filter_hits(target: Path) -> None:
     assert main(["top", "--json", "--comm", "nobody", f"{target}:add",
                  "--", str(target), "40"], out=out) == 0
     assert json.loads(out.getvalue().splitlines()[-1])["summary"] == []
+
+
+def test_the_ptrace_engine_counts_every_filtered_hit(compile_c: Compiler) -> None:
+    exe = compile_c("target.c")
+    out = io.StringIO()
+    assert main(["top", "-e", "ptrace", "--json", "-i", "5", "--if", "a >= 30 && a & 1",
+                 f"{exe}:add a=%di:s64", "--", str(exe), "40"], out=out) == 0
+    final = json.loads(out.getvalue().splitlines()[-1])
+    assert [row["total"] for row in final["summary"]] == [5] and final["lost"] == 0
