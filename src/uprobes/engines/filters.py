@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from uprobes.probe import ResolvedProbe
 from uprobes.registry import TaskFilter
-from uprobes.spec.ast import FetchType
 from uprobes.spec.condition import TASK_FIELDS, Compare, Condition, Event, Logic, Node, \
     parse_condition
 
@@ -106,19 +105,6 @@ class TaskView:
     tid: int
     comm: str
     args: Mapping[str, object]
-
-
-def kept_args(probe: ResolvedProbe, hit_filter: HitFilter | None) -> tuple[object, ...]:
-    """The probe's fetchargs that a filter names: what counting must still fetch."""
-    if hit_filter is None:
-        return ()
-    need = hit_filter.arg_fields
-    return tuple(a for a in probe.args if a.name in need)
-
-
-def arg_types(probe: ResolvedProbe) -> dict[str, FetchType]:
-    from uprobes.engines.kernel.records import probe_info
-    return dict(probe_info(probe).args)
 
 
 def _any_of(nodes: list[Node]) -> Node:
