@@ -34,6 +34,7 @@ EXAMPLES = [
     "uprobes count 'usdt:/usr/bin/python3.11:python:function__entry' "
     "-- /usr/bin/python3.11 -c 'import json'",
     "uprobes count --duration 0.5 'libc:getpid'  # system-wide for half a second",
+    "uprobes count --if 'size > 4096' 'libc:malloc size=%di:u64' -- /usr/bin/python3.11 -c pass",
 ]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -49,6 +49,8 @@ EXAMPLES = [
     "'r libc:malloc ptr=$retval:x64' -- /bin/ls /  # open it in ui.perfetto.dev",
     "uprobes trace --stack 'libc:malloc' -- /usr/bin/python3.11 -c 'import json'"
     "  # each hit with its user stack, one frame a line",
+    "uprobes trace --if 'size > 65536' --comm python3.11 'libc:malloc size=%di:u64' -- "
+    "/usr/bin/python3.11 -c pass  # filtered in the kernel: no record for the rest",
     "uprobes trace --duration 2 'libc:getppid' & sleep 1; python3 -c 'import os; os.getppid()'"
     "; wait  # system-wide, for 2 seconds",
 ]
