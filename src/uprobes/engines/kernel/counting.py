@@ -244,27 +244,17 @@ class KernelCounter:
         live = list(zip(self.names, self.probes, ids))
         slots: list[list[PerfEvent]] = [[] for _ in live]
         dead: set[int] = set()
-        if pids is None:
-            for i, (name, p, event_id) in enumerate(live):
-                try:
-                    for cpu in online_cpus():
-                        slots[i].append(self._counting(event_id, -1, cpu))
-                except KernelError as e:
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM):
-                        raise
-                    self._refuse(name, p, e)
-                    dead.add(i)
-                    for ev in slots[i]:
-                        ev.close()
-        pending = list(pids or ())
+        # (task, cpu) pairs: every task on any CPU, or system-wide every CPU.
+        pending = [(tid, -1) for tid in pids] if pids is not None \
+            else [(-1, cpu) for cpu in online_cpus()]
         while pending:
-            for tid in pending:
+            for tid, cpu in pending:
                 self._tasks.add(tid)
                 for i, (name, p, event_id) in enumerate(live):
                     if i in dead:
                         continue
                     try:
-                        slots[i].append(self._counting(event_id, tid, -1))
+                        slots[i].append(self._counting(event_id, tid, cpu))
                     except KernelError as e:
                         if e.errno == errno.ESRCH:
                             break  # the thread ended before we reached it
@@ -275,7 +265,8 @@ class KernelCounter:
                         for ev in slots[i]:
                             ev.close()
                         slots[i].clear()
-            pending = self._new_threads(pids) if self.all_threads and pids else []
+            pending = [(tid, -1) for tid in self._new_threads(pids)] \
+                if self.all_threads and pids is not None else []
         self._placed = [(name, slots[i]) for i, (name, _, _) in enumerate(live) if i not in dead]
 
     def _counting(self, event_id: int, task: int, cpu: int) -> PerfEvent:
