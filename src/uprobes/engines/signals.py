@@ -62,7 +62,7 @@ _runs = 0  # tracing runs entered by this process (StopSignals)
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGTERM or SIGHUP before any tracing began: stop, as Ctrl-C does."""
+    """A stop signal before any tracing began: stop (nothing is placed yet)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -70,11 +70,11 @@ class StopRequested(KeyboardInterrupt):
 
 
 class CommandSignals:
-    """For one whole command: SIGTERM and SIGHUP before tracing begins stop
-    it (StopRequested; nothing is placed yet); while tracing, StopSignals
-    takes them; once a tracing run has ended, they are only noted, so a late
-    one cannot kill us between the clean-up and passing on the traced
-    command's exit status."""
+    """For one whole command: SIGINT, SIGTERM and SIGHUP before tracing
+    begins stop it (StopRequested; nothing is placed yet); while tracing,
+    StopSignals takes them; once a tracing run has ended, they are only
+    noted, so a late one cannot kill us between the clean-up and passing on
+    the traced command's exit status."""
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
@@ -88,7 +88,7 @@ class CommandSignals:
 
     def __enter__(self) -> CommandSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
