@@ -328,3 +328,54 @@ def test_cleanup_removes_a_killed_runs_group_only(threads: Path, tracefs: Path) 
             p.kill()
             p.wait()
         append(events, "-:someoneelse/x")
+
+
+def _semaphore(pid: int, exe: Path, ref_ctr_offset: int) -> int:
+    """The USDT semaphore's value in process `pid`, read from its memory."""
+    from uprobes.sys import procfs
+    from uprobes.sys.procmem import ProcessMemory
+    [m] = [m for m in procfs.maps(pid) if m.path == str(exe) and "w" in m.perms
+           and m.contains_file_offset(ref_ctr_offset)]
+    with ProcessMemory(pid) as mem:
+        return int.from_bytes(mem.read(m.file_to_runtime_addr(ref_ctr_offset), 2), "little")
+
+
+def test_usdt_semaphore_is_set_only_while_traced(tracefs: Path, compile_c: Compiler) -> None:
+    """The kernel raises the semaphore (ref_ctr_offset) while the probe is in
+    place and lowers it at detach: 0 before, 1 during, 0 after; a program
+    run under `-- CMD` sees it set at every hit."""
+    from uprobes.resolve.resolver import Resolver
+    from uprobes.spec import parse
+    exe = compile_c("usdt_target.c")
+    [probe] = Resolver().resolve(parse(f"usdt:{exe}:demo:tick"))  # type: ignore[arg-type]
+    assert probe.ref_ctr_offset is not None
+    target = subprocess.Popen([str(exe), "4"], env={**os.environ, "TARGET_WAIT": "1"},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert target.stdout and target.stdin
+    try:
+        read_until(target.stdout, r"^ready")
+        assert _semaphore(target.pid, exe, probe.ref_ctr_offset) == 0
+        up = subprocess.Popen([*UPROBES, "count", "-e", "kernel", "--json", "-p",
+                               str(target.pid), f"usdt:{exe}:demo:tick"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert up.stderr
+        try:
+            read_until(up.stderr, rf"counting 1 probes (in )?process {target.pid};")
+            assert _semaphore(target.pid, exe, probe.ref_ctr_offset) == 1
+            up.send_signal(signal.SIGINT)
+            stdout, _ = up.communicate(timeout=60)
+        finally:
+            up.kill()
+            up.wait()
+        assert up.returncode == 0 and last_json(stdout) == {"demo/tick": 0}
+        assert _semaphore(target.pid, exe, probe.ref_ctr_offset) == 0
+        _, err = target.communicate("go\n", timeout=30)
+        assert target.returncode == 0 and "semaphore=" not in err  # untraced again
+    finally:
+        target.kill()
+        target.wait()
+    launched = count("--json", f"usdt:{exe}:demo:tick", "--", str(exe), "4")
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stderr.count("semaphore=1") == 4  # the fixture prints it when set
+    assert last_json(launched.stdout) == {"demo/tick": 4}
