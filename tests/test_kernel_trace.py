@@ -78,7 +78,7 @@ def types_specs(exe: Path) -> list[str]:
         "bf=+32(%di):b4@8/32 arr=+36(%di):s32[3] name=+0(+48(%di)):string "
         "uname=+0(+48(%di)):ustring bad=+0(+56(%di)):string first=+0(+48(%di)):u8 "
         f"a7=$arg7:s64 st2=$stack2:s64 sp=$stack glob=@+{glob:#x}:s64 imm=\\42:s32 "
-        "cm=$comm")
+        "cm=$comm sa=+48(%di):string[2]")
     ret = f"r {exe}:ret_str rv=$retval:x64 s=+0($retval):string"
     return [entry, ret]
 
@@ -89,6 +89,7 @@ TYPES_EXPECTED = {
     "x32": 4000000000, "x64": 18000000000000000000, "c": ord("Z"), "bf": 0x2,
     "arr": [-1, 2, -3], "name": "world", "uname": "world", "bad": None, "first": ord("w"),
     "a7": -7, "st2": 8, "glob": 18000000000000000000 - (1 << 64), "imm": 42,
+    "sa": ["world", None],  # string[2] over the name and bad pointers: a list, one faulted
 }
 
 

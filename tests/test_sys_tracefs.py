@@ -263,3 +263,26 @@ print fmt: "(%lx) n=%d", REC->__probe_ip, REC->n
                                       "e": None}
     with pytest.raises(KernelError, match="too short"):
         fmt.decode(bytes(raw[:20]))
+
+
+def test_parse_format_string_array() -> None:
+    """`string[3]` as the kernel declares it: `__data_loc char[][3]`, three
+    data_locs of 4 bytes side by side, one string each (length 0: faulted)."""
+    text = """name: sa
+ID: 78
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+
+\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:__data_loc char[][3] sa;\toffset:16;\tsize:12;\tsigned:1;
+
+print fmt: "(%lx) sa={\\"%s\\",\\"%s\\",\\"%s\\"}", REC->__probe_ip, __get_str(sa[0])
+"""
+    [ip, sa] = parse_format(text).fields
+    assert (sa.name, sa.array_len, sa.element_size, sa.is_string) == ("sa", 3, 4, True)
+    raw = bytearray(40)
+    raw[16:20] = ((2 << 16) | 28).to_bytes(4, "little")
+    raw[20:24] = (0).to_bytes(4, "little")
+    raw[24:28] = ((4 << 16) | 30).to_bytes(4, "little")
+    raw[28:34] = b"a\0bcd\0"
+    assert sa.decode(bytes(raw)) == ("a", None, "bcd")

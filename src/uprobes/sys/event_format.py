@@ -16,8 +16,9 @@ _FIELD_RE = re.compile(
     r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);"
     r"\s*signed:(?P<signed>\d+);")
 _ARRAY_RE = re.compile(r"^(?P<name>\w+)\[(?P<len>\d*)\]$")
+_STRING_ARRAY_RE = re.compile(r"\[\]\[(?P<len>\d+)\]$")
 
-Value = int | str | None | tuple[int, ...]
+Value = int | str | None | tuple[int, ...] | tuple[str | None, ...]
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class Field:
     `type` is the C type as the kernel prints it (`s64`, `unsigned long`,
     `__data_loc char[]`). `data_loc` fields hold a u32 `len << 16 | offset`
     pointing into the record's dynamic area (strings). `array_len` is set for
-    fixed arrays such as `u16 d[]` (length = size / element size).
+    fixed arrays such as `u16 d[]` (length = size / element size), and for
+    string arrays (`string[N]`), which the kernel declares `__data_loc
+    char[][N]`: N data_locs side by side, one string each.
     """
 
     name: str
@@ -56,15 +59,14 @@ class Field:
         if len(chunk) < self.size:
             raise KernelError(f"trace record too short for field {self.name}: "
                               f"{len(raw)} bytes, need {self.offset + self.size}")
+        if self.data_loc and self.array_len is not None:
+            return tuple(_string(raw, int.from_bytes(chunk[i:i + 4], "little"))
+                         for i in range(0, self.size, 4))
         if self.data_loc:
             loc = int.from_bytes(chunk, "little")
-            start, length = loc & 0xFFFF, loc >> 16
-            if length == 0:
-                return None
-            data = raw[start:start + length]
             if self.is_string:
-                return data.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-            return tuple(data)
+                return _string(raw, loc)
+            return None if loc >> 16 == 0 else tuple(_bytes(raw, loc))
         if self.array_len is not None:
             es = self.element_size
             return tuple(int.from_bytes(chunk[i:i + es], "little", signed=self.signed)
@@ -108,10 +110,26 @@ class EventFormat:
         return int.from_bytes(raw[0:2], "little")
 
 
+def _bytes(raw: bytes, loc: int) -> bytes:
+    """What a data_loc (u32 `len << 16 | offset`) points at in `raw`."""
+    start = loc & 0xFFFF
+    return raw[start:start + (loc >> 16)]
+
+
+def _string(raw: bytes, loc: int) -> str | None:
+    """The string at data_loc `loc`; None when its fetch faulted (length 0)."""
+    if loc >> 16 == 0:
+        return None
+    return _bytes(raw, loc).split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
 def _parse_field(decl: str, offset: int, size: int, signed: bool) -> Field:
     data_loc = decl.startswith("__data_loc")
     ctype, _, name = decl.rpartition(" ")
     array_len: int | None = None
+    strings = _STRING_ARRAY_RE.search(ctype) if data_loc else None
+    if strings:
+        array_len = int(strings.group("len"))
     m = _ARRAY_RE.match(name)
     if m and not data_loc:
         name = m.group("name")

@@ -219,7 +219,10 @@ class RecordDecoder:
                 out.append(None)
                 continue
             i, count, data_loc = a
-            if data_loc:
+            if data_loc and count:  # string[N]: N data_locs, a string each
+                out.append([_string_at(data, raw_at, loc)
+                            for loc in values[base + i:base + i + count]])
+            elif data_loc:
                 out.append(_string_at(data, raw_at, values[base + i]))
             elif count:
                 out.append(list(values[base + i:base + i + count]))
