@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,53 @@ def test_the_ptrace_engine_pairs_the_same_calls(compile_c: Compiler) -> None:
     doc = json.loads(out.splitlines()[-1])
     assert (doc["uprobes/fib"]["count"], doc["uprobes/leap"]["count"]) == (177, 4)
     assert sum(n for _, _, n in doc["uprobes/fib"]["buckets"]) == 177
+
+
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_an_exception_through_a_timed_function_leaves_the_program_unharmed(
+        engine: str, tracefs: Path, compile_c: Compiler) -> None:
+    """`retsites throw` throws out of thrower() and through() in 2 of 6 calls.
+    The return probes fetch nothing, so they sit on the functions' own rets:
+    the unwinder finds every frame as the compiler left it (a uretprobe's
+    swapped return address made it call std::terminate), and the program
+    prints and exits as it does untraced. The 4 calls that return are timed;
+    the 2 an exception left are never paired with a later return."""
+    exe = compile_c("retsites.cc")
+    plain = subprocess.run([str(exe), "throw"], capture_output=True, text=True)
+    assert plain.returncode == 3 and plain.stdout == "total=165 caught=2\n"
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine, "--json",
+                           f"{exe}:through", f"{exe}:thrower", f"{exe}:fact", "--", str(exe),
+                           "throw"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "uretprobe" not in proc.stderr and "terminate" not in proc.stderr
+    printed, doc = proc.stdout.splitlines()
+    assert printed == "total=165 caught=2"
+    counts = {name: h["count"] for name, h in json.loads(doc).items()}
+    # fact: fact(5) is 5 calls, tail_call(-8) jumps to fact(2): 2 more, whose
+    # outermost returns to tail_call's caller, the return address at its entry.
+    assert counts == {"uprobes/through": 4, "uprobes/thrower": 4, "uprobes/fact": 7}
+    # the first throw's two calls; the second's are still open at exit
+    assert "2 calls never returned" in proc.stderr
+
+
+def test_returns_pair_by_the_return_address_fetched_at_entry() -> None:
+    """Recursion from one call site: the newest entry with the address
+    returned to closes; entries above it were left (abandoned); a return to
+    an address no open entry holds pairs with nothing and pops nothing."""
+    from uprobes.analysis.calls import CallPairer
+    from uprobes.engines.event import Event
+
+    def entry(sp: int, ra: int) -> Event:
+        return Event("f", "p", 1, 1, "x", 0, 0, 0x100, args={"__sp": sp, "__ra": ra})
+
+    def ret(to: int) -> Event:
+        return Event("f__return", "r", 1, 1, "x", 0, 0, to, func=0x100)
+
+    pairer = CallPairer()
+    outer, inner, left = entry(1000, 0xA), entry(900, 0xB), entry(800, 0xB)
+    for e in (outer, inner, left):
+        pairer.entry(e)
+    assert pairer.ret(ret(0xC)) is None and pairer.unpaired_returns == 1  # not ours
+    assert pairer.ret(ret(0xB)) is left  # the newest of the two with 0xB
+    assert pairer.ret(ret(0xA)) is outer and pairer.abandoned == 1  # inner was left
+    assert list(pairer.still_open()) == []

@@ -2,17 +2,32 @@
 
 Each function's entries wait on a per-thread stack until their return:
 recursion and nesting pair correctly. An entry matches a return when the
-return's `func` is the entry's `ip` in the same thread. When events carry
-the stack pointer (`__sp=%sp`, as `uprobes latency` asks), it tells live
-calls from calls that were left without returning (longjmp, an exception
-unwinding through them): a live caller's frame is always higher on the
-stack than its callee's, so a new entry drops the open entries at or below
-its own stack pointer, and a return drops those deeper than its frame.
-They are counted, never mis-paired. A return with no entry (the call began
-before the probes were in) is counted and skipped. At the function's entry
-the stack pointer points at the return address; at the kernel's return
-probe it is 8 bytes higher (the `ret` has popped it), at a probe on the
-`ret` instruction it is the same.
+return's `func` is the entry's `ip` in the same thread. Calls left without
+returning (longjmp, an exception unwinding through them) are counted as
+abandoned, never mis-paired, when the events say enough:
+
+- an entry that carries its return address (`__ra=+0(%sp):x64`, as
+  `uprobes latency` asks) is closed by the return whose `ip`, the address
+  returned to, is that address: the newest open entry with it is the call
+  returning (recursion from one call site leaves several; the newest is
+  the innermost live one), and the entries above it were abandoned;
+- an entry that carries the stack pointer (`__sp=%sp`) drops the open
+  entries at or below it: a live caller's frame is always higher on the
+  stack than its callee's, so they were left. This is what tells a stale
+  entry from a live one with the same return address (a second call from
+  the same site after a longjmp out of the first);
+- a return that carries the stack pointer drops the entries deeper than
+  its frame. At the function's entry the stack pointer points at the
+  return address; at the kernel's return probe it is 8 bytes higher (the
+  `ret` has popped it), at a probe on the `ret` instruction it is the same.
+  Only the kernel's uretprobe can fetch it as it is after the return, which
+  is why `uprobes latency` pairs by return address instead: its return
+  probes then fetch nothing and go on the function's own `ret`s, which an
+  exception can unwind through (a uretprobe swaps the return address, and
+  the unwinder finds no frame there).
+
+A return with no entry (the call began before the probes were in) is
+counted and skipped.
 """
 
 from __future__ import annotations
@@ -23,11 +38,17 @@ from dataclasses import dataclass, field
 from uprobes.engines.event import Event
 
 SP_ARG = "__sp"
+RA_ARG = "__ra"
 
 
 def _sp(ev: Event) -> int | None:
     sp = ev.args.get(SP_ARG)
     return sp if isinstance(sp, int) else None
+
+
+def _ra(ev: Event) -> int | None:
+    ra = ev.args.get(RA_ARG)
+    return ra if isinstance(ra, int) else None
 
 
 @dataclass
@@ -57,6 +78,14 @@ class CallPairer:
             while stack and (_sp(stack[-1]) or 0) < sp - 8:
                 stack.pop()  # a deeper frame that was left without returning
                 self.abandoned += 1
+        if stack and _ra(stack[-1]) is not None:
+            at = next((i for i in range(len(stack) - 1, -1, -1)
+                       if _ra(stack[i]) == ev.ip), None)
+            if at is None:
+                self.unpaired_returns += 1
+                return None
+            self.abandoned += len(stack) - 1 - at  # left without returning
+            del stack[at + 1:]
         if not stack:
             self.unpaired_returns += 1
             return None

@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
-from uprobes.analysis.calls import SP_ARG, CallPairer
+from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
@@ -55,10 +55,12 @@ def probe_pair(spec: ProbeSpec) -> tuple[str, str]:
                         spec.text, 0)
     if spec.args:
         raise SpecError("latency fetches no arguments; give the function only", spec.text, 0)
-    sp = f"{SP_ARG}=%sp:u64"
-    entry = render(spec) + " " + sp
+    # The entry's stack pointer and return address pair it with its return
+    # (whose ip is the address returned to): the return fetches nothing, so
+    # it goes on the function's own rets, which exceptions unwind through.
+    entry = render(spec) + f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
     ret_event = f"{spec.event}__return" if spec.event else None
-    ret = render(replace(spec, kind=ProbeKind.RETURN, event=ret_event)) + " " + sp
+    ret = render(replace(spec, kind=ProbeKind.RETURN, event=ret_event))
     return entry, ret
 
 
