@@ -68,6 +68,16 @@ class _Libc:
     def function(self, name: str) -> Any:
         return getattr(self._lib, name)
 
+    def bare_function(self, name: str, restype: Any) -> Any:
+        """A function object of its own for `name`, with no argtypes: ctypes
+        then passes a Python int as a C int, None as NULL and a byref() as a
+        pointer, skipping the per-argument converters that argtypes install
+        (about 1 us a call less on our 2-CPU VM). Only for calls whose
+        integer arguments all fit a C int."""
+        fn = self._lib._FuncPtr((name, self._lib))
+        fn.restype = restype
+        return fn
+
 
 _libc: _Libc | None = None
 

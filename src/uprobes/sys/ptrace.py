@@ -1,9 +1,11 @@
 """ptrace(2) and waitpid(2), thin: requests, options, registers, stop decoding.
 
-One module for the whole interface (x86-64). Every request goes through
-`_ptrace`, which turns errno into `KernelError`; the hit path's requests
-(`getregs`, `setregs`, `cont`) are plain functions over a preallocated
-`UserRegs`, so a hit costs its syscalls and little Python.
+One module for the whole interface (x86-64). Every request turns errno
+into `KernelError`. The hit path's requests (`getregs`, `setregs`, `cont`)
+and `wait_any` call libc through function objects without argtypes (their
+arguments are C ints, NULL or pointers), over a preallocated `UserRegs`:
+ctypes' argument converters cost about 1 us a call, as much as the
+system call itself, so a hit costs its syscalls and little Python.
 
 `wait_any()` calls libc's waitpid directly (not `os.waitpid`), so a signal
 to the tracer interrupts it (EINTR, returned as pid 0) instead of being
@@ -143,6 +145,18 @@ _raw_waitpid = _function("waitpid", ctypes.c_int,
 _raw_tgkill = _function("tgkill", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
 _status = ctypes.c_int(0)
 _status_ref = ctypes.byref(_status)
+# The hit path's calls, without argtypes: request, tid and options are C ints
+# here, addr is NULL, data a pointer (byref) or, for a signal, a c_long.
+_bare_ptrace = libc().bare_function("ptrace", ctypes.c_long)
+_bare_waitpid = libc().bare_function("waitpid", ctypes.c_int)
+_byref = ctypes.byref
+_get_errno = ctypes.get_errno
+
+
+def _failed(what: str, tid: int) -> None:
+    err = _get_errno()
+    if err:
+        raise kernel_error(f"{what} (task {tid})", err, _HINTS)
 
 
 def _ptrace(request: int, tid: int, addr: int, data: int, what: str) -> int:
@@ -166,7 +180,8 @@ def interrupt(tid: int) -> None:
 
 def cont(tid: int, sig: int = 0) -> None:
     """Resume a stopped task, delivering `sig` (0: none)."""
-    _ptrace(PTRACE_CONT, tid, 0, sig, "PTRACE_CONT")
+    if _bare_ptrace(PTRACE_CONT, tid, None, ctypes.c_long(sig) if sig else None) == -1:
+        _failed("PTRACE_CONT", tid)
 
 
 def singlestep(tid: int, sig: int = 0) -> None:
@@ -192,12 +207,14 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
 
 def getregs(tid: int, regs: UserRegs) -> UserRegs:
     """Fill `regs` with the stopped task's registers; returns it."""
-    _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs), "PTRACE_GETREGS")
+    if _bare_ptrace(PTRACE_GETREGS, tid, None, _byref(regs)) == -1:
+        _failed("PTRACE_GETREGS", tid)
     return regs
 
 
 def setregs(tid: int, regs: UserRegs) -> None:
-    _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs), "PTRACE_SETREGS")
+    if _bare_ptrace(PTRACE_SETREGS, tid, None, _byref(regs)) == -1:
+        _failed("PTRACE_SETREGS", tid)
 
 
 def geteventmsg(tid: int) -> int:
@@ -217,7 +234,7 @@ def wait_any(nohang: bool = False) -> tuple[int, int]:
     """waitpid(-1, __WALL): (tid, raw status); (0, 0) when interrupted by a
     signal, or when `nohang` and nothing is pending; (-1, 0) when there is
     no child left (ECHILD)."""
-    tid: int = _raw_waitpid(-1, _status_ref, WALL | (WNOHANG if nohang else 0))  # type: ignore[operator]
+    tid: int = _bare_waitpid(-1, _status_ref, WALL | WNOHANG if nohang else WALL)
     if tid > 0:
         return tid, _status.value
     if tid == 0:
