@@ -102,6 +102,10 @@ class PtraceTracer:
         self._note = note or (lambda _: None)
         self.registry = Registry()
         self.counts: dict[str, int] = {}
+        # Our handlers that, when no events are built, only count (no filter):
+        # a hit whose dispatch is one of them just counts, with no PtraceHit.
+        self._count_only: dict[Callable[[TaskLike], None], str] = {}
+        self._counting: dict[Callable[[TaskLike], None], str] = {}
         self._infos: dict[str, ProbeInfo] = {}
         self._multi = _glob_specs(probes)
         self._refused: set[str] = set()
@@ -117,6 +121,8 @@ class PtraceTracer:
             self._infos[info.name] = info
             self.counts[name] = 0
             handler = self._event_handler(name, info, p)
+            if hit_filter is None:
+                self._count_only[handler] = name
             if not p.is_return:
                 self.registry.add(p, Consumer(handler=handler, filter=task_filter, tag=name))
                 continue
@@ -437,6 +443,7 @@ class PtraceTracer:
         signals = self._signals
         assert signals is not None, "enter the tracer first"
         self._on_hits = on_hits
+        self._counting = self._count_only if on_hits is None else {}
         deadline = None if duration is None else time.monotonic() + duration
         main = threading.current_thread() is threading.main_thread()
         old = None
@@ -528,8 +535,15 @@ class PtraceTracer:
             if probe is None:
                 self._place_all(t)  # the rendezvous: libraries came or went
             else:
-                if probe.dispatch is not _NO_HANDLER:
-                    probe.dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
+                dispatch = probe.dispatch
+                if dispatch is not _NO_HANDLER:
+                    # One handler of ours that only counts (identity: a second
+                    # consumer makes the dispatch a chain): what it would do.
+                    name = self._counting.get(dispatch)
+                    if name is not None:
+                        self.counts[name] += 1
+                    else:
+                        dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
                 if site.ret_func is not None and site.plan.emulate(regs, mm.mem):
                     # A probe on a ret: handlers see the state after it, as a uretprobe's.
                     probe.ret_dispatch(PtraceHit(t, regs, probe, "r", regs.rip, site.ret_func,
