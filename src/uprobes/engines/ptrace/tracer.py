@@ -55,6 +55,7 @@ from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery
 from uprobes.unwind.stack import StackCopy
 
 _SIGTRAP = int(signal.SIGTRAP)
+_TRAP_STOP = _SIGTRAP << 8 | 0x7F  # waitpid status of a SIGTRAP stop, no ptrace event
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 _NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
@@ -456,10 +457,20 @@ class PtraceTracer:
                     self._resume(t)
             if self.child is not None and self.child in self.threads:
                 pass  # released by the caller; its exec stop places the probes
-            while not self._done and not signals.stopped:
+            threads = self.threads
+            wait_any = ptrace.wait_any
+            trap = self._trap
+            nohang = not main
+            while not self._done and signals.signum is None:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                tid, status = ptrace.wait_any(nohang=not main)
+                tid, status = wait_any(nohang)
+                if status == _TRAP_STOP:  # the common stop, a hit: straight to _trap
+                    t = threads.get(tid)
+                    if t is not None:
+                        t.stopped = True
+                        trap(t)
+                        continue
                 if tid == 0:
                     if not main:
                         time.sleep(0.0005)
@@ -518,7 +529,8 @@ class PtraceTracer:
     # ------------------------------------------------------------ hits
 
     def _trap(self, t: Thread) -> None:
-        regs = ptrace.getregs(t.tid, t.regs)
+        tid = t.tid
+        regs = ptrace.getregs(tid, t.regs)
         bp = regs.rip - 1
         mm = t.mm
         site = mm.sites.get(bp)
@@ -546,9 +558,13 @@ class PtraceTracer:
                         dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
                 if site.ret_func is not None and site.plan.emulate(regs, mm.mem):
                     # A probe on a ret: handlers see the state after it, as a uretprobe's.
-                    probe.ret_dispatch(PtraceHit(t, regs, probe, "r", regs.rip, site.ret_func,
-                                           site.file_base))
-                    ptrace.setregs(t.tid, regs)
+                    name = self._counting.get(probe.ret_dispatch)
+                    if name is not None:
+                        self.counts[name] += 1
+                    else:
+                        probe.ret_dispatch(PtraceHit(t, regs, probe, "r", regs.rip,
+                                                     site.ret_func, site.file_base))
+                    ptrace.setregs(tid, regs)
                     self._resume(t)
                     return
                 if probe.ret_dispatch is not _NO_HANDLER and site.ret_func is None \
@@ -557,28 +573,30 @@ class PtraceTracer:
                     retprobes.hijack(t.returns, mm.mem, regs.rsp, area.trampoline, probe, bp,
                                      site.file_base)
         except BaseException:
-            ptrace.getregs(t.tid, regs)  # as trapped: a handler's changes are dropped
+            ptrace.getregs(tid, regs)  # as trapped: a handler's changes are dropped
             regs.rip = bp
-            ptrace.setregs(t.tid, regs)
+            ptrace.setregs(tid, regs)
             raise
-        if regs.rip == bp:
-            self._execute(t, regs, site)
-        else:  # a handler moved rip: the probed instruction is skipped
-            ptrace.setregs(t.tid, regs)
+        if regs.rip != bp:  # a handler moved rip: the probed instruction is skipped
+            ptrace.setregs(tid, regs)
             self._resume(t)
-
-    def _execute(self, t: Thread, regs: UserRegs, site: Site) -> None:
+            return
+        # The probed instruction: emulated, or boosted from its slot (one trap), or stepped.
         plan = site.plan
-        if plan.emulate(regs, t.mm.mem):
-            ptrace.setregs(t.tid, regs)
+        emulation = plan.emulation
+        if emulation is not None and emulation(regs, mm.mem):
+            ptrace.setregs(tid, regs)
         elif plan.boosted:
             regs.rip = site.slot_addr
-            ptrace.setregs(t.tid, regs)
+            ptrace.setregs(tid, regs)
         else:
             self._step(t, regs, site)
             return
         t.stopped = False
-        ptrace.cont(t.tid, 0) if not t.pending else self._resume(t)
+        if t.pending:
+            self._resume(t)
+        else:
+            ptrace.cont(tid, 0)
 
     def _step(self, t: Thread, regs: UserRegs, site: Site) -> None:
         """Single-step the slot; asynchronous signals wait until it is done, a
@@ -617,8 +635,12 @@ class PtraceTracer:
         regs.rip = done[0].orig_ret
         try:
             for ri in done:
-                ri.probe.ret_dispatch(PtraceHit(t, regs, ri.probe, "r", ri.orig_ret, ri.func,
-                                          ri.file_base))
+                name = self._counting.get(ri.probe.ret_dispatch)
+                if name is not None:
+                    self.counts[name] += 1
+                else:
+                    ri.probe.ret_dispatch(PtraceHit(t, regs, ri.probe, "r", ri.orig_ret,
+                                                    ri.func, ri.file_base))
         finally:
             ptrace.setregs(t.tid, regs)
         t.stopped = False
