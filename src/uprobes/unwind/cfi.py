@@ -3,10 +3,11 @@ to find the caller's frame (the CFA rule and where registers were saved).
 
 Every x86-64 ELF built by gcc or clang carries `.eh_frame` (exceptions need
 it), also where frame pointers are omitted, as in Debian's libc: it is what
-makes a stack walk possible there. Tables are read once per file version
-(libc: 3,700 FDEs, 0.6 to 1.3 s with pyelftools here; reading only the FDEs
-a walk needs, through `.eh_frame_hdr`'s search table, would remove that) and
-each FDE's rows are decoded on first use.
+makes a stack walk possible there. Where the file has `.eh_frame_hdr` (ld and
+lld write it), only the FDEs a walk needs are parsed, found through its search
+table (unwind/ehframe.py). Otherwise all FDEs are read with pyelftools (libc:
+3,700 FDEs, 0.6 to 1.3 s here), once per file version, and each FDE's rows
+are decoded on first use.
 Addresses here are link addresses (the ELF's own view).
 """
 
@@ -15,10 +16,13 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.errors import ElfError
+
+if TYPE_CHECKING:
+    from uprobes.unwind.ehframe import EhFrameTable
 
 # DWARF register numbers on x86-64 (System V psABI, figure 3.36).
 RBP, RSP, RA = 6, 7, 16
@@ -36,9 +40,11 @@ class FrameRule:
 
 
 class CfiTable:
-    """The FDEs of one file, sorted by address."""
+    """The FDEs of one file, sorted by address (pyelftools), or its lazy
+    `.eh_frame_hdr` reader."""
 
-    def __init__(self, fdes: list[Any]) -> None:
+    def __init__(self, fdes: list[Any], lazy: EhFrameTable | None = None) -> None:
+        self._lazy = lazy
         fdes = sorted(fdes, key=lambda f: f.header["initial_location"])
         self._fdes = fdes
         self._starts = [f.header["initial_location"] for f in fdes]
@@ -50,16 +56,14 @@ class CfiTable:
         if key is not None and key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        from elftools.dwarf.callframe import FDE
+        from uprobes.unwind.ehframe import CfiFormatError, EhFrameTable
 
         try:
-            with image.elffile() as elf:
-                fdes = []
-                if elf.has_dwarf_info():
-                    dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
-                    if dwarf.has_EH_CFI():
-                        fdes = [e for e in dwarf.EH_CFI_entries() if isinstance(e, FDE)]
-                table = cls(fdes)
+            try:
+                lazy = EhFrameTable.from_image(image)
+            except CfiFormatError:
+                lazy = None  # an .eh_frame_hdr we cannot read: read all FDEs instead
+            table = cls([], lazy) if lazy is not None else cls.read_all(image)
         except ElfError:
             return cls([])  # not cached: the file may be readable again later
         if key is not None:
@@ -68,9 +72,25 @@ class CfiTable:
                 _cache.popitem(last=False)
         return table
 
+    @classmethod
+    def read_all(cls, image: ElfImage) -> CfiTable:
+        """All FDEs of `image` read with pyelftools: for files without
+        `.eh_frame_hdr`, and the reference the lazy reader is tested against."""
+        from elftools.dwarf.callframe import FDE
+
+        with image.elffile() as elf:
+            fdes = []
+            if elf.has_dwarf_info():
+                dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
+                if dwarf.has_EH_CFI():
+                    fdes = [e for e in dwarf.EH_CFI_entries() if isinstance(e, FDE)]
+            return cls(fdes)
+
     def rule_at(self, link_addr: int) -> FrameRule | None:
         """The rule for the instruction at `link_addr`, or None (no FDE covers
         it, or its CFA is a DWARF expression we do not evaluate)."""
+        if self._lazy is not None:
+            return self._lazy.rule_at(link_addr)
         i = bisect.bisect_right(self._starts, link_addr) - 1
         if i < 0:
             return None
@@ -95,8 +115,9 @@ class CfiTable:
             cfa = row["cfa"]
             rule: FrameRule | None = None
             if cfa.expr is None and cfa.reg is not None:
-                saved = tuple((reg, r.arg) for reg, r in row.items()
-                              if isinstance(reg, int) and getattr(r, "type", None) == "OFFSET")
+                saved = tuple(sorted((reg, r.arg) for reg, r in row.items()
+                                     if isinstance(reg, int)
+                                     and getattr(r, "type", None) == "OFFSET"))
                 rule = FrameRule(cfa.reg, cfa.offset, saved)
             rows.append((row["pc"], rule))
         self._rows[i] = rows
