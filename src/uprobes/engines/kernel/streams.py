@@ -22,9 +22,10 @@ from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_c
     open_tracepoint
 
 DEFAULT_RING_PAGES = 256
-# With user stacks a sample is ~8 KiB: 8 MiB per CPU holds a burst of ~1000
-# (python3.11 -c 'import json' makes 1,600 mallocs in ~50 ms; 4 MiB lost half).
-STACK_RING_PAGES = 2048
+# With user stacks a sample is ~8 KiB: 16 MiB per CPU holds a burst of ~2000
+# (python3.11 -c 'import json' makes 1,600 mallocs in ~50 ms, all on one CPU:
+# 4 MiB lost half, 8 MiB about 360 once the reader wakes promptly).
+STACK_RING_PAGES = 4096
 
 
 class CpuStreams:
