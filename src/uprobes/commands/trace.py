@@ -51,8 +51,8 @@ EXAMPLES = [
     "  # each hit with its user stack, one frame a line",
     "uprobes trace --if 'size > 65536' --comm python3.11 'libc:malloc size=%di:u64' -- "
     "/usr/bin/python3.11 -c pass  # filtered in the kernel: no record for the rest",
-    "uprobes trace --duration 2 'libc:getppid' & sleep 1; python3 -c 'import os; os.getppid()'"
-    "; wait  # system-wide, for 2 seconds",
+    "uprobes trace --duration 4 'libc:getppid' & sleep 2; python3 -c 'import os; os.getppid()'"
+    "; wait  # system-wide, for 4 seconds",
 ]
 
 
