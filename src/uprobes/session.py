@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from uprobes.engines.choose import ENGINES, pick_engine
 from uprobes.engines.event import Event
-from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES
+from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
 from uprobes.errors import SpecError, UsageError
@@ -48,6 +48,7 @@ from uprobes.spec import parse
 from uprobes.spec.ast import ProbeSpec
 from uprobes.spec.condition import parse_condition
 from uprobes.spec.render import render
+from uprobes.unwind.capture import MAX_STACK_BYTES
 
 if TYPE_CHECKING:
     from uprobes.engines.ptrace.tracer import PtraceTracer
@@ -69,21 +70,33 @@ class _Line:
 class Session:
     """Probe lines with handlers, run once on an engine.
 
-    `engine`: "kernel", "ptrace" or "auto" (see the module's docstring). `force` skips the executable-segment and instruction
-    checks. `note` receives the one-line notes a run produces (a glob entry
-    the kernel refused, an IFUNC); by default they go to stderr.
+    `engine`: "kernel", "ptrace" or "auto" (see the module's docstring).
+    `force` skips the executable-segment and instruction checks. `note`
+    receives the one-line notes a run produces (a glob entry the kernel
+    refused, an IFUNC); by default they go to stderr. `uretprobe`: return
+    probes use the kernel's uretprobe instead of probes on the function's
+    own `ret`s (see `uprobes.resolve.retsites`). `stack_bytes` > 0
+    gives every event its user stack (`event.stack`, innermost frame
+    first), walked from that many bytes of stack copied at the hit (see
+    `uprobes.unwind.capture`); the kernel engine's rings then default to
+    `STACK_RING_PAGES`, as samples carry the copy.
     """
 
-    def __init__(self, engine: str = "auto", *, force: bool = False,
-                 ring_pages: int = DEFAULT_RING_PAGES,
+    def __init__(self, engine: str = "auto", *, force: bool = False, uretprobe: bool = False,
+                 ring_pages: int | None = None, stack_bytes: int = 0,
                  note: Callable[[str], object] | None = None) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+        if stack_bytes and not (8 <= stack_bytes <= MAX_STACK_BYTES and stack_bytes % 8 == 0):
+            raise UsageError(f"stack_bytes must be 0 or a multiple of 8 from 8 to "
+                             f"{MAX_STACK_BYTES}")
         self.engine_used: str | None = None
         """The engine the run took (`auto` decides when the run starts)."""
         self.engine = engine
         self.force = force
-        self.ring_pages = ring_pages
+        self.uretprobe = uretprobe
+        self.stack_bytes = stack_bytes
+        self.ring_pages = ring_pages or (STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES)
         self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
         self._lines: dict[str, _Line] = {}
         self._tracer: KernelTracer | PtraceTracer | None = None
@@ -201,7 +214,8 @@ class Session:
         if not self._lines:
             raise UsageError("no probes: add some with Session.probe() first")
         self._ran = True
-        self.probes = Resolver(pid=pid, force=self.force).resolve_all(
+        self.probes = Resolver(pid=pid, force=self.force,
+                               uretprobe=self.uretprobe).resolve_all(
             [line.spec for line in self._lines.values()])
         for p in self.probes:
             for text in p.notes:
@@ -214,11 +228,11 @@ class Session:
         if self.engine_used == "ptrace":
             from uprobes.engines.ptrace.tracer import PtraceTracer
             self._tracer = PtraceTracer(self.probes, pid=pid, child=child, force=self.force,
-                                        note=self._note)
+                                        note=self._note, stack_bytes=self.stack_bytes)
         else:
             self._tracer = KernelTracer(self.probes, pid=pid, child=child,
                                         ring_pages=self.ring_pages, force=self.force,
-                                        note=self._note)
+                                        note=self._note, stack_bytes=self.stack_bytes)
         return self._tracer
 
     def _pass_status(self, child: Launched) -> None:

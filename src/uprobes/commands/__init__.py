@@ -20,10 +20,10 @@ PROG = "uprobes"
 
 def _modules() -> list[ModuleType]:
     from uprobes.commands import (
-        cleanup, count, demo, doctor, latency, list_cmd, resolve, top, trace, vdso,
+        cleanup, count, demo, doctor, latency, list_cmd, resolve, stacks, top, trace, vdso,
     )
 
-    return [demo, list_cmd, resolve, trace, count, latency, top, vdso, cleanup, doctor]
+    return [demo, list_cmd, resolve, trace, count, stacks, latency, top, vdso, cleanup, doctor]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,7 +17,7 @@ from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_filter_arguments, add_selection_arguments, check_selection,
+    add_filter_arguments, add_selection_arguments, check_selection, run_selected,
 )
 from uprobes.engines.event import Event
 from uprobes.errors import SpecError, UsageError
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if start is not None:
             histograms[start.probe].add(ev.ts_ns - start.ts_ns)
 
-    session = Session(args.engine, force=args.force)
+    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe)
     for spec in parse_specs(args.specs):
         entry, ret = probe_pair(spec)
         filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)
@@ -89,14 +89,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         session.probe(ret, on_return, **filters)
     sink = open(args.output, "w") if args.output else out
     try:
-        status = 0
-        if args.argv_command:
-            status = session.spawn(args.argv_command, duration=args.duration)
-        elif args.pid is not None:
-            session.attach(args.pid, duration=args.duration)
-        else:
-            session.run(args.duration, ready=lambda: sys.stderr.write(
-                "uprobes: timing calls system-wide; Ctrl-C to stop\n"))
+        status = run_selected(session, args, "timing calls")
         if args.json:
             write_histograms_json(sink, histograms)
         else:

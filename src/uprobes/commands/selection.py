@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import TextIO
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 from uprobes.engines.choose import ENGINES, pick_engine
 from uprobes.engines.filters import HitFilter
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.resolve import retsites
+
+if TYPE_CHECKING:
+    from uprobes.session import Session
 
 
 
@@ -75,3 +79,22 @@ def hit_filter(args: argparse.Namespace, probes: Sequence[ResolvedProbe]) -> Hit
     if flt is not None:
         flt.check(probes)
     return flt
+
+
+def run_selected(session: Session, args: argparse.Namespace, doing: str,
+                 ready: Callable[[], object] | None = None) -> int:
+    """Run `session` on what the command line selected: the command after
+    `--` (its exit status), `-p PID`, or every process (0). `ready` is
+    called once the probes are in place; system-wide without one, a line
+    says `uprobes: DOING system-wide; Ctrl-C to stop` then."""
+    if args.argv_command:
+        return session.spawn(args.argv_command, duration=args.duration, ready=ready)
+    if args.pid is not None:
+        session.attach(args.pid, duration=args.duration, ready=ready)
+        return 0
+    if ready is None:
+        def ready() -> None:
+            sys.stderr.write(f"uprobes: {doing} system-wide; Ctrl-C to stop\n")
+            sys.stderr.flush()
+    session.run(args.duration, ready=ready)
+    return 0

@@ -17,7 +17,7 @@ from typing import TextIO
 from uprobes.analysis.rates import HitRates, RateRow
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_filter_arguments, add_selection_arguments, check_selection,
+    add_filter_arguments, add_selection_arguments, check_selection, run_selected,
 )
 from uprobes.errors import UsageError
 from uprobes.render.json import write_json
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError("--duration must be at least 0")
     specs = parse_specs(args.specs)
     rates = HitRates()
-    session = Session(args.engine, force=args.force)
+    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe)
     for spec in specs:
         session.probe(render(spec), rates.add, condition=args.condition, comm=args.comm,
                       tid=args.tid)
@@ -63,12 +63,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     live = _Live(sink, rates, args, f"{len(specs)} probe line(s) {where}")
     status = 0
     try:
-        if args.argv_command:
-            status = session.spawn(args.argv_command, duration=args.duration, ready=live.start)
-        elif args.pid is not None:
-            session.attach(args.pid, duration=args.duration, ready=live.start)
-        else:
-            session.run(args.duration, ready=live.start)
+        status = run_selected(session, args, "watching rates", ready=live.start)
     finally:
         live.stop()
         _summary(sink, rates, args, session.lost)

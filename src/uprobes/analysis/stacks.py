@@ -1,0 +1,96 @@
+"""Distinct user stacks per probe, counted: what `uprobes stacks` reports.
+
+A stack is keyed by where each frame is in its file (path, symbol and
+offset), never by its runtime address: the same call path in two processes
+(or in one process before and after an exec) is one stack, whatever ASLR
+did. A frame no symbol covers keeps its runtime address, the only name it
+has.
+
+Two views of the same counts:
+- `distinct`: the exact call sites, for reading (`malloc+0x0 <- g_strdup+0x1e
+  <- ...`);
+- `folded`: one line per path through the functions, as flame-graph tools
+  read it (`comm;main;parse;malloc 42`, outermost first; Brendan Gregg's
+  flamegraph.pl, inferno, speedscope): call sites in one function merge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from uprobes.engines.event import Event
+from uprobes.unwind.space import Frame
+
+FrameKey = tuple[str | None, str | None, int]
+
+
+def frame_key(frame: Frame) -> FrameKey:
+    """Where a frame is, independent of where its file was mapped."""
+    if frame.symbol is None:
+        return frame.path, None, frame.runtime_addr
+    return frame.path, frame.symbol, frame.offset
+
+
+def folded_name(frame: Frame) -> str:
+    """A frame in folded form: its function without a symbol version, else
+    `[file]` (perf's habit for code no symbol covers); never a `;`, which
+    separates frames."""
+    if frame.symbol is not None:
+        name = frame.symbol.split("@", 1)[0]  # malloc@@GLIBC_2.2.5: one malloc
+    elif frame.path:
+        name = f"[{os.path.basename(frame.path)}]"
+    else:
+        name = "[unknown]"
+    return name.replace(";", ":")
+
+
+@dataclass
+class ProbeStacks:
+    """The stacks one probe was hit with."""
+
+    hits: int = 0
+    unwalked: int = 0
+    """Hits that came without a stack (none could be captured)."""
+    counts: Counter[tuple[FrameKey, ...]] = field(default_factory=Counter)
+    frames: dict[tuple[FrameKey, ...], tuple[Frame, ...]] = field(default_factory=dict)
+    folded: Counter[str] = field(default_factory=Counter)
+
+    def top(self, n: int | None = None) -> list[tuple[int, tuple[Frame, ...]]]:
+        """The `n` most frequent distinct stacks (all with None), as
+        (count, frames innermost first); ties in a stable order."""
+        ranked = sorted(self.counts.items(), key=lambda kv: -kv[1])  # ties: first seen first
+        return [(count, self.frames[key]) for key, count in ranked[:n]]
+
+
+class StackCounter:
+    """Counts each event's stack under its probe; feed it `add`."""
+
+    def __init__(self) -> None:
+        self.probes: dict[str, ProbeStacks] = {}
+
+    def add(self, ev: Event) -> None:
+        stacks = self.probes.get(ev.probe)
+        if stacks is None:
+            stacks = self.probes[ev.probe] = ProbeStacks()
+        stacks.hits += 1
+        if not ev.stack:
+            stacks.unwalked += 1
+            return
+        key = tuple(frame_key(f) for f in ev.stack)
+        if key not in stacks.frames:
+            stacks.frames[key] = ev.stack
+        stacks.counts[key] += 1
+        path = ";".join([ev.comm.replace(";", ":") or "[unknown]",
+                         *(folded_name(f) for f in reversed(ev.stack))])
+        stacks.folded[path] += 1
+
+    def folded(self) -> Iterator[tuple[str, int]]:
+        """Every probe's folded paths, summed (a flame graph shows them
+        together; its leaves are the probed functions), sorted by path."""
+        total: Counter[str] = Counter()
+        for stacks in self.probes.values():
+            total.update(stacks.folded)
+        return iter(sorted(total.items()))

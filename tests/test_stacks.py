@@ -1,0 +1,83 @@
+"""`uprobes stacks`: a fixture reaches one function by two call paths a
+known number of times; both engines count each path exactly, in every
+output form, and the command's output and exit status pass through."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import Compiler
+from uprobes.commands import main
+
+ENGINES = ("kernel", "ptrace")
+PATH_A = ["hot", "from_a", "main"]
+PATH_B = ["hot", "via_b", "from_b", "main"]
+
+
+@pytest.fixture(scope="module")
+def callers(compile_c: Compiler) -> Path:
+    return compile_c("callers.c", "-O2", "-fomit-frame-pointer")
+
+
+def _stacks(engine: str, exe: Path, *extra: str) -> tuple[int, str]:
+    out = io.StringIO()
+    status = main(["stacks", "-e", engine, *extra, f"{exe}:hot", "--", str(exe)], out=out)
+    return status, out.getvalue()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_call_path_counted_exactly(tracefs: Path, callers: Path, engine: str,
+                                        capfd: pytest.CaptureFixture[str]) -> None:
+    status, text = _stacks(engine, callers, "--json")
+    assert status == 7
+    assert capfd.readouterr().out == "sink 36\n"  # the program's own output, unchanged
+    doc = json.loads(text)
+    (probe,) = doc.values()
+    assert probe["hits"] == 8 and probe["unwalked"] == 0
+    found = {}
+    for stack in probe["stacks"]:
+        names = [f["symbol"] for f in stack["frames"]]
+        assert names[-1] == "_start"
+        found[tuple(names[:names.index("main") + 1])] = stack["count"]
+        assert all(f["file"] for f in stack["frames"])
+    assert found == {tuple(PATH_A): 3, tuple(PATH_B): 5}
+    assert [s["count"] for s in probe["stacks"]] == [5, 3]  # most frequent first
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_folded_for_flame_graphs(tracefs: Path, callers: Path, engine: str) -> None:
+    status, text = _stacks(engine, callers, "--folded")
+    assert status == 7
+    folded = {}
+    for line in text.splitlines():
+        path, count = line.rsplit(" ", 1)
+        folded[path] = int(count)
+    assert sum(folded.values()) == 8
+    comm = callers.name[:15]
+    want_a = ";".join(reversed(PATH_A))
+    want_b = ";".join(reversed(PATH_B))
+    by_tail = {p.split(";main;", 1)[1]: n for p, n in folded.items()}
+    assert by_tail == {want_a.split("main;", 1)[1]: 3, want_b.split("main;", 1)[1]: 5}
+    assert all(p.startswith(f"{comm};") and ";_start;" not in p.split(";", 1)[0]
+               for p in folded)
+
+
+def test_text_shows_the_top_stacks_with_shares(tracefs: Path, callers: Path) -> None:
+    status, text = _stacks("kernel", callers, "--top", "1")
+    assert status == 7
+    lines = text.splitlines()
+    assert lines[0].endswith(": 8 hits, 2 distinct stacks (1 not shown)")
+    assert lines[1] == "  5 (62.5%)"
+    assert lines[2].startswith("\thot+0x0 (") and lines[3].startswith("\tvia_b+")
+
+
+def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stacks", "--folded", "--json", "libc:malloc", "--", "true"]) == 2
+    assert main(["stacks", "--stack-bytes", "12", "libc:malloc", "--", "true"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["uprobes: error: give either --folded or --json, not both",
+                   "uprobes: error: --stack-bytes must be a multiple of 8 from 8 to 61432"]
