@@ -385,10 +385,12 @@ class PtraceTracer:
         mm.sites[addr] = site
         return site
 
-    def _area_for(self, t: Thread, regs: UserRegs, addr: int) -> XolArea:
+    def _area_for(self, t: Thread, regs: UserRegs, addr: int,
+                  need: int = relocate.SLOT_SIZE) -> XolArea:
+        """An XOL area within reach of `addr` with `need` bytes free (mapped if none)."""
         mm = t.mm
         for a in mm.areas:
-            if a.reaches(addr) and a.used + relocate.SLOT_SIZE <= a.size:
+            if a.reaches(addr) and a.room() >= need:
                 return a
         if mm.syscall_addr is None:
             mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)

@@ -48,12 +48,19 @@ class XolArea:
     def reaches(self, runtime_addr: int) -> bool:
         return abs(runtime_addr - self.start) < _REACH
 
-    def alloc(self) -> int | None:
-        if self.used + SLOT_SIZE > self.size:
+    def alloc(self, size: int = SLOT_SIZE) -> int | None:
+        """The address of `size` fresh bytes (a slot by default; a trampoline or
+        other code may need more), 16-byte aligned; None when the area is full."""
+        size = (size + 15) & ~15
+        if self.used + size > self.size:
             return None
         addr = self.start + self.used
-        self.used += SLOT_SIZE
+        self.used += size
         return addr
+
+    def room(self) -> int:
+        """Bytes still free."""
+        return self.size - self.used
 
     def contains(self, runtime_addr: int) -> bool:
         return self.start <= runtime_addr < self.start + self.size
