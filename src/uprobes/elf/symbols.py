@@ -1,7 +1,8 @@
 """All the symbols one can name in a file, from every source, and lookups on them.
 
 Sources, in order of preference: `.dynsym` (carries GNU versions), `.symtab`,
-MiniDebugInfo (`.gnu_debugdata`) and a separate debug file.  A symbol seen in
+MiniDebugInfo (`.gnu_debugdata`), a separate debug file, and for a Go binary
+without `.symtab`, the runtime's own function table (`.gopclntab`).  A symbol seen in
 several sources is kept once (same name and address; a versioned record wins
 over an unversioned one).
 """
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 from uprobes.elf.debuginfo import DEFAULT_DEBUG_DIRS, find_debug_file, minidebuginfo_symbols
+from uprobes.elf.golang import go_symbols
 from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.elf.symread import Symbol, read_symbols, split_version, symbol_sections
 
@@ -115,6 +117,11 @@ class SymbolTable:
             if found is not None:
                 symbols += found[1]
                 sources.append(f"debugfile {found[0]}")
+            else:  # a stripped Go binary still names every function for its runtime
+                go = go_symbols(image)
+                if go:
+                    symbols += go
+                    sources.append("gopclntab")
         table = cls(symbols, notes, sources)
         if key is not None:
             _cache[key] = table

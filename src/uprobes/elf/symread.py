@@ -23,7 +23,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from uprobes.errors import ElfError
 
-Source = Literal["symtab", "dynsym", "minidebuginfo", "debugfile"]
+Source = Literal["symtab", "dynsym", "minidebuginfo", "debugfile", "gopclntab"]
 
 _SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
 _T = ENUM_ST_INFO_TYPE

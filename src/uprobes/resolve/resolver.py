@@ -13,6 +13,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field, replace
 
+from uprobes.elf.golang import uses_register_abi
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import check_boundary
 from uprobes.elf.symbols import Symbol, SymbolTable, ifunc_warning
@@ -23,6 +24,7 @@ from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
 from uprobes.spec.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
+from uprobes.spec.lower import go_register_args
 from uprobes.spec.names import auto_event_name, symbol_event_name
 from uprobes.sys import procfs
 
@@ -240,10 +242,23 @@ class Resolver:
         return ResolvedProbe(
             spec=spec, key=InodeKey(ref.dev, ref.ino, file_offset), path=ref.path,
             file_offset=file_offset, kind=spec.kind, group=group or spec.group or DEFAULT_GROUP,
-            event=event, args=spec.args, symbol=sym.name if sym else None,
+            event=event, args=_abi_args(spec, image, sym), symbol=sym.name if sym else None,
             symbol_offset=sym_off, link_addr=image.file_to_link_addr(file_offset),
             ref_ctr_offset=ref_ctr, usdt_args=usdt_args, notes=notes, ret_sites=returns[0],
             uretprobe_reason=returns[1])
+
+
+def _abi_args(spec: ProbeSpec, image: ElfImage, sym: Symbol | None) -> tuple[FetchArg, ...]:
+    """The spec's fetchargs, with `$argN` of an entry probe in a Go binary
+    made where Go passes it (it does not pass them as C does): its argument
+    registers (`%ax`, `%bx`...), or for an assembly function (`NAME.abi0`)
+    the stack. Return probes keep `$argN`, which the engines refuse there."""
+    if spec.is_return or isinstance(spec.target, UsdtTarget) or not spec.args:
+        return spec.args
+    if not uses_register_abi(image):
+        return spec.args
+    on_stack = sym is not None and sym.name.endswith(".abi0")
+    return tuple(go_register_args(a, on_stack) for a in spec.args)
 
 
 def _distinct(symbols: list[Symbol]) -> list[Symbol]:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # uprobes.probe imports uprobes.spec.ast: no cycle at run tim
     from uprobes.probe import ResolvedProbe, UsdtArg
 
 SYSV_ARG_REGISTERS = ("di", "si", "dx", "cx", "r8", "r9")
+# Go's internal register ABI on amd64 (gc go1.17+): integer arguments in
+# these, in order; assembly functions keep ABI0 (all on the stack).
+GO_ARG_REGISTERS = ("ax", "bx", "cx", "di", "si", "r8", "r9", "r10", "r11")
 
 _GPR = {"ax": "ax", "bx": "bx", "cx": "cx", "dx": "dx", "si": "si", "di": "di",
         "bp": "bp", "sp": "sp"}
@@ -60,6 +63,25 @@ def sysv_arg(index: int) -> FetchExpr:
     if index <= len(SYSV_ARG_REGISTERS):
         return Register(SYSV_ARG_REGISTERS[index - 1])
     return StackEntry(index - len(SYSV_ARG_REGISTERS))
+
+
+def go_register_args(arg: FetchArg, abi0: bool = False) -> FetchArg:
+    """`arg` with every `$argN` made Go's N-th argument register (an entry
+    probe on a function of a Go binary that passes arguments in registers),
+    or with `abi0` (an assembly function) its N-th stack word."""
+    def swap(expr: FetchExpr) -> FetchExpr:
+        if isinstance(expr, Arg) and abi0:
+            return StackEntry(expr.index)
+        if isinstance(expr, Arg):
+            if expr.index > len(GO_ARG_REGISTERS):
+                raise SpecError(f"$arg{expr.index}: Go passes {len(GO_ARG_REGISTERS)} integer "
+                                "arguments in registers; fetch later ones from the stack "
+                                "(+N(%sp))", arg.text or f"$arg{expr.index}", 0)
+            return Register(GO_ARG_REGISTERS[expr.index - 1])
+        if isinstance(expr, Deref):
+            return Deref(expr.offset, swap(expr.base), expr.user)
+        return expr
+    return FetchArg(arg.name, swap(arg.expr), arg.type, arg.text)
 
 
 def sdt_operand(arg: UsdtArg) -> tuple[FetchExpr, FetchType | None]:
