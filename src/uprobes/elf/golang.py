@@ -26,6 +26,7 @@ from __future__ import annotations
 import struct
 
 from uprobes.elf.image import ElfImage
+from uprobes.elf.leb128 import leb128
 from uprobes.elf.symread import Symbol
 from uprobes.errors import ElfError
 
@@ -148,12 +149,5 @@ def uses_register_abi(image: ElfImage) -> bool:
 
 
 def _uvarint_string(data: bytes, at: int) -> tuple[str, int]:
-    length, shift = 0, 0
-    while True:
-        byte = data[at]
-        at += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            break
+    length, at = leb128(data, at)
     return data[at:at + length].decode(), at + length

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from uprobes.errors import ElfError
 from uprobes.unwind.cfi import FrameRule
+from uprobes.elf.leb128 import leb128
 
 if TYPE_CHECKING:
     from uprobes.elf.image import ElfImage
@@ -36,26 +37,12 @@ class CfiFormatError(ElfError):
     """Malformed or unsupported CFI bytes: the FDE concerned gets no rule."""
 
 
-def _leb128(data: bytes, pos: int, signed: bool) -> tuple[int, int]:
-    """The (U|S)LEB128 number at `pos` and the position after it."""
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            if signed and byte & 0x40:
-                value -= 1 << shift
-            return value, pos
-
-
 def _uleb(data: bytes, pos: int) -> tuple[int, int]:
-    return _leb128(data, pos, False)
+    return leb128(data, pos, False)
 
 
 def _sleb(data: bytes, pos: int) -> tuple[int, int]:
-    return _leb128(data, pos, True)
+    return leb128(data, pos, True)
 
 
 def _value(data: bytes, pos: int, enc: int) -> tuple[int, int]:
