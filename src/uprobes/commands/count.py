@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--interval", type=float, metavar="SECONDS",
                    help="also print the counts of each interval of SECONDS")
     p.add_argument("--duration", type=float, metavar="S", help="stop counting after S seconds")
+    p.add_argument("--no-trapfree", action="store_true",
+                   help="-e ptrace: an int3 trap per hit for every probe (by default a probe "
+                        "that only counts becomes a jump to an in-process counter where that "
+                        "is safe: no stop per hit)")
 
 
 class _Stop:
@@ -178,6 +182,7 @@ def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: T
     try:
         tracer = PtraceTracer(probes, pid=args.pid, child=launched.pid if launched else None,
                               force=args.force, hit_filter=args.hit_filter,
+                              trapfree=not args.no_trapfree,
                               note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
         with tracer:
             if launched is not None:

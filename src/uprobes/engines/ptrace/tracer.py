@@ -41,6 +41,7 @@ from uprobes.engines.kernel.records import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
 from uprobes.engines.ptrace.hit import PtraceHit
+from uprobes.engines.ptrace.jumppatch import NotTrapFree, TrapFree, plan_for
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -82,13 +83,17 @@ class PtraceTracer:
     `hit_filter`: only the hits it keeps are counted and delivered; its
     `--tid`/`--comm` part is tested before anything is fetched, the
     condition as soon as what it names is fetched.
+    `trapfree`: probes that only count (no filter, no other handler, not on
+    a return) are placed as jumps to in-process counters where that is safe
+    (jumppatch.py); such a tracer only counts (`run(None)`).
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, force: bool = False,
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
-                 hit_filter: HitFilter | None = None) -> None:
+                 hit_filter: HitFilter | None = None, trapfree: bool = False) -> None:
         ptrace.ensure_x86_64()
+        self._jumps = TrapFree() if trapfree else None
         self.hit_filter = hit_filter
         task_filter = hit_filter.task_filter() if hit_filter else None
         if pid is None and child is None:
@@ -319,6 +324,8 @@ class PtraceTracer:
                     self._note(f"libraries loaded later in process {mm.pid} will not be "
                                f"probed: {e}")
         self._placed_once = True
+        if self._jumps is not None:
+            self._jumps.report(self._note)
 
     def _semaphore(self, mm: AddressSpace, maps: list[procfs.Mapping], text: procfs.Mapping,
                    ref_ctr_offset: int) -> None:
@@ -357,6 +364,9 @@ class PtraceTracer:
         addr = m.file_to_runtime_addr(file_offset)
         if addr in t.mm.sites:
             return
+        if self._jumps is not None and ident is not None \
+                and self._place_trapfree(t, regs, probe, addr, file_offset, ident):
+            return
         point = probe.point
         try:
             if ident is None:  # the vDSO: the original is this process's own copy
@@ -370,6 +380,43 @@ class PtraceTracer:
                 site.ret_func = addr - delta
         except (PlacementRefused, relocate.UnsupportedInstruction, MemoryFault) as e:
             self._refuse(probe, str(e))
+
+    def _place_trapfree(self, t: Thread, regs: UserRegs, probe: Probe, addr: int,
+                        file_offset: int, ident: tuple[int, int]) -> bool:
+        """Place `probe` as a jump to a counter (jumppatch.py) if it only
+        counts and that is safe here; False: it takes the int3 path."""
+        jumps = self._jumps
+        assert jumps is not None
+        name = self._count_only.get(probe.dispatch)
+        point = probe.point
+        if self.hit_filter is not None:
+            why: str | None = "a filter is tested at each hit (the thread must stop)"
+        elif probe.key in self._ret_sites or probe.ret_dispatch is not _NO_HANDLER:
+            why = "a return probe"
+        elif name is None:
+            why = "a handler runs at each hit"
+        else:
+            others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
+            plan = plan_for(point.path, ident[0], ident[1], file_offset, others)
+            why = plan if isinstance(plan, str) else None
+        if why is None:
+            assert name is not None and not isinstance(plan, str)
+            mm = t.mm
+            threads = [(o.tid, o.stopped) for o in self.threads.values() if o.mm is mm]
+            threads += [(tid, True) for tid in self._pending_new]
+
+            def syscall_addr() -> int:
+                if mm.syscall_addr is None:
+                    mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
+                return mm.syscall_addr
+            try:
+                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, addr, mm.sites,
+                            threads, lambda near, need: self._area_for(t, regs, near, need),
+                            syscall_addr, t.pending)
+            except NotTrapFree as e:
+                why = str(e)
+        jumps.decide(point.name, why)
+        return why is None
 
     def _insert(self, t: Thread, regs: UserRegs, addr: int, probe: Probe | None,
                 original: bytes, file_base: int, internal: str) -> Site:
@@ -445,6 +492,8 @@ class PtraceTracer:
         while the thread is still stopped)."""
         signals = self._signals
         assert signals is not None, "enter the tracer first"
+        if on_hits is not None and self._jumps is not None:
+            raise EngineError("a tracer with trap-free probes only counts: run(None)")
         self._on_hits = on_hits
         self._counting = self._count_only if on_hits is None else {}
         deadline = None if duration is None else time.monotonic() + duration
@@ -485,6 +534,8 @@ class PtraceTracer:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
             self.signal = signals.signum or None
+            if self._jumps is not None:
+                self._jumps.fold_into(self.counts)  # what the jumps counted meanwhile
 
     def _handle(self, tid: int, status: int) -> None:
         t = self.threads.get(tid)
@@ -669,6 +720,8 @@ class PtraceTracer:
                 mm.users += 1
             else:
                 mm = parent.mm.fork_copy(tid)
+                if self._jumps is not None:
+                    self._jumps.fork(parent.mm, mm)  # the child has the jumps too
             new = Thread(tid, tid, mm)
             new.returns = list(parent.returns)  # its stack holds the same trampolines
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
@@ -803,6 +856,8 @@ class PtraceTracer:
             for site in mm.sites.values():
                 breakpoints.remove(mm.mem, site)
             mm.sites.clear()
+            if self._jumps is not None:
+                self._jumps.remove(mm, mm.mem)
             for addr, n in mm.semaphores.items():
                 try:
                     value = int.from_bytes(mm.mem.read(addr, 2), "little")
@@ -825,6 +880,8 @@ class PtraceTracer:
             mm.mem.close()
         self.threads.clear()
         self._pending_new.clear()
+        if self._jumps is not None:
+            self._jumps.fold_into(self.counts)
 
     def _unwind(self, t: Thread) -> None:
         """Put a stopped thread back in the original code: out of a slot,

@@ -127,7 +127,7 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
 def map_area(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, near: int,
              held: list[int]) -> XolArea:
     """Map a new area within reach of `near` in process `pid`, through thread `tid`."""
-    for hint in _candidates(procfs.maps(pid), near):
+    for hint in candidates(procfs.maps(pid), near):
         got = remote_syscall(tid, regs, syscall_addr, _NR_MMAP, (
             hint, AREA_SIZE, mmap.PROT_READ | mmap.PROT_EXEC,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0), held)
@@ -140,7 +140,7 @@ def map_area(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, near:
                       "for the XOL area")
 
 
-def _candidates(maps: list[procfs.Mapping], near: int) -> list[int]:
+def candidates(maps: list[procfs.Mapping], near: int) -> list[int]:
     """Page-aligned starts in free gaps within reach of `near`: below it first
     (the gap above a program is where its brk heap grows), nearest first.
     A guard of 16 pages is left to the mapping above each candidate."""
