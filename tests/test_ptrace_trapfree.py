@@ -1,0 +1,170 @@
+"""Trap-free counting probes (engines/ptrace/jumppatch.py): exact counts, the
+moved instructions still do what they did in place, and where a jump is not
+safe the probe keeps its int3 and still counts exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Compiler
+from uprobes.commands.resolve import parse_specs
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
+from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.errors import EngineError
+from uprobes.resolve.resolver import Resolver
+from uprobes.sys.procmem import ProcessMemory
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+NOTE_FREE = re.compile(r"uprobes: note: (\d+) of (\d+) probes trap-free")
+
+
+@pytest.fixture(scope="module")
+def threads_exe(compile_c: Compiler) -> Path:
+    return compile_c("threads.c", "-pthread")
+
+
+@pytest.fixture(scope="module")
+def trapfree_exe(compile_c: Compiler) -> Path:
+    return compile_c("trapfree.c")
+
+
+def count(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str],
+                                                                  dict[str, int]]:
+    run = subprocess.run([*UPROBES, "count", "-e", "ptrace", "--json", *argv],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, **(env or {})))
+    assert run.returncode == 0, run.stderr
+    return run, json.loads(run.stdout.splitlines()[-1])
+
+
+def test_threads_and_a_fork_count_exactly(threads_exe: Path) -> None:
+    """4 threads x 100k hits and a forked child's 100k, on one counter shared
+    by parent and child: exact, and no stop per hit (the note says so)."""
+    run, counts = count(f"{threads_exe}:work", "--", str(threads_exe), "100000",
+                        env={"TARGET_FORK": "1"})
+    assert "calls work=500000" in run.stdout
+    assert counts == {"uprobes/work": 500000}
+    assert NOTE_FREE.search(run.stderr).groups() == ("1", "1"), run.stderr  # type: ignore[union-attr]
+
+
+def test_moved_instructions_behave_and_unsafe_ones_keep_int3(trapfree_exe: Path) -> None:
+    """RIP-relative load and store, a probe between a cmp and the jl reading
+    its flags, a call and a jmp as the displaced instruction: the program's
+    results are unchanged and counts exact. loop_head, whose first bytes hold
+    a branch target, falls back to int3 (and counts exactly too)."""
+    plain = subprocess.run([str(trapfree_exe), "1000"], capture_output=True, text=True,
+                           check=True)
+    exe = str(trapfree_exe)
+    specs = [f"{exe}:loop_head", f"{exe}:riprel", f"{exe}:flags_mid+3", f"{exe}:call_first",
+             f"{exe}:jmp_first", f"{exe}:helper"]
+    run, counts = count(*specs, "--", exe, "1000")
+    assert run.stdout.splitlines()[0] == plain.stdout.strip()
+    expected = {"uprobes/loop_head": 1000, "uprobes/riprel": 1000, "uprobes/flags_mid": 2000,
+                "uprobes/call_first": 1000, "uprobes/jmp_first": 1000, "uprobes/helper": 2000}
+    assert counts == expected
+    assert NOTE_FREE.search(run.stderr).groups() == ("5", "6"), run.stderr  # type: ignore[union-attr]
+    assert "uprobes/loop_head: a branch targets loop_head+0x2" in run.stderr
+    traps, trap_counts = count("--no-trapfree", *specs, "--", exe, "1000")
+    assert trap_counts == expected and "trap-free" not in traps.stderr
+
+
+def test_kill_9_of_uprobes_leaves_the_program_running(threads_exe: Path) -> None:
+    """Nothing traps: with uprobes killed mid-run the program finishes with
+    its output and exit status unchanged (an int3 probe would kill it)."""
+    proc = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", f"{threads_exe}:work", "--",
+                             "/bin/sh", "-c", f"{threads_exe} 300000; echo status=$?"],
+                            env=dict(os.environ, TARGET_WAIT="1"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+        assert NOTE_FREE.search(proc.stderr.readline())  # placed: the jump is in
+        ready = proc.stdout.readline()  # the program's libraries are all loaded
+        assert ready.startswith("ready ")
+        pid = int(ready.split()[1])
+        assert "memfd:uprobes-counters" in Path(f"/proc/{pid}/maps").read_text()
+        proc.kill()
+        assert proc.wait(30) == -signal.SIGKILL
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        rest = proc.stdout.read()  # until the shell and the program are gone
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rest.splitlines() == ["calls work=1200000", "status=0"]
+
+
+class Held:
+    """threads.c attached with -p semantics: waits for "go" before its work and
+    for one more line after it (TARGET_WAIT, TARGET_HOLD), so it is alive at
+    detach whatever the timing."""
+
+    def __init__(self, exe: Path, loops: int) -> None:
+        self.proc = subprocess.Popen([str(exe), str(loops)],
+                                     env=dict(os.environ, TARGET_WAIT="1", TARGET_HOLD="1"),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        assert self.stdout.readline() == f"ready {self.proc.pid}\n"
+        image = ElfImage.open(exe)
+        work = SymbolTable.load(image).lookup("work")[0]
+        offset = image.link_to_file_offset(work.link_addr)
+        self.original = image.read_file(offset, 8)
+        base = next(int(ln.split("-")[0], 16) for ln in
+                    Path(f"/proc/{self.proc.pid}/maps").read_text().splitlines()
+                    if ln.endswith(str(exe)) and " 00000000 " in ln)
+        self.work_addr = base + offset
+        self.probes = Resolver(pid=self.proc.pid).resolve_all(parse_specs([f"{exe}:work"]))
+
+    def send(self, line: str) -> None:
+        self.stdin.write(line + "\n")
+        self.stdin.flush()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_attached_counts_exactly_and_detach_puts_the_bytes_back(threads_exe: Path) -> None:
+    held = Held(threads_exe, 100000)
+    try:
+        with ProcessMemory(held.proc.pid) as mem:
+            with PtraceTracer(held.probes, pid=held.proc.pid, trapfree=True) as tracer:
+                assert mem.read(held.work_addr, 1) == b"\xe9"  # the jump, every thread stopped
+                with pytest.raises(EngineError, match="only counts"):
+                    tracer.run(lambda ev: None, duration=0.1)
+                held.send("go")
+                assert held.stdout.readline() == "calls work=400000\n"  # the work is done
+                tracer.run(None, duration=0.01)
+                assert tracer.counts == {"uprobes/work": 400000}
+            assert mem.read(held.work_addr, 8) == held.original
+        held.send("end")
+        assert held.proc.wait(60) == 0
+    finally:
+        held.close()
+
+
+def test_detach_while_threads_run_through_the_jump(threads_exe: Path) -> None:
+    """Detached mid-run (or after: the program decides): the bytes are back and
+    the program's count is exact either way."""
+    held = Held(threads_exe, 3000000)
+    try:
+        with ProcessMemory(held.proc.pid) as mem:
+            with PtraceTracer(held.probes, pid=held.proc.pid, trapfree=True) as tracer:
+                held.send("go")
+                tracer.run(None, duration=0.2)
+            assert mem.read(held.work_addr, 8) == held.original
+            assert 0 <= tracer.counts["uprobes/work"] <= 12000000
+        assert held.stdout.readline() == "calls work=12000000\n"
+        held.send("end")
+        assert held.proc.wait(60) == 0
+    finally:
+        held.close()
