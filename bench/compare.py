@@ -118,7 +118,7 @@ def _ptrace_rows(w: Workload, work: Path) -> list[Row]:
     unboosted = ptrace_bench.Tool(
         "uprobes -e ptrace", "entry", BOOSTED,
         lambda n, _work: [sys.executable, "-m", "bench.unboosted", "count", "-e", "ptrace",
-                          f"{w.exe}:{BOOSTED}", "--", *w.argv(n, BOOSTED)],
+                          "--no-trapfree", f"{w.exe}:{BOOSTED}", "--", *w.argv(n, BOOSTED)],
         ptrace_bench._uprobes_count)
     p = 5000
     ours = "uprobes count -e ptrace"
@@ -129,6 +129,8 @@ def _ptrace_rows(w: Workload, work: Path) -> list[Row]:
             runner(tool("uprobes -e ptrace", "entry", BOOSTED)), ours=True),
         Row(ours, "entry (mov: not boosted, stepped)", BOOSTED, p, runner(unboosted),
             ours=True),
+        Row(ours, "entry (mov: trap-free jump, the default)", BOOSTED, 200_000,
+            runner(tool("uprobes -e ptrace", ptrace_bench.TRAPFREE, BOOSTED)), ours=True),
         Row(ours, "return (probes on the rets)", EMULATED, p,
             runner(tool("uprobes -e ptrace", "return (rets)", EMULATED)), ours=True),
         Row(ours, "return (--uretprobe)", EMULATED, p,

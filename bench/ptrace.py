@@ -10,9 +10,11 @@ figure is the median slope (bench/measure.py).  Rows:
   restore, single-step, re-insert);
 - `ltrace -x FUNCTION` (it also breaks on every return, to print the value);
 - gdb with `break FUNCTION` + `commands; silent; continue; end`;
-- `uprobes count -e ptrace`: entry probes on a function whose first
-  instruction is emulated (push rbp) or boosted (mov), return probes on the
-  function's rets and with --uretprobe;
+- `uprobes count -e ptrace --no-trapfree`: entry probes on a function whose
+  first instruction is emulated (push rbp) or boosted (mov), return probes on
+  the function's rets and with --uretprobe (an int3 trap per hit);
+- `uprobes count -e ptrace`: the same entry probes trap-free (the default for
+  count: a jump to an in-process counter, no stop per hit);
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -38,6 +40,7 @@ from bench.measure import Outcome, Series, Skip, markdown_table, strace_calls, t
 from bench.workload import Workload, build, loop_ns
 
 _ROOT = Path(__file__).resolve().parents[1]
+TRAPFREE = "entry (trap-free jump)"
 Count = Callable[[subprocess.CompletedProcess[str], Path], int | None]
 
 
@@ -137,17 +140,21 @@ def tools(workload: Workload) -> list[Tool]:
     for engine in ("ptrace", "kernel"):
         traced = engine == "ptrace"
         n = (2000, 20000) if traced else (20_000, 200_000)
+        traps = ("--no-trapfree",) if traced else ()
         rows += [
-            Tool(f"uprobes -e {engine}", "entry", emulated, uprobes(engine, emulated),
+            Tool(f"uprobes -e {engine}", "entry", emulated, uprobes(engine, emulated, "", traps),
                  _uprobes_count, traced, hits=n),
-            Tool(f"uprobes -e {engine}", "entry", boosted, uprobes(engine, boosted),
+            Tool(f"uprobes -e {engine}", "entry", boosted, uprobes(engine, boosted, "", traps),
                  _uprobes_count, traced, hits=n),
             Tool(f"uprobes -e {engine}", "return (rets)", emulated,
-                 uprobes(engine, emulated, "%return"), _uprobes_count, traced, hits=n),
+                 uprobes(engine, emulated, "%return", traps), _uprobes_count, traced, hits=n),
             Tool(f"uprobes -e {engine}", "return (--uretprobe)", emulated,
-                 uprobes(engine, emulated, "%return", ("--uretprobe",)), _uprobes_count,
+                 uprobes(engine, emulated, "%return", ("--uretprobe", *traps)), _uprobes_count,
                  traced, hits=n),
         ]
+        if traced:  # no stop per hit: nanoseconds, so many more hits to time
+            rows += [Tool("uprobes -e ptrace", TRAPFREE, f, uprobes(engine, f), _uprobes_count,
+                          traced, hits=(100_000, 10_000_000)) for f in (emulated, boosted)]
     return rows
 
 
