@@ -23,7 +23,7 @@ from uprobes.elf.symread import read_symbols, symbol_sections
 
 def _ours(path: str | Path, table: str) -> set[tuple[str, str | None, bool, int, int, str]]:
     img = ElfImage.open(path)
-    with img.elffile() as elf:
+    with img.raw() as elf:
         sec = symbol_sections(elf).get(table)
         syms = read_symbols(elf, sec, table) if sec is not None else []  # type: ignore[arg-type]
     return {(s.name, s.version, s.default_version, s.link_addr, s.size, s.kind) for s in syms}

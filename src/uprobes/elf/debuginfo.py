@@ -12,18 +12,17 @@ the candidate must match the one in the link).
 
 from __future__ import annotations
 
-import io
 import lzma
+import mmap
 import os
 import stat
 import zlib
-from collections.abc import Iterable
-from typing import BinaryIO
-
-from elftools.elf.elffile import ELFFile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from uprobes.elf._guard import guard
 from uprobes.elf.image import ElfImage, build_id_of
+from uprobes.elf.raw import Buffer, RawElf
 from uprobes.elf.symread import Source, Symbol, read_symbols, symbol_sections
 from uprobes.errors import ElfError, UprobesError
 
@@ -33,29 +32,35 @@ DEFAULT_DEBUG_DIRS: tuple[str, ...] = ("/usr/lib/debug",)
 MAX_MINIDEBUGINFO = 256 << 20
 
 
-def _open_regular(path: str) -> BinaryIO | None:
+@contextmanager
+def _mapped_regular(path: str) -> Iterator[Buffer | None]:
+    """The bytes of the regular file at `path`, mapped for the block (None if unusable)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None
-    stream = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        stream.close()
-        return None
-    return stream
+        yield None
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            buf: Buffer | None = None
+        else:
+            buf = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        buf = None
+    finally:
+        os.close(fd)
+    try:
+        yield buf
+    finally:
+        if isinstance(buf, mmap.mmap):
+            buf.close()
 
 
-def _crc32(stream: BinaryIO) -> int:
-    crc = 0
-    stream.seek(0)
-    while chunk := stream.read(1 << 20):
-        crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _symtab_symbols(elf: ELFFile, name: str, source: Source) -> list[Symbol]:
-    if elf.elfclass != 64 or elf.header["e_machine"] != "EM_X86_64":
-        raise ElfError(f"{name}: not an x86-64 ELF64 file")
+def _symtab_symbols(elf: RawElf, source: Source) -> list[Symbol]:
+    ident = bytes(elf.buf[:6])
+    if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1 or elf.e_machine != 62:
+        raise ElfError(f"{elf.name}: not an x86-64 ELF64 file")
     sec = symbol_sections(elf).get("symtab")
     return read_symbols(elf, sec, source) if sec is not None else []
 
@@ -88,41 +93,42 @@ def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_D
     for path, verify in _candidates(image, debug_dirs):
         if own is not None and os.path.realpath(path) == own:
             continue
-        stream = _open_regular(path)
-        if stream is None:
-            continue
-        try:
-            with stream, guard(path):
-                elf = ELFFile(stream)
-                if verify == "build-id" and build_id_of(elf) != image.build_id:
-                    notes.append(f"{path}: ignored, its build-id does not match {image.path}")
-                    continue
-                if verify == "crc" and image.debuglink and _crc32(stream) != image.debuglink[1]:
-                    notes.append(f"{path}: ignored, its CRC32 does not match the .gnu_debuglink "
-                                 f"of {image.path}")
-                    continue
-                return path, _symtab_symbols(elf, path, "debugfile")
-        except UprobesError as exc:
-            notes.append(f"ignored debug file: {exc}")
+        with _mapped_regular(path) as buf:
+            if buf is None:
+                continue
+            try:
+                with guard(path):
+                    elf = RawElf(buf, path)
+                    if verify == "build-id" and build_id_of(elf) != image.build_id:
+                        notes.append(f"{path}: ignored, its build-id does not match {image.path}")
+                        continue
+                    if verify == "crc" and image.debuglink and zlib.crc32(buf) != image.debuglink[1]:
+                        notes.append(f"{path}: ignored, its CRC32 does not match the "
+                                     f".gnu_debuglink of {image.path}")
+                        continue
+                    return path, _symtab_symbols(elf, "debugfile")
+            except UprobesError as exc:
+                notes.append(f"ignored debug file: {exc}")
     return None
 
 
-def minidebuginfo_symbols(image: ElfImage, elf: ELFFile,
+def minidebuginfo_symbols(image: ElfImage, elf: RawElf,
                           notes: list[str] | None = None) -> list[Symbol]:
     """The `.symtab` of the xz-compressed ELF in `.gnu_debugdata` (Fedora's MiniDebugInfo)."""
     notes = notes if notes is not None else []
-    sec = elf.get_section_by_name(".gnu_debugdata")
-    if sec is None or sec["sh_type"] == "SHT_NOBITS":
+    sec = elf.section(".gnu_debugdata")
+    if sec is None or not sec.has_bytes:
         return []
     label = f"{image.path} (.gnu_debugdata)"
     try:
         with guard(label, "malformed MiniDebugInfo"):
             decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-            payload = decompressor.decompress(sec.data(), max_length=MAX_MINIDEBUGINFO)
+            payload = decompressor.decompress(elf.section_data(sec),
+                                              max_length=MAX_MINIDEBUGINFO)
             if not decompressor.eof:
                 raise ElfError(f"{label}: MiniDebugInfo is truncated or larger than "
                                f"{MAX_MINIDEBUGINFO >> 20} MiB")
-            return _symtab_symbols(ELFFile(io.BytesIO(payload)), label, "minidebuginfo")
+            return _symtab_symbols(RawElf(payload, label), "minidebuginfo")
     except UprobesError as exc:
         notes.append(f"ignored MiniDebugInfo: {exc}")
         return []

@@ -10,28 +10,27 @@ non-PIE and shared objects: offset = link_addr - p_vaddr + p_offset.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
-
-from elftools.elf.constants import P_FLAGS
-from elftools.elf.dynamic import DynamicSection, DynamicSegment
-from elftools.elf.elffile import ELFFile
-from elftools.elf.enums import ENUM_E_MACHINE
-from elftools.elf.sections import NoteSection
-from elftools.elf.segments import InterpSegment, NoteSegment
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from uprobes.elf._guard import guard
+from uprobes.elf.raw import PF_R, PF_W, PF_X, PT_INTERP, SECTION_TYPES, Buffer, RawElf
 from uprobes.errors import ElfError, ResolveError
 
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
+
 _EM_X86_64 = 62
+_ET_EXEC, _ET_DYN = 2, 3
+_DT_SONAME, _DT_STRTAB, _DT_STRSZ, _DT_FLAGS_1 = 14, 5, 10, 0x6FFFFFFB
 _DF_1_PIE = 0x08000000
+_NT_GNU_BUILD_ID = 3
 _HEADER_SIZE = 64  # sizeof(Elf64_Ehdr)
-_PHDR_SIZE = 56  # sizeof(Elf64_Phdr)
-_SHDR_SIZE = 64  # sizeof(Elf64_Shdr)
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -39,6 +38,9 @@ _FILE_KINDS = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
 )
+_MACHINES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390",
+             40: "EM_ARM", 50: "EM_IA_64", 62: "EM_X86_64", 183: "EM_AARCH64",
+             243: "EM_RISCV", 258: "EM_LOONGARCH"}
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,15 @@ class LoadSegment:
 
     @property
     def readable(self) -> bool:
-        return bool(self.flags & P_FLAGS.PF_R)
+        return bool(self.flags & PF_R)
 
     @property
     def writable(self) -> bool:
-        return bool(self.flags & P_FLAGS.PF_W)
+        return bool(self.flags & PF_W)
 
     @property
     def executable(self) -> bool:
-        return bool(self.flags & P_FLAGS.PF_X)
+        return bool(self.flags & PF_X)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _check_ident(name: str, head: bytes, size: int) -> None:
     machine = int.from_bytes(head[18:20], "little" if ei_data == 1 else "big")
     bits = 32 if ei_class == 1 else 64
     if ei_class != 2 or machine != _EM_X86_64 or ei_data != 1:
-        arch = next((k for k, v in ENUM_E_MACHINE.items() if v == machine), f"machine {machine}")
+        arch = _MACHINES.get(machine, f"machine {machine}")
         endian = "" if ei_data == 1 else ", big-endian"
         raise ElfError(
             f"{name}: is a {bits}-bit ELF for {arch}{endian}; "
@@ -125,17 +127,23 @@ def _check_ident(name: str, head: bytes, size: int) -> None:
         raise ElfError(f"{name}: truncated ELF file ({size} bytes, shorter than the ELF header)")
 
 
-def build_id_of(elf: ELFFile) -> str | None:
+def build_id_of(elf: RawElf) -> str | None:
     """The GNU build-id, from the note segments (a stripped file may have no
     sections) or else the note sections (a separate debug file's segments
     carry no data)."""
-    containers = [*elf.iter_segments(), *elf.iter_sections()]
-    for part in containers:
-        if isinstance(part, (NoteSegment, NoteSection)):
-            for note in part.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
-                    return str(note["n_desc"])
+    for blob in elf.note_blobs():
+        for owner, n_type, desc in elf.notes(blob):
+            if n_type == _NT_GNU_BUILD_ID and owner == b"GNU":
+                return desc.hex()
     return None
+
+
+def _dynamic_string(elf: RawElf, tags: dict[int, int], index: int) -> str:
+    """String `index` of the dynamic string table (DT_STRTAB, DT_STRSZ long)."""
+    size = tags.get(_DT_STRSZ, 0)
+    table = elf.bytes_at(elf.vaddr_to_offset(tags[_DT_STRTAB], size, "DT_STRTAB"), size,
+                         "the dynamic string table")
+    return elf.string_at(table, index)
 
 
 class ElfImage:
@@ -164,8 +172,10 @@ class ElfImage:
         self.path = path
         self._data = data
         self.identity = identity
-        self._stream: BinaryIO | None = None
+        self._buf: Buffer | None = None
+        self._raw: RawElf | None = None
         self._depth = 0
+        self.sections_cut = False
 
     # -- construction ---------------------------------------------------------------
 
@@ -195,162 +205,154 @@ class ElfImage:
             image._summarise()
         return image
 
-    # -- the stream -------------------------------------------------------------------
+    # -- the file's bytes -------------------------------------------------------------
 
-    def _open_stream(self) -> BinaryIO:
-        if self._data is not None:
-            return io.BytesIO(self._data)
+    def _open_fd(self) -> int:
         try:
             # O_NONBLOCK: if the path was swapped for a FIFO after our stat, open must not hang.
             fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise ElfError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
-        stream = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (
             self.identity is not None and FileIdentity.of(st) != self.identity
         ):
-            stream.close()
+            os.close(fd)
             raise ElfError(f"{self.path}: the file changed on disk since it was opened")
-        return stream
+        return fd
+
+    def _open_buffer(self) -> Buffer:
+        """The whole file, mapped read-only (bytes for an in-memory image or an empty file).
+
+        Mapped only between `__enter__` and `__exit__`, and files are replaced by
+        rename, not rewritten in place, so the mapping sees the version we checked.
+        """
+        if self._data is not None:
+            return self._data
+        fd = self._open_fd()
+        try:
+            with guard(self.path):
+                if os.fstat(fd).st_size == 0:
+                    return b""
+                try:
+                    return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+                except (OSError, ValueError):  # a file system without mmap: read it
+                    with os.fdopen(os.dup(fd), "rb") as stream:
+                        return stream.read()
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> ElfImage:
         if self._depth == 0:
-            self._stream = self._open_stream()
+            self._buf = self._open_buffer()
         self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1
-        if self._depth == 0 and self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        if self._depth == 0:
+            self.close()
 
     def close(self) -> None:
-        """Close the file if a `with` block left it open (idempotent)."""
+        """Unmap the file if a `with` block left it mapped (idempotent)."""
         self._depth = 0
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        self._raw = None
+        if isinstance(self._buf, mmap.mmap):
+            self._buf.close()
+        self._buf = None
+
+    @contextmanager
+    def raw(self) -> Iterator[RawElf]:
+        """Our own reader of the file's headers and tables, for the duration of the block.
+
+        Anything raised inside the block that is not ours becomes an `ElfError`.
+        """
+        with self, guard(self.path):
+            if self._raw is None:
+                assert self._buf is not None
+                self._raw = RawElf(self._buf, self.path)
+            yield self._raw
 
     @contextmanager
     def elffile(self) -> Iterator[ELFFile]:
-        """A pyelftools view of the file, open for the duration of the block.
+        """A pyelftools view of the file (DWARF readers), open for the duration of the block.
 
         Exceptions pyelftools raises inside the block become `ElfError`.
         """
-        with self, guard(self.path):
-            assert self._stream is not None
-            yield ELFFile(self._stream)
+        from elftools.elf.elffile import ELFFile
+
+        if self._data is not None:
+            stream: BinaryIO = io.BytesIO(self._data)
+        else:
+            stream = os.fdopen(self._open_fd(), "rb")
+        with stream, guard(self.path):
+            yield ELFFile(stream)
 
     def read_file(self, file_offset: int, size: int) -> bytes:
         """`size` bytes at `file_offset` (fewer at the end of the file)."""
         if file_offset < 0 or size < 0:
             raise ResolveError(f"{self.path}: negative file offset or size")
-        # A corrupt st_size can ask for exabytes; never ask read() for more than exists.
-        size = max(0, min(size, self.file_size - file_offset))
-        with self, guard(self.path):
-            assert self._stream is not None
-            self._stream.seek(file_offset)
-            return self._stream.read(size)
+        with self:
+            assert self._buf is not None
+            return self._buf[file_offset:file_offset + size]
 
     # -- summary ---------------------------------------------------------------------
 
     def _summarise(self) -> None:
-        assert self._stream is not None
-        with guard(self.path):
-            self._stream.seek(0, os.SEEK_END)
-            self.file_size = self._stream.tell()
-            self._stream.seek(0)
-            _check_ident(self.path, self._stream.read(_HEADER_SIZE), self.file_size)
-            self._stream.seek(0)
-            self._read_headers(ELFFile(self._stream))
+        assert self._buf is not None
+        self.file_size = len(self._buf)
+        _check_ident(self.path, self._buf[:_HEADER_SIZE], self.file_size)
+        with self.raw() as elf:
+            self._read_headers(elf)
 
-    def _truncated(self, what: str, end: int) -> ElfError:
-        return ElfError(
-            f"{self.path}: truncated ELF file ({what} ends at byte {end:#x}, "
-            f"the file has {self.file_size:#x})"
-        )
-
-    def _read_headers(self, elf: ELFFile) -> None:
-        hdr = elf.header
-        if hdr["e_type"] not in ("ET_EXEC", "ET_DYN"):
-            what = {"ET_REL": "a relocatable object (.o)", "ET_CORE": "a core dump"}
-            desc = what.get(str(hdr["e_type"]), f"of type {hdr['e_type']}")
+    def _read_headers(self, elf: RawElf) -> None:
+        if elf.e_type not in (_ET_EXEC, _ET_DYN):
+            what = {1: "a relocatable object (.o)", 4: "a core dump"}
+            desc = what.get(elf.e_type, f"of type {elf.e_type}")
             raise ElfError(f"{self.path}: is {desc}, not an executable or shared library")
-        self.elf_type = "EXEC" if hdr["e_type"] == "ET_EXEC" else "DYN"
-        # The kernel's loader insists on these sizes; trusting others lets a
-        # tiny file claim 65535 section headers all at one offset.
-        if hdr["e_phnum"] and hdr["e_phentsize"] != _PHDR_SIZE:
-            raise ElfError(f"{self.path}: malformed ELF file (program header size "
-                           f"{hdr['e_phentsize']}, expected {_PHDR_SIZE})")
-        if elf.num_sections() and hdr["e_shentsize"] != _SHDR_SIZE:
-            raise ElfError(f"{self.path}: malformed ELF file (section header size "
-                           f"{hdr['e_shentsize']}, expected {_SHDR_SIZE})")
-        ph_end = hdr["e_phoff"] + hdr["e_phnum"] * hdr["e_phentsize"]
-        if hdr["e_phnum"] and ph_end > self.file_size:
-            raise self._truncated("the program header table", ph_end)
-        if elf.num_sections():
-            sh_end = hdr["e_shoff"] + elf.num_sections() * hdr["e_shentsize"]
-            if sh_end > self.file_size:
-                raise self._truncated("the section header table", sh_end)
+        self.elf_type = "EXEC" if elf.e_type == _ET_EXEC else "DYN"
+        self.sections_cut = elf.sections_cut
         self._read_segments(elf)
-        self._read_sections(elf)
+        self.sections = tuple(SectionInfo(s.name, SECTION_TYPES.get(s.type, str(s.type)),
+                                          s.addr, s.offset, s.size, s.flags) for s in elf.shdrs)
         self._read_dynamic(elf)
         self.build_id = build_id_of(elf)
         self.debuglink = self._find_debuglink(elf)
 
-    def _read_segments(self, elf: ELFFile) -> None:
+    def _read_segments(self, elf: RawElf) -> None:
         loads: list[LoadSegment] = []
         self.interp = None
-        for i, seg in enumerate(elf.iter_segments()):
-            if seg["p_type"] == "PT_LOAD":
-                end = seg["p_offset"] + seg["p_filesz"]
+        for seg in elf.phdrs:
+            if seg.type == 1:  # PT_LOAD
+                end = seg.offset + seg.filesz
                 if end > self.file_size:
-                    raise self._truncated(f"loadable segment {i}", end)
-                loads.append(LoadSegment(i, seg["p_offset"], seg["p_vaddr"], seg["p_filesz"],
-                                         seg["p_memsz"], seg["p_flags"]))
-            elif isinstance(seg, InterpSegment):
-                self.interp = seg.get_interp_name()
+                    raise elf.truncated(f"loadable segment {seg.index}", end)
+                loads.append(LoadSegment(seg.index, seg.offset, seg.vaddr, seg.filesz,
+                                         seg.memsz, seg.flags))
+            elif seg.type == PT_INTERP and self.interp is None:
+                raw = elf.bytes_at(seg.offset, seg.filesz, "the interpreter name")
+                self.interp = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if not loads:
             raise ElfError(f"{self.path}: has no loadable (PT_LOAD) segments")
         self.segments = tuple(loads)
 
-    def _read_sections(self, elf: ELFFile) -> None:
-        infos: list[SectionInfo] = []
-        for sec in elf.iter_sections():
-            if sec["sh_type"] != "SHT_NOBITS" and sec["sh_type"] != "SHT_NULL":
-                end = sec["sh_offset"] + sec["sh_size"]
-                if end > self.file_size:
-                    raise self._truncated(f"section {sec.name or '?'}", end)
-            infos.append(SectionInfo(sec.name, str(sec["sh_type"]), sec["sh_addr"],
-                                     sec["sh_offset"], sec["sh_size"], sec["sh_flags"]))
-        self.sections = tuple(infos)
-
-    def _read_dynamic(self, elf: ELFFile) -> None:
+    def _read_dynamic(self, elf: RawElf) -> None:
         self.soname = None
-        flags_1 = 0
-        dyn: DynamicSection | DynamicSegment | None = next(
-            (s for s in elf.iter_sections() if isinstance(s, DynamicSection)), None)
-        if dyn is None:
-            dyn = next((s for s in elf.iter_segments() if isinstance(s, DynamicSegment)), None)
-        if dyn is not None:
-            for tag in dyn.iter_tags():
-                if tag.entry.d_tag == "DT_SONAME":
-                    self.soname = str(tag.soname)  # type: ignore[attr-defined]
-                elif tag.entry.d_tag == "DT_FLAGS_1":
-                    flags_1 = tag.entry.d_val
+        tags = elf.dynamic()
+        if _DT_SONAME in tags and _DT_STRTAB in tags:
+            self.soname = _dynamic_string(elf, tags, tags[_DT_SONAME])
         # DF_1_PIE is what binutils >= 2.31 sets; older PIEs are DYN with an
         # interpreter and no soname (libc.so.6 has an interpreter *and* a soname).
         self.is_pie = self.elf_type == "DYN" and (
-            bool(flags_1 & _DF_1_PIE) or (self.interp is not None and self.soname is None)
+            bool(tags.get(_DT_FLAGS_1, 0) & _DF_1_PIE)
+            or (self.interp is not None and self.soname is None)
         )
 
-    def _find_debuglink(self, elf: ELFFile) -> tuple[str, int] | None:
-        sec = elf.get_section_by_name(".gnu_debuglink")
-        if sec is None or sec["sh_type"] == "SHT_NOBITS":
+    def _find_debuglink(self, elf: RawElf) -> tuple[str, int] | None:
+        sec = elf.section(".gnu_debuglink")
+        if sec is None or not sec.has_bytes:
             return None
-        data = sec.data()
+        data = elf.section_data(sec)
         end = data.find(b"\0")
         crc_at = (end + 4) & ~3  # the name, its NUL, then padding to 4 bytes
         if end <= 0 or len(data) < crc_at + 4:

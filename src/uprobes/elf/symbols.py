@@ -2,7 +2,8 @@
 
 Sources, in order of preference: `.dynsym` (carries GNU versions), `.symtab`,
 MiniDebugInfo (`.gnu_debugdata`), a separate debug file, and for a Go binary
-without `.symtab`, the runtime's own function table (`.gopclntab`).  A symbol seen in
+without `.symtab`, the runtime's own function table (`.gopclntab`); a file with
+no section headers has its dynamic symbols read through PT_DYNAMIC.  A symbol seen in
 several sources is kept once (same name and address; a versioned record wins
 over an unversioned one).
 """
@@ -15,9 +16,9 @@ import fnmatch
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 
 from uprobes.elf.debuginfo import DEFAULT_DEBUG_DIRS, find_debug_file, minidebuginfo_symbols
+from uprobes.elf.dynamic import dynamic_symbols
 from uprobes.elf.golang import go_symbols
 from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.elf.symread import Symbol, read_symbols, split_version, symbol_sections
@@ -56,31 +57,43 @@ class SymbolTable:
         self.sources: tuple[str, ...] = tuple(sources)
         by_key: dict[tuple[str, int], list[Symbol]] = {}
         for sym in symbols:
-            self._merge(by_key.setdefault((sym.name, sym.link_addr), []), sym)
+            group = by_key.get((sym.name, sym.link_addr))
+            if group is None:
+                by_key[sym.name, sym.link_addr] = [sym]
+            else:
+                self._merge(group, sym)
         self._symbols = sorted((s for group in by_key.values() for s in group),
                                key=lambda s: (s.link_addr, s.name, s.version or ""))
         self._by_name: dict[str, list[Symbol]] = {}
         self._by_addr: dict[int, list[Symbol]] = {}
-        for sym in self._symbols:
-            self._by_name.setdefault(sym.name, []).append(sym)
-            if sym.is_function:
-                self._by_addr.setdefault(sym.link_addr, []).append(sym)
-        self._functions = [s for s in self._symbols if s.is_function]
-        self._starts = [s.link_addr for s in self._functions]
+        self._functions: list[Symbol] = []
         self._max_end: list[int] = []
-        for sym in self._functions:
-            end = sym.link_addr + max(sym.size, 1)
-            self._max_end.append(max(end, self._max_end[-1]) if self._max_end else end)
+        by_name, by_addr = self._by_name, self._by_addr
+        max_end = 0
+        for sym in self._symbols:
+            group = by_name.get(sym.name)
+            if group is None:
+                by_name[sym.name] = [sym]
+            else:
+                group.append(sym)
+            if sym.kind == "func" or sym.kind == "ifunc":
+                by_addr.setdefault(sym.link_addr, []).append(sym)
+                self._functions.append(sym)
+                end = sym.link_addr + (sym.size or 1)
+                if end > max_end:
+                    max_end = end
+                self._max_end.append(max_end)
+        self._starts = [s.link_addr for s in self._functions]
 
     @staticmethod
     def _merge(group: list[Symbol], sym: Symbol) -> None:
         for i, old in enumerate(group):
             if old.version == sym.version or sym.version is None:
                 if old.size == 0 and sym.size:
-                    group[i] = replace(old, size=sym.size)
+                    group[i] = old._replace(size=sym.size)
                 return
             if old.version is None:
-                group[i] = replace(sym, size=sym.size or old.size)
+                group[i] = sym._replace(size=sym.size or old.size)
                 return
         group.append(sym)
 
@@ -102,12 +115,18 @@ class SymbolTable:
         notes: list[str] = []
         symbols: list[Symbol] = []
         sources: list[str] = []
-        with image.elffile() as elf:
+        with image.raw() as elf:
             tables = symbol_sections(elf)
             for source in ("dynsym", "symtab"):
                 if source in tables:
                     symbols += read_symbols(elf, tables[source], source)
                     sources.append(source)
+            if not elf.shdrs:
+                symbols += dynamic_symbols(elf)
+                sources.append("dynamic")
+                notes.append(f"{image.path}: no section headers"
+                             f"{' (cut off the end of the file)' if elf.sections_cut else ''}; "
+                             "exported symbols read through PT_DYNAMIC")
             mini = minidebuginfo_symbols(image, elf, notes)
             if mini:
                 symbols += mini

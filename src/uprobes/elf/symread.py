@@ -10,44 +10,30 @@ version into the name itself (`memcpy@@GLIBC_2.14`), so that is parsed too.
 
 from __future__ import annotations
 
-import itertools
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from elftools.elf.elffile import ELFFile
-from elftools.elf.enums import ENUM_ST_INFO_BIND, ENUM_ST_INFO_TYPE, ENUM_ST_SHNDX
-from elftools.elf.gnuversions import GNUVerDefSection, GNUVerNeedSection, GNUVerSymSection
-from elftools.elf.sections import SymbolTableSection
-
-from uprobes.errors import ElfError
+from uprobes.elf.raw import SHT_DYNSYM, SHT_NOBITS, SHT_SYMTAB, SYM, RawElf, Shdr
 
 Source = Literal["symtab", "dynsym", "minidebuginfo", "debugfile", "gopclntab"]
 
-_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
-_T = ENUM_ST_INFO_TYPE
-_KINDS = {
-    _T["STT_FUNC"]: "func",
-    _T["STT_LOOS"]: "ifunc",  # STT_GNU_IFUNC shares the number 10 with STT_LOOS
-    _T["STT_OBJECT"]: "object",
-    _T["STT_TLS"]: "tls",
-    _T["STT_NOTYPE"]: "notype",
-    _T["STT_COMMON"]: "common",
-}
-_SKIPPED_TYPES = (_T["STT_SECTION"], _T["STT_FILE"])
-_B = ENUM_ST_INFO_BIND
-_BINDINGS = {_B["STB_GLOBAL"]: "global", _B["STB_WEAK"]: "weak", _B["STB_LOCAL"]: "local",
-             _B["STB_LOOS"]: "unique"}  # STB_GNU_UNIQUE is 10, STB_LOOS
-_SKIPPED_SHNDX = tuple(ENUM_ST_SHNDX[n] for n in ("SHN_UNDEF", "SHN_ABS", "SHN_COMMON"))
+_KINDS = {2: "func", 10: "ifunc", 1: "object", 6: "tls", 0: "notype", 5: "common"}
+_SKIPPED_TYPES = (3, 4)  # STT_SECTION, STT_FILE
+# STB_GNU_UNIQUE is 10, STB_LOOS
+_BINDINGS = {1: "global", 2: "weak", 0: "local", 10: "unique"}
+_SKIPPED_SHNDX = (0, 0xFFF1, 0xFFF2)  # SHN_UNDEF, SHN_ABS, SHN_COMMON
 _VERSYM_HIDDEN = 0x8000
 _VER_FLG_BASE = 0x1
-_MIN_VERSION_ENTRY = 16  # sizeof(Elf64_Verdef) == sizeof(Elf64_Verneed) == 16 (Vernaux too)
+_VERDEF = struct.Struct("<HHHHIII")  # vd_version, vd_flags, vd_ndx, vd_cnt, vd_hash, vd_aux, vd_next
+_VERDAUX = struct.Struct("<II")  # vda_name, vda_next
+_VERNEED = struct.Struct("<HHIII")  # vn_version, vn_cnt, vn_file, vn_aux, vn_next
+_VERNAUX = struct.Struct("<IHHII")  # vna_hash, vna_flags, vna_other, vna_name, vna_next
+_SHT_VERDEF, _SHT_VERNEED, _SHT_VERSYM = 0x6FFFFFFD, 0x6FFFFFFE, 0x6FFFFFFF
 
 
-@dataclass(frozen=True)
-class Symbol:
-    """A defined symbol, at its link address.
+class Symbol(NamedTuple):
+    """A defined symbol, at its link address (a NamedTuple: libc and its debug
+    file make 11,000 of these on every run, at a quarter of a frozen dataclass's cost).
 
     `version` is the GNU symbol version (None when unversioned);
     `default_version` is True for `name@@VER`, the version a plain `name`
@@ -93,95 +79,121 @@ def split_version(name: str) -> tuple[str, str | None, bool]:
     return name[:at], name[at + 1:] or None, False
 
 
-def _version_names(elf: ELFFile) -> dict[int, tuple[str, bool]]:
-    """Version index -> (name, defined here).  Only a version this file defines
-    can be its default (`@@`); a needed one (a copy-relocated `stdout` in an
-    executable, bound to libc's GLIBC_2.2.5) prints as `@`, as readelf does."""
+def version_names(elf: RawElf, strtab: bytes, verdef: bytes, verdef_count: int,
+                  verneed: bytes, verneed_count: int) -> dict[int, tuple[str, bool]]:
+    """Version index -> (name, defined here), from `.gnu.version_d` and `.gnu.version_r`.
+
+    Only a version this file defines can be its default (`@@`); a needed one
+    (a copy-relocated `stdout` in an executable, bound to libc's GLIBC_2.2.5)
+    prints as `@`, as readelf does.  The chains are followed by their `next`
+    offsets, at most `count` entries and never outside the bytes given: a
+    corrupt count or offset ends the walk, it cannot make it loop.
+    """
     names: dict[int, tuple[str, bool]] = {}
-    for sec in elf.iter_sections():
-        # pyelftools trusts the entry count (sh_info) and keeps re-reading the
-        # last entry when vd_next/vn_next is 0: a corrupt count means billions of
-        # iterations.  A real chain fits in the section and ends with next == 0.
-        limit = sec["sh_size"] // _MIN_VERSION_ENTRY + 1
-        if isinstance(sec, GNUVerDefSection):
-            for verdef, auxiliaries in itertools.islice(sec.iter_versions(), limit):
-                if not verdef["vd_flags"] & _VER_FLG_BASE:  # BASE names the file itself
-                    aux = next(auxiliaries, None)
-                    if aux is not None:
-                        names[verdef["vd_ndx"]] = (aux.name, True)
-                if verdef["vd_next"] == 0:
-                    break
-        elif isinstance(sec, GNUVerNeedSection):
-            for verneed, auxiliaries in itertools.islice(sec.iter_versions(), limit):
-                for aux in itertools.islice(auxiliaries, limit):
-                    names.setdefault(aux["vna_other"], (aux.name, False))
-                    if aux["vna_next"] == 0:
-                        break
-                if verneed["vn_next"] == 0:
-                    break
+    pos = 0
+    for _ in range(min(verdef_count, len(verdef) // _VERDEF.size)):
+        if pos + _VERDEF.size > len(verdef):
+            break
+        _v, flags, ndx, cnt, _h, aux, nxt = _VERDEF.unpack_from(verdef, pos)
+        if not flags & _VER_FLG_BASE and cnt and pos + aux + _VERDAUX.size <= len(verdef):
+            name_at = _VERDAUX.unpack_from(verdef, pos + aux)[0]
+            if name_at < len(strtab):  # BASE names the file itself
+                names[ndx] = (elf.string_at(strtab, name_at), True)
+        if nxt == 0:
+            break
+        pos += nxt
+    pos = 0
+    for _ in range(min(verneed_count, len(verneed) // _VERNEED.size)):
+        if pos + _VERNEED.size > len(verneed):
+            break
+        _v, cnt, _file, aux, nxt = _VERNEED.unpack_from(verneed, pos)
+        at = pos + aux
+        for _ in range(min(cnt, len(verneed) // _VERNAUX.size)):
+            if at + _VERNAUX.size > len(verneed):
+                break
+            _h, _f, other, name_at, anext = _VERNAUX.unpack_from(verneed, at)
+            if name_at < len(strtab):
+                names.setdefault(other, (elf.string_at(strtab, name_at), False))
+            if anext == 0:
+                break
+            at += anext
+        if nxt == 0:
+            break
+        pos += nxt
     return names
 
 
-def _versym_indexes(elf: ELFFile, symtab: SymbolTableSection) -> list[int] | None:
-    """The raw .gnu.version entries for `symtab` (a .dynsym), or None."""
-    for sec in elf.iter_sections():
-        # pyelftools makes a new object per get_section call: compare headers.
-        if isinstance(sec, GNUVerSymSection) and (
-            elf.get_section(sec["sh_link"]).header == symtab.header
-        ):
-            data = sec.data()
-            return [v for (v,) in struct.iter_unpack("<H", data[: len(data) & ~1])]
-    return None
+def decode_symbols(elf: RawElf, table: bytes, strtab: bytes, source: Source,
+                   versym: bytes | None = None,
+                   versions: dict[int, tuple[str, bool]] | None = None) -> list[Symbol]:
+    """The defined, non-section, non-file symbols of the Elf64_Sym array `table`.
 
-
-def _raw_entries(section: SymbolTableSection) -> Iterator[tuple[int, int, int, int, int, int]]:
-    """(st_name, st_info, st_other, st_shndx, st_value, st_size) per entry.
-
-    pyelftools finds the table and its string table; the fixed 24-byte
-    Elf64_Sym records themselves are unpacked with `struct`, because parsing
-    them one by one through pyelftools' construct costs ~60 us a symbol (1 s
-    for libc with its debug file) against ~1 us here.
+    With `versym` (the `.gnu.version` half-words, one per entry) versions come
+    from `versions`; without, from the name (`memcpy@@GLIBC_2.14` in `.symtab`).
     """
-    if section["sh_entsize"] != _SYM.size:
-        raise ElfError(f"malformed symbol table {section.name}: entry size "
-                       f"{section['sh_entsize']}, expected {_SYM.size}")
-    data = section.data()
-    return _SYM.iter_unpack(data[: len(data) - len(data) % _SYM.size])
-
-
-def read_symbols(elf: ELFFile, section: SymbolTableSection, source: Source) -> list[Symbol]:
-    """The defined, non-section, non-file symbols of `section`, versions attached."""
-    versym = _versym_indexes(elf, section) if section["sh_type"] == "SHT_DYNSYM" else None
-    version_names = _version_names(elf) if versym is not None else {}
-    strtab = elf.get_section(section["sh_link"]).data()
+    vers = (struct.unpack_from(f"<{len(versym) // 2}H", versym) if versym is not None
+            else None)
+    versions = versions or {}
     out: list[Symbol] = []
-    for i, (st_name, info, _other, shndx, value, size) in enumerate(_raw_entries(section)):
+    find = strtab.find
+    for i, (st_name, info, _other, shndx, value, size) in enumerate(
+            SYM.iter_unpack(table[:len(table) - len(table) % SYM.size])):
         typ = info & 0xF
         if shndx in _SKIPPED_SHNDX or typ in _SKIPPED_TYPES or st_name == 0:
             continue
-        end = strtab.find(b"\0", st_name)
+        end = find(b"\0", st_name)
         raw_name = strtab[st_name:end if end >= 0 else len(strtab)]
         if not raw_name:
             continue
         name = raw_name.decode("utf-8", "surrogateescape")
         kind = _KINDS.get(typ, "other")
         binding = _BINDINGS.get(info >> 4, "other")
-        if versym is not None:
-            raw = versym[i] if i < len(versym) else 0
+        if vers is not None:
+            raw = vers[i] if i < len(vers) else 0
             index = raw & ~_VERSYM_HIDDEN
-            version, own = version_names.get(index, (None, False)) if index > 1 else (None, False)
+            version, own = versions.get(index, (None, False)) if index > 1 else (None, False)
             default = own and not raw & _VERSYM_HIDDEN
-        else:
+        elif "@" in name:
             name, version, default = split_version(name)
+        else:
+            version, default = None, False
         out.append(Symbol(name, version, default, value, size, kind, binding, source))
     return out
 
 
-def symbol_sections(elf: ELFFile) -> dict[str, SymbolTableSection]:
+def _check_entsize(elf: RawElf, sec: Shdr) -> None:
+    if sec.entsize != SYM.size:
+        raise elf.malformed(f"symbol table {sec.name}: entry size {sec.entsize}, "
+                            f"expected {SYM.size}")
+
+
+def read_symbols(elf: RawElf, section: Shdr, source: Source) -> list[Symbol]:
+    """The defined symbols of symbol table `section`; a `.dynsym`'s versions attached."""
+    _check_entsize(elf, section)
+    strtab = elf.section_data(elf.linked(section))
+    versym = verdef = verneed = None
+    if section.type == SHT_DYNSYM:
+        for sec in elf.shdrs:
+            if sec.type == _SHT_VERSYM and sec.link == section.index:
+                versym = elf.section_data(sec)
+            elif sec.type == _SHT_VERDEF:
+                verdef = sec
+            elif sec.type == _SHT_VERNEED:
+                verneed = sec
+    versions = None
+    if versym is not None:
+        def blob(sec: Shdr | None) -> tuple[bytes, int]:
+            if sec is None or sec.type == SHT_NOBITS:
+                return b"", 0
+            return elf.section_data(sec), sec.info
+        versions = version_names(elf, strtab, *blob(verdef), *blob(verneed))
+    return decode_symbols(elf, elf.section_data(section), strtab, source, versym, versions)
+
+
+def symbol_sections(elf: RawElf) -> dict[str, Shdr]:
     """The file's `.symtab` and `.dynsym` by type ('symtab', 'dynsym'); the first of each."""
-    found: dict[str, SymbolTableSection] = {}
-    for sec in elf.iter_sections():
-        if isinstance(sec, SymbolTableSection):
-            key = "dynsym" if sec["sh_type"] == "SHT_DYNSYM" else "symtab"
-            found.setdefault(key, sec)
+    found: dict[str, Shdr] = {}
+    for sec in elf.shdrs:
+        if sec.type in (SHT_SYMTAB, SHT_DYNSYM):
+            found.setdefault("dynsym" if sec.type == SHT_DYNSYM else "symtab", sec)
     return found

@@ -19,14 +19,11 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from elftools.elf.sections import NoteSection
-
 from uprobes.elf.image import ElfImage
 from uprobes.errors import ElfError, ResolveError
 
 _NT_STAPSDT = 3
-# pyelftools names note types by the GNU owner's table, where 3 is the build-id.
-_NT_STAPSDT_NAMES = (_NT_STAPSDT, "NT_GNU_BUILD_ID")
+_SHT_NOTE = 7
 _ADDRS = struct.Struct("<QQQ")
 _ARG = re.compile(r"(-?)(\d+)@(\S+)")
 
@@ -114,13 +111,13 @@ def usdt_notes(image: ElfImage) -> list[UsdtNote]:
     base = image.section(".stapsdt.base")
     base_addr = base.link_addr if base is not None else None
     out: list[UsdtNote] = []
-    with image.elffile() as elf:
-        for sec in elf.iter_sections():
-            if not isinstance(sec, NoteSection):
+    with image.raw() as elf:
+        for sec in elf.shdrs:
+            if sec.type != _SHT_NOTE:
                 continue
-            for note in sec.iter_notes():
-                if note["n_name"] == "stapsdt" and note["n_type"] in _NT_STAPSDT_NAMES:
-                    out.append(_make_note(image, bytes(note["n_descdata"]), base_addr))
+            for owner, n_type, desc in elf.notes(elf.section_data(sec)):
+                if owner == b"stapsdt" and n_type == _NT_STAPSDT:
+                    out.append(_make_note(image, desc, base_addr))
     return out
 
 
