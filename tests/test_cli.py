@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from uprobes.commands import _modules, main
+import uprobes.commands
+from uprobes.commands import COMMANDS, _modules, main
 
 BIN = str(Path(sys.executable).parent)
 
@@ -39,6 +40,31 @@ def test_help_ends_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
     for mod in _modules():
         assert main([mod.NAME, "--help"]) == 0
         assert capsys.readouterr().out.rstrip().endswith(mod.EXAMPLES[-1])
+
+
+def test_command_table_matches_the_modules() -> None:
+    """The top-level parser lists commands from COMMANDS without importing them."""
+    assert [(c.name, c.help) for c in COMMANDS] == [(m.NAME, m.HELP) for m in _modules()]
+    package = Path(uprobes.commands.__file__).parent
+    with_name = {p.stem for p in package.glob("*.py") if "\nNAME = " in p.read_text()}
+    assert with_name == {c.module for c in COMMANDS}, "a command module missing from COMMANDS"
+
+
+@pytest.mark.parametrize("argv,absent", [
+    (["--help"], "uprobes.commands."),
+    (["list", "libc", "getppid"], "uprobes.commands.count"),
+    (["resolve", "libc:getppid"], "uprobes.engines.ptrace"),
+    (["resolve", "libc:getppid"], "elftools"),
+])
+def test_a_run_imports_only_its_command(argv: list[str], absent: str) -> None:
+    """Start-up time: a run imports its own command module and what that needs, no other."""
+    code = ("import sys; from uprobes.commands import main; main(sys.argv[1:]); "
+            "sys.stderr.write('\\nMODULES ' + ' '.join(sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120)
+    loaded = proc.stderr.rpartition("\nMODULES ")[2].split()
+    assert "uprobes.commands" in loaded
+    assert not [m for m in loaded if m.startswith(absent)], proc.stderr
 
 
 @pytest.mark.parametrize("argv,message", [

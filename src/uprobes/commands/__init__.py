@@ -3,14 +3,21 @@
 Every subcommand module has `NAME`, `HELP`, `EXAMPLES` (run by the tests),
 `add_arguments(parser)` and `run(args, out) -> int`. `main(argv)` is the
 whole CLI, callable in-process; errors of ours become one line on stderr.
+
+Start-up time is felt on every run, and the command modules pull in the
+engines, the ELF layer and the decoder.  So `COMMANDS` names each command
+and its help line without importing it, and a run imports only the module
+of the command it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Iterable
 from types import ModuleType
-from typing import NoReturn, TextIO
+from typing import NamedTuple, NoReturn, TextIO
 
 from uprobes.engines.signals import CommandSignals, StopRequested
 from uprobes.errors import UprobesError, UsageError
@@ -18,12 +25,46 @@ from uprobes.errors import UprobesError, UsageError
 PROG = "uprobes"
 
 
-def _modules() -> list[ModuleType]:
-    from uprobes.commands import (
-        cleanup, count, demo, doctor, latency, list_cmd, resolve, stacks, top, trace, vdso,
-    )
+class Command(NamedTuple):
+    """A subcommand as the top-level parser shows it; `module` holds the rest."""
 
-    return [demo, list_cmd, resolve, trace, count, stacks, latency, top, vdso, cleanup, doctor]
+    name: str
+    module: str
+    help: str
+
+
+COMMANDS = (
+    Command("demo", "demo",
+            "compile the bundled example program, then list, trace and count its functions"),
+    Command("list", "list_cmd",
+            "list the functions and USDT probes of a program, a library, a process or the vDSO"),
+    Command("resolve", "resolve",
+            "resolve probe specs to files, inodes and offsets, and show the kernel's line "
+            "for each"),
+    Command("trace", "trace", "print each hit of the probes with the values they fetch"),
+    Command("count", "count",
+            "count hits per probe (system-wide, in a process, or in a command it starts)"),
+    Command("stacks", "stacks",
+            "count the distinct user stacks that reach each probe (flame-graph input with "
+            "--folded)"),
+    Command("latency", "latency", "histogram of how long each call of the functions takes"),
+    Command("top", "top", "live table of hits per second, per probe and process"),
+    Command("vdso", "vdso",
+            "list the vDSO's functions (versions, aliases) and write its image to a file"),
+    Command("cleanup", "cleanup", "remove probes left in tracefs by uprobes runs that were killed"),
+    Command("doctor", "doctor",
+            "report what the kernel offers uprobes here (tracefs, uprobe PMU, privileges)"),
+)
+
+
+def load(command: Command) -> ModuleType:
+    """The module that implements `command`."""
+    return importlib.import_module(f"uprobes.commands.{command.module}")
+
+
+def _modules() -> list[ModuleType]:
+    """Every command module (imports them all: for tests and documentation, not for runs)."""
+    return [load(c) for c in COMMANDS]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,18 +74,34 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the arguments of the commands named in `commands` (all if None).
+
+    The others are listed with their help line only, so `uprobes --help` and
+    a run of one command import nothing else.
+    """
+    wanted = None if commands is None else set(commands)
     parser = _Parser(prog=PROG, description="Dynamic user-space probes for Linux.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in _modules():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
+    for cmd in COMMANDS:
+        if wanted is not None and cmd.name not in wanted:
+            sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+            continue
+        mod = load(cmd)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=mod.HELP,
                            epilog="examples:\n" + "\n".join("  " + e for e in mod.EXAMPLES),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)
     return parser
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the top level
+    has only `--help` and `--version`, which take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _version() -> str:
@@ -82,13 +139,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None,
 
 def _main(argv: list[str] | None, out: TextIO) -> int:
     """Parse and run one command."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # `-- CMD ARGS...` is the command to start and trace; argparse never sees it.
     command: list[str] | None = None
     if "--" in argv:
         i = argv.index("--")
         argv, command = argv[:i], argv[i + 1:]
+    chosen = _chosen(argv)
+    parser = build_parser([chosen] if chosen else [])
     args = parser.parse_args(argv)
     args.argv_command = command
     if args.command is None:

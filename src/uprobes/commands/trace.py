@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import ExitStack
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import add_filter_arguments, add_selection_arguments, \
@@ -24,7 +24,6 @@ from uprobes.commands.selection import add_filter_arguments, add_selection_argum
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
-from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.engines.event import ProbeInfo
@@ -33,6 +32,9 @@ from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, MAX_STACK_BYTES
+
+if TYPE_CHECKING:  # imported when the ptrace engine runs: start-up time
+    from uprobes.engines.ptrace.tracer import PtraceTracer
 
 FORMATS = ("text", "jsonl", "perfetto")
 NAME = "trace"
@@ -131,6 +133,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
     stack_bytes = args.stack_bytes if args.stack else 0
     try:
         if choose_engine(args, probes) == "ptrace":
+            from uprobes.engines.ptrace.tracer import PtraceTracer
             tracer = PtraceTracer(probes, pid=args.pid, child=child.pid if child else None,
                                   force=args.force, note=note, stack_bytes=stack_bytes,
                                   hit_filter=args.hit_filter)
@@ -177,5 +180,5 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
 
 def _reaped(tracer: KernelTracer | PtraceTracer, child: Launched) -> None:
     """The ptrace engine, the command's tracer, reaps it: pass its status on."""
-    if isinstance(tracer, PtraceTracer) and tracer.child_status is not None:
+    if not isinstance(tracer, KernelTracer) and tracer.child_status is not None:
         child.status = tracer.child_status
