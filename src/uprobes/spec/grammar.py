@@ -20,6 +20,8 @@ and `pos` indexes into it.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 
 from uprobes.errors import SpecError
@@ -34,6 +36,7 @@ from uprobes.spec.targets import is_kernel_place, parse_target
 MAX_TRACE_ARGS = 128
 MAX_LINE = 4094
 _SPACE = " \t\n\v\f\r"
+_SPACES = re.compile(f"[{re.escape(_SPACE)}]+")
 
 
 def parse(text: str) -> Spec:
@@ -75,18 +78,7 @@ def _parse(text: str) -> Spec:
 
 
 def _split(line: str) -> list[str]:
-    tokens: list[str] = []
-    word = ""
-    for c in line:
-        if c in _SPACE:
-            if word:
-                tokens.append(word)
-            word = ""
-        else:
-            word += c
-    if word:
-        tokens.append(word)
-    return tokens
+    return [word for word in _SPACES.split(line) if word]
 
 
 class _Line:

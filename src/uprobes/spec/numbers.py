@@ -6,6 +6,8 @@ Python's `int()` and `str.isdigit()` accept things the kernel does not
 
 from __future__ import annotations
 
+import re
+
 U64 = 1 << 64
 S64_MIN_MAG = 1 << 63
 _HEX = "0123456789abcdefABCDEF"
@@ -23,18 +25,19 @@ def is_alnum(c: str) -> bool:
     return is_alpha(c) or is_digit(c)
 
 
+# ASCII classes spelled out: `\w` and str.isalnum() take Unicode letters, the kernel does not.
+_GOOD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_GOOD_SYSTEM_NAME = re.compile(r"[A-Za-z_-][A-Za-z0-9_-]*")
+
+
 def is_good_name(name: str) -> bool:
     """Event, group and argument names: C identifiers (trace.h is_good_name)."""
-    if not name or not (is_alpha(name[0]) or name[0] == "_"):
-        return False
-    return all(is_alnum(c) or c == "_" for c in name[1:])
+    return _GOOD_NAME.fullmatch(name) is not None
 
 
 def is_good_system_name(name: str) -> bool:
     """Group names: C identifiers that may also contain '-' (is_good_system_name)."""
-    if not name or not (is_alpha(name[0]) or name[0] in "_-"):
-        return False
-    return all(is_alnum(c) or c in "_-" for c in name[1:])
+    return _GOOD_SYSTEM_NAME.fullmatch(name) is not None
 
 
 def _fixup_radix(s: str, base: int) -> tuple[str, int]:
@@ -48,22 +51,17 @@ def _fixup_radix(s: str, base: int) -> tuple[str, int]:
     return s, base
 
 
+_DIGIT_RUNS: dict[int, re.Pattern[str]] = {}
+
+
 def _digits(s: str, base: int) -> tuple[int, int]:
-    """Value and count of the leading digits of `s` in `base`."""
-    value = 0
-    n = 0
-    for c in s:
-        if is_digit(c):
-            d = ord(c) - 48
-        elif "a" <= c.lower() <= "f":
-            d = ord(c.lower()) - 87
-        else:
-            break
-        if d >= base:
-            break
-        value = value * base + d
-        n += 1
-    return value, n
+    """Value and count of the leading digits of `s` in `base` (2 to 16, ASCII only)."""
+    run = _DIGIT_RUNS.get(base)
+    if run is None:
+        digits = "0123456789abcdef"[:base]
+        run = _DIGIT_RUNS[base] = re.compile(f"[{digits}{digits[10:].upper()}]*")
+    found = run.match(s).group()  # type: ignore[union-attr]
+    return (int(found, base) if found else 0), len(found)
 
 
 def _kstrtoull(s: str, base: int) -> int | None:
