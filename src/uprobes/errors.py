@@ -27,21 +27,24 @@ class SpecError(UprobesError):
     """A probe line the language rejects: the kernel's wording, and where.
 
     `text` is the line and `pos` the index the caret points at, like the
-    kernel's tracefs `error_log`.
+    kernel's tracefs `error_log`.  `detail` says more than the kernel does
+    (what was wrong, what to write instead); `message` stays the kernel's words.
     """
 
     exit_status = 2
 
-    def __init__(self, message: str, text: str = "", pos: int = 0) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, text: str = "", pos: int = 0, detail: str = "") -> None:
+        super().__init__(f"{message}: {detail}" if detail else message)
         self.message = message
         self.text = text
         self.pos = pos
+        self.detail = detail
 
     def lines(self) -> list[str]:
+        first = f"{self.message}: {self.detail}" if self.detail else self.message
         if not self.text:
-            return [self.message]
-        return [self.message, "  " + self.text, "  " + " " * self.pos + "^"]
+            return [first]
+        return [first, "  " + self.text, "  " + " " * self.pos + "^"]
 
 
 class ResolveError(UprobesError):

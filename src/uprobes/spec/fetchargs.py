@@ -42,6 +42,32 @@ REGISTERS = frozenset((
 """x86-64 regs_query_register_offset() names (arch/x86/kernel/ptrace.c);
 ds/es/fs/gs exist only on 32-bit x86."""
 
+REGISTER_ALIASES = {
+    **{f"r{n}": n for n in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "ip", "flags")},
+}
+"""Whole registers as x86 assembly, perf and gdb spell them (`%rdi`), to the
+kernel's pt_regs name (`di`): the same fetch, on either engine."""
+
+
+def _subregisters() -> dict[str, tuple[str, int]]:
+    """The low 32, 16 and 8 bits of a register, as x86 assembly names them -> (register,
+    bits). `%ax`, `%si`... stay the kernel's names for the whole register."""
+    out: dict[str, tuple[str, int]] = {}
+    for reg in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
+        out[f"e{reg}"] = (reg, 32)
+    out["eflags"] = ("flags", 32)
+    for low8, reg in (("al", "ax"), ("bl", "bx"), ("cl", "cx"), ("dl", "dx"), ("sil", "si"),
+                      ("dil", "di"), ("bpl", "bp"), ("spl", "sp")):
+        out[low8] = (reg, 8)
+    for n in range(8, 16):
+        out.update({f"r{n}d": (f"r{n}", 32), f"r{n}w": (f"r{n}", 16), f"r{n}b": (f"r{n}", 8)})
+    return out
+
+
+SUBREGISTERS = _subregisters()
+_HIGH_BYTES = {"ah": "ax", "bh": "bx", "ch": "cx", "dh": "dx"}
+_TYPE_BITS = {**{t: int(t[1:]) for t in types.INT_TYPES}, "char": 8}
+
 RESERVED_NAMES = frozenset((
     "common_type", "common_flags", "common_preempt_count", "common_pid", "common_tgid",
     "__probe_ip", "__probe_ret_ip", "__probe_func",
@@ -106,12 +132,54 @@ def parse_fetcharg(token: str, index: int, is_return: bool,
     elif type_text is not None and not types.known_type(type_text):
         raise TokenError(msg.BAD_TYPE, boff + toff)
 
+    if expr_text[:1] == "%" and expr_text[1:] in SUBREGISTERS:
+        expr_text, type_text = _subregister(expr_text[1:], type_text, boff, toff)
     ctx = _Ctx(offset=boff, is_return=is_return)
     expr, op = _parse_expr(expr_text, ctx)
     # Past this point the kernel reports type errors at ctx->offset + the
     # type's offset, and a dereference has moved ctx->offset to its inside.
     ftype = _finalize(op, type_text, array, ctx, ctx.offset + toff, is_str_source)
     return FetchArg(name, expr, ftype, text=body)
+
+
+def _subregister(name: str, type_text: str | None, boff: int, toff: int) -> tuple[str, str]:
+    """`%eax` is `%ax` read as 32 bits: the whole register's fetch with a type no
+    wider than the part (x32 when none is given), as the kernel stores a u32 of
+    a register (its low half).  -> (expression, type)."""
+    reg, bits = SUBREGISTERS[name]
+    if type_text is None:
+        return f"%{reg}", f"x{bits}"
+    wide = _TYPE_BITS.get(type_text) or (types.container_bits(type_text)
+                                         if type_text[:1] == "b" else None)
+    if wide is not None and wide > bits:
+        raise TokenError(msg.SUBREGISTER_TYPE, boff + toff,
+                         f"%{name} is the low {bits} bits of %{reg}; read it as :u{bits} "
+                         f"or narrower, or write %{reg}:{type_text} for the whole register")
+    return f"%{reg}", type_text
+
+
+def _register(name: str, ctx: _Ctx) -> Register:
+    """`%NAME`: the kernel's names, and whole registers as x86 spells them."""
+    if name in REGISTERS:
+        return Register(name)
+    if name in REGISTER_ALIASES:
+        return Register(REGISTER_ALIASES[name])
+    if name in SUBREGISTERS:
+        reg, bits = SUBREGISTERS[name]
+        also = f" (or %r{reg})" if f"r{reg}" in REGISTER_ALIASES else ""
+        raise TokenError(msg.SUBREGISTER_ADDRESS, ctx.offset,
+                         f"%{name} is the low {bits} bits of %{reg}; an address is the whole "
+                         f"register: %{reg}{also}")
+    if name in _HIGH_BYTES:
+        reg = _HIGH_BYTES[name]
+        detail = f"%{name} is bits 8-15 of %{reg}: write %{reg}:b8@8/64"
+    elif name.lower() in REGISTERS or name.lower() in REGISTER_ALIASES \
+            or name.lower() in SUBREGISTERS:
+        detail = f"%{name}: register names are lower case (%{name.lower()})"
+    else:
+        detail = (f"%{name} is not a register a probe can read on x86-64; use %ax %bx %cx "
+                  "%dx %si %di %bp %sp %r8-%r15 %ip %flags %cs %ss %orig_ax, or %rax-style names")
+    raise TokenError(msg.BAD_REG_NAME, ctx.offset, detail)
 
 
 def _split_type(body: str, boff: int) -> tuple[str, str | None, int | None, int]:
@@ -145,9 +213,7 @@ def _parse_expr(s: str, ctx: _Ctx) -> tuple[FetchExpr, Op]:
     if head == "$":
         return _parse_var(s[1:], ctx)
     if head == "%":
-        if s[1:] not in REGISTERS:
-            raise TokenError(msg.BAD_REG_NAME, ctx.offset)
-        return Register(s[1:]), Op.REG
+        return _register(s[1:], ctx), Op.REG
     if head == "@":
         return _parse_memory(s, ctx)
     if head in ("+", "-"):

@@ -93,10 +93,10 @@ class _Line:
             self.starts.append(at)
             at += len(tok) + 1
 
-    def error(self, message: str, index: int, offset: int = 0) -> SpecError:
+    def error(self, message: str, index: int, offset: int = 0, detail: str = "") -> SpecError:
         if index >= len(self.tokens):  # the kernel: "next to the last arg + space"
-            return SpecError(message, self.command, len(self.command) + 1)
-        return SpecError(message, self.command, self.starts[index] + offset)
+            return SpecError(message, self.command, len(self.command) + 1, detail)
+        return SpecError(message, self.command, self.starts[index] + offset, detail)
 
     def probe(self, text: str) -> ProbeSpec:
         t0 = self.tokens[0]
@@ -134,7 +134,7 @@ class _Line:
             try:
                 args.append(parse_fetcharg(tok, i, is_return, [a.name for a in args]))
             except TokenError as e:
-                raise self.error(e.message, first + i, e.offset) from None
+                raise self.error(e.message, first + i, e.offset, e.detail) from None
         return tuple(args)
 
     def clear(self, text: str) -> ClearSpec:

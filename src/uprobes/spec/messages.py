@@ -70,6 +70,8 @@ VDSO_REFCNT = "vDSO probes take no reference counter"
 BAD_CLEAR = "Clear command must be -:[GROUP/]EVENT"
 CLEAR_ARGS = "Clear command takes no arguments"
 CLEAR_NOT_FIRST = "Clear command must start at the beginning of the line"
+SUBREGISTER_TYPE = "Type is wider than the register"
+SUBREGISTER_ADDRESS = "Part of a register cannot be dereferenced"
 INTERNAL = "uprobes bug: the probe parser failed on this line"
 
 
@@ -77,7 +79,8 @@ class TokenError(Exception):
     """Internal: an error at `offset` inside one token; the line parser adds
     the token's position. Never escapes `uprobes.spec.parse`."""
 
-    def __init__(self, message: str, offset: int) -> None:
+    def __init__(self, message: str, offset: int, detail: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.offset = offset
+        self.detail = detail
