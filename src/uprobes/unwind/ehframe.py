@@ -18,9 +18,9 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from uprobes.elf.leb128 import leb128
 from uprobes.errors import ElfError
 from uprobes.unwind.cfi import FrameRule
-from uprobes.elf.leb128 import leb128
 
 if TYPE_CHECKING:
     from uprobes.elf.image import ElfImage
