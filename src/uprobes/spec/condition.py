@@ -116,6 +116,42 @@ class Condition:
             return None
 
 
+def bind(node: Node, field: str, value: int | None) -> Node | bool:
+    """`node` with `field` known to equal `value`: what is left to test, or
+    True/False when nothing is. `value` None stands for a number equal to
+    none the condition names (any other process, for `pid`). Only `==` and
+    `!=` can be bound this way; other operators on `field` raise ValueError.
+
+    Why: the kernel's filter has no field for the process id, but a counter
+    bound to a process knows it; each process gets the rest of the condition."""
+    if isinstance(node, Compare):
+        if node.field != field:
+            return node
+        if node.op not in ("==", "!="):
+            raise ValueError(f"{field} {node.op}")
+        equal = value is not None and value == node.value
+        return equal if node.op == "==" else not equal
+    if isinstance(node, Not):
+        inner = bind(node.operand, field, value)
+        return (not inner) if isinstance(inner, bool) else Not(inner)
+    left, right = bind(node.left, field, value), bind(node.right, field, value)
+    absorbing = node.op == "||"  # True absorbs an ||, False an &&
+    if left is absorbing or right is absorbing:
+        return absorbing
+    if isinstance(left, bool):
+        return right
+    if isinstance(right, bool):
+        return left
+    return Logic(node.op, left, right)
+
+
+def values_of(node: Node, field: str) -> list[int | str]:
+    """The values `node` compares `field` with, in order, each once."""
+    out: dict[int | str, None] = {}
+    _walk(node, lambda c: out.setdefault(c.value, None) if c.field == field else None)
+    return list(out)
+
+
 def parse_condition(text: str) -> Condition:
     """Parse `text`; SpecError with a caret at the first thing that is wrong."""
     tokens = _tokens(text)

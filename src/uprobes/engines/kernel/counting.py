@@ -1,67 +1,83 @@
 """Counting hits per probe in the kernel, with no records at all.
 
-Two ways, chosen by what is counted:
+Probes are tracefs events of the run's group, and they share events the way
+`trace`'s do (`records.shared_events`): the kernel appends probe points to an
+event with the same file, kind and fetchargs, and tears a whole event down
+with one set of grace periods. That is what makes detaching fast: closing
+the last perf event of an event (or of a uprobe PMU counter, one per probe
+per CPU, what `count` used before) runs uprobe_unregister_sync() and
+tracepoint_synchronize_unregister() under event_mutex, ~90 ms here, so 100
+probes counted one event each took 9-18 s to detach; shared, 1,000 libc
+probes are ~9 events. The events are then removed in one write.
 
-- System-wide: the `uprobe` perf PMU, one counter per probe per CPU, summed.
-  Nothing appears in tracefs; the probes live as long as our fds, so even a
-  SIGKILLed run leaves nothing behind.
-- A process (`-p PID`) or a launched command (children and threads
-  included): a PMU counter bound to a pid counts one *thread*, and the PMU
-  with `inherit` breaks the target's pthread_create/fork (see
-  `uprobes.sys.pmu`). So each probe becomes a tracefs event of our run's
-  group, counted by a perf tracepoint *counting* event (no sampling, no
-  ring) per task with `inherit`: the kernel copies it into every thread and
-  child the task creates after the open, and reading the parent's counter
-  sums theirs (perf_event_read_value() walks the child list, and exited
-  children are folded in). Inherit does not reach threads that already
-  exist, so for `-p` every existing thread gets its own counter, re-listing
-  /proc/PID/task until no new thread appears. Measured exact for 4 threads
-  x 100k calls and for forked children (tests/test_kernel_count.py).
+A shared event is one tracepoint: its perf counter sums every probe point in
+it. Each probe's own count comes from one of two places:
 
-With a filter (`--if`, `--comm`, `--tid`), counting takes tracepoint
-counting events everywhere, system-wide too (one per CPU, pid -1): the
-PMU's events have no record to test, so they cannot be filtered, while a
-tracepoint event's filter is tested before it counts (perf_tp_event()).
-The probe then fetches what the filter names (the fetchargs it uses and
-the hidden `__uprobes_comm`), and nothing else.
+- System-wide with no filter: `uprobe_profile`, the hits the kernel counts
+  per probe point (trace_uprobe's `nhits`, bumped for every hit before any
+  perf filtering). Its lines name no group and no offset, only the file and
+  the event, in the order of `uprobe_events`; so our events carry names no
+  one else uses (`n<pid>_<k>`) and a probe is found by its place among its
+  event's lines. One counting perf event on one CPU keeps the event
+  registered (a CPU-wide event makes the uprobe system-wide); hits on the
+  other CPUs skip the perf side altogether. Return probes through the
+  kernel's uretprobe count on the other way: `nhits` counts their entries.
+- A process (`-p PID`), a launched command, or a filter: one counting perf
+  event per probe and task (or CPU), whose filter keeps only its own probe's
+  hits: the low 12 bits of the hit's address (`__probe_ip`, `__probe_func`
+  for a uretprobe) equal its file offset's (a file is mapped page by page),
+  and they differ between the probe points of one event. The filter tests
+  the few bits that tell a probe from its event's others (a binary split),
+  then the user's filter. A filtered-out hit is not counted (perf_tp_event()
+  tests the filter first).
+
+Per task, counting events are inherited (`inherit`): the kernel copies them
+into every thread and child the task creates after the open, and reading
+the parent's counter sums theirs (exited children are folded in). Inherit
+does not reach threads that already exist, so for `-p` every existing
+thread gets its own counters, re-listing /proc/PID/task until no new thread
+appears. The uprobe PMU is not used with a pid: with `inherit` it made the
+target's pthread_create fail with EFAULT (see `uprobes.sys.pmu`).
+
+`pid` in a filter: the kernel's filter has no field for the process, but a
+counter bound to a process knows it. A condition on `pid` (with `==`/`!=`)
+is bound per process (`spec.condition.bind`): each process counted gets
+what is left of the condition; system-wide, the processes counted are those
+the condition names, and it must reject every other one. Such counters are
+inherited by threads only (`inherit_thread`): a child is another process.
 
 The pid given to perf is also the kernel's prefilter (uprobe_perf_filter):
 other processes never get the breakpoints.
 
 The kernel refuses some probe sites (ENOTSUPP, 524: an instruction it
-cannot single-step or emulate, e.g. some AVX-512 entry points of libc). A
-refused probe is left out and named in `refused`; only when every probe is
-refused is that an error.
-
-Detaching is the slow part, and it is the kernel's: closing the last perf
-event of a uprobe runs uprobe_unregister_sync() and
-tracepoint_synchronize_unregister() (RCU-tasks-trace grace periods) under
-event_mutex, so probes are detached one after the other whatever we do
-(closing from many threads measured no faster). Removing unused tracefs
-events afterwards is fast, and we do it in one write.
+cannot single-step or emulate, e.g. some AVX-512 entry points of libc); one
+refused probe point fails its whole event, which is then placed in halves
+down to the probe it refused. A refused probe is left out and named in
+`refused`; only when every probe is refused is that an error.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 from uprobes.engines.filters import HitFilter
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
-from uprobes.engines.kernel.records import COMM_FIELD
-from uprobes.engines.kernel.insn_guard import unsafe_sites
-from uprobes.errors import EngineError, KernelError
+from uprobes.engines.kernel.insn_guard import screen_sites
+from uprobes.engines.kernel.records import COMM_FIELD, PAGE_MASK
+from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.spec import kernel_line
 from uprobes.spec.ast import ProbeKind
+from uprobes.spec.condition import Condition, bind, values_of
 from uprobes.sys import procfs
-from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, PERF_TYPE_TRACEPOINT, PerfEvent, \
-    PerfEventAttr, online_cpus
-from uprobes.sys.pmu import UprobeCounter, UprobePmu
+from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, ATTR_INHERIT_THREAD, \
+    PERF_TYPE_TRACEPOINT, PerfEvent, PerfEventAttr, online_cpus
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 ENOTSUPP = 524  # kernel-internal, what uprobe registration answers for unprobeable insns
@@ -112,6 +128,60 @@ def display_names(probes: Sequence[ResolvedProbe]) -> list[str]:
     return names
 
 
+@dataclass
+class _Site:
+    """One probe point counted: a placed probe (or one `ret` of a return
+    probe) and the display name its count adds to."""
+
+    name: str
+    probe: ResolvedProbe  # as placed: its own file offset
+    whole: ResolvedProbe  # as the user gave it (a filter fetches its fetchargs)
+    ret_site: int | None
+    line: str = ""  # the uprobe_events line, event name left out (`_in_event`)
+    fds: list[PerfEvent] = field(default_factory=list)
+
+
+@dataclass
+class _Event:
+    """A kernel event holding `sites` (one probe point each)."""
+
+    name: str
+    sites: list[_Site]
+    by_profile: bool  # counted through uprobe_profile (else per-site perf counters)
+    enablers: list[PerfEvent] = field(default_factory=list)  # by_profile: keep it registered
+    profile_at: list[int] = field(default_factory=list)  # per site: its line among the event's
+
+    @property
+    def kind(self) -> str:
+        return self.sites[0].line.partition(":")[0]
+
+    def lines(self, group: str) -> list[str]:
+        return [_in_event(s.line, group, self.name) for s in self.sites]
+
+    def fds(self) -> list[PerfEvent]:
+        return [*self.enablers, *(e for s in self.sites for e in s.fds)]
+
+    def close(self) -> None:
+        for e in self.fds():
+            e.close()
+        self.enablers.clear()
+        for s in self.sites:
+            s.fds.clear()
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Where counters go: task `tid` (inherited by what it creates) of
+    process `pid`, or (`tid` -1) every task on CPU `cpu`."""
+
+    tid: int
+    cpu: int
+    pid: int | None
+
+
+_names = itertools.count()  # event names unique in this process (two counters, one group)
+
+
 class KernelCounter:
     """Counts hits of `probes`: system-wide (`pids` None) or in tasks `pids`
     and everything they start afterwards. A context manager owning every
@@ -120,61 +190,130 @@ class KernelCounter:
     With `all_threads` each pid is a process whose existing threads are all
     counted (for `-p`); without, each pid is one task (a launched command
     held before exec has just one). `hit_filter` counts only the hits it
-    keeps, in the kernel (it must be one the kernel can say).
+    keeps, in the kernel (it must be one the kernel can say, `pid` bound per
+    process; see the module's docstring).
     """
 
     def __init__(self, probes: Sequence[ResolvedProbe], *, pids: Sequence[int] | None = None,
                  all_threads: bool = True, tracefs: Tracefs | None = None,
                  force: bool = False, hit_filter: HitFilter | None = None) -> None:
-        self.filter_text: str | None = None
-        if hit_filter is not None:
-            self.filter_text = hit_filter.kernel_filter()
-            if self.filter_text is None:
-                raise EngineError("count filters in the kernel, and here it cannot: "
-                                  f"{hit_filter.why_not_kernel()}; `uprobes trace` can")
-        self.hit_filter = hit_filter
         for p in probes:
             if isinstance(p.key, VdsoKey):
                 raise EngineError(f"{p.name}: vDSO probes cannot be placed by the kernel "
                                   "engine (the vDSO has no file); use -e ptrace")
+        self.hit_filter = hit_filter
+        self.pids = list(pids) if pids is not None else None
+        self.all_threads = all_threads
+        self._by_pid = False  # counters bound per process for a `pid` condition
+        self._filters: dict[int | None, str | None | bool] = {}
+        if hit_filter is not None:
+            self._plan_filter(hit_filter)
         self.refused: list[Refusal] = []
         names = display_names(probes)
         self.total = len(names)
-        self.probes: list[ResolvedProbe] = []
         self.names: list[str] = []
-        self._lines: list[tuple[ResolvedProbe, int | None]] = []  # what a line is made of
+        self._sites: list[_Site] = []
         sites = [(name, probe, p, site) for name, probe in zip(names, probes)
                  for p, site in _sites(probe)]
-        unsafe = {} if force else unsafe_sites((p.path, p.file_offset) for _, _, p, _ in sites)
+        unsafe, self._alone = screen_sites((p.path, p.file_offset) for _, _, p, _ in sites)
+        if force:
+            unsafe = {}
         for name, probe, p, site in sites:
             why = unsafe.get((p.path, p.file_offset))
             if why:
                 self.refused.append(Refusal(name, None, why))
             else:
-                self.probes.append(p)
+                self._sites.append(_Site(name, p, probe, site))
                 self.names.append(name)
-                self._lines.append((probe, site))
-        self.pids = list(pids) if pids is not None else None
-        self.all_threads = all_threads
         self._tracefs = tracefs
         self.group: ProbeGroup | None = None
-        # Per placed probe: its display name and the perf events whose counts sum to it.
-        self._placed: list[tuple[str, list[PerfEvent] | UprobeCounter]] = []
-        self._tasks: set[int] = set()
+        self._events: list[_Event] = []  # placed
+        self._tasks: list[_Task] = []
+        self._seen: set[int] = set()
+        self._base: dict[str, list[int]] = {}  # uprobe_profile hits per event at the start
+        self._frozen: dict[str, int] | None = None
+
+    # ------------------------------------------------------------ the filter
+
+    def _plan_filter(self, flt: HitFilter) -> None:
+        """The kernel filter per process (`_filter_for`), and for a `pid`
+        condition system-wide, the processes it names."""
+        combined = flt.combined
+        if "pid" not in combined.fields:
+            text = flt.kernel_filter()
+            if text is None:
+                raise EngineError("count filters in the kernel, and here it cannot: "
+                                  f"{flt.why_not_kernel()}; `uprobes trace` can")
+            self._filters[None] = text
+            return
+        try:
+            others = bind(combined.root, "pid", None)
+        except ValueError as e:
+            raise EngineError(f"count tests pid in the kernel by counting per process, so it "
+                              f"takes only pid == N and pid != N (not {e}); `uprobes trace` "
+                              "can") from None
+        if others is not False:
+            what = "a process it does not name" if self.pids is None else \
+                "processes other than the one counted (its children)"
+            raise EngineError(f"count tests pid in the kernel by counting per process, and "
+                              f"this condition holds for {what}; name the processes "
+                              "(pid == N)")
+        self._by_pid = True
+        if self.pids is None:
+            named = [v for v in values_of(combined.root, "pid") if isinstance(v, int)]
+            self.pids = [p for p in named if bind(combined.root, "pid", p) is not False]
+            self.all_threads = True
+            for pid in self.pids:
+                if not os.path.exists(f"/proc/{pid}"):
+                    raise ProcessError(f"no process {pid} (named by the filter)")
+        for pid in self.pids:
+            rest = bind(combined.root, "pid", pid)
+            if isinstance(rest, bool):
+                self._filters[pid] = rest
+                continue
+            text = Condition(combined.text, rest).kernel_filter()
+            if text is None:
+                raise EngineError("count filters in the kernel, and here it cannot: "
+                                  f"{flt.why_not_kernel()}; `uprobes trace` can")
+            self._filters[pid] = text
+
+    def _filter_for(self, pid: int | None) -> str | bool:
+        """The user's filter for a task of process `pid`: its kernel text, or
+        True (keep every hit) / False (count nothing there)."""
+        if self.hit_filter is None:
+            return True
+        got = self._filters.get(pid if self._by_pid else None, True)
+        return True if got is None else got
+
+    @property
+    def filter_text(self) -> str | None:
+        text = self._filters.get(None)
+        return text if isinstance(text, str) else None
 
     # ------------------------------------------------------------ placing
 
     def __enter__(self) -> KernelCounter:
         try:
-            if self.pids is None and self.filter_text is None:
-                self._place_pmu()
+            tracefs = self._tracefs or Tracefs()
+            self.group = open_run_group(tracefs)
+            if self.pids is None:
+                self._tasks = [_Task(-1, cpu, None) for cpu in online_cpus()]
             else:
-                self._place_tracepoints(self.pids)
-            if not self._placed:
+                self._tasks = [_Task(pid, -1, pid) for pid in self.pids
+                               if self._filter_for(pid) is not False]
+            self._seen = {t.tid for t in self._tasks}
+            for event in self._share():
+                self._place(event)
+            if self.all_threads and self.pids is not None:
+                self._follow_threads()
+            if not self._events:
                 self._all_refused()
-            for _, ev in self._placed:
-                for e in ev.events if isinstance(ev, UprobeCounter) else ev:
-                    e.enable()
+            if any(e.by_profile for e in self._events):
+                self._map_profile(tracefs)
+                self._base = self._profile()
+            for e in self._events:
+                for fd in e.fds():
+                    fd.enable()
         except BaseException:
             self.close()
             raise
@@ -182,152 +321,223 @@ class KernelCounter:
 
     def _all_refused(self) -> None:
         if not self.refused:
+            if self._sites and not self._tasks:  # a filter no task can pass: count zeros
+                return
             raise EngineError("no probes to count")
         first = self.refused[0]
         more = f" (and the other {len(self.refused) - 1})" if len(self.refused) > 1 else ""
         raise KernelError(f"no probe could be placed: {first.name}: {first.reason}{more}",
                           first.errno)
 
-    def _refuse(self, name: str, probe: ResolvedProbe, err: KernelError) -> None:
-        self.refused.append(Refusal(name, err.errno, refusal_reason(probe, err)))
-
-    def _place_pmu(self) -> None:
-        pmu = UprobePmu.load()
-        for name, p in zip(self.names, self.probes):
-            try:
-                counter = UprobeCounter(p.path, p.file_offset, retprobe=p.is_return,
-                                        ref_ctr_offset=p.ref_ctr_offset or 0, pmu=pmu)
-            except KernelError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM):
-                    raise
-                self._refuse(name, p, e)
-                continue
-            self._placed.append((name, counter))
-
-    def _event_names(self) -> list[str]:
-        """Our event name per probe: the user's event name, unique in our group."""
-        used: set[str] = set()
-        out = []
-        for p in self.probes:
-            base = p.event[:MAX_EVENT_NAME]
-            name, n = base, 1
-            while name in used:
-                n += 1
-                suffix = f"_{n}"
-                name = base[:MAX_EVENT_NAME - len(suffix)] + suffix
-            used.add(name)
-            out.append(name)
-        return out
-
-    def _line(self, i: int, event: str) -> str:
+    def _site_line(self, site: _Site) -> str:
         """Counting fetches nothing but what the filter tests: the line carries
         the place (and the USDT semaphore, `(0xREF)`, so the kernel sets it)."""
         assert self.group is not None
-        p = self.probes[i]
         flt = self.hit_filter
         if flt is None or not (flt.arg_fields or flt.needs_comm):
-            return kernel_line(replace(p, group=self.group.name, event=event, args=()))
-        probe, site = self._lines[i]
-        kept = tuple(a for a in probe.args if a.name in flt.arg_fields)
-        line = kernel_line(replace(probe, group=self.group.name, event=event, args=kept),
-                           ret_site=site)
+            return kernel_line(replace(site.probe, group=self.group.name, event="e", args=()))
+        kept = tuple(a for a in site.whole.args if a.name in flt.arg_fields)
+        line = kernel_line(replace(site.whole, group=self.group.name, event="e", args=kept),
+                           ret_site=site.ret_site)
         return line + (f" {COMM_FIELD}=$comm" if flt.needs_comm else "")
 
-    def _place_tracepoints(self, pids: Sequence[int] | None) -> None:
-        """Counting tracepoint events on `pids`, or on every CPU for None."""
-        tracefs = self._tracefs or Tracefs()
-        self.group = open_run_group(tracefs)
-        events = self._event_names()
-        for i, event in enumerate(events):
-            self.group.add(self._line(i, event))
-        ids = [tracefs.event_id(self.group.name, e) for e in events]
-        live = list(zip(self.names, self.probes, ids))
-        slots: list[list[PerfEvent]] = [[] for _ in live]
-        dead: set[int] = set()
-        # (task, cpu) pairs: every task on any CPU, or system-wide every CPU.
-        pending = [(tid, -1) for tid in pids] if pids is not None \
-            else [(-1, cpu) for cpu in online_cpus()]
-        while pending:
-            for tid, cpu in pending:
-                self._tasks.add(tid)
-                for i, (name, p, event_id) in enumerate(live):
-                    if i in dead:
-                        continue
-                    try:
-                        slots[i].append(self._counting(event_id, tid, cpu))
-                    except KernelError as e:
-                        if e.errno == errno.ESRCH:
-                            break  # the thread ended before we reached it
-                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM):
-                            raise
-                        self._refuse(name, p, e)
-                        dead.add(i)
-                        for ev in slots[i]:
-                            ev.close()
-                        slots[i].clear()
-            pending = [(tid, -1) for tid in self._new_threads(pids)] \
-                if self.all_threads and pids is not None else []
-        self._placed = [(name, slots[i]) for i, (name, _, _) in enumerate(live) if i not in dead]
-
-    def _counting(self, event_id: int, task: int, cpu: int) -> PerfEvent:
-        ev = _open_counting(event_id, task, cpu)
-        if self.filter_text is not None:
-            try:
-                ev.set_filter(self.filter_text)
-            except KernelError as e:
-                ev.close()
-                raise EngineError(f"the kernel refused the filter {self.filter_text!r}: "
-                                  f"{e}") from e
-        return ev
-
-    def _new_threads(self, pids: Sequence[int]) -> list[int]:
-        """Threads of `pids` we have no counter on yet. A thread created by one
-        we already count inherits the counter; listing again until nothing is
-        new closes the race with threads created by the others meanwhile."""
-        new: list[int] = []
-        for pid in pids:
-            try:
-                tids = procfs.tids(pid)
-            except Exception:
+    def _share(self) -> list[_Event]:
+        """Sites grouped into events (see `records.shared_events`): one file,
+        kind and fetchargs, distinct low 12 bits. A USDT probe with a
+        semaphore, and a site the kernel will likely refuse, keep one each."""
+        profile = self.pids is None and self.hit_filter is None
+        events: list[_Event] = []
+        slots: dict[tuple[str, str, str], list[tuple[set[int], _Event]]] = {}
+        for site in self._sites:
+            site.line = self._site_line(site)
+            kind, _, rest = site.line.partition(":")
+            place, _, args = rest.partition(" ")[2].partition(" ")
+            by_profile = profile and kind == "p"
+            if "(" in place or (site.probe.path, site.probe.file_offset) in self._alone:
+                events.append(_Event(self._event_name(), [site], by_profile))
                 continue
-            new.extend(t for t in tids if t not in self._tasks)
-        return new
+            low = site.probe.file_offset & PAGE_MASK
+            for used, event in slots.setdefault((kind, site.probe.path, args), []):
+                if low not in used:
+                    used.add(low)
+                    event.sites.append(site)
+                    break
+            else:
+                event = _Event(self._event_name(), [site], by_profile)
+                slots[(kind, site.probe.path, args)].append(({low}, event))
+                events.append(event)
+        return events
+
+    @staticmethod
+    def _event_name() -> str:
+        return f"n{os.getpid()}_{next(_names)}"
+
+    def _place(self, event: _Event) -> None:
+        """Add `event` and open its counters on every task so far. When the
+        kernel refuses it (one probe point it cannot take fails them all),
+        its halves are placed apart, down to the probe it refused."""
+        assert self.group is not None
+        try:
+            self.group.add_event(event.name, event.lines(self.group.name))
+            try:
+                if event.by_profile:
+                    event.enablers.append(_open_counting(self._event_id(event), -1,
+                                                         self._tasks[0].cpu))
+                else:
+                    for task in self._tasks:
+                        self._open(event, task)
+            except BaseException:
+                event.close()
+                self.group.remove(event.name)
+                raise
+        except KernelError as e:
+            if e.errno in FATAL:
+                raise
+            if len(event.sites) == 1:
+                site = event.sites[0]
+                self.refused.append(Refusal(site.name, e.errno, refusal_reason(site.probe, e)))
+                return
+            half = len(event.sites) // 2
+            for part in (event.sites[:half], event.sites[half:]):
+                self._place(_Event(self._event_name(), part, event.by_profile))
+            return
+        self._events.append(event)
+
+    def _event_id(self, event: _Event) -> int:
+        assert self.group is not None
+        return self.group.tracefs.event_id(self.group.name, event.name)
+
+    def _open(self, event: _Event, task: _Task) -> None:
+        """A counter per site of `event` on `task`, each keeping its own
+        site's hits (and the user's filter's). A task that has ended is
+        skipped."""
+        user = self._filter_for(task.pid)
+        if user is False:
+            return
+        event_id = self._event_id(event)
+        field_name = "__probe_func" if event.kind == "r" else "__probe_ip"
+        pick = _selectors(field_name, [s.probe.file_offset & PAGE_MASK for s in event.sites])
+        flags = ATTR_INHERIT | (ATTR_INHERIT_THREAD if self._by_pid else 0) \
+            if task.tid != -1 else 0
+        for site, selector in zip(event.sites, pick):
+            try:
+                fd = _open_counting(event_id, task.tid, task.cpu, flags)
+            except KernelError as e:
+                if e.errno == errno.ESRCH:
+                    return  # the thread ended before we reached it
+                raise
+            site.fds.append(fd)
+            text = " && ".join(f"({t})" for t in (selector, user) if isinstance(t, str) and t)
+            if text:
+                try:
+                    fd.set_filter(text)
+                except KernelError as e:
+                    raise EngineError(f"the kernel refused the filter {text!r}: {e}") from e
+
+    def _follow_threads(self) -> None:
+        """Counters on every thread of the processes: a thread created by one
+        we already count inherits its counters; listing again until nothing
+        is new closes the race with threads created by the others meanwhile."""
+        assert self.pids is not None
+        while True:
+            new = []
+            for pid in self.pids:
+                if self._filter_for(pid) is False:
+                    continue
+                try:
+                    tids = procfs.tids(pid)
+                except UprobesError:
+                    continue
+                new.extend(_Task(t, -1, pid) for t in tids if t not in self._seen)
+            if not new:
+                return
+            for task in new:
+                self._seen.add(task.tid)
+                self._tasks.append(task)
+                for event in self._events:
+                    self._open(event, task)
+
+    # ------------------------------------------------------------ uprobe_profile
+
+    def _map_profile(self, tracefs: Tracefs) -> None:
+        """Where each site of a profile-counted event is among its event's
+        `uprobe_profile` lines: those lines come in `uprobe_events` order,
+        and that file names the offset of each."""
+        assert self.group is not None
+        prefix = f"p:{self.group.name}/"
+        order: dict[str, list[int]] = {}
+        for line in tracefs.list_events():
+            if line.startswith(prefix):
+                event, _, place = line[len(prefix):].partition(" ")
+                offset = place.split("(")[0].rpartition(":")[2]
+                order.setdefault(event, []).append(int(offset, 16))
+        for event in self._events:
+            if event.by_profile:
+                at = order.get(event.name, [])
+                try:
+                    event.profile_at = [at.index(s.probe.file_offset) for s in event.sites]
+                except ValueError:
+                    raise KernelError(f"{self.group.name}/{event.name} is not in "
+                                      "uprobe_events as placed") from None
+
+    def _profile(self) -> dict[str, list[int]]:
+        """uprobe_profile's hits of our profile-counted events, in line order."""
+        assert self.group is not None
+        ours = {e.name for e in self._events if e.by_profile}
+        hits: dict[str, list[int]] = {}
+        for entry in self.group.tracefs.profile():
+            if entry.event in ours:
+                hits.setdefault(entry.event, []).append(entry.hits)
+        return hits
 
     # ------------------------------------------------------------ reading
 
     def counts(self) -> dict[str, int]:
-        """Hits per probe (display name) so far, every placed probe listed."""
+        """Hits per probe (display name) so far, every placed probe listed
+        (a return probe on its rets: the sum of its sites)."""
+        if self._frozen is not None:
+            return dict(self._frozen)
         out: dict[str, int] = {}
-        for name, ev in self._placed:  # a return probe on its rets: one entry per ret
-            if isinstance(ev, UprobeCounter):
-                out[name] = out.get(name, 0) + ev.read()
+        hits = self._profile() if self._base else {}
+        for event in self._events:
+            if event.by_profile:
+                now, base = hits.get(event.name, []), self._base.get(event.name, [])
+                if len(now) != len(event.sites) or len(base) != len(event.sites):
+                    raise KernelError(f"uprobe_profile lists {len(now)} probe points of "
+                                      f"{event.name}, not {len(event.sites)}")
+                for site, at in zip(event.sites, event.profile_at):
+                    out[site.name] = out.get(site.name, 0) + now[at] - base[at]
             else:
-                out[name] = out.get(name, 0) + sum(e.read_count() for e in ev)
+                for site in event.sites:
+                    out[site.name] = out.get(site.name, 0) + \
+                        sum(e.read_count() for e in site.fds)
+        for site in self._sites:  # placed on no task (a filter rejecting them all)
+            if site.name not in out and not any(r.name == site.name for r in self.refused):
+                out[site.name] = 0
         return out
 
     def disable(self) -> None:
-        """Stop counting now (cheap); the probes stay until `close()`."""
-        for _, ev in self._placed:
-            for e in ev.events if isinstance(ev, UprobeCounter) else ev:
+        """Stop counting now (cheap): the counts are read and kept; the probes
+        stay until `close()`."""
+        for event in self._events:
+            for e in event.fds():
                 if e.fd >= 0:
                     e.disable()
+        self._frozen = self.counts()
 
     # ------------------------------------------------------------ removing
 
     def close(self) -> None:
-        """Close every perf fd (the kernel unregisters each uprobe), then remove
-        our tracefs events. Safe to call twice."""
+        """Close every perf fd (the kernel unregisters each event's uprobes,
+        one set of grace periods per event), then remove our tracefs events
+        in one write. Safe to call twice."""
         first: BaseException | None = None
-        for _, ev in self._placed:
+        for event in self._events:
             try:
-                if isinstance(ev, UprobeCounter):
-                    ev.close()
-                else:
-                    for e in ev:
-                        e.close()
+                event.close()
             except OSError as e:
                 first = first or e
-        self._placed = []
+        self._events = []
         if self.group is not None:
             try:
                 _remove_group_at_once(self.group)
@@ -346,6 +556,35 @@ class KernelCounter:
                 raise
 
 
+FATAL = (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM)  # not the probe's fault
+
+
+def _in_event(line: str, group: str, event: str) -> str:
+    """`line` defining (or appending to) `group/event`."""
+    head, _, rest = line.partition(" ")
+    return f"{head.partition(':')[0]}:{group}/{event} {rest}"
+
+
+def _selectors(field_name: str, lows: list[int]) -> list[str]:
+    """Per value of `lows` (distinct), a filter on `field_name` that holds for
+    an address whose low bits are that value and for no other of `lows`: the
+    bit tests of a binary split of them, the most even bit first, so a hit
+    of another site fails after a test or two. One value: no test ("")."""
+    out = {}
+
+    def split(values: list[int], tests: list[str]) -> None:
+        if len(values) == 1:
+            out[values[0]] = " && ".join(tests)
+            return
+        bit = min(range(12), key=lambda b: abs(2 * sum(v >> b & 1 for v in values) - len(values)))
+        ones = [v for v in values if v >> bit & 1]
+        split(ones, [*tests, f"{field_name} & {1 << bit}"])
+        split([v for v in values if not v >> bit & 1], [*tests, f"!({field_name} & {1 << bit})"])
+
+    split(list(lows), [])
+    return [out[v] for v in lows]
+
+
 def _sites(p: ResolvedProbe) -> list[tuple[ResolvedProbe, int | None]]:
     """What is placed for `p`: itself, or a return probe with `ret_sites` as
     one entry probe on each `ret` (their hits sum to its returns), each with
@@ -358,16 +597,17 @@ def _sites(p: ResolvedProbe) -> list[tuple[ResolvedProbe, int | None]]:
             for site in p.ret_sites]
 
 
-def _open_counting(event_id: int, tid: int, cpu: int = -1) -> PerfEvent:
-    """A counting (not sampling) tracepoint event on task `tid` and the tasks
-    it creates, on any CPU; or (`tid` -1) on every task of CPU `cpu`."""
+def _open_counting(event_id: int, tid: int, cpu: int = -1, flags: int = 0) -> PerfEvent:
+    """A counting (not sampling) tracepoint event, disabled: on task `tid` on
+    any CPU (with `flags` ATTR_INHERIT..., the tasks it creates too), or
+    (`tid` -1) on every task of CPU `cpu`."""
     attr = PerfEventAttr()
     attr.size = ctypes.sizeof(attr)
     attr.type = PERF_TYPE_TRACEPOINT
     attr.config = event_id
     attr.sample_period = 0
     attr.sample_type = 0
-    attr.flags = ATTR_DISABLED | (ATTR_INHERIT if tid != -1 else 0)
+    attr.flags = ATTR_DISABLED | flags
     return PerfEvent.open(attr, pid=tid, cpu=cpu,
                           what=f"counting tracepoint {event_id} on task {tid} cpu {cpu}")
 
