@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import select
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from types import FrameType
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
@@ -19,6 +15,7 @@ from uprobes.commands.selection import add_filter_arguments, add_selection_argum
 from uprobes.engines.kernel.counting import KernelCounter, refusal_note
 from uprobes.engines.launch import Launched, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.engines.signals import StopSignals
 from uprobes.errors import ProcessError, UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.render.counts import write_count_json, write_count_table
@@ -37,9 +34,6 @@ EXAMPLES = [
     "uprobes count --if 'size > 4096' 'libc:malloc size=%di:u64' -- /usr/bin/python3.11 -c pass",
 ]
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_selection_arguments(p)
     add_filter_arguments(p)
@@ -50,40 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="-e ptrace: an int3 trap per hit for every probe (by default a probe "
                         "that only counts becomes a jump to an in-process counter where that "
                         "is safe: no stop per hit)")
-
-
-class _Stop:
-    """SIGINT/SIGTERM/SIGHUP stop the counting loop instead of killing us, so
-    every probe is removed; the old handlers come back on exit. The signal
-    wakes the loop's select() through a self-pipe (signal.set_wakeup_fd)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._old: dict[int, object] = {}
-        self._old_wakeup = -1
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = self.signal or signum
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_Stop]:
-        try:
-            self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
-            for sig in STOP_SIGNALS:
-                self._old[int(sig)] = signal.signal(sig, self._handle)
-            yield self
-        finally:
-            for signum, old in self._old.items():
-                signal.signal(signum, old)  # type: ignore[arg-type]
-            signal.set_wakeup_fd(self._old_wakeup)
-            os.close(self.wake_r)
-            os.close(self._wake_w)
-
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.wake_r, 512):
-                pass
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -122,7 +82,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             # No records to test here: counting happens in the kernel alone.
             raise UsageError(f"count filters in the kernel, and here it cannot: "
                              f"{flt.why_not_kernel()}; `uprobes trace` or -e ptrace can")
-        with _Stop().installed() as stop:
+        # From here a stop signal ends the counting, not us (StopSignals); after
+        # it, CommandSignals only notes one (see uprobes.engines.signals).
+        with StopSignals() as stop:
             return _count(args, probes, sink, stop)
     finally:
         if sink is not out:
@@ -130,7 +92,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
-           stop: _Stop) -> int:
+           stop: StopSignals) -> int:
     launched: Launched | None = None
     if args.argv_command:
         launched = launch(args.argv_command)
@@ -150,7 +112,7 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
                 launched.release()
             else:
                 where = f"process {pids[0]}" if pids else "system-wide"
-                sys.stderr.write(f"uprobes: counting {len(set(counter.names))} probes {where}; "
+                sys.stderr.write(f"uprobes: counting {len(counter.placed)} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
             _loop(args, counter, sink, stop, watch)
@@ -233,7 +195,7 @@ def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int]) -> Non
     sink.flush()
 
 
-def _loop(args: argparse.Namespace, counter: KernelCounter, sink: TextIO, stop: _Stop,
+def _loop(args: argparse.Namespace, counter: KernelCounter, sink: TextIO, stop: StopSignals,
           watch: int) -> None:
     """Until the watched process ends, a stop signal, or --duration; with -i,
     print each interval's counts."""
@@ -246,8 +208,8 @@ def _loop(args: argparse.Namespace, counter: KernelCounter, sink: TextIO, stop: 
     # scheduled out after releasing the command, about 1 run in 3 on a busy
     # machine: a short command's hits all landed in the baseline.)
     previous: dict[str, int] = {}
-    fds = [stop.wake_r] + ([watch] if watch >= 0 else [])
-    while stop.signal is None:
+    fds = [stop.fileno()] + ([watch] if watch >= 0 else [])
+    while not stop.stopped:
         now = time.monotonic()
         if next_tick is not None and now >= next_tick:
             current = counter.counts()
@@ -261,7 +223,6 @@ def _loop(args: argparse.Namespace, counter: KernelCounter, sink: TextIO, stop: 
         ready, _, _ = select.select(fds, [], [], max(0.0, min(waits)) if waits else None)
         if watch in ready:
             return
-        stop.drain()
 
 
 def _interval(args: argparse.Namespace, sink: TextIO, delta: dict[str, int]) -> None:
