@@ -213,8 +213,14 @@ def test_a_bad_condition_is_one_clear_error(argv: list[str], message: str, caret
         assert out.getvalue() == ""
 
 
-def test_count_says_when_the_kernel_cannot_filter(exe: Path, tracefs: Path) -> None:
-    proc = subprocess.run([*UPROBES, "count", "-e", "kernel", "--if", "pid == 1", spec(exe),
+@pytest.mark.parametrize("condition, why", [
+    ("""name == "it's \\"x\\"" """, "a string holds both quote characters"),
+    ("pid < 5", "takes pid == N and pid != N only"),
+    ("pid != 1", "holds for processes other than the one counted"),
+])
+def test_count_says_when_the_kernel_cannot_filter(condition: str, why: str, exe: Path,
+                                                  tracefs: Path) -> None:
+    proc = subprocess.run([*UPROBES, "count", "-e", "kernel", "--if", condition, spec(exe),
                            "--", str(exe), "3"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "no field for the process id" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr  # the command never ran

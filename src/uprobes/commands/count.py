@@ -12,7 +12,7 @@ from typing import TextIO
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import add_filter_arguments, add_selection_arguments, \
     check_selection, choose_engine, hit_filter, uretprobe_note
-from uprobes.engines.kernel.counting import KernelCounter, refusal_note
+from uprobes.engines.kernel.counting import KernelCounter, plan_filter, refusal_note
 from uprobes.engines.launch import Launched, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.engines.signals import StopSignals
@@ -77,11 +77,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         if choose_engine(args, probes) == "ptrace":
             return _count_ptrace(args, probes, sink)
-        flt = args.hit_filter
-        if flt is not None and flt.kernel_filter() is None:
-            # No records to test here: counting happens in the kernel alone.
-            raise UsageError(f"count filters in the kernel, and here it cannot: "
-                             f"{flt.why_not_kernel()}; `uprobes trace` or -e ptrace can")
+        if args.hit_filter is not None:
+            # No records to test here: counting happens in the kernel alone,
+            # and what it cannot count is said before anything starts.
+            per_process = args.pid is not None or bool(args.argv_command)
+            plan_filter(args.hit_filter, [-1] if per_process else None)
         # From here a stop signal ends the counting, not us (StopSignals); after
         # it, CommandSignals only notes one (see uprobes.engines.signals).
         with StopSignals() as stop:
@@ -111,7 +111,9 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
             if launched is not None:
                 launched.release()
             else:
-                where = f"process {pids[0]}" if pids else "system-wide"
+                where = f"process {pids[0]}" if pids else \
+                    f"in process {', '.join(map(str, counter.pids))} (the filter names it)" \
+                    if counter.pids is not None else "system-wide"
                 sys.stderr.write(f"uprobes: counting {len(counter.placed)} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()

@@ -70,7 +70,7 @@ from uprobes.engines.filters import HitFilter
 from uprobes.engines.kernel.groups import open_run_group, remove_run_group
 from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.engines.kernel.records import COMM_FIELD, PAGE_MASK
-from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError
+from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.spec import kernel_line
 from uprobes.spec.ast import ProbeKind
@@ -246,46 +246,10 @@ class KernelCounter:
     # ------------------------------------------------------------ the filter
 
     def _plan_filter(self, flt: HitFilter) -> None:
-        """The kernel filter per process (`_filter_for`), and for a `pid`
-        condition system-wide, the processes it names."""
-        combined = flt.combined
-        if "pid" not in combined.fields:
-            text = flt.kernel_filter()
-            if text is None:
-                raise EngineError("count filters in the kernel, and here it cannot: "
-                                  f"{flt.why_not_kernel()}; `uprobes trace` can")
-            self._filters[None] = text
-            return
-        try:
-            others = bind(combined.root, "pid", None)
-        except ValueError as e:
-            raise EngineError(f"count tests pid in the kernel by counting per process, so it "
-                              f"takes only pid == N and pid != N (not {e}); `uprobes trace` "
-                              "can") from None
-        if others is not False:
-            what = "a process it does not name" if self.pids is None else \
-                "processes other than the one counted (its children)"
-            raise EngineError(f"count tests pid in the kernel by counting per process, and "
-                              f"this condition holds for {what}; name the processes "
-                              "(pid == N)")
-        self._by_pid = True
-        if self.pids is None:
-            named = [v for v in values_of(combined.root, "pid") if isinstance(v, int)]
-            self.pids = [p for p in named if bind(combined.root, "pid", p) is not False]
-            self.all_threads = True
-            for pid in self.pids:
-                if not os.path.exists(f"/proc/{pid}"):
-                    raise ProcessError(f"no process {pid} (named by the filter)")
-        for pid in self.pids:
-            rest = bind(combined.root, "pid", pid)
-            if isinstance(rest, bool):
-                self._filters[pid] = rest
-                continue
-            text = Condition(combined.text, rest).kernel_filter()
-            if text is None:
-                raise EngineError("count filters in the kernel, and here it cannot: "
-                                  f"{flt.why_not_kernel()}; `uprobes trace` can")
-            self._filters[pid] = text
+        plan = plan_filter(flt, self.pids)
+        self._filters, self._by_pid = plan.filters, plan.by_pid
+        if plan.pids is not None and self.pids is None:
+            self.pids, self.all_threads = plan.pids, True
 
     def _filter_for(self, pid: int | None) -> str | bool:
         """The user's filter for a task of process `pid`: its kernel text, or
@@ -569,6 +533,62 @@ class KernelCounter:
         except BaseException:
             if exc is None:
                 raise
+
+
+@dataclass(frozen=True)
+class FilterPlan:
+    """How a filter is counted in the kernel: `filters` is the kernel filter
+    text for every task (key None) or, `by_pid`, per process (True: every
+    hit, False: none); `pids`, the processes a `pid` condition names when no
+    process was given."""
+
+    filters: dict[int | None, str | bool]
+    by_pid: bool = False
+    pids: list[int] | None = None
+
+
+def plan_filter(flt: HitFilter, pids: Sequence[int] | None) -> FilterPlan:
+    """The kernel's part of counting with `flt` in processes `pids` (None:
+    system-wide). UsageError when the kernel cannot count it: a string it
+    cannot spell, `pid` compared otherwise than by == and !=, or a `pid`
+    condition that holds for processes it does not name."""
+    combined = flt.combined
+    if "pid" not in combined.fields:
+        text = flt.kernel_filter()
+        if text is None:
+            raise UsageError("count filters in the kernel, and here it cannot: "
+                             f"{flt.why_not_kernel()}; `uprobes trace` or -e ptrace can")
+        return FilterPlan({None: text})
+    why = "count tests pid in the kernel by counting per process"
+    try:
+        others = bind(combined.root, "pid", None)
+    except ValueError as e:
+        raise UsageError(f"{why}, so it takes pid == N and pid != N only (not {e}); "
+                         "`uprobes trace` or -e ptrace can") from None
+    if others is not False:
+        what = "processes it does not name" if pids is None else \
+            "processes other than the one counted (its children)"
+        raise UsageError(f"{why}, and this condition holds for {what}; name the processes "
+                         "(pid == N), or use `uprobes trace` or -e ptrace")
+    named = None
+    if pids is None:
+        named = [v for v in values_of(combined.root, "pid")
+                 if isinstance(v, int) and bind(combined.root, "pid", v) is not False]
+        for pid in named:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise ProcessError(f"no process {pid} (the filter names it)")
+    filters: dict[int | None, str | bool] = {}
+    for pid in named if named is not None else pids or ():
+        rest = bind(combined.root, "pid", pid)
+        if isinstance(rest, bool):
+            filters[pid] = rest
+            continue
+        text = Condition(combined.text, rest).kernel_filter()
+        if text is None:
+            raise UsageError("count filters in the kernel, and here it cannot: "
+                             f"{flt.why_not_kernel()}; `uprobes trace` or -e ptrace can")
+        filters[pid] = text
+    return FilterPlan(filters, True, named)
 
 
 FATAL = (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM)  # not the probe's fault
