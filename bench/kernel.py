@@ -2,10 +2,12 @@
 
 Per-hit costs, measured side by side in each round and reported as medians:
 the workload unprobed; under a raw `uprobe` PMU counter opened directly;
-under `count`'s counter (KernelCounter, system-wide: the same PMU); under
-`uprobes trace` to /dev/null as text and as --json. Then the rates trace
-sustains with no lost record, and the time to attach and detach 1, 100
-and ~1,000 `libc:*` probes, each way the engine places them.
+under `count`'s counter (KernelCounter, system-wide: a tracepoint counter
+and uprobe_profile); under `uprobes trace` to /dev/null as text and as
+--json. Then the rates trace sustains with no lost record, the time to
+attach and detach 1, 100 and ~1,000 `libc:*` probes, each way the engine
+places them, and (`shared`) what a hit costs `count`'s per-probe counters
+when its probe shares a kernel event with others.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from bench.measure import markdown_table
 from bench.workload import RESULT, Workload, build
 from uprobes.commands.resolve import parse_specs
+from uprobes.engines.filters import HitFilter
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
@@ -164,7 +167,7 @@ def per_hit(w: Workload, calls: int, repeats: int) -> str:
     rows: list[list[object]] = [["unprobed", f"{base:.1f} ns/call", "", ""]]
     rows.append(["raw uprobe PMU counter (perf_event_open directly)",
                  f"{cost['raw']:.0f} ns/hit", "", ""])
-    rows.append(["`count` (KernelCounter, system-wide uprobe PMU)", f"{cost['count']:.0f} ns/hit",
+    rows.append(["`count` (KernelCounter, system-wide: uprobe_profile)", f"{cost['count']:.0f} ns/hit",
                  f"{cost['count'] / cost['raw']:.3f}x raw", ""])
     for m, label in (("text", "`trace -o /dev/null` (text)"),
                      ("json", "`trace --json -o /dev/null`")):
@@ -242,7 +245,7 @@ def libc_probes(n: int) -> list[ResolvedProbe]:
     return sorted(probes, key=lambda p: p.file_offset)[:n]
 
 
-WAYS = ("trace", "trace -p", "count", "count -p")
+WAYS = ("trace", "trace -p", "count", "count -p", "count --if")
 
 
 def place(way: str, probes: list[ResolvedProbe], pid: int) -> tuple[int, float, float]:
@@ -253,11 +256,13 @@ def place(way: str, probes: list[ResolvedProbe], pid: int) -> tuple[int, float, 
         "trace -p": lambda: KernelTracer(probes, pid=pid),
         "count": lambda: KernelCounter(probes),
         "count -p": lambda: KernelCounter(probes, pids=[pid]),
+        # A filter: counters per probe and CPU, each filtered to its own probe.
+        "count --if": lambda: KernelCounter(probes, hit_filter=HitFilter.parse("tid != 0")),
     }
     obj = makers[way]()
     up = timed(obj.__enter__)  # type: ignore[attr-defined]
     try:
-        placed = len(getattr(obj, "placed", None) or getattr(obj, "names", []))
+        placed = len(obj.placed)  # type: ignore[attr-defined]
     finally:
         down = timed(lambda: obj.__exit__(None, None, None))  # type: ignore[attr-defined]
     return placed, up, down
@@ -284,6 +289,70 @@ def attach_detach(sizes: Sequence[int], repeats: int, ways: Sequence[str]) -> st
     return table(["way", "libc:* probes", "attach", "detach"], rows)
 
 
+SHARED_SITES = 256
+SHARED_SOURCE = (
+    "#include <stdio.h>\n#include <stdlib.h>\n#include <time.h>\n"
+    "static long now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);"
+    " return t.tv_sec * 1000000000L + t.tv_nsec; }\n"
+    # 256 functions 16 bytes apart in one page: distinct low 12 bits, one event.
+    'asm(".intel_syntax noprefix\\n.text\\n.p2align 12\\n"\n'
+    + "".join(f'"f{i}:\\n.globl f{i}\\n.type f{i},@function\\n push rbp\\n mov rbp, rsp\\n'
+              f' lea rax, [rdi+1]\\n pop rbp\\n ret\\n.size f{i}, .-f{i}\\n.p2align 4\\n"\n'
+              for i in range(SHARED_SITES))
+    + '".att_syntax prefix\\n");\n'
+    "long f7(long);\n"
+    "int main(int argc, char **argv) { long n = atol(argv[1]), s = 0, t0 = now_ns();"
+    " for (long i = 0; i < n; i++) s += f7(i);"
+    ' printf("sum=%ld start_ns=%ld loop_ns=%ld\\n", s, t0, now_ns() - t0); return 0; }\n')
+
+
+def shared_cost(calls: int, repeats: int, sizes: Sequence[int] = (1, 16, 64, 256)) -> str:
+    """A hit's cost under `count`'s per-probe counters (what a pid or a
+    filter takes) when its probe (f7, a `push`) shares a kernel event with
+    k-1 probes that are not hit: the kernel runs every counter's filter of
+    the event at each hit. Here counted system-wide with a filter that keeps
+    every hit (`tid != 0`): one counter per probe and CPU."""
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"uprobes-bench-shared-{os.getpid()}"
+    out.with_suffix(".c").write_text(SHARED_SOURCE)
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(out.with_suffix(".c"))], check=True)
+    try:
+        probes = sorted(Resolver().resolve_all(parse_specs([f"{out}:f*"])),
+                        key=lambda p: p.file_offset)
+        hit = next(p for p in probes if p.event == "f7")
+        others = [p for p in probes if p is not hit]
+        keep = HitFilter.parse("tid != 0")
+
+        def loop(counter: KernelCounter | None) -> float:
+            proc = subprocess.run([str(out), str(calls)], capture_output=True, text=True,
+                                  check=True)
+            m = RESULT.search(proc.stdout)
+            assert m, proc.stdout
+            if counter is not None and counter.counts()["uprobes/f7"] != calls:
+                raise SystemExit(f"bench: counted {counter.counts()} of {calls} calls")
+            return int(m[2]) / calls
+
+        runs: dict[int, list[float]] = {k: [] for k in (0, *sizes)}
+        for _ in range(repeats):
+            runs[0].append(loop(None))
+            for k in sizes:
+                with KernelCounter([hit, *others[:k - 1]], hit_filter=keep,
+                                   max_shared=k) as counter:
+                    runs[k].append(loop(counter))
+        base = median(runs[0])
+        alone = median(runs[1]) - base if 1 in runs else None
+        rows: list[list[object]] = [["unprobed", f"{base:.1f} ns/call", ""]]
+        for k in sizes:
+            cost = median(runs[k]) - base
+            rows.append([f"{k}", f"{cost:.0f} ns/hit",
+                         f"+{(cost - alone) / max(1, k - 1):.0f} ns per other probe"
+                         if alone is not None and k > 1 else ""])
+    finally:
+        out.unlink(missing_ok=True)
+        out.with_suffix(".c").unlink(missing_ok=True)
+    return table(["probes in the event", f"cost ({calls:,} calls, median of {repeats})",
+                  ""], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,10 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,100,1000", help="probe counts for attach/detach")
     ap.add_argument("--ways", default=",".join(WAYS),
                     help="placements to time for attach/detach, comma-separated")
-    ap.add_argument("--only", choices=("per-hit", "reader", "sustained", "attach"), action="append",
-                    help="run only these parts (repeatable)")
+    ap.add_argument("--only", choices=("per-hit", "reader", "sustained", "attach", "shared"),
+                    action="append", help="run only these parts (repeatable)")
     args = ap.parse_args(argv)
-    parts = set(args.only or ("per-hit", "reader", "sustained", "attach"))
+    parts = set(args.only or ("per-hit", "reader", "sustained", "attach", "shared"))
     w = build()
     cmd = "python -m bench.kernel " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`{cmd.strip()}` on {machine()}, {time.strftime('%Y-%m-%d')}\n")
@@ -312,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     if "attach" in parts:
         sizes = [int(s) for s in args.sizes.split(",")]
-        print(attach_detach(sizes, args.repeats, args.ways.split(",")), flush=True)
+        print(attach_detach(sizes, args.repeats, args.ways.split(",")), "\n", flush=True)
+    if "shared" in parts:
+        print(shared_cost(min(args.calls, 200_000), args.repeats), flush=True)
     return 0
 
 
