@@ -298,3 +298,47 @@ def test_zero_section_header_size_is_refused(small_elf: bytes) -> None:
     struct.pack_into("<HH", buf, 58, 0, 0xFFFF)  # e_shentsize 0, e_shnum 65535
     with pytest.raises(ElfError, match="section header size 0"):
         ElfImage.from_bytes(bytes(buf), "shentsize")
+
+
+# -- files without section headers: the PT_DYNAMIC path ----------------------------------
+
+_DYNAMIC_PARTS = (".dynamic", ".gnu.hash", ".hash", ".dynsym", ".dynstr", ".gnu.version",
+                  ".gnu.version_d", ".gnu.version_r")
+
+
+@pytest.fixture(scope="module")
+def noshdr_lib(elf_bins: dict[str, Path]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The versioned library with e_shoff/e_shnum/e_shstrndx zeroed, and the byte
+    ranges of what the dynamic section points at (hash, symbols, strings, versions)."""
+    data = bytearray(Path(elf_bins["lib"]).read_bytes())
+    ranges = [(s.offset, s.offset + s.size) for s in readelf_sections(elf_bins["lib"])
+              if s.name in _DYNAMIC_PARTS and s.size]
+    struct.pack_into("<Q", data, 40, 0)
+    struct.pack_into("<HH", data, 60, 0, 0)
+    table = SymbolTable.load(ElfImage.from_bytes(bytes(data), "noshdr"), debug_dirs=(),
+                             use_cache=False)
+    assert {s.version for s in table.lookup("vfunc@VERS_1") + table.lookup("vfunc")} == {
+        "VERS_1", "VERS_2"}
+    return bytes(data), ranges
+
+
+@settings(max_examples=150, deadline=timedelta(seconds=3),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.data())
+def test_dynamic_tables_damaged(noshdr_lib: tuple[bytes, list[tuple[int, int]]],
+                                data: st.DataObject) -> None:
+    """Flipped bits and extreme words in the dynamic section, the hash tables, the
+    symbols, strings and version chains: an answer or one ElfError, never a hang."""
+    elf, ranges = noshdr_lib
+    buf = bytearray(elf)
+    where = st.one_of(*(st.integers(a, b - 1) for a, b in ranges))
+    for _ in range(data.draw(st.integers(1, 6))):
+        pos = data.draw(where)
+        if data.draw(st.booleans()):
+            buf[pos] ^= 1 << data.draw(st.integers(0, 7))
+        else:
+            width = data.draw(st.sampled_from([2, 4, 8]))
+            value = data.draw(st.sampled_from([0, 1, 2**(8 * width) - 1, 2**(8 * width - 1)]))
+            if pos + width <= len(buf):
+                buf[pos:pos + width] = value.to_bytes(width, "little")
+    exercise(lambda: ElfImage.from_bytes(bytes(buf), "noshdr-damaged"))
