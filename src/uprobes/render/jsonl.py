@@ -13,10 +13,10 @@ key, and learn whether the kernel dropped records (lost > 0).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
 from uprobes.spec.ast import FetchType
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -45,16 +45,24 @@ class _Template:
     output is what `_dumps(event_doc(...))` writes, byte for byte."""
 
     def __init__(self, info: ProbeInfo) -> None:
-        head = (f'{{"probe":{_dumps(info.name)},"kind":{_dumps(info.kind)},'
-                '"pid":%d,"tid":%d,"comm":%s,"cpu":%d,"ts_ns":%d,"ip":%d')
+        self.info = info
         self.is_return = info.kind == "r"
-        if self.is_return:
-            head += ',"func":%s'
-        body = ",".join(f"{_dumps(name)}:{'%d' if _is_int(t) else '%s'}" for name, t in info.args)
-        self.text = head + ',"args":{' + body + "}}\n"
+        self.text = self.line(pid="%d", tid="%d", comm="%s", cpu="%d", ip="%d", func="%s")
         self.plain = all(_is_int(t) for _, t in info.args)
         self.converts: list[Callable[[ArgValue], object]] = [
             (lambda v: v) if _is_int(t) else _dumps for _, t in info.args]
+
+    def line(self, *, pid: str, tid: str, comm: str, cpu: str, ip: str, func: str) -> str:
+        """The template, with each value before `ts_ns` and the arguments
+        put in as given: a %-code leaves it to fill in, JSON text fixes it
+        (escaped for %)."""
+        info = self.info
+        head = (f'{{"probe":{_dumps(info.name)},"kind":{_dumps(info.kind)},'
+                f'"pid":{pid},"tid":{tid},"comm":{comm},"cpu":{cpu},"ts_ns":%d,"ip":{ip}')
+        if self.is_return:
+            head += f',"func":{func}'
+        body = ",".join(f"{_dumps(name)}:{'%d' if _is_int(t) else '%s'}" for name, t in info.args)
+        return head + ',"args":{' + body + "}}\n"
 
 
 class JsonLinesRenderer:
@@ -71,6 +79,28 @@ class JsonLinesRenderer:
 
     def hits(self, hits: list[Hit]) -> None:
         """Write a batch of hits (the fast path: no `Event` objects)."""
+        self.out.write("".join(self.lines(hits)))
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Write lines that `lines` or `row_lines` made."""
+        self.out.write("".join(lines))
+
+    def row_lines(self, shape: RowShape) -> Callable[[Iterable[tuple[int, ...]]], list[str]] | None:
+        """The lines of a piece of rows `(ts_ns, *args)` of `shape` (see
+        `RowShape`), made in C: what the rows share is part of the
+        template, `%` fills in each row as it is. None for a probe whose
+        values are not all numbers (strings need escaping)."""
+        t = self._templates.get(shape.probe) or self._template(shape.probe)
+        if not t.plain:
+            return None
+        fill = t.line(pid=str(shape.pid), tid=str(shape.tid),
+                      comm=_dumps(shape.comm).replace("%", "%%"), cpu=str(shape.cpu),
+                      ip=str(shape.ip),
+                      func="null" if shape.func is None else str(shape.func)).__mod__
+        return lambda rows: list(map(fill, rows))
+
+    def lines(self, hits: list[Hit]) -> list[str]:
+        """The lines of a batch of hits, one a hit."""
         templates, comms = self._templates, self._comms
         lines = []
         append = lines.append
@@ -90,7 +120,7 @@ class JsonLinesRenderer:
                         append(t.text % (pid, tid, c, cpu, ts_ns, ip, *values))
             except TypeError:  # a value of an unexpected kind: the slow, general way
                 append(_dumps(event_doc(hit_event(hit, self.probes[probe]))) + "\n")
-        self.out.write("".join(lines))
+        return lines
 
     def _comm(self, comm: str) -> str:
         c = self._comms[comm] = _dumps(comm)

@@ -14,10 +14,10 @@ stacks): `\tsymbol+0xoff (path)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
 from uprobes.spec.ast import FetchType
 
 
@@ -79,17 +79,26 @@ class _Template:
     """One probe's trace line as a %-template (see `format_line`)."""
 
     def __init__(self, info: ProbeInfo) -> None:
-        event = info.event.replace("%", "%%")
+        self.info = info
         self.is_return = info.kind == "r"
-        where = "(0x%x <- 0x%x)" if self.is_return else "(0x%x)"
         codes = [_fast_code(t) for _, t in info.args]
-        self.text = (f"%16s-%-7d [%03d] %5d.%06d: {event}: {where}"
-                     + "".join(f" {name.replace('%', '%%')}={c or '%s'}"
-                               for (name, _), c in zip(info.args, codes)) + "\n")
+        self.text = self.line(comm="%16s", tid="%-7d", cpu="%03d", ip="0x%x", func="0x%x")
         self.plain = None not in codes
         self.converts: list[Callable[[ArgValue], object]] = [
             (lambda v: v) if c else (lambda v, t=t: format_value(v, t))  # type: ignore[misc]
             for (_, t), c in zip(info.args, codes)]
+
+    def line(self, *, comm: str, tid: str, cpu: str, ip: str, func: str) -> str:
+        """The template, with each value but the time and the arguments put
+        in as given: a %-code leaves it to fill in, text fixes it (escaped
+        for %)."""
+        info = self.info
+        event = info.event.replace("%", "%%")
+        where = f"({ip} <- {func})" if self.is_return else f"({ip})"
+        codes = [_fast_code(t) for _, t in info.args]
+        return (f"{comm}-{tid} [{cpu}] %5d.%06d: {event}: {where}"
+                + "".join(f" {name.replace('%', '%%')}={c or '%s'}"
+                          for (name, _), c in zip(info.args, codes)) + "\n")
 
 
 class TraceTextRenderer:
@@ -108,6 +117,33 @@ class TraceTextRenderer:
 
     def hits(self, hits: list[Hit]) -> None:
         """Write a batch of hits (the fast path: no `Event` objects)."""
+        self.out.write("".join(self.lines(hits)))
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Write lines that `lines` or `row_lines` made."""
+        self.out.write("".join(lines))
+
+    def row_lines(self, shape: RowShape) -> Callable[[Iterable[tuple[int, ...]]], list[str]] | None:
+        """The lines of a piece of rows `(ts_ns, *args)` of `shape` (see
+        `RowShape`) from one template holding what the rows share; per row
+        only the split of the time into seconds and microseconds is Python.
+        None when a value needs formatting first (strings, arrays, chars)."""
+        t = self._templates.get(shape.probe)
+        if t is None:
+            t = self._templates[shape.probe] = _Template(self.probes[shape.probe])
+        if not t.plain:
+            return None
+        fill = t.line(comm=f"{shape.comm:>16}".replace("%", "%%"), tid=f"{shape.tid:<7}",
+                      cpu=f"{shape.cpu:03d}", ip=f"0x{shape.ip:x}",
+                      func=f"0x{shape.func or 0:x}").__mod__
+
+        def lines(rows: Iterable[tuple[int, ...]]) -> list[str]:
+            return [fill(divmod(row[0] // 1000, 1_000_000) + row[1:]) for row in rows]
+
+        return lines
+
+    def lines(self, hits: list[Hit]) -> list[str]:
+        """The lines of a batch of hits, one a hit."""
         templates = self._templates
         lines = []
         append = lines.append
@@ -125,7 +161,7 @@ class TraceTextRenderer:
                     append(t.text % (comm, tid, cpu, secs, nsec // 1000, ip, *values))
             except TypeError:  # a value of an unexpected kind: the slow, general way
                 append(format_line(hit_event(hit, self.probes[probe]), self.probes[probe]) + "\n")
-        self.out.write("".join(lines))
+        return lines
 
     def summary(self, events: int, lost: int) -> None:
         """Text output carries no summary line: it goes to stderr."""

@@ -150,6 +150,7 @@ class RecordDecoder:
                  layout: SampleLayout | None = None,
                  names: dict[int, str] | None = None) -> None:
         self.info = info
+        self.fmt = fmt
         self.probe = info.name
         # An event shared by probes (shared_events): probe name by address & PAGE_MASK.
         self.names = names
@@ -307,7 +308,7 @@ class RetSiteDecoder:
         self.info = info
         self.probe = info.name
         self._delta = func_delta
-        self._entry = RecordDecoder(fmt, ProbeInfo(
+        self.entry = self._entry = RecordDecoder(fmt, ProbeInfo(
             info.name, "p", (*info.args, (RET_FIELD, FetchType("x64")))))
 
     def hit(self, data: bytes, at: int) -> Hit:

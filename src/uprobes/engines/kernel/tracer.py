@@ -29,9 +29,9 @@ from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.kernel.insn_guard import screen_sites
+from uprobes.engines.kernel.lines import ALIKE, RAW_AT, HitRenderer, LineQueue, LineRenderer
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
-from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
 from uprobes.sys import procfs
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
 from uprobes.unwind.capture import Symbolizer, stack_delivery
@@ -283,6 +283,47 @@ class KernelTracer:
         been written to its ring and read (a record is written right at its
         hit). What is held back is delivered at the end.
         """
+        held: list[Hit] = []
+
+        def read() -> None:
+            nonlocal held
+            held = self._read_round(held)
+
+        def release(before: int | None) -> None:
+            cut = len(held) if before is None else bisect_left(held, before, key=_ts)
+            if cut:
+                self._deliver(held[:cut], on_hits)
+                del held[:cut]
+
+        self._loop(read, release, duration)
+
+    def run_render(self, renderer: HitRenderer, duration: float | None = None) -> None:
+        """`run_hits` into a renderer. Text and JSON lines (renderers with
+        `row_lines`) take the fast path of `lines.py`, which writes the
+        same lines in the same order; a filter tested here, stacks, or
+        another renderer go hit by hit."""
+        if self._python_filtered or self.symbolizer is not None or \
+                not isinstance(renderer, LineRenderer):
+            self.run_hits(renderer.hits, duration)
+            return
+        streams = self._streams
+        assert streams is not None, "enter the tracer first"
+        self._refresh_hit_functions()
+        queue = LineQueue(self.decoders, self._hit_functions, renderer)
+        write = renderer.write_lines
+
+        def release(before: int | None) -> None:
+            lines = queue.take(before)
+            if lines:
+                self.events += len(lines)
+                write(lines)
+
+        self._loop(lambda: queue.read(streams.read_runs(ALIKE)), release, duration)
+
+    def _loop(self, read: Callable[[], None], release: Callable[[int | None], None],
+              duration: float | None) -> None:
+        """Poll and `read` the rings, `release` what is older than the
+        previous round (None: everything, at the end); see `run_hits`."""
         streams, signals = self._streams, self._signals
         assert streams is not None and signals is not None, "enter the tracer first"
         poller = select.poll()
@@ -292,7 +333,6 @@ class KernelTracer:
         if self._pidfd >= 0:
             poller.register(self._pidfd, select.POLLIN)
         deadline = None if duration is None else time.monotonic() + duration
-        held: list[Hit] = []
         previous_round = 0
         while True:
             timeout = POLL_MS
@@ -307,25 +347,27 @@ class KernelTracer:
             if signals.stopped or (deadline is not None and time.monotonic() >= deadline):
                 break
             this_round = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            held = self._read_round(held)
-            cut = bisect_left(held, previous_round, key=_ts)
-            if cut:
-                self._deliver(held[:cut], on_hits)
-                del held[:cut]
+            read()
+            release(previous_round)
             previous_round = this_round
         self.signal = signals.signum or None
         # Stop counting, read what is left, then compare counts with samples.
         streams.disable()
-        self._deliver(self._read_round(held), on_hits)
+        read()
+        release(None)
         self._lost_final = streams.lost()
+
+    def _refresh_hit_functions(self) -> None:
+        hits = self._hit_functions
+        if len(hits) != len(self.decoders):
+            hits.update((i, self._hit_function(d)) for i, d in self.decoders.items())
 
     def _read_round(self, held: list[Hit]) -> list[Hit]:
         """`held` and every hit the rings hold now, sorted by time."""
         streams = self._streams
         assert streams is not None
+        self._refresh_hit_functions()
         hits = self._hit_functions
-        if len(hits) != len(self.decoders):
-            hits.update((i, self._hit_function(d)) for i, d in self.decoders.items())
         append = held.append
         if self._python_filtered:
             self._read_filtered(streams, hits, append)
@@ -383,7 +425,6 @@ class KernelTracer:
 
 
 _ts = itemgetter(0)
-RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first
 
 
 def _skippable(kp: KernelProbe, multi: set[int]) -> bool:
