@@ -159,6 +159,8 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                 sys.stderr.flush()
             if stack_bytes:
                 tracer.run(renderer.event, args.duration)
+            elif isinstance(tracer, KernelTracer):
+                tracer.run_render(renderer, args.duration)  # text/jsonl: the fast path
             else:
                 tracer.run_hits(renderer.hits, args.duration)
             renderer.summary(tracer.events, tracer.lost)
