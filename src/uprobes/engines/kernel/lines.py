@@ -64,6 +64,7 @@ class LineQueue:
         self._plans: dict[int, RowPlan | None] = {}
         self._writers: dict[RowShape, Callable[[Iterable[tuple[int, ...]]], list[str]] | None] = {}
         self._window = 1
+        self.templated = 0  # lines written from a template (the rest: hit by hit)
 
     def read(self, batches: Iterable[tuple[bytes, list[tuple[int, int, int]]]]) -> None:
         """Add the lines of every run in `batches` (`CpuStreams.read_runs(ALIKE)`)."""
@@ -125,6 +126,7 @@ class LineQueue:
                 first = (pos + plan.ts_at) // 8
                 ts_parts.append(u64[first:first + n * (size // 8):size // 8].tolist())
                 line_parts.append(write(st.iter_unpack(view[pos:pos + n * size])))
+                self.templated += n
             pos += n * size
             left -= n
 
