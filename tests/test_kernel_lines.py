@@ -16,7 +16,7 @@ from conftest import Compiler
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.engines.event import Hit, hit_event
-from uprobes.engines.kernel.lines import ALIKE, LineQueue
+from uprobes.engines.kernel.lines import ALIKE, PERIODS, LineQueue
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
 from uprobes.render.jsonl import JsonLinesRenderer
@@ -40,7 +40,7 @@ def _specs(exe: Path, returns: bool = True) -> list[str]:
             f"{exe}:named s=+0(%di):string i=%si:u16"]
 
 
-Batches = list[tuple[bytes, list[tuple[int, int, int]]]]
+Batches = list[tuple[bytes, list[tuple[int, int, int, int]]]]
 
 
 def _records(exe: Path, uretprobe: bool, returns: bool) -> tuple[KernelTracer, Batches]:
@@ -54,7 +54,7 @@ def _records(exe: Path, uretprobe: bool, returns: bool) -> tuple[KernelTracer, B
             child.wait()
             streams = tracer._streams
             assert streams is not None
-            batches = streams.read_runs(ALIKE)
+            batches = streams.read_runs(ALIKE, PERIODS)
             tracer._refresh_hit_functions()
             assert streams.lost_records == 0
     finally:
@@ -63,13 +63,17 @@ def _records(exe: Path, uretprobe: bool, returns: bool) -> tuple[KernelTracer, B
 
 
 def _hits(tracer: KernelTracer, batches: Batches) -> list[Hit]:
-    """The records decoded one by one, the general way, in time order (stable)."""
+    """The records decoded one by one, the general way (headers walked),
+    in time order (stable)."""
     hits = []
-    for data, runs in batches:
-        for start, count, size in runs:
-            for body in range(start + 8, start + count * size, size):
-                at = body + ALIKE[0] - 8
-                hits.append(tracer._hit_functions[data[at] | data[at + 1] << 8](data, body))
+    for data, _ in batches:
+        pos = 0
+        while pos < len(data):
+            rtype, _, size = struct.unpack_from("<IHH", data, pos)
+            if rtype == 9:  # PERF_RECORD_SAMPLE
+                at = pos + ALIKE[0]
+                hits.append(tracer._hit_functions[data[at] | data[at + 1] << 8](data, pos + 8))
+            pos += size
     hits.sort(key=lambda h: h[0])
     return hits
 
@@ -94,9 +98,9 @@ def test_fast_lines_are_the_general_renderers_lines(awkward: Path, uretprobe: bo
         middle = hits[len(hits) // 2 + 7][0]
         fast = queue.take(middle) + queue.take(None)
         assert "".join(fast) == general.getvalue()
-        if not returns:  # (an entry and its return alternate: runs of one, hit by hit)
-            # Most went through templates; the string probe went hit by hit.
-            assert steps // 2 < queue.templated <= steps
+        # Most went through templates (an entry and its return alternate:
+        # runs of period 2); the string probe went hit by hit.
+        assert steps // 2 < queue.templated <= steps
 
 
 def test_trace_json_escapes_comms_as_json_dumps(awkward: Path) -> None:

@@ -360,17 +360,58 @@ def user_tail(data: bytes, raw_size_at: int, nregs: int,
             dyn = _U64.unpack_from(data, at + size)[0]
             copied = data[at:at + min(size, dyn)]
     return regs, copied
-def _alike(data: bytes, pos: int, size: int, alike: tuple[int, ...]) -> bool:
-    """Whether the record after the one at `pos` (of `size` bytes) agrees
-    with it in its header and the u16s at `alike`: tried before
-    `agreeing`, so records that alternate cost a few compares each."""
-    nxt = pos + size
+def _alike(data: bytes, pos: int, nxt: int, alike: tuple[int, ...]) -> bool:
+    """Whether the records at `pos` and `nxt` agree in their header and the
+    u16s at `alike` (within them): tried before `agreeing`, so records
+    that alternate cost a few compares."""
     if data[pos:pos + 8] != data[nxt:nxt + 8]:
         return False
     for k in alike:
         if data[pos + k:pos + k + 2] != data[nxt + k:nxt + k + 2]:
             return False
     return True
+
+
+def phase_offsets(data: bytes, pos: int, period: int) -> list[int]:
+    """Where each of the `period` records from `pos` starts, and (last) where
+    the period ends: a periodic run's records lie at these plus multiples
+    of the period's length."""
+    offsets = [0]
+    for _ in range(period):
+        offsets.append(offsets[-1] + _HEADER.unpack_from(data, pos + offsets[-1])[2])
+    return offsets
+
+
+def _periodic(data: bytes, pos: int, end: int, alike: tuple[int, ...], reach: int,
+              words: Sequence[tuple[int, int]], periods: int) -> tuple[int, int, int]:
+    """(count, period, stride) of the records from `pos` that each agree with
+    the one `period` records before (2 <= period <= `periods`; at least two
+    periods; `stride`: a period's bytes), or (1, 1, 0). Each phase (every
+    `period`-th record) has one header, so one size: its records lie
+    `stride` apart, a column for `agreeing`."""
+    offsets = [0]
+    for period in range(1, periods + 1):
+        at = pos + offsets[-1]
+        if at + 8 > end:
+            break
+        rtype, _misc, rsize = _HEADER.unpack_from(data, at)
+        if rtype != PERF_RECORD_SAMPLE or rsize < reach or rsize % 8 or at + rsize > end:
+            break
+        offsets.append(offsets[-1] + rsize)
+        stride = offsets[-1]
+        if period < 2 or pos + 2 * stride > end:
+            continue
+        if not all(_alike(data, pos + o, pos + o + stride, alike) for o in offsets[:-1]):
+            continue
+        count = (end - pos) // stride * period
+        for k in range(period):
+            first = pos + offsets[k]
+            most = (end - first - (offsets[k + 1] - offsets[k])) // stride + 1
+            n = agreeing(data, first, stride, most, words)
+            count = min(count, k + n * period)
+        if count >= 2 * period:
+            return count, period, stride
+    return 1, 1, 0
 
 
 _CASTS = {2: "H", 4: "I", 8: "Q"}
@@ -544,17 +585,22 @@ class RingBuffer:
             return self._map[start:end]
         return self._map[start:limit] + self._map[self._offset:self._offset + end - limit]
 
-    def read_runs(self, alike: tuple[int, ...] = ()) -> tuple[bytes, list[tuple[int, int, int]]]:
+    def read_runs(self, alike: tuple[int, ...] = (), periods: int = 1,
+                  ) -> tuple[bytes, list[tuple[int, int, int, int]]]:
         """Everything the kernel wrote since the last read, in one copy, as
         runs of alike samples.
 
         Returns the bytes from `data_tail` to `data_head` and its
-        PERF_RECORD_SAMPLEs as runs `(start, count, size)`: `count` records
-        of `size` bytes each (header included) from `start`, which agree in
-        their header and in the u16 at each offset in `alike` (from a
-        record's start, even) too. A
-        run of one size can be unpacked by one `struct.iter_unpack`, and the
-        records of a busy probe come in long runs, found by comparing
+        PERF_RECORD_SAMPLEs as runs `(start, count, stride, period)`:
+        `count` records from `start`, each agreeing with the one `period`
+        records before it in its header and in the u16 at each offset in
+        `alike` (from a record's start, even). Period 1 is a run of alike
+        records of `stride` bytes (header included), one
+        `struct.iter_unpack` unpacks it; a period up to `periods` is
+        records that alternate (an entry probe and its return: period 2),
+        `period` runs interleaved, a period `stride` bytes long (where its
+        records start: `phase_offsets`).
+        The records of a busy probe come in long runs, found by comparing
         columns of words in C (`agreeing`), not by walking headers one by
         one in Python.
         PERF_RECORD_LOST records are summed into `lost`. `data_head` is
@@ -571,7 +617,7 @@ class RingBuffer:
         if tail >= head:
             return b"", []
         data = self._copy(tail, head - tail)
-        runs: list[tuple[int, int, int]] = []
+        runs: list[tuple[int, int, int, int]] = []
         unpack = _HEADER.unpack_from
         reach = max((8, *(k + 2 for k in alike)))
         words = ((0, 8), *((k, 2) for k in alike))
@@ -584,13 +630,22 @@ class RingBuffer:
                 self._publish_tail(head)
                 raise KernelError(f"corrupt perf record of size {rsize} in {self.event.what}")
             if rtype == PERF_RECORD_SAMPLE:
-                count = 1
+                count, period = 1, 1
                 most = (end - pos) // rsize
-                if most > 1 and rsize >= reach and aligned and _alike(data, pos, rsize, alike):
-                    count = window = agreeing(data, pos, rsize, most, words, window)
-                runs.append((pos, count, rsize))
+                stride = rsize
+                if most > 1 and rsize >= reach and aligned:
+                    if _alike(data, pos, pos + rsize, alike):
+                        count = window = agreeing(data, pos, rsize, most, words, window)
+                    elif periods > 1:
+                        count, period, stride = _periodic(data, pos, end, alike, reach, words,
+                                                          periods)
+                        stride = stride or rsize
+                runs.append((pos, count, stride, period))
                 self.samples += count
-                pos += count * rsize
+                if period == 1:
+                    pos += count * rsize
+                else:
+                    pos += count // period * stride + phase_offsets(data, pos, count % period)[-1]
                 continue
             if rtype == PERF_RECORD_LOST:
                 self.lost += _LOST.unpack_from(data, pos + 8)[1]
@@ -606,9 +661,9 @@ class RingBuffer:
         follows at `layout.size`."""
         data, runs = self.read_runs()
         bodies: list[int] = []
-        for start, count, size in runs:
+        for start, count, size, _ in runs:
             bodies.extend(range(start + 8, start + count * size, size))
-        return data, bodies
+        return data, bodies  # (period 1 only: read_runs() was asked for no other)
 
     def read(self) -> Iterator[Sample]:
         """The samples the kernel has written since the last read, as `Sample`s
@@ -641,5 +696,5 @@ class RingBuffer:
         self.close()
 
 
-__all__ = ["MmapRecord", "PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout", "kernel_error",
+__all__ = ["agreeing", "phase_offsets", "MmapRecord", "PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout", "kernel_error",
            "online_cpus", "open_tracepoint", "perf_event_open", "tracepoint_attr"]

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Protocol, runtime_checkable
 
 from uprobes.engines.event import Hit, RowShape
 from uprobes.engines.kernel.records import RecordDecoder, RetSiteDecoder
 from uprobes.engines.kernel.rows import RowPlan, row_plan
-from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout, agreeing
+from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout, agreeing, phase_offsets
 
 RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first
 ALIKE = (8 + RAW_AT,)  # runs share the record's common_type (u16): one event each
+PERIODS = 4  # records that alternate among up to 4 events (f, g, and their returns)
 MIN_ROWS = 4  # shorter pieces are decoded hit by hit (a template costs more to choose)
 
 Rows = Iterable[tuple[int, ...]]
@@ -66,21 +68,20 @@ class LineQueue:
         self._window = 1
         self.templated = 0  # lines written from a template (the rest: hit by hit)
 
-    def read(self, batches: Iterable[tuple[bytes, list[tuple[int, int, int]]]]) -> None:
-        """Add the lines of every run in `batches` (`CpuStreams.read_runs(ALIKE)`)."""
+    def read(self, batches: Iterable[tuple[bytes, list[tuple[int, int, int, int]]]]) -> None:
+        """Add the lines of every run in `batches` (`CpuStreams.read_runs(ALIKE, PERIODS)`)."""
         ts_parts, line_parts = [self.ts], [self.lines]
         for data, runs in batches:
             if not runs:
                 continue
             with memoryview(data) as view:
                 u64 = view.cast("Q") if not len(data) % 8 else None
-                for start, count, size in runs:
-                    at = start + 8 + RAW_AT
-                    event_id = data[at] | data[at + 1] << 8
-                    hit = self._hits.get(event_id)
-                    if hit is not None:
-                        self._run(view, u64, start, count, size, event_id, hit, ts_parts,
-                                  line_parts)
+                for start, count, size, period in runs:
+                    if period == 1:
+                        self._phase(view, u64, start, count, size, size, ts_parts, line_parts)
+                    else:
+                        self._periodic(view, u64, start, count, size, period, ts_parts,
+                                       line_parts)
                 if u64 is not None:
                     u64.release()
         if len(ts_parts) == 1:
@@ -96,21 +97,54 @@ class LineQueue:
             lines = list(map(lines.__getitem__, order))
         self.ts, self.lines = in_order, lines
 
-    def _run(self, view: memoryview, u64: memoryview | None, start: int, count: int, size: int,
-             event_id: int, hit: Callable[[bytes, int], Hit], ts_parts: list[list[int]],
-             line_parts: list[list[str]]) -> None:
-        """The lines of one run: pieces whose rows share all but time and
+    def _periodic(self, view: memoryview, u64: memoryview | None, start: int, count: int,
+                  stride: int, period: int, ts_parts: list[list[int]],
+                  line_parts: list[list[str]]) -> None:
+        """A run whose records alternate: each phase (every `period`-th
+        record) like a run of its own, their lines interleaved back."""
+        data = view.obj
+        assert isinstance(data, bytes)
+        offsets = phase_offsets(data, start, period)
+        phases: list[tuple[list[list[int]], list[list[str]]]] = []
+        for k in range(period):
+            phase: tuple[list[list[int]], list[list[str]]] = ([], [])
+            self._phase(view, u64, start + offsets[k], (count - k + period - 1) // period,
+                        offsets[k + 1] - offsets[k], stride, *phase)
+            phases.append(phase)
+        if all(len(t) == 1 for t, _ in phases):
+            ts: list[int] = [0] * count
+            lines: list[str] = [""] * count
+            for k, (t, ln) in enumerate(phases):
+                ts[k::period] = t[0]
+                lines[k::period] = ln[0]
+            ts_parts.append(ts)
+            line_parts.append(lines)
+        else:  # phases in pieces: read() sorts them by time
+            for t, ln in phases:
+                ts_parts += t
+                line_parts += ln
+
+    def _phase(self, view: memoryview, u64: memoryview | None, start: int, count: int,
+               size: int, stride: int, ts_parts: list[list[int]],
+               line_parts: list[list[str]]) -> None:
+        """The lines of `count` records of one event, of `size` bytes,
+        `stride` bytes apart: pieces whose rows share all but time and
         arguments by their template, the rest hit by hit."""
         data = view.obj
         assert isinstance(data, bytes)
+        at = start + 8 + RAW_AT
+        event_id = data[at] | data[at + 1] << 8
+        hit = self._hits.get(event_id)
+        if hit is None:
+            return
         plan = self._plan(event_id)
-        st = plan.struct(size) if plan is not None and u64 is not None else None
+        st = plan.struct(size, stride) if plan is not None and u64 is not None else None
         pos, left = start, count
         while left:
             n, write = 0, None
             if st is not None and left >= MIN_ROWS:
                 assert plan is not None
-                n = self._window = agreeing(data, pos, size, left,
+                n = self._window = agreeing(data, pos, stride, left,
                                             plan.shared(data, pos, size), self._window)
                 if n >= MIN_ROWS:
                     write = self._writer(plan.shape(hit(data, pos + 8)))
@@ -118,16 +152,23 @@ class LineQueue:
                 # A short piece: these and a few more hit by hit, so that
                 # records which alternate do not each cost a comparison.
                 n = min(left, max(n, MIN_ROWS * 4))
-                hits = [hit(data, body) for body in range(pos + 8, pos + n * size, size)]
+                hits = [hit(data, body) for body in range(pos + 8, pos + n * stride, stride)]
                 ts_parts.append([h[0] for h in hits])
                 line_parts.append(self._renderer.lines(hits))
             else:
                 assert u64 is not None and plan is not None and st is not None
                 first = (pos + plan.ts_at) // 8
-                ts_parts.append(u64[first:first + n * (size // 8):size // 8].tolist())
-                line_parts.append(write(st.iter_unpack(view[pos:pos + n * size])))
+                ts_parts.append(u64[first:first + n * (stride // 8):stride // 8].tolist())
+                # The last record's stride may run past the data: unpacked apart.
+                whole = n if pos + n * stride <= len(data) else n - 1
+                rows = st.iter_unpack(view[pos:pos + whole * stride])
+                if whole < n:
+                    last = plan.struct(size, size)
+                    assert last is not None
+                    rows = chain(rows, (last.unpack_from(data, pos + whole * stride),))
+                line_parts.append(write(rows))
                 self.templated += n
-            pos += n * size
+            pos += n * stride
             left -= n
 
     def _writer(self, shape: RowShape) -> Callable[[Iterable[tuple[int, ...]]], list[str]] | None:

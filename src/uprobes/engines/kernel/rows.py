@@ -36,15 +36,17 @@ class RowPlan:
     words: tuple[int, ...]
     comm_loc_at: int
     raw_at: int
-    _structs: dict[int, struct.Struct | None] = field(default_factory=dict)
+    _structs: dict[tuple[int, int], struct.Struct | None] = field(default_factory=dict)
 
-    def struct(self, record_size: int) -> struct.Struct | None:
-        """The whole record of `record_size` bytes (None: too short for the fields)."""
-        if record_size not in self._structs:
-            tail = record_size - 8 - struct.calcsize("<" + self.code)
-            self._structs[record_size] = (
-                None if tail < 0 else struct.Struct(f"<8x{self.code}{tail}x"))
-        return self._structs[record_size]
+    def struct(self, record_size: int, stride: int) -> struct.Struct | None:
+        """The whole record of `record_size` bytes and what follows it up
+        to `stride` (None: too short for the fields)."""
+        key = (record_size, stride)
+        if key not in self._structs:
+            tail = stride - 8 - struct.calcsize("<" + self.code)
+            self._structs[key] = (None if record_size - 8 - struct.calcsize("<" + self.code) < 0
+                                  else struct.Struct(f"<8x{self.code}{tail}x"))
+        return self._structs[key]
 
     def shared(self, data: bytes, pos: int, record_size: int) -> list[tuple[int, int]]:
         """The (offset, 4) words the piece starting at `pos` must share: the

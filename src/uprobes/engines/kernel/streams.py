@@ -124,9 +124,10 @@ class CpuStreams:
         """One `RingBuffer.read_batch()` per CPU: (bytes, sample body offsets)."""
         return [ring.read_batch() for ring in self.rings.values()]
 
-    def read_runs(self, alike: tuple[int, ...] = ()) -> list[tuple[bytes, list[tuple[int, int, int]]]]:
-        """One `RingBuffer.read_runs(alike)` per CPU: (bytes, runs of alike samples)."""
-        return [ring.read_runs(alike) for ring in self.rings.values()]
+    def read_runs(self, alike: tuple[int, ...] = (), periods: int = 1,
+                  ) -> list[tuple[bytes, list[tuple[int, int, int, int]]]]:
+        """One `RingBuffer.read_runs` per CPU: (bytes, runs of alike samples)."""
+        return [ring.read_runs(alike, periods) for ring in self.rings.values()]
 
     def take_mmaps(self) -> list[MmapRecord]:
         """The PERF_RECORD_MMAP2s read since the last call."""

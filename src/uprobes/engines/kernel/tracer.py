@@ -29,7 +29,8 @@ from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.kernel.insn_guard import screen_sites
-from uprobes.engines.kernel.lines import ALIKE, RAW_AT, HitRenderer, LineQueue, LineRenderer
+from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, HitRenderer, LineQueue, \
+    LineRenderer
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
 from uprobes.sys import procfs
@@ -318,7 +319,7 @@ class KernelTracer:
                 self.events += len(lines)
                 write(lines)
 
-        self._loop(lambda: queue.read(streams.read_runs(ALIKE)), release, duration)
+        self._loop(lambda: queue.read(streams.read_runs(ALIKE, PERIODS)), release, duration)
 
     def _loop(self, read: Callable[[], None], release: Callable[[int | None], None],
               duration: float | None) -> None:
