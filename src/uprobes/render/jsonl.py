@@ -13,7 +13,7 @@ key, and learn whether the kernel dropped records (lost > 0).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TextIO
 
 from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
@@ -85,19 +85,18 @@ class JsonLinesRenderer:
         """Write lines that `lines` or `row_lines` made."""
         self.out.write("".join(lines))
 
-    def row_lines(self, shape: RowShape) -> Callable[[Iterable[tuple[int, ...]]], list[str]] | None:
-        """The lines of a piece of rows `(ts_ns, *args)` of `shape` (see
-        `RowShape`), made in C: what the rows share is part of the
-        template, `%` fills in each row as it is. None for a probe whose
-        values are not all numbers (strings need escaping)."""
+    def row_lines(self, shape: RowShape) -> str | None:
+        """The template of a piece of rows `(ts_ns, *args)` of `shape` (see
+        `RowShape`): what the rows share is part of it, `%` fills in a row
+        as it is (JSON escapes newlines: a line holds one, its last). None
+        for a probe whose values are not all numbers (strings need escaping)."""
         t = self._templates.get(shape.probe) or self._template(shape.probe)
         if not t.plain:
             return None
-        fill = t.line(pid=str(shape.pid), tid=str(shape.tid),
+        return t.line(pid=str(shape.pid), tid=str(shape.tid),
                       comm=_dumps(shape.comm).replace("%", "%%"), cpu=str(shape.cpu),
                       ip=str(shape.ip),
-                      func="null" if shape.func is None else str(shape.func)).__mod__
-        return lambda rows: list(map(fill, rows))
+                      func="null" if shape.func is None else str(shape.func))
 
     def lines(self, hits: list[Hit]) -> list[str]:
         """The lines of a batch of hits, one a hit."""

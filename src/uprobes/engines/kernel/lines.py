@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from itertools import chain
+from itertools import chain, repeat
+from operator import add
 from typing import Protocol, runtime_checkable
 
 from uprobes.engines.event import Hit, RowShape
@@ -30,6 +31,7 @@ RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: commo
 ALIKE = (8 + RAW_AT,)  # runs share the record's common_type (u16): one event each
 PERIODS = 4  # records that alternate among up to 4 events (f, g, and their returns)
 MIN_ROWS = 4  # shorter pieces are decoded hit by hit (a template costs more to choose)
+CHUNK = 32  # rows one % fills with a template repeated: a call and a string for 32 lines
 
 Rows = Iterable[tuple[int, ...]]
 
@@ -44,7 +46,12 @@ class HitRenderer(Protocol):
 class LineRenderer(HitRenderer, Protocol):
     """What the fast path needs of a renderer (text and JSON lines have it)."""
 
-    def row_lines(self, shape: RowShape) -> Callable[[Rows], list[str]] | None: ...
+    def row_lines(self, shape: RowShape) -> str | Callable[[Rows], list[str]] | None:
+        """How to write a piece of rows of `shape`: a %-template a row
+        fills as it is (then no line of this renderer holds a newline but
+        its last character, so that a template repeated fills many rows at
+        once and the text splits back into lines), or a function of the
+        rows, or None (hit by hit)."""
 
     def lines(self, hits: list[Hit]) -> list[str]: ...
 
@@ -64,8 +71,10 @@ class LineQueue:
         self._hits = hit_functions
         self._renderer = renderer
         self._plans: dict[int, RowPlan | None] = {}
-        self._writers: dict[RowShape, Callable[[Iterable[tuple[int, ...]]], list[str]] | None] = {}
+        self._writers: dict[RowShape, str | Callable[[Rows], list[str]] | None] = {}
+        self._chunk_fills: dict[str, Callable[[tuple[int, ...]], str]] = {}
         self._window = 1
+        self._chunked = False  # self.lines holds chunks: CHUNK lines in one, then "" for the rest
         self.templated = 0  # lines written from a template (the rest: hit by hit)
 
     def read(self, batches: Iterable[tuple[bytes, list[tuple[int, int, int, int]]]]) -> None:
@@ -93,6 +102,11 @@ class LineQueue:
             lines += ln
         in_order = sorted(ts)
         if in_order != ts:
+            if self._chunked:  # a line each, to be reordered
+                parts = "".join(lines).split("\n")
+                parts.pop()
+                lines = list(map(add, parts, repeat("\n")))
+                self._chunked = False
             order = sorted(range(len(ts)), key=ts.__getitem__)  # stable: held ones first
             lines = list(map(lines.__getitem__, order))
         self.ts, self.lines = in_order, lines
@@ -159,19 +173,47 @@ class LineQueue:
                 assert u64 is not None and plan is not None and st is not None
                 first = (pos + plan.ts_at) // 8
                 ts_parts.append(u64[first:first + n * (stride // 8):stride // 8].tolist())
-                # The last record's stride may run past the data: unpacked apart.
-                whole = n if pos + n * stride <= len(data) else n - 1
-                rows = st.iter_unpack(view[pos:pos + whole * stride])
-                if whole < n:
-                    last = plan.struct(size, size)
-                    assert last is not None
-                    rows = chain(rows, (last.unpack_from(data, pos + whole * stride),))
-                line_parts.append(write(rows))
+                line_parts.append(self._rows_lines(write, plan, view, pos, n, size, stride))
                 self.templated += n
             pos += n * stride
             left -= n
 
-    def _writer(self, shape: RowShape) -> Callable[[Iterable[tuple[int, ...]]], list[str]] | None:
+    def _rows_lines(self, write: str | Callable[[Rows], list[str]], plan: RowPlan,
+                    view: memoryview, pos: int, n: int, size: int, stride: int) -> list[str]:
+        """The lines of `n` rows from `pos`, `stride` apart. A template fills
+        CHUNK rows at a time where records are contiguous: the chunk's text
+        stands for its first line, "" for the others (see `take`)."""
+        st = plan.struct(size, stride)
+        assert st is not None
+        # The last record's stride may run past the data: unpacked apart.
+        whole = n if pos + n * stride <= len(view) else n - 1
+        groups = whole // CHUNK if isinstance(write, str) and stride == size else 0
+        done = groups * CHUNK * stride
+        rows: Iterable[tuple[int, ...]] = st.iter_unpack(view[pos + done:pos + whole * stride])
+        if whole < n:
+            last = plan.struct(size, size)
+            assert last is not None
+            rows = chain(rows, (last.unpack_from(view, pos + whole * stride),))
+        if not isinstance(write, str):
+            return write(rows)
+        if not groups:
+            return list(map(write.__mod__, rows))
+        big = plan.struct(size, stride, CHUNK)
+        assert big is not None
+        lines = [""] * n
+        lines[0:groups * CHUNK:CHUNK] = map(self._chunk_fill(write),
+                                            big.iter_unpack(view[pos:pos + done]))
+        lines[groups * CHUNK:] = map(write.__mod__, rows)
+        self._chunked = True
+        return lines
+
+    def _chunk_fill(self, template: str) -> Callable[[tuple[int, ...]], str]:
+        fill = self._chunk_fills.get(template)
+        if fill is None:
+            fill = self._chunk_fills[template] = (template * CHUNK).__mod__
+        return fill
+
+    def _writer(self, shape: RowShape) -> str | Callable[[Rows], list[str]] | None:
         if shape not in self._writers:
             self._writers[shape] = self._renderer.row_lines(shape)
         return self._writers[shape]
@@ -186,6 +228,14 @@ class LineQueue:
         cut = len(self.ts) if before is None else bisect_left(self.ts, before)
         if not cut:
             return []
+        lines = self.lines
+        if cut < len(lines) and not lines[cut]:  # within a chunk: split it into its lines
+            head = cut - 1
+            while not lines[head]:
+                head -= 1
+            parts = lines[head].split("\n")
+            parts.pop()
+            lines[head:head + len(parts)] = map(add, parts, repeat("\n"))
         lines = self.lines[:cut]
         del self.ts[:cut], self.lines[:cut]
         return lines

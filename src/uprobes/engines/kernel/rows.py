@@ -36,16 +36,17 @@ class RowPlan:
     words: tuple[int, ...]
     comm_loc_at: int
     raw_at: int
-    _structs: dict[tuple[int, int], struct.Struct | None] = field(default_factory=dict)
+    _structs: dict[tuple[int, int, int], struct.Struct | None] = field(default_factory=dict)
 
-    def struct(self, record_size: int, stride: int) -> struct.Struct | None:
+    def struct(self, record_size: int, stride: int, repeat: int = 1) -> struct.Struct | None:
         """The whole record of `record_size` bytes and what follows it up
-        to `stride` (None: too short for the fields)."""
-        key = (record_size, stride)
+        to `stride`, `repeat` times over (None: too short for the fields)."""
+        key = (record_size, stride, repeat)
         if key not in self._structs:
-            tail = stride - 8 - struct.calcsize("<" + self.code)
-            self._structs[key] = (None if record_size - 8 - struct.calcsize("<" + self.code) < 0
-                                  else struct.Struct(f"<8x{self.code}{tail}x"))
+            fixed = 8 + struct.calcsize("<" + self.code)
+            one = f"8x{self.code}{stride - fixed}x"
+            self._structs[key] = (None if record_size < fixed
+                                  else struct.Struct("<" + one * repeat))
         return self._structs[key]
 
     def shared(self, data: bytes, pos: int, record_size: int) -> list[tuple[int, int]]:
