@@ -624,6 +624,7 @@ class RingBuffer:
         aligned = not len(data) % 8  # records are: the kernel pads each to a u64
         pos, end = 0, len(data)
         window = 1
+        rest = 0  # records to go before trying a period again, after a try failed
         while pos < end:
             rtype, _misc, rsize = unpack(data, pos)
             if rsize < 8 or pos + rsize > end:
@@ -636,10 +637,13 @@ class RingBuffer:
                 if most > 1 and rsize >= reach and aligned:
                     if _alike(data, pos, pos + rsize, alike):
                         count = window = agreeing(data, pos, rsize, most, words, window)
-                    elif periods > 1:
+                    elif periods > 1 and not rest:
                         count, period, stride = _periodic(data, pos, end, alike, reach, words,
                                                           periods)
                         stride = stride or rsize
+                        rest = 8 if period == 1 else 0  # a mixed stream: try now and then
+                    else:
+                        rest = max(0, rest - 1)
                 runs.append((pos, count, stride, period))
                 self.samples += count
                 if period == 1:

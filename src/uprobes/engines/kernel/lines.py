@@ -85,12 +85,21 @@ class LineQueue:
                 continue
             with memoryview(data) as view:
                 u64 = view.cast("Q") if not len(data) % 8 else None
+                short: list[int] = []  # bodies of short runs in a row: decoded together
                 for start, count, size, period in runs:
+                    if period == 1 and count < MIN_ROWS:
+                        short.extend(range(start + 8, start + count * size, size))
+                        continue
+                    if short:
+                        self._hit_by_hit(data, short, ts_parts, line_parts)
+                        short = []
                     if period == 1:
                         self._phase(view, u64, start, count, size, size, ts_parts, line_parts)
                     else:
                         self._periodic(view, u64, start, count, size, period, ts_parts,
                                        line_parts)
+                if short:
+                    self._hit_by_hit(data, short, ts_parts, line_parts)
                 if u64 is not None:
                     u64.release()
         if len(ts_parts) == 1:
@@ -110,6 +119,19 @@ class LineQueue:
             order = sorted(range(len(ts)), key=ts.__getitem__)  # stable: held ones first
             lines = list(map(lines.__getitem__, order))
         self.ts, self.lines = in_order, lines
+
+    def _hit_by_hit(self, data: bytes, bodies: list[int], ts_parts: list[list[int]],
+                    line_parts: list[list[str]]) -> None:
+        """Records of any events (sample bodies at `bodies`), decoded one by one."""
+        hits = []
+        functions = self._hits
+        for body in bodies:
+            at = body + RAW_AT
+            hit = functions.get(data[at] | data[at + 1] << 8)
+            if hit is not None:
+                hits.append(hit(data, body))
+        ts_parts.append([h[0] for h in hits])
+        line_parts.append(self._renderer.lines(hits))
 
     def _periodic(self, view: memoryview, u64: memoryview | None, start: int, count: int,
                   stride: int, period: int, ts_parts: list[list[int]],
