@@ -332,7 +332,10 @@ class TrapFree:
             if not stopped:
                 raise NotTrapFree("threads of the process were running (a library loaded "
                                   "while they ran)")
-            rip = regs.rip if other == tid else ptrace.getregs(other, ptrace.UserRegs()).rip
+            try:
+                rip = regs.rip if other == tid else ptrace.getregs(other, ptrace.UserRegs()).rip
+            except UprobesError:
+                continue  # gone meanwhile (its exit not reaped yet)
             if runtime_addr < rip < end:
                 raise NotTrapFree(f"thread {other} was inside the bytes a jump would replace")
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]

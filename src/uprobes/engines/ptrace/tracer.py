@@ -415,6 +415,8 @@ class PtraceTracer:
                             syscall_addr, t.pending)
             except NotTrapFree as e:
                 why = str(e)
+            except UprobesError as e:  # a remote call or a write failed: the int3 path says
+                why = f"cannot place the jump: {e}"
         jumps.decide(point.name, why)
         return why is None
 
