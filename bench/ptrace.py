@@ -4,7 +4,8 @@
 
 Every row probes the same workload (bench/workload.c: a loop calling one
 noinline function N times) and is timed at two hit counts; the per-hit
-figure is the median slope (bench/measure.py).  Rows:
+figure is the median slope (bench/measure.py); rows of nanoseconds (untraced,
+trap-free) time the workload's own loop instead of the whole run.  Rows:
 
 - the naive ptrace loop written in Python (bench/naive_ptrace.py: int3,
   restore, single-step, re-insert);
@@ -54,6 +55,8 @@ class Tool:
     traced: bool = True           # a tracer whose own syscalls are worth counting
     requires: str | None = None   # an executable that must be on PATH
     hits: tuple[int, int] = (2000, 20000)   # small and big hit counts: ~1-3 s of hits
+    loop_timed: bool = False      # time the workload's own loop (ns hits: start-up noise
+                                  # of a whole run would bury them), not the whole run
 
     def run(self, hits: int, work: Path, wrap: list[str] | None = None) -> Outcome:
         argv = (wrap or []) + self.command(hits, work)
@@ -130,7 +133,7 @@ def tools(workload: Workload) -> list[Tool]:
 
     rows = [
         Tool("untraced", "-", emulated, plain(emulated), _no_count, traced=False,
-             hits=(100_000, 1_000_000)),
+             hits=(100_000, 10_000_000), loop_timed=True),
         Tool("naive ptrace loop (Python)", "entry", emulated, naive, _naive_count),
         Tool("ltrace -x", "entry+return", emulated, ltrace, _ltrace_count(emulated),
              requires="ltrace"),
@@ -154,7 +157,8 @@ def tools(workload: Workload) -> list[Tool]:
         ]
         if traced:  # no stop per hit: nanoseconds, so many more hits to time
             rows += [Tool("uprobes -e ptrace", TRAPFREE, f, uprobes(engine, f), _uprobes_count,
-                          traced, hits=(100_000, 10_000_000)) for f in (emulated, boosted)]
+                          traced, hits=(100_000, 10_000_000), loop_timed=True)
+                     for f in (emulated, boosted)]
     return rows
 
 
@@ -195,6 +199,8 @@ def bench(args: argparse.Namespace) -> str:
                 small, big = _counts(tool, args.scale)
                 for n, into in ((small, series[i].small), (big, series[i].big)):
                     seconds, outcome = timed(lambda k: tool.run(k, work), n)
+                    if tool.loop_timed and outcome.loop_ns is not None:
+                        seconds = outcome.loop_ns / 1e9
                     into.append(seconds)
                     series[i].hits_seen.add((n, outcome.hits))
         if args.syscalls and shutil.which("strace"):
@@ -226,7 +232,7 @@ def bench(args: argparse.Namespace) -> str:
         us = s.per_hit(small, big) * 1e6
         right = s.counted_right()
         rows.append([
-            tool.name, tool.probe, first, f"{us:.1f}",
+            tool.name, tool.probe, first, f"{us:.1f}" if us >= 1 else f"{us:.4f}",
             _fmt(us / naive_us if naive_us else None, ".2f"),
             _fmt(us / ltrace_us if ltrace_us else None, ".2f"),
             f"{s.startup(small, big) * 1e3:.0f}", f"{small}/{big}",

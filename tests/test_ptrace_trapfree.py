@@ -57,10 +57,11 @@ def test_threads_and_a_fork_count_exactly(threads_exe: Path) -> None:
 
 
 def test_moved_instructions_behave_and_unsafe_ones_keep_int3(trapfree_exe: Path) -> None:
-    """RIP-relative load and store, a probe between a cmp and the jl reading
-    its flags, a call and a jmp as the displaced instruction: the program's
-    results are unchanged and counts exact. loop_head, whose first bytes hold
-    a branch target, falls back to int3 (and counts exactly too)."""
+    """RIP-relative load and store, a probe between a cmp and the setccs
+    reading its flags (OF SF ZF PF CF), a call and a jmp as the displaced
+    instruction: the program's results are unchanged and counts exact.
+    loop_head, whose first bytes hold a branch target, falls back to int3
+    (and counts exactly too)."""
     plain = subprocess.run([str(trapfree_exe), "1000"], capture_output=True, text=True,
                            check=True)
     exe = str(trapfree_exe)
@@ -68,7 +69,7 @@ def test_moved_instructions_behave_and_unsafe_ones_keep_int3(trapfree_exe: Path)
              f"{exe}:jmp_first", f"{exe}:helper"]
     run, counts = count(*specs, "--", exe, "1000")
     assert run.stdout.splitlines()[0] == plain.stdout.strip()
-    expected = {"uprobes/loop_head": 1000, "uprobes/riprel": 1000, "uprobes/flags_mid": 2000,
+    expected = {"uprobes/loop_head": 1000, "uprobes/riprel": 1000, "uprobes/flags_mid": 4000,
                 "uprobes/call_first": 1000, "uprobes/jmp_first": 1000, "uprobes/helper": 2000}
     assert counts == expected
     assert NOTE_FREE.search(run.stderr).groups() == ("5", "6"), run.stderr  # type: ignore[union-attr]
