@@ -141,12 +141,17 @@ def test_pid_with_existing_threads_exact(threads: Path) -> None:
 
 
 def test_system_wide_counts_our_own_run_exactly(target: Path) -> None:
-    up = subprocess.Popen([*UPROBES, "count", "--json", f"{target}:add"],
+    """System-wide, probes of one file share one kernel event; each probe's
+    count comes from uprobe_profile, exact per probe (a return probe on its
+    rets too)."""
+    specs = [f"{target}:{f}" for f in ("add", "greet", "point_sum", "fib")] + [f"r {target}:fib"]
+    up = subprocess.Popen([*UPROBES, "count", "--json", *specs],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert up.stderr
     try:
-        read_until(up.stderr, "counting 1 probes system-wide")
-        assert len(group_lines(f"uprobes_{up.pid}")) == 1  # counted through uprobe_profile
+        read_until(up.stderr, "counting 5 probes system-wide")
+        lines = group_lines(f"uprobes_{up.pid}")
+        assert len(lines) >= 5 and len({ln.split()[0] for ln in lines}) == 1  # one event
         ran = subprocess.run([str(target), "4321"], capture_output=True, text=True, check=True)
         up.send_signal(signal.SIGINT)
         stdout, stderr = up.communicate(timeout=120)
@@ -155,7 +160,10 @@ def test_system_wide_counts_our_own_run_exactly(target: Path) -> None:
         up.wait()
     assert up.returncode == 0, stderr
     assert not group_lines(f"uprobes_{up.pid}")
-    assert last_json(stdout) == {"uprobes/add": calls(ran.stdout)["add"]}
+    want = calls(ran.stdout)
+    assert last_json(stdout) == {"uprobes/add": want["add"], "uprobes/greet": want["greet"],
+                                 "uprobes/point_sum": want["point_sum"], "uprobes/fib": 15,
+                                 "uprobes/fib__return": 15}
 
 
 def test_exit_status_is_the_commands(target: Path) -> None:

@@ -439,30 +439,43 @@ class KernelCounter:
         and that file names the offset of each."""
         assert self.group is not None
         prefix = f"p:{self.group.name}/"
-        order: dict[str, list[int]] = {}
-        for line in tracefs.list_events():
-            if line.startswith(prefix):
-                event, _, place = line[len(prefix):].partition(" ")
-                offset = place.split("(")[0].rpartition(":")[2]
-                order.setdefault(event, []).append(int(offset, 16))
-        for event in self._events:
-            if event.by_profile:
-                at = order.get(event.name, [])
-                try:
-                    event.profile_at = [at.index(s.probe.file_offset) for s in event.sites]
-                except ValueError:
-                    raise KernelError(f"{self.group.name}/{event.name} is not in "
-                                      "uprobe_events as placed") from None
+        for _ in range(READ_TRIES):
+            order: dict[str, list[int]] = {}
+            for line in tracefs.list_events():
+                if line.startswith(prefix):
+                    event, _, place = line[len(prefix):].partition(" ")
+                    offset = place.split("(")[0].rpartition(":")[2]
+                    order.setdefault(event, []).append(int(offset, 16))
+            try:
+                for event in self._events:
+                    if event.by_profile:
+                        at = order.get(event.name, [])
+                        event.profile_at = [at.index(s.probe.file_offset) for s in event.sites]
+                return
+            except ValueError:
+                continue  # a line skipped by the read (see _profile): read again
+        raise KernelError(f"{self.group.name}: our probes are not in uprobe_events as placed")
 
     def _profile(self) -> dict[str, list[int]]:
-        """uprobe_profile's hits of our profile-counted events, in line order."""
+        """uprobe_profile's hits of our profile-counted events, in line order.
+
+        Like every tracefs list, the file is read a page at a time, each page
+        found again by its index in the kernel's list: an event removed
+        meanwhile (anyone's) shifts the list, and one line after it is
+        skipped. A skipped line of ours shows as an event short of lines;
+        then it is read again."""
         assert self.group is not None
-        ours = {e.name for e in self._events if e.by_profile}
-        hits: dict[str, list[int]] = {}
-        for entry in self.group.tracefs.profile():
-            if entry.event in ours:
-                hits.setdefault(entry.event, []).append(entry.hits)
-        return hits
+        ours = {e.name: len(e.sites) for e in self._events if e.by_profile}
+        for _ in range(READ_TRIES):
+            hits: dict[str, list[int]] = {}
+            for entry in self.group.tracefs.profile():
+                if entry.event in ours:
+                    hits.setdefault(entry.event, []).append(entry.hits)
+            if all(len(hits.get(name, ())) == n for name, n in ours.items()):
+                return hits
+        short = next(name for name, n in ours.items() if len(hits.get(name, ())) != n)
+        raise KernelError(f"uprobe_profile lists {len(hits.get(short, ()))} probe points of "
+                          f"{self.group.name}/{short}, not {ours[short]}")
 
     @property
     def placed(self) -> list[str]:
@@ -480,10 +493,7 @@ class KernelCounter:
         hits = self._profile() if self._base else {}
         for event in self._events:
             if event.by_profile:
-                now, base = hits.get(event.name, []), self._base.get(event.name, [])
-                if len(now) != len(event.sites) or len(base) != len(event.sites):
-                    raise KernelError(f"uprobe_profile lists {len(now)} probe points of "
-                                      f"{event.name}, not {len(event.sites)}")
+                now, base = hits[event.name], self._base[event.name]
                 for site, at in zip(event.sites, event.profile_at):
                     out[site.name] = out.get(site.name, 0) + now[at] - base[at]
             else:
@@ -591,6 +601,7 @@ def plan_filter(flt: HitFilter, pids: Sequence[int] | None) -> FilterPlan:
     return FilterPlan(filters, True, named)
 
 
+READ_TRIES = 20  # reads of a tracefs list before we give up on a consistent one
 FATAL = (errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM)  # not the probe's fault
 
 
