@@ -112,7 +112,8 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
                 launched.release()
             else:
                 where = f"process {pids[0]}" if pids else \
-                    f"in process {', '.join(map(str, counter.pids))} (the filter names it)" \
+                    f"in process{'es' if len(counter.pids) > 1 else ''} " \
+                    f"{', '.join(map(str, counter.pids))} (named by the filter)" \
                     if counter.pids is not None else "system-wide"
                 sys.stderr.write(f"uprobes: counting {len(counter.placed)} probes {where}; "
                                  "Ctrl-C to stop\n")
