@@ -160,3 +160,36 @@ def test_pid_counts_threads_not_children(condition: str | None, compile_c: Compi
     finally:
         target.kill()
         target.wait()
+
+
+def test_pid_reaches_threads_created_later(compile_c: Compiler, tracefs: Path) -> None:
+    """System-wide `--if 'pid == P'` counts threads P creates after the
+    counters are open (inherited by threads), and pthread_create works."""
+    exe = compile_c("late_threads.c", "-pthread")
+    loops = 5000
+    target = subprocess.Popen([str(exe), str(loops)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert target.stdout is not None and target.stdin is not None
+    try:
+        pid = int(target.stdout.readline().split()[1])
+        up = subprocess.Popen([*UPROBES, "count", "-e", "kernel", "--json", "--if",
+                               f"pid == {pid}", f"{exe}:work"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert up.stderr is not None
+        try:
+            line = up.stderr.readline()
+            assert f"in process {pid} (named by the filter)" in line, line + up.stderr.read()
+            target.stdin.write("go\n")
+            target.stdin.flush()
+            assert target.stdout.readline() == "ok\n"
+            assert target.wait(timeout=60) == 0
+            up.send_signal(signal.SIGINT)
+            out, err = up.communicate(timeout=120)
+        finally:
+            up.kill()
+            up.wait()
+        assert up.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1]) == {"uprobes/work": 4 * loops}
+    finally:
+        target.kill()
+        target.wait()

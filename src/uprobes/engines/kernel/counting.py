@@ -259,11 +259,6 @@ class KernelCounter:
         got = self._filters.get(pid if self._by_pid else None, True)
         return True if got is None else got
 
-    @property
-    def filter_text(self) -> str | None:
-        text = self._filters.get(None)
-        return text if isinstance(text, str) else None
-
     # ------------------------------------------------------------ placing
 
     def __enter__(self) -> KernelCounter:
