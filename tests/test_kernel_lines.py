@@ -137,3 +137,51 @@ def test_agreeing_finds_where_records_stop_agreeing(window: int) -> None:
     assert agreeing(data, 24 * 101, 24, 5, [(8, 2), (12, 4)], window) == 5
     for cut in (1, 2, 63, 99):
         assert agreeing(data, 24 * cut, 24, 106 - cut, [(0, 8), (8, 8)], window) == 100 - cut
+
+
+def _chunked(lines: list[str], size: int) -> list[str]:
+    """`lines` as LineQueue keeps template output: `size` lines in one
+    string at the first's place, "" at the others'."""
+    out = []
+    for i in range(0, len(lines), size):
+        block = lines[i:i + size]
+        out += ["".join(block)] + [""] * (len(block) - 1)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merged_is_a_stable_sort_by_time(seed: int) -> None:
+    """Parts (each in time order, some in chunks) merge into what a stable
+    sort of their concatenation gives: blocks when CPUs took turns,
+    line by line when they interleave, ties in the parts' order."""
+    import random
+    rnd = random.Random(seed)
+    ts_parts, line_parts, flat = [], [], []
+    count = rnd.randint(2, 5)
+    stamps = sorted(rnd.randint(0, 3000) for _ in range(1200))  # with ties
+    turns: list[list[int]] = [[] for _ in range(count)]
+    at = 0
+    while at < len(stamps):  # CPUs taking turns: blocks of 20 to 80
+        n = rnd.randint(20, 80)
+        turns[rnd.randrange(count)] += stamps[at:at + n]
+        at += n
+    for p in range(count):
+        if seed % 2:
+            ts = turns[p]
+        else:  # interleaving closely, with ties
+            ts = sorted(rnd.randint(0, 400) for _ in range(rnd.randint(0, 300)))
+        lines = [f'{{"p":{p},"i":{i},"ts":{t}}}\n' for i, t in enumerate(ts)]
+        ts_parts.append(ts)
+        line_parts.append(_chunked(lines, rnd.choice([1, 4, 32])))
+        flat += zip(ts, lines)
+    queue = LineQueue({}, {}, JsonLinesRenderer(io.StringIO(), {}))
+    queue._chunked = True
+    ts, lines = queue._merged(ts_parts, line_parts)
+    expected = sorted(flat, key=lambda x: x[0])
+    assert ts == [t for t, _ in expected]
+    assert "".join(lines) == "".join(line for _, line in expected)
+    assert len(lines) == len(ts)
+    cut = len(ts) // 3
+    queue.ts, queue.lines = ts, lines
+    assert "".join(queue.take(ts[cut] if ts else None) + queue.take(None)) == "".join(
+        line for _, line in expected)

@@ -16,7 +16,7 @@ when a round's pieces are not already in order.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from operator import add
@@ -104,21 +104,52 @@ class LineQueue:
                     u64.release()
         if len(ts_parts) == 1:
             return
+        self.ts, self.lines = self._merged(ts_parts, line_parts)
+
+    def _merged(self, ts_parts: list[list[int]],
+                line_parts: list[list[str]]) -> tuple[list[int], list[str]]:
+        """The parts as one list of stamps and one of lines, in the order a
+        stable sort by time of their concatenation gives (held lines first,
+        then each ring's). Each part is in time order, so they merge block
+        by block: the part whose next line comes first gives every line up
+        to the next line of another (a bisect), which is a few blocks when
+        a thread migrates between CPUs. Parts that interleave line by line
+        (CPUs busy at once) are sorted whole instead."""
+        parts = [p for p in zip(ts_parts, line_parts) if p[0]]
         ts: list[int] = []
         lines: list[str] = []
+        heads = [0] * len(parts)
+        live = list(range(len(parts)))
+        blocks, most = 0, 8 + sum(len(t) for t in ts_parts) // 64
+        while len(live) > 1 and blocks < most:
+            first, second = sorted(live, key=lambda j: (parts[j][0][heads[j]], j))[:2]
+            t, ln = parts[first]
+            at, bound = heads[first], parts[second][0][heads[second]]
+            end = (bisect_right if first < second else bisect_left)(t, bound, at)
+            _boundary(ln, end)
+            ts += t[at:end]
+            lines += ln[at:end]
+            heads[first] = end
+            if end == len(t):
+                live.remove(first)
+            blocks += 1
+        for j in live:
+            ts += parts[j][0][heads[j]:]
+            lines += parts[j][1][heads[j]:]
+        in_order = sorted(ts)
+        if in_order == ts and blocks < most:
+            return ts, lines
+        ts, lines = [], []
         for t, ln in zip(ts_parts, line_parts):
             ts += t
             lines += ln
-        in_order = sorted(ts)
-        if in_order != ts:
-            if self._chunked:  # a line each, to be reordered
-                parts = "".join(lines).split("\n")
-                parts.pop()
-                lines = list(map(add, parts, repeat("\n")))
-                self._chunked = False
-            order = sorted(range(len(ts)), key=ts.__getitem__)  # stable: held ones first
-            lines = list(map(lines.__getitem__, order))
-        self.ts, self.lines = in_order, lines
+        if self._chunked:  # a line each, to be reordered
+            split = "".join(lines).split("\n")
+            split.pop()
+            lines = list(map(add, split, repeat("\n")))
+            self._chunked = False
+        order = sorted(range(len(ts)), key=ts.__getitem__)  # stable: held ones first
+        return sorted(ts), list(map(lines.__getitem__, order))
 
     def _hit_by_hit(self, data: bytes, bodies: list[int], ts_parts: list[list[int]],
                     line_parts: list[list[str]]) -> None:
@@ -250,14 +281,20 @@ class LineQueue:
         cut = len(self.ts) if before is None else bisect_left(self.ts, before)
         if not cut:
             return []
-        lines = self.lines
-        if cut < len(lines) and not lines[cut]:  # within a chunk: split it into its lines
-            head = cut - 1
-            while not lines[head]:
-                head -= 1
-            parts = lines[head].split("\n")
-            parts.pop()
-            lines[head:head + len(parts)] = map(add, parts, repeat("\n"))
+        _boundary(self.lines, cut)
         lines = self.lines[:cut]
         del self.ts[:cut], self.lines[:cut]
         return lines
+
+
+def _boundary(lines: list[str], at: int) -> None:
+    """Make `at` a line boundary of `lines`: a chunk it falls within (its
+    text at its first line, "" at the others; see `LineQueue._rows_lines`)
+    is split into its lines, in place."""
+    if at < len(lines) and not lines[at]:
+        head = at - 1
+        while not lines[head]:
+            head -= 1
+        parts = lines[head].split("\n")
+        parts.pop()
+        lines[head:head + len(parts)] = map(add, parts, repeat("\n"))
