@@ -105,8 +105,9 @@ def test_fast_lines_are_the_general_renderers_lines(awkward: Path, uretprobe: bo
 
 def test_trace_json_escapes_comms_as_json_dumps(awkward: Path) -> None:
     out = io.StringIO()
-    assert main(["trace", "--json", *_specs(awkward), "--", str(awkward), str(CALLS)],
-                out=out) == 0
+    # Rings that hold the whole run: nothing is lost however late the reader runs.
+    assert main(["trace", "--json", "--ring-pages", "2048", *_specs(awkward), "--",
+                 str(awkward), str(CALLS)], out=out) == 0
     # split("\n"): a JSON string may hold U+2028, which splitlines() splits at
     lines = out.getvalue().split("\n")[:-1]
     docs = [json.loads(line) for line in lines]
