@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -257,15 +256,12 @@ def test_ifunc_is_flagged() -> None:
     assert not malloc.is_ifunc_resolver and ifunc_warning(malloc) is None
 
 
-def test_libc_load_time() -> None:
-    """Loading libc's symbols (dynsym, plus its debug file where installed) stays fast."""
+def test_libc_load_is_cached_per_file_version() -> None:
+    """libc's symbols (dynsym, plus its debug file where installed) load once per
+    file version; how fast is bench/startup.py's business, not a timed test."""
     img = ElfImage.open(libc_path())
-    t0 = time.perf_counter()
     table = SymbolTable.load(img, use_cache=False)
-    elapsed = time.perf_counter() - t0
-    print(f"libc: {len(table)} symbols from {table.sources} in {elapsed * 1000:.0f} ms")
-    assert elapsed < 3.0
-    t0 = time.perf_counter()
-    SymbolTable.load(img)
-    SymbolTable.load(img)
-    assert time.perf_counter() - t0 < 3.0
+    assert len(table) > 2000 and table.sources[0] == "dynsym"
+    cached = SymbolTable.load(img)
+    assert SymbolTable.load(ElfImage.open(libc_path())) is cached
+    assert [s for s in cached] == [s for s in table]
