@@ -58,7 +58,10 @@ class _Libc:
     """libc loaded once with `use_errno`, functions declared from the table."""
 
     def __init__(self) -> None:
-        self._lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        try:  # glibc's soname: find_library() would run `ldconfig -p` on every start
+            self._lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            self._lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         for name, (restype, argtypes) in _DECLARATIONS.items():
             fn = getattr(self._lib, name)
             fn.restype = restype
