@@ -103,8 +103,9 @@ def _soname_rank(path: str) -> tuple[int, int, str]:
 
 def find_library(name: str, root: str = "/") -> str | None:
     """The library `name` under `root`, as a path inside that root."""
+    dirs = _lib_dirs(root)
     for pattern in _lib_candidates(name):
-        for d in _lib_dirs(root):
+        for d in dirs:
             host_dir = os.path.join(root, d.lstrip("/"))
             hits = [h for h in glob.glob(os.path.join(host_dir, pattern)) if _is_elf(h)]
             if hits:
