@@ -12,7 +12,6 @@ the candidate must match the one in the link).
 
 from __future__ import annotations
 
-import lzma
 import mmap
 import os
 import stat
@@ -120,6 +119,8 @@ def minidebuginfo_symbols(image: ElfImage, elf: RawElf,
     if sec is None or not sec.has_bytes:
         return []
     label = f"{image.path} (.gnu_debugdata)"
+    import lzma  # only files that carry MiniDebugInfo need it: start-up time
+
     try:
         with guard(label, "malformed MiniDebugInfo"):
             decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
