@@ -71,6 +71,7 @@ def programs(compile_c: Compiler) -> dict[str, Path]:
 @pytest.mark.parametrize("how", ["zeroed+cut", "zeroed", "cut"])
 @pytest.mark.parametrize("which", ["exe", "lib", "libc"])
 def test_list_and_resolve_as_the_intact_file(programs: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
                                              which: str, how: str) -> None:
     src = programs[which]
     copy = without_section_headers(src, tmp_path / src.name, zero="zeroed" in how,
@@ -84,7 +85,9 @@ def test_list_and_resolve_as_the_intact_file(programs: dict[str, Path], tmp_path
     assert "dynamic" in table.sources and any("no section headers" in n for n in table.notes)
 
     want = exported(src)
+    capsys.readouterr()
     assert exported(copy) == want and len(want) > 3
+    assert (f"uprobes: note: {copy}: no section headers" in capsys.readouterr().err)
     names = {"exe": ["add", "fib", "greet"], "lib": ["vfunc@VERS_1", "vfunc@@VERS_2", "plain"],
              "libc": ["malloc", "getppid", "memcpy@GLIBC_2.2.5"]}[which]
     intact = cli("resolve", *[f"{src}:{n}" for n in names]).splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import sys
 from typing import Any, TextIO
 
 from uprobes.elf.image import ElfImage
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         ref = resolver.file(args.target)
         image = resolver.image(ref)
         table = resolver.symbols(ref)
+        for note in table.notes:  # no section headers, a debug file that did not match
+            sys.stderr.write(f"uprobes: note: {note}\n")
         doc = _doc(ref.display, image, table, usdt_notes(image), pattern)
     if args.json:
         write_json(out, doc)
