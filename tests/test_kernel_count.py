@@ -140,18 +140,24 @@ def test_pid_with_existing_threads_exact(threads: Path) -> None:
         app.wait()
 
 
-def test_system_wide_counts_our_own_run_exactly(target: Path) -> None:
+@pytest.mark.parametrize("uretprobe", [False, True])
+def test_system_wide_counts_our_own_run_exactly(uretprobe: bool, target: Path) -> None:
     """System-wide, probes of one file share one kernel event; each probe's
-    count comes from uprobe_profile, exact per probe (a return probe on its
-    rets too)."""
-    specs = [f"{target}:{f}" for f in ("add", "greet", "point_sum", "fib")] + [f"r {target}:fib"]
-    up = subprocess.Popen([*UPROBES, "count", "--json", *specs],
+    count comes from uprobe_profile, exact per probe (return probes on
+    their rets too). The kernel's uretprobes (`--uretprobe`) share an event
+    of their own, counted per probe and CPU by the low bits of
+    `__probe_func` (uprobe_profile counts their entries, not returns)."""
+    specs = [f"{target}:{f}" for f in ("add", "greet", "point_sum", "fib")] + \
+        [f"r {target}:fib", f"r {target}:add"]
+    flags = ["--uretprobe"] if uretprobe else []
+    up = subprocess.Popen([*UPROBES, "count", "--json", *flags, *specs],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert up.stderr
     try:
-        read_until(up.stderr, "counting 5 probes system-wide")
+        read_until(up.stderr, "counting 6 probes system-wide")
         lines = group_lines(f"uprobes_{up.pid}")
-        assert len(lines) >= 5 and len({ln.split()[0] for ln in lines}) == 1  # one event
+        events = {ln.split()[0] for ln in lines}
+        assert len(lines) >= 6 and len(events) == (2 if uretprobe else 1)
         ran = subprocess.run([str(target), "4321"], capture_output=True, text=True, check=True)
         up.send_signal(signal.SIGINT)
         stdout, stderr = up.communicate(timeout=120)
@@ -163,7 +169,7 @@ def test_system_wide_counts_our_own_run_exactly(target: Path) -> None:
     want = calls(ran.stdout)
     assert last_json(stdout) == {"uprobes/add": want["add"], "uprobes/greet": want["greet"],
                                  "uprobes/point_sum": want["point_sum"], "uprobes/fib": 15,
-                                 "uprobes/fib__return": 15}
+                                 "uprobes/fib__return": 15, "uprobes/add__return": want["add"]}
 
 
 def test_exit_status_is_the_commands(target: Path) -> None:
