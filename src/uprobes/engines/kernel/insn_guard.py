@@ -34,6 +34,15 @@ def unsafe_site(path: str, file_offset: int) -> str | None:
 # legacy or VEX form: only 1- and 2-byte opcode tables are checked).
 _BAD_SEGMENTS = (Register.ES, Register.CS, Register.SS, Register.DS)
 _THREE_BYTE = (OpCodeTableKind.T0F38, OpCodeTableKind.T0F3A)
+# A VEX instruction's opcode byte (map 0F implied) is looked up in the
+# kernel's *one-byte* table (good_insns_64): a byte that is bad there
+# (vmovd 6E and vmovdqu 6F are ins/outs, vpxor EF is out) is refused. These
+# are the bytes that table refuses in 64-bit mode.
+_BAD_ONE_BYTE = frozenset([
+    0x06, 0x07, 0x0E, 0x16, 0x17, 0x1E, 0x1F, 0x26, 0x27, 0x2E, 0x2F, 0x36, 0x37, 0x3E,
+    0x3F, 0x60, 0x61, 0x62, 0x6C, 0x6D, 0x6E, 0x6F, 0x82, 0x9A, 0xC4, 0xC5, 0xCC, 0xCD,
+    0xCE, 0xCF, 0xD4, 0xD5, 0xD6, 0xE4, 0xE5, 0xE6, 0xE7, 0xEA, 0xEC, 0xED, 0xEE, 0xEF,
+    0xF1, 0xF4, 0xFA, 0xFB])
 
 
 def unsafe_sites(sites: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -68,6 +77,8 @@ def screen_sites(sites: Iterable[tuple[str, int]]
                 if ins.encoding == EncodingKind.EVEX:
                     unsafe[(path, file_offset)] = EVEX_REASON
                 elif (ins.has_lock_prefix or ins.segment_prefix in _BAD_SEGMENTS
-                      or ins.op_code().table in _THREE_BYTE):
+                      or ins.op_code().table in _THREE_BYTE
+                      or (ins.encoding == EncodingKind.VEX
+                          and ins.op_code().op_code in _BAD_ONE_BYTE)):
                     refusable.add((path, file_offset))
     return unsafe, refusable
