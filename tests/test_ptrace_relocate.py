@@ -155,6 +155,9 @@ def test_every_kind_runs_like_the_original(reloc_exe: Path, untraced: Run,
     _need_ptrace()
     run = run_traced(reloc_exe, "slot_area", force_slot, boost)
     assert run.refused == {}
+    # Every plan has runnable slot code (for the emulated ones: what an orphaned
+    # int3 runs once the tracer is gone); "slot-fallback" runs all of it.
+    assert [n for n, p in run.plans.items() if not p.code] == []
     assert run.status == 0
     assert run.output == untraced.output
     assert dict(run.hits) == _calls(untraced.output)
@@ -185,6 +188,9 @@ def test_far_slot_uses_a_scratch_register_or_refuses(reloc_exe: Path, untraced: 
     assert dict(run.hits) == {n: c for n, c in expected.items() if n not in run.refused}
     for name in ("f_load", "f_lea", "f_store", "f_cmp_imm", "f_mul", "f_xadd", "f_movsd"):
         assert run.plans[name].boosted and len(run.plans[name].code) > 30  # the scratch form
+    # Every slot run from 2 GiB away (branches then leave by an absolute jmp).
+    slots = run_traced(reloc_exe, "far_area", force_slot=True)
+    assert (slots.output, slots.status, slots.hits) == (run.output, 0, run.hits)
 
 
 def _regs(**values: int) -> SimpleNamespace:

@@ -357,6 +357,41 @@ def _fallback_code(insn: Instruction, raw: bytes, disp_offset: int, slot: _SlotW
     return False
 
 
+def _orphan_code(insn: Instruction, raw: bytes, slot: _SlotWriter) -> None:
+    """Slot code for an emulated instruction that needs no fallback (it touches
+    no memory: nop/endbr, jmp/jcc/loop/jrcxz rel, jmp through a register).
+    The tracer never runs it; a thread runs it when the tracer is gone and the
+    in-tracee SIGTRAP handler (orphan.py) sends an orphaned int3 here."""
+    next_ip = insn.next_ip
+    slot.resume_at(insn.ip)
+    if insn.is_jmp_near_indirect:  # jmp reg: position-independent as it is
+        slot.code += raw
+        return
+    if insn.is_jmp_short_or_near:
+        slot.resume_at(insn.near_branch_target)
+        slot.jump(insn.near_branch_target)
+        return
+    if insn.is_jcc_short_or_near or insn.is_loop or insn.is_loopcc or insn.is_jcx_short:
+        # The condition as a rel8 branch over the way out to next_ip, to the way
+        # out to the target: `jCC/loop/jrcxz L; jmp next; L: jmp target`.
+        if insn.is_jcc_short_or_near:
+            prefixes = _legacy_prefixes(raw)
+            opcode = raw[len(prefixes)]
+            cc = (raw[len(prefixes) + 1] if opcode == 0x0F else opcode) & 0x0F
+            slot.code += bytes([0x70 | cc, 0])
+        else:  # loop/loopcc/jrcxz are rel8 only; keep their 0x67 (ecx) prefix
+            slot.code += raw[:-1] + b"\0"
+        rel = next_ip - (slot.here + 5)
+        slot.code[-1] = 5 if -(1 << 31) <= rel < (1 << 31) else 14  # over jump(next_ip)
+        slot.resume_at(next_ip)
+        slot.jump(next_ip)
+        slot.resume_at(insn.near_branch_target)
+        slot.jump(insn.near_branch_target)
+        return
+    slot.resume_at(next_ip)  # nop, endbr64
+    slot.jump(next_ip)
+
+
 def plan(code: bytes, insn_addr: int, slot_addr: int, boost: bool = True) -> SlotPlan:
     """How to run the instruction whose original bytes start `code`, at runtime address
     `insn_addr`, with a slot at `slot_addr` (both in the tracee).  Raises
@@ -383,9 +418,10 @@ def plan(code: bytes, insn_addr: int, slot_addr: int, boost: bool = True) -> Slo
     emulation = _emulation(insn, raw)
     try:
         if emulation is not None:
-            boosted = _fallback_code(insn, raw, disp_offset, slot, what)
-            if not boosted:
+            if not _fallback_code(insn, raw, disp_offset, slot, what):
                 slot = _SlotWriter(slot_addr)
+                _orphan_code(insn, raw, slot)
+            boosted = True  # every emulated plan has runnable slot code
         else:
             boosted = True
             slot.resume_at(insn_addr)
