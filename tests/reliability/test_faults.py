@@ -4,9 +4,12 @@ input. The target always finishes correctly; nothing is left behind."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import re
+import resource
+import select
 import signal
 import subprocess
 import sys
@@ -17,6 +20,8 @@ import pytest
 
 from conftest import Compiler, reapers_of
 from uprobes.commands import main
+from uprobes.sys import procfs
+from uprobes.sys.procmem import ProcessMemory
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 LOOPS = 20000
@@ -190,3 +195,189 @@ def test_a_file_we_cannot_read(tmp_path: Path, compile_c: Compiler) -> None:
     assert done.stderr.startswith("uprobes: error: ") and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "ermission" in done.stderr or "cannot read" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------- kill -9 of the ptrace engine
+# Its int3s stay in the tracees' text when it dies: the in-tracee SIGTRAP
+# handler sends them to their slots, and the reaper writes the original bytes
+# back (engines/ptrace/orphan.py). The fixture's worker calls the probed
+# functions without pause, checking every result; "go N" returns once it has
+# made N more rounds, so a transcript does not depend on timing.
+
+ORPHAN_PROBES = {
+    "entry": ["f_mov"],                          # boosted: runs from its slot
+    "emulated": ["f_call", "f_jmp", "f_push"],   # the tracer emulates them
+    "return": ["r f_ret"],                       # on the function's ret (emulated)
+    "all": ["f_mov", "f_call", "f_jmp", "f_push", "r f_ret"],
+}
+_UNTRACED = b"done\ndone\nerrors=0\n"
+
+
+@pytest.fixture(scope="module")
+def orphan_exe(compile_c: Compiler) -> Path:
+    return compile_c("orphan.c", "-pthread")
+
+
+class _Driven:
+    """The fixture's stdin and stdout, one command and its answer at a time."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc, self.out, self.transcript = proc, proc.stdout.fileno(), b""
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def line(self, timeout: float = 60.0) -> bytes:
+        got = b""
+        deadline = time.monotonic() + timeout
+        while not got.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([self.out], [], [], left)[0], \
+                f"no answer from the fixture (so far {got!r})"
+            byte = os.read(self.out, 1)
+            assert byte, f"the fixture's stdout closed (so far {got!r})"
+            got += byte
+        self.transcript += got
+        return got
+
+    def ask(self, command: str) -> bytes:
+        self.send(command)
+        return self.line()
+
+
+def _subreaper(on: bool) -> None:
+    """Orphans of our children (the command, once uprobes is killed) become ours."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+
+
+def _waitpid(pid: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not end")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _probe_bytes(exe: Path, specs: list[str], pid: int) -> dict[int, int]:
+    """Run-time address -> original byte of every int3 those specs place in `pid`."""
+    done = subprocess.run([*UPROBES, "resolve", *specs], capture_output=True, text=True,
+                          timeout=60, check=True)
+    offsets = [int(ln.split()[1].rsplit(":", 1)[1], 16) for ln in done.stdout.splitlines()]
+    assert offsets, done.stdout
+    data = exe.read_bytes()
+    text = [m for m in procfs.maps(pid) if m.path == str(exe) and m.executable]
+    return {next(m for m in text if m.contains_file_offset(off)).file_to_runtime_addr(off):
+            data[off] for off in offsets}
+
+
+def _memory(pid: int, addrs: dict[int, int]) -> dict[int, int]:
+    with ProcessMemory(pid) as mem:
+        return {a: mem.read(a, 1)[0] for a in addrs}
+
+
+@pytest.mark.parametrize("kill_reaper", [False, True], ids=["reaper", "handler-alone"])
+@pytest.mark.parametrize("probes", ["entry", "emulated", "return"])
+def test_sigkill_of_the_ptrace_engine_mid_run(probes: str, kill_reaper: bool, tracefs: Path,
+                                              orphan_exe: Path) -> None:
+    """SIGKILL to uprobes while its probes are hot: the command runs on unharmed
+    (its transcript and status are the untraced run's); the reaper puts every
+    original byte back, and with the reaper killed too the handler alone
+    carries the command through its orphaned int3s."""
+    if kill_reaper and probes != "entry":
+        probes = "all"  # one run of every kind is enough for the handler alone
+    specs = [f"{s.rsplit(' ', 1)[0]} {orphan_exe}:{s.split()[-1]}" if " " in s
+             else f"{orphan_exe}:{s}" for s in ORPHAN_PROBES[probes]]
+    _subreaper(True)
+    try:
+        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "-o", os.devnull, *specs,
+                                "--", str(orphan_exe)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        target = _Driven(run)
+        assert target.ask("go 300") == b"done\n"  # probes placed and hit
+        kids = _children(run.pid)
+        command = next(k for k in kids if procfs.exe(k) == str(orphan_exe))
+        reapers = [k for k in kids if b"uprobes.engines.ptrace.orphan"
+                   in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert len(reapers) == 1, "no reaper"
+        original = _probe_bytes(orphan_exe, specs, command)
+        assert set(_memory(command, original).values()) == {0xCC}
+        if kill_reaper:
+            os.kill(reapers[0], signal.SIGKILL)
+        run.kill()  # mid-run: the worker is calling the probed functions
+        run.wait()
+        assert target.ask("go 3000") == b"done\n"  # on through the orphaned probes
+        deadline = time.monotonic() + 60
+        while not kill_reaper and _memory(command, original) != original:
+            assert time.monotonic() < deadline, "the reaper did not restore the code"
+            time.sleep(0.01)
+        if kill_reaper:
+            assert set(_memory(command, original).values()) == {0xCC}  # the handler's work
+        target.send("quit")
+        target.line()
+        assert run.stderr is not None
+        assert _waitpid(command) == 0, run.stderr.read().decode()
+        assert target.transcript == _UNTRACED
+        _waitpid(reapers[0])
+    finally:
+        _subreaper(False)
+
+
+def test_untraced_transcript(orphan_exe: Path) -> None:
+    """What the traced runs above are compared with."""
+    proc = subprocess.Popen([str(orphan_exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    target = _Driven(proc)
+    target.ask("go 300")
+    target.ask("go 3000")
+    target.ask("quit")
+    assert proc.wait(timeout=60) == 0
+    assert target.transcript == _UNTRACED
+
+
+def _raise_sigtrap(argv: list[str], cwd: Path) -> tuple[int, bytes, list[str]]:
+    """Run the fixture (under `argv`), make it raise(SIGTRAP): status, output, core files."""
+    def core_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=cwd, preexec_fn=core_limit)
+    target = _Driven(proc)
+    target.ask("go 100")
+    if argv[0] != str(argv[-1]):  # traced: our handler is installed
+        command = next(k for k in _children(proc.pid) if procfs.exe(k) == argv[-1])
+        sigcgt = next(ln for ln in Path(f"/proc/{command}/status").read_text().splitlines()
+                      if ln.startswith("SigCgt:"))
+        assert int(sigcgt.split()[1], 16) & (1 << (signal.SIGTRAP - 1)), sigcgt
+    target.send("trap")
+    assert proc.stdout is not None
+    rest = proc.stdout.read()
+    status = proc.wait(timeout=60)
+    return status, target.transcript + rest, sorted(p.name for p in cwd.iterdir()
+                                                    if p.name.startswith("core"))
+
+
+def test_traced_raise_sigtrap_is_the_default_action(tracefs: Path, orphan_exe: Path,
+                                                    tmp_path: Path) -> None:
+    """The program's own SIGTRAP goes through our handler while traced (the
+    tracer passes it on): SIG_DFL and the same signal again, so it dies of
+    SIGTRAP with a core, as untraced."""
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "traced").mkdir()
+    plain = _raise_sigtrap([str(orphan_exe)], tmp_path / "plain")
+    traced = _raise_sigtrap([*UPROBES, "trace", "-e", "ptrace", "-o", os.devnull,
+                             f"{orphan_exe}:f_mov", "--", str(orphan_exe)], tmp_path / "traced")
+    assert plain[0] == -signal.SIGTRAP
+    assert traced[0] == 128 + signal.SIGTRAP  # uprobes exits with its command's status
+    assert traced[1] == plain[1] == b"done\n"  # no "survived SIGTRAP"
+    if not pattern.startswith("|"):
+        assert plain[2] and len(traced[2]) == len(plain[2])  # a core dump, both times

@@ -3,12 +3,11 @@
 Probes made through tracefs outlive the process that made them (perf-PMU
 and BPF-link probes are fd-owned; tracefs ones are not), and tools that die
 leave them behind, up to filling `uprobe_events`. So the first time a run
-makes its group, it starts a watcher: a separate small process (exec'd, so
-it holds none of our perf fds; in a session of its own, so Ctrl-C at the
-terminal does not reach it) that waits for EOF on a pipe only we hold. EOF
-comes when we exit by any means; the watcher then removes what is left of
-our group (retrying while the kernel still closes our perf events: EBUSY)
-and exits. After a normal exit there is nothing left and it exits at once.
+makes its group, it starts a watcher (uprobes.engines.reaper: exec'd, so
+it holds none of our perf fds) that waits for EOF on a pipe only we hold,
+then removes what is left of our group (retrying while the kernel still
+closes our perf events: EBUSY) and exits. After a normal exit there is
+nothing left and it exits at once.
 
 Run as `python -m uprobes.engines.kernel.reaper GROUP TRACEFS_ROOT`.
 """
@@ -16,9 +15,10 @@ Run as `python -m uprobes.engines.kernel.reaper GROUP TRACEFS_ROOT`.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
+
+from uprobes.engines.reaper import read_until_eof, start_watcher
 
 _started: set[str] = set()
 _pipes: list[int] = []
@@ -29,16 +29,9 @@ def ensure_reaper(group: str, tracefs_root: str) -> None:
     """Start the watcher of `group` unless this process already has one."""
     if group in _started:
         return
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        subprocess.Popen([sys.executable, "-m", "uprobes.engines.kernel.reaper", group,
-                          tracefs_root], stdin=r, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-    except OSError:
-        os.close(w)  # no watcher: `uprobes cleanup` remains the way after a SIGKILL
-        return
-    finally:
-        os.close(r)
+    w = start_watcher("uprobes.engines.kernel.reaper", group, tracefs_root)
+    if w is None:
+        return  # no watcher: `uprobes cleanup` remains the way after a SIGKILL
     _pipes.append(w)  # held open, never written, until this process ends
     _started.add(group)
 
@@ -49,8 +42,7 @@ def is_watched(group: str) -> bool:
 
 
 def _reap(group: str, tracefs_root: str) -> int:
-    while os.read(0, 4096):
-        pass  # nothing is ever written: wait for EOF
+    read_until_eof()  # nothing is ever written: wait for EOF
     # Imported only now: the watcher costs nothing but a blocked read meanwhile.
     from uprobes.errors import KernelError
     from uprobes.sys.tracefs import Tracefs

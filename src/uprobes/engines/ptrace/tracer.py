@@ -42,6 +42,7 @@ from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.jumppatch import NotTrapFree, TrapFree, plan_for
+from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -157,6 +158,7 @@ class PtraceTracer:
         self._quiescing = False
         self._stack = ExitStack()
         self._signals: StopSignals | None = None
+        self._orphans = OrphanGuard(self._note)  # kill -9 of uprobes: see orphan.py
 
     @property
     def infos(self) -> dict[str, ProbeInfo]:
@@ -342,6 +344,7 @@ class PtraceTracer:
                     value = int.from_bytes(mm.mem.read(addr, 2), "little")
                     mm.mem.write(addr, ((value + 1) & 0xFFFF).to_bytes(2, "little"))
                     mm.semaphores[addr] = 1
+                    self._orphans.semaphore(mm, addr)
                 except UprobesError as e:
                     self._note(f"cannot enable a USDT semaphore in process {mm.pid}: {e}")
                 return
@@ -430,6 +433,7 @@ class PtraceTracer:
         plan = relocate.plan(original, addr, slot)
         breakpoints.check_memory(mm.mem, addr, original, plan.insn_len, mm.sites, what)
         site = Site(addr, probe, original, plan, slot, file_base, internal)
+        self._orphans.guard(mm, site)
         breakpoints.insert(mm.mem, site)
         mm.sites[addr] = site
         return site
@@ -449,6 +453,8 @@ class PtraceTracer:
         mm.areas.append(area)
         mm.trampolines.add(area.trampoline)
         t.pending.extend(held)
+        if len(mm.areas) == 1:
+            self._orphans.setup(t, regs, mm.syscall_addr)
         return area
 
     def _refuse(self, probe: Probe, reason: str) -> None:
@@ -724,6 +730,7 @@ class PtraceTracer:
                 mm = parent.mm.fork_copy(tid)
                 if self._jumps is not None:
                     self._jumps.fork(parent.mm, mm)  # the child has the jumps too
+                self._orphans.forked(parent.mm, mm)
             new = Thread(tid, tid, mm)
             new.returns = list(parent.returns)  # its stack holds the same trampolines
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
@@ -740,6 +747,7 @@ class PtraceTracer:
         for other in [o for o in self.threads.values() if o.pid == t.pid and o is not t]:
             self.threads.pop(other.tid).close()
         t.mm.release()
+        self._orphans.released(t.mm)
         t.mm = AddressSpace(t.pid, ProcessMemory(t.pid))
         t.returns.clear()
         t.comm_at = 0
@@ -781,6 +789,7 @@ class PtraceTracer:
         t.close()
         if t.tid == t.pid:
             t.mm.release()
+            self._orphans.released(t.mm)
         target = self.child if self.child is not None else self.pid
         if t.tid == target:
             self.target_exited = True
@@ -846,6 +855,7 @@ class PtraceTracer:
 
     def _detach_all(self) -> None:
         if not self.threads:
+            self._orphans.close()
             return
         self._quiesce()
         for t in self.threads.values():
@@ -884,6 +894,7 @@ class PtraceTracer:
         self._pending_new.clear()
         if self._jumps is not None:
             self._jumps.fold_into(self.counts)
+        self._orphans.close()  # every int3 is gone: nothing for the reaper
 
     def _unwind(self, t: Thread) -> None:
         """Put a stopped thread back in the original code: out of a slot,
