@@ -247,6 +247,48 @@ def wait_any(nohang: bool = False) -> tuple[int, int]:
     raise kernel_error("waitpid", err)
 
 
+class _WaitInfo(ctypes.Structure):
+    """The SIGCHLD layout of `siginfo_t` that waitid() fills (128 bytes)."""
+
+    _fields_ = [("si_signo", ctypes.c_int), ("si_errno", ctypes.c_int),
+                ("si_code", ctypes.c_int), ("_pad", ctypes.c_int),
+                ("si_pid", ctypes.c_int), ("si_uid", ctypes.c_int),
+                ("si_status", ctypes.c_int), ("_rest", ctypes.c_byte * 100)]
+
+
+_CLD_TRAPPED = 4
+_WEXITED, _WSTOPPED, _WNOWAIT = 4, 2, 0x01000000
+_P_ALL = 0
+_bare_waitid = libc().bare_function("waitid", ctypes.c_int)
+_wait_info = _WaitInfo()
+_wait_info_ref = ctypes.byref(_wait_info)
+
+
+def peek_any(nohang: bool = False) -> tuple[int, int]:
+    """wait_any() that leaves the report in place (waitid with WNOWAIT): a
+    ptrace stop stays unconsumed until the task is resumed, so if we die
+    before resuming it the kernel delivers the stop's signal at the detach
+    (a consumed stop is resumed with no signal at all, wherever rip is). The
+    status is waitpid's for a ptrace stop (signal and event), else 0: then
+    consume the report with wait_task(tid) for its exact status."""
+    options = WALL | _WEXITED | _WSTOPPED | _WNOWAIT | (WNOHANG if nohang else 0)
+    _wait_info.si_pid = 0
+    got: int = _bare_waitid(_P_ALL, 0, _wait_info_ref, options)
+    if got == 0:
+        tid = _wait_info.si_pid
+        if tid == 0:
+            return 0, 0
+        if _wait_info.si_code == _CLD_TRAPPED:
+            return tid, (_wait_info.si_status & 0xFFFF) << 8 | 0x7F
+        return tid, 0
+    err = ctypes.get_errno()
+    if err == _errno.EINTR:
+        return 0, 0
+    if err == _errno.ECHILD:
+        return -1, 0
+    raise kernel_error("waitid", err)
+
+
 def wait_task(tid: int) -> int:
     """waitpid(tid, __WALL), retried on EINTR: the raw status."""
     while True:

@@ -14,7 +14,6 @@ Run as `python -m uprobes.engines.kernel.reaper GROUP TRACEFS_ROOT`.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 

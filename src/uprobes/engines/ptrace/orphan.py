@@ -19,8 +19,9 @@ SIGTRAP. Two things prevent it:
   action then takes when the handler returns (a core, the same status).
   A SI_KERNEL SIGTRAP whose rip - 1 is neither in the table nor an int3 is
   the stop of a tracer that died between moving rip (an emulated
-  instruction, a slot, a return) and resuming: the work is done, the
-  handler returns. A program that handles or ignores SIGTRAP itself keeps
+  instruction, a return) and resuming: the work is done, the handler
+  returns (the tracer peeks at stops without consuming them, so such a
+  stop still carries its SIGTRAP: see ptrace.peek_any). A program that handles or ignores SIGTRAP itself keeps
   its disposition: no handler is installed, one note says so, and only
   the reaper protects it.
 - **A reaper** (uprobes.engines.reaper: a watcher process on a pipe): the
@@ -42,7 +43,6 @@ the few instructions of a remote call at a process's set-up.
 
 from __future__ import annotations
 
-import os
 import signal
 import struct
 from collections.abc import Callable
@@ -55,6 +55,7 @@ from uprobes.engines import reaper
 from uprobes.engines.ptrace.xol import remote_syscall
 from uprobes.errors import UprobesError
 from uprobes.sys import ptrace
+from uprobes.sys.procmem import ProcessMemory
 
 if TYPE_CHECKING:
     from uprobes.engines.ptrace.breakpoints import Site
@@ -267,6 +268,13 @@ class OrphanGuard:
         mm.mem.write(table.start + TABLE_OFF + 16 * i,
                      _ENTRY.pack(site.runtime_addr, site.slot_addr))
         table.taken[i] = site.runtime_addr
+        # A tracer that dies after pointing rip at the slot, before resuming,
+        # leaves a SIGTRAP at rip = slot: "trap at slot - 1" resumes there.
+        j = table.slot_for(site.slot_addr - 1)
+        if j is not None:
+            mm.mem.write(table.start + TABLE_OFF + 16 * j,
+                         _ENTRY.pack(site.slot_addr - 1, site.slot_addr))
+            table.taken[j] = site.slot_addr - 1
 
     def semaphore(self, mm: AddressSpace, addr: int) -> None:
         """A USDT semaphore raised by one: the reaper lowers it."""
@@ -360,25 +368,23 @@ def restore(pid: int, proc: _Process) -> int:
             return 0
     done = 0
     try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+        mem = ProcessMemory(pid)
+    except UprobesError:
         return 0
-    try:
+    with mem:
         for addr, byte in proc.int3s.items():
             try:
-                if os.pread(fd, 1, addr) == b"\xcc":
-                    os.pwrite(fd, bytes([byte]), addr)
+                if mem.read(addr, 1) == b"\xcc":
+                    mem.write(addr, bytes([byte]))
                     done += 1
-            except OSError:
+            except UprobesError:
                 pass  # unmapped meanwhile
         for addr, n in proc.semaphores.items():
             try:
-                value = int.from_bytes(os.pread(fd, 2, addr), "little")
-                os.pwrite(fd, max(0, value - n).to_bytes(2, "little"), addr)
-            except OSError:
+                value = int.from_bytes(mem.read(addr, 2), "little")
+                mem.write(addr, max(0, value - n).to_bytes(2, "little"))
+            except UprobesError:
                 pass
-    finally:
-        os.close(fd)
     return done
 
 

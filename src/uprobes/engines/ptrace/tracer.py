@@ -517,7 +517,12 @@ class PtraceTracer:
             if self.child is not None and self.child in self.threads:
                 pass  # released by the caller; its exec stop places the probes
             threads = self.threads
-            wait_any = ptrace.wait_any
+            # Reports are peeked, not consumed: a hit's stop stays pending until
+            # its thread is resumed, so a kill -9 of uprobes mid-hit delivers the
+            # SIGTRAP to the in-tracee handler (orphan.py) instead of resuming
+            # the thread past its int3 with no signal.
+            wait_any = ptrace.peek_any
+            consume = ptrace.wait_task
             trap = self._trap
             nohang = not main
             while not self._done and signals.signum is None:
@@ -536,7 +541,7 @@ class PtraceTracer:
                     continue
                 if tid < 0:
                     break
-                self._handle(tid, status)
+                self._handle(tid, consume(tid))
         finally:
             if main:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
