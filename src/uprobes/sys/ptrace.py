@@ -289,6 +289,12 @@ def peek_any(nohang: bool = False) -> tuple[int, int]:
     raise kernel_error("waitid", err)
 
 
+def consume_pending(tid: int) -> None:
+    """Consume `tid`'s report if one is pending (waitpid WNOHANG): a stop
+    peeked at (peek_any) that will not be resumed by a ptrace request."""
+    _raw_waitpid(tid, _status_ref, WALL | WNOHANG)  # type: ignore[operator]
+
+
 def wait_task(tid: int) -> int:
     """waitpid(tid, __WALL), retried on EINTR: the raw status."""
     while True:

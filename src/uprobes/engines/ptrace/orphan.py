@@ -43,6 +43,7 @@ the few instructions of a remote call at a process's set-up.
 
 from __future__ import annotations
 
+import functools
 import signal
 import struct
 from collections.abc import Callable
@@ -77,7 +78,7 @@ _UC_RIP = 168            # offsetof(ucontext_t, uc_mcontext.rip) on x86-64
 _SI_CODE = 8             # offsetof(siginfo_t, si_code)
 _NR_RT_SIGRETURN, _NR_RT_SIGACTION, _NR_GETPID, _NR_GETTID = 15, 13, 39, 186
 _NR_RT_TGSIGQUEUEINFO, _NR_MMAP = 297, 9
-_PROT_RX, _MAP_PRIVATE_ANON = 0x1 | 0x4, 0x02 | 0x20
+_PROT_RX, _MAP_PRIVATE_ANON, _MAP_FIXED_NOREPLACE = 0x1 | 0x4, 0x02 | 0x20, 0x100000
 _SIGTRAP = int(signal.SIGTRAP)
 _ENTRY = struct.Struct("<QQ")
 
@@ -87,13 +88,15 @@ def table_index(trap_addr: int) -> int:
     return ((trap_addr * _HASH) & (2**64 - 1)) >> (64 - TABLE_BITS)
 
 
-def handler_code(base: int) -> tuple[bytes, int]:
-    """The SIGTRAP handler and its sa_restorer, assembled for an area at
-    `base`: (code, offset of the restorer). Called as handler(sig=rdi,
+@functools.cache
+def handler_code() -> tuple[bytes, int]:
+    """The SIGTRAP handler and its sa_restorer, position-independent (the
+    table and the SIG_DFL action are found rip-relative, at the start of the
+    area): (code, offset of the restorer). Called as handler(sig=rdi,
     info=rsi, uc=rdx) on the kernel's signal frame, all signals blocked
     (sa_mask); every register it changes is restored by rt_sigreturn from
     the frame, except rip in the ucontext, which is the point."""
-    table = base + TABLE_OFF
+    base = 0
     r, m = Register, MemoryOperand
     I = Instruction  # noqa: E741
     prog: list[Instruction | str] = [
@@ -106,7 +109,7 @@ def handler_code(base: int) -> tuple[bytes, int]:
         I.create_reg_u64(Code.MOV_R64_IMM64, r.RCX, _HASH),
         I.create_reg_reg(Code.IMUL_R64_RM64, r.RAX, r.RCX),
         I.create_reg_i32(Code.SHR_RM64_IMM8, r.RAX, 64 - TABLE_BITS),
-        I.create_reg_u64(Code.MOV_R64_IMM64, r.R10, table),
+        I.create_reg_mem(Code.LEA_R64_M, r.R10, m(r.RIP, displ=base + TABLE_OFF)),
         "probe",  # rax: index; an entry is (trap address, slot address), 0: empty
         I.create_reg_reg(Code.MOV_R64_RM64, r.RCX, r.RAX),
         I.create_reg_i32(Code.SHL_RM64_IMM8, r.RCX, 4),
@@ -133,7 +136,7 @@ def handler_code(base: int) -> tuple[bytes, int]:
         I.create_reg_reg(Code.MOV_R64_RM64, r.R12, r.RSI),
         I.create_reg_reg(Code.MOV_R32_RM32, r.R13D, r.EDI),
         I.create_reg_u32(Code.MOV_R32_IMM32, r.EAX, _NR_RT_SIGACTION),
-        I.create_reg_u64(Code.MOV_R64_IMM64, r.RSI, base + SIG_DFL_OFF),
+        I.create_reg_mem(Code.LEA_R64_M, r.RSI, m(r.RIP, displ=base + SIG_DFL_OFF)),
         I.create_reg_reg(Code.XOR_R32_RM32, r.EDX, r.EDX),
         I.create_reg_u32(Code.MOV_R32_IMM32, r.R10D, 8),
         I.create(Code.SYSCALL),
@@ -233,10 +236,9 @@ class OrphanGuard:
                            "made safe there by the reaper alone (no handler of ours)")
             else:
                 held: list[int] = []
-                got = remote_syscall(t.tid, regs, syscall_addr, _NR_MMAP,
-                                     (0, AREA_SIZE, _PROT_RX, _MAP_PRIVATE_ANON, -1, 0), held)
+                got = self._map(t, regs, syscall_addr, held)
                 if got > 0:
-                    code, restorer = handler_code(got)
+                    code, restorer = handler_code()
                     mm.mem.write(got, code)
                     mm.mem.write(got + ACT_OFF, struct.pack(
                         "<QQQQ", got, _SA_SIGINFO | _SA_RESTART | _SA_RESTORER,
@@ -249,6 +251,22 @@ class OrphanGuard:
             self._note(f"process {mm.pid}: no SIGTRAP handler for a kill -9 of uprobes: {e}")
         self._tables[id(mm)] = OrphanTable(start)
         self._send(f"P {mm.pid} {_start_time(mm.pid)} {start:x}")
+
+    @staticmethod
+    def _map(t: Thread, regs: ptrace.UserRegs, syscall_addr: int, held: list[int]) -> int:
+        """Map the area right below the first XOL area (in the gap the engine
+        already uses, so where the program's own later mmaps go is unchanged:
+        the dynamic linker puts libraries top-down from mmap_base), else
+        anywhere. Its address, or a negative errno."""
+        below = t.mm.areas[0].start - AREA_SIZE if t.mm.areas else 0
+        if below >= 0x10000:
+            got = remote_syscall(t.tid, regs, syscall_addr, _NR_MMAP, (
+                below, AREA_SIZE, _PROT_RX, _MAP_PRIVATE_ANON | _MAP_FIXED_NOREPLACE, -1, 0),
+                held)
+            if got == below:
+                return got
+        return remote_syscall(t.tid, regs, syscall_addr, _NR_MMAP,
+                              (0, AREA_SIZE, _PROT_RX, _MAP_PRIVATE_ANON, -1, 0), held)
 
     def guard(self, mm: AddressSpace, site: Site) -> None:
         """Before `site`'s int3 is written: its table entry and its record."""

@@ -533,7 +533,11 @@ class PtraceTracer:
                     t = threads.get(tid)
                     if t is not None:
                         t.stopped = True
-                        trap(t)
+                        try:
+                            trap(t)
+                        except BaseException:
+                            ptrace.consume_pending(tid)  # else the detach sees it again
+                            raise
                         continue
                 if tid == 0:
                     if not main:
