@@ -2,7 +2,7 @@
 
     python -m bench.orphan [--repeats 20]
 
-Runs `uprobes count -e ptrace WORKLOAD:work_boosted -- WORKLOAD 1` in this
+Runs `uprobes count -e ptrace --no-trapfree WORKLOAD:work_boosted -- WORKLOAD 1` in this
 process (uprobes.commands.main), `--repeats` times with the orphan guard
 (engines/ptrace/orphan.py) and as many times with its set-up and per-probe
 calls made no-ops, alternating, and prints the medians: the time spent in
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     workload = build()
-    cmd = ["count", "-e", "ptrace", "-o", os.devnull, f"{workload.exe}:work_boosted", "--",
+    cmd = ["count", "-e", "ptrace", "--no-trapfree", "-o", os.devnull,
+           f"{workload.exe}:work_boosted", "--",
            *workload.argv(1, "work_boosted")]
     _once(cmd, False)  # warm caches
     on: list[dict[str, float]] = []

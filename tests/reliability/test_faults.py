@@ -298,8 +298,8 @@ def test_sigkill_of_the_ptrace_engine_mid_run(probes: str, kill_reaper: bool, tr
              else f"{orphan_exe}:{s}" for s in ORPHAN_PROBES[probes]]
     _subreaper(True)
     try:
-        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "-o", os.devnull, *specs,
-                                "--", str(orphan_exe)],
+        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--no-trapfree", "-o",
+                                os.devnull, *specs, "--", str(orphan_exe)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
         target = _Driven(run)
