@@ -239,12 +239,17 @@ def wait_any(nohang: bool = False) -> tuple[int, int]:
         return tid, _status.value
     if tid == 0:
         return 0, 0
+    return _wait_failed("waitpid")
+
+
+def _wait_failed(what: str) -> tuple[int, int]:
+    """A wait that returned -1: (0, 0) if interrupted, (-1, 0) if no child is left."""
     err = ctypes.get_errno()
     if err == _errno.EINTR:
         return 0, 0
     if err == _errno.ECHILD:
         return -1, 0
-    raise kernel_error("waitpid", err)
+    raise kernel_error(what, err)
 
 
 class _WaitInfo(ctypes.Structure):
@@ -281,12 +286,7 @@ def peek_any(nohang: bool = False) -> tuple[int, int]:
         if _wait_info.si_code == _CLD_TRAPPED:
             return tid, (_wait_info.si_status & 0xFFFF) << 8 | 0x7F
         return tid, 0
-    err = ctypes.get_errno()
-    if err == _errno.EINTR:
-        return 0, 0
-    if err == _errno.ECHILD:
-        return -1, 0
-    raise kernel_error("waitid", err)
+    return _wait_failed("waitid")
 
 
 def consume_pending(tid: int) -> None:
