@@ -169,3 +169,30 @@ def test_detach_while_threads_run_through_the_jump(threads_exe: Path) -> None:
         assert held.proc.wait(60) == 0
     finally:
         held.close()
+
+
+def test_exec_and_vfork_children_count_exactly(target: Path) -> None:
+    """A shell that forks one run and execs another, and python spawning three
+    (vfork): each image gets its jumps; the counts of images gone stay."""
+    t = str(target)
+    run, counts = count(f"{t}:add", f"{t}:fib", "--", "/bin/sh", "-c",
+                        f"{t} 4 >/dev/null; exec {t} 6 >/dev/null")
+    assert counts == {"uprobes/add": 10, "uprobes/fib": 30}
+    assert NOTE_FREE.search(run.stderr).groups() == ("2", "2"), run.stderr  # type: ignore[union-attr]
+    spawn = (f"import subprocess; [subprocess.run(['{t}', '3'], stdout=subprocess.DEVNULL) "
+             "for _ in range(3)]")
+    _, counts = count(f"{t}:add", "--", "/usr/bin/python3.11", "-c", spawn)
+    assert counts == {"uprobes/add": 9}
+
+
+def test_library_loaded_while_a_thread_runs(compile_c: Compiler) -> None:
+    """dlopen while a second thread spins through a trap-free probe: every
+    thread is stopped for the jump into the library, then resumed."""
+    lib = compile_c("ptrace_plugin.c", "-shared", "-fPIC", name="libtrapfree_plugin.so")
+    exe = compile_c("ptrace_dlopen.c", "-pthread", "-ldl")
+    run, counts = count(f"{lib}:plugin_work", f"{exe}:spin_work", "--", str(exe), str(lib),
+                        "20000", env={"DLOPEN_SPIN": "1"})
+    assert "calls plugin=20000 total=399980000" in run.stdout
+    assert counts["uprobes/plugin_work"] == 20000 and counts["uprobes/spin_work"] > 0
+    notes = [m.groups() for m in NOTE_FREE.finditer(run.stderr)]
+    assert notes == [("1", "1"), ("1", "1")], run.stderr  # the program's probe, the library's

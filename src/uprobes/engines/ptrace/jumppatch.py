@@ -284,7 +284,7 @@ class _Space:
     """Trap-free state of one address space (shared by its threads)."""
 
     patches: dict[int, JumpPatch] = field(default_factory=dict)
-    block: CounterBlock | None = None
+    blocks: list[CounterBlock] = field(default_factory=list)  # each near one XOL area
     name_addr: int | None = None
 
 
@@ -330,8 +330,7 @@ class TrapFree:
             raise NotTrapFree("the code is not readable") from None
         for other, stopped in threads:
             if not stopped:
-                raise NotTrapFree("threads of the process were running (a library loaded "
-                                  "while they ran)")
+                raise NotTrapFree("threads of the process were running")
             try:
                 rip = regs.rip if other == tid else ptrace.getregs(other, ptrace.UserRegs()).rip
             except UprobesError:
@@ -340,8 +339,7 @@ class TrapFree:
                 raise NotTrapFree(f"thread {other} was inside the bytes a jump would replace")
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
         area = area_for(runtime_addr, trampoline.max_size(displaced))
-        block = space.block
-        index = block.alloc() if block is not None else None
+        block, index = self._counter_near(space, area)
         if block is None or index is None:
             if space.name_addr is None:
                 space.name_addr = area.alloc(len(_MEMFD_NAME))
@@ -350,7 +348,7 @@ class TrapFree:
                 mem.write(space.name_addr, _MEMFD_NAME)
             block = map_counters(tid, regs, pid, syscall_addr(), space.name_addr, area.start,
                                  held)
-            space.block = block
+            space.blocks.append(block)
             index = block.alloc()
             assert index is not None
         at = area.alloc(trampoline.max_size(displaced))
@@ -366,11 +364,22 @@ class TrapFree:
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
         self._counters.setdefault(name, []).append((block, index))
 
+    @staticmethod
+    def _counter_near(space: _Space, area: XolArea) -> tuple[CounterBlock | None, int | None]:
+        """A free counter within rel32 reach of `area`, if a block has one."""
+        for block in space.blocks:
+            if area.reaches(block.runtime_addr):  # its margin covers both spans
+                index = block.alloc()
+                if index is not None:
+                    return block, index
+        return None, None
+
     def fork(self, parent: object, child: object) -> None:
         """A forked child has the parent's patches (and shares its counters)."""
         space = self._spaces.get(parent)
         if space is not None:
-            self._spaces[child] = _Space(dict(space.patches), space.block, space.name_addr)
+            self._spaces[child] = _Space(dict(space.patches), list(space.blocks),
+                                         space.name_addr)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""

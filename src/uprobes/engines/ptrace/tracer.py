@@ -95,6 +95,7 @@ class PtraceTracer:
                  hit_filter: HitFilter | None = None, trapfree: bool = False) -> None:
         ptrace.ensure_x86_64()
         self._jumps = TrapFree() if trapfree else None
+        self._held: tuple[AddressSpace, list[int]] | None = None  # stopped to place jumps
         self.hit_filter = hit_filter
         task_filter = hit_filter.task_filter() if hit_filter else None
         if pid is None and child is None:
@@ -328,6 +329,7 @@ class PtraceTracer:
         self._placed_once = True
         if self._jumps is not None:
             self._jumps.report(self._note)
+            self._release_held(mm)
 
     def _semaphore(self, mm: AddressSpace, maps: list[procfs.Mapping], text: procfs.Mapping,
                    ref_ctr_offset: int) -> None:
@@ -405,6 +407,8 @@ class PtraceTracer:
         if why is None:
             assert name is not None and not isinstance(plan, str)
             mm = t.mm
+            if any(not o.stopped for o in self.threads.values() if o.mm is mm):
+                self._hold_all(mm)  # a library loaded while other threads run
             threads = [(o.tid, o.stopped) for o in self.threads.values() if o.mm is mm]
             threads += [(tid, True) for tid in self._pending_new]
 
@@ -422,6 +426,25 @@ class PtraceTracer:
                 why = f"cannot place the jump: {e}"
         jumps.decide(point.name, why)
         return why is None
+
+    def _hold_all(self, mm: AddressSpace) -> None:
+        """Stop every traced thread, as detach does, so a jump can go into
+        `mm` while none of it runs; `_release_held(mm)` resumes them."""
+        before = {tid for tid, o in self.threads.items() if o.stopped}
+        self._quiesce()
+        held = [tid for tid, o in self.threads.items() if o.stopped and tid not in before]
+        self._held = (mm, (self._held[1] if self._held else []) + held)
+
+    def _release_held(self, mm: AddressSpace) -> None:
+        """Resume the threads `_hold_all` stopped for placing in `mm` (not
+        before: an exec seen meanwhile places into another mm)."""
+        if self._held is None or self._held[0] is not mm:
+            return
+        held, self._held = self._held[1], None
+        for tid in held:
+            o = self.threads.get(tid)
+            if o is not None and o.stopped:
+                self._resume(o)
 
     def _insert(self, t: Thread, regs: UserRegs, addr: int, probe: Probe | None,
                 original: bytes, file_base: int, internal: str) -> Site:
