@@ -218,6 +218,20 @@ def orphan_exe(compile_c: Compiler) -> Path:
     return compile_c("orphan.c", "-pthread")
 
 
+def _read_line(fd: int, timeout: float = 60.0) -> bytes:
+    """One line from `fd`, waiting for it (a generous timeout, no sleeps)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while not got.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], \
+            f"no line came (so far {got!r})"
+        byte = os.read(fd, 1)
+        assert byte, f"closed before a line (so far {got!r})"
+        got += byte
+    return got
+
+
 class _Driven:
     """The fixture's stdin and stdout, one command and its answer at a time."""
 
@@ -230,16 +244,8 @@ class _Driven:
         self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
 
-    def line(self, timeout: float = 60.0) -> bytes:
-        got = b""
-        deadline = time.monotonic() + timeout
-        while not got.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            assert left > 0 and select.select([self.out], [], [], left)[0], \
-                f"no answer from the fixture (so far {got!r})"
-            byte = os.read(self.out, 1)
-            assert byte, f"the fixture's stdout closed (so far {got!r})"
-            got += byte
+    def line(self) -> bytes:
+        got = _read_line(self.out)
         self.transcript += got
         return got
 
@@ -380,3 +386,37 @@ def test_traced_raise_sigtrap_is_the_default_action(tracefs: Path, orphan_exe: P
     assert traced[1] == plain[1] == b"done\n"  # no "survived SIGTRAP"
     if not pattern.startswith("|"):
         assert plain[2] and len(traced[2]) == len(plain[2])  # a core dump, both times
+
+
+
+def test_a_program_with_its_own_sigtrap_handler_keeps_it(tracefs: Path, orphan_exe: Path,
+                                                         tmp_path: Path) -> None:
+    """The program's own SIGTRAP handler gets its raise(SIGTRAP), traced or
+    not: launched, its sigaction replaces ours; attached to (-p) when it
+    already has one, we install none, and one note says so."""
+    env = {**os.environ, "ORPHAN_OWN_HANDLER": "1"}
+    expected = b"done\ncaught\nsurvived SIGTRAP\nerrors=0\n"
+    for how in ("untraced", "launched", "attached"):
+        argv = [str(orphan_exe)]
+        if how == "launched":
+            argv = [*UPROBES, "trace", "-e", "ptrace", "-o", os.devnull,
+                    f"{orphan_exe}:f_mov", "--", str(orphan_exe)]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        target = _Driven(proc)
+        target.ask("go 100")  # its handler is in place
+        tracer = None
+        if how == "attached":
+            tracer = subprocess.Popen([*UPROBES, "trace", "-e", "ptrace", "-o", os.devnull,
+                                       "-p", str(proc.pid), f"{orphan_exe}:f_mov"],
+                                      stderr=subprocess.PIPE)
+            assert tracer.stderr is not None
+            note = _read_line(tracer.stderr.fileno())
+            assert b"catches SIGTRAP itself" in note, note
+        target.ask("trap")
+        target.line()
+        target.ask("quit")
+        assert proc.wait(timeout=60) == 0
+        assert target.transcript == expected, how
+        if tracer is not None:
+            tracer.wait(timeout=60)
