@@ -558,8 +558,14 @@ class PtraceTracer:
                         t.stopped = True
                         try:
                             trap(t)
+                        except KernelError as e:
+                            if e.errno != errno.ESRCH:
+                                ptrace.consume_pending(tid)  # else the detach sees it again
+                                raise
+                            # Killed during its hit (its process died of a signal in
+                            # another thread): its exit is reported next.
                         except BaseException:
-                            ptrace.consume_pending(tid)  # else the detach sees it again
+                            ptrace.consume_pending(tid)
                             raise
                         continue
                 if tid == 0:
