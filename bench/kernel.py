@@ -233,7 +233,7 @@ def reader_rate(w: Workload, calls: int, repeats: int) -> str:
 
 
 def sustained(w: Workload, rates: Sequence[int], seconds: float, repeats: int,
-              spec_args: str = "n=%di:s64 sp=%sp:x64") -> str:
+              spec_args: str = "n=%di:s64 sp=%sp:x64", ring_pages: int | None = None) -> str:
     """trace --json while the workload runs, paced (calls per second) or, at
     rate 0, as fast as it goes: the rate it made hits at, the records
     delivered per second (from its first call until uprobes had written
@@ -244,7 +244,7 @@ def sustained(w: Workload, rates: Sequence[int], seconds: float, repeats: int,
         calls = int((rate or 600_000) * seconds)
         lost, made, delivered = [], [], []
         for _ in range(repeats):
-            r = _trace(workload(w, calls, rate), spec, json=True)
+            r = _trace(workload(w, calls, rate), spec, json=True, ring_pages=ring_pages)
             events, n = _events(r)
             lost.append(n)
             made.append(calls / (r.loop_ns / 1e9))
@@ -253,8 +253,9 @@ def sustained(w: Workload, rates: Sequence[int], seconds: float, repeats: int,
         rows.append([f"{label}, {calls:,} calls", f"{median(made) / 1e3:.0f}k/s",
                      f"{median(delivered) / 1e3:.0f}k/s", f"{max(lost)}",
                      f"{sum(1 for n in lost if n == 0)} of {repeats}"])
-    return table(["`trace --json` at", "hits made", "delivered (end to end)", "lost (worst)",
-                  "runs with none lost"], rows)
+    rings = f" (--ring-pages {ring_pages})" if ring_pages else ""
+    return table([f"`trace --json`{rings} at", "hits made", "delivered (end to end)",
+                  "lost (worst)", "runs with none lost"], rows)
 
 
 def libc_probes(n: int) -> list[ResolvedProbe]:
@@ -379,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rates", default="100000,300000,0",
                     help="paced rates for trace --json, comma-separated (0: unpaced)")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each paced run")
+    ap.add_argument("--ring-pages", type=int, default=None,
+                    help="trace's --ring-pages in the sustained runs (default: trace's own)")
     ap.add_argument("--sizes", default="1,100,1000", help="probe counts for attach/detach")
     ap.add_argument("--ways", default=",".join(WAYS),
                     help="placements to time for attach/detach, comma-separated")
@@ -395,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(reader_rate(w, args.calls, args.repeats), "\n", flush=True)
     if "sustained" in parts:
         rates = [int(r) for r in args.rates.split(",")]
-        print(sustained(w, rates, args.seconds, args.repeats), "\n", flush=True)
+        print(sustained(w, rates, args.seconds, args.repeats, ring_pages=args.ring_pages), "\n",
+              flush=True)
     if "attach" in parts:
         sizes = [int(s) for s in args.sizes.split(",")]
         print(attach_detach(sizes, args.repeats, args.ways.split(",")), "\n", flush=True)

@@ -21,22 +21,13 @@ from uprobes.sys import procfs
 from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_cpus, \
     open_tracepoint
 
-def _default_ring_pages() -> int:
-    """8 MiB of rings in all, 1 to 8 MiB per CPU. The ring is what absorbs
-    the reader's waits for a CPU: at 300k events/s a 1 MiB ring (about
-    12,000 records) is full in 40 ms, a wait a busy 2-CPU machine gives
-    (measured on 2 busy CPUs, trace --json at a paced 300k/s: records lost
-    in 3 of 5 runs with 1 MiB rings, in none of 12 with 4 or 8 MiB and a
-    wake-up per 256 KiB or 1 MiB; with 8 MiB and a wake-up per 2 MiB, in 2
-    of 3)."""
-    try:
-        cpus = len(online_cpus())
-    except KernelError:  # no sysfs: decided at import, so never an error here
-        cpus = 8
-    return max(256, min(2048, 2048 // max(1, cpus)))
-
-
-DEFAULT_RING_PAGES = _default_ring_pages()
+DEFAULT_RING_PAGES = 256
+"""1 MiB per CPU. Bigger rings absorb longer waits of the reader for a CPU
+(measured on 2 busy CPUs, trace --json paced at 300k/s: records lost in 3
+of 5 runs with 1 MiB, in none of 12 with 4 or 8 MiB), but the reader's
+memory grows with what one read brings: a burst of 1M hits from 4 threads
+peaked at 81 MiB of RSS with 1 MiB rings and 204 MiB with 4 MiB ones. So
+1 MiB stays the default and `--ring-pages` buys slack for bursts."""
 # Wake the reader per this much of a ring (~3,000 records of 2 numbers):
 # short rounds keep it a sleeper the scheduler wakes promptly, not a task
 # with a long round to finish while the rings fill.
