@@ -141,6 +141,14 @@ class SlotPlan:
         if original is not None:
             regs.rip = original
 
+    def slot_rip(self, original: int) -> int | None:
+        """The slot address at which a thread is as at `original`, if any
+        (the reverse of original_rip)."""
+        for at, orig in self.resume_points:
+            if orig == original:
+                return at
+        return None
+
     def original_rip(self, slot_rip: int) -> int | None:
         """Where a thread found at `slot_rip` belongs in the original code, or None if
         it is mid-sequence (run or step it on until it leaves the slot)."""

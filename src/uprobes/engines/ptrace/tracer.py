@@ -684,6 +684,11 @@ class PtraceTracer:
         plan = site.plan
         emulation = plan.emulation
         if emulation is not None and emulation(regs, mm.mem):
+            if regs.rip == bp + 1:
+                # A 1-byte instruction (push reg): done, it looks like the trap
+                # itself, which the in-tracee handler would redo if we died
+                # before resuming (orphan.py). Resume at the slot's way out.
+                regs.rip = plan.slot_rip(bp + 1) or regs.rip
             ptrace.setregs(tid, regs)
         elif plan.boosted:
             regs.rip = site.slot_addr
