@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,26 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err.splitlines()
     assert err == ["uprobes: error: give either --folded or --json, not both",
                    "uprobes: error: --stack-bytes must be a multiple of 8 from 8 to 61432"]
+
+
+def test_same_paths_in_two_processes_are_one_stack(tracefs: Path, callers: Path,
+                                                   tmp_path: Path) -> None:
+    """Without symbols a frame is keyed by its link address, not its runtime
+    one: two runs of a stripped PIE (two load addresses) give 2 stacks, not 4."""
+    stripped = tmp_path / "callers-stripped"
+    subprocess.run(["strip", "--strip-all", "-o", str(stripped), str(callers)], check=True)
+    out = io.StringIO()
+    status = main(["stacks", "--json", "--force", f"{stripped}:{_offset(callers, 'hot')}", "--",
+                   "/bin/sh", "-c", f"{stripped}; {stripped}"], out=out)
+    assert status == 7
+    (probe,) = json.loads(out.getvalue()).values()
+    assert probe["hits"] == 16
+    assert sorted(s["count"] for s in probe["stacks"]) == [6, 10]
+    caller = probe["stacks"][0]["frames"][1]
+    assert caller["symbol"] is None and caller["file"] == str(stripped)
+
+
+def _offset(exe: Path, symbol: str) -> str:
+    out = io.StringIO()
+    assert main(["resolve", f"{exe}:{symbol}"], out=out) == 0
+    return out.getvalue().split()[1].rsplit(":", 1)[1]

@@ -1,10 +1,10 @@
 """Distinct user stacks per probe, counted: what `uprobes stacks` reports.
 
 A stack is keyed by where each frame is in its file (path, symbol and
-offset), never by its runtime address: the same call path in two processes
-(or in one process before and after an exec) is one stack, whatever ASLR
-did. A frame no symbol covers keeps its runtime address, the only name it
-has.
+offset; a frame no symbol covers, by its link-time address), never by its
+runtime address: the same call path in two processes (or in one process
+before and after an exec) is one stack, whatever ASLR did. Only a frame in
+no file at all (JIT code) keeps its runtime address.
 
 Two views of the same counts:
 - `distinct`: the exact call sites, for reading (`malloc+0x0 <- g_strdup+0x1e
@@ -30,7 +30,8 @@ FrameKey = tuple[str | None, str | None, int]
 def frame_key(frame: Frame) -> FrameKey:
     """Where a frame is, independent of where its file was mapped."""
     if frame.symbol is None:
-        return frame.path, None, frame.runtime_addr
+        where = frame.runtime_addr if frame.link_addr is None else frame.link_addr
+        return frame.path, None, where
     return frame.path, frame.symbol, frame.offset
 
 

@@ -23,12 +23,15 @@ from uprobes.unwind.cfi import CfiTable, FrameRule
 
 @dataclass(frozen=True)
 class Frame:
-    """One code address, named: `symbol+offset (path)`; unknown parts None."""
+    """One code address, named: `symbol+offset (path)`; unknown parts None.
+    `link_addr`: the same place as the file's link-time address (None when
+    no file maps it), the same in every process whatever ASLR did."""
 
     runtime_addr: int
     path: str | None
     symbol: str | None
     offset: int = 0
+    link_addr: int | None = None
 
     def __str__(self) -> str:
         where = f" ({self.path})" if self.path else ""
@@ -199,10 +202,11 @@ class AddressSpaces:
         if where is None:
             return Frame(runtime_addr, None, None)
         image, link, path = where
+        link += return_address  # `where` was found for the call before it
         try:
-            sym = SymbolTable.load(image).containing(link)
+            sym = SymbolTable.load(image).containing(link - return_address)
         except UprobesError:
             sym = None
         if sym is None:
-            return Frame(runtime_addr, path, None)
-        return Frame(runtime_addr, path, sym.display_name, link + return_address - sym.link_addr)
+            return Frame(runtime_addr, path, None, link_addr=link)
+        return Frame(runtime_addr, path, sym.display_name, link - sym.link_addr, link)
