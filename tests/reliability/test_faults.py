@@ -423,3 +423,27 @@ def test_a_program_with_its_own_sigtrap_handler_keeps_it(tracefs: Path, orphan_e
         assert target.transcript == expected, how
         if tracer is not None:
             tracer.wait(timeout=60)
+
+
+def _catches_sigtrap(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    return bool(caught & 1 << (signal.SIGTRAP - 1))
+
+
+def test_a_clean_detach_gives_sigtrap_its_default_action_back(running_process: object) -> None:
+    """The kill -9 handler is ours only while we trace: after a clean detach
+    the process's SIGTRAP disposition is SIG_DFL again, as before."""
+    import uprobes
+    proc = running_process
+    pid = proc.pid  # type: ignore[attr-defined]
+    assert not _catches_sigtrap(pid)
+    during: list[bool] = []
+    s = uprobes.Session("ptrace")
+    s.probe("libc:getppid", lambda ev: None)
+    s.attach(pid, duration=0.3, ready=lambda: during.append(_catches_sigtrap(pid)))
+    assert during == [True]  # installed while traced
+    assert not _catches_sigtrap(pid)
+    proc.stdin.write("still here\n")  # type: ignore[attr-defined]
+    proc.stdin.close()  # type: ignore[attr-defined]
+    assert proc.wait(timeout=30) == 0  # type: ignore[attr-defined]

@@ -299,6 +299,32 @@ class OrphanGuard:
         if id(mm) in self._tables:
             self._send(f"S {mm.pid} {addr:x}")
 
+    def uninstall(self, t: Thread, held: list[int]) -> None:
+        """A clean detach (every int3 already gone): give SIGTRAP back its
+        default action in `t`'s (stopped) process, as it was before we came,
+        if our handler is still the one installed (a `sigaction` of the
+        program's own since then stays). Signals that arrive during the two
+        injected calls go to `held`. A failure leaves the handler, which acts
+        as SIG_DFL for every SIGTRAP that is not ours."""
+        mm = t.mm
+        table = self._tables.get(id(mm))
+        if table is None or not table.start or mm.syscall_addr is None:
+            return
+        try:
+            regs = ptrace.getregs(t.tid, ptrace.UserRegs())
+            # The area is not writable: the installed action is read back to
+            # the thread's stack, below its red zone (free, as for a signal frame).
+            old = (regs.rsp - 128 - 32) & ~15
+            if remote_syscall(t.tid, regs, mm.syscall_addr, _NR_RT_SIGACTION,
+                              (_SIGTRAP, 0, old, 8), held) != 0:
+                return
+            if int.from_bytes(mm.mem.read(old, 8), "little") != table.start:
+                return
+            remote_syscall(t.tid, regs, mm.syscall_addr, _NR_RT_SIGACTION,
+                           (_SIGTRAP, table.start + SIG_DFL_OFF, 0, 8), held)
+        except UprobesError:
+            pass
+
     def forked(self, parent: AddressSpace, child: AddressSpace) -> None:
         """A fork child: it inherited the area, the handler and every int3."""
         table = self._tables.get(id(parent))

@@ -920,11 +920,21 @@ class PtraceTracer:
                 except UprobesError:
                     pass
             mm.semaphores.clear()
+        for mm in spaces.values():  # SIGTRAP's own action back (orphan.py)
+            first = next((t for t in self.threads.values() if t.mm is mm and t.stopped), None)
+            if first is not None:
+                self._orphans.uninstall(first, first.pending)
         for t in list(self.threads.values()):
             try:
                 ptrace.detach(t.tid, t.resume_sig)
             except KernelError:
                 pass
+            for sig in t.pending:  # as `_resume` does: after the thread goes on
+                try:
+                    ptrace.tgkill(t.pid, t.tid, sig)
+                except KernelError:
+                    pass
+            t.pending.clear()
             t.close()
         for tid in self._pending_new:
             try:
