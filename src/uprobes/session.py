@@ -48,7 +48,7 @@ from uprobes.spec import parse
 from uprobes.spec.ast import ProbeSpec
 from uprobes.spec.condition import parse_condition
 from uprobes.spec.render import render
-from uprobes.unwind.capture import MAX_STACK_BYTES
+from uprobes.unwind.capture import check_stack_bytes
 
 if TYPE_CHECKING:
     from uprobes.engines.ptrace.tracer import PtraceTracer
@@ -87,9 +87,8 @@ class Session:
                  note: Callable[[str], object] | None = None) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
-        if stack_bytes and not (8 <= stack_bytes <= MAX_STACK_BYTES and stack_bytes % 8 == 0):
-            raise UsageError(f"stack_bytes must be 0 or a multiple of 8 from 8 to "
-                             f"{MAX_STACK_BYTES}")
+        if stack_bytes:
+            check_stack_bytes(stack_bytes, "stack_bytes (0: no stacks)")
         self.engine_used: str | None = None
         """The engine the run took (`auto` decides when the run starts)."""
         self.engine = engine

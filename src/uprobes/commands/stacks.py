@@ -24,7 +24,7 @@ from uprobes.errors import UsageError
 from uprobes.render.stacks import write_folded, write_stacks, write_stacks_json
 from uprobes.session import Session
 from uprobes.spec.render import render
-from uprobes.unwind.capture import DEFAULT_STACK_BYTES, MAX_STACK_BYTES
+from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 NAME = "stacks"
 HELP = "count the distinct user stacks that reach each probe (flame-graph input with --folded)"
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError("give either --folded or --json, not both")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
-    if not (8 <= args.stack_bytes <= MAX_STACK_BYTES and args.stack_bytes % 8 == 0):
-        raise UsageError(f"--stack-bytes must be a multiple of 8 from 8 to {MAX_STACK_BYTES}")
+    check_stack_bytes(args.stack_bytes)
     counter = StackCounter()
     session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
                       ring_pages=args.ring_pages, stack_bytes=args.stack_bytes)

@@ -31,7 +31,7 @@ from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
-from uprobes.unwind.capture import DEFAULT_STACK_BYTES, MAX_STACK_BYTES
+from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 if TYPE_CHECKING:  # imported when the ptrace engine runs: start-up time
     from uprobes.engines.ptrace.tracer import PtraceTracer
@@ -88,8 +88,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"--json is --format jsonl; it cannot go with --format {args.format}")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
-    if not (8 <= args.stack_bytes <= MAX_STACK_BYTES and args.stack_bytes % 8 == 0):
-        raise UsageError(f"--stack-bytes must be a multiple of 8 from 8 to {MAX_STACK_BYTES}")
+    check_stack_bytes(args.stack_bytes)
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
     probes = resolver.resolve_all(parse_specs(args.specs))
     args.hit_filter = hit_filter(args, probes)

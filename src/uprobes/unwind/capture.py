@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
-from uprobes.errors import UprobesError
+from uprobes.errors import UprobesError, UsageError
 from uprobes.unwind.cfi import RA, RSP, CfiTable
 from uprobes.unwind.space import AddressSpaces, Frame
 from uprobes.unwind.stack import StackCopy, unwind
@@ -24,6 +24,12 @@ DEFAULT_STACK_BYTES = 8192  # as perf record --call-graph dwarf: most C stacks f
 # A perf sample is at most 64 KiB (its header's u16 size), the copy included;
 # the kernel trims a bigger request (perf_sample_ustack_size()).
 MAX_STACK_BYTES = 65528 - 4096
+
+
+def check_stack_bytes(n: int, what: str = "--stack-bytes") -> None:
+    """UsageError unless `n` bytes of stack can be copied at a hit."""
+    if not (8 <= n <= MAX_STACK_BYTES and n % 8 == 0):
+        raise UsageError(f"{what} must be a multiple of 8 from 8 to {MAX_STACK_BYTES}")
 
 
 @dataclass(frozen=True)
