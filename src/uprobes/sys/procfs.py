@@ -141,6 +141,19 @@ def status(pid: int) -> Status:
         raise ProcessError(f"cannot parse /proc/{pid}/status") from None
 
 
+def ns_pid(pid: int) -> int:
+    """`pid` as its own (innermost) pid namespace numbers it: the last
+    NSpid of /proc/PID/status; `pid` itself if that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return pid
+
+
 def comm(pid: int) -> str:
     """The task's comm (at most 15 bytes, what the kernel prints in traces)."""
     text = _read(pid, "comm")

@@ -33,12 +33,15 @@ SIGTRAP. Two things prevent it:
   time, our orphan area still mapped: no exec meanwhile) and that our int3
   is still there. USDT semaphores we raised are lowered the same way.
 
-Not covered: a return hijacked by the trampoline (`--uretprobe`, or a
-function whose exits cannot be found) whose tracer dies before it returns
-(the original return address lived in the tracer: the handler finds no
-entry, and the thread dies of SIGTRAP as before); a thread that blocks
-SIGTRAP (the kernel then resets the handler to SIG_DFL for an int3); and
-the few instructions of a remote call at a process's set-up.
+- **Returns hijacked by the trampoline** (`--uretprobe`, or a function
+  whose exits cannot be found): each trampoline is in the table with slot
+  0; a trap there makes the handler look the thread's real return address
+  up in the process's return table (rettable.py, mapped with the area
+  where such probes exist) and resume there.
+
+Not covered: a thread that blocks SIGTRAP (the kernel then resets the
+handler to SIG_DFL for an int3), and the few instructions of a remote call
+at a process's set-up.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from typing import TYPE_CHECKING
 from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
 from uprobes.engines import reaper
+from uprobes.engines.ptrace import rettable
 from uprobes.engines.ptrace.xol import remote_syscall
 from uprobes.errors import UprobesError
 from uprobes.sys import ptrace
@@ -65,6 +69,8 @@ if TYPE_CHECKING:
 # The orphan area: handler code, the sigaction to install, then the table.
 ACT_OFF = 0x800          # struct kernel_sigaction {handler, flags, restorer, mask}
 SIG_DFL_OFF = 0x840      # 32 zero bytes: the SIG_DFL action the handler restores
+RETURNS_OFF = 0x860      # the return table's address (rettable.py), 0: none
+NAME_OFF = 0x880         # the return table's memfd name
 TABLE_OFF = 0x1000
 TABLE_BITS = 15          # 32,768 entries of (trap address, slot address): 512 KiB
 TABLE_ENTRIES = 1 << TABLE_BITS
@@ -75,6 +81,7 @@ _HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: (addr * _HASH) >> (64 - TABLE_B
 _SI_KERNEL = 0x80
 _SA_SIGINFO, _SA_RESTART, _SA_RESTORER = 0x4, 0x10000000, 0x04000000
 _UC_RIP = 168            # offsetof(ucontext_t, uc_mcontext.rip) on x86-64
+_UC_RSP = 160            # offsetof(ucontext_t, uc_mcontext.rsp)
 _SI_CODE = 8             # offsetof(siginfo_t, si_code)
 _NR_RT_SIGRETURN, _NR_RT_SIGACTION, _NR_GETPID, _NR_GETTID = 15, 13, 39, 186
 _NR_RT_TGSIGQUEUEINFO, _NR_MMAP = 297, 9
@@ -123,7 +130,42 @@ def handler_code() -> tuple[bytes, int]:
         ("jmp", "probe"),
         "found",  # ours: resume in the probe's slot
         I.create_reg_mem(Code.MOV_R64_RM64, r.R11, m(r.R10, r.RCX, displ=8)),
+        I.create_reg_reg(Code.TEST_RM64_R64, r.R11, r.R11),
+        ("je", "returned"),
         I.create_mem_reg(Code.MOV_RM64_R64, m(r.RDX, displ=_UC_RIP), r.R11),
+        I.create(Code.RETNQ),
+        "returned",  # slot 0: a trampoline; the real return address from the return table
+        I.create_reg_mem(Code.MOV_R64_RM64, r.R9, m(r.RIP, displ=base + RETURNS_OFF)),
+        I.create_reg_reg(Code.TEST_RM64_R64, r.R9, r.R9),
+        ("je", "foreign"),
+        I.create_reg_u32(Code.MOV_R32_IMM32, r.EAX, _NR_GETTID),
+        I.create(Code.SYSCALL),  # rax: tid; rdx, rsi, rdi kept
+        I.create_reg_mem(Code.MOV_R64_RM64, r.R10, m(r.RDX, displ=_UC_RSP)),
+        I.create_reg_i32(Code.SUB_RM64_IMM8, r.R10, 8),  # where the return address was
+        I.create_reg_mem(Code.MOV_R64_RM64, r.R8, m(r.R9)),  # entries ever used
+        I.create_reg_i32(Code.ADD_RM64_IMM8, r.R9, rettable.HEADER),
+        I.create_reg_u64(Code.MOV_R64_IMM64, r.R12, 2**64 - 1),  # the lowest sp so far
+        I.create_reg_reg(Code.XOR_R32_RM32, r.R13D, r.R13D),  # its return address
+        "scan",  # of this thread's entries with sp >= r10 (lower: stale), the lowest
+        I.create_reg_reg(Code.TEST_RM64_R64, r.R8, r.R8),
+        ("je", "scanned"),
+        I.create_mem_reg(Code.CMP_RM64_R64, m(r.R9), r.RAX),
+        ("jne", "next"),
+        I.create_reg_mem(Code.MOV_R64_RM64, r.RBX, m(r.R9, displ=8)),
+        I.create_reg_reg(Code.CMP_RM64_R64, r.RBX, r.R10),
+        ("jb", "next"),
+        I.create_reg_reg(Code.CMP_RM64_R64, r.RBX, r.R12),
+        ("jae", "next"),
+        I.create_reg_reg(Code.MOV_R64_RM64, r.R12, r.RBX),
+        I.create_reg_mem(Code.MOV_R64_RM64, r.R13, m(r.R9, displ=16)),
+        "next",
+        I.create_reg_i32(Code.ADD_RM64_IMM8, r.R9, rettable.ENTRY_SIZE),
+        I.create_reg_i32(Code.SUB_RM64_IMM8, r.R8, 1),
+        ("jmp", "scan"),
+        "scanned",
+        I.create_reg_reg(Code.TEST_RM64_R64, r.R13, r.R13),
+        ("je", "foreign"),  # no entry: it dies of SIGTRAP, as before
+        I.create_mem_reg(Code.MOV_RM64_R64, m(r.RDX, displ=_UC_RIP), r.R13),
         I.create(Code.RETNQ),
         "missing",  # rip on a page's first byte: rip - 1 may be unmapped; a dead tracer's stop
         I.create_reg_i32(Code.TEST_RM32_IMM32, r.R8D, 0xFFF),
@@ -156,7 +198,8 @@ def handler_code() -> tuple[bytes, int]:
         I.create_reg_u32(Code.MOV_R32_IMM32, r.EAX, _NR_RT_SIGRETURN),
         I.create(Code.SYSCALL),
     ]
-    branches = {"jne": Code.JNE_REL32_64, "je": Code.JE_REL32_64, "jmp": Code.JMP_REL32_64}
+    branches = {"jne": Code.JNE_REL32_64, "je": Code.JE_REL32_64, "jmp": Code.JMP_REL32_64,
+                "jb": Code.JB_REL32_64, "jae": Code.JAE_REL32_64}
     labels: dict[str, int] = {}
     for final in (False, True):  # sizes do not depend on targets: rel32 forms only
         code = bytearray()
@@ -224,9 +267,12 @@ class OrphanGuard:
 
     # ---------------------------------------------------------- processes
 
-    def setup(self, t: Thread, regs: ptrace.UserRegs, syscall_addr: int) -> None:
+    def setup(self, t: Thread, regs: ptrace.UserRegs, syscall_addr: int,
+              returns: bool = False) -> None:
         """Map the orphan area in `t`'s (stopped) process and install the
-        handler; called once per address space, with its first XOL area."""
+        handler; called once per address space, with its first XOL area.
+        `returns`: return probes may hijack return addresses there: a
+        return table too (`mm.ret_table`)."""
         mm = t.mm
         start = 0
         try:
@@ -246,11 +292,39 @@ class OrphanGuard:
                     if remote_syscall(t.tid, regs, syscall_addr, _NR_RT_SIGACTION,
                                       (_SIGTRAP, got + ACT_OFF, 0, 8), held) == 0:
                         start = got
+                        if returns:
+                            self._returns(t, regs, syscall_addr, got, held)
                 t.pending.extend(held)
         except UprobesError as e:
             self._note(f"process {mm.pid}: no SIGTRAP handler for a kill -9 of uprobes: {e}")
         self._tables[id(mm)] = OrphanTable(start)
         self._send(f"P {mm.pid} {_start_time(mm.pid)} {start:x}")
+
+    def _returns(self, t: Thread, regs: ptrace.UserRegs, syscall_addr: int, area: int,
+                 held: list[int]) -> None:
+        """The process's return table, its address where the handler finds it."""
+        mm = t.mm
+        try:
+            mm.mem.write(area + NAME_OFF, rettable.NAME)
+            table = rettable.create(t.tid, regs, mm.pid, syscall_addr, area + NAME_OFF, area,
+                                    held, self._note)
+            mm.mem.write(area + RETURNS_OFF, struct.pack("<Q", table.runtime_addr))
+        except UprobesError as e:
+            self._note(f"process {mm.pid}: no return table ({e}): a kill -9 of uprobes while "
+                       "a return probe's trampoline is pending there kills it")
+            return
+        mm.ret_table = table
+
+    def trampoline(self, mm: AddressSpace, addr: int) -> None:
+        """A return trampoline (an XOL area's): in the table with slot 0,
+        which sends the handler to the return table."""
+        table = self._tables.get(id(mm))
+        if table is None or not table.start:
+            return
+        i = table.slot_for(addr)
+        if i is not None:
+            mm.mem.write(table.start + TABLE_OFF + 16 * i, _ENTRY.pack(addr, 0))
+            table.taken[i] = addr
 
     @staticmethod
     def _map(t: Thread, regs: ptrace.UserRegs, syscall_addr: int, held: list[int]) -> int:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from uprobes.engines.ptrace.breakpoints import Site
 from uprobes.sys.procmem import ProcessMemory
 from uprobes.engines.ptrace.retprobes import ReturnInstance
+from uprobes.engines.ptrace.rettable import ReturnTable
 from uprobes.engines.ptrace.xol import XolArea
-from uprobes.sys import ptrace
+from uprobes.sys import procfs, ptrace
 
 COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (prctl/pthread_setname_np)
 
@@ -38,13 +39,15 @@ class AddressSpace:
     semaphores: dict[int, int] = field(default_factory=dict)  # USDT: address -> our adds
     held: bool = False
     users: int = 1
+    ret_table: ReturnTable | None = None  # shared with fork children: the mapping is
 
     def fork_copy(self, pid: int) -> AddressSpace:
         """The child's copy after fork: same addresses, its own memory."""
         return AddressSpace(pid, ProcessMemory(pid), dict(self.sites),
                             [XolArea(a.start, a.size, a.used) for a in self.areas],
                             set(self.trampolines), self.syscall_addr, dict(self.scanned),
-                            self.rendezvous, dict(self.semaphores))
+                            self.rendezvous, dict(self.semaphores),
+                            ret_table=self.ret_table)
 
     def area_of(self, runtime_addr: int) -> XolArea | None:
         for a in self.areas:
@@ -76,6 +79,14 @@ class Thread:
     pending: list[int] = field(default_factory=list)  # signals held back, to deliver
     regs: ptrace.UserRegs = field(default_factory=ptrace.UserRegs)
     _stat_fd: int = -1
+    _ns_tid: int = 0
+
+    @property
+    def ns_tid(self) -> int:
+        """The tid as the thread itself sees it (gettid in its pid namespace)."""
+        if not self._ns_tid:
+            self._ns_tid = procfs.ns_pid(self.tid)
+        return self._ns_tid
 
     @property
     def comm(self) -> str:

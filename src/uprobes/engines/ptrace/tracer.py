@@ -477,8 +477,14 @@ class PtraceTracer:
         mm.trampolines.add(area.trampoline)
         t.pending.extend(held)
         if len(mm.areas) == 1:
-            self._orphans.setup(t, regs, mm.syscall_addr)
+            self._orphans.setup(t, regs, mm.syscall_addr, self._hijacks())
+        self._orphans.trampoline(mm, area.trampoline)
         return area
+
+    def _hijacks(self) -> bool:
+        """Whether a return probe may hijack return addresses (the trampoline)."""
+        return any(p.ret_dispatch is not _NO_HANDLER and p.key not in self._ret_sites
+                   for p in self.registry)
 
     def _refuse(self, probe: Probe, reason: str) -> None:
         name = probe.point.name
@@ -670,7 +676,7 @@ class PtraceTracer:
                         and mm.areas:
                     area = mm.area_of(site.slot_addr) or mm.areas[0]
                     retprobes.hijack(t.returns, mm.mem, regs.rsp, area.trampoline, probe, bp,
-                                     site.file_base)
+                                     site.file_base, mm.ret_table, t.ns_tid)
         except BaseException:
             ptrace.getregs(tid, regs)  # as trapped: a handler's changes are dropped
             regs.rip = bp
@@ -731,7 +737,8 @@ class PtraceTracer:
         self._resume(t)
 
     def _return_hit(self, t: Thread, regs: UserRegs) -> None:
-        done = retprobes.complete(t.returns, regs.rsp)
+        table = t.mm.ret_table
+        done = retprobes.complete(t.returns, regs.rsp, table)
         if not done:  # nothing pending: someone jumped here (the kernel sends SIGILL)
             t.resume_sig = signal.SIGILL
             self._resume(t)
@@ -747,6 +754,7 @@ class PtraceTracer:
                                                     ri.func, ri.file_base))
         finally:
             ptrace.setregs(t.tid, regs)
+            retprobes.release(done, table)  # rip is off the trampoline: not before
         t.stopped = False
         ptrace.cont(t.tid, 0) if not t.pending else self._resume(t)
 
@@ -775,7 +783,8 @@ class PtraceTracer:
                     self._jumps.fork(parent.mm, mm)  # the child has the jumps too
                 self._orphans.forked(parent.mm, mm)
             new = Thread(tid, tid, mm)
-            new.returns = list(parent.returns)  # its stack holds the same trampolines
+            # Its stack holds the same trampolines.
+            new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
         self.threads[tid] = new
         status = self._pending_new.pop(tid, None)
@@ -786,9 +795,10 @@ class PtraceTracer:
 
     def _exec(self, t: Thread, former: int) -> None:
         if former != t.tid and former in self.threads:
-            self.threads.pop(former).close()
+            self._forget(self.threads.pop(former))
         for other in [o for o in self.threads.values() if o.pid == t.pid and o is not t]:
-            self.threads.pop(other.tid).close()
+            self._forget(self.threads.pop(other.tid))
+        retprobes.release(t.returns, t.mm.ret_table)
         t.mm.release()
         self._orphans.released(t.mm)
         t.mm = AddressSpace(t.pid, ProcessMemory(t.pid))
@@ -827,9 +837,14 @@ class PtraceTracer:
             return None
         return (status >> 8) & 0xFF, status >> 16
 
+    def _forget(self, t: Thread) -> None:
+        """A thread that is gone: its return table entries too (a fork family shares one)."""
+        retprobes.release(t.returns, t.mm.ret_table)
+        t.close()
+
     def _gone(self, t: Thread, status: int) -> None:
         self.threads.pop(t.tid, None)
-        t.close()
+        self._forget(t)
         if t.tid == t.pid:
             t.mm.release()
             self._orphans.released(t.mm)
@@ -955,9 +970,10 @@ class PtraceTracer:
         regs = ptrace.getregs(t.tid, t.regs)
         mm = t.mm
         rip = regs.rip
+        done: list[retprobes.ReturnInstance] = []
         if mm.area_of(rip) is not None:
             if rip in mm.trampolines:
-                done = retprobes.complete(t.returns, regs.rsp)
+                done = retprobes.complete(t.returns, regs.rsp, mm.ret_table)
                 if done:
                     regs.rip = done[0].orig_ret
             else:
@@ -969,7 +985,8 @@ class PtraceTracer:
                         break
             if regs.rip != rip:
                 ptrace.setregs(t.tid, regs)
-        retprobes.restore(t.returns, mm.mem)
+        retprobes.release(done, mm.ret_table)
+        retprobes.restore(t.returns, mm.mem, mm.ret_table)
 
 
 def _precheck(p: ResolvedProbe) -> str | None:
