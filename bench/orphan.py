@@ -11,6 +11,17 @@ the reaper is started at the first record, so inside the first process's
 set-up: its share is shown apart) and in OrphanGuard.guard, and the whole
 command's wall time. The hit path has no code of the guard's: its
 per-hit cost is bench.ptrace's boosted row, with and without this change.
+
+    python -m bench.orphan --returns [--repeats 10] [--calls 20000]
+
+The one per-hit cost: a return probe by trampoline (`count --uretprobe 'r
+WORKLOAD:work_emulated'`) mirrors each hijacked return address into the
+process's return table (engines/ptrace/rettable.py). Runs it with the table
+and without (OrphanGuard._returns a no-op: no table), alternating, and
+prints the medians of the workload's own loop time per call (an entry and a
+trampoline stop each) and of the table's set-up per process; then the
+table's own work per call (an add and a free, timeit on a table in an
+anonymous mapping), which the loop times' difference holds with the noise.
 """
 
 from __future__ import annotations
@@ -19,14 +30,17 @@ import argparse
 import contextlib
 import io
 import os
+import mmap
 import statistics
+import tempfile
 import time
+import timeit
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.workload import build
+from bench.workload import build, loop_ns
 from uprobes.commands import main as uprobes_main
-from uprobes.engines.ptrace import orphan
+from uprobes.engines.ptrace import orphan, rettable
 
 
 @contextlib.contextmanager
@@ -70,11 +84,66 @@ def _once(argv: list[str], off: bool) -> dict[str, float]:
     return spent
 
 
+def _returns_once(argv: list[str], calls: int, off: bool) -> dict[str, float]:
+    """One traced run of `argv` (the workload's loop time per call, in `loop`)."""
+    spent: dict[str, float] = {}
+    out = tempfile.TemporaryFile()
+    saved = os.dup(1)
+    os.dup2(out.fileno(), 1)  # the workload's line, with its loop time
+    try:
+        with _timed(orphan.OrphanGuard, "_returns", spent, off), \
+                contextlib.redirect_stdout(io.StringIO()):
+            status = uprobes_main(argv)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    out.seek(0)
+    loop = loop_ns(out.read().decode())
+    assert status == 0 and loop is not None, status
+    assert off == ("_returns" not in spent), spent  # the table was there, or not
+    spent["loop"] = loop / 1e9 / calls
+    return spent
+
+
+def _returns(repeats: int, calls: int) -> None:
+    workload = build()
+    cmd = ["count", "-e", "ptrace", "--uretprobe", "-o", os.devnull,
+           f"r {workload.exe}:work_emulated", "--", *workload.argv(calls, "work_emulated")]
+    _returns_once(cmd, calls, False)  # warm caches
+    on: list[dict[str, float]] = []
+    off: list[dict[str, float]] = []
+    for _ in range(repeats):
+        on.append(_returns_once(cmd, calls, False))
+        off.append(_returns_once(cmd, calls, True))
+
+    def us(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r.get(key, 0.0) for r in runs) * 1e6
+    print(f"{calls} calls of work_emulated, each an entry and a trampoline stop; "
+          f"medians of {repeats} runs each")
+    print("| | table on | table off |\n|---|---|---|")
+    print(f"| loop time per call (workload) | {us(on, 'loop'):.1f} us | {us(off, 'loop'):.1f} us |")
+    print(f"| OrphanGuard._returns (per process) | {us(on, '_returns') / 1e3:.2f} ms | - |")
+    view = mmap.mmap(-1, rettable.SIZE)
+    table = rettable.ReturnTable(view, 0, print)
+
+    def one() -> None:
+        table.free(table.add(1234, 0x7FFD0000, 0x401000) or 0)
+    n = 200_000
+    each = statistics.median(timeit.repeat(one, number=n, repeat=5)) / n
+    print(f"| ReturnTable.add + free (timeit, {n} x 5) | {each * 1e6:.2f} us | - |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.orphan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--returns", action="store_true",
+                        help="the return table's per-hit cost instead")
+    parser.add_argument("--calls", type=int, default=20000)
     args = parser.parse_args(argv)
+    if args.returns:
+        _returns(args.repeats, args.calls)
+        return 0
     workload = build()
     cmd = ["count", "-e", "ptrace", "--no-trapfree", "-o", os.devnull,
            f"{workload.exe}:work_boosted", "--",

@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import Compiler, reapers_of
 from uprobes.commands import main
+from uprobes.engines.ptrace import rettable
 from uprobes.sys import procfs
 from uprobes.sys.procmem import ProcessMemory
 
@@ -208,6 +210,7 @@ ORPHAN_PROBES = {
     "entry": ["f_mov"],                          # boosted: runs from its slot
     "emulated": ["f_call", "f_jmp", "f_push"],   # the tracer emulates them
     "return": ["r f_ret"],                       # on the function's ret (emulated)
+    "trampoline": ["--uretprobe", "r f_ret"],    # the return address hijacked
     "all": ["f_mov", "f_call", "f_jmp", "f_push", "r f_ret"],
 }
 _UNTRACED = b"done\ndone\nerrors=0\n"
@@ -292,8 +295,8 @@ def _memory(pid: int, addrs: dict[int, int]) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("probes, kill_reaper", [
-    ("entry", False), ("emulated", False), ("return", False), ("all", True)],
-    ids=["entry", "emulated", "return", "handler-alone"])
+    ("entry", False), ("emulated", False), ("return", False), ("trampoline", False),
+    ("all", True)], ids=["entry", "emulated", "return", "trampoline", "handler-alone"])
 def test_sigkill_of_the_ptrace_engine_mid_run(probes: str, kill_reaper: bool, tracefs: Path,
                                               orphan_exe: Path) -> None:
     """SIGKILL to uprobes while its probes are hot: the command runs on unharmed
@@ -301,7 +304,8 @@ def test_sigkill_of_the_ptrace_engine_mid_run(probes: str, kill_reaper: bool, tr
     original byte back, and with the reaper killed too the handler alone
     carries the command through its orphaned int3s."""
     specs = [f"{s.rsplit(' ', 1)[0]} {orphan_exe}:{s.split()[-1]}" if " " in s
-             else f"{orphan_exe}:{s}" for s in ORPHAN_PROBES[probes]]
+             else s if s.startswith("--") else f"{orphan_exe}:{s}"
+             for s in ORPHAN_PROBES[probes]]
     _subreaper(True)
     try:
         run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--no-trapfree", "-o",
@@ -447,3 +451,83 @@ def test_a_clean_detach_gives_sigtrap_its_default_action_back(running_process: o
     proc.stdin.write("still here\n")  # type: ignore[attr-defined]
     proc.stdin.close()  # type: ignore[attr-defined]
     assert proc.wait(timeout=30) == 0  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- kill -9, returns pending
+# With --uretprobe the return address of every active probed frame is the
+# trampoline's; the real ones are mirrored in the process's return table
+# (engines/ptrace/rettable.py), where the in-tracee handler finds them once
+# uprobes is gone. The fixture's threads wait at the bottom of recursions
+# through the probed `level` (one after a longjmp out of probed frames, and a
+# forked child on the same stack) while uprobes is killed.
+
+@pytest.fixture(scope="module")
+def orphan_returns_exe(compile_c: Compiler) -> Path:
+    return compile_c("orphan_returns.c", "-pthread")
+
+
+def _returns_transcript(proc: subprocess.Popen[bytes], before_go: Callable[[], None]) -> bytes:
+    """Drive the fixture to its end: its whole output."""
+    target = _Driven(proc)
+    assert target.line() == b"ready\n"  # every thread at the bottom of its recursion
+    assert target.ask("fork") == b"forked\n"
+    before_go()
+    target.send("go")
+    assert proc.stdout is not None and proc.stdin is not None
+    proc.stdin.close()
+    return target.transcript + proc.stdout.read()
+
+
+def _table_entries(pid: int) -> dict[int, int]:
+    """tid -> live entries in the return table process `pid` maps."""
+    table = next(m for m in procfs.maps(pid) if "uprobes-returns" in m.path)
+    with ProcessMemory(pid) as mem:
+        used = int.from_bytes(mem.read(table.start, 8), "little")
+        data = mem.read(table.start + rettable.HEADER, rettable.ENTRY_SIZE * used)
+    tids: dict[int, int] = {}
+    for at in range(0, len(data), rettable.ENTRY_SIZE):
+        tid = int.from_bytes(data[at:at + 8], "little")
+        if tid:
+            tids[tid] = tids.get(tid, 0) + 1
+    return tids
+
+
+def test_sigkill_with_trampoline_returns_pending(tracefs: Path,
+                                                 orphan_returns_exe: Path) -> None:
+    """SIGKILL to uprobes while 32 hijacked returns are pending in four
+    threads and a forked child (recursion, and stale instances below the
+    live ones after a longjmp): every thread returns through them to the
+    right places; output and exit statuses are the untraced run's."""
+    exe = str(orphan_returns_exe)
+    plain = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    expected = _returns_transcript(plain, lambda: None)
+    expected_status = plain.wait(timeout=60)
+    assert expected_status == 31 and b"child status=7\n" in expected, expected
+
+    _subreaper(True)
+    try:
+        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--uretprobe", "-o",
+                                os.devnull, f"r {exe}:level", f"r {exe}:dive", "--", exe],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        command: list[int] = []
+
+        def kill_uprobes() -> None:
+            command.append(next(k for k in _children(run.pid) if procfs.exe(k) == exe))
+            forked = _children(command[0])
+            assert len(forked) == 1
+            pending = _table_entries(command[0])
+            workers = sorted(n for t, n in pending.items() if t not in (command[0], forked[0]))
+            assert workers == [4, 7, 10], pending  # a frame each
+            # the main thread's 6 frames and, below them, dive's 8 left by the
+            # longjmp (stale: the handler must pass them over); the child's copies
+            assert pending[command[0]] == pending[forked[0]] == 6 + 8, pending
+            run.kill()
+            run.wait()
+
+        transcript = _returns_transcript(run, kill_uprobes)
+        status = os.waitstatus_to_exitcode(_waitpid(command[0]))
+        assert run.stderr is not None
+        assert (transcript, status) == (expected, expected_status), run.stderr.read().decode()
+    finally:
+        _subreaper(False)

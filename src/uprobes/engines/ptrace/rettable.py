@@ -47,6 +47,7 @@ HEADER = 64
 ENTRY_SIZE = 24
 ENTRIES = 16384  # 256 threads 64 deep (retprobes.MAX_DEPTH); untouched pages cost nothing
 SIZE = (HEADER + ENTRY_SIZE * ENTRIES + 4095) & ~4095
+_FIRST, _QWORDS = HEADER // 8, ENTRY_SIZE // 8  # in qwords
 NAME = b"uprobes-returns\0"
 
 
@@ -75,7 +76,7 @@ class ReturnTable:
                 self._note(f"more than {ENTRIES} return probes pending at once: the "
                            "returns of the calls beyond are not probed")
             return None
-        q, at = self._q, (HEADER + ENTRY_SIZE * i) // 8
+        q, at = self._q, _FIRST + _QWORDS * i
         q[at + 1] = sp
         q[at + 2] = orig_ret
         q[at] = tid
@@ -86,12 +87,12 @@ class ReturnTable:
 
     def free(self, index: int) -> None:
         """The entry's return is done (or undone, or stale)."""
-        self._q[(HEADER + ENTRY_SIZE * index) // 8] = 0
+        self._q[_FIRST + _QWORDS * index] = 0
         self._free.append(index)
 
     def entry(self, index: int) -> tuple[int, int, int]:
         """(tid, sp, real return address) of an entry, as the handler reads it."""
-        at = (HEADER + ENTRY_SIZE * index) // 8
+        at = _FIRST + _QWORDS * index
         return self._q[at], self._q[at + 1], self._q[at + 2]
 
 
