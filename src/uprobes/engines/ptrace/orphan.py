@@ -106,7 +106,7 @@ def handler_code() -> tuple[bytes, int]:
     base = 0
     r, m = Register, MemoryOperand
     I = Instruction  # noqa: E741
-    prog: list[Instruction | str] = [
+    prog: list[Instruction | str | tuple[str, str]] = [
         # An int3 gives SIGTRAP with si_code SI_KERNEL; raise(), kill() do not.
         I.create_mem_i32(Code.CMP_RM32_IMM32, m(r.RSI, displ=_SI_CODE), _SI_KERNEL),
         ("jne", "foreign"),
