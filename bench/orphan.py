@@ -19,9 +19,12 @@ WORKLOAD:work_emulated'`) mirrors each hijacked return address into the
 process's return table (engines/ptrace/rettable.py). Runs it with the table
 and without (OrphanGuard._returns a no-op: no table), alternating, and
 prints the medians of the workload's own loop time per call (an entry and a
-trampoline stop each) and of the table's set-up per process; then the
-table's own work per call (an add and a free, timeit on a table in an
-anonymous mapping), which the loop times' difference holds with the noise.
+trampoline stop each), of the tracer's CPU time per call (user, system:
+steadier than wall time on a loaded machine) and of the table's set-up per
+process; then the
+tracer's own work for one call's hijack and return with and without the
+table (timeit on a table in an anonymous mapping, the stack a stub), which
+the difference of the whole runs holds along with the machine's noise.
 """
 
 from __future__ import annotations
@@ -31,16 +34,19 @@ import contextlib
 import io
 import os
 import mmap
+import resource
 import statistics
 import tempfile
 import time
 import timeit
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from bench.workload import build, loop_ns
 from uprobes.commands import main as uprobes_main
-from uprobes.engines.ptrace import orphan, rettable
+from uprobes.engines.ptrace import orphan, retprobes, rettable
+from uprobes.registry import Probe
+from uprobes.sys.procmem import ProcessMemory
 
 
 @contextlib.contextmanager
@@ -93,7 +99,9 @@ def _returns_once(argv: list[str], calls: int, off: bool) -> dict[str, float]:
     try:
         with _timed(orphan.OrphanGuard, "_returns", spent, off), \
                 contextlib.redirect_stdout(io.StringIO()):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             status = uprobes_main(argv)
+            after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         os.dup2(saved, 1)
         os.close(saved)
@@ -102,6 +110,8 @@ def _returns_once(argv: list[str], calls: int, off: bool) -> dict[str, float]:
     assert status == 0 and loop is not None, status
     assert off == ("_returns" not in spent), spent  # the table was there, or not
     spent["loop"] = loop / 1e9 / calls
+    spent["cpu"] = (after.ru_utime - before.ru_utime) / calls
+    spent["sys"] = (after.ru_stime - before.ru_stime) / calls
     return spent
 
 
@@ -122,15 +132,37 @@ def _returns(repeats: int, calls: int) -> None:
           f"medians of {repeats} runs each")
     print("| | table on | table off |\n|---|---|---|")
     print(f"| loop time per call (workload) | {us(on, 'loop'):.1f} us | {us(off, 'loop'):.1f} us |")
+    print(f"| tracer's user CPU per call | {us(on, 'cpu'):.1f} us | {us(off, 'cpu'):.1f} us |")
+    print(f"| tracer's system CPU per call | {us(on, 'sys'):.1f} us | {us(off, 'sys'):.1f} us |")
     print(f"| OrphanGuard._returns (per process) | {us(on, '_returns') / 1e3:.2f} ms | - |")
-    view = mmap.mmap(-1, rettable.SIZE)
-    table = rettable.ReturnTable(view, 0, print)
+    n, rounds = 50_000, 30
+    each = {on: min(timeit.repeat(_hit_pair(on), number=n, repeat=rounds)) / n
+            for on in (True, False)}
+    print(f"| retprobes hijack + complete + release (timeit, best of {rounds} x {n}) "
+          f"| {each[True] * 1e6:.2f} us | {each[False] * 1e6:.2f} us |")
+
+
+class _StackWord:
+    """The 8 bytes at a stack address, for timing the tracer's own work alone."""
+
+    def read(self, addr: int, size: int) -> bytes:
+        return (0x401000).to_bytes(8, "little")
+
+    def write(self, addr: int, data: bytes) -> None:
+        pass
+
+
+def _hit_pair(table_on: bool) -> Callable[[], None]:
+    """What the tracer does in Python for one call's hijack and return."""
+    table = rettable.ReturnTable(mmap.mmap(-1, rettable.SIZE), 0, print) if table_on else None
+    returns: list[retprobes.ReturnInstance] = []
+    mem = cast(ProcessMemory, _StackWord())
+    probe = cast(Probe, None)
 
     def one() -> None:
-        table.free(table.add(1234, 0x7FFD0000, 0x401000) or 0)
-    n = 200_000
-    each = statistics.median(timeit.repeat(one, number=n, repeat=5)) / n
-    print(f"| ReturnTable.add + free (timeit, {n} x 5) | {each * 1e6:.2f} us | - |")
+        retprobes.hijack(returns, mem, 0x7FFD0000, 0x1000, probe, 0x400000, 0, table, 1234)
+        retprobes.release(retprobes.complete(returns, 0x7FFD0008, table), table)
+    return one
 
 
 def main(argv: list[str] | None = None) -> int:
