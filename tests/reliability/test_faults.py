@@ -494,7 +494,7 @@ def _table_entries(pid: int) -> dict[int, int]:
 
 def test_sigkill_with_trampoline_returns_pending(tracefs: Path,
                                                  orphan_returns_exe: Path) -> None:
-    """SIGKILL to uprobes while 32 hijacked returns are pending in four
+    """SIGKILL to uprobes while 33 hijacked returns are pending in four
     threads and a forked child (recursion, and stale instances below the
     live ones after a longjmp): every thread returns through them to the
     right places; output and exit statuses are the untraced run's."""
