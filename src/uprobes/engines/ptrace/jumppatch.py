@@ -6,7 +6,7 @@ instructions covering 5 bytes become `jmp rel32` to a trampoline in the XOL
 area (trampoline.py) that increments a counter and runs them relocated.
 
 The counters live in a memfd that the tracee maps MAP_SHARED near its XOL
-area (made by injected memfd_create/mmap/close, the same remote syscalls
+area (sharedmem.py: injected memfd_create/mmap/close, the same remote syscalls
 that map the XOL area) and that the tracer maps too. So the tracer reads
 counts without a system call, a forked child adds into its parent's
 counters (it inherits the patch and the shared mapping: the sum is what a
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import bisect
 import mmap
-import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,19 +50,15 @@ from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace import trampoline
 from uprobes.engines.ptrace.relocate import UnsupportedInstruction
 from uprobes.engines.ptrace.trampoline import Displaced
-from uprobes.engines.ptrace.xol import XolArea, candidates, remote_syscall
-from uprobes.errors import UprobesError
+from uprobes.engines.ptrace.sharedmem import map_shared
+from uprobes.engines.ptrace.xol import XolArea, candidates
+from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 
 PATCH_LEN = 5  # jmp rel32
 BLOCK_SIZE = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
-_NR_CLOSE = 3
-_NR_MMAP = 9
-_NR_MEMFD_CREATE = 319
-_MFD_CLOEXEC = 1
-_MAP_FIXED_NOREPLACE = 0x100000
 _INT3 = b"\xcc"
 _MEMFD_NAME = b"uprobes-counters\0"
 
@@ -237,33 +232,13 @@ def map_counters(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, n
                  near: int, held: list[int]) -> CounterBlock:
     """A new block of counters shared between process `pid` (through its
     stopped thread `tid`) and us, within rel32 reach of `near`."""
-    fd = remote_syscall(tid, regs, syscall_addr, _NR_MEMFD_CREATE, (name_addr, _MFD_CLOEXEC),
-                        held)
-    if fd < 0:
-        raise NotTrapFree(f"memfd_create failed in the process (errno {-fd})")
     try:
-        try:
-            local = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise NotTrapFree(f"cannot open the process's counters: {e.strerror}") from None
-        try:
-            os.ftruncate(local, BLOCK_SIZE)
-            view = mmap.mmap(local, BLOCK_SIZE, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(local)
-        for hint in candidates(procfs.maps(pid), near):
-            got = remote_syscall(tid, regs, syscall_addr, _NR_MMAP, (
-                hint, BLOCK_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
-                mmap.MAP_SHARED | _MAP_FIXED_NOREPLACE, fd, 0), held)
-            if got == hint:
-                return CounterBlock(view, hint)
-            if got < 0 and got not in (-17, -12):  # EEXIST, ENOMEM: another gap
-                break
-        view.close()
-        raise NotTrapFree(f"no room for counters within 2 GiB of {near:#x}")
-    finally:
-        remote_syscall(tid, regs, syscall_addr, _NR_CLOSE, (fd,), held)
+        view, addr = map_shared(tid, regs, pid, syscall_addr, name_addr, BLOCK_SIZE,
+                                mmap.PROT_READ | mmap.PROT_WRITE,
+                                candidates(procfs.maps(pid), near), held)
+    except EngineError as e:
+        raise NotTrapFree(f"no counters within 2 GiB of {near:#x}: {e}") from None
+    return CounterBlock(view, addr)
 
 
 # ---------------------------------------------------------------- processes
