@@ -495,8 +495,8 @@ def _table_entries(pid: int) -> dict[int, int]:
 def test_sigkill_with_trampoline_returns_pending(tracefs: Path,
                                                  orphan_returns_exe: Path) -> None:
     """SIGKILL to uprobes while 33 hijacked returns are pending in four
-    threads and a forked child (recursion, and stale instances below the
-    live ones after a longjmp): every thread returns through them to the
+    threads and a forked child (recursion, a chain by tail call, and stale
+    instances below the live ones after a longjmp): every thread returns through them to the
     right places; output and exit statuses are the untraced run's."""
     exe = str(orphan_returns_exe)
     plain = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -507,7 +507,8 @@ def test_sigkill_with_trampoline_returns_pending(tracefs: Path,
     _subreaper(True)
     try:
         run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--uretprobe", "-o",
-                                os.devnull, f"r {exe}:level", f"r {exe}:dive", "--", exe],
+                                os.devnull, f"r {exe}:level", f"r {exe}:dive", f"r {exe}:hop",
+                                "--", exe],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
         command: list[int] = []
@@ -518,7 +519,8 @@ def test_sigkill_with_trampoline_returns_pending(tracefs: Path,
             assert len(forked) == 1
             pending = _table_entries(command[0])
             workers = sorted(n for t, n in pending.items() if t not in (command[0], forked[0]))
-            assert workers == [4, 7, 10], pending  # a frame each
+            # a frame each (level's first under hop is chained: hop's entry serves both)
+            assert workers == [4, 7, 10], pending
             # the main thread's 6 frames and, below them, dive's 8 left by the
             # longjmp (stale: the handler must pass them over); the child's copies
             assert pending[command[0]] == pending[forked[0]] == 6 + 8, pending
