@@ -3,6 +3,7 @@ event in Python, and rendered as filters the live kernel accepts."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from uprobes.commands.resolve import parse_specs
 from uprobes.errors import KernelError, SpecError
 from uprobes.resolve.resolver import Resolver
 from uprobes.spec.ast import FetchType
-from uprobes.spec.condition import parse_condition
+from uprobes.spec.condition import Condition, parse_condition, widened
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 TYPES = {"size": FetchType("u64"), "delta": FetchType("s32"), "name": FetchType("string"),
@@ -81,6 +82,29 @@ def test_what_the_kernel_cannot_say_is_left_to_python() -> None:
     assert parse_condition("""name == 'both " and \\' quotes'""").kernel_filter() is None
     assert parse_condition("tid == 3 && comm ~ \"py*\"").kernel_filter() == \
         '(common_pid == 3) && (__uprobes_comm ~ "py*")'
+
+
+@pytest.mark.parametrize("text,kernel", [
+    ("pid == 3 && size > 1", "size > 1"),
+    ("size > 1 && (pid == 3 || tid == 4)", "size > 1"),
+    ("pid == 3 || size > 1", None),
+    ("!(pid == 3 && size > 1)", None),
+    ("!(size > 1) && pid != 3", "!(size > 1)"),
+    ("""name == 'both " and \\' quotes' && tid == 7""", "common_pid == 7"),
+    ("(pid == 1 && size < 5) || (tid == 2 && pid == 9)", "(size < 5) || (common_pid == 2)"),
+])
+def test_widened_keeps_what_the_kernel_can_say_and_holds_wherever_the_condition_does(
+        text: str, kernel: str | None) -> None:
+    cond = parse_condition(text)
+    root = widened(cond.root)
+    assert (None if root is None else Condition("", root).kernel_filter()) == kernel
+    if root is None:
+        return
+    holds, wide = cond.predicate(), Condition("", root).predicate()
+    for pid, tid, size, name in itertools.product((1, 3, 9), (2, 4, 7), (0, 1, 2, 5, 9),
+                                                  ("x", 'both " and \' quotes')):
+        e = SimpleNamespace(pid=pid, tid=tid, comm="c", args={"size": size, "name": name})
+        assert wide(e) or not holds(e), e
 
 
 @pytest.mark.parametrize("text", [

@@ -26,6 +26,13 @@ it; they are resolved when the run starts (`attach()` resolves names as the
 process sees them). The same line given twice is one probe with two
 consumers; a hit calls its only handler directly, or a prepared chain when
 there are several (see `uprobes.registry`).
+
+Filters (`pid`, `tid`, `comm`, `condition`) are tested per consumer on
+each event that arrives. On the kernel engine the OR of a line's
+consumers' filters, as far as the kernel's event filter can say it, is
+also tested in the kernel first: a hit no consumer wants makes no record
+(see `uprobes.engines.filters.pushdown`). Only the records change, never
+what a handler gets.
 """
 
 from __future__ import annotations
@@ -37,16 +44,17 @@ from typing import TYPE_CHECKING, TypeVar
 
 from uprobes.engines.choose import ENGINES, pick_engine
 from uprobes.engines.event import Event
+from uprobes.engines.filters import HitFilter, pushdown
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
 from uprobes.errors import SpecError, UsageError
 from uprobes.probe import ResolvedProbe
-from uprobes.registry import Consumer, TaskFilter, prepare_dispatch
+from uprobes.registry import Consumer, prepare_dispatch
 from uprobes.resolve.resolver import Resolver
 from uprobes.spec import parse
 from uprobes.spec.ast import ProbeSpec
-from uprobes.spec.condition import parse_condition
+from uprobes.spec.condition import Condition
 from uprobes.spec.render import render
 from uprobes.unwind.capture import check_stack_bytes
 
@@ -65,6 +73,8 @@ class _Line:
 
     spec: ProbeSpec
     consumers: list[Consumer] = field(default_factory=list)
+    filters: list[HitFilter | None] = field(default_factory=list)
+    """Each consumer's filter but its `filter=` predicate (what the kernel may test)."""
 
 
 class Session:
@@ -107,6 +117,10 @@ class Session:
         """Records the kernel dropped (ring full); never silent: check it."""
         self.probes: list[ResolvedProbe] = []
         """What the run placed its probes from, once it has started."""
+        self.kernel_filters: dict[str, str] = {}
+        """On the kernel engine, once the run has started: `group/event` ->
+        the filter the kernel tests before it writes a record (events whose
+        consumers' filters it can say; see the module's docstring)."""
 
     # ------------------------------------------------------------ probes
 
@@ -127,12 +141,12 @@ class Session:
         parsed = parse(spec)
         if not isinstance(parsed, ProbeSpec):
             raise SpecError("a '-:EVENT' line clears a probe; give probes to place", spec, 0)
-        task_filter = _task_filter(pid, tid, comm)
+        hit_filter = HitFilter.parse(condition, _several(comm, "comm"), _several(tid, "tid"),
+                                     _several(pid, "pid"))
         tests: list[EventFilter] = []
-        if condition is not None:
-            cond = parse_condition(condition)
-            cond.check_fields(spec, {a.name: a.type for a in parsed.args})
-            tests.append(cond.predicate())
+        if hit_filter is not None and hit_filter.condition is not None:
+            hit_filter.condition.check_fields(spec, {a.name: a.type for a in parsed.args})
+            tests.append(hit_filter.condition.predicate())
         if filter is not None:
             tests.append(filter)
 
@@ -147,7 +161,9 @@ class Session:
                 def call(ev: Event) -> object:
                     return fn(ev) if all(t(ev) for t in tests) else None
             line = self._lines.setdefault(render(parsed), _Line(parsed))
+            task_filter = hit_filter.task_filter() if hit_filter else None
             line.consumers.append(Consumer(handler=call, filter=task_filter, tag=fn))  # type: ignore[arg-type]
+            line.filters.append(hit_filter)
             return fn
 
         return add if handler is None else add(handler)
@@ -229,9 +245,13 @@ class Session:
             self._tracer = PtraceTracer(self.probes, pid=pid, child=child, force=self.force,
                                         note=self._note, stack_bytes=self.stack_bytes)
         else:
+            conditions: dict[int, Condition | None] = {
+                id(line.spec): pushdown(line.filters) for line in self._lines.values()}
             self._tracer = KernelTracer(self.probes, pid=pid, child=child,
                                         ring_pages=self.ring_pages, force=self.force,
-                                        note=self._note, stack_bytes=self.stack_bytes)
+                                        note=self._note, stack_bytes=self.stack_bytes,
+                                        prefilter=lambda p: conditions[id(p.spec)])
+            self.kernel_filters = self._tracer.kernel_filters
         return self._tracer
 
     def _pass_status(self, child: Launched) -> None:
@@ -270,15 +290,19 @@ class Session:
             self.events, self.lost = tracer.events, tracer.lost
 
 
-def _task_filter(pid: int | Sequence[int] | None, tid: int | Sequence[int] | None,
-                 comm: str | Sequence[str] | None) -> TaskFilter | None:
-    if pid is None and tid is None and comm is None:
-        return None
+V = TypeVar("V", int, str)
 
-    def ints(v: int | Sequence[int] | None) -> frozenset[int] | None:
-        return None if v is None else frozenset([v] if isinstance(v, int) else v)
-    comms = None if comm is None else frozenset([comm] if isinstance(comm, str) else comm)
-    return TaskFilter(pids=ints(pid), tids=ints(tid), comms=comms)
+
+def _several(value: V | Sequence[V] | None, name: str) -> list[V] | None:
+    """`pid=`, `tid=`, `comm=`: one value or several; an empty list would
+    match no task at all, which is a mistake, not a filter."""
+    if value is None:
+        return None
+    if isinstance(value, (int, str)):
+        return [value]
+    if not value:
+        raise UsageError(f"{name}=[] matches no task: give at least one, or leave it out")
+    return list(value)
 
 
 __all__ = ["Event", "Session"]

@@ -1,12 +1,17 @@
-"""The hit filters of a run: `--if COND`, `--comm NAME...`, `--tid TID...`.
+"""The hit filters of a run: `--if COND`, `--comm NAME...`, `--tid TID...`
+(and a `Session` consumer's `condition`, `comm`, `tid` and `pid`).
 
-All three become one condition (`comm == "a" || comm == "b"`, and the
-same for tids, joined with COND by `&&`), so each engine has one thing to
-apply. The kernel engine hands its filter text to every perf event of a
+All of them become one condition (`comm == "a" || comm == "b"`, and the
+same for tids and pids, joined with COND by `&&`), so each engine has one
+thing to apply. The kernel engine hands its filter text to every perf event of a
 probe (PERF_EVENT_IOC_SET_FILTER, checked against the probe's record in
 perf_tp_event()): a hit that fails it writes no record and is not counted
 by the event either, so it is neither read nor "lost". The ptrace engine
 tests the task fields before it fetches anything, the rest after.
+
+`pushdown` gives the one kernel filter for a probe whose consumers each
+have their own filter: it passes what any of them keeps, so the kernel
+drops the hits none of them wants and each still tests its own filter.
 """
 
 from __future__ import annotations
@@ -17,33 +22,38 @@ from dataclasses import dataclass
 from uprobes.probe import ResolvedProbe
 from uprobes.registry import TaskFilter
 from uprobes.spec.condition import TASK_FIELDS, Compare, Condition, Event, Logic, Node, \
-    parse_condition
+    parse_condition, widened
 
 
 @dataclass(frozen=True)
 class HitFilter:
-    """Which hits a run keeps. `condition` is the user's `--if`; `comms` and
-    `tids` the tasks named by `--comm` and `--tid` (empty: any)."""
+    """Which hits a run keeps. `condition` is the user's `--if`; `comms`,
+    `tids` and `pids` the tasks named by `--comm` and `--tid` or a
+    Session consumer's `comm`, `tid` and `pid` (empty: any)."""
 
     condition: Condition | None = None
     comms: tuple[str, ...] = ()
     tids: tuple[int, ...] = ()
+    pids: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, condition: str | None, comms: Sequence[str] | None = None,
-              tids: Sequence[int] | None = None) -> HitFilter | None:
-        """The filter of a command line; None when it filters nothing. A bad
-        condition raises SpecError with a caret."""
-        if condition is None and not comms and not tids:
+              tids: Sequence[int] | None = None,
+              pids: Sequence[int] | None = None) -> HitFilter | None:
+        """The filter of a command line or a consumer; None when it filters
+        nothing. A bad condition raises SpecError with a caret."""
+        if condition is None and not comms and not tids and not pids:
             return None
         return cls(None if condition is None else parse_condition(condition),
-                   tuple(dict.fromkeys(comms or ())), tuple(dict.fromkeys(tids or ())))
+                   tuple(dict.fromkeys(comms or ())), tuple(dict.fromkeys(tids or ())),
+                   tuple(dict.fromkeys(pids or ())))
 
     @property
     def combined(self) -> Condition:
         """Everything as one condition."""
         parts: list[Node] = []
-        for field, values in (("comm", self.comms), ("tid", self.tids)):
+        for field, values in (("comm", self.comms), ("tid", self.tids),
+                              ("pid", self.pids)):
             if values:
                 parts.append(_any_of([Compare(field, "==", v) for v in values]))
         if self.condition is not None:
@@ -54,6 +64,7 @@ class HitFilter:
         text = " && ".join(filter(None, [
             " || ".join(f'comm == "{c}"' for c in self.comms),
             " || ".join(f"tid == {t}" for t in self.tids),
+            " || ".join(f"pid == {p}" for p in self.pids),
             self.condition.text if self.condition else ""]))
         return Condition(text, root)
 
@@ -90,11 +101,31 @@ class HitFilter:
         return self.combined.predicate()
 
     def task_filter(self) -> TaskFilter | None:
-        """`--comm`/`--tid` alone: what can be decided before fetching anything."""
-        if not self.comms and not self.tids:
+        """The tasks alone: what can be decided before fetching anything."""
+        if not self.comms and not self.tids and not self.pids:
             return None
-        return TaskFilter(tids=frozenset(self.tids) if self.tids else None,
+        return TaskFilter(pids=frozenset(self.pids) if self.pids else None,
+                          tids=frozenset(self.tids) if self.tids else None,
                           comms=frozenset(self.comms) if self.comms else None)
+
+
+def pushdown(filters: Sequence[HitFilter | None]) -> Condition | None:
+    """The one condition the kernel can test for a probe whose consumers
+    have `filters` (None: a consumer that takes every hit): it holds for
+    every hit one of them keeps (see `widened`). None when that is every
+    hit: a consumer unfiltered, or filtered only on what the kernel cannot
+    say (`pid`, a Python predicate)."""
+    roots: list[Node] = []
+    for flt in filters:
+        root = None if flt is None else widened(flt.combined.root)
+        if root is None:
+            return None
+        if root not in roots:
+            roots.append(root)
+    if not roots:
+        return None
+    either = _any_of(roots)
+    return Condition(Condition("", either).kernel_filter() or "", either)
 
 
 @dataclass(frozen=True)

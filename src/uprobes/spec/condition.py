@@ -145,6 +145,37 @@ def bind(node: Node, field: str, value: int | None) -> Node | bool:
     return Logic(node.op, left, right)
 
 
+def widened(node: Node) -> Node | None:
+    """A condition the kernel can say that holds wherever `node` holds;
+    None when that is every hit. A comparison it cannot say (`pid`, a
+    string with both quote characters) is taken as true where that only
+    widens: it drops out of an `&&`, takes an `||` or a `!` with it.
+
+    Why: a filter run in Python on what arrives can still have its
+    sayable part tested by the kernel first, which then writes no record
+    for a hit the whole filter would reject."""
+    if isinstance(node, Compare):
+        return node if _sayable(node) else None
+    if isinstance(node, Not):
+        said: list[bool] = []
+        _walk(node.operand, lambda c: said.append(_sayable(c)))
+        return node if all(said) else None
+    left, right = widened(node.left), widened(node.right)
+    if node.op == "||":
+        return None if left is None or right is None else Logic("||", left, right)
+    if left is None or right is None:
+        return left or right
+    return Logic("&&", left, right)
+
+
+def _sayable(c: Compare) -> bool:
+    try:
+        _render(c)
+    except ValueError:
+        return False
+    return c.field != "pid"
+
+
 def values_of(node: Node, field: str) -> list[int | str]:
     """The values `node` compares `field` with, in order, each once."""
     out: dict[int | str, None] = {}

@@ -33,6 +33,7 @@ from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, HitRenderer, Li
     LineRenderer
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
+from uprobes.spec.condition import Condition
 from uprobes.sys import procfs
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
 from uprobes.unwind.capture import Symbolizer, stack_delivery
@@ -52,19 +53,28 @@ class KernelTracer:
     each event its walked, named stack (0: no stacks). `hit_filter`: only
     the hits it keeps are delivered; tested in the kernel (no record for the
     others) where its event filter can say it, else per hit here, with one
-    note saying so.
+    note saying so. `prefilter`: per probe, a condition the kernel may test
+    on its event so that hits failing it make no record; the caller still
+    filters what arrives (`uprobes.Session`: each consumer its own), so where
+    the kernel cannot take it every hit arrives, silently.
+    `kernel_filters` says which events got a filter (either kind).
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,
                  tracefs: Tracefs | None = None, force: bool = False,
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
-                 hit_filter: HitFilter | None = None) -> None:
+                 hit_filter: HitFilter | None = None,
+                 prefilter: Callable[[ResolvedProbe], Condition | None] | None = None) -> None:
         self.probes = probes
         self.stack_bytes = stack_bytes
         self.symbolizer: Symbolizer | None = None
         self._capturing = False
         self.hit_filter = hit_filter
+        self.prefilter = prefilter
+        self.kernel_filters: dict[str, str] = {}
+        """`group/event` -> the filter the kernel tests on it (its tracefs
+        `filter` file holds it too)."""
         self._python_filtered: dict[int, str] = {}  # event id -> why not in the kernel
         self.force = force
         self.pid = pid
@@ -124,8 +134,13 @@ class KernelTracer:
                     raise ResolveError(f"{kp.info.name}: {why} (use --force to probe it anyway)")
                 else:
                     self._note(f"skipped {kp.info.name}: {why}")
-            for members in shared_events(safe, alone):
-                self._place(tfs, group, members, multi)
+            # One filter per kernel event: probes with different ones never share.
+            by_filter: dict[Condition | None, list[KernelProbe]] = {}
+            for kp in safe:
+                by_filter.setdefault(self._condition(kp.probe), []).append(kp)
+            for kps_alike in by_filter.values():
+                for members in shared_events(kps_alike, alone):
+                    self._place(tfs, group, members, multi)
             if not self.placed:
                 raise KernelError("the kernel refused every probe")
             self._note_python_filter()
@@ -195,32 +210,46 @@ class KernelTracer:
             names = {kp.file_offset & PAGE_MASK: kp.info.name for kp in added}
             self.decoders[fmt.id] = RecordDecoder(fmt, added[0].info, names=names)
         self.placed.extend(added)
+        text = streams.filters.get(fmt.id)
+        if text is not None:
+            self.kernel_filters[f"{group.name}/{event}"] = text
+
+    def _condition(self, probe: ResolvedProbe) -> Condition | None:
+        """The condition `probe`'s event is to be filtered on, if any."""
+        if self.hit_filter is not None:
+            return self.hit_filter.combined
+        return None if self.prefilter is None else self.prefilter(probe)
 
     def _choose_filter(self, tfs: Tracefs, group: ProbeGroup, event: str, event_id: int,
                        members: list[KernelProbe]) -> None:
         """The filter of `event`: in the kernel (set on each of its perf
-        events before they are enabled) or, where it cannot say it, here."""
+        events before they are enabled) or, where it cannot say a
+        `hit_filter`, here."""
         streams = self._streams
         assert streams is not None
-        if self.hit_filter is None:
+        streams.filters.pop(event_id, None)  # a removed event's id may come back
+        cond = self._condition(members[0].probe)
+        if cond is None:
             return
-        text = self.hit_filter.kernel_filter()
+        text = cond.kernel_filter()
         if text is None:
-            self._python_filtered[event_id] = self.hit_filter.why_not_kernel()
-            return
-        if self.hit_filter.needs_comm and any(COMM_FIELD not in kp.line for kp in members):
-            self._python_filtered[event_id] = \
-                f"{members[0].info.name} has no room for the hidden {COMM_FIELD} field"
-            return
-        # The tracefs `filter` file runs the same parser: a filter the kernel
-        # refuses shows here, with no perf event (and no uprobe) made for it.
-        try:
-            tfs.set_filter(group.name, event, text)
-            tfs.set_filter(group.name, event, "0")
-        except KernelError as e:
-            self._python_filtered[event_id] = f"the kernel refused {text!r}: {e}"
-            return
-        streams.filters[event_id] = text
+            why = self.hit_filter.why_not_kernel() if self.hit_filter else "no kernel spelling"
+        elif "comm" in cond.fields and any(COMM_FIELD not in kp.line for kp in members):
+            why = f"{members[0].info.name} has no room for the hidden {COMM_FIELD} field"
+        else:
+            # The tracefs `filter` file runs the same parser: a filter the
+            # kernel refuses shows here, with no perf event (and no uprobe)
+            # made for it. The file keeps it, to show what the perf events
+            # test (it filters only the ftrace buffer, which this event
+            # never feeds: it is not enabled there).
+            try:
+                tfs.set_filter(group.name, event, text)
+                streams.filters[event_id] = text
+                return
+            except KernelError as e:
+                why = f"the kernel refused {text!r}: {e}"
+        if self.hit_filter is not None:
+            self._python_filtered[event_id] = why
 
     def _note_python_filter(self) -> None:
         why = {w for fid, w in self._python_filtered.items() if fid in self.decoders}
