@@ -160,6 +160,31 @@ def group() -> str:
     return f"uprobes_test_{os.getpid()}"
 
 
+class FiltersTarget:
+    """tests/fixtures/filters.c in TARGET_WAIT mode: `n` calls of step() per
+    thread and round, one round per `go()` (`done()` waits for its end);
+    closing its stdin ends it. `pid` and the three threads' `tids` are known
+    once it said `ready`."""
+
+    def __init__(self, exe: Path, n: int) -> None:
+        self.proc = subprocess.Popen([str(exe), str(n)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "TARGET_WAIT": "1"})
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline().split()
+        assert ready[0] == "ready", ready
+        self.pid, *self.tids = (int(x) for x in ready[1:])
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def done(self) -> None:
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == "done\n"
+
+
 @pytest.fixture(scope="module")
 def target(compile_c: Compiler) -> Path:
     """The basic fixture program, tests/fixtures/target.c."""

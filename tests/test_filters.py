@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, FiltersTarget
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.engines.filters import HitFilter
@@ -45,17 +44,8 @@ def spec(exe: Path) -> str:
     return f"{exe}:step i=%di:s64 name=+0(%si):string"
 
 
-class Rounds:
+class Rounds(FiltersTarget):
     """The fixture in TARGET_WAIT mode: one round of calls per tracer run."""
-
-    def __init__(self, exe: Path, n: int) -> None:
-        self.proc = subprocess.Popen([str(exe), str(n)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "TARGET_WAIT": "1"})
-        assert self.proc.stdout is not None and self.proc.stdin is not None
-        ready = self.proc.stdout.readline().split()
-        assert ready[0] == "ready", ready
-        self.pid, *self.tids = (int(x) for x in ready[1:])
 
     def trace(self, engine: str, *filters: str, spec: str) -> tuple[list[dict[str, Any]], str]:
         """Trace one round with -p; the hit objects and stderr."""
@@ -69,9 +59,8 @@ class Rounds:
             line = tracer.stderr.readline()
             assert line, f"tracer ended: {err}"
             err += line
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline() == "done\n"
+        self.go()
+        self.done()
         tracer.send_signal(signal.SIGINT)
         out, rest = tracer.communicate(timeout=60)
         docs = [json.loads(ln) for ln in out.splitlines()]

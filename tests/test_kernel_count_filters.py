@@ -20,33 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, FiltersTarget
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 N = 3000
 NAMES = ("alpha", "beta", "gamma")
 
 
-class Target:
-    """The filters fixture in TARGET_WAIT mode: one round of calls per `go`."""
+class Target(FiltersTarget):
+    """The filters fixture with N calls a thread and round."""
 
     def __init__(self, exe: Path) -> None:
-        self.proc = subprocess.Popen([str(exe), str(N)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "TARGET_WAIT": "1"})
-        assert self.proc.stdout is not None
-        ready = self.proc.stdout.readline().split()
-        assert ready[0] == "ready", ready
-        self.pid, *self.tids = (int(x) for x in ready[1:])
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def done(self) -> None:
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline() == "done\n"
+        super().__init__(exe, N)
 
 
 @pytest.fixture(scope="module")

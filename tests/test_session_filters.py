@@ -10,8 +10,6 @@ event's tracefs `filter` file while the run is on.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import uprobes
-from conftest import Compiler
+from conftest import Compiler, FiltersTarget
 
 NAMES = ("alpha", "beta", "gamma")
 COMMS = ("filters", "worker-a", "worker-b")
@@ -51,19 +49,13 @@ def filter_files(tracefs: Path, s: uprobes.Session) -> dict[str, str]:
     return out
 
 
-class Round:
-    """filters.c waiting (TARGET_WAIT): its pid is known before the Session
-    is made; `run` attaches, lets one round of calls go, and returns when
-    the fixture exits after it (stdin at EOF)."""
+class Round(FiltersTarget):
+    """filters.c waiting: its pid is known before the Session is made; `run`
+    attaches, lets one round of calls go, and returns when the fixture
+    exits after it (its stdin closed)."""
 
     def __init__(self, exe: Path) -> None:
-        self.proc = subprocess.Popen([str(exe), str(N)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "TARGET_WAIT": "1"})
-        assert self.proc.stdout is not None
-        ready = self.proc.stdout.readline().split()
-        assert ready[0] == "ready", ready
-        self.pid = self.proc.pid
+        super().__init__(exe, N)
         self.files: dict[str, str] = {}
 
     def run(self, s: uprobes.Session, tracefs: Path) -> None:
@@ -71,12 +63,12 @@ class Round:
         try:
             def go() -> None:  # every probe is in place
                 self.files = filter_files(tracefs, s)
+                self.go()
                 assert proc.stdin is not None
-                proc.stdin.write("go\n")
                 proc.stdin.close()
 
             s.attach(proc.pid, ready=go)
-            assert proc.stdout is not None and proc.stdout.read() == "done\n"
+            self.done()
             assert proc.wait(timeout=60) == 0
         finally:
             proc.kill()
