@@ -47,7 +47,8 @@ def gnu_hash_count(elf: RawElf, link_addr: int) -> int:
     data = _loaded_bytes_from(elf, link_addr, "DT_GNU_HASH")
     if len(data) < _GNU_HASH_HEAD.size:
         raise elf.malformed("DT_GNU_HASH table shorter than its header")
-    nbuckets, symoffset, bloom_size, _shift = _GNU_HASH_HEAD.unpack_from(data)
+    head: tuple[int, int, int, int] = _GNU_HASH_HEAD.unpack_from(data)
+    nbuckets, symoffset, bloom_size, _shift = head
     buckets_at = _GNU_HASH_HEAD.size + 8 * bloom_size  # ELF64 bloom words are 8 bytes
     chains_at = buckets_at + 4 * nbuckets
     if chains_at > len(data):
@@ -68,7 +69,8 @@ def gnu_hash_count(elf: RawElf, link_addr: int) -> int:
 
 def sysv_hash_count(elf: RawElf, link_addr: int) -> int:
     """The number of dynamic symbols: `nchain` of the DT_HASH table at `link_addr`."""
-    return struct.unpack("<I", _table(elf, link_addr + 4, 4, "DT_HASH"))[0]
+    nchain: int = struct.unpack("<I", _table(elf, link_addr + 4, 4, "DT_HASH"))[0]
+    return nchain
 
 
 def dynamic_symbol_count(elf: RawElf, tags: dict[int, int]) -> int:

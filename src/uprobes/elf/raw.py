@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from uprobes.errors import ElfError
 
@@ -51,9 +52,12 @@ class Buffer(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, key: slice) -> bytes: ...
     def find(self, sub: bytes, start: int = ..., end: int = ...) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...  # for struct and zlib
 
 
-class Phdr(NamedTuple):
+# Dataclasses, not NamedTuples: a tuple's field `index` would hide tuple.index.
+@dataclass(frozen=True, slots=True)
+class Phdr:
     index: int
     type: int
     flags: int
@@ -63,7 +67,8 @@ class Phdr(NamedTuple):
     memsz: int
 
 
-class Shdr(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Shdr:
     index: int
     name: str
     type: int
