@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from uprobes.errors import KernelError
 from uprobes.sys.libc import ioctl, kernel_error, kernel_errors, syscall
@@ -414,7 +415,7 @@ def _periodic(data: bytes, pos: int, end: int, alike: tuple[int, ...], reach: in
     return 1, 1, 0
 
 
-_CASTS = {2: "H", 4: "I", 8: "Q"}
+_CASTS: dict[int, Literal["H", "I", "Q"]] = {2: "H", 4: "I", 8: "Q"}
 
 
 def agreeing(data: bytes, pos: int, size: int, most: int, words: Sequence[tuple[int, int]],
@@ -500,7 +501,8 @@ class SampleLayout:
         if sample_type & ~_PARSEABLE:
             raise KernelError(f"cannot parse perf samples of sample_type {sample_type:#x}",
                               errno.EINVAL)
-        code, names = "", ()
+        code = ""
+        names: tuple[str, ...] = ()
         for bit, c, n in _SAMPLE_FIELDS:
             if sample_type & bit:
                 code += c
@@ -611,9 +613,8 @@ class RingBuffer:
         """
         if self._map.closed:
             return b"", []
-        words = self._words
-        head = int(words[_DATA_HEAD // 8])
-        tail = int(words[_DATA_TAIL // 8])
+        head = int(self._words[_DATA_HEAD // 8])
+        tail = int(self._words[_DATA_TAIL // 8])
         if tail >= head:
             return b"", []
         data = self._copy(tail, head - tail)
