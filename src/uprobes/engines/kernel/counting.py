@@ -215,7 +215,7 @@ class KernelCounter:
         self.pids = list(pids) if pids is not None else None
         self.all_threads = all_threads
         self._by_pid = False  # counters bound per process for a `pid` condition
-        self._filters: dict[int | None, str | None | bool] = {}
+        self._filters: dict[int | None, str | bool] = {}
         if hit_filter is not None:
             self._plan_filter(hit_filter)
         self.refused: list[Refusal] = []
@@ -256,8 +256,7 @@ class KernelCounter:
         True (keep every hit) / False (count nothing there)."""
         if self.hit_filter is None:
             return True
-        got = self._filters.get(pid if self._by_pid else None, True)
-        return True if got is None else got
+        return self._filters.get(pid if self._by_pid else None, True)
 
     # ------------------------------------------------------------ placing
 
@@ -409,7 +408,7 @@ class KernelCounter:
         is new closes the race with threads created by the others meanwhile."""
         assert self.pids is not None
         while True:
-            new = []
+            new: list[_Task] = []
             for pid in self.pids:
                 if self._filter_for(pid) is False:
                     continue
@@ -438,9 +437,9 @@ class KernelCounter:
             order: dict[str, list[int]] = {}
             for line in tracefs.list_events():
                 if line.startswith(prefix):
-                    event, _, place = line[len(prefix):].partition(" ")
+                    name, _, place = line[len(prefix):].partition(" ")
                     offset = place.split("(")[0].rpartition(":")[2]
-                    order.setdefault(event, []).append(int(offset, 16))
+                    order.setdefault(name, []).append(int(offset, 16))
             try:
                 for event in self._events:
                     if event.by_profile:
