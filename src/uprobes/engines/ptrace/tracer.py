@@ -40,6 +40,7 @@ from uprobes.engines.kernel.counting import display_names
 from uprobes.engines.kernel.records import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
+from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.jumppatch import NotTrapFree, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
@@ -61,13 +62,6 @@ _TRAP_STOP = _SIGTRAP << 8 | 0x7F  # waitpid status of a SIGTRAP stop, no ptrace
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 _NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
-
-try:
-    from uprobes.engines.ptrace.fetch import (  # type: ignore[import-untyped,unused-ignore]
-        ArgFetcher, FetchContext)
-except ImportError:  # the `fetch` helper's module is not on main yet
-    ArgFetcher = None  # type: ignore[assignment,misc,unused-ignore]
-    FetchContext = None  # type: ignore[assignment,misc,unused-ignore]
 
 
 class PtraceTracer:
@@ -193,12 +187,9 @@ class PtraceTracer:
             args: tuple[ArgValue, ...] = ()
             if p.args:
                 if fetcher is None:
-                    if ArgFetcher is None:
-                        raise EngineError(f"{p.name}: the ptrace engine cannot fetch "
-                                          "arguments yet")
                     fetcher = ArgFetcher(p)
                 got = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
-                if keep_after_fetch and not keep(TaskView(t.pid, t.tid, t.comm, got)):
+                if keep_after_fetch and keep and not keep(TaskView(t.pid, t.tid, t.comm, got)):
                     return
                 args = tuple(got.get(n) for n, _ in info.args)
             counts[name] += 1
@@ -540,9 +531,9 @@ class PtraceTracer:
             old = signal.signal(signal.SIGALRM, lambda *_: None)
             signal.setitimer(signal.ITIMER_REAL, _WAKE_S, _WAKE_S)
         try:
-            for t in list(self.threads.values()):
-                if t.stopped:
-                    self._resume(t)
+            for thread in list(self.threads.values()):
+                if thread.stopped:
+                    self._resume(thread)
             if self.child is not None and self.child in self.threads:
                 pass  # released by the caller; its exec stop places the probes
             threads = self.threads
