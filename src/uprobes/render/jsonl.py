@@ -101,7 +101,7 @@ class JsonLinesRenderer:
     def lines(self, hits: list[Hit]) -> list[str]:
         """The lines of a batch of hits, one a hit."""
         templates, comms = self._templates, self._comms
-        lines = []
+        lines: list[str] = []
         append = lines.append
         for hit in hits:
             ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit

@@ -145,7 +145,7 @@ class TraceTextRenderer:
     def lines(self, hits: list[Hit]) -> list[str]:
         """The lines of a batch of hits, one a hit."""
         templates = self._templates
-        lines = []
+        lines: list[str] = []
         append = lines.append
         for hit in hits:
             ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit

@@ -88,5 +88,5 @@ def stack_delivery(infos: dict[str, ProbeInfo], on_event: Callable[[Event], None
         for hit in hits:
             capture = hit[9]  # type: ignore[misc]
             stack = None if capture is None else symbolizer.frames(hit[1], capture)
-            on_event(hit_event(hit[:9], infos[hit[4]], stack))  # type: ignore[arg-type]
+            on_event(hit_event(hit[:9], infos[hit[4]], stack))
     return deliver

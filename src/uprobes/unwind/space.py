@@ -130,8 +130,8 @@ class AddressSpaces:
                     proc.vdso = read_vdso(pid)
                 except UprobesError:
                     return None
-            image = proc.vdso
-            return image, image.file_to_link_addr(runtime_addr - m.start), "[vdso]"
+            vdso = proc.vdso
+            return vdso, vdso.file_to_link_addr(runtime_addr - m.start), "[vdso]"
         if not m.path.startswith("/"):
             return None
         image = self._image(pid, m)

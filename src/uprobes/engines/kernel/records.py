@@ -267,7 +267,7 @@ class RecordDecoder:
 
         def hit(data: bytes, at: int) -> Hit:
             v = unpack(data, at)
-            tid = v[d]  # type: ignore[index]
+            tid = v[d]
             if comm_i is not None:
                 loc = v[comm_i]
                 start = at + raw_at + (loc & 0xFFFF)
@@ -278,7 +278,7 @@ class RecordDecoder:
                 comm = comm_at(v, data, at + raw_at, base, tid)
             args = getter(v) if getter is not None else arg_values(v, data, at + raw_at, base)
             name = probe if names is None else names.get(v[where] & PAGE_MASK, probe)
-            return (v[t], v[p], tid, v[c], name, comm, v[ip],  # type: ignore[index]
+            return (v[t], v[p], tid, v[c], name, comm, v[ip],
                     None if func is None else v[func], args)
 
         return hit

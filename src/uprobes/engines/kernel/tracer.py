@@ -445,7 +445,7 @@ class KernelTracer:
                     continue
                 h = hit(data, body)
                 # h[:9]: without a stack capture --stack appends
-                if event_id not in here or keep(hit_event(h[:9], infos[h[4]])):  # type: ignore[arg-type]
+                if event_id not in here or keep(hit_event(h[:9], infos[h[4]])):
                     append(h)
 
     def _deliver(self, hits: list[Hit], on_hits: Callable[[list[Hit]], None]) -> None:

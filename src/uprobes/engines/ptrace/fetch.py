@@ -296,7 +296,7 @@ def _unpacker(t: FetchType, count: int) -> Callable[[bytes], ArgValue]:
         return lambda b: conv(fmt.unpack(b)[0])
     if t.array:
         return lambda b: list(fmt.unpack(b))
-    return lambda b: fmt.unpack(b)[0]  # type: ignore[no-any-return]
+    return lambda b: fmt.unpack(b)[0]
 
 
 def _comm_text(r: Any, m: Readable, c: FetchContext) -> list[Text]:

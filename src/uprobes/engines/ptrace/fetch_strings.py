@@ -95,6 +95,11 @@ def _decode(data: bytes, nul: int = -1) -> str:
     return (data[:nul] if nul >= 0 else data).decode("utf-8", "backslashreplace")
 
 
+def _decode_all(elems: list[Text]) -> list[str | None]:
+    """An array's strings, each decoded whole (typed as an `ArgValue` list)."""
+    return [_decode(t.data, t.nul) for t in elems]
+
+
 TextArg = tuple["str | None", bool, list[Text]]
 """(name, is an array, elements); a hidden field is named None: it takes its
 share of the space and is left out of the values."""
@@ -112,8 +117,7 @@ def share_string_space(texts: Sequence[TextArg], fixed_size: int) -> dict[str, A
     if total > MAX_RECORD_SIZE - fixed_size:
         return _replay(texts, _room(texts, fixed_size))
     # The common case: every string is whole and they all fit.
-    return {name: [_decode(t.data, t.nul) for t in elems] if is_array
-            else _decode(elems[0].data, elems[0].nul)
+    return {name: _decode_all(elems) if is_array else _decode(elems[0].data, elems[0].nul)
             for name, is_array, elems in texts if name is not None}
 
 
