@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,23 @@ def tracefs() -> Path:
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("build")
+
+
+def without_section_headers(src: Path, dst: Path, *, zero: bool = True, cut: bool = True) -> Path:
+    """A copy of `src` with no section headers: zeroed in the header, cut off the end, or both."""
+    data = bytearray(src.read_bytes())
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phnum, = struct.unpack_from("<H", data, 56)
+    end = max(off + filesz for off, filesz in (
+        struct.unpack_from("<8xQ16xQ", data, phoff + 56 * i) for i in range(phnum)))
+    if zero:
+        struct.pack_into("<Q", data, 40, 0)  # e_shoff
+        struct.pack_into("<HH", data, 60, 0, 0)  # e_shnum, e_shstrndx
+    if cut:
+        del data[end:]
+    dst.write_bytes(bytes(data))
+    dst.chmod(0o755)
+    return dst
 
 
 class Compiler:

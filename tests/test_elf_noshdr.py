@@ -12,36 +12,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, Compiler
+from conftest import FIXTURES, Compiler, without_section_headers
 from test_elf_support import libc_path, run
 from uprobes.commands import main
 from uprobes.elf import ElfImage, SymbolTable
 
 UPROBES = [sys.executable, "-m", "uprobes"]
-
-
-def without_section_headers(src: Path, dst: Path, *, zero: bool = True, cut: bool = True) -> Path:
-    """A copy of `src` with no section headers: zeroed in the header, cut off the end, or both."""
-    data = bytearray(src.read_bytes())
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phnum, = struct.unpack_from("<H", data, 56)
-    end = max(off + filesz for off, filesz in (
-        struct.unpack_from("<8xQ16xQ", data, phoff + 56 * i) for i in range(phnum)))
-    if zero:
-        struct.pack_into("<Q", data, 40, 0)  # e_shoff
-        struct.pack_into("<HH", data, 60, 0, 0)  # e_shnum, e_shstrndx
-    if cut:
-        del data[end:]
-    dst.write_bytes(bytes(data))
-    dst.chmod(0o755)
-    return dst
 
 
 def cli(*args: str) -> str:

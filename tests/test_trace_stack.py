@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, without_section_headers
 from uprobes.commands import main
 
 ENGINES = ("kernel", "ptrace")
@@ -84,6 +84,23 @@ def test_both_engines_give_the_same_frames(traced: dict[str, list[dict[str, obje
         # differ: each run has its own layout).
         assert [(f["symbol"], f["offset"]) for f in k["stack"]] == \
             [(f["symbol"], f["offset"]) for f in p["stack"]]  # type: ignore[union-attr]
+
+
+def test_a_file_without_section_headers_unwinds_by_its_cfi(tracefs: Path, compile_c: Compiler,
+                                                          tmp_path: Path) -> None:
+    """sstrip leaves no section headers: `.eh_frame_hdr` is found by its
+    program header (PT_GNU_EH_FRAME), so the walk through frames without
+    frame pointers is the intact file's (names from the dynamic symbols)."""
+    exe = compile_c("stacks.c", "-O2", "-fomit-frame-pointer", "-rdynamic")
+    copy = without_section_headers(exe, tmp_path / "stacks")
+    intact, stripped = _trace("kernel", exe), _trace("kernel", copy)
+    assert [d["probe"] for d in stripped] == [d["probe"] for d in intact]
+    for i, s in zip(intact, stripped):
+        assert [(f["symbol"], f["offset"]) for f in s["stack"]] == \
+            [(f["symbol"], f["offset"]) for f in i["stack"]]  # type: ignore[union-attr]
+    names = _names(stripped[0])
+    assert names[:4] == ["leaf", "mid", "outer", "main"] and names[-1] == "_start", names
+    assert stripped[0]["stack"][0]["file"] == str(copy)  # type: ignore[index]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, without_section_headers
 from uprobes.elf.image import ElfImage
 from uprobes.unwind.cfi import RA, RSP, CfiTable, FrameRule
 from uprobes.unwind.ehframe import EhFrameTable
@@ -20,12 +20,13 @@ _LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 _AT_CALL = FrameRule(RSP, 8, ((RA, -8),))  # CFA = rsp+8, return address at CFA-8
 
 
-def _compare(path: str, inside: int) -> tuple[int, int]:
+def _compare(path: str, inside: int, lazy_path: str | None = None) -> tuple[int, int]:
     """Checks `inside` random addresses per FDE (fixed seed) besides its first
     byte, last byte and the byte past its end; returns (addresses, FDEs that
-    pyelftools could not decode)."""
+    pyelftools could not decode). `lazy_path`: read our rules from that copy
+    of `path` instead (pyelftools needs the section headers it may lack)."""
     image = ElfImage.open(path)
-    lazy = EhFrameTable.from_image(image)
+    lazy = EhFrameTable.from_image(ElfImage.open(lazy_path or path))
     assert lazy is not None, f"{path} has no .eh_frame_hdr"
     ref = CfiTable.read_all(image)
     assert ref._fdes, f"{path}: no FDEs read"
@@ -71,3 +72,17 @@ def test_file_without_eh_frame_hdr_falls_back(compile_c: Compiler) -> None:
     ref = CfiTable.read_all(image)
     starts = [f.header["initial_location"] for f in ref._fdes]
     assert starts and all(table.rule_at(a) == ref.rule_at(a) is not None for a in starts)
+
+
+def test_found_by_its_program_header_without_section_headers(
+        compile_c: Compiler, tmp_path: Path) -> None:
+    """PT_GNU_EH_FRAME, as the run-time unwinder finds it: the same rules
+    from a copy without section headers (sstrip: zeroed and cut; or zeroed
+    only) as pyelftools reads from the intact file, whose `.eh_frame`
+    section ends where the copy cannot say."""
+    exe = compile_c("stacks.c", "-O2", "-fomit-frame-pointer")
+    for src, cut in ((exe, True), (exe, False), (Path(_LIBC), True)):
+        copy = without_section_headers(src, tmp_path / f"{src.name}-{cut}", cut=cut)
+        assert ElfImage.open(copy).sections == ()
+        checked, _ = _compare(str(src), inside=1, lazy_path=str(copy))
+        assert checked > 10

@@ -29,6 +29,7 @@ DYN = struct.Struct("<qQ")  # Elf64_Dyn, 16 bytes
 NHDR = struct.Struct("<III")  # Elf64_Nhdr (namesz, descsz, type)
 
 PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_NOTE = 1, 2, 3, 4
+PT_GNU_EH_FRAME = 0x6474E550  # .eh_frame_hdr, as the unwinder finds it (dl_iterate_phdr)
 SHT_NULL, SHT_SYMTAB, SHT_STRTAB, SHT_NOTE, SHT_NOBITS, SHT_DYNSYM = 0, 2, 3, 7, 8, 11
 SHN_XINDEX = 0xFFFF
 PF_X, PF_W, PF_R = 1, 2, 4

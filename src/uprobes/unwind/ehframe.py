@@ -6,6 +6,11 @@ Core, "Exception Frame Header") holds a table of (initial_location,
 fde_address) pairs sorted by location: one bisection finds the FDE that may
 cover an address, and only that FDE and its CIE are parsed, then kept.
 Both sections' bytes are read once; addresses here are link addresses.
+
+The header is found as the unwinder at run time finds it, by the
+PT_GNU_EH_FRAME program header (then `.eh_frame` by the header's
+`eh_frame_ptr`), so a file without section headers (sstrip, some packers)
+still has its CFI; by the section name only where that header is missing.
 The instructions understood are those gcc and clang emit on x86-64; a CFA
 given by a DWARF expression has no rule (None), as in the pyelftools path.
 """
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from uprobes.elf.leb128 import leb128
+from uprobes.elf.raw import PT_GNU_EH_FRAME
 from uprobes.errors import ElfError
 from uprobes.unwind.cfi import FrameRule
 
@@ -88,6 +94,22 @@ class _Cie:
 _State = tuple["tuple[int, int] | None", "dict[int, tuple[str, int]]"]
 
 
+def _eh_frame_bytes(image: ElfImage, eh_addr: int) -> bytes:
+    """`.eh_frame`'s bytes from link address `eh_addr`: its section where the
+    file has one there, else the rest of the PT_LOAD holding it (its end is
+    told only by the section; every FDE the search table names lies in it,
+    and a record is bounded by its own length)."""
+    sec = next((s for s in image.sections if s.name == ".eh_frame"
+                and s.link_addr == eh_addr and s.type != "SHT_NOBITS"), None)
+    if sec is not None:
+        return image.read_file(sec.file_offset, sec.size)
+    seg = image.segment_for_link_addr(eh_addr)
+    if seg is None:
+        raise CfiFormatError(f".eh_frame_hdr points at {eh_addr:#x}, outside the file's bytes")
+    return image.read_file(eh_addr - seg.link_addr + seg.file_offset,
+                           seg.link_addr + seg.file_size - eh_addr)
+
+
 class EhFrameTable:
     """The CFI of one file, reached through its `.eh_frame_hdr`."""
 
@@ -123,11 +145,19 @@ class EhFrameTable:
     @classmethod
     def from_image(cls, image: ElfImage) -> EhFrameTable | None:
         """The table of `image`, or None when it has no `.eh_frame_hdr`."""
-        hdr, eh = image.section(".eh_frame_hdr"), image.section(".eh_frame")
-        if hdr is None or eh is None or hdr.type == "SHT_NOBITS" or eh.type == "SHT_NOBITS":
-            return None
-        return cls(image.read_file(hdr.file_offset, hdr.size), hdr.link_addr,
-                   image.read_file(eh.file_offset, eh.size), eh.link_addr)
+        with image.raw() as elf:
+            seg = next((p for p in elf.phdrs if p.type == PT_GNU_EH_FRAME and p.filesz), None)
+        if seg is not None:
+            hdr, hdr_addr = image.read_file(seg.offset, seg.filesz), seg.vaddr
+        else:
+            sec = image.section(".eh_frame_hdr")
+            if sec is None or sec.type == "SHT_NOBITS":
+                return None
+            hdr, hdr_addr = image.read_file(sec.file_offset, sec.size), sec.link_addr
+        if len(hdr) < 4 or hdr[0] != 1:
+            raise CfiFormatError("unknown .eh_frame_hdr version")
+        eh_addr, _ = _pointer(hdr, 4, hdr[1], hdr_addr, hdr_addr)
+        return cls(hdr, hdr_addr, _eh_frame_bytes(image, eh_addr), eh_addr)
 
     def rule_at(self, link_addr: int) -> FrameRule | None:
         i = bisect.bisect_right(self._starts, link_addr) - 1
