@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from uprobes.errors import KernelError
 from uprobes.sys.libc import kernel_error, libc
@@ -131,11 +131,14 @@ class SigInfo(ctypes.Structure):
     si_addr: int
 
 
-def _function(name: str, restype: object, argtypes: list[object]) -> object:
+def _function(name: str, restype: object, argtypes: list[object]) -> Callable[..., int]:
+    """libc's `name` with its C types set: it returns a Python int (every
+    restype here is an integer type)."""
     fn = libc().function(name)
     fn.restype = restype
     fn.argtypes = argtypes
-    return fn
+    typed: Callable[..., int] = fn
+    return typed
 
 
 _raw_ptrace = _function("ptrace", ctypes.c_long,
@@ -160,7 +163,7 @@ def _failed(what: str, tid: int) -> None:
 
 
 def _ptrace(request: int, tid: int, addr: int, data: int, what: str) -> int:
-    res: int = _raw_ptrace(request, tid, addr, data)  # type: ignore[operator]
+    res = _raw_ptrace(request, tid, addr, data)
     if res == -1:
         err = ctypes.get_errno()
         if err:
@@ -199,7 +202,7 @@ def detach(tid: int, sig: int = 0) -> None:
 
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     """Send `sig` to one thread (a signal held back during a step, re-raised)."""
-    if _raw_tgkill(tgid, tid, sig) == -1:  # type: ignore[operator]
+    if _raw_tgkill(tgid, tid, sig) == -1:
         err = ctypes.get_errno()
         if err != _errno.ESRCH:
             raise kernel_error(f"tgkill({tid}, {sig})", err)
@@ -292,13 +295,13 @@ def peek_any(nohang: bool = False) -> tuple[int, int]:
 def consume_pending(tid: int) -> None:
     """Consume `tid`'s report if one is pending (waitpid WNOHANG): a stop
     peeked at (peek_any) that will not be resumed by a ptrace request."""
-    _raw_waitpid(tid, _status_ref, WALL | WNOHANG)  # type: ignore[operator]
+    _raw_waitpid(tid, _status_ref, WALL | WNOHANG)
 
 
 def wait_task(tid: int) -> int:
     """waitpid(tid, __WALL), retried on EINTR: the raw status."""
     while True:
-        got: int = _raw_waitpid(tid, _status_ref, WALL)  # type: ignore[operator]
+        got = _raw_waitpid(tid, _status_ref, WALL)
         if got == tid:
             return _status.value
         err = ctypes.get_errno()
