@@ -19,6 +19,7 @@ from uprobes.errors import UprobesError
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
 from uprobes.unwind.cfi import CfiTable, FrameRule
+from uprobes.unwind.stack import RuleFinder
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class AddressSpaces:
             self._images[path] = image
         return self._images[path]
 
-    def rule_finder(self, pid: int):  # type: ignore[no-untyped-def]
+    def rule_finder(self, pid: int) -> RuleFinder:
         """A `RuleFinder` for `uprobes.unwind.stack.unwind` in process `pid`."""
         rules = self._process(pid).rules
 
