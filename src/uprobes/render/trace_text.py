@@ -75,6 +75,17 @@ def _fast_code(ftype: FetchType) -> str | None:
     return None
 
 
+
+def _as_is(value: ArgValue) -> object:
+    """An argument its %-code prints as it comes."""
+    return value
+
+
+def _formatter(ftype: FetchType) -> Callable[[ArgValue], str]:
+    """`format_value` for arguments of `ftype`."""
+    return lambda value: format_value(value, ftype)
+
+
 class _Template:
     """One probe's trace line as a %-template (see `format_line`)."""
 
@@ -85,8 +96,7 @@ class _Template:
         self.text = self.line(comm="%16s", tid="%-7d", cpu="%03d", ip="0x%x", func="0x%x")
         self.plain = None not in codes
         self.converts: list[Callable[[ArgValue], object]] = [
-            (lambda v: v) if c else (lambda v, t=t: format_value(v, t))  # type: ignore[misc]
-            for (_, t), c in zip(info.args, codes)]
+            _as_is if c else _formatter(t) for (_, t), c in zip(info.args, codes)]
 
     def line(self, *, comm: str, tid: str, cpu: str, ip: str, func: str) -> str:
         """The template, with each value but the time and the arguments put

@@ -60,7 +60,9 @@ def _digits(s: str, base: int) -> tuple[int, int]:
     if run is None:
         digits = "0123456789abcdef"[:base]
         run = _DIGIT_RUNS[base] = re.compile(f"[{digits}{digits[10:].upper()}]*")
-    found = run.match(s).group()  # type: ignore[union-attr]
+    m = run.match(s)
+    assert m is not None  # a `*` run matches at least the empty string
+    found = m.group()
     return (int(found, base) if found else 0), len(found)
 
 

@@ -15,7 +15,7 @@ return events a uretprobe would have given (`(0xRET <- 0xFUNC)`).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
@@ -90,7 +90,7 @@ PAGE_MASK = 0xFFF
 
 
 def shared_events(kps: list[KernelProbe],
-                  alone: set[tuple[str, int]] = frozenset()) -> list[list[KernelProbe]]:  # type: ignore[assignment]
+                  alone: Set[tuple[str, int]] = frozenset()) -> list[list[KernelProbe]]:
     """The probes grouped into kernel events: each list becomes one event.
 
     The kernel lets one event hold many probe points (a line naming an
