@@ -24,9 +24,9 @@ T = TypeVar("T")
 # System call numbers per architecture (`platform.machine()`), from each
 # arch's unistd table. Only the calls the kernel interfaces need.
 SYSCALL_NUMBERS: Mapping[str, Mapping[str, int]] = {
-    "x86_64": {"perf_event_open": 298, "pidfd_open": 434, "gettid": 186},
-    "aarch64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178},
-    "riscv64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178},
+    "x86_64": {"perf_event_open": 298, "pidfd_open": 434, "gettid": 186, "futex": 202},
+    "aarch64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98},
+    "riscv64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98},
 }
 
 # ctypes declarations as a table: name -> (restype, argtypes). `syscall` is

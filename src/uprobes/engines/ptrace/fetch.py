@@ -154,7 +154,7 @@ def _first_read(expr: FetchExpr, t: FetchType) -> tuple[str, int, int] | None:
     an offset: (UserRegs field, offset, bytes); None for strings' own reads."""
     if isinstance(expr, StackEntry):
         return "rsp", 8 * expr.index, 8
-    base, offsets = _split(expr)
+    base, offsets = split_derefs(expr)
     if not offsets or isinstance(base, (Memory, FileOffset, Immediate)):
         return None
     field = {StackPointer: "rsp", RetVal: "rax"}.get(type(base))
@@ -198,7 +198,7 @@ def _field_size(t: FetchType) -> int:
     return (4 if t.is_string else t.size) * (t.array or 1)
 
 
-def _split(expr: FetchExpr) -> tuple[FetchExpr, list[int]]:
+def split_derefs(expr: FetchExpr) -> tuple[FetchExpr, list[int]]:
     """`+A(+B(X))` -> (X, [B, A]); `@ADDR` and `@+OFF` end in a deref at 0."""
     offsets: list[int] = []
     while isinstance(expr, Deref):
@@ -251,10 +251,10 @@ def _chain(stage: Stage, offsets: list[int]) -> Stage:
 
 
 def _compile_number(a: FetchArg) -> Fetch:
-    base, offsets = _split(a.expr)
+    base, offsets = split_derefs(a.expr)
     t = a.type
     if not offsets:  # FETCH_OP_ST_RAW: the value itself, cut to the type
-        stage, conv = _first(base), _converter(t)
+        stage, conv = _first(base), converter(t)
         return lambda r, m, c: conv(stage(r, m, c))
     # FETCH_OP_ST_MEM: the last dereference becomes the store's read
     stage, last = _chain(_first(base), offsets[:-1]), offsets[-1]
@@ -273,7 +273,7 @@ def _compile_number(a: FetchArg) -> Fetch:
     return store_mem
 
 
-def _converter(t: FetchType) -> Callable[[int | None], int]:
+def converter(t: FetchType) -> Callable[[int | None], int]:
     bits = t.size * 8
     mask = (1 << bits) - 1
     if t.bitfield is not None:
@@ -290,7 +290,7 @@ def _unpacker(t: FetchType, count: int) -> Callable[[bytes], ArgValue]:
     code = {1: "b", 2: "h", 4: "i", 8: "q"}[t.size]
     fmt = struct.Struct("<" + str(count) + (code if t.signed else code.upper()))
     if t.bitfield is not None:
-        conv = _converter(t)
+        conv = converter(t)
         if t.array:
             return lambda b: [conv(x) for x in fmt.unpack(b)]
         return lambda b: conv(fmt.unpack(b)[0])
@@ -310,7 +310,7 @@ def _compile_text(a: FetchArg) -> TextFetch:
         return _comm_text
     if isinstance(a.expr, ImmString):
         return lambda r, m, c: [Text.FAULT]
-    base, offsets = _split(a.expr)
+    base, offsets = split_derefs(a.expr)
     count = a.type.array
     if count is None:
         # FETCH_OP_ST_STRING replaces the last dereference: the string is AT

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from uprobes.sys.ptrace import UserRegs
 
 if TYPE_CHECKING:
+    from uprobes.sys.procmem import ProcessMemory
     from uprobes.engines.ptrace.tasks import Thread
     from uprobes.registry import Probe
 
@@ -61,6 +62,11 @@ class PtraceHit:
     @property
     def cpu(self) -> int:
         return self.thread.cpu()
+
+    @property
+    def mem(self) -> ProcessMemory:
+        """The process's memory (what fetchargs read)."""
+        return self.thread.mm.mem
 
     def read(self, runtime_addr: int, n: int) -> bytes:
         return self.thread.mm.mem.read(runtime_addr, n)

@@ -47,7 +47,8 @@ from iced_x86 import Decoder, FlowControl, Instruction, OpKind, Register
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
-from uprobes.engines.ptrace import trampoline
+from uprobes.engines.ptrace import recording, trampoline
+from uprobes.engines.ptrace.recording import Recipe, Ring
 from uprobes.engines.ptrace.relocate import UnsupportedInstruction
 from uprobes.engines.ptrace.trampoline import Displaced
 from uprobes.engines.ptrace.sharedmem import map_shared
@@ -60,7 +61,7 @@ PATCH_LEN = 5  # jmp rel32
 BLOCK_SIZE = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
 _INT3 = b"\xcc"
-_MEMFD_NAME = b"uprobes-counters\0"
+_MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 
 
 class NotTrapFree(Exception):
@@ -195,7 +196,8 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     # A dry build at plausible addresses: what cannot be moved is refused now.
     fake = 0x10000000 + file_offset
     try:
-        trampoline.build(fake + 0x100000, fake + 0x110000,
+        trampoline.build(fake + 0x100000, trampoline.counting_prologue(fake + 0x100000,
+                                                                       fake + 0x110000),
                          [Displaced(fake + off, b) for off, b in displaced], end)
     except UnsupportedInstruction as e:
         raise NotTrapFree(f"a displaced instruction cannot move: {e}") from None
@@ -232,13 +234,39 @@ def map_counters(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, n
                  near: int, held: list[int]) -> CounterBlock:
     """A new block of counters shared between process `pid` (through its
     stopped thread `tid`) and us, within rel32 reach of `near`."""
-    try:
-        view, addr = map_shared(tid, regs, pid, syscall_addr, name_addr, BLOCK_SIZE,
-                                mmap.PROT_READ | mmap.PROT_WRITE,
-                                candidates(procfs.maps(pid), near), held)
-    except EngineError as e:
-        raise NotTrapFree(f"no counters within 2 GiB of {near:#x}: {e}") from None
+    view, addr = map_near(tid, regs, pid, syscall_addr, name_addr, near, held, BLOCK_SIZE)
     return CounterBlock(view, addr)
+
+
+def map_near(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_addr: int,
+             near: int, held: list[int], size: int) -> tuple[mmap.mmap, int]:
+    """`size` bytes of shared memory (sharedmem.py) in process `pid` within
+    rel32 reach of `near`, and here: (our view, its address there)."""
+    try:
+        return map_shared(tid, regs, pid, syscall_addr, name_addr, size,
+                          mmap.PROT_READ | mmap.PROT_WRITE,
+                          candidates(procfs.maps(pid), near, size), held)
+    except EngineError as e:
+        raise NotTrapFree(f"no shared memory within 2 GiB of {near:#x}: {e}") from None
+
+
+def _tid_at_thread_pointer(mem: ProcessMemory, fs_base: int, tid: int) -> bool:
+    """Whether this thread's tid sits where glibc keeps it (struct pthread's
+    `tid`, at the thread pointer + GLIBC_TID_OFFSET): then a trampoline reads
+    it with one load instead of a gettid system call."""
+    if not fs_base:
+        return False
+    try:
+        got = mem.read(fs_base + recording.GLIBC_TID_OFFSET, 4)
+    except UprobesError:
+        return False
+    return int.from_bytes(got, "little") == tid
+
+
+def _ring_reaches(ring: Ring, area: XolArea) -> bool:
+    """Whether code in `area` reaches all of `ring` with rel32 displacements."""
+    return area.reaches(ring.runtime_addr) \
+        and area.reaches(ring.runtime_addr + recording.RING_BYTES)
 
 
 # ---------------------------------------------------------------- processes
@@ -260,19 +288,32 @@ class _Space:
 
     patches: dict[int, JumpPatch] = field(default_factory=dict)
     blocks: list[CounterBlock] = field(default_factory=list)  # each near one XOL area
+    rings: list[Ring] = field(default_factory=list)           # each near one XOL area
     name_addr: int | None = None
+    tls_tid: bool | None = None  # recording: the tid at fs:GLIBC_TID_OFFSET in every thread
+
+
+@dataclass(frozen=True)
+class Record:
+    """A recording probe's part of a jump patch: what it records, its id in the ring."""
+
+    recipe: Recipe
+    probe_id: int
+    wait_ticks: int  # how long a hit waits for room in a full ring (recording.WAIT_S)
 
 
 AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> area
 
 
 class TrapFree:
-    """The tracer's trap-free probes: placement per address space, counts over all."""
+    """The tracer's trap-free probes: placement per address space, counts over all,
+    the rings of recording probes."""
 
     def __init__(self) -> None:
         self._spaces: dict[object, _Space] = {}
         self._counters: dict[str, list[tuple[CounterBlock, int]]] = {}
         self._folded: dict[str, int] = {}
+        self.rings: list[Ring] = []
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
         self._reported: set[str] = set()
 
@@ -281,16 +322,19 @@ class TrapFree:
 
     @property
     def placed(self) -> bool:
-        return bool(self._counters)
+        return bool(self._counters) or bool(self.rings)
 
     def place(self, mm: object, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
               plan: FilePlan, name: str, runtime_addr: int, taken: Iterable[int],
               threads: list[tuple[int, bool]], area_for: AreaFor,
-              syscall_addr: Callable[[], int], held: list[int]) -> None:
+              syscall_addr: Callable[[], int], held: list[int],
+              record: Record | None = None) -> None:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
-        stopped) of every thread of the process. NotTrapFree if it may not."""
+        stopped) of every thread of the process. `record`: the trampoline
+        records into a ring (recording.py), else it counts under `name`.
+        NotTrapFree if it may not."""
         space = self._spaces.setdefault(mm, _Space())
         length = len(plan.original)
         end = runtime_addr + length
@@ -303,41 +347,70 @@ class TrapFree:
                 raise NotTrapFree("the code in memory differs from the file")
         except UprobesError:
             raise NotTrapFree("the code is not readable") from None
+        tls = space.tls_tid is not False
         for other, stopped in threads:
             if not stopped:
                 raise NotTrapFree("threads of the process were running")
             try:
-                rip = regs.rip if other == tid else ptrace.getregs(other, ptrace.UserRegs()).rip
+                r = regs if other == tid else ptrace.getregs(other, ptrace.UserRegs())
             except UprobesError:
                 continue  # gone meanwhile (its exit not reaped yet)
-            if runtime_addr < rip < end:
+            if runtime_addr < r.rip < end:
                 raise NotTrapFree(f"thread {other} was inside the bytes a jump would replace")
+            if record is not None and tls and space.tls_tid is None:
+                tls = _tid_at_thread_pointer(mem, r.fs_base, other)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
-        area = area_for(runtime_addr, trampoline.max_size(displaced))
-        block, index = self._counter_near(space, area)
-        if block is None or index is None:
-            if space.name_addr is None:
-                space.name_addr = area.alloc(len(_MEMFD_NAME))
-                if space.name_addr is None:
-                    raise NotTrapFree("the XOL area is full")
-                mem.write(space.name_addr, _MEMFD_NAME)
-            block = map_counters(tid, regs, pid, syscall_addr(), space.name_addr, area.start,
-                                 held)
-            space.blocks.append(block)
-            index = block.alloc()
-            assert index is not None
-        at = area.alloc(trampoline.max_size(displaced))
+        if record is not None:
+            space.tls_tid = tls
+            size = trampoline.max_size(displaced, recording.prologue_size(record.recipe, tls))
+        else:
+            size = trampoline.max_size(displaced)
+        area = area_for(runtime_addr, size)
+        if record is None:
+            block, index = self._counter_near(space, area)
+            if block is None or index is None:
+                block = map_counters(tid, regs, pid, syscall_addr(), self._name(space, area, mem),
+                                     area.start, held)
+                space.blocks.append(block)
+                index = block.alloc()
+                assert index is not None
+        else:
+            ring = next((r for r in space.rings if _ring_reaches(r, area)), None)
+            if ring is None:
+                view, addr = map_near(tid, regs, pid, syscall_addr(),
+                                      self._name(space, area, mem), area.start, held,
+                                      recording.RING_BYTES)
+                ring = Ring(view, addr, record.wait_ticks)
+                space.rings.append(ring)
+                self.rings.append(ring)
+        at = area.alloc(size)
         if at is None:
             raise NotTrapFree("the XOL area is full")
         try:
-            code = trampoline.build(at, block.addr(index), displaced, end)
+            if record is None:
+                prologue = trampoline.counting_prologue(at, block.addr(index))
+            else:
+                prologue = recording.prologue(at, ring.runtime_addr, record.recipe,
+                                              record.probe_id, tls)
+            code = trampoline.build(at, prologue, displaced, end)
             jump = trampoline.jmp_rel32(runtime_addr, at)
         except (UnsupportedInstruction, ValueError) as e:
             raise NotTrapFree(str(e)) from None
         mem.write(at, code)
         mem.write(runtime_addr, jump + _INT3 * (length - len(jump)))
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
-        self._counters.setdefault(name, []).append((block, index))
+        if record is None:
+            self._counters.setdefault(name, []).append((block, index))
+
+    @staticmethod
+    def _name(space: _Space, area: XolArea, mem: ProcessMemory) -> int:
+        """The memfd's name in the process (written once into an XOL area)."""
+        if space.name_addr is None:
+            space.name_addr = area.alloc(len(_MEMFD_NAME))
+            if space.name_addr is None:
+                raise NotTrapFree("the XOL area is full")
+            mem.write(space.name_addr, _MEMFD_NAME)
+        return space.name_addr
 
     @staticmethod
     def _counter_near(space: _Space, area: XolArea) -> tuple[CounterBlock | None, int | None]:
@@ -350,11 +423,11 @@ class TrapFree:
         return None, None
 
     def fork(self, parent: object, child: object) -> None:
-        """A forked child has the parent's patches (and shares its counters)."""
+        """A forked child has the parent's patches (and shares its counters and rings)."""
         space = self._spaces.get(parent)
         if space is not None:
             self._spaces[child] = _Space(dict(space.patches), list(space.blocks),
-                                         space.name_addr)
+                                         list(space.rings), space.name_addr, space.tls_tid)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""
@@ -389,8 +462,10 @@ class TrapFree:
         self._reported.update(new)
         free = [n for n, why in new.items() if why is None]
         traps = [(n, why) for n, why in new.items() if why is not None]
-        text = f"{len(free)} of {len(new)} probes trap-free (a jump to an in-process counter, " \
-               "no stop per hit)"
+        how = "an in-process counter" if not self.rings else (
+            "in-process code recording each hit into a shared ring" if not self._counters
+            else "an in-process counter or recording")
+        text = f"{len(free)} of {len(new)} probes trap-free (a jump to {how}, no stop per hit)"
         if traps:
             shown = "; ".join(f"{n}: {why}" for n, why in traps[:3])
             more = f"; and {len(traps) - 3} more" if len(traps) > 3 else ""

@@ -44,6 +44,9 @@ from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.jumppatch import NotTrapFree, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
+from uprobes.engines.ptrace.jumppatch import Record
+from uprobes.engines.ptrace.recording import (
+    WAIT_S, Direct, RecordedSite, Recorder, Ring, direct_args, recipe_for)
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -61,6 +64,7 @@ _SIGTRAP = int(signal.SIGTRAP)
 _TRAP_STOP = _SIGTRAP << 8 | 0x7F  # waitpid status of a SIGTRAP stop, no ptrace event
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
+_RING_WAKE_S = 0.01  # with trap-free probes: also how often their rings are read
 _NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
 
 
@@ -78,17 +82,26 @@ class PtraceTracer:
     `hit_filter`: only the hits it keeps are counted and delivered; its
     `--tid`/`--comm` part is tested before anything is fetched, the
     condition as soon as what it names is fetched.
-    `trapfree`: probes that only count (no filter, no other handler, not on
-    a return) are placed as jumps to in-process counters where that is safe
-    (jumppatch.py); such a tracer only counts (`run(None)`).
+    `trapfree`: probes whose only consumer is the tracer's own (not on a
+    return, no `stack_bytes`) are placed as jumps to in-process code where
+    that is safe (jumppatch.py), no stop per hit. "count" (or True): such a
+    tracer only counts (`run(None)`); a probe with no filter then adds to a
+    counter, one with a filter records into a ring (recording.py) and is
+    counted as its records are read. "record": every such probe records,
+    and its events are read from the rings at the run loop's wake-ups
+    (every `_RING_WAKE_S`), at an int3 hit and at the end of `run`.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, force: bool = False,
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
-                 hit_filter: HitFilter | None = None, trapfree: bool = False) -> None:
+                 hit_filter: HitFilter | None = None, trapfree: bool | str = False) -> None:
         ptrace.ensure_x86_64()
+        if trapfree not in (False, True, "count", "record"):
+            raise ValueError(f"trapfree must be False, 'count' or 'record', not {trapfree!r}")
+        self._trapfree = "count" if trapfree is True else trapfree or None
         self._jumps = TrapFree() if trapfree else None
+        self._recorder: Recorder | None = None  # made by the first recording probe
         self._held: tuple[AddressSpace, list[int]] | None = None  # stopped to place jumps
         self.hit_filter = hit_filter
         task_filter = hit_filter.task_filter() if hit_filter else None
@@ -108,6 +121,8 @@ class PtraceTracer:
         # a hit whose dispatch is one of them just counts, with no PtraceHit.
         self._count_only: dict[Callable[[TaskLike], None], str] = {}
         self._counting: dict[Callable[[TaskLike], None], str] = {}
+        # Every event handler of ours, and the probe line it serves.
+        self._ours: dict[Callable[[TaskLike], None], ResolvedProbe] = {}
         self._infos: dict[str, ProbeInfo] = {}
         self._multi = _glob_specs(probes)
         self._refused: set[str] = set()
@@ -123,6 +138,7 @@ class PtraceTracer:
             self._infos[info.name] = info
             self.counts[name] = 0
             handler = self._event_handler(name, info, p)
+            self._ours[handler] = p
             if hit_filter is None:
                 self._count_only[handler] = name
             if not p.is_return:
@@ -174,11 +190,11 @@ class PtraceTracer:
                                                      self.hit_filter.arg_fields)
 
         def on_hit(task: TaskLike) -> None:
+            # `task` is a PtraceHit (an int3) or a RecordedHit (read from a ring).
             nonlocal fetcher
             hit = cast(PtraceHit, task)
-            t = hit.thread
             if keep is not None and not keep_after_fetch \
-                    and not keep(TaskView(t.pid, t.tid, t.comm, {})):
+                    and not keep(TaskView(hit.pid, hit.tid, hit.comm, {})):
                 return
             emit = self._on_hits
             if emit is None and not keep_after_fetch:
@@ -188,8 +204,9 @@ class PtraceTracer:
             if p.args:
                 if fetcher is None:
                     fetcher = ArgFetcher(p)
-                got = fetcher.fetch(hit.regs, t.mm.mem, FetchContext(t.comm, hit.file_base))
-                if keep_after_fetch and keep and not keep(TaskView(t.pid, t.tid, t.comm, got)):
+                got = fetcher.fetch(hit.regs, hit.mem, FetchContext(hit.comm, hit.file_base))
+                if keep_after_fetch and keep and not keep(TaskView(hit.pid, hit.tid, hit.comm,
+                                                                   got)):
                     return
                 args = tuple(got.get(n) for n, _ in info.args)
             counts[name] += 1
@@ -199,11 +216,11 @@ class PtraceTracer:
             self.current_hit = hit  # the stopped thread, for a Session handler
             try:
                 if self._capturing:  # run() with stacks: the capture rides along
-                    emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip,
+                    emit([(hit.ts_ns, hit.pid, hit.tid, hit.cpu, info.name, hit.comm, hit.ip,
                            hit.func, args, self._capture(hit))])  # type: ignore[list-item]
                     return
-                emit([(hit.ts_ns, t.pid, t.tid, t.cpu(), info.name, t.comm, hit.ip, hit.func,
-                       args)])
+                emit([(hit.ts_ns, hit.pid, hit.tid, hit.cpu, info.name, hit.comm, hit.ip,
+                       hit.func, args)])
             finally:
                 self.current_hit = None
         return on_hit
@@ -379,24 +396,23 @@ class PtraceTracer:
 
     def _place_trapfree(self, t: Thread, regs: UserRegs, probe: Probe, addr: int,
                         file_offset: int, ident: tuple[int, int]) -> bool:
-        """Place `probe` as a jump to a counter (jumppatch.py) if it only
-        counts and that is safe here; False: it takes the int3 path."""
+        """Place `probe` as a jump to a counter or a recording (jumppatch.py,
+        recording.py) if only our handler consumes it and that is safe
+        here; False: it takes the int3 path."""
         jumps = self._jumps
         assert jumps is not None
         name = self._count_only.get(probe.dispatch)
         point = probe.point
-        if self.hit_filter is not None:
-            why: str | None = "a filter is tested at each hit (the thread must stop)"
-        elif probe.key in self._ret_sites or probe.ret_dispatch is not _NO_HANDLER:
-            why = "a return probe"
-        elif name is None:
-            why = "a handler runs at each hit"
-        else:
+        record: Record | None = None
+        why = self._why_not_trapfree(probe, name)
+        if why is None and (self._trapfree == "record" or name is None):
+            why, record = self._recording(probe, addr, addr - file_offset)
+        if why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
             plan = plan_for(point.path, ident[0], ident[1], file_offset, others)
             why = plan if isinstance(plan, str) else None
         if why is None:
-            assert name is not None and not isinstance(plan, str)
+            assert not isinstance(plan, str)
             mm = t.mm
             if any(not o.stopped for o in self.threads.values() if o.mm is mm):
                 self._hold_all(mm)  # a library loaded while other threads run
@@ -408,15 +424,53 @@ class PtraceTracer:
                     mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
                 return mm.syscall_addr
             try:
-                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, addr, mm.sites,
-                            threads, lambda near, need: self._area_for(t, regs, near, need),
-                            syscall_addr, t.pending)
+                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name or point.name, addr,
+                            mm.sites, threads,
+                            lambda near, need: self._area_for(t, regs, near, need),
+                            syscall_addr, t.pending, record)
+                if record is not None:  # names read now: a thread may be gone when
+                    for o in self.threads.values():  # its records are read
+                        if o.mm is mm:
+                            o.comm  # noqa: B018 (cached for COMM_TTL_NS)
             except NotTrapFree as e:
                 why = str(e)
             except UprobesError as e:  # a remote call or a write failed: the int3 path says
                 why = f"cannot place the jump: {e}"
         jumps.decide(point.name, why)
         return why is None
+
+    def _why_not_trapfree(self, probe: Probe, name: str | None) -> str | None:
+        """Why `probe` needs a stop at each hit whatever its instructions, or None."""
+        if probe.key in self._ret_sites or probe.ret_dispatch is not _NO_HANDLER:
+            return "a return probe"
+        if not probe.consumers or any(c.handler not in self._ours for c in probe.consumers):
+            return "a handler runs at each hit"
+        if self.stack_bytes:
+            return "its stack is copied at each hit"
+        return None
+
+    def _recording(self, probe: Probe, addr: int,
+                   file_base: int) -> tuple[str | None, Record | None]:
+        """(None, how) for a probe that records into a ring, else (why not, None)."""
+        recipe = recipe_for([self._ours[c.handler] for c in probe.consumers
+                             if c.handler is not None])
+        if isinstance(recipe, str):
+            return f"{recipe} (a trap-free probe records registers and the stack only)", None
+        if self._recorder is None:
+            from uprobes.sys import tsc
+            why = tsc.usable()
+            if why is not None:
+                return why, None
+            self._recorder = Recorder(self.counts)
+        direct: Direct | None = None
+        name = self._count_only.get(probe.dispatch)
+        if name is not None and self.hit_filter is None:
+            line = self._ours[probe.dispatch]
+            build = direct_args(line, recipe, addr)
+            if build is not None:
+                direct = (line.name, name, build)
+        probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct))
+        return None, Record(recipe, probe_id, self._recorder.clock.ticks(WAIT_S))
 
     def _hold_all(self, mm: AddressSpace) -> None:
         """Stop every traced thread, as detach does, so a jump can go into
@@ -520,8 +574,8 @@ class PtraceTracer:
         while the thread is still stopped)."""
         signals = self._signals
         assert signals is not None, "enter the tracer first"
-        if on_hits is not None and self._jumps is not None:
-            raise EngineError("a tracer with trap-free probes only counts: run(None)")
+        if on_hits is not None and self._trapfree == "count":
+            raise EngineError("a tracer with trap-free counters only counts: run(None)")
         self._on_hits = on_hits
         self._counting = self._count_only if on_hits is None else {}
         deadline = None if duration is None else time.monotonic() + duration
@@ -529,7 +583,8 @@ class PtraceTracer:
         old = None
         if main:
             old = signal.signal(signal.SIGALRM, lambda *_: None)
-            signal.setitimer(signal.ITIMER_REAL, _WAKE_S, _WAKE_S)
+            wake = _RING_WAKE_S if self._trapfree else _WAKE_S
+            signal.setitimer(signal.ITIMER_REAL, wake, wake)
         try:
             for thread in list(self.threads.values()):
                 if thread.stopped:
@@ -545,14 +600,22 @@ class PtraceTracer:
             consume = ptrace.wait_task
             trap = self._trap
             nohang = not main
+            rings = self._jumps.rings if self._jumps is not None else []
+            drained = time.monotonic()
             while not self._done and signals.signum is None:
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     break
+                if rings and now - drained >= _RING_WAKE_S:
+                    self._drain(rings)
+                    drained = now
                 tid, status = wait_any(nohang)
                 if status == _TRAP_STOP:  # the common stop, a hit: straight to _trap
                     t = threads.get(tid)
                     if t is not None:
                         t.stopped = True
+                        if rings:  # what the rings hold happened before this hit
+                            self._drain(rings)
                         try:
                             trap(t)
                         except KernelError as e:
@@ -579,6 +642,36 @@ class PtraceTracer:
             self.signal = signals.signum or None
             if self._jumps is not None:
                 self._jumps.fold_into(self.counts)  # what the jumps counted meanwhile
+                if self._jumps.rings:
+                    self._drain_last()
+
+    def _drain(self, rings: list[Ring], final: bool = False) -> None:
+        """Deliver what the rings hold (recording.py) to the probes' dispatch."""
+        recorder = self._recorder
+        assert recorder is not None
+        threads = self.threads
+
+        def who(tid: int) -> tuple[int, str] | None:
+            t = threads.get(tid)
+            return None if t is None else (t.pid, t.comm)
+        recorder.drain(rings, who, self._deliver_recorded, final)
+        self.lost = sum(r.lost for r in rings)
+
+    def _deliver_recorded(self, hits: list[Hit]) -> None:
+        """Hits of direct sites (counted by the recorder already)."""
+        emit = self._on_hits
+        if emit is not None:
+            self.events += len(hits)
+            emit(hits)
+
+    def _drain_last(self) -> None:
+        """The end of a run: every thread stopped (or gone), so every record
+        reserved is committed or never will be; deliver them all. The
+        threads stay stopped until `run` resumes them or detach."""
+        assert self._jumps is not None
+        if self.threads and not self.target_exited:
+            self._quiesce()
+        self._drain(self._jumps.rings, final=True)
 
     def _handle(self, tid: int, status: int) -> None:
         t = self.threads.get(tid)
@@ -835,6 +928,8 @@ class PtraceTracer:
 
     def _gone(self, t: Thread, status: int) -> None:
         self.threads.pop(t.tid, None)
+        if self._recorder is not None:  # its last records may still be in a ring
+            self._recorder.former(t.tid, t.pid, t.comm)
         self._forget(t)
         if t.tid == t.pid:
             t.mm.release()

@@ -1,4 +1,4 @@
-"""Trap-free counting code: what a jump patch jumps to.
+"""Trap-free probe code: what a jump patch jumps to.
 
 A trap-free probe replaces the whole instructions covering the first 5
 bytes at the probe with `jmp rel32` to a trampoline in the XOL area:
@@ -134,11 +134,12 @@ def _one(d: Displaced, insn: Instruction, at: int) -> bytes:
     return slot.code[:cut[-1] - at]
 
 
-def build(at: int, counter_addr: int, displaced: list[Displaced], resume_addr: int) -> bytes:
-    """The trampoline's bytes for address `at`: count, run `displaced`, go on at
-    `resume_addr` (the first original instruction after the patch). Raises
-    UnsupportedInstruction when a displaced instruction cannot be moved."""
-    code = bytearray(counting_prologue(at, counter_addr))
+def build(at: int, prologue: bytes, displaced: list[Displaced], resume_addr: int) -> bytes:
+    """The trampoline's bytes for address `at`: `prologue` (built for `at`:
+    `counting_prologue`, or recording.prologue), then `displaced`, then on
+    at `resume_addr` (the first original instruction after the patch).
+    Raises UnsupportedInstruction when a displaced instruction cannot be moved."""
+    code = bytearray(prologue)
     insns = [_decode(d) for d in displaced]
     for i, (d, insn) in enumerate(zip(displaced, insns)):
         why = why_not_displaced(insn, i == len(insns) - 1)
@@ -150,7 +151,9 @@ def build(at: int, counter_addr: int, displaced: list[Displaced], resume_addr: i
     return bytes(code)
 
 
-def max_size(displaced: list[Displaced]) -> int:
+COUNTING_PROLOGUE_SIZE = len(_ENTER) + len(_LOCK_INC) + 4 + len(_LEAVE)
+
+
+def max_size(displaced: list[Displaced], prologue_size: int = COUNTING_PROLOGUE_SIZE) -> int:
     """An upper bound of `build`'s length (to allocate before the address is known)."""
-    return (len(_ENTER) + len(_LOCK_INC) + 4 + len(_LEAVE)
-            + len(displaced) * relocate.SLOT_SIZE + 14)
+    return prologue_size + len(displaced) * relocate.SLOT_SIZE + 14

@@ -140,19 +140,20 @@ def map_area(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, near:
                       "for the XOL area")
 
 
-def candidates(maps: list[procfs.Mapping], near: int) -> list[int]:
-    """Page-aligned starts in free gaps within reach of `near`: below it first
-    (the gap above a program is where its brk heap grows), nearest first.
-    A guard of 16 pages is left to the mapping above each candidate."""
+def candidates(maps: list[procfs.Mapping], near: int, size: int = AREA_SIZE) -> list[int]:
+    """Page-aligned starts of `size` bytes in free gaps, all of them within
+    reach of `near`: below it first (the gap above a program is where its
+    brk heap grows), nearest first. A guard of 16 pages is left to the
+    mapping above each candidate."""
     spans = sorted((m.start, m.end) for m in maps)
     guard = 16 * 4096
     out: list[int] = []
     prev_end = _MMAP_MIN
     for start, end in spans + [(0x7FFFFFFFF000, 0x7FFFFFFFF000)]:
-        lo, top = prev_end + guard, start - guard - AREA_SIZE
+        lo, top = prev_end + guard, start - guard - size
         if top >= lo:
-            best = max(lo, min(top, near - AREA_SIZE)) & ~0xFFF
-            if best >= lo and abs(best - near) < _REACH:
+            best = max(lo, min(top, near - size)) & ~0xFFF
+            if best >= lo and abs(best - near) + size < _REACH:
                 out.append(best)
         prev_end = max(prev_end, end)
     return sorted(out, key=lambda a: (a > near, abs(a - near)))[:8]

@@ -1,0 +1,611 @@
+"""Trap-free recording probes: a hit writes its values into a shared ring, no stop.
+
+`count` needs only a counter per probe (trampoline.py). `trace` needs each
+hit's values, and an int3 costs a ptrace stop per hit (15-50 us here). A
+probe whose fetchargs are registers, `$stack`, `$stackN`, `+OFF(%sp)`,
+immediates or `$comm` needs no tracer at the hit either: the jump patch's
+trampoline copies what the probe fetches into a ring that the program maps
+MAP_SHARED and uprobes reads (jumppatch.py places it; this module says
+what a probe records, builds the code that records it, reads the ring and
+turns records back into hits).
+
+The trampoline (`prologue`), after stepping below the red zone:
+
+    pushfq; push rax, rcx, rdx, rsi, r11   ; all it changes
+    tid   -> esi: mov esi, fs:[0x2d0]       ; glibc's struct pthread tid, checked
+                                            ; per process before use; else gettid
+    rdtscp                                  ; time and TSC_AUX (the CPU), ~15 ns
+    reserve a slot: head - tail < SLOTS ? lock cmpxchg head, head+1 : wait
+    slot: tsc, tid|aux<<32, probe id, the values; then seq = index + 1 (commit)
+    pop everything back; lea rsp, [rsp+128]
+    wait: unless `stalled`, set `waiters` and sleep in FUTEX_WAIT on `tail`
+          (at most NAP_NS), then retry, for up to WAIT_S since the hit;
+          then set `stalled` and drop: lock inc lost
+
+A full ring makes the hit wait for the reader, so, like the int3 path, a
+trace loses nothing: the program runs at the reader's pace while it
+outruns it. If the reader stops reading (uprobes stopped, or killed with
+-9), one hit waits WAIT_S and sets `stalled`; from then on hits are
+dropped at once (counted in `lost`) until the reader clears it.
+
+Threads (and forked children, which inherit the mapping) reserve slots with
+a compare-and-swap on `head`, write them in any order and commit each by
+writing its sequence word last (x86 keeps stores in order). The reader
+takes slots in index order while their sequence word is theirs, then
+publishes `tail`, which frees them. A full ring drops the hit and counts it
+in `lost`, as the kernel's perf ring does. No system call at all when the
+tid comes from the thread pointer.
+
+Reading memory that might fault (a pointer argument, a string) stays with
+the int3 path: a fault in the trampoline would be the program's crash. The
+stack at the probe is always mapped up to STACK_MAX bytes above the stack
+pointer (the caller's frame and its return address lie there).
+
+Values are raw registers and stack words; the reader rebuilds a register
+set and a window of stack from them and runs the same `ArgFetcher` as the
+int3 path, so both give the kernel engine's values by construction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
+
+from uprobes.engines.event import ArgValue, Hit
+from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
+from uprobes.sys import futex
+from uprobes.sys.procmem import MemoryFault
+from uprobes.probe import ResolvedProbe
+from uprobes.spec.ast import (
+    Comm, FetchArg, FetchType, ImmString, Immediate, Register, StackEntry, StackPointer, UsdtTarget,
+)
+from uprobes.spec.lower import lower_fetcharg
+from uprobes.sys.ptrace import UserRegs
+
+SLOTS = 32768                       # a power of two
+SLOT_BYTES = 128
+SLOT_SHIFT = 7
+HEADER_BYTES = 32                   # seq, tsc, tid|aux, probe id
+MAX_WORDS = (SLOT_BYTES - HEADER_BYTES) // 8
+DATA_OFFSET = 4096                  # head, tail, lost each on its own cache line before it
+# Byte offsets of the header's words (each on its own cache line where writers meet).
+HEAD, TAIL, LOST, STALLED, WAITERS, WAIT_TICKS, TIMEOUT = 0, 64, 128, 192, 256, 320, 336
+RING_BYTES = DATA_OFFSET + SLOTS * SLOT_BYTES
+STACK_MAX = 512                     # bytes above the stack pointer a probe may record
+GLIBC_TID_OFFSET = 0x2D0            # offsetof(struct pthread, tid) on x86-64 glibc
+STUCK_S = 1.0                       # a reserved slot not committed this long is lost
+TAKE_MAX = 4096                     # records per take: slots are freed this often
+DRAIN_S = 0.05                      # the longest a drain keeps reading (unless final)
+_RED_ZONE = 128
+_SAVED = ("r11", "rsi", "rdx", "rcx", "rax", "eflags")  # from rsp up, after the pushes
+_FRAME = 8 * len(_SAVED) + _RED_ZONE  # rsp + _FRAME = the stack pointer at the probe
+_NR_GETTID = 186
+_NR_FUTEX = 202
+WAIT_S = 3.0  # how long a hit waits for room in a full ring before the ring is "stalled"
+NAP_NS = 20_000_000  # one futex wait's timeout (a wake-up lost in a race costs no more)
+_RECORD = struct.Struct(f"<QQIIII{MAX_WORDS}Q")
+CONSTANT_FIELDS = {"rip": None, "orig_rax": (1 << 64) - 1, "cs": 0x33, "ss": 0x2B}
+"""Registers known without recording them: the probe's address, "not in a
+system call", and the x86-64 user code and stack segments (__USER_CS, __USER_DS)."""
+
+
+# ---------------------------------------------------------------- what a probe records
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one probe's trampoline copies: `regs` (UserRegs fields) in
+    order, then the stack words from rsp+lo to rsp+hi (`stack`)."""
+
+    regs: tuple[str, ...]
+    stack: tuple[int, int] | None
+
+    @property
+    def words(self) -> int:
+        lo_hi = self.stack
+        return len(self.regs) + (0 if lo_hi is None else (lo_hi[1] - lo_hi[0]) // 8)
+
+
+def recipe_for(points: list[ResolvedProbe]) -> Recipe | str:
+    """What one probed instruction must record for every probe line on it
+    (`points`, one per consumer) to be fetched from a ring, or why it cannot."""
+    regs: list[str] = []
+    lo, hi = STACK_MAX, 0
+    for probe in points:
+        if probe.is_return:
+            return "a return probe"
+        usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
+        for a in probe.args:
+            arg = lower_fetcharg(a, usdt)
+            need = _needs(arg)
+            if isinstance(need, str):
+                return f"{arg.name}: {need}"
+            reg, span = need
+            if reg is not None and reg not in CONSTANT_FIELDS and reg not in regs:
+                regs.append(reg)
+            if span is not None:
+                lo, hi = min(lo, span[0]), max(hi, span[1])
+    stack = None
+    if hi > lo:
+        lo, hi = lo & ~7, (hi + 7) & ~7
+        stack = (lo, hi)
+        if "rsp" not in regs:  # the window's addresses
+            regs.append("rsp")
+    recipe = Recipe(tuple(regs), stack)
+    if recipe.words > MAX_WORDS:
+        return f"it fetches {recipe.words} words; a record holds {MAX_WORDS}"
+    return recipe
+
+
+def _needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
+    """(the register, the stack span) one argument reads, or why it cannot be recorded."""
+    expr, t = arg.expr, arg.type
+    if isinstance(expr, (Comm, ImmString)):
+        return None, None
+    if t.is_string:
+        return "a string is read from memory"
+    if isinstance(expr, Immediate):
+        return None, None
+    if isinstance(expr, Register):
+        return REGISTER_FIELDS[expr.name], None
+    if isinstance(expr, StackPointer):
+        return "rsp", None
+    if isinstance(expr, StackEntry):
+        off = 8 * expr.index
+        return _stack_span(off, 8)
+    base, offsets = split_derefs(expr)
+    sp = isinstance(base, StackPointer) or (isinstance(base, Register) and base.name == "sp")
+    if sp and len(offsets) == 1:
+        return _stack_span(offsets[0], t.size * (t.array or 1))
+    return "it reads memory that may fault (only the stack at the probe is recorded)"
+
+
+def _stack_span(off: int, n: int) -> tuple[None, tuple[int, int]] | str:
+    if off < 0 or off + n > STACK_MAX:
+        return f"stack bytes {off}..{off + n} are beyond the {STACK_MAX} recorded"
+    return None, (off, off + n)
+
+
+# ---------------------------------------------------------------- the code
+
+
+def _mem(base: R, displ: int = 0) -> MemoryOperand:
+    return MemoryOperand(base, displ=displ)
+
+
+def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bool) -> bytes:
+    """The recording code for a trampoline at `at` whose ring is at `ring_addr`
+    (within rel32 reach); it falls through to the displaced instructions."""
+    head, tail, lost, data = (ring_addr + HEAD, ring_addr + TAIL, ring_addr + LOST,
+                              ring_addr + DATA_OFFSET)
+    stalled, waiters = ring_addr + STALLED, ring_addr + WAITERS
+    wait_ticks, timeout = ring_addr + WAIT_TICKS, ring_addr + TIMEOUT
+    i = Instruction
+    code: list[Instruction] = [
+        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -_RED_ZONE)),
+        i.create(Code.PUSHFQ),
+        i.create_reg(Code.PUSH_R64, R.RAX), i.create_reg(Code.PUSH_R64, R.RCX),
+        i.create_reg(Code.PUSH_R64, R.RDX), i.create_reg(Code.PUSH_R64, R.RSI),
+        i.create_reg(Code.PUSH_R64, R.R11),
+    ]
+    if tls_tid:
+        code.append(i.create_reg_mem(Code.MOV_R32_RM32, R.ESI,
+                                     MemoryOperand(R.NONE, displ=GLIBC_TID_OFFSET, seg=R.FS)))
+    else:
+        code += [i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_GETTID),
+                 i.create(Code.SYSCALL), i.create_reg_reg(Code.MOV_R32_RM32, R.ESI, R.EAX)]
+    code += [
+        i.create(Code.RDTSCP),
+        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
+        i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.R11, R.RAX),
+        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, 32),
+        i.create_reg_reg(Code.OR_R64_RM64, R.RSI, R.RCX),
+        i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RIP, head)),
+    ]
+    reload = len(code) - 1
+    retry = len(code)
+    code += [
+        i.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.RIP, tail)),  # kept for the wait
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
+        i.create_reg_reg(Code.SUB_R64_RM64, R.RCX, R.RDX),
+        i.create_reg_i32(Code.CMP_RM64_IMM32, R.RCX, SLOTS),
+        None,  # jae full
+        i.create_reg_mem(Code.LEA_R64_M, R.RDX, _mem(R.RAX, 1)),
+    ]
+    jae_full = len(code) - 2
+    cas = i.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RIP, head), R.RDX)
+    cas.has_lock_prefix = True
+    code += [cas, None]  # jne retry
+    jne_retry = len(code) - 1
+    code += [
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
+        i.create_reg_i32(Code.AND_RM64_IMM32, R.RCX, SLOTS - 1),
+        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, SLOT_SHIFT),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RIP, data)),
+        i.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 8), R.R11),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RSI),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, 24), probe_id),
+    ]
+    words = _word_sources(recipe)
+    for n, (kind, what) in enumerate(words):
+        dest = _mem(R.RCX, HEADER_BYTES + 8 * n)
+        if kind == "reg":
+            code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, what))
+            continue
+        if kind == "rsp":
+            code.append(i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RSP, _FRAME)))
+        else:  # a word on our stack: a saved register or the program's stack
+            code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, what)))
+        code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
+    code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX), R.RDX), None]  # commit; jmp done
+    jmp_done = len(code) - 1
+    full = len(code)
+    flag = i.create_mem_i32(Code.OR_RM64_IMM8, _mem(R.RIP, waiters), 1)
+    flag.has_lock_prefix = True  # a full barrier: set before `tail` is looked at again
+    code += [
+        i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RIP, stalled), 0),
+        None,  # jne drop
+        flag,
+        # futex(&tail, FUTEX_WAIT, tail as seen (edx), &timeout): the reader
+        # wakes us when it moves `tail`; the syscall clobbers rcx and r11.
+        i.create_reg(Code.PUSH_R64, R.R11), i.create_reg(Code.PUSH_R64, R.RSI),
+        i.create_reg(Code.PUSH_R64, R.RDI), i.create_reg(Code.PUSH_R64, R.R10),
+        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RIP, tail)),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.ESI, 0),  # FUTEX_WAIT, shared
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RIP, timeout)),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_FUTEX),
+        i.create(Code.SYSCALL),
+        i.create_reg(Code.POP_R64, R.R10), i.create_reg(Code.POP_R64, R.RDI),
+        i.create_reg(Code.POP_R64, R.RSI), i.create_reg(Code.POP_R64, R.R11),
+        i.create(Code.RDTSC),
+        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
+        i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
+        i.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R11),
+        i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RIP, wait_ticks)),
+        None,  # jb reload
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RIP, stalled), 1),
+    ]
+    jne_drop, jb_reload = full + 1, len(code) - 2
+    drop = len(code)
+    inc = i.create_mem(Code.INC_RM64, _mem(R.RIP, lost))
+    inc.has_lock_prefix = True
+    code.append(inc)
+    done = len(code)
+    code += [i.create_reg(Code.POP_R64, r) for r in (R.R11, R.RSI, R.RDX, R.RCX, R.RAX)]
+    code += [i.create(Code.POPFQ), i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _RED_ZONE))]
+    labels = {n: 1 + n for n in range(len(code))}  # ips as labels: the block encoder's
+    code[jae_full] = i.create_branch(Code.JAE_REL32_64, labels[full])
+    code[jne_retry] = i.create_branch(Code.JNE_REL32_64, labels[retry])
+    code[jmp_done] = i.create_branch(Code.JMP_REL32_64, labels[done])
+    code[jne_drop] = i.create_branch(Code.JNE_REL32_64, labels[drop])
+    code[jb_reload] = i.create_branch(Code.JB_REL32_64, labels[reload])
+    for n, insn in enumerate(code):
+        assert insn is not None
+        insn.ip = labels[n]
+    enc = BlockEncoder(64)
+    enc.add_many(code)  # type: ignore[arg-type]
+    return bytes(enc.encode(at))
+
+
+_REGS = {"rax": R.RAX, "rbx": R.RBX, "rcx": R.RCX, "rdx": R.RDX, "rsi": R.RSI, "rdi": R.RDI,
+         "rbp": R.RBP, **{f"r{n}": getattr(R, f"R{n}") for n in range(8, 16)}}
+
+
+def _word_sources(recipe: Recipe) -> list[tuple[str, object]]:
+    """Where each recorded word comes from: ("reg", register) as it stands,
+    ("stack", offset from our rsp) for saved registers and the program's
+    stack, ("rsp", None) for the stack pointer at the probe."""
+    out: list[tuple[str, object]] = []
+    for field_name in recipe.regs:
+        if field_name == "rsp":
+            out.append(("rsp", None))
+        elif field_name in _SAVED:
+            out.append(("stack", 8 * _SAVED.index(field_name)))
+        else:
+            out.append(("reg", _REGS[field_name]))
+    if recipe.stack is not None:
+        lo, hi = recipe.stack
+        out += [("stack", _FRAME + off) for off in range(lo, hi, 8)]
+    return out
+
+
+def prologue_size(recipe: Recipe, tls_tid: bool) -> int:
+    """`prologue`'s length (its encoding does not depend on the addresses)."""
+    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid))
+
+
+# ---------------------------------------------------------------- the ring
+
+
+class Ring:
+    """One ring, mapped in a family of processes at `runtime_addr` and here."""
+
+    def __init__(self, view: mmap.mmap, runtime_addr: int, wait_ticks: int) -> None:
+        self.view = view
+        self.runtime_addr = runtime_addr
+        self.words = memoryview(view).cast("Q")  # 8-byte loads and stores
+        self.words[WAIT_TICKS // 8] = wait_ticks
+        self.words[TIMEOUT // 8] = 0                    # struct timespec: seconds,
+        self.words[TIMEOUT // 8 + 1] = NAP_NS           # nanoseconds
+        anchor = ctypes.c_char.from_buffer(view)
+        self._tail_addr = ctypes.addressof(anchor) + TAIL  # our address of `tail`, to wake
+        del anchor  # (the mapping stays put; holding the export would block close())
+        self.tail = 0
+        self.skipped = 0
+        self._stuck: tuple[int, float] | None = None  # (index, since)
+
+    @property
+    def lost(self) -> int:
+        """Hits dropped on a full ring, plus slots never committed."""
+        return int(self.words[LOST // 8]) + self.skipped
+
+    def take(self, final: bool = False, limit: int = TAKE_MAX) -> list[tuple[int, ...]]:
+        """Up to `limit` records committed since the last take, in reservation
+        order; their slots are free again when it returns (so hits waiting for
+        room go on while the batch is being handled).
+        A reserved slot not yet committed stops the take (its writer is
+        between two instructions) unless it stays so for STUCK_S, or
+        `final` (every writer stopped or gone): then it counts as lost."""
+        words = self.words
+        if words[STALLED // 8]:
+            words[STALLED // 8] = 0  # reading again: full rings make hits wait again
+        head = int(words[HEAD // 8])
+        tail = self.tail
+        out: list[tuple[int, ...]] = []
+        per_slot = SLOT_BYTES // 8
+        base = DATA_OFFSET // 8
+        head = min(head, tail + limit)
+        while tail < head:
+            first = tail
+            # The committed run from `tail`: sequence words checked before the
+            # copy (x86 does not reorder loads), so each record is whole.
+            while tail < head and words[base + (tail & (SLOTS - 1)) * per_slot] == tail + 1:
+                tail += 1
+                if tail & (SLOTS - 1) == 0:
+                    break  # the copy below does not wrap
+            if tail > first:
+                start = DATA_OFFSET + (first & (SLOTS - 1)) * SLOT_BYTES
+                chunk = self.view[start:start + (tail - first) * SLOT_BYTES]
+                out += _RECORD.iter_unpack(chunk)
+                self._stuck = None
+                continue
+            now = time.monotonic()
+            if self._stuck is None or self._stuck[0] != tail:
+                self._stuck = (tail, now)
+            if final or now - self._stuck[1] >= STUCK_S:
+                tail += 1
+                self.skipped += 1
+                self._stuck = None
+                continue
+            break
+        if tail != self.tail:
+            self.tail = tail
+            words[TAIL // 8] = tail
+            if words[WAITERS // 8]:  # hits wait for room: there is some now
+                words[WAITERS // 8] = 0
+                futex.wake(self._tail_addr)
+        return out
+
+    def close(self) -> None:
+        self.words.release()
+        self.view.close()
+
+
+# ---------------------------------------------------------------- records as hits
+
+
+Build = Callable[[tuple[int, ...], str], tuple[ArgValue, ...]]
+Direct = tuple[str, str, Build]
+"""A probe's event name, the name its count goes under, and (its record,
+the thread's name) -> argument values: the hit tuple is built straight
+from the record, with no RecordedHit and no dispatch."""
+
+
+@dataclass(frozen=True)
+class RecordedSite:
+    """What a probe id in a ring stands for. `direct`: set when the probe's
+    only consumer is the tracer's own and nothing filters its hits."""
+
+    probe: object        # registry.Probe
+    recipe: Recipe
+    ip: int              # the probe's run-time address
+    file_base: int
+    direct: Direct | None = None
+
+
+def direct_args(probe: ResolvedProbe, recipe: Recipe, ip: int) -> Build | None:
+    """(A record as unpacked: values from index 6, the thread's name) -> the
+    probe's argument values, for probes whose arguments are registers,
+    `$stack`, `$stackN`, `+OFF(%sp)`, immediates or `$comm`, as `ArgFetcher`
+    gives them (its `converter` arithmetic, written out); None for the rest.
+    The function is generated, one expression per argument: a probe with
+    twenty arguments costs one call a record, not twenty."""
+    usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
+    n_regs = len(recipe.regs)
+    lo = recipe.stack[0] if recipe.stack else 0
+    exprs: list[str] = []
+    for a in probe.args:
+        arg = lower_fetcharg(a, usdt)
+        expr, t = arg.expr, arg.type
+        if isinstance(expr, Comm) and t.array is None:
+            exprs.append("comm")
+            continue
+        if t.is_string or t.array:
+            return None
+        if isinstance(expr, (Register, StackPointer)):
+            field_name = "rsp" if isinstance(expr, StackPointer) else REGISTER_FIELDS[expr.name]
+            if field_name in CONSTANT_FIELDS:
+                exprs.append(repr(converter(t)(CONSTANT_FIELDS[field_name] or ip)))
+                continue
+            raw = f"rec[{6 + recipe.regs.index(field_name)}]"
+        elif isinstance(expr, StackEntry):
+            raw = f"rec[{6 + n_regs + (8 * expr.index - lo) // 8}]"
+        elif isinstance(expr, Immediate):
+            exprs.append(repr(converter(t)(expr.value & ((1 << 64) - 1))))
+            continue
+        else:
+            base, offsets = split_derefs(expr)
+            if len(offsets) != 1 or not (isinstance(base, StackPointer) or (
+                    isinstance(base, Register) and base.name == "sp")):
+                return None
+            # `+OFF(%sp)`: `size` bytes of the recorded stack words, little-endian.
+            at = offsets[0] - lo
+            k, shift = 6 + n_regs + at // 8, 8 * (at % 8)
+            word = f"rec[{k}]" if shift + 8 * t.size <= 64 else f"(rec[{k}] | rec[{k + 1}] << 64)"
+            raw = f"(({word} >> {shift}) & {(1 << 8 * t.size) - 1:#x})"
+        exprs.append(_converted(raw, t))
+    source = f"lambda rec, comm: ({', '.join(exprs)}{',' if exprs else ''})"
+    return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
+
+
+def _converted(raw: str, t: FetchType) -> str:
+    """`converter(t)(raw)` as an expression (what fetch.converter computes)."""
+    bits = t.size * 8
+    mask = (1 << bits) - 1
+    if t.bitfield is not None:
+        lshift = t.bitfield.container - t.bitfield.width - t.bitfield.offset
+        rshift = t.bitfield.container - t.bitfield.width
+        return f"((({raw} << {lshift}) & {mask:#x}) >> {rshift})"
+    if t.signed:
+        sign = 1 << (bits - 1)
+        return f"((({raw} & {mask:#x}) ^ {sign:#x}) - {sign:#x})"
+    return raw if bits == 64 else f"({raw} & {mask:#x})"
+
+
+class StackWindow:
+    """The recorded stack words as readable memory (what `ArgFetcher` reads);
+    nothing else is readable: a recipe covers every read of its probe."""
+
+    __slots__ = ("start", "data")
+
+    def __init__(self, start: int, data: bytes) -> None:
+        self.start, self.data = start, data
+
+    def read_upto(self, runtime_addr: int, n: int) -> bytes:
+        off = runtime_addr - self.start
+        if 0 <= off and off + n <= len(self.data):
+            return self.data[off:off + n]
+        raise MemoryFault(f"{runtime_addr:#x} was not recorded", runtime_addr)
+
+    read = read_upto
+
+
+@dataclass
+class RecordedHit:
+    """A hit read from a ring, as a `TaskLike` for the probe's dispatch:
+    what the event handler of the int3 path reads of a `PtraceHit`."""
+
+    probe: object
+    regs: UserRegs
+    mem: StackWindow
+    pid: int
+    tid: int
+    comm: str
+    cpu: int
+    ip: int
+    file_base: int
+    ts_ns: int
+    kind: str = "p"
+    func: int | None = None
+    changed: bool = field(default=False)
+
+
+def regs_of(site: RecordedSite, values: tuple[int, ...]) -> tuple[UserRegs, StackWindow]:
+    """The register set and stack window a record's values stand for."""
+    regs = UserRegs()
+    for name, value in CONSTANT_FIELDS.items():
+        setattr(regs, name, site.ip if value is None else value)
+    recipe = site.recipe
+    n = len(recipe.regs)
+    for name, value in zip(recipe.regs, values):
+        setattr(regs, name, value)
+    if recipe.stack is None:
+        return regs, StackWindow(0, b"")
+    lo, hi = recipe.stack
+    words = (hi - lo) // 8
+    return regs, StackWindow(regs.rsp + lo, struct.pack(f"<{words}Q", *values[n:n + words]))
+
+
+class Recorder:
+    """The tracer's reading side: probe ids, the clock, who each tid was."""
+
+    FORMER_MAX = 4096  # exited threads remembered for their last records
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        from uprobes.sys.tsc import TscClock
+
+        self.counts = counts  # what direct sites' hits add to
+        self.sites: list[RecordedSite] = []
+        self.clock = TscClock()
+        self._former: dict[int, tuple[int, str]] = {}
+
+    def site(self, site: RecordedSite) -> int:
+        """A new probe id for `site`."""
+        self.sites.append(site)
+        return len(self.sites) - 1
+
+    def former(self, tid: int, pid: int, comm: str) -> None:
+        """Thread `tid` (of process `pid`, named `comm`) is gone; records it
+        left may still be in a ring."""
+        if len(self._former) >= self.FORMER_MAX:
+            del self._former[next(iter(self._former))]
+        self._former[tid] = (pid, comm)
+
+    def drain(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+              deliver: Callable[[list[Hit]], None], final: bool = False) -> None:
+        """Deliver every committed record of `rings`, oldest first across
+        rings: hit tuples of direct sites to `deliver` in batches, the others
+        as a RecordedHit to their probe's dispatch. `who(tid)`: (pid, comm)
+        of a live traced thread."""
+        until = time.monotonic() + DRAIN_S
+        while self._drain_once(rings, who, deliver, final) >= TAKE_MAX:
+            if not final and time.monotonic() >= until:
+                break  # the tracer has stops to handle too; it comes back soon
+
+    def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+                    deliver: Callable[[list[Hit]], None], final: bool) -> int:
+        batches = [r.take(final) for r in rings]
+        records = [rec for b in batches for rec in b]
+        if not records:
+            return 0
+        if sum(1 for b in batches if b) > 1:
+            records.sort(key=lambda rec: rec[1])
+        clock = self.clock
+        clock.refresh()
+        scale, tsc0, ns0 = clock.rate()
+        sites = self.sites
+        former = self._former
+        owners: dict[int, tuple[int, str]] = {}
+        counts = self.counts
+        batch: list[Hit] = []
+        for rec in records:
+            tsc, tid = rec[1], rec[2]
+            site = sites[rec[4]]
+            owner = owners.get(tid)
+            if owner is None:
+                owner = owners[tid] = who(tid) or former.get(tid) or (tid, "")
+            ts = ns0 + int((tsc - tsc0) * scale)
+            direct = site.direct
+            if direct is not None:
+                counts[direct[1]] += 1
+                batch.append((ts, owner[0], tid, rec[3] & 0xFFF, direct[0], owner[1], site.ip,
+                              None, direct[2](rec, owner[1])))
+                continue
+            if batch:
+                deliver(batch)
+                batch = []
+            regs, window = regs_of(site, rec[6:])
+            site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
+                site.probe, regs, window, owner[0], tid, owner[1], rec[3] & 0xFFF, site.ip,
+                site.file_base, ts))
+        if batch:
+            deliver(batch)
+        return len(records)
