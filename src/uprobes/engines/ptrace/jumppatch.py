@@ -366,6 +366,8 @@ class TrapFree:
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
+        prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
+        counter: tuple[CounterBlock, int] | None = None
         if record is None:
             block, index = self._counter_near(space, area)
             if block is None or index is None:
@@ -374,6 +376,9 @@ class TrapFree:
                 space.blocks.append(block)
                 index = block.alloc()
                 assert index is not None
+            counter = (block, index)
+            counter_addr = block.addr(index)
+            prologue = lambda at: trampoline.counting_prologue(at, counter_addr)  # noqa: E731
         else:
             ring = next((r for r in space.rings if _ring_reaches(r, area)), None)
             if ring is None:
@@ -383,24 +388,22 @@ class TrapFree:
                 ring = Ring(view, addr, record.wait_ticks)
                 space.rings.append(ring)
                 self.rings.append(ring)
+            ring_addr, how = ring.runtime_addr, record
+            prologue = lambda at: recording.prologue(  # noqa: E731
+                at, ring_addr, how.recipe, how.probe_id, tls)
         at = area.alloc(size)
         if at is None:
             raise NotTrapFree("the XOL area is full")
         try:
-            if record is None:
-                prologue = trampoline.counting_prologue(at, block.addr(index))
-            else:
-                prologue = recording.prologue(at, ring.runtime_addr, record.recipe,
-                                              record.probe_id, tls)
-            code = trampoline.build(at, prologue, displaced, end)
+            code = trampoline.build(at, prologue(at), displaced, end)
             jump = trampoline.jmp_rel32(runtime_addr, at)
         except (UnsupportedInstruction, ValueError) as e:
             raise NotTrapFree(str(e)) from None
         mem.write(at, code)
         mem.write(runtime_addr, jump + _INT3 * (length - len(jump)))
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
-        if record is None:
-            self._counters.setdefault(name, []).append((block, index))
+        if counter is not None:
+            self._counters.setdefault(name, []).append(counter)
 
     @staticmethod
     def _name(space: _Space, area: XolArea, mem: ProcessMemory) -> int:

@@ -54,6 +54,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
 
@@ -175,7 +176,7 @@ def _stack_span(off: int, n: int) -> tuple[None, tuple[int, int]] | str:
 # ---------------------------------------------------------------- the code
 
 
-def _mem(base: R, displ: int = 0) -> MemoryOperand:
+def _mem(base: Any, displ: int = 0) -> MemoryOperand:  # an iced_x86.Register (typed as a module)
     return MemoryOperand(base, displ=displ)
 
 
@@ -187,7 +188,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     stalled, waiters = ring_addr + STALLED, ring_addr + WAITERS
     wait_ticks, timeout = ring_addr + WAIT_TICKS, ring_addr + TIMEOUT
     i = Instruction
-    code: list[Instruction] = [
+    code: list[Instruction | None] = [  # None: a branch, filled in once its label is known
         i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -_RED_ZONE)),
         i.create(Code.PUSHFQ),
         i.create_reg(Code.PUSH_R64, R.RAX), i.create_reg(Code.PUSH_R64, R.RCX),
@@ -234,16 +235,15 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RSI),
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, 24), probe_id),
     ]
-    words = _word_sources(recipe)
-    for n, (kind, what) in enumerate(words):
+    for n, (reg, offset) in enumerate(_word_sources(recipe)):
         dest = _mem(R.RCX, HEADER_BYTES + 8 * n)
-        if kind == "reg":
-            code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, what))
+        if reg is not None:
+            code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, _REGS[reg]))
             continue
-        if kind == "rsp":
+        if offset is None:  # the stack pointer at the probe
             code.append(i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RSP, _FRAME)))
         else:  # a word on our stack: a saved register or the program's stack
-            code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, what)))
+            code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, offset)))
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
     code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX), R.RDX), None]  # commit; jmp done
     jmp_done = len(code) - 1
@@ -287,33 +287,36 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     code[jmp_done] = i.create_branch(Code.JMP_REL32_64, labels[done])
     code[jne_drop] = i.create_branch(Code.JNE_REL32_64, labels[drop])
     code[jb_reload] = i.create_branch(Code.JB_REL32_64, labels[reload])
+    final: list[Instruction] = []
     for n, insn in enumerate(code):
         assert insn is not None
         insn.ip = labels[n]
+        final.append(insn)
     enc = BlockEncoder(64)
-    enc.add_many(code)  # type: ignore[arg-type]
+    enc.add_many(final)
     return bytes(enc.encode(at))
 
 
-_REGS = {"rax": R.RAX, "rbx": R.RBX, "rcx": R.RCX, "rdx": R.RDX, "rsi": R.RSI, "rdi": R.RDI,
-         "rbp": R.RBP, **{f"r{n}": getattr(R, f"R{n}") for n in range(8, 16)}}
+_REGS: dict[str, Any] = {"rax": R.RAX, "rbx": R.RBX, "rcx": R.RCX, "rdx": R.RDX, "rsi": R.RSI,
+                         "rdi": R.RDI, "rbp": R.RBP,
+                         **{f"r{n}": getattr(R, f"R{n}") for n in range(8, 16)}}
 
 
-def _word_sources(recipe: Recipe) -> list[tuple[str, object]]:
-    """Where each recorded word comes from: ("reg", register) as it stands,
-    ("stack", offset from our rsp) for saved registers and the program's
-    stack, ("rsp", None) for the stack pointer at the probe."""
-    out: list[tuple[str, object]] = []
+def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
+    """Where each recorded word comes from: (register, None) as it stands,
+    (None, offset from our rsp) for saved registers and the program's
+    stack, (None, None) for the stack pointer at the probe."""
+    out: list[tuple[str | None, int | None]] = []
     for field_name in recipe.regs:
         if field_name == "rsp":
-            out.append(("rsp", None))
+            out.append((None, None))
         elif field_name in _SAVED:
-            out.append(("stack", 8 * _SAVED.index(field_name)))
+            out.append((None, 8 * _SAVED.index(field_name)))
         else:
-            out.append(("reg", _REGS[field_name]))
+            out.append((field_name, None))
     if recipe.stack is not None:
         lo, hi = recipe.stack
-        out += [("stack", _FRAME + off) for off in range(lo, hi, 8)]
+        out += [(None, _FRAME + off) for off in range(lo, hi, 8)]
     return out
 
 

@@ -122,7 +122,7 @@ class PtraceTracer:
         self._count_only: dict[Callable[[TaskLike], None], str] = {}
         self._counting: dict[Callable[[TaskLike], None], str] = {}
         # Every event handler of ours, and the probe line it serves.
-        self._ours: dict[Callable[[TaskLike], None], ResolvedProbe] = {}
+        self._ours: dict[Callable[[TaskLike], object], ResolvedProbe] = {}
         self._infos: dict[str, ProbeInfo] = {}
         self._multi = _glob_specs(probes)
         self._refused: set[str] = set()
