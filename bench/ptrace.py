@@ -16,6 +16,12 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
   the function's rets and with --uretprobe (an int3 trap per hit);
 - `uprobes count -e ptrace`: the same entry probes trap-free (the default for
   count: a jump to an in-process counter, no stop per hit);
+- `uprobes trace -e ptrace 'FUNCTION a=%di'` (output to /dev/null): with an
+  int3 per hit (`--no-trapfree`: stop, fetch, render), and trap-free (the
+  default for trace: the hit is recorded into a ring the tracer reads; a
+  full ring makes the program wait for the reader, so a long run goes at
+  the reader's pace), timed whole; and trap-free with fewer hits than a
+  ring holds, timing the workload's loop: what a hit costs the program;
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -86,6 +92,11 @@ def _gdb_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None
 def _naive_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
     found = re.search(r"^hits (\d+)$", proc.stdout, re.M)
     return int(found.group(1)) if found else None
+
+
+def _trace_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    found = re.search(r"^uprobes: (\d+) events, (\d+) lost$", proc.stderr, re.M)
+    return int(found.group(1)) if found and found.group(2) == "0" else None
 
 
 def _uprobes_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
@@ -159,6 +170,19 @@ def tools(workload: Workload) -> list[Tool]:
             rows += [Tool("uprobes -e ptrace", TRAPFREE, f, uprobes(engine, f), _uprobes_count,
                           traced, hits=(100_000, 10_000_000), loop_timed=True)
                      for f in (emulated, boosted)]
+
+    def trace(function: str, *extra: str) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: [py, "-m", "uprobes", "trace", "-e", "ptrace", *extra,
+                                "-o", os.devnull, f"{workload.exe}:{function} a=%di", "--",
+                                *workload.argv(n, function)]
+    rows += [
+        Tool("uprobes trace -e ptrace --no-trapfree", "entry a=%di", boosted,
+             trace(boosted, "--no-trapfree"), _trace_count),
+        Tool("uprobes trace -e ptrace", "entry a=%di (trap-free, whole run)", boosted,
+             trace(boosted), _trace_count, hits=(20_000, 200_000)),
+        Tool("uprobes trace -e ptrace", "entry a=%di (trap-free, the loop)", boosted,
+             trace(boosted), _trace_count, hits=(1000, 30_000), loop_timed=True),
+    ]
     return rows
 
 

@@ -239,13 +239,14 @@ def map_counters(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, n
 
 
 def map_near(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_addr: int,
-             near: int, held: list[int], size: int) -> tuple[mmap.mmap, int]:
+             near: int, held: list[int], size: int, populate: bool = False
+             ) -> tuple[mmap.mmap, int]:
     """`size` bytes of shared memory (sharedmem.py) in process `pid` within
     rel32 reach of `near`, and here: (our view, its address there)."""
     try:
         return map_shared(tid, regs, pid, syscall_addr, name_addr, size,
                           mmap.PROT_READ | mmap.PROT_WRITE,
-                          candidates(procfs.maps(pid), near, size), held)
+                          candidates(procfs.maps(pid), near, size), held, populate)
     except EngineError as e:
         raise NotTrapFree(f"no shared memory within 2 GiB of {near:#x}: {e}") from None
 
@@ -384,7 +385,7 @@ class TrapFree:
             if ring is None:
                 view, addr = map_near(tid, regs, pid, syscall_addr(),
                                       self._name(space, area, mem), area.start, held,
-                                      recording.RING_BYTES)
+                                      recording.RING_BYTES, populate=True)
                 ring = Ring(view, addr, record.wait_ticks)
                 space.rings.append(ring)
                 self.rings.append(ring)

@@ -23,16 +23,20 @@ from uprobes.sys import ptrace
 _NR_CLOSE, _NR_MMAP, _NR_MEMFD_CREATE = 3, 9, 319
 _MFD_CLOEXEC = 1
 _MAP_FIXED_NOREPLACE = 0x100000
+_MAP_POPULATE = 0x8000
 _EEXIST, _ENOMEM = 17, 12
 
 
 def map_shared(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_addr: int,
-               size: int, prot: int, hints: Iterable[int], held: list[int]) -> tuple[mmap.mmap, int]:
+               size: int, prot: int, hints: Iterable[int], held: list[int],
+               populate: bool = False) -> tuple[mmap.mmap, int]:
     """A new memfd of `size` bytes, mapped read-write here and with `prot`
     in process `pid` (through its stopped thread `tid`, registers `regs`),
     at the first free address of `hints` (0: anywhere the kernel likes).
     `name_addr`: the memfd's name, a C string in the process's memory.
-    Signals that arrive during the injected calls go to `held`.
+    Signals that arrive during the injected calls go to `held`. `populate`:
+    every page is allocated and mapped in both processes now (MAP_POPULATE),
+    not at the program's first touch of each (a fault per page).
     (our view, the run-time address of the process's mapping);
     EngineError if it cannot be made."""
     fd = remote_syscall(tid, regs, syscall_addr, _NR_MEMFD_CREATE, (name_addr, _MFD_CLOEXEC),
@@ -50,7 +54,8 @@ def map_shared(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, nam
         finally:
             os.close(local)
         for hint in hints:
-            flags = mmap.MAP_SHARED | (_MAP_FIXED_NOREPLACE if hint else 0)
+            flags = mmap.MAP_SHARED | (_MAP_FIXED_NOREPLACE if hint else 0) \
+                | (_MAP_POPULATE if populate else 0)
             got = remote_syscall(tid, regs, syscall_addr, _NR_MMAP,
                                  (hint, size, prot, flags, fd, 0), held)
             if got > 0 and (got == hint or not hint):
