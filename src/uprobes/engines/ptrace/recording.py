@@ -150,7 +150,8 @@ def _needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
     if isinstance(expr, (Comm, ImmString)):
         return None, None
     if t.is_string:
-        return "a string is read from memory"
+        return "a string is read from memory (a trap-free probe records registers and the " \
+               "stack only)"
     if isinstance(expr, Immediate):
         return None, None
     if isinstance(expr, Register):
@@ -164,7 +165,8 @@ def _needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
     sp = isinstance(base, StackPointer) or (isinstance(base, Register) and base.name == "sp")
     if sp and len(offsets) == 1:
         return _stack_span(offsets[0], t.size * (t.array or 1))
-    return "it reads memory that may fault (only the stack at the probe is recorded)"
+    return "it reads memory that may fault (a trap-free probe records registers and the " \
+           "stack only)"
 
 
 def _stack_span(off: int, n: int) -> tuple[None, tuple[int, int]] | str:
@@ -397,9 +399,16 @@ class Ring:
                 futex.wake(self._tail_addr)
         return out
 
+    def abandon(self) -> None:
+        """No reader from now on: hits that find the ring full drop their
+        record at once (and any waiting now do after their nap)."""
+        self.words[STALLED // 8] = 1
+        futex.wake(self._tail_addr)
+
     def close(self) -> None:
-        self.words.release()
-        self.view.close()
+        if not self.view.closed:
+            self.words.release()
+            self.view.close()
 
 
 # ---------------------------------------------------------------- records as hits

@@ -455,7 +455,7 @@ class PtraceTracer:
         recipe = recipe_for([self._ours[c.handler] for c in probe.consumers
                              if c.handler is not None])
         if isinstance(recipe, str):
-            return f"{recipe} (a trap-free probe records registers and the stack only)", None
+            return recipe, None
         if self._recorder is None:
             from uprobes.sys import tsc
             why = tsc.usable()
@@ -1000,6 +1000,7 @@ class PtraceTracer:
     def _detach_all(self) -> None:
         if not self.threads:
             self._orphans.close()
+            self._close_rings()
             return
         self._quiesce()
         for t in self.threads.values():
@@ -1014,6 +1015,9 @@ class PtraceTracer:
             mm.sites.clear()
             if self._jumps is not None:
                 self._jumps.remove(mm, mm.mem)
+        if self._jumps is not None:  # no reader from now on: a hit in a trampoline
+            for ring in self._jumps.rings:  # drops its record at once if the ring is full
+                ring.abandon()
             for addr, n in mm.semaphores.items():
                 try:
                     value = int.from_bytes(mm.mem.read(addr, 2), "little")
@@ -1049,6 +1053,14 @@ class PtraceTracer:
         if self._jumps is not None:
             self._jumps.fold_into(self.counts)
         self._orphans.close()  # every int3 is gone: nothing for the reaper
+        self._close_rings()
+
+    def _close_rings(self) -> None:
+        """Our views of the rings (the programs keep theirs)."""
+        if self._jumps is not None:
+            for ring in self._jumps.rings:
+                ring.close()
+            self._jumps.rings.clear()
 
     def _unwind(self, t: Thread) -> None:
         """Put a stopped thread back in the original code: out of a slot,
