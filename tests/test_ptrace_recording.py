@@ -43,13 +43,18 @@ def trace(engine: str, exe: Path, *argv: str, extra: tuple[str, ...] = (),
     """`uprobes trace --json` of the fixture (no ASLR): events, program output, stderr."""
     with tempfile.NamedTemporaryFile("r") as events_file:
         run = subprocess.run([*UPROBES, "trace", "--json", "-e", engine, "-o", events_file.name,
-                              *extra, *(f"{exe}:{spec}" for spec in specs), "--", "setarch", "-R", str(exe), *argv],
+                              *extra, *(_at(exe, spec) for spec in specs), "--", "setarch", "-R", str(exe), *argv],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         *lines, last = events_file.read().split("\n")[:-1]
     events = [json.loads(line) for line in lines]
     assert json.loads(last) == {"summary": {"events": len(events), "lost": 0}}, run.stderr
     return events, run.stdout, run.stderr
+
+
+def _at(exe: Path, spec: str) -> str:
+    """`[r ]FUNC ARGS` of the fixture -> a probe line."""
+    return f"r {exe}:{spec[2:]}" if spec.startswith("r ") else f"{exe}:{spec}"
 
 
 def values(events: list[dict[str, Any]], drop: tuple[str, ...] = ()
@@ -152,3 +157,53 @@ def test_kill_9_of_uprobes_leaves_the_program_running(exe: Path, tmp_path: Path)
     assert proc.stdout is not None
     out = proc.stdout.read()
     assert out == plain.stdout
+
+
+RETURNS = ("r work rv=$retval:s64 e=%r8:x64 ip=%ip", "r other rv=$retval ax=%ax:x32 r12=%r12 "
+           "comm=$comm", "other a=%di")
+
+
+@pytest.mark.kernel
+def test_return_probes_on_rets_record_too(tracefs: Path, exe: Path) -> None:
+    """A return probe on the function's rets: the jump covers the
+    instructions up to the ret and the record is made right before it, with
+    what a return probe sees after it ($retval, the return address as %ip):
+    the kernel engine's values, and the int3 path's."""
+    kernel, out_k, _ = trace("kernel", exe, "loop", "20", specs=RETURNS)
+    free, out_f, err = trace("ptrace", exe, "loop", "20", specs=RETURNS)
+    traps, out_t, _ = trace("ptrace", exe, "loop", "20", extra=("--no-trapfree",),
+                            specs=RETURNS)
+    assert NOTE_FREE.search(err).groups() == ("3", "3"), err  # type: ignore[union-attr]
+    assert out_k == out_f == out_t
+    assert Counter(e["probe"] for e in free) == {"uprobes/work__return": 20,
+                                                 "uprobes/other__return": 20,
+                                                 "uprobes/other": 20}
+    assert values(free) == values(kernel) == values(traps)
+    assert [(e["ip"], e.get("func")) for e in free] == [(e["ip"], e.get("func")) for e in kernel]
+    assert all(e.get("func") for e in free if e["probe"].endswith("__return"))
+
+
+def test_return_probes_on_rets_count_without_traps(exe: Path) -> None:
+    """`count` puts a counter before the ret: exact over threads, no trap."""
+    run = subprocess.run([*UPROBES, "count", "-e", "ptrace", "--json", f"r {exe}:other",
+                          f"{exe}:work", "--", str(exe), "threads", "20000"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "2 of 2 probes trap-free" in run.stderr
+    assert json.loads(run.stdout.split("\n")[-2]) == {"uprobes/other__return": 80000,
+                                                       "uprobes/work": 80000}
+
+
+def test_latency_is_the_calls_not_the_traps(exe: Path) -> None:
+    """`latency -e ptrace` records entry and return in the program, stamped
+    by the TSC there: a call of a few instructions measures well under a
+    microsecond (with an int3 per hit it is the stops, tens of us)."""
+    run = subprocess.run([*UPROBES, "latency", "-e", "ptrace", "--json", f"{exe}:work",
+                          "--", str(exe),
+                          "loop", "2000"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "2 of 2 probes trap-free" in run.stderr
+    stats = json.loads(next(line for line in run.stdout.split("\n") if line.startswith("{")))
+    work = stats["uprobes/work"]
+    assert work["count"] == 2000
+    assert 0 < work["p50_ns"] < 20_000, work

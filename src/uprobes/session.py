@@ -94,7 +94,7 @@ class Session:
 
     def __init__(self, engine: str = "auto", *, force: bool = False, uretprobe: bool = False,
                  ring_pages: int | None = None, stack_bytes: int = 0,
-                 note: Callable[[str], object] | None = None) -> None:
+                 note: Callable[[str], object] | None = None, trapfree: bool = False) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
         if stack_bytes:
@@ -105,6 +105,11 @@ class Session:
         self.force = force
         self.uretprobe = uretprobe
         self.stack_bytes = stack_bytes
+        self.trapfree = trapfree
+        """On the ptrace engine: probes that fetch registers and the stack only
+        record each hit in the program (no stop; see README, trap-free
+        tracing) and handlers run as the records are read, with no
+        `event.hit`: for handlers that only look at events."""
         self.ring_pages = ring_pages or (STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES)
         self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
         self._lines: dict[str, _Line] = {}
@@ -243,7 +248,8 @@ class Session:
         if self.engine_used == "ptrace":
             from uprobes.engines.ptrace.tracer import PtraceTracer
             self._tracer = PtraceTracer(self.probes, pid=pid, child=child, force=self.force,
-                                        note=self._note, stack_bytes=self.stack_bytes)
+                                        note=self._note, stack_bytes=self.stack_bytes,
+                                        trapfree="record" if self.trapfree else False)
         else:
             conditions: dict[int, Condition | None] = {
                 id(line.spec): pushdown(line.filters) for line in self._lines.values()}

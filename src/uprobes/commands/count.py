@@ -40,10 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--interval", type=float, metavar="SECONDS",
                    help="also print the counts of each interval of SECONDS")
     p.add_argument("--duration", type=float, metavar="S", help="stop counting after S seconds")
-    p.add_argument("--no-trapfree", action="store_true",
-                   help="-e ptrace: an int3 trap per hit for every probe (by default a probe "
-                        "that only counts becomes a jump to an in-process counter where that "
-                        "is safe: no stop per hit)")
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if start is not None:
             histograms[start.probe].add(ev.ts_ns - start.ts_ns)
 
-    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe)
+    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
+                      trapfree=not args.no_trapfree)
     for spec in parse_specs(args.specs):
         entry, ret = probe_pair(spec)
         filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)

@@ -28,6 +28,11 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="skip the executable-segment and instruction-boundary checks")
     add_uretprobe_argument(p)
+    p.add_argument("--no-trapfree", action="store_true",
+                   help="-e ptrace: an int3 trap per hit for every probe (by default a probe "
+                        "that only counts, or fetches registers and the stack only, becomes a "
+                        "jump to in-process code that counts or records the hit, where that "
+                        "is safe: no stop per hit)")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument("--json", action="store_true", help="JSON output")
 

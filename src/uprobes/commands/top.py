@@ -53,7 +53,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError("--duration must be at least 0")
     specs = parse_specs(args.specs)
     rates = HitRates()
-    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe)
+    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
+                      trapfree=not args.no_trapfree)
     for spec in specs:
         session.probe(render(spec), rates.add, condition=args.condition, comm=args.comm,
                       tid=args.tid)

@@ -75,11 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"with --stack: bytes of stack copied at each hit from the stack "
                         f"pointer up, a multiple of 8 (default {DEFAULT_STACK_BYTES}); a "
                         f"deeper stack is cut where the copy ends")
-    p.add_argument("--no-trapfree", action="store_true",
-                   help="-e ptrace: an int3 trap per hit for every probe (by default a probe "
-                        "that fetches registers and the stack only becomes a jump to "
-                        "in-process code that records each hit into a shared ring, where "
-                        "that is safe: no stop per hit)")
     p.add_argument("--ring-pages", type=int, default=None, metavar="N",
                    help=f"data pages of each CPU's ring buffer, a power of two "
                         f"(default {DEFAULT_RING_PAGES}, {STACK_RING_PAGES} with --stack: a "

@@ -43,7 +43,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from iced_x86 import Decoder, FlowControl, Instruction, OpKind, Register
+from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Register
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
@@ -72,9 +72,10 @@ class NotTrapFree(Exception):
 class FilePlan:
     """What to patch for one probe in one file, decided from the file alone."""
 
-    file_offset: int
+    file_offset: int                     # where the patch starts
     original: bytes                      # the patched bytes, whole instructions
-    displaced: tuple[tuple[int, bytes], ...]  # (offset from the probe, raw bytes)
+    displaced: tuple[tuple[int, bytes], ...]  # (offset from the start, raw bytes)
+    at_return: bool = False              # it ends with the probed `ret` (trampoline.build)
 
 
 # ---------------------------------------------------------------- the file
@@ -95,7 +96,7 @@ class _FileCode:
 
 
 _files: dict[tuple[int, int], _FileCode] = {}
-_plans: dict[tuple[int, int, int, tuple[int, ...]], FilePlan | str] = {}
+_plans: dict[tuple[int, int, int, tuple[int, ...], bool], FilePlan | str] = {}
 
 
 def _file_code(path: str, dev: int, ino: int) -> _FileCode:
@@ -134,15 +135,17 @@ def _file_code(path: str, dev: int, ino: int) -> _FileCode:
 
 
 def plan_for(path: str, dev: int, ino: int, file_offset: int,
-             other_probes: Iterable[int] = ()) -> FilePlan | str:
+             other_probes: Iterable[int] = (), at_return: bool = False) -> FilePlan | str:
     """The patch for a probe at `file_offset`, or why there is none.
-    `other_probes`: file offsets of the file's other probes."""
+    `other_probes`: file offsets of the file's other probes. `at_return`:
+    the probe is on a `ret` (a return probe on the function's rets): the
+    patch is the whole instructions covering 5 bytes that end with it."""
     others = tuple(sorted(o for o in other_probes if o != file_offset))
-    key = (dev, ino, file_offset, others)
+    key = (dev, ino, file_offset, others, at_return)
     found = _plans.get(key)
     if found is None:
         try:
-            found = _plan(path, dev, ino, file_offset, others)
+            found = _plan(path, dev, ino, file_offset, others, at_return)
         except NotTrapFree as e:
             found = str(e)
         except UprobesError as e:
@@ -151,7 +154,8 @@ def plan_for(path: str, dev: int, ino: int, file_offset: int,
     return found
 
 
-def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ...]) -> FilePlan:
+def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ...],
+          at_return: bool) -> FilePlan:
     code = _file_code(path, dev, ino)
     image = code.image
     link = image.file_to_link_addr(file_offset)
@@ -173,35 +177,51 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     first = next((n for n, i in enumerate(insns) if i.ip == link), None)
     if first is None:
         raise NotTrapFree(f"{link:#x} does not start an instruction of {name}")
-    chosen = []
+    chosen: list[Instruction] = []
     length = 0
-    for i in insns[first:]:
-        chosen.append(i)
-        length += i.len
-        if length >= PATCH_LEN:
-            break
-    if length < PATCH_LEN:
-        raise NotTrapFree(f"{name} ends {length} bytes after it (a jump needs {PATCH_LEN})")
-    end = link + length
-    inside = code.targets_between(link, end)
+    if at_return:
+        if insns[first].mnemonic != Mnemonic.RET:
+            raise NotTrapFree(f"{name}+{link - lo:#x} is not a ret")
+        for i in reversed(insns[:first + 1]):
+            chosen.insert(0, i)
+            length += i.len
+            if length >= PATCH_LEN:
+                break
+        if length < PATCH_LEN:
+            raise NotTrapFree(f"{name} has {length} bytes up to this ret (a jump needs "
+                              f"{PATCH_LEN})")
+    else:
+        for i in insns[first:]:
+            chosen.append(i)
+            length += i.len
+            if length >= PATCH_LEN:
+                break
+        if length < PATCH_LEN:
+            raise NotTrapFree(f"{name} ends {length} bytes after it (a jump needs {PATCH_LEN})")
+    first_ip = chosen[0].ip
+    start_offset = file_offset - (link - first_ip)
+    end = first_ip + length
+    inside = code.targets_between(first_ip, end)
     if inside:
         raise NotTrapFree(f"a branch targets {name}+{inside[0] - lo:#x}, inside the "
                           f"{length} bytes a jump would replace")
-    near = [o for o in others if file_offset < o < file_offset + length]
+    near = [o for o in others if start_offset <= o < start_offset + length]
     if near:
         raise NotTrapFree(f"another probe is at file offset {near[0]:#x}, inside the "
                           f"{length} bytes a jump would replace")
-    raw = data[link - lo:end - lo]
-    displaced = tuple((i.ip - link, raw[i.ip - link:i.ip - link + i.len]) for i in chosen)
+    raw = data[first_ip - lo:end - lo]
+    displaced = tuple((i.ip - first_ip, raw[i.ip - first_ip:i.ip - first_ip + i.len])
+                      for i in chosen)
     # A dry build at plausible addresses: what cannot be moved is refused now.
-    fake = 0x10000000 + file_offset
+    fake = 0x10000000 + start_offset
     try:
-        trampoline.build(fake + 0x100000, trampoline.counting_prologue(fake + 0x100000,
-                                                                       fake + 0x110000),
-                         [Displaced(fake + off, b) for off, b in displaced], end)
+        trampoline.build(fake + 0x100000,
+                         lambda at: trampoline.counting_prologue(at, fake + 0x110000),
+                         [Displaced(fake + off, b) for off, b in displaced], fake + length,
+                         at_return)
     except UnsupportedInstruction as e:
         raise NotTrapFree(f"a displaced instruction cannot move: {e}") from None
-    return FilePlan(file_offset, bytes(raw), displaced)
+    return FilePlan(start_offset, bytes(raw), displaced, at_return)
 
 
 # ---------------------------------------------------------------- counters
@@ -396,7 +416,7 @@ class TrapFree:
         if at is None:
             raise NotTrapFree("the XOL area is full")
         try:
-            code = trampoline.build(at, prologue(at), displaced, end)
+            code = trampoline.build(at, prologue, displaced, end, plan.at_return)
             jump = trampoline.jmp_rel32(runtime_addr, at)
         except (UnsupportedInstruction, ValueError) as e:
             raise NotTrapFree(str(e)) from None

@@ -64,7 +64,8 @@ from uprobes.sys import futex
 from uprobes.sys.procmem import MemoryFault
 from uprobes.probe import ResolvedProbe
 from uprobes.spec.ast import (
-    Comm, FetchArg, FetchType, ImmString, Immediate, Register, StackEntry, StackPointer, UsdtTarget,
+    Comm, FetchArg, FetchType, ImmString, Immediate, Register, RetVal, StackEntry, StackPointer,
+    UsdtTarget,
 )
 from uprobes.spec.lower import lower_fetcharg
 from uprobes.sys.ptrace import UserRegs
@@ -102,10 +103,14 @@ system call", and the x86-64 user code and stack segments (__USER_CS, __USER_DS)
 @dataclass(frozen=True)
 class Recipe:
     """What one probe's trampoline copies: `regs` (UserRegs fields) in
-    order, then the stack words from rsp+lo to rsp+hi (`stack`)."""
+    order, then the stack words from rsp+lo to rsp+hi (`stack`). `ret`: it
+    records right before a probed `ret`, the state a return probe sees just
+    after it (rip the return address, rsp 8 higher): then `regs` starts
+    with "rip"."""
 
     regs: tuple[str, ...]
     stack: tuple[int, int] | None
+    ret: bool = False
 
     @property
     def words(self) -> int:
@@ -113,14 +118,15 @@ class Recipe:
         return len(self.regs) + (0 if lo_hi is None else (lo_hi[1] - lo_hi[0]) // 8)
 
 
-def recipe_for(points: list[ResolvedProbe]) -> Recipe | str:
+def recipe_for(points: list[ResolvedProbe], ret: bool = False) -> Recipe | str:
     """What one probed instruction must record for every probe line on it
-    (`points`, one per consumer) to be fetched from a ring, or why it cannot."""
-    regs: list[str] = []
+    (`points`, one per consumer) to be fetched from a ring, or why it cannot.
+    `ret`: the instruction is a `ret` and the lines are return probes."""
+    regs: list[str] = ["rip"] if ret else []
     lo, hi = STACK_MAX, 0
     for probe in points:
-        if probe.is_return:
-            return "a return probe"
+        if probe.is_return != ret:
+            return "a return probe" if probe.is_return else "an entry probe on a ret"
         usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
         for a in probe.args:
             arg = lower_fetcharg(a, usdt)
@@ -138,7 +144,7 @@ def recipe_for(points: list[ResolvedProbe]) -> Recipe | str:
         stack = (lo, hi)
         if "rsp" not in regs:  # the window's addresses
             regs.append("rsp")
-    recipe = Recipe(tuple(regs), stack)
+    recipe = Recipe(tuple(regs), stack, ret)
     if recipe.words > MAX_WORDS:
         return f"it fetches {recipe.words} words; a record holds {MAX_WORDS}"
     return recipe
@@ -158,6 +164,8 @@ def _needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
         return REGISTER_FIELDS[expr.name], None
     if isinstance(expr, StackPointer):
         return "rsp", None
+    if isinstance(expr, RetVal):
+        return "rax", None
     if isinstance(expr, StackEntry):
         off = 8 * expr.index
         return _stack_span(off, 8)
@@ -237,13 +245,14 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RSI),
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, 24), probe_id),
     ]
+    after_ret = 8 if recipe.ret else 0  # the return address popped
     for n, (reg, offset) in enumerate(_word_sources(recipe)):
         dest = _mem(R.RCX, HEADER_BYTES + 8 * n)
         if reg is not None:
             code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, _REGS[reg]))
             continue
-        if offset is None:  # the stack pointer at the probe
-            code.append(i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RSP, _FRAME)))
+        if offset is None:  # the stack pointer at the probe (after the ret)
+            code.append(i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RSP, _FRAME + after_ret)))
         else:  # a word on our stack: a saved register or the program's stack
             code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, offset)))
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
@@ -309,16 +318,19 @@ def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
     (None, offset from our rsp) for saved registers and the program's
     stack, (None, None) for the stack pointer at the probe."""
     out: list[tuple[str | None, int | None]] = []
+    after_ret = 8 if recipe.ret else 0
     for field_name in recipe.regs:
         if field_name == "rsp":
             out.append((None, None))
+        elif field_name == "rip":  # recorded only before a ret: the return address
+            out.append((None, _FRAME))
         elif field_name in _SAVED:
             out.append((None, 8 * _SAVED.index(field_name)))
         else:
             out.append((field_name, None))
     if recipe.stack is not None:
         lo, hi = recipe.stack
-        out += [(None, _FRAME + off) for off in range(lo, hi, 8)]
+        out += [(None, _FRAME + after_ret + off) for off in range(lo, hi, 8)]
     return out
 
 
@@ -431,6 +443,7 @@ class RecordedSite:
     ip: int              # the probe's run-time address
     file_base: int
     direct: Direct | None = None
+    func: int | None = None  # a return probe's function (its ip is the return address)
 
 
 def direct_args(probe: ResolvedProbe, recipe: Recipe, ip: int) -> Build | None:
@@ -454,10 +467,12 @@ def direct_args(probe: ResolvedProbe, recipe: Recipe, ip: int) -> Build | None:
             return None
         if isinstance(expr, (Register, StackPointer)):
             field_name = "rsp" if isinstance(expr, StackPointer) else REGISTER_FIELDS[expr.name]
-            if field_name in CONSTANT_FIELDS:
+            if field_name in CONSTANT_FIELDS and field_name not in recipe.regs:
                 exprs.append(repr(converter(t)(CONSTANT_FIELDS[field_name] or ip)))
                 continue
             raw = f"rec[{6 + recipe.regs.index(field_name)}]"
+        elif isinstance(expr, RetVal):
+            raw = f"rec[{6 + recipe.regs.index('rax')}]"
         elif isinstance(expr, StackEntry):
             raw = f"rec[{6 + n_regs + (8 * expr.index - lo) // 8}]"
         elif isinstance(expr, Immediate):
@@ -606,18 +621,25 @@ class Recorder:
                 owner = owners[tid] = who(tid) or former.get(tid) or (tid, "")
             ts = ns0 + int((tsc - tsc0) * scale)
             direct = site.direct
+            func = site.func
             if direct is not None:
                 counts[direct[1]] += 1
-                batch.append((ts, owner[0], tid, rec[3] & 0xFFF, direct[0], owner[1], site.ip,
-                              None, direct[2](rec, owner[1])))
+                batch.append((ts, owner[0], tid, rec[3] & 0xFFF, direct[0], owner[1],
+                              site.ip if func is None else rec[6], func,
+                              direct[2](rec, owner[1])))
                 continue
             if batch:
                 deliver(batch)
                 batch = []
             regs, window = regs_of(site, rec[6:])
-            site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
-                site.probe, regs, window, owner[0], tid, owner[1], rec[3] & 0xFFF, site.ip,
-                site.file_base, ts))
+            if func is None:
+                site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
+                    site.probe, regs, window, owner[0], tid, owner[1], rec[3] & 0xFFF,
+                    site.ip, site.file_base, ts))
+            else:
+                site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
+                    site.probe, regs, window, owner[0], tid, owner[1], rec[3] & 0xFFF,
+                    regs.rip, site.file_base, ts, "r", func))
         if batch:
             deliver(batch)
         return len(records)

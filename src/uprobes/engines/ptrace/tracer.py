@@ -401,15 +401,18 @@ class PtraceTracer:
         here; False: it takes the int3 path."""
         jumps = self._jumps
         assert jumps is not None
-        name = self._count_only.get(probe.dispatch)
+        at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
+        name = self._count_only.get(probe.dispatch if at_ret is None else probe.ret_dispatch)
         point = probe.point
         record: Record | None = None
-        why = self._why_not_trapfree(probe, name)
+        why = self._why_not_trapfree(probe, at_ret is not None)
         if why is None and (self._trapfree == "record" or name is None):
-            why, record = self._recording(probe, addr, addr - file_offset)
+            why, record = self._recording(probe, addr, addr - file_offset,
+                                          None if at_ret is None else addr - at_ret)
         if why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
-            plan = plan_for(point.path, ident[0], ident[1], file_offset, others)
+            plan = plan_for(point.path, ident[0], ident[1], file_offset, others,
+                            at_return=at_ret is not None)
             why = plan if isinstance(plan, str) else None
         if why is None:
             assert not isinstance(plan, str)
@@ -424,7 +427,8 @@ class PtraceTracer:
                     mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
                 return mm.syscall_addr
             try:
-                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name or point.name, addr,
+                start = addr - (file_offset - plan.file_offset)  # before a ret: its insns
+                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name or point.name, start,
                             mm.sites, threads,
                             lambda near, need: self._area_for(t, regs, near, need),
                             syscall_addr, t.pending, record)
@@ -439,21 +443,31 @@ class PtraceTracer:
         jumps.decide(point.name, why)
         return why is None
 
-    def _why_not_trapfree(self, probe: Probe, name: str | None) -> str | None:
-        """Why `probe` needs a stop at each hit whatever its instructions, or None."""
-        if probe.key in self._ret_sites or probe.ret_dispatch is not _NO_HANDLER:
-            return "a return probe"
-        if not probe.consumers or any(c.handler not in self._ours for c in probe.consumers):
+    def _why_not_trapfree(self, probe: Probe, at_ret: bool) -> str | None:
+        """Why `probe` needs a stop at each hit whatever its instructions, or
+        None. `at_ret`: it is a return probe's `ret` (resolve/retsites.py)."""
+        if at_ret:
+            if probe.dispatch is not _NO_HANDLER:
+                return "an entry probe on a ret that a return probe uses"
+            handlers = [c.ret_handler for c in probe.consumers]
+        else:
+            if probe.ret_dispatch is not _NO_HANDLER:
+                return "a return probe by its return address (--uretprobe)"
+            handlers = [c.handler for c in probe.consumers]
+        if not handlers or any(h not in self._ours for h in handlers):
             return "a handler runs at each hit"
         if self.stack_bytes:
             return "its stack is copied at each hit"
         return None
 
-    def _recording(self, probe: Probe, addr: int,
-                   file_base: int) -> tuple[str | None, Record | None]:
-        """(None, how) for a probe that records into a ring, else (why not, None)."""
-        recipe = recipe_for([self._ours[c.handler] for c in probe.consumers
-                             if c.handler is not None])
+    def _recording(self, probe: Probe, addr: int, file_base: int,
+                   func: int | None) -> tuple[str | None, Record | None]:
+        """(None, how) for a probe that records into a ring, else (why not, None).
+        `func`: the function's address, for a return probe on a ret at `addr`."""
+        ret = func is not None
+        lines = [self._ours[h] for c in probe.consumers
+                 for h in (c.ret_handler if ret else c.handler,) if h is not None]
+        recipe = recipe_for(lines, ret)
         if isinstance(recipe, str):
             return recipe, None
         if self._recorder is None:
@@ -463,13 +477,15 @@ class PtraceTracer:
                 return why, None
             self._recorder = Recorder(self.counts)
         direct: Direct | None = None
-        name = self._count_only.get(probe.dispatch)
+        dispatch = probe.ret_dispatch if ret else probe.dispatch
+        name = self._count_only.get(dispatch)
         if name is not None and self.hit_filter is None:
-            line = self._ours[probe.dispatch]
+            line = self._ours[dispatch]
             build = direct_args(line, recipe, addr)
             if build is not None:
                 direct = (line.name, name, build)
-        probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct))
+        probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
+                                                    func))
         return None, Record(recipe, probe_id, self._recorder.clock.ticks(WAIT_S))
 
     def _hold_all(self, mm: AddressSpace) -> None:
