@@ -207,3 +207,38 @@ def test_latency_is_the_calls_not_the_traps(exe: Path) -> None:
     work = stats["uprobes/work"]
     assert work["count"] == 2000
     assert 0 < work["p50_ns"] < 20_000, work
+
+
+@pytest.mark.parametrize("renderer", ["jsonl", "text"])
+def test_shaped_lines_are_the_renderers_lines(renderer: str) -> None:
+    """Recorded hits written from row templates (ShapedLines) give byte for
+    byte the lines the renderer writes hit by hit: across changes of
+    thread, CPU, probe and return address, comms with quotes, `%` and
+    backslashes, signed and hex values."""
+    import io
+
+    from uprobes.engines.event import ProbeInfo
+    from uprobes.engines.ptrace.recording import ShapedLines
+    from uprobes.render.jsonl import JsonLinesRenderer
+    from uprobes.render.trace_text import TraceTextRenderer
+    from uprobes.spec.types import make_type
+
+    s64, x32 = make_type("s64", None, None), make_type("x32", None, None)
+    infos = {"uprobes/f": ProbeInfo("uprobes/f", "p", (("a", s64), ("b", x32))),
+             "uprobes/f__return": ProbeInfo("uprobes/f__return", "r", (("rv", s64),))}
+    comms = ['plain', 'a"q%d\\x', '100%']
+    hits = []
+    for i in range(300):
+        tid, cpu, comm = 7 + i // 50, i // 70, comms[i // 100]
+        if i % 3 == 2:
+            hits.append((10**9 + 1234 * i, 7, tid, cpu, "uprobes/f__return", comm,
+                         0x401000 + i // 40, 0x400000, (-i,)))
+        else:
+            hits.append((10**9 + 1234 * i, 7, tid, cpu, "uprobes/f", comm, 0x400000, None,
+                         (i - 150, 0xFFFF0000 + i)))
+    cls = JsonLinesRenderer if renderer == "jsonl" else TraceTextRenderer
+    direct, shaped = io.StringIO(), io.StringIO()
+    cls(direct, infos).hits(hits)
+    ShapedLines(cls(shaped, infos)).write(hits)  # type: ignore[arg-type]
+    assert shaped.getvalue() == direct.getvalue()
+    assert direct.getvalue().count("\n") == 300

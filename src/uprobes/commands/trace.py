@@ -159,10 +159,8 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                 sys.stderr.flush()
             if stack_bytes:
                 tracer.run(renderer.event, args.duration)
-            elif isinstance(tracer, KernelTracer):
-                tracer.run_render(renderer, args.duration)  # text/jsonl: the fast path
             else:
-                tracer.run_hits(renderer.hits, args.duration)
+                tracer.run_render(renderer, args.duration)  # text/jsonl: the fast paths
             renderer.summary(tracer.events, tracer.lost)
             out.flush()
     except BaseException:

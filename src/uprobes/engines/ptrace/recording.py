@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from collections import Counter
 import struct
 import time
 from collections.abc import Callable
@@ -58,7 +59,8 @@ from typing import Any
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
 
-from uprobes.engines.event import ArgValue, Hit
+from uprobes.engines.event import ArgValue, Hit, RowShape
+from uprobes.engines.kernel.lines import LineRenderer
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
 from uprobes.sys import futex
 from uprobes.sys.procmem import MemoryFault
@@ -381,17 +383,19 @@ class Ring:
         base = DATA_OFFSET // 8
         head = min(head, tail + limit)
         while tail < head:
-            first = tail
-            # The committed run from `tail`: sequence words checked before the
-            # copy (x86 does not reorder loads), so each record is whole.
-            while tail < head and words[base + (tail & (SLOTS - 1)) * per_slot] == tail + 1:
-                tail += 1
-                if tail & (SLOTS - 1) == 0:
-                    break  # the copy below does not wrap
-            if tail > first:
-                start = DATA_OFFSET + (first & (SLOTS - 1)) * SLOT_BYTES
-                chunk = self.view[start:start + (tail - first) * SLOT_BYTES]
-                out += _RECORD.iter_unpack(chunk)
+            # The committed run from `tail`, up to the ring's end (a copy does
+            # not wrap): the sequence words, read as one strided column, are
+            # checked before the copy (x86 does not reorder loads), so each
+            # record copied is whole.
+            slot = tail & (SLOTS - 1)
+            n = min(head - tail, SLOTS - slot)
+            seqs = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tolist()
+            if seqs != list(range(tail + 1, tail + n + 1)):
+                n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
+            if n:
+                start = DATA_OFFSET + slot * SLOT_BYTES
+                out += _RECORD.iter_unpack(self.view[start:start + n * SLOT_BYTES])
+                tail += n
                 self._stuck = None
                 continue
             now = time.monotonic()
@@ -426,11 +430,11 @@ class Ring:
 # ---------------------------------------------------------------- records as hits
 
 
-Build = Callable[[tuple[int, ...], str], tuple[ArgValue, ...]]
-Direct = tuple[str, str, Build]
-"""A probe's event name, the name its count goes under, and (its record,
-the thread's name) -> argument values: the hit tuple is built straight
-from the record, with no RecordedHit and no dispatch."""
+Make = Callable[[tuple[int, ...], int, tuple[int, str]], Hit]
+Direct = tuple[str, Make]
+"""The name a probe's count goes under, and (its record, its time stamp,
+(pid, comm) of its thread) -> its `Hit`: built straight from the record,
+with no RecordedHit and no dispatch."""
 
 
 @dataclass(frozen=True)
@@ -446,13 +450,14 @@ class RecordedSite:
     func: int | None = None  # a return probe's function (its ip is the return address)
 
 
-def direct_args(probe: ResolvedProbe, recipe: Recipe, ip: int) -> Build | None:
-    """(A record as unpacked: values from index 6, the thread's name) -> the
-    probe's argument values, for probes whose arguments are registers,
-    `$stack`, `$stackN`, `+OFF(%sp)`, immediates or `$comm`, as `ArgFetcher`
-    gives them (its `converter` arithmetic, written out); None for the rest.
-    The function is generated, one expression per argument: a probe with
-    twenty arguments costs one call a record, not twenty."""
+def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) -> Make | None:
+    """(A record as unpacked: values from index 6, its time stamp, (pid,
+    comm) of its thread) -> the probe's `Hit`, for probes whose arguments
+    are registers, `$stack`, `$stackN`, `+OFF(%sp)`, immediates or `$comm`,
+    valued as `ArgFetcher` values them (its `converter` arithmetic, written
+    out); None for the rest. `func`: a return probe's function (its hit's
+    ip is then the recorded return address). The function is generated,
+    one expression per field: one call a record, however many arguments."""
     usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
     n_regs = len(recipe.regs)
     lo = recipe.stack[0] if recipe.stack else 0
@@ -461,7 +466,7 @@ def direct_args(probe: ResolvedProbe, recipe: Recipe, ip: int) -> Build | None:
         arg = lower_fetcharg(a, usdt)
         expr, t = arg.expr, arg.type
         if isinstance(expr, Comm) and t.array is None:
-            exprs.append("comm")
+            exprs.append("owner[1]")
             continue
         if t.is_string or t.array:
             return None
@@ -489,7 +494,10 @@ def direct_args(probe: ResolvedProbe, recipe: Recipe, ip: int) -> Build | None:
             word = f"rec[{k}]" if shift + 8 * t.size <= 64 else f"(rec[{k}] | rec[{k + 1}] << 64)"
             raw = f"(({word} >> {shift}) & {(1 << 8 * t.size) - 1:#x})"
         exprs.append(_converted(raw, t))
-    source = f"lambda rec, comm: ({', '.join(exprs)}{',' if exprs else ''})"
+    args = f"({', '.join(exprs)}{',' if exprs else ''})"
+    where = repr(ip) if func is None else "rec[6]"  # a return: rip, recorded first
+    source = (f"lambda rec, ts, owner: (ts, owner[0], rec[2], rec[3] & 0xFFF, {probe.name!r}, "
+              f"owner[1], {where}, {func!r}, {args})")
     return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
 
 
@@ -587,15 +595,17 @@ class Recorder:
         self._former[tid] = (pid, comm)
 
     def drain(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
-              deliver: Callable[[list[Hit]], None], final: bool = False) -> None:
+              deliver: Callable[[list[Hit]], None], final: bool = False) -> bool:
         """Deliver every committed record of `rings`, oldest first across
         rings: hit tuples of direct sites to `deliver` in batches, the others
         as a RecordedHit to their probe's dispatch. `who(tid)`: (pid, comm)
-        of a live traced thread."""
+        of a live traced thread. True if it stopped after DRAIN_S with more
+        to read."""
         until = time.monotonic() + DRAIN_S
         while self._drain_once(rings, who, deliver, final) >= TAKE_MAX:
             if not final and time.monotonic() >= until:
-                break  # the tracer has stops to handle too; it comes back soon
+                return True  # the tracer has stops to handle too; it comes back at once
+        return False
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:
@@ -610,36 +620,80 @@ class Recorder:
         scale, tsc0, ns0 = clock.rate()
         sites = self.sites
         former = self._former
-        owners: dict[int, tuple[int, str]] = {}
+        owners = {tid: who(tid) or former.get(tid) or (tid, "") for tid in
+                  {rec[2] for rec in records}}
         counts = self.counts
-        batch: list[Hit] = []
-        for rec in records:
-            tsc, tid = rec[1], rec[2]
-            site = sites[rec[4]]
-            owner = owners.get(tid)
-            if owner is None:
-                owner = owners[tid] = who(tid) or former.get(tid) or (tid, "")
-            ts = ns0 + int((tsc - tsc0) * scale)
-            direct = site.direct
-            func = site.func
+        for probe_id, n in Counter(rec[4] for rec in records).items():
+            direct = sites[probe_id].direct
             if direct is not None:
-                counts[direct[1]] += 1
-                batch.append((ts, owner[0], tid, rec[3] & 0xFFF, direct[0], owner[1],
-                              site.ip if func is None else rec[6], func,
-                              direct[2](rec, owner[1])))
+                counts[direct[0]] += n
+        batch: list[Hit] = []
+        append = batch.append
+        for rec in records:
+            site = sites[rec[4]]
+            ts = ns0 + int((rec[1] - tsc0) * scale)
+            direct = site.direct
+            if direct is not None:
+                append(direct[1](rec, ts, owners[rec[2]]))
                 continue
             if batch:
                 deliver(batch)
                 batch = []
+                append = batch.append
+            owner = owners[rec[2]]
             regs, window = regs_of(site, rec[6:])
+            func = site.func
             if func is None:
                 site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
-                    site.probe, regs, window, owner[0], tid, owner[1], rec[3] & 0xFFF,
+                    site.probe, regs, window, owner[0], rec[2], owner[1], rec[3] & 0xFFF,
                     site.ip, site.file_base, ts))
             else:
                 site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
-                    site.probe, regs, window, owner[0], tid, owner[1], rec[3] & 0xFFF,
+                    site.probe, regs, window, owner[0], rec[2], owner[1], rec[3] & 0xFFF,
                     regs.rip, site.file_base, ts, "r", func))
         if batch:
             deliver(batch)
         return len(records)
+
+
+class ShapedLines:
+    """Hits of recorded probes to lines by the renderer's row templates (the
+    kernel engine's fast path, engines/kernel/lines.py, used on our hits):
+    a stretch of hits sharing probe, task, CPU, comm and addresses is one
+    `RowShape`, its rows `(ts_ns, *args)` filled into the shape's template.
+    The same lines as `renderer.lines(hits)`, at a fraction of the cost."""
+
+    def __init__(self, renderer: LineRenderer) -> None:
+        self.renderer = renderer
+        self._writers: dict[tuple[object, ...], object] = {}
+
+    def write(self, hits: list[Hit]) -> None:
+        renderer = self.renderer
+        lines: list[str] = []
+        n = len(hits)
+        i = 0
+        while i < n:
+            first = hits[i]
+            key = first[1:8]
+            j = i + 1
+            while j < n and hits[j][1:8] == key:
+                j += 1
+            writer = self._writers.get(key, _UNSET)
+            if writer is _UNSET:
+                _, pid, tid, cpu, probe, comm, ip, func, _ = first
+                writer = self._writers[key] = renderer.row_lines(
+                    RowShape(probe=probe, comm=comm, pid=pid, tid=tid, cpu=cpu, ip=ip,
+                             func=func))
+            piece = hits[i:j]
+            if writer is None:
+                lines += renderer.lines(piece)
+            elif isinstance(writer, str):
+                fill = writer.__mod__
+                lines += [fill((h[0], *h[8])) for h in piece]
+            else:
+                lines += writer([(h[0], *h[8]) for h in piece])  # type: ignore[operator]
+            i = j
+        renderer.write_lines(lines)
+
+
+_UNSET = object()

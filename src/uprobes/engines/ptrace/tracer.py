@@ -46,7 +46,8 @@ from uprobes.engines.ptrace.jumppatch import NotTrapFree, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.jumppatch import Record
 from uprobes.engines.ptrace.recording import (
-    WAIT_S, Direct, RecordedSite, Recorder, Ring, direct_args, recipe_for)
+    WAIT_S, Direct, RecordedSite, Recorder, Ring, ShapedLines, direct_hit, recipe_for)
+from uprobes.engines.kernel.lines import HitRenderer, LineRenderer
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -102,6 +103,7 @@ class PtraceTracer:
         self._trapfree = "count" if trapfree is True else trapfree or None
         self._jumps = TrapFree() if trapfree else None
         self._recorder: Recorder | None = None  # made by the first recording probe
+        self._shaped: ShapedLines | None = None  # run_render's writer of recorded hits
         self._held: tuple[AddressSpace, list[int]] | None = None  # stopped to place jumps
         self.hit_filter = hit_filter
         task_filter = hit_filter.task_filter() if hit_filter else None
@@ -480,10 +482,9 @@ class PtraceTracer:
         dispatch = probe.ret_dispatch if ret else probe.dispatch
         name = self._count_only.get(dispatch)
         if name is not None and self.hit_filter is None:
-            line = self._ours[dispatch]
-            build = direct_args(line, recipe, addr)
-            if build is not None:
-                direct = (line.name, name, build)
+            make = direct_hit(self._ours[dispatch], recipe, addr, func)
+            if make is not None:
+                direct = (name, make)
         probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
                                                     func))
         return None, Record(recipe, probe_id, self._recorder.clock.ticks(WAIT_S))
@@ -622,10 +623,11 @@ class PtraceTracer:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     break
+                behind = False
                 if rings and now - drained >= _RING_WAKE_S:
-                    self._drain(rings)
-                    drained = now
-                tid, status = wait_any(nohang)
+                    behind = self._drain(rings)  # True: more is waiting, come straight back
+                    drained = 0.0 if behind else now
+                tid, status = wait_any(nohang or behind)
                 if status == _TRAP_STOP:  # the common stop, a hit: straight to _trap
                     t = threads.get(tid)
                     if t is not None:
@@ -645,7 +647,7 @@ class PtraceTracer:
                             raise
                         continue
                 if tid == 0:
-                    if not main:
+                    if not main and not behind:
                         time.sleep(0.0005)
                     continue
                 if tid < 0:
@@ -661,8 +663,9 @@ class PtraceTracer:
                 if self._jumps.rings:
                     self._drain_last()
 
-    def _drain(self, rings: list[Ring], final: bool = False) -> None:
-        """Deliver what the rings hold (recording.py) to the probes' dispatch."""
+    def _drain(self, rings: list[Ring], final: bool = False) -> bool:
+        """Deliver what the rings hold (recording.py) to the probes' dispatch;
+        True if it stopped with more to read (to handle stops meanwhile)."""
         recorder = self._recorder
         assert recorder is not None
         threads = self.threads
@@ -670,15 +673,28 @@ class PtraceTracer:
         def who(tid: int) -> tuple[int, str] | None:
             t = threads.get(tid)
             return None if t is None else (t.pid, t.comm)
-        recorder.drain(rings, who, self._deliver_recorded, final)
+        behind = recorder.drain(rings, who, self._deliver_recorded, final)
         self.lost = sum(r.lost for r in rings)
+        return behind
 
     def _deliver_recorded(self, hits: list[Hit]) -> None:
         """Hits of direct sites (counted by the recorder already)."""
         emit = self._on_hits
         if emit is not None:
             self.events += len(hits)
-            emit(hits)
+            if self._shaped is not None:
+                self._shaped.write(hits)
+            else:
+                emit(hits)
+
+    def run_render(self, renderer: HitRenderer, duration: float | None = None) -> None:
+        """`run_hits` into a renderer; recorded hits of text and JSON lines
+        (renderers with `row_lines`) are written from row templates."""
+        self._shaped = ShapedLines(renderer) if isinstance(renderer, LineRenderer) else None
+        try:
+            self.run_hits(renderer.hits, duration)
+        finally:
+            self._shaped = None
 
     def _drain_last(self) -> None:
         """The end of a run: every thread stopped (or gone), so every record
