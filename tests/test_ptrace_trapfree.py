@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Compiler
+from test_kernel_trace import symbol_link_addr
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
@@ -199,3 +200,40 @@ def test_library_loaded_while_a_thread_runs(compile_c: Compiler) -> None:
     assert counts["uprobes/plugin_work"] == 20000 and counts["uprobes/spin_work"] > 0
     notes = [m.groups() for m in NOTE_FREE.finditer(run.stderr)]
     assert notes == [("1", "1"), ("1", "1")], run.stderr  # the program's probe, the library's
+
+
+def test_a_signal_handler_interrupted_inside_the_bytes_keeps_its_int3(compile_c: Compiler) -> None:
+    """A thread whose signal handler runs while the jump would go in, and
+    whose interrupted instruction lies inside the bytes (the frame's saved
+    rip, poke_fault, is poke_at+2): the probe keeps its int3 and says why,
+    and the handler returns to the original code (with the jump it would
+    return into the middle of the jump and fault again)."""
+    exe = compile_c("sigframe.c")
+    offset = symbol_link_addr(exe, "poke_at") - symbol_link_addr(exe, "poke")
+    proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    tracer = None
+    try:
+        assert proc.stdout.readline() == "in handler\n"
+        tracer = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--json", "-p",
+                                   str(proc.pid), f"{exe}:poke+{offset:#x}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        notes = []
+        while not notes or "counting" not in notes[-1]:
+            notes.append(tracer.stderr.readline())
+            assert notes[-1], "".join(notes)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.read() == "done 168 handled 1\n"
+        assert proc.wait(timeout=60) == 0
+        out, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 0, err
+        assert json.loads(out.split("\n")[-2]) == {"uprobes/poke": 3}
+        assert "a signal handler of thread" in "".join(notes), notes
+    finally:
+        proc.kill()
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+        proc.wait()

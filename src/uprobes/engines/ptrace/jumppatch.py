@@ -23,12 +23,11 @@ note) unless, checked from the file and at patch time:
   the function has no indirect jump (a switch table could land anywhere);
 - no other probe (placed or to be placed) lies inside them;
 - memory holds the file's bytes there, every thread of the process is in a
-  ptrace stop and none has its rip inside them (the 5 bytes are written
-  while nothing runs).
+  ptrace stop, none has its rip inside them (the 5 bytes are written while
+  nothing runs), and no signal handler running on a thread will return
+  inside them (the saved rip of each signal frame on its stack).
 
-Known limits: a thread interrupted inside the patched bytes by a signal
-whose handler is running when the patch goes in returns into the patch
-(only rip is checked, not signal frames); a fault of a displaced
+Known limits: a fault of a displaced
 instruction reports the trampoline's address to the program's handler.
 Detach writes the original bytes back; trampolines and counters stay
 mapped (a thread may be inside one; its jump back lands on the original
@@ -271,6 +270,36 @@ def map_near(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_
         raise NotTrapFree(f"no shared memory within 2 GiB of {near:#x}: {e}") from None
 
 
+SIGFRAME_SCAN = 64 * 1024  # bytes of a thread's stack searched for signal frames
+# struct rt_sigframe on x86-64: pretcode, then the ucontext: uc_flags, uc_link,
+# uc_stack (24 bytes), then the sigcontext: r8..r15, rdi, rsi, rbp, rbx, rdx,
+# rax, rcx, rsp, rip, eflags, then cs, gs, fs, ss (u16 each), ..., fpstate.
+_UC_LINK, _SC_RIP, _SC_CS, _SC_FPSTATE = 16, 176, 192, 232
+_FRAME_NEEDLE = struct.pack("<HHH", 0x33, 0, 0)  # cs (__USER_CS), gs, fs
+
+
+def signal_frame_rips(stack: bytes, runtime_addr: int) -> list[int]:
+    """The saved rips of what look like the kernel's signal frames in
+    `stack` (bytes read at `runtime_addr`): 8-aligned, cs the user code
+    segment, gs and fs 0, uc_link NULL, fpstate NULL or pointing just above
+    the frame's start. A stray match only refuses a jump; a missed frame
+    would let a handler return into one (the frames the kernel builds
+    all match)."""
+    out: list[int] = []
+    at = stack.find(_FRAME_NEEDLE)
+    while at >= 0:
+        frame = at - _SC_CS
+        if frame >= 0 and (runtime_addr + frame) % 8 == 0 \
+                and frame + _SC_FPSTATE + 8 <= len(stack):
+            uc_link, = struct.unpack_from("<Q", stack, frame + _UC_LINK)
+            fpstate, = struct.unpack_from("<Q", stack, frame + _SC_FPSTATE)
+            start = runtime_addr + frame
+            if uc_link == 0 and (fpstate == 0 or start < fpstate < start + 64 * 1024):
+                out.append(struct.unpack_from("<Q", stack, frame + _SC_RIP)[0])
+        at = stack.find(_FRAME_NEEDLE, at + 1)
+    return out
+
+
 def _tid_at_thread_pointer(mem: ProcessMemory, fs_base: int, tid: int) -> bool:
     """Whether this thread's tid sits where glibc keeps it (struct pthread's
     `tid`, at the thread pointer + GLIBC_TID_OFFSET): then a trampoline reads
@@ -335,6 +364,7 @@ class TrapFree:
         self._counters: dict[str, list[tuple[CounterBlock, int]]] = {}
         self._folded: dict[str, int] = {}
         self.rings: list[Ring] = []
+        self._frames: dict[tuple[int, int, int], list[int]] = {}  # see _interrupted
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
         self._reported: set[str] = set()
 
@@ -378,6 +408,10 @@ class TrapFree:
                 continue  # gone meanwhile (its exit not reaped yet)
             if runtime_addr < r.rip < end:
                 raise NotTrapFree(f"thread {other} was inside the bytes a jump would replace")
+            for rip in self._interrupted(mem, other, r):
+                if runtime_addr < rip < end:
+                    raise NotTrapFree(f"a signal handler of thread {other} runs, and the code "
+                                      "it interrupted is inside the bytes a jump would replace")
             if record is not None and tls and space.tls_tid is None:
                 tls = _tid_at_thread_pointer(mem, r.fs_base, other)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
@@ -425,6 +459,20 @@ class TrapFree:
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
         if counter is not None:
             self._counters.setdefault(name, []).append(counter)
+
+    def _interrupted(self, mem: ProcessMemory, tid: int, regs: ptrace.UserRegs) -> list[int]:
+        """Where the signal handlers running on this stopped thread will
+        return to: the saved rip of each signal frame on its stack (cached
+        while the thread stays stopped where it is)."""
+        key = (tid, regs.rsp, regs.rip)
+        found = self._frames.get(key)
+        if found is None:
+            try:
+                stack = mem.read_upto(regs.rsp, SIGFRAME_SCAN)
+            except UprobesError:
+                stack = b""
+            found = self._frames[key] = signal_frame_rips(stack, regs.rsp)
+        return found
 
     @staticmethod
     def _name(space: _Space, area: XolArea, mem: ProcessMemory) -> int:
