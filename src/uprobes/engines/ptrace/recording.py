@@ -19,14 +19,17 @@ The trampoline (`prologue`), after stepping below the red zone:
     slot: tsc, tid|aux<<32, probe id, the values; then seq = index + 1 (commit)
     pop everything back; lea rsp, [rsp+128]
     wait: unless `stalled`, set `waiters` and sleep in FUTEX_WAIT on `tail`
-          (at most NAP_NS), then retry, for up to WAIT_S since the hit;
+          (at most NAP_NS), then retry, while the reader's heartbeat (a
+          TSC stamp it writes at every read) is less than WAIT_S old;
           then set `stalled` and drop: lock inc lost
 
 A full ring makes the hit wait for the reader, so, like the int3 path, a
 trace loses nothing: the program runs at the reader's pace while it
-outruns it. If the reader stops reading (uprobes stopped, or killed with
--9), one hit waits WAIT_S and sets `stalled`; from then on hits are
-dropped at once (counted in `lost`) until the reader clears it.
+outruns it, however long a thread loses the race for freed slots. If the
+reader stops reading (uprobes stopped, or killed with -9), its heartbeat
+goes stale: a hit waits until it is WAIT_S old and sets `stalled`; from
+then on hits are dropped at once (counted in `lost`) until the reader
+clears it.
 
 Threads (and forked children, which inherit the mapping) reserve slots with
 a compare-and-swap on `head`, write them in any order and commit each by
@@ -62,7 +65,7 @@ from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as
 from uprobes.engines.event import ArgValue, Hit, RowShape
 from uprobes.engines.kernel.lines import LineRenderer
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
-from uprobes.sys import futex
+from uprobes.sys import futex, tsc
 from uprobes.sys.procmem import MemoryFault
 from uprobes.probe import ResolvedProbe
 from uprobes.spec.ast import (
@@ -79,7 +82,8 @@ HEADER_BYTES = 32                   # seq, tsc, tid|aux, probe id
 MAX_WORDS = (SLOT_BYTES - HEADER_BYTES) // 8
 DATA_OFFSET = 4096                  # head, tail, lost each on its own cache line before it
 # Byte offsets of the header's words (each on its own cache line where writers meet).
-HEAD, TAIL, LOST, STALLED, WAITERS, WAIT_TICKS, TIMEOUT = 0, 64, 128, 192, 256, 320, 336
+HEAD, TAIL, LOST, STALLED, WAITERS, WAIT_TICKS, TIMEOUT, HEARTBEAT = (
+    0, 64, 128, 192, 256, 320, 336, 384)
 RING_BYTES = DATA_OFFSET + SLOTS * SLOT_BYTES
 STACK_MAX = 512                     # bytes above the stack pointer a probe may record
 GLIBC_TID_OFFSET = 0x2D0            # offsetof(struct pthread, tid) on x86-64 glibc
@@ -199,6 +203,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
                               ring_addr + DATA_OFFSET)
     stalled, waiters = ring_addr + STALLED, ring_addr + WAITERS
     wait_ticks, timeout = ring_addr + WAIT_TICKS, ring_addr + TIMEOUT
+    heartbeat = ring_addr + HEARTBEAT
     i = Instruction
     code: list[Instruction | None] = [  # None: a branch, filled in once its label is known
         i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -_RED_ZONE)),
@@ -281,7 +286,9 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create(Code.RDTSC),
         i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
         i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
-        i.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R11),
+        # The reader alive (its heartbeat, a TSC stamp, recent: signed, as
+        # CPUs' counters may differ by a few cycles): wait again.
+        i.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RIP, heartbeat)),
         i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RIP, wait_ticks)),
         None,  # jb reload
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RIP, stalled), 1),
@@ -299,7 +306,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     code[jne_retry] = i.create_branch(Code.JNE_REL32_64, labels[retry])
     code[jmp_done] = i.create_branch(Code.JMP_REL32_64, labels[done])
     code[jne_drop] = i.create_branch(Code.JNE_REL32_64, labels[drop])
-    code[jb_reload] = i.create_branch(Code.JB_REL32_64, labels[reload])
+    code[jb_reload] = i.create_branch(Code.JL_REL32_64, labels[reload])
     final: list[Instruction] = []
     for n, insn in enumerate(code):
         assert insn is not None
@@ -352,6 +359,7 @@ class Ring:
         self.runtime_addr = runtime_addr
         self.words = memoryview(view).cast("Q")  # 8-byte loads and stores
         self.words[WAIT_TICKS // 8] = wait_ticks
+        self.beat()
         self.words[TIMEOUT // 8] = 0                    # struct timespec: seconds,
         self.words[TIMEOUT // 8 + 1] = NAP_NS           # nanoseconds
         anchor = ctypes.c_char.from_buffer(view)
@@ -374,6 +382,7 @@ class Ring:
         between two instructions) unless it stays so for STUCK_S, or
         `final` (every writer stopped or gone): then it counts as lost."""
         words = self.words
+        self.beat()
         if words[STALLED // 8]:
             words[STALLED // 8] = 0  # reading again: full rings make hits wait again
         head = int(words[HEAD // 8])
@@ -414,6 +423,11 @@ class Ring:
                 words[WAITERS // 8] = 0
                 futex.wake(self._tail_addr)
         return out
+
+    def beat(self) -> None:
+        """The reader is alive: a hit waiting for room goes on waiting while
+        this is less than WAIT_S old."""
+        self.words[HEARTBEAT // 8] = tsc.read()
 
     def abandon(self) -> None:
         """No reader from now on: hits that find the ring full drop their

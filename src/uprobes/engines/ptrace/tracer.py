@@ -624,7 +624,7 @@ class PtraceTracer:
                 if deadline is not None and now >= deadline:
                     break
                 behind = False
-                if rings and now - drained >= _RING_WAKE_S:
+                if rings and now - drained >= _RING_WAKE_S:  # (each read is a heartbeat)
                     behind = self._drain(rings)  # True: more is waiting, come straight back
                     drained = 0.0 if behind else now
                 tid, status = wait_any(nohang or behind)
