@@ -336,3 +336,21 @@ def test_a_handler_changes_the_return_value(target: Path,
     assert tracer.child_status == 0 and tracer.counts == {"uprobes/add__return": 3}
     # untraced: total=359 for 3 loops; three add() calls each return 1000 more
     assert "total=3359" in capfd.readouterr().out
+
+
+def test_detach_puts_usdt_semaphores_back(running_process: object) -> None:
+    """A USDT probe with a semaphore raises it while placed (as the kernel's
+    uprobes do) and detach lowers it again, in a process that goes on."""
+    from uprobes.sys.procmem import ProcessMemory
+
+    pid = running_process.pid  # type: ignore[attr-defined]
+    spec = "usdt:/usr/bin/python3.11:python:function__entry"
+    probes = Resolver(pid=pid).resolve_all(parse_specs([spec]))
+    with PtraceTracer(probes, pid=pid) as tracer:
+        semaphores = [a for t in tracer.threads.values() for a in t.mm.semaphores]
+        assert semaphores
+        with ProcessMemory(pid) as mem:
+            assert all(int.from_bytes(mem.read(a, 2), "little") == 1 for a in semaphores)
+    with ProcessMemory(pid) as mem:
+        assert [int.from_bytes(mem.read(a, 2), "little") for a in semaphores] == \
+            [0] * len(semaphores)

@@ -1047,9 +1047,6 @@ class PtraceTracer:
             mm.sites.clear()
             if self._jumps is not None:
                 self._jumps.remove(mm, mm.mem)
-        if self._jumps is not None:  # no reader from now on: a hit in a trampoline
-            for ring in self._jumps.rings:  # drops its record at once if the ring is full
-                ring.abandon()
             for addr, n in mm.semaphores.items():
                 try:
                     value = int.from_bytes(mm.mem.read(addr, 2), "little")
@@ -1057,6 +1054,9 @@ class PtraceTracer:
                 except UprobesError:
                     pass
             mm.semaphores.clear()
+        if self._jumps is not None:  # no reader from now on: a hit in a trampoline
+            for ring in self._jumps.rings:  # drops its record at once if the ring is full
+                ring.abandon()
         for mm in spaces.values():  # SIGTRAP's own action back (orphan.py)
             first = next((t for t in self.threads.values() if t.mm is mm and t.stopped), None)
             if first is not None:
