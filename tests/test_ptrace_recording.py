@@ -198,9 +198,8 @@ def test_latency_is_the_calls_not_the_traps(exe: Path) -> None:
     """`latency -e ptrace` records entry and return in the program, stamped
     by the TSC there: a call of a few instructions measures well under a
     microsecond (with an int3 per hit it is the stops, tens of us)."""
-    run = subprocess.run([*UPROBES, "latency", "-e", "ptrace", "--json", f"{exe}:work",
-                          "--", str(exe),
-                          "loop", "2000"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([*UPROBES, "latency", "-e", "ptrace", "--json", f"{exe}:work", "--",
+                          str(exe), "loop", "2000"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "2 of 2 probes trap-free" in run.stderr
     stats = json.loads(next(line for line in run.stdout.split("\n") if line.startswith("{")))

@@ -35,27 +35,28 @@ Threads (and forked children, which inherit the mapping) reserve slots with
 a compare-and-swap on `head`, write them in any order and commit each by
 writing its sequence word last (x86 keeps stores in order). The reader
 takes slots in index order while their sequence word is theirs, then
-publishes `tail`, which frees them. A full ring drops the hit and counts it
-in `lost`, as the kernel's perf ring does. No system call at all when the
-tid comes from the thread pointer.
+publishes `tail`, which frees them. No system call at all when the tid
+comes from the thread pointer and the ring has room.
 
 Reading memory that might fault (a pointer argument, a string) stays with
 the int3 path: a fault in the trampoline would be the program's crash. The
 stack at the probe is always mapped up to STACK_MAX bytes above the stack
 pointer (the caller's frame and its return address lie there).
 
-Values are raw registers and stack words; the reader rebuilds a register
-set and a window of stack from them and runs the same `ArgFetcher` as the
-int3 path, so both give the kernel engine's values by construction.
+Values are raw registers and stack words. A probe whose only consumer is
+the tracer's own, unfiltered, becomes its hit tuple by one generated
+function (`direct_hit`: ArgFetcher's conversions written out); the rest
+get a register set and a window of stack rebuilt (`regs_of`) and go
+through their dispatch and the same `ArgFetcher` as the int3 path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-from collections import Counter
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +78,7 @@ from uprobes.sys.ptrace import UserRegs
 
 SLOTS = 32768                       # a power of two
 SLOT_BYTES = 128
-SLOT_SHIFT = 7
+SLOT_SHIFT = SLOT_BYTES.bit_length() - 1  # a slot's index to its offset
 HEADER_BYTES = 32                   # seq, tsc, tid|aux, probe id
 MAX_WORDS = (SLOT_BYTES - HEADER_BYTES) // 8
 DATA_OFFSET = 4096                  # head, tail, lost each on its own cache line before it

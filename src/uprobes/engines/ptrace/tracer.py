@@ -37,17 +37,16 @@ from typing import cast
 from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.filters import HitFilter, TaskView
 from uprobes.engines.kernel.counting import display_names
+from uprobes.engines.kernel.lines import HitRenderer, LineRenderer
 from uprobes.engines.kernel.records import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
 from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
 from uprobes.engines.ptrace.hit import PtraceHit
-from uprobes.engines.ptrace.jumppatch import NotTrapFree, TrapFree, plan_for
+from uprobes.engines.ptrace.jumppatch import NotTrapFree, Record, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
-from uprobes.engines.ptrace.jumppatch import Record
 from uprobes.engines.ptrace.recording import (
     WAIT_S, Direct, RecordedSite, Recorder, Ring, ShapedLines, direct_hit, recipe_for)
-from uprobes.engines.kernel.lines import HitRenderer, LineRenderer
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -409,7 +408,7 @@ class PtraceTracer:
         record: Record | None = None
         why = self._why_not_trapfree(probe, at_ret is not None)
         if why is None and (self._trapfree == "record" or name is None):
-            why, record = self._recording(probe, addr, addr - file_offset,
+            why, record = self._recording(probe, name, addr, addr - file_offset,
                                           None if at_ret is None else addr - at_ret)
         if why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
@@ -462,10 +461,12 @@ class PtraceTracer:
             return "its stack is copied at each hit"
         return None
 
-    def _recording(self, probe: Probe, addr: int, file_base: int,
+    def _recording(self, probe: Probe, name: str | None, addr: int, file_base: int,
                    func: int | None) -> tuple[str | None, Record | None]:
         """(None, how) for a probe that records into a ring, else (why not, None).
-        `func`: the function's address, for a return probe on a ret at `addr`."""
+        `name`: what its count goes under when its only consumer is ours and
+        unfiltered (`_count_only`). `func`: the function's address, for a
+        return probe on a ret at `addr`."""
         ret = func is not None
         lines = [self._ours[h] for c in probe.consumers
                  for h in (c.ret_handler if ret else c.handler,) if h is not None]
@@ -479,10 +480,9 @@ class PtraceTracer:
                 return why, None
             self._recorder = Recorder(self.counts)
         direct: Direct | None = None
-        dispatch = probe.ret_dispatch if ret else probe.dispatch
-        name = self._count_only.get(dispatch)
         if name is not None and self.hit_filter is None:
-            make = direct_hit(self._ours[dispatch], recipe, addr, func)
+            make = direct_hit(self._ours[probe.ret_dispatch if ret else probe.dispatch], recipe,
+                              addr, func)
             if make is not None:
                 direct = (name, make)
         probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
