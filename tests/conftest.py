@@ -1,7 +1,8 @@
 """Shared test plumbing: real fixtures compiled with gcc, real kernel checks.
 
-Under UPROBES_REQUIRE_KERNEL=1 (set by .ci/run) a test that would skip for
-want of root, tracefs or ptrace fails instead: CI never passes by skipping.
+Under UPROBES_REQUIRE_KERNEL=1 (set by .ci/run) every skip is a failure: one
+that `need()` raises for want of root, tracefs or ptrace, a direct
+`pytest.skip`, a skip mark, a skip at collection. CI never passes by skipping.
 """
 
 from __future__ import annotations
@@ -32,6 +33,30 @@ def need(condition: bool, why: str) -> None:
     if REQUIRE_KERNEL:
         pytest.fail(f"UPROBES_REQUIRE_KERNEL=1 but {why}")
     pytest.skip(why)
+
+
+def _skip_fails(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under UPROBES_REQUIRE_KERNEL=1, turn a skipped report into a failed one
+    (an xfail, which pytest also reports as skipped, stays what it is)."""
+    if not REQUIRE_KERNEL or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    why = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    why = why.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = f"UPROBES_REQUIRE_KERNEL=1 but it skipped: {why}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    outcome = yield
+    _skip_fails(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> object:
+    outcome = yield
+    _skip_fails(outcome.get_result())
 
 
 def _tracefs_root() -> Path | None:
