@@ -120,6 +120,43 @@ def maps(pid: int) -> list[Mapping]:
     return parse_maps(text)
 
 
+@dataclass(frozen=True)
+class MappedFile:
+    """The file behind a mapping: `path` opens that very file from here."""
+
+    path: str
+    dev: int
+    ino: int
+
+
+def mapped_file(pid: int, m: Mapping) -> MappedFile | None:
+    """The file mapping `m` of process `pid` maps, or None if we cannot reach it.
+
+    /proc/PID/map_files leads to the very file whatever its name, but the
+    kernel lets only CAP_SYS_ADMIN follow it (proc_map_files_get_link).
+    Without it, the name maps gives (a path from our root) or the same name
+    under the process's root will do, if it still leads to the inode maps
+    shows: a file replaced or renamed since, or one we cannot see, is None.
+    """
+    link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+    try:
+        st = os.stat(link)
+        return MappedFile(link, st.st_dev, st.st_ino)
+    except OSError:
+        pass
+    if not m.path.startswith("/") or m.deleted:
+        return None
+    want = (os.makedev(m.dev_major, m.dev_minor), m.inode)
+    for cand in (m.path, f"/proc/{pid}/root{m.path}"):
+        try:
+            st = os.stat(cand)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == want:
+            return MappedFile(cand, st.st_dev, st.st_ino)
+    return None
+
+
 def mapping_for_runtime_addr(pid: int, runtime_addr: int) -> Mapping | None:
     """The mapping of `pid` that holds `runtime_addr`, if any."""
     return next((m for m in maps(pid) if m.contains_runtime(runtime_addr)), None)

@@ -102,9 +102,20 @@ def _mounted_tracefs() -> list[str]:
 
 def find_tracefs(*, mount_if_absent: bool = True) -> Path:
     """The tracefs root holding `uprobe_events`; mounts it when absent and root."""
+    denied = None
     for cand in [*_mounted_tracefs(), *CANDIDATES]:
-        if Path(cand, "uprobe_events").exists():
+        try:
+            os.stat(Path(cand, "uprobe_events"))
             return Path(cand)
+        except PermissionError:
+            # The kernel makes tracefs 0700 root: it is there, but not for us.
+            denied = denied or cand
+        except OSError:
+            continue
+    if denied is not None:
+        raise KernelError(f"tracefs at {denied} is for root only: run as root for the "
+                          "kernel engine, or use `-e ptrace` on your own processes",
+                          errno.EACCES)
     target = CANDIDATES[0]
     if mount_if_absent and os.geteuid() == 0 and Path(target).is_dir():
         mount("nodev", target, "tracefs", what=f"mounting tracefs at {target}",

@@ -51,13 +51,11 @@ def find(pid: int, maps: list[procfs.Mapping]) -> Rendezvous | None:
     if not mine:
         return None
     first = mine[0]
-    path = f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}"
-    try:
-        import os
-        st = os.stat(path)
-    except OSError:
+    found = procfs.mapped_file(pid, first)
+    if found is None:
         return None
-    key = (st.st_dev, st.st_ino)
+    path = found.path
+    key = (found.dev, found.ino)
     if key not in _offsets:
         _offsets[key] = _symbol_file_offset(path)
     file_offset = _offsets[key]
@@ -65,7 +63,7 @@ def find(pid: int, maps: list[procfs.Mapping]) -> Rendezvous | None:
         return None
     for m in mine:
         if m.executable and m.contains_file_offset(file_offset):
-            return Rendezvous(m.file_to_runtime_addr(file_offset), path, st.st_dev, st.st_ino,
+            return Rendezvous(m.file_to_runtime_addr(file_offset), path, found.dev, found.ino,
                               file_offset)
     return None
 

@@ -362,16 +362,11 @@ class PtraceTracer:
 
     @staticmethod
     def _identity(pid: int, m: procfs.Mapping) -> tuple[int, int] | None:
-        """(st_dev, st_ino) of the mapped file, as stat of the path gives it
-        (map_files follows to the very file, whatever its name here)."""
+        """(st_dev, st_ino) of the mapped file, as stat of its path gives it."""
         if m.path == "[vdso]":
             return None
-        import os
-        try:
-            st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
+        found = procfs.mapped_file(pid, m)
+        return None if found is None else (found.dev, found.ino)
 
     def _place(self, t: Thread, regs: UserRegs, probe: Probe, m: procfs.Mapping,
                file_offset: int, ident: tuple[int, int] | None) -> None:
