@@ -71,3 +71,11 @@ def test_links_between_pages_resolve(doc: Path) -> None:
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{doc.name}: broken links {broken}"
+
+
+def test_readme_example_is_the_one_the_tests_run() -> None:
+    """The README shows examples/malloc_sizes.py (tests/test_session.py runs
+    that file), so the README's example is run too, and cannot drift."""
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "malloc_sizes.py").read_text()
+    assert f"```python\n{example}```" in readme

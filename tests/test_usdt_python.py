@@ -1,4 +1,4 @@
-"""The worked example of the README: Python's own USDT probes in Debian's
+"""The worked example of docs/targets.md: Python's own USDT probes in Debian's
 /usr/bin/python3.11, traced in both engines: each function the script calls,
 with file, name and line, entries and returns, and its output unchanged."""
 

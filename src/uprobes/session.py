@@ -107,8 +107,8 @@ class Session:
         self.stack_bytes = stack_bytes
         self.trapfree = trapfree
         """On the ptrace engine: probes that fetch registers and the stack only
-        record each hit in the program (no stop; see README, trap-free
-        tracing) and handlers run as the records are read, with no
+        record each hit in the program (no stop; docs/ptrace-engine.md,
+        trap-free tracing) and handlers run as the records are read, with no
         `event.hit`: for handlers that only look at events."""
         self.ring_pages = ring_pages or (STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES)
         self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))

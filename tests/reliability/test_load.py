@@ -1,6 +1,6 @@
 """Load: a burst of 1M hits in trace mode. Every hit is either delivered or
 counted as lost (events + lost == hits, exactly), and uprobes' memory stays
-bounded whatever the burst (its peak RSS is printed for the README)."""
+bounded whatever the burst (its peak RSS is printed for docs/testing.md)."""
 
 from __future__ import annotations
 
