@@ -4,6 +4,8 @@ event in Python, and rendered as filters the live kernel accepts."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from uprobes.commands.resolve import parse_specs
 from uprobes.errors import KernelError, SpecError
 from uprobes.resolve.resolver import Resolver
 from uprobes.spec.ast import FetchType
-from uprobes.spec.condition import Condition, parse_condition, widened
+from uprobes.spec.condition import MAX_DEPTH, Condition, bind, parse_condition, widened
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 TYPES = {"size": FetchType("u64"), "delta": FetchType("s32"), "name": FetchType("string"),
@@ -126,3 +128,93 @@ def test_the_kernel_accepts_the_filters_we_render(text: str, tracefs: Path,
         except KernelError as e:  # pragma: no cover - the failure message says why
             pytest.fail(f"kernel refused {rendered!r}: {e}")
         tfs.set_filter(group, "f", "0")
+
+
+def chain(n: int, op: str = "&&") -> str:
+    """`size != 1000000 && size != 1000001 ...`: n terms, each true of small sizes."""
+    return f" {op} ".join(f"size != {1000000 + i}" for i in range(n))
+
+
+def test_long_chains_and_runs_of_not_cost_no_depth() -> None:
+    """A chain of 10,000 terms and a run of 1,001 `!`s parse, check, bind,
+    widen and test per event (a walk per term would exhaust Python's stack)."""
+    cond = parse_condition(chain(10_000) + " && pid == 3")
+    cond.check_fields("uprobes/f", TYPES)
+    assert cond.fields == {"size", "pid"}
+    keep = cond.predicate()
+    assert keep(SimpleNamespace(pid=3, tid=1, comm="c", args={"size": 5}))
+    assert not keep(SimpleNamespace(pid=3, tid=1, comm="c", args={"size": 1009999}))
+    assert not keep(SimpleNamespace(pid=4, tid=1, comm="c", args={"size": 5}))
+    rest = bind(cond.root, "pid", 3)
+    assert not isinstance(rest, bool)
+    assert Condition("", rest).predicate()(ev(size=5))
+    assert bind(cond.root, "pid", 4) is False
+    assert widened(cond.root) == parse_condition(chain(10_000)).root
+    either = parse_condition(chain(10_000, "||")).predicate()
+    assert either(ev(size=1000000)) and not either(ev(size=None))
+    for n, expected in ((1000, True), (1001, False)):
+        run = parse_condition("!" * n + "size == 1")
+        assert run.predicate()(ev(size=1)) is expected
+        assert run.kernel_filter() == ("size == 1" if expected else "!(size == 1)")
+
+
+def test_nesting_deeper_than_the_limit_is_one_line_and_the_limit_works() -> None:
+    """Parentheses nest MAX_DEPTH deep; deeper is a SpecError of one line
+    (no caret under a text of thousands of characters), not a RecursionError."""
+    for text in ("(" * 1000 + "size == 1" + ")" * 1000,
+                 "!(" * 1000 + "size == 1" + ")" * 1000,
+                 "(size == 1 && " * 1000 + "size == 1" + ")" * 1000):
+        with pytest.raises(SpecError) as e:
+            parse_condition(text)
+        assert len(e.value.lines()) == 1 and f"deeper than {MAX_DEPTH}" in e.value.lines()[0]
+    deepest = parse_condition("!(size > 1 && " * MAX_DEPTH + "size < 9" + ")" * MAX_DEPTH)
+    holds = deepest.predicate()
+    # !(A && !(A && ... !(A && B))): with A true the negations alternate.
+    assert holds(ev(size=5)) is (MAX_DEPTH % 2 == 0)
+    assert holds(ev(size=0)) is True
+    assert deepest.kernel_filter() is not None
+
+
+def test_the_kernel_takes_the_longest_filter_we_hand_it(tracefs: Path, compile_c: Compiler,
+                                                        group: str) -> None:
+    """The longest filter text we render is one the kernel accepts; one term
+    more is left to Python with the reason (the kernel takes under a page)."""
+    n = 1
+    while parse_condition(chain(n + 1)).kernel_filter() is not None:
+        n += 1
+    longest = parse_condition(chain(n)).kernel_filter()
+    assert longest is not None and len(longest) > 3000
+    assert "the kernel takes at most" in parse_condition(chain(n + 1)).why_not_kernel()
+    exe = compile_c("target.c")
+    offset = Resolver().resolve_all(parse_specs([f"{exe}:add"]))[0].file_offset
+    tfs = Tracefs(tracefs)
+    with ProbeGroup(tfs, group) as g:
+        g.add(f"p:{group}/f {exe}:{offset:#x} size=%di:u64")
+        tfs.set_filter(group, "f", longest)
+        tfs.set_filter(group, "f", "0")
+
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+
+
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_deep_and_long_conditions_on_the_command_line(engine: str, tracefs: Path,
+                                                      compile_c: Compiler) -> None:
+    """Too deep: one line, exit 2. 10,000 terms: each engine applies them
+    (the kernel engine here, per hit, with a note why not in the kernel)."""
+    exe = compile_c("target.c")
+    spec = f"{exe}:add size=%di"
+    deep = subprocess.run([*UPROBES, "trace", "-e", engine, "--if",
+                           "(" * 1000 + "size == 1" + ")" * 1000, spec, "--", str(exe), "5"],
+                          capture_output=True, text=True, timeout=120)
+    assert deep.returncode == 2, deep.stderr[-2000:]
+    assert deep.stderr.count("\n") == 1 and deep.stderr.startswith("uprobes: error: ")
+    # add(i, 100) for i < 5: size == 3 once. (One argument holds at most
+    # 128 KiB, hence the short terms.)
+    long = " && ".join(["size < 9"] * 10_000) + " && size == 3"
+    up = subprocess.run([*UPROBES, "trace", "-e", engine, "--if", long, spec, "--", str(exe), "5"],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr[-2000:]
+    hits = [line for line in up.stdout.splitlines() if " add: " in line]
+    assert len(hits) == 1 and hits[0].endswith("size=0x3"), up.stdout
+    assert len(up.stderr) < 2000, up.stderr[:2000]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from uprobes.probe import ResolvedProbe
 from uprobes.registry import TaskFilter
-from uprobes.spec.condition import TASK_FIELDS, Compare, Condition, Event, Logic, Node, \
+from uprobes.spec.condition import TASK_FIELDS, Compare, Condition, Event, Node, join, \
     parse_condition, widened
 
 
@@ -55,12 +55,10 @@ class HitFilter:
         for field, values in (("comm", self.comms), ("tid", self.tids),
                               ("pid", self.pids)):
             if values:
-                parts.append(_any_of([Compare(field, "==", v) for v in values]))
+                parts.append(join("||", [Compare(field, "==", v) for v in values]))
         if self.condition is not None:
             parts.append(self.condition.root)
-        root = parts[0]
-        for part in parts[1:]:
-            root = Logic("&&", root, part)
+        root = join("&&", parts)
         text = " && ".join(filter(None, [
             " || ".join(f'comm == "{c}"' for c in self.comms),
             " || ".join(f"tid == {t}" for t in self.tids),
@@ -92,9 +90,7 @@ class HitFilter:
 
     def why_not_kernel(self) -> str:
         """Why `kernel_filter()` is None, in a few words."""
-        if "pid" in self.combined.fields:
-            return "the kernel's event filter has no field for the process id (pid)"
-        return "a string holds both quote characters (the kernel's strings have no escapes)"
+        return self.combined.why_not_kernel()
 
     def predicate(self) -> Callable[[Event], bool]:
         """The whole filter, per event."""
@@ -124,7 +120,7 @@ def pushdown(filters: Sequence[HitFilter | None]) -> Condition | None:
             roots.append(root)
     if not roots:
         return None
-    either = _any_of(roots)
+    either = join("||", roots)
     return Condition(Condition("", either).kernel_filter() or "", either)
 
 
@@ -136,10 +132,3 @@ class TaskView:
     tid: int
     comm: str
     args: Mapping[str, object]
-
-
-def _any_of(nodes: list[Node]) -> Node:
-    root = nodes[0]
-    for n in nodes[1:]:
-        root = Logic("||", root, n)
-    return root

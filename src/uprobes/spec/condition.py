@@ -15,8 +15,9 @@ field, `tid` the kernel's `common_pid`; `pid` has no kernel field).
 from __future__ import annotations
 
 import fnmatch
+import mmap
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,12 +59,33 @@ class Not:
 
 @dataclass(frozen=True)
 class Logic:
-    op: str  # "&&" or "||"
-    left: Node
-    right: Node
+    """`operands` joined by `op` ("&&" or "||"), two or more of them, none
+    itself a Logic of the same `op`: a chain of any length is one node, so
+    it costs no depth to walk (make one with `join`)."""
+
+    op: str
+    operands: tuple[Node, ...]
 
 
 Node = Compare | Not | Logic
+
+# How deep parentheses may nest. Every walk of a condition recurses once
+# per level, so this bounds the stack; a chain of && or || costs no level.
+MAX_DEPTH = 100
+
+
+def join(op: str, nodes: Sequence[Node]) -> Node:
+    """`nodes` joined by `op`, flattened: a Logic of the same `op` among
+    them gives its operands in its place."""
+    flat: list[Node] = []
+    for n in nodes:
+        flat.extend(n.operands if isinstance(n, Logic) and n.op == op else (n,))
+    return flat[0] if len(flat) == 1 else Logic(op, tuple(flat))
+
+
+def negate(node: Node) -> Node:
+    """`!node`, with a double negation cancelled."""
+    return node.operand if isinstance(node, Not) else Not(node)
 
 
 @dataclass(frozen=True)
@@ -105,15 +127,27 @@ class Condition:
 
     def kernel_filter(self) -> str | None:
         """The kernel's filter text for it, or None when the kernel cannot say
-        it: a field with no kernel counterpart (`pid`), or a string with both
-        quote characters (the kernel's strings have no escapes). Then it is
-        tested per hit in Python."""
+        it (`why_not_kernel` says why). Then it is tested per hit in Python."""
+        return self._kernel()[0]
+
+    def why_not_kernel(self) -> str:
+        """Why `kernel_filter()` is None, in a few words ("" when it is not)."""
+        return self._kernel()[1]
+
+    def _kernel(self) -> tuple[str | None, str]:
         if "pid" in self.fields:
-            return None
+            return None, "the kernel's event filter has no field for the process id (pid)"
         try:
-            return _render(self.root)
+            text = _render(self.root)
         except ValueError:
-            return None
+            return None, ("a string holds both quote characters "
+                          "(the kernel's strings have no escapes)")
+        # Both ways in (the tracefs `filter` file and PERF_EVENT_IOC_SET_FILTER)
+        # take less than a page, the ending newline or NUL counted.
+        if len(text.encode()) + 1 >= mmap.PAGESIZE:
+            return None, (f"the filter is {len(text.encode()):,} bytes in the kernel's spelling "
+                          f"and the kernel takes at most {mmap.PAGESIZE - 2:,}")
+        return text, ""
 
 
 def bind(node: Node, field: str, value: int | None) -> Node | bool:
@@ -134,15 +168,15 @@ def bind(node: Node, field: str, value: int | None) -> Node | bool:
     if isinstance(node, Not):
         inner = bind(node.operand, field, value)
         return (not inner) if isinstance(inner, bool) else Not(inner)
-    left, right = bind(node.left, field, value), bind(node.right, field, value)
     absorbing = node.op == "||"  # True absorbs an ||, False an &&
-    if left is absorbing or right is absorbing:
-        return absorbing
-    if isinstance(left, bool):
-        return right
-    if isinstance(right, bool):
-        return left
-    return Logic(node.op, left, right)
+    rest: list[Node] = []
+    for operand in node.operands:
+        bound = bind(operand, field, value)
+        if bound is absorbing:
+            return absorbing
+        if not isinstance(bound, bool):
+            rest.append(bound)
+    return join(node.op, rest) if rest else not absorbing
 
 
 def widened(node: Node) -> Node | None:
@@ -160,12 +194,11 @@ def widened(node: Node) -> Node | None:
         said: list[bool] = []
         _walk(node.operand, lambda c: said.append(_sayable(c)))
         return node if all(said) else None
-    left, right = widened(node.left), widened(node.right)
-    if node.op == "||":
-        return None if left is None or right is None else Logic("||", left, right)
-    if left is None or right is None:
-        return left or right
-    return Logic("&&", left, right)
+    kept = [widened(operand) for operand in node.operands]
+    sayable = [k for k in kept if k is not None]
+    if node.op == "||" and len(sayable) < len(kept):
+        return None
+    return join(node.op, sayable) if sayable else None
 
 
 def _sayable(c: Compare) -> bool:
@@ -199,26 +232,36 @@ def parse_condition(text: str) -> Condition:
         pos += 1
         return tok
 
-    def expr() -> Node:
-        node = conj()
+    def expr(depth: int) -> Node:
+        nodes = [conj(depth)]
         while (tok := peek()) is not None and tok[1] == "||":
             take()
-            node = Logic("||", node, conj())
-        return node
+            nodes.append(conj(depth))
+        return join("||", nodes)
 
-    def conj() -> Node:
-        node = unary()
+    def conj(depth: int) -> Node:
+        nodes = [unary(depth)]
         while (tok := peek()) is not None and tok[1] == "&&":
             take()
-            node = Logic("&&", node, unary())
-        return node
+            nodes.append(unary(depth))
+        return join("&&", nodes)
 
-    def unary() -> Node:
+    def unary(depth: int) -> Node:
         kind, value, at = take()
         if kind == "op" and value == "!":
-            return Not(unary())
+            # A run of `!` is read here, not by recursion: its length costs no depth.
+            odd = True
+            while (tok := peek()) is not None and tok[1] == "!":
+                take()
+                odd = not odd
+            node = unary(depth)
+            return negate(node) if odd else node
         if kind == "op" and value == "(":
-            node = expr()
+            if depth == MAX_DEPTH:
+                # No caret line: the text of a condition this deep is long.
+                raise SpecError(f"the condition nests parentheses deeper than {MAX_DEPTH} "
+                                f"levels (at character {at + 1}); join with && and || instead")
+            node = expr(depth + 1)
             k, v, a = take()
             if v != ")":
                 raise SpecError("expected ')'", text, a)
@@ -238,7 +281,7 @@ def parse_condition(text: str) -> Condition:
 
     if not tokens:
         raise SpecError("empty condition", text, 0)
-    root = expr()
+    root = expr(0)
     if pos != len(tokens):
         raise SpecError("unexpected text after the condition", text, tokens[pos][2])
     return Condition(text, root)
@@ -276,8 +319,8 @@ def _walk(node: Node, visit: Callable[[Compare], object]) -> None:
     elif isinstance(node, Not):
         _walk(node.operand, visit)
     else:
-        _walk(node.left, visit)
-        _walk(node.right, visit)
+        for operand in node.operands:
+            _walk(operand, visit)
 
 
 def _getter(field: str) -> Callable[[Event], object]:
@@ -291,10 +334,10 @@ def _compile(node: Node) -> Callable[[Event], bool]:
         inner = _compile(node.operand)
         return lambda ev: not inner(ev)
     if isinstance(node, Logic):
-        left, right = _compile(node.left), _compile(node.right)
+        tests = tuple(_compile(operand) for operand in node.operands)
         if node.op == "&&":
-            return lambda ev: left(ev) and right(ev)
-        return lambda ev: left(ev) or right(ev)
+            return lambda ev: all(t(ev) for t in tests)
+        return lambda ev: any(t(ev) for t in tests)
     get, op, want = _getter(node.field), node.op, node.value
     if isinstance(want, str):
         if op == "~":
@@ -303,12 +346,12 @@ def _compile(node: Node) -> Callable[[Event], bool]:
         if op == "==":
             return lambda ev: get(ev) == want
         return lambda ev: get(ev) != want
-    tests: dict[str, Callable[[int], bool]] = {
+    compares: dict[str, Callable[[int], bool]] = {
         "==": lambda v: v == want, "!=": lambda v: v != want, "<": lambda v: v < want,
         "<=": lambda v: v <= want, ">": lambda v: v > want, ">=": lambda v: v >= want,
         "&": lambda v: bool(v & want),
     }
-    test = tests[op]
+    test = compares[op]
     return lambda ev: isinstance(v := get(ev), int) and test(v)
 
 
@@ -316,7 +359,7 @@ def _render(node: Node) -> str:
     if isinstance(node, Not):
         return f"!({_render(node.operand)})"
     if isinstance(node, Logic):
-        return f"({_render(node.left)}) {node.op} ({_render(node.right)})"
+        return f" {node.op} ".join(f"({_render(operand)})" for operand in node.operands)
     name = _KERNEL_NAMES.get(node.field, node.field)
     if isinstance(node.value, str):
         # A kernel string runs from its quote to the next one, escapes and all.
