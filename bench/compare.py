@@ -289,7 +289,7 @@ def libc_sites(n: int) -> list[ResolvedProbe]:
 
 
 # Tools that detach per-probe perf events one by one, a kernel grace period
-# (~0.1 s) each: 1,000 probes take minutes, so they stop at --slow-max.
+# each: 1,000 probes take minutes, so they stop at --slow-max.
 _SLOW = {"bpftrace (one uprobe per function)": "1,000 took 14 s to attach and 135 s to "
                                                "detach here"}
 

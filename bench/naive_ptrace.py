@@ -1,4 +1,4 @@
-"""The naive ptrace breakpoint loop, in Python: the baseline issue 4 measures against.
+"""The naive ptrace breakpoint loop, in Python: the baseline bench.ptrace measures against.
 
 Per hit: int3 trap, getregs, rip back by one, setregs, restore the original
 byte, single-step, re-insert the int3, continue (8 syscalls with the two

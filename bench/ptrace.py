@@ -1,4 +1,4 @@
-"""Per-hit overhead of ptrace-based probing (issue 4), side by side in one run.
+"""Per-hit overhead of ptrace-based probing, side by side in one run.
 
     python -m bench.ptrace [--scale 1] [--repeats 5] [--syscalls] [--only NAME]
 

@@ -1,4 +1,4 @@
-"""The kernel engine is the ptrace engine's oracle (issue 4): the same fixture,
+"""The kernel engine is the ptrace engine's oracle: the same fixture,
 the same probe lines, `trace --json -e kernel` and `-e ptrace` must give the
 same arguments and return values for every fetcharg kind and type (and the
 same registers, captured as hidden arguments), timestamps, cpus and pids aside.

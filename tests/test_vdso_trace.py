@@ -1,4 +1,4 @@
-"""Issue 5's vDSO "done when": probes on the vDSO's functions in a program
+"""The vDSO, as docs/targets.md shows it: probes on the vDSO's functions in a program
 that calls them through libc, traced by the ptrace engine with arguments and
 return values, counted exactly; refused by the kernel engine in one line; and
 chosen by `-e auto` as the engine that can. Every figure is compared with

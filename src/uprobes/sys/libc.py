@@ -75,8 +75,8 @@ class _Libc:
         """A function object of its own for `name`, with no argtypes: ctypes
         then passes a Python int as a C int, None as NULL and a byref() as a
         pointer, skipping the per-argument converters that argtypes install
-        (about 1 us a call less on our 2-CPU VM). Only for calls whose
-        integer arguments all fit a C int."""
+        (as costly as the system call itself on the hit path). Only for
+        calls whose integer arguments all fit a C int."""
         fn = self._lib._FuncPtr((name, self._lib))
         fn.restype = restype
         return fn

@@ -4,8 +4,8 @@ One module for the whole interface (x86-64). Every request turns errno
 into `KernelError`. The hit path's requests (`getregs`, `setregs`, `cont`)
 and `wait_any` call libc through function objects without argtypes (their
 arguments are C ints, NULL or pointers), over a preallocated `UserRegs`:
-ctypes' argument converters cost about 1 us a call, as much as the
-system call itself, so a hit costs its syscalls and little Python.
+ctypes' argument converters cost about as much as the system call
+itself, so a hit costs its syscalls and little Python.
 
 `wait_any()` calls libc's waitpid directly (not `os.waitpid`), so a signal
 to the tracer interrupts it (EINTR, returned as pid 0) instead of being

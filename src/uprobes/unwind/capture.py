@@ -61,8 +61,8 @@ class Symbolizer:
 
     def preload(self, paths: Iterable[str]) -> None:
         """Read the CFI and symbols of files every stack will start in (the
-        probed files) now: a first walk that reads libc's (~1 s) is a second
-        in which the kernel's rings fill unread."""
+        probed files) now: a first walk that reads libc's is time in which
+        the kernel's rings fill unread."""
         for path in set(paths):
             try:
                 image = ElfImage.open(path)

@@ -6,8 +6,8 @@ it), also where frame pointers are omitted, as in Debian's libc: it is what
 makes a stack walk possible there. Where the file has `.eh_frame_hdr` (ld and
 lld write it; found by its program header, PT_GNU_EH_FRAME, so also in a file
 without section headers), only the FDEs a walk needs are parsed, found
-through its search table (unwind/ehframe.py). Otherwise all FDEs are read with pyelftools (libc:
-3,700 FDEs, 0.6 to 1.3 s here), once per file version, and each FDE's rows
+through its search table (unwind/ehframe.py). Otherwise all FDEs are read with pyelftools (slow:
+thousands of FDEs in libc), once per file version, and each FDE's rows
 are decoded on first use.
 Addresses here are link addresses (the ELF's own view).
 """

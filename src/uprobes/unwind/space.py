@@ -53,8 +53,8 @@ class _Process:
         self.alive = True
         self.vdso: ElfImage | None = None
         # Per code address, while the maps stay the same: the same return
-        # addresses recur in every stack of a run (measured: 36 frames per
-        # malloc under python3.11, 2 ms a stack walked and named uncached).
+        # addresses recur in every stack of a run, and walking and naming a
+        # frame uncached costs several times a cached one (docs/benchmarks.md).
         self.rules: dict[int, FrameRule | None | LookupError] = {}
         self.named: dict[tuple[int, bool], Frame] = {}
         self.refresh()

@@ -6,9 +6,10 @@ event with the same file, kind and fetchargs, and tears a whole event down
 with one set of grace periods. That is what makes detaching fast: closing
 the last perf event of an event (or of a uprobe PMU counter, one per probe
 per CPU, what `count` used before) runs uprobe_unregister_sync() and
-tracepoint_synchronize_unregister() under event_mutex, ~90 ms here, so 100
-probes counted one event each took 9-18 s to detach; shared, 1,000 libc
-probes are ~9 events. The events are then removed in one write.
+tracepoint_synchronize_unregister() under event_mutex, tens of milliseconds
+each, so probes counted one event each took seconds per hundred to detach;
+shared, 1,000 libc probes are ~9 events. The events are then removed in one
+write.
 
 A shared event is one tracepoint: its perf counter sums every probe point in
 it. Each probe's own count comes from one of two places:
@@ -182,9 +183,10 @@ class _Task:
 MAX_SHARED = 64
 """Most sites in one event counted per site (a pid or a filter). Every hit
 of the event runs each site's counter filter (perf_tp_event() walks them
-all): measured here, about 60 ns a site, so a hit in an event of 256 sites
-cost ~15 us more, of 64 ~3 us; 1,000 libc probes in events of 64 detach in
-~1.5 s (`python -m bench.kernel --only shared,attach`). Counted through
+all), tens of nanoseconds a site, so a hit's cost grows with the event; 64
+keeps that to microseconds while 1,000 probes still detach as a few dozen
+events (`python -m bench.kernel --only shared,attach` measures both;
+docs/benchmarks.md). Counted through
 uprobe_profile (system-wide), an event has no per-site cost and no cap."""
 
 _names = itertools.count()  # event names unique in this process (two counters, one group)
@@ -656,7 +658,7 @@ def _remove_group_at_once(group: ProbeGroup) -> None:
     """Remove all of `group`'s events with one write to uprobe_events.
 
     The kernel runs the `-:` lines one by one, but an event no perf fd uses
-    any more is gone without a grace period, so one write is about 10 us per
+    any more is gone without a grace period, so one write costs little per
     event; on any failure fall back to the group's own one-by-one removal,
     which names the event that failed.
     """

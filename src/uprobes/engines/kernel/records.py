@@ -96,8 +96,8 @@ def shared_events(kps: list[KernelProbe],
     The kernel lets one event hold many probe points (a line naming an
     existing event with the same fetchargs appends to it), and it removes
     them all at once: one grace period for the event instead of one per
-    probe (about 90 ms each on this machine; why detaching `libc:*` took
-    minutes). An event's records all look alike, so the probe that fired is
+    probe (a grace period is tens of milliseconds; one per probe is why
+    detaching `libc:*` took minutes). An event's records all look alike, so the probe that fired is
     told by the low 12 bits of its address: a file is mapped page by page,
     so an address and its file offset agree there. Probes of one file, kind
     and fetchargs share an event when those bits differ; return probes on

@@ -22,19 +22,18 @@ from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_c
     open_tracepoint
 
 DEFAULT_RING_PAGES = 256
-"""1 MiB per CPU. Bigger rings absorb longer waits of the reader for a CPU
-(measured on 2 busy CPUs, trace --json paced at 300k/s: records lost in 3
-of 5 runs with 1 MiB, in none of 12 with 4 or 8 MiB), but the reader's
-memory grows with what one read brings: a burst of 1M hits from 4 threads
-peaked at 81 MiB of RSS with 1 MiB rings and 204 MiB with 4 MiB ones. So
-1 MiB stays the default and `--ring-pages` buys slack for bursts."""
+"""1 MiB per CPU. Bigger rings absorb longer waits of the reader for a CPU,
+but the reader's memory grows with what one read brings (a burst of hits
+fills every ring before the reader empties them), so 1 MiB stays the
+default and `--ring-pages` buys slack for bursts (the runs behind this:
+docs/benchmarks.md, ring sizes)."""
 # Wake the reader per this much of a ring (~3,000 records of 2 numbers):
 # short rounds keep it a sleeper the scheduler wakes promptly, not a task
 # with a long round to finish while the rings fill.
 WAKEUP_BYTES = 256 * 1024
-# With user stacks a sample is ~8 KiB: 16 MiB per CPU holds a burst of ~2000
-# (python3.11 -c 'import json' makes 1,600 mallocs in ~50 ms, all on one CPU:
-# 4 MiB lost half, 8 MiB about 360 once the reader wakes promptly).
+# With user stacks a sample is ~8 KiB: 16 MiB per CPU holds a burst of ~2000,
+# the size of a program's start-up burst of mallocs on one CPU (smaller rings
+# lost samples of it: docs/benchmarks.md, ring sizes).
 STACK_RING_PAGES = 4096
 
 

@@ -1,4 +1,4 @@
-"""The ptrace engine: the uprobes mechanism itself, in user space (issue 4).
+"""The ptrace engine: the uprobes mechanism itself, in user space.
 
 `PtraceTracer` (tracer.py) has the kernel engine's interface. The parts:
 tasks.py (threads and address spaces), breakpoints.py (int3 sites per

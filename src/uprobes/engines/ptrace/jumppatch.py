@@ -1,6 +1,7 @@
 """Trap-free counting probes: a `jmp` over the probed instructions, counters in shared memory.
 
-An int3 costs a ptrace stop per hit (15 us here, 6.5-14.6 us even from C).
+An int3 costs a ptrace stop per hit, microseconds even from a tracer in C
+(docs/benchmarks.md).
 A probe that only counts needs no tracer at the hit: its first whole
 instructions covering 5 bytes become `jmp rel32` to a trampoline in the XOL
 area (trampoline.py) that increments a counter and runs them relocated.
@@ -116,7 +117,7 @@ def _file_code(path: str, dev: int, ino: int) -> _FileCode:
     insn = Instruction()
     branches = (FlowControl.UNCONDITIONAL_BRANCH, FlowControl.CONDITIONAL_BRANCH,
                 FlowControl.CALL)
-    for sym in symbols.functions():  # ~0.4 s for libc's 500k instructions
+    for sym in symbols.functions():  # every instruction of the file: once per file
         if sym.size == 0:
             continue
         try:

@@ -1,7 +1,7 @@
 """Trap-free recording probes: a hit writes its values into a shared ring, no stop.
 
 `count` needs only a counter per probe (trampoline.py). `trace` needs each
-hit's values, and an int3 costs a ptrace stop per hit (15-50 us here). A
+hit's values, and an int3 costs a ptrace stop per hit (microseconds). A
 probe whose fetchargs are registers, `$stack`, `$stackN`, `+OFF(%sp)`,
 immediates or `$comm` needs no tracer at the hit either: the jump patch's
 trampoline copies what the probe fetches into a ring that the program maps
@@ -14,7 +14,7 @@ The trampoline (`prologue`), after stepping below the red zone:
     pushfq; push rax, rcx, rdx, rsi, r11   ; all it changes
     tid   -> esi: mov esi, fs:[0x2d0]       ; glibc's struct pthread tid, checked
                                             ; per process before use; else gettid
-    rdtscp                                  ; time and TSC_AUX (the CPU), ~15 ns
+    rdtscp                                  ; time and TSC_AUX (the CPU), no syscall
     reserve a slot: head - tail < SLOTS ? lock cmpxchg head, head+1 : wait
     slot: tsc, tid|aux<<32, probe id, the values; then seq = index + 1 (commit)
     pop everything back; lea rsp, [rsp+128]

@@ -1,7 +1,7 @@
 """Displaced instructions: how the instruction under a breakpoint runs without its first byte.
 
 The breakpoint's int3 stays in place while threads run (other threads must
-never run past a probe unseen, issue 4), so the original instruction runs
+never run past a probe unseen), so the original instruction runs
 somewhere else or not at all.  `plan()` decides, once per probe, how:
 
 - **emulated**: the tracer applies it to the stopped thread's registers (and

@@ -1,7 +1,7 @@
 """Memory that a tracee and the tracer both map: a memfd, MAP_SHARED in each.
 
 What the tracer writes there costs a store in its own mapping, not a
-`pwrite` of /proc/PID/mem (5.9 us each here), and what the tracee writes
+`pwrite` of /proc/PID/mem (a system call each), and what the tracee writes
 there the tracer reads without a system call. The memfd is made in the
 tracee (injected memfd_create, mmap and close, xol.remote_syscall), opened
 here through /proc/PID/fd, sized and mapped, and its fd closed again in the

@@ -16,7 +16,7 @@ bytes at the probe with `jmp rel32` to a trampoline in the XOL area:
     jmp  <first original instruction after the patch>
 
 lahf/sahf and seto/add rather than pushfq/popfq: popfq is microcoded, and
-the pair cost 15-30 ns a hit more here (bench.ptrace, measured both ways).
+the pair costs a hit noticeably more (bench.ptrace measures a hit's cost).
 No trap, no tracer: a hit costs a few nanoseconds, and the program runs on
 unharmed if the tracer dies (nothing stops it). Each displaced instruction
 is relocated by `relocate.plan` at its own place in the trampoline (its
