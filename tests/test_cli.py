@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,23 @@ EXAMPLES = [(m.NAME, e) for m in _modules() for e in m.EXAMPLES]
 
 @pytest.mark.parametrize("command,example", EXAMPLES, ids=[e for _, e in EXAMPLES])
 def test_every_help_example_runs(command: str, example: str) -> None:
-    """The worked examples at the end of each --help are real commands that work."""
+    """The worked examples at the end of each --help are real commands that work.
+
+    Every command of an example counts (`-e -o pipefail`, and a background
+    job's own status), and a file it writes is made by this run (removed first)."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-    proc = subprocess.run(["bash", "-c", example.split("  #")[0]], capture_output=True,
+    script = example.split("  #")[0].rstrip()
+    if " & " in script:
+        assert script.endswith("; wait"), "an example with a background job waits for it"
+        script += " $!"  # a bare `wait` is 0 whatever the job's status
+    made = [Path(m) for m in re.findall(r"(?:-o |--dump )(/tmp/\S+)", script)]
+    for path in made:
+        path.unlink(missing_ok=True)
+    proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    for path in made:
+        assert path.stat().st_size > 0, f"{path} was not written"
     assert proc.stdout.strip(), "an example should show something"
     assert "Traceback" not in proc.stderr
 
