@@ -110,24 +110,25 @@ def test_missing_file_is_a_kernel_error(pmu: UprobePmu) -> None:
     assert info.value.errno == errno.ENOENT
 
 
-def test_inherit_breaks_pthread_create_measured(pmu: UprobePmu, threads_exe: Path) -> None:
-    """Why UprobeCounter never sets inherit: measured on 6.18, the target's
-    pthread_create and fork fail with EFAULT once a pid-bound uprobe PMU event
-    with inherit is attached. Without inherit only the named thread counts."""
-    off = file_offset(threads_exe, "add")
-    for inherit in (True, False):
-        child = Waiting(threads_exe)
-        try:
-            with UprobeCounter(str(threads_exe), off, pid=child.pid, inherit=inherit,
-                               pmu=pmu) as counter:
-                counter.enable()
-                out = child.release()
-                count = counter.read()
-        finally:
-            child.kill()
-        if inherit:
-            assert out.count("pthread_create: Bad address") == 4, out
-            assert "forked=0" in out
-        else:
-            assert "threads=4 failed=0 forked=1" in out
-            assert count == 0  # the main thread never calls add itself
+def test_counter_leaves_threads_and_fork_as_untraced(pmu: UprobePmu, threads_exe: Path) -> None:
+    """Why UprobeCounter does not set inherit: measured on 6.18, a pid-bound
+    uprobe PMU event with inherit made the target's pthread_create and fork
+    fail with EFAULT. Whatever the kernel does with inherit, our counter leaves
+    the program printing what it prints untraced; only the named thread counts."""
+    untraced = Waiting(threads_exe)
+    try:
+        plain = untraced.release()
+    finally:
+        untraced.kill()
+    assert "threads=4 failed=0 forked=1" in plain
+    child = Waiting(threads_exe)
+    try:
+        with UprobeCounter(str(threads_exe), file_offset(threads_exe, "add"), pid=child.pid,
+                           pmu=pmu) as counter:
+            counter.enable()
+            out = child.release()
+            count = counter.read()
+    finally:
+        child.kill()
+    assert out == plain
+    assert count == 0  # the main thread never calls add itself
