@@ -13,8 +13,12 @@ import re
 import shutil
 import struct
 import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -33,6 +37,28 @@ def need(condition: bool, why: str) -> None:
     if REQUIRE_KERNEL:
         pytest.fail(f"UPROBES_REQUIRE_KERNEL=1 but {why}")
     pytest.skip(why)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` s
+    (generous: other work may load the machine)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def killed_after(proc: "subprocess.Popen[Any]", seconds: float = 120) -> Iterator[None]:
+    """Kill `proc` if it still runs after `seconds`: a blocking read of its
+    pipes then ends (EOF) and the test fails instead of hanging."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _skip_fails(report: pytest.TestReport | pytest.CollectReport) -> None:

@@ -14,7 +14,6 @@ import stat
 import struct
 import subprocess
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from uprobes.elf import (
 )
 from uprobes.errors import ElfError, ResolveError
 
-WATCHDOG_S = 10
+WATCHDOG_S = 60  # a hang, not a slow example on a loaded machine (hypothesis has no deadline)
 
 
 class Hang(Exception):
@@ -131,7 +130,7 @@ def test_truncated_at_every_interesting_length(small_elf: bytes, tmp_path: Path)
     assert accepted and len(accepted) < len(lengths) - 50
 
 
-@settings(max_examples=60, deadline=timedelta(seconds=3),
+@settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_truncated_anywhere(small_elf: bytes, data: st.DataObject) -> None:
@@ -146,7 +145,7 @@ def _flip_positions(elf: bytes) -> st.SearchStrategy[int]:
                      st.integers(shoff, shoff + shnum * 64 - 1), st.integers(0, len(elf) - 1))
 
 
-@settings(max_examples=250, deadline=timedelta(seconds=3),
+@settings(max_examples=250, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.data())
 def test_bit_flips(small_elf: bytes, data: st.DataObject) -> None:
@@ -157,7 +156,7 @@ def test_bit_flips(small_elf: bytes, data: st.DataObject) -> None:
     exercise(lambda: ElfImage.from_bytes(bytes(buf), "flipped"))
 
 
-@settings(max_examples=120, deadline=timedelta(seconds=3),
+@settings(max_examples=120, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.data())
 def test_field_overwrites(small_elf: bytes, data: st.DataObject) -> None:
@@ -322,7 +321,7 @@ def noshdr_lib(elf_bins: dict[str, Path]) -> tuple[bytes, list[tuple[int, int]]]
     return bytes(data), ranges
 
 
-@settings(max_examples=150, deadline=timedelta(seconds=3),
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.data())
 def test_dynamic_tables_damaged(noshdr_lib: tuple[bytes, list[tuple[int, int]]],

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import pytest
 
-from conftest import Compiler, reapers_of
+from conftest import Compiler, killed_after, reapers_of
 from test_elf_support import libc_path
 from uprobes.elf.debuginfo import find_debug_file
 from uprobes.elf.image import ElfImage
@@ -180,28 +180,56 @@ def test_exit_status_is_the_commands(target: Path) -> None:
     assert count(f"{target}:add", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
 
 
-def _interval_run(target: Path) -> tuple[int, list[int]]:
-    proc = count("-i", "0.05", f"{target}:add", "--", "sh", "-c",
-                 f"{target} 5; sleep 0.3; {target} 6")
-    assert proc.returncode == 0, proc.stderr
-    stamps = re.findall(r"^\d\d:\d\d:\d\d \(last 0.05s\)$", proc.stdout, re.M)
-    per_interval = [int(n) for n in re.findall(r"^uprobes/add +(\d+)$", proc.stdout, re.M)]
-    return len(stamps), per_interval
+def _interval_run(target: Path, tmp_path: Path) -> tuple[int, list[int], list[int]]:
+    """`count -i 0.05` over `target 5`, then (once three tables were printed
+    and they hold those 5 hits) `target 6`: the number of tables and the
+    per-interval counts before the second run, and all the tables' counts
+    (the last is the final, whole-run table)."""
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    up = subprocess.Popen([*UPROBES, "count", "-i", "0.05", f"{target}:add", "--", "sh", "-c",
+                           f"{target} 5; read _ < {go}; {target} 6"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert up.stdout is not None
+    seen = ""
+    try:
+        with killed_after(up):
+            def first_run_shown() -> bool:
+                stamps = re.findall(r"^\d\d:\d\d:\d\d \(last 0.05s\)$", seen, re.M)
+                return len(stamps) >= 3 and sum(_add_counts(seen)) == 5
+            while not first_run_shown():
+                line = up.stdout.readline()
+                assert line, f"uprobes ended before the first run showed: {seen!r}"
+                seen += line
+            stamps = len(re.findall(r"^\d\d:\d\d:\d\d \(last 0.05s\)$", seen, re.M))
+            before = _add_counts(seen)
+            with open(go, "w") as release:
+                release.write("\n")
+            rest, err = up.communicate(timeout=120)
+    finally:
+        up.kill()
+        up.wait()
+    assert up.returncode == 0, err
+    return stamps, before, _add_counts(seen + rest)
 
 
-def test_interval_tables(target: Path) -> None:
-    stamps, per_interval = _interval_run(target)
+def _add_counts(out: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^uprobes/add +(\d+)$", out, re.M)]
+
+
+def test_interval_tables(target: Path, tmp_path: Path) -> None:
+    stamps, _, per_interval = _interval_run(target, tmp_path)
     assert stamps >= 3
     assert per_interval[-1] == 11  # the final table is exact
     assert sum(per_interval[:-1]) <= 11
 
 
-def test_interval_tables_show_each_intervals_hits(target: Path) -> None:
-    """The first run's 5 hits show in an interval of their own. (They once
-    went missing about 1 run in 3: the loop read a baseline after releasing
-    the command, and a short command could be done by then.)"""
-    _, per_interval = _interval_run(target)
-    assert 5 in per_interval[:-1]
+def test_interval_tables_show_each_intervals_hits(target: Path, tmp_path: Path) -> None:
+    """The first run's 5 hits show in the tables before the second run starts.
+    (They once went missing about 1 run in 3: the loop read a baseline after
+    releasing the command, and a short command could be done by then.)"""
+    _, before, _ = _interval_run(target, tmp_path)
+    assert sum(before) == 5
 
 
 def test_sigterm_removes_probes_and_command_finishes(threads: Path) -> None:

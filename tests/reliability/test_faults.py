@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler, reapers_of
+from conftest import Compiler, reapers_of, wait_until
 from uprobes.commands import main
 from uprobes.engines.ptrace import rettable
 from uprobes.sys import procfs
@@ -101,8 +101,7 @@ def _sigkill_mid_run(threads_exe: Path) -> tuple[subprocess.Popen[bytes], list[i
 
 def _wait_gone(pids: list[int]) -> None:
     for pid in pids:
-        while Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"process {pid} to end", 120)
 
 
 def test_sigkill_leaves_nothing_the_reaper_removes_it(tracefs: Path, threads_exe: Path) -> None:
@@ -126,7 +125,7 @@ def test_sigkill_of_uprobes_and_its_reaper_then_cleanup(tracefs: Path, threads_e
         os.kill(reaper, signal.SIGKILL)
     run.kill()
     run.wait()
-    time.sleep(0.2)
+    wait_until(lambda: not reapers_of(run.pid), "the killed reaper to be gone")
     assert _our_group_lines(run.pid), "with the reaper killed too, the group stays"
     _wait_gone(children)
     done = subprocess.run([*UPROBES, "cleanup"], capture_output=True, text=True, timeout=120)
@@ -153,7 +152,7 @@ def test_target_that_ends_while_probes_are_placed(tracefs: Path) -> None:
         target = subprocess.Popen(["/bin/sleep", str(delay)])
         done = subprocess.run([*UPROBES, "count", "-p", str(target.pid), "libc:str*"],
                               capture_output=True, text=True, timeout=120)
-        target.wait()
+        target.wait(60)
         assert "Traceback" not in done.stderr, done.stderr
         assert done.returncode in (0, 2), done.stderr
         if done.returncode == 2:

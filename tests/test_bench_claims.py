@@ -1,0 +1,28 @@
+"""`python -m bench.claims` end to end, so the bench cannot rot: both figures
+are measured and each line states a goal. The figures are not checked
+(speed and memory goals live in the bench, not in timed tests)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.kernel
+def test_bench_claims_measures_both_figures(tracefs: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.claims", "--calls", "2000",
+                           "--hits", "20000"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    assert re.fullmatch(r"latency -e ptrace, median of 2,000 calls: [\d,]+ ns "
+                        r"\(goal < 20,000 ns: (met|NOT MET)\)", lines[0]), lines[0]
+    assert re.fullmatch(r"trace --json, peak RSS over 20,000 hits: \d+ MiB "
+                        r"\(goal < 200 MiB: (met|NOT MET)\)", lines[1]), lines[1]
