@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from uprobes.errors import ResolveError
-from uprobes.resolve.paths import find_file
+from uprobes.resolve.paths import find_file, in_root
+from uprobes.sys import procfs
 
 
 def ldconfig_path(soname: str) -> str:
@@ -56,9 +57,9 @@ def test_links_give_one_identity(compile_c, tmp_path: Path) -> None:  # type: ig
 def test_process_view_goes_through_proc_root(
         running_process: subprocess.Popen[str]) -> None:
     pid = running_process.pid
-    maps = Path(f"/proc/{pid}/maps").read_text().split("\n")
-    mapped = sorted({ln.split()[-1] for ln in maps if ln.count("/") and "libc.so" in ln})
-    ref = find_file("libc", pid=pid, mapped=mapped)
+    maps = procfs.maps(pid)
+    mapped = sorted({m.path for m in maps if "libc.so" in m.path})
+    ref = find_file("libc", pid=pid, maps=maps)
     assert ref.path.startswith(f"/proc/{pid}/root/")
     assert ref.display == mapped[0]
     host = os.stat(mapped[0])
@@ -83,3 +84,20 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ResolveError, match="not a regular file"):
         find_file(str(fifo))
+
+
+def test_in_root_follows_links_inside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/lib/libx.so").write_bytes(b"")
+    (tmp_path / "lib").symlink_to("usr/lib")
+    (tmp_path / "usr/lib/abs.so").symlink_to("/usr/lib/libx.so")
+    (tmp_path / "usr/lib/up.so").symlink_to("../../../../../usr/lib/libx.so")
+    (tmp_path / "a").symlink_to("/b")
+    (tmp_path / "b").symlink_to("a")
+    root = str(tmp_path)
+    assert in_root(root, "/lib/abs.so") == "/usr/lib/libx.so"  # never the host's /usr/lib
+    assert in_root(root, "/lib/up.so") == "/usr/lib/libx.so"  # `..` stops at the root
+    assert in_root(root, "/lib/../lib/./libx.so") == "/usr/lib/libx.so"
+    assert in_root(root, "/lib/missing.so") == "/usr/lib/missing.so"
+    with pytest.raises(ResolveError, match="too many levels"):
+        in_root(root, "/a")

@@ -46,24 +46,20 @@ class Resolver:
     uretprobe: bool = False
     debug_dirs: tuple[str, ...] | None = None
     _images: dict[tuple[int, int], ElfImage] = field(default_factory=dict)
-    _mapped: list[str] | None = None
+    _maps: list[procfs.Mapping] | None = None
 
     # ------------------------------------------------------------ files
 
-    def mapped_files(self) -> list[str]:
-        """Files process `pid` maps, as it names them (empty without a pid)."""
+    def mappings(self) -> list[procfs.Mapping]:
+        """The mappings of process `pid` (empty without a pid), read once."""
         if self.pid is None:
             return []
-        if self._mapped is None:
-            seen: dict[str, None] = {}
-            for m in procfs.maps(self.pid):
-                if m.path.startswith("/"):
-                    seen.setdefault(m.path)
-            self._mapped = list(seen)
-        return self._mapped
+        if self._maps is None:
+            self._maps = procfs.maps(self.pid)
+        return self._maps
 
     def file(self, spec_path: str) -> FileRef:
-        return find_file(spec_path, self.pid, self.mapped_files())
+        return find_file(spec_path, self.pid, self.mappings())
 
     def image(self, ref: FileRef) -> ElfImage:
         k = (ref.dev, ref.ino)
