@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import threading
@@ -193,6 +194,49 @@ def reapers_of(pid: int) -> list[int]:
             if b"uprobes.engines.kernel.reaper" in cmd and f"uprobes_{pid}".encode() in cmd:
                 found.append(int(proc.name))
     return found
+
+
+# Generous: the slowest test (a million hits, tests/reliability/test_load.py)
+# takes a few minutes on a loaded 2-core machine.
+TEST_BOUND_S = float(os.environ.get("UPROBES_TEST_BOUND_S", "900"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, theirs, ...), as /proc shows them now."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+@pytest.fixture(autouse=True)
+def bounded_test() -> Iterator[None]:
+    """No test waits forever: after TEST_BOUND_S seconds every process below
+    this one is killed, so a pipe read or a wait without a bound of its own
+    returns, and the test fails saying why instead of hanging the suite."""
+    fired = threading.Event()
+
+    def kill_below() -> None:
+        fired.set()
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    timer = threading.Timer(TEST_BOUND_S, kill_below)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
+    assert not fired.is_set(), f"the test ran over {TEST_BOUND_S:g} s: its processes were killed"
 
 
 @pytest.fixture(autouse=True)

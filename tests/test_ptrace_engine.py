@@ -311,7 +311,9 @@ def test_an_exception_in_a_handler_detaches_cleanly(threads_exe: Path) -> None:
                 proc.stdin.flush()
                 tracer.run(None, duration=60)
         assert traced_by(proc.pid) == 0
-        assert calls(proc.stdout.read(), "work") == 200000
+        out = proc.stdout.read()
+        assert "calls" in out, f"no output; the program's status: {proc.wait(60)}"
+        assert calls(out, "work") == 200000
         assert proc.wait(60) == 0
     finally:
         proc.kill()
