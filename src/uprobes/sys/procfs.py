@@ -97,6 +97,17 @@ def exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+def state(pid: int) -> str | None:
+    """The state letter of task `pid` (a thread id too): R, S, D, T (stopped),
+    t (in a ptrace stop), Z (zombie), X (dead); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+        return text[text.rindex(b")") + 2:][:1].decode() or None
+    except (OSError, ValueError):
+        return None
+
+
 def parse_maps(text: str) -> list[Mapping]:
     """Parse the text of a maps file (pure)."""
     out = []

@@ -24,7 +24,9 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import signal
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from uprobes.errors import KernelError
 from uprobes.sys.libc import kernel_error, libc
@@ -309,7 +311,57 @@ def wait_task(tid: int) -> int:
             raise kernel_error(f"waitpid({tid})", err)
 
 
+def poll_task(tid: int) -> int | None:
+    """waitpid(tid, __WALL | WNOHANG): the raw status, or None if nothing
+    is pending (or `tid` is no child of ours any more)."""
+    got = _raw_waitpid(tid, _status_ref, WALL | WNOHANG)
+    return _status.value if got == tid else None
+
+
+def wait_task_until(tid: int, deadline: float,
+                    gone: Callable[[int], bool] | None = None) -> int | None:
+    """wait_task() that gives up at `deadline` (time.monotonic()) or as soon
+    as `gone(tid)` says the task will never report (a zombie leader whose
+    exit waits for its other threads): the raw status, or None. It polls,
+    backing off from 50 us to 5 ms: a stop after a step or an injected call
+    comes within microseconds, so the first polls find it."""
+    pause = 0.00005
+    while True:
+        status = poll_task(tid)
+        if status is not None:
+            return status
+        if time.monotonic() >= deadline or (gone is not None and gone(tid)):
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+
+
 # Status decoding, as <sys/wait.h> macros do.
+
+@dataclass(frozen=True)
+class WaitStatus:
+    """A waitpid status, decoded once. `stopped`: a ptrace stop, with its
+    `signal` and ptrace `event` (0: a signal-delivery-stop); else the task
+    is gone, with `code` as a shell reports it (the exit code, or 128+N
+    for signal N) and `signal` the one that killed it (0: it exited)."""
+
+    stopped: bool
+    signal: int
+    event: int = 0
+    code: int = 0
+
+    @property
+    def group_stop(self) -> bool:
+        """A PTRACE_EVENT_STOP for a stop signal: the task is in a group-stop."""
+        return self.event == EVENT_STOP and self.signal in STOP_SIGNALS
+
+
+def decode(status: int) -> WaitStatus:
+    """The typed meaning of a raw waitpid status."""
+    if stopped(status):
+        return WaitStatus(True, stop_signal(status), stop_event(status))
+    return WaitStatus(False, status & 0x7F, 0, exit_code(status))
+
 
 def exited(status: int) -> bool:
     """The task is gone: exited or killed."""

@@ -64,6 +64,11 @@ _SIGTRAP = int(signal.SIGTRAP)
 _TRAP_STOP = _SIGTRAP << 8 | 0x7F  # waitpid status of a SIGTRAP stop, no ptrace event
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
+# How long stopping every thread may take (a PTRACE_INTERRUPT is answered as
+# soon as the thread is scheduled; a vfork parent answers when its child
+# execs): past it, the threads that never stopped are left running.
+_QUIESCE_S = 5.0
+_POLL_MIN_S, _POLL_MAX_S = 0.00005, 0.005  # polling back-off while waiting for stops
 _RING_WAKE_S = 0.01  # with trap-free probes: also how often their rings are read
 _NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
 
@@ -289,6 +294,9 @@ class PtraceTracer:
         leader = self.threads.get(pid) or next(iter(self.threads.values()), None)
         if leader is None:
             raise ProcessError(f"process {pid} ended while attaching")
+        if all(t.group_stop for t in self.threads.values()):
+            self._note(f"process {pid} is stopped (SIGSTOP or job control): its probes "
+                       "count from when it is continued (SIGCONT); it stays stopped")
         self._place_all(leader)
         for t in list(self.threads.values()):
             self._resume(t)
@@ -725,7 +733,6 @@ class PtraceTracer:
         self._resume(t)
 
     def _resume(self, t: Thread) -> None:
-        t.stopped = False
         sig, t.resume_sig = t.resume_sig, 0
         if not sig and t.pending:
             sig = t.pending.pop(0)
@@ -735,12 +742,29 @@ class PtraceTracer:
         try:
             if t.group_stop:
                 t.group_stop = False
-                ptrace.listen(t.tid)
+                self._listen(t)
             else:
                 ptrace.cont(t.tid, sig)
         except KernelError as e:
             if e.errno != errno.ESRCH:
                 raise
+        t.stopped = False  # not before: a thread we failed to resume is still ours to stop
+
+    @staticmethod
+    def _listen(t: Thread) -> None:
+        """Leave `t` in its group-stop (the process was stopped by a signal)."""
+        try:
+            ptrace.listen(t.tid)
+        except KernelError as e:
+            if e.errno != errno.EIO:
+                raise
+            # PTRACE_LISTEN is refused unless the last stop was a
+            # PTRACE_EVENT_STOP: the thread has lent itself to an injected call
+            # or a step since. A SIGSTOP queued now is taken before it returns
+            # to user mode, so it runs no instruction and stops again (its
+            # delivery and the group-stop are reported like any other).
+            ptrace.tgkill(t.pid, t.tid, signal.SIGSTOP)
+            ptrace.cont(t.tid, 0)
 
     # ------------------------------------------------------------ hits
 
@@ -987,28 +1011,41 @@ class PtraceTracer:
                         ptrace.interrupt(t.tid)
                     except KernelError:
                         pass
+        deadline = time.monotonic() + _QUIESCE_S
+        pause = _POLL_MIN_S
         while any(not t.stopped for t in self.threads.values()):
-            tid, status = ptrace.wait_any()
-            if tid == 0:
+            tid, raw = ptrace.wait_any(nohang=True)
+            if tid == 0:  # nothing yet: a signal to us does not end the wait, the bound does
+                running = self._running()
+                if not running:
+                    break
+                if time.monotonic() >= deadline:
+                    self._note("threads " + ", ".join(str(t.tid) for t in running)
+                               + f" did not stop within {_QUIESCE_S:g} s; left running")
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, _POLL_MAX_S)
                 continue
+            pause = _POLL_MIN_S
             if tid < 0:
                 for gone in list(self.threads.values()):
                     if not gone.stopped:
                         self.threads.pop(gone.tid)
                 break
+            status = ptrace.decode(raw)
             found = self.threads.get(tid)
             if found is None:
-                if status & 0xFF == 0x7F:
-                    self._pending_new[tid] = status
+                if status.stopped:
+                    self._pending_new[tid] = raw
                 continue
             t = found
-            if status & 0xFF != 0x7F:
-                self._gone(t, status)
+            if not status.stopped:
+                self._gone(t, raw)
                 continue
             t.stopped = True
-            sig, event = (status >> 8) & 0xFF, status >> 16
+            sig, event = status.signal, status.event
             if event == ptrace.EVENT_STOP:
-                t.group_stop = sig in ptrace.STOP_SIGNALS
+                t.group_stop = status.group_stop
             elif event:
                 self._task_event(t, event)
             elif sig == _SIGTRAP:
@@ -1023,6 +1060,12 @@ class PtraceTracer:
                     ptrace.setregs(t.tid, regs)
             else:
                 t.resume_sig = sig
+
+    def _running(self) -> list[Thread]:
+        """Traced threads not in a ptrace stop that may still report one: a
+        zombie never will (a leader's exit waits for its other threads)."""
+        return [t for t in self.threads.values()
+                if not t.stopped and procfs.state(t.tid) not in (None, "Z", "X")]
 
     def _detach_all(self) -> None:
         if not self.threads:
