@@ -134,7 +134,7 @@ def test_pid_with_existing_threads_exact(threads: Path) -> None:
         app.stdin.write("go\n")
         app.stdin.flush()
         made = calls(app.stdout.read())["work"]
-        assert app.wait() == 0
+        assert app.wait(60) == 0
         stdout, stderr = up.communicate(timeout=120)
         assert up.returncode == 0, stderr
         assert last_json(stdout) == {"uprobes/work": made} and made == 400000

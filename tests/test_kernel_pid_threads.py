@@ -54,7 +54,7 @@ def _attached_run(mt: Path, loops: int, *uprobes_argv: str) -> tuple[dict[int, t
         app.stdin.flush()
         report = {int(m[0]): (int(m[1]), int(m[2])) for m in
                   re.findall(r"^thread (\d+) tag (\d+) calls (\d+)$", app.stdout.read(), re.M)}
-        assert app.wait() == 0
+        assert app.wait(60) == 0
         stdout, stderr = up.communicate(timeout=120)
         assert up.returncode == 0, stderr
         assert {tag for tag, _ in report.values()} == {0} | OLD_TAGS | NEW_TAGS

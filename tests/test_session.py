@@ -105,7 +105,7 @@ def test_attach_follows_a_running_process(target: Path) -> None:
             proc.stdin.write("go\n")
             proc.stdin.flush()
         s.attach(proc.pid, ready=release)
-        assert proc.wait() == 0
+        assert proc.wait(60) == 0
     finally:
         proc.kill() if proc.poll() is None else None
     assert points == [(3, 4)] * LOOPS

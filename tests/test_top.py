@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Compiler
+from conftest import Compiler, killed_after
 from uprobes.commands import main
 
 
@@ -40,12 +44,30 @@ def test_until_the_first_hit_it_says_what_it_waits_for(target: Path) -> None:
     assert lines[-1] == "no hits"
 
 
-def test_a_table_per_interval_in_a_pipe(target: Path) -> None:
-    out = io.StringIO()
-    assert main(["top", "-i", "0.1", f"{target}:add", "--", "/bin/sh", "-c",
-                 f"sleep 0.3; {target} 3; sleep 0.3"], out=out) == 0
-    text = out.getvalue()
-    assert "PROBE" in text and "HITS/S" in text  # at least one live table after the hits
+def test_a_table_per_interval_in_a_pipe(target: Path, tmp_path: Path) -> None:
+    """A live table shows the hits while the command still runs (it ends
+    only once one did), then the final summary."""
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    top = subprocess.Popen([sys.executable, "-m", "uprobes", "top", "-i", "0.1", f"{target}:add",
+                            "--", "/bin/sh", "-c", f"{target} 3; read _ < {go}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert top.stdout is not None
+    text = ""
+    try:
+        with killed_after(top):
+            while not re.search(r"HITS/S.*\n.*uprobes/add", text):  # a live table with the hits
+                line = top.stdout.readline()
+                assert line, f"top ended before a live table showed the hits: {text!r}"
+                text += line
+            with open(go, "w") as release:
+                release.write("\n")
+            rest, err = top.communicate(timeout=120)
+    finally:
+        top.kill()
+        top.wait()
+    assert top.returncode == 0, err
+    text += rest
     assert text.splitlines()[-2].split()[:4] == ["PROBE", "PID", "COMM", "TOTAL"]
     assert text.splitlines()[-1].split()[-1] == "3"
 
