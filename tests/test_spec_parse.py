@@ -223,3 +223,47 @@ def test_kernel_line_refuses_vdso() -> None:
     p = ResolvedProbe(spec, VdsoKey(1, 0x900), "[vdso]", 0x900, P, "g", "e", ())
     with pytest.raises(SpecError):
         kernel_line(p)
+
+
+# ---- paths the kernel's grammar cannot write: quoted, and generated names
+
+@pytest.mark.parametrize("line,target", [
+    ('"/opt/my app/bin":main', FileTarget("/opt/my app/bin", symbol="main")),
+    ('p "/opt/my app/bin":0x10', FileTarget("/opt/my app/bin", offset=0x10)),
+    ('p:g/e "/opt/tab\there":ns::f+0x4', FileTarget("/opt/tab\there", symbol="ns::f",
+                                                    symbol_offset=4)),
+    ('"/a::b/lib.so":f', FileTarget("/a::b/lib.so", symbol="f")),
+    ('"/opt/my app/lib.so":f(0x20)', FileTarget("/opt/my app/lib.so", symbol="f",
+                                                ref_ctr_offset=0x20)),
+    ('usdt:"/opt/my app/bin":prov:name', UsdtTarget("/opt/my app/bin", "prov", "name")),
+])
+def test_quoted_path(line: str, target: object) -> None:
+    spec = parse(line + " x=%di")
+    assert isinstance(spec, ProbeSpec)
+    assert spec.target == target
+    assert [arg.name for arg in spec.args] == ["x"]  # the space inside quotes split nothing
+    assert bare(parse(render(spec))) == bare(spec)
+
+
+@pytest.mark.parametrize("line,message,pos,hint", [
+    ("/opt/my app/bin:main", "Probe point must be PATH:OFFSET or PATH:SYMBOL[+OFFSET]", 0, True),
+    ('"/opt/my app/bin:main', "Quoted path is not closed with '\"'", 0, False),
+    ('"/opt/my app/bin"main', "A quoted path must be followed by ':'", 17, False),
+    ('"":main', "Path is missing before ':'", 0, False),
+    ('"/opt/my app/bin":main%bad', "Invalid probed address suffix", 22, False),
+])
+def test_quoted_path_errors(line: str, message: str, pos: int, hint: bool) -> None:
+    with pytest.raises(SpecError) as info:
+        parse(line)
+    assert (info.value.message, info.value.pos) == (message, pos), info.value.lines()
+    assert ('"/opt/my app/bin":main' in info.value.detail) == hint
+
+
+def test_generated_event_names_are_c_identifiers() -> None:
+    from uprobes.spec.names import offset_event_name
+    assert offset_event_name("/x/pr:og", 0x1139) == "p_pr_og_0x1139"
+    assert offset_event_name("/x/prög", 0x10) == "p_pr_g_0x10"
+    assert offset_event_name("/x/my prog", 0x10) == "p_my_prog_0x10"
+    assert offset_event_name("/usr/lib/libc.so.6", 0x1234) == auto_event_name(
+        "/usr/lib/libc.so.6", 0x1234)  # the kernel's own name where it is one
+    parse(f"p:uprobes/{offset_event_name('/x/pr:og', 0x10)} /bin/true:0x10")  # a good name

@@ -12,6 +12,7 @@ from uprobes.probe import InodeKey, ResolvedProbe
 from uprobes.render.json import write_json
 from uprobes.resolve.resolver import Resolver
 from uprobes.spec import kernel_line, parse
+from uprobes.spec.lower import kernel_can_name
 from uprobes.spec.ast import ProbeSpec
 
 NAME = "resolve"
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             out.writelines(line + "\n" for line in kernel_lines(p))
         for note in p.notes:
             sys.stderr.write(f"uprobes: note: {note}\n")
+        if not kernel_can_name(p.path):
+            sys.stderr.write(f"uprobes: note: {p.name}: the kernel engine cannot name a path "
+                             "with whitespace (uprobe_events splits at spaces); -e ptrace can\n")
         if p.uretprobe_reason:
             sys.stderr.write(f"uprobes: note: {p.name} uses the kernel's uretprobe: "
                              f"{p.uretprobe_reason}\n")
@@ -66,8 +70,8 @@ def kernel_lines(p: ResolvedProbe) -> list[str]:
     `ret` of a return probe's function (the engine adds a hidden fetcharg
     for the address returned to)."""
     if p.ret_sites:
-        return [kernel_line(p, ret_site=site) for site in p.ret_sites]
-    return [kernel_line(p)]
+        return [kernel_line(p, ret_site=site, for_kernel=False) for site in p.ret_sites]
+    return [kernel_line(p, for_kernel=False)]
 
 
 def describe(p: ResolvedProbe) -> dict[str, object]:
@@ -83,7 +87,7 @@ def describe(p: ResolvedProbe) -> dict[str, object]:
     if isinstance(key, InodeKey):
         doc.update(dev=key.dev, ino=key.ino)
     if p.path != "[vdso]":
-        doc["kernel_line"] = kernel_line(p)
+        doc["kernel_line"] = kernel_line(p, for_kernel=False)
         if p.ret_sites:
             doc["kernel_lines"] = kernel_lines(p)
     return doc

@@ -1,7 +1,8 @@
 """Which engine serves a run: `kernel` or `ptrace`.
 
 `auto` takes the kernel (system-wide, cheapest per hit) unless it cannot
-serve: a vDSO probe (no file, so no inode for the kernel to name), or no
+serve: a vDSO probe (no file, so no inode for the kernel to name), a file
+whose path has whitespace (uprobe_events cannot name it), or no
 usable tracefs and kernel uprobes (not root, lockdown, no CONFIG_UPROBES).
 Then the ptrace engine, which needs a process or a command to trace.
 """
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe, VdsoKey
+from uprobes.spec.lower import kernel_can_name
 
 ENGINES = ("auto", "kernel", "ptrace")
 
@@ -21,15 +23,21 @@ def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: boo
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
+    spaced = next((p for p in probes if not kernel_can_name(p.path)), None)
     if engine == "kernel" and vdso is not None:
         raise UsageError(f"{vdso.name}: the kernel's uprobes cannot probe the vDSO (it has no "
                          "file, so no inode to name); -e ptrace can")
+    if engine == "kernel" and spaced is not None:
+        raise UsageError(f"{spaced.path}: the kernel's uprobe_events cannot name a path with "
+                         "whitespace (it splits lines at spaces); -e ptrace can")
     if engine != "auto":
         return engine
     from uprobes.sys.features import features
     why = None
     if vdso is not None:
         why = f"{vdso.name} is in the vDSO, which the kernel cannot probe"
+    elif spaced is not None:
+        why = f"{spaced.path} has whitespace in its path, which the kernel cannot name"
     elif not features().kernel_engine_usable:
         why = features().tracefs_why or "the kernel's uprobes are not usable here"
     if why is None:

@@ -25,7 +25,7 @@ from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
 from uprobes.spec.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
 from uprobes.spec.lower import go_register_args
-from uprobes.spec.names import auto_event_name, symbol_event_name
+from uprobes.spec.names import c_identifier, offset_event_name, symbol_event_name
 from uprobes.sys import procfs
 
 DEFAULT_GROUP = "uprobes"
@@ -104,7 +104,7 @@ class Resolver:
         image = self.image(ref)
         if t.offset is not None:
             self._check_code(ref, image, t.offset, None)
-            event = spec.event or auto_event_name(ref.display, t.offset)
+            event = spec.event or offset_event_name(ref.display, t.offset)
             entry = None
             if spec.is_return:
                 entry = self.symbols(ref).containing(image.file_to_link_addr(t.offset))
@@ -142,7 +142,7 @@ class Resolver:
             self._check_code(ref, image, file_offset, sym)
             label = sym.name + (f"@{sym.version}" if sym.version and "@" in t.symbol else "")
             if spec.event and len(matches) > 1:
-                event = f"{spec.event}_{_ident(sym.name)}"[:MAX_EVENT_NAME]
+                event = f"{spec.event}_{c_identifier(sym.name)}"[:MAX_EVENT_NAME]
             else:
                 event = spec.event or symbol_event_name(label, spec.is_return)
             warning = ifunc_warning(sym)
@@ -163,10 +163,10 @@ class Resolver:
         out = []
         for note in notes:
             _check_usdt_args(spec, note)
-            group = spec.group or _ident(note.provider)
-            event = spec.event or _ident(note.name)
+            group = spec.group or c_identifier(note.provider)
+            event = spec.event or c_identifier(note.name)
             if spec.event and len(notes) > 1:
-                event = f"{spec.event}_{_ident(note.name)}"[:MAX_EVENT_NAME]
+                event = f"{spec.event}_{c_identifier(note.name)}"[:MAX_EVENT_NAME]
             args = tuple(UsdtArg(a.size, a.signed, a.operand) for a in note.args)
             out.append(self._point(spec, ref, note.file_offset, event, group=group,
                                    ref_ctr=note.semaphore_file_offset, usdt_args=args))
@@ -283,13 +283,6 @@ def _arg_indexes(arg: FetchArg) -> list[int]:
     while isinstance(expr, Deref):
         expr = expr.base
     return [expr.index] if isinstance(expr, Arg) else []
-
-
-def _ident(text: str) -> str:
-    name = re.sub(r"\W", "_", text)
-    if not name or name[0].isdigit():
-        name = "_" + name
-    return name[:MAX_EVENT_NAME]
 
 
 def _pos(text: str, ch: str) -> int:

@@ -7,7 +7,11 @@
 
 PLACE is described in `uprobes.spec.targets`, FETCHARGS in
 `uprobes.spec.fetchargs`. Lines are split into tokens at whitespace and
-anything from '#' on is a comment, as tracefs does. The first token is the
+anything from '#' on is a comment, as tracefs does; our one addition is a
+PATH in double quotes, which may hold whitespace (`"/opt/my app/bin":main`,
+`usdt:"/opt/my app/bin":prov:name`). The kernel has no quoting, so only
+the first two tokens, where a PLACE can be, are read that way, and only
+from a '"' that starts the PATH. The first token is the
 kind token when it is `p`/`r` alone, starts `p:`/`r:`, is a `p...`/`r...`
 word with no ':' (the kernel only looks at the first letter), or when the
 second token is a kernel PATH:OFFSET; otherwise it is PLACE. So a file
@@ -77,8 +81,27 @@ def _parse(text: str) -> Spec:
     return cmd.probe(text.strip())
 
 
+_QUOTED_PLACE = ('"', 'usdt:"', 'u:"')
+"""How a token that opens a quoted PATH starts."""
+
+
 def _split(line: str) -> list[str]:
-    return [word for word in _SPACES.split(line) if word]
+    words: list[str] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i] in _SPACE:
+            i += 1
+            continue
+        j = i
+        if len(words) < 2 and line.startswith(_QUOTED_PLACE, i):
+            close = line.find('"', line.index('"', i) + 1)
+            if close > 0:
+                j = close + 1
+        while j < n and line[j] not in _SPACE:
+            j += 1
+        words.append(line[i:j])
+        i = j
+    return words
 
 
 class _Line:
@@ -114,7 +137,10 @@ class _Line:
         try:
             target, suffix_return = parse_target(self.tokens[place_at])
         except TokenError as e:
-            raise self.error(e.message, place_at, e.offset) from None
+            detail = e.detail
+            if e.message == msg.BAD_PLACE and any(":" in t for t in self.tokens[place_at + 1:]):
+                detail = msg.SPACE_HINT  # `/opt/my app/bin:main`, split at the space
+            raise self.error(e.message, place_at, e.offset, detail) from None
         if suffix_return:
             kind = ProbeKind.RETURN
         if isinstance(target, UsdtTarget) and kind is ProbeKind.RETURN:

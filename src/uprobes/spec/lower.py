@@ -20,7 +20,7 @@ from uprobes.spec.ast import (
     StackEntry, StackPointer, UsdtTarget,
 )
 from uprobes.spec.numbers import kstrtol, kstrtoul
-from uprobes.spec.render import render_fetcharg
+from uprobes.spec.render import render_fetcharg, render_path
 
 if TYPE_CHECKING:  # uprobes.probe imports uprobes.spec.ast: no cycle at run time
     from uprobes.probe import ResolvedProbe, UsdtArg
@@ -188,14 +188,23 @@ def _has_arg(expr: FetchExpr) -> bool:
     return isinstance(expr, Arg) or (isinstance(expr, Deref) and _has_arg(expr.base))
 
 
-def kernel_line(probe: ResolvedProbe, ret_site: int | None = None) -> str:
+def kernel_can_name(path: str) -> bool:
+    """uprobe_events splits a line at whitespace and has no quoting, so the
+    kernel engine cannot name a file whose path holds any."""
+    return not any(c.isspace() for c in path)
+
+
+def kernel_line(probe: ResolvedProbe, ret_site: int | None = None, *,
+                for_kernel: bool = True) -> str:
     """The uprobe_events line for `probe`:
     `p:GRP/EVENT PATH:0xOFF[(0xREF)] NAME=FETCHARG[:TYPE]...` (or `r:`).
 
     With `ret_site` (one of `probe.ret_sites`), the return probe as an entry
     probe on that `ret`, fetching what the uretprobe would (`at_ret_site`).
     The line is checked with our kernel-faithful parser, so a SpecError here
-    carries the kernel's own message for it."""
+    carries the kernel's own message for it. Without `for_kernel` (to show
+    the line), a path the kernel cannot name is quoted as our language
+    writes it, instead of refused."""
     from uprobes.probe import VdsoKey
     from uprobes.spec.grammar import parse
 
@@ -206,7 +215,14 @@ def kernel_line(probe: ResolvedProbe, ret_site: int | None = None) -> str:
     if usdt is None and probe.is_return and any(_has_arg(a.expr) for a in probe.args):
         raise SpecError("$argN is not available on return probes with the kernel engine",
                         probe.spec.text, 0)
-    place = f"{probe.path}:0x{probe.file_offset if ret_site is None else ret_site:x}"
+    path = probe.path
+    if not kernel_can_name(path):
+        if for_kernel:
+            raise SpecError("The kernel cannot probe a file whose path has whitespace",
+                            probe.spec.text, 0, "uprobe_events splits lines at spaces; "
+                            "use -e ptrace")
+        path = render_path(path)
+    place = f"{path}:0x{probe.file_offset if ret_site is None else ret_site:x}"
     if probe.ref_ctr_offset:
         place += f"(0x{probe.ref_ctr_offset:x})"
     lowered = [lower_fetcharg(a, usdt) for a in probe.args]

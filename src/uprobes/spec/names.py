@@ -56,13 +56,26 @@ def auto_event_name(path: str, file_offset: int) -> str:
     return f"p_{tail}_0x{file_offset:x}"[:MAX_EVENT_NAME_LEN - 1]
 
 
+def offset_event_name(path: str, file_offset: int) -> str:
+    """The event name we give a probe at PATH:OFFSET: the kernel's own
+    (`auto_event_name`) made a C identifier, since the kernel refuses the
+    name it makes for a file named `pr:og` or `prög` (is_good_name)."""
+    return c_identifier(auto_event_name(path, file_offset))
+
+
 def symbol_event_name(symbol: str, is_return: bool) -> str:
     """A C-identifier event name for a probe on `symbol`, perf-probe style:
     `malloc`, `malloc__return`, `memcpy@GLIBC_2.14` -> `memcpy_GLIBC_2_14`.
     Each run of other characters becomes one '_'; the result fits the
     kernel's 63-character limit."""
-    base = re.sub(r"[^A-Za-z0-9_]+", "_", symbol) or "probe"
+    suffix = "__return" if is_return else ""
+    return c_identifier(symbol, MAX_EVENT_NAME_LEN - 1 - len(suffix)) + suffix
+
+
+def c_identifier(text: str, limit: int = MAX_EVENT_NAME_LEN - 1) -> str:
+    """`text` with each run of characters other than ASCII letters, digits
+    and '_' made one '_', never starting with a digit, at most `limit` long."""
+    base = re.sub(r"[^A-Za-z0-9_]+", "_", text) or "probe"
     if "0" <= base[0] <= "9":
         base = "_" + base
-    suffix = "__return" if is_return else ""
-    return base[:MAX_EVENT_NAME_LEN - 1 - len(suffix)] + suffix
+    return base[:limit]

@@ -27,13 +27,22 @@ def render(spec: Spec) -> str:
 
 def render_target(target: Target) -> str:
     if isinstance(target, UsdtTarget):
-        return f"usdt:{target.path}:{target.provider}:{target.name}"
+        return f"usdt:{render_path(target.path)}:{target.provider}:{target.name}"
     if isinstance(target, VdsoTarget):
         return ":vdso:" + _location(target.offset, target.symbol, target.symbol_offset)
-    text = f"{target.path}:" + _location(target.offset, target.symbol, target.symbol_offset)
+    text = f"{render_path(target.path)}:" + _location(target.offset, target.symbol,
+                                                      target.symbol_offset)
     if target.ref_ctr_offset is not None:
         text += f"(0x{target.ref_ctr_offset:x})"
     return text
+
+
+def render_path(path: str) -> str:
+    """PATH as the parser reads it back: in double quotes if it has
+    whitespace, '::', a '"' first, or nothing."""
+    plain = path and not any(c.isspace() for c in path) and "::" not in path \
+        and not path.startswith('"')
+    return path if plain else f'"{path}"'
 
 
 def _location(offset: int | None, symbol: str | None, symbol_offset: int) -> str:

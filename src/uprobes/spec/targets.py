@@ -19,11 +19,16 @@ Forms, tried in this order:
   `ns::f(int)` stays a symbol. `+OFF` is split off at the last '+' only if
   a number follows (`operator+` stays whole).
 
+PATH may be written in double quotes (`"/opt/my app/bin":main`), the way to
+give one with whitespace or '::' in it; the quotes are not part of it.
+
 PATH is never looked at: short names (`c`, `libc.so.6`, `python3`) are for
 resolution to decide.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from uprobes.spec import messages as msg
 from uprobes.spec.ast import FileTarget, Target, UsdtTarget, VdsoTarget
@@ -42,6 +47,8 @@ def is_kernel_place(token: str) -> bool:
 
 def parse_target(token: str) -> tuple[Target, bool]:
     """-> (target, True if `%return` was given). Raises TokenError."""
+    if token.startswith('"'):
+        return _parse_quoted(token)
     if token.startswith("usdt:") or _is_short_usdt(token):
         return _parse_usdt(token), False
     if token.startswith(VDSO_PREFIX):
@@ -59,6 +66,30 @@ def parse_target(token: str) -> tuple[Target, bool]:
     return _parse_file_symbol(token, sep)
 
 
+def _parse_quoted(token: str) -> tuple[Target, bool]:
+    """`"PATH":...`: PATH is what the quotes hold, the rest is parsed as
+    after any PATH."""
+    close = token.find('"', 1)
+    if close < 0:
+        raise TokenError(msg.QUOTE_NOT_CLOSED, 0)
+    if close == 1:
+        raise TokenError(msg.NO_PATH, 0)
+    if token[close + 1:close + 2] != ":":
+        raise TokenError(msg.QUOTED_PATH, close + 1)
+    # A stand-in PATH that takes no other form (not usdt, vdso, quoted).
+    rest = "_" + token[close + 1:]
+    try:
+        target, is_return = parse_target(rest)
+    except TokenError as e:
+        raise TokenError(e.message, e.offset + close, e.detail) from None
+    assert isinstance(target, FileTarget)
+    return replace(target, path=token[1:close]), is_return
+
+
+def _unquote(path: str) -> str:
+    return path[1:-1] if len(path) > 2 and path[0] == path[-1] == '"' else path
+
+
 def _is_short_usdt(token: str) -> bool:
     if not token.startswith("u:") or token.count(":") != 3 or "::" in token:
         return False
@@ -71,6 +102,7 @@ def _parse_usdt(token: str) -> UsdtTarget:
     if len(fields) != 3 or not all(fields):
         raise TokenError(msg.BAD_USDT, 0)
     path, provider, name = fields
+    path = _unquote(path)
     if "%" in provider + name or "(" in provider + name:
         raise TokenError(msg.USDT_SUFFIX, len(token) - len(name) - len(provider) - 1)
     return UsdtTarget(path, provider, name)
