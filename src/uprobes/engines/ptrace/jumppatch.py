@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -48,10 +49,10 @@ from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Regist
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace import recording, trampoline
-from uprobes.engines.ptrace.recording import Recipe, Ring
+from uprobes.engines.ptrace.recording import Recipe, Ring, Waits
 from uprobes.engines.ptrace.relocate import UnsupportedInstruction
 from uprobes.engines.ptrace.trampoline import Displaced
-from uprobes.engines.ptrace.sharedmem import map_shared
+from uprobes.engines.ptrace.sharedmem import map_shared, most_hits
 from uprobes.engines.ptrace.xol import XolArea, candidates
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace
@@ -62,6 +63,7 @@ BLOCK_SIZE = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
 _INT3 = b"\xcc"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
+_MASK64 = (1 << 64) - 1
 
 
 class NotTrapFree(Exception):
@@ -234,6 +236,8 @@ class CounterBlock:
         self.view = view
         self.runtime_addr = runtime_addr
         self.used = 0
+        self._seen: list[tuple[int, float]] = []  # per counter: (value as last read, when)
+        self.corrupt = 0  # reads of a counter that no run of hits can have left
 
     def alloc(self) -> int | None:
         """A fresh counter's index, None when full (shared by all processes
@@ -241,6 +245,7 @@ class CounterBlock:
         if (self.used + 1) * COUNTER_STRIDE > len(self.view):
             return None
         self.used += 1
+        self._seen.append((0, time.monotonic()))  # a new memfd's bytes are 0
         return self.used - 1
 
     def addr(self, index: int) -> int:
@@ -248,6 +253,19 @@ class CounterBlock:
 
     def read(self, index: int) -> int:
         return int(struct.unpack_from("<Q", self.view, index * COUNTER_STRIDE)[0])
+
+    def gained(self, index: int) -> int:
+        """What counter `index` gained since the last call, if hits can have
+        made that many since; else 0, counted in `corrupt` (the program
+        wrote it: the next gain counts from what it wrote)."""
+        raw, now = self.read(index), time.monotonic()
+        last, at = self._seen[index]
+        self._seen[index] = (raw, now)
+        gained = (raw - last) & _MASK64
+        if gained > most_hits(now - at):
+            self.corrupt += 1
+            return 0
+        return gained
 
 
 def map_counters(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_addr: int,
@@ -350,7 +368,7 @@ class Record:
 
     recipe: Recipe
     probe_id: int
-    wait_ticks: int  # how long a hit waits for room in a full ring (recording.WAIT_S)
+    waits: Waits  # how long a hit waits for room in a full ring
 
 
 AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> area
@@ -363,7 +381,6 @@ class TrapFree:
     def __init__(self) -> None:
         self._spaces: dict[object, _Space] = {}
         self._counters: dict[str, list[tuple[CounterBlock, int]]] = {}
-        self._folded: dict[str, int] = {}
         self.rings: list[Ring] = []
         self._frames: dict[tuple[int, int, int], list[int]] = {}  # see _interrupted
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
@@ -441,12 +458,13 @@ class TrapFree:
                 view, addr = map_near(tid, regs, pid, syscall_addr(),
                                       self._name(space, area, mem), area.start, held,
                                       recording.RING_BYTES, populate=True)
-                ring = Ring(view, addr, record.wait_ticks)
+                ring = Ring(view, addr)
                 space.rings.append(ring)
                 self.rings.append(ring)
+            ring.probe_ids.add(record.probe_id)
             ring_addr, how = ring.runtime_addr, record
             prologue = lambda at: recording.prologue(  # noqa: E731
-                at, ring_addr, how.recipe, how.probe_id, tls)
+                at, ring_addr, how.recipe, how.probe_id, tls, how.waits)
         at = area.alloc(size)
         if at is None:
             raise NotTrapFree("the XOL area is full")
@@ -518,14 +536,17 @@ class TrapFree:
             except UprobesError:
                 pass  # unmapped meanwhile, or the process is gone
 
-    def totals(self) -> dict[str, int]:
-        return {name: sum(b.read(i) for b, i in where) for name, where in self._counters.items()}
-
     def fold_into(self, counts: dict[str, int]) -> None:
-        """Add what the counters gained since the last fold to `counts`."""
-        for name, total in self.totals().items():
-            counts[name] = counts.get(name, 0) + total - self._folded.get(name, 0)
-            self._folded[name] = total
+        """Add what the counters gained since the last fold to `counts`
+        (CounterBlock.gained: never what the program wrote there)."""
+        for name, where in self._counters.items():
+            counts[name] = counts.get(name, 0) + sum(b.gained(i) for b, i in where)
+
+    @property
+    def corrupt(self) -> int:
+        """Counter reads left out: values the program wrote (CounterBlock.gained)."""
+        blocks = {id(b): b for where in self._counters.values() for b, _ in where}
+        return sum(b.corrupt for b in blocks.values())
 
     def report(self, note: Callable[[str], object]) -> None:
         """One note on the decisions not yet reported: how many trap-free, why not the rest."""

@@ -117,6 +117,8 @@ def handler_code() -> tuple[bytes, int]:
         I.create_reg_reg(Code.IMUL_R64_RM64, r.RAX, r.RCX),
         I.create_reg_i32(Code.SHR_RM64_IMM8, r.RAX, 64 - TABLE_BITS),
         I.create_reg_mem(Code.LEA_R64_M, r.R10, m(r.RIP, displ=base + TABLE_OFF)),
+        # At most every entry once (the program can write the table, if not as data).
+        I.create_reg_u32(Code.MOV_R32_IMM32, r.R12D, TABLE_ENTRIES),
         "probe",  # rax: index; an entry is (trap address, slot address), 0: empty
         I.create_reg_reg(Code.MOV_R64_RM64, r.RCX, r.RAX),
         I.create_reg_i32(Code.SHL_RM64_IMM8, r.RCX, 4),
@@ -125,6 +127,8 @@ def handler_code() -> tuple[bytes, int]:
         ("je", "found"),
         I.create_reg_reg(Code.TEST_RM64_R64, r.R11, r.R11),
         ("je", "missing"),
+        I.create_reg_i32(Code.SUB_RM32_IMM8, r.R12D, 1),
+        ("je", "foreign"),
         I.create_reg_i32(Code.ADD_RM32_IMM8, r.EAX, 1),
         I.create_reg_i32(Code.AND_RM32_IMM32, r.EAX, TABLE_ENTRIES - 1),
         ("jmp", "probe"),
@@ -143,6 +147,10 @@ def handler_code() -> tuple[bytes, int]:
         I.create_reg_mem(Code.MOV_R64_RM64, r.R10, m(r.RDX, displ=_UC_RSP)),
         I.create_reg_i32(Code.SUB_RM64_IMM8, r.R10, 8),  # where the return address was
         I.create_reg_mem(Code.MOV_R64_RM64, r.R8, m(r.R9)),  # entries ever used
+        # ... as the program may have written it: never more than the table holds.
+        I.create_reg_u32(Code.MOV_R32_IMM32, r.R11D, rettable.ENTRIES),
+        I.create_reg_reg(Code.CMP_R64_RM64, r.R8, r.R11),
+        I.create_reg_reg(Code.CMOVA_R64_RM64, r.R8, r.R11),
         I.create_reg_i32(Code.ADD_RM64_IMM8, r.R9, rettable.HEADER),
         I.create_reg_u64(Code.MOV_R64_IMM64, r.R12, 2**64 - 1),  # the lowest sp so far
         I.create_reg_reg(Code.XOR_R32_RM32, r.R13D, r.R13D),  # its return address

@@ -16,20 +16,32 @@ The trampoline (`prologue`), after stepping below the red zone:
                                             ; per process before use; else gettid
     rdtscp                                  ; time and TSC_AUX (the CPU), no syscall
     reserve a slot: head - tail < SLOTS ? lock cmpxchg head, head+1 : wait
+                    (a lost compare-and-swap retries, unless GIVE_UP_S passed)
     slot: tsc, tid|aux<<32, probe id, the values; then seq = index + 1 (commit)
     pop everything back; lea rsp, [rsp+128]
     wait: unless `stalled`, set `waiters` and sleep in FUTEX_WAIT on `tail`
           (at most NAP_NS), then retry, while the reader's heartbeat (a
-          TSC stamp it writes at every read) is less than WAIT_S old;
-          then set `stalled` and drop: lock inc lost
+          TSC stamp it writes at every read) is less than WAIT_S old and
+          not ahead of now, and the hit less than GIVE_UP_S old; a stale
+          heartbeat sets `stalled`; then drop: lock inc lost
 
 A full ring makes the hit wait for the reader, so, like the int3 path, a
 trace loses nothing: the program runs at the reader's pace while it
-outruns it, however long a thread loses the race for freed slots. If the
-reader stops reading (uprobes stopped, or killed with -9), its heartbeat
-goes stale: a hit waits until it is WAIT_S old and sets `stalled`; from
-then on hits are dropped at once (counted in `lost`) until the reader
-clears it.
+outruns it, however long a thread loses the race for freed slots (up to
+GIVE_UP_S for one hit). If the reader stops reading (uprobes stopped, or
+killed with -9), its heartbeat goes stale: a hit waits until it is WAIT_S
+old and sets `stalled`; from then on hits are dropped at once (counted in
+`lost`) until the reader clears it.
+
+The program can write every word of its ring, by a bug or on purpose. So
+every limit of a wait is an immediate in the code (the timeout, WAIT_S,
+GIVE_UP_S) and every way back to a retry passes the check of the time
+since the hit, whose stamp is in a register: no state of the ring keeps a
+hit in our code longer than GIVE_UP_S. The reader keeps its own `tail`
+and lost count, puts back a `head` or `tail` no writer could leave, and
+takes a record for a hit only if a probe's code can have written it
+(`Recorder._valid`); what it leaves out is counted apart (`corrupt`) and
+reported in one line.
 
 Threads (and forked children, which inherit the mapping) reserve slots with
 a compare-and-swap on `head`, write them in any order and commit each by
@@ -54,18 +66,20 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import operator
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
 
 from uprobes.engines.event import ArgValue, Hit, RowShape
 from uprobes.engines.kernel.lines import LineRenderer
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
+from uprobes.engines.ptrace.sharedmem import CPUS, most_hits
 from uprobes.sys import futex, tsc
 from uprobes.sys.procmem import MemoryFault
 from uprobes.probe import ResolvedProbe
@@ -83,8 +97,7 @@ HEADER_BYTES = 32                   # seq, tsc, tid|aux, probe id
 MAX_WORDS = (SLOT_BYTES - HEADER_BYTES) // 8
 DATA_OFFSET = 4096                  # head, tail, lost each on its own cache line before it
 # Byte offsets of the header's words (each on its own cache line where writers meet).
-HEAD, TAIL, LOST, STALLED, WAITERS, WAIT_TICKS, TIMEOUT, HEARTBEAT = (
-    0, 64, 128, 192, 256, 320, 336, 384)
+HEAD, TAIL, LOST, STALLED, WAITERS, HEARTBEAT = 0, 64, 128, 192, 256, 384
 RING_BYTES = DATA_OFFSET + SLOTS * SLOT_BYTES
 STACK_MAX = 512                     # bytes above the stack pointer a probe may record
 GLIBC_TID_OFFSET = 0x2D0            # offsetof(struct pthread, tid) on x86-64 glibc
@@ -97,8 +110,12 @@ _FRAME = 8 * len(_SAVED) + _RED_ZONE  # rsp + _FRAME = the stack pointer at the 
 _NR_GETTID = 186
 _NR_FUTEX = 202
 WAIT_S = 3.0  # how long a hit waits for room in a full ring before the ring is "stalled"
+GIVE_UP_S = 10.0  # the longest one hit waits for room, even with a live reader
+SKEW_S = 0.001  # how far apart two CPUs' time-stamp counters may be
 NAP_NS = 20_000_000  # one futex wait's timeout (a wake-up lost in a race costs no more)
 _RECORD = struct.Struct(f"<QQIIII{MAX_WORDS}Q")
+_MASK64 = (1 << 64) - 1
+_NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
 CONSTANT_FIELDS = {"rip": None, "orig_rax": (1 << 64) - 1, "cs": 0x33, "ss": 0x2B}
 """Registers known without recording them: the probe's address, "not in a
 system call", and the x86-64 user code and stack segments (__USER_CS, __USER_DS)."""
@@ -197,13 +214,44 @@ def _mem(base: Any, displ: int = 0) -> MemoryOperand:  # an iced_x86.Register (t
     return MemoryOperand(base, displ=displ)
 
 
-def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bool) -> bytes:
+@dataclass(frozen=True)
+class Waits:
+    """How long a hit may wait for room, in TSC ticks: immediates in its
+    code, since the program can overwrite anything in its ring."""
+
+    stale: int    # the reader's heartbeat this old: the reader is gone
+    give_up: int  # the longest one hit waits, whatever the ring's words say
+    skew: int     # how far another CPU's counter may run ahead of this one's
+
+
+def waits(ticks: Callable[[float], int]) -> Waits:
+    """`Waits` for a TSC of `ticks(seconds)` ticks per `seconds`."""
+    # `skew` is a disp32 of the code, at least 128 so its encoding's size is fixed.
+    return Waits(ticks(WAIT_S), ticks(GIVE_UP_S), min(max(ticks(SKEW_S), 128), (1 << 31) - 1))
+
+
+def _since_hit(w: Waits) -> list[Instruction]:
+    """rax = now; flags: (now - the hit's stamp in r11) compared (signed) to
+    `give_up`. Clobbers rcx and rdx."""
+    i = Instruction
+    return [
+        i.create(Code.RDTSC),
+        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
+        i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX),
+        i.create_reg_reg(Code.SUB_R64_RM64, R.RDX, R.R11),
+        i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, w.give_up),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.RDX, R.RCX),
+    ]
+
+
+def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bool,
+             waits: Waits) -> bytes:
     """The recording code for a trampoline at `at` whose ring is at `ring_addr`
     (within rel32 reach); it falls through to the displaced instructions."""
     head, tail, lost, data = (ring_addr + HEAD, ring_addr + TAIL, ring_addr + LOST,
                               ring_addr + DATA_OFFSET)
     stalled, waiters = ring_addr + STALLED, ring_addr + WAITERS
-    wait_ticks, timeout = ring_addr + WAIT_TICKS, ring_addr + TIMEOUT
     heartbeat = ring_addr + HEARTBEAT
     i = Instruction
     code: list[Instruction | None] = [  # None: a branch, filled in once its label is known
@@ -229,7 +277,6 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RIP, head)),
     ]
     reload = len(code) - 1
-    retry = len(code)
     code += [
         i.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.RIP, tail)),  # kept for the wait
         i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
@@ -241,8 +288,8 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     jae_full = len(code) - 2
     cas = i.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RIP, head), R.RDX)
     cas.has_lock_prefix = True
-    code += [cas, None]  # jne retry
-    jne_retry = len(code) - 1
+    code += [cas, None]  # jne contended
+    jne_contended = len(code) - 1
     code += [
         i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
         i.create_reg_i32(Code.AND_RM64_IMM32, R.RCX, SLOTS - 1),
@@ -266,6 +313,14 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
     code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX), R.RDX), None]  # commit; jmp done
     jmp_done = len(code) - 1
+    # Every way back to `reload` passes a check of the time since the hit
+    # (r11, its own stamp, in a register: nothing the program can write),
+    # so no state of the ring's words keeps a hit here past `give_up`.
+    contended = len(code)  # another writer took the slot (or the program wrote `head`)
+    code += [*_since_hit(waits), None]  # jge drop
+    jge_drop_contended = len(code) - 1
+    code.append(None)  # jmp reload
+    jmp_reload = len(code) - 1
     full = len(code)
     flag = i.create_mem_i32(Code.OR_RM64_IMM8, _mem(R.RIP, waiters), 1)
     flag.has_lock_prefix = True  # a full barrier: set before `tail` is looked at again
@@ -275,26 +330,32 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         flag,
         # futex(&tail, FUTEX_WAIT, tail as seen (edx), &timeout): the reader
         # wakes us when it moves `tail`; the syscall clobbers rcx and r11.
+        # The timeout is built on our stack, not read from the ring.
         i.create_reg(Code.PUSH_R64, R.R11), i.create_reg(Code.PUSH_R64, R.RSI),
         i.create_reg(Code.PUSH_R64, R.RDI), i.create_reg(Code.PUSH_R64, R.R10),
+        i.create_i32(Code.PUSHQ_IMM32, NAP_NS),  # tv_nsec
+        i.create_i32(Code.PUSHQ_IMM32, 0),       # tv_sec
         i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RIP, tail)),
         i.create_reg_u32(Code.MOV_R32_IMM32, R.ESI, 0),  # FUTEX_WAIT, shared
-        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RIP, timeout)),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.R10, R.RSP),
         i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_FUTEX),
         i.create(Code.SYSCALL),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 16)),
         i.create_reg(Code.POP_R64, R.R10), i.create_reg(Code.POP_R64, R.RDI),
         i.create_reg(Code.POP_R64, R.RSI), i.create_reg(Code.POP_R64, R.R11),
-        i.create(Code.RDTSC),
-        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
-        i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
-        # The reader alive (its heartbeat, a TSC stamp, recent: signed, as
-        # CPUs' counters may differ by a few cycles): wait again.
+        *_since_hit(waits),
+        None,  # jge drop: waited its longest (the reader may be alive: not `stalled`)
+        # The reader alive: its heartbeat (a TSC stamp) at most `skew` ahead
+        # (CPUs' counters differ by a few cycles) and less than `stale` old,
+        # one unsigned compare; a stamp far ahead was not written by a reader.
         i.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RIP, heartbeat)),
-        i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RIP, wait_ticks)),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, waits.skew)),
+        i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, waits.stale + waits.skew),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.RCX),
         None,  # jb reload
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RIP, stalled), 1),
     ]
-    jne_drop, jb_reload = full + 1, len(code) - 2
+    jne_drop, jge_drop_waited, jb_reload = full + 1, len(code) - 7, len(code) - 2
     drop = len(code)
     inc = i.create_mem(Code.INC_RM64, _mem(R.RIP, lost))
     inc.has_lock_prefix = True
@@ -304,10 +365,13 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     code += [i.create(Code.POPFQ), i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _RED_ZONE))]
     labels = {n: 1 + n for n in range(len(code))}  # ips as labels: the block encoder's
     code[jae_full] = i.create_branch(Code.JAE_REL32_64, labels[full])
-    code[jne_retry] = i.create_branch(Code.JNE_REL32_64, labels[retry])
+    code[jne_contended] = i.create_branch(Code.JNE_REL32_64, labels[contended])
     code[jmp_done] = i.create_branch(Code.JMP_REL32_64, labels[done])
+    code[jge_drop_contended] = i.create_branch(Code.JGE_REL32_64, labels[drop])
+    code[jmp_reload] = i.create_branch(Code.JMP_REL32_64, labels[reload])
     code[jne_drop] = i.create_branch(Code.JNE_REL32_64, labels[drop])
-    code[jb_reload] = i.create_branch(Code.JL_REL32_64, labels[reload])
+    code[jge_drop_waited] = i.create_branch(Code.JGE_REL32_64, labels[drop])
+    code[jb_reload] = i.create_branch(Code.JB_REL32_64, labels[reload])
     final: list[Instruction] = []
     for n, insn in enumerate(code):
         assert insn is not None
@@ -345,35 +409,58 @@ def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
 
 
 def prologue_size(recipe: Recipe, tls_tid: bool) -> int:
-    """`prologue`'s length (its encoding does not depend on the addresses)."""
-    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid))
+    """`prologue`'s length (its encoding does not depend on the addresses or the waits)."""
+    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS))
+
+
+_SIZING_WAITS = Waits(1 << 40, 1 << 40, 1 << 20)
 
 
 # ---------------------------------------------------------------- the ring
 
 
 class Ring:
-    """One ring, mapped in a family of processes at `runtime_addr` and here."""
+    """One ring, mapped in a family of processes at `runtime_addr` and here.
 
-    def __init__(self, view: mmap.mmap, runtime_addr: int, wait_ticks: int) -> None:
+    The programs can write any of its words: the reader keeps the truth
+    (`tail`, the lost count) on its side, puts back `tail` and `head` when
+    they cannot be true, and counts each such repair in `corrupt`; the
+    records themselves are checked by `Recorder`."""
+
+    def __init__(self, view: mmap.mmap, runtime_addr: int) -> None:
         self.view = view
         self.runtime_addr = runtime_addr
         self.words = memoryview(view).cast("Q")  # 8-byte loads and stores
-        self.words[WAIT_TICKS // 8] = wait_ticks
+        self.created = tsc.read()  # no record of this ring is older
         self.beat()
-        self.words[TIMEOUT // 8] = 0                    # struct timespec: seconds,
-        self.words[TIMEOUT // 8 + 1] = NAP_NS           # nanoseconds
         anchor = ctypes.c_char.from_buffer(view)
         self._tail_addr = ctypes.addressof(anchor) + TAIL  # our address of `tail`, to wake
         del anchor  # (the mapping stays put; holding the export would block close())
         self.tail = 0
         self.skipped = 0
+        self.corrupt = 0  # control words found impossible (records: Recorder.corrupt)
+        self.probe_ids: set[int] = set()  # the probes whose code writes here
+        self._lost = 0
+        self._lost_word = (0, time.monotonic())  # (`lost` as last read, when)
         self._stuck: tuple[int, float] | None = None  # (index, since)
 
     @property
     def lost(self) -> int:
         """Hits dropped on a full ring, plus slots never committed."""
-        return int(self.words[LOST // 8]) + self.skipped
+        return self._lost + self.skipped
+
+    def _read_lost(self) -> None:
+        """Add what the in-program `lost` counter gained since the last read,
+        if a count of dropped hits can have gained that much."""
+        word, at = self._lost_word
+        now = time.monotonic()
+        raw = int(self.words[LOST // 8])
+        gained = (raw - word) & _MASK64
+        if gained <= most_hits(now - at):
+            self._lost += gained
+        else:
+            self.corrupt += 1
+        self._lost_word = (raw, now)
 
     def take(self, final: bool = False, limit: int = TAKE_MAX) -> list[tuple[int, ...]]:
         """Up to `limit` records committed since the last take, in reservation
@@ -381,13 +468,22 @@ class Ring:
         room go on while the batch is being handled).
         A reserved slot not yet committed stops the take (its writer is
         between two instructions) unless it stays so for STUCK_S, or
-        `final` (every writer stopped or gone): then it counts as lost."""
+        `final` (every writer stopped or gone): then it counts as lost.
+        A `tail` or `head` word that no writer could have left (the program
+        wrote it) is put back, and counted in `corrupt`."""
         words = self.words
         self.beat()
         if words[STALLED // 8]:
             words[STALLED // 8] = 0  # reading again: full rings make hits wait again
-        head = int(words[HEAD // 8])
+        self._read_lost()
         tail = self.tail
+        if words[TAIL // 8] != tail:
+            words[TAIL // 8] = tail
+            self.corrupt += 1
+        head = int(words[HEAD // 8])
+        if (head - tail) & _MASK64 > SLOTS:  # writers reserve only while head - tail < SLOTS
+            words[HEAD // 8] = head = tail
+            self.corrupt += 1
         out: list[tuple[int, ...]] = []
         per_slot = SLOT_BYTES // 8
         base = DATA_OFFSET // 8
@@ -595,7 +691,9 @@ class Recorder:
         self.counts = counts  # what direct sites' hits add to
         self.sites: list[RecordedSite] = []
         self.clock = TscClock()
+        self._skew = self.clock.ticks(SKEW_S)
         self._former: dict[int, tuple[int, str]] = {}
+        self.corrupt = 0  # records no probe's code can have written (see `_valid`)
 
     def site(self, site: RecordedSite) -> int:
         """A new probe id for `site`."""
@@ -624,19 +722,25 @@ class Recorder:
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:
-        batches = [r.take(final) for r in rings]
-        records = [rec for b in batches for rec in b]
-        if not records:
+        batches = [(r, r.take(final)) for r in rings]
+        taken = sum(len(b) for _, b in batches)
+        if not taken:
             return 0
-        if sum(1 for b in batches if b) > 1:
+        now = tsc.read()
+        seen: dict[int, tuple[int, str] | None] = {}
+        records: list[tuple[int, ...]] = []
+        for ring, got in batches:
+            if got:
+                records += self._valid(ring, got, who, seen, now)
+        if not records:
+            return taken
+        owners = cast(dict[int, tuple[int, str]], seen)  # None only for records left out
+        if sum(1 for _, b in batches if b) > 1:
             records.sort(key=lambda rec: rec[1])
         clock = self.clock
         clock.refresh()
         scale, tsc0, ns0 = clock.rate()
         sites = self.sites
-        former = self._former
-        owners = {tid: who(tid) or former.get(tid) or (tid, "") for tid in
-                  {rec[2] for rec in records}}
         counts = self.counts
         for probe_id, n in Counter(rec[4] for rec in records).items():
             direct = sites[probe_id].direct
@@ -668,7 +772,34 @@ class Recorder:
                     regs.rip, site.file_base, ts, "r", func))
         if batch:
             deliver(batch)
-        return len(records)
+        return taken
+
+    def _valid(self, ring: Ring, batch: list[tuple[int, ...]],
+               who: Callable[[int], tuple[int, str] | None],
+               owners: dict[int, tuple[int, str] | None], now: int) -> list[tuple[int, ...]]:
+        """The records of `batch` that the probes' code can have written
+        (the program can write its ring too): a probe id of this ring, a
+        thread we trace (or traced), a CPU that exists, a time stamp between
+        the ring's making and `now` (TSC ticks). The rest are counted in
+        `corrupt`. `owners` gets (pid, comm) of each tid seen."""
+        get = operator.itemgetter
+        former = self._former
+        for tid in set(map(get(2), batch)) - owners.keys():
+            owners[tid] = who(tid) or former.get(tid)
+        skew = self._skew
+        if set(map(get(4), batch)) <= ring.probe_ids and not any(map(get(5), batch)) \
+                and max(map(get(3), batch)) < CPUS \
+                and ring.created - skew <= min(map(get(1), batch)) \
+                and max(map(get(1), batch)) <= now + skew \
+                and all(owners[tid] is not None for tid in set(map(get(2), batch))):
+            return batch  # the common case, checked column by column
+        lo, hi, ids = ring.created - skew, now + skew, ring.probe_ids
+        good = [rec for rec in batch
+                if rec[4] in ids and not rec[5] and (rec[3] & 0xFFF) < CPUS
+                and rec[3] >> 12 < _NODES_MAX and lo <= rec[1] <= hi
+                and owners[rec[2]] is not None]
+        self.corrupt += len(batch) - len(good)
+        return good
 
 
 class ShapedLines:

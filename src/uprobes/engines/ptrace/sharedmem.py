@@ -8,10 +8,16 @@ here through /proc/PID/fd, sized and mapped, and its fd closed again in the
 tracee, so the program sees no new file descriptor, only a mapping. A fork
 child inherits the mapping, still shared: parent, child and tracer see the
 same bytes.
+
+The program can write every word of it (it is its memory, and a buggy or
+hostile program may): what the tracer reads there is checked before it
+is believed. `most_hits` bounds what an in-program counter can gain: each
+hit costs a CPU more than a nanosecond of our code.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from collections.abc import Iterable
@@ -21,10 +27,20 @@ from uprobes.errors import EngineError
 from uprobes.sys import ptrace
 
 _NR_CLOSE, _NR_MMAP, _NR_MEMFD_CREATE = 3, 9, 319
-_MFD_CLOEXEC = 1
+_MFD_CLOEXEC, _MFD_ALLOW_SEALING = 1, 2
 _MAP_FIXED_NOREPLACE = 0x100000
 _MAP_POPULATE = 0x8000
 _EEXIST, _ENOMEM = 17, 12
+CPUS = os.sysconf("SC_NPROCESSORS_CONF")  # every CPU a hit can run on (TSC_AUX's cpu part)
+_HITS_PER_CPU_S = 1_000_000_000
+_HITS_SLACK = 10_000
+
+
+def most_hits(seconds: float) -> int:
+    """The most hits all CPUs together can make in `seconds` (with room for
+    the clocks' jitter): an in-program counter that gained more was written
+    by the program."""
+    return int(max(seconds, 0.0) * CPUS * _HITS_PER_CPU_S) + _HITS_SLACK
 
 
 def map_shared(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_addr: int,
@@ -39,8 +55,8 @@ def map_shared(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, nam
     not at the program's first touch of each (a fault per page).
     (our view, the run-time address of the process's mapping);
     EngineError if it cannot be made."""
-    fd = remote_syscall(tid, regs, syscall_addr, _NR_MEMFD_CREATE, (name_addr, _MFD_CLOEXEC),
-                        held)
+    fd = remote_syscall(tid, regs, syscall_addr, _NR_MEMFD_CREATE,
+                        (name_addr, _MFD_CLOEXEC | _MFD_ALLOW_SEALING), held)
     if fd < 0:
         raise EngineError(f"process {pid}: memfd_create failed (errno {-fd})")
     try:
@@ -50,6 +66,10 @@ def map_shared(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, nam
             raise EngineError(f"process {pid}: cannot open its memfd: {e.strerror}") from None
         try:
             os.ftruncate(local, size)
+            # Its size for good: a program that reopens it (/proc/self/map_files)
+            # and truncates it would make our reads of it fault (SIGBUS).
+            fcntl.fcntl(local, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             view = mmap.mmap(local, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(local)

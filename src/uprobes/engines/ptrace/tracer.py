@@ -46,7 +46,7 @@ from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.jumppatch import NotTrapFree, Record, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.recording import (
-    WAIT_S, Direct, RecordedSite, Recorder, Ring, ShapedLines, direct_hit, recipe_for)
+    Direct, RecordedSite, Recorder, Ring, ShapedLines, direct_hit, recipe_for, waits)
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -164,6 +164,8 @@ class PtraceTracer:
         self.threads: dict[int, Thread] = {}
         self.events = 0
         self.lost = 0
+        self._corrupt_rings = 0  # ring words put back (Ring.corrupt), at the last read
+        self._faulted: set[int] = set()  # processes told of a fault in our code
         self.signal: int | None = None
         self.target_exited = False
         self.child_status: int | None = None
@@ -246,6 +248,7 @@ class PtraceTracer:
     def __enter__(self) -> PtraceTracer:
         try:
             self._signals = self._stack.enter_context(StopSignals())
+            self._stack.callback(self._report_corrupt)  # after the detach's last reads
             self._stack.callback(self._detach_all)
             if self.child is not None:
                 self._seize_child(self.child)
@@ -490,7 +493,7 @@ class PtraceTracer:
                 direct = (name, make)
         probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
                                                     func))
-        return None, Record(recipe, probe_id, self._recorder.clock.ticks(WAIT_S))
+        return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks))
 
     def _hold_all(self, mm: AddressSpace) -> None:
         """Stop every traced thread, as detach does, so a jump can go into
@@ -678,7 +681,18 @@ class PtraceTracer:
             return None if t is None else (t.pid, t.comm)
         behind = recorder.drain(rings, who, self._deliver_recorded, final)
         self.lost = sum(r.lost for r in rings)
+        self._corrupt_rings = sum(r.corrupt for r in rings)
         return behind
+
+    def _report_corrupt(self) -> None:
+        """One line if the programs wrote impossible values into the memory
+        they share with us (left out of every count and event above)."""
+        records = self._recorder.corrupt if self._recorder is not None else 0
+        words = self._corrupt_rings + (self._jumps.corrupt if self._jumps is not None else 0)
+        if records or words:
+            self._note(f"the traced program overwrote the memory it shares with uprobes "
+                       f"(memfd:uprobes-counters): {records} records and {words} counter "
+                       "values that it cannot have made are left out")
 
     def _deliver_recorded(self, hits: list[Hit]) -> None:
         """Hits of direct sites (counted by the recorder already)."""
@@ -724,6 +738,8 @@ class PtraceTracer:
             if sig == _SIGTRAP:
                 self._trap(t)
                 return
+            if sig in _FAULTS:
+                self._fault_in_our_code(t, sig)
             t.resume_sig = sig  # delivered exactly as untraced
         elif event == ptrace.EVENT_STOP:
             if sig in ptrace.STOP_SIGNALS:
@@ -731,6 +747,25 @@ class PtraceTracer:
         else:
             self._task_event(t, event)
         self._resume(t)
+
+    def _fault_in_our_code(self, t: Thread, sig: int) -> None:
+        """A fault about to be delivered: if it is in our trap-free code (the
+        program unmapped or protected what it shares with us), say so once
+        per process; the program gets the signal as it would untraced."""
+        if t.pid in self._faulted:
+            return
+        try:
+            rip = ptrace.getregs(t.tid, t.regs).rip
+            addr = ptrace.getsiginfo(t.tid).si_addr
+        except KernelError:
+            return
+        if not any(a.contains(rip) for a in t.mm.areas):
+            return
+        self._faulted.add(t.pid)
+        self._note(f"process {t.pid}: {signal.Signals(sig).name} in uprobes' trap-free probe "
+                   f"code at {rip:#x} (address {addr:#x}): the program unmapped, protected or "
+                   "truncated the memory it shares with uprobes; it gets the signal as it "
+                   "would untraced")
 
     def _resume(self, t: Thread) -> None:
         sig, t.resume_sig = t.resume_sig, 0
