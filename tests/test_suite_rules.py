@@ -1,0 +1,120 @@
+"""The suite's own rules, run on small test files in a pytest of their own
+with tests/conftest.py: under UPROBES_REQUIRE_KERNEL=1 (CI) every skip is a
+failure, wherever it comes from; a parametrize over an empty list fails at
+collection; and no test outlives its bound."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SKIPS = '''
+import pytest
+
+def test_direct():
+    pytest.skip("direct")
+
+@pytest.mark.skip(reason="mark")
+def test_mark():
+    pass
+
+@pytest.mark.skipif(True, reason="skipif")
+def test_skipif():
+    pass
+
+@pytest.fixture
+def skipping_fixture():
+    pytest.skip("in a fixture")
+
+def test_fixture(skipping_fixture):
+    pass
+
+@pytest.mark.xfail(reason="a known failure stays one", strict=True)
+def test_xfail():
+    assert False
+
+def test_passes():
+    pass
+'''
+
+MODULE_SKIP = '''
+import pytest
+pytest.skip("the whole module", allow_module_level=True)
+'''
+
+EMPTY = '''
+import pytest
+
+@pytest.mark.parametrize("example", [])
+def test_each(example):
+    pass
+'''
+
+HANGS = '''
+import subprocess
+
+def test_blocked_on_a_pipe():
+    reader = subprocess.Popen(["sh", "-c", "exec sleep 1000 | cat"], stdout=subprocess.PIPE)
+    reader.communicate()
+'''
+
+
+def inner_pytest(tmp_path: Path, files: dict[str, str], require: bool,
+                 **env: str) -> tuple[dict[str, int], str]:
+    """Run pytest on `files` beside a copy of tests/conftest.py, with the
+    project's pytest settings; the counts of its closing line, and its output."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    environ = {k: v for k, v in os.environ.items() if k != "UPROBES_REQUIRE_KERNEL"}
+    if require:
+        environ["UPROBES_REQUIRE_KERNEL"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+                           str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**environ, **env})
+    closing = proc.stdout.strip().splitlines()[-1]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", closing)}
+    return counts, proc.stdout + proc.stderr
+
+
+def test_every_skip_fails_in_ci(tmp_path: Path) -> None:
+    counts, out = inner_pytest(tmp_path, {"test_skips.py": SKIPS}, require=True)
+    # a skip in the body fails the test; one at set-up (marks, a fixture) is an error
+    assert counts == {"failed": 1, "passed": 1, "xfailed": 1, "errors": 3}, out
+    assert out.count("UPROBES_REQUIRE_KERNEL=1 but it skipped") >= 4, out
+
+
+def test_a_module_skip_fails_in_ci(tmp_path: Path) -> None:
+    counts, out = inner_pytest(tmp_path, {"test_module_skip.py": MODULE_SKIP}, require=True)
+    assert counts == {"error": 1}, out
+    assert "UPROBES_REQUIRE_KERNEL=1 but it skipped: the whole module" in out
+
+
+def test_skips_are_skips_elsewhere(tmp_path: Path) -> None:
+    files = {"test_skips.py": SKIPS, "test_module_skip.py": MODULE_SKIP}
+    counts, out = inner_pytest(tmp_path, files, require=False)
+    assert counts == {"passed": 1, "skipped": 5, "xfailed": 1}, out
+
+
+def test_an_empty_parameter_list_fails_at_collection(tmp_path: Path) -> None:
+    counts, out = inner_pytest(tmp_path, {"test_empty.py": EMPTY}, require=False)
+    assert counts == {"error": 1}, out
+    assert "Empty parameter set" in out
+
+
+def test_a_test_blocked_without_a_bound_fails_at_the_suites_bound(tmp_path: Path) -> None:
+    start = time.monotonic()
+    counts, out = inner_pytest(tmp_path, {"test_hangs.py": HANGS}, require=False,
+                               UPROBES_TEST_BOUND_S="2")
+    assert counts == {"passed": 1, "error": 1}, out  # its processes killed, the read ends
+    assert "the test ran over 2 s: its processes were killed" in out
+    assert time.monotonic() - start < 120
