@@ -194,8 +194,9 @@ def test_detach_mid_run_leaves_the_program_unharmed(threads_exe: Path) -> None:
 
 
 def test_sigterm_mid_run_and_the_command_finishes(threads_exe: Path, tmp_path: Path) -> None:
-    proc = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", f"{threads_exe}:work",
-                             f"r {threads_exe}:work", "--", str(threads_exe), "100000"],
+    proc = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "-i", "0.1",
+                             f"{threads_exe}:work", f"r {threads_exe}:work", "--",
+                             str(threads_exe), "100000"],
                             env=dict(os.environ, TARGET_WAIT="1"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -205,14 +206,18 @@ def test_sigterm_mid_run_and_the_command_finishes(threads_exe: Path, tmp_path: P
         child = int(line.split()[1])
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        time.sleep(0.3)
+        seen = ""
+        while not re.search(r"^uprobes/work +[1-9]", seen, re.M):  # mid-run: hits counted
+            line = proc.stdout.readline()
+            assert line, f"uprobes ended before a table showed hits: {seen!r}"
+            seen += line
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while traced_by(child) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert traced_by(child) == 0
         proc.stdin.close()
-        out = proc.stdout.read()
+        out = seen + proc.stdout.read()
         assert calls(out, "work") == 400000
         assert proc.wait(60) == 0
     finally:
