@@ -38,6 +38,7 @@ what a handler gets.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
@@ -47,7 +48,7 @@ from uprobes.engines.event import Event
 from uprobes.engines.filters import HitFilter, pushdown
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
-from uprobes.engines.launch import Launched, launch
+from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import SpecError, UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.registry import Consumer, prepare_dispatch
@@ -178,16 +179,20 @@ class Session:
     def spawn(self, argv: Sequence[str], *, duration: float | None = None,
               ready: Callable[[], object] | None = None) -> int:
         """Run `argv` with the probes in place from its first instruction;
-        return its exit status (128+N if signal N ended it). If tracing stops
-        first (duration, stop(), a signal, an exception), the command runs on
-        unharmed and this waits for it."""
+        return its exit status (128+N if signal N ended it). When `duration`
+        seconds pass first, tracing stops and the command is ended (SIGTERM,
+        SIGKILL 5 s later if it still runs), as perf stat --timeout ends its
+        own. If tracing stops first otherwise (stop(), a signal, an
+        exception), the command runs on unharmed and this waits for it."""
         self._resolve(pid=None, has_target=True)
         child = launch(list(argv))
         released = False
+        started = 0.0
         try:
             with self._open(child=child.pid):
                 child.release()
                 released = True
+                started = time.monotonic()
                 self._run(duration, ready)
         except BaseException:
             self._pass_status(child)
@@ -197,7 +202,7 @@ class Session:
                 child.abort()  # never released: the command must not run at all
             raise
         self._pass_status(child)
-        return child.wait()
+        return finish(child, started, duration, self._note)
 
     def attach(self, pid: int, *, duration: float | None = None,
                ready: Callable[[], object] | None = None) -> None:

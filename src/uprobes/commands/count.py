@@ -10,10 +10,10 @@ import time
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_filter_arguments, add_selection_arguments, \
-    check_selection, choose_engine, hit_filter, uretprobe_note
+from uprobes.commands.selection import add_duration_argument, add_filter_arguments, \
+    add_selection_arguments, check_selection, choose_engine, hit_filter, uretprobe_note
 from uprobes.engines.kernel.counting import KernelCounter, plan_filter, refusal_note
-from uprobes.engines.launch import Launched, launch
+from uprobes.engines.launch import Launched, finish, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import ProcessError, UsageError
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_filter_arguments(p)
     p.add_argument("-i", "--interval", type=float, metavar="SECONDS",
                    help="also print the counts of each interval of SECONDS")
-    p.add_argument("--duration", type=float, metavar="S", help="stop counting after S seconds")
+    add_duration_argument(p)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -114,6 +114,7 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
                 sys.stderr.write(f"uprobes: counting {len(counter.placed)} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
+            started = time.monotonic()
             _loop(args, counter, sink, stop, watch)
             counter.disable()
             final = counter.counts()
@@ -121,8 +122,9 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
                 _final(args, sink, final)
         if launched is not None:
             # A stop signal ends the counting, never the command: it runs to its
-            # end, and the counts are the last lines, after its own output.
-            status = launched.wait()
+            # end (--duration ends both), and the counts are the last lines,
+            # after its own output.
+            status = finish(launched, started, args.duration, _note)
             _final(args, sink, final)
             return status
     except BaseException:
@@ -144,7 +146,7 @@ def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: T
         tracer = PtraceTracer(probes, pid=args.pid, child=launched.pid if launched else None,
                               force=args.force, hit_filter=args.hit_filter,
                               trapfree=not args.no_trapfree,
-                              note=lambda n: sys.stderr.write(f"uprobes: note: {n}\n"))
+                              note=_note)
         with tracer:
             if launched is not None:
                 launched.release()
@@ -152,8 +154,8 @@ def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: T
                 sys.stderr.write(f"uprobes: counting {len(tracer.counts)} probes in process "
                                  f"{args.pid}; Ctrl-C to stop\n")
                 sys.stderr.flush()
-            start = time.monotonic()
-            deadline = start + args.duration if args.duration else None
+            started = time.monotonic()
+            deadline = started + args.duration if args.duration else None
             previous: dict[str, int] = {}
             while True:
                 now = time.monotonic()
@@ -174,7 +176,7 @@ def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: T
             return 0
         if tracer.child_status is not None:
             launched.status = tracer.child_status
-        status = launched.wait()
+        status = finish(launched, started, args.duration, _note)
         _final(args, sink, final)
         return status
     except BaseException:
@@ -184,6 +186,10 @@ def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: T
             if launched._go >= 0:
                 launched.abort()
         raise
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"uprobes: note: {text}\n")
 
 
 def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int]) -> None:

@@ -17,7 +17,8 @@ from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_filter_arguments, add_selection_arguments, check_selection, run_selected,
+    add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
+    run_selected,
 )
 from uprobes.engines.event import Event
 from uprobes.errors import SpecError, UsageError
@@ -40,9 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_filter_arguments(p)
     p.add_argument("--unit", choices=tuple(UNITS), default="ns",
                    help="histogram buckets in ns (default), us or ms")
-    p.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="stop after SECONDS (default: when the command or process ends, "
-                        "or on Ctrl-C)")
+    add_duration_argument(p)
 
 
 def probe_pair(spec: ProbeSpec) -> tuple[str, str]:

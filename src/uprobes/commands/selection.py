@@ -66,6 +66,16 @@ def choose_engine(args: argparse.Namespace, probes: list[ResolvedProbe]) -> str:
                        has_target=args.pid is not None or bool(args.argv_command))
 
 
+def add_duration_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="stop after SECONDS (default: when the command or process ends, or "
+                        "on Ctrl-C). The probes are removed and the results printed; a "
+                        "command given after -- is then ended as perf stat --timeout ends "
+                        "its own, with SIGTERM (SIGKILL 5 s later if it still runs), and "
+                        "its status is ours (143 after SIGTERM); a process given by -p "
+                        "runs on, untouched")
+
+
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     """Filters on hits: which tasks, and a condition on fetched values."""
     p.add_argument("--if", dest="condition", metavar="COND",

@@ -17,7 +17,8 @@ from typing import TextIO
 from uprobes.analysis.stacks import StackCounter
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_filter_arguments, add_selection_arguments, check_selection, run_selected,
+    add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
+    run_selected,
 )
 from uprobes.engines.kernel.streams import STACK_RING_PAGES
 from uprobes.errors import UsageError
@@ -50,9 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring-pages", type=int, default=None, metavar="N",
                    help=f"data pages of each CPU's ring buffer, a power of two (default "
                         f"{STACK_RING_PAGES}: each sample holds its stack copy)")
-    p.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="stop after SECONDS (default: when the command or process ends, "
-                        "or on Ctrl-C)")
+    add_duration_argument(p)
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:

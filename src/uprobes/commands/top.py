@@ -17,7 +17,8 @@ from typing import TextIO
 from uprobes.analysis.rates import HitRates, RateRow
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_filter_arguments, add_selection_arguments, check_selection, run_selected,
+    add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
+    run_selected,
 )
 from uprobes.errors import UsageError
 from uprobes.render.json import write_json
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_filter_arguments(p)
     p.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 1)")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
+    add_duration_argument(p)
     p.add_argument("-n", "--rows", type=int, default=20, metavar="N",
                    help="show the N busiest probe/process pairs (default 20)")
 

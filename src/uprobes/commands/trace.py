@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_filter_arguments, add_selection_arguments, \
-    check_selection, choose_engine, hit_filter, uretprobe_note
+from uprobes.commands.selection import add_duration_argument, add_filter_arguments, \
+    add_selection_arguments, check_selection, choose_engine, hit_filter, uretprobe_note
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
-from uprobes.engines.launch import Launched, launch
+from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.engines.event import ProbeInfo
@@ -61,9 +62,7 @@ EXAMPLES = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_selection_arguments(p)
     add_filter_arguments(p)
-    p.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="stop after SECONDS (default: when the command or process ends, "
-                        "or on Ctrl-C)")
+    add_duration_argument(p)
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="text: the kernel's trace lines (default); jsonl: one JSON object "
                         "per hit (same as --json); perfetto: a trace file for "
@@ -157,6 +156,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                 sys.stderr.write(f"uprobes: tracing {len(tracer.infos)} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
+            started = time.monotonic()
             if stack_bytes:
                 tracer.run(renderer.event, args.duration)
             else:
@@ -174,7 +174,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
     sys.stderr.write(f"uprobes: {tracer.events} events, {tracer.lost} lost\n")
     if child is not None:
         _reaped(tracer, child)
-        return child.wait()
+        return finish(child, started, args.duration, note)
     return 0
 
 

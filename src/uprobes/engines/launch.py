@@ -3,12 +3,17 @@
 The child is forked and waits on a pipe before it execs; the engine opens
 its perf events on the child's pid (which exec keeps), then releases it.
 A signal sent to uprobes alone never reaches the child: it runs to its end.
+A run's `--duration` does end it (`finish`): tracing stops, then the
+command gets SIGTERM, as perf stat --timeout and bpftrace -c do to theirs.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uprobes.errors import UsageError
@@ -62,6 +67,20 @@ class Launched:
                 self.status = 128 - code if code < 0 else code
         return self.status
 
+    def end(self, grace: float) -> int:
+        """End the command: SIGTERM, then SIGKILL if it still runs `grace`
+        seconds later; its status (143 when SIGTERM ended it)."""
+        if self.poll() is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                # The pidfd turns readable when the command has exited.
+                if not select.select([pidfd], [], [], grace)[0]:
+                    os.kill(self.pid, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
+        return self.wait()
+
     def abort(self) -> None:
         """The engine failed before release: the command must not run at all."""
         if self.status is None:
@@ -96,3 +115,19 @@ def launch(argv: list[str]) -> Launched:
     os.close(go_r)
     os.close(err_w)
     return Launched(argv, pid, go_w, err_r)
+
+
+# How long a command has to end after the SIGTERM of `finish` before it gets SIGKILL.
+TERM_GRACE_S = 5.0
+
+
+def finish(child: Launched, started: float, duration: float | None,
+           note: Callable[[str], object]) -> int:
+    """The command's status once tracing it is over: when `duration` seconds
+    have passed since `started` (time.monotonic()), the run ended there, and
+    so does the command (`Launched.end`); otherwise (it exited, or a signal
+    stopped the tracing) it runs to its own end."""
+    if duration is None or time.monotonic() - started < duration or child.poll() is not None:
+        return child.wait()
+    note(f"--duration {duration:g} passed: ending the command (pid {child.pid}) with SIGTERM")
+    return child.end(TERM_GRACE_S)
