@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import select
 import signal
 import struct
 import subprocess
@@ -84,6 +85,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_make_collect_report(collector: pytest.Collector) -> object:
     outcome = yield
     _skip_fails(outcome.get_result())
+
+
+def read_fd_until(fd: int, text: str, timeout: float = 60) -> str:
+    """What `fd` (a pipe from a run) says until it says `text`, ends, or
+    `timeout` passes: a handshake on a line such as `Ctrl-C to stop`."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in got:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        part = os.read(fd, 4096)
+        if not part:
+            break
+        got += part
+    return got.decode(errors="replace")
 
 
 def _tracefs_root() -> Path | None:

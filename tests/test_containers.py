@@ -8,7 +8,6 @@ count exactly the calls it makes."""
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler, need
+from conftest import Compiler, need, read_fd_until
 from uprobes.elf.image import ElfImage
 from uprobes.sys import procfs
 
@@ -165,7 +164,7 @@ def test_both_engines_count_every_call(target: Target, spec: str, engine: str,
     run = subprocess.Popen([*UPROBES, "count", "-e", engine, "-p", str(target.pid), spec],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stderr is not None
-    said = _until(run.stderr.fileno(), "Ctrl-C to stop")  # counting from then on
+    said = read_fd_until(run.stderr.fileno(), "Ctrl-C to stop")  # counting from then on
     assert "Ctrl-C to stop" in said, said
     assert target.run_calls() == f"calls getppid={CALLS}\n"
     stdout, stderr = run.communicate(timeout=60)
@@ -173,17 +172,3 @@ def test_both_engines_count_every_call(target: Target, spec: str, engine: str,
     counts = dict(line.split() for line in stdout.splitlines()[1:] if len(line.split()) == 2)
     assert counts.get("uprobes/getppid") == str(CALLS), stdout + said + stderr
 
-
-def _until(fd: int, text: str, timeout: float = 60) -> str:
-    """What `fd` says until it says `text`, ends, or `timeout` passes."""
-    got = b""
-    deadline = time.monotonic() + timeout
-    while text.encode() not in got:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        part = os.read(fd, 4096)
-        if not part:
-            break
-        got += part
-    return got.decode(errors="replace")

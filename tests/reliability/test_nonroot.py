@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Compiler, need
+from conftest import Compiler, need, read_fd_until
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.sys import procfs
@@ -95,8 +95,9 @@ def user(compile_c: Compiler) -> Iterator[User]:
          f"{[str(p) for p in [*interpreters, *paths]]}")
     home = Path(tempfile.mkdtemp(prefix="uprobes-nonroot-"))
     home.chmod(0o755)
-    shutil.copy(compile_c("target.c"), home / "target")
-    (home / "target").chmod(0o755)
+    for source, name in [("target.c", "target"), ("libc_calls.c", "libc_calls")]:
+        shutil.copy(compile_c(source), home / name)
+        (home / name).chmod(0o755)
     yield User(pw, home, str(usable[0]), os.pathsep.join(map(str, paths)))
     shutil.rmtree(home)
 
@@ -218,3 +219,44 @@ def test_doctor_reports_tracefs_for_root_only(user: User) -> None:
     rows = dict(line.split(None, 1) for line in done.stdout.splitlines() if " " in line)
     assert rows["root"].strip() == "no"
     assert "root only" in rows["tracefs"]
+
+
+def test_a_mapping_it_cannot_identify_is_said(user: User) -> None:
+    """A process of the user's in a mount namespace, its libc a copy that
+    was bind-mounted there and then detached: maps names it `/`, only
+    /proc/PID/map_files (CAP_SYS_ADMIN) leads to it. The run says what it
+    cannot place instead of counting 0 in silence."""
+    need(_ptrace_scope() in (None, 0), "kernel.yama.ptrace_scope lets users trace only "
+         "their descendants")
+    need(shutil.which("unshare") is not None and shutil.which("nsenter") is not None,
+         "unshare and nsenter (util-linux) are not installed")
+    libc = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+    copy = user.home / "libc-copy.so.6"
+    shutil.copy(os.path.realpath(libc), copy)
+    copy.chmod(0o644)
+    script = f'mount --bind "$1" {libc} && shift && exec "$@"'
+    target = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(copy),
+         *user.argv(str(user.home / "libc_calls"), "100")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert target.stdin is not None and target.stdout is not None
+    try:
+        pid = int(target.stdout.readline().split()[1])
+        subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "umount", "--lazy", libc],
+                       check=True, timeout=60)
+        run = subprocess.Popen(user.uprobes_argv("count", "-e", "ptrace", "-p", str(pid),
+                                                 "libc:getppid"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=user.home)
+        assert run.stderr is not None
+        said = read_fd_until(run.stderr.fileno(), "Ctrl-C to stop")
+        target.stdin.write("go\n")
+        target.stdin.close()
+        assert target.stdout.read() == "calls getppid=100\n"
+        assert target.wait(timeout=60) == 0
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        target.kill()
+        target.wait()
+    assert run.returncode == 0, said + stderr
+    assert f"process {pid}: cannot tell which file 1 of its mappings hold (/)" in said, said

@@ -319,12 +319,15 @@ class PtraceTracer:
             return
         regs = ptrace.getregs(t.tid, UserRegs())
         vdso = [p for p in self.registry if isinstance(p.key, VdsoKey)]
+        unknown: set[str] = set()
         for m in breakpoints.executable_file_mappings(maps):
             key = (m.start, m.end)
             if key in mm.scanned:
                 continue
             ident = self._identity(mm.pid, m)
             mm.scanned[key] = ident
+            if ident is None and m.path != "[vdso]":
+                unknown.add(m.path)
             if m.path == "[vdso]":
                 for probe in vdso:
                     assert isinstance(probe.key, VdsoKey)
@@ -335,6 +338,11 @@ class PtraceTracer:
                         self._place(t, regs, probe, m, probe.point.file_offset, ident)
                         if probe.point.ref_ctr_offset is not None:
                             self._semaphore(mm, maps, m, probe.point.ref_ctr_offset)
+        if unknown:
+            self._note(f"process {mm.pid}: cannot tell which file {len(unknown)} of its "
+                       f"mappings hold ({', '.join(sorted(unknown))}): their names lead to "
+                       f"other files from here and /proc/{mm.pid}/map_files needs "
+                       "CAP_SYS_ADMIN; probes in them are not placed")
         if mm.rendezvous is None:
             rv = rendezvous.find(mm.pid, maps)
             if rv is not None and rv.runtime_addr not in mm.sites:
