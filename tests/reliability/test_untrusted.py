@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import Compiler
-from uprobes.engines.ptrace.recording import GIVE_UP_S
+from uprobes.engines.ptrace.recording import GIVE_UP_S, SLOTS
 from uprobes.sys import procfs
 
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -88,6 +88,21 @@ def test_overwritten_counters_show_no_impossible_counts(exe: Path, mode: str) ->
     assert 0 <= json.loads(counts)["uprobes/work"] <= 2 * CALLS, run.stdout
     found = CORRUPT.findall(run.stderr)
     assert len(found) == 1 and int(found[0][1]) >= 1, run.stderr
+
+
+def test_forged_reservations_cost_one_wait(exe: Path, tmp_path: Path) -> None:
+    """The program moves `head` a ring's worth of slots ahead: reserved, and
+    never to be written. The reader gives them up together after one wait
+    (STUCK_S), not one slot per wait, and reads every record after them
+    (uprobes would stop after --duration, far longer than that wait)."""
+    out = tmp_path / "events.jsonl"
+    run = _run("trace", "--json", "-e", "ptrace", "-o", str(out), "--duration", "100",
+               f"{exe}:work a=%di", "--", str(exe), "head", str(CALLS))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"done {4 * sum(range(CALLS))}\ntraced yes\n", run.stdout + run.stderr
+    *lines, last = out.read_text().splitlines()
+    assert [json.loads(line)["args"]["a"] for line in lines] == [*range(CALLS)] * 2
+    assert json.loads(last)["summary"]["lost"] <= SLOTS, run.stderr  # the forged slots
 
 
 class _Lines:

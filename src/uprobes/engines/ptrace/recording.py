@@ -442,7 +442,8 @@ class Ring:
         self.probe_ids: set[int] = set()  # the probes whose code writes here
         self._lost = 0
         self._lost_word = (0, time.monotonic())  # (`lost` as last read, when)
-        self._stuck: tuple[int, float] | None = None  # (index, since)
+        self._stuck: tuple[int, float, int] | None = None  # (index, since, head then)
+        self._stale_below = 0  # uncommitted slots below this are lost (see `take`)
 
     @property
     def lost(self) -> int:
@@ -468,7 +469,10 @@ class Ring:
         room go on while the batch is being handled).
         A reserved slot not yet committed stops the take (its writer is
         between two instructions) unless it stays so for STUCK_S, or
-        `final` (every writer stopped or gone): then it counts as lost.
+        `final` (every writer stopped or gone): then it counts as lost, and
+        so do the uncommitted slots that had been reserved when the wait
+        began (reserved as long ago): a `head` pushed ahead by the program
+        costs one wait, not one per slot.
         A `tail` or `head` word that no writer could have left (the program
         wrote it) is put back, and counted in `corrupt`."""
         words = self.words
@@ -487,6 +491,7 @@ class Ring:
         out: list[tuple[int, ...]] = []
         per_slot = SLOT_BYTES // 8
         base = DATA_OFFSET // 8
+        reserved = head
         head = min(head, tail + limit)
         while tail < head:
             # The committed run from `tail`, up to the ring's end (a copy does
@@ -504,15 +509,20 @@ class Ring:
                 tail += n
                 self._stuck = None
                 continue
-            now = time.monotonic()
-            if self._stuck is None or self._stuck[0] != tail:
-                self._stuck = (tail, now)
-            if final or now - self._stuck[1] >= STUCK_S:
-                tail += 1
-                self.skipped += 1
-                self._stuck = None
-                continue
-            break
+            if not final and tail >= self._stale_below:
+                now = time.monotonic()
+                if self._stuck is None or self._stuck[0] != tail:
+                    self._stuck = (tail, now, reserved)
+                if now - self._stuck[1] < STUCK_S:
+                    break
+                self._stale_below = self._stuck[2]
+            # Lost: the run of uncommitted slots from here (within the stale ones).
+            run = next((k for k, seq in enumerate(seqs) if seq == tail + 1 + k), len(seqs))
+            if not final:
+                run = max(1, min(run, self._stale_below - tail))
+            tail += run
+            self.skipped += run
+            self._stuck = None
         if tail != self.tail:
             self.tail = tail
             words[TAIL // 8] = tail
@@ -722,8 +732,9 @@ class Recorder:
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:
+        before = sum(r.tail for r in rings)
         batches = [(r, r.take(final)) for r in rings]
-        taken = sum(len(b) for _, b in batches)
+        taken = sum(r.tail for r in rings) - before  # slots read or found lost
         if not taken:
             return 0
         now = tsc.read()
