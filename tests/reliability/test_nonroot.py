@@ -10,9 +10,9 @@ in a directory that user can read.
 from __future__ import annotations
 
 import os
+import importlib.util
 import pwd
 import shutil
-import site
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,8 @@ from uprobes.sys import procfs
 from uprobes.sys.procmem import ProcessMemory
 
 USER = "nobody"
+PACKAGES = ("uprobes", "elftools", "iced_x86", "rich", "markdown_it", "mdurl", "pygments")
+"""uprobes and what it imports (pyproject's dependencies and theirs)."""
 LOOPS = 7
 
 
@@ -51,9 +53,9 @@ def _reachable_by_others(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class User:
-    """An unprivileged user, a directory of theirs holding a copy of the
-    target fixture, and the interpreter and PYTHONPATH that let them run
-    this checkout's uprobes with our dependencies."""
+    """An unprivileged user, a directory they can read holding copies of
+    the fixtures, and the interpreter and PYTHONPATH that let them run this
+    checkout's uprobes with our dependencies."""
 
     pw: pwd.struct_passwd
     home: Path
@@ -84,21 +86,25 @@ def user(compile_c: Compiler) -> Iterator[User]:
         pw = pwd.getpwnam(USER)
     # The venv's interpreter often lives in root's home (pyenv): the system's
     # of the same version stands in for it.
-    import uprobes
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     interpreters = [Path(sys.executable).resolve(), Path(f"/usr/bin/python{version}")]
     usable = [i for i in interpreters if i.exists() and _reachable_by_others(i)]
-    paths = [Path(uprobes.__file__).resolve().parent.parent,
-             *(Path(p) for p in site.getsitepackages())]
-    need(bool(usable) and all(_reachable_by_others(p) for p in paths),
-         f"no python{version} and checkout that {USER} may read: "
-         f"{[str(p) for p in [*interpreters, *paths]]}")
+    need(bool(usable), f"no python{version} that {USER} may run: {interpreters}")
     home = Path(tempfile.mkdtemp(prefix="uprobes-nonroot-"))
     home.chmod(0o755)
     for source, name in [("target.c", "target"), ("libc_calls.c", "libc_calls")]:
         shutil.copy(compile_c(source), home / name)
         (home / name).chmod(0o755)
-    yield User(pw, home, str(usable[0]), os.pathsep.join(map(str, paths)))
+    # This checkout and our dependencies, copied where the user may read
+    # them, wherever the checkout and the venv are.
+    pylib = home / "pylib"
+    for package in PACKAGES:
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.origin is not None, package
+        shutil.copytree(Path(spec.origin).parent, pylib / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(pylib)], check=True)
+    yield User(pw, home, str(usable[0]), str(pylib))
     shutil.rmtree(home)
 
 
