@@ -100,21 +100,29 @@ def _attached_to_stopped(threads_exe: Path, *extra: str) -> tuple[subprocess.Pop
     run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", *extra, "-p", str(proc.pid),
                             f"{threads_exe}:work"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run, "Ctrl-C to stop")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, run
+
+
+def _wait_for(run: subprocess.Popen[str], text: str) -> str:
+    """Until `run` wrote `text` on its stderr (bounded: a hang fails): what it wrote."""
     assert run.stderr is not None
     seen = b""
     deadline = time.monotonic() + RUN_S
-    while b"Ctrl-C to stop" not in seen:
+    while text.encode() not in seen:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([run.stderr], [], [], left)[0]:
             run.kill()
-            proc.kill()
-            pytest.fail(f"uprobes never started counting: {seen.decode()}")
+            pytest.fail(f"uprobes never wrote {text!r}: {seen.decode()}")
         chunk = os.read(run.stderr.fileno(), 4096)
         if not chunk:
-            proc.kill()
-            pytest.fail(f"uprobes ended before counting: {seen.decode()}")
+            pytest.fail(f"uprobes ended before {text!r}: {seen.decode()}")
         seen += chunk
-    return proc, run
+    return seen.decode()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -142,6 +150,73 @@ def test_sigkill_of_uprobes_leaves_a_stopped_process_able_to_go_on(
         run.kill()
         run.communicate(timeout=RUN_S)
         _continue_and_finish(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def seccomp_exe(compile_c: Compiler) -> Path:
+    return compile_c("seccomp_kill.c", "-pthread")
+
+
+def _filtered(exe: Path, syscall: str, action: str) -> subprocess.Popen[str]:
+    """seccomp_kill.c with its filter in place, waiting for its go line."""
+    proc = subprocess.Popen([str(exe), syscall, action, str(LOOPS)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), (line, proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str]) -> None:
+    """The go line: the program makes its calls and ends normally."""
+    out, err = proc.communicate("go\n", timeout=RUN_S)
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert out == f"calls work={LOOPS}\n"
+
+
+@pytest.mark.parametrize("action", ["kill", "kill_process"])
+def test_a_seccomp_filter_that_kills_memfd_create_keeps_the_int3s(
+        action: str, seccomp_exe: Path, tracefs: Path) -> None:
+    """Trap-free counters need an injected memfd_create: refused before it
+    runs, the probe falls back to an int3 and counts every call."""
+    proc = _filtered(seccomp_exe, "memfd_create", action)
+    try:
+        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "-p", str(proc.pid),
+                                f"{seccomp_exe}:work"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        assert run.stderr is not None
+        first = _wait_for(run, "Ctrl-C to stop")
+        _finish(proc)
+        out, err = run.communicate(timeout=RUN_S)  # it ends with the program
+        err = first + err
+        _one_line(err)
+        assert run.returncode == 0, err
+        assert "seccomp filter would kill" in err and "memfd_create" in err, err
+        assert out.split() == ["PROBE", "COUNT", "uprobes/work", str(LOOPS)], out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("how", [[], ["--no-trapfree"]])
+def test_a_seccomp_filter_that_kills_mmap_is_refused_in_one_line(
+        how: list[str], seccomp_exe: Path, tracefs: Path) -> None:
+    """No XOL area can be mapped: the ptrace engine says so and leaves."""
+    proc = _filtered(seccomp_exe, "mmap", "kill")
+    try:
+        done = subprocess.run([*UPROBES, "count", "-e", "ptrace", *how, "-p", str(proc.pid),
+                               f"{seccomp_exe}:work"], capture_output=True, text=True,
+                              timeout=RUN_S)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(f"uprobes: error: process {proc.pid}: its seccomp "
+                                      "filter would kill the thread on an injected mmap()"), \
+            done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "TracerPid:\t0\n" in Path(f"/proc/{proc.pid}/status").read_text()
+        _finish(proc)
     finally:
         proc.kill()
         proc.wait()

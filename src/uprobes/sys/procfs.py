@@ -73,6 +73,7 @@ class Status:
     ppid: int
     uid: int
     state: str
+    seccomp: int = 0  # 0 none, 1 strict, 2 filters
 
 
 def _proc_error(pid: int, what: str, e: OSError) -> ProcessError:
@@ -184,7 +185,8 @@ def status(pid: int) -> Status:
     try:
         return Status(name=fields["Name"], tgid=int(fields["Tgid"]), pid=int(fields["Pid"]),
                       ppid=int(fields["PPid"]), uid=int(fields["Uid"].split()[0]),
-                      state=fields.get("State", "?").split()[0])
+                      state=fields.get("State", "?").split()[0],
+                      seccomp=int(fields.get("Seccomp", "0")))
     except (KeyError, ValueError, IndexError):
         raise ProcessError(f"cannot parse /proc/{pid}/status") from None
 

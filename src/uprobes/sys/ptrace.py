@@ -43,6 +43,7 @@ PTRACE_GETSIGINFO = 0x4202
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_SECCOMP_GET_FILTER = 0x420C
 
 # Options. No PTRACE_O_EXITKILL: the traced program must outlive us (a
 # dead tracer's breakpoints are a risk we remove on every exit path; a
@@ -227,6 +228,12 @@ def geteventmsg(tid: int) -> int:
     msg = ctypes.c_ulong(0)
     _ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg), "PTRACE_GETEVENTMSG")
     return msg.value
+
+
+def seccomp_filter(tid: int, index: int, addr: int = 0) -> int:
+    """The instruction count of the stopped task's seccomp filter `index` (0:
+    the newest), its `struct sock_filter`s copied to `addr` unless 0."""
+    return _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, addr, "PTRACE_SECCOMP_GET_FILTER")
 
 
 def getsiginfo(tid: int) -> SigInfo:

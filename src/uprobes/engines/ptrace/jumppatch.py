@@ -53,7 +53,7 @@ from uprobes.engines.ptrace.recording import Recipe, Ring, Waits
 from uprobes.engines.ptrace.relocate import UnsupportedInstruction
 from uprobes.engines.ptrace.trampoline import Displaced
 from uprobes.engines.ptrace.sharedmem import map_shared, most_hits
-from uprobes.engines.ptrace.xol import XolArea, candidates
+from uprobes.engines.ptrace.xol import InjectionRefused, XolArea, candidates
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
@@ -285,6 +285,8 @@ def map_near(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_
         return map_shared(tid, regs, pid, syscall_addr, name_addr, size,
                           mmap.PROT_READ | mmap.PROT_WRITE,
                           candidates(procfs.maps(pid), near, size), held, populate)
+    except InjectionRefused as e:  # not a question of where: none can be made
+        raise NotTrapFree(str(e)) from None
     except EngineError as e:
         raise NotTrapFree(f"no shared memory within 2 GiB of {near:#x}: {e}") from None
 

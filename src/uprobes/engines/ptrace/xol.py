@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import mmap
 import signal
+import time
 from dataclasses import dataclass, field
 
 from uprobes.engines.ptrace.relocate import SLOT_SIZE
 from uprobes.sys.procmem import ProcessMemory
-from uprobes.errors import EngineError
-from uprobes.sys import procfs, ptrace
+from uprobes.errors import EngineError, UprobesError
+from uprobes.sys import procfs, ptrace, seccomp
 
 AREA_SIZE = 64 * 1024
+# The bound of one injected call: ours (mmap, memfd_create, close,
+# rt_sigaction) never block, so past it the thread is stuck elsewhere.
+_CALL_S = 10.0
 _NR_MMAP = 9
 _MAP_FIXED_NOREPLACE = 0x100000
 _REACH = 2**31 - AREA_SIZE - 2 * 1024 * 1024  # keep rel32 targets comfortably in range
@@ -66,6 +70,23 @@ class XolArea:
         return self.start <= runtime_addr < self.start + self.size
 
 
+class InjectionRefused(EngineError):
+    """A system call we would inject would kill or signal the program (seccomp)."""
+
+
+def _dead(tid: int) -> bool:
+    """The thread is gone or a zombie: it will report no stop (a killed
+    leader's exit is reported only once its other threads are gone)."""
+    return procfs.state(tid) in (None, "Z", "X")
+
+
+def _tgid(tid: int) -> int:
+    try:
+        return procfs.status(tid).tgid
+    except UprobesError:
+        return tid
+
+
 @dataclass
 class RemoteCall:
     """Signals that arrived while a thread ran an injected call: re-deliver them."""
@@ -95,7 +116,12 @@ def find_syscall_insn(pid: int, mem: ProcessMemory) -> int:
 def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
                    args: tuple[int, ...], held: list[int]) -> int:
     """Run syscall `nr(*args)` in stopped thread `tid` (whose current registers
-    are `regs`, left unchanged); signals that arrive meanwhile go to `held`."""
+    are `regs`, left unchanged); signals that arrive meanwhile go to `held`.
+    InjectionRefused, before anything runs, if the thread's seccomp state
+    would not let the call return (sys/seccomp.py)."""
+    why = seccomp.refusal(tid, nr, args, syscall_addr + 2)
+    if why is not None:
+        raise InjectionRefused(f"process {_tgid(tid)}: {why}")
     call = regs.copy()
     call.rip = syscall_addr
     call.rax = nr
@@ -106,12 +132,17 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
     try:
         while True:
             ptrace.singlestep(tid)
-            status = ptrace.wait_task(tid)
-            if ptrace.exited(status):
+            raw = ptrace.wait_task_until(tid, time.monotonic() + _CALL_S, _dead)
+            if raw is None:
+                raise EngineError(f"thread {tid} was killed during an injected system call"
+                                  if _dead(tid) else f"thread {tid} did not come back from "
+                                  f"an injected system call within {_CALL_S:g} s")
+            status = ptrace.decode(raw)
+            if not status.stopped:
                 raise EngineError(f"thread {tid} ended during an injected system call")
-            sig = ptrace.stop_signal(status)
-            if ptrace.stop_event(status) or sig != signal.SIGTRAP:
-                if not ptrace.stop_event(status):
+            sig = status.signal
+            if status.event or sig != signal.SIGTRAP:
+                if not status.event:
                     held.append(sig)  # an asynchronous signal: after the call
                 continue
             done = ptrace.getregs(tid, ptrace.UserRegs())
@@ -128,9 +159,13 @@ def map_area(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, near:
              held: list[int]) -> XolArea:
     """Map a new area within reach of `near` in process `pid`, through thread `tid`."""
     for hint in candidates(procfs.maps(pid), near):
-        got = remote_syscall(tid, regs, syscall_addr, _NR_MMAP, (
-            hint, AREA_SIZE, mmap.PROT_READ | mmap.PROT_EXEC,
-            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0), held)
+        try:
+            got = remote_syscall(tid, regs, syscall_addr, _NR_MMAP, (
+                hint, AREA_SIZE, mmap.PROT_READ | mmap.PROT_EXEC,
+                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0), held)
+        except InjectionRefused as e:
+            raise InjectionRefused(f"{e}; the ptrace engine cannot place probes there "
+                                   "(the kernel engine, -e kernel, can)") from None
         if got == hint:
             return XolArea(hint)
         if got < 0 and got not in (-17, -12):  # EEXIST, ENOMEM: try another gap
