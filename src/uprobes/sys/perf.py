@@ -307,8 +307,17 @@ def open_tracepoint(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: boo
 
 def online_cpus() -> list[int]:
     """CPUs in /sys/devices/system/cpu/online (`0-3,5`)."""
-    with kernel_errors("reading the list of online CPUs"):
-        text = Path("/sys/devices/system/cpu/online").read_text().strip()
+    return _cpu_list("online")
+
+
+def possible_cpus() -> list[int]:
+    """Every CPU this boot can ever have, hot-plugged ones too (`possible`)."""
+    return _cpu_list("possible")
+
+
+def _cpu_list(which: str) -> list[int]:
+    with kernel_errors(f"reading the list of {which} CPUs"):
+        text = Path(f"/sys/devices/system/cpu/{which}").read_text().strip()
     cpus: list[int] = []
     for part in filter(None, text.split(",")):
         lo, _, hi = part.partition("-")

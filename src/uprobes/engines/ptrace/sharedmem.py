@@ -23,15 +23,26 @@ import os
 from collections.abc import Iterable
 
 from uprobes.engines.ptrace.xol import remote_syscall
-from uprobes.errors import EngineError
+from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import ptrace
+from uprobes.sys.perf import possible_cpus
 
 _NR_CLOSE, _NR_MMAP, _NR_MEMFD_CREATE = 3, 9, 319
 _MFD_CLOEXEC, _MFD_ALLOW_SEALING = 1, 2
 _MAP_FIXED_NOREPLACE = 0x100000
 _MAP_POPULATE = 0x8000
 _EEXIST, _ENOMEM = 17, 12
-CPUS = os.sysconf("SC_NPROCESSORS_CONF")  # every CPU a hit can run on (TSC_AUX's cpu part)
+
+
+def _cpus() -> int:
+    """How many CPU numbers a hit can run on (TSC_AUX's cpu part is below it)."""
+    try:
+        return max(possible_cpus()) + 1
+    except (UprobesError, ValueError):
+        return os.sysconf("SC_NPROCESSORS_CONF")
+
+
+CPUS = _cpus()
 _HITS_PER_CPU_S = 1_000_000_000
 _HITS_SLACK = 10_000
 
