@@ -4,6 +4,7 @@ safe the probe keeps its int3 and still counts exactly."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import Compiler
 from test_kernel_trace import symbol_link_addr
+from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
@@ -178,6 +180,43 @@ def test_detach_while_threads_run_through_the_jump(threads_exe: Path) -> None:
         assert held.proc.wait(60) == 0
     finally:
         held.close()
+
+
+CYCLES = 8
+
+
+def test_attach_detach_cycles_while_threads_are_born(compile_c: Compiler,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A program whose main thread creates and joins threads without pause is
+    often inside clone when detach stops it; detach then injects a call
+    through it (orphan.py gives SIGTRAP its action back). Attached and
+    detached again and again, by recording (`trace`) and counting (`count`)
+    jumps: it runs on, and its own arithmetic and exit status are right."""
+    exe = compile_c("thread_churn.c", "-pthread")
+    proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == f"ready {proc.pid}\n"
+        pid = str(proc.pid)
+        for cycle in range(CYCLES):
+            if cycle % 2:
+                argv = ["count", "-e", "ptrace", "-p", pid, f"{exe}:work"]
+            else:
+                argv = ["trace", "-e", "ptrace", "-o", os.devnull, "-p", pid,
+                        f"{exe}:work a=%di"]
+            status = main([*argv, "--duration", "0.3"], out=io.StringIO())
+            err = capsys.readouterr().err
+            assert status == 0 and "1 of 1 probes trap-free" in err, err
+            assert proc.poll() is None, f"cycle {cycle}: the program died ({proc.returncode})"
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        out = proc.stdout.read()
+        assert proc.wait(60) == 0, out  # every thread made once, each counted once
+        assert re.fullmatch(r"rounds=\d+ calls work=\d+\n", out), out
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_exec_and_vfork_children_count_exactly(target: Path) -> None:

@@ -40,8 +40,9 @@ SIGTRAP. Two things prevent it:
   where such probes exist) and resume there.
 
 Not covered: a thread that blocks SIGTRAP (the kernel then resets the
-handler to SIG_DFL for an int3), and the few instructions of a remote call
-at a process's set-up.
+handler to SIG_DFL for an int3 or a single-step: glibc blocks every signal
+around the clone of pthread_create), and the few instructions of a remote
+call at a process's set-up.
 """
 
 from __future__ import annotations
@@ -400,7 +401,11 @@ class OrphanGuard:
             if remote_syscall(t.tid, regs, mm.syscall_addr, _NR_RT_SIGACTION,
                               (_SIGTRAP, 0, old, 8), held) != 0:
                 return
-            if int.from_bytes(mm.mem.read(old, 8), "little") != table.start:
+            handler, _, restorer = struct.unpack("<QQQ", mm.mem.read(old, 24))
+            # Ours, or ours reset to SIG_DFL by the kernel (a SIGTRAP forced on a
+            # thread that blocked it keeps our flags and restorer): either way
+            # SIG_DFL goes back whole.
+            if handler not in (table.start, 0) or restorer != table.start + handler_code()[1]:
                 return
             remote_syscall(t.tid, regs, mm.syscall_addr, _NR_RT_SIGACTION,
                            (_SIGTRAP, table.start + SIG_DFL_OFF, 0, 8), held)

@@ -64,8 +64,9 @@ class AddressSpace:
 @dataclass(eq=False)
 class Thread:
     """One traced task. `stopped`: in a ptrace stop we have not resumed;
-    `resume_sig`: the signal to deliver when it is resumed; `group_stop`:
-    resume with PTRACE_LISTEN, not CONT."""
+    `stop_event`: that stop's PTRACE_EVENT_* (0: none); `resume_sig`: the
+    signal to deliver when it is resumed; `group_stop`: resume with
+    PTRACE_LISTEN, not CONT."""
 
     tid: int
     pid: int
@@ -73,6 +74,7 @@ class Thread:
     comm_cached: str = ""
     comm_at: int = 0
     stopped: bool = False
+    stop_event: int = 0
     resume_sig: int = 0
     group_stop: bool = False
     returns: list[ReturnInstance] = field(default_factory=list)
@@ -111,6 +113,13 @@ class Thread:
             return int(text[text.rindex(b")") + 2:].split()[36])
         except (OSError, ValueError, IndexError):
             return -1
+
+    @property
+    def can_lend(self) -> bool:
+        """Whether this stopped thread may run an injected system call: not
+        at its vfork's event stop, whose call goes on to wait for the child
+        (which we hold) before a single instruction of ours could run."""
+        return self.stopped and self.stop_event != ptrace.EVENT_VFORK
 
     def close(self) -> None:
         if self._stat_fd >= 0:

@@ -48,7 +48,7 @@ from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.recording import (
     Direct, RecordedSite, Recorder, Ring, ShapedLines, direct_hit, recipe_for, waits)
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
-from uprobes.engines.ptrace.permissions import check_attach, explain_refusal
+from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.signals import StopSignals
@@ -275,9 +275,11 @@ class PtraceTracer:
     def _attach(self, pid: int) -> None:
         check_attach(pid)
         mm = AddressSpace(pid, ProcessMemory(pid))
+        followed: set[int] = set()  # born of a clone of a thread seized here: ours already
         while True:
             try:
-                new = [t for t in procfs.tids(pid) if t not in self.threads]
+                new = [t for t in procfs.tids(pid) if t not in self.threads
+                       and t not in followed]
             except UprobesError:
                 raise ProcessError(f"process {pid} ended while attaching") from None
             if not new:
@@ -290,16 +292,27 @@ class PtraceTracer:
                     if e.errno == errno.ESRCH:
                         continue  # the thread ended meanwhile
                     if e.errno == errno.EPERM:
+                        if tracer_of(tid) == threading.get_native_id():
+                            # PTRACE_O_TRACECLONE attached it to us: its parent's
+                            # clone event and its first stop come in the quiesce.
+                            followed.add(tid)
+                            continue
                         raise ProcessError(explain_refusal(pid)) from None
                     raise
                 self.threads[tid] = Thread(tid, pid, mm)
         self._quiesce(interrupt=False)
-        leader = self.threads.get(pid) or next(iter(self.threads.values()), None)
-        if leader is None:
+        if not self.threads:
             raise ProcessError(f"process {pid} ended while attaching")
         if all(t.group_stop for t in self.threads.values()):
             self._note(f"process {pid} is stopped (SIGSTOP or job control): its probes "
                        "count from when it is continued (SIGCONT); it stays stopped")
+        lenders = [t for t in self.threads.values() if t.pid == pid and t.can_lend]
+        leader = self.threads.get(pid)
+        if leader is None or not leader.can_lend:
+            leader = lenders[0] if lenders else None
+        if leader is None:
+            raise ProcessError(f"process {pid} was in the middle of a vfork while attaching "
+                               "(its call waits for the child's exec); try again")
         self._place_all(leader)
         for t in list(self.threads.values()):
             self._resume(t)
@@ -741,7 +754,7 @@ class PtraceTracer:
             return
         t.stopped = True
         sig = (status >> 8) & 0xFF
-        event = status >> 16
+        event = t.stop_event = status >> 16
         if event == 0:
             if sig == _SIGTRAP:
                 self._trap(t)
@@ -792,6 +805,7 @@ class PtraceTracer:
             if e.errno != errno.ESRCH:
                 raise
         t.stopped = False  # not before: a thread we failed to resume is still ours to stop
+        t.stop_event = 0
 
     @staticmethod
     def _listen(t: Thread) -> None:
@@ -1087,6 +1101,7 @@ class PtraceTracer:
                 continue
             t.stopped = True
             sig, event = status.signal, status.event
+            t.stop_event = event
             if event == ptrace.EVENT_STOP:
                 t.group_stop = status.group_stop
             elif event:
@@ -1139,9 +1154,10 @@ class PtraceTracer:
             for ring in self._jumps.rings:  # drops its record at once if the ring is full
                 ring.abandon()
         for mm in spaces.values():  # SIGTRAP's own action back (orphan.py)
-            first = next((t for t in self.threads.values() if t.mm is mm and t.stopped), None)
-            if first is not None:
-                self._orphans.uninstall(first, first.pending)
+            lender = next((t for t in self.threads.values() if t.mm is mm and t.can_lend),
+                          None)
+            if lender is not None:
+                self._orphans.uninstall(lender, lender.pending)
         for t in list(self.threads.values()):
             try:
                 ptrace.detach(t.tid, t.resume_sig)

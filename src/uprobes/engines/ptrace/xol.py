@@ -116,9 +116,22 @@ def find_syscall_insn(pid: int, mem: ProcessMemory) -> int:
 def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
                    args: tuple[int, ...], held: list[int]) -> int:
     """Run syscall `nr(*args)` in stopped thread `tid` (whose current registers
-    are `regs`, left unchanged); signals that arrive meanwhile go to `held`.
+    are `regs`, restored afterwards); signals that arrive meanwhile go to `held`.
     InjectionRefused, before anything runs, if the thread's seccomp state
-    would not let the call return (sys/seccomp.py)."""
+    would not let the call return (sys/seccomp.py).
+
+    A thread may be stopped inside a system call of its own: a ptrace event
+    stop (clone, fork, exec) comes from the middle of the call, before it
+    returns. Its first resume finishes that call, writes the call's result
+    into rax, and, single-stepped, stops at the call's exit before any
+    instruction runs (rip still at our `syscall`). That result belongs to the
+    program: it is put into `regs.rax` (what the thread resumes with), and
+    our call is made on the next step. Restoring the registers read at the
+    event stop instead would hand the program rax as it was inside the call
+    (-ENOSYS): a clone3 that did create a thread would report failure, and
+    glibc would clone again onto the same stack. (A vfork event stop must not
+    lend itself at all: its call waits for the child, see `wait_for_vfork_done`.)
+    """
     why = seccomp.refusal(tid, nr, args, syscall_addr + 2)
     if why is not None:
         raise InjectionRefused(f"process {_tgid(tid)}: {why}")
@@ -129,6 +142,7 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(call, name, value & (2**64 - 1))
     ptrace.setregs(tid, call)
+    finished_own = False
     try:
         while True:
             ptrace.singlestep(tid)
@@ -149,6 +163,11 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
             if done.rip == syscall_addr + 2:
                 result = done.rax
                 return result - 2**64 if result >= 2**63 else result
+            if done.rip == syscall_addr and not finished_own:
+                finished_own = True  # the program's own call returned: see above
+                regs.rax = done.rax
+                ptrace.setregs(tid, call)
+                continue
             raise EngineError(f"thread {tid}: the injected system call stopped at "
                               f"{done.rip:#x}, not after {syscall_addr:#x}")
     finally:
