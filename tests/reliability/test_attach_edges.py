@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -220,3 +221,97 @@ def test_a_seccomp_filter_that_kills_mmap_is_refused_in_one_line(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_zombie_is_named_one(threads_exe: Path, tracefs: Path) -> None:
+    zombie = subprocess.Popen(["/bin/true"])
+    try:
+        _wait_state(zombie.pid, "Z")  # exited, not collected: we never wait() on it here
+        for engine in ("ptrace", "kernel"):
+            done = subprocess.run([*UPROBES, "count", "-e", engine, "-p", str(zombie.pid),
+                                   "libc:malloc"], capture_output=True, text=True,
+                                  timeout=RUN_S)
+            assert done.returncode == 2, done.stderr
+            assert done.stderr == (f"uprobes: error: process {zombie.pid} has exited (a zombie: "
+                                   "its parent has not collected it yet); there is nothing "
+                                   "left to probe\n")
+    finally:
+        zombie.wait()
+
+
+def _kill_when_traced(pid: int, delay: float) -> threading.Thread:
+    """A thread that SIGKILLs `pid` `delay` s after a tracer attached to it."""
+    def watch() -> None:
+        deadline = time.monotonic() + RUN_S
+        status = Path(f"/proc/{pid}/status")
+        while time.monotonic() < deadline:
+            try:
+                if "TracerPid:\t0\n" not in status.read_text():
+                    break
+            except OSError:
+                return
+            time.sleep(0.0005)
+        time.sleep(delay)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+@pytest.mark.parametrize("how", [[], ["--no-trapfree"]])
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01, 0.03, 0.1])
+def test_a_process_killed_while_its_probes_are_placed(delay: float, how: list[str],
+                                                      threads_exe: Path, tracefs: Path) -> None:
+    """Killed at some point of the attach (threads seized, stopped, probes
+    placed, resumed): its end is reported as such, never as our error."""
+    proc = subprocess.Popen([str(threads_exe), str(LOOPS)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TARGET_WAIT": "1"})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split()[0] == "ready"
+        watcher = _kill_when_traced(proc.pid, delay)
+        done = subprocess.run([*UPROBES, "count", "-e", "ptrace", *how, "-p", str(proc.pid),
+                               f"{threads_exe}:work", "libc:str*"],
+                              capture_output=True, text=True, timeout=RUN_S)
+        watcher.join(RUN_S)
+        _one_line(done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert f"process {proc.pid} exited" in done.stderr, done.stderr
+        assert "uprobes: error" not in done.stderr, done.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+_KILLED_IN_DETACH = """
+import os, signal, sys
+from uprobes.commands.resolve import parse_specs
+from uprobes.engines.launch import launch
+from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.resolve.resolver import Resolver
+
+exe = sys.argv[1]
+probes = Resolver().resolve_all(parse_specs([exe + ":work"]))
+cmd = launch([exe, "1000000000"])
+with PtraceTracer(probes, child=cmd.pid, trapfree=True) as tracer:
+    cmd.release()
+    tracer.run(None, 0.3)
+    tracer._quiesce()  # every thread in a stop of ours, as the detach begins
+    os.kill(cmd.pid, signal.SIGKILL)  # the program ends meanwhile: its threads die stopped
+print(cmd.wait())
+"""
+
+
+def test_threads_killed_during_the_detach_do_not_hold_the_commands_exit(
+        threads_exe: Path, tracefs: Path) -> None:
+    """A traced thread that dies is collected by its tracer's wait(__WALL)
+    alone, and its leader's exit waits for it: the detach collects them, so
+    the launcher's wait for the command returns."""
+    done = subprocess.run([sys.executable, "-c", _KILLED_IN_DETACH, str(threads_exe)],
+                          capture_output=True, text=True, timeout=RUN_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "137\n", (done.stdout, done.stderr)

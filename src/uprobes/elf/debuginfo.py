@@ -88,7 +88,10 @@ def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_D
     are skipped with a line appended to `notes`.
     """
     notes = notes if notes is not None else []
-    own = os.path.realpath(image.path) if image.identity is not None else None
+    try:
+        own = os.path.realpath(image.path) if image.identity is not None else None
+    except OSError:  # under /proc/PID/root of a process that has just exited
+        own = image.path
     for path, verify in _candidates(image, debug_dirs):
         if own is not None and os.path.realpath(path) == own:
             continue

@@ -56,6 +56,8 @@ class Resolver:
             return []
         if self._maps is None:
             self._maps = procfs.maps(self.pid)
+            if not self._maps:  # a zombie's maps are empty: say what it is
+                procfs.check_live(self.pid)
         return self._maps
 
     def file(self, spec_path: str) -> FileRef:

@@ -109,6 +109,17 @@ def state(pid: int) -> str | None:
         return None
 
 
+def check_live(pid: int) -> None:
+    """ProcessError unless `pid` is a process that still runs: a zombie has
+    exited (no maps, no memory) and only waits for its parent to collect it."""
+    st = state(pid)
+    if st is None:
+        raise ProcessError(f"no process with pid {pid}")
+    if st in ("Z", "X") and len(tids(pid)) <= 1:  # (a leader's pthread_exit leaves its threads)
+        raise ProcessError(f"process {pid} has exited (a zombie: its parent has not "
+                           "collected it yet); there is nothing left to probe")
+
+
 def parse_maps(text: str) -> list[Mapping]:
     """Parse the text of a maps file (pure)."""
     out = []

@@ -49,6 +49,7 @@ def check_attach(pid: int) -> None:
         raise ProcessError(f"no process {pid}") from None
     if st.tgid != pid:
         raise ProcessError(f"{pid} is a thread of process {st.tgid}; give the process id")
+    procfs.check_live(pid)
     if pid == os.getpid():
         raise ProcessError("uprobes cannot trace itself")
     tracer = tracer_of(pid)

@@ -68,6 +68,7 @@ _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 # soon as the thread is scheduled; a vfork parent answers when its child
 # execs): past it, the threads that never stopped are left running.
 _QUIESCE_S = 5.0
+_REAP_S = 2.0  # how long detach waits for dying threads to become collectable
 _POLL_MIN_S, _POLL_MAX_S = 0.00005, 0.005  # polling back-off while waiting for stops
 _RING_WAKE_S = 0.01  # with trap-free probes: also how often their rings are read
 _NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
@@ -133,9 +134,13 @@ class PtraceTracer:
         self._multi = _glob_specs(probes)
         self._refused: set[str] = set()
         self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
+        self._refused_early = False  # a precheck failed because the process had ended
         for name, p in zip(display_names(probes), probes):
             reason = None if isinstance(p.key, VdsoKey) else _precheck(p)
             if reason is not None:
+                if pid is not None and _ended(pid, within=0):
+                    self._refused_early = True
+                    break
                 if id(p.spec) not in self._multi:
                     raise EngineError(f"{p.name}: {reason}")
                 self._note(f"skipped {p.name}: {reason}")
@@ -159,7 +164,10 @@ class PtraceTracer:
                     self.registry.add(replace(p, key=key, file_offset=off), consumer)
             else:
                 self.registry.add(p, consumer)
-        if not self.counts:
+        # Prechecks read the files through /proc/PID/root: a process that ended
+        # meanwhile fails them all, which is its exit, not a refusal.
+        self._vanished = self._refused_early
+        if not self.counts and not self._vanished:
             raise EngineError("no probe can be placed")
         self.threads: dict[int, Thread] = {}
         self.events = 0
@@ -252,13 +260,27 @@ class PtraceTracer:
             self._stack.callback(self._detach_all)
             if self.child is not None:
                 self._seize_child(self.child)
+            elif self._vanished:
+                self._exited_while("its probes were resolved")
             else:
                 assert self.pid is not None
-                self._attach(self.pid)
+                try:
+                    self._attach(self.pid)
+                except UprobesError:
+                    if not _ended(self.pid):
+                        raise
+                    self._exited_while("its probes were placed")
         except BaseException:
             self._stack.close()
             raise
         return self
+
+    def _exited_while(self, what: str) -> None:
+        """The -p process ended before the run began: not our error; the run
+        is over (what was placed is removed at exit, as after any run)."""
+        self._note(f"process {self.pid} exited while {what}")
+        self.target_exited = True
+        self._done = True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -365,8 +387,9 @@ class PtraceTracer:
                     self._insert(t, regs, rv.runtime_addr, None, original,
                                  rv.runtime_addr - rv.file_offset, "rendezvous")
                 except UprobesError as e:
-                    self._note(f"libraries loaded later in process {mm.pid} will not be "
-                               f"probed: {e}")
+                    if not _ended(mm.pid, within=0):  # else its exit is what the run reports
+                        self._note(f"libraries loaded later in process {mm.pid} will not be "
+                                   f"probed: {e}")
         self._placed_once = True
         if self._jumps is not None:
             self._jumps.report(self._note)
@@ -1044,6 +1067,8 @@ class PtraceTracer:
             self._orphans.released(t.mm)
         target = self.child if self.child is not None else self.pid
         if t.tid == target:
+            if not self.target_exited and self.child is None:
+                self._note(f"process {target} exited")
             self.target_exited = True
             self._done = True
             if self.child is not None:
@@ -1158,11 +1183,13 @@ class PtraceTracer:
                           None)
             if lender is not None:
                 self._orphans.uninstall(lender, lender.pending)
+        dead: list[int] = []
         for t in list(self.threads.values()):
             try:
                 ptrace.detach(t.tid, t.resume_sig)
             except KernelError:
-                pass
+                if t.tid != t.pid:
+                    dead.append(t.tid)
             for sig in t.pending:  # as `_resume` does: after the thread goes on
                 try:
                     ptrace.tgkill(t.pid, t.tid, sig)
@@ -1177,12 +1204,25 @@ class PtraceTracer:
                 pass
         for mm in spaces.values():
             mm.mem.close()
+        self._reap(dead)
         self.threads.clear()
         self._pending_new.clear()
         if self._jumps is not None:
             self._jumps.fold_into(self.counts)
         self._orphans.close()  # every int3 is gone: nothing for the reaper
         self._close_rings()
+
+    @staticmethod
+    def _reap(tids: list[int]) -> None:
+        """Collect threads that could not be detached because they are dying
+        (killed in their stop: the process exited meanwhile). A traced
+        thread's exit waits for its tracer's wait(__WALL), and the leader's
+        exit waits for all of them: left alone, they would hold the
+        command's exit from the shell (or our launcher's waitpid) until we
+        exit. Leaders are left to their parent."""
+        deadline = time.monotonic() + _REAP_S
+        for tid in tids:
+            ptrace.wait_task_until(tid, deadline, lambda t: procfs.state(t) is None)
 
     def _close_rings(self) -> None:
         """Our views of the rings (the programs keep theirs)."""
@@ -1227,6 +1267,19 @@ def _precheck(p: ResolvedProbe) -> str | None:
     except (PlacementRefused, relocate.UnsupportedInstruction) as e:
         return str(e)
     return None
+
+
+def _ended(pid: int, within: float = 0.5) -> bool:
+    """Whether process `pid` has ended (gone or a zombie), waiting up to
+    `within` seconds for an exit under way (its memory is released before
+    it becomes a zombie: a failure to read it comes first)."""
+    deadline = time.monotonic() + within
+    while True:
+        if procfs.state(pid) in (None, "Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
