@@ -3,7 +3,9 @@ inside a system call of its own: the program's call keeps its result."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,40 @@ def test_a_call_through_a_thread_stopped_in_clone(churn_exe: Path) -> None:
         out = proc.stdout.read()
         assert proc.wait(60) == 0, out  # 4 threads a round, each counted once
         assert out.startswith("rounds=") and "calls work=" in out, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_sigtrap_of_the_program_pending_is_not_taken_for_a_finished_call() -> None:
+    """A thread stopped in an interrupted nanosleep (orig_rax set) with a
+    SIGTRAP of its own queued: the first step reports that signal before
+    anything runs, at our `syscall`, as a finished call would. Its si_code
+    (SI_TKILL, not a step report's TRAP_BRKPT) tells them apart: the
+    registers the thread resumes with are the ones it stopped with."""
+    proc = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        pid = proc.pid
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{pid}/syscall").read_text().startswith("230 "):
+            assert time.monotonic() < deadline, "sleep never reached clock_nanosleep"
+            time.sleep(0.01)
+        mem = ProcessMemory(pid)
+        ptrace.seize(pid, 0)
+        try:
+            ptrace.interrupt(pid)
+            assert ptrace.stop_event(ptrace.wait_task(pid)) == ptrace.EVENT_STOP
+            regs = ptrace.getregs(pid, ptrace.UserRegs())
+            assert regs.orig_rax < 2**63  # inside a system call, to be restarted
+            before = regs.copy()
+            ptrace.tgkill(pid, pid, signal.SIGTRAP)  # queued while stopped
+            with pytest.raises(EngineError, match="stopped at"):
+                remote_syscall(pid, regs, find_syscall_insn(pid, mem), _NR_GETPID, (), [])
+            after = ptrace.getregs(pid, ptrace.UserRegs())
+            assert (regs.rax, after.rax, after.rip) == (before.rax, before.rax, before.rip)
+        finally:
+            mem.close()
+            ptrace.detach(pid)
     finally:
         proc.kill()
         proc.wait()

@@ -163,8 +163,12 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
             if done.rip == syscall_addr + 2:
                 result = done.rax
                 return result - 2**64 if result >= 2**63 else result
-            if done.rip == syscall_addr and not finished_own:
-                finished_own = True  # the program's own call returned: see above
+            if done.rip == syscall_addr and not finished_own and regs.orig_rax < 2**63 \
+                    and ptrace.getsiginfo(tid).si_code == ptrace.TRAP_BRKPT:
+                # The program's own call returned (see above): a syscall-exit
+                # step report is TRAP_BRKPT (user_single_step_report); a SIGTRAP
+                # of its own that was pending would not be, and rax is then ours.
+                finished_own = True
                 regs.rax = done.rax
                 ptrace.setregs(tid, call)
                 continue
