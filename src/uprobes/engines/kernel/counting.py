@@ -9,7 +9,9 @@ per CPU, what `count` used before) runs uprobe_unregister_sync() and
 tracepoint_synchronize_unregister() under event_mutex, tens of milliseconds
 each, so probes counted one event each took seconds per hundred to detach;
 shared, 1,000 libc probes are ~9 events. The events are then removed in one
-write.
+write. Probes with the same line (one place, the same fetchargs) are one
+probe point counted under each name, and a run needing more events than
+`groups.MAX_EVENTS` is refused before anything is placed.
 
 A shared event is one tracepoint: its perf counter sums every probe point in
 it. Each probe's own count comes from one of two places:
@@ -68,7 +70,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 from uprobes.engines.filters import HitFilter
-from uprobes.engines.kernel.groups import open_run_group, remove_run_group
+from uprobes.engines.kernel.groups import check_event_count, open_run_group, remove_run_group
 from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.engines.kernel.records import COMM_FIELD, PAGE_MASK
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
@@ -140,6 +142,12 @@ class _Site:
     ret_site: int | None
     line: str = ""  # the uprobe_events line, event name left out (`_in_event`)
     fds: list[PerfEvent] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)  # names of sites identical to this one
+
+    @property
+    def names(self) -> list[str]:
+        """Every display name this site's count adds to."""
+        return [self.name, *self.aliases]
 
 
 @dataclass
@@ -272,7 +280,9 @@ class KernelCounter:
                 self._tasks = [_Task(pid, -1, pid) for pid in self.pids
                                if self._filter_for(pid) is not False]
             self._seen = {t.tid for t in self._tasks}
-            for event in self._share():
+            events = self._share()
+            check_event_count(len(events), len(self.names))
+            for event in events:
                 self._place(event)
             if self.all_threads and self.pids is not None:
                 self._follow_threads()
@@ -314,12 +324,24 @@ class KernelCounter:
     def _share(self) -> list[_Event]:
         """Sites grouped into events (see `records.shared_events`): one file,
         kind and fetchargs, distinct low 12 bits. A USDT probe with a
-        semaphore, and a site the kernel will likely refuse, keep one each."""
+        semaphore, and a site the kernel will likely refuse, keep one each.
+        Sites with the same line (one place, the same fetchargs) are one
+        site counted under each name: they would count the same hits, and
+        at one place they could share no event."""
         profile = self.pids is None and self.hit_filter is None
         events: list[_Event] = []
-        slots: dict[tuple[str, str, str], list[tuple[set[int], _Event]]] = {}
+        Key = tuple[str, str, str]
+        slots: dict[Key, list[tuple[set[int], _Event]]] = {}
+        # Where to look first for a site with these low bits: every earlier
+        # event holds them or is full, and stays so (each is looked past once).
+        start: dict[tuple[Key, int], int] = {}
+        same: dict[str, _Site] = {}
         for site in self._sites:
             site.line = self._site_line(site)
+            first = same.setdefault(site.line, site)
+            if first is not site:
+                first.aliases.append(site.name)
+                continue
             kind, _, rest = site.line.partition(":")
             place, _, args = rest.partition(" ")[2].partition(" ")
             by_profile = profile and kind == "p"
@@ -327,14 +349,19 @@ class KernelCounter:
                 events.append(_Event(self._event_name(), [site], by_profile))
                 continue
             low = site.probe.file_offset & PAGE_MASK
-            for used, event in slots.setdefault((kind, site.probe.path, args), []):
-                if low not in used and (by_profile or len(event.sites) < self.max_shared):
-                    used.add(low)
-                    event.sites.append(site)
-                    break
+            key = (kind, site.probe.path, args)
+            of_key = slots.setdefault(key, [])
+            at = start.get((key, low), 0)
+            while at < len(of_key) and (low in of_key[at][0] or not (
+                    by_profile or len(of_key[at][1].sites) < self.max_shared)):
+                at += 1
+            start[(key, low)] = at + 1
+            if at < len(of_key):
+                of_key[at][0].add(low)
+                of_key[at][1].sites.append(site)
             else:
                 event = _Event(self._event_name(), [site], by_profile)
-                slots[(kind, site.probe.path, args)].append(({low}, event))
+                of_key.append(({low}, event))
                 events.append(event)
         return events
 
@@ -365,7 +392,8 @@ class KernelCounter:
                 raise
             if len(event.sites) == 1:
                 site = event.sites[0]
-                self.refused.append(Refusal(site.name, e.errno, refusal_reason(site.probe, e)))
+                why = refusal_reason(site.probe, e)
+                self.refused.extend(Refusal(name, e.errno, why) for name in site.names)
                 return
             half = len(event.sites) // 2
             for part in (event.sites[:half], event.sites[half:]):
@@ -476,7 +504,7 @@ class KernelCounter:
     @property
     def placed(self) -> list[str]:
         """Display names of the probes placed (each once)."""
-        return list(dict.fromkeys(s.name for e in self._events for s in e.sites))
+        return list(dict.fromkeys(n for e in self._events for s in e.sites for n in s.names))
 
     # ------------------------------------------------------------ reading
 
@@ -488,14 +516,11 @@ class KernelCounter:
         out: dict[str, int] = {}
         hits = self._profile() if self._base else {}
         for event in self._events:
-            if event.by_profile:
-                now, base = hits[event.name], self._base[event.name]
-                for site, at in zip(event.sites, event.profile_at):
-                    out[site.name] = out.get(site.name, 0) + now[at] - base[at]
-            else:
-                for site in event.sites:
-                    out[site.name] = out.get(site.name, 0) + \
-                        sum(e.read_count() for e in site.fds)
+            for site, at in zip(event.sites, event.profile_at or itertools.repeat(0)):
+                n = hits[event.name][at] - self._base[event.name][at] if event.by_profile \
+                    else sum(e.read_count() for e in site.fds)
+                for name in site.names:
+                    out[name] = out.get(name, 0) + n
         for site in self._sites:  # placed on no task (a filter rejecting them all)
             if site.name not in out and not any(r.name == site.name for r in self.refused):
                 out[site.name] = 0

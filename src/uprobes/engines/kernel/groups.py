@@ -14,11 +14,33 @@ import sys
 import time
 
 from uprobes.engines.kernel.reaper import ensure_reaper, is_watched
-from uprobes.errors import KernelError
+from uprobes.errors import KernelError, UsageError
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 PREFIX = "uprobes_"
 _GROUP = re.compile(r"^uprobes_(\d+)$")
+
+MAX_EVENTS = 128
+"""Most kernel events one run places. The kernel tears an event down when
+its last perf event closes, with a set of grace periods
+(uprobe_unregister_sync(), tracepoint_synchronize_unregister()) under
+event_mutex: one event after another, whoever closes them (we, or the
+kernel for a killed run, which waits in D state meanwhile). Probe points
+share events (`records.shared_events`), so a glob over a whole library
+needs a few dozen; the bound keeps placing and removing a run's probes to
+seconds (tens of milliseconds an event), not the hours thousands of events
+would take."""
+
+
+def check_event_count(events: int, probes: int) -> None:
+    """UsageError, before anything is placed, when `probes` need more than
+    MAX_EVENTS kernel events."""
+    if events > MAX_EVENTS:
+        raise UsageError(
+            f"these {probes:,} probes need {events:,} kernel events (probes at the same "
+            f"place in their pages share none) and the kernel engine places at most "
+            f"{MAX_EVENTS} per run (removing each costs the kernel a set of grace periods, "
+            f"one event at a time): probe fewer places")
 
 
 def run_group(pid: int | None = None) -> str:

@@ -61,15 +61,17 @@ def kernel_probes(probes: list[ResolvedProbe], group: str) -> list[KernelProbe]:
     they are unique in it (two user groups may both have an `f`)."""
     out: list[KernelProbe] = []
     used: set[str] = set()
+    tried: dict[str, int] = {}  # per name, the suffixes tried so far: none is tried twice
     for p in probes:
         info = probe_info(p)
         sites: list[int | None] = list(p.ret_sites) if p.ret_sites else [None]
         for site in sites:
-            event, n = p.event, 1
+            event, n = p.event, tried.get(p.event, 1)
             while event in used:
                 suffix = f"_{n}"
                 event = p.event[:_MAX_EVENT_NAME - len(suffix)] + suffix
                 n += 1
+            tried[p.event] = n
             used.add(event)
             line = kernel_line(replace(p, group=group, event=event), ret_site=site)
             hidden = 1
@@ -105,7 +107,11 @@ def shared_events(kps: list[KernelProbe],
     so do the (path, file_offset) sites in `alone` (likely refused).
     """
     events: list[list[KernelProbe]] = []
-    slots: dict[tuple[str, str, str], list[tuple[set[int], list[KernelProbe]]]] = {}
+    # Per file, kind and fetchargs: its events, and per low 12 bits how many
+    # of them hold a probe with those bits. A probe goes to the first event
+    # without its bits, and those holding them are always the first ones, so
+    # that count is where it goes: no scan, however many probes collide.
+    slots: dict[tuple[str, str, str], tuple[list[list[KernelProbe]], dict[int, int]]] = {}
     for kp in kps:
         kind, _, rest = kp.line.partition(":")
         place, _, args = rest.partition(" ")[2].partition(" ")
@@ -114,15 +120,14 @@ def shared_events(kps: list[KernelProbe],
             events.append([kp])
             continue
         low = kp.file_offset & PAGE_MASK
-        for used, members in slots.setdefault((kind, kp.probe.path, args), []):
-            if low not in used:
-                used.add(low)
-                members.append(kp)
-                break
+        members_of, holding = slots.setdefault((kind, kp.probe.path, args), ([], {}))
+        at = holding.get(low, 0)
+        holding[low] = at + 1
+        if at < len(members_of):
+            members_of[at].append(kp)
         else:
-            members = [kp]
-            slots[(kind, kp.probe.path, args)].append(({low}, members))
-            events.append(members)
+            members_of.append([kp])
+            events.append(members_of[-1])
     return events
 
 

@@ -22,7 +22,8 @@ from types import TracebackType
 
 from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.engines.filters import HitFilter
-from uprobes.engines.kernel.groups import open_run_group, remove_run_group
+from uprobes.engines.kernel.groups import check_event_count, open_run_group, \
+    remove_run_group
 from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
     COMM_FIELD, RetSiteDecoder, event_line, kernel_probes, shared_events
 from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
@@ -138,9 +139,11 @@ class KernelTracer:
             by_filter: dict[Condition | None, list[KernelProbe]] = {}
             for kp in safe:
                 by_filter.setdefault(self._condition(kp.probe), []).append(kp)
-            for kps_alike in by_filter.values():
-                for members in shared_events(kps_alike, alone):
-                    self._place(tfs, group, members, multi)
+            events = [members for kps_alike in by_filter.values()
+                      for members in shared_events(kps_alike, alone)]
+            check_event_count(len(events), len(safe))
+            for members in events:
+                self._place(tfs, group, members, multi)
             if not self.placed:
                 raise KernelError("the kernel refused every probe")
             self._note_python_filter()
