@@ -20,6 +20,7 @@ from uprobes.errors import ProcessError, UsageError
 from uprobes.probe import ResolvedProbe
 from uprobes.render.counts import write_count_json, write_count_table
 from uprobes.resolve.resolver import Resolver
+from uprobes.sys.pidfd import watch_process
 
 NAME = "count"
 HELP = "count hits per probe (system-wide, in a process, or in a command it starts)"
@@ -51,10 +52,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _pidfd(pid: int) -> int:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError as e:
-        raise ProcessError(f"no process {pid}") from e
+    pidfd = watch_process(pid)
+    if pidfd < 0:
+        raise ProcessError(f"no process {pid}")
+    return pidfd
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -104,9 +105,11 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
             if counter.refused:
                 sys.stderr.write("uprobes: note: "
                                  + refusal_note(counter.refused, counter.total) + "\n")
+            if counter.exited is not None:
+                _note(f"process {counter.exited} exited while its probes were placed")
             if launched is not None:
                 launched.release()
-            else:
+            elif counter.exited is None:
                 where = f"process {pids[0]}" if pids else \
                     f"in process{'es' if len(counter.pids) > 1 else ''} " \
                     f"{', '.join(map(str, counter.pids))} (named by the filter)" \

@@ -151,7 +151,8 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             renderer = _renderer(args, out, tracer.infos, probes)
             if child is not None:
                 child.release()
-            else:  # the probes are in place: say so (tests and scripts wait for this)
+            elif not tracer.target_exited:
+                # The probes are in place: say so (tests and scripts wait for this).
                 where = f"process {args.pid}" if args.pid is not None else "system-wide"
                 sys.stderr.write(f"uprobes: tracing {len(tracer.infos)} probes {where}; "
                                  "Ctrl-C to stop\n")

@@ -18,7 +18,7 @@ from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import check_boundary
 from uprobes.elf.symbols import Symbol, SymbolTable, ifunc_warning
 from uprobes.elf.usdt import UsdtNote, usdt_notes
-from uprobes.errors import ResolveError, SpecError
+from uprobes.errors import ProcessError, ResolveError, SpecError, UprobesError
 from uprobes.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.retsites import return_sites_for
@@ -87,7 +87,23 @@ class Resolver:
         return self._resolve_vdso(spec, target)
 
     def resolve_all(self, specs: list[ProbeSpec]) -> list[ResolvedProbe]:
-        """Resolve many specs; event names made unique within the run."""
+        """Resolve many specs; event names made unique within the run. With
+        a pid, a process that ends meanwhile is a ProcessError saying so,
+        whatever its ending made fail (its maps, its root, its files)."""
+        if self.pid is None:
+            return self._resolve_all(specs)
+        procfs.check_live(self.pid)
+        try:
+            return self._resolve_all(specs)
+        except UprobesError as e:
+            try:
+                procfs.check_live(self.pid)
+            except ProcessError:
+                raise ProcessError(f"process {self.pid} exited while its probes were being "
+                                   "resolved") from e
+            raise
+
+    def _resolve_all(self, specs: list[ProbeSpec]) -> list[ResolvedProbe]:
         out: list[ResolvedProbe] = []
         used: set[str] = set()
         for spec in specs:

@@ -81,6 +81,7 @@ from uprobes.spec.condition import Condition, bind, values_of
 from uprobes.sys import procfs
 from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, ATTR_INHERIT_THREAD, \
     PERF_TYPE_TRACEPOINT, PerfEvent, PerfEventAttr, online_cpus
+from uprobes.sys.pidfd import has_ended, watch_process
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 ENOTSUPP = 524  # kernel-internal, what uprobe registration answers for unprobeable insns
@@ -252,6 +253,10 @@ class KernelCounter:
         self._seen: set[int] = set()
         self._base: dict[str, list[int]] = {}  # uprobe_profile hits per event at the start
         self._frozen: dict[str, int] | None = None
+        self._watched: list[int] = []  # pidfds of the processes of -p
+        self.exited: int | None = None
+        """The process that ended while its probes were placed: placing
+        stopped there (what the ending made fail is no refusal)."""
 
     # ------------------------------------------------------------ the filter
 
@@ -282,11 +287,15 @@ class KernelCounter:
             self._seen = {t.tid for t in self._tasks}
             events = self._share()
             check_event_count(len(events), len(self.names))
+            if self.all_threads and self.pids is not None:
+                self._watched = [watch_process(pid) for pid in self.pids]
             for event in events:
                 self._place(event)
-            if self.all_threads and self.pids is not None:
+                if self.exited is not None:
+                    break
+            if self.all_threads and self.pids is not None and self.exited is None:
                 self._follow_threads()
-            if not self._events:
+            if not self._events and self.exited is None:
                 self._all_refused()
             if any(e.by_profile for e in self._events):
                 self._map_profile(tracefs)
@@ -390,6 +399,11 @@ class KernelCounter:
         except KernelError as e:
             if e.errno in FATAL:
                 raise
+            if self._watched and all(has_ended(fd) for fd in self._watched):
+                # The process ended: its files under /proc/PID/root went with it.
+                assert self.pids is not None
+                self.exited = self.pids[0]
+                return
             if len(event.sites) == 1:
                 site = event.sites[0]
                 why = refusal_reason(site.probe, e)
@@ -397,7 +411,8 @@ class KernelCounter:
                 return
             half = len(event.sites) // 2
             for part in (event.sites[:half], event.sites[half:]):
-                self._place(_Event(self._event_name(), part, event.by_profile))
+                if self.exited is None:
+                    self._place(_Event(self._event_name(), part, event.by_profile))
             return
         self._events.append(event)
 
@@ -548,6 +563,10 @@ class KernelCounter:
             except OSError as e:
                 first = first or e
         self._events = []
+        for fd in self._watched:
+            if fd >= 0:
+                os.close(fd)
+        self._watched = []
         if self.group is not None:
             try:
                 _remove_group_at_once(self.group)

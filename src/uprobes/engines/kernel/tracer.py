@@ -10,7 +10,6 @@ traced program).
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import time
@@ -36,6 +35,7 @@ from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.probe import ResolvedProbe
 from uprobes.spec.condition import Condition
 from uprobes.sys import procfs
+from uprobes.sys.pidfd import has_ended, watch_process
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
 from uprobes.unwind.capture import Symbolizer, stack_delivery
 
@@ -144,7 +144,10 @@ class KernelTracer:
             check_event_count(len(events), len(safe))
             for members in events:
                 self._place(tfs, group, members, multi)
-            if not self.placed:
+                if self.target_exited:
+                    self._note(f"process {self.pid} exited while its probes were placed")
+                    break
+            if not self.placed and not self.target_exited:
                 raise KernelError("the kernel refused every probe")
             self._note_python_filter()
             if self.stack_bytes:  # before a launched command runs (see preload)
@@ -191,12 +194,20 @@ class KernelTracer:
                 streams.follow_process(self.pid, [fmt.id])
             else:
                 streams.open([fmt.id], [-1])
-        except KernelError as e:
+        except (KernelError, ProcessError) as e:
+            if self.pid is not None and self.child is None and has_ended(self._pidfd):
+                # The process ended: its files under /proc/PID/root went with it.
+                # (An event made stays in the group, removed with it at the end.)
+                self.target_exited = True
+                return
+            if isinstance(e, ProcessError):
+                raise
             if len(added) > 1:
                 group.remove(event)
                 half = len(added) // 2
                 self._place(tfs, group, added[:half], multi)
-                self._place(tfs, group, added[half:], multi)
+                if not self.target_exited:
+                    self._place(tfs, group, added[half:], multi)
                 return
             # A glob places what the kernel accepts (some libc entry points
             # start with instructions uprobes refuse: ENOTSUPP) and names the rest.
@@ -261,12 +272,9 @@ class KernelTracer:
                        + "; ".join(sorted(why)) + "): every hit is still a record")
 
     def _open_pidfd(self, pid: int) -> None:
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except OSError as e:
-            if e.errno == errno.ESRCH:
-                raise ProcessError(f"no process {pid}") from e
-            raise KernelError(f"pidfd_open({pid}): {e.strerror}", e.errno) from e
+        self._pidfd = watch_process(pid)
+        if self._pidfd < 0:
+            raise ProcessError(f"no process {pid}")
         self._stack.callback(os.close, self._pidfd)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
