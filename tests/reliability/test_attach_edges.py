@@ -315,3 +315,40 @@ def test_threads_killed_during_the_detach_do_not_hold_the_commands_exit(
                           capture_output=True, text=True, timeout=RUN_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "137\n", (done.stdout, done.stderr)
+
+
+def _kill_mid_placement(run_pid: int) -> threading.Thread:
+    """A thread that SIGKILLs run `run_pid`'s command as soon as the first
+    trap-free counters are mapped in it (the jumps are being placed)."""
+    def watch() -> None:
+        deadline = time.monotonic() + RUN_S
+        while time.monotonic() < deadline:
+            try:
+                for kid in Path(f"/proc/{run_pid}/task/{run_pid}/children").read_text().split():
+                    if "uprobes-counters" in Path(f"/proc/{kid}/maps").read_text():
+                        os.kill(int(kid), signal.SIGKILL)
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.0005)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_command_killed_while_its_probes_are_placed(attempt: int, threads_exe: Path,
+                                                      tracefs: Path) -> None:
+    """Its exit status passes through (137), as any end of the command."""
+    run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", f"{threads_exe}:work",
+                            "libc:str*", "--", str(threads_exe), str(LOOPS)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = _kill_mid_placement(run.pid)
+    try:
+        _, err = run.communicate(timeout=RUN_S)
+    finally:
+        run.kill()
+    watcher.join(RUN_S)
+    _one_line(err)
+    assert "uprobes: error" not in err, err
+    assert run.returncode == 137, err

@@ -273,9 +273,9 @@ class _WaitInfo(ctypes.Structure):
                 ("si_status", ctypes.c_int), ("_rest", ctypes.c_byte * 100)]
 
 
-_CLD_TRAPPED = 4
+_CLD_EXITED, _CLD_KILLED, _CLD_DUMPED, _CLD_TRAPPED = 1, 2, 3, 4
 _WEXITED, _WSTOPPED, _WNOWAIT = 4, 2, 0x01000000
-_P_ALL = 0
+_P_ALL, _P_PID = 0, 1
 _bare_waitid = libc().bare_function("waitid", ctypes.c_int)
 _wait_info = _WaitInfo()
 _wait_info_ref = ctypes.byref(_wait_info)
@@ -318,23 +318,38 @@ def wait_task(tid: int) -> int:
             raise kernel_error(f"waitpid({tid})", err)
 
 
-def poll_task(tid: int) -> int | None:
+def poll_task(tid: int, keep_exit: bool = False) -> int | None:
     """waitpid(tid, __WALL | WNOHANG): the raw status, or None if nothing
-    is pending (or `tid` is no child of ours any more)."""
+    is pending (or `tid` is no child of ours any more). `keep_exit`: an
+    exit is reported but left pending (waitid WNOWAIT), for the run loop's
+    wait to see and account (the command's exit status comes from there)."""
+    if keep_exit:
+        _wait_info.si_pid = 0
+        got = _bare_waitid(_P_PID, tid, _wait_info_ref,
+                           WALL | _WEXITED | _WSTOPPED | _WNOWAIT | WNOHANG)
+        if got != 0 or _wait_info.si_pid == 0:
+            return None
+        code: int = _wait_info.si_code
+        value: int = _wait_info.si_status
+        if code == _CLD_EXITED:
+            return (value & 0xFF) << 8
+        if code in (_CLD_KILLED, _CLD_DUMPED):
+            return (value & 0x7F) | (0x80 if code == _CLD_DUMPED else 0)
     got = _raw_waitpid(tid, _status_ref, WALL | WNOHANG)
     return _status.value if got == tid else None
 
 
-def wait_task_until(tid: int, deadline: float,
-                    gone: Callable[[int], bool] | None = None) -> int | None:
+def wait_task_until(tid: int, deadline: float, gone: Callable[[int], bool] | None = None,
+                    keep_exit: bool = False) -> int | None:
     """wait_task() that gives up at `deadline` (time.monotonic()) or as soon
     as `gone(tid)` says the task will never report (a zombie leader whose
     exit waits for its other threads): the raw status, or None. It polls,
     backing off from 50 us to 5 ms: a stop after a step or an injected call
-    comes within microseconds, so the first polls find it."""
+    comes within microseconds, so the first polls find it. `keep_exit`: see
+    poll_task."""
     pause = 0.00005
     while True:
-        status = poll_task(tid)
+        status = poll_task(tid, keep_exit)
         if status is not None:
             return status
         if time.monotonic() >= deadline or (gone is not None and gone(tid)):

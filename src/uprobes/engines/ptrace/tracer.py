@@ -344,7 +344,15 @@ class PtraceTracer:
     def _place_all(self, t: Thread) -> None:
         """Place every probe the mappings of `t`'s address space call for
         (and the rendezvous breakpoint); `t` is stopped and lends itself to
-        the remote mmap of an XOL area."""
+        the remote mmap of an XOL area. A process killed meanwhile is no
+        error: its exit is reported next, and ends its part of the run."""
+        try:
+            self._place_mappings(t)
+        except UprobesError:
+            if not _ended(t.mm.pid):
+                raise
+
+    def _place_mappings(self, t: Thread) -> None:
         mm = t.mm
         if mm.held:
             return

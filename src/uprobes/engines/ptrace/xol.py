@@ -146,7 +146,8 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
     try:
         while True:
             ptrace.singlestep(tid)
-            raw = ptrace.wait_task_until(tid, time.monotonic() + _CALL_S, _dead)
+            # An exit stays pending: the tracer's wait accounts for it.
+            raw = ptrace.wait_task_until(tid, time.monotonic() + _CALL_S, _dead, keep_exit=True)
             if raw is None:
                 raise EngineError(f"thread {tid} was killed during an injected system call"
                                   if _dead(tid) else f"thread {tid} did not come back from "
