@@ -352,3 +352,18 @@ def test_a_command_killed_while_its_probes_are_placed(attempt: int, threads_exe:
     _one_line(err)
     assert "uprobes: error" not in err, err
     assert run.returncode == 137, err
+
+
+def test_a_stopped_process_continued_while_attached_counts_every_call(
+        threads_exe: Path, tracefs: Path) -> None:
+    proc, run = _attached_to_stopped(threads_exe)
+    try:
+        _continue_and_finish(proc)
+        out, err = run.communicate(timeout=RUN_S)  # it ends with the program
+        _one_line(err)
+        assert run.returncode == 0, err
+        assert out.split() == ["PROBE", "COUNT", "uprobes/work", str(4 * LOOPS)], out
+    finally:
+        run.kill()
+        proc.kill()
+        proc.wait()

@@ -327,7 +327,7 @@ class PtraceTracer:
             raise ProcessError(f"process {pid} ended while attaching")
         if all(t.group_stop for t in self.threads.values()):
             self._note(f"process {pid} is stopped (SIGSTOP or job control): its probes "
-                       "count from when it is continued (SIGCONT); it stays stopped")
+                       "count once it is continued (SIGCONT); uprobes leaves it as it is")
         lenders = [t for t in self.threads.values() if t.pid == pid and t.can_lend]
         leader = self.threads.get(pid)
         if leader is None or not leader.can_lend:
