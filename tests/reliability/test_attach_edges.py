@@ -367,3 +367,27 @@ def test_a_stopped_process_continued_while_attached_counts_every_call(
         run.kill()
         proc.kill()
         proc.wait()
+
+
+def test_seccomp_filters_are_read_and_run_on_the_very_call(seccomp_exe: Path,
+                                                          tracefs: Path) -> None:
+    """A filter that kills mmap only with PROT_EXEC (a W^X policy), read
+    from the stopped thread and run on each call's own arguments."""
+    from uprobes.sys import ptrace, seccomp
+    proc = _filtered(seccomp_exe, "mmap_exec", "kill")
+    try:
+        ptrace.seize(proc.pid, 0)
+        ptrace.interrupt(proc.pid)
+        ptrace.wait_task(proc.pid)
+        progs = seccomp.filters(proc.pid)
+        assert isinstance(progs, list) and len(progs) == 1 and len(progs[0]) == 6, progs
+        rwx = 0x1 | 0x4  # PROT_READ | PROT_EXEC
+        why = seccomp.refusal(proc.pid, 9, (0, 4096, rwx, 0x22, -1, 0), 0x1000)
+        assert why == "its seccomp filter would kill the thread on an injected mmap()"
+        assert seccomp.refusal(proc.pid, 9, (0, 4096, 0x3, 0x22, -1, 0), 0x1000) is None
+        assert seccomp.refusal(proc.pid, 319, (0, 1), 0x1000) is None  # memfd_create passes
+        ptrace.detach(proc.pid)
+        _finish(proc)
+    finally:
+        proc.kill()
+        proc.wait()
