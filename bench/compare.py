@@ -42,7 +42,7 @@ from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.insn_guard import screen_sites
-from uprobes.probe import ResolvedProbe
+from uprobes.model.probe import ResolvedProbe
 
 EMULATED, BOOSTED = "work_emulated", "work_boosted"
 _ROOT = Path(__file__).resolve().parents[1]

@@ -26,11 +26,11 @@ from pathlib import Path
 from bench.measure import markdown_table
 from bench.workload import RESULT, Workload, build
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.filters import HitFilter
+from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
-from uprobes.probe import ResolvedProbe
+from uprobes.model.probe import ResolvedProbe
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver

@@ -45,7 +45,7 @@ from typing import Any, cast
 from bench.workload import build, loop_ns
 from uprobes.commands import main as uprobes_main
 from uprobes.engines.ptrace import orphan, retprobes, rettable
-from uprobes.registry import Probe
+from uprobes.model.registry import Probe
 from uprobes.sys.procmem import ProcessMemory
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.measure import Outcome, Skip, run_checked
 from bench.workload import Workload, loop_ns
-from uprobes.probe import ResolvedProbe
+from uprobes.model.probe import ResolvedProbe
 
 
 def require(executable: str) -> None:

@@ -25,7 +25,7 @@ import pytest
 from conftest import Compiler, FiltersTarget
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.filters import HitFilter
+from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
 from uprobes.resolve.resolver import Resolver

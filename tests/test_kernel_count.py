@@ -394,7 +394,7 @@ def test_usdt_semaphore_is_set_only_while_traced(tracefs: Path, compile_c: Compi
     place and lowers it at detach: 0 before, 1 during, 0 after; a program
     run under `-- CMD` sees it set at every hit."""
     from uprobes.resolve.resolver import Resolver
-    from uprobes.spec import parse
+    from uprobes.lang import parse
     exe = compile_c("usdt_target.c")
     [probe] = Resolver().resolve(parse(f"usdt:{exe}:demo:tick"))  # type: ignore[arg-type]
     assert probe.ref_ctr_offset is not None

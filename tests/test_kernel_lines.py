@@ -15,7 +15,7 @@ import pytest
 from conftest import Compiler
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.event import Hit, hit_event
+from uprobes.model.event import Hit, hit_event
 from uprobes.engines.kernel.lines import ALIKE, PERIODS, LineQueue
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch

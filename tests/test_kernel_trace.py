@@ -20,7 +20,7 @@ from conftest import Compiler, need
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
-from uprobes.engines.event import Event, Hit, hit_event
+from uprobes.model.event import Event, Hit, hit_event
 from uprobes.engines.kernel.records import kernel_probes
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch

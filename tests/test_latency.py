@@ -152,7 +152,7 @@ def test_returns_pair_by_the_return_address_fetched_at_entry() -> None:
     returned to closes; entries above it were left (abandoned); a return to
     an address no open entry holds pairs with nothing and pops nothing."""
     from uprobes.analysis.calls import CallPairer
-    from uprobes.engines.event import Event
+    from uprobes.model.event import Event
 
     def entry(sp: int, ra: int) -> Event:
         return Event("f", "p", 1, 1, "x", 0, 0, 0x100, args={"__sp": sp, "__ra": ra})

@@ -24,7 +24,7 @@ import pytest
 from conftest import Compiler
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.event import Event
+from uprobes.model.event import Event
 from uprobes.engines.launch import launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.resolve.resolver import Resolver
@@ -288,7 +288,7 @@ def test_a_process_traced_by_another_is_refused_in_one_line(target: Path) -> Non
 def test_an_exception_in_a_handler_detaches_cleanly(threads_exe: Path) -> None:
     """A consumer that raises mid-run: every int3 and return address is put
     back, and the program finishes with its right output."""
-    from uprobes.registry import Consumer
+    from uprobes.model.registry import Consumer
 
     class Boom(Exception):
         pass
@@ -328,7 +328,7 @@ def test_an_exception_in_a_handler_detaches_cleanly(threads_exe: Path) -> None:
 def test_a_handler_changes_the_return_value(target: Path,
                                            capfd: pytest.CaptureFixture[str]) -> None:
     """Synchronous handlers may write registers: `add` returns 1000 more."""
-    from uprobes.registry import Consumer
+    from uprobes.model.registry import Consumer
     probes = Resolver().resolve_all(parse_specs([f"r {target}:add"]))
 
     def bump(hit: Any) -> None:

@@ -12,7 +12,7 @@ import os
 import struct
 
 from uprobes.engines.ptrace import retprobes, rettable
-from uprobes.registry import Probe
+from uprobes.model.registry import Probe
 from uprobes.sys.procmem import ProcessMemory
 
 TRAMPOLINE = 0x7000_0000

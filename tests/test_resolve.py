@@ -11,10 +11,11 @@ import pytest
 
 from test_elf_support import readelf_func
 from uprobes.errors import ResolveError, SpecError
-from uprobes.probe import InodeKey, VdsoKey
+from uprobes.model.probe import InodeKey, VdsoKey
 from uprobes.resolve.resolver import Resolver
-from uprobes.spec import kernel_line, parse
-from uprobes.spec.ast import ProbeSpec
+from uprobes.lang import parse
+from uprobes.resolve.abi import kernel_line
+from uprobes.lang.ast import ProbeSpec
 
 PY = "/usr/bin/python3.11"
 

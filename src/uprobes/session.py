@@ -25,13 +25,13 @@ Probe lines are parsed when given, so a mistake shows at the line that made
 it; they are resolved when the run starts (`attach()` resolves names as the
 process sees them). The same line given twice is one probe with two
 consumers; a hit calls its only handler directly, or a prepared chain when
-there are several (see `uprobes.registry`).
+there are several (see `uprobes.model.registry`).
 
 Filters (`pid`, `tid`, `comm`, `condition`) are tested per consumer on
 each event that arrives. On the kernel engine the OR of a line's
 consumers' filters, as far as the kernel's event filter can say it, is
 also tested in the kernel first: a hit no consumer wants makes no record
-(see `uprobes.engines.filters.pushdown`). Only the records change, never
+(see `uprobes.model.filters.pushdown`). Only the records change, never
 what a handler gets.
 """
 
@@ -44,19 +44,19 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from uprobes.engines.choose import ENGINES, pick_engine
-from uprobes.engines.event import Event
-from uprobes.engines.filters import HitFilter, pushdown
+from uprobes.model.event import Event
+from uprobes.model.filters import HitFilter, pushdown
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import SpecError, UsageError
-from uprobes.probe import ResolvedProbe
-from uprobes.registry import Consumer, prepare_dispatch
+from uprobes.model.probe import ResolvedProbe
+from uprobes.model.registry import Consumer, prepare_dispatch
 from uprobes.resolve.resolver import Resolver
-from uprobes.spec import parse
-from uprobes.spec.ast import ProbeSpec
-from uprobes.spec.condition import Condition
-from uprobes.spec.render import render
+from uprobes.lang import parse
+from uprobes.lang.ast import ProbeSpec
+from uprobes.lang.condition import Condition
+from uprobes.lang.render import render
 from uprobes.unwind.capture import check_stack_bytes
 
 if TYPE_CHECKING:

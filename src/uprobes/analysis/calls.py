@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from uprobes.engines.event import Event
+from uprobes.model.event import Event
 
 SP_ARG = "__sp"
 RA_ARG = "__ra"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from uprobes.engines.event import Event
+from uprobes.model.event import Event
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from uprobes.engines.event import Event
+from uprobes.model.event import Event
 from uprobes.unwind.space import Frame
 
 FrameKey = tuple[str | None, str | None, int]

@@ -17,7 +17,7 @@ from uprobes.engines.launch import Launched, finish, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import ProcessError, UsageError
-from uprobes.probe import ResolvedProbe
+from uprobes.model.probe import ResolvedProbe
 from uprobes.render.counts import write_count_json, write_count_table
 from uprobes.resolve.resolver import Resolver
 from uprobes.sys.pidfd import watch_process

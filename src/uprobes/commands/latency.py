@@ -20,12 +20,12 @@ from uprobes.commands.selection import (
     add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
     run_selected,
 )
-from uprobes.engines.event import Event
+from uprobes.model.event import Event
 from uprobes.errors import SpecError, UsageError
 from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
 from uprobes.session import Session
-from uprobes.spec.ast import FileTarget, ProbeKind, ProbeSpec
-from uprobes.spec.render import render
+from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
+from uprobes.lang.render import render
 
 NAME = "latency"
 HELP = "histogram of how long each call of the functions takes"

@@ -8,12 +8,13 @@ from typing import TextIO
 
 from uprobes.commands.selection import add_uretprobe_argument
 from uprobes.errors import SpecError
-from uprobes.probe import InodeKey, ResolvedProbe
+from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.render.json import write_json
 from uprobes.resolve.resolver import Resolver
-from uprobes.spec import kernel_line, parse
-from uprobes.spec.lower import kernel_can_name
-from uprobes.spec.ast import ProbeSpec
+from uprobes.lang import parse
+from uprobes.resolve.abi import kernel_line
+from uprobes.resolve.abi import kernel_can_name
+from uprobes.lang.ast import ProbeSpec
 
 NAME = "resolve"
 HELP = "resolve probe specs to files, inodes and offsets, and show the kernel's line for each"

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from uprobes.engines.choose import ENGINES, pick_engine
-from uprobes.engines.filters import HitFilter
+from uprobes.model.filters import HitFilter
 from uprobes.errors import UsageError
-from uprobes.probe import ResolvedProbe
+from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve import retsites
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from uprobes.engines.kernel.streams import STACK_RING_PAGES
 from uprobes.errors import UsageError
 from uprobes.render.stacks import write_folded, write_stacks, write_stacks_json
 from uprobes.session import Session
-from uprobes.spec.render import render
+from uprobes.lang.render import render
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 NAME = "stacks"

@@ -24,7 +24,7 @@ from uprobes.errors import UsageError
 from uprobes.render.json import write_json
 from uprobes.render.table import write_table
 from uprobes.session import Session
-from uprobes.spec.render import render
+from uprobes.lang.render import render
 
 NAME = "top"
 HELP = "live table of hits per second, per probe and process"

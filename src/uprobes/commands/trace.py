@@ -26,8 +26,8 @@ from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
-from uprobes.probe import ResolvedProbe
-from uprobes.engines.event import ProbeInfo
+from uprobes.model.probe import ResolvedProbe
+from uprobes.model.event import ProbeInfo
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from uprobes.errors import UsageError
-from uprobes.probe import ResolvedProbe, VdsoKey
-from uprobes.spec.lower import kernel_can_name
+from uprobes.model.probe import ResolvedProbe, VdsoKey
+from uprobes.resolve.abi import kernel_can_name
 
 ENGINES = ("auto", "kernel", "ptrace")
 

@@ -16,8 +16,8 @@ import json
 from collections.abc import Callable
 from typing import TextIO
 
-from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
-from uprobes.spec.ast import FetchType
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
+from uprobes.lang.ast import FetchType
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

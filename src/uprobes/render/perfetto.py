@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from uprobes.analysis.calls import CallPairer
-from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

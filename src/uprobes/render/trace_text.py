@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
-from uprobes.spec.ast import FetchType
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
+from uprobes.lang.ast import FetchType
 
 
 def format_value(value: ArgValue, ftype: FetchType) -> str:

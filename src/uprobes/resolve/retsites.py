@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import find_return_sites
 from uprobes.elf.symbols import Symbol
-from uprobes.probe import ResolvedProbe
-from uprobes.spec.ast import FetchArg
-from uprobes.spec.lower import at_ret_site
+from uprobes.model.probe import ResolvedProbe
+from uprobes.lang.ast import FetchArg
+from uprobes.resolve.abi import at_ret_site
 
 UNSAFE = "an exception, longjmp or stack switch through it aborts or confuses the program"
 

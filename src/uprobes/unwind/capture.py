@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError, UsageError

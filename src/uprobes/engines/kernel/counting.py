@@ -69,15 +69,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
-from uprobes.engines.filters import HitFilter
+from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.groups import check_event_count, open_run_group, remove_run_group
 from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.engines.kernel.records import COMM_FIELD, PAGE_MASK
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
-from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
-from uprobes.spec import kernel_line
-from uprobes.spec.ast import ProbeKind
-from uprobes.spec.condition import Condition, bind, values_of
+from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
+from uprobes.resolve.abi import kernel_line
+from uprobes.lang.ast import ProbeKind
+from uprobes.lang.condition import Condition, bind, values_of
 from uprobes.sys import procfs
 from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, ATTR_INHERIT_THREAD, \
     PERF_TYPE_TRACEPOINT, PerfEvent, PerfEventAttr, online_cpus

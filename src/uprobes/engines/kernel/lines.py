@@ -22,7 +22,7 @@ from itertools import chain, repeat
 from operator import add
 from typing import Protocol, runtime_checkable
 
-from uprobes.engines.event import Hit, RowShape
+from uprobes.model.event import Hit, RowShape
 from uprobes.engines.kernel.records import RecordDecoder, RetSiteDecoder
 from uprobes.engines.kernel.rows import RowPlan, row_plan
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout, agreeing, phase_offsets

@@ -19,13 +19,13 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
-from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.errors import KernelError
-from uprobes.probe import ResolvedProbe
-from uprobes.spec import kernel_line
-from uprobes.spec.ast import UsdtTarget
-from uprobes.spec.lower import lower_fetcharg
-from uprobes.spec.ast import FetchType
+from uprobes.model.probe import ResolvedProbe
+from uprobes.resolve.abi import kernel_line
+from uprobes.lang.ast import UsdtTarget
+from uprobes.resolve.abi import lower_fetcharg
+from uprobes.lang.ast import FetchType
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, Sample, SampleLayout
 

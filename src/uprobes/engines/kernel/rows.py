@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from uprobes.engines.event import Hit, RowShape
+from uprobes.model.event import Hit, RowShape
 from uprobes.engines.kernel.records import COMM_FIELD, RET_FIELD, RecordDecoder, \
     RetSiteDecoder
 from uprobes.sys.event_format import EventFormat

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from uprobes.engines.event import Hit
+from uprobes.model.event import Hit
 from uprobes.sys.perf import PERF_REG_X86, user_tail
 from uprobes.unwind.capture import StackCapture
 from uprobes.unwind.stack import StackCopy

@@ -19,8 +19,8 @@ from contextlib import ExitStack
 from operator import itemgetter
 from types import TracebackType
 
-from uprobes.engines.event import Event, Hit, ProbeInfo, hit_event
-from uprobes.engines.filters import HitFilter
+from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
+from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.groups import check_event_count, open_run_group, \
     remove_run_group
 from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
@@ -32,8 +32,8 @@ from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, HitRenderer, LineQueue, \
     LineRenderer
 from uprobes.errors import KernelError, ProcessError, ResolveError
-from uprobes.probe import ResolvedProbe
-from uprobes.spec.condition import Condition
+from uprobes.model.probe import ResolvedProbe
+from uprobes.lang.condition import Condition
 from uprobes.sys import procfs
 from uprobes.sys.pidfd import has_ended, watch_process
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs

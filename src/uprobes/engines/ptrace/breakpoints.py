@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from uprobes.engines.ptrace.relocate import SlotPlan
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
-from uprobes.registry import Probe
+from uprobes.model.registry import Probe
 
 if TYPE_CHECKING:
     from uprobes.sys.procfs import Mapping

@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Protocol
 
-from uprobes.engines.event import ArgValue
+from uprobes.model.event import ArgValue
 from uprobes.engines.ptrace.fetch_strings import Text, TextArg, TextFetch, share_string_space
 from uprobes.errors import SpecError
-from uprobes.probe import ResolvedProbe
-from uprobes.spec.ast import (
+from uprobes.model.probe import ResolvedProbe
+from uprobes.lang.ast import (
     Arg, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString, Memory,
     Register, RetVal, StackEntry, StackPointer, UsdtTarget,
 )
-from uprobes.spec.lower import lower_fetcharg
+from uprobes.resolve.abi import lower_fetcharg
 
 MASK64 = (1 << 64) - 1
 

@@ -18,7 +18,7 @@ import errno
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from uprobes.engines.event import ArgValue
+from uprobes.model.event import ArgValue
 
 MAX_STRING_SIZE = 4096
 """PATH_MAX: the most one string fetch copies, its NUL included."""

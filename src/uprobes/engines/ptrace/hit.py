@@ -26,7 +26,7 @@ from uprobes.sys.ptrace import UserRegs
 if TYPE_CHECKING:
     from uprobes.sys.procmem import ProcessMemory
     from uprobes.engines.ptrace.tasks import Thread
-    from uprobes.registry import Probe
+    from uprobes.model.registry import Probe
 
 
 class PtraceHit:

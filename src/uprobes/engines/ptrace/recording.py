@@ -76,18 +76,18 @@ from typing import Any, cast
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
 
-from uprobes.engines.event import ArgValue, Hit, RowShape
+from uprobes.model.event import ArgValue, Hit, RowShape
 from uprobes.engines.kernel.lines import LineRenderer
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
 from uprobes.engines.ptrace.sharedmem import CPUS, most_hits
 from uprobes.sys import futex, tsc
 from uprobes.sys.procmem import MemoryFault
-from uprobes.probe import ResolvedProbe
-from uprobes.spec.ast import (
+from uprobes.model.probe import ResolvedProbe
+from uprobes.lang.ast import (
     Comm, FetchArg, FetchType, ImmString, Immediate, Register, RetVal, StackEntry, StackPointer,
     UsdtTarget,
 )
-from uprobes.spec.lower import lower_fetcharg
+from uprobes.resolve.abi import lower_fetcharg
 from uprobes.sys.ptrace import UserRegs
 
 SLOTS = 32768                       # a power of two

@@ -32,7 +32,7 @@ from uprobes.sys.procmem import MemoryFault, ProcessMemory
 
 if TYPE_CHECKING:
     from uprobes.engines.ptrace.rettable import ReturnTable
-    from uprobes.registry import Probe
+    from uprobes.model.registry import Probe
 
 MAX_DEPTH = 64
 _Q = struct.Struct("<Q")

@@ -34,8 +34,8 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import cast
 
-from uprobes.engines.event import ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.engines.filters import HitFilter, TaskView
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.filters import HitFilter, TaskView
 from uprobes.engines.kernel.counting import display_names
 from uprobes.engines.kernel.lines import HitRenderer, LineRenderer
 from uprobes.engines.kernel.records import probe_info
@@ -53,8 +53,8 @@ from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
-from uprobes.probe import InodeKey, ResolvedProbe, VdsoKey
-from uprobes.registry import Consumer, Probe, Registry, TaskLike, prepare_dispatch
+from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
+from uprobes.model.registry import Consumer, Probe, Registry, TaskLike, prepare_dispatch
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.ptrace import UserRegs
 from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery

@@ -15,15 +15,15 @@ import re
 from typing import TYPE_CHECKING
 
 from uprobes.errors import SpecError
-from uprobes.spec.ast import (
+from uprobes.lang.ast import (
     Arg, Bitfield, Deref, FetchArg, FetchExpr, FetchType, Immediate, Memory, Register, RetVal,
     StackEntry, StackPointer, UsdtTarget,
 )
-from uprobes.spec.numbers import kstrtol, kstrtoul
-from uprobes.spec.render import render_fetcharg, render_path
+from uprobes.lang.numbers import kstrtol, kstrtoul
+from uprobes.lang.render import render_fetcharg, render_path
 
-if TYPE_CHECKING:  # uprobes.probe imports uprobes.spec.ast: no cycle at run time
-    from uprobes.probe import ResolvedProbe, UsdtArg
+if TYPE_CHECKING:  # uprobes.model.probe imports uprobes.lang.ast: no cycle at run time
+    from uprobes.model.probe import ResolvedProbe, UsdtArg
 
 SYSV_ARG_REGISTERS = ("di", "si", "dx", "cx", "r8", "r9")
 # Go's internal register ABI on amd64 (gc go1.17+): integer arguments in
@@ -205,8 +205,8 @@ def kernel_line(probe: ResolvedProbe, ret_site: int | None = None, *,
     carries the kernel's own message for it. Without `for_kernel` (to show
     the line), a path the kernel cannot name is quoted as our language
     writes it, instead of refused."""
-    from uprobes.probe import VdsoKey
-    from uprobes.spec.grammar import parse
+    from uprobes.model.probe import VdsoKey
+    from uprobes.lang.grammar import parse
 
     if isinstance(probe.key, VdsoKey):
         raise SpecError("vDSO probes have no uprobe_events form (no file to name)",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from uprobes.spec.ast import FetchArg, ProbeKind, ProbeSpec
+from uprobes.lang.ast import FetchArg, ProbeKind, ProbeSpec
 
 
 @dataclass(frozen=True, order=True)
@@ -51,7 +51,7 @@ class ResolvedProbe:
     `/proc/PID/root/...` path). `event` and `group` are final names.
     `args` are the spec's fetchargs, with `$argN` still symbolic: each engine
     turns them into what it fetches (the kernel engine into `%di`... or the
-    USDT operand, through `uprobes.spec.lower`).
+    USDT operand, through `uprobes.resolve.abi`).
 
     A return probe has `ret_sites`: the file offsets of its function's `ret`s,
     where engines place it as entry-style probes that see what a uretprobe

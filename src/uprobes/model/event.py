@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from uprobes.spec.ast import FetchType
+from uprobes.lang.ast import FetchType
 
 if TYPE_CHECKING:
     from uprobes.unwind.space import Frame

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from uprobes.probe import ResolvedProbe
-from uprobes.registry import TaskFilter
-from uprobes.spec.condition import TASK_FIELDS, Compare, Condition, Event, Node, join, \
+from uprobes.model.probe import ResolvedProbe
+from uprobes.model.registry import TaskFilter
+from uprobes.lang.condition import TASK_FIELDS, Compare, Condition, Event, Node, join, \
     parse_condition, widened
 
 

@@ -7,12 +7,12 @@ where one was written.
 
 from __future__ import annotations
 
-from uprobes.spec.ast import (
+from uprobes.lang.ast import (
     Arg, ClearSpec, Comm, Deref, FetchArg, FetchExpr, FileOffset, FileTarget, Immediate,
     ImmString, Memory, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer, Target,
     UsdtTarget, VdsoTarget,
 )
-from uprobes.spec.types import render_type
+from uprobes.lang.types import render_type
 
 
 def render(spec: Spec) -> str:

@@ -80,7 +80,7 @@ INTERNAL = "uprobes bug: the probe parser failed on this line"
 
 class TokenError(Exception):
     """Internal: an error at `offset` inside one token; the line parser adds
-    the token's position. Never escapes `uprobes.spec.parse`."""
+    the token's position. Never escapes `uprobes.lang.parse`."""
 
     def __init__(self, message: str, offset: int, detail: str = "") -> None:
         super().__init__(message)

@@ -15,8 +15,8 @@ from conftest import Compiler
 from uprobes.commands.resolve import parse_specs
 from uprobes.errors import KernelError, SpecError
 from uprobes.resolve.resolver import Resolver
-from uprobes.spec.ast import FetchType
-from uprobes.spec.condition import MAX_DEPTH, Condition, bind, parse_condition, widened
+from uprobes.lang.ast import FetchType
+from uprobes.lang.condition import MAX_DEPTH, Condition, bind, parse_condition, widened
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 TYPES = {"size": FetchType("u64"), "delta": FetchType("s32"), "name": FetchType("string"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from uprobes.spec import messages as msg
-from uprobes.spec.messages import TokenError
-from uprobes.spec.numbers import is_good_name, is_good_system_name
+from uprobes.lang import messages as msg
+from uprobes.lang.messages import TokenError
+from uprobes.lang.numbers import is_good_name, is_good_system_name
 
 MAX_EVENT_NAME_LEN = 64
 """Kernel limit incl. NUL: an event name has at most 63 chars, a group too."""

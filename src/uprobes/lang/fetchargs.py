@@ -5,7 +5,7 @@ kernel/trace/trace_probe.c for uprobes (TPARG_FL_USER): the same order of
 checks, the same error and the same caret offset, including the kernel's
 quirks (text after the last ')' of a dereference is ignored; the caret of a
 `+u`/`-u` dereference is one column early). One extension: `$argN` is
-accepted (the kernel refuses it for uprobes; `uprobes.spec.lower` turns it
+accepted (the kernel refuses it for uprobes; `uprobes.resolve.abi` turns it
 into a register or stack slot).
 
 The kernel builds at most FETCH_INSN_MAX (16) fetch instructions per
@@ -19,14 +19,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from uprobes.spec import messages as msg
-from uprobes.spec import types
-from uprobes.spec.ast import (
+from uprobes.lang import messages as msg
+from uprobes.lang import types
+from uprobes.lang.ast import (
     Arg, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString,
     Memory, Register, RetVal, StackEntry, StackPointer,
 )
-from uprobes.spec.messages import TokenError
-from uprobes.spec.numbers import is_alpha, is_digit, is_good_name, kstrtol, kstrtoul, kstrtouint
+from uprobes.lang.messages import TokenError
+from uprobes.lang.numbers import is_alpha, is_digit, is_good_name, kstrtol, kstrtoul, kstrtouint
 
 MAX_ARGSTR_LEN = 63
 MAX_ARG_NAME_LEN = 32

@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uprobes.errors import SpecError
-from uprobes.spec import parse, render
-from uprobes.spec import messages as msg
-from uprobes.spec.ast import (
+from uprobes.lang import parse, render
+from uprobes.lang import messages as msg
+from uprobes.lang.ast import (
     Arg, Bitfield, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, FileTarget, Immediate,
     ImmString, Memory, ProbeKind, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer,
     UsdtTarget, VdsoTarget,
 )
-from uprobes.spec.fetchargs import REGISTERS
+from uprobes.lang.fetchargs import REGISTERS
 
 ALPHABET = "pr:/%@$+-u()[]\\\"=.,#_ abcxdisp0123456789\t*?"
 PIECES = ["p", "r", ":", "/bin/true", ":0x10", "%ax", "%di", "$stack", "$comm", "$retval", "$arg1",

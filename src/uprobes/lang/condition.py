@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uprobes.errors import SpecError
-from uprobes.registry import TaskLike
-from uprobes.spec.ast import FetchType
+from uprobes.model.registry import TaskLike
+from uprobes.lang.ast import FetchType
 
 
 class Event(TaskLike, Protocol):

@@ -18,8 +18,8 @@ import pytest
 from conftest import Compiler
 from uprobes.commands import main
 from uprobes.errors import SpecError
-from uprobes.spec import parse, render
-from uprobes.spec.fetchargs import REGISTER_ALIASES, SUBREGISTERS
+from uprobes.lang import parse, render
+from uprobes.lang.fetchargs import REGISTER_ALIASES, SUBREGISTERS
 
 
 def rendered_args(args: str) -> str:
@@ -41,7 +41,7 @@ def test_x86_spellings_are_the_kernels_fetches(written: str, kernel: str) -> Non
 
 
 def test_every_alias_names_a_kernel_register() -> None:
-    from uprobes.spec.fetchargs import REGISTERS
+    from uprobes.lang.fetchargs import REGISTERS
     assert set(REGISTER_ALIASES.values()) <= REGISTERS
     assert {reg for reg, _bits in SUBREGISTERS.values()} <= REGISTERS
     assert not (set(REGISTER_ALIASES) | set(SUBREGISTERS)) & REGISTERS  # never ambiguous

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from uprobes.spec import messages as msg
-from uprobes.spec.ast import FileTarget, Target, UsdtTarget, VdsoTarget
-from uprobes.spec.messages import TokenError
-from uprobes.spec.numbers import is_digit, kstrtoul
+from uprobes.lang import messages as msg
+from uprobes.lang.ast import FileTarget, Target, UsdtTarget, VdsoTarget
+from uprobes.lang.messages import TokenError
+from uprobes.lang.numbers import is_digit, kstrtoul
 
 VDSO_PREFIX = ":vdso:"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from uprobes.errors import EngineError
-from uprobes.probe import InodeKey, ProbeKey, ResolvedProbe, VdsoKey
+from uprobes.model.probe import InodeKey, ProbeKey, ResolvedProbe, VdsoKey
 
 
 class TaskLike(Protocol):

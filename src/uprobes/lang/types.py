@@ -6,8 +6,8 @@ bitfield syntax check is done later (see fetchargs), as the kernel does.
 
 from __future__ import annotations
 
-from uprobes.spec.ast import Bitfield, FetchType
-from uprobes.spec.numbers import kstrtoul, simple_strtoul
+from uprobes.lang.ast import Bitfield, FetchType
+from uprobes.lang.numbers import kstrtoul, simple_strtoul
 
 INT_TYPES = tuple(f"{k}{n}" for k in "usx" for n in (8, 16, 32, 64))
 NAMED_TYPES = frozenset(INT_TYPES + ("char", "string", "ustring"))

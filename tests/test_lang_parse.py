@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 
 from uprobes.errors import SpecError
-from uprobes.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
-from uprobes.spec import auto_event_name, kernel_line, parse, parse_args, render, symbol_event_name
-from uprobes.spec.ast import (
+from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
+from uprobes.lang import auto_event_name, parse, parse_args, render, symbol_event_name
+from uprobes.resolve.abi import kernel_line
+from uprobes.lang.ast import (
     Arg, Bitfield, ClearSpec, Comm, Deref, FetchArg, FetchType, FileOffset, FileTarget, Immediate,
     ImmString, Memory, ProbeKind, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer,
     UsdtTarget, VdsoTarget,
@@ -260,7 +261,7 @@ def test_quoted_path_errors(line: str, message: str, pos: int, hint: bool) -> No
 
 
 def test_generated_event_names_are_c_identifiers() -> None:
-    from uprobes.spec.names import offset_event_name
+    from uprobes.lang.names import offset_event_name
     assert offset_event_name("/x/pr:og", 0x1139) == "p_pr_og_0x1139"
     assert offset_event_name("/x/prög", 0x10) == "p_pr_g_0x10"
     assert offset_event_name("/x/my prog", 0x10) == "p_my_prog_0x10"

@@ -5,8 +5,8 @@
     PLACE [FETCHARGS]                            entry probe, `p` left out
     -:[GRP/]EVENT                                clear (`-:GRP/`: the whole group)
 
-PLACE is described in `uprobes.spec.targets`, FETCHARGS in
-`uprobes.spec.fetchargs`. Lines are split into tokens at whitespace and
+PLACE is described in `uprobes.lang.targets`, FETCHARGS in
+`uprobes.lang.fetchargs`. Lines are split into tokens at whitespace and
 anything from '#' on is a comment, as tracefs does; our one addition is a
 PATH in double quotes, which may hold whitespace (`"/opt/my app/bin":main`,
 `usdt:"/opt/my app/bin":prov:name`). The kernel has no quoting, so only
@@ -29,13 +29,13 @@ import re
 from collections.abc import Sequence
 
 from uprobes.errors import SpecError
-from uprobes.spec import messages as msg
-from uprobes.spec.ast import ClearSpec, FetchArg, ProbeKind, ProbeSpec, Spec, UsdtTarget
-from uprobes.spec.fetchargs import parse_fetcharg
-from uprobes.spec.messages import TokenError
-from uprobes.spec.names import parse_event_name
-from uprobes.spec.numbers import is_good_name, is_good_system_name
-from uprobes.spec.targets import is_kernel_place, parse_target
+from uprobes.lang import messages as msg
+from uprobes.lang.ast import ClearSpec, FetchArg, ProbeKind, ProbeSpec, Spec, UsdtTarget
+from uprobes.lang.fetchargs import parse_fetcharg
+from uprobes.lang.messages import TokenError
+from uprobes.lang.names import parse_event_name
+from uprobes.lang.numbers import is_good_name, is_good_system_name
+from uprobes.lang.targets import is_kernel_place, parse_target
 
 MAX_TRACE_ARGS = 128
 MAX_LINE = 4094

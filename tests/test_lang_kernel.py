@@ -21,9 +21,9 @@ import pytest
 
 from conftest import need
 from uprobes.errors import SpecError
-from uprobes.spec import auto_event_name, parse, render
-from uprobes.spec.ast import ClearSpec, FileTarget, ProbeSpec, Spec
-from uprobes.spec.fetchargs import REGISTER_ALIASES, SUBREGISTERS
+from uprobes.lang import auto_event_name, parse, render
+from uprobes.lang.ast import ClearSpec, FileTarget, ProbeSpec, Spec
+from uprobes.lang.fetchargs import REGISTER_ALIASES, SUBREGISTERS
 
 GROUP = f"uprobes_test_{os.getpid()}"
 CMD = "  Command: "
