@@ -9,7 +9,7 @@ import pytest
 from uprobes.errors import SpecError
 from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.lang import auto_event_name, parse, parse_args, render, symbol_event_name
-from uprobes.resolve.abi import kernel_line
+from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.lang.ast import (
     Arg, Bitfield, ClearSpec, Comm, Deref, FetchArg, FetchType, FileOffset, FileTarget, Immediate,
     ImmString, Memory, ProbeKind, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer,

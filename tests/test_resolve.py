@@ -14,7 +14,7 @@ from uprobes.errors import ResolveError, SpecError
 from uprobes.model.probe import InodeKey, VdsoKey
 from uprobes.resolve.resolver import Resolver
 from uprobes.lang import parse
-from uprobes.resolve.abi import kernel_line
+from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.lang.ast import ProbeSpec
 
 PY = "/usr/bin/python3.11"

@@ -12,8 +12,8 @@ from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.render.json import write_json
 from uprobes.resolve.resolver import Resolver
 from uprobes.lang import parse
-from uprobes.resolve.abi import kernel_line
-from uprobes.resolve.abi import kernel_can_name
+from uprobes.engines.kernel.probe_line import kernel_line
+from uprobes.engines.kernel.probe_line import kernel_can_name
 from uprobes.lang.ast import ProbeSpec
 
 NAME = "resolve"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe, VdsoKey
-from uprobes.resolve.abi import kernel_can_name
+from uprobes.engines.kernel.probe_line import kernel_can_name
 
 ENGINES = ("auto", "kernel", "ptrace")
 

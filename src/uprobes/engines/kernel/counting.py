@@ -75,7 +75,7 @@ from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.engines.kernel.records import COMM_FIELD, PAGE_MASK
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
-from uprobes.resolve.abi import kernel_line
+from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.lang.ast import ProbeKind
 from uprobes.lang.condition import Condition, bind, values_of
 from uprobes.sys import procfs

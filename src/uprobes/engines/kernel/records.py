@@ -22,7 +22,7 @@ from operator import itemgetter
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.errors import KernelError
 from uprobes.model.probe import ResolvedProbe
-from uprobes.resolve.abi import kernel_line
+from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.lang.ast import UsdtTarget
 from uprobes.resolve.abi import lower_fetcharg
 from uprobes.lang.ast import FetchType
