@@ -22,13 +22,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uprobes.errors import SpecError
-from uprobes.model.registry import TaskLike
 from uprobes.lang.ast import FetchType
 
 
-class Event(TaskLike, Protocol):
-    """What a condition reads of a hit (an engine's `Event` is one)."""
+class Event(Protocol):
+    """What a condition reads of a hit: the task (`TASK_FIELDS`) and the
+    fetchargs by name (an engine's `Event` is one)."""
 
+    @property
+    def pid(self) -> int: ...
+    @property
+    def tid(self) -> int: ...
+    @property
+    def comm(self) -> str: ...
     @property
     def args(self) -> Mapping[str, object]: ...
 
