@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from uprobes.model.event import Event
-from uprobes.unwind.space import Frame
+from uprobes.model.event import Frame
 
 FrameKey = tuple[str | None, str | None, int]
 

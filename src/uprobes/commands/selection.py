@@ -12,6 +12,7 @@ from uprobes.model.filters import HitFilter
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve import retsites
+from uprobes.resolve.abi import probe_info
 
 if TYPE_CHECKING:
     from uprobes.session import Session
@@ -92,7 +93,7 @@ def hit_filter(args: argparse.Namespace, probes: Sequence[ResolvedProbe]) -> Hit
     """The filter `add_filter_arguments` asked for, checked against every probe."""
     flt = HitFilter.parse(args.condition, args.comm, args.tid)
     if flt is not None:
-        flt.check(probes)
+        flt.check([probe_info(p) for p in probes])
     return flt
 
 

@@ -7,17 +7,46 @@ CLOCK_MONOTONIC, so events line up with other sources on the machine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uprobes.lang.ast import FetchType
+from uprobes.model.probe import ResolvedProbe
 
-if TYPE_CHECKING:
-    from uprobes.unwind.space import Frame
+# The hidden fetcharg the kernel engine adds to every probe (the task's
+# comm as it was at the hit); the ptrace engine models it, as it takes
+# from the same string space.
+COMM_FIELD = "__uprobes_comm"
+MAX_ARGS = 128  # fetchargs per probe: MAX_TRACE_ARGS in kernel/trace/trace_probe.h
 
 ArgValue = int | str | None | list[int] | list[str | None]
 """An argument's value: an integer, a string, None for a string whose fetch
 faulted (the kernel prints `(fault)`), or a list for `TYPE[N]`."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One code address, named: `symbol+offset (path)`; unknown parts None.
+    `link_addr`: the same place as the file's link-time address (None when
+    no file maps it), the same in every process whatever ASLR did."""
+
+    runtime_addr: int
+    path: str | None
+    symbol: str | None
+    offset: int = 0
+    link_addr: int | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        if self.symbol is None:
+            return f"0x{self.runtime_addr:x}{where}"
+        return f"{self.symbol}+0x{self.offset:x}{where}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"addr": self.runtime_addr, "symbol": self.symbol, "offset": self.offset,
+                "file": self.path}
+
 
 
 @dataclass(frozen=True)
@@ -99,3 +128,14 @@ def hit_event(hit: Hit, info: ProbeInfo, stack: tuple[Frame, ...] | None = None)
     return Event(probe=probe, kind=info.kind, pid=pid, tid=tid, comm=comm, cpu=cpu,
                  ts_ns=ts_ns, ip=ip, func=func,
                  args={name: value for (name, _), value in zip(info.args, args)}, stack=stack)
+
+
+def display_names(probes: Sequence[ResolvedProbe]) -> list[str]:
+    """`GRP/EVENT` as the user named each probe, made unique (`_2`, `_3`...)."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in probes:
+        n = seen.get(p.name, 0) + 1
+        seen[p.name] = n
+        names.append(p.name if n == 1 else f"{p.name}_{n}")
+    return names

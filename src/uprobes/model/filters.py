@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from uprobes.model.probe import ResolvedProbe
+from uprobes.model.event import ProbeInfo
 from uprobes.model.registry import TaskFilter
 from uprobes.lang.condition import TASK_FIELDS, Compare, Condition, Event, Node, join, \
     parse_condition, widened
@@ -75,14 +75,13 @@ class HitFilter:
     def needs_comm(self) -> bool:
         return "comm" in self.combined.fields
 
-    def check(self, probes: Sequence[ResolvedProbe]) -> None:
+    def check(self, probes: Sequence[ProbeInfo]) -> None:
         """Every probe has the fields the condition names, of fitting kinds
         (SpecError naming the probe's fields otherwise)."""
         if self.condition is None:
             return
-        from uprobes.engines.kernel.records import probe_info
         for p in probes:
-            self.condition.check_fields(p.name, dict(probe_info(p).args))
+            self.condition.check_fields(p.name, dict(p.args))
 
     def kernel_filter(self) -> str | None:
         """The kernel's filter text, or None when it cannot say it (`pid`)."""

@@ -17,11 +17,12 @@ import re
 from uprobes.errors import SpecError
 from uprobes.lang.ast import (
     Arg, Bitfield, Deref, FetchArg, FetchExpr, FetchType, Immediate, Memory, Register, RetVal,
-    StackEntry, StackPointer,
+    StackEntry, StackPointer, UsdtTarget,
 )
 from uprobes.lang.numbers import kstrtol, kstrtoul
 
-from uprobes.model.probe import UsdtArg
+from uprobes.model.event import ProbeInfo
+from uprobes.model.probe import ResolvedProbe, UsdtArg
 
 SYSV_ARG_REGISTERS = ("di", "si", "dx", "cx", "r8", "r9")
 # Go's internal register ABI on amd64 (gc go1.17+): integer arguments in
@@ -172,3 +173,11 @@ def at_ret_site(expr: FetchExpr) -> FetchExpr | None:
 
 def _is_stack_pointer(expr: FetchExpr) -> bool:
     return isinstance(expr, StackPointer) or (isinstance(expr, Register) and expr.name == "sp")
+
+
+def probe_info(p: ResolvedProbe) -> ProbeInfo:
+    """Display name, kind and argument types (after lowering: a USDT `$argN`
+    takes the operand's size and sign) of a resolved probe."""
+    usdt = p.usdt_args if isinstance(p.spec.target, UsdtTarget) else None
+    args = tuple((a.name, lower_fetcharg(a, usdt).type) for a in p.args)
+    return ProbeInfo(p.name, "r" if p.is_return else "p", args)

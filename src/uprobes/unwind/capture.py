@@ -17,7 +17,8 @@ from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError, UsageError
 from uprobes.unwind.cfi import RA, RSP, CfiTable
-from uprobes.unwind.space import AddressSpaces, Frame
+from uprobes.model.event import Frame
+from uprobes.unwind.space import AddressSpaces
 from uprobes.unwind.stack import StackCopy, unwind
 
 DEFAULT_STACK_BYTES = 8192  # as perf record --call-graph dwarf: most C stacks fit

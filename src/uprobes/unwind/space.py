@@ -11,38 +11,15 @@ from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError
+from uprobes.model.event import Frame
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
 from uprobes.unwind.cfi import CfiTable, FrameRule
 from uprobes.unwind.stack import RuleFinder
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One code address, named: `symbol+offset (path)`; unknown parts None.
-    `link_addr`: the same place as the file's link-time address (None when
-    no file maps it), the same in every process whatever ASLR did."""
-
-    runtime_addr: int
-    path: str | None
-    symbol: str | None
-    offset: int = 0
-    link_addr: int | None = None
-
-    def __str__(self) -> str:
-        where = f" ({self.path})" if self.path else ""
-        if self.symbol is None:
-            return f"0x{self.runtime_addr:x}{where}"
-        return f"{self.symbol}+0x{self.offset:x}{where}"
-
-    def as_dict(self) -> dict[str, object]:
-        return {"addr": self.runtime_addr, "symbol": self.symbol, "offset": self.offset,
-                "file": self.path}
 
 
 class _Process:

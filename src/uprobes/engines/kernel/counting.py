@@ -72,7 +72,8 @@ from types import TracebackType
 from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.groups import check_event_count, open_run_group, remove_run_group
 from uprobes.engines.kernel.insn_guard import screen_sites
-from uprobes.engines.kernel.records import COMM_FIELD, PAGE_MASK
+from uprobes.engines.kernel.records import PAGE_MASK
+from uprobes.model.event import COMM_FIELD, display_names
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.engines.kernel.probe_line import kernel_line
@@ -119,17 +120,6 @@ def refusal_note(refused: Sequence[Refusal], total: int, shown: int = 8) -> str:
                 else f"the kernel refused {len(names)} of {total} probes")
         parts.append(f"{head} ({reason}): {listed}")
     return "; ".join(parts)
-
-
-def display_names(probes: Sequence[ResolvedProbe]) -> list[str]:
-    """`GRP/EVENT` as the user named each probe, made unique (`_2`, `_3`...)."""
-    seen: dict[str, int] = {}
-    names = []
-    for p in probes:
-        n = seen.get(p.name, 0) + 1
-        seen[p.name] = n
-        names.append(p.name if n == 1 else f"{p.name}_{n}")
-    return names
 
 
 @dataclass

@@ -19,19 +19,17 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
-from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.errors import KernelError
 from uprobes.model.probe import ResolvedProbe
 from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.lang.ast import UsdtTarget
-from uprobes.resolve.abi import lower_fetcharg
+from uprobes.resolve.abi import probe_info
 from uprobes.lang.ast import FetchType
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, Sample, SampleLayout
 
-COMM_FIELD = "__uprobes_comm"
 RET_FIELD = "__uprobes_ret"
-MAX_ARGS = 128  # MAX_TRACE_ARGS in kernel/trace/trace_probe.h
 _MAX_EVENT_NAME = 63
 _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
@@ -135,14 +133,6 @@ def event_line(kp: KernelProbe, event: str) -> str:
     """`kp`'s uprobe_events line, defining (or appending to) `group/event`."""
     head, _, rest = kp.line.partition(" ")
     return f"{head.partition(':')[0]}:{kp.group}/{event} {rest}"
-
-
-def probe_info(p: ResolvedProbe) -> ProbeInfo:
-    """Display name, kind and argument types (after lowering: a USDT `$argN`
-    takes the operand's size and sign) of a resolved probe."""
-    usdt = p.usdt_args if isinstance(p.spec.target, UsdtTarget) else None
-    args = tuple((a.name, lower_fetcharg(a, usdt).type) for a in p.args)
-    return ProbeInfo(p.name, "r" if p.is_return else "p", args)
 
 
 class RecordDecoder:

@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass, field
 
 from uprobes.model.event import Hit, RowShape
-from uprobes.engines.kernel.records import COMM_FIELD, RET_FIELD, RecordDecoder, \
-    RetSiteDecoder
+from uprobes.engines.kernel.records import RET_FIELD, RecordDecoder, RetSiteDecoder
+from uprobes.model.event import COMM_FIELD
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.perf import SampleLayout
 

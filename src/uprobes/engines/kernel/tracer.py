@@ -23,8 +23,9 @@ from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.groups import check_event_count, open_run_group, \
     remove_run_group
+from uprobes.model.event import COMM_FIELD
 from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
-    COMM_FIELD, RetSiteDecoder, event_line, kernel_probes, shared_events
+    RetSiteDecoder, event_line, kernel_probes, shared_events
 from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals

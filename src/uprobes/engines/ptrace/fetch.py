@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Protocol
 
-from uprobes.model.event import ArgValue
+from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue
 from uprobes.engines.ptrace.fetch_strings import Text, TextArg, TextFetch, share_string_space
 from uprobes.errors import SpecError
 from uprobes.model.probe import ResolvedProbe
@@ -85,8 +85,6 @@ class ArgFetcher:
     kernel engine appends to every probe (it shares the string space)."""
 
     def __init__(self, probe: ResolvedProbe, with_comm_field: bool | None = None) -> None:
-        from uprobes.engines.kernel.records import COMM_FIELD, MAX_ARGS
-
         usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
         args = [lower_fetcharg(a, usdt) for a in probe.args]
         if probe.is_return and usdt is None and any(_has_arg(a.expr) for a in probe.args):

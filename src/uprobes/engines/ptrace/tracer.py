@@ -36,9 +36,9 @@ from typing import cast
 
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.filters import HitFilter, TaskView
-from uprobes.engines.kernel.counting import display_names
+from uprobes.model.event import display_names
 from uprobes.engines.kernel.lines import HitRenderer, LineRenderer
-from uprobes.engines.kernel.records import probe_info
+from uprobes.resolve.abi import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
 from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
