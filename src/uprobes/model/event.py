@@ -106,22 +106,6 @@ probe, comm, ip, func, args)`, `args` in the probe's order. Sorts by time
 first."""
 
 
-@dataclass(frozen=True)
-class RowShape:
-    """A piece of hits of one probe that share everything but their time and
-    arguments (the kernel engine's fast path): what they share. Its hits
-    come as rows `(ts_ns, *args)`, all numbers, one struct unpack each; a
-    renderer writes them from one line template holding the rest."""
-
-    probe: str
-    comm: str
-    pid: int
-    tid: int
-    cpu: int
-    ip: int
-    func: int | None
-
-
 def hit_event(hit: Hit, info: ProbeInfo, stack: tuple[Frame, ...] | None = None) -> Event:
     """The `Event` of a hit of the probe `info` (with its `stack`, if walked)."""
     ts_ns, pid, tid, cpu, probe, comm, ip, func, args = hit

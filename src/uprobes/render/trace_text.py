@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, RowShape, hit_event
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.render.rows import RowShape
 from uprobes.lang.ast import FetchType
 
 

@@ -20,9 +20,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from operator import add
-from typing import Protocol, runtime_checkable
 
-from uprobes.model.event import Hit, RowShape
+from uprobes.model.event import Hit
+from uprobes.render.protocol import LineRenderer
+from uprobes.render.rows import Rows, RowShape
 from uprobes.engines.kernel.records import RecordDecoder, RetSiteDecoder
 from uprobes.engines.kernel.rows import RowPlan, row_plan
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout, agreeing, phase_offsets
@@ -32,31 +33,6 @@ ALIKE = (8 + RAW_AT,)  # runs share the record's common_type (u16): one event ea
 PERIODS = 4  # records that alternate among up to 4 events (f, g, and their returns)
 MIN_ROWS = 4  # shorter pieces are decoded hit by hit (a template costs more to choose)
 CHUNK = 32  # rows one % fills with a template repeated: a call and a string for 32 lines
-
-Rows = Iterable[tuple[int, ...]]
-
-
-class HitRenderer(Protocol):
-    """A renderer that takes batches of hits (every trace renderer)."""
-
-    def hits(self, hits: list[Hit]) -> None: ...
-
-
-@runtime_checkable
-class LineRenderer(HitRenderer, Protocol):
-    """What the fast path needs of a renderer (text and JSON lines have it)."""
-
-    def row_lines(self, shape: RowShape) -> str | Callable[[Rows], list[str]] | None:
-        """How to write a piece of rows of `shape`: a %-template a row
-        fills as it is (then no line of this renderer holds a newline but
-        its last character, so that a template repeated fills many rows at
-        once and the text splits back into lines), or a function of the
-        rows, or None (hit by hit)."""
-
-    def lines(self, hits: list[Hit]) -> list[str]: ...
-
-    def write_lines(self, lines: list[str]) -> None: ...
-
 
 class LineQueue:
     """Lines made from the rings, held until `take` releases those older

@@ -13,7 +13,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from uprobes.model.event import Hit, RowShape
+from uprobes.model.event import Hit
+from uprobes.render.rows import RowShape
 from uprobes.engines.kernel.records import RET_FIELD, RecordDecoder, RetSiteDecoder
 from uprobes.model.event import COMM_FIELD
 from uprobes.sys.event_format import EventFormat

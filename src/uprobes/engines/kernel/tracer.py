@@ -30,8 +30,8 @@ from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.kernel.insn_guard import screen_sites
-from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, HitRenderer, LineQueue, \
-    LineRenderer
+from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, LineQueue
+from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.model.probe import ResolvedProbe
 from uprobes.lang.condition import Condition

@@ -76,8 +76,9 @@ from typing import Any, cast
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
 
-from uprobes.model.event import ArgValue, Hit, RowShape
-from uprobes.engines.kernel.lines import LineRenderer
+from uprobes.model.event import ArgValue, Hit
+from uprobes.render.protocol import LineRenderer
+from uprobes.render.rows import RowShape
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
 from uprobes.engines.ptrace.sharedmem import CPUS, most_hits
 from uprobes.sys import futex, tsc

@@ -37,7 +37,7 @@ from typing import cast
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.filters import HitFilter, TaskView
 from uprobes.model.event import display_names
-from uprobes.engines.kernel.lines import HitRenderer, LineRenderer
+from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.resolve.abi import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
