@@ -22,7 +22,7 @@ from uprobes.engines.launch import launch
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
-from uprobes.sys.perf import agreeing
+from uprobes.engines.kernel.batches import agreeing
 
 CALLS = 3000
 NAMES = [b"plain", b'q"uo\\te%d%s', b"ctl\x01\t\n\x1f", b"bad\xff\xfeutf8",

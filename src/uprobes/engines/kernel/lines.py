@@ -26,7 +26,8 @@ from uprobes.render.protocol import LineRenderer
 from uprobes.render.rows import Rows, RowShape
 from uprobes.engines.kernel.records import RecordDecoder, RetSiteDecoder
 from uprobes.engines.kernel.rows import RowPlan, row_plan
-from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout, agreeing, phase_offsets
+from uprobes.engines.kernel.batches import agreeing, phase_offsets
+from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
 
 RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first
 ALIKE = (8 + RAW_AT,)  # runs share the record's common_type (u16): one event each

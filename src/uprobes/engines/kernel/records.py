@@ -242,7 +242,7 @@ class RecordDecoder:
         return comm
 
     def hit(self, data: bytes, at: int) -> Hit:
-        """The hit whose sample body starts at `at` in `data` (RingBuffer.read_batch)."""
+        """The hit whose sample body starts at `at` in `data` (batches.read_batch)."""
         return self.hit_function()(data, at)
 
     def hit_function(self) -> Callable[[bytes, int], Hit]:
@@ -307,7 +307,7 @@ class RetSiteDecoder:
             info.name, "p", (*info.args, (RET_FIELD, FetchType("x64")))))
 
     def hit(self, data: bytes, at: int) -> Hit:
-        """The hit whose sample body starts at `at` in `data` (RingBuffer.read_batch)."""
+        """The hit whose sample body starts at `at` in `data` (batches.read_batch)."""
         return self.hit_function()(data, at)
 
     def hit_function(self) -> Callable[[bytes, int], Hit]:

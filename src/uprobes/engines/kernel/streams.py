@@ -16,6 +16,7 @@ import resource
 from collections.abc import Iterator
 from contextlib import ExitStack
 
+from uprobes.engines.kernel.batches import read_batch, read_runs
 from uprobes.errors import KernelError
 from uprobes.sys import procfs
 from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_cpus, \
@@ -115,13 +116,13 @@ class CpuStreams:
             yield from ring.read()
 
     def read_batches(self) -> list[tuple[bytes, list[int]]]:
-        """One `RingBuffer.read_batch()` per CPU: (bytes, sample body offsets)."""
-        return [ring.read_batch() for ring in self.rings.values()]
+        """One `read_batch` per CPU: (bytes, sample body offsets)."""
+        return [read_batch(ring) for ring in self.rings.values()]
 
     def read_runs(self, alike: tuple[int, ...] = (), periods: int = 1,
                   ) -> list[tuple[bytes, list[tuple[int, int, int, int]]]]:
-        """One `RingBuffer.read_runs` per CPU: (bytes, runs of alike samples)."""
-        return [ring.read_runs(alike, periods) for ring in self.rings.values()]
+        """One `read_runs` per CPU: (bytes, runs of alike samples)."""
+        return [read_runs(ring, alike, periods) for ring in self.rings.values()]
 
     def take_mmaps(self) -> list[MmapRecord]:
         """The PERF_RECORD_MMAP2s read since the last call."""
