@@ -13,7 +13,8 @@ import pytest
 
 from conftest import Compiler, without_section_headers
 from uprobes.elf.image import ElfImage
-from uprobes.unwind.cfi import RA, RSP, CfiTable, FrameRule
+from uprobes.unwind.cfi import CfiTable
+from uprobes.unwind.rules import RA, RSP, FrameRule
 from uprobes.unwind.ehframe import EhFrameTable
 
 _LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"

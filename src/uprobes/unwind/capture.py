@@ -16,7 +16,8 @@ from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError, UsageError
-from uprobes.unwind.cfi import RA, RSP, CfiTable
+from uprobes.unwind.cfi import CfiTable
+from uprobes.unwind.rules import RA, RSP
 from uprobes.model.event import Frame
 from uprobes.unwind.space import AddressSpaces
 from uprobes.unwind.stack import StackCopy, unwind

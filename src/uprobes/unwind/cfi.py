@@ -17,28 +17,12 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.errors import ElfError
-
-if TYPE_CHECKING:
-    from uprobes.unwind.ehframe import EhFrameTable
-
-# DWARF register numbers on x86-64 (System V psABI, figure 3.36).
-RBP, RSP, RA = 6, 7, 16
-
-
-@dataclass(frozen=True)
-class FrameRule:
-    """How to step out of the frame at one address: CFA = reg + offset;
-    `saved[r]` = offset from the CFA where register r (RA = 16: the return
-    address) was stored."""
-
-    cfa_reg: int
-    cfa_offset: int
-    saved: tuple[tuple[int, int], ...]
-
+from uprobes.unwind.ehframe import CfiFormatError, EhFrameTable
+from uprobes.unwind.rules import FrameRule
 
 class CfiTable:
     """The FDEs of one file, sorted by address (pyelftools), or its lazy
@@ -57,7 +41,6 @@ class CfiTable:
         if key is not None and key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        from uprobes.unwind.ehframe import CfiFormatError, EhFrameTable
 
         try:
             try:

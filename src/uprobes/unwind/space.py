@@ -18,7 +18,8 @@ from uprobes.errors import UprobesError
 from uprobes.model.event import Frame
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
-from uprobes.unwind.cfi import CfiTable, FrameRule
+from uprobes.unwind.cfi import CfiTable
+from uprobes.unwind.rules import FrameRule
 from uprobes.unwind.stack import RuleFinder
 
 
