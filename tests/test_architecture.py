@@ -1,0 +1,27 @@
+"""The layering rules of docs/architecture.md, as import-linter contracts
+(pyproject.toml, [tool.importlinter]): layers import only downward, the
+kernel and ptrace engines import nothing of each other, no import cycles."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_imports_keep_the_layering_contracts() -> None:
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    assert lint_imports.exists(), \
+        "import-linter is missing: it is a test dependency, `./bootstrap test` installs it"
+    proc = subprocess.run([str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"an import breaks a layering contract:\n{output}"
+    # A configuration that names no package or no contract would pass too.
+    analyzed = re.search(r"Analyzed (\d+) files", output)
+    assert analyzed is not None, output
+    assert int(analyzed.group(1)) >= len(list((ROOT / "src" / "uprobes").rglob("*.py"))), output
+    assert re.search(r"Contracts: [3-9]\d* kept, 0 broken", output), output
