@@ -24,7 +24,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 P50_GOAL_NS = 20_000
 RSS_GOAL_KIB = 200 * 1024
 UPROBES = [sys.executable, "-m", "uprobes"]

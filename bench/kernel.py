@@ -19,17 +19,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import markdown_table
 from bench.workload import RESULT, Workload, build
 from uprobes.commands.resolve import parse_specs
-from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, launch
+from uprobes.model.filters import HitFilter
 from uprobes.model.probe import ResolvedProbe
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.trace_text import TraceTextRenderer

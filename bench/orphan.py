@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import mmap
+import os
 import resource
 import statistics
 import tempfile

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -51,7 +51,7 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) 
 
 
 @contextmanager
-def killed_after(proc: "subprocess.Popen[Any]", seconds: float = 120) -> Iterator[None]:
+def killed_after(proc: subprocess.Popen[Any], seconds: float = 120) -> Iterator[None]:
     """Kill `proc` if it still runs after `seconds`: a blocking read of its
     pipes then ends (EOF) and the test fails instead of hanging."""
     timer = threading.Timer(seconds, proc.kill)
@@ -278,7 +278,7 @@ def running_process() -> object:
 
 
 @pytest.fixture
-def tfs(tracefs: Path) -> "Tracefs":
+def tfs(tracefs: Path) -> Tracefs:
     """Our tracefs layer on the test machine's tracefs."""
     from uprobes.sys.tracefs import Tracefs
     return Tracefs(tracefs)

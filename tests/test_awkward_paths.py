@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 

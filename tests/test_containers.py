@@ -11,13 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler, need, read_fd_until
+
 from uprobes.elf.image import ElfImage
 from uprobes.sys import procfs
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
 
 UPROBES = [sys.executable, "-m", "uprobes"]

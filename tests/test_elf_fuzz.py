@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from test_elf_support import FIXTURES, elf_bins, readelf_sections, run  # noqa: F401
+
 from uprobes.elf import (
     ElfImage,
     SymbolTable,

@@ -7,7 +7,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from test_elf_support import (
     PYTHON311,
     elf_bins,  # noqa: F401 - fixture
@@ -17,6 +16,7 @@ from test_elf_support import (
     readelf_segments,
     run,
 )
+
 from uprobes.elf import ElfImage
 from uprobes.errors import ElfError, ResolveError
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from test_elf_support import (
     elf_bins,  # noqa: F401 - fixture
     libc_path,
     objdump_function,
 )
+
 from uprobes.elf import (
     ElfImage,
     Symbol,

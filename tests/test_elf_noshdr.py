@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES, Compiler, without_section_headers
 from test_elf_support import libc_path, run
+
 from uprobes.commands import main
 from uprobes.elf import ElfImage, SymbolTable
 

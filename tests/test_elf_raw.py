@@ -14,12 +14,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import Compiler
 from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerDefSection, GNUVerNeedSection, GNUVerSymSection
 from elftools.elf.sections import NoteSection, SymbolTableSection
-
-from conftest import Compiler
 from test_elf_support import PYTHON311, libc_path, run
+
 from uprobes.elf import ElfImage, usdt_notes
 from uprobes.elf.dynamic import dynamic_symbols
 from uprobes.elf.symread import read_symbols, split_version, symbol_sections
@@ -184,4 +184,4 @@ def test_walks_are_bounded(compile_c: Compiler) -> None:
     with ElfImage.from_bytes(bytes(data), "huge").raw() as elf:
         got = read_symbols(elf, symbol_sections(elf)["dynsym"], "dynsym")
     assert _rows(got) == reference_symbols(str(lib), "dynsym")
-    assert any(v for v in itertools.chain((s.version for s in got)))
+    assert any(v for v in itertools.chain(s.version for s in got))

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_elf_support import (
     defined,
     elf_bins,  # noqa: F401 - fixture
@@ -16,6 +15,7 @@ from test_elf_support import (
     readelf_symbols,
     run,
 )
+
 from uprobes.elf import ElfImage, SymbolTable, clear_cache, ifunc_warning
 from uprobes.elf.symread import read_symbols, symbol_sections
 

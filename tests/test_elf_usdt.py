@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from test_elf_support import (
     PYTHON311,
     elf_bins,  # noqa: F401 - fixture
@@ -14,6 +13,7 @@ from test_elf_support import (
     readelf_segments,
     readelf_usdt,
 )
+
 from uprobes.elf import ElfImage, UsdtArg, find_usdt, parse_usdt_args, usdt_notes
 from uprobes.errors import ElfError
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Compiler
 from test_ptrace_fetch import drop_stale, specs_for
 
-from conftest import Compiler
 from uprobes.commands import main
 
 

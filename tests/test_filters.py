@@ -21,13 +21,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from conftest import Compiler, FiltersTarget
+
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
-from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
+from uprobes.model.filters import HitFilter
 from uprobes.resolve.resolver import Resolver
 
 UPROBES = [sys.executable, "-m", "uprobes"]

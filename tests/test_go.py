@@ -15,11 +15,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES, need
+
 from uprobes.commands import main
-from uprobes.elf.image import ElfImage
 from uprobes.elf.golang import go_symbols, go_version
+from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 
 ENGINES = ("kernel", "ptrace")

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-
 from conftest import Compiler, killed_after, reapers_of
 from test_elf_support import libc_path
+
 from uprobes.elf.debuginfo import find_debug_file
 from uprobes.elf.image import ElfImage
 
@@ -393,8 +393,8 @@ def test_usdt_semaphore_is_set_only_while_traced(tracefs: Path, compile_c: Compi
     """The kernel raises the semaphore (ref_ctr_offset) while the probe is in
     place and lowers it at detach: 0 before, 1 during, 0 after; a program
     run under `-- CMD` sees it set at every hit."""
-    from uprobes.resolve.resolver import Resolver
     from uprobes.lang import parse
+    from uprobes.resolve.resolver import Resolver
     exe = compile_c("usdt_target.c")
     [probe] = Resolver().resolve(parse(f"usdt:{exe}:demo:tick"))  # type: ignore[arg-type]
     assert probe.ref_ctr_offset is not None

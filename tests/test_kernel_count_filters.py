@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler, FiltersTarget
 
 UPROBES = [sys.executable, "-m", "uprobes"]

@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands.resolve import parse_specs
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.groups import MAX_EVENTS

@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
-from uprobes.model.event import Hit, hit_event
+from uprobes.engines.kernel.batches import agreeing
 from uprobes.engines.kernel.lines import ALIKE, PERIODS, LineQueue
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
+from uprobes.model.event import Hit, hit_event
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
-from uprobes.engines.kernel.batches import agreeing
 
 CALLS = 3000
 NAMES = [b"plain", b'q"uo\\te%d%s', b"ctl\x01\t\n\x1f", b"bad\xff\xfeutf8",

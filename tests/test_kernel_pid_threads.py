@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-
 from conftest import Compiler
 
 UPROBES = [sys.executable, "-m", "uprobes"]

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands.resolve import parse_specs
 from uprobes.resolve.resolver import Resolver
 

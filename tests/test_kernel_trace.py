@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler, need
+
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
-from uprobes.model.event import Event, Hit, hit_event
 from uprobes.engines.kernel.records import kernel_probes
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
+from uprobes.model.event import Event, Hit, hit_event
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.trace_text import TraceTextRenderer, format_args, format_location
 from uprobes.resolve.resolver import Resolver

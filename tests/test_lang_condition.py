@@ -10,13 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands.resolve import parse_specs
 from uprobes.errors import KernelError, SpecError
-from uprobes.resolve.resolver import Resolver
 from uprobes.lang.ast import FetchType
 from uprobes.lang.condition import MAX_DEPTH, Condition, bind, parse_condition, widened
+from uprobes.resolve.resolver import Resolver
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 TYPES = {"size": FetchType("u64"), "delta": FetchType("s32"), "name": FetchType("string"),

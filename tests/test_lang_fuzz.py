@@ -9,12 +9,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uprobes.errors import SpecError
-from uprobes.lang import parse, render
 from uprobes.lang import messages as msg
+from uprobes.lang import parse, render
 from uprobes.lang.ast import (
-    Arg, Bitfield, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, FileTarget, Immediate,
-    ImmString, Memory, ProbeKind, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer,
-    UsdtTarget, VdsoTarget,
+    Arg,
+    Bitfield,
+    Comm,
+    Deref,
+    FetchArg,
+    FetchExpr,
+    FetchType,
+    FileOffset,
+    FileTarget,
+    Immediate,
+    ImmString,
+    Memory,
+    ProbeKind,
+    ProbeSpec,
+    Register,
+    RetVal,
+    Spec,
+    StackEntry,
+    StackPointer,
+    UsdtTarget,
+    VdsoTarget,
 )
 from uprobes.lang.fetchargs import REGISTERS
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
 from uprobes.errors import SpecError
 from uprobes.lang import auto_event_name, parse, render
 from uprobes.lang.ast import ClearSpec, FileTarget, ProbeSpec, Spec

@@ -6,15 +6,33 @@ import dataclasses
 
 import pytest
 
-from uprobes.errors import SpecError
-from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
-from uprobes.lang import auto_event_name, parse, parse_args, render, symbol_event_name
 from uprobes.engines.kernel.probe_line import kernel_line
+from uprobes.errors import SpecError
+from uprobes.lang import auto_event_name, parse, parse_args, render, symbol_event_name
 from uprobes.lang.ast import (
-    Arg, Bitfield, ClearSpec, Comm, Deref, FetchArg, FetchType, FileOffset, FileTarget, Immediate,
-    ImmString, Memory, ProbeKind, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer,
-    UsdtTarget, VdsoTarget,
+    Arg,
+    Bitfield,
+    ClearSpec,
+    Comm,
+    Deref,
+    FetchArg,
+    FetchType,
+    FileOffset,
+    FileTarget,
+    Immediate,
+    ImmString,
+    Memory,
+    ProbeKind,
+    ProbeSpec,
+    Register,
+    RetVal,
+    Spec,
+    StackEntry,
+    StackPointer,
+    UsdtTarget,
+    VdsoTarget,
 )
+from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 
 P, R = ProbeKind.ENTRY, ProbeKind.RETURN
 X64 = FetchType("x64", explicit=False)

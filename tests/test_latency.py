@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands import main
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
-from uprobes.model.event import Event
 from uprobes.engines.launch import launch
 from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.model.event import Event
 from uprobes.resolve.resolver import Resolver
 
 UPROBES = [sys.executable, "-m", "uprobes"]

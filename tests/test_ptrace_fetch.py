@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import Compiler
 from test_kernel_trace import symbol_link_addr
 
-from conftest import Compiler
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
-from uprobes.model.event import ArgValue, Event
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, ArgFetcher, FetchContext
+from uprobes.model.event import ArgValue, Event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.resolver import Resolver
 from uprobes.sys import procfs

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler, wait_until
 
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -223,11 +222,11 @@ def test_shaped_lines_are_the_renderers_lines(renderer: str) -> None:
     backslashes, signed and hex values."""
     import io
 
-    from uprobes.model.event import ProbeInfo
     from uprobes.engines.ptrace.recording import ShapedLines
+    from uprobes.lang.types import make_type
+    from uprobes.model.event import ProbeInfo
     from uprobes.render.jsonl import JsonLinesRenderer
     from uprobes.render.trace_text import TraceTextRenderer
-    from uprobes.lang.types import make_type
 
     s64, x32 = make_type("s64", None, None), make_type("x32", None, None)
     infos = {"uprobes/f": ProbeInfo("uprobes/f", "p", (("a", s64), ("b", x32))),

@@ -18,8 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import Compiler, need
+
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace.relocate import SLOT_SIZE, SlotPlan, UnsupportedInstruction, plan

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.engines.ptrace.xol import find_syscall_insn, remote_syscall
 from uprobes.errors import EngineError
 from uprobes.sys import ptrace

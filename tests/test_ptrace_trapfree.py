@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
 from test_kernel_trace import symbol_link_addr
+
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage

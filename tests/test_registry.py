@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 
 from uprobes.errors import EngineError
+from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
 from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.model.registry import Consumer, Registry, TaskFilter
-from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
 
 
 @dataclass(frozen=True)

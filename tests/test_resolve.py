@@ -8,14 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from test_elf_support import readelf_func
+
+from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.errors import ResolveError, SpecError
+from uprobes.lang import parse
+from uprobes.lang.ast import ProbeSpec
 from uprobes.model.probe import InodeKey, VdsoKey
 from uprobes.resolve.resolver import Resolver
-from uprobes.lang import parse
-from uprobes.engines.kernel.probe_line import kernel_line
-from uprobes.lang.ast import ProbeSpec
 
 PY = "/usr/bin/python3.11"
 

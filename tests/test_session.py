@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import Compiler
 
 import uprobes
-from conftest import Compiler
 from uprobes.errors import ResolveError, SpecError, UsageError
 
 LOOPS = 7

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Compiler, FiltersTarget
 
 import uprobes
-from conftest import Compiler, FiltersTarget
 
 NAMES = ("alpha", "beta", "gamma")
 COMMS = ("filters", "worker-a", "worker-b")

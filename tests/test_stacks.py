@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands import main
 
 ENGINES = ("kernel", "ptrace")

@@ -13,12 +13,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from test_sys_support import (Waiting, file_offset, no_fd_leak, reported_calls,  # noqa: F401
-                              threads_exe)
+from test_sys_support import Waiting, file_offset, no_fd_leak, reported_calls, threads_exe  # noqa: F401
 
 from uprobes.errors import KernelError
-from uprobes.sys.perf import (PERF_TYPE_TRACEPOINT, PerfEvent, PerfEventAttr, RingBuffer,
-                              online_cpus, open_tracepoint, perf_event_open)
+from uprobes.sys.perf import (
+    PERF_TYPE_TRACEPOINT,
+    PerfEvent,
+    PerfEventAttr,
+    RingBuffer,
+    online_cpus,
+    open_tracepoint,
+    perf_event_open,
+)
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 

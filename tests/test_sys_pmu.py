@@ -8,8 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_sys_support import (Waiting, file_offset, no_fd_leak, reported_calls,  # noqa: F401
-                              threads_exe)
+from test_sys_support import Waiting, file_offset, no_fd_leak, reported_calls, threads_exe  # noqa: F401
 
 from uprobes.errors import KernelError
 from uprobes.sys.pmu import PMU_ROOT, FormatField, UprobeCounter, UprobePmu

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -15,8 +14,13 @@ from test_sys_support import file_offset, no_fd_leak, reported_calls  # noqa: F4
 from uprobes.errors import KernelError
 from uprobes.sys.event_format import EventFormat, parse_format
 from uprobes.sys.perf import PerfEvent, RingBuffer, Sample, online_cpus, open_tracepoint
-from uprobes.sys.tracefs import (ProbeGroup, ProbeRejected, Tracefs, parse_error_log,
-                                 split_event_line)
+from uprobes.sys.tracefs import (
+    ProbeGroup,
+    ProbeRejected,
+    Tracefs,
+    parse_error_log,
+    split_event_line,
+)
 
 LOOPS = 7
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler, killed_after
+
 from uprobes.commands import main
 
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands import main
 
 

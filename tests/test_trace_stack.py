@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler, without_section_headers
+
 from uprobes.commands import main
 
 ENGINES = ("kernel", "ptrace")

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import Compiler
 
 import uprobes
-from conftest import Compiler
 from uprobes.unwind.space import AddressSpaces
 from uprobes.unwind.stack import StackCopy, unwind
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURES, need
 
 PY311 = "/usr/bin/python3.11"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands import main
 
 UPROBES = [sys.executable, "-m", "uprobes"]

@@ -44,19 +44,19 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from uprobes.engines.choose import ENGINES, pick_engine
-from uprobes.model.event import Event
-from uprobes.model.filters import HitFilter, pushdown
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import SpecError, UsageError
-from uprobes.model.probe import ResolvedProbe
-from uprobes.model.registry import Consumer, prepare_dispatch
-from uprobes.resolve.resolver import Resolver
 from uprobes.lang import parse
 from uprobes.lang.ast import ProbeSpec
 from uprobes.lang.condition import Condition
 from uprobes.lang.render import render
+from uprobes.model.event import Event
+from uprobes.model.filters import HitFilter, pushdown
+from uprobes.model.probe import ResolvedProbe
+from uprobes.model.registry import Consumer, prepare_dispatch
+from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import check_stack_bytes
 
 if TYPE_CHECKING:

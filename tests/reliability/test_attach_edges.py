@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
 
 UPROBES = [sys.executable, "-m", "uprobes"]

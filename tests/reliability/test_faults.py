@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler, reapers_of, wait_until
+
 from uprobes.commands import main
 from uprobes.engines.ptrace import rettable
 from uprobes.sys import procfs

@@ -9,7 +9,6 @@ the same in every run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.commands import main
 from uprobes.engines.kernel.counting import KernelCounter
 from uprobes.engines.kernel.tracer import KernelTracer

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
 
 # uprobes, reporting its own peak RSS on stderr as it exits.

@@ -9,8 +9,8 @@ in a directory that user can read.
 
 from __future__ import annotations
 
-import os
 import importlib.util
+import os
 import pwd
 import shutil
 import subprocess
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler, need, read_fd_until
+
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.sys import procfs

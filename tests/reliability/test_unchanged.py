@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import Compiler
 
 UPROBES = [sys.executable, "-m", "uprobes"]

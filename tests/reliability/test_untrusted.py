@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Compiler
+
 from uprobes.engines.ptrace.recording import GIVE_UP_S, SLOTS
 from uprobes.sys import procfs
 

@@ -21,8 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from uprobes.model.event import Event
-from uprobes.model.event import Frame
+from uprobes.model.event import Event, Frame
 
 FrameKey = tuple[str | None, str | None, int]
 

@@ -161,6 +161,7 @@ def entry_point() -> int:
     # after main() it arrives too late to matter (we are exiting with the
     # traced command's status). A launched command gets the defaults back.
     import signal
+
     from uprobes.engines.signals import STOP_SIGNALS
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

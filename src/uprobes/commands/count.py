@@ -10,8 +10,15 @@ import time
 from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_duration_argument, add_filter_arguments, \
-    add_selection_arguments, check_selection, choose_engine, hit_filter, uretprobe_note
+from uprobes.commands.selection import (
+    add_duration_argument,
+    add_filter_arguments,
+    add_selection_arguments,
+    check_selection,
+    choose_engine,
+    hit_filter,
+    uretprobe_note,
+)
 from uprobes.engines.kernel.counting import KernelCounter, plan_filter, refusal_note
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.engines.ptrace.tracer import PtraceTracer

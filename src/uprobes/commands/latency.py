@@ -17,15 +17,18 @@ from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
+    add_duration_argument,
+    add_filter_arguments,
+    add_selection_arguments,
+    check_selection,
     run_selected,
 )
-from uprobes.model.event import Event
 from uprobes.errors import SpecError, UsageError
-from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
-from uprobes.session import Session
 from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
 from uprobes.lang.render import render
+from uprobes.model.event import Event
+from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
+from uprobes.session import Session
 
 NAME = "latency"
 HELP = "histogram of how long each call of the functions takes"

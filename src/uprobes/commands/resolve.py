@@ -7,14 +7,13 @@ import sys
 from typing import TextIO
 
 from uprobes.commands.selection import add_uretprobe_argument
+from uprobes.engines.kernel.probe_line import kernel_can_name, kernel_line
 from uprobes.errors import SpecError
+from uprobes.lang import parse
+from uprobes.lang.ast import ProbeSpec
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.render.json import write_json
 from uprobes.resolve.resolver import Resolver
-from uprobes.lang import parse
-from uprobes.engines.kernel.probe_line import kernel_line
-from uprobes.engines.kernel.probe_line import kernel_can_name
-from uprobes.lang.ast import ProbeSpec
 
 NAME = "resolve"
 HELP = "resolve probe specs to files, inodes and offsets, and show the kernel's line for each"

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from uprobes.engines.choose import ENGINES, pick_engine
-from uprobes.model.filters import HitFilter
 from uprobes.errors import UsageError
+from uprobes.model.filters import HitFilter
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve import retsites
 from uprobes.resolve.abi import probe_info

@@ -17,14 +17,17 @@ from typing import TextIO
 from uprobes.analysis.stacks import StackCounter
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
+    add_duration_argument,
+    add_filter_arguments,
+    add_selection_arguments,
+    check_selection,
     run_selected,
 )
 from uprobes.engines.kernel.streams import STACK_RING_PAGES
 from uprobes.errors import UsageError
+from uprobes.lang.render import render
 from uprobes.render.stacks import write_folded, write_stacks, write_stacks_json
 from uprobes.session import Session
-from uprobes.lang.render import render
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 NAME = "stacks"

@@ -9,7 +9,6 @@ Ctrl-C) a final summary of the totals stays on the screen.
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
 from typing import TextIO
@@ -17,14 +16,17 @@ from typing import TextIO
 from uprobes.analysis.rates import HitRates, RateRow
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
-    add_duration_argument, add_filter_arguments, add_selection_arguments, check_selection,
+    add_duration_argument,
+    add_filter_arguments,
+    add_selection_arguments,
+    check_selection,
     run_selected,
 )
 from uprobes.errors import UsageError
+from uprobes.lang.render import render
 from uprobes.render.json import write_json
 from uprobes.render.table import write_table
 from uprobes.session import Session
-from uprobes.lang.render import render
 
 NAME = "top"
 HELP = "live table of hits per second, per probe and process"

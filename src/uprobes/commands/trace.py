@@ -20,14 +20,21 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, TextIO
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import add_duration_argument, add_filter_arguments, \
-    add_selection_arguments, check_selection, choose_engine, hit_filter, uretprobe_note
+from uprobes.commands.selection import (
+    add_duration_argument,
+    add_filter_arguments,
+    add_selection_arguments,
+    check_selection,
+    choose_engine,
+    hit_filter,
+    uretprobe_note,
+)
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
-from uprobes.model.probe import ResolvedProbe
 from uprobes.model.event import ProbeInfo
+from uprobes.model.probe import ResolvedProbe
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer

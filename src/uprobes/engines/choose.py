@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from uprobes.engines.kernel.probe_line import kernel_can_name
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe, VdsoKey
-from uprobes.engines.kernel.probe_line import kernel_can_name
 
 ENGINES = ("auto", "kernel", "ptrace")
 

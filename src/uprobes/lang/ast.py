@@ -116,7 +116,7 @@ class Deref:
     """`+|-[u]OFFS(FETCHARG)`: memory at `base + offset`."""
 
     offset: int
-    base: "FetchExpr"
+    base: FetchExpr
     user: bool = False
 
 

@@ -22,11 +22,23 @@ from enum import Enum, auto
 from uprobes.lang import messages as msg
 from uprobes.lang import types
 from uprobes.lang.ast import (
-    Arg, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString,
-    Memory, Register, RetVal, StackEntry, StackPointer,
+    Arg,
+    Comm,
+    Deref,
+    FetchArg,
+    FetchExpr,
+    FetchType,
+    FileOffset,
+    Immediate,
+    ImmString,
+    Memory,
+    Register,
+    RetVal,
+    StackEntry,
+    StackPointer,
 )
 from uprobes.lang.messages import TokenError
-from uprobes.lang.numbers import is_alpha, is_digit, is_good_name, kstrtol, kstrtoul, kstrtouint
+from uprobes.lang.numbers import is_alpha, is_digit, is_good_name, kstrtol, kstrtouint, kstrtoul
 
 MAX_ARGSTR_LEN = 63
 MAX_ARG_NAME_LEN = 32

@@ -25,7 +25,6 @@ and `pos` indexes into it.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Sequence
 
 from uprobes.errors import SpecError

@@ -8,9 +8,24 @@ where one was written.
 from __future__ import annotations
 
 from uprobes.lang.ast import (
-    Arg, ClearSpec, Comm, Deref, FetchArg, FetchExpr, FileOffset, FileTarget, Immediate,
-    ImmString, Memory, ProbeSpec, Register, RetVal, Spec, StackEntry, StackPointer, Target,
-    UsdtTarget, VdsoTarget,
+    Arg,
+    ClearSpec,
+    Comm,
+    Deref,
+    FetchArg,
+    FetchExpr,
+    FileOffset,
+    Immediate,
+    ImmString,
+    Memory,
+    Register,
+    RetVal,
+    Spec,
+    StackEntry,
+    StackPointer,
+    Target,
+    UsdtTarget,
+    VdsoTarget,
 )
 from uprobes.lang.types import render_type
 

@@ -19,10 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from uprobes.lang.condition import (
+    TASK_FIELDS,
+    Compare,
+    Condition,
+    Event,
+    Node,
+    join,
+    parse_condition,
+    widened,
+)
 from uprobes.model.event import ProbeInfo
 from uprobes.model.registry import TaskFilter
-from uprobes.lang.condition import TASK_FIELDS, Compare, Condition, Event, Node, join, \
-    parse_condition, widened
 
 
 @dataclass(frozen=True)

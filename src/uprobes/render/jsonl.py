@@ -16,9 +16,9 @@ import json
 from collections.abc import Callable
 from typing import TextIO
 
+from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.render.rows import RowShape
-from uprobes.lang.ast import FetchType
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

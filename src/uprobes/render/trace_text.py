@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
+from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.render.rows import RowShape
-from uprobes.lang.ast import FetchType
 
 
 def format_value(value: ArgValue, ftype: FetchType) -> str:

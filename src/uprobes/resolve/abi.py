@@ -16,11 +16,21 @@ import re
 
 from uprobes.errors import SpecError
 from uprobes.lang.ast import (
-    Arg, Bitfield, Deref, FetchArg, FetchExpr, FetchType, Immediate, Memory, Register, RetVal,
-    StackEntry, StackPointer, UsdtTarget,
+    Arg,
+    Bitfield,
+    Deref,
+    FetchArg,
+    FetchExpr,
+    FetchType,
+    Immediate,
+    Memory,
+    Register,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    UsdtTarget,
 )
 from uprobes.lang.numbers import kstrtol, kstrtoul
-
 from uprobes.model.event import ProbeInfo
 from uprobes.model.probe import ResolvedProbe, UsdtArg
 

@@ -19,13 +19,13 @@ from uprobes.elf.insn import check_boundary
 from uprobes.elf.symbols import Symbol, SymbolTable, ifunc_warning
 from uprobes.elf.usdt import UsdtNote, usdt_notes
 from uprobes.errors import ProcessError, ResolveError, SpecError, UprobesError
+from uprobes.lang.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
+from uprobes.lang.names import c_identifier, offset_event_name, symbol_event_name
 from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
+from uprobes.resolve.abi import go_register_args
 from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
-from uprobes.lang.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
-from uprobes.resolve.abi import go_register_args
-from uprobes.lang.names import c_identifier, offset_event_name, symbol_event_name
 from uprobes.sys import procfs
 
 DEFAULT_GROUP = "uprobes"

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import find_return_sites
 from uprobes.elf.symbols import Symbol
-from uprobes.model.probe import ResolvedProbe
 from uprobes.lang.ast import FetchArg
+from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.abi import at_ret_site
 
 UNSAFE = "an exception, longjmp or stack switch through it aborts or confuses the program"

@@ -28,11 +28,10 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 from uprobes.errors import KernelError
 from uprobes.sys.libc import ioctl, kernel_error, kernel_errors, syscall

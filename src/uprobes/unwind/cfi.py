@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.errors import ElfError
 from uprobes.unwind.ehframe import CfiFormatError, EhFrameTable
 from uprobes.unwind.rules import FrameRule
+
 
 class CfiTable:
     """The FDEs of one file, sorted by address (pyelftools), or its lazy

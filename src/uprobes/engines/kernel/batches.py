@@ -8,7 +8,6 @@ fast path to lines (lines.py) unpacks each run with one struct call.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Literal
 

@@ -69,19 +69,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
-from uprobes.model.filters import HitFilter
 from uprobes.engines.kernel.groups import check_event_count, open_run_group, remove_run_group
 from uprobes.engines.kernel.insn_guard import screen_sites
-from uprobes.engines.kernel.records import PAGE_MASK
-from uprobes.model.event import COMM_FIELD, display_names
-from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
-from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.engines.kernel.probe_line import kernel_line
+from uprobes.engines.kernel.records import PAGE_MASK
+from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.lang.ast import ProbeKind
 from uprobes.lang.condition import Condition, bind, values_of
+from uprobes.model.event import COMM_FIELD, display_names
+from uprobes.model.filters import HitFilter
+from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.sys import procfs
-from uprobes.sys.perf import ATTR_DISABLED, ATTR_INHERIT, ATTR_INHERIT_THREAD, \
-    PERF_TYPE_TRACEPOINT, PerfEvent, PerfEventAttr, online_cpus
+from uprobes.sys.perf import (
+    ATTR_DISABLED,
+    ATTR_INHERIT,
+    ATTR_INHERIT_THREAD,
+    PERF_TYPE_TRACEPOINT,
+    PerfEvent,
+    PerfEventAttr,
+    online_cpus,
+)
 from uprobes.sys.pidfd import has_ended, watch_process
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 

@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from operator import add
 
+from uprobes.engines.kernel.batches import agreeing, phase_offsets
+from uprobes.engines.kernel.records import RecordDecoder, RetSiteDecoder
+from uprobes.engines.kernel.rows import RowPlan, row_plan
 from uprobes.model.event import Hit
 from uprobes.render.protocol import LineRenderer
 from uprobes.render.rows import Rows, RowShape
-from uprobes.engines.kernel.records import RecordDecoder, RetSiteDecoder
-from uprobes.engines.kernel.rows import RowPlan, row_plan
-from uprobes.engines.kernel.batches import agreeing, phase_offsets
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
 
 RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first

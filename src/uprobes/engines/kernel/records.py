@@ -19,13 +19,12 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
-from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.errors import KernelError
-from uprobes.model.probe import ResolvedProbe
 from uprobes.engines.kernel.probe_line import kernel_line
-from uprobes.lang.ast import UsdtTarget
-from uprobes.resolve.abi import probe_info
+from uprobes.errors import KernelError
 from uprobes.lang.ast import FetchType
+from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.probe import ResolvedProbe
+from uprobes.resolve.abi import probe_info
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.perf import TRACE_SAMPLE_TYPE, Sample, SampleLayout
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from uprobes.model.event import Hit
-from uprobes.render.rows import RowShape
 from uprobes.engines.kernel.records import RET_FIELD, RecordDecoder, RetSiteDecoder
-from uprobes.model.event import COMM_FIELD
+from uprobes.model.event import COMM_FIELD, Hit
+from uprobes.render.rows import RowShape
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.perf import SampleLayout
 

@@ -19,8 +19,7 @@ from contextlib import ExitStack
 from uprobes.engines.kernel.batches import read_batch, read_runs
 from uprobes.errors import KernelError
 from uprobes.sys import procfs
-from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_cpus, \
-    open_tracepoint
+from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_cpus, open_tracepoint
 
 DEFAULT_RING_PAGES = 256
 """1 MiB per CPU. Bigger rings absorb longer waits of the reader for a CPU,

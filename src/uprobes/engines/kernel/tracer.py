@@ -19,22 +19,27 @@ from contextlib import ExitStack
 from operator import itemgetter
 from types import TracebackType
 
-from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
-from uprobes.model.filters import HitFilter
-from uprobes.engines.kernel.groups import check_event_count, open_run_group, \
-    remove_run_group
-from uprobes.model.event import COMM_FIELD
-from uprobes.engines.kernel.records import PAGE_MASK, KernelProbe, RecordDecoder, \
-    RetSiteDecoder, event_line, kernel_probes, shared_events
+from uprobes.engines.kernel.groups import check_event_count, open_run_group, remove_run_group
+from uprobes.engines.kernel.insn_guard import screen_sites
+from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, LineQueue
+from uprobes.engines.kernel.records import (
+    PAGE_MASK,
+    KernelProbe,
+    RecordDecoder,
+    RetSiteDecoder,
+    event_line,
+    kernel_probes,
+    shared_events,
+)
 from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
-from uprobes.engines.kernel.insn_guard import screen_sites
-from uprobes.engines.kernel.lines import ALIKE, PERIODS, RAW_AT, LineQueue
-from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.errors import KernelError, ProcessError, ResolveError
-from uprobes.model.probe import ResolvedProbe
 from uprobes.lang.condition import Condition
+from uprobes.model.event import COMM_FIELD, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.filters import HitFilter
+from uprobes.model.probe import ResolvedProbe
+from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.sys import procfs
 from uprobes.sys.pidfd import has_ended, watch_process
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from uprobes.engines.ptrace.relocate import SlotPlan
 from uprobes.errors import EngineError, UprobesError
-from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.model.registry import Probe
+from uprobes.sys.procmem import MemoryFault, ProcessMemory
 
 if TYPE_CHECKING:
     from uprobes.sys.procfs import Mapping

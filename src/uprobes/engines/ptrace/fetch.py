@@ -31,14 +31,27 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Protocol
 
-from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue
 from uprobes.engines.ptrace.fetch_strings import Text, TextArg, TextFetch, share_string_space
 from uprobes.errors import SpecError
-from uprobes.model.probe import ResolvedProbe
 from uprobes.lang.ast import (
-    Arg, Comm, Deref, FetchArg, FetchExpr, FetchType, FileOffset, Immediate, ImmString, Memory,
-    Register, RetVal, StackEntry, StackPointer, UsdtTarget,
+    Arg,
+    Comm,
+    Deref,
+    FetchArg,
+    FetchExpr,
+    FetchType,
+    FileOffset,
+    Immediate,
+    ImmString,
+    Memory,
+    Register,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    UsdtTarget,
 )
+from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue
+from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.abi import lower_fetcharg
 
 MASK64 = (1 << 64) - 1

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from uprobes.sys.ptrace import UserRegs
 
 if TYPE_CHECKING:
-    from uprobes.sys.procmem import ProcessMemory
     from uprobes.engines.ptrace.tasks import Thread
     from uprobes.model.registry import Probe
+    from uprobes.sys.procmem import ProcessMemory
 
 
 class PtraceHit:

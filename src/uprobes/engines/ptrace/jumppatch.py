@@ -51,8 +51,8 @@ from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace import recording, trampoline
 from uprobes.engines.ptrace.recording import Recipe, Ring, Waits
 from uprobes.engines.ptrace.relocate import UnsupportedInstruction
-from uprobes.engines.ptrace.trampoline import Displaced
 from uprobes.engines.ptrace.sharedmem import map_shared, most_hits
+from uprobes.engines.ptrace.trampoline import Displaced
 from uprobes.engines.ptrace.xol import InjectionRefused, XolArea, candidates
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace

@@ -74,21 +74,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register as R
+from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
+from iced_x86 import Register as R
 
-from uprobes.model.event import ArgValue, Hit
-from uprobes.render.protocol import LineRenderer
-from uprobes.render.rows import RowShape
 from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
 from uprobes.engines.ptrace.sharedmem import CPUS, most_hits
-from uprobes.sys import futex, tsc
-from uprobes.sys.procmem import MemoryFault
-from uprobes.model.probe import ResolvedProbe
 from uprobes.lang.ast import (
-    Comm, FetchArg, FetchType, ImmString, Immediate, Register, RetVal, StackEntry, StackPointer,
+    Comm,
+    FetchArg,
+    FetchType,
+    Immediate,
+    ImmString,
+    Register,
+    RetVal,
+    StackEntry,
+    StackPointer,
     UsdtTarget,
 )
+from uprobes.model.event import Hit
+from uprobes.model.probe import ResolvedProbe
+from uprobes.render.protocol import LineRenderer
+from uprobes.render.rows import RowShape
 from uprobes.resolve.abi import lower_fetcharg
+from uprobes.sys import futex, tsc
+from uprobes.sys.procmem import MemoryFault
 from uprobes.sys.ptrace import UserRegs
 
 SLOTS = 32768                       # a power of two

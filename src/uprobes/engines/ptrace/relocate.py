@@ -41,14 +41,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from iced_x86 import (Code, Decoder, Encoder, Formatter, FormatterSyntax, Instruction,
-                      InstructionInfoFactory, MemoryOperand, Mnemonic, Mnemonic_, OpKind, Register,
-                      Register_,
-                      RegisterExt)
+from iced_x86 import (
+    Code,
+    Decoder,
+    Encoder,
+    Formatter,
+    FormatterSyntax,
+    Instruction,
+    InstructionInfoFactory,
+    MemoryOperand,
+    Mnemonic,
+    Mnemonic_,
+    OpKind,
+    Register,
+    Register_,
+    RegisterExt,
+)
 
-from uprobes.engines.ptrace.emulate import (MASK64, Advance, Branch, Call, Emulation,
-                                            IndirectJump, IndirectTarget, Memory, MemRef, Push,
-                                            Regs, Return)
+from uprobes.engines.ptrace.emulate import (
+    MASK64,
+    Advance,
+    Branch,
+    Call,
+    Emulation,
+    IndirectJump,
+    IndirectTarget,
+    Memory,
+    MemRef,
+    Push,
+    Regs,
+    Return,
+)
 from uprobes.errors import ResolveError
 
 SLOT_SIZE = 64

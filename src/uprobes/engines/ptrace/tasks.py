@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 from uprobes.engines.ptrace.breakpoints import Site
-from uprobes.sys.procmem import ProcessMemory
 from uprobes.engines.ptrace.retprobes import ReturnInstance
 from uprobes.engines.ptrace.rettable import ReturnTable
 from uprobes.engines.ptrace.xol import XolArea
 from uprobes.sys import procfs, ptrace
+from uprobes.sys.procmem import ProcessMemory
 
 COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (prctl/pthread_setname_np)
 

@@ -26,36 +26,43 @@ from __future__ import annotations
 
 import errno
 import signal
-from dataclasses import replace
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from types import TracebackType
 from typing import cast
 
-from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.model.filters import HitFilter, TaskView
-from uprobes.model.event import display_names
-from uprobes.render.protocol import HitRenderer, LineRenderer
-from uprobes.resolve.abi import probe_info
 from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
 from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.jumppatch import NotTrapFree, Record, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
-from uprobes.engines.ptrace.recording import (
-    Direct, RecordedSite, Recorder, Ring, ShapedLines, direct_hit, recipe_for, waits)
-from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
+from uprobes.engines.ptrace.recording import (
+    Direct,
+    RecordedSite,
+    Recorder,
+    Ring,
+    ShapedLines,
+    direct_hit,
+    recipe_for,
+    waits,
+)
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, display_names, hit_event
+from uprobes.model.filters import HitFilter, TaskView
 from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.model.registry import Consumer, Probe, Registry, TaskLike, prepare_dispatch
+from uprobes.render.protocol import HitRenderer, LineRenderer
+from uprobes.resolve.abi import probe_info
 from uprobes.sys import procfs, ptrace
+from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.sys.ptrace import UserRegs
 from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery
 from uprobes.unwind.stack import StackCopy

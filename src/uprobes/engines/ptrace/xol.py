@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 
 from uprobes.engines.ptrace.relocate import SLOT_SIZE
-from uprobes.sys.procmem import ProcessMemory
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace, seccomp
+from uprobes.sys.procmem import ProcessMemory
 
 AREA_SIZE = 64 * 1024
 # The bound of one injected call: ours (mmap, memfd_create, close,
