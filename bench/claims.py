@@ -31,7 +31,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 # uprobes, reporting its own peak RSS on stderr as it exits.
 MEASURED = [sys.executable, "-c",
             "import resource, sys; from uprobes.commands import main; rc = main(sys.argv[1:]); "
-            "sys.stderr.write(f'peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'); "
+            "sys.stderr.write("
+            "f'peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'); "
             "sys.exit(rc)"]
 
 

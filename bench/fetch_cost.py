@@ -85,7 +85,7 @@ def main() -> None:
                     fetcher = ArgFetcher(probe)
                     counting = CountingMemory(mem)
                     values = fetcher.fetch(regs, counting, ctx)
-                    best = min(timeit.repeat(lambda: fetcher.fetch(regs, mem, ctx),
+                    best = min(timeit.repeat(lambda fetcher=fetcher: fetcher.fetch(regs, mem, ctx),
                                              number=rounds, repeat=5, timer=time.process_time))
                     print(f"{label:24} {best / rounds * 1e6:9.2f} {counting.reads:6}  "
                           f"{values}")

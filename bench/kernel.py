@@ -167,7 +167,8 @@ def per_hit(w: Workload, calls: int, repeats: int) -> str:
     rows: list[list[object]] = [["unprobed", f"{base:.1f} ns/call", "", ""]]
     rows.append(["raw uprobe PMU counter (perf_event_open directly)",
                  f"{cost['raw']:.0f} ns/hit", "", ""])
-    rows.append(["`count` (KernelCounter, system-wide: uprobe_profile)", f"{cost['count']:.0f} ns/hit",
+    rows.append(["`count` (KernelCounter, system-wide: uprobe_profile)",
+                 f"{cost['count']:.0f} ns/hit",
                  f"{cost['count'] / cost['raw']:.3f}x raw", ""])
     for m, label in (("text", "`trace -o /dev/null` (text)"),
                      ("json", "`trace --json -o /dev/null`")):

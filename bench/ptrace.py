@@ -222,7 +222,7 @@ def bench(args: argparse.Namespace) -> str:
                     continue
                 small, big = _counts(tool, args.scale)
                 for n, into in ((small, series[i].small), (big, series[i].big)):
-                    seconds, outcome = timed(lambda k: tool.run(k, work), n)
+                    seconds, outcome = timed(lambda k, tool=tool: tool.run(k, work), n)
                     if tool.loop_timed and outcome.loop_ns is not None:
                         seconds = outcome.loop_ns / 1e9
                     into.append(seconds)

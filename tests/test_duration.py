@@ -28,7 +28,8 @@ def forever(compile_c: Compiler) -> Path:
     return compile_c("forever.c")
 
 
-def run_bounded(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_bounded(argv: list[str], env: dict[str, str] | None = None,
+                ) -> subprocess.CompletedProcess[str]:
     """Run uprobes in a session of its own; on timeout end the whole session
     (uprobes and the command it started), then fail."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -177,7 +177,7 @@ def test_the_kernel_drops_what_the_filter_rejects(exe: Path, tracefs: Path) -> N
                               hit_filter=HitFilter.parse(condition))
         with tracer:
             child.release()
-            tracer.run_hits(lambda hits: got.extend(h[8][0] for h in hits))  # type: ignore[misc]
+            tracer.run_hits(lambda hits, got=got: got.extend(h[8][0] for h in hits))  # type: ignore[misc]
             streams = tracer._streams
             assert streams is not None
             read, counted = streams.samples, streams.hits()

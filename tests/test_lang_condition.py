@@ -42,7 +42,8 @@ def ev(**args: object) -> SimpleNamespace:
     ("comm == \"worker\" && tid == 101 && pid == 100", ev(), True),
     ("name == \"x\"", ev(name=None), False),  # a faulted string matches nothing
     ("delta == -5", ev(delta=-5), True),
-    ("a == 1 || b == 2 && c == 3", SimpleNamespace(pid=0, tid=0, comm="", args={"a": 1, "b": 0, "c": 0}), True),
+    ("a == 1 || b == 2 && c == 3",
+     SimpleNamespace(pid=0, tid=0, comm="", args={"a": 1, "b": 0, "c": 0}), True),
 ])
 def test_predicate(text: str, event: SimpleNamespace, expected: bool) -> None:
     assert parse_condition(text).predicate()(event) is expected

@@ -140,7 +140,8 @@ def specs(draw: st.DrawFn) -> ProbeSpec:
         expr, ftype = draw(fetchargs(kind is ProbeKind.RETURN))
         args.append(FetchArg(name, expr, ftype))
     group = draw(st.none() | NAME)
-    event = draw(st.none() | NAME) if group is not None else draw(NAME) if draw(st.booleans()) else None
+    event = (draw(st.none() | NAME) if group is not None
+             else draw(NAME) if draw(st.booleans()) else None)
     return ProbeSpec(kind, target, tuple(args), group, event)  # type: ignore[arg-type]
 
 

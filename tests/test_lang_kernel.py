@@ -159,7 +159,8 @@ def _register_extension(command: str, logged: tuple[str, int]) -> bool:
 
 ARGS = r"""
 %ax %bx %cx %dx %si %di %bp %sp %r8 %r9 %r10 %r11 %r12 %r13 %r14 %r15 %ip %flags %cs %ss %orig_ax
-%ds %es %fs %gs %eax %rax %rdi %r8d %sil %rip:u32 +0(%rsp):u8 %AX % %ax:u8 %di:s16 %di:x32 %di:u64 %di:s64 %di:x8 %ax:char
+%ds %es %fs %gs %eax %rax %rdi %r8d %sil %rip:u32 +0(%rsp):u8 %AX % %ax:u8 %di:s16 %di:x32
+%di:u64 %di:s64 %di:x8 %ax:char
 %ax:string %ax:ustring %ax:symbol %ax:symstr %ax:u99 %ax: %ax:%pd %ax:U8 %ax:x64
 $stack $stack0 $stack12 $stack08 $stack1x $stackx $stack99999999999999999999 $stack+1
 $comm $COMM $Comm $comm:string $comm:u8 $comm:string[2] $comm:ustring +0($comm) $foo $
@@ -194,7 +195,8 @@ def _nest(depth: int, leaf: str = "%ax", suffix: str = "") -> str:
     return "+0(" * depth + leaf + ")" * depth + suffix
 
 
-NESTED = [_nest(d) for d in (12, 13, 14, 15)] + [_nest(d, suffix=":b3@2/32") for d in (12, 13, 14)] \
+NESTED = [_nest(d) for d in (12, 13, 14, 15)] \
+    + [_nest(d, suffix=":b3@2/32") for d in (12, 13, 14)] \
     + [_nest(d, "@0") for d in (12, 13, 14)] + [_nest(d, suffix=":u8[2]") for d in (12, 13, 14)] \
     + [_nest(d, suffix=":string") for d in (12, 13, 14)] \
     + [_nest(d, "\\5", ":string[2]") for d in (12, 13, 14)] \
@@ -208,16 +210,19 @@ def heads(off: int) -> list[str]:
         "p:{G}.e_dot {P}:{O}", "p:{G}/ {P}:{O}", "r:{G}/ {P}:{O}", "p:{G}/e_ref {P}:{O}(0x10)",
         "p:{G}/e_ref0 {P}:{O}(0)", "p:{G}/e_rr {P}:{O}%return(0x20)",
         "p:{G}/e {P}:{O}(16", "p:{G}/e {P}:{O}(16)x", "p:{G}/e {P}:{O}(zz)", "p:{G}/e {P}:{O}()",
-        "p:{G}/e {P}:{O}(16)%return", "p:{G}/e {P}:{O}%ret", "p:{G}/e {P}:{O}%", "p:{G}/e {P}:{O}zz",
+        "p:{G}/e {P}:{O}(16)%return", "p:{G}/e {P}:{O}%ret", "p:{G}/e {P}:{O}%",
+        "p:{G}/e {P}:{O}zz",
         "p:{G}/e {P}:0x", "p:{G}/e {P}:08", "p:{G}/e_dec {P}:{D}", "p:{G}/e_oct {P}:0{OCT}",
         "p:{G}/e {P}:{O}+4", "p:{G}/e {P}:-1", "p:{G}/e_big {P}:0xffffffffffffffff",
         "p:{G}/e {P}:0x10000000000000000",
         "p:/e {P}:{O}", "p: {P}:{O}", "p:{G}/1e {P}:{O}", "p:1{G}/e {P}:{O}", "p:{G}/a.b {P}:{O}",
         "p:{G}-x/e_dash {P}:{O}", "p:{G}/e-x {P}:{O}", "p:{G}/e {P}:{O}",
         "p:{G}/" + "e" * 63 + " {P}:{O}", "p:{G}/" + "e" * 64 + " {P}:{O}",
-        "p:{G}" + "x" * (63 - len(g)) + "/e63 {P}:{O}", "p:{G}" + "x" * (64 - len(g)) + "/e {P}:{O}",
+        "p:{G}" + "x" * (63 - len(g)) + "/e63 {P}:{O}",
+        "p:{G}" + "x" * (64 - len(g)) + "/e {P}:{O}",
         "p:{G}/ {P}:{O} $retval", "r:{G}/e_rv {P}:{O} $retval $retvalue:u8",
-        "p:{G}/e_rv2 {P}:{O}%return a=$retval:s32", "r:{G}/e_args {P}:{O} " + " ".join(["%ax"] * 128),
+        "p:{G}/e_rv2 {P}:{O}%return a=$retval:s32",
+        "r:{G}/e_args {P}:{O} " + " ".join(["%ax"] * 128),
         "r:{G}/e {P}:{O} " + " ".join(["%ax"] * 129), "p:{G}/e {P}:{O} " + " ".join(["%zz"] * 130),
         "p:{G}/e_tab\t{P}:{O}\t\ta=%ax", "p:{G}/e_cmt {P}:{O} a=%ax # b=%zz",
         "pxyz:{G}/e {P}:{O}", "p:{G}/e {P}", "p:{G}/e {P}:",

@@ -58,11 +58,14 @@ GOOD: list[tuple[str, Spec]] = [
      ProbeSpec(P, FileTarget("/bin/true", offset=16, ref_ctr_offset=32), (), "g", "e")),
     ("p:g/ /a:b/c:0x10", ProbeSpec(P, FileTarget("/a:b/c", offset=16), (), "g", None)),
     ("libc:malloc size=%di:u64",
-     ProbeSpec(P, FileTarget("libc", symbol="malloc"), (a("size", Register("di"), FetchType("u64")),))),
-    ("r python3:main $retval", ProbeSpec(R, FileTarget("python3", symbol="main"), (a("arg1", RetVal()),))),
+     ProbeSpec(P, FileTarget("libc", symbol="malloc"),
+               (a("size", Register("di"), FetchType("u64")),))),
+    ("r python3:main $retval",
+     ProbeSpec(R, FileTarget("python3", symbol="main"), (a("arg1", RetVal()),))),
     ("p libfoo.so:ns::func+0x10%return(0x8)",
      ProbeSpec(R, FileTarget("libfoo.so", symbol="ns::func", symbol_offset=16, ref_ctr_offset=8))),
-    ("libc.so.6:memcpy@GLIBC_2.14", ProbeSpec(P, FileTarget("libc.so.6", symbol="memcpy@GLIBC_2.14"))),
+    ("libc.so.6:memcpy@GLIBC_2.14",
+     ProbeSpec(P, FileTarget("libc.so.6", symbol="memcpy@GLIBC_2.14"))),
     ("c:memcpy@@GLIBC_2.2.5", ProbeSpec(P, FileTarget("c", symbol="memcpy@@GLIBC_2.2.5"))),
     ("c:str*", ProbeSpec(P, FileTarget("c", symbol="str*"))),
     ("./a.out:_ZN3foo3barEv", ProbeSpec(P, FileTarget("./a.out", symbol="_ZN3foo3barEv"))),
@@ -74,7 +77,8 @@ GOOD: list[tuple[str, Spec]] = [
     ("u:/x:prov:name", ProbeSpec(P, UsdtTarget("/x", "prov", "name"))),
     ("u:main", ProbeSpec(P, FileTarget("u", symbol="main"))),
     ("u:0x10", ProbeSpec(P, FileTarget("u", offset=16))),
-    (":vdso:__vdso_clock_gettime+4", ProbeSpec(P, VdsoTarget(symbol="__vdso_clock_gettime", symbol_offset=4))),
+    (":vdso:__vdso_clock_gettime+4",
+     ProbeSpec(P, VdsoTarget(symbol="__vdso_clock_gettime", symbol_offset=4))),
     ("r :vdso:0x900", ProbeSpec(R, VdsoTarget(offset=0x900))),
     ("pfoo /bin/true:0x10", ProbeSpec(P, FileTarget("/bin/true", offset=16))),
     ("-:grp/ev", ClearSpec("ev", "grp")),
@@ -207,7 +211,8 @@ def test_names() -> None:
     assert len(symbol_event_name("x" * 100, True)) == 63
 
 
-def _probe(spec_line: str, *, usdt: tuple[UsdtArg, ...] = (), ref: int | None = None) -> ResolvedProbe:
+def _probe(spec_line: str, *, usdt: tuple[UsdtArg, ...] = (),
+           ref: int | None = None) -> ResolvedProbe:
     spec = parse(spec_line)
     assert isinstance(spec, ProbeSpec)
     return ResolvedProbe(spec, InodeKey(1, 2, 0x1130), "/usr/bin/app", 0x1130, spec.kind, "g",

@@ -75,7 +75,8 @@ def test_text_output_draws_a_histogram_per_function(latency_exe: Path) -> None:
     assert lines[-1].strip().startswith(f"count {naps}  mean ")
 
 
-def test_bad_specs_are_one_clear_error(latency_exe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_specs_are_one_clear_error(latency_exe: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     for spec in (f"r {latency_exe}:nap", f"{latency_exe}:nap us=%di", "usdt:/x:p:n"):
         assert main(["latency", spec, "--", "/bin/true"]) == 2
         err = capsys.readouterr().err

@@ -147,8 +147,8 @@ def test_every_fetcharg_as_the_kernel_gives_it(tracefs: Path, compile_c: Compile
     hits = oracle_run(exe, specs_for(exe, pie))
     assert [(h.event.probe, h.event.kind) for h in hits] == [
         ("uprobes/f", "p"), ("uprobes/f", "p"), ("uprobes/pick__return", "r"),
-        ("uprobes/pick__return", "r"), ("uprobes/g", "p"), ("uprobes/h", "p"), ("oracle/mixed", "p"),
-        ("oracle/text", "p")]
+        ("uprobes/pick__return", "r"), ("uprobes/g", "p"), ("uprobes/h", "p"),
+        ("oracle/mixed", "p"), ("oracle/text", "p")]
     good, faulty = hits[0], hits[1]
     for i, hit in enumerate(hits):
         kernel, ours = dict(hit.event.args), dict(hit.ours)
@@ -164,7 +164,8 @@ def test_every_fetcharg_as_the_kernel_gives_it(tracefs: Path, compile_c: Compile
         "arr8": [0xFF] * 4, "a2": -7, "a3": -300, "a4": -70000, "a5": -5000000000, "a6": 200,
         "a7": -77, "a8": 88, "a1d": -5000000000, "stfar": 0, "imm": 42, "immn": -5,
         "immx": 0x1234, "immbig": -1, "immstr": None, "cm": exe.name[:15],
-        "cms": exe.name[:15], "n1": -5000000000, "neg": 18000000000000000000, "ud": 18000000000000000000,
+        "cms": exe.name[:15], "n1": -5000000000, "neg": 18000000000000000000,
+        "ud": 18000000000000000000,
         "ud2": -5000000000, "name": "world", "uname": "world", "bad": None, "edge": None,
         "nm2": "world", "sa": ["first", "second"], "fo": 0xFEDCBA9876543210,
         "fos": "global text"}
@@ -186,5 +187,6 @@ def test_every_fetcharg_as_the_kernel_gives_it(tracefs: Path, compile_c: Compile
                             "e8": int.from_bytes(b"cde", "little"), "e16": ord("e"), "ep": 0,
                             "ea": [ord("b") | ord("c") << 8, ord("d") | ord("e") << 8, 0]}
     assert {k: hits[6].ours[k] for k in ("u1", "u2", "u3", "u1x", "u3s")} == {
-        "u1": -9, "u2": -1234, "u3": 77777777777, "u1x": 0xF7, "u3s": 468366449}  # the low 32 bits, signed
+        # u3s: the low 32 bits, signed
+        "u1": -9, "u2": -1234, "u3": 77777777777, "u1x": 0xF7, "u3s": 468366449}
     assert hits[7].ours["t"] == "global text" and hits[7].ours["t1"] == list(b"lob")

@@ -43,7 +43,8 @@ def trace(engine: str, exe: Path, *argv: str, extra: tuple[str, ...] = (),
     """`uprobes trace --json` of the fixture (no ASLR): events, program output, stderr."""
     with tempfile.NamedTemporaryFile("r") as events_file:
         run = subprocess.run([*UPROBES, "trace", "--json", "-e", engine, "-o", events_file.name,
-                              *extra, *(_at(exe, spec) for spec in specs), "--", "setarch", "-R", str(exe), *argv],
+                              *extra, *(_at(exe, spec) for spec in specs), "--", "setarch",
+                              "-R", str(exe), *argv],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         *lines, last = events_file.read().split("\n")[:-1]

@@ -2,9 +2,10 @@
 
 tests/fixtures/reloc.c has one function per instruction kind, each starting
 with that kind.  A minimal tracer here (uprobes.sys.ptrace and
-uprobes.sys.procmem) puts an int3 on every one, and on each hit does what the engine's hit path does:
-emulate, or send the thread through the slot.  The program's output must be
-that of an untraced run, and every hit counted.
+uprobes.sys.procmem) puts an int3 on every one, and on each hit does what
+the engine's hit path does: emulate, or send the thread through the slot.
+The program's output must be that of an untraced run, and every hit
+counted.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def test_links_give_one_identity(compile_c, tmp_path: Path) -> None:  # type: ig
     soft = tmp_path / "soft"
     os.link(exe, hard)
     soft.symlink_to(exe)
-    ids = {(r.dev, r.ino) for r in (find_file(str(exe)), find_file(str(hard)), find_file(str(soft)))}
+    ids = {(r.dev, r.ino)
+           for r in (find_file(str(exe)), find_file(str(hard)), find_file(str(soft)))}
     assert len(ids) == 1
 
 

@@ -26,7 +26,8 @@ def untraced(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
 
 
-def test_spawn_delivers_exact_args_and_return_values(target: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_spawn_delivers_exact_args_and_return_values(target: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     s = uprobes.Session(engine="kernel")
     entries: list[tuple[int, int]] = []
     returns: list[int] = []
@@ -62,7 +63,8 @@ def test_one_line_twice_is_one_probe_with_two_consumers_and_filters(target: Path
     assert third == [i for i in range(LOOPS) if i >= 3 and i & 1]
 
 
-def test_stop_from_a_handler_ends_the_run_and_the_command_runs_on(target: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_stop_from_a_handler_ends_the_run_and_the_command_runs_on(
+        target: Path, capfd: pytest.CaptureFixture[str]) -> None:
     s = uprobes.Session()
     seen: list[int] = []
 
@@ -78,7 +80,8 @@ def test_stop_from_a_handler_ends_the_run_and_the_command_runs_on(target: Path, 
     assert len(seen) < 2000
 
 
-def test_a_handler_that_raises_stops_tracing_not_the_command(target: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_handler_that_raises_stops_tracing_not_the_command(
+        target: Path, capfd: pytest.CaptureFixture[str]) -> None:
     s = uprobes.Session()
 
     @s.probe(f"{target}:greet")
@@ -92,8 +95,9 @@ def test_a_handler_that_raises_stops_tracing_not_the_command(target: Path, capfd
 
 
 def test_attach_follows_a_running_process(target: Path) -> None:
-    proc = subprocess.Popen([str(target), str(LOOPS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "TARGET_WAIT": "1"})
+    proc = subprocess.Popen([str(target), str(LOOPS)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TARGET_WAIT": "1"})
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().startswith("ready")
@@ -131,7 +135,8 @@ def test_bad_input_is_a_clear_error_at_the_line_that_made_it(target: Path) -> No
 
 def test_the_readme_example_runs(tracefs: Path) -> None:
     example = Path(__file__).parent.parent / "examples" / "malloc_sizes.py"
-    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1].startswith("ls exited 0:") and "malloc calls" in lines[-1]
@@ -146,8 +151,10 @@ def test_ptrace_engine_same_events_and_handlers_that_change_registers(
     for engine in ("kernel", "ptrace"):
         s = uprobes.Session(engine=engine)
         got: list[tuple[int, ...]] = []
-        s.probe(f"{target}:add a=%di:s64 b=%si:s64", lambda ev: got.append((ev.args["a"], ev.args["b"])))
-        s.probe(f"r {target}:add v=$retval:s64", lambda ev: got.append((ev.args["v"],)))
+        s.probe(f"{target}:add a=%di:s64 b=%si:s64",
+                lambda ev, got=got: got.append((ev.args["a"], ev.args["b"])))
+        s.probe(f"r {target}:add v=$retval:s64",
+                lambda ev, got=got: got.append((ev.args["v"],)))
         assert s.spawn([str(target), str(LOOPS)]) == 0
         assert s.engine_used == engine
         seen[engine] = got

@@ -22,7 +22,9 @@ THREADS_C = r"""
 #include <unistd.h>
 #include <sys/wait.h>
 __attribute__((noinline)) long add(long a, long b) { return a + b; }
-static void *run(void *p) { long t = 0; for (int i = 0; i < 1000; i++) t += add(i, 1); return (void *)t; }
+static void *run(void *p) {
+    long t = 0; for (int i = 0; i < 1000; i++) t += add(i, 1); return (void *)t;
+}
 int main(void) {
     printf("ready %d\n", getpid()); fflush(stdout);
     char buf[8]; if (!fgets(buf, sizeof buf, stdin)) return 1;

@@ -17,7 +17,8 @@ def latency_exe(tracefs: Path, compile_c: Compiler) -> Path:
     return compile_c("latency.c")
 
 
-def test_calls_become_nested_slices_and_other_hits_instants(latency_exe: Path, tmp_path: Path) -> None:
+def test_calls_become_nested_slices_and_other_hits_instants(latency_exe: Path,
+                                                            tmp_path: Path) -> None:
     out_file = tmp_path / "trace.json"
     status = main(["trace", "--format", "perfetto", "-o", str(out_file),
                    f"{latency_exe}:fib n=%di:s32", f"r {latency_exe}:fib v=$retval:s64",

@@ -57,7 +57,8 @@ def _walk(exe: Path, probe: str) -> list[str]:
             proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize("flags", [("-O2", "-fomit-frame-pointer"), ("-O0", "-fno-omit-frame-pointer")])
+@pytest.mark.parametrize("flags", [("-O2", "-fomit-frame-pointer"),
+                                   ("-O0", "-fno-omit-frame-pointer")])
 def test_walks_our_own_frames(tracefs: Path, compile_c: Compiler, flags: tuple[str, ...]) -> None:
     exe = compile_c("stacks.c", *flags)
     names = _walk(exe, "leaf")
@@ -66,7 +67,8 @@ def test_walks_our_own_frames(tracefs: Path, compile_c: Compiler, flags: tuple[s
         any(n.startswith("__libc_start") for n in names[4:]), names
 
 
-def test_walks_through_libc_frames_without_frame_pointers(tracefs: Path, compile_c: Compiler) -> None:
+def test_walks_through_libc_frames_without_frame_pointers(tracefs: Path,
+                                                          compile_c: Compiler) -> None:
     exe = compile_c("stacks.c", "-O2", "-fomit-frame-pointer")
     names = _walk(exe, "by_value")
     assert names[0] == "by_value"

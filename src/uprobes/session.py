@@ -16,10 +16,11 @@ its exit status; `attach()` follows a running process and its threads;
 Engines: "kernel" (the kernel's uprobes: events reach handlers a moment
 after the hit), "ptrace" (ours: handlers run while the thread is stopped at
 the probe; `event.hit` gives its registers and memory and can change them)
-and "auto" (the kernel where it can serve, see `uprobes.engines.choose`). Each blocks, calling handlers in the caller's
-thread, until the command or process ends, `duration` passes, a handler
-calls `stop()`, or SIGINT/SIGTERM/SIGHUP arrive (which stop the run, never
-the traced program). Every probe is removed on every way out.
+and "auto" (the kernel where it can serve, see `uprobes.engines.choose`).
+Each blocks, calling handlers in the caller's thread, until the command or
+process ends, `duration` passes, a handler calls `stop()`, or
+SIGINT/SIGTERM/SIGHUP arrive (which stop the run, never the traced
+program). Every probe is removed on every way out.
 
 Probe lines are parsed when given, so a mistake shows at the line that made
 it; they are resolved when the run starts (`attach()` resolves names as the

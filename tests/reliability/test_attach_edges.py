@@ -19,7 +19,8 @@ from conftest import Compiler
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 LOOPS = 2000
-RUN_S = int(os.environ.get("ATTACH_EDGES_RUN_S", "60"))  # the bound of every uprobes run here: a hang fails the test, it never waits forever
+# the bound of every uprobes run here: a hang fails the test, it never waits forever
+RUN_S = int(os.environ.get("ATTACH_EDGES_RUN_S", "60"))
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def _sigkill_mid_run(threads_exe: Path) -> tuple[subprocess.Popen[bytes], list[i
 
 def _wait_gone(pids: list[int]) -> None:
     for pid in pids:
-        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"process {pid} to end", 120)
+        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), f"process {pid} to end", 120)
 
 
 def test_sigkill_leaves_nothing_the_reaper_removes_it(tracefs: Path, threads_exe: Path) -> None:
@@ -143,7 +143,7 @@ def test_two_runs_on_one_binary_at_once(tracefs: Path, threads_exe: Path) -> Non
         assert run.returncode == 0, stderr.decode()
         lines = stdout.decode().splitlines()
         assert lines[0] == EXPECTED.decode().strip()
-        assert lines[-1] == '{"uprobes/work":%d}' % (4 * LOOPS)  # each counts its own exactly
+        assert lines[-1] == f'{{"uprobes/work":{4 * LOOPS}}}'  # each counts its own exactly
 
 
 def test_target_that_ends_while_probes_are_placed(tracefs: Path) -> None:

@@ -17,7 +17,8 @@ from conftest import Compiler
 # uprobes, reporting its own peak RSS on stderr as it exits.
 MEASURED = [sys.executable, "-c",
             "import resource, sys; from uprobes.commands import main; rc = main(sys.argv[1:]); "
-            "sys.stderr.write(f'peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'); "
+            "sys.stderr.write("
+            "f'peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'); "
             "sys.exit(rc)"]
 LOOPS = 250_000  # x 4 threads
 
@@ -36,8 +37,8 @@ def test_a_million_hits_are_delivered_or_counted_lost(tracefs: Path, compile_c: 
         lines = sum(1 for _ in f)
         f.seek(0)
         last = ""
-        for last in f:
-            pass
+        for line in f:
+            last = line
     summary = json.loads(last)["summary"]
     assert summary["events"] == lines - 1  # every event written, one line each
     assert summary["events"] + summary["lost"] == 4 * LOOPS

@@ -172,7 +172,8 @@ def test_an_unmapped_ring_is_reported(exe: Path) -> None:
     assert run.returncode == 128 + signal.SIGSEGV, run.stderr
     assert re.search(r"uprobes: note: process \d+: SIGSEGV in uprobes' trap-free probe code "
                      r"at 0x[0-9a-f]+ \(address 0x[0-9a-f]+\): the program unmapped, "
-                     r"protected or truncated the memory it shares with uprobes", run.stderr), run.stderr
+                     r"protected or truncated the memory it shares with uprobes",
+                     run.stderr), run.stderr
 
 
 def test_shared_memory_cannot_be_truncated(exe: Path) -> None:

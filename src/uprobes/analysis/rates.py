@@ -45,7 +45,8 @@ class HitRates:
         now = time.monotonic()
         counts, comms = self._counts.copy(), self._comms.copy()
         span = max(now - self._last_at, 1e-9)
-        rows = [RateRow(probe, pid, comms.get(pid, "?"), (n - self._last.get((probe, pid), 0)) / span, n)
+        rows = [RateRow(probe, pid, comms.get(pid, "?"),
+                        (n - self._last.get((probe, pid), 0)) / span, n)
                 for (probe, pid), n in counts.items()]
         self._last, self._last_at = counts, now
         return sorted(rows, key=lambda r: (-r.per_second, -r.total, r.probe, r.pid))

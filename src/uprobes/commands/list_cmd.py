@@ -84,7 +84,8 @@ def _doc(path: str, image: ElfImage, table: SymbolTable, notes: list[Any],
 
 def _func(image: ElfImage, s: Symbol) -> dict[str, Any]:
     return {
-        "name": s.name, "display_name": s.display_name, "version": s.version, "file_offset": image.link_to_file_offset(s.link_addr),
+        "name": s.name, "display_name": s.display_name, "version": s.version,
+        "file_offset": image.link_to_file_offset(s.link_addr),
         "link_addr": s.link_addr, "size": s.size, "kind": s.kind, "source": s.source,
     }
 

@@ -75,7 +75,8 @@ def _candidates(image: ElfImage, debug_dirs: Iterable[str]) -> list[tuple[str, s
     if image.debuglink is not None and image.identity is not None:
         link = image.debuglink[0]
         own_dir = os.path.dirname(os.path.realpath(image.path))
-        out += [(os.path.join(own_dir, link), "crc"), (os.path.join(own_dir, ".debug", link), "crc")]
+        out += [(os.path.join(own_dir, link), "crc"),
+                (os.path.join(own_dir, ".debug", link), "crc")]
         out += [(os.path.join(d, own_dir.lstrip("/"), link), "crc") for d in dirs]
     return out
 
@@ -104,7 +105,8 @@ def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_D
                     if verify == "build-id" and build_id_of(elf) != image.build_id:
                         notes.append(f"{path}: ignored, its build-id does not match {image.path}")
                         continue
-                    if verify == "crc" and image.debuglink and zlib.crc32(buf) != image.debuglink[1]:
+                    if (verify == "crc" and image.debuglink
+                            and zlib.crc32(buf) != image.debuglink[1]):
                         notes.append(f"{path}: ignored, its CRC32 does not match the "
                                      f".gnu_debuglink of {image.path}")
                         continue

@@ -226,7 +226,8 @@ class RawElf:
             end = desc_at + ((descsz + 3) & ~3)
             if desc_at + descsz > len(data):
                 raise self.malformed(f"a note runs past its section or segment ({end:#x})")
-            yield data[name_at:name_at + namesz].rstrip(b"\0"), n_type, data[desc_at:desc_at + descsz]
+            name = data[name_at:name_at + namesz].rstrip(b"\0")
+            yield name, n_type, data[desc_at:desc_at + descsz]
             pos = end
 
     def note_blobs(self) -> Iterator[bytes]:

@@ -24,7 +24,8 @@ _BINDINGS = {1: "global", 2: "weak", 0: "local", 10: "unique"}
 _SKIPPED_SHNDX = (0, 0xFFF1, 0xFFF2)  # SHN_UNDEF, SHN_ABS, SHN_COMMON
 _VERSYM_HIDDEN = 0x8000
 _VER_FLG_BASE = 0x1
-_VERDEF = struct.Struct("<HHHHIII")  # vd_version, vd_flags, vd_ndx, vd_cnt, vd_hash, vd_aux, vd_next
+# vd_version, vd_flags, vd_ndx, vd_cnt, vd_hash, vd_aux, vd_next
+_VERDEF = struct.Struct("<HHHHIII")
 _VERDAUX = struct.Struct("<II")  # vda_name, vda_next
 _VERNEED = struct.Struct("<HHIII")  # vn_version, vn_cnt, vn_file, vn_aux, vn_next
 _VERNAUX = struct.Struct("<IHHII")  # vna_hash, vna_flags, vna_other, vna_name, vna_next

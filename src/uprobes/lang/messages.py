@@ -56,7 +56,8 @@ LINE_TOO_LONG = "Line length is too long: Should be less than 4094"
 # ---- our own wording (the kernel has none: it returns EINVAL silently)
 EMPTY_LINE = "Empty probe line"
 MULTI_LINE = "A probe spec is a single line"
-NO_PLACE = "Probe point is not specified (PATH:OFFSET, PATH:SYMBOL, usdt:PATH:PROVIDER:NAME or :vdso:SYMBOL)"
+NO_PLACE = ("Probe point is not specified (PATH:OFFSET, PATH:SYMBOL, usdt:PATH:PROVIDER:NAME "
+            "or :vdso:SYMBOL)")
 BAD_PLACE = "Probe point must be PATH:OFFSET or PATH:SYMBOL[+OFFSET]"
 NO_PATH = "Path is missing before ':'"
 QUOTE_NOT_CLOSED = "Quoted path is not closed with '\"'"

@@ -174,7 +174,8 @@ class Resolver:
         ref = self.file(t.path)
         image = self.image(ref)
         notes = [n for n in usdt_notes(image)
-                 if fnmatch.fnmatchcase(n.provider, t.provider) and fnmatch.fnmatchcase(n.name, t.name)]
+                 if fnmatch.fnmatchcase(n.provider, t.provider)
+                 and fnmatch.fnmatchcase(n.name, t.name)]
         if not notes:
             raise ResolveError(f"no USDT probe {t.provider}:{t.name} in {ref.display} "
                                f"(see: uprobes list {t.path})")
@@ -199,7 +200,8 @@ class Resolver:
             offsets = [t.offset]
         else:
             assert t.symbol is not None
-            found = _distinct(table.glob(t.symbol) if _GLOB.search(t.symbol) else _vdso_lookup(table, t.symbol))
+            found = _distinct(table.glob(t.symbol) if _GLOB.search(t.symbol)
+                              else _vdso_lookup(table, t.symbol))
             if not found:
                 hint = table.suggest(t.symbol)
                 also = f" (did you mean: {', '.join(hint)}?)" if hint else ""

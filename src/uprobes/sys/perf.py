@@ -349,10 +349,11 @@ def user_tail(data: bytes, raw_size_at: int, nregs: int,
     """The user registers and stack of a sample whose RAW size (u32) is at
     `raw_size_at` in `data`: (`nregs` register values in mask-bit order, or
     None when the hit had no user registers; the bytes copied from the
-    user stack pointer up, whose address is the sampled sp). Layout (perf_output_sample()): RAW's size counts its padding to
-    8 bytes; REGS_USER is u64 abi, then the registers if abi != 0;
-    STACK_USER is u64 size, `size` bytes, then u64 dyn_size (what was really
-    copied) if size != 0."""
+    user stack pointer up, whose address is the sampled sp). Layout
+    (perf_output_sample()): RAW's size counts its padding to 8 bytes;
+    REGS_USER is u64 abi, then the registers if abi != 0; STACK_USER is
+    u64 size, `size` bytes, then u64 dyn_size (what was really copied) if
+    size != 0."""
     at = raw_size_at + 4 + _U32.unpack_from(data, raw_size_at)[0]
     regs = None
     if nregs:
@@ -581,5 +582,6 @@ class RingBuffer:
         self.close()
 
 
-__all__ = ["MmapRecord", "PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout", "kernel_error",
+__all__ = ["MmapRecord", "PerfEvent", "PerfEventAttr", "RingBuffer", "Sample", "SampleLayout",
+           "kernel_error",
            "online_cpus", "open_tracepoint", "perf_event_open", "tracepoint_attr"]

@@ -164,7 +164,7 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     sym = code.symbols.containing(link)
     if sym is None or sym.size == 0:
         raise NotTrapFree("no function symbol with a size holds it (its branches are unknown)")
-    name, lo, hi = sym.display_name, sym.link_addr, sym.link_addr + sym.size
+    name, lo = sym.display_name, sym.link_addr
     start = image.link_to_file_offset(lo)
     with image:
         data = image.read_file(start, sym.size)

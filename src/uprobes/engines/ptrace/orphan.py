@@ -21,9 +21,9 @@ SIGTRAP. Two things prevent it:
   the stop of a tracer that died between moving rip (an emulated
   instruction, a return) and resuming: the work is done, the handler
   returns (the tracer peeks at stops without consuming them, so such a
-  stop still carries its SIGTRAP: see ptrace.peek_any). A program that handles or ignores SIGTRAP itself keeps
-  its disposition: no handler is installed, one note says so, and only
-  the reaper protects it.
+  stop still carries its SIGTRAP: see ptrace.peek_any). A program that
+  handles or ignores SIGTRAP itself keeps its disposition: no handler is
+  installed, one note says so, and only the reaper protects it.
 - **A reaper** (uprobes.engines.reaper: a watcher process on a pipe): the
   tracer tells it every int3 as it places it (pid, address, original byte)
   and which processes come and go; when the tracer dies it writes the
