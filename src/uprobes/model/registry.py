@@ -1,4 +1,6 @@
-"""The probe registry that every engine shares, after the kernel's design.
+"""The probe registry, after the kernel's design: the ptrace engine keeps its
+probes here and a `Session` its consumers (the kernel engine's probes live
+in the kernel's own registry).
 
 A `Probe` is one instruction of one file, keyed by (dev, ino, file offset)
 (or, in the vDSO, by process and offset). Probes sit in a sorted index, so
