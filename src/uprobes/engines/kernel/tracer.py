@@ -39,6 +39,7 @@ from uprobes.lang.condition import Condition
 from uprobes.model.event import COMM_FIELD, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.filters import HitFilter
 from uprobes.model.probe import ResolvedProbe
+from uprobes.model.refusal import Refusals
 from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.sys import procfs
 from uprobes.sys.pidfd import has_ended, watch_process
@@ -89,6 +90,7 @@ class KernelTracer:
         self.ring_pages = ring_pages
         self._tracefs = tracefs
         self._note = note or (lambda _: None)
+        self._refusals = Refusals(probes, self._note)
         self.decoders: dict[int, RecordDecoder | RetSiteDecoder] = {}
         self._hit_functions: dict[int, Callable[[bytes, int], Hit]] = {}
         self.placed: list[KernelProbe] = []
@@ -127,7 +129,6 @@ class KernelTracer:
             target = self.child if self.child is not None else self.pid
             if target is not None:
                 self._open_pidfd(target)
-            multi = _glob_specs(self.probes)
             kps = kernel_probes(self.probes, group.name)
             unsafe, alone = screen_sites((kp.probe.path, kp.file_offset) for kp in kps)
             if self.force:
@@ -137,10 +138,10 @@ class KernelTracer:
                 why = unsafe.get((kp.probe.path, kp.file_offset))
                 if why is None:
                     safe.append(kp)
-                elif not _skippable(kp, multi):
-                    raise ResolveError(f"{kp.info.name}: {why} (use --force to probe it anyway)")
                 else:
-                    self._note(f"skipped {kp.info.name}: {why}")
+                    self._refusals.refuse(kp.probe, kp.info.name, why, ResolveError(
+                        f"{kp.info.name}: {why} (use --force to probe it anyway)"),
+                        skippable=_partial_ok(kp))
             # One filter per kernel event: probes with different ones never share.
             by_filter: dict[Condition | None, list[KernelProbe]] = {}
             for kp in safe:
@@ -149,7 +150,7 @@ class KernelTracer:
                       for members in shared_events(kps_alike, alone)]
             check_event_count(len(events), len(safe))
             for members in events:
-                self._place(tfs, group, members, multi)
+                self._place(tfs, group, members)
                 if self.target_exited:
                     self._note(f"process {self.pid} exited while its probes were placed")
                     break
@@ -164,8 +165,7 @@ class KernelTracer:
             raise
         return self
 
-    def _place(self, tfs: Tracefs, group: ProbeGroup, members: list[KernelProbe],
-               multi: set[int]) -> None:
+    def _place(self, tfs: Tracefs, group: ProbeGroup, members: list[KernelProbe]) -> None:
         """Place `members` as one kernel event (named after the first). When
         the kernel refuses the event (one probe point it cannot take fails
         them all, e.g. ENOTSUPP for an instruction it cannot step), the
@@ -187,9 +187,8 @@ class KernelTracer:
                         group.add(event_line(kp, event))
                         added.append(kp)
                     except KernelError as e:
-                        if not _skippable(kp, multi):
-                            raise
-                        self._note(f"skipped {kp.info.name}: {_reason(e)}")
+                        self._refusals.refuse(kp.probe, kp.info.name, _reason(e), e,
+                                              skippable=_partial_ok(kp))
             if not added:
                 return
             fmt = tfs.event_format(group.name, event)
@@ -211,16 +210,15 @@ class KernelTracer:
             if len(added) > 1:
                 group.remove(event)
                 half = len(added) // 2
-                self._place(tfs, group, added[:half], multi)
+                self._place(tfs, group, added[:half])
                 if not self.target_exited:
-                    self._place(tfs, group, added[half:], multi)
+                    self._place(tfs, group, added[half:])
                 return
             # A glob places what the kernel accepts (some libc entry points
             # start with instructions uprobes refuse: ENOTSUPP) and names the rest.
             kp = (added or members)[0]
-            if not _skippable(kp, multi):
-                raise
-            self._note(f"skipped {kp.info.name}: {_reason(e)}")
+            self._refusals.refuse(kp.probe, kp.info.name, _reason(e), e,
+                                  skippable=_partial_ok(kp))
             if added:
                 group.remove(event)
             return
@@ -474,18 +472,10 @@ class KernelTracer:
 _ts = itemgetter(0)
 
 
-def _skippable(kp: KernelProbe, multi: set[int]) -> bool:
-    """A probe of a glob may be left out with a note; a return probe on its
-    rets is placed whole or not at all."""
-    return id(kp.probe.spec) in multi and kp.func_delta is None
-
-
-def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
-    """Specs (by identity) that resolved to more than one probe."""
-    seen: dict[int, int] = {}
-    for p in probes:
-        seen[id(p.spec)] = seen.get(id(p.spec), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
+def _partial_ok(kp: KernelProbe) -> bool:
+    """Whether `kp` may be left out alone: a return probe on its rets is
+    placed whole or not at all (see `Refusals`)."""
+    return kp.func_delta is None
 
 
 def _reason(e: KernelError) -> str:

@@ -58,6 +58,7 @@ from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError,
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, display_names, hit_event
 from uprobes.model.filters import HitFilter, TaskView
 from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
+from uprobes.model.refusal import Refusals
 from uprobes.model.registry import Consumer, Probe, Registry, TaskLike, prepare_dispatch
 from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.resolve.abi import probe_info
@@ -138,8 +139,7 @@ class PtraceTracer:
         # Every event handler of ours, and the probe line it serves.
         self._ours: dict[Callable[[TaskLike], object], ResolvedProbe] = {}
         self._infos: dict[str, ProbeInfo] = {}
-        self._multi = _glob_specs(probes)
-        self._refused: set[str] = set()
+        self._refusals = Refusals(probes, self._note)
         self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
         self._refused_early = False  # a precheck failed because the process had ended
         for name, p in zip(display_names(probes), probes):
@@ -148,9 +148,7 @@ class PtraceTracer:
                 if pid is not None and _ended(pid, within=0):
                     self._refused_early = True
                     break
-                if id(p.spec) not in self._multi:
-                    raise EngineError(f"{p.name}: {reason}")
-                self._note(f"skipped {p.name}: {reason}")
+                self._refusals.refuse(p, p.name, reason)
                 continue
             info = probe_info(p)
             self._infos[info.name] = info
@@ -614,12 +612,10 @@ class PtraceTracer:
                    for p in self.registry)
 
     def _refuse(self, probe: Probe, reason: str) -> None:
-        name = probe.point.name
-        if not self._placed_once and id(probe.point.spec) not in self._multi:
-            raise EngineError(f"{name}: {reason}")
-        if name not in self._refused:
-            self._refused.add(name)
-            self._note(f"skipped {name}: {reason}")
+        if self._placed_once:  # once running, a refusal (a library loaded later) is a note
+            self._refusals.skip(probe.point.name, reason)
+        else:
+            self._refusals.refuse(probe.point, probe.point.name, reason)
 
     # ------------------------------------------------------------ the loop
 
@@ -1295,11 +1291,3 @@ def _ended(pid: int, within: float = 0.5) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
-
-
-def _glob_specs(probes: list[ResolvedProbe]) -> set[int]:
-    """Specs (by identity) that resolved to more than one probe."""
-    seen: dict[int, int] = {}
-    for p in probes:
-        seen[id(p.spec)] = seen.get(id(p.spec), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
