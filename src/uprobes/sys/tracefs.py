@@ -57,6 +57,8 @@ class ErrorLogEntry:
     message: str
     command: str
     pos: int
+    # the kernel's clock at the error: tells two entries of one command apart
+    stamp: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def parse_error_log(text: str) -> list[ErrorLogEntry]:
     lines = text.splitlines()
     prefix = "  Command: "
     for i, line in enumerate(lines):
-        m = re.match(r"^\[[^\]]*\]\s*(?P<sub>[^:]+): error: (?P<msg>.*)$", line)
+        m = re.match(r"^\[(?P<stamp>[^\]]*)\]\s*(?P<sub>[^:]+): error: (?P<msg>.*)$", line)
         if not m:
             continue
         command, pos = "", 0
@@ -82,7 +84,8 @@ def parse_error_log(text: str) -> list[ErrorLogEntry]:
             command = lines[i + 1][len(prefix):]
             if i + 2 < len(lines) and "^" in lines[i + 2]:
                 pos = max(lines[i + 2].index("^") - len(prefix), 0)
-        entries.append(ErrorLogEntry(m.group("sub").strip(), m.group("msg").strip(), command, pos))
+        entries.append(ErrorLogEntry(m.group("sub").strip(), m.group("msg").strip(), command, pos,
+                                     m.group("stamp").strip()))
     return entries
 
 
@@ -163,26 +166,28 @@ class Tracefs:
         finally:
             os.close(fd)
 
-    def _clear_error_log(self) -> None:
+    def _error_log(self) -> list[ErrorLogEntry]:
         try:
-            self._write("", "error_log", append=False)
-        except (OSError, KernelError):
-            pass  # kernels before 5.4 have no error_log; we fall back to errno
+            return parse_error_log(self._path("error_log").read_text())
+        except OSError:
+            return []  # kernels before 5.4 have no error_log; we fall back to errno
 
     def _write_checked(self, text: str, what: str, *parts: str) -> None:
-        """Write `text`; on failure raise with the kernel's `error_log` message."""
-        self._clear_error_log()
+        """Write `text`; on failure raise with the kernel's `error_log` message.
+
+        error_log is one file for every writer on the machine: another run may
+        write its own bad line between our write and our read. So we never clear
+        it (that would wipe another run's entry), and we take only an entry that
+        is new since our write and whose command is one of the lines we wrote;
+        without one, the errno speaks."""
+        before = set(self._error_log())
         try:
             self._write(text, *parts)
         except OSError as e:
             err = e.errno or errno.EIO
-            entries = []
-            try:
-                entries = parse_error_log(self._path("error_log").read_text())
-            except OSError:
-                pass
-            want = " ".join(text.split())
-            mine = [x for x in entries if " ".join(x.command.split()) == want] or entries[-1:]
+            ours = {" ".join(line.split()) for line in text.splitlines()}
+            mine = [x for x in self._error_log()
+                    if x not in before and " ".join(x.command.split()) in ours]
             if mine and err not in (errno.EACCES, errno.EPERM, errno.EBUSY):
                 entry = mine[-1]
                 raise ProbeRejected(f"{what}: the kernel says: {entry.message}", err,
