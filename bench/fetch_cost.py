@@ -18,7 +18,7 @@ import timeit
 from pathlib import Path
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
+from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
 from uprobes.resolve.resolver import Resolver
 from uprobes.sys.procmem import ProcessMemory
 from uprobes.sys.ptrace import UserRegs

@@ -13,7 +13,7 @@ import functools
 import sys
 
 from uprobes.commands import entry_point
-from uprobes.engines.ptrace import relocate
+from uprobes.engines.tracee import relocate
 
 relocate.plan = functools.partial(relocate.plan, boost=False)  # type: ignore[assignment]
 

@@ -24,7 +24,7 @@ from uprobes.commands.resolve import parse_specs
 from uprobes.elf.image import ElfImage
 from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import launch
-from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, ArgFetcher, FetchContext
+from uprobes.engines.tracee.fetch import REGISTER_FIELDS, ArgFetcher, FetchContext
 from uprobes.model.event import ArgValue, Event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.resolver import Resolver

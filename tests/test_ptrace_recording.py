@@ -1,4 +1,4 @@
-"""Trap-free recording probes (engines/ptrace/recording.py): `trace -e ptrace`
+"""Trap-free recording probes (engines/trapfree/recording.py): `trace -e ptrace`
 on a probe that fetches registers and the stack only writes each hit into a
 ring in the program's memory, no stop. The kernel engine is the oracle: the
 same probe lines give the same values; and nothing is lost, whatever the
@@ -223,7 +223,7 @@ def test_shaped_lines_are_the_renderers_lines(renderer: str) -> None:
     backslashes, signed and hex values."""
     import io
 
-    from uprobes.engines.ptrace.recording import ShapedLines
+    from uprobes.engines.trapfree.recording import ShapedLines
     from uprobes.lang.types import make_type
     from uprobes.model.event import ProbeInfo
     from uprobes.render.jsonl import JsonLinesRenderer

@@ -1,4 +1,4 @@
-"""Displaced instructions (uprobes.engines.ptrace.relocate), checked by running them.
+"""Displaced instructions (uprobes.engines.tracee.relocate), checked by running them.
 
 tests/fixtures/reloc.c has one function per instruction kind, each starting
 with that kind.  A minimal tracer here (uprobes.sys.ptrace and
@@ -23,7 +23,7 @@ from conftest import Compiler, need
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
-from uprobes.engines.ptrace.relocate import SLOT_SIZE, SlotPlan, UnsupportedInstruction, plan
+from uprobes.engines.tracee.relocate import SLOT_SIZE, SlotPlan, UnsupportedInstruction, plan
 from uprobes.resolve.paths import find_library
 from uprobes.sys import ptrace
 from uprobes.sys.procmem import ProcessMemory

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import Compiler
 
-from uprobes.engines.ptrace.xol import find_syscall_insn, remote_syscall
+from uprobes.engines.tracee.xol import find_syscall_insn, remote_syscall
 from uprobes.errors import EngineError
 from uprobes.sys import ptrace
 from uprobes.sys.procmem import ProcessMemory

@@ -1,4 +1,4 @@
-"""Trap-free counting probes (engines/ptrace/jumppatch.py): exact counts, the
+"""Trap-free counting probes (engines/trapfree/jumppatch.py): exact counts, the
 moved instructions still do what they did in place, and where a jump is not
 safe the probe keeps its int3 and still counts exactly."""
 

@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 from conftest import Compiler
 
-from uprobes.engines.ptrace.recording import GIVE_UP_S, SLOTS
+from uprobes.engines.trapfree import layout
+from uprobes.engines.trapfree.layout import SLOTS
+from uprobes.engines.trapfree.recording import GIVE_UP_S
 from uprobes.sys import procfs
 
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -36,7 +38,10 @@ CORRUPT = re.compile(r"uprobes: note: the traced program overwrote the memory it
 
 @pytest.fixture(scope="module")
 def exe(compile_c: Compiler) -> Path:
-    return compile_c("untrusted.c", "-pthread")
+    ring = {"RING_HEADER": layout.DATA_OFFSET, **{name: getattr(layout, name) for name in (
+        "SLOT_BYTES", "SLOTS", "HEAD", "TAIL", "LOST", "STALLED", "HEARTBEAT", "SLOT_SEQ",
+        "SLOT_TSC", "SLOT_TID", "SLOT_PROBE", "SLOT_VALUES")}}
+    return compile_c("untrusted.c", "-pthread", *(f"-D{k}={v}" for k, v in ring.items()))
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

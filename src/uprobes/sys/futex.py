@@ -1,7 +1,7 @@
 """futex(2) wake-ups of waiters in another process's shared memory.
 
 A trap-free recording probe whose ring is full makes its thread sleep in
-FUTEX_WAIT on the ring's `tail` word (engines/ptrace/recording.py; the
+FUTEX_WAIT on the ring's `tail` word (engines/trapfree/recording.py; the
 trampoline issues that call itself). The reader wakes them after it frees
 space. The ring is a MAP_SHARED memfd, so the futex is a shared one (no
 FUTEX_PRIVATE_FLAG): the kernel keys it by the page's inode and offset,

@@ -1,6 +1,6 @@
 """The CPU's time-stamp counter, read here and mapped to CLOCK_MONOTONIC.
 
-Trap-free recording probes (engines/ptrace/recording.py) stamp each hit
+Trap-free recording probes (engines/trapfree/recording.py) stamp each hit
 with `rdtscp` inside the traced program: no system call, and
 the CPU number comes along (Linux keeps `cpu | node << 12` in TSC_AUX).
 The reader turns those counts into the same clock the int3 path stamps

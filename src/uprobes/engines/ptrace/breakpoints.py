@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from uprobes.engines.ptrace.relocate import SlotPlan
+from uprobes.engines.tracee.relocate import SlotPlan
 from uprobes.errors import EngineError, UprobesError
 from uprobes.model.registry import Probe
 from uprobes.sys.procmem import MemoryFault, ProcessMemory

@@ -58,7 +58,7 @@ from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
 from uprobes.engines import reaper
 from uprobes.engines.ptrace import rettable
-from uprobes.engines.ptrace.xol import remote_syscall
+from uprobes.engines.tracee.xol import remote_syscall
 from uprobes.errors import UprobesError
 from uprobes.sys import ptrace
 from uprobes.sys.procmem import ProcessMemory

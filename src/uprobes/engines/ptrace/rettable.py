@@ -40,7 +40,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable
 
-from uprobes.engines.ptrace.sharedmem import map_shared
+from uprobes.engines.trapfree.sharedmem import map_shared
 from uprobes.sys import ptrace
 
 HEADER = 64

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from uprobes.engines.ptrace.breakpoints import Site
 from uprobes.engines.ptrace.retprobes import ReturnInstance
 from uprobes.engines.ptrace.rettable import ReturnTable
-from uprobes.engines.ptrace.xol import XolArea
+from uprobes.engines.tracee.xol import XolArea
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 

@@ -34,14 +34,18 @@ from dataclasses import replace
 from types import TracebackType
 from typing import cast
 
-from uprobes.engines.ptrace import breakpoints, relocate, rendezvous, retprobes
+from uprobes.engines.ptrace import breakpoints, rendezvous, retprobes
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
-from uprobes.engines.ptrace.fetch import ArgFetcher, FetchContext
 from uprobes.engines.ptrace.hit import PtraceHit
-from uprobes.engines.ptrace.jumppatch import NotTrapFree, Record, TrapFree, plan_for
 from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
-from uprobes.engines.ptrace.recording import (
+from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.engines.signals import StopSignals
+from uprobes.engines.tracee import relocate
+from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
+from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
+from uprobes.engines.trapfree.jumppatch import NotTrapFree, Record, TrapFree, plan_for
+from uprobes.engines.trapfree.recording import (
     Direct,
     RecordedSite,
     Recorder,
@@ -51,9 +55,6 @@ from uprobes.engines.ptrace.recording import (
     recipe_for,
     waits,
 )
-from uprobes.engines.ptrace.tasks import AddressSpace, Thread
-from uprobes.engines.ptrace.xol import XolArea, find_syscall_insn, map_area
-from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, display_names, hit_event
 from uprobes.model.filters import HitFilter, TaskView

@@ -77,8 +77,35 @@ from typing import Any, cast
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
 from iced_x86 import Register as R
 
-from uprobes.engines.ptrace.fetch import REGISTER_FIELDS, converter, split_derefs
-from uprobes.engines.ptrace.sharedmem import CPUS, most_hits
+from uprobes.engines.tracee.fetch import REGISTER_FIELDS, converter, split_derefs
+from uprobes.engines.trapfree.layout import (
+    CPU_BITS,
+    CPU_MASK,
+    DATA_OFFSET,
+    HEAD,
+    HEARTBEAT,
+    LOST,
+    MAX_WORDS,
+    REC_AUX,
+    REC_PROBE,
+    REC_PROBE_HIGH,
+    REC_TID,
+    REC_TSC,
+    REC_VALUES,
+    RECORD,
+    SLOT_BYTES,
+    SLOT_PROBE,
+    SLOT_SEQ,
+    SLOT_SHIFT,
+    SLOT_TID,
+    SLOT_TSC,
+    SLOT_VALUES,
+    SLOTS,
+    STALLED,
+    TAIL,
+    WAITERS,
+)
+from uprobes.engines.trapfree.sharedmem import CPUS, most_hits
 from uprobes.lang.ast import (
     Comm,
     FetchArg,
@@ -100,15 +127,6 @@ from uprobes.sys import futex, tsc
 from uprobes.sys.procmem import MemoryFault
 from uprobes.sys.ptrace import UserRegs
 
-SLOTS = 32768                       # a power of two
-SLOT_BYTES = 128
-SLOT_SHIFT = SLOT_BYTES.bit_length() - 1  # a slot's index to its offset
-HEADER_BYTES = 32                   # seq, tsc, tid|aux, probe id
-MAX_WORDS = (SLOT_BYTES - HEADER_BYTES) // 8
-DATA_OFFSET = 4096                  # head, tail, lost each on its own cache line before it
-# Byte offsets of the header's words (each on its own cache line where writers meet).
-HEAD, TAIL, LOST, STALLED, WAITERS, HEARTBEAT = 0, 64, 128, 192, 256, 384
-RING_BYTES = DATA_OFFSET + SLOTS * SLOT_BYTES
 STACK_MAX = 512                     # bytes above the stack pointer a probe may record
 GLIBC_TID_OFFSET = 0x2D0            # offsetof(struct pthread, tid) on x86-64 glibc
 STUCK_S = 1.0                       # a reserved slot not committed this long is lost
@@ -123,7 +141,6 @@ WAIT_S = 3.0  # how long a hit waits for room in a full ring before the ring is 
 GIVE_UP_S = 10.0  # the longest one hit waits for room, even with a live reader
 SKEW_S = 0.001  # how far apart two CPUs' time-stamp counters may be
 NAP_NS = 20_000_000  # one futex wait's timeout (a wake-up lost in a race costs no more)
-_RECORD = struct.Struct(f"<QQIIII{MAX_WORDS}Q")
 _MASK64 = (1 << 64) - 1
 _NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
 CONSTANT_FIELDS = {"rip": None, "orig_rax": (1 << 64) - 1, "cs": 0x33, "ss": 0x2B}
@@ -306,13 +323,13 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, SLOT_SHIFT),
         i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RIP, data)),
         i.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX),
-        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 8), R.R11),
-        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RSI),
-        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, 24), probe_id),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, SLOT_TSC), R.R11),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, SLOT_TID), R.RSI),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, SLOT_PROBE), probe_id),
     ]
     after_ret = 8 if recipe.ret else 0  # the return address popped
     for n, (reg, offset) in enumerate(_word_sources(recipe)):
-        dest = _mem(R.RCX, HEADER_BYTES + 8 * n)
+        dest = _mem(R.RCX, SLOT_VALUES + 8 * n)
         if reg is not None:
             code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, _REGS[reg]))
             continue
@@ -321,7 +338,8 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         else:  # a word on our stack: a saved register or the program's stack
             code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, offset)))
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
-    code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX), R.RDX), None]  # commit; jmp done
+    # The commit; then jmp done.
+    code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, SLOT_SEQ), R.RDX), None]
     jmp_done = len(code) - 1
     # Every way back to `reload` passes a check of the time since the hit
     # (r11, its own stamp, in a register: nothing the program can write),
@@ -500,7 +518,7 @@ class Ring:
             self.corrupt += 1
         out: list[tuple[int, ...]] = []
         per_slot = SLOT_BYTES // 8
-        base = DATA_OFFSET // 8
+        base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
         reserved = head
         head = min(head, tail + limit)
         while tail < head:
@@ -515,7 +533,7 @@ class Ring:
                 n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
             if n:
                 start = DATA_OFFSET + slot * SLOT_BYTES
-                out += _RECORD.iter_unpack(self.view[start:start + n * SLOT_BYTES])
+                out += RECORD.iter_unpack(self.view[start:start + n * SLOT_BYTES])
                 tail += n
                 self._stuck = None
                 continue
@@ -606,11 +624,11 @@ def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) 
             if field_name in CONSTANT_FIELDS and field_name not in recipe.regs:
                 exprs.append(repr(converter(t)(CONSTANT_FIELDS[field_name] or ip)))
                 continue
-            raw = f"rec[{6 + recipe.regs.index(field_name)}]"
+            raw = f"rec[{REC_VALUES + recipe.regs.index(field_name)}]"
         elif isinstance(expr, RetVal):
-            raw = f"rec[{6 + recipe.regs.index('rax')}]"
+            raw = f"rec[{REC_VALUES + recipe.regs.index('rax')}]"
         elif isinstance(expr, StackEntry):
-            raw = f"rec[{6 + n_regs + (8 * expr.index - lo) // 8}]"
+            raw = f"rec[{REC_VALUES + n_regs + (8 * expr.index - lo) // 8}]"
         elif isinstance(expr, Immediate):
             exprs.append(repr(converter(t)(expr.value & ((1 << 64) - 1))))
             continue
@@ -621,13 +639,14 @@ def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) 
                 return None
             # `+OFF(%sp)`: `size` bytes of the recorded stack words, little-endian.
             at = offsets[0] - lo
-            k, shift = 6 + n_regs + at // 8, 8 * (at % 8)
+            k, shift = REC_VALUES + n_regs + at // 8, 8 * (at % 8)
             word = f"rec[{k}]" if shift + 8 * t.size <= 64 else f"(rec[{k}] | rec[{k + 1}] << 64)"
             raw = f"(({word} >> {shift}) & {(1 << 8 * t.size) - 1:#x})"
         exprs.append(_converted(raw, t))
     args = f"({', '.join(exprs)}{',' if exprs else ''})"
-    where = repr(ip) if func is None else "rec[6]"  # a return: rip, recorded first
-    source = (f"lambda rec, ts, owner: (ts, owner[0], rec[2], rec[3] & 0xFFF, {probe.name!r}, "
+    where = repr(ip) if func is None else f"rec[{REC_VALUES}]"  # a return: rip, recorded first
+    source = (f"lambda rec, ts, owner: (ts, owner[0], rec[{REC_TID}], rec[{REC_AUX}] & {CPU_MASK}, "
+              f"{probe.name!r}, "
               f"owner[1], {where}, {func!r}, {args})")
     return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
 
@@ -757,39 +776,41 @@ class Recorder:
             return taken
         owners = cast(dict[int, tuple[int, str]], seen)  # None only for records left out
         if sum(1 for _, b in batches if b) > 1:
-            records.sort(key=lambda rec: rec[1])
+            records.sort(key=lambda rec: rec[REC_TSC])
         clock = self.clock
         clock.refresh()
         scale, tsc0, ns0 = clock.rate()
         sites = self.sites
         counts = self.counts
-        for probe_id, n in Counter(rec[4] for rec in records).items():
+        for probe_id, n in Counter(rec[REC_PROBE] for rec in records).items():
             direct = sites[probe_id].direct
             if direct is not None:
                 counts[direct[0]] += n
         batch: list[Hit] = []
         append = batch.append
         for rec in records:
-            site = sites[rec[4]]
-            ts = ns0 + int((rec[1] - tsc0) * scale)
+            site = sites[rec[REC_PROBE]]
+            ts = ns0 + int((rec[REC_TSC] - tsc0) * scale)
             direct = site.direct
             if direct is not None:
-                append(direct[1](rec, ts, owners[rec[2]]))
+                append(direct[1](rec, ts, owners[rec[REC_TID]]))
                 continue
             if batch:
                 deliver(batch)
                 batch = []
                 append = batch.append
-            owner = owners[rec[2]]
-            regs, window = regs_of(site, rec[6:])
+            owner = owners[rec[REC_TID]]
+            regs, window = regs_of(site, rec[REC_VALUES:])
             func = site.func
             if func is None:
                 site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
-                    site.probe, regs, window, owner[0], rec[2], owner[1], rec[3] & 0xFFF,
+                    site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
+                    rec[REC_AUX] & CPU_MASK,
                     site.ip, site.file_base, ts))
             else:
                 site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
-                    site.probe, regs, window, owner[0], rec[2], owner[1], rec[3] & 0xFFF,
+                    site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
+                    rec[REC_AUX] & CPU_MASK,
                     regs.rip, site.file_base, ts, "r", func))
         if batch:
             deliver(batch)
@@ -805,20 +826,21 @@ class Recorder:
         `corrupt`. `owners` gets (pid, comm) of each tid seen."""
         get = operator.itemgetter
         former = self._former
-        for tid in set(map(get(2), batch)) - owners.keys():
+        for tid in set(map(get(REC_TID), batch)) - owners.keys():
             owners[tid] = who(tid) or former.get(tid)
         skew = self._skew
-        if set(map(get(4), batch)) <= ring.probe_ids and not any(map(get(5), batch)) \
-                and max(map(get(3), batch)) < CPUS \
-                and ring.created - skew <= min(map(get(1), batch)) \
-                and max(map(get(1), batch)) <= now + skew \
-                and all(owners[tid] is not None for tid in set(map(get(2), batch))):
+        if set(map(get(REC_PROBE), batch)) <= ring.probe_ids \
+                and not any(map(get(REC_PROBE_HIGH), batch)) \
+                and max(map(get(REC_AUX), batch)) < CPUS \
+                and ring.created - skew <= min(map(get(REC_TSC), batch)) \
+                and max(map(get(REC_TSC), batch)) <= now + skew \
+                and all(owners[tid] is not None for tid in set(map(get(REC_TID), batch))):
             return batch  # the common case, checked column by column
         lo, hi, ids = ring.created - skew, now + skew, ring.probe_ids
         good = [rec for rec in batch
-                if rec[4] in ids and not rec[5] and (rec[3] & 0xFFF) < CPUS
-                and rec[3] >> 12 < _NODES_MAX and lo <= rec[1] <= hi
-                and owners[rec[2]] is not None]
+                if rec[REC_PROBE] in ids and not rec[REC_PROBE_HIGH]
+                and (rec[REC_AUX] & CPU_MASK) < CPUS and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
+                and lo <= rec[REC_TSC] <= hi and owners[rec[REC_TID]] is not None]
         self.corrupt += len(batch) - len(good)
         return good
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from iced_x86 import Decoder, Encoder, Instruction, Mnemonic
 
-from uprobes.engines.ptrace import relocate
-from uprobes.engines.ptrace.relocate import UnsupportedInstruction
+from uprobes.engines.tracee import relocate
+from uprobes.engines.tracee.relocate import UnsupportedInstruction
 
 JMP_REL32_LEN = 5
 _MASK64 = (1 << 64) - 1

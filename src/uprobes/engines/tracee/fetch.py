@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Protocol
 
-from uprobes.engines.ptrace.fetch_strings import Text, TextArg, TextFetch, share_string_space
+from uprobes.engines.tracee.fetch_strings import Text, TextArg, TextFetch, share_string_space
 from uprobes.errors import SpecError
 from uprobes.lang.ast import (
     Arg,

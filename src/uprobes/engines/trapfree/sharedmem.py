@@ -22,7 +22,7 @@ import mmap
 import os
 from collections.abc import Iterable
 
-from uprobes.engines.ptrace.xol import remote_syscall
+from uprobes.engines.tracee.xol import remote_syscall
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import ptrace
 from uprobes.sys.perf import possible_cpus

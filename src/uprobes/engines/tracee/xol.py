@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from uprobes.engines.ptrace.relocate import SLOT_SIZE
+from uprobes.engines.tracee.relocate import SLOT_SIZE
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace, seccomp
 from uprobes.sys.procmem import ProcessMemory

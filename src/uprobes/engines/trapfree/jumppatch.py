@@ -48,19 +48,18 @@ from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Regist
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
-from uprobes.engines.ptrace import recording, trampoline
-from uprobes.engines.ptrace.recording import Recipe, Ring, Waits
-from uprobes.engines.ptrace.relocate import UnsupportedInstruction
-from uprobes.engines.ptrace.sharedmem import map_shared, most_hits
-from uprobes.engines.ptrace.trampoline import Displaced
-from uprobes.engines.ptrace.xol import InjectionRefused, XolArea, candidates
+from uprobes.engines.tracee.relocate import UnsupportedInstruction
+from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
+from uprobes.engines.trapfree import recording, trampoline
+from uprobes.engines.trapfree.layout import COUNTER_BLOCK_BYTES, COUNTER_STRIDE, RING_BYTES
+from uprobes.engines.trapfree.recording import Recipe, Ring, Waits
+from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
+from uprobes.engines.trapfree.trampoline import Displaced
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 
 PATCH_LEN = 5  # jmp rel32
-BLOCK_SIZE = 64 * 1024
-COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
 _INT3 = b"\xcc"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 _MASK64 = (1 << 64) - 1
@@ -272,7 +271,7 @@ def map_counters(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, n
                  near: int, held: list[int]) -> CounterBlock:
     """A new block of counters shared between process `pid` (through its
     stopped thread `tid`) and us, within rel32 reach of `near`."""
-    view, addr = map_near(tid, regs, pid, syscall_addr, name_addr, near, held, BLOCK_SIZE)
+    view, addr = map_near(tid, regs, pid, syscall_addr, name_addr, near, held, COUNTER_BLOCK_BYTES)
     return CounterBlock(view, addr)
 
 
@@ -337,7 +336,7 @@ def _tid_at_thread_pointer(mem: ProcessMemory, fs_base: int, tid: int) -> bool:
 def _ring_reaches(ring: Ring, area: XolArea) -> bool:
     """Whether code in `area` reaches all of `ring` with rel32 displacements."""
     return area.reaches(ring.runtime_addr) \
-        and area.reaches(ring.runtime_addr + recording.RING_BYTES)
+        and area.reaches(ring.runtime_addr + RING_BYTES)
 
 
 # ---------------------------------------------------------------- processes
@@ -459,7 +458,7 @@ class TrapFree:
             if ring is None:
                 view, addr = map_near(tid, regs, pid, syscall_addr(),
                                       self._name(space, area, mem), area.start, held,
-                                      recording.RING_BYTES, populate=True)
+                                      RING_BYTES, populate=True)
                 ring = Ring(view, addr)
                 space.rings.append(ring)
                 self.rings.append(ring)

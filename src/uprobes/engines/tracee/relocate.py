@@ -58,7 +58,7 @@ from iced_x86 import (
     RegisterExt,
 )
 
-from uprobes.engines.ptrace.emulate import (
+from uprobes.engines.tracee.emulate import (
     MASK64,
     Advance,
     Branch,

@@ -1,0 +1,67 @@
+"""Every binary format the trap-free code in a program and our readers share.
+
+Two sides use each of these: the machine code we generate into a tracee
+(trampoline.py, recording.py's `prologue`) writes them, and our Python
+readers (jumppatch.CounterBlock, recording.Ring and Recorder) read them.
+Both take every offset and size from here, and tests/test_trapfree_layout.py
+checks the generated code's displacements against them.
+
+The recording ring (one per fork family, MAP_SHARED):
+
+    0            header: one control word per cache line where writers meet
+      HEAD         next slot index to reserve (writers: lock cmpxchg)
+      TAIL         first slot index not yet read (the reader publishes it)
+      LOST         hits dropped on a full or stalled ring (writers: lock inc)
+      STALLED      1 while the reader's heartbeat is stale (writers set it)
+      WAITERS      1 while some hit sleeps on TAIL (the reader wakes them)
+      HEARTBEAT    TSC stamp of the reader's last read
+    DATA_OFFSET  SLOTS slots of SLOT_BYTES, slot i at DATA_OFFSET + (i % SLOTS) * SLOT_BYTES:
+      SLOT_SEQ     i + 1 once the slot is written (stored last: the commit)
+      SLOT_TSC     rdtscp at the hit
+      SLOT_TID     the thread id (4 bytes), then TSC_AUX (4 bytes: node << CPU_BITS | cpu)
+      SLOT_PROBE   the probe id (8 bytes, the upper 4 zero)
+      SLOT_VALUES  the recorded words (registers, then stack words), MAX_WORDS at most
+
+A counter block (trap-free counting) holds COUNTER_BLOCK_BYTES of 8-byte
+counters, one every COUNTER_STRIDE bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# ---------------------------------------------------------------- the ring's header
+
+HEAD = 0
+TAIL = 64
+LOST = 128
+STALLED = 192
+WAITERS = 256
+HEARTBEAT = 384
+DATA_OFFSET = 4096  # the header's page
+
+# ---------------------------------------------------------------- a slot
+
+SLOTS = 32768  # a power of two: an index to its slot is a mask
+SLOT_BYTES = 128
+SLOT_SHIFT = SLOT_BYTES.bit_length() - 1  # a slot's index to its offset
+SLOT_SEQ = 0
+SLOT_TSC = 8
+SLOT_TID = 16
+SLOT_AUX = 20
+SLOT_PROBE = 24
+SLOT_VALUES = 32
+MAX_WORDS = (SLOT_BYTES - SLOT_VALUES) // 8
+RING_BYTES = DATA_OFFSET + SLOTS * SLOT_BYTES
+
+RECORD = struct.Struct(f"<QQIIII{MAX_WORDS}Q")
+"""One slot as the reader unpacks it; the REC_* names index the tuple."""
+REC_SEQ, REC_TSC, REC_TID, REC_AUX, REC_PROBE, REC_PROBE_HIGH, REC_VALUES = range(7)
+
+CPU_BITS = 12  # TSC_AUX as Linux sets it: the NUMA node above the cpu's 12 bits
+CPU_MASK = (1 << CPU_BITS) - 1
+
+# ---------------------------------------------------------------- counting
+
+COUNTER_BLOCK_BYTES = 64 * 1024
+COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none

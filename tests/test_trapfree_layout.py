@@ -1,0 +1,99 @@
+"""The trap-free engine's shared binary formats (engines/trapfree/layout.py)
+against the machine code that writes them: the recording prologue, decoded
+by iced-x86, addresses the ring's header words and a slot's fields at
+layout's offsets, and the reader's record format unpacks the same fields."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from iced_x86 import Code, Decoder, Instruction, OpKind, Register
+
+from uprobes.engines.trapfree import layout
+from uprobes.engines.trapfree.recording import Recipe, Waits, prologue
+from uprobes.engines.trapfree.trampoline import counting_prologue
+
+AT = 0x7F00_0000_0000
+RING = AT + 0x10_0000
+WAITS = Waits(stale=1 << 33, give_up=1 << 34, skew=4096)
+RECIPES = [
+    Recipe(("rdi",), None),
+    Recipe(("rdi", "rsi", "rdx", "rcx", "r8", "r9", "rax", "rsp"), (0, 32)),  # MAX_WORDS
+    Recipe(("rip", "rax"), None, ret=True),
+]
+
+
+def _decode(code: bytes, at: int) -> list[Instruction]:
+    return list(Decoder(64, code, ip=at))
+
+
+def _memory_operands(insns: list[Instruction]) -> list[Instruction]:
+    return [i for i in insns
+            if any(i.op_kind(n) == OpKind.MEMORY for n in range(i.op_count))]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["one-reg", "regs-and-stack", "ret"])
+@pytest.mark.parametrize("tls_tid", [True, False])
+def test_recording_code_uses_the_ring_layout(recipe: Recipe, tls_tid: bool) -> None:
+    insns = _decode(prologue(AT, RING, recipe, 7, tls_tid, WAITS), AT)
+    assert not any(i.code == Code.INVALID for i in insns)
+    memory = _memory_operands(insns)
+
+    # The header words and the slots' start, RIP-relative: iced gives the absolute address.
+    rip_relative = {i.memory_displacement - RING for i in memory if i.memory_base == Register.RIP}
+    assert rip_relative == {layout.HEAD, layout.TAIL, layout.LOST, layout.STALLED,
+                            layout.WAITERS, layout.HEARTBEAT, layout.DATA_OFFSET}
+
+    # A slot's fields: every store through rcx (the slot's address).
+    slot_stores = sorted(i.memory_displacement for i in memory
+                         if i.memory_base == Register.RCX and i.op0_kind == OpKind.MEMORY)
+    assert slot_stores == sorted([layout.SLOT_SEQ, layout.SLOT_TSC, layout.SLOT_TID,
+                                  layout.SLOT_PROBE,
+                                  *(layout.SLOT_VALUES + 8 * n for n in range(recipe.words))])
+    assert max(slot_stores) + 8 <= layout.SLOT_BYTES
+
+    # The slot arithmetic: room while head - tail < SLOTS; index & (SLOTS-1) << SLOT_SHIFT.
+    immediates = {(i.code, i.immediate(1)) for i in insns
+                  if i.op_count == 2 and i.op0_kind == OpKind.REGISTER and i.op0_register
+                  == Register.RCX and i.op1_kind in (OpKind.IMMEDIATE8, OpKind.IMMEDIATE32TO64)}
+    assert (Code.CMP_RM64_IMM32, layout.SLOTS) in immediates
+    assert (Code.AND_RM64_IMM32, layout.SLOTS - 1) in immediates
+    assert (Code.SHL_RM64_IMM8, layout.SLOT_SHIFT) in immediates
+    assert 1 << layout.SLOT_SHIFT == layout.SLOT_BYTES
+
+
+def test_the_reader_unpacks_the_fields_the_code_writes() -> None:
+    slot = bytearray(layout.SLOT_BYTES)
+    fields = {layout.SLOT_SEQ: 11, layout.SLOT_TSC: 22, layout.SLOT_PROBE: 5}
+    for off, value in fields.items():
+        struct.pack_into("<Q", slot, off, value)
+    struct.pack_into("<II", slot, layout.SLOT_TID, 4242, 3 << layout.CPU_BITS | 9)
+    for n in range(layout.MAX_WORDS):
+        struct.pack_into("<Q", slot, layout.SLOT_VALUES + 8 * n, 100 + n)
+
+    assert layout.RECORD.size == layout.SLOT_BYTES
+    rec = layout.RECORD.unpack(slot)
+    assert rec[layout.REC_SEQ] == 11 and rec[layout.REC_TSC] == 22
+    assert rec[layout.REC_TID] == 4242
+    aux = rec[layout.REC_AUX]
+    assert aux & layout.CPU_MASK == 9 and aux >> layout.CPU_BITS == 3
+    assert rec[layout.REC_PROBE] == 5 and rec[layout.REC_PROBE_HIGH] == 0
+    assert list(rec[layout.REC_VALUES:]) == [100 + n for n in range(layout.MAX_WORDS)]
+
+
+def test_ring_header_words_sit_before_the_slots_on_their_own_cache_lines() -> None:
+    words = [layout.HEAD, layout.TAIL, layout.LOST, layout.STALLED, layout.WAITERS,
+             layout.HEARTBEAT]
+    assert len({w // 64 for w in words}) == len(words)
+    assert max(words) + 8 <= layout.DATA_OFFSET
+    assert layout.RING_BYTES == layout.DATA_OFFSET + layout.SLOTS * layout.SLOT_BYTES
+
+
+def test_counting_code_increments_the_counter_it_is_given() -> None:
+    counter = AT + 0x2000 + 3 * layout.COUNTER_STRIDE
+    insns = _decode(counting_prologue(AT, counter), AT)
+    incs = [i for i in insns if i.code == Code.INC_RM64]
+    assert len(incs) == 1 and incs[0].has_lock_prefix
+    assert incs[0].memory_base == Register.RIP and incs[0].memory_displacement == counter
+    assert layout.COUNTER_BLOCK_BYTES % layout.COUNTER_STRIDE == 0
