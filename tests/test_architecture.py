@@ -25,3 +25,22 @@ def test_imports_keep_the_layering_contracts() -> None:
     assert analyzed is not None, output
     assert int(analyzed.group(1)) >= len(list((ROOT / "src" / "uprobes").rglob("*.py"))), output
     assert re.search(r"Contracts: [3-9]\d* kept, 0 broken", output), output
+
+
+# A raw waitpid status decoded by hand: its low byte against 0x7f, its signal or
+# event shifted out, or the os module's W* macros.
+_RAW_STATUS = re.compile(r"\bos\.W[A-Z]+\(|waitstatus_to_exitcode|status\s*&\s*0x[7fF][fF]\b"
+                         r"|status\s*>>\s*(8|16)\b")
+
+
+def test_wait_statuses_are_decoded_in_sys_only() -> None:
+    """sys/ptrace.py decodes a waitpid status once (`decode`, `WaitStatus`);
+    the layers above read its fields, never the status bits."""
+    src = ROOT / "src" / "uprobes"
+    found = [f"{path.relative_to(src)}:{n}: {line.strip()}"
+             for path in sorted(src.rglob("*.py")) if path.parent.name != "sys"
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if _RAW_STATUS.search(line) and not line.lstrip().startswith("#")]
+    assert not found, "\n".join(found)
+    # The pattern finds what it is for (sys/ptrace.py decodes by these bits).
+    assert _RAW_STATUS.search((src / "sys" / "ptrace.py").read_text())

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uprobes.errors import UsageError
+from uprobes.sys import ptrace
 
 
 @dataclass
@@ -53,9 +54,7 @@ class Launched:
                     break
                 except InterruptedError:
                     continue
-            self.status = os.waitstatus_to_exitcode(raw)
-            if self.status < 0:
-                self.status = 128 - self.status
+            self.status = ptrace.decode(raw).code
         return self.status
 
     def poll(self) -> int | None:
@@ -63,8 +62,7 @@ class Launched:
         if self.status is None:
             pid, raw = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                code = os.waitstatus_to_exitcode(raw)
-                self.status = 128 - code if code < 0 else code
+                self.status = ptrace.decode(raw).code
         return self.status
 
     def end(self, grace: float) -> int:

@@ -378,6 +378,12 @@ class WaitStatus:
         return self.event == EVENT_STOP and self.signal in STOP_SIGNALS
 
 
+TRAP_STOP = int(signal.SIGTRAP) << 8 | 0x7F
+"""The raw status of a SIGTRAP stop with no ptrace event (an int3 hit or a
+finished single-step): the run loop compares a raw status to it before
+decoding anything, one comparison for the common stop."""
+
+
 def decode(status: int) -> WaitStatus:
     """The typed meaning of a raw waitpid status."""
     if stopped(status):

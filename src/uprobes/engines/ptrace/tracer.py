@@ -70,7 +70,6 @@ from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery
 from uprobes.unwind.stack import StackCopy
 
 _SIGTRAP = int(signal.SIGTRAP)
-_TRAP_STOP = _SIGTRAP << 8 | 0x7F  # waitpid status of a SIGTRAP stop, no ptrace event
 _FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 # How long stopping every thread may take (a PTRACE_INTERRUPT is answered as
@@ -185,7 +184,7 @@ class PtraceTracer:
         self.child_status: int | None = None
         self.current_hit: PtraceHit | None = None
         self._on_hits: Callable[[list[Hit]], None] | None = None
-        self._pending_new: dict[int, int] = {}
+        self._pending_new: dict[int, ptrace.WaitStatus] = {}
         self._done = False
         self._placed_once = False
         self._quiescing = False
@@ -690,7 +689,7 @@ class PtraceTracer:
                     behind = self._drain(rings)  # True: more is waiting, come straight back
                     drained = 0.0 if behind else now
                 tid, status = wait_any(nohang or behind)
-                if status == _TRAP_STOP:  # the common stop, a hit: straight to _trap
+                if status == ptrace.TRAP_STOP:  # the common stop, a hit: straight to _trap
                     t = threads.get(tid)
                     if t is not None:
                         t.stopped = True
@@ -778,18 +777,19 @@ class PtraceTracer:
             self._quiesce()
         self._drain(self._jumps.rings, final=True)
 
-    def _handle(self, tid: int, status: int) -> None:
+    def _handle(self, tid: int, raw: int) -> None:
+        status = ptrace.decode(raw)
         t = self.threads.get(tid)
         if t is None:
-            if status & 0xFF == 0x7F:
+            if status.stopped:
                 self._pending_new[tid] = status  # a new task, before its parent's event
             return
-        if status & 0xFF != 0x7F:
+        if not status.stopped:
             self._gone(t, status)
             return
         t.stopped = True
-        sig = (status >> 8) & 0xFF
-        event = t.stop_event = status >> 16
+        sig = status.signal
+        event = t.stop_event = status.event
         if event == 0:
             if sig == _SIGTRAP:
                 self._trap(t)
@@ -797,10 +797,9 @@ class PtraceTracer:
             if sig in _FAULTS:
                 self._fault_in_our_code(t, sig)
             t.resume_sig = sig  # delivered exactly as untraced
-        elif event == ptrace.EVENT_STOP:
-            if sig in ptrace.STOP_SIGNALS:
-                t.group_stop = True
-        else:
+        elif status.group_stop:
+            t.group_stop = True
+        elif event != ptrace.EVENT_STOP:
             self._task_event(t, event)
         self._resume(t)
 
@@ -1058,18 +1057,18 @@ class PtraceTracer:
         """One single-step of `t`: its stop's (signal, ptrace event), or None
         if the thread is gone (exited or killed) instead."""
         ptrace.singlestep(t.tid)
-        status = ptrace.wait_task(t.tid)
-        if status & 0xFF != 0x7F:
+        status = ptrace.decode(ptrace.wait_task(t.tid))
+        if not status.stopped:
             self._gone(t, status)
             return None
-        return (status >> 8) & 0xFF, status >> 16
+        return status.signal, status.event
 
     def _forget(self, t: Thread) -> None:
         """A thread that is gone: its return table entries too (a fork family shares one)."""
         retprobes.release(t.returns, t.mm.ret_table)
         t.close()
 
-    def _gone(self, t: Thread, status: int) -> None:
+    def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
         self.threads.pop(t.tid, None)
         if self._recorder is not None:  # its last records may still be in a ring
             self._recorder.former(t.tid, t.pid, t.comm)
@@ -1084,7 +1083,7 @@ class PtraceTracer:
             self.target_exited = True
             self._done = True
             if self.child is not None:
-                self.child_status = ptrace.exit_code(status)
+                self.child_status = status.code
 
     # ------------------------------------------------------------ stopping
 
@@ -1130,11 +1129,11 @@ class PtraceTracer:
             found = self.threads.get(tid)
             if found is None:
                 if status.stopped:
-                    self._pending_new[tid] = raw
+                    self._pending_new[tid] = status
                 continue
             t = found
             if not status.stopped:
-                self._gone(t, raw)
+                self._gone(t, status)
                 continue
             t.stopped = True
             sig, event = status.signal, status.event
