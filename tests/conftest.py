@@ -170,7 +170,24 @@ def compile_c(build_dir: Path) -> Compiler:
     return Compiler(build_dir)
 
 
-def _our_uprobe_events() -> list[str]:
+# Pids of the processes this session started (every subprocess.Popen, and
+# whatever ran below us when a leak check looked): a run's group carries its
+# pid, and a run of ours that has exited is still ours. Another test session
+# on this machine leaves groups of dead runs too (its reaper or its own test
+# removes them a moment later); those are not our leak.
+_SESSION_PIDS: set[int] = set()
+_popen_init = subprocess.Popen.__init__
+
+
+def _recording_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    _popen_init(self, *args, **kwargs)
+    _SESSION_PIDS.add(self.pid)
+
+
+subprocess.Popen.__init__ = _recording_init  # type: ignore[method-assign]
+
+
+def _our_uprobe_events(basetemp: Path) -> list[str]:
     root = None
     for cand in TRACEFS_CANDIDATES:
         if Path(cand, "uprobe_events").exists():
@@ -178,14 +195,17 @@ def _our_uprobe_events() -> list[str]:
             break
     if root is None or os.geteuid() != 0:
         return []
+    _SESSION_PIDS.update(_descendants(os.getpid()))
     lines = Path(root, "uprobe_events").read_text().splitlines()
-    return [ln for ln in lines if ln[2:].startswith("uprobes_") and _ours_or_dead(ln)]
+    return [ln for ln in lines if ln[2:].startswith("uprobes_") and _ours(ln, basetemp)]
 
 
-def _ours_or_dead(line: str) -> bool:
+def _ours(line: str, basetemp: Path) -> bool:
     """Groups carry the pid of the run that made them (`uprobes_<pid>`,
-    `uprobes_test_<pid>`): ours, or a run that is gone. Another live run's
-    events (a second test session on this machine) are not our leak."""
+    `uprobes_test_<pid>`). Ours: this process's, or a dead run's that this
+    session started or that probed a file of this session's. A live run
+    removes its events itself when it ends; a dead run whose reaper still
+    waits for the kernel to let go is being cleaned up, not leaked."""
     group = line[2:].split("/", 1)[0]
     # the pid may be followed by more (the kernel-parity tests pad names to the limit)
     m = re.match(r"uprobes_(?:test_)?(\d+)", group)
@@ -194,9 +214,9 @@ def _ours_or_dead(line: str) -> bool:
     pid = int(m.group(1))
     if pid == os.getpid():
         return True
-    # A dead run whose reaper still waits for the kernel to let go is being
-    # cleaned up (see uprobes.engines.kernel.reaper), not leaked.
-    return not Path(f"/proc/{pid}").exists() and not reapers_of(pid)
+    if Path(f"/proc/{pid}").exists() or reapers_of(pid):
+        return False
+    return pid in _SESSION_PIDS or f" {basetemp}/" in line or f"/root{basetemp}/" in line
 
 
 def reapers_of(pid: int) -> list[int]:
@@ -257,11 +277,12 @@ def bounded_test() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_probes() -> object:
+def no_leftover_probes(tmp_path_factory: pytest.TempPathFactory) -> object:
     """After every test: no uprobe_events of ours (groups `uprobes_*`) remain."""
-    before = set(_our_uprobe_events())
+    basetemp = tmp_path_factory.getbasetemp().resolve()
+    before = set(_our_uprobe_events(basetemp))
     yield
-    leaked = set(_our_uprobe_events()) - before
+    leaked = set(_our_uprobe_events(basetemp)) - before
     assert not leaked, f"test left uprobe events behind: {sorted(leaked)}"
 
 

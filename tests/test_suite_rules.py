@@ -65,6 +65,47 @@ def test_blocked_on_a_pipe():
     reader.communicate()
 '''
 
+LEAKS = '''
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+EVENTS = Path("/sys/kernel/tracing/uprobe_events")
+ELSEWHERE = os.environ["ELSEWHERE"]  # a file of no test session's own
+
+
+def dead_pid_of_a_grandchild():
+    """A process that ran below us, unseen, and ended: what a run of another
+    test session on this machine looks like to this one."""
+    out = subprocess.run(["sh", "-c", "true & echo $!; wait"], capture_output=True, text=True)
+    return int(out.stdout)
+
+
+def leave(group, path):
+    fd = os.open(EVENTS, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, f"p:{group}/leaked {path}:0x10\\n".encode())
+    finally:
+        os.close(fd)
+
+
+def test_a_run_we_started_left_its_event():
+    run = subprocess.Popen(["true"])
+    run.wait()
+    leave(f"uprobes_{run.pid}", ELSEWHERE)
+
+
+def test_a_run_below_us_left_an_event_on_our_file(tmp_path):
+    mine = tmp_path / "true"
+    shutil.copy(ELSEWHERE, mine)
+    leave(f"uprobes_{dead_pid_of_a_grandchild()}", mine)
+
+
+def test_another_sessions_dead_run_is_not_ours():
+    leave(f"uprobes_{dead_pid_of_a_grandchild()}", ELSEWHERE)
+'''
+
 
 def inner_pytest(tmp_path: Path, files: dict[str, str], require: bool,
                  **env: str) -> tuple[dict[str, int], str]:
@@ -118,3 +159,29 @@ def test_a_test_blocked_without_a_bound_fails_at_the_suites_bound(tmp_path: Path
     assert counts == {"passed": 1, "error": 1}, out  # its processes killed, the read ends
     assert "the test ran over 2 s: its processes were killed" in out
     assert time.monotonic() - start < 120
+
+
+def test_the_leak_check_fails_our_leaks_only(tmp_path: Path) -> None:
+    """The autouse leak check fails a test whose run (or a file of its
+    session) left an event, and never one for another session's dead run."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy("/bin/true", elsewhere / "true")
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    events = Path("/sys/kernel/tracing/uprobe_events")
+    before = set(events.read_text().splitlines())
+    try:
+        counts, out = inner_pytest(inner, {"test_leaks.py": LEAKS}, require=False,
+                                   ELSEWHERE=str(elsewhere / "true"))
+    finally:
+        for line in set(events.read_text().splitlines()) - before:
+            if re.match(r"p:uprobes_\d+/leaked ", line):
+                fd = os.open(events, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, f"-:{line[2:].split(' ', 1)[0]}\n".encode())
+                finally:
+                    os.close(fd)
+    assert counts == {"passed": 3, "errors": 2}, out
+    assert "ERROR test_leaks.py::test_a_run_we_started_left_its_event" in out, out
+    assert "ERROR test_leaks.py::test_a_run_below_us_left_an_event_on_our_file" in out, out
