@@ -223,7 +223,7 @@ def test_shaped_lines_are_the_renderers_lines(renderer: str) -> None:
     backslashes, signed and hex values."""
     import io
 
-    from uprobes.engines.trapfree.recording import ShapedLines
+    from uprobes.engines.trapfree.reader import ShapedLines
     from uprobes.lang.types import make_type
     from uprobes.model.event import ProbeInfo
     from uprobes.render.jsonl import JsonLinesRenderer

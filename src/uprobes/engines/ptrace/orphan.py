@@ -24,7 +24,7 @@ SIGTRAP. Two things prevent it:
   stop still carries its SIGTRAP: see ptrace.peek_any). A program that
   handles or ignores SIGTRAP itself keeps its disposition: no handler is
   installed, one note says so, and only the reaper protects it.
-- **A reaper** (uprobes.engines.reaper: a watcher process on a pipe): the
+- **A reaper** (uprobes.engines.reaper: a watcher process on a pipe, orphan_reaper.py): the
   tracer tells it every int3 as it places it (pid, address, original byte)
   and which processes come and go; when the tracer dies it writes the
   original bytes back through /proc/PID/mem (a one-byte write: a thread
@@ -61,7 +61,6 @@ from uprobes.engines.ptrace import rettable
 from uprobes.engines.tracee.xol import remote_syscall
 from uprobes.errors import UprobesError
 from uprobes.sys import ptrace
-from uprobes.sys.procmem import ProcessMemory
 
 if TYPE_CHECKING:
     from uprobes.engines.ptrace.breakpoints import Site
@@ -262,7 +261,7 @@ class OrphanGuard:
         if self._dead:
             return
         if self._fd is None:
-            self._fd = reaper.start_watcher("uprobes.engines.ptrace.orphan")
+            self._fd = reaper.start_watcher("uprobes.engines.ptrace.orphan_reaper")
             if self._fd is None:
                 self._dead = True
                 return
@@ -307,7 +306,7 @@ class OrphanGuard:
         except UprobesError as e:
             self._note(f"process {mm.pid}: no SIGTRAP handler for a kill -9 of uprobes: {e}")
         self._tables[id(mm)] = OrphanTable(start)
-        self._send(f"P {mm.pid} {_start_time(mm.pid)} {start:x}")
+        self._send(f"P {mm.pid} {start_time(mm.pid)} {start:x}")
 
     def _returns(self, t: Thread, regs: ptrace.UserRegs, syscall_addr: int, area: int,
                  held: list[int]) -> None:
@@ -418,7 +417,7 @@ class OrphanGuard:
         if table is None:
             return
         self._tables[id(child)] = OrphanTable(table.start, dict(table.taken))
-        lines = [f"P {child.pid} {_start_time(child.pid)} {table.start:x}"]
+        lines = [f"P {child.pid} {start_time(child.pid)} {table.start:x}"]
         lines += [f"B {child.pid} {s.runtime_addr:x} {s.original[0]:x}"
                   for s in child.sites.values()]
         lines += [f"S {child.pid} {a:x}" for a in child.semaphores]
@@ -445,7 +444,7 @@ def _disposition(pid: int) -> str | None:
     return None
 
 
-def _start_time(pid: int) -> int:
+def start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: tells a pid's process from a later one's."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -453,79 +452,3 @@ def _start_time(pid: int) -> int:
         return int(text[text.rindex(b")") + 2:].split()[19])
     except (OSError, ValueError, IndexError):
         return 0
-
-
-# -------------------------------------------------------------- the reaper
-
-@dataclass
-class _Process:
-    start: int
-    area: int
-    int3s: dict[int, int] = field(default_factory=dict)   # address -> original byte
-    semaphores: dict[int, int] = field(default_factory=dict)  # address -> our adds
-
-
-def _record(procs: dict[int, _Process], line: str) -> None:
-    words = line.split()
-    if not words:
-        return
-    kind, args = words[0], words[1:]
-    if kind == "C":
-        procs.clear()
-    elif kind == "P":
-        procs[int(args[0])] = _Process(int(args[1]), int(args[2], 16))
-    elif kind == "F":
-        procs.pop(int(args[0]), None)
-    elif kind in ("B", "S") and int(args[0]) in procs:
-        proc = procs[int(args[0])]
-        if kind == "B":
-            proc.int3s[int(args[1], 16)] = int(args[2], 16)
-        else:
-            addr = int(args[1], 16)
-            proc.semaphores[addr] = proc.semaphores.get(addr, 0) + 1
-
-
-def restore(pid: int, proc: _Process) -> int:
-    """Undo what `proc` records in process `pid` if it is still that process
-    (same start time, our orphan area still mapped); the int3s put back."""
-    if _start_time(pid) != proc.start:
-        return 0
-    if proc.area:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                if not any(line.startswith(f"{proc.area:x}-") for line in f):
-                    return 0  # it exec'd: what we placed went with its old image
-        except OSError:
-            return 0
-    done = 0
-    try:
-        mem = ProcessMemory(pid)
-    except UprobesError:
-        return 0
-    with mem:
-        for addr, byte in proc.int3s.items():
-            try:
-                if mem.read(addr, 1) == b"\xcc":
-                    mem.write(addr, bytes([byte]))
-                    done += 1
-            except UprobesError:
-                pass  # unmapped meanwhile
-        for addr, n in proc.semaphores.items():
-            try:
-                value = int.from_bytes(mem.read(addr, 2), "little")
-                mem.write(addr, max(0, value - n).to_bytes(2, "little"))
-            except UprobesError:
-                pass
-    return done
-
-
-def _reap() -> int:
-    procs: dict[int, _Process] = {}
-    reaper.read_until_eof(lambda line: _record(procs, line))
-    for pid, proc in procs.items():
-        restore(pid, proc)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_reap())

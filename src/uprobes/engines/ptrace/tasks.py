@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Literal
 
 from uprobes.engines.ptrace.breakpoints import Site
 from uprobes.engines.ptrace.retprobes import ReturnInstance
@@ -19,6 +21,9 @@ from uprobes.engines.ptrace.rettable import ReturnTable
 from uprobes.engines.tracee.xol import XolArea
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
+
+Feature = Literal["orphan handler", "int3s", "jumps", "semaphores", "returns"]
+"""What a session changes an address space by, each undone at detach (teardown.py)."""
 
 COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (prctl/pthread_setname_np)
 
@@ -40,6 +45,9 @@ class AddressSpace:
     held: bool = False
     users: int = 1
     ret_table: ReturnTable | None = None  # shared with fork children: the mapping is
+    # Detach's steps for this space, latest first, and the features they undo (teardown.py).
+    undo: ExitStack = field(default_factory=ExitStack)
+    undo_taken: list[Feature] = field(default_factory=list)
 
     def fork_copy(self, pid: int) -> AddressSpace:
         """The child's copy after fork: same addresses, its own memory."""

@@ -15,7 +15,7 @@ count of all processes wants, with no per-fork bookkeeping), and a process
 that exits or execs loses nothing (the tracer holds the memfd).
 
 A jump patch is refused (the probe keeps its int3, with the reason in a
-note) unless, checked from the file and at patch time:
+note) unless, checked from the file (fileplan.py) and at patch time:
 - a function symbol with a size holds the patched bytes, and they decode
   as whole instructions that the trampoline can move without a trap
   (trampoline.py: no indirect jump or call, a jmp/call/ret only last);
@@ -37,192 +37,28 @@ code), as the XOL areas do.
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Register
-
-from uprobes.elf.image import ElfImage
-from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
 from uprobes.engines.trapfree import recording, trampoline
+from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
 from uprobes.engines.trapfree.layout import COUNTER_BLOCK_BYTES, COUNTER_STRIDE, RING_BYTES
-from uprobes.engines.trapfree.recording import Recipe, Ring, Waits
+from uprobes.engines.trapfree.reader import Ring
+from uprobes.engines.trapfree.recording import Recipe, Waits
 from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
 from uprobes.engines.trapfree.trampoline import Displaced
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 
-PATCH_LEN = 5  # jmp rel32
 _INT3 = b"\xcc"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 _MASK64 = (1 << 64) - 1
-
-
-class NotTrapFree(Exception):
-    """This probe keeps its int3 here; the message says why (internal)."""
-
-
-@dataclass(frozen=True)
-class FilePlan:
-    """What to patch for one probe in one file, decided from the file alone."""
-
-    file_offset: int                     # where the patch starts
-    original: bytes                      # the patched bytes, whole instructions
-    displaced: tuple[tuple[int, bytes], ...]  # (offset from the start, raw bytes)
-    at_return: bool = False              # it ends with the probed `ret` (trampoline.build)
-
-
-# ---------------------------------------------------------------- the file
-
-
-@dataclass
-class _FileCode:
-    """A file's functions decoded once: direct branch targets (link addresses)."""
-
-    image: ElfImage
-    symbols: SymbolTable
-    targets: list[int]  # sorted
-
-    def targets_between(self, lo: int, hi: int) -> list[int]:
-        """Branch targets t with lo < t < hi."""
-        return self.targets[bisect.bisect_right(self.targets, lo):
-                            bisect.bisect_left(self.targets, hi)]
-
-
-_files: dict[tuple[int, int], _FileCode] = {}
-_plans: dict[tuple[int, int, int, tuple[int, ...], bool], FilePlan | str] = {}
-
-
-def _file_code(path: str, dev: int, ino: int) -> _FileCode:
-    key = (dev, ino)
-    found = _files.get(key)
-    if found is not None:
-        return found
-    image = ElfImage.open(path)
-    if image.identity is None or (image.identity.dev, image.identity.ino) != key:
-        raise NotTrapFree(f"{path} was replaced since it was resolved")
-    symbols = SymbolTable.load(image)
-    try:
-        with open(path, "rb") as f:
-            whole = f.read()
-    except OSError as e:
-        raise NotTrapFree(f"cannot read {path}: {e.strerror}") from None
-    targets: set[int] = set()
-    insn = Instruction()
-    branches = (FlowControl.UNCONDITIONAL_BRANCH, FlowControl.CONDITIONAL_BRANCH,
-                FlowControl.CALL)
-    for sym in symbols.functions():  # every instruction of the file: once per file
-        if sym.size == 0:
-            continue
-        try:
-            start = image.link_to_file_offset(sym.link_addr)
-        except UprobesError:
-            continue
-        decoder = Decoder(64, whole[start:start + sym.size], ip=sym.link_addr)
-        while decoder.can_decode:
-            decoder.decode_out(insn)
-            if insn.flow_control in branches and insn.op0_kind == OpKind.NEAR_BRANCH64:
-                targets.add(insn.near_branch_target)
-    found = _FileCode(image, symbols, sorted(targets))
-    _files[key] = found
-    return found
-
-
-def plan_for(path: str, dev: int, ino: int, file_offset: int,
-             other_probes: Iterable[int] = (), at_return: bool = False) -> FilePlan | str:
-    """The patch for a probe at `file_offset`, or why there is none.
-    `other_probes`: file offsets of the file's other probes. `at_return`:
-    the probe is on a `ret` (a return probe on the function's rets): the
-    patch is the whole instructions covering 5 bytes that end with it."""
-    others = tuple(sorted(o for o in other_probes if o != file_offset))
-    key = (dev, ino, file_offset, others, at_return)
-    found = _plans.get(key)
-    if found is None:
-        try:
-            found = _plan(path, dev, ino, file_offset, others, at_return)
-        except NotTrapFree as e:
-            found = str(e)
-        except UprobesError as e:
-            found = f"cannot read the function: {e}"
-        _plans[key] = found
-    return found
-
-
-def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ...],
-          at_return: bool) -> FilePlan:
-    code = _file_code(path, dev, ino)
-    image = code.image
-    link = image.file_to_link_addr(file_offset)
-    sym = code.symbols.containing(link)
-    if sym is None or sym.size == 0:
-        raise NotTrapFree("no function symbol with a size holds it (its branches are unknown)")
-    name, lo = sym.display_name, sym.link_addr
-    start = image.link_to_file_offset(lo)
-    with image:
-        data = image.read_file(start, sym.size)
-    insns = list(Decoder(64, data, ip=lo))
-    if any(i.is_invalid for i in insns):
-        raise NotTrapFree(f"{name} does not decode as x86-64 code throughout")
-    for i in insns:
-        if i.flow_control == FlowControl.INDIRECT_BRANCH \
-                and not (i.op0_kind == OpKind.MEMORY and i.memory_base == Register.RIP):
-            raise NotTrapFree(f"{name} has an indirect jump at {name}+{i.ip - lo:#x} (a "
-                              "switch table?) whose targets are unknown")
-    first = next((n for n, i in enumerate(insns) if i.ip == link), None)
-    if first is None:
-        raise NotTrapFree(f"{link:#x} does not start an instruction of {name}")
-    chosen: list[Instruction] = []
-    length = 0
-    if at_return:
-        if insns[first].mnemonic != Mnemonic.RET:
-            raise NotTrapFree(f"{name}+{link - lo:#x} is not a ret")
-        for i in reversed(insns[:first + 1]):
-            chosen.insert(0, i)
-            length += i.len
-            if length >= PATCH_LEN:
-                break
-        if length < PATCH_LEN:
-            raise NotTrapFree(f"{name} has {length} bytes up to this ret (a jump needs "
-                              f"{PATCH_LEN})")
-    else:
-        for i in insns[first:]:
-            chosen.append(i)
-            length += i.len
-            if length >= PATCH_LEN:
-                break
-        if length < PATCH_LEN:
-            raise NotTrapFree(f"{name} ends {length} bytes after it (a jump needs {PATCH_LEN})")
-    first_ip = chosen[0].ip
-    start_offset = file_offset - (link - first_ip)
-    end = first_ip + length
-    inside = code.targets_between(first_ip, end)
-    if inside:
-        raise NotTrapFree(f"a branch targets {name}+{inside[0] - lo:#x}, inside the "
-                          f"{length} bytes a jump would replace")
-    near = [o for o in others if start_offset <= o < start_offset + length]
-    if near:
-        raise NotTrapFree(f"another probe is at file offset {near[0]:#x}, inside the "
-                          f"{length} bytes a jump would replace")
-    raw = data[first_ip - lo:end - lo]
-    displaced = tuple((i.ip - first_ip, raw[i.ip - first_ip:i.ip - first_ip + i.len])
-                      for i in chosen)
-    # A dry build at plausible addresses: what cannot be moved is refused now.
-    fake = 0x10000000 + start_offset
-    try:
-        trampoline.build(fake + 0x100000,
-                         lambda at: trampoline.counting_prologue(at, fake + 0x110000),
-                         [Displaced(fake + off, b) for off, b in displaced], fake + length,
-                         at_return)
-    except UnsupportedInstruction as e:
-        raise NotTrapFree(f"a displaced instruction cannot move: {e}") from None
-    return FilePlan(start_offset, bytes(raw), displaced, at_return)
 
 
 # ---------------------------------------------------------------- counters

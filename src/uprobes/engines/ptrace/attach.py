@@ -1,0 +1,363 @@
+"""Attaching: the command or every thread of a process seized, and the probes
+placed in each address space (int3 sites, trap-free jumps, USDT semaphores,
+the XOL areas they need, the dynamic linker's rendezvous).
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from uprobes.engines.ptrace import breakpoints, rendezvous
+from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
+from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
+from uprobes.engines.ptrace.state import NO_HANDLER, TracerState, ended
+from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.engines.tracee import relocate
+from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
+from uprobes.engines.trapfree.fileplan import NotTrapFree, plan_for
+from uprobes.engines.trapfree.jumppatch import Record
+from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit
+from uprobes.engines.trapfree.recording import recipe_for, waits
+from uprobes.errors import KernelError, ProcessError, UprobesError
+from uprobes.model.probe import VdsoKey
+from uprobes.model.registry import Probe
+from uprobes.sys import procfs, ptrace
+from uprobes.sys.procmem import MemoryFault, ProcessMemory
+from uprobes.sys.ptrace import UserRegs
+
+
+class Attach(TracerState):
+    """Seizing threads and placing probes."""
+
+    def _seize_child(self, pid: int) -> None:
+        try:
+            ptrace.seize(pid)
+        except KernelError as e:
+            raise ProcessError(f"cannot trace the command: {e}") from None
+        mm = AddressSpace(pid, ProcessMemory(pid), held=True)
+        self.threads[pid] = Thread(pid, pid, mm)
+
+    def _attach(self, pid: int) -> None:
+        check_attach(pid)
+        mm = AddressSpace(pid, ProcessMemory(pid))
+        followed: set[int] = set()  # born of a clone of a thread seized here: ours already
+        while True:
+            try:
+                new = [t for t in procfs.tids(pid) if t not in self.threads
+                       and t not in followed]
+            except UprobesError:
+                raise ProcessError(f"process {pid} ended while attaching") from None
+            if not new:
+                break
+            for tid in new:
+                try:
+                    ptrace.seize(tid)
+                    ptrace.interrupt(tid)
+                except KernelError as e:
+                    if e.errno == errno.ESRCH:
+                        continue  # the thread ended meanwhile
+                    if e.errno == errno.EPERM:
+                        if tracer_of(tid) == threading.get_native_id():
+                            # PTRACE_O_TRACECLONE attached it to us: its parent's
+                            # clone event and its first stop come in the quiesce.
+                            followed.add(tid)
+                            continue
+                        raise ProcessError(explain_refusal(pid)) from None
+                    raise
+                self.threads[tid] = Thread(tid, pid, mm)
+        self._quiesce(interrupt=False)
+        if not self.threads:
+            raise ProcessError(f"process {pid} ended while attaching")
+        if all(t.group_stop for t in self.threads.values()):
+            self._note(f"process {pid} is stopped (SIGSTOP or job control): its probes "
+                       "count once it is continued (SIGCONT); uprobes leaves it as it is")
+        lenders = [t for t in self.threads.values() if t.pid == pid and t.can_lend]
+        leader = self.threads.get(pid)
+        if leader is None or not leader.can_lend:
+            leader = lenders[0] if lenders else None
+        if leader is None:
+            raise ProcessError(f"process {pid} was in the middle of a vfork while attaching "
+                               "(its call waits for the child's exec); try again")
+        self._place_all(leader)
+        for t in list(self.threads.values()):
+            self._resume(t)
+
+    # ------------------------------------------------------------ placing
+
+    def _place_all(self, t: Thread) -> None:
+        """Place every probe the mappings of `t`'s address space call for
+        (and the rendezvous breakpoint); `t` is stopped and lends itself to
+        the remote mmap of an XOL area. A process killed meanwhile is no
+        error: its exit is reported next, and ends its part of the run."""
+        try:
+            self._place_mappings(t)
+        except UprobesError:
+            if not ended(t.mm.pid):
+                raise
+
+    def _place_mappings(self, t: Thread) -> None:
+        mm = t.mm
+        if mm.held:
+            return
+        try:
+            maps = procfs.maps(mm.pid)
+        except UprobesError:
+            return
+        regs = ptrace.getregs(t.tid, UserRegs())
+        vdso = [p for p in self.registry if isinstance(p.key, VdsoKey)]
+        unknown: set[str] = set()
+        for m in breakpoints.executable_file_mappings(maps):
+            key = (m.start, m.end)
+            if key in mm.scanned:
+                continue
+            ident = self._identity(mm.pid, m)
+            mm.scanned[key] = ident
+            if ident is None and m.path != "[vdso]":
+                unknown.add(m.path)
+            if m.path == "[vdso]":
+                for probe in vdso:
+                    assert isinstance(probe.key, VdsoKey)
+                    self._place(t, regs, probe, m, probe.key.offset, None)
+            elif ident is not None:
+                for probe in self.registry.in_inode(*ident):
+                    if m.contains_file_offset(probe.point.file_offset):
+                        self._place(t, regs, probe, m, probe.point.file_offset, ident)
+                        if probe.point.ref_ctr_offset is not None:
+                            self._semaphore(mm, maps, m, probe.point.ref_ctr_offset)
+        if unknown:
+            self._note(f"process {mm.pid}: cannot tell which file {len(unknown)} of its "
+                       f"mappings hold ({', '.join(sorted(unknown))}): their names lead to "
+                       f"other files from here and /proc/{mm.pid}/map_files needs "
+                       "CAP_SYS_ADMIN; probes in them are not placed")
+        if mm.rendezvous is None:
+            rv = rendezvous.find(mm.pid, maps)
+            if rv is not None and rv.runtime_addr not in mm.sites:
+                mm.rendezvous = rv.runtime_addr
+                try:
+                    original = breakpoints.original_bytes(rv.path, rv.dev, rv.ino, rv.file_offset)
+                    self._insert(t, regs, rv.runtime_addr, None, original,
+                                 rv.runtime_addr - rv.file_offset, "rendezvous")
+                except UprobesError as e:
+                    if not ended(mm.pid, within=0):  # else its exit is what the run reports
+                        self._note(f"libraries loaded later in process {mm.pid} will not be "
+                                   f"probed: {e}")
+        self._placed_once = True
+        if self._jumps is not None:
+            self._jumps.report(self._note)
+            self._release_held(mm)
+
+    def _semaphore(self, mm: AddressSpace, maps: list[procfs.Mapping], text: procfs.Mapping,
+                   ref_ctr_offset: int) -> None:
+        """Add one to a USDT probe's semaphore (a short in the file's data),
+        as the kernel's update_ref_ctr() does for its uprobes; undone at detach."""
+        for m in maps:
+            if (m.inode, m.dev_major, m.dev_minor) == (text.inode, text.dev_major,
+                                                       text.dev_minor) \
+                    and "w" in m.perms and m.contains_file_offset(ref_ctr_offset):
+                addr = m.file_to_runtime_addr(ref_ctr_offset)
+                if addr in mm.semaphores:
+                    return
+                self._taken(mm, "semaphores")
+                try:
+                    value = int.from_bytes(mm.mem.read(addr, 2), "little")
+                    mm.mem.write(addr, ((value + 1) & 0xFFFF).to_bytes(2, "little"))
+                    mm.semaphores[addr] = 1
+                    self._orphans.semaphore(mm, addr)
+                except UprobesError as e:
+                    self._note(f"cannot enable a USDT semaphore in process {mm.pid}: {e}")
+                return
+
+    @staticmethod
+    def _identity(pid: int, m: procfs.Mapping) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the mapped file, as stat of its path gives it."""
+        if m.path == "[vdso]":
+            return None
+        found = procfs.mapped_file(pid, m)
+        return None if found is None else (found.dev, found.ino)
+
+    def _place(self, t: Thread, regs: UserRegs, probe: Probe, m: procfs.Mapping,
+               file_offset: int, ident: tuple[int, int] | None) -> None:
+        addr = m.file_to_runtime_addr(file_offset)
+        if addr in t.mm.sites:
+            return
+        if self._jumps is not None and ident is not None \
+                and self._place_trapfree(t, regs, probe, addr, file_offset, ident):
+            return
+        point = probe.point
+        try:
+            if ident is None:  # the vDSO: the original is this process's own copy
+                original = t.mm.mem.read_upto(addr, breakpoints.INSN_MAX)
+            else:
+                original = breakpoints.original_bytes(point.path, ident[0], ident[1],
+                                                      file_offset)
+            site = self._insert(t, regs, addr, probe, original, addr - file_offset, "")
+            delta = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
+            if delta is not None:
+                site.ret_func = addr - delta
+        except (PlacementRefused, relocate.UnsupportedInstruction, MemoryFault) as e:
+            self._refuse(probe, str(e))
+
+    def _place_trapfree(self, t: Thread, regs: UserRegs, probe: Probe, addr: int,
+                        file_offset: int, ident: tuple[int, int]) -> bool:
+        """Place `probe` as a jump to a counter or a recording (jumppatch.py,
+        recording.py) if only our handler consumes it and that is safe
+        here; False: it takes the int3 path."""
+        jumps = self._jumps
+        assert jumps is not None
+        at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
+        name = self._count_only.get(probe.dispatch if at_ret is None else probe.ret_dispatch)
+        point = probe.point
+        record: Record | None = None
+        why = self._why_not_trapfree(probe, at_ret is not None)
+        if why is None and (self._trapfree == "record" or name is None):
+            why, record = self._recording(probe, name, addr, addr - file_offset,
+                                          None if at_ret is None else addr - at_ret)
+        if why is None:
+            others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
+            plan = plan_for(point.path, ident[0], ident[1], file_offset, others,
+                            at_return=at_ret is not None)
+            why = plan if isinstance(plan, str) else None
+        if why is None:
+            assert not isinstance(plan, str)
+            mm = t.mm
+            if any(not o.stopped for o in self.threads.values() if o.mm is mm):
+                self._hold_all(mm)  # a library loaded while other threads run
+            threads = [(o.tid, o.stopped) for o in self.threads.values() if o.mm is mm]
+            threads += [(tid, True) for tid in self._pending_new]
+
+            def syscall_addr() -> int:
+                if mm.syscall_addr is None:
+                    mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
+                return mm.syscall_addr
+            try:
+                start = addr - (file_offset - plan.file_offset)  # before a ret: its insns
+                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name or point.name, start,
+                            mm.sites, threads,
+                            lambda near, need: self._area_for(t, regs, near, need),
+                            syscall_addr, t.pending, record)
+                if record is not None:  # names read now: a thread may be gone when
+                    for o in self.threads.values():  # its records are read
+                        if o.mm is mm:
+                            o.comm  # noqa: B018 (cached for COMM_TTL_NS)
+            except NotTrapFree as e:
+                why = str(e)
+            except UprobesError as e:  # a remote call or a write failed: the int3 path says
+                why = f"cannot place the jump: {e}"
+            finally:  # after the area (and its orphan handler) the jump may have mapped
+                self._taken(mm, "jumps")
+        jumps.decide(point.name, why)
+        return why is None
+
+    def _why_not_trapfree(self, probe: Probe, at_ret: bool) -> str | None:
+        """Why `probe` needs a stop at each hit whatever its instructions, or
+        None. `at_ret`: it is a return probe's `ret` (resolve/retsites.py)."""
+        if at_ret:
+            if probe.dispatch is not NO_HANDLER:
+                return "an entry probe on a ret that a return probe uses"
+            handlers = [c.ret_handler for c in probe.consumers]
+        else:
+            if probe.ret_dispatch is not NO_HANDLER:
+                return "a return probe by its return address (--uretprobe)"
+            handlers = [c.handler for c in probe.consumers]
+        if not handlers or any(h not in self._ours for h in handlers):
+            return "a handler runs at each hit"
+        if self.stack_bytes:
+            return "its stack is copied at each hit"
+        return None
+
+    def _recording(self, probe: Probe, name: str | None, addr: int, file_base: int,
+                   func: int | None) -> tuple[str | None, Record | None]:
+        """(None, how) for a probe that records into a ring, else (why not, None).
+        `name`: what its count goes under when its only consumer is ours and
+        unfiltered (`_count_only`). `func`: the function's address, for a
+        return probe on a ret at `addr`."""
+        ret = func is not None
+        lines = [self._ours[h] for c in probe.consumers
+                 for h in (c.ret_handler if ret else c.handler,) if h is not None]
+        recipe = recipe_for(lines, ret)
+        if isinstance(recipe, str):
+            return recipe, None
+        if self._recorder is None:
+            from uprobes.sys import tsc
+            why = tsc.usable()
+            if why is not None:
+                return why, None
+            self._recorder = Recorder(self.counts)
+            self._undo.callback(self._abandon_rings)
+        direct: Direct | None = None
+        if name is not None and self.hit_filter is None:
+            make = direct_hit(self._ours[probe.ret_dispatch if ret else probe.dispatch], recipe,
+                              addr, func)
+            if make is not None:
+                direct = (name, make)
+        probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
+                                                    func))
+        return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks))
+
+    def _hold_all(self, mm: AddressSpace) -> None:
+        """Stop every traced thread, as detach does, so a jump can go into
+        `mm` while none of it runs; `_release_held(mm)` resumes them."""
+        before = {tid for tid, o in self.threads.items() if o.stopped}
+        self._quiesce()
+        held = [tid for tid, o in self.threads.items() if o.stopped and tid not in before]
+        self._held = (mm, (self._held[1] if self._held else []) + held)
+
+    def _release_held(self, mm: AddressSpace) -> None:
+        """Resume the threads `_hold_all` stopped for placing in `mm` (not
+        before: an exec seen meanwhile places into another mm)."""
+        if self._held is None or self._held[0] is not mm:
+            return
+        held, self._held = self._held[1], None
+        for tid in held:
+            o = self.threads.get(tid)
+            if o is not None and o.stopped:
+                self._resume(o)
+
+    def _insert(self, t: Thread, regs: UserRegs, addr: int, probe: Probe | None,
+                original: bytes, file_base: int, internal: str) -> Site:
+        mm = t.mm
+        what = probe.point.name if probe else internal
+        area = self._area_for(t, regs, addr)
+        slot = area.alloc()
+        assert slot is not None
+        plan = relocate.plan(original, addr, slot)
+        breakpoints.check_memory(mm.mem, addr, original, plan.insn_len, mm.sites, what)
+        site = Site(addr, probe, original, plan, slot, file_base, internal)
+        self._orphans.guard(mm, site)
+        self._taken(mm, "int3s")
+        breakpoints.insert(mm.mem, site)
+        mm.sites[addr] = site
+        return site
+
+    def _area_for(self, t: Thread, regs: UserRegs, addr: int,
+                  need: int = relocate.SLOT_SIZE) -> XolArea:
+        """An XOL area within reach of `addr` with `need` bytes free (mapped if none)."""
+        mm = t.mm
+        for a in mm.areas:
+            if a.reaches(addr) and a.room() >= need:
+                return a
+        if mm.syscall_addr is None:
+            mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
+        held: list[int] = []
+        area = map_area(t.tid, regs, mm.pid, mm.syscall_addr, addr, held)
+        mm.mem.write(area.trampoline, bytes([breakpoints.INT3]))
+        mm.areas.append(area)
+        mm.trampolines.add(area.trampoline)
+        t.pending.extend(held)
+        if len(mm.areas) == 1:
+            self._taken(mm, "orphan handler")
+            self._orphans.setup(t, regs, mm.syscall_addr, self._hijacks())
+        self._orphans.trampoline(mm, area.trampoline)
+        return area
+
+    def _hijacks(self) -> bool:
+        """Whether a return probe may hijack return addresses (the trampoline)."""
+        return any(p.ret_dispatch is not NO_HANDLER and p.key not in self._ret_sites
+                   for p in self.registry)
+
+    def _refuse(self, probe: Probe, reason: str) -> None:
+        if self._placed_once:  # once running, a refusal (a library loaded later) is a note
+            self._refusals.skip(probe.point.name, reason)
+        else:
+            self._refusals.refuse(probe.point, probe.point.name, reason)

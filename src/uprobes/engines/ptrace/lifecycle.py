@@ -1,0 +1,203 @@
+"""Thread life: clone, fork, vfork and exec followed, exits recorded, and every
+thread brought to a stop (before placing into a running process and at the
+end of a run).
+"""
+
+from __future__ import annotations
+
+import time
+
+from uprobes.engines.ptrace import retprobes
+from uprobes.engines.ptrace.state import SIGTRAP, TracerState
+from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.errors import KernelError, UprobesError
+from uprobes.sys import procfs, ptrace
+from uprobes.sys.procmem import ProcessMemory
+
+# How long stopping every thread may take (a PTRACE_INTERRUPT is answered as
+# soon as the thread is scheduled; a vfork parent answers when its child
+# execs): past it, the threads that never stopped are left running.
+_QUIESCE_S = 5.0
+_POLL_MIN_S, _POLL_MAX_S = 0.00005, 0.005  # polling back-off while waiting for stops
+
+
+class ThreadLife(TracerState):
+    """Tasks coming, changing and going."""
+
+    # ------------------------------------------------------------ tasks
+
+    def _task_event(self, t: Thread, event: int) -> None:
+        if event in (ptrace.EVENT_CLONE, ptrace.EVENT_FORK, ptrace.EVENT_VFORK):
+            self._new_task(t, ptrace.geteventmsg(t.tid), event)
+        elif event == ptrace.EVENT_EXEC:
+            self._exec(t, ptrace.geteventmsg(t.tid))
+
+    def _new_task(self, parent: Thread, tid: int, event: int) -> None:
+        try:
+            tgid = procfs.status(tid).tgid
+        except UprobesError:
+            tgid = parent.pid if event == ptrace.EVENT_CLONE else tid
+        if tgid == parent.pid:
+            new = Thread(tid, parent.pid, parent.mm)
+        else:
+            if event == ptrace.EVENT_VFORK:
+                mm = parent.mm  # shared until the child execs or exits
+                mm.users += 1
+            else:
+                mm = parent.mm.fork_copy(tid)
+                if self._jumps is not None:
+                    self._jumps.fork(parent.mm, mm)  # the child has the jumps too
+                self._orphans.forked(parent.mm, mm)
+                self._taken_by_fork(parent.mm, mm)
+            new = Thread(tid, tid, mm)
+            # Its stack holds the same trampolines.
+            new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
+        new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
+        self.threads[tid] = new
+        status = self._pending_new.pop(tid, None)
+        if status is not None:  # its first stop came before this event
+            new.stopped = True
+            if not self._quiescing:
+                self._resume(new)
+
+    def _exec(self, t: Thread, former: int) -> None:
+        if former != t.tid and former in self.threads:
+            self._forget(self.threads.pop(former))
+        for other in [o for o in self.threads.values() if o.pid == t.pid and o is not t]:
+            self._forget(self.threads.pop(other.tid))
+        retprobes.release(t.returns, t.mm.ret_table)
+        t.mm.release()
+        self._orphans.released(t.mm)
+        t.mm = AddressSpace(t.pid, ProcessMemory(t.pid))
+        t.returns.clear()
+        t.comm_at = 0
+        self._settle(t)
+        self._place_all(t)
+
+    def _settle(self, t: Thread) -> None:
+        """Take a thread stopped inside a system call (an exec event) to the
+        call's exit: a single-step reports there, before any instruction
+        runs, with the call's result set. Registers saved and restored
+        around a remote call are then final (execve's return value
+        would otherwise overwrite the injected call's number)."""
+        rip = ptrace.getregs(t.tid, t.regs).rip
+        while True:
+            stop = self._single_step(t)
+            if stop is None:
+                return
+            sig, event = stop
+            if event == 0 and sig == SIGTRAP:
+                if ptrace.getregs(t.tid, t.regs).rip != rip:
+                    self._note(f"process {t.pid}: its first instruction ran before the "
+                               "probes were placed")
+                return
+            if event == 0:
+                t.pending.append(sig)
+
+    def _single_step(self, t: Thread) -> tuple[int, int] | None:
+        """One single-step of `t`: its stop's (signal, ptrace event), or None
+        if the thread is gone (exited or killed) instead."""
+        ptrace.singlestep(t.tid)
+        status = ptrace.decode(ptrace.wait_task(t.tid))
+        if not status.stopped:
+            self._gone(t, status)
+            return None
+        return status.signal, status.event
+
+    def _forget(self, t: Thread) -> None:
+        """A thread that is gone: its return table entries too (a fork family shares one)."""
+        retprobes.release(t.returns, t.mm.ret_table)
+        t.close()
+
+    def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
+        self.threads.pop(t.tid, None)
+        if self._recorder is not None:  # its last records may still be in a ring
+            self._recorder.former(t.tid, t.pid, t.comm)
+        self._forget(t)
+        if t.tid == t.pid:
+            t.mm.release()
+            self._orphans.released(t.mm)
+        target = self.child if self.child is not None else self.pid
+        if t.tid == target:
+            if not self.target_exited and self.child is None:
+                self._note(f"process {target} exited")
+            self.target_exited = True
+            self._done = True
+            if self.child is not None:
+                self.child_status = status.code
+
+    # ------------------------------------------------------------ stopping
+
+    def _quiesce(self, interrupt: bool = True) -> None:
+        """Until every traced thread is in a ptrace stop (interrupting the
+        running ones), recording what each stop means for its resume."""
+        self._quiescing = True
+        try:
+            self._quiesce_all(interrupt)
+        finally:
+            self._quiescing = False
+
+    def _quiesce_all(self, interrupt: bool) -> None:
+        if interrupt:
+            for t in list(self.threads.values()):
+                if not t.stopped:
+                    try:
+                        ptrace.interrupt(t.tid)
+                    except KernelError:
+                        pass
+        deadline = time.monotonic() + _QUIESCE_S
+        pause = _POLL_MIN_S
+        while any(not t.stopped for t in self.threads.values()):
+            tid, raw = ptrace.wait_any(nohang=True)
+            if tid == 0:  # nothing yet: a signal to us does not end the wait, the bound does
+                running = self._running()
+                if not running:
+                    break
+                if time.monotonic() >= deadline:
+                    self._note("threads " + ", ".join(str(t.tid) for t in running)
+                               + f" did not stop within {_QUIESCE_S:g} s; left running")
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, _POLL_MAX_S)
+                continue
+            pause = _POLL_MIN_S
+            if tid < 0:
+                for gone in list(self.threads.values()):
+                    if not gone.stopped:
+                        self.threads.pop(gone.tid)
+                break
+            status = ptrace.decode(raw)
+            found = self.threads.get(tid)
+            if found is None:
+                if status.stopped:
+                    self._pending_new[tid] = status
+                continue
+            t = found
+            if not status.stopped:
+                self._gone(t, status)
+                continue
+            t.stopped = True
+            sig, event = status.signal, status.event
+            t.stop_event = event
+            if event == ptrace.EVENT_STOP:
+                t.group_stop = status.group_stop
+            elif event:
+                self._task_event(t, event)
+            elif sig == SIGTRAP:
+                regs = ptrace.getregs(t.tid, t.regs)
+                if regs.rip - 1 in t.mm.sites:  # a hit we will not handle: rewind
+                    regs.rip -= 1
+                    ptrace.setregs(t.tid, regs)
+                elif regs.rip - 1 not in t.mm.trampolines:
+                    t.resume_sig = sig
+                else:
+                    regs.rip -= 1  # at the trampoline: _unwind puts it right
+                    ptrace.setregs(t.tid, regs)
+            else:
+                t.resume_sig = sig
+
+    def _running(self) -> list[Thread]:
+        """Traced threads not in a ptrace stop that may still report one: a
+        zombie never will (a leader's exit waits for its other threads)."""
+        return [t for t in self.threads.values()
+                if not t.stopped and procfs.state(t.tid) not in (None, "Z", "X")]

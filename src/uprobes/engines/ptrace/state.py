@@ -1,0 +1,137 @@
+"""What the parts of a ptrace tracing session share: its state and the steps
+one part asks of another.
+
+`PtraceTracer` (tracer.py) is made of one class per concern, each in its
+own module: attach.py (seizing threads, placing probes), loop.py (the run
+loop, hits, resuming), lifecycle.py (clone, fork, exec, exit; stopping every
+thread) and teardown.py (undoing it all). Each derives from `TracerState`,
+which declares the session's state (set by `PtraceTracer.__init__`) and,
+as abstract methods, the few steps a part takes from another, so mypy
+checks every part against them.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from uprobes.engines.ptrace.hit import PtraceHit
+from uprobes.engines.ptrace.orphan import OrphanGuard
+from uprobes.engines.ptrace.tasks import AddressSpace, Feature, Thread
+from uprobes.engines.signals import StopSignals
+from uprobes.engines.trapfree.jumppatch import TrapFree
+from uprobes.engines.trapfree.reader import Recorder, ShapedLines
+from uprobes.model.event import Hit, ProbeInfo
+from uprobes.model.filters import HitFilter
+from uprobes.model.probe import InodeKey, ResolvedProbe
+from uprobes.model.refusal import Refusals
+from uprobes.model.registry import Registry, TaskLike, prepare_dispatch
+from uprobes.sys import procfs, ptrace
+
+SIGTRAP = int(signal.SIGTRAP)
+FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+RING_WAKE_S = 0.01  # with trap-free probes: also how often their rings are read
+NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
+
+
+class TracerState:
+    """The state of one ptrace tracing session (see `PtraceTracer`)."""
+
+    # What was asked.
+    probes: list[ResolvedProbe]
+    pid: int | None
+    child: int | None
+    force: bool
+    stack_bytes: int
+    hit_filter: HitFilter | None
+    registry: Registry
+    _note: Callable[[str], object]
+    _trapfree: str | None  # None, "count" or "record"
+    _refusals: Refusals
+    _ret_sites: dict[InodeKey, int]  # a ret's key -> its offset in the function
+    # Our consumers: event handlers, those that only count, the probe line of each.
+    _ours: dict[Callable[[TaskLike], object], ResolvedProbe]
+    _count_only: dict[Callable[[TaskLike], None], str]
+    _counting: dict[Callable[[TaskLike], None], str]
+    _infos: dict[str, ProbeInfo]
+    _capturing: bool
+    # The traced tasks.
+    threads: dict[int, Thread]
+    _pending_new: dict[int, ptrace.WaitStatus]  # first stops of tasks not yet announced
+    _held: tuple[AddressSpace, list[int]] | None  # stopped to place jumps
+    _orphans: OrphanGuard
+    _faulted: set[int]  # processes told of a fault in our code
+    # The trap-free engine this session drives.
+    _jumps: TrapFree | None
+    _recorder: Recorder | None
+    _shaped: ShapedLines | None
+    _corrupt_rings: int
+    # The run.
+    counts: dict[str, int]
+    events: int
+    lost: int
+    signal: int | None
+    target_exited: bool
+    child_status: int | None
+    current_hit: PtraceHit | None
+    _on_hits: Callable[[list[Hit]], None] | None
+    _done: bool
+    _placed_once: bool
+    _quiescing: bool
+    _vanished: bool
+    _stack: ExitStack
+    _undo: ExitStack  # the run's own undo steps, after every address space's
+    _signals: StopSignals | None
+
+    # ------------------------------------------------ steps one part takes from another
+
+    def _place_all(self, t: Thread) -> None:
+        """attach.py: place what the mappings of `t`'s address space call for."""
+        raise NotImplementedError
+
+    def _resume(self, t: Thread) -> None:
+        """loop.py: let a stopped thread go on, with what its stop left to deliver."""
+        raise NotImplementedError
+
+    def _quiesce(self, interrupt: bool = True) -> None:
+        """lifecycle.py: until every traced thread is in a ptrace stop."""
+        raise NotImplementedError
+
+    def _task_event(self, t: Thread, event: int) -> None:
+        """lifecycle.py: a clone, fork, vfork or exec event of `t`."""
+        raise NotImplementedError
+
+    def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
+        """lifecycle.py: `t` exited or was killed."""
+        raise NotImplementedError
+
+    def _single_step(self, t: Thread) -> tuple[int, int] | None:
+        """lifecycle.py: one single-step of `t`: (signal, event), or None if it is gone."""
+        raise NotImplementedError
+
+    def _taken(self, mm: AddressSpace, feature: Feature) -> None:
+        """teardown.py: `feature` now changes `mm`; its undo is pushed once."""
+        raise NotImplementedError
+
+    def _taken_by_fork(self, parent: AddressSpace, child: AddressSpace) -> None:
+        """teardown.py: a fork child's space has the parent's changes."""
+        raise NotImplementedError
+
+    def _abandon_rings(self) -> None:
+        """teardown.py: the rings' reader goes away."""
+        raise NotImplementedError
+
+
+def ended(pid: int, within: float = 0.5) -> bool:
+    """Whether process `pid` has ended (gone or a zombie), waiting up to
+    `within` seconds for an exit under way (its memory is released before
+    it becomes a zombie: a failure to read it comes first)."""
+    deadline = time.monotonic() + within
+    while True:
+        if procfs.state(pid) in (None, "Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)

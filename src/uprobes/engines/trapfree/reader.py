@@ -1,0 +1,512 @@
+"""Reading the trap-free rings: `Ring` (one ring's control words, its
+committed slots taken in order, the program's impossible values put back)
+and `Recorder` (records checked and turned back into hits, by a generated
+function per probe or through the probes' dispatch). recording.py says
+what a probe records and builds the code that records it; layout.py the
+binary format both sides share.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import operator
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from uprobes.engines.tracee.fetch import REGISTER_FIELDS, converter, split_derefs
+from uprobes.engines.trapfree.layout import (
+    CPU_BITS,
+    CPU_MASK,
+    DATA_OFFSET,
+    HEAD,
+    HEARTBEAT,
+    LOST,
+    REC_AUX,
+    REC_PROBE,
+    REC_PROBE_HIGH,
+    REC_TID,
+    REC_TSC,
+    REC_VALUES,
+    RECORD,
+    SLOT_BYTES,
+    SLOT_SEQ,
+    SLOTS,
+    STALLED,
+    TAIL,
+    WAITERS,
+)
+from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, Recipe
+from uprobes.engines.trapfree.sharedmem import CPUS, most_hits
+from uprobes.lang.ast import (
+    Comm,
+    FetchType,
+    Immediate,
+    Register,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    UsdtTarget,
+)
+from uprobes.model.event import Hit
+from uprobes.model.probe import ResolvedProbe
+from uprobes.render.protocol import LineRenderer
+from uprobes.render.rows import RowShape
+from uprobes.resolve.abi import lower_fetcharg
+from uprobes.sys import futex, tsc
+from uprobes.sys.procmem import MemoryFault
+from uprobes.sys.ptrace import UserRegs
+
+STUCK_S = 1.0                       # a reserved slot not committed this long is lost
+TAKE_MAX = 4096                     # records per take: slots are freed this often
+DRAIN_S = 0.05                      # the longest a drain keeps reading (unless final)
+_MASK64 = (1 << 64) - 1
+_NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
+
+
+# ---------------------------------------------------------------- the ring
+
+
+class Ring:
+    """One ring, mapped in a family of processes at `runtime_addr` and here.
+
+    The programs can write any of its words: the reader keeps the truth
+    (`tail`, the lost count) on its side, puts back `tail` and `head` when
+    they cannot be true, and counts each such repair in `corrupt`; the
+    records themselves are checked by `Recorder`."""
+
+    def __init__(self, view: mmap.mmap, runtime_addr: int) -> None:
+        self.view = view
+        self.runtime_addr = runtime_addr
+        self.words = memoryview(view).cast("Q")  # 8-byte loads and stores
+        self.created = tsc.read()  # no record of this ring is older
+        self.beat()
+        anchor = ctypes.c_char.from_buffer(view)
+        self._tail_addr = ctypes.addressof(anchor) + TAIL  # our address of `tail`, to wake
+        del anchor  # (the mapping stays put; holding the export would block close())
+        self.tail = 0
+        self.skipped = 0
+        self.corrupt = 0  # control words found impossible (records: Recorder.corrupt)
+        self.probe_ids: set[int] = set()  # the probes whose code writes here
+        self._lost = 0
+        self._lost_word = (0, time.monotonic())  # (`lost` as last read, when)
+        self._stuck: tuple[int, float, int] | None = None  # (index, since, head then)
+        self._stale_below = 0  # uncommitted slots below this are lost (see `take`)
+
+    @property
+    def lost(self) -> int:
+        """Hits dropped on a full ring, plus slots never committed."""
+        return self._lost + self.skipped
+
+    def _read_lost(self) -> None:
+        """Add what the in-program `lost` counter gained since the last read,
+        if a count of dropped hits can have gained that much."""
+        word, at = self._lost_word
+        now = time.monotonic()
+        raw = int(self.words[LOST // 8])
+        gained = (raw - word) & _MASK64
+        if gained <= most_hits(now - at):
+            self._lost += gained
+        else:
+            self.corrupt += 1
+        self._lost_word = (raw, now)
+
+    def take(self, final: bool = False, limit: int = TAKE_MAX) -> list[tuple[int, ...]]:
+        """Up to `limit` records committed since the last take, in reservation
+        order; their slots are free again when it returns (so hits waiting for
+        room go on while the batch is being handled).
+        A reserved slot not yet committed stops the take (its writer is
+        between two instructions) unless it stays so for STUCK_S, or
+        `final` (every writer stopped or gone): then it counts as lost, and
+        so do the uncommitted slots that had been reserved when the wait
+        began (reserved as long ago): a `head` pushed ahead by the program
+        costs one wait, not one per slot.
+        A `tail` or `head` word that no writer could have left (the program
+        wrote it) is put back, and counted in `corrupt`."""
+        words = self.words
+        self.beat()
+        if words[STALLED // 8]:
+            words[STALLED // 8] = 0  # reading again: full rings make hits wait again
+        self._read_lost()
+        tail = self.tail
+        if words[TAIL // 8] != tail:
+            words[TAIL // 8] = tail
+            self.corrupt += 1
+        head = int(words[HEAD // 8])
+        if (head - tail) & _MASK64 > SLOTS:  # writers reserve only while head - tail < SLOTS
+            words[HEAD // 8] = head = tail
+            self.corrupt += 1
+        out: list[tuple[int, ...]] = []
+        per_slot = SLOT_BYTES // 8
+        base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
+        reserved = head
+        head = min(head, tail + limit)
+        while tail < head:
+            # The committed run from `tail`, up to the ring's end (a copy does
+            # not wrap): the sequence words, read as one strided column, are
+            # checked before the copy (x86 does not reorder loads), so each
+            # record copied is whole.
+            slot = tail & (SLOTS - 1)
+            n = min(head - tail, SLOTS - slot)
+            seqs = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tolist()
+            if seqs != list(range(tail + 1, tail + n + 1)):
+                n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
+            if n:
+                start = DATA_OFFSET + slot * SLOT_BYTES
+                out += RECORD.iter_unpack(self.view[start:start + n * SLOT_BYTES])
+                tail += n
+                self._stuck = None
+                continue
+            if not final and tail >= self._stale_below:
+                now = time.monotonic()
+                if self._stuck is None or self._stuck[0] != tail:
+                    self._stuck = (tail, now, reserved)
+                if now - self._stuck[1] < STUCK_S:
+                    break
+                self._stale_below = self._stuck[2]
+            # Lost: the run of uncommitted slots from here (within the stale ones).
+            run = next((k for k, seq in enumerate(seqs) if seq == tail + 1 + k), len(seqs))
+            if not final:
+                run = max(1, min(run, self._stale_below - tail))
+            tail += run
+            self.skipped += run
+            self._stuck = None
+        if tail != self.tail:
+            self.tail = tail
+            words[TAIL // 8] = tail
+            if words[WAITERS // 8]:  # hits wait for room: there is some now
+                words[WAITERS // 8] = 0
+                futex.wake(self._tail_addr)
+        return out
+
+    def beat(self) -> None:
+        """The reader is alive: a hit waiting for room goes on waiting while
+        this is less than WAIT_S old."""
+        self.words[HEARTBEAT // 8] = tsc.read()
+
+    def abandon(self) -> None:
+        """No reader from now on: hits that find the ring full drop their
+        record at once (and any waiting now do after their nap)."""
+        self.words[STALLED // 8] = 1
+        futex.wake(self._tail_addr)
+
+    def close(self) -> None:
+        if not self.view.closed:
+            self.words.release()
+            self.view.close()
+
+
+# ---------------------------------------------------------------- records as hits
+
+
+Make = Callable[[tuple[int, ...], int, tuple[int, str]], Hit]
+Direct = tuple[str, Make]
+"""The name a probe's count goes under, and (its record, its time stamp,
+(pid, comm) of its thread) -> its `Hit`: built straight from the record,
+with no RecordedHit and no dispatch."""
+
+
+@dataclass(frozen=True)
+class RecordedSite:
+    """What a probe id in a ring stands for. `direct`: set when the probe's
+    only consumer is the tracer's own and nothing filters its hits."""
+
+    probe: object        # registry.Probe
+    recipe: Recipe
+    ip: int              # the probe's run-time address
+    file_base: int
+    direct: Direct | None = None
+    func: int | None = None  # a return probe's function (its ip is the return address)
+
+
+def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) -> Make | None:
+    """(A record as unpacked: values from index 6, its time stamp, (pid,
+    comm) of its thread) -> the probe's `Hit`, for probes whose arguments
+    are registers, `$stack`, `$stackN`, `+OFF(%sp)`, immediates or `$comm`,
+    valued as `ArgFetcher` values them (its `converter` arithmetic, written
+    out); None for the rest. `func`: a return probe's function (its hit's
+    ip is then the recorded return address). The function is generated,
+    one expression per field: one call a record, however many arguments."""
+    usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
+    n_regs = len(recipe.regs)
+    lo = recipe.stack[0] if recipe.stack else 0
+    exprs: list[str] = []
+    for a in probe.args:
+        arg = lower_fetcharg(a, usdt)
+        expr, t = arg.expr, arg.type
+        if isinstance(expr, Comm) and t.array is None:
+            exprs.append("owner[1]")
+            continue
+        if t.is_string or t.array:
+            return None
+        if isinstance(expr, (Register, StackPointer)):
+            field_name = "rsp" if isinstance(expr, StackPointer) else REGISTER_FIELDS[expr.name]
+            if field_name in CONSTANT_FIELDS and field_name not in recipe.regs:
+                exprs.append(repr(converter(t)(CONSTANT_FIELDS[field_name] or ip)))
+                continue
+            raw = f"rec[{REC_VALUES + recipe.regs.index(field_name)}]"
+        elif isinstance(expr, RetVal):
+            raw = f"rec[{REC_VALUES + recipe.regs.index('rax')}]"
+        elif isinstance(expr, StackEntry):
+            raw = f"rec[{REC_VALUES + n_regs + (8 * expr.index - lo) // 8}]"
+        elif isinstance(expr, Immediate):
+            exprs.append(repr(converter(t)(expr.value & ((1 << 64) - 1))))
+            continue
+        else:
+            base, offsets = split_derefs(expr)
+            if len(offsets) != 1 or not (isinstance(base, StackPointer) or (
+                    isinstance(base, Register) and base.name == "sp")):
+                return None
+            # `+OFF(%sp)`: `size` bytes of the recorded stack words, little-endian.
+            at = offsets[0] - lo
+            k, shift = REC_VALUES + n_regs + at // 8, 8 * (at % 8)
+            word = f"rec[{k}]" if shift + 8 * t.size <= 64 else f"(rec[{k}] | rec[{k + 1}] << 64)"
+            raw = f"(({word} >> {shift}) & {(1 << 8 * t.size) - 1:#x})"
+        exprs.append(_converted(raw, t))
+    args = f"({', '.join(exprs)}{',' if exprs else ''})"
+    where = repr(ip) if func is None else f"rec[{REC_VALUES}]"  # a return: rip, recorded first
+    source = (f"lambda rec, ts, owner: (ts, owner[0], rec[{REC_TID}], rec[{REC_AUX}] & {CPU_MASK}, "
+              f"{probe.name!r}, "
+              f"owner[1], {where}, {func!r}, {args})")
+    return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
+
+
+def _converted(raw: str, t: FetchType) -> str:
+    """`converter(t)(raw)` as an expression (what fetch.converter computes)."""
+    bits = t.size * 8
+    mask = (1 << bits) - 1
+    if t.bitfield is not None:
+        lshift = t.bitfield.container - t.bitfield.width - t.bitfield.offset
+        rshift = t.bitfield.container - t.bitfield.width
+        return f"((({raw} << {lshift}) & {mask:#x}) >> {rshift})"
+    if t.signed:
+        sign = 1 << (bits - 1)
+        return f"((({raw} & {mask:#x}) ^ {sign:#x}) - {sign:#x})"
+    return raw if bits == 64 else f"({raw} & {mask:#x})"
+
+
+class StackWindow:
+    """The recorded stack words as readable memory (what `ArgFetcher` reads);
+    nothing else is readable: a recipe covers every read of its probe."""
+
+    __slots__ = ("start", "data")
+
+    def __init__(self, start: int, data: bytes) -> None:
+        self.start, self.data = start, data
+
+    def read_upto(self, runtime_addr: int, n: int) -> bytes:
+        off = runtime_addr - self.start
+        if 0 <= off and off + n <= len(self.data):
+            return self.data[off:off + n]
+        raise MemoryFault(f"{runtime_addr:#x} was not recorded", runtime_addr)
+
+    read = read_upto
+
+
+@dataclass
+class RecordedHit:
+    """A hit read from a ring, as a `TaskLike` for the probe's dispatch:
+    what the event handler of the int3 path reads of a `PtraceHit`."""
+
+    probe: object
+    regs: UserRegs
+    mem: StackWindow
+    pid: int
+    tid: int
+    comm: str
+    cpu: int
+    ip: int
+    file_base: int
+    ts_ns: int
+    kind: str = "p"
+    func: int | None = None
+    changed: bool = field(default=False)
+
+
+def regs_of(site: RecordedSite, values: tuple[int, ...]) -> tuple[UserRegs, StackWindow]:
+    """The register set and stack window a record's values stand for."""
+    regs = UserRegs()
+    for name, value in CONSTANT_FIELDS.items():
+        setattr(regs, name, site.ip if value is None else value)
+    recipe = site.recipe
+    n = len(recipe.regs)
+    for name, value in zip(recipe.regs, values):
+        setattr(regs, name, value)
+    if recipe.stack is None:
+        return regs, StackWindow(0, b"")
+    lo, hi = recipe.stack
+    words = (hi - lo) // 8
+    return regs, StackWindow(regs.rsp + lo, struct.pack(f"<{words}Q", *values[n:n + words]))
+
+
+class Recorder:
+    """The tracer's reading side: probe ids, the clock, who each tid was."""
+
+    FORMER_MAX = 4096  # exited threads remembered for their last records
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        from uprobes.sys.tsc import TscClock
+
+        self.counts = counts  # what direct sites' hits add to
+        self.sites: list[RecordedSite] = []
+        self.clock = TscClock()
+        self._skew = self.clock.ticks(SKEW_S)
+        self._former: dict[int, tuple[int, str]] = {}
+        self.corrupt = 0  # records no probe's code can have written (see `_valid`)
+
+    def site(self, site: RecordedSite) -> int:
+        """A new probe id for `site`."""
+        self.sites.append(site)
+        return len(self.sites) - 1
+
+    def former(self, tid: int, pid: int, comm: str) -> None:
+        """Thread `tid` (of process `pid`, named `comm`) is gone; records it
+        left may still be in a ring."""
+        if len(self._former) >= self.FORMER_MAX:
+            del self._former[next(iter(self._former))]
+        self._former[tid] = (pid, comm)
+
+    def drain(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+              deliver: Callable[[list[Hit]], None], final: bool = False) -> bool:
+        """Deliver every committed record of `rings`, oldest first across
+        rings: hit tuples of direct sites to `deliver` in batches, the others
+        as a RecordedHit to their probe's dispatch. `who(tid)`: (pid, comm)
+        of a live traced thread. True if it stopped after DRAIN_S with more
+        to read."""
+        until = time.monotonic() + DRAIN_S
+        while self._drain_once(rings, who, deliver, final) >= TAKE_MAX:
+            if not final and time.monotonic() >= until:
+                return True  # the tracer has stops to handle too; it comes back at once
+        return False
+
+    def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+                    deliver: Callable[[list[Hit]], None], final: bool) -> int:
+        before = sum(r.tail for r in rings)
+        batches = [(r, r.take(final)) for r in rings]
+        taken = sum(r.tail for r in rings) - before  # slots read or found lost
+        if not taken:
+            return 0
+        now = tsc.read()
+        seen: dict[int, tuple[int, str] | None] = {}
+        records: list[tuple[int, ...]] = []
+        for ring, got in batches:
+            if got:
+                records += self._valid(ring, got, who, seen, now)
+        if not records:
+            return taken
+        owners = cast(dict[int, tuple[int, str]], seen)  # None only for records left out
+        if sum(1 for _, b in batches if b) > 1:
+            records.sort(key=lambda rec: rec[REC_TSC])
+        clock = self.clock
+        clock.refresh()
+        scale, tsc0, ns0 = clock.rate()
+        sites = self.sites
+        counts = self.counts
+        for probe_id, n in Counter(rec[REC_PROBE] for rec in records).items():
+            direct = sites[probe_id].direct
+            if direct is not None:
+                counts[direct[0]] += n
+        batch: list[Hit] = []
+        append = batch.append
+        for rec in records:
+            site = sites[rec[REC_PROBE]]
+            ts = ns0 + int((rec[REC_TSC] - tsc0) * scale)
+            direct = site.direct
+            if direct is not None:
+                append(direct[1](rec, ts, owners[rec[REC_TID]]))
+                continue
+            if batch:
+                deliver(batch)
+                batch = []
+                append = batch.append
+            owner = owners[rec[REC_TID]]
+            regs, window = regs_of(site, rec[REC_VALUES:])
+            func = site.func
+            if func is None:
+                site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
+                    site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
+                    rec[REC_AUX] & CPU_MASK,
+                    site.ip, site.file_base, ts))
+            else:
+                site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
+                    site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
+                    rec[REC_AUX] & CPU_MASK,
+                    regs.rip, site.file_base, ts, "r", func))
+        if batch:
+            deliver(batch)
+        return taken
+
+    def _valid(self, ring: Ring, batch: list[tuple[int, ...]],
+               who: Callable[[int], tuple[int, str] | None],
+               owners: dict[int, tuple[int, str] | None], now: int) -> list[tuple[int, ...]]:
+        """The records of `batch` that the probes' code can have written
+        (the program can write its ring too): a probe id of this ring, a
+        thread we trace (or traced), a CPU that exists, a time stamp between
+        the ring's making and `now` (TSC ticks). The rest are counted in
+        `corrupt`. `owners` gets (pid, comm) of each tid seen."""
+        get = operator.itemgetter
+        former = self._former
+        for tid in set(map(get(REC_TID), batch)) - owners.keys():
+            owners[tid] = who(tid) or former.get(tid)
+        skew = self._skew
+        if set(map(get(REC_PROBE), batch)) <= ring.probe_ids \
+                and not any(map(get(REC_PROBE_HIGH), batch)) \
+                and max(map(get(REC_AUX), batch)) < CPUS \
+                and ring.created - skew <= min(map(get(REC_TSC), batch)) \
+                and max(map(get(REC_TSC), batch)) <= now + skew \
+                and all(owners[tid] is not None for tid in set(map(get(REC_TID), batch))):
+            return batch  # the common case, checked column by column
+        lo, hi, ids = ring.created - skew, now + skew, ring.probe_ids
+        good = [rec for rec in batch
+                if rec[REC_PROBE] in ids and not rec[REC_PROBE_HIGH]
+                and (rec[REC_AUX] & CPU_MASK) < CPUS and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
+                and lo <= rec[REC_TSC] <= hi and owners[rec[REC_TID]] is not None]
+        self.corrupt += len(batch) - len(good)
+        return good
+
+
+class ShapedLines:
+    """Hits of recorded probes to lines by the renderer's row templates (the
+    kernel engine's fast path, engines/kernel/lines.py, used on our hits):
+    a stretch of hits sharing probe, task, CPU, comm and addresses is one
+    `RowShape`, its rows `(ts_ns, *args)` filled into the shape's template.
+    The same lines as `renderer.lines(hits)`, at a fraction of the cost."""
+
+    def __init__(self, renderer: LineRenderer) -> None:
+        self.renderer = renderer
+        self._writers: dict[tuple[object, ...], object] = {}
+
+    def write(self, hits: list[Hit]) -> None:
+        renderer = self.renderer
+        lines: list[str] = []
+        n = len(hits)
+        i = 0
+        while i < n:
+            first = hits[i]
+            key = first[1:8]
+            j = i + 1
+            while j < n and hits[j][1:8] == key:
+                j += 1
+            writer = self._writers.get(key, _UNSET)
+            if writer is _UNSET:
+                _, pid, tid, cpu, probe, comm, ip, func, _ = first
+                writer = self._writers[key] = renderer.row_lines(
+                    RowShape(probe=probe, comm=comm, pid=pid, tid=tid, cpu=cpu, ip=ip,
+                             func=func))
+            piece = hits[i:j]
+            if writer is None:
+                lines += renderer.lines(piece)
+            elif isinstance(writer, str):
+                fill = writer.__mod__
+                lines += [fill((h[0], *h[8])) for h in piece]
+            else:
+                lines += writer([(h[0], *h[8]) for h in piece])  # type: ignore[operator]
+            i = j
+        renderer.write_lines(lines)
+
+
+_UNSET = object()
