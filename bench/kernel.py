@@ -114,7 +114,7 @@ def count_hits(counter: object) -> int:
     """What `read` gives for a raw counter or a KernelCounter."""
     if isinstance(counter, UprobeCounter):
         return counter.read()
-    return sum(counter.counts().values())  # type: ignore[attr-defined]
+    return sum(counter.counts.values())  # type: ignore[attr-defined]
 
 
 def _counted(make: Callable[[], object], argv: list[str], read: Callable[[object], int],
@@ -347,8 +347,8 @@ def shared_cost(calls: int, repeats: int, sizes: Sequence[int] = (1, 16, 64, 256
                                   check=True)
             m = RESULT.search(proc.stdout)
             assert m, proc.stdout
-            if counter is not None and counter.counts()["uprobes/f7"] != calls:
-                raise SystemExit(f"bench: counted {counter.counts()} of {calls} calls")
+            if counter is not None and counter.counts["uprobes/f7"] != calls:
+                raise SystemExit(f"bench: counted {counter.counts} of {calls} calls")
             return int(m[2]) / calls
 
         runs: dict[int, list[float]] = {k: [] for k in (0, *sizes)}

@@ -82,7 +82,7 @@ def test_identical_sites_are_placed_once(pids: str, target: Path, tracefs: Path)
             proc.stdin.flush()
             assert proc.stdout.readline().startswith("calls add=5 greet=5")
             assert proc.wait(timeout=60) == 0
-            assert counter.counts() == {"g/a": 5, "g/b": 5, "g/c": 5, "g/d": 5}
+            assert counter.counts == {"g/a": 5, "g/b": 5, "g/c": 5, "g/d": 5}
     finally:
         proc.kill()
         proc.wait()

@@ -42,12 +42,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+from uprobes.engines.base import Request, Tracer, open_tracer
 from uprobes.engines.choose import ENGINES, pick_engine
-from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
-from uprobes.engines.kernel.tracer import KernelTracer
-from uprobes.engines.launch import Launched, finish, launch
+from uprobes.engines.launch import finish, launch
 from uprobes.errors import SpecError, UsageError
 from uprobes.lang import parse
 from uprobes.lang.ast import ProbeSpec
@@ -59,9 +58,6 @@ from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Consumer, prepare_dispatch
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import check_stack_bytes
-
-if TYPE_CHECKING:
-    from uprobes.engines.ptrace.tracer import PtraceTracer
 
 EventHandler = Callable[[Event], object]
 EventFilter = Callable[[Event], bool]
@@ -91,7 +87,8 @@ class Session:
     gives every event its user stack (`event.stack`, innermost frame
     first), walked from that many bytes of stack copied at the hit (see
     `uprobes.unwind.capture`); the kernel engine's rings then default to
-    `STACK_RING_PAGES`, as samples carry the copy.
+    its `STACK_RING_PAGES`, as samples carry the copy (`ring_pages` None:
+    the kernel engine's default).
     """
 
     def __init__(self, engine: str = "auto", *, force: bool = False, uretprobe: bool = False,
@@ -112,10 +109,10 @@ class Session:
         record each hit in the program (no stop; docs/ptrace-engine.md,
         trap-free tracing) and handlers run as the records are read, with no
         `event.hit`: for handlers that only look at events."""
-        self.ring_pages = ring_pages or (STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES)
+        self.ring_pages = ring_pages
         self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
         self._lines: dict[str, _Line] = {}
-        self._tracer: KernelTracer | PtraceTracer | None = None
+        self._tracer: Tracer | None = None
         self._ran = False
         self._stopped = False
         self.events = 0
@@ -196,13 +193,15 @@ class Session:
                 started = time.monotonic()
                 self._run(duration, ready)
         except BaseException:
-            self._pass_status(child)
+            if self._tracer is not None:
+                child.reaped(self._tracer.child_status)
             if released:
                 child.wait()
             else:
                 child.abort()  # never released: the command must not run at all
             raise
-        self._pass_status(child)
+        if self._tracer is not None:
+            child.reaped(self._tracer.child_status)
         return finish(child, started, duration, self._note)
 
     def attach(self, pid: int, *, duration: float | None = None,
@@ -248,29 +247,19 @@ class Session:
                 self._note(text)
         self.engine_used = pick_engine(self.engine, self.probes, has_target=has_target)
 
-    def _open(self, *, pid: int | None = None,
-              child: int | None = None) -> KernelTracer | PtraceTracer:
-        """The engine's tracer for the resolved probes, to be entered."""
-        if self.engine_used == "ptrace":
-            from uprobes.engines.ptrace.tracer import PtraceTracer
-            self._tracer = PtraceTracer(self.probes, pid=pid, child=child, force=self.force,
-                                        note=self._note, stack_bytes=self.stack_bytes,
-                                        trapfree="record" if self.trapfree else False)
-        else:
-            conditions: dict[int, Condition | None] = {
-                id(line.spec): pushdown(line.filters) for line in self._lines.values()}
-            self._tracer = KernelTracer(self.probes, pid=pid, child=child,
-                                        ring_pages=self.ring_pages, force=self.force,
-                                        note=self._note, stack_bytes=self.stack_bytes,
-                                        prefilter=lambda p: conditions[id(p.spec)])
-            self.kernel_filters = self._tracer.kernel_filters
+    def _open(self, *, pid: int | None = None, child: int | None = None) -> Tracer:
+        """The engine's tracer for the resolved probes, to be entered. An
+        engine whose kernel filters records gets each line's consumers'
+        filters OR-ed (`pushdown`); the others ignore them."""
+        assert self.engine_used is not None
+        conditions: dict[int, Condition | None] = {
+            id(line.spec): pushdown(line.filters) for line in self._lines.values()}
+        self._tracer = open_tracer(Request(
+            self.probes, self.engine_used, pid=pid, child=child, force=self.force,
+            note=self._note, stack_bytes=self.stack_bytes,
+            prefilter=lambda p: conditions[id(p.spec)], trapfree=self.trapfree,
+            ring_pages=self.ring_pages))
         return self._tracer
-
-    def _pass_status(self, child: Launched) -> None:
-        """The ptrace engine is the command's tracer and reaps it: pass its status on."""
-        status = getattr(self._tracer, "child_status", None)
-        if status is not None:
-            child.status = status
 
     def _run(self, duration: float | None, ready: Callable[[], object] | None) -> None:
         tracer = self._tracer
@@ -284,16 +273,17 @@ class Session:
             dispatch[p.name] = prepare_dispatch(
                 [(c.filter, c.handler) for c in line.consumers if c.handler is not None])
         table = dispatch.get
-        stopped_at_hit = self.engine_used == "ptrace"
 
         def deliver(ev: Event) -> None:
             call = table(ev.probe)
             if call is None or self._stopped:
                 return
-            if stopped_at_hit:  # the ptrace engine: handlers see the stopped thread
-                ev = replace(ev, hit=getattr(tracer, "current_hit", None))
+            hit = tracer.current_hit
+            if hit is not None:  # an engine that stops the thread: handlers see it
+                ev = replace(ev, hit=hit)
             call(ev)
 
+        self.kernel_filters = dict(tracer.kernel_filters)
         try:
             if ready is not None:
                 ready()

@@ -1,10 +1,8 @@
-"""`uprobes count`: hits per probe, counted in the kernel with no records."""
+"""`uprobes count`: hits per probe, with no records (the engine's `Counter`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import select
 import sys
 import time
 from typing import TextIO
@@ -15,19 +13,15 @@ from uprobes.commands.selection import (
     add_filter_arguments,
     add_selection_arguments,
     check_selection,
-    choose_engine,
     hit_filter,
     uretprobe_note,
 )
-from uprobes.engines.kernel.counting import KernelCounter, plan_filter, refusal_note
-from uprobes.engines.launch import Launched, finish, launch
-from uprobes.engines.ptrace.tracer import PtraceTracer
-from uprobes.engines.signals import StopSignals
-from uprobes.errors import ProcessError, UsageError
+from uprobes.engines.base import Counter, Request, open_counter
+from uprobes.engines.launch import finish, launch
+from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe
 from uprobes.render.counts import write_count_json, write_count_table
 from uprobes.resolve.resolver import Resolver
-from uprobes.sys.pidfd import watch_process
 
 NAME = "count"
 HELP = "count hits per probe (system-wide, in a process, or in a command it starts)"
@@ -58,13 +52,6 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{opt} must be a positive number of seconds")
 
 
-def _pidfd(pid: int) -> int:
-    pidfd = watch_process(pid)
-    if pidfd < 0:
-        raise ProcessError(f"no process {pid}")
-    return pidfd
-
-
 def run(args: argparse.Namespace, out: TextIO) -> int:
     _check(args)
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
@@ -79,122 +66,50 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     uretprobe_note(probes, sys.stderr)
     sink = open(args.output, "w") if args.output else out
     try:
-        if choose_engine(args, probes) == "ptrace":
-            return _count_ptrace(args, probes, sink)
-        if args.hit_filter is not None:
-            # No records to test here: counting happens in the kernel alone,
-            # and what it cannot count is said before anything starts.
-            per_process = args.pid is not None or bool(args.argv_command)
-            plan_filter(args.hit_filter, [-1] if per_process else None)
-        # From here a stop signal ends the counting, not us (StopSignals); after
-        # it, CommandSignals only notes one (see uprobes.engines.signals).
-        with StopSignals() as stop:
-            return _count(args, probes, sink, stop)
+        return _count(args, probes, sink)
     finally:
         if sink is not out:
             sink.close()
 
 
-def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO,
-           stop: StopSignals) -> int:
-    launched: Launched | None = None
-    if args.argv_command:
-        launched = launch(args.argv_command)
-        pids: list[int] | None = [launched.pid]
-    else:
-        pids = [args.pid] if args.pid is not None else None
-    watch = -1
+def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) -> int:
+    launched = launch(args.argv_command) if args.argv_command else None
+    counter: Counter | None = None
     try:
-        if pids is not None:
-            watch = _pidfd(pids[0])
-        with KernelCounter(probes, pids=pids, all_threads=launched is None,
-                           force=args.force, hit_filter=args.hit_filter) as counter:
-            if counter.refused:
-                sys.stderr.write("uprobes: note: "
-                                 + refusal_note(counter.refused, counter.total) + "\n")
-            if counter.exited is not None:
-                _note(f"process {counter.exited} exited while its probes were placed")
+        # What the engine cannot count (a filter the kernel cannot say) is
+        # refused here, before the command runs.
+        counter = open_counter(Request(
+            probes, args.engine, pid=args.pid, child=launched.pid if launched else None,
+            force=args.force, note=_note, hit_filter=args.hit_filter,
+            trapfree=not args.no_trapfree))
+        with counter:
             if launched is not None:
                 launched.release()
-            elif counter.exited is None:
-                where = f"process {pids[0]}" if pids else \
-                    f"in process{'es' if len(counter.pids) > 1 else ''} " \
-                    f"{', '.join(map(str, counter.pids))} (named by the filter)" \
-                    if counter.pids is not None else "system-wide"
-                sys.stderr.write(f"uprobes: counting {len(counter.placed)} probes {where}; "
-                                 "Ctrl-C to stop\n")
+            elif not counter.target_exited:
+                sys.stderr.write(f"uprobes: counting {len(counter.counts)} probes "
+                                 f"{counter.where}; Ctrl-C to stop\n")
                 sys.stderr.flush()
             started = time.monotonic()
-            _loop(args, counter, sink, stop, watch)
-            counter.disable()
-            final = counter.counts()
+            _loop(args, counter, sink, started)
+            counter.stop()
+            final = dict(counter.counts)
             if launched is None:  # the table first: detaching many probes takes a while
                 _final(args, sink, final)
-        if launched is not None:
-            # A stop signal ends the counting, never the command: it runs to its
-            # end (--duration ends both), and the counts are the last lines,
-            # after its own output.
-            status = finish(launched, started, args.duration, _note)
-            _final(args, sink, final)
-            return status
-    except BaseException:
-        if launched is not None and launched._go >= 0:
-            launched.abort()
-        raise
-    finally:
-        if watch >= 0:
-            os.close(watch)
-    return 0
-
-
-def _count_ptrace(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) -> int:
-    """Counting on the ptrace engine: its loop is the wait for stops, run in
-    slices of an interval (or the whole duration)."""
-    launched = launch(args.argv_command) if args.argv_command else None
-    tracer = None
-    try:
-        tracer = PtraceTracer(probes, pid=args.pid, child=launched.pid if launched else None,
-                              force=args.force, hit_filter=args.hit_filter,
-                              trapfree=not args.no_trapfree,
-                              note=_note)
-        with tracer:
-            if launched is not None:
-                launched.release()
-            else:
-                sys.stderr.write(f"uprobes: counting {len(tracer.counts)} probes in process "
-                                 f"{args.pid}; Ctrl-C to stop\n")
-                sys.stderr.flush()
-            started = time.monotonic()
-            deadline = started + args.duration if args.duration else None
-            previous: dict[str, int] = {}
-            while True:
-                now = time.monotonic()
-                slices = [t - now for t in (deadline,) if t is not None]
-                if args.interval:
-                    slices.append(args.interval)
-                tracer.run(None, max(0.0, min(slices)) if slices else None)
-                if args.interval:
-                    current = dict(tracer.counts)
-                    _interval(args, sink, {k: v - previous.get(k, 0) for k, v in current.items()})
-                    previous = current
-                if tracer.target_exited or tracer.signal is not None or (
-                        deadline is not None and time.monotonic() >= deadline):
-                    break
-            final = dict(tracer.counts)
         if launched is None:
-            _final(args, sink, final)
             return 0
-        if tracer.child_status is not None:
-            launched.status = tracer.child_status
+        # A stop signal ends the counting, never the command: it runs to its
+        # end (--duration ends both), and the counts are the last lines,
+        # after its own output.
+        launched.reaped(counter.child_status)
         status = finish(launched, started, args.duration, _note)
         _final(args, sink, final)
         return status
     except BaseException:
         if launched is not None:
-            if tracer is not None and tracer.child_status is not None:
-                launched.status = tracer.child_status
-            if launched._go >= 0:
-                launched.abort()
+            if counter is not None:
+                launched.reaped(counter.child_status)
+            if launched.held:
+                launched.abort()  # never released: the command must not run at all
         raise
 
 
@@ -210,34 +125,28 @@ def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int]) -> Non
     sink.flush()
 
 
-def _loop(args: argparse.Namespace, counter: KernelCounter, sink: TextIO, stop: StopSignals,
-          watch: int) -> None:
-    """Until the watched process ends, a stop signal, or --duration; with -i,
-    print each interval's counts."""
-    start = time.monotonic()
-    deadline = start + args.duration if args.duration else None
-    next_tick = start + args.interval if args.interval else None
+def _loop(args: argparse.Namespace, counter: Counter, sink: TextIO, started: float) -> None:
+    """Until the target ends, a stop signal, or --duration; with -i, print
+    each interval's counts."""
+    deadline = started + args.duration if args.duration else None
+    next_tick = started + args.interval if args.interval else None
     # Counters start at zero when enabled, before a launched command runs its
     # first instruction: the first interval counts from there. (Reading a
     # baseline here instead lost the first interval's hits whenever we were
     # scheduled out after releasing the command, about 1 run in 3 on a busy
     # machine: a short command's hits all landed in the baseline.)
     previous: dict[str, int] = {}
-    fds = [stop.fileno()] + ([watch] if watch >= 0 else [])
-    while not stop.stopped:
+    while not counter.target_exited and counter.signal is None:
         now = time.monotonic()
         if next_tick is not None and now >= next_tick:
-            current = counter.counts()
-            delta = {k: v - previous.get(k, 0) for k, v in current.items()}
+            current = dict(counter.counts)
+            _interval(args, sink, {k: v - previous.get(k, 0) for k, v in current.items()})
             previous = current
-            _interval(args, sink, delta)
             next_tick += args.interval * max(1, int((now - next_tick) // args.interval) + 1)
         if deadline is not None and now >= deadline:
             return
         waits = [t - now for t in (next_tick, deadline) if t is not None]
-        ready, _, _ = select.select(fds, [], [], max(0.0, min(waits)) if waits else None)
-        if watch in ready:
-            return
+        counter.count(max(0.0, min(waits)) if waits else None)
 
 
 def _interval(args: argparse.Namespace, sink: TextIO, delta: dict[str, int]) -> None:

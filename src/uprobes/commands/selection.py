@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from uprobes.engines.choose import ENGINES, pick_engine
+from uprobes.engines.choose import ENGINES
 from uprobes.errors import UsageError
 from uprobes.model.filters import HitFilter
 from uprobes.model.probe import ResolvedProbe
@@ -59,12 +59,6 @@ def check_selection(args: argparse.Namespace) -> None:
     if args.engine == "ptrace" and args.pid is None and not args.argv_command:
         raise UsageError("the ptrace engine traces a process or a command: "
                          "give -p PID or -- CMD")
-
-
-def choose_engine(args: argparse.Namespace, probes: list[ResolvedProbe]) -> str:
-    """`kernel` or `ptrace` for this command line (see `uprobes.engines.choose`)."""
-    return pick_engine(args.engine, probes,
-                       has_target=args.pid is not None or bool(args.argv_command))
 
 
 def add_duration_argument(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
@@ -25,12 +25,11 @@ from uprobes.commands.selection import (
     add_filter_arguments,
     add_selection_arguments,
     check_selection,
-    choose_engine,
     hit_filter,
     uretprobe_note,
 )
+from uprobes.engines.base import Request, open_tracer
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
-from uprobes.engines.kernel.tracer import KernelTracer
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
 from uprobes.model.event import ProbeInfo
@@ -40,9 +39,6 @@ from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
-
-if TYPE_CHECKING:  # imported when the ptrace engine runs: start-up time
-    from uprobes.engines.ptrace.tracer import PtraceTracer
 
 FORMATS = ("text", "jsonl", "perfetto")
 NAME = "trace"
@@ -134,21 +130,12 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
            child: Launched | None) -> int:
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
-    tracer: KernelTracer | PtraceTracer
     stack_bytes = args.stack_bytes if args.stack else 0
     try:
-        if choose_engine(args, probes) == "ptrace":
-            from uprobes.engines.ptrace.tracer import PtraceTracer
-            tracer = PtraceTracer(probes, pid=args.pid, child=child.pid if child else None,
-                                  force=args.force, note=note, stack_bytes=stack_bytes,
-                                  hit_filter=args.hit_filter,
-                                  trapfree=False if args.no_trapfree else "record")
-        else:
-            tracer = KernelTracer(probes, pid=args.pid, child=child.pid if child else None,
-                                  ring_pages=args.ring_pages or (
-                                      STACK_RING_PAGES if stack_bytes else DEFAULT_RING_PAGES),
-                                  force=args.force, note=note,
-                                  stack_bytes=stack_bytes, hit_filter=args.hit_filter)
+        tracer = open_tracer(Request(
+            probes, args.engine, pid=args.pid, child=child.pid if child else None,
+            force=args.force, note=note, stack_bytes=stack_bytes, hit_filter=args.hit_filter,
+            trapfree=not args.no_trapfree, ring_pages=args.ring_pages))
     except BaseException:
         if child is not None:
             child.abort()
@@ -173,7 +160,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             out.flush()
     except BaseException:
         if child is not None:
-            _reaped(tracer, child)
+            child.reaped(tracer.child_status)
             if renderer is None:
                 child.abort()  # never released: the command must not run at all
             else:
@@ -181,12 +168,6 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
         raise
     sys.stderr.write(f"uprobes: {tracer.events} events, {tracer.lost} lost\n")
     if child is not None:
-        _reaped(tracer, child)
+        child.reaped(tracer.child_status)
         return finish(child, started, args.duration, note)
     return 0
-
-
-def _reaped(tracer: KernelTracer | PtraceTracer, child: Launched) -> None:
-    """The ptrace engine, the command's tracer, reaps it: pass its status on."""
-    if not isinstance(tracer, KernelTracer) and tracer.child_status is not None:
-        child.status = tracer.child_status

@@ -45,6 +45,17 @@ class Launched:
             self.wait()
             raise UsageError(f"cannot run {self.argv[0]}: {failure.decode(errors='replace')}")
 
+    @property
+    def held(self) -> bool:
+        """Still held before exec: neither released nor aborted."""
+        return self._go >= 0
+
+    def reaped(self, status: int | None) -> None:
+        """The engine reaped the command (the ptrace engine is its tracer and
+        collects its exit): `status` is its exit status; None, it did not."""
+        if status is not None:
+            self.status = status
+
     def wait(self) -> int:
         """Wait for the command; its exit status as a shell reports it (128+N for signal N)."""
         if self.status is None:

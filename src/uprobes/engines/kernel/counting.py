@@ -65,7 +65,9 @@ import ctypes
 import errno
 import itertools
 import os
-from collections.abc import Sequence
+import select
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 
@@ -73,6 +75,7 @@ from uprobes.engines.kernel.groups import check_event_count, open_run_group, rem
 from uprobes.engines.kernel.insn_guard import screen_sites
 from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.engines.kernel.records import PAGE_MASK
+from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError, UsageError
 from uprobes.lang.ast import ProbeKind
 from uprobes.lang.condition import Condition, bind, values_of
@@ -201,19 +204,24 @@ _names = itertools.count()  # event names unique in this process (two counters, 
 class KernelCounter:
     """Counts hits of `probes`: system-wide (`pids` None) or in tasks `pids`
     and everything they start afterwards. A context manager owning every
-    perf fd and tracefs event it makes; `counts()` reads the totals.
+    perf fd and tracefs event it makes; `counts` reads the totals, `count()`
+    waits while the kernel counts (the engine's `Counter`, engines/base.py).
 
     With `all_threads` each pid is a process whose existing threads are all
     counted (for `-p`); without, each pid is one task (a launched command
-    held before exec has just one). `hit_filter` counts only the hits it
-    keeps, in the kernel (it must be one the kernel can say, `pid` bound per
-    process; see the module's docstring).
+    held before exec has just one). The first pid is the target: its end
+    ends `count()`. `hit_filter` counts only the hits it keeps, in the
+    kernel (it must be one the kernel can say, `pid` bound per process; see
+    the module's docstring). `note` gets a line naming the probes refused.
     """
+
+    child_status: int | None = None  # a launched command is its launcher's to reap
 
     def __init__(self, probes: Sequence[ResolvedProbe], *, pids: Sequence[int] | None = None,
                  all_threads: bool = True, tracefs: Tracefs | None = None,
                  force: bool = False, hit_filter: HitFilter | None = None,
-                 max_shared: int = MAX_SHARED) -> None:
+                 max_shared: int = MAX_SHARED,
+                 note: Callable[[str], object] | None = None) -> None:
         for p in probes:
             if isinstance(p.key, VdsoKey):
                 raise EngineError(f"{p.name}: vDSO probes cannot be placed by the kernel "
@@ -221,7 +229,9 @@ class KernelCounter:
         self.hit_filter = hit_filter
         self.max_shared = max_shared
         self.pids = list(pids) if pids is not None else None
+        self._target = self.pids[0] if self.pids else None
         self.all_threads = all_threads
+        self._note = note or (lambda _: None)
         self._by_pid = False  # counters bound per process for a `pid` condition
         self._filters: dict[int | None, str | bool] = {}
         if hit_filter is not None:
@@ -254,6 +264,10 @@ class KernelCounter:
         self.exited: int | None = None
         """The process that ended while its probes were placed: placing
         stopped there (what the ending made fail is no refusal)."""
+        self.target_exited = False
+        self._stack = ExitStack()  # the stop signals, the target's pidfd
+        self._signals: StopSignals | None = None
+        self._watch = -1
 
     # ------------------------------------------------------------ the filter
 
@@ -274,6 +288,13 @@ class KernelCounter:
 
     def __enter__(self) -> KernelCounter:
         try:
+            # From here a stop signal ends the counting, not us.
+            self._signals = self._stack.enter_context(StopSignals())
+            if self._target is not None:
+                self._watch = watch_process(self._target)
+                if self._watch < 0:
+                    raise ProcessError(f"no process {self._target}")
+                self._stack.callback(os.close, self._watch)
             tracefs = self._tracefs or Tracefs()
             self.group = open_run_group(tracefs)
             if self.pids is None:
@@ -303,6 +324,11 @@ class KernelCounter:
         except BaseException:
             self.close()
             raise
+        if self.refused:
+            self._note(refusal_note(self.refused, self.total))
+        if self.exited is not None:
+            self._note(f"process {self.exited} exited while its probes were placed")
+            self.target_exited = True
         return self
 
     def _all_refused(self) -> None:
@@ -514,15 +540,27 @@ class KernelCounter:
                           f"{self.group.name}/{short}, not {ours[short]}")
 
     @property
+    def where(self) -> str:
+        """Where the probes count, in words."""
+        if self._target is not None:
+            return f"in process {self._target}"
+        if self.pids is not None:
+            return (f"in process{'es' if len(self.pids) > 1 else ''} "
+                    f"{', '.join(map(str, self.pids))} (named by the filter)")
+        return "system-wide"
+
+    @property
     def placed(self) -> list[str]:
         """Display names of the probes placed (each once)."""
         return list(dict.fromkeys(n for e in self._events for s in e.sites for n in s.names))
 
     # ------------------------------------------------------------ reading
 
+    @property
     def counts(self) -> dict[str, int]:
         """Hits per probe (display name) so far, every placed probe listed
-        (a return probe on its rets: the sum of its sites)."""
+        (a return probe on its rets: the sum of its sites); read from the
+        kernel at each use."""
         if self._frozen is not None:
             return dict(self._frozen)
         out: dict[str, int] = {}
@@ -545,7 +583,27 @@ class KernelCounter:
             for e in event.fds():
                 if e.fd >= 0:
                     e.disable()
-        self._frozen = self.counts()
+        self._frozen = self.counts
+
+    def stop(self) -> None:
+        """Stop counting: `counts` no longer changes (see `disable`)."""
+        self.disable()
+
+    @property
+    def signal(self) -> int | None:
+        """The stop signal that ended the counting, if one did."""
+        return self._signals.signum if self._signals is not None else None
+
+    def count(self, seconds: float | None) -> None:
+        """Let the kernel count for `seconds` (None: until the end); return
+        early when the target ends or a stop signal arrives."""
+        signals = self._signals
+        assert signals is not None, "enter the counter first"
+        if self.target_exited or signals.stopped:
+            return
+        fds = [signals.fileno()] + ([self._watch] if self._watch >= 0 else [])
+        if self._watch in select.select(fds, [], [], seconds)[0]:
+            self.target_exited = True
 
     # ------------------------------------------------------------ removing
 
@@ -570,6 +628,7 @@ class KernelCounter:
             except KernelError as e:
                 first = first or e
             self.group = None
+        self._stack.close()
         if first is not None:
             raise first
 

@@ -66,7 +66,11 @@ class KernelTracer:
     filters what arrives (`uprobes.Session`: each consumer its own), so where
     the kernel cannot take it every hit arrives, silently.
     `kernel_filters` says which events got a filter (either kind).
+    The engine's `Tracer` (engines/base.py).
     """
+
+    child_status: int | None = None  # a launched command is its launcher's to reap
+    current_hit: None = None  # the kernel never stops the thread at a hit
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, ring_pages: int = DEFAULT_RING_PAGES,

@@ -1,4 +1,4 @@
-"""`PtraceTracer`: the ptrace engine's tracing session (the kernel engine's interface).
+"""`PtraceTracer`: the ptrace engine's session, a `Tracer` and a `Counter` (engines/base.py).
 
 It traces a launched command (`child`: seized while held before exec,
 probes placed at its exec stop) or a running process (`pid`: every
@@ -187,6 +187,16 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
         """Display name -> ProbeInfo, for the renderers."""
         return dict(self._infos)
 
+    @property
+    def kernel_filters(self) -> dict[str, str]:
+        """None: this engine tests every filter itself (`Tracer`, engines/base.py)."""
+        return {}
+
+    @property
+    def where(self) -> str:
+        """Where the probes count, in words (`Counter`, engines/base.py)."""
+        return f"in process {self.pid}" if self.pid is not None else f"in command {self.child}"
+
     # ------------------------------------------------------------ consumers
 
     def _event_handler(self, name: str, info: ProbeInfo,
@@ -286,6 +296,10 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
     def stop(self) -> None:
         """Stop `run()` at its next wake-up (callable from a handler)."""
         self._done = True
+
+    def count(self, seconds: float | None) -> None:
+        """Only count, for `seconds` (None: until the end; `Counter`, engines/base.py)."""
+        self.run(None, seconds)
 
     def run(self, on_event: Callable[[Event], None] | None,
             duration: float | None = None) -> None:

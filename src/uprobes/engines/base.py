@@ -1,0 +1,189 @@
+"""What every engine offers, and the one place that opens an engine for a run.
+
+Two roles, each a Protocol that mypy checks the engines against:
+
+- `Tracer`: every hit delivered, as an `Event`, as `Hit` tuples, or into a
+  renderer (`trace`, and `uprobes.Session` under latency, top and stacks).
+- `Counter`: hits counted per probe (`count`).
+
+The kernel engine has a class per role (`KernelTracer`, `KernelCounter`);
+the ptrace engine's `PtraceTracer` plays both. Callers describe the run in
+a `Request` and call `open_tracer` or `open_counter`, which pick the engine
+(`uprobes.engines.choose`) and build it, not yet entered; they never name
+an engine's class. The ptrace engine is imported only when it is picked:
+`trace -e kernel` starts without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+from uprobes.engines.choose import pick_engine
+from uprobes.lang.condition import Condition
+from uprobes.model.event import Event, Hit, ProbeInfo
+from uprobes.model.filters import HitFilter
+from uprobes.model.probe import ResolvedProbe
+from uprobes.render.protocol import HitRenderer
+
+
+class _Run(Protocol):
+    """What both roles share: a context manager that places the probes on
+    entry and removes every one of them on exit, and how the run ended."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    @property
+    def target_exited(self) -> bool:
+        """The process or command traced has ended (the run ends with it)."""
+
+    @property
+    def signal(self) -> int | None:
+        """The stop signal (SIGINT, SIGTERM, SIGHUP) that ended the run, if one did."""
+
+    @property
+    def child_status(self) -> int | None:
+        """The launched command's exit status when the engine reaped it (the
+        ptrace engine is its tracer, so it collects the exit); None when it
+        did not, and the caller waits for the command itself."""
+
+    def stop(self) -> None:
+        """End the run at its next wake-up (callable from a handler)."""
+
+
+class Tracer(_Run, Protocol):
+    """Every hit of the probes, delivered in the caller's thread."""
+
+    @property
+    def infos(self) -> dict[str, ProbeInfo]:
+        """Display name -> ProbeInfo of each probe placed, for the renderers."""
+
+    @property
+    def events(self) -> int:
+        """Hits delivered so far."""
+
+    @property
+    def lost(self) -> int:
+        """Records dropped because a ring was full; never silent: report it."""
+
+    @property
+    def kernel_filters(self) -> Mapping[str, str]:
+        """`group/event` -> the filter the kernel tests before it writes a
+        record; empty on an engine that tests every filter itself."""
+
+    @property
+    def current_hit(self) -> Any:
+        """While a handler runs on an engine that stops the thread at the
+        hit, that thread (`uprobes.engines.ptrace.hit.PtraceHit`: registers
+        and memory); None otherwise."""
+
+    def run(self, on_event: Callable[[Event], None], duration: float | None = None) -> None:
+        """Deliver an `Event` per hit until the target exits, a stop signal,
+        `stop()`, or `duration` seconds."""
+
+    def run_hits(self, on_hits: Callable[[list[Hit]], None],
+                 duration: float | None = None) -> None:
+        """`run()` handing over batches of `Hit` tuples (no Event built)."""
+
+    def run_render(self, renderer: HitRenderer, duration: float | None = None) -> None:
+        """`run_hits` into a renderer, by the fastest path the renderer allows."""
+
+
+class Counter(_Run, Protocol):
+    """Hits per probe, with nothing delivered."""
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """Hits per probe (display name) so far, every probe counted listed
+        (copy it to keep it: it may be the engine's own, still counting)."""
+
+    @property
+    def where(self) -> str:
+        """Where the probes count, in words: `system-wide`, `in process N`..."""
+
+    def count(self, seconds: float | None) -> None:
+        """Count for `seconds` (None: until the end), returning early when
+        the target ends or a stop signal arrives (`target_exited`, `signal`)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A run to open: the probes, the engine asked for, and where to place them.
+
+    `engine`: "auto", "kernel" or "ptrace" (see `uprobes.engines.choose`).
+    `pid`: an existing process and what it starts; `child`: a launched
+    command's pid, held before exec; neither: system-wide (the kernel engine
+    only). `note` gets the one-line notes of the run (a probe of a glob left
+    out). `stack_bytes` > 0: each event gets its user stack. `hit_filter`:
+    only the hits it keeps are delivered or counted. `prefilter`: per probe,
+    a condition the kernel may test so that failing hits make no record (the
+    caller still filters what arrives). `trapfree`: the ptrace engine may
+    place probes as jumps into in-process code, no stop per hit.
+    `ring_pages`: data pages of each of the kernel engine's per-CPU rings
+    (None: its default, larger with stacks).
+    """
+
+    probes: list[ResolvedProbe]
+    engine: str = "auto"
+    pid: int | None = None
+    child: int | None = None
+    force: bool = False
+    note: Callable[[str], object] | None = None
+    stack_bytes: int = 0
+    hit_filter: HitFilter | None = None
+    prefilter: Callable[[ResolvedProbe], Condition | None] | None = None
+    trapfree: bool = False
+    ring_pages: int | None = None
+
+    def pick(self) -> str:
+        """The engine that serves this request: `kernel` or `ptrace`."""
+        return pick_engine(self.engine, self.probes,
+                           has_target=self.pid is not None or self.child is not None)
+
+
+def open_tracer(request: Request) -> Tracer:
+    """The tracer for `request`, on the engine it picks; enter it to place the probes."""
+    if request.pick() == "ptrace":
+        from uprobes.engines.ptrace.tracer import PtraceTracer
+        return PtraceTracer(request.probes, pid=request.pid, child=request.child,
+                            force=request.force, note=request.note,
+                            stack_bytes=request.stack_bytes, hit_filter=request.hit_filter,
+                            trapfree="record" if request.trapfree else False)
+    from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
+    from uprobes.engines.kernel.tracer import KernelTracer
+    pages = request.ring_pages or (STACK_RING_PAGES if request.stack_bytes else DEFAULT_RING_PAGES)
+    return KernelTracer(request.probes, pid=request.pid, child=request.child, ring_pages=pages,
+                        force=request.force, note=request.note,
+                        stack_bytes=request.stack_bytes, hit_filter=request.hit_filter,
+                        prefilter=request.prefilter)
+
+
+def open_counter(request: Request) -> Counter:
+    """The counter for `request`, on the engine it picks; enter it to place the probes."""
+    if request.pick() == "ptrace":
+        from uprobes.engines.ptrace.tracer import PtraceTracer
+        return PtraceTracer(request.probes, pid=request.pid, child=request.child,
+                            force=request.force, note=request.note,
+                            hit_filter=request.hit_filter,
+                            trapfree="count" if request.trapfree else False)
+    from uprobes.engines.kernel.counting import KernelCounter
+    target = request.child if request.child is not None else request.pid
+    return KernelCounter(request.probes, pids=None if target is None else [target],
+                         all_threads=request.child is None, force=request.force,
+                         hit_filter=request.hit_filter, note=request.note)
+
+
+if TYPE_CHECKING:  # mypy holds each engine to its roles
+    from uprobes.engines.kernel.counting import KernelCounter
+    from uprobes.engines.kernel.tracer import KernelTracer
+    from uprobes.engines.ptrace.tracer import PtraceTracer
+
+    _kernel_tracer: type[Tracer] = KernelTracer
+    _kernel_counter: type[Counter] = KernelCounter
+    _ptrace_tracer: type[Tracer] = PtraceTracer
+    _ptrace_counter: type[Counter] = PtraceTracer
