@@ -304,6 +304,25 @@ def open_tracepoint(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: boo
                           what=f"tracepoint {event_id} pid {pid} cpu {cpu}")
 
 
+def open_counting(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: bool = False,
+                  inherit_thread: bool = False) -> PerfEvent:
+    """Open a (disabled) counting event on tracepoint `event_id`: no
+    samples, `read_count()` gives the hits. `pid=P`: task P on every CPU
+    (`inherit`: and the tasks it creates after the open, their counts summed
+    into its own; `inherit_thread`: its threads only, not its children);
+    `pid=-1, cpu=N`: every task on CPU N."""
+    attr = PerfEventAttr()
+    attr.size = ctypes.sizeof(attr)
+    attr.type = PERF_TYPE_TRACEPOINT
+    attr.config = event_id
+    attr.sample_period = 0
+    attr.sample_type = 0
+    attr.flags = ATTR_DISABLED | (ATTR_INHERIT if inherit else 0) | (
+        ATTR_INHERIT_THREAD if inherit and inherit_thread else 0)
+    return PerfEvent.open(attr, pid=pid, cpu=cpu,
+                          what=f"counting tracepoint {event_id} on task {pid} cpu {cpu}")
+
+
 def online_cpus() -> list[int]:
     """CPUs in /sys/devices/system/cpu/online (`0-3,5`)."""
     return _cpu_list("online")

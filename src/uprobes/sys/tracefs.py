@@ -162,7 +162,9 @@ class Tracefs:
         with kernel_errors(f"opening {path}", _WRITE_HINTS):
             fd = os.open(path, flags)
         try:
-            os.write(fd, text.encode())
+            data = text.encode()
+            while data:  # a long list of lines may take more than one write
+                data = data[os.write(fd, data):]
         finally:
             os.close(fd)
 
@@ -209,6 +211,14 @@ class Tracefs:
         """Delete event `group/event` (EBUSY while a perf event or ftrace uses it)."""
         self._write_checked(f"-:{group}/{event}\n", f"removing event {group}/{event}",
                             "uprobe_events")
+
+    def remove_events(self, group: str, events: list[str]) -> None:
+        """Delete events `group/EVENT...` with one write. The kernel runs the
+        `-:` lines one by one and stops at the first it refuses; an event no
+        perf fd uses any more goes without a grace period, so one write costs
+        little per event."""
+        text = "".join(f"-:{group}/{event}\n" for event in events)
+        self._write_checked(text, f"removing {len(events)} events of {group}", "uprobe_events")
 
     def list_events(self) -> list[str]:
         """The lines of `uprobe_events`, one per probe point."""
