@@ -201,8 +201,11 @@ def test_sigterm_mid_run_and_the_command_finishes(threads_exe: Path, tmp_path: P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()
-        assert line.startswith("ready ")
+        # uprobes' first interval tables may come before the program's line (-i 0.1)
+        before = ""
+        while not (line := proc.stdout.readline()).startswith("ready "):
+            assert line, f"the program never said ready: {before!r}"
+            before += line
         child = int(line.split()[1])
         proc.stdin.write("go\n")
         proc.stdin.flush()
