@@ -8,6 +8,13 @@ and uprobe_profile); under `uprobes trace` to /dev/null as text and as
 attach and detach 1, 100 and ~1,000 `libc:*` probes, each way the engine
 places them, and (`shared`) what a hit costs `count`'s per-probe counters
 when its probe shares a kernel event with others.
+
+`--src DIR` (repeatable) runs the per-hit part's `count` and `trace` modes
+once per source tree (a checkout's src/, with this interpreter), the trees
+taking turns within each round; `count` is then `uprobes count -e kernel`
+system-wide (the command, which every tree has, not this tree's
+KernelCounter), and each row names its tree and gives its cost as a ratio
+to the first tree's.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import markdown_table
+from bench.measure import markdown_table, tree_env, tree_labels, wait_for
 from bench.workload import RESULT, Workload, build
 from uprobes.commands.resolve import parse_specs
 from uprobes.engines.kernel.counting import KernelCounter
@@ -61,10 +69,10 @@ def workload(w: Workload, calls: int, rate: int = 0) -> list[str]:
     return [*w.argv(calls, FUNCTION), *([str(rate)] if rate else [])]
 
 
-def run(argv: list[str]) -> Run:
+def run(argv: list[str], env: dict[str, str] | None = None) -> Run:
     """Run `argv` (the workload, or uprobes running it) and read the
     workload's timing from its last line."""
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     end = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     m = RESULT.search(proc.stdout)
     if proc.returncode != 0 or not m:
@@ -131,13 +139,42 @@ def _enabled(counter: UprobeCounter) -> UprobeCounter:
     return counter
 
 
-def _trace(argv: list[str], spec: str, json: bool, ring_pages: int | None = None) -> Run:
+def _trace(argv: list[str], spec: str, json: bool, ring_pages: int | None = None,
+           env: dict[str, str] | None = None) -> Run:
     cmd = [*UPROBES, "trace", "-o", "/dev/null", spec]
     if json:
         cmd.insert(len(UPROBES) + 1, "--json")
     if ring_pages:
         cmd[len(UPROBES) + 1:len(UPROBES) + 1] = ["--ring-pages", str(ring_pages)]
-    return run([*cmd, "--", *argv])
+    return run([*cmd, "--", *argv], env)
+
+
+COUNTED = re.compile(rb"^uprobes/\S+\s+(\d+)$", re.M)
+TIMEOUT = 120.0
+
+
+def _cli_counted(argv: list[str], spec: str, calls: int, env: dict[str, str]) -> Run:
+    """Run the workload while `uprobes count -e kernel SPEC` counts system-wide
+    (started from the tree `env` names); check the count is exact."""
+    counter = subprocess.Popen([*UPROBES, "count", "-e", "kernel", spec],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
+    try:
+        wait_for(counter, b"uprobes: counting ", TIMEOUT, f"uprobes count {spec!r}")
+        r = run(argv)
+    finally:
+        counter.send_signal(signal.SIGINT)
+        try:
+            out, err = counter.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            counter.kill()
+            counter.wait()
+            raise
+    got = COUNTED.findall(out)
+    if counter.returncode != 0 or [int(n) for n in got] != [calls]:
+        raise SystemExit(f"bench: uprobes count counted {got} of {calls} hits "
+                         f"(exit {counter.returncode}):\n{err.decode(errors='replace')}")
+    return r
 
 
 def _events(r: Run) -> tuple[int, int]:
@@ -147,40 +184,69 @@ def _events(r: Run) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def per_hit(w: Workload, calls: int, repeats: int) -> str:
-    """The per-hit table: each mode once per round, rounds repeated."""
+def per_hit(w: Workload, calls: int, repeats: int, srcs: Sequence[str] = ()) -> str:
+    """The per-hit table: each mode once per round (the modes that run uprobes
+    once per source tree in `srcs`, the trees in turn), rounds repeated."""
     exe = w.exe
     probe = _probe(exe)
     spec = f"{exe}:{FUNCTION} n=%di:s64 sp=%sp:x64"
     argv = workload(w, calls)
-    modes: dict[str, list[Run]] = {m: [] for m in
-                                   ("unprobed", "raw", "count", "text", "json")}
+    trees: list[str | None] = list(srcs) or [None]
+    envs = {src: tree_env(src) for src in srcs}
+    modes: dict[tuple[str, str | None], list[Run]] = {
+        (m, src): [] for m, srcs_of in (("unprobed", [None]), ("raw", [None]), ("count", trees),
+                                        ("text", trees), ("json", trees))
+        for src in srcs_of}
     for _ in range(repeats):
-        modes["unprobed"].append(run(argv))
-        modes["raw"].append(_counted(lambda: raw_counter(probe), argv, count_hits, calls))
-        modes["count"].append(_counted(lambda: KernelCounter([probe]), argv, count_hits,
-                                       calls))
-        modes["text"].append(_trace(argv, spec, json=False))
-        modes["json"].append(_trace(argv, spec, json=True))
-    base = median([r.ns_per_call for r in modes["unprobed"]])
-    cost = {m: median([r.ns_per_call for r in runs]) - base for m, runs in modes.items()}
-    rows: list[list[object]] = [["unprobed", f"{base:.1f} ns/call", "", ""]]
-    rows.append(["raw uprobe PMU counter (perf_event_open directly)",
-                 f"{cost['raw']:.0f} ns/hit", "", ""])
-    rows.append(["`count` (KernelCounter, system-wide: uprobe_profile)",
-                 f"{cost['count']:.0f} ns/hit",
-                 f"{cost['count'] / cost['raw']:.3f}x raw", ""])
+        modes["unprobed", None].append(run(argv))
+        modes["raw", None].append(_counted(lambda: raw_counter(probe), argv, count_hits,
+                                           calls))
+        for src in trees:
+            modes["count", src].append(
+                _counted(lambda: KernelCounter([probe]), argv, count_hits, calls)
+                if src is None else _cli_counted(argv, f"{exe}:{FUNCTION}", calls, envs[src]))
+        for m in ("text", "json"):
+            for src in trees:
+                modes[m, src].append(_trace(argv, spec, json=m == "json",
+                                            env=None if src is None else envs[src]))
+    base = median([r.ns_per_call for r in modes["unprobed", None]])
+    cost = {key: median([r.ns_per_call for r in runs]) - base for key, runs in modes.items()}
+    several = len(trees) > 1
+    labels = dict(zip(trees, tree_labels(trees)))
+
+    def row(label: str, m: str, src: str | None, figure: str, *rest: object) -> list[object]:
+        """A row; where trees are compared, with its tree and its cost as a ratio to
+        the first tree's (the modes that run no uprobes have neither)."""
+        if not several:
+            return [label, figure, *rest]
+        if m in ("unprobed", "raw"):
+            return [label, "-", figure, "", *rest]
+        return [label, labels[src], figure, f"{cost[m, src] / cost[m, trees[0]]:.2f}", *rest]
+
+    raw = cost["raw", None]
+    rows = [row("unprobed", "unprobed", None, f"{base:.1f} ns/call", "", ""),
+            row("raw uprobe PMU counter (perf_event_open directly)", "raw", None,
+                f"{raw:.0f} ns/hit", "", "")]
+    count_label = ("`uprobes count -e kernel` (system-wide: uprobe_profile)" if srcs
+                   else "`count` (KernelCounter, system-wide: uprobe_profile)")
+    for src in trees:
+        rows.append(row(count_label, "count", src, f"{cost['count', src]:.0f} ns/hit",
+                        f"{cost['count', src] / raw:.3f}x raw", ""))
     for m, label in (("text", "`trace -o /dev/null` (text)"),
                      ("json", "`trace --json -o /dev/null`")):
-        runs = modes[m]
-        lost = [_events(r)[1] for r in runs]
-        # The reader's rate: records delivered per second from the workload's
-        # first call until uprobes had written the last one and exited.
-        rates = [_events(r)[0] / ((r.end_ns - r.start_ns) / 1e9) for r in runs]
-        rows.append([label, f"{cost[m]:.0f} ns/hit",
-                     f"{median(rates) / 1e3:.0f}k events/s end to end",
-                     f"lost {median(lost):.0f} of {calls} (median)"])
-    return table(["mode", f"cost ({calls:,} calls, median of {repeats})", "", "lost"], rows)
+        for src in trees:
+            runs = modes[m, src]
+            lost = [_events(r)[1] for r in runs]
+            # The reader's rate: records delivered per second from the workload's
+            # first call until uprobes had written the last one and exited.
+            rates = [_events(r)[0] / ((r.end_ns - r.start_ns) / 1e9) for r in runs]
+            rows.append(row(label, m, src, f"{cost[m, src]:.0f} ns/hit",
+                            f"{median(rates) / 1e3:.0f}k events/s end to end",
+                            f"lost {median(lost):.0f} of {calls} (median)"))
+    cost_header = f"cost ({calls:,} calls, median of {repeats})"
+    header = (["mode", "tree", cost_header, f"x {labels[trees[0]]}", "", "lost"] if several
+              else ["mode", cost_header, "", "lost"])
+    return table(header, rows)
 
 
 def _quiet_launch(argv: list[str]) -> Launched:
@@ -388,13 +454,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="placements to time for attach/detach, comma-separated")
     ap.add_argument("--only", choices=("per-hit", "reader", "sustained", "attach", "shared"),
                     action="append", help="run only these parts (repeatable)")
+    ap.add_argument("--src", action="append", metavar="DIR", default=[],
+                    help="per-hit: run uprobes with the package in this src/ directory "
+                         "(repeat to compare trees, the first being the base of the ratio "
+                         "column; default: the installed one, this checkout's src)")
     args = ap.parse_args(argv)
     parts = set(args.only or ("per-hit", "reader", "sustained", "attach", "shared"))
     w = build()
     cmd = "python -m bench.kernel " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`{cmd.strip()}` on {machine()}, {time.strftime('%Y-%m-%d')}\n")
     if "per-hit" in parts:
-        print(per_hit(w, args.calls, args.repeats), "\n", flush=True)
+        print(per_hit(w, args.calls, args.repeats, args.src), "\n", flush=True)
     if "reader" in parts:
         print(reader_rate(w, args.calls, args.repeats), "\n", flush=True)
     if "sustained" in parts:

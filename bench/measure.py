@@ -9,6 +9,8 @@ machine state.
 
 from __future__ import annotations
 
+import os
+import select
 import statistics
 import subprocess
 import time
@@ -83,6 +85,52 @@ def strace_calls(summary: Path) -> int:
         if words and words[-1] == "total":   # % time, seconds, usecs/call, calls, [errors]
             return int(words[3])
     raise RuntimeError(f"no total in {summary}")
+
+
+def tree_env(src: str | None) -> dict[str, str]:
+    """The environment that runs `python -m uprobes` from the source tree `src` (a
+    checkout's src/) with this interpreter; None: the installed package.  Bytecode is
+    written, as an installed package has it (the warm-up run compiles it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if src is not None:
+        env["PYTHONPATH"] = os.path.abspath(src)
+    return env
+
+
+def tree_labels(srcs: Sequence[str | None]) -> list[str]:
+    """A short name per source tree for a table: its checkout's short commit (`+` if
+    the tree has uncommitted changes), else its directory's name (the checkout's, for
+    a `src/`); the path where two would read the same."""
+    def label(src: str | None) -> str:
+        if src is None:
+            return "installed"
+        path = os.path.abspath(src)
+        head = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True).stdout.strip()
+            return head.stdout.strip() + ("+" if dirty else "")
+        base = os.path.basename(path)
+        return os.path.basename(os.path.dirname(path)) if base == "src" else base
+    labels = [label(src) for src in srcs]
+    return [lab if labels.count(lab) == 1 else os.path.abspath(src or lab)
+            for lab, src in zip(labels, srcs)]
+
+
+def wait_for(proc: subprocess.Popen[bytes], marker: bytes, timeout: float, what: str) -> bytes:
+    """Read `proc`'s stderr until `marker` appears; what was read.  An error if the
+    process ends, or says nothing for `timeout` seconds, first."""
+    assert proc.stderr is not None
+    seen = b""
+    while marker not in seen:
+        ready, _, _ = select.select([proc.stderr], [], [], timeout)
+        chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
+        if not chunk:
+            raise RuntimeError(f"{what} ended or hung before {marker.decode()!r}:\n"
+                               + seen.decode(errors="replace"))
+        seen += chunk
+    return seen
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

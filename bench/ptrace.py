@@ -27,6 +27,11 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
 A tool that is missing (or our engine before it is built) is skipped with the
 reason.  `--syscalls` also runs each tracer under `strace -c` (its main
 thread) and reports syscalls per hit.  Prints a Markdown table.
+
+`--src DIR` (repeatable) runs every uprobes row once per source tree (a
+checkout's src/, with this interpreter), the trees taking turns within each
+repeat; each such row then names its tree (short commit, else directory) and
+gives its per-hit cost as a ratio to the first tree's.
 """
 
 from __future__ import annotations
@@ -40,10 +45,19 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.measure import Outcome, Series, Skip, markdown_table, strace_calls, timed
+from bench.measure import (
+    Outcome,
+    Series,
+    Skip,
+    markdown_table,
+    strace_calls,
+    timed,
+    tree_env,
+    tree_labels,
+)
 from bench.workload import Workload, build, loop_ns
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +77,14 @@ class Tool:
     hits: tuple[int, int] = (2000, 20000)   # small and big hit counts: ~1-3 s of hits
     loop_timed: bool = False      # time the workload's own loop (ns hits: start-up noise
                                   # of a whole run would bury them), not the whole run
+    ours: bool = False            # runs `python -m uprobes`: once per source tree
+    src: str | None = None        # that tree's src/ (None: the installed package)
 
     def run(self, hits: int, work: Path, wrap: list[str] | None = None) -> Outcome:
         argv = (wrap or []) + self.command(hits, work)
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=_ROOT)
+        env = tree_env(self.src) if self.src is not None else None
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=_ROOT,
+                              env=env)
         if proc.returncode != 0:
             err = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
             raise Skip(err[-1] if err else f"exit status {proc.returncode}")
@@ -157,18 +175,19 @@ def tools(workload: Workload) -> list[Tool]:
         traps = ("--no-trapfree",) if traced else ()
         rows += [
             Tool(f"uprobes -e {engine}", "entry", emulated, uprobes(engine, emulated, "", traps),
-                 _uprobes_count, traced, hits=n),
+                 _uprobes_count, traced, hits=n, ours=True),
             Tool(f"uprobes -e {engine}", "entry", boosted, uprobes(engine, boosted, "", traps),
-                 _uprobes_count, traced, hits=n),
+                 _uprobes_count, traced, hits=n, ours=True),
             Tool(f"uprobes -e {engine}", "return (rets)", emulated,
-                 uprobes(engine, emulated, "%return", traps), _uprobes_count, traced, hits=n),
+                 uprobes(engine, emulated, "%return", traps), _uprobes_count, traced, hits=n,
+                 ours=True),
             Tool(f"uprobes -e {engine}", "return (--uretprobe)", emulated,
                  uprobes(engine, emulated, "%return", ("--uretprobe", *traps)), _uprobes_count,
-                 traced, hits=n),
+                 traced, hits=n, ours=True),
         ]
         if traced:  # no stop per hit: nanoseconds, so many more hits to time
             rows += [Tool("uprobes -e ptrace", TRAPFREE, f, uprobes(engine, f), _uprobes_count,
-                          traced, hits=(100_000, 10_000_000), loop_timed=True)
+                          traced, hits=(100_000, 10_000_000), loop_timed=True, ours=True)
                      for f in (emulated, boosted)]
 
     def trace(function: str, *extra: str) -> Callable[[int, Path], list[str]]:
@@ -177,11 +196,11 @@ def tools(workload: Workload) -> list[Tool]:
                                 *workload.argv(n, function)]
     rows += [
         Tool("uprobes trace -e ptrace --no-trapfree", "entry a=%di", boosted,
-             trace(boosted, "--no-trapfree"), _trace_count),
+             trace(boosted, "--no-trapfree"), _trace_count, ours=True),
         Tool("uprobes trace -e ptrace", "entry a=%di (trap-free, whole run)", boosted,
-             trace(boosted), _trace_count, hits=(20_000, 200_000)),
+             trace(boosted), _trace_count, hits=(20_000, 200_000), ours=True),
         Tool("uprobes trace -e ptrace", "entry a=%di (trap-free, the loop)", boosted,
-             trace(boosted), _trace_count, hits=(1000, 30_000), loop_timed=True),
+             trace(boosted), _trace_count, hits=(1000, 30_000), loop_timed=True, ours=True),
     ]
     return rows
 
@@ -200,7 +219,12 @@ def _fmt(x: float | None, spec: str) -> str:
 def bench(args: argparse.Namespace) -> str:
     workload = build()
     wanted = args.only.split(",") if args.only else [""]
-    all_tools = [t for t in tools(workload) if any(w in t.name for w in wanted)]
+    srcs: list[str | None] = list(args.src) if args.src else [None]
+    labels = dict(zip(srcs, tree_labels(srcs)))
+    # Each uprobes row once per tree, next to each other: the trees take turns
+    # within each repeat, so they see the same machine state.
+    all_tools = [replace(t, src=src) for t in tools(workload) if any(w in t.name for w in wanted)
+                 for src in (srcs if t.ours else [None])]
     series: dict[int, Series] = {}
     skipped: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="uprobes-bench-") as tmp:
@@ -243,27 +267,43 @@ def bench(args: argparse.Namespace) -> str:
         return None
 
     naive_us, ltrace_us = per_hit_us("naive"), per_hit_us("ltrace")
+    trees = len(srcs) > 1
+
+    def first_tree_us(tool: Tool) -> float | None:
+        """The per-hit cost of the same row on the first tree."""
+        for i, other in enumerate(all_tools):
+            if (other.name, other.probe, other.function, other.src) == \
+                    (tool.name, tool.probe, tool.function, srcs[0]) and i not in skipped:
+                return series[i].per_hit(*_counts(other, args.scale)) * 1e6
+        return None
+
     rows = []
     notes = []
     for i, tool in enumerate(all_tools):
         first = f"{tool.function} ({_FIRST[tool.function]})"
         small, big = _counts(tool, args.scale)
+        tree = [labels[tool.src] if tool.ours else "-"] if trees else []
         if i in skipped:
-            notes.append(f"- {tool.name} {tool.probe} {tool.function}: skipped: {skipped[i]}")
-            rows.append([tool.name, tool.probe, first, "skipped", "", "", "", "", "", ""])
+            notes.append(f"- {tool.name} {tool.probe} {tool.function}"
+                         f"{f' ({tree[0]})' if tree else ''}: skipped: {skipped[i]}")
+            rows.append([tool.name, *tree, tool.probe, first, "skipped",
+                         *([""] if trees else []), "", "", "", "", "", ""])
             continue
         s = series[i]
         us = s.per_hit(small, big) * 1e6
         right = s.counted_right()
+        base_us = first_tree_us(tool) if trees and tool.ours else None
+        ratio = [_fmt(us / base_us if base_us else None, ".2f")] if trees else []
         rows.append([
-            tool.name, tool.probe, first, f"{us:.1f}" if us >= 1 else f"{us:.4f}",
-            _fmt(us / naive_us if naive_us else None, ".2f"),
+            tool.name, *tree, tool.probe, first, f"{us:.1f}" if us >= 1 else f"{us:.4f}",
+            *ratio, _fmt(us / naive_us if naive_us else None, ".2f"),
             _fmt(us / ltrace_us if ltrace_us else None, ".2f"),
             f"{s.startup(small, big) * 1e3:.0f}", f"{small}/{big}",
             {None: "-", True: "exact", False: "WRONG"}[right],
             _fmt(s.syscalls_per_hit(small, big), ".1f"),
         ])
-    headers = ["tool", "probe", "function (first insn)", "us/hit", "x naive", "x ltrace",
+    headers = ["tool", *(["tree"] if trees else []), "probe", "function (first insn)",
+               "us/hit", *([f"x {labels[srcs[0]]}"] if trees else []), "x naive", "x ltrace",
                "startup ms", "hits timed", "count", "syscalls/hit"]
     load = os.getloadavg()
     head = (f"{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs, "
@@ -282,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also count each tracer's syscalls per hit (strace -c)")
     parser.add_argument("--only", help="only the tools whose name contains one of these "
                                        "(comma-separated), e.g. naive,ltrace,ptrace")
+    parser.add_argument("--src", action="append", metavar="DIR",
+                        help="run the uprobes rows with the package in this src/ directory "
+                             "(repeat to compare trees, the first being the base of the ratio "
+                             "column; default: the installed one, this checkout's src)")
     args = parser.parse_args(argv)
     print(bench(args))
     return 0

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+from bench.measure import tree_env, wait_for
 
 DEFAULT_SPECS = (
     "libc:getppid",
@@ -34,32 +35,15 @@ UPROBES = [sys.executable, "-m", "uprobes"]
 TIMEOUT = 120.0
 
 
-def environment(src: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    if src is not None:
-        env["PYTHONPATH"] = os.path.abspath(src)
-    return env
-
-
 def time_to_tracing(spec: str, env: dict[str, str] | None = None,
                     command: Sequence[str] = UPROBES) -> float:
     """Seconds from exec of `uprobes trace SPEC` to its 'tracing' line; the run is then stopped."""
     start = time.perf_counter()
     proc = subprocess.Popen([*command, "trace", spec], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    assert proc.stderr is not None
-    seen = b""
-    elapsed: float | None = None
     try:
-        while elapsed is None:
-            ready, _, _ = select.select([proc.stderr], [], [], TIMEOUT)
-            chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
-            if not chunk:
-                raise RuntimeError(f"uprobes trace {spec!r} ended or hung before tracing:\n"
-                                   + seen.decode(errors="replace"))
-            seen += chunk
-            if b"uprobes: tracing " in seen:
-                elapsed = time.perf_counter() - start
+        wait_for(proc, b"uprobes: tracing ", TIMEOUT, f"uprobes trace {spec!r}")
+        elapsed = time.perf_counter() - start
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -81,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"probe specs (default: {' '.join(DEFAULT_SPECS)})")
     args = parser.parse_args(argv)
     srcs: list[str | None] = list(args.src) if args.src else [None]
-    envs = {src: environment(src) for src in srcs}
+    envs = {src: tree_env(src) for src in srcs}
     times: dict[tuple[str | None, str], list[float]] = {
         (src, spec): [] for spec in args.specs for src in srcs}
     for src, spec in times:  # warm the page cache and write __pycache__
