@@ -41,6 +41,23 @@ def need(condition: bool, why: str) -> None:
     pytest.skip(why)
 
 
+ROOT_FIXTURES = frozenset({"tracefs", "pmu"})
+"""Fixtures that need root (tracefs; test_sys_pmu.py's uprobe PMU): a test
+that uses one, directly or through another fixture, is marked `root`
+without saying so."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `root` every test that needs it by its fixtures or its `kernel`
+    mark, so `-m "not root"` leaves exactly what runs as any user. A mark
+    only selects: a root test that runs still calls `need()`, and still
+    fails for want of root under UPROBES_REQUIRE_KERNEL=1."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & ROOT_FIXTURES or item.get_closest_marker("kernel"):
+            item.add_marker(pytest.mark.root)
+
+
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
     """Poll `condition` until it holds; fail naming `what` after `timeout` s
     (generous: other work may load the machine)."""
@@ -188,12 +205,14 @@ subprocess.Popen.__init__ = _recording_init  # type: ignore[method-assign]
 
 
 def _our_uprobe_events(basetemp: Path) -> list[str]:
+    if os.geteuid() != 0:
+        return []  # tracefs is root's: a user cannot even stat its files
     root = None
     for cand in TRACEFS_CANDIDATES:
         if Path(cand, "uprobe_events").exists():
             root = Path(cand)
             break
-    if root is None or os.geteuid() != 0:
+    if root is None:
         return []
     _SESSION_PIDS.update(_descendants(os.getpid()))
     lines = Path(root, "uprobe_events").read_text().splitlines()

@@ -137,6 +137,7 @@ def _refused(target: Target, spec: str) -> bool:
     return target.kind == "unmounted" and spec.startswith("/")
 
 
+@pytest.mark.root  # chroot and mount namespaces
 @CONTAINERS
 @SPECS
 def test_resolve_names_the_libc_the_process_maps(target: Target, spec: str) -> None:

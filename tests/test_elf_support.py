@@ -26,10 +26,16 @@ def run(*cmd: str | os.PathLike[str]) -> str:
                           text=True, errors="replace").stdout
 
 
+def ldconfig() -> str | None:
+    """ldconfig's path: in sbin, which an ordinary user's PATH often leaves out."""
+    return shutil.which("ldconfig", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+
+
 def libc_path() -> str:
     """libc.so.6 as the dynamic linker's cache names it (falls back to the Debian path)."""
-    if shutil.which("ldconfig") or Path("/sbin/ldconfig").exists():
-        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    tool = ldconfig()
+    if tool:
+        out = subprocess.run([tool, "-p"], capture_output=True, text=True).stdout
         m = re.search(r"libc\.so\.6 \(libc6,x86-64\) => (\S+)", out)
         if m:
             return m.group(1)

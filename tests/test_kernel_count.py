@@ -256,6 +256,7 @@ def test_sigterm_removes_probes_and_command_finishes(threads: Path) -> None:
     assert last_json(stdout) == {"uprobes/work": 0}
 
 
+@pytest.mark.root  # the kernel engine's refusal
 def test_glob_with_refused_probes_counts_the_rest() -> None:
     if find_debug_file(ElfImage.open(libc_path())) is None:
         pytest.skip("libc's detached debug symbols (libc6-dbg) are not installed")

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_elf_support import ldconfig
 
 from uprobes.errors import ResolveError
 from uprobes.resolve.paths import find_file, in_root
@@ -14,7 +15,9 @@ from uprobes.sys import procfs
 
 
 def ldconfig_path(soname: str) -> str:
-    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    tool = ldconfig()
+    assert tool is not None, "ldconfig is not installed"
+    out = subprocess.run([tool, "-p"], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if line.strip().startswith(soname + " ") and "x86-64" in line:
             return line.split("=>")[1].strip()

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SKIPS = '''
@@ -107,7 +109,34 @@ def test_another_sessions_dead_run_is_not_ours():
 '''
 
 
-def inner_pytest(tmp_path: Path, files: dict[str, str], require: bool,
+ROOT_MARKS = '''
+import pytest
+
+@pytest.mark.root
+def test_marked():
+    pass
+
+def test_by_its_fixture(tracefs):
+    pass
+
+@pytest.mark.kernel
+def test_kernel():
+    pass
+
+def test_plain():
+    pass
+'''
+
+MISSPELT = '''
+import pytest
+
+@pytest.mark.roots
+def test_misspelt():
+    pass
+'''
+
+
+def inner_pytest(tmp_path: Path, files: dict[str, str], require: bool, *args: str,
                  **env: str) -> tuple[dict[str, int], str]:
     """Run pytest on `files` beside a copy of tests/conftest.py, with the
     project's pytest settings; the counts of its closing line, and its output."""
@@ -119,7 +148,7 @@ def inner_pytest(tmp_path: Path, files: dict[str, str], require: bool,
         environ["UPROBES_REQUIRE_KERNEL"] = "1"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
-                           str(tmp_path)],
+                           *args, str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**environ, **env})
     closing = proc.stdout.strip().splitlines()[-1]
@@ -161,6 +190,7 @@ def test_a_test_blocked_without_a_bound_fails_at_the_suites_bound(tmp_path: Path
     assert time.monotonic() - start < 120
 
 
+@pytest.mark.root  # writes uprobe_events
 def test_the_leak_check_fails_our_leaks_only(tmp_path: Path) -> None:
     """The autouse leak check fails a test whose run (or a file of its
     session) left an event, and never one for another session's dead run."""
@@ -185,3 +215,23 @@ def test_the_leak_check_fails_our_leaks_only(tmp_path: Path) -> None:
     assert counts == {"passed": 3, "errors": 2}, out
     assert "ERROR test_leaks.py::test_a_run_we_started_left_its_event" in out, out
     assert "ERROR test_leaks.py::test_a_run_below_us_left_an_event_on_our_file" in out, out
+
+
+def test_not_root_leaves_what_needs_no_root(tmp_path: Path) -> None:
+    """A `root` mark, the tracefs fixture and a `kernel` mark each put a test
+    out of the contributor's `-m "not root"`."""
+    counts, out = inner_pytest(tmp_path, {"test_marks.py": ROOT_MARKS}, False, "-m", "not root")
+    assert counts == {"passed": 1, "deselected": 3}, out
+
+
+@pytest.mark.root
+def test_root_marks_select_they_do_not_skip(tmp_path: Path) -> None:
+    """As root in CI, the tests marked `root` run like the rest."""
+    counts, out = inner_pytest(tmp_path, {"test_marks.py": ROOT_MARKS}, require=True)
+    assert counts == {"passed": 4}, out
+
+
+def test_a_misspelt_mark_is_an_error(tmp_path: Path) -> None:
+    counts, out = inner_pytest(tmp_path, {"test_misspelt.py": MISSPELT}, require=False)
+    assert counts == {"error": 1}, out
+    assert "'roots' not found in `markers`" in out, out

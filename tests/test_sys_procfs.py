@@ -77,6 +77,7 @@ def test_missing_process() -> None:
             fn(pid)
 
 
+@pytest.mark.root  # drops to nobody
 def test_permission_denied_is_a_process_error() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to nobody")

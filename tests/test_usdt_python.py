@@ -22,7 +22,7 @@ def _line_of(fn: str) -> int:
                 if text.startswith(f"def {fn}("))
 
 
-@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+@pytest.mark.parametrize("engine", [pytest.param("kernel", marks=pytest.mark.root), "ptrace"])
 def test_python_function_entry_and_return(engine: str, tmp_path: Path) -> None:
     need(Path(PY311).exists(), f"{PY311} is not installed")
     if engine == "kernel":

@@ -182,6 +182,7 @@ def test_bad_targets_are_one_clear_line(tracefs: Path, tmp_path: Path,
         _one_error_line([cmd, "-p", "999999999", "libc:malloc"], capsys)
 
 
+@pytest.mark.root  # drops root's capability to read any file
 def test_a_file_we_cannot_read(tmp_path: Path, compile_c: Compiler) -> None:
     """Root reads everything; without CAP_DAC_OVERRIDE/READ_SEARCH it reads
     only what the modes allow, as any user does."""

@@ -29,6 +29,8 @@ from uprobes.elf.symbols import SymbolTable
 from uprobes.sys import procfs
 from uprobes.sys.procmem import ProcessMemory
 
+pytestmark = pytest.mark.root  # each test drops from root to another user
+
 USER = "nobody"
 PACKAGES = ("uprobes", "elftools", "iced_x86", "rich", "markdown_it", "mdurl", "pygments")
 """uprobes and what it imports (pyproject's dependencies and theirs)."""

@@ -211,6 +211,7 @@ def _returns_run(proc: subprocess.Popen[bytes], before_go: Callable[[], None]) -
     return "".join(seen).encode() + rest
 
 
+@pytest.mark.root  # reads /proc/PID/map_files
 def test_an_overwritten_return_table_is_read_within_bounds(compile_c: Compiler) -> None:
     """uprobes killed (-9) with hijacked returns pending: the in-program
     handler finds the real return addresses in the return table. The table's
