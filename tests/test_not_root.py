@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import TEST_BOUND_S, need
 
 pytestmark = pytest.mark.root
 
@@ -100,7 +100,7 @@ def test_not_root_passes_as_nobody_with_no_skip(checkout: tuple[Path, Path]) -> 
          "env", "-i", *(f"{k}={v}" for k, v in env.items()),
          str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
          "--basetemp", str(tree.parent / "tmp"), "-m", "not root"],
-        cwd=tree, capture_output=True, text=True, timeout=1800)
+        cwd=tree, capture_output=True, text=True, timeout=TEST_BOUND_S)
     took = time.monotonic() - start
     out = proc.stdout + proc.stderr
     closing = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else out
