@@ -20,11 +20,11 @@ from uprobes.sys.perf import (
     PERF_TYPE_TRACEPOINT,
     PerfEvent,
     PerfEventAttr,
-    RingBuffer,
     online_cpus,
     open_tracepoint,
     perf_event_open,
 )
+from uprobes.sys.perf_ring import RingBuffer
 from uprobes.sys.tracefs import ProbeGroup, Tracefs
 
 

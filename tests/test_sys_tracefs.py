@@ -13,7 +13,8 @@ from test_sys_support import file_offset, no_fd_leak, reported_calls  # noqa: F4
 
 from uprobes.errors import KernelError
 from uprobes.sys.event_format import EventFormat, parse_format
-from uprobes.sys.perf import PerfEvent, RingBuffer, Sample, online_cpus, open_tracepoint
+from uprobes.sys.perf import PerfEvent, online_cpus, open_tracepoint
+from uprobes.sys.perf_ring import RingBuffer, Sample
 from uprobes.sys.tracefs import (
     ProbeGroup,
     ProbeRejected,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from uprobes.sys.perf import PERF_RECORD_SAMPLE, RECORD_HEADER, RingBuffer
+from uprobes.sys.perf import PERF_RECORD_SAMPLE
+from uprobes.sys.perf_ring import RECORD_HEADER, RingBuffer
 
 
 def _alike(data: bytes, pos: int, nxt: int, alike: tuple[int, ...]) -> bool:

@@ -27,7 +27,8 @@ from uprobes.engines.kernel.rows import RowPlan, row_plan
 from uprobes.model.event import Hit
 from uprobes.render.protocol import LineRenderer
 from uprobes.render.rows import Rows, RowShape
-from uprobes.sys.perf import TRACE_SAMPLE_TYPE, SampleLayout
+from uprobes.sys.perf import TRACE_SAMPLE_TYPE
+from uprobes.sys.perf_ring import SampleLayout
 
 RAW_AT = SampleLayout.of(TRACE_SAMPLE_TYPE).size  # a sample's raw record: common_type first
 ALIKE = (8 + RAW_AT,)  # runs share the record's common_type (u16): one event each

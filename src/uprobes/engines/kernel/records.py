@@ -26,7 +26,8 @@ from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue, Event, Hit, Prob
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.abi import probe_info
 from uprobes.sys.event_format import EventFormat
-from uprobes.sys.perf import TRACE_SAMPLE_TYPE, Sample, SampleLayout
+from uprobes.sys.perf import TRACE_SAMPLE_TYPE
+from uprobes.sys.perf_ring import Sample, SampleLayout
 
 RET_FIELD = "__uprobes_ret"
 _MAX_EVENT_NAME = 63

@@ -17,7 +17,7 @@ from uprobes.engines.kernel.records import RET_FIELD, RecordDecoder, RetSiteDeco
 from uprobes.model.event import COMM_FIELD, Hit
 from uprobes.render.rows import RowShape
 from uprobes.sys.event_format import EventFormat
-from uprobes.sys.perf import SampleLayout
+from uprobes.sys.perf_ring import SampleLayout
 
 _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from uprobes.model.event import Hit
-from uprobes.sys.perf import PERF_REG_X86, user_tail
+from uprobes.sys.perf import PERF_REG_X86
+from uprobes.sys.perf_ring import user_tail
 from uprobes.unwind.capture import StackCapture
 from uprobes.unwind.stack import StackCopy
 

@@ -19,7 +19,8 @@ from contextlib import ExitStack
 from uprobes.engines.kernel.batches import read_batch, read_runs
 from uprobes.errors import KernelError
 from uprobes.sys import procfs
-from uprobes.sys.perf import MmapRecord, PerfEvent, RingBuffer, Sample, online_cpus, open_tracepoint
+from uprobes.sys.perf import PerfEvent, online_cpus, open_tracepoint
+from uprobes.sys.perf_ring import MmapRecord, RingBuffer, Sample
 
 DEFAULT_RING_PAGES = 256
 """1 MiB per CPU. Bigger rings absorb longer waits of the reader for a CPU,
