@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, read_fd_until
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 OLD_TAGS = {1, 2, 3}  # threads running before the attach
@@ -48,7 +48,8 @@ def _attached_run(mt: Path, loops: int, *uprobes_argv: str) -> tuple[dict[int, t
         up = subprocess.Popen([*UPROBES, *uprobes_argv, "-p", str(pid)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
         assert up.stderr
-        _line(up.stderr, rf"probes process {pid}; Ctrl-C to stop")
+        said = read_fd_until(up.stderr.fileno(), "Ctrl-C to stop")
+        assert f"probes in process {pid}; Ctrl-C to stop" in said, said
         app.stdin.write("go\n")
         app.stdin.flush()
         report = {int(m[0]): (int(m[1]), int(m[2])) for m in

@@ -147,7 +147,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                 child.release()
             elif not tracer.target_exited:
                 # The probes are in place: say so (tests and scripts wait for this).
-                where = f"process {args.pid}" if args.pid is not None else "system-wide"
+                where = f"in process {args.pid}" if args.pid is not None else "system-wide"
                 sys.stderr.write(f"uprobes: tracing {len(tracer.infos)} probes {where}; "
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
