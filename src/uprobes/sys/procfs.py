@@ -202,6 +202,20 @@ def status(pid: int) -> Status:
         raise ProcessError(f"cannot parse /proc/{pid}/status") from None
 
 
+def thread_pending(tid: int) -> int:
+    """The signals queued to thread `tid` alone (SigPnd of its status: what
+    an exception such as an int3 or a single step sends), as a mask with bit
+    N-1 for signal N; 0 when it cannot be read (the thread is gone)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("SigPnd:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def ns_pid(pid: int) -> int:
     """`pid` as its own (innermost) pid namespace numbers it: the last
     NSpid of /proc/PID/status; `pid` itself if that cannot be read."""

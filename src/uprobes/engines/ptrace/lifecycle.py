@@ -18,6 +18,7 @@ from uprobes.sys.procmem import ProcessMemory
 # soon as the thread is scheduled; a vfork parent answers when its child
 # execs): past it, the threads that never stopped are left running.
 _QUIESCE_S = 5.0
+_SIGTRAP_BIT = 1 << (SIGTRAP - 1)
 _POLL_MIN_S, _POLL_MAX_S = 0.00005, 0.005  # polling back-off while waiting for stops
 
 
@@ -181,6 +182,20 @@ class ThreadLife(TracerState):
             t.stop_event = event
             if event == ptrace.EVENT_STOP:
                 t.group_stop = status.group_stop
+                if not t.group_stop and procfs.thread_pending(t.tid) & _SIGTRAP_BIT:
+                    # Our interrupt is reported before a SIGTRAP the thread
+                    # already has queued (an int3 it hit: the kernel reports
+                    # job-control traps first). Left queued, it would be
+                    # delivered after we detach, to a program whose SIGTRAP
+                    # action is its own again: killed by SIGTRAP. Let the
+                    # thread take it now, in a stop the SIGTRAP branch below
+                    # handles; no instruction of the program runs first.
+                    try:
+                        ptrace.cont(t.tid, 0)
+                        t.stopped = False
+                        continue
+                    except KernelError:
+                        pass  # gone meanwhile: its exit is reported next
             elif event:
                 self._task_event(t, event)
             elif sig == SIGTRAP:
