@@ -206,27 +206,33 @@ def thread_pending(tid: int) -> int:
     """The signals queued to thread `tid` alone (SigPnd of its status: what
     an exception such as an int3 or a single step sends), as a mask with bit
     N-1 for signal N; 0 when it cannot be read (the thread is gone)."""
+    value = _status_field(tid, "SigPnd")
     try:
-        with open(f"/proc/{tid}/status") as f:
+        return int(value, 16) if value else 0
+    except ValueError:
+        return 0
+
+
+def _status_field(pid: int, key: str) -> str | None:
+    """One field of /proc/PID/status, stripped; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("SigPnd:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
+                if line.startswith(key + ":"):
+                    return line[len(key) + 1:].strip()
+    except OSError:
         pass
-    return 0
+    return None
 
 
 def ns_pid(pid: int) -> int:
     """`pid` as its own (innermost) pid namespace numbers it: the last
     NSpid of /proc/PID/status; `pid` itself if that cannot be read."""
+    value = _status_field(pid, "NSpid")
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return pid
+        return int(value.split()[-1]) if value else pid
+    except ValueError:
+        return pid
 
 
 def comm(pid: int) -> str:
