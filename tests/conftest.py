@@ -58,6 +58,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.root)
 
 
+def without_clocks(doc: Any) -> Any:
+    """A `--json` summary line (or a Chrome JSON `uprobes` object) without
+    its clock snapshots, which differ every run: what a test can compare."""
+    if isinstance(doc, dict) and "summary" in doc:
+        return {"summary": without_clocks(doc["summary"])}
+    if isinstance(doc, dict):
+        return {k: v for k, v in doc.items() if k != "clocks"}
+    return doc
+
+
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
     """Poll `condition` until it holds; fail naming `what` after `timeout` s
     (generous: other work may load the machine)."""

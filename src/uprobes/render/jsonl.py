@@ -7,7 +7,10 @@ innermost first (unknown parts null).
 Integers are JSON numbers (a `char` too: its byte value), strings are
 strings, a faulted string fetch is null, an array a list. The last line is
 `{"summary": {"events": N, "lost": M}}`: scripts tell it apart by its only
-key, and learn whether the kernel dropped records (lost > 0).
+key, and learn whether the kernel dropped records (lost > 0). It also holds
+`"clocks": {"start": {...}, "end": {...}}`, CLOCK_MONOTONIC, REALTIME and
+BOOTTIME read together as the run started and ended (`monotonic_ns`,
+`realtime_ns`, `boottime_ns`): `ts_ns` is MONOTONIC, and these convert it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import TextIO
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.render.rows import RowShape
+from uprobes.sys.clocks import snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -74,6 +78,7 @@ class JsonLinesRenderer:
         self.probes = probes
         self._templates: dict[str, _Template] = {}
         self._comms: dict[str, str] = {}
+        self.clock_start = snapshot()
 
     def event(self, event: Event) -> None:
         self.out.write(_dumps(event_doc(event)) + "\n")
@@ -131,4 +136,6 @@ class JsonLinesRenderer:
         return t
 
     def summary(self, events: int, lost: int) -> None:
-        self.out.write(_dumps({"summary": {"events": events, "lost": lost}}) + "\n")
+        clocks = {"start": self.clock_start.as_dict(), "end": snapshot().as_dict()}
+        self.out.write(_dumps({"summary": {"events": events, "lost": lost,
+                                           "clocks": clocks}}) + "\n")

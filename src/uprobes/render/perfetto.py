@@ -11,7 +11,9 @@ and the return's under `"return"`; every other hit is an instant
 Timestamps are CLOCK_MONOTONIC microseconds, so the file
 lines up with other traces of the machine. Events are streamed as they
 come: a slice when its call returns, an entry still open at the end as an
-instant. The last object, `uprobes`, holds the event and lost counts.
+instant. The last object, `uprobes`, holds the event and lost counts and
+the clocks read together at the start and the end (`clocks`, as in the
+JSON lines summary), so other traces can be lined up with this one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TextIO
 
 from uprobes.analysis.calls import CallPairer
 from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
+from uprobes.sys.clocks import snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -47,6 +50,7 @@ class PerfettoRenderer:
         self._threads: set[int] = set()
         self._processes: set[int] = set()
         self._first = True
+        self.clock_start = snapshot()
         out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
 
     def _write(self, doc: dict[str, object]) -> None:
@@ -102,4 +106,6 @@ class PerfettoRenderer:
     def summary(self, events: int, lost: int) -> None:
         for ev in sorted(self._pairer.still_open(), key=lambda e: e.ts_ns):
             self._instant(ev)
-        self.out.write('\n],"uprobes":' + _dumps({"events": events, "lost": lost}) + "}\n")
+        clocks = {"start": self.clock_start.as_dict(), "end": snapshot().as_dict()}
+        self.out.write('\n],"uprobes":' + _dumps({"events": events, "lost": lost,
+                                                   "clocks": clocks}) + "}\n")
