@@ -102,3 +102,34 @@ def test_kernel_engine_refuses_in_one_line(command: str, exe: Path) -> None:
     assert proc.stderr == (
         "uprobes: error: uprobes/clock_gettime: the kernel's uprobes cannot probe the vDSO "
         "(it has no file, so no inode to name); -e ptrace can\n")
+
+
+def test_the_image_named_by_abi_as_vdsofs_does(exe: Path, untraced: str, tmp_path: Path) -> None:
+    """`:vdso:/64:0xOFF` is the 64-bit image's offset, the form the vdsofs
+    proposal writes (`p:clock_gettime :vdso:/64:0x8d0`); `/64:SYMBOL` too."""
+    off = vdso_offsets()["clock_gettime"]
+    proc, events = trace("ptrace", exe, tmp_path, f":vdso:/64:{off:#x} clk=%di:s32",
+                         "r :vdso:/64:clock_gettime ret=$retval:s32")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == untraced
+    assert [e["args"] for e in events if e["kind"] == "p"] == [
+        {"clk": clk} for clk in CLOCK_IDS * ROUNDS + [-1]]
+    assert len([e for e in events if e["kind"] == "r"]) == 3 * ROUNDS + 1
+
+
+@pytest.mark.parametrize("image", ["32", "x32"])
+def test_an_image_not_mapped_is_one_line_naming_those_there(image: str) -> None:
+    from uprobes.sys.features import vdso_images
+
+    have = vdso_images()
+    assert have[:1] == ("64",)
+    proc = subprocess.run([*UPROBES, "resolve", f":vdso:/{image}:0x10"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    if image in have:  # the kernel has it, but uprobes (a 64-bit process) maps /64
+        assert proc.stderr == (f"uprobes: error: vDSO image /{image} is not the one uprobes "
+                               "reads without -p (/64): give -p PID of a process of that ABI\n")
+    else:
+        names = ", ".join(f"/{i}" for i in have)
+        assert proc.stderr == (f"uprobes: error: this machine's kernel maps no vDSO image "
+                               f"/{image} (it has {names})\n")

@@ -48,11 +48,14 @@ class UsdtTarget:
 
 @dataclass(frozen=True)
 class VdsoTarget:
-    """`:vdso:SYMBOL[+OFF]` or `:vdso:0xOFF` (offset into the vDSO image)."""
+    """`:vdso:[/IMAGE:]SYMBOL[+OFF]` or `:vdso:[/IMAGE:]0xOFF` (offset into the
+    vDSO image). `image` names the image by its ABI as the vdsofs proposal
+    does (`64`, `32`, `x32`); None is the one the probed process maps."""
 
     offset: int | None = None
     symbol: str | None = None
     symbol_offset: int = 0
+    image: str | None = None
 
 
 Target = FileTarget | UsdtTarget | VdsoTarget

@@ -97,10 +97,37 @@ def _split(line: str) -> list[str]:
             if close > 0:
                 j = close + 1
         while j < n and line[j] not in _SPACE:
+            if len(words) < 2 and line[j] == "(":
+                j = _parameter_list_end(line, i, j)
             j += 1
         words.append(line[i:j])
         i = j
     return words
+
+
+def _parameter_list_end(line: str, start: int, at: int) -> int:
+    """Where the '(' at `at`, in a PLACE-position word from `start`, closes
+    when it opens a C++ parameter list (`ns::f(int, char const*)`), which
+    may hold whitespace; else `at`. It does when the word is a symbol place
+    (no digit after its last ':', unlike the kernel's `PATH:OFF(REF)`), the
+    list starts with a type name or closes at once, and it closes on this
+    line."""
+    before = line[start:at]
+    colon = before.rfind(":")
+    if colon < 0 or before[colon + 1:colon + 2].isdigit():
+        return at
+    first = line[at + 1:at + 2]
+    if not (first.isalpha() or first in "_)"):
+        return at
+    depth = 0
+    for k in range(at, len(line)):
+        if line[k] == "(":
+            depth += 1
+        elif line[k] == ")":
+            depth -= 1
+            if depth == 0:
+                return k
+    return at
 
 
 class _Line:

@@ -44,7 +44,8 @@ def render_target(target: Target) -> str:
     if isinstance(target, UsdtTarget):
         return f"usdt:{render_path(target.path)}:{target.provider}:{target.name}"
     if isinstance(target, VdsoTarget):
-        return ":vdso:" + _location(target.offset, target.symbol, target.symbol_offset)
+        image = f"/{target.image}:" if target.image else ""
+        return f":vdso:{image}" + _location(target.offset, target.symbol, target.symbol_offset)
     text = f"{render_path(target.path)}:" + _location(target.offset, target.symbol,
                                                       target.symbol_offset)
     if target.ref_ctr_offset is not None:

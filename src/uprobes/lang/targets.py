@@ -6,7 +6,9 @@ Forms, tried in this order:
   PROVIDER and NAME are the last two ':'-separated fields, PATH the rest.
   The short `u:` form is taken only when there are exactly three ':' and no
   empty field, so a file named `u` still works (`u:main`, `u:0x10`).
-* `:vdso:SYMBOL[+OFF][%return]` or `:vdso:OFFSET[%return]`.
+* `:vdso:SYMBOL[+OFF][%return]` or `:vdso:OFFSET[%return]`, either with
+  the image named by its ABI first, as the vdsofs proposal does:
+  `:vdso:/64:0x8d0` (`/64`, `/32`, `/x32`).
 * `PATH:OFFSET[%return][(REF_CTR_OFFSET)]`, the kernel's own form: PATH is
   everything before the LAST ':', and OFFSET starts with a digit. Checked
   with the kernel's rules, errors and caret positions.
@@ -36,6 +38,10 @@ from uprobes.lang.messages import TokenError
 from uprobes.lang.numbers import is_digit, kstrtoul
 
 VDSO_PREFIX = ":vdso:"
+_ANONYMOUS = "(anonymous namespace)"
+"""How a demangled C++ name that starts with a '(' starts."""
+VDSO_IMAGES = ("64", "32", "x32")
+"""The vDSO images by ABI, as the vdsofs proposal names them."""
 
 
 def is_kernel_place(token: str) -> bool:
@@ -113,6 +119,12 @@ def _parse_vdso(token: str) -> tuple[Target, bool]:
     rest = token[at:]
     if "(" in rest:
         raise TokenError(msg.VDSO_REFCNT, at + rest.index("("))
+    image: str | None = None
+    if rest.startswith("/"):
+        image, colon, rest = rest[1:].partition(":")
+        if not colon or image not in VDSO_IMAGES:
+            raise TokenError(msg.BAD_VDSO_IMAGE, at)
+        at += len(image) + 2
     rest, is_return = _split_return(rest, at)
     if not rest:
         raise TokenError(msg.BAD_VDSO, at)
@@ -120,9 +132,9 @@ def _parse_vdso(token: str) -> tuple[Target, bool]:
         offset = kstrtoul(rest)
         if offset is None:
             raise TokenError(msg.BAD_UPROBE_OFFS, at)
-        return VdsoTarget(offset=offset), is_return
+        return VdsoTarget(offset=offset, image=image), is_return
     symbol, symbol_offset = _split_symbol_offset(rest, at)
-    return VdsoTarget(symbol=symbol, symbol_offset=symbol_offset), is_return
+    return VdsoTarget(symbol=symbol, symbol_offset=symbol_offset, image=image), is_return
 
 
 def _parse_file_offset(token: str, colon: int) -> tuple[Target, bool]:
@@ -188,7 +200,7 @@ def _split_symbol_offset(place: str, at: int) -> tuple[str, int]:
             return place[:plus], value
     if not place or place[0] == "+":
         raise TokenError(msg.NO_SYMBOL, at)
-    if place[0] in "-%()@:=\\\"":
+    if place[0] in "-%()@:=\\\"" and not place.startswith(_ANONYMOUS):
         raise TokenError(msg.BAD_SYMBOL, at)
     return place, 0
 

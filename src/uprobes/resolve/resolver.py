@@ -192,7 +192,7 @@ class Resolver:
         return out
 
     def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:
-        image = read_vdso(self.pid)
+        image = read_vdso(self.pid, t.image)
         table = SymbolTable.load(image)
         ref = FileRef("[vdso]", "[vdso]", 0, 0)
         if t.offset is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import platform
 from dataclasses import dataclass
@@ -125,6 +126,34 @@ def detect() -> Features:
         ptrace_scope=_read_int("/proc/sys/kernel/yama/ptrace_scope"),
         btf=Path("/sys/kernel/btf/vmlinux").exists(),
     )
+
+
+def vdso_images() -> tuple[str, ...]:
+    """The vDSO images this kernel maps into processes, by ABI as the vdsofs
+    proposal names them: `64` always on x86-64, `32` with IA32 emulation
+    (unless `abi.vsyscall32` is 0, which maps none into 32-bit processes),
+    `x32` when the kernel's configuration has the x32 ABI."""
+    if platform.machine() != "x86_64":
+        return ()
+    images = ["64"]
+    if (_read_int("/proc/sys/abi/vsyscall32") or 0) > 0:
+        images.append("32")
+    if "CONFIG_X86_X32_ABI=y" in _kernel_config():
+        images.append("x32")
+    return tuple(images)
+
+
+def _kernel_config() -> str:
+    """The kernel's build configuration, where it can be read ('' if not)."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return f.read()
+    except OSError:
+        pass
+    try:
+        return Path(f"/boot/config-{platform.release()}").read_text()
+    except OSError:
+        return ""
 
 
 @functools.cache
