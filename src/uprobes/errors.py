@@ -47,6 +47,17 @@ class SpecError(UprobesError):
         return [first, "  " + self.text, "  " + " " * self.pos + "^"]
 
 
+class ConfigError(UsageError):
+    """A bad agent config file: says the file, the line and the key."""
+
+    def __init__(self, path: str, line: int | None, key: str, message: str) -> None:
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.key = key
+
+
 class ResolveError(UprobesError):
     """A name that does not lead to (inode, file offset): file, symbol, offset."""
 

@@ -119,6 +119,8 @@ class Session:
         """Events delivered by the run (to handlers or not)."""
         self.lost = 0
         """Records the kernel dropped (ring full); never silent: check it."""
+        self.signal: int | None = None
+        """The stop signal (SIGINT, SIGTERM, SIGHUP) that ended the run, if one did."""
         self.probes: list[ResolvedProbe] = []
         """What the run placed its probes from, once it has started."""
         self.kernel_filters: dict[str, str] = {}
@@ -223,8 +225,15 @@ class Session:
         with self._open():
             self._run(duration, ready)
 
+    @property
+    def lost_so_far(self) -> int:
+        """`lost` while the run goes on (a long run exports it as it grows)."""
+        return self._tracer.lost if self._tracer is not None else self.lost
+
     def stop(self) -> None:
-        """Stop the run: no handler is called after this (call it from a handler)."""
+        """Stop the run: no handler is called after this (call it from a handler
+        or, on the kernel engine, from another thread: the run ends at its next
+        wake-up)."""
         self._stopped = True
         if self._tracer is not None:
             self._tracer.stop()
@@ -290,6 +299,7 @@ class Session:
             tracer.run(deliver, duration)
         finally:
             self.events, self.lost = tracer.events, tracer.lost
+            self.signal = tracer.signal
 
 
 V = TypeVar("V", int, str)

@@ -91,6 +91,17 @@ class CallPairer:
             return None
         return stack.pop()
 
+    @property
+    def threads(self) -> int:
+        """(thread, function) pairs with calls open or once opened: what memory grows with."""
+        return len(self._open)
+
+    def give_up(self) -> None:
+        """Forget every open call (counted as abandoned): a long run's bound
+        on threads that ended mid-call."""
+        self.abandoned += sum(len(stack) for stack in self._open.values())
+        self._open.clear()
+
     def still_open(self) -> Iterator[Event]:
         """Entries whose return has not been seen (yet)."""
         for stack in self._open.values():

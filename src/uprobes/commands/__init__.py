@@ -49,6 +49,9 @@ COMMANDS = (
             "--folded)"),
     Command("latency", "latency", "histogram of how long each call of the functions takes"),
     Command("top", "top", "live table of hits per second, per probe and process"),
+    Command("agent", "agent",
+            "keep probes in place and serve their counts and call latencies to Prometheus "
+            "(/metrics); SIGHUP reloads --config"),
     Command("vdso", "vdso",
             "list the vDSO's functions (versions, aliases) and write its image to a file"),
     Command("cleanup", "cleanup", "remove probes left in tracefs by uprobes runs that were killed"),

@@ -1,0 +1,235 @@
+"""The agent's configuration: from the command line or a TOML file.
+
+    [prometheus]
+    listen = "127.0.0.1:9464"   # HOST:PORT of the /metrics endpoint
+    max_series = 1000            # series per probe before hits overflow
+
+    [[probe]]
+    line = "libc:malloc size=%di:u64"
+    labels = ["size"]            # fetched values that label the series
+    comm = ["python3"]           # only tasks of these names
+    executable = "/usr/bin/python3.11"   # only processes running this file
+
+Every probe line the language takes is a probe; an entry line and a return
+line of the same function time its calls. A config error names the file,
+the line and the key (`ConfigError`), so a service that fails to start,
+or a reload that is refused, says what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from uprobes.engines.choose import ENGINES
+from uprobes.errors import ConfigError, SpecError, UsageError
+from uprobes.lang import parse
+from uprobes.lang.ast import ProbeSpec
+
+from .metrics import DEFAULT_MAX_SERIES
+
+FIXED_LABELS = ("probe", "executable", "comm")
+"""Labels every series has; extra labels may not take these names (nor `le`)."""
+
+_TOP_KEYS = {"engine", "prometheus", "probe"}
+_PROMETHEUS_KEYS = {"listen", "max_series"}
+_PROBE_KEYS = {"line", "labels", "comm", "executable"}
+
+
+@dataclass(frozen=True)
+class AgentProbe:
+    """One configured probe: a probe line and what labels and filters its hits."""
+
+    line: str
+    labels: tuple[str, ...] = ()
+    comm: tuple[str, ...] = ()
+    executable: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What names this probe across reloads: unchanged, it keeps its counts."""
+        return self.line
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    probes: tuple[AgentProbe, ...]
+    prometheus: tuple[str, int] | None = None
+    max_series: int = DEFAULT_MAX_SERIES
+    engine: str = "auto"
+    source: str = "the command line"
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) -> (host, port); UsageError if not."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"listen address {text!r}: give HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def check_probe(probe: AgentProbe) -> ProbeSpec:
+    """The parsed line; SpecError or UsageError for a line or label that cannot be."""
+    spec = parse(probe.line)
+    if not isinstance(spec, ProbeSpec):
+        raise SpecError("a '-:EVENT' line clears a probe; give probes to place", probe.line, 0)
+    fetched = {a.name for a in spec.args}
+    for name in probe.labels:
+        if name in FIXED_LABELS or name == "le":
+            raise UsageError(f"label {name!r} is one the agent sets itself: name the "
+                             "fetcharg otherwise (NAME=FETCHARG)")
+        if name not in fetched:
+            raise UsageError(f"label {name!r}: {probe.line!r} fetches no value of that name "
+                             f"(it fetches: {', '.join(sorted(fetched)) or 'nothing'})")
+    return spec
+
+
+def from_command_line(lines: list[str], labels: list[str], comm: list[str],
+                      prometheus: str | None, max_series: int, engine: str) -> AgentConfig:
+    """The quick start: every line is a probe; `labels` apply to each line
+    that fetches a value of that name."""
+    probes = []
+    for line in lines:
+        spec = parse(line)
+        names = {a.name for a in spec.args} if isinstance(spec, ProbeSpec) else set()
+        probe = AgentProbe(line, tuple(n for n in labels if n in names), tuple(comm))
+        check_probe(probe)
+        probes.append(probe)
+    for name in labels:
+        if not any(name in p.labels for p in probes):
+            raise UsageError(f"--label {name}: no probe line fetches a value of that name")
+    if max_series < 1:
+        raise UsageError("--max-series must be at least 1")
+    return AgentConfig(tuple(probes), listen_address(prometheus) if prometheus else None,
+                       max_series, engine)
+
+
+def load(path: str) -> AgentConfig:
+    """The config in TOML file `path`; ConfigError (file, line, key) if it is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, "", f"cannot read it: {e.strerror}") from e
+    text = raw.decode(errors="replace")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = int(m.group(1)) if m else None
+        raise ConfigError(path, line, "", f"not TOML: {str(e).split(' (at ')[0]}") from e
+    return _Reader(path, text).config(doc)
+
+
+class _Reader:
+    """Checks a parsed TOML document and finds the line of each key it blames."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def config(self, doc: dict[str, Any]) -> AgentConfig:
+        self._unknown(doc, _TOP_KEYS, None, "")
+        engine = doc.get("engine", "auto")
+        if engine not in ENGINES:
+            self._fail(None, "engine", f"{engine!r}: choose from {', '.join(ENGINES)}")
+        prom = doc.get("prometheus", {})
+        if not isinstance(prom, dict):
+            self._fail(None, "prometheus", "must be a table ([prometheus])")
+        self._unknown(prom, _PROMETHEUS_KEYS, "prometheus", "prometheus.")
+        listen = None
+        if "listen" in prom:
+            if not isinstance(prom["listen"], str):
+                self._fail("prometheus", "prometheus.listen", "must be a string HOST:PORT")
+            try:
+                listen = listen_address(prom["listen"])
+            except UsageError as e:
+                self._fail("prometheus", "prometheus.listen", str(e))
+        max_series = prom.get("max_series", DEFAULT_MAX_SERIES)
+        if not isinstance(max_series, int) or isinstance(max_series, bool) or max_series < 1:
+            self._fail("prometheus", "prometheus.max_series", "must be an integer, at least 1")
+        raw_probes = doc.get("probe", [])
+        if not isinstance(raw_probes, list) or not raw_probes:
+            self._fail(None, "probe", "give at least one [[probe]] table with a `line`")
+        probes = tuple(self._probe(i, p) for i, p in enumerate(raw_probes))
+        keys = [p.key for p in probes]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                self._fail(("probe", i), f"probe[{i}].line", f"{key!r} is configured twice")
+        return AgentConfig(probes, listen, max_series, engine, self.path)
+
+    def _probe(self, i: int, raw: Any) -> AgentProbe:
+        where = ("probe", i)
+        name = f"probe[{i}]"
+        if not isinstance(raw, dict):
+            self._fail(None, "probe", "each probe is a table: [[probe]]")
+        self._unknown(raw, _PROBE_KEYS, where, f"{name}.")
+        line = raw.get("line")
+        if not isinstance(line, str):
+            self._fail(where, f"{name}.line", "give the probe line, a string")
+        labels = self._strings(raw, "labels", where, name)
+        comm = self._strings(raw, "comm", where, name)
+        executable = raw.get("executable")
+        if executable is not None and not (isinstance(executable, str)
+                                           and executable.startswith("/")):
+            self._fail(where, f"{name}.executable", "must be an absolute path")
+        probe = AgentProbe(line, labels, comm, executable)
+        try:
+            check_probe(probe)
+        except SpecError as e:
+            self._fail(where, f"{name}.line", " ".join(x.strip() for x in e.lines()))
+        except UsageError as e:
+            self._fail(where, f"{name}.labels", str(e))
+        return probe
+
+    def _strings(self, raw: dict[str, Any], key: str, where: tuple[str, int],
+                 name: str) -> tuple[str, ...]:
+        value = raw.get(key, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self._fail(where, f"{name}.{key}", "must be a string or a list of strings")
+        return tuple(value)
+
+    def _unknown(self, table: dict[str, Any], known: set[str],
+                 where: str | tuple[str, int] | None, prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                self._fail(where, prefix + key,
+                           f"unknown key (known: {', '.join(sorted(known))})")
+
+    def _fail(self, where: str | tuple[str, int] | None, key: str, message: str) -> None:
+        raise ConfigError(self.path, self._line_of(where, key.rsplit(".", 1)[-1]), key, message)
+
+    def _line_of(self, where: str | tuple[str, int] | None, key: str) -> int | None:
+        """The line of `key` in the table `where` names (None: the top level;
+        `(name, i)`: the i-th `[[name]]`), or of the table's header if the
+        key is not written there; None if neither is found."""
+        start, end = 0, len(self.lines)
+        header = None
+        if where is not None:
+            name, index = (where, 0) if isinstance(where, str) else where
+            brackets = r"\[" if isinstance(where, str) else r"\[\["
+            pattern = re.compile(rf"^\s*{brackets}\s*{re.escape(name)}\s*\]")
+            found = [n for n, text in enumerate(self.lines) if pattern.match(text)]
+            if index >= len(found):
+                return None
+            header = start = found[index]
+        tables = re.compile(r"^\s*\[")
+        for n in range(start + (header is not None), end):
+            if tables.match(self.lines[n]):
+                if where is None and n > start:
+                    break
+                if where is not None:
+                    break
+            if re.match(rf"^\s*{re.escape(key)}\s*=", self.lines[n]):
+                return n + 1
+        if header is not None:
+            return header + 1
+        for n, text in enumerate(self.lines):  # a top-level table named `key`
+            if re.match(rf"^\s*\[+\s*{re.escape(key)}\s*\]", text):
+                return n + 1
+        return None

@@ -1,0 +1,126 @@
+"""The agent's probes as a `Session`: each configured probe line with a
+handler that counts its hits into `Metrics`, and entry/return lines of one
+function paired into calls whose durations go into its histogram.
+
+Labels of a hit: the probe's name (as `trace --json` shows it), the
+executable of the process (its /proc/PID/exe, read once per process and
+kept in a bounded table: `unknown` when the process is gone before its
+first hit is read), the task's comm, then the configured fetched values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+
+from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
+from uprobes.lang.ast import ProbeKind, ProbeSpec
+from uprobes.lang.render import render
+from uprobes.model.event import Event
+from uprobes.session import Session
+
+from .config import AgentConfig, AgentProbe, check_probe
+from .metrics import Labels, Metrics
+
+MAX_PROCESSES = 4096
+"""Executables remembered (one per process seen); the table starts over past it."""
+
+MAX_OPEN_CALLS = 65536
+"""(thread, function) pairs with calls open; past it the open calls are
+given up (counted as unpaired) so threads that died mid-call cannot grow
+memory."""
+
+
+class Executables:
+    """pid -> the file it runs, read once per process (and comm: an exec changes both)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str], str] = {}
+
+    def __call__(self, pid: int, comm: str) -> str:
+        key = (pid, comm)
+        exe = self._seen.get(key)
+        if exe is None:
+            try:
+                exe = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                exe = "unknown"
+            if len(self._seen) >= MAX_PROCESSES:
+                self._seen.clear()
+            self._seen[key] = exe
+        return exe
+
+
+def function_key(spec: ProbeSpec) -> str:
+    """What an entry line and a return line of the same function share."""
+    return render(replace(spec, kind=ProbeKind.ENTRY, args=(), event=None, text=""))
+
+
+def build_session(config: AgentConfig, metrics: Metrics, executables: Executables,
+                  note: Callable[[str], object]) -> Session:
+    """A session whose handlers count into `metrics`; the metrics keep the
+    series of the probes still configured (unchanged ones keep their counts)."""
+    session = Session(config.engine, note=note)
+    specs = [(probe, check_probe(probe)) for probe in config.probes]
+    returns = {function_key(spec) for _, spec in specs if spec.is_return}
+    entries: dict[str, AgentProbe] = {}
+    for probe, spec in specs:
+        if not spec.is_return and function_key(spec) in returns:
+            entries.setdefault(function_key(spec), probe)
+    metrics.keep_only({p.key: p.labels for p in config.probes})
+    pairer = CallPairer()
+    for probe, spec in specs:
+        fkey = function_key(spec)
+        timed_entry = not spec.is_return and entries.get(fkey) is probe
+        timed_return = spec.is_return and fkey in entries
+        line = probe.line
+        if timed_entry:
+            line += f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
+        handler = _handler(probe, metrics, executables, pairer, timed_entry,
+                           entries[fkey] if timed_return else None)
+        exe = probe.executable
+        flt = None if exe is None else (lambda ev, exe=exe: executables(ev.pid, ev.comm) == exe)
+        session.probe(line, handler, comm=list(probe.comm) or None, filter=flt)
+    return session
+
+
+def _handler(probe: AgentProbe, metrics: Metrics, executables: Executables,
+             pairer: CallPairer, timed_entry: bool,
+             timed_by: AgentProbe | None) -> Callable[[Event], None]:
+    key = probe.key
+    hit = metrics.hit
+
+    def labels_of(p: AgentProbe) -> Callable[[Event], Labels]:
+        extra = p.labels
+
+        def labels(ev: Event) -> Labels:
+            values = [str(ev.args.get(n)) for n in extra]
+            return (ev.probe, executables(ev.pid, ev.comm), ev.comm, *values)
+        return labels
+
+    labels = labels_of(probe)
+    if timed_entry:
+        def on_entry(ev: Event) -> None:
+            hit(key, labels(ev))
+            if pairer.threads >= MAX_OPEN_CALLS:
+                before = pairer.abandoned
+                pairer.give_up()
+                metrics.unpaired += pairer.abandoned - before
+            pairer.entry(ev)
+        return on_entry
+    if timed_by is not None:
+        entry_key = timed_by.key
+        entry_labels = labels_of(timed_by)
+
+        def on_return(ev: Event) -> None:
+            hit(key, labels(ev))
+            before = pairer.unpaired_returns + pairer.abandoned
+            start = pairer.ret(ev)
+            if start is not None:
+                metrics.call(entry_key, entry_labels(start), ev.ts_ns - start.ts_ns)
+            missed = pairer.unpaired_returns + pairer.abandoned - before
+            if missed:
+                metrics.unpaired += missed
+        return on_return
+    return lambda ev: hit(key, labels(ev))

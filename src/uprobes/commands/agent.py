@@ -1,0 +1,107 @@
+"""`uprobes agent`: keep probes in place and serve what they count.
+
+Long-running and system-wide: each probe counts its hits per process
+(labels probe, executable, comm, and fetched values asked for), an entry
+and a return line of one function time its calls into a histogram, and
+`--prometheus HOST:PORT` serves them at /metrics. `--config FILE` takes
+the probes from a TOML file instead, which SIGHUP reads again
+(docs/agent.md). SIGINT or SIGTERM remove every probe and end it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import ExitStack
+from typing import TextIO
+
+from uprobes.agent import config as agent_config
+from uprobes.agent.config import AgentConfig
+from uprobes.agent.metrics import DEFAULT_MAX_SERIES, Metrics
+from uprobes.agent.prometheus import PrometheusEndpoint, exposition
+from uprobes.agent.runner import serve
+from uprobes.engines.choose import ENGINES
+from uprobes.errors import UsageError
+
+NAME = "agent"
+HELP = ("keep probes in place and serve their counts and call latencies to Prometheus "
+        "(/metrics); SIGHUP reloads --config")
+EXAMPLES = [
+    "uprobes agent --duration 2 'libc:malloc' 'r libc:malloc' & sleep 1; ls /usr; wait",
+    "uprobes agent --prometheus 127.0.0.1:9469 --duration 2 --label size "
+    "'libc:malloc size=%di:u64' & sleep 1; ls /usr; wait",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("specs", nargs="*", metavar="SPEC",
+                   help="probe lines (an entry and a return line of one function: "
+                        "its call latencies too)")
+    p.add_argument("--config", metavar="FILE",
+                   help="probes and endpoints from a TOML file (instead of SPECs); "
+                        "SIGHUP reads it again")
+    p.add_argument("--prometheus", metavar="HOST:PORT",
+                   help="serve the metrics at http://HOST:PORT/metrics")
+    p.add_argument("--label", action="append", default=[], metavar="NAME",
+                   help="the value a probe fetches as NAME labels its series (repeatable; "
+                        "bounded by --max-series)")
+    p.add_argument("--max-series", type=int, default=DEFAULT_MAX_SERIES, metavar="N",
+                   help=f"series per probe in each metric (default {DEFAULT_MAX_SERIES}); "
+                        "hits past it are counted in uprobes_series_overflow_total")
+    p.add_argument("--comm", action="append", default=[], metavar="NAME",
+                   help="only hits of tasks with this comm (repeatable)")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="stop after SECONDS and print the last /metrics page to stdout "
+                        "(default: run until SIGINT or SIGTERM)")
+    p.add_argument("-e", "--engine", choices=ENGINES, default="auto",
+                   help="kernel (system-wide), or auto (default: the kernel)")
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    if args.config:
+        if args.specs or args.label or args.comm:
+            raise UsageError("give the probes either in --config or on the command line")
+        config = agent_config.load(args.config)
+        if args.prometheus:
+            config = AgentConfig(config.probes, agent_config.listen_address(args.prometheus),
+                                 config.max_series, config.engine, config.source)
+        return config
+    if not args.specs:
+        raise UsageError("give probe lines, or --config FILE")
+    return agent_config.from_command_line(args.specs, args.label, args.comm, args.prometheus,
+                                          args.max_series, args.engine)
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.argv_command:
+        raise UsageError("the agent probes every process: it starts no command")
+    config = _config(args)
+    if config.engine == "ptrace":
+        raise UsageError("the agent runs system-wide, on the kernel engine: -e kernel or auto")
+    if config.prometheus is None and args.duration is None:
+        raise UsageError("give a sink: --prometheus HOST:PORT (or [prometheus] listen)")
+    if args.duration is not None and args.duration < 0:
+        raise UsageError("--duration must be at least 0")
+    metrics = Metrics(config.max_series)
+
+    def note(text: str) -> None:
+        sys.stderr.write(f"uprobes: note: {text}\n")
+        sys.stderr.flush()
+
+    reload = (lambda: agent_config.load(args.config)) if args.config else None
+    with ExitStack() as stack:
+        served = ""
+        if config.prometheus is not None:
+            endpoint = stack.enter_context(PrometheusEndpoint(metrics, config.prometheus))
+            served = f"metrics at {endpoint.url}; "
+
+        def ready(config: AgentConfig) -> None:
+            again = "SIGHUP reloads, " if reload else ""
+            sys.stderr.write(f"uprobes: agent: {len(config.probes)} probe lines in place, "
+                             f"{served}{again}Ctrl-C stops\n")
+            sys.stderr.flush()
+
+        serve(config, metrics, reload, note, ready, args.duration)
+    if args.duration is not None:
+        out.write(exposition(metrics))
+    return 0

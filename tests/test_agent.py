@@ -1,0 +1,117 @@
+"""`uprobes agent`: probes kept in place, counts and latencies served at
+/metrics, every probe removed when it is stopped; bad input refused."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agent_support import (
+    CALLS_PER_ROUND,
+    KINDS,
+    Agent,
+    Caller,
+    free_port,
+    our_groups,
+    pick,
+    wait_for_count,
+)
+from conftest import Compiler
+
+
+@pytest.fixture
+def caller_exe(tracefs: Path, compile_c: Compiler) -> Path:
+    return compile_c("agent_calls.c")
+
+
+def test_quick_start_counts_times_and_labels_then_removes_every_probe(caller_exe: Path) -> None:
+    """Hits per probe, executable, comm and fetched `kind` (bounded by
+    --max-series, the rest in the overflow metric), a histogram of the
+    calls' durations; SIGTERM ends it with status 0 and no probe left."""
+    port = free_port()
+    agent = Agent("--prometheus", f"127.0.0.1:{port}", "--label", "kind", "--max-series", "3",
+                  f"{caller_exe}:handle kind=%di:s32", f"r {caller_exe}:handle")
+    try:
+        agent.ready()
+        caller = Caller(caller_exe)
+        caller.round()
+        who = {"executable": str(caller_exe), "comm": caller.comm}
+        got = wait_for_count(agent, port, "uprobes_hits_total", CALLS_PER_ROUND,
+                             probe="uprobes/handle__return", **who)
+        entries = pick(got, "uprobes_hits_total", probe="uprobes/handle", **who)
+        per_kind = CALLS_PER_ROUND // KINDS
+        # kinds 0, 1, 2 came first and got the 3 series; 3 and 4 overflowed
+        assert sorted(dict(lb)["kind"] for lb in entries) == ["0", "1", "2"]
+        assert set(entries.values()) == {per_kind}
+        line = f"{caller_exe}:handle kind=%di:s32"
+        assert pick(got, "uprobes_series_overflow_total", line=line,
+                    metric="uprobes_hits") == {
+            frozenset({("line", line), ("metric", "uprobes_hits")}): 2 * per_kind}
+        assert pick(got, "uprobes_series_overflow_total", line=line,
+                    metric="uprobes_call_duration_seconds") != {}
+        counts = pick(got, "uprobes_call_duration_seconds_count", probe="uprobes/handle", **who)
+        assert sorted(counts.values()) == [per_kind] * 3
+        # each call sleeps 2.5 ms: none is in a bucket below 2.097 ms
+        below = pick(got, "uprobes_call_duration_seconds_bucket", le="0.002097152", **who)
+        assert below and set(below.values()) == {0}
+        sums = pick(got, "uprobes_call_duration_seconds_sum", **who)
+        assert all(v >= per_kind * 0.0025 for v in sums.values())
+        caller.end()
+        status, err = agent.stop(signal.SIGTERM)
+    finally:
+        agent.kill()
+    assert status == 0, err
+    assert "Traceback" not in err
+    assert our_groups(agent.proc.pid) == []
+
+
+def test_sigint_ends_it_cleanly_too(caller_exe: Path) -> None:
+    port = free_port()
+    agent = Agent("--prometheus", f"127.0.0.1:{port}", f"{caller_exe}:handle")
+    try:
+        agent.ready()
+        assert our_groups(agent.proc.pid) != []
+        status, err = agent.stop(signal.SIGINT)
+    finally:
+        agent.kill()
+    assert status == 0, err
+    assert our_groups(agent.proc.pid) == []
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "uprobes", "agent", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,status,words", [
+    (["--prometheus", "127.0.0.1:9464", "libc:malloc size=%nosuch"], 2, "register"),
+    (["--prometheus", "localhost", "libc:malloc"], 2, "HOST:PORT"),
+    (["--prometheus", "127.0.0.1:99999", "libc:malloc"], 2, "HOST:PORT"),
+    (["--prometheus", "127.0.0.1:9464", "--label", "size", "libc:malloc"], 2, "--label size"),
+    (["--prometheus", "127.0.0.1:9464", "--label", "comm", "libc:malloc comm=%di"], 2,
+     "sets itself"),
+    (["libc:malloc"], 2, "give a sink"),
+    (["--prometheus", "127.0.0.1:9464"], 2, "give probe lines"),
+    (["--prometheus", "127.0.0.1:9464", "-e", "ptrace", "libc:malloc"], 2, "kernel engine"),
+])
+def test_bad_input_is_one_line_and_status_2(args: list[str], status: int, words: str) -> None:
+    done = _cli(*args)
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("uprobes: error: ") and words in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_is_a_runtime_error(tracefs: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = _cli("--prometheus", f"127.0.0.1:{port}", "libc:malloc")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("uprobes: error: cannot serve /metrics at 127.0.0.1:")
+    assert len(done.stderr.splitlines()) == 1
