@@ -1,4 +1,4 @@
-"""The lazy `.eh_frame_hdr` reader (unwind/ehframe.py) against pyelftools
+"""The lazy `.eh_frame_hdr` reader (elf/ehframe.py) against pyelftools
 reading every FDE (CfiTable.read_all): the same rule at every FDE's entry,
 just past its end, and at sampled addresses inside it, in libc, python3.11
 and our fixtures (C++ ones carry zPLR CIEs); where pyelftools cannot decode
@@ -14,8 +14,8 @@ from conftest import Compiler, without_section_headers
 
 from uprobes.elf.image import ElfImage
 from uprobes.unwind.cfi import CfiTable
-from uprobes.unwind.ehframe import EhFrameTable
-from uprobes.unwind.rules import RA, RSP, FrameRule
+from uprobes.elf.ehframe import EhFrameTable
+from uprobes.elf.framerule import RA, RSP, FrameRule
 
 _LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 _AT_CALL = FrameRule(RSP, 8, ((RA, -8),))  # CFA = rsp+8, return address at CFA-8

@@ -17,7 +17,7 @@ from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError, UsageError
 from uprobes.model.event import Event, Frame, Hit, ProbeInfo, hit_event
 from uprobes.unwind.cfi import CfiTable
-from uprobes.unwind.rules import RA, RSP
+from uprobes.elf.framerule import RA, RSP
 from uprobes.unwind.space import AddressSpaces
 from uprobes.unwind.stack import StackCopy, unwind
 

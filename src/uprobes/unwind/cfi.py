@@ -6,7 +6,7 @@ it), also where frame pointers are omitted, as in Debian's libc: it is what
 makes a stack walk possible there. Where the file has `.eh_frame_hdr` (ld and
 lld write it; found by its program header, PT_GNU_EH_FRAME, so also in a file
 without section headers), only the FDEs a walk needs are parsed, found
-through its search table (unwind/ehframe.py). Otherwise all FDEs are read with pyelftools (slow:
+through its search table (elf/ehframe.py). Otherwise all FDEs are read with pyelftools (slow:
 thousands of FDEs in libc), once per file version, and each FDE's rows
 are decoded on first use.
 Addresses here are link addresses (the ELF's own view).
@@ -20,8 +20,8 @@ from typing import Any
 
 from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.errors import ElfError
-from uprobes.unwind.ehframe import CfiFormatError, EhFrameTable
-from uprobes.unwind.rules import FrameRule
+from uprobes.elf.ehframe import CfiFormatError, EhFrameTable
+from uprobes.elf.framerule import FrameRule
 
 
 class CfiTable:

@@ -19,7 +19,7 @@ from uprobes.model.event import Frame
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
 from uprobes.unwind.cfi import CfiTable
-from uprobes.unwind.rules import FrameRule
+from uprobes.elf.framerule import FrameRule
 from uprobes.unwind.stack import RuleFinder
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from uprobes.unwind.rules import RA, RBP, RSP, FrameRule
+from uprobes.elf.framerule import RA, RBP, RSP, FrameRule
 
 MAX_FRAMES = 64
 

@@ -1,4 +1,4 @@
-"""How to step out of a frame: the rule both CFI readers give (cfi.py
+"""How to step out of a frame: the rule both CFI readers give (unwind/cfi.py
 with pyelftools, ehframe.py from `.eh_frame_hdr`) and the walk follows."""
 
 from __future__ import annotations
