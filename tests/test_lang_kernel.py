@@ -21,7 +21,7 @@ import pytest
 
 from uprobes.errors import SpecError
 from uprobes.lang import auto_event_name, parse, render
-from uprobes.lang.ast import ClearSpec, FileTarget, ProbeSpec, Spec
+from uprobes.lang.ast import ClearSpec, FileTarget, ProbeSpec, Spec, Variable
 from uprobes.lang.fetchargs import REGISTER_ALIASES, SUBREGISTERS
 from uprobes.sys.tracefs import ErrorLogEntry, parse_error_log
 
@@ -138,7 +138,8 @@ def check_line(k: Kernel, line: str) -> str:
                 isinstance(ours.target, FileTarget) and ours.target.symbol is not None), \
                 f"kernel refused {line!r} (errno {err.errno}, no error_log), we accepted it"
             return "silent"
-        if not isinstance(ours, SpecError) and _register_extension(command, logged):
+        if not isinstance(ours, SpecError) and (_register_extension(command, logged)
+                                                or _variable_extension(ours, logged)):
             return "extension"
         assert isinstance(ours, SpecError), \
             f"kernel refused {line!r} with {logged}, we accepted it"
@@ -155,6 +156,13 @@ def _register_extension(command: str, logged: tuple[str, int]) -> bool:
     m = re.match(r"%(\w+)", command[logged[1]:])
     return logged[0] == "Invalid register name" and m is not None and (
         m.group(1) in REGISTER_ALIASES or m.group(1) in SUBREGISTERS)
+
+
+def _variable_extension(ours: Spec, logged: tuple[str, int]) -> bool:
+    """Whether the kernel refused only our extension: a source variable by name
+    (`foo`, `s->name`), which it takes for a BTF argument it cannot read."""
+    return logged[0] == "BTF is not available or not supported" and isinstance(
+        ours, ProbeSpec) and any(isinstance(a.expr, Variable) for a in ours.args)
 
 
 ARGS = r"""
@@ -253,12 +261,14 @@ def test_kernel_differential(kernel: Kernel) -> None:
 
 
 def test_kernel_refuses_our_extensions(kernel: Kernel) -> None:
-    """$argN, symbols and short names are ours: the kernel refuses them, we don't."""
+    """$argN, symbols, short names and variables by name are ours: the kernel
+    refuses them, we don't."""
     k = kernel
     off = _entry_file_offset(Path(k.path))
     for line in [f"p:{GROUP}/x {k.path}:{hex(off)} a=$arg1", f"p:{GROUP}/x {k.path}:main",
                  f"p:{GROUP}/x true:{hex(off)}", f"{k.path}:{hex(off)} a=%di",
-                 f"p:{GROUP}/x {k.path}:{hex(off)} a=%rdi b=%esi c=+0(%rsp):u8"]:
+                 f"p:{GROUP}/x {k.path}:{hex(off)} a=%rdi b=%esi c=+0(%rsp):u8",
+                 f"p:{GROUP}/x {k.path}:{hex(off)} s->name *p arr[3] $params"]:
         parse(line)
         assert k.write(line) is not None, line
         assert not [ln for ln in k.ours() if f"{GROUP}/x " in ln]

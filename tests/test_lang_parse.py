@@ -155,7 +155,7 @@ BAD: list[tuple[str, str, int]] = [
     ("p /bin/true:0x10 \\\"ab", "String is not closed with '\"'", 21),
     ("p /bin/true:0x10 $foo", "Invalid $-variable specified", 17),
     ("p /bin/true:0x10 $arg0", "Invalid argument number", 17),
-    ("p /bin/true:0x10 foo", "BTF is not available or not supported", 17),
+    ("p /bin/true:0x10 s-", "BTF is not available or not supported", 17),
     ("p /bin/true:0x10 5", "Invalid fetch argument", 17),
     ("p /bin/true:0x10 a=%ax a=%bx", "This argument name is already used", 23),
     ("p /bin/true:0x10 arg2=%ax %bx", "This argument name is already used", 26),

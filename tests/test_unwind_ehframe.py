@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import Compiler, without_section_headers
 
-from uprobes.elf.image import ElfImage
-from uprobes.unwind.cfi import CfiTable
 from uprobes.elf.ehframe import EhFrameTable
 from uprobes.elf.framerule import RA, RSP, FrameRule
+from uprobes.elf.image import ElfImage
+from uprobes.unwind.cfi import CfiTable
 
 _LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 _AT_CALL = FrameRule(RSP, 8, ((RA, -8),))  # CFA = rsp+8, return address at CFA-8

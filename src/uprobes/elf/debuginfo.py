@@ -81,9 +81,9 @@ def _candidates(image: ElfImage, debug_dirs: Iterable[str]) -> list[tuple[str, s
     return out
 
 
-def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_DIRS,
-                    notes: list[str] | None = None) -> tuple[str, list[Symbol]] | None:
-    """The separate debug file for `image` and its `.symtab`, or None.
+def debug_file_path(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_DIRS,
+                    notes: list[str] | None = None) -> str | None:
+    """The separate debug file for `image` (its build-id or CRC checked), or None.
 
     Candidates that exist but do not match (wrong build-id or CRC, malformed)
     are skipped with a line appended to `notes`.
@@ -110,9 +110,33 @@ def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_D
                         notes.append(f"{path}: ignored, its CRC32 does not match the "
                                      f".gnu_debuglink of {image.path}")
                         continue
-                    return path, _symtab_symbols(elf, "debugfile")
+                    return path
             except UprobesError as exc:
                 notes.append(f"ignored debug file: {exc}")
+    return None
+
+
+def debug_file_candidates(image: ElfImage,
+                          debug_dirs: Iterable[str] = DEFAULT_DEBUG_DIRS) -> list[str]:
+    """Where a separate debug file for `image` would be looked for, best first."""
+    return [path for path, _ in _candidates(image, debug_dirs)]
+
+
+def find_debug_file(image: ElfImage, debug_dirs: Iterable[str] = DEFAULT_DEBUG_DIRS,
+                    notes: list[str] | None = None) -> tuple[str, list[Symbol]] | None:
+    """The separate debug file for `image` and its `.symtab`, or None."""
+    notes = notes if notes is not None else []
+    path = debug_file_path(image, debug_dirs, notes)
+    if path is None:
+        return None
+    with _mapped_regular(path) as buf:
+        if buf is None:
+            return None
+        try:
+            with guard(path):
+                return path, _symtab_symbols(RawElf(buf, path), "debugfile")
+        except UprobesError as exc:
+            notes.append(f"ignored debug file: {exc}")
     return None
 
 

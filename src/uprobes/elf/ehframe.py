@@ -23,10 +23,10 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from uprobes.elf.framerule import FrameRule
 from uprobes.elf.leb128 import leb128
 from uprobes.elf.raw import PT_GNU_EH_FRAME
 from uprobes.errors import ElfError
-from uprobes.elf.framerule import FrameRule
 
 if TYPE_CHECKING:
     from uprobes.elf.image import ElfImage

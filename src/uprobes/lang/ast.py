@@ -137,9 +137,34 @@ class ImmString:
     text: str
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a variable access: `.field` ("."), `->field` ("->"),
+    `[index]` ("[]") or a leading `*` ("*")."""
+
+    op: str
+    field: str = ""
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A source variable by name, read through the program's DWARF: `n`,
+    `s->name`, `s.in.x`, `arr[3]`, `*p`, or `$params` (every parameter).
+    Resolution replaces it by fetches of registers and memory at the probe's
+    address (`uprobes.resolve.dwarfargs`); no engine ever sees one."""
+
+    name: str
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def is_params(self) -> bool:
+        return self.name == "$params"
+
+
 FetchExpr = (
     Register | Memory | FileOffset | StackEntry | StackPointer | RetVal | Comm
-    | Arg | Deref | Immediate | ImmString
+    | Arg | Deref | Immediate | ImmString | Variable
 )
 
 
@@ -153,19 +178,38 @@ class Bitfield:
 
 
 @dataclass(frozen=True)
+class ValueView:
+    """How a value fetched by a kernel type reads in the source's terms (from
+    its DWARF type): `kind` is one of "bool", "char", "enum", "float",
+    "pointer", "string" (a `char *` or `char[N]`), "optimized_out" (no value
+    at this address), "unsupported" (`note` says why), "elided" (a struct
+    deeper than printed) or "int" (a signed integer read as a bitfield).
+    `enumerators` are an enum's (value, name) pairs; `type_name` the C type;
+    `sign_bits`: a signed bitfield's width, to sign-extend its value by."""
+
+    kind: str
+    type_name: str = ""
+    enumerators: tuple[tuple[int, str], ...] = ()
+    note: str = ""
+    sign_bits: int = 0
+
+
+@dataclass(frozen=True)
 class FetchType:
     """A fetcharg type.
 
     `base` is one of `u8..u64 s8..s64 x8..x64 char string ustring` or
     `bitfield` (then `bitfield` is set); `array` is N for `TYPE[N]`.
     `explicit` is False when the type was defaulted (x64 on x86-64, string
-    for $comm and immediate strings).
+    for $comm and immediate strings). `view`: how the value reads by its
+    DWARF type (None: as the kernel prints the fetch type).
     """
 
     base: str
     bitfield: Bitfield | None = None
     array: int | None = None
     explicit: bool = True
+    view: ValueView | None = None
 
     @property
     def is_string(self) -> bool:

@@ -15,6 +15,7 @@ nested" falls where the kernel's does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -36,6 +37,8 @@ from uprobes.lang.ast import (
     RetVal,
     StackEntry,
     StackPointer,
+    Step,
+    Variable,
 )
 from uprobes.lang.messages import TokenError
 from uprobes.lang.numbers import is_alpha, is_digit, is_good_name, kstrtol, kstrtouint, kstrtoul
@@ -135,6 +138,9 @@ def parse_fetcharg(token: str, index: int, is_return: bool,
         raise TokenError(msg.ARG_TOO_LONG, boff)
     if not body:
         raise TokenError(msg.NO_ARG_BODY, boff)
+    var = parse_variable(body.split(":", 1)[0])
+    if var is not None:
+        return _variable_arg(var, body, eq < 0, name, boff, used)
 
     expr_text, type_text, array, toff = _split_type(body, boff)
     is_str_source = expr_text in ("$comm", "$COMM") or expr_text.startswith('\\"')
@@ -152,6 +158,58 @@ def parse_fetcharg(token: str, index: int, is_return: bool,
     # type's offset, and a dereference has moved ctx->offset to its inside.
     ftype = _finalize(op, type_text, array, ctx, ctx.offset + toff, is_str_source)
     return FetchArg(name, expr, ftype, text=body)
+
+
+_VARIABLE = re.compile(r"(\**)([A-Za-z_]\w*)((?:->\w+|\.\w+|\[\d+\])*)")
+_STEP = re.compile(r"->(\w+)|\.(\w+)|\[(\d+)\]")
+
+
+def parse_variable(text: str) -> Variable | None:
+    """`[*]NAME(->FIELD|.FIELD|[N])*` or `$params` -> Variable; None for any
+    other text (which then gets the kernel's own verdict)."""
+    if text == "$params":
+        return Variable("$params")
+    m = _VARIABLE.fullmatch(text)
+    if m is None:
+        return None
+    steps = [Step("->", f) if f else Step(".", g) if g else Step("[]", index=int(i))
+             for f, g, i in _STEP.findall(m.group(3))]
+    # C's precedence: `*s->next` is `*(s->next)`; the stars apply last.
+    steps += [Step("*")] * len(m.group(1))
+    return Variable(m.group(2), tuple(steps))
+
+
+def variable_arg_name(text: str) -> str:
+    """The default name of a variable's argument: a C identifier (the kernel
+    names record fields so), `s->in.x` -> `s_in_x`, `arr[3]` -> `arr_3`,
+    `*p` -> `p_deref`, cut to the kernel's length."""
+    stars = len(text) - len(text.lstrip("*"))
+    name = re.sub(r"\W+", "_", text.lstrip("*").lstrip("$")).rstrip("_") or "var"
+    name += "_deref" * stars
+    return name[:MAX_ARG_NAME_LEN]
+
+
+def _variable_arg(var: Variable, body: str, unnamed: bool, name: str, boff: int,
+                  used: Collection[str]) -> FetchArg:
+    """A variable's fetcharg: its type, if written, is checked now and fetched
+    instead of the DWARF type's."""
+    type_text = body.partition(":")[2] or None
+    ftype = types.DEFAULT_TYPE
+    if type_text is not None:
+        expr_text, tt, array, toff = _split_type(body, boff)
+        if tt is None or not types.known_type(tt):
+            raise TokenError(msg.BAD_TYPE, boff + toff)
+        bitfield = types.parse_bitfield(tt) if tt[:1] == "b" else None
+        if tt[:1] == "b" and bitfield is None:
+            raise TokenError(msg.BAD_BITFIELD, boff + toff)
+        ftype = types.make_type(tt, bitfield, array)
+    if unnamed:
+        base = name = variable_arg_name(body.split(":", 1)[0])
+        n = 1
+        while name in RESERVED_NAMES or name in used:  # `n=%di n`: the second is n_1
+            name = f"{base[:MAX_ARG_NAME_LEN - 2 - len(str(n))]}_{n}"
+            n += 1
+    return FetchArg(name, var, ftype, text=body)
 
 
 def _subregister(name: str, type_text: str | None, boff: int, toff: int) -> tuple[str, str]:

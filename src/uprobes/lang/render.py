@@ -25,6 +25,7 @@ from uprobes.lang.ast import (
     StackPointer,
     Target,
     UsdtTarget,
+    Variable,
     VdsoTarget,
 )
 from uprobes.lang.types import render_type
@@ -74,6 +75,19 @@ def render_fetcharg(arg: FetchArg) -> str:
     return text
 
 
+def render_variable(var: Variable) -> str:
+    """`*s->in.x`, `arr[3]`: a variable access as written."""
+    text, stars = var.name, 0
+    for step in var.steps:
+        if step.op == "*":
+            stars += 1
+        elif step.op == "[]":
+            text += f"[{step.index}]"
+        else:
+            text += step.op + step.field
+    return "*" * stars + text
+
+
 def render_expr(expr: FetchExpr) -> str:
     """A fetch expression as the kernel (and our parser) reads it."""
     match expr:
@@ -101,4 +115,6 @@ def render_expr(expr: FetchExpr) -> str:
             return f"\\{value}"
         case ImmString(text):
             return f'\\"{text}"'
+        case Variable():
+            return render_variable(expr)
     raise TypeError(f"not a fetch expression: {expr!r}")

@@ -22,26 +22,39 @@ from typing import TextIO
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.render.rows import RowShape
+from uprobes.render.values import view_json
 from uprobes.sys.clocks import snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def event_doc(event: Event) -> dict[str, object]:
+def event_doc(event: Event, info: ProbeInfo | None = None) -> dict[str, object]:
+    """An event as its JSON object; with `info`, values that have a source
+    type's view (enums, bools, floats) as that view gives them."""
     doc: dict[str, object] = {
         "probe": event.probe, "kind": event.kind, "pid": event.pid, "tid": event.tid,
         "comm": event.comm, "cpu": event.cpu, "ts_ns": event.ts_ns, "ip": event.ip,
     }
     if event.kind == "r":
         doc["func"] = event.func
-    doc["args"] = event.args
+    views = {name: t for name, t in info.args if t.view is not None} if info else {}
+    doc["args"] = {name: view_json(v, views[name]) if name in views else v
+                   for name, v in event.args.items()} if views else event.args
     if event.stack is not None:
         doc["stack"] = [frame.as_dict() for frame in event.stack]
     return doc
 
 
 def _is_int(ftype: FetchType) -> bool:
-    return not ftype.is_string and ftype.array is None
+    return not ftype.is_string and ftype.array is None and ftype.view is None
+
+
+def _converter(ftype: FetchType) -> Callable[[ArgValue], object]:
+    if _is_int(ftype):
+        return lambda v: v
+    if ftype.view is not None:
+        return lambda v: _dumps(view_json(v, ftype))
+    return _dumps
 
 
 class _Template:
@@ -55,7 +68,7 @@ class _Template:
         self.text = self.line(pid="%d", tid="%d", comm="%s", cpu="%d", ip="%d", func="%s")
         self.plain = all(_is_int(t) for _, t in info.args)
         self.converts: list[Callable[[ArgValue], object]] = [
-            (lambda v: v) if _is_int(t) else _dumps for _, t in info.args]
+            _converter(t) for _, t in info.args]
 
     def line(self, *, pid: str, tid: str, comm: str, cpu: str, ip: str, func: str) -> str:
         """The template, with each value before `ts_ns` and the arguments
@@ -81,7 +94,7 @@ class JsonLinesRenderer:
         self.clock_start = snapshot()
 
     def event(self, event: Event) -> None:
-        self.out.write(_dumps(event_doc(event)) + "\n")
+        self.out.write(_dumps(event_doc(event, self.probes.get(event.probe))) + "\n")
 
     def hits(self, hits: list[Hit]) -> None:
         """Write a batch of hits (the fast path: no `Event` objects)."""
@@ -124,7 +137,8 @@ class JsonLinesRenderer:
                     else:
                         append(t.text % (pid, tid, c, cpu, ts_ns, ip, *values))
             except TypeError:  # a value of an unexpected kind: the slow, general way
-                append(_dumps(event_doc(hit_event(hit, self.probes[probe]))) + "\n")
+                info = self.probes[probe]
+                append(_dumps(event_doc(hit_event(hit, info), info)) + "\n")
         return lines
 
     def _comm(self, comm: str) -> str:

@@ -20,10 +20,13 @@ from typing import TextIO
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.render.rows import RowShape
+from uprobes.render.values import view_text
 
 
 def format_value(value: ArgValue, ftype: FetchType) -> str:
-    """One argument as the kernel prints it."""
+    """One argument as the kernel prints it (by its source type, with a view)."""
+    if ftype.view is not None:
+        return view_text(value, ftype)
     if isinstance(value, list):
         return "{" + ",".join(_scalar(v, ftype) for v in value) + "}"
     return _scalar(value, ftype)
@@ -67,7 +70,8 @@ def _fast_code(ftype: FetchType) -> str | None:
     """A %-code printing a value of `ftype` as the kernel does, when the
     decoded value needs no work first: u* and s* come decoded with the
     record's own signedness, x* unsigned. None: use `format_value`."""
-    if ftype.is_string or ftype.array is not None or ftype.bitfield is not None:
+    if ftype.is_string or ftype.array is not None or ftype.bitfield is not None \
+            or ftype.view is not None:
         return None
     if ftype.base[0] in "us":
         return "%d"

@@ -19,10 +19,21 @@ from uprobes.elf.insn import check_boundary
 from uprobes.elf.symbols import Symbol, SymbolTable, ifunc_warning
 from uprobes.elf.usdt import UsdtNote, usdt_notes
 from uprobes.errors import ProcessError, ResolveError, SpecError, UprobesError
-from uprobes.lang.ast import Arg, Deref, FetchArg, FileTarget, ProbeSpec, UsdtTarget, VdsoTarget
+from uprobes.lang.ast import (
+    Arg,
+    Deref,
+    FetchArg,
+    FileTarget,
+    ProbeSpec,
+    UsdtTarget,
+    Variable,
+    VdsoTarget,
+)
 from uprobes.lang.names import c_identifier, offset_event_name, symbol_event_name
 from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.abi import go_register_args
+from uprobes.resolve.debugdwarf import dwarf_of
+from uprobes.resolve.dwarfargs import after_prologue, lower_variables, scope_at
 from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
@@ -157,6 +168,15 @@ class Resolver:
                 raise ResolveError(f"{sym.name}+0x{t.symbol_offset:x} is past the end of "
                                    f"{sym.name} (size 0x{sym.size:x}) in {ref.display}")
             file_offset = image.link_to_file_offset(sym.link_addr + t.symbol_offset)
+            notes: tuple[str, ...] = ()
+            if uses_variables(spec) and not t.symbol_offset and not spec.is_return:
+                body = after_prologue(dwarf_of(image, ref.display, self.debug_dirs),
+                                      sym.link_addr)
+                if body is not None:
+                    file_offset = image.link_to_file_offset(body)
+                    notes = (f"{sym.name}: probed after its prologue, at {sym.name}+"
+                             f"0x{body - sym.link_addr:x}, where unoptimized code has "
+                             "stored its arguments",)
             self._check_code(ref, image, file_offset, sym)
             label = sym.name + (f"@{sym.version}" if sym.version and "@" in t.symbol else "")
             if spec.event and len(matches) > 1:
@@ -164,9 +184,10 @@ class Resolver:
             else:
                 event = spec.event or symbol_event_name(label, spec.is_return)
             warning = ifunc_warning(sym)
-            notes = (warning,) if warning else ()
+            notes += (warning,) if warning else ()
             out.append(self._point(spec, ref, file_offset, event, sym=sym,
-                                   sym_off=t.symbol_offset, ref_ctr=t.ref_ctr_offset, notes=notes,
+                                   sym_off=image.file_to_link_addr(file_offset) - sym.link_addr,
+                                   ref_ctr=t.ref_ctr_offset, notes=notes,
                                    returns=self._returns(spec, image, sym)))
         return out
 
@@ -230,6 +251,19 @@ class Resolver:
             return None, None
         return return_sites_for(image, entry, spec.args)
 
+    def _variables(self, spec: ProbeSpec, ref: FileRef, image: ElfImage, file_offset: int,
+                   args: tuple[FetchArg, ...]) -> tuple[FetchArg, ...]:
+        """`args` with source variables read from the DWARF at the probe's address."""
+        if spec.is_return:
+            raise SpecError("Variables by name are read where a probe stops; a return probe "
+                            "stops after the function's frame is gone: probe a line of it "
+                            "instead (FUNC:+N or FILE.c:LINE)", spec.text, 0)
+        if isinstance(spec.target, UsdtTarget):
+            raise SpecError("USDT probes take $argN, not variables by name", spec.text, 0)
+        df = dwarf_of(image, ref.display, self.debug_dirs)
+        link_addr = image.file_to_link_addr(file_offset)
+        return lower_variables(args, scope_at(df, image, link_addr, file_offset))
+
     # ------------------------------------------------------------ checks
 
     def _check_code(self, ref: FileRef, image: ElfImage, file_offset: int,
@@ -255,13 +289,21 @@ class Resolver:
                returns: tuple[tuple[int, ...] | None, str | None] = (None, None)
                ) -> ResolvedProbe:
         image = self.image(ref)
+        args = _abi_args(spec, image, sym)
+        if uses_variables(spec):
+            args = self._variables(spec, ref, image, file_offset, args)
         return ResolvedProbe(
             spec=spec, key=InodeKey(ref.dev, ref.ino, file_offset), path=ref.path,
             file_offset=file_offset, kind=spec.kind, group=group or spec.group or DEFAULT_GROUP,
-            event=event, args=_abi_args(spec, image, sym), symbol=sym.name if sym else None,
+            event=event, args=args, symbol=sym.name if sym else None,
             symbol_offset=sym_off, link_addr=image.file_to_link_addr(file_offset),
             ref_ctr_offset=ref_ctr, usdt_args=usdt_args, notes=notes, ret_sites=returns[0],
             uretprobe_reason=returns[1])
+
+
+def uses_variables(spec: ProbeSpec) -> bool:
+    """Whether the spec fetches source variables by name (`s->name`, `$params`)."""
+    return any(isinstance(a.expr, Variable) for a in spec.args)
 
 
 def _abi_args(spec: ProbeSpec, image: ElfImage, sym: Symbol | None) -> tuple[FetchArg, ...]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from uprobes.elf.framerule import RA, RSP
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError, UsageError
 from uprobes.model.event import Event, Frame, Hit, ProbeInfo, hit_event
 from uprobes.unwind.cfi import CfiTable
-from uprobes.elf.framerule import RA, RSP
 from uprobes.unwind.space import AddressSpaces
 from uprobes.unwind.stack import StackCopy, unwind
 

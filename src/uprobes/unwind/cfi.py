@@ -18,10 +18,10 @@ import bisect
 from collections import OrderedDict
 from typing import Any
 
-from uprobes.elf.image import ElfImage, FileIdentity
-from uprobes.errors import ElfError
 from uprobes.elf.ehframe import CfiFormatError, EhFrameTable
 from uprobes.elf.framerule import FrameRule
+from uprobes.elf.image import ElfImage, FileIdentity
+from uprobes.errors import ElfError
 
 
 class CfiTable:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import os
 
+from uprobes.elf.framerule import FrameRule
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError
@@ -19,7 +20,6 @@ from uprobes.model.event import Frame
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
 from uprobes.unwind.cfi import CfiTable
-from uprobes.elf.framerule import FrameRule
 from uprobes.unwind.stack import RuleFinder
 
 

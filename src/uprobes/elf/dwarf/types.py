@@ -1,0 +1,182 @@
+"""C types from DWARF, read lazily: a struct that points to itself
+(`struct item *next`) is only followed as far as an access goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from uprobes.elf.dwarf.index import die_name
+
+_QUALIFIERS = frozenset(("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
+                         "DW_TAG_restrict_type", "DW_TAG_atomic_type"))
+_KINDS = {
+    "DW_TAG_base_type": "base", "DW_TAG_pointer_type": "pointer",
+    "DW_TAG_reference_type": "reference", "DW_TAG_rvalue_reference_type": "reference",
+    "DW_TAG_structure_type": "struct", "DW_TAG_class_type": "struct",
+    "DW_TAG_union_type": "union", "DW_TAG_array_type": "array",
+    "DW_TAG_enumeration_type": "enum", "DW_TAG_subroutine_type": "function",
+}
+# DW_ATE_* encodings of base types.
+_ENCODINGS = {0x2: "bool", 0x4: "float", 0x5: "signed", 0x6: "signed_char",
+              0x7: "unsigned", 0x8: "unsigned_char", 0x10: "utf"}
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int
+    """Bytes from the start of the struct."""
+    type: CType
+    bit_size: int | None = None
+    bit_offset: int = 0
+    """For a bitfield: bits from the start of the struct (DW_AT_data_bit_offset)."""
+
+
+class CType:
+    """One C type with typedefs and qualifiers stripped (`name` keeps the
+    spelling the source used). `kind`: base, pointer, reference, struct,
+    union, array, enum, function, void."""
+
+    def __init__(self, die: Any | None, spelled: str | None = None) -> None:
+        self.die = die
+        self._spelled = spelled
+
+    @classmethod
+    def of(cls, die: Any) -> CType:
+        """The type a variable or member DIE has (`DW_AT_type`), or void."""
+        if die is None or "DW_AT_type" not in die.attributes:
+            return cls(None)
+        t = die.get_DIE_from_attribute("DW_AT_type")
+        spelled = _spell(t)
+        while t is not None and t.tag in _QUALIFIERS:
+            t = t.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in t.attributes else None
+        return cls(t, spelled)
+
+    @property
+    def kind(self) -> str:
+        return "void" if self.die is None else _KINDS.get(self.die.tag, "unknown")
+
+    @property
+    def name(self) -> str:
+        return self._spelled or (_spell(self.die) if self.die is not None else "void")
+
+    @property
+    def size(self) -> int:
+        if self.die is None:
+            return 0
+        attr = self.die.attributes.get("DW_AT_byte_size")
+        if attr is not None:
+            return int(attr.value)
+        if self.kind in ("pointer", "reference"):
+            return 8
+        if self.kind == "array":
+            count = self.count
+            return self.target.size * count if count is not None else 0
+        return 0
+
+    @property
+    def encoding(self) -> str:
+        """A base type's DW_ATE as a word (signed, unsigned, bool, float,
+        signed_char, unsigned_char); an enum's is its underlying sign."""
+        if self.die is None:
+            return ""
+        attr = self.die.attributes.get("DW_AT_encoding")
+        if attr is not None:
+            return _ENCODINGS.get(attr.value, f"DW_ATE_0x{attr.value:x}")
+        if self.kind == "enum":
+            under = CType.of(self.die)
+            if under.die is not None:
+                return under.encoding
+            return "signed" if any(v < 0 for v, _ in self.enumerators) else "unsigned"
+        return ""
+
+    @property
+    def target(self) -> CType:
+        """What a pointer points to, an array's element type."""
+        return CType.of(self.die)
+
+    @property
+    def count(self) -> int | None:
+        """An array's element count (its first dimension), None when unknown."""
+        if self.die is None:
+            return None
+        for sub in self.die.iter_children():
+            if sub.tag != "DW_TAG_subrange_type":
+                continue
+            if "DW_AT_count" in sub.attributes:
+                return int(sub.attributes["DW_AT_count"].value)
+            if "DW_AT_upper_bound" in sub.attributes:
+                upper = sub.attributes["DW_AT_upper_bound"].value
+                return int(upper) + 1 if isinstance(upper, int) else None
+            return None
+        return None
+
+    @property
+    def members(self) -> list[Member]:
+        """A struct's or union's data members, in order."""
+        if self.die is None:
+            return []
+        out = []
+        for m in self.die.iter_children():
+            if m.tag != "DW_TAG_member" or "DW_AT_external" in m.attributes:
+                continue  # C++ static members have no place in the object
+            attrs = m.attributes
+            where = attrs.get("DW_AT_data_member_location")
+            offset = where.value if where is not None and isinstance(where.value, int) else 0
+            bit_size = attrs["DW_AT_bit_size"].value if "DW_AT_bit_size" in attrs else None
+            if "DW_AT_data_bit_offset" in attrs:
+                bit_offset = int(attrs["DW_AT_data_bit_offset"].value)
+            elif bit_size is not None and "DW_AT_bit_offset" in attrs:
+                # DWARF 2/3: counted from the storage unit's most significant bit.
+                unit = int(attrs["DW_AT_byte_size"].value) if "DW_AT_byte_size" in attrs \
+                    else CType.of(m).size
+                bit_offset = offset * 8 + unit * 8 - int(attrs["DW_AT_bit_offset"].value) \
+                    - int(bit_size)
+            else:
+                bit_offset = offset * 8
+            out.append(Member(die_name(m) or f"<anon@{offset}>", offset, CType.of(m),
+                              bit_size, bit_offset))
+        return out
+
+    @property
+    def enumerators(self) -> tuple[tuple[int, str], ...]:
+        if self.die is None:
+            return ()
+        return tuple((int(e.attributes["DW_AT_const_value"].value), die_name(e) or "?")
+                     for e in self.die.iter_children() if e.tag == "DW_TAG_enumerator")
+
+    @property
+    def is_char(self) -> bool:
+        return self.kind == "base" and self.encoding in ("signed_char", "unsigned_char") \
+            and self.size == 1
+
+
+def _spell(die: Any | None, depth: int = 0) -> str:
+    """How C writes the type `die` is (`const char *`, `struct item`, `long [4]`)."""
+    if die is None:
+        return "void"
+    if depth > 8:
+        return "..."
+    tag = die.tag
+    inner = (die.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in die.attributes
+             else None)
+    name = die_name(die)
+    if tag == "DW_TAG_pointer_type":
+        return _spell(inner, depth + 1) + " *"
+    if tag in ("DW_TAG_reference_type", "DW_TAG_rvalue_reference_type"):
+        return _spell(inner, depth + 1) + " &"
+    if tag == "DW_TAG_const_type":
+        return "const " + _spell(inner, depth + 1)
+    if tag == "DW_TAG_volatile_type":
+        return "volatile " + _spell(inner, depth + 1)
+    if tag in ("DW_TAG_restrict_type", "DW_TAG_atomic_type"):
+        return _spell(inner, depth + 1)
+    if tag == "DW_TAG_array_type":
+        count = CType(die).count
+        return f"{_spell(inner, depth + 1)} [{'' if count is None else count}]"
+    prefix = {"DW_TAG_structure_type": "struct ", "DW_TAG_union_type": "union ",
+              "DW_TAG_enumeration_type": "enum ", "DW_TAG_class_type": "class "}.get(tag, "")
+    if tag == "DW_TAG_subroutine_type":
+        return "function"
+    return prefix + (name or "<anonymous>")

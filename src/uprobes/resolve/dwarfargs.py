@@ -1,0 +1,433 @@
+"""Source variables (`s->name`, `$params`, `arr[3]`, `*p`) as fetches both
+engines make, from the program's DWARF at the probe's address.
+
+A variable's place there (`uprobes.elf.dwarf.location`) and its C type give
+the fetch: a register, memory at a register plus an offset, a chain of
+those for each pointer followed, memory at a static's address. Each access
+step moves the place: `.f` adds the member's offset, `->f` and `*p` read the
+pointer and go there, `[i]` adds i elements. What the access ends on is
+fetched by its type: integers by width and sign, `char *` and `char[N]` as
+strings, enums, bools, chars and floats with a `ValueView` that renderers
+print by, other pointers in hex, arrays of scalars as a kernel array, and a
+struct as one argument per member (`s_id`, `s_name`...) to a depth. So the
+kernel engine writes them as uprobe_events fetchargs and the ptrace engine
+evaluates the same fetchargs: the two give the same values.
+
+A variable with no place at the address prints `<optimized out>`; one whose
+place no fetch can express (a register the engines cannot read such as
+xmm0, a value computed from two registers) is an error naming why, or in
+`$params` an argument that says so: never a wrong value.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+from typing import Any
+
+from uprobes.elf.dwarf.index import DwarfFile, die_attr, die_name
+from uprobes.elf.dwarf.location import (
+    OPTIMIZED_OUT,
+    Frame,
+    Place,
+    location_at,
+    register_name,
+    unsupported,
+)
+from uprobes.elf.dwarf.types import CType, Member
+from uprobes.elf.ehframe import EhFrameTable
+from uprobes.elf.image import ElfImage
+from uprobes.errors import ResolveError
+from uprobes.lang.ast import (
+    Bitfield,
+    FetchArg,
+    FetchExpr,
+    FetchType,
+    Immediate,
+    ValueView,
+    Variable,
+)
+from uprobes.lang.fetchargs import MAX_ARG_NAME_LEN, MAX_ARRAY_LEN
+from uprobes.lang.render import render_expr, render_variable
+
+MAX_DEPTH = 2
+"""How deep structs are printed member by member (`s->in.x` is depth 2);
+deeper ones print `{...}`, as gdb's `set print max-depth`."""
+_NAMED_SCALARS = frozenset(("base", "enum", "pointer", "reference"))
+
+
+@dataclass(frozen=True)
+class Item:
+    """A value being accessed: where it is, its type, and for a bitfield
+    (bits, bit offset from the place's start) within a container of
+    `container` bits."""
+
+    place: Place
+    type: CType
+    bits: tuple[int, int, int] | None = None
+
+
+@dataclass
+class Scope:
+    """What a probe's address sees of its function's DWARF."""
+
+    df: DwarfFile
+    link_addr: int
+    entry: int
+    """The function's first address (link)."""
+    frame: Frame
+    variables: dict[str, Any]
+    """name -> DIE, the innermost scope's first (shadowing as C does)."""
+    params: list[Any]
+    function: str
+
+
+def scope_at(df: DwarfFile, image: ElfImage, link_addr: int, file_offset: int) -> Scope:
+    """The variables and parameters in scope at `link_addr` (file offset
+    `file_offset` of `image`), and how to find their places."""
+    scopes = df.scopes_at(link_addr)
+    functions = [s for s in scopes if s.tag == "DW_TAG_subprogram"]
+    if not functions:
+        raise ResolveError(f"{image.path}: no function in its DWARF ({df.path}) covers "
+                           f"0x{link_addr:x}")
+    outer = functions[-1]
+    cfi: list[EhFrameTable | None] = []
+
+    def cfa() -> tuple[str, int] | None:
+        if not cfi:
+            cfi.append(EhFrameTable.from_image(image))
+        table = cfi[0]
+        rule = table.rule_at(link_addr) if table is not None else None
+        reg = register_name(rule.cfa_reg) if rule is not None else None
+        return None if rule is None or reg is None else (reg, rule.cfa_offset)
+
+    entry = min((lo for lo, _ in df.ranges(outer)), default=link_addr)
+    frame = Frame(cfa=cfa, at_entry=entry == link_addr, delta=link_addr - file_offset)
+    frame.frame_base = lambda: location_at(df, outer, link_addr, frame, "DW_AT_frame_base")
+    variables: dict[str, Any] = {}
+    for die in reversed(scopes):
+        for child in die.iter_children():
+            if child.tag in ("DW_TAG_formal_parameter", "DW_TAG_variable"):
+                name = die_name(child)
+                if name is not None:
+                    variables.setdefault(name, child)
+    for die in df.unit_variables(outer.cu):
+        name = die_name(die)
+        if name is not None and ("DW_AT_location" in die.attributes
+                                 or "DW_AT_const_value" in die.attributes):
+            variables.setdefault(name, die)
+    innermost = next(s for s in reversed(scopes)
+                     if s.tag in ("DW_TAG_subprogram", "DW_TAG_inlined_subroutine"))
+    params = [c for c in innermost.iter_children() if c.tag == "DW_TAG_formal_parameter"]
+    return Scope(df, link_addr, entry, frame, variables, params, die_name(innermost) or "?")
+
+
+def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg, ...]:
+    """`args` with every `Variable` replaced by the fetches of its value."""
+    access = _Access(scope.frame.delta)
+    out: list[FetchArg] = []
+    for arg in args:
+        if not isinstance(arg.expr, Variable):
+            out.append(arg)
+            continue
+        var = arg.expr
+        if var.is_params:
+            for i, die in enumerate(scope.params):
+                out += access.leaves(_item(scope, die), die_name(die) or f"param{i + 1}", 0,
+                                     lenient=True)
+            continue
+        die = scope.variables.get(var.name)
+        if die is None:
+            near = difflib.get_close_matches(var.name, list(scope.variables), n=5, cutoff=0.6)
+            hint = f" (did you mean: {', '.join(near)}?)" if near else \
+                f" (in scope: {', '.join(list(scope.variables)[:12]) or 'none'})"
+            raise ResolveError(f"no variable '{var.name}' at {scope.function}+"
+                               f"0x{scope.link_addr - scope.entry:x}{hint}")
+        text = render_variable(var)
+        item = _item(scope, die)
+        for step in var.steps:
+            item = access.step(item, step.op, step.field, step.index, text)
+        leaves = access.leaves(item, arg.name, 0, lenient=False, text=text)
+        if arg.type.explicit:
+            leaves = [_explicit(leaves, arg, item)]
+        out += leaves
+    return tuple(_unique(out))
+
+
+def _item(scope: Scope, die: Any) -> Item:
+    place = location_at(scope.df, die, scope.link_addr, scope.frame)
+    if place.kind == "optimized_out" and "DW_AT_location" not in die.attributes:
+        const = die_attr(die, "DW_AT_const_value")  # an inlined copy keeps it on its origin
+        if const is not None and isinstance(const.value, int):
+            place = Place("value", None, int(const.value))
+    return Item(place, CType.of(die) if "DW_AT_type" in die.attributes
+                else CType.of(_origin(die)))
+
+
+def _origin(die: Any) -> Any:
+    for link in ("DW_AT_abstract_origin", "DW_AT_specification"):
+        if link in die.attributes:
+            return die.get_DIE_from_attribute(link)
+    return die
+
+
+def _part(place: Place, offset: int) -> Place:
+    """The place `offset` bytes into a value: memory moves; in pieces, the
+    piece that holds it; in a register, the register with the bit offset
+    noted (`bits@N`)."""
+    if place.kind == "pieces":
+        at = 0
+        for size, piece in place.pieces:
+            if at <= offset < at + size:
+                return _part(piece, offset - at)
+            at += size
+        return OPTIMIZED_OUT
+    if place.kind == "memory":
+        return replace(place, offset=place.offset + offset)
+    if place.kind == "value" and offset:
+        if place.base is None or place.offset:
+            return unsupported("a part of a computed value")
+        held = int(place.note[5:]) if place.note.startswith("bits@") else 0
+        return replace(place, note=f"bits@{held + offset * 8}")
+    return place
+
+
+class _Access:
+    """Access steps and leaves for one probe (`delta` places statics, see `Place.read`)."""
+
+    def __init__(self, delta: int) -> None:
+        self.delta = delta
+
+    def read(self, place: Place) -> FetchExpr:
+        return place.read(self.delta)
+
+    # -------------------------------------------------------- steps
+
+    def step(self, item: Item, op: str, field: str, index: int, text: str) -> Item:
+        t = item.type
+        if op == "*":
+            if t.kind not in ("pointer", "reference") or t.target.kind == "void":
+                raise ResolveError(f"{text}: cannot dereference a {t.name}")
+            return Item(self.pointee(item, 0, text), t.target)
+        if op == "[]":
+            if t.kind == "array":
+                count = t.count
+                if count is not None and index >= count:
+                    raise ResolveError(f"{text}: index {index} is past the end of {t.name}")
+                return Item(_part(item.place, index * t.target.size), t.target)
+            if t.kind == "pointer" and t.target.kind != "void":
+                return Item(self.pointee(item, index * t.target.size, text), t.target)
+            raise ResolveError(f"{text}: cannot index a {t.name}")
+        if op == "->":
+            if t.kind not in ("pointer", "reference"):
+                also = f" (write .{field})" if t.kind in ("struct", "union") else ""
+                raise ResolveError(f"{text}: '->{field}' needs a pointer, and this is a "
+                                   f"{t.name}{also}")
+            item, t = Item(self.pointee(item, 0, text), t.target), t.target
+        elif t.kind == "pointer":
+            raise ResolveError(f"{text}: '.{field}' on a pointer ({t.name}): write ->{field}")
+        elif t.kind == "reference":
+            item, t = Item(self.pointee(item, 0, text), t.target), t.target
+        if t.kind not in ("struct", "union"):
+            raise ResolveError(f"{text}: a {t.name} has no member '{field}'")
+        member = next((m for m in t.members if m.name == field), None)
+        if member is None:
+            names = [m.name for m in t.members]
+            near = difflib.get_close_matches(field, names, n=5, cutoff=0.5)
+            also = f" (did you mean: {', '.join(near)}?)" if near else \
+                f" (members: {', '.join(names)})"
+            raise ResolveError(f"{text}: {t.name} has no member '{field}'{also}")
+        return _member(item, member)
+
+    def pointer_value(self, item: Item, text: str) -> tuple[FetchExpr | None, int, bool] | Place:
+        """A pointer's value as (base, offset, link); a Place when it has none."""
+        place = _part(item.place, 0) if item.place.kind == "pieces" else item.place
+        if item.bits is not None or place.note.startswith("bits@"):
+            return unsupported(f"{text}: a pointer in part of a register")
+        if place.kind == "memory":
+            return self.read(place), 0, False
+        if place.kind == "value":
+            return place.base, place.offset, place.link
+        return place
+
+    def pointee(self, item: Item, by: int, text: str) -> Place:
+        got = self.pointer_value(item, text)
+        if isinstance(got, Place):
+            return got
+        base, off, link = got
+        return Place("memory", base, off + by, link)
+
+    # -------------------------------------------------------- leaves
+
+    def leaves(self, item: Item, name: str, depth: int, *, lenient: bool,
+               text: str | None = None) -> list[FetchArg]:
+        """The fetches that print `item`: one, or one per member of a struct."""
+        text = text or name
+        place, t = item.place, item.type
+        if place.kind in ("optimized_out", "unsupported"):
+            return [_marker(name, place, t, text, lenient)]
+        if t.kind in ("struct", "union"):
+            if depth >= MAX_DEPTH:
+                return [FetchArg(name, Immediate(0), FetchType("u8", view=_view("elided", t)))]
+            out: list[FetchArg] = []
+            for m in t.members:
+                out += self.leaves(_member(item, m), f"{name}_{m.name}", depth + 1,
+                                   lenient=lenient, text=f"{text}.{m.name}")
+            return out
+        try:
+            return [FetchArg(name, *self.scalar(item, text))]
+        except ResolveError as exc:
+            if not lenient:
+                raise
+            return [_marker(name, unsupported(str(exc)), t, text, lenient)]
+
+    def scalar(self, item: Item, text: str) -> tuple[FetchExpr, FetchType]:
+        t = item.type
+        if t.kind == "array":
+            return self.array(item, text)
+        if t.kind in ("pointer", "reference") and t.target.is_char:
+            got = self.pointer_value(item, text)
+            if isinstance(got, Place):
+                raise ResolveError(f"{text}: {got.note or 'no value here'}")
+            base, off, link = got
+            return (self.read(Place("memory", base, off, link)),
+                    FetchType("string", view=_view("string", t)))
+        if t.kind not in _NAMED_SCALARS or t.size not in (1, 2, 4, 8):
+            raise ResolveError(f"{text}: a {t.name} ({t.size} bytes) has no fetch type")
+        return self.fetch(item, _fetch_type(t), text)
+
+    def fetch(self, item: Item, ftype: FetchType, text: str) -> tuple[FetchExpr, FetchType]:
+        """The fetch of a scalar `item` read as `ftype`."""
+        place = _part(item.place, 0) if item.place.kind == "pieces" else item.place
+        in_register = int(place.note[5:]) if place.note.startswith("bits@") else 0
+        bits = item.bits
+        if place.kind == "value" and in_register:
+            bits = (item.type.size * 8, in_register, 64) if bits is None \
+                else (bits[0], in_register + bits[1], 64)
+        if bits is not None:
+            width, at, container = bits
+            if place.kind == "value":
+                container = 64
+            view = ftype.view
+            if ftype.base.startswith("s"):
+                view = replace(view or ValueView("int", item.type.name), sign_bits=width)
+            ftype = FetchType("bitfield", Bitfield(width, at, container), view=view)
+        if place.kind == "memory":
+            return self.read(place), ftype
+        if place.kind == "value":
+            if place.base is None and not place.link:
+                return Immediate(place.offset), ftype
+            if place.offset == 0 and place.base is not None:
+                return place.base, ftype
+            raise ResolveError(f"{text}: its value is computed ({_describe(place)}), which "
+                               "no fetch can express")
+        raise ResolveError(f"{text}: {place.note or place.kind}")
+
+    def array(self, item: Item, text: str) -> tuple[FetchExpr, FetchType]:
+        t = item.type
+        elem, count = t.target, t.count
+        if item.place.kind != "memory":
+            raise ResolveError(f"{text}: an array outside memory ({item.place.kind})")
+        if elem.is_char:
+            return self.read(item.place), FetchType("string", view=_view("string", t))
+        if count is None or count > MAX_ARRAY_LEN or elem.kind not in _NAMED_SCALARS \
+                or elem.size not in (1, 2, 4, 8):
+            raise ResolveError(f"{text}: a {t.name} has no fetch type (index it: {text}[0])")
+        return self.read(item.place), replace(_fetch_type(elem), array=count)
+
+
+def _member(item: Item, m: Member) -> Item:
+    size = m.type.size
+    if m.bit_size is None:
+        return Item(_part(item.place, m.offset), m.type)
+    container = max(size, 1) * 8
+    unit = (m.bit_offset // container) * (container // 8)
+    shift = m.bit_offset - unit * 8
+    if shift + m.bit_size > container:
+        return Item(unsupported(f"bitfield {m.name} straddles its storage unit"), m.type)
+    return Item(_part(item.place, unit), m.type, (m.bit_size, shift, container))
+
+
+def _marker(name: str, place: Place, t: CType, text: str, lenient: bool) -> FetchArg:
+    """A value that is not there: `<optimized out>`, or (in `$params`) why not."""
+    if place.kind == "optimized_out":
+        return FetchArg(name, Immediate(0), FetchType("u8", view=_view("optimized_out", t)))
+    if not lenient:
+        raise ResolveError(f"{text}: {place.note}; its value cannot be fetched here")
+    return FetchArg(name, Immediate(0),
+                    FetchType("u8", view=_view("unsupported", t, note=place.note)))
+
+
+def _view(kind: str, t: CType, **more: Any) -> ValueView:
+    return ValueView(kind, t.name, **more)
+
+
+def _fetch_type(t: CType) -> FetchType:
+    bits = t.size * 8
+    enc = t.encoding
+    if t.kind in ("pointer", "reference"):
+        return FetchType("x64", view=_view("pointer", t))
+    if t.kind == "enum":
+        sign = "s" if enc.startswith("signed") else "u"
+        return FetchType(f"{sign}{bits}", view=_view("enum", t, enumerators=t.enumerators))
+    if enc == "bool":
+        return FetchType(f"u{bits}", view=_view("bool", t))
+    if enc == "float":
+        return FetchType(f"u{bits}", view=_view("float", t))
+    if t.is_char:
+        return FetchType(f"{'s' if enc == 'signed_char' else 'u'}8", view=_view("char", t))
+    return FetchType(f"{'s' if enc.startswith('signed') else 'u'}{bits}")
+
+
+def _describe(place: Place) -> str:
+    base = render_expr(place.base) if place.base is not None else "an address"
+    return f"{base} {'+' if place.offset >= 0 else '-'} {abs(place.offset)}"
+
+
+def _explicit(leaves: list[FetchArg], arg: FetchArg, item: Item) -> FetchArg:
+    """The one fetch of a variable whose type the user wrote (`s->name:x64`)."""
+    if len(leaves) != 1:
+        raise ResolveError(f"{arg.text}: a {item.type.name} is {len(leaves)} values; "
+                           "a type applies to one")
+    return FetchArg(arg.name, leaves[0].expr, replace(arg.type, view=None), arg.text)
+
+
+def _unique(args: list[FetchArg]) -> list[FetchArg]:
+    """Argument names the kernel takes: at most 32 characters, each once."""
+    used: set[str] = set()
+    out = []
+    for a in args:
+        name, n = a.name[:MAX_ARG_NAME_LEN], 1
+        while name in used:
+            suffix = f"_{n}"
+            name = a.name[:MAX_ARG_NAME_LEN - len(suffix)] + suffix
+            n += 1
+        used.add(name)
+        out.append(a if name == a.name else replace(a, name=name))
+    return out
+
+
+def after_prologue(df: DwarfFile, entry: int) -> int | None:
+    """Where unoptimized code (-O0, or no -O, in the unit's DW_AT_producer) has set
+    up its frame and stored its arguments: the first address of the
+    function's second source line, as gdb's `break FUNC` and perf probe pick.
+    None for optimized code (its locations are right from the first
+    instruction) or when the line table says nothing better."""
+    cu = df.unit_at(entry)
+    if cu is None:
+        return None
+    levels = [f for f in df.producer(cu).split() if f.startswith("-O")]
+    if levels and levels[-1] != "-O0":  # gcc takes the last -O given
+        return None
+    scopes = [s for s in df.scopes_at(entry) if s.tag == "DW_TAG_subprogram"]
+    if not scopes:
+        return None
+    end = max(hi for lo, hi in df.ranges(scopes[-1]) if lo <= entry < hi)
+    rows = sorted((r for r in df.line_rows(cu)
+                   if entry <= r.address < end and not r.end_sequence),
+                  key=lambda r: r.address)
+    if not rows or rows[0].address != entry:
+        return None
+    first = rows[0].line
+    return next((r.address for r in rows if r.address > entry and r.line != first
+                 and r.is_stmt), None)
