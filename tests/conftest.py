@@ -328,6 +328,18 @@ def running_process() -> object:
 
 
 @pytest.fixture
+def running_forever(compile_c: Compiler) -> Iterator[int]:
+    """tests/fixtures/forever.c running (it said `ready`): its pid; killed afterwards."""
+    proc = subprocess.Popen([str(compile_c("forever.c"))], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("ready ")
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
 def tfs(tracefs: Path) -> Tracefs:
     """Our tracefs layer on the test machine's tracefs."""
     from uprobes.sys.tracefs import Tracefs

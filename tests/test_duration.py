@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,21 +71,12 @@ def test_duration_kills_a_command_that_ignores_sigterm(forever: Path, tracefs: P
     assert "uprobes/tick" in up.stdout
 
 
-@pytest.fixture
-def running(forever: Path) -> Iterator[int]:
-    proc = subprocess.Popen([str(forever)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().startswith("ready ")
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("command", COMMANDS)
-def test_duration_with_pid_leaves_the_process_running(command: str, engine: str, running: int,
-                                                      forever: Path, tracefs: Path) -> None:
+def test_duration_with_pid_leaves_the_process_running(command: str, engine: str,
+                                                      running_forever: int, forever: Path,
+                                                      tracefs: Path) -> None:
+    running = running_forever
     up = run_bounded([*UPROBES, command, "-e", engine, "--duration", "0.5",
                       f"{forever}:tick", "-p", str(running)])
     assert up.returncode == 0 and "Traceback" not in up.stderr, up.stderr[-3000:]

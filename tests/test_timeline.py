@@ -55,3 +55,129 @@ def test_chrome_json_keeps_the_clock_snapshots(timeline_exe: Path, tmp_path: Pat
     stamps = [int(e["ts"] * 1000) for e in doc["traceEvents"] if e["ph"] != "M"]
     assert len(stamps) == 2
     check_clocks(doc["uprobes"]["clocks"], stamps)
+
+
+def between_marks(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The documents strictly between the hits of mark(1) and mark(2)."""
+    marks = [i for i, d in enumerate(docs) if d.get("probe") == "uprobes/mark"]
+    assert [docs[i]["args"]["n"] for i in marks] == [1, 2], docs
+    return docs[marks[0] + 1:marks[1]]
+
+
+def in_time_order(docs: list[dict[str, Any]]) -> bool:
+    stamps = [d["ts_ns"] for d in docs if "ts_ns" in d]
+    return stamps == sorted(stamps)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_syscall_made_between_two_probes_shows_between_their_hits(
+        timeline_exe: Path, engine: str) -> None:
+    *docs, summary = trace_docs(["-e", engine, "--kernel", "syscalls,sched",
+                                 f"{timeline_exe}:mark n=%di:s32", "--", str(timeline_exe), "0"])
+    assert in_time_order(docs)
+    calls = [(d["kernel"], d["name"], d["fields"].get("ret"))
+             for d in between_marks(docs) if d.get("kernel", "").startswith("syscall")]
+    # The ptrace engine may make calls of its own in the program between
+    # the hits (none here: both marks are placed before it runs); openat is
+    # the fixture's.
+    assert ("syscall_enter", "openat", None) in calls
+    assert calls.index(("syscall_enter", "openat", None)) + 1 == \
+        calls.index(("syscall_exit", "openat", -2))  # ENOENT
+    kernel = [d for d in docs if "kernel" in d]
+    # Filtered in the kernel to the command: no other task's events, on a
+    # machine where other tasks run and make system calls all the time.
+    pid = docs[0]["pid"]
+    assert kernel and {d["pid"] for d in kernel} == {pid}
+    assert summary["summary"]["kernel"] == {"events": len(kernel), "lost": 0}
+    # exit_group ends the program: its last system call.
+    assert calls and [d["name"] for d in kernel if d["kernel"] == "syscall_enter"][-1] == \
+        "exit_group"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sleep_inside_a_call_shows_off_cpu_then_on_cpu(timeline_exe: Path, engine: str) -> None:
+    *docs, _ = trace_docs(["-e", engine, "--kernel", "sched,syscalls",
+                           f"{timeline_exe}:work", f"r {timeline_exe}:work",
+                           "--", str(timeline_exe), "1", "10000", "0"])
+    assert in_time_order(docs)
+    ends = [i for i, d in enumerate(docs) if d.get("probe", "").startswith("uprobes/work")]
+    assert len(ends) == 2
+    inside = [(d["kernel"], d["name"], d["fields"].get("state"))
+              for d in docs[ends[0] + 1:ends[1]] if "kernel" in d]
+    sleep = inside.index(("syscall_enter", "clock_nanosleep", None))
+    asleep = inside.index(("off_cpu", "sched_switch", "S"), sleep)
+    woken = inside.index(("on_cpu", "sched_switch", None), asleep)
+    inside.index(("syscall_exit", "clock_nanosleep", None), woken)  # raises if absent
+    nanosleep = [d for d in docs[ends[0] + 1:ends[1]]
+                 if d.get("kernel") == "syscall_exit" and d["name"] == "clock_nanosleep"]
+    assert nanosleep[0]["fields"]["ret"] == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_tracepoint_by_name_and_page_faults(timeline_exe: Path, engine: str) -> None:
+    *docs, _ = trace_docs(["-e", engine, "--kernel", "syscalls:sys_enter_openat,faults",
+                           f"{timeline_exe}:mark n=%di:s32", "--", str(timeline_exe), "0"])
+    named = [d for d in between_marks(docs) if d.get("kernel") == "tracepoint"]
+    assert [d["name"] for d in named] == ["syscalls:sys_enter_openat"]
+    assert named[0]["fields"]["flags"] == 0  # O_RDONLY, as the fixture opens it
+    faults = [d for d in docs if d.get("kernel") == "page_fault"]
+    assert faults and all(d["fields"]["address"] > 0 for d in faults)
+
+
+def test_text_lines_of_kernel_events(timeline_exe: Path) -> None:
+    out = io.StringIO()
+    assert main(["trace", "--kernel", "syscalls", f"{timeline_exe}:mark n=%di:s32",
+                 "--", str(timeline_exe), "0"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.endswith("n=1"))
+    second = next(i for i, line in enumerate(lines) if line.endswith("n=2"))
+    between = [line.split(": ", 1)[1] for line in lines[first + 1:second]]
+    assert any(b.startswith("sys_enter: openat(dfd=0xffffff9c, ") for b in between), between
+    assert "sys_exit: openat = -2" in between
+
+
+def test_chrome_json_has_syscall_and_off_cpu_slices(timeline_exe: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "trace.json"
+    assert main(["trace", "--format", "perfetto", "-o", str(out_file), "--kernel",
+                 "sched,syscalls", f"{timeline_exe}:work", f"r {timeline_exe}:work",
+                 "--", str(timeline_exe), "1", "10000", "0"], out=io.StringIO()) == 0
+    doc = json.loads(out_file.read_text())
+    slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    work = next(s for s in slices if s["name"] == "work")
+    sleep = next(s for s in slices if s["cat"] == "syscall" and s["name"] == "clock_nanosleep")
+    off = [s for s in slices if s["name"] == "off-cpu (S)"]
+    assert sleep["args"]["ret"] == 0
+    # Nested as they happened: the sleep inside the call, off the CPU inside the sleep.
+    assert work["ts"] <= sleep["ts"] and sleep["ts"] + sleep["dur"] <= work["ts"] + work["dur"]
+    assert any(sleep["ts"] <= s["ts"] and s["ts"] + s["dur"] <= sleep["ts"] + sleep["dur"]
+               for s in off)
+    assert doc["uprobes"]["kernel"]["lost"] == 0
+
+
+@pytest.mark.parametrize(("words", "said"), [
+    ("sched:sched_swich", "this kernel has no tracepoint sched:sched_swich; did you mean "
+                          "sched:sched_switch"),
+    ("schedule", "--kernel 'schedule': not sched, syscalls, faults nor a GROUP:EVENT"),
+])
+def test_unknown_kernel_events_say_what_there_is(timeline_exe: Path, words: str, said: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "--kernel", words, f"{timeline_exe}:mark",
+                 "--", str(timeline_exe), "0"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"uprobes: error: {said}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_process_by_pid_gets_its_own_kernel_events(running_forever: int, engine: str,
+                                                     tracefs: Path) -> None:
+    running = running_forever
+    exe = Path(f"/proc/{running}/exe").resolve()
+    *docs, _ = trace_docs(["-e", engine, "--duration", "1", "--kernel", "syscalls",
+                           f"{exe}:tick i=%di:s64", "-p", str(running)])
+    assert in_time_order(docs)
+    ticks = [i for i, d in enumerate(docs) if d.get("probe") == "uprobes/tick"]
+    assert len(ticks) >= 3, docs[-5:]
+    assert {d["pid"] for d in docs if "kernel" in d} == {running}
+    # Between two ticks, the loop's nanosleep (glibc's clock_nanosleep), whole.
+    calls = [(d["kernel"], d["name"]) for d in docs[ticks[-2] + 1:ticks[-1]] if "kernel" in d]
+    assert calls == [("syscall_enter", "clock_nanosleep"), ("syscall_exit", "clock_nanosleep")]

@@ -30,12 +30,15 @@ from uprobes.commands.selection import (
 )
 from uprobes.engines.base import Request, open_tracer
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
+from uprobes.engines.kevents.decode import parse_kernel_option
+from uprobes.engines.kevents.source import KernelEvents
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
 from uprobes.model.event import ProbeInfo
 from uprobes.model.probe import ResolvedProbe
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
+from uprobes.render.timeline import Timeline
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
@@ -57,6 +60,10 @@ EXAMPLES = [
     "  # each hit with its user stack, one frame a line",
     "uprobes trace --if 'size > 65536' --comm python3.11 'libc:malloc size=%di:u64' -- "
     "/usr/bin/python3.11 -c pass  # filtered in the kernel: no record for the rest",
+    "uprobes trace --kernel sched,syscalls 'libc:fflush' 'r libc:fflush' -- /bin/echo hi"
+    "  # the system calls and CPU switches of the command between the hits, in time order",
+    "uprobes trace --kernel 'syscalls:sys_enter_openat' 'libc:malloc' -- /bin/true"
+    "  # any tracepoint by name (see /sys/kernel/tracing/available_events)",
     "uprobes trace --duration 4 'libc:getppid' & sleep 2; python3 -c 'import os; os.getppid()'"
     "; wait  # system-wide, for 4 seconds",
 ]
@@ -70,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text: the kernel's trace lines (default); jsonl: one JSON object "
                         "per hit (same as --json); perfetto: a trace file for "
                         "ui.perfetto.dev (entry+return of a call as one slice)")
+    p.add_argument("--kernel", metavar="EVENTS", default=None,
+                   help="the kernel's events of the traced threads between the hits, in time "
+                        "order: sched (off and on the CPU, with the state), syscalls (names, "
+                        "arguments, return values), faults (user page faults), or any "
+                        "tracepoint as GROUP:EVENT; comma-separated")
     p.add_argument("--stack", action="store_true",
                    help="print the user stack of each hit (symbol+offset and file, innermost "
                         "first), from DWARF CFI (.eh_frame) or frame pointers")
@@ -99,20 +111,24 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             sys.stderr.write(f"uprobes: note: {note}\n")
     uretprobe_note(probes, sys.stderr)
     with ExitStack() as stack:
+        kevents = None
+        if args.kernel is not None:
+            kevents = stack.enter_context(KernelEvents(parse_kernel_option(args.kernel)))
         if args.output:
             try:
                 out = stack.enter_context(open(args.output, "w"))
             except OSError as e:
                 raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
         child = launch(args.argv_command) if args.argv_command else None
-        return _trace(args, out, probes, child)
+        return _trace(args, out, probes, child, kevents)
 
 
-Renderer = TraceTextRenderer | JsonLinesRenderer | PerfettoRenderer
+Output = TraceTextRenderer | JsonLinesRenderer | PerfettoRenderer
+Renderer = Output | Timeline
 
 
 def _renderer(args: argparse.Namespace, out: TextIO, infos: dict[str, ProbeInfo],
-              probes: list[ResolvedProbe]) -> Renderer:
+              probes: list[ResolvedProbe]) -> Output:
     fmt = args.format or ("jsonl" if args.json else "text")
     if fmt == "perfetto":
         return PerfettoRenderer(out, infos, call_entries(probes))
@@ -127,7 +143,7 @@ def call_entries(probes: list[ResolvedProbe]) -> set[str]:
 
 
 def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
-           child: Launched | None) -> int:
+           child: Launched | None, kevents: KernelEvents | None) -> int:
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
     stack_bytes = args.stack_bytes if args.stack else 0
@@ -141,8 +157,13 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             child.abort()
         raise
     try:
+        if kevents is not None:  # before the probes: the first hit has its kernel events
+            kevents.open(pid=args.pid, child=child.pid if child else None)
         with tracer:
-            renderer = _renderer(args, out, tracer.infos, probes)
+            output = _renderer(args, out, tracer.infos, probes)
+            renderer = output
+            if kevents is not None:
+                renderer = Timeline(output, kevents)
             if child is not None:
                 child.release()
             elif not tracer.target_exited:
@@ -156,6 +177,8 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
                 tracer.run(renderer.event, args.duration)
             else:
                 tracer.run_render(renderer, args.duration)  # text/jsonl: the fast paths
+            if kevents is not None:
+                kevents.disable()
             renderer.summary(tracer.events, tracer.lost)
             out.flush()
     except BaseException:
@@ -166,7 +189,8 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             else:
                 child.wait()  # it runs on, unharmed, to its end
         raise
-    sys.stderr.write(f"uprobes: {tracer.events} events, {tracer.lost} lost\n")
+    kernel = "" if kevents is None else f"; {kevents.count} kernel events, {kevents.lost} lost"
+    sys.stderr.write(f"uprobes: {tracer.events} events, {tracer.lost} lost{kernel}\n")
     if child is not None:
         child.reaped(tracer.child_status)
         return finish(child, started, args.duration, note)

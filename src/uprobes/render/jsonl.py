@@ -11,6 +11,11 @@ key, and learn whether the kernel dropped records (lost > 0). It also holds
 `"clocks": {"start": {...}, "end": {...}}`, CLOCK_MONOTONIC, REALTIME and
 BOOTTIME read together as the run started and ended (`monotonic_ns`,
 `realtime_ns`, `boottime_ns`): `ts_ns` is MONOTONIC, and these convert it.
+
+With `trace --kernel`, the kernel's events come between the hits in time
+order, one object each: `{"kernel": KIND, "name", "pid", "tid", "comm",
+"cpu", "ts_ns", "fields": {...}}` (kinds and fields: uprobes.model.kevent),
+and the summary gains `"kernel": {"events": K, "lost": L}`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TextIO
 
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.kevent import KernelEvent
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_json
 from uprobes.sys.clocks import snapshot
@@ -92,6 +98,7 @@ class JsonLinesRenderer:
         self._templates: dict[str, _Template] = {}
         self._comms: dict[str, str] = {}
         self.clock_start = snapshot()
+        self._kernel: dict[str, int] | None = None
 
     def event(self, event: Event) -> None:
         self.out.write(_dumps(event_doc(event, self.probes.get(event.probe))) + "\n")
@@ -151,5 +158,14 @@ class JsonLinesRenderer:
 
     def summary(self, events: int, lost: int) -> None:
         clocks = {"start": self.clock_start.as_dict(), "end": snapshot().as_dict()}
-        self.out.write(_dumps({"summary": {"events": events, "lost": lost,
-                                           "clocks": clocks}}) + "\n")
+        doc: dict[str, object] = {"events": events, "lost": lost}
+        if self._kernel is not None:
+            doc["kernel"] = self._kernel
+        doc["clocks"] = clocks
+        self.out.write(_dumps({"summary": doc}) + "\n")
+
+    def kernel_event(self, ev: KernelEvent) -> None:
+        self.out.write(_dumps(ev.as_dict()) + "\n")
+
+    def kernel_summary(self, events: int, lost: int) -> None:
+        self._kernel = {"events": events, "lost": lost}

@@ -10,6 +10,14 @@ file's header (of CLOCK_MONOTONIC here, not the trace clock).
 An event with a stack (`trace --stack`) is followed by one line per frame,
 innermost first, each indented by a tab (as perf script and bpftrace print
 stacks): `\tsymbol+0xoff (path)`.
+
+Kernel events (`trace --kernel`) get lines of the same shape:
+`sched_switch: off-cpu state=S next_comm=... next_pid=N`, `sched_switch:
+on-cpu`, `sys_enter: openat(dfd=0xffffff9c, filename=0x55..., ...)` (the
+arguments in hex, as the kernel's syscall events print them), `sys_exit:
+openat = -2`, `page_fault_user: address=0x... ip=0x... error_code=0x6`,
+and any other tracepoint's fields as `name=value` (in hex for the
+`syscalls:` events, as their print fmt has them).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import TextIO
 
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.kevent import KernelEvent, KernelValue
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_text
 
@@ -64,6 +73,37 @@ def format_line(event: Event, info: ProbeInfo) -> str:
     secs, nsec = divmod(event.ts_ns, 1_000_000_000)
     head = f"{event.comm:>16}-{event.tid:<7} [{event.cpu:03d}] {secs:5d}.{nsec // 1000:06d}"
     return f"{head}: {info.event}: {format_location(event)}{format_args(event, info)}"
+
+
+def _kernel_value(value: KernelValue, hexadecimal: bool) -> str:
+    if isinstance(value, list):
+        return "{" + ",".join(_kernel_value(v, hexadecimal) for v in value) + "}"
+    if isinstance(value, str) or value is None:
+        return "(fault)" if value is None else f'"{value}"'
+    return f"0x{value & (1 << 64) - 1:x}" if hexadecimal else str(value)
+
+
+def format_kernel_line(ev: KernelEvent) -> str:
+    """The trace line of a kernel event (see the module's doc)."""
+    secs, nsec = divmod(ev.ts_ns, 1_000_000_000)
+    head = f"{ev.comm:>16}-{ev.tid:<7} [{ev.cpu:03d}] {secs:5d}.{nsec // 1000:06d}"
+    f = ev.fields
+    if ev.kind == "off_cpu":
+        body = (f"sched_switch: off-cpu state={f.get('state')} next_comm={f.get('next_comm')} "
+                f"next_pid={f.get('next_pid')}")
+    elif ev.kind == "on_cpu":
+        body = "sched_switch: on-cpu"
+    elif ev.kind == "syscall_enter":
+        args = ", ".join(f"{k}={_kernel_value(v, True)}" for k, v in f.items())
+        body = f"sys_enter: {ev.name}({args})"
+    elif ev.kind == "syscall_exit":
+        body = f"sys_exit: {ev.name} = {f.get('ret')}"
+    else:
+        hexadecimal = ev.kind == "page_fault" or ev.name.startswith("syscalls:")
+        event = ev.name.rpartition(":")[2]
+        body = f"{event}:" + "".join(f" {k}={_kernel_value(v, hexadecimal)}"
+                                     for k, v in f.items())
+    return f"{head}: {body}"
 
 
 def _fast_code(ftype: FetchType) -> str | None:
@@ -177,6 +217,12 @@ class TraceTextRenderer:
             except TypeError:  # a value of an unexpected kind: the slow, general way
                 append(format_line(hit_event(hit, self.probes[probe]), self.probes[probe]) + "\n")
         return lines
+
+    def kernel_event(self, ev: KernelEvent) -> None:
+        self.out.write(format_kernel_line(ev) + "\n")
+
+    def kernel_summary(self, events: int, lost: int) -> None:
+        """Text output carries no summary line: it goes to stderr."""
 
     def summary(self, events: int, lost: int) -> None:
         """Text output carries no summary line: it goes to stderr."""

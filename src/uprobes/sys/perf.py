@@ -26,6 +26,7 @@ import ctypes
 import errno
 import mmap
 import os
+import resource
 import struct
 import time
 from collections.abc import Mapping
@@ -79,6 +80,7 @@ ATTR_MMAP_DATA = 1 << 17
 ATTR_SAMPLE_ID_ALL = 1 << 18
 ATTR_MMAP2 = 1 << 23
 ATTR_USE_CLOCKID = 1 << 25
+ATTR_CONTEXT_SWITCH = 1 << 26
 ATTR_WRITE_BACKWARD = 1 << 27
 ATTR_INHERIT_THREAD = 1 << 35
 ATTR_REMOVE_ON_EXEC = 1 << 36
@@ -95,6 +97,12 @@ PERF_EVENT_IOC_SET_FILTER = 0x40082406
 PERF_RECORD_LOST = 2
 PERF_RECORD_SAMPLE = 9
 PERF_RECORD_MMAP2 = 10
+PERF_RECORD_SWITCH = 14
+PERF_RECORD_SWITCH_CPU_WIDE = 15  # the same, of a per-CPU event: also names the other task
+# perf_event_header.misc of a PERF_RECORD_SWITCH: the task left the CPU
+# (else it came on), and it left runnable (preempted), not blocked.
+PERF_RECORD_MISC_SWITCH_OUT = 1 << 13
+PERF_RECORD_MISC_SWITCH_OUT_PREEMPT = 1 << 14
 
 PERF_ATTR_SIZE_VER8 = 136
 PAGE_SIZE = mmap.PAGESIZE
@@ -236,7 +244,9 @@ TRACE_SAMPLE_TYPE = PERF_SAMPLE_RAW | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_
 def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int = 1,
                     watermark_bytes: int = 0, clockid: int | None = time.CLOCK_MONOTONIC,
                     sample_type: int = TRACE_SAMPLE_TYPE, user_regs: int = 0,
-                    user_stack_bytes: int = 0, track_mmaps: bool = False) -> PerfEventAttr:
+                    user_stack_bytes: int = 0, track_mmaps: bool = False,
+                    context_switch: bool = False, enable_on_exec: bool = False,
+                    ) -> PerfEventAttr:
     """Attr for a sampling tracepoint event: every hit is one record.
 
     Timestamps come from `clockid` (CLOCK_MONOTONIC by default, via
@@ -247,7 +257,11 @@ def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int 
     copy of the user stack at the hit to each sample. `track_mmaps`: the
     ring also gets a PERF_RECORD_MMAP2 for every executable mapping the
     tasks make (exec's included; one event per ring should ask, or each
-    asking event writes its own copy). Starts disabled.
+    asking event writes its own copy). `context_switch`: the ring also gets
+    a PERF_RECORD_SWITCH each time a task of the event comes on or leaves
+    a CPU, stamped by a sample_id trailer of the TID, TIME and CPU sample
+    bits. `enable_on_exec`: the event starts counting at the task's next
+    exec. Starts disabled.
     """
     attr = PerfEventAttr()
     attr.size = ctypes.sizeof(attr)
@@ -264,6 +278,10 @@ def tracepoint_attr(event_id: int, *, inherit: bool = False, wakeup_events: int 
     attr.flags = ATTR_DISABLED | (ATTR_INHERIT if inherit else 0)
     if track_mmaps:
         attr.flags |= ATTR_MMAP | ATTR_MMAP2
+    if context_switch:
+        attr.flags |= ATTR_CONTEXT_SWITCH | ATTR_SAMPLE_ID_ALL
+    if enable_on_exec:
+        attr.flags |= ATTR_ENABLE_ON_EXEC
     if watermark_bytes:
         attr.flags |= ATTR_WATERMARK
         attr.wakeup_events = watermark_bytes
@@ -332,3 +350,14 @@ def _cpu_list(which: str) -> list[int]:
         lo, _, hi = part.partition("-")
         cpus.extend(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+def raise_fd_limit(need: int, spare: int = 64) -> None:
+    """Perf events take one fd per event, task and CPU: lift the soft limit
+    on open files toward the hard one when `need` (+ `spare`) exceeds it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))

@@ -257,6 +257,10 @@ class Tracefs:
         """The tracepoint id of `group/event` (perf's `config` for PERF_TYPE_TRACEPOINT)."""
         return int(self._read("events", group, event, "id"))
 
+    def available_events(self) -> list[str]:
+        """Every trace event of this kernel, as `group:event` (`available_events`)."""
+        return self._read("available_events").split()
+
     def event_format(self, group: str, event: str) -> EventFormat:
         """The parsed `format` file of `group/event`."""
         return parse_format(self._read("events", group, event, "format"))

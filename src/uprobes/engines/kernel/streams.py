@@ -12,14 +12,13 @@ their address spaces get breakpoints.
 from __future__ import annotations
 
 import errno
-import resource
 from collections.abc import Iterator
 from contextlib import ExitStack
 
 from uprobes.engines.kernel.batches import read_batch, read_runs
 from uprobes.errors import KernelError
 from uprobes.sys import procfs
-from uprobes.sys.perf import PerfEvent, online_cpus, open_tracepoint
+from uprobes.sys.perf import PerfEvent, online_cpus, open_tracepoint, raise_fd_limit
 from uprobes.sys.perf_ring import MmapRecord, RingBuffer, Sample
 
 DEFAULT_RING_PAGES = 256
@@ -58,7 +57,7 @@ class CpuStreams:
 
     def open(self, event_ids: list[int], tasks: list[int]) -> None:
         """Open (enabled) events for every id x task x CPU; `tasks=[-1]`: system-wide."""
-        _raise_fd_limit(len(event_ids) * len(tasks) * len(self.cpus) + len(self.events))
+        raise_fd_limit(len(event_ids) * len(tasks) * len(self.cpus) + len(self.events))
         for event_id in event_ids:
             for task in tasks:
                 if (event_id, task) in self._opened:
@@ -177,13 +176,4 @@ class CpuStreams:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _raise_fd_limit(need: int) -> None:
-    """One fd per probe per task per CPU: lift the soft limit to the hard one if short."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = need + 64
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        if new > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 

@@ -1,0 +1,182 @@
+"""Perf events on kernel tracepoints for exactly the traced threads, and their rings.
+
+The kernel does the filtering: each event is opened for a task on each CPU
+with `inherit`, so it records that task and the threads and children it
+makes afterwards, nothing else (a process given by pid gets one per
+thread, rescanning its threads until no new one appears, as the probes'
+own events do). A command launched held before exec gets events that
+start counting at its exec (`enable_on_exec`): what the launcher does
+before is not the command's. System-wide, every task on every CPU but
+uprobes itself (a kernel filter on `common_pid`: reading the rings would
+otherwise feed them).
+
+Every sample is stamped on CLOCK_MONOTONIC (`use_clockid`), the probes'
+clock. One ring per CPU holds every event of that CPU; `read()` hands over
+what they hold, decoded, in time order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from contextlib import ExitStack
+
+from uprobes.engines.kevents.decode import Decoders, Tracepoint, resolve
+from uprobes.errors import KernelError, ProcessError
+from uprobes.model.kevent import KernelEvent
+from uprobes.sys import procfs
+from uprobes.sys.perf import (
+    PERF_RECORD_LOST,
+    PERF_RECORD_MISC_SWITCH_OUT,
+    PERF_RECORD_SAMPLE,
+    PERF_RECORD_SWITCH,
+    PERF_RECORD_SWITCH_CPU_WIDE,
+    PerfEvent,
+    online_cpus,
+    raise_fd_limit,
+    tracepoint_attr,
+)
+from uprobes.sys.perf_ring import RECORD_HEADER, RingBuffer
+from uprobes.sys.tracefs import Tracefs
+
+DEFAULT_RING_PAGES = 256
+# The reader is woken per this much of a ring; the poll of the engine's
+# loop, which reads these rings with its hits, bounds the latency.
+_WAKEUP_BYTES = 64 * 1024
+_SAMPLE = struct.Struct("<IIQIII")  # TID (pid, tid), TIME, CPU (cpu, res), RAW size
+_SAMPLE_ID = struct.Struct("<IIQII")  # a switch record's trailer: TID, TIME, CPU
+_LOST = struct.Struct("<QQ")
+_SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
+
+
+class KernelEvents:
+    """The tracepoints' events of a run: open, read in time order, close (a
+    context manager owning every fd and ring)."""
+
+    def __init__(self, names: list[str], tracefs: Tracefs | None = None,
+                 ring_pages: int = DEFAULT_RING_PAGES) -> None:
+        """`names`: tracepoints (`decode.parse_kernel_option`); an unknown
+        one is a UsageError here, before anything is opened."""
+        tracefs = tracefs or Tracefs()
+        self.points: list[Tracepoint] = resolve(tracefs, names)
+        self.decoders = Decoders(tracefs, self.points)
+        self.ring_pages = ring_pages
+        self.cpus = online_cpus()
+        self.rings: dict[int, RingBuffer] = {}
+        self._stack = ExitStack()
+        self._opened: set[int] = set()
+        self._comms: dict[int, str] = {}
+        self.count = 0
+        self.lost = 0
+        self._own_pid = os.getpid()
+
+    def open(self, *, pid: int | None = None, child: int | None = None) -> None:
+        """Events for `child` (a command held before exec), or every thread of
+        `pid`, or (neither) every task."""
+        if child is not None:
+            self._open_task(child, on_exec=True)
+        elif pid is not None:
+            seen: set[int] = set()
+            while new := sorted(set(procfs.tids(pid)) - seen):
+                for tid in new:
+                    try:
+                        self._open_task(tid)
+                    except KernelError as e:
+                        if e.errno != errno.ESRCH:  # a thread that ended meanwhile
+                            raise
+                seen.update(new)
+        else:
+            self._open_task(-1)
+
+    def _open_task(self, task: int, on_exec: bool = False) -> None:
+        if task in self._opened:
+            return
+        self._opened.add(task)
+        raise_fd_limit(len(self.points) * len(self.cpus) * len(self._opened), spare=256)
+        watermark = min(self.ring_pages * 4096 // 4, _WAKEUP_BYTES)
+        for tp in self.points:
+            for cpu in self.cpus:
+                attr = tracepoint_attr(tp.format.id, inherit=task != -1,
+                                       watermark_bytes=watermark, context_switch=tp.switches,
+                                       enable_on_exec=on_exec)
+                ev = self._stack.enter_context(PerfEvent.open(
+                    attr, pid=task, cpu=cpu, what=f"tracepoint {tp.name} task {task} cpu {cpu}",
+                    hints={errno.ENOENT: f"the tracepoint {tp.name} went away",
+                           errno.ESRCH: "the process ended"}))
+                if task == -1:
+                    ev.set_filter(f"common_pid != {os.getpid()}")
+                ring = self.rings.get(cpu)
+                if ring is None:
+                    self.rings[cpu] = self._stack.enter_context(RingBuffer(ev, self.ring_pages))
+                else:
+                    ev.set_output(ring.event)
+                if not on_exec:
+                    ev.enable()
+
+    def fds(self) -> list[int]:
+        return [r.fileno() for r in self.rings.values()]
+
+    def read(self) -> list[KernelEvent]:
+        """Every event the rings hold now, decoded, in time order."""
+        out: list[KernelEvent] = []
+        for ring in self.rings.values():
+            self._read_ring(ring, out)
+        out.sort(key=_ts)
+        self.count += len(out)
+        return out
+
+    def _read_ring(self, ring: RingBuffer, out: list[KernelEvent]) -> None:
+        data = ring.take()
+        decode, append = self.decoders.decode, out.append
+        pos, end = 0, len(data)
+        while pos < end:
+            rtype, misc, size = RECORD_HEADER.unpack_from(data, pos)
+            if size < 8 or pos + size > end:
+                raise ring.corrupt(size)
+            if rtype == PERF_RECORD_SAMPLE:
+                pid, tid, ts, cpu, _res, raw_size = _SAMPLE.unpack_from(data, pos + 8)
+                at = pos + 8 + _SAMPLE.size
+                ev = decode(data[at:at + raw_size], pid, tid, cpu, ts, self._comm(tid))
+                if ev is not None:
+                    append(ev)
+                    if ev.kind == "off_cpu":
+                        self._comms[tid] = ev.comm
+            elif rtype in _SWITCHES and not misc & PERF_RECORD_MISC_SWITCH_OUT:
+                # Off the CPU is sched_switch's sample (it has the state); on is this.
+                pid, tid, ts, cpu, _res = _SAMPLE_ID.unpack_from(data, pos + size - _SAMPLE_ID.size)
+                if pid != self._own_pid:
+                    append(KernelEvent(ts, pid, tid, cpu, "on_cpu", "sched_switch",
+                                       self._comm(tid)))
+            elif rtype == PERF_RECORD_LOST:
+                self.lost += _LOST.unpack_from(data, pos + 8)[1]
+            pos += size
+
+    def _comm(self, tid: int) -> str:
+        comm = self._comms.get(tid)
+        if comm is None:
+            try:
+                comm = procfs.comm(tid)
+            except (ProcessError, KernelError):
+                comm = "<...>"  # gone already: what the kernel's trace prints
+            self._comms[tid] = comm
+        return comm
+
+    def disable(self) -> None:
+        """Stop recording (before the last read)."""
+        for ring in self.rings.values():
+            ring.event.disable()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> KernelEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ts(ev: KernelEvent) -> int:
+    return ev.ts_ns
+

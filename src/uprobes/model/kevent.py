@@ -1,0 +1,43 @@
+"""What the kernel's own events are beside the probes' hits (`trace --kernel`).
+
+A `KernelEvent` is one record of a kernel tracepoint for a traced thread,
+stamped on the probes' clock (CLOCK_MONOTONIC ns), so the two interleave
+by `ts_ns`. Kinds, each with its `fields`:
+
+- `off_cpu` (`sched_switch`): the thread left the CPU; `state` is the
+  kernel's letter for why (`R`/`R+` preempted while runnable, `S`
+  sleeping, `D` blocked uninterruptibly, ...), `next_comm`, `next_pid`.
+- `on_cpu` (`sched_switch`): the thread came back on a CPU.
+- `syscall_enter` (`name` the system call's): its arguments by the names
+  the kernel gives them; `syscall_exit`: `ret`.
+- `page_fault` (`page_fault_user`): `address`, `ip`, `error_code`.
+- `tracepoint` (`name` is `group:event`): every field of the record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KernelValue = int | str | None | list[int] | list[str | None]
+
+KINDS = ("off_cpu", "on_cpu", "syscall_enter", "syscall_exit", "page_fault", "tracepoint")
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    """One kernel event of one thread (see the module's kinds)."""
+
+    ts_ns: int
+    pid: int
+    tid: int
+    cpu: int
+    kind: str
+    name: str
+    comm: str = ""
+    fields: dict[str, KernelValue] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        """The event as JSON lines write it: `kernel` (the kind) first."""
+        return {"kernel": self.kind, "name": self.name, "pid": self.pid, "tid": self.tid,
+                "comm": self.comm, "cpu": self.cpu, "ts_ns": self.ts_ns,
+                "fields": self.fields}

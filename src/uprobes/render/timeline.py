@@ -1,0 +1,116 @@
+"""Hits and the kernel's events in one stream, in time order (`trace --kernel`).
+
+`Timeline` sits between an engine and a renderer: each batch of hits the
+engine hands over is preceded by every kernel event stamped before it (the
+engines deliver hits in time order, and a kernel event is in its ring as
+soon as it happens, so every event older than a hit is readable when the
+hit arrives). What is newer waits for a later hit or the end, with a
+bound on how much waits: past it, the oldest go out.
+
+Kernel events of a thread that ended before they were read carry no comm
+(`<...>`); a hit of that thread names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Protocol
+
+from uprobes.model.event import Event, Hit
+from uprobes.model.kevent import KernelEvent
+
+MAX_HELD = 100_000
+"""Kernel events held back waiting for a later hit, at most."""
+
+
+class KernelEventSource(Protocol):
+    """Where the kernel's events come from (engines/kevents/source.py)."""
+
+    count: int
+    lost: int
+
+    def read(self) -> list[KernelEvent]:
+        """The events recorded since the last read, in time order."""
+
+
+class KernelEventRenderer(Protocol):
+    """A trace renderer that also shows kernel events."""
+
+    def hits(self, hits: list[Hit]) -> None: ...
+
+    def event(self, event: Event) -> None: ...
+
+    def kernel_event(self, event: KernelEvent) -> None: ...
+
+    def kernel_summary(self, events: int, lost: int) -> None:
+        """How many kernel events were written and lost (before `summary`)."""
+
+    def summary(self, events: int, lost: int) -> None: ...
+
+
+class Timeline:
+    """A renderer for the engine: hits, with the kernel's events merged in."""
+
+    def __init__(self, inner: KernelEventRenderer, source: KernelEventSource,
+                 max_held: int = MAX_HELD) -> None:
+        self.inner = inner
+        self.source = source
+        self.max_held = max_held
+        self._held: deque[KernelEvent] = deque()
+        self._comms: dict[int, str] = {}
+
+    def _take(self) -> None:
+        new = self.source.read()
+        if not new:
+            return
+        held = self._held
+        if held and new[0].ts_ns < held[-1].ts_ns:
+            merged = sorted([*held, *new], key=_ts)
+            held.clear()
+            held.extend(merged)
+        else:
+            held.extend(new)
+        while len(held) > self.max_held:
+            self._write(held.popleft())
+
+    def _write(self, ev: KernelEvent) -> None:
+        if ev.comm == "<...>" and ev.tid in self._comms:
+            ev = dataclasses.replace(ev, comm=self._comms[ev.tid])
+        self.inner.kernel_event(ev)
+
+    def _release(self, before: int) -> None:
+        held = self._held
+        while held and held[0].ts_ns <= before:
+            self._write(held.popleft())
+
+    def hits(self, hits: list[Hit]) -> None:
+        self._take()
+        start = 0
+        for i, hit in enumerate(hits):
+            self._comms[hit[2]] = hit[5]
+            if self._held and self._held[0].ts_ns <= hit[0]:
+                if i > start:
+                    self.inner.hits(hits[start:i])
+                start = i
+                self._release(hit[0])
+        if start < len(hits):
+            self.inner.hits(hits[start:])
+
+    def event(self, event: Event) -> None:
+        self._take()
+        self._comms[event.tid] = event.comm
+        self._release(event.ts_ns)
+        self.inner.event(event)
+
+    def summary(self, events: int, lost: int) -> None:
+        """Everything still held, then the renderer's summary."""
+        self._take()
+        self._release(1 << 63)
+        self.inner.kernel_summary(self.source.count, self.source.lost)
+        self.inner.summary(events, lost)
+
+
+def _ts(ev: KernelEvent) -> int:
+    return ev.ts_ns
+
