@@ -240,6 +240,13 @@ class Session:
 
     # ------------------------------------------------------------ inside
 
+    def finish(self) -> None:
+        """End the run at its next wake-up, from any thread; unlike `stop()`,
+        the hits already recorded are still delivered (a long-running caller
+        that counts every hit ends a run this way to start another)."""
+        if self._tracer is not None:
+            self._tracer.stop()
+
     def _resolve(self, *, pid: int | None, has_target: bool) -> None:
         """Resolve every line, as process `pid` sees names, and pick the
         engine (the run starts here)."""

@@ -11,6 +11,7 @@ first hit is read), the task's comm, then the configured fetched values.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -23,8 +24,10 @@ from uprobes.session import Session
 from .config import AgentConfig, AgentProbe, check_probe
 from .metrics import Labels, Metrics
 
+UNKNOWN = "unknown"  # the executable of a process gone before it was read
+
 MAX_PROCESSES = 4096
-"""Executables remembered (one per process seen); the table starts over past it."""
+"""Executables remembered (one per process seen), the oldest forgotten first."""
 
 MAX_OPEN_CALLS = 65536
 """(thread, function) pairs with calls open; past it the open calls are
@@ -33,23 +36,54 @@ memory."""
 
 
 class Executables:
-    """pid -> the file it runs, read once per process (and comm: an exec changes both)."""
+    """(pid, comm) -> the file the process runs (an exec changes both).
 
-    def __init__(self) -> None:
+    Filled as processes exec (`learn`, from the kernel's process events, while
+    the process surely runs) and otherwise at a process's first hit (by then a
+    short-lived one may be gone: `unknown`). Bounded: the oldest go first."""
+
+    def __init__(self, limit: int = MAX_PROCESSES) -> None:
+        self.limit = limit
         self._seen: dict[tuple[int, str], str] = {}
+        self._lock = threading.Lock()
+
+    def learn(self, pid: int) -> None:
+        """Process `pid` has just exec'd: note what it runs."""
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().rstrip("\n")
+        except OSError:
+            return
+        self._add((pid, comm), exe)
+
+    def _add(self, key: tuple[int, str], exe: str) -> None:
+        with self._lock:
+            seen = self._seen
+            seen.pop(key, None)
+            if len(seen) >= self.limit:
+                del seen[next(iter(seen))]
+            seen[key] = exe
 
     def __call__(self, pid: int, comm: str) -> str:
-        key = (pid, comm)
-        exe = self._seen.get(key)
+        exe = self._seen.get((pid, comm))
         if exe is None:
             try:
                 exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
-                exe = "unknown"
-            if len(self._seen) >= MAX_PROCESSES:
-                self._seen.clear()
-            self._seen[key] = exe
+                exe = UNKNOWN
+            self._add((pid, comm), exe)
         return exe
+
+
+def missing_file(probe: AgentProbe) -> str | None:
+    """The file `probe` names by path when it does not exist (yet), else None
+    (a short name, or a name looked up on PATH, is the resolver's to find)."""
+    spec = check_probe(probe)
+    path = getattr(spec.target, "path", None)
+    if isinstance(path, str) and "/" in path and not os.path.exists(path):
+        return path
+    return None
 
 
 def function_key(spec: ProbeSpec) -> str:
@@ -79,10 +113,24 @@ def build_session(config: AgentConfig, metrics: Metrics, executables: Executable
             line += f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
         handler = _handler(probe, metrics, executables, pairer, timed_entry,
                            entries[fkey] if timed_return else None)
-        exe = probe.executable
-        flt = None if exe is None else (lambda ev, exe=exe: executables(ev.pid, ev.comm) == exe)
-        session.probe(line, handler, comm=list(probe.comm) or None, filter=flt)
+        if probe.executable is not None:
+            handler = _only_in(probe.executable, handler, executables, metrics)
+        session.probe(line, handler, comm=list(probe.comm) or None)
     return session
+
+
+def _only_in(exe: str, handler: Callable[[Event], None], executables: Executables,
+             metrics: Metrics) -> Callable[[Event], None]:
+    """`handler` for the hits in processes running `exe`; a hit whose process
+    was gone before what it ran could be read is counted as dropped
+    (`executable_unknown`), not silently left out."""
+    def only_in(ev: Event) -> None:
+        running = executables(ev.pid, ev.comm)
+        if running == exe:
+            handler(ev)
+        elif running == UNKNOWN:
+            metrics.drop("executable_unknown")
+    return only_in
 
 
 def _handler(probe: AgentProbe, metrics: Metrics, executables: Executables,

@@ -1,32 +1,89 @@
 """The agent's run: probes in place until SIGINT or SIGTERM; SIGHUP reloads.
 
 Each configuration runs as one `Session` (system-wide on the kernel engine:
-a probe on a file is in every process that maps it, now and later). A
-reload reads the config again; a bad one is refused with one line that
-says why, and the running probes stay as they were. A good one ends the
-running session (every probe removed, as on any exit) and starts one with
-the new probes; the metrics keep the counts of the probes that did not
-change, so a reload shows in them only as the moment the probes were
-being replaced (hits then are not seen).
+a probe on a file is in every process that maps it, now and later), in a
+thread of its own, so that the main thread keeps the signals: a reload
+reads the config again while the probes run on, and a bad one is refused
+with one line that says why, the probes left as they were. A good one ends
+the running session (every probe removed, what the rings still hold
+counted) and starts one with the new probes; the metrics keep the counts
+of the probes that did not change, so a reload shows in them only as the
+moment the probes were being replaced (hits then are not seen).
 
-Signals: the engine takes SIGINT, SIGTERM and SIGHUP while its run goes
-on (a stop signal ends the run, never the program); between runs our own
-handler notes them, and a run that starts after one ends at once.
+A probe whose file does not exist yet is waited for: the others run, and
+when the file appears (looked for once a second) the session is replaced
+by one with it, as on a reload.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from uprobes.engines.signals import StopSignals
-from uprobes.errors import UprobesError
-from uprobes.session import Session
+from uprobes.errors import EngineError, UprobesError
 
-from .config import AgentConfig
+from .config import AgentConfig, AgentProbe
 from .metrics import Metrics
-from .probes import Executables, build_session
+from .probes import Executables, build_session, missing_file
+from .processes import watch_execs
+
+WATCH_S = 0.2
+"""How often the main thread looks at the run, and for files probes wait for."""
+
+END_S = 120.0
+"""The longest a session may take to remove its probes once asked to end."""
+
+
+class _Run:
+    """One configuration's session, run in a thread."""
+
+    def __init__(self, config: AgentConfig, metrics: Metrics, executables: Executables,
+                 note: Callable[[str], object], on_ready: Callable[[AgentConfig], object],
+                 lost_before: int) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.on_ready = on_ready
+        self.session = build_session(config, metrics, executables, note)
+        metrics.live_lost = lambda: lost_before + self.session.lost_so_far
+        self.error: BaseException | None = None
+        self.placed = False
+        self._ending = False
+        self._thread = threading.Thread(target=self._main, name="uprobes-agent-run",
+                                        daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self.session.run(ready=self._ready)
+        except BaseException as e:  # handed to the main thread (`ended`)
+            self.error = e
+
+    def _ready(self) -> None:
+        self.placed = True
+        self.metrics.placed = len(self.config.probes)
+        self.on_ready(self.config)
+        if self._ending:  # asked to end while the probes were being placed
+            self.session.finish()
+
+    @property
+    def ended(self) -> bool:
+        return not self._thread.is_alive()
+
+    def end(self) -> None:
+        """End the session (every probe removed) and wait for it, with a bound."""
+        self._ending = True
+        self.session.finish()
+        self._thread.join(END_S)
+        if self._thread.is_alive():
+            raise EngineError(f"the probes were not removed within {END_S:g} s")
+        self.metrics.placed = 0
+        self.metrics.live_lost = None
 
 
 def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfig] | None,
@@ -37,42 +94,86 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
     commands). Returns the signal that ended it (0: none)."""
     deadline = None if duration is None else time.monotonic() + duration
     executables = Executables()
-    lost_before = 0
-    good: AgentConfig | None = None  # the last config that ran
-    with StopSignals() as between:
-        while True:
-            session = build_session(config, metrics, executables, note)
-            metrics.live_lost = lambda s=session, n=lost_before: n + s.lost_so_far
+    lost = 0
+    good: AgentConfig | None = None  # the last config whose probes were placed
+    run: _Run | None = None
+    waiting: dict[str, str] = {}
 
-            def ready(config: AgentConfig = config, session: Session = session) -> None:
-                nonlocal good
-                good = config
-                metrics.placed = len(config.probes)
-                on_ready(config)
-                if between.stopped:  # came while the probes were being placed
-                    session.stop()
+    def start(config: AgentConfig) -> _Run | None:
+        nonlocal waiting
+        present, now_waiting = _split(config.probes)
+        for path in sorted(set(now_waiting.values()) - set(waiting.values())):
+            note(f"waiting for {path} to exist: its probes are placed when it does")
+        waiting = now_waiting
+        if not present:
+            return None
+        return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost)
 
-            try:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                session.run(left, ready=ready)
-            except UprobesError as e:
-                if good is None or good is config:
-                    raise
-                note(f"reload refused, back to the probes before it: {e}")
-                config = good
-                continue
-            finally:
-                metrics.placed = 0
-                metrics.live_lost = None
-                lost_before += session.lost
-                metrics.set_dropped("ring_full", lost_before)
-            signum = session.signal or between.signum
-            between.signum = None
-            if signum != signal.SIGHUP or reload is None:
-                return signum or 0
-            try:
-                config = reload()
-            except UprobesError as e:
-                note(f"reload refused, the probes stay as they were: {e}")
-                continue
-            note(f"reloaded {config.source}: {len(config.probes)} probe lines")
+    def stop(run: _Run | None) -> None:
+        nonlocal lost
+        if run is not None:
+            run.end()
+            lost += run.session.lost
+            metrics.set_dropped("ring_full", lost)
+
+    with StopSignals() as signals, watch_execs(executables, note):
+        poller = select.poll()
+        poller.register(signals.fileno(), select.POLLIN)
+        run = start(config)
+        try:
+            while True:
+                wait = WATCH_S if deadline is None else min(WATCH_S, deadline - time.monotonic())
+                if wait > 0:
+                    poller.poll(int(wait * 1000) + 1)
+                _drain(signals.fileno())
+                if run is not None and run.placed:
+                    good = config
+                if run is not None and run.ended:
+                    stop(run)
+                    error, run = run.error, None
+                    if error is None:
+                        return 0
+                    if good is None or good is config or not isinstance(error, UprobesError):
+                        raise error
+                    note(f"reload refused, back to the probes before it: {error}")
+                    config = good
+                    run = start(config)
+                    continue
+                signum, signals.signum = signals.signum, None
+                if signum == signal.SIGHUP and reload is not None:
+                    try:
+                        new = reload()
+                    except UprobesError as e:
+                        note(f"reload refused, the probes stay as they were: {e}")
+                        continue
+                    stop(run)
+                    run = None
+                    config = new
+                    note(f"reloaded {config.source}: {len(config.probes)} probe lines")
+                    run = start(config)
+                    continue
+                if signum is not None:
+                    return signum
+                if deadline is not None and time.monotonic() >= deadline:
+                    return 0
+                if waiting and any(os.path.exists(p) for p in set(waiting.values())):
+                    stop(run)
+                    run = None
+                    run = start(config)
+        finally:
+            stop(run)
+
+
+def _split(probes: tuple[AgentProbe, ...]) -> tuple[tuple[AgentProbe, ...], dict[str, str]]:
+    """The probes whose files exist, and line -> missing file of the others."""
+    waiting = {p.line: path for p in probes if (path := missing_file(p)) is not None}
+    return tuple(p for p in probes if p.line not in waiting), waiting
+
+
+def _drain(fd: int) -> None:
+    """Empty the signal pipe (non-blocking), so the next poll waits again."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
