@@ -2,7 +2,8 @@
 
 `auto` takes the kernel (system-wide, cheapest per hit) unless it cannot
 serve: a vDSO probe (no file, so no inode for the kernel to name), a file
-whose path has whitespace (uprobe_events cannot name it), or no
+whose path has whitespace (uprobe_events cannot name it), an argument in
+an SSE register (a float from DWARF, which no fetcharg reads), or no
 usable tracefs and kernel uprobes (not root, lockdown, no CONFIG_UPROBES).
 Then the ptrace engine, which needs a process or a command to trace.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from uprobes.engines.kernel.probe_line import kernel_can_name
+from uprobes.engines.kernel.probe_line import kernel_can_name, kernel_cannot_read
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe, VdsoKey
 
@@ -24,12 +25,18 @@ def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: boo
         raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
     spaced = next((p for p in probes if not kernel_can_name(p.path)), None)
+    vector = next((p for p in probes if any(kernel_cannot_read(a) for a in p.args)), None)
     if engine == "kernel" and vdso is not None:
         raise UsageError(f"{vdso.name}: the kernel's uprobes cannot probe the vDSO (it has no "
                          "file, so no inode to name); -e ptrace can")
     if engine == "kernel" and spaced is not None:
         raise UsageError(f"{spaced.path}: the kernel's uprobe_events cannot name a path with "
                          "whitespace (it splits lines at spaces); -e ptrace can")
+    if engine == "kernel" and vector is not None:
+        arg = next(a for a in vector.args if kernel_cannot_read(a))
+        raise UsageError(f"{vector.name}: {arg.name} is in an SSE register (a float), and the "
+                         "kernel's uprobe fetchargs read the general registers only; "
+                         "-e ptrace can")
     if engine != "auto":
         return engine
     from uprobes.sys.features import features
@@ -38,6 +45,9 @@ def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: boo
         why = f"{vdso.name} is in the vDSO, which the kernel cannot probe"
     elif spaced is not None:
         why = f"{spaced.path} has whitespace in its path, which the kernel cannot name"
+    elif vector is not None:
+        why = (f"{vector.name} reads a value in an SSE register (a float), which the "
+               "kernel's fetchargs cannot")
     elif not features().kernel_engine_usable:
         why = features().tracefs_why or "the kernel's uprobes are not usable here"
     if why is None:

@@ -36,6 +36,7 @@ PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
+PTRACE_GETFPREGS = 14
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
@@ -216,6 +217,20 @@ def getregs(tid: int, regs: UserRegs) -> UserRegs:
     if _bare_ptrace(PTRACE_GETREGS, tid, None, _byref(regs)) == -1:
         _failed("PTRACE_GETREGS", tid)
     return regs
+
+
+FPREGS_SIZE = 512
+"""sizeof(struct user_fpregs_struct) on x86-64 (the FXSAVE area)."""
+XMM_OFFSET = 160
+"""Where xmm_space, the 16 SSE registers of 16 bytes each, starts in it."""
+
+
+def xmm_registers(tid: int) -> bytes:
+    """The stopped task's 16 SSE registers, 16 bytes each (PTRACE_GETFPREGS)."""
+    area = ctypes.create_string_buffer(FPREGS_SIZE)
+    if _bare_ptrace(PTRACE_GETFPREGS, tid, None, _byref(area)) == -1:
+        _failed("PTRACE_GETFPREGS", tid)
+    return area.raw[XMM_OFFSET:XMM_OFFSET + 256]
 
 
 def setregs(tid: int, regs: UserRegs) -> None:

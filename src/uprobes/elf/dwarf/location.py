@@ -33,6 +33,15 @@ def register_name(regno: int) -> str | None:
     return DWARF_REGISTERS[regno] if 0 <= regno < len(DWARF_REGISTERS) else None
 
 
+def value_register_name(regno: int) -> str | None:
+    """The name of a register a value may be held in: a general register as
+    the kernel names it, or an SSE register (`xmm0`..`xmm15`: floats and
+    doubles), which only the ptrace engine reads."""
+    if 17 <= regno <= 32:
+        return f"xmm{regno - 17}"
+    return register_name(regno)
+
+
 def dwarf_register_label(regno: int) -> str:
     if 17 <= regno <= 32:
         return f"xmm{regno - 17}"
@@ -119,7 +128,7 @@ def evaluate(ops: list[Any], frame: Frame) -> Place:
             stack.append((Register(reg), off, False))
         elif name.startswith("DW_OP_reg") or name == "DW_OP_regx":
             regno = int(args[0]) if name == "DW_OP_regx" else int(name[9:])
-            reg = register_name(regno)
+            reg = value_register_name(regno)
             if reg is None:
                 return unsupported(f"in register {dwarf_register_label(regno)}, which the "
                                    "engines cannot read")

@@ -4,7 +4,8 @@ to tracefs, and what `uprobes resolve` shows)."""
 from __future__ import annotations
 
 from uprobes.errors import SpecError
-from uprobes.lang.ast import Arg, Deref, FetchArg, FetchExpr, UsdtTarget
+from uprobes.lang.ast import Arg, Deref, FetchArg, FetchExpr, Register, UsdtTarget
+from uprobes.lang.fetchargs import REGISTERS
 from uprobes.lang.grammar import parse
 from uprobes.lang.render import render_fetcharg, render_path
 from uprobes.model.probe import ResolvedProbe, VdsoKey
@@ -21,6 +22,22 @@ def _at_ret_site_arg(arg: FetchArg, spec_text: str) -> FetchArg:
 
 def _has_arg(expr: FetchExpr) -> bool:
     return isinstance(expr, Arg) or (isinstance(expr, Deref) and _has_arg(expr.base))
+
+
+def kernel_cannot_read(arg: FetchArg) -> bool:
+    """Whether an argument reads a register no fetcharg names (an SSE
+    register, where a DWARF location may put a float)."""
+    expr = arg.expr
+    while isinstance(expr, Deref):
+        expr = expr.base
+    return isinstance(expr, Register) and expr.name not in REGISTERS
+
+
+def _register_of(arg: FetchArg) -> str:
+    expr = arg.expr
+    while isinstance(expr, Deref):
+        expr = expr.base
+    return expr.name if isinstance(expr, Register) else "?"
 
 
 def kernel_can_name(path: str) -> bool:
@@ -58,6 +75,11 @@ def kernel_line(probe: ResolvedProbe, ret_site: int | None = None, *,
     if probe.ref_ctr_offset:
         place += f"(0x{probe.ref_ctr_offset:x})"
     lowered = [lower_fetcharg(a, usdt) for a in probe.args]
+    vector = next((a for a in lowered if kernel_cannot_read(a)), None)
+    if vector is not None:
+        raise SpecError(f"{vector.name} is in register {_register_of(vector)}: the kernel's "
+                        "uprobe fetchargs read the general registers only", probe.spec.text, 0,
+                        "use -e ptrace, which reads SSE registers")
     if ret_site is not None:
         lowered = [_at_ret_site_arg(a, probe.spec.text) for a in lowered]
     kind = "r" if probe.is_return and ret_site is None else "p"

@@ -225,7 +225,10 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
             if p.args:
                 if fetcher is None:
                     fetcher = ArgFetcher(p)
-                got = fetcher.fetch(hit.regs, hit.mem, FetchContext(hit.comm, hit.file_base))
+                ctx = FetchContext(hit.comm, hit.file_base)
+                if fetcher.reads_vectors:
+                    ctx.vector = _vector_reader(hit.tid)
+                got = fetcher.fetch(hit.regs, hit.mem, ctx)
                 if keep_after_fetch and keep and not keep(TaskView(hit.pid, hit.tid, hit.comm,
                                                                    got)):
                     return
@@ -423,3 +426,14 @@ def _precheck(p: ResolvedProbe) -> str | None:
     except (PlacementRefused, relocate.UnsupportedInstruction) as e:
         return str(e)
     return None
+
+
+def _vector_reader(tid: int) -> Callable[[int], int]:
+    """The low 8 bytes of the stopped thread's xmmN, its SSE registers read once."""
+    got: list[bytes] = []
+
+    def low(n: int) -> int:
+        if not got:
+            got.append(ptrace.xmm_registers(tid))
+        return int.from_bytes(got[0][16 * n:16 * n + 8], "little")
+    return low

@@ -76,10 +76,13 @@ class FetchContext:
 
     `comm` is the hitting thread's name (`$comm`); `file_base` the run-time
     address of file offset 0 of the probed file in this process: the kernel
-    reads `@+OFF` at (probe address - probe file offset) + OFF."""
+    reads `@+OFF` at (probe address - probe file offset) + OFF. `vector`:
+    the low 8 bytes of SSE register N (`xmmN`, where a float argument is),
+    read from the thread on demand; None where none can be read."""
 
     comm: str
     file_base: int
+    vector: Callable[[int], int] | None = None
 
 
 Stage = Callable[[Any, Readable, FetchContext], "int | None"]
@@ -106,6 +109,8 @@ class ArgFetcher:
             with_comm_field = (len(args) < MAX_ARGS
                                and all(a.name != COMM_FIELD for a in args))
         self.names = tuple(a.name for a in args)
+        self.reads_vectors = any(reads_vector_register(a.expr) for a in args)
+        """Whether a hit needs `FetchContext.vector` (an argument in an SSE register)."""
         self._plain: list[tuple[str, Fetch]] = []
         self._texts: list[tuple[str | None, bool, TextFetch]] = []
         fixed = 0
@@ -199,6 +204,12 @@ def _plan_window(args: list[FetchArg]) -> tuple[Callable[[Any], int], int, int] 
 
 # ------------------------------------------------------------ compiling
 
+def reads_vector_register(expr: FetchExpr) -> bool:
+    """Whether `expr` reads an SSE register (`xmmN`, from a DWARF location)."""
+    base, _ = split_derefs(expr)
+    return isinstance(base, Register) and base.name.startswith("xmm")
+
+
 def _has_arg(expr: FetchExpr) -> bool:
     return isinstance(expr, Arg) or (isinstance(expr, Deref) and _has_arg(expr.base))
 
@@ -223,6 +234,9 @@ def split_derefs(expr: FetchExpr) -> tuple[FetchExpr, list[int]]:
 
 def _first(expr: FetchExpr) -> Stage:
     """The kernel's first stage (process_fetch_insn in trace_uprobe.c)."""
+    if isinstance(expr, Register) and expr.name.startswith("xmm"):
+        n = int(expr.name[3:])
+        return lambda r, m, c: c.vector(n) if c.vector is not None else None
     if isinstance(expr, Register):
         get = attrgetter(REGISTER_FIELDS[expr.name])
         return lambda r, m, c: get(r)

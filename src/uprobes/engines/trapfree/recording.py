@@ -182,6 +182,8 @@ def _needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
                "stack only)"
     if isinstance(expr, Immediate):
         return None, None
+    if isinstance(expr, Register) and expr.name not in REGISTER_FIELDS:
+        return f"it reads {expr.name} (a trap-free probe records the general registers)"
     if isinstance(expr, Register):
         return REGISTER_FIELDS[expr.name], None
     if isinstance(expr, StackPointer):
