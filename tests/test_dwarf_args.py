@@ -189,3 +189,60 @@ def test_gdb_prints_the_same(build: tuple[Path, bool]) -> None:
         gdb = _gdb_values(exe, fn, resolved.symbol_offset, names)
         for expr in names:
             assert ours[expr.replace(".", "_")] == _gdb_normal(gdb[expr]), (fn, expr, ours, gdb)
+
+
+# ------------------------------------------------------------ source lines, inline sites
+
+def _fixture_line(text: str) -> int:
+    lines = (Path(__file__).parent / "fixtures" / "dwarf_args.c").read_text().splitlines()
+    return next(i for i, ln in enumerate(lines, 1) if text in ln)
+
+
+def _events(engine: str, exe: Path, probes: list[str]) -> tuple[list[dict[str, Any]], str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["trace", "-e", engine, "--json", *[f"{exe}:{p}" for p in probes],
+                   "--", str(exe)], out=out, err=err)
+    assert status == 0, err.getvalue()
+    return [json.loads(ln) for ln in out.getvalue().splitlines() if '"probe"' in ln], \
+        err.getvalue()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_inline_sites_and_source_lines(compile_c: Compiler, engine: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """clamp() exists only inlined (twice, at -O0 too: always_inline): a probe
+    on it stops at both sites; its line by number and as clamp:+4 too, with
+    its parameters as each copy has them."""
+    if engine == "kernel":
+        need(Path("/sys/kernel/tracing/uprobe_events").exists(), "tracefs")
+    exe = compile_c("dwarf_args.c", "-O0")
+    line = _fixture_line("return v > hi ? hi : v;")
+    start = _fixture_line("int clamp(int v, int lo, int hi)")
+    events, _ = _events(engine, exe, ["clamp v lo hi", f"clamp:+{line - start} v hi",
+                                      f"dwarf_args.c:{line} v2=v hi2=hi"])
+    notes = capsys.readouterr().err
+    assert "clamp is inlined: probed at its 2 inline sites" in notes
+    assert f"dwarf_args.c:{line} (clamp:+{line - start}) starts at 2 addresses, 2 of them " \
+           "in inlined copies" in notes
+    entry = [e["args"] for e in events if "lo" in e["args"]]
+    assert entry == [{"v": 42, "lo": 0, "hi": 10}, {"v": -9, "lo": -5, "hi": 5}]
+    by_line = [e["args"] for e in events if "v2" not in e["args"] and "lo" not in e["args"]]
+    assert by_line == [{"v": 42, "hi": 10}, {"v": -5, "hi": 5}]
+    by_number = [e["args"] for e in events if "v2" in e["args"]]
+    assert by_number == [{"v2": 42, "hi2": 10}, {"v2": -5, "hi2": 5}]
+
+
+@pytest.mark.root
+def test_gdb_stops_at_the_same_line_sites(compile_c: Compiler) -> None:
+    need(shutil.which("gdb") is not None, "gdb")
+    exe = compile_c("dwarf_args.c", "-O0")
+    line = _fixture_line("return v > hi ? hi : v;")
+    cmds = ["set pagination off", f"break dwarf_args.c:{line}", "run", "print v", "print hi",
+            "continue", "print v", "print hi"]
+    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
+    gdb = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    assert "2 locations" in gdb, gdb
+    values = [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)$", gdb, re.M)]
+    events, _ = _events("ptrace", exe, [f"dwarf_args.c:{line} v hi"])
+    assert [x for e in events for x in (e["args"]["v"], e["args"]["hi"])] == values

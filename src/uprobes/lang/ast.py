@@ -26,8 +26,10 @@ class FileTarget:
 
     `path` is as written: an absolute or relative path, a library short name
     (`c`, `libc`, `libc.so.6`) or a program name looked up on PATH.
-    Exactly one of `offset` (a file offset) and `symbol` is set. `symbol` may
-    carry a version (`memcpy@GLIBC_2.14`) and glob characters (`str*`).
+    Exactly one of `offset` (a file offset) and `symbol` is set, or, for a
+    source line, neither: `source_file` and `line` (`PATH:app.c:42`). `symbol`
+    may carry a version (`memcpy@GLIBC_2.14`) and glob characters (`str*`);
+    with `line` it is `PATH:FUNC:+N`, N lines after the function's own line.
     """
 
     path: str
@@ -35,6 +37,8 @@ class FileTarget:
     symbol: str | None = None
     symbol_offset: int = 0
     ref_ctr_offset: int | None = None
+    source_file: str | None = None
+    line: int | None = None
 
 
 @dataclass(frozen=True)

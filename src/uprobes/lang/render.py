@@ -47,8 +47,12 @@ def render_target(target: Target) -> str:
     if isinstance(target, VdsoTarget):
         image = f"/{target.image}:" if target.image else ""
         return f":vdso:{image}" + _location(target.offset, target.symbol, target.symbol_offset)
+    if target.source_file is not None:
+        return f"{render_path(target.path)}:{target.source_file}:{target.line}"
     text = f"{render_path(target.path)}:" + _location(target.offset, target.symbol,
                                                       target.symbol_offset)
+    if target.line is not None:
+        text += f":+{target.line}"
     if target.ref_ctr_offset is not None:
         text += f"(0x{target.ref_ctr_offset:x})"
     return text

@@ -21,6 +21,10 @@ Forms, tried in this order:
   `ns::f(int)` stays a symbol. `+OFF` is split off at the last '+' only if
   a number follows (`operator+` stays whole).
 
+* `PATH:FILE.c:LINE` (a source file by its suffix: .c .cc .cpp .cxx .h
+  .hh .hpp .rs .go) and `PATH:FUNC:+N` (N lines after FUNC's own line):
+  source lines, our extension, resolved through the DWARF line table.
+
 PATH may be written in double quotes (`"/opt/my app/bin":main`), the way to
 give one with whitespace or '::' in it; the quotes are not part of it.
 
@@ -30,6 +34,7 @@ resolution to decide.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from uprobes.lang import messages as msg
@@ -51,10 +56,25 @@ def is_kernel_place(token: str) -> bool:
     return "/" in token and colon >= 0 and is_digit(token[colon + 1:colon + 2])
 
 
+_SOURCE_LINE = re.compile(r"(.+):([^:/]+\.(?:c|cc|cpp|cxx|c\+\+|h|hh|hpp|rs|go)):(\d+)")
+_FUNCTION_LINE = re.compile(r"(.+[^:]):\+(\d+)")
+
+
 def parse_target(token: str) -> tuple[Target, bool]:
     """-> (target, True if `%return` was given). Raises TokenError."""
     if token.startswith('"'):
         return _parse_quoted(token)
+    m = _SOURCE_LINE.fullmatch(token)
+    if m and not token.startswith(("usdt:", VDSO_PREFIX)):
+        return FileTarget(_unquote(m.group(1)), source_file=m.group(2),
+                          line=int(m.group(3))), False
+    m = _FUNCTION_LINE.fullmatch(token)
+    if m and not token.startswith(("usdt:", VDSO_PREFIX)):
+        target, is_return = parse_target(m.group(1))
+        if isinstance(target, FileTarget) and target.symbol is not None \
+                and not target.symbol_offset and not is_return:
+            return replace(target, line=int(m.group(2))), False
+        raise TokenError(msg.BAD_PLACE, len(m.group(1)), "a line (:+N) follows a function name")
     if token.startswith("usdt:") or _is_short_usdt(token):
         return _parse_usdt(token), False
     if token.startswith(VDSO_PREFIX):

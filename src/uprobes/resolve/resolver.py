@@ -12,7 +12,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+from uprobes.elf.dwarf.index import DwarfFile
 from uprobes.elf.golang import uses_register_abi
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import check_boundary
@@ -34,6 +36,7 @@ from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.abi import go_register_args
 from uprobes.resolve.debugdwarf import dwarf_of
 from uprobes.resolve.dwarfargs import after_prologue, lower_variables, scope_at
+from uprobes.resolve.lines import LineSites, function_line, functions_by_name, source_line
 from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
@@ -131,6 +134,8 @@ class Resolver:
     def _resolve_file(self, spec: ProbeSpec, t: FileTarget) -> list[ResolvedProbe]:
         ref = self.file(t.path)
         image = self.image(ref)
+        if t.line is not None:
+            return self._resolve_line(spec, t, ref, image)
         if t.offset is not None:
             self._check_code(ref, image, t.offset, None)
             event = spec.event or offset_event_name(ref.display, t.offset)
@@ -149,6 +154,10 @@ class Resolver:
                 raise ResolveError(f"no function matches '{t.symbol}' in {ref.display}")
         else:
             matches = _distinct(table.lookup(t.symbol))
+            if not matches and not spec.is_return and "@" not in t.symbol:
+                inlined = self._resolve_inlined(spec, t, ref, image)
+                if inlined:
+                    return inlined
             if not matches:
                 hint = table.suggest(t.symbol.split("@", 1)[0])
                 also = f" (did you mean: {', '.join(hint)}?)" if hint else ""
@@ -189,6 +198,86 @@ class Resolver:
                                    sym_off=image.file_to_link_addr(file_offset) - sym.link_addr,
                                    ref_ctr=t.ref_ctr_offset, notes=notes,
                                    returns=self._returns(spec, image, sym)))
+        return out
+
+    def _resolve_line(self, spec: ProbeSpec, t: FileTarget, ref: FileRef,
+                      image: ElfImage) -> list[ResolvedProbe]:
+        """`PATH:app.c:42` and `PATH:FUNC:+N`: a probe at each address where the line starts."""
+        assert t.line is not None
+        if spec.is_return:
+            raise SpecError("A source line cannot be a return probe", spec.text, 0)
+        df = dwarf_of(image, ref.display, self.debug_dirs)
+        table = self.symbols(ref)
+        if t.source_file is not None:
+            sites = source_line(df, t.source_file, t.line, ref.display)
+            stem = t.source_file.rsplit(".", 1)[0]
+        else:
+            assert t.symbol is not None
+            sites = function_line(df, self._function_die(df, table, t.symbol, ref), t.line,
+                                  ref.display)
+            stem = t.symbol
+        line = sites.label.split(" ")[0].rsplit(":", 1)[1]
+        note = _line_note(sites)
+        out = []
+        for i, link_addr in enumerate(sites.link_addrs):
+            file_offset = image.link_to_file_offset(link_addr)
+            sym = table.containing(link_addr)
+            self._check_code(ref, image, file_offset, sym)
+            event = spec.event or c_identifier(f"{stem}_{line}")
+            out.append(self._point(spec, ref, file_offset, event, sym=sym,
+                                   sym_off=link_addr - sym.link_addr if sym else 0,
+                                   notes=(note,) if note and i == 0 else ()))
+        return out
+
+    def _function_die(self, df: DwarfFile, table: SymbolTable, name: str, ref: FileRef) -> Any:
+        """The DWARF of function `name`: at its symbol, or by name for one only inlined."""
+        matches = _distinct(table.lookup(name))
+        if len(matches) > 1:
+            raise ResolveError(f"symbol '{name}' is ambiguous in {ref.display}: it names "
+                               f"{len(matches)} functions")
+        if matches:
+            subs = [s for s in df.scopes_at(matches[0].link_addr)
+                    if s.tag == "DW_TAG_subprogram"]
+            if subs:
+                return subs[-1]
+        found = functions_by_name(df, name, ref.display)
+        if not found:
+            hint = table.suggest(name)
+            also = f" (did you mean: {', '.join(hint)}?)" if hint else ""
+            raise ResolveError(f"function '{name}' not found in {ref.display}{also}")
+        return found[0]
+
+    def _resolve_inlined(self, spec: ProbeSpec, t: FileTarget, ref: FileRef,
+                         image: ElfImage) -> list[ResolvedProbe]:
+        """A function the symbol table lacks, found in the DWARF: a probe at
+        each copy and each inline site. Empty when there is none (or no DWARF)."""
+        assert t.symbol is not None
+        try:
+            df = dwarf_of(image, ref.display, self.debug_dirs)
+        except ResolveError:
+            return []
+        copies: list[int] = []
+        sites: list[int] = []
+        for die in functions_by_name(df, t.symbol, ref.display):
+            c, s = df.entries(die)
+            copies += c
+            sites += s
+        if not copies and not sites:
+            return []
+        table = self.symbols(ref)
+        note = (f"{t.symbol} is inlined: probed at its {len(sites)} inline site"
+                f"{'s' if len(sites) != 1 else ''}"
+                + (f" and {len(copies)} out-of-line cop{'ies' if len(copies) != 1 else 'y'}"
+                   if copies else ""))
+        out = []
+        for i, link_addr in enumerate(sorted(set(copies + sites))):
+            file_offset = image.link_to_file_offset(link_addr + t.symbol_offset)
+            sym = table.containing(link_addr)
+            self._check_code(ref, image, file_offset, sym)
+            event = spec.event or symbol_event_name(t.symbol, spec.is_return)
+            out.append(self._point(spec, ref, file_offset, event, sym=sym,
+                                   sym_off=link_addr + t.symbol_offset - sym.link_addr
+                                   if sym else 0, notes=(note,) if i == 0 else ()))
         return out
 
     def _resolve_usdt(self, spec: ProbeSpec, t: UsdtTarget) -> list[ResolvedProbe]:
@@ -299,6 +388,15 @@ class Resolver:
             symbol_offset=sym_off, link_addr=image.file_to_link_addr(file_offset),
             ref_ctr_offset=ref_ctr, usdt_args=usdt_args, notes=notes, ret_sites=returns[0],
             uretprobe_reason=returns[1])
+
+
+def _line_note(sites: LineSites) -> str | None:
+    """What a line with several addresses became: one probe at each."""
+    n = len(sites.link_addrs)
+    if n == 1:
+        return None
+    inlined = f", {sites.inlined} of them in inlined copies" if sites.inlined else ""
+    return f"{sites.label} starts at {n} addresses{inlined}: a probe at each"
 
 
 def uses_variables(spec: ProbeSpec) -> bool:

@@ -229,6 +229,52 @@ class DwarfFile:
 
         return DWARFExprParser(cu.structs)
 
+    # ------------------------------------------------------------ by name
+
+    def info_size(self) -> int:
+        """Bytes of `.debug_info` (decompressed): what a walk of every unit reads."""
+        sec = self.info.debug_info_sec
+        return int(sec.size) if sec is not None else 0
+
+    def functions_named(self, name: str) -> list[Any]:
+        """Every unit's top-level function DIEs called `name` (abstract ones of
+        inlined functions included). Walks every unit's top level: slow on
+        big files, so callers bound it by `info_size`."""
+        out = []
+        for cu in self.info.iter_CUs():
+            for die in self._children_with_code(cu.get_top_DIE()):
+                if die.tag == "DW_TAG_subprogram" and die_name(die) == name \
+                        and "DW_AT_declaration" not in die.attributes:
+                    out.append(die)
+        return out
+
+    def entries(self, function: Any) -> tuple[list[int], list[int]]:
+        """(out-of-line entries, inline sites) of a function DIE: the first
+        address of each concrete copy, and of each DW_TAG_inlined_subroutine
+        whose origin it is, in its unit."""
+        wanted = {function.offset}
+        copies: list[int] = []
+        sites: list[int] = []
+        for die in function.cu.iter_DIEs():
+            origin = die.attributes.get("DW_AT_abstract_origin")
+            if die.offset == function.offset or (
+                    origin is not None and die.get_DIE_from_attribute(
+                        "DW_AT_abstract_origin").offset in wanted):
+                first = self._entry_pc(die)
+                if first is None:
+                    continue
+                (sites if die.tag == "DW_TAG_inlined_subroutine" else copies).append(first)
+        return sorted(set(copies)), sorted(set(sites))
+
+    def _entry_pc(self, die: Any) -> int | None:
+        attr = die.attributes.get("DW_AT_entry_pc")
+        if attr is not None and attr.form == "DW_FORM_addr":
+            return int(attr.value)
+        ranges = self.ranges(die)
+        if attr is not None and ranges:  # DWARF 5: an offset from the base address
+            return min(lo for lo, _ in ranges) + int(attr.value)
+        return min((lo for lo, _ in ranges), default=None)
+
     # ------------------------------------------------------------ lines
 
     def line_rows(self, cu: Any) -> list[Any]:
