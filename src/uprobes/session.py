@@ -57,7 +57,7 @@ from uprobes.model.filters import HitFilter, pushdown
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Consumer, prepare_dispatch
 from uprobes.resolve.resolver import Resolver
-from uprobes.unwind.capture import check_stack_bytes
+from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 EventHandler = Callable[[Event], object]
 EventFilter = Callable[[Event], bool]
@@ -88,16 +88,24 @@ class Session:
     first), walked from that many bytes of stack copied at the hit (see
     `uprobes.unwind.capture`); the kernel engine's rings then default to
     its `STACK_RING_PAGES`, as samples carry the copy (`ring_pages` None:
-    the kernel engine's default).
+    the kernel engine's default). `python`: stacks also hold the Python
+    frames of a CPython program, each eval-loop frame replaced by the
+    Python functions it runs (`Frame.python`; the ptrace engine reads them,
+    so `auto` takes it; stacks of `DEFAULT_STACK_BYTES` unless
+    `stack_bytes` says).
     """
 
     def __init__(self, engine: str = "auto", *, force: bool = False, uretprobe: bool = False,
                  ring_pages: int | None = None, stack_bytes: int = 0,
-                 note: Callable[[str], object] | None = None, trapfree: bool = False) -> None:
+                 note: Callable[[str], object] | None = None, trapfree: bool = False,
+                 python: bool = False) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+        if python and not stack_bytes:
+            stack_bytes = DEFAULT_STACK_BYTES
         if stack_bytes:
             check_stack_bytes(stack_bytes, "stack_bytes (0: no stacks)")
+        self.python = python
         self.engine_used: str | None = None
         """The engine the run took (`auto` decides when the run starts)."""
         self.engine = engine
@@ -261,7 +269,8 @@ class Session:
         for p in self.probes:
             for text in p.notes:
                 self._note(text)
-        self.engine_used = pick_engine(self.engine, self.probes, has_target=has_target)
+        self.engine_used = pick_engine(self.engine, self.probes, has_target=has_target,
+                                       python=self.python)
 
     def _open(self, *, pid: int | None = None, child: int | None = None) -> Tracer:
         """The engine's tracer for the resolved probes, to be entered. An
@@ -274,7 +283,7 @@ class Session:
             self.probes, self.engine_used, pid=pid, child=child, force=self.force,
             note=self._note, stack_bytes=self.stack_bytes,
             prefilter=lambda p: conditions[id(p.spec)], trapfree=self.trapfree,
-            ring_pages=self.ring_pages))
+            ring_pages=self.ring_pages, python=self.python))
         return self._tracer
 
     def _run(self, duration: float | None, ready: Callable[[], object] | None) -> None:

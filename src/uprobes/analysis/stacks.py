@@ -27,7 +27,10 @@ FrameKey = tuple[str | None, str | None, int]
 
 
 def frame_key(frame: Frame) -> FrameKey:
-    """Where a frame is, independent of where its file was mapped."""
+    """Where a frame is, independent of where its file was mapped (a
+    Python frame: its function and line)."""
+    if frame.python:
+        return frame.path, frame.symbol, -1 if frame.line is None else frame.line
     if frame.symbol is None:
         where = frame.runtime_addr if frame.link_addr is None else frame.link_addr
         return frame.path, None, where
@@ -37,8 +40,12 @@ def frame_key(frame: Frame) -> FrameKey:
 def folded_name(frame: Frame) -> str:
     """A frame in folded form: its function without a symbol version, else
     `[file]` (perf's habit for code no symbol covers); never a `;`, which
-    separates frames."""
-    if frame.symbol is not None:
+    separates frames. A Python frame is `qualname (file.py:LINE)`, as
+    py-spy folds them, so a flame graph shows lines."""
+    if frame.python:
+        line = "?" if frame.line is None else frame.line
+        name = f"{frame.symbol} ({os.path.basename(frame.path or '?')}:{line})"
+    elif frame.symbol is not None:
         name = frame.symbol.split("@", 1)[0]  # malloc@@GLIBC_2.2.5: one malloc
     elif frame.path:
         name = f"[{os.path.basename(frame.path)}]"

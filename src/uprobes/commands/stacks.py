@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folded", action="store_true",
                    help="one line per call path, `comm;outermost;...;innermost COUNT`, "
                         "as flamegraph.pl, inferno and speedscope read it")
+    p.add_argument("--python", action="store_true",
+                   help="a CPython program's stacks show its Python functions (qualified "
+                        "name, file:line) in place of the interpreter's eval loop (ptrace "
+                        "engine; docs/python.md)")
     p.add_argument("--top", type=int, metavar="N", default=10,
                    help="the N most frequent stacks of each probe (default 10; 0: all)")
     p.add_argument("--stack-bytes", type=int, default=DEFAULT_STACK_BYTES, metavar="N",
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     check_stack_bytes(args.stack_bytes)
     counter = StackCounter()
     session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
-                      ring_pages=args.ring_pages, stack_bytes=args.stack_bytes)
+                      ring_pages=args.ring_pages, stack_bytes=args.stack_bytes,
+                      python=args.python)
     filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)
     for spec in parse_specs(args.specs):
         session.probe(render(spec), counter.add, **filters)

@@ -85,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", action="store_true",
                    help="print the user stack of each hit (symbol+offset and file, innermost "
                         "first), from DWARF CFI (.eh_frame) or frame pointers")
+    p.add_argument("--python", action="store_true",
+                   help="with --stack (implied): a CPython program's stacks show its Python "
+                        "functions (qualified name, file:line) where the interpreter runs "
+                        "them (ptrace engine; docs/python.md)")
     p.add_argument("--stack-bytes", type=int, default=DEFAULT_STACK_BYTES, metavar="N",
                    help=f"with --stack: bytes of stack copied at each hit from the stack "
                         f"pointer up, a multiple of 8 (default {DEFAULT_STACK_BYTES}); a "
@@ -146,12 +150,12 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
            child: Launched | None, kevents: KernelEvents | None) -> int:
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
-    stack_bytes = args.stack_bytes if args.stack else 0
+    stack_bytes = args.stack_bytes if args.stack or args.python else 0
     try:
         tracer = open_tracer(Request(
             probes, args.engine, pid=args.pid, child=child.pid if child else None,
             force=args.force, note=note, stack_bytes=stack_bytes, hit_filter=args.hit_filter,
-            trapfree=not args.no_trapfree, ring_pages=args.ring_pages))
+            trapfree=not args.no_trapfree, ring_pages=args.ring_pages, python=args.python))
     except BaseException:
         if child is not None:
             child.abort()

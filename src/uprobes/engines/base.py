@@ -125,7 +125,8 @@ class Request:
     caller still filters what arrives). `trapfree`: the ptrace engine may
     place probes as jumps into in-process code, no stop per hit.
     `ring_pages`: data pages of each of the kernel engine's per-CPU rings
-    (None: its default, larger with stacks).
+    (None: its default, larger with stacks). `python`: stacks hold the
+    Python frames of a CPython program (the ptrace engine reads them).
     """
 
     probes: list[ResolvedProbe]
@@ -139,11 +140,13 @@ class Request:
     prefilter: Callable[[ResolvedProbe], Condition | None] | None = None
     trapfree: bool = False
     ring_pages: int | None = None
+    python: bool = False
 
     def pick(self) -> str:
         """The engine that serves this request: `kernel` or `ptrace`."""
         return pick_engine(self.engine, self.probes,
-                           has_target=self.pid is not None or self.child is not None)
+                           has_target=self.pid is not None or self.child is not None,
+                           python=self.python)
 
 
 def open_tracer(request: Request) -> Tracer:
@@ -153,7 +156,8 @@ def open_tracer(request: Request) -> Tracer:
         return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                             force=request.force, note=request.note,
                             stack_bytes=request.stack_bytes, hit_filter=request.hit_filter,
-                            trapfree="record" if request.trapfree else False)
+                            trapfree="record" if request.trapfree else False,
+                            python=request.python)
     from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
     from uprobes.engines.kernel.tracer import KernelTracer
     pages = request.ring_pages or (STACK_RING_PAGES if request.stack_bytes else DEFAULT_RING_PAGES)

@@ -19,10 +19,23 @@ from uprobes.model.probe import ResolvedProbe, VdsoKey
 ENGINES = ("auto", "kernel", "ptrace")
 
 
-def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: bool) -> str:
-    """The engine for `probes`; `has_target`: a process or a command is given."""
+def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: bool,
+                python: bool = False) -> str:
+    """The engine for `probes`; `has_target`: a process or a command is
+    given; `python`: stacks with Python frames are asked for."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if python:
+        # CPython 3.11 keeps its frames in chunks of heap it allocates, not
+        # on the C stack, so a sampled stack copy never holds them.
+        if engine == "kernel":
+            raise UsageError("--python: the kernel engine cannot read Python frames (they are "
+                             "in the interpreter's heap, not in the sampled stack); "
+                             "-e ptrace can")
+        if not has_target:
+            raise UsageError("--python reads the frames of a process at each hit: give -p PID "
+                             "or -- CMD")
+        return "ptrace"
     vdso = next((p for p in probes if isinstance(p.key, VdsoKey)), None)
     spaced = next((p for p in probes if not kernel_can_name(p.path)), None)
     vector = next((p for p in probes if any(kernel_cannot_read(a) for a in p.args)), None)

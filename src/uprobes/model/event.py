@@ -29,21 +29,32 @@ faulted (the kernel prints `(fault)`), or a list for `TYPE[N]`."""
 class Frame:
     """One code address, named: `symbol+offset (path)`; unknown parts None.
     `link_addr`: the same place as the file's link-time address (None when
-    no file maps it), the same in every process whatever ASLR did."""
+    no file maps it), the same in every process whatever ASLR did.
+
+    A Python frame (`python` True) is a function of the interpreted program:
+    `symbol` its qualified name, `path` its source file, `line` the line it
+    runs (None: a line the code object does not know), `runtime_addr` its
+    code object; shown as `qualname (file:line)`."""
 
     runtime_addr: int
     path: str | None
     symbol: str | None
     offset: int = 0
     link_addr: int | None = None
+    line: int | None = None
+    python: bool = False
 
     def __str__(self) -> str:
+        if self.python:
+            return f"{self.symbol} ({self.path}:{'?' if self.line is None else self.line})"
         where = f" ({self.path})" if self.path else ""
         if self.symbol is None:
             return f"0x{self.runtime_addr:x}{where}"
         return f"{self.symbol}+0x{self.offset:x}{where}"
 
     def as_dict(self) -> dict[str, object]:
+        if self.python:
+            return {"python": True, "symbol": self.symbol, "file": self.path, "line": self.line}
         return {"addr": self.runtime_addr, "symbol": self.symbol, "offset": self.offset,
                 "file": self.path}
 

@@ -18,6 +18,7 @@ from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError, UsageError
 from uprobes.model.event import Event, Frame, Hit, ProbeInfo, hit_event
 from uprobes.unwind.cfi import CfiTable
+from uprobes.unwind.cpython.reader import PyGroups, interleave
 from uprobes.unwind.space import AddressSpaces
 from uprobes.unwind.stack import StackCopy, unwind
 
@@ -35,10 +36,13 @@ def check_stack_bytes(n: int, what: str = "--stack-bytes") -> None:
 
 @dataclass(frozen=True)
 class StackCapture:
-    """Registers by DWARF number (RA = 16 holds the ip) and the stack copy."""
+    """Registers by DWARF number (RA = 16 holds the ip) and the stack copy;
+    `python`: the Python frames the thread ran, when they were read
+    (`uprobes.unwind.cpython`), to stand in for the eval loop's frames."""
 
     regs: dict[int, int]
     stack: StackCopy
+    python: PyGroups | None = None
 
     def returned(self) -> StackCapture:
         """The capture as it is after a `ret` at this point: ip = the word at
@@ -50,7 +54,7 @@ class StackCapture:
             return self
         regs = dict(self.regs)
         regs[RA], regs[RSP] = ret, sp + 8
-        return StackCapture(regs, self.stack)
+        return StackCapture(regs, self.stack, self.python)
 
 
 class Symbolizer:
@@ -77,7 +81,8 @@ class Symbolizer:
         hit's ip, then each caller (named by its call)."""
         spaces = self.spaces
         addrs = unwind(capture.regs, capture.stack, spaces.rule_finder(pid))
-        return tuple(spaces.frame(pid, a, return_address=i > 0) for i, a in enumerate(addrs))
+        native = tuple(spaces.frame(pid, a, return_address=i > 0) for i, a in enumerate(addrs))
+        return native if capture.python is None else interleave(native, capture.python)
 
 
 def stack_delivery(infos: dict[str, ProbeInfo], on_event: Callable[[Event], None],

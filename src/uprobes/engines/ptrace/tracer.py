@@ -66,6 +66,7 @@ from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.resolve.abi import probe_info
 from uprobes.sys import ptrace
 from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery
+from uprobes.unwind.cpython.reader import PythonStacks
 from uprobes.unwind.stack import StackCopy
 
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
@@ -81,7 +82,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
     `PtraceHit`) before entering; the tracer adds one per probe for its events.
     `stack_bytes`: `run()` gives each event its user stack, walked from the
     registers and up to that many bytes read from the stack pointer at the
-    hit (0: no stacks).
+    hit (0: no stacks). `python`: with stacks, each one's Python frames
+    too, read from the interpreter while the thread is stopped.
     `hit_filter`: only the hits it keeps are counted and delivered; its
     `--tid`/`--comm` part is tested before anything is fetched, the
     condition as soon as what it names is fetched.
@@ -98,7 +100,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, force: bool = False,
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
-                 hit_filter: HitFilter | None = None, trapfree: bool | str = False) -> None:
+                 hit_filter: HitFilter | None = None, trapfree: bool | str = False,
+                 python: bool = False) -> None:
         ptrace.ensure_x86_64()
         if trapfree not in (False, True, "count", "record"):
             raise ValueError(f"trapfree must be False, 'count' or 'record', not {trapfree!r}")
@@ -119,6 +122,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
         self.stack_bytes = stack_bytes
         self._capturing = False
         self._note = note or (lambda _: None)
+        self._pystacks = PythonStacks(self._note) if python and stack_bytes else None
         self.registry = Registry()
         self.counts: dict[str, int] = {}
         # Our handlers that, when no events are built, only count (no filter):
@@ -256,8 +260,10 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
         regs = {0: r.rax, 1: r.rdx, 2: r.rcx, 3: r.rbx, 4: r.rsi, 5: r.rdi, 6: r.rbp,
                 7: r.rsp, 8: r.r8, 9: r.r9, 10: r.r10, 11: r.r11, 12: r.r12, 13: r.r13,
                 14: r.r14, 15: r.r15, 16: hit.ip}
-        data = hit.thread.mm.mem.read_upto(r.rsp, self.stack_bytes)
-        return StackCapture(regs, StackCopy(r.rsp, data))
+        mem = hit.thread.mm.mem
+        data = mem.read_upto(r.rsp, self.stack_bytes)
+        py = None if self._pystacks is None else self._pystacks.capture(hit.pid, hit.tid, mem.read)
+        return StackCapture(regs, StackCopy(r.rsp, data), py)
 
     # ------------------------------------------------------------ set-up
 

@@ -1,0 +1,183 @@
+"""Where the fields a Python stack is read from sit in one CPython build.
+
+The layouts differ per version and per build (a debug build, configure
+options), so they are never assumed: they come from the interpreter's own
+headers (the C compiler computes `offsetof` for every field against the
+headers installed with that very version, `PY_VERSION_HEX` checked against
+the interpreter's `Py_Version`), once per build, cached by the file's
+build-id. Only CPython 3.11's frame model (`_PyInterpreterFrame` reached
+through `tstate->cframe->current_frame`) is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from uprobes.elf.image import ElfImage
+from uprobes.errors import UprobesError
+
+SUPPORTED = ((3, 11),)
+_COMPILE_TIMEOUT_S = 60.0
+
+
+class PythonLayoutError(UprobesError):
+    """An interpreter whose frames cannot be read (the message says why, in one line)."""
+
+
+def version_text(hexversion: int) -> str:
+    """0x030b02f0 -> '3.11.2'."""
+    return f"{hexversion >> 24}.{(hexversion >> 16) & 0xff}.{(hexversion >> 8) & 0xff}"
+
+
+# Each field the reader needs, as the C expression that gives its offset
+# (or size, or bit mask); the generated program prints `name value` lines.
+_FIELDS = {
+    "runtime_interpreters_head": "offsetof(_PyRuntimeState, interpreters.head)",
+    "interp_next": "offsetof(PyInterpreterState, next)",
+    "interp_threads_head": "offsetof(PyInterpreterState, threads.head)",
+    "tstate_next": "offsetof(PyThreadState, next)",
+    "tstate_native_thread_id": "offsetof(PyThreadState, native_thread_id)",
+    "tstate_cframe": "offsetof(PyThreadState, cframe)",
+    "tstate_size": "sizeof(PyThreadState)",
+    "cframe_current_frame": "offsetof(_PyCFrame, current_frame)",
+    "frame_code": "offsetof(_PyInterpreterFrame, f_code)",
+    "frame_previous": "offsetof(_PyInterpreterFrame, previous)",
+    "frame_prev_instr": "offsetof(_PyInterpreterFrame, prev_instr)",
+    "frame_is_entry": "offsetof(_PyInterpreterFrame, is_entry)",
+    "frame_owner": "offsetof(_PyInterpreterFrame, owner)",
+    "frame_size": "offsetof(_PyInterpreterFrame, localsplus)",
+    "owned_by_generator": "FRAME_OWNED_BY_GENERATOR",
+    "code_filename": "offsetof(PyCodeObject, co_filename)",
+    "code_qualname": "offsetof(PyCodeObject, co_qualname)",
+    "code_linetable": "offsetof(PyCodeObject, co_linetable)",
+    "code_firstlineno": "offsetof(PyCodeObject, co_firstlineno)",
+    "code_firsttraceable": "offsetof(PyCodeObject, _co_firsttraceable)",
+    "code_code": "offsetof(PyCodeObject, co_code_adaptive)",
+    "var_size": "offsetof(PyVarObject, ob_size)",
+    "bytes_data": "offsetof(PyBytesObject, ob_sval)",
+    "str_length": "offsetof(PyASCIIObject, length)",
+    "str_state": "offsetof(PyASCIIObject, state)",
+    "str_ascii_data": "sizeof(PyASCIIObject)",
+    "str_compact_data": "sizeof(PyCompactUnicodeObject)",
+}
+# Bit fields have no offsetof: set one in a zeroed struct and print the word.
+_MASKS = {"str_kind_mask": "kind = 7", "str_compact_mask": "compact = 1",
+          "str_ascii_mask": "ascii = 1"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One build's offsets (bytes) and masks, by the names in `_FIELDS`."""
+
+    hexversion: int
+    fields: dict[str, int]
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self.fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _program() -> str:
+    lines = [
+        "#define Py_BUILD_CORE 1",
+        "#include <Python.h>",
+        "#include <internal/pycore_runtime.h>",
+        "#include <internal/pycore_interp.h>",
+        "#include <internal/pycore_frame.h>",
+        "#include <stddef.h>", "#include <stdio.h>", "#include <string.h>",
+        "int main(void) {",
+        '  printf("hexversion %lu\\n", (unsigned long)PY_VERSION_HEX);',
+        "  PyASCIIObject o; unsigned int w;",
+    ]
+    for name, expr in _FIELDS.items():
+        lines.append(f'  printf("{name} %lu\\n", (unsigned long)({expr}));')
+    for name, assign in _MASKS.items():
+        lines.append(f"  memset(&o, 0, sizeof o); o.state.{assign}; memcpy(&w, &o.state, 4);")
+        lines.append(f'  printf("{name} %u\\n", w);')
+    lines += ["  return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def header_dirs(path: str, hexversion: int) -> list[str]:
+    """Where the headers of the interpreter in `path` would be installed: its
+    prefix's include/pythonX.Y (and X.Yd for a debug build's `pythonX.Yd`)."""
+    major, minor = hexversion >> 24, (hexversion >> 16) & 0xff
+    base = os.path.basename(path)
+    m = re.match(rf"(?:lib)?python{major}\.{minor}([a-z]*)", base)
+    flags = m.group(1) if m else ""
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+    names = [f"python{major}.{minor}{flags}"] + ([f"python{major}.{minor}"] if flags else [])
+    return [os.path.join(prefix, "include", n) for n in names]
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "uprobes", "cpython")
+
+
+def compute_layout(include: str) -> Layout:
+    """Compile the offset program against the headers in `include` and run it."""
+    with tempfile.TemporaryDirectory(prefix="uprobes-pylayout-") as tmp:
+        src, exe = os.path.join(tmp, "layout.c"), os.path.join(tmp, "layout")
+        with open(src, "w") as f:
+            f.write(_program())
+        try:
+            done = subprocess.run(["cc", f"-I{include}", "-o", exe, src], capture_output=True,
+                                  text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PythonLayoutError(f"cannot run the C compiler on {include}'s headers: "
+                                    f"{e}") from None
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["?"])[0]
+            raise PythonLayoutError(f"the headers in {include} do not compile: {first}")
+        out = subprocess.run([exe], capture_output=True, text=True,
+                             timeout=_COMPILE_TIMEOUT_S, check=True).stdout
+    values = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+    return Layout(values.pop("hexversion"), values)
+
+
+def layout_for(image: ElfImage, path: str, hexversion: int) -> Layout:
+    """The layout of the interpreter in `image` (the file holding
+    `_PyRuntime`, installed at `path`), whose `Py_Version` is `hexversion`;
+    PythonLayoutError says in one line why there is none."""
+    found = f"Python {version_text(hexversion)} ({path})"
+    if (hexversion >> 24, (hexversion >> 16) & 0xff) not in SUPPORTED:
+        known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
+        raise PythonLayoutError(f"{found}: its frames cannot be read (uprobes reads "
+                                f"CPython {known})")
+    cached = os.path.join(_cache_dir(), f"{image.build_id}.json") if image.build_id else None
+    if cached:
+        try:
+            with open(cached) as f:
+                data = json.load(f)
+            if data["hexversion"] == hexversion:
+                return Layout(hexversion, data["fields"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    tried = []
+    for include in header_dirs(path, hexversion):
+        if not os.path.exists(os.path.join(include, "internal", "pycore_frame.h")):
+            tried.append(include)
+            continue
+        layout = compute_layout(include)
+        if layout.hexversion != hexversion:
+            tried.append(f"{include} (headers of {version_text(layout.hexversion)})")
+            continue
+        if cached:
+            try:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                with open(cached + ".tmp", "w") as f:
+                    json.dump({"hexversion": layout.hexversion, "fields": layout.fields}, f)
+                os.replace(cached + ".tmp", cached)
+            except OSError:
+                pass  # computed again next time
+        return layout
+    raise PythonLayoutError(f"{found}: its frames cannot be read without its own headers "
+                            f"(none found in {', '.join(tried)}; Debian: python3.X-dev)")

@@ -1,0 +1,283 @@
+"""The Python frames of one thread, read from its process's memory at a hit.
+
+The path is the one CPython itself keeps: `_PyRuntime` (a symbol of the
+executable or of libpython) -> its interpreters -> each one's thread
+states, the hitting thread's found by `native_thread_id` -> `cframe` ->
+`current_frame`, then each `_PyInterpreterFrame` by `previous`: its code
+object gives the qualified name, the file and (from `prev_instr` through
+the location table) the line. Frames are grouped by the C call of the
+eval loop that runs them: a group ends at a frame marked `is_entry`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
+from uprobes.errors import UprobesError
+from uprobes.model.event import Frame
+from uprobes.sys import procfs
+from uprobes.unwind.cpython.layout import Layout, PythonLayoutError, layout_for, version_text
+from uprobes.unwind.cpython.linetable import line_at
+
+Read = Callable[[int, int], bytes]
+"""Read `n` bytes of the process at a runtime address (raises UprobesError)."""
+
+PyGroups = tuple[tuple[Frame, ...], ...]
+"""Python frames innermost first, in groups: one per eval-loop call."""
+
+MAX_PY_FRAMES = 256
+_MAX_THREADS = 4096
+_MAX_INTERPRETERS = 64
+_MAX_STR = 4096
+_CANDIDATE = re.compile(r"(lib)?python\d+\.\d+[a-z]*(\.so[.\d]*)?$")
+
+
+def _u64(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at:at + 8], "little")
+
+
+def _i32(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at:at + 4], "little", signed=True)
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """A CPython runtime in one process: where `_PyRuntime` and `Py_Version` are."""
+
+    path: str
+    runtime_addr: int
+    version_addr: int
+    hexversion: int
+    layout: Layout
+
+
+def find_interpreter(pid: int) -> Interpreter | None:
+    """The CPython runtime mapped in `pid` (None: none is); PythonLayoutError
+    when there is one whose frames cannot be read."""
+    seen: set[str] = set()
+    for m in procfs.maps(pid):
+        if not m.executable or m.path in seen or not _CANDIDATE.match(os.path.basename(m.path)):
+            continue
+        seen.add(m.path)
+        image = _open_mapped(pid, m)
+        if image is None:
+            continue
+        try:
+            symbols = SymbolTable.load(image)
+        except UprobesError:
+            continue
+        runtime, version = symbols.lookup("_PyRuntime"), symbols.lookup("Py_Version")
+        if not runtime:
+            continue
+        if not version:  # before 3.11 no build says its version as a symbol
+            raise PythonLayoutError(f"a Python older than 3.11 ({m.path}): its frames cannot "
+                                    "be read (uprobes reads CPython 3.11)")
+        try:
+            bias = m.start - image.file_to_link_addr(m.file_offset)
+            hexversion = int.from_bytes(image.read_link(version[0].link_addr, 4), "little")
+        except UprobesError:
+            continue
+        layout = layout_for(image, m.path, hexversion)
+        return Interpreter(m.path, bias + runtime[0].link_addr, bias + version[0].link_addr,
+                           hexversion, layout)
+    return None
+
+
+def _open_mapped(pid: int, m: procfs.Mapping) -> ElfImage | None:
+    """The file of mapping `m`: by its own path when that is the very file
+    (as the process sees it otherwise)."""
+    try:
+        st = os.stat(m.path)
+        same = (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) == \
+            (m.inode, m.dev_major, m.dev_minor)
+    except OSError:
+        same = False
+    try:
+        return ElfImage.open(m.path if same else f"/proc/{pid}/root{m.path}")
+    except UprobesError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Code:
+    fingerprint: bytes
+    filename: str
+    qualname: str
+    firstlineno: int
+    firsttraceable: int
+    table: bytes
+
+
+class PythonStacks:
+    """Reads the Python frames of hitting threads, for a run over many
+    processes: each process's interpreter is found once (and again after
+    it changes, an exec), code objects are decoded once per process.
+    `note` gets one line per process whose frames cannot be read."""
+
+    def __init__(self, note: Callable[[str], object]) -> None:
+        self._note = note
+        self._interps: dict[int, Interpreter | None] = {}
+        self._tstates: dict[tuple[int, int], int] = {}
+        self._codes: dict[tuple[int, int], _Code] = {}
+        self._noted: set[int] = set()
+
+    def _interpreter(self, pid: int, read: Read) -> Interpreter | None:
+        interp = self._interps.get(pid)
+        if interp is not None:
+            try:  # still the same program (not exec'd since)
+                if int.from_bytes(read(interp.version_addr, 4), "little") == interp.hexversion:
+                    return interp
+            except UprobesError:
+                pass
+        elif pid in self._interps and pid in self._noted:
+            return None
+        try:
+            interp = find_interpreter(pid)
+        except PythonLayoutError as e:
+            interp = None
+            self._tell(pid, f"process {pid}: {e}; its stacks are native only")
+        except UprobesError:
+            interp = None
+        self._interps[pid] = interp
+        if interp is None:
+            self._tell(pid, f"process {pid} runs no CPython interpreter that uprobes can "
+                            "read: its stacks are native only")
+        else:
+            self._noted.discard(pid)
+        for key in [k for k in self._codes if k[0] == pid]:
+            del self._codes[key]
+        return interp
+
+    def _tell(self, pid: int, line: str) -> None:
+        if pid not in self._noted:
+            self._noted.add(pid)
+            self._note(line)
+
+    def capture(self, pid: int, tid: int, read: Read) -> PyGroups:
+        """The Python frames thread `tid` of `pid` runs, in eval-loop groups
+        (empty: it runs none, or they cannot be read)."""
+        interp = self._interpreter(pid, read)
+        if interp is None:
+            return ()
+        try:
+            return self._frames(pid, tid, read, interp)
+        except UprobesError:
+            return ()  # a chain being changed under us, or a thread just gone
+
+    def _tstate(self, pid: int, tid: int, read: Read, interp: Interpreter) -> int | None:
+        lay = interp.layout
+        tid_at, span = lay.tstate_native_thread_id, lay.tstate_size
+        known = self._tstates.get((pid, tid))
+        if known is not None and _u64(read(known + tid_at, 8), 0) == tid:
+            return known
+        head = _u64(read(interp.runtime_addr + lay.runtime_interpreters_head, 8), 0)
+        for _ in range(_MAX_INTERPRETERS):
+            if not head:
+                break
+            blob = read(head, max(lay.interp_next, lay.interp_threads_head) + 8)
+            ts = _u64(blob, lay.interp_threads_head)
+            for _ in range(_MAX_THREADS):
+                if not ts:
+                    break
+                state = read(ts, span)
+                if _u64(state, tid_at) == tid:
+                    self._tstates[(pid, tid)] = ts
+                    return ts
+                ts = _u64(state, lay.tstate_next)
+            head = _u64(blob, lay.interp_next)
+        return None
+
+    def _frames(self, pid: int, tid: int, read: Read, interp: Interpreter) -> PyGroups:
+        lay = interp.layout
+        ts = self._tstate(pid, tid, read, interp)
+        if ts is None:
+            return ()
+        cframe = _u64(read(ts + lay.tstate_cframe, 8), 0)
+        if not cframe:
+            return ()
+        frame = _u64(read(cframe + lay.cframe_current_frame, 8), 0)
+        groups: list[tuple[Frame, ...]] = []
+        group: list[Frame] = []
+        seen: set[int] = set()
+        size, code_at, prev_at = lay.frame_size, lay.frame_code, lay.frame_previous
+        instr_at, entry_at, owner_at = lay.frame_prev_instr, lay.frame_is_entry, lay.frame_owner
+        generator, code_start = lay.owned_by_generator, lay.code_code
+        while frame and frame not in seen and len(seen) < MAX_PY_FRAMES:
+            seen.add(frame)
+            blob = read(frame, size)
+            code_addr = _u64(blob, code_at)
+            code = self._code(pid, code_addr, read, lay)
+            index = (_u64(blob, instr_at) - (code_addr + code_start)) // 2
+            # A frame being set up has not reached its first traceable
+            # instruction; CPython leaves it out of tracebacks too.
+            if blob[owner_at] == generator or index >= code.firsttraceable:
+                group.append(Frame(code_addr, code.filename, code.qualname,
+                                   line=line_at(code.table, code.firstlineno, index), python=True))
+            if blob[entry_at]:
+                groups.append(tuple(group))
+                group = []
+            frame = _u64(blob, prev_at)
+        if group:
+            groups.append(tuple(group))
+        return tuple(groups)
+
+    def _code(self, pid: int, addr: int, read: Read, lay: Layout) -> _Code:
+        blob = read(addr, lay.code_code)
+        fp = blob[lay.code_filename:lay.code_filename + 8] + \
+            blob[lay.code_qualname:lay.code_qualname + 8] + \
+            blob[lay.code_linetable:lay.code_linetable + 8] + \
+            blob[lay.code_firstlineno:lay.code_firstlineno + 4]
+        known = self._codes.get((pid, addr))
+        if known is not None and known.fingerprint == fp:
+            return known
+        table_addr = _u64(blob, lay.code_linetable)
+        head = read(table_addr, lay.bytes_data)
+        n = min(_u64(head, lay.var_size), 1 << 20)
+        code = _Code(fp, _str(read, _u64(blob, lay.code_filename), lay),
+                     _str(read, _u64(blob, lay.code_qualname), lay),
+                     _i32(blob, lay.code_firstlineno), _i32(blob, lay.code_firsttraceable),
+                     read(table_addr + lay.bytes_data, n) if n else b"")
+        self._codes[(pid, addr)] = code
+        return code
+
+
+def _str(read: Read, addr: int, lay: Layout) -> str:
+    """A str object's text (compact strings, as code objects' names are)."""
+    head = read(addr, lay.str_compact_data)
+    state = int.from_bytes(head[lay.str_state:lay.str_state + 4], "little")
+    length = min(_u64(head, lay.str_length), _MAX_STR)
+    if not state & lay.str_compact_mask:
+        return "?"
+    if state & lay.str_ascii_mask:
+        return read(addr + lay.str_ascii_data, length).decode("latin-1")
+    shift = (lay.str_kind_mask & -lay.str_kind_mask).bit_length() - 1
+    width = (state & lay.str_kind_mask) >> shift
+    codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}.get(width)
+    if codec is None:
+        return "?"
+    return read(addr + lay.str_compact_data, length * width).decode(codec, "replace")
+
+
+def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]:
+    """`native` (innermost first) with each `_PyEval_EvalFrameDefault` frame
+    replaced by the Python frames it runs, group by group; groups left over
+    (a native walk cut short) go at the outer end."""
+    out: list[Frame] = []
+    rest = list(groups)
+    for frame in native:
+        if rest and frame.symbol is not None and \
+                frame.symbol.startswith("_PyEval_EvalFrameDefault"):
+            out.extend(rest.pop(0))
+            continue
+        out.append(frame)
+    for group in rest:
+        out.extend(group)
+    return tuple(out)
+
+
+__all__ = ["PyGroups", "PythonStacks", "interleave", "version_text"]

@@ -1,0 +1,199 @@
+"""Python stacks at native probes (`--python`, docs/python.md): the frames a
+CPython program runs, read from its interpreter at each hit, against the
+program's own traceback.extract_stack() at the call, py-spy's dump of the
+same process and its own call counter; on every 3.11 interpreter here."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import Compiler, killed_after, read_fd_until, wait_until
+
+from uprobes.commands import main
+from uprobes.elf.image import ElfImage
+from uprobes.unwind.cpython.layout import PythonLayoutError, layout_for
+from uprobes.unwind.cpython.linetable import line_at
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")
+UPROBES = [sys.executable, "-m", "uprobes"]
+PY_SPY = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+
+
+def _interpreters() -> list[str]:
+    """Debian's python3.11, this venv's own (pyenv's here) and Debian's debug
+    build, each once, those that are installed."""
+    found: dict[str, str] = {}
+    for path in ("/usr/bin/python3.11", os.path.realpath(sys.executable),
+                 "/usr/bin/python3.11d"):
+        if os.path.exists(path):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+INTERPRETERS = _interpreters()
+Frames = tuple[tuple[str, str, int], ...]
+
+
+def _python_frames(frames: list[dict[str, object]]) -> Frames:
+    """A JSON stack's Python frames as the fixture prints them: outermost first."""
+    return tuple((str(f["symbol"]), str(f["file"]), int(str(f["line"])))
+                 for f in reversed(frames) if f.get("python"))
+
+
+def _calls(text: str) -> Counter[Frames]:
+    return Counter(tuple(tuple(x) for x in json.loads(line[5:]))  # type: ignore[misc]
+                   for line in text.splitlines() if line.startswith("CALL "))
+
+
+def test_line_table_gives_the_lines_cpython_gives() -> None:
+    """Every code unit of real code objects, against code.co_lines()."""
+    import asyncio.base_events
+    import email.parser
+    import inspect
+    import json.decoder
+    checked = 0
+
+    def walk(code: object) -> None:
+        nonlocal checked
+        assert hasattr(code, "co_lines") and hasattr(code, "co_consts")
+        for start, end, line in code.co_lines():
+            for at in range(start, end, 2):
+                assert line_at(code.co_linetable, code.co_firstlineno, at // 2) == line
+                checked += 1
+        for const in code.co_consts:
+            if hasattr(const, "co_lines"):
+                walk(const)
+
+    for mod in (asyncio.base_events, email.parser, json.decoder):
+        walk(compile(inspect.getsource(mod), str(mod.__file__), "exec"))
+    assert checked > 10000
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_stacks_give_the_programs_own_python_frames(python: str,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    out = io.StringIO()
+    status = main(["stacks", "-e", "ptrace", "--python", "--json", "libc:getpid", "--",
+                   python, FIXTURE], out=out)
+    assert status == 0
+    printed = capfd.readouterr().out
+    assert "calls 5" in printed
+    expected = _calls(printed)
+    assert sum(expected.values()) == 5
+    (probe,) = json.loads(out.getvalue()).values()
+    assert probe["hits"] == 5 and probe["unwalked"] == 0
+    got: Counter[Frames] = Counter()
+    for stack in probe["stacks"]:
+        got[_python_frames(stack["frames"])] += stack["count"]
+        names = [str(f["symbol"]) for f in stack["frames"]]
+        # Each eval-loop frame stands replaced by the Python frames it ran.
+        assert not [n for n in names if n.startswith("_PyEval_EvalFrameDefault")]
+        if "outer.<locals>.<lambda>" in names:
+            lam, sort, out_ = (names.index("outer.<locals>.<lambda>"),
+                               next(i for i, n in enumerate(names)
+                                    if n.startswith("builtin_sorted")), names.index("outer"))
+            assert lam < sort < out_, names
+    assert got == expected
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_running_process_against_py_spy(python: str, tmp_path: Path) -> None:
+    if PY_SPY is None:
+        pytest.skip("py-spy is not installed (pip install py-spy)")
+    prog = subprocess.Popen([python, FIXTURE, "wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    tracer = None
+    try:
+        with killed_after(prog):
+            assert prog.stdin is not None and prog.stdout is not None
+            assert prog.stdout.readline() == "ready\n"
+            tracer = subprocess.Popen(
+                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json",
+                 "-o", str(tmp_path / "hits.jsonl"), "-p", str(prog.pid),
+                 "libc:getpid", "libc:clock_nanosleep"], stderr=subprocess.PIPE)
+            assert tracer.stderr is not None
+            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
+            assert "Ctrl-C to stop" in said, said
+            prog.stdin.write("go\n")
+            prog.stdin.flush()
+            lines = []
+            while (line := prog.stdout.readline()) not in ("napping\n", ""):
+                lines.append(line)
+            expected = _calls("".join(lines))
+            assert "calls 5\n" in lines and sum(expected.values()) == 5
+
+            # In the sleep (after the hit): clock_nanosleep is x86-64 syscall 230.
+            wait_until(lambda: Path(f"/proc/{prog.pid}/syscall").read_text().split()[0] == "230",
+                       "the program's sleep")
+            dump = subprocess.run([PY_SPY, "dump", "--nonblocking", "--json", "--pid",
+                                   str(prog.pid)], capture_output=True, text=True,
+                                  timeout=120, check=True).stdout
+            prog.kill()
+            assert tracer.wait(timeout=120) == 0
+            hits = [json.loads(x) for x in (tmp_path / "hits.jsonl").read_text().splitlines()
+                    if '"probe"' in x]
+            got = Counter(_python_frames(h["stack"]) for h in hits
+                          if h["probe"].endswith("getpid"))
+            assert got == expected
+            (nap,) = [_python_frames(h["stack"]) for h in hits
+                      if h["probe"].endswith("clock_nanosleep")]
+            (thread,) = json.loads(dump)
+            spy = tuple((f["name"], f["filename"], f["line"]) for f in reversed(thread["frames"]))
+            assert nap == spy and nap[-1][0] == "Sleeper.nap"
+            assert nap[-1][0] == "Sleeper.nap"
+    finally:
+        prog.kill()
+        prog.wait()
+        if tracer is not None:
+            tracer.wait(timeout=120)
+
+
+@pytest.mark.root
+def test_kernel_engine_says_it_cannot(capfd: pytest.CaptureFixture[str]) -> None:
+    status = main(["stacks", "-e", "kernel", "--python", "libc:getpid", "--",
+                   "/usr/bin/python3.11", FIXTURE], out=io.StringIO())
+    assert status == 2
+    captured = capfd.readouterr()
+    assert "CALL" not in captured.out  # the command never ran
+    (line,) = captured.err.splitlines()
+    assert line.startswith("uprobes: error: --python: the kernel engine cannot read Python")
+
+
+@pytest.mark.root
+def test_a_process_without_python_keeps_native_stacks(compile_c: Compiler,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    exe = compile_c("callers.c", "-O2")
+    out = io.StringIO()
+    status = main(["stacks", "--python", "--json", f"{exe}:hot", "--", str(exe)], out=out)
+    assert status == 7
+    (probe,) = json.loads(out.getvalue()).values()
+    assert probe["hits"] == 8 and probe["unwalked"] == 0
+    assert all(f["symbol"] for s in probe["stacks"] for f in s["frames"])
+    notes = [x for x in capfd.readouterr().err.splitlines() if "CPython" in x]
+    assert len(notes) == 1 and "runs no CPython interpreter" in notes[0], notes
+
+
+@pytest.mark.parametrize("hexversion, says", [
+    (0x030C00F0, "Python 3.12.0 (/usr/bin/python3.11): its frames cannot be read (uprobes "
+                 "reads CPython 3.11)"),
+    (0x030B63F0, "Python 3.11.99 (/usr/bin/python3.11): its frames cannot be read without its "
+                 "own headers (none found in /usr/include/python3.11 (headers of 3.11."),
+])
+def test_an_interpreter_we_cannot_read_says_its_version(hexversion: int, says: str) -> None:
+    if not os.path.exists("/usr/include/python3.11/internal/pycore_frame.h"):
+        pytest.skip("python3.11-dev is not installed")
+    image = ElfImage.open("/usr/bin/python3.11")
+    with pytest.raises(PythonLayoutError) as e:
+        layout_for(image, "/usr/bin/python3.11", hexversion)
+    assert str(e.value).startswith(says)
+    assert "\n" not in str(e.value)
