@@ -48,7 +48,7 @@ def test_json_hits_lie_between_the_clock_snapshots(timeline_exe: Path, engine: s
 
 def test_chrome_json_keeps_the_clock_snapshots(timeline_exe: Path, tmp_path: Path) -> None:
     out_file = tmp_path / "trace.json"
-    assert main(["trace", "--format", "perfetto", "-o", str(out_file),
+    assert main(["trace", "--format", "chrome-json", "-o", str(out_file),
                  f"{timeline_exe}:mark n=%di:s32", "--", str(timeline_exe), "0"],
                 out=io.StringIO()) == 0
     doc = json.loads(out_file.read_text())
@@ -138,7 +138,7 @@ def test_text_lines_of_kernel_events(timeline_exe: Path) -> None:
 
 def test_chrome_json_has_syscall_and_off_cpu_slices(timeline_exe: Path, tmp_path: Path) -> None:
     out_file = tmp_path / "trace.json"
-    assert main(["trace", "--format", "perfetto", "-o", str(out_file), "--kernel",
+    assert main(["trace", "--format", "chrome-json", "-o", str(out_file), "--kernel",
                  "sched,syscalls", f"{timeline_exe}:work", f"r {timeline_exe}:work",
                  "--", str(timeline_exe), "1", "10000", "0"], out=io.StringIO()) == 0
     doc = json.loads(out_file.read_text())

@@ -91,6 +91,19 @@ class CallPairer:
             return None
         return stack.pop()
 
+    def route(self, ev: Event, calls: frozenset[str]) -> Event | bool:
+        """What a trace file does with `ev`: True, the entry of a call
+        (`ev.probe` in `calls`) now waiting for its return; its entry event,
+        a return that closes it; False, neither (an instant)."""
+        if ev.kind == "p" and ev.probe in calls:
+            self.entry(ev)
+            return True
+        if ev.kind == "r":
+            start = self.ret(ev)
+            if start is not None:
+                return start
+        return False
+
     @property
     def threads(self) -> int:
         """(thread, function) pairs with calls open or once opened: what memory grows with."""

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 from contextlib import ExitStack
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
@@ -36,6 +36,7 @@ from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
 from uprobes.model.event import ProbeInfo
 from uprobes.model.probe import ResolvedProbe
+from uprobes.render.chrome_json import ChromeJsonRenderer
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.timeline import Timeline
@@ -43,7 +44,7 @@ from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
-FORMATS = ("text", "jsonl", "perfetto")
+FORMATS = ("text", "jsonl", "perfetto", "chrome-json")
 NAME = "trace"
 HELP = "print each hit of the probes with the values they fetch"
 EXAMPLES = [
@@ -54,8 +55,10 @@ EXAMPLES = [
     "(a C++ exception through it aborts the program)",
     "uprobes trace 'usdt:/usr/bin/python3.11:python:function__entry file=+0($arg1):string "
     "fn=+0($arg2):string line=$arg3:s32' -- /usr/bin/python3.11 -c $'def f(): pass\\nf()'",
-    "uprobes trace --format perfetto -o /tmp/ls.json 'libc:malloc size=%di:u64' "
+    "uprobes trace --format perfetto -o /tmp/ls.perfetto-trace 'libc:malloc size=%di:u64' "
     "'r libc:malloc ptr=$retval:x64' -- /bin/ls /  # open it in ui.perfetto.dev",
+    "uprobes trace --format chrome-json -o /tmp/ls.json 'libc:malloc' 'r libc:malloc' -- "
+    "/bin/ls /  # Chrome's trace-event JSON, for chrome://tracing too",
     "uprobes trace --stack 'libc:malloc' -- /usr/bin/python3.11 -c 'import json'"
     "  # each hit with its user stack, one frame a line",
     "uprobes trace --if 'size > 65536' --comm python3.11 'libc:malloc size=%di:u64' -- "
@@ -75,8 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_duration_argument(p)
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="text: the kernel's trace lines (default); jsonl: one JSON object "
-                        "per hit (same as --json); perfetto: a trace file for "
-                        "ui.perfetto.dev (entry+return of a call as one slice)")
+                        "per hit (same as --json); perfetto: a native Perfetto trace "
+                        "(protobuf) for ui.perfetto.dev, entry+return of a call as one "
+                        "slice (with -o FILE.json: Chrome JSON, as before); chrome-json: "
+                        "Chrome's trace-event JSON")
     p.add_argument("--kernel", metavar="EVENTS", default=None,
                    help="the kernel's events of the traced threads between the hits, in time "
                         "order: sched (off and on the CPU, with the state), syscalls (names, "
@@ -118,25 +123,48 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         kevents = None
         if args.kernel is not None:
             kevents = stack.enter_context(KernelEvents(parse_kernel_option(args.kernel)))
+        args.format = _format(args)
+        binary: BinaryIO | None = None
         if args.output:
             try:
-                out = stack.enter_context(open(args.output, "w"))
+                if args.format == "perfetto":
+                    binary = stack.enter_context(open(args.output, "wb"))
+                else:
+                    out = stack.enter_context(open(args.output, "w"))
             except OSError as e:
                 raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
+        elif args.format == "perfetto":
+            binary = getattr(out, "buffer", None)
+            if binary is None or out.isatty():
+                raise UsageError("--format perfetto writes a binary trace: give -o FILE")
         child = launch(args.argv_command) if args.argv_command else None
-        return _trace(args, out, probes, child, kevents)
+        return _trace(args, out, binary, probes, child, kevents)
 
 
-Output = TraceTextRenderer | JsonLinesRenderer | PerfettoRenderer
+def _format(args: argparse.Namespace) -> str:
+    """The output format asked for; `perfetto` into a `.json` file is the
+    Chrome JSON it wrote before the native format came."""
+    fmt: str = args.format or ("jsonl" if args.json else "text")
+    if fmt == "perfetto" and args.output and args.output.endswith(".json"):
+        sys.stderr.write("uprobes: note: --format perfetto into a .json file writes Chrome "
+                         "JSON (--format chrome-json); name it .perfetto-trace for Perfetto's "
+                         "own format\n")
+        return "chrome-json"
+    return fmt
+
+
+Output = TraceTextRenderer | JsonLinesRenderer | ChromeJsonRenderer | PerfettoRenderer
 Renderer = Output | Timeline
 
 
-def _renderer(args: argparse.Namespace, out: TextIO, infos: dict[str, ProbeInfo],
-              probes: list[ResolvedProbe]) -> Output:
-    fmt = args.format or ("jsonl" if args.json else "text")
-    if fmt == "perfetto":
-        return PerfettoRenderer(out, infos, call_entries(probes))
-    return (JsonLinesRenderer if fmt == "jsonl" else TraceTextRenderer)(out, infos)
+def _renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
+              infos: dict[str, ProbeInfo], probes: list[ResolvedProbe]) -> Output:
+    if args.format == "perfetto":
+        assert binary is not None
+        return PerfettoRenderer(binary, infos, call_entries(probes))
+    if args.format == "chrome-json":
+        return ChromeJsonRenderer(out, infos, call_entries(probes))
+    return (JsonLinesRenderer if args.format == "jsonl" else TraceTextRenderer)(out, infos)
 
 
 def call_entries(probes: list[ResolvedProbe]) -> set[str]:
@@ -146,8 +174,9 @@ def call_entries(probes: list[ResolvedProbe]) -> set[str]:
             if not p.is_return and p.key in returns and p.symbol_offset == 0}
 
 
-def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
-           child: Launched | None, kevents: KernelEvents | None) -> int:
+def _trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
+           probes: list[ResolvedProbe], child: Launched | None,
+           kevents: KernelEvents | None) -> int:
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
     stack_bytes = args.stack_bytes if args.stack or args.python else 0
@@ -164,7 +193,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
         if kevents is not None:  # before the probes: the first hit has its kernel events
             kevents.open(pid=args.pid, child=child.pid if child else None)
         with tracer:
-            output = _renderer(args, out, tracer.infos, probes)
+            output = _renderer(args, out, binary, tracer.infos, probes)
             renderer = output
             if kevents is not None:
                 renderer = Timeline(output, kevents)
@@ -184,7 +213,7 @@ def _trace(args: argparse.Namespace, out: TextIO, probes: list[ResolvedProbe],
             if kevents is not None:
                 kevents.disable()
             renderer.summary(tracer.events, tracer.lost)
-            out.flush()
+            (binary or out).flush()
     except BaseException:
         if child is not None:
             child.reaped(tracer.child_status)

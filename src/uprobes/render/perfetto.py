@@ -1,155 +1,263 @@
-"""Trace files for ui.perfetto.dev and chrome://tracing: the Chrome
-trace-event JSON format.
+"""A native Perfetto trace (`.perfetto-trace`): Perfetto's own protobuf format.
 
-An entry and the return of the same call (a `p` and an `r` probe on one
-function, paired per thread by `uprobes.analysis.calls`) become one
-complete slice (`"ph": "X"`) on the thread's track, with the entry's args
-and the return's under `"return"`; every other hit is an instant
-(`"ph": "i"`, thread scope). Processes and threads are named by their comm
-(metadata events). With `trace --stack` a hit's frames are its arg
-`stack` (a slice: the entry's), one `symbol+0xoff (path)` string each.
-Timestamps are CLOCK_MONOTONIC microseconds, so the file
-lines up with other traces of the machine. Events are streamed as they
-come: a slice when its call returns, an entry still open at the end as an
-instant. The last object, `uprobes`, holds the event and lost counts and
-the clocks read together at the start and the end (`clocks`, as in the
-JSON lines summary), so other traces can be lined up with this one.
+Built with the `perfetto` package's definitions of the format
+(`perfetto_trace_pb2`) and written packet by packet as events come, so a
+long trace never sits in memory: a trace is `repeated TracePacket packet =
+1`, so each packet is its field tag, its length and its bytes (what the
+package's `StreamingTraceProtoBuilder` writes, without building a `Trace`
+around each packet). What goes in:
 
-Kernel events (`trace --kernel`) go on the same thread tracks: a system
-call is a slice from its entry to its exit (`cat` `syscall`, its arguments
-and `ret`), time off the CPU a slice `off-cpu (STATE)` (`cat` `sched`) from
-the switch out to the switch back in, anything else an instant (`cat`
-`kernel`).
+- a `ClockSnapshot` at the start and at the end (MONOTONIC, REALTIME,
+  BOOTTIME read together), MONOTONIC the trace's clock: every packet is
+  stamped on it (`timestamp_clock_id`), as our events are;
+- a track per process and per thread (`TrackDescriptor`, named by comm);
+- a call (an entry and the return of one function, paired per thread) as
+  a slice on its thread's track, with the entry's arguments and the
+  return's (`return.NAME`) as debug annotations; other hits as instants;
+- with `trace --kernel`: each system call a slice on a `syscalls` track
+  under its thread (arguments at the entry, `ret` at the exit), the
+  thread's state from its switches (`GenericKernelTaskStateEvent`:
+  running on a CPU, runnable, sleeping, blocked, stopped), and page faults
+  and other tracepoints as instants on the thread's track;
+- at the end, an instant `uprobes` on a track of its own with the counts
+  (events, lost, kernel events and lost).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from typing import TextIO
+from typing import Any, BinaryIO
 
 from uprobes.analysis.calls import CallPairer
-from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
-from uprobes.model.kevent import KernelEvent
-from uprobes.sys.clocks import snapshot
+from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.kevent import KernelEvent, KernelValue
+from uprobes.sys.clocks import ClockSnapshot, snapshot
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+SEQUENCE_ID = 1
+"""Every packet is ours, on one sequence."""
+SUMMARY_TRACK = 1
+_PROCESS, _THREAD, _SYSCALLS = 1, 2, 3  # the low bits of a track's uuid, above a pid or tid
+
+# sched_switch's state letters (engines/kevents/decode.py) -> Perfetto's.
+_STATES = {"R": "RUNNABLE", "S": "INTERRUPTIBLE_SLEEP", "D": "UNINTERRUPTIBLE_SLEEP",
+           "T": "STOPPED", "t": "STOPPED", "X": "DEAD", "Z": "DEAD", "I": "INTERRUPTIBLE_SLEEP",
+           "P": "UNINTERRUPTIBLE_SLEEP"}
 
 
-def _us(ns: int) -> float:
-    return ns / 1000
+def _pb() -> Any:
+    # Imported when a Perfetto trace is asked for: the format's definitions
+    # are large, and no other output needs them.
+    from perfetto.protos.perfetto.trace import perfetto_trace_pb2
+    return perfetto_trace_pb2
+
+
+def track_uuid(task: int, kind: int) -> int:
+    """The uuid of a process's (`_PROCESS`) or thread's track, or of a thread's syscalls."""
+    return task << 2 | kind
 
 
 class PerfettoRenderer:
-    """Writes one JSON document; `summary()` closes it.
+    """Writes TracePackets to `out` (binary) as events come; `summary()` ends the trace.
 
     `calls`: names of the entry probes that have a return probe on the same
-    function; their hits wait for the return to become slices. (Hits of any
-    other entry probe are instants at once, so nothing piles up.)
+    function; their hits wait for the return to become slices.
     """
 
-    def __init__(self, out: TextIO, probes: dict[str, ProbeInfo],
+    def __init__(self, out: BinaryIO, probes: dict[str, ProbeInfo],
                  calls: Iterable[str] = ()) -> None:
+        self.pb = _pb()
         self.out = out
         self.probes = probes
         self.calls = frozenset(calls)
         self._pairer = CallPairer()
-        self._threads: set[int] = set()
-        self._processes: set[int] = set()
+        self._tracks: set[int] = set()
+        self._in_syscall: set[int] = set()  # threads whose syscall entry was written
+        self._kernel_counts: tuple[int, int] | None = None
         self._first = True
-        self.clock_start = snapshot()
-        self._kernel_open: dict[tuple[int, str], KernelEvent] = {}  # (tid, off_cpu|syscall)
-        self._kernel_counts: dict[str, int] | None = None
-        out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
+        self._clocks(snapshot())
 
-    def _write(self, doc: dict[str, object]) -> None:
-        self.out.write(("" if self._first else ",\n") + _dumps(doc))
-        self._first = False
+    def _packet(self, ts_ns: int | None = None) -> Any:
+        packet = self.pb.TracePacket()
+        packet.trusted_packet_sequence_id = SEQUENCE_ID
+        if self._first:
+            packet.sequence_flags = self.pb.TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
+            self._first = False
+        if ts_ns is not None:
+            packet.timestamp = ts_ns
+            packet.timestamp_clock_id = self.pb.BUILTIN_CLOCK_MONOTONIC
+        return packet
 
-    def _name_task(self, ev: Event | KernelEvent) -> None:
-        if ev.pid not in self._processes and (ev.tid == ev.pid or ev.pid not in self._threads):
-            self._processes.add(ev.pid)
-            self._write({"ph": "M", "name": "process_name", "pid": ev.pid, "tid": ev.pid,
-                         "args": {"name": ev.comm}})
-        if ev.tid not in self._threads:
-            self._threads.add(ev.tid)
-            self._write({"ph": "M", "name": "thread_name", "pid": ev.pid, "tid": ev.tid,
-                         "args": {"name": ev.comm}})
+    def _write(self, packet: Any) -> None:
+        data = packet.SerializeToString()
+        self.out.write(_PACKET_TAG + _varint(len(data)) + data)
+
+    def _clocks(self, now: ClockSnapshot) -> None:
+        pb = self.pb
+        packet = self._packet()
+        snap = packet.clock_snapshot
+        snap.primary_trace_clock = pb.BUILTIN_CLOCK_MONOTONIC
+        for clock_id, ts in ((pb.BUILTIN_CLOCK_MONOTONIC, now.monotonic_ns),
+                             (pb.BUILTIN_CLOCK_REALTIME, now.realtime_ns),
+                             (pb.BUILTIN_CLOCK_BOOTTIME, now.boottime_ns)):
+            clock = snap.clocks.add()
+            clock.clock_id = clock_id
+            clock.timestamp = ts
+        self._write(packet)
+
+    def _thread_track(self, pid: int, tid: int, comm: str) -> int:
+        """The uuid of the thread's track, described the first time."""
+        uuid = track_uuid(tid, _THREAD)
+        if uuid in self._tracks:
+            return uuid
+        process = track_uuid(pid, _PROCESS)
+        if process not in self._tracks:
+            self._tracks.add(process)
+            packet = self._packet()
+            packet.track_descriptor.uuid = process
+            packet.track_descriptor.process.pid = pid
+            packet.track_descriptor.process.process_name = comm
+            self._write(packet)
+        self._tracks.add(uuid)
+        packet = self._packet()
+        desc = packet.track_descriptor
+        desc.uuid = uuid
+        desc.parent_uuid = process
+        desc.thread.pid = pid
+        desc.thread.tid = tid
+        desc.thread.thread_name = comm
+        self._write(packet)
+        return uuid
+
+    def _syscall_track(self, pid: int, tid: int, comm: str) -> int:
+        thread = self._thread_track(pid, tid, comm)
+        uuid = track_uuid(tid, _SYSCALLS)
+        if uuid not in self._tracks:
+            self._tracks.add(uuid)
+            packet = self._packet()
+            packet.track_descriptor.uuid = uuid
+            packet.track_descriptor.parent_uuid = thread
+            packet.track_descriptor.name = "syscalls"
+            self._write(packet)
+        return uuid
+
+    def _track_event(self, ts_ns: int, track: int, kind: str, name: str | None,
+                     args: Iterable[tuple[str, ArgValue | KernelValue]] = ()) -> None:
+        packet = self._packet(ts_ns)
+        ev = packet.track_event
+        ev.type = getattr(self.pb.TrackEvent, kind)
+        ev.track_uuid = track
+        if name is not None:
+            ev.name = name
+        for key, value in args:
+            _annotate(ev.debug_annotations.add(), key, value)
+        self._write(packet)
 
     def hits(self, hits: list[Hit]) -> None:
-        """A batch of hits (what `KernelTracer.run_hits` hands over)."""
         for hit in hits:
             self.event(hit_event(hit, self.probes[hit[4]]))
 
     def event(self, ev: Event) -> None:
-        self._name_task(ev)
-        if ev.kind == "p" and ev.probe in self.calls:
-            self._pairer.entry(ev)
-            return
-        if ev.kind == "r":
-            start = self._pairer.ret(ev)
-            if start is not None:
-                self._slice(start, ev)
-                return
-        self._instant(ev)
+        track = self._thread_track(ev.pid, ev.tid, ev.comm)
+        start = self._pairer.route(ev, self.calls)
+        if isinstance(start, Event):
+            self._track_event(start.ts_ns, track, "TYPE_SLICE_BEGIN",
+                              self.probes[start.probe].event, self._hit_args(start))
+            self._track_event(ev.ts_ns, track, "TYPE_SLICE_END", None,
+                              [(f"return.{k}", v) for k, v in ev.args.items()])
+        elif not start:
+            self._instant(ev)
 
-    def _slice(self, start: Event, end: Event) -> None:
-        args: dict[str, object] = dict(start.args)
-        if start.stack is not None:
-            args["stack"] = [str(frame) for frame in start.stack]
-        if end.args:
-            args["return"] = end.args
-        self._write({"ph": "X", "name": self.probes[start.probe].event, "cat": start.probe,
-                     "pid": start.pid, "tid": start.tid, "ts": _us(start.ts_ns),
-                     "dur": _us(end.ts_ns - start.ts_ns), "args": args})
+    def _hit_args(self, ev: Event) -> list[tuple[str, ArgValue | KernelValue]]:
+        args: list[tuple[str, ArgValue | KernelValue]] = list(ev.args.items())
+        if ev.stack is not None:
+            frames: list[str | None] = [str(frame) for frame in ev.stack]
+            args.append(("stack", frames))
+        return args
 
     def _instant(self, ev: Event) -> None:
         info = self.probes.get(ev.probe)
-        args: dict[str, object] = dict(ev.args)
-        if ev.stack is not None:
-            args["stack"] = [str(frame) for frame in ev.stack]
-        self._write({"ph": "i", "s": "t", "name": info.event if info else ev.probe,
-                     "cat": ev.probe, "pid": ev.pid, "tid": ev.tid, "ts": _us(ev.ts_ns),
-                     "args": args})
+        self._track_event(ev.ts_ns, self._thread_track(ev.pid, ev.tid, ev.comm), "TYPE_INSTANT",
+                          info.event if info else ev.probe, self._hit_args(ev))
 
     def kernel_event(self, ev: KernelEvent) -> None:
-        self._name_task(ev)
-        opening = {"off_cpu": "sched", "syscall_enter": "syscall"}.get(ev.kind)
-        if opening is not None:
-            self._kernel_open[ev.tid, opening] = ev
-            return
-        closing = {"on_cpu": "sched", "syscall_exit": "syscall"}.get(ev.kind)
-        if closing is not None:
-            start = self._kernel_open.pop((ev.tid, closing), None)
-            if start is not None:
-                self._kernel_slice(start, ev)
-            return
-        self._kernel_instant(ev)
-
-    def _kernel_slice(self, start: KernelEvent, end: KernelEvent) -> None:
-        if start.kind == "off_cpu":
-            name, cat, args = f"off-cpu ({start.fields.get('state')})", "sched", start.fields
+        if ev.kind == "syscall_enter":
+            self._in_syscall.add(ev.tid)
+            self._track_event(ev.ts_ns, self._syscall_track(ev.pid, ev.tid, ev.comm),
+                              "TYPE_SLICE_BEGIN", ev.name, ev.fields.items())
+        elif ev.kind == "syscall_exit":
+            # The exit of a call entered before tracing began (exec's) has no slice.
+            if ev.tid in self._in_syscall:
+                self._in_syscall.discard(ev.tid)
+                self._track_event(ev.ts_ns, self._syscall_track(ev.pid, ev.tid, ev.comm),
+                                  "TYPE_SLICE_END", None, ev.fields.items())
+        elif ev.kind in ("off_cpu", "on_cpu"):
+            self._task_state(ev)
         else:
-            name, cat, args = start.name, "syscall", {**start.fields, **end.fields}
-        self._write({"ph": "X", "name": name, "cat": cat, "pid": start.pid, "tid": start.tid,
-                     "ts": _us(start.ts_ns), "dur": _us(end.ts_ns - start.ts_ns),
-                     "args": args})
+            self._track_event(ev.ts_ns, self._thread_track(ev.pid, ev.tid, ev.comm),
+                              "TYPE_INSTANT", ev.name, ev.fields.items())
 
-    def _kernel_instant(self, ev: KernelEvent) -> None:
-        self._write({"ph": "i", "s": "t", "name": ev.name, "cat": "kernel", "pid": ev.pid,
-                     "tid": ev.tid, "ts": _us(ev.ts_ns), "args": ev.fields})
+    def _task_state(self, ev: KernelEvent) -> None:
+        self._thread_track(ev.pid, ev.tid, ev.comm)
+        if ev.kind == "on_cpu":
+            state = "RUNNING"
+        else:
+            letter = str(ev.fields.get("state", "R"))[:1]
+            state = _STATES.get(letter, "UNKNOWN")
+        packet = self._packet(ev.ts_ns)
+        task = packet.generic_kernel_task_state_event
+        task.cpu = ev.cpu
+        task.comm = ev.comm
+        task.tid = ev.tid
+        task.state = getattr(self.pb.GenericKernelTaskStateEvent, f"TASK_STATE_{state}")
+        self._write(packet)
 
     def kernel_summary(self, events: int, lost: int) -> None:
-        self._kernel_counts = {"events": events, "lost": lost}
+        self._kernel_counts = (events, lost)
 
     def summary(self, events: int, lost: int) -> None:
         for ev in sorted(self._pairer.still_open(), key=lambda e: e.ts_ns):
             self._instant(ev)
-        for kev in sorted(self._kernel_open.values(), key=lambda e: e.ts_ns):
-            self._kernel_instant(kev)
-        self._kernel_open.clear()
-        counts: dict[str, object] = {"events": events, "lost": lost}
+        end = snapshot()
+        packet = self._packet()
+        packet.track_descriptor.uuid = SUMMARY_TRACK
+        packet.track_descriptor.name = "uprobes"
+        self._write(packet)
+        counts: list[tuple[str, ArgValue]] = [("events", events), ("lost", lost)]
         if self._kernel_counts is not None:
-            counts["kernel"] = self._kernel_counts
-        counts["clocks"] = {"start": self.clock_start.as_dict(), "end": snapshot().as_dict()}
-        self.out.write('\n],"uprobes":' + _dumps(counts) + "}\n")
+            counts += [("kernel_events", self._kernel_counts[0]),
+                       ("kernel_lost", self._kernel_counts[1])]
+        self._track_event(end.monotonic_ns, SUMMARY_TRACK, "TYPE_INSTANT", "uprobes", counts)
+        self._clocks(end)
+
+
+_PACKET_TAG = b"\x0a"  # Trace.packet: field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _annotate(ann: Any, name: str, value: ArgValue | KernelValue) -> None:
+    """One argument as a debug annotation: integers as ints (unsigned past
+    int64), strings as strings, a faulted string `(fault)`, lists as arrays."""
+    ann.name = name
+    _annotation_value(ann, value)
+
+
+def _annotation_value(ann: Any, value: ArgValue | KernelValue | str) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _annotation_value(ann.array_values.add(), item)
+    elif isinstance(value, str):
+        ann.string_value = value
+    elif value is None:
+        ann.string_value = "(fault)"
+    elif value >= 1 << 63:
+        ann.uint_value = value
+    else:
+        ann.int_value = value
