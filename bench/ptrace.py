@@ -22,6 +22,9 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
   full ring makes the program wait for the reader, so a long run goes at
   the reader's pace), timed whole; and trap-free with fewer hits than a
   ring holds, timing the workload's loop: what a hit costs the program;
+- `uprobes latency -e ptrace FUNCTION`: entry and return timed in the
+  program (no record, a histogram in shared memory), timing the workload's
+  loop: what a timed call costs the program;
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -37,6 +40,7 @@ gives its per-hit cost as a ratio to the first tree's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -117,6 +121,13 @@ def _trace_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | No
     return int(found.group(1)) if found and found.group(2) == "0" else None
 
 
+def _latency_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    doc = next((ln for ln in proc.stdout.splitlines() if ln.startswith("{")), None)
+    if doc is None:
+        return None
+    return sum(int(h["count"]) for h in json.loads(doc).values())
+
+
 def _uprobes_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
     found = re.findall(r"^uprobes/\S+\s+(\d+)$", proc.stdout, re.M)
     return int(found[-1]) if found else 0
@@ -194,6 +205,12 @@ def tools(workload: Workload) -> list[Tool]:
         return lambda n, work: [py, "-m", "uprobes", "trace", "-e", "ptrace", *extra,
                                 "-o", os.devnull, f"{workload.exe}:{function} a=%di", "--",
                                 *workload.argv(n, function)]
+    def latency(function: str) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: [py, "-m", "uprobes", "latency", "-e", "ptrace", "--json",
+                                f"{workload.exe}:{function}", "--", *workload.argv(n, function)]
+    rows += [Tool("uprobes latency -e ptrace", "entry+return (timed in the program)", f,
+                  latency(f), _latency_count, hits=(100_000, 3_000_000), loop_timed=True,
+                  ours=True) for f in (emulated, boosted)]
     rows += [
         Tool("uprobes trace -e ptrace --no-trapfree", "entry a=%di", boosted,
              trace(boosted, "--no-trapfree"), _trace_count, ours=True),

@@ -144,8 +144,12 @@ def test_an_exception_through_a_timed_function_leaves_the_program_unharmed(
     # fact: fact(5) is 5 calls, tail_call(-8) jumps to fact(2): 2 more, whose
     # outermost returns to tail_call's caller, the return address at its entry.
     assert counts == {"uprobes/through": 4, "uprobes/thrower": 4, "uprobes/fact": 7}
-    # the first throw's two calls; the second's are still open at exit
-    assert "2 calls never returned" in proc.stderr
+    # Calls the exceptions left: the pairer of events (kernel) counts the first
+    # throw's two (a later entry of the same function drops them; the second's
+    # are still open at exit); timed in the program (ptrace), one stack of
+    # open calls per thread, every later entry drops them: all four.
+    left = 4 if engine == "ptrace" else 2
+    assert f"{left} calls never returned" in proc.stderr
 
 
 def test_returns_pair_by_the_return_address_fetched_at_entry() -> None:

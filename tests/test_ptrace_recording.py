@@ -203,17 +203,18 @@ def test_return_probes_on_rets_count_without_traps(exe: Path) -> None:
 
 
 def test_latency_is_the_calls_not_the_traps(exe: Path) -> None:
-    """`latency -e ptrace` records entry and return in the program, stamped
-    by the TSC there, with no trap (the note says so). How small the times
-    are is the bench's to say (python -m bench.claims), not a test's."""
+    """`latency -e ptrace` times entry and return in the program, stamped
+    by the TSC there, with no trap and no record (tests/test_latency_inprog.py
+    holds its figures against the program's own). How small the times are
+    is the bench's to say (python -m bench.claims), not a test's."""
     run = subprocess.run([*UPROBES, "latency", "-e", "ptrace", "--json", f"{exe}:work", "--",
                           str(exe), "loop", "2000"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "2 of 2 probes trap-free" in run.stderr
+    assert "not timed" not in run.stderr and "trap" not in run.stderr
     stats = json.loads(next(line for line in run.stdout.split("\n") if line.startswith("{")))
     work = stats["uprobes/work"]
     assert work["count"] == 2000
-    assert 0 < work["p50_ns"] <= work["max_ns"], work  # how fast: python -m bench.claims
+    assert 0 <= work["p50_ns"] <= work["max_ns"], work  # how fast: python -m bench.claims
 
 
 @pytest.mark.parametrize("renderer", ["jsonl", "text"])

@@ -97,3 +97,36 @@ def test_counting_code_increments_the_counter_it_is_given() -> None:
     assert len(incs) == 1 and incs[0].has_lock_prefix
     assert incs[0].memory_base == Register.RIP and incs[0].memory_displacement == counter
     assert layout.COUNTER_BLOCK_BYTES % layout.COUNTER_STRIDE == 0
+
+
+def test_timing_code_uses_the_timing_layout() -> None:
+    """The entry's and the return's code (timing.py) address the block's
+    header words RIP-relative, and a thread's row through rdi at layout's
+    offsets; the bucket arithmetic is layout.hist_bucket's."""
+    from uprobes.engines.trapfree.timing import entry_code, return_code
+    block = AT + 0x100_0000
+    header = {layout.TIMING_NOROW, layout.TIMING_DEEP, layout.TIMING_UNPAIRED,
+              layout.TIMING_TLS, layout.TIMING_ABANDONED, layout.TIMING_ROWS_OFFSET}
+    func = 5
+    for code, row_fields in (
+            (entry_code(AT, block), {layout.ROW_OWNER, layout.ROW_CLAIMED, layout.ROW_DEPTH,
+                                     layout.ROW_STACK - layout.ENTRY_BYTES}),
+            (return_code(AT, block, func), {layout.ROW_OWNER, layout.ROW_CLAIMED,
+                                            layout.ROW_DEPTH,
+                                            layout.ROW_HISTS + func * layout.HIST_BYTES})):
+        insns = _decode(code, AT)
+        assert not any(i.code == Code.INVALID for i in insns)
+        memory = _memory_operands(insns)
+        rip_relative = {i.memory_displacement - block for i in memory
+                        if i.memory_base == Register.RIP}
+        assert rip_relative <= header and layout.TIMING_ROWS_OFFSET in rip_relative
+        through_row = {i.memory_displacement for i in memory if i.memory_base == Register.RDI}
+        assert row_fields <= through_row, (row_fields, through_row)
+        muls = {i.immediate(2) for i in insns if i.code == Code.IMUL_R64_RM64_IMM32}
+        assert muls == {layout.ROW_BYTES}
+    assert layout.TIMING_ABANDONED + 8 <= layout.TIMING_ROWS_OFFSET
+    assert layout.ROW_HISTS == layout.ROW_STACK + layout.STACK_DEPTH * layout.ENTRY_BYTES
+    assert layout.hist_bucket(layout.HIST_MAX_TICKS) == layout.HIST_BUCKETS - 1
+    for ticks in (0, 31, 32, 33, 1000, 123_456_789, layout.HIST_MAX_TICKS):
+        lo, hi = layout.hist_bounds(layout.hist_bucket(ticks))
+        assert lo <= ticks <= hi and hi - lo <= max(1, lo >> layout.HIST_SUB_BITS)

@@ -95,6 +95,24 @@ def test_overwritten_counters_show_no_impossible_counts(exe: Path, mode: str) ->
     assert len(found) == 1 and int(found[0][1]) >= 1, run.stderr
 
 
+@pytest.mark.parametrize("mode", ["words", "counters"])
+def test_overwritten_timing_rows_show_no_impossible_latencies(exe: Path, mode: str) -> None:
+    """`latency -e ptrace` keeps each thread's open calls and histograms in
+    the shared memory (timing.py). Overwritten, the code in the program
+    stays within its rows (a depth it cannot have left restarts at 0, a
+    bucket is bounded by its arithmetic), and the reader shows no more calls
+    than were made: rows with counts no run can have reached are left out
+    and said."""
+    run = _run("latency", "--json", "-e", "ptrace", f"{exe}:work", "--", str(exe), mode,
+               str(CALLS))
+    assert run.returncode == 0, run.stderr
+    done, traced, hists = run.stdout.splitlines()
+    assert done.startswith("done ") and traced == "traced yes"
+    assert 0 <= json.loads(hists).get("uprobes/work", {"count": 0})["count"] <= 2 * CALLS
+    found = CORRUPT.findall(run.stderr)
+    assert len(found) == 1 and int(found[0][1]) >= 1, run.stderr
+
+
 def test_forged_reservations_cost_one_wait(exe: Path, tmp_path: Path) -> None:
     """The program moves `head` a ring's worth of slots ahead: reserved, and
     never to be written. The reader gives them up together after one wait

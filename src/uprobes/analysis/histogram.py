@@ -38,16 +38,17 @@ class Histogram:
     max: int = 0
     _fine: dict[int, int] = field(default_factory=dict)
 
-    def add(self, ns: int) -> None:
+    def add(self, ns: int, times: int = 1) -> None:
+        """`times` calls of `ns` each."""
         ns = max(ns, 0)
-        self.count += 1
-        self.total += ns
+        self.count += times
+        self.total += ns * times
         if self.min is None or ns < self.min:
             self.min = ns
         if ns > self.max:
             self.max = ns
         i = _fine_index(ns)
-        self._fine[i] = self._fine.get(i, 0) + 1
+        self._fine[i] = self._fine.get(i, 0) + times
 
     @property
     def mean(self) -> float:
@@ -79,3 +80,25 @@ class Histogram:
             return []
         return [(0 if b == 1 else 1 << (b - 1), (1 << b) - 1, counts.get(b, 0))
                 for b in range(min(counts), max(counts) + 1)]
+
+
+@dataclass
+class Latencies:
+    """Calls timed in the program (the ptrace engine's trap-free timing):
+    a histogram per function, with the probes' own cost per call taken off
+    each duration (`subtracted_ns`, measured on the spot: the mean of the
+    fastest 90% of `calibration_calls` calls of an empty function timed by
+    the same code),
+    what could not be timed, and the functions left untimed (and why)."""
+
+    histograms: dict[str, Histogram]
+    subtracted_ns: float = 0.0
+    calibration_calls: int = 0
+    tsc_step_ns: float = 0.0  # the clock's step here: a duration is read to within one
+    no_row: int = 0      # calls of threads that found no free row
+    too_deep: int = 0    # calls beyond a thread's deepest stack of open calls
+    unpaired: int = 0    # returns with no entry (begun before the probes, or left)
+    abandoned: int = 0   # calls left without returning (longjmp, an exception, a tail call)
+    untimed: dict[str, str] = field(default_factory=dict)
+    depth_limit: int = 0  # open calls a thread's row holds
+    row_limit: int = 0    # threads timed at once

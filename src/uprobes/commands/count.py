@@ -106,10 +106,7 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) 
         return status
     except BaseException:
         if launched is not None:
-            if counter is not None:
-                launched.reaped(counter.child_status)
-            if launched.held:
-                launched.abort()  # never released: the command must not run at all
+            launched.failed(counter.child_status if counter is not None else None)
         raise
 
 

@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_duration_argument(p)
 
 
-def probe_pair(spec: ProbeSpec) -> tuple[str, str]:
-    """The entry and return probe lines that time the function `spec` names."""
+def probe_pair(spec: ProbeSpec, fetch: bool = True) -> tuple[str, str]:
+    """The entry and return probe lines that time the function `spec` names
+    (`fetch`: the entry fetches what pairs it with its return in Python)."""
     if spec.kind is not ProbeKind.ENTRY:
         raise SpecError("latency times functions: name the function, not its return",
                         spec.text, 0)
@@ -60,7 +61,7 @@ def probe_pair(spec: ProbeSpec) -> tuple[str, str]:
     # The entry's stack pointer and return address pair it with its return
     # (whose ip is the address returned to): the return fetches nothing, so
     # it goes on the function's own rets, which exceptions unwind through.
-    entry = render(spec) + f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
+    entry = render(spec) + (f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64" if fetch else "")
     ret_event = f"{spec.event}__return" if spec.event else None
     ret = render(replace(spec, kind=ProbeKind.RETURN, event=ret_event))
     return entry, ret
@@ -70,6 +71,19 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     check_selection(args)
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
+    if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
+            and not (args.condition or args.comm or args.tid):
+        from uprobes.commands.latency_inprog import run_in_program
+        lines = [line for spec in parse_specs(args.specs)
+                 for line in probe_pair(spec, fetch=False)]
+        status = run_in_program(args, out, lines)
+        if status is not None:
+            return status
+    return run_paired(args, out)
+
+
+def run_paired(args: argparse.Namespace, out: TextIO) -> int:
+    """`latency` from events: every entry and return paired per thread here."""
     pairer = CallPairer()
     histograms: dict[str, Histogram] = {}
 

@@ -5,6 +5,10 @@ Two roles, each a Protocol that mypy checks the engines against:
 - `Tracer`: every hit delivered, as an `Event`, as `Hit` tuples, or into a
   renderer (`trace`, and `uprobes.Session` under latency, top and stacks).
 - `Counter`: hits counted per probe (`count`).
+- `Timer`: calls timed in the program, a histogram per function
+  (`latency`); only the ptrace engine's trap-free probes can, so
+  `open_timer` gives None where they cannot serve and the caller pairs
+  a `Tracer`'s events itself.
 
 The kernel engine has a class per role (`KernelTracer`, `KernelCounter`);
 the ptrace engine's `PtraceTracer` plays both. Callers describe the run in
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
+from uprobes.analysis.histogram import Latencies
 from uprobes.engines.choose import pick_engine
 from uprobes.lang.condition import Condition
 from uprobes.model.event import Event, Hit, ProbeInfo
@@ -111,6 +116,16 @@ class Counter(_Run, Protocol):
         the target ends or a stop signal arrives (`target_exited`, `signal`)."""
 
 
+class Timer(_Run, Protocol):
+    """Calls of functions timed where they run, nothing delivered."""
+
+    def count(self, seconds: float | None) -> None:
+        """Time calls for `seconds` (None: until the end), as `Counter.count`."""
+
+    def latencies(self) -> Latencies:
+        """The histograms so far (after the run: as read when it ended)."""
+
+
 @dataclass(frozen=True)
 class Request:
     """A run to open: the probes, the engine asked for, and where to place them.
@@ -182,6 +197,19 @@ def open_counter(request: Request) -> Counter:
                          hit_filter=request.hit_filter, note=request.note)
 
 
+def open_timer(request: Request) -> Timer | None:
+    """A timer for `request`, whose probes are entry and return probe pairs
+    (an entry names the function, its return's rets come with it): the
+    ptrace engine's trap-free timing, when it is the engine picked and
+    nothing asks for events (no filter, no stacks); else None."""
+    if request.pick() != "ptrace" or not request.trapfree or request.hit_filter is not None \
+            or request.stack_bytes:
+        return None
+    from uprobes.engines.ptrace.tracer import PtraceTracer
+    return PtraceTracer(request.probes, pid=request.pid, child=request.child,
+                        force=request.force, note=request.note, trapfree="time")
+
+
 if TYPE_CHECKING:  # mypy holds each engine to its roles
     from uprobes.engines.kernel.counting import KernelCounter
     from uprobes.engines.kernel.tracer import KernelTracer
@@ -191,3 +219,4 @@ if TYPE_CHECKING:  # mypy holds each engine to its roles
     _kernel_counter: type[Counter] = KernelCounter
     _ptrace_tracer: type[Tracer] = PtraceTracer
     _ptrace_counter: type[Counter] = PtraceTracer
+    _ptrace_timer: type[Timer] = PtraceTracer

@@ -90,6 +90,13 @@ class Launched:
                 os.close(pidfd)
         return self.wait()
 
+    def failed(self, status: int | None) -> None:
+        """The run failed: take the exit status the engine reaped (`reaped`),
+        and if the command was never released, it must not run at all."""
+        self.reaped(status)
+        if self.held:
+            self.abort()
+
     def abort(self) -> None:
         """The engine failed before release: the command must not run at all."""
         if self.status is None:

@@ -15,8 +15,8 @@ from uprobes.engines.ptrace.state import NO_HANDLER, TracerState, ended
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
-from uprobes.engines.trapfree.fileplan import NotTrapFree, plan_for
-from uprobes.engines.trapfree.jumppatch import Record
+from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
+from uprobes.engines.trapfree.jumppatch import Record, Timed
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit
 from uprobes.engines.trapfree.recording import recipe_for, waits
 from uprobes.errors import KernelError, ProcessError, UprobesError
@@ -144,6 +144,7 @@ class Attach(TracerState):
                                    f"probed: {e}")
         self._placed_once = True
         if self._jumps is not None:
+            self._jumps.confirm_tls(mm, mm.mem, regs.fs_base, t.tid)
             self._jumps.report(self._note)
             self._release_held(mm)
 
@@ -180,6 +181,9 @@ class Attach(TracerState):
                file_offset: int, ident: tuple[int, int] | None) -> None:
         addr = m.file_to_runtime_addr(file_offset)
         if addr in t.mm.sites:
+            return
+        if self._trapfree == "time":  # timed in the program, or not at all
+            self._place_timed(t, regs, probe, addr, file_offset, ident)
             return
         if self._jumps is not None and ident is not None \
                 and self._place_trapfree(t, regs, probe, addr, file_offset, ident):
@@ -220,34 +224,42 @@ class Attach(TracerState):
             why = plan if isinstance(plan, str) else None
         if why is None:
             assert not isinstance(plan, str)
-            mm = t.mm
-            if any(not o.stopped for o in self.threads.values() if o.mm is mm):
-                self._hold_all(mm)  # a library loaded while other threads run
-            threads = [(o.tid, o.stopped) for o in self.threads.values() if o.mm is mm]
-            threads += [(tid, True) for tid in self._pending_new]
-
-            def syscall_addr() -> int:
-                if mm.syscall_addr is None:
-                    mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
-                return mm.syscall_addr
-            try:
-                start = addr - (file_offset - plan.file_offset)  # before a ret: its insns
-                jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name or point.name, start,
-                            mm.sites, threads,
-                            lambda near, need: self._area_for(t, regs, near, need),
-                            syscall_addr, t.pending, record)
-                if record is not None:  # names read now: a thread may be gone when
-                    for o in self.threads.values():  # its records are read
-                        if o.mm is mm:
-                            o.comm  # noqa: B018 (cached for COMM_TTL_NS)
-            except NotTrapFree as e:
-                why = str(e)
-            except UprobesError as e:  # a remote call or a write failed: the int3 path says
-                why = f"cannot place the jump: {e}"
-            finally:  # after the area (and its orphan handler) the jump may have mapped
-                self._taken(mm, "jumps")
+            start = addr - (file_offset - plan.file_offset)  # before a ret: its insns
+            why = self._patch(t, regs, plan, name or point.name, start, record)
         jumps.decide(point.name, why)
         return why is None
+
+    def _patch(self, t: Thread, regs: UserRegs, plan: FilePlan, name: str, start: int,
+               record: Record | None = None, timed: Timed | None = None) -> str | None:
+        """Place the jump patch `plan` at `start` in `t`'s address space (every
+        thread of it stopped meanwhile); None, or why it could not go in."""
+        jumps = self._jumps
+        assert jumps is not None
+        mm = t.mm
+        if any(not o.stopped for o in self.threads.values() if o.mm is mm):
+            self._hold_all(mm)  # a library loaded while other threads run
+        threads = [(o.tid, o.stopped) for o in self.threads.values() if o.mm is mm]
+        threads += [(tid, True) for tid in self._pending_new]
+
+        def syscall_addr() -> int:
+            if mm.syscall_addr is None:
+                mm.syscall_addr = find_syscall_insn(mm.pid, mm.mem)
+            return mm.syscall_addr
+        try:
+            jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, start, mm.sites, threads,
+                        lambda near, need: self._area_for(t, regs, near, need),
+                        syscall_addr, t.pending, record, timed)
+            if record is not None:  # names read now: a thread may be gone when
+                for o in self.threads.values():  # its records are read
+                    if o.mm is mm:
+                        o.comm  # noqa: B018 (cached for COMM_TTL_NS)
+        except NotTrapFree as e:
+            return str(e)
+        except UprobesError as e:  # a remote call or a write failed: the int3 path says
+            return f"cannot place the jump: {e}"
+        finally:  # after the area (and its orphan handler) the jump may have mapped
+            self._taken(mm, "jumps")
+        return None
 
     def _why_not_trapfree(self, probe: Probe, at_ret: bool) -> str | None:
         """Why `probe` needs a stop at each hit whatever its instructions, or

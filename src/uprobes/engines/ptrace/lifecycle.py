@@ -115,6 +115,8 @@ class ThreadLife(TracerState):
         if self._recorder is not None:  # its last records may still be in a ring
             self._recorder.former(t.tid, t.pid, t.comm)
         self._forget(t)
+        if self._jumps is not None:
+            self._jumps.release_thread(t.mm, t.tid)
         if t.tid == t.pid:
             t.mm.release()
             self._orphans.released(t.mm)

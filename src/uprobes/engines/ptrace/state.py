@@ -21,13 +21,14 @@ from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.tasks import AddressSpace, Feature, Thread
 from uprobes.engines.signals import StopSignals
-from uprobes.engines.trapfree.jumppatch import TrapFree
+from uprobes.engines.trapfree.fileplan import FilePlan
+from uprobes.engines.trapfree.jumppatch import Record, Timed, TrapFree
 from uprobes.engines.trapfree.reader import Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.refusal import Refusals
-from uprobes.model.registry import Registry, TaskLike, prepare_dispatch
+from uprobes.model.registry import Probe, Registry, TaskLike, prepare_dispatch
 from uprobes.sys import procfs, ptrace
 
 SIGTRAP = int(signal.SIGTRAP)
@@ -48,7 +49,7 @@ class TracerState:
     hit_filter: HitFilter | None
     registry: Registry
     _note: Callable[[str], object]
-    _trapfree: str | None  # None, "count" or "record"
+    _trapfree: str | None  # None, "count", "record" or "time"
     _refusals: Refusals
     _ret_sites: dict[InodeKey, int]  # a ret's key -> its offset in the function
     # Our consumers: event handlers, those that only count, the probe line of each.
@@ -68,6 +69,11 @@ class TracerState:
     _recorder: Recorder | None
     _shaped: ShapedLines | None
     _corrupt_rings: int
+    # Timed functions (trapfree="time", timed.py): (dev, ino, function's file
+    # offset) -> its index in the timing blocks; names by index; why not.
+    _timed: dict[tuple[int, int, int], int]
+    _timed_names: list[str]
+    _untimed: dict[str, str]
     # The run.
     counts: dict[str, int]
     events: int
@@ -89,6 +95,20 @@ class TracerState:
 
     def _place_all(self, t: Thread) -> None:
         """attach.py: place what the mappings of `t`'s address space call for."""
+        raise NotImplementedError
+
+    def _place_timed(self, t: Thread, regs: ptrace.UserRegs, probe: Probe, addr: int,
+                     file_offset: int, ident: tuple[int, int] | None) -> None:
+        """timed.py: place a timed function's entry or ret patch, or say why not."""
+        raise NotImplementedError
+
+    def _patch(self, t: Thread, regs: ptrace.UserRegs, plan: FilePlan, name: str, start: int,
+               record: Record | None = None, timed: Timed | None = None) -> str | None:
+        """attach.py: place a jump patch (every thread of the space stopped); why not."""
+        raise NotImplementedError
+
+    def _time_snapshot(self) -> None:
+        """timed.py: read the timing blocks once, at detach."""
         raise NotImplementedError
 
     def _resume(self, t: Thread) -> None:

@@ -47,6 +47,7 @@ class Teardown(TracerState):
 
     def _detach_all(self) -> None:
         if not self.threads:
+            self._time_snapshot()
             self._orphans.close()
             self._close_rings()
             return
@@ -81,6 +82,7 @@ class Teardown(TracerState):
         self._pending_new.clear()
         if self._jumps is not None:
             self._jumps.fold_into(self.counts)
+        self._time_snapshot()
         self._orphans.close()  # every int3 is gone: nothing for the reaper
         self._close_rings()
 

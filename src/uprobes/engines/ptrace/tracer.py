@@ -51,6 +51,7 @@ from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.state import RING_WAKE_S, ended
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.teardown import Teardown
+from uprobes.engines.ptrace.timed import CallTimer
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
@@ -72,7 +73,7 @@ from uprobes.unwind.stack import StackCopy
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 
 
-class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
+class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer):
     """A tracing session on the ptrace engine; use as a context manager.
 
     `pid`: an existing process (all its threads, and what they start later).
@@ -94,7 +95,10 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
     counter, one with a filter records into a ring (recording.py) and is
     counted as its records are read. "record": every such probe records,
     and its events are read from the rings at the run loop's wake-ups
-    (every `RING_WAKE_S`), at an int3 hit and at the end of `run`.
+    (every `RING_WAKE_S`), at an int3 hit and at the end of `run`. "time":
+    each entry probe names a function, and its return probe's rets come
+    with it; the calls are timed in the program (timed.py), `latencies()`
+    gives them; such a tracer only runs `count`.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
@@ -103,8 +107,9 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
                  hit_filter: HitFilter | None = None, trapfree: bool | str = False,
                  python: bool = False) -> None:
         ptrace.ensure_x86_64()
-        if trapfree not in (False, True, "count", "record"):
-            raise ValueError(f"trapfree must be False, 'count' or 'record', not {trapfree!r}")
+        if trapfree not in (False, True, "count", "record", "time"):
+            raise ValueError(f"trapfree must be False, 'count', 'record' or 'time', "
+                             f"not {trapfree!r}")
         self._trapfree = "count" if trapfree is True else trapfree or None
         self._jumps = TrapFree() if trapfree else None
         self._recorder: Recorder | None = None  # made by the first recording probe
@@ -135,6 +140,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
         self._refusals = Refusals(probes, self._note)
         self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
         self._refused_early = False  # a precheck failed because the process had ended
+        self._time_functions(probes if trapfree == "time" else [], display_names(probes))
         for name, p in zip(display_names(probes), probes):
             reason = None if isinstance(p.key, VdsoKey) else _precheck(p)
             if reason is not None:
@@ -339,7 +345,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown):
         while the thread is still stopped)."""
         signals = self._signals
         assert signals is not None, "enter the tracer first"
-        if on_hits is not None and self._trapfree == "count":
+        if on_hits is not None and self._trapfree in ("count", "time"):
             raise EngineError("a tracer with trap-free counters only counts: run(None)")
         self._on_hits = on_hits
         self._counting = self._count_only if on_hits is None else {}

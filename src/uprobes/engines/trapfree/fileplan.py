@@ -8,8 +8,9 @@ trampoline (trampoline.py). Files are decoded once and plans are cached.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Register
 
@@ -35,6 +36,7 @@ class FilePlan:
     original: bytes                      # the patched bytes, whole instructions
     displaced: tuple[tuple[int, bytes], ...]  # (offset from the start, raw bytes)
     at_return: bool = False              # it ends with the probed `ret` (trampoline.build)
+    whole: bool = False                  # the whole function, from its entry to its one ret
 
 
 # ---------------------------------------------------------------- the file
@@ -100,16 +102,22 @@ def plan_for(path: str, dev: int, ino: int, file_offset: int,
     the probe is on a `ret` (a return probe on the function's rets): the
     patch is the whole instructions covering 5 bytes that end with it."""
     others = tuple(sorted(o for o in other_probes if o != file_offset))
-    key = (dev, ino, file_offset, others, at_return)
-    found = _plans.get(key)
+    return _cached(_plans, (dev, ino, file_offset, others, at_return),
+                   lambda: _plan(path, dev, ino, file_offset, others, at_return))
+
+
+def _cached(cache: dict[Any, FilePlan | str], key: Any,
+            make: Callable[[], FilePlan]) -> FilePlan | str:
+    """`make()`'s plan, or why there is none, made once per key."""
+    found = cache.get(key)
     if found is None:
         try:
-            found = _plan(path, dev, ino, file_offset, others, at_return)
+            found = make()
         except NotTrapFree as e:
             found = str(e)
         except UprobesError as e:
             found = f"cannot read the function: {e}"
-        _plans[key] = found
+        cache[key] = found
     return found
 
 
@@ -181,3 +189,45 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     except UnsupportedInstruction as e:
         raise NotTrapFree(f"a displaced instruction cannot move: {e}") from None
     return FilePlan(start_offset, bytes(raw), displaced, at_return)
+
+
+_wholes: dict[tuple[int, int, int], FilePlan | str] = {}
+
+
+def plan_whole(path: str, dev: int, ino: int, file_offset: int) -> FilePlan | str:
+    """A patch of the whole function starting at `file_offset`, or why there
+    is none: a function too short for a patch at its entry and another at
+    its ret (they would overlap) is timed by one patch of all of it. It must
+    run straight through: no branch, call or other ret before its one `ret`
+    at the end, and no branch from elsewhere into it."""
+    return _cached(_wholes, (dev, ino, file_offset),
+                   lambda: _whole(path, dev, ino, file_offset))
+
+
+def _whole(path: str, dev: int, ino: int, file_offset: int) -> FilePlan:
+    code = _file_code(path, dev, ino)
+    image = code.image
+    link = image.file_to_link_addr(file_offset)
+    sym = code.symbols.containing(link)
+    if sym is None or sym.size == 0 or sym.link_addr != link:
+        raise NotTrapFree("it does not start a function symbol with a size")
+    with image:
+        data = image.read_file(file_offset, sym.size)
+    insns = list(Decoder(64, data, ip=link))
+    if len(data) < PATCH_LEN or any(i.is_invalid for i in insns) \
+            or insns[-1].mnemonic != Mnemonic.RET \
+            or any(i.flow_control != FlowControl.NEXT for i in insns[:-1]):
+        raise NotTrapFree(f"{sym.display_name} does not run straight to one ret at its end")
+    inside = code.targets_between(link, link + len(data))
+    if inside:
+        raise NotTrapFree(f"a branch targets {sym.display_name}+{inside[0] - link:#x}")
+    displaced = tuple((i.ip - link, data[i.ip - link:i.ip - link + i.len]) for i in insns)
+    fake = 0x10000000 + file_offset
+    try:
+        trampoline.build(fake + 0x100000,
+                         lambda at: trampoline.counting_prologue(at, fake + 0x110000),
+                         [Displaced(fake + off, b) for off, b in displaced], fake + len(data),
+                         True, lambda at: trampoline.counting_prologue(at, fake + 0x110000))
+    except UnsupportedInstruction as e:
+        raise NotTrapFree(f"a displaced instruction cannot move: {e}") from None
+    return FilePlan(file_offset, bytes(data), displaced, True, whole=True)

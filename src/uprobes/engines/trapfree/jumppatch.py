@@ -45,12 +45,18 @@ from dataclasses import dataclass, field
 
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
-from uprobes.engines.trapfree import recording, trampoline
+from uprobes.engines.trapfree import recording, timing, trampoline
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
-from uprobes.engines.trapfree.layout import COUNTER_BLOCK_BYTES, COUNTER_STRIDE, RING_BYTES
+from uprobes.engines.trapfree.layout import (
+    COUNTER_BLOCK_BYTES,
+    COUNTER_STRIDE,
+    RING_BYTES,
+    TIMING_BYTES,
+)
 from uprobes.engines.trapfree.reader import Ring
 from uprobes.engines.trapfree.recording import Recipe, Waits
 from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
+from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import Displaced
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace
@@ -169,10 +175,10 @@ def _tid_at_thread_pointer(mem: ProcessMemory, fs_base: int, tid: int) -> bool:
     return int.from_bytes(got, "little") == tid
 
 
-def _ring_reaches(ring: Ring, area: XolArea) -> bool:
-    """Whether code in `area` reaches all of `ring` with rel32 displacements."""
-    return area.reaches(ring.runtime_addr) \
-        and area.reaches(ring.runtime_addr + RING_BYTES)
+def _reaches(runtime_addr: int, size: int, area: XolArea) -> bool:
+    """Whether code in `area` reaches all of `size` bytes at `runtime_addr`
+    with rel32 displacements."""
+    return area.reaches(runtime_addr) and area.reaches(runtime_addr + size)
 
 
 # ---------------------------------------------------------------- processes
@@ -195,6 +201,7 @@ class _Space:
     patches: dict[int, JumpPatch] = field(default_factory=dict)
     blocks: list[CounterBlock] = field(default_factory=list)  # each near one XOL area
     rings: list[Ring] = field(default_factory=list)           # each near one XOL area
+    timing: list[TimingBlock] = field(default_factory=list)   # each near one XOL area
     name_addr: int | None = None
     tls_tid: bool | None = None  # recording: the tid at fs:GLIBC_TID_OFFSET in every thread
 
@@ -208,6 +215,16 @@ class Record:
     waits: Waits  # how long a hit waits for room in a full ring
 
 
+@dataclass(frozen=True)
+class Timed:
+    """A timed function's part of a jump patch (timing.py): its index in the
+    timing blocks; the patch is its entry, one of its rets (`ret`), or the
+    whole function (the plan says)."""
+
+    func: int
+    ret: bool = False
+
+
 AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> area
 
 
@@ -219,6 +236,7 @@ class TrapFree:
         self._spaces: dict[object, _Space] = {}
         self._counters: dict[str, list[tuple[CounterBlock, int]]] = {}
         self.rings: list[Ring] = []
+        self.timing: list[TimingBlock] = []
         self._frames: dict[tuple[int, int, int], list[int]] = {}  # see _interrupted
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
         self._reported: set[str] = set()
@@ -228,19 +246,19 @@ class TrapFree:
 
     @property
     def placed(self) -> bool:
-        return bool(self._counters) or bool(self.rings)
+        return bool(self._counters) or bool(self.rings) or bool(self.timing)
 
     def place(self, mm: object, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
               plan: FilePlan, name: str, runtime_addr: int, taken: Iterable[int],
               threads: list[tuple[int, bool]], area_for: AreaFor,
               syscall_addr: Callable[[], int], held: list[int],
-              record: Record | None = None) -> None:
+              record: Record | None = None, timed: Timed | None = None) -> None:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
         stopped) of every thread of the process. `record`: the trampoline
-        records into a ring (recording.py), else it counts under `name`.
-        NotTrapFree if it may not."""
+        records into a ring (recording.py); `timed`: it times a function
+        (timing.py); else it counts under `name`. NotTrapFree if it may not."""
         space = self._spaces.setdefault(mm, _Space())
         length = len(plan.original)
         end = runtime_addr + length
@@ -267,18 +285,32 @@ class TrapFree:
                 if runtime_addr < rip < end:
                     raise NotTrapFree(f"a signal handler of thread {other} runs, and the code "
                                       "it interrupted is inside the bytes a jump would replace")
-            if record is not None and tls and space.tls_tid is None:
+            if (record is not None or timed is not None) and tls and space.tls_tid is None:
                 tls = _tid_at_thread_pointer(mem, r.fs_base, other)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
         if record is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, recording.prologue_size(record.recipe, tls))
+        elif timed is not None:
+            space.tls_tid = tls
+            size = trampoline.max_size(displaced, timing.code_size())
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
         prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
         counter: tuple[CounterBlock, int] | None = None
-        if record is None:
+        ret_prologue: Callable[[int], bytes] | None = None
+        if timed is not None:
+            rows = self._timing_near(space, area, tid, regs, pid, syscall_addr, held, mem)
+            if tls:
+                rows.tls_confirmed()
+            block_addr, func = rows.runtime_addr, timed.func
+            prologue = lambda at: timing.entry_code(at, block_addr)  # noqa: E731
+            if plan.whole:
+                ret_prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
+            elif timed.ret:
+                prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
+        elif record is None:
             block, index = self._counter_near(space, area)
             if block is None or index is None:
                 block = map_counters(tid, regs, pid, syscall_addr(), self._name(space, area, mem),
@@ -290,7 +322,8 @@ class TrapFree:
             counter_addr = block.addr(index)
             prologue = lambda at: trampoline.counting_prologue(at, counter_addr)  # noqa: E731
         else:
-            ring = next((r for r in space.rings if _ring_reaches(r, area)), None)
+            ring = next((r for r in space.rings
+                         if _reaches(r.runtime_addr, RING_BYTES, area)), None)
             if ring is None:
                 view, addr = map_near(tid, regs, pid, syscall_addr(),
                                       self._name(space, area, mem), area.start, held,
@@ -306,7 +339,7 @@ class TrapFree:
         if at is None:
             raise NotTrapFree("the XOL area is full")
         try:
-            code = trampoline.build(at, prologue, displaced, end, plan.at_return)
+            code = trampoline.build(at, prologue, displaced, end, plan.at_return, ret_prologue)
             jump = trampoline.jmp_rel32(runtime_addr, at)
         except (UnsupportedInstruction, ValueError) as e:
             raise NotTrapFree(str(e)) from None
@@ -315,6 +348,40 @@ class TrapFree:
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
         if counter is not None:
             self._counters.setdefault(name, []).append(counter)
+
+    def _timing_near(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs,
+                     pid: int, syscall_addr: Callable[[], int], held: list[int],
+                     mem: ProcessMemory) -> TimingBlock:
+        """The space's timing block within reach of `area`, mapped if it has none."""
+        for block in space.timing:
+            if _reaches(block.runtime_addr, TIMING_BYTES, area):
+                return block
+        view, addr = map_near(tid, regs, pid, syscall_addr(), self._name(space, area, mem),
+                              area.start, held, TIMING_BYTES)
+        block = TimingBlock(view, addr)
+        space.timing.append(block)
+        self.timing.append(block)
+        return block
+
+    def confirm_tls(self, mm: object, mem: ProcessMemory, fs_base: int, tid: int) -> None:
+        """A stopped thread `tid` of `mm` whose thread pointer is `fs_base`: if
+        its tid is at glibc's place there, `mm`'s timing code reads it there
+        from now on (a command's probes go in at its exec, before the
+        dynamic linker sets the thread pointer up)."""
+        space = self._spaces.get(mm)
+        if space is None or not space.timing or space.tls_tid:
+            return
+        if _tid_at_thread_pointer(mem, fs_base, tid):
+            space.tls_tid = True
+            for block in space.timing:
+                block.tls_confirmed()
+
+    def release_thread(self, mm: object, tid: int) -> None:
+        """A thread of `mm` exited: its timing rows are free for a new thread."""
+        space = self._spaces.get(mm)
+        if space is not None:
+            for block in space.timing:
+                block.release(tid)
 
     def _interrupted(self, mem: ProcessMemory, tid: int, regs: ptrace.UserRegs) -> list[int]:
         """Where the signal handlers running on this stopped thread will
@@ -355,7 +422,8 @@ class TrapFree:
         space = self._spaces.get(parent)
         if space is not None:
             self._spaces[child] = _Space(dict(space.patches), list(space.blocks),
-                                         list(space.rings), space.name_addr, space.tls_tid)
+                                         list(space.rings), list(space.timing),
+                                         space.name_addr, space.tls_tid)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""
@@ -383,7 +451,7 @@ class TrapFree:
     def corrupt(self) -> int:
         """Counter reads left out: values the program wrote (CounterBlock.gained)."""
         blocks = {id(b): b for where in self._counters.values() for b, _ in where}
-        return sum(b.corrupt for b in blocks.values())
+        return sum(b.corrupt for b in blocks.values()) + sum(b.corrupt for b in self.timing)
 
     def report(self, note: Callable[[str], object]) -> None:
         """One note on the decisions not yet reported: how many trap-free, why not the rest."""

@@ -65,3 +65,53 @@ CPU_MASK = (1 << CPU_BITS) - 1
 
 COUNTER_BLOCK_BYTES = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
+
+# ---------------------------------------------------------------- timing (latency in the program)
+# A timing block (timing.py): a header page of counters that writers bump
+# with `lock inc`, then TIMING_ROWS thread rows. A thread claims a row by
+# a compare-and-swap of its tid into ROW_OWNER (at tid % TIMING_ROWS, or
+# one of the ROW_PROBES rows after it), and alone writes the rest of it:
+# its stack of open calls and its own histogram per timed function, so
+# threads share no cache line and need no atomic increment.
+
+TIMING_NOROW = 0       # calls not timed: every row the thread could claim was taken
+TIMING_DEEP = 64       # entries not kept: the thread's stack of open calls was full
+TIMING_UNPAIRED = 128  # returns whose entry is not on the thread's stack
+TIMING_TLS = 192       # 1 once the tracer saw the tid at the thread pointer (glibc's
+                       # struct pthread): read there, else by a gettid system call
+TIMING_ABANDONED = 256  # open calls dropped: left by longjmp, an exception or a tail call
+TIMING_ROWS_OFFSET = 4096
+TIMING_ROWS = 128      # a power of two
+ROW_PROBES = 4
+ROW_OWNER = 0          # the owning thread's tid (4 bytes), 0: free
+ROW_CLAIMED = 8        # 1 once any thread claimed the row (the reader reads only these)
+ROW_DEPTH = 16         # how many open calls the stack holds
+ROW_STACK = 64         # the open calls, oldest first: (stack pointer, TSC) each
+ENTRY_BYTES = 16
+STACK_DEPTH = 60
+ROW_HISTS = ROW_STACK + STACK_DEPTH * ENTRY_BYTES  # the row's histograms, one per timed function
+TIMED_FUNCS = 64       # timed functions per block
+HIST_SUB_BITS = 5      # 32 linear sub-buckets per power of two: a bucket is within 1/32
+HIST_BUCKETS = (40 - HIST_SUB_BITS + 1) << HIST_SUB_BITS  # values up to HIST_MAX_TICKS
+HIST_BYTES = HIST_BUCKETS * 8
+HIST_MAX_TICKS = (1 << 40) - 1  # a longer call counts in the last bucket
+ROW_BYTES = ROW_HISTS + TIMED_FUNCS * HIST_BYTES
+TIMING_BYTES = TIMING_ROWS_OFFSET + TIMING_ROWS * ROW_BYTES
+
+
+def hist_bucket(ticks: int) -> int:
+    """The bucket of a duration in TSC ticks, as the generated code computes it."""
+    v = min(ticks, HIST_MAX_TICKS)
+    if v < 1 << HIST_SUB_BITS:
+        return v
+    k = v.bit_length() - 1 - HIST_SUB_BITS
+    return (k << HIST_SUB_BITS) + (v >> k)
+
+
+def hist_bounds(bucket: int) -> tuple[int, int]:
+    """The [lo, hi] ticks bucket `bucket` holds."""
+    if bucket < 1 << HIST_SUB_BITS:
+        return bucket, bucket
+    k = (bucket >> HIST_SUB_BITS) - 1
+    m = bucket - (k << HIST_SUB_BITS)
+    return m << k, ((m + 1) << k) - 1

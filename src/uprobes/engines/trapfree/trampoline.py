@@ -136,24 +136,28 @@ def _one(d: Displaced, insn: Instruction, at: int) -> bytes:
 
 
 def build(at: int, prologue: Callable[[int], bytes], displaced: list[Displaced],
-          resume_addr: int, at_return: bool = False) -> bytes:
+          resume_addr: int, at_return: bool = False,
+          ret_prologue: Callable[[int], bytes] | None = None) -> bytes:
     """The trampoline's bytes for address `at`: `prologue` (its code for the
     address it lands at: `counting_prologue`, or recording.prologue), then
     `displaced`, then on at `resume_addr` (the first original instruction
     after the patch). `at_return`: the patch ends with the probed `ret`;
     the prologue goes right before it, where a uretprobe's handler would
-    see the function returning. Raises UnsupportedInstruction when a
-    displaced instruction cannot be moved."""
+    see the function returning. `ret_prologue` (with `at_return`): the
+    patch is a whole function, `prologue` goes first and `ret_prologue`
+    before its `ret`. Raises UnsupportedInstruction when a displaced
+    instruction cannot be moved."""
     insns = [_decode(d) for d in displaced]
     if at_return and (not insns or insns[-1].mnemonic != Mnemonic.RET):
         raise UnsupportedInstruction("a return patch must end with the ret")
-    code = bytearray() if at_return else bytearray(prologue(at))
+    before_ret = prologue if ret_prologue is None else ret_prologue
+    code = bytearray() if at_return and ret_prologue is None else bytearray(prologue(at))
     for i, (d, insn) in enumerate(zip(displaced, insns)):
         why = why_not_displaced(insn, i == len(insns) - 1)
         if why is not None:
             raise UnsupportedInstruction(f"{d.runtime_addr:#x}: {why}")
         if at_return and i == len(insns) - 1:
-            code += prologue(at + len(code))
+            code += before_ret(at + len(code))
         code += _one(d, insn, at + len(code))
     if not insns or not ends_run(insns[-1]):
         code += _jump_back(at + len(code), resume_addr)
