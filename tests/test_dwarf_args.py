@@ -39,10 +39,12 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", params=["-O0", "-O2"])
+@pytest.fixture(scope="module", params=["-O0", "-O2", "-O2 -gdwarf-4", "-O0 -gz"])
 def build(request: pytest.FixtureRequest, compile_c: Compiler) -> tuple[Path, bool]:
-    """The fixture built with the level asked for, and whether it is optimized."""
-    return compile_c("dwarf_args.c", request.param), request.param != "-O0"
+    """The fixture built with the flags asked for (DWARF 5 by default, 4, and
+    compressed sections), and whether it is optimized."""
+    flags = request.param.split()
+    return compile_c("dwarf_args.c", *flags), flags[0] != "-O0"
 
 
 def _trace(engine: str, exe: Path, probes: list[str] = PROBES) -> dict[str, dict[str, Any]]:
@@ -246,3 +248,38 @@ def test_gdb_stops_at_the_same_line_sites(compile_c: Compiler) -> None:
     values = [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)$", gdb, re.M)]
     events, _ = _events("ptrace", exe, [f"dwarf_args.c:{line} v hi"])
     assert [x for e in events for x in (e["args"]["v"], e["args"]["hi"])] == values
+
+
+# ------------------------------------------------------------ debug info where it lives
+
+@pytest.mark.root
+def test_debug_info_by_gnu_debuglink(compile_c: Compiler, tmp_path: Path) -> None:
+    """The DWARF moved to a separate file named by .gnu_debuglink (objcopy, as
+    packagers do) is found and read: the same values as with it in the file."""
+    exe = compile_c("dwarf_args.c", "-O2")
+    stripped, debug = tmp_path / "app", tmp_path / "app.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", "--compress-debug-sections",
+                    str(exe), str(debug)], check=True)
+    subprocess.run(["objcopy", "--strip-debug", "--remove-section=.note.gnu.build-id",
+                    f"--add-gnu-debuglink={debug}", str(exe), str(stripped)], check=True,
+                   cwd=tmp_path)
+    got = _trace("ptrace", stripped, [VISIT])
+    assert {k: got["visit"][k] for k in EXPECTED["visit"]} == EXPECTED["visit"]
+    data = debug.read_bytes()
+    debug.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # its CRC no longer matches
+    err = io.StringIO()
+    assert main(["resolve", f"{stripped}:visit s->name"], out=io.StringIO(), err=err) == 2
+    assert "has no DWARF debug info" in err.getvalue()
+
+
+def test_libc_from_its_debug_package() -> None:
+    """Debian's libc6-dbg puts libc's DWARF (5, compressed) under
+    /usr/lib/debug/.build-id: a parameter of malloc and getaddrinfo's strings."""
+    image = ElfImage.open("/lib/x86_64-linux-gnu/libc.so.6")
+    bid = image.build_id or ""
+    need(Path(f"/usr/lib/debug/.build-id/{bid[:2]}/{bid[2:]}.debug").exists(), "libc6-dbg")
+    out = io.StringIO()
+    assert main(["resolve", "libc:malloc bytes", "libc:getaddrinfo name service"],
+                out=out) == 0
+    assert "bytes=%di:u64" in out.getvalue()
+    assert "name=+0(%di):string service=+0(%si):string" in out.getvalue()
