@@ -197,6 +197,27 @@ def compile_c(build_dir: Path) -> Compiler:
     return Compiler(build_dir)
 
 
+class RustCompiler(Compiler):
+    """Compiles a Rust fixture from tests/fixtures once per flag set, with rustc."""
+
+    def __call__(self, source: str, *flags: str, name: str | None = None) -> Path:
+        src = FIXTURES / source
+        tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
+        exe = self.out / (name or f"{src.stem}-{tag}")
+        if not exe.exists():
+            cmd = ["rustc", "-O", "-g", "-C", "force-frame-pointers=yes", *flags,
+                   "-o", str(exe), str(src)]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return exe
+
+
+@pytest.fixture(scope="session")
+def compile_rust(build_dir: Path) -> RustCompiler:
+    assert shutil.which("rustc"), "rustc is required to build the Rust fixtures " \
+        "(./bootstrap test installs it)"
+    return RustCompiler(build_dir)
+
+
 # Pids of the processes this session started (every subprocess.Popen, and
 # whatever ran below us when a leak check looked): a run's group carries its
 # pid, and a run of ours that has exited is still ours. Another test session

@@ -8,7 +8,7 @@ import sys
 from typing import Any, TextIO
 
 from uprobes.elf.image import ElfImage
-from uprobes.elf.symbols import Symbol, SymbolTable
+from uprobes.elf.symbols import Symbol, SymbolTable, matches
 from uprobes.elf.usdt import usdt_notes
 from uprobes.errors import ResolveError
 from uprobes.render.json import write_json
@@ -26,6 +26,11 @@ EXAMPLES = [
     "uprobes list -p $$                  # the files a process maps",
     "uprobes list -p $$ libc malloc --json",
 ]
+
+
+_NAME_WIDTH = 64
+"""Names wider than this (C++ templates run to hundreds of characters) run
+over their column instead of widening it for every row."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
 def _doc(path: str, image: ElfImage, table: SymbolTable, notes: list[Any],
          pattern: str) -> dict[str, Any]:
-    funcs = [s for s in table.functions() if fnmatch.fnmatchcase(s.name, pattern)]
+    funcs = [s for s in table.functions() if matches(s, pattern)]
     usdt = [n for n in notes if fnmatch.fnmatchcase(f"{n.provider}:{n.name}", pattern)
             or fnmatch.fnmatchcase(n.name, pattern)]
     return {
@@ -83,8 +88,10 @@ def _doc(path: str, image: ElfImage, table: SymbolTable, notes: list[Any],
 
 
 def _func(image: ElfImage, s: Symbol) -> dict[str, Any]:
+    src = s.source_name
     return {
         "name": s.name, "display_name": s.display_name, "version": s.version,
+        "demangled": src.label if src else None,
         "file_offset": image.link_to_file_offset(s.link_addr),
         "link_addr": s.link_addr, "size": s.size, "kind": s.kind, "source": s.source,
     }
@@ -93,11 +100,12 @@ def _func(image: ElfImage, s: Symbol) -> dict[str, Any]:
 def _write_text(out: TextIO, doc: dict[str, Any]) -> None:
     funcs = doc["functions"]
     if funcs:
-        rows = [[f["display_name"]
+        rows = [[(f["demangled"] or f["display_name"])
                  + (" [ifunc]" if f["kind"] == "ifunc" else ""),
                  f"0x{f['file_offset']:x}", str(f["size"])] for f in funcs]
         write_table(out, ["FUNCTION", "OFFSET", "SIZE"], rows,
-                    title=f"{doc['file']}: {len(funcs)} functions", right=(2,))
+                    title=f"{doc['file']}: {len(funcs)} functions", right=(2,),
+                    widest=_NAME_WIDTH)
     if doc["usdt"]:
         if funcs:
             out.write("\n")

@@ -18,12 +18,14 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 
 from uprobes.elf.debuginfo import DEFAULT_DEBUG_DIRS, find_debug_file, minidebuginfo_symbols
+from uprobes.elf.demangle import is_mangled
 from uprobes.elf.dynamic import dynamic_symbols
 from uprobes.elf.golang import go_symbols
 from uprobes.elf.image import ElfImage, FileIdentity
+from uprobes.elf.source_names import cxx_keys, normalized, rust_keys
 from uprobes.elf.symread import Symbol, read_symbols, split_version, symbol_sections
 
-__all__ = ["Symbol", "SymbolTable", "ifunc_warning", "split_version"]
+__all__ = ["Symbol", "SymbolTable", "ifunc_warning", "matches", "split_version"]
 
 _COLD = re.compile(r"\.cold(\.\d+)?$")
 _CACHE_SIZE = 32
@@ -84,6 +86,7 @@ class SymbolTable:
                     max_end = end
                 self._max_end.append(max_end)
         self._starts = [s.link_addr for s in self._functions]
+        self._by_source: dict[str, list[Symbol]] | None = None
 
     @staticmethod
     def _merge(group: list[Symbol], sym: Symbol) -> None:
@@ -174,12 +177,39 @@ class SymbolTable:
                 out.append(sym)
         return out
 
+    def _source_index(self) -> dict[str, list[Symbol]]:
+        """Functions by their source names, label and base, whitespace
+        dropped: built on first use, since it demangles every mangled name."""
+        if self._by_source is None:
+            index: dict[str, list[Symbol]] = {}
+            for sym in self._functions:
+                src = sym.source_name if is_mangled(sym.name) else None
+                if src is None:
+                    continue
+                keys = {normalized(src.label), normalized(src.base)}
+                more = rust_keys(src.label) if src.language == "rust" else cxx_keys(src.base)
+                keys.update(normalized(k) for k in more)
+                for key in keys:
+                    index.setdefault(key, []).append(sym)
+            self._by_source = index
+        return self._by_source
+
+    def lookup_source(self, name: str) -> list[Symbol]:
+        """Functions `name` names as their C++ or Rust source writes it: with
+        a parameter list (`ns::C::add(int)`, its label) or without
+        (`ns::C::add`, every overload), however spaced. GCC's clones
+        (`[clone .cold]`) only when nothing else has that name."""
+        found = self._source_index().get(normalized(name), [])
+        whole = [s for s in found if not s.source_name or not s.source_name.clone]
+        return sorted(whole or found, key=lambda s: s.link_addr)
+
     def aliases(self, symbol: Symbol) -> list[Symbol]:
         """The other function symbols at `symbol`'s address."""
         return [s for s in self._by_addr.get(symbol.link_addr, ()) if s != symbol]
 
     def glob(self, pattern: str) -> list[Symbol]:
-        """Functions whose plain name matches the shell `pattern`, one per address.
+        """Functions whose plain name, or demangled label or base, matches the
+        shell `pattern`, one per address.
 
         A user tracing `libc:str*` wants one probe per distinct piece of code,
         so where several matching names share an address one stands for them
@@ -193,7 +223,7 @@ class SymbolTable:
         skip_cold = ".cold" not in name_pat
         best: dict[int, Symbol] = {}
         for sym in self._functions:
-            if not fnmatch.fnmatchcase(sym.name, name_pat):
+            if not matches(sym, name_pat):
                 continue
             if skip_cold and _COLD.search(sym.name):
                 continue
@@ -231,6 +261,8 @@ class SymbolTable:
         plain, version, _ = split_version(name)
         hidden = [s.display_name for s in self._by_name.get(plain, ()) if version is None]
         pool: set[str] = set(self._by_name)
+        src = (s.source_name for s in self._functions if is_mangled(s.name))
+        pool.update(n.label if "(" in name else n.base for n in src if n is not None)
         if version is not None:
             pool.update(s.display_name for s in self._symbols if s.version is not None)
         close = difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
@@ -239,6 +271,16 @@ class SymbolTable:
     def functions(self) -> list[Symbol]:
         """All function and IFUNC symbols, aliases included, sorted by address."""
         return list(self._functions)
+
+
+def matches(symbol: Symbol, pattern: str) -> bool:
+    """Does the shell `pattern` match `symbol`'s plain name, or the label
+    (`ns::C::add(int)`) or base (`ns::C::add`) of a mangled one?"""
+    if fnmatch.fnmatchcase(symbol.name, pattern):
+        return True
+    src = symbol.source_name if is_mangled(symbol.name) else None
+    return src is not None and (fnmatch.fnmatchcase(src.base, pattern)
+                                or fnmatch.fnmatchcase(src.label, pattern))
 
 
 def clear_cache() -> None:

@@ -14,6 +14,7 @@ import struct
 from typing import Literal, NamedTuple
 
 from uprobes.elf.raw import SHT_DYNSYM, SHT_NOBITS, SHT_SYMTAB, SYM, RawElf, Shdr
+from uprobes.elf.source_names import SourceName, source_name
 
 Source = Literal["symtab", "dynsym", "minidebuginfo", "debugfile", "gopclntab"]
 
@@ -57,6 +58,19 @@ class Symbol(NamedTuple):
         if self.version is None:
             return self.name
         return f"{self.name}{'@@' if self.default_version else '@'}{self.version}"
+
+    @property
+    def source_name(self) -> SourceName | None:
+        """The name as its C++ or Rust source writes it (None for a name that
+        is not mangled); cached per name."""
+        return source_name(self.name)
+
+    @property
+    def pretty_name(self) -> str:
+        """What output shows: the demangled label (`ns::C::add(int)`) of a
+        mangled name, else `display_name`."""
+        src = source_name(self.name)
+        return src.label if src is not None else self.display_name
 
     @property
     def is_function(self) -> bool:

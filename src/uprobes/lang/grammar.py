@@ -116,7 +116,7 @@ def _parameter_list_end(line: str, start: int, at: int) -> int:
     colon = before.rfind(":")
     if colon < 0 or before[colon + 1:colon + 2].isdigit():
         return at
-    first = line[at + 1:at + 2]
+    first = line[at + 1:].lstrip(_SPACE)[:1]
     if not (first.isalpha() or first in "_)"):
         return at
     depth = 0

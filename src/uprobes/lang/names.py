@@ -72,6 +72,16 @@ def symbol_event_name(symbol: str, is_return: bool) -> str:
     return c_identifier(symbol, MAX_EVENT_NAME_LEN - 1 - len(suffix)) + suffix
 
 
+def kernel_event_name(event: str) -> str:
+    """`event` as the kernel takes an event name: itself when it is one, else
+    made a C identifier (a C++ label `ns::C::add(int)%return` is
+    `ns_C_add_int_return`, no '_' at either end)."""
+    if len(event) < MAX_EVENT_NAME_LEN and is_good_name(event):
+        return event
+    name = c_identifier(event).strip("_") or "probe"
+    return c_identifier(name)
+
+
 def c_identifier(text: str, limit: int = MAX_EVENT_NAME_LEN - 1) -> str:
     """`text` with each run of characters other than ASCII letters, digits
     and '_' made one '_', never starting with a digit, at most `limit` long."""

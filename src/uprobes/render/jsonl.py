@@ -81,7 +81,8 @@ class _Template:
         put in as given: a %-code leaves it to fill in, JSON text fixes it
         (escaped for %)."""
         info = self.info
-        head = (f'{{"probe":{_dumps(info.name)},"kind":{_dumps(info.kind)},'
+        probe = _dumps(info.name).replace("%", "%%")  # `ns::f(int)%return`, `operator%`
+        head = (f'{{"probe":{probe},"kind":{_dumps(info.kind)},'
                 f'"pid":{pid},"tid":{tid},"comm":{comm},"cpu":{cpu},"ts_ns":%d,"ip":{ip}')
         if self.is_return:
             head += f',"func":{func}'

@@ -7,8 +7,11 @@ from typing import TextIO
 
 
 def write_table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str]],
-                title: str | None = None, right: Sequence[int] = ()) -> None:
-    """Write `rows` under `headers`; columns whose index is in `right` align right."""
+                title: str | None = None, right: Sequence[int] = (),
+                widest: int | None = None) -> None:
+    """Write `rows` under `headers`; columns whose index is in `right` align right.
+    With `widest`, no column is padded wider: a longer cell (a C++ name of
+    hundreds of characters) runs over and shifts the rest of its row only."""
     if out.isatty():
         from rich.console import Console
         from rich.table import Table
@@ -26,6 +29,8 @@ def write_table(out: TextIO, headers: Sequence[str], rows: Sequence[Sequence[str
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
+    if widest is not None:
+        widths = [min(w, max(widest, len(h))) for w, h in zip(widths, headers)]
 
     def line(cells: Sequence[str]) -> str:
         parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i])

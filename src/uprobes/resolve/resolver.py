@@ -32,6 +32,7 @@ from uprobes.lang.ast import (
     VdsoTarget,
 )
 from uprobes.lang.names import c_identifier, offset_event_name, symbol_event_name
+from uprobes.lang.numbers import is_good_name
 from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.abi import go_register_args
 from uprobes.resolve.debugdwarf import dwarf_of
@@ -125,7 +126,9 @@ class Resolver:
                 name, n = p.event, 1
                 while f"{p.group}/{name}" in used:
                     suffix = f"_{n}"
-                    name = p.event[: MAX_EVENT_NAME - len(suffix)] + suffix
+                    # a C++ label is no kernel name, and cut it would lose its parameters
+                    keep = MAX_EVENT_NAME - len(suffix) if is_good_name(p.event) else None
+                    name = p.event[:keep] + suffix
                     n += 1
                 used.add(f"{p.group}/{name}")
                 out.append(p if name == p.event else replace(p, event=name))
@@ -147,27 +150,15 @@ class Resolver:
             return [self._point(spec, ref, t.offset, event, ref_ctr=t.ref_ctr_offset,
                                 returns=self._returns(spec, image, entry))]
         assert t.symbol is not None
-        table = self.symbols(ref)
-        if _GLOB.search(t.symbol):
-            matches = _distinct(table.glob(t.symbol))
-            if not matches:
-                raise ResolveError(f"no function matches '{t.symbol}' in {ref.display}")
-        else:
-            matches = _distinct(table.lookup(t.symbol))
-            if not matches and not spec.is_return and "@" not in t.symbol:
+        matches = self._functions_named(ref, image, t)
+        if not matches:
+            if not spec.is_return and "@" not in t.symbol:
                 inlined = self._resolve_inlined(spec, t, ref, image)
                 if inlined:
                     return inlined
-            if not matches:
-                hint = table.suggest(t.symbol.split("@", 1)[0])
-                also = f" (did you mean: {', '.join(hint)}?)" if hint else ""
-                raise ResolveError(f"symbol '{t.symbol}' not found in {ref.display}{also}")
-            if len(matches) > 1:
-                where = ", ".join(f"0x{image.link_to_file_offset(s.link_addr):x}" for s in matches)
-                raise ResolveError(
-                    f"symbol '{t.symbol}' is ambiguous in {ref.display}: it names "
-                    f"{len(matches)} functions, at file offsets {where}; probe one as "
-                    f"{t.path}:0xOFFSET")
+            hint = self.symbols(ref).suggest(t.symbol.split("@", 1)[0])
+            also = f" (did you mean: {', '.join(hint)}?)" if hint else ""
+            raise ResolveError(f"symbol '{t.symbol}' not found in {ref.display}{also}")
         if spec.is_return and t.symbol_offset:
             raise SpecError("Retprobe address must be an function entry", spec.text,
                             _pos(spec.text, "+"))
@@ -187,11 +178,10 @@ class Resolver:
                              f"0x{body - sym.link_addr:x}, where unoptimized code has "
                              "stored its arguments",)
             self._check_code(ref, image, file_offset, sym)
-            label = sym.name + (f"@{sym.version}" if sym.version and "@" in t.symbol else "")
             if spec.event and len(matches) > 1:
-                event = f"{spec.event}_{c_identifier(sym.name)}"[:MAX_EVENT_NAME]
+                event = f"{spec.event}_{c_identifier(sym.pretty_name)}"[:MAX_EVENT_NAME]
             else:
-                event = spec.event or symbol_event_name(label, spec.is_return)
+                event = spec.event or _symbol_event(sym, "@" in t.symbol, spec.is_return)
             warning = ifunc_warning(sym)
             notes += (warning,) if warning else ()
             out.append(self._point(spec, ref, file_offset, event, sym=sym,
@@ -279,6 +269,23 @@ class Resolver:
                                    sym_off=link_addr + t.symbol_offset - sym.link_addr
                                    if sym else 0, notes=(note,) if i == 0 else ()))
         return out
+
+    def _functions_named(self, ref: FileRef, image: ElfImage, t: FileTarget) -> list[Symbol]:
+        """The functions `t.symbol` names, one per address: a symbol by its
+        own name; else by its C++ or Rust name (`ns::C::add(int)`, or
+        `ns::C::add` for every overload); else as a glob over both; none
+        is []. One name for several functions is an error that lists them."""
+        assert t.symbol is not None
+        table = self.symbols(ref)
+        matches = _distinct(table.lookup(t.symbol)) or _distinct(table.lookup_source(t.symbol))
+        if not matches and _GLOB.search(t.symbol):
+            matches = _distinct(table.glob(t.symbol))
+            if not matches:
+                raise ResolveError(f"no function matches '{t.symbol}' in {ref.display}")
+            return matches
+        if len(matches) > 1:
+            raise ResolveError(_ambiguous(t, ref, image, matches))
+        return matches
 
     def _resolve_usdt(self, spec: ProbeSpec, t: UsdtTarget) -> list[ResolvedProbe]:
         ref = self.file(t.path)
@@ -423,6 +430,35 @@ def _distinct(symbols: list[Symbol]) -> list[Symbol]:
     for s in symbols:
         by_addr.setdefault(s.link_addr, s)
     return sorted(by_addr.values(), key=lambda s: s.link_addr)
+
+
+def _symbol_event(sym: Symbol, versioned: bool, is_return: bool) -> str:
+    """The event name of a probe on `sym`: a C symbol's as perf probe makes
+    it (`malloc`, `malloc__return`, `memcpy_GLIBC_2_14`); a C++ or Rust
+    function's label as the source writes it (`ns::C::add(int)`,
+    `ns::C::add(int)%return`), which the kernel engine makes a C
+    identifier for tracefs."""
+    src = sym.source_name
+    if src is not None:
+        return src.label + ("%return" if is_return else "")
+    label = sym.name + (f"@{sym.version}" if sym.version and versioned else "")
+    return symbol_event_name(label, is_return)
+
+
+def _ambiguous(t: FileTarget, ref: FileRef, image: ElfImage, matches: list[Symbol]) -> str:
+    """The one line for a name that names several functions: each with its
+    file offset, by its source name (and its own, where those tie)."""
+    labels = [s.pretty_name for s in matches]
+    named = [label if labels.count(label) == 1 else f"{label} [{s.name}]"
+             for label, s in zip(labels, matches)]
+    where = ", ".join(f"{n} at 0x{image.link_to_file_offset(s.link_addr):x}"
+                      for n, s in zip(named, matches))
+    langs = {s.source_name.language for s in matches if s.source_name}
+    how = (f"name one with its parameters, its symbol or as {t.path}:0xOFFSET" if "c++" in langs
+           else f"name one by its symbol or as {t.path}:0xOFFSET" if langs
+           else f"probe one as {t.path}:0xOFFSET")
+    return (f"symbol '{t.symbol}' is ambiguous in {ref.display}: it names {len(matches)} "
+            f"functions: {where}; {how}")
 
 
 def _vdso_lookup(table: SymbolTable, name: str) -> list[Symbol]:

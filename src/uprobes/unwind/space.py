@@ -188,4 +188,4 @@ class AddressSpaces:
             sym = None
         if sym is None:
             return Frame(runtime_addr, path, None, link_addr=link)
-        return Frame(runtime_addr, path, sym.display_name, link - sym.link_addr, link)
+        return Frame(runtime_addr, path, sym.pretty_name, link - sym.link_addr, link)

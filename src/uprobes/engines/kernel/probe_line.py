@@ -7,6 +7,7 @@ from uprobes.errors import SpecError
 from uprobes.lang.ast import Arg, Deref, FetchArg, FetchExpr, Register, UsdtTarget
 from uprobes.lang.fetchargs import REGISTERS
 from uprobes.lang.grammar import parse
+from uprobes.lang.names import kernel_event_name
 from uprobes.lang.render import render_fetcharg, render_path
 from uprobes.model.probe import ResolvedProbe, VdsoKey
 from uprobes.resolve.abi import at_ret_site, lower_fetcharg
@@ -53,7 +54,8 @@ def kernel_line(probe: ResolvedProbe, ret_site: int | None = None, *,
 
     With `ret_site` (one of `probe.ret_sites`), the return probe as an entry
     probe on that `ret`, fetching what the uretprobe would (`at_ret_site`).
-    The line is checked with our kernel-faithful parser, so a SpecError here
+    An event name the kernel would refuse (a C++ label) is made a C
+    identifier. The line is checked with our kernel-faithful parser, so a SpecError here
     carries the kernel's own message for it. Without `for_kernel` (to show
     the line), a path the kernel cannot name is quoted as our language
     writes it, instead of refused."""
@@ -83,7 +85,7 @@ def kernel_line(probe: ResolvedProbe, ret_site: int | None = None, *,
     if ret_site is not None:
         lowered = [_at_ret_site_arg(a, probe.spec.text) for a in lowered]
     kind = "r" if probe.is_return and ret_site is None else "p"
-    head = f"{kind}:{probe.group}/{probe.event}"
+    head = f"{kind}:{probe.group}/{kernel_event_name(probe.event)}"
     args = [render_fetcharg(a) for a in lowered]
     line = " ".join([head, place, *args])
     parse(line)

@@ -22,6 +22,7 @@ from operator import itemgetter
 from uprobes.engines.kernel.probe_line import kernel_line
 from uprobes.errors import KernelError
 from uprobes.lang.ast import FetchType
+from uprobes.lang.names import kernel_event_name
 from uprobes.model.event import COMM_FIELD, MAX_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.abi import probe_info
@@ -64,12 +65,13 @@ def kernel_probes(probes: list[ResolvedProbe], group: str) -> list[KernelProbe]:
         info = probe_info(p)
         sites: list[int | None] = list(p.ret_sites) if p.ret_sites else [None]
         for site in sites:
-            event, n = p.event, tried.get(p.event, 1)
+            name = kernel_event_name(p.event)
+            event, n = name, tried.get(name, 1)
             while event in used:
                 suffix = f"_{n}"
-                event = p.event[:_MAX_EVENT_NAME - len(suffix)] + suffix
+                event = name[:_MAX_EVENT_NAME - len(suffix)] + suffix
                 n += 1
-            tried[p.event] = n
+            tried[name] = n
             used.add(event)
             line = kernel_line(replace(p, group=group, event=event), ret_site=site)
             hidden = 1
