@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,34 @@ def test_a_port_in_use_is_a_runtime_error(tracefs: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("uprobes: error: cannot serve /metrics at 127.0.0.1:")
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_scrape_is_answered_while_hits_pour_in(tracefs: Path, compile_c: Compiler) -> None:
+    """The endpoint answers while the probing thread is flooded: no lock the
+    probing thread takes per hit may starve it (it did: a scrape waited for
+    as long as the flood lasted)."""
+    load = compile_c("agent_load.c")
+    port = free_port()
+    agent = Agent("--prometheus", f"127.0.0.1:{port}", f"{load}:hit")
+    try:
+        agent.ready()
+        flood = subprocess.Popen([str(load), "0", "20"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert flood.stdout is not None and flood.stdin is not None
+        assert flood.stdout.readline().strip() == "ready"
+        flood.stdin.write("go\n")
+        flood.stdin.flush()
+        wait_for_count(agent, port, "uprobes_hits_total", 1000, probe="uprobes/hit")
+        took = []
+        for _ in range(3):
+            started = time.monotonic()
+            agent.metrics(port)
+            took.append(time.monotonic() - started)
+        assert flood.poll() is None, "the flood ended before the scrapes did"
+        flood.kill()
+        flood.communicate(timeout=60)
+        status, err = agent.stop()
+    finally:
+        agent.kill()
+    assert status == 0, err
+    assert max(took) < 5, took

@@ -116,18 +116,22 @@ def test_a_file_that_does_not_exist_yet_is_waited_for(caller_exe: Path, tmp_path
 
 def test_the_example_config_runs(tracefs: Path, tmp_path: Path) -> None:
     """examples/agent.toml as documented (the listen address moved to a free
-    port): Python's opens counted with their executable; the program that
-    is not installed is waited for."""
+    port): Python's opens counted with their executable, a name lookup
+    counted by name and timed; the program that is not installed is waited
+    for."""
     port = free_port()
     agent = Agent("--config", str(ROOT / "examples" / "agent.toml"),
                   "--prometheus", f"127.0.0.1:{port}")
     try:
         agent.wait_said("waiting for /opt/example/bin/server to exist")
         agent.ready()
-        subprocess.run(["/usr/bin/python3.11", "-c", "open('/etc/hostname').close()"],
+        subprocess.run(["/usr/bin/python3.11", "-c", "import socket; "
+                        "open('/etc/hostname').close(); socket.getaddrinfo('localhost', 80)"],
                        check=True, timeout=60)
-        wait_for_count(agent, port, "uprobes_hits_total", 1, probe="uprobes/open64",
-                       executable="/usr/bin/python3.11", comm="python3.11")
+        who = {"executable": "/usr/bin/python3.11", "comm": "python3.11"}
+        wait_for_count(agent, port, "uprobes_hits_total", 1, probe="uprobes/open64", **who)
+        wait_for_count(agent, port, "uprobes_call_duration_seconds_count", 1,
+                       probe="uprobes/getaddrinfo", node="localhost", **who)
         status, err = agent.stop()
     finally:
         agent.kill()

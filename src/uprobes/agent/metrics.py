@@ -1,10 +1,15 @@
 """What the agent has measured, held for the exporters: hits per probe and
 label set, call latencies as bucketed histograms, and what was not counted.
 
-One lock guards it: the probing thread adds hits, an exporter's thread
-(the Prometheus endpoint, a push loop) takes snapshots. A snapshot is a
-copy, so an exporter never holds the probing thread up for longer than
-the copy takes.
+One thread writes the series (the probing thread: hits and calls) and
+others read them (the Prometheus endpoint, push loops) by snapshots. No
+lock is taken per hit: a lock the probing thread takes and releases at
+every hit starves a reader waiting on it (Python's locks are not fair, and
+the writer takes it again before the waiter wakes), and a scrape then
+waits for as long as hits keep coming. A snapshot copies each table in one
+step instead (`dict(d)` and `list(d.items())` run under the interpreter
+lock, never interleaved with a writer's store); a histogram's count is
+taken from its copied buckets, so a snapshot is always consistent.
 
 Series are bounded per probe (`max_series`): a hit whose label set would
 make one more series past the bound is counted in `overflow` for its probe
@@ -46,7 +51,8 @@ class LatencySeries:
         self.buckets[bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
 
     def copy(self) -> LatencySeries:
-        return LatencySeries(self.count, self.sum_ns, list(self.buckets))
+        buckets = list(self.buckets)
+        return LatencySeries(sum(buckets), self.sum_ns, buckets)
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Metrics:
 
     def __init__(self, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self.max_series = max_series
-        self.lock = threading.Lock()
+        self._drop_lock = threading.Lock()  # drops come from several threads
         self._probes: dict[str, ProbeMetrics] = {}
         self._dropped: dict[str, int] = {}
         self.unpaired = 0
@@ -88,53 +94,55 @@ class Metrics:
     def keep_only(self, keys: dict[str, tuple[str, ...]]) -> None:
         """Configured probes (key -> extra label names) from now on: the series of
         a probe no longer configured, or whose labels changed, are forgotten;
-        the others keep their counts."""
-        with self.lock:
-            for key in list(self._probes):
-                if keys.get(key) != self._probes[key].label_names:
-                    del self._probes[key]
-            for key, names in keys.items():
-                self._probes.setdefault(key, ProbeMetrics(names))
+        the others keep their counts. (Called with no probes running.)"""
+        probes = dict(self._probes)
+        for key in list(probes):
+            if keys.get(key) != probes[key].label_names:
+                del probes[key]
+        for key, names in keys.items():
+            probes.setdefault(key, ProbeMetrics(names))
+        self._probes = probes
 
     def hit(self, key: str, labels: Labels) -> None:
-        with self.lock:
-            pm = self._probes[key]
-            hits = pm.hits
-            n = hits.get(labels)
-            if n is not None:
-                hits[labels] = n + 1
-            elif len(hits) < self.max_series:
-                hits[labels] = 1
-            else:
-                pm.overflow_hits += 1
+        """One hit (the probing thread only)."""
+        pm = self._probes[key]
+        hits = pm.hits
+        n = hits.get(labels)
+        if n is not None:
+            hits[labels] = n + 1
+        elif len(hits) < self.max_series:
+            hits[labels] = 1
+        else:
+            pm.overflow_hits += 1
 
     def call(self, key: str, labels: Labels, ns: int) -> None:
-        with self.lock:
-            pm = self._probes[key]
-            series = pm.latency.get(labels)
-            if series is None:
-                if len(pm.latency) >= self.max_series:
-                    pm.overflow_calls += 1
-                    return
-                series = pm.latency[labels] = LatencySeries()
-            series.add(ns)
+        """One call's duration (the probing thread only)."""
+        pm = self._probes[key]
+        series = pm.latency.get(labels)
+        if series is None:
+            if len(pm.latency) >= self.max_series:
+                pm.overflow_calls += 1
+                return
+            series = pm.latency[labels] = LatencySeries()
+        series.add(ns)
 
     def drop(self, reason: str, n: int = 1) -> None:
         """`n` hits (or items) not counted, for `reason`: exported, never silent."""
-        with self.lock:
+        with self._drop_lock:
             self._dropped[reason] = self._dropped.get(reason, 0) + n
 
     def set_dropped(self, reason: str, total: int) -> None:
         """A drop count kept elsewhere (the kernel's lost records), as a total."""
-        with self.lock:
+        with self._drop_lock:
             self._dropped[reason] = total
 
     def snapshot(self) -> Snapshot:
-        with self.lock:
-            probes: dict[str, ProbeMetrics] = {k: ProbeMetrics(pm.label_names, dict(pm.hits),
-                                      {lb: s.copy() for lb, s in pm.latency.items()},
-                                      pm.overflow_hits, pm.overflow_calls)
-                      for k, pm in self._probes.items()}
+        probes: dict[str, ProbeMetrics] = {}
+        for key, pm in list(self._probes.items()):
+            latency = {lb: s.copy() for lb, s in list(pm.latency.items())}
+            probes[key] = ProbeMetrics(pm.label_names, dict(pm.hits), latency,
+                                       pm.overflow_hits, pm.overflow_calls)
+        with self._drop_lock:
             dropped = dict(self._dropped)
         live = self.live_lost
         if live is not None:
