@@ -77,7 +77,12 @@ class Layout:
     hexversion: int
     fields: dict[str, int]
 
-    def __getattr__(self, name: str) -> int:
+    def __post_init__(self) -> None:
+        # Plain attributes: a frame walk reads a dozen of them per frame.
+        for name, value in self.fields.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> int:  # only for names not in `fields`
         try:
             return self.fields[name]
         except KeyError:

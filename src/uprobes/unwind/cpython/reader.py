@@ -45,6 +45,30 @@ def _i32(data: bytes, at: int) -> int:
     return int.from_bytes(data[at:at + 4], "little", signed=True)
 
 
+_PAGE = 4096
+
+
+class _Pages:
+    """One hit's reads, served from whole pages read once: frames sit side
+    by side in the thread's data stack and code objects near each other, so
+    a walk costs a read per page touched rather than two per frame (a read
+    is a system call). A mapped address's whole page is readable."""
+
+    def __init__(self, read: Read) -> None:
+        self._read = read
+        self._pages: dict[int, bytes] = {}
+
+    def __call__(self, addr: int, n: int) -> bytes:
+        first = addr & ~(_PAGE - 1)
+        end = addr + n
+        if end <= first + _PAGE:
+            page = self._pages.get(first)
+            if page is None:
+                page = self._pages[first] = self._read(first, _PAGE)
+            return page[addr - first:end - first]
+        return self._read(addr, n)
+
+
 @dataclass(frozen=True)
 class Interpreter:
     """A CPython runtime in one process: where `_PyRuntime` and `Py_Version` are."""
@@ -111,6 +135,17 @@ class _Code:
     firstlineno: int
     firsttraceable: int
     table: bytes
+    addr: int
+    frames: dict[int, Frame]
+
+    def frame(self, index: int) -> Frame:
+        """The frame running code unit `index` (made once per unit)."""
+        frame = self.frames.get(index)
+        if frame is None:
+            frame = self.frames[index] = Frame(
+                self.addr, self.filename, self.qualname,
+                line=line_at(self.table, self.firstlineno, index), python=True)
+        return frame
 
 
 class PythonStacks:
@@ -165,7 +200,7 @@ class PythonStacks:
         if interp is None:
             return ()
         try:
-            return self._frames(pid, tid, read, interp)
+            return self._frames(pid, tid, _Pages(read), interp)
         except UprobesError:
             return ()  # a chain being changed under us, or a thread just gone
 
@@ -207,17 +242,26 @@ class PythonStacks:
         size, code_at, prev_at = lay.frame_size, lay.frame_code, lay.frame_previous
         instr_at, entry_at, owner_at = lay.frame_prev_instr, lay.frame_is_entry, lay.frame_owner
         generator, code_start = lay.owned_by_generator, lay.code_code
+        # The code object's fields we name it by, which never change once it
+        # is made: read at each hit, they tell a cached code object from a
+        # new one made where a freed one was.
+        named = (lay.code_firstlineno, lay.code_filename, lay.code_qualname, lay.code_linetable)
+        fp_lo, fp_hi = min(named), max(named) + 8
+        codes = self._codes
         while frame and frame not in seen and len(seen) < MAX_PY_FRAMES:
             seen.add(frame)
             blob = read(frame, size)
             code_addr = _u64(blob, code_at)
-            code = self._code(pid, code_addr, read, lay)
+            head = read(code_addr, code_start)
+            code = codes.get((pid, code_addr))
+            if code is None or code.fingerprint != head[fp_lo:fp_hi]:
+                code = codes[(pid, code_addr)] = self._code(code_addr, head, head[fp_lo:fp_hi],
+                                                            read, lay)
             index = (_u64(blob, instr_at) - (code_addr + code_start)) // 2
             # A frame being set up has not reached its first traceable
             # instruction; CPython leaves it out of tracebacks too.
             if blob[owner_at] == generator or index >= code.firsttraceable:
-                group.append(Frame(code_addr, code.filename, code.qualname,
-                                   line=line_at(code.table, code.firstlineno, index), python=True))
+                group.append(code.frame(index))
             if blob[entry_at]:
                 groups.append(tuple(group))
                 group = []
@@ -226,24 +270,15 @@ class PythonStacks:
             groups.append(tuple(group))
         return tuple(groups)
 
-    def _code(self, pid: int, addr: int, read: Read, lay: Layout) -> _Code:
-        blob = read(addr, lay.code_code)
-        fp = blob[lay.code_filename:lay.code_filename + 8] + \
-            blob[lay.code_qualname:lay.code_qualname + 8] + \
-            blob[lay.code_linetable:lay.code_linetable + 8] + \
-            blob[lay.code_firstlineno:lay.code_firstlineno + 4]
-        known = self._codes.get((pid, addr))
-        if known is not None and known.fingerprint == fp:
-            return known
+    @staticmethod
+    def _code(addr: int, blob: bytes, fp: bytes, read: Read, lay: Layout) -> _Code:
         table_addr = _u64(blob, lay.code_linetable)
         head = read(table_addr, lay.bytes_data)
         n = min(_u64(head, lay.var_size), 1 << 20)
-        code = _Code(fp, _str(read, _u64(blob, lay.code_filename), lay),
+        return _Code(fp, _str(read, _u64(blob, lay.code_filename), lay),
                      _str(read, _u64(blob, lay.code_qualname), lay),
                      _i32(blob, lay.code_firstlineno), _i32(blob, lay.code_firsttraceable),
-                     read(table_addr + lay.bytes_data, n) if n else b"")
-        self._codes[(pid, addr)] = code
-        return code
+                     read(table_addr + lay.bytes_data, n) if n else b"", addr, {})
 
 
 def _str(read: Read, addr: int, lay: Layout) -> str:

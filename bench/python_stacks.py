@@ -1,0 +1,100 @@
+"""What reading a hit's Python frames adds to the time a thread stays stopped.
+
+    python -m bench.python_stacks [--calls 3000] [--depth 10] [--python /usr/bin/python3.11]
+
+A Python program calls os.getpid() (libc's getpid) `--calls` times from
+`--depth` nested Python functions; `uprobes.Session(engine="ptrace")` probes
+getpid with stacks, once without and once with `python=True`. Timed inside
+uprobes, per hit: the capture the thread is stopped for (registers, the
+stack copy and, with python, the interpreter's frames), and the Python part
+alone; medians and 90th percentiles in µs, the reads of the program's
+memory (system calls) per hit for the Python part, and the hits per second
+the run delivered. The first hit of a run (the interpreter found, its layout read or
+compiled) is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import uprobes
+from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.unwind.cpython.reader import PythonStacks
+
+PROGRAM = """
+import os, sys
+def deep(n, calls):
+    if n:
+        return deep(n - 1, calls)
+    for _ in range(calls):
+        os.getpid()
+deep(int(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+def _timed(store: list[int], fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any) -> Any:
+        t = time.perf_counter_ns()
+        try:
+            return fn(*args)
+        finally:
+            store.append(time.perf_counter_ns() - t)
+    return wrapper
+
+
+def run_once(python: str, depth: int, calls: int, with_python: bool) -> dict[str, float]:
+    captures: list[int] = []
+    py_reads: list[int] = []
+    orig_capture, orig_py = PtraceTracer._capture, PythonStacks.capture
+    PtraceTracer._capture = _timed(captures, orig_capture)  # type: ignore[method-assign]
+    reads: list[int] = []
+
+    def counted(self: PythonStacks, pid: int, tid: int, read: Any) -> Any:
+        def counting(addr: int, n: int) -> bytes:
+            reads.append(1)
+            return read(addr, n)  # type: ignore[no-any-return]
+        return orig_py(self, pid, tid, counting)
+    PythonStacks.capture = _timed(py_reads, counted)  # type: ignore[method-assign]
+    try:
+        s = uprobes.Session(engine="ptrace", stack_bytes=8192, python=with_python)
+        frames: list[int] = []
+        s.probe("libc:getpid", lambda ev: frames.append(sum(f.python for f in ev.stack or ())))
+        start = time.perf_counter()
+        status = s.spawn([python, "-c", PROGRAM, str(depth), str(calls)])
+        wall = time.perf_counter() - start
+    finally:
+        PtraceTracer._capture = orig_capture  # type: ignore[method-assign]
+        PythonStacks.capture = orig_py  # type: ignore[method-assign]
+    assert status == 0 and len(frames) == calls, (status, len(frames))
+
+    def us(xs: list[int], q: float) -> float:
+        xs = sorted(xs[1:])
+        return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000 if xs else 0.0
+    return {"capture_p50": us(captures, 0.5), "capture_p90": us(captures, 0.9),
+            "python_p50": us(py_reads, 0.5), "python_p90": us(py_reads, 0.9),
+            "py_frames": statistics.median(frames), "hits_per_s": calls / wall,
+            "reads": len(reads) / calls}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--depth", type=int, default=10)
+    ap.add_argument("--python", default="/usr/bin/python3.11")
+    args = ap.parse_args()
+    print(f"{args.python}: {args.calls} hits, {args.depth} nested functions")
+    print(f"{'':12} {'capture p50':>12} {'p90':>8} {'python p50':>11} {'p90':>8} "
+          f"{'py frames':>9} {'reads/hit':>9} {'hits/s':>8}")
+    for with_python in (False, True):
+        r = run_once(args.python, args.depth, args.calls, with_python)
+        print(f"{'--python' if with_python else 'native':12} {r['capture_p50']:>10.1f}µs "
+              f"{r['capture_p90']:>6.1f}µs {r['python_p50']:>9.1f}µs {r['python_p90']:>6.1f}µs "
+              f"{r['py_frames']:>9.0f} {r['reads']:>9.1f} {r['hits_per_s']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
