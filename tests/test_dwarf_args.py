@@ -283,3 +283,40 @@ def test_libc_from_its_debug_package() -> None:
                 out=out) == 0
     assert "bytes=%di:u64" in out.getvalue()
     assert "name=+0(%di):string service=+0(%si):string" in out.getvalue()
+
+
+# ------------------------------------------------------------ C++
+
+GDB_PIE_BASE = 0x555555554000
+"""Where gdb loads a PIE program (it runs it with address randomization off)."""
+POKE = "_ZN6Widget4pokeERiRKS_"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("level", ["-O0", "-O2"])
+def test_cpp_members_bases_references_as_gdb(compile_c: Compiler, level: str) -> None:
+    """A method: `this->` members, a member of its base class, a reference
+    read as what it refers to (gdb's `(int &) @0x...: 4` is 4)."""
+    need(shutil.which("gdb") is not None and shutil.which("g++") is not None, "gdb and g++")
+    exe = compile_c("dwarf_args.cc", level, name=f"dwarf_args_cc{level}")
+    exprs = {"count": "count", "other_id": "other.id", "other_name": "other.name",
+             "this_name": "this->name", "this_weight": "this->weight",
+             "this_tags": "this->tags", "this_id": "this->id", "other_weight": "other.weight"}
+    probe = f"{exe}:{POKE} " + " ".join(f"{k}={v}" for k, v in exprs.items())
+    (resolved,) = Resolver().resolve_all(parse_specs([probe]))
+    assert resolved.link_addr is not None
+    out = io.StringIO()
+    assert main(["trace", "-e", "ptrace", probe, "--", str(exe)], out=out) == 0
+    line = next(ln for ln in out.getvalue().splitlines() if f" {POKE}: " in ln)
+    ours = dict(re.findall(r' (\w+)=("[^"]*"|\{[^}]*\}|\S+)', line))
+    assert ours["count"] == "4" and ours["other_id"] == "9" and ours["this_id"] == "7"
+    cmds = ["set pagination off", "set print null-stop on",
+            f"break *{GDB_PIE_BASE + resolved.link_addr:#x}", "run",
+            *[f"print {e}" for e in exprs.values()]]
+    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
+    gdb_out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    values = re.findall(r"^\$\d+ = (.*)$", gdb_out, re.M)
+    assert len(values) == len(exprs), gdb_out
+    for (name, expr), value in zip(exprs.items(), values):
+        value = re.sub(r"^\([^)]*&\) @0x[0-9a-f]+: ", "", value)  # a reference: its value
+        assert ours[name] == _gdb_normal(value), (expr, ours[name], value)

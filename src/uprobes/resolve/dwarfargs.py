@@ -22,6 +22,7 @@ xmm0, a value computed from two registers) is an error naming why, or in
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -266,12 +267,15 @@ class _Access:
         place, t = item.place, item.type
         if place.kind in ("optimized_out", "unsupported"):
             return [_marker(name, place, t, text, lenient)]
+        if t.kind == "reference":  # a C++ reference reads as what it refers to, as gdb shows
+            return self.leaves(Item(self.pointee(item, 0, text), t.target), name, depth,
+                               lenient=lenient, text=text)
         if t.kind in ("struct", "union"):
             if depth >= MAX_DEPTH:
                 return [FetchArg(name, Immediate(0), FetchType("u8", view=_view("elided", t)))]
             out: list[FetchArg] = []
             for m in t.members:
-                out += self.leaves(_member(item, m), f"{name}_{m.name}", depth + 1,
+                out += self.leaves(_member(item, m), f"{name}_{_identifier(m.name)}", depth + 1,
                                    lenient=lenient, text=f"{text}.{m.name}")
             return out
         try:
@@ -356,6 +360,11 @@ def _marker(name: str, place: Place, t: CType, text: str, lenient: bool) -> Fetc
         raise ResolveError(f"{text}: {place.note}; its value cannot be fetched here")
     return FetchArg(name, Immediate(0),
                     FetchType("u8", view=_view("unsupported", t, note=place.note)))
+
+
+def _identifier(name: str) -> str:
+    """A member's name as part of an argument name (`_vptr.Base` -> `_vptr_Base`)."""
+    return re.sub(r"\W+", "_", name)
 
 
 def _view(kind: str, t: CType, **more: Any) -> ValueView:

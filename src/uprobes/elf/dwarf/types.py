@@ -117,8 +117,17 @@ class CType:
         """A struct's or union's data members, in order."""
         if self.die is None:
             return []
-        out = []
+        out: list[Member] = []
         for m in self.die.iter_children():
+            if m.tag == "DW_TAG_inheritance":
+                # A base class's members, at the base's offset, before the class's own
+                # (C++ looks a name up through its bases; gdb prints them first too).
+                where = m.attributes.get("DW_AT_data_member_location")
+                at = where.value if where is not None and isinstance(where.value, int) else 0
+                base = CType.of(m)
+                out += [Member(b.name, b.offset + at, b.type, b.bit_size, b.bit_offset + at * 8)
+                        for b in base.members]
+                continue
             if m.tag != "DW_TAG_member" or "DW_AT_external" in m.attributes:
                 continue  # C++ static members have no place in the object
             attrs = m.attributes
