@@ -3,7 +3,8 @@
 Each SPEC names a function; it gets an entry and a return probe, and the
 calls are paired per thread (see `uprobes.analysis.calls`). The result is
 a log2 histogram per function, as funclatency draws it, with count, mean,
-p50/p90/p99 and max; `--json` gives the numbers as one line.
+p50/p90/p99 and max; `--json` gives the numbers as one line, `--svg FILE`
+draws the histograms (render/histogram_svg.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from uprobes.commands.selection import (
     add_filter_arguments,
     add_selection_arguments,
     check_selection,
+    open_svg,
     run_selected,
 )
 from uprobes.errors import SpecError, UsageError
@@ -28,6 +30,7 @@ from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
 from uprobes.lang.render import render
 from uprobes.model.event import Event
 from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
+from uprobes.render.histogram_svg import write_histograms_svg
 from uprobes.session import Session
 
 NAME = "latency"
@@ -36,6 +39,7 @@ EXAMPLES = [
     "uprobes latency 'libc:malloc' 'libc:free' -- /bin/ls /usr",
     "uprobes latency --unit us 'libc:getaddrinfo' -- /usr/bin/getent hosts localhost",
     "uprobes latency --json 'libc:qsort' -- /usr/bin/sort /etc/services -o /dev/null",
+    "uprobes latency --svg /tmp/malloc.svg 'libc:malloc' -- /bin/ls /usr  # the histogram drawn",
 ]
 
 
@@ -44,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_filter_arguments(p)
     p.add_argument("--unit", choices=tuple(UNITS), default="ns",
                    help="histogram buckets in ns (default), us or ms")
+    p.add_argument("--svg", metavar="FILE", default=None,
+                   help="also draw the histograms into FILE (SVG)")
     add_duration_argument(p)
 
 
@@ -71,15 +77,20 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     check_selection(args)
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
-    if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
-            and not (args.condition or args.comm or args.tid):
-        from uprobes.commands.latency_inprog import run_in_program
-        lines = [line for spec in parse_specs(args.specs)
-                 for line in probe_pair(spec, fetch=False)]
-        status = run_in_program(args, out, lines)
-        if status is not None:
-            return status
-    return run_paired(args, out)
+    args.svg_file = open_svg(args.svg)
+    try:
+        if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
+                and not (args.condition or args.comm or args.tid):
+            from uprobes.commands.latency_inprog import run_in_program
+            lines = [line for spec in parse_specs(args.specs)
+                     for line in probe_pair(spec, fetch=False)]
+            status = run_in_program(args, out, lines)
+            if status is not None:
+                return status
+        return run_paired(args, out)
+    finally:
+        if args.svg_file is not None:
+            args.svg_file.close()
 
 
 def run_paired(args: argparse.Namespace, out: TextIO) -> int:
@@ -112,6 +123,8 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
         else:
             write_histograms(sink, histograms, args.unit)
         sink.flush()
+        if args.svg_file is not None:
+            write_histograms_svg(args.svg_file, histograms, args.unit)
     finally:
         if sink is not out:
             sink.close()

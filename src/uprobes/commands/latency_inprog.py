@@ -19,6 +19,7 @@ from uprobes.commands.resolve import parse_specs
 from uprobes.engines.base import Request, Timer, open_timer
 from uprobes.engines.launch import finish, launch
 from uprobes.render.histogram import write_histograms, write_histograms_json
+from uprobes.render.histogram_svg import write_histograms_svg
 from uprobes.resolve.resolver import Resolver
 
 
@@ -84,6 +85,8 @@ def _write(args: argparse.Namespace, out: TextIO, lat: Latencies) -> None:
                        "function timed by the same probe code, on the spot); the clock's "
                        f"step here: {lat.tsc_step_ns:.1f} ns\n")
         sink.flush()
+        if args.svg_file is not None:
+            write_histograms_svg(args.svg_file, lat.histograms, args.unit)
     finally:
         if sink is not out:
             sink.close()

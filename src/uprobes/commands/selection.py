@@ -108,3 +108,14 @@ def run_selected(session: Session, args: argparse.Namespace, doing: str,
             sys.stderr.flush()
     session.run(args.duration, ready=ready)
     return 0
+
+
+def open_svg(path: str | None) -> TextIO | None:
+    """The file a picture goes to (`--svg FILE`), opened before tracing so a
+    path that cannot be written fails at once, not after the run."""
+    if path is None:
+        return None
+    try:
+        return open(path, "w")
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from e

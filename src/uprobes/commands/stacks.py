@@ -4,7 +4,8 @@ Each hit's user stack is captured (as `trace --stack` does) and counted
 under its probe: the most frequent call paths, one frame a line, with
 counts and shares (BCC's stackcount, bpftrace's `@[ustack] = count()`);
 `--folded` writes them as flame-graph tools read them
-(`comm;main;...;malloc 42`), `--json` as one line. Nothing is printed per
+(`comm;main;...;malloc 42`), `--json` as one line, and `--svg FILE`
+draws them as a flame graph (render/flamegraph.py). Nothing is printed per
 hit: the counts come at the end.
 """
 
@@ -21,11 +22,13 @@ from uprobes.commands.selection import (
     add_filter_arguments,
     add_selection_arguments,
     check_selection,
+    open_svg,
     run_selected,
 )
 from uprobes.engines.kernel.streams import STACK_RING_PAGES
 from uprobes.errors import UsageError
 from uprobes.lang.render import render
+from uprobes.render.flamegraph import write_flamegraph
 from uprobes.render.stacks import write_folded, write_stacks, write_stacks_json
 from uprobes.session import Session
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
@@ -37,6 +40,7 @@ EXAMPLES = [
     "uprobes stacks --folded -o /tmp/ls.folded 'libc:malloc' -- /bin/ls /usr; "
     "tail -2 /tmp/ls.folded  # then: flamegraph.pl /tmp/ls.folded > ls.svg",
     "uprobes stacks -e ptrace --json 'libc:write' -- /bin/echo hi",
+    "uprobes stacks --svg /tmp/ls.svg 'libc:malloc' -- /bin/ls /usr  # a flame graph",
 ]
 
 
@@ -46,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folded", action="store_true",
                    help="one line per call path, `comm;outermost;...;innermost COUNT`, "
                         "as flamegraph.pl, inferno and speedscope read it")
+    p.add_argument("--svg", metavar="FILE", default=None,
+                   help="also draw the stacks as a flame graph into FILE (SVG; hover for "
+                        "counts, click to zoom)")
     p.add_argument("--python", action="store_true",
                    help="a CPython program's stacks show its Python functions (qualified "
                         "name, file:line) in place of the interpreter's eval loop (ptrace "
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
     check_stack_bytes(args.stack_bytes)
+    svg = open_svg(args.svg)
     counter = StackCounter()
     session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
                       ring_pages=args.ring_pages, stack_bytes=args.stack_bytes,
@@ -88,9 +96,13 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         else:
             write_stacks(sink, counter, top)
         sink.flush()
+        if svg is not None:
+            write_flamegraph(svg, counter.folded(), f"uprobes stacks {' '.join(args.specs)}")
     finally:
         if sink is not out:
             sink.close()
+        if svg is not None:
+            svg.close()
     if session.lost:
         sys.stderr.write(f"uprobes: {session.lost} records lost (their stacks are not "
                          "counted); a bigger --ring-pages or a smaller --stack-bytes loses "

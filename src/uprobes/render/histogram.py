@@ -28,13 +28,13 @@ def write_histograms(out: TextIO, hists: Mapping[str, Histogram], unit: str = "n
         if not h.count:
             out.write("  no completed calls\n")
             continue
-        _write_bars(out, _rebucket(h, UNITS[unit]), _UNIT_WORDS[unit])
-        out.write(f"  count {h.count}  mean {_human(h.mean)}  p50 {_human(h.percentile(50))}"
-                  f"  p90 {_human(h.percentile(90))}  p99 {_human(h.percentile(99))}"
-                  f"  max {_human(h.max)}\n")
+        _write_bars(out, rebucket(h, UNITS[unit]), _UNIT_WORDS[unit])
+        out.write(f"  count {h.count}  mean {human(h.mean)}  p50 {human(h.percentile(50))}"
+                  f"  p90 {human(h.percentile(90))}  p99 {human(h.percentile(99))}"
+                  f"  max {human(h.max)}\n")
 
 
-def _rebucket(h: Histogram, div: int) -> list[tuple[int, int, int]]:
+def rebucket(h: Histogram, div: int) -> list[tuple[int, int, int]]:
     """The log2 rows in units of `div` ns (values floored to the unit, as
     funclatency's -u/-m do); empty rows at the ends left out."""
     if div == 1:
@@ -57,7 +57,7 @@ def _write_bars(out: TextIO, rows: list[tuple[int, int, int]], unit_word: str) -
         out.write(f"{lo:>{w}} -> {hi:<{w}} : {n:<8} |{stars:<{BAR}}|\n")
 
 
-def _human(ns: float) -> str:
+def human(ns: float) -> str:
     if ns < 1_000:
         return f"{ns:.0f} ns"
     if ns < 1_000_000:
