@@ -320,3 +320,17 @@ def test_cpp_members_bases_references_as_gdb(compile_c: Compiler, level: str) ->
     for (name, expr), value in zip(exprs.items(), values):
         value = re.sub(r"^\([^)]*&\) @0x[0-9a-f]+: ", "", value)  # a reference: its value
         assert ours[name] == _gdb_normal(value), (expr, ours[name], value)
+
+
+@pytest.mark.root
+def test_vars_are_the_scopes_variables(build: tuple[Path, bool]) -> None:
+    """`$vars` at a line: the function's parameters and the locals whose
+    scope holds the address, in source order; what has no value there says so."""
+    exe, optimized = build
+    line = _fixture_line("for (struct item *p = s; p; p = p->next)")
+    events, _ = _events("ptrace", exe, [f"dwarf_args.c:{line} $vars"])
+    assert [list(e["args"]) for e in events] == [["s", "n", "flags", "total", "p"]] * 3
+    first = events[0]["args"]
+    assert (first["flags"], first["total"]) == (17, 7)
+    assert first["n"] in (7, None)  # None: optimized out at that address
+    assert [e["args"]["total"] for e in events[1:]] == [23, 62]

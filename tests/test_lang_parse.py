@@ -29,9 +29,12 @@ from uprobes.lang.ast import (
     Spec,
     StackEntry,
     StackPointer,
+    Step,
     UsdtTarget,
+    Variable,
     VdsoTarget,
 )
+from uprobes.lang.render import render_fetcharg
 from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 
 P, R = ProbeKind.ENTRY, ProbeKind.RETURN
@@ -306,3 +309,53 @@ def test_generated_event_names_are_c_identifiers() -> None:
     assert offset_event_name("/usr/lib/libc.so.6", 0x1234) == auto_event_name(
         "/usr/lib/libc.so.6", 0x1234)  # the kernel's own name where it is one
     parse(f"p:uprobes/{offset_event_name('/x/pr:og', 0x10)} /bin/true:0x10")  # a good name
+
+
+@pytest.mark.parametrize("text,name,var", [
+    ("n", "n", Variable("n")),
+    ("s->name", "s_name", Variable("s", (Step("->", "name"),))),
+    ("s.in.x", "s_in_x", Variable("s", (Step(".", "in"), Step(".", "x")))),
+    ("arr[3]", "arr_3", Variable("arr", (Step("[]", index=3),))),
+    ("*s->next", "s_next_deref", Variable("s", (Step("->", "next"), Step("*")))),
+    ("$params", "params", Variable("$params")),
+    ("$vars", "vars", Variable("$vars")),
+    ("v=p->x", "v", Variable("p", (Step("->", "x"),))),
+])
+def test_variables_by_name(text: str, name: str, var: Variable) -> None:
+    """A source variable parses to a Variable named as a C identifier, and
+    renders back as written."""
+    (arg,) = parse(f"/bin/true:main {text}").args  # type: ignore[union-attr]
+    assert (arg.name, arg.expr) == (name, var)
+    assert render_fetcharg(arg) == (text if "=" in text else f"{name}={text}")
+
+
+def test_variable_names_never_collide() -> None:
+    """`n=%di n`: the variable's own name is taken, so it gets the next free one."""
+    spec = parse("/bin/true:main n=%di n s->n s_n")
+    assert [a.name for a in spec.args] == ["n", "n_1", "s_n", "s_n_1"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("s-", "BTF is not available or not supported"),
+    ("s->", "BTF is not available or not supported"),
+    ("a[x]", "BTF is not available or not supported"),
+    ("*5", "Invalid fetch argument"),
+    ("s->name:u99", "Unknown type is specified"),
+])
+def test_bad_variables_keep_the_kernels_words(text: str, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse(f"/bin/true:main {text}")
+    assert err.value.message == message
+
+
+@pytest.mark.parametrize("line,target", [
+    ("/tmp/app:app.c:42", FileTarget("/tmp/app", source_file="app.c", line=42)),
+    ("/tmp/app:visit:+3", FileTarget("/tmp/app", symbol="visit", line=3)),
+    ("/tmp/app:ns::f:+2", FileTarget("/tmp/app", symbol="ns::f", line=2)),
+    ('"/my app/bin":lib/x.cc:7', FileTarget("/my app/bin", source_file="lib/x.cc", line=7)),
+    ("/tmp/pr:og:0x1139", FileTarget("/tmp/pr:og", offset=0x1139)),
+])
+def test_source_lines(line: str, target: FileTarget) -> None:
+    spec = parse(line)
+    assert spec.target == target  # type: ignore[union-attr]
+    assert parse(render(spec)).target == target  # type: ignore[union-attr]

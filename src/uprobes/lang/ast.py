@@ -154,7 +154,8 @@ class Step:
 @dataclass(frozen=True)
 class Variable:
     """A source variable by name, read through the program's DWARF: `n`,
-    `s->name`, `s.in.x`, `arr[3]`, `*p`, or `$params` (every parameter).
+    `s->name`, `s.in.x`, `arr[3]`, `*p`, `$params` (every parameter) or
+    `$vars` (every parameter and local variable in scope).
     Resolution replaces it by fetches of registers and memory at the probe's
     address (`uprobes.resolve.dwarfargs`); no engine ever sees one."""
 
@@ -164,6 +165,10 @@ class Variable:
     @property
     def is_params(self) -> bool:
         return self.name == "$params"
+
+    @property
+    def is_vars(self) -> bool:
+        return self.name == "$vars"
 
 
 FetchExpr = (

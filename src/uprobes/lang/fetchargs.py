@@ -165,10 +165,10 @@ _STEP = re.compile(r"->(\w+)|\.(\w+)|\[(\d+)\]")
 
 
 def parse_variable(text: str) -> Variable | None:
-    """`[*]NAME(->FIELD|.FIELD|[N])*` or `$params` -> Variable; None for any
-    other text (which then gets the kernel's own verdict)."""
-    if text == "$params":
-        return Variable("$params")
+    """`[*]NAME(->FIELD|.FIELD|[N])*`, `$params` or `$vars` -> Variable; None
+    for any other text (which then gets the kernel's own verdict)."""
+    if text in ("$params", "$vars"):
+        return Variable(text)
     m = _VARIABLE.fullmatch(text)
     if m is None:
         return None

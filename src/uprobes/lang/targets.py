@@ -56,7 +56,7 @@ def is_kernel_place(token: str) -> bool:
     return "/" in token and colon >= 0 and is_digit(token[colon + 1:colon + 2])
 
 
-_SOURCE_LINE = re.compile(r"(.+):([^:/]+\.(?:c|cc|cpp|cxx|c\+\+|h|hh|hpp|rs|go)):(\d+)")
+_SOURCE_LINE = re.compile(r"(.+):([^:]+\.(?:c|cc|cpp|cxx|c\+\+|h|hh|hpp|rs|go)):(\d+)")
 _FUNCTION_LINE = re.compile(r"(.+[^:]):\+(\d+)")
 
 

@@ -80,6 +80,9 @@ class Scope:
     variables: dict[str, Any]
     """name -> DIE, the innermost scope's first (shadowing as C does)."""
     params: list[Any]
+    locals: list[Any]
+    """Parameters and variables of the function's scopes that hold the address
+    (not globals), outermost first: what `$vars` prints, as perf probe's."""
     function: str
 
 
@@ -112,6 +115,9 @@ def scope_at(df: DwarfFile, image: ElfImage, link_addr: int, file_offset: int) -
                 name = die_name(child)
                 if name is not None:
                     variables.setdefault(name, child)
+    locals_ = [c for die in scopes for c in die.iter_children()
+               if c.tag in ("DW_TAG_formal_parameter", "DW_TAG_variable")
+               and variables.get(die_name(c) or "") is c]
     for die in df.unit_variables(outer.cu):
         name = die_name(die)
         if name is not None and ("DW_AT_location" in die.attributes
@@ -120,7 +126,8 @@ def scope_at(df: DwarfFile, image: ElfImage, link_addr: int, file_offset: int) -
     innermost = next(s for s in reversed(scopes)
                      if s.tag in ("DW_TAG_subprogram", "DW_TAG_inlined_subroutine"))
     params = [c for c in innermost.iter_children() if c.tag == "DW_TAG_formal_parameter"]
-    return Scope(df, link_addr, entry, frame, variables, params, die_name(innermost) or "?")
+    return Scope(df, link_addr, entry, frame, variables, params, locals_,
+                 die_name(innermost) or "?")
 
 
 def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg, ...]:
@@ -132,8 +139,9 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
             out.append(arg)
             continue
         var = arg.expr
-        if var.is_params:
-            for i, die in enumerate(scope.params):
+        if var.is_params or var.is_vars:
+            dies = scope.params if var.is_params else scope.locals
+            for i, die in enumerate(dies):
                 out += access.leaves(_item(scope, die), die_name(die) or f"param{i + 1}", 0,
                                      lenient=True)
             continue
