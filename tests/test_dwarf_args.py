@@ -334,3 +334,30 @@ def test_vars_are_the_scopes_variables(build: tuple[Path, bool]) -> None:
     assert (first["flags"], first["total"]) == (17, 7)
     assert first["n"] in (7, None)  # None: optimized out at that address
     assert [e["args"]["total"] for e in events[1:]] == [23, 62]
+
+
+@pytest.mark.root
+def test_unsupported_location_is_said_never_guessed(compile_c: Compiler,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A clone's parameter that lives in its caller (DW_OP_GNU_parameter_ref) is
+    an error naming the operation; in $params it prints so, and a constant
+    parameter (DW_AT_const_value) prints its value."""
+    exe = compile_c("dwarf_clone.c", "-O2")
+    err = io.StringIO()
+    assert main(["resolve", f"{exe}:weigh* s->id"], out=io.StringIO(), err=err) == 2
+    need("no function matches" not in err.getvalue(), "gcc made no clone of weigh")
+    assert "s->id: DW_OP_GNU_parameter_ref; its value cannot be fetched here" in err.getvalue()
+    out = io.StringIO()
+    assert main(["trace", "-e", "ptrace", f"{exe}:weigh* $params", "--", str(exe)],
+                out=out) == 1  # the fixture's exit status: 15 & 1
+    assert " s=<unsupported: DW_OP_GNU_parameter_ref>" in out.getvalue()
+    assert " k=3" in out.getvalue()
+
+
+def test_string_of_any_pointer(compile_c: Compiler) -> None:
+    """`p:string` reads the string a pointer of any type points to (perf probe's
+    `:string`), not the pointer's own bytes."""
+    exe = compile_c("dwarf_args.c", "-O2")
+    out = io.StringIO()
+    assert main(["resolve", f"{exe}:kinds ip:string col:x64"], out=out) == 0
+    assert "ip=+0(%r8):string col=%di:x64" in out.getvalue(), out.getvalue()

@@ -156,6 +156,11 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
         item = _item(scope, die)
         for step in var.steps:
             item = access.step(item, step.op, step.field, step.index, text)
+        if arg.type.is_string and item.type.kind in ("pointer", "reference"):
+            # `p:string`: the string a pointer of any type points to, as perf probe reads it
+            out.append(FetchArg(arg.name, access.read(access.pointee(item, 0, text)),
+                                replace(arg.type, view=None), arg.text))
+            continue
         leaves = access.leaves(item, arg.name, 0, lenient=False, text=text)
         if arg.type.explicit:
             leaves = [_explicit(leaves, arg, item)]
