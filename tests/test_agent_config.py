@@ -159,6 +159,8 @@ def _start(conf: Path) -> subprocess.CompletedProcess[str]:
     ('[prometheus]\nmax_series = 0\n[[probe]]\nline = "libc:malloc"\n',
      ":2: prometheus.max_series: "),
     ('[prometheus]\nlisten = "127.0.0.1:9464"\n', ": probe: give at least one"),
+    ('[otlp]\nendpoint = "localhost:4318"\n[[probe]]\nline = "libc:malloc"\n',
+     ":2: otlp.endpoint: OTLP endpoint"),
 ])
 def test_a_bad_config_names_file_line_and_key_and_does_not_start(
         text: str, where: str, tmp_path: Path) -> None:

@@ -4,6 +4,9 @@
     listen = "127.0.0.1:9464"   # HOST:PORT of the /metrics endpoint
     max_series = 1000            # series per probe before hits overflow
 
+    [otlp]                       # spans and metrics over OTLP/HTTP
+    endpoint = "http://127.0.0.1:4318"   # "" or left out: OTEL_EXPORTER_OTLP_*
+
     [[probe]]
     line = "libc:malloc size=%di:u64"
     labels = ["size"]            # fetched values that label the series
@@ -33,7 +36,8 @@ from .metrics import DEFAULT_MAX_SERIES
 FIXED_LABELS = ("probe", "executable", "comm")
 """Labels every series has; extra labels may not take these names (nor `le`)."""
 
-_TOP_KEYS = {"engine", "prometheus", "probe"}
+_TOP_KEYS = {"engine", "prometheus", "otlp", "probe"}
+_OTLP_KEYS = {"endpoint"}
 _PROMETHEUS_KEYS = {"listen", "max_series"}
 _PROBE_KEYS = {"line", "labels", "comm", "executable"}
 
@@ -60,6 +64,9 @@ class AgentConfig:
     max_series: int = DEFAULT_MAX_SERIES
     engine: str = "auto"
     source: str = "the command line"
+    otlp: str | None = None
+    """The OTLP/HTTP base URL; "" for the standard OTEL_EXPORTER_OTLP_* variables;
+    None: no OTLP."""
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -88,7 +95,8 @@ def check_probe(probe: AgentProbe) -> ProbeSpec:
 
 
 def from_command_line(lines: list[str], labels: list[str], comm: list[str],
-                      prometheus: str | None, max_series: int, engine: str) -> AgentConfig:
+                      prometheus: str | None, max_series: int, engine: str,
+                      otlp: str | None = None) -> AgentConfig:
     """The quick start: every line is a probe; `labels` apply to each line
     that fetches a value of that name."""
     probes = []
@@ -103,8 +111,19 @@ def from_command_line(lines: list[str], labels: list[str], comm: list[str],
             raise UsageError(f"--label {name}: no probe line fetches a value of that name")
     if max_series < 1:
         raise UsageError("--max-series must be at least 1")
+    if otlp:
+        check_url(otlp)
     return AgentConfig(tuple(probes), listen_address(prometheus) if prometheus else None,
-                       max_series, engine)
+                       max_series, engine, otlp=otlp)
+
+
+def check_url(url: str) -> str:
+    """An OTLP/HTTP base URL (http or https, a host); UsageError if not."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"OTLP endpoint {url!r}: give a base URL, e.g. http://127.0.0.1:4318")
+    return url
 
 
 def load(path: str) -> AgentConfig:
@@ -151,6 +170,18 @@ class _Reader:
         max_series = prom.get("max_series", DEFAULT_MAX_SERIES)
         if not isinstance(max_series, int) or isinstance(max_series, bool) or max_series < 1:
             self._fail("prometheus", "prometheus.max_series", "must be an integer, at least 1")
+        otlp = doc.get("otlp")
+        if otlp is not None:
+            if not isinstance(otlp, dict):
+                self._fail(None, "otlp", "must be a table ([otlp])")
+            self._unknown(otlp, _OTLP_KEYS, "otlp", "otlp.")
+            endpoint = otlp.get("endpoint", "")
+            try:
+                if not isinstance(endpoint, str):
+                    raise UsageError("must be a string URL")
+                otlp = check_url(endpoint) if endpoint else ""
+            except UsageError as e:
+                self._fail("otlp", "otlp.endpoint", str(e))
         raw_probes = doc.get("probe", [])
         if not isinstance(raw_probes, list) or not raw_probes:
             self._fail(None, "probe", "give at least one [[probe]] table with a `line`")
@@ -159,7 +190,7 @@ class _Reader:
         for i, key in enumerate(keys):
             if key in keys[:i]:
                 self._fail(("probe", i), f"probe[{i}].line", f"{key!r} is configured twice")
-        return AgentConfig(probes, listen, max_series, engine, self.path)
+        return AgentConfig(probes, listen, max_series, engine, self.path, otlp)
 
     def _probe(self, i: int, raw: Any) -> AgentProbe:
         where = ("probe", i)

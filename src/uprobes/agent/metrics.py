@@ -44,15 +44,21 @@ class LatencySeries:
     count: int = 0
     sum_ns: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    min_ns: int = 0
+    max_ns: int = 0
 
     def add(self, ns: int) -> None:
+        if not self.count or ns < self.min_ns:
+            self.min_ns = ns
+        if ns > self.max_ns:
+            self.max_ns = ns
         self.count += 1
         self.sum_ns += ns
         self.buckets[bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
 
     def copy(self) -> LatencySeries:
         buckets = list(self.buckets)
-        return LatencySeries(sum(buckets), self.sum_ns, buckets)
+        return LatencySeries(sum(buckets), self.sum_ns, buckets, self.min_ns, self.max_ns)
 
 
 @dataclass

@@ -91,10 +91,15 @@ def function_key(spec: ProbeSpec) -> str:
     return render(replace(spec, kind=ProbeKind.ENTRY, args=(), event=None, text=""))
 
 
+OnCall = Callable[[Event, Event], object]
+"""Given each call timed: its entry event and its return event."""
+
+
 def build_session(config: AgentConfig, metrics: Metrics, executables: Executables,
-                  note: Callable[[str], object]) -> Session:
-    """A session whose handlers count into `metrics`; the metrics keep the
-    series of the probes still configured (unchanged ones keep their counts)."""
+                  note: Callable[[str], object], on_call: OnCall | None = None) -> Session:
+    """A session whose handlers count into `metrics` (and hand each call timed
+    to `on_call`); the metrics keep the series of the probes still configured
+    (unchanged ones keep their counts)."""
     session = Session(config.engine, note=note)
     specs = [(probe, check_probe(probe)) for probe in config.probes]
     returns = {function_key(spec) for _, spec in specs if spec.is_return}
@@ -112,7 +117,7 @@ def build_session(config: AgentConfig, metrics: Metrics, executables: Executable
         if timed_entry:
             line += f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
         handler = _handler(probe, metrics, executables, pairer, timed_entry,
-                           entries[fkey] if timed_return else None)
+                           entries[fkey] if timed_return else None, on_call)
         if probe.executable is not None:
             handler = _only_in(probe.executable, handler, executables, metrics)
         session.probe(line, handler, comm=list(probe.comm) or None)
@@ -134,8 +139,8 @@ def _only_in(exe: str, handler: Callable[[Event], None], executables: Executable
 
 
 def _handler(probe: AgentProbe, metrics: Metrics, executables: Executables,
-             pairer: CallPairer, timed_entry: bool,
-             timed_by: AgentProbe | None) -> Callable[[Event], None]:
+             pairer: CallPairer, timed_entry: bool, timed_by: AgentProbe | None,
+             on_call: OnCall | None) -> Callable[[Event], None]:
     key = probe.key
     hit = metrics.hit
 
@@ -167,6 +172,8 @@ def _handler(probe: AgentProbe, metrics: Metrics, executables: Executables,
             start = pairer.ret(ev)
             if start is not None:
                 metrics.call(entry_key, entry_labels(start), ev.ts_ns - start.ts_ns)
+                if on_call is not None:
+                    on_call(start, ev)
             missed = pairer.unpaired_returns + pairer.abandoned - before
             if missed:
                 metrics.unpaired += missed

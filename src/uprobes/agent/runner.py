@@ -30,7 +30,7 @@ from uprobes.errors import EngineError, UprobesError
 
 from .config import AgentConfig, AgentProbe
 from .metrics import Metrics
-from .probes import Executables, build_session, missing_file
+from .probes import Executables, OnCall, build_session, missing_file
 from .processes import watch_execs
 
 WATCH_S = 0.2
@@ -45,11 +45,11 @@ class _Run:
 
     def __init__(self, config: AgentConfig, metrics: Metrics, executables: Executables,
                  note: Callable[[str], object], on_ready: Callable[[AgentConfig], object],
-                 lost_before: int) -> None:
+                 lost_before: int, on_call: OnCall | None) -> None:
         self.config = config
         self.metrics = metrics
         self.on_ready = on_ready
-        self.session = build_session(config, metrics, executables, note)
+        self.session = build_session(config, metrics, executables, note, on_call)
         metrics.live_lost = lambda: lost_before + self.session.lost_so_far
         self.error: BaseException | None = None
         self.placed = False
@@ -88,12 +88,14 @@ class _Run:
 
 def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfig] | None,
           note: Callable[[str], object], on_ready: Callable[[AgentConfig], object],
-          duration: float | None = None) -> int:
+          duration: float | None = None, executables: Executables | None = None,
+          on_call: OnCall | None = None) -> int:
     """Run `config` until a stop signal or `duration` seconds; `reload()`
     gives the config a SIGHUP asks for (None: SIGHUP stops, as on the other
-    commands). Returns the signal that ended it (0: none)."""
+    commands); `on_call` gets each call timed. Returns the signal that ended
+    it (0: none)."""
     deadline = None if duration is None else time.monotonic() + duration
-    executables = Executables()
+    executables = executables or Executables()
     lost = 0
     good: AgentConfig | None = None  # the last config whose probes were placed
     run: _Run | None = None
@@ -107,7 +109,8 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
         waiting = now_waiting
         if not present:
             return None
-        return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost)
+        return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost,
+                    on_call)
 
     def stop(run: _Run | None) -> None:
         nonlocal lost

@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import TextIO
 
 from uprobes.agent import config as agent_config
 from uprobes.agent.config import AgentConfig
 from uprobes.agent.metrics import DEFAULT_MAX_SERIES, Metrics
+from uprobes.agent.otlp import OtlpSink
+from uprobes.agent.probes import Executables
 from uprobes.agent.prometheus import PrometheusEndpoint, exposition
 from uprobes.agent.runner import serve
 from uprobes.engines.choose import ENGINES
@@ -42,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SIGHUP reads it again")
     p.add_argument("--prometheus", metavar="HOST:PORT",
                    help="serve the metrics at http://HOST:PORT/metrics")
+    p.add_argument("--otlp", nargs="?", const="", metavar="URL",
+                   help="push spans (each call of a function with an entry and a return "
+                        "line) and the metrics over OTLP/HTTP to URL (e.g. "
+                        "http://127.0.0.1:4318); without URL, to where the standard "
+                        "OTEL_EXPORTER_OTLP_* variables say")
     p.add_argument("--label", action="append", default=[], metavar="NAME",
                    help="the value a probe fetches as NAME labels its series (repeatable; "
                         "bounded by --max-series)")
@@ -63,13 +71,14 @@ def _config(args: argparse.Namespace) -> AgentConfig:
             raise UsageError("give the probes either in --config or on the command line")
         config = agent_config.load(args.config)
         if args.prometheus:
-            config = AgentConfig(config.probes, agent_config.listen_address(args.prometheus),
-                                 config.max_series, config.engine, config.source)
+            config = replace(config, prometheus=agent_config.listen_address(args.prometheus))
+        if args.otlp is not None:
+            config = replace(config, otlp=args.otlp and agent_config.check_url(args.otlp))
         return config
     if not args.specs:
         raise UsageError("give probe lines, or --config FILE")
     return agent_config.from_command_line(args.specs, args.label, args.comm, args.prometheus,
-                                          args.max_series, args.engine)
+                                          args.max_series, args.engine, args.otlp)
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -78,8 +87,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     config = _config(args)
     if config.engine == "ptrace":
         raise UsageError("the agent runs system-wide, on the kernel engine: -e kernel or auto")
-    if config.prometheus is None and args.duration is None:
-        raise UsageError("give a sink: --prometheus HOST:PORT (or [prometheus] listen)")
+    if config.prometheus is None and config.otlp is None and args.duration is None:
+        raise UsageError("give a sink: --prometheus HOST:PORT or --otlp [URL] (or "
+                         "[prometheus] listen, [otlp] in the config)")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
     metrics = Metrics(config.max_series)
@@ -89,11 +99,17 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.flush()
 
     reload = (lambda: agent_config.load(args.config)) if args.config else None
+    executables = Executables()
     with ExitStack() as stack:
         served = ""
         if config.prometheus is not None:
             endpoint = stack.enter_context(PrometheusEndpoint(metrics, config.prometheus))
             served = f"metrics at {endpoint.url}; "
+        on_call = None
+        if config.otlp is not None:
+            otlp = stack.enter_context(OtlpSink(metrics, config.otlp or None, executables, note))
+            on_call = otlp.call
+            served += f"OTLP to {otlp.endpoint or 'OTEL_EXPORTER_OTLP_ENDPOINT'}; "
 
         def ready(config: AgentConfig) -> None:
             again = "SIGHUP reloads, " if reload else ""
@@ -101,7 +117,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                              f"{served}{again}Ctrl-C stops\n")
             sys.stderr.flush()
 
-        serve(config, metrics, reload, note, ready, args.duration)
+        serve(config, metrics, reload, note, ready, args.duration, executables, on_call)
     if args.duration is not None:
         out.write(exposition(metrics))
     return 0
