@@ -25,6 +25,9 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
 - `uprobes latency -e ptrace FUNCTION`: entry and return timed in the
   program (no record, a histogram in shared memory), timing the workload's
   loop: what a timed call costs the program;
+- `uprobes count -e ptrace --by a 'FUNCTION a=%di'`: counted by the
+  argument's value in the program (a hash table in shared memory), timing
+  the workload's loop;
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -128,6 +131,15 @@ def _latency_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | 
     return sum(int(h["count"]) for h in json.loads(doc).values())
 
 
+def _keyed_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    doc = next((ln for ln in proc.stdout.splitlines() if ln.startswith("{")), None)
+    if doc is None:
+        return None
+    tables = json.loads(doc).values()
+    return sum(int(r["count"]) for t in tables for r in t["keys"]) \
+        + sum(int(t["overflow"]) for t in tables)
+
+
 def _uprobes_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
     found = re.findall(r"^uprobes/\S+\s+(\d+)$", proc.stdout, re.M)
     return int(found[-1]) if found else 0
@@ -208,6 +220,15 @@ def tools(workload: Workload) -> list[Tool]:
     def latency(function: str) -> Callable[[int, Path], list[str]]:
         return lambda n, work: [py, "-m", "uprobes", "latency", "-e", "ptrace", "--json",
                                 f"{workload.exe}:{function}", "--", *workload.argv(n, function)]
+    def keyed(function: str, by: str) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: [py, "-m", "uprobes", "count", "-e", "ptrace", "--json",
+                                "--by", by, f"{workload.exe}:{function} a=%di:u64", "--",
+                                *workload.argv(n, function)]
+    rows += [Tool("uprobes count -e ptrace --by", probe, boosted, keyed(boosted, by),
+                  _keyed_count, hits=(100_000, 3_000_000), loop_timed=True, ours=True)
+             for by, probe in (("tid", "entry, by tid (one key)"),
+                               ("a", "entry, by a=%di (a new key each call: the table "
+                                     "fills, the rest overflow)"))]
     rows += [Tool("uprobes latency -e ptrace", "entry+return (timed in the program)", f,
                   latency(f), _latency_count, hits=(100_000, 3_000_000), loop_timed=True,
                   ours=True) for f in (emulated, boosted)]

@@ -130,3 +130,47 @@ def test_timing_code_uses_the_timing_layout() -> None:
     for ticks in (0, 31, 32, 33, 1000, 123_456_789, layout.HIST_MAX_TICKS):
         lo, hi = layout.hist_bounds(layout.hist_bucket(ticks))
         assert lo <= ticks <= hi and hi - lo <= max(1, lo >> layout.HIST_SUB_BITS)
+
+
+def test_keyed_code_uses_the_table_layout() -> None:
+    from uprobes.engines.trapfree.keyed import Source, prologue
+    block, table = AT + 0x100_0000, 3
+    base = layout.KEYED_TABLES_OFFSET + table * layout.TABLE_BYTES
+    insns = _decode(prologue(AT, block, table, Source("rdi"), Source("rsi", size=4)), AT)
+    assert not any(i.code == Code.INVALID for i in insns)
+    memory = _memory_operands(insns)
+    rip_relative = {i.memory_displacement - block for i in memory
+                    if i.memory_base == Register.RIP}
+    assert rip_relative == {base + layout.TABLE_OVERFLOW, base + layout.TABLE_ENTRIES}
+    fields = {i.memory_displacement for i in memory if i.memory_base == Register.RDI}
+    assert fields == {layout.KEY_STATE, layout.KEY_KEY, layout.KEY_COUNT, layout.KEY_SUM,
+                      layout.KEY_MIN, layout.KEY_MAX}
+    assert layout.KEY_MAX + 8 <= layout.KEY_ENTRY_BYTES
+
+
+def test_keyed_code_and_reader_agree_when_run() -> None:
+    """The keyed code run in this process (key in rdi, a signed 32-bit value
+    in esi with junk above it): the reader finds each key's count, sum, min
+    and max as computed here."""
+    import ctypes
+    import mmap
+    import random
+
+    from uprobes.engines.trapfree.keyed import KeyedBlock, Source, prologue
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, page + layout.KEYED_BYTES, prot=7)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    code = prologue(base, base + page, 2, Source("rdi"), Source("rsi", size=4, signed=True))
+    buf[:len(code) + 1] = code + b"\xc3"
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_uint64)(base)
+    want: dict[int, list[int]] = {}
+    rng = random.Random(7)
+    for _ in range(5000):
+        key, v = rng.randrange(40), rng.randrange(-1000, 1000)
+        fn(key, (v & 0xFFFFFFFF) | 0xDEAD << 32)
+        w = want.setdefault(key, [0, 0, v, v])
+        w[0], w[1], w[2], w[3] = w[0] + 1, w[1] + v, min(w[2], v), max(w[3], v)
+    del fn
+    got, overflow = KeyedBlock(memoryview(buf)[page:], base + page).read(2, True)  # type: ignore[arg-type]
+    assert overflow == 0
+    assert {k: [a.count, a.sum, a.min, a.max] for k, a in got.items()} == want

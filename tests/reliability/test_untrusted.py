@@ -113,6 +113,23 @@ def test_overwritten_timing_rows_show_no_impossible_latencies(exe: Path, mode: s
     assert len(found) == 1 and int(found[0][1]) >= 1, run.stderr
 
 
+@pytest.mark.parametrize("mode", ["words", "counters"])
+def test_overwritten_key_tables_show_no_impossible_counts(exe: Path, mode: str) -> None:
+    """`count --by` keeps a hash table per probe in the shared memory
+    (keyed.py). Overwritten, the program's code only ever finds no place
+    (counted as overflow) and the reader takes only entries whose counts
+    hits can have reached: no more hits than were made, and one line."""
+    run = _run("count", "--json", "-e", "ptrace", "--by", "tid", f"{exe}:work", "--",
+               str(exe), mode, str(CALLS))
+    assert run.returncode == 0, run.stderr
+    done, traced, table = run.stdout.splitlines()
+    assert done.startswith("done ") and traced == "traced yes"
+    work = json.loads(table)["uprobes/work"]
+    assert sum(r["count"] for r in work["keys"]) + work["overflow"] <= 2 * CALLS, work
+    found = CORRUPT.findall(run.stderr)
+    assert len(found) == 1 and int(found[0][1]) >= 1, run.stderr
+
+
 def test_forged_reservations_cost_one_wait(exe: Path, tmp_path: Path) -> None:
     """The program moves `head` a ring's worth of slots ahead: reserved, and
     never to be written. The reader gives them up together after one wait

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import TextIO
 
+from uprobes.analysis.keyed import TASK_KEYS, KeyedCounts
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
     add_duration_argument,
@@ -16,11 +17,16 @@ from uprobes.commands.selection import (
     hit_filter,
     uretprobe_note,
 )
-from uprobes.engines.base import Counter, Request, open_counter
+from uprobes.engines.base import Counter, Request, open_counter, open_keyed_counter
 from uprobes.engines.launch import finish, launch
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe
-from uprobes.render.counts import write_count_json, write_count_table
+from uprobes.render.counts import (
+    write_count_json,
+    write_count_table,
+    write_keyed_json,
+    write_keyed_table,
+)
 from uprobes.resolve.resolver import Resolver
 
 NAME = "count"
@@ -34,6 +40,9 @@ EXAMPLES = [
     "-- /usr/bin/python3.11 -c 'import json'",
     "uprobes count --duration 0.5 'libc:getpid'  # system-wide for half a second",
     "uprobes count --if 'size > 4096' 'libc:malloc size=%di:u64' -- /usr/bin/python3.11 -c pass",
+    "uprobes count -e ptrace --by size 'libc:malloc size=%di:u64' -- /usr/bin/python3.11 -c pass",
+    "uprobes count -e ptrace --by tid --value size 'libc:malloc size=%di:u64' "
+    "-- /usr/bin/python3.11 -c pass",
 ]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,11 +50,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_filter_arguments(p)
     p.add_argument("-i", "--interval", type=float, metavar="SECONDS",
                    help="also print the counts of each interval of SECONDS")
+    p.add_argument("--by", metavar="KEY",
+                   help="-e ptrace: count per KEY, in the program: tid, pid, comm, or the name "
+                        "of a fetcharg every SPEC has (a register or stack value, e.g. "
+                        "'libc:malloc size=%%di:u64' --by size); at most 4096 keys a probe, "
+                        "hits beyond are counted and said")
+    p.add_argument("--value", metavar="ARG",
+                   help="with --by: also the sum, min, max and mean of fetcharg ARG per key")
     add_duration_argument(p)
 
 
 def _check(args: argparse.Namespace) -> None:
     check_selection(args)
+    if args.value is not None and args.by is None:
+        raise UsageError("--value sums a fetcharg per key: give --by KEY too")
+    if args.by is not None and args.interval is not None:
+        raise UsageError("--by prints its table at the end: drop -i")
     for opt in ("interval", "duration"):
         value = getattr(args, opt)
         if value is not None and value <= 0:
@@ -64,6 +84,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"uprobes: note: ... and {len(notes) - 3} more notes "
                          "(`uprobes resolve` shows them all)\n")
     uretprobe_note(probes, sys.stderr)
+    if args.by is not None:
+        _check_keys(args, probes)
     sink = open(args.output, "w") if args.output else out
     try:
         return _count(args, probes, sink)
@@ -76,23 +98,26 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) 
     launched = launch(args.argv_command) if args.argv_command else None
     counter: Counter | None = None
     try:
-        # What the engine cannot count (a filter the kernel cannot say) is
-        # refused here, before the command runs.
-        counter = open_counter(Request(
+        # What the engine cannot count (a filter the kernel cannot say, a key
+        # it cannot compute) is refused here, before the command runs.
+        request = Request(
             probes, args.engine, pid=args.pid, child=launched.pid if launched else None,
             force=args.force, note=_note, hit_filter=args.hit_filter,
-            trapfree=not args.no_trapfree))
+            trapfree=not args.no_trapfree, by=args.by, value=args.value)
+        keyed = open_keyed_counter(request) if args.by is not None else None
+        counter = keyed or open_counter(request)
         with counter:
             if launched is not None:
                 launched.release()
             elif not counter.target_exited:
-                sys.stderr.write(f"uprobes: counting {len(counter.counts)} probes "
+                by = f" by {args.by}" if args.by is not None else ""
+                sys.stderr.write(f"uprobes: counting {len(counter.counts)} probes{by} "
                                  f"{counter.where}; Ctrl-C to stop\n")
                 sys.stderr.flush()
             started = time.monotonic()
             _loop(args, counter, sink, started)
             counter.stop()
-            final = dict(counter.counts)
+            final = keyed.by_key() if keyed is not None else dict(counter.counts)
             if launched is None:  # the table first: detaching many probes takes a while
                 _final(args, sink, final)
         if launched is None:
@@ -110,12 +135,27 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) 
         raise
 
 
+def _check_keys(args: argparse.Namespace, probes: list[ResolvedProbe]) -> None:
+    """Every probe fetches what --by and --value name."""
+    for arg in (None if args.by in TASK_KEYS else args.by, args.value):
+        if arg is None:
+            continue
+        for p in probes:
+            if all(a.name != arg for a in p.args):
+                raise UsageError(f"{p.name} fetches no {arg}: add {arg}=FETCHARG to its spec "
+                                 f"(e.g. '{p.spec.text} {arg}=%di:u64')")
+
+
 def _note(text: str) -> None:
     sys.stderr.write(f"uprobes: note: {text}\n")
 
 
-def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int]) -> None:
-    if args.json:
+def _final(args: argparse.Namespace, sink: TextIO, final: dict[str, int] | KeyedCounts) -> None:
+    if isinstance(final, KeyedCounts):
+        for name, why in final.uncounted.items():
+            _note(f"{name} is not counted by {final.by}: {why}")
+        (write_keyed_json if args.json else write_keyed_table)(sink, final)
+    elif args.json:
         write_count_json(sink, final)
     else:
         write_count_table(sink, final)

@@ -26,7 +26,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from uprobes.analysis.histogram import Latencies
+from uprobes.analysis.keyed import KeyedCounts
 from uprobes.engines.choose import pick_engine
+from uprobes.errors import UsageError
 from uprobes.lang.condition import Condition
 from uprobes.model.event import Event, Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
@@ -116,6 +118,13 @@ class Counter(_Run, Protocol):
         the target ends or a stop signal arrives (`target_exited`, `signal`)."""
 
 
+class KeyedCounter(Counter, Protocol):
+    """Hits per probe and key, counted where they happen (`count --by`)."""
+
+    def by_key(self) -> KeyedCounts:
+        """The counts by key so far (keys as shown), overflow, probes not counted."""
+
+
 class Timer(_Run, Protocol):
     """Calls of functions timed where they run, nothing delivered."""
 
@@ -155,6 +164,8 @@ class Request:
     prefilter: Callable[[ResolvedProbe], Condition | None] | None = None
     trapfree: bool = False
     ring_pages: int | None = None
+    by: str | None = None
+    value: str | None = None
     python: bool = False
 
     def pick(self) -> str:
@@ -197,6 +208,23 @@ def open_counter(request: Request) -> Counter:
                          hit_filter=request.hit_filter, note=request.note)
 
 
+def open_keyed_counter(request: Request) -> KeyedCounter:
+    """A counter by key for `request` (`by` set): only the ptrace engine's
+    trap-free probes count by key, in the program; elsewhere a UsageError
+    says what to change."""
+    if request.pick() != "ptrace":
+        raise UsageError("--by counts in the traced program: give -e ptrace and -p PID or "
+                         "-- CMD (the kernel engine counts per probe only)")
+    if not request.trapfree:
+        raise UsageError("--by counts in the program with trap-free probes: drop --no-trapfree")
+    if request.hit_filter is not None:
+        raise UsageError("--by does not combine with --if, --tid or --comm yet")
+    from uprobes.engines.ptrace.tracer import PtraceTracer
+    return PtraceTracer(request.probes, pid=request.pid, child=request.child,
+                        force=request.force, note=request.note, trapfree="count",
+                        by=request.by, value=request.value)
+
+
 def open_timer(request: Request) -> Timer | None:
     """A timer for `request`, whose probes are entry and return probe pairs
     (an entry names the function, its return's rets come with it): the
@@ -220,3 +248,4 @@ if TYPE_CHECKING:  # mypy holds each engine to its roles
     _ptrace_tracer: type[Tracer] = PtraceTracer
     _ptrace_counter: type[Counter] = PtraceTracer
     _ptrace_timer: type[Timer] = PtraceTracer
+    _ptrace_keyed: type[KeyedCounter] = PtraceTracer

@@ -16,7 +16,7 @@ from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
-from uprobes.engines.trapfree.jumppatch import Record, Timed
+from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit
 from uprobes.engines.trapfree.recording import recipe_for, waits
 from uprobes.errors import KernelError, ProcessError, UprobesError
@@ -185,6 +185,9 @@ class Attach(TracerState):
         if self._trapfree == "time":  # timed in the program, or not at all
             self._place_timed(t, regs, probe, addr, file_offset, ident)
             return
+        if self._by is not None:  # counted by key in the program, or not at all
+            self._place_keyed(t, regs, probe, addr, file_offset, ident)
+            return
         if self._jumps is not None and ident is not None \
                 and self._place_trapfree(t, regs, probe, addr, file_offset, ident):
             return
@@ -230,7 +233,8 @@ class Attach(TracerState):
         return why is None
 
     def _patch(self, t: Thread, regs: UserRegs, plan: FilePlan, name: str, start: int,
-               record: Record | None = None, timed: Timed | None = None) -> str | None:
+               record: Record | None = None, timed: Timed | None = None,
+               by: Keyed | None = None) -> str | None:
         """Place the jump patch `plan` at `start` in `t`'s address space (every
         thread of it stopped meanwhile); None, or why it could not go in."""
         jumps = self._jumps
@@ -248,7 +252,7 @@ class Attach(TracerState):
         try:
             jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, start, mm.sites, threads,
                         lambda near, need: self._area_for(t, regs, near, need),
-                        syscall_addr, t.pending, record, timed)
+                        syscall_addr, t.pending, record, timed, by)
             if record is not None:  # names read now: a thread may be gone when
                 for o in self.threads.values():  # its records are read
                     if o.mm is mm:

@@ -22,7 +22,7 @@ from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.tasks import AddressSpace, Feature, Thread
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.trapfree.fileplan import FilePlan
-from uprobes.engines.trapfree.jumppatch import Record, Timed, TrapFree
+from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
 from uprobes.engines.trapfree.reader import Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
@@ -71,6 +71,9 @@ class TracerState:
     _corrupt_rings: int
     # Timed functions (trapfree="time", timed.py): (dev, ino, function's file
     # offset) -> its index in the timing blocks; names by index; why not.
+    _names_by_line: list[str]  # the display name of each of `probes`
+    _by: str | None  # count --by: tid, pid, comm or a fetcharg's name (bykey.py)
+    _former_tasks: dict[int, tuple[int, str]]  # tid -> (pid, comm) of threads gone
     _timed: dict[tuple[int, int, int], int]
     _timed_names: list[str]
     _untimed: dict[str, str]
@@ -103,8 +106,14 @@ class TracerState:
         raise NotImplementedError
 
     def _patch(self, t: Thread, regs: ptrace.UserRegs, plan: FilePlan, name: str, start: int,
-               record: Record | None = None, timed: Timed | None = None) -> str | None:
+               record: Record | None = None, timed: Timed | None = None,
+               by: Keyed | None = None) -> str | None:
         """attach.py: place a jump patch (every thread of the space stopped); why not."""
+        raise NotImplementedError
+
+    def _place_keyed(self, t: Thread, regs: ptrace.UserRegs, probe: Probe, addr: int,
+                     file_offset: int, ident: tuple[int, int] | None) -> None:
+        """bykey.py: place a keyed count's patch, or say why not."""
         raise NotImplementedError
 
     def _time_snapshot(self) -> None:

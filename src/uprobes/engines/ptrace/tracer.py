@@ -44,6 +44,7 @@ from typing import cast
 from uprobes.engines.ptrace import breakpoints
 from uprobes.engines.ptrace.attach import Attach
 from uprobes.engines.ptrace.breakpoints import PlacementRefused
+from uprobes.engines.ptrace.bykey import KeyCounter
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.lifecycle import ThreadLife
 from uprobes.engines.ptrace.loop import RunLoop
@@ -73,7 +74,7 @@ from uprobes.unwind.stack import StackCopy
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
 
 
-class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer):
+class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter):
     """A tracing session on the ptrace engine; use as a context manager.
 
     `pid`: an existing process (all its threads, and what they start later).
@@ -98,14 +99,17 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer):
     (every `RING_WAKE_S`), at an int3 hit and at the end of `run`. "time":
     each entry probe names a function, and its return probe's rets come
     with it; the calls are timed in the program (timed.py), `latencies()`
-    gives them; such a tracer only runs `count`.
+    gives them; such a tracer only runs `count`. `by` (with "count"): each
+    probe counts by that key in the program, `value` adds the sum, min and
+    max of a fetcharg per key (bykey.py, `by_key()`).
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
                  child: int | None = None, force: bool = False,
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
                  hit_filter: HitFilter | None = None, trapfree: bool | str = False,
-                 python: bool = False) -> None:
+                 python: bool = False, by: str | None = None,
+                 value: str | None = None) -> None:
         ptrace.ensure_x86_64()
         if trapfree not in (False, True, "count", "record", "time"):
             raise ValueError(f"trapfree must be False, 'count', 'record' or 'time', "
@@ -141,6 +145,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer):
         self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
         self._refused_early = False  # a precheck failed because the process had ended
         self._time_functions(probes if trapfree == "time" else [], display_names(probes))
+        self._names_by_line = display_names(probes)
+        self._count_by(by, value)
         for name, p in zip(display_names(probes), probes):
             reason = None if isinstance(p.key, VdsoKey) else _precheck(p)
             if reason is not None:

@@ -43,13 +43,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from uprobes.analysis.keyed import Aggregate
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
-from uprobes.engines.trapfree import recording, timing, trampoline
+from uprobes.engines.trapfree import keyed, recording, timing, trampoline
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
+from uprobes.engines.trapfree.keyed import KeyedBlock, Source
 from uprobes.engines.trapfree.layout import (
     COUNTER_BLOCK_BYTES,
     COUNTER_STRIDE,
+    KEYED_BYTES,
     RING_BYTES,
     TIMING_BYTES,
 )
@@ -202,6 +205,7 @@ class _Space:
     blocks: list[CounterBlock] = field(default_factory=list)  # each near one XOL area
     rings: list[Ring] = field(default_factory=list)           # each near one XOL area
     timing: list[TimingBlock] = field(default_factory=list)   # each near one XOL area
+    keyed: list[KeyedBlock] = field(default_factory=list)     # each near one XOL area
     name_addr: int | None = None
     tls_tid: bool | None = None  # recording: the tid at fs:GLIBC_TID_OFFSET in every thread
 
@@ -225,6 +229,14 @@ class Timed:
     ret: bool = False
 
 
+@dataclass(frozen=True)
+class Keyed:
+    """A keyed count's part of a jump patch (keyed.py): its key and value."""
+
+    key: Source
+    value: Source | None
+
+
 AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> area
 
 
@@ -237,6 +249,7 @@ class TrapFree:
         self._counters: dict[str, list[tuple[CounterBlock, int]]] = {}
         self.rings: list[Ring] = []
         self.timing: list[TimingBlock] = []
+        self._keyed: dict[str, list[tuple[KeyedBlock, int]]] = {}  # name -> its tables
         self._frames: dict[tuple[int, int, int], list[int]] = {}  # see _interrupted
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
         self._reported: set[str] = set()
@@ -246,19 +259,22 @@ class TrapFree:
 
     @property
     def placed(self) -> bool:
-        return bool(self._counters) or bool(self.rings) or bool(self.timing)
+        return bool(self._counters) or bool(self.rings) or bool(self.timing) \
+            or bool(self._keyed)
 
     def place(self, mm: object, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
               plan: FilePlan, name: str, runtime_addr: int, taken: Iterable[int],
               threads: list[tuple[int, bool]], area_for: AreaFor,
               syscall_addr: Callable[[], int], held: list[int],
-              record: Record | None = None, timed: Timed | None = None) -> None:
+              record: Record | None = None, timed: Timed | None = None,
+              by: Keyed | None = None) -> None:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
         stopped) of every thread of the process. `record`: the trampoline
         records into a ring (recording.py); `timed`: it times a function
-        (timing.py); else it counts under `name`. NotTrapFree if it may not."""
+        (timing.py); `by`: it counts by key under `name` (keyed.py); else it
+        counts under `name`. NotTrapFree if it may not."""
         space = self._spaces.setdefault(mm, _Space())
         length = len(plan.original)
         end = runtime_addr + length
@@ -285,7 +301,7 @@ class TrapFree:
                 if runtime_addr < rip < end:
                     raise NotTrapFree(f"a signal handler of thread {other} runs, and the code "
                                       "it interrupted is inside the bytes a jump would replace")
-            if (record is not None or timed is not None) and tls and space.tls_tid is None:
+            if (record, timed, by) != (None, None, None) and tls and space.tls_tid is None:
                 tls = _tid_at_thread_pointer(mem, r.fs_base, other)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
         if record is not None:
@@ -294,13 +310,24 @@ class TrapFree:
         elif timed is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, timing.code_size())
+        elif by is not None:
+            space.tls_tid = tls
+            size = trampoline.max_size(displaced, keyed.prologue_size(by.value is not None))
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
         prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
         counter: tuple[CounterBlock, int] | None = None
         ret_prologue: Callable[[int], bytes] | None = None
-        if timed is not None:
+        table: tuple[KeyedBlock, int] | None = None
+        if by is not None:
+            table = self._table_near(space, area, tid, regs, pid, syscall_addr, held, mem)
+            if tls:
+                table[0].tls_confirmed()
+            block_at, slot = table[0].runtime_addr, table[1]
+            prologue = lambda at: keyed.prologue(  # noqa: E731
+                at, block_at, slot, by.key, by.value)
+        elif timed is not None:
             rows = self._timing_near(space, area, tid, regs, pid, syscall_addr, held, mem)
             if tls:
                 rows.tls_confirmed()
@@ -348,6 +375,8 @@ class TrapFree:
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
         if counter is not None:
             self._counters.setdefault(name, []).append(counter)
+        if table is not None:
+            self._keyed.setdefault(name, []).append(table)
 
     def _timing_near(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs,
                      pid: int, syscall_addr: Callable[[], int], held: list[int],
@@ -363,18 +392,50 @@ class TrapFree:
         self.timing.append(block)
         return block
 
+    def _table_near(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs,
+                    pid: int, syscall_addr: Callable[[], int], held: list[int],
+                    mem: ProcessMemory) -> tuple[KeyedBlock, int]:
+        """A fresh keyed table within reach of `area` (a new block if need be)."""
+        for block in space.keyed:
+            if _reaches(block.runtime_addr, KEYED_BYTES, area):
+                index = block.alloc()
+                if index is not None:
+                    return block, index
+        view, addr = map_near(tid, regs, pid, syscall_addr(), self._name(space, area, mem),
+                              area.start, held, KEYED_BYTES)
+        block = KeyedBlock(view, addr)
+        space.keyed.append(block)
+        index = block.alloc()
+        assert index is not None
+        return block, index
+
+    def by_key(self, name: str, signed: bool) -> tuple[dict[int, Aggregate], int]:
+        """Probe `name`'s counts by raw key over all its tables, and the hits
+        that found no place."""
+        out: dict[int, Aggregate] = {}
+        overflow = 0
+        for block, index in self._keyed.get(name, []):
+            got, lost = block.read(index, signed)
+            overflow += lost
+            for key, agg in got.items():
+                mine = out.setdefault(key, Aggregate())
+                mine.merge(agg)
+        return out, overflow
+
     def confirm_tls(self, mm: object, mem: ProcessMemory, fs_base: int, tid: int) -> None:
         """A stopped thread `tid` of `mm` whose thread pointer is `fs_base`: if
         its tid is at glibc's place there, `mm`'s timing code reads it there
         from now on (a command's probes go in at its exec, before the
         dynamic linker sets the thread pointer up)."""
         space = self._spaces.get(mm)
-        if space is None or not space.timing or space.tls_tid:
+        if space is None or not (space.timing or space.keyed) or space.tls_tid:
             return
         if _tid_at_thread_pointer(mem, fs_base, tid):
             space.tls_tid = True
-            for block in space.timing:
-                block.tls_confirmed()
+            for rows in space.timing:
+                rows.tls_confirmed()
+            for tables in space.keyed:
+                tables.tls_confirmed()
 
     def release_thread(self, mm: object, tid: int) -> None:
         """A thread of `mm` exited: its timing rows are free for a new thread."""
@@ -423,7 +484,7 @@ class TrapFree:
         if space is not None:
             self._spaces[child] = _Space(dict(space.patches), list(space.blocks),
                                          list(space.rings), list(space.timing),
-                                         space.name_addr, space.tls_tid)
+                                         list(space.keyed), space.name_addr, space.tls_tid)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""
@@ -451,7 +512,9 @@ class TrapFree:
     def corrupt(self) -> int:
         """Counter reads left out: values the program wrote (CounterBlock.gained)."""
         blocks = {id(b): b for where in self._counters.values() for b, _ in where}
-        return sum(b.corrupt for b in blocks.values()) + sum(b.corrupt for b in self.timing)
+        tables = {id(b): b for where in self._keyed.values() for b, _ in where}
+        return sum(b.corrupt for b in blocks.values()) + sum(b.corrupt for b in self.timing) \
+            + sum(b.corrupt for b in tables.values())
 
     def report(self, note: Callable[[str], object]) -> None:
         """One note on the decisions not yet reported: how many trap-free, why not the rest."""

@@ -115,3 +115,26 @@ def hist_bounds(bucket: int) -> tuple[int, int]:
     k = (bucket >> HIST_SUB_BITS) - 1
     m = bucket - (k << HIST_SUB_BITS)
     return m << k, ((m + 1) << k) - 1
+
+# ---------------------------------------------------------------- keyed counts (count --by)
+# A keyed block (keyed.py): a header page (KEYED_TLS as TIMING_TLS, so the
+# same code reads the tid), then KEYED_TABLES tables, one per keyed probe:
+# an overflow counter on its own line, then KEY_ENTRIES entries of one cache
+# line each. An entry is free (state 0), claimed (1) or ready (2).
+
+KEYED_TLS = TIMING_TLS
+KEYED_TABLES_OFFSET = 4096
+KEYED_TABLES = 16
+TABLE_OVERFLOW = 0     # hits whose key found no place (writers: lock inc)
+TABLE_ENTRIES = 64
+KEY_ENTRIES = 4096     # a power of two
+KEY_PROBES = 8         # places tried from the key's hash
+KEY_ENTRY_BYTES = 64
+KEY_STATE = 0
+KEY_KEY = 8
+KEY_COUNT = 16
+KEY_SUM = 24
+KEY_MIN = 32
+KEY_MAX = 40
+TABLE_BYTES = TABLE_ENTRIES + KEY_ENTRIES * KEY_ENTRY_BYTES
+KEYED_BYTES = KEYED_TABLES_OFFSET + KEYED_TABLES * TABLE_BYTES

@@ -152,7 +152,7 @@ def recipe_for(points: list[ResolvedProbe], ret: bool = False) -> Recipe | str:
         usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
         for a in probe.args:
             arg = lower_fetcharg(a, usdt)
-            need = _needs(arg)
+            need = needs(arg)
             if isinstance(need, str):
                 return f"{arg.name}: {need}"
             reg, span = need
@@ -172,7 +172,7 @@ def recipe_for(points: list[ResolvedProbe], ret: bool = False) -> Recipe | str:
     return recipe
 
 
-def _needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
+def needs(arg: FetchArg) -> tuple[str | None, tuple[int, int] | None] | str:
     """(the register, the stack span) one argument reads, or why it cannot be recorded."""
     expr, t = arg.expr, arg.type
     if isinstance(expr, (Comm, ImmString)):

@@ -1,0 +1,129 @@
+"""Counting by key in the program (`count --by KEY [--value ARG]`).
+
+Each probe's jump patch looks its key up in a bounded hash table in shared
+memory and adds the hit there (engines/trapfree/keyed.py): the thread's tid
+(for `--by tid`, `pid` and `comm`, which the tids become at the end: this
+tracer knows every thread's process and name), or a fetcharg's value (a
+register or a stack word, as trap-free recording reads them). `--value ARG`
+adds the sum, min and max of a fetcharg's value per key. A probe whose key
+or value cannot be read there, or whose site no jump can cover, is not
+counted, and `by_key()` says why: no int3 stands in, since its counts would
+be of another kind.
+"""
+
+from __future__ import annotations
+
+from uprobes.analysis.keyed import TASK_KEYS, Aggregate, KeyedCounts
+from uprobes.engines.ptrace.state import TracerState
+from uprobes.engines.ptrace.tasks import Thread
+from uprobes.engines.trapfree.fileplan import plan_for
+from uprobes.engines.trapfree.jumppatch import Keyed
+from uprobes.engines.trapfree.keyed import TID, Source, loadable
+from uprobes.engines.trapfree.recording import needs
+from uprobes.lang.ast import FetchArg, UsdtTarget
+from uprobes.model.probe import ResolvedProbe
+from uprobes.model.registry import Probe
+from uprobes.resolve.abi import lower_fetcharg
+from uprobes.sys import ptrace
+
+_U64 = 1 << 64
+
+
+def source_of(probe: ResolvedProbe, name: str, ret: bool) -> Source | str:
+    """Where probe line `probe`'s fetcharg `name` is at its hit, or why it
+    cannot be read in the program. `ret`: the code runs right before the
+    probed `ret` (the stack a return probe sees is 8 bytes higher)."""
+    arg = next((a for a in probe.args if a.name == name), None)
+    if arg is None:
+        return f"it fetches no {name}"
+    usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
+    low: FetchArg = lower_fetcharg(arg, usdt)
+    t = low.type
+    if t.is_string or t.bitfield is not None or t.array or t.base == "char":
+        return f"{name}: only whole integers are keys and values in the program"
+    need = needs(low)
+    if isinstance(need, str):
+        return f"{name}: {need}"
+    reg, span = need
+    stack = None if span is None else span[0] + (8 if ret else 0)
+    if span is not None and span[1] - span[0] > 8 or not loadable(reg, stack) \
+            or (ret and reg == "rsp"):
+        return f"{name}: not a register or stack word the program's code can read"
+    return Source(reg, stack, t.size, t.base.startswith("s"))
+
+
+class KeyCounter(TracerState):
+    """The ptrace engine's keyed counting (`by_key`)."""
+
+    _by_value: str | None
+    _uncounted: dict[str, str]
+
+    def _count_by(self, by: str | None, value: str | None) -> None:
+        self._by, self._by_value = by, value
+        self._former_tasks, self._uncounted = {}, {}
+
+    def _place_keyed(self, t: Thread, regs: ptrace.UserRegs, probe: Probe, addr: int,
+                     file_offset: int, ident: tuple[int, int] | None) -> None:
+        if self._by == "comm":
+            t.comm  # noqa: B018 (read now: its threads inherit it, and it outlives them)
+        at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
+        handlers = [c.ret_handler if at_ret is not None else c.handler for c in probe.consumers]
+        lines = [self._ours[h] for h in handlers if h in self._ours]
+        if not lines:
+            return
+        line = lines[0]
+        name = next(n for n, p in zip(self._names_by_line, self.probes) if p is line)
+        if name in self._uncounted:
+            return
+        how = self._keyed_source(line, at_ret is not None)
+        if ident is None:
+            how = "the vDSO is not counted by key"
+        if isinstance(how, str) or ident is None:
+            self._uncounted[name] = str(how)
+            return
+        others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
+        plan = plan_for(probe.point.path, ident[0], ident[1], file_offset, others,
+                        at_return=at_ret is not None)
+        why = plan if isinstance(plan, str) else self._patch(
+            t, regs, plan, name, addr - (file_offset - plan.file_offset), by=how)
+        if why is not None:
+            self._uncounted[name] = why
+
+    def _keyed_source(self, line: ResolvedProbe, ret: bool) -> Keyed | str:
+        assert self._by is not None
+        key = TID if self._by in TASK_KEYS else source_of(line, self._by, ret)
+        if isinstance(key, str):
+            return key
+        if self._by_value is None:
+            return Keyed(key, None)
+        value = source_of(line, self._by_value, ret)
+        return value if isinstance(value, str) else Keyed(key, value)
+
+    def by_key(self) -> KeyedCounts:
+        """The counts by key so far, as shown (tids become pids or comms)."""
+        assert self._by is not None and self._jumps is not None
+        out = KeyedCounts(self._by, self._by_value, uncounted=dict(self._uncounted))
+        for name, line in zip(self._names_by_line, self.probes):
+            if name in out.uncounted or name in out.keys:
+                continue
+            key_src = None if self._by in TASK_KEYS else source_of(line, self._by, False)
+            val_src = None if self._by_value is None else source_of(line, self._by_value, False)
+            signed = isinstance(val_src, Source) and val_src.signed
+            raw, overflow = self._jumps.by_key(name, signed)
+            shown: dict[int | str, Aggregate] = {}
+            for k, agg in raw.items():
+                shown.setdefault(self._show_key(k, key_src), Aggregate()).merge(agg)
+            out.keys[name] = shown
+            out.overflow[name] = overflow
+        return out
+
+    def _show_key(self, raw: int, src: Source | str | None) -> int | str:
+        if src is None:  # a tid
+            if self._by == "tid":
+                return raw
+            t = self.threads.get(raw)
+            pid, comm = (t.pid, t.comm) if t is not None else self._former_tasks.get(raw, (0, "?"))
+            return pid if self._by == "pid" else comm
+        if isinstance(src, Source) and src.signed and raw >= 1 << 63:
+            return raw - _U64
+        return raw

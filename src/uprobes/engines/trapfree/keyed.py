@@ -1,0 +1,229 @@
+"""Counts by key computed in the program: `count --by KEY [--value ARG]`.
+
+A keyed probe's jump patch runs `prologue`: it takes the key (the thread's
+tid, or a fetched register or stack word, extended as its type says) and
+looks it up in its probe's table in shared memory: a bounded open-addressing
+hash table (layout.py: KEY_ENTRIES entries of one cache line each, KEY_PROBES
+places tried). The entry's count goes up by a `lock inc`; with a value, its
+sum by `lock add` and its min and max by compare-and-swap loops. A key
+that finds no place (the table full there) bumps the table's overflow
+counter instead, which the run reports: never silent.
+
+An entry is claimed by a compare-and-swap of its state from free to
+claimed; the claimer writes the key and the min/max starting points, then
+marks it ready. A thread that finds an entry claimed but not ready moves on
+to the next place, so a key may get two entries; the reader merges
+entries by key.
+
+The program can write every word of its tables: the reader takes only
+ready entries whose count hits can have reached since the table was
+mapped (`corrupt` counts the rest, reported in one line), and bounds the
+overflow counter the same way.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from iced_x86 import Code, Instruction
+from iced_x86 import Register as R
+
+from uprobes.analysis.keyed import Aggregate
+from uprobes.engines.trapfree.layout import (
+    KEY_COUNT,
+    KEY_ENTRIES,
+    KEY_ENTRY_BYTES,
+    KEY_KEY,
+    KEY_MAX,
+    KEY_MIN,
+    KEY_PROBES,
+    KEY_STATE,
+    KEY_SUM,
+    KEYED_TABLES,
+    KEYED_TABLES_OFFSET,
+    KEYED_TLS,
+    TABLE_BYTES,
+    TABLE_ENTRIES,
+    TABLE_OVERFLOW,
+)
+from uprobes.engines.trapfree.sharedmem import most_hits
+from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc, _mem, _tid
+
+_HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: the top bits of key * this
+_READY, _CLAIMED = 2, 1
+_SAVED_AT = {"rdi": 0, "rsi": 8, "rdx": 16, "rcx": 24, "rax": 40}  # after timing._enter
+_REGS: dict[str, Any] = {"rbx": R.RBX, "rbp": R.RBP, **{f"r{n}": getattr(R, f"R{n}")
+                                                       for n in range(8, 16)}}
+_ENTRY = struct.Struct("<QQQqqq")  # state, key, count, sum, min, max (sum/min/max raw)
+_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a key or value comes from at the probe: a register (a `UserRegs`
+    field), or `stack` bytes above the stack pointer; `size` bytes of it,
+    sign-extended when `signed`. `reg` "tid": the thread's id."""
+
+    reg: str | None
+    stack: int | None = None
+    size: int = 8
+    signed: bool = False
+
+
+TID = Source("tid", size=4)
+
+
+def _load(a: _Asm, src: Source, dst: Any, frame: int, block: int) -> None:
+    """dst (rsi or rdx) = the source's value, extended to 64 bits."""
+    i = Instruction
+    if src.reg == "tid":
+        assert dst == R.RSI
+        _tid(a, block)  # esi, zero-extended
+        return
+    if src.stack is not None:
+        a(i.create_reg_mem(Code.MOV_R64_RM64, dst, _mem(R.RSP, frame + src.stack)))
+    elif src.reg == "rsp":
+        a(i.create_reg_mem(Code.LEA_R64_M, dst, _mem(R.RSP, frame)))
+    elif src.reg in _SAVED_AT:
+        a(i.create_reg_mem(Code.MOV_R64_RM64, dst, _mem(R.RSP, _SAVED_AT[src.reg])))
+    else:
+        assert src.reg is not None
+        a(i.create_reg_reg(Code.MOV_R64_RM64, dst, _REGS[src.reg]))
+    low = {R.RSI: (R.ESI, R.SI, R.SIL), R.RDX: (R.EDX, R.DX, R.DL)}[dst]
+    if src.size == 4:
+        a(i.create_reg_reg(Code.MOVSXD_R64_RM32, dst, low[0]) if src.signed
+          else i.create_reg_reg(Code.MOV_R32_RM32, low[0], low[0]))
+    elif src.size == 2:
+        a(i.create_reg_reg(Code.MOVSX_R64_RM16 if src.signed else Code.MOVZX_R64_RM16,
+                           dst, low[1]))
+    elif src.size == 1:
+        a(i.create_reg_reg(Code.MOVSX_R64_RM8 if src.signed else Code.MOVZX_R64_RM8,
+                           dst, low[2]))
+
+
+def loadable(reg: str | None, stack: int | None) -> bool:
+    """Whether `_load` can read a register (or the stack) the recording recipe names."""
+    return stack is not None or reg in ("rsp", *_SAVED_AT, *_REGS)
+
+
+def prologue(at: int, block: int, table: int, key: Source, value: Source | None) -> bytes:
+    """The keyed count for a trampoline at `at`: table `table` of the keyed
+    block at `block` (within rel32 reach)."""
+    assert 0 <= table < KEYED_TABLES
+    i = Instruction
+    a = _Asm()
+    frame = _enter(a)
+    if value is not None:
+        _load(a, value, R.RDX, frame, block)
+    _load(a, key, R.RSI, frame, block)
+    entries = block + KEYED_TABLES_OFFSET + table * TABLE_BYTES + TABLE_ENTRIES
+    a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, _HASH),
+      i.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RSI),
+      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 64 - (KEY_ENTRIES.bit_length() - 1)))
+    for k in range(KEY_PROBES):
+        nxt, free = f"next{k}", f"free{k}"
+        a(i.create_reg_mem(Code.LEA_R32_M, R.ECX, _mem(R.RAX, k)),
+          i.create_reg_i32(Code.AND_RM32_IMM32, R.ECX, KEY_ENTRIES - 1),
+          i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, KEY_ENTRY_BYTES.bit_length() - 1),
+          i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RIP, entries)),
+          i.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RCX),
+          i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, KEY_STATE), _READY))
+        a.jump(Code.JNE_REL32_64, free)
+        a(i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RDI, KEY_KEY)))
+        a.jump(Code.JE_REL32_64, "found")
+        a.jump(Code.JMP_REL32_64, nxt)
+        a.label(free)
+        a(i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, KEY_STATE), 0))
+        a.jump(Code.JNE_REL32_64, nxt)  # claimed by another, not ready yet: move on
+        cas = i.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RDI, KEY_STATE), R.RCX)
+        cas.has_lock_prefix = True
+        a(i.create_reg(Code.PUSH_R64, R.RAX),
+          i.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX),
+          i.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, _CLAIMED), cas,
+          i.create_reg(Code.POP_R64, R.RAX))  # pop keeps cmpxchg's ZF
+        a.jump(Code.JNE_REL32_64, nxt)
+        lo, hi = ((1 << 63) - 1, 1 << 63) if value is not None and value.signed else (_U64, 0)
+        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_KEY), R.RSI),
+          i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, lo),
+          i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_MIN), R.RCX),
+          i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, hi),
+          i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_MAX), R.RCX),
+          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, KEY_STATE), _READY))
+        a.jump(Code.JMP_REL32_64, "found")
+        a.label(nxt)
+    a(_locked_inc(block + KEYED_TABLES_OFFSET + table * TABLE_BYTES + TABLE_OVERFLOW))
+    a.jump(Code.JMP_REL32_64, "done")
+    a.label("found")
+    inc = i.create_mem(Code.INC_RM64, _mem(R.RDI, KEY_COUNT))
+    inc.has_lock_prefix = True
+    a(inc)
+    if value is not None:
+        add = i.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RDI, KEY_SUM), R.RDX)
+        add.has_lock_prefix = True
+        a(add)
+        below = Code.JGE_REL32_64 if value.signed else Code.JAE_REL32_64
+        above = Code.JLE_REL32_64 if value.signed else Code.JBE_REL32_64
+        for field, keep, name in ((KEY_MIN, below, "min"), (KEY_MAX, above, "max")):
+            cas = i.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RDI, field), R.RDX)
+            cas.has_lock_prefix = True
+            a(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDI, field)))
+            a.label(name)
+            a(i.create_reg_reg(Code.CMP_R64_RM64, R.RDX, R.RAX))
+            a.jump(keep, f"{name}_kept")  # the value does not beat what is there
+            a(cas)  # rax reloaded with what is there when another thread won
+            a.jump(Code.JNE_REL32_64, name)
+            a.label(f"{name}_kept")
+    _leave(a)
+    return a.encode(at)
+
+
+def prologue_size(value: bool) -> int:
+    worst = Source("rdi", size=1, signed=True)
+    return len(prologue(0x10000000, 0x10100000, KEYED_TABLES - 1, worst,
+                        worst if value else None)) + 64  # the tid path is longer
+
+
+class KeyedBlock:
+    """One memfd of keyed tables, mapped in a tracee (and its fork children) and here."""
+
+    def __init__(self, view: mmap.mmap, runtime_addr: int) -> None:
+        self.view = view
+        self.runtime_addr = runtime_addr
+        self.made = time.monotonic()
+        self.used = 0
+        self.corrupt = 0  # entries and counters left out: counts no run can have reached
+
+    def alloc(self) -> int | None:
+        if self.used >= KEYED_TABLES:
+            return None
+        self.used += 1
+        return self.used - 1
+
+    def tls_confirmed(self) -> None:
+        self.view[KEYED_TLS] = 1
+
+    def read(self, table: int, signed: bool) -> tuple[dict[int, Aggregate], int]:
+        """Table `table`'s entries by raw key, and its overflow count."""
+        bound = most_hits(time.monotonic() - self.made)
+        base = KEYED_TABLES_OFFSET + table * TABLE_BYTES
+        overflow = struct.unpack_from("<Q", self.view, base + TABLE_OVERFLOW)[0]
+        if overflow > bound:
+            self.corrupt += 1
+            overflow = 0
+        out: dict[int, Aggregate] = {}
+        for n in range(KEY_ENTRIES):
+            state, key, count, total, lo, hi = _ENTRY.unpack_from(
+                self.view, base + TABLE_ENTRIES + n * KEY_ENTRY_BYTES)
+            if state != _READY or not count:
+                continue
+            if count > bound:
+                self.corrupt += 1
+                continue
+            if not signed:
+                total, lo, hi = total & _U64, lo & _U64, hi & _U64
+            out.setdefault(key, Aggregate()).add(count, total, lo, hi)
+        return out, overflow

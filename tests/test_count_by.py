@@ -1,0 +1,83 @@
+"""`count -e ptrace --by KEY [--value ARG]`: hits counted by key in the
+program (engines/trapfree/keyed.py), against what fixture timed.c says it did."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Compiler
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+
+
+@pytest.fixture(scope="module")
+def timed(compile_c: Compiler) -> Path:
+    return compile_c("timed.c", "-pthread")
+
+
+def _count(*argv: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    run = subprocess.run([*UPROBES, "count", "-e", "ptrace", "--json", *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 0, run.stderr
+    return run, json.loads(run.stdout.splitlines()[-1])
+
+
+def test_counts_by_a_fetched_value_with_its_sum_min_max(timed: Path) -> None:
+    """tiny(i % 10) for i < 100,000: keys 0..9, 10,000 calls each; the value
+    summed per key is the key times its calls."""
+    run, doc = _count("--by", "a", "--value", "a", f"{timed}:tiny a=%di:s32", "--",
+                      str(timed), "keys", "100000", "10")
+    assert "calls=100000" in run.stdout
+    rows = {r["key"]: r for r in doc["uprobes/tiny"]["keys"]}
+    assert set(rows) == set(range(10))
+    for key, r in rows.items():
+        assert (r["count"], r["sum"], r["min"], r["max"]) == (10000, 10000 * key, key, key)
+    assert doc["uprobes/tiny"]["overflow"] == 0
+
+
+def test_counts_by_thread_and_process(timed: Path) -> None:
+    """4 threads x 50,000 calls: 4 tids of 50,000 each; by pid, one process."""
+    _, doc = _count("--by", "tid", f"{timed}:tiny", "--", str(timed), "threads", "4", "50000")
+    counts = [r["count"] for r in doc["uprobes/tiny"]["keys"]]
+    assert counts == [50000] * 4
+    _, doc = _count("--by", "pid", f"{timed}:tiny", "--", str(timed), "threads", "4", "50000")
+    rows = doc["uprobes/tiny"]["keys"]
+    assert len(rows) == 1 and rows[0]["count"] == 200000
+    _, doc = _count("--by", "comm", f"{timed}:tiny", "--", str(timed), "threads", "2", "1000")
+    assert doc["uprobes/tiny"]["keys"] == [{"key": timed.name[:15], "count": 2000}]
+
+
+def test_a_full_table_says_how_many_hits_it_could_not_key(timed: Path) -> None:
+    """10,000 distinct keys into a table of 4,096: every hit is either
+    counted under its key or in the overflow, and the table says so."""
+    run = subprocess.run([*UPROBES, "count", "-e", "ptrace", "--by", "a", f"{timed}:tiny a=%di",
+                          "--", str(timed), "keys", "20000", "10000"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    found = [ln for ln in run.stdout.splitlines() if "hits not keyed" in ln]
+    assert len(found) == 1, run.stdout
+    overflow = int(found[0].split()[0].lstrip("("))
+    counted = sum(int(ln.split()[1]) for ln in run.stdout.splitlines()[3:]
+                  if ln.split() and ln.split()[0].isdigit())
+    assert overflow > 0 and counted + overflow == 20000
+
+
+def test_what_cannot_be_keyed_is_one_line(timed: Path) -> None:
+    """The kernel engine, --no-trapfree, a key no spec fetches: one line, exit 2."""
+    for argv, words in (
+            (["--by", "tid", f"{timed}:tiny"], "give -e ptrace"),
+            (["-e", "ptrace", "--no-trapfree", "--by", "tid", f"{timed}:tiny"],
+             "drop --no-trapfree"),
+            (["-e", "ptrace", "--by", "size", f"{timed}:tiny"], "fetches no size"),
+            (["-e", "ptrace", "--value", "a", f"{timed}:tiny a=%di"], "give --by KEY")):
+        run = subprocess.run([*UPROBES, "count", *argv, "--", str(timed), "tiny", "10"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.startswith("uprobes: error: ") and words in run.stderr, run.stderr
+        assert len(run.stderr.splitlines()) == 1, run.stderr
