@@ -185,19 +185,25 @@ class Session:
     # ------------------------------------------------------------ runs
 
     def spawn(self, argv: Sequence[str], *, duration: float | None = None,
-              ready: Callable[[], object] | None = None) -> int:
+              ready: Callable[[], object] | None = None,
+              launched: Callable[[int], object] | None = None) -> int:
         """Run `argv` with the probes in place from its first instruction;
         return its exit status (128+N if signal N ended it). When `duration`
         seconds pass first, tracing stops and the command is ended (SIGTERM,
         SIGKILL 5 s later if it still runs), as perf stat --timeout ends its
         own. If tracing stops first otherwise (stop(), a signal, an
-        exception), the command runs on unharmed and this waits for it."""
+        exception), the command runs on unharmed and this waits for it.
+        `launched` is called with the command's pid while it is held before
+        its exec, the probes in place (to watch it from its first instruction
+        by other means too)."""
         self._resolve(pid=None, has_target=True)
         child = launch(list(argv))
         released = False
         started = 0.0
         try:
             with self._open(child=child.pid):
+                if launched is not None:
+                    launched(child.pid)
                 child.release()
                 released = True
                 started = time.monotonic()

@@ -4,7 +4,9 @@ Each SPEC names a function; it gets an entry and a return probe, and the
 calls are paired per thread (see `uprobes.analysis.calls`). The result is
 a log2 histogram per function, as funclatency draws it, with count, mean,
 p50/p90/p99 and max; `--json` gives the numbers as one line, `--svg FILE`
-draws the histograms (render/histogram_svg.py).
+draws the histograms (render/histogram_svg.py). `--breakdown` splits each
+call's time into on-CPU, off-CPU by reason and time in each system call,
+from the kernel's events of the timed threads (latency_breakdown.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
+from uprobes.analysis.breakdown import Call, breakdowns
 from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.resolve import parse_specs
@@ -29,6 +32,7 @@ from uprobes.errors import SpecError, UsageError
 from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
 from uprobes.lang.render import render
 from uprobes.model.event import Event
+from uprobes.render.breakdown import part_histograms, write_breakdowns, write_breakdowns_json
 from uprobes.render.histogram import UNITS, write_histograms, write_histograms_json
 from uprobes.render.histogram_svg import write_histograms_svg
 from uprobes.session import Session
@@ -40,6 +44,8 @@ EXAMPLES = [
     "uprobes latency --unit us 'libc:getaddrinfo' -- /usr/bin/getent hosts localhost",
     "uprobes latency --json 'libc:qsort' -- /usr/bin/sort /etc/services -o /dev/null",
     "uprobes latency --svg /tmp/malloc.svg 'libc:malloc' -- /bin/ls /usr  # the histogram drawn",
+    "uprobes latency --breakdown 'libc:fflush' -- /bin/echo hi"
+    "  # on-CPU, off-CPU by reason, time in each system call",
 ]
 
 
@@ -50,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="histogram buckets in ns (default), us or ms")
     p.add_argument("--svg", metavar="FILE", default=None,
                    help="also draw the histograms into FILE (SVG)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="split each call's time into on-CPU, off-CPU by reason (runnable, "
+                        "sleeping, blocked, stopped) and time in each system call, from the "
+                        "kernel's sched and syscall events of the timed threads")
     add_duration_argument(p)
 
 
@@ -80,7 +90,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     args.svg_file = open_svg(args.svg)
     try:
         if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
-                and not (args.condition or args.comm or args.tid):
+                and not (args.condition or args.comm or args.tid or args.breakdown):
             from uprobes.commands.latency_inprog import run_in_program
             lines = [line for spec in parse_specs(args.specs)
                      for line in probe_pair(spec, fetch=False)]
@@ -103,10 +113,14 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
             histograms[ev.probe] = Histogram()
         pairer.entry(ev)
 
+    calls: list[Call] = []
+
     def on_return(ev: Event) -> None:
         start = pairer.ret(ev)
         if start is not None:
             histograms[start.probe].add(ev.ts_ns - start.ts_ns)
+            if args.breakdown:
+                calls.append(Call(start.probe, ev.tid, start.ts_ns, ev.ts_ns))
 
     session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
                       trapfree=not args.no_trapfree)
@@ -116,18 +130,38 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
         session.probe(entry, on_entry, **filters)
         session.probe(ret, on_return, **filters)
     sink = open(args.output, "w") if args.output else out
+    gatherer = None
+    if args.breakdown:
+        from uprobes.commands.latency_breakdown import EventGatherer
+        gatherer = EventGatherer()
     try:
-        status = run_selected(session, args, "timing calls")
-        if args.json:
+        launched = None
+        if gatherer is not None:
+            launched = lambda pid: gatherer.start(child=pid)  # noqa: E731
+            if not args.argv_command:
+                gatherer.start(pid=args.pid)
+        status = run_selected(session, args, "timing calls", launched=launched)
+        parts = {} if gatherer is None else breakdowns(calls, gatherer.finish())
+        if args.json and gatherer is not None:
+            write_breakdowns_json(sink, histograms, parts)
+        elif args.json:
             write_histograms_json(sink, histograms)
         else:
             write_histograms(sink, histograms, args.unit)
+            if gatherer is not None:
+                write_breakdowns(sink, parts, args.unit)
         sink.flush()
         if args.svg_file is not None:
-            write_histograms_svg(args.svg_file, histograms, args.unit)
+            write_histograms_svg(args.svg_file, {**histograms, **part_histograms(parts)},
+                                 args.unit)
     finally:
+        if gatherer is not None:
+            gatherer.close()
         if sink is not out:
             sink.close()
+    if gatherer is not None and gatherer.lost:
+        sys.stderr.write(f"uprobes: {gatherer.lost} kernel events lost: the breakdown "
+                         "misses them\n")
     if session.lost or pairer.unpaired_returns or pairer.abandoned:
         sys.stderr.write(f"uprobes: {session.lost} records lost, {pairer.unpaired_returns} "
                          f"returns without an entry, {pairer.abandoned} calls never returned\n")

@@ -92,13 +92,16 @@ def hit_filter(args: argparse.Namespace, probes: Sequence[ResolvedProbe]) -> Hit
 
 
 def run_selected(session: Session, args: argparse.Namespace, doing: str,
-                 ready: Callable[[], object] | None = None) -> int:
+                 ready: Callable[[], object] | None = None,
+                 launched: Callable[[int], object] | None = None) -> int:
     """Run `session` on what the command line selected: the command after
     `--` (its exit status), `-p PID`, or every process (0). `ready` is
     called once the probes are in place; system-wide without one, a line
-    says `uprobes: DOING system-wide; Ctrl-C to stop` then."""
+    says `uprobes: DOING system-wide; Ctrl-C to stop` then. `launched`:
+    see `Session.spawn`."""
     if args.argv_command:
-        return session.spawn(args.argv_command, duration=args.duration, ready=ready)
+        return session.spawn(args.argv_command, duration=args.duration, ready=ready,
+                             launched=launched)
     if args.pid is not None:
         session.attach(args.pid, duration=args.duration, ready=ready)
         return 0

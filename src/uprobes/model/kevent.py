@@ -7,6 +7,8 @@ by `ts_ns`. Kinds, each with its `fields`:
 - `off_cpu` (`sched_switch`): the thread left the CPU; `state` is the
   kernel's letter for why (`R`/`R+` preempted while runnable, `S`
   sleeping, `D` blocked uninterruptibly, ...), `next_comm`, `next_pid`.
+- `wakeup` (`sched_wakeup`): the thread was woken (runnable again, waiting
+  for a CPU); `waker_tid`, `target_cpu`.
 - `on_cpu` (`sched_switch`): the thread came back on a CPU.
 - `syscall_enter` (`name` the system call's): its arguments by the names
   the kernel gives them; `syscall_exit`: `ret`.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 KernelValue = int | str | None | list[int] | list[str | None]
 
-KINDS = ("off_cpu", "on_cpu", "syscall_enter", "syscall_exit", "page_fault", "tracepoint")
+KINDS = ("off_cpu", "wakeup", "on_cpu", "syscall_enter", "syscall_exit", "page_fault", "tracepoint")
 
 
 @dataclass(frozen=True)

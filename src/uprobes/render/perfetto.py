@@ -17,7 +17,8 @@ around each packet). What goes in:
 - with `trace --kernel`: each system call a slice on a `syscalls` track
   under its thread (arguments at the entry, `ret` at the exit), the
   thread's state from its switches (`GenericKernelTaskStateEvent`:
-  running on a CPU, runnable, sleeping, blocked, stopped), and page faults
+  running on a CPU, runnable once woken or preempted, sleeping, blocked,
+  stopped), and page faults
   and other tracepoints as instants on the thread's track;
 - at the end, an instant `uprobes` on a track of its own with the counts
   (events, lost, kernel events and lost).
@@ -190,7 +191,7 @@ class PerfettoRenderer:
                 self._in_syscall.discard(ev.tid)
                 self._track_event(ev.ts_ns, self._syscall_track(ev.pid, ev.tid, ev.comm),
                                   "TYPE_SLICE_END", None, ev.fields.items())
-        elif ev.kind in ("off_cpu", "on_cpu"):
+        elif ev.kind in ("off_cpu", "on_cpu", "wakeup"):
             self._task_state(ev)
         else:
             self._track_event(ev.ts_ns, self._thread_track(ev.pid, ev.tid, ev.comm),
@@ -200,6 +201,8 @@ class PerfettoRenderer:
         self._thread_track(ev.pid, ev.tid, ev.comm)
         if ev.kind == "on_cpu":
             state = "RUNNING"
+        elif ev.kind == "wakeup":
+            state = "RUNNABLE"
         else:
             letter = str(ev.fields.get("state", "R"))[:1]
             state = _STATES.get(letter, "UNKNOWN")

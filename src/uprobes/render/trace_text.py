@@ -12,12 +12,13 @@ innermost first, each indented by a tab (as perf script and bpftrace print
 stacks): `\tsymbol+0xoff (path)`.
 
 Kernel events (`trace --kernel`) get lines of the same shape:
-`sched_switch: off-cpu state=S next_comm=... next_pid=N`, `sched_switch:
-on-cpu`, `sys_enter: openat(dfd=0xffffff9c, filename=0x55..., ...)` (the
-arguments in hex, as the kernel's syscall events print them), `sys_exit:
-openat = -2`, `page_fault_user: address=0x... ip=0x... error_code=0x6`,
-and any other tracepoint's fields as `name=value` (in hex for the
-`syscalls:` events, as their print fmt has them).
+`sched_switch: off-cpu state=S next_comm=... next_pid=N`, `sched_wakeup:
+woken by TID target_cpu=N`, `sched_switch: on-cpu`, `sys_enter:
+openat(dfd=0xffffff9c, filename=0x55..., ...)` (the arguments in hex, as
+the kernel's syscall events print them), `sys_exit: openat = -2`,
+`page_fault_user: address=0x... ip=0x... error_code=0x6`, and any other
+tracepoint's fields as `name=value` (in hex for the `syscalls:` events,
+as their print fmt has them).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def format_kernel_line(ev: KernelEvent) -> str:
                 f"next_pid={f.get('next_pid')}")
     elif ev.kind == "on_cpu":
         body = "sched_switch: on-cpu"
+    elif ev.kind == "wakeup":
+        body = f"sched_wakeup: woken by {f.get('waker_tid')} target_cpu={f.get('target_cpu')}"
     elif ev.kind == "syscall_enter":
         args = ", ".join(f"{k}={_kernel_value(v, True)}" for k, v in f.items())
         body = f"sys_enter: {ev.name}({args})"

@@ -17,6 +17,7 @@ what they hold, decoded, in time order.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import struct
@@ -48,6 +49,7 @@ _SAMPLE = struct.Struct("<IIQIII")  # TID (pid, tid), TIME, CPU (cpu, res), RAW 
 _SAMPLE_ID = struct.Struct("<IIQII")  # a switch record's trailer: TID, TIME, CPU
 _LOST = struct.Struct("<QQ")
 _SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
+_MAX_ABOUT = 64  # tasks named in one kernel filter
 
 
 class KernelEvents:
@@ -67,6 +69,7 @@ class KernelEvents:
         self._stack = ExitStack()
         self._opened: set[int] = set()
         self._comms: dict[int, str] = {}
+        self._pids: dict[int, int] = {}  # tid -> pid of the threads seen going off the CPU
         self.count = 0
         self.lost = 0
         self._own_pid = os.getpid()
@@ -76,6 +79,7 @@ class KernelEvents:
         `pid`, or (neither) every task."""
         if child is not None:
             self._open_task(child, on_exec=True)
+            self._open_about([child])
         elif pid is not None:
             seen: set[int] = set()
             while new := sorted(set(procfs.tids(pid)) - seen):
@@ -86,33 +90,54 @@ class KernelEvents:
                         if e.errno != errno.ESRCH:  # a thread that ended meanwhile
                             raise
                 seen.update(new)
+            self._open_about(sorted(seen))
         else:
             self._open_task(-1)
+            self._open_about(None)
+
+    def _open_about(self, tids: list[int] | None) -> None:
+        """The tracepoints about another task (`Tracepoint.about`), on every
+        CPU for all tasks, filtered to `tids` (None: every task) in the
+        kernel. Threads started later are not among them: their events of
+        these kinds are not recorded."""
+        for tp in self.points:
+            if tp.about is None:
+                continue
+            flt = None if tids is None else " || ".join(f"{tp.about} == {t}"
+                                                        for t in tids[:_MAX_ABOUT])
+            for cpu in self.cpus:
+                self._open_one(tp, -1, cpu, flt, on_exec=False)
 
     def _open_task(self, task: int, on_exec: bool = False) -> None:
         if task in self._opened:
             return
         self._opened.add(task)
         raise_fd_limit(len(self.points) * len(self.cpus) * len(self._opened), spare=256)
-        watermark = min(self.ring_pages * 4096 // 4, _WAKEUP_BYTES)
         for tp in self.points:
+            if tp.about is not None:
+                continue
             for cpu in self.cpus:
-                attr = tracepoint_attr(tp.format.id, inherit=task != -1,
-                                       watermark_bytes=watermark, context_switch=tp.switches,
-                                       enable_on_exec=on_exec)
-                ev = self._stack.enter_context(PerfEvent.open(
-                    attr, pid=task, cpu=cpu, what=f"tracepoint {tp.name} task {task} cpu {cpu}",
-                    hints={errno.ENOENT: f"the tracepoint {tp.name} went away",
-                           errno.ESRCH: "the process ended"}))
-                if task == -1:
-                    ev.set_filter(f"common_pid != {os.getpid()}")
-                ring = self.rings.get(cpu)
-                if ring is None:
-                    self.rings[cpu] = self._stack.enter_context(RingBuffer(ev, self.ring_pages))
-                else:
-                    ev.set_output(ring.event)
-                if not on_exec:
-                    ev.enable()
+                self._open_one(tp, task, cpu, f"common_pid != {os.getpid()}" if task == -1
+                               else None, on_exec)
+
+    def _open_one(self, tp: Tracepoint, task: int, cpu: int, flt: str | None,
+                  on_exec: bool) -> None:
+        watermark = min(self.ring_pages * 4096 // 4, _WAKEUP_BYTES)
+        attr = tracepoint_attr(tp.format.id, inherit=task != -1, watermark_bytes=watermark,
+                               context_switch=tp.switches, enable_on_exec=on_exec)
+        ev = self._stack.enter_context(PerfEvent.open(
+            attr, pid=task, cpu=cpu, what=f"tracepoint {tp.name} task {task} cpu {cpu}",
+            hints={errno.ENOENT: f"the tracepoint {tp.name} went away",
+                   errno.ESRCH: "the process ended"}))
+        if flt is not None:
+            ev.set_filter(flt)
+        ring = self.rings.get(cpu)
+        if ring is None:
+            self.rings[cpu] = self._stack.enter_context(RingBuffer(ev, self.ring_pages))
+        else:
+            ev.set_output(ring.event)
+        if not on_exec:
+            ev.enable()
 
     def fds(self) -> list[int]:
         return [r.fileno() for r in self.rings.values()]
@@ -123,7 +148,25 @@ class KernelEvents:
         for ring in self.rings.values():
             self._read_ring(ring, out)
         out.sort(key=_ts)
+        out = self._our_wakeups(out)
         self.count += len(out)
+        return out
+
+    def _our_wakeups(self, events: list[KernelEvent]) -> list[KernelEvent]:
+        """`events` (in time order) with the wakeups of our threads only: a
+        thread we saw leave the CPU before (it must have, to be woken: a
+        wakeup before that, as a launched command's before its exec, or of
+        a thread not ours, which one of ours woke, is left out)."""
+        pids, out = self._pids, []
+        for ev in events:
+            if ev.kind == "off_cpu":
+                pids[ev.tid] = ev.pid
+            elif ev.kind == "wakeup":
+                owner = pids.get(ev.tid)
+                if owner is None:
+                    continue
+                ev = dataclasses.replace(ev, pid=owner)
+            out.append(ev)
         return out
 
     def _read_ring(self, ring: RingBuffer, out: list[KernelEvent]) -> None:
