@@ -226,7 +226,7 @@ def test_inline_sites_and_source_lines(compile_c: Compiler, engine: str,
     notes = capsys.readouterr().err
     assert "clamp is inlined: probed at its 2 inline sites" in notes
     assert f"dwarf_args.c:{line} (clamp:+{line - start}) starts at 2 addresses, 2 of them " \
-           "in inlined copies" in notes
+           "in inlined code" in notes
     entry = [e["args"] for e in events if "lo" in e["args"]]
     assert entry == [{"v": 42, "lo": 0, "hi": 10}, {"v": -9, "lo": -5, "hi": 5}]
     by_line = [e["args"] for e in events if "v2" not in e["args"] and "lo" not in e["args"]]

@@ -26,7 +26,7 @@ class LineSites:
     """`app.c:42`"""
     link_addrs: tuple[int, ...]
     inlined: int
-    """How many of them are in inlined copies of a function."""
+    """How many of them are in inlined code (a scope there is an inlined function)."""
 
 
 def _matches(name: str, wanted: str) -> bool:
@@ -56,19 +56,16 @@ def _count_inlined(df: DwarfFile, addrs: set[int]) -> int:
 
 
 def source_line(df: DwarfFile, source_file: str, line: int, display: str) -> LineSites:
-    """Every start of `source_file:line` in any unit (a header's lines are in many)."""
-    found: set[int] = set()
-    near: set[int] = set()
-    known = False
-    for cu in df.info.iter_CUs():
-        files = {i for i, name in enumerate(df.line_files(cu)) if _matches(name, source_file)}
-        if not files:
-            continue
-        known = True
-        rows = df.line_rows(cu)
-        found |= _starts(rows, files, line)
-        if not found:
-            near.update(_near(rows, files, line))
+    """Every start of `source_file:line`. The units compiled from that file
+    are searched first; only if none has code there (a header's line, which
+    is in the units that include it) is every unit's line table read."""
+    units = list(df.info.iter_CUs())
+    own = [cu for cu in units if _matches(_unit_name(cu), source_file)]
+    found, near, known = _search(df, own, source_file, line)
+    if not found:
+        others = [cu for cu in units if cu not in own]
+        more, near2, known2 = _search(df, others, source_file, line)
+        found, near, known = more, near | near2, known or known2
     label = f"{source_file}:{line}"
     if not known:
         raise ResolveError(f"{display}: no source file '{source_file}' in its DWARF line table")
@@ -77,6 +74,29 @@ def source_line(df: DwarfFile, source_file: str, line: int, display: str) -> Lin
         raise ResolveError(f"{display}: no code at {label}; lines near it with code: "
                            f"{', '.join(map(str, sorted(nearest)))}")
     return LineSites(label, tuple(sorted(found)), _count_inlined(df, found))
+
+
+def _unit_name(cu: Any) -> str:
+    attr = cu.get_top_DIE().attributes.get("DW_AT_name")
+    value = attr.value if attr is not None else b""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _search(df: DwarfFile, units: list[Any], source_file: str,
+            line: int) -> tuple[set[int], set[int], bool]:
+    """(starts of the line, lines near it with code, whether any unit has the file)."""
+    found: set[int] = set()
+    near: set[int] = set()
+    known = False
+    for cu in units:
+        files = {i for i, name in enumerate(df.line_files(cu)) if _matches(name, source_file)}
+        if not files:
+            continue
+        known = True
+        rows = df.line_rows(cu)
+        found |= _starts(rows, files, line)
+        near.update(_near(rows, files, line))
+    return found, near, known
 
 
 def function_line(df: DwarfFile, sub: Any, plus: int, display: str) -> LineSites:

@@ -402,7 +402,7 @@ def _line_note(sites: LineSites) -> str | None:
     n = len(sites.link_addrs)
     if n == 1:
         return None
-    inlined = f", {sites.inlined} of them in inlined copies" if sites.inlined else ""
+    inlined = f", {sites.inlined} of them in inlined code" if sites.inlined else ""
     return f"{sites.label} starts at {n} addresses{inlined}: a probe at each"
 
 
