@@ -99,6 +99,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--prometheus", "127.0.0.1:9464"], 2, "give probe lines"),
     (["--prometheus", "127.0.0.1:9464", "-e", "ptrace", "libc:malloc"], 2, "kernel engine"),
     (["--otlp", "ftp://127.0.0.1:4318", "libc:malloc"], 2, "OTLP endpoint"),
+    (["--pyroscope", "127.0.0.1:4040", "libc:malloc"], 2, "Pyroscope URL"),
 ])
 def test_bad_input_is_one_line_and_status_2(args: list[str], status: int, words: str) -> None:
     done = _cli(*args)

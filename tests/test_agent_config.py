@@ -161,6 +161,10 @@ def _start(conf: Path) -> subprocess.CompletedProcess[str]:
     ('[prometheus]\nlisten = "127.0.0.1:9464"\n', ": probe: give at least one"),
     ('[otlp]\nendpoint = "localhost:4318"\n[[probe]]\nline = "libc:malloc"\n',
      ":2: otlp.endpoint: OTLP endpoint"),
+    ('[pyroscope]\nurl = "http://127.0.0.1:4040"\ninterval = -1\n[[probe]]\n'
+     'line = "libc:malloc"\nstacks = true\n', ":3: pyroscope.interval: "),
+    ('[pyroscope]\nurl = "http://127.0.0.1:4040"\n[[probe]]\nline = "libc:malloc"\n'
+     'stacks = "yes"\n', ":5: probe[0].stacks: "),
 ])
 def test_a_bad_config_names_file_line_and_key_and_does_not_start(
         text: str, where: str, tmp_path: Path) -> None:

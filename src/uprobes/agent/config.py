@@ -36,10 +36,11 @@ from .metrics import DEFAULT_MAX_SERIES
 FIXED_LABELS = ("probe", "executable", "comm")
 """Labels every series has; extra labels may not take these names (nor `le`)."""
 
-_TOP_KEYS = {"engine", "prometheus", "otlp", "probe"}
+_TOP_KEYS = {"engine", "prometheus", "otlp", "pyroscope", "probe"}
 _OTLP_KEYS = {"endpoint"}
+_PYROSCOPE_KEYS = {"url", "app", "interval"}
 _PROMETHEUS_KEYS = {"listen", "max_series"}
-_PROBE_KEYS = {"line", "labels", "comm", "executable"}
+_PROBE_KEYS = {"line", "labels", "comm", "executable", "stacks"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class AgentProbe:
     labels: tuple[str, ...] = ()
     comm: tuple[str, ...] = ()
     executable: str | None = None
+    stacks: bool = False
+    """Count the user stacks of its hits (pushed to Pyroscope)."""
 
     @property
     def key(self) -> str:
@@ -67,6 +70,16 @@ class AgentConfig:
     otlp: str | None = None
     """The OTLP/HTTP base URL; "" for the standard OTEL_EXPORTER_OTLP_* variables;
     None: no OTLP."""
+    pyroscope: Pyroscope | None = None
+
+
+@dataclass(frozen=True)
+class Pyroscope:
+    """Where folded stacks go: a server's base URL, the application name, how often."""
+
+    url: str
+    app: str = "uprobes"
+    interval_s: float = 10.0
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -96,14 +109,18 @@ def check_probe(probe: AgentProbe) -> ProbeSpec:
 
 def from_command_line(lines: list[str], labels: list[str], comm: list[str],
                       prometheus: str | None, max_series: int, engine: str,
-                      otlp: str | None = None) -> AgentConfig:
+                      otlp: str | None = None,
+                      pyroscope: Pyroscope | None = None) -> AgentConfig:
     """The quick start: every line is a probe; `labels` apply to each line
-    that fetches a value of that name."""
+    that fetches a value of that name; with `pyroscope`, every entry line
+    counts its stacks."""
     probes = []
     for line in lines:
         spec = parse(line)
         names = {a.name for a in spec.args} if isinstance(spec, ProbeSpec) else set()
-        probe = AgentProbe(line, tuple(n for n in labels if n in names), tuple(comm))
+        stacks = pyroscope is not None and isinstance(spec, ProbeSpec) and not spec.is_return
+        probe = AgentProbe(line, tuple(n for n in labels if n in names), tuple(comm),
+                           stacks=stacks)
         check_probe(probe)
         probes.append(probe)
     for name in labels:
@@ -113,16 +130,21 @@ def from_command_line(lines: list[str], labels: list[str], comm: list[str],
         raise UsageError("--max-series must be at least 1")
     if otlp:
         check_url(otlp)
+    if pyroscope is not None:
+        check_url(pyroscope.url, "Pyroscope URL", "http://127.0.0.1:4040")
+        if not pyroscope.interval_s > 0:
+            raise UsageError("--pyroscope-interval must be more than 0")
     return AgentConfig(tuple(probes), listen_address(prometheus) if prometheus else None,
-                       max_series, engine, otlp=otlp)
+                       max_series, engine, otlp=otlp, pyroscope=pyroscope)
 
 
-def check_url(url: str) -> str:
-    """An OTLP/HTTP base URL (http or https, a host); UsageError if not."""
+def check_url(url: str, what: str = "OTLP endpoint",
+              example: str = "http://127.0.0.1:4318") -> str:
+    """A base URL (http or https, a host); UsageError if not."""
     from urllib.parse import urlsplit
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"OTLP endpoint {url!r}: give a base URL, e.g. http://127.0.0.1:4318")
+        raise UsageError(f"{what} {url!r}: give a base URL, e.g. {example}")
     return url
 
 
@@ -182,6 +204,7 @@ class _Reader:
                 otlp = check_url(endpoint) if endpoint else ""
             except UsageError as e:
                 self._fail("otlp", "otlp.endpoint", str(e))
+        pyroscope = self._pyroscope(doc.get("pyroscope"))
         raw_probes = doc.get("probe", [])
         if not isinstance(raw_probes, list) or not raw_probes:
             self._fail(None, "probe", "give at least one [[probe]] table with a `line`")
@@ -190,7 +213,28 @@ class _Reader:
         for i, key in enumerate(keys):
             if key in keys[:i]:
                 self._fail(("probe", i), f"probe[{i}].line", f"{key!r} is configured twice")
-        return AgentConfig(probes, listen, max_series, engine, self.path, otlp)
+        return AgentConfig(probes, listen, max_series, engine, self.path, otlp, pyroscope)
+
+    def _pyroscope(self, raw: Any) -> Pyroscope | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            self._fail(None, "pyroscope", "must be a table ([pyroscope])")
+        self._unknown(raw, _PYROSCOPE_KEYS, "pyroscope", "pyroscope.")
+        url = raw.get("url")
+        try:
+            if not isinstance(url, str):
+                raise UsageError("give the server's base URL, e.g. http://127.0.0.1:4040")
+            check_url(url, "Pyroscope URL", "http://127.0.0.1:4040")
+        except UsageError as e:
+            self._fail("pyroscope", "pyroscope.url", str(e))
+        app = raw.get("app", "uprobes")
+        if not isinstance(app, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", app):
+            self._fail("pyroscope", "pyroscope.app", "letters, digits, '_', '.', '-' only")
+        interval = raw.get("interval", 10.0)
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            self._fail("pyroscope", "pyroscope.interval", "seconds, more than 0")
+        return Pyroscope(url, app, float(interval))
 
     def _probe(self, i: int, raw: Any) -> AgentProbe:
         where = ("probe", i)
@@ -207,7 +251,10 @@ class _Reader:
         if executable is not None and not (isinstance(executable, str)
                                            and executable.startswith("/")):
             self._fail(where, f"{name}.executable", "must be an absolute path")
-        probe = AgentProbe(line, labels, comm, executable)
+        stacks = raw.get("stacks", False)
+        if not isinstance(stacks, bool):
+            self._fail(where, f"{name}.stacks", "true or false")
+        probe = AgentProbe(line, labels, comm, executable, stacks)
         try:
             check_probe(probe)
         except SpecError as e:

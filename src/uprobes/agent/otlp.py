@@ -45,12 +45,19 @@ from .metrics import LATENCY_BOUNDS_NS, Metrics
 SCOPE = "uprobes.agent"
 
 
-def epoch_offset_ns() -> int:
-    """What to add to a CLOCK_MONOTONIC stamp to get ns since the epoch."""
-    before = time.monotonic_ns()
-    wall = time.time_ns()
-    after = time.monotonic_ns()
-    return wall - (before + after) // 2
+def epoch_offset_ns(tries: int = 16) -> int:
+    """What to add to a CLOCK_MONOTONIC stamp to get ns since the epoch: the
+    wall clock read between two monotonic readings, from the try whose two
+    readings were closest (a thread preempted between them would put the
+    offset off by half the gap)."""
+    best_gap, offset = None, 0
+    for _ in range(tries):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        if best_gap is None or after - before < best_gap:
+            best_gap, offset = after - before, wall - (before + after) // 2
+    return offset
 
 
 def _env_int(name: str, default: int) -> int:

@@ -91,16 +91,21 @@ def function_key(spec: ProbeSpec) -> str:
     return render(replace(spec, kind=ProbeKind.ENTRY, args=(), event=None, text=""))
 
 
+STACK_BYTES = 8192
+"""Stack copied at each hit when a probe counts stacks (see `uprobes stacks`)."""
+
 OnCall = Callable[[Event, Event], object]
 """Given each call timed: its entry event and its return event."""
 
 
 def build_session(config: AgentConfig, metrics: Metrics, executables: Executables,
-                  note: Callable[[str], object], on_call: OnCall | None = None) -> Session:
+                  note: Callable[[str], object], on_call: OnCall | None = None,
+                  on_stack: Callable[[Event], object] | None = None) -> Session:
     """A session whose handlers count into `metrics` (and hand each call timed
     to `on_call`); the metrics keep the series of the probes still configured
     (unchanged ones keep their counts)."""
-    session = Session(config.engine, note=note)
+    stacks = any(p.stacks for p in config.probes)
+    session = Session(config.engine, note=note, stack_bytes=STACK_BYTES if stacks else 0)
     specs = [(probe, check_probe(probe)) for probe in config.probes]
     returns = {function_key(spec) for _, spec in specs if spec.is_return}
     entries: dict[str, AgentProbe] = {}
@@ -118,10 +123,20 @@ def build_session(config: AgentConfig, metrics: Metrics, executables: Executable
             line += f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
         handler = _handler(probe, metrics, executables, pairer, timed_entry,
                            entries[fkey] if timed_return else None, on_call)
+        if probe.stacks and on_stack is not None:
+            handler = _and_stack(handler, on_stack)
         if probe.executable is not None:
             handler = _only_in(probe.executable, handler, executables, metrics)
         session.probe(line, handler, comm=list(probe.comm) or None)
     return session
+
+
+def _and_stack(handler: Callable[[Event], None],
+               on_stack: Callable[[Event], object]) -> Callable[[Event], None]:
+    def and_stack(ev: Event) -> None:
+        handler(ev)
+        on_stack(ev)
+    return and_stack
 
 
 def _only_in(exe: str, handler: Callable[[Event], None], executables: Executables,

@@ -27,6 +27,7 @@ from dataclasses import replace
 
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, UprobesError
+from uprobes.model.event import Event
 
 from .config import AgentConfig, AgentProbe
 from .metrics import Metrics
@@ -45,11 +46,12 @@ class _Run:
 
     def __init__(self, config: AgentConfig, metrics: Metrics, executables: Executables,
                  note: Callable[[str], object], on_ready: Callable[[AgentConfig], object],
-                 lost_before: int, on_call: OnCall | None) -> None:
+                 lost_before: int, on_call: OnCall | None,
+                 on_stack: Callable[[Event], object] | None) -> None:
         self.config = config
         self.metrics = metrics
         self.on_ready = on_ready
-        self.session = build_session(config, metrics, executables, note, on_call)
+        self.session = build_session(config, metrics, executables, note, on_call, on_stack)
         metrics.live_lost = lambda: lost_before + self.session.lost_so_far
         self.error: BaseException | None = None
         self.placed = False
@@ -89,10 +91,12 @@ class _Run:
 def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfig] | None,
           note: Callable[[str], object], on_ready: Callable[[AgentConfig], object],
           duration: float | None = None, executables: Executables | None = None,
-          on_call: OnCall | None = None) -> int:
+          on_call: OnCall | None = None,
+          on_stack: Callable[[Event], object] | None = None) -> int:
     """Run `config` until a stop signal or `duration` seconds; `reload()`
     gives the config a SIGHUP asks for (None: SIGHUP stops, as on the other
-    commands); `on_call` gets each call timed. Returns the signal that ended
+    commands); `on_call` gets each call timed, `on_stack` each hit of a probe
+    that counts stacks. Returns the signal that ended
     it (0: none)."""
     deadline = None if duration is None else time.monotonic() + duration
     executables = executables or Executables()
@@ -110,7 +114,7 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
         if not present:
             return None
         return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost,
-                    on_call)
+                    on_call, on_stack)
 
     def stop(run: _Run | None) -> None:
         nonlocal lost

@@ -17,11 +17,12 @@ from dataclasses import replace
 from typing import TextIO
 
 from uprobes.agent import config as agent_config
-from uprobes.agent.config import AgentConfig
+from uprobes.agent.config import AgentConfig, Pyroscope
 from uprobes.agent.metrics import DEFAULT_MAX_SERIES, Metrics
 from uprobes.agent.otlp import OtlpSink
 from uprobes.agent.probes import Executables
 from uprobes.agent.prometheus import PrometheusEndpoint, exposition
+from uprobes.agent.pyroscope import PyroscopeSink
 from uprobes.agent.runner import serve
 from uprobes.engines.choose import ENGINES
 from uprobes.errors import UsageError
@@ -50,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "line) and the metrics over OTLP/HTTP to URL (e.g. "
                         "http://127.0.0.1:4318); without URL, to where the standard "
                         "OTEL_EXPORTER_OTLP_* variables say")
+    p.add_argument("--pyroscope", metavar="URL",
+                   help="count the user stacks that reach each entry line and push them, "
+                        "folded, to a Pyroscope server's /ingest at URL (e.g. "
+                        "http://127.0.0.1:4040)")
+    p.add_argument("--pyroscope-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="how often stacks are pushed (default 10)")
     p.add_argument("--label", action="append", default=[], metavar="NAME",
                    help="the value a probe fetches as NAME labels its series (repeatable; "
                         "bounded by --max-series)")
@@ -74,11 +81,16 @@ def _config(args: argparse.Namespace) -> AgentConfig:
             config = replace(config, prometheus=agent_config.listen_address(args.prometheus))
         if args.otlp is not None:
             config = replace(config, otlp=args.otlp and agent_config.check_url(args.otlp))
+        if args.pyroscope:
+            raise UsageError("with --config, say [pyroscope] url and stacks = true in the file")
         return config
     if not args.specs:
         raise UsageError("give probe lines, or --config FILE")
+    pyroscope = None
+    if args.pyroscope:
+        pyroscope = Pyroscope(args.pyroscope, interval_s=args.pyroscope_interval)
     return agent_config.from_command_line(args.specs, args.label, args.comm, args.prometheus,
-                                          args.max_series, args.engine, args.otlp)
+                                          args.max_series, args.engine, args.otlp, pyroscope)
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -87,7 +99,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     config = _config(args)
     if config.engine == "ptrace":
         raise UsageError("the agent runs system-wide, on the kernel engine: -e kernel or auto")
-    if config.prometheus is None and config.otlp is None and args.duration is None:
+    if config.prometheus is None and config.otlp is None and config.pyroscope is None \
+            and args.duration is None:
         raise UsageError("give a sink: --prometheus HOST:PORT or --otlp [URL] (or "
                          "[prometheus] listen, [otlp] in the config)")
     if args.duration is not None and args.duration < 0:
@@ -110,6 +123,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             otlp = stack.enter_context(OtlpSink(metrics, config.otlp or None, executables, note))
             on_call = otlp.call
             served += f"OTLP to {otlp.endpoint or 'OTEL_EXPORTER_OTLP_ENDPOINT'}; "
+        on_stack = None
+        if config.pyroscope is not None:
+            pyro = config.pyroscope
+            on_stack = stack.enter_context(PyroscopeSink(
+                metrics, pyro.url, pyro.interval_s, pyro.app, note)).hit
+            served += f"stacks to {pyro.url}; "
 
         def ready(config: AgentConfig) -> None:
             again = "SIGHUP reloads, " if reload else ""
@@ -117,7 +136,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                              f"{served}{again}Ctrl-C stops\n")
             sys.stderr.flush()
 
-        serve(config, metrics, reload, note, ready, args.duration, executables, on_call)
+        serve(config, metrics, reload, note, ready, args.duration, executables, on_call,
+              on_stack)
     if args.duration is not None:
         out.write(exposition(metrics))
     return 0
