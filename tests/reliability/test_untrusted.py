@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, without_clocks
 
 from uprobes.engines.trapfree import layout
 from uprobes.engines.trapfree.layout import SLOTS
@@ -68,7 +68,7 @@ def test_forged_records_are_left_out_and_counted(exe: Path, tmp_path: Path) -> N
     assert len({e["pid"] for e in events}) == 1
     assert {e["tid"] for e in events} == {e["pid"] for e in events}
     assert all(0 <= e["cpu"] < (os.cpu_count() or 1) for e in events)
-    assert summary == {"events": 2 * CALLS, "lost": 0}
+    assert without_clocks(summary) == {"events": 2 * CALLS, "lost": 0}
     found = CORRUPT.findall(stderr)
     assert found == [("1000", "0")], stderr  # one line, the forged records counted apart
 
