@@ -307,9 +307,11 @@ def test_cpp_members_bases_references_as_gdb(compile_c: Compiler, level: str) ->
     assert resolved.link_addr is not None
     out = io.StringIO()
     assert main(["trace", "-e", "ptrace", probe, "--", str(exe)], out=out) == 0
-    line = next(ln for ln in out.getvalue().splitlines() if f" {POKE}: " in ln)
+    line = next(ln for ln in out.getvalue().splitlines() if " count=" in ln)
     ours = dict(re.findall(r' (\w+)=("[^"]*"|\{[^}]*\}|\S+)', line))
     assert ours["count"] == "4" and ours["other_id"] == "9" and ours["this_id"] == "7"
+    (by_name,) = Resolver().resolve_all(parse_specs([f"{exe}:Widget::poke other.id"]))
+    assert by_name.file_offset == resolved.file_offset  # the demangled name: the same place
     cmds = ["set pagination off", "set print null-stop on",
             f"break *{GDB_PIE_BASE + resolved.link_addr:#x}", "run",
             *[f"print {e}" for e in exprs.values()]]
