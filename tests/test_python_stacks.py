@@ -19,7 +19,9 @@ from conftest import Compiler, killed_after, read_fd_until, wait_until
 
 from uprobes.commands import main
 from uprobes.elf.image import ElfImage
-from uprobes.unwind.cpython.layout import PythonLayoutError, layout_for
+from uprobes.elf.symbols import SymbolTable
+from uprobes.unwind.cpython.dwarf import debug_file_for, fields_from_dwarf
+from uprobes.unwind.cpython.layout import PythonLayoutError, compute_layout, layout_for
 from uprobes.unwind.cpython.linetable import line_at
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")
@@ -197,3 +199,30 @@ def test_an_interpreter_we_cannot_read_says_its_version(hexversion: int, says: s
         layout_for(image, "/usr/bin/python3.11", hexversion)
     assert str(e.value).startswith(says)
     assert "\n" not in str(e.value)
+
+
+def _with_dwarf() -> list[tuple[str, str]]:
+    """(file holding the runtime, its headers) of the 3.11 builds here with DWARF."""
+    found = []
+    for path in INTERPRETERS:
+        real = os.path.realpath(path)
+        prefix = os.path.dirname(os.path.dirname(real))
+        lib = os.path.join(prefix, "lib", "libpython3.11.so.1.0")
+        runtime = lib if os.path.exists(lib) else real
+        include = os.path.join(prefix, "include", os.path.basename(real))
+        image = ElfImage.open(runtime)
+        if debug_file_for(runtime, image.build_id) and os.path.isdir(include):
+            found.append((runtime, include))
+    return found
+
+
+@pytest.mark.parametrize("runtime, include", _with_dwarf())
+def test_dwarf_and_headers_give_one_layout(runtime: str, include: str) -> None:
+    """Two derivations from the build itself agree on every field."""
+    image = ElfImage.open(runtime)
+    (evals,) = SymbolTable.load(image).lookup("_PyEval_EvalFrameDefault")[:1]
+    debug = debug_file_for(runtime, image.build_id)
+    assert debug is not None
+    fields = fields_from_dwarf(debug, evals.link_addr)
+    assert fields is not None
+    assert fields == compute_layout(include).fields

@@ -290,6 +290,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                 self._exited_while("its probes were resolved")
             else:
                 assert self.pid is not None
+                if self._pystacks is not None:
+                    self._pystacks.prepare(self.pid)
                 try:
                     self._attach(self.pid)
                 except UprobesError:

@@ -1,12 +1,14 @@
 """Where the fields a Python stack is read from sit in one CPython build.
 
 The layouts differ per version and per build (a debug build, configure
-options), so they are never assumed: they come from the interpreter's own
-headers (the C compiler computes `offsetof` for every field against the
-headers installed with that very version, `PY_VERSION_HEX` checked against
-the interpreter's `Py_Version`), once per build, cached by the file's
-build-id. Only CPython 3.11's frame model (`_PyInterpreterFrame` reached
-through `tstate->cframe->current_frame`) is read.
+options), so they are never assumed. Where the build has DWARF (in the
+file, or a debug file by its build-id) they are read from it (dwarf.py);
+otherwise (a stripped build) the C compiler computes `offsetof` for every
+field against the headers installed with that very version,
+`PY_VERSION_HEX` checked against the interpreter's `Py_Version`. Once per
+build, cached by the file's build-id. Only CPython 3.11's frame model
+(`_PyInterpreterFrame` reached through `tstate->cframe->current_frame`) is
+read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 from uprobes.elf.image import ElfImage
 from uprobes.errors import UprobesError
+from uprobes.unwind.cpython.dwarf import debug_file_for, fields_from_dwarf
 
 SUPPORTED = ((3, 11),)
 _COMPILE_TIMEOUT_S = 60.0
@@ -76,6 +79,9 @@ class Layout:
 
     hexversion: int
     fields: dict[str, int]
+    source: str = "headers"
+    """Where the offsets came from: "dwarf" (the build's debug info) or
+    "headers" (compiled against its headers)."""
 
     def __post_init__(self) -> None:
         # Plain attributes: a frame walk reads a dozen of them per frame.
@@ -148,10 +154,13 @@ def compute_layout(include: str) -> Layout:
     return Layout(values.pop("hexversion"), values)
 
 
-def layout_for(image: ElfImage, path: str, hexversion: int) -> Layout:
+def layout_for(image: ElfImage, path: str, hexversion: int,
+               eval_link_addr: int | None = None) -> Layout:
     """The layout of the interpreter in `image` (the file holding
-    `_PyRuntime`, installed at `path`), whose `Py_Version` is `hexversion`;
-    PythonLayoutError says in one line why there is none."""
+    `_PyRuntime`, installed at `path`), whose `Py_Version` is `hexversion`:
+    from its DWARF where it has some (`eval_link_addr`: where
+    `_PyEval_EvalFrameDefault` is, whose unit is read), else from its
+    headers; PythonLayoutError says in one line why there is none."""
     found = f"Python {version_text(hexversion)} ({path})"
     if (hexversion >> 24, (hexversion >> 16) & 0xff) not in SUPPORTED:
         known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
@@ -163,9 +172,13 @@ def layout_for(image: ElfImage, path: str, hexversion: int) -> Layout:
             with open(cached) as f:
                 data = json.load(f)
             if data["hexversion"] == hexversion:
-                return Layout(hexversion, data["fields"])
+                return Layout(hexversion, data["fields"], data.get("source", "headers"))
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    layout = _from_dwarf(image, hexversion, eval_link_addr)
+    if layout is not None:
+        _store(cached, layout)
+        return layout
     tried = []
     for include in header_dirs(path, hexversion):
         if not os.path.exists(os.path.join(include, "internal", "pycore_frame.h")):
@@ -175,14 +188,28 @@ def layout_for(image: ElfImage, path: str, hexversion: int) -> Layout:
         if layout.hexversion != hexversion:
             tried.append(f"{include} (headers of {version_text(layout.hexversion)})")
             continue
-        if cached:
-            try:
-                os.makedirs(os.path.dirname(cached), exist_ok=True)
-                with open(cached + ".tmp", "w") as f:
-                    json.dump({"hexversion": layout.hexversion, "fields": layout.fields}, f)
-                os.replace(cached + ".tmp", cached)
-            except OSError:
-                pass  # computed again next time
+        _store(cached, layout)
         return layout
     raise PythonLayoutError(f"{found}: its frames cannot be read without its own headers "
                             f"(none found in {', '.join(tried)}; Debian: python3.X-dev)")
+
+
+def _from_dwarf(image: ElfImage, hexversion: int, eval_link_addr: int | None) -> Layout | None:
+    if eval_link_addr is None:
+        return None
+    debug = debug_file_for(image.path, image.build_id)
+    fields = None if debug is None else fields_from_dwarf(debug, eval_link_addr)
+    return None if fields is None else Layout(hexversion, fields, "dwarf")
+
+
+def _store(cached: str | None, layout: Layout) -> None:
+    if not cached:
+        return
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        with open(cached + ".tmp", "w") as f:
+            json.dump({"hexversion": layout.hexversion, "fields": layout.fields,
+                       "source": layout.source}, f)
+        os.replace(cached + ".tmp", cached)
+    except OSError:
+        pass  # computed again next time

@@ -106,7 +106,8 @@ def find_interpreter(pid: int) -> Interpreter | None:
             hexversion = int.from_bytes(image.read_link(version[0].link_addr, 4), "little")
         except UprobesError:
             continue
-        layout = layout_for(image, m.path, hexversion)
+        evals = symbols.lookup("_PyEval_EvalFrameDefault")
+        layout = layout_for(image, m.path, hexversion, evals[0].link_addr if evals else None)
         return Interpreter(m.path, bias + runtime[0].link_addr, bias + version[0].link_addr,
                            hexversion, layout)
     return None
@@ -171,6 +172,11 @@ class PythonStacks:
                 pass
         elif pid in self._interps and pid in self._noted:
             return None
+        return self.prepare(pid)
+
+    def prepare(self, pid: int) -> Interpreter | None:
+        """Find `pid`'s interpreter and its layout now (before its threads
+        are stopped at hits: the first time costs seconds on a big build)."""
         try:
             interp = find_interpreter(pid)
         except PythonLayoutError as e:
