@@ -22,7 +22,7 @@ from conftest import Compiler, RustCompiler
 from uprobes.commands import main
 from uprobes.elf.demangle import demangle, language
 from uprobes.elf.image import ElfImage
-from uprobes.elf.source_names import source_name
+from uprobes.elf.source_names import mangled_needle, source_name
 from uprobes.elf.symbols import SymbolTable
 from uprobes.lang.numbers import is_good_name
 
@@ -113,6 +113,22 @@ def test_rust_names_are_rustfilts_on_every_symbol(mangling: str, rust: dict[str,
     assert [(n, d) for n, d, want in zip(names, ours, libiberty)
             if d != want and not (d is not None and re.fullmatch(rf"{re.escape(want)}\.\d+", d))
             ] == []
+
+
+def test_a_lookup_demangles_only_what_can_match(cxx: Path, rust: dict[str, Path]) -> None:
+    """A lookup before the index is built demangles only the names holding the
+    name's last identifier as mangled; it finds what the whole index finds,
+    for the label and the base of every function (every 7th of libstdc++)."""
+    for path, step in ((cxx, 1), (rust["legacy"], 1), (rust["v0"], 1), (LIBSTDCXX, 7)):
+        table = SymbolTable.load(ElfImage.open(path), use_cache=False)
+        fresh, indexed = SymbolTable(list(table)), SymbolTable(list(table))
+        indexed.lookup_source("x::y")  # builds its index
+        names = sorted({n for s in table.functions()[::step] if (src := s.source_name)
+                        for n in (src.label, src.base) if mangled_needle(n)})
+        assert len(names) > 5
+        for name in names:
+            assert fresh.lookup_source(name) == indexed.lookup_source(name), name
+        assert fresh._by_source is None
 
 
 # ---------------------------------------------------------------- list and resolve

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import re
 
 import pyderust
 
-_RUST_LEGACY = re.compile(r"_ZN.*17h[0-9a-f]{16}E(\..*)?$")
+_HEX = frozenset("0123456789abcdef")
 _STATUS_OK = 0
 
 
@@ -37,11 +36,13 @@ class _CxaDemangle:
         self._free = ctypes.CDLL(None).free
         self._free.argtypes = [ctypes.c_void_p]
         self._free.restype = None
+        self._status = ctypes.c_int(-1)
+        self._status_ref = ctypes.byref(self._status)
 
     def __call__(self, name: str) -> str | None:
-        status = ctypes.c_int(-1)
-        out = self._call(name.encode(errors="surrogateescape"), None, None,
-                         ctypes.byref(status))
+        status = self._status
+        status.value = -1
+        out = self._call(name.encode(errors="surrogateescape"), None, None, self._status_ref)
         if not out:
             return None
         try:
@@ -81,15 +82,25 @@ def demangle_rust(name: str) -> str | None:
 
 def language(name: str) -> str | None:
     """'rust', 'c++' or None (not mangled), by the name's form alone."""
-    if name.startswith("_R") or _RUST_LEGACY.match(name):
+    if name.startswith("_R"):
         return "rust"
-    return "c++" if name.startswith("_Z") else None
+    if not name.startswith("_Z"):
+        return None
+    return "rust" if _is_rust_legacy(name) else "c++"
 
 
-def demangle(name: str) -> str | None:
+def _is_rust_legacy(name: str) -> bool:
+    """`_ZN...17h<16 hex digits>E`, maybe with a `.llvm.N`-like suffix."""
+    body = name.partition(".")[0]
+    return (name.startswith("_ZN") and body.endswith("E") and body[-20:-17] == "17h"
+            and all(c in _HEX for c in body[-17:-1]))
+
+
+def demangle(name: str, lang: str | None = None) -> str | None:
     """`name` as its language spells it, or None when it is not a mangled
-    name (a C name, or not valid). Not cached: `source_name` is."""
-    lang = language(name)
+    name (a C name, or not valid); `lang` as `language` gives it, if known.
+    Not cached: `source_name` is."""
+    lang = lang or language(name)
     if lang == "rust":
         return demangle_rust(name) or demangle_cxx(name)
     if lang == "c++":

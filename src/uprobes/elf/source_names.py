@@ -35,7 +35,7 @@ _SPECIAL = ("non-virtual thunk to ", "virtual thunk to ", "covariant return thun
             "vtable for ", "VTT for ", "construction vtable for ", "typeinfo for ",
             "typeinfo name for ", "java Class for ", "non-transaction clone for ")
 _OPEN, _CLOSE = "<([{", ">)]}"
-_PARENS = re.compile(r"[()]")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKENS = re.compile(r"operator|[<>()\[\]{} ]")
 _OPERATORS = sorted(("<<=", ">>=", "<=>", "->*", "<<", ">>", "<=", ">=", "==", "!=", "&&", "||",
                      "++", "--", "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "->", "<", ">",
@@ -58,7 +58,7 @@ def source_name(name: str) -> SourceName | None:
     lang = language(name)
     if lang is None:
         return None
-    text = demangle(name)
+    text = demangle(name, lang)
     if text is None:
         return None
     if lang == "rust":
@@ -101,15 +101,21 @@ def _parameter_list(body: str) -> int:
 
 
 def _matching_open(text: str, close: int) -> int:
+    """Where the '(' that the ')' at `close` closes is, or -1."""
     depth = 0
-    for m in reversed(list(_PARENS.finditer(text, 0, close + 1))):
-        if m.group() == ")":
+    i = close + 1
+    while True:
+        opened, closed = text.rfind("(", 0, i), text.rfind(")", 0, i)
+        if closed > opened:
             depth += 1
+            i = closed
+        elif opened < 0:
+            return -1
         else:
             depth -= 1
             if depth == 0:
-                return m.start()
-    return -1
+                return opened
+            i = opened
 
 
 def _without_return_type(name: str) -> str:
@@ -169,18 +175,24 @@ def cxx_keys(base: str) -> set[str]:
     `ns::twice<long>` as `ns::twice`, which names each instance."""
     if not base.endswith(">"):
         return set()
+    opened = _template_open(base)
+    name = base[:opened].rstrip() if opened > 0 else ""
+    if not name or name.endswith("operator") or name.endswith(":"):
+        return set()
+    return {name}
+
+
+def _template_open(text: str) -> int:
+    """Where the '<' that the '>' ending `text` closes is, or -1."""
     depth = 0
-    for i in range(len(base) - 1, -1, -1):
-        if base[i] == ">":
+    for i in range(len(text) - 1, -1, -1):
+        if text[i] == ">":
             depth += 1
-        elif base[i] == "<":
+        elif text[i] == "<":
             depth -= 1
             if depth == 0:
-                name = base[:i].rstrip()
-                if not name or name.endswith("operator") or name.endswith(":"):
-                    return set()
-                return {name}
-    return set()
+                return i
+    return -1
 
 
 def rust_keys(label: str) -> set[str]:
@@ -215,6 +227,31 @@ def inherent_path(label: str) -> str | None:
                     return None
                 return inner + label[i + 1:]
     return None
+
+
+def mangled_needle(name: str) -> str | None:
+    """What every mangled name of a function that source name `name` names
+    holds: its last component as both manglings spell an identifier,
+    `<length><identifier>` (`ns::C::add(int)` -> `3add`), so a lookup need
+    only demangle the few names that hold it. None where that is not so
+    (an operator, a constructor or destructor, a name starting with '_',
+    which v0 spells `<length>_<identifier>`)."""
+    params = _parameter_list(name)
+    body = name[:params] if params > 0 else name
+    while body.endswith(">"):  # template arguments, `<long>` or Rust's `::<u32>`
+        opened = _template_open(body)
+        if opened <= 0 or body[:opened].rstrip().endswith("operator"):
+            return None
+        body = body[:opened].rstrip().removesuffix("::")
+    ident = body.rsplit("::", 1)[-1]
+    if not _IDENTIFIER.fullmatch(ident) or ident.startswith("_"):
+        return None
+    scope = body[:-len(ident)].removesuffix("::")
+    if scope.endswith(">"):
+        scope = scope[:max(_template_open(scope), 0)]
+    if scope.rsplit("::", 1)[-1] == ident:  # a constructor: C1, C2 in the mangled name
+        return None
+    return f"{len(ident)}{ident}"
 
 
 def normalized(text: str) -> str:

@@ -22,7 +22,7 @@ from uprobes.elf.demangle import is_mangled
 from uprobes.elf.dynamic import dynamic_symbols
 from uprobes.elf.golang import go_symbols
 from uprobes.elf.image import ElfImage, FileIdentity
-from uprobes.elf.source_names import cxx_keys, normalized, rust_keys
+from uprobes.elf.source_names import cxx_keys, mangled_needle, normalized, rust_keys
 from uprobes.elf.symread import Symbol, read_symbols, split_version, symbol_sections
 
 __all__ = ["Symbol", "SymbolTable", "ifunc_warning", "matches", "split_version"]
@@ -178,18 +178,12 @@ class SymbolTable:
         return out
 
     def _source_index(self) -> dict[str, list[Symbol]]:
-        """Functions by their source names, label and base, whitespace
-        dropped: built on first use, since it demangles every mangled name."""
+        """Functions by their source names, whitespace dropped: built on first
+        use, since it demangles every mangled name."""
         if self._by_source is None:
             index: dict[str, list[Symbol]] = {}
             for sym in self._functions:
-                src = sym.source_name if is_mangled(sym.name) else None
-                if src is None:
-                    continue
-                keys = {normalized(src.label), normalized(src.base)}
-                more = rust_keys(src.label) if src.language == "rust" else cxx_keys(src.base)
-                keys.update(normalized(k) for k in more)
-                for key in keys:
+                for key in _source_keys(sym):
                     index.setdefault(key, []).append(sym)
             self._by_source = index
         return self._by_source
@@ -198,8 +192,16 @@ class SymbolTable:
         """Functions `name` names as their C++ or Rust source writes it: with
         a parameter list (`ns::C::add(int)`, its label) or without
         (`ns::C::add`, every overload), however spaced. GCC's clones
-        (`[clone .cold]`) only when nothing else has that name."""
-        found = self._source_index().get(normalized(name), [])
+        (`[clone .cold]`) only when nothing else has that name.
+
+        Without the index, only the names that hold the name's last
+        identifier as mangled (`3add`) are demangled: all a match can be."""
+        key = normalized(name)
+        needle = mangled_needle(name) if self._by_source is None else None
+        if needle is None:
+            found = self._source_index().get(key, [])
+        else:
+            found = [s for s in self._functions if needle in s.name and key in _source_keys(s)]
         whole = [s for s in found if not s.source_name or not s.source_name.clone]
         return sorted(whole or found, key=lambda s: s.link_addr)
 
@@ -260,7 +262,9 @@ class SymbolTable:
         """Up to `n` existing names close to `name`, best first, for "did you mean"."""
         plain, version, _ = split_version(name)
         hidden = [s.display_name for s in self._by_name.get(plain, ()) if version is None]
-        pool: set[str] = set(self._by_name)
+        # a name written as source writes it is near other source names, not symbols
+        as_source = "::" in name or "(" in name
+        pool: set[str] = {k for k in self._by_name if not (as_source and is_mangled(k))}
         src = (s.source_name for s in self._functions if is_mangled(s.name))
         pool.update(n.label if "(" in name else n.base for n in src if n is not None)
         if version is not None:
@@ -271,6 +275,16 @@ class SymbolTable:
     def functions(self) -> list[Symbol]:
         """All function and IFUNC symbols, aliases included, sorted by address."""
         return list(self._functions)
+
+
+def _source_keys(sym: Symbol) -> set[str]:
+    """The source names `sym` answers to, whitespace dropped: its label, its
+    base, and a template's or a Rust method's other spellings."""
+    src = sym.source_name if is_mangled(sym.name) else None
+    if src is None:
+        return set()
+    more = rust_keys(src.label) if src.language == "rust" else cxx_keys(src.base)
+    return {normalized(k) for k in (src.label, src.base, *more)}
 
 
 def matches(symbol: Symbol, pattern: str) -> bool:
