@@ -28,6 +28,8 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
 - `uprobes count -e ptrace --by a 'FUNCTION a=%di'`: counted by the
   argument's value in the program (a hash table in shared memory), timing
   the workload's loop;
+- `uprobes count -e ptrace --if 'a == -1' 'FUNCTION a=%di'`: a filter that
+  rejects every hit, compiled into the counting code, timing the loop;
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -140,6 +142,11 @@ def _keyed_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | No
         + sum(int(t["overflow"]) for t in tables)
 
 
+def _rejected_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
+    """A filter that keeps nothing: no count to check (-1, wrong, if it kept any)."""
+    return -1 if re.search(r"^uprobes/\S+\s+[1-9]", proc.stdout, re.M) else None
+
+
 def _uprobes_count(proc: subprocess.CompletedProcess[str], work: Path) -> int | None:
     found = re.findall(r"^uprobes/\S+\s+(\d+)$", proc.stdout, re.M)
     return int(found[-1]) if found else 0
@@ -229,6 +236,13 @@ def tools(workload: Workload) -> list[Tool]:
              for by, probe in (("tid", "entry, by tid (one key)"),
                                ("a", "entry, by a=%di (a new key each call: the table "
                                      "fills, the rest overflow)"))]
+    def rejected(function: str) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: [py, "-m", "uprobes", "count", "-e", "ptrace", "--if", "a == -1",
+                                f"{workload.exe}:{function} a=%di:s64", "--",
+                                *workload.argv(n, function)]
+    rows += [Tool("uprobes count -e ptrace --if", "entry, a == -1 (every hit rejected in the "
+                  "program)", boosted, rejected(boosted), _rejected_count,
+                  hits=(100_000, 3_000_000), loop_timed=True, ours=True)]
     rows += [Tool("uprobes latency -e ptrace", "entry+return (timed in the program)", f,
                   latency(f), _latency_count, hits=(100_000, 3_000_000), loop_timed=True,
                   ours=True) for f in (emulated, boosted)]

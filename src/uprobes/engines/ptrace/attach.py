@@ -16,7 +16,9 @@ from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
+from uprobes.engines.trapfree.filtercode import Check, compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
+from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit
 from uprobes.engines.trapfree.recording import recipe_for, waits
 from uprobes.errors import KernelError, ProcessError, UprobesError
@@ -216,8 +218,11 @@ class Attach(TracerState):
         name = self._count_only.get(probe.dispatch if at_ret is None else probe.ret_dispatch)
         point = probe.point
         record: Record | None = None
+        check: Check | None = None
         why = self._why_not_trapfree(probe, at_ret is not None)
-        if why is None and (self._trapfree == "record" or name is None):
+        if why is None and self._trapfree == "count" and name is None:
+            check, name = self._compiled_filter(probe, at_ret is not None)
+        if why is None and check is None and (self._trapfree == "record" or name is None):
             why, record = self._recording(probe, name, addr, addr - file_offset,
                                           None if at_ret is None else addr - at_ret)
         if why is None:
@@ -228,13 +233,27 @@ class Attach(TracerState):
         if why is None:
             assert not isinstance(plan, str)
             start = addr - (file_offset - plan.file_offset)  # before a ret: its insns
-            why = self._patch(t, regs, plan, name or point.name, start, record)
+            why = self._patch(t, regs, plan, name or point.name, start, record, check=check)
         jumps.decide(point.name, why)
         return why is None
 
+    def _compiled_filter(self, probe: Probe, ret: bool) -> tuple[Check | None, str | None]:
+        """(the run's filter as the counting code can test it, the display
+        name it counts under), or (None, None): the probe records instead."""
+        handlers = [c.ret_handler if ret else c.handler for c in probe.consumers]
+        lines = [self._ours[h] for h in handlers if h in self._ours]
+        if self.hit_filter is None or len(lines) != 1:
+            return None, None
+        line = lines[0]
+        check = compile_check(self.hit_filter.combined.root,
+                              lambda field: source_of(line, field, ret))
+        if isinstance(check, str):
+            return None, None
+        return check, next(n for n, p in zip(self._names_by_line, self.probes) if p is line)
+
     def _patch(self, t: Thread, regs: UserRegs, plan: FilePlan, name: str, start: int,
                record: Record | None = None, timed: Timed | None = None,
-               by: Keyed | None = None) -> str | None:
+               by: Keyed | None = None, check: Check | None = None) -> str | None:
         """Place the jump patch `plan` at `start` in `t`'s address space (every
         thread of it stopped meanwhile); None, or why it could not go in."""
         jumps = self._jumps
@@ -252,7 +271,7 @@ class Attach(TracerState):
         try:
             jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, start, mm.sites, threads,
                         lambda near, need: self._area_for(t, regs, near, need),
-                        syscall_addr, t.pending, record, timed, by)
+                        syscall_addr, t.pending, record, timed, by, check)
             if record is not None:  # names read now: a thread may be gone when
                 for o in self.threads.values():  # its records are read
                     if o.mm is mm:

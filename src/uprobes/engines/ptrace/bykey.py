@@ -18,38 +18,12 @@ from uprobes.engines.ptrace.state import TracerState
 from uprobes.engines.ptrace.tasks import Thread
 from uprobes.engines.trapfree.fileplan import plan_for
 from uprobes.engines.trapfree.jumppatch import Keyed
-from uprobes.engines.trapfree.keyed import TID, Source, loadable
-from uprobes.engines.trapfree.recording import needs
-from uprobes.lang.ast import FetchArg, UsdtTarget
+from uprobes.engines.trapfree.keyed import TID, Source, source_of
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Probe
-from uprobes.resolve.abi import lower_fetcharg
 from uprobes.sys import ptrace
 
 _U64 = 1 << 64
-
-
-def source_of(probe: ResolvedProbe, name: str, ret: bool) -> Source | str:
-    """Where probe line `probe`'s fetcharg `name` is at its hit, or why it
-    cannot be read in the program. `ret`: the code runs right before the
-    probed `ret` (the stack a return probe sees is 8 bytes higher)."""
-    arg = next((a for a in probe.args if a.name == name), None)
-    if arg is None:
-        return f"it fetches no {name}"
-    usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
-    low: FetchArg = lower_fetcharg(arg, usdt)
-    t = low.type
-    if t.is_string or t.bitfield is not None or t.array or t.base == "char":
-        return f"{name}: only whole integers are keys and values in the program"
-    need = needs(low)
-    if isinstance(need, str):
-        return f"{name}: {need}"
-    reg, span = need
-    stack = None if span is None else span[0] + (8 if ret else 0)
-    if span is not None and span[1] - span[0] > 8 or not loadable(reg, stack) \
-            or (ret and reg == "rsp"):
-        return f"{name}: not a register or stack word the program's code can read"
-    return Source(reg, stack, t.size, t.base.startswith("s"))
 
 
 class KeyCounter(TracerState):

@@ -22,6 +22,7 @@ from uprobes.engines.ptrace.orphan import OrphanGuard
 from uprobes.engines.ptrace.tasks import AddressSpace, Feature, Thread
 from uprobes.engines.signals import StopSignals
 from uprobes.engines.trapfree.fileplan import FilePlan
+from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
 from uprobes.engines.trapfree.reader import Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
@@ -107,7 +108,7 @@ class TracerState:
 
     def _patch(self, t: Thread, regs: ptrace.UserRegs, plan: FilePlan, name: str, start: int,
                record: Record | None = None, timed: Timed | None = None,
-               by: Keyed | None = None) -> str | None:
+               by: Keyed | None = None, check: Check | None = None) -> str | None:
         """attach.py: place a jump patch (every thread of the space stopped); why not."""
         raise NotImplementedError
 

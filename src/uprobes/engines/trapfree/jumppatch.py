@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 from uprobes.analysis.keyed import Aggregate
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
-from uprobes.engines.trapfree import keyed, recording, timing, trampoline
+from uprobes.engines.trapfree import filtercode, keyed, recording, timing, trampoline
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
+from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.keyed import KeyedBlock, Source
 from uprobes.engines.trapfree.layout import (
     COUNTER_BLOCK_BYTES,
     COUNTER_STRIDE,
+    COUNTER_TLS,
     KEYED_BYTES,
     RING_BYTES,
     TIMING_BYTES,
@@ -79,8 +81,9 @@ class CounterBlock:
     def __init__(self, view: mmap.mmap, runtime_addr: int) -> None:
         self.view = view
         self.runtime_addr = runtime_addr
-        self.used = 0
-        self._seen: list[tuple[int, float]] = []  # per counter: (value as last read, when)
+        self.used = 1  # index 0 is the header line (layout.COUNTER_TLS)
+        self._seen: list[tuple[int, float]] = [(0, time.monotonic())]  # per counter: (value
+        # as last read, when)
         self.corrupt = 0  # reads of a counter that no run of hits can have left
 
     def alloc(self) -> int | None:
@@ -94,6 +97,9 @@ class CounterBlock:
 
     def addr(self, index: int) -> int:
         return self.runtime_addr + index * COUNTER_STRIDE
+
+    def tls_confirmed(self) -> None:
+        self.view[COUNTER_TLS] = 1
 
     def read(self, index: int) -> int:
         return int(struct.unpack_from("<Q", self.view, index * COUNTER_STRIDE)[0])
@@ -267,14 +273,15 @@ class TrapFree:
               threads: list[tuple[int, bool]], area_for: AreaFor,
               syscall_addr: Callable[[], int], held: list[int],
               record: Record | None = None, timed: Timed | None = None,
-              by: Keyed | None = None) -> None:
+              by: Keyed | None = None, check: Check | None = None) -> None:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
         stopped) of every thread of the process. `record`: the trampoline
         records into a ring (recording.py); `timed`: it times a function
         (timing.py); `by`: it counts by key under `name` (keyed.py); else it
-        counts under `name`. NotTrapFree if it may not."""
+        counts under `name`, the hits that pass `check` if given
+        (filtercode.py). NotTrapFree if it may not."""
         space = self._spaces.setdefault(mm, _Space())
         length = len(plan.original)
         end = runtime_addr + length
@@ -301,7 +308,8 @@ class TrapFree:
                 if runtime_addr < rip < end:
                     raise NotTrapFree(f"a signal handler of thread {other} runs, and the code "
                                       "it interrupted is inside the bytes a jump would replace")
-            if (record, timed, by) != (None, None, None) and tls and space.tls_tid is None:
+            if (record, timed, by, check) != (None, None, None, None) and tls \
+                    and space.tls_tid is None:
                 tls = _tid_at_thread_pointer(mem, r.fs_base, other)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
         if record is not None:
@@ -313,6 +321,9 @@ class TrapFree:
         elif by is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, keyed.prologue_size(by.value is not None))
+        elif check is not None:
+            space.tls_tid = tls
+            size = trampoline.max_size(displaced, filtercode.prologue_size(check))
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
@@ -348,6 +359,12 @@ class TrapFree:
             counter = (block, index)
             counter_addr = block.addr(index)
             prologue = lambda at: trampoline.counting_prologue(at, counter_addr)  # noqa: E731
+            if check is not None:
+                if tls:
+                    block.tls_confirmed()
+                block_addr, test = block.runtime_addr, check
+                prologue = lambda at: filtercode.counting_prologue(  # noqa: E731
+                    at, counter_addr, block_addr, test)
         else:
             ring = next((r for r in space.rings
                          if _reaches(r.runtime_addr, RING_BYTES, area)), None)
@@ -428,7 +445,7 @@ class TrapFree:
         from now on (a command's probes go in at its exec, before the
         dynamic linker sets the thread pointer up)."""
         space = self._spaces.get(mm)
-        if space is None or not (space.timing or space.keyed) or space.tls_tid:
+        if space is None or not (space.timing or space.keyed or space.blocks) or space.tls_tid:
             return
         if _tid_at_thread_pointer(mem, fs_base, tid):
             space.tls_tid = True
@@ -436,6 +453,8 @@ class TrapFree:
                 rows.tls_confirmed()
             for tables in space.keyed:
                 tables.tls_confirmed()
+            for counters in space.blocks:
+                counters.tls_confirmed()
 
     def release_thread(self, mm: object, tid: int) -> None:
         """A thread of `mm` exited: its timing rows are free for a new thread."""

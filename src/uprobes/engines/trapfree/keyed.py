@@ -50,8 +50,12 @@ from uprobes.engines.trapfree.layout import (
     TABLE_ENTRIES,
     TABLE_OVERFLOW,
 )
+from uprobes.engines.trapfree.recording import needs
 from uprobes.engines.trapfree.sharedmem import most_hits
 from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc, _mem, _tid
+from uprobes.lang.ast import FetchArg, UsdtTarget
+from uprobes.model.probe import ResolvedProbe
+from uprobes.resolve.abi import lower_fetcharg
 
 _HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: the top bits of key * this
 _READY, _CLAIMED = 2, 1
@@ -77,12 +81,14 @@ class Source:
 TID = Source("tid", size=4)
 
 
-def _load(a: _Asm, src: Source, dst: Any, frame: int, block: int) -> None:
-    """dst (rsi or rdx) = the source's value, extended to 64 bits."""
+def load(a: _Asm, src: Source, dst: Any, frame: int, block: int,
+         flag: int = KEYED_TLS) -> None:
+    """dst (rsi or rdx) = the source's value, extended to 64 bits (`flag`:
+    where in the block at `block` the tid's TLS flag is)."""
     i = Instruction
     if src.reg == "tid":
         assert dst == R.RSI
-        _tid(a, block)  # esi, zero-extended
+        _tid(a, block, flag)  # esi, zero-extended
         return
     if src.stack is not None:
         a(i.create_reg_mem(Code.MOV_R64_RM64, dst, _mem(R.RSP, frame + src.stack)))
@@ -106,8 +112,31 @@ def _load(a: _Asm, src: Source, dst: Any, frame: int, block: int) -> None:
 
 
 def loadable(reg: str | None, stack: int | None) -> bool:
-    """Whether `_load` can read a register (or the stack) the recording recipe names."""
+    """Whether `load` can read a register (or the stack) the recording recipe names."""
     return stack is not None or reg in ("rsp", *_SAVED_AT, *_REGS)
+
+
+def source_of(probe: ResolvedProbe, name: str, ret: bool) -> Source | str:
+    """Where probe line `probe`'s fetcharg `name` is at its hit, or why it
+    cannot be read in the program. `ret`: the code runs right before the
+    probed `ret` (the stack a return probe sees is 8 bytes higher)."""
+    arg = next((a for a in probe.args if a.name == name), None)
+    if arg is None:
+        return f"it fetches no {name}"
+    usdt = probe.usdt_args if isinstance(probe.spec.target, UsdtTarget) else None
+    low: FetchArg = lower_fetcharg(arg, usdt)
+    t = low.type
+    if t.is_string or t.bitfield is not None or t.array or t.base == "char":
+        return f"{name}: only whole integers are keys and values in the program"
+    need = needs(low)
+    if isinstance(need, str):
+        return f"{name}: {need}"
+    reg, span = need
+    stack = None if span is None else span[0] + (8 if ret else 0)
+    if span is not None and span[1] - span[0] > 8 or not loadable(reg, stack) \
+            or (ret and reg == "rsp"):
+        return f"{name}: not a register or stack word the program's code can read"
+    return Source(reg, stack, t.size, t.base.startswith("s"))
 
 
 def prologue(at: int, block: int, table: int, key: Source, value: Source | None) -> bytes:
@@ -118,8 +147,8 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None)
     a = _Asm()
     frame = _enter(a)
     if value is not None:
-        _load(a, value, R.RDX, frame, block)
-    _load(a, key, R.RSI, frame, block)
+        load(a, value, R.RDX, frame, block)
+    load(a, key, R.RSI, frame, block)
     entries = block + KEYED_TABLES_OFFSET + table * TABLE_BYTES + TABLE_ENTRIES
     a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, _HASH),
       i.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RSI),

@@ -23,7 +23,8 @@ The recording ring (one per fork family, MAP_SHARED):
       SLOT_VALUES  the recorded words (registers, then stack words), MAX_WORDS at most
 
 A counter block (trap-free counting) holds COUNTER_BLOCK_BYTES of 8-byte
-counters, one every COUNTER_STRIDE bytes.
+counters, one every COUNTER_STRIDE bytes; the first line is its header
+(COUNTER_TLS, as TIMING_TLS: a filter on the tid reads it as timing does).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ CPU_MASK = (1 << CPU_BITS) - 1
 
 COUNTER_BLOCK_BYTES = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
+COUNTER_TLS = 0      # in the header line, counter index 0 (never a counter)
 
 # ---------------------------------------------------------------- timing (latency in the program)
 # A timing block (timing.py): a header page of counters that writers bump

@@ -91,6 +91,12 @@ class _Asm:
 
     def __init__(self) -> None:
         self.items: list[Instruction | tuple[str, Any]] = []
+        self._made = 0
+
+    def fresh(self, name: str) -> str:
+        """A label name not used before in this code (for parts emitted more than once)."""
+        self._made += 1
+        return f"{name}.{self._made}"
 
     def __call__(self, *insns: Instruction) -> None:
         self.items.extend(insns)
@@ -150,22 +156,23 @@ def _leave(a: _Asm) -> None:
       i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _RED_ZONE)))
 
 
-def _tid(a: _Asm, block: int) -> None:
+def _tid(a: _Asm, block: int, flag: int = TIMING_TLS) -> None:
     """esi = the thread's tid: from glibc's struct pthread once the tracer
     has seen it there (TIMING_TLS: a command's probes go in at its exec,
     before the dynamic linker sets the thread pointer up), else by a
     system call (clobbers rax and rcx; r11 kept)."""
     i = Instruction
-    a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RIP, block + TIMING_TLS), 0))
-    a.jump(Code.JE_REL32_64, "gettid")
+    gettid, done = a.fresh("gettid"), a.fresh("tid")
+    a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RIP, block + flag), 0))
+    a.jump(Code.JE_REL32_64, gettid)
     a(i.create_reg_mem(Code.MOV_R32_RM32, R.ESI,
                        MemoryOperand(R.NONE, displ=GLIBC_TID_OFFSET, seg=R.FS)))
-    a.jump(Code.JMP_REL32_64, "tid")
-    a.label("gettid")
+    a.jump(Code.JMP_REL32_64, done)
+    a.label(gettid)
     a(i.create_reg(Code.PUSH_R64, R.R11),
       i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_GETTID), i.create(Code.SYSCALL),
       i.create_reg_reg(Code.MOV_R32_RM32, R.ESI, R.EAX), i.create_reg(Code.POP_R64, R.R11))
-    a.label("tid")
+    a.label(done)
 
 
 def _row(a: _Asm, block: int) -> None:

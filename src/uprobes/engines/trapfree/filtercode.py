@@ -1,0 +1,115 @@
+"""Filters compiled into the counting code: `count --if/--tid` with no record per hit.
+
+A counting probe with a filter used to record every hit into a ring for
+uprobes to test in Python. When every test of the filter (`HitFilter.combined`)
+compares a number the program's code can read (the thread's tid, a
+fetcharg that is a register or a stack word) with a constant, the jump's
+code tests it itself: `&&`, `||` and `!` become branches, a comparison a
+`cmp` (signed or not, as the fetcharg's type says) or a `test` for `&`, and
+only a hit that passes does the `lock inc` of its counter. A hit that fails
+costs the compare and nothing else. What cannot be compiled (`comm`, `pid`,
+strings, memory behind a pointer) keeps the recording path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+from iced_x86 import Code, Instruction
+from iced_x86 import Register as R
+
+from uprobes.engines.trapfree.keyed import TID, Source, load
+from uprobes.engines.trapfree.layout import COUNTER_TLS
+from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc
+from uprobes.lang.condition import Compare, Logic, Node, Not
+
+_U64 = (1 << 64) - 1
+_JUMPS = {  # op -> (signed jcc, unsigned jcc) taken when the comparison holds
+    "==": (Code.JE_REL32_64, Code.JE_REL32_64), "!=": (Code.JNE_REL32_64, Code.JNE_REL32_64),
+    "<": (Code.JL_REL32_64, Code.JB_REL32_64), "<=": (Code.JLE_REL32_64, Code.JBE_REL32_64),
+    ">": (Code.JG_REL32_64, Code.JA_REL32_64), ">=": (Code.JGE_REL32_64, Code.JAE_REL32_64),
+    "&": (Code.JNE_REL32_64, Code.JNE_REL32_64),
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A filter the code can test: its tree, and where each field it names is."""
+
+    root: Node
+    sources: tuple[tuple[str, Source], ...]
+
+
+def compile_check(root: Node, source: Callable[[str], Source | str]) -> Check | str:
+    """`root` as code can test it, `source(field)` saying where a fetcharg
+    is (or why it cannot be read there); else why not."""
+    found: dict[str, Source] = {}
+    stack: list[Node] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Logic):
+            stack.extend(node.operands)
+        elif isinstance(node, Not):
+            stack.append(node.operand)
+        else:
+            if not isinstance(node.value, int) or node.op not in _JUMPS:
+                return f"{node.field} {node.op} {node.value!r} is not a number's comparison"
+            if node.field in ("comm", "pid"):
+                return f"{node.field} is not known to the program's code"
+            where = TID if node.field == "tid" else source(node.field)
+            if isinstance(where, str):
+                return where
+            found[node.field] = where
+    return Check(root, tuple(sorted(found.items(), key=lambda kv: kv[0])))
+
+
+def counting_prologue(at: int, counter: int, block: int, check: Check) -> bytes:
+    """The counting code for a trampoline at `at`: the counter at `counter`
+    goes up only when `check` holds (the counter block at `block` holds the
+    tid's TLS flag)."""
+    a = _Asm()
+    frame = _enter(a)
+    sources = dict(check.sources)
+    labels = count()
+    _emit(a, check.root, "pass", "done", sources, frame, block, labels)
+    a.label("pass")
+    a(_locked_inc(counter))
+    _leave(a)
+    return a.encode(at)
+
+
+def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], frame: int,
+          block: int, labels: Any) -> None:
+    """Branch to `yes` when `node` holds, else to `no`."""
+    i = Instruction
+    if isinstance(node, Not):
+        _emit(a, node.operand, no, yes, sources, frame, block, labels)
+        return
+    if isinstance(node, Logic):
+        for n, operand in enumerate(node.operands):
+            if n == len(node.operands) - 1:
+                _emit(a, operand, yes, no, sources, frame, block, labels)
+                continue
+            nxt = f"l{next(labels)}"
+            if node.op == "&&":
+                _emit(a, operand, nxt, no, sources, frame, block, labels)
+            else:
+                _emit(a, operand, yes, nxt, sources, frame, block, labels)
+            a.label(nxt)
+        return
+    assert isinstance(node, Compare) and isinstance(node.value, int)
+    src = sources[node.field]
+    load(a, src, R.RSI, frame, block, COUNTER_TLS)
+    a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, node.value & _U64))
+    a(i.create_reg_reg(Code.TEST_RM64_R64, R.RSI, R.RAX) if node.op == "&"
+      else i.create_reg_reg(Code.CMP_R64_RM64, R.RSI, R.RAX))
+    signed_jump, unsigned_jump = _JUMPS[node.op]
+    a.jump(signed_jump if src.signed else unsigned_jump, yes)
+    a.jump(Code.JMP_REL32_64, no)
+
+
+def prologue_size(check: Check) -> int:
+    return len(counting_prologue(0x10000000, 0x10100000, 0x10100000, check))

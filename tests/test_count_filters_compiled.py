@@ -1,0 +1,75 @@
+"""`count -e ptrace --if/--tid`: the filter compiled into the counting code
+(engines/trapfree/filtercode.py), no record per hit; counts against what
+the fixture's calls (timed.c `keys N K`: tiny(i % K) for i < N) must give."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Compiler
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+COUNTER_NOTE = "1 of 1 probes trap-free (a jump to an in-process counter, no stop per hit)"
+
+
+@pytest.fixture(scope="module")
+def timed(compile_c: Compiler) -> Path:
+    return compile_c("timed.c", "-pthread")
+
+
+def _count(timed: Path, spec: str, *argv: str, mode: tuple[str, ...] = ("keys", "20000", "200")
+           ) -> tuple[int, str]:
+    run = subprocess.run([*UPROBES, "count", "-e", "ptrace", *argv, f"{timed}:{spec}", "--",
+                          str(timed), *mode], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    found = re.search(r"^uprobes/tiny\s+(\d+)$", run.stdout, re.M)
+    return (int(found[1]) if found else 0), run.stderr
+
+
+def _expected(keep: Callable[[int], bool], calls: int = 20000, keys: int = 200) -> int:
+    return sum(1 for i in range(calls) if keep(i % keys))
+
+
+def _s8(v: int) -> int:
+    return v - 256 if v >= 128 else v
+
+
+@pytest.mark.parametrize("cond,keep", [
+    ("a == 7", lambda v: v == 7),
+    ("a != 7", lambda v: v != 7),
+    ("a < 10 || a >= 190", lambda v: v < 10 or v >= 190),
+    ("a > 10 && a <= 20 && !(a & 1)", lambda v: 10 < v <= 20 and not v & 1),
+    ("a == -1", lambda v: False),
+], ids=["eq", "ne", "or", "and-not-mask", "none"])
+def test_compiled_conditions_count_what_they_keep(timed: Path, cond: str,
+                                                  keep: Callable[[int], bool]) -> None:
+    got, stderr = _count(timed, "tiny a=%di:u64", "--if", cond)
+    assert COUNTER_NOTE in stderr, stderr  # counted in the program, not recorded
+    assert got == _expected(keep)
+
+
+def test_signed_fields_compare_signed(timed: Path) -> None:
+    """`a=%di:s8`: the low byte sign-extended, as the event path reads it."""
+    got, stderr = _count(timed, "tiny a=%di:s8", "--if", "a < 0 && a > -50")
+    assert COUNTER_NOTE in stderr
+    assert got == _expected(lambda v: -50 < _s8(v) < 0)
+
+
+def test_tid_filters_are_compiled(timed: Path) -> None:
+    threads = ("threads", "4", "5000")
+    got, stderr = _count(timed, "tiny", "--if", "tid > 0", mode=threads)
+    assert COUNTER_NOTE in stderr and got == 20000
+    got, stderr = _count(timed, "tiny", "--tid", "1", mode=threads)
+    assert COUNTER_NOTE in stderr and got == 0
+
+
+def test_what_cannot_be_compiled_is_still_filtered(timed: Path) -> None:
+    """`--comm` is not known to the program's code: those hits are recorded
+    and filtered as before, with the same counts."""
+    got, stderr = _count(timed, "tiny", "--comm", timed.name[:15], mode=("tiny", "3000"))
+    assert got == 3000 and "recording" in stderr, stderr
