@@ -181,3 +181,43 @@ def test_a_process_by_pid_gets_its_own_kernel_events(running_forever: int, engin
     # Between two ticks, the loop's nanosleep (glibc's clock_nanosleep), whole.
     calls = [(d["kernel"], d["name"]) for d in docs[ticks[-2] + 1:ticks[-1]] if "kernel" in d]
     assert calls == [("syscall_enter", "clock_nanosleep"), ("syscall_exit", "clock_nanosleep")]
+
+
+def test_kernel_events_lost_are_counted_even_at_the_end(tracefs: Path,
+                                                        compile_c: Compiler) -> None:
+    """A ring too small to hold the run, read only once it is over: the
+    kernel writes no PERF_RECORD_LOST (it never has room again), and the
+    loss is still counted, exactly, from its own count of each tracepoint."""
+    from uprobes.engines.kevents.source import KernelEvents
+    from uprobes.engines.launch import launch
+    exe = compile_c("../../bench/syscall_rate.c")
+    with KernelEvents(["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"],
+                      ring_pages=1) as events:
+        child = launch([str(exe), "20000", "0.1"])
+        events.open(child=child.pid)
+        child.release()
+        assert child.wait() == 0
+        events.disable()
+        read = len(events.read())
+        made = 2000
+        assert events.lost > 0
+        # Every call's entry and exit: read or counted lost (and a few calls
+        # of the program's own start and end).
+        assert read + events.lost >= 2 * made
+
+
+def test_kernel_event_json_lines_are_what_json_writes() -> None:
+    """The JSON lines template of a kernel event writes, byte for byte, what
+    json.dumps of its document does (odd comms, no fields, string fields)."""
+    from uprobes.model.kevent import KernelEvent
+    from uprobes.render.jsonl import JsonLinesRenderer
+    out = io.StringIO()
+    renderer = JsonLinesRenderer(out, {})
+    events = [KernelEvent(5, 1, 2, 0, "syscall_enter", "openat", 'a"b%c\\', {"dfd": -100}),
+              KernelEvent(6, 1, 2, 1, "syscall_enter", "openat", "x", {"dfd": 3}),
+              KernelEvent(7, 1, 2, 0, "off_cpu", "sched_switch", "x", {"state": "S"}),
+              KernelEvent(8, 1, 2, 0, "on_cpu", "sched_switch", "x", {})]
+    for ev in events:
+        renderer.kernel_event(ev)
+    assert out.getvalue().splitlines() == [
+        json.dumps(ev.as_dict(), separators=(",", ":"), ensure_ascii=False) for ev in events]

@@ -2,9 +2,9 @@
 gathered while the calls are timed, to split each call's time.
 
 The events come from engines/kevents (sched and syscalls, filtered to the
-traced threads in the kernel), read by a thread of ours every
-`READ_EVERY_S` so the rings never fill while the run goes on, and once
-more at the end; analysis/breakdown.py does the splitting.
+traced threads in the kernel), read by a thread of ours (`Pump`) so the
+rings never fill while the run goes on, and once more at the end;
+analysis/breakdown.py does the splitting.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ from __future__ import annotations
 import threading
 
 from uprobes.engines.kevents.decode import parse_kernel_option
+from uprobes.engines.kevents.pump import Pump
 from uprobes.engines.kevents.source import KernelEvents
 from uprobes.model.kevent import KernelEvent
-
-READ_EVERY_S = 0.05
-_JOIN_S = 5.0
 
 
 class EventGatherer:
@@ -25,20 +23,14 @@ class EventGatherer:
     def __init__(self) -> None:
         self.source = KernelEvents(parse_kernel_option("sched,syscalls"))
         self.events: list[KernelEvent] = []
-        self._stop = threading.Event()
-        self._reader: threading.Thread | None = None
+        self._pump: Pump | None = None
         self._lock = threading.Lock()
 
     def start(self, *, pid: int | None = None, child: int | None = None) -> None:
         """Open the events for `child` (held before exec), process `pid`, or
         every task, and start reading them."""
         self.source.open(pid=pid, child=child)
-        self._reader = threading.Thread(target=self._pump, name="uprobes-kevents", daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        while not self._stop.wait(READ_EVERY_S):
-            self._read()
+        self._pump = Pump(self._read).__enter__()
 
     def _read(self) -> None:
         with self._lock:
@@ -46,9 +38,9 @@ class EventGatherer:
 
     def finish(self) -> list[KernelEvent]:
         """Stop recording, read what is left; every event, in time order."""
-        self._stop.set()
-        if self._reader is not None:
-            self._reader.join(_JOIN_S)
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            pump.stop()
         self.source.disable()
         self._read()
         self.events.sort(key=lambda e: e.ts_ns)
@@ -59,7 +51,7 @@ class EventGatherer:
         return self.source.lost
 
     def close(self) -> None:
-        self._stop.set()
-        if self._reader is not None:
-            self._reader.join(_JOIN_S)
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            pump.__exit__(None, None, None)
         self.source.close()

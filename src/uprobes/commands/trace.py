@@ -31,6 +31,7 @@ from uprobes.commands.selection import (
 from uprobes.engines.base import Request, open_tracer
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
 from uprobes.engines.kevents.decode import parse_kernel_option
+from uprobes.engines.kevents.pump import Pump
 from uprobes.engines.kevents.source import KernelEvents
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
@@ -207,10 +208,14 @@ def _trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
                                  "Ctrl-C to stop\n")
                 sys.stderr.flush()
             started = time.monotonic()
-            if stack_bytes:
-                tracer.run(renderer.event, args.duration)
-            else:
-                tracer.run_render(renderer, args.duration)  # text/jsonl: the fast paths
+            with ExitStack() as reading:
+                if isinstance(renderer, Timeline):
+                    timeline = renderer
+                    reading.enter_context(Pump(lambda: timeline.tick(time.monotonic_ns())))
+                if stack_bytes:
+                    tracer.run(renderer.event, args.duration)
+                else:
+                    tracer.run_render(renderer, args.duration)  # text/jsonl: the fast paths
             if kevents is not None:
                 kevents.disable()
             renderer.summary(tracer.events, tracer.lost)

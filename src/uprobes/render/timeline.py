@@ -5,7 +5,11 @@ engine hands over is preceded by every kernel event stamped before it (the
 engines deliver hits in time order, and a kernel event is in its ring as
 soon as it happens, so every event older than a hit is readable when the
 hit arrives). What is newer waits for a later hit or the end, with a
-bound on how much waits: past it, the oldest go out.
+bound on how much waits: past it, the oldest go out. `tick()`, called
+by a thread of the caller's every few milliseconds, reads the kernel's
+events whether hits come or not (their rings must not fill) and writes
+those older than `LAG_NS`: no engine hands a hit over that late.
+The renderer is called under one lock, from whichever thread.
 
 Kernel events of a thread that ended before they were read carry no comm
 (`<...>`); a hit of that thread names it.
@@ -14,6 +18,7 @@ Kernel events of a thread that ended before they were read carry no comm
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from typing import Protocol
 
@@ -22,13 +27,19 @@ from uprobes.model.kevent import KernelEvent
 
 MAX_HELD = 100_000
 """Kernel events held back waiting for a later hit, at most."""
+LAG_NS = 2_000_000_000
+"""How late an engine may hand a hit over (the ptrace engine's recording
+rings give up on a slot after a second)."""
 
 
 class KernelEventSource(Protocol):
     """Where the kernel's events come from (engines/kevents/source.py)."""
 
     count: int
-    lost: int
+
+    @property
+    def lost(self) -> int:
+        """Events the kernel dropped."""
 
     def read(self) -> list[KernelEvent]:
         """The events recorded since the last read, in time order."""
@@ -59,6 +70,7 @@ class Timeline:
         self.max_held = max_held
         self._held: deque[KernelEvent] = deque()
         self._comms: dict[int, str] = {}
+        self._lock = threading.Lock()
 
     def _take(self) -> None:
         new = self.source.read()
@@ -84,7 +96,17 @@ class Timeline:
         while held and held[0].ts_ns <= before:
             self._write(held.popleft())
 
+    def tick(self, now_ns: int) -> None:
+        """Read the kernel's events; write those older than `now_ns - LAG_NS`."""
+        with self._lock:
+            self._take()
+            self._release(now_ns - LAG_NS)
+
     def hits(self, hits: list[Hit]) -> None:
+        with self._lock:
+            self._hits(hits)
+
+    def _hits(self, hits: list[Hit]) -> None:
         self._take()
         start = 0
         for i, hit in enumerate(hits):
@@ -98,17 +120,19 @@ class Timeline:
             self.inner.hits(hits[start:])
 
     def event(self, event: Event) -> None:
-        self._take()
-        self._comms[event.tid] = event.comm
-        self._release(event.ts_ns)
-        self.inner.event(event)
+        with self._lock:
+            self._take()
+            self._comms[event.tid] = event.comm
+            self._release(event.ts_ns)
+            self.inner.event(event)
 
     def summary(self, events: int, lost: int) -> None:
         """Everything still held, then the renderer's summary."""
-        self._take()
-        self._release(1 << 63)
-        self.inner.kernel_summary(self.source.count, self.source.lost)
-        self.inner.summary(events, lost)
+        with self._lock:
+            self._take()
+            self._release(1 << 63)
+            self.inner.kernel_summary(self.source.count, self.source.lost)
+            self.inner.summary(events, lost)
 
 
 def _ts(ev: KernelEvent) -> int:

@@ -314,12 +314,13 @@ def open_tracepoint(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: boo
 
 
 def open_counting(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: bool = False,
-                  inherit_thread: bool = False) -> PerfEvent:
+                  inherit_thread: bool = False, enable_on_exec: bool = False) -> PerfEvent:
     """Open a (disabled) counting event on tracepoint `event_id`: no
     samples, `read_count()` gives the hits. `pid=P`: task P on every CPU
     (`inherit`: and the tasks it creates after the open, their counts summed
-    into its own; `inherit_thread`: its threads only, not its children);
-    `pid=-1, cpu=N`: every task on CPU N."""
+    into its own; `inherit_thread`: its threads only, not its children;
+    `enable_on_exec`: counting from the task's next exec); `pid=-1, cpu=N`:
+    every task on CPU N."""
     attr = PerfEventAttr()
     attr.size = ctypes.sizeof(attr)
     attr.type = PERF_TYPE_TRACEPOINT
@@ -327,7 +328,8 @@ def open_counting(event_id: int, *, pid: int = -1, cpu: int = -1, inherit: bool 
     attr.sample_period = 0
     attr.sample_type = 0
     attr.flags = ATTR_DISABLED | (ATTR_INHERIT if inherit else 0) | (
-        ATTR_INHERIT_THREAD if inherit and inherit_thread else 0)
+        ATTR_INHERIT_THREAD if inherit and inherit_thread else 0) | (
+        ATTR_ENABLE_ON_EXEC if enable_on_exec else 0)
     return PerfEvent.open(attr, pid=pid, cpu=cpu,
                           what=f"counting tracepoint {event_id} on task {pid} cpu {cpu}")
 

@@ -33,8 +33,10 @@ SETS: dict[str, tuple[str, ...]] = {
 _STATE_LETTERS = "SDTtXZPI"
 _PREEMPTED = 1 << len(_STATE_LETTERS)
 
-Decoder = Callable[[bytes, int, int, int, int, str], KernelEvent]
-"""(raw record, pid, tid, cpu, ts_ns, comm) -> the event."""
+Decoder = Callable[[bytes, int, int, int, int, int, int, str], KernelEvent]
+"""(ring bytes, where the raw record starts in them, its size, pid, tid,
+cpu, ts_ns, comm) -> the event. Offsets, not a slice: most decoders
+unpack a few fields in place."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,9 @@ class Decoders:
 
     def decode(self, raw: bytes, pid: int, tid: int, cpu: int, ts_ns: int,
                comm: str) -> KernelEvent | None:
+        """One raw record (common_type first) on its own."""
         decoder = self.by_id.get(int.from_bytes(raw[0:2], "little"))
-        return None if decoder is None else decoder(raw, pid, tid, cpu, ts_ns, comm)
+        return None if decoder is None else decoder(raw, 0, len(raw), pid, tid, cpu, ts_ns, comm)
 
     def _decoder(self, tp: Tracepoint) -> Decoder:
         fmt = tp.format
@@ -131,7 +134,9 @@ class Decoders:
         name = fmt.name if kind == "page_fault" else tp.name
         fields = fmt.fields
 
-        def generic(raw: bytes, pid: int, tid: int, cpu: int, ts: int, comm: str) -> KernelEvent:
+        def generic(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                    comm: str) -> KernelEvent:
+            raw = data[at:at + size]
             return KernelEvent(ts, pid, tid, cpu, kind, name, comm,
                                {f.name: _plain(f.decode(raw)) for f in fields})
         return generic
@@ -140,7 +145,9 @@ class Decoders:
         state, prev_comm, next_comm, next_pid = (
             fmt.field(n) for n in ("prev_state", "prev_comm", "next_comm", "next_pid"))
 
-        def off(raw: bytes, pid: int, tid: int, cpu: int, ts: int, comm: str) -> KernelEvent:
+        def off(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                comm: str) -> KernelEvent:
+            raw = data[at:at + size]
             prev_state = state.decode(raw)
             # The record names the thread as it was: better than a comm read since.
             return KernelEvent(ts, pid, tid, cpu, "off_cpu", "sched_switch",
@@ -153,7 +160,9 @@ class Decoders:
     def _sched_wakeup(self, fmt: EventFormat) -> Decoder:
         woken, comm_field, cpu_field = (fmt.field(n) for n in ("pid", "comm", "target_cpu"))
 
-        def wakeup(raw: bytes, pid: int, tid: int, cpu: int, ts: int, comm: str) -> KernelEvent:
+        def wakeup(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                   comm: str) -> KernelEvent:
+            raw = data[at:at + size]
             # The sample's task is the waker; the event is the woken thread's.
             target = woken.decode(raw)
             woken_tid = target if isinstance(target, int) else tid
@@ -168,10 +177,13 @@ class Decoders:
         if args_at != nr_at + 8:
             raise KernelError(f"unexpected layout of {fmt.name}: args at {args_at}")
 
-        def enter(raw: bytes, pid: int, tid: int, cpu: int, ts: int, comm: str) -> KernelEvent:
-            nr, *args = unpack(raw, nr_at)
+        def enter(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                  comm: str) -> KernelEvent:
+            nr, *args = unpack(data, at + nr_at)
             self._entered[tid] = nr
-            names = self._arg_names.get(nr) or self._names_of(nr)
+            names = self._arg_names.get(nr)
+            if names is None:
+                names = self._names_of(nr)
             return KernelEvent(ts, pid, tid, cpu, "syscall_enter",
                                tracepoints.syscall_name(nr), comm, dict(zip(names, args)))
         return enter
@@ -180,14 +192,15 @@ class Decoders:
         nr_at, ret_at = fmt.field("id").offset, fmt.field("ret").offset
         nr_of, ret_of = struct.Struct("<q").unpack_from, struct.Struct("<q").unpack_from
 
-        def leave(raw: bytes, pid: int, tid: int, cpu: int, ts: int, comm: str) -> KernelEvent:
-            nr = nr_of(raw, nr_at)[0]
+        def leave(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                  comm: str) -> KernelEvent:
+            nr = nr_of(data, at + nr_at)[0]
             if nr < 0:
                 # A call that rewrote its registers (the uretprobe trampoline's,
                 # rt_sigreturn) exits as -1: it is the call the thread entered.
                 nr = self._entered.get(tid, nr)
             return KernelEvent(ts, pid, tid, cpu, "syscall_exit", tracepoints.syscall_name(nr),
-                               comm, {"ret": ret_of(raw, ret_at)[0]})
+                               comm, {"ret": ret_of(data, at + ret_at)[0]})
         return leave
 
     def _names_of(self, nr: int) -> tuple[str, ...]:

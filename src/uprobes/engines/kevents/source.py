@@ -11,8 +11,12 @@ uprobes itself (a kernel filter on `common_pid`: reading the rings would
 otherwise feed them).
 
 Every sample is stamped on CLOCK_MONOTONIC (`use_clockid`), the probes'
-clock. One ring per CPU holds every event of that CPU; `read()` hands over
-what they hold, decoded, in time order.
+clock. Losses are never silent: a full ring drops records and says so by
+PERF_RECORD_LOST only once it has room again, which never comes if the
+run ends first, so each traced task also gets a counting event per
+tracepoint, and `lost` is what the kernel counted minus what was read.
+One ring per CPU holds every event of that CPU; `read()` hands over what
+they hold, decoded, in time order.
 """
 
 from __future__ import annotations
@@ -35,18 +39,22 @@ from uprobes.sys.perf import (
     PERF_RECORD_SWITCH_CPU_WIDE,
     PerfEvent,
     online_cpus,
+    open_counting,
     raise_fd_limit,
     tracepoint_attr,
 )
 from uprobes.sys.perf_ring import RECORD_HEADER, RingBuffer
 from uprobes.sys.tracefs import Tracefs
 
-DEFAULT_RING_PAGES = 256
+DEFAULT_RING_PAGES = 4096
 # The reader is woken per this much of a ring; the poll of the engine's
 # loop, which reads these rings with its hits, bounds the latency.
 _WAKEUP_BYTES = 64 * 1024
-_SAMPLE = struct.Struct("<IIQIII")  # TID (pid, tid), TIME, CPU (cpu, res), RAW size
+# TID (pid, tid), TIME, CPU (cpu, res), RAW's size, and the raw record's
+# first field, common_type: the tracepoint it is.
+_SAMPLE = struct.Struct("<IIQIIIH")
 _SAMPLE_ID = struct.Struct("<IIQII")  # a switch record's trailer: TID, TIME, CPU
+_RAW_AT = _SAMPLE.size - 2  # the raw record, in a sample's body
 _LOST = struct.Struct("<QQ")
 _SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
 _MAX_ABOUT = 64  # tasks named in one kernel filter
@@ -71,7 +79,10 @@ class KernelEvents:
         self._comms: dict[int, str] = {}
         self._pids: dict[int, int] = {}  # tid -> pid of the threads seen going off the CPU
         self.count = 0
-        self.lost = 0
+        self.lost_records = 0  # what PERF_RECORD_LOST records said
+        self._counters: dict[int, list[PerfEvent]] = {}  # event id -> counting events
+        self._samples: dict[int, int] = {}  # event id -> samples read
+        self._closed_lost: int | None = None
         self._own_pid = os.getpid()
 
     def open(self, *, pid: int | None = None, child: int | None = None) -> None:
@@ -119,6 +130,12 @@ class KernelEvents:
             for cpu in self.cpus:
                 self._open_one(tp, task, cpu, f"common_pid != {os.getpid()}" if task == -1
                                else None, on_exec)
+            if task != -1:
+                counter = self._stack.enter_context(open_counting(
+                    tp.format.id, pid=task, inherit=True, enable_on_exec=on_exec))
+                self._counters.setdefault(tp.format.id, []).append(counter)
+                if not on_exec:
+                    counter.enable()
 
     def _open_one(self, tp: Tracepoint, task: int, cpu: int, flt: str | None,
                   on_exec: bool) -> None:
@@ -171,16 +188,23 @@ class KernelEvents:
 
     def _read_ring(self, ring: RingBuffer, out: list[KernelEvent]) -> None:
         data = ring.take()
-        decode, append = self.decoders.decode, out.append
+        by_id, append, header, sample = self.decoders.by_id, out.append, \
+            RECORD_HEADER.unpack_from, _SAMPLE.unpack_from
+        comms, samples = self._comms, self._samples
         pos, end = 0, len(data)
         while pos < end:
-            rtype, misc, size = RECORD_HEADER.unpack_from(data, pos)
+            rtype, misc, size = header(data, pos)
             if size < 8 or pos + size > end:
                 raise ring.corrupt(size)
             if rtype == PERF_RECORD_SAMPLE:
-                pid, tid, ts, cpu, _res, raw_size = _SAMPLE.unpack_from(data, pos + 8)
-                at = pos + 8 + _SAMPLE.size
-                ev = decode(data[at:at + raw_size], pid, tid, cpu, ts, self._comm(tid))
+                pid, tid, ts, cpu, _res, raw_size, event_id = sample(data, pos + 8)
+                decoder = by_id.get(event_id)
+                if decoder is None:
+                    pos += size
+                    continue
+                samples[event_id] = samples.get(event_id, 0) + 1
+                comm = comms.get(tid) or self._comm(tid)
+                ev = decoder(data, pos + 8 + _RAW_AT, raw_size, pid, tid, cpu, ts, comm)
                 if ev is not None:
                     append(ev)
                     if ev.kind == "off_cpu":
@@ -192,7 +216,7 @@ class KernelEvents:
                     append(KernelEvent(ts, pid, tid, cpu, "on_cpu", "sched_switch",
                                        self._comm(tid)))
             elif rtype == PERF_RECORD_LOST:
-                self.lost += _LOST.unpack_from(data, pos + 8)[1]
+                self.lost_records += _LOST.unpack_from(data, pos + 8)[1]
             pos += size
 
     def _comm(self, tid: int) -> str:
@@ -205,13 +229,36 @@ class KernelEvents:
             self._comms[tid] = comm
         return comm
 
+    @property
+    def lost(self) -> int:
+        """Records the kernel dropped: by its own count of each tracepoint's
+        hits for the traced tasks, less the samples read (a system-wide
+        run has no such count: what PERF_RECORD_LOST said)."""
+        if self._closed_lost is not None:
+            return self._closed_lost
+        short = 0
+        for event_id, counters in self._counters.items():
+            hits = sum(c.read_count() for c in counters)
+            short += max(hits - self._samples.get(event_id, 0), 0)
+        return max(short, self.lost_records)
+
     def disable(self) -> None:
         """Stop recording (before the last read)."""
         for ring in self.rings.values():
             ring.event.disable()
+        for counters in self._counters.values():
+            for counter in counters:
+                counter.disable()
 
     def close(self) -> None:
-        self._stack.close()
+        """Close every fd and ring; `lost` keeps its last value."""
+        if self._closed_lost is None:
+            try:
+                self._closed_lost = self.lost
+            except KernelError:  # a counter gone with its task: what the rings said
+                self._closed_lost = self.lost_records
+            finally:
+                self._stack.close()
 
     def __enter__(self) -> KernelEvents:
         return self
