@@ -108,6 +108,32 @@ def test_stacks_give_the_programs_own_python_frames(python: str,
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("how", ["thread", "exec"])
+def test_other_threads_and_after_exec(how: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """A hit in a thread other than the main one finds that thread's frames;
+    a process that had no interpreter when first hit (a shell) is looked at
+    again once it has exec'd Python."""
+    python = INTERPRETERS[0]
+    command = [python, FIXTURE, "thread"] if how == "thread" else \
+        ["/bin/sh", "-c", f"echo $$ >/dev/null; exec {python} {FIXTURE}"]
+    out = io.StringIO()
+    status = main(["stacks", "-e", "ptrace", "--python", "--json", "libc:getpid", "--",
+                   *command], out=out)
+    assert status == 0
+    expected = _calls(capfd.readouterr().out)
+    assert sum(expected.values()) == 5
+    (probe,) = json.loads(out.getvalue()).values()
+    got: Counter[Frames] = Counter()
+    for stack in probe["stacks"]:
+        frames = _python_frames(stack["frames"])
+        if frames:
+            got[frames] += stack["count"]
+    assert got == expected
+    if how == "thread":
+        assert all(f[0][0] == "Thread._bootstrap" for f in got)
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("python", INTERPRETERS)
 def test_running_process_against_py_spy(python: str, tmp_path: Path) -> None:
     if PY_SPY is None:

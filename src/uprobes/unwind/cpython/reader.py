@@ -113,6 +113,15 @@ def find_interpreter(pid: int) -> Interpreter | None:
     return None
 
 
+def _exe(pid: int) -> tuple[int, int] | None:
+    """The program `pid` runs, as (device, inode): another after an exec."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _open_mapped(pid: int, m: procfs.Mapping) -> ElfImage | None:
     """The file of mapping `m`: by its own path when that is the very file
     (as the process sees it otherwise)."""
@@ -161,6 +170,7 @@ class PythonStacks:
         self._tstates: dict[tuple[int, int], int] = {}
         self._codes: dict[tuple[int, int], _Code] = {}
         self._noted: set[int] = set()
+        self._exes: dict[int, tuple[int, int] | None] = {}  # the program each was looked in
 
     def _interpreter(self, pid: int, read: Read) -> Interpreter | None:
         interp = self._interps.get(pid)
@@ -170,8 +180,8 @@ class PythonStacks:
                     return interp
             except UprobesError:
                 pass
-        elif pid in self._interps and pid in self._noted:
-            return None
+        elif pid in self._interps and self._exes.get(pid) == _exe(pid):
+            return None  # none in it, and no exec since
         return self.prepare(pid)
 
     def prepare(self, pid: int) -> Interpreter | None:
@@ -185,6 +195,7 @@ class PythonStacks:
         except UprobesError:
             interp = None
         self._interps[pid] = interp
+        self._exes[pid] = _exe(pid)
         if interp is None:
             self._tell(pid, f"process {pid} runs no CPython interpreter that uprobes can "
                             "read: its stacks are native only")
