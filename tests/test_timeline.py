@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,13 @@ def test_kernel_event_json_lines_are_what_json_writes() -> None:
         renderer.kernel_event(ev)
     assert out.getvalue().splitlines() == [
         json.dumps(ev.as_dict(), separators=(",", ":"), ensure_ascii=False) for ev in events]
+
+
+def test_system_wide_kernel_events_leave_uprobes_out(running_forever: int) -> None:
+    *docs, summary = trace_docs(["-e", "kernel", "--duration", "1", "--kernel", "syscalls",
+                                 "libc:getppid"])
+    kernel = [d for d in docs if "kernel" in d]
+    assert summary["summary"]["kernel"]["events"] == len(kernel)
+    # Another process's system calls are there; ours (the reader's) are not.
+    assert any(d["pid"] == running_forever and d["name"] == "clock_nanosleep" for d in kernel)
+    assert all(d["pid"] != os.getpid() for d in kernel)

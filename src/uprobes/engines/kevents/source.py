@@ -174,8 +174,10 @@ class KernelEvents:
         thread we saw leave the CPU before (it must have, to be woken: a
         wakeup before that, as a launched command's before its exec, or of
         a thread not ours, which one of ours woke, is left out)."""
-        pids, out = self._pids, []
+        pids, out, own = self._pids, [], self._own_pid
         for ev in events:
+            if ev.pid == own:
+                continue  # uprobes' other threads (system-wide; its main one is filtered)
             if ev.kind == "off_cpu":
                 pids[ev.tid] = ev.pid
             elif ev.kind == "wakeup":
