@@ -184,6 +184,17 @@ def test_an_ambiguous_name_is_one_line_listing_its_candidates(
         f"functions: {listed}; name one with its parameters, its symbol or as {cxx}:0xOFFSET\n")
 
 
+def test_source_names_with_lines_and_variables(cxx: Path, tmp_path: Path) -> None:
+    """`FUNC:+N` and arguments by name take a C++ name as a symbol does."""
+    [doc] = [json.loads(run_main("resolve", "--json", f"{cxx}:{COUNTER}::add(long, long):+0"))]
+    assert doc["file_offset"] == offsets(cxx)[f"{COUNTER}::add(long, long)"]
+    proc = uprobes("resolve", f"{cxx}:{COUNTER}::add:+0")
+    assert proc.returncode == 2 and "it names 3 functions: " in proc.stderr
+    proc, hits = trace_json("ptrace", cxx, tmp_path, f"{cxx}:{COUNTER}::add(long, long) k times")
+    assert proc.returncode == 0, proc.stderr
+    assert [h["args"] for h in hits] == [{"k": i, "times": 2} for i in range(ROUNDS)]
+
+
 def test_a_name_not_there_suggests_near_ones(cxx: Path) -> None:
     proc = uprobes("resolve", f"{cxx}:shapes::Counter::ad")
     assert proc.returncode == 2

@@ -203,7 +203,7 @@ class Resolver:
             stem = t.source_file.rsplit(".", 1)[0]
         else:
             assert t.symbol is not None
-            sites = function_line(df, self._function_die(df, table, t.symbol, ref), t.line,
+            sites = function_line(df, self._function_die(df, table, t, ref, image), t.line,
                                   ref.display)
             stem = t.symbol
         line = sites.label.split(" ")[0].rsplit(":", 1)[1]
@@ -219,12 +219,15 @@ class Resolver:
                                    notes=(note,) if note and i == 0 else ()))
         return out
 
-    def _function_die(self, df: DwarfFile, table: SymbolTable, name: str, ref: FileRef) -> Any:
-        """The DWARF of function `name`: at its symbol, or by name for one only inlined."""
-        matches = _distinct(table.lookup(name))
+    def _function_die(self, df: DwarfFile, table: SymbolTable, t: FileTarget, ref: FileRef,
+                      image: ElfImage) -> Any:
+        """The DWARF of function `t.symbol`: at its symbol (or C++/Rust name),
+        or by name for one only inlined."""
+        name = t.symbol
+        assert name is not None
+        matches = _distinct(table.lookup(name)) or _distinct(table.lookup_source(name))
         if len(matches) > 1:
-            raise ResolveError(f"symbol '{name}' is ambiguous in {ref.display}: it names "
-                               f"{len(matches)} functions")
+            raise ResolveError(_ambiguous(t, ref, image, matches))
         if matches:
             subs = [s for s in df.scopes_at(matches[0].link_addr)
                     if s.tag == "DW_TAG_subprogram"]
