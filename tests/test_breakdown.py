@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,27 @@ def test_a_call_is_cut_by_its_threads_intervals() -> None:
                    "syscall read": 21}
     assert b.calls == 2 and b.total_ns == 40
     assert b.parts["syscall read"].min == 0  # a call without the part counts 0
+
+
+def test_svg_bars_are_stacked_by_part(timeline_exe: Path, tmp_path: Path) -> None:
+    svg = tmp_path / "b.svg"
+    out = io.StringIO()
+    assert main(["latency", "--breakdown", "--json", "--svg", str(svg), f"{timeline_exe}:work",
+                 "--", str(timeline_exe), "3", "2000", "1000"], out=out) == 0
+    parts = json.loads(out.getvalue())["uprobes/work"]["parts"]
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [g for g in ET.parse(svg).getroot().iter(f"{ns}g")
+            if g.get("class") == "bucket" and g.get("data-function") == "uprobes/work"]
+    assert sum(int(g.get("data-count", "0")) for g in bars) == 3
+    drawn: dict[str, int] = {}
+    for g in bars:
+        bar, *segments = g.findall(f"{ns}rect")
+        assert sum(float(r.get("height", "0")) for r in segments) == pytest.approx(
+            float(bar.get("height", "0")), abs=0.05)
+        for r in segments:
+            drawn[r.get("data-part", "")] = drawn.get(r.get("data-part", ""), 0) + \
+                int(r.get("data-ns", "0"))
+    # Each part's time over the bars is its time in the calls (system calls,
+    # which overlap the rest, are not stacked).
+    assert drawn == {name: p["total_ns"] for name, p in parts.items()
+                     if not name.startswith("syscall ")}

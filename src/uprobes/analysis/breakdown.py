@@ -14,7 +14,9 @@ entry to return is then cut by these intervals into parts:
   counted there too: the two views overlap, each adds up on its own).
 
 Each part's time per call is kept in a histogram per function (0 for a
-call without that part).
+call without that part), and the on- and off-CPU parts are also summed by
+the log2 bucket of the call's duration (`by_bucket`), for a histogram
+whose bars show what their calls were made of.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class Breakdown:
     total_ns: int = 0
     parts: dict[str, Histogram] = field(default_factory=dict)
     part_totals: dict[str, int] = field(default_factory=dict)
+    by_bucket: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Log2 bucket of a call's duration in ns (its `bit_length`, at least
+    1, as Histogram.log2_buckets numbers rows) -> the on- and off-CPU
+    parts of its calls, summed."""
 
 
 def breakdowns(calls: Iterable[Call], events: Iterable[KernelEvent]) -> dict[str, Breakdown]:
@@ -138,15 +144,23 @@ def breakdowns(calls: Iterable[Call], events: Iterable[KernelEvent]) -> dict[str
               for tid, t in threads.items()}
     per_call: dict[str, list[dict[str, int]]] = {}
     totals: dict[str, int] = {}
+    buckets: dict[str, dict[int, dict[str, int]]] = {}
     for call in calls:
         parts = call_parts(call, threads.get(call.tid), starts.get(call.tid))
         per_call.setdefault(call.function, []).append(parts)
-        totals[call.function] = totals.get(call.function, 0) + call.end_ns - call.start_ns
+        duration = call.end_ns - call.start_ns
+        totals[call.function] = totals.get(call.function, 0) + duration
+        row = buckets.setdefault(call.function, {}).setdefault(
+            max(duration.bit_length(), 1), {})
+        for name, ns in parts.items():
+            if not name.startswith("syscall "):
+                row[name] = row.get(name, 0) + ns
     out: dict[str, Breakdown] = {}
     for function, rows in per_call.items():
         names = sorted({name for row in rows for name in row},
                        key=lambda n: (n != ON_CPU, not n.startswith("off-cpu"), n))
-        b = out[function] = Breakdown(calls=len(rows), total_ns=totals[function])
+        b = out[function] = Breakdown(calls=len(rows), total_ns=totals[function],
+                                      by_bucket=buckets[function])
         for name in names:
             h = b.parts[name] = Histogram()
             for row in rows:

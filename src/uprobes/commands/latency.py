@@ -153,7 +153,7 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
         sink.flush()
         if args.svg_file is not None:
             write_histograms_svg(args.svg_file, {**histograms, **part_histograms(parts)},
-                                 args.unit)
+                                 args.unit, {name: b.by_bucket for name, b in parts.items()})
     finally:
         if gatherer is not None:
             gatherer.close()
