@@ -173,3 +173,22 @@ def test_returns_pair_by_the_return_address_fetched_at_entry() -> None:
     assert pairer.ret(ret(0xB)) is left  # the newest of the two with 0xB
     assert pairer.ret(ret(0xA)) is outer and pairer.abandoned == 1  # inner was left
     assert list(pairer.still_open()) == []
+
+
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_by_thread_the_same_on_both_engines(engine: str, tracefs: Path,
+                                            compile_c: Compiler) -> None:
+    """`--by tid`: events paired in Python (kernel) and calls timed in the
+    program (ptrace) give each of 3 threads its own histogram of its 300
+    calls; `--by comm` one of all 900, under the program's name."""
+    exe = compile_c("timed.c", "-pthread")
+    for by, want in (("tid", [300, 300, 300]), ("comm", [900])):
+        proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine,
+                               "--json", "--by", by, f"{exe}:tiny", "--", str(exe), "threads",
+                               "3", "300"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout.splitlines()[-1])
+        assert sorted(h["count"] for h in doc.values()) == want, doc.keys()
+        assert all(name.startswith(f"uprobes/tiny {by}=") for name in doc)
+        if by == "comm":
+            assert list(doc) == [f"uprobes/tiny comm={exe.name[:15]}"]

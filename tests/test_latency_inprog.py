@@ -85,6 +85,25 @@ def test_every_call_of_every_thread_and_nothing_recorded(timed: Path) -> None:
     assert "returns without an entry" not in run.stderr and "not timed" not in run.stderr
 
 
+def test_histograms_by_thread_outlive_their_rows(timed: Path) -> None:
+    """60 waves of 4 threads, 500 calls each: 240 threads, more than the 128
+    rows, each row freed when its thread exits and taken by a later one.
+    `--by tid` gives each thread its own histogram of exactly its calls;
+    `--by pid` one of all 120,000. The event path (-e kernel is root's; its
+    pairing is the same Python on any engine) keys the same way: see
+    tests/test_latency.py."""
+    from uprobes.engines.trapfree.layout import TIMING_ROWS
+    waves = ("waves", "60", "4", "500")
+    assert 60 * 4 > TIMING_ROWS
+    doc, said = _json(_latency("--json", "--by", "tid", f"{timed}:tiny", "--", str(timed),
+                               *waves))
+    assert said["calls"] == "120000"
+    assert len(doc) == 240 and {h["count"] for h in doc.values()} == {500}
+    assert all(name.startswith("uprobes/tiny tid=") for name in doc)
+    doc, _ = _json(_latency("--json", "--by", "pid", f"{timed}:tiny", "--", str(timed), *waves))
+    assert [h["count"] for h in doc.values()] == [120000]
+
+
 def test_a_static_program_is_timed_by_its_tids_from_the_kernel(compile_c: Compiler) -> None:
     """A static program never runs the dynamic linker's rendezvous, where
     uprobes checks that the tid sits in glibc's thread descriptor: its

@@ -19,6 +19,7 @@ from typing import TextIO
 from uprobes.analysis.breakdown import Call, breakdowns
 from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
+from uprobes.analysis.keyed import TASK_KEYS
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
     add_duration_argument,
@@ -60,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split each call's time into on-CPU, off-CPU by reason (runnable, "
                         "sleeping, blocked, stopped) and time in each system call, from the "
                         "kernel's sched and syscall events of the timed threads")
+    p.add_argument("--by", choices=TASK_KEYS,
+                   help="a histogram per thread, process or thread name (as bpftrace's "
+                        "@[tid] = hist())")
     add_duration_argument(p)
 
 
@@ -108,8 +112,14 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
     pairer = CallPairer()
     histograms: dict[str, Histogram] = {}
 
+    def key(ev: Event) -> str:
+        """The histogram a call goes to: its function's, or with --by its task's."""
+        if args.by is None:
+            return ev.probe
+        return f"{ev.probe} {args.by}={getattr(ev, args.by)}"
+
     def on_entry(ev: Event) -> None:
-        if ev.probe not in histograms:
+        if args.by is None and ev.probe not in histograms:
             histograms[ev.probe] = Histogram()
         pairer.entry(ev)
 
@@ -118,7 +128,7 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
     def on_return(ev: Event) -> None:
         start = pairer.ret(ev)
         if start is not None:
-            histograms[start.probe].add(ev.ts_ns - start.ts_ns)
+            histograms.setdefault(key(start), Histogram()).add(ev.ts_ns - start.ts_ns)
             if args.breakdown:
                 calls.append(Call(start.probe, ev.tid, start.ts_ns, ev.ts_ns))
 

@@ -33,7 +33,8 @@ def run_in_program(args: argparse.Namespace, out: TextIO, lines: list[str]) -> i
     try:
         timer = open_timer(Request(probes, args.engine, pid=args.pid,
                                    child=launched.pid if launched else None,
-                                   force=args.force, note=_note, trapfree=True))
+                                   force=args.force, note=_note, trapfree=True,
+                                   by=args.by))
         if timer is None:
             if launched is not None:
                 launched.abort()

@@ -235,7 +235,8 @@ def open_timer(request: Request) -> Timer | None:
         return None
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
-                        force=request.force, note=request.note, trapfree="time")
+                        force=request.force, note=request.note, trapfree="time",
+                        by=request.by)
 
 
 if TYPE_CHECKING:  # mypy holds each engine to its roles

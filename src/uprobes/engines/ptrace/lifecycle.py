@@ -116,7 +116,7 @@ class ThreadLife(TracerState):
             self._recorder.former(t.tid, t.pid, t.comm)
         self._forget(t)
         if self._jumps is not None:
-            self._jumps.release_thread(t.mm, t.tid)
+            self._thread_done(t)
         if self._by is not None:  # its keys are shown by pid or comm at the end
             self._former_tasks[t.tid] = (t.pid, t.comm)
         if t.tid == t.pid:

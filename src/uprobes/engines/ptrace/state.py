@@ -117,6 +117,10 @@ class TracerState:
         """bykey.py: place a keyed count's patch, or say why not."""
         raise NotImplementedError
 
+    def _thread_done(self, t: Thread) -> None:
+        """timed.py: a thread exited: its timing rows go free (what they hold kept)."""
+        raise NotImplementedError
+
     def _time_snapshot(self) -> None:
         """timed.py: read the timing blocks once, at detach."""
         raise NotImplementedError

@@ -37,6 +37,7 @@ class CallTimer(TracerState):
         names `names`) its index in the timing blocks."""
         self._timed, self._timed_names, self._untimed = {}, [], {}
         self._latencies = None
+        self._released: list[tuple[int, dict[int, list[int]]]] = []  # (tid, its histograms)
         for p, name in zip(probes, names):
             if p.is_return:
                 continue
@@ -53,6 +54,8 @@ class CallTimer(TracerState):
                      file_offset: int, ident: tuple[int, int] | None) -> None:
         if ident is None:
             return
+        if self._by == "comm":
+            t.comm  # noqa: B018 (read now: its threads inherit it, and it outlives them)
         at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
         func_offset = file_offset - (at_ret or 0)
         index = self._timed.get((ident[0], ident[1], func_offset))
@@ -82,6 +85,13 @@ class CallTimer(TracerState):
         if why is not None:
             self._untimed[name] = why
 
+    def _thread_done(self, t: Thread) -> None:
+        assert self._jumps is not None
+        funcs = range(len(self._timed_names)) if self._trapfree == "time" else ()
+        for hists in self._jumps.release_thread(t.mm, t.tid, funcs):
+            if any(any(b) for b in hists.values()):
+                self._released.append((t.tid, hists))
+
     def _time_snapshot(self) -> None:
         """Read the timing blocks and calibrate, once, at detach (the blocks
         stay readable: the program's views of them are its own)."""
@@ -97,16 +107,21 @@ class CallTimer(TracerState):
 
     def _read_latencies(self) -> Latencies:
         assert self._jumps is not None
-        funcs = {i: timing.empty_buckets() for i in range(len(self._timed_names))}
+        indices = list(range(len(self._timed_names)))
+        funcs = {i: timing.empty_buckets() for i in indices}
         out = Latencies({}, untimed=dict(self._untimed), depth_limit=STACK_DEPTH,
                         row_limit=TIMING_ROWS)
+        rows = list(self._released)  # (tid, histograms): threads gone, then live ones
         for block in self._jumps.timing:
-            block.add_into(funcs)
+            rows += block.by_owner(indices)
             missed = block.missed()
             out.no_row += missed.no_row
             out.too_deep += missed.too_deep
             out.unpaired += missed.unpaired
             out.abandoned += missed.abandoned
+        for _, hists in rows:
+            for i, buckets in hists.items():
+                funcs[i] = [a + b for a, b in zip(funcs[i], buckets)]
         if not self._jumps.timing:
             out.histograms = {n: Histogram() for n in self._timed_names if n not in out.untimed}
             return out
@@ -120,9 +135,27 @@ class CallTimer(TracerState):
         for i, name in enumerate(self._timed_names):
             if name in out.untimed:
                 continue
-            out.histograms[name] = _histogram(funcs[i], scale, out.subtracted_ns,
-                                              out.tsc_step_ns)
+            if self._by is None:
+                out.histograms[name] = _histogram(funcs[i], scale, out.subtracted_ns,
+                                                  out.tsc_step_ns)
+                continue
+            keyed: dict[int | str, list[int]] = {}
+            for tid, hists in rows:
+                if any(hists[i]):
+                    into = keyed.setdefault(self._task_key(tid), timing.empty_buckets())
+                    keyed[self._task_key(tid)] = [a + b for a, b in zip(into, hists[i])]
+            for key, buckets in sorted(keyed.items(), key=lambda kv: str(kv[0])):
+                out.histograms[f"{name} {self._by}={key}"] = _histogram(
+                    buckets, scale, out.subtracted_ns, out.tsc_step_ns)
         return out
+
+    def _task_key(self, tid: int) -> int | str:
+        """A thread's tid, pid or comm, as `by` asks (threads gone: as they were)."""
+        if self._by == "tid":
+            return tid
+        t = self.threads.get(tid)
+        pid, comm = (t.pid, t.comm) if t is not None else self._former_tasks.get(tid, (0, "?"))
+        return pid if self._by == "pid" else comm
 
 
 _SPREAD = 8  # points a reading is spread over when the TSC counts in steps

@@ -40,7 +40,7 @@ from __future__ import annotations
 import mmap
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from uprobes.analysis.keyed import Aggregate
@@ -456,12 +456,12 @@ class TrapFree:
             for counters in space.blocks:
                 counters.tls_confirmed()
 
-    def release_thread(self, mm: object, tid: int) -> None:
-        """A thread of `mm` exited: its timing rows are free for a new thread."""
+    def release_thread(self, mm: object, tid: int,
+                       funcs: Sequence[int] = ()) -> list[dict[int, list[int]]]:
+        """A thread of `mm` exited: its timing rows are free for a new thread;
+        its histograms of timed functions `funcs`, taken out of them."""
         space = self._spaces.get(mm)
-        if space is not None:
-            for block in space.timing:
-                block.release(tid)
+        return [] if space is None else [block.release(tid, funcs) for block in space.timing]
 
     def _interrupted(self, mem: ProcessMemory, tid: int, regs: ptrace.UserRegs) -> list[int]:
         """Where the signal handlers running on this stopped thread will

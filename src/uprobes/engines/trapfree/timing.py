@@ -42,6 +42,7 @@ import mmap
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,16 +377,31 @@ class TimingBlock:
         """Add every claimed row's histogram of each function in `funcs`
         (index -> buckets) into it; a histogram whose calls no run can
         have made since the block was mapped is left out (`corrupt`)."""
-        bound = most_hits(time.monotonic() - self.made)
         for row in self.rows():
-            for f, into in funcs.items():
-                got = _HIST.unpack_from(self.view, row + ROW_HISTS + f * HIST_BYTES)
-                if sum(got) > bound:
-                    self.corrupt += 1
-                    continue
-                for b, n in enumerate(got):
-                    if n:
-                        into[b] += n
+            self._add_row(row, funcs)
+
+    def by_owner(self, funcs: list[int]) -> list[tuple[int, dict[int, list[int]]]]:
+        """(the owning tid, its histogram of each function in `funcs`) of
+        each row a live thread holds."""
+        out = []
+        for row in self.rows():
+            owner = struct.unpack_from("<I", self.view, row + ROW_OWNER)[0]
+            if owner:
+                hists = {f: empty_buckets() for f in funcs}
+                self._add_row(row, hists)
+                out.append((owner, hists))
+        return out
+
+    def _add_row(self, row: int, funcs: dict[int, list[int]]) -> None:
+        bound = most_hits(time.monotonic() - self.made)
+        for f, into in funcs.items():
+            got = _HIST.unpack_from(self.view, row + ROW_HISTS + f * HIST_BYTES)
+            if sum(got) > bound:
+                self.corrupt += 1
+                continue
+            for b, n in enumerate(got):
+                if n:
+                    into[b] += n
 
     def missed(self) -> Missed:
         """The header's counters (each bounded like a count: else 0 and `corrupt`)."""
@@ -403,14 +419,22 @@ class TimingBlock:
         """The tid is at glibc's place in the thread pointer: no more system calls."""
         self.view[self._at + TIMING_TLS] = 1
 
-    def release(self, tid: int) -> None:
-        """Free the row of a thread that exited (its tid may come back for another)."""
+    def release(self, tid: int, funcs: Sequence[int] = ()) -> dict[int, list[int]]:
+        """Free the row of a thread that exited (its tid may come back for
+        another); its histograms of `funcs`, taken out of the row (the next
+        thread's start from zero)."""
+        hists: dict[int, list[int]] = {f: empty_buckets() for f in funcs}
         for k in range(ROW_PROBES):
             at = self._at + TIMING_ROWS_OFFSET + ((tid + k) & (TIMING_ROWS - 1)) * ROW_BYTES
             if struct.unpack_from("<I", self.view, at + ROW_OWNER)[0] == tid:
+                self._add_row(at, hists)
+                for f in funcs:
+                    start = at + ROW_HISTS + f * HIST_BYTES
+                    self.view[start:start + HIST_BYTES] = bytes(HIST_BYTES)
                 struct.pack_into("<Q", self.view, at + ROW_DEPTH, 0)
                 struct.pack_into("<I", self.view, at + ROW_OWNER, 0)
-                return
+                break
+        return hists
 
 
 def empty_buckets() -> list[int]:
