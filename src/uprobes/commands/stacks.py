@@ -41,6 +41,8 @@ EXAMPLES = [
     "tail -2 /tmp/ls.folded  # then: flamegraph.pl /tmp/ls.folded > ls.svg",
     "uprobes stacks -e ptrace --json 'libc:write' -- /bin/echo hi",
     "uprobes stacks --svg /tmp/ls.svg 'libc:malloc' -- /bin/ls /usr  # a flame graph",
+    "uprobes stacks --python --folded 'libc:getpid' -- /usr/bin/python3.11 -c "
+    "'import os; f = lambda: os.getpid(); f()'  # Python frames in the stacks",
 ]
 
 

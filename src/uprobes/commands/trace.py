@@ -71,6 +71,8 @@ EXAMPLES = [
     "uprobes trace --duration 6 'libc:getppid' & python3 -c 'import os, time; "
     "[(os.getppid(), time.sleep(0.1)) for _ in range(50)]'; wait"
     "  # system-wide, for 6 s once placed: calls made before then are not seen",
+    "uprobes trace --python -e ptrace 'libc:getpid' -- /usr/bin/python3.11 -c "
+    "'import os; os.getpid()'  # each hit's stack with its Python frames",
 ]
 
 
