@@ -103,6 +103,16 @@ def test_calls_are_slices_on_the_thread_track(latency_exe: Path, tmp_path: Path)
     naps = [p.track_event for p in packets if p.HasField("track_event")
             and p.track_event.type == pb.TrackEvent.TYPE_INSTANT and p.track_event.name == "nap"]
     assert sorted(annotations(n)["us"] for n in naps) == [0] * 20 + [2000] * 5
+    # A counter per probe: calls of fib, hits of nap, counting up by one.
+    counters = {p.track_descriptor.name: p.track_descriptor.uuid for p in packets
+                if p.HasField("track_descriptor") and p.track_descriptor.HasField("counter")}
+    assert set(counters) == {"calls uprobes/fib", "hits uprobes/nap"}
+    for name, want in (("calls uprobes/fib", 177), ("hits uprobes/nap", 25)):
+        values = [v for _, ev in sorted((p.timestamp, p.track_event) for p in packets
+                                        if p.HasField("track_event"))
+                  for u, v in zip(ev.extra_counter_track_uuids, ev.extra_counter_values)
+                  if u == counters[name]]
+        assert values == list(range(1, want + 1)), name
     summary = next(p.track_event for p in packets if p.HasField("track_event")
                    and p.track_event.name == "uprobes")
     assert annotations(summary) == {"events": 177 * 2 + 25, "lost": 0}

@@ -20,6 +20,10 @@ around each packet). What goes in:
   running on a CPU, runnable once woken or preempted, sleeping, blocked,
   stopped), and page faults
   and other tracepoints as instants on the thread's track;
+- a counter per process and probe (`calls NAME` for a function's calls
+  returned, `hits NAME` for other probes): how many so far, its values carried by
+  the slices and instants themselves (`extra_counter_values`), no packet
+  of its own;
 - at the end, an instant `uprobes` on a track of its own with the counts
   (events, lost, kernel events and lost).
 """
@@ -38,6 +42,7 @@ SEQUENCE_ID = 1
 """Every packet is ours, on one sequence."""
 SUMMARY_TRACK = 1
 _PROCESS, _THREAD, _SYSCALLS = 1, 2, 3  # the low bits of a track's uuid, above a pid or tid
+_COUNTERS = 1 << 62  # counter tracks' uuids: above every task's
 
 # sched_switch's state letters (engines/kevents/decode.py) -> Perfetto's.
 _STATES = {"R": "RUNNABLE", "S": "INTERRUPTIBLE_SLEEP", "D": "UNINTERRUPTIBLE_SLEEP",
@@ -73,6 +78,7 @@ class PerfettoRenderer:
         self._pairer = CallPairer()
         self._tracks: set[int] = set()
         self._in_syscall: set[int] = set()  # threads whose syscall entry was written
+        self._counts: dict[tuple[int, str], tuple[int, int]] = {}  # (pid, probe) -> (uuid, n)
         self._kernel_counts: tuple[int, int] | None = None
         self._first = True
         self._clocks(snapshot())
@@ -141,12 +147,32 @@ class PerfettoRenderer:
             self._write(packet)
         return uuid
 
+    def _count(self, pid: int, probe: str, what: str) -> tuple[int, int]:
+        """(counter track uuid, new value) of `probe`'s hits in process `pid`,
+        the track described the first time."""
+        uuid, n = self._counts.get((pid, probe), (0, 0))
+        if not uuid:
+            uuid = _COUNTERS + len(self._counts)
+            packet = self._packet()
+            desc = packet.track_descriptor
+            desc.uuid = uuid
+            desc.parent_uuid = track_uuid(pid, _PROCESS)
+            desc.name = f"{what} {probe}"
+            desc.counter.SetInParent()
+            self._write(packet)
+        self._counts[pid, probe] = (uuid, n + 1)
+        return uuid, n + 1
+
     def _track_event(self, ts_ns: int, track: int, kind: str, name: str | None,
-                     args: Iterable[tuple[str, ArgValue | KernelValue]] = ()) -> None:
+                     args: Iterable[tuple[str, ArgValue | KernelValue]] = (),
+                     counter: tuple[int, int] | None = None) -> None:
         packet = self._packet(ts_ns)
         ev = packet.track_event
         ev.type = getattr(self.pb.TrackEvent, kind)
         ev.track_uuid = track
+        if counter is not None:
+            ev.extra_counter_track_uuids.append(counter[0])
+            ev.extra_counter_values.append(counter[1])
         if name is not None:
             ev.name = name
         for key, value in args:
@@ -164,7 +190,8 @@ class PerfettoRenderer:
             self._track_event(start.ts_ns, track, "TYPE_SLICE_BEGIN",
                               self.probes[start.probe].event, self._hit_args(start))
             self._track_event(ev.ts_ns, track, "TYPE_SLICE_END", None,
-                              [(f"return.{k}", v) for k, v in ev.args.items()])
+                              [(f"return.{k}", v) for k, v in ev.args.items()],
+                              self._count(start.pid, start.probe, "calls"))
         elif not start:
             self._instant(ev)
 
@@ -178,7 +205,8 @@ class PerfettoRenderer:
     def _instant(self, ev: Event) -> None:
         info = self.probes.get(ev.probe)
         self._track_event(ev.ts_ns, self._thread_track(ev.pid, ev.tid, ev.comm), "TYPE_INSTANT",
-                          info.event if info else ev.probe, self._hit_args(ev))
+                          info.event if info else ev.probe, self._hit_args(ev),
+                          self._count(ev.pid, ev.probe, "hits"))
 
     def kernel_event(self, ev: KernelEvent) -> None:
         if ev.kind == "syscall_enter":
