@@ -84,7 +84,8 @@ TIMING_TLS = 192       # 1 once the tracer saw the tid at the thread pointer (gl
 TIMING_ABANDONED = 256  # open calls dropped: left by longjmp, an exception or a tail call
 TIMING_ROWS_OFFSET = 4096
 TIMING_ROWS = 128      # a power of two
-ROW_PROBES = 4
+ROW_PROBES = 8          # rows a thread may claim from its tid on (a dead thread's row is freed
+                       # when uprobes sees the exit, which may come late)
 ROW_OWNER = 0          # the owning thread's tid (4 bytes), 0: free
 ROW_CLAIMED = 8        # 1 once any thread claimed the row (the reader reads only these)
 ROW_DEPTH = 16         # how many open calls the stack holds
