@@ -32,7 +32,8 @@ from uprobes.sys.procmem import ProcessMemory
 pytestmark = pytest.mark.root  # each test drops from root to another user
 
 USER = "nobody"
-PACKAGES = ("uprobes", "elftools", "iced_x86", "rich", "markdown_it", "mdurl", "pygments")
+PACKAGES = ("uprobes", "elftools", "iced_x86", "rich", "markdown_it", "mdurl", "pygments",
+            "pyderust")
 """uprobes and what it imports (pyproject's dependencies and theirs)."""
 LOOPS = 7
 
@@ -218,6 +219,17 @@ def test_what_needs_tracefs_says_root_in_one_line(user: User, command: list[str]
     assert done.returncode == 1, done.stderr
     _one_error_line(done, "root")
     assert "calls add" not in done.stdout  # refused before the command ran
+
+
+def test_kernel_events_say_root_without_offering_ptrace(user: User) -> None:
+    need(os.stat("/sys/kernel/tracing").st_mode & 0o005 == 0,
+         "tracefs is open to other users on this machine")
+    exe = str(user.home / "target")
+    done = user.uprobes("trace", "-e", "ptrace", "--kernel", "sched", f"{exe}:add", "--", exe)
+    assert done.returncode == 1, done.stderr
+    _one_error_line(done, "(--kernel) need tracefs and perf tracepoint events, which are for "
+                          "root only here")
+    assert "-e ptrace" not in done.stderr and "calls add" not in done.stdout
 
 
 def test_doctor_reports_tracefs_for_root_only(user: User) -> None:

@@ -68,7 +68,16 @@ class KernelEvents:
                  ring_pages: int = DEFAULT_RING_PAGES) -> None:
         """`names`: tracepoints (`decode.parse_kernel_option`); an unknown
         one is a UsageError here, before anything is opened."""
-        tracefs = tracefs or Tracefs()
+        if tracefs is None:
+            try:
+                tracefs = Tracefs()
+            except KernelError as e:
+                if e.errno != errno.EACCES:
+                    raise
+                # The engines' wording offers `-e ptrace`: no help here.
+                raise KernelError("the kernel's events (--kernel) need tracefs and perf "
+                                  "tracepoint events, which are for root only here: run as "
+                                  "root (or leave --kernel out)", e.errno) from e
         self.points: list[Tracepoint] = resolve(tracefs, names)
         self.decoders = Decoders(tracefs, self.points)
         self.ring_pages = ring_pages
