@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from agent_support import CALLS_PER_ROUND, KINDS, NAP_S, Agent, Caller
 from conftest import Compiler, wait_until
-from otlp_receiver import Receiver, attributes
+
+from bench.otlp_receiver import Receiver, attributes
 
 pytest.importorskip("opentelemetry.proto", reason="opentelemetry-proto is a test dependency")
 

@@ -19,6 +19,7 @@ from conftest import Compiler, need, wait_until
 
 ROUNDS = 2
 QUANTILE = 0.5
+DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-uprobes-agent.json"
 
 
 @pytest.fixture
@@ -48,17 +49,31 @@ def _start_prometheus(port: int, config: Path, storage: Path) -> subprocess.Pope
     return proc
 
 
-def _query(port: int, promql: str) -> float | None:
-    """The value of an instant query's single result, None if it has none."""
+def _results(port: int, promql: str) -> list[dict[str, object]]:
+    """An instant query's results (the server must have taken the query)."""
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     with urllib.request.urlopen(url, timeout=30) as r:
         answer = json.load(r)
     assert answer["status"] == "success", answer
-    result = answer["data"]["result"]
+    return list(answer["data"]["result"])
+
+
+def _query(port: int, promql: str) -> float | None:
+    """The value of an instant query's single result, None if it has none."""
+    result = _results(port, promql)
     if not result:
         return None
     assert len(result) == 1, result
-    return float(result[0]["value"][1])
+    return float(str(result[0]["value"][1]))  # type: ignore[index]
+
+
+def _dashboard_queries() -> list[str]:
+    """The PromQL of every panel of the Grafana dashboard, its variables
+    given the values that select everything."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    return [e.replace("$instance", ".*").replace("$probe", ".*")
+            .replace("$__rate_interval", "1m") for e in exprs]
 
 
 def _quantile(q: float, buckets: list[tuple[float, float]]) -> float:
@@ -108,6 +123,15 @@ def test_prometheus_scrapes_the_agent_count_and_quantile(
         wait_until(scraped, f"Prometheus to count {calls} calls", 90)
         quantile = _query(prom_port, f"histogram_quantile({QUANTILE}, sum by (le) "
                                      f"(uprobes_call_duration_seconds_bucket{{{who}}}))")
+        # Every panel of the dashboard in docs/ is a query the server takes and
+        # that finds the agent's series (rate() needs two scrapes: wait for them).
+        empty: list[str] = []
+
+        def panels_answer() -> bool:
+            empty[:] = [q for q in _dashboard_queries() if not _results(prom_port, q)]
+            return not empty
+
+        wait_until(panels_answer, f"every dashboard panel to find series ({empty})", 90)
         caller.end()
     finally:
         if server is not None:

@@ -1,4 +1,4 @@
-"""A local OTLP/HTTP receiver for the agent's tests: it decodes what
+"""A local OTLP/HTTP receiver (for the agent's tests and its soak bench): it decodes what
 arrives with the OTLP protobuf definitions (opentelemetry-proto) and keeps
 it; `up = False` makes it answer 503, as a backend that is away."""
 
