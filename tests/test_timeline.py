@@ -232,3 +232,40 @@ def test_system_wide_kernel_events_leave_uprobes_out(running_forever: int) -> No
     # Another process's system calls are there; ours (the reader's) are not.
     assert any(d["pid"] == running_forever and d["name"] == "clock_nanosleep" for d in kernel)
     assert all(d["pid"] != os.getpid() for d in kernel)
+
+
+def test_timeline_merges_overlapping_reads_in_time_order() -> None:
+    """Reads whose first events are older than the last one already held
+    (stamped before a read, written after it) still come out in time order,
+    with the hits between them where their stamps put them."""
+    from uprobes.model.event import ProbeInfo
+    from uprobes.model.kevent import KernelEvent
+    from uprobes.render.jsonl import JsonLinesRenderer
+    from uprobes.render.timeline import Timeline
+
+    class Reads:
+        """A source handing over prepared reads, one a call."""
+        count = 0
+        lost = 0
+
+        def __init__(self, reads: list[list[int]]) -> None:
+            self.reads = reads
+
+        def read(self) -> list[KernelEvent]:
+            stamps = self.reads.pop(0) if self.reads else []
+            self.count += len(stamps)
+            return [KernelEvent(ts, 1, 1, 0, "on_cpu", "sched_switch", "t") for ts in stamps]
+
+    out = io.StringIO()
+    info = ProbeInfo("uprobes/f", "p")
+    timeline = Timeline(JsonLinesRenderer(out, {info.name: info}),
+                        Reads([[10, 20, 30], [25, 40], [35, 50, 60], [45]]))
+    timeline.tick(0)  # nothing is old enough to write yet
+    timeline.tick(0)
+    assert out.getvalue() == ""
+    timeline.hits([(42, 1, 1, 0, info.name, "t", 0, None, ())])
+    timeline.summary(1, 0)
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    stamps = [d["ts_ns"] for d in docs if "ts_ns" in d]
+    assert stamps == [10, 20, 25, 30, 35, 40, 42, 45, 50, 60]
+    assert [d.get("probe") for d in docs if d.get("ts_ns") == 42] == ["uprobes/f"]

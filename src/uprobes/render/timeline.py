@@ -18,6 +18,7 @@ Kernel events of a thread that ended before they were read carry no comm
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import threading
 from collections import deque
 from typing import Protocol
@@ -77,10 +78,16 @@ class Timeline:
         if not new:
             return
         held = self._held
-        if held and new[0].ts_ns < held[-1].ts_ns:
-            merged = sorted([*held, *new], key=_ts)
-            held.clear()
-            held.extend(merged)
+        # Both are in time order, and what overlaps is a few events at the
+        # end of `held` (stamped before the last read, written after it):
+        # only those are merged, never the whole of what waits.
+        first = new[0].ts_ns
+        tail: list[KernelEvent] = []
+        while held and held[-1].ts_ns > first:
+            tail.append(held.pop())
+        if tail:
+            tail.reverse()
+            held.extend(heapq.merge(tail, new, key=_ts))
         else:
             held.extend(new)
         while len(held) > self.max_held:
