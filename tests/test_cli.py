@@ -24,9 +24,11 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 EXAMPLES = [
-    # system-wide probes are the kernel engine's, and `cleanup` clears tracefs: both root's
+    # system-wide probes are the kernel engine's, `cleanup` clears tracefs and `--kernel`
+    # reads tracepoint formats from it: all root's
     pytest.param(m.NAME, e, id=e,
-                 marks=[pytest.mark.root] if m.NAME == "cleanup" or "system-wide" in e else [])
+                 marks=[pytest.mark.root] if (m.NAME == "cleanup" or "system-wide" in e
+                                              or " --kernel " in e) else [])
     for m in _modules() for e in m.EXAMPLES]
 
 

@@ -31,9 +31,10 @@ NAME = "agent"
 HELP = ("keep probes in place and serve their counts and call latencies to Prometheus "
         "(/metrics); SIGHUP reloads --config")
 EXAMPLES = [
-    "uprobes agent --duration 2 'libc:malloc' 'r libc:malloc' & sleep 1; ls /usr; wait",
+    "uprobes agent --duration 2 'libc:malloc' 'r libc:malloc' & sleep 1; ls /usr; wait"
+    "  # system-wide; what /metrics served is printed at the end",
     "uprobes agent --prometheus 127.0.0.1:9469 --duration 2 --label size "
-    "'libc:malloc size=%di:u64' & sleep 1; ls /usr; wait",
+    "'libc:malloc size=%di:u64' & sleep 1; ls /usr; wait  # system-wide, labelled by size",
 ]
 
 
