@@ -65,6 +65,10 @@ def test_sighup_reload_adds_and_removes_probes_and_keeps_unchanged_counts(
         got = wait_for_count(agent, port, "uprobes_call_duration_seconds_count",
                              ROUND, probe="uprobes/handle", **who)
 
+        # The same file again: nothing to replace, the probes stay in place.
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_said("the probes are unchanged, left in place")
+
         # A bad file is refused: one line naming file, line and key; the probes stay.
         conf.write_text(conf.read_text().replace("labels", "lables", 1))
         agent.proc.send_signal(signal.SIGHUP)

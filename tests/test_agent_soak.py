@@ -1,7 +1,7 @@
 """The agent's soak (bench/agent_soak.py) in short: 30 s at 10,000 calls a
-second while the OTLP backend goes away and comes back every 6 s. The bench
+second while the OTLP backend goes away and comes back every 5 s. The bench
 asserts itself: every hit counted or counted as dropped, hits counted while
-the backend is away, RSS flat within 10% after the first cycle."""
+the backend is away, RSS in the second half within 10% of the first's."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ pytest.importorskip("opentelemetry.proto", reason="opentelemetry-proto is a test
 @pytest.mark.kernel
 def test_short_soak_counts_every_hit_and_stays_flat(tracefs: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.agent_soak", "--seconds", "30",
-                           "--rate", "10000", "--flap", "6"],
+                           "--rate", "10000", "--flap", "5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("ok"), proc.stdout

@@ -153,6 +153,15 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
                     except UprobesError as e:
                         note(f"reload refused, the probes stay as they were: {e}")
                         continue
+                    metrics.max_series = new.max_series
+                    sinks = (new.prometheus, new.otlp, new.pyroscope)
+                    if sinks != (config.prometheus, config.otlp, config.pyroscope):
+                        note("the sinks ([prometheus], [otlp], [pyroscope]) are read when the "
+                             "agent starts: restart it to change them; the probes reload")
+                    if new.probes == config.probes and new.engine == config.engine:
+                        note(f"reloaded {new.source}: the probes are unchanged, left in place")
+                        config = new
+                        continue
                     stop(run)
                     run = None
                     config = new
