@@ -113,7 +113,7 @@ class Soak:
     failures: list[str] = field(default_factory=list)
 
 
-def run(seconds: float, rate: int, flap: float, out: Path) -> Soak:
+def run(seconds: float, rate: int, flap: float, out: Path, max_growth: float = 0.10) -> Soak:
     exe = build(out)
     port = free_port()
     result = Soak()
@@ -179,7 +179,7 @@ def run(seconds: float, rate: int, flap: float, out: Path) -> Soak:
             result.failures.append(f"the agent exited {agent.returncode}")
         result.spans = sum(1 for _ in receiver.spans())
         result.refused = receiver.refused
-    _judge(result, flap)
+    _judge(result, flap, max_growth)
     return result
 
 
@@ -188,7 +188,7 @@ def _accounted(counts: dict[str, float]) -> float:
             + counts.get("uprobes_dropped_total:ring_full", 0))
 
 
-def _judge(r: Soak, flap: float) -> None:
+def _judge(r: Soak, flap: float, max_growth: float) -> None:
     accounted = _accounted(r.counted)
     if accounted != 2 * r.calls:
         r.failures.append(f"{2 * r.calls:,} hits made, {accounted:,.0f} counted or dropped")
@@ -196,8 +196,9 @@ def _judge(r: Soak, flap: float) -> None:
         r.failures.append(f"hits counted while the backend was away: {r.away_gains}")
     cycle, after = _rss(r, flap)
     if cycle and after:
-        if max(after) > max(cycle) * 1.10:
-            r.failures.append(f"RSS grew from {max(cycle)} KiB to {max(after)} KiB (over 10%)")
+        if max(after) > max(cycle) * (1 + max_growth):
+            r.failures.append(f"RSS grew from {max(cycle)} KiB to {max(after)} KiB "
+                              f"(over {max_growth:.0%})")
     else:
         r.failures.append("the soak was shorter than three away-and-back phases")
 
@@ -234,9 +235,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=600)
     p.add_argument("--rate", type=int, default=10000)
     p.add_argument("--flap", type=float, default=60)
+    p.add_argument("--max-growth", type=float, default=0.10,
+                   help="the RSS growth from the first half to the second that fails the "
+                        "soak (a fraction; default 0.10)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        result = run(args.seconds, args.rate, args.flap, Path(out))
+        result = run(args.seconds, args.rate, args.flap, Path(out), args.max_growth)
     print(report(result, args.flap), flush=True)
     raise SystemExit(1 if result.failures else 0)
 

@@ -24,11 +24,12 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 EXAMPLES = [
-    # system-wide probes are the kernel engine's, `cleanup` clears tracefs and `--kernel`
-    # reads tracepoint formats from it: all root's
+    # system-wide probes are the kernel engine's, `cleanup` clears tracefs, and `--kernel`
+    # and `--breakdown` read the kernel's tracepoints: all root's
     pytest.param(m.NAME, e, id=e,
                  marks=[pytest.mark.root] if (m.NAME == "cleanup" or "system-wide" in e
-                                              or " --kernel " in e) else [])
+                                              or " --kernel " in e or " --breakdown " in e)
+                 else [])
     for m in _modules() for e in m.EXAMPLES]
 
 

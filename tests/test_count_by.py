@@ -68,10 +68,19 @@ def test_a_full_table_says_how_many_hits_it_could_not_key(timed: Path) -> None:
     assert overflow > 0 and counted + overflow == 20000
 
 
+@pytest.mark.root
+def test_the_kernel_engine_refuses_keys_in_one_line(timed: Path) -> None:
+    """As root, `-e auto` takes the kernel engine, which keys nothing in the program."""
+    run = subprocess.run([*UPROBES, "count", "--by", "tid", f"{timed}:tiny", "--", str(timed),
+                          "tiny", "10"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("uprobes: error: ") and "give -e ptrace" in run.stderr
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+
+
 def test_what_cannot_be_keyed_is_one_line(timed: Path) -> None:
-    """The kernel engine, --no-trapfree, a key no spec fetches: one line, exit 2."""
+    """--no-trapfree, a key no spec fetches, a value without a key: one line, exit 2."""
     for argv, words in (
-            (["--by", "tid", f"{timed}:tiny"], "give -e ptrace"),
             (["-e", "ptrace", "--no-trapfree", "--by", "tid", f"{timed}:tiny"],
              "drop --no-trapfree"),
             (["-e", "ptrace", "--by", "size", f"{timed}:tiny"], "fetches no size"),

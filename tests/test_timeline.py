@@ -224,6 +224,7 @@ def test_kernel_event_json_lines_are_what_json_writes() -> None:
         json.dumps(ev.as_dict(), separators=(",", ":"), ensure_ascii=False) for ev in events]
 
 
+@pytest.mark.root  # system-wide probes are the kernel engine's
 def test_system_wide_kernel_events_leave_uprobes_out(running_forever: int) -> None:
     *docs, summary = trace_docs(["-e", "kernel", "--duration", "1", "--kernel", "syscalls",
                                  "libc:getppid"])
