@@ -68,14 +68,18 @@ def test_a_full_table_says_how_many_hits_it_could_not_key(timed: Path) -> None:
     assert overflow > 0 and counted + overflow == 20000
 
 
+def _refused_in_one_line(timed: Path, argv: list[str], words: str) -> None:
+    run = subprocess.run([*UPROBES, "count", *argv, "--", str(timed), "tiny", "10"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("uprobes: error: ") and words in run.stderr, run.stderr
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+
+
 @pytest.mark.root
 def test_the_kernel_engine_refuses_keys_in_one_line(timed: Path) -> None:
     """As root, `-e auto` takes the kernel engine, which keys nothing in the program."""
-    run = subprocess.run([*UPROBES, "count", "--by", "tid", f"{timed}:tiny", "--", str(timed),
-                          "tiny", "10"], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("uprobes: error: ") and "give -e ptrace" in run.stderr
-    assert len(run.stderr.splitlines()) == 1, run.stderr
+    _refused_in_one_line(timed, ["--by", "tid", f"{timed}:tiny"], "give -e ptrace")
 
 
 def test_what_cannot_be_keyed_is_one_line(timed: Path) -> None:
@@ -85,8 +89,4 @@ def test_what_cannot_be_keyed_is_one_line(timed: Path) -> None:
              "drop --no-trapfree"),
             (["-e", "ptrace", "--by", "size", f"{timed}:tiny"], "fetches no size"),
             (["-e", "ptrace", "--value", "a", f"{timed}:tiny a=%di"], "give --by KEY")):
-        run = subprocess.run([*UPROBES, "count", *argv, "--", str(timed), "tiny", "10"],
-                             capture_output=True, text=True, timeout=60)
-        assert run.returncode == 2, run.stderr
-        assert run.stderr.startswith("uprobes: error: ") and words in run.stderr, run.stderr
-        assert len(run.stderr.splitlines()) == 1, run.stderr
+        _refused_in_one_line(timed, argv, words)
