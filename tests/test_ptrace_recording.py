@@ -250,3 +250,22 @@ def test_shaped_lines_are_the_renderers_lines(renderer: str) -> None:
     ShapedLines(cls(shaped, infos)).write(hits)  # type: ignore[arg-type]
     assert shaped.getvalue() == direct.getvalue()
     assert direct.getvalue().count("\n") == 300
+
+
+@pytest.mark.kernel
+def test_a_recorded_hit_makes_no_system_call(tracefs: Path, exe: Path,
+                                             tmp_path: Path) -> None:
+    """A command's probes go in at its exec, before the dynamic linker sets
+    the thread pointer up: once the tracer has seen the tid there (RING_TLS),
+    a hit reads it there instead of calling gettid (hundreds of ns in a VM).
+    The kernel's syscall events of the traced program are the oracle."""
+    out = tmp_path / "t.jsonl"
+    run = subprocess.run([*UPROBES, "trace", "-e", "ptrace", "--json", "--kernel", "syscalls",
+                          "-o", str(out), f"{exe}:work a=%di", "--", str(exe), "loop", "2000"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert NOTE_FREE.search(run.stderr), run.stderr
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    calls = Counter(d["name"] for d in docs if str(d.get("kernel")).startswith("syscall"))
+    assert sum(1 for d in docs if "probe" in d) == 2000
+    assert calls["gettid"] == 0 and sum(calls.values()) < 200, calls

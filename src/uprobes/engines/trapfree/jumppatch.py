@@ -441,14 +441,17 @@ class TrapFree:
 
     def confirm_tls(self, mm: object, mem: ProcessMemory, fs_base: int, tid: int) -> None:
         """A stopped thread `tid` of `mm` whose thread pointer is `fs_base`: if
-        its tid is at glibc's place there, `mm`'s timing code reads it there
+        its tid is at glibc's place there, `mm`'s timing and recording code reads it there
         from now on (a command's probes go in at its exec, before the
         dynamic linker sets the thread pointer up)."""
         space = self._spaces.get(mm)
-        if space is None or not (space.timing or space.keyed or space.blocks) or space.tls_tid:
+        if space is None or space.tls_tid or not (space.timing or space.keyed or space.blocks
+                                                  or space.rings):
             return
         if _tid_at_thread_pointer(mem, fs_base, tid):
             space.tls_tid = True
+            for ring in space.rings:
+                ring.tls_confirmed()
             for rows in space.timing:
                 rows.tls_confirmed()
             for tables in space.keyed:

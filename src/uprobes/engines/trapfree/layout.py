@@ -15,6 +15,8 @@ The recording ring (one per fork family, MAP_SHARED):
       STALLED      1 while the reader's heartbeat is stale (writers set it)
       WAITERS      1 while some hit sleeps on TAIL (the reader wakes them)
       HEARTBEAT    TSC stamp of the reader's last read
+      RING_TLS     1 once the tracer saw each thread's tid at glibc's place in its
+                   thread pointer: hits read it there, not by a gettid system call
     DATA_OFFSET  SLOTS slots of SLOT_BYTES, slot i at DATA_OFFSET + (i % SLOTS) * SLOT_BYTES:
       SLOT_SEQ     i + 1 once the slot is written (stored last: the commit)
       SLOT_TSC     rdtscp at the hit
@@ -39,6 +41,7 @@ LOST = 128
 STALLED = 192
 WAITERS = 256
 HEARTBEAT = 384
+RING_TLS = 448  # 1 once the tracer saw the tid at the thread pointer (as TIMING_TLS)
 DATA_OFFSET = 4096  # the header's page
 
 # ---------------------------------------------------------------- a slot

@@ -33,6 +33,7 @@ from uprobes.engines.trapfree.layout import (
     REC_TSC,
     REC_VALUES,
     RECORD,
+    RING_TLS,
     SLOT_BYTES,
     SLOT_SEQ,
     SLOTS,
@@ -187,6 +188,11 @@ class Ring:
         """The reader is alive: a hit waiting for room goes on waiting while
         this is less than WAIT_S old."""
         self.words[HEARTBEAT // 8] = tsc.read()
+
+    def tls_confirmed(self) -> None:
+        """The tid is at glibc's place in the thread pointer: hits of code placed
+        before that was seen read it there from now on (RING_TLS)."""
+        self.words[RING_TLS // 8] = 1
 
     def abandon(self) -> None:
         """No reader from now on: hits that find the ring full drop their

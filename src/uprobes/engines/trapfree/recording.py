@@ -13,7 +13,8 @@ The trampoline (`prologue`), after stepping below the red zone:
 
     pushfq; push rax, rcx, rdx, rsi, r11   ; all it changes
     tid   -> esi: mov esi, fs:[0x2d0]       ; glibc's struct pthread tid, checked
-                                            ; per process before use; else gettid
+                                            ; per process before use (RING_TLS, when
+                                            ; placed before it could be); else gettid
     rdtscp                                  ; time and TSC_AUX (the CPU), no syscall
     reserve a slot: head - tail < SLOTS ? lock cmpxchg head, head+1 : wait
                     (a lost compare-and-swap retries, unless GIVE_UP_S passed)
@@ -78,6 +79,7 @@ from uprobes.engines.trapfree.layout import (
     HEARTBEAT,
     LOST,
     MAX_WORDS,
+    RING_TLS,
     SLOT_PROBE,
     SLOT_SEQ,
     SLOT_SHIFT,
@@ -261,12 +263,22 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create_reg(Code.PUSH_R64, R.RDX), i.create_reg(Code.PUSH_R64, R.RSI),
         i.create_reg(Code.PUSH_R64, R.R11),
     ]
+    from_tls = i.create_reg_mem(Code.MOV_R32_RM32, R.ESI,
+                                MemoryOperand(R.NONE, displ=GLIBC_TID_OFFSET, seg=R.FS))
+    je_gettid = jmp_have = -1
     if tls_tid:
-        code.append(i.create_reg_mem(Code.MOV_R32_RM32, R.ESI,
-                                     MemoryOperand(R.NONE, displ=GLIBC_TID_OFFSET, seg=R.FS)))
+        code.append(from_tls)
     else:
+        # Placed before the thread pointer was seen to hold the tid (a
+        # command's probes go in at its exec, before the dynamic linker sets
+        # it up): read it there once the tracer says so (RING_TLS), else ask
+        # the kernel (a system call: hundreds of ns in a VM).
+        code += [i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RIP, ring_addr + RING_TLS), 0),
+                 None, from_tls, None]  # je gettid; jmp have
+        je_gettid, jmp_have = len(code) - 3, len(code) - 1
         code += [i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_GETTID),
                  i.create(Code.SYSCALL), i.create_reg_reg(Code.MOV_R32_RM32, R.ESI, R.EAX)]
+    have_tid = len(code)
     code += [
         i.create(Code.RDTSCP),
         i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
@@ -365,6 +377,9 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     code += [i.create_reg(Code.POP_R64, r) for r in (R.R11, R.RSI, R.RDX, R.RCX, R.RAX)]
     code += [i.create(Code.POPFQ), i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _RED_ZONE))]
     labels = {n: 1 + n for n in range(len(code))}  # ips as labels: the block encoder's
+    if not tls_tid:
+        code[je_gettid] = i.create_branch(Code.JE_REL32_64, labels[jmp_have + 1])
+        code[jmp_have] = i.create_branch(Code.JMP_REL32_64, labels[have_tid])
     code[jae_full] = i.create_branch(Code.JAE_REL32_64, labels[full])
     code[jne_contended] = i.create_branch(Code.JNE_REL32_64, labels[contended])
     code[jmp_done] = i.create_branch(Code.JMP_REL32_64, labels[done])
