@@ -43,6 +43,7 @@ from uprobes.render.perfetto import PerfettoRenderer
 from uprobes.render.timeline import Timeline
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
+from uprobes.sys.clocks import ClockSnapshot
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 FORMATS = ("text", "jsonl", "perfetto", "chrome-json")
@@ -127,22 +128,30 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         kevents = None
         if args.kernel is not None:
             kevents = stack.enter_context(KernelEvents(parse_kernel_option(args.kernel)))
-        args.format = _format(args)
-        binary: BinaryIO | None = None
-        if args.output:
-            try:
-                if args.format == "perfetto":
-                    binary = stack.enter_context(open(args.output, "wb"))
-                else:
-                    out = stack.enter_context(open(args.output, "w"))
-            except OSError as e:
-                raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
-        elif args.format == "perfetto":
-            binary = getattr(out, "buffer", None)
-            if binary is None or out.isatty():
-                raise UsageError("--format perfetto writes a binary trace: give -o FILE")
+        out, binary = open_output(args, out, stack)
         child = launch(args.argv_command) if args.argv_command else None
-        return _trace(args, out, binary, probes, child, kevents)
+        return run_trace(args, out, binary, probes, child, kevents)
+
+
+def open_output(args: argparse.Namespace, out: TextIO,
+                stack: ExitStack) -> tuple[TextIO, BinaryIO | None]:
+    """Where the format of `args` (`--format`, `--json`, `-o`) writes: text,
+    or binary for Perfetto's; sets `args.format` to the format it is."""
+    args.format = _format(args)
+    binary: BinaryIO | None = None
+    if args.output:
+        try:
+            if args.format == "perfetto":
+                binary = stack.enter_context(open(args.output, "wb"))
+            else:
+                out = stack.enter_context(open(args.output, "w"))
+        except OSError as e:
+            raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
+    elif args.format == "perfetto":
+        binary = getattr(out, "buffer", None)
+        if binary is None or out.isatty():
+            raise UsageError("--format perfetto writes a binary trace: give -o FILE")
+    return out, binary
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -161,14 +170,25 @@ Output = TraceTextRenderer | JsonLinesRenderer | ChromeJsonRenderer | PerfettoRe
 Renderer = Output | Timeline
 
 
-def _renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
-              infos: dict[str, ProbeInfo], probes: list[ResolvedProbe]) -> Output:
+def make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
+                  infos: dict[str, ProbeInfo], calls: set[str],
+                  clocks: tuple[ClockSnapshot, ClockSnapshot] | None = None) -> Output:
+    """The renderer of `args.format`; `calls`: see `call_entries`. `clocks`:
+    the run's clocks at start and end (a replay's), else read at start and end."""
+    start = None if clocks is None else clocks[0]
+    out_r: Output
     if args.format == "perfetto":
         assert binary is not None
-        return PerfettoRenderer(binary, infos, call_entries(probes))
-    if args.format == "chrome-json":
-        return ChromeJsonRenderer(out, infos, call_entries(probes))
-    return (JsonLinesRenderer if args.format == "jsonl" else TraceTextRenderer)(out, infos)
+        out_r = PerfettoRenderer(binary, infos, calls, clock_start=start)
+    elif args.format == "chrome-json":
+        out_r = ChromeJsonRenderer(out, infos, calls, clock_start=start)
+    elif args.format == "jsonl":
+        out_r = JsonLinesRenderer(out, infos, clock_start=start)
+    else:
+        return TraceTextRenderer(out, infos)
+    if clocks is not None:
+        out_r.clock_end = clocks[1]
+    return out_r
 
 
 def call_entries(probes: list[ResolvedProbe]) -> set[str]:
@@ -178,9 +198,11 @@ def call_entries(probes: list[ResolvedProbe]) -> set[str]:
             if not p.is_return and p.key in returns and p.symbol_offset == 0}
 
 
-def _trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
-           probes: list[ResolvedProbe], child: Launched | None,
-           kevents: KernelEvents | None) -> int:
+def run_trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
+              probes: list[ResolvedProbe], child: Launched | None,
+              kevents: KernelEvents | None) -> int:
+    """The run: the probes placed, every hit into the renderer of `args`'s
+    format, the summary, the command's status."""
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
     stack_bytes = args.stack_bytes if args.stack or args.python else 0
@@ -197,10 +219,8 @@ def _trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
         if kevents is not None:  # before the probes: the first hit has its kernel events
             kevents.open(pid=args.pid, child=child.pid if child else None)
         with tracer:
-            output = _renderer(args, out, binary, tracer.infos, probes)
-            renderer = output
-            if kevents is not None:
-                renderer = Timeline(output, kevents)
+            output = make_renderer(args, out, binary, tracer.infos, call_entries(probes))
+            renderer = output if kevents is None else Timeline(output, kevents)
             if child is not None:
                 child.release()
             elif not tracer.target_exited:

@@ -31,7 +31,7 @@ from typing import TextIO
 from uprobes.analysis.calls import CallPairer
 from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent
-from uprobes.sys.clocks import snapshot
+from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -49,7 +49,7 @@ class ChromeJsonRenderer:
     """
 
     def __init__(self, out: TextIO, probes: dict[str, ProbeInfo],
-                 calls: Iterable[str] = ()) -> None:
+                 calls: Iterable[str] = (), clock_start: ClockSnapshot | None = None) -> None:
         self.out = out
         self.probes = probes
         self.calls = frozenset(calls)
@@ -57,7 +57,8 @@ class ChromeJsonRenderer:
         self._threads: set[int] = set()
         self._processes: set[int] = set()
         self._first = True
-        self.clock_start = snapshot()
+        self.clock_start = clock_start or snapshot()
+        self.clock_end: ClockSnapshot | None = None  # None: the clocks at `summary`
         self._kernel_open: dict[tuple[int, str], KernelEvent] = {}  # (tid, off_cpu|syscall)
         self._kernel_counts: dict[str, int] | None = None
         out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
@@ -147,5 +148,6 @@ class ChromeJsonRenderer:
         counts: dict[str, object] = {"events": events, "lost": lost}
         if self._kernel_counts is not None:
             counts["kernel"] = self._kernel_counts
-        counts["clocks"] = {"start": self.clock_start.as_dict(), "end": snapshot().as_dict()}
+        counts["clocks"] = {"start": self.clock_start.as_dict(),
+                            "end": (self.clock_end or snapshot()).as_dict()}
         self.out.write('\n],"uprobes":' + _dumps(counts) + "}\n")

@@ -71,8 +71,14 @@ def write_histograms_json(out: TextIO, hists: Mapping[str, Histogram],
                           extra: Mapping[str, object] | None = None) -> None:
     """One line: `{NAME: {count, mean_ns, min_ns, p50_ns, p90_ns, p99_ns, max_ns,
     buckets: [[lo_ns, hi_ns, count], ...]}}`; `extra`: more keys in each NAME's."""
-    write_json(out, {name: {
+    write_json(out, {name: histogram_doc(h, extra)
+                     for name, h in sorted(hists.items(), key=lambda kv: (-kv[1].count, kv[0]))})
+
+
+def histogram_doc(h: Histogram, extra: Mapping[str, object] | None = None) -> dict[str, object]:
+    """One histogram as `write_histograms_json` writes it."""
+    return {
         "count": h.count, "mean_ns": round(h.mean, 1), "min_ns": h.min or 0,
         "p50_ns": h.percentile(50), "p90_ns": h.percentile(90), "p99_ns": h.percentile(99),
         "max_ns": h.max, "buckets": [list(row) for row in h.log2_buckets()], **(extra or {}),
-    } for name, h in sorted(hists.items(), key=lambda kv: (-kv[1].count, kv[0]))})
+    }

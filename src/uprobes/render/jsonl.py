@@ -29,7 +29,7 @@ from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_json
-from uprobes.sys.clocks import snapshot
+from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -93,12 +93,14 @@ class _Template:
 class JsonLinesRenderer:
     """Writes one JSON object per event and a summary object at the end."""
 
-    def __init__(self, out: TextIO, probes: dict[str, ProbeInfo]) -> None:
+    def __init__(self, out: TextIO, probes: dict[str, ProbeInfo],
+                 clock_start: ClockSnapshot | None = None) -> None:
         self.out = out
         self.probes = probes
         self._templates: dict[str, _Template] = {}
         self._comms: dict[str, str] = {}
-        self.clock_start = snapshot()
+        self.clock_start = clock_start or snapshot()
+        self.clock_end: ClockSnapshot | None = None  # None: the clocks at `summary`
         self._kernel: dict[str, int] | None = None
         self._kernel_templates: dict[tuple[str, str, tuple[str, ...]], str] = {}
 
@@ -159,7 +161,8 @@ class JsonLinesRenderer:
         return t
 
     def summary(self, events: int, lost: int) -> None:
-        clocks = {"start": self.clock_start.as_dict(), "end": snapshot().as_dict()}
+        clocks = {"start": self.clock_start.as_dict(),
+                  "end": (self.clock_end or snapshot()).as_dict()}
         doc: dict[str, object] = {"events": events, "lost": lost}
         if self._kernel is not None:
             doc["kernel"] = self._kernel

@@ -70,7 +70,7 @@ class PerfettoRenderer:
     """
 
     def __init__(self, out: BinaryIO, probes: dict[str, ProbeInfo],
-                 calls: Iterable[str] = ()) -> None:
+                 calls: Iterable[str] = (), clock_start: ClockSnapshot | None = None) -> None:
         self.pb = _pb()
         self.out = out
         self.probes = probes
@@ -81,7 +81,8 @@ class PerfettoRenderer:
         self._counts: dict[tuple[int, str], tuple[int, int]] = {}  # (pid, probe) -> (uuid, n)
         self._kernel_counts: tuple[int, int] | None = None
         self._first = True
-        self._clocks(snapshot())
+        self.clock_end: ClockSnapshot | None = None  # None: the clocks at `summary`
+        self._clocks(clock_start or snapshot())
 
     def _packet(self, ts_ns: int | None = None) -> Any:
         packet = self.pb.TracePacket()
@@ -248,7 +249,7 @@ class PerfettoRenderer:
     def summary(self, events: int, lost: int) -> None:
         for ev in sorted(self._pairer.still_open(), key=lambda e: e.ts_ns):
             self._instant(ev)
-        end = snapshot()
+        end = self.clock_end or snapshot()
         packet = self._packet()
         packet.track_descriptor.uuid = SUMMARY_TRACK
         packet.track_descriptor.name = "uprobes"
