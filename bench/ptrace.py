@@ -30,6 +30,9 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
   the workload's loop;
 - `uprobes count -e ptrace --if 'a == -1' 'FUNCTION a=%di'`: a filter that
   rejects every hit, compiled into the counting code, timing the loop;
+- `uprobes record -e ptrace 'FUNCTION a=%di'`: the same ring as trace's, its
+  slots written to disk as they are (no work per record), timed whole and
+  by the loop: every hit kept, at the speed of a copy;
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -224,6 +227,10 @@ def tools(workload: Workload) -> list[Tool]:
         return lambda n, work: [py, "-m", "uprobes", "trace", "-e", "ptrace", *extra,
                                 "-o", os.devnull, f"{workload.exe}:{function} a=%di", "--",
                                 *workload.argv(n, function)]
+    def record(function: str) -> Callable[[int, Path], list[str]]:
+        return lambda n, work: [py, "-m", "uprobes", "record", "-e", "ptrace",
+                                "-o", str(work / "recording"), f"{workload.exe}:{function} a=%di",
+                                "--", *workload.argv(n, function)]
     def latency(function: str) -> Callable[[int, Path], list[str]]:
         return lambda n, work: [py, "-m", "uprobes", "latency", "-e", "ptrace", "--json",
                                 f"{workload.exe}:{function}", "--", *workload.argv(n, function)]
@@ -253,6 +260,11 @@ def tools(workload: Workload) -> list[Tool]:
              trace(boosted), _trace_count, hits=(20_000, 200_000), ours=True),
         Tool("uprobes trace -e ptrace", "entry a=%di (trap-free, the loop)", boosted,
              trace(boosted), _trace_count, hits=(1000, 30_000), loop_timed=True, ours=True),
+        Tool("uprobes record -e ptrace", "entry a=%di (trap-free, whole run)", boosted,
+             record(boosted), _trace_count, hits=(100_000, 3_000_000), ours=True),
+        Tool("uprobes record -e ptrace", "entry a=%di (trap-free, the loop)", boosted,
+             record(boosted), _trace_count, hits=(100_000, 3_000_000), loop_timed=True,
+             ours=True),
     ]
     return rows
 

@@ -84,3 +84,8 @@ class KernelError(UprobesError):
 
 class EngineError(UprobesError):
     """An engine could not place or run a probe."""
+
+
+class RecordingError(UsageError):
+    """A recording directory (`uprobes record -o DIR`) that cannot be read back:
+    missing, of another format, truncated or altered."""

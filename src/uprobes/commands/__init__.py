@@ -49,6 +49,12 @@ COMMANDS = (
             "--folded)"),
     Command("latency", "latency", "histogram of how long each call of the functions takes"),
     Command("top", "top", "live table of hits per second, per probe and process"),
+    Command("record", "record",
+            "keep every hit of the probes in a directory, for replay and report later"),
+    Command("replay", "replay",
+            "print a recording's hits as trace prints them (text, JSON, Perfetto)"),
+    Command("report", "report", "a recording's hit counts per probe and call latency per "
+            "function"),
     Command("agent", "agent",
             "keep probes in place and serve their counts and call latencies to Prometheus "
             "(/metrics); SIGHUP reloads --config"),

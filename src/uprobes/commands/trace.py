@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO, cast
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
@@ -167,7 +168,11 @@ def _format(args: argparse.Namespace) -> str:
 
 
 Output = TraceTextRenderer | JsonLinesRenderer | ChromeJsonRenderer | PerfettoRenderer
-Renderer = Output | Timeline
+if TYPE_CHECKING:  # `record`'s renderer: imported by `record` alone
+    from uprobes.record.writer import RecordWriter
+
+    Renderer = Output | Timeline | RecordWriter
+    MakeRenderer = Callable[[dict[str, ProbeInfo]], RecordWriter]
 
 
 def make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
@@ -200,9 +205,10 @@ def call_entries(probes: list[ResolvedProbe]) -> set[str]:
 
 def run_trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
               probes: list[ResolvedProbe], child: Launched | None,
-              kevents: KernelEvents | None) -> int:
+              kevents: KernelEvents | None, make: MakeRenderer | None = None) -> int:
     """The run: the probes placed, every hit into the renderer of `args`'s
-    format, the summary, the command's status."""
+    format (or `make(infos)`'s: `uprobes record`), the summary, the
+    command's status."""
     renderer: Renderer | None = None
     note = lambda n: sys.stderr.write(f"uprobes: note: {n}\n")  # noqa: E731
     stack_bytes = args.stack_bytes if args.stack or args.python else 0
@@ -219,8 +225,11 @@ def run_trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
         if kevents is not None:  # before the probes: the first hit has its kernel events
             kevents.open(pid=args.pid, child=child.pid if child else None)
         with tracer:
-            output = make_renderer(args, out, binary, tracer.infos, call_entries(probes))
-            renderer = output if kevents is None else Timeline(output, kevents)
+            if make is not None:  # `record`: no kernel events, no stacks
+                renderer = make(tracer.infos)
+            else:
+                output = make_renderer(args, out, binary, tracer.infos, call_entries(probes))
+                renderer = output if kevents is None else Timeline(output, kevents)
             if child is not None:
                 child.release()
             elif not tracer.target_exited:
@@ -234,8 +243,8 @@ def run_trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
                 if isinstance(renderer, Timeline):
                     timeline = renderer
                     reading.enter_context(Pump(lambda: timeline.tick(time.monotonic_ns())))
-                if stack_bytes:
-                    tracer.run(renderer.event, args.duration)
+                if stack_bytes and make is None:
+                    tracer.run(cast("Output | Timeline", renderer).event, args.duration)
                 else:
                     tracer.run_render(renderer, args.duration)  # text/jsonl: the fast paths
             if kevents is not None:

@@ -98,7 +98,9 @@ class Tracer(_Run, Protocol):
         """`run()` handing over batches of `Hit` tuples (no Event built)."""
 
     def run_render(self, renderer: HitRenderer, duration: float | None = None) -> None:
-        """`run_hits` into a renderer, by the fastest path the renderer allows."""
+        """`run_hits` into a renderer, by the fastest path the renderer allows
+        (one that is also a `RawSink`, engines/trapfree/reader.py, gets the
+        trap-free rings' records as they are: `uprobes record`)."""
 
 
 class Counter(_Run, Protocol):

@@ -33,7 +33,12 @@ class RunLoop(TracerState):
         def who(tid: int) -> tuple[int, str] | None:
             t = threads.get(tid)
             return None if t is None else (t.pid, t.comm)
-        behind = recorder.drain(rings, who, self._deliver_recorded, final)
+        if self._raw is not None:  # `uprobes record`: the records as they are
+            before = recorder.raw_records
+            behind = recorder.dump(rings, who, self._raw, final)
+            self.events += recorder.raw_records - before
+        else:
+            behind = recorder.drain(rings, who, self._deliver_recorded, final)
         self.lost = sum(r.lost for r in rings)
         self._corrupt_rings = sum(r.corrupt for r in rings)
         return behind

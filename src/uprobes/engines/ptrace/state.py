@@ -24,7 +24,7 @@ from uprobes.engines.signals import StopSignals
 from uprobes.engines.trapfree.fileplan import FilePlan
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
-from uprobes.engines.trapfree.reader import Recorder, ShapedLines
+from uprobes.engines.trapfree.reader import RawSink, Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
 from uprobes.model.probe import InodeKey, ResolvedProbe
@@ -35,6 +35,8 @@ from uprobes.sys import procfs, ptrace
 SIGTRAP = int(signal.SIGTRAP)
 FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
 RING_WAKE_S = 0.01  # with trap-free probes: also how often their rings are read
+RAW_WAKE_S = 0.001  # ... when they are copied as they are (`record`): a ring holds
+                    # ~1 ms of a busy thread's hits, and a copy costs no decoding
 NO_HANDLER = prepare_dispatch([])  # a probe's dispatch when no consumer wants that side
 
 
@@ -69,6 +71,7 @@ class TracerState:
     _jumps: TrapFree | None
     _recorder: Recorder | None
     _shaped: ShapedLines | None
+    _raw: RawSink | None
     _corrupt_rings: int
     # Timed functions (trapfree="time", timed.py): (dev, ino, function's file
     # offset) -> its index in the timing blocks; names by index; why not.

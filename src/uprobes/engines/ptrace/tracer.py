@@ -49,7 +49,7 @@ from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.lifecycle import ThreadLife
 from uprobes.engines.ptrace.loop import RunLoop
 from uprobes.engines.ptrace.orphan import OrphanGuard
-from uprobes.engines.ptrace.state import RING_WAKE_S, ended
+from uprobes.engines.ptrace.state import RAW_WAKE_S, RING_WAKE_S, ended
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.teardown import Teardown
 from uprobes.engines.ptrace.timed import CallTimer
@@ -57,7 +57,7 @@ from uprobes.engines.signals import StopSignals
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
 from uprobes.engines.trapfree.jumppatch import TrapFree
-from uprobes.engines.trapfree.reader import Recorder, ShapedLines
+from uprobes.engines.trapfree.reader import RawSink, RawSite, Recorder, ShapedLines
 from uprobes.errors import EngineError, KernelError, UprobesError, UsageError
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, display_names, hit_event
 from uprobes.model.filters import HitFilter, TaskView
@@ -118,6 +118,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._jumps = TrapFree() if trapfree else None
         self._recorder: Recorder | None = None  # made by the first recording probe
         self._shaped: ShapedLines | None = None  # run_render's writer of recorded hits
+        self._raw: RawSink | None = None  # run_render's keeper of records as they are
         self._held: tuple[AddressSpace, list[int]] | None = None  # stopped to place jumps
         self.hit_filter = hit_filter
         task_filter = hit_filter.task_filter() if hit_filter else None
@@ -360,9 +361,10 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         deadline = None if duration is None else time.monotonic() + duration
         main = threading.current_thread() is threading.main_thread()
         old = None
+        ring_wake = RAW_WAKE_S if self._raw is not None else RING_WAKE_S
         if main:
             old = signal.signal(signal.SIGALRM, lambda *_: None)
-            wake = RING_WAKE_S if self._trapfree else _WAKE_S
+            wake = ring_wake if self._trapfree else _WAKE_S
             signal.setitimer(signal.ITIMER_REAL, wake, wake)
         try:
             for thread in list(self.threads.values()):
@@ -386,7 +388,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                 if deadline is not None and now >= deadline:
                     break
                 behind = False
-                if rings and now - drained >= RING_WAKE_S:  # (each read is a heartbeat)
+                if rings and now - drained >= ring_wake:  # (each read is a heartbeat)
                     behind = self._drain(rings)  # True: more is waiting, come straight back
                     drained = 0.0 if behind else now
                 tid, status = wait_any(nohang or behind)
@@ -429,10 +431,27 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         """`run_hits` into a renderer; recorded hits of text and JSON lines
         (renderers with `row_lines`) are written from row templates."""
         self._shaped = ShapedLines(renderer) if isinstance(renderer, LineRenderer) else None
+        raw = renderer if isinstance(renderer, RawSink) else None
+        self._raw = raw
         try:
             self.run_hits(renderer.hits, duration)
         finally:
             self._shaped = None
+            self._raw = None
+            if raw is not None and self._recorder is not None:
+                raw.sites(self._raw_sites(), self._recorder.clock.rate())
+
+    def _raw_sites(self) -> list[RawSite]:
+        """What each probe id of the rings stands for (RawSink.sites)."""
+        assert self._recorder is not None
+        out = []
+        for site in self._recorder.sites:
+            ret = site.func is not None
+            handlers = [c.ret_handler if ret else c.handler
+                        for c in site.probe.consumers]  # type: ignore[attr-defined]
+            out.append(RawSite(tuple(self._ours[h] for h in handlers if h in self._ours),
+                               site.recipe, site.ip, site.file_base, site.func))
+        return out
 
 
 def _precheck(p: ResolvedProbe) -> str | None:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 from uprobes.engines.tracee.fetch import REGISTER_FIELDS, converter, split_derefs
 from uprobes.engines.trapfree.layout import (
@@ -36,6 +36,7 @@ from uprobes.engines.trapfree.layout import (
     RING_TLS,
     SLOT_BYTES,
     SLOT_SEQ,
+    SLOT_TID,
     SLOTS,
     STALLED,
     TAIL,
@@ -117,9 +118,25 @@ class Ring:
         self._lost_word = (raw, now)
 
     def take(self, final: bool = False, limit: int = TAKE_MAX) -> list[tuple[int, ...]]:
+        """Up to `limit` records committed since the last take, unpacked (see
+        `_take`)."""
+        out: list[tuple[int, ...]] = []
+        self._take(final, limit, lambda start, end: out.extend(
+            RECORD.iter_unpack(self.view[start:end])))
+        return out
+
+    def take_raw(self, final: bool = False, limit: int = TAKE_MAX) -> bytes:
+        """`take`'s records as the slots' bytes, SLOT_BYTES each, unchecked:
+        what `uprobes record` writes to disk with no work per record."""
+        pieces: list[bytes] = []
+        self._take(final, limit, lambda start, end: pieces.append(self.view[start:end]))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _take(self, final: bool, limit: int, copy: Callable[[int, int], None]) -> None:
         """Up to `limit` records committed since the last take, in reservation
-        order; their slots are free again when it returns (so hits waiting for
-        room go on while the batch is being handled).
+        order, handed to `copy(start, end)` (byte offsets into the ring, a run
+        of whole slots that does not wrap) before their slots are free again
+        (so hits waiting for room go on while the batch is being handled).
         A reserved slot not yet committed stops the take (its writer is
         between two instructions) unless it stays so for STUCK_S, or
         `final` (every writer stopped or gone): then it counts as lost, and
@@ -141,7 +158,6 @@ class Ring:
         if (head - tail) & _MASK64 > SLOTS:  # writers reserve only while head - tail < SLOTS
             words[HEAD // 8] = head = tail
             self.corrupt += 1
-        out: list[tuple[int, ...]] = []
         per_slot = SLOT_BYTES // 8
         base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
         reserved = head
@@ -158,7 +174,7 @@ class Ring:
                 n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
             if n:
                 start = DATA_OFFSET + slot * SLOT_BYTES
-                out += RECORD.iter_unpack(self.view[start:start + n * SLOT_BYTES])
+                copy(start, start + n * SLOT_BYTES)
                 tail += n
                 self._stuck = None
                 continue
@@ -182,7 +198,6 @@ class Ring:
             if words[WAITERS // 8]:  # hits wait for room: there is some now
                 words[WAITERS // 8] = 0
                 futex.wake(self._tail_addr)
-        return out
 
     def beat(self) -> None:
         """The reader is alive: a hit waiting for room goes on waiting while
@@ -349,6 +364,32 @@ def regs_of(site: RecordedSite, values: tuple[int, ...]) -> tuple[UserRegs, Stac
     return regs, StackWindow(regs.rsp + lo, struct.pack(f"<{words}Q", *values[n:n + words]))
 
 
+@dataclass(frozen=True)
+class RawSite:
+    """A probe id's meaning, for reading raw records later (record/replay.py):
+    the probe lines its records are hits of, what they recorded, where."""
+
+    lines: tuple[ResolvedProbe, ...]
+    recipe: Recipe
+    ip: int
+    file_base: int
+    func: int | None
+
+
+@runtime_checkable
+class RawSink(Protocol):
+    """Where `uprobes record` keeps ring records as they are (record/writer.py)."""
+
+    def raw(self, created: int, now: int, data: bytes,
+            owners: dict[int, tuple[int, str] | None]) -> None:
+        """Whole slots of one ring (made at TSC `created`), taken at TSC `now`;
+        `owners`: (pid, comm) of the tids in them that changed since the last
+        call (None: not a thread of ours)."""
+
+    def sites(self, sites: list[RawSite], rate: tuple[float, int, int]) -> None:
+        """What each probe id stands for, and the TSC's rate (TscClock.rate)."""
+
+
 class Recorder:
     """The tracer's reading side: probe ids, the clock, who each tid was."""
 
@@ -363,6 +404,8 @@ class Recorder:
         self._skew = self.clock.ticks(SKEW_S)
         self._former: dict[int, tuple[int, str]] = {}
         self.corrupt = 0  # records no probe's code can have written (see `_valid`)
+        self.raw_records = 0  # records handed to a RawSink (`dump`)
+        self._told: dict[int, tuple[int, str] | None] = {}  # tid -> what `dump` said
 
     def site(self, site: RecordedSite) -> int:
         """A new probe id for `site`."""
@@ -388,6 +431,39 @@ class Recorder:
             if not final and time.monotonic() >= until:
                 return True  # the tracer has stops to handle too; it comes back at once
         return False
+
+    def dump(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+             sink: RawSink, final: bool = False) -> bool:
+        """`drain`, the records kept as they are: each ring's committed slots
+        go to `sink` in one piece, with (pid, comm) of the threads in them
+        that it was not told yet. No work per record here: checking them and
+        making hits waits for the replay. True if it stopped after DRAIN_S
+        with more to read."""
+        until = time.monotonic() + DRAIN_S
+        told = self._told
+        stride = SLOT_BYTES // 4
+        while True:
+            taken = 0
+            for ring in rings:
+                before = ring.tail
+                data = ring.take_raw(final)
+                taken += ring.tail - before
+                if not data:
+                    continue
+                owners: dict[int, tuple[int, str] | None] = {}
+                column = memoryview(data).cast("I")[SLOT_TID // 4::stride]
+                raw = column.tobytes()  # one thread's records (the common case): one tid
+                tids = {column[0]} if raw == raw[:4] * len(column) else set(column)
+                for tid in tids:
+                    owner = who(tid) or self._former.get(tid)
+                    if told.get(tid, _UNSET) != owner:
+                        owners[tid] = told[tid] = owner
+                sink.raw(ring.created, tsc.read(), data, owners)
+                self.raw_records += len(data) // SLOT_BYTES
+            if taken < TAKE_MAX:
+                return False
+            if not final and time.monotonic() >= until:
+                return True
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:

@@ -1,0 +1,245 @@
+"""A recording read back into the `Hit` tuples its run saw, in the run's order.
+
+Hits the run wrote as JSON come back as they were. Ring records become hits
+as the live reader makes them (engines/trapfree/reader.py): the same
+generated function per probe line (`direct_hit`), or the register set and
+stack window they stand for through the probe's `ArgFetcher`; stamped by
+the TSC rate measured at the end of the run. They are checked as the live
+reader checks them (a probe id of the run, a thread it traced, a CPU that
+exists, a time stamp inside the ring's life): the traced program could
+write its ring, and what it cannot have made is left out and counted in
+`corrupt`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
+from uprobes.engines.trapfree.layout import (
+    CPU_BITS,
+    CPU_MASK,
+    REC_AUX,
+    REC_PROBE,
+    REC_PROBE_HIGH,
+    REC_TID,
+    REC_TSC,
+    REC_VALUES,
+    RECORD,
+)
+from uprobes.engines.trapfree.reader import RecordedSite, direct_hit, regs_of
+from uprobes.engines.trapfree.recording import SKEW_S, Recipe
+from uprobes.errors import RecordingError
+from uprobes.model.event import Hit, ProbeInfo
+from uprobes.model.filters import HitFilter, TaskView
+from uprobes.model.probe import ResolvedProbe
+from uprobes.record import stream
+from uprobes.record.codec import decode
+from uprobes.record.writer import EVENTS, FORMAT, META
+from uprobes.sys.clocks import ClockSnapshot
+
+Make = Callable[[tuple[int, ...], int, tuple[int, str]], Hit]
+_NODES_MAX = 1024
+
+
+@dataclass(frozen=True)
+class _Site:
+    makes: tuple[Make, ...]  # one per probe line on the instruction
+
+
+class Recording:
+    """A directory `uprobes record` wrote, opened: its probes, infos and clocks;
+    `batches()` its hits."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / META
+        try:
+            text = meta_path.read_text()
+        except FileNotFoundError:
+            if (self.directory / EVENTS).exists():
+                raise RecordingError(f"{directory}: the recording was not finished (its run "
+                                     "was killed before it wrote meta.json)") from None
+            raise RecordingError(f"{directory} is not a recording (no {META})") from None
+        except OSError as e:
+            raise RecordingError(f"cannot read {meta_path}: {e.strerror}") from e
+        try:
+            meta = json.loads(text)
+        except ValueError as e:
+            raise RecordingError(f"{meta_path} is not JSON ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise RecordingError(f"{meta_path}: not a recording of this uprobes "
+                                 f"(format {FORMAT!r} expected)")
+        self.meta = meta
+        try:
+            self.probes = cast(list[ResolvedProbe], decode(meta["probes"]))
+            self.infos = cast(dict[str, ProbeInfo], decode(meta["infos"]))
+            self.calls = set(meta["calls"])
+            self.events, self.lost = int(meta["events"]), int(meta["lost"])
+            start, end = (ClockSnapshot(**meta["clocks"][k]) for k in ("start", "end"))
+            self.clocks = (start, end)
+            self._cpus = int(meta["cpus"])
+            tsc = meta["tsc"]
+            self._rate = None if tsc is None else (float(tsc["scale"]), int(tsc["tsc0"]),
+                                                   int(tsc["ns0"]))
+            self._sites = [self._site(s) for s in meta["sites"]]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise RecordingError(f"{meta_path} lacks what a recording holds ({e!r})") from e
+        if not all(isinstance(p, ResolvedProbe) for p in self.probes) or not all(
+                isinstance(i, ProbeInfo) for i in self.infos.values()):
+            raise RecordingError(f"{meta_path}: its probes are not probes")
+        self.corrupt = 0  # ring records no probe's code can have made
+        self.truncated: str | None = None  # why the stream ended early, if it did
+
+    @property
+    def clock_start(self) -> ClockSnapshot:
+        return self.clocks[0]
+
+    @property
+    def clock_end(self) -> ClockSnapshot:
+        return self.clocks[1]
+
+    def _site(self, s: dict[str, Any]) -> _Site:
+        lines = [self.probes[i] for i in s["lines"]]
+        recipe = decode(s["recipe"])
+        if not isinstance(recipe, Recipe):
+            raise TypeError("a site's recipe is not a Recipe")
+        ip, file_base, func = int(s["ip"]), int(s["file_base"]), s["func"]
+        makes = []
+        for line in lines:
+            make = direct_hit(line, recipe, ip, func)
+            makes.append(make if make is not None
+                         else self._fetching(line, RecordedSite(None, recipe, ip, file_base,
+                                                                func=func)))
+        return _Site(tuple(makes))
+
+    def _fetching(self, line: ResolvedProbe, site: RecordedSite) -> Make:
+        """A record -> hit through the probe's fetcher (what `direct_hit` does
+        not write out: arrays of stack words)."""
+        info = self.infos[line.name]
+        fetcher = ArgFetcher(line)
+
+        def make(rec: tuple[int, ...], ts: int, owner: tuple[int, str]) -> Hit:
+            regs, window = regs_of(site, rec[REC_VALUES:])
+            got = fetcher.fetch(regs, window, FetchContext(owner[1], site.file_base))
+            ip = site.ip if site.func is None else regs.rip
+            return (ts, owner[0], rec[REC_TID], rec[REC_AUX] & CPU_MASK, line.name, owner[1],
+                    ip, site.func, tuple(got.get(n) for n, _ in info.args))
+        return make
+
+    # ------------------------------------------------------------ hits
+
+    def batches(self, keep: HitFilter | None = None) -> Iterator[list[Hit]]:
+        """The run's hits in batches, in the order the run delivered them
+        (ring records of one read merged by time stamp); `keep`: only the hits
+        it passes. A stream cut short ends early and sets `truncated`."""
+        test = _hit_test(keep, self.infos)
+        path = str(self.directory / EVENTS)
+        owners: dict[int, tuple[int, str]] = {}
+        pending: list[tuple[int, ...]] = []  # ring records of the current read
+        rings_seen: set[int] = set()
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise RecordingError(f"cannot read {path}: {e.strerror}") from e
+        with f:
+            try:
+                for kind, payload in stream.chunks(f, path):
+                    if kind == stream.RING:
+                        created, now = stream.RING_HEAD.unpack_from(payload)
+                        if created in rings_seen and pending:  # the next read began
+                            yield self._filtered(self._ring_hits(pending, owners), test)
+                            pending, rings_seen = [], set()
+                        rings_seen.add(created)
+                        pending += self._valid(payload, created, now, owners)
+                        continue
+                    if pending:
+                        yield self._filtered(self._ring_hits(pending, owners), test)
+                        pending, rings_seen = [], set()
+                    try:
+                        if kind == stream.OWNERS:
+                            for tid, owner in _json(payload, path):
+                                if owner is None:
+                                    owners.pop(int(tid), None)
+                                else:
+                                    owners[int(tid)] = (int(owner[0]), str(owner[1]))
+                            continue
+                        hits = [self._hit(h) for h in _json(payload, path)]
+                    except (TypeError, ValueError, KeyError) as e:
+                        raise RecordingError(f"{path}: a {kind.decode()} chunk is not what "
+                                             f"uprobes writes ({e!r})") from e
+                    yield self._filtered(hits, test)
+            except stream.Truncated as e:
+                self.truncated = str(e)
+        if pending:
+            yield self._filtered(self._ring_hits(pending, owners), test)
+
+    def _valid(self, payload: bytes, created: int, now: int,
+               owners: dict[int, tuple[int, str]]) -> list[tuple[int, ...]]:
+        """The records of a RING chunk that the probes' code can have written."""
+        if self._rate is None:
+            raise RecordingError(f"{self.directory}: ring records but no clock to read them by")
+        skew = int(SKEW_S / self._rate[0]) if self._rate[0] > 0 else 0
+        lo, hi, n_sites, cpus = created - skew, now + skew, len(self._sites), self._cpus
+        records = list(RECORD.iter_unpack(memoryview(payload)[stream.RING_HEAD.size:]))
+        good = [rec for rec in records
+                if rec[REC_PROBE] < n_sites and not rec[REC_PROBE_HIGH]
+                and (rec[REC_AUX] & CPU_MASK) < cpus and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
+                and lo <= rec[REC_TSC] <= hi and rec[REC_TID] in owners]
+        self.corrupt += len(records) - len(good)
+        return good
+
+    def _ring_hits(self, records: list[tuple[int, ...]],
+                   owners: dict[int, tuple[int, str]]) -> list[Hit]:
+        assert self._rate is not None
+        scale, tsc0, ns0 = self._rate
+        records.sort(key=lambda rec: rec[REC_TSC])
+        sites = self._sites
+        out: list[Hit] = []
+        for rec in records:
+            ts = ns0 + int((rec[REC_TSC] - tsc0) * scale)
+            owner = owners[rec[REC_TID]]
+            for make in sites[rec[REC_PROBE]].makes:
+                out.append(make(rec, ts, owner))
+        return out
+
+    def _hit(self, h: list[Any]) -> Hit:
+        """A hit as the run wrote it, with the shape renderers rely on."""
+        ts, pid, tid, cpu, probe, comm, ip, func, args = h
+        if probe not in self.infos or len(args) != len(self.infos[probe].args) or not all(
+                type(v) is int for v in (ts, pid, tid, cpu, ip)) or not isinstance(comm, str) \
+                or not (func is None or type(func) is int):
+            raise ValueError("a hit that no probe of the recording makes")
+        return (ts, pid, tid, cpu, probe, comm, ip, func, tuple(args))
+
+    @staticmethod
+    def _filtered(hits: list[Hit], test: Callable[[Hit], bool] | None) -> list[Hit]:
+        return hits if test is None else [h for h in hits if test(h)]
+
+
+def _hit_test(keep: HitFilter | None,
+              infos: dict[str, ProbeInfo]) -> Callable[[Hit], bool] | None:
+    """`keep` as a test of one hit tuple (what the live engines test at the hit)."""
+    if keep is None:
+        return None
+    keep.check(list(infos.values()))
+    predicate = keep.combined.predicate()
+    names = {name: [n for n, _ in info.args] for name, info in infos.items()}
+
+    def test(hit: Hit) -> bool:
+        view = TaskView(hit[1], hit[2], hit[5], dict(zip(names[hit[4]], hit[8])))
+        return bool(predicate(view))
+    return test
+
+
+def _json(payload: bytes, path: str) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError as e:
+        raise RecordingError(f"{path}: a chunk is not the JSON uprobes writes ({e})") from e
+
+
