@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import metadata
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from uprobes.engines.trapfree.reader import RawSite

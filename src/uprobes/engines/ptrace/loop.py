@@ -13,7 +13,7 @@ from uprobes.engines.ptrace.breakpoints import Site
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.state import FAULTS, NO_HANDLER, SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import Thread
-from uprobes.engines.trapfree.reader import Ring
+from uprobes.engines.trapfree.ring import Ring
 from uprobes.errors import KernelError
 from uprobes.model.event import Hit
 from uprobes.sys import ptrace

@@ -58,8 +58,8 @@ from uprobes.engines.trapfree.layout import (
     RING_BYTES,
     TIMING_BYTES,
 )
-from uprobes.engines.trapfree.reader import Ring
 from uprobes.engines.trapfree.recording import Recipe, Waits
+from uprobes.engines.trapfree.ring import Ring
 from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
 from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import Displaced

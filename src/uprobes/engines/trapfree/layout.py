@@ -2,7 +2,7 @@
 
 Two sides use each of these: the machine code we generate into a tracee
 (trampoline.py, recording.py's `prologue`) writes them, and our Python
-readers (jumppatch.CounterBlock, reader.Ring and Recorder) read them.
+readers (jumppatch.CounterBlock, ring.Ring, reader.Recorder) read them.
 Both take every offset and size from here, and tests/test_trapfree_layout.py
 checks the generated code's displacements against them.
 

@@ -1,0 +1,182 @@
+"""One trap-free ring as its reader sees it: `Ring`, its control words, its
+committed slots taken in order (unpacked, or as they are for `record`),
+the program's impossible values put back. recording.py builds the code
+that writes it, layout.py its binary format, reader.py turns its records
+back into hits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import time
+from collections.abc import Callable
+
+from uprobes.engines.trapfree.layout import (
+    DATA_OFFSET,
+    HEAD,
+    HEARTBEAT,
+    LOST,
+    RECORD,
+    RING_TLS,
+    SLOT_BYTES,
+    SLOT_SEQ,
+    SLOTS,
+    STALLED,
+    TAIL,
+    WAITERS,
+)
+from uprobes.engines.trapfree.sharedmem import most_hits
+from uprobes.sys import futex, tsc
+
+STUCK_S = 1.0                       # a reserved slot not committed this long is lost
+TAKE_MAX = 4096                     # records per take: slots are freed this often
+_MASK64 = (1 << 64) - 1
+
+
+class Ring:
+    """One ring, mapped in a family of processes at `runtime_addr` and here.
+
+    The programs can write any of its words: the reader keeps the truth
+    (`tail`, the lost count) on its side, puts back `tail` and `head` when
+    they cannot be true, and counts each such repair in `corrupt`; the
+    records themselves are checked by `Recorder`."""
+
+    def __init__(self, view: mmap.mmap, runtime_addr: int) -> None:
+        self.view = view
+        self.runtime_addr = runtime_addr
+        self.words = memoryview(view).cast("Q")  # 8-byte loads and stores
+        self.created = tsc.read()  # no record of this ring is older
+        self.beat()
+        anchor = ctypes.c_char.from_buffer(view)
+        self._tail_addr = ctypes.addressof(anchor) + TAIL  # our address of `tail`, to wake
+        del anchor  # (the mapping stays put; holding the export would block close())
+        self.tail = 0
+        self.skipped = 0
+        self.corrupt = 0  # control words found impossible (records: Recorder.corrupt)
+        self.probe_ids: set[int] = set()  # the probes whose code writes here
+        self._lost = 0
+        self._lost_word = (0, time.monotonic())  # (`lost` as last read, when)
+        self._stuck: tuple[int, float, int] | None = None  # (index, since, head then)
+        self._stale_below = 0  # uncommitted slots below this are lost (see `take`)
+
+    @property
+    def lost(self) -> int:
+        """Hits dropped on a full ring, plus slots never committed."""
+        return self._lost + self.skipped
+
+    def _read_lost(self) -> None:
+        """Add what the in-program `lost` counter gained since the last read,
+        if a count of dropped hits can have gained that much."""
+        word, at = self._lost_word
+        now = time.monotonic()
+        raw = int(self.words[LOST // 8])
+        gained = (raw - word) & _MASK64
+        if gained <= most_hits(now - at):
+            self._lost += gained
+        else:
+            self.corrupt += 1
+        self._lost_word = (raw, now)
+
+    def take(self, final: bool = False, limit: int = TAKE_MAX) -> list[tuple[int, ...]]:
+        """Up to `limit` records committed since the last take, unpacked (see
+        `_take`)."""
+        out: list[tuple[int, ...]] = []
+        self._take(final, limit, lambda start, end: out.extend(
+            RECORD.iter_unpack(self.view[start:end])))
+        return out
+
+    def take_raw(self, final: bool = False, limit: int = TAKE_MAX) -> bytes:
+        """`take`'s records as the slots' bytes, SLOT_BYTES each, unchecked:
+        what `uprobes record` writes to disk with no work per record."""
+        pieces: list[bytes] = []
+        self._take(final, limit, lambda start, end: pieces.append(self.view[start:end]))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _take(self, final: bool, limit: int, copy: Callable[[int, int], None]) -> None:
+        """Up to `limit` records committed since the last take, in reservation
+        order, handed to `copy(start, end)` (byte offsets into the ring, a run
+        of whole slots that does not wrap) before their slots are free again
+        (so hits waiting for room go on while the batch is being handled).
+        A reserved slot not yet committed stops the take (its writer is
+        between two instructions) unless it stays so for STUCK_S, or
+        `final` (every writer stopped or gone): then it counts as lost, and
+        so do the uncommitted slots that had been reserved when the wait
+        began (reserved as long ago): a `head` pushed ahead by the program
+        costs one wait, not one per slot.
+        A `tail` or `head` word that no writer could have left (the program
+        wrote it) is put back, and counted in `corrupt`."""
+        words = self.words
+        self.beat()
+        if words[STALLED // 8]:
+            words[STALLED // 8] = 0  # reading again: full rings make hits wait again
+        self._read_lost()
+        tail = self.tail
+        if words[TAIL // 8] != tail:
+            words[TAIL // 8] = tail
+            self.corrupt += 1
+        head = int(words[HEAD // 8])
+        if (head - tail) & _MASK64 > SLOTS:  # writers reserve only while head - tail < SLOTS
+            words[HEAD // 8] = head = tail
+            self.corrupt += 1
+        per_slot = SLOT_BYTES // 8
+        base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
+        reserved = head
+        head = min(head, tail + limit)
+        while tail < head:
+            # The committed run from `tail`, up to the ring's end (a copy does
+            # not wrap): the sequence words, read as one strided column, are
+            # checked before the copy (x86 does not reorder loads), so each
+            # record copied is whole.
+            slot = tail & (SLOTS - 1)
+            n = min(head - tail, SLOTS - slot)
+            seqs = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tolist()
+            if seqs != list(range(tail + 1, tail + n + 1)):
+                n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
+            if n:
+                start = DATA_OFFSET + slot * SLOT_BYTES
+                copy(start, start + n * SLOT_BYTES)
+                tail += n
+                self._stuck = None
+                continue
+            if not final and tail >= self._stale_below:
+                now = time.monotonic()
+                if self._stuck is None or self._stuck[0] != tail:
+                    self._stuck = (tail, now, reserved)
+                if now - self._stuck[1] < STUCK_S:
+                    break
+                self._stale_below = self._stuck[2]
+            # Lost: the run of uncommitted slots from here (within the stale ones).
+            run = next((k for k, seq in enumerate(seqs) if seq == tail + 1 + k), len(seqs))
+            if not final:
+                run = max(1, min(run, self._stale_below - tail))
+            tail += run
+            self.skipped += run
+            self._stuck = None
+        if tail != self.tail:
+            self.tail = tail
+            words[TAIL // 8] = tail
+            if words[WAITERS // 8]:  # hits wait for room: there is some now
+                words[WAITERS // 8] = 0
+                futex.wake(self._tail_addr)
+
+    def beat(self) -> None:
+        """The reader is alive: a hit waiting for room goes on waiting while
+        this is less than WAIT_S old."""
+        self.words[HEARTBEAT // 8] = tsc.read()
+
+    def tls_confirmed(self) -> None:
+        """The tid is at glibc's place in the thread pointer: hits of code placed
+        before that was seen read it there from now on (RING_TLS)."""
+        self.words[RING_TLS // 8] = 1
+
+    def abandon(self) -> None:
+        """No reader from now on: hits that find the ring full drop their
+        record at once (and any waiting now do after their nap)."""
+        self.words[STALLED // 8] = 1
+        futex.wake(self._tail_addr)
+
+    def close(self) -> None:
+        if not self.view.closed:
+            self.words.release()
+            self.view.close()
