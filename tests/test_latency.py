@@ -192,3 +192,41 @@ def test_by_thread_the_same_on_both_engines(engine: str, tracefs: Path,
         assert all(name.startswith(f"uprobes/tiny {by}=") for name in doc)
         if by == "comm":
             assert list(doc) == [f"uprobes/tiny comm={exe.name[:15]}"]
+
+
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_by_a_fetched_argument(engine: str, latency_exe: Path) -> None:
+    """`--by us 'nap us=%di'`: a histogram per value the entry fetched (as
+    bpftrace's @[arg0] = hist()), the calls of each known from the fixture:
+    5 naps of 2 ms, 20 that return at once; `--by n` over fib(10)'s 177
+    recursive calls gives each n its count in the call tree."""
+    def run(by: str, spec: str) -> dict[str, dict[str, int]]:
+        proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine,
+                               "--json", "--by", by, f"{latency_exe}:{spec}", "--",
+                               str(latency_exe)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        doc: dict[str, dict[str, int]] = json.loads(proc.stdout.splitlines()[-1])
+        return doc
+    naps = run("us", "nap us=%di:s64")
+    assert {k: h["count"] for k, h in naps.items()} == {"uprobes/nap us=2000": 5,
+                                                         "uprobes/nap us=0": 20}
+    assert naps["uprobes/nap us=2000"]["min_ns"] >= 2 * MS > naps["uprobes/nap us=0"]["max_ns"]
+    fibs = {k: h["count"] for k, h in run("n", "fib n=%di:s32").items()}
+    calls = {n: 0 for n in range(11)}
+
+    def fib(n: int) -> None:
+        calls[n] += 1
+        if n >= 2:
+            fib(n - 1)
+            fib(n - 2)
+    fib(10)
+    assert fibs == {f"uprobes/fib n={n}": c for n, c in calls.items()}
+
+
+def test_by_an_argument_the_spec_does_not_fetch_is_one_line(latency_exe: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    for spec in (f"{latency_exe}:nap", f"{latency_exe}:nap us=%di x=%si"):
+        assert main(["latency", "--by", "us", spec, "--", "/bin/true"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("uprobes: error: --by us keys calls by a fetcharg"), err

@@ -47,6 +47,8 @@ EXAMPLES = [
     "uprobes latency --svg /tmp/malloc.svg 'libc:malloc' -- /bin/ls /usr  # the histogram drawn",
     "uprobes latency --breakdown 'libc:fflush' -- /bin/echo hi"
     "  # on-CPU, off-CPU by reason, time in each system call",
+    "uprobes latency --by fd 'libc:read fd=%di:s32' -- /bin/cat /etc/hostname - < /etc/services"
+    "  # a histogram per file descriptor",
 ]
 
 
@@ -61,29 +63,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split each call's time into on-CPU, off-CPU by reason (runnable, "
                         "sleeping, blocked, stopped) and time in each system call, from the "
                         "kernel's sched and syscall events of the timed threads")
-    p.add_argument("--by", choices=TASK_KEYS,
-                   help="a histogram per thread, process or thread name (as bpftrace's "
-                        "@[tid] = hist())")
+    p.add_argument("--by", metavar="KEY",
+                   help="a histogram per key (as bpftrace's @[KEY] = hist()): tid, pid, "
+                        "comm, or a fetcharg the SPECs name at entry ('libc:read fd=%%di:s32' "
+                        "--by fd: a histogram per file descriptor)")
     add_duration_argument(p)
 
 
-def probe_pair(spec: ProbeSpec, fetch: bool = True) -> tuple[str, str]:
+def probe_pair(spec: ProbeSpec, fetch: bool = True, by: str | None = None) -> tuple[str, str]:
     """The entry and return probe lines that time the function `spec` names
-    (`fetch`: the entry fetches what pairs it with its return in Python)."""
+    (`fetch`: the entry fetches what pairs it with its return in Python;
+    `by`: the fetcharg of the spec that keys its histograms, which it keeps)."""
     if spec.kind is not ProbeKind.ENTRY:
         raise SpecError("latency times functions: name the function, not its return",
                         spec.text, 0)
     if not isinstance(spec.target, FileTarget):
         raise SpecError("latency times functions in a file (not USDT or vDSO probes)",
                         spec.text, 0)
-    if spec.args:
-        raise SpecError("latency fetches no arguments; give the function only", spec.text, 0)
+    if by is not None and by not in TASK_KEYS:
+        if [a.name for a in spec.args] != [by]:
+            raise SpecError(f"--by {by} keys calls by a fetcharg: name it, and only it, in "
+                            f"each SPEC ('FUNCTION {by}=%di')", spec.text, 0)
+    elif spec.args:
+        raise SpecError("latency fetches no arguments; give the function only (or key the "
+                        "histograms by one: --by NAME 'FUNCTION NAME=%di')", spec.text, 0)
     # The entry's stack pointer and return address pair it with its return
     # (whose ip is the address returned to): the return fetches nothing, so
     # it goes on the function's own rets, which exceptions unwind through.
     entry = render(spec) + (f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64" if fetch else "")
     ret_event = f"{spec.event}__return" if spec.event else None
-    ret = render(replace(spec, kind=ProbeKind.RETURN, event=ret_event))
+    ret = render(replace(spec, kind=ProbeKind.RETURN, event=ret_event, args=()))
     return entry, ret
 
 
@@ -93,11 +102,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError("--duration must be at least 0")
     args.svg_file = open_svg(args.svg)
     try:
-        if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
+        by_task = args.by is None or args.by in TASK_KEYS
+        if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe and by_task \
                 and not (args.condition or args.comm or args.tid or args.breakdown):
             from uprobes.commands.latency_inprog import run_in_program
             lines = [line for spec in parse_specs(args.specs)
-                     for line in probe_pair(spec, fetch=False)]
+                     for line in probe_pair(spec, fetch=False, by=args.by)]
             status = run_in_program(args, out, lines)
             if status is not None:
                 return status
@@ -113,10 +123,13 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
     histograms: dict[str, Histogram] = {}
 
     def key(ev: Event) -> str:
-        """The histogram a call goes to: its function's, or with --by its task's."""
+        """The histogram a call goes to: its function's, or with --by its key's
+        (a task's, or the value the entry fetched)."""
         if args.by is None:
             return ev.probe
-        return f"{ev.probe} {args.by}={getattr(ev, args.by)}"
+        if args.by in TASK_KEYS:
+            return f"{ev.probe} {args.by}={getattr(ev, args.by)}"
+        return f"{ev.probe} {args.by}={ev.args.get(args.by)}"
 
     def on_entry(ev: Event) -> None:
         if args.by is None and ev.probe not in histograms:
@@ -135,7 +148,7 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
     session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
                       trapfree=not args.no_trapfree)
     for spec in parse_specs(args.specs):
-        entry, ret = probe_pair(spec)
+        entry, ret = probe_pair(spec, by=args.by)
         filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)
         session.probe(entry, on_entry, **filters)
         session.probe(ret, on_return, **filters)
