@@ -90,3 +90,20 @@ def test_what_cannot_be_keyed_is_one_line(timed: Path) -> None:
             (["-e", "ptrace", "--by", "size", f"{timed}:tiny"], "fetches no size"),
             (["-e", "ptrace", "--value", "a", f"{timed}:tiny a=%di"], "give --by KEY")):
         _refused_in_one_line(timed, argv, words)
+
+
+def test_a_filter_is_tested_before_the_key(timed: Path) -> None:
+    """`--by a --if 'a >= 3 && a < 7'`: only keys 3..6 are counted, 10,000 each
+    (the rest rejected by the compiled compare, counted nowhere); `--by tid
+    --tid T` with a tid no thread has counts nothing; a filter the program's
+    code cannot test (`--comm`) leaves the probe uncounted, saying why."""
+    _, doc = _count("--by", "a", "--if", "a >= 3 && a < 7", f"{timed}:tiny a=%di:s32", "--",
+                    str(timed), "keys", "100000", "10")
+    assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == \
+        {3: 10000, 4: 10000, 5: 10000, 6: 10000}
+    _, doc = _count("--by", "tid", "--tid", "1", f"{timed}:tiny", "--", str(timed), "threads",
+                    "2", "1000")
+    assert doc["uprobes/tiny"]["keys"] == []
+    run, doc = _count("--by", "a", "--comm", "x", f"{timed}:tiny a=%di", "--", str(timed),
+                      "tiny", "10")
+    assert "not counted by a: its filter cannot be tested in the program" in run.stderr

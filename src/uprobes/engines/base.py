@@ -219,12 +219,10 @@ def open_keyed_counter(request: Request) -> KeyedCounter:
                          "-- CMD (the kernel engine counts per probe only)")
     if not request.trapfree:
         raise UsageError("--by counts in the program with trap-free probes: drop --no-trapfree")
-    if request.hit_filter is not None:
-        raise UsageError("--by does not combine with --if, --tid or --comm yet")
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="count",
-                        by=request.by, value=request.value)
+                        by=request.by, value=request.value, hit_filter=request.hit_filter)
 
 
 def open_timer(request: Request) -> Timer | None:

@@ -5,10 +5,11 @@ memory and adds the hit there (engines/trapfree/keyed.py): the thread's tid
 (for `--by tid`, `pid` and `comm`, which the tids become at the end: this
 tracer knows every thread's process and name), or a fetcharg's value (a
 register or a stack word, as trap-free recording reads them). `--value ARG`
-adds the sum, min and max of a fetcharg's value per key. A probe whose key
-or value cannot be read there, or whose site no jump can cover, is not
-counted, and `by_key()` says why: no int3 stands in, since its counts would
-be of another kind.
+adds the sum, min and max of a fetcharg's value per key. `--if` and `--tid`
+are compiled into the same code, before the key is looked up (filtercode.py).
+A probe whose key, value or filter cannot be read there, or whose site no
+jump can cover, is not counted, and `by_key()` says why: no int3 stands in,
+since its counts would be of another kind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from uprobes.analysis.keyed import TASK_KEYS, Aggregate, KeyedCounts
 from uprobes.engines.ptrace.state import TracerState
 from uprobes.engines.ptrace.tasks import Thread
 from uprobes.engines.trapfree.fileplan import plan_for
+from uprobes.engines.trapfree.filtercode import compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed
 from uprobes.engines.trapfree.keyed import TID, Source, source_of
 from uprobes.model.probe import ResolvedProbe
@@ -68,10 +70,18 @@ class KeyCounter(TracerState):
         key = TID if self._by in TASK_KEYS else source_of(line, self._by, ret)
         if isinstance(key, str):
             return key
+        check = None
+        if self.hit_filter is not None:
+            compiled = compile_check(self.hit_filter.combined.root,
+                                     lambda field: source_of(line, field, ret))
+            if isinstance(compiled, str):
+                return (f"its filter cannot be tested in the program ({compiled}): filter on "
+                        "the tid or on fetchargs that are registers or stack words")
+            check = compiled
         if self._by_value is None:
-            return Keyed(key, None)
+            return Keyed(key, None, check)
         value = source_of(line, self._by_value, ret)
-        return value if isinstance(value, str) else Keyed(key, value)
+        return value if isinstance(value, str) else Keyed(key, value, check)
 
     def by_key(self) -> KeyedCounts:
         """The counts by key so far, as shown (tids become pids or comms)."""

@@ -81,28 +81,38 @@ def counting_prologue(at: int, counter: int, block: int, check: Check) -> bytes:
     return a.encode(at)
 
 
+def guard(check: Check, block: int, flag: int) -> Callable[[_Asm, int], None]:
+    """`check` as the first part of other counting code (keyed.py's `guard`):
+    a hit it fails goes to "done"; `flag`: where in the block at `block` the
+    tid's TLS flag is."""
+    def emit(a: _Asm, frame: int) -> None:
+        _emit(a, check.root, "kept", "done", dict(check.sources), frame, block, count(), flag)
+        a.label("kept")
+    return emit
+
+
 def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], frame: int,
-          block: int, labels: Any) -> None:
+          block: int, labels: Any, flag: int = COUNTER_TLS) -> None:
     """Branch to `yes` when `node` holds, else to `no`."""
     i = Instruction
     if isinstance(node, Not):
-        _emit(a, node.operand, no, yes, sources, frame, block, labels)
+        _emit(a, node.operand, no, yes, sources, frame, block, labels, flag)
         return
     if isinstance(node, Logic):
         for n, operand in enumerate(node.operands):
             if n == len(node.operands) - 1:
-                _emit(a, operand, yes, no, sources, frame, block, labels)
+                _emit(a, operand, yes, no, sources, frame, block, labels, flag)
                 continue
             nxt = f"l{next(labels)}"
             if node.op == "&&":
-                _emit(a, operand, nxt, no, sources, frame, block, labels)
+                _emit(a, operand, nxt, no, sources, frame, block, labels, flag)
             else:
-                _emit(a, operand, yes, nxt, sources, frame, block, labels)
+                _emit(a, operand, yes, nxt, sources, frame, block, labels, flag)
             a.label(nxt)
         return
     assert isinstance(node, Compare) and isinstance(node.value, int)
     src = sources[node.field]
-    load(a, src, R.RSI, frame, block, COUNTER_TLS)
+    load(a, src, R.RSI, frame, block, flag)
     a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, node.value & _U64))
     a(i.create_reg_reg(Code.TEST_RM64_R64, R.RSI, R.RAX) if node.op == "&"
       else i.create_reg_reg(Code.CMP_R64_RM64, R.RSI, R.RAX))

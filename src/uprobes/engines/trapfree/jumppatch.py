@@ -55,6 +55,7 @@ from uprobes.engines.trapfree.layout import (
     COUNTER_STRIDE,
     COUNTER_TLS,
     KEYED_BYTES,
+    KEYED_TLS,
     RING_BYTES,
     TIMING_BYTES,
 )
@@ -241,6 +242,7 @@ class Keyed:
 
     key: Source
     value: Source | None
+    check: Check | None = None  # --if/--tid, tested before the count
 
 
 AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> area
@@ -320,7 +322,8 @@ class TrapFree:
             size = trampoline.max_size(displaced, timing.code_size())
         elif by is not None:
             space.tls_tid = tls
-            size = trampoline.max_size(displaced, keyed.prologue_size(by.value is not None))
+            size = trampoline.max_size(displaced, keyed.prologue_size(by.value is not None) + (
+                0 if by.check is None else filtercode.prologue_size(by.check)))
         elif check is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, filtercode.prologue_size(check))
@@ -336,8 +339,9 @@ class TrapFree:
             if tls:
                 table[0].tls_confirmed()
             block_at, slot = table[0].runtime_addr, table[1]
+            guard = None if by.check is None else filtercode.guard(by.check, block_at, KEYED_TLS)
             prologue = lambda at: keyed.prologue(  # noqa: E731
-                at, block_at, slot, by.key, by.value)
+                at, block_at, slot, by.key, by.value, guard)
         elif timed is not None:
             rows = self._timing_near(space, area, tid, regs, pid, syscall_addr, held, mem)
             if tls:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import mmap
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,13 +140,22 @@ def source_of(probe: ResolvedProbe, name: str, ret: bool) -> Source | str:
     return Source(reg, stack, t.size, t.base.startswith("s"))
 
 
-def prologue(at: int, block: int, table: int, key: Source, value: Source | None) -> bytes:
+Guard = Callable[[_Asm, int], None]
+"""Code that goes to "done" for a hit not to count (given the frame's size):
+a filter compiled by filtercode.py."""
+
+
+def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
+             guard: Guard | None = None) -> bytes:
     """The keyed count for a trampoline at `at`: table `table` of the keyed
-    block at `block` (within rel32 reach)."""
+    block at `block` (within rel32 reach); a hit `guard` turns away costs
+    its test and nothing else."""
     assert 0 <= table < KEYED_TABLES
     i = Instruction
     a = _Asm()
     frame = _enter(a)
+    if guard is not None:
+        guard(a, frame)
     if value is not None:
         load(a, value, R.RDX, frame, block)
     load(a, key, R.RSI, frame, block)
