@@ -1,5 +1,5 @@
 /* The bench workload: call one noinline function N times.
- *   workload N FUNCTION     FUNCTION: work_emulated or work_boosted
+ *   workload N FUNCTION     FUNCTION: work_emulated, work_boosted or work_c
  * Both functions are written in assembly so their first instruction is known:
  * work_emulated starts with `push rbp` (the kernel and our ptrace engine
  * emulate it), work_boosted with a `mov` (the kernel single-steps it out of
@@ -31,13 +31,20 @@ asm(".intel_syntax noprefix\n.text\n"
 
 long work_emulated(long), work_boosted(long);
 
+/* The same work in C, for tools that need the compiler's help: built with
+ * -fpatchable-function-entry=5 (bench/inprogram.py) it starts with the five
+ * bytes of nops uftrace patches; a call through a volatile pointer keeps
+ * it out of line. */
+__attribute__((noinline)) long work_c(long x) { return x + 1; }
+
 int main(int argc, char **argv) {
     if (argc != 3 && argc != 4) {
-        fprintf(stderr, "usage: workload N work_emulated|work_boosted [RATE]\n");
+        fprintf(stderr, "usage: workload N work_emulated|work_boosted|work_c [RATE]\n");
         return 2;
     }
     long n = atol(argv[1]);
-    long (*fn)(long) = strcmp(argv[2], "work_boosted") == 0 ? work_boosted : work_emulated;
+    long (*fn)(long) = strcmp(argv[2], "work_boosted") == 0 ? work_boosted
+                       : strcmp(argv[2], "work_c") == 0 ? work_c : work_emulated;
     if (getenv("BENCH_WAIT")) {
         char line[8];
         printf("ready %p\n", (void *)fn);

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("workload.c")
-FUNCTIONS = ("work_emulated", "work_boosted")
+FUNCTIONS = ("work_emulated", "work_boosted")  # (and work_c, for bench/inprogram.py)
 # The workload's last line: when its loop started and how long it took (CLOCK_MONOTONIC ns).
 RESULT = re.compile(r"start_ns=(\d+) loop_ns=(\d+)")
 
@@ -41,14 +41,14 @@ class Workload:
         return hits * (hits + 1) // 2
 
 
-def build(out_dir: Path | None = None) -> Workload:
-    """Compile workload.c (cached by its content) and return it."""
+def build(out_dir: Path | None = None, flags: tuple[str, ...] = ()) -> Workload:
+    """Compile workload.c (cached by its content and `flags`) and return it."""
     source = SOURCE.read_bytes()
-    tag = hashlib.sha1(source).hexdigest()[:10]
+    tag = hashlib.sha1(source + " ".join(flags).encode()).hexdigest()[:10]
     out = out_dir or Path(tempfile.gettempdir())
     exe = out / f"uprobes-bench-workload-{tag}"
     if not exe.exists():
         tmp = exe.with_suffix(".tmp")
-        subprocess.run(["gcc", "-O2", "-g", "-o", str(tmp), str(SOURCE)], check=True)
+        subprocess.run(["gcc", "-O2", "-g", *flags, "-o", str(tmp), str(SOURCE)], check=True)
         tmp.rename(exe)
     return Workload(exe)

@@ -32,8 +32,8 @@ class ChunkWriter:
         self.out = out
         self.bytes = 0
 
-    def write(self, kind: bytes, *pieces: bytes) -> None:
-        length = sum(map(len, pieces))
+    def write(self, kind: bytes, *pieces: bytes | memoryview) -> None:
+        length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
         self.out.write(HEADER.pack(kind, length))
         for piece in pieces:
             self.out.write(piece)

@@ -27,7 +27,7 @@ from uprobes.sys.clocks import snapshot
 FORMAT = "uprobes-recording 1"
 META = "meta.json"
 EVENTS = "events.bin"
-_BUFFER = 1 << 20
+_BUFFER = 1 << 16  # ring pieces are larger: they go to the file straight from the ring
 
 
 def prepare(directory: str) -> Path:
@@ -82,7 +82,7 @@ class RecordWriter:
 
     # ------------------------------------------------------------ RawSink
 
-    def raw(self, created: int, now: int, data: bytes,
+    def raw(self, created: int, now: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
         if owners:
             self._out.write(stream.OWNERS, stream.dumps(list(owners.items())))

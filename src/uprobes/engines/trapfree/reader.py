@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, cast, runtime_checkable
 
 from uprobes.engines.tracee.fetch import REGISTER_FIELDS, converter, split_derefs
@@ -213,11 +214,12 @@ class RawSite:
 class RawSink(Protocol):
     """Where `uprobes record` keeps ring records as they are (record/writer.py)."""
 
-    def raw(self, created: int, now: int, data: bytes,
+    def raw(self, created: int, now: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
-        """Whole slots of one ring (made at TSC `created`), taken at TSC `now`;
-        `owners`: (pid, comm) of the tids in them that changed since the last
-        call (None: not a thread of ours)."""
+        """Whole slots of one ring (made at TSC `created`), taken at TSC `now`,
+        as a view of the ring valid during the call only; `owners`: (pid,
+        comm) of the tids in them that changed since the last call (None:
+        not a thread of ours)."""
 
     def sites(self, sites: list[RawSite], rate: tuple[float, int, int]) -> None:
         """What each probe id stands for, and the TSC's rate (TscClock.rate)."""
@@ -267,36 +269,39 @@ class Recorder:
 
     def dump(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
              sink: RawSink, final: bool = False) -> bool:
-        """`drain`, the records kept as they are: each ring's committed slots
-        go to `sink` in one piece, with (pid, comm) of the threads in them
-        that it was not told yet. No work per record here: checking them and
-        making hits waits for the replay. True if it stopped after DRAIN_S
-        with more to read."""
+        """`drain`, the records kept as they are: each run of a ring's committed
+        slots goes to `sink` as a view of the ring, with (pid, comm) of the
+        threads in it that it was not told yet. No work per record here:
+        checking them and making hits waits for the replay. True if it
+        stopped after DRAIN_S with more to read."""
         until = time.monotonic() + DRAIN_S
-        told = self._told
-        stride = SLOT_BYTES // 4
         while True:
             taken = 0
             for ring in rings:
                 before = ring.tail
-                data = ring.take_raw(final)
+                ring.take_raw(partial(self._dump_piece, ring.created, who, sink), final)
                 taken += ring.tail - before
-                if not data:
-                    continue
-                owners: dict[int, tuple[int, str] | None] = {}
-                column = memoryview(data).cast("I")[SLOT_TID // 4::stride]
-                raw = column.tobytes()  # one thread's records (the common case): one tid
-                tids = {column[0]} if raw == raw[:4] * len(column) else set(column)
-                for tid in tids:
-                    owner = who(tid) or self._former.get(tid)
-                    if told.get(tid, _UNSET) != owner:
-                        owners[tid] = told[tid] = owner
-                sink.raw(ring.created, tsc.read(), data, owners)
-                self.raw_records += len(data) // SLOT_BYTES
             if taken < TAKE_MAX:
                 return False
             if not final and time.monotonic() >= until:
                 return True
+
+    def _dump_piece(self, created: int, who: Callable[[int], tuple[int, str] | None],
+                    sink: RawSink, view: memoryview) -> None:
+        """One run of a ring's slots to `sink`, with the owners it lacks."""
+        owners: dict[int, tuple[int, str] | None] = {}
+        told = self._told
+        with view.cast("I") as words:
+            column = words[SLOT_TID // 4::SLOT_BYTES // 4]
+            raw = column.tobytes()  # one thread's records (the common case): one tid
+            tids = {column[0]} if raw == raw[:4] * len(column) else set(column)
+            column.release()
+        for tid in tids:
+            owner = who(tid) or self._former.get(tid)
+            if told.get(tid, _UNSET) != owner:
+                owners[tid] = told[tid] = owner
+        sink.raw(created, tsc.read(), view, owners)
+        self.raw_records += len(view) // SLOT_BYTES
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
+from array import array
 from collections.abc import Callable
+from functools import lru_cache
 
 from uprobes.engines.trapfree.layout import (
     DATA_OFFSET,
@@ -31,7 +33,25 @@ from uprobes.sys import futex, tsc
 
 STUCK_S = 1.0                       # a reserved slot not committed this long is lost
 TAKE_MAX = 4096                     # records per take: slots are freed this often
+RAW_TAKE_MAX = 16384                # ... when they are only copied (`take_raw`)
 _MASK64 = (1 << 64) - 1
+_ONES = int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * SLOTS, "little")
+_INDEX = int.from_bytes(array("Q", range(SLOTS)).tobytes(), "little")
+
+
+@lru_cache(maxsize=8)
+def _lanes(n: int) -> tuple[int, int]:
+    """n little-endian 64-bit lanes as one integer: all ones, and 0, 1, ..., n-1."""
+    mask = (1 << (64 * n)) - 1
+    return _ONES & mask, _INDEX & mask
+
+
+def _counting(first: int, n: int) -> bytes:
+    """The little-endian u64s first, first+1, ..., first+n-1: the sequence
+    words of n committed slots from `first`, made by integer arithmetic on
+    all lanes at once (no carry crosses a lane below 2**64)."""
+    ones, index = _lanes(n)
+    return (first * ones + index).to_bytes(8 * n, "little")
 
 
 class Ring:
@@ -86,12 +106,16 @@ class Ring:
             RECORD.iter_unpack(self.view[start:end])))
         return out
 
-    def take_raw(self, final: bool = False, limit: int = TAKE_MAX) -> bytes:
-        """`take`'s records as the slots' bytes, SLOT_BYTES each, unchecked:
-        what `uprobes record` writes to disk with no work per record."""
-        pieces: list[bytes] = []
-        self._take(final, limit, lambda start, end: pieces.append(self.view[start:end]))
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    def take_raw(self, out: Callable[[memoryview], None], final: bool = False,
+                 limit: int = RAW_TAKE_MAX) -> None:
+        """`take`'s records as the slots' bytes, SLOT_BYTES each, unchecked,
+        handed to `out` as views of the ring itself (valid during the call
+        only: the slots are free again after it): what `uprobes record`
+        writes to disk with no work per record, and no copy of ours."""
+        def piece(start: int, end: int) -> None:
+            with memoryview(self.view)[start:end] as view:
+                out(view)
+        self._take(final, limit, piece)
 
     def _take(self, final: bool, limit: int, copy: Callable[[int, int], None]) -> None:
         """Up to `limit` records committed since the last take, in reservation
@@ -130,9 +154,12 @@ class Ring:
             # record copied is whole.
             slot = tail & (SLOTS - 1)
             n = min(head - tail, SLOTS - slot)
-            seqs = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tolist()
-            if seqs != list(range(tail + 1, tail + n + 1)):
+            column = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot]
+            if column.tobytes() != _counting(tail + 1, n):  # not all committed: how many
+                seqs = column.tolist()
                 n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
+            else:
+                seqs = []
             if n:
                 start = DATA_OFFSET + slot * SLOT_BYTES
                 copy(start, start + n * SLOT_BYTES)
