@@ -176,3 +176,15 @@ def test_keyed_code_and_reader_agree_when_run() -> None:
     got, overflow = KeyedBlock(memoryview(buf)[page:], base + page).read(2, True)  # type: ignore[arg-type]
     assert overflow == 0
     assert {k: [a.count, a.sum, a.min, a.max] for k, a in got.items()} == want
+
+
+def test_the_commit_check_expects_consecutive_sequence_words() -> None:
+    """ring._counting (the sequence words of n committed slots, by one big-integer
+    expression) equals the words counted one by one, wherever the run starts."""
+    from array import array
+
+    from uprobes.engines.trapfree.ring import _counting
+
+    for first, n in ((1, 1), (1, layout.SLOTS), (123_456_789, 4096), ((1 << 63) - 10, 10),
+                     ((1 << 64) - 5, 5), (7, 3)):
+        assert _counting(first, n) == array("Q", range(first, first + n)).tobytes()
