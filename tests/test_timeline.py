@@ -270,3 +270,38 @@ def test_timeline_merges_overlapping_reads_in_time_order() -> None:
     stamps = [d["ts_ns"] for d in docs if "ts_ns" in d]
     assert stamps == [10, 20, 25, 30, 35, 40, 42, 45, 50, 60]
     assert [d.get("probe") for d in docs if d.get("ts_ns") == 42] == ["uprobes/f"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_session_gets_kernel_events_between_its_hits(timeline_exe: Path, engine: str) -> None:
+    """`Session(kernel=...)` with `on_kernel`: the kernel's events of the
+    command reach their handler in time order with the probes' events, so
+    the openat that between() makes between its two mark() calls arrives
+    between the two hits' handlers."""
+    import uprobes
+
+    s = uprobes.Session(engine, kernel="syscalls")
+    seen: list[tuple[str, object, int]] = []
+    s.probe(f"{timeline_exe}:mark n=%di:s32", lambda ev: seen.append(("hit", ev.args["n"],
+                                                                      ev.ts_ns)))
+
+    @s.on_kernel
+    def on_kernel(ev: Any) -> None:
+        seen.append((ev.kind, ev.name, ev.ts_ns))
+    assert s.spawn([str(timeline_exe), "0"]) == 0
+    hits = [i for i, (kind, _, _) in enumerate(seen) if kind == "hit"]
+    assert [seen[i][1] for i in hits] == [1, 2]
+    inside = [(kind, name) for kind, name, _ in seen[hits[0] + 1:hits[1]]]
+    assert ("syscall_enter", "openat") in inside and ("syscall_exit", "openat") in inside
+    stamps = [ts for _, _, ts in seen]
+    assert stamps == sorted(stamps)
+    assert s.kernel_events == len(seen) - 2 and s.kernel_lost == 0
+    assert [name for kind, name, _ in seen if kind == "syscall_enter"][-1] == "exit_group"
+
+
+def test_kernel_handlers_need_the_session_to_ask_for_kernel_events() -> None:
+    import uprobes
+    from uprobes.errors import UsageError
+
+    with pytest.raises(UsageError, match="Session\\(kernel="):
+        uprobes.Session().on_kernel(print)

@@ -28,6 +28,14 @@ process sees them). The same line given twice is one probe with two
 consumers; a hit calls its only handler directly, or a prepared chain when
 there are several (see `uprobes.model.registry`).
 
+The kernel's own events of the traced threads (`Session(kernel="sched,
+syscalls,faults")` or any `GROUP:EVENT` tracepoint, as `trace --kernel`)
+go to the handlers given by `on_kernel()`, interleaved with the probes'
+events in time order on the same clock (CLOCK_MONOTONIC): a system call
+made between two hits reaches its handler between theirs. They are read
+by a thread of ours every few milliseconds, whether hits come or not; a
+kernel handler may run on it, never at the same time as another handler.
+
 Filters (`pid`, `tid`, `comm`, `condition`) are tested per consumer on
 each event that arrives. On the kernel engine the OR of a line's
 consumers' filters, as far as the kernel's event filter can say it, is
@@ -40,26 +48,33 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from uprobes.engines.base import Request, Tracer, open_tracer
 from uprobes.engines.choose import ENGINES, pick_engine
+from uprobes.engines.kevents.decode import parse_kernel_option
+from uprobes.engines.kevents.pump import Pump
+from uprobes.engines.kevents.source import KernelEvents
 from uprobes.engines.launch import finish, launch
 from uprobes.errors import SpecError, UsageError
 from uprobes.lang import parse
 from uprobes.lang.ast import ProbeSpec
 from uprobes.lang.condition import Condition
 from uprobes.lang.render import render
-from uprobes.model.event import Event
+from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.filters import HitFilter, pushdown
+from uprobes.model.kevent import KernelEvent
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Consumer, prepare_dispatch
+from uprobes.render.timeline import Timeline
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
 EventHandler = Callable[[Event], object]
+KernelHandler = Callable[[KernelEvent], object]
 EventFilter = Callable[[Event], bool]
 H = TypeVar("H", bound=EventHandler)
 
@@ -98,7 +113,7 @@ class Session:
     def __init__(self, engine: str = "auto", *, force: bool = False, uretprobe: bool = False,
                  ring_pages: int | None = None, stack_bytes: int = 0,
                  note: Callable[[str], object] | None = None, trapfree: bool = False,
-                 python: bool = False) -> None:
+                 python: bool = False, kernel: str | Sequence[str] | None = None) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
         if python and not stack_bytes:
@@ -118,6 +133,14 @@ class Session:
         trap-free tracing) and handlers run as the records are read, with no
         `event.hit`: for handlers that only look at events."""
         self.ring_pages = ring_pages
+        self.kernel = None if kernel is None else parse_kernel_option(
+            kernel if isinstance(kernel, str) else ",".join(kernel))
+        """The kernel's events asked for (`trace --kernel`'s words), or None."""
+        self._kernel_handlers: list[KernelHandler] = []
+        self.kernel_events = 0
+        """Kernel events delivered by the run."""
+        self.kernel_lost = 0
+        """Kernel events the kernel dropped (a ring full); never silent: check it."""
         self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
         self._lines: dict[str, _Line] = {}
         self._tracer: Tracer | None = None
@@ -182,6 +205,21 @@ class Session:
 
         return add if handler is None else add(handler)
 
+    def on_kernel(self, handler: KernelHandler | None = None
+                  ) -> Callable[[KernelHandler], KernelHandler] | KernelHandler:
+        """Add a handler of the kernel's events (`Session(kernel=...)`); as a
+        decorator without `handler`. Each `KernelEvent` goes to every handler."""
+        if self.kernel is None:
+            raise UsageError("kernel events are asked for when the session is made: "
+                             "Session(kernel='sched,syscalls')")
+        if self._ran:
+            raise UsageError("a session runs once: add handlers before spawn/attach/run")
+
+        def add(fn: KernelHandler) -> KernelHandler:
+            self._kernel_handlers.append(fn)
+            return fn
+        return add if handler is None else add(handler)
+
     # ------------------------------------------------------------ runs
 
     def spawn(self, argv: Sequence[str], *, duration: float | None = None,
@@ -197,25 +235,28 @@ class Session:
         its exec, the probes in place (to watch it from its first instruction
         by other means too)."""
         self._resolve(pid=None, has_target=True)
-        child = launch(list(argv))
-        released = False
-        started = 0.0
-        try:
-            with self._open(child=child.pid):
-                if launched is not None:
-                    launched(child.pid)
-                child.release()
-                released = True
-                started = time.monotonic()
-                self._run(duration, ready)
-        except BaseException:
-            if self._tracer is not None:
-                child.reaped(self._tracer.child_status)
-            if released:
-                child.wait()
-            else:
-                child.abort()  # never released: the command must not run at all
-            raise
+        with self._kernel_source() as source:
+            child = launch(list(argv))
+            released = False
+            started = 0.0
+            try:
+                with self._open(child=child.pid):
+                    if source is not None:
+                        source.open(child=child.pid)
+                    if launched is not None:
+                        launched(child.pid)
+                    child.release()
+                    released = True
+                    started = time.monotonic()
+                    self._run(duration, ready, source)
+            except BaseException:
+                if self._tracer is not None:
+                    child.reaped(self._tracer.child_status)
+                if released:
+                    child.wait()
+                else:
+                    child.abort()  # never released: the command must not run at all
+                raise
         if self._tracer is not None:
             child.reaped(self._tracer.child_status)
         return finish(child, started, duration, self._note)
@@ -225,8 +266,10 @@ class Session:
         """Trace process `pid` (all its threads, and the children it starts)
         until it exits, `duration` passes or `stop()`."""
         self._resolve(pid=pid, has_target=True)
-        with self._open(pid=pid):
-            self._run(duration, ready)
+        with self._kernel_source() as source, self._open(pid=pid):
+            if source is not None:
+                source.open(pid=pid)
+            self._run(duration, ready, source)
 
     def run(self, duration: float | None = None,
             ready: Callable[[], object] | None = None) -> None:
@@ -236,8 +279,10 @@ class Session:
         place, before the first event is delivered: the moment to start a
         workload that must be seen whole."""
         self._resolve(pid=None, has_target=False)
-        with self._open():
-            self._run(duration, ready)
+        with self._kernel_source() as source, self._open():
+            if source is not None:
+                source.open()
+            self._run(duration, ready, source)
 
     @property
     def lost_so_far(self) -> int:
@@ -292,7 +337,18 @@ class Session:
             ring_pages=self.ring_pages, python=self.python))
         return self._tracer
 
-    def _run(self, duration: float | None, ready: Callable[[], object] | None) -> None:
+    @contextmanager
+    def _kernel_source(self) -> Iterator[KernelEvents | None]:
+        """The kernel's events asked for, opened for the run's tasks by the
+        caller (before the probes go in: the first hit has its events)."""
+        if self.kernel is None:
+            yield None
+            return
+        with KernelEvents(self.kernel) as source:
+            yield source
+
+    def _run(self, duration: float | None, ready: Callable[[], object] | None,
+             source: KernelEvents | None = None) -> None:
         tracer = self._tracer
         assert tracer is not None
         # Placed names -> prepared dispatch. A spec's probes share its
@@ -315,13 +371,60 @@ class Session:
             call(ev)
 
         self.kernel_filters = dict(tracer.kernel_filters)
+        if source is None:
+            try:
+                if ready is not None:
+                    ready()
+                tracer.run(deliver, duration)
+            finally:
+                self.events, self.lost = tracer.events, tracer.lost
+                self.signal = tracer.signal
+            return
+        handlers = _KernelHandlers(self, deliver, tracer.infos)
+        timeline = Timeline(handlers, source)
         try:
             if ready is not None:
                 ready()
-            tracer.run(deliver, duration)
+            with Pump(lambda: timeline.tick(time.monotonic_ns())):
+                tracer.run(timeline.event, duration)
+            source.disable()
+            timeline.summary(tracer.events, tracer.lost)
         finally:
             self.events, self.lost = tracer.events, tracer.lost
             self.signal = tracer.signal
+            self.kernel_events, self.kernel_lost = handlers.delivered, source.lost
+
+
+class _KernelHandlers:
+    """What `Timeline` writes to, for a Session: probe events to the probes'
+    dispatch, kernel events to the `on_kernel` handlers."""
+
+    def __init__(self, session: Session, deliver: Callable[[Event], None],
+                 infos: dict[str, ProbeInfo]) -> None:
+        self.session = session
+        self.deliver = deliver
+        self.infos = infos
+        self.delivered = 0
+
+    def hits(self, hits: list[Hit]) -> None:
+        for hit in hits:
+            self.deliver(hit_event(hit, self.infos[hit[4]]))
+
+    def event(self, event: Event) -> None:
+        self.deliver(event)
+
+    def kernel_event(self, event: KernelEvent) -> None:
+        if self.session._stopped:
+            return
+        self.delivered += 1
+        for handler in self.session._kernel_handlers:
+            handler(event)
+
+    def kernel_summary(self, events: int, lost: int) -> None:
+        """The counts are the session's (`kernel_events`, `kernel_lost`)."""
+
+    def summary(self, events: int, lost: int) -> None:
+        """The counts are the session's (`events`, `lost`)."""
 
 
 V = TypeVar("V", int, str)
