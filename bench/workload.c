@@ -33,8 +33,7 @@ long work_emulated(long), work_boosted(long);
 
 /* The same work in C, for tools that need the compiler's help: built with
  * -fpatchable-function-entry=5 (bench/inprogram.py) it starts with the five
- * bytes of nops uftrace patches; a call through a volatile pointer keeps
- * it out of line. */
+ * bytes of nops uftrace patches; noinline keeps it out of line. */
 __attribute__((noinline)) long work_c(long x) { return x + 1; }
 
 int main(int argc, char **argv) {

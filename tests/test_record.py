@@ -228,12 +228,23 @@ def test_altered_recordings_never_crash_the_replay(exe: Path, tmp_path: Path) ->
     assert "2 ring records that no probe's code can have written" in run.stderr
     assert "ends inside a chunk" in run.stderr
     assert [e["args"]["a"] for e in events] == list(range(102, 200))
-    meta = json.loads((rec / "meta.json").read_text())
-    meta["probes"][0]["$"] = "Popen"
-    (rec / "meta.json").write_text(json.dumps(meta))
-    run2 = subprocess.run([*UPROBES, "replay", str(rec)], capture_output=True, text=True,
-                          timeout=120)
-    assert run2.returncode == 2 and "cannot read back" in run2.stderr, run2.stderr
+    good = (rec / "meta.json").read_text()
+    for path, value, said in ((("probes", 0, "$"), "Popen", "cannot read back"),
+                              (("probes", 0, "event"), 5, "cannot read back"),
+                              (("events",), 1e309, "not what uprobes record writes"),
+                              (("sites", 0, "lines", 0), 99, "not what uprobes record writes"),
+                              (("tsc", "scale"), -1, "not what uprobes record writes"),
+                              (("probes",), [[[[[[[[[[[]]]]]]]]]]] * 10, "not probes")):
+        meta = json.loads(good)
+        at: Any = meta
+        for key in path[:-1]:
+            at = at[key]
+        at[path[-1]] = value
+        (rec / "meta.json").write_text(json.dumps(meta))
+        run2 = subprocess.run([*UPROBES, "replay", str(rec)], capture_output=True, text=True,
+                              timeout=120)
+        assert run2.returncode == 2 and said in run2.stderr, (path, run2.stderr)
+        assert run2.stderr.count("\n") == 1 and "Traceback" not in run2.stderr
     (rec / "meta.json").unlink()
     run3 = subprocess.run([*UPROBES, "report", str(rec)], capture_output=True, text=True,
                           timeout=120)

@@ -305,3 +305,19 @@ def test_kernel_handlers_need_the_session_to_ask_for_kernel_events() -> None:
 
     with pytest.raises(UsageError, match="Session\\(kernel="):
         uprobes.Session().on_kernel(print)
+
+
+def test_a_kernel_handlers_error_ends_the_run_and_reaches_the_caller(timeline_exe: Path) -> None:
+    """An exception in an `on_kernel` handler (which may run on the reader's
+    thread) stops the run and is raised by spawn(); the command runs on to its
+    end unharmed and is reaped."""
+    import uprobes
+
+    s = uprobes.Session("kernel", kernel="syscalls")
+    s.probe(f"{timeline_exe}:mark n=%di:s32", lambda ev: None)
+
+    def broken(ev: Any) -> None:
+        raise ValueError("a handler's own bug")
+    s.on_kernel(broken)
+    with pytest.raises(ValueError, match="a handler's own bug"):
+        s.spawn([str(timeline_exe), "20", "20000", "0"])

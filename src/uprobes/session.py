@@ -59,7 +59,7 @@ from uprobes.engines.kevents.decode import parse_kernel_option
 from uprobes.engines.kevents.pump import Pump
 from uprobes.engines.kevents.source import KernelEvents
 from uprobes.engines.launch import finish, launch
-from uprobes.errors import SpecError, UsageError
+from uprobes.errors import KernelError, SpecError, UsageError
 from uprobes.lang import parse
 from uprobes.lang.ast import ProbeSpec
 from uprobes.lang.condition import Condition
@@ -240,9 +240,9 @@ class Session:
             released = False
             started = 0.0
             try:
+                if source is not None:
+                    source.open(child=child.pid)
                 with self._open(child=child.pid):
-                    if source is not None:
-                        source.open(child=child.pid)
                     if launched is not None:
                         launched(child.pid)
                     child.release()
@@ -266,10 +266,11 @@ class Session:
         """Trace process `pid` (all its threads, and the children it starts)
         until it exits, `duration` passes or `stop()`."""
         self._resolve(pid=pid, has_target=True)
-        with self._kernel_source() as source, self._open(pid=pid):
-            if source is not None:
+        with self._kernel_source() as source:
+            if source is not None:  # before the probes: the first hit has its events
                 source.open(pid=pid)
-            self._run(duration, ready, source)
+            with self._open(pid=pid):
+                self._run(duration, ready, source)
 
     def run(self, duration: float | None = None,
             ready: Callable[[], object] | None = None) -> None:
@@ -279,10 +280,11 @@ class Session:
         place, before the first event is delivered: the moment to start a
         workload that must be seen whole."""
         self._resolve(pid=None, has_target=False)
-        with self._kernel_source() as source, self._open():
+        with self._kernel_source() as source:
             if source is not None:
                 source.open()
-            self._run(duration, ready, source)
+            with self._open():
+                self._run(duration, ready, source)
 
     @property
     def lost_so_far(self) -> int:
@@ -382,17 +384,28 @@ class Session:
             return
         handlers = _KernelHandlers(self, deliver, tracer.infos)
         timeline = Timeline(handlers, source)
+
+        def tick() -> None:
+            try:
+                timeline.tick(time.monotonic_ns())
+            except BaseException:
+                tracer.stop()  # a handler's error ends the run; Pump raises it here
+                raise
         try:
             if ready is not None:
                 ready()
-            with Pump(lambda: timeline.tick(time.monotonic_ns())):
+            with Pump(tick):
                 tracer.run(timeline.event, duration)
             source.disable()
             timeline.summary(tracer.events, tracer.lost)
         finally:
             self.events, self.lost = tracer.events, tracer.lost
             self.signal = tracer.signal
-            self.kernel_events, self.kernel_lost = handlers.delivered, source.lost
+            self.kernel_events = handlers.delivered
+            try:
+                self.kernel_lost = source.lost
+            except KernelError:  # the counters unreadable: the error on the way out matters
+                pass
 
 
 class _KernelHandlers:

@@ -50,6 +50,9 @@ def open_recording(args: argparse.Namespace) -> tuple[Recording, HitFilter | Non
 
 def report_damage(rec: Recording) -> None:
     """One line each for what the recording could not give back."""
+    if not rec.complete:
+        sys.stderr.write("uprobes: note: the recording run ended in an error: what it wrote "
+                         "before is shown\n")
     if rec.corrupt:
         sys.stderr.write(f"uprobes: note: {rec.corrupt} ring records that no probe's code "
                          "can have written (the traced program overwrote its ring) are left "

@@ -15,6 +15,7 @@ from uprobes.analysis.calls import CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.replay import open_recording, report_damage
 from uprobes.commands.selection import add_filter_arguments
+from uprobes.errors import UsageError
 from uprobes.model.event import hit_event
 from uprobes.render.counts import ranked, write_count_table
 from uprobes.render.histogram import UNITS, histogram_doc, write_histograms
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             start = pairer.route(ev, calls)
             if not isinstance(start, bool):
                 histograms[start.probe].add(ev.ts_ns - start.ts_ns)
-    sink = open(args.output, "w") if args.output else out
+    try:
+        sink = open(args.output, "w") if args.output else out
+    except OSError as e:
+        raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
     try:
         if args.json:
             sink.write(json.dumps({

@@ -10,13 +10,19 @@ code. Only the classes of `KNOWN` can come back; anything else is a
 
 Shapes: a dataclass is `{"$": "ClassName", field: value...}`, an enum
 `{"$enum": "ClassName", "v": value}`, a tuple `{"$t": [...]}` (lists stay
-lists), a dict `{"$d": [[key, value]...]}`.
+lists), a dict `{"$d": [[key, value]...]}`. Every field that comes back is
+checked against its class's annotation (a `str` field holds a str, a tuple
+of FetchArgs holds FetchArgs...), so what a replay then hands to generated
+code and renderers has the types they were written for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import types
+import typing
+from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -79,6 +85,48 @@ def decode(data: Any) -> Any:
             return cls(data["v"])
         cls = KNOWN[data["$"]]
         fields = {k: decode(v) for k, v in data.items() if k != "$"}
+        hints = _hints(cls)
+        for name, value in fields.items():
+            if name not in hints or not _conforms(value, hints[name]):
+                raise TypeError(f"{cls.__name__}.{name} cannot be {value!r:.60}")
         return cls(**fields)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise RecordingError(f"the recording holds a value uprobes cannot read back ({e})") from e
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the annotated type `hint` (the shapes our
+    dataclasses use: classes, unions, tuples, lists, dicts, literals)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(args) == len(value) and all(map(_conforms, value, args))
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return type(value) in (int, float)
+    if hint is int:
+        return type(value) is int
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return False  # a shape this codec does not know: not taken on trust

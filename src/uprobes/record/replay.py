@@ -69,31 +69,48 @@ class Recording:
             raise RecordingError(f"cannot read {meta_path}: {e.strerror}") from e
         try:
             meta = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise RecordingError(f"{meta_path} is not JSON ({e})") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise RecordingError(f"{meta_path}: not a recording of this uprobes "
                                  f"(format {FORMAT!r} expected)")
         self.meta = meta
         try:
-            self.probes = cast(list[ResolvedProbe], decode(meta["probes"]))
-            self.infos = cast(dict[str, ProbeInfo], decode(meta["infos"]))
-            self.calls = set(meta["calls"])
-            self.events, self.lost = int(meta["events"]), int(meta["lost"])
-            start, end = (ClockSnapshot(**meta["clocks"][k]) for k in ("start", "end"))
-            self.clocks = (start, end)
-            self._cpus = int(meta["cpus"])
-            tsc = meta["tsc"]
-            self._rate = None if tsc is None else (float(tsc["scale"]), int(tsc["tsc0"]),
-                                                   int(tsc["ns0"]))
-            self._sites = [self._site(s) for s in meta["sites"]]
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise RecordingError(f"{meta_path} lacks what a recording holds ({e!r})") from e
-        if not all(isinstance(p, ResolvedProbe) for p in self.probes) or not all(
-                isinstance(i, ProbeInfo) for i in self.infos.values()):
-            raise RecordingError(f"{meta_path}: its probes are not probes")
+            self._load(meta)
+        except RecordingError:
+            raise
+        except Exception as e:  # the file is input: whatever is wrong in it is one line
+            raise RecordingError(f"{meta_path} is not what uprobes record writes "
+                                 f"({type(e).__name__}: {e})") from e
+        self.complete = meta.get("complete", True) is not False
+        """False: the recording run failed or was stopped before its end was
+        written (its counts are what it had)."""
         self.corrupt = 0  # ring records no probe's code can have made
         self.truncated: str | None = None  # why the stream ended early, if it did
+
+    def _load(self, meta: dict[str, Any]) -> None:
+        probes, infos = decode(meta["probes"]), decode(meta["infos"])
+        if not (isinstance(probes, list) and all(isinstance(p, ResolvedProbe) for p in probes)
+                and isinstance(infos, dict) and all(
+                    isinstance(k, str) and isinstance(i, ProbeInfo) and i.name == k
+                    for k, i in infos.items())):
+            raise RecordingError("its probes are not probes")
+        self.probes = cast(list[ResolvedProbe], probes)
+        self.infos = cast(dict[str, ProbeInfo], infos)
+        self.calls = {str(c) for c in meta["calls"]}
+        self.events, self.lost = _count(meta["events"]), _count(meta["lost"])
+        start, end = (ClockSnapshot(*(_count(meta["clocks"][k][f]) for f in (
+            "monotonic_ns", "realtime_ns", "boottime_ns"))) for k in ("start", "end"))
+        self.clocks = (start, end)
+        self._cpus = _count(meta["cpus"])
+        tsc = meta["tsc"]
+        self._rate = None
+        if tsc is not None:
+            scale = float(tsc["scale"])
+            if not 0 < scale < 1e6:
+                raise ValueError(f"a TSC rate of {scale} ns a tick")
+            self._rate = (scale, _count(tsc["tsc0"]), _count(tsc["ns0"]))
+        self._sites = [self._site(s) for s in meta["sites"]]
 
     @property
     def clock_start(self) -> ClockSnapshot:
@@ -104,11 +121,14 @@ class Recording:
         return self.clocks[1]
 
     def _site(self, s: dict[str, Any]) -> _Site:
-        lines = [self.probes[i] for i in s["lines"]]
+        lines = [self.probes[_count(i)] for i in s["lines"]]
+        if any(line.name not in self.infos for line in lines):
+            raise RecordingError("a probe id stands for a probe it does not describe")
         recipe = decode(s["recipe"])
         if not isinstance(recipe, Recipe):
             raise TypeError("a site's recipe is not a Recipe")
-        ip, file_base, func = int(s["ip"]), int(s["file_base"]), s["func"]
+        ip, file_base = _count(s["ip"]), _count(s["file_base"])
+        func = None if s["func"] is None else _count(s["func"])
         makes = []
         for line in lines:
             make = direct_hit(line, recipe, ip, func)
@@ -135,13 +155,14 @@ class Recording:
 
     def batches(self, keep: HitFilter | None = None) -> Iterator[list[Hit]]:
         """The run's hits in batches, in the order the run delivered them
-        (ring records of one read merged by time stamp); `keep`: only the hits
+        (one read's ring records merged by time stamp); `keep`: only the hits
         it passes. A stream cut short ends early and sets `truncated`."""
         test = _hit_test(keep, self.infos)
         path = str(self.directory / EVENTS)
         owners: dict[int, tuple[int, str]] = {}
         pending: list[tuple[int, ...]] = []  # ring records of the current read
         rings_seen: set[int] = set()
+        read = -1
         try:
             f = open(path, "rb")
         except OSError as e:
@@ -150,15 +171,17 @@ class Recording:
             try:
                 for kind, payload in stream.chunks(f, path):
                     if kind == stream.RING:
-                        created, now = stream.RING_HEAD.unpack_from(payload)
-                        if created in rings_seen and pending:  # the next read began
-                            yield self._filtered(self._ring_hits(pending, owners), test)
+                        created, now, this_read = stream.RING_HEAD.unpack_from(payload)
+                        if this_read != read and pending:  # the next read began
+                            yield self._filtered(self._ring_hits(pending, owners, rings_seen),
+                                                 test)
                             pending, rings_seen = [], set()
+                        read = this_read
                         rings_seen.add(created)
                         pending += self._valid(payload, created, now, owners)
                         continue
                     if pending:
-                        yield self._filtered(self._ring_hits(pending, owners), test)
+                        yield self._filtered(self._ring_hits(pending, owners, rings_seen), test)
                         pending, rings_seen = [], set()
                     try:
                         if kind == stream.OWNERS:
@@ -176,14 +199,14 @@ class Recording:
             except stream.Truncated as e:
                 self.truncated = str(e)
         if pending:
-            yield self._filtered(self._ring_hits(pending, owners), test)
+            yield self._filtered(self._ring_hits(pending, owners, rings_seen), test)
 
     def _valid(self, payload: bytes, created: int, now: int,
                owners: dict[int, tuple[int, str]]) -> list[tuple[int, ...]]:
         """The records of a RING chunk that the probes' code can have written."""
         if self._rate is None:
             raise RecordingError(f"{self.directory}: ring records but no clock to read them by")
-        skew = int(SKEW_S / self._rate[0]) if self._rate[0] > 0 else 0
+        skew = int(SKEW_S * 1e9 / self._rate[0])  # ticks, as the live reader's clock.ticks
         lo, hi, n_sites, cpus = created - skew, now + skew, len(self._sites), self._cpus
         records = list(RECORD.iter_unpack(memoryview(payload)[stream.RING_HEAD.size:]))
         good = [rec for rec in records
@@ -193,11 +216,14 @@ class Recording:
         self.corrupt += len(records) - len(good)
         return good
 
-    def _ring_hits(self, records: list[tuple[int, ...]],
-                   owners: dict[int, tuple[int, str]]) -> list[Hit]:
+    def _ring_hits(self, records: list[tuple[int, ...]], owners: dict[int, tuple[int, str]],
+                   rings: set[int]) -> list[Hit]:
+        """The hits of one read's records: in each ring's order, merged by
+        time stamp when several rings gave some (as the live reader does)."""
         assert self._rate is not None
         scale, tsc0, ns0 = self._rate
-        records.sort(key=lambda rec: rec[REC_TSC])
+        if len(rings) > 1:
+            records.sort(key=lambda rec: rec[REC_TSC])
         sites = self._sites
         out: list[Hit] = []
         for rec in records:
@@ -221,6 +247,13 @@ class Recording:
         return hits if test is None else [h for h in hits if test(h)]
 
 
+def _count(value: object) -> int:
+    """A count, address or stamp of meta.json: an int from 0 to 2**64 - 1."""
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"{value!r:.40} where a number from 0 to 2**64 - 1 belongs")
+    return value
+
+
 def _hit_test(keep: HitFilter | None,
               infos: dict[str, ProbeInfo]) -> Callable[[Hit], bool] | None:
     """`keep` as a test of one hit tuple (what the live engines test at the hit)."""
@@ -239,7 +272,7 @@ def _hit_test(keep: HitFilter | None,
 def _json(payload: bytes, path: str) -> Any:
     try:
         return json.loads(payload)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise RecordingError(f"{path}: a chunk is not the JSON uprobes writes ({e})") from e
 
 

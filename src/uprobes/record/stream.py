@@ -1,7 +1,8 @@
 """events.bin: a stream of chunks, each `KIND (4 bytes) LENGTH (u32 LE) PAYLOAD`.
 
-Kinds (see the package's docstring): RING (`created`, `now`: u64 TSC stamps,
-then whole ring slots), OWNR and HITS (JSON). A reader stops at a chunk
+Kinds (see the package's docstring): RING (`created`, `now`: u64 TSC stamps
+of the ring's making and of the read, `read`: which read of the run it came
+from, then whole ring slots), OWNR and HITS (JSON). A reader stops at a chunk
 that is cut short (a run killed mid-write) and says so; it never reads a
 length it has no bytes for.
 """
@@ -17,7 +18,7 @@ from uprobes.engines.trapfree.layout import SLOT_BYTES
 from uprobes.errors import RecordingError
 
 HEADER = struct.Struct("<4sI")
-RING_HEAD = struct.Struct("<QQ")
+RING_HEAD = struct.Struct("<QQQ")
 RING, OWNERS, HITS = b"RING", b"OWNR", b"HITS"
 KINDS = (RING, OWNERS, HITS)
 MAX_CHUNK = 1 << 28  # no writer makes a chunk this long (a ring holds 4 MiB)

@@ -4,7 +4,8 @@ It is the renderer of a `trace` run (a `HitRenderer`) and, on the ptrace
 engine, the `RawSink` of its trap-free rings: their slots go to events.bin
 in one write per ring and read, with no work per record; hits of int3
 probes and of the kernel engine go as JSON. `summary()` writes meta.json
-last (through a rename): a directory without it was never finished.
+last (through a rename); a run that fails writes it too, marked unfinished
+(`abandon`); a directory without it was killed (SIGKILL) mid-run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from uprobes.engines.trapfree.layout import SLOT_BYTES
 from uprobes.engines.trapfree.reader import RawSite
 from uprobes.engines.trapfree.sharedmem import CPUS
 from uprobes.errors import UsageError
@@ -74,19 +76,23 @@ class RecordWriter:
         self._out = stream.ChunkWriter(self._file)
         self._sites: list[RawSite] = []
         self._rate: tuple[float, int, int] | None = None
+        self._closed = False
+        self.events_seen = 0  # hits and ring records written (for an unfinished run)
 
     # ------------------------------------------------------------ HitRenderer
 
     def hits(self, hits: list[Hit]) -> None:
+        self.events_seen += len(hits)
         self._out.write(stream.HITS, stream.dumps(hits))
 
     # ------------------------------------------------------------ RawSink
 
-    def raw(self, created: int, now: int, data: memoryview,
+    def raw(self, created: int, now: int, read: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
         if owners:
             self._out.write(stream.OWNERS, stream.dumps(list(owners.items())))
-        self._out.write(stream.RING, stream.RING_HEAD.pack(created, now), data)
+        self._out.write(stream.RING, stream.RING_HEAD.pack(created, now, read), data)
+        self.events_seen += data.nbytes // SLOT_BYTES
 
     def sites(self, sites: list[RawSite], rate: tuple[float, int, int]) -> None:
         self._sites = sites
@@ -94,8 +100,12 @@ class RecordWriter:
 
     # ------------------------------------------------------------ the end
 
-    def summary(self, events: int, lost: int) -> None:
-        """Close events.bin and write meta.json: the recording is complete."""
+    def summary(self, events: int, lost: int, complete: bool = True) -> None:
+        """Close events.bin and write meta.json: the recording is complete (or,
+        `complete` False, what it holds is readable up to where the run failed)."""
+        if self._closed:
+            return
+        self._closed = True
         self._file.close()
         index = {id(p): i for i, p in enumerate(self.probes)}
         for site in self._sites:  # lines the engine made itself (none today) join the list
@@ -105,6 +115,7 @@ class RecordWriter:
                     self.probes.append(line)
         meta = {
             "format": FORMAT,
+            "complete": complete,
             "uprobes": _version(),
             "engine": self.engine,
             "command": self.command,
@@ -127,6 +138,11 @@ class RecordWriter:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, self.directory / META)
 
-    def abandon(self) -> None:
-        """The run failed before it began: nothing to keep."""
-        self._file.close()
+    def abandon(self, events: int, lost: int) -> None:
+        """The run failed (an error, a signal): what was written stays
+        readable, marked unfinished."""
+        try:
+            self.summary(events, lost, complete=False)
+        except OSError:  # the disk that failed the run: nothing more to keep
+            self._closed = True
+            self._file.close()

@@ -439,7 +439,9 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
             self._shaped = None
             self._raw = None
             if raw is not None and self._recorder is not None:
-                raw.sites(self._raw_sites(), self._recorder.clock.rate())
+                clock = self._recorder.clock
+                clock.refresh()  # the rate over the whole run, for every record of it
+                raw.sites(self._raw_sites(), clock.rate())
 
     def _raw_sites(self) -> list[RawSite]:
         """What each probe id of the rings stands for (RawSink.sites)."""

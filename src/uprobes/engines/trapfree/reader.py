@@ -30,7 +30,7 @@ from uprobes.engines.trapfree.layout import (
     SLOT_TID,
 )
 from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, Recipe
-from uprobes.engines.trapfree.ring import TAKE_MAX, Ring
+from uprobes.engines.trapfree.ring import RAW_TAKE_MAX, TAKE_MAX, Ring
 from uprobes.engines.trapfree.sharedmem import CPUS
 from uprobes.lang.ast import (
     Comm,
@@ -214,9 +214,11 @@ class RawSite:
 class RawSink(Protocol):
     """Where `uprobes record` keeps ring records as they are (record/writer.py)."""
 
-    def raw(self, created: int, now: int, data: memoryview,
+    def raw(self, created: int, now: int, read: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
-        """Whole slots of one ring (made at TSC `created`), taken at TSC `now`,
+        """Whole slots of one ring (made at TSC `created`), taken at TSC `now`
+        by read number `read` (a read takes from every ring; the live reader
+        merges a read's records by time stamp when several rings gave some),
         as a view of the ring valid during the call only; `owners`: (pid,
         comm) of the tids in them that changed since the last call (None:
         not a thread of ours)."""
@@ -241,6 +243,7 @@ class Recorder:
         self.corrupt = 0  # records no probe's code can have written (see `_valid`)
         self.raw_records = 0  # records handed to a RawSink (`dump`)
         self._told: dict[int, tuple[int, str] | None] = {}  # tid -> what `dump` said
+        self._reads = 0  # `dump`'s reads so far
 
     def site(self, site: RecordedSite) -> int:
         """A new probe id for `site`."""
@@ -277,17 +280,20 @@ class Recorder:
         until = time.monotonic() + DRAIN_S
         while True:
             taken = 0
+            self._reads += 1
             for ring in rings:
                 before = ring.tail
-                ring.take_raw(partial(self._dump_piece, ring.created, who, sink), final)
+                ring.take_raw(partial(self._dump_piece, ring.created, self._reads, who, sink),
+                              final)
                 taken += ring.tail - before
-            if taken < TAKE_MAX:
+            if taken < RAW_TAKE_MAX:
                 return False
             if not final and time.monotonic() >= until:
                 return True
 
-    def _dump_piece(self, created: int, who: Callable[[int], tuple[int, str] | None],
-                    sink: RawSink, view: memoryview) -> None:
+    def _dump_piece(self, created: int, read: int,
+                    who: Callable[[int], tuple[int, str] | None], sink: RawSink,
+                    view: memoryview) -> None:
         """One run of a ring's slots to `sink`, with the owners it lacks."""
         owners: dict[int, tuple[int, str] | None] = {}
         told = self._told
@@ -300,7 +306,7 @@ class Recorder:
             owner = who(tid) or self._former.get(tid)
             if told.get(tid, _UNSET) != owner:
                 owners[tid] = told[tid] = owner
-        sink.raw(created, tsc.read(), view, owners)
+        sink.raw(created, tsc.read(), read, view, owners)
         self.raw_records += len(view) // SLOT_BYTES
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],

@@ -154,12 +154,13 @@ class Ring:
             # record copied is whole.
             slot = tail & (SLOTS - 1)
             n = min(head - tail, SLOTS - slot)
-            column = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot]
-            if column.tobytes() != _counting(tail + 1, n):  # not all committed: how many
-                seqs = column.tolist()
-                n = next(k for k, seq in enumerate(seqs) if seq != tail + 1 + k)
-            else:
-                seqs = []
+            # One read of the column (writers commit meanwhile): what is
+            # checked and what is counted are the same snapshot.
+            raw = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tobytes()
+            seqs: list[int] = []
+            if raw != _counting(tail + 1, n):  # not all committed: how many are
+                seqs = array("Q", raw).tolist()
+                n = next((k for k, seq in enumerate(seqs) if seq != tail + 1 + k), n)
             if n:
                 start = DATA_OFFSET + slot * SLOT_BYTES
                 copy(start, start + n * SLOT_BYTES)
