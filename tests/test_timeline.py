@@ -321,3 +321,27 @@ def test_a_kernel_handlers_error_ends_the_run_and_reaches_the_caller(timeline_ex
     s.on_kernel(broken)
     with pytest.raises(ValueError, match="a handler's own bug"):
         s.spawn([str(timeline_exe), "20", "20000", "0"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_thread_born_later_gets_its_wakeups(tracefs: Path, compile_c: Compiler,
+                                              tmp_path: Path, engine: str) -> None:
+    """sched_wakeup is about another task, so it is opened per CPU and filtered
+    in the kernel to the traced threads; a thread the command starts later
+    joins that filter once its first switch off the CPU is read: of its 20
+    sleeps of 50 ms, the wakeups after that are recorded (none were before)."""
+    import subprocess
+    import sys
+
+    exe = compile_c("late_sleepers.c", "-pthread")
+    out = tmp_path / "t.jsonl"
+    run = subprocess.run([sys.executable, "-m", "uprobes", "trace", "--json", "-e", engine,
+                          "-o", str(out), "--kernel", "sched", f"{exe}:begin", "--", str(exe)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    sleeper = int(run.stdout.split()[-1])
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    offs = [d for d in docs if d.get("kernel") == "off_cpu" and d["tid"] == sleeper]
+    wakeups = [d for d in docs if d.get("kernel") == "wakeup" and d["tid"] == sleeper]
+    assert len(offs) >= 20, offs
+    assert wakeups and {d["pid"] for d in wakeups} == {docs[0]["pid"]}, wakeups

@@ -58,6 +58,7 @@ _RAW_AT = _SAMPLE.size - 2  # the raw record, in a sample's body
 _LOST = struct.Struct("<QQ")
 _SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
 _MAX_ABOUT = 64  # tasks named in one kernel filter
+_MAX_ABOUT_TIDS = 4096  # threads given `about` events (each batch: an event per CPU)
 
 
 class KernelEvents:
@@ -93,6 +94,8 @@ class KernelEvents:
         self._samples: dict[int, int] = {}  # event id -> samples read
         self._closed_lost: int | None = None
         self._own_pid = os.getpid()
+        self._about_tids: set[int] | None = None  # whom the `about` events cover (None: all)
+        self._about_events = 0
 
     def open(self, *, pid: int | None = None, child: int | None = None) -> None:
         """Events for `child` (a command held before exec), or every thread of
@@ -118,15 +121,42 @@ class KernelEvents:
     def _open_about(self, tids: list[int] | None) -> None:
         """The tracepoints about another task (`Tracepoint.about`), on every
         CPU for all tasks, filtered to `tids` (None: every task) in the
-        kernel. Threads started later are not among them: their events of
-        these kinds are not recorded."""
+        kernel. A thread started later gets its own such events once its
+        first switch off the CPU is read (`_more_about`): its wakeups from
+        then on are recorded (a perf event's filter cannot be replaced,
+        EEXIST, so the set grows by events, up to _MAX_ABOUT_TIDS threads)."""
+        self._about_tids = None if tids is None else set(tids)
+        if tids is None:
+            self._open_about_events(None)
+        for first in range(0, len(tids or ()), _MAX_ABOUT):
+            self._open_about_events((tids or [])[first:first + _MAX_ABOUT])
+
+    def _open_about_events(self, tids: list[int] | None) -> None:
+        self._about_events += sum(tp.about is not None for tp in self.points) * len(self.cpus)
+        raise_fd_limit(len(self.points) * len(self.cpus) * len(self._opened)
+                       + self._about_events, spare=256)
         for tp in self.points:
             if tp.about is None:
                 continue
-            flt = None if tids is None else " || ".join(f"{tp.about} == {t}"
-                                                        for t in tids[:_MAX_ABOUT])
+            flt = None if tids is None else " || ".join(f"{tp.about} == {t}" for t in tids)
             for cpu in self.cpus:
                 self._open_one(tp, -1, cpu, flt, on_exec=False)
+
+    def _more_about(self, tids: list[int]) -> None:
+        """Threads seen for the first time: their wakeups from now on too."""
+        known = self._about_tids
+        if known is None:
+            return
+        new = [t for t in tids if t not in known][:max(0, _MAX_ABOUT_TIDS - len(known))]
+        if not new:
+            return
+        known.update(new)
+        try:
+            for first in range(0, len(new), _MAX_ABOUT):
+                self._open_about_events(new[first:first + _MAX_ABOUT])
+        except KernelError as e:
+            if e.errno not in (errno.ESRCH, errno.EMFILE, errno.ENFILE):
+                raise  # (a thread gone, or no fd left: its wakeups are not recorded)
 
     def _open_task(self, task: int, on_exec: bool = False) -> None:
         if task in self._opened:
@@ -147,7 +177,7 @@ class KernelEvents:
                     counter.enable()
 
     def _open_one(self, tp: Tracepoint, task: int, cpu: int, flt: str | None,
-                  on_exec: bool) -> None:
+                  on_exec: bool) -> PerfEvent:
         watermark = min(self.ring_pages * 4096 // 4, _WAKEUP_BYTES)
         attr = tracepoint_attr(tp.format.id, inherit=task != -1, watermark_bytes=watermark,
                                context_switch=tp.switches, enable_on_exec=on_exec)
@@ -164,6 +194,7 @@ class KernelEvents:
             ev.set_output(ring.event)
         if not on_exec:
             ev.enable()
+        return ev
 
     def fds(self) -> list[int]:
         return [r.fileno() for r in self.rings.values()]
@@ -184,10 +215,13 @@ class KernelEvents:
         wakeup before that, as a launched command's before its exec, or of
         a thread not ours, which one of ours woke, is left out)."""
         pids, out, own = self._pids, [], self._own_pid
+        born: list[int] = []
         for ev in events:
             if ev.pid == own:
                 continue  # uprobes' other threads (system-wide; its main one is filtered)
             if ev.kind == "off_cpu":
+                if ev.tid not in pids:
+                    born.append(ev.tid)
                 pids[ev.tid] = ev.pid
             elif ev.kind == "wakeup":
                 owner = pids.get(ev.tid)
@@ -195,6 +229,8 @@ class KernelEvents:
                     continue
                 ev = dataclasses.replace(ev, pid=owner)
             out.append(ev)
+        if born:
+            self._more_about(born)
         return out
 
     def _read_ring(self, ring: RingBuffer, out: list[KernelEvent]) -> None:
