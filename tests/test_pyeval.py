@@ -1,0 +1,99 @@
+"""resolve/pyeval.py: each CPython 3.11 build's eval loop, read from its file.
+
+Oracles: the interpreter's own `dis` for the opcode numbers; the DWARF
+labels the compiler left on the handlers (`TARGET_RESUME`...) for the
+dispatch table's entries; and for the frame register, the RESUME handler's
+own read of `frame->f_code` at the offset the build's layout gives. Every
+3.11 build on the machine is read: Debian's (non-PIE, its symbols in the
+debug file python3.11-dbg installs), Debian's debug build python3.11d, and
+pyenv's shared libpython (relocated table) where root's pyenv has one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from iced_x86 import Decoder, OpKind
+
+from uprobes.elf.image import ElfImage
+from uprobes.errors import ResolveError
+from uprobes.resolve.pyeval import OPCODES, find_eval_loop
+from uprobes.unwind.cpython.dwarf import debug_file_for
+from uprobes.unwind.cpython.layout import layout_for
+
+PYENV = Path("/root/.pyenv/versions/3.11.7")
+BUILDS = [("/usr/bin/python3.11", "/usr/bin/python3.11"),
+          ("/usr/bin/python3.11d", "/usr/bin/python3.11d")]
+if os.access(PYENV / "lib/libpython3.11.so.1.0", os.R_OK):
+    BUILDS.append((str(PYENV / "lib/libpython3.11.so.1.0"), str(PYENV / "bin/python3.11")))
+
+
+def _interpreter(program: str, code: str) -> str:
+    return subprocess.run([program, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+
+
+def _labels(debug: str, function: int) -> dict[str, int]:
+    """The DWARF labels (DW_TAG_label) inside the eval function's subprogram."""
+    with open(debug, "rb") as f:
+        dwarf = ELFFile(f).get_dwarf_info()
+        cu = dwarf.get_CU_at(dwarf.get_aranges().cu_offset_at_addr(function))
+        out: dict[str, int] = {}
+        for die in cu.iter_DIEs():
+            if die.tag != "DW_TAG_label" or "DW_AT_low_pc" not in die.attributes:
+                continue
+            named = die  # (an LTO build's labels name their abstract origin)
+            while "DW_AT_name" not in named.attributes \
+                    and "DW_AT_abstract_origin" in named.attributes:
+                named = named.get_DIE_from_attribute("DW_AT_abstract_origin")
+            if "DW_AT_name" in named.attributes:
+                out[named.attributes["DW_AT_name"].value.decode()] = \
+                    die.attributes["DW_AT_low_pc"].value
+        return out
+
+
+@pytest.mark.parametrize(("path", "program"), BUILDS, ids=[Path(p).name for p, _ in BUILDS])
+def test_the_eval_loop_of_each_build(path: str, program: str) -> None:
+    got = _interpreter(program, "import dis, sys; print(sys.hexversion, *(dis._all_opmap[n] "
+                       f"for n in {list(OPCODES)!r}))").split()
+    hexversion, numbers = int(got[0]), [int(n) for n in got[1:]]
+    assert numbers == list(OPCODES.values())
+    with ElfImage.open(path) as image:
+        debug = debug_file_for(path, image.build_id)
+        assert debug is not None, f"{path} has no DWARF (bootstrap installs python3.11-dbg)"
+        evals = _eval_address(debug)
+        layout = layout_for(image, path, hexversion, evals)
+        loop = find_eval_loop(image, debug, layout.frame_prev_instr)
+        labels = _labels(debug, loop.function)
+        for name, addr in loop.handlers.items():
+            assert labels[f"TARGET_{name}"] == addr, name
+        # RESUME reads frame->f_code through the frame register, early on.
+        code = image.read_link(loop.handlers["RESUME"], 64)
+        reads = [(i.memory_base, i.memory_displacement) for i in list(Decoder(64, code))[:8]
+                 if i.op_count == 2 and i.op1_kind == OpKind.MEMORY]
+        assert any(disp == layout.frame_code and _name(base) == loop.frame
+                   for base, disp in reads), (loop, reads)
+        assert len({loop.frame, loop.next_instr, loop.stack}) == 3
+
+
+def _eval_address(debug: str) -> int:
+    with open(debug, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        return next(s["st_value"] for s in symtab.iter_symbols()
+                    if s.name == "_PyEval_EvalFrameDefault" and s["st_value"])
+
+
+def _name(register: Any) -> str:
+    from uprobes.resolve.pyeval import _KERNEL_NAMES
+    return _KERNEL_NAMES.get(register, "?")
+
+
+def test_a_binary_that_is_not_python_is_one_line() -> None:
+    with ElfImage.open("/bin/true") as image, pytest.raises(ResolveError,
+                                                            match="no _PyEval_EvalFrameDefault"):
+        find_eval_loop(image, "/bin/true", 0x38)
