@@ -363,3 +363,56 @@ def test_string_of_any_pointer(compile_c: Compiler) -> None:
     out = io.StringIO()
     assert main(["resolve", f"{exe}:kinds ip:string col:x64"], out=out) == 0
     assert "ip=+0(%r8):string col=%di:x64" in out.getvalue(), out.getvalue()
+
+
+# ------------------------------------------------------------ $retval by the function's type
+
+RETURNS = ["visit", "scalars", "floats", "name_of", "color_of", "ok_of", "negated", "low_byte",
+           "next_of"]  # in the order main() calls them
+
+
+def _gdb_returns(exe: Path, funcs: list[str]) -> dict[str, str]:
+    """What gdb's `finish` says each function returned ("Value returned is $1 = ...")."""
+    cmds = ["set pagination off", "set print pretty off", "starti"]
+    for fn in funcs:
+        cmds += [f"break {fn}", "continue", "finish", "delete"]
+    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    values = re.findall(r"^Value returned is \$\d+ = (.*)$", out, re.M)
+    assert len(values) == len(funcs), out
+    return dict(zip(funcs, values))
+
+
+@pytest.mark.root
+def test_retval_by_the_functions_type_as_gdb(build: tuple[Path, bool]) -> None:
+    """`r FUNC $retval` with DWARF prints the return value by the function's
+    type, as gdb's `finish` does (the string of a `char *`, an enum's name,
+    bool, a short's sign, a pointer in hex, a double from xmm0), on the ptrace
+    engine; the kernel engine gives the same for all but the double, which it
+    cannot read and refuses in one line. `$retval:x64` keeps the raw register,
+    and a void function's `$retval` stays as written."""
+    exe = build[0]
+    need(shutil.which("gdb") is not None, "gdb")
+    gdb = _gdb_returns(exe, RETURNS)
+    specs = [f"r {exe}:{fn} rv=$retval" for fn in RETURNS]
+    out = io.StringIO()
+    assert main(["trace", "-e", "ptrace", *specs, "--", str(exe)], out=out) == 0
+    ours = {m[0]: m[1] for m in re.findall(r" (\w+)__return: \(.*\) rv=(.*)$", out.getvalue(),
+                                          re.M)}
+    for fn in RETURNS:
+        if fn == "next_of":  # a stack address: another under gdb (its environment, no ASLR)
+            assert re.fullmatch(r"\(struct item \*\) 0x[0-9a-f]+", gdb[fn]), gdb[fn]
+            assert re.fullmatch(r"0x[0-9a-f]+", ours[fn]), ours[fn]
+            continue
+        assert ours[fn] == _gdb_normal(gdb[fn]), (fn, ours[fn], gdb[fn])
+    out = io.StringIO()
+    kernel = [s for s in specs if ":floats " not in s]
+    assert main(["trace", "-e", "kernel", *kernel, "--", str(exe)], out=out) == 0
+    on_kernel = {m[0]: m[1] for m in re.findall(r" (\w+)__return: \(.*\) rv=(.*)$",
+                                               out.getvalue(), re.M)}
+    assert on_kernel == {fn: v for fn, v in ours.items() if fn != "floats" and fn != "next_of"} \
+        | {"next_of": on_kernel["next_of"]}
+    (raw,) = Resolver().resolve_all(parse_specs([f"r {exe}:negated rv=$retval:x64"]))
+    assert raw.args[0].type.view is None and raw.args[0].type.base == "x64"
+    (void,) = Resolver().resolve_all(parse_specs([f"r {exe}:nothing rv=$retval"]))
+    assert void.args[0].type.base == "x64" and not void.args[0].type.explicit

@@ -45,11 +45,14 @@ from uprobes.lang.ast import (
     FetchExpr,
     FetchType,
     Immediate,
+    Register,
+    RetVal,
     ValueView,
     Variable,
 )
 from uprobes.lang.fetchargs import MAX_ARG_NAME_LEN, MAX_ARRAY_LEN
 from uprobes.lang.render import render_expr, render_variable
+from uprobes.resolve.debugdwarf import dwarf_of
 
 MAX_DEPTH = 2
 """How deep structs are printed member by member (`s->in.x` is depth 2);
@@ -166,6 +169,46 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
             leaves = [_explicit(leaves, arg, item)]
         out += leaves
     return tuple(_unique(out))
+
+
+def typed_return(args: tuple[FetchArg, ...], image: ElfImage, display: str,
+                 debug_dirs: tuple[str, ...] | None, file_offset: int) -> tuple[FetchArg, ...]:
+    """A return probe's `args` with each bare `$retval` (no type written) read
+    by the function's return type in its DWARF, as gdb's `finish` prints it:
+    `char *` a string, enums by name, bool, signed and unsigned widths, other
+    pointers in hex, float and double from xmm0 (where the x86-64 ABI returns
+    them: the ptrace engine reads it). A function with no DWARF here, one
+    returning void, a struct, or a type no fetch reads keeps `$retval` as
+    written (x64), as does a file without DWARF. `file_offset`: the
+    function's entry in `image`."""
+    if not any(isinstance(a.expr, RetVal) and not a.type.explicit for a in args):
+        return args
+    try:
+        df = dwarf_of(image, display, debug_dirs)
+    except ResolveError:
+        return args  # no debug info: the raw register, as the kernel gives it
+    entry = image.file_to_link_addr(file_offset)
+    function = next((d for d in df.scopes_at(entry) if d.tag == "DW_TAG_subprogram"), None)
+    if function is None:
+        return args
+    rtype = CType.of(function) if "DW_AT_type" in function.attributes \
+        else CType.of(_origin(function))
+    if rtype.kind in ("void", "struct", "union", "array", "unknown") \
+            or rtype.size not in (1, 2, 4, 8):
+        return args
+    held = Register("xmm0") if rtype.encoding == "float" else RetVal()
+    access = _Access(entry - file_offset)
+    out: list[FetchArg] = []
+    for arg in args:
+        if not isinstance(arg.expr, RetVal) or arg.type.explicit:
+            out.append(arg)
+            continue
+        try:
+            out += access.leaves(Item(Place("value", held), rtype), arg.name, 0,
+                                 lenient=False, text="$retval")
+        except ResolveError:
+            out.append(arg)  # a type no fetch reads: the raw register, as written
+    return tuple(out)
 
 
 def _item(scope: Scope, die: Any) -> Item:

@@ -36,7 +36,7 @@ from uprobes.lang.numbers import is_good_name
 from uprobes.model.probe import InodeKey, ResolvedProbe, UsdtArg, VdsoKey
 from uprobes.resolve.abi import go_register_args
 from uprobes.resolve.debugdwarf import dwarf_of
-from uprobes.resolve.dwarfargs import after_prologue, lower_variables, scope_at
+from uprobes.resolve.dwarfargs import after_prologue, lower_variables, scope_at, typed_return
 from uprobes.resolve.lines import LineSites, function_line, functions_by_name, source_line
 from uprobes.resolve.paths import FileRef, find_file
 from uprobes.resolve.retsites import return_sites_for
@@ -391,6 +391,8 @@ class Resolver:
         args = _abi_args(spec, image, sym)
         if uses_variables(spec):
             args = self._variables(spec, ref, image, file_offset, args)
+        elif spec.is_return and sym is not None and sym_off == 0:
+            args = typed_return(args, image, ref.display, self.debug_dirs, file_offset)
         return ResolvedProbe(
             spec=spec, key=InodeKey(ref.dev, ref.ino, file_offset), path=ref.path,
             file_offset=file_offset, kind=spec.kind, group=group or spec.group or DEFAULT_GROUP,
