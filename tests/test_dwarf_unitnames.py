@@ -43,3 +43,24 @@ def test_names_equal_pyelftools_on_libc() -> None:
     sample = got[::50]
     assert [name for _, name in sample] == _pyelftools_names(df, [at for at, _ in sample])
 
+
+
+def test_a_name_pointing_past_its_string_section_is_left_to_pyelftools() -> None:
+    """A unit whose DW_AT_name (DW_FORM_strp) points past .debug_str: None
+    for it (the caller asks pyelftools), no exception."""
+    import io
+    import struct
+    from types import SimpleNamespace
+
+    abbrev = bytes([1, 0x11, 0, 0x03, 0x0e, 0, 0, 0])  # 1: compile_unit, no children: name strp
+    body = struct.pack("<HBBI", 5, 0x01, 8, 0) + bytes([1]) + struct.pack("<I", 999)
+    info = struct.pack("<I", len(body)) + body
+
+    def section(data: bytes) -> SimpleNamespace:
+        return SimpleNamespace(stream=io.BytesIO(data))
+    dwarf = SimpleNamespace(debug_info_sec=section(info), debug_abbrev_sec=section(abbrev),
+                            debug_str_sec=section(b"x.c\0"), debug_line_str_sec=None,
+                            debug_str_offsets_sec=None)
+    assert list(unit_names(dwarf)) == [(0, None)]
+    dwarf.debug_info_sec = section(info.replace(struct.pack("<I", 999), struct.pack("<I", 0)))
+    assert list(unit_names(dwarf)) == [(0, "x.c")]

@@ -79,6 +79,13 @@ def test_the_eval_loop_of_each_build(path: str, program: str) -> None:
         assert any(disp == layout.frame_code and _name(base) == loop.frame
                    for base, disp in reads), (loop, reads)
         assert len({loop.frame, loop.next_instr, loop.stack}) == 3
+        # RETURN_VALUE pops the return value: it reads [stack - 8] early (a
+        # debug build checks the stack's depth first).
+        code = image.read_link(loop.handlers["RETURN_VALUE"], 200)
+        pops = [(i.memory_base, i.memory_displacement) for i in list(Decoder(64, code))[:16]
+                if i.op_count == 2 and i.op1_kind == OpKind.MEMORY]
+        assert any(disp == (1 << 64) - 8 and _name(base) == loop.stack
+                   for base, disp in pops), (loop, pops)
 
 
 def _eval_address(debug: str) -> int:

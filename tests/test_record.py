@@ -234,6 +234,9 @@ def test_altered_recordings_never_crash_the_replay(exe: Path, tmp_path: Path) ->
                               (("events",), 1e309, "not what uprobes record writes"),
                               (("sites", 0, "lines", 0), 99, "not what uprobes record writes"),
                               (("tsc", "scale"), -1, "not what uprobes record writes"),
+                              (("tsc", "scale"), 1e-320, "not what uprobes record writes"),
+                              (("probes", 0, "kind"), {"$enum": "FetchType", "v": [1]},
+                               "cannot read back"),
                               (("probes",), [[[[[[[[[[[]]]]]]]]]]] * 10, "not probes")):
         meta = json.loads(good)
         at: Any = meta
@@ -257,3 +260,25 @@ def test_codec_round_trip_of_resolved_probes(exe: Path) -> None:
                                                  f"{exe}:work x=+8(+0(%di)):string"]))
     back = decode(json.loads(json.dumps(encode(probes))))
     assert back == probes and all(type(a) is type(b) for a, b in zip(back, probes))
+
+
+def test_altered_chunks_are_one_line(exe: Path, tmp_path: Path) -> None:
+    """An OWNR chunk with a number JSON cannot hold as an int, a HITS chunk
+    whose values are not values an engine makes: one line, no traceback."""
+    rec = tmp_path / "rec"
+    uprobes("record", "-e", "ptrace", "-o", str(rec), f"{exe}:work a=%di:s64",
+            f"{exe}:other x=+0(%di):u8", "--", str(exe), "loop", "3")
+    good = (rec / "events.bin").read_bytes()
+    hit = json.loads(next(payload for kind, payload in _chunks(rec) if kind == stream.HITS))[0]
+    for kind, payload in ((stream.OWNERS, b'[[1, [1e309, "x"]]]'),
+                          (stream.HITS, json.dumps([hit[:8] + [[{"a": 1}]]]).encode())):
+        (rec / "events.bin").write_bytes(stream.HEADER.pack(kind, len(payload)) + payload + good)
+        run = subprocess.run([*UPROBES, "replay", "--json", str(rec)], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 2 and "is not what uprobes writes" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def _chunks(rec: Path) -> list[tuple[bytes, bytes]]:
+    with open(rec / "events.bin", "rb") as f:
+        return list(stream.chunks(f, "events.bin"))

@@ -78,7 +78,10 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         status = trace.run_trace(args, out, None, probes, child, None, make=writer)
     except BaseException:
         for w in writers:
-            w.abandon(w.events_seen, 0)
+            try:
+                w.abandon(w.events_seen, 0)
+            except Exception:  # noqa: BLE001 - the run's own error is the one to see
+                pass
         raise
     size = (directory / "events.bin").stat().st_size
     sys.stderr.write(f"uprobes: recorded into {args.output} ({size / 1e6:.1f} MB): "

@@ -82,6 +82,8 @@ def decode(data: Any) -> Any:
             return {decode(k): decode(v) for k, v in data["$d"]}
         if "$enum" in data:
             cls = KNOWN[data["$enum"]]
+            if not issubclass(cls, enum.Enum):
+                raise TypeError(f"{cls.__name__} is not an enum")
             return cls(data["v"])
         cls = KNOWN[data["$"]]
         fields = {k: decode(v) for k, v in data.items() if k != "$"}

@@ -107,7 +107,7 @@ class Recording:
         self._rate = None
         if tsc is not None:
             scale = float(tsc["scale"])
-            if not 0 < scale < 1e6:
+            if not 1e-6 < scale < 1e6:
                 raise ValueError(f"a TSC rate of {scale} ns a tick")
             self._rate = (scale, _count(tsc["tsc0"]), _count(tsc["ns0"]))
         self._sites = [self._site(s) for s in meta["sites"]]
@@ -160,7 +160,10 @@ class Recording:
         test = _hit_test(keep, self.infos)
         path = str(self.directory / EVENTS)
         owners: dict[int, tuple[int, str]] = {}
-        pending: list[tuple[int, ...]] = []  # ring records of the current read
+        # The current read's ring records, each with its thread's owner as the
+        # run knew it then (an OWNR chunk in the middle of a read updates the
+        # owners of what follows it, not of what came before).
+        pending: list[tuple[tuple[int, ...], tuple[int, str]]] = []
         rings_seen: set[int] = set()
         read = -1
         try:
@@ -172,17 +175,17 @@ class Recording:
                 for kind, payload in stream.chunks(f, path):
                     if kind == stream.RING:
                         created, now, this_read = stream.RING_HEAD.unpack_from(payload)
-                        if this_read != read and pending:  # the next read began
-                            yield self._filtered(self._ring_hits(pending, owners, rings_seen),
-                                                 test)
+                        if this_read != read:  # the next read began
+                            if pending:
+                                yield self._filtered(self._ring_hits(pending, rings_seen), test)
                             pending, rings_seen = [], set()
                         read = this_read
                         rings_seen.add(created)
                         pending += self._valid(payload, created, now, owners)
                         continue
-                    if pending:
-                        yield self._filtered(self._ring_hits(pending, owners, rings_seen), test)
-                        pending, rings_seen = [], set()
+                    if pending and kind != stream.OWNERS:  # hits: the read is over
+                        yield self._filtered(self._ring_hits(pending, rings_seen), test)
+                        pending, rings_seen, read = [], set(), -1
                     try:
                         if kind == stream.OWNERS:
                             for tid, owner in _json(payload, path):
@@ -192,18 +195,19 @@ class Recording:
                                     owners[int(tid)] = (int(owner[0]), str(owner[1]))
                             continue
                         hits = [self._hit(h) for h in _json(payload, path)]
-                    except (TypeError, ValueError, KeyError) as e:
+                    except (TypeError, ValueError, KeyError, OverflowError) as e:
                         raise RecordingError(f"{path}: a {kind.decode()} chunk is not what "
                                              f"uprobes writes ({e!r})") from e
                     yield self._filtered(hits, test)
             except stream.Truncated as e:
                 self.truncated = str(e)
         if pending:
-            yield self._filtered(self._ring_hits(pending, owners, rings_seen), test)
+            yield self._filtered(self._ring_hits(pending, rings_seen), test)
 
-    def _valid(self, payload: bytes, created: int, now: int,
-               owners: dict[int, tuple[int, str]]) -> list[tuple[int, ...]]:
-        """The records of a RING chunk that the probes' code can have written."""
+    def _valid(self, payload: bytes, created: int, now: int, owners: dict[int, tuple[int, str]]
+               ) -> list[tuple[tuple[int, ...], tuple[int, str]]]:
+        """The records of a RING chunk that the probes' code can have written,
+        each with its thread's (pid, comm)."""
         if self._rate is None:
             raise RecordingError(f"{self.directory}: ring records but no clock to read them by")
         skew = int(SKEW_S * 1e9 / self._rate[0])  # ticks, as the live reader's clock.ticks
@@ -214,21 +218,20 @@ class Recording:
                 and (rec[REC_AUX] & CPU_MASK) < cpus and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
                 and lo <= rec[REC_TSC] <= hi and rec[REC_TID] in owners]
         self.corrupt += len(records) - len(good)
-        return good
+        return [(rec, owners[rec[REC_TID]]) for rec in good]
 
-    def _ring_hits(self, records: list[tuple[int, ...]], owners: dict[int, tuple[int, str]],
+    def _ring_hits(self, records: list[tuple[tuple[int, ...], tuple[int, str]]],
                    rings: set[int]) -> list[Hit]:
         """The hits of one read's records: in each ring's order, merged by
         time stamp when several rings gave some (as the live reader does)."""
         assert self._rate is not None
         scale, tsc0, ns0 = self._rate
         if len(rings) > 1:
-            records.sort(key=lambda rec: rec[REC_TSC])
+            records.sort(key=lambda pair: pair[0][REC_TSC])
         sites = self._sites
         out: list[Hit] = []
-        for rec in records:
+        for rec, owner in records:
             ts = ns0 + int((rec[REC_TSC] - tsc0) * scale)
-            owner = owners[rec[REC_TID]]
             for make in sites[rec[REC_PROBE]].makes:
                 out.append(make(rec, ts, owner))
         return out
@@ -238,13 +241,20 @@ class Recording:
         ts, pid, tid, cpu, probe, comm, ip, func, args = h
         if probe not in self.infos or len(args) != len(self.infos[probe].args) or not all(
                 type(v) is int for v in (ts, pid, tid, cpu, ip)) or not isinstance(comm, str) \
-                or not (func is None or type(func) is int):
+                or not (func is None or type(func) is int) or not all(map(_arg_value, args)):
             raise ValueError("a hit that no probe of the recording makes")
         return (ts, pid, tid, cpu, probe, comm, ip, func, tuple(args))
 
     @staticmethod
     def _filtered(hits: list[Hit], test: Callable[[Hit], bool] | None) -> list[Hit]:
         return hits if test is None else [h for h in hits if test(h)]
+
+
+def _arg_value(v: object) -> bool:
+    """Whether `v` is an argument's value as engines make them (ArgValue)."""
+    if v is None or type(v) in (int, str):
+        return True
+    return isinstance(v, list) and all(x is None or type(x) in (int, str) for x in v)
 
 
 def _count(value: object) -> int:

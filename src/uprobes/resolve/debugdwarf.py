@@ -15,6 +15,18 @@ from uprobes.errors import ResolveError
 _DPKG_TIMEOUT = 10
 
 
+def dwarf_if_any(image: ElfImage,
+                 debug_dirs: tuple[str, ...] | None = None) -> DwarfFile | None:
+    """The DWARF of `image` where it has some (in the file or a debug file),
+    else None: `dwarf_of` without the search for what would provide it."""
+    own = DwarfFile.open(image.path)
+    if own is not None:
+        return own
+    path = debug_file_path(image, debug_dirs if debug_dirs is not None else DEFAULT_DEBUG_DIRS,
+                           [])
+    return None if path is None else DwarfFile.open(path)
+
+
 def dwarf_of(image: ElfImage, display: str,
              debug_dirs: tuple[str, ...] | None = None) -> DwarfFile:
     """The DWARF of `image`; a ResolveError naming what would provide it if none."""

@@ -9,9 +9,8 @@ pointer and go there, `[i]` adds i elements. What the access ends on is
 fetched by its type: integers by width and sign, `char *` and `char[N]` as
 strings, enums, bools, chars and floats with a `ValueView` that renderers
 print by, other pointers in hex, arrays of scalars as a kernel array, and a
-struct as one argument per member (`s_id`, `s_name`...) to a depth. So the
-kernel engine writes them as uprobe_events fetchargs and the ptrace engine
-evaluates the same fetchargs: the two give the same values.
+struct as one argument per member (`s_id`, `s_name`...) to a depth: the
+same fetchargs on both engines (`uprobe_events` lines, or evaluated).
 
 A variable with no place at the address prints `<optimized out>`; one whose
 place no fetch can express (a register the engines cannot read such as
@@ -45,14 +44,13 @@ from uprobes.lang.ast import (
     FetchExpr,
     FetchType,
     Immediate,
-    Register,
     RetVal,
     ValueView,
     Variable,
 )
 from uprobes.lang.fetchargs import MAX_ARG_NAME_LEN, MAX_ARRAY_LEN
 from uprobes.lang.render import render_expr, render_variable
-from uprobes.resolve.debugdwarf import dwarf_of
+from uprobes.resolve.debugdwarf import dwarf_if_any
 
 MAX_DEPTH = 2
 """How deep structs are printed member by member (`s->in.x` is depth 2);
@@ -171,21 +169,25 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
     return tuple(_unique(out))
 
 
-def typed_return(args: tuple[FetchArg, ...], image: ElfImage, display: str,
+def typed_return(args: tuple[FetchArg, ...], image: ElfImage,
                  debug_dirs: tuple[str, ...] | None, file_offset: int) -> tuple[FetchArg, ...]:
-    """A return probe's `args` with each bare `$retval` (no type written) read
-    by the function's return type in its DWARF, as gdb's `finish` prints it:
-    `char *` a string, enums by name, bool, signed and unsigned widths, other
-    pointers in hex, float and double from xmm0 (where the x86-64 ABI returns
-    them: the ptrace engine reads it). A function with no DWARF here, one
-    returning void, a struct, or a type no fetch reads keeps `$retval` as
-    written (x64), as does a file without DWARF. `file_offset`: the
-    function's entry in `image`."""
+    """A return probe's bare `$retval`s read by the function's DWARF return
+    type, as gdb's `finish` prints it (`char *` a string, enums by name,
+    bool, signed widths, pointers in hex); as written (x64) without DWARF,
+    for void, structs, floats (xmm0: only the ptrace engine reads it) and
+    DWARF this cannot read. `file_offset`: the function's entry in `image`."""
     if not any(isinstance(a.expr, RetVal) and not a.type.explicit for a in args):
         return args
     try:
-        df = dwarf_of(image, display, debug_dirs)
-    except ResolveError:
+        return _typed_return(args, image, debug_dirs, file_offset)
+    except Exception:  # noqa: BLE001 - a bonus: DWARF it cannot read leaves $retval raw
+        return args
+
+
+def _typed_return(args: tuple[FetchArg, ...], image: ElfImage,
+                  debug_dirs: tuple[str, ...] | None, file_offset: int) -> tuple[FetchArg, ...]:
+    df = dwarf_if_any(image, debug_dirs)
+    if df is None:
         return args  # no debug info: the raw register, as the kernel gives it
     entry = image.file_to_link_addr(file_offset)
     function = next((d for d in df.scopes_at(entry) if d.tag == "DW_TAG_subprogram"), None)
@@ -194,9 +196,9 @@ def typed_return(args: tuple[FetchArg, ...], image: ElfImage, display: str,
     rtype = CType.of(function) if "DW_AT_type" in function.attributes \
         else CType.of(_origin(function))
     if rtype.kind in ("void", "struct", "union", "array", "unknown") \
-            or rtype.size not in (1, 2, 4, 8):
+            or rtype.size not in (1, 2, 4, 8) or rtype.encoding == "float":
         return args
-    held = Register("xmm0") if rtype.encoding == "float" else RetVal()
+    held = RetVal()
     access = _Access(entry - file_offset)
     out: list[FetchArg] = []
     for arg in args:

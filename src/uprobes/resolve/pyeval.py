@@ -77,20 +77,24 @@ def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int) -> EvalL
     `prev_instr`: offsetof(_PyInterpreterFrame, prev_instr) in this build
     (unwind/cpython/layout.py). A ResolveError, in one line, when the build
     cannot be read this way."""
-    function, size, table = _symbols(image.path, symbols_path)
+    (function, size), cold, table = _symbols(image.path, symbols_path)
     words = _table(image, table)
     handlers = {name: words[op] for name, op in OPCODES.items()}
     for name, addr in handlers.items():
-        if not function <= addr < function + size:
+        if not (function <= addr < function + size
+                or cold is not None and cold[0] <= addr < cold[0] + cold[1]):
             raise ResolveError(f"{image.path}: the dispatch table's {name} handler "
                                f"0x{addr:x} is outside _PyEval_EvalFrameDefault")
     frame, next_instr, stack = _registers(image, set(words), prev_instr)
     return EvalLoop(image.path, function, size, table, handlers, frame, next_instr, stack)
 
 
-def _symbols(path: str, symbols_path: str) -> tuple[int, int, int]:
-    """(_PyEval_EvalFrameDefault's address, its size, opcode_targets' address)."""
+def _symbols(path: str, symbols_path: str
+             ) -> tuple[tuple[int, int], tuple[int, int] | None, int]:
+    """(_PyEval_EvalFrameDefault's (address, size), its `.cold` part's if the
+    compiler split one off, opcode_targets' address)."""
     function: tuple[int, int] | None = None
+    cold: tuple[int, int] | None = None
     table: int | None = None
     try:
         with open(symbols_path, "rb") as f:
@@ -100,6 +104,8 @@ def _symbols(path: str, symbols_path: str) -> tuple[int, int, int]:
             for sym in symtab.iter_symbols() if symtab is not None else ():
                 if sym.name == "_PyEval_EvalFrameDefault" and sym["st_value"]:
                     function = (sym["st_value"], sym["st_size"])
+                elif sym.name == "_PyEval_EvalFrameDefault.cold" and sym["st_value"]:
+                    cold = (sym["st_value"], sym["st_size"])
                 elif sym.name.split(".")[0] == "opcode_targets" \
                         and sym["st_size"] == 8 * TABLE_WORDS:
                     table = sym["st_value"]
@@ -112,7 +118,7 @@ def _symbols(path: str, symbols_path: str) -> tuple[int, int, int]:
         raise ResolveError(f"{path}: its eval loop has no dispatch table (opcode_targets): "
                            "a build without computed gotos dispatches by a switch, which "
                            "py: probes do not read")
-    return function[0], function[1], table
+    return function, cold, table
 
 
 def _table(image: ElfImage, table: int) -> list[int]:
@@ -121,14 +127,17 @@ def _table(image: ElfImage, table: int) -> list[int]:
     raw = image.read_link(table, 8 * TABLE_WORDS)
     words = [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(TABLE_WORDS)]
     addends: dict[int, int] = {}
-    with image.elffile() as elf:
-        for section in elf.iter_sections():
-            if not isinstance(section, RelocationSection) or not section.is_RELA():
-                continue
-            for rel in section.iter_relocations():
-                at = rel["r_offset"] - table
-                if 0 <= at < 8 * TABLE_WORDS and rel["r_info_type"] == _R_X86_64_RELATIVE:
-                    addends[at // 8] = rel["r_addend"]
+    try:
+        with image.elffile() as elf:
+            for section in elf.iter_sections():
+                if not isinstance(section, RelocationSection) or not section.is_RELA():
+                    continue
+                for rel in section.iter_relocations():
+                    at = rel["r_offset"] - table
+                    if 0 <= at < 8 * TABLE_WORDS and rel["r_info_type"] == _R_X86_64_RELATIVE:
+                        addends[at // 8] = rel["r_addend"]
+    except (ELFError, ELFParseError) as e:
+        raise ResolveError(f"cannot read the relocations of {image.path}: {e}") from e
     return [addends.get(i, w) for i, w in enumerate(words)]
 
 
@@ -155,9 +164,12 @@ def _registers(image: ElfImage, handlers: set[int], prev_instr: int) -> tuple[st
         raise ResolveError(f"{image.path}: its eval loop's handlers do not show where the "
                            "frame is (no store of frame->prev_instr at their start)")
     (frame, next_instr), agreeing = pairs.most_common(1)[0]
-    stack = tops.most_common(1)[0][0]
+    stack, reads = tops.most_common(1)[0]
     names = [_KERNEL_NAMES.get(r) for r in (frame, next_instr, stack)]
-    if agreeing < AGREE * sum(pairs.values()) or None in names or len(set(names)) < 3:
+    # (the value stack's top is read by most handlers that read one; a frame
+    # pointer build's locals at [rbp-8] are fewer)
+    if agreeing < AGREE * sum(pairs.values()) or reads < 0.5 * sum(tops.values()) \
+            or None in names or len(set(names)) < 3:
         raise ResolveError(f"{image.path}: its eval loop's handlers disagree on where the "
                            "frame is kept")
     return names[0] or "", names[1] or "", names[2] or ""

@@ -392,7 +392,7 @@ class Resolver:
         if uses_variables(spec):
             args = self._variables(spec, ref, image, file_offset, args)
         elif spec.is_return and sym is not None and sym_off == 0:
-            args = typed_return(args, image, ref.display, self.debug_dirs, file_offset)
+            args = typed_return(args, image, self.debug_dirs, file_offset)
         return ResolvedProbe(
             spec=spec, key=InodeKey(ref.dev, ref.ino, file_offset), path=ref.path,
             file_offset=file_offset, kind=spec.kind, group=group or spec.group or DEFAULT_GROUP,

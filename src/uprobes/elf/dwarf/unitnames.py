@@ -53,45 +53,58 @@ def unit_names(info: Any) -> Iterator[tuple[int, str | None]]:
     pos = 0
     while pos + 11 <= len(data):
         start = pos
-        (length,) = struct.unpack_from("<I", data, pos)
-        offset_size = 4
-        pos += 4
-        if length == 0xffffffff:
-            (length,) = struct.unpack_from("<Q", data, pos)
-            pos += 8
-            offset_size = 8
-        end = pos + length
-        if end > len(data) or length < 7:
-            return
-        (version,) = struct.unpack_from("<H", data, pos)
-        pos += 2
-        off_fmt = "<I" if offset_size == 4 else "<Q"
-        if version >= 5:
-            unit_type, address_size = data[pos], data[pos + 1]
-            pos += 2
-            (abbrev_offset,) = struct.unpack_from(off_fmt, data, pos)
-            pos += offset_size
-            if unit_type in (0x02, 0x06):  # type units: a signature and a type offset
-                pos += 8 + offset_size
-            elif unit_type in (0x04, 0x05):  # skeleton and split units: a unit id
-                pos += 8
-        else:
-            (abbrev_offset,) = struct.unpack_from(off_fmt, data, pos)
-            pos += offset_size
-            address_size = data[pos]
-            pos += 1
         try:
-            code, pos = leb128(data, pos)
-            key = (abbrev_offset, code)
-            if key not in declarations:
-                declarations[key] = _declaration(abbrev, abbrev_offset, code)
-            _, attrs = declarations[key]
-            name = _name(data, pos, attrs, offset_size, address_size, version, strs,
-                         line_strs, str_offsets)
-        except (_Unknown, IndexError, struct.error, UnicodeDecodeError):
-            name = None
+            pos, end, name = _unit(data, pos, abbrev, strs, line_strs, str_offsets,
+                                   declarations)
+        except (struct.error, IndexError):
+            return  # a header cut short: no unit after it can be found either
         yield start, name
         pos = end
+
+
+def _unit(data: bytes, pos: int, abbrev: bytes, strs: bytes, line_strs: bytes,
+          str_offsets: bytes,
+          declarations: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]]
+          ) -> tuple[int, int, str | None]:
+    """(position after the header, the unit's end, its name or None)."""
+    (length,) = struct.unpack_from("<I", data, pos)
+    offset_size = 4
+    pos += 4
+    if length == 0xffffffff:
+        (length,) = struct.unpack_from("<Q", data, pos)
+        pos += 8
+        offset_size = 8
+    end = pos + length
+    if end > len(data) or length < 7:
+        raise IndexError("a unit past the section's end")
+    (version,) = struct.unpack_from("<H", data, pos)
+    pos += 2
+    off_fmt = "<I" if offset_size == 4 else "<Q"
+    if version >= 5:
+        unit_type, address_size = data[pos], data[pos + 1]
+        pos += 2
+        (abbrev_offset,) = struct.unpack_from(off_fmt, data, pos)
+        pos += offset_size
+        if unit_type in (0x02, 0x06):  # type units: a signature and a type offset
+            pos += 8 + offset_size
+        elif unit_type in (0x04, 0x05):  # skeleton and split units: a unit id
+            pos += 8
+    else:
+        (abbrev_offset,) = struct.unpack_from(off_fmt, data, pos)
+        pos += offset_size
+        address_size = data[pos]
+        pos += 1
+    try:
+        code, pos = leb128(data, pos)
+        key = (abbrev_offset, code)
+        if key not in declarations:
+            declarations[key] = _declaration(abbrev, abbrev_offset, code)
+        _, attrs = declarations[key]
+        name = _name(data, pos, attrs, offset_size, address_size, version, strs,
+                     line_strs, str_offsets)
+    except (_Unknown, IndexError, ValueError, struct.error, UnicodeDecodeError):
+        name = None  # (pyelftools then reads it)
+    return pos, end, name
 
 
 def _bytes(section: Any) -> bytes:

@@ -58,7 +58,7 @@ _RAW_AT = _SAMPLE.size - 2  # the raw record, in a sample's body
 _LOST = struct.Struct("<QQ")
 _SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
 _MAX_ABOUT = 64  # tasks named in one kernel filter
-_MAX_ABOUT_TIDS = 4096  # threads given `about` events (each batch: an event per CPU)
+_MAX_ABOUT_BATCHES = 64  # batches of `about` events for threads born later (per CPU each)
 
 
 class KernelEvents:
@@ -96,6 +96,8 @@ class KernelEvents:
         self._own_pid = os.getpid()
         self._about_tids: set[int] | None = None  # whom the `about` events cover (None: all)
         self._about_events = 0
+        self._about_batches = 0  # batches opened for threads born after the start
+        self._stopped = False  # disable() was called: nothing more is opened
 
     def open(self, *, pid: int | None = None, child: int | None = None) -> None:
         """Events for `child` (a command held before exec), or every thread of
@@ -124,7 +126,7 @@ class KernelEvents:
         kernel. A thread started later gets its own such events once its
         first switch off the CPU is read (`_more_about`): its wakeups from
         then on are recorded (a perf event's filter cannot be replaced,
-        EEXIST, so the set grows by events, up to _MAX_ABOUT_TIDS threads)."""
+        EEXIST, so the set grows by events: `_more_about`)."""
         self._about_tids = None if tids is None else set(tids)
         if tids is None:
             self._open_about_events(None)
@@ -143,20 +145,25 @@ class KernelEvents:
                 self._open_one(tp, -1, cpu, flt, on_exec=False)
 
     def _more_about(self, tids: list[int]) -> None:
-        """Threads seen for the first time: their wakeups from now on too."""
+        """Threads seen for the first time: their wakeups from now on too, by
+        one more batch of events per read (up to _MAX_ABOUT_BATCHES batches:
+        each is an event per CPU, and every wakeup on the machine runs each
+        one's filter)."""
         known = self._about_tids
-        if known is None:
+        if known is None or self._stopped or self._about_batches >= _MAX_ABOUT_BATCHES:
             return
-        new = [t for t in tids if t not in known][:max(0, _MAX_ABOUT_TIDS - len(known))]
+        new = [t for t in dict.fromkeys(tids) if t not in known][:_MAX_ABOUT]
         if not new:
             return
         known.update(new)
+        self._about_batches += 1
         try:
-            for first in range(0, len(new), _MAX_ABOUT):
-                self._open_about_events(new[first:first + _MAX_ABOUT])
+            self._open_about_events(new)
         except KernelError as e:
             if e.errno not in (errno.ESRCH, errno.EMFILE, errno.ENFILE):
-                raise  # (a thread gone, or no fd left: its wakeups are not recorded)
+                raise
+            # A thread gone meanwhile, or no fd left: no more of these.
+            self._about_batches = _MAX_ABOUT_BATCHES
 
     def _open_task(self, task: int, on_exec: bool = False) -> None:
         if task in self._opened:
@@ -291,6 +298,7 @@ class KernelEvents:
 
     def disable(self) -> None:
         """Stop recording (before the last read)."""
+        self._stopped = True
         for ring in self.rings.values():
             ring.event.disable()
         for counters in self._counters.values():
