@@ -48,3 +48,15 @@ def test_bench_quick_runs_our_engines_exactly(tracefs: Path, tmp_path: Path) -> 
     attach = [ln for ln in table.splitlines() if ln.startswith("| uprobes count -e kernel")
               and "placed" in ln]
     assert attach and "1 (1 placed)" in attach[0], table
+
+
+def test_inprogram_bench_runs_our_rows_exactly(tmp_path: Path) -> None:
+    """`python -m bench.inprogram --only uprobes` end to end (the other tools
+    are the bench's business): every row of ours saw every call."""
+    proc = subprocess.run([sys.executable, "-m", "bench.inprogram", "--calls", "3000",
+                           "--repeats", "1", "--only", "uprobes"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| uprobes ")]
+    assert len(rows) == 6, proc.stdout
+    assert all(ln.rstrip(" |").endswith("exact") for ln in rows), proc.stdout
