@@ -282,3 +282,35 @@ def test_altered_chunks_are_one_line(exe: Path, tmp_path: Path) -> None:
 def _chunks(rec: Path) -> list[tuple[bytes, bytes]]:
     with open(rec / "events.bin", "rb") as f:
         return list(stream.chunks(f, "events.bin"))
+
+
+def test_report_pairs_recursion_as_the_event_pairer(compile_c: Compiler, tmp_path: Path) -> None:
+    """fib(10)'s 177 recursive calls, recorded at entry and return: report's
+    pairing on the hit tuples gives what analysis.calls.CallPairer gives on
+    events (the same durations, in the same histogram), and every call."""
+    from uprobes.analysis.calls import CallPairer
+    from uprobes.analysis.histogram import Histogram
+    from uprobes.commands.report import _Stacks
+    from uprobes.model.event import hit_event
+    from uprobes.record.replay import Recording
+
+    exe = compile_c("latency.c")
+    rec = tmp_path / "rec"
+    uprobes("record", "-e", "ptrace", "-o", str(rec), f"{exe}:fib", f"r {exe}:fib", "--",
+            str(exe))
+    doc = json.loads(uprobes("report", "--json", str(rec)).stdout)
+    assert doc["latency"]["uprobes/fib"]["count"] == 177
+    assert doc["unpaired_returns"] == 0 and doc["never_returned"] == 0
+    recording = Recording(str(rec))
+    hits = [h for batch in recording.batches() for h in batch]
+    calls = frozenset(recording.calls)
+    fast, slow = {"uprobes/fib": Histogram()}, {"uprobes/fib": Histogram()}
+    _Stacks().pair(hits, calls, frozenset({"uprobes/fib__return"}), fast)
+    pairer = CallPairer()
+    for h in hits:
+        ev = hit_event(h, recording.infos[h[4]])
+        start = pairer.route(ev, calls)
+        if not isinstance(start, bool):
+            slow[start.probe].add(ev.ts_ns - start.ts_ns)
+    assert (fast["uprobes/fib"].count, fast["uprobes/fib"].mean) == \
+        (slow["uprobes/fib"].count, slow["uprobes/fib"].mean)

@@ -115,6 +115,11 @@ class CallPairer:
         self.abandoned += sum(len(stack) for stack in self._open.values())
         self._open.clear()
 
+    @property
+    def open_calls(self) -> int:
+        """Entries whose return has not been seen (yet)."""
+        return sum(map(len, self._open.values()))
+
     def still_open(self) -> Iterator[Event]:
         """Entries whose return has not been seen (yet)."""
         for stack in self._open.values():

@@ -11,12 +11,12 @@ import sys
 from collections import Counter
 from typing import TextIO
 
-from uprobes.analysis.calls import CallPairer
+from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.replay import open_recording, report_damage
 from uprobes.commands.selection import add_filter_arguments
 from uprobes.errors import UsageError
-from uprobes.model.event import hit_event
+from uprobes.model.event import Hit, hit_event
 from uprobes.render.counts import ranked, write_count_table
 from uprobes.render.histogram import UNITS, histogram_doc, write_histograms
 
@@ -44,10 +44,15 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     rec, keep = open_recording(args)
     counts: Counter[str] = Counter({name: 0 for name in rec.infos})
     histograms: dict[str, Histogram] = {name: Histogram() for name in sorted(rec.calls)}
-    pairer = CallPairer()
     infos, calls = rec.infos, frozenset(rec.calls)
+    marked = any(n in (SP_ARG, RA_ARG) for info in infos.values() for n, _ in info.args)
+    pairer: CallPairer | _Stacks = CallPairer() if marked else _Stacks()
+    returns = frozenset(name for name, info in infos.items() if info.kind == "r")
     for batch in rec.batches(keep):
         counts.update(hit[4] for hit in batch)
+        if isinstance(pairer, _Stacks):  # no stack pointers to pair by: on the tuples
+            pairer.pair(batch, calls, returns, histograms)
+            continue
         for hit in batch:
             if hit[4] not in calls and hit[7] is None:
                 continue  # an instant: neither a timed entry nor a return
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                 "counts": dict(ranked(counts)),
                 "latency": {name: histogram_doc(h) for name, h in histograms.items()},
                 "lost": rec.lost, "unpaired_returns": pairer.unpaired_returns,
-                "never_returned": pairer.abandoned + sum(1 for _ in pairer.still_open())},
+                "never_returned": pairer.abandoned + pairer.open_calls},
                 separators=(",", ":")) + "\n")
         else:
             write_count_table(sink, counts)
@@ -79,3 +84,33 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if rec.lost:
         sys.stderr.write(f"uprobes: {rec.lost} hits were lost while recording\n")
     return 0
+
+
+class _Stacks:
+    """`CallPairer` for hits that carry no stack pointer or return address
+    (what `record` keeps of `'FUNC' 'r FUNC'`): a stack of open calls per
+    (process, thread, function), a return closing the newest, on the hit
+    tuples themselves (a tenth of the time of building events)."""
+
+    def __init__(self) -> None:
+        self.unpaired_returns = 0
+        self.abandoned = 0
+        self._open: dict[tuple[int, int, int], list[tuple[int, str]]] = {}
+
+    @property
+    def open_calls(self) -> int:
+        return sum(map(len, self._open.values()))
+
+    def pair(self, hits: list[Hit], calls: frozenset[str], returns: frozenset[str],
+             histograms: dict[str, Histogram]) -> None:
+        stacks = self._open
+        for ts, pid, tid, _, probe, _, ip, func, _ in hits:
+            if probe in calls:
+                stacks.setdefault((pid, tid, ip), []).append((ts, probe))
+            elif probe in returns:
+                stack = stacks.get((pid, tid, ip if func is None else func))
+                if stack:
+                    start, name = stack.pop()
+                    histograms[name].add(ts - start)
+                else:
+                    self.unpaired_returns += 1
