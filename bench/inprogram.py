@@ -40,13 +40,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench.measure import Outcome, Skip, markdown_table
+from bench.others import frida_run
 from bench.workload import Workload, build, loop_ns
 
 FUNCTION = "work_c"
@@ -142,40 +141,7 @@ Interceptor.attach(Module.getGlobalExportByName('exit'), {
 
 
 def _frida(source: str) -> Callable[[Workload, int, Path], Outcome]:
-    def run(w: Workload, calls: int, work: Path) -> Outcome:
-        try:
-            import frida  # type: ignore[import-not-found]
-        except ImportError:
-            raise Skip("the frida package is not installed (pip install frida)") from None
-        proc = subprocess.Popen(w.argv(calls, FUNCTION), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True,
-                                env=dict(os.environ, BENCH_WAIT="1"))
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            _, addr = proc.stdout.readline().split()
-            session = frida.attach(proc.pid)
-            script = session.create_script(source % addr)
-            counted: list[int] = []
-            got = threading.Event()
-
-            def on_message(message: dict[str, Any], data: object) -> None:
-                if message.get("type") == "send":
-                    counted.append(int(message["payload"]))
-                    script.post({"type": "ack"})
-                got.set()
-            script.on("message", on_message)
-            script.load()
-            proc.stdin.write("go\n")
-            proc.stdin.close()
-            out = proc.stdout.read()
-            proc.wait(timeout=600)
-            got.wait(timeout=10)
-            return Outcome(counted[0] if counted else None, loop_ns=loop_ns(out))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return run
+    return lambda w, calls, work: frida_run(w, FUNCTION, calls, source)
 
 
 def _bpftrace(program: str, counted: str) -> Callable[[Workload, int, Path], Outcome]:

@@ -157,9 +157,10 @@ send(placed);
 """
 
 
-def frida_run(w: Workload, function: str, calls: int) -> Outcome:
+def frida_run(w: Workload, function: str, calls: int, source: str = _FRIDA_COUNT) -> Outcome:
     """The workload started held (BENCH_WAIT), frida attached with an
-    Interceptor on the function, then released."""
+    Interceptor on the function (`source`: the script, the function's
+    address for its `%s`, sending the count at exit), then released."""
     frida = _frida()
     proc = subprocess.Popen(w.argv(calls, function), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True,
@@ -168,7 +169,7 @@ def frida_run(w: Workload, function: str, calls: int) -> Outcome:
     try:
         word, addr = proc.stdout.readline().split()
         session = frida.attach(proc.pid)
-        script = session.create_script(_FRIDA_COUNT % addr)
+        script = session.create_script(source % addr)
         counted: list[int] = []
         got = threading.Event()
 
