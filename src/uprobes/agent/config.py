@@ -36,7 +36,7 @@ from .metrics import DEFAULT_MAX_SERIES
 FIXED_LABELS = ("probe", "executable", "comm")
 """Labels every series has; extra labels may not take these names (nor `le`)."""
 
-_TOP_KEYS = {"engine", "prometheus", "otlp", "pyroscope", "probe"}
+_TOP_KEYS = {"engine", "counts_only", "prometheus", "otlp", "pyroscope", "probe"}
 _OTLP_KEYS = {"endpoint"}
 _PYROSCOPE_KEYS = {"url", "app", "interval"}
 _PROMETHEUS_KEYS = {"listen", "max_series"}
@@ -71,6 +71,8 @@ class AgentConfig:
     """The OTLP/HTTP base URL; "" for the standard OTEL_EXPORTER_OTLP_* variables;
     None: no OTLP."""
     pyroscope: Pyroscope | None = None
+    counts_only: bool = False
+    """The kernel counts each probe's hits, read at each export (counting.py)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,9 @@ class _Reader:
         engine = doc.get("engine", "auto")
         if engine not in ENGINES:
             self._fail(None, "engine", f"{engine!r}: choose from {', '.join(ENGINES)}")
+        counts_only = doc.get("counts_only", False)
+        if not isinstance(counts_only, bool):
+            self._fail(None, "counts_only", "must be true or false")
         prom = doc.get("prometheus", {})
         if not isinstance(prom, dict):
             self._fail(None, "prometheus", "must be a table ([prometheus])")
@@ -213,7 +218,8 @@ class _Reader:
         for i, key in enumerate(keys):
             if key in keys[:i]:
                 self._fail(("probe", i), f"probe[{i}].line", f"{key!r} is configured twice")
-        return AgentConfig(probes, listen, max_series, engine, self.path, otlp, pyroscope)
+        return AgentConfig(probes, listen, max_series, engine, self.path, otlp, pyroscope,
+                           counts_only)
 
     def _pyroscope(self, raw: Any) -> Pyroscope | None:
         if raw is None:

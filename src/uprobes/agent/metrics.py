@@ -96,6 +96,9 @@ class Metrics:
         """Probes in place now."""
         self.live_lost: Callable[[], int] | None = None
         """The kernel's lost records while a run goes on (`ring_full`)."""
+        self.live_hits: Callable[[], dict[str, dict[Labels, int]]] | None = None
+        """Counts-only (counting.py): key -> labels -> hits the kernel counted
+        in the run going on, added to the series' own at each snapshot."""
 
     def keep_only(self, keys: dict[str, tuple[str, ...]]) -> None:
         """Configured probes (key -> extra label names) from now on: the series of
@@ -132,6 +135,19 @@ class Metrics:
             series = pm.latency[labels] = LatencySeries()
         series.add(ns)
 
+    def add_hits(self, counts: dict[str, dict[Labels, int]]) -> None:
+        """Hits counted elsewhere (a counts-only run that ended), kept in the
+        series (no probing thread runs meanwhile)."""
+        for key, series in counts.items():
+            pm = self._probes.get(key)
+            if pm is None:
+                continue
+            for labels, n in series.items():
+                if labels in pm.hits or len(pm.hits) < self.max_series:
+                    pm.hits[labels] = pm.hits.get(labels, 0) + n
+                else:
+                    pm.overflow_hits += n
+
     def drop(self, reason: str, n: int = 1) -> None:
         """`n` hits (or items) not counted, for `reason`: exported, never silent."""
         with self._drop_lock:
@@ -144,13 +160,18 @@ class Metrics:
 
     def snapshot(self) -> Snapshot:
         probes: dict[str, ProbeMetrics] = {}
+        live = self.live_hits
+        counted = live() if live is not None else {}
         for key, pm in list(self._probes.items()):
             latency = {lb: s.copy() for lb, s in list(pm.latency.items())}
-            probes[key] = ProbeMetrics(pm.label_names, dict(pm.hits), latency,
+            hits = dict(pm.hits)
+            for labels, n in counted.get(key, {}).items():
+                hits[labels] = hits.get(labels, 0) + n
+            probes[key] = ProbeMetrics(pm.label_names, hits, latency,
                                        pm.overflow_hits, pm.overflow_calls)
         with self._drop_lock:
             dropped = dict(self._dropped)
-        live = self.live_lost
-        if live is not None:
-            dropped["ring_full"] = live()
+        lost = self.live_lost
+        if lost is not None:
+            dropped["ring_full"] = lost()
         return Snapshot(probes, dropped, self.unpaired, self.placed)

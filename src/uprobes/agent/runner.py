@@ -30,6 +30,7 @@ from uprobes.errors import EngineError, UprobesError
 from uprobes.model.event import Event
 
 from .config import AgentConfig, AgentProbe
+from .counting import CountRun
 from .metrics import Metrics
 from .probes import Executables, OnCall, build_session, missing_file
 from .processes import watch_execs
@@ -77,6 +78,11 @@ class _Run:
     def ended(self) -> bool:
         return not self._thread.is_alive()
 
+    @property
+    def lost(self) -> int:
+        """Records the kernel dropped in this session."""
+        return self.session.lost
+
     def end(self) -> None:
         """End the session (every probe removed) and wait for it, with a bound."""
         self._ending = True
@@ -102,10 +108,10 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
     executables = executables or Executables()
     lost = 0
     good: AgentConfig | None = None  # the last config whose probes were placed
-    run: _Run | None = None
+    run: _Run | CountRun | None = None
     waiting: dict[str, str] = {}
 
-    def start(config: AgentConfig) -> _Run | None:
+    def start(config: AgentConfig) -> _Run | CountRun | None:
         nonlocal waiting
         present, now_waiting = _split(config.probes)
         for path in sorted(set(now_waiting.values()) - set(waiting.values())):
@@ -113,14 +119,16 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
         waiting = now_waiting
         if not present:
             return None
+        if config.counts_only:
+            return CountRun(replace(config, probes=present), metrics, note, on_ready)
         return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost,
                     on_call, on_stack)
 
-    def stop(run: _Run | None) -> None:
+    def stop(run: _Run | CountRun | None) -> None:
         nonlocal lost
         if run is not None:
             run.end()
-            lost += run.session.lost
+            lost += run.lost
             metrics.set_dropped("ring_full", lost)
 
     with StopSignals() as signals, watch_execs(executables, note):
@@ -158,7 +166,8 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
                     if sinks != (config.prometheus, config.otlp, config.pyroscope):
                         note("the sinks ([prometheus], [otlp], [pyroscope]) are read when the "
                              "agent starts: restart it to change them; the probes reload")
-                    if new.probes == config.probes and new.engine == config.engine:
+                    if new.probes == config.probes and new.engine == config.engine \
+                            and new.counts_only == config.counts_only:
                         note(f"reloaded {new.source}: the probes are unchanged, left in place")
                         config = new
                         continue

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from uprobes.agent import config as agent_config
 from uprobes.agent.config import AgentConfig, Pyroscope
+from uprobes.agent.counting import check_counts_only
 from uprobes.agent.metrics import DEFAULT_MAX_SERIES, Metrics
 from uprobes.agent.otlp import OtlpSink
 from uprobes.agent.probes import Executables
@@ -69,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, metavar="SECONDS",
                    help="stop after SECONDS and print the last /metrics page to stdout "
                         "(default: run until SIGINT or SIGTERM)")
+    p.add_argument("--counts-only", action="store_true",
+                   help="the kernel counts each probe's hits and the agent reads the counters "
+                        "at each export: its CPU no longer follows the hit rate, but the "
+                        "series have no executable, comm or extra labels, and no latencies "
+                        "(counts_only = true in a config)")
     p.add_argument("-e", "--engine", choices=ENGINES, default="auto",
                    help="kernel (system-wide), or auto (default: the kernel)")
 
@@ -84,14 +90,15 @@ def _config(args: argparse.Namespace) -> AgentConfig:
             config = replace(config, otlp=args.otlp and agent_config.check_url(args.otlp))
         if args.pyroscope:
             raise UsageError("with --config, say [pyroscope] url and stacks = true in the file")
-        return config
+        return replace(config, counts_only=True) if args.counts_only else config
     if not args.specs:
         raise UsageError("give probe lines, or --config FILE")
     pyroscope = None
     if args.pyroscope:
         pyroscope = Pyroscope(args.pyroscope, interval_s=args.pyroscope_interval)
-    return agent_config.from_command_line(args.specs, args.label, args.comm, args.prometheus,
-                                          args.max_series, args.engine, args.otlp, pyroscope)
+    config = agent_config.from_command_line(args.specs, args.label, args.comm, args.prometheus,
+                                            args.max_series, args.engine, args.otlp, pyroscope)
+    return replace(config, counts_only=args.counts_only)
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -100,6 +107,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     config = _config(args)
     if config.engine == "ptrace":
         raise UsageError("the agent runs system-wide, on the kernel engine: -e kernel or auto")
+    if config.counts_only:
+        check_counts_only(config)
     if config.prometheus is None and config.otlp is None and config.pyroscope is None \
             and args.duration is None:
         raise UsageError("give a sink: --prometheus HOST:PORT or --otlp [URL] (or "
@@ -112,7 +121,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"uprobes: note: {text}\n")
         sys.stderr.flush()
 
-    reload = (lambda: agent_config.load(args.config)) if args.config else None
+    def reload() -> AgentConfig:
+        new = agent_config.load(args.config)
+        new = replace(new, counts_only=new.counts_only or args.counts_only)
+        if new.counts_only:
+            check_counts_only(new)
+        return new
     executables = Executables()
     with ExitStack() as stack:
         served = ""
@@ -132,12 +146,13 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             served += f"stacks to {pyro.url}; "
 
         def ready(config: AgentConfig) -> None:
-            again = "SIGHUP reloads, " if reload else ""
+            again = "SIGHUP reloads, " if args.config else ""
             sys.stderr.write(f"uprobes: agent: {len(config.probes)} probe lines in place, "
                              f"{served}{again}Ctrl-C stops\n")
             sys.stderr.flush()
 
-        serve(config, metrics, reload, note, ready, args.duration, executables, on_call,
+        serve(config, metrics, reload if args.config else None, note, ready, args.duration,
+              executables, on_call,
               on_stack)
     if args.duration is not None:
         out.write(exposition(metrics))
