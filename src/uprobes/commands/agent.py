@@ -36,6 +36,8 @@ EXAMPLES = [
     "  # system-wide; what /metrics served is printed at the end",
     "uprobes agent --prometheus 127.0.0.1:9469 --duration 2 --label size "
     "'libc:malloc size=%di:u64' & sleep 1; ls /usr; wait  # system-wide, labelled by size",
+    "uprobes agent --counts-only --duration 2 'libc:malloc' 'libc:free' & sleep 1; ls /usr; "
+    "wait  # system-wide, counted by the kernel: no record per hit",
 ]
 
 
