@@ -22,9 +22,9 @@ from iced_x86 import Decoder, OpKind
 
 from uprobes.elf.image import ElfImage
 from uprobes.errors import ResolveError
+from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import OPCODES, find_eval_loop
-from uprobes.unwind.cpython.dwarf import debug_file_for
-from uprobes.unwind.cpython.layout import layout_for
+from uprobes.resolve.pylayout import layout_for
 
 PYENV = Path("/root/.pyenv/versions/3.11.7")
 BUILDS = [("/usr/bin/python3.11", "/usr/bin/python3.11"),

@@ -20,8 +20,8 @@ from conftest import Compiler, killed_after, read_fd_until, wait_until
 from uprobes.commands import main
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
-from uprobes.unwind.cpython.dwarf import debug_file_for, fields_from_dwarf
-from uprobes.unwind.cpython.layout import PythonLayoutError, compute_layout, layout_for
+from uprobes.resolve.pydwarf import debug_file_for, fields_from_dwarf
+from uprobes.resolve.pylayout import PythonLayoutError, compute_layout, layout_for
 from uprobes.unwind.cpython.linetable import line_at
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")

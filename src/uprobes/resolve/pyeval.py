@@ -75,7 +75,7 @@ def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int) -> EvalL
     """The eval loop of `image` (the interpreter, or libpython), with its
     symbols read from `symbols_path` (the file itself, or its debug file);
     `prev_instr`: offsetof(_PyInterpreterFrame, prev_instr) in this build
-    (unwind/cpython/layout.py). A ResolveError, in one line, when the build
+    (resolve/pylayout.py). A ResolveError, in one line, when the build
     cannot be read this way."""
     (function, size), cold, table = _symbols(image.path, symbols_path)
     words = _table(image, table)

@@ -20,8 +20,8 @@ from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError
 from uprobes.model.event import Frame
+from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for, version_text
 from uprobes.sys import procfs
-from uprobes.unwind.cpython.layout import Layout, PythonLayoutError, layout_for, version_text
 from uprobes.unwind.cpython.linetable import line_at
 
 Read = Callable[[int, int], bytes]

@@ -1,4 +1,5 @@
-"""Where the fields a Python stack is read from sit in one CPython build.
+"""Where the fields of CPython's structures sit in one build (what Python stacks and
+`py:` probes read).
 
 The layouts differ per version and per build (a debug build, configure
 options), so they are never assumed. Where the build has DWARF (in the
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from uprobes.elf.image import ElfImage
 from uprobes.errors import UprobesError
-from uprobes.unwind.cpython.dwarf import debug_file_for, fields_from_dwarf
+from uprobes.resolve.pydwarf import debug_file_for, fields_from_dwarf
 
 SUPPORTED = ((3, 11),)
 _COMPILE_TIMEOUT_S = 60.0
