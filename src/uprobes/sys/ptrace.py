@@ -11,6 +11,13 @@ itself, so a hit costs its syscalls and little Python.
 to the tracer interrupts it (EINTR, returned as pid 0) instead of being
 retried by PEP 475: the tracer's loop sees its stop flag at once.
 
+Every wait here is the calling thread's alone (__WNOTHREAD): without it
+the kernel's do_wait also reports the tracees (and children) of every
+other thread of the process, so a tracer in one thread would take the
+stops of another thread's tracer, whose tracee then stays stopped. The
+thread that attached is the one that waits (tracer.py), and the status
+buffers the waits fill are per thread too: the calls release the GIL.
+
 Stops are decoded the way ptrace(2) "Stopped states" describes them, for a
 tracee attached with PTRACE_SEIZE:
 - `status >> 16 == PTRACE_EVENT_*`: an event stop (clone, fork, exec...);
@@ -24,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,6 +74,8 @@ EVENT_EXIT = 6
 EVENT_STOP = 128
 
 WALL = 0x40000000  # __WALL: threads and processes alike
+WNOTHREAD = 0x20000000  # __WNOTHREAD: this thread's tracees and children only
+_WAIT = WALL | WNOTHREAD
 WNOHANG = 1
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
@@ -150,8 +160,6 @@ _raw_ptrace = _function("ptrace", ctypes.c_long,
 _raw_waitpid = _function("waitpid", ctypes.c_int,
                          [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int])
 _raw_tgkill = _function("tgkill", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
-_status = ctypes.c_int(0)
-_status_ref = ctypes.byref(_status)
 # The hit path's calls, without argtypes: request, tid and options are C ints
 # here, addr is NULL, data a pointer (byref) or, for a signal, a c_long.
 _bare_ptrace = libc().bare_function("ptrace", ctypes.c_long)
@@ -258,12 +266,13 @@ def getsiginfo(tid: int) -> SigInfo:
 
 
 def wait_any(nohang: bool = False) -> tuple[int, int]:
-    """waitpid(-1, __WALL): (tid, raw status); (0, 0) when interrupted by a
-    signal, or when `nohang` and nothing is pending; (-1, 0) when there is
-    no child left (ECHILD)."""
-    tid: int = _bare_waitpid(-1, _status_ref, WALL | WNOHANG if nohang else WALL)
+    """waitpid(-1, __WALL), for this thread's tracees: (tid, raw status);
+    (0, 0) when interrupted by a signal, or when `nohang` and nothing is
+    pending; (-1, 0) when there is no child left (ECHILD)."""
+    out = _out
+    tid: int = _bare_waitpid(-1, out.status_ref, _WAIT | WNOHANG if nohang else _WAIT)
     if tid > 0:
-        return tid, _status.value
+        return tid, out.status.value
     if tid == 0:
         return 0, 0
     return _wait_failed("waitpid")
@@ -292,8 +301,19 @@ _CLD_EXITED, _CLD_KILLED, _CLD_DUMPED, _CLD_TRAPPED = 1, 2, 3, 4
 _WEXITED, _WSTOPPED, _WNOWAIT = 4, 2, 0x01000000
 _P_ALL, _P_PID = 0, 1
 _bare_waitid = libc().bare_function("waitid", ctypes.c_int)
-_wait_info = _WaitInfo()
-_wait_info_ref = ctypes.byref(_wait_info)
+
+
+class _WaitOut(threading.local):
+    """What the waits fill, one set per thread (made on a thread's first wait)."""
+
+    def __init__(self) -> None:
+        self.status = ctypes.c_int(0)
+        self.status_ref = ctypes.byref(self.status)
+        self.info = _WaitInfo()
+        self.info_ref = ctypes.byref(self.info)
+
+
+_out = _WaitOut()
 
 
 def peek_any(nohang: bool = False) -> tuple[int, int]:
@@ -303,15 +323,16 @@ def peek_any(nohang: bool = False) -> tuple[int, int]:
     (a consumed stop is resumed with no signal at all, wherever rip is). The
     status is waitpid's for a ptrace stop (signal and event), else 0: then
     consume the report with wait_task(tid) for its exact status."""
-    options = WALL | _WEXITED | _WSTOPPED | _WNOWAIT | (WNOHANG if nohang else 0)
-    _wait_info.si_pid = 0
-    got: int = _bare_waitid(_P_ALL, 0, _wait_info_ref, options)
+    options = _WAIT | _WEXITED | _WSTOPPED | _WNOWAIT | (WNOHANG if nohang else 0)
+    info = _out.info
+    info.si_pid = 0
+    got: int = _bare_waitid(_P_ALL, 0, _out.info_ref, options)
     if got == 0:
-        tid = _wait_info.si_pid
+        tid = info.si_pid
         if tid == 0:
             return 0, 0
-        if _wait_info.si_code == _CLD_TRAPPED:
-            return tid, (_wait_info.si_status & 0xFFFF) << 8 | 0x7F
+        if info.si_code == _CLD_TRAPPED:
+            return tid, (info.si_status & 0xFFFF) << 8 | 0x7F
         return tid, 0
     return _wait_failed("waitid")
 
@@ -319,15 +340,16 @@ def peek_any(nohang: bool = False) -> tuple[int, int]:
 def consume_pending(tid: int) -> None:
     """Consume `tid`'s report if one is pending (waitpid WNOHANG): a stop
     peeked at (peek_any) that will not be resumed by a ptrace request."""
-    _raw_waitpid(tid, _status_ref, WALL | WNOHANG)
+    _raw_waitpid(tid, _out.status_ref, _WAIT | WNOHANG)
 
 
 def wait_task(tid: int) -> int:
     """waitpid(tid, __WALL), retried on EINTR: the raw status."""
+    out = _out
     while True:
-        got = _raw_waitpid(tid, _status_ref, WALL)
+        got = _raw_waitpid(tid, out.status_ref, _WAIT)
         if got == tid:
-            return _status.value
+            return out.status.value
         err = ctypes.get_errno()
         if got == -1 and err != _errno.EINTR:
             raise kernel_error(f"waitpid({tid})", err)
@@ -338,20 +360,22 @@ def poll_task(tid: int, keep_exit: bool = False) -> int | None:
     is pending (or `tid` is no child of ours any more). `keep_exit`: an
     exit is reported but left pending (waitid WNOWAIT), for the run loop's
     wait to see and account (the command's exit status comes from there)."""
+    out = _out
     if keep_exit:
-        _wait_info.si_pid = 0
-        got = _bare_waitid(_P_PID, tid, _wait_info_ref,
-                           WALL | _WEXITED | _WSTOPPED | _WNOWAIT | WNOHANG)
-        if got != 0 or _wait_info.si_pid == 0:
+        info = out.info
+        info.si_pid = 0
+        got = _bare_waitid(_P_PID, tid, out.info_ref,
+                           _WAIT | _WEXITED | _WSTOPPED | _WNOWAIT | WNOHANG)
+        if got != 0 or info.si_pid == 0:
             return None
-        code: int = _wait_info.si_code
-        value: int = _wait_info.si_status
+        code: int = info.si_code
+        value: int = info.si_status
         if code == _CLD_EXITED:
             return (value & 0xFF) << 8
         if code in (_CLD_KILLED, _CLD_DUMPED):
             return (value & 0x7F) | (0x80 if code == _CLD_DUMPED else 0)
-    got = _raw_waitpid(tid, _status_ref, WALL | WNOHANG)
-    return _status.value if got == tid else None
+    got = _raw_waitpid(tid, out.status_ref, _WAIT | WNOHANG)
+    return out.status.value if got == tid else None
 
 
 def wait_task_until(tid: int, deadline: float, gone: Callable[[int], bool] | None = None,
