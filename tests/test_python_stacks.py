@@ -21,7 +21,7 @@ from uprobes.commands import main
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.resolve.pydwarf import debug_file_for, fields_from_dwarf
-from uprobes.resolve.pylayout import PythonLayoutError, compute_layout, layout_for
+from uprobes.resolve.pylayout import FIELDS, PythonLayoutError, compute_layout, layout_for
 from uprobes.unwind.cpython.linetable import line_at
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")
@@ -246,9 +246,12 @@ def _with_dwarf() -> list[tuple[str, str]]:
 def test_dwarf_and_headers_give_one_layout(runtime: str, include: str) -> None:
     """Two derivations from the build itself agree on every field."""
     image = ElfImage.open(runtime)
-    (evals,) = SymbolTable.load(image).lookup("_PyEval_EvalFrameDefault")[:1]
+    symbols = SymbolTable.load(image)
+    (evals,) = symbols.lookup("_PyEval_EvalFrameDefault")[:1]
+    (statics,) = symbols.lookup("PyStaticMethod_New")[:1]
     debug = debug_file_for(runtime, image.build_id)
     assert debug is not None
-    fields = fields_from_dwarf(debug, evals.link_addr)
+    fields = fields_from_dwarf(debug, evals.link_addr, statics.link_addr)
     assert fields is not None
+    assert set(fields) == FIELDS  # the module walk's fields too (codeobjects.py)
     assert fields == compute_layout(include).fields

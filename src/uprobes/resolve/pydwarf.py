@@ -1,11 +1,13 @@
 """A CPython build's layout from its own DWARF, where it has some (a build
 with debug info in the file, or a debug file found by its build-id): the
 struct members `layout.py` names, read from the compile unit of the eval
-loop (Python/ceval.c), which uses every struct a frame walk reads.
+loop (Python/ceval.c), which uses every public struct a walk reads, and
+from Objects/funcobject.c's for staticmethod and classmethod, which are
+private to it.
 
-pyelftools parses the one unit, found through `.debug_aranges` by the
-address of `_PyEval_EvalFrameDefault` (walking every unit to it takes
-seconds on libpython); bit fields as DWARF 5 (`DW_AT_data_bit_offset`) or
+pyelftools parses the two units, found through `.debug_aranges` by the
+addresses of `_PyEval_EvalFrameDefault` and `PyStaticMethod_New` (walking
+every unit to them takes seconds on libpython); bit fields as DWARF 5 (`DW_AT_data_bit_offset`) or
 DWARF 4 (`DW_AT_bit_offset`, counted from the storage unit's top) give them.
 """
 
@@ -22,7 +24,14 @@ from elftools.elf.elffile import ELFFile
 _TYPES = {"_PyRuntimeState": "runtime", "_is": "interp", "_ts": "tstate",
           "_PyCFrame": "cframe", "_PyInterpreterFrame": "frame", "PyCodeObject": "code",
           "PyVarObject": "var", "PyBytesObject": "bytes", "PyASCIIObject": "ascii",
-          "PyCompactUnicodeObject": "compact"}
+          "PyCompactUnicodeObject": "compact", "_object": "object",
+          "PyModuleObject": "module", "PyDictObject": "dict", "_dictkeysobject": "dictkeys",
+          "PyDictKeyEntry": "entry", "PyDictUnicodeEntry": "unicode_entry",
+          "PyFunctionObject": "func", "_typeobject": "type", "PyTupleObject": "tuple",
+          "PyCellObject": "cell"}
+_FUNCOBJECT_TYPES = {"staticmethod": "staticmethod", "classmethod": "classmethod"}
+_ENUMERATORS = {"FRAME_OWNED_BY_GENERATOR": "owned_by_generator",
+                "DICT_KEYS_GENERAL": "dictkeys_general"}
 # field -> (type, member path) for offsets.
 _OFFSETS = {
     "runtime_interpreters_head": ("runtime", "interpreters.head"),
@@ -38,8 +47,33 @@ _OFFSETS = {
     "code_code": ("code", "co_code_adaptive"), "var_size": ("var", "ob_size"),
     "bytes_data": ("bytes", "ob_sval"), "str_length": ("ascii", "length"),
     "str_state": ("ascii", "state"),
+    "code_consts": ("code", "co_consts"), "code_name": ("code", "co_name"),
+    "code_flags": ("code", "co_flags"), "code_argcount": ("code", "co_argcount"),
+    "code_posonlyargcount": ("code", "co_posonlyargcount"),
+    "code_kwonlyargcount": ("code", "co_kwonlyargcount"),
+    "code_nlocalsplus": ("code", "co_nlocalsplus"),
+    "code_localsplusnames": ("code", "co_localsplusnames"),
+    "code_localspluskinds": ("code", "co_localspluskinds"),
+    "interp_modules": ("interp", "modules"), "object_type": ("object", "ob_type"),
+    "module_dict": ("module", "md_dict"),
+    "dict_keys": ("dict", "ma_keys"), "dict_values": ("dict", "ma_values"),
+    "dictkeys_log2_size": ("dictkeys", "dk_log2_size"),
+    "dictkeys_log2_index_bytes": ("dictkeys", "dk_log2_index_bytes"),
+    "dictkeys_kind": ("dictkeys", "dk_kind"), "dictkeys_nentries": ("dictkeys", "dk_nentries"),
+    "dictkeys_indices": ("dictkeys", "dk_indices"),
+    "dict_entry_key": ("entry", "me_key"), "dict_entry_value": ("entry", "me_value"),
+    "dict_unicode_entry_key": ("unicode_entry", "me_key"),
+    "dict_unicode_entry_value": ("unicode_entry", "me_value"),
+    "func_code": ("func", "func_code"), "func_qualname": ("func", "func_qualname"),
+    "func_module": ("func", "func_module"), "func_closure": ("func", "func_closure"),
+    "type_name": ("type", "tp_name"), "type_flags": ("type", "tp_flags"),
+    "type_dict": ("type", "tp_dict"), "type_base": ("type", "tp_base"),
+    "tuple_items": ("tuple", "ob_item"), "cell_ref": ("cell", "ob_ref"),
+    "staticmethod_callable": ("staticmethod", "sm_callable"),
+    "classmethod_callable": ("classmethod", "cm_callable"),
 }
-_SIZES = {"tstate_size": "tstate", "str_ascii_data": "ascii", "str_compact_data": "compact"}
+_SIZES = {"tstate_size": "tstate", "str_ascii_data": "ascii", "str_compact_data": "compact",
+          "dict_entry_size": "entry", "dict_unicode_entry_size": "unicode_entry"}
 _BITS = {"str_kind_mask": "kind", "str_compact_mask": "compact", "str_ascii_mask": "ascii"}
 
 
@@ -101,62 +135,78 @@ def debug_file_for(path: str, build_id: str | None) -> str | None:
     return None
 
 
-def fields_from_dwarf(path: str, eval_link_addr: int) -> dict[str, int] | None:
+def fields_from_dwarf(path: str, eval_link_addr: int,
+                      funcobject_link_addr: int | None = None) -> dict[str, int] | None:
     """layout.py's fields from the DWARF of `path` (the interpreter's file or
     its debug file); `eval_link_addr`: `_PyEval_EvalFrameDefault`'s address,
-    whose unit is read. None: no such unit, or a member is missing."""
+    `funcobject_link_addr`: `PyStaticMethod_New`'s, whose units are read.
+    None: no such unit, or a member is missing."""
     try:
         with open(path, "rb") as f:
             dwarf = ELFFile(f).get_dwarf_info()
-            units: list[Any] = []
-            aranges = dwarf.get_aranges()
-            at = None if aranges is None else aranges.cu_offset_at_addr(eval_link_addr)
-            if at is not None:
-                units.append(dwarf.get_CU_at(at))
-            # An LTO build's unit at that address is a partition (`<artificial>`)
-            # whose types live in the unit of the source file: look for that next.
-            for cu in itertools.chain(units, _ceval_units(dwarf)):
-                found = _types(cu)
-                if found is not None:
-                    return _fields(*found)
-            return None
+            ceval = _unit_types(dwarf, eval_link_addr, "ceval.c", _TYPES, _ENUMERATORS)
+            if ceval is None:
+                return None
+            funcobject = _unit_types(dwarf, funcobject_link_addr, "funcobject.c",
+                                     _FUNCOBJECT_TYPES, {})
+            if funcobject is None:
+                return None
+            return _fields({**ceval[0], **funcobject[0]}, ceval[1])
     except (OSError, ELFError, ELFParseError, KeyError, ValueError, AttributeError):
         return None
 
 
-def _ceval_units(dwarf: Any) -> Any:
+def _unit_types(dwarf: Any, link_addr: int | None, source: str, names: dict[str, str],
+                enumerators: dict[str, str]) -> tuple[dict[str, DIE], dict[str, int]] | None:
+    """The structs `names` and the constants `enumerators` from the unit of
+    the code at `link_addr`, or else from the unit of file `source`."""
+    units: list[Any] = []
+    aranges = dwarf.get_aranges()
+    at = None if aranges is None or link_addr is None else aranges.cu_offset_at_addr(link_addr)
+    if at is not None:
+        units.append(dwarf.get_CU_at(at))
+    # An LTO build's unit at that address is a partition (`<artificial>`)
+    # whose types live in the unit of the source file: look for that next.
+    for cu in itertools.chain(units, _units_of(dwarf, source)):
+        found = _types(cu, names, enumerators)
+        if found is not None:
+            return found
+    return None
+
+
+def _units_of(dwarf: Any, source: str) -> Any:
     for cu in dwarf.iter_CUs():
         name = _name(cu.get_top_DIE())
-        if name is not None and name.endswith("ceval.c"):
+        if name is not None and name.endswith(source):
             yield cu
 
 
-def _types(cu: Any) -> tuple[dict[str, DIE], int] | None:
-    """The structs a walk reads and FRAME_OWNED_BY_GENERATOR, from unit `cu`."""
+def _types(cu: Any, names: dict[str, str], enumerators: dict[str, str]
+           ) -> tuple[dict[str, DIE], dict[str, int]] | None:
+    """The structs and constants asked for, from unit `cu` (None: not all there)."""
     types: dict[str, DIE] = {}
-    owned_by_generator = None
+    constants: dict[str, int] = {}
     for die in cu.iter_DIEs():
         name = _name(die)
         if name is None:
             continue
-        if die.tag in ("DW_TAG_structure_type", "DW_TAG_typedef") and name in _TYPES \
-                and _TYPES[name] not in types:
+        if die.tag in ("DW_TAG_structure_type", "DW_TAG_typedef") and name in names \
+                and names[name] not in types:
             struct = _target(die)
             if "DW_AT_declaration" not in struct.attributes:
-                types[_TYPES[name]] = struct
-        elif die.tag == "DW_TAG_enumerator" and name == "FRAME_OWNED_BY_GENERATOR":
-            owned_by_generator = int(die.attributes["DW_AT_const_value"].value)
-    if owned_by_generator is None or len(types) != len(_TYPES):
+                types[names[name]] = struct
+        elif die.tag == "DW_TAG_enumerator" and name in enumerators:
+            constants[enumerators[name]] = int(die.attributes["DW_AT_const_value"].value)
+    if len(constants) != len(enumerators) or len(types) != len(names):
         return None
-    return types, owned_by_generator
+    return types, constants
 
 
-def _fields(types: dict[str, DIE], owned_by_generator: int) -> dict[str, int]:
+def _fields(types: dict[str, DIE], constants: dict[str, int]) -> dict[str, int]:
     fields = {k: _offset(types[t], p) for k, (t, p) in _OFFSETS.items()}
     fields.update({k: int(types[t].attributes["DW_AT_byte_size"].value)
                    for k, t in _SIZES.items()})
     state = _target(_member(types["ascii"], "state").get_DIE_from_attribute("DW_AT_type"))
     fields.update({k: _mask(state, m) for k, m in _BITS.items()})
-    fields["owned_by_generator"] = owned_by_generator
+    fields.update(constants)
     return fields
-

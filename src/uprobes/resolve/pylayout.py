@@ -68,10 +68,59 @@ _FIELDS = {
     "str_state": "offsetof(PyASCIIObject, state)",
     "str_ascii_data": "sizeof(PyASCIIObject)",
     "str_compact_data": "sizeof(PyCompactUnicodeObject)",
+    # What codeobjects.py walks: sys.modules, module and class dicts (their
+    # entries in order, never hashed), functions, their code and its constants.
+    "code_consts": "offsetof(PyCodeObject, co_consts)",
+    "code_name": "offsetof(PyCodeObject, co_name)",
+    "code_flags": "offsetof(PyCodeObject, co_flags)",
+    "code_argcount": "offsetof(PyCodeObject, co_argcount)",
+    "code_posonlyargcount": "offsetof(PyCodeObject, co_posonlyargcount)",
+    "code_kwonlyargcount": "offsetof(PyCodeObject, co_kwonlyargcount)",
+    "code_nlocalsplus": "offsetof(PyCodeObject, co_nlocalsplus)",
+    "code_localsplusnames": "offsetof(PyCodeObject, co_localsplusnames)",
+    "code_localspluskinds": "offsetof(PyCodeObject, co_localspluskinds)",
+    "interp_modules": "offsetof(PyInterpreterState, modules)",
+    "object_type": "offsetof(PyObject, ob_type)",
+    "module_dict": "offsetof(PyModuleObject, md_dict)",
+    "dict_keys": "offsetof(PyDictObject, ma_keys)",
+    "dict_values": "offsetof(PyDictObject, ma_values)",
+    "dictkeys_log2_size": "offsetof(PyDictKeysObject, dk_log2_size)",
+    "dictkeys_log2_index_bytes": "offsetof(PyDictKeysObject, dk_log2_index_bytes)",
+    "dictkeys_kind": "offsetof(PyDictKeysObject, dk_kind)",
+    "dictkeys_nentries": "offsetof(PyDictKeysObject, dk_nentries)",
+    "dictkeys_indices": "offsetof(PyDictKeysObject, dk_indices)",
+    "dictkeys_general": "DICT_KEYS_GENERAL",
+    "dict_entry_size": "sizeof(PyDictKeyEntry)",
+    "dict_entry_key": "offsetof(PyDictKeyEntry, me_key)",
+    "dict_entry_value": "offsetof(PyDictKeyEntry, me_value)",
+    "dict_unicode_entry_size": "sizeof(PyDictUnicodeEntry)",
+    "dict_unicode_entry_key": "offsetof(PyDictUnicodeEntry, me_key)",
+    "dict_unicode_entry_value": "offsetof(PyDictUnicodeEntry, me_value)",
+    "func_code": "offsetof(PyFunctionObject, func_code)",
+    "func_qualname": "offsetof(PyFunctionObject, func_qualname)",
+    "func_module": "offsetof(PyFunctionObject, func_module)",
+    "func_closure": "offsetof(PyFunctionObject, func_closure)",
+    "type_name": "offsetof(PyTypeObject, tp_name)",
+    "type_flags": "offsetof(PyTypeObject, tp_flags)",
+    "type_dict": "offsetof(PyTypeObject, tp_dict)",
+    "type_base": "offsetof(PyTypeObject, tp_base)",
+    "tuple_items": "offsetof(PyTupleObject, ob_item)",
+    "cell_ref": "offsetof(PyCellObject, ob_ref)",
+    "staticmethod_callable": "offsetof(staticmethod, sm_callable)",
+    "classmethod_callable": "offsetof(classmethod, cm_callable)",
 }
 # Bit fields have no offsetof: set one in a zeroed struct and print the word.
 _MASKS = {"str_kind_mask": "kind = 7", "str_compact_mask": "compact = 1",
           "str_ascii_mask": "ascii = 1"}
+FIELDS = frozenset(_FIELDS) | frozenset(_MASKS)
+"""Every field a Layout has, whichever way it was derived: a cached layout
+lacking one (written by an older uprobes) is derived again."""
+# staticmethod and classmethod are private to Objects/funcobject.c: their
+# structs as 3.11 defines them (the DWARF path reads the build's own).
+_PRIVATE = [
+    "typedef struct { PyObject_HEAD PyObject *sm_callable; PyObject *sm_dict; } staticmethod;",
+    "typedef struct { PyObject_HEAD PyObject *cm_callable; PyObject *cm_dict; } classmethod;",
+]
 
 
 @dataclass(frozen=True)
@@ -103,7 +152,10 @@ def _program() -> str:
         "#include <internal/pycore_runtime.h>",
         "#include <internal/pycore_interp.h>",
         "#include <internal/pycore_frame.h>",
+        "#include <internal/pycore_dict.h>",
+        "#include <internal/pycore_moduleobject.h>",
         "#include <stddef.h>", "#include <stdio.h>", "#include <string.h>",
+        *_PRIVATE,
         "int main(void) {",
         '  printf("hexversion %lu\\n", (unsigned long)PY_VERSION_HEX);',
         "  PyASCIIObject o; unsigned int w;",
@@ -156,11 +208,13 @@ def compute_layout(include: str) -> Layout:
 
 
 def layout_for(image: ElfImage, path: str, hexversion: int,
-               eval_link_addr: int | None = None) -> Layout:
+               eval_link_addr: int | None = None,
+               funcobject_link_addr: int | None = None) -> Layout:
     """The layout of the interpreter in `image` (the file holding
     `_PyRuntime`, installed at `path`), whose `Py_Version` is `hexversion`:
     from its DWARF where it has some (`eval_link_addr`: where
-    `_PyEval_EvalFrameDefault` is, whose unit is read), else from its
+    `_PyEval_EvalFrameDefault` is, `funcobject_link_addr`: where
+    `PyStaticMethod_New` is, whose units are read), else from its
     headers; PythonLayoutError says in one line why there is none."""
     found = f"Python {version_text(hexversion)} ({path})"
     if (hexversion >> 24, (hexversion >> 16) & 0xff) not in SUPPORTED:
@@ -172,11 +226,11 @@ def layout_for(image: ElfImage, path: str, hexversion: int,
         try:
             with open(cached) as f:
                 data = json.load(f)
-            if data["hexversion"] == hexversion:
+            if data["hexversion"] == hexversion and FIELDS <= set(data["fields"]):
                 return Layout(hexversion, data["fields"], data.get("source", "headers"))
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    layout = _from_dwarf(image, hexversion, eval_link_addr)
+    layout = _from_dwarf(image, hexversion, eval_link_addr, funcobject_link_addr)
     if layout is not None:
         _store(cached, layout)
         return layout
@@ -195,11 +249,13 @@ def layout_for(image: ElfImage, path: str, hexversion: int,
                             f"(none found in {', '.join(tried)}; Debian: python3.X-dev)")
 
 
-def _from_dwarf(image: ElfImage, hexversion: int, eval_link_addr: int | None) -> Layout | None:
+def _from_dwarf(image: ElfImage, hexversion: int, eval_link_addr: int | None,
+                funcobject_link_addr: int | None) -> Layout | None:
     if eval_link_addr is None:
         return None
     debug = debug_file_for(image.path, image.build_id)
-    fields = None if debug is None else fields_from_dwarf(debug, eval_link_addr)
+    fields = None if debug is None else \
+        fields_from_dwarf(debug, eval_link_addr, funcobject_link_addr)
     return None if fields is None else Layout(hexversion, fields, "dwarf")
 
 
