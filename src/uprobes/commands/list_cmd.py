@@ -7,6 +7,7 @@ import fnmatch
 import sys
 from typing import Any, TextIO
 
+from uprobes.commands.list_python import list_python
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import Symbol, SymbolTable, matches
 from uprobes.elf.usdt import usdt_notes
@@ -18,13 +19,15 @@ from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
 
 NAME = "list"
-HELP = "list the functions and USDT probes of a program, a library, a process or the vDSO"
+HELP = ("list the functions and USDT probes of a program, a library, a process or the vDSO; "
+        "py:PID: a running Python's functions")
 EXAMPLES = [
     "uprobes list libc 'str*'            # libc's functions named str*",
     "uprobes list /usr/bin/python3.11 'python:*'   # its USDT probes",
     "uprobes list :vdso                  # the vDSO's functions",
     "uprobes list -p $$                  # the files a process maps",
     "uprobes list -p $$ libc malloc --json",
+    "python3.11 -c 'import json, os; os.system(f\"uprobes list py:{os.getpid()} json.dump*\")'",
 ]
 
 
@@ -35,9 +38,11 @@ over their column instead of widening it for every row."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", metavar="TARGET",
-                   help="a path, a library name (libc), a program on PATH, or :vdso")
+                   help="a path, a library name (libc), a program on PATH, :vdso, or "
+                        "py:PID (the Python functions of a running CPython 3.11)")
     p.add_argument("glob", nargs="?", metavar="GLOB",
-                   help="only names matching this glob (functions: NAME; USDT: PROVIDER:NAME)")
+                   help="only names matching this glob (functions: NAME; USDT: PROVIDER:NAME; "
+                        "py: MODULE.QUALNAME)")
     p.add_argument("-p", "--pid", type=int, help="resolve TARGET as process PID sees it")
     p.add_argument("--json", action="store_true", help="one JSON document")
     p.add_argument("--debug-dir", action="append", dest="debug_dirs", metavar="DIR",
@@ -50,6 +55,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             raise ResolveError("give a TARGET (a path, a library name or :vdso), or -p PID")
         return _list_process(args.pid, args.json, out)
     pattern = args.glob or "*"
+    if args.target.startswith("py:"):
+        return list_python(args.target, args.glob, args.pid, args.json, out)
     if args.target in (":vdso", "vdso", "[vdso]"):
         image = read_vdso(args.pid)
         table = SymbolTable.load(image)

@@ -48,7 +48,7 @@ def _i32(data: bytes, at: int) -> int:
 _PAGE = 4096
 
 
-class _Pages:
+class Pages:
     """One hit's reads, served from whole pages read once: frames sit side
     by side in the thread's data stack and code objects near each other, so
     a walk costs a read per page touched rather than two per frame (a read
@@ -69,6 +69,11 @@ class _Pages:
         return self._read(addr, n)
 
 
+TYPE_OBJECTS = ("PyFunction_Type", "PyCode_Type", "PyStaticMethod_Type", "PyClassMethod_Type",
+                "PyModule_Type")
+"""The runtime's type objects an object's type is compared with (codeobjects.py)."""
+
+
 @dataclass(frozen=True)
 class Interpreter:
     """A CPython runtime in one process: where `_PyRuntime` and `Py_Version` are."""
@@ -78,6 +83,8 @@ class Interpreter:
     version_addr: int
     hexversion: int
     layout: Layout
+    types: tuple[tuple[str, int], ...] = ()
+    """Runtime addresses of the TYPE_OBJECTS the file names, by name."""
 
 
 def find_interpreter(pid: int) -> Interpreter | None:
@@ -107,9 +114,13 @@ def find_interpreter(pid: int) -> Interpreter | None:
         except UprobesError:
             continue
         evals = symbols.lookup("_PyEval_EvalFrameDefault")
-        layout = layout_for(image, m.path, hexversion, evals[0].link_addr if evals else None)
+        statics = symbols.lookup("PyStaticMethod_New")
+        layout = layout_for(image, m.path, hexversion, evals[0].link_addr if evals else None,
+                            statics[0].link_addr if statics else None)
+        types = tuple((name, bias + found[0].link_addr) for name in TYPE_OBJECTS
+                      if (found := symbols.lookup(name)))
         return Interpreter(m.path, bias + runtime[0].link_addr, bias + version[0].link_addr,
-                           hexversion, layout)
+                           hexversion, layout, types)
     return None
 
 
@@ -217,7 +228,7 @@ class PythonStacks:
         if interp is None:
             return ()
         try:
-            return self._frames(pid, tid, _Pages(read), interp)
+            return self._frames(pid, tid, Pages(read), interp)
         except UprobesError:
             return ()  # a chain being changed under us, or a thread just gone
 
@@ -292,13 +303,13 @@ class PythonStacks:
         table_addr = _u64(blob, lay.code_linetable)
         head = read(table_addr, lay.bytes_data)
         n = min(_u64(head, lay.var_size), 1 << 20)
-        return _Code(fp, _str(read, _u64(blob, lay.code_filename), lay),
-                     _str(read, _u64(blob, lay.code_qualname), lay),
+        return _Code(fp, read_str(read, _u64(blob, lay.code_filename), lay),
+                     read_str(read, _u64(blob, lay.code_qualname), lay),
                      _i32(blob, lay.code_firstlineno), _i32(blob, lay.code_firsttraceable),
                      read(table_addr + lay.bytes_data, n) if n else b"", addr, {})
 
 
-def _str(read: Read, addr: int, lay: Layout) -> str:
+def read_str(read: Read, addr: int, lay: Layout) -> str:
     """A str object's text (compact strings, as code objects' names are)."""
     head = read(addr, lay.str_compact_data)
     state = int.from_bytes(head[lay.str_state:lay.str_state + 4], "little")
@@ -332,4 +343,4 @@ def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]
     return tuple(out)
 
 
-__all__ = ["PyGroups", "PythonStacks", "interleave", "version_text"]
+__all__ = ["Pages", "PyGroups", "PythonStacks", "interleave", "read_str", "version_text"]
