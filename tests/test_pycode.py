@@ -1,4 +1,4 @@
-"""The code objects of a running CPython 3.11 (unwind/cpython/codeobjects.py,
+"""The code objects of a running CPython 3.11 (resolve/pycode.py,
 `uprobes list py:PID`), against the program's own `id(f.__code__)` and its
 own introspection, on every 3.11 interpreter here; and a walk over a dict
 overwritten with garbage ends, with the rest found."""
@@ -20,10 +20,10 @@ from conftest import killed_after, need
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
-from uprobes.sys.procmem import ProcessMemory
-from uprobes.unwind.cpython.codeobjects import code_objects_in, find_code_objects
+from uprobes.resolve.pycode import code_objects_in, find_code_objects
 from uprobes.resolve.pylayout import FIELDS, layout_for
-from uprobes.unwind.cpython.reader import find_interpreter
+from uprobes.resolve.pyprocess import find_interpreter
+from uprobes.sys.procmem import ProcessMemory
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_code.py")
 UPROBES = [sys.executable, "-m", "uprobes"]

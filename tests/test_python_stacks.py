@@ -253,5 +253,5 @@ def test_dwarf_and_headers_give_one_layout(runtime: str, include: str) -> None:
     assert debug is not None
     fields = fields_from_dwarf(debug, evals.link_addr, statics.link_addr)
     assert fields is not None
-    assert set(fields) == FIELDS  # the module walk's fields too (codeobjects.py)
+    assert set(fields) == FIELDS  # the module walk's fields too (resolve/pycode.py)
     assert fields == compute_layout(include).fields

@@ -1,5 +1,5 @@
 """`uprobes list py:PID [PATTERN]`: the Python functions of a running
-CPython 3.11 process, found in its interpreter (unwind/cpython/codeobjects.py)."""
+CPython 3.11 process, found in its interpreter (resolve/pycode.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, TextIO
 from uprobes.errors import UsageError
 from uprobes.render.json import write_json
 from uprobes.render.table import write_table
-from uprobes.unwind.cpython.codeobjects import CodeObjects, find_code_objects
+from uprobes.resolve.pycode import CodeObjects, find_code_objects
 
 _NAME_WIDTH = 64
 

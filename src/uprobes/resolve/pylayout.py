@@ -68,7 +68,7 @@ _FIELDS = {
     "str_state": "offsetof(PyASCIIObject, state)",
     "str_ascii_data": "sizeof(PyASCIIObject)",
     "str_compact_data": "sizeof(PyCompactUnicodeObject)",
-    # What codeobjects.py walks: sys.modules, module and class dicts (their
+    # What pycode.py walks: sys.modules, module and class dicts (their
     # entries in order, never hashed), functions, their code and its constants.
     "code_consts": "offsetof(PyCodeObject, co_consts)",
     "code_name": "offsetof(PyCodeObject, co_name)",

@@ -1,4 +1,5 @@
-"""The code objects of a running CPython 3.11 process, found by name.
+"""The code objects of a running CPython 3.11 process, found by name: what
+a `py:` probe's `module.qualname` resolves to in one process.
 
 A Python function is a code object (`co_qualname`, `co_filename`,
 `co_firstlineno`), and the interpreter reaches every function a program
@@ -29,9 +30,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from uprobes.errors import ResolveError, UprobesError
-from uprobes.sys.procmem import ProcessMemory
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, version_text
-from uprobes.unwind.cpython.reader import Interpreter, Pages, Read, find_interpreter, read_str
+from uprobes.resolve.pyprocess import Interpreter, Pages, Read, find_interpreter, read_str
+from uprobes.sys.procmem import ProcessMemory
 
 # Include/object.h's type flags (the same in every 3.11 build): what kind
 # of object an instance of a type is, read from the type, so subclasses count.
