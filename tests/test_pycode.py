@@ -66,7 +66,8 @@ def test_each_kind_of_function_is_found_at_its_id(python: str) -> None:
 def test_a_walk_equals_pythons_own_view(python: str) -> None:
     """Every code object the program's introspection reaches under a module
     prefix, and nothing else: unicode-keyed and general (int key) dicts, a
-    deleted entry, classes referring to themselves, a 1000-deep class chain."""
+    property's getter and setter (one name, two code objects), a deleted
+    entry, classes referring to themselves, a 1000-deep class chain."""
     with fixture(python) as (proc, said):
         for prefix, pattern in PATTERNS.items():
             found = find_code_objects(proc.pid, pattern)
@@ -87,12 +88,13 @@ def test_list_command() -> None:
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
-        assert lines[0] == f"process {proc.pid}, Python 3.11.2 (/usr/bin/python3.11): 5 functions"
+        assert lines[0] == f"process {proc.pid}, Python 3.11.2 (/usr/bin/python3.11): 6 functions"
         assert lines[1].split() == ["FUNCTION", "SOURCE"]
         rows = [line.split() for line in lines[2:]]
         assert [r[0] for r in rows] == [
             "__main__.Shape.Inner.method", "__main__.Shape.Inner.method.<locals>.<lambda>",
-            "__main__.Shape.area", "__main__.Shape.make", "__main__.Shape.unit"]
+            "__main__.Shape.area", "__main__.Shape.make", "__main__.Shape.size",
+            "__main__.Shape.unit"]
         area = said["lines"]["__main__.Shape.area"]
         assert ["__main__.Shape.area", f"{area[0]}:{area[1]}"] in rows
         inline = subprocess.run([*UPROBES, "list", "--json", f"py:{proc.pid}:json.dumps"],

@@ -249,9 +249,10 @@ def test_dwarf_and_headers_give_one_layout(runtime: str, include: str) -> None:
     symbols = SymbolTable.load(image)
     (evals,) = symbols.lookup("_PyEval_EvalFrameDefault")[:1]
     (statics,) = symbols.lookup("PyStaticMethod_New")[:1]
+    (descrs,) = symbols.lookup("PyDescr_NewGetSet")[:1]
     debug = debug_file_for(runtime, image.build_id)
     assert debug is not None
-    fields = fields_from_dwarf(debug, evals.link_addr, statics.link_addr)
+    fields = fields_from_dwarf(debug, evals.link_addr, statics.link_addr, descrs.link_addr)
     assert fields is not None
     assert set(fields) == FIELDS  # the module walk's fields too (resolve/pycode.py)
     assert fields == compute_layout(include).fields

@@ -318,6 +318,11 @@ class _Walk:
             self._visit(self._word(obj + lay.staticmethod_callable), path, module, depth + 1)
         elif tp == types.get("PyClassMethod_Type"):
             self._visit(self._word(obj + lay.classmethod_callable), path, module, depth + 1)
+        elif tp == types.get("PyProperty_Type"):
+            for at in (lay.property_get, lay.property_set, lay.property_del):
+                accessor = self._word(obj + at)
+                if accessor:
+                    self._visit(accessor, path, module, depth + 1)
         elif self._flags(tp) & _TYPE_SUBCLASS and self._flags(obj) & _HEAPTYPE:
             # A class (a static type, defined in C, has no Python functions).
             for child, value in self._items(self._word(obj + lay.type_dict), path):

@@ -1,19 +1,19 @@
 """A CPython build's layout from its own DWARF, where it has some (a build
 with debug info in the file, or a debug file found by its build-id): the
-struct members `layout.py` names, read from the compile unit of the eval
-loop (Python/ceval.c), which uses every public struct a walk reads, and
-from Objects/funcobject.c's for staticmethod and classmethod, which are
-private to it.
+struct members `pylayout.py` names, read from the compile unit of the eval
+loop (Python/ceval.c), which uses every public struct a walk reads, from
+Objects/funcobject.c's for staticmethod and classmethod and from
+Objects/descrobject.c's for property, which are private to them.
 
-pyelftools parses the two units, found through `.debug_aranges` by the
-addresses of `_PyEval_EvalFrameDefault` and `PyStaticMethod_New` (walking
-every unit to them takes seconds on libpython); bit fields as DWARF 5 (`DW_AT_data_bit_offset`) or
-DWARF 4 (`DW_AT_bit_offset`, counted from the storage unit's top) give them.
+pyelftools parses the three units, found through `.debug_aranges` by the
+addresses of `_PyEval_EvalFrameDefault`, `PyStaticMethod_New` and
+`PyDescr_NewGetSet` (walking every unit to them takes seconds on
+libpython); bit fields as DWARF 5 (`DW_AT_data_bit_offset`) or DWARF 4
+(`DW_AT_bit_offset`, counted from the storage unit's top) give them.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from elftools.common.exceptions import ELFError, ELFParseError
@@ -30,6 +30,7 @@ _TYPES = {"_PyRuntimeState": "runtime", "_is": "interp", "_ts": "tstate",
           "PyFunctionObject": "func", "_typeobject": "type", "PyTupleObject": "tuple",
           "PyCellObject": "cell"}
 _FUNCOBJECT_TYPES = {"staticmethod": "staticmethod", "classmethod": "classmethod"}
+_DESCROBJECT_TYPES = {"propertyobject": "property"}
 _ENUMERATORS = {"FRAME_OWNED_BY_GENERATOR": "owned_by_generator",
                 "DICT_KEYS_GENERAL": "dictkeys_general"}
 # field -> (type, member path) for offsets.
@@ -71,6 +72,8 @@ _OFFSETS = {
     "tuple_items": ("tuple", "ob_item"), "cell_ref": ("cell", "ob_ref"),
     "staticmethod_callable": ("staticmethod", "sm_callable"),
     "classmethod_callable": ("classmethod", "cm_callable"),
+    "property_get": ("property", "prop_get"), "property_set": ("property", "prop_set"),
+    "property_del": ("property", "prop_del"),
 }
 _SIZES = {"tstate_size": "tstate", "str_ascii_data": "ascii", "str_compact_data": "compact",
           "dict_entry_size": "entry", "dict_unicode_entry_size": "unicode_entry"}
@@ -136,49 +139,45 @@ def debug_file_for(path: str, build_id: str | None) -> str | None:
 
 
 def fields_from_dwarf(path: str, eval_link_addr: int,
-                      funcobject_link_addr: int | None = None) -> dict[str, int] | None:
+                      funcobject_link_addr: int | None = None,
+                      descrobject_link_addr: int | None = None) -> dict[str, int] | None:
     """layout.py's fields from the DWARF of `path` (the interpreter's file or
     its debug file); `eval_link_addr`: `_PyEval_EvalFrameDefault`'s address,
-    `funcobject_link_addr`: `PyStaticMethod_New`'s, whose units are read.
-    None: no such unit, or a member is missing."""
+    `funcobject_link_addr`: `PyStaticMethod_New`'s, `descrobject_link_addr`:
+    `PyDescr_NewGetSet`'s, whose units are read. None: no such unit, or a
+    member is missing."""
+    wanted = {"ceval.c": (eval_link_addr, _TYPES, _ENUMERATORS),
+              "funcobject.c": (funcobject_link_addr, _FUNCOBJECT_TYPES, {}),
+              "descrobject.c": (descrobject_link_addr, _DESCROBJECT_TYPES, {})}
     try:
         with open(path, "rb") as f:
             dwarf = ELFFile(f).get_dwarf_info()
-            ceval = _unit_types(dwarf, eval_link_addr, "ceval.c", _TYPES, _ENUMERATORS)
-            if ceval is None:
+            found: dict[str, tuple[dict[str, DIE], dict[str, int]]] = {}
+            aranges = dwarf.get_aranges()
+            for source, (link_addr, names, enumerators) in wanted.items():
+                at = None if aranges is None or link_addr is None \
+                    else aranges.cu_offset_at_addr(link_addr)
+                got = None if at is None else _types(dwarf.get_CU_at(at), names, enumerators)
+                if got is not None:
+                    found[source] = got
+            # An LTO build's unit at an address is a partition (`<artificial>`)
+            # whose types live in the unit of the source file: one pass over
+            # the units finds those by name.
+            for cu in dwarf.iter_CUs() if len(found) < len(wanted) else ():
+                name = _name(cu.get_top_DIE()) or ""
+                for source, (_, names, enumerators) in wanted.items():
+                    if source not in found and name.endswith(source):
+                        got = _types(cu, names, enumerators)
+                        if got is not None:
+                            found[source] = got
+                if len(found) == len(wanted):
+                    break
+            if len(found) < len(wanted):
                 return None
-            funcobject = _unit_types(dwarf, funcobject_link_addr, "funcobject.c",
-                                     _FUNCOBJECT_TYPES, {})
-            if funcobject is None:
-                return None
-            return _fields({**ceval[0], **funcobject[0]}, ceval[1])
+            types = {k: v for got in found.values() for k, v in got[0].items()}
+            return _fields(types, found["ceval.c"][1])
     except (OSError, ELFError, ELFParseError, KeyError, ValueError, AttributeError):
         return None
-
-
-def _unit_types(dwarf: Any, link_addr: int | None, source: str, names: dict[str, str],
-                enumerators: dict[str, str]) -> tuple[dict[str, DIE], dict[str, int]] | None:
-    """The structs `names` and the constants `enumerators` from the unit of
-    the code at `link_addr`, or else from the unit of file `source`."""
-    units: list[Any] = []
-    aranges = dwarf.get_aranges()
-    at = None if aranges is None or link_addr is None else aranges.cu_offset_at_addr(link_addr)
-    if at is not None:
-        units.append(dwarf.get_CU_at(at))
-    # An LTO build's unit at that address is a partition (`<artificial>`)
-    # whose types live in the unit of the source file: look for that next.
-    for cu in itertools.chain(units, _units_of(dwarf, source)):
-        found = _types(cu, names, enumerators)
-        if found is not None:
-            return found
-    return None
-
-
-def _units_of(dwarf: Any, source: str) -> Any:
-    for cu in dwarf.iter_CUs():
-        name = _name(cu.get_top_DIE())
-        if name is not None and name.endswith(source):
-            yield cu
 
 
 def _types(cu: Any, names: dict[str, str], enumerators: dict[str, str]

@@ -108,6 +108,9 @@ _FIELDS = {
     "cell_ref": "offsetof(PyCellObject, ob_ref)",
     "staticmethod_callable": "offsetof(staticmethod, sm_callable)",
     "classmethod_callable": "offsetof(classmethod, cm_callable)",
+    "property_get": "offsetof(propertyobject, prop_get)",
+    "property_set": "offsetof(propertyobject, prop_set)",
+    "property_del": "offsetof(propertyobject, prop_del)",
 }
 # Bit fields have no offsetof: set one in a zeroed struct and print the word.
 _MASKS = {"str_kind_mask": "kind = 7", "str_compact_mask": "compact = 1",
@@ -115,11 +118,15 @@ _MASKS = {"str_kind_mask": "kind = 7", "str_compact_mask": "compact = 1",
 FIELDS = frozenset(_FIELDS) | frozenset(_MASKS)
 """Every field a Layout has, whichever way it was derived: a cached layout
 lacking one (written by an older uprobes) is derived again."""
-# staticmethod and classmethod are private to Objects/funcobject.c: their
-# structs as 3.11 defines them (the DWARF path reads the build's own).
+# staticmethod and classmethod are private to Objects/funcobject.c, property
+# to Objects/descrobject.c: their structs as 3.11 defines them (the DWARF
+# path reads the build's own).
 _PRIVATE = [
     "typedef struct { PyObject_HEAD PyObject *sm_callable; PyObject *sm_dict; } staticmethod;",
     "typedef struct { PyObject_HEAD PyObject *cm_callable; PyObject *cm_dict; } classmethod;",
+    "typedef struct { PyObject_HEAD PyObject *prop_get; PyObject *prop_set; "
+    "PyObject *prop_del; PyObject *prop_doc; PyObject *prop_name; int getter_doc; } "
+    "propertyobject;",
 ]
 
 
@@ -209,12 +216,14 @@ def compute_layout(include: str) -> Layout:
 
 def layout_for(image: ElfImage, path: str, hexversion: int,
                eval_link_addr: int | None = None,
-               funcobject_link_addr: int | None = None) -> Layout:
+               funcobject_link_addr: int | None = None,
+               descrobject_link_addr: int | None = None) -> Layout:
     """The layout of the interpreter in `image` (the file holding
     `_PyRuntime`, installed at `path`), whose `Py_Version` is `hexversion`:
     from its DWARF where it has some (`eval_link_addr`: where
-    `_PyEval_EvalFrameDefault` is, `funcobject_link_addr`: where
-    `PyStaticMethod_New` is, whose units are read), else from its
+    `_PyEval_EvalFrameDefault` is, `funcobject_link_addr` and
+    `descrobject_link_addr`: where `PyStaticMethod_New` and
+    `PyDescr_NewGetSet` are, whose units are read), else from its
     headers; PythonLayoutError says in one line why there is none."""
     found = f"Python {version_text(hexversion)} ({path})"
     if (hexversion >> 24, (hexversion >> 16) & 0xff) not in SUPPORTED:
@@ -230,7 +239,8 @@ def layout_for(image: ElfImage, path: str, hexversion: int,
                 return Layout(hexversion, data["fields"], data.get("source", "headers"))
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    layout = _from_dwarf(image, hexversion, eval_link_addr, funcobject_link_addr)
+    layout = _from_dwarf(image, hexversion, eval_link_addr, funcobject_link_addr,
+                         descrobject_link_addr)
     if layout is not None:
         _store(cached, layout)
         return layout
@@ -250,12 +260,13 @@ def layout_for(image: ElfImage, path: str, hexversion: int,
 
 
 def _from_dwarf(image: ElfImage, hexversion: int, eval_link_addr: int | None,
-                funcobject_link_addr: int | None) -> Layout | None:
+                funcobject_link_addr: int | None,
+                descrobject_link_addr: int | None) -> Layout | None:
     if eval_link_addr is None:
         return None
     debug = debug_file_for(image.path, image.build_id)
     fields = None if debug is None else \
-        fields_from_dwarf(debug, eval_link_addr, funcobject_link_addr)
+        fields_from_dwarf(debug, eval_link_addr, funcobject_link_addr, descrobject_link_addr)
     return None if fields is None else Layout(hexversion, fields, "dwarf")
 
 

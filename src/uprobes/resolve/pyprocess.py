@@ -55,7 +55,7 @@ class Pages:
 
 
 TYPE_OBJECTS = ("PyFunction_Type", "PyCode_Type", "PyStaticMethod_Type", "PyClassMethod_Type",
-                "PyModule_Type")
+                "PyProperty_Type", "PyModule_Type")
 """The runtime's type objects an object's type is compared with (pycode.py)."""
 
 
@@ -99,9 +99,9 @@ def find_interpreter(pid: int) -> Interpreter | None:
         except UprobesError:
             continue
         evals = symbols.lookup("_PyEval_EvalFrameDefault")
-        statics = symbols.lookup("PyStaticMethod_New")
+        units = [symbols.lookup(name) for name in ("PyStaticMethod_New", "PyDescr_NewGetSet")]
         layout = layout_for(image, m.path, hexversion, evals[0].link_addr if evals else None,
-                            statics[0].link_addr if statics else None)
+                            *(found[0].link_addr if found else None for found in units))
         types = tuple((name, bias + found[0].link_addr) for name in TYPE_OBJECTS
                       if (found := symbols.lookup(name)))
         return Interpreter(m.path, bias + runtime[0].link_addr, bias + version[0].link_addr,
