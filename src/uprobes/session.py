@@ -234,7 +234,7 @@ class Session:
         `launched` is called with the command's pid while it is held before
         its exec, the probes in place (to watch it from its first instruction
         by other means too)."""
-        self._resolve(pid=None, has_target=True)
+        self._resolve(pid=None, has_target=True, argv=argv)
         with self._kernel_source() as source:
             child = launch(list(argv))
             released = False
@@ -308,7 +308,8 @@ class Session:
         if self._tracer is not None:
             self._tracer.stop()
 
-    def _resolve(self, *, pid: int | None, has_target: bool) -> None:
+    def _resolve(self, *, pid: int | None, has_target: bool,
+                 argv: Sequence[str] | None = None) -> None:
         """Resolve every line, as process `pid` sees names, and pick the
         engine (the run starts here)."""
         if self._ran:
@@ -316,8 +317,8 @@ class Session:
         if not self._lines:
             raise UsageError("no probes: add some with Session.probe() first")
         self._ran = True
-        self.probes = Resolver(pid=pid, force=self.force,
-                               uretprobe=self.uretprobe).resolve_all(
+        self.probes = Resolver(pid=pid, force=self.force, uretprobe=self.uretprobe,
+                               argv=tuple(argv) if argv else None).resolve_all(
             [line.spec for line in self._lines.values()])
         for p in self.probes:
             for text in p.notes:

@@ -26,6 +26,12 @@ abandoned, never mis-paired, when the events say enough:
   exception can unwind through (a uretprobe swaps the return address, and
   the unwinder finds no frame there).
 
+Calls whose events carry the frame they run in (`__frame`: a `py:`
+function's interpreter frame, which its entry and its return both fetch)
+pair by it instead, whatever their functions: a thread's open calls are one
+stack, a return closes the newest entry of its frame, and the entries above
+that one were left without returning (an exception unwound through them).
+
 A return with no entry (the call began before the probes were in) is
 counted and skipped.
 """
@@ -35,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from uprobes.model.event import Event
+from uprobes.model.event import FRAME_ARG, Event
 
 SP_ARG = "__sp"
 RA_ARG = "__ra"
@@ -44,6 +50,15 @@ RA_ARG = "__ra"
 def _sp(ev: Event) -> int | None:
     sp = ev.args.get(SP_ARG)
     return sp if isinstance(sp, int) else None
+
+
+def _frame(ev: Event) -> int | None:
+    frame = ev.args.get(FRAME_ARG)
+    return frame if isinstance(frame, int) else None
+
+
+_FRAMES = -1
+"""The key of a thread's stack of calls paired by frame (no `ip` is -1)."""
 
 
 def _ra(ev: Event) -> int | None:
@@ -61,6 +76,9 @@ class CallPairer:
     _open: dict[tuple[int, int, int], list[Event]] = field(default_factory=dict)
 
     def entry(self, ev: Event) -> None:
+        if _frame(ev) is not None:
+            self._open.setdefault((ev.pid, ev.tid, _FRAMES), []).append(ev)
+            return
         stack = self._open.setdefault((ev.pid, ev.tid, ev.ip), [])
         sp = _sp(ev)
         if sp is not None:
@@ -71,6 +89,9 @@ class CallPairer:
 
     def ret(self, ev: Event) -> Event | None:
         """The entry of the call `ev` returns from, or None."""
+        frame = _frame(ev)
+        if frame is not None:
+            return self._frame_ret(ev, frame)
         func = ev.func if ev.func is not None else ev.ip
         stack = self._open.get((ev.pid, ev.tid, func))
         sp = _sp(ev)
@@ -89,6 +110,17 @@ class CallPairer:
         if not stack:
             self.unpaired_returns += 1
             return None
+        return stack.pop()
+
+    def _frame_ret(self, ev: Event, frame: int) -> Event | None:
+        stack = self._open.get((ev.pid, ev.tid, _FRAMES), [])
+        at = next((i for i in range(len(stack) - 1, -1, -1) if _frame(stack[i]) == frame),
+                  None)
+        if at is None:
+            self.unpaired_returns += 1
+            return None
+        self.abandoned += len(stack) - 1 - at  # left by an exception
+        del stack[at + 1:]
         return stack.pop()
 
     def route(self, ev: Event, calls: frozenset[str]) -> Event | bool:

@@ -14,6 +14,7 @@ from uprobes.commands.selection import (
     add_filter_arguments,
     add_selection_arguments,
     check_selection,
+    command_argv,
     hit_filter,
     uretprobe_note,
 )
@@ -74,7 +75,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     _check(args)
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe,
+                        argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(args.specs))
     args.hit_filter = hit_filter(args, probes)
     notes = [note for p in probes for note in p.notes]

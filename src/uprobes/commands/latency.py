@@ -30,7 +30,7 @@ from uprobes.commands.selection import (
     run_selected,
 )
 from uprobes.errors import SpecError, UsageError
-from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec
+from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec, PyTarget
 from uprobes.lang.render import render
 from uprobes.model.event import Event
 from uprobes.render.breakdown import part_histograms, write_breakdowns, write_breakdowns_json
@@ -77,6 +77,12 @@ def probe_pair(spec: ProbeSpec, fetch: bool = True, by: str | None = None) -> tu
     if spec.kind is not ProbeKind.ENTRY:
         raise SpecError("latency times functions: name the function, not its return",
                         spec.text, 0)
+    if isinstance(spec.target, PyTarget):
+        # Its probes fetch the frame that pairs an entry with its return.
+        if spec.args or by not in (None, *TASK_KEYS):
+            raise SpecError("a py: function is timed as it is (--by: tid, pid or comm)",
+                            spec.text, 0)
+        return render(spec), render(replace(spec, kind=ProbeKind.RETURN))
     if not isinstance(spec.target, FileTarget):
         raise SpecError("latency times functions in a file (not USDT or vDSO probes)",
                         spec.text, 0)
@@ -103,8 +109,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     args.svg_file = open_svg(args.svg)
     try:
         by_task = args.by is None or args.by in TASK_KEYS
+        python = any(isinstance(s.target, PyTarget) for s in parse_specs(args.specs))
         if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe and by_task \
-                and not (args.condition or args.comm or args.tid or args.breakdown):
+                and not (args.condition or args.comm or args.tid or args.breakdown or python):
             from uprobes.commands.latency_inprog import run_in_program
             lines = [line for spec in parse_specs(args.specs)
                      for line in probe_pair(spec, fetch=False, by=args.by)]
@@ -185,7 +192,8 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
     if gatherer is not None and gatherer.lost:
         sys.stderr.write(f"uprobes: {gatherer.lost} kernel events lost: the breakdown "
                          "misses them\n")
-    if session.lost or pairer.unpaired_returns or pairer.abandoned:
+    if session.lost or pairer.unpaired_returns or pairer.abandoned or pairer.open_calls:
         sys.stderr.write(f"uprobes: {session.lost} records lost, {pairer.unpaired_returns} "
-                         f"returns without an entry, {pairer.abandoned} calls never returned\n")
+                         f"returns without an entry, {pairer.abandoned} calls never returned, "
+                         f"{pairer.open_calls} still open at the end\n")
     return status

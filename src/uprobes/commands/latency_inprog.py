@@ -16,6 +16,7 @@ from typing import TextIO
 
 from uprobes.analysis.histogram import Latencies
 from uprobes.commands.resolve import parse_specs
+from uprobes.commands.selection import command_argv
 from uprobes.engines.base import Request, Timer, open_timer
 from uprobes.engines.launch import finish, launch
 from uprobes.render.histogram import write_histograms, write_histograms_json
@@ -26,7 +27,8 @@ from uprobes.resolve.resolver import Resolver
 def run_in_program(args: argparse.Namespace, out: TextIO, lines: list[str]) -> int | None:
     """`latency` timed in the program, the functions' entry and return probe
     `lines` given; None (nothing run) when the engine cannot time there."""
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=False)
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=False,
+                        argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(lines))
     launched = launch(args.argv_command) if args.argv_command else None
     timer: Timer | None = None

@@ -20,6 +20,7 @@ from uprobes.commands.selection import (
     add_duration_argument,
     add_selection_arguments,
     check_selection,
+    command_argv,
     uretprobe_note,
 )
 from uprobes.engines.launch import launch
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                          "--json DIR)")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe,
+                        argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:
         for note in p.notes:

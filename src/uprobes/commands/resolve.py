@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TextIO
 
-from uprobes.commands.selection import add_uretprobe_argument
+from uprobes.commands.selection import add_uretprobe_argument, command_argv
 from uprobes.engines.kernel.probe_line import kernel_can_name, kernel_line
 from uprobes.errors import SpecError
 from uprobes.lang import parse
@@ -47,13 +47,16 @@ def parse_specs(texts: list[str]) -> list[ProbeSpec]:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe)
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe,
+                        argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:
         if args.json:
             write_json(out, describe(p))
         else:
             out.writelines(line + "\n" for line in kernel_lines(p))
+            if p.guard:  # the kernel's filter of its events (a py: function's)
+                out.write(f"  filter {p.guard}\n")
         for note in p.notes:
             sys.stderr.write(f"uprobes: note: {note}\n")
         if not kernel_can_name(p.path):
@@ -81,6 +84,8 @@ def describe(p: ResolvedProbe) -> dict[str, object]:
         "symbol": p.symbol, "symbol_offset": p.symbol_offset, "link_addr": p.link_addr,
         "ref_ctr_offset": p.ref_ctr_offset,
     }
+    if p.guard:
+        doc["guard"] = p.guard
     if p.is_return:
         doc.update(ret_sites=list(p.ret_sites) if p.ret_sites else None,
                    uretprobe_reason=p.uretprobe_reason)

@@ -52,6 +52,12 @@ def uretprobe_note(probes: Sequence[ResolvedProbe], err: TextIO) -> None:
         err.write(f"uprobes: note: {note}\n")
 
 
+def command_argv(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The command a run starts (`-- CMD ARGS...`), if any."""
+    command = getattr(args, "argv_command", None)
+    return tuple(command) if command else None
+
+
 def check_selection(args: argparse.Namespace) -> None:
     """`-p PID` and `-- CMD` exclude each other; ptrace needs one of them."""
     if args.pid is not None and args.argv_command:

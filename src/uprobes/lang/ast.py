@@ -62,7 +62,20 @@ class VdsoTarget:
     image: str | None = None
 
 
-Target = FileTarget | UsdtTarget | VdsoTarget
+@dataclass(frozen=True)
+class PyTarget:
+    """`py:[WHERE:]MODULE.QUALNAME`: a Python function, by its module and
+    qualified name (`json.decoder.JSONDecoder.decode`, `__main__.work`,
+    globs in the name: `app.Handler.*`). `where` names the interpreter:
+    its file (`python3.11`, a path, a libpython) or a process id; None: the
+    process of `-p` (resolution says which). Where the module ends and the
+    qualified name begins is not written: resolution tries every split."""
+
+    name: str
+    where: str | None = None
+
+
+Target = FileTarget | UsdtTarget | VdsoTarget | PyTarget
 
 
 # ---------------------------------------------------------------- fetchargs

@@ -18,6 +18,7 @@ from uprobes.lang.ast import (
     Immediate,
     ImmString,
     Memory,
+    PyTarget,
     Register,
     RetVal,
     Spec,
@@ -42,6 +43,8 @@ def render(spec: Spec) -> str:
 
 
 def render_target(target: Target) -> str:
+    if isinstance(target, PyTarget):
+        return "py:" + (f"{render_path(target.where)}:" if target.where else "") + target.name
     if isinstance(target, UsdtTarget):
         return f"usdt:{render_path(target.path)}:{target.provider}:{target.name}"
     if isinstance(target, VdsoTarget):

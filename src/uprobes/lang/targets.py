@@ -21,6 +21,10 @@ Forms, tried in this order:
   `ns::f(int)` stays a symbol. `+OFF` is split off at the last '+' only if
   a number follows (`operator+` stays whole).
 
+* `py:[WHERE:]MODULE.QUALNAME[%return]`: a Python function (WHERE: the
+  interpreter's file or a process id; MODULE.QUALNAME a dotted name,
+  globs allowed, split into module and qualified name by resolution).
+
 * `PATH:FILE.c:LINE` (a source file by its suffix: .c .cc .cpp .cxx .h
   .hh .hpp .rs .go) and `PATH:FUNC:+N` (N lines after FUNC's own line):
   source lines, our extension, resolved through the DWARF line table.
@@ -38,11 +42,12 @@ import re
 from dataclasses import replace
 
 from uprobes.lang import messages as msg
-from uprobes.lang.ast import FileTarget, Target, UsdtTarget, VdsoTarget
+from uprobes.lang.ast import FileTarget, PyTarget, Target, UsdtTarget, VdsoTarget
 from uprobes.lang.messages import TokenError
 from uprobes.lang.numbers import is_digit, kstrtoul
 
 VDSO_PREFIX = ":vdso:"
+PY_PREFIX = "py:"
 _ANONYMOUS = "(anonymous namespace)"
 """How a demangled C++ name that starts with a '(' starts."""
 VDSO_IMAGES = ("64", "32", "x32")
@@ -64,6 +69,8 @@ def parse_target(token: str) -> tuple[Target, bool]:
     """-> (target, True if `%return` was given). Raises TokenError."""
     if token.startswith('"'):
         return _parse_quoted(token)
+    if token.startswith(PY_PREFIX):
+        return _parse_python(token)
     m = _SOURCE_LINE.fullmatch(token)
     if m and not token.startswith(("usdt:", VDSO_PREFIX)):
         return FileTarget(_unquote(m.group(1)), source_file=m.group(2),
@@ -132,6 +139,23 @@ def _parse_usdt(token: str) -> UsdtTarget:
     if "%" in provider + name or "(" in provider + name:
         raise TokenError(msg.USDT_SUFFIX, len(token) - len(name) - len(provider) - 1)
     return UsdtTarget(path, provider, name)
+
+
+_PY_NAME = re.compile(r"[A-Za-z_*?\[][\w.*?\[\]<>!-]*")
+
+
+def _parse_python(token: str) -> tuple[Target, bool]:
+    """`py:[WHERE:]NAME[%return]`: WHERE is everything before the last ':'."""
+    rest = token[len(PY_PREFIX):]
+    where, colon, name = rest.rpartition(":")
+    at = len(PY_PREFIX) + len(where) + len(colon)
+    name, is_return = _split_return(name, at)
+    if colon and not where:
+        raise TokenError(msg.NO_PATH, len(PY_PREFIX))
+    if not _PY_NAME.fullmatch(name) or "." not in name or name.startswith(".") \
+            or name.endswith(".") or ".." in name:
+        raise TokenError(msg.BAD_PY_NAME, at)
+    return PyTarget(name, _unquote(where) if where else None), is_return
 
 
 def _parse_vdso(token: str) -> tuple[Target, bool]:

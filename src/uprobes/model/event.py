@@ -18,6 +18,10 @@ from uprobes.model.probe import ResolvedProbe
 # comm as it was at the hit); the ptrace engine models it, as it takes
 # from the same string space.
 COMM_FIELD = "__uprobes_comm"
+FRAME_ARG = "__frame"
+"""A fetcharg that names the frame a call runs in, which its entry and its
+return both fetch (a `py:` function's interpreter frame): they pair by it
+(analysis/calls.py)."""
 MAX_ARGS = 128  # fetchargs per probe: MAX_TRACE_ARGS in kernel/trace/trace_probe.h
 
 ArgValue = int | str | None | list[int] | list[str | None]
@@ -126,10 +130,14 @@ def hit_event(hit: Hit, info: ProbeInfo, stack: tuple[Frame, ...] | None = None)
 
 
 def display_names(probes: Sequence[ResolvedProbe]) -> list[str]:
-    """`GRP/EVENT` as the user named each probe, made unique (`_2`, `_3`...)."""
+    """`GRP/EVENT` as the user named each probe, made unique (`_2`, `_3`...);
+    the places of one function that share an `alias` share it."""
     seen: dict[str, int] = {}
     names = []
     for p in probes:
+        if p.alias is not None:
+            names.append(p.alias)
+            continue
         n = seen.get(p.name, 0) + 1
         seen[p.name] = n
         names.append(p.name if n == 1 else f"{p.name}_{n}")

@@ -12,12 +12,16 @@ tests the task fields before it fetches anything, the rest after.
 `pushdown` gives the one kernel filter for a probe whose consumers each
 have their own filter: it passes what any of them keeps, so the kernel
 drops the hits none of them wants and each still tests its own filter.
+
+A probe's own `guard` (a `py:` function's, model/probe.py) is no user's
+filter: `with_guard` adds it to whatever else a probe's hits are tested on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 from uprobes.lang.condition import (
     TASK_FIELDS,
@@ -30,6 +34,7 @@ from uprobes.lang.condition import (
     widened,
 )
 from uprobes.model.event import ProbeInfo
+from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import TaskFilter
 
 
@@ -139,3 +144,23 @@ class TaskView:
     tid: int
     comm: str
     args: Mapping[str, object]
+
+
+@cache
+def _guard(text: str) -> Condition:
+    return parse_condition(text)
+
+
+def with_guard(cond: Condition | None, probe: ResolvedProbe) -> Condition | None:
+    """`cond` (None: no condition) and `probe`'s guard, both."""
+    if probe.guard is None:
+        return cond
+    guard = _guard(probe.guard)
+    if cond is None:
+        return guard
+    return Condition(f"({guard.text}) && ({cond.text})", join("&&", [guard.root, cond.root]))
+
+
+def guard_predicate(probe: ResolvedProbe) -> Callable[[Event], bool] | None:
+    """`probe`'s guard as a test of a hit (None: it has none)."""
+    return None if probe.guard is None else _guard(probe.guard).predicate()

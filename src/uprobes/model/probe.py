@@ -75,6 +75,16 @@ class ResolvedProbe:
     notes: tuple[str, ...] = field(default=())
     ret_sites: tuple[int, ...] | None = None
     uretprobe_reason: str | None = None
+    guard: str | None = None
+    """A condition (the `--if` language, on this probe's own fetchargs) a hit
+    must meet to be a hit of this probe at all: a `py:` function's probes sit
+    in the interpreter's eval loop, where every Python function passes, and
+    the guard keeps that function's. Every engine tests it where it tests a
+    filter (the kernel in its event filter, the ptrace engine per hit)."""
+    alias: str | None = None
+    """The name this probe shares with the other places of one function (a
+    `py:` function starts at two handlers of the eval loop): shown and
+    counted as one. None: `GROUP/EVENT`."""
 
     @property
     def is_return(self) -> bool:
@@ -82,4 +92,4 @@ class ResolvedProbe:
 
     @property
     def name(self) -> str:
-        return f"{self.group}/{self.event}"
+        return self.alias or f"{self.group}/{self.event}"

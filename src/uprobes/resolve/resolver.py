@@ -27,6 +27,7 @@ from uprobes.lang.ast import (
     FetchArg,
     FileTarget,
     ProbeSpec,
+    PyTarget,
     UsdtTarget,
     Variable,
     VdsoTarget,
@@ -39,6 +40,8 @@ from uprobes.resolve.debugdwarf import dwarf_of
 from uprobes.resolve.dwarfargs import after_prologue, lower_variables, scope_at, typed_return
 from uprobes.resolve.lines import LineSites, function_line, functions_by_name, source_line
 from uprobes.resolve.paths import FileRef, find_file
+from uprobes.resolve.pyprobes import Interpreter as PyInterpreter
+from uprobes.resolve.pyprobes import find_interpreter_file, main_script, py_probes, read_interpreter
 from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
@@ -60,8 +63,12 @@ class Resolver:
     force: bool = False
     uretprobe: bool = False
     debug_dirs: tuple[str, ...] | None = None
+    argv: tuple[str, ...] | None = None
+    """The command the run starts (`-- CMD`), if it starts one: a `py:`
+    probe's interpreter and main script when nothing else names them."""
     _images: dict[tuple[int, int], ElfImage] = field(default_factory=dict)
     _maps: list[procfs.Mapping] | None = None
+    _interpreters: dict[tuple[int, int], PyInterpreter] = field(default_factory=dict)
 
     # ------------------------------------------------------------ files
 
@@ -99,6 +106,8 @@ class Resolver:
             return self._resolve_file(spec, target)
         if isinstance(target, UsdtTarget):
             return self._resolve_usdt(spec, target)
+        if isinstance(target, PyTarget):
+            return self._resolve_python(spec, target)
         return self._resolve_vdso(spec, target)
 
     def resolve_all(self, specs: list[ProbeSpec]) -> list[ResolvedProbe]:
@@ -310,6 +319,14 @@ class Resolver:
             out.append(self._point(spec, ref, note.file_offset, event, group=group,
                                    ref_ctr=note.semaphore_file_offset, usdt_args=args))
         return out
+
+    def _resolve_python(self, spec: ProbeSpec, t: PyTarget) -> list[ResolvedProbe]:
+        ref, pid = find_interpreter_file(t.where, self.pid, self.argv, self.file, self.image)
+        key = (ref.dev, ref.ino)
+        if key not in self._interpreters:
+            self._interpreters[key] = read_interpreter(ref, self.image(ref))
+        argv = self.argv if t.where is None else None
+        return py_probes(spec, t, self._interpreters[key], main_script(pid, argv))
 
     def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:
         image = read_vdso(self.pid, t.image)

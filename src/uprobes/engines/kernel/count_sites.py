@@ -156,16 +156,18 @@ def share(sites: list[Site], alone: set[tuple[str, int]], max_shared: int,
     # Where to look first for a site with these low bits: every earlier
     # event holds them or is full, and stays so (each is looked past once).
     start: dict[tuple[Key, int], int] = {}
-    same: dict[str, Site] = {}
+    same: dict[tuple[str, str | None], Site] = {}
     for site in sites:
-        first = same.setdefault(site.line, site)
+        # (a guard tells hits at one place apart: a py: function's)
+        first = same.setdefault((site.line, site.whole.guard), site)
         if first is not site:
             first.aliases.append(site.name)
             continue
         kind, _, rest = site.line.partition(":")
         place, _, args = rest.partition(" ")[2].partition(" ")
         by_profile = profile and kind == "p"
-        if "(" in place or (site.probe.path, site.probe.file_offset) in alone:
+        if "(" in place or (site.probe.path, site.probe.file_offset) in alone \
+                or site.whole.guard:
             events.append(Event(event_name(), [site], by_profile))
             continue
         low = site.probe.file_offset & PAGE_MASK

@@ -68,7 +68,7 @@ from uprobes.engines.kernel.records import PAGE_MASK
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError
 from uprobes.model.event import COMM_FIELD, display_names
-from uprobes.model.filters import HitFilter
+from uprobes.model.filters import HitFilter, with_guard
 from uprobes.model.probe import ResolvedProbe, VdsoKey
 from uprobes.sys import procfs
 from uprobes.sys.perf import online_cpus, open_counting
@@ -221,20 +221,23 @@ class KernelCounter:
         the place (and the USDT semaphore, `(0xREF)`, so the kernel sets it)."""
         assert self.group is not None
         flt = self.hit_filter
-        if flt is None or not (flt.arg_fields or flt.needs_comm):
+        guard = with_guard(None, site.whole)
+        fields = (flt.arg_fields if flt else set()) | (guard.fields if guard else set())
+        if not fields and not (flt and flt.needs_comm):
             return kernel_line(replace(site.probe, group=self.group.name, event="e", args=()))
-        kept = tuple(a for a in site.whole.args if a.name in flt.arg_fields)
+        kept = tuple(a for a in site.whole.args if a.name in fields)
         line = kernel_line(replace(site.whole, group=self.group.name, event="e", args=kept),
                            ret_site=site.ret_site)
-        return line + (f" {COMM_FIELD}=$comm" if flt.needs_comm else "")
+        return line + (f" {COMM_FIELD}=$comm" if flt and flt.needs_comm else "")
 
     def _share(self) -> list[Event]:
         """Sites grouped into events (`count_sites.share`); counted through
         uprobe_profile system-wide with no filter."""
         for site in self._sites:
             site.line = self._site_line(site)
+        guarded = any(site.whole.guard for site in self._sites)
         return share(self._sites, self._alone, self.max_shared,
-                     profile=self.pids is None and self.hit_filter is None)
+                     profile=self.pids is None and self.hit_filter is None and not guarded)
 
     def _place(self, event: Event) -> None:
         """Add `event` and open its counters on every task so far. When the
@@ -297,7 +300,9 @@ class KernelCounter:
                     return  # the thread ended before we reached it
                 raise
             site.fds.append(fd)
-            text = " && ".join(f"({t})" for t in (selector, user) if isinstance(t, str) and t)
+            guard = site.whole.guard
+            text = " && ".join(f"({t})" for t in (selector, user, guard)
+                               if isinstance(t, str) and t)
             if text:
                 try:
                     fd.set_filter(text)

@@ -36,8 +36,9 @@ from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import KernelError, ProcessError, ResolveError
 from uprobes.lang.condition import Condition
+from uprobes.lang.condition import Event as CondEvent
 from uprobes.model.event import COMM_FIELD, Event, Hit, ProbeInfo, hit_event
-from uprobes.model.filters import HitFilter
+from uprobes.model.filters import HitFilter, with_guard
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.refusal import Refusals
 from uprobes.render.protocol import HitRenderer, LineRenderer
@@ -87,7 +88,8 @@ class KernelTracer:
         self.kernel_filters: dict[str, str] = {}
         """`group/event` -> the filter the kernel tests on it (its tracefs
         `filter` file holds it too)."""
-        self._python_filtered: dict[int, str] = {}  # event id -> why not in the kernel
+        # event id -> why not in the kernel, and what is tested here instead
+        self._python_filtered: dict[int, tuple[str, Callable[[CondEvent], bool]]] = {}
         self.force = force
         self.pid = pid
         self.child = child
@@ -239,8 +241,13 @@ class KernelTracer:
     def _condition(self, probe: ResolvedProbe) -> Condition | None:
         """The condition `probe`'s event is to be filtered on, if any."""
         if self.hit_filter is not None:
-            return self.hit_filter.combined
-        return None if self.prefilter is None else self.prefilter(probe)
+            return with_guard(self.hit_filter.combined, probe)
+        return with_guard(None if self.prefilter is None else self.prefilter(probe), probe)
+
+    def _required(self, probe: ResolvedProbe) -> Condition | None:
+        """What a hit of `probe` must meet to be delivered (the prefilter is
+        only what the kernel may drop early: the consumers test theirs)."""
+        return with_guard(self.hit_filter.combined if self.hit_filter else None, probe)
 
     def _choose_filter(self, tfs: Tracefs, group: ProbeGroup, event: str, event_id: int,
                        members: list[KernelProbe]) -> None:
@@ -270,11 +277,12 @@ class KernelTracer:
                 return
             except KernelError as e:
                 why = f"the kernel refused {text!r}: {e}"
-        if self.hit_filter is not None:
-            self._python_filtered[event_id] = why
+        required = self._required(members[0].probe)
+        if required is not None:
+            self._python_filtered[event_id] = (why, required.predicate())
 
     def _note_python_filter(self) -> None:
-        why = {w for fid, w in self._python_filtered.items() if fid in self.decoders}
+        why = {w for fid, (w, _) in self._python_filtered.items() if fid in self.decoders}
         if why:
             self._note("the filter is tested per hit here, not in the kernel ("
                        + "; ".join(sorted(why)) + "): every hit is still a record")
@@ -451,8 +459,6 @@ class KernelTracer:
     def _read_filtered(self, streams: CpuStreams, hits: dict[int, Callable[[bytes, int], Hit]],
                        append: Callable[[Hit], None]) -> None:
         """The read loop when some events are filtered here, per hit."""
-        assert self.hit_filter is not None
-        keep = self.hit_filter.predicate()
         infos = {kp.info.name: kp.info for kp in self.placed}
         here = self._python_filtered
         for data, bodies in streams.read_batches():
@@ -464,7 +470,8 @@ class KernelTracer:
                     continue
                 h = hit(data, body)
                 # h[:9]: without a stack capture --stack appends
-                if event_id not in here or keep(hit_event(h[:9], infos[h[4]])):
+                tested = here.get(event_id)
+                if tested is None or tested[1](hit_event(h[:9], infos[h[4]])):
                     append(h)
 
     def _deliver(self, hits: list[Hit], on_hits: Callable[[list[Hit]], None]) -> None:

@@ -184,6 +184,10 @@ class Attach(TracerState):
         addr = m.file_to_runtime_addr(file_offset)
         if addr in t.mm.sites:
             return
+        if (self._trapfree == "time" or self._by is not None) and _guarded(probe):
+            self._refuse(probe, "its hits are told apart by strings (a py: function's): "
+                         "they are not timed or keyed in the program")
+            return
         if self._trapfree == "time":  # timed in the program, or not at all
             self._place_timed(t, regs, probe, addr, file_offset, ident)
             return
@@ -297,6 +301,8 @@ class Attach(TracerState):
             handlers = [c.handler for c in probe.consumers]
         if not handlers or any(h not in self._ours for h in handlers):
             return "a handler runs at each hit"
+        if any(h is not None and self._ours[h].guard for h in handlers):
+            return "its hits are told apart by strings (a py: function's)"
         if self.stack_bytes:
             return "its stack is copied at each hit"
         return None
@@ -396,3 +402,8 @@ class Attach(TracerState):
             self._refusals.skip(probe.point.name, reason)
         else:
             self._refusals.refuse(probe.point, probe.point.name, reason)
+
+
+def _guarded(probe: Probe) -> bool:
+    """Whether a line at `probe` has a guard (model/probe.py): a `py:` function's."""
+    return probe.point.guard is not None

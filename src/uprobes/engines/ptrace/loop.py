@@ -193,7 +193,17 @@ class RunLoop(TracerState):
                     ptrace.setregs(tid, regs)
                     self._resume(t)
                     return
-                if probe.ret_dispatch is not NO_HANDLER and site.ret_func is None \
+                if site.ret_func is not None:
+                    # A return site that is no `ret` (a py: function's return in
+                    # the eval loop): handlers see the state before it, as the
+                    # kernel engine's probe there does.
+                    name = self._counting.get(probe.ret_dispatch)
+                    if name is not None:
+                        self.counts[name] += 1
+                    else:
+                        probe.ret_dispatch(PtraceHit(t, regs, probe, "r", bp, site.ret_func,
+                                                     site.file_base))
+                elif probe.ret_dispatch is not NO_HANDLER \
                         and mm.areas:
                     area = mm.area_of(site.slot_addr) or mm.areas[0]
                     self._taken(mm, "returns")

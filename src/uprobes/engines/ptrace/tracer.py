@@ -60,7 +60,7 @@ from uprobes.engines.trapfree.jumppatch import TrapFree
 from uprobes.engines.trapfree.reader import RawSink, RawSite, Recorder, ShapedLines
 from uprobes.errors import EngineError, KernelError, UprobesError, UsageError
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, display_names, hit_event
-from uprobes.model.filters import HitFilter, TaskView
+from uprobes.model.filters import HitFilter, TaskView, with_guard
 from uprobes.model.probe import InodeKey, ResolvedProbe, VdsoKey
 from uprobes.model.refusal import Refusals
 from uprobes.model.registry import Consumer, Registry, TaskLike
@@ -161,7 +161,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
             self.counts[name] = 0
             handler = self._event_handler(name, info, p)
             self._ours[handler] = p
-            if hit_filter is None:
+            if hit_filter is None and p.guard is None:
                 self._count_only[handler] = name
             if not p.is_return:
                 self.registry.add(p, Consumer(handler=handler, filter=task_filter, tag=name))
@@ -222,9 +222,9 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         fetcher = None
         # The condition (`--tid`/`--comm` are the consumer's TaskFilter, tested
         # before this runs): before the fetch when it names no fetcharg.
-        cond = self.hit_filter.condition if self.hit_filter else None
+        cond = with_guard(self.hit_filter.condition if self.hit_filter else None, p)
         keep = cond.predicate() if cond else None
-        keep_after_fetch = keep is not None and bool(self.hit_filter and
+        keep_after_fetch = keep is not None and bool(p.guard or self.hit_filter and
                                                      self.hit_filter.arg_fields)
 
         def on_hit(task: TaskLike) -> None:

@@ -1,0 +1,279 @@
+"""`py:[WHERE:]MODULE.QUALNAME`: a Python function as ordinary probes in its interpreter.
+
+Every Python function of CPython 3.11 starts in the eval loop's RESUME
+handler (RESUME_QUICK once its code is warm: each call passes exactly one
+of the two) and returns through RETURN_VALUE (pyeval.py finds them, and the
+register that holds the frame there). So a `py:` function is a probe on
+each of those handlers, fetching what the frame's code object says of
+itself (its qualified name and file, as strings), with a `guard` that
+keeps the hits of the function asked for: any engine can place it, and the
+kernel tests the guard in its event filter before it writes a record.
+
+    entry  (RESUME, RESUME_QUICK; oparg 0: a call, not a generator resumed)
+        __frame=%FRAME (what pairs a call's entry with its return)
+        qualname=+ASCII(+co_qualname(+f_code(%FRAME))):string
+        file=+ASCII(+co_filename(+f_code(%FRAME))):string
+        line=+co_firstlineno(+f_code(%FRAME)):s32
+    return (RETURN_VALUE: the value is the top of the value stack)
+        qualname, file as above; type=+0(+tp_name(+ob_type(-8(%STACK)))):string
+
+The module is matched through the code's file (which CPython makes
+absolute): `a.b.f` is `f` in a file ending `/a/b.py` or `/a/b/__init__.py`,
+or `b.f` in `/a.py`...; every split of the dotted name is tried.
+`__main__` is the program's script when the process is known (`-p`, WHERE
+a pid, `-- CMD`), any file otherwise. Names are read as compact ASCII
+strings (what identifiers and most paths are): a function whose name is
+not ASCII is refused.
+
+What a return probe does not see: a function left by an exception (it
+leaves the frame through the loop's unwinding, not RETURN_VALUE), and a
+generator's yields (its RESUME with oparg 0 is its first `next()`, its
+RETURN_VALUE its end).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError, ELFParseError
+from elftools.elf.dynamic import DynamicSection
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
+from uprobes.errors import ResolveError, UprobesError
+from uprobes.lang.ast import FetchArg, ProbeSpec, PyTarget
+from uprobes.lang.condition import parse_condition
+from uprobes.lang.grammar import parse_args
+from uprobes.lang.names import c_identifier
+from uprobes.model.event import FRAME_ARG
+from uprobes.model.probe import InodeKey, ResolvedProbe
+from uprobes.resolve.paths import FileRef, file_ref
+from uprobes.resolve.pydwarf import debug_file_for
+from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
+from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
+from uprobes.sys import procfs
+
+GROUP = "py"
+ENTRY_HANDLERS = ("RESUME", "RESUME_QUICK")
+RETURN_HANDLER = "RETURN_VALUE"
+_OPARG = "__py_oparg"
+"""The guard's field: RESUME's oparg (0: a call starts; 1-3: a generator or
+coroutine resumed). Hidden: its name starts with `__`."""
+MAX_GUARD = 3000
+"""Bytes of a guard: the kernel takes a filter of at most a page."""
+_TYPE_NAME = 0x18
+"""offsetof(PyTypeObject, tp_name): fixed since the first PyObject_VAR_HEAD."""
+_OB_TYPE = 0x8
+"""offsetof(PyObject, ob_type) (ob_refcnt first), the same in every build
+that is not a Py_TRACE_REFS one, which the layout would show."""
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """The file whose eval loop runs Python, and what resolution read of it."""
+
+    ref: FileRef
+    image: ElfImage
+    loop: EvalLoop
+    layout: Layout
+
+
+def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str] | None,
+                          file: Callable[[str], FileRef],
+                          image: Callable[[FileRef], ElfImage]) -> tuple[FileRef, int | None]:
+    """(the file with the eval loop, the process named if one was) for a
+    `py:` target's WHERE (None: process `pid`, else the program of `argv`,
+    the command a run starts)."""
+    if where is None and pid is None and argv:
+        where = argv[0]
+    if where is not None and not where.isdigit():
+        ref = file(where)
+        if _has_eval_loop(image(ref)):
+            return ref, None
+        lib = _libpython(image(ref), file)
+        if lib is None or not _has_eval_loop(image(lib)):
+            raise ResolveError(f"{ref.display} has no CPython eval loop "
+                               "(_PyEval_EvalFrameDefault), nor a libpython that has one")
+        return lib, None
+    target = int(where) if where is not None else pid
+    if target is None:
+        raise ResolveError("a py: probe needs its interpreter: py:PATH:MODULE.NAME "
+                           "(python3.11, a libpython) or py:PID:MODULE.NAME, -p PID or -- CMD")
+    for m in procfs.maps(target):
+        if not m.executable or not m.path.startswith("/"):
+            continue
+        try:
+            ref = file(m.path) if where is None else _mapped(target, m)
+            if _has_eval_loop(image(ref)):
+                return ref, target
+        except UprobesError:
+            continue
+    procfs.check_live(target)
+    raise ResolveError(f"process {target} runs no CPython (no file it maps has "
+                       "_PyEval_EvalFrameDefault)")
+
+
+def _libpython(program: ElfImage, file: Callable[[str], FileRef]) -> FileRef | None:
+    """The libpython `program` loads (a `--enable-shared` build's python3.X
+    runs its eval loop there), found along its own run path first."""
+    needed: list[str] = []
+    paths: list[str] = []
+    try:
+        with program.elffile() as elf:
+            for section in elf.iter_sections():
+                if not isinstance(section, DynamicSection):
+                    continue
+                for tag in section.iter_tags():
+                    if tag.entry.d_tag == "DT_NEEDED":
+                        needed.append(str(getattr(tag, "needed", "")))
+                    elif tag.entry.d_tag in ("DT_RUNPATH", "DT_RPATH"):
+                        text = str(getattr(tag, "runpath", None) or getattr(tag, "rpath", ""))
+                        paths += text.replace("$ORIGIN", os.path.dirname(program.path)) \
+                            .split(":")
+    except (ELFError, ELFParseError, OSError, UprobesError):
+        return None
+    for name in (n for n in needed if n.startswith("libpython")):
+        for directory in paths:
+            candidate = os.path.join(directory, name)
+            if os.path.exists(candidate):
+                return file(candidate)
+        try:
+            return file(name)
+        except UprobesError:
+            continue
+    return None
+
+
+def _mapped(pid: int, m: procfs.Mapping) -> FileRef:
+    """The file of mapping `m` of process `pid`, as that process sees it."""
+    return file_ref(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", m.path)
+
+
+def _has_eval_loop(image: ElfImage) -> bool:
+    return bool(SymbolTable.load(image).lookup("_PyEval_EvalFrameDefault"))
+
+
+def read_interpreter(ref: FileRef, image: ElfImage) -> Interpreter:
+    """The eval loop and the layout of the interpreter in `ref`."""
+    symbols = SymbolTable.load(image)
+    version = symbols.lookup("Py_Version")
+    evals = symbols.lookup("_PyEval_EvalFrameDefault")
+    if not version or not evals:
+        raise ResolveError(f"{ref.display}: not a CPython 3.11 or later (no Py_Version)")
+    hexversion = int.from_bytes(image.read_link(version[0].link_addr, 4), "little")
+    try:
+        layout = layout_for(image, ref.display, hexversion, evals[0].link_addr)
+    except PythonLayoutError as e:
+        raise ResolveError(str(e)) from None
+    symbols_path = debug_file_for(image.path, image.build_id) or image.path
+    loop = find_eval_loop(image, symbols_path, layout.frame_prev_instr)
+    return Interpreter(ref, image, loop, layout)
+
+
+def main_script(pid: int | None, argv: Sequence[str] | None) -> str | None:
+    """The script process `pid` runs, or else the command `argv` will
+    (`python3 app.py`: its absolute path, as CPython names `__main__`'s
+    code), or None."""
+    if pid is not None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            return None
+    elif argv:
+        args, cwd = list(argv), os.getcwd()
+    else:
+        return None
+    options_with_value = {"-W", "-X", "-Q"}
+    i = 1
+    while i < len(args) and args[i].startswith("-"):
+        if args[i] in ("-c", "-m", "-"):
+            return None
+        i += 2 if args[i] in options_with_value else 1
+    if i >= len(args) or not args[i]:
+        return None
+    return os.path.normpath(os.path.join(cwd, args[i]))
+
+
+def name_guard(name: str, script: str | None) -> str:
+    """The condition on `qualname` and `file` that holds for function `name`
+    (MODULE.QUALNAME, globs in it), every split of it tried."""
+    parts = name.split(".")
+    alternatives = []
+    for cut in range(1, 2 if parts[0] == "__main__" else len(parts)):
+        module, qualname = parts[:cut], ".".join(parts[cut:])
+        op = "~" if any(c in qualname for c in "*?[") else "=="
+        names = f"qualname {op} {_quoted(qualname)}"
+        if module == ["__main__"]:
+            files = f"file == {_quoted(script)}" if script else None
+        else:
+            # (CPython makes the files of imported modules absolute)
+            path = "/".join(module)
+            files = " || ".join(f"file ~ {_quoted(glob)}" for glob in
+                                (f"*/{path}.py", f"*/{path}/__init__.py"))
+        alternatives.append(f"({names} && ({files}))" if files else f"({names})")
+    return " || ".join(alternatives)
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
+              script: str | None) -> list[ResolvedProbe]:
+    """The probes of `spec` (a `py:` target) in `interp`."""
+    if not t.name.isascii():
+        raise ResolveError(f"py:{t.name}: only ASCII names can be matched (the names are "
+                           "read as compact ASCII strings)")
+    if spec.args:
+        raise ResolveError(f"py:{t.name}: a py: probe fetches its own values (qualname, "
+                           "file, line; type on return); give no fetchargs")
+    loop, lay = interp.loop, interp.layout
+    code = f"+{lay.frame_code}(%{loop.frame})"
+    text = f"+{lay.str_ascii_data}"
+    common = [f"qualname={text}(+{lay.code_qualname}({code})):string",
+              f"file={text}(+{lay.code_filename}({code})):string",
+              f"{FRAME_ARG}=%{loop.frame}:x64"]
+    names = name_guard(t.name, script)
+    if len(names) > MAX_GUARD:
+        raise ResolveError(f"py:{t.name}: too many ways to split the name into a module and "
+                           f"a function for the kernel's filter ({len(names)} bytes, at most "
+                           f"{MAX_GUARD}): name fewer levels")
+    alias = f"{GROUP}/{t.name}" if spec.event is None else \
+        f"{spec.group or GROUP}/{spec.event}"
+    if spec.is_return:
+        fetch = common + [f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(-8(%{loop.stack})))):string"]
+        handlers: tuple[str, ...] = (RETURN_HANDLER,)
+        guard = names
+    else:
+        fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
+                          f"{_OPARG}=+1(%{loop.next_instr}):u8"]
+        handlers = ENTRY_HANDLERS
+        guard = f"{_OPARG} == 0 && ({names})"
+    args: tuple[FetchArg, ...] = parse_args(fetch)
+    parse_condition(guard).check_fields(spec.text or t.name, {a.name: a.type for a in args})
+    event = c_identifier(t.name.replace(".", "_"))[:48] + ("__return" if spec.is_return else "")
+    out: list[ResolvedProbe] = []
+    for handler in handlers:
+        link_addr = loop.handlers[handler]
+        file_offset = interp.image.link_to_file_offset(link_addr)
+        # A return is placed where RETURN_VALUE starts, as a return probe on
+        # a function's own `ret`s is (resolve/retsites.py).
+        out.append(ResolvedProbe(
+            spec=spec, key=InodeKey(interp.ref.dev, interp.ref.ino, file_offset),
+            path=interp.ref.path, file_offset=file_offset, kind=spec.kind,
+            ret_sites=(file_offset,) if spec.is_return else None,
+            group=spec.group or GROUP, event=spec.event or event, args=args,
+            link_addr=link_addr, guard=guard, alias=alias + ("%return" if spec.is_return
+                                                             else ""),
+            notes=() if script or not _names_main(t.name) or out else (
+                f"py:{t.name}: without a process or a command the main script is not "
+                "known: __main__ matches the name in any file",)))
+    return out
+
+
+def _names_main(name: str) -> bool:
+    return name.startswith("__main__.")
