@@ -15,6 +15,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,21 @@ if TYPE_CHECKING:
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUIRE_KERNEL = os.environ.get("UPROBES_REQUIRE_KERNEL") == "1"
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def _cpythons() -> list[str]:
+    """Debian's python3.11, this venv's own (pyenv's shared-library build
+    here) and Debian's debug build, each once, those that are installed."""
+    found: dict[str, str] = {}
+    for path in ("/usr/bin/python3.11", os.path.realpath(sys.executable),
+                 "/usr/bin/python3.11d"):
+        if os.path.exists(path):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+CPYTHONS = _cpythons()
+"""The CPython 3.11 interpreters the Python tests run on."""
 
 
 def need(condition: bool, why: str) -> None:

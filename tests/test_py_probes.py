@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import CPYTHONS as INTERPRETERS
 from conftest import killed_after, read_fd_until
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_funcs.py")
@@ -24,18 +25,6 @@ UPROBES = [sys.executable, "-m", "uprobes"]
 ENGINES = ["kernel", "ptrace"]
 
 
-def _interpreters() -> list[str]:
-    """Debian's python3.11, this venv's (pyenv's shared-library build here)
-    and Debian's debug build, each once, those installed."""
-    found: dict[str, str] = {}
-    for path in ("/usr/bin/python3.11", os.path.realpath(sys.executable),
-                 "/usr/bin/python3.11d"):
-        if os.path.exists(path):
-            found.setdefault(os.path.realpath(path), path)
-    return list(found.values())
-
-
-INTERPRETERS = _interpreters()
 # name as the fixture counts it -> the probe that counts it
 FUNCTIONS = {
     "work": "py:__main__.work",

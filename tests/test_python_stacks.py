@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import CPYTHONS as INTERPRETERS
 from conftest import Compiler, killed_after, read_fd_until, wait_until
 
 from uprobes.commands import main
@@ -29,18 +30,6 @@ UPROBES = [sys.executable, "-m", "uprobes"]
 PY_SPY = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
 
 
-def _interpreters() -> list[str]:
-    """Debian's python3.11, this venv's own (pyenv's here) and Debian's debug
-    build, each once, those that are installed."""
-    found: dict[str, str] = {}
-    for path in ("/usr/bin/python3.11", os.path.realpath(sys.executable),
-                 "/usr/bin/python3.11d"):
-        if os.path.exists(path):
-            found.setdefault(os.path.realpath(path), path)
-    return list(found.values())
-
-
-INTERPRETERS = _interpreters()
 Frames = tuple[tuple[str, str, int], ...]
 
 

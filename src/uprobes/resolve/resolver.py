@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uprobes.elf.dwarf.index import DwarfFile
 from uprobes.elf.golang import uses_register_abi
@@ -40,11 +40,12 @@ from uprobes.resolve.debugdwarf import dwarf_of
 from uprobes.resolve.dwarfargs import after_prologue, lower_variables, scope_at, typed_return
 from uprobes.resolve.lines import LineSites, function_line, functions_by_name, source_line
 from uprobes.resolve.paths import FileRef, find_file
-from uprobes.resolve.pyprobes import Interpreter as PyInterpreter
-from uprobes.resolve.pyprobes import find_interpreter_file, main_script, py_probes, read_interpreter
 from uprobes.resolve.retsites import return_sites_for
 from uprobes.resolve.vdso import read_vdso
 from uprobes.sys import procfs
+
+if TYPE_CHECKING:
+    from uprobes.resolve.pyprobes import Interpreter as PyInterpreter
 
 DEFAULT_GROUP = "uprobes"
 MAX_EVENT_NAME = 63
@@ -69,6 +70,7 @@ class Resolver:
     _images: dict[tuple[int, int], ElfImage] = field(default_factory=dict)
     _maps: list[procfs.Mapping] | None = None
     _interpreters: dict[tuple[int, int], PyInterpreter] = field(default_factory=dict)
+    """The interpreters `py:` probes were resolved in, read once each."""
 
     # ------------------------------------------------------------ files
 
@@ -321,6 +323,13 @@ class Resolver:
         return out
 
     def _resolve_python(self, spec: ProbeSpec, t: PyTarget) -> list[ResolvedProbe]:
+        # (imported here: it reads ELF with pyelftools, which other runs need not load)
+        from uprobes.resolve.pyprobes import (
+            find_interpreter_file,
+            main_script,
+            py_probes,
+            read_interpreter,
+        )
         ref, pid = find_interpreter_file(t.where, self.pid, self.argv, self.file, self.image)
         key = (ref.dev, ref.ino)
         if key not in self._interpreters:
