@@ -37,7 +37,8 @@ COMMANDS = (
     Command("demo", "demo",
             "compile the bundled example program, then list, trace and count its functions"),
     Command("list", "list_cmd",
-            "list the functions and USDT probes of a program, a library, a process or the vDSO"),
+            "list the functions and USDT probes of a program, a library, a process or the vDSO; "
+            "py:PID: a running Python's functions"),
     Command("resolve", "resolve",
             "resolve probe specs to files, inodes and offsets, and show the kernel's line "
             "for each"),
