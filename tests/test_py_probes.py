@@ -88,7 +88,9 @@ def _events(engine: str, python: str) -> tuple[list[tuple[object, ...]], str]:
         if "summary" in ev:
             continue
         args = {k: v for k, v in ev["args"].items() if not k.startswith("__")}
-        events.append((ev["probe"], ev["kind"], tuple(sorted(args.items()))))
+        # (where in the page: a shared libpython moves with each run)
+        where = (ev["ip"] & 0xfff, (ev.get("func") or 0) & 0xfff)
+        events.append((ev["probe"], ev["kind"], where, tuple(sorted(args.items()))))
     return events, done.stdout
 
 
@@ -99,11 +101,11 @@ def test_ptrace_sees_what_the_kernel_sees(python: str) -> None:
     own = _own(out, "COUNT")
     assert len(kernel) == 2 * own["Job.run"] + own["pyfuncs_pkg.geometry.area"], kernel
     assert ptrace == kernel
-    run = next(args for probe, kind, args in kernel if kind == "p" and "run" in probe)
+    run = next(args for probe, kind, _, args in kernel if kind == "p" and "run" in probe)
     assert dict(run) == {"qualname": "Job.run", "file": FIXTURE, "line": 26}
-    ret = next(args for probe, kind, args in kernel if kind == "r")
+    ret = next(args for probe, kind, _, args in kernel if kind == "r")
     assert dict(ret) == {"qualname": "Job.run", "file": FIXTURE, "type": "int"}
-    area = next(args for probe, kind, args in kernel if "area" in probe)
+    area = next(args for probe, kind, _, args in kernel if "area" in probe)
     assert dict(area)["file"].endswith("/fixtures/pyfuncs_pkg/geometry.py")
 
 

@@ -76,7 +76,9 @@ def kernel_probes(probes: list[ResolvedProbe], group: str) -> list[KernelProbe]:
             line = kernel_line(replace(p, group=group, event=event), ret_site=site)
             hidden = 1
             if site is not None:
-                line += f" {RET_FIELD}=+0(%sp):x64"
+                # (a py: function's return site is no `ret`: nothing is returned
+                # to from there, and the ptrace engine shows the site itself)
+                line += f" {RET_FIELD}=" + ("%ip:x64" if p.guard else "+0(%sp):x64")
                 hidden += 1
             if len(p.args) + hidden <= MAX_ARGS and all(a.name != COMM_FIELD for a in p.args):
                 line += f" {COMM_FIELD}=$comm"
