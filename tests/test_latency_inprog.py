@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, killed_after
+
+from uprobes.analysis.histogram import Histogram, Latencies
+from uprobes.commands.resolve import parse_specs
+from uprobes.engines.base import Request, open_timer
+from uprobes.resolve.resolver import Resolver
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 SUBTRACTED = re.compile(r"probe cost subtracted: (\d+\.\d) ns a call \(the mean of the fastest "
@@ -171,3 +179,110 @@ def test_calibration_times_every_call() -> None:
     assert sum(null) == 5000
     assert 0 < timing.typical_ticks(null) < 100_000
     assert timing.tsc_step() >= 1
+
+
+class Rounds:
+    """timed.c in `rounds` mode, attached (-p) and timed by `tiny`'s entry
+    and return: a round of calls per `round()`, while the timer runs."""
+
+    def __init__(self, exe: Path, *argv: str) -> None:
+        self.proc = subprocess.Popen([str(exe), "rounds", *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        assert self.stdout.readline() == f"ready {self.proc.pid}\n"
+        probes = Resolver(pid=self.proc.pid, uretprobe=False).resolve_all(
+            parse_specs([f"{exe}:tiny", f"r {exe}:tiny"]))
+        timer = open_timer(Request(probes, "ptrace", pid=self.proc.pid, trapfree=True))
+        assert timer is not None
+        self.timer = timer
+
+    def round(self) -> int:
+        """One round, the timer counting until the program says it is done:
+        the calls it made so far."""
+        self.stdin.write("go\n")
+        self.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not select.select([self.stdout], [], [], 0)[0]:
+            assert time.monotonic() < deadline, "the round did not end within 120 s"
+            self.timer.count(0.02)
+        said = self.stdout.readline()
+        assert said.startswith("calls="), said
+        return int(said.removeprefix("calls="))
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _never_fewer(before: Histogram, after: Histogram) -> None:
+    """No bucket of `after` holds fewer calls than it did in `before`: the
+    fine buckets (1/64 of a power of two) and the log2 ones drawn."""
+    fine = after._fine  # the finest buckets a histogram keeps
+    assert all(fine.get(i, 0) >= n for i, n in before._fine.items()), (before, after)
+    drawn = {lo: n for lo, _, n in after.log2_buckets()}
+    assert all(drawn.get(lo, 0) >= n for lo, _, n in before.log2_buckets()), (before, after)
+    assert after.count >= before.count
+
+
+def test_live_reads_repeat_and_only_grow(timed: Path) -> None:
+    """A timer read during the run, as an exporter reads it again and again:
+    two reads with no call between are the same histograms, the same cost
+    taken off; from one round of calls to the next no bucket has fewer
+    calls; and the count is the program's calls so far. (Were the probes'
+    cost measured anew at each read, calls would move between buckets.)"""
+    rounds = Rounds(timed, "20000")
+    try:
+        with killed_after(rounds.proc), rounds.timer as timer:
+            before: Histogram | None = None
+            for _ in range(4):
+                calls = rounds.round()
+                first, again = timer.latencies(), timer.latencies()
+                assert again == first
+                tiny = first.histograms["uprobes/tiny"]
+                assert tiny.count == calls and first.subtracted_ns > 0
+                if before is not None:
+                    _never_fewer(before, tiny)
+                before = tiny
+    finally:
+        rounds.close()
+
+
+def test_reads_in_another_thread_while_threads_come_and_go(timed: Path) -> None:
+    """Rounds of 10 waves of 4 threads that exit once they made their calls:
+    320 threads, more than the rows. A thread's row is taken out and added
+    to the timer's sum when the tracer sees it exit, while another thread
+    reads the timer without pause. No read counts a row in both places or
+    in neither: the count (and every bucket) only grows and never passes
+    the calls made; the last read is the program's count; and what the
+    timer keeps of the threads gone does not grow with their number."""
+    rounds = Rounds(timed, "500", "4", "10")
+    reads: list[tuple[Latencies, int]] = []  # and the most calls made by then
+    done = threading.Event()
+    made = [0]
+
+    def read() -> None:
+        while not done.is_set():
+            got = rounds.timer.latencies()
+            reads.append((got, made[0] + 20000))  # (the round under way: 20,000 calls)
+
+    reader = threading.Thread(target=read, name="reader")
+    try:
+        with killed_after(rounds.proc), rounds.timer as timer:
+            reader.start()
+            try:
+                for _ in range(8):
+                    made[0] = rounds.round()
+            finally:
+                done.set()
+                reader.join(120)
+            last = timer.latencies()
+            assert last.histograms["uprobes/tiny"].count + last.no_row == made[0] == 160000
+            assert len(vars(timer)["_released"]) <= 1  # one sum (by function), not per thread
+    finally:
+        rounds.close()
+    assert not reader.is_alive() and len(reads) > 8
+    assert all(got.histograms["uprobes/tiny"].count <= most for got, most in reads)
+    for (before, _), (after, _) in zip(reads, reads[1:]):
+        assert after.no_row >= before.no_row
+        _never_fewer(before.histograms["uprobes/tiny"], after.histograms["uprobes/tiny"])

@@ -134,7 +134,9 @@ class Timer(_Run, Protocol):
         """Time calls for `seconds` (None: until the end), as `Counter.count`."""
 
     def latencies(self) -> Latencies:
-        """The histograms so far (after the run: as read when it ended)."""
+        """The histograms so far (after the run: as read when it ended);
+        callable from another thread while `count` runs, and a read never
+        has fewer calls in a bucket than a read before it."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,17 @@ entry's and its ret's would overlap) gets one patch of all of it
 untimed, with the reason (`Latencies.untimed`): no int3 is placed, since a
 function timed at some sites and not others would give wrong durations.
 
-At the end (detach) the blocks are read, a null function is timed by the
-same code in this process (timing.calibrate), and its median is taken off
-every duration: what `latencies()` returns says how much.
+`latencies()` reads the blocks (at the end: as read at detach), and a null
+function timed by the same code in this process (timing.calibration, once
+per process) gives what is taken off every duration; what it returns says
+how much. A thread's row is summed per function when it exits, so what is
+kept of threads gone does not grow with their number.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 from uprobes.analysis.histogram import Histogram, Latencies
 from uprobes.engines.ptrace.state import TracerState
@@ -30,14 +35,16 @@ from uprobes.sys import ptrace
 class CallTimer(TracerState):
     """The ptrace engine's `Timer` role (engines/base.py)."""
 
-    _latencies: Latencies | None
+    _final: _Rows | None
 
     def _time_functions(self, probes: list[ResolvedProbe], names: list[str]) -> None:
         """Give each function named by an entry probe of `probes` (display
         names `names`) its index in the timing blocks."""
         self._timed, self._timed_names, self._untimed = {}, [], {}
-        self._latencies = None
-        self._released: list[tuple[int, dict[int, list[int]]]] = []  # (tid, its histograms)
+        self._final: _Rows | None = None  # as read at detach
+        self._rows_lock = threading.Lock()  # a release against a read in another thread
+        self._released: dict[_Key, dict[int, list[int]]] = {}  # the rows of threads gone,
+        # summed by key: bounded by the keys, never by the number of threads
         for p, name in zip(probes, names):
             if p.is_return:
                 continue
@@ -88,66 +95,74 @@ class CallTimer(TracerState):
     def _thread_done(self, t: Thread) -> None:
         assert self._jumps is not None
         funcs = range(len(self._timed_names)) if self._trapfree == "time" else ()
-        for hists in self._jumps.release_thread(t.mm, t.tid, funcs):
-            if any(any(b) for b in hists.values()):
-                self._released.append((t.tid, hists))
+        key = None if self._by is None else self._key_of(t.tid, t.pid, t.comm)
+        # Taking the row out and adding it to the sum is one step for a reader
+        # in another thread: else it could see the row in both or in neither.
+        with self._rows_lock:
+            for hists in self._jumps.release_thread(t.mm, t.tid, funcs):
+                _add_into(self._released, key, hists)
 
     def _time_snapshot(self) -> None:
-        """Read the timing blocks and calibrate, once, at detach (the blocks
-        stay readable: the program's views of them are its own)."""
-        if self._trapfree != "time" or self._latencies is not None or self._jumps is None:
+        """Read the timing blocks once, at detach (the blocks stay readable:
+        the program's views of them are its own)."""
+        if self._trapfree != "time" or self._final is not None or self._jumps is None:
             return
-        self._latencies = self._read_latencies()
+        self._final = self._read_rows()
 
     def latencies(self) -> Latencies:
-        """The histograms so far (after the run: as read at detach)."""
-        if self._latencies is not None:
-            return self._latencies
-        return self._read_latencies()
+        """The histograms so far (after the run: as read at detach). Callable
+        from another thread while `count` runs; every read converts ticks
+        with the same calibration (timing.calibration), so a read after
+        another has no bucket with fewer calls."""
+        rows = self._final if self._final is not None else self._read_rows()
+        return self._convert(rows)
 
-    def _read_latencies(self) -> Latencies:
+    def _read_rows(self) -> _Rows:
+        """What the blocks hold now: the rows of the threads gone, summed, and
+        those of the live ones, by key (`by`; None without it)."""
         assert self._jumps is not None
         indices = list(range(len(self._timed_names)))
-        funcs = {i: timing.empty_buckets() for i in indices}
+        out = _Rows({}, timing.Missed(), bool(self._jumps.timing))
+        with self._rows_lock:
+            for key, hists in self._released.items():
+                _add_into(out.keyed, key, hists)
+            for block in list(self._jumps.timing):
+                for tid, hists in block.by_owner(indices):
+                    _add_into(out.keyed, None if self._by is None else self._task_key(tid), hists)
+                missed = block.missed()
+                out.missed.no_row += missed.no_row
+                out.missed.too_deep += missed.too_deep
+                out.missed.unpaired += missed.unpaired
+                out.missed.abandoned += missed.abandoned
+        return out
+
+    def _convert(self, rows: _Rows) -> Latencies:
+        """Histograms in ns of what `rows` holds."""
+        missed = rows.missed
         out = Latencies({}, untimed=dict(self._untimed), depth_limit=STACK_DEPTH,
-                        row_limit=TIMING_ROWS)
-        rows = list(self._released)  # (tid, histograms): threads gone, then live ones
-        for block in self._jumps.timing:
-            rows += block.by_owner(indices)
-            missed = block.missed()
-            out.no_row += missed.no_row
-            out.too_deep += missed.too_deep
-            out.unpaired += missed.unpaired
-            out.abandoned += missed.abandoned
-        for _, hists in rows:
-            for i, buckets in hists.items():
-                funcs[i] = [a + b for a, b in zip(funcs[i], buckets)]
-        if not self._jumps.timing:
+                        row_limit=TIMING_ROWS, no_row=missed.no_row, too_deep=missed.too_deep,
+                        unpaired=missed.unpaired, abandoned=missed.abandoned)
+        if not rows.placed:
             out.histograms = {n: Histogram() for n in self._timed_names if n not in out.untimed}
             return out
-        from uprobes.sys import tsc
-        scale = tsc.TscClock().rate()[0]  # ns per tick
-        calls = timing.CALIBRATION_CALLS
-        null = timing.calibrate(calls)
-        out.subtracted_ns = timing.typical_ticks(null) * scale
-        out.calibration_calls = calls
-        out.tsc_step_ns = timing.tsc_step() * scale
+        cal = timing.calibration()
+        out.subtracted_ns = cal.subtracted_ns
+        out.calibration_calls = cal.calls
+        out.tsc_step_ns = cal.step_ns
         for i, name in enumerate(self._timed_names):
             if name in out.untimed:
                 continue
             if self._by is None:
-                out.histograms[name] = _histogram(funcs[i], scale, out.subtracted_ns,
-                                                  out.tsc_step_ns)
+                buckets = rows.keyed.get(None, {}).get(i) or timing.empty_buckets()
+                out.histograms[name] = _histogram(buckets, cal)
                 continue
-            keyed: dict[int | str, list[int]] = {}
-            for tid, hists in rows:
-                if any(hists[i]):
-                    into = keyed.setdefault(self._task_key(tid), timing.empty_buckets())
-                    keyed[self._task_key(tid)] = [a + b for a, b in zip(into, hists[i])]
-            for key, buckets in sorted(keyed.items(), key=lambda kv: str(kv[0])):
-                out.histograms[f"{name} {self._by}={key}"] = _histogram(
-                    buckets, scale, out.subtracted_ns, out.tsc_step_ns)
+            for key, hists in sorted(rows.keyed.items(), key=lambda kv: str(kv[0])):
+                if i in hists:
+                    out.histograms[f"{name} {self._by}={key}"] = _histogram(hists[i], cal)
         return out
+
+    def _key_of(self, tid: int, pid: int, comm: str) -> int | str:
+        return tid if self._by == "tid" else pid if self._by == "pid" else comm
 
     def _task_key(self, tid: int) -> int | str:
         """A thread's tid, pid or comm, as `by` asks (threads gone: as they were)."""
@@ -155,26 +170,54 @@ class CallTimer(TracerState):
             return tid
         t = self.threads.get(tid)
         pid, comm = (t.pid, t.comm) if t is not None else self._former_tasks.get(tid, (0, "?"))
-        return pid if self._by == "pid" else comm
+        return self._key_of(tid, pid, comm)
+
+
+_Key = int | str | None  # what a histogram is of: a tid, pid or comm (`by`), or all calls
+
+
+@dataclass
+class _Rows:
+    """The timing blocks' counts as read: per key, per function index, the
+    buckets of ticks (timing.hist_bucket) with calls in them."""
+
+    keyed: dict[_Key, dict[int, list[int]]]
+    missed: timing.Missed
+    placed: bool  # a timing block was mapped
+
+
+def _add_into(into: dict[_Key, dict[int, list[int]]], key: _Key,
+              hists: dict[int, list[int]]) -> None:
+    """Add each function's buckets with calls in them to `into[key]`."""
+    for f, buckets in hists.items():
+        if not any(buckets):
+            continue
+        mine = into.setdefault(key, {})
+        total = mine.get(f)
+        mine[f] = list(buckets) if total is None else [a + b for a, b in zip(total, buckets)]
 
 
 _SPREAD = 8  # points a reading is spread over when the TSC counts in steps
+_FILL = sorted(range(_SPREAD), key=lambda k: abs(k - (_SPREAD - 1) / 2))  # middle ones first
 
 
-def _histogram(buckets: list[int], ns_per_tick: float, subtract_ns: float,
-               step_ns: float) -> Histogram:
-    """Durations in ns, `subtract_ns` off each. A TSC that counts in steps
-    of `step_ns` reads a duration as a whole number of steps, off by up to
-    one step either way: each reading is spread evenly over the step around
-    it, so percentiles fall between steps as the durations do."""
+def _histogram(buckets: list[int], cal: timing.Calibration) -> Histogram:
+    """Durations in ns, the probes' cost off each. A TSC that counts in
+    steps reads a duration as a whole number of steps, off by up to one
+    step either way: each reading is spread evenly over the step around it,
+    so percentiles fall between steps as the durations do. The calls of a
+    bucket go to its points middle ones first, so a point's share never
+    shrinks as the bucket's count grows (reads during a run only grow)."""
     h = Histogram()
+    step_ns = cal.step_ns
     for ticks, n in timing.bucket_ticks(buckets):
-        ns = ticks * ns_per_tick - subtract_ns
-        if step_ns <= ns_per_tick * 2 or n < _SPREAD:
+        ns = ticks * cal.ns_per_tick - cal.subtracted_ns
+        if step_ns <= cal.ns_per_tick * 2:
             h.add(round(ns), n)
             continue
         part, extra = divmod(n, _SPREAD)
-        for k in range(_SPREAD):
-            at = ns + step_ns * ((k + 0.5) / _SPREAD - 0.5)
-            h.add(round(at), part + (1 if k < extra else 0))
+        for rank, k in enumerate(_FILL):
+            share = part + (1 if rank < extra else 0)
+            if share:
+                h.add(round(ns + step_ns * ((k + 0.5) / _SPREAD - 0.5)), share)
     return h

@@ -567,3 +567,34 @@ def calibrate(calls: int = CALIBRATION_CALLS) -> list[int]:
         return out
     finally:
         buf.close()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How ticks become ns here, and what the probes' own code adds to a call."""
+
+    ns_per_tick: float
+    subtracted_ns: float  # typical_ticks of the null function's calls, in ns
+    calls: int            # of the null function, timed
+    step_ns: float        # tsc_step, in ns
+
+
+_calibrated: Calibration | None = None
+_calibrating = threading.Lock()
+
+
+def calibration() -> Calibration:
+    """This process's calibration: measured at the first call (the rate over
+    a few ms, `calibrate`, `tsc_step`), the same at every call after. Each
+    measure differs a little from the last, so histograms read again with a
+    new one would move calls between buckets: a bucket's count could go
+    down between two reads of counts that only grow."""
+    global _calibrated
+    with _calibrating:
+        if _calibrated is None:
+            from uprobes.sys import tsc
+            scale = tsc.TscClock().rate()[0]
+            null = calibrate(CALIBRATION_CALLS)
+            _calibrated = Calibration(scale, typical_ticks(null) * scale, CALIBRATION_CALLS,
+                                      tsc_step() * scale)
+        return _calibrated
