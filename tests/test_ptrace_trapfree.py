@@ -8,14 +8,16 @@ import io
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, killed_after
 from test_kernel_trace import symbol_link_addr
 
 from uprobes.commands import main
@@ -180,6 +182,78 @@ def test_detach_while_threads_run_through_the_jump(threads_exe: Path) -> None:
         assert held.proc.wait(60) == 0
     finally:
         held.close()
+
+
+def test_live_counts_see_the_jumps_before_a_fold(threads_exe: Path) -> None:
+    """`counts` take what the jumps counted when `count` returns (a fold);
+    `live_counts()` gives it as it stands and changes nothing: an
+    exporter's view, read while another thread drives the tracer."""
+    held = Held(threads_exe, 100000)
+    try:
+        with PtraceTracer(held.probes, pid=held.proc.pid, trapfree=True) as tracer:
+            held.send("go")
+            assert held.stdout.readline() == "calls work=400000\n"  # run with no count()
+            assert tracer.counts == {"uprobes/work": 0}
+            assert tracer.live_counts() == tracer.live_counts() == {"uprobes/work": 400000}
+            assert tracer.counts == {"uprobes/work": 0}
+            tracer.count(0.01)
+            assert tracer.counts == tracer.live_counts() == {"uprobes/work": 400000}
+        held.send("end")
+        assert held.proc.wait(60) == 0
+    finally:
+        held.close()
+
+
+def test_live_counts_in_another_thread_only_grow(compile_c: Compiler) -> None:
+    """A reader thread takes `live_counts()` without pause while the tracer
+    counts in short slices, folding the jumps' counts into `counts` at the
+    end of each, and threads come and go (timed.c: rounds of 20 waves of 4
+    threads of 500 calls): no read is below the one before (a fold is never
+    seen half done), none passes the calls made, and the last read is the
+    program's own count."""
+    exe = compile_c("timed.c", "-pthread")
+    proc = subprocess.Popen([str(exe), "rounds", "500", "4", "20"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    seen: list[tuple[int, int]] = []  # a read, and the most calls made by then
+    made = [0]
+    done = threading.Event()
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == f"ready {proc.pid}\n"
+        probes = Resolver(pid=proc.pid).resolve_all(parse_specs([f"{exe}:tiny"]))
+        with killed_after(proc), PtraceTracer(probes, pid=proc.pid, trapfree=True) as tracer:
+
+            def read() -> None:
+                while not done.is_set():
+                    seen.append((tracer.live_counts()["uprobes/tiny"], made[0] + 40000))
+
+            reader = threading.Thread(target=read, name="reader")
+            reader.start()
+            try:
+                deadline = time.monotonic() + 120
+                for _ in range(4):
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                    while not select.select([proc.stdout], [], [], 0)[0]:
+                        assert time.monotonic() < deadline, "the round did not end"
+                        tracer.count(0.005)
+                    made[0] = int(proc.stdout.readline().removeprefix("calls="))
+                proc.stdin.close()
+                while not tracer.target_exited:
+                    assert time.monotonic() < deadline, "the program did not end"
+                    tracer.count(0.05)
+            finally:
+                done.set()
+                reader.join(60)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert made[0] == 4 * 20 * 4 * 500
+    assert tracer.counts == tracer.live_counts() == {"uprobes/tiny": made[0]}
+    reads = [n for n, _ in seen]
+    assert len(reads) > 100 and reads == sorted(reads)
+    assert all(n <= most for n, most in seen)
 
 
 CYCLES = 8

@@ -92,7 +92,7 @@ class CountRun:
         out: dict[str, dict[Labels, int]] = {}
         if counter is None:
             return out
-        for name, n in counter.counts.items():
+        for name, n in counter.live_counts().items():
             line, labels = self._series.get(name, ("", ()))
             if line:
                 series = out.setdefault(line, {})

@@ -111,6 +111,12 @@ class Counter(_Run, Protocol):
         """Hits per probe (display name) so far, every probe counted listed
         (copy it to keep it: it may be the engine's own, still counting)."""
 
+    def live_counts(self) -> dict[str, int]:
+        """`counts` as of now, for a reader in another thread while `count`
+        runs (an exporter): what the engine counted and has not yet added to
+        `counts` included, nothing changed; a value never less than at the
+        reads before."""
+
     @property
     def where(self) -> str:
         """Where the probes count, in words: `system-wide`, `in process N`..."""

@@ -415,6 +415,10 @@ class KernelCounter:
                 out[site.name] = 0
         return out
 
+    def live_counts(self) -> dict[str, int]:
+        """`counts`: the kernel's counters, read now from any thread (`Counter`)."""
+        return self.counts
+
     def disable(self) -> None:
         """Stop counting now (cheap): the counts are read and kept; the probes
         stay until `close()`."""

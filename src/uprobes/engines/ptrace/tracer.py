@@ -214,6 +214,12 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         """Where the probes count, in words (`Counter`, engines/base.py)."""
         return f"in process {self.pid}" if self.pid is not None else f"in command {self.child}"
 
+    def live_counts(self) -> dict[str, int]:
+        """`counts` with what the jumps counted since `count` last returned
+        (`Counter`, engines/base.py: any thread, nothing changed)."""
+        jumps = self._jumps
+        return dict(self.counts) if jumps is None else jumps.peek_counts(self.counts)
+
     # ------------------------------------------------------------ consumers
 
     def _event_handler(self, name: str, info: ProbeInfo,

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import mmap
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from uprobes.analysis.keyed import Aggregate
@@ -117,6 +118,12 @@ class CounterBlock:
             self.corrupt += 1
             return 0
         return gained
+
+    def pending(self, index: int) -> int:
+        """What `gained` would give now, with nothing changed (any thread may ask)."""
+        last, at = self._seen[index]
+        gained = (self.read(index) - last) & _MASK64
+        return 0 if gained > most_hits(time.monotonic() - at) else gained
 
 
 def map_counters(tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int, name_addr: int,
@@ -261,6 +268,7 @@ class TrapFree:
         self._frames: dict[tuple[int, int, int], list[int]] = {}  # see _interrupted
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
         self._reported: set[str] = set()
+        self._folding = threading.Lock()  # a fold against a peek in another thread
 
     def decide(self, name: str, why_not: str | None) -> None:
         self.decisions.setdefault(name, why_not)
@@ -531,8 +539,20 @@ class TrapFree:
     def fold_into(self, counts: dict[str, int]) -> None:
         """Add what the counters gained since the last fold to `counts`
         (CounterBlock.gained: never what the program wrote there)."""
-        for name, where in self._counters.items():
-            counts[name] = counts.get(name, 0) + sum(b.gained(i) for b, i in where)
+        with self._folding:
+            for name, where in list(self._counters.items()):
+                counts[name] = counts.get(name, 0) + sum(b.gained(i) for b, i in where)
+
+    def peek_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """`counts` with what the counters gained since the last fold added,
+        nothing changed: callable from any thread while the tracer's folds
+        (the lock keeps a fold from being seen half done, its gain taken
+        from the counters and not yet added to `counts`)."""
+        with self._folding:
+            out = dict(counts)
+            for name, where in list(self._counters.items()):
+                out[name] = out.get(name, 0) + sum(b.pending(i) for b, i in list(where))
+        return out
 
     @property
     def corrupt(self) -> int:
