@@ -17,7 +17,8 @@ import pytest
 from conftest import Compiler, without_clocks
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.trapfree.layout import SLOT_BYTES, SLOT_PROBE, SLOT_TID
+from uprobes.engines.trapfree.layout import CPU_BITS, RECORD, SLOT_BYTES, SLOT_PROBE, SLOT_TID
+from uprobes.engines.trapfree.reader import valid_records
 from uprobes.record import stream
 from uprobes.record.codec import decode, encode
 from uprobes.resolve.resolver import Resolver
@@ -252,6 +253,28 @@ def test_altered_recordings_never_crash_the_replay(exe: Path, tmp_path: Path) ->
     run3 = subprocess.run([*UPROBES, "report", str(rec)], capture_output=True, text=True,
                           timeout=120)
     assert run3.returncode == 2 and "was not finished" in run3.stderr, run3.stderr
+
+
+def test_ring_records_are_taken_by_the_live_readers_rule() -> None:
+    """`valid_records`, the one rule of the live reader and of the replay:
+    each thing no probe's code can write leaves its record out, whether the
+    batch is checked column by column (all good) or record by record; an
+    empty RING chunk (a replay's input can hold one) is no records."""
+    owners = {7: (7, "w"), 8: None}  # None: a thread that is not ours
+    rule = ({0, 1}, 2, owners, 50, 150)  # probe ids, cpus, owners, TSC from 50 to 150
+    words = (0,) * (len(RECORD.unpack(bytes(RECORD.size))) - 6)
+
+    def rec(probe: int = 0, high: int = 0, aux: int = 1, tsc: int = 100, tid: int = 7
+            ) -> tuple[int, ...]:
+        return (1, tsc, tid, aux, probe, high, *words)
+
+    good, on_node_1 = rec(), rec(aux=1 << CPU_BITS | 1)
+    assert valid_records([good, good], *rule) == [good, good]
+    assert valid_records([good, on_node_1], *rule) == [good, on_node_1]
+    for bad in (rec(probe=2), rec(high=1), rec(aux=2), rec(aux=1024 << CPU_BITS), rec(tsc=49),
+                rec(tsc=151), rec(tid=8), rec(tid=9)):
+        assert valid_records([good, bad, good], *rule) == [good, good], bad
+    assert valid_records([], *rule) == []
 
 
 def test_codec_round_trip_of_resolved_probes(exe: Path) -> None:

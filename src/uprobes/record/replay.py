@@ -4,11 +4,11 @@ Hits the run wrote as JSON come back as they were. Ring records become hits
 as the live reader makes them (engines/trapfree/reader.py): the same
 generated function per probe line (`direct_hit`), or the register set and
 stack window they stand for through the probe's `ArgFetcher`; stamped by
-the TSC rate measured at the end of the run. They are checked as the live
-reader checks them (a probe id of the run, a thread it traced, a CPU that
-exists, a time stamp inside the ring's life): the traced program could
-write its ring, and what it cannot have made is left out and counted in
-`corrupt`.
+the TSC rate measured at the end of the run. They are checked by the live
+reader's own rule, `valid_records` (a probe id of the run, a thread it
+traced, a CPU that exists, a time stamp inside the ring's life): the traced
+program could write its ring, and what it cannot have made is left out and
+counted in `corrupt`.
 """
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ from typing import Any, cast
 
 from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
 from uprobes.engines.trapfree.layout import (
-    CPU_BITS,
     CPU_MASK,
     REC_AUX,
     REC_PROBE,
-    REC_PROBE_HIGH,
     REC_TID,
     REC_TSC,
     REC_VALUES,
     RECORD,
 )
-from uprobes.engines.trapfree.reader import RecordedSite, direct_hit, regs_of
+from uprobes.engines.trapfree.reader import (
+    Make,
+    RecordedSite,
+    direct_hit,
+    regs_of,
+    valid_records,
+)
 from uprobes.engines.trapfree.recording import SKEW_S, Recipe
 from uprobes.errors import RecordingError
 from uprobes.model.event import Hit, ProbeInfo
@@ -41,9 +45,6 @@ from uprobes.record import stream
 from uprobes.record.codec import decode
 from uprobes.record.writer import EVENTS, FORMAT, META
 from uprobes.sys.clocks import ClockSnapshot
-
-Make = Callable[[tuple[int, ...], int, tuple[int, str]], Hit]
-_NODES_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Recording:
                 raise ValueError(f"a TSC rate of {scale} ns a tick")
             self._rate = (scale, _count(tsc["tsc0"]), _count(tsc["ns0"]))
         self._sites = [self._site(s) for s in meta["sites"]]
+        self._probe_ids = frozenset(range(len(self._sites)))
 
     @property
     def clock_start(self) -> ClockSnapshot:
@@ -211,12 +213,9 @@ class Recording:
         if self._rate is None:
             raise RecordingError(f"{self.directory}: ring records but no clock to read them by")
         skew = int(SKEW_S * 1e9 / self._rate[0])  # ticks, as the live reader's clock.ticks
-        lo, hi, n_sites, cpus = created - skew, now + skew, len(self._sites), self._cpus
         records = list(RECORD.iter_unpack(memoryview(payload)[stream.RING_HEAD.size:]))
-        good = [rec for rec in records
-                if rec[REC_PROBE] < n_sites and not rec[REC_PROBE_HIGH]
-                and (rec[REC_AUX] & CPU_MASK) < cpus and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
-                and lo <= rec[REC_TSC] <= hi and rec[REC_TID] in owners]
+        good = valid_records(records, self._probe_ids, self._cpus, owners,
+                             created - skew, now + skew)
         self.corrupt += len(records) - len(good)
         return [(rec, owners[rec[REC_TID]]) for rec in good]
 

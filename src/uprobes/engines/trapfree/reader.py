@@ -1,6 +1,8 @@
 """Reading the trap-free rings (ring.py): `Recorder` (records checked and
 turned back into hits, by a generated function per probe or through the
-probes' dispatch, or handed as they are to a `RawSink` for `record`).
+probes' dispatch, or handed as they are to a `RawSink` for `record`);
+`valid_records`, the one rule for which records a probe's code can have
+written (the replay of a recording takes records by it too).
 recording.py says what a probe records and builds the code that records
 it; layout.py the binary format both sides share.
 """
@@ -11,7 +13,8 @@ import operator
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, cast, runtime_checkable
@@ -369,30 +372,41 @@ class Recorder:
     def _valid(self, ring: Ring, batch: list[tuple[int, ...]],
                who: Callable[[int], tuple[int, str] | None],
                owners: dict[int, tuple[int, str] | None], now: int) -> list[tuple[int, ...]]:
-        """The records of `batch` that the probes' code can have written
-        (the program can write its ring too): a probe id of this ring, a
-        thread we trace (or traced), a CPU that exists, a time stamp between
-        the ring's making and `now` (TSC ticks). The rest are counted in
-        `corrupt`. `owners` gets (pid, comm) of each tid seen."""
-        get = operator.itemgetter
+        """`valid_records` of `batch`, read from `ring` at `now` (TSC ticks):
+        a probe id of this ring, a thread we trace (or traced). The rest are
+        counted in `corrupt`. `owners` gets (pid, comm) of each tid seen."""
         former = self._former
-        for tid in set(map(get(REC_TID), batch)) - owners.keys():
+        for tid in set(map(operator.itemgetter(REC_TID), batch)) - owners.keys():
             owners[tid] = who(tid) or former.get(tid)
-        skew = self._skew
-        if set(map(get(REC_PROBE), batch)) <= ring.probe_ids \
-                and not any(map(get(REC_PROBE_HIGH), batch)) \
-                and max(map(get(REC_AUX), batch)) < CPUS \
-                and ring.created - skew <= min(map(get(REC_TSC), batch)) \
-                and max(map(get(REC_TSC), batch)) <= now + skew \
-                and all(owners[tid] is not None for tid in set(map(get(REC_TID), batch))):
-            return batch  # the common case, checked column by column
-        lo, hi, ids = ring.created - skew, now + skew, ring.probe_ids
-        good = [rec for rec in batch
-                if rec[REC_PROBE] in ids and not rec[REC_PROBE_HIGH]
-                and (rec[REC_AUX] & CPU_MASK) < CPUS and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
-                and lo <= rec[REC_TSC] <= hi and owners[rec[REC_TID]] is not None]
+        good = valid_records(batch, ring.probe_ids, CPUS, owners,
+                             ring.created - self._skew, now + self._skew)
         self.corrupt += len(batch) - len(good)
         return good
+
+
+def valid_records(records: list[tuple[int, ...]], probe_ids: AbstractSet[int], cpus: int,
+                  owners: Mapping[int, tuple[int, str] | None], lo: int, hi: int
+                  ) -> list[tuple[int, ...]]:
+    """The records (as RECORD unpacks them) that the probes' code can have
+    written, the program being able to write its ring too: a probe id of
+    `probe_ids`, a thread `owners` names (not None), a CPU below `cpus` on a
+    NUMA node that can be, a time stamp from `lo` to `hi` (TSC ticks). The
+    live reader and the replay of a recording (record/replay.py) both take
+    records by this one rule."""
+    if not records:
+        return records
+    get = operator.itemgetter
+    if set(map(get(REC_PROBE), records)) <= probe_ids \
+            and not any(map(get(REC_PROBE_HIGH), records)) \
+            and max(map(get(REC_AUX), records)) < cpus \
+            and lo <= min(map(get(REC_TSC), records)) \
+            and max(map(get(REC_TSC), records)) <= hi \
+            and all(owners.get(tid) is not None for tid in set(map(get(REC_TID), records))):
+        return records  # the common case, checked column by column
+    return [rec for rec in records
+            if rec[REC_PROBE] in probe_ids and not rec[REC_PROBE_HIGH]
+            and (rec[REC_AUX] & CPU_MASK) < cpus and rec[REC_AUX] >> CPU_BITS < _NODES_MAX
+            and lo <= rec[REC_TSC] <= hi and owners.get(rec[REC_TID]) is not None]
 
 
 class ShapedLines:

@@ -41,7 +41,7 @@ since the hit, whose stamp is in a register: no state of the ring keeps a
 hit in our code longer than GIVE_UP_S. The reader keeps its own `tail`
 and lost count, puts back a `head` or `tail` no writer could leave, and
 takes a record for a hit only if a probe's code can have written it
-(`Recorder._valid`); what it leaves out is counted apart (`corrupt`) and
+(`valid_records`, reader.py); what it leaves out is counted apart (`corrupt`) and
 reported in one line.
 
 Threads (and forked children, which inherit the mapping) reserve slots with
