@@ -108,11 +108,6 @@ class RecordWriter:
         self._closed = True
         self._file.close()
         index = {id(p): i for i, p in enumerate(self.probes)}
-        for site in self._sites:  # lines the engine made itself (none today) join the list
-            for line in site.lines:
-                if id(line) not in index:
-                    index[id(line)] = len(self.probes)
-                    self.probes.append(line)
         meta = {
             "format": FORMAT,
             "complete": complete,

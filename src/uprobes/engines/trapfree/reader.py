@@ -204,7 +204,9 @@ def regs_of(site: RecordedSite, values: tuple[int, ...]) -> tuple[UserRegs, Stac
 @dataclass(frozen=True)
 class RawSite:
     """A probe id's meaning, for reading raw records later (record/replay.py):
-    the probe lines its records are hits of, what they recorded, where."""
+    the probe lines its records are hits of (the very objects the run was
+    asked to place: a recording names them by their index there), what they
+    recorded, where."""
 
     lines: tuple[ResolvedProbe, ...]
     recipe: Recipe
