@@ -111,14 +111,17 @@ class ThreadLife(TracerState):
         t.close()
 
     def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
+        if self._by is not None:
+            # Its keys are shown by pid or comm at the end; and known before
+            # it leaves `threads`, since a read in another thread keys its
+            # row (still owned until _thread_done) by what it finds here.
+            self._former_tasks[t.tid] = (t.pid, t.comm)
         self.threads.pop(t.tid, None)
         if self._recorder is not None:  # its last records may still be in a ring
             self._recorder.former(t.tid, t.pid, t.comm)
         self._forget(t)
         if self._jumps is not None:
             self._thread_done(t)
-        if self._by is not None:  # its keys are shown by pid or comm at the end
-            self._former_tasks[t.tid] = (t.pid, t.comm)
         if t.tid == t.pid:
             t.mm.release()
             self._orphans.released(t.mm)

@@ -58,6 +58,8 @@ class Teardown(TracerState):
         self._undo.close()  # the run's own steps (the rings' reader going)
         dead: list[int] = []
         for t in list(self.threads.values()):
+            if self._by is not None:  # its rows are read (and keyed) after `threads` is emptied
+                self._former_tasks[t.tid] = (t.pid, t.comm)
             try:
                 ptrace.detach(t.tid, t.resume_sig)
             except KernelError:
