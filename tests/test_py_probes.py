@@ -111,15 +111,17 @@ def test_ptrace_sees_what_the_kernel_sees(python: str) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_latency_pairs_calls_by_their_frame(engine: str) -> None:
-    """fib recurses (a frame per call, one thread's calls nested); boom never
-    returns, which leaves its entries abandoned, never mis-paired."""
+    """fib recurses (a frame per call, one thread's calls nested); two
+    generators run interleaved (their calls do not nest); boom never returns,
+    which leaves its entries abandoned, never mis-paired."""
     done = _uprobes("latency", "-e", engine, "--json", "py:__main__.fib", "py:__main__.boom",
-                    "--", "/usr/bin/python3.11", FIXTURE, "40")
+                    "py:__main__.gen", "--", "/usr/bin/python3.11", FIXTURE, "40")
     assert done.returncode == 0, done.stderr
-    own = _own(done.stdout, "COUNT")
+    own, returned = _own(done.stdout, "COUNT"), _own(done.stdout, "RETURNS")
     doc = json.loads(done.stdout[done.stdout.index("{"):])
     histograms = doc.get("histograms", doc)
     assert histograms["py/__main__.fib"]["count"] == own["fib"]
+    assert histograms["py/__main__.gen"]["count"] == returned["gen"] == own["gen"]
     assert "py/__main__.boom" not in histograms or \
         histograms["py/__main__.boom"]["count"] == 0
     never = re.search(r"(\d+) calls never returned, (\d+) still open at the end", done.stderr)
@@ -182,3 +184,43 @@ def test_resolve_shows_the_kernels_filter() -> None:
     counts = Counter(line.split()[1].split(":")[0] for line in lines if line.startswith("p:"))
     assert set(counts) == {os.path.realpath("/usr/bin/python3.11")} or \
         set(counts) == {"/usr/bin/python3.11"}
+
+
+def test_the_script_as_python_names_it() -> None:
+    """`python3.11 -u ./py_funcs.py`: an option before the script, and the
+    path kept as given (CPython joins it to the working directory, no more)."""
+    done = subprocess.run([*UPROBES, "count", "--json", "-e", "kernel", "py:__main__.work",
+                           "py:/usr/bin/python3.11:__main__.work", "--", "/usr/bin/python3.11",
+                           "-u", "./py_funcs.py", "20"],
+                          cwd=os.path.dirname(FIXTURE), capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    own, counted = _own(done.stdout, "COUNT"), _counted(done.stdout)
+    # two lines naming one function: two rows, each its own count
+    assert counted == {"py/__main__.work": own["work"], "py/__main__.work_2": own["work"]}
+
+
+def test_a_frozen_module() -> None:
+    """os and posixpath are frozen into the interpreter: their code's file is
+    `<frozen posixpath>`, not a path."""
+    code = "import os\nfor _ in range(50):\n    os.path.join('a', 'b')\n"
+    done = _uprobes("count", "--json", "-e", "kernel", "py:posixpath.join",
+                    "--", "/usr/bin/python3.11", "-c", code)
+    assert done.returncode == 0, done.stderr
+    assert _counted(done.stdout)["py/posixpath.join"] >= 50
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_record_then_report_times_py_calls(engine: str, tmp_path: Path) -> None:
+    """A recording's report pairs a py: function's calls by their frames."""
+    out = tmp_path / "rec"
+    done = _uprobes("record", "-e", engine, "-o", str(out), "py:__main__.fib",
+                    "r py:__main__.fib", "--", "/usr/bin/python3.11", FIXTURE, "20")
+    assert done.returncode == 0, done.stderr
+    own = _own(done.stdout, "COUNT")
+    report = _uprobes("report", "--json", str(out))
+    assert report.returncode == 0, report.stderr
+    doc = json.loads(report.stdout)
+    assert doc["counts"]["py/__main__.fib"] == own["fib"]
+    assert doc["latency"]["py/__main__.fib"]["count"] == own["fib"]
+    assert doc["unpaired_returns"] == 0 and doc["never_returned"] == 0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
-from uprobes.lang.ast import ProbeKind, ProbeSpec
+from uprobes.lang.ast import ProbeKind, ProbeSpec, PyTarget
 from uprobes.lang.render import render
 from uprobes.model.event import Event
 from uprobes.session import Session
@@ -119,7 +119,8 @@ def build_session(config: AgentConfig, metrics: Metrics, executables: Executable
         timed_entry = not spec.is_return and entries.get(fkey) is probe
         timed_return = spec.is_return and fkey in entries
         line = probe.line
-        if timed_entry:
+        if timed_entry and not isinstance(spec.target, PyTarget):
+            # (a py: function's probes fetch the frame that pairs its calls)
             line += f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
         handler = _handler(probe, metrics, executables, pairer, timed_entry,
                            entries[fkey] if timed_return else None, on_call)

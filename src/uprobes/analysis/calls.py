@@ -28,9 +28,11 @@ abandoned, never mis-paired, when the events say enough:
 
 Calls whose events carry the frame they run in (`__frame`: a `py:`
 function's interpreter frame, which its entry and its return both fetch)
-pair by it instead, whatever their functions: a thread's open calls are one
-stack, a return closes the newest entry of its frame, and the entries above
-that one were left without returning (an exception unwound through them).
+pair by it instead, whatever their functions and their order: coroutines
+and generators interleave their calls in one thread. An entry at a frame
+where a call is still open means that call was left without returning (an
+exception unwound through it, and the frame's memory was used again):
+it is counted as abandoned.
 
 A return with no entry (the call began before the probes were in) is
 counted and skipped.
@@ -57,10 +59,6 @@ def _frame(ev: Event) -> int | None:
     return frame if isinstance(frame, int) else None
 
 
-_FRAMES = -1
-"""The key of a thread's stack of calls paired by frame (no `ip` is -1)."""
-
-
 def _ra(ev: Event) -> int | None:
     ra = ev.args.get(RA_ARG)
     return ra if isinstance(ra, int) else None
@@ -74,10 +72,15 @@ class CallPairer:
     unpaired_returns: int = 0
     abandoned: int = 0
     _open: dict[tuple[int, int, int], list[Event]] = field(default_factory=dict)
+    _frames: dict[tuple[int, int], Event] = field(default_factory=dict)
+    """Calls paired by frame: (pid, frame) -> the open call's entry."""
 
     def entry(self, ev: Event) -> None:
-        if _frame(ev) is not None:
-            self._open.setdefault((ev.pid, ev.tid, _FRAMES), []).append(ev)
+        frame = _frame(ev)
+        if frame is not None:
+            if self._frames.pop((ev.pid, frame), None) is not None:
+                self.abandoned += 1  # its frame is another call's now
+            self._frames[(ev.pid, frame)] = ev
             return
         stack = self._open.setdefault((ev.pid, ev.tid, ev.ip), [])
         sp = _sp(ev)
@@ -113,15 +116,10 @@ class CallPairer:
         return stack.pop()
 
     def _frame_ret(self, ev: Event, frame: int) -> Event | None:
-        stack = self._open.get((ev.pid, ev.tid, _FRAMES), [])
-        at = next((i for i in range(len(stack) - 1, -1, -1) if _frame(stack[i]) == frame),
-                  None)
-        if at is None:
+        start = self._frames.pop((ev.pid, frame), None)
+        if start is None:
             self.unpaired_returns += 1
-            return None
-        self.abandoned += len(stack) - 1 - at  # left by an exception
-        del stack[at + 1:]
-        return stack.pop()
+        return start
 
     def route(self, ev: Event, calls: frozenset[str]) -> Event | bool:
         """What a trace file does with `ev`: True, the entry of a call
@@ -138,21 +136,24 @@ class CallPairer:
 
     @property
     def threads(self) -> int:
-        """(thread, function) pairs with calls open or once opened: what memory grows with."""
-        return len(self._open)
+        """(thread, function) pairs with calls open or once opened, and calls
+        open by frame: what memory grows with."""
+        return len(self._open) + len(self._frames)
 
     def give_up(self) -> None:
         """Forget every open call (counted as abandoned): a long run's bound
         on threads that ended mid-call."""
-        self.abandoned += sum(len(stack) for stack in self._open.values())
+        self.abandoned += sum(len(stack) for stack in self._open.values()) + len(self._frames)
         self._open.clear()
+        self._frames.clear()
 
     @property
     def open_calls(self) -> int:
         """Entries whose return has not been seen (yet)."""
-        return sum(map(len, self._open.values()))
+        return sum(map(len, self._open.values())) + len(self._frames)
 
     def still_open(self) -> Iterator[Event]:
         """Entries whose return has not been seen (yet)."""
         for stack in self._open.values():
             yield from stack
+        yield from self._frames.values()

@@ -16,7 +16,7 @@ from uprobes.analysis.histogram import Histogram
 from uprobes.commands.replay import open_recording, report_damage
 from uprobes.commands.selection import add_filter_arguments
 from uprobes.errors import UsageError
-from uprobes.model.event import Hit, hit_event
+from uprobes.model.event import FRAME_ARG, Hit, hit_event
 from uprobes.render.counts import ranked, write_count_table
 from uprobes.render.histogram import UNITS, histogram_doc, write_histograms
 
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     counts: Counter[str] = Counter({name: 0 for name in rec.infos})
     histograms: dict[str, Histogram] = {name: Histogram() for name in sorted(rec.calls)}
     infos, calls = rec.infos, frozenset(rec.calls)
-    marked = any(n in (SP_ARG, RA_ARG) for info in infos.values() for n, _ in info.args)
+    marked = any(n in (SP_ARG, RA_ARG, FRAME_ARG) for info in infos.values()
+                 for n, _ in info.args)
     pairer: CallPairer | _Stacks = CallPairer() if marked else _Stacks()
     returns = frozenset(name for name, info in infos.items() if info.kind == "r")
     for batch in rec.batches(keep):

@@ -199,10 +199,14 @@ def make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None
 
 
 def call_entries(probes: list[ResolvedProbe]) -> set[str]:
-    """Names of the entry probes on a function that also has a return probe."""
+    """Names of the entry probes on a function that also has a return probe
+    (a `py:` function's are told by their names: its entry and return are
+    at different places of the eval loop)."""
     returns = {p.key for p in probes if p.is_return}
-    return {p.name for p in probes
-            if not p.is_return and p.key in returns and p.symbol_offset == 0}
+    named = {p.name for p in probes if p.is_return and p.alias is not None}
+    return {p.name for p in probes if not p.is_return and (
+        p.key in returns and p.symbol_offset == 0
+        or p.alias is not None and f"{p.name}%return" in named)}
 
 
 def run_trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,

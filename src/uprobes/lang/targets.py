@@ -141,7 +141,8 @@ def _parse_usdt(token: str) -> UsdtTarget:
     return UsdtTarget(path, provider, name)
 
 
-_PY_NAME = re.compile(r"[A-Za-z_*?\[][\w.*?\[\]<>!-]*")
+_PY_NAME = re.compile(r"[A-Za-z_*?\[][\w.*?\[\]<>-]*")
+"""(no `!`: a kernel glob reads a leading one as "not", fnmatch as itself)"""
 
 
 def _parse_python(token: str) -> tuple[Target, bool]:

@@ -104,15 +104,31 @@ def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str
     for m in procfs.maps(target):
         if not m.executable or not m.path.startswith("/"):
             continue
-        try:
-            ref = file(m.path) if where is None else _mapped(target, m)
-            if _has_eval_loop(image(ref)):
-                return ref, target
-        except UprobesError:
-            continue
+        found = _interpreter_mapped(target, m, file, image, by_name=where is None)
+        if found is not None:
+            return found, target
     procfs.check_live(target)
     raise ResolveError(f"process {target} runs no CPython (no file it maps has "
                        "_PyEval_EvalFrameDefault)")
+
+
+def _interpreter_mapped(pid: int, m: procfs.Mapping, file: Callable[[str], FileRef],
+                        image: Callable[[FileRef], ElfImage], by_name: bool) -> FileRef | None:
+    """The file of mapping `m` if an eval loop is in it: by its name as the
+    process sees it (`by_name`), else (or replaced on disk since, or out of
+    reach) the very file it maps."""
+    ways: list[Callable[[], FileRef]] = [lambda: file(m.path)] if by_name else []
+    ways.append(lambda: _mapped(pid, m))
+    for way in ways:
+        try:
+            ref = way()
+        except UprobesError:
+            continue
+        try:
+            return ref if _has_eval_loop(image(ref)) else None
+        except UprobesError:
+            return None
+    return None
 
 
 def _libpython(program: ElfImage, file: Callable[[str], FileRef]) -> FileRef | None:
@@ -130,8 +146,9 @@ def _libpython(program: ElfImage, file: Callable[[str], FileRef]) -> FileRef | N
                         needed.append(str(getattr(tag, "needed", "")))
                     elif tag.entry.d_tag in ("DT_RUNPATH", "DT_RPATH"):
                         text = str(getattr(tag, "runpath", None) or getattr(tag, "rpath", ""))
-                        paths += text.replace("$ORIGIN", os.path.dirname(program.path)) \
-                            .split(":")
+                        origin = os.path.dirname(program.path)
+                        paths += text.replace("${ORIGIN}", origin) \
+                            .replace("$ORIGIN", origin).split(":")
     except (ELFError, ELFParseError, OSError, UprobesError):
         return None
     for name in (n for n in needed if n.startswith("libpython")):
@@ -174,28 +191,55 @@ def read_interpreter(ref: FileRef, image: ElfImage) -> Interpreter:
 
 def main_script(pid: int | None, argv: Sequence[str] | None) -> str | None:
     """The script process `pid` runs, or else the command `argv` will
-    (`python3 app.py`: its absolute path, as CPython names `__main__`'s
-    code), or None."""
+    (`python3 app.py`: the path joined to the working directory, not
+    normalized, as CPython names `__main__`'s code), or None: `-c`, `-m`,
+    stdin, or a path that is not there (a process that has changed
+    directory since: its start's is not known)."""
     if pid is not None:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
             cwd = os.readlink(f"/proc/{pid}/cwd")
+            root = f"/proc/{pid}/root"
         except OSError:
             return None
     elif argv:
-        args, cwd = list(argv), os.getcwd()
+        args, cwd, root = list(argv), os.getcwd(), ""
     else:
         return None
-    options_with_value = {"-W", "-X", "-Q"}
-    i = 1
-    while i < len(args) and args[i].startswith("-"):
-        if args[i] in ("-c", "-m", "-"):
-            return None
-        i += 2 if args[i] in options_with_value else 1
-    if i >= len(args) or not args[i]:
+    script = _script_argument(args[1:])
+    if script is None:
         return None
-    return os.path.normpath(os.path.join(cwd, args[i]))
+    path = os.path.join(cwd, script)
+    return path if os.path.isfile(root + path) else None
+
+
+_VALUED_OPTIONS = "WXQ"
+"""CPython's one-letter options that take a value (`-W error`, `-Xdev`)."""
+_VALUED_LONG = ("--check-hash-based-pycs",)
+
+
+def _script_argument(args: Sequence[str]) -> str | None:
+    """The script among CPython's arguments (after its own options), or
+    None when the code comes from elsewhere (`-c`, `-m`, `-`)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "-":
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            i += arg in _VALUED_LONG
+            continue
+        for at, letter in enumerate(arg[1:], 1):
+            if letter in "cm":
+                return None  # the rest is the command or the module
+            if letter in _VALUED_OPTIONS:
+                i += at == len(arg) - 1  # its value is the next argument
+                break
+    if i >= len(args) or args[i] in ("", "-"):
+        return None
+    return args[i]
 
 
 def name_guard(name: str, script: str | None) -> str:
@@ -210,10 +254,12 @@ def name_guard(name: str, script: str | None) -> str:
         if module == ["__main__"]:
             files = f"file == {_quoted(script)}" if script else None
         else:
-            # (CPython makes the files of imported modules absolute)
+            # (CPython makes the files of imported modules absolute; those
+            # frozen into the interpreter, as os and posixpath, are named so)
             path = "/".join(module)
             files = " || ".join(f"file ~ {_quoted(glob)}" for glob in
-                                (f"*/{path}.py", f"*/{path}/__init__.py"))
+                                (f"*/{path}.py", f"*/{path}/__init__.py")) + \
+                f" || file == {_quoted('<frozen ' + '.'.join(module) + '>')}"
         alternatives.append(f"({names} && ({files}))" if files else f"({names})")
     return " || ".join(alternatives)
 
@@ -270,8 +316,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             link_addr=link_addr, guard=guard, alias=alias + ("%return" if spec.is_return
                                                              else ""),
             notes=() if script or not _names_main(t.name) or out else (
-                f"py:{t.name}: without a process or a command the main script is not "
-                "known: __main__ matches the name in any file",)))
+                f"py:{t.name}: the main script is not known (no process or command, or "
+                "code from -c, -m or stdin): __main__ matches the name in any file",)))
     return out
 
 

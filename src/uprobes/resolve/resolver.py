@@ -132,8 +132,14 @@ class Resolver:
     def _resolve_all(self, specs: list[ProbeSpec]) -> list[ResolvedProbe]:
         out: list[ResolvedProbe] = []
         used: set[str] = set()
-        for spec in specs:
+        aliases: dict[str, int] = {}  # a shared display name -> the spec it is of
+        for index, spec in enumerate(specs):
             for p in self.resolve(spec):
+                if p.alias is not None:  # the places of one function, one name per spec
+                    alias, n = p.alias, 2
+                    while aliases.setdefault(alias, index) != index:
+                        alias, n = f"{p.alias}_{n}", n + 1
+                    p = replace(p, alias=alias)
                 name, n = p.event, 1
                 while f"{p.group}/{name}" in used:
                     suffix = f"_{n}"
@@ -334,7 +340,10 @@ class Resolver:
         key = (ref.dev, ref.ino)
         if key not in self._interpreters:
             self._interpreters[key] = read_interpreter(ref, self.image(ref))
-        argv = self.argv if t.where is None else None
+        by_file = t.where is not None and not t.where.isdigit()
+        if pid is None and by_file:
+            pid = self.pid  # an interpreter named by its file, in the process of -p
+        argv = self.argv if t.where is None or by_file else None  # (or the command's)
         return py_probes(spec, t, self._interpreters[key], main_script(pid, argv))
 
     def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:

@@ -300,7 +300,7 @@ class KernelCounter:
                     return  # the thread ended before we reached it
                 raise
             site.fds.append(fd)
-            guard = site.whole.guard
+            guard = _guard_filter(site.whole)
             text = " && ".join(f"({t})" for t in (selector, user, guard)
                                if isinstance(t, str) and t)
             if text:
@@ -501,3 +501,16 @@ def _remove_group_at_once(group: ProbeGroup) -> None:
     group.events.clear()
     if group.tracefs.events_of_group(group.name):
         remove_run_group(group)
+
+
+def _guard_filter(probe: ResolvedProbe) -> str | None:
+    """`probe`'s guard in the kernel's filter language (its strings are
+    spelled otherwise than ours), or None when it has none."""
+    guard = with_guard(None, probe)
+    if guard is None:
+        return None
+    text = guard.kernel_filter()
+    if text is None:
+        raise EngineError(f"{probe.name}: the kernel cannot say this probe's filter "
+                          f"({guard.text}); -e ptrace can")
+    return text

@@ -262,7 +262,8 @@ class KernelTracer:
             return
         text = cond.kernel_filter()
         if text is None:
-            why = self.hit_filter.why_not_kernel() if self.hit_filter else "no kernel spelling"
+            why = self.hit_filter.why_not_kernel() if self.hit_filter \
+                else cond.why_not_kernel() or "no kernel spelling"
         elif "comm" in cond.fields and any(COMM_FIELD not in kp.line for kp in members):
             why = f"{members[0].info.name} has no room for the hidden {COMM_FIELD} field"
         else:

@@ -208,6 +208,7 @@ class Attach(TracerState):
             delta = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
             if delta is not None:
                 site.ret_func = addr - delta
+                site.ret_in_place = _guarded(probe)
         except (PlacementRefused, relocate.UnsupportedInstruction, MemoryFault) as e:
             self._refuse(probe, str(e))
 
@@ -405,5 +406,6 @@ class Attach(TracerState):
 
 
 def _guarded(probe: Probe) -> bool:
-    """Whether a line at `probe` has a guard (model/probe.py): a `py:` function's."""
+    """Whether the probe at this place has a guard (model/probe.py): a `py:`
+    function's, whose places are the eval loop's, where no other probe is."""
     return probe.point.guard is not None

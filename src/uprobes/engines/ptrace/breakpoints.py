@@ -43,6 +43,7 @@ class Site:
     file_base: int
     internal: str = ""
     ret_func: int | None = None  # a return probe on this `ret`: its function's entry
+    ret_in_place: bool = False  # on a return that is no `ret` (a py: function's): seen before
 
     def in_slot(self, runtime_addr: int) -> bool:
         return self.slot_addr <= runtime_addr < self.slot_addr + max(len(self.plan.code), 1)

@@ -182,7 +182,8 @@ class RunLoop(TracerState):
                         self.counts[name] += 1
                     else:
                         dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
-                if site.ret_func is not None and site.plan.emulate(regs, mm.mem):
+                if site.ret_func is not None and not site.ret_in_place \
+                        and site.plan.emulate(regs, mm.mem):
                     # A probe on a ret: handlers see the state after it, as a uretprobe's.
                     name = self._counting.get(probe.ret_dispatch)
                     if name is not None:
@@ -193,7 +194,7 @@ class RunLoop(TracerState):
                     ptrace.setregs(tid, regs)
                     self._resume(t)
                     return
-                if site.ret_func is not None:
+                if site.ret_in_place:
                     # A return site that is no `ret` (a py: function's return in
                     # the eval loop): handlers see the state before it, as the
                     # kernel engine's probe there does.
@@ -203,7 +204,7 @@ class RunLoop(TracerState):
                     else:
                         probe.ret_dispatch(PtraceHit(t, regs, probe, "r", bp, site.ret_func,
                                                      site.file_base))
-                elif probe.ret_dispatch is not NO_HANDLER \
+                elif probe.ret_dispatch is not NO_HANDLER and site.ret_func is None \
                         and mm.areas:
                     area = mm.area_of(site.slot_addr) or mm.areas[0]
                     self._taken(mm, "returns")
