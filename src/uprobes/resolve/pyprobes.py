@@ -34,6 +34,7 @@ RETURN_VALUE its end).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str
     the command a run starts)."""
     if where is None and pid is None and argv:
         where = argv[0]
+        _check_runs_itself(where)
     if where is not None and not where.isdigit():
         ref = file(where)
         if _has_eval_loop(image(ref)):
@@ -110,6 +112,26 @@ def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str
     procfs.check_live(target)
     raise ResolveError(f"process {target} runs no CPython (no file it maps has "
                        "_PyEval_EvalFrameDefault)")
+
+
+def _check_runs_itself(program: str) -> None:
+    """The command's program, when found on PATH, is the interpreter itself,
+    not a wrapper script (a pyenv shim) that runs another one, which the
+    probes, placed in the first ELF file of that name, would never see."""
+    if "/" in program:
+        return
+    found = shutil.which(program)
+    if found is None:
+        return
+    try:
+        with open(found, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return
+    if magic != b"\x7fELF":
+        raise ResolveError(f"{program} on PATH is {found}, a script that starts another "
+                           "interpreter: name the interpreter itself (its path) in the command "
+                           "or as py:PATH:MODULE.NAME")
 
 
 def _interpreter_mapped(pid: int, m: procfs.Mapping, file: Callable[[str], FileRef],
