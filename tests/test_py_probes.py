@@ -242,3 +242,22 @@ def test_a_wrapper_script_on_path_is_named(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert f"python3.11 on PATH is {shim}, a script" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_stacks_at_a_py_function_show_it_innermost() -> None:
+    """At a py: entry the function's frame is made but has run nothing yet
+    (CPython's tracebacks leave such a frame out): the stack still ends in
+    it, at its `def` line, under its caller's line."""
+    done = _uprobes("stacks", "--python", "--folded", "py:__main__.work",
+                    "--", "/usr/bin/python3.11", FIXTURE, "5")
+    assert done.returncode == 0, done.stderr
+    source = Path(FIXTURE).read_text().splitlines()
+    def_line = source.index("def work(i):") + 1
+    stacks = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1])
+              for line in done.stdout.splitlines() if line.startswith("python3.11;")}
+    leaves = {stack.split(";")[-1] for stack in stacks}
+    assert leaves == {f"work (py_funcs.py:{def_line})"}, stacks
+    own = _own(done.stdout, "COUNT")
+    assert sum(stacks.values()) == own["work"]
+    assert any(stack.endswith(f";Job.run (py_funcs.py:{def_line + 10});work (py_funcs.py:"
+                              f"{def_line})") for stack in stacks), stacks

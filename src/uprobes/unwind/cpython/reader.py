@@ -185,9 +185,13 @@ class PythonStacks:
                                                             read, lay)
             index = (_u64(blob, instr_at) - (code_addr + code_start)) // 2
             # A frame being set up has not reached its first traceable
-            # instruction; CPython leaves it out of tracebacks too.
+            # instruction; CPython leaves it out of tracebacks too. But the
+            # innermost one at a py: function's entry (the eval loop's RESUME)
+            # is the function being called: shown at its first line.
             if blob[owner_at] == generator or index >= code.firsttraceable:
                 group.append(code.frame(index))
+            elif not group and not groups:
+                group.append(code.frame(code.firsttraceable))
             if blob[entry_at]:
                 groups.append(tuple(group))
                 group = []
