@@ -429,3 +429,23 @@ def test_usdt_semaphore_is_set_only_while_traced(tracefs: Path, compile_c: Compi
     assert launched.returncode == 0, launched.stderr
     assert launched.stderr.count("semaphore=1") == 4  # the fixture prints it when set
     assert last_json(launched.stdout) == {"demo/tick": 4}
+
+
+def test_live_counts_after_close_are_the_final_counts(target: Path) -> None:
+    """A reader in another thread (the agent's scrape) may ask after the
+    counter closed: it gets the final counts, never zeros or a closed fd."""
+    from uprobes.engines.base import Request, open_counter
+    from uprobes.engines.launch import launch
+    from uprobes.lang import parse
+    from uprobes.resolve.resolver import Resolver
+
+    probes = Resolver().resolve_all([parse(f"{target}:add")])  # type: ignore[list-item]
+    child = launch([str(target), "300"])
+    counter = open_counter(Request(probes, "kernel", child=child.pid))
+    with counter:
+        child.release()
+        counter.count(None)
+        final = counter.counts
+    assert final == {"uprobes/add": 300}
+    assert counter.live_counts() == final
+    assert child.wait() == 0

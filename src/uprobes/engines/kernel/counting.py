@@ -43,6 +43,7 @@ import errno
 import itertools
 import os
 import select
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -135,6 +136,9 @@ class KernelCounter:
         self._seen: set[int] = set()
         self._base: dict[str, list[int]] = {}  # uprobe_profile hits per event at the start
         self._frozen: dict[str, int] | None = None
+        # Held by a read of the counters and by close(): a read from another
+        # thread (`live_counts`) never meets a closed fd, nor reads zeros after.
+        self._reading = threading.Lock()
         self._watched: list[int] = []  # pidfds of the processes of -p
         self.exited: int | None = None
         """The process that ended while its probes were placed: placing
@@ -400,6 +404,10 @@ class KernelCounter:
         """Hits per probe (display name) so far, every placed probe listed
         (a return probe on its rets: the sum of its sites); read from the
         kernel at each use."""
+        with self._reading:
+            return self._read_counts()
+
+    def _read_counts(self) -> dict[str, int]:
         if self._frozen is not None:
             return dict(self._frozen)
         out: dict[str, int] = {}
@@ -453,14 +461,20 @@ class KernelCounter:
     def close(self) -> None:
         """Close every perf fd (the kernel unregisters each event's uprobes,
         one set of grace periods per event), then remove our tracefs events
-        in one write. Safe to call twice."""
+        in one write. Safe to call twice. The counts are kept as they were."""
         first: BaseException | None = None
-        for event in self._events:
-            try:
-                event.close()
-            except OSError as e:
-                first = first or e
-        self._events = []
+        with self._reading:
+            if self._frozen is None and self._events:
+                try:
+                    self._frozen = self._read_counts()
+                except (OSError, UprobesError):
+                    pass  # what cannot be read now was not counted
+            for event in self._events:
+                try:
+                    event.close()
+                except OSError as e:
+                    first = first or e
+            self._events = []
         for fd in self._watched:
             if fd >= 0:
                 os.close(fd)
