@@ -8,8 +8,10 @@ which uprobes' figure is held against (never a figure written here)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -356,3 +358,84 @@ def test_a_read_while_a_thread_exits_keys_its_row_by_its_pid(timed: Path) -> Non
     for got in seen:
         assert list(got.histograms) == [f"uprobes/tiny pid={rounds.proc.pid}"], got
         assert got.histograms[f"uprobes/tiny pid={rounds.proc.pid}"].count >= 500
+
+
+@pytest.mark.parametrize(("by", "who"), [("pid", "1"), ("comm", "0"), ("comm", "1")])
+def test_calls_before_an_exec_keep_their_key(timed: Path, by: str, who: str) -> None:
+    """The main thread and 3 threads make 1000 calls each; then, all alive,
+    one of them execs the program again (`tiny 1000`: 1000 calls more): the
+    main thread (who=0) or another (who=1). The exec ends the other threads
+    and the kernel reports no exit for the thread that exec'd under its
+    former tid: its calls (and the main thread's) are still keyed as they
+    were made, under the pid and the comm before the exec (never pid=0 or
+    comm=?, nor the comm of the new image for the calls of the old)."""
+    run = _latency("--json", "--by", by, f"{timed}:tiny", "--", str(timed), "execs", "1000",
+                   "3", who)
+    doc, said = _json(run)
+    assert said["before_exec"] == "4000" and said["calls"] == "1000", run.stdout
+    got = {name: h["count"] for name, h in doc.items()}
+    if by == "pid":
+        assert got == {f"uprobes/tiny pid={said['pid']}": 5000}, got
+    else:  # executed as /proc/self/exe: the new image's comm is `exe`
+        assert got == {f"uprobes/tiny comm={timed.name[:15]}": 4000, "uprobes/tiny comm=exe": 1000}
+
+
+def test_a_thread_collected_by_another_wait_releases_its_row(timed: Path) -> None:
+    """`--by pid`: the traced program is also our child, and a wait of ours
+    outside the tracer collects its exit (here: killed and waited for just
+    as the timer detaches), while the tracer's thread has no other child
+    left (its orphan reaper, a child for the whole run, was killed). The
+    tracer then finds nothing to wait for: the thread it still lists is
+    gone as if its exit had been seen, its 1000 calls keyed by its pid (not
+    pid=0) and its timing row free. The timer runs in a thread of its own,
+    whose only children are the reapers it starts."""
+    rounds = Rounds(timed, "1000", by="pid")
+    timer = rounds.timer
+    tracer: Any = timer  # the engine's own class, under the Timer role
+    quiesce = tracer._quiesce  # the detach's first step
+    collected: list[int] = []
+    got: list[Latencies] = []
+    failed: list[BaseException] = []
+
+    def collect_then_quiesce(interrupt: bool = True) -> None:
+        if not collected:
+            me = threading.get_native_id()
+            for child in Path(f"/proc/self/task/{me}/children").read_text().split():
+                collected.append(int(child))
+                os.kill(int(child), signal.SIGKILL)
+                _collect(int(child))
+            rounds.proc.kill()
+            rounds.proc.wait(timeout=60)  # collects its exit before the tracer can
+            collected.append(rounds.proc.pid)
+        quiesce(interrupt)
+
+    def run() -> None:
+        try:
+            with timer:
+                assert rounds.round() == 1000
+                tracer._quiesce = collect_then_quiesce
+            got.append(timer.latencies())
+        except BaseException as e:
+            failed.append(e)
+
+    runner = threading.Thread(target=run, name="tracer")
+    try:
+        with killed_after(rounds.proc):
+            runner.start()
+            runner.join(timeout=300)
+    finally:
+        rounds.close()
+    assert not runner.is_alive() and not failed, failed
+    assert len(collected) >= 2, collected  # a reaper and the program
+    assert {name: h.count for name, h in got[0].histograms.items()} \
+        == {f"uprobes/tiny pid={rounds.proc.pid}": 1000}
+    blocks = vars(timer)["_jumps"].timing
+    assert blocks and all(not block.by_owner([0]) for block in blocks)  # no row still owned
+
+
+def _collect(pid: int) -> None:
+    """Wait (60 s at most) for our child `pid`, killed, to exit; collect it."""
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        assert time.monotonic() < deadline, f"{pid} did not exit within 60 s"
+        time.sleep(0.01)

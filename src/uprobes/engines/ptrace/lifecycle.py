@@ -62,10 +62,21 @@ class ThreadLife(TracerState):
                 self._resume(new)
 
     def _exec(self, t: Thread, former: int) -> None:
+        if t.comm_cached:
+            # /proc has the new image's comm already: what the old image left
+            # under `t`'s tid is keyed by the comm read before (read anew below).
+            t.comm_at = time.monotonic_ns()
+        # The exec ended every other thread of the process. A thread other
+        # than the leader that exec'd took the leader's tid (`t`): no exit is
+        # reported for its former tid; the others' exits came before this
+        # event, but any still listed is gone too. Each goes as an exited
+        # thread does, and the old image's rows under `t`'s tid are released.
         if former != t.tid and former in self.threads:
-            self._forget(self.threads.pop(former))
+            self._release(self.threads[former])
         for other in [o for o in self.threads.values() if o.pid == t.pid and o is not t]:
-            self._forget(self.threads.pop(other.tid))
+            self._release(other)
+        if self._jumps is not None:
+            self._thread_done(t)
         retprobes.release(t.returns, t.mm.ret_table)
         t.mm.release()
         self._orphans.released(t.mm)
@@ -110,7 +121,10 @@ class ThreadLife(TracerState):
         retprobes.release(t.returns, t.mm.ret_table)
         t.close()
 
-    def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
+    def _release(self, t: Thread) -> None:
+        """A thread that is gone (exited, ended by an exec, or collected by
+        another wait): out of `threads`, what it left keyed as its own, its
+        timing rows free for a new thread."""
         if self._by is not None:
             # Its keys are shown by pid or comm at the end; and known before
             # it leaves `threads`, since a read in another thread keys its
@@ -122,6 +136,9 @@ class ThreadLife(TracerState):
         self._forget(t)
         if self._jumps is not None:
             self._thread_done(t)
+
+    def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
+        self._release(t)
         if t.tid == t.pid:
             t.mm.release()
             self._orphans.released(t.mm)
@@ -169,10 +186,10 @@ class ThreadLife(TracerState):
                 pause = min(pause * 2, _POLL_MAX_S)
                 continue
             pause = _POLL_MIN_S
-            if tid < 0:
+            if tid < 0:  # none left to wait for: the threads not stopped were collected elsewhere
                 for gone in list(self.threads.values()):
                     if not gone.stopped:
-                        self.threads.pop(gone.tid)
+                        self._release(gone)
                 break
             status = ptrace.decode(raw)
             found = self.threads.get(tid)
