@@ -261,3 +261,18 @@ def test_stacks_at_a_py_function_show_it_innermost() -> None:
     assert sum(stacks.values()) == own["work"]
     assert any(stack.endswith(f";Job.run (py_funcs.py:{def_line + 10});work (py_funcs.py:"
                               f"{def_line})") for stack in stacks), stacks
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_text_lines_leave_the_engines_own_fields_out(engine: str) -> None:
+    """`__frame` and `__py_oparg` pair and filter the calls: JSON has them,
+    a text line shows the function's own values only."""
+    done = _uprobes("trace", "-e", engine, "py:__main__.Job.run", "r py:__main__.Job.run",
+                    "--", "/usr/bin/python3.11", FIXTURE, "3")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if ": __main__.Job.run" in line]
+    assert len(lines) == 2, done.stdout
+    assert lines[0].endswith(f'(0x{lines[0].split("(0x")[1].split(")")[0]}) '
+                             f'qualname="Job.run" file="{FIXTURE}" line=26')
+    assert lines[1].endswith(f'qualname="Job.run" file="{FIXTURE}" type="int"')
+    assert "__" not in lines[0].split(": ", 2)[2] + lines[1].split(": ", 2)[2]

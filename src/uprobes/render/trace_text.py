@@ -57,10 +57,16 @@ def _scalar(value: int | str | None, ftype: FetchType) -> str:
     return str(unsigned)  # u*, and bitfields (printed as their u* container)
 
 
+HIDDEN_PREFIX = "__"
+"""Fetchargs named so are the engine's own (a py: function's frame and
+RESUME argument, latency's stack pointer): JSON has them, text lines not."""
+
+
 def format_args(event: Event, info: ProbeInfo) -> str:
-    """` name=value` for every argument, as trace_probe_print_args() writes them."""
+    """` name=value` for every argument, as trace_probe_print_args() writes
+    them (the hidden ones left out)."""
     return "".join(f" {name}={format_value(event.args.get(name), ftype)}"
-                   for name, ftype in info.args)
+                   for name, ftype in info.args if not name.startswith(HIDDEN_PREFIX))
 
 
 def format_location(event: Event) -> str:
@@ -155,7 +161,8 @@ class _Template:
         where = f"({ip} <- {func})" if self.is_return else f"({ip})"
         codes = [_fast_code(t) for _, t in info.args]
         return (f"{comm}-{tid} [{cpu}] %5d.%06d: {event}: {where}"
-                + "".join(f" {name.replace('%', '%%')}={c or '%s'}"
+                + "".join("%.0s" if name.startswith(HIDDEN_PREFIX)  # (takes its value, shows none)
+                          else f" {name.replace('%', '%%')}={c or '%s'}"
                           for (name, _), c in zip(info.args, codes)) + "\n")
 
 
