@@ -43,10 +43,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from uprobes.model.event import FRAME_ARG, Event
+from uprobes.model.event import FRAME_ARG, RA_ARG, SP_ARG, Event
 
-SP_ARG = "__sp"
-RA_ARG = "__ra"
+__all__ = ["RA_ARG", "SP_ARG", "CallPairer"]
 
 
 def _sp(ev: Event) -> int | None:

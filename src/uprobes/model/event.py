@@ -22,6 +22,14 @@ FRAME_ARG = "__frame"
 """A fetcharg that names the frame a call runs in, which its entry and its
 return both fetch (a `py:` function's interpreter frame): they pair by it
 (analysis/calls.py)."""
+PY_OPARG_ARG = "__py_oparg"
+"""A `py:` entry's RESUME argument (0: a call starts), which its guard tests."""
+SP_ARG = "__sp"
+RA_ARG = "__ra"
+"""An entry's stack pointer and return address, which `latency` pairs calls by."""
+ENGINE_ARGS = frozenset({FRAME_ARG, PY_OPARG_ARG, SP_ARG, RA_ARG})
+"""Fetchargs the engines and commands add for themselves: `--json` has
+them, text lines leave them out."""
 MAX_ARGS = 128  # fetchargs per probe: MAX_TRACE_ARGS in kernel/trace/trace_probe.h
 
 ArgValue = int | str | None | list[int] | list[str | None]

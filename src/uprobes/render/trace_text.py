@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import TextIO
 
 from uprobes.lang.ast import FetchType
-from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import ENGINE_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelValue
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_text
@@ -57,16 +57,11 @@ def _scalar(value: int | str | None, ftype: FetchType) -> str:
     return str(unsigned)  # u*, and bitfields (printed as their u* container)
 
 
-HIDDEN_PREFIX = "__"
-"""Fetchargs named so are the engine's own (a py: function's frame and
-RESUME argument, latency's stack pointer): JSON has them, text lines not."""
-
-
 def format_args(event: Event, info: ProbeInfo) -> str:
     """` name=value` for every argument, as trace_probe_print_args() writes
-    them (the hidden ones left out)."""
+    them (those the engines add for themselves left out: `ENGINE_ARGS`)."""
     return "".join(f" {name}={format_value(event.args.get(name), ftype)}"
-                   for name, ftype in info.args if not name.startswith(HIDDEN_PREFIX))
+                   for name, ftype in info.args if name not in ENGINE_ARGS)
 
 
 def format_location(event: Event) -> str:
@@ -161,7 +156,7 @@ class _Template:
         where = f"({ip} <- {func})" if self.is_return else f"({ip})"
         codes = [_fast_code(t) for _, t in info.args]
         return (f"{comm}-{tid} [{cpu}] %5d.%06d: {event}: {where}"
-                + "".join("%.0s" if name.startswith(HIDDEN_PREFIX)  # (takes its value, shows none)
+                + "".join("%.0s" if name in ENGINE_ARGS  # (takes its value, shows none)
                           else f" {name.replace('%', '%%')}={c or '%s'}"
                           for (name, _), c in zip(info.args, codes)) + "\n")
 

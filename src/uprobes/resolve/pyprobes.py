@@ -48,7 +48,7 @@ from uprobes.lang.ast import FetchArg, ProbeSpec, PyTarget
 from uprobes.lang.condition import parse_condition
 from uprobes.lang.grammar import parse_args
 from uprobes.lang.names import c_identifier
-from uprobes.model.event import FRAME_ARG
+from uprobes.model.event import FRAME_ARG, PY_OPARG_ARG
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.resolve.paths import FileRef, file_ref
 from uprobes.resolve.pydwarf import debug_file_for
@@ -59,9 +59,9 @@ from uprobes.sys import procfs
 GROUP = "py"
 ENTRY_HANDLERS = ("RESUME", "RESUME_QUICK")
 RETURN_HANDLER = "RETURN_VALUE"
-_OPARG = "__py_oparg"
+_OPARG = PY_OPARG_ARG
 """The guard's field: RESUME's oparg (0: a call starts; 1-3: a generator or
-coroutine resumed). Hidden: its name starts with `__`."""
+coroutine resumed)."""
 MAX_GUARD = 3000
 """Bytes of a guard: the kernel takes a filter of at most a page."""
 _TYPE_NAME = 0x18
@@ -89,7 +89,6 @@ def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str
     the command a run starts)."""
     if where is None and pid is None and argv:
         where = argv[0]
-        _check_runs_itself(where)
     if where is not None and not where.isdigit():
         ref = file(where)
         if _has_eval_loop(image(ref)):
@@ -114,24 +113,24 @@ def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str
                        "_PyEval_EvalFrameDefault)")
 
 
-def _check_runs_itself(program: str) -> None:
-    """The command's program, when found on PATH, is the interpreter itself,
-    not a wrapper script (a pyenv shim) that runs another one, which the
-    probes, placed in the first ELF file of that name, would never see."""
-    if "/" in program:
-        return
-    found = shutil.which(program)
+def wrapper_note(argv: Sequence[str] | None, interpreter: FileRef) -> str | None:
+    """A note when the command's program, found on PATH, is a script (a
+    pyenv shim) rather than the interpreter the probes went into: it may
+    start another one, whose calls they would never see."""
+    program = argv[0] if argv else ""
+    found = shutil.which(program) if program and "/" not in program else None
     if found is None:
-        return
+        return None
     try:
         with open(found, "rb") as f:
             magic = f.read(4)
     except OSError:
-        return
-    if magic != b"\x7fELF":
-        raise ResolveError(f"{program} on PATH is {found}, a script that starts another "
-                           "interpreter: name the interpreter itself (its path) in the command "
-                           "or as py:PATH:MODULE.NAME")
+        return None
+    if magic == b"\x7fELF":
+        return None
+    return (f"{program} on PATH is {found}, a script: the probes are in "
+            f"{interpreter.display}; if the script starts another interpreter, name that "
+            "one in the command")
 
 
 def _interpreter_mapped(pid: int, m: procfs.Mapping, file: Callable[[str], FileRef],
@@ -291,7 +290,7 @@ def _quoted(text: str) -> str:
 
 
 def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
-              script: str | None) -> list[ResolvedProbe]:
+              script: str | None, note: str | None = None) -> list[ResolvedProbe]:
     """The probes of `spec` (a `py:` target) in `interp`."""
     if not t.name.isascii():
         raise ResolveError(f"py:{t.name}: only ASCII names can be matched (the names are "
@@ -337,9 +336,10 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             group=spec.group or GROUP, event=spec.event or event, args=args,
             link_addr=link_addr, guard=guard, alias=alias + ("%return" if spec.is_return
                                                              else ""),
-            notes=() if script or not _names_main(t.name) or out else (
-                f"py:{t.name}: the main script is not known (no process or command, or "
-                "code from -c, -m or stdin): __main__ matches the name in any file",)))
+            notes=() if out else tuple(n for n in (note, None if script or not _names_main(
+                t.name) else f"py:{t.name}: the main script is not known (no process or "
+                "command, or code from -c, -m or stdin): __main__ matches the name in any "
+                "file") if n)))
     return out
 
 

@@ -335,6 +335,7 @@ class Resolver:
             main_script,
             py_probes,
             read_interpreter,
+            wrapper_note,
         )
         ref, pid = find_interpreter_file(t.where, self.pid, self.argv, self.file, self.image)
         key = (ref.dev, ref.ino)
@@ -344,7 +345,8 @@ class Resolver:
         if pid is None and by_file:
             pid = self.pid  # an interpreter named by its file, in the process of -p
         argv = self.argv if t.where is None or by_file else None  # (or the command's)
-        return py_probes(spec, t, self._interpreters[key], main_script(pid, argv))
+        note = wrapper_note(self.argv, ref) if t.where is None and pid is None else None
+        return py_probes(spec, t, self._interpreters[key], main_script(pid, argv), note)
 
     def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:
         image = read_vdso(self.pid, t.image)

@@ -464,7 +464,8 @@ class KernelCounter:
         in one write. Safe to call twice. The counts are kept as they were."""
         first: BaseException | None = None
         with self._reading:
-            if self._frozen is None and self._events:
+            counting = self._base or not any(e.by_profile for e in self._events)
+            if self._frozen is None and self._events and counting:
                 try:
                     self._frozen = self._read_counts()
                 except (OSError, UprobesError):
