@@ -221,23 +221,28 @@ def test_live_counts_in_another_thread_only_grow(compile_c: Compiler) -> None:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == f"ready {proc.pid}\n"
         probes = Resolver(pid=proc.pid).resolve_all(parse_specs([f"{exe}:tiny"]))
-        with killed_after(proc), PtraceTracer(probes, pid=proc.pid, trapfree=True) as tracer:
+        with killed_after(proc, 240), \
+                PtraceTracer(probes, pid=proc.pid, trapfree=True) as tracer:
 
             def read() -> None:
-                while not done.is_set():
+                # (a pause between reads: a reader spinning on the GIL starved
+                # the tracer under a loaded CI run past the program's bound)
+                while not done.wait(0.0005):
                     seen.append((tracer.live_counts()["uprobes/tiny"], made[0] + 40000))
 
             reader = threading.Thread(target=read, name="reader")
             reader.start()
             try:
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + 200
                 for _ in range(4):
                     proc.stdin.write("go\n")
                     proc.stdin.flush()
                     while not select.select([proc.stdout], [], [], 0)[0]:
                         assert time.monotonic() < deadline, "the round did not end"
                         tracer.count(0.005)
-                    made[0] = int(proc.stdout.readline().removeprefix("calls="))
+                    line = proc.stdout.readline()
+                    assert line.startswith("calls="), (line, proc.poll())
+                    made[0] = int(line.removeprefix("calls="))
                 proc.stdin.close()
                 while not tracer.target_exited:
                     assert time.monotonic() < deadline, "the program did not end"

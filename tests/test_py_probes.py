@@ -20,6 +20,7 @@ import pytest
 from conftest import CPYTHONS as INTERPRETERS
 from conftest import killed_after, read_fd_until
 
+pytestmark = pytest.mark.root  # the kernel engine, and the ptrace engine on -p
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_funcs.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
 ENGINES = ["kernel", "ptrace"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import killed_after, need
+from conftest import CPYTHONS, killed_after, need
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
@@ -27,8 +27,9 @@ from uprobes.sys.procmem import ProcessMemory
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_code.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
-PYENV = "/root/.pyenv/versions/3.11.7/bin/python3.11"
-INTERPRETERS = ["/usr/bin/python3.11", PYENV, "/usr/bin/python3.11d"]
+# Debian's python3.11, the venv's own (pyenv's, which an unprivileged user
+# running the suite cannot reach in root's home) and Debian's debug build
+INTERPRETERS = CPYTHONS
 PATTERNS = {"__main__": "__main__.*", "mixed_keys": "mixed_keys.*", "json": "json.*",
             "victim": "victim.*"}
 
