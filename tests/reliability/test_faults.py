@@ -1,93 +1,36 @@
-"""Faults: stop signals at random moments, SIGKILL then cleanup, two runs on
-one binary at once, a target that ends while probes are placed, and bad
-input. The target always finishes correctly; nothing is left behind."""
+"""Faults: SIGKILL then cleanup, two runs on one binary at once, a target
+that ends while probes are placed, and bad input (stop signals at random
+moments: test_stop_signals.py; kill -9 of the ptrace engine:
+test_orphans.py). The target always finishes correctly; nothing is left
+behind."""
 
 from __future__ import annotations
 
 import os
-import random
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import Compiler, reapers_of, wait_until
+from test_faults_support import (  # noqa: F401 (threads_exe: a fixture)
+    EXPECTED,
+    LOOPS,
+    UPROBES,
+    our_group_lines,
+    threads_exe,
+    wait_placed,
+)
 
 from uprobes.commands import main
-
-UPROBES = [sys.executable, "-m", "uprobes"]
-LOOPS = 20000
-EXPECTED = f"calls work={4 * LOOPS}\n".encode()
-
-
-@pytest.fixture(scope="module")
-def threads_exe(compile_c: Compiler) -> Path:
-    return compile_c("threads.c", "-pthread")
-
-
-def _our_group_lines(pid: int) -> list[str]:
-    text = Path("/sys/kernel/tracing/uprobe_events").read_text()
-    return [ln for ln in text.splitlines() if re.match(rf"[pr]:uprobes_{pid}/", ln)]
-
-
-def _wait_placed(pid: int) -> None:
-    """Until run `pid` has its probes in tracefs (it is mid-run from then on)."""
-    deadline = time.monotonic() + 30
-    while not _our_group_lines(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _our_group_lines(pid), "the run never placed its probes"
-
-
-def _wait_traced(pid: int) -> None:
-    """Until run `pid` (the ptrace engine) traces its command."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            for kid in kids:
-                status = Path(f"/proc/{kid}/status").read_text()
-                if f"TracerPid:\t{pid}\n" in status and "threads" in status.split("\n")[0]:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.01)
-    raise AssertionError("the run never traced its command")
-
-
-@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
-@pytest.mark.parametrize("seed", range(6))
-def test_stop_signal_at_a_random_moment(seed: int, engine: str, tracefs: Path,
-                                        threads_exe: Path, tmp_path: Path) -> None:
-    rng = random.Random(seed)
-    sig = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)[seed % 3]
-    mode = ("trace", "count")[seed % 2]
-    out = ["-o", str(tmp_path / "out.txt")]
-    loops = LOOPS if engine == "kernel" else LOOPS // 20  # ptrace: ~50 us a hit
-    run = subprocess.Popen([*UPROBES, mode, "-e", engine, *out, f"{threads_exe}:work",
-                            f"r {threads_exe}:work", "--", str(threads_exe), str(loops)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if engine == "kernel":
-        _wait_placed(run.pid)
-    else:
-        _wait_traced(run.pid)
-    time.sleep(rng.uniform(0.0, 0.5))
-    run.send_signal(sig)  # to uprobes alone, as `kill` would
-    stdout, stderr = run.communicate(timeout=120)
-    assert b"Traceback" not in stderr, stderr.decode()
-    # ran on, unharmed (uprobes exits with the command's status: 128+N if signal N killed it)
-    assert (run.returncode, stdout) == (0, f"calls work={4 * loops}\n".encode()), \
-        stderr.decode()
-    assert _our_group_lines(run.pid) == []
 
 
 def _sigkill_mid_run(threads_exe: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
     run = subprocess.Popen([*UPROBES, "trace", "-o", os.devnull, f"{threads_exe}:work",
                             "--", str(threads_exe), str(LOOPS * 5)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_placed(run.pid)
+    wait_placed(run.pid)
     # The command is uprobes' child: find it before uprobes dies.
     children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
     return run, [int(c) for c in children]
@@ -104,9 +47,9 @@ def test_sigkill_leaves_nothing_the_reaper_removes_it(tracefs: Path, threads_exe
     run.kill()
     run.wait()
     deadline = time.monotonic() + 30
-    while _our_group_lines(run.pid) and time.monotonic() < deadline:
+    while our_group_lines(run.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _our_group_lines(run.pid) == [], "the reaper did not remove the group"
+    assert our_group_lines(run.pid) == [], "the reaper did not remove the group"
     while reapers_of(run.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert reapers_of(run.pid) == []  # and it exited
@@ -120,11 +63,11 @@ def test_sigkill_of_uprobes_and_its_reaper_then_cleanup(tracefs: Path, threads_e
     run.kill()
     run.wait()
     wait_until(lambda: not reapers_of(run.pid), "the killed reaper to be gone")
-    assert _our_group_lines(run.pid), "with the reaper killed too, the group stays"
+    assert our_group_lines(run.pid), "with the reaper killed too, the group stays"
     _wait_gone(children)
     done = subprocess.run([*UPROBES, "cleanup"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert _our_group_lines(run.pid) == []
+    assert our_group_lines(run.pid) == []
 
 
 def test_two_runs_on_one_binary_at_once(tracefs: Path, threads_exe: Path) -> None:
