@@ -107,7 +107,8 @@ def _in_process(pid: int, path: str) -> FileRef:
     return file_ref(root + in_root(root, path), path)
 
 
-def _is_elf(path: str) -> bool:
+def is_elf(path: str) -> bool:
+    """Whether `path` is an ELF file (False for a script, or one unreadable)."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == ELF_MAGIC
@@ -152,7 +153,7 @@ def find_library(name: str, root: str = "/") -> str | None:
     for pattern in _lib_candidates(name):
         for d in dirs:
             host_dir = d if root == "/" else root + in_root(root, d)
-            hits = [h for h in glob.glob(os.path.join(host_dir, pattern)) if _is_elf(h)]
+            hits = [h for h in glob.glob(os.path.join(host_dir, pattern)) if is_elf(h)]
             if hits:
                 best = min(hits, key=_soname_rank)
                 return "/" + os.path.relpath(best, root) if root != "/" else best
@@ -300,6 +301,6 @@ def _which(name: str, pid: int | None) -> FileRef | None:
             continue
         inner = os.path.join(d, name)
         host = root + in_root(root, inner) if pid is not None else inner
-        if os.path.isfile(host) and os.access(host, os.X_OK) and _is_elf(host):
+        if os.path.isfile(host) and os.access(host, os.X_OK) and is_elf(host):
             return file_ref(host, inner) if pid is not None else file_ref(host)
     return None

@@ -50,7 +50,7 @@ from uprobes.lang.grammar import parse_args
 from uprobes.lang.names import c_identifier
 from uprobes.model.event import FRAME_ARG, PY_OPARG_ARG
 from uprobes.model.probe import InodeKey, ResolvedProbe
-from uprobes.resolve.paths import FileRef, file_ref
+from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
@@ -59,9 +59,6 @@ from uprobes.sys import procfs
 GROUP = "py"
 ENTRY_HANDLERS = ("RESUME", "RESUME_QUICK")
 RETURN_HANDLER = "RETURN_VALUE"
-_OPARG = PY_OPARG_ARG
-"""The guard's field: RESUME's oparg (0: a call starts; 1-3: a generator or
-coroutine resumed)."""
 MAX_GUARD = 3000
 """Bytes of a guard: the kernel takes a filter of at most a page."""
 _TYPE_NAME = 0x18
@@ -105,9 +102,15 @@ def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str
     for m in procfs.maps(target):
         if not m.executable or not m.path.startswith("/"):
             continue
-        found = _interpreter_mapped(target, m, file, image, by_name=where is None)
-        if found is not None:
-            return found, target
+        mapped = procfs.mapped_file(target, m)
+        if mapped is None:
+            continue
+        ref = FileRef(mapped.path, m.path, mapped.dev, mapped.ino)
+        try:
+            if _has_eval_loop(image(ref)):
+                return ref, target
+        except UprobesError:
+            continue
     procfs.check_live(target)
     raise ResolveError(f"process {target} runs no CPython (no file it maps has "
                        "_PyEval_EvalFrameDefault)")
@@ -119,37 +122,11 @@ def wrapper_note(argv: Sequence[str] | None, interpreter: FileRef) -> str | None
     start another one, whose calls they would never see."""
     program = argv[0] if argv else ""
     found = shutil.which(program) if program and "/" not in program else None
-    if found is None:
-        return None
-    try:
-        with open(found, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return None
-    if magic == b"\x7fELF":
+    if found is None or is_elf(found):
         return None
     return (f"{program} on PATH is {found}, a script: the probes are in "
             f"{interpreter.display}; if the script starts another interpreter, name that "
             "one in the command")
-
-
-def _interpreter_mapped(pid: int, m: procfs.Mapping, file: Callable[[str], FileRef],
-                        image: Callable[[FileRef], ElfImage], by_name: bool) -> FileRef | None:
-    """The file of mapping `m` if an eval loop is in it: by its name as the
-    process sees it (`by_name`), else (or replaced on disk since, or out of
-    reach) the very file it maps."""
-    ways: list[Callable[[], FileRef]] = [lambda: file(m.path)] if by_name else []
-    ways.append(lambda: _mapped(pid, m))
-    for way in ways:
-        try:
-            ref = way()
-        except UprobesError:
-            continue
-        try:
-            return ref if _has_eval_loop(image(ref)) else None
-        except UprobesError:
-            return None
-    return None
 
 
 def _libpython(program: ElfImage, file: Callable[[str], FileRef]) -> FileRef | None:
@@ -182,11 +159,6 @@ def _libpython(program: ElfImage, file: Callable[[str], FileRef]) -> FileRef | N
         except UprobesError:
             continue
     return None
-
-
-def _mapped(pid: int, m: procfs.Mapping) -> FileRef:
-    """The file of mapping `m` of process `pid`, as that process sees it."""
-    return file_ref(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", m.path)
 
 
 def _has_eval_loop(image: ElfImage) -> bool:
@@ -317,12 +289,16 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         guard = names
     else:
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
-                          f"{_OPARG}=+1(%{loop.next_instr}):u8"]
+                          f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8"]
         handlers = ENTRY_HANDLERS
-        guard = f"{_OPARG} == 0 && ({names})"
+        guard = f"{PY_OPARG_ARG} == 0 && ({names})"
     args: tuple[FetchArg, ...] = parse_args(fetch)
     parse_condition(guard).check_fields(spec.text or t.name, {a.name: a.type for a in args})
     event = c_identifier(t.name.replace(".", "_"))[:48] + ("__return" if spec.is_return else "")
+    notes: tuple[str, ...] = (note,) if note else ()
+    if script is None and t.name.startswith("__main__."):
+        notes += (f"py:{t.name}: the main script is not known (no process or command, or "
+                  "code from -c, -m or stdin): __main__ matches the name in any file",)
     out: list[ResolvedProbe] = []
     for handler in handlers:
         link_addr = loop.handlers[handler]
@@ -336,12 +312,5 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             group=spec.group or GROUP, event=spec.event or event, args=args,
             link_addr=link_addr, guard=guard, alias=alias + ("%return" if spec.is_return
                                                              else ""),
-            notes=() if out else tuple(n for n in (note, None if script or not _names_main(
-                t.name) else f"py:{t.name}: the main script is not known (no process or "
-                "command, or code from -c, -m or stdin): __main__ matches the name in any "
-                "file") if n)))
+            notes=() if out else notes))
     return out
-
-
-def _names_main(name: str) -> bool:
-    return name.startswith("__main__.")
