@@ -159,8 +159,3 @@ def with_guard(cond: Condition | None, probe: ResolvedProbe) -> Condition | None
     if cond is None:
         return guard
     return Condition(f"({guard.text}) && ({cond.text})", join("&&", [guard.root, cond.root]))
-
-
-def guard_predicate(probe: ResolvedProbe) -> Callable[[Event], bool] | None:
-    """`probe`'s guard as a test of a hit (None: it has none)."""
-    return None if probe.guard is None else _guard(probe.guard).predicate()
