@@ -44,6 +44,7 @@ from uprobes.lang.ast import (
     FetchExpr,
     FetchType,
     Immediate,
+    Register,
     RetVal,
     ValueView,
     Variable,
@@ -174,8 +175,10 @@ def typed_return(args: tuple[FetchArg, ...], image: ElfImage,
     """A return probe's bare `$retval`s read by the function's DWARF return
     type, as gdb's `finish` prints it (`char *` a string, enums by name,
     bool, signed widths, pointers in hex); as written (x64) without DWARF,
-    for void, structs, floats (xmm0: only the ptrace engine reads it) and
-    DWARF this cannot read. `file_offset`: the function's entry in `image`."""
+    for void, structs and DWARF this cannot read. A `float` or `double` is
+    returned in xmm0 (the SysV ABI), which only the ptrace engine reads: such
+    a probe goes to it, as a float parameter in an SSE register does.
+    `file_offset`: the function's entry in `image`."""
     if not any(isinstance(a.expr, RetVal) and not a.type.explicit for a in args):
         return args
     try:
@@ -196,9 +199,10 @@ def _typed_return(args: tuple[FetchArg, ...], image: ElfImage,
     rtype = CType.of(function) if "DW_AT_type" in function.attributes \
         else CType.of(_origin(function))
     if rtype.kind in ("void", "struct", "union", "array", "unknown") \
-            or rtype.size not in (1, 2, 4, 8) or rtype.encoding == "float":
+            or rtype.size not in (1, 2, 4, 8):
         return args
-    held = RetVal()
+    # A long double (16 bytes, in st0) was left raw above; floats and doubles are in xmm0.
+    held: FetchExpr = Register("xmm0") if rtype.encoding == "float" else RetVal()
     access = _Access(entry - file_offset)
     out: list[FetchArg] = []
     for arg in args:
