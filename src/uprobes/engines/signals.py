@@ -60,6 +60,29 @@ class StopSignals:
 
 _runs = 0  # tracing runs entered by this process (StopSignals)
 
+WAKE_SIGNAL = signal.SIGRTMIN + 2
+"""Wakes a tracer blocked in a wait outside the main thread (a ptrace
+tracer's `wake()`, and the timer that bounds its waits)."""
+
+
+def _woken(signum: int, frame: FrameType | None) -> None:
+    """Nothing to do: the signal's work is to interrupt a wait."""
+
+
+def install_wake_handler() -> None:
+    """From the main thread, once: catch `WAKE_SIGNAL` with a handler that
+    does nothing. Python installs its handlers without SA_RESTART, so the
+    signal makes a blocking wait in whichever thread it reaches return
+    (EINTR). Without it, a tracer outside the main thread cannot block (the
+    signal would end the process) and polls instead, backing off to the
+    run loop's wake-up period between polls."""
+    signal.signal(WAKE_SIGNAL, _woken)
+
+
+def wake_handler_installed() -> bool:
+    """Whether `install_wake_handler()` ran (from any thread)."""
+    return signal.getsignal(WAKE_SIGNAL) is _woken
+
 
 class StopRequested(KeyboardInterrupt):
     """A stop signal before any tracing began: stop (nothing is placed yet)."""

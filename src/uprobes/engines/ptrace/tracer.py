@@ -32,6 +32,7 @@ teardown.py (undoing it all).
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import threading
 import time
@@ -53,7 +54,7 @@ from uprobes.engines.ptrace.state import RAW_WAKE_S, RING_WAKE_S, ended
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.ptrace.teardown import Teardown
 from uprobes.engines.ptrace.timed import CallTimer
-from uprobes.engines.signals import StopSignals
+from uprobes.engines.signals import WAKE_SIGNAL, StopSignals, wake_handler_installed
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
 from uprobes.engines.trapfree.jumppatch import TrapFree
@@ -67,11 +68,13 @@ from uprobes.model.registry import Consumer, Registry, TaskLike
 from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.resolve.abi import probe_info
 from uprobes.sys import ptrace
+from uprobes.sys.thread_timer import ThreadTimer
 from uprobes.unwind.capture import StackCapture, Symbolizer, stack_delivery
 from uprobes.unwind.cpython.reader import PythonStacks
 from uprobes.unwind.stack import StackCopy
 
 _WAKE_S = 0.05  # the run loop's wake-up period (stop flag, deadline)
+_FIRST_POLL_S = 0.0005  # a polling loop's first pause after an event (then doubling)
 
 
 class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter):
@@ -198,6 +201,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._undo = ExitStack()
         self._signals: StopSignals | None = None
         self._orphans = OrphanGuard(self._note)  # kill -9 of uprobes: see orphan.py
+        self._waiter: int | None = None  # the native id of a run blocked in waits, to wake
 
     @property
     def infos(self) -> dict[str, ProbeInfo]:
@@ -324,8 +328,20 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
     # ------------------------------------------------------------ the loop
 
     def stop(self) -> None:
-        """Stop `run()` at its next wake-up (callable from a handler)."""
+        """Stop `run()` at its next wake-up, and wake it (callable from a
+        handler, or from any thread)."""
         self._done = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Make `run()` look at its stop flag now, from any thread: a run
+        outside the main thread that blocks in its waits gets `WAKE_SIGNAL`.
+        (One that polls sees the flag within `_WAKE_S`; the main thread's
+        waits are bounded by its interval timer.) A signal that arrives after
+        the run ended is harmless: its handler stays installed."""
+        tid = self._waiter
+        if tid is not None:
+            ptrace.tgkill(os.getpid(), tid, WAKE_SIGNAL)
 
     def count(self, seconds: float | None) -> None:
         """Only count, for `seconds` (None: until the end; `Counter`, engines/base.py)."""
@@ -368,10 +384,19 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         main = threading.current_thread() is threading.main_thread()
         old = None
         ring_wake = RAW_WAKE_S if self._raw is not None else RING_WAKE_S
+        wake = ring_wake if self._trapfree in ("count", "record") else _WAKE_S  # rings to read
+        # Every wait is bounded by a signal every `wake` s: SIGALRM in the
+        # main thread, else `WAKE_SIGNAL` from a timer of this thread's own
+        # (also what `wake()` sends). Without that signal's handler, a thread
+        # other than the main one polls.
+        blocking = main or wake_handler_installed()
+        timer = None
         if main:
             old = signal.signal(signal.SIGALRM, lambda *_: None)
-            wake = ring_wake if self._trapfree else _WAKE_S
             signal.setitimer(signal.ITIMER_REAL, wake, wake)
+        elif blocking:
+            timer = ThreadTimer(threading.get_native_id(), WAKE_SIGNAL, wake).__enter__()
+            self._waiter = threading.get_native_id()
         try:
             for thread in list(self.threads.values()):
                 if thread.stopped:
@@ -386,7 +411,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
             wait_any = ptrace.peek_any
             consume = ptrace.wait_task
             trap = self._trap
-            nohang = not main
+            poll = not blocking
+            pause = _FIRST_POLL_S
             rings = self._jumps.rings if self._jumps is not None else []
             drained = time.monotonic()
             while not self._done and signals.signum is None:
@@ -397,7 +423,13 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                 if rings and now - drained >= ring_wake:  # (each read is a heartbeat)
                     behind = self._drain(rings)  # True: more is waiting, come straight back
                     drained = 0.0 if behind else now
-                tid, status = wait_any(nohang or behind)
+                tid, status = wait_any(poll or behind)
+                if tid == 0:
+                    if poll and not behind:
+                        time.sleep(pause)
+                        pause = min(pause * 2, wake)  # idle: fewer polls
+                    continue
+                pause = _FIRST_POLL_S
                 if status == ptrace.TRAP_STOP:  # the common stop, a hit: straight to _trap
                     t = threads.get(tid)
                     if t is not None:
@@ -416,14 +448,13 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                             ptrace.consume_pending(tid)
                             raise
                         continue
-                if tid == 0:
-                    if not main and not behind:
-                        time.sleep(0.0005)
-                    continue
                 if tid < 0:
                     break
                 self._handle(tid, consume(tid))
         finally:
+            self._waiter = None
+            if timer is not None:
+                timer.__exit__(None, None, None)
             if main:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
