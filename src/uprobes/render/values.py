@@ -62,6 +62,9 @@ def view_text(value: ArgValue, ftype: FetchType) -> str:
     n = _number(value, ftype, view)
     if kind == "bool":
         return "true" if n == 1 else "false" if n == 0 else str(n)
+    if kind == "char" and ftype.size == 4:  # a Rust char, as gdb prints it
+        c = chr(n) if 0 <= n < 0x110000 and not 0xD800 <= n < 0xE000 else ""
+        return f"{n} '{c}'" if c.isprintable() and c else f"{n} '\\u{{{n:x}}}'"
     if kind == "char":
         c = chr(n & 0xFF)
         return f"{n} '{c}'" if 0x20 <= ord(c) < 0x7F else f"{n} '\\{n & 0xFF:03o}'"

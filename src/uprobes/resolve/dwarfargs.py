@@ -287,9 +287,9 @@ class _Access:
                 raise ResolveError(f"{text}: '->{field}' needs a pointer, and this is a "
                                    f"{t.name}{also}")
             item, t = Item(self.pointee(item, 0, text), t.target), t.target
-        elif t.kind == "pointer":
+        elif t.kind == "pointer" and not t.in_rust:
             raise ResolveError(f"{text}: '.{field}' on a pointer ({t.name}): write ->{field}")
-        elif t.kind == "reference":
+        elif t.kind in ("pointer", "reference"):  # Rust's `.` reads through `&T`, as C++'s `T&`
             item, t = Item(self.pointee(item, 0, text), t.target), t.target
         if t.kind not in ("struct", "union"):
             raise ResolveError(f"{text}: a {t.name} has no member '{field}'")
@@ -332,6 +332,10 @@ class _Access:
         if t.kind == "reference":  # a C++ reference reads as what it refers to, as gdb shows
             return self.leaves(Item(self.pointee(item, 0, text), t.target), name, depth,
                                lenient=lenient, text=text)
+        if t.has_variants:
+            why = unsupported(f"a {t.name} holds one of several variants, known only at run "
+                              "time")
+            return [_marker(name, why, t, text, lenient or depth > 0)]
         if t.kind in ("struct", "union"):
             if depth >= MAX_DEPTH:
                 return [FetchArg(name, Immediate(0), FetchType("u8", view=_view("elided", t)))]
@@ -367,9 +371,10 @@ class _Access:
         place = _part(item.place, 0) if item.place.kind == "pieces" else item.place
         in_register = int(place.note[5:]) if place.note.startswith("bits@") else 0
         bits = item.bits
-        if place.kind == "value" and in_register:
-            bits = (item.type.size * 8, in_register, 64) if bits is None \
-                else (bits[0], in_register + bits[1], 64)
+        if place.kind == "value" and (in_register or place.width):
+            size = min(item.type.size * 8, place.width or 64)
+            bits = (size, in_register, 64) if bits is None \
+                else (min(bits[0], size), in_register + bits[1], 64)
         if bits is not None:
             width, at, container = bits
             if place.kind == "value":
@@ -447,6 +452,8 @@ def _fetch_type(t: CType) -> FetchType:
         return FetchType(f"u{bits}", view=_view("float", t))
     if t.is_char:
         return FetchType(f"{'s' if enc == 'signed_char' else 'u'}8", view=_view("char", t))
+    if enc == "utf" and bits == 32:  # a Rust char: a Unicode scalar value
+        return FetchType("u32", view=_view("char", t))
     return FetchType(f"{'s' if enc.startswith('signed') else 'u'}{bits}")
 
 
@@ -487,12 +494,15 @@ def after_prologue(df: DwarfFile, entry: int) -> int | None:
     cu = df.unit_at(entry)
     if cu is None:
         return None
-    levels = [f for f in df.producer(cu).split() if f.startswith("-O")]
+    producer = df.producer(cu)
+    levels = [f for f in producer.split() if f.startswith("-O")]
     if levels and levels[-1] != "-O0":  # gcc takes the last -O given
         return None
     scopes = [s for s in df.scopes_at(entry) if s.tag == "DW_TAG_subprogram"]
     if not scopes:
         return None
+    if not producer.startswith("GNU ") and _optimized_locations(scopes[-1]):
+        return None  # LLVM (clang, rustc) records no -O: its locations tell
     end = max(hi for lo, hi in df.ranges(scopes[-1]) if lo <= entry < hi)
     rows = sorted((r for r in df.line_rows(cu)
                    if entry <= r.address < end and not r.end_sequence),
@@ -502,3 +512,26 @@ def after_prologue(df: DwarfFile, entry: int) -> int | None:
     first = rows[0].line
     return next((r.address for r in rows if r.address > entry and r.line != first
                  and r.is_stmt), None)
+
+
+_LOCATION_LISTS = frozenset(("DW_FORM_sec_offset", "DW_FORM_loclistx", "DW_FORM_data4",
+                             "DW_FORM_data8"))
+_DW_OP_REG0, _DW_OP_REG31, _DW_OP_REGX = 0x50, 0x6F, 0x90
+
+
+def _optimized_locations(function: Any) -> bool:
+    """Whether a function's own parameters and variables are where optimized
+    code keeps them (in registers, or by location lists) rather than in
+    frame slots that the prologue fills."""
+    for child in function.iter_children():
+        if child.tag not in ("DW_TAG_formal_parameter", "DW_TAG_variable"):
+            continue
+        attr = child.attributes.get("DW_AT_location")
+        if attr is None:
+            continue
+        if attr.form in _LOCATION_LISTS:
+            return True
+        ops = attr.value if isinstance(attr.value, list) else []
+        if ops and (_DW_OP_REG0 <= ops[0] <= _DW_OP_REG31 or ops[0] == _DW_OP_REGX):
+            return True
+    return False

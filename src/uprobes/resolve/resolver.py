@@ -191,7 +191,8 @@ class Resolver:
                                       sym.link_addr)
                 if body is not None:
                     file_offset = image.link_to_file_offset(body)
-                    notes = (f"{sym.name}: probed after its prologue, at {sym.name}+"
+                    notes = (f"{sym.pretty_name}: probed after its prologue, at "
+                             f"{sym.pretty_name}+"
                              f"0x{body - sym.link_addr:x}, where unoptimized code has "
                              "stored its arguments",)
             self._check_code(ref, image, file_offset, sym)

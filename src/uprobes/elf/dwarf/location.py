@@ -66,6 +66,9 @@ class Place:
     link: bool = False
     pieces: tuple[tuple[int, Place], ...] = ()
     note: str = ""
+    width: int = 0
+    """A value in a register of which only the low `width` bits are the
+    value's (`DW_OP_and` with a mask: LLVM's bool in a wider register)."""
 
     def read(self, delta: int) -> FetchExpr:
         """The fetch of the 8 bytes at a memory place. `delta` turns a link
@@ -105,14 +108,17 @@ def evaluate(ops: list[Any], frame: Frame) -> Place:
     pieces: list[tuple[int, Place]] = []
     register: Place | None = None
     is_value = False
+    width = 0  # a mask taken of the top of the stack (DW_OP_and), in bits
     for op in ops:
         name, args = op.op_name, op.args
         if name == "DW_OP_piece":
-            pieces.append((int(args[0]), _close(stack, register, is_value)))
-            stack, register, is_value = [], None, False
+            pieces.append((int(args[0]), _close(stack, register, is_value, width)))
+            stack, register, is_value, width = [], None, False, 0
             continue
         if register is not None:
             return unsupported(f"{name} after a register location")
+        if width and not (name in _AFTER_A_MASK or name.startswith("DW_OP_lit")):
+            return unsupported(f"{name} of a masked value")
         if name.startswith("DW_OP_lit") and name[9:].isdigit():
             stack.append((None, int(name[9:]), False))
         elif name.startswith("DW_OP_const") or name == "DW_OP_constu" or name == "DW_OP_consts":
@@ -166,6 +172,16 @@ def evaluate(ops: list[Any], frame: Frame) -> Place:
                 return unsupported("malformed expression (DW_OP_deref on an empty stack)")
             base, off, link = stack.pop()
             stack.append((Place("memory", base, off, link).read(frame.delta), 0, False))
+        elif name == "DW_OP_and":
+            if len(stack) < 2:
+                return unsupported("malformed expression (DW_OP_and on a short stack)")
+            b, a = stack.pop(), stack.pop()
+            mask = b[1] if b[0] is None and not b[2] else -1
+            if mask <= 0 or mask & (mask + 1) or not isinstance(a[0], Register) or a[1] \
+                    or a[2]:
+                return unsupported("DW_OP_and other than of a register with a low-bits mask")
+            width = min(width or 64, mask.bit_length())
+            stack.append(a)
         elif name == "DW_OP_stack_value":
             is_value = True
         elif name == "DW_OP_implicit_value":
@@ -196,16 +212,24 @@ def evaluate(ops: list[Any], frame: Frame) -> Place:
         if stack or register is not None:
             return unsupported("DW_OP_piece missing after the last piece")
         return Place("pieces", pieces=tuple(pieces))
-    return _close(stack, register, is_value)
+    return _close(stack, register, is_value, width)
 
 
-def _close(stack: list[_Entry], register: Place | None, is_value: bool) -> Place:
+_AFTER_A_MASK = frozenset(("DW_OP_and", "DW_OP_stack_value", "DW_OP_const1u", "DW_OP_const2u",
+                           "DW_OP_const4u", "DW_OP_const8u", "DW_OP_constu"))
+"""What may follow a DW_OP_and: more masks of the same value, and its end."""
+
+
+def _close(stack: list[_Entry], register: Place | None, is_value: bool, width: int = 0
+           ) -> Place:
     if register is not None:
         return register
     if not stack:
         return OPTIMIZED_OUT
     base, off, link = stack[-1]
-    return Place("value" if is_value else "memory", base, off, link)
+    if width and not is_value:
+        return unsupported("a masked address (DW_OP_and without DW_OP_stack_value)")
+    return Place("value" if is_value else "memory", base, off, link, width=width)
 
 
 def location_at(df: Any, die: Any, link_addr: int, frame: Frame,

@@ -160,6 +160,26 @@ class CType:
         return self.kind == "base" and self.encoding in ("signed_char", "unsigned_char") \
             and self.size == 1
 
+    @property
+    def has_variants(self) -> bool:
+        """Whether the type is a Rust enum holding data (`Option<&T>`): a
+        struct whose members depend on a discriminant (DW_TAG_variant_part)."""
+        return self.die is not None and any(c.tag == "DW_TAG_variant_part"
+                                            for c in self.die.iter_children())
+
+    @property
+    def in_rust(self) -> bool:
+        """Whether the type is a Rust unit's, where `.` reads through a reference."""
+        return self.die is not None and is_rust_unit(self.die.cu)
+
+
+DW_LANG_RUST = 0x1C
+
+
+def is_rust_unit(cu: Any) -> bool:
+    attr = cu.get_top_DIE().attributes.get("DW_AT_language")
+    return attr is not None and attr.value == DW_LANG_RUST
+
 
 def _spell(die: Any | None, depth: int = 0) -> str:
     """How C writes the type `die` is (`const char *`, `struct item`, `long [4]`)."""
@@ -171,6 +191,8 @@ def _spell(die: Any | None, depth: int = 0) -> str:
     inner = (die.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in die.attributes
              else None)
     name = die_name(die)
+    if tag == "DW_TAG_pointer_type" and name is not None:
+        return name  # Rust names its references and raw pointers (`&app::Item`)
     if tag == "DW_TAG_pointer_type":
         return _spell(inner, depth + 1) + " *"
     if tag in ("DW_TAG_reference_type", "DW_TAG_rvalue_reference_type"):
@@ -186,6 +208,8 @@ def _spell(die: Any | None, depth: int = 0) -> str:
         return f"{_spell(inner, depth + 1)} [{'' if count is None else count}]"
     prefix = {"DW_TAG_structure_type": "struct ", "DW_TAG_union_type": "union ",
               "DW_TAG_enumeration_type": "enum ", "DW_TAG_class_type": "class "}.get(tag, "")
+    if prefix and is_rust_unit(die.cu):
+        prefix = ""  # Rust writes `Item`, not `struct Item`
     if tag == "DW_TAG_subroutine_type":
         return "function"
     return prefix + (name or "<anonymous>")
