@@ -45,7 +45,14 @@ def test_recording_code_uses_the_ring_layout(recipe: Recipe, tls_tid: bool) -> N
     # (placed before the tid was seen at the thread pointer: the RING_TLS flag says when it is)
     assert rip_relative == {layout.HEAD, layout.TAIL, layout.LOST, layout.STALLED,
                             layout.WAITERS, layout.HEARTBEAT, layout.DATA_OFFSET,
-                            *(() if tls_tid else (layout.RING_TLS,))}
+                            layout.COMMITTED, *(() if tls_tid else (layout.RING_TLS,))}
+    # The commit is counted by a locked increment, after the sequence word's store.
+    counted = [n for n, i in enumerate(insns) if i.code == Code.INC_RM64
+               and i.memory_displacement == RING + layout.COMMITTED]
+    seq_store = [n for n, i in enumerate(insns) if i.memory_base == Register.RCX
+                 and i.op0_kind == OpKind.MEMORY and i.memory_displacement == layout.SLOT_SEQ]
+    assert len(counted) == 1 and insns[counted[0]].has_lock_prefix
+    assert seq_store == [counted[0] - 1]
 
     # A slot's fields: every store through rcx (the slot's address).
     slot_stores = sorted(i.memory_displacement for i in memory
@@ -86,7 +93,7 @@ def test_the_reader_unpacks_the_fields_the_code_writes() -> None:
 
 def test_ring_header_words_sit_before_the_slots_on_their_own_cache_lines() -> None:
     words = [layout.HEAD, layout.TAIL, layout.LOST, layout.STALLED, layout.WAITERS,
-             layout.HEARTBEAT]
+             layout.COMMITTED, layout.HEARTBEAT, layout.RING_TLS]
     assert len({w // 64 for w in words}) == len(words)
     assert max(words) + 8 <= layout.DATA_OFFSET
     assert layout.RING_BYTES == layout.DATA_OFFSET + layout.SLOTS * layout.SLOT_BYTES

@@ -29,7 +29,6 @@ from uprobes.sys.clocks import snapshot
 FORMAT = "uprobes-recording 1"
 META = "meta.json"
 EVENTS = "events.bin"
-_BUFFER = 1 << 16  # ring pieces are larger: they go to the file straight from the ring
 
 
 def prepare(directory: str) -> Path:
@@ -72,8 +71,8 @@ class RecordWriter:
         self.command = command
         self.pid = pid
         self.clock_start = snapshot()
-        self._file = open(directory / EVENTS, "wb", buffering=_BUFFER)
-        self._out = stream.ChunkWriter(self._file)
+        self._file = open(directory / EVENTS, "wb", buffering=0)
+        self._out = stream.ChunkWriter(self._file.fileno())
         self._sites: list[RawSite] = []
         self._rate: tuple[float, int, int] | None = None
         self._closed = False

@@ -35,7 +35,9 @@ class RunLoop(TracerState):
             return None if t is None else (t.pid, t.comm)
         if self._raw is not None:  # `uprobes record`: the records as they are
             before = recorder.raw_records
-            behind = recorder.dump(rings, who, self._raw, final)
+            behind = recorder.dump(rings, lambda: ((tid, (t.pid, t.comm))
+                                                   for tid, t in threads.items()),
+                                   self._raw, final)
             self.events += recorder.raw_records - before
         else:
             behind = recorder.drain(rings, who, self._deliver_recorded, final)

@@ -14,6 +14,9 @@ The recording ring (one per fork family, MAP_SHARED):
       LOST         hits dropped on a full or stalled ring (writers: lock inc)
       STALLED      1 while the reader's heartbeat is stale (writers set it)
       WAITERS      1 while some hit sleeps on TAIL (the reader wakes them)
+      COMMITTED    slots committed so far (writers: lock inc after the commit): while
+                   it equals HEAD every slot reserved is committed, and the reader
+                   copies them all without looking at their sequence words
       HEARTBEAT    TSC stamp of the reader's last read
       RING_TLS     1 once the tracer saw each thread's tid at glibc's place in its
                    thread pointer: hits read it there, not by a gettid system call
@@ -40,6 +43,7 @@ TAIL = 64
 LOST = 128
 STALLED = 192
 WAITERS = 256
+COMMITTED = 320
 HEARTBEAT = 384
 RING_TLS = 448  # 1 once the tracer saw the tid at the thread pointer (as TIMING_TLS)
 DATA_OFFSET = 4096  # the header's page

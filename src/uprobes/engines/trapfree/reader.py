@@ -13,7 +13,7 @@ import operator
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +30,6 @@ from uprobes.engines.trapfree.layout import (
     REC_TSC,
     REC_VALUES,
     SLOT_BYTES,
-    SLOT_TID,
 )
 from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, Recipe
 from uprobes.engines.trapfree.ring import RAW_TAKE_MAX, TAKE_MAX, Ring
@@ -225,8 +224,8 @@ class RawSink(Protocol):
         by read number `read` (a read takes from every ring; the live reader
         merges a read's records by time stamp when several rings gave some),
         as a view of the ring valid during the call only; `owners`: (pid,
-        comm) of the tids in them that changed since the last call (None:
-        not a thread of ours)."""
+        comm) of the traced threads, by tid, that changed since the last
+        call (None: a tid no longer ours)."""
 
     def sites(self, sites: list[RawSite], rate: tuple[float, int, int]) -> None:
         """What each probe id stands for, and the TSC's rate (TscClock.rate)."""
@@ -248,6 +247,7 @@ class Recorder:
         self.corrupt = 0  # records no probe's code can have written (see `_valid`)
         self.raw_records = 0  # records handed to a RawSink (`dump`)
         self._told: dict[int, tuple[int, str] | None] = {}  # tid -> what `dump` said
+        self._gone: dict[int, tuple[int, str]] = {}  # threads gone since `dump` last told
         self._reads = 0  # `dump`'s reads so far
 
     def site(self, site: RecordedSite) -> int:
@@ -261,6 +261,9 @@ class Recorder:
         if len(self._former) >= self.FORMER_MAX:
             del self._former[next(iter(self._former))]
         self._former[tid] = (pid, comm)
+        if len(self._gone) >= self.FORMER_MAX:  # (`dump` is not reading)
+            del self._gone[next(iter(self._gone))]
+        self._gone[tid] = (pid, comm)
 
     def drain(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
               deliver: Callable[[list[Hit]], None], final: bool = False) -> bool:
@@ -275,44 +278,52 @@ class Recorder:
                 return True  # the tracer has stops to handle too; it comes back at once
         return False
 
-    def dump(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+    def dump(self, rings: list[Ring], roster: Callable[[], Iterable[tuple[int, tuple[int, str]]]],
              sink: RawSink, final: bool = False) -> bool:
         """`drain`, the records kept as they are: each run of a ring's committed
-        slots goes to `sink` as a view of the ring, with (pid, comm) of the
-        threads in it that it was not told yet. No work per record here:
-        checking them and making hits waits for the replay. True if it
-        stopped after DRAIN_S with more to read."""
+        slots goes to `sink` as a view of the ring; the first of a read with
+        (pid, comm) of the traced threads (`roster()`: tid, owner) and of
+        those gone since, where the sink was not told them yet. No work per
+        record here: which thread wrote a record, whether a probe's code can
+        have made it, and the hits, wait for the replay. True if it stopped
+        after DRAIN_S with more to read."""
         until = time.monotonic() + DRAIN_S
         while True:
             taken = 0
             self._reads += 1
+            told = False
+
+            def piece(created: int, view: memoryview) -> None:
+                nonlocal told
+                owners = {} if told else self._owners_changed(roster)
+                told = True
+                sink.raw(created, tsc.read(), self._reads, view, owners)
+                self.raw_records += len(view) // SLOT_BYTES
             for ring in rings:
                 before = ring.tail
-                ring.take_raw(partial(self._dump_piece, ring.created, self._reads, who, sink),
-                              final)
+                ring.take_raw(partial(piece, ring.created), final)
                 taken += ring.tail - before
             if taken < RAW_TAKE_MAX:
                 return False
             if not final and time.monotonic() >= until:
                 return True
 
-    def _dump_piece(self, created: int, read: int,
-                    who: Callable[[int], tuple[int, str] | None], sink: RawSink,
-                    view: memoryview) -> None:
-        """One run of a ring's slots to `sink`, with the owners it lacks."""
-        owners: dict[int, tuple[int, str] | None] = {}
+    def _owners_changed(self, roster: Callable[[], Iterable[tuple[int, tuple[int, str]]]]
+                        ) -> dict[int, tuple[int, str] | None]:
+        """(pid, comm) of each thread whose owner `dump` has not told yet: the
+        threads gone since the last call (a thread may have started, recorded
+        and exited between two reads), then the live ones, whose word counts
+        where a tid was reused (as `who` counts in `drain`)."""
         told = self._told
-        with view.cast("I") as words:
-            column = words[SLOT_TID // 4::SLOT_BYTES // 4]
-            raw = column.tobytes()  # one thread's records (the common case): one tid
-            tids = {column[0]} if raw == raw[:4] * len(column) else set(column)
-            column.release()
-        for tid in tids:
-            owner = who(tid) or self._former.get(tid)
-            if told.get(tid, _UNSET) != owner:
-                owners[tid] = told[tid] = owner
-        sink.raw(created, tsc.read(), read, view, owners)
-        self.raw_records += len(view) // SLOT_BYTES
+        changed: dict[int, tuple[int, str] | None] = {}
+        gone, self._gone = self._gone, {}
+        for tid, owner in gone.items():
+            if told.pop(tid, None) != owner:  # (told once: the replay keeps it)
+                changed[tid] = owner
+        for tid, owner in roster():
+            if told.get(tid) != owner:
+                changed[tid] = told[tid] = owner
+        return changed
 
     def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:

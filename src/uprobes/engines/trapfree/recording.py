@@ -19,6 +19,7 @@ The trampoline (`prologue`), after stepping below the red zone:
     reserve a slot: head - tail < SLOTS ? lock cmpxchg head, head+1 : wait
                     (a lost compare-and-swap retries, unless GIVE_UP_S passed)
     slot: tsc, tid|aux<<32, probe id, the values; then seq = index + 1 (commit)
+    lock inc committed                      ; the reader's fast path (see ring.py)
     pop everything back; lea rsp, [rsp+128]
     wait: unless `stalled`, set `waiters` and sleep in FUTEX_WAIT on `tail`
           (at most NAP_NS), then retry, while the reader's heartbeat (a
@@ -74,6 +75,7 @@ from iced_x86 import Register as R
 
 from uprobes.engines.tracee.fetch import REGISTER_FIELDS, split_derefs
 from uprobes.engines.trapfree.layout import (
+    COMMITTED,
     DATA_OFFSET,
     HEAD,
     HEARTBEAT,
@@ -323,8 +325,11 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         else:  # a word on our stack: a saved register or the program's stack
             code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, offset)))
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
-    # The commit; then jmp done.
-    code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, SLOT_SEQ), R.RDX), None]
+    # The commit, counted (a locked add: stores before it are seen before it);
+    # then jmp done.
+    counted = i.create_mem(Code.INC_RM64, _mem(R.RIP, ring_addr + COMMITTED))
+    counted.has_lock_prefix = True
+    code += [i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, SLOT_SEQ), R.RDX), counted, None]
     jmp_done = len(code) - 1
     # Every way back to `reload` passes a check of the time since the hit
     # (r11, its own stamp, in a register: nothing the program can write),

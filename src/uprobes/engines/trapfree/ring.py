@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from uprobes.engines.trapfree.layout import (
+    COMMITTED,
     DATA_OFFSET,
     HEAD,
     HEARTBEAT,
@@ -34,6 +35,8 @@ from uprobes.sys import futex, tsc
 STUCK_S = 1.0                       # a reserved slot not committed this long is lost
 TAKE_MAX = 4096                     # records per take: slots are freed this often
 RAW_TAKE_MAX = 16384                # ... when they are only copied (`take_raw`)
+PIECE = 2048                        # slots per copy (256 KiB: the reader's cache keeps
+                                    # what it checked for the copy), freed after each
 _MASK64 = (1 << 64) - 1
 _ONES = int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * SLOTS, "little")
 _INDEX = int.from_bytes(array("Q", range(SLOTS)).tobytes(), "little")
@@ -120,8 +123,14 @@ class Ring:
     def _take(self, final: bool, limit: int, copy: Callable[[int, int], None]) -> None:
         """Up to `limit` records committed since the last take, in reservation
         order, handed to `copy(start, end)` (byte offsets into the ring, a run
-        of whole slots that does not wrap) before their slots are free again
-        (so hits waiting for room go on while the batch is being handled).
+        of at most PIECE whole slots that does not wrap); each run's slots are
+        free again as soon as it returns (so hits waiting for room go on while
+        the next run is being handled).
+        While the writers' count of commits equals `head` (and no slot was
+        ever given up as lost, whose writer could still commit late) every
+        slot reserved is committed: the runs are taken with no look at their
+        sequence words. Otherwise each run is cut at the first slot whose
+        sequence word is not yet its own.
         A reserved slot not yet committed stops the take (its writer is
         between two instructions) unless it stays so for STUCK_S, or
         `final` (every writer stopped or gone): then it counts as lost, and
@@ -139,33 +148,39 @@ class Ring:
         if words[TAIL // 8] != tail:
             words[TAIL // 8] = tail
             self.corrupt += 1
+        # `committed` before `head` (x86 keeps loads in order): equal, every
+        # reservation made before the first load had been committed by then.
+        committed = int(words[COMMITTED // 8])
         head = int(words[HEAD // 8])
         if (head - tail) & _MASK64 > SLOTS:  # writers reserve only while head - tail < SLOTS
             words[HEAD // 8] = head = tail
             self.corrupt += 1
+        whole = committed == head and not self.skipped
         per_slot = SLOT_BYTES // 8
         base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
         reserved = head
         head = min(head, tail + limit)
         while tail < head:
             # The committed run from `tail`, up to the ring's end (a copy does
-            # not wrap): the sequence words, read as one strided column, are
-            # checked before the copy (x86 does not reorder loads), so each
-            # record copied is whole.
+            # not wrap): unless all are known committed, the sequence words,
+            # read as one strided column, are checked before the copy (x86
+            # does not reorder loads), so each record copied is whole.
             slot = tail & (SLOTS - 1)
-            n = min(head - tail, SLOTS - slot)
-            # One read of the column (writers commit meanwhile): what is
-            # checked and what is counted are the same snapshot.
-            raw = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tobytes()
+            n = min(head - tail, SLOTS - slot, PIECE)
             seqs: list[int] = []
-            if raw != _counting(tail + 1, n):  # not all committed: how many are
-                seqs = array("Q", raw).tolist()
-                n = next((k for k, seq in enumerate(seqs) if seq != tail + 1 + k), n)
+            if not whole:
+                # One read of the column (writers commit meanwhile): what is
+                # checked and what is counted are the same snapshot.
+                raw = words[base + slot * per_slot:base + (slot + n) * per_slot:per_slot].tobytes()
+                if raw != _counting(tail + 1, n):  # not all committed: how many are
+                    seqs = array("Q", raw).tolist()
+                    n = next((k for k, seq in enumerate(seqs) if seq != tail + 1 + k), n)
             if n:
                 start = DATA_OFFSET + slot * SLOT_BYTES
                 copy(start, start + n * SLOT_BYTES)
                 tail += n
                 self._stuck = None
+                self._publish(tail)
                 continue
             if not final and tail >= self._stale_below:
                 now = time.monotonic()
@@ -181,12 +196,16 @@ class Ring:
             tail += run
             self.skipped += run
             self._stuck = None
-        if tail != self.tail:
-            self.tail = tail
-            words[TAIL // 8] = tail
-            if words[WAITERS // 8]:  # hits wait for room: there is some now
-                words[WAITERS // 8] = 0
-                futex.wake(self._tail_addr)
+            self._publish(tail)
+
+    def _publish(self, tail: int) -> None:
+        """Slots up to `tail` are free again: say so, and wake hits that wait for room."""
+        self.tail = tail
+        words = self.words
+        words[TAIL // 8] = tail
+        if words[WAITERS // 8]:  # hits wait for room: there is some now
+            words[WAITERS // 8] = 0
+            futex.wake(self._tail_addr)
 
     def beat(self) -> None:
         """The reader is alive: a hit waiting for room goes on waiting while

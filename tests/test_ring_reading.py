@@ -1,0 +1,122 @@
+"""The recording code run in this process into a ring that `Ring` reads:
+the writers' count of commits lets the reader take every slot without
+looking at the slots, and only while it equals `head`; `Recorder.dump`
+tells the owner of every thread, gone ones included, with no look at the
+records."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from uprobes.engines.trapfree import layout
+from uprobes.engines.trapfree.reader import Recorder
+from uprobes.engines.trapfree.recording import Recipe, Waits, prologue
+from uprobes.engines.trapfree.ring import Ring
+
+WAITS = Waits(stale=1 << 40, give_up=1 << 41, skew=4096)  # (the ring never fills here)
+PROBE_ID = 3
+
+
+@contextmanager
+def recording_code() -> Iterator[tuple[Ring, ctypes._CFuncPtr]]:
+    """A ring and a function that records `rdi` into it (the prologue, then ret)."""
+    ring_map = mmap.mmap(-1, layout.RING_BYTES)
+    code_map = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                         | mmap.PROT_EXEC)
+    ring_addr = ctypes.addressof(ctypes.c_char.from_buffer(ring_map))
+    code_addr = ctypes.addressof(ctypes.c_char.from_buffer(code_map))
+    assert abs(ring_addr - code_addr) < 1 << 30  # (rel32 reach: mappings sit side by side)
+    code = prologue(code_addr, ring_addr, Recipe(("rdi",), None), PROBE_ID, True, WAITS)
+    code_map[:len(code) + 1] = code + b"\xc3"
+    ring = Ring(ring_map, ring_addr)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_uint64)(code_addr)
+    try:
+        yield ring, fn
+    finally:
+        del fn
+        ring.close()
+        code_map.close()
+
+
+def _values(records: list[tuple[int, ...]]) -> list[int]:
+    return [rec[layout.REC_VALUES] for rec in records]
+
+
+def test_the_commit_count_lets_the_reader_take_slots_unseen() -> None:
+    with recording_code() as (ring, record):
+        for v in range(100):
+            record(v)
+        words = ring.words
+        assert words[layout.COMMITTED // 8] == words[layout.HEAD // 8] == 100
+        # A sequence word overwritten after the commit: the count says every
+        # slot reserved is committed, so the reader does not look at it.
+        words[(layout.DATA_OFFSET + 50 * layout.SLOT_BYTES + layout.SLOT_SEQ) // 8] = 0
+        got = ring.take()
+        assert _values(got) == list(range(100))
+        assert {rec[layout.REC_TID] for rec in got} == {threading.get_native_id()}
+        assert {rec[layout.REC_PROBE] for rec in got} == {PROBE_ID}
+
+
+def test_a_slot_reserved_and_not_committed_stops_the_take() -> None:
+    """A writer between its reservation and its commit (here: `head` moved
+    by hand): the count falls behind `head`, and the reader goes back to the
+    sequence words, taking what comes before the open slot and nothing after
+    it until it is committed."""
+    with recording_code() as (ring, record):
+        words = ring.words
+        for v in range(10):
+            record(v)
+        words[layout.HEAD // 8] += 1  # slot 10 reserved, its writer not done
+        for v in range(11, 20):
+            record(v)
+        assert words[layout.COMMITTED // 8] == 19 and words[layout.HEAD // 8] == 20
+        assert _values(ring.take()) == list(range(10))
+        assert _values(ring.take()) == []  # still open (and not yet STUCK_S old)
+        # The writer finishes: its values, then the commit, then the count.
+        slot = (layout.DATA_OFFSET + 10 * layout.SLOT_BYTES) // 8
+        words[slot + layout.SLOT_PROBE // 8] = PROBE_ID
+        words[slot + layout.SLOT_VALUES // 8] = 10
+        words[slot + layout.SLOT_SEQ // 8] = 11
+        words[layout.COMMITTED // 8] += 1
+        assert _values(ring.take()) == list(range(10, 20))
+        assert ring.skipped == 0 and ring.corrupt == 0
+
+
+class _Sink:
+    """What `Recorder.dump` hands a RawSink, kept."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, dict[int, tuple[int, str] | None]]] = []
+
+    def raw(self, created: int, now: int, read: int, data: memoryview,
+            owners: dict[int, tuple[int, str] | None]) -> None:
+        self.pieces.append((data.nbytes // layout.SLOT_BYTES, dict(owners)))
+
+    def sites(self, sites: object, rate: object) -> None:
+        pass
+
+
+def test_dump_tells_every_threads_owner_gone_ones_too() -> None:
+    """The owners come from the tracer's threads, not from the records: a
+    thread that recorded and exited between two reads is told as gone; a
+    thread's owner is told once, again when it changes."""
+    with recording_code() as (ring, record):
+        recorder = Recorder({})
+        sink = _Sink()
+        me = threading.get_native_id()
+        for v in range(5):
+            record(v)
+        recorder.former(me, 1, "gone")  # exited before the read
+        recorder.dump([ring], lambda: [(2, (1, "live"))], sink)
+        assert sink.pieces == [(5, {me: (1, "gone"), 2: (1, "live")})]
+        record(5)
+        recorder.dump([ring], lambda: [(2, (1, "live"))], sink)
+        assert sink.pieces[-1] == (1, {})  # nothing new to tell
+        record(6)
+        recorder.dump([ring], lambda: [(2, (1, "renamed")), (me, (1, "reused"))], sink)
+        assert sink.pieces[-1] == (1, {2: (1, "renamed"), me: (1, "reused")})
+        assert recorder.raw_records == 7
