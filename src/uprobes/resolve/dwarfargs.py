@@ -332,6 +332,10 @@ class _Access:
         if t.kind == "reference":  # a C++ reference reads as what it refers to, as gdb shows
             return self.leaves(Item(self.pointee(item, 0, text), t.target), name, depth,
                                lenient=lenient, text=text)
+        data = t.string_data
+        if data is not None:  # a std::string reads as its text, as gdb's printer shows it
+            return self.leaves(Item(_part(item.place, data.offset), data.type), name, depth,
+                               lenient=lenient, text=text)
         if t.has_variants:
             why = unsupported(f"a {t.name} holds one of several variants, known only at run "
                               "time")
@@ -510,8 +514,11 @@ def after_prologue(df: DwarfFile, entry: int) -> int | None:
     if not rows or rows[0].address != entry:
         return None
     first = rows[0].line
-    return next((r.address for r in rows if r.address > entry and r.line != first
-                 and r.is_stmt), None)
+    later = [r for r in rows if r.address > entry and r.is_stmt]
+    # A function on one line (`long area(long s) { return s * s; }`) has no
+    # second line: its body starts at the line's next row, as gdb breaks there.
+    return next((r.address for r in later if r.line != first),
+                later[0].address if later else None)
 
 
 _LOCATION_LISTS = frozenset(("DW_FORM_sec_offset", "DW_FORM_loclistx", "DW_FORM_data4",

@@ -161,6 +161,23 @@ class CType:
             and self.size == 1
 
     @property
+    def string_data(self) -> Member | None:
+        """For libstdc++'s `std::string`: where in the object the pointer to
+        its characters is (`_M_dataplus._M_p`), whose text ends at a NUL (the
+        library keeps one after the last character, for `c_str()`). None for
+        any other type."""
+        if self.kind != "struct" or not (die_name(self.die) or "").startswith(
+                "basic_string<char,"):
+            return None
+        hider = next((m for m in self.members if m.name == "_M_dataplus"), None)
+        if hider is None or not any(m.name == "_M_string_length" for m in self.members):
+            return None
+        ptr = next((m for m in hider.type.members if m.name == "_M_p"), None)
+        if ptr is None or ptr.type.kind != "pointer" or not ptr.type.target.is_char:
+            return None
+        return Member("_M_p", hider.offset + ptr.offset, ptr.type)
+
+    @property
     def has_variants(self) -> bool:
         """Whether the type is a Rust enum holding data (`Option<&T>`): a
         struct whose members depend on a discriminant (DW_TAG_variant_part)."""
