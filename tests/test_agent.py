@@ -97,7 +97,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
      "sets itself"),
     (["libc:malloc"], 2, "give a sink"),
     (["--prometheus", "127.0.0.1:9464"], 2, "give probe lines"),
-    (["--prometheus", "127.0.0.1:9464", "-e", "ptrace", "libc:malloc"], 2, "kernel engine"),
+    (["--prometheus", "127.0.0.1:9464", "-e", "ptrace", "--counts-only", "libc:malloc"], 2,
+     "kernel engine"),
     (["--otlp", "ftp://127.0.0.1:4318", "libc:malloc"], 2, "OTLP endpoint"),
     (["--pyroscope", "127.0.0.1:4040", "libc:malloc"], 2, "Pyroscope URL"),
 ])

@@ -60,3 +60,20 @@ def test_inprogram_bench_runs_our_rows_exactly(tmp_path: Path) -> None:
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| uprobes ")]
     assert len(rows) == 6, proc.stdout
     assert all(ln.rstrip(" |").endswith("exact") for ln in rows), proc.stdout
+
+
+def test_agent_bench_ptrace_mode_runs_and_counts_the_calls() -> None:
+    """`bench.agent_idle --mode ptrace`: the agent follows a program started
+    before it and one after, and the calls it counts are the programs' (the
+    share of the rate is a figure, bounded loosely: none counted twice, and
+    most counted even on a loaded machine)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.agent_idle", "--mode", "ptrace",
+                           "--seconds", "3", "--scrape", "1", "--rate", "20000",
+                           "--processes", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = re.fullmatch(r"ptrace     : 2 processes, 40000 calls/s timed ([\d.]+)%; \d+ scrapes "
+                       r"of 1 series over \d+ s; the agent's CPU [\d.]+ s = [\d.]+% of a core "
+                       r"\(watchers [\d.]+ s\); the programs' [\d.]+%\n", proc.stdout)
+    assert got, proc.stdout
+    assert 50 <= float(got.group(1)) <= 101, proc.stdout

@@ -60,6 +60,15 @@ class LatencySeries:
         buckets = list(self.buckets)
         return LatencySeries(sum(buckets), self.sum_ns, buckets, self.min_ns, self.max_ns)
 
+    def merge(self, other: LatencySeries) -> None:
+        """Add the calls of `other` (another process's, the same labels)."""
+        if other.count and (not self.count or other.min_ns < self.min_ns):
+            self.min_ns = other.min_ns
+        self.max_ns = max(self.max_ns, other.max_ns)
+        self.count += other.count
+        self.sum_ns += other.sum_ns
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets)]
+
 
 @dataclass
 class ProbeMetrics:
@@ -80,6 +89,7 @@ class Snapshot:
     dropped: dict[str, int]
     unpaired: int
     placed: int
+    followed: int | None = None  # processes followed (the ptrace engine), else None
 
 
 class Metrics:
@@ -99,6 +109,11 @@ class Metrics:
         self.live_hits: Callable[[], dict[str, dict[Labels, int]]] | None = None
         """Counts-only (counting.py): key -> labels -> hits the kernel counted
         in the run going on, added to the series' own at each snapshot."""
+        self.live_calls: Callable[[], dict[str, dict[Labels, LatencySeries]]] | None = None
+        """On the ptrace engine (following.py): key -> labels -> the calls
+        timed in the processes followed, added as `live_hits` are."""
+        self.live_followed: Callable[[], int] | None = None
+        """On the ptrace engine: how many processes are followed now."""
 
     def keep_only(self, keys: dict[str, tuple[str, ...]]) -> None:
         """Configured probes (key -> extra label names) from now on: the series of
@@ -148,6 +163,22 @@ class Metrics:
                 else:
                     pm.overflow_hits += n
 
+    def add_calls(self, calls: dict[str, dict[Labels, LatencySeries]]) -> None:
+        """Calls timed elsewhere (the ptrace engine's run that ended), kept in
+        the series (no probing thread runs meanwhile)."""
+        for key, series in calls.items():
+            pm = self._probes.get(key)
+            if pm is None:
+                continue
+            for labels, calls_of in series.items():
+                mine = pm.latency.get(labels)
+                if mine is None and len(pm.latency) >= self.max_series:
+                    pm.overflow_calls += calls_of.count
+                    continue
+                if mine is None:
+                    mine = pm.latency[labels] = LatencySeries()
+                mine.merge(calls_of)
+
     def drop(self, reason: str, n: int = 1) -> None:
         """`n` hits (or items) not counted, for `reason`: exported, never silent."""
         with self._drop_lock:
@@ -162,11 +193,19 @@ class Metrics:
         probes: dict[str, ProbeMetrics] = {}
         live = self.live_hits
         counted = live() if live is not None else {}
+        live_calls = self.live_calls
+        timed = live_calls() if live_calls is not None else {}
         for key, pm in list(self._probes.items()):
             latency = {lb: s.copy() for lb, s in list(pm.latency.items())}
             hits = dict(pm.hits)
             for labels, n in counted.get(key, {}).items():
                 hits[labels] = hits.get(labels, 0) + n
+            for labels, series in timed.get(key, {}).items():
+                mine = latency.get(labels)
+                if mine is None:
+                    latency[labels] = series
+                else:
+                    mine.merge(series)
             probes[key] = ProbeMetrics(pm.label_names, hits, latency,
                                        pm.overflow_hits, pm.overflow_calls)
         with self._drop_lock:
@@ -174,4 +213,6 @@ class Metrics:
         lost = self.live_lost
         if lost is not None:
             dropped["ring_full"] = lost()
-        return Snapshot(probes, dropped, self.unpaired, self.placed)
+        followed = self.live_followed
+        return Snapshot(probes, dropped, self.unpaired, self.placed,
+                        followed() if followed is not None else None)

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from uprobes.errors import KernelError
 from uprobes.sys.proc_events import EXEC, FORK, ProcEvents
 
-from .probes import Executables
-
 POLL_MS = 200  # the longest a stop waits for the thread
 
 
@@ -34,6 +32,11 @@ class ProcessWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.execs = 0
+
+    @property
+    def available(self) -> bool:
+        """Whether the kernel's process events are read (else nothing is passed on)."""
+        return self._events is not None
 
     @property
     def overruns(self) -> int:
@@ -80,7 +83,3 @@ class ProcessWatch:
             self._events.__exit__(None, None, None)
             self._events = None
 
-
-def watch_execs(executables: Executables, note: Callable[[str], object]) -> ProcessWatch:
-    """A watch that teaches `executables` each process as it execs."""
-    return ProcessWatch(executables.learn, note)

@@ -14,7 +14,8 @@ reload removes it):
   records the kernel dropped);
 - `uprobes_unpaired_returns_total`: returns whose entry was not seen, calls
   left without returning;
-- `uprobes_probes`: probe lines in place.
+- `uprobes_probes`: probe lines in place;
+- `uprobes_followed_processes` (`-e ptrace` only): processes followed now.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class MetricsCollector:
         placed = Metric("uprobes_probes", "Probe lines in place.", "gauge")
         placed.add_sample("uprobes_probes", {}, snap.placed)
         yield from (hits, calls, overflow, dropped, unpaired, placed)
+        if snap.followed is not None:
+            followed = Metric("uprobes_followed_processes",
+                              "Processes whose calls are timed in them now (-e ptrace).", "gauge")
+            followed.add_sample("uprobes_followed_processes", {}, snap.followed)
+            yield followed
 
 
 def _registry(metrics: Metrics) -> Any:

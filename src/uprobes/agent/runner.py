@@ -31,9 +31,10 @@ from uprobes.model.event import Event
 
 from .config import AgentConfig, AgentProbe
 from .counting import CountRun
+from .following import Following
 from .metrics import Metrics
 from .probes import Executables, OnCall, build_session, missing_file
-from .processes import watch_execs
+from .processes import ProcessWatch
 
 WATCH_S = 0.2
 """How often the main thread looks at the run, and for files probes wait for."""
@@ -108,10 +109,10 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
     executables = executables or Executables()
     lost = 0
     good: AgentConfig | None = None  # the last config whose probes were placed
-    run: _Run | CountRun | None = None
+    run: _Run | CountRun | Following | None = None
     waiting: dict[str, str] = {}
 
-    def start(config: AgentConfig) -> _Run | CountRun | None:
+    def start(config: AgentConfig) -> _Run | CountRun | Following | None:
         nonlocal waiting
         present, now_waiting = _split(config.probes)
         for path in sorted(set(now_waiting.values()) - set(waiting.values())):
@@ -119,19 +120,35 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
         waiting = now_waiting
         if not present:
             return None
+        if config.engine == "ptrace":
+            run = Following(replace(config, probes=present), metrics, note, on_ready)
+            following[:] = [run]
+            if not watch.available:
+                note("only the processes running now are followed: processes started later "
+                     "are seen through the kernel's process events")
+            run.begin()
+            return run
         if config.counts_only:
             return CountRun(replace(config, probes=present), metrics, note, on_ready)
         return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost,
                     on_call, on_stack)
 
-    def stop(run: _Run | CountRun | None) -> None:
+    def stop(run: _Run | CountRun | Following | None) -> None:
         nonlocal lost
+        following.clear()
         if run is not None:
             run.end()
             lost += run.lost
             metrics.set_dropped("ring_full", lost)
 
-    with StopSignals() as signals, watch_execs(executables, note):
+    following: list[Following] = []  # the run going on, when on the ptrace engine
+
+    def on_exec(pid: int) -> None:
+        executables.learn(pid)
+        for f in following:
+            f.consider(pid)
+
+    with StopSignals() as signals, ProcessWatch(on_exec, note) as watch:
         poller = select.poll()
         poller.register(signals.fileno(), select.POLLIN)
         run = start(config)

@@ -68,6 +68,10 @@ class Histogram:
                 return int(min(max((lo + hi) // 2, self.min), self.max))
         return self.max
 
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(lo, hi, count) of each fine bucket with calls, lowest first."""
+        return [(*_fine_bounds(i), self._fine[i]) for i in sorted(self._fine)]
+
     def log2_buckets(self) -> list[tuple[int, int, int]]:
         """(lo, hi, count) for each power-of-two range (0 -> 1, 2 -> 3, 4 -> 7,
         ...) from the first used to the last used, empty ones between kept."""

@@ -26,6 +26,7 @@ from uprobes.agent.prometheus import PrometheusEndpoint, exposition
 from uprobes.agent.pyroscope import PyroscopeSink
 from uprobes.agent.runner import serve
 from uprobes.engines.choose import ENGINES
+from uprobes.engines.signals import install_wake_handler
 from uprobes.errors import UsageError
 
 NAME = "agent"
@@ -78,7 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "series have no executable, comm or extra labels, and no latencies "
                         "(counts_only = true in a config)")
     p.add_argument("-e", "--engine", choices=ENGINES, default="auto",
-                   help="kernel (system-wide), or auto (default: the kernel)")
+                   help="kernel (system-wide), ptrace (calls timed inside each process "
+                        "running a probed executable, followed as they start), or auto "
+                        "(default: the kernel)")
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
@@ -107,8 +110,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.argv_command:
         raise UsageError("the agent probes every process: it starts no command")
     config = _config(args)
-    if config.engine == "ptrace":
-        raise UsageError("the agent runs system-wide, on the kernel engine: -e kernel or auto")
+    if config.engine == "ptrace" and config.counts_only:
+        raise UsageError("counts-only is the kernel engine's: leave out -e ptrace or "
+                         "--counts-only")
     if config.counts_only:
         check_counts_only(config)
     if config.prometheus is None and config.otlp is None and config.pyroscope is None \
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             check_counts_only(new)
         return new
     executables = Executables()
+    install_wake_handler()  # the ptrace engine's tracers block in their threads
     with ExitStack() as stack:
         served = ""
         if config.prometheus is not None:

@@ -1,0 +1,363 @@
+"""The agent on the ptrace engine (`-e ptrace`, `engine = "ptrace"`): each
+function of an entry and a return line timed inside every process that runs
+the probed executable, from the moment it starts until it exits.
+
+The kernel's process events (processes.py, the netlink process connector)
+tell of each exec as it happens; a process whose /proc/PID/exe is a probed
+executable (the probe's file, or its `executable`) and whose comm is one a
+probe asks for (any, if none) gets a tracer of its own, in a thread of the
+agent's: the ptrace engine's trap-free timing (trapfree="time"), jumps in
+the program whose code keeps each thread's histograms in shared memory, no
+stop per call. The tracer's thread blocks until the process does something
+the tracer must see (a clone, an exec, its exit), then detaches when it
+exits or when the agent ends. Processes running when the agent starts are
+found by one scan of /proc. At each export the histograms are read from the
+timing blocks (no ptrace request, no stop of the program).
+
+A fork of a followed process is followed by its parent's tracer (ptrace
+attaches it at the fork) and counts into the parent's series. Series carry
+no pid: processes of one executable and comm add into one series, and one
+that exits leaves its calls in it, so the counts never go down.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from uprobes.analysis.histogram import Histogram
+from uprobes.elf.image import ElfImage
+from uprobes.engines.base import Request, Timer, open_timer
+from uprobes.engines.ptrace.permissions import tracer_of
+from uprobes.errors import EngineError, UprobesError, UsageError
+from uprobes.lang.ast import ProbeSpec
+from uprobes.model.event import display_names
+from uprobes.model.probe import ResolvedProbe
+from uprobes.resolve.resolver import Resolver
+
+from .config import AgentConfig, AgentProbe, check_probe
+from .metrics import LATENCY_BOUNDS_NS, Labels, LatencySeries, Metrics
+from .probes import function_key
+
+MAX_PROCESSES = 64
+"""Processes followed at once; past it a process is not followed (one note)."""
+
+WAKE_S = 0.2
+"""How often the manager thread looks whether it should end."""
+
+END_S = 120.0
+"""The longest the tracers may take to detach once the agent ends."""
+
+_Calls = dict[str, dict[Labels, LatencySeries]]
+_Hits = dict[str, dict[Labels, int]]
+
+
+@dataclass(frozen=True)
+class _Function:
+    """A function timed: its entry line and its return line."""
+
+    entry: AgentProbe
+    ret: AgentProbe
+
+
+def _functions(config: AgentConfig) -> list[_Function]:
+    """The timed functions of `config`; what the ptrace engine's agent cannot
+    do is refused in one line."""
+    specs = [(p, check_probe(p)) for p in config.probes]
+    entries: dict[str, AgentProbe] = {}
+    returns: dict[str, AgentProbe] = {}
+    for probe, spec in specs:
+        if probe.labels or probe.stacks:
+            raise UsageError(f"{probe.line}: on the ptrace engine the calls are timed in the "
+                             "program, which fetches nothing: leave out "
+                             f"{'labels' if probe.labels else 'stacks'}")
+        (returns if spec.is_return else entries).setdefault(function_key(spec), probe)
+    for probe, spec in specs:
+        key = function_key(spec)
+        if key not in entries or key not in returns:
+            raise UsageError(f"{probe.line}: on the ptrace engine the agent times calls: give "
+                             "each function an entry line and a return line")
+    return [_Function(entries[k], returns[k]) for k in entries]
+
+
+class _Target:
+    """The processes one function is timed in: those running `exe`."""
+
+    def __init__(self, function: _Function) -> None:
+        self.function = function
+        spec = check_probe(function.entry)
+        self.spec: ProbeSpec = spec
+        exe = function.entry.executable
+        if exe is None:
+            probes = Resolver(uretprobe=False).resolve_all([spec])
+            exe = probes[0].path
+            with ElfImage.open(exe) as image:
+                if image.elf_type != "EXEC" and not image.is_pie:
+                    raise UsageError(f"{function.entry.line}: {exe} is a library: on the "
+                                     "ptrace engine say which program's processes to follow "
+                                     "(executable = PATH in the config's [[probe]])")
+        self.exe = os.path.realpath(exe)
+        try:
+            st = os.stat(self.exe)
+        except OSError as e:
+            raise UsageError(f"{function.entry.line}: cannot read {self.exe}: "
+                             f"{e.strerror}") from None
+        self.ident = (st.st_dev, st.st_ino)
+        self.comm = function.entry.comm
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A function timed in one process, and its lines' probe labels there
+    (display names, as the kernel engine's events give them)."""
+
+    function: _Function
+    entry: str
+    ret: str
+
+
+def _named(targets: list[_Target], probes: list[ResolvedProbe]) -> dict[str, _Named]:
+    """Each timed function's entry display name -> it and its labels."""
+    names = list(zip(display_names(probes), probes))
+    out = {}
+    for t in targets:
+        entry = next((n for n, p in names if not p.is_return
+                      and p.spec.text == t.function.entry.line), None)
+        ret = next((n for n, p in names if p.spec.text == t.function.ret.line), None)
+        if entry is not None:
+            out[entry] = _Named(t.function, entry, ret or entry)
+    return out
+
+
+@dataclass
+class _Process:
+    """A process followed: its tracer (once attached) and what labels its calls."""
+
+    pid: int
+    exe: str
+    comm: str
+    targets: list[_Target]
+    timer: Timer | None = None  # set once its probes are in place
+    thread: threading.Thread | None = None
+    settled: threading.Event = field(default_factory=threading.Event)  # placed, or given up
+    names: dict[str, _Named] | None = None  # a timed function's display name -> its lines
+
+
+class Following:
+    """The processes of the probed executables, followed while running (the
+    interface of counting.CountRun: `placed`, `ended`, `error`, `lost`,
+    `end()`); the metrics read their calls live (`Metrics.live_calls`)."""
+
+    def __init__(self, config: AgentConfig, metrics: Metrics, note: Callable[[str], object],
+                 on_ready: Callable[[AgentConfig], object]) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.note = note
+        self.on_ready = on_ready
+        self.error: BaseException | None = None
+        self.placed = False
+        self.lost = 0
+        self._targets = [_Target(f) for f in _functions(config)]
+        self._lock = threading.Lock()  # the live processes against a scrape
+        self._live: dict[int, _Process] = {}
+        self._hits: _Hits = {}  # of processes gone
+        self._calls: _Calls = {}
+        self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._ending = threading.Event()
+        self._limit_noted = False
+        metrics.keep_only({p.key: p.labels for p in config.probes})
+        metrics.live_hits, metrics.live_calls = self._live_hits, self._live_calls
+        metrics.live_followed = lambda: sum(p.timer is not None for p in list(self._live.values()))
+        self._thread = threading.Thread(target=self._main, name="uprobes-follow", daemon=True)
+
+    def begin(self) -> None:
+        """Scan /proc, then follow what `consider` is given (call it first
+        from now on: a process that starts meanwhile is then not missed)."""
+        self._thread.start()
+
+    # ------------------------------------------------------------ processes
+
+    def consider(self, pid: int) -> None:
+        """A process has just exec'd or been forked (the process events'
+        thread, which must never wait: the pid is queued for the manager)."""
+        self._pids.put(pid)
+
+    def _main(self) -> None:
+        try:
+            for name in os.listdir("/proc"):  # those already running, once
+                if name.isdigit():
+                    self._consider(int(name))
+            deadline = time.monotonic() + END_S  # in place in those, then ready
+            for proc in list(self._live.values()):
+                proc.settled.wait(max(0.0, deadline - time.monotonic()))
+            self.placed = True
+            self.metrics.placed = len(self.config.probes)
+            self.on_ready(self.config)
+            while not self._ending.is_set():
+                try:
+                    pid = self._pids.get(timeout=WAKE_S)
+                except queue.Empty:
+                    continue
+                self._consider(pid)
+        except BaseException as e:  # handed to the main thread (`ended`)
+            self.error = e
+
+    def _consider(self, pid: int) -> None:
+        """Follow `pid` if it runs a probed executable (an exec or a new
+        process; a fork our tracer already follows is left to it)."""
+        if pid == os.getpid() or pid in self._live or self._ending.is_set():
+            return
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+            exe = os.readlink(f"/proc/{pid}/exe")
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().rstrip("\n")
+        except OSError:
+            return  # gone, or a kernel thread
+        targets = [t for t in self._targets if t.ident == (st.st_dev, st.st_ino)
+                   and (not t.comm or comm in t.comm)]
+        if not targets:
+            return
+        tracer = tracer_of(pid)
+        if tracer:  # a fork that a tracer of ours follows already, or someone else's
+            if not os.path.exists(f"/proc/self/task/{tracer}"):
+                self.note(f"process {pid} ({exe}) is traced by process {tracer} already: "
+                          "not followed (one tracer per process)")
+            return
+        if len(self._live) >= MAX_PROCESSES:
+            self.metrics.drop("process_limit")
+            if not self._limit_noted:
+                self._limit_noted = True
+                self.note(f"{MAX_PROCESSES} processes followed: more are not "
+                          "(uprobes_dropped_total{reason=\"process_limit\"} counts them)")
+            return
+        proc = _Process(pid, exe, comm, targets)
+        proc.thread = threading.Thread(target=self._follow, args=(proc,),
+                                       name=f"uprobes-follow-{pid}", daemon=True)
+        with self._lock:
+            self._live[pid] = proc
+        proc.thread.start()
+
+    def _follow(self, proc: _Process) -> None:
+        """The tracer of one process, in its own thread (every ptrace request
+        of a tracer comes from the thread that attached)."""
+        final: Histograms = {}
+        try:
+            probes = Resolver(pid=proc.pid, uretprobe=False).resolve_all(
+                [s for t in proc.targets for s in (t.spec, check_probe(t.function.ret))])
+            proc.names = _named(proc.targets, probes)
+            exited = f"process {proc.pid} exited"  # what a followed process does: no note
+
+            def note(text: str) -> None:
+                if text != exited:
+                    self.note(text)
+            timer = open_timer(Request(probes, "ptrace", pid=proc.pid, trapfree=True,
+                                       note=note))
+            if timer is None:
+                raise EngineError("the ptrace engine cannot time these calls")
+            with timer:
+                with self._lock:
+                    proc.timer = timer
+                    ending = self._ending.is_set()
+                proc.settled.set()
+                if not ending:
+                    timer.count(None)  # until it exits, or `end()` stops it
+            final = _histograms(timer)
+        except (UprobesError, OSError) as e:  # this process's, never the whole agent's
+            self.note(f"process {proc.pid} ({proc.exe}) not followed: {e}")
+        finally:
+            with self._lock:  # its calls move from live to kept in one step
+                self._live.pop(proc.pid, None)
+                _add(self._hits, self._calls, proc, final)
+            proc.settled.set()
+
+    # ------------------------------------------------------------ metrics
+
+    def _read(self) -> tuple[_Hits, _Calls]:
+        with self._lock:
+            hits: _Hits = {k: dict(v) for k, v in self._hits.items()}
+            calls: _Calls = {k: {lb: s.copy() for lb, s in v.items()}
+                             for k, v in self._calls.items()}
+            for proc in list(self._live.values()):
+                if proc.timer is not None:
+                    _add(hits, calls, proc, _histograms(proc.timer))
+        return hits, calls
+
+    def _live_hits(self) -> _Hits:
+        return self._read()[0]
+
+    def _live_calls(self) -> _Calls:
+        return self._read()[1]
+
+    # ------------------------------------------------------------ the end
+
+    @property
+    def ended(self) -> bool:
+        return not self._thread.is_alive()
+
+    def end(self) -> None:
+        """Detach from every process (each tracer in its thread, all at once)
+        and keep what they timed in the metrics; bounded by END_S."""
+        self._ending.set()
+        deadline = time.monotonic() + END_S
+        self._thread.join(END_S)
+        while True:
+            with self._lock:
+                live = list(self._live.values())
+            for proc in live:
+                if proc.timer is not None:
+                    proc.timer.stop()
+            if not live or time.monotonic() >= deadline:
+                break
+            for proc in live:
+                if proc.thread is not None:
+                    proc.thread.join(0.05)
+        self.metrics.live_hits = self.metrics.live_calls = None
+        self.metrics.live_followed = None
+        self.metrics.placed = 0
+        if live:
+            raise EngineError(f"processes {', '.join(str(p.pid) for p in live)} were not "
+                              f"detached within {END_S:g} s")
+        self.metrics.add_hits(self._hits)
+        self.metrics.add_calls(self._calls)
+
+
+Histograms = dict[str, Histogram]
+
+
+def _histograms(timer: Timer) -> Histograms:
+    return timer.latencies().histograms
+
+
+def _add(hits: _Hits, calls: _Calls, proc: _Process, histograms: Histograms) -> None:
+    """Add a process's calls (`histograms`, by display name) to the series of
+    its functions' entry and return lines."""
+    for name, h in histograms.items():
+        named = (proc.names or {}).get(name)
+        if named is None or not h.count:
+            continue
+        function = named.function
+        for probe, label in ((function.entry, named.entry), (function.ret, named.ret)):
+            mine = hits.setdefault(probe.key, {})
+            labels = (label, proc.exe, proc.comm)
+            mine[labels] = mine.get(labels, 0) + h.count
+        labels = (named.entry, proc.exe, proc.comm)
+        have = calls.setdefault(function.entry.key, {}).get(labels)
+        if have is None:
+            calls[function.entry.key][labels] = _series(h)
+        else:
+            have.merge(_series(h))
+
+
+def _series(h: Histogram) -> LatencySeries:
+    """The agent's buckets of a histogram: each fine bucket's calls go where
+    its middle falls (monotonic: a bucket of a later read never has fewer)."""
+    out = LatencySeries(count=h.count, sum_ns=h.total, min_ns=h.min or 0, max_ns=h.max)
+    for lo, hi, n in h.spans():
+        out.buckets[bisect_left(LATENCY_BOUNDS_NS, (lo + hi) // 2)] += n
+    return out

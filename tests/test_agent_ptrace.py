@@ -1,0 +1,128 @@
+"""`uprobes agent -e ptrace`: calls timed inside each process that runs the
+probed executable, those running when the agent starts and those started
+after it (the kernel's process events), each detached when it exits and
+all of them when the agent ends; the series never go down."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agent_support import CALLS_PER_ROUND, Agent, Caller, Series, free_port, pick
+from conftest import Compiler, need, wait_until
+
+from uprobes.engines.ptrace.permissions import tracer_of
+from uprobes.errors import KernelError
+from uprobes.sys.proc_events import ProcEvents
+
+
+@pytest.fixture
+def caller_exe(compile_c: Compiler) -> Path:
+    return compile_c("agent_calls.c", name="agent-calls-ptrace")
+
+
+def _agent(exe: Path, port: int) -> Agent:
+    return Agent("-e", "ptrace", "--prometheus", f"127.0.0.1:{port}", f"{exe}:handle",
+                 f"r {exe}:handle")
+
+
+def _followed(agent: Agent, port: int) -> float:
+    return sum(pick(agent.metrics(port), "uprobes_followed_processes").values())
+
+
+def _calls(got: Series, caller: Caller) -> float:
+    return sum(pick(got, "uprobes_call_duration_seconds_count", probe="uprobes/handle",
+                    executable=str(caller.exe), comm=caller.comm).values())
+
+
+def _proc_events() -> bool:
+    try:
+        with ProcEvents():
+            return True
+    except KernelError:
+        return False
+
+
+def test_a_running_process_is_timed_and_left_as_it_was(caller_exe: Path) -> None:
+    port = free_port()
+    caller = Caller(caller_exe)
+    agent = _agent(caller_exe, port)
+    try:
+        agent.ready()  # in place in the processes already running
+        assert _followed(agent, port) == 1
+        tracer = tracer_of(caller.proc.pid)  # a thread of the agent's
+        assert tracer and Path(f"/proc/{agent.proc.pid}/task/{tracer}").exists()
+        caller.round()
+        caller.round()
+        got = agent.metrics(port)
+        who = {"executable": str(caller_exe), "comm": caller.comm}
+        assert _calls(got, caller) == 2 * CALLS_PER_ROUND  # read from the program: exact
+        for probe in ("uprobes/handle", "uprobes/handle__return"):
+            assert sum(pick(got, "uprobes_hits_total", probe=probe, **who).values()) == \
+                2 * CALLS_PER_ROUND
+        # each call sleeps 2.5 ms: none is in a bucket below 2.097 ms
+        below = pick(got, "uprobes_call_duration_seconds_bucket", le="0.002097152", **who)
+        assert below and set(below.values()) == {0}
+        status, err = agent.stop(signal.SIGTERM)
+        assert status == 0, err
+        assert "Traceback" not in err
+        assert tracer_of(caller.proc.pid) == 0
+        caller.round()  # untraced, it runs on
+        caller.end()
+    finally:
+        agent.kill()
+        caller.proc.kill()
+
+
+def test_processes_started_after_the_agent_are_followed_until_they_exit(
+        caller_exe: Path) -> None:
+    need(_proc_events(), "the kernel's process events (netlink process connector) are "
+                         "not available here")
+    port = free_port()
+    agent = _agent(caller_exe, port)
+    callers: list[Caller] = []
+    try:
+        agent.ready()
+        assert _followed(agent, port) == 0
+        first = Caller(caller_exe)  # started after the agent: its exec is an event
+        callers.append(first)
+        wait_until(lambda: _followed(agent, port) == 1, "the new process followed")
+        first.round()
+        first.round()
+        assert _calls(agent.metrics(port), first) == 2 * CALLS_PER_ROUND
+        first.end()  # it exits: its tracer detaches, its calls stay in the series
+        wait_until(lambda: _followed(agent, port) == 0, "the exited process let go")
+        assert _calls(agent.metrics(port), first) == 2 * CALLS_PER_ROUND
+        second = Caller(caller_exe)  # the same executable and comm: the same series
+        callers.append(second)
+        wait_until(lambda: _followed(agent, port) == 1, "the next process followed")
+        second.round()
+        assert _calls(agent.metrics(port), second) == 3 * CALLS_PER_ROUND
+        status, err = agent.stop(signal.SIGINT)
+        assert status == 0, err
+        assert "Traceback" not in err and "note" not in err, err
+        assert tracer_of(second.proc.pid) == 0
+        second.round()
+        second.end()
+    finally:
+        agent.kill()
+        for c in callers:
+            c.proc.kill()
+
+
+@pytest.mark.parametrize("lines,words", [
+    (["EXE:handle"], "an entry line and a return line"),
+    (["libc:malloc", "r libc:malloc"], "is a library"),
+])
+def test_what_it_cannot_follow_is_refused_in_one_line(caller_exe: Path, lines: list[str],
+                                                      words: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "uprobes", "agent", "-e", "ptrace",
+                           "--prometheus", "127.0.0.1:9464",
+                           *(line.replace("EXE", str(caller_exe)) for line in lines)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("uprobes: error: ") and words in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1
