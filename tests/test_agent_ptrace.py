@@ -126,3 +126,42 @@ def test_what_it_cannot_follow_is_refused_in_one_line(caller_exe: Path, lines: l
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("uprobes: error: ") and words in done.stderr, done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+def _watchers(pid: int) -> list[int]:
+    """The orphan reapers among the children of process `pid`."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"orphan_reaper" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_one_watcher_serves_every_process_and_a_kill_9_harms_none(caller_exe: Path) -> None:
+    """Every followed process's tracer records what it placed with one orphan
+    watcher (a Python process each, before); the agent killed outright, the
+    watcher undoes what would trap and the programs run on."""
+    port = free_port()
+    callers = [Caller(caller_exe), Caller(caller_exe)]
+    agent = _agent(caller_exe, port)
+    try:
+        agent.ready()
+        assert _followed(agent, port) == 2
+        for c in callers:
+            c.round()
+        assert len(_watchers(agent.proc.pid)) == 1
+        agent.proc.kill()  # SIGKILL: no clean detach
+        agent.proc.wait(60)
+        for c in callers:
+            wait_until(lambda c=c: tracer_of(c.proc.pid) == 0, "the kernel's detach")
+            c.round()  # no SIGTRAP: what was placed is harmless or undone
+            c.end()
+    finally:
+        agent.kill()
+        for c in callers:
+            c.proc.kill()

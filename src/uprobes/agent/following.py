@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from uprobes.analysis.histogram import Histogram
 from uprobes.elf.image import ElfImage
-from uprobes.engines.base import Request, Timer, open_timer
+from uprobes.engines.base import Request, Timer, open_orphan_watch, open_timer
 from uprobes.engines.ptrace.permissions import tracer_of
 from uprobes.errors import EngineError, UprobesError, UsageError
 from uprobes.lang.ast import ProbeSpec
@@ -170,6 +170,7 @@ class Following:
         self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._ending = threading.Event()
         self._limit_noted = False
+        self._orphans = open_orphan_watch()  # one watcher for every process's tracer
         metrics.keep_only({p.key: p.labels for p in config.probes})
         metrics.live_hits, metrics.live_calls = self._live_hits, self._live_calls
         metrics.live_followed = lambda: sum(p.timer is not None for p in list(self._live.values()))
@@ -257,7 +258,7 @@ class Following:
                 if text != exited:
                     self.note(text)
             timer = open_timer(Request(probes, "ptrace", pid=proc.pid, trapfree=True,
-                                       note=note))
+                                       note=note, orphans=self._orphans))
             if timer is None:
                 raise EngineError("the ptrace engine cannot time these calls")
             with timer:
@@ -320,9 +321,10 @@ class Following:
         self.metrics.live_hits = self.metrics.live_calls = None
         self.metrics.live_followed = None
         self.metrics.placed = 0
-        if live:
+        if live:  # the watcher stays: it undoes what is theirs when the agent exits
             raise EngineError(f"processes {', '.join(str(p.pid) for p in live)} were not "
                               f"detached within {END_S:g} s")
+        self._orphans.close()
         self.metrics.add_hits(self._hits)
         self.metrics.add_calls(self._calls)
 

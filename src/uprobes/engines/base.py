@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 from uprobes.analysis.histogram import Latencies
 from uprobes.analysis.keyed import KeyedCounts
 from uprobes.engines.choose import pick_engine
+from uprobes.engines.reaper import Watch
 from uprobes.errors import UsageError
 from uprobes.lang.condition import Condition
 from uprobes.model.event import Event, Hit, ProbeInfo
@@ -161,6 +162,8 @@ class Request:
     `ring_pages`: data pages of each of the kernel engine's per-CPU rings
     (None: its default, larger with stacks). `python`: stacks hold the
     Python frames of a CPython program (the ptrace engine reads them).
+    `orphans`: the ptrace engine's watcher for a kill -9 of uprobes, shared
+    by several runs (`open_orphan_watch`); None: each run starts its own.
     """
 
     probes: list[ResolvedProbe]
@@ -177,6 +180,7 @@ class Request:
     by: str | None = None
     value: str | None = None
     python: bool = False
+    orphans: Watch | None = None
 
     def pick(self) -> str:
         """The engine that serves this request: `kernel` or `ptrace`."""
@@ -193,7 +197,7 @@ def open_tracer(request: Request) -> Tracer:
                             force=request.force, note=request.note,
                             stack_bytes=request.stack_bytes, hit_filter=request.hit_filter,
                             trapfree="record" if request.trapfree else False,
-                            python=request.python)
+                            python=request.python, orphans=request.orphans)
     from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
     from uprobes.engines.kernel.tracer import KernelTracer
     pages = request.ring_pages or (STACK_RING_PAGES if request.stack_bytes else DEFAULT_RING_PAGES)
@@ -210,7 +214,8 @@ def open_counter(request: Request) -> Counter:
         return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                             force=request.force, note=request.note,
                             hit_filter=request.hit_filter,
-                            trapfree="count" if request.trapfree else False)
+                            trapfree="count" if request.trapfree else False,
+                            orphans=request.orphans)
     from uprobes.engines.kernel.counting import KernelCounter
     target = request.child if request.child is not None else request.pid
     return KernelCounter(request.probes, pids=None if target is None else [target],
@@ -230,7 +235,8 @@ def open_keyed_counter(request: Request) -> KeyedCounter:
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="count",
-                        by=request.by, value=request.value, hit_filter=request.hit_filter)
+                        by=request.by, value=request.value, hit_filter=request.hit_filter,
+                        orphans=request.orphans)
 
 
 def open_timer(request: Request) -> Timer | None:
@@ -244,7 +250,16 @@ def open_timer(request: Request) -> Timer | None:
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="time",
-                        by=request.by)
+                        by=request.by, orphans=request.orphans)
+
+
+def open_orphan_watch() -> Watch:
+    """One watcher for the ptrace runs of a process that runs several (the
+    agent's): what each places is undone by it if uprobes is killed, and
+    one watcher serves them all (each starts a process of its own else).
+    Close it once every run sharing it has ended."""
+    from uprobes.engines.ptrace.orphan import open_watch
+    return open_watch()
 
 
 if TYPE_CHECKING:  # mypy holds each engine to its roles

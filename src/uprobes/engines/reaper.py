@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -49,6 +50,46 @@ def send(fd: int, text: str) -> bool:
     except OSError:
         return False
     return True
+
+
+class Watch:
+    """A watcher started on the first record, to which any thread may write:
+    one for several runs (the agent's tracers, one per process followed),
+    whose records each name their process. A lock keeps each write whole (a
+    batch may exceed PIPE_BUF, and the pipe then takes it in parts)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self._fd: int | None = None
+        self._dead = False
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._fd is not None and not self._dead
+
+    def send(self, text: str) -> bool:
+        """Write records (started first if need be); False if the watcher
+        could not start or is gone."""
+        with self._lock:
+            if self._dead:
+                return False
+            if self._fd is None:
+                self._fd = start_watcher(self.module)
+                if self._fd is None:
+                    self._dead = True
+                    return False
+            if not send(self._fd, text):
+                self._dead = True
+            return not self._dead
+
+    def close(self) -> None:
+        """Let the watcher go: it undoes what its records still hold, then exits."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._dead = True
 
 
 def read_until_eof(on_line: Callable[[str], None] | None = None) -> None:

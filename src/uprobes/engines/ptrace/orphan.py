@@ -248,30 +248,34 @@ class OrphanGuard:
     """The tracer's side: sets the handler up in each process, fills its
     table, and keeps the reaper's records current."""
 
-    def __init__(self, note: Callable[[str], object]) -> None:
+    def __init__(self, note: Callable[[str], object], watch: reaper.Watch | None = None) -> None:
         self._note = note
         self._tables: dict[int, OrphanTable] = {}  # id(AddressSpace) -> its table
-        self._fd: int | None = None
+        # Its own watcher, or one shared with other tracers (`open_orphan_watch`).
+        self._shared = watch is not None
+        self._watch = watch or open_watch()
+        self._pids: set[int] = set()  # the processes it has records of
         self._dead = False
         self._full_noted = False
 
     # ---------------------------------------------------------- the reaper
 
     def _send(self, line: str) -> None:
-        if self._dead:
-            return
-        if self._fd is None:
-            self._fd = reaper.start_watcher("uprobes.engines.ptrace.orphan_reaper")
-            if self._fd is None:
-                self._dead = True
-                return
-        if not reaper.send(self._fd, line + "\n"):
+        if not self._dead and not self._watch.send(line + "\n"):
             self._dead = True
 
     def close(self) -> None:
-        """After a clean detach (every int3 removed): nothing for the reaper."""
-        if self._fd is not None and not self._dead:
+        """After a clean detach (every int3 removed): nothing for the reaper.
+        A shared watcher forgets this tracer's processes only: the others'
+        records are other tracers'."""
+        if self._dead:
+            return
+        if self._shared:
+            if self._pids:
+                self._send("\n".join(f"F {pid}" for pid in sorted(self._pids)))
+        elif self._watch.started:
             self._send("C")
+        self._pids.clear()
 
     # ---------------------------------------------------------- processes
 
@@ -306,6 +310,7 @@ class OrphanGuard:
         except UprobesError as e:
             self._note(f"process {mm.pid}: no SIGTRAP handler for a kill -9 of uprobes: {e}")
         self._tables[id(mm)] = OrphanTable(start)
+        self._pids.add(mm.pid)
         self._send(f"P {mm.pid} {start_time(mm.pid)} {start:x}")
 
     def _returns(self, t: Thread, regs: ptrace.UserRegs, syscall_addr: int, area: int,
@@ -417,6 +422,7 @@ class OrphanGuard:
         if table is None:
             return
         self._tables[id(child)] = OrphanTable(table.start, dict(table.taken))
+        self._pids.add(child.pid)
         lines = [f"P {child.pid} {start_time(child.pid)} {table.start:x}"]
         lines += [f"B {child.pid} {s.runtime_addr:x} {s.original[0]:x}"
                   for s in child.sites.values()]
@@ -426,7 +432,13 @@ class OrphanGuard:
     def released(self, mm: AddressSpace) -> None:
         """`mm` is gone (its process exited or exec'd), unless still shared (vfork)."""
         if mm.users <= 0 and self._tables.pop(id(mm), None) is not None:
+            self._pids.discard(mm.pid)
             self._send(f"F {mm.pid}")
+
+
+def open_watch() -> reaper.Watch:
+    """A reaper for orphaned int3s (orphan_reaper.py), started on its first record."""
+    return reaper.Watch("uprobes.engines.ptrace.orphan_reaper")
 
 
 def _disposition(pid: int) -> str | None:

@@ -42,6 +42,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import cast
 
+from uprobes.engines import reaper
 from uprobes.engines.ptrace import breakpoints
 from uprobes.engines.ptrace.attach import Attach
 from uprobes.engines.ptrace.breakpoints import PlacementRefused
@@ -104,7 +105,10 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
     with it; the calls are timed in the program (timed.py), `latencies()`
     gives them; such a tracer only runs `count`. `by` (with "count"): each
     probe counts by that key in the program, `value` adds the sum, min and
-    max of a fetcharg per key (bykey.py, `by_key()`).
+    max of a fetcharg per key (bykey.py, `by_key()`). `orphans`: the
+    watcher that makes a kill -9 of uprobes safe for the programs, shared
+    with other tracers (`engines.base.open_orphan_watch()`); None: one of
+    its own, started with its first int3.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
@@ -112,7 +116,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
                  hit_filter: HitFilter | None = None, trapfree: bool | str = False,
                  python: bool = False, by: str | None = None,
-                 value: str | None = None) -> None:
+                 value: str | None = None, orphans: reaper.Watch | None = None) -> None:
         ptrace.ensure_x86_64()
         if trapfree not in (False, True, "count", "record", "time"):
             raise ValueError(f"trapfree must be False, 'count', 'record' or 'time', "
@@ -200,7 +204,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._stack = ExitStack()
         self._undo = ExitStack()
         self._signals: StopSignals | None = None
-        self._orphans = OrphanGuard(self._note)  # kill -9 of uprobes: see orphan.py
+        self._orphans = OrphanGuard(self._note, orphans)  # kill -9 of uprobes: see orphan.py
         self._waiter: int | None = None  # the native id of a run blocked in waits, to wake
 
     @property
