@@ -114,6 +114,22 @@ def test_sleep_inside_a_call_shows_off_cpu_then_on_cpu(timeline_exe: Path, engin
     assert nanosleep[0]["fields"]["ret"] == 0
 
 
+def test_wakeups_made_by_uprobes_itself_are_kept(timeline_exe: Path) -> None:
+    """The ptrace engine stops the thread at each hit and resumes it: the
+    wakeup's sample is the waker's, uprobes', but the event is the traced
+    thread's and shows (uprobes' own events are told by the event's task).
+    Every stop (`off_cpu` in state `t`) ends with its wakeup, then `on_cpu`."""
+    *docs, _ = trace_docs(["-e", "ptrace", "--kernel", "sched", f"{timeline_exe}:mark n=%di:s32",
+                           "--", str(timeline_exe), "0"])
+    tid = next(d["tid"] for d in docs if d.get("probe") == "uprobes/mark")
+    states = [(d["kernel"], d["fields"].get("state")) for d in docs
+              if d.get("kernel") in ("off_cpu", "wakeup", "on_cpu") and d["tid"] == tid]
+    stops = [i for i, s in enumerate(states) if s == ("off_cpu", "t")]
+    assert len(stops) >= 2, states  # (the two hits of mark, at least)
+    for i in stops[:-1]:  # the last may be the thread's end
+        assert states[i + 1:i + 3] == [("wakeup", None), ("on_cpu", None)], states[i:i + 3]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_tracepoint_by_name_and_page_faults(timeline_exe: Path, engine: str) -> None:
     *docs, _ = trace_docs(["-e", engine, "--kernel", "syscalls:sys_enter_openat,faults",
@@ -224,6 +240,26 @@ def test_kernel_event_json_lines_are_what_json_writes() -> None:
         json.dumps(ev.as_dict(), separators=(",", ":"), ensure_ascii=False) for ev in events]
 
 
+def test_kernel_rows_json_lines_are_what_json_writes() -> None:
+    """Rows of all-int shapes go by one template per shape and a text per
+    task; the others by the event's document; both write, byte for byte,
+    what json.dumps does, and in the rows' order."""
+    from uprobes.model.kevent import KernelRow, KernelShape, row_event
+    from uprobes.render.jsonl import JsonLinesRenderer
+    odd = KernelShape("syscall_enter", "op%s\"n", ("a%d", 'b"'), ints=True)
+    none = KernelShape("syscall_exit", "getppid", (), ints=True)
+    off = KernelShape("off_cpu", "sched_switch", ("state", "next_pid"))
+    rows: list[KernelRow] = [
+        (5, 1, 2, 0, 'a"b%c\\', odd, (1, -100)), (6, 1, 2, 0, 'a"b%c\\', none, ()),
+        (7, 1, 2, 1, "x\u2028y", off, ("R+", 9)), (8, 3, 4, 1, "x\u2028y", odd, (2**64 - 1, 0)),
+        (9, 1, 2, 0, 'a"b%c\\', odd, (1, -100))]
+    out = io.StringIO()
+    JsonLinesRenderer(out, {}).kernel_rows(rows)
+    assert out.getvalue() == "".join(
+        json.dumps(row_event(r).as_dict(), separators=(",", ":"), ensure_ascii=False) + "\n"
+        for r in rows)
+
+
 @pytest.mark.root  # system-wide probes are the kernel engine's
 def test_system_wide_kernel_events_leave_uprobes_out(running_forever: int) -> None:
     *docs, summary = trace_docs(["-e", "kernel", "--duration", "1", "--kernel", "syscalls",
@@ -239,8 +275,9 @@ def test_timeline_merges_overlapping_reads_in_time_order() -> None:
     """Reads whose first events are older than the last one already held
     (stamped before a read, written after it) still come out in time order,
     with the hits between them where their stamps put them."""
+    from uprobes.engines.kevents.decode import ON_CPU
     from uprobes.model.event import ProbeInfo
-    from uprobes.model.kevent import KernelEvent
+    from uprobes.model.kevent import KernelRow
     from uprobes.render.jsonl import JsonLinesRenderer
     from uprobes.render.timeline import Timeline
 
@@ -252,10 +289,10 @@ def test_timeline_merges_overlapping_reads_in_time_order() -> None:
         def __init__(self, reads: list[list[int]]) -> None:
             self.reads = reads
 
-        def read(self) -> list[KernelEvent]:
+        def read_rows(self) -> list[KernelRow]:
             stamps = self.reads.pop(0) if self.reads else []
             self.count += len(stamps)
-            return [KernelEvent(ts, 1, 1, 0, "on_cpu", "sched_switch", "t") for ts in stamps]
+            return [(ts, 1, 1, 0, "t", ON_CPU, ()) for ts in stamps]
 
     out = io.StringIO()
     info = ProbeInfo("uprobes/f", "p")

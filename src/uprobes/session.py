@@ -66,7 +66,7 @@ from uprobes.lang.condition import Condition
 from uprobes.lang.render import render
 from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.filters import HitFilter, pushdown
-from uprobes.model.kevent import KernelEvent
+from uprobes.model.kevent import KernelEvent, KernelRow, row_event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Consumer, prepare_dispatch
 from uprobes.render.timeline import Timeline
@@ -427,12 +427,14 @@ class _KernelHandlers:
     def event(self, event: Event) -> None:
         self.deliver(event)
 
-    def kernel_event(self, event: KernelEvent) -> None:
-        if self.session._stopped:
-            return
-        self.delivered += 1
-        for handler in self.session._kernel_handlers:
-            handler(event)
+    def kernel_rows(self, rows: list[KernelRow]) -> None:
+        for row in rows:
+            if self.session._stopped:
+                return
+            self.delivered += 1
+            event = row_event(row)
+            for handler in self.session._kernel_handlers:
+                handler(event)
 
     def kernel_summary(self, events: int, lost: int) -> None:
         """The counts are the session's (`kernel_events`, `kernel_lost`)."""

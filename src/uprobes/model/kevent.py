@@ -14,11 +14,19 @@ by `ts_ns`. Kinds, each with its `fields`:
   the kernel gives them; `syscall_exit`: `ret`.
 - `page_fault` (`page_fault_user`): `address`, `ip`, `error_code`.
 - `tracepoint` (`name` is `group:event`): every field of the record.
+
+A busy thread makes a hundred thousand of these a second, so the reader
+hands them on as `KernelRow` tuples, `(ts_ns, pid, tid, cpu, comm, shape,
+values)`: what events of one kind, name and field names share is one
+`KernelShape`, and `values` are the fields in its order. A renderer that
+writes many rows (JSON lines) works on the rows; `row_event` makes the
+`KernelEvent` of one for the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 KernelValue = int | str | None | list[int] | list[str | None]
 
@@ -45,3 +53,28 @@ class KernelEvent:
         return {"kernel": self.kind, "name": self.name, "pid": self.pid, "tid": self.tid,
                 "comm": self.comm, "cpu": self.cpu, "ts_ns": self.ts_ns,
                 "fields": self.fields}
+
+
+@dataclass(frozen=True, eq=False)
+class KernelShape:
+    """What the events of one kind, name and field names share. `ints`: every
+    value is always an int (a renderer may then format them by a template
+    made once per shape). Compared and hashed by identity: a reader makes
+    one per shape and keeps it."""
+
+    kind: str
+    name: str
+    names: tuple[str, ...] = ()
+    ints: bool = False
+
+
+KernelRow: TypeAlias = tuple[int, int, int, int, str, KernelShape, tuple[KernelValue, ...]]
+"""(ts_ns, pid, tid, cpu, comm, shape, values): one event, `values` named
+by `shape.names`."""
+
+
+def row_event(row: KernelRow) -> KernelEvent:
+    """The `KernelEvent` of a row."""
+    ts_ns, pid, tid, cpu, comm, shape, values = row
+    return KernelEvent(ts_ns, pid, tid, cpu, shape.kind, shape.name, comm,
+                       dict(zip(shape.names, values)))

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from uprobes.analysis.calls import CallPairer
 from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
-from uprobes.model.kevent import KernelEvent
+from uprobes.model.kevent import KernelEvent, KernelRow, row_event
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -108,6 +108,10 @@ class ChromeJsonRenderer:
         self._write({"ph": "i", "s": "t", "name": info.event if info else ev.probe,
                      "cat": ev.probe, "pid": ev.pid, "tid": ev.tid, "ts": _us(ev.ts_ns),
                      "args": args})
+
+    def kernel_rows(self, rows: list[KernelRow]) -> None:
+        for row in rows:
+            self.kernel_event(row_event(row))
 
     def kernel_event(self, ev: KernelEvent) -> None:
         self._name_task(ev)

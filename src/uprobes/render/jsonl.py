@@ -26,12 +26,13 @@ from typing import TextIO
 
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.model.kevent import KernelEvent
+from uprobes.model.kevent import KernelEvent, KernelRow, KernelShape, row_event
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_json
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_MAX_TASKS = 65536  # (pid, tid, comm, cpu) whose JSON text is kept
 
 
 def event_doc(event: Event, info: ProbeInfo | None = None) -> dict[str, object]:
@@ -103,6 +104,8 @@ class JsonLinesRenderer:
         self.clock_end: ClockSnapshot | None = None  # None: the clocks at `summary`
         self._kernel: dict[str, int] | None = None
         self._kernel_templates: dict[tuple[str, str, tuple[str, ...]], str] = {}
+        self._shape_templates: dict[KernelShape, str] = {}
+        self._tasks: dict[tuple[int, int, str, int], str] = {}
 
     def event(self, event: Event) -> None:
         self.out.write(_dumps(event_doc(event, self.probes.get(event.probe))) + "\n")
@@ -168,6 +171,41 @@ class JsonLinesRenderer:
             doc["kernel"] = self._kernel
         doc["clocks"] = clocks
         self.out.write(_dumps({"summary": doc}) + "\n")
+
+    def kernel_rows(self, rows: list[KernelRow]) -> None:
+        """Kernel events: what `kernel_event` writes, those of an all-ints
+        shape (system calls, a busy thread's hundred thousand a second) by a
+        template per shape, with the task's part (pid, tid, comm, cpu) made
+        once per task: only the stamp and the values are turned into text."""
+        templates, tasks = self._shape_templates, self._tasks
+        lines: list[str] = []
+        append = lines.append
+        for row in rows:
+            ts_ns, pid, tid, cpu, comm, shape, values = row
+            if not shape.ints:
+                if lines:
+                    self.out.write("".join(lines))
+                    lines.clear()
+                self.kernel_event(row_event(row))
+                continue
+            template = templates.get(shape) or self._shape_template(shape)
+            task = tasks.get((pid, tid, comm, cpu)) or self._task(pid, tid, comm, cpu)
+            append(template % (task, ts_ns, *values))
+        self.out.write("".join(lines))
+
+    def _shape_template(self, shape: KernelShape) -> str:
+        body = ",".join(f"{_dumps(k).replace('%', '%%')}:%d" for k in shape.names)
+        t = self._shape_templates[shape] = (
+            f'{{"kernel":{_dumps(shape.kind)},"name":{_dumps(shape.name).replace("%", "%%")},'
+            f'%s,"ts_ns":%d,"fields":{{{body}}}}}\n')
+        return t
+
+    def _task(self, pid: int, tid: int, comm: str, cpu: int) -> str:
+        if len(self._tasks) > _MAX_TASKS:  # a long system-wide run: bounded, not kept forever
+            self._tasks.clear()
+        text = self._tasks[pid, tid, comm, cpu] = (
+            f'"pid":{pid},"tid":{tid},"comm":{_dumps(comm)},"cpu":{cpu}')
+        return text
 
     def kernel_event(self, ev: KernelEvent) -> None:
         """One kernel event: what `_dumps(ev.as_dict())` writes, by a template

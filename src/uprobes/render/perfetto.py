@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from uprobes.analysis.calls import CallPairer
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.model.kevent import KernelEvent, KernelValue
+from uprobes.model.kevent import KernelEvent, KernelRow, KernelValue, row_event
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 SEQUENCE_ID = 1
@@ -208,6 +208,10 @@ class PerfettoRenderer:
         self._track_event(ev.ts_ns, self._thread_track(ev.pid, ev.tid, ev.comm), "TYPE_INSTANT",
                           info.event if info else ev.probe, self._hit_args(ev),
                           self._count(ev.pid, ev.probe, "hits"))
+
+    def kernel_rows(self, rows: list[KernelRow]) -> None:
+        for row in rows:
+            self.kernel_event(row_event(row))
 
     def kernel_event(self, ev: KernelEvent) -> None:
         if ev.kind == "syscall_enter":

@@ -17,20 +17,21 @@ Kernel events of a thread that ended before they were read carry no comm
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import threading
-from collections import deque
+from bisect import bisect_right
+from operator import itemgetter
 from typing import Protocol
 
 from uprobes.model.event import Event, Hit
-from uprobes.model.kevent import KernelEvent
+from uprobes.model.kevent import KernelRow
 
 MAX_HELD = 100_000
 """Kernel events held back waiting for a later hit, at most."""
 LAG_NS = 2_000_000_000
 """How late an engine may hand a hit over (the ptrace engine's recording
 rings give up on a slot after a second)."""
+_UNNAMED = "<...>"
 
 
 class KernelEventSource(Protocol):
@@ -42,7 +43,7 @@ class KernelEventSource(Protocol):
     def lost(self) -> int:
         """Events the kernel dropped."""
 
-    def read(self) -> list[KernelEvent]:
+    def read_rows(self) -> list[KernelRow]:
         """The events recorded since the last read, in time order."""
 
 
@@ -53,7 +54,9 @@ class KernelEventRenderer(Protocol):
 
     def event(self, event: Event) -> None: ...
 
-    def kernel_event(self, event: KernelEvent) -> None: ...
+    def kernel_rows(self, rows: list[KernelRow]) -> None:
+        """Kernel events, in time order (`model.kevent.row_event` makes each
+        a `KernelEvent`)."""
 
     def kernel_summary(self, events: int, lost: int) -> None:
         """How many kernel events were written and lost (before `summary`)."""
@@ -69,39 +72,57 @@ class Timeline:
         self.inner = inner
         self.source = source
         self.max_held = max_held
-        self._held: deque[KernelEvent] = deque()
+        # What waits, in time order: `_held[_first:]` (what went out before
+        # `_first` is dropped now and then, not row by row).
+        self._held: list[KernelRow] = []
+        self._first = 0
         self._comms: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def _take(self) -> None:
-        new = self.source.read()
+        new = self.source.read_rows()
         if not new:
             return
-        held = self._held
+        held, first = self._held, self._first
         # Both are in time order, and what overlaps is a few events at the
         # end of `held` (stamped before the last read, written after it):
         # only those are merged, never the whole of what waits.
-        first = new[0].ts_ns
-        tail: list[KernelEvent] = []
-        while held and held[-1].ts_ns > first:
-            tail.append(held.pop())
-        if tail:
-            tail.reverse()
+        ts = new[0][0]
+        cut = len(held)
+        while cut > first and held[cut - 1][0] > ts:
+            cut -= 1
+        if cut < len(held):
+            tail = held[cut:]
+            del held[cut:]
             held.extend(heapq.merge(tail, new, key=_ts))
         else:
             held.extend(new)
-        while len(held) > self.max_held:
-            self._write(held.popleft())
+        excess = len(held) - first - self.max_held
+        if excess > 0:
+            self._write(first + excess)
 
-    def _write(self, ev: KernelEvent) -> None:
-        if ev.comm == "<...>" and ev.tid in self._comms:
-            ev = dataclasses.replace(ev, comm=self._comms[ev.tid])
-        self.inner.kernel_event(ev)
+    def _write(self, upto: int) -> None:
+        """Write what waits up to `held[upto]` (not included)."""
+        held, first = self._held, self._first
+        rows = held[first:upto]
+        if upto >= len(held):
+            held.clear()
+            self._first = 0
+        elif upto > len(held) // 2:
+            del held[:upto]
+            self._first = 0
+        else:
+            self._first = upto
+        comms = self._comms
+        if comms:
+            rows = [row if row[4] != _UNNAMED or row[2] not in comms
+                    else (*row[:4], comms[row[2]], *row[5:]) for row in rows]
+        self.inner.kernel_rows(rows)
 
     def _release(self, before: int) -> None:
-        held = self._held
-        while held and held[0].ts_ns <= before:
-            self._write(held.popleft())
+        held, first = self._held, self._first
+        if first < len(held) and held[first][0] <= before:
+            self._write(bisect_right(held, before, first, key=_ts))
 
     def tick(self, now_ns: int) -> None:
         """Read the kernel's events; write those older than `now_ns - LAG_NS`."""
@@ -116,9 +137,10 @@ class Timeline:
     def _hits(self, hits: list[Hit]) -> None:
         self._take()
         start = 0
+        held = self._held
         for i, hit in enumerate(hits):
             self._comms[hit[2]] = hit[5]
-            if self._held and self._held[0].ts_ns <= hit[0]:
+            if self._first < len(held) and held[self._first][0] <= hit[0]:
                 if i > start:
                     self.inner.hits(hits[start:i])
                 start = i
@@ -142,6 +164,4 @@ class Timeline:
             self.inner.summary(events, lost)
 
 
-def _ts(ev: KernelEvent) -> int:
-    return ev.ts_ns
-
+_ts = itemgetter(0)

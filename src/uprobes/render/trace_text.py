@@ -28,7 +28,7 @@ from typing import TextIO
 
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ENGINE_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.model.kevent import KernelEvent, KernelValue
+from uprobes.model.kevent import KernelEvent, KernelRow, KernelValue, row_event
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_text
 
@@ -222,6 +222,10 @@ class TraceTextRenderer:
             except TypeError:  # a value of an unexpected kind: the slow, general way
                 append(format_line(hit_event(hit, self.probes[probe]), self.probes[probe]) + "\n")
         return lines
+
+    def kernel_rows(self, rows: list[KernelRow]) -> None:
+        for row in rows:
+            self.kernel_event(row_event(row))
 
     def kernel_event(self, ev: KernelEvent) -> None:
         self.out.write(format_kernel_line(ev) + "\n")

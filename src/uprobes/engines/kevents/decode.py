@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from uprobes.errors import KernelError, UsageError
-from uprobes.model.kevent import KernelEvent, KernelValue
+from uprobes.model.kevent import KernelRow, KernelShape, KernelValue
 from uprobes.sys import tracepoints
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.tracefs import Tracefs
@@ -33,10 +33,16 @@ SETS: dict[str, tuple[str, ...]] = {
 _STATE_LETTERS = "SDTtXZPI"
 _PREEMPTED = 1 << len(_STATE_LETTERS)
 
-Decoder = Callable[[bytes, int, int, int, int, int, int, str], KernelEvent]
+Decoder = Callable[[bytes, int, int, int, int, int, int, str], KernelRow]
 """(ring bytes, where the raw record starts in them, its size, pid, tid,
-cpu, ts_ns, comm) -> the event. Offsets, not a slice: most decoders
-unpack a few fields in place."""
+cpu, ts_ns, comm) -> the row. Offsets, not a slice: most decoders unpack a
+few fields in place. (raw_syscalls' records are decoded in the walk over
+the ring itself, records.py, by the shapes of `Syscalls`.)"""
+
+Unpack = Callable[[bytes, int], tuple[int, ...]]
+
+ON_CPU = KernelShape("on_cpu", "sched_switch", ints=True)
+"""Back on a CPU (perf's switch record, no fields)."""
 
 
 @dataclass(frozen=True)
@@ -103,105 +109,48 @@ def _chars(raw: bytes, offset: int, size: int) -> str:
     return bytes(raw[offset:offset + size]).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-class Decoders:
-    """Raw record -> `KernelEvent`, by the tracepoint id it carries."""
+class Syscalls:
+    """raw_syscalls' records: where their fields are, and the shape of each
+    system call's entry and exit by its number (made once, on its first
+    event). `entered` (tid -> the call it is in) names an exit whose number
+    the kernel reports as -1."""
+
+    ID_AT = 8  # the system call's number, in both records
+    VALUE_AT = 16  # sys_enter's first argument, sys_exit's return value
 
     def __init__(self, tracefs: Tracefs, points: list[Tracepoint]) -> None:
         self.tracefs = tracefs
-        self.by_id: dict[int, Decoder] = {}
-        self._arg_names: dict[int, tuple[str, ...]] = {}
-        self._entered: dict[int, int] = {}  # tid -> the system call it is in
-        for tp in points:
-            self.by_id[tp.format.id] = self._decoder(tp)
+        formats = {tp.name: tp.format for tp in points}
+        self.enter_id = self.exit_id = -1  # -1: not asked for
+        for name, field in (("raw_syscalls:sys_enter", "args"), ("raw_syscalls:sys_exit", "ret")):
+            fmt = formats.get(name)
+            if fmt is None:
+                continue
+            if (fmt.field("id").offset, fmt.field(field).offset) != (self.ID_AT, self.VALUE_AT):
+                raise KernelError(f"unexpected layout of {fmt.name}: id at "
+                                  f"{fmt.field('id').offset}, {field} at {fmt.field(field).offset}")
+            if name.endswith("enter"):
+                self.enter_id = fmt.id
+            else:
+                self.exit_id = fmt.id
+        self.entered: dict[int, int] = {}
+        self.enters: dict[int, tuple[KernelShape, Unpack | None]] = {}
+        self.exits: dict[int, KernelShape] = {}
 
-    def decode(self, raw: bytes, pid: int, tid: int, cpu: int, ts_ns: int,
-               comm: str) -> KernelEvent | None:
-        """One raw record (common_type first) on its own."""
-        decoder = self.by_id.get(int.from_bytes(raw[0:2], "little"))
-        return None if decoder is None else decoder(raw, 0, len(raw), pid, tid, cpu, ts_ns, comm)
+    def enter(self, nr: int) -> tuple[KernelShape, Unpack | None]:
+        """The shape of system call `nr`'s entry, and what unpacks its
+        arguments at VALUE_AT (None: it has none)."""
+        names = self._names_of(nr)[:6]
+        got = self.enters[nr] = (
+            KernelShape("syscall_enter", tracepoints.syscall_name(nr), names, ints=True),
+            struct.Struct(f"<{len(names)}Q").unpack_from if names else None)
+        return got
 
-    def _decoder(self, tp: Tracepoint) -> Decoder:
-        fmt = tp.format
-        if tp.name == "sched:sched_switch":
-            return self._sched_switch(fmt)
-        if tp.name == "sched:sched_wakeup":
-            return self._sched_wakeup(fmt)
-        if tp.name == "raw_syscalls:sys_enter":
-            return self._sys_enter(fmt)
-        if tp.name == "raw_syscalls:sys_exit":
-            return self._sys_exit(fmt)
-        kind = "page_fault" if tp.name == "exceptions:page_fault_user" else "tracepoint"
-        name = fmt.name if kind == "page_fault" else tp.name
-        fields = fmt.fields
-
-        def generic(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
-                    comm: str) -> KernelEvent:
-            raw = data[at:at + size]
-            return KernelEvent(ts, pid, tid, cpu, kind, name, comm,
-                               {f.name: _plain(f.decode(raw)) for f in fields})
-        return generic
-
-    def _sched_switch(self, fmt: EventFormat) -> Decoder:
-        state, prev_comm, next_comm, next_pid = (
-            fmt.field(n) for n in ("prev_state", "prev_comm", "next_comm", "next_pid"))
-
-        def off(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
-                comm: str) -> KernelEvent:
-            raw = data[at:at + size]
-            prev_state = state.decode(raw)
-            # The record names the thread as it was: better than a comm read since.
-            return KernelEvent(ts, pid, tid, cpu, "off_cpu", "sched_switch",
-                               _chars(raw, prev_comm.offset, prev_comm.size), {
-                "state": state_letters(prev_state if isinstance(prev_state, int) else 0),
-                "next_comm": _chars(raw, next_comm.offset, next_comm.size),
-                "next_pid": _plain(next_pid.decode(raw))})
-        return off
-
-    def _sched_wakeup(self, fmt: EventFormat) -> Decoder:
-        woken, comm_field, cpu_field = (fmt.field(n) for n in ("pid", "comm", "target_cpu"))
-
-        def wakeup(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
-                   comm: str) -> KernelEvent:
-            raw = data[at:at + size]
-            # The sample's task is the waker; the event is the woken thread's.
-            target = woken.decode(raw)
-            woken_tid = target if isinstance(target, int) else tid
-            return KernelEvent(ts, -1, woken_tid, cpu, "wakeup", "sched_wakeup",
-                               _chars(raw, comm_field.offset, comm_field.size),
-                               {"waker_tid": tid, "target_cpu": _plain(cpu_field.decode(raw))})
-        return wakeup
-
-    def _sys_enter(self, fmt: EventFormat) -> Decoder:
-        nr_at, args_at = fmt.field("id").offset, fmt.field("args").offset
-        unpack = struct.Struct("<q6Q").unpack_from
-        if args_at != nr_at + 8:
-            raise KernelError(f"unexpected layout of {fmt.name}: args at {args_at}")
-
-        def enter(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
-                  comm: str) -> KernelEvent:
-            nr, *args = unpack(data, at + nr_at)
-            self._entered[tid] = nr
-            names = self._arg_names.get(nr)
-            if names is None:
-                names = self._names_of(nr)
-            return KernelEvent(ts, pid, tid, cpu, "syscall_enter",
-                               tracepoints.syscall_name(nr), comm, dict(zip(names, args)))
-        return enter
-
-    def _sys_exit(self, fmt: EventFormat) -> Decoder:
-        nr_at, ret_at = fmt.field("id").offset, fmt.field("ret").offset
-        nr_of, ret_of = struct.Struct("<q").unpack_from, struct.Struct("<q").unpack_from
-
-        def leave(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
-                  comm: str) -> KernelEvent:
-            nr = nr_of(data, at + nr_at)[0]
-            if nr < 0:
-                # A call that rewrote its registers (the uretprobe trampoline's,
-                # rt_sigreturn) exits as -1: it is the call the thread entered.
-                nr = self._entered.get(tid, nr)
-            return KernelEvent(ts, pid, tid, cpu, "syscall_exit", tracepoints.syscall_name(nr),
-                               comm, {"ret": ret_of(data, at + ret_at)[0]})
-        return leave
+    def exit(self, nr: int) -> KernelShape:
+        """The shape of system call `nr`'s exit."""
+        shape = self.exits[nr] = KernelShape("syscall_exit", tracepoints.syscall_name(nr),
+                                             ("ret",), ints=True)
+        return shape
 
     def _names_of(self, nr: int) -> tuple[str, ...]:
         """The argument names of system call `nr`, from its own syscalls:
@@ -214,5 +163,66 @@ class Decoders:
                 names = tuple(f.name for f in fmt.fields if f.name != "__syscall_nr")
             except KernelError:
                 pass
-        self._arg_names[nr] = names
         return names
+
+
+class Decoders:
+    """Raw record -> `KernelRow`, by the tracepoint id it carries (but
+    raw_syscalls': `syscalls`). `comms` (tid -> comm) learns each thread's
+    name from its switches off a CPU."""
+
+    def __init__(self, tracefs: Tracefs, points: list[Tracepoint],
+                 comms: dict[int, str] | None = None) -> None:
+        self.comms: dict[int, str] = {} if comms is None else comms
+        self.syscalls = Syscalls(tracefs, points)
+        self.by_id: dict[int, Decoder] = {
+            tp.format.id: self._decoder(tp) for tp in points if not tp.name.startswith(
+                "raw_syscalls:sys_")}
+
+    def _decoder(self, tp: Tracepoint) -> Decoder:
+        fmt = tp.format
+        if tp.name == "sched:sched_switch":
+            return self._sched_switch(fmt)
+        if tp.name == "sched:sched_wakeup":
+            return self._sched_wakeup(fmt)
+        kind = "page_fault" if tp.name == "exceptions:page_fault_user" else "tracepoint"
+        fields = fmt.fields
+        shape = KernelShape(kind, fmt.name if kind == "page_fault" else tp.name,
+                            tuple(f.name for f in fields))
+
+        def generic(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                    comm: str) -> KernelRow:
+            raw = data[at:at + size]
+            return (ts, pid, tid, cpu, comm, shape, tuple(_plain(f.decode(raw)) for f in fields))
+        return generic
+
+    def _sched_switch(self, fmt: EventFormat) -> Decoder:
+        state, prev_comm, next_comm, next_pid = (
+            fmt.field(n) for n in ("prev_state", "prev_comm", "next_comm", "next_pid"))
+        shape = KernelShape("off_cpu", "sched_switch", ("state", "next_comm", "next_pid"))
+        comms = self.comms
+
+        def off(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                comm: str) -> KernelRow:
+            raw = data[at:at + size]
+            prev_state = state.decode(raw)
+            # The record names the thread as it was: better than a comm read since.
+            name = comms[tid] = _chars(raw, prev_comm.offset, prev_comm.size)
+            return (ts, pid, tid, cpu, name, shape, (
+                state_letters(prev_state if isinstance(prev_state, int) else 0),
+                _chars(raw, next_comm.offset, next_comm.size), _plain(next_pid.decode(raw))))
+        return off
+
+    def _sched_wakeup(self, fmt: EventFormat) -> Decoder:
+        woken, comm_field, cpu_field = (fmt.field(n) for n in ("pid", "comm", "target_cpu"))
+        shape = KernelShape("wakeup", "sched_wakeup", ("waker_tid", "target_cpu"))
+
+        def wakeup(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
+                   comm: str) -> KernelRow:
+            raw = data[at:at + size]
+            # The sample's task is the waker; the event is the woken thread's.
+            target = woken.decode(raw)
+            woken_tid = target if isinstance(target, int) else tid
+            return (ts, -1, woken_tid, cpu, _chars(raw, comm_field.offset, comm_field.size),
+                    shape, (tid, _plain(cpu_field.decode(raw))))
+        return wakeup

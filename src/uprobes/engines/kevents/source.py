@@ -21,42 +21,30 @@ they hold, decoded, in time order.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
-import struct
 from contextlib import ExitStack
+from operator import itemgetter
 
 from uprobes.engines.kevents.decode import Decoders, Tracepoint, resolve
+from uprobes.engines.kevents.records import Records
 from uprobes.errors import KernelError, ProcessError
-from uprobes.model.kevent import KernelEvent
+from uprobes.model.kevent import KernelEvent, KernelRow, row_event
 from uprobes.sys import procfs
 from uprobes.sys.perf import (
-    PERF_RECORD_LOST,
-    PERF_RECORD_MISC_SWITCH_OUT,
-    PERF_RECORD_SAMPLE,
-    PERF_RECORD_SWITCH,
-    PERF_RECORD_SWITCH_CPU_WIDE,
     PerfEvent,
     online_cpus,
     open_counting,
     raise_fd_limit,
     tracepoint_attr,
 )
-from uprobes.sys.perf_ring import RECORD_HEADER, RingBuffer
+from uprobes.sys.perf_ring import RingBuffer
 from uprobes.sys.tracefs import Tracefs
 
 DEFAULT_RING_PAGES = 4096
 # The reader is woken per this much of a ring; the poll of the engine's
 # loop, which reads these rings with its hits, bounds the latency.
 _WAKEUP_BYTES = 64 * 1024
-# TID (pid, tid), TIME, CPU (cpu, res), RAW's size, and the raw record's
-# first field, common_type: the tracepoint it is.
-_SAMPLE = struct.Struct("<IIQIIIH")
-_SAMPLE_ID = struct.Struct("<IIQII")  # a switch record's trailer: TID, TIME, CPU
-_RAW_AT = _SAMPLE.size - 2  # the raw record, in a sample's body
-_LOST = struct.Struct("<QQ")
-_SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
 _MAX_ABOUT = 64  # tasks named in one kernel filter
 _MAX_ABOUT_BATCHES = 64  # batches of `about` events for threads born later (per CPU each)
 
@@ -80,20 +68,20 @@ class KernelEvents:
                                   "tracepoint events, which are for root only here: run as "
                                   "root (or leave --kernel out)", e.errno) from e
         self.points: list[Tracepoint] = resolve(tracefs, names)
-        self.decoders = Decoders(tracefs, self.points)
+        self._comms: dict[int, str] = {}
+        self._own_pid = os.getpid()
+        self.records = Records(Decoders(tracefs, self.points, self._comms), self._comm,
+                               self._own_pid, {tp.format.id for tp in self.points
+                                               if tp.switches or tp.about is not None})
         self.ring_pages = ring_pages
         self.cpus = online_cpus()
         self.rings: dict[int, RingBuffer] = {}
         self._stack = ExitStack()
         self._opened: set[int] = set()
-        self._comms: dict[int, str] = {}
         self._pids: dict[int, int] = {}  # tid -> pid of the threads seen going off the CPU
         self.count = 0
-        self.lost_records = 0  # what PERF_RECORD_LOST records said
         self._counters: dict[int, list[PerfEvent]] = {}  # event id -> counting events
-        self._samples: dict[int, int] = {}  # event id -> samples read
         self._closed_lost: int | None = None
-        self._own_pid = os.getpid()
         self._about_tids: set[int] | None = None  # whom the `about` events cover (None: all)
         self._about_events = 0
         self._about_batches = 0  # batches opened for threads born after the start
@@ -208,70 +196,50 @@ class KernelEvents:
 
     def read(self) -> list[KernelEvent]:
         """Every event the rings hold now, decoded, in time order."""
-        out: list[KernelEvent] = []
-        for ring in self.rings.values():
-            self._read_ring(ring, out)
+        return [row_event(row) for row in self.read_rows()]
+
+    def read_rows(self) -> list[KernelRow]:
+        """`read()`'s events as rows (`model.kevent.KernelRow`)."""
+        out: list[KernelRow] = []
+        # Every ring is taken before any is decoded: what a CPU records while
+        # another's records are decoded waits for the next read, and is then
+        # older than what that read already had (it is merged back in order,
+        # at a cost that grows with the gap).
+        for ring, data in [(ring, ring.take()) for ring in self.rings.values()]:
+            self.records.read(data, out, ring.corrupt)
         out.sort(key=_ts)
-        out = self._our_wakeups(out)
+        sched = self.records.sched
+        if sched:
+            sched.sort(key=_ts)
+            out = self._our_wakeups(out, sched)
+            sched.clear()
         self.count += len(out)
         return out
 
-    def _our_wakeups(self, events: list[KernelEvent]) -> list[KernelEvent]:
-        """`events` (in time order) with the wakeups of our threads only: a
+    def _our_wakeups(self, rows: list[KernelRow], sched: list[KernelRow]) -> list[KernelRow]:
+        """`rows` (in time order) with the wakeups of our threads only: a
         thread we saw leave the CPU before (it must have, to be woken: a
         wakeup before that, as a launched command's before its exec, or of
-        a thread not ours, which one of ours woke, is left out)."""
-        pids, out, own = self._pids, [], self._own_pid
+        a thread not ours, which one of ours woke, is left out). `sched`:
+        the switches off a CPU and wakeups among `rows`, in time order."""
+        pids = self._pids
         born: list[int] = []
-        for ev in events:
-            if ev.pid == own:
-                continue  # uprobes' other threads (system-wide; its main one is filtered)
-            if ev.kind == "off_cpu":
-                if ev.tid not in pids:
-                    born.append(ev.tid)
-                pids[ev.tid] = ev.pid
-            elif ev.kind == "wakeup":
-                owner = pids.get(ev.tid)
-                if owner is None:
-                    continue
-                ev = dataclasses.replace(ev, pid=owner)
-            out.append(ev)
+        wakeups: dict[int, KernelRow | None] = {}  # id() of a row -> what replaces it
+        for row in sched:
+            tid = row[2]
+            if row[5].kind == "off_cpu":
+                if tid not in pids:
+                    born.append(tid)
+                pids[tid] = row[1]
+            else:
+                owner = pids.get(tid)
+                wakeups[id(row)] = None if owner is None else (row[0], owner, *row[2:])
         if born:
             self._more_about(born)
-        return out
-
-    def _read_ring(self, ring: RingBuffer, out: list[KernelEvent]) -> None:
-        data = ring.take()
-        by_id, append, header, sample = self.decoders.by_id, out.append, \
-            RECORD_HEADER.unpack_from, _SAMPLE.unpack_from
-        comms, samples = self._comms, self._samples
-        pos, end = 0, len(data)
-        while pos < end:
-            rtype, misc, size = header(data, pos)
-            if size < 8 or pos + size > end:
-                raise ring.corrupt(size)
-            if rtype == PERF_RECORD_SAMPLE:
-                pid, tid, ts, cpu, _res, raw_size, event_id = sample(data, pos + 8)
-                decoder = by_id.get(event_id)
-                if decoder is None:
-                    pos += size
-                    continue
-                samples[event_id] = samples.get(event_id, 0) + 1
-                comm = comms.get(tid) or self._comm(tid)
-                ev = decoder(data, pos + 8 + _RAW_AT, raw_size, pid, tid, cpu, ts, comm)
-                if ev is not None:
-                    append(ev)
-                    if ev.kind == "off_cpu":
-                        self._comms[tid] = ev.comm
-            elif rtype in _SWITCHES and not misc & PERF_RECORD_MISC_SWITCH_OUT:
-                # Off the CPU is sched_switch's sample (it has the state); on is this.
-                pid, tid, ts, cpu, _res = _SAMPLE_ID.unpack_from(data, pos + size - _SAMPLE_ID.size)
-                if pid != self._own_pid:
-                    append(KernelEvent(ts, pid, tid, cpu, "on_cpu", "sched_switch",
-                                       self._comm(tid)))
-            elif rtype == PERF_RECORD_LOST:
-                self.lost_records += _LOST.unpack_from(data, pos + 8)[1]
-            pos += size
+        if not wakeups:
+            return rows
+        get = wakeups.get
+        return [new for row in rows if (new := get(id(row), row)) is not None]
 
     def _comm(self, tid: int) -> str:
         comm = self._comms.get(tid)
@@ -293,8 +261,8 @@ class KernelEvents:
         short = 0
         for event_id, counters in self._counters.items():
             hits = sum(c.read_count() for c in counters)
-            short += max(hits - self._samples.get(event_id, 0), 0)
-        return max(short, self.lost_records)
+            short += max(hits - self.records.samples.get(event_id, 0), 0)
+        return max(short, self.records.lost)
 
     def disable(self) -> None:
         """Stop recording (before the last read)."""
@@ -311,7 +279,7 @@ class KernelEvents:
             try:
                 self._closed_lost = self.lost
             except KernelError:  # a counter gone with its task: what the rings said
-                self._closed_lost = self.lost_records
+                self._closed_lost = self.records.lost
             finally:
                 self._stack.close()
 
@@ -322,6 +290,5 @@ class KernelEvents:
         self.close()
 
 
-def _ts(ev: KernelEvent) -> int:
-    return ev.ts_ns
+_ts = itemgetter(0)
 
