@@ -113,8 +113,36 @@ def test_processes_started_after_the_agent_are_followed_until_they_exit(
             c.proc.kill()
 
 
+def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path: Path) -> None:
+    """A line with no return line of its function is counted in the program
+    (trap-free counters, by the same tracer that times handle), a library's
+    too when `executable` says which processes."""
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'engine = "ptrace"\n[prometheus]\nlisten = "127.0.0.1:{port}"\n'
+                      f'[[probe]]\nline = "{caller_exe}:handle"\n'
+                      f'[[probe]]\nline = "r {caller_exe}:handle"\n'
+                      f'[[probe]]\nline = "libc:nanosleep"\nexecutable = "{caller_exe}"\n')
+    caller = Caller(caller_exe)
+    agent = Agent("--config", str(config))
+    try:
+        agent.ready()
+        caller.round()
+        got = agent.metrics(port)
+        who = {"executable": str(caller_exe), "comm": caller.comm}
+        assert _calls(got, caller) == CALLS_PER_ROUND
+        naps = pick(got, "uprobes_hits_total", probe="uprobes/nanosleep", **who)
+        assert sum(naps.values()) == CALLS_PER_ROUND  # one nanosleep per call
+        status, err = agent.stop(signal.SIGTERM)
+        assert status == 0 and "Traceback" not in err, err
+        caller.end()
+    finally:
+        agent.kill()
+        caller.proc.kill()
+
+
 @pytest.mark.parametrize("lines,words", [
-    (["EXE:handle"], "an entry line and a return line"),
+    (["--label", "kind", "EXE:handle kind=%di:s32"], "leave out labels"),
     (["libc:malloc", "r libc:malloc"], "is a library"),
 ])
 def test_what_it_cannot_follow_is_refused_in_one_line(caller_exe: Path, lines: list[str],

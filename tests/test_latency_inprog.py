@@ -439,3 +439,36 @@ def _collect(pid: int) -> None:
     while os.waitpid(pid, os.WNOHANG)[0] == 0:
         assert time.monotonic() < deadline, f"{pid} did not exit within 60 s"
         time.sleep(0.01)
+
+
+def test_a_timer_counts_the_lines_it_is_told_to_count(compile_c: Compiler) -> None:
+    """One tracer per process: a timer that also counts other lines
+    (`Request.counted`, trap-free counters, no int3: `int3s=False`), as the
+    agent's on the ptrace engine. agent_calls.c's handle() sleeps once per
+    call: every call timed, and every nanosleep counted, exactly."""
+    exe = compile_c("agent_calls.c")
+    proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    with killed_after(proc):
+        assert proc.stdin is not None and proc.stdout is not None
+        assert read_fd_until(proc.stdout.fileno(), "\n", timeout=120) == "ready\n"
+        probes = Resolver(pid=proc.pid, uretprobe=False).resolve_all(
+            parse_specs([f"{exe}:handle", f"r {exe}:handle", "libc:nanosleep"]))
+        timer = open_timer(Request(probes, "ptrace", pid=proc.pid, trapfree=True,
+                                   counted=frozenset({"uprobes/nanosleep"}), int3s=False))
+        assert timer is not None
+        with timer:
+            for calls in (20, 40):
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                deadline = time.monotonic() + 120
+                while not select.select([proc.stdout], [], [], 0)[0]:
+                    assert time.monotonic() < deadline, "the round did not end within 120 s"
+                    timer.count(0.02)
+                assert os.read(proc.stdout.fileno(), 64) == f"done {calls}\n".encode()
+                assert timer.live_counts()["uprobes/nanosleep"] == calls
+                got = timer.latencies()
+                assert got.histograms["uprobes/handle"].count == calls
+                assert "uprobes/nanosleep" not in got.histograms  # counted, not timed
+        proc.stdin.close()
+        assert proc.wait(60) == 0

@@ -1,18 +1,21 @@
 """The agent on the ptrace engine (`-e ptrace`, `engine = "ptrace"`): each
-function of an entry and a return line timed inside every process that runs
-the probed executable, from the moment it starts until it exits.
+function of an entry and a return line timed, and every other line's hits
+counted, inside every process that runs the probed executable, from the
+moment it starts until it exits.
 
 The kernel's process events (processes.py, the netlink process connector)
 tell of each exec as it happens; a process whose /proc/PID/exe is a probed
 executable (the probe's file, or its `executable`) and whose comm is one a
 probe asks for (any, if none) gets a tracer of its own, in a thread of the
 agent's: the ptrace engine's trap-free timing (trapfree="time"), jumps in
-the program whose code keeps each thread's histograms in shared memory, no
-stop per call. The tracer's thread blocks until the process does something
-the tracer must see (a clone, an exec, its exit), then detaches when it
-exits or when the agent ends. Processes running when the agent starts are
-found by one scan of /proc. At each export the histograms are read from the
-timing blocks (no ptrace request, no stop of the program).
+the program whose code keeps each thread's histograms in shared memory, and
+its trap-free counters for the lines counted (a line that cannot be
+trap-free is left out with a note: no int3, no stop per hit). The
+tracer's thread blocks until the process does something the tracer must
+see (a clone, an exec, its exit), then detaches when it exits or when the
+agent ends. Processes running when the agent starts are found by one scan
+of /proc. At each export the histograms and counters are read from the
+program's shared memory (no ptrace request, no stop of the program).
 
 A fork of a followed process is followed by its parent's tracer (ptrace
 attaches it at the fork) and counts into the parent's series. Series carry
@@ -65,50 +68,51 @@ class _Function:
     ret: AgentProbe
 
 
-def _functions(config: AgentConfig) -> list[_Function]:
-    """The timed functions of `config`; what the ptrace engine's agent cannot
-    do is refused in one line."""
+def _plan(config: AgentConfig) -> tuple[list[_Function], list[AgentProbe]]:
+    """The functions `config` times (an entry and a return line each) and the
+    lines it counts (the others); what the ptrace engine's agent cannot do
+    is refused in one line."""
     specs = [(p, check_probe(p)) for p in config.probes]
     entries: dict[str, AgentProbe] = {}
     returns: dict[str, AgentProbe] = {}
     for probe, spec in specs:
         if probe.labels or probe.stacks:
-            raise UsageError(f"{probe.line}: on the ptrace engine the calls are timed in the "
-                             "program, which fetches nothing: leave out "
+            raise UsageError(f"{probe.line}: on the ptrace engine the hits are counted and the "
+                             "calls timed in the program, which fetches nothing: leave out "
                              f"{'labels' if probe.labels else 'stacks'}")
         (returns if spec.is_return else entries).setdefault(function_key(spec), probe)
-    for probe, spec in specs:
-        key = function_key(spec)
-        if key not in entries or key not in returns:
-            raise UsageError(f"{probe.line}: on the ptrace engine the agent times calls: give "
-                             "each function an entry line and a return line")
-    return [_Function(entries[k], returns[k]) for k in entries]
+    functions = [_Function(entries[k], returns[k]) for k in entries if k in returns]
+    paired = {id(f.entry) for f in functions} | {id(f.ret) for f in functions}
+    return functions, [p for p, _ in specs if id(p) not in paired]
 
 
 class _Target:
-    """The processes one function is timed in: those running `exe`."""
+    """The processes a line is placed in (a function timed, or a line
+    counted): those running `exe`."""
 
-    def __init__(self, function: _Function) -> None:
+    def __init__(self, line: AgentProbe, function: _Function | None) -> None:
+        self.line = line
         self.function = function
-        spec = check_probe(function.entry)
-        self.spec: ProbeSpec = spec
-        exe = function.entry.executable
+        spec = check_probe(line)
+        self.specs: list[ProbeSpec] = [spec] if function is None else [
+            spec, check_probe(function.ret)]
+        exe = line.executable
         if exe is None:
             probes = Resolver(uretprobe=False).resolve_all([spec])
             exe = probes[0].path
             with ElfImage.open(exe) as image:
                 if image.elf_type != "EXEC" and not image.is_pie:
-                    raise UsageError(f"{function.entry.line}: {exe} is a library: on the "
+                    raise UsageError(f"{line.line}: {exe} is a library: on the "
                                      "ptrace engine say which program's processes to follow "
                                      "(executable = PATH in the config's [[probe]])")
         self.exe = os.path.realpath(exe)
         try:
             st = os.stat(self.exe)
         except OSError as e:
-            raise UsageError(f"{function.entry.line}: cannot read {self.exe}: "
+            raise UsageError(f"{line.line}: cannot read {self.exe}: "
                              f"{e.strerror}") from None
         self.ident = (st.st_dev, st.st_ino)
-        self.comm = function.entry.comm
+        self.comm = line.comm
 
 
 @dataclass(frozen=True)
@@ -121,17 +125,23 @@ class _Named:
     ret: str
 
 
-def _named(targets: list[_Target], probes: list[ResolvedProbe]) -> dict[str, _Named]:
-    """Each timed function's entry display name -> it and its labels."""
+def _named(targets: list[_Target],
+           probes: list[ResolvedProbe]) -> tuple[dict[str, _Named], dict[str, AgentProbe]]:
+    """Each timed function's entry display name -> it and its labels; each
+    counted probe's display name -> its line."""
     names = list(zip(display_names(probes), probes))
-    out = {}
+    timed, counted = {}, {}
     for t in targets:
-        entry = next((n for n, p in names if not p.is_return
-                      and p.spec.text == t.function.entry.line), None)
-        ret = next((n for n, p in names if p.spec.text == t.function.ret.line), None)
+        f = t.function
+        if f is None:
+            counted.update({n: t.line for n, p in names if p.spec.text == t.line.line})
+            continue
+        entry = next((n for n, p in names if not p.is_return and p.spec.text == f.entry.line),
+                     None)
+        ret = next((n for n, p in names if p.spec.text == f.ret.line), None)
         if entry is not None:
-            out[entry] = _Named(t.function, entry, ret or entry)
-    return out
+            timed[entry] = _Named(f, entry, ret or entry)
+    return timed, counted
 
 
 @dataclass
@@ -145,7 +155,8 @@ class _Process:
     timer: Timer | None = None  # set once its probes are in place
     thread: threading.Thread | None = None
     settled: threading.Event = field(default_factory=threading.Event)  # placed, or given up
-    names: dict[str, _Named] | None = None  # a timed function's display name -> its lines
+    names: dict[str, _Named] = field(default_factory=dict)  # a timed function's, by name
+    counted: dict[str, AgentProbe] = field(default_factory=dict)  # display name -> line
 
 
 class Following:
@@ -162,7 +173,9 @@ class Following:
         self.error: BaseException | None = None
         self.placed = False
         self.lost = 0
-        self._targets = [_Target(f) for f in _functions(config)]
+        functions, counted = _plan(config)
+        self._targets = [_Target(f.entry, f) for f in functions] + [
+            _Target(line, None) for line in counted]
         self._lock = threading.Lock()  # the live processes against a scrape
         self._live: dict[int, _Process] = {}
         self._hits: _Hits = {}  # of processes gone
@@ -247,18 +260,19 @@ class Following:
     def _follow(self, proc: _Process) -> None:
         """The tracer of one process, in its own thread (every ptrace request
         of a tracer comes from the thread that attached)."""
-        final: Histograms = {}
+        final: _Read = ({}, {})
         try:
             probes = Resolver(pid=proc.pid, uretprobe=False).resolve_all(
-                [s for t in proc.targets for s in (t.spec, check_probe(t.function.ret))])
-            proc.names = _named(proc.targets, probes)
+                [s for t in proc.targets for s in t.specs])
+            proc.names, proc.counted = _named(proc.targets, probes)
             exited = f"process {proc.pid} exited"  # what a followed process does: no note
 
             def note(text: str) -> None:
                 if text != exited:
                     self.note(text)
             timer = open_timer(Request(probes, "ptrace", pid=proc.pid, trapfree=True,
-                                       note=note, orphans=self._orphans))
+                                       note=note, orphans=self._orphans,
+                                       counted=frozenset(proc.counted), int3s=False))
             if timer is None:
                 raise EngineError("the ptrace engine cannot time these calls")
             with timer:
@@ -268,13 +282,13 @@ class Following:
                 proc.settled.set()
                 if not ending:
                     timer.count(None)  # until it exits, or `end()` stops it
-            final = _histograms(timer)
+            final = _reading(timer)
         except (UprobesError, OSError) as e:  # this process's, never the whole agent's
             self.note(f"process {proc.pid} ({proc.exe}) not followed: {e}")
         finally:
             with self._lock:  # its calls move from live to kept in one step
                 self._live.pop(proc.pid, None)
-                _add(self._hits, self._calls, proc, final)
+                _add(self._hits, self._calls, proc, *final)
             proc.settled.set()
 
     # ------------------------------------------------------------ metrics
@@ -286,7 +300,7 @@ class Following:
                              for k, v in self._calls.items()}
             for proc in list(self._live.values()):
                 if proc.timer is not None:
-                    _add(hits, calls, proc, _histograms(proc.timer))
+                    _add(hits, calls, proc, *_reading(proc.timer))
         return hits, calls
 
     def _live_hits(self) -> _Hits:
@@ -329,18 +343,26 @@ class Following:
         self.metrics.add_calls(self._calls)
 
 
-Histograms = dict[str, Histogram]
+_Read = tuple[dict[str, Histogram], dict[str, int]]
 
 
-def _histograms(timer: Timer) -> Histograms:
-    return timer.latencies().histograms
+def _reading(timer: Timer) -> _Read:
+    """A tracer's histograms and counts, by display name (from any thread)."""
+    return timer.latencies().histograms, timer.live_counts()
 
 
-def _add(hits: _Hits, calls: _Calls, proc: _Process, histograms: Histograms) -> None:
-    """Add a process's calls (`histograms`, by display name) to the series of
-    its functions' entry and return lines."""
+def _add(hits: _Hits, calls: _Calls, proc: _Process, histograms: dict[str, Histogram],
+         counts: dict[str, int]) -> None:
+    """Add a process's calls (`histograms`) and hits (`counts`), by display
+    name, to the series of its lines."""
+    for name, n in counts.items():
+        line = proc.counted.get(name)
+        if line is not None and n:
+            mine = hits.setdefault(line.key, {})
+            labels = (name, proc.exe, proc.comm)
+            mine[labels] = mine.get(labels, 0) + n
     for name, h in histograms.items():
-        named = (proc.names or {}).get(name)
+        named = proc.names.get(name)
         if named is None or not h.count:
             continue
         function = named.function

@@ -145,6 +145,10 @@ class Timer(_Run, Protocol):
         callable from another thread while `count` runs, and a read never
         has fewer calls in a bucket than a read before it."""
 
+    def live_counts(self) -> dict[str, int]:
+        """The hits of the probes counted, not timed (`Request.counted`), so
+        far: from any thread, as `Counter.live_counts`."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -164,6 +168,9 @@ class Request:
     Python frames of a CPython program (the ptrace engine reads them).
     `orphans`: the ptrace engine's watcher for a kill -9 of uprobes, shared
     by several runs (`open_orphan_watch`); None: each run starts its own.
+    `counted` (a timer): display names of probes counted in the program, not
+    timed (`live_counts()`); `int3s=False`: a probe the ptrace engine cannot
+    place trap-free is left out (a note) rather than stopping at each hit.
     """
 
     probes: list[ResolvedProbe]
@@ -181,6 +188,8 @@ class Request:
     value: str | None = None
     python: bool = False
     orphans: Watch | None = None
+    counted: frozenset[str] = frozenset()
+    int3s: bool = True
 
     def pick(self) -> str:
         """The engine that serves this request: `kernel` or `ptrace`."""
@@ -250,7 +259,8 @@ def open_timer(request: Request) -> Timer | None:
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="time",
-                        by=request.by, orphans=request.orphans)
+                        by=request.by, orphans=request.orphans, counted=request.counted,
+                        int3s=request.int3s)
 
 
 def open_orphan_watch() -> Watch:

@@ -188,8 +188,8 @@ class Attach(TracerState):
             self._refuse(probe, "its hits are told apart by strings (a py: function's): "
                          "they are not timed or keyed in the program")
             return
-        if self._trapfree == "time":  # timed in the program, or not at all
-            self._place_timed(t, regs, probe, addr, file_offset, ident)
+        if self._trapfree == "time" and not self._counted_here(probe):
+            self._place_timed(t, regs, probe, addr, file_offset, ident)  # or not at all
             return
         if self._by is not None:  # counted by key in the program, or not at all
             self._place_keyed(t, regs, probe, addr, file_offset, ident)
@@ -198,6 +198,11 @@ class Attach(TracerState):
                 and self._place_trapfree(t, regs, probe, addr, file_offset, ident):
             return
         point = probe.point
+        if not self._int3s:
+            why = self._jumps.decisions.get(point.name) if self._jumps is not None else None
+            self._refusals.skip(point.name, f"not counted: {why or 'not in a file'} (no int3s "
+                                "here: each hit would stop the program)")
+            return
         try:
             if ident is None:  # the vDSO: the original is this process's own copy
                 original = t.mm.mem.read_upto(addr, breakpoints.INSN_MAX)
@@ -211,6 +216,13 @@ class Attach(TracerState):
                 site.ret_in_place = _guarded(probe)
         except (PlacementRefused, relocate.UnsupportedInstruction, MemoryFault) as e:
             self._refuse(probe, str(e))
+
+    def _counted_here(self, probe: Probe) -> bool:
+        """Whether a "time" tracer counts `probe` (`counted`) rather than timing it."""
+        if not self._counted:
+            return False
+        handlers = [h for c in probe.consumers for h in (c.handler, c.ret_handler)]
+        return any(id(self._ours.get(h)) in self._counted for h in handlers if h is not None)
 
     def _place_trapfree(self, t: Thread, regs: UserRegs, probe: Probe, addr: int,
                         file_offset: int, ident: tuple[int, int]) -> bool:

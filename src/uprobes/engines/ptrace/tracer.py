@@ -105,7 +105,12 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
     with it; the calls are timed in the program (timed.py), `latencies()`
     gives them; such a tracer only runs `count`. `by` (with "count"): each
     probe counts by that key in the program, `value` adds the sum, min and
-    max of a fetcharg per key (bykey.py, `by_key()`). `orphans`: the
+    max of a fetcharg per key (bykey.py, `by_key()`). `counted` (with
+    "time"): display names of probes counted instead, by trap-free counters,
+    in the same tracer (one tracer per process: the agent times some
+    functions and counts other lines). `int3s=False`: a probe that cannot
+    be trap-free is left out with a note instead of taking an int3 (whose
+    stop per hit would cost the tracer what the jumps save). `orphans`: the
     watcher that makes a kill -9 of uprobes safe for the programs, shared
     with other tracers (`engines.base.open_orphan_watch()`); None: one of
     its own, started with its first int3.
@@ -116,7 +121,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                  note: Callable[[str], object] | None = None, stack_bytes: int = 0,
                  hit_filter: HitFilter | None = None, trapfree: bool | str = False,
                  python: bool = False, by: str | None = None,
-                 value: str | None = None, orphans: reaper.Watch | None = None) -> None:
+                 value: str | None = None, orphans: reaper.Watch | None = None,
+                 counted: frozenset[str] = frozenset(), int3s: bool = True) -> None:
         ptrace.ensure_x86_64()
         if trapfree not in (False, True, "count", "record", "time"):
             raise ValueError(f"trapfree must be False, 'count', 'record' or 'time', "
@@ -152,8 +158,14 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._refusals = Refusals(probes, self._note)
         self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
         self._refused_early = False  # a precheck failed because the process had ended
-        self._time_functions(probes if trapfree == "time" else [], display_names(probes))
-        self._names_by_line = display_names(probes)
+        names = display_names(probes)
+        # With "time": the probes named in `counted` are counted, the others timed.
+        self._counted = {id(p) for p, n in zip(probes, names) if n in counted}
+        self._int3s = int3s
+        timed = [(p, n) for p, n in zip(probes, names) if id(p) not in self._counted]
+        self._time_functions([p for p, _ in timed] if trapfree == "time" else [],
+                             [n for _, n in timed])
+        self._names_by_line = names
         self._count_by(by, value)
         for name, p in zip(display_names(probes), probes):
             reason = None if isinstance(p.key, VdsoKey) else _precheck(p)
