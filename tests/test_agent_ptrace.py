@@ -141,6 +141,48 @@ def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path:
         caller.proc.kill()
 
 
+def test_sighup_keeps_the_tracers_counts(caller_exe: Path, tmp_path: Path) -> None:
+    """A reload that adds a line detaches and attaches again, and the series
+    of the lines kept keep their counts; an unchanged one leaves all as is.
+    What every process's tracer says (how many probes are trap-free) is
+    said once."""
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    head = (f'engine = "ptrace"\n[prometheus]\nlisten = "127.0.0.1:{port}"\n'
+            f'[[probe]]\nline = "{caller_exe}:handle"\n'
+            f'[[probe]]\nline = "r {caller_exe}:handle"\n')
+    config.write_text(head)
+    caller, idle = Caller(caller_exe), Caller(caller_exe)
+    agent = Agent("--config", str(config))
+    try:
+        agent.ready()
+        caller.round()
+        config.write_text(head + f'[[probe]]\nline = "libc:nanosleep"\n'
+                                 f'executable = "{caller_exe}"\n')
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_said("3 probe lines in place")
+        caller.round()
+        who = {"executable": str(caller_exe), "comm": caller.comm}
+        got = agent.metrics(port)
+        assert _calls(got, caller) == 2 * CALLS_PER_ROUND  # kept across the reload
+        assert sum(pick(got, "uprobes_hits_total", probe="uprobes/nanosleep",
+                        **who).values()) == CALLS_PER_ROUND  # placed at the reload
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_said("unchanged")
+        caller.round()
+        assert _calls(agent.metrics(port), caller) == 3 * CALLS_PER_ROUND
+        status, err = agent.stop(signal.SIGTERM)
+        assert status == 0 and "Traceback" not in err, err
+        assert err.count("probes trap-free") == 1, err  # said once, not per process
+        assert tracer_of(caller.proc.pid) == 0
+        caller.end()
+        idle.end()
+    finally:
+        agent.kill()
+        caller.proc.kill()
+        idle.proc.kill()
+
+
 @pytest.mark.parametrize("lines,words", [
     (["--label", "kind", "EXE:handle kind=%di:s32"], "leave out labels"),
     (["libc:malloc", "r libc:malloc"], "is a library"),

@@ -50,6 +50,9 @@ from .probes import function_key
 MAX_PROCESSES = 64
 """Processes followed at once; past it a process is not followed (one note)."""
 
+MAX_NOTES = 1000
+"""Distinct tracer notes remembered (each said once); past it, said again."""
+
 WAKE_S = 0.2
 """How often the manager thread looks whether it should end."""
 
@@ -183,6 +186,7 @@ class Following:
         self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._ending = threading.Event()
         self._limit_noted = False
+        self._noted: set[str] = set()
         self._orphans = open_orphan_watch()  # one watcher for every process's tracer
         metrics.keep_only({p.key: p.labels for p in config.probes})
         metrics.live_hits, metrics.live_calls = self._live_hits, self._live_calls
@@ -269,7 +273,7 @@ class Following:
 
             def note(text: str) -> None:
                 if text != exited:
-                    self.note(text)
+                    self._note_once(text)
             timer = open_timer(Request(probes, "ptrace", pid=proc.pid, trapfree=True,
                                        note=note, orphans=self._orphans,
                                        counted=frozenset(proc.counted), int3s=False))
@@ -290,6 +294,16 @@ class Following:
                 self._live.pop(proc.pid, None)
                 _add(self._hits, self._calls, proc, *final)
             proc.settled.set()
+
+    def _note_once(self, text: str) -> None:
+        """A tracer's note, once: each process's tracer says the same things
+        (how many probes are trap-free), and processes come by the thousand."""
+        with self._lock:
+            if text in self._noted:
+                return
+            if len(self._noted) < MAX_NOTES:
+                self._noted.add(text)
+        self.note(text)
 
     # ------------------------------------------------------------ metrics
 
