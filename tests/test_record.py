@@ -17,7 +17,7 @@ import pytest
 from conftest import Compiler, without_clocks
 
 from uprobes.commands.resolve import parse_specs
-from uprobes.engines.trapfree.layout import CPU_BITS, RECORD, SLOT_BYTES, SLOT_PROBE, SLOT_TID
+from uprobes.engines.trapfree.layout import CPU_BITS, LONG, SHORT, SLOT_PROBE, SLOT_TID
 from uprobes.engines.trapfree.reader import valid_records
 from uprobes.record import stream
 from uprobes.record.codec import decode, encode
@@ -98,8 +98,11 @@ def test_ptrace_recording_replays_as_trace(exe: Path, tmp_path: Path) -> None:
     rec, live, err = record_and_trace("ptrace", exe, tmp_path, "loop", "3000")
     assert "3 of 3 probes trap-free" in err, err
     chunks = ring_chunks(rec)
-    slots = sum((len(c) - stream.RING_HEAD.size) // SLOT_BYTES for c in chunks)
+    slots = sum((len(c) - stream.RING_HEAD.size) // stream.RING_HEAD.unpack_from(c)[3]
+                for c in chunks)
     assert slots == 9000  # every hit a raw record, none as JSON
+    # One slot size for the run's rings, long: `work`'s record needs them (each chunk says).
+    assert {stream.RING_HEAD.unpack_from(c)[3] for c in chunks} == {LONG.slot_bytes}
     events = check_replay_is_trace(rec, live)
     assert Counter(e["probe"] for e in events) == {
         "uprobes/work": 3000, "uprobes/work__return": 3000, "uprobes/other": 3000}
@@ -219,10 +222,13 @@ def test_altered_recordings_never_crash_the_replay(exe: Path, tmp_path: Path) ->
     uprobes("record", "-e", "ptrace", "-o", str(rec), f"{exe}:work a=%di:s64", "--", str(exe),
             "loop", "100")
     data = bytearray((rec / "events.bin").read_bytes())
-    first = data.index(stream.RING) + stream.HEADER.size + stream.RING_HEAD.size
+    head = data.index(stream.RING) + stream.HEADER.size
+    slot_bytes = stream.RING_HEAD.unpack_from(data, head)[3]
+    assert slot_bytes == SHORT.slot_bytes  # (every record of the run is short)
+    first = head + stream.RING_HEAD.size
     struct.pack_into("<I", data, first + SLOT_PROBE, 999)
-    struct.pack_into("<I", data, first + SLOT_BYTES + SLOT_TID, 1)
-    data += stream.HEADER.pack(stream.RING, stream.RING_HEAD.size + 10 * SLOT_BYTES) + bytes(100)
+    struct.pack_into("<I", data, first + slot_bytes + SLOT_TID, 1)
+    data += stream.HEADER.pack(stream.RING, stream.RING_HEAD.size + 10 * slot_bytes) + bytes(100)
     (rec / "events.bin").write_bytes(data)
     run = uprobes("replay", "--json", str(rec))
     events, _ = jsonl(run.stdout)
@@ -262,7 +268,7 @@ def test_ring_records_are_taken_by_the_live_readers_rule() -> None:
     empty RING chunk (a replay's input can hold one) is no records."""
     owners = {7: (7, "w"), 8: None}  # None: a thread that is not ours
     rule = ({0, 1}, 2, owners, 50, 150)  # probe ids, cpus, owners, TSC from 50 to 150
-    words = (0,) * (len(RECORD.unpack(bytes(RECORD.size))) - 6)
+    words = (0,) * LONG.words
 
     def rec(probe: int = 0, high: int = 0, aux: int = 1, tsc: int = 100, tid: int = 7
             ) -> tuple[int, ...]:
@@ -300,6 +306,15 @@ def test_altered_chunks_are_one_line(exe: Path, tmp_path: Path) -> None:
                              text=True, timeout=120)
         assert run.returncode == 2 and "is not what uprobes writes" in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
+    # A RING chunk of slots of a size no ring has.
+    ring = next(payload for kind, payload in _chunks(rec) if kind == stream.RING)
+    created, now, read, _ = stream.RING_HEAD.unpack_from(ring)
+    odd = stream.RING_HEAD.pack(created, now, read, 96) + ring[stream.RING_HEAD.size:]
+    (rec / "events.bin").write_bytes(stream.HEADER.pack(stream.RING, len(odd)) + odd)
+    run = subprocess.run([*UPROBES, "replay", "--json", str(rec)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "ring slots of 96 bytes" in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
 
 
 def _chunks(rec: Path) -> list[tuple[bytes, bytes]]:

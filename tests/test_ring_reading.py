@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from uprobes.engines.trapfree import layout
 from uprobes.engines.trapfree.reader import Recorder
 from uprobes.engines.trapfree.recording import Recipe, Waits, prologue
@@ -22,17 +24,19 @@ PROBE_ID = 3
 
 
 @contextmanager
-def recording_code() -> Iterator[tuple[Ring, ctypes._CFuncPtr]]:
-    """A ring and a function that records `rdi` into it (the prologue, then ret)."""
+def recording_code(shape: layout.RingShape = layout.LONG
+                   ) -> Iterator[tuple[Ring, ctypes._CFuncPtr]]:
+    """A ring of `shape` and a function that records `rdi` into it (the
+    prologue, then ret)."""
     ring_map = mmap.mmap(-1, layout.RING_BYTES)
     code_map = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE
                          | mmap.PROT_EXEC)
     ring_addr = ctypes.addressof(ctypes.c_char.from_buffer(ring_map))
     code_addr = ctypes.addressof(ctypes.c_char.from_buffer(code_map))
     assert abs(ring_addr - code_addr) < 1 << 30  # (rel32 reach: mappings sit side by side)
-    code = prologue(code_addr, ring_addr, Recipe(("rdi",), None), PROBE_ID, True, WAITS)
+    code = prologue(code_addr, ring_addr, Recipe(("rdi",), None), PROBE_ID, True, WAITS, shape)
     code_map[:len(code) + 1] = code + b"\xc3"
-    ring = Ring(ring_map, ring_addr)
+    ring = Ring(ring_map, ring_addr, shape)
     fn = ctypes.CFUNCTYPE(None, ctypes.c_uint64)(code_addr)
     try:
         yield ring, fn
@@ -46,28 +50,34 @@ def _values(records: list[tuple[int, ...]]) -> list[int]:
     return [rec[layout.REC_VALUES] for rec in records]
 
 
-def test_the_commit_count_lets_the_reader_take_slots_unseen() -> None:
-    with recording_code() as (ring, record):
+SHAPES = pytest.mark.parametrize("shape", [layout.LONG, layout.SHORT], ids=["long", "short"])
+
+
+@SHAPES
+def test_the_commit_count_lets_the_reader_take_slots_unseen(shape: layout.RingShape) -> None:
+    with recording_code(shape) as (ring, record):
         for v in range(100):
             record(v)
         words = ring.words
         assert words[layout.COMMITTED // 8] == words[layout.HEAD // 8] == 100
         # A sequence word overwritten after the commit: the count says every
         # slot reserved is committed, so the reader does not look at it.
-        words[(layout.DATA_OFFSET + 50 * layout.SLOT_BYTES + layout.SLOT_SEQ) // 8] = 0
+        words[(layout.DATA_OFFSET + 50 * shape.slot_bytes + layout.SLOT_SEQ) // 8] = 0
         got = ring.take()
         assert _values(got) == list(range(100))
         assert {rec[layout.REC_TID] for rec in got} == {threading.get_native_id()}
         assert {rec[layout.REC_PROBE] for rec in got} == {PROBE_ID}
 
 
-def test_a_slot_reserved_and_not_committed_stops_the_take() -> None:
+@SHAPES
+def test_a_slot_reserved_and_not_committed_stops_the_take(shape: layout.RingShape) -> None:
     """A writer between its reservation and its commit (here: `head` moved
     by hand): the count falls behind `head`, and the reader goes back to the
     sequence words, taking what comes before the open slot and nothing after
     it until it is committed."""
-    with recording_code() as (ring, record):
+    with recording_code(shape) as (ring, record):
         words = ring.words
+        assert words[layout.SLOT_SIZE // 8] == shape.slot_bytes
         for v in range(10):
             record(v)
         words[layout.HEAD // 8] += 1  # slot 10 reserved, its writer not done
@@ -77,7 +87,7 @@ def test_a_slot_reserved_and_not_committed_stops_the_take() -> None:
         assert _values(ring.take()) == list(range(10))
         assert _values(ring.take()) == []  # still open (and not yet STUCK_S old)
         # The writer finishes: its values, then the commit, then the count.
-        slot = (layout.DATA_OFFSET + 10 * layout.SLOT_BYTES) // 8
+        slot = (layout.DATA_OFFSET + 10 * shape.slot_bytes) // 8
         words[slot + layout.SLOT_PROBE // 8] = PROBE_ID
         words[slot + layout.SLOT_VALUES // 8] = 10
         words[slot + layout.SLOT_SEQ // 8] = 11
@@ -92,9 +102,9 @@ class _Sink:
     def __init__(self) -> None:
         self.pieces: list[tuple[int, dict[int, tuple[int, str] | None]]] = []
 
-    def raw(self, created: int, now: int, read: int, data: memoryview,
+    def raw(self, created: int, now: int, read: int, slot_bytes: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
-        self.pieces.append((data.nbytes // layout.SLOT_BYTES, dict(owners)))
+        self.pieces.append((data.nbytes // slot_bytes, dict(owners)))
 
     def sites(self, sites: object, rate: object) -> None:
         pass

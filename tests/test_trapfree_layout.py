@@ -11,7 +11,7 @@ import pytest
 from iced_x86 import Code, Decoder, Instruction, OpKind, Register
 
 from uprobes.engines.trapfree import layout
-from uprobes.engines.trapfree.recording import Recipe, Waits, prologue
+from uprobes.engines.trapfree.recording import Recipe, Waits, prologue, shape_for
 from uprobes.engines.trapfree.trampoline import counting_prologue
 
 AT = 0x7F00_0000_0000
@@ -35,8 +35,15 @@ def _memory_operands(insns: list[Instruction]) -> list[Instruction]:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=["one-reg", "regs-and-stack", "ret"])
 @pytest.mark.parametrize("tls_tid", [True, False])
-def test_recording_code_uses_the_ring_layout(recipe: Recipe, tls_tid: bool) -> None:
-    insns = _decode(prologue(AT, RING, recipe, 7, tls_tid, WAITS), AT)
+@pytest.mark.parametrize("shape", [layout.LONG, layout.SHORT], ids=["long", "short"])
+def test_recording_code_uses_the_ring_layout(recipe: Recipe, tls_tid: bool,
+                                             shape: layout.RingShape) -> None:
+    # (the short ring wherever the record fits)
+    assert shape_for([recipe]) == (layout.SHORT if recipe.words <= 4 else layout.LONG)
+    assert shape_for([recipe, *RECIPES]) == layout.LONG
+    if recipe.words > shape.words:
+        return
+    insns = _decode(prologue(AT, RING, recipe, 7, tls_tid, WAITS, shape), AT)
     assert not any(i.code == Code.INVALID for i in insns)
     memory = _memory_operands(insns)
 
@@ -60,16 +67,18 @@ def test_recording_code_uses_the_ring_layout(recipe: Recipe, tls_tid: bool) -> N
     assert slot_stores == sorted([layout.SLOT_SEQ, layout.SLOT_TSC, layout.SLOT_TID,
                                   layout.SLOT_PROBE,
                                   *(layout.SLOT_VALUES + 8 * n for n in range(recipe.words))])
-    assert max(slot_stores) + 8 <= layout.SLOT_BYTES
+    assert max(slot_stores) + 8 <= shape.slot_bytes
 
-    # The slot arithmetic: room while head - tail < SLOTS; index & (SLOTS-1) << SLOT_SHIFT.
+    # The slot arithmetic: room while head - tail < slots; index & (slots-1) << shift.
     immediates = {(i.code, i.immediate(1)) for i in insns
                   if i.op_count == 2 and i.op0_kind == OpKind.REGISTER and i.op0_register
                   == Register.RCX and i.op1_kind in (OpKind.IMMEDIATE8, OpKind.IMMEDIATE32TO64)}
-    assert (Code.CMP_RM64_IMM32, layout.SLOTS) in immediates
-    assert (Code.AND_RM64_IMM32, layout.SLOTS - 1) in immediates
-    assert (Code.SHL_RM64_IMM8, layout.SLOT_SHIFT) in immediates
-    assert 1 << layout.SLOT_SHIFT == layout.SLOT_BYTES
+    assert (Code.CMP_RM64_IMM32, shape.slots) in immediates
+    assert (Code.AND_RM64_IMM32, shape.slots - 1) in immediates
+    assert (Code.SHL_RM64_IMM8, shape.shift) in immediates
+    assert 1 << shape.shift == shape.slot_bytes
+    assert layout.DATA_OFFSET + shape.slots * shape.slot_bytes == layout.RING_BYTES
+    assert layout.SHAPES[shape.slot_bytes] is shape
 
 
 def test_the_reader_unpacks_the_fields_the_code_writes() -> None:
@@ -81,8 +90,11 @@ def test_the_reader_unpacks_the_fields_the_code_writes() -> None:
     for n in range(layout.MAX_WORDS):
         struct.pack_into("<Q", slot, layout.SLOT_VALUES + 8 * n, 100 + n)
 
-    assert layout.RECORD.size == layout.SLOT_BYTES
+    assert layout.RECORD.size == layout.SLOT_BYTES and layout.LONG.record is layout.RECORD
     rec = layout.RECORD.unpack(slot)
+    short = layout.SHORT.record
+    assert short.size == layout.SHORT.slot_bytes
+    assert short.unpack(slot[:short.size]) == rec[:layout.REC_VALUES + layout.SHORT.words]
     assert rec[layout.REC_SEQ] == 11 and rec[layout.REC_TSC] == 22
     assert rec[layout.REC_TID] == 4242
     aux = rec[layout.REC_AUX]
@@ -93,7 +105,7 @@ def test_the_reader_unpacks_the_fields_the_code_writes() -> None:
 
 def test_ring_header_words_sit_before_the_slots_on_their_own_cache_lines() -> None:
     words = [layout.HEAD, layout.TAIL, layout.LOST, layout.STALLED, layout.WAITERS,
-             layout.COMMITTED, layout.HEARTBEAT, layout.RING_TLS]
+             layout.COMMITTED, layout.HEARTBEAT, layout.RING_TLS, layout.SLOT_SIZE]
     assert len({w // 64 for w in words}) == len(words)
     assert max(words) + 8 <= layout.DATA_OFFSET
     assert layout.RING_BYTES == layout.DATA_OFFSET + layout.SLOTS * layout.SLOT_BYTES

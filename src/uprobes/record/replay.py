@@ -27,7 +27,7 @@ from uprobes.engines.trapfree.layout import (
     REC_TID,
     REC_TSC,
     REC_VALUES,
-    RECORD,
+    SHAPES,
 )
 from uprobes.engines.trapfree.reader import (
     Make,
@@ -176,7 +176,7 @@ class Recording:
             try:
                 for kind, payload in stream.chunks(f, path):
                     if kind == stream.RING:
-                        created, now, this_read = stream.RING_HEAD.unpack_from(payload)
+                        created, now, this_read, _ = stream.RING_HEAD.unpack_from(payload)
                         if this_read != read:  # the next read began
                             if pending:
                                 yield self._filtered(self._ring_hits(pending, rings_seen), test)
@@ -213,7 +213,12 @@ class Recording:
         if self._rate is None:
             raise RecordingError(f"{self.directory}: ring records but no clock to read them by")
         skew = int(SKEW_S * 1e9 / self._rate[0])  # ticks, as the live reader's clock.ticks
-        records = list(RECORD.iter_unpack(memoryview(payload)[stream.RING_HEAD.size:]))
+        slot_bytes = stream.RING_HEAD.unpack_from(payload)[3]
+        slots = memoryview(payload)[stream.RING_HEAD.size:]
+        if slot_bytes not in SHAPES or len(slots) % slot_bytes:
+            raise RecordingError(f"{self.directory / EVENTS}: ring slots of {slot_bytes} "
+                                 "bytes, which no ring of uprobes has")
+        records = list(SHAPES[slot_bytes].record.iter_unpack(slots))
         good = valid_records(records, self._probe_ids, self._cpus, owners,
                              created - skew, now + skew)
         self.corrupt += len(records) - len(good)

@@ -2,7 +2,8 @@
 
 Kinds (see the package's docstring): RING (`created`, `now`: u64 TSC stamps
 of the ring's making and of the read, `read`: which read of the run it came
-from, then whole ring slots), OWNR and HITS (JSON). A reader stops at a chunk
+from, `slot_bytes`: the ring's slot size, then whole ring slots), OWNR and
+HITS (JSON). A reader stops at a chunk
 that is cut short (a run killed mid-write) and says so; it never reads a
 length it has no bytes for.
 """
@@ -15,11 +16,11 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from uprobes.engines.trapfree.layout import SLOT_BYTES
+from uprobes.engines.trapfree.layout import SHORT
 from uprobes.errors import RecordingError
 
 HEADER = struct.Struct("<4sI")
-RING_HEAD = struct.Struct("<QQQ")
+RING_HEAD = struct.Struct("<QQQQ")
 RING, OWNERS, HITS = b"RING", b"OWNR", b"HITS"
 KINDS = (RING, OWNERS, HITS)
 MAX_CHUNK = 1 << 28  # no writer makes a chunk this long (a ring holds 4 MiB)
@@ -69,7 +70,8 @@ def chunks(f: BinaryIO, path: str) -> Iterator[tuple[bytes, bytes]]:
             raise Truncated(path)
         kind, length = HEADER.unpack(head)
         if kind not in KINDS or length > MAX_CHUNK or (
-                kind == RING and (length - RING_HEAD.size) % SLOT_BYTES):
+                kind == RING and (length < RING_HEAD.size
+                                  or (length - RING_HEAD.size) % SHORT.slot_bytes)):
             raise RecordingError(f"{path}: not a chunk uprobes writes at byte "
                                  f"{f.tell() - HEADER.size}")
         payload = f.read(length)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from uprobes.engines.trapfree.layout import SLOT_BYTES
 from uprobes.engines.trapfree.reader import RawSite
 from uprobes.engines.trapfree.sharedmem import CPUS
 from uprobes.errors import UsageError
@@ -26,7 +25,7 @@ from uprobes.record import stream
 from uprobes.record.codec import encode
 from uprobes.sys.clocks import snapshot
 
-FORMAT = "uprobes-recording 1"
+FORMAT = "uprobes-recording 2"
 META = "meta.json"
 EVENTS = "events.bin"
 
@@ -86,12 +85,12 @@ class RecordWriter:
 
     # ------------------------------------------------------------ RawSink
 
-    def raw(self, created: int, now: int, read: int, data: memoryview,
+    def raw(self, created: int, now: int, read: int, slot_bytes: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
         if owners:
             self._out.write(stream.OWNERS, stream.dumps(list(owners.items())))
-        self._out.write(stream.RING, stream.RING_HEAD.pack(created, now, read), data)
-        self.events_seen += data.nbytes // SLOT_BYTES
+        self._out.write(stream.RING, stream.RING_HEAD.pack(created, now, read, slot_bytes), data)
+        self.events_seen += data.nbytes // slot_bytes
 
     def sites(self, sites: list[RawSite], rate: tuple[float, int, int]) -> None:
         self._sites = sites

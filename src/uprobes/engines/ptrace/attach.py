@@ -20,7 +20,7 @@ from uprobes.engines.trapfree.filtercode import Check, compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit
-from uprobes.engines.trapfree.recording import recipe_for, waits
+from uprobes.engines.trapfree.recording import Recipe, recipe_for, shape_for, waits
 from uprobes.errors import KernelError, ProcessError, UprobesError
 from uprobes.model.probe import VdsoKey
 from uprobes.model.registry import Probe
@@ -338,6 +338,7 @@ class Attach(TracerState):
             if why is not None:
                 return why, None
             self._recorder = Recorder(self.counts)
+            self._ring_shape = shape_for(self._recipes())
             self._undo.callback(self._abandon_rings)
         direct: Direct | None = None
         if name is not None and self.hit_filter is None:
@@ -345,9 +346,25 @@ class Attach(TracerState):
                               addr, func)
             if make is not None:
                 direct = (name, make)
+        if recipe.words > self._ring_shape.words:  # (a probe added after the run began)
+            return f"it fetches {recipe.words} words; the run's rings hold " \
+                   f"{self._ring_shape.words}", None
         probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
                                                     func))
-        return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks))
+        return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks),
+                            self._ring_shape)
+
+    def _recipes(self) -> list[Recipe]:
+        """What each probed instruction of the run would record, if it records."""
+        out = []
+        for probe in self.registry:
+            for ret in (False, True):
+                lines = [self._ours[h] for c in probe.consumers
+                         for h in (c.ret_handler if ret else c.handler,) if h in self._ours]
+                recipe = recipe_for(lines, ret) if lines else None
+                if isinstance(recipe, Recipe):
+                    out.append(recipe)
+        return out
 
     def _hold_all(self, mm: AddressSpace) -> None:
         """Stop every traced thread, as detach does, so a jump can go into

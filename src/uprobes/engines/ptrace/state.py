@@ -24,6 +24,7 @@ from uprobes.engines.signals import StopSignals
 from uprobes.engines.trapfree.fileplan import FilePlan
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
+from uprobes.engines.trapfree.layout import RingShape
 from uprobes.engines.trapfree.reader import RawSink, Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
@@ -70,6 +71,7 @@ class TracerState:
     # The trap-free engine this session drives.
     _jumps: TrapFree | None
     _recorder: Recorder | None
+    _ring_shape: RingShape  # set with `_recorder`
     _shaped: ShapedLines | None
     _raw: RawSink | None
     _corrupt_rings: int

@@ -57,8 +57,10 @@ from uprobes.engines.trapfree.layout import (
     COUNTER_TLS,
     KEYED_BYTES,
     KEYED_TLS,
+    LONG,
     RING_BYTES,
     TIMING_BYTES,
+    RingShape,
 )
 from uprobes.engines.trapfree.recording import Recipe, Waits
 from uprobes.engines.trapfree.ring import Ring
@@ -231,6 +233,7 @@ class Record:
     recipe: Recipe
     probe_id: int
     waits: Waits  # how long a hit waits for room in a full ring
+    shape: RingShape = LONG  # the run's rings' slots (recording.shape_for)
 
 
 @dataclass(frozen=True)
@@ -378,19 +381,20 @@ class TrapFree:
                 prologue = lambda at: filtercode.counting_prologue(  # noqa: E731
                     at, counter_addr, block_addr, test)
         else:
-            ring = next((r for r in space.rings
-                         if _reaches(r.runtime_addr, RING_BYTES, area)), None)
+            shape = record.shape
+            ring = next((r for r in space.rings if r.shape == shape
+                         and _reaches(r.runtime_addr, RING_BYTES, area)), None)
             if ring is None:
                 view, addr = map_near(tid, regs, pid, syscall_addr(),
                                       self._name(space, area, mem), area.start, held,
                                       RING_BYTES, populate=True)
-                ring = Ring(view, addr)
+                ring = Ring(view, addr, shape)
                 space.rings.append(ring)
                 self.rings.append(ring)
             ring.probe_ids.add(record.probe_id)
             ring_addr, how = ring.runtime_addr, record
             prologue = lambda at: recording.prologue(  # noqa: E731
-                at, ring_addr, how.recipe, how.probe_id, tls, how.waits)
+                at, ring_addr, how.recipe, how.probe_id, tls, how.waits, shape)
         at = area.alloc(size)
         if at is None:
             raise NotTrapFree("the XOL area is full")

@@ -20,12 +20,18 @@ The recording ring (one per fork family, MAP_SHARED):
       HEARTBEAT    TSC stamp of the reader's last read
       RING_TLS     1 once the tracer saw each thread's tid at glibc's place in its
                    thread pointer: hits read it there, not by a gettid system call
+      SLOT_SIZE    the ring's slot size (its `RingShape`), written once by the tracer
     DATA_OFFSET  SLOTS slots of SLOT_BYTES, slot i at DATA_OFFSET + (i % SLOTS) * SLOT_BYTES:
       SLOT_SEQ     i + 1 once the slot is written (stored last: the commit)
       SLOT_TSC     rdtscp at the hit
       SLOT_TID     the thread id (4 bytes), then TSC_AUX (4 bytes: node << CPU_BITS | cpu)
       SLOT_PROBE   the probe id (8 bytes, the upper 4 zero)
       SLOT_VALUES  the recorded words (registers, then stack words), MAX_WORDS at most
+
+A ring has long slots (SLOT_BYTES, SLOTS of them: `LONG`) or short ones
+(half the size, twice as many, 4 words each: `SHORT`), for probes that
+record little: a record's bytes are what the reader copies to disk, and
+what the program's cache writes back.
 
 A counter block (trap-free counting) holds COUNTER_BLOCK_BYTES of 8-byte
 counters, one every COUNTER_STRIDE bytes; the first line is its header
@@ -35,6 +41,7 @@ counters, one every COUNTER_STRIDE bytes; the first line is its header
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------- the ring's header
 
@@ -46,6 +53,7 @@ WAITERS = 256
 COMMITTED = 320
 HEARTBEAT = 384
 RING_TLS = 448  # 1 once the tracer saw the tid at the thread pointer (as TIMING_TLS)
+SLOT_SIZE = 512
 DATA_OFFSET = 4096  # the header's page
 
 # ---------------------------------------------------------------- a slot
@@ -65,6 +73,39 @@ RING_BYTES = DATA_OFFSET + SLOTS * SLOT_BYTES
 RECORD = struct.Struct(f"<QQIIII{MAX_WORDS}Q")
 """One slot as the reader unpacks it; the REC_* names index the tuple."""
 REC_SEQ, REC_TSC, REC_TID, REC_AUX, REC_PROBE, REC_PROBE_HIGH, REC_VALUES = range(7)
+
+
+@dataclass(frozen=True)
+class RingShape:
+    """A ring's slots: `slot_bytes` each (a power of two), `slots` of them,
+    in RING_BYTES whatever their size."""
+
+    slot_bytes: int
+
+    @property
+    def slots(self) -> int:
+        return (RING_BYTES - DATA_OFFSET) // self.slot_bytes
+
+    @property
+    def shift(self) -> int:
+        """A slot's index to its offset."""
+        return self.slot_bytes.bit_length() - 1
+
+    @property
+    def words(self) -> int:
+        """The values a record holds."""
+        return (self.slot_bytes - SLOT_VALUES) // 8
+
+    @property
+    def record(self) -> struct.Struct:
+        """A slot as the reader unpacks it (RECORD's fields, `words` values)."""
+        return RECORD if self.slot_bytes == SLOT_BYTES else struct.Struct(
+            f"<QQIIII{self.words}Q")
+
+
+LONG = RingShape(SLOT_BYTES)
+SHORT = RingShape(SLOT_BYTES // 2)
+SHAPES = {shape.slot_bytes: shape for shape in (LONG, SHORT)}
 
 CPU_BITS = 12  # TSC_AUX as Linux sets it: the NUMA node above the cpu's 12 bits
 CPU_MASK = (1 << CPU_BITS) - 1

@@ -29,7 +29,6 @@ from uprobes.engines.trapfree.layout import (
     REC_TID,
     REC_TSC,
     REC_VALUES,
-    SLOT_BYTES,
 )
 from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, Recipe
 from uprobes.engines.trapfree.ring import RAW_TAKE_MAX, TAKE_MAX, Ring
@@ -218,9 +217,9 @@ class RawSite:
 class RawSink(Protocol):
     """Where `uprobes record` keeps ring records as they are (record/writer.py)."""
 
-    def raw(self, created: int, now: int, read: int, data: memoryview,
+    def raw(self, created: int, now: int, read: int, slot_bytes: int, data: memoryview,
             owners: dict[int, tuple[int, str] | None]) -> None:
-        """Whole slots of one ring (made at TSC `created`), taken at TSC `now`
+        """Whole slots (`slot_bytes` each) of one ring (made at TSC `created`), taken at TSC `now`
         by read number `read` (a read takes from every ring; the live reader
         merges a read's records by time stamp when several rings gave some),
         as a view of the ring valid during the call only; `owners`: (pid,
@@ -293,15 +292,16 @@ class Recorder:
             self._reads += 1
             told = False
 
-            def piece(created: int, view: memoryview) -> None:
+            def piece(ring: Ring, view: memoryview) -> None:
                 nonlocal told
                 owners = {} if told else self._owners_changed(roster)
                 told = True
-                sink.raw(created, tsc.read(), self._reads, view, owners)
-                self.raw_records += len(view) // SLOT_BYTES
+                sink.raw(ring.created, tsc.read(), self._reads, ring.shape.slot_bytes, view,
+                         owners)
+                self.raw_records += len(view) // ring.shape.slot_bytes
             for ring in rings:
                 before = ring.tail
-                ring.take_raw(partial(piece, ring.created), final)
+                ring.take_raw(partial(piece, ring), final)
                 taken += ring.tail - before
             if taken < RAW_TAKE_MAX:
                 return False

@@ -16,7 +16,7 @@ The trampoline (`prologue`), after stepping below the red zone:
                                             ; per process before use (RING_TLS, when
                                             ; placed before it could be); else gettid
     rdtscp                                  ; time and TSC_AUX (the CPU), no syscall
-    reserve a slot: head - tail < SLOTS ? lock cmpxchg head, head+1 : wait
+    reserve a slot: head - tail < slots ? lock cmpxchg head, head+1 : wait
                     (a lost compare-and-swap retries, unless GIVE_UP_S passed)
     slot: tsc, tid|aux<<32, probe id, the values; then seq = index + 1 (commit)
     lock inc committed                      ; the reader's fast path (see ring.py)
@@ -66,7 +66,7 @@ through their dispatch and the same `ArgFetcher` as the int3 path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,19 +79,20 @@ from uprobes.engines.trapfree.layout import (
     DATA_OFFSET,
     HEAD,
     HEARTBEAT,
+    LONG,
     LOST,
     MAX_WORDS,
     RING_TLS,
+    SHORT,
     SLOT_PROBE,
     SLOT_SEQ,
-    SLOT_SHIFT,
     SLOT_TID,
     SLOT_TSC,
     SLOT_VALUES,
-    SLOTS,
     STALLED,
     TAIL,
     WAITERS,
+    RingShape,
 )
 from uprobes.lang.ast import (
     Comm,
@@ -249,10 +250,20 @@ def _since_hit(w: Waits) -> list[Instruction]:
     ]
 
 
+def shape_for(recipes: Iterable[Recipe]) -> RingShape:
+    """The slots of a run's rings: short if every record fits. One shape for
+    the run, so an address space has one ring and its records one order
+    (the reader merges rings by time stamp only within a read)."""
+    return SHORT if all(r.words <= SHORT.words for r in recipes) else LONG
+
+
 def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bool,
-             waits: Waits) -> bytes:
-    """The recording code for a trampoline at `at` whose ring is at `ring_addr`
-    (within rel32 reach); it falls through to the displaced instructions."""
+             waits: Waits, shape: RingShape = LONG) -> bytes:
+    """The recording code for a trampoline at `at` whose ring (of `shape`) is
+    at `ring_addr` (within rel32 reach); it falls through to the displaced
+    instructions."""
+    assert recipe.words <= shape.words
+    slots = shape.slots
     head, tail, lost, data = (ring_addr + HEAD, ring_addr + TAIL, ring_addr + LOST,
                               ring_addr + DATA_OFFSET)
     stalled, waiters = ring_addr + STALLED, ring_addr + WAITERS
@@ -295,7 +306,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         i.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.RIP, tail)),  # kept for the wait
         i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
         i.create_reg_reg(Code.SUB_R64_RM64, R.RCX, R.RDX),
-        i.create_reg_i32(Code.CMP_RM64_IMM32, R.RCX, SLOTS),
+        i.create_reg_i32(Code.CMP_RM64_IMM32, R.RCX, slots),
         None,  # jae full
         i.create_reg_mem(Code.LEA_R64_M, R.RDX, _mem(R.RAX, 1)),
     ]
@@ -306,8 +317,8 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     jne_contended = len(code) - 1
     code += [
         i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
-        i.create_reg_i32(Code.AND_RM64_IMM32, R.RCX, SLOTS - 1),
-        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, SLOT_SHIFT),
+        i.create_reg_i32(Code.AND_RM64_IMM32, R.RCX, slots - 1),
+        i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, shape.shift),
         i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RIP, data)),
         i.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX),
         i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, SLOT_TSC), R.R11),
@@ -431,7 +442,7 @@ def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
 
 def prologue_size(recipe: Recipe, tls_tid: bool) -> int:
     """`prologue`'s length (its encoding does not depend on the addresses or the waits)."""
-    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS))
+    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS, LONG))
 
 
 _SIZING_WAITS = Waits(1 << 40, 1 << 40, 1 << 20)

@@ -19,15 +19,16 @@ from uprobes.engines.trapfree.layout import (
     DATA_OFFSET,
     HEAD,
     HEARTBEAT,
+    LONG,
     LOST,
-    RECORD,
     RING_TLS,
-    SLOT_BYTES,
     SLOT_SEQ,
+    SLOT_SIZE,
     SLOTS,
     STALLED,
     TAIL,
     WAITERS,
+    RingShape,
 )
 from uprobes.engines.trapfree.sharedmem import most_hits
 from uprobes.sys import futex, tsc
@@ -35,8 +36,8 @@ from uprobes.sys import futex, tsc
 STUCK_S = 1.0                       # a reserved slot not committed this long is lost
 TAKE_MAX = 4096                     # records per take: slots are freed this often
 RAW_TAKE_MAX = 16384                # ... when they are only copied (`take_raw`)
-PIECE = 2048                        # slots per copy (256 KiB: the reader's cache keeps
-                                    # what it checked for the copy), freed after each
+PIECE = 2048                        # slots per copy (at most 256 KiB: the reader's cache
+                                    # keeps what it checked for the copy), freed after each
 _MASK64 = (1 << 64) - 1
 _ONES = int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * SLOTS, "little")
 _INDEX = int.from_bytes(array("Q", range(SLOTS)).tobytes(), "little")
@@ -63,12 +64,16 @@ class Ring:
     The programs can write any of its words: the reader keeps the truth
     (`tail`, the lost count) on its side, puts back `tail` and `head` when
     they cannot be true, and counts each such repair in `corrupt`; the
-    records themselves are checked by `Recorder`."""
+    records themselves are checked by `Recorder`. `shape`: its slots (the
+    SLOT_SIZE word says so to the program; the reader keeps its own)."""
 
-    def __init__(self, view: mmap.mmap, runtime_addr: int) -> None:
+    def __init__(self, view: mmap.mmap, runtime_addr: int, shape: RingShape = LONG) -> None:
         self.view = view
         self.runtime_addr = runtime_addr
+        self.shape = shape
+        self.record = shape.record
         self.words = memoryview(view).cast("Q")  # 8-byte loads and stores
+        self.words[SLOT_SIZE // 8] = shape.slot_bytes
         self.created = tsc.read()  # no record of this ring is older
         self.beat()
         anchor = ctypes.c_char.from_buffer(view)
@@ -106,12 +111,12 @@ class Ring:
         `_take`)."""
         out: list[tuple[int, ...]] = []
         self._take(final, limit, lambda start, end: out.extend(
-            RECORD.iter_unpack(self.view[start:end])))
+            self.record.iter_unpack(self.view[start:end])))
         return out
 
     def take_raw(self, out: Callable[[memoryview], None], final: bool = False,
                  limit: int = RAW_TAKE_MAX) -> None:
-        """`take`'s records as the slots' bytes, SLOT_BYTES each, unchecked,
+        """`take`'s records as the slots' bytes (`shape.slot_bytes` each), unchecked,
         handed to `out` as views of the ring itself (valid during the call
         only: the slots are free again after it): what `uprobes record`
         writes to disk with no work per record, and no copy of ours."""
@@ -152,11 +157,12 @@ class Ring:
         # reservation made before the first load had been committed by then.
         committed = int(words[COMMITTED // 8])
         head = int(words[HEAD // 8])
-        if (head - tail) & _MASK64 > SLOTS:  # writers reserve only while head - tail < SLOTS
+        slots, slot_bytes = self.shape.slots, self.shape.slot_bytes
+        if (head - tail) & _MASK64 > slots:  # writers reserve only while head - tail < slots
             words[HEAD // 8] = head = tail
             self.corrupt += 1
         whole = committed == head and not self.skipped
-        per_slot = SLOT_BYTES // 8
+        per_slot = slot_bytes // 8
         base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
         reserved = head
         head = min(head, tail + limit)
@@ -165,8 +171,8 @@ class Ring:
             # not wrap): unless all are known committed, the sequence words,
             # read as one strided column, are checked before the copy (x86
             # does not reorder loads), so each record copied is whole.
-            slot = tail & (SLOTS - 1)
-            n = min(head - tail, SLOTS - slot, PIECE)
+            slot = tail & (slots - 1)
+            n = min(head - tail, slots - slot, PIECE)
             seqs: list[int] = []
             if not whole:
                 # One read of the column (writers commit meanwhile): what is
@@ -176,8 +182,8 @@ class Ring:
                     seqs = array("Q", raw).tolist()
                     n = next((k for k, seq in enumerate(seqs) if seq != tail + 1 + k), n)
             if n:
-                start = DATA_OFFSET + slot * SLOT_BYTES
-                copy(start, start + n * SLOT_BYTES)
+                start = DATA_OFFSET + slot * slot_bytes
+                copy(start, start + n * slot_bytes)
                 tail += n
                 self._stuck = None
                 self._publish(tail)
