@@ -5,6 +5,7 @@ all of them when the agent ends; the series never go down."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -111,6 +112,47 @@ def test_processes_started_after_the_agent_are_followed_until_they_exit(
         agent.kill()
         for c in callers:
             c.proc.kill()
+
+
+def test_a_child_that_outlives_its_parent_is_followed_on(caller_exe: Path) -> None:
+    """A daemon's start: the process forks and exits at once. The child,
+    followed from its fork by the parent's tracer, gets a tracer of its own
+    when that one ends with its parent; its calls go on into the series."""
+    port = free_port()
+    caller = Caller(caller_exe)
+    agent = _agent(caller_exe, port)
+    child = 0
+    try:
+        agent.ready()
+        caller.round()
+        before = tracer_of(caller.proc.pid)
+        assert before
+        assert caller.proc.stdin is not None and caller.proc.stdout is not None
+        caller.proc.stdin.write("daemon\n")
+        caller.proc.stdin.flush()
+        said = caller.proc.stdout.readline()
+        assert said.startswith("child "), said
+        child = int(said.split()[1])
+        assert caller.proc.wait(60) == 0  # the parent exits; the child reads on
+        wait_until(lambda: tracer_of(child) not in (0, before) and _followed(agent, port) == 1,
+                   "the child followed by a tracer of its own")
+        caller.round()  # made by the child
+        assert _calls(agent.metrics(port), caller) == 2 * CALLS_PER_ROUND
+        status, err = agent.stop(signal.SIGTERM)
+        assert status == 0 and "Traceback" not in err, err
+        assert tracer_of(child) == 0
+        caller.proc.stdin.close()  # the child's input ends: it exits
+        wait_until(lambda: not Path(f"/proc/{child}").exists()
+                   or "Z" in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1][:3],
+                   "the child's exit")
+    finally:
+        agent.kill()
+        caller.proc.kill()
+        if child:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ of /proc. At each export the histograms and counters are read from the
 program's shared memory (no ptrace request, no stop of the program).
 
 A fork of a followed process is followed by its parent's tracer (ptrace
-attaches it at the fork) and counts into the parent's series. Series carry
+attaches it at the fork) and counts into the parent's series; if it outlives
+its parent, it is followed anew by a tracer of its own. Series carry
 no pid: processes of one executable and comm add into one series, and one
 that exits leaves its calls in it, so the counts never go down.
 """
@@ -286,7 +287,13 @@ class Following:
                 proc.settled.set()
                 if not ending:
                     timer.count(None)  # until it exits, or `end()` stops it
+                # Its children outlive its tracer (a daemon's parent exits at
+                # once): each gets a tracer of its own, as a new process would.
+                left = timer.traced_processes() - {proc.pid}
             final = _reading(timer)
+            if not self._ending.is_set():
+                for pid in sorted(left):
+                    self.consider(pid)
         except (UprobesError, OSError) as e:  # this process's, never the whole agent's
             self.note(f"process {proc.pid} ({proc.exe}) not followed: {e}")
         finally:

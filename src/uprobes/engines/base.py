@@ -149,6 +149,10 @@ class Timer(_Run, Protocol):
         """The hits of the probes counted, not timed (`Request.counted`), so
         far: from any thread, as `Counter.live_counts`."""
 
+    def traced_processes(self) -> set[int]:
+        """The processes the run traces now: the one asked for and the
+        children it forked since (followed from their fork)."""
+
 
 @dataclass(frozen=True)
 class Request:

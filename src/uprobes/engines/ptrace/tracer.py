@@ -234,6 +234,11 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         """Where the probes count, in words (`Counter`, engines/base.py)."""
         return f"in process {self.pid}" if self.pid is not None else f"in command {self.child}"
 
+    def traced_processes(self) -> set[int]:
+        """The processes traced now: the one asked for and those it forked
+        (`Timer`, engines/base.py: any thread, a copy)."""
+        return {t.pid for t in list(self.threads.values())}
+
     def live_counts(self) -> dict[str, int]:
         """`counts` with what the jumps counted since `count` last returned
         (`Counter`, engines/base.py: any thread, nothing changed)."""
