@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 
 from uprobes.engines.kevents.decode import ON_CPU, Decoders, Syscalls
+from uprobes.engines.kevents.runs import decode_run
 from uprobes.errors import KernelError
 from uprobes.model.kevent import KernelRow
 from uprobes.sys.perf import (
@@ -34,7 +35,7 @@ from uprobes.sys.perf_ring import RECORD_HEADER
 # and uses none of it.
 _HEAD = struct.Struct(f"<IHHIIQI4xIH{Syscalls.ID_AT - 2}xqq")
 _RAW_AT = RECORD_HEADER.size + 28  # the raw record, in a sample
-_PAD = bytes(_HEAD.size)
+_PAD = bytes(_HEAD.size)  # (runs.py needs 8 bytes of it)
 _SAMPLE_ID = struct.Struct("<IIQII")  # a switch record's trailer: TID, TIME, CPU
 _LOST = struct.Struct("<QQ")
 _SWITCHES = (PERF_RECORD_SWITCH, PERF_RECORD_SWITCH_CPU_WIDE)
@@ -77,6 +78,7 @@ class Records:
         # What the previous record had: a busy thread's records come in runs.
         last_tid, comm = -1, ""
         last_enter, last_exit = None, None
+        no_run_before = 0  # runs.py found no run of calls to decode before this
         pos = 0
         try:
             while pos < end:
@@ -86,10 +88,19 @@ class Records:
                     raise corrupt(size)
                 if rtype == PERF_RECORD_SAMPLE:
                     if event_id == enter_id:
-                        n_enter += 1
                         if pid != own:
                             if tid != last_tid:
                                 last_tid, comm = tid, comms.get(tid) or comm_of(tid)
+                            if pos >= no_run_before:
+                                pairs, no_run_before = decode_run(data, pos, end, calls, comm,
+                                                                  out)
+                                if pairs:
+                                    n_enter += pairs
+                                    n_exit += pairs
+                                    pos = no_run_before
+                                    continue
+                        n_enter += 1
+                        if pid != own:
                             entered[tid] = nr
                             if last_enter is None or last_enter[0] != nr:
                                 last_enter = (nr, *(enters.get(nr) or calls.enter(nr)))

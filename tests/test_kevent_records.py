@@ -1,0 +1,126 @@
+"""The reader of `trace --kernel`'s rings: a run of one system call, decoded by
+columns (engines/kevents/runs.py), makes the rows that the record by record
+walk makes, in the same order, and every sample is counted."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import astuple
+from pathlib import Path
+
+import pytest
+from conftest import Compiler
+
+from uprobes.engines.kevents import runs
+from uprobes.engines.kevents.source import KernelEvents
+from uprobes.errors import KernelError
+from uprobes.model.kevent import KernelRow
+
+CALLS = ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"]
+MIN_PAIRS = runs.MIN_PAIRS
+
+
+Row = tuple[object, ...]
+
+
+def walk(events: KernelEvents, chunks: list[bytes], by_runs: bool,
+         monkeypatch: pytest.MonkeyPatch) -> tuple[list[Row], dict[int, int]]:
+    """The rows and sample counts of `chunks` read by a fresh reader of
+    `events`' tracepoints, with runs decoded by columns or not (each
+    reader has shapes of its own: a row here has its shape's fields)."""
+    monkeypatch.setattr(runs, "MIN_PAIRS", MIN_PAIRS if by_runs else 1 << 62)
+    fresh = KernelEvents([tp.name for tp in events.points])
+    fresh.records.own_pid = events.records.own_pid
+    fresh._comms.update(events._comms)
+    rows: list[KernelRow] = []
+
+    def corrupt(size: int) -> KernelError:
+        return KernelError(f"corrupt record of size {size}")
+    for data in chunks:
+        fresh.records.read(data, rows, corrupt)
+    return [(*r[:5], *astuple(r[5]), r[6]) for r in rows], dict(fresh.records.samples)
+
+
+class Records:
+    """Perf samples of raw_syscalls as the kernel lays them out."""
+
+    def __init__(self, events: KernelEvents) -> None:
+        ids = {tp.name: tp.format.id for tp in events.points}
+        self.enter_id, self.exit_id = ids[CALLS[0]], ids[CALLS[1]]
+        self.ts = 1_000_000
+
+    def _sample(self, pid: int, tid: int, event_id: int, raw_tail: bytes) -> bytes:
+        self.ts += 997
+        raw = struct.pack("<HBBi", event_id, 0, 0, pid) + raw_tail
+        raw += bytes(-(len(raw) + 4) % 8)  # RAW's size and record end on 8 bytes
+        body = struct.pack("<IIQIII", pid, tid, self.ts, 1, 0, len(raw)) + raw
+        return struct.pack("<IHH", 9, 1, 8 + len(body)) + body
+
+    def call(self, pid: int, tid: int, nr: int, ret: int, exit_nr: int | None = None,
+             enter_id: int | None = None, exit_id: int | None = None) -> bytes:
+        enter = self._sample(pid, tid, self.enter_id if enter_id is None else enter_id,
+                             struct.pack("<q6Q", nr, 11, 22, 33, 44, 55, 2**64 - 1))
+        return enter + self._sample(pid, tid, self.exit_id if exit_id is None else exit_id,
+                                    struct.pack("<qq", nr if exit_nr is None else exit_nr, ret))
+
+
+def test_runs_make_the_rows_the_walk_makes(tracefs: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs broken every way: another thread, another system call, an exit
+    of another call than the entry's (or of none: -1, the one entered),
+    uprobes' own thread, a run too short, a record that is not a sample."""
+    events = KernelEvents(CALLS)
+    make = Records(events)
+    own = events.records.own_pid
+    lost = struct.pack("<IHHQQ", 2, 0, 24, 7, 3)  # PERF_RECORD_LOST: id, 3 lost
+    blocks = [  # each a run of its own: a record that is not a sample between them
+        [make.call(100, 100, 110, 99) for _ in range(40)]  # getppid
+        + [make.call(100, 101, 110, 99) for _ in range(20)],  # the same, another thread
+        [make.call(100, 100, 110, 99) for _ in range(20)] + [make.call(100, 100, 39, 100)],
+        [make.call(100, 101, 110, 99, exit_nr=-1 if i == 10 else None) for i in range(30)],
+        [make.call(100, 101, 110, 99, exit_nr=39) for i in range(20)],
+        [make.call(own, own, 110, 1) for _ in range(20)],
+        [make.call(100, 100, 110, 99) for _ in range(20)]  # then a like-sized other tracepoint
+        + [make.call(100, 100, 110, 99, enter_id=9999) for _ in range(5)],
+        [make.call(100, 100, 110, 99) for _ in range(20)]
+        + [make.call(100, 100, 110, 99, exit_id=9999) for _ in range(5)],
+        [make.call(100, 100, 0, 5) for _ in range(MIN_PAIRS - 1)],  # read(): arguments
+        [make.call(100, 100, 0, 5) for _ in range(50)]]
+    data = lost.join(b"".join(block) for block in blocks)
+    tail = b"".join(make.call(100, 100, 110, 99) for _ in range(MIN_PAIRS))
+    walked, walked_counts = walk(events, [data, tail], False, monkeypatch)
+    by_runs, run_counts = walk(events, [data, tail], True, monkeypatch)
+    assert by_runs == walked
+    assert run_counts == walked_counts
+    made = sum(map(len, blocks)) + MIN_PAIRS
+    assert walked_counts == {make.enter_id: made - 5, make.exit_id: made - 5}
+    assert len(walked) == 2 * (made - 20 - 5)  # all but uprobes' own and the other's
+    assert walked[0][5:] == ("syscall_enter", "getppid", (), True, ())
+    assert walked[1][5:] == ("syscall_exit", "getppid", ("ret",), True, (99,))
+    reads = [r for r in walked if r[6] == "read"]
+    assert reads[0][7:] == (("fd", "buf", "count"), True, (11, 22, 33))
+    assert all(r[1] != own for r in walked)
+
+
+def test_a_busy_threads_events_are_the_same_either_way(
+        tracefs: Path, compile_c: Compiler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kernel recorded of a program making getppid() in bursts
+    (bench/syscall_rate.c), read both ways: the same rows, every call's
+    entry and exit among them."""
+    from uprobes.engines.launch import launch
+    exe = compile_c("../../bench/syscall_rate.c")
+    with KernelEvents(CALLS) as events:
+        child = launch([str(exe), "20000", "0.1"])
+        events.open(child=child.pid)
+        child.release()
+        assert child.wait() == 0
+        events.disable()
+        chunks = [ring.take() for ring in events.rings.values()]
+        walked, counts = walk(events, chunks, False, monkeypatch)
+        by_runs, run_counts = walk(events, chunks, True, monkeypatch)
+        assert by_runs == walked and run_counts == counts
+        made = sum(1 for r in walked if r[6] == "getppid") // 2
+        assert made == 2000, made
+        assert counts[events.records.decoders.syscalls.enter_id] + events.lost >= 2000
+        assert os.getpid() not in {r[1] for r in walked}
