@@ -6,14 +6,23 @@ all of them when the agent ends; the series never go down."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from agent_support import CALLS_PER_ROUND, Agent, Caller, Series, free_port, pick
-from conftest import Compiler, need, wait_until
+from agent_support import (
+    CALLS_PER_ROUND,
+    Agent,
+    Caller,
+    Series,
+    free_port,
+    parse_metrics,
+    pick,
+)
+from conftest import Compiler, need, read_fd_until, wait_until
 
 from uprobes.engines.ptrace.permissions import tracer_of
 from uprobes.errors import KernelError
@@ -112,6 +121,38 @@ def test_processes_started_after_the_agent_are_followed_until_they_exit(
         agent.kill()
         for c in callers:
             c.proc.kill()
+
+
+def test_without_process_events_new_processes_are_found_in_proc(caller_exe: Path) -> None:
+    """In a network namespace of its own the process connector is not to be
+    had (it answers the initial one only): the agent says so and looks at
+    /proc every 2 s instead, and a process started after it is followed."""
+    need(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
+    agent = subprocess.Popen(["unshare", "--net", sys.executable, "-m", "uprobes", "agent",
+                              "-e", "ptrace", "--duration", "600", f"{caller_exe}:handle",
+                              f"r {caller_exe}:handle"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    caller: Caller | None = None
+    try:
+        assert agent.stderr is not None
+        err = read_fd_until(agent.stderr.fileno(), "probe lines in place", 120)
+        assert "looked for in /proc every 2 s" in err, err
+        caller = Caller(caller_exe)
+        wait_until(lambda: tracer_of(caller.proc.pid) != 0, "the new process followed")
+        caller.round()
+        agent.send_signal(signal.SIGTERM)
+        out, rest = agent.communicate(timeout=120)
+        assert agent.returncode == 0, err + rest
+        page = parse_metrics(out)
+        assert _calls(page, caller) == CALLS_PER_ROUND
+        assert tracer_of(caller.proc.pid) == 0
+        caller.end()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate(timeout=60)
+        if caller is not None:
+            caller.proc.kill()
 
 
 def test_a_child_that_outlives_its_parent_is_followed_on(caller_exe: Path) -> None:

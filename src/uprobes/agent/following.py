@@ -4,7 +4,8 @@ counted, inside every process that runs the probed executable, from the
 moment it starts until it exits.
 
 The kernel's process events (processes.py, the netlink process connector)
-tell of each exec as it happens; a process whose /proc/PID/exe is a probed
+tell of each exec as it happens (without them, /proc is looked at every
+RESCAN_S); a process whose /proc/PID/exe is a probed
 executable (the probe's file, or its `executable`) and whose comm is one a
 probe asks for (any, if none) gets a tracer of its own, in a thread of the
 agent's: the ptrace engine's trap-free timing (trapfree="time"), jumps in
@@ -56,6 +57,10 @@ MAX_NOTES = 1000
 
 WAKE_S = 0.2
 """How often the manager thread looks whether it should end."""
+
+RESCAN_S = 2.0
+"""Without the kernel's process events: how often /proc is looked at for
+processes started since (one listdir, and a stat per process)."""
 
 END_S = 120.0
 """The longest the tracers may take to detach once the agent ends."""
@@ -193,10 +198,14 @@ class Following:
         metrics.live_hits, metrics.live_calls = self._live_hits, self._live_calls
         metrics.live_followed = lambda: sum(p.timer is not None for p in list(self._live.values()))
         self._thread = threading.Thread(target=self._main, name="uprobes-follow", daemon=True)
+        self._rescan = False
 
-    def begin(self) -> None:
+    def begin(self, events: bool = True) -> None:
         """Scan /proc, then follow what `consider` is given (call it first
-        from now on: a process that starts meanwhile is then not missed)."""
+        from now on: a process that starts meanwhile is then not missed).
+        `events`: the kernel's process events reach `consider`; without
+        them, /proc is scanned again every RESCAN_S."""
+        self._rescan = not events
         self._thread.start()
 
     # ------------------------------------------------------------ processes
@@ -208,16 +217,18 @@ class Following:
 
     def _main(self) -> None:
         try:
-            for name in os.listdir("/proc"):  # those already running, once
-                if name.isdigit():
-                    self._consider(int(name))
+            self._scan()  # those already running
             deadline = time.monotonic() + END_S  # in place in those, then ready
             for proc in list(self._live.values()):
                 proc.settled.wait(max(0.0, deadline - time.monotonic()))
             self.placed = True
             self.metrics.placed = len(self.config.probes)
             self.on_ready(self.config)
+            scanned = time.monotonic()
             while not self._ending.is_set():
+                if self._rescan and time.monotonic() - scanned >= RESCAN_S:
+                    self._scan()
+                    scanned = time.monotonic()
                 try:
                     pid = self._pids.get(timeout=WAKE_S)
                 except queue.Empty:
@@ -225,6 +236,11 @@ class Following:
                 self._consider(pid)
         except BaseException as e:  # handed to the main thread (`ended`)
             self.error = e
+
+    def _scan(self) -> None:
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                self._consider(int(name))
 
     def _consider(self, pid: int) -> None:
         """Follow `pid` if it runs a probed executable (an exec or a new

@@ -31,7 +31,7 @@ from uprobes.model.event import Event
 
 from .config import AgentConfig, AgentProbe
 from .counting import CountRun
-from .following import Following
+from .following import RESCAN_S, Following
 from .metrics import Metrics
 from .probes import Executables, OnCall, build_session, missing_file
 from .processes import ProcessWatch
@@ -124,9 +124,9 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
             run = Following(replace(config, probes=present), metrics, note, on_ready)
             following[:] = [run]
             if not watch.available:
-                note("only the processes running now are followed: processes started later "
-                     "are seen through the kernel's process events")
-            run.begin()
+                note(f"processes started later are looked for in /proc every "
+                     f"{RESCAN_S:g} s (calls made before are not timed)")
+            run.begin(events=watch.available)
             return run
         if config.counts_only:
             return CountRun(replace(config, probes=present), metrics, note, on_ready)
