@@ -36,8 +36,8 @@ from uprobes.sys import futex, tsc
 STUCK_S = 1.0                       # a reserved slot not committed this long is lost
 TAKE_MAX = 4096                     # records per take: slots are freed this often
 RAW_TAKE_MAX = 16384                # ... when they are only copied (`take_raw`)
-PIECE = 2048                        # slots per copy (at most 256 KiB: the reader's cache
-                                    # keeps what it checked for the copy), freed after each
+PIECE_BYTES = 512 * 1024  # slots per copy (the reader's cache keeps what it
+                                    # checked for the copy), freed after each
 _MASK64 = (1 << 64) - 1
 _ONES = int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * SLOTS, "little")
 _INDEX = int.from_bytes(array("Q", range(SLOTS)).tobytes(), "little")
@@ -128,7 +128,7 @@ class Ring:
     def _take(self, final: bool, limit: int, copy: Callable[[int, int], None]) -> None:
         """Up to `limit` records committed since the last take, in reservation
         order, handed to `copy(start, end)` (byte offsets into the ring, a run
-        of at most PIECE whole slots that does not wrap); each run's slots are
+        of whole slots, PIECE_BYTES at most, that does not wrap); each run's slots are
         free again as soon as it returns (so hits waiting for room go on while
         the next run is being handled).
         While the writers' count of commits equals `head` (and no slot was
@@ -158,6 +158,7 @@ class Ring:
         committed = int(words[COMMITTED // 8])
         head = int(words[HEAD // 8])
         slots, slot_bytes = self.shape.slots, self.shape.slot_bytes
+        piece = PIECE_BYTES // slot_bytes
         if (head - tail) & _MASK64 > slots:  # writers reserve only while head - tail < slots
             words[HEAD // 8] = head = tail
             self.corrupt += 1
@@ -172,7 +173,7 @@ class Ring:
             # read as one strided column, are checked before the copy (x86
             # does not reorder loads), so each record copied is whole.
             slot = tail & (slots - 1)
-            n = min(head - tail, slots - slot, PIECE)
+            n = min(head - tail, slots - slot, piece)
             seqs: list[int] = []
             if not whole:
                 # One read of the column (writers commit meanwhile): what is
