@@ -1,0 +1,92 @@
+"""Jump patches in functions that dispatch by computed gotos (an interpreter
+loop, as CPython's eval loop is): fileplan.py takes their targets from the
+file (the addresses its data holds, relocated in a PIE, in place in a
+non-PIE executable) and refuses a patch that would cover one, and still
+refuses a switch table's relative offsets. Oracles: the labels' addresses
+from the DWARF (gcc's DW_TAG_label), and the program's own counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Compiler
+from elftools.elf.elffile import ELFFile
+
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
+from uprobes.engines.trapfree.fileplan import FilePlan, plan_for
+
+LABELS = ("op_inc", "op_double", "op_dec", "op_end", "op_half")
+BUILDS = {"pie": ("-O2",), "no-pie": ("-O2", "-no-pie")}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def exe(request: pytest.FixtureRequest, compile_c: Compiler) -> Path:
+    return compile_c("computed_goto.c", *BUILDS[request.param])
+
+
+def _labels(path: Path) -> dict[str, int]:
+    """The labels' link addresses, as the DWARF gives them."""
+    found: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for cu in ELFFile(f).get_dwarf_info().iter_CUs():
+            for die in cu.iter_DIEs():
+                if die.tag == "DW_TAG_label" and "DW_AT_low_pc" in die.attributes:
+                    found[die.attributes["DW_AT_name"].value.decode()] = \
+                        die.attributes["DW_AT_low_pc"].value
+    return found
+
+
+def _plan(path: Path, link: int) -> FilePlan | str:
+    st = os.stat(path)
+    image = ElfImage.open(str(path))
+    return plan_for(str(path), st.st_dev, st.st_ino, image.link_to_file_offset(link))
+
+
+def _symbol(path: Path, name: str) -> int:
+    return SymbolTable.load(ElfImage.open(str(path))).lookup(name)[0].link_addr
+
+
+def test_a_label_of_a_computed_goto_takes_a_jump(exe: Path) -> None:
+    labels = _labels(exe)
+    assert set(LABELS) <= set(labels), labels
+    for name in LABELS:
+        assert isinstance(_plan(exe, labels[name]), FilePlan), name
+
+
+def test_a_target_only_a_table_names_is_never_covered(exe: Path) -> None:
+    at = _symbol(exe, "asm_goto")
+    image = ElfImage.open(str(exe))
+    assert image.read_link(at + 0x13, 7) == bytes.fromhex("48ffc0" "4883c001")  # inc; add
+    plan = _plan(exe, at + 0x13)
+    assert isinstance(plan, str) and "a branch targets asm_goto+0x16" in plan, plan
+    assert isinstance(_plan(exe, at + 0x16), FilePlan)
+
+
+def test_a_switch_table_is_still_refused(exe: Path) -> None:
+    plan = _plan(exe, _symbol(exe, "run_switch"))
+    assert isinstance(plan, str) and "indirect jump" in plan, plan
+
+
+def test_counts_at_the_labels_are_the_programs_own(exe: Path) -> None:
+    labels = _labels(exe)
+    image = ElfImage.open(str(exe))
+    where = {n: labels[n] for n in LABELS} | {"asm_goto_mid": _symbol(exe, "asm_goto") + 0x16}
+    specs = [f"p:cg/{n} {exe}:{image.link_to_file_offset(at):#x}" for n, at in where.items()]
+    run = subprocess.run([sys.executable, "-m", "uprobes", "count", "-e", "ptrace", "--json",
+                          *specs, "--", str(exe), "1000"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    plain = subprocess.run([str(exe), "1000"], capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines()[0] == plain.stdout.strip()  # the same results
+    own = dict(zip(LABELS, (int(w) for w in plain.stdout.split()[1:6])))
+    counts = json.loads(run.stdout.splitlines()[-1])
+    # every call passes asm_goto+0x16: by the table or through the inc before it
+    assert counts == {f"cg/{n}": c for n, c in (own | {"asm_goto_mid": 1000}).items()}, \
+        run.stderr
+    assert "6 of 6 probes trap-free" in run.stderr, run.stderr
