@@ -59,12 +59,18 @@ def _counted(stdout: str) -> dict[str, int]:
     return doc
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [*ENGINES, "ptrace --no-trapfree"])
 @pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
 def test_counts_are_the_programs_own(engine: str, python: str) -> None:
+    """On the ptrace engine a py: function is counted in the jump's code
+    (its name compared there, no stop), or with --no-trapfree by an int3
+    and the guard tested at each stop: the same counts either way."""
     specs = [*FUNCTIONS.values(), *RETURNS.values()]
-    done = _uprobes("count", "--json", "-e", engine, *specs, "--", python, FIXTURE, "60")
+    done = _uprobes("count", "--json", "-e", *engine.split(), *specs, "--", python, FIXTURE,
+                    "60")
     assert done.returncode == 0, done.stderr
+    if engine == "ptrace":  # (each handler of the eval loop, its functions tested in turn)
+        assert re.search(r"\b(\d+) of \1 probes trap-free", done.stderr), done.stderr
     own, returned = _own(done.stdout, "COUNT"), _own(done.stdout, "RETURNS")
     counted = _counted(done.stdout)
     assert own["work"] > own["Job.run"] > 0 and own["boom"] > 0  # the fixture ran
@@ -74,6 +80,18 @@ def test_counts_are_the_programs_own(engine: str, python: str) -> None:
     assert counted["py/__main__.fib%return"] == returned["fib"]
     # boom raises: it is left through the eval loop's unwinding, no RETURN_VALUE
     assert counted["py/__main__.boom%return"] == 0
+
+
+@pytest.mark.parametrize(("spec", "trapfree"), [("py:__main__.Job.*", True),
+                                                 ("py:__main__.J?b.run", False)])
+def test_a_glob_in_the_name(spec: str, trapfree: bool) -> None:
+    """A prefix glob is compared in the jump's code; another glob makes the
+    probe stop at each call and test the guard there: counted alike."""
+    done = _uprobes("count", "--json", "-e", "ptrace", spec, "--", "/usr/bin/python3.11",
+                    FIXTURE, "30")
+    assert done.returncode == 0, done.stderr
+    assert ("1 of 1 probes trap-free" in done.stderr) is trapfree, done.stderr
+    assert _counted(done.stdout) == {f"py/{spec[3:]}": _own(done.stdout, "COUNT")["Job.run"]}
 
 
 def _events(engine: str, python: str) -> tuple[list[tuple[object, ...]], str]:

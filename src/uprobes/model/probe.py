@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from uprobes.lang.ast import FetchArg, ProbeKind, ProbeSpec
+from uprobes.model.pyguard import PyGuard
 
 
 @dataclass(frozen=True, order=True)
@@ -81,6 +82,10 @@ class ResolvedProbe:
     in the interpreter's eval loop, where every Python function passes, and
     the guard keeps that function's. Every engine tests it where it tests a
     filter (the kernel in its event filter, the ptrace engine per hit)."""
+    py_guard: PyGuard | None = None
+    """The same guard as reads and compares the program's code can make
+    (model/pyguard.py), when the names allow it: the trap-free engine
+    tests it in the jump's code. None: only the text guard."""
     alias: str | None = None
     """The name this probe shares with the other places of one function (a
     `py:` function starts at two handlers of the eval loop): shown and

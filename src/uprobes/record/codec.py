@@ -29,7 +29,7 @@ from typing import Any
 from uprobes.engines.trapfree import recording
 from uprobes.errors import RecordingError
 from uprobes.lang import ast
-from uprobes.model import event, probe
+from uprobes.model import event, probe, pyguard
 
 
 def _classes(*modules: ModuleType) -> dict[str, type]:
@@ -42,7 +42,7 @@ def _classes(*modules: ModuleType) -> dict[str, type]:
     return out
 
 
-KNOWN = _classes(ast, probe, event, recording)
+KNOWN = _classes(ast, probe, event, pyguard, recording)
 """The classes a recording may hold, by name."""
 
 

@@ -50,6 +50,7 @@ from uprobes.lang.grammar import parse_args
 from uprobes.lang.names import c_identifier
 from uprobes.model.event import FRAME_ARG, PY_OPARG_ARG
 from uprobes.model.probe import InodeKey, ResolvedProbe
+from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
 from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
@@ -235,26 +236,97 @@ def _script_argument(args: Sequence[str]) -> str | None:
     return args[i]
 
 
-def name_guard(name: str, script: str | None) -> str:
-    """The condition on `qualname` and `file` that holds for function `name`
-    (MODULE.QUALNAME, globs in it), every split of it tried."""
+_GLOB = "*?["
+
+
+def _alternatives(name: str, script: str | None) -> list[tuple[str, list[str]]]:
+    """Every reading of function `name` (MODULE.QUALNAME, globs in it) as
+    (qualname, the globs its file may match: none, any file)."""
     parts = name.split(".")
-    alternatives = []
+    out: list[tuple[str, list[str]]] = []
     for cut in range(1, 2 if parts[0] == "__main__" else len(parts)):
         module, qualname = parts[:cut], ".".join(parts[cut:])
-        op = "~" if any(c in qualname for c in "*?[") else "=="
-        names = f"qualname {op} {_quoted(qualname)}"
         if module == ["__main__"]:
-            files = f"file == {_quoted(script)}" if script else None
+            files = [_escaped(script)] if script else []
         else:
             # (CPython makes the files of imported modules absolute; those
             # frozen into the interpreter, as os and posixpath, are named so)
             path = "/".join(module)
-            files = " || ".join(f"file ~ {_quoted(glob)}" for glob in
-                                (f"*/{path}.py", f"*/{path}/__init__.py")) + \
-                f" || file == {_quoted('<frozen ' + '.'.join(module) + '>')}"
-        alternatives.append(f"({names} && ({files}))" if files else f"({names})")
+            files = [f"*/{path}.py", f"*/{path}/__init__.py",
+                     _escaped("<frozen " + ".".join(module) + ">")]
+        out.append((qualname, files))
+    return out
+
+
+def _escaped(text: str) -> str:
+    """`text` as a glob that matches it alone."""
+    return "".join(f"[{c}]" if c in _GLOB else c for c in text)
+
+
+def name_guard(name: str, script: str | None) -> str:
+    """The condition on `qualname` and `file` that holds for function `name`
+    (MODULE.QUALNAME, globs in it), every split of it tried."""
+    alternatives = []
+    for qualname, files in _alternatives(name, script):
+        op = "~" if any(c in qualname for c in _GLOB) else "=="
+        names = f"qualname {op} {_quoted(qualname)}"
+        tests = " || ".join(_file_test(f) for f in files)
+        alternatives.append(f"({names} && ({tests}))" if tests else f"({names})")
     return " || ".join(alternatives)
+
+
+def _file_test(glob: str) -> str:
+    plain = _plain(glob)
+    return f"file == {_quoted(plain)}" if plain is not None else f"file ~ {_quoted(glob)}"
+
+
+def _plain(glob: str) -> str | None:
+    """The one text `glob` matches, or None if it matches more."""
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "[" and i + 2 < len(glob) and glob[i + 2] == "]":
+            out.append(glob[i + 1])
+            i += 3
+        elif c in _GLOB:
+            return None
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _text_test(glob: str) -> TextTest | None:
+    """`glob` as one compare of text (whole, prefix `ab*`, suffix `*ab`), or None."""
+    plain = _plain(glob)
+    if plain is not None:
+        return TextTest(plain, Match.EXACT)
+    if glob.endswith("*") and (rest := _plain(glob[:-1])) is not None:
+        return TextTest(rest, Match.PREFIX)
+    if glob.startswith("*") and (rest := _plain(glob[1:])) is not None:
+        return TextTest(rest, Match.SUFFIX)
+    return None
+
+
+def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
+             entry: bool) -> PyGuard | None:
+    """`name_guard` as the program's code can test it (model/pyguard.py), or
+    None when a glob in the name is more than one prefix or suffix."""
+    alternatives = []
+    for qualname, files in _alternatives(name, script):
+        qual = _text_test(qualname)
+        tests = [_text_test(f) for f in files]
+        if qual is None or None in tests or not (qual.text + "".join(
+                t.text for t in tests if t is not None)).isascii():
+            return None
+        alternatives.append(Alternative(qual, tuple(t for t in tests if t is not None)))
+    return PyGuard(frame=loop.frame, frame_code=lay.frame_code,
+                   code_qualname=lay.code_qualname, code_filename=lay.code_filename,
+                   str_state=lay.str_state,
+                   str_state_mask=lay.str_compact_mask | lay.str_ascii_mask,
+                   str_length=lay.str_length, str_data=lay.str_ascii_data,
+                   alternatives=tuple(alternatives),
+                   oparg=loop.next_instr if entry else None)
 
 
 def _quoted(text: str) -> str:
@@ -299,6 +371,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     if script is None and t.name.startswith("__main__."):
         notes += (f"py:{t.name}: the main script is not known (no process or command, or "
                   "code from -c, -m or stdin): __main__ matches the name in any file",)
+    compiled = py_guard(t.name, script, loop, lay, not spec.is_return)
     out: list[ResolvedProbe] = []
     for handler in handlers:
         link_addr = loop.handlers[handler]
@@ -310,7 +383,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             path=interp.ref.path, file_offset=file_offset, kind=spec.kind,
             ret_sites=(file_offset,) if spec.is_return else None,
             group=spec.group or GROUP, event=spec.event or event, args=args,
-            link_addr=link_addr, guard=guard, alias=alias + ("%return" if spec.is_return
-                                                             else ""),
+            link_addr=link_addr, guard=guard, py_guard=compiled,
+            alias=alias + ("%return" if spec.is_return else ""),
             notes=() if out else notes))
     return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Sequence
+from dataclasses import replace
 
 from uprobes.engines.ptrace import breakpoints, rendezvous
 from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
@@ -23,6 +25,7 @@ from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, dire
 from uprobes.engines.trapfree.recording import Recipe, recipe_for, shape_for, waits
 from uprobes.errors import KernelError, ProcessError, UprobesError
 from uprobes.model.probe import VdsoKey
+from uprobes.model.pyguard import PyGuard
 from uprobes.model.registry import Probe
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
@@ -232,26 +235,34 @@ class Attach(TracerState):
         jumps = self._jumps
         assert jumps is not None
         at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
-        name = self._count_only.get(probe.dispatch if at_ret is None else probe.ret_dispatch)
+        dispatch = probe.dispatch if at_ret is None else probe.ret_dispatch
+        name = self._count_only.get(dispatch)
         point = probe.point
         record: Record | None = None
         check: Check | None = None
-        why = self._why_not_trapfree(probe, at_ret is not None)
-        if why is None and self._trapfree == "count" and name is None:
+        py = self._py_counted(probe, at_ret is not None)
+        if py:  # py: functions counted by their guards in the jump's code
+            name = py[0][0]
+        why = self._why_not_trapfree(probe, at_ret is not None, guarded=bool(py))
+        if why is None and not py and self._trapfree == "count" and name is None:
             check, name = self._compiled_filter(probe, at_ret is not None)
-        if why is None and check is None and (self._trapfree == "record" or name is None):
+        if why is None and not py and check is None \
+                and (self._trapfree == "record" or name is None):
             why, record = self._recording(probe, name, addr, addr - file_offset,
                                           None if at_ret is None else addr - at_ret)
         if why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
+            # (a py: return is the start of the eval loop's RETURN_VALUE, not a ret)
             plan = plan_for(point.path, ident[0], ident[1], file_offset, others,
-                            at_return=at_ret is not None)
+                            at_return=at_ret is not None and not py)
             why = plan if isinstance(plan, str) else None
         if why is None:
             assert not isinstance(plan, str)
             start = addr - (file_offset - plan.file_offset)  # before a ret: its insns
-            why = self._patch(t, regs, plan, name or point.name, start, record, check=check)
-        jumps.decide(point.name, why)
+            why = self._patch(t, regs, plan, name or point.name, start, record, check=check,
+                              py=py)
+        for decided in [n for n, _ in py] or [point.name]:
+            jumps.decide(decided, why)
         return why is None
 
     def _compiled_filter(self, probe: Probe, ret: bool) -> tuple[Check | None, str | None]:
@@ -270,7 +281,8 @@ class Attach(TracerState):
 
     def _patch(self, t: Thread, regs: UserRegs, plan: FilePlan, name: str, start: int,
                record: Record | None = None, timed: Timed | None = None,
-               by: Keyed | None = None, check: Check | None = None) -> str | None:
+               by: Keyed | None = None, check: Check | None = None,
+               py: Sequence[tuple[str, PyGuard]] = ()) -> str | None:
         """Place the jump patch `plan` at `start` in `t`'s address space (every
         thread of it stopped meanwhile); None, or why it could not go in."""
         jumps = self._jumps
@@ -288,7 +300,7 @@ class Attach(TracerState):
         try:
             jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, start, mm.sites, threads,
                         lambda near, need: self._area_for(t, regs, near, need),
-                        syscall_addr, t.pending, record, timed, by, check)
+                        syscall_addr, t.pending, record, timed, by, check, py)
             if record is not None:  # names read now: a thread may be gone when
                 for o in self.threads.values():  # its records are read
                     if o.mm is mm:
@@ -301,9 +313,26 @@ class Attach(TracerState):
             self._taken(mm, "jumps")
         return None
 
-    def _why_not_trapfree(self, probe: Probe, at_ret: bool) -> str | None:
+    def _py_counted(self, probe: Probe, ret: bool) -> list[tuple[str, PyGuard]]:
+        """(name, compiled guard) of each consumer of `probe`, when every one
+        is a `py:` function that only counts: counted in the jump's code
+        (trapfree/pyguard.py); else none."""
+        if self._trapfree != "count":
+            return []
+        handlers = [c.ret_handler if ret else c.handler for c in probe.consumers]
+        out: list[tuple[str, PyGuard]] = []
+        for h in handlers:
+            guard = self._ours[h].py_guard if h in self._py_count_only else None
+            if guard is None:
+                return []
+            out.append((self._py_count_only[h], guard))  # type: ignore[index]
+        same = {replace(g, alternatives=()) for _, g in out}
+        return out if len(same) == 1 else []
+
+    def _why_not_trapfree(self, probe: Probe, at_ret: bool, guarded: bool = False) -> str | None:
         """Why `probe` needs a stop at each hit whatever its instructions, or
-        None. `at_ret`: it is a return probe's `ret` (resolve/retsites.py)."""
+        None. `at_ret`: it is a return probe's `ret` (resolve/retsites.py).
+        `guarded`: its guard is tested in the jump's code."""
         if at_ret:
             if probe.dispatch is not NO_HANDLER:
                 return "an entry probe on a ret that a return probe uses"
@@ -314,7 +343,7 @@ class Attach(TracerState):
             handlers = [c.handler for c in probe.consumers]
         if not handlers or any(h not in self._ours for h in handlers):
             return "a handler runs at each hit"
-        if any(h is not None and self._ours[h].guard for h in handlers):
+        if not guarded and any(h is not None and self._ours[h].guard for h in handlers):
             return "its hits are told apart by strings (a py: function's)"
         if self.stack_bytes:
             return "its stack is copied at each hit"

@@ -59,6 +59,7 @@ class TracerState:
     # Our consumers: event handlers, those that only count, the probe line of each.
     _ours: dict[Callable[[TaskLike], object], ResolvedProbe]
     _count_only: dict[Callable[[TaskLike], None], str]
+    _py_count_only: dict[Callable[[TaskLike], None], str]  # unfiltered, a compiled py: guard
     _counting: dict[Callable[[TaskLike], None], str]
     _infos: dict[str, ProbeInfo]
     _capturing: bool

@@ -151,6 +151,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         # Our handlers that, when no events are built, only count (no filter):
         # a hit whose dispatch is one of them just counts, with no PtraceHit.
         self._count_only: dict[Callable[[TaskLike], None], str] = {}
+        self._py_count_only: dict[Callable[[TaskLike], None], str] = {}
         self._counting: dict[Callable[[TaskLike], None], str] = {}
         # Every event handler of ours, and the probe line it serves.
         self._ours: dict[Callable[[TaskLike], object], ResolvedProbe] = {}
@@ -182,6 +183,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
             self._ours[handler] = p
             if hit_filter is None and p.guard is None:
                 self._count_only[handler] = name
+            elif hit_filter is None and p.py_guard is not None:
+                self._py_count_only[handler] = name
             if not p.is_return:
                 self.registry.add(p, Consumer(handler=handler, filter=task_filter, tag=name))
                 continue

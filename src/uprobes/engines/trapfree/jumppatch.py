@@ -21,7 +21,8 @@ note) unless, checked from the file (fileplan.py) and at patch time:
   (trampoline.py: no indirect jump or call, a jmp/call/ret only last);
 - no direct branch of any function of the file targets the interior of the
   patched bytes (a .cold fragment or an assembly entry jumping into them);
-  the function has no indirect jump (a switch table could land anywhere);
+  the function's indirect jumps, if any, are computed gotos whose targets
+  the file names (fileplan.py), none inside the patched bytes;
 - no other probe (placed or to be placed) lies inside them;
 - memory holds the file's bytes there, every thread of the process is in a
   ptrace stop, none has its rip inside them (the 5 bytes are written while
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from uprobes.analysis.keyed import Aggregate
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
-from uprobes.engines.trapfree import filtercode, keyed, recording, timing, trampoline
+from uprobes.engines.trapfree import filtercode, keyed, pyguard, recording, timing, trampoline
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.keyed import KeyedBlock, Source
@@ -68,6 +69,7 @@ from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
 from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import Displaced
 from uprobes.errors import EngineError, UprobesError
+from uprobes.model.pyguard import PyGuard
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 
@@ -286,7 +288,8 @@ class TrapFree:
               threads: list[tuple[int, bool]], area_for: AreaFor,
               syscall_addr: Callable[[], int], held: list[int],
               record: Record | None = None, timed: Timed | None = None,
-              by: Keyed | None = None, check: Check | None = None) -> None:
+              by: Keyed | None = None, check: Check | None = None,
+              py: Sequence[tuple[str, PyGuard]] = ()) -> None:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
@@ -294,7 +297,9 @@ class TrapFree:
         records into a ring (recording.py); `timed`: it times a function
         (timing.py); `by`: it counts by key under `name` (keyed.py); else it
         counts under `name`, the hits that pass `check` if given
-        (filtercode.py). NotTrapFree if it may not."""
+        (filtercode.py); with `py`, (name, guard) pairs, each counts the
+        calls of the Python function its guard keeps under its name
+        (pyguard.py). NotTrapFree if it may not."""
         space = self._spaces.setdefault(mm, _Space())
         length = len(plan.original)
         end = runtime_addr + length
@@ -338,11 +343,13 @@ class TrapFree:
         elif check is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, filtercode.prologue_size(check))
+        elif py:
+            size = trampoline.max_size(displaced, pyguard.prologue_size([g for _, g in py]))
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
         prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
-        counter: tuple[CounterBlock, int] | None = None
+        counters: list[tuple[str, CounterBlock, int]] = []
         ret_prologue: Callable[[int], bytes] | None = None
         table: tuple[KeyedBlock, int] | None = None
         if by is not None:
@@ -364,22 +371,32 @@ class TrapFree:
             elif timed.ret:
                 prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
         elif record is None:
-            block, index = self._counter_near(space, area)
-            if block is None or index is None:
-                block = map_counters(tid, regs, pid, syscall_addr(), self._name(space, area, mem),
-                                     area.start, held)
-                space.blocks.append(block)
-                index = block.alloc()
-                assert index is not None
-            counter = (block, index)
-            counter_addr = block.addr(index)
-            prologue = lambda at: trampoline.counting_prologue(at, counter_addr)  # noqa: E731
-            if check is not None:
-                if tls:
-                    block.tls_confirmed()
-                block_addr, test = block.runtime_addr, check
-                prologue = lambda at: filtercode.counting_prologue(  # noqa: E731
-                    at, counter_addr, block_addr, test)
+            def fresh() -> tuple[CounterBlock, int]:
+                block, index = self._counter_near(space, area)
+                if block is None or index is None:
+                    block = map_counters(tid, regs, pid, syscall_addr(),
+                                         self._name(space, area, mem), area.start, held)
+                    space.blocks.append(block)
+                    index = block.alloc()
+                    assert index is not None
+                return block, index
+            if py:
+                kept = [(g, *fresh()) for _, g in py]
+                counters = [(n, b, i) for (n, _), (_, b, i) in zip(py, kept)]
+                tests = [(g, b.addr(i)) for g, b, i in kept]
+                prologue = lambda at: pyguard.counting_prologue(at, tests)  # noqa: E731
+            else:
+                block, index = fresh()
+                counters = [(name, block, index)]
+                counter_addr = block.addr(index)
+                prologue = lambda at: trampoline.counting_prologue(  # noqa: E731
+                    at, counter_addr)
+                if check is not None:
+                    if tls:
+                        block.tls_confirmed()
+                    block_addr, test = block.runtime_addr, check
+                    prologue = lambda at: filtercode.counting_prologue(  # noqa: E731
+                        at, counter_addr, block_addr, test)
         else:
             shape = record.shape
             ring = next((r for r in space.rings if r.shape == shape
@@ -406,8 +423,8 @@ class TrapFree:
         mem.write(at, code)
         mem.write(runtime_addr, jump + _INT3 * (length - len(jump)))
         space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
-        if counter is not None:
-            self._counters.setdefault(name, []).append(counter)
+        for counted, block, index in counters:
+            self._counters.setdefault(counted, []).append((block, index))
         if table is not None:
             self._keyed.setdefault(name, []).append(table)
 
