@@ -171,7 +171,7 @@ class _Process:
 class Following:
     """The processes of the probed executables, followed while running (the
     interface of counting.CountRun: `placed`, `ended`, `error`, `lost`,
-    `end()`); the metrics read their calls live (`Metrics.live_calls`)."""
+    `end()`); the metrics read their hits and calls live (`Metrics.live_timed`)."""
 
     def __init__(self, config: AgentConfig, metrics: Metrics, note: Callable[[str], object],
                  on_ready: Callable[[AgentConfig], object]) -> None:
@@ -195,7 +195,7 @@ class Following:
         self._noted: set[str] = set()
         self._orphans = open_orphan_watch()  # one watcher for every process's tracer
         metrics.keep_only({p.key: p.labels for p in config.probes})
-        metrics.live_hits, metrics.live_calls = self._live_hits, self._live_calls
+        metrics.live_timed = self._read
         metrics.live_followed = lambda: sum(p.timer is not None for p in list(self._live.values()))
         self._thread = threading.Thread(target=self._main, name="uprobes-follow", daemon=True)
         self._rescan = False
@@ -340,12 +340,6 @@ class Following:
                     _add(hits, calls, proc, *_reading(proc.timer))
         return hits, calls
 
-    def _live_hits(self) -> _Hits:
-        return self._read()[0]
-
-    def _live_calls(self) -> _Calls:
-        return self._read()[1]
-
     # ------------------------------------------------------------ the end
 
     @property
@@ -369,7 +363,7 @@ class Following:
             for proc in live:
                 if proc.thread is not None:
                     proc.thread.join(0.05)
-        self.metrics.live_hits = self.metrics.live_calls = None
+        self.metrics.live_timed = None
         self.metrics.live_followed = None
         self.metrics.placed = 0
         if live:  # the watcher stays: it undoes what is theirs when the agent exits

@@ -109,9 +109,11 @@ class Metrics:
         self.live_hits: Callable[[], dict[str, dict[Labels, int]]] | None = None
         """Counts-only (counting.py): key -> labels -> hits the kernel counted
         in the run going on, added to the series' own at each snapshot."""
-        self.live_calls: Callable[[], dict[str, dict[Labels, LatencySeries]]] | None = None
-        """On the ptrace engine (following.py): key -> labels -> the calls
-        timed in the processes followed, added as `live_hits` are."""
+        self.live_timed: Callable[[], tuple[dict[str, dict[Labels, int]],
+                                            dict[str, dict[Labels, LatencySeries]]]] | None = None
+        """On the ptrace engine (following.py): the hits and the calls timed
+        in the processes followed (key -> labels -> ...), read together (one
+        read of their shared memory per snapshot), added as `live_hits` are."""
         self.live_followed: Callable[[], int] | None = None
         """On the ptrace engine: how many processes are followed now."""
 
@@ -193,13 +195,14 @@ class Metrics:
         probes: dict[str, ProbeMetrics] = {}
         live = self.live_hits
         counted = live() if live is not None else {}
-        live_calls = self.live_calls
-        timed = live_calls() if live_calls is not None else {}
+        live_timed = self.live_timed
+        timed_hits, timed = live_timed() if live_timed is not None else ({}, {})
         for key, pm in list(self._probes.items()):
             latency = {lb: s.copy() for lb, s in list(pm.latency.items())}
             hits = dict(pm.hits)
-            for labels, n in counted.get(key, {}).items():
-                hits[labels] = hits.get(labels, 0) + n
+            for got in (counted, timed_hits):
+                for labels, n in got.get(key, {}).items():
+                    hits[labels] = hits.get(labels, 0) + n
             for labels, series in timed.get(key, {}).items():
                 mine = latency.get(labels)
                 if mine is None:
