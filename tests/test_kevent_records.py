@@ -15,7 +15,7 @@ from conftest import Compiler
 from uprobes.engines.kevents import runs
 from uprobes.engines.kevents.source import KernelEvents
 from uprobes.errors import KernelError
-from uprobes.model.kevent import KernelRow
+from uprobes.model.kevent import KernelRow, shape_of
 
 CALLS = ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"]
 MIN_PAIRS = runs.MIN_PAIRS
@@ -27,8 +27,8 @@ Row = tuple[object, ...]
 def walk(events: KernelEvents, chunks: list[bytes], by_runs: bool,
          monkeypatch: pytest.MonkeyPatch) -> tuple[list[Row], dict[int, int]]:
     """The rows and sample counts of `chunks` read by a fresh reader of
-    `events`' tracepoints, with runs decoded by columns or not (each
-    reader has shapes of its own: a row here has its shape's fields)."""
+    `events`' tracepoints, with runs decoded by columns or not (a
+    row here has its shape's fields in place of its number)."""
     monkeypatch.setattr(runs, "MIN_PAIRS", MIN_PAIRS if by_runs else 1 << 62)
     fresh = KernelEvents([tp.name for tp in events.points])
     fresh.records.own_pid = events.records.own_pid
@@ -39,7 +39,7 @@ def walk(events: KernelEvents, chunks: list[bytes], by_runs: bool,
         return KernelError(f"corrupt record of size {size}")
     for data in chunks:
         fresh.records.read(data, rows, corrupt)
-    return [(*r[:5], *astuple(r[5]), r[6]) for r in rows], dict(fresh.records.samples)
+    return [(*r[:5], *astuple(shape_of(r[5])), r[6]) for r in rows], dict(fresh.records.samples)
 
 
 class Records:

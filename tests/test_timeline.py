@@ -244,11 +244,11 @@ def test_kernel_rows_json_lines_are_what_json_writes() -> None:
     """Rows of all-int shapes go by one template per shape and a text per
     task; the others by the event's document; both write, byte for byte,
     what json.dumps does, and in the rows' order."""
-    from uprobes.model.kevent import KernelRow, KernelShape, row_event
+    from uprobes.model.kevent import KernelRow, KernelShape, row_event, shape_id
     from uprobes.render.jsonl import JsonLinesRenderer
-    odd = KernelShape("syscall_enter", "op%s\"n", ("a%d", 'b"'), ints=True)
-    none = KernelShape("syscall_exit", "getppid", (), ints=True)
-    off = KernelShape("off_cpu", "sched_switch", ("state", "next_pid"))
+    odd = shape_id(KernelShape("syscall_enter", "op%s\"n", ("a%d", 'b"'), ints=True))
+    none = shape_id(KernelShape("syscall_exit", "getppid", (), ints=True))
+    off = shape_id(KernelShape("off_cpu", "sched_switch", ("state", "next_pid")))
     rows: list[KernelRow] = [
         (5, 1, 2, 0, 'a"b%c\\', odd, (1, -100)), (6, 1, 2, 0, 'a"b%c\\', none, ()),
         (7, 1, 2, 1, "x\u2028y", off, ("R+", 9)), (8, 3, 4, 1, "x\u2028y", odd, (2**64 - 1, 0)),

@@ -25,6 +25,7 @@ writes many rows (JSON lines) works on the rows; `row_event` makes the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -55,12 +56,11 @@ class KernelEvent:
                 "fields": self.fields}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class KernelShape:
     """What the events of one kind, name and field names share. `ints`: every
     value is always an int (a renderer may then format them by a template
-    made once per shape). Compared and hashed by identity: a reader makes
-    one per shape and keeps it."""
+    made once per shape)."""
 
     kind: str
     name: str
@@ -68,13 +68,39 @@ class KernelShape:
     ints: bool = False
 
 
-KernelRow: TypeAlias = tuple[int, int, int, int, str, KernelShape, tuple[KernelValue, ...]]
-"""(ts_ns, pid, tid, cpu, comm, shape, values): one event, `values` named
-by `shape.names`."""
+KernelRow: TypeAlias = tuple[int, int, int, int, str, int, tuple[KernelValue, ...]]
+"""(ts_ns, pid, tid, cpu, comm, shape, values): one event, its shape by
+number (`shape_id`), `values` named by the shape's `names`."""
+
+# Rows name their shape by a number, not the object: a tuple of numbers,
+# strings and such tuples is untracked by Python's cycle collector at its
+# first pass, one holding an object is traversed by every pass, and a run
+# holds a hundred thousand rows and more (waiting to be merged with hits).
+_shapes: list[KernelShape] = []
+_ids: dict[KernelShape, int] = {}
+_ids_lock = threading.Lock()
+
+
+def shape_id(shape: KernelShape) -> int:
+    """The number rows carry for `shape` (one per distinct shape, kept for
+    the process's life: there are a few per system call and tracepoint)."""
+    n = _ids.get(shape)
+    if n is None:
+        with _ids_lock:
+            n = _ids.setdefault(shape, len(_shapes))
+            if n == len(_shapes):
+                _shapes.append(shape)
+    return n
+
+
+def shape_of(n: int) -> KernelShape:
+    """The shape numbered `n` by `shape_id`."""
+    return _shapes[n]
 
 
 def row_event(row: KernelRow) -> KernelEvent:
     """The `KernelEvent` of a row."""
     ts_ns, pid, tid, cpu, comm, shape, values = row
-    return KernelEvent(ts_ns, pid, tid, cpu, shape.kind, shape.name, comm,
-                       dict(zip(shape.names, values)))
+    kind = _shapes[shape]
+    return KernelEvent(ts_ns, pid, tid, cpu, kind.kind, kind.name, comm,
+                       dict(zip(kind.names, values)))

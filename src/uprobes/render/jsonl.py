@@ -26,7 +26,7 @@ from typing import TextIO
 
 from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
-from uprobes.model.kevent import KernelEvent, KernelRow, KernelShape, row_event
+from uprobes.model.kevent import KernelEvent, KernelRow, row_event, shape_of
 from uprobes.render.rows import RowShape
 from uprobes.render.values import view_json
 from uprobes.sys.clocks import ClockSnapshot, snapshot
@@ -104,7 +104,7 @@ class JsonLinesRenderer:
         self.clock_end: ClockSnapshot | None = None  # None: the clocks at `summary`
         self._kernel: dict[str, int] | None = None
         self._kernel_templates: dict[tuple[str, str, tuple[str, ...]], str] = {}
-        self._shape_templates: dict[KernelShape, str] = {}
+        self._shape_templates: dict[int, str] = {}  # shape number -> template ("": none)
         self._tasks: dict[tuple[int, int, str, int], str] = {}
 
     def event(self, event: Event) -> None:
@@ -182,22 +182,25 @@ class JsonLinesRenderer:
         append = lines.append
         for row in rows:
             ts_ns, pid, tid, cpu, comm, shape, values = row
-            if not shape.ints:
+            template = templates.get(shape)
+            if template is None:
+                template = self._shape_template(shape)
+            if not template:
                 if lines:
                     self.out.write("".join(lines))
                     lines.clear()
                 self.kernel_event(row_event(row))
                 continue
-            template = templates.get(shape) or self._shape_template(shape)
             task = tasks.get((pid, tid, comm, cpu)) or self._task(pid, tid, comm, cpu)
             append(template % (task, ts_ns, *values))
         self.out.write("".join(lines))
 
-    def _shape_template(self, shape: KernelShape) -> str:
+    def _shape_template(self, number: int) -> str:
+        shape = shape_of(number)
         body = ",".join(f"{_dumps(k).replace('%', '%%')}:%d" for k in shape.names)
-        t = self._shape_templates[shape] = (
+        t = self._shape_templates[number] = (
             f'{{"kernel":{_dumps(shape.kind)},"name":{_dumps(shape.name).replace("%", "%%")},'
-            f'%s,"ts_ns":%d,"fields":{{{body}}}}}\n')
+            f'%s,"ts_ns":%d,"fields":{{{body}}}}}\n') if shape.ints else ""
         return t
 
     def _task(self, pid: int, tid: int, comm: str, cpu: int) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from uprobes.errors import KernelError, UsageError
-from uprobes.model.kevent import KernelRow, KernelShape, KernelValue
+from uprobes.model.kevent import KernelRow, KernelShape, KernelValue, shape_id
 from uprobes.sys import tracepoints
 from uprobes.sys.event_format import EventFormat
 from uprobes.sys.tracefs import Tracefs
@@ -41,8 +41,8 @@ the ring itself, records.py, by the shapes of `Syscalls`.)"""
 
 Unpack = Callable[[bytes, int], tuple[int, ...]]
 
-ON_CPU = KernelShape("on_cpu", "sched_switch", ints=True)
-"""Back on a CPU (perf's switch record, no fields)."""
+ON_CPU = shape_id(KernelShape("on_cpu", "sched_switch", ints=True))
+"""Back on a CPU (perf's switch record, no fields): its shape's number."""
 
 
 @dataclass(frozen=True)
@@ -134,22 +134,23 @@ class Syscalls:
             else:
                 self.exit_id = fmt.id
         self.entered: dict[int, int] = {}
-        self.enters: dict[int, tuple[KernelShape, Unpack | None]] = {}
-        self.exits: dict[int, KernelShape] = {}
+        self.enters: dict[int, tuple[int, Unpack | None]] = {}
+        self.exits: dict[int, int] = {}
 
-    def enter(self, nr: int) -> tuple[KernelShape, Unpack | None]:
-        """The shape of system call `nr`'s entry, and what unpacks its
-        arguments at VALUE_AT (None: it has none)."""
+    def enter(self, nr: int) -> tuple[int, Unpack | None]:
+        """The shape (its number) of system call `nr`'s entry, and what
+        unpacks its arguments at VALUE_AT (None: it has none)."""
         names = self._names_of(nr)[:6]
         got = self.enters[nr] = (
-            KernelShape("syscall_enter", tracepoints.syscall_name(nr), names, ints=True),
+            shape_id(KernelShape("syscall_enter", tracepoints.syscall_name(nr), names,
+                                 ints=True)),
             struct.Struct(f"<{len(names)}Q").unpack_from if names else None)
         return got
 
-    def exit(self, nr: int) -> KernelShape:
-        """The shape of system call `nr`'s exit."""
-        shape = self.exits[nr] = KernelShape("syscall_exit", tracepoints.syscall_name(nr),
-                                             ("ret",), ints=True)
+    def exit(self, nr: int) -> int:
+        """The shape (its number) of system call `nr`'s exit."""
+        shape = self.exits[nr] = shape_id(KernelShape(
+            "syscall_exit", tracepoints.syscall_name(nr), ("ret",), ints=True))
         return shape
 
     def _names_of(self, nr: int) -> tuple[str, ...]:
@@ -187,8 +188,8 @@ class Decoders:
             return self._sched_wakeup(fmt)
         kind = "page_fault" if tp.name == "exceptions:page_fault_user" else "tracepoint"
         fields = fmt.fields
-        shape = KernelShape(kind, fmt.name if kind == "page_fault" else tp.name,
-                            tuple(f.name for f in fields))
+        shape = shape_id(KernelShape(kind, fmt.name if kind == "page_fault" else tp.name,
+                                     tuple(f.name for f in fields)))
 
         def generic(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
                     comm: str) -> KernelRow:
@@ -199,7 +200,8 @@ class Decoders:
     def _sched_switch(self, fmt: EventFormat) -> Decoder:
         state, prev_comm, next_comm, next_pid = (
             fmt.field(n) for n in ("prev_state", "prev_comm", "next_comm", "next_pid"))
-        shape = KernelShape("off_cpu", "sched_switch", ("state", "next_comm", "next_pid"))
+        shape = shape_id(KernelShape("off_cpu", "sched_switch",
+                                     ("state", "next_comm", "next_pid")))
         comms = self.comms
 
         def off(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
@@ -215,7 +217,7 @@ class Decoders:
 
     def _sched_wakeup(self, fmt: EventFormat) -> Decoder:
         woken, comm_field, cpu_field = (fmt.field(n) for n in ("pid", "comm", "target_cpu"))
-        shape = KernelShape("wakeup", "sched_wakeup", ("waker_tid", "target_cpu"))
+        shape = shape_id(KernelShape("wakeup", "sched_wakeup", ("waker_tid", "target_cpu")))
 
         def wakeup(data: bytes, at: int, size: int, pid: int, tid: int, cpu: int, ts: int,
                    comm: str) -> KernelRow:

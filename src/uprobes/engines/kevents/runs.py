@@ -18,7 +18,7 @@ from itertools import chain, repeat
 from typing import Literal
 
 from uprobes.engines.kevents.decode import Syscalls
-from uprobes.model.kevent import KernelRow, KernelValue
+from uprobes.model.kevent import KernelRow, KernelValue, shape_of
 from uprobes.sys.perf import PERF_RECORD_SAMPLE
 from uprobes.sys.perf_ring import RECORD_HEADER
 
@@ -86,7 +86,7 @@ def decode_run(data: bytes, pos: int, end: int, calls: Syscalls, comm: str,
     leave = calls.exits.get(nr) or calls.exit(nr)
     calls.entered[tid] = nr
     args: Iterable[tuple[KernelValue, ...]] = repeat((), pairs) if unpack is None else zip(
-        *(column(_VALUE + 8 * i, "Q") for i in range(len(enter.names))))
+        *(column(_VALUE + 8 * i, "Q") for i in range(len(shape_of(enter).names))))
     entries: Iterable[KernelRow] = zip(
         column(_TIME, "Q"), repeat(pid, pairs), repeat(tid, pairs), column(_CPU, "I"),
         repeat(comm, pairs), repeat(enter, pairs), args)

@@ -29,7 +29,7 @@ from operator import itemgetter
 from uprobes.engines.kevents.decode import Decoders, Tracepoint, resolve
 from uprobes.engines.kevents.records import Records
 from uprobes.errors import KernelError, ProcessError
-from uprobes.model.kevent import KernelEvent, KernelRow, row_event
+from uprobes.model.kevent import KernelEvent, KernelRow, row_event, shape_of
 from uprobes.sys import procfs
 from uprobes.sys.perf import (
     PerfEvent,
@@ -227,7 +227,7 @@ class KernelEvents:
         wakeups: dict[int, KernelRow | None] = {}  # id() of a row -> what replaces it
         for row in sched:
             tid = row[2]
-            if row[5].kind == "off_cpu":
+            if shape_of(row[5]).kind == "off_cpu":
                 if tid not in pids:
                     born.append(tid)
                 pids[tid] = row[1]
