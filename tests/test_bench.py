@@ -62,6 +62,18 @@ def test_inprogram_bench_runs_our_rows_exactly(tmp_path: Path) -> None:
     assert all(ln.rstrip(" |").endswith("exact") for ln in rows), proc.stdout
 
 
+def test_record_drain_bench_runs(tmp_path: Path) -> None:
+    """`python -m bench.record_drain` at one small lap: a row per ring shape,
+    and the recordings it made are gone."""
+    proc = subprocess.run([sys.executable, "-m", "bench.record_drain", "--laps", "1",
+                           "--repeats", "1", "--dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if re.match(r"\| (64|128) bytes \|", ln)]
+    assert len(rows) == 2, proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
 def test_agent_bench_ptrace_mode_runs_and_counts_the_calls() -> None:
     """`bench.agent_idle --mode ptrace`: the agent follows a program started
     before it and one after, and the calls it counts are the programs' (the
