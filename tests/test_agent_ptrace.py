@@ -196,6 +196,33 @@ def test_a_child_that_outlives_its_parent_is_followed_on(caller_exe: Path) -> No
                 pass
 
 
+def test_a_process_that_execs_another_program_is_let_go(caller_exe: Path) -> None:
+    """Followed for the program it ran: once it execs another, its tracer
+    detaches (the calls it made stay in the series)."""
+    port = free_port()
+    caller = Caller(caller_exe)
+    agent = _agent(caller_exe, port)
+    try:
+        agent.ready()
+        caller.round()
+        assert caller.proc.stdin is not None and caller.proc.stdout is not None
+        caller.proc.stdin.write("exec\n")  # now it is /bin/cat
+        caller.proc.stdin.flush()
+        wait_until(lambda: tracer_of(caller.proc.pid) == 0 and _followed(agent, port) == 0,
+                   "the process let go")
+        assert _calls(agent.metrics(port), caller) == CALLS_PER_ROUND
+        caller.proc.stdin.write("still here\n")
+        caller.proc.stdin.flush()
+        assert caller.proc.stdout.readline() == "still here\n"
+        caller.proc.stdin.close()
+        assert caller.proc.wait(60) == 0
+        status, err = agent.stop(signal.SIGTERM)
+        assert status == 0 and "Traceback" not in err, err
+    finally:
+        agent.kill()
+        caller.proc.kill()
+
+
 def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path: Path) -> None:
     """A line with no return line of its function is counted in the program
     (trap-free counters, by the same tracer that times handle), a library's

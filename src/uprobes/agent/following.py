@@ -245,7 +245,11 @@ class Following:
     def _consider(self, pid: int) -> None:
         """Follow `pid` if it runs a probed executable (an exec or a new
         process; a fork our tracer already follows is left to it)."""
-        if pid == os.getpid() or pid in self._live or self._ending.is_set():
+        if pid == os.getpid() or self._ending.is_set():
+            return
+        followed = self._live.get(pid)
+        if followed is not None:
+            self._recheck(followed)
             return
         try:
             st = os.stat(f"/proc/{pid}/exe")
@@ -277,6 +281,18 @@ class Following:
         with self._lock:
             self._live[pid] = proc
         proc.thread.start()
+
+    @staticmethod
+    def _recheck(proc: _Process) -> None:
+        """A followed process exec'd: if it runs no probed program now, its
+        tracer lets it go (a tracer costs a program each clone and signal)."""
+        try:
+            st = os.stat(f"/proc/{proc.pid}/exe")
+        except OSError:
+            return  # gone: its tracer sees the exit
+        if all(t.ident != (st.st_dev, st.st_ino) for t in proc.targets) \
+                and proc.timer is not None:
+            proc.timer.stop()
 
     def _follow(self, proc: _Process) -> None:
         """The tracer of one process, in its own thread (every ptrace request
