@@ -6,14 +6,16 @@ bench/syscall_rate.c makes RATE getppid() calls a second for SECONDS
 between two probed calls of mark(); `uprobes trace --kernel sched,syscalls
 --json` records them (two events each, plus the switches) into a file.
 Prints the calls made, the kernel events recorded and lost (the summary's
-`kernel` counts, which count every PERF_RECORD_LOST), and the reader's CPU
-time. The goal: none lost at 50k calls a second.
+`kernel` counts, which count every PERF_RECORD_LOST), the CPU time, and
+the load average (the reader shares the CPUs with whatever else runs). The
+goal: none lost at 50k calls a second for 10 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import subprocess
@@ -37,6 +39,7 @@ def main() -> None:
         subprocess.run(["gcc", "-O2", "-o", str(exe), str(SOURCE)], check=True)
         out = Path(tmp) / "trace.jsonl"
         for _ in range(args.repeats):
+            load = os.getloadavg()[0]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             run = subprocess.run(
@@ -53,7 +56,8 @@ def main() -> None:
             print(f"{args.engine}: {made.group(1)} syscalls at {made.group(3)}/s; kernel events "
                   f"{summary['kernel']['events']:,} (>= {2 * int(made.group(1)):,} expected), "
                   f"lost {summary['kernel']['lost']:,}; hits {summary['events']}; "
-                  f"wall {wall:.2f} s, cpu {cpu:.2f} s (uprobes and the workload)", flush=True)
+                  f"wall {wall:.2f} s, cpu {cpu:.2f} s (uprobes and the workload); load "
+                  f"average {load:.1f} before, {os.getloadavg()[0]:.1f} after", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,12 @@ from uprobes.render.values import view_json
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_MAX_TASKS = 65536  # (pid, tid, comm, cpu) whose JSON text is kept
+_MAX_TEMPLATES = 65536  # kept for as many tasks and shapes
+
+
+def _text(value: str) -> str:
+    """`value` as JSON, for a %-template."""
+    return _dumps(value).replace("%", "%%")
 
 
 def event_doc(event: Event, info: ProbeInfo | None = None) -> dict[str, object]:
@@ -104,8 +109,8 @@ class JsonLinesRenderer:
         self.clock_end: ClockSnapshot | None = None  # None: the clocks at `summary`
         self._kernel: dict[str, int] | None = None
         self._kernel_templates: dict[tuple[str, str, tuple[str, ...]], str] = {}
-        self._shape_templates: dict[int, str] = {}  # shape number -> template ("": none)
-        self._tasks: dict[tuple[int, int, str, int], str] = {}
+        # (pid, tid, cpu, comm, shape number) -> its rows' template ("": none)
+        self._row_templates: dict[tuple[int, int, int, str, int], str] = {}
 
     def event(self, event: Event) -> None:
         self.out.write(_dumps(event_doc(event, self.probes.get(event.probe))) + "\n")
@@ -175,40 +180,38 @@ class JsonLinesRenderer:
     def kernel_rows(self, rows: list[KernelRow]) -> None:
         """Kernel events: what `kernel_event` writes, those of an all-ints
         shape (system calls, a busy thread's hundred thousand a second) by a
-        template per shape, with the task's part (pid, tid, comm, cpu) made
-        once per task: only the stamp and the values are turned into text."""
-        templates, tasks = self._shape_templates, self._tasks
+        template per shape and task (pid, tid, cpu, comm), made once: only
+        the stamp and the values are turned into text."""
+        templates = self._row_templates
         lines: list[str] = []
         append = lines.append
         for row in rows:
-            ts_ns, pid, tid, cpu, comm, shape, values = row
-            template = templates.get(shape)
+            template = templates.get(row[1:6])
             if template is None:
-                template = self._shape_template(shape)
-            if not template:
-                if lines:
-                    self.out.write("".join(lines))
-                    lines.clear()
-                self.kernel_event(row_event(row))
+                template = self._row_template(row)
+            if template:
+                append(template % ((row[0],) + row[6]))
                 continue
-            task = tasks.get((pid, tid, comm, cpu)) or self._task(pid, tid, comm, cpu)
-            append(template % (task, ts_ns, *values))
+            if lines:
+                self.out.write("".join(lines))
+                lines.clear()
+            self.kernel_event(row_event(row))
         self.out.write("".join(lines))
 
-    def _shape_template(self, number: int) -> str:
+    def _row_template(self, row: KernelRow) -> str:
+        """The template of `row`'s shape and task ("": a shape not all ints)."""
+        _, pid, tid, cpu, comm, number, _ = row
         shape = shape_of(number)
-        body = ",".join(f"{_dumps(k).replace('%', '%%')}:%d" for k in shape.names)
-        t = self._shape_templates[number] = (
-            f'{{"kernel":{_dumps(shape.kind)},"name":{_dumps(shape.name).replace("%", "%%")},'
-            f'%s,"ts_ns":%d,"fields":{{{body}}}}}\n') if shape.ints else ""
-        return t
-
-    def _task(self, pid: int, tid: int, comm: str, cpu: int) -> str:
-        if len(self._tasks) > _MAX_TASKS:  # a long system-wide run: bounded, not kept forever
-            self._tasks.clear()
-        text = self._tasks[pid, tid, comm, cpu] = (
-            f'"pid":{pid},"tid":{tid},"comm":{_dumps(comm)},"cpu":{cpu}')
-        return text
+        template = ""
+        if shape.ints:
+            body = ",".join(f"{_text(k)}:%d" for k in shape.names)
+            template = (f'{{"kernel":{_text(shape.kind)},"name":{_text(shape.name)},"pid":{pid},'
+                        f'"tid":{tid},"comm":{_text(comm)},"cpu":{cpu},"ts_ns":%d,'
+                        f'"fields":{{{body}}}}}\n')
+        if len(self._row_templates) >= _MAX_TEMPLATES:  # a long system-wide run: bounded
+            self._row_templates.clear()
+        self._row_templates[row[1:6]] = template
+        return template
 
     def kernel_event(self, ev: KernelEvent) -> None:
         """One kernel event: what `_dumps(ev.as_dict())` writes, by a template
