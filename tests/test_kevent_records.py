@@ -124,3 +124,27 @@ def test_a_busy_threads_events_are_the_same_either_way(
         assert made == 2000, made
         assert counts[events.records.decoders.syscalls.enter_id] + events.lost >= 2000
         assert os.getpid() not in {r[1] for r in walked}
+
+
+def test_a_ring_read_in_pieces_gives_the_same_rows(tracefs: Path) -> None:
+    """What a ring holds is decoded a piece at a time when there is much of
+    it: a piece may end inside a record, which the next piece has whole."""
+    events = KernelEvents(CALLS)
+    make = Records(events)
+    data = b"".join(make.call(100, 100 + i // 50, i % 3, i) for i in range(300))
+
+    def corrupt(size: int) -> KernelError:
+        return KernelError(f"corrupt record of size {size}")
+    whole: list[KernelRow] = []
+    assert events.records.read(data, whole, corrupt) == len(data)
+    for piece in (104, 1000, 4096, 7777):
+        pieces = KernelEvents(CALLS)
+        rows: list[KernelRow] = []
+        done = 0
+        while done < len(data):
+            chunk = data[done:done + piece]
+            done += pieces.records.read(chunk, rows, corrupt, whole=done + piece >= len(data))
+        assert rows == whole, piece
+        assert pieces.records.samples == events.records.samples
+    with pytest.raises(KernelError, match="corrupt"):
+        events.records.read(data[:1000], [], corrupt)  # cut where it should be whole

@@ -246,6 +246,25 @@ class RingBuffer:
         self._publish_tail(head)
         return data
 
+    def peek(self, limit: int) -> tuple[bytes, bool]:
+        """Up to `limit` bytes of what the kernel wrote since the last
+        `advance` (or take), and whether that is all of it. The caller reads
+        the whole records among them and frees those by `advance`; the
+        last record of a cut copy may be cut too (`take`'s ordering notes
+        hold)."""
+        if self._map.closed:
+            return b"", True
+        tail = int(self._words[_DATA_TAIL // 8])
+        n = int(self._words[_DATA_HEAD // 8]) - tail
+        if n <= 0:
+            return b"", True
+        return self._copy(tail, min(n, limit)), n <= limit
+
+    def advance(self, n: int) -> None:
+        """Free the first `n` bytes that `peek` showed for the kernel."""
+        if n and not self._map.closed:
+            self._publish_tail(int(self._words[_DATA_TAIL // 8]) + n)
+
     def corrupt(self, size: int) -> KernelError:
         """The error for a record header whose size cannot be (a reader of
         `take()`'s bytes raises it and reads no further)."""

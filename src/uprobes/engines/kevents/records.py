@@ -59,12 +59,14 @@ class Records:
         self.lost = 0
         self.sched: list[KernelRow] = []
 
-    def read(self, data: bytes, out: list[KernelRow],
-             corrupt: Callable[[int], KernelError]) -> None:
-        """Append the rows of `data` (whole records) to `out`, in its order;
-        a record whose size cannot be: `corrupt(size)` is raised."""
+    def read(self, data: bytes, out: list[KernelRow], corrupt: Callable[[int], KernelError],
+             whole: bool = True) -> int:
+        """Append the rows of `data`'s records to `out`, in its order, and say
+        how many bytes they took. `whole`: `data` ends with a whole record
+        (else its last may be cut: it is left for the next read); a record
+        whose size cannot be: `corrupt(size)` is raised."""
         if not data:
-            return
+            return 0
         end = len(data)
         data += _PAD
         calls = self.decoders.syscalls
@@ -85,6 +87,8 @@ class Records:
                 rtype, misc, size, pid, tid, ts, cpu, raw_size, event_id, nr, value = \
                     head(data, pos)
                 if size < 8 or pos + size > end:
+                    if size >= 8 and not whole:
+                        break  # a cut record: the next read has it whole
                     raise corrupt(size)
                 if rtype == PERF_RECORD_SAMPLE:
                     if event_id == enter_id:
@@ -148,3 +152,4 @@ class Records:
                 samples[enter_id] = samples.get(enter_id, 0) + n_enter
             if n_exit:
                 samples[exit_id] = samples.get(exit_id, 0) + n_exit
+        return pos

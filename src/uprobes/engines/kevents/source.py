@@ -41,7 +41,20 @@ from uprobes.sys.perf import (
 from uprobes.sys.perf_ring import RingBuffer
 from uprobes.sys.tracefs import Tracefs
 
-DEFAULT_RING_PAGES = 4096
+
+def default_ring_pages(cpus: int) -> int:
+    """Data pages of each CPU's ring: a busy thread's events fill its CPU's
+    ring at up to 8 MiB a second, and the reader waits for a CPU as long as
+    the machine is busy: 64 MiB on a machine of up to 4 CPUs, less with
+    more (256 MiB in all), down to 16 MiB beyond 16."""
+    pages = max(4096, min(16384, 65536 // max(cpus, 1)))
+    return 1 << (pages.bit_length() - 1)  # a power of two
+
+
+_READ_BYTES = 8 << 20
+"""At most this much of a ring is decoded at once (the rows it makes stay
+in memory until written: a ring full after the reader fell behind is
+read in pieces)."""
 # The reader is woken per this much of a ring; the poll of the engine's
 # loop, which reads these rings with its hits, bounds the latency.
 _WAKEUP_BYTES = 64 * 1024
@@ -54,7 +67,7 @@ class KernelEvents:
     context manager owning every fd and ring)."""
 
     def __init__(self, names: list[str], tracefs: Tracefs | None = None,
-                 ring_pages: int = DEFAULT_RING_PAGES) -> None:
+                 ring_pages: int | None = None) -> None:
         """`names`: tracepoints (`decode.parse_kernel_option`); an unknown
         one is a UsageError here, before anything is opened."""
         if tracefs is None:
@@ -73,8 +86,8 @@ class KernelEvents:
         self.records = Records(Decoders(tracefs, self.points, self._comms), self._comm,
                                self._own_pid, {tp.format.id for tp in self.points
                                                if tp.switches or tp.about is not None})
-        self.ring_pages = ring_pages
         self.cpus = online_cpus()
+        self.ring_pages = ring_pages or default_ring_pages(len(self.cpus))
         self.rings: dict[int, RingBuffer] = {}
         self._stack = ExitStack()
         self._opened: set[int] = set()
@@ -205,8 +218,9 @@ class KernelEvents:
         # another's records are decoded waits for the next read, and is then
         # older than what that read already had (it is merged back in order,
         # at a cost that grows with the gap).
-        for ring, data in [(ring, ring.take()) for ring in self.rings.values()]:
-            self.records.read(data, out, ring.corrupt)
+        for ring, (data, whole) in [(ring, ring.peek(_READ_BYTES))
+                                    for ring in self.rings.values()]:
+            ring.advance(self.records.read(data, out, ring.corrupt, whole))
         out.sort(key=_ts)
         sched = self.records.sched
         if sched:
