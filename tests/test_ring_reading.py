@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +132,49 @@ def test_dump_tells_every_threads_owner_gone_ones_too() -> None:
         recorder.dump([ring], lambda: [(2, (1, "renamed")), (me, (1, "reused"))], sink)
         assert sink.pieces[-1] == (1, {2: (1, "renamed"), me: (1, "reused")})
         assert recorder.raw_records == 7
+
+
+def test_the_roster_rereads_a_few_comms_a_call_taking_turns() -> None:
+    """`uprobes record` tells the owners of every traced thread at each read
+    of the rings: the names, read from /proc, are read again (once stale)
+    for COMM_READS threads a call, in turns, so each renaming is seen within
+    a few calls and a program of thousands of threads costs a few reads."""
+    from uprobes.engines.ptrace.tasks import COMM_READS, COMM_TTL_NS, AddressSpace, Thread, roster
+    from uprobes.sys.procmem import ProcessMemory
+
+    n = 2 * COMM_READS + 5
+    pid = os.getpid()
+    done = threading.Event()
+    tids: list[int] = []
+    ready = threading.Barrier(n + 1)
+
+    def park() -> None:
+        tids.append(threading.get_native_id())
+        ready.wait(timeout=60)
+        done.wait(timeout=120)
+    workers = [threading.Thread(target=park) for _ in range(n)]
+    for w in workers:
+        w.start()
+    mm = AddressSpace(pid, ProcessMemory(pid))
+    try:
+        ready.wait(timeout=60)
+        for k, tid in enumerate(tids):
+            Path(f"/proc/{pid}/task/{tid}/comm").write_text(f"before{k}")
+        threads = {tid: Thread(tid, pid, mm) for tid in tids}
+        got, turn = roster(threads, 0)  # every name read for the first time
+        assert dict(got) == {tid: (pid, f"before{k}") for k, tid in enumerate(tids)}
+        for k, tid in enumerate(tids):
+            Path(f"/proc/{pid}/task/{tid}/comm").write_text(f"after{k}")
+            threads[tid].comm_at -= COMM_TTL_NS + 1  # (as if read long ago)
+        seen: list[int] = []
+        for _ in range(-(-n // COMM_READS)):
+            got, turn = roster(threads, turn)
+            renamed = [tid for tid, (_, comm) in got if comm.startswith("after")]
+            assert len(renamed) - len(seen) == min(COMM_READS, n - len(seen))
+            seen = renamed
+        assert len(seen) == n
+    finally:
+        done.set()
+        for w in workers:
+            w.join(timeout=120)
+        mm.mem.close()

@@ -12,7 +12,7 @@ from uprobes.engines.ptrace import retprobes
 from uprobes.engines.ptrace.breakpoints import Site
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.state import FAULTS, NO_HANDLER, SIGTRAP, TracerState
-from uprobes.engines.ptrace.tasks import Thread
+from uprobes.engines.ptrace.tasks import Thread, roster
 from uprobes.engines.trapfree.ring import Ring
 from uprobes.errors import KernelError
 from uprobes.model.event import Hit
@@ -35,15 +35,18 @@ class RunLoop(TracerState):
             return None if t is None else (t.pid, t.comm)
         if self._raw is not None:  # `uprobes record`: the records as they are
             before = recorder.raw_records
-            behind = recorder.dump(rings, lambda: ((tid, (t.pid, t.comm))
-                                                   for tid, t in threads.items()),
-                                   self._raw, final)
+            behind = recorder.dump(rings, self._roster, self._raw, final)
             self.events += recorder.raw_records - before
         else:
             behind = recorder.drain(rings, who, self._deliver_recorded, final)
         self.lost = sum(r.lost for r in rings)
         self._corrupt_rings = sum(r.corrupt for r in rings)
         return behind
+
+    def _roster(self) -> list[tuple[int, tuple[int, str]]]:
+        """(tid, (pid, comm)) of the traced threads (tasks.roster)."""
+        out, self._roster_turn = roster(self.threads, self._roster_turn)
+        return out
 
     def _report_corrupt(self) -> None:
         """One line if the programs wrote impossible values into the memory

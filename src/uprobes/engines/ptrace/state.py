@@ -73,6 +73,7 @@ class TracerState:
     _jumps: TrapFree | None
     _recorder: Recorder | None
     _ring_shape: RingShape  # set with `_recorder`
+    _roster_turn: int  # whose comm `_roster` re-reads first
     _shaped: ShapedLines | None
     _raw: RawSink | None
     _corrupt_rings: int

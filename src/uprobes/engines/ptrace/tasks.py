@@ -26,6 +26,7 @@ Feature = Literal["orphan handler", "int3s", "jumps", "semaphores", "returns"]
 """What a session changes an address space by, each undone at detach (teardown.py)."""
 
 COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (prctl/pthread_setname_np)
+COMM_READS = 16  # comms `roster` re-reads a call, at most (threads read for the first time aside)
 
 
 @dataclass(eq=False)
@@ -133,3 +134,29 @@ class Thread:
         if self._stat_fd >= 0:
             os.close(self._stat_fd)
             self._stat_fd = -1
+
+
+def roster(threads: dict[int, Thread], turn: int) -> tuple[list[tuple[int, tuple[int, str]]], int]:
+    """(tid, (pid, comm)) of every thread of `threads`, and the next `turn`.
+    A comm never read is read; of the others, at most COMM_READS whose
+    cached comm is COMM_TTL_NS old are read again (/proc), the threads
+    taking turns from `turn` on: a program of thousands of threads costs a
+    few file reads a call, not one per thread (`uprobes record` tells the
+    owners of all threads at each read of the rings)."""
+    items = list(threads.items())
+    if not items:
+        return [], 0
+    start = turn % len(items)
+    now = time.monotonic_ns()
+    reads = COMM_READS
+    out = []
+    for tid, t in items[start:] + items[:start]:
+        if not t.comm_at:
+            comm = t.comm
+        elif reads and now - t.comm_at > COMM_TTL_NS:
+            reads -= 1
+            comm = t.comm
+        else:
+            comm = t.comm_cached
+        out.append((tid, (t.pid, comm)))
+    return out, start + COMM_READS

@@ -132,6 +132,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._recorder: Recorder | None = None  # made by the first recording probe
         self._shaped: ShapedLines | None = None  # run_render's writer of recorded hits
         self._raw: RawSink | None = None  # run_render's keeper of records as they are
+        self._roster_turn = 0
         self._held: tuple[AddressSpace, list[int]] | None = None  # stopped to place jumps
         self.hit_filter = hit_filter
         task_filter = hit_filter.task_filter() if hit_filter else None
