@@ -15,10 +15,16 @@ import statistics
 import subprocess
 import sys
 
+CEPH = "/usr/lib/x86_64-linux-gnu/ceph/libceph-common.so.2"
+APPEND = "ceph::buffer::v15_2_0::list::append(char const*, unsigned int)"
+"""A C++ method of a library whose debug file holds 146 MiB of .debug_info."""
+
 CASES = [
     ("libc (libc6-dbg: DWARF 5, compressed)", "libc:malloc bytes", "libc:malloc size=%di"),
     ("python3.11 (its debug file: DWARF 5, compressed)",
      "python3.11:PyObject_GetAttr v name->ob_type->tp_name", "python3.11:PyObject_GetAttr a=%di"),
+    ("libceph-common.so.2 (librados2-dbg: 262 MiB of DWARF 5, compressed to 90 MiB)",
+     f"{CEPH}:{APPEND} data len this->_len", f"{CEPH}:{APPEND} a=%si"),
 ]
 
 _ONE = """

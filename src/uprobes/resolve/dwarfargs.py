@@ -80,12 +80,38 @@ class Scope:
     """The function's first address (link)."""
     frame: Frame
     variables: dict[str, Any]
-    """name -> DIE, the innermost scope's first (shadowing as C does)."""
+    """name -> DIE of the function's scopes, the innermost scope's first
+    (shadowing as C does)."""
     params: list[Any]
     locals: list[Any]
     """Parameters and variables of the function's scopes that hold the address
     (not globals), outermost first: what `$vars` prints, as perf probe's."""
     function: str
+    cu: Any
+    """The unit, whose top holds its globals and statics."""
+    _globals: dict[str, Any] | None = None
+
+    def lookup(self, name: str) -> Any | None:
+        """The DIE `name` names here: a variable of the function's scopes,
+        else one of the unit's globals and statics (read only then: a big
+        C++ unit has thousands of DIEs at its top)."""
+        found = self.variables.get(name)
+        return found if found is not None else self.globals().get(name)
+
+    def globals(self) -> dict[str, Any]:
+        if self._globals is None:
+            self._globals = {}
+            for die in self.df.unit_variables(self.cu):
+                name = die_name(die)
+                if name is not None and name not in self.variables and (
+                        "DW_AT_location" in die.attributes
+                        or "DW_AT_const_value" in die.attributes):
+                    self._globals.setdefault(name, die)
+        return self._globals
+
+    def names(self) -> list[str]:
+        """What is in scope, the function's own first."""
+        return [*self.variables, *self.globals()]
 
 
 def scope_at(df: DwarfFile, image: ElfImage, link_addr: int, file_offset: int) -> Scope:
@@ -120,16 +146,11 @@ def scope_at(df: DwarfFile, image: ElfImage, link_addr: int, file_offset: int) -
     locals_ = [c for die in scopes for c in die.iter_children()
                if c.tag in ("DW_TAG_formal_parameter", "DW_TAG_variable")
                and variables.get(die_name(c) or "") is c]
-    for die in df.unit_variables(outer.cu):
-        name = die_name(die)
-        if name is not None and ("DW_AT_location" in die.attributes
-                                 or "DW_AT_const_value" in die.attributes):
-            variables.setdefault(name, die)
     innermost = next(s for s in reversed(scopes)
                      if s.tag in ("DW_TAG_subprogram", "DW_TAG_inlined_subroutine"))
     params = [c for c in innermost.iter_children() if c.tag == "DW_TAG_formal_parameter"]
     return Scope(df, link_addr, entry, frame, variables, params, locals_,
-                 die_name(innermost) or "?")
+                 die_name(innermost) or "?", outer.cu)
 
 
 def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg, ...]:
@@ -147,11 +168,12 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
                 out += access.leaves(_item(scope, die), die_name(die) or f"param{i + 1}", 0,
                                      lenient=True)
             continue
-        die = scope.variables.get(var.name)
+        die = scope.lookup(var.name)
         if die is None:
-            near = difflib.get_close_matches(var.name, list(scope.variables), n=5, cutoff=0.6)
+            names = scope.names()
+            near = difflib.get_close_matches(var.name, names, n=5, cutoff=0.6)
             hint = f" (did you mean: {', '.join(near)}?)" if near else \
-                f" (in scope: {', '.join(list(scope.variables)[:12]) or 'none'})"
+                f" (in scope: {', '.join(names[:12]) or 'none'})"
             raise ResolveError(f"no variable '{var.name}' at {scope.function}+"
                                f"0x{scope.link_addr - scope.entry:x}{hint}")
         text = render_variable(var)

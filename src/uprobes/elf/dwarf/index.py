@@ -5,8 +5,8 @@ files, so nothing here walks every unit: the unit that holds an address is
 found through `.debug_aranges` (or, where a file has none, by the ranges of
 each unit's top DIE, read once), and only that unit is parsed. Open files
 are kept per (device, inode, mtime), so a run that probes a library twice
-parses it once. pyelftools decompresses SHF_COMPRESSED sections itself and
-reads DWARF 2 to 5.
+parses it once. Sections are read, and decompressed, only as far as they are
+used (`sections.py`); pyelftools reads DWARF 2 to 5.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from uprobes.elf.dwarf.sections import dwarf_info
+from uprobes.elf.dwarf.skim import Unit, scope_offsets
 from uprobes.errors import ElfError
 
 _ARANGE_HEADER = struct.Struct("<IHIBB")
@@ -78,6 +81,8 @@ class DwarfFile:
     _unit_ranges: list[tuple[int, int, int]] | None = None
     _aranges: list[tuple[int, int, int]] | None = None
     _line_cache: dict[int, list[Any]] = field(default_factory=dict)
+    _units: dict[int, Unit] = field(default_factory=dict)
+    """Units' bytes and abbreviations as `skim.scope_offsets` read them."""
 
     @classmethod
     def open(cls, path: str) -> DwarfFile | None:
@@ -102,8 +107,8 @@ class DwarfFile:
             if sec is not None and sec["sh_type"] == "SHT_NOBITS":
                 stream.close()
                 return None
-            info = elf.get_dwarf_info(relocate_dwarf_sections=False)
-        except (ELFError, OSError, ValueError) as exc:
+            info = dwarf_info(elf, stream) or elf.get_dwarf_info(relocate_dwarf_sections=False)
+        except (ELFError, OSError, ValueError, zlib.error) as exc:
             stream.close()
             raise ElfError(f"{path}: cannot read its DWARF: {exc}") from exc
         got = cls(path, stream, elf, info)
@@ -189,6 +194,14 @@ class DwarfFile:
         cu = self.unit_at(link_addr)
         if cu is None:
             return []
+        offsets = scope_offsets(self.info, cu, link_addr,
+                                lambda offset: self.ranges(cu._get_cached_DIE(offset)),
+                                self._units)
+        if offsets is not None:  # read from the unit's bytes; else pyelftools walks it
+            return [cu._get_cached_DIE(offset) for offset in offsets]
+        return self._scopes_by_walk(cu, link_addr)
+
+    def _scopes_by_walk(self, cu: Any, link_addr: int) -> list[Any]:
         chain: list[Any] = []
         parent = cu.get_top_DIE()
         while True:

@@ -32,11 +32,12 @@ _FORM_LEB = {0x0d, 0x0f, 0x15, 0x1a, 0x1b, 0x22, 0x23, 0x1f01, 0x1f02}
 # strp line_strp sec_offset strp_sup GNU_ref_alt GNU_strp_alt: an offset's size
 _FORM_OFFSET = {0x0e, 0x1f, 0x17, 0x1d, 0x1f20, 0x1f21}
 _FORM_BLOCK = {0x0a: 1, 0x03: 2, 0x04: 4}  # block1/2/4 (length, then bytes)
-_STRP, _LINE_STRP, _STRING, _STRX = 0x0e, 0x1f, 0x08, {0x1a, 0x25, 0x26, 0x27, 0x28}
+_STRP, _LINE_STRP, FORM_STRING, _STRX = 0x0e, 0x1f, 0x08, {0x1a, 0x25, 0x26, 0x27, 0x28}
 _REF_ADDR = 0x10  # DWARF 2: an address's size; later: an offset's
+_ADDR, _EXPRLOC, _BLOCK = 0x01, 0x18, 0x09
 
 
-class _Unknown(Exception):
+class Unknown(Exception):
     """A form this reader does not size."""
 
 
@@ -102,7 +103,7 @@ def _unit(data: bytes, pos: int, abbrev: bytes, strs: bytes, line_strs: bytes,
         _, attrs = declarations[key]
         name = _name(data, pos, attrs, offset_size, address_size, version, strs,
                      line_strs, str_offsets)
-    except (_Unknown, IndexError, ValueError, struct.error, UnicodeDecodeError):
+    except (Unknown, IndexError, ValueError, struct.error, UnicodeDecodeError):
         name = None  # (pyelftools then reads it)
     return pos, end, name
 
@@ -123,7 +124,7 @@ def _declaration(abbrev: bytes, offset: int, code: int
     while True:
         got, pos = leb128(abbrev, pos)
         if got == 0:
-            raise _Unknown(f"no abbreviation {code}")
+            raise Unknown(f"no abbreviation {code}")
         tag, pos = leb128(abbrev, pos)
         pos += 1  # has children
         attrs: list[tuple[int, int, int]] = []
@@ -150,37 +151,13 @@ def _name(data: bytes, pos: int, attrs: list[tuple[int, int, int]], offset_size:
     for attr, form, _ in attrs:
         if form == 0x16:  # indirect: the form is in the data
             form, pos = leb128(data, pos)
-        value = 0
-        if form == _STRING:
+        if form == FORM_STRING:
             end = data.index(b"\0", pos)
             if attr == DW_AT_name:
                 return data[pos:end].decode()
             pos = end + 1
             continue
-        if form in _FORM_FIXED:
-            size = _FORM_FIXED[form]
-            value = int.from_bytes(data[pos:pos + size], "little")
-            pos += size
-        elif form in _FORM_LEB:
-            value, pos = leb128(data, pos)
-        elif form in _FORM_OFFSET:
-            (value,) = struct.unpack_from(off_fmt, data, pos)
-            pos += offset_size
-        elif form == _REF_ADDR:
-            pos += address_size if version == 2 else offset_size
-        elif form == 0x01:  # addr
-            pos += address_size
-        elif form == 0x18:  # exprloc
-            size, pos = leb128(data, pos)
-            pos += size
-        elif form == 0x09:  # block
-            size, pos = leb128(data, pos)
-            pos += size
-        elif form in _FORM_BLOCK:
-            size = int.from_bytes(data[pos:pos + _FORM_BLOCK[form]], "little")
-            pos += _FORM_BLOCK[form] + size
-        else:
-            raise _Unknown(f"form {form:#x}")
+        value, pos = form_value(data, pos, form, offset_size, address_size, version)
         if attr == DW_AT_name:
             name = (form, value)
         elif attr == DW_AT_str_offsets_base:
@@ -195,7 +172,31 @@ def _name(data: bytes, pos: int, attrs: list[tuple[int, int, int]], offset_size:
     if form in _STRX and base is not None:
         (at,) = struct.unpack_from(off_fmt, str_offsets, base + value * offset_size)
         return _cstring(strs, at)
-    raise _Unknown(f"a name of form {form:#x}")
+    raise Unknown(f"a name of form {form:#x}")
+
+
+def form_value(data: bytes, pos: int, form: int, offset_size: int, address_size: int,
+               version: int) -> tuple[int, int]:
+    """The value of an attribute of `form` at `pos` (a number, an offset, an
+    address; 0 for a block) and the position after it. Raises `Unknown` for
+    DW_FORM_string (the caller reads the string) and forms it does not size."""
+    if form in _FORM_FIXED:
+        size = _FORM_FIXED[form]
+        return int.from_bytes(data[pos:pos + size], "little"), pos + size
+    if form in _FORM_LEB:
+        return leb128(data, pos)
+    if form in _FORM_OFFSET or form == _REF_ADDR:
+        size = address_size if form == _REF_ADDR and version == 2 else offset_size
+        return int.from_bytes(data[pos:pos + size], "little"), pos + size
+    if form == _ADDR:
+        return int.from_bytes(data[pos:pos + address_size], "little"), pos + address_size
+    if form in (_EXPRLOC, _BLOCK):
+        size, pos = leb128(data, pos)
+        return 0, pos + size
+    if form in _FORM_BLOCK:
+        width = _FORM_BLOCK[form]
+        return 0, pos + width + int.from_bytes(data[pos:pos + width], "little")
+    raise Unknown(f"form {form:#x}")
 
 
 def _cstring(section: bytes, offset: int) -> str:
