@@ -148,3 +148,14 @@ def test_a_ring_read_in_pieces_gives_the_same_rows(tracefs: Path) -> None:
         assert pieces.records.samples == events.records.samples
     with pytest.raises(KernelError, match="corrupt"):
         events.records.read(data[:1000], [], corrupt)  # cut where it should be whole
+
+
+def test_the_readers_bench_runs(tracefs: Path) -> None:
+    """bench/kernel_reader.py, run small so it keeps working (no figure checked)."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "bench.kernel_reader", "--calls", "2000",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stderr
+    assert " us of CPU an event, " in run.stdout and "events a CPU-second" in run.stdout
