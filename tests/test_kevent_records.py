@@ -159,3 +159,30 @@ def test_the_readers_bench_runs(tracefs: Path) -> None:
                          cwd=Path(__file__).parent.parent)
     assert run.returncode == 0, run.stderr
     assert " us of CPU an event, " in run.stdout and "events a CPU-second" in run.stdout
+
+
+def test_a_burst_read_in_small_pieces_is_all_accounted_for(
+        tracefs: Path, compile_c: Compiler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of system calls through `trace --kernel syscalls --json`, the
+    rings read 64 KiB at a time (records cut at every piece's end): every
+    call's entry and exit is a line or counted lost, the lines in time
+    order, and the summary counts the lines it wrote."""
+    import io
+    import json
+
+    from uprobes.commands import main
+    from uprobes.engines.kevents import source
+    monkeypatch.setattr(source, "_READ_BYTES", 64 << 10)
+    exe = compile_c("../../bench/syscall_rate.c")
+    out = io.StringIO()
+    assert main(["trace", "--json", "--kernel", "syscalls", f"{exe}:mark n=%di:s32", "--",
+                 str(exe), "200000", "0.2"], out=out) == 0
+    *docs, summary = [json.loads(line) for line in out.getvalue().splitlines()]
+    kernel = [d for d in docs if "kernel" in d]
+    calls = sum(1 for d in kernel if d["name"] == "getppid")
+    counts = summary["summary"]["kernel"]
+    assert counts["events"] == len(kernel)
+    assert calls + counts["lost"] >= 2 * 40_000
+    assert [d["ts_ns"] for d in kernel] == sorted(d["ts_ns"] for d in kernel)
+    marks = [d["args"]["n"] for d in docs if d.get("probe") == "uprobes/mark"]
+    assert marks == [1, 2]
