@@ -36,7 +36,7 @@ from elftools.common.exceptions import ELFError, ELFParseError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
-from iced_x86 import Decoder, Mnemonic, OpKind
+from iced_x86 import Decoder, FlowControl, Mnemonic, OpKind
 from iced_x86 import Register as R
 
 from uprobes.elf.image import ElfImage
@@ -69,6 +69,11 @@ class EvalLoop:
     frame: str
     next_instr: str
     stack: str
+    shown: frozenset[str] = frozenset()
+    """The handlers (of `handlers`) whose own first instructions store
+    `next_instr` into the frame through these registers: where code in the
+    program may read through them (trapfree/pyguard.py), not only the
+    tracer, whose reads cannot crash the program."""
 
 
 def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int) -> EvalLoop:
@@ -86,7 +91,28 @@ def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int) -> EvalL
             raise ResolveError(f"{image.path}: the dispatch table's {name} handler "
                                f"0x{addr:x} is outside _PyEval_EvalFrameDefault")
     frame, next_instr, stack = _registers(image, set(words), prev_instr)
-    return EvalLoop(image.path, function, size, table, handlers, frame, next_instr, stack)
+    shown = frozenset(name for name, addr in handlers.items()
+                      if _stores(image, addr, prev_instr) == (frame, next_instr))
+    return EvalLoop(image.path, function, size, table, handlers, frame, next_instr, stack,
+                    shown)
+
+
+def _stores(image: ElfImage, addr: int, prev_instr: int) -> tuple[str, str] | None:
+    """(frame, next_instr) as the handler at `addr` stores `prev_instr`
+    among its first instructions, before any branch; None if it does not."""
+    try:
+        code = image.read_link(addr, 64)
+    except ResolveError:
+        return None
+    for insn in list(Decoder(64, code, ip=addr))[:_FIRST]:
+        if insn.mnemonic == Mnemonic.MOV and insn.op0_kind == OpKind.MEMORY \
+                and insn.memory_displacement == prev_instr \
+                and insn.memory_index == R.NONE and insn.op1_kind == OpKind.REGISTER:
+            base, value = (_KERNEL_NAMES.get(r) for r in (insn.memory_base, insn.op1_register))
+            return (base, value) if base and value else None
+        if insn.flow_control != FlowControl.NEXT:
+            return None
+    return None
 
 
 def _symbols(path: str, symbols_path: str

@@ -311,7 +311,11 @@ def _text_test(glob: str) -> TextTest | None:
 def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
              entry: bool) -> PyGuard | None:
     """`name_guard` as the program's code can test it (model/pyguard.py), or
-    None when a glob in the name is more than one prefix or suffix."""
+    None when a glob in the name is more than one prefix or suffix, or a
+    handler's own code does not show where the frame is."""
+    handlers = ENTRY_HANDLERS if entry else (RETURN_HANDLER,)
+    if not set(handlers) <= loop.shown:
+        return None
     alternatives = []
     for qualname, files in _alternatives(name, script):
         qual = _text_test(qualname)

@@ -8,19 +8,18 @@ trampoline (trampoline.py). Files are decoded once and plans are cached.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.relocation import RelocationSection
-from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Register
+from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.trapfree import trampoline
+from uprobes.engines.trapfree.gotos import Addends, indirect_targets
 from uprobes.engines.trapfree.trampoline import Displaced
 from uprobes.errors import UprobesError
 
@@ -52,63 +51,13 @@ class _FileCode:
     image: ElfImage
     symbols: SymbolTable
     targets: list[int]  # sorted
-    _pointers: list[int] | None = None
+    arrivals: Counter[int]  # how many direct branches land at each target
+    addends: Addends | None = None  # read when a function with indirect jumps is planned
 
     def targets_between(self, lo: int, hi: int) -> list[int]:
         """Branch targets t with lo < t < hi."""
         return self.targets[bisect.bisect_right(self.targets, lo):
                             bisect.bisect_left(self.targets, hi)]
-
-    def pointers_between(self, lo: int, hi: int) -> list[int]:
-        """Code addresses the file's relocated data holds, lo <= t < hi: in
-        a position-independent file, every address a computed goto can
-        reach (a table of label addresses) is one, filled in at load time."""
-        if self._pointers is None:
-            self._pointers = sorted(_relocated_pointers(self.image))
-        return self._pointers[bisect.bisect_left(self._pointers, lo):
-                              bisect.bisect_left(self._pointers, hi)]
-
-
-_R_X86_64_RELATIVE = 8
-
-
-def _relocated_pointers(image: ElfImage) -> set[int]:
-    """Code addresses the file's data holds: the addends of its
-    R_X86_64_RELATIVE relocations, and in a file loaded where it was
-    linked (ET_EXEC, no relocations for its own addresses) every aligned
-    word of its data that falls in its executable sections."""
-    found: set[int] = set()
-    try:
-        with image.elffile() as elf:
-            code: list[tuple[int, int]] = []
-            data = []
-            for section in elf.iter_sections():
-                if isinstance(section, RelocationSection) and section.is_RELA():
-                    found.update(rel["r_addend"] for rel in section.iter_relocations()
-                                 if rel["r_info_type"] == _R_X86_64_RELATIVE)
-                flags = section["sh_flags"]
-                if not flags & SH_FLAGS.SHF_ALLOC or section["sh_type"] != "SHT_PROGBITS":
-                    continue
-                if flags & SH_FLAGS.SHF_EXECINSTR:
-                    code.append((section["sh_addr"], section["sh_addr"] + section["sh_size"]))
-                else:
-                    data.append(section)
-            if elf["e_type"] == "ET_EXEC":
-                for section in data:
-                    raw = section.data()
-                    start = (-section["sh_addr"]) % 8
-                    words = memoryview(raw[start:start + (len(raw) - start) // 8 * 8]).cast("Q")
-                    found.update(w for w in words if any(lo <= w < hi for lo, hi in code))
-    except (ELFError, ELFParseError) as e:
-        raise NotTrapFree(f"cannot read the relocations: {e}") from None
-    return found
-
-
-def _switch_table(insn: Instruction) -> bool:
-    """`movsxd reg, [base+index*4]`: a switch table of relative offsets,
-    whose targets no relocation names."""
-    return insn.mnemonic == Mnemonic.MOVSXD and insn.op1_kind == OpKind.MEMORY \
-        and insn.memory_index != Register.NONE and insn.memory_index_scale == 4
 
 
 _files: dict[tuple[int, int], _FileCode] = {}
@@ -129,7 +78,7 @@ def _file_code(path: str, dev: int, ino: int) -> _FileCode:
             whole = f.read()
     except OSError as e:
         raise NotTrapFree(f"cannot read {path}: {e.strerror}") from None
-    targets: set[int] = set()
+    targets: Counter[int] = Counter()
     insn = Instruction()
     branches = (FlowControl.UNCONDITIONAL_BRANCH, FlowControl.CONDITIONAL_BRANCH,
                 FlowControl.CALL)
@@ -144,8 +93,8 @@ def _file_code(path: str, dev: int, ino: int) -> _FileCode:
         while decoder.can_decode:
             decoder.decode_out(insn)
             if insn.flow_control in branches and insn.op0_kind == OpKind.NEAR_BRANCH64:
-                targets.add(insn.near_branch_target)
-    found = _FileCode(image, symbols, sorted(targets))
+                targets[insn.near_branch_target] += 1
+    found = _FileCode(image, symbols, sorted(targets), targets)
     _files[key] = found
     return found
 
@@ -176,6 +125,22 @@ def _cached(cache: dict[Any, FilePlan | str], key: Any,
     return found
 
 
+def _cold_parts(code: _FileCode, name: str) -> list[list[Instruction]]:
+    """The `NAME.cold` parts of function `name`, decoded."""
+    out = []
+    for cold in (f"{name}.cold", f"{name}.cold.0"):
+        for sym in code.symbols.lookup(cold):
+            if sym.size:
+                try:
+                    start = code.image.link_to_file_offset(sym.link_addr)
+                    with code.image:
+                        raw = code.image.read_file(start, sym.size)
+                except UprobesError:
+                    continue
+                out.append(list(Decoder(64, raw, ip=sym.link_addr)))
+    return out
+
+
 def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ...],
           at_return: bool) -> FilePlan:
     code = _file_code(path, dev, ino)
@@ -192,20 +157,18 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     if any(i.is_invalid for i in insns):
         raise NotTrapFree(f"{name} does not decode as x86-64 code throughout")
     computed: list[int] = []
-    indirect = [i for i in insns if i.flow_control == FlowControl.INDIRECT_BRANCH
-                and not (i.op0_kind == OpKind.MEMORY and i.memory_base == Register.RIP)]
-    if indirect:
-        # Computed gotos (an interpreter's dispatch) land only on addresses
-        # the file's data holds (relocated, or in place in an ET_EXEC) or
-        # the function's code takes (`lea reg, [rip+label]`); a switch
-        # table's relative offsets are neither, so a function with one is
-        # refused.
-        computed = code.pointers_between(lo, lo + sym.size) + [
-            i.memory_displacement for i in insns if i.mnemonic == Mnemonic.LEA
-            and i.memory_base == Register.RIP and lo <= i.memory_displacement < lo + sym.size]
-        if not computed or any(_switch_table(i) for i in insns):
-            raise NotTrapFree(f"{name} has an indirect jump at {name}+{indirect[0].ip - lo:#x} "
-                              "(a switch table?) whose targets are unknown")
+    # (a part of the function the compiler moved away, `NAME.cold`, may
+    # jump into it indirectly too: its instructions are read with it)
+    parts = sorted([*insns, *(i for cold in _cold_parts(code, name) for i in cold)],
+                   key=lambda i: i.ip)
+    if any(i.is_jmp_near_indirect for i in parts):
+        if code.addends is None:
+            code.addends = Addends(image)
+        found = indirect_targets(parts, lo, lo + sym.size, code.addends, code.targets_between,
+                                 lambda t: code.arrivals[t])
+        if isinstance(found, str):
+            raise NotTrapFree(f"{name} has {found}; the jumps' targets are unknown")
+        computed = found
     first = next((n for n, i in enumerate(insns) if i.ip == link), None)
     if first is None:
         raise NotTrapFree(f"{link:#x} does not start an instruction of {name}")

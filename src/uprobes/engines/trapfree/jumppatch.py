@@ -276,7 +276,10 @@ class TrapFree:
         self._folding = threading.Lock()  # a fold against a peek in another thread
 
     def decide(self, name: str, why_not: str | None) -> None:
-        self.decisions.setdefault(name, why_not)
+        """One place of probe `name` is trap-free (None) or not (why): a
+        probe is trap-free when every place of it is."""
+        if self.decisions.get(name) is None:
+            self.decisions[name] = why_not
 
     @property
     def placed(self) -> bool:
