@@ -285,6 +285,7 @@ def test_timeline_merges_overlapping_reads_in_time_order() -> None:
         """A source handing over prepared reads, one a call."""
         count = 0
         lost = 0
+        drained = True
 
         def __init__(self, reads: list[list[int]]) -> None:
             self.reads = reads

@@ -32,19 +32,22 @@ LAG_NS = 2_000_000_000
 """How late an engine may hand a hit over (the ptrace engine's recording
 rings give up on a slot after a second)."""
 _UNNAMED = "<...>"
+_MAX_PIECES = 100_000  # reads of a backlog's pieces in one go, at most
 
 
 class KernelEventSource(Protocol):
     """Where the kernel's events come from (engines/kevents/source.py)."""
 
     count: int
+    drained: bool
+    """The last read took all there was (a long backlog comes in pieces)."""
 
     @property
     def lost(self) -> int:
         """Events the kernel dropped."""
 
     def read_rows(self) -> list[KernelRow]:
-        """The events recorded since the last read, in time order."""
+        """Events recorded since the last read, in time order."""
 
 
 class KernelEventRenderer(Protocol):
@@ -134,8 +137,19 @@ class Timeline:
         with self._lock:
             self._hits(hits)
 
-    def _hits(self, hits: list[Hit]) -> None:
+    def _catch_up(self, before: int) -> None:
+        """Read until every kernel event stamped up to `before` is held: a
+        source far behind hands its backlog over in pieces (what is older
+        than `before` goes out as it comes: it is older than what waits)."""
         self._take()
+        for _ in range(_MAX_PIECES):
+            if self.source.drained:
+                break
+            self._release(before)
+            self._take()
+
+    def _hits(self, hits: list[Hit]) -> None:
+        self._catch_up(hits[0][0] if hits else 0)
         start = 0
         held = self._held
         for i, hit in enumerate(hits):
@@ -150,7 +164,7 @@ class Timeline:
 
     def event(self, event: Event) -> None:
         with self._lock:
-            self._take()
+            self._catch_up(event.ts_ns)
             self._comms[event.tid] = event.comm
             self._release(event.ts_ns)
             self.inner.event(event)
@@ -158,8 +172,13 @@ class Timeline:
     def summary(self, events: int, lost: int) -> None:
         """Everything still held, then the renderer's summary."""
         with self._lock:
-            self._take()
-            self._release(1 << 63)
+            # A source hands a long backlog over a piece at a time (it has
+            # stopped recording by now: the pieces come to an end).
+            for _ in range(_MAX_PIECES):
+                self._take()
+                self._release(1 << 63)
+                if self.source.drained:
+                    break
             self.inner.kernel_summary(self.source.count, self.source.lost)
             self.inner.summary(events, lost)
 

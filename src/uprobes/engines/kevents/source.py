@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+from bisect import bisect_right
 from contextlib import ExitStack
 from operator import itemgetter
 
@@ -93,6 +94,8 @@ class KernelEvents:
         self._opened: set[int] = set()
         self._pids: dict[int, int] = {}  # tid -> pid of the threads seen going off the CPU
         self.count = 0
+        self.drained = True  # the last read_rows() read the rings to their ends
+        self._waiting: list[KernelRow] = []  # read, but newer than a cut ring's last
         self._counters: dict[int, list[PerfEvent]] = {}  # event id -> counting events
         self._closed_lost: int | None = None
         self._about_tids: set[int] | None = None  # whom the `about` events cover (None: all)
@@ -209,24 +212,48 @@ class KernelEvents:
 
     def read(self) -> list[KernelEvent]:
         """Every event the rings hold now, decoded, in time order."""
-        return [row_event(row) for row in self.read_rows()]
+        rows: list[KernelRow] = []
+        for _ in range(self.ring_pages * 4096 // _READ_BYTES + 2):  # a full ring's pieces
+            rows += self.read_rows()
+            if self.drained:
+                break
+        rows.sort(key=_ts)
+        return [row_event(row) for row in rows]
 
     def read_rows(self) -> list[KernelRow]:
-        """`read()`'s events as rows (`model.kevent.KernelRow`)."""
+        """The events the rings hold now, as rows (`model.kevent.KernelRow`)
+        in time order, but at most _READ_BYTES of each ring: when a ring
+        has more, only the events stamped up to the last one read from it
+        are handed over (the others wait for the next read, so that none
+        handed over later is older than one handed over now), and
+        `drained` is False."""
         out: list[KernelRow] = []
+        marks: list[int] = []  # a cut ring's last stamp read
         # Every ring is taken before any is decoded: what a CPU records while
         # another's records are decoded waits for the next read, and is then
         # older than what that read already had (it is merged back in order,
         # at a cost that grows with the gap).
         for ring, (data, whole) in [(ring, ring.peek(_READ_BYTES))
                                     for ring in self.rings.values()]:
+            start = len(out)
             ring.advance(self.records.read(data, out, ring.corrupt, whole))
+            if not whole:
+                marks.append(out[-1][0] if len(out) > start else 0)
         out.sort(key=_ts)
         sched = self.records.sched
         if sched:
             sched.sort(key=_ts)
             out = self._our_wakeups(out, sched)
             sched.clear()
+        if self._waiting:
+            out = self._waiting + out
+            out.sort(key=_ts)  # two runs in order: one merge
+        self.drained = not marks
+        if marks:
+            cut = bisect_right(out, min(marks), key=_ts)
+            out, self._waiting = out[:cut], out[cut:]
+        else:
+            self._waiting = []
         self.count += len(out)
         return out
 
