@@ -20,6 +20,8 @@ import pytest
 from conftest import CPYTHONS as INTERPRETERS
 from conftest import killed_after, read_fd_until
 
+from uprobes.sys import procfs
+
 pytestmark = pytest.mark.root  # the kernel engine, and the ptrace engine on -p
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_funcs.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -172,6 +174,83 @@ def test_attach_to_a_running_program() -> None:
     counted = _counted(out)
     assert counted["py/__main__.work"] == own["work"]
     assert counted["py/py_funcs_lib.work"] == own["py_funcs_lib.work"]
+
+
+def _handler_bytes(pid: int, spec: str) -> list[bytes]:
+    """The first byte at each place of `spec` in process `pid`."""
+    resolved = _uprobes("resolve", spec.replace("py:", f"py:{pid}:", 1))
+    assert resolved.returncode == 0, resolved.stderr
+    offsets = [int(m.group(1), 16) for m in re.finditer(r":(0x[0-9a-f]+) qualname=",
+                                                        resolved.stdout)]
+    assert offsets
+    out = []
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for off in offsets:
+            for m in procfs.maps(pid):
+                if m.path == "/usr/bin/python3.11" and m.executable \
+                        and m.contains_file_offset(off):
+                    mem.seek(m.file_to_runtime_addr(off))
+                    out.append(mem.read(1))
+    return out
+
+
+def _waiting_program(calls: str) -> subprocess.Popen[str]:
+    prog = subprocess.Popen(["/usr/bin/python3.11", "py_funcs.py", calls, "--wait"],
+                            cwd=os.path.dirname(FIXTURE), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert prog.stdout is not None and prog.stdout.readline().strip() == "ready"
+    return prog
+
+
+def test_trace_stops_only_the_functions_calls() -> None:
+    """A traced py: function's handlers hold jumps, not int3s: each call is
+    tested in the program and only the function's own stop (at an int3 in
+    the jump's code); its events are the program's own calls, and detach
+    leaves the handlers as they were."""
+    spec = "py:__main__.Job.run"
+    prog = _waiting_program("40")
+    assert prog.stdin is not None and prog.stdout is not None
+    with killed_after(prog):
+        assert b"\xe9" not in _handler_bytes(prog.pid, spec)  # (the program's own code)
+        tracer = subprocess.Popen([*UPROBES, "trace", "--json", "-e", "ptrace", "-p",
+                                   str(prog.pid), spec, f"r {spec}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        with killed_after(tracer):
+            read_fd_until(tracer.stderr.fileno(), "Ctrl-C")
+            assert set(_handler_bytes(prog.pid, spec)) == {b"\xe9"}  # jmp rel32
+            prog.stdin.write("go\n")
+            prog.stdin.flush()
+            own = _own(prog.stdout.read(), "COUNT")
+            assert prog.wait(timeout=60) == 0
+            out, _ = tracer.communicate(timeout=120)
+    kinds = Counter(ev["kind"] for ev in map(json.loads, out.splitlines())
+                    if "summary" not in ev)
+    assert kinds == {"p": own["Job.run"], "r": own["Job.run"]}
+
+
+def test_kill_9_of_uprobes_while_tracing_leaves_the_program_running() -> None:
+    """uprobes killed while the jumps and their int3s are in the program:
+    the program runs on to its own end, its output and status untouched."""
+    plain = subprocess.run(["/usr/bin/python3.11", "py_funcs.py", "40"],
+                           cwd=os.path.dirname(FIXTURE), capture_output=True, text=True,
+                           timeout=120, check=True)
+    prog = _waiting_program("40")
+    assert prog.stdin is not None and prog.stdout is not None
+    with killed_after(prog):
+        tracer = subprocess.Popen([*UPROBES, "trace", "-e", "ptrace", "-p", str(prog.pid),
+                                   "py:__main__.Job.run", "py:__main__.fib"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        with killed_after(tracer):
+            read_fd_until(tracer.stderr.fileno(), "Ctrl-C")
+            tracer.kill()
+            tracer.wait(timeout=60)
+        prog.stdin.write("go\n")
+        prog.stdin.flush()
+        out = prog.stdout.read()
+        assert prog.wait(timeout=120) == 0
+    assert out == plain.stdout
 
 
 @pytest.mark.parametrize(("spec", "words"), [

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from uprobes.engines.ptrace import breakpoints, rendezvous
-from uprobes.engines.ptrace.breakpoints import PlacementRefused, Site
+from uprobes.engines.ptrace.breakpoints import GuardTrap, PlacementRefused, Site
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
 from uprobes.engines.ptrace.state import NO_HANDLER, TracerState, ended
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
@@ -243,6 +243,11 @@ class Attach(TracerState):
         py = self._py_counted(probe, at_ret is not None)
         if py:  # py: functions counted by their guards in the jump's code
             name = py[0][0]
+        else:
+            guards = self._trap_guards(probe, at_ret is not None)
+            if guards:
+                return self._place_guard_trap(t, regs, probe, addr, file_offset, ident,
+                                              guards, at_ret is not None)
         why = self._why_not_trapfree(probe, at_ret is not None, guarded=bool(py))
         if why is None and not py and self._trapfree == "count" and name is None:
             check, name = self._compiled_filter(probe, at_ret is not None)
@@ -265,6 +270,40 @@ class Attach(TracerState):
             jumps.decide(decided, why)
         return why is None
 
+    def _trap_guards(self, probe: Probe, ret: bool) -> list[PyGuard]:
+        """The compiled guards of `probe`'s consumers when each is a `py:`
+        function's (of ours) and they can share code: a call none of them
+        keeps need not stop."""
+        handlers = [c.ret_handler if ret else c.handler for c in probe.consumers]
+        guards = [g for h in handlers if h is not None and h in self._ours
+                  and (g := self._ours[h].py_guard) is not None]
+        if not guards or len(guards) != len(handlers) \
+                or len({replace(g, alternatives=()) for g in guards}) != 1:
+            return []
+        return guards
+
+    def _place_guard_trap(self, t: Thread, regs: UserRegs, probe: Probe, addr: int,
+                          file_offset: int, ident: tuple[int, int], guards: list[PyGuard],
+                          ret: bool) -> bool:
+        """Place `probe` as a jump whose code stops, at an int3 of its own,
+        only the calls its guards keep (trapfree/pyguard.py); False: it
+        takes the int3 path (a stop at every call)."""
+        jumps = self._jumps
+        assert jumps is not None
+        point = probe.point
+        mm = t.mm
+        others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
+        plan = plan_for(point.path, ident[0], ident[1], file_offset, others)
+        why = plan if isinstance(plan, str) else None
+        if not isinstance(plan, str):
+            def stops_at(trap: int) -> None:
+                mm.guard_traps[trap] = GuardTrap(probe, addr, addr - file_offset, ret)
+                self._orphans.guard_trap(mm, trap)
+            why = self._patch(t, regs, plan, point.name, addr, trap=guards, on_trap=stops_at)
+        if why is not None:  # (the run's note lists it among the probes that stop)
+            jumps.decide(point.name, why)
+        return why is None
+
     def _compiled_filter(self, probe: Probe, ret: bool) -> tuple[Check | None, str | None]:
         """(the run's filter as the counting code can test it, the display
         name it counts under), or (None, None): the probe records instead."""
@@ -282,7 +321,8 @@ class Attach(TracerState):
     def _patch(self, t: Thread, regs: UserRegs, plan: FilePlan, name: str, start: int,
                record: Record | None = None, timed: Timed | None = None,
                by: Keyed | None = None, check: Check | None = None,
-               py: Sequence[tuple[str, PyGuard]] = ()) -> str | None:
+               py: Sequence[tuple[str, PyGuard]] = (), trap: Sequence[PyGuard] = (),
+               on_trap: Callable[[int], None] | None = None) -> str | None:
         """Place the jump patch `plan` at `start` in `t`'s address space (every
         thread of it stopped meanwhile); None, or why it could not go in."""
         jumps = self._jumps
@@ -300,7 +340,7 @@ class Attach(TracerState):
         try:
             jumps.place(mm, mm.mem, mm.pid, t.tid, regs, plan, name, start, mm.sites, threads,
                         lambda near, need: self._area_for(t, regs, near, need),
-                        syscall_addr, t.pending, record, timed, by, check, py)
+                        syscall_addr, t.pending, record, timed, by, check, py, trap, on_trap)
             if record is not None:  # names read now: a thread may be gone when
                 for o in self.threads.values():  # its records are read
                     if o.mm is mm:

@@ -49,6 +49,19 @@ class Site:
         return self.slot_addr <= runtime_addr < self.slot_addr + max(len(self.plan.code), 1)
 
 
+@dataclass(frozen=True)
+class GuardTrap:
+    """The int3 in a jump's code that stops only the calls a `py:` guard
+    keeps (trapfree/pyguard.py): a hit of `probe` at `runtime_addr`, the
+    probed instruction; the thread goes on right after the int3. `ret`: a
+    return site that is no `ret` (seen before it, as `Site.ret_in_place`)."""
+
+    probe: Probe
+    runtime_addr: int
+    file_base: int
+    ret: bool
+
+
 class PlacementRefused(EngineError):
     """This probe cannot go at this address in this process (the reason says why)."""
 

@@ -227,6 +227,8 @@ class ThreadLife(TracerState):
                 if regs.rip - 1 in t.mm.sites:  # a hit we will not handle: rewind
                     regs.rip -= 1
                     ptrace.setregs(t.tid, regs)
+                elif regs.rip - 1 in t.mm.guard_traps:
+                    pass  # a hit we will not handle: on after its int3, as if not kept
                 elif regs.rip - 1 not in t.mm.trampolines:
                     t.resume_sig = sig
                 else:

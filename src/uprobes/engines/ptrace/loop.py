@@ -9,7 +9,7 @@ import errno
 import signal
 
 from uprobes.engines.ptrace import retprobes
-from uprobes.engines.ptrace.breakpoints import Site
+from uprobes.engines.ptrace.breakpoints import GuardTrap, Site
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.state import FAULTS, NO_HANDLER, SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import Thread, roster
@@ -168,6 +168,8 @@ class RunLoop(TracerState):
         if site is None:
             if bp in mm.trampolines:
                 self._return_hit(t, regs)
+            elif bp in mm.guard_traps:
+                self._guard_trap_hit(t, regs, mm.guard_traps[bp])
             else:
                 t.resume_sig = SIGTRAP  # the program's own trap
                 self._resume(t)
@@ -245,6 +247,27 @@ class RunLoop(TracerState):
             self._resume(t)
         else:
             ptrace.cont(tid, 0)
+
+    def _guard_trap_hit(self, t: Thread, regs: UserRegs, trap: GuardTrap) -> None:
+        """A hit from the int3 in a jump's code (trapfree/pyguard.py): every
+        register is the program's at the probed instruction, which handlers
+        see as `rip`; the thread goes on after the int3 (the displaced
+        instructions, then back), or where a handler moved rip."""
+        after = regs.rip
+        regs.rip = at = trap.runtime_addr
+        probe = trap.probe
+        try:
+            if trap.ret:
+                probe.ret_dispatch(PtraceHit(t, regs, probe, "r", at, at, trap.file_base))
+            else:
+                probe.dispatch(PtraceHit(t, regs, probe, "p", at, None, trap.file_base))
+        except BaseException:
+            ptrace.getregs(t.tid, regs)  # as trapped: a handler's changes are dropped
+            raise
+        if regs.rip == at:
+            regs.rip = after
+        ptrace.setregs(t.tid, regs)
+        self._resume(t)
 
     def _step(self, t: Thread, regs: UserRegs, site: Site) -> None:
         """Single-step the slot; asynchronous signals wait until it is done, a

@@ -77,6 +77,7 @@ TABLE_ENTRIES = 1 << TABLE_BITS
 TABLE_MAX = TABLE_ENTRIES // 2  # kept at most half full: short probe runs
 AREA_SIZE = TABLE_OFF + 16 * TABLE_ENTRIES  # untouched pages cost no memory
 _HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: (addr * _HASH) >> (64 - TABLE_BITS)
+_NOP_BYTE = 0x90
 
 _SI_KERNEL = 0x80
 _SA_SIGINFO, _SA_RESTART, _SA_RESTORER = 0x4, 0x10000000, 0x04000000
@@ -358,21 +359,9 @@ class OrphanGuard:
     def guard(self, mm: AddressSpace, site: Site) -> None:
         """Before `site`'s int3 is written: its table entry and its record."""
         table = self._tables.get(id(mm))
-        if table is None:
+        if not self._entry(mm, site.runtime_addr, site.original[0], site.slot_addr) \
+                or table is None:
             return
-        self._send(f"B {mm.pid} {site.runtime_addr:x} {site.original[0]:x}")
-        if not table.start:
-            return
-        i = table.slot_for(site.runtime_addr)
-        if i is None:
-            if len(table.taken) >= TABLE_MAX and not self._full_noted:
-                self._full_noted = True
-                self._note(f"more than {TABLE_MAX} probes in process {mm.pid}: the rest are "
-                           "made safe against a kill -9 of uprobes by the reaper alone")
-            return
-        mm.mem.write(table.start + TABLE_OFF + 16 * i,
-                     _ENTRY.pack(site.runtime_addr, site.slot_addr))
-        table.taken[i] = site.runtime_addr
         # A tracer that dies after pointing rip at the slot, before resuming,
         # leaves a SIGTRAP at rip = slot: "trap at slot - 1" resumes there.
         j = table.slot_for(site.slot_addr - 1)
@@ -380,6 +369,33 @@ class OrphanGuard:
             mm.mem.write(table.start + TABLE_OFF + 16 * j,
                          _ENTRY.pack(site.slot_addr - 1, site.slot_addr))
             table.taken[j] = site.slot_addr - 1
+
+    def guard_trap(self, mm: AddressSpace, addr: int) -> None:
+        """An int3 in a jump's code (trapfree/pyguard.py) before the jump can
+        lead to it: orphaned, the handler resumes right after it, and the
+        reaper makes it a nop."""
+        self._entry(mm, addr, _NOP_BYTE, addr + 1)
+
+    def _entry(self, mm: AddressSpace, trap: int, original: int, resume: int) -> bool:
+        """The reaper's record of our int3 at `trap` (the byte it goes back
+        to) and the handler's table entry (where it resumes); whether the
+        entry went in."""
+        table = self._tables.get(id(mm))
+        if table is None:
+            return False
+        self._send(f"B {mm.pid} {trap:x} {original:x}")
+        if not table.start:
+            return False
+        i = table.slot_for(trap)
+        if i is None:
+            if len(table.taken) >= TABLE_MAX and not self._full_noted:
+                self._full_noted = True
+                self._note(f"more than {TABLE_MAX} probes in process {mm.pid}: the rest are "
+                           "made safe against a kill -9 of uprobes by the reaper alone")
+            return False
+        mm.mem.write(table.start + TABLE_OFF + 16 * i, _ENTRY.pack(trap, resume))
+        table.taken[i] = trap
+        return True
 
     def semaphore(self, mm: AddressSpace, addr: int) -> None:
         """A USDT semaphore raised by one: the reaper lowers it."""
@@ -426,6 +442,7 @@ class OrphanGuard:
         lines = [f"P {child.pid} {start_time(child.pid)} {table.start:x}"]
         lines += [f"B {child.pid} {s.runtime_addr:x} {s.original[0]:x}"
                   for s in child.sites.values()]
+        lines += [f"B {child.pid} {a:x} {_NOP_BYTE:x}" for a in child.guard_traps]
         lines += [f"S {child.pid} {a:x}" for a in child.semaphores]
         self._send("\n".join(lines))
 

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
 
-from uprobes.engines.ptrace.breakpoints import Site
+from uprobes.engines.ptrace.breakpoints import GuardTrap, Site
 from uprobes.engines.ptrace.retprobes import ReturnInstance
 from uprobes.engines.ptrace.rettable import ReturnTable
 from uprobes.engines.tracee.xol import XolArea
@@ -39,6 +39,7 @@ class AddressSpace:
     sites: dict[int, Site] = field(default_factory=dict)
     areas: list[XolArea] = field(default_factory=list)
     trampolines: set[int] = field(default_factory=set)
+    guard_traps: dict[int, GuardTrap] = field(default_factory=dict)  # by the int3's address
     syscall_addr: int | None = None
     scanned: dict[tuple[int, int], tuple[int, int] | None] = field(default_factory=dict)
     rendezvous: int | None = None
@@ -54,7 +55,8 @@ class AddressSpace:
         """The child's copy after fork: same addresses, its own memory."""
         return AddressSpace(pid, ProcessMemory(pid), dict(self.sites),
                             [XolArea(a.start, a.size, a.used) for a in self.areas],
-                            set(self.trampolines), self.syscall_addr, dict(self.scanned),
+                            set(self.trampolines), dict(self.guard_traps), self.syscall_addr,
+                            dict(self.scanned),
                             self.rendezvous, dict(self.semaphores),
                             ret_table=self.ret_table)
 

@@ -74,6 +74,7 @@ from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 
 _INT3 = b"\xcc"
+_NOP = b"\x90"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 _MASK64 = (1 << 64) - 1
 
@@ -213,6 +214,7 @@ class JumpPatch:
     original: bytes
     jump: bytes
     trampoline_addr: int
+    trap: int | None = None  # its code's int3 (pyguard.trap_prologue), a nop on removal
 
 
 @dataclass
@@ -292,7 +294,8 @@ class TrapFree:
               syscall_addr: Callable[[], int], held: list[int],
               record: Record | None = None, timed: Timed | None = None,
               by: Keyed | None = None, check: Check | None = None,
-              py: Sequence[tuple[str, PyGuard]] = ()) -> None:
+              py: Sequence[tuple[str, PyGuard]] = (), trap: Sequence[PyGuard] = (),
+              on_trap: Callable[[int], None] | None = None) -> None:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
@@ -302,7 +305,10 @@ class TrapFree:
         counts under `name`, the hits that pass `check` if given
         (filtercode.py); with `py`, (name, guard) pairs, each counts the
         calls of the Python function its guard keeps under its name
-        (pyguard.py). NotTrapFree if it may not."""
+        (pyguard.py); with `trap`, a call any of these guards keeps stops at
+        an int3 in the jump's code, whose address `on_trap` gets before the
+        jump can lead there (pyguard.trap_prologue). NotTrapFree if it may
+        not."""
         space = self._spaces.setdefault(mm, _Space())
         length = len(plan.original)
         end = runtime_addr + length
@@ -348,6 +354,8 @@ class TrapFree:
             size = trampoline.max_size(displaced, filtercode.prologue_size(check))
         elif py:
             size = trampoline.max_size(displaced, pyguard.prologue_size([g for _, g in py]))
+        elif trap:
+            size = trampoline.max_size(displaced, pyguard.prologue_size(trap, trap=True))
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
@@ -373,6 +381,9 @@ class TrapFree:
                 ret_prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
             elif timed.ret:
                 prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
+        elif trap:
+            guards = list(trap)
+            prologue = lambda at: pyguard.trap_prologue(at, guards)  # noqa: E731
         elif record is None:
             def fresh() -> tuple[CounterBlock, int]:
                 block, index = self._counter_near(space, area)
@@ -424,8 +435,13 @@ class TrapFree:
         except (UnsupportedInstruction, ValueError) as e:
             raise NotTrapFree(str(e)) from None
         mem.write(at, code)
+        stop = None
+        if trap:
+            stop = at + len(prologue(at)) - pyguard.TRAP_FROM_END
+            if on_trap is not None:
+                on_trap(stop)
         mem.write(runtime_addr, jump + _INT3 * (length - len(jump)))
-        space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at)
+        space.patches[runtime_addr] = JumpPatch(runtime_addr, plan.original, jump, at, stop)
         for counted, block, index in counters:
             self._counters.setdefault(counted, []).append((block, index))
         if table is not None:
@@ -557,6 +573,9 @@ class TrapFree:
             try:
                 if mem.read(p.runtime_addr, len(p.jump)) == p.jump:
                     mem.write(p.runtime_addr, p.original)
+                # (a thread may be in the code before its int3: it goes on)
+                if p.trap is not None and mem.read(p.trap, 1) == _INT3:
+                    mem.write(p.trap, _NOP)
             except UprobesError:
                 pass  # unmapped meanwhile, or the process is gone
 

@@ -1,4 +1,4 @@
-"""A `py:` function counted in the program: its guard as the jump's code.
+"""A `py:` function told apart in the program: its guard as the jump's code.
 
 A `py:` probe's jump sits on an eval-loop handler every Python call runs.
 The code it jumps to tests the guard (model/pyguard.py) and counts the
@@ -15,10 +15,13 @@ calls that pass:
     (the next function's tests, when several are probed at the handler)
     done: ...
 
-Most calls fail at the qualname's length or first bytes: a few loads and
-compares. A string's bytes are read only below its length, which is read
-first, and only from a string that says it is compact ASCII, so no read
-leaves the object.
+For probes that do more than count (trace, latency, stacks), the code that
+passes restores every register and flag and executes an `int3` instead
+(`trap_prologue`): the tracer takes it as a hit of the probe, so only the
+probed functions' calls stop. Most calls fail at the qualname's length or
+first bytes: a few loads and compares. A string's bytes are read only
+below its length, which is read first, and only from a string that says
+it is compact ASCII, so no read leaves the object.
 """
 
 from __future__ import annotations
@@ -44,38 +47,76 @@ def counting_prologue(at: int, counted: Sequence[tuple[PyGuard, int]]) -> bytes:
     the same registers and offsets) and adds one to its counter (the
     address beside it) for each call it keeps."""
     a = _Asm()
-    i = Instruction
     frame = _enter(a)
-    first = counted[0][0]
-    if first.oparg is not None:
-        load(a, _reg(first.oparg), R.RDX, frame, 0)
-        a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RDX, 1), 0))
-        a.jump(Code.JNE_REL32_64, "done")
-    load(a, _reg(first.frame), R.RSI, frame, 0)
-    a(i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RSI, first.frame_code)),
-      i.create_reg_mem(Code.MOV_R64_RM64, R.RDI, _mem(R.RSI, first.code_qualname)))
+    _code_object(a, counted[0][0], frame)
     for guard, counter in counted:
         passed, missed = a.fresh("pass"), a.fresh("miss")
-        for alt in guard.alternatives:
-            other = a.fresh("reading")
-            _text(a, guard, R.RDI, alt.qualname, other)
-            if alt.files:
-                a(i.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _mem(R.RSI, guard.code_filename)))
-                for test in alt.files:
-                    nxt = a.fresh("file")
-                    _text(a, guard, R.RCX, test, nxt)
-                    a.jump(Code.JMP_REL32_64, passed)
-                    a.label(nxt)
-                a.jump(Code.JMP_REL32_64, other)
-            else:
-                a.jump(Code.JMP_REL32_64, passed)
-            a.label(other)
-        a.jump(Code.JMP_REL32_64, missed)
+        _kept(a, guard, passed, missed)
         a.label(passed)
         a(_locked_inc(counter))
         a.label(missed)
     _leave(a)
     return a.encode(at)
+
+
+def trap_prologue(at: int, guards: Sequence[PyGuard]) -> bytes:
+    """The code at `at` that stops the thread (an `int3`, TRAP_FROM_END
+    bytes before its end, with every register and flag as at the probe) when any of `guards`
+    keeps the call, and else goes on: only the probed functions' calls
+    stop, and the tracer resumes the thread right after the int3."""
+    a = _Asm()
+    frame = _enter(a)
+    _code_object(a, guards[0], frame)
+    for guard in guards:
+        missed = a.fresh("miss")
+        _kept(a, guard, "stop", missed)
+        a.label(missed)
+    _leave(a)
+    a.jump(Code.JMP_REL32_64, "out")
+    a.label("stop")
+    _leave(a, label=None)
+    a(Instruction.create(Code.INT3))
+    a.label("out")
+    a(Instruction.create(Code.NOPD))  # (a label needs an instruction)
+    return a.encode(at)
+
+
+TRAP_FROM_END = 2
+"""The int3 of `trap_prologue`'s code is this many bytes before its end."""
+
+
+def _code_object(a: _Asm, guard: PyGuard, frame: int) -> None:
+    """rsi = the frame's code object, rdi = its qualname; a resumed
+    generator or coroutine (RESUME's argument not 0) goes to "done"."""
+    i = Instruction
+    if guard.oparg is not None:
+        load(a, _reg(guard.oparg), R.RDX, frame, 0)
+        a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RDX, 1), 0))
+        a.jump(Code.JNE_REL32_64, "done")
+    load(a, _reg(guard.frame), R.RSI, frame, 0)
+    a(i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RSI, guard.frame_code)),
+      i.create_reg_mem(Code.MOV_R64_RM64, R.RDI, _mem(R.RSI, guard.code_qualname)))
+
+
+def _kept(a: _Asm, guard: PyGuard, passed: str, missed: str) -> None:
+    """To `passed` if `guard` keeps the call (rsi, rdi as `_code_object`
+    leaves them), else to `missed`."""
+    i = Instruction
+    for alt in guard.alternatives:
+        other = a.fresh("reading")
+        _text(a, guard, R.RDI, alt.qualname, other)
+        if alt.files:
+            a(i.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _mem(R.RSI, guard.code_filename)))
+            for test in alt.files:
+                nxt = a.fresh("file")
+                _text(a, guard, R.RCX, test, nxt)
+                a.jump(Code.JMP_REL32_64, passed)
+                a.label(nxt)
+            a.jump(Code.JMP_REL32_64, other)
+        else:
+            a.jump(Code.JMP_REL32_64, passed)
+        a.label(other)
+    a.jump(Code.JMP_REL32_64, missed)
 
 
 def _text(a: _Asm, g: PyGuard, string: Any, test: TextTest, fail: str) -> None:
@@ -118,5 +159,7 @@ def _text(a: _Asm, g: PyGuard, string: Any, test: TextTest, fail: str) -> None:
         a.jump(Code.JNE_REL32_64, fail)
 
 
-def prologue_size(guards: Sequence[PyGuard]) -> int:
+def prologue_size(guards: Sequence[PyGuard], trap: bool = False) -> int:
+    if trap:
+        return len(trap_prologue(0x10000000, guards))
     return len(counting_prologue(0x10000000, [(g, 0x10100000) for g in guards]))

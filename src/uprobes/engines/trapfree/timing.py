@@ -147,9 +147,11 @@ def _enter(a: _Asm) -> int:
     return _RED_ZONE + 8 * (2 + len(_SAVED))
 
 
-def _leave(a: _Asm) -> None:
+def _leave(a: _Asm, label: str | None = "done") -> None:
+    """What `_enter` saved, restored (after `label`, if one)."""
     i = Instruction
-    a.label("done")
+    if label is not None:
+        a.label(label)
     for reg in reversed(_SAVED):
         a(i.create_reg(Code.POP_R64, reg))
     a(i.create_reg(Code.POP_R64, R.RAX), i.create_reg_i32(Code.ADD_AL_IMM8, R.AL, 0x7F),
