@@ -98,6 +98,36 @@ def test_a_slot_reserved_and_not_committed_stops_the_take(shape: layout.RingShap
         assert ring.skipped == 0 and ring.corrupt == 0
 
 
+@SHAPES
+def test_after_a_head_put_back_the_reader_looks_at_every_slot(shape: layout.RingShape) -> None:
+    """A `head` no writer could have left is put back to `tail`, but the
+    count of commits is not: once reservations catch up with it, the count
+    equals `head` while those slots are still open, and the reader must
+    look at their sequence words rather than copy them unseen."""
+    with recording_code(shape) as (ring, record):
+        words = ring.words
+        for v in range(10):
+            record(v)
+        assert _values(ring.take()) == list(range(10))
+        # The program scribbles on the header: a `head` past any room, and a
+        # count two ahead of the reservations the reader will put back.
+        words[layout.HEAD // 8] = 10 + shape.slots + 5
+        words[layout.COMMITTED // 8] = 12
+        assert ring.take() == []
+        assert ring.corrupt == 1 and words[layout.HEAD // 8] == 10
+        # Two writers reserve slots 10 and 11 and have not committed yet.
+        words[layout.HEAD // 8] += 2
+        assert words[layout.COMMITTED // 8] == words[layout.HEAD // 8] == 12
+        assert ring.take() == []  # open slots: nothing copied
+        for k in (10, 11):  # the writers finish their records
+            slot = (layout.DATA_OFFSET + k * shape.slot_bytes) // 8
+            words[slot + layout.SLOT_PROBE // 8] = PROBE_ID
+            words[slot + layout.SLOT_VALUES // 8] = k
+            words[slot + layout.SLOT_SEQ // 8] = k + 1
+        assert _values(ring.take()) == [10, 11]
+        assert ring.skipped == 0
+
+
 class _Sink:
     """What `Recorder.dump` hands a RawSink, kept."""
 

@@ -132,7 +132,8 @@ class Ring:
         free again as soon as it returns (so hits waiting for room go on while
         the next run is being handled).
         While the writers' count of commits equals `head` (and no slot was
-        ever given up as lost, whose writer could still commit late) every
+        ever given up as lost, whose writer could still commit late, nor a
+        `head` or `tail` word put back, which the count did not follow) every
         slot reserved is committed: the runs are taken with no look at their
         sequence words. Otherwise each run is cut at the first slot whose
         sequence word is not yet its own.
@@ -162,7 +163,9 @@ class Ring:
         if (head - tail) & _MASK64 > slots:  # writers reserve only while head - tail < slots
             words[HEAD // 8] = head = tail
             self.corrupt += 1
-        whole = committed == head and not self.skipped
+        # After a repair `committed` no longer counts the reservations from
+        # `head` (the reset did not move it): equal to `head` it proves nothing.
+        whole = committed == head and not self.skipped and not self.corrupt
         per_slot = slot_bytes // 8
         base = (DATA_OFFSET + SLOT_SEQ) // 8  # the first slot's sequence word
         reserved = head
