@@ -87,8 +87,10 @@ class Records:
                 rtype, misc, size, pid, tid, ts, cpu, raw_size, event_id, nr, value = \
                     head(data, pos)
                 if size < 8 or pos + size > end:
-                    if size >= 8 and not whole:
-                        break  # a cut record: the next read has it whole
+                    # A cut record (its 8-byte header too, maybe: then
+                    # `size` was read from the padding): the next read has it whole.
+                    if (size >= 8 or end - pos < 8) and not whole:
+                        break
                     raise corrupt(size)
                 if rtype == PERF_RECORD_SAMPLE:
                     if event_id == enter_id:
