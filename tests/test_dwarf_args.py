@@ -421,3 +421,20 @@ def test_retval_by_the_functions_type_as_gdb(build: tuple[Path, bool]) -> None:
     assert raw.args[0].type.view is None and raw.args[0].type.base == "x64"
     (void,) = Resolver().resolve_all(parse_specs([f"r {exe}:nothing rv=$retval"]))
     assert void.args[0].type.base == "x64" and not void.args[0].type.explicit
+
+
+@pytest.mark.parametrize("fn,type_name", [("cf", "complex float"), ("pf", "struct pair"),
+                                          ("qf", "struct quad"), ("ld", "long double")])
+def test_retval_not_in_rax_is_refused(compile_c: Compiler, fn: str, type_name: str) -> None:
+    """A complex float, a struct of floats (xmm0/xmm1) or a long double (st0)
+    is not in rax: `$retval` refuses it in one line naming the type rather
+    than print rax's unrelated bits as its value; `$retval:x64` still reads rax."""
+    exe = compile_c("dwarf_returns.c", "-O2")
+    err = io.StringIO()
+    assert main(["resolve", f"r {exe}:{fn} $retval"], out=io.StringIO(), err=err) == 2
+    assert err.getvalue().count("\n") == 1, err.getvalue()
+    assert err.getvalue().startswith("uprobes: error: ") and type_name in err.getvalue()
+    assert main(["resolve", f"r {exe}:{fn} $retval:x64"], out=io.StringIO()) == 0
+    out = io.StringIO()
+    assert main(["resolve", f"r {exe}:plain $retval"], out=out) == 0
+    assert "=%ax:s64" in out.getvalue(), out.getvalue()

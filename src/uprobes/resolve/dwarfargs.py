@@ -199,12 +199,16 @@ def typed_return(args: tuple[FetchArg, ...], image: ElfImage,
     bool, signed widths, pointers in hex); as written (x64) without DWARF,
     for void, structs and DWARF this cannot read. A `float` or `double` is
     returned in xmm0 (the SysV ABI), which only the ptrace engine reads: such
-    a probe goes to it, as a float parameter in an SSE register does.
+    a probe goes to it, as a float parameter in an SSE register does. A
+    value in neither rax nor xmm0 alone (complex, long double, a small struct
+    of floats) is refused rather than printed from rax.
     `file_offset`: the function's entry in `image`."""
     if not any(isinstance(a.expr, RetVal) and not a.type.explicit for a in args):
         return args
     try:
         return _typed_return(args, image, debug_dirs, file_offset)
+    except _NotInRax:
+        raise
     except Exception:  # noqa: BLE001 - a bonus: DWARF it cannot read leaves $retval raw
         return args
 
@@ -220,6 +224,13 @@ def _typed_return(args: tuple[FetchArg, ...], image: ElfImage,
         return args
     rtype = CType.of(function) if "DW_AT_type" in function.attributes \
         else CType.of(_origin(function))
+    elsewhere = _not_in_rax(rtype)
+    if elsewhere:
+        text = next(a.text for a in args if isinstance(a.expr, RetVal) and not a.type.explicit)
+        name = die_name(function) or die_name(_origin(function))
+        raise _NotInRax(f"{text}: {name} returns a {rtype.name}, "
+                        f"{elsewhere}; no $retval reads it (write $retval:x64 for rax "
+                        "as it is)")
     if rtype.kind in ("void", "struct", "union", "array", "unknown") \
             or rtype.size not in (1, 2, 4, 8):
         return args
@@ -237,6 +248,32 @@ def _typed_return(args: tuple[FetchArg, ...], image: ElfImage,
         except ResolveError:
             out.append(arg)  # a type no fetch reads: the raw register, as written
     return tuple(out)
+
+
+class _NotInRax(ResolveError):
+    """A return value the registers $retval can read do not hold."""
+
+
+def _not_in_rax(t: CType) -> str:
+    """Where the SysV ABI returns a value of type `t` if not in rax/xmm0 alone
+    (a complex number, a long double, a small struct or union with a
+    floating-point member); "" when $retval can read it or leaves it raw."""
+    if t.kind == "base" and t.encoding == "DW_ATE_0x3":  # complex_float
+        return "in SSE registers" if t.size <= 16 else "in st0 and st1"
+    if t.kind == "base" and t.encoding == "float" and t.size not in (4, 8):
+        return "in st0"
+    if t.kind in ("struct", "union") and 0 < t.size <= 16 and _has_float(t):
+        return "in SSE registers"
+    return ""
+
+
+def _has_float(t: CType) -> bool:
+    """Whether a floating-point value is part of a struct, union or array."""
+    if t.kind in ("struct", "union"):
+        return any(_has_float(m.type) for m in t.members)
+    if t.kind == "array":
+        return _has_float(t.target)
+    return t.kind == "base" and (t.encoding == "float" or t.encoding == "DW_ATE_0x3")
 
 
 def _item(scope: Scope, die: Any) -> Item:
