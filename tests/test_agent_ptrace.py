@@ -39,6 +39,22 @@ def _agent(exe: Path, port: int) -> Agent:
                  f"r {exe}:handle")
 
 
+def _config(path: Path, exe: Path, port: int, more: str = "") -> str:
+    """Write an agent config timing `exe`'s handle (and `more` TOML) to `path`."""
+    head = (f'engine = "ptrace"\n[prometheus]\nlisten = "127.0.0.1:{port}"\n'
+            f'[[probe]]\nline = "{exe}:handle"\n'
+            f'[[probe]]\nline = "r {exe}:handle"\n')
+    path.write_text(head + more)
+    return head
+
+
+def _stopped(agent: Agent) -> str:
+    """Stop `agent` with SIGTERM: it must exit 0 with no traceback; what it said."""
+    status, err = agent.stop(signal.SIGTERM)
+    assert status == 0 and "Traceback" not in err, err
+    return err
+
+
 def _followed(agent: Agent, port: int) -> float:
     return sum(pick(agent.metrics(port), "uprobes_followed_processes").values())
 
@@ -229,10 +245,8 @@ def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path:
     too when `executable` says which processes."""
     port = free_port()
     config = tmp_path / "agent.toml"
-    config.write_text(f'engine = "ptrace"\n[prometheus]\nlisten = "127.0.0.1:{port}"\n'
-                      f'[[probe]]\nline = "{caller_exe}:handle"\n'
-                      f'[[probe]]\nline = "r {caller_exe}:handle"\n'
-                      f'[[probe]]\nline = "libc:nanosleep"\nexecutable = "{caller_exe}"\n')
+    _config(config, caller_exe, port,
+            f'[[probe]]\nline = "libc:nanosleep"\nexecutable = "{caller_exe}"\n')
     caller = Caller(caller_exe)
     agent = Agent("--config", str(config))
     try:
@@ -243,8 +257,7 @@ def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path:
         assert _calls(got, caller) == CALLS_PER_ROUND
         naps = pick(got, "uprobes_hits_total", probe="uprobes/nanosleep", **who)
         assert sum(naps.values()) == CALLS_PER_ROUND  # one nanosleep per call
-        status, err = agent.stop(signal.SIGTERM)
-        assert status == 0 and "Traceback" not in err, err
+        _stopped(agent)
         caller.end()
     finally:
         agent.kill()
@@ -258,10 +271,7 @@ def test_sighup_keeps_the_tracers_counts(caller_exe: Path, tmp_path: Path) -> No
     said once."""
     port = free_port()
     config = tmp_path / "agent.toml"
-    head = (f'engine = "ptrace"\n[prometheus]\nlisten = "127.0.0.1:{port}"\n'
-            f'[[probe]]\nline = "{caller_exe}:handle"\n'
-            f'[[probe]]\nline = "r {caller_exe}:handle"\n')
-    config.write_text(head)
+    head = _config(config, caller_exe, port)
     caller, idle = Caller(caller_exe), Caller(caller_exe)
     agent = Agent("--config", str(config))
     try:
@@ -291,6 +301,57 @@ def test_sighup_keeps_the_tracers_counts(caller_exe: Path, tmp_path: Path) -> No
         agent.kill()
         caller.proc.kill()
         idle.proc.kill()
+
+
+def test_a_reload_with_a_probe_that_cannot_be_resolved_keeps_the_old_probes(
+        caller_exe: Path, tmp_path: Path) -> None:
+    """The ptrace engine resolves a config's probes as it starts following:
+    one that names no function is refused at a reload, and the probes
+    before it are followed on (the agent does not end)."""
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    head = _config(config, caller_exe, port)
+    caller = Caller(caller_exe)
+    agent = Agent("--config", str(config))
+    try:
+        agent.ready()
+        caller.round()
+        config.write_text(head + f'[[probe]]\nline = "{caller_exe}:no_such_function"\n')
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_said("reload refused")
+        agent.ready()  # the probes before it, in place again
+        caller.round()
+        assert _calls(agent.metrics(port), caller) == 2 * CALLS_PER_ROUND
+        err = _stopped(agent)
+        assert "no_such_function" in err and "reloaded" not in err, err
+        caller.end()
+    finally:
+        agent.kill()
+        caller.proc.kill()
+
+
+def test_a_waited_for_file_whose_probe_cannot_be_resolved_is_left_out(
+        caller_exe: Path, tmp_path: Path) -> None:
+    """A file waited for appears without the function probed: its probe is
+    left out with one line, and the others are followed on."""
+    port = free_port()
+    later = tmp_path / "later"
+    config = tmp_path / "agent.toml"
+    _config(config, caller_exe, port, f'[[probe]]\nline = "{later}:no_such_function"\n')
+    caller = Caller(caller_exe)
+    agent = Agent("--config", str(config))
+    try:
+        agent.ready()
+        shutil.copy(caller_exe, later)
+        agent.wait_said("not placed, the others run on")
+        agent.ready()
+        caller.round()
+        assert _calls(agent.metrics(port), caller) == CALLS_PER_ROUND
+        _stopped(agent)
+        caller.end()
+    finally:
+        agent.kill()
+        caller.proc.kill()
 
 
 @pytest.mark.parametrize("lines,words", [

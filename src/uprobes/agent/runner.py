@@ -12,7 +12,9 @@ moment the probes were being replaced (hits then are not seen).
 
 A probe whose file does not exist yet is waited for: the others run, and
 when the file appears (looked for once a second) the session is replaced
-by one with it, as on a reload.
+by one with it, as on a reload. Where the new probes cannot be placed
+(on the ptrace engine they are resolved as the run starts, in the main
+thread), one line says so and the probes before run again.
 """
 
 from __future__ import annotations
@@ -112,14 +114,42 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
     run: _Run | CountRun | Following | None = None
     waiting: dict[str, str] = {}
 
+    running: tuple[AgentProbe, ...] = ()  # the probes of the run going on
+
     def start(config: AgentConfig) -> _Run | CountRun | Following | None:
         nonlocal waiting
         present, now_waiting = _split(config.probes)
         for path in sorted(set(now_waiting.values()) - set(waiting.values())):
             note(f"waiting for {path} to exist: its probes are placed when it does")
         waiting = now_waiting
+        return launch(config, present)
+
+    def start_or_back(config: AgentConfig, old: AgentConfig, old_probes: tuple[AgentProbe, ...],
+                      old_waiting: dict[str, str],
+                      refused: str) -> tuple[AgentConfig, _Run | CountRun | Following | None]:
+        """`start(config)`; if its probes cannot be placed (resolving them
+        is done here, in the main thread, on the ptrace engine), say so and
+        run `old_probes` of `old` again: the agent goes on as before."""
+        nonlocal waiting
+        try:
+            return config, start(config)
+        except UprobesError as e:
+            note(f"{refused}: {e}")
+            waiting = old_waiting
+            return old, launch(old, old_probes)
+
+    def launch(config: AgentConfig,
+               present: tuple[AgentProbe, ...]) -> _Run | CountRun | Following | None:
+        nonlocal running
+        running = ()
         if not present:
             return None
+        run = _launch(config, present)
+        running = present
+        return run
+
+    def _launch(config: AgentConfig,
+                present: tuple[AgentProbe, ...]) -> _Run | CountRun | Following:
         if config.engine == "ptrace":
             run = Following(replace(config, probes=present), metrics, note, on_ready)
             following[:] = [run]
@@ -188,20 +218,30 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
                         note(f"reloaded {new.source}: the probes are unchanged, left in place")
                         config = new
                         continue
+                    old, old_probes, old_waiting = config, running, waiting
                     stop(run)
                     run = None
-                    config = new
-                    note(f"reloaded {config.source}: {len(config.probes)} probe lines")
-                    run = start(config)
+                    config, run = start_or_back(new, old, old_probes, old_waiting,
+                                                "reload refused, back to the probes before it")
+                    if config is new:
+                        note(f"reloaded {new.source}: {len(new.probes)} probe lines")
                     continue
                 if signum is not None:
                     return signum
                 if deadline is not None and time.monotonic() >= deadline:
                     return 0
                 if waiting and any(os.path.exists(p) for p in set(waiting.values())):
+                    old_probes, old_waiting = running, waiting
+                    appeared = {p for p in waiting.values() if os.path.exists(p)}
                     stop(run)
                     run = None
-                    run = start(config)
+                    # Refused, the file is waited for no more (it exists): its
+                    # probes stay out until a reload.
+                    config, run = start_or_back(
+                        config, config, old_probes,
+                        {line: p for line, p in old_waiting.items() if p not in appeared},
+                        f"the probes on {', '.join(sorted(appeared))} not placed, "
+                        "the others run on")
         finally:
             stop(run)
 
