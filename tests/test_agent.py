@@ -150,3 +150,14 @@ def test_a_scrape_is_answered_while_hits_pour_in(tracefs: Path, compile_c: Compi
         agent.kill()
     assert status == 0, err
     assert max(took) < 5, took
+
+
+def test_the_service_unit_never_signals_the_watchers() -> None:
+    """The unit's KillMode leaves the agent's watchers (its child processes,
+    in the unit's cgroup) alone: they undo what a crashed or killed agent
+    leaves, so a SIGKILL as the agent ends ("mixed", "control-group") would
+    strike them just when they have work to do."""
+    unit = Path(__file__).parent.parent / "docs" / "uprobes-agent.service"
+    modes = [line.split("=", 1)[1].strip() for line in unit.read_text().splitlines()
+             if line.startswith("KillMode=")]
+    assert modes == ["process"], modes
