@@ -438,3 +438,42 @@ def test_retval_not_in_rax_is_refused(compile_c: Compiler, fn: str, type_name: s
     out = io.StringIO()
     assert main(["resolve", f"r {exe}:plain $retval"], out=out) == 0
     assert "=%ax:s64" in out.getvalue(), out.getvalue()
+
+
+# ------------------------------------------------------------ corrupt debug info
+
+def _corrupted(exe: Path, section: str, start: int, length: int, dst: Path) -> Path:
+    """A copy of `exe` with `length` bytes of `section`'s stored bytes
+    inverted from `start` (past a compressed section's header)."""
+    from elftools.elf.elffile import ELFFile
+
+    with exe.open("rb") as f:
+        sec = ELFFile(f).get_section_by_name(section)
+        offset, size = sec["sh_offset"], sec["sh_size"]
+    assert start + length <= size
+    data = bytearray(exe.read_bytes())
+    for i in range(offset + start, offset + start + length):
+        data[i] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    dst.chmod(0o755)
+    return dst
+
+
+@pytest.mark.parametrize("flags,section,start,length", [
+    ("-gz=zlib", ".debug_info", 64, 64),     # inside the zlib stream: it stops inflating
+    ("-O0", ".debug_abbrev", 8, 64),         # abbreviation codes the DIEs name are gone
+    ("-O2", ".debug_abbrev", 64, 256),
+    ("-O0", ".debug_info", 32, 64),          # DIEs with codes no table has
+])
+def test_corrupt_debug_info_is_one_line(compile_c: Compiler, tmp_path: Path, flags: str,
+                                        section: str, start: int, length: int) -> None:
+    """Debug info that does not parse (a compressed section that does not
+    inflate, abbreviations or DIEs overwritten) is one `uprobes: error:` line
+    naming the file, exit 2 as for other unreadable files, never a traceback."""
+    bad = _corrupted(compile_c("dwarf_args.c", flags), section, start, length,
+                     tmp_path / "corrupt")
+    err = io.StringIO()
+    assert main(["resolve", f"{bad}:visit $params"], out=io.StringIO(), err=err) == 2
+    assert err.getvalue().count("\n") == 1, err.getvalue()
+    assert err.getvalue().startswith(f"uprobes: error: {bad}: cannot read its DWARF"), \
+        err.getvalue()

@@ -14,13 +14,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from uprobes.elf.dwarf.index import DwarfFile
+from uprobes.elf.dwarf.index import DwarfFile, unreadable
 from uprobes.elf.golang import uses_register_abi
 from uprobes.elf.image import ElfImage
 from uprobes.elf.insn import check_boundary
 from uprobes.elf.symbols import Symbol, SymbolTable, ifunc_warning
 from uprobes.elf.usdt import UsdtNote, usdt_notes
-from uprobes.errors import ProcessError, ResolveError, SpecError, UprobesError
+from uprobes.errors import ElfError, ProcessError, ResolveError, SpecError, UprobesError
 from uprobes.lang.ast import (
     Arg,
     Deref,
@@ -105,7 +105,13 @@ class Resolver:
     def resolve(self, spec: ProbeSpec) -> list[ResolvedProbe]:
         target = spec.target
         if isinstance(target, FileTarget):
-            return self._resolve_file(spec, target)
+            try:
+                return self._resolve_file(spec, target)
+            except Exception as exc:
+                if not unreadable(exc):
+                    raise
+                raise ElfError(f"{target.path}: cannot read its DWARF (corrupt?): "
+                               f"{type(exc).__name__}: {exc}") from exc
         if isinstance(target, UsdtTarget):
             return self._resolve_usdt(spec, target)
         if isinstance(target, PyTarget):

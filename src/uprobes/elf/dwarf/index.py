@@ -35,6 +35,30 @@ SCOPE_TAGS = frozenset(("DW_TAG_subprogram", "DW_TAG_lexical_block",
 _CONTAINERS = frozenset(("DW_TAG_namespace", "DW_TAG_class_type", "DW_TAG_structure_type"))
 
 
+_PARSERS = (os.path.dirname(__file__) + os.sep,
+            os.sep + "elftools" + os.sep)
+"""Where DWARF is parsed: this package and pyelftools."""
+
+
+def unreadable(exc: BaseException) -> bool:
+    """Whether `exc` is debug info that could not be parsed (corrupt bytes,
+    a compressed section that does not inflate) rather than a fault of ours:
+    pyelftools' and zlib's errors, or a lookup (an abbreviation code, an
+    offset, a string's end) that failed inside the DWARF parsers. DIEs are
+    parsed lazily, so this can surface wherever one is walked."""
+    from elftools.common.exceptions import DWARFError, ELFError
+
+    if isinstance(exc, (ELFError, DWARFError, zlib.error)):
+        return True
+    if not isinstance(exc, (KeyError, IndexError, ValueError, struct.error)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return any(part in where for part in _PARSERS)
+
+
 def die_name(die: Any) -> str | None:
     """A DIE's name, through its abstract origin or specification."""
     seen = 0

@@ -74,8 +74,8 @@ def scope_offsets(info: Any, cu: Any, link_addr: int,
             offset, parent, has_children, pos = found
             chain.append(start + offset)
         return chain
-    except (Unknown, IndexError, struct.error):
-        return None
+    except (Unknown, IndexError, KeyError, ValueError, struct.error):
+        return None  # bytes this reader does not follow (or corrupt): pyelftools' parse decides
 
 
 def _abbreviations(info: Any, offset: int) -> dict[int, Decl]:
