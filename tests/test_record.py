@@ -216,8 +216,9 @@ def test_bad_directories_are_one_line(tmp_path: Path) -> None:
 def test_altered_recordings_never_crash_the_replay(exe: Path, tmp_path: Path) -> None:
     """A ring record the program overwrote (a probe id or a tid no probe's
     code writes) is left out and counted; a stream cut mid-chunk replays what
-    came before it; a meta.json naming a class we do not keep is refused in a
-    line; an unfinished recording says so."""
+    came before it; a meta.json naming a class we do not keep, or a site
+    whose records its ring's slots cannot hold, is refused in a line; an
+    unfinished recording says so."""
     rec = tmp_path / "rec"
     uprobes("record", "-e", "ptrace", "-o", str(rec), f"{exe}:work a=%di:s64", "--", str(exe),
             "loop", "100")
@@ -244,7 +245,11 @@ def test_altered_recordings_never_crash_the_replay(exe: Path, tmp_path: Path) ->
                               (("tsc", "scale"), 1e-320, "not what uprobes record writes"),
                               (("probes", 0, "kind"), {"$enum": "FetchType", "v": [1]},
                                "cannot read back"),
-                              (("probes",), [[[[[[[[[[[]]]]]]]]]]] * 10, "not probes")):
+                              (("probes",), [[[[[[[[[[[]]]]]]]]]]] * 10, "not probes"),
+                              # a recipe of more words than the run's short slots hold
+                              (("sites", 0, "recipe", "regs", "$t"),
+                               ["rax", "rbx", "rcx", "rdx", "rsi", "rdi"],
+                               "more words than its ring's slots")):
         meta = json.loads(good)
         at: Any = meta
         for key in path[:-1]:

@@ -50,6 +50,7 @@ from uprobes.sys.clocks import ClockSnapshot
 @dataclass(frozen=True)
 class _Site:
     makes: tuple[Make, ...]  # one per probe line on the instruction
+    words: int  # what its recipe records, each record
 
 
 class Recording:
@@ -113,6 +114,11 @@ class Recording:
             self._rate = (scale, _count(tsc["tsc0"]), _count(tsc["ns0"]))
         self._sites = [self._site(s) for s in meta["sites"]]
         self._probe_ids = frozenset(range(len(self._sites)))
+        # Per slot size, the sites whose records its slots cannot hold (none,
+        # unless meta.json was altered): a record of one is refused.
+        self._too_wide = {slot_bytes: frozenset(i for i, site in enumerate(self._sites)
+                                                if site.words > shape.words)
+                          for slot_bytes, shape in SHAPES.items()}
 
     @property
     def clock_start(self) -> ClockSnapshot:
@@ -137,7 +143,7 @@ class Recording:
             makes.append(make if make is not None
                          else self._fetching(line, RecordedSite(None, recipe, ip, file_base,
                                                                 func=func)))
-        return _Site(tuple(makes))
+        return _Site(tuple(makes), recipe.words)
 
     def _fetching(self, line: ResolvedProbe, site: RecordedSite) -> Make:
         """A record -> hit through the probe's fetcher (what `direct_hit` does
@@ -222,6 +228,10 @@ class Recording:
         good = valid_records(records, self._probe_ids, self._cpus, owners,
                              created - skew, now + skew)
         self.corrupt += len(records) - len(good)
+        too_wide = self._too_wide[slot_bytes]
+        if too_wide and any(rec[REC_PROBE] in too_wide for rec in good):
+            raise RecordingError(f"{self.directory / META}: a site records more words than "
+                                 f"its ring's slots of {slot_bytes} bytes hold")
         return [(rec, owners[rec[REC_TID]]) for rec in good]
 
     def _ring_hits(self, records: list[tuple[tuple[int, ...], tuple[int, str]]],
