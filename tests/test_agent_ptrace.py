@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ from agent_support import (
 )
 from conftest import Compiler, need, read_fd_until, wait_until
 
+from uprobes.agent.config import from_command_line
+from uprobes.agent.following import Following
+from uprobes.agent.metrics import Metrics
+from uprobes.agent.processes import ProcessWatch
 from uprobes.engines.ptrace.permissions import tracer_of
 from uprobes.errors import KernelError
 from uprobes.sys.proc_events import ProcEvents
@@ -352,6 +357,45 @@ def test_a_waited_for_file_whose_probe_cannot_be_resolved_is_left_out(
     finally:
         agent.kill()
         caller.proc.kill()
+
+
+def test_process_events_the_kernel_drops_are_told(tmp_path: Path) -> None:
+    """Its reader held up and its buffer small, the watch loses events (the
+    kernel drops them): it says so, for /proc to be looked at."""
+    if not _proc_events():
+        pytest.skip("no process events here (CAP_NET_ADMIN in the initial namespaces)")
+    held, missed = threading.Event(), threading.Event()
+    watch = ProcessWatch(lambda pid: held.wait(60), lambda text: None,
+                         lambda forever: missed.set(), buffer_bytes=1)
+    with watch:
+        try:
+            for _ in range(200):  # each a fork and an exec: far more than the buffer holds
+                subprocess.run(["true"], check=True)
+        finally:
+            held.set()
+        wait_until(missed.is_set, "the events dropped told")
+
+
+def test_after_events_were_dropped_proc_is_scanned(caller_exe: Path) -> None:
+    """A process started while events were being dropped (none told of it)
+    is followed once the run hears that some were: /proc is scanned."""
+    config = from_command_line([f"{caller_exe}:handle", f"r {caller_exe}:handle"], [], [],
+                               None, 1000, "ptrace")
+    following = Following(config, Metrics(), lambda text: None, lambda config: None)
+    following.begin(events=True)
+    caller: Caller | None = None
+    try:
+        wait_until(lambda: following.placed, "the run ready")  # its scan done
+        caller = Caller(caller_exe)
+        assert tracer_of(caller.proc.pid) == 0  # nothing told of it
+        following.missed(False)
+        wait_until(lambda: tracer_of(caller.proc.pid) != 0, "the process followed")
+        caller.round()
+    finally:
+        following.end()
+        if caller is not None:
+            caller.proc.kill()
+    assert tracer_of(caller.proc.pid) == 0
 
 
 @pytest.mark.parametrize("lines,words", [

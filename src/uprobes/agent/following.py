@@ -4,19 +4,20 @@ counted, inside every process that runs the probed executable, from the
 moment it starts until it exits.
 
 The kernel's process events (processes.py, the netlink process connector)
-tell of each exec as it happens (without them, /proc is looked at every
-RESCAN_S); a process whose /proc/PID/exe is a probed
-executable (the probe's file, or its `executable`) and whose comm is one a
-probe asks for (any, if none) gets a tracer of its own, in a thread of the
-agent's: the ptrace engine's trap-free timing (trapfree="time"), jumps in
-the program whose code keeps each thread's histograms in shared memory, and
-its trap-free counters for the lines counted (a line that cannot be
-trap-free is left out with a note: no int3, no stop per hit). The
-tracer's thread blocks until the process does something the tracer must
-see (a clone, an exec, its exit), then detaches when it exits or when the
-agent ends. Processes running when the agent starts are found by one scan
-of /proc. At each export the histograms and counters are read from the
-program's shared memory (no ptrace request, no stop of the program).
+tell of each exec as it happens (without them, or once they ended, /proc is
+looked at every RESCAN_S; after the kernel dropped some, once); a process
+whose /proc/PID/exe is a probed executable (the probe's file, or its
+`executable`) and whose comm is one a probe asks for (any, if none) gets a
+tracer of its own, in a thread of the agent's: the ptrace engine's trap-free
+timing (trapfree="time"), jumps in the program whose code keeps each
+thread's histograms in shared memory, and its trap-free counters for the
+lines counted (a line that cannot be trap-free is left out with a note: no
+int3, no stop per hit). The tracer's thread blocks until the process does
+something the tracer must see (a clone, an exec, its exit), then detaches
+when it exits or when the agent ends. Processes running when the agent
+starts are found by one scan of /proc. At each export the histograms and
+counters are read from the program's shared memory (no ptrace request, no
+stop of the program).
 
 A fork of a followed process is followed by its parent's tracer (ptrace
 attaches it at the fork) and counts into the parent's series; if it outlives
@@ -199,6 +200,7 @@ class Following:
         metrics.live_followed = lambda: sum(p.timer is not None for p in list(self._live.values()))
         self._thread = threading.Thread(target=self._main, name="uprobes-follow", daemon=True)
         self._rescan = False
+        self._missed = threading.Event()  # process events were dropped: scan /proc once
 
     def begin(self, events: bool = True) -> None:
         """Scan /proc, then follow what `consider` is given (call it first
@@ -209,6 +211,14 @@ class Following:
         self._thread.start()
 
     # ------------------------------------------------------------ processes
+
+    def missed(self, forever: bool) -> None:
+        """The kernel dropped process events (`forever`: they ended): /proc
+        is scanned for what they would have told (from any thread), once,
+        or every RESCAN_S from now on."""
+        if forever:
+            self._rescan = True
+        self._missed.set()
 
     def consider(self, pid: int) -> None:
         """A process has just exec'd or been forked (the process events'
@@ -226,7 +236,9 @@ class Following:
             self.on_ready(self.config)
             scanned = time.monotonic()
             while not self._ending.is_set():
-                if self._rescan and time.monotonic() - scanned >= RESCAN_S:
+                if self._missed.is_set() or (
+                        self._rescan and time.monotonic() - scanned >= RESCAN_S):
+                    self._missed.clear()  # before: what is dropped meanwhile is scanned for
                     self._scan()
                     scanned = time.monotonic()
                 try:

@@ -6,6 +6,10 @@ is read (a short-lived process is gone by then).
 Where the process connector cannot be had (a container without
 CAP_NET_ADMIN in the initial namespaces), one note says so and a
 process's executable is read at its first hit instead.
+
+The kernel drops events when our socket's buffer is full, and the events
+end if a read fails: `on_missed` is told either way (`forever` once they
+ended), so that what relies on them can look in /proc for what it missed.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ class ProcessWatch:
     """While entered, each exec on the machine, and each new process (a fork
     runs its parent's file until it execs), is passed to `on_exec(pid)`."""
 
-    def __init__(self, on_exec: Callable[[int], object],
-                 note: Callable[[str], object]) -> None:
+    def __init__(self, on_exec: Callable[[int], object], note: Callable[[str], object],
+                 on_missed: Callable[[bool], object] = lambda forever: None,
+                 buffer_bytes: int = 1 << 20) -> None:
         self.on_exec = on_exec
         self.note = note
+        self.on_missed = on_missed
+        self.buffer_bytes = buffer_bytes
         self._events: ProcEvents | None = None
+        self._ended = False  # a read failed: no more events
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.execs = 0
@@ -36,7 +44,7 @@ class ProcessWatch:
     @property
     def available(self) -> bool:
         """Whether the kernel's process events are read (else nothing is passed on)."""
-        return self._events is not None
+        return self._events is not None and not self._ended
 
     @property
     def overruns(self) -> int:
@@ -44,7 +52,7 @@ class ProcessWatch:
         return self._events.overruns if self._events is not None else 0
 
     def __enter__(self) -> ProcessWatch:
-        events = ProcEvents()
+        events = ProcEvents(self.buffer_bytes)
         try:
             events.__enter__()
         except KernelError as e:
@@ -65,15 +73,20 @@ class ProcessWatch:
         while not self._stop.is_set():
             if not poller.poll(POLL_MS):
                 continue
+            overruns = events.overruns
             try:
                 batch = events.read()
             except KernelError as e:
                 self.note(f"process events stopped: {e}")
+                self._ended = True
+                self.on_missed(True)
                 return
             for ev in batch:
                 if ev.what == EXEC or (ev.what == FORK and ev.tid == ev.pid):
                     self.execs += 1
                     self.on_exec(ev.pid)
+            if events.overruns != overruns:  # after the events read with it
+                self.on_missed(False)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

@@ -178,7 +178,16 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
         for f in following:
             f.consider(pid)
 
-    with StopSignals() as signals, ProcessWatch(on_exec, note) as watch:
+    def on_missed(forever: bool) -> None:
+        """Process events dropped, or ended (`forever`): the ptrace engine's
+        run looks in /proc for the processes they would have told of."""
+        for f in list(following):
+            if forever:
+                note(f"processes started from now on are looked for in /proc every "
+                     f"{RESCAN_S:g} s")
+            f.missed(forever)
+
+    with StopSignals() as signals, ProcessWatch(on_exec, note, on_missed) as watch:
         poller = select.poll()
         poller.register(signals.fileno(), select.POLLIN)
         run = start(config)
