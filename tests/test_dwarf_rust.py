@@ -87,6 +87,21 @@ def test_kernel_engine_values_equal_ptrace(build: tuple[Path, bool], tracefs: Pa
         assert args == {k: v for k, v in EXPECTED[probe].items() if k in args}, probe
 
 
+def test_no_parameters_is_probed_at_its_entry(build: tuple[Path, bool]) -> None:
+    """A function without parameters gives no location to tell -O from -O0
+    by, and no prologue stores one: it is probed at its entry, where a probe
+    without variables goes too, not after a prologue it was taken to have."""
+    exe = build[0]
+    (plain,) = Resolver().resolve_all(parse_specs([f"{exe}:dwarf_args::tick"]))
+    err = io.StringIO()
+    out = io.StringIO()
+    assert main(["resolve", f"{exe}:dwarf_args::tick $params"], out=out, err=err) == 0
+    assert "prologue" not in err.getvalue(), err.getvalue()
+    (named,) = Resolver().resolve_all(parse_specs([f"{exe}:dwarf_args::tick $params"]))
+    assert named.file_offset == plain.file_offset, (hex(named.file_offset),
+                                                    hex(plain.file_offset))
+
+
 def test_an_enum_with_data_is_refused_by_name(compile_rust: RustCompiler) -> None:
     """`Option<&Item>` holds one of two variants, chosen at run time: refused
     alone, and `<unsupported: ...>` as a member of a struct printed whole."""

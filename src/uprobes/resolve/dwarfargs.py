@@ -564,7 +564,7 @@ def after_prologue(df: DwarfFile, entry: int) -> int | None:
     scopes = [s for s in df.scopes_at(entry) if s.tag == "DW_TAG_subprogram"]
     if not scopes:
         return None
-    if not producer.startswith("GNU ") and _optimized_locations(scopes[-1]):
+    if not producer.startswith("GNU ") and _entry_is_right(scopes[-1]):
         return None  # LLVM (clang, rustc) records no -O: its locations tell
     end = max(hi for lo, hi in df.ranges(scopes[-1]) if lo <= entry < hi)
     rows = sorted((r for r in df.line_rows(cu)
@@ -585,10 +585,15 @@ _LOCATION_LISTS = frozenset(("DW_FORM_sec_offset", "DW_FORM_loclistx", "DW_FORM_
 _DW_OP_REG0, _DW_OP_REG31, _DW_OP_REGX = 0x50, 0x6F, 0x90
 
 
-def _optimized_locations(function: Any) -> bool:
-    """Whether a function's own parameters and variables are where optimized
-    code keeps them (in registers, or by location lists) rather than in
-    frame slots that the prologue fills."""
+def _entry_is_right(function: Any) -> bool:
+    """Whether a function's entry already shows what a probe there reads:
+    its parameters and variables are where optimized code keeps them (in
+    registers, or by location lists) rather than in frame slots that the
+    prologue fills, or it has no parameter with a location at all (none, or
+    all optimized out), so no prologue stores one. Nothing else in LLVM's
+    DWARF tells -O from -O0 for such a function: its producer records no
+    flags, and with frame pointers both set up the same frame."""
+    stored = False
     for child in function.iter_children():
         if child.tag not in ("DW_TAG_formal_parameter", "DW_TAG_variable"):
             continue
@@ -600,4 +605,5 @@ def _optimized_locations(function: Any) -> bool:
         ops = attr.value if isinstance(attr.value, list) else []
         if ops and (_DW_OP_REG0 <= ops[0] <= _DW_OP_REG31 or ops[0] == _DW_OP_REGX):
             return True
-    return False
+        stored = stored or child.tag == "DW_TAG_formal_parameter"
+    return not stored
