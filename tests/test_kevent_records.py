@@ -4,6 +4,7 @@ walk makes, in the same order, and every sample is counted."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from dataclasses import astuple
@@ -215,3 +216,35 @@ def test_a_backlog_in_pieces_comes_in_time_order_across_cpus(
     stamps = [ts for read in reads for ts in read]
     assert len(reads) > 5 and stamps == sorted(stamps)
     assert len(stamps) == 2 * (200 + 40 + 10)
+
+
+def test_rings_shrink_under_a_locked_memory_limit(tracefs: Path, compile_c: Compiler,
+                                                   tmp_path: Path) -> None:
+    """Without CAP_IPC_LOCK (which lets root past it) the rings count against
+    RLIMIT_MEMLOCK: a limit with no room for the rings asked for halves them
+    until they fit, says so in a note, and the run goes on with every call.
+    (The limit here can only be lowered, below two rings of the real floor
+    of 16 MiB: the child lowers the floor too.)"""
+    import subprocess
+    import sys
+
+    exe = compile_c("../../bench/syscall_rate.c")
+    script = (
+        "import sys\n"
+        "from uprobes.engines.kevents import source\n"
+        "source.MIN_RING_PAGES = 32\n"
+        "from uprobes.commands import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    limit, out = 4 << 20, tmp_path / "t.jsonl"
+    argv = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
+            "prlimit", f"--memlock={limit}:{limit}", "--", sys.executable, "-c", script,
+            "trace", "--json", "-o", str(out), "-e", "ptrace", "--kernel", "syscalls",
+            f"{exe}:mark n=%di:s32", "--", str(exe), "2000", "0.1"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "uprobes: note: the kernel's events get rings of " in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    calls = sum(1 for d in docs if d.get("name") == "getppid")
+    assert calls == 2 * 200, run.stderr
+    assert [d["args"]["n"] for d in docs if d.get("probe") == "uprobes/mark"] == [1, 2]

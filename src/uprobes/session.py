@@ -347,7 +347,7 @@ class Session:
         if self.kernel is None:
             yield None
             return
-        with KernelEvents(self.kernel) as source:
+        with KernelEvents(self.kernel, note=self._note) as source:
             yield source
 
     def _run(self, duration: float | None, ready: Callable[[], object] | None,

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from bisect import bisect_right
+from collections.abc import Callable
 from contextlib import ExitStack
 from operator import itemgetter
 
@@ -42,13 +44,17 @@ from uprobes.sys.perf import (
 from uprobes.sys.perf_ring import RingBuffer
 from uprobes.sys.tracefs import Tracefs
 
+MIN_RING_PAGES = 4096
+"""Under a locked-memory limit too low for the rings asked for, each is
+halved down to this (16 MiB) before the run gives up."""
+
 
 def default_ring_pages(cpus: int) -> int:
     """Data pages of each CPU's ring: a busy thread's events fill its CPU's
     ring at up to 8 MiB a second, and the reader waits for a CPU as long as
     the machine is busy: 64 MiB on a machine of up to 4 CPUs, less with
     more (256 MiB in all), down to 16 MiB beyond 16."""
-    pages = max(4096, min(16384, 65536 // max(cpus, 1)))
+    pages = max(MIN_RING_PAGES, min(16384, 65536 // max(cpus, 1)))
     return 1 << (pages.bit_length() - 1)  # a power of two
 
 
@@ -68,9 +74,11 @@ class KernelEvents:
     context manager owning every fd and ring)."""
 
     def __init__(self, names: list[str], tracefs: Tracefs | None = None,
-                 ring_pages: int | None = None) -> None:
+                 ring_pages: int | None = None,
+                 note: Callable[[str], object] | None = None) -> None:
         """`names`: tracepoints (`decode.parse_kernel_option`); an unknown
-        one is a UsageError here, before anything is opened."""
+        one is a UsageError here, before anything is opened. `note`
+        receives the one-line notes (rings made smaller than asked)."""
         if tracefs is None:
             try:
                 tracefs = Tracefs()
@@ -89,6 +97,8 @@ class KernelEvents:
                                                if tp.switches or tp.about is not None})
         self.cpus = online_cpus()
         self.ring_pages = ring_pages or default_ring_pages(len(self.cpus))
+        self._fit_pages = self.ring_pages  # what the next ring is mapped with
+        self._note = note or (lambda text: sys.stderr.write(f"uprobes: note: {text}\n"))
         self.rings: dict[int, RingBuffer] = {}
         self._stack = ExitStack()
         self._opened: set[int] = set()
@@ -200,12 +210,34 @@ class KernelEvents:
             ev.set_filter(flt)
         ring = self.rings.get(cpu)
         if ring is None:
-            self.rings[cpu] = self._stack.enter_context(RingBuffer(ev, self.ring_pages))
+            self.rings[cpu] = self._stack.enter_context(self._ring(ev))
         else:
             ev.set_output(ring.event)
         if not on_exec:
             ev.enable()
         return ev
+
+    def _ring(self, ev: PerfEvent) -> RingBuffer:
+        """`ev`'s ring: of `ring_pages`, or, when the locked-memory limit has
+        no room for it (root without CAP_IPC_LOCK too), halved down to
+        MIN_RING_PAGES, the size of every later ring from then on."""
+        shrunk = False
+        while True:
+            try:
+                ring = RingBuffer(ev, self._fit_pages)
+            except KernelError as e:
+                if e.errno not in (errno.EPERM, errno.ENOMEM) \
+                        or self._fit_pages // 2 < MIN_RING_PAGES:
+                    raise
+                self._fit_pages //= 2
+                shrunk = True
+                continue
+            if shrunk:
+                size = self._fit_pages * 4096
+                said = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+                self._note(f"the kernel's events get rings of {said} a CPU, not more, under "
+                           "the locked-memory limit (ulimit -l): a burst loses events sooner")
+            return ring
 
     def fds(self) -> list[int]:
         return [r.fileno() for r in self.rings.values()]
