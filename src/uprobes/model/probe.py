@@ -83,6 +83,11 @@ class ResolvedProbe:
     the guard keeps that function's. Every engine tests it where it tests a
     filter (the kernel in its event filter, the ptrace engine per hit)."""
     py_guard: PyGuard | None = None
+    computed_gotos: tuple[int, ...] = ()
+    """Link addresses of the tables the probed function's computed gotos
+    read, when resolution knows them (a `py:` probe's eval loop reads
+    CPython's dispatch table, `opcode_targets`): where a jump patch in
+    that function must not land (engines/trapfree/gotos.py)."""
     """The same guard as reads and compares the program's code can make
     (model/pyguard.py), when the names allow it: the trap-free engine
     tests it in the jump's code. None: only the text guard."""

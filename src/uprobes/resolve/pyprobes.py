@@ -387,7 +387,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             path=interp.ref.path, file_offset=file_offset, kind=spec.kind,
             ret_sites=(file_offset,) if spec.is_return else None,
             group=spec.group or GROUP, event=spec.event or event, args=args,
-            link_addr=link_addr, guard=guard, py_guard=compiled,
+            link_addr=link_addr, guard=guard, py_guard=compiled, computed_gotos=(loop.table,),
             alias=alias + ("%return" if spec.is_return else ""),
             notes=() if out else notes))
     return out

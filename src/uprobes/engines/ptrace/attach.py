@@ -259,7 +259,8 @@ class Attach(TracerState):
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
             # (a py: return is the start of the eval loop's RETURN_VALUE, not a ret)
             plan = plan_for(point.path, ident[0], ident[1], file_offset, others,
-                            at_return=at_ret is not None and not py)
+                            at_return=at_ret is not None and not py,
+                            tables=point.computed_gotos)
             why = plan if isinstance(plan, str) else None
         if why is None:
             assert not isinstance(plan, str)
@@ -293,7 +294,8 @@ class Attach(TracerState):
         point = probe.point
         mm = t.mm
         others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
-        plan = plan_for(point.path, ident[0], ident[1], file_offset, others)
+        plan = plan_for(point.path, ident[0], ident[1], file_offset, others,
+                        tables=point.computed_gotos)
         why = plan if isinstance(plan, str) else None
         if not isinstance(plan, str):
             def stops_at(trap: int) -> None:

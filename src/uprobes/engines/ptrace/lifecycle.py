@@ -228,7 +228,10 @@ class ThreadLife(TracerState):
                     regs.rip -= 1
                     ptrace.setregs(t.tid, regs)
                 elif regs.rip - 1 in t.mm.guard_traps:
-                    pass  # a hit we will not handle: on after its int3, as if not kept
+                    # A hit we will not handle now: back to its int3, taken
+                    # again if the run goes on (a nop once detached).
+                    regs.rip -= 1
+                    ptrace.setregs(t.tid, regs)
                 elif regs.rip - 1 not in t.mm.trampolines:
                     t.resume_sig = sig
                 else:

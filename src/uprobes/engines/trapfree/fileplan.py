@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind
+from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Register
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.trapfree import trampoline
-from uprobes.engines.trapfree.gotos import Addends, indirect_targets
+from uprobes.engines.trapfree.gotos import FileData, indirect_targets
 from uprobes.engines.trapfree.trampoline import Displaced
 from uprobes.errors import UprobesError
 
@@ -52,7 +52,7 @@ class _FileCode:
     symbols: SymbolTable
     targets: list[int]  # sorted
     arrivals: Counter[int]  # how many direct branches land at each target
-    addends: Addends | None = None  # read when a function with indirect jumps is planned
+    data: FileData | None = None  # read when a function with indirect jumps is planned
 
     def targets_between(self, lo: int, hi: int) -> list[int]:
         """Branch targets t with lo < t < hi."""
@@ -61,7 +61,8 @@ class _FileCode:
 
 
 _files: dict[tuple[int, int], _FileCode] = {}
-_plans: dict[tuple[int, int, int, tuple[int, ...], bool], FilePlan | str] = {}
+_plans: dict[tuple[int, int, int, tuple[int, ...], bool, tuple[int, ...]],
+             FilePlan | str] = {}
 
 
 def _file_code(path: str, dev: int, ino: int) -> _FileCode:
@@ -100,14 +101,17 @@ def _file_code(path: str, dev: int, ino: int) -> _FileCode:
 
 
 def plan_for(path: str, dev: int, ino: int, file_offset: int,
-             other_probes: Iterable[int] = (), at_return: bool = False) -> FilePlan | str:
+             other_probes: Iterable[int] = (), at_return: bool = False,
+             tables: tuple[int, ...] = ()) -> FilePlan | str:
     """The patch for a probe at `file_offset`, or why there is none.
     `other_probes`: file offsets of the file's other probes. `at_return`:
     the probe is on a `ret` (a return probe on the function's rets): the
-    patch is the whole instructions covering 5 bytes that end with it."""
+    patch is the whole instructions covering 5 bytes that end with it.
+    `tables`: the dispatch tables the function's computed gotos read, as
+    resolution found them (ResolvedProbe.computed_gotos)."""
     others = tuple(sorted(o for o in other_probes if o != file_offset))
-    return _cached(_plans, (dev, ino, file_offset, others, at_return),
-                   lambda: _plan(path, dev, ino, file_offset, others, at_return))
+    return _cached(_plans, (dev, ino, file_offset, others, at_return, tables),
+                   lambda: _plan(path, dev, ino, file_offset, others, at_return, tables))
 
 
 def _cached(cache: dict[Any, FilePlan | str], key: Any,
@@ -126,23 +130,41 @@ def _cached(cache: dict[Any, FilePlan | str], key: Any,
 
 
 def _cold_parts(code: _FileCode, name: str) -> list[list[Instruction]]:
-    """The `NAME.cold` parts of function `name`, decoded."""
+    """The parts of function `name` the compiler moved away (`NAME.cold`,
+    `NAME.cold.N`), decoded."""
     out = []
-    for cold in (f"{name}.cold", f"{name}.cold.0"):
-        for sym in code.symbols.lookup(cold):
-            if sym.size:
-                try:
-                    start = code.image.link_to_file_offset(sym.link_addr)
-                    with code.image:
-                        raw = code.image.read_file(start, sym.size)
-                except UprobesError:
-                    continue
-                out.append(list(Decoder(64, raw, ip=sym.link_addr)))
+    for sym in code.symbols.functions():
+        if not sym.size or not (sym.name == f"{name}.cold"
+                                or sym.name.startswith(f"{name}.cold.")):
+            continue
+        try:
+            start = code.image.link_to_file_offset(sym.link_addr)
+            with code.image:
+                raw = code.image.read_file(start, sym.size)
+        except UprobesError:
+            continue
+        out.append(list(Decoder(64, raw, ip=sym.link_addr)))
     return out
 
 
+def _returns_through_a_thunk(code: _FileCode, insns: list[Instruction]) -> str | None:
+    """Why `insns` jump somewhere no branch names, by a retpoline (a thunk
+    that `ret`s to a register stored over its return address), or None."""
+    for before, insn in zip(insns, insns[1:]):
+        if insn.mnemonic == Mnemonic.RET and before.mnemonic == Mnemonic.MOV \
+                and before.op0_kind == OpKind.MEMORY and before.memory_base == Register.RSP \
+                and before.memory_displacement == 0 and before.memory_index == Register.NONE:
+            return f"returns to a register stored on its stack at {insn.ip:#x}"
+    for insn in insns:
+        if insn.op0_kind == OpKind.NEAR_BRANCH64 and (insn.is_call_near or insn.is_jmp_near):
+            sym = code.symbols.containing(insn.near_branch_target)
+            if sym is not None and "indirect_thunk" in sym.name:
+                return f"jumps through {sym.name} at {insn.ip:#x}"
+    return None
+
+
 def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ...],
-          at_return: bool) -> FilePlan:
+          at_return: bool, tables: tuple[int, ...] = ()) -> FilePlan:
     code = _file_code(path, dev, ino)
     image = code.image
     link = image.file_to_link_addr(file_offset)
@@ -161,11 +183,14 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     # jump into it indirectly too: its instructions are read with it)
     parts = sorted([*insns, *(i for cold in _cold_parts(code, name) for i in cold)],
                    key=lambda i: i.ip)
+    thunk = _returns_through_a_thunk(code, parts)
+    if thunk is not None:
+        raise NotTrapFree(f"{name} {thunk}; where it lands is unknown")
     if any(i.is_jmp_near_indirect for i in parts):
-        if code.addends is None:
-            code.addends = Addends(image)
-        found = indirect_targets(parts, lo, lo + sym.size, code.addends, code.targets_between,
-                                 lambda t: code.arrivals[t])
+        if code.data is None:
+            code.data = FileData(image)
+        found = indirect_targets(parts, lo, lo + sym.size, code.data, code.targets_between,
+                                 lambda t: code.arrivals[t], tables)
         if isinstance(found, str):
             raise NotTrapFree(f"{name} has {found}; the jumps' targets are unknown")
         computed = found
