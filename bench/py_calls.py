@@ -1,6 +1,6 @@
 """What a `py:` probe costs each Python call of the program it is in.
 
-    python -m bench.py_calls [--calls 1000000] [--trap-calls 3000] [--runs 5]
+    python -m bench.py_calls [--calls 3000000] [--trap-calls 3000] [--runs 9]
 
 A CPython 3.11 program calls a Python function in a loop and times the
 loop itself by its thread's CPU time (`time.thread_time_ns`: what the
@@ -15,7 +15,7 @@ stop), with `--no-trapfree` (an int3 and a stop per call) and on the
 kernel engine (a kernel uprobe per call, the filter in the kernel). Every
 Python call passes the eval loop's handlers where the probes are, so the
 "another function" rows are what every function of a probed program pays.
-Medians of `--runs` runs, in ns per call.
+The cases run in turn, `--runs` times; medians, in ns per call.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def _run(argv: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=1_000_000,
+    ap.add_argument("--calls", type=int, default=3_000_000,
                     help="calls (unprobed, trap-free)")
     ap.add_argument("--trap-calls", type=int, default=3_000,
                     help="calls when each traps (the kernel engine, --no-trapfree)")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=9)
     args = ap.parse_args()
     uprobes = [sys.executable, "-m", "uprobes", "count"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,12 +81,16 @@ def main() -> None:
             ]
             print(f"{PYTHON}: {what} called in a loop, ns per call "
                   f"(median of {args.runs}); + over unprobed, and as a share of it")
-            base = None
-            for name, probe, calls in cases:
-                cmd = [PYTHON, script, func, str(calls)]
-                argv = cmd if not probe else [*uprobes, *probe, "--", *cmd]
-                ns = statistics.median(_run(argv) for _ in range(args.runs))
-                base = ns if base is None else base
+            # (the cases in turn, run after run: a change of the machine's
+            # load in between moves every case alike)
+            times: list[list[float]] = [[] for _ in cases]
+            for _ in range(args.runs):
+                for (_, probe, calls), got in zip(cases, times):
+                    cmd = [PYTHON, script, func, str(calls)]
+                    got.append(_run(cmd if not probe else [*uprobes, *probe, "--", *cmd]))
+            base = statistics.median(times[0])
+            for (name, _, _), got in zip(cases, times):
+                ns = statistics.median(got)
                 print(f"  {name:28} {ns:12.1f}   +{ns - base:10.1f}  "
                       f"{100 * (ns - base) / base:8.1f}%")
 
