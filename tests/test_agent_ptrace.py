@@ -25,7 +25,7 @@ from agent_support import (
 )
 from conftest import Compiler, need, read_fd_until, wait_until
 
-from uprobes.agent.config import from_command_line
+from uprobes.agent.config import AgentConfig, AgentProbe, from_command_line
 from uprobes.agent.following import Following
 from uprobes.agent.metrics import Metrics
 from uprobes.agent.processes import ProcessWatch
@@ -396,6 +396,29 @@ def test_after_events_were_dropped_proc_is_scanned(caller_exe: Path) -> None:
         if caller is not None:
             caller.proc.kill()
     assert tracer_of(caller.proc.pid) == 0
+
+
+def test_processes_not_followed_are_counted_and_noted_once(caller_exe: Path) -> None:
+    """Processes whose tracer fails (here: a function the program does not
+    have, looked up in each process) are counted in a metric, and one note
+    says why, not one each."""
+    missing = AgentProbe(f"{caller_exe}:no_such_function", executable=str(caller_exe))
+    config = AgentConfig((missing,), engine="ptrace")
+    notes: list[str] = []
+    metrics = Metrics()
+    following = Following(config, metrics, notes.append, lambda config: None)
+    callers = [Caller(caller_exe) for _ in range(3)]
+    try:
+        following.begin(events=False)
+        wait_until(lambda: following.placed, "the run ready")
+        wait_until(lambda: metrics.snapshot().dropped.get("not_followed") == len(callers),
+                   "each process counted")
+    finally:
+        following.end()
+        for caller in callers:
+            caller.proc.kill()
+    said = [n for n in notes if "not followed" in n]
+    assert len(said) == 1 and "not_followed" in said[0], notes
 
 
 @pytest.mark.parametrize("lines,words", [

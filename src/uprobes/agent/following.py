@@ -193,6 +193,7 @@ class Following:
         self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._ending = threading.Event()
         self._limit_noted = False
+        self._failed_noted = False  # a process not followed (its tracer failed) was said
         self._noted: set[str] = set()
         self._orphans = open_orphan_watch()  # one watcher for every process's tracer
         metrics.keep_only({p.key: p.labels for p in config.probes})
@@ -339,7 +340,14 @@ class Following:
                 for pid in sorted(left):
                     self.consider(pid)
         except (UprobesError, OSError) as e:  # this process's, never the whole agent's
-            self.note(f"process {proc.pid} ({proc.exe}) not followed: {e}")
+            # Short-lived processes fail so by the thousand (gone before the
+            # attach): counted, and said for the first only.
+            self.metrics.drop("not_followed")
+            with self._lock:
+                first, self._failed_noted = not self._failed_noted, True
+            if first:
+                self.note(f"process {proc.pid} ({proc.exe}) not followed: {e} (more are not "
+                          "said: uprobes_dropped_total{reason=\"not_followed\"} counts them)")
         finally:
             with self._lock:  # its calls move from live to kept in one step
                 self._live.pop(proc.pid, None)
