@@ -60,6 +60,16 @@ def _stopped(agent: Agent) -> str:
     return err
 
 
+def _fork(caller: Caller, command: str) -> int:
+    """Ask `caller` to fork (`daemon`, `spawn`): the child's pid."""
+    assert caller.proc.stdin is not None and caller.proc.stdout is not None
+    caller.proc.stdin.write(f"{command}\n")
+    caller.proc.stdin.flush()
+    said = caller.proc.stdout.readline()
+    assert said.startswith("child "), said
+    return int(said.split()[1])
+
+
 def _followed(agent: Agent, port: int) -> float:
     return sum(pick(agent.metrics(port), "uprobes_followed_processes").values())
 
@@ -189,12 +199,7 @@ def test_a_child_that_outlives_its_parent_is_followed_on(caller_exe: Path) -> No
         caller.round()
         before = tracer_of(caller.proc.pid)
         assert before
-        assert caller.proc.stdin is not None and caller.proc.stdout is not None
-        caller.proc.stdin.write("daemon\n")
-        caller.proc.stdin.flush()
-        said = caller.proc.stdout.readline()
-        assert said.startswith("child "), said
-        child = int(said.split()[1])
+        child = _fork(caller, "daemon")
         assert caller.proc.wait(60) == 0  # the parent exits; the child reads on
         wait_until(lambda: tracer_of(child) not in (0, before) and _followed(agent, port) == 1,
                    "the child followed by a tracer of its own")
@@ -242,6 +247,29 @@ def test_a_process_that_execs_another_program_is_let_go(caller_exe: Path) -> Non
     finally:
         agent.kill()
         caller.proc.kill()
+
+
+def test_a_fork_child_that_execs_another_program_is_let_go(caller_exe: Path) -> None:
+    """A child followed by its parent's tracer is let go once it execs a
+    program with no probe in it; the parent stays followed."""
+    child, port = 0, free_port()
+    caller = Caller(caller_exe)
+    agent = _agent(caller_exe, port)
+    try:
+        agent.ready()
+        child = _fork(caller, "spawn")  # the child runs /bin/sleep
+        wait_until(lambda: Path(f"/proc/{child}/exe").resolve() == Path("/bin/sleep").resolve()
+                   and tracer_of(child) == 0, "the child let go")
+        caller.round()
+        assert _calls(agent.metrics(port), caller) == CALLS_PER_ROUND
+        assert tracer_of(caller.proc.pid) != 0
+        _stopped(agent)
+        caller.end()
+    finally:
+        agent.kill()
+        caller.proc.kill()
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_other_lines_are_counted_in_the_same_process(caller_exe: Path, tmp_path: Path) -> None:

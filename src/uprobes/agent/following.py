@@ -298,12 +298,9 @@ class Following:
     @staticmethod
     def _recheck(proc: _Process) -> None:
         """A followed process exec'd: if it runs no probed program now, its
-        tracer lets it go (a tracer costs a program each clone and signal)."""
-        try:
-            st = os.stat(f"/proc/{proc.pid}/exe")
-        except OSError:
-            return  # gone: its tracer sees the exit
-        if all(t.ident != (st.st_dev, st.st_ino) for t in proc.targets) \
+        tracer lets it go (a tracer costs a program each clone and signal;
+        its fork children that exec are let go by the tracer: `_runs`)."""
+        if not _runs(proc.pid, proc.targets) and os.path.exists(f"/proc/{proc.pid}") \
                 and proc.timer is not None:
             proc.timer.stop()
 
@@ -322,7 +319,8 @@ class Following:
                     self._note_once(text)
             timer = open_timer(Request(probes, "ptrace", pid=proc.pid, trapfree=True,
                                        note=note, orphans=self._orphans,
-                                       counted=frozenset(proc.counted), int3s=False))
+                                       counted=frozenset(proc.counted), int3s=False,
+                                       let_go=lambda pid: not _runs(pid, proc.targets)))
             if timer is None:
                 raise EngineError("the ptrace engine cannot time these calls")
             with timer:
@@ -408,6 +406,16 @@ class Following:
         self._orphans.close()
         self.metrics.add_hits(self._hits)
         self.metrics.add_calls(self._calls)
+
+
+def _runs(pid: int, targets: list[_Target]) -> bool:
+    """Whether process `pid` runs the executable of one of `targets` (gone:
+    False)."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return any(t.ident == (st.st_dev, st.st_ino) for t in targets)
 
 
 _Read = tuple[dict[str, Histogram], dict[str, int]]

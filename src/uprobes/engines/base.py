@@ -175,6 +175,9 @@ class Request:
     `counted` (a timer): display names of probes counted in the program, not
     timed (`live_counts()`); `int3s=False`: a probe the ptrace engine cannot
     place trap-free is left out (a note) rather than stopping at each hit.
+    `let_go(pid)`: asked by the ptrace engine when a fork child of the target
+    execs; True: it is detached, nothing placed in it (else followed on,
+    and what it starts).
     """
 
     probes: list[ResolvedProbe]
@@ -194,6 +197,7 @@ class Request:
     orphans: Watch | None = None
     counted: frozenset[str] = frozenset()
     int3s: bool = True
+    let_go: Callable[[int], bool] | None = None
 
     def pick(self) -> str:
         """The engine that serves this request: `kernel` or `ptrace`."""
@@ -264,7 +268,7 @@ def open_timer(request: Request) -> Timer | None:
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="time",
                         by=request.by, orphans=request.orphans, counted=request.counted,
-                        int3s=request.int3s)
+                        int3s=request.int3s, let_go=request.let_go)
 
 
 def open_orphan_watch() -> Watch:

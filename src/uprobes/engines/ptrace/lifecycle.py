@@ -84,6 +84,13 @@ class ThreadLife(TracerState):
         t.returns.clear()
         t.comm_at = 0
         self._settle(t)
+        # A fork child that the caller no longer wants followed for what it
+        # runs now: nothing placed, detached at its resume (a tracer would
+        # only cost it a stop at each clone and signal).
+        if self._let_go is not None and t.pid not in (self.pid, self.child) \
+                and self._let_go(t.pid):
+            t.let_go = True
+            return
         self._place_all(t)
 
     def _settle(self, t: Thread) -> None:

@@ -130,7 +130,12 @@ class RunLoop(TracerState):
             ptrace.tgkill(t.pid, t.tid, more)
         t.pending.clear()
         try:
-            if t.group_stop:
+            if t.let_go:  # its exec left no other thread, and nothing of ours in it
+                ptrace.detach(t.tid, sig)
+                self.threads.pop(t.tid, None)
+                t.close()
+                t.mm.release()
+            elif t.group_stop:
                 t.group_stop = False
                 self._listen(t)
             else:

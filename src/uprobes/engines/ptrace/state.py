@@ -82,6 +82,7 @@ class TracerState:
     _names_by_line: list[str]  # the display name of each of `probes`
     _counted: set[int]  # id() of the probes a "time" tracer counts instead of timing
     _int3s: bool  # False: a probe that cannot be trap-free is left out, no int3
+    _let_go: Callable[[int], bool] | None  # a fork child's exec: detach it?
     _by: str | None  # count --by: tid, pid, comm or a fetcharg's name (bykey.py)
     _former_tasks: dict[int, tuple[int, str]]  # tid -> (pid, comm) of threads gone
     _timed: dict[tuple[int, int, int], int]

@@ -88,6 +88,7 @@ class Thread:
     stop_event: int = 0
     resume_sig: int = 0
     group_stop: bool = False
+    let_go: bool = False  # nothing of ours in its process: detach at its resume
     returns: list[ReturnInstance] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # signals held back, to deliver
     regs: ptrace.UserRegs = field(default_factory=ptrace.UserRegs)

@@ -122,7 +122,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                  hit_filter: HitFilter | None = None, trapfree: bool | str = False,
                  python: bool = False, by: str | None = None,
                  value: str | None = None, orphans: reaper.Watch | None = None,
-                 counted: frozenset[str] = frozenset(), int3s: bool = True) -> None:
+                 counted: frozenset[str] = frozenset(), int3s: bool = True,
+                 let_go: Callable[[int], bool] | None = None) -> None:
         ptrace.ensure_x86_64()
         if trapfree not in (False, True, "count", "record", "time"):
             raise ValueError(f"trapfree must be False, 'count', 'record' or 'time', "
@@ -164,6 +165,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         # With "time": the probes named in `counted` are counted, the others timed.
         self._counted = {id(p) for p, n in zip(probes, names) if n in counted}
         self._int3s = int3s
+        self._let_go = let_go
         timed = [(p, n) for p, n in zip(probes, names) if id(p) not in self._counted]
         self._time_functions([p for p, _ in timed] if trapfree == "time" else [],
                              [n for _, n in timed])
