@@ -113,7 +113,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
     stop per hit would cost the tracer what the jumps save). `orphans`: the
     watcher that makes a kill -9 of uprobes safe for the programs, shared
     with other tracers (`engines.base.open_orphan_watch()`); None: one of
-    its own, started with its first int3.
+    its own, started with its first int3. `let_go(pid)`: asked when a fork
+    child of the target execs; True: nothing placed, the child detached.
     """
 
     def __init__(self, probes: list[ResolvedProbe], *, pid: int | None = None,
