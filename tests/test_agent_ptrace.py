@@ -33,6 +33,11 @@ from uprobes.engines.ptrace.permissions import tracer_of
 from uprobes.errors import KernelError
 from uprobes.sys.proc_events import ProcEvents
 
+# The agent finds processes through the kernel's process connector (a
+# netlink socket only root may bind) and reads and attaches to processes
+# of any user: root's, as it runs (test_not_root.py leaves these out).
+pytestmark = pytest.mark.root
+
 
 @pytest.fixture
 def caller_exe(compile_c: Compiler) -> Path:

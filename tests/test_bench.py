@@ -74,6 +74,7 @@ def test_record_drain_bench_runs(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.root  # the agent's process events (a netlink socket only root binds)
 def test_agent_bench_ptrace_mode_runs_and_counts_the_calls() -> None:
     """`bench.agent_idle --mode ptrace`: the agent follows a program started
     before it and one after, and the calls it counts are the programs' (the
