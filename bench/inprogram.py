@@ -11,7 +11,9 @@ the untraced loop time, over the calls: the median over `--repeats`, every
 row once per repeat, in turn. Rows:
 
 - uprobes (ptrace engine, trap-free): `count`; `count --if 'a == -1'` (a
-  filter that rejects every hit, compiled into the code); `count --by
+  filter that rejects every hit, compiled into the code); `count --comm
+  nobody` (every hit rejected by the thread's name, asked of the kernel at
+  each hit); `count --by
   tid` (a hash table in shared memory); `latency` (entry and return timed
   in the program, a histogram per thread); `record` (entry `a=%di` and
   return into the shared ring, slots copied to disk as they are); `trace`
@@ -172,6 +174,8 @@ def rows() -> list[Row]:
             "count", "-e", "ptrace", spec, count=_count_table)),
         Row("uprobes count -e ptrace --if 'a == -1'", "entry, every hit rejected", _uprobes(
             "count", "-e", "ptrace", "--if", "a == -1", f"{spec} a=%di:s64", count=_rejected)),
+        Row("uprobes count -e ptrace --comm nobody", "entry, every hit rejected by its name",
+            _uprobes("count", "-e", "ptrace", "--comm", "nobody", spec, count=_rejected)),
         Row("uprobes count -e ptrace --by tid", "entry, counted per thread", _uprobes(
             "count", "-e", "ptrace", "--json", "--by", "tid", spec, count=_keyed)),
         Row("uprobes latency -e ptrace", "entry+return, histogram", _uprobes(

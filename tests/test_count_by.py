@@ -96,7 +96,7 @@ def test_a_filter_is_tested_before_the_key(timed: Path) -> None:
     """`--by a --if 'a >= 3 && a < 7'`: only keys 3..6 are counted, 10,000 each
     (the rest rejected by the compiled compare, counted nowhere); `--by tid
     --tid T` with a tid no thread has counts nothing; a filter the program's
-    code cannot test (`--comm`) leaves the probe uncounted, saying why."""
+    code cannot test (a glob on the comm) leaves the probe uncounted, saying why."""
     _, doc = _count("--by", "a", "--if", "a >= 3 && a < 7", f"{timed}:tiny a=%di:s32", "--",
                     str(timed), "keys", "100000", "10")
     assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == \
@@ -104,6 +104,17 @@ def test_a_filter_is_tested_before_the_key(timed: Path) -> None:
     _, doc = _count("--by", "tid", "--tid", "1", f"{timed}:tiny", "--", str(timed), "threads",
                     "2", "1000")
     assert doc["uprobes/tiny"]["keys"] == []
-    run, doc = _count("--by", "a", "--comm", "x", f"{timed}:tiny a=%di", "--", str(timed),
-                      "tiny", "10")
+    run, doc = _count("--by", "a", "--if", 'comm ~ "x*"', f"{timed}:tiny a=%di", "--",
+                      str(timed), "tiny", "10")
     assert "not counted by a: its filter cannot be tested in the program" in run.stderr
+
+
+def test_comm_is_tested_before_the_key(timed: Path) -> None:
+    """`--by a --comm odd` while the thread renames itself every 70 calls
+    (by prctl and by /proc in turn): exactly the calls made as "odd" are
+    keyed, each once."""
+    run, doc = _count("--by", "a", "--comm", "odd", f"{timed}:tiny a=%di:s64", "--", str(timed),
+                      "renames", "1000", "70")
+    assert "not counted" not in run.stderr, run.stderr
+    assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == \
+        {i: 1 for i in range(1000) if (i // 70) % 2 == 1}

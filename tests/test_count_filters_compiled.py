@@ -69,7 +69,59 @@ def test_tid_filters_are_compiled(timed: Path) -> None:
 
 
 def test_what_cannot_be_compiled_is_still_filtered(timed: Path) -> None:
-    """`--comm` is not known to the program's code: those hits are recorded
-    and filtered as before, with the same counts."""
-    got, stderr = _count(timed, "tiny", "--comm", timed.name[:15], mode=("tiny", "3000"))
+    """A glob on the comm is not tested in the program's code: those hits
+    are recorded and filtered as before, with the same counts."""
+    got, stderr = _count(timed, "tiny", "--if", f'comm ~ "{timed.name[:3]}*"',
+                         mode=("tiny", "3000"))
     assert got == 3000 and "recording" in stderr, stderr
+
+
+def _kernel_count(timed: Path, *argv: str, mode: tuple[str, ...], spec: str = "tiny") -> int:
+    run = subprocess.run([*UPROBES, "count", *argv, f"{timed}:{spec}", "--", str(timed), *mode],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    found = re.search(r"^uprobes/tiny\s+(\d+)$", run.stdout, re.M)
+    return int(found[1]) if found else 0
+
+
+RENAMES = ("renames", "3000", "70")  # the thread renames itself before each 70 calls
+
+
+def _evens(calls: int = 3000, block: int = 70) -> int:
+    return sum(1 for i in range(calls) if (i // block) % 2 == 0)
+
+
+@pytest.mark.parametrize("name", ["even", "odd"])
+def test_comm_is_asked_at_each_hit(timed: Path, name: str) -> None:
+    """`--comm` in the counting code: the thread renames itself every 70
+    calls, by prctl and by writing its /proc comm in turn; each hit is
+    counted by the name it has then, as the kernel engine counts it."""
+    got, stderr = _count(timed, "tiny", "--comm", name, mode=RENAMES)
+    assert COUNTER_NOTE in stderr, stderr
+    want = _evens() if name == "even" else 3000 - _evens()
+    assert got == want
+    assert _kernel_count(timed, "--comm", name, mode=RENAMES) == want
+
+
+def test_comm_with_other_tests(timed: Path) -> None:
+    """`--comm` with `--if` on a fetcharg and on the comm again, `||`, `!`:
+    the compiled answer is the kernel engine's and the fixture's."""
+    cond = '(a < 1000 || a >= 2900) && !(comm == "odd" && a & 1)'
+    got, stderr = _count(timed, "tiny a=%di:u64", "--comm", "even", "--comm", "odd",
+                         "--if", cond, mode=RENAMES)
+    assert COUNTER_NOTE in stderr, stderr
+
+    def keep(i: int) -> bool:
+        odd = (i // 70) % 2 == 1
+        return (i < 1000 or i >= 2900) and not (odd and i & 1)
+    want = sum(1 for i in range(3000) if keep(i))
+    assert got == want
+    assert _kernel_count(timed, "--comm", "even", "--comm", "odd", "--if", cond,
+                         mode=RENAMES, spec="tiny a=%di:u64") == want
+
+
+def test_a_name_no_thread_can_have_is_said(timed: Path) -> None:
+    """A name of 16 bytes or more: the kernel keeps 15, so the program
+    cannot test it; the run says so and filters the records instead."""
+    got, stderr = _count(timed, "tiny", "--comm", "x" * 16, mode=("tiny", "300"))
+    assert got == 0 and "recording" in stderr, stderr

@@ -5,8 +5,8 @@ memory and adds the hit there (engines/trapfree/keyed.py): the thread's tid
 (for `--by tid`, `pid` and `comm`, which the tids become at the end: this
 tracer knows every thread's process and name), or a fetcharg's value (a
 register or a stack word, as trap-free recording reads them). `--value ARG`
-adds the sum, min and max of a fetcharg's value per key. `--if` and `--tid`
-are compiled into the same code, before the key is looked up (filtercode.py).
+adds the sum, min and max of a fetcharg's value per key. `--if`, `--tid`
+and `--comm` are compiled into the same code, before the key is looked up (filtercode.py).
 A probe whose key, value or filter cannot be read there, or whose site no
 jump can cover, is not counted, and `by_key()` says why: no int3 stands in,
 since its counts would be of another kind.
@@ -76,7 +76,8 @@ class KeyCounter(TracerState):
                                      lambda field: source_of(line, field, ret))
             if isinstance(compiled, str):
                 return (f"its filter cannot be tested in the program ({compiled}): filter on "
-                        "the tid or on fetchargs that are registers or stack words")
+                        "the tid, the comm (== or !=) or on fetchargs that are registers or "
+                        "stack words")
             check = compiled
         if self._by_value is None:
             return Keyed(key, None, check)

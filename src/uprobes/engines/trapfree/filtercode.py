@@ -7,8 +7,18 @@ fetcharg that is a register or a stack word) with a constant, the jump's
 code tests it itself: `&&`, `||` and `!` become branches, a comparison a
 `cmp` (signed or not, as the fetcharg's type says) or a `test` for `&`, and
 only a hit that passes does the `lock inc` of its counter. A hit that fails
-costs the compare and nothing else. What cannot be compiled (`comm`, `pid`,
+costs the compare and nothing else. What cannot be compiled (`pid`,
 strings, memory behind a pointer) keeps the recording path.
+
+`comm == "NAME"` (and `--comm`) asks the kernel for the thread's name at
+the hit (`prctl(PR_GET_NAME)`, 16 bytes padded with NULs) and compares
+the 16 bytes with the name's: a copy kept in the program could not be
+trusted, since any thread of the process may rename any other at any
+time, by `prctl(PR_SET_NAME)` or by a `write` to /proc/PID/task/TID/comm
+(glibc's pthread_setname_np for another thread), and no code of ours
+runs at such a write. A system call is dearer than a compare, so the
+operands of `&&` and `||` are tested cheapest first: a hit the other
+tests already decide makes none.
 """
 
 from __future__ import annotations
@@ -23,10 +33,13 @@ from iced_x86 import Register as R
 
 from uprobes.engines.trapfree.keyed import TID, Source, load
 from uprobes.engines.trapfree.layout import COUNTER_TLS
-from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc
+from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc, _mem
 from uprobes.lang.condition import Compare, Logic, Node, Not
 
 _U64 = (1 << 64) - 1
+_NR_PRCTL = 157  # x86-64
+_PR_GET_NAME = 16
+COMM_BYTES = 16  # TASK_COMM_LEN: the name and its NUL fit, padded with NULs
 _JUMPS = {  # op -> (signed jcc, unsigned jcc) taken when the comparison holds
     "==": (Code.JE_REL32_64, Code.JE_REL32_64), "!=": (Code.JNE_REL32_64, Code.JNE_REL32_64),
     "<": (Code.JL_REL32_64, Code.JB_REL32_64), "<=": (Code.JLE_REL32_64, Code.JBE_REL32_64),
@@ -54,10 +67,14 @@ def compile_check(root: Node, source: Callable[[str], Source | str]) -> Check | 
             stack.extend(node.operands)
         elif isinstance(node, Not):
             stack.append(node.operand)
+        elif node.field == "comm":
+            why = _comm_why_not(node)
+            if why is not None:
+                return why
         else:
             if not isinstance(node.value, int) or node.op not in _JUMPS:
                 return f"{node.field} {node.op} {node.value!r} is not a number's comparison"
-            if node.field in ("comm", "pid"):
+            if node.field == "pid":
                 return f"{node.field} is not known to the program's code"
             where = TID if node.field == "tid" else source(node.field)
             if isinstance(where, str):
@@ -99,8 +116,9 @@ def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], fr
         _emit(a, node.operand, no, yes, sources, frame, block, labels, flag)
         return
     if isinstance(node, Logic):
-        for n, operand in enumerate(node.operands):
-            if n == len(node.operands) - 1:
+        operands = sorted(node.operands, key=_names_comm)  # the system calls last
+        for n, operand in enumerate(operands):
+            if n == len(operands) - 1:
                 _emit(a, operand, yes, no, sources, frame, block, labels, flag)
                 continue
             nxt = f"l{next(labels)}"
@@ -110,7 +128,14 @@ def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], fr
                 _emit(a, operand, yes, nxt, sources, frame, block, labels, flag)
             a.label(nxt)
         return
-    assert isinstance(node, Compare) and isinstance(node.value, int)
+    assert isinstance(node, Compare)
+    if node.field == "comm":
+        assert isinstance(node.value, str)
+        _comm_equals(a, node.value)
+        a.jump(Code.JE_REL32_64 if node.op == "==" else Code.JNE_REL32_64, yes)
+        a.jump(Code.JMP_REL32_64, no)
+        return
+    assert isinstance(node.value, int)
     src = sources[node.field]
     load(a, src, R.RSI, frame, block, flag)
     a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, node.value & _U64))
@@ -123,3 +148,48 @@ def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], fr
 
 def prologue_size(check: Check) -> int:
     return len(counting_prologue(0x10000000, 0x10100000, 0x10100000, check))
+
+
+def _comm_why_not(node: Compare) -> str | None:
+    if node.op not in ("==", "!=") or not isinstance(node.value, str):
+        return (f"comm {node.op} {node.value!r}: only comm == and != a name are tested in "
+                "the program (use --comm NAME or comm == \"NAME\")")
+    if len(node.value.encode()) >= COMM_BYTES or "\0" in node.value:
+        return (f"comm == {node.value!r}: a thread's name is at most {COMM_BYTES - 1} bytes "
+                "(the kernel cuts longer ones: name its first 15)")
+    return None
+
+
+def _names_comm(node: Node) -> bool:
+    """Whether testing `node` makes a system call (sorts after those that do not)."""
+    if isinstance(node, Compare):
+        return node.field == "comm"
+    if isinstance(node, Not):
+        return _names_comm(node.operand)
+    return any(_names_comm(n) for n in node.operands)
+
+
+def _comm_equals(a: _Asm, name: str) -> None:
+    """ZF = the thread's name is `name`: prctl(PR_GET_NAME) into 16 bytes
+    below the frame, compared 8 bytes at a time. Clobbers rax, rcx, rdi,
+    rsi (every fetcharg is read from where _enter saved it); r11 kept."""
+    i = Instruction
+    want = name.encode().ljust(COMM_BYTES, b"\0")
+    differ = a.fresh("comm_differs")
+    a(i.create_reg(Code.PUSH_R64, R.R11),
+      i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_PRCTL),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, _PR_GET_NAME),
+      i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
+      i.create(Code.SYSCALL),
+      i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
+    a.jump(Code.JNE_REL32_64, differ)  # no name (a sandbox refused the call): not this one
+    for half in (0, 8):
+        a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX,
+                           int.from_bytes(want[half:half + 8], "little")),
+          i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RSP, half)))
+        if half == 0:
+            a.jump(Code.JNE_REL32_64, differ)
+    a.label(differ)
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, COMM_BYTES)),  # lea: ZF kept
+      i.create_reg(Code.POP_R64, R.R11))
