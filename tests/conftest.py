@@ -48,6 +48,24 @@ CPYTHONS = _cpythons()
 """The CPython 3.11 interpreters the Python tests run on."""
 
 
+def _later_cpythons() -> list[str]:
+    """pyenv's builds of the later versions uprobes reads (3.12, 3.13), the
+    newest of each that is installed: a machine without pyenv, or without
+    them, runs their tests on none (not collected, so not skipped)."""
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found = []
+    for minor in ("3.12", "3.13"):
+        builds = sorted(root.glob(f"{minor}.*/bin/python{minor}"),
+                        key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.parent.name)])
+        if builds:
+            found.append(str(builds[-1]))
+    return found
+
+
+LATER_CPYTHONS = _later_cpythons()
+"""CPython 3.12 and 3.13 where installed (pyenv's here, shared libpython with DWARF)."""
+
+
 def need(condition: bool, why: str) -> None:
     """Skip unless `condition`; under UPROBES_REQUIRE_KERNEL=1, fail instead."""
     if condition:

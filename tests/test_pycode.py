@@ -1,6 +1,7 @@
-"""The code objects of a running CPython 3.11 (resolve/pycode.py,
-`uprobes list py:PID`), against the program's own `id(f.__code__)` and its
-own introspection, on every 3.11 interpreter here; and a walk over a dict
+"""The code objects of a running CPython (resolve/pycode.py, `uprobes list
+py:PID`), against the program's own `id(f.__code__)` and its own
+introspection, on every 3.11 interpreter here and on 3.12 and 3.13 where
+they are installed; and a walk over a dict
 overwritten with garbage ends, with the rest found."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CPYTHONS, killed_after, need
+from conftest import CPYTHONS, LATER_CPYTHONS, killed_after, need
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
@@ -28,8 +29,9 @@ from uprobes.sys.procmem import ProcessMemory
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_code.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
 # Debian's python3.11, the venv's own (pyenv's, which an unprivileged user
-# running the suite cannot reach in root's home) and Debian's debug build
-INTERPRETERS = CPYTHONS
+# running the suite cannot reach in root's home) and Debian's debug build;
+# then pyenv's 3.12 and 3.13
+INTERPRETERS = CPYTHONS + LATER_CPYTHONS
 PATTERNS = {"__main__": "__main__.*", "mixed_keys": "mixed_keys.*", "json": "json.*",
             "victim": "victim.*"}
 
@@ -129,10 +131,10 @@ def test_a_process_without_python_is_one_line() -> None:
         sleeper.wait()
     assert (out.returncode, out.stderr) == (
         2, f"uprobes: error: process {sleeper.pid} runs no CPython interpreter that uprobes "
-           "can read (Python functions need CPython 3.11)\n")
+           "can read (Python functions need CPython 3.11, 3.12 or 3.13)\n")
 
 
-@pytest.mark.parametrize("python", INTERPRETERS[:2])
+@pytest.mark.parametrize("python", INTERPRETERS[:2] + LATER_CPYTHONS)
 def test_garbage_in_a_dict_ends_the_walk_of_it_only(python: str) -> None:
     """The `victim` module's dict, its keys object and its entries overwritten
     with garbage (random, and the shapes that would loop or read without end):

@@ -1,7 +1,8 @@
 """Python stacks at native probes (`--python`, docs/python.md): the frames a
 CPython program runs, read from its interpreter at each hit, against the
 program's own traceback.extract_stack() at the call, py-spy's dump of the
-same process and its own call counter; on every 3.11 interpreter here."""
+same process and its own call counter; on every 3.11 interpreter here, and
+on 3.12 and 3.13 where they are installed."""
 
 from __future__ import annotations
 
@@ -15,16 +16,24 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import CPYTHONS as INTERPRETERS
-from conftest import Compiler, killed_after, read_fd_until, wait_until
+from conftest import CPYTHONS, LATER_CPYTHONS, Compiler, killed_after, read_fd_until, wait_until
 
 from uprobes.commands import main
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.resolve.pydwarf import debug_file_for, fields_from_dwarf
-from uprobes.resolve.pylayout import FIELDS, PythonLayoutError, compute_layout, layout_for
+from uprobes.resolve.pylayout import (
+    PythonLayoutError,
+    compute_layout,
+    debug_offsets,
+    fields_for,
+    layout_for,
+)
+from uprobes.resolve.pyversions import CHANGED, minor
+from uprobes.unwind.cpython import linetable
 from uprobes.unwind.cpython.linetable import line_at
 
+INTERPRETERS = CPYTHONS + LATER_CPYTHONS
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
 PY_SPY = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
@@ -66,6 +75,32 @@ def test_line_table_gives_the_lines_cpython_gives() -> None:
     for mod in (asyncio.base_events, email.parser, json.decoder):
         walk(compile(inspect.getsource(mod), str(mod.__file__), "exec"))
     assert checked > 10000
+
+
+@pytest.mark.parametrize("python", LATER_CPYTHONS)
+def test_line_table_of_later_versions(python: str) -> None:
+    """3.12's and 3.13's location tables are read the same way: the module
+    run by that interpreter on its own code objects, against co_lines()."""
+    check = f"""
+import asyncio.base_events, email.parser, inspect, json.decoder, runpy
+line_at = runpy.run_path({linetable.__file__!r})["line_at"]
+checked = 0
+def walk(code):
+    global checked
+    for start, end, line in code.co_lines():
+        for at in range(start, end, 2):
+            assert line_at(code.co_linetable, code.co_firstlineno, at // 2) == line, (code, at)
+            checked += 1
+    for const in code.co_consts:
+        if hasattr(const, "co_lines"):
+            walk(const)
+for mod in (asyncio.base_events, email.parser, json.decoder):
+    walk(compile(inspect.getsource(mod), mod.__file__, "exec"))
+print(checked)
+"""
+    done = subprocess.run([python, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 10000
 
 
 @pytest.mark.root
@@ -201,8 +236,8 @@ def test_a_process_without_python_keeps_native_stacks(compile_c: Compiler,
 
 
 @pytest.mark.parametrize("hexversion, says", [
-    (0x030C00F0, "Python 3.12.0 (/usr/bin/python3.11): its frames cannot be read (uprobes "
-                 "reads CPython 3.11)"),
+    (0x030E00F0, "Python 3.14.0 (/usr/bin/python3.11): its frames cannot be read (uprobes "
+                 "reads CPython 3.11, 3.12, 3.13)"),
     (0x030B63F0, "Python 3.11.99 (/usr/bin/python3.11): its frames cannot be read without its "
                  "own headers (none found in /usr/include/python3.11 (headers of 3.11."),
 ])
@@ -217,31 +252,50 @@ def test_an_interpreter_we_cannot_read_says_its_version(hexversion: int, says: s
 
 
 def _with_dwarf() -> list[tuple[str, str]]:
-    """(file holding the runtime, its headers) of the 3.11 builds here with DWARF."""
+    """(file holding the runtime, its headers) of the builds here with DWARF."""
     found = []
     for path in INTERPRETERS:
         real = os.path.realpath(path)
         prefix = os.path.dirname(os.path.dirname(real))
-        lib = os.path.join(prefix, "lib", "libpython3.11.so.1.0")
+        name = os.path.basename(real)
+        lib = os.path.join(prefix, "lib", f"lib{name.rstrip('d')}.so.1.0")
         runtime = lib if os.path.exists(lib) else real
-        include = os.path.join(prefix, "include", os.path.basename(real))
+        include = os.path.join(prefix, "include", name)
         image = ElfImage.open(runtime)
         if debug_file_for(runtime, image.build_id) and os.path.isdir(include):
             found.append((runtime, include))
     return found
 
 
+def _derived(runtime: str) -> tuple[int, dict[str, int], dict[str, int] | None]:
+    """(Py_Version, the fields from the DWARF, the debug offsets) of a build."""
+    image = ElfImage.open(runtime)
+    symbols = SymbolTable.load(image)
+    (version,) = symbols.lookup("Py_Version")[:1]
+    hexversion = int.from_bytes(image.read_link(version.link_addr, 4), "little")
+    addrs = [symbols.lookup(name)[0].link_addr for name in (
+        "_PyEval_EvalFrameDefault", "PyStaticMethod_New", "PyDescr_NewGetSet", "_PyRuntime")]
+    debug = debug_file_for(runtime, image.build_id)
+    assert debug is not None
+    fields = fields_from_dwarf(debug, *addrs[:3], CHANGED[minor(hexversion)])
+    assert fields is not None
+    return hexversion, fields, debug_offsets(image, addrs[3], hexversion)
+
+
 @pytest.mark.parametrize("runtime, include", _with_dwarf())
 def test_dwarf_and_headers_give_one_layout(runtime: str, include: str) -> None:
     """Two derivations from the build itself agree on every field."""
-    image = ElfImage.open(runtime)
-    symbols = SymbolTable.load(image)
-    (evals,) = symbols.lookup("_PyEval_EvalFrameDefault")[:1]
-    (statics,) = symbols.lookup("PyStaticMethod_New")[:1]
-    (descrs,) = symbols.lookup("PyDescr_NewGetSet")[:1]
-    debug = debug_file_for(runtime, image.build_id)
-    assert debug is not None
-    fields = fields_from_dwarf(debug, evals.link_addr, statics.link_addr, descrs.link_addr)
-    assert fields is not None
-    assert set(fields) == FIELDS  # the module walk's fields too (resolve/pycode.py)
-    assert fields == compute_layout(include).fields
+    hexversion, fields, _ = _derived(runtime)
+    assert set(fields) == fields_for(hexversion)  # the module walk's too (resolve/pycode.py)
+    assert fields == compute_layout(include, hexversion).fields
+
+
+@pytest.mark.parametrize("runtime", [r for r, _ in _with_dwarf() if "3.13" in r])
+def test_debug_offsets_agree_with_the_dwarf(runtime: str) -> None:
+    """What 3.13 describes about itself, read by pyversions.py's order of
+    `_Py_DebugOffsets`, gives the offsets its DWARF gives."""
+    _, fields, described = _derived(runtime)
+    assert described is not None
+    shared = {k for k in described if k in fields}
+    assert len(shared) > 30
+    assert {k: described[k] for k in shared} == {k: fields[k] for k in shared}

@@ -1,4 +1,4 @@
-"""The code objects of a running CPython 3.11 process, found by name: what
+"""The code objects of a running CPython process (3.11 to 3.13), found by name: what
 a `py:` probe's `module.qualname` resolves to in one process.
 
 A Python function is a code object (`co_qualname`, `co_filename`,
@@ -30,11 +30,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from uprobes.errors import ResolveError, UprobesError
-from uprobes.resolve.pylayout import Layout, PythonLayoutError, version_text
+from uprobes.resolve.pylayout import SUPPORTED_OR, Layout, PythonLayoutError, version_text
 from uprobes.resolve.pyprocess import Interpreter, Pages, Read, find_interpreter, read_str
 from uprobes.sys.procmem import ProcessMemory
 
-# Include/object.h's type flags (the same in every 3.11 build): what kind
+# Include/object.h's type flags (the same in every 3.11-3.13 build): what kind
 # of object an instance of a type is, read from the type, so subclasses count.
 _HEAPTYPE = 1 << 9
 _TUPLE_SUBCLASS = 1 << 26
@@ -101,14 +101,14 @@ class _Skip(Exception):
 def find_code_objects(pid: int, pattern: str = "*") -> CodeObjects:
     """The code objects of process `pid` whose `module.qualname` matches the
     glob `pattern`, read while it runs. ResolveError (one line) when `pid`
-    runs no CPython 3.11 whose objects uprobes can read."""
+    runs no CPython whose objects uprobes can read."""
     try:
         interp = find_interpreter(pid)
     except PythonLayoutError as e:
         raise ResolveError(f"process {pid}: {e}") from None
     if interp is None:
         raise ResolveError(f"process {pid} runs no CPython interpreter that uprobes can read "
-                           "(Python functions need CPython 3.11)")
+                           f"(Python functions need CPython {SUPPORTED_OR})")
     with ProcessMemory(pid) as mem:
         return code_objects_in(pid, interp, mem.read, pattern)
 

@@ -20,6 +20,8 @@ from elftools.common.exceptions import ELFError, ELFParseError
 from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
 
+from uprobes.resolve.pyversions import Member
+
 # Struct (or typedef) names -> the names the fields below use for them.
 _TYPES = {"_PyRuntimeState": "runtime", "_is": "interp", "_ts": "tstate",
           "_PyCFrame": "cframe", "_PyInterpreterFrame": "frame", "PyCodeObject": "code",
@@ -140,13 +142,25 @@ def debug_file_for(path: str, build_id: str | None) -> str | None:
 
 def fields_from_dwarf(path: str, eval_link_addr: int,
                       funcobject_link_addr: int | None = None,
-                      descrobject_link_addr: int | None = None) -> dict[str, int] | None:
+                      descrobject_link_addr: int | None = None,
+                      changed: dict[str, Member] | None = None) -> dict[str, int] | None:
     """layout.py's fields from the DWARF of `path` (the interpreter's file or
     its debug file); `eval_link_addr`: `_PyEval_EvalFrameDefault`'s address,
     `funcobject_link_addr`: `PyStaticMethod_New`'s, `descrobject_link_addr`:
-    `PyDescr_NewGetSet`'s, whose units are read. None: no such unit, or a
-    member is missing."""
-    wanted = {"ceval.c": (eval_link_addr, _TYPES, _ENUMERATORS),
+    `PyDescr_NewGetSet`'s, whose units are read; `changed`: the version's
+    members that differ from 3.11's (pyversions.CHANGED). None: no such
+    unit, or a member is missing."""
+    offsets = dict(_OFFSETS)
+    enumerators = dict(_ENUMERATORS)
+    for field, member in (changed or {}).items():
+        offsets.pop(field, None)
+        if member is not None and member[0] == "enum":
+            enumerators[member[1]] = field
+        elif member is not None:
+            offsets[field] = member
+    used = {t for t, _ in offsets.values()} | set(_SIZES.values())
+    types = {name: short for name, short in _TYPES.items() if short in used}
+    wanted = {"ceval.c": (eval_link_addr, types, enumerators),
               "funcobject.c": (funcobject_link_addr, _FUNCOBJECT_TYPES, {}),
               "descrobject.c": (descrobject_link_addr, _DESCROBJECT_TYPES, {})}
     try:
@@ -174,8 +188,8 @@ def fields_from_dwarf(path: str, eval_link_addr: int,
                     break
             if len(found) < len(wanted):
                 return None
-            types = {k: v for got in found.values() for k, v in got[0].items()}
-            return _fields(types, found["ceval.c"][1])
+            dies = {k: v for got in found.values() for k, v in got[0].items()}
+            return _fields(dies, found["ceval.c"][1], offsets)
     except (OSError, ELFError, ELFParseError, KeyError, ValueError, AttributeError):
         return None
 
@@ -201,8 +215,9 @@ def _types(cu: Any, names: dict[str, str], enumerators: dict[str, str]
     return types, constants
 
 
-def _fields(types: dict[str, DIE], constants: dict[str, int]) -> dict[str, int]:
-    fields = {k: _offset(types[t], p) for k, (t, p) in _OFFSETS.items()}
+def _fields(types: dict[str, DIE], constants: dict[str, int],
+            offsets: dict[str, tuple[str, str]]) -> dict[str, int]:
+    fields = {k: _offset(types[t], p) for k, (t, p) in offsets.items()}
     fields.update({k: int(types[t].attributes["DW_AT_byte_size"].value)
                    for k, t in _SIZES.items()})
     state = _target(_member(types["ascii"], "state").get_DIE_from_attribute("DW_AT_type"))

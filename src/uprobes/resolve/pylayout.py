@@ -7,9 +7,9 @@ file, or a debug file by its build-id) they are read from it (dwarf.py);
 otherwise (a stripped build) the C compiler computes `offsetof` for every
 field against the headers installed with that very version,
 `PY_VERSION_HEX` checked against the interpreter's `Py_Version`. Once per
-build, cached by the file's build-id. Only CPython 3.11's frame model
-(`_PyInterpreterFrame` reached through `tstate->cframe->current_frame`) is
-read.
+build, cached by the file's build-id. Where the interpreter describes its
+own layout (`_Py_DebugOffsets`, from 3.13), the fields it gives are taken
+from it. The fields differ a little per version (pyversions.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,21 @@ from dataclasses import dataclass
 from uprobes.elf.image import ElfImage
 from uprobes.errors import UprobesError
 from uprobes.resolve.pydwarf import debug_file_for, fields_from_dwarf
+from uprobes.resolve.pyversions import (
+    C_TYPES,
+    CHANGED,
+    DEBUG_COOKIE,
+    DEBUG_NAMES,
+    SUPPORTED,
+    minor,
+)
 
-SUPPORTED = ((3, 11),)
 _COMPILE_TIMEOUT_S = 60.0
+SUPPORTED_TEXT = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
+"""The versions read, as a line says them: `3.11, 3.12, 3.13`."""
+SUPPORTED_OR = ", ".join(f"{a}.{b}" for a, b in SUPPORTED[:-1]) + \
+    f" or {SUPPORTED[-1][0]}.{SUPPORTED[-1][1]}"
+"""`3.11, 3.12 or 3.13`."""
 
 
 class PythonLayoutError(UprobesError):
@@ -115,9 +127,30 @@ _FIELDS = {
 # Bit fields have no offsetof: set one in a zeroed struct and print the word.
 _MASKS = {"str_kind_mask": "kind = 7", "str_compact_mask": "compact = 1",
           "str_ascii_mask": "ascii = 1"}
-FIELDS = frozenset(_FIELDS) | frozenset(_MASKS)
-"""Every field a Layout has, whichever way it was derived: a cached layout
-lacking one (written by an older uprobes) is derived again."""
+
+
+def _c_fields(hexversion: int) -> dict[str, str]:
+    """`_FIELDS` as the version of `hexversion` names them."""
+    fields = dict(_FIELDS)
+    for name, member in CHANGED.get(minor(hexversion), {}).items():
+        if member is None:
+            fields.pop(name, None)
+        elif member[0] == "enum":
+            fields[name] = member[1]
+        else:
+            fields[name] = f"offsetof({C_TYPES[member[0]]}, {member[1]})"
+    return fields
+
+
+def fields_for(hexversion: int) -> frozenset[str]:
+    """Every field a Layout of that version has, whichever way it was
+    derived: a cached layout lacking one (written by an older uprobes) is
+    derived again."""
+    return frozenset(_c_fields(hexversion)) | frozenset(_MASKS)
+
+
+FIELDS = fields_for(0x030B00F0)
+"""Every field of a 3.11 Layout."""
 # staticmethod and classmethod are private to Objects/funcobject.c, property
 # to Objects/descrobject.c: their structs as 3.11 defines them (the DWARF
 # path reads the build's own).
@@ -151,8 +184,22 @@ class Layout:
         except KeyError:
             raise AttributeError(name) from None
 
+    def current_frame_hops(self) -> tuple[int, ...]:
+        """The offsets to follow from a thread state to its current frame:
+        through `cframe` up to 3.12, directly from 3.13."""
+        if "tstate_cframe" in self.fields:
+            return self.fields["tstate_cframe"], self.fields["cframe_current_frame"]
+        return (self.fields["tstate_current_frame"],)
 
-def _program() -> str:
+    @property
+    def entry_frames_apart(self) -> bool:
+        """True: each C call of the eval loop is marked by a frame of its own
+        (owned by the C stack, not a Python frame: 3.12 on); False: by the
+        `is_entry` flag of its outermost Python frame (3.11)."""
+        return "owned_by_cstack" in self.fields
+
+
+def _program(hexversion: int) -> str:
     lines = [
         "#define Py_BUILD_CORE 1",
         "#include <Python.h>",
@@ -167,7 +214,7 @@ def _program() -> str:
         '  printf("hexversion %lu\\n", (unsigned long)PY_VERSION_HEX);',
         "  PyASCIIObject o; unsigned int w;",
     ]
-    for name, expr in _FIELDS.items():
+    for name, expr in _c_fields(hexversion).items():
         lines.append(f'  printf("{name} %lu\\n", (unsigned long)({expr}));')
     for name, assign in _MASKS.items():
         lines.append(f"  memset(&o, 0, sizeof o); o.state.{assign}; memcpy(&w, &o.state, 4);")
@@ -193,12 +240,13 @@ def _cache_dir() -> str:
     return os.path.join(root, "uprobes", "cpython")
 
 
-def compute_layout(include: str) -> Layout:
-    """Compile the offset program against the headers in `include` and run it."""
+def compute_layout(include: str, hexversion: int = 0x030B00F0) -> Layout:
+    """Compile the offset program for version `hexversion` (its fields)
+    against the headers in `include` and run it."""
     with tempfile.TemporaryDirectory(prefix="uprobes-pylayout-") as tmp:
         src, exe = os.path.join(tmp, "layout.c"), os.path.join(tmp, "layout")
         with open(src, "w") as f:
-            f.write(_program())
+            f.write(_program(hexversion))
         try:
             done = subprocess.run(["cc", f"-I{include}", "-o", exe, src], capture_output=True,
                                   text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
@@ -206,7 +254,8 @@ def compute_layout(include: str) -> Layout:
             raise PythonLayoutError(f"cannot run the C compiler on {include}'s headers: "
                                     f"{e}") from None
         if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["?"])[0]
+            errors = [x for x in done.stderr.splitlines() if "error" in x]
+            first = (errors or done.stderr.strip().splitlines() or ["?"])[0]
             raise PythonLayoutError(f"the headers in {include} do not compile: {first}")
         out = subprocess.run([exe], capture_output=True, text=True,
                              timeout=_COMPILE_TIMEOUT_S, check=True).stdout
@@ -217,46 +266,78 @@ def compute_layout(include: str) -> Layout:
 def layout_for(image: ElfImage, path: str, hexversion: int,
                eval_link_addr: int | None = None,
                funcobject_link_addr: int | None = None,
-               descrobject_link_addr: int | None = None) -> Layout:
+               descrobject_link_addr: int | None = None,
+               runtime_link_addr: int | None = None) -> Layout:
     """The layout of the interpreter in `image` (the file holding
     `_PyRuntime`, installed at `path`), whose `Py_Version` is `hexversion`:
     from its DWARF where it has some (`eval_link_addr`: where
     `_PyEval_EvalFrameDefault` is, `funcobject_link_addr` and
     `descrobject_link_addr`: where `PyStaticMethod_New` and
     `PyDescr_NewGetSet` are, whose units are read), else from its
-    headers; PythonLayoutError says in one line why there is none."""
+    headers, and where it has them from the debug offsets at the start of
+    `_PyRuntime` (at `runtime_link_addr`); PythonLayoutError says in one
+    line why there is none."""
     found = f"Python {version_text(hexversion)} ({path})"
-    if (hexversion >> 24, (hexversion >> 16) & 0xff) not in SUPPORTED:
-        known = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
+    if minor(hexversion) not in SUPPORTED:
         raise PythonLayoutError(f"{found}: its frames cannot be read (uprobes reads "
-                                f"CPython {known})")
+                                f"CPython {SUPPORTED_TEXT})")
+    wanted = fields_for(hexversion)
     cached = os.path.join(_cache_dir(), f"{image.build_id}.json") if image.build_id else None
     if cached:
         try:
             with open(cached) as f:
                 data = json.load(f)
-            if data["hexversion"] == hexversion and FIELDS <= set(data["fields"]):
+            if data["hexversion"] == hexversion and wanted <= set(data["fields"]):
                 return Layout(hexversion, data["fields"], data.get("source", "headers"))
         except (OSError, ValueError, KeyError, TypeError):
             pass
     layout = _from_dwarf(image, hexversion, eval_link_addr, funcobject_link_addr,
                          descrobject_link_addr)
-    if layout is not None:
-        _store(cached, layout)
-        return layout
     tried = []
-    for include in header_dirs(path, hexversion):
+    for include in header_dirs(path, hexversion) if layout is None else ():
         if not os.path.exists(os.path.join(include, "internal", "pycore_frame.h")):
             tried.append(include)
             continue
-        layout = compute_layout(include)
+        layout = compute_layout(include, hexversion)
         if layout.hexversion != hexversion:
             tried.append(f"{include} (headers of {version_text(layout.hexversion)})")
+            layout = None
             continue
-        _store(cached, layout)
-        return layout
-    raise PythonLayoutError(f"{found}: its frames cannot be read without its own headers "
-                            f"(none found in {', '.join(tried)}; Debian: python3.X-dev)")
+        break
+    if layout is None:
+        raise PythonLayoutError(f"{found}: its frames cannot be read without its own headers "
+                                f"(none found in {', '.join(tried)}; Debian: python3.X-dev)")
+    described = None if runtime_link_addr is None else \
+        debug_offsets(image, runtime_link_addr, hexversion)
+    if described:
+        layout = Layout(hexversion, {**layout.fields, **{k: v for k, v in described.items()
+                                                          if k in wanted}},
+                        f"debug offsets+{layout.source}")
+    _store(cached, layout)
+    return layout
+
+
+def debug_offsets(image: ElfImage, runtime_link_addr: int, hexversion: int
+                  ) -> dict[str, int] | None:
+    """The offsets the interpreter describes about itself (`_Py_DebugOffsets`,
+    the start of `_PyRuntime` as the file initialises it), by the names of
+    pyversions.DEBUG_NAMES; None: this version has none, or the words there
+    are not its (no cookie, another version)."""
+    names = DEBUG_NAMES.get(minor(hexversion))
+    if names is None:
+        return None
+    try:
+        raw = image.read_link(runtime_link_addr, len(DEBUG_COOKIE) + 8 * len(names))
+    except UprobesError:
+        return None
+    if not raw.startswith(DEBUG_COOKIE):
+        return None
+    at = len(DEBUG_COOKIE)
+    words = dict(zip(names, (int.from_bytes(raw[at + 8 * i:at + 8 * i + 8], "little")
+                             for i in range(len(names))), strict=True))
+    if minor(words["version"]) != minor(hexversion):
+        return None
+    return words
 
 
 def _from_dwarf(image: ElfImage, hexversion: int, eval_link_addr: int | None,
@@ -266,7 +347,8 @@ def _from_dwarf(image: ElfImage, hexversion: int, eval_link_addr: int | None,
         return None
     debug = debug_file_for(image.path, image.build_id)
     fields = None if debug is None else \
-        fields_from_dwarf(debug, eval_link_addr, funcobject_link_addr, descrobject_link_addr)
+        fields_from_dwarf(debug, eval_link_addr, funcobject_link_addr, descrobject_link_addr,
+                          CHANGED.get(minor(hexversion), {}))
     return None if fields is None else Layout(hexversion, fields, "dwarf")
 
 

@@ -54,7 +54,8 @@ from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
 from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
-from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
+from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for, version_text
+from uprobes.resolve.pyversions import minor
 from uprobes.sys import procfs
 
 GROUP = "py"
@@ -174,6 +175,9 @@ def read_interpreter(ref: FileRef, image: ElfImage) -> Interpreter:
     if not version or not evals:
         raise ResolveError(f"{ref.display}: not a CPython 3.11 or later (no Py_Version)")
     hexversion = int.from_bytes(image.read_link(version[0].link_addr, 4), "little")
+    if minor(hexversion) != (3, 11):
+        raise ResolveError(f"{ref.display}: Python {version_text(hexversion)}: py: probes "
+                           "need CPython 3.11 (its eval loop's opcodes)")
     try:
         layout = layout_for(image, ref.display, hexversion, evals[0].link_addr)
     except PythonLayoutError as e:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError
-from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
+from uprobes.resolve.pylayout import SUPPORTED_TEXT, Layout, PythonLayoutError, layout_for
 from uprobes.sys import procfs
 
 Read = Callable[[int, int], bytes]
@@ -92,16 +92,18 @@ def find_interpreter(pid: int) -> Interpreter | None:
             continue
         if not version:  # before 3.11 no build says its version as a symbol
             raise PythonLayoutError(f"a Python older than 3.11 ({m.path}): its frames cannot "
-                                    "be read (uprobes reads CPython 3.11)")
+                                    f"be read (uprobes reads CPython {SUPPORTED_TEXT})")
         try:
             bias = m.start - image.file_to_link_addr(m.file_offset)
             hexversion = int.from_bytes(image.read_link(version[0].link_addr, 4), "little")
         except UprobesError:
             continue
         evals = symbols.lookup("_PyEval_EvalFrameDefault")
-        units = [symbols.lookup(name) for name in ("PyStaticMethod_New", "PyDescr_NewGetSet")]
+        statics, descrs = (symbols.lookup(name)
+                           for name in ("PyStaticMethod_New", "PyDescr_NewGetSet"))
         layout = layout_for(image, m.path, hexversion, evals[0].link_addr if evals else None,
-                            *(found[0].link_addr if found else None for found in units))
+                            statics[0].link_addr if statics else None,
+                            descrs[0].link_addr if descrs else None, runtime[0].link_addr)
         types = tuple((name, bias + found[0].link_addr) for name in TYPE_OBJECTS
                       if (found := symbols.lookup(name)))
         return Interpreter(m.path, bias + runtime[0].link_addr, bias + version[0].link_addr,

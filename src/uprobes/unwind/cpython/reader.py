@@ -2,11 +2,13 @@
 
 The path is the one CPython itself keeps: `_PyRuntime` (a symbol of the
 executable or of libpython) -> its interpreters -> each one's thread
-states, the hitting thread's found by `native_thread_id` -> `cframe` ->
-`current_frame`, then each `_PyInterpreterFrame` by `previous`: its code
-object gives the qualified name, the file and (from `prev_instr` through
-the location table) the line. Frames are grouped by the C call of the
-eval loop that runs them: a group ends at a frame marked `is_entry`.
+states, the hitting thread's found by `native_thread_id` -> its current
+frame (through `cframe` up to 3.12), then each `_PyInterpreterFrame` by
+`previous`: its code object gives the qualified name, the file and (from
+`prev_instr`, 3.13's `instr_ptr`, through the location table) the line.
+Frames are grouped by the C call of the eval loop that runs them: a group
+ends at a frame marked `is_entry` (3.11) or at the C stack's own frame
+(3.12 on).
 """
 
 from __future__ import annotations
@@ -158,16 +160,21 @@ class PythonStacks:
         ts = self._tstate(pid, tid, read, interp)
         if ts is None:
             return ()
-        cframe = _u64(read(ts + lay.tstate_cframe, 8), 0)
-        if not cframe:
-            return ()
-        frame = _u64(read(cframe + lay.cframe_current_frame, 8), 0)
+        frame = ts
+        for hop in lay.current_frame_hops():
+            frame = _u64(read(frame + hop, 8), 0)
+            if not frame:
+                return ()
         groups: list[tuple[Frame, ...]] = []
         group: list[Frame] = []
         seen: set[int] = set()
         size, code_at, prev_at = lay.frame_size, lay.frame_code, lay.frame_previous
-        instr_at, entry_at, owner_at = lay.frame_prev_instr, lay.frame_is_entry, lay.frame_owner
+        instr_at, owner_at = lay.frame_prev_instr, lay.frame_owner
         generator, code_start = lay.owned_by_generator, lay.code_code
+        # 3.11 flags the outermost Python frame of an eval-loop call; from
+        # 3.12 a frame of the C stack's own sits below it (no code to name).
+        apart = lay.entry_frames_apart
+        entry_at = lay.owned_by_cstack if apart else lay.frame_is_entry
         # The code object's fields we name it by, which never change once it
         # is made: read at each hit, they tell a cached code object from a
         # new one made where a freed one was.
@@ -177,6 +184,11 @@ class PythonStacks:
         while frame and frame not in seen and len(seen) < MAX_PY_FRAMES:
             seen.add(frame)
             blob = read(frame, size)
+            if apart and blob[owner_at] == entry_at:
+                groups.append(tuple(group))
+                group = []
+                frame = _u64(blob, prev_at)
+                continue
             code_addr = _u64(blob, code_at)
             head = read(code_addr, code_start)
             code = codes.get((pid, code_addr))
@@ -192,7 +204,7 @@ class PythonStacks:
                 group.append(code.frame(index))
             elif not group and not groups:
                 group.append(code.frame(code.firsttraceable))
-            if blob[entry_at]:
+            if not apart and blob[entry_at]:
                 groups.append(tuple(group))
                 group = []
             frame = _u64(blob, prev_at)
