@@ -337,6 +337,23 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def run_in_session(argv: list[str], timeout: float, *, cwd: Path | None = None,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `argv` in a session of its own, its output captured. On timeout the
+    whole session is killed (the command and every process it started, which
+    a plain subprocess.run would leave running on the machine), then the test
+    fails saying so."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=cwd, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(argv[:4])} ... still running after {timeout:g} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @pytest.fixture(autouse=True)
 def bounded_test() -> Iterator[None]:
     """No test waits forever: after TEST_BOUND_S seconds every process below

@@ -10,11 +10,11 @@ allocator's arenas may still be filling in the second half (a full run at load
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +23,7 @@ pytest.importorskip("opentelemetry.proto", reason="opentelemetry-proto is a test
 
 @pytest.mark.kernel
 def test_short_soak_counts_every_hit_and_stays_flat(tracefs: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench.agent_soak", "--seconds", "30",
-                           "--rate", "10000", "--flap", "5", "--max-growth", "0.25"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_in_session([sys.executable, "-m", "bench.agent_soak", "--seconds", "30",
+                           "--rate", "10000", "--flap", "5", "--max-growth", "0.25"], 300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("ok"), proc.stdout

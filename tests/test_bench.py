@@ -9,20 +9,19 @@ checked is that every row ran and counted exactly; the figures are not
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.kernel
 def test_bench_quick_runs_our_engines_exactly(tracefs: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--ours", "--sizes", "1",
-                           "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_in_session([sys.executable, "-m", "bench", "--quick", "--ours", "--sizes", "1",
+                           "--out", str(tmp_path)], 120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "bench.md").read_text()
     rows = {}
@@ -53,9 +52,8 @@ def test_bench_quick_runs_our_engines_exactly(tracefs: Path, tmp_path: Path) -> 
 def test_inprogram_bench_runs_our_rows_exactly(tmp_path: Path) -> None:
     """`python -m bench.inprogram --only uprobes` end to end (the other tools
     are the bench's business): every row of ours saw every call."""
-    proc = subprocess.run([sys.executable, "-m", "bench.inprogram", "--calls", "3000",
-                           "--repeats", "1", "--only", "uprobes"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_in_session([sys.executable, "-m", "bench.inprogram", "--calls", "3000",
+                           "--repeats", "1", "--only", "uprobes"], 300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| uprobes ")]
     assert len(rows) == 6, proc.stdout
@@ -65,9 +63,8 @@ def test_inprogram_bench_runs_our_rows_exactly(tmp_path: Path) -> None:
 def test_record_drain_bench_runs(tmp_path: Path) -> None:
     """`python -m bench.record_drain` at one small lap: a row per ring shape,
     and the recordings it made are gone."""
-    proc = subprocess.run([sys.executable, "-m", "bench.record_drain", "--laps", "1",
-                           "--repeats", "1", "--dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_in_session([sys.executable, "-m", "bench.record_drain", "--laps", "1",
+                           "--repeats", "1", "--dir", str(tmp_path)], 300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [ln for ln in proc.stdout.splitlines() if re.match(r"\| (64|128) bytes \|", ln)]
     assert len(rows) == 2, proc.stdout
@@ -80,10 +77,9 @@ def test_agent_bench_ptrace_mode_runs_and_counts_the_calls() -> None:
     before it and one after, and the calls it counts are the programs' (the
     share of the rate is a figure, bounded loosely: none counted twice, and
     most counted even on a loaded machine)."""
-    proc = subprocess.run([sys.executable, "-m", "bench.agent_idle", "--mode", "ptrace",
+    proc = run_in_session([sys.executable, "-m", "bench.agent_idle", "--mode", "ptrace",
                            "--seconds", "3", "--scrape", "1", "--rate", "20000",
-                           "--processes", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--processes", "2"], 300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = re.fullmatch(r"ptrace     : 2 processes, 40000 calls/s timed ([\d.]+)%; \d+ scrapes "
                        r"of 1 series over \d+ s; the agent's CPU [\d.]+ s = [\d.]+% of a core "

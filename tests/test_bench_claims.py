@@ -5,20 +5,19 @@ are measured and each line states a goal. The figures are not checked
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.kernel
 def test_bench_claims_measures_both_figures(tracefs: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench.claims", "--calls", "2000",
-                           "--hits", "20000"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_in_session([sys.executable, "-m", "bench.claims", "--calls", "2000",
+                           "--hits", "20000"], 300, cwd=ROOT)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 2, proc.stdout

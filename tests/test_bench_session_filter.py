@@ -8,20 +8,19 @@ record but those (the kernel dropped the rest).
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.kernel
 def test_session_filter_bench_runs(tracefs: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench.session_filter", "--calls", "2000",
-                           "--repeats", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_in_session([sys.executable, "-m", "bench.session_filter", "--calls", "2000",
+                           "--repeats", "1"], 120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = re.findall(r"^(condition=|filter=) .* handled +(\d+) +records +([\d,]+) ", proc.stdout,
                       re.M)

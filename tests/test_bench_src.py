@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"-?\d+\.\d\d")
@@ -35,8 +35,7 @@ def _old_tree(tmp_path: Path) -> str:
 
 
 def _bench(module: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_in_session([sys.executable, "-m", module, *args], 300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

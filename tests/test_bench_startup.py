@@ -7,11 +7,11 @@ tests): only that each spec ran, reached 'tracing' and got a row.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.kernel
 def test_startup_bench_runs(tracefs: Path) -> None:
     specs = ["libc:getppid", "usdt:/usr/bin/python3.11:python:function__entry"]
-    proc = subprocess.run([sys.executable, "-m", "bench.startup", "-n", "1", *specs],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_in_session([sys.executable, "-m", "bench.startup", "-n", "1", *specs], 300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for spec in specs:
         row = rf"^\| `{re.escape(spec)}` \| installed( \| [\d.]+ s){{3}} \|$"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, run_in_session
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 COMMANDS = ["trace", "count", "latency", "top", "stacks"]
@@ -31,15 +31,7 @@ def run_bounded(argv: list[str], env: dict[str, str] | None = None,
                 ) -> subprocess.CompletedProcess[str]:
     """Run uprobes in a session of its own; on timeout end the whole session
     (uprobes and the command it started), then fail."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"still running after {BOUND_S} s: {err[-2000:]}")
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return run_in_session(argv, BOUND_S, env=env)
 
 
 def ended_command(stderr: str) -> int:

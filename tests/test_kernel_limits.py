@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -16,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, run_in_session
 
 from uprobes.commands.resolve import parse_specs
 from uprobes.engines.kernel.counting import KernelCounter
@@ -32,15 +31,7 @@ BOUND_S = 300
 
 
 def run_bounded(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{argv[3]} of {len(argv)} probe lines still running after {BOUND_S} s")
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return run_in_session(argv, BOUND_S)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, run_in_session
 
 from uprobes.engines.kevents import runs
 from uprobes.engines.kevents.source import KernelEvents
@@ -155,11 +155,9 @@ def test_a_ring_read_in_pieces_gives_the_same_rows(tracefs: Path) -> None:
 
 def test_the_readers_bench_runs(tracefs: Path) -> None:
     """bench/kernel_reader.py, run small so it keeps working (no figure checked)."""
-    import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-m", "bench.kernel_reader", "--calls", "2000",
-                          "--repeats", "1"], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).parent.parent)
+    run = run_in_session([sys.executable, "-m", "bench.kernel_reader", "--calls", "2000",
+                          "--repeats", "1"], 300, cwd=Path(__file__).parent.parent)
     assert run.returncode == 0, run.stderr
     assert " us of CPU an event, " in run.stdout and "events a CPU-second" in run.stdout
 
@@ -225,7 +223,6 @@ def test_rings_shrink_under_a_locked_memory_limit(tracefs: Path, compile_c: Comp
     until they fit, says so in a note, and the run goes on with every call.
     (The limit here can only be lowered, below two rings of the real floor
     of 16 MiB: the child lowers the floor too.)"""
-    import subprocess
     import sys
 
     exe = compile_c("../../bench/syscall_rate.c")
@@ -240,7 +237,7 @@ def test_rings_shrink_under_a_locked_memory_limit(tracefs: Path, compile_c: Comp
             "prlimit", f"--memlock={limit}:{limit}", "--", sys.executable, "-c", script,
             "trace", "--json", "-o", str(out), "-e", "ptrace", "--kernel", "syscalls",
             f"{exe}:mark n=%di:s32", "--", str(exe), "2000", "0.1"]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    run = run_in_session(argv, 300)
     assert run.returncode == 0, run.stderr
     assert "uprobes: note: the kernel's events get rings of " in run.stderr, run.stderr
     assert "Traceback" not in run.stderr

@@ -235,3 +235,31 @@ def test_a_misspelt_mark_is_an_error(tmp_path: Path) -> None:
     counts, out = inner_pytest(tmp_path, {"test_misspelt.py": MISSPELT}, require=False)
     assert counts == {"error": 1}, out
     assert "'roots' not found in `markers`" in out, out
+
+
+def test_a_command_over_its_time_is_ended_with_all_it_started(tmp_path: Path) -> None:
+    """run_in_session, which runs the benches: at its timeout it kills the
+    command's whole session, not only the command (subprocess.run's timeout
+    left a bench's agent and load processes running on the machine)."""
+    from conftest import run_in_session
+
+    pidfile = tmp_path / "child"
+    script = f"sleep 600 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}; wait"
+    with pytest.raises(pytest.fail.Exception, match="still running after 1 s"):
+        run_in_session(["sh", "-c", script], 1)
+    child = int(pidfile.read_text())
+
+    def running() -> bool:
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text(errors="replace")
+        except OSError:
+            return False  # gone
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie was killed
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = running()
+    if alive:
+        os.kill(child, 9)
+    assert not alive, f"the command's child {child} outlived the timeout"
