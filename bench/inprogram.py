@@ -15,7 +15,10 @@ row once per repeat, in turn. Rows:
   nobody` (every hit rejected by the thread's name, asked of the kernel at
   each hit); `count --by
   tid` (a hash table in shared memory); `latency` (entry and return timed
-  in the program, a histogram per thread); `record` (entry `a=%di` and
+  in the program, a histogram per thread); `latency --by ra` and `--by a`
+  (keyed by a value fetched at entry and kept with the open call: the
+  return address, one key; the argument, a new key each call, so the table
+  of keyed histograms fills and the rest are counted as not keyed); `record` (entry `a=%di` and
   return into the shared ring, slots copied to disk as they are); `trace`
   (the same ring, each record rendered in Python) for reference;
 - uftrace `record -P work_c` (entry and exit, to disk; the build's nops
@@ -99,6 +102,13 @@ def _latency(proc: subprocess.CompletedProcess[str]) -> int | None:
     return None if doc is None else sum(int(h["count"]) for h in json.loads(doc).values())
 
 
+def _keyed_latency(proc: subprocess.CompletedProcess[str]) -> int | None:
+    """The calls in the histograms, and those the run says it could not key."""
+    timed = _latency(proc)
+    found = re.search(r"^uprobes: (\d+) calls could not be keyed", proc.stderr, re.M)
+    return None if timed is None else timed + (int(found[1]) if found else 0)
+
+
 def _events(proc: subprocess.CompletedProcess[str]) -> int | None:
     found = re.search(r"^uprobes: (\d+) events, 0 lost$", proc.stderr, re.M)
     return int(found[1]) // 2 if found else None  # entry + return per call
@@ -180,6 +190,13 @@ def rows() -> list[Row]:
             "count", "-e", "ptrace", "--json", "--by", "tid", spec, count=_keyed)),
         Row("uprobes latency -e ptrace", "entry+return, histogram", _uprobes(
             "latency", "-e", "ptrace", "--json", spec, count=_latency)),
+        Row("uprobes latency -e ptrace --by ra", "entry+return, a histogram per return "
+            "address (one key)", _uprobes("latency", "-e", "ptrace", "--json", "--by", "ra",
+                                          f"{spec} ra=+0(%sp):u64", count=_keyed_latency)),
+        Row("uprobes latency -e ptrace --by a", "entry+return, a histogram per a=%di (a new "
+            "key each call: the table fills)", _uprobes(
+                "latency", "-e", "ptrace", "--json", "--by", "a", f"{spec} a=%di:s64",
+                count=_keyed_latency)),
         Row("uprobes record -e ptrace", "entry a=%di + return, to disk", _uprobes(
             "record", "-e", "ptrace", "-o", "WORK/rec", f"{spec} a=%di", f"r {spec}",
             count=_events)),

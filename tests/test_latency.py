@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Compiler
@@ -194,23 +195,42 @@ def test_by_thread_the_same_on_both_engines(engine: str, tracefs: Path,
             assert list(doc) == [f"uprobes/tiny comm={exe.name[:15]}"]
 
 
-@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
-def test_by_a_fetched_argument(engine: str, latency_exe: Path) -> None:
+@pytest.mark.parametrize("how", [("kernel",), ("ptrace",), ("ptrace", "--if", "tid > 0")],
+                         ids=["kernel", "ptrace-in-program", "ptrace-events"])
+def test_by_a_fetched_argument(how: tuple[str, ...], latency_exe: Path,
+                               compile_c: Compiler) -> None:
     """`--by us 'nap us=%di'`: a histogram per value the entry fetched (as
     bpftrace's @[arg0] = hist()), the calls of each known from the fixture:
     5 naps of 2 ms, 20 that return at once; `--by n` over fib(10)'s 177
-    recursive calls gives each n its count in the call tree."""
-    def run(by: str, spec: str) -> dict[str, dict[str, int]]:
-        proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine,
-                               "--json", "--by", by, f"{latency_exe}:{spec}", "--",
-                               str(latency_exe)], capture_output=True, text=True, timeout=120)
+    recursive calls gives each n its count in the call tree. The same on
+    the kernel engine (events paired here), on the ptrace engine timed in
+    the program (the entry keeps the key with its open call; `subtracted_ns`
+    shows it was timed there) and from its recorded events (a filter).
+    In the program, `nap` is left out: it ends in `leave; ret` right after a
+    call, where no jump fits (its answer is the other two's)."""
+    in_program = how == ("ptrace",)
+
+    def run(by: str, spec: str, exe: Path = latency_exe, *argv: str) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", *how,
+                               "--json", "--by", by, f"{exe}:{spec}", "--", str(exe), *argv],
+                              capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        doc: dict[str, dict[str, int]] = json.loads(proc.stdout.splitlines()[-1])
+        doc: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+        assert all(("subtracted_ns" in h) == in_program for h in doc.values()), doc
         return doc
-    naps = run("us", "nap us=%di:s64")
-    assert {k: h["count"] for k, h in naps.items()} == {"uprobes/nap us=2000": 5,
-                                                         "uprobes/nap us=0": 20}
-    assert naps["uprobes/nap us=2000"]["min_ns"] >= 2 * MS > naps["uprobes/nap us=0"]["p50_ns"]
+    if not in_program:
+        naps = run("us", "nap us=%di:s64")
+        assert {k: h["count"] for k, h in naps.items()} == {"uprobes/nap us=2000": 5,
+                                                             "uprobes/nap us=0": 20}
+        assert naps["uprobes/nap us=2000"]["min_ns"] >= 2 * MS \
+            > naps["uprobes/nap us=0"]["p50_ns"]
+    # spin(10) and spin(200000) in turn, 40 calls: 20 of each, the long ones
+    # (~100 us) each longer than most short ones (~10 ns)
+    spins = run("iters", "spin iters=%di:s64", compile_c("timed.c", "-pthread"),
+                "spins", "40", "10", "200000")
+    assert {k: h["count"] for k, h in spins.items()} == {"uprobes/spin iters=10": 20,
+                                                          "uprobes/spin iters=200000": 20}
+    assert spins["uprobes/spin iters=200000"]["min_ns"] > spins["uprobes/spin iters=10"]["p50_ns"]
     fibs = {k: h["count"] for k, h in run("n", "fib n=%di:s32").items()}
     calls = {n: 0 for n in range(11)}
 
@@ -230,3 +250,34 @@ def test_by_an_argument_the_spec_does_not_fetch_is_one_line(latency_exe: Path,
         assert main(["latency", "--by", "us", spec, "--", "/bin/true"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("uprobes: error: --by us keys calls by a fetcharg"), err
+
+
+def test_a_key_the_program_cannot_read_is_paired_from_events(latency_exe: Path) -> None:
+    """`--by ip 'nap ip=%ip'`: the ip is no register the timing code reads;
+    one note says so and what to change, and the calls are paired from
+    events instead, all 25 under the one address."""
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", "ptrace", "--json",
+                           "--by", "ip", f"{latency_exe}:nap ip=%ip", "--", str(latency_exe)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if "keyed from events" in ln]
+    assert len(notes) == 1 and "fetch it from a register or a stack word" in notes[0], \
+        proc.stderr
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    assert [h["count"] for h in doc.values()] == [25]
+
+
+def test_keys_beyond_the_table_are_counted_and_said(compile_c: Compiler) -> None:
+    """3,000 calls of tiny(i), each its own key, into a table of 1,024
+    keyed histograms: every call is in a histogram or in the one line
+    saying how many could not be keyed."""
+    exe = compile_c("timed.c", "-pthread")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", "ptrace", "--json",
+                           "--by", "a", f"{exe}:tiny a=%di", "--", str(exe), "keys", "3000",
+                           "3000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    said = re.findall(r"^uprobes: (\d+) calls could not be keyed", proc.stderr, re.M)
+    assert len(said) == 1, proc.stderr
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    assert all(h["count"] == 1 for h in doc.values())
+    assert 0 < int(said[0]) and len(doc) + int(said[0]) == 3000

@@ -5,13 +5,16 @@ layout's offsets, and the reader's record format unpacks the same fields."""
 
 from __future__ import annotations
 
+import mmap
 import struct
+from collections.abc import Callable
 
 import pytest
 from iced_x86 import Code, Decoder, Instruction, OpKind, Register
 
 from uprobes.engines.trapfree import layout
 from uprobes.engines.trapfree.recording import Recipe, Waits, prologue, shape_for
+from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import counting_prologue
 
 AT = 0x7F00_0000_0000
@@ -207,3 +210,64 @@ def test_the_commit_check_expects_consecutive_sequence_words() -> None:
     for first, n in ((1, 1), (1, layout.SLOTS), (123_456_789, 4096), ((1 << 63) - 10, 10),
                      ((1 << 64) - 5, 5), (7, 3)):
         assert _counting(first, n) == array("Q", range(first, first + n)).tobytes()
+
+
+def _keyed_timer_here(func: int) -> tuple[mmap.mmap, Callable[[int], None], TimingBlock]:
+    """A null function timed with a key (`latency --by a=%di:s32`): the
+    timing entry with the key loaded from rdi, the keyed return, `ret`; run
+    in this process. (the mapping, the function, the block's reader)."""
+    import ctypes
+
+    from iced_x86 import Register as R
+
+    from uprobes.engines.trapfree.keyed import Source, load
+    from uprobes.engines.trapfree.timing import _Asm, entry_code, return_code
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, page + layout.TIMING_BYTES, prot=7)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    block = base + page
+
+    def key(a: _Asm, frame: int) -> None:
+        load(a, Source("rdi", size=4, signed=True), R.RDX, frame, block, layout.TIMING_TLS)
+    code = entry_code(base, block, key)
+    code += return_code(base + len(code), block, func, keyed=True) + b"\xc3"
+    buf[:len(code)] = code
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_uint64)(base)
+    return buf, fn, TimingBlock(buf, block, page)
+
+
+def test_keyed_timing_code_and_reader_agree_when_run() -> None:
+    """Calls keyed by a signed 32-bit rdi (junk above it) land in the
+    histogram of their (function, key), each call once; the table's layout
+    is the reader's."""
+    import random
+    assert (layout.KH_STATE, layout.KH_FUNC, layout.KH_KEY) == (0, 8, 16)
+    assert layout.KH_HIST >= layout.KH_KEY + 8 and layout.KH_BYTES % 64 == 0
+    buf, fn, reader = _keyed_timer_here(func=7)
+    want: dict[int, int] = {}
+    rng = random.Random(3)
+    for _ in range(4000):
+        v = rng.randrange(-20, 20)
+        fn((v & 0xFFFFFFFF) | 0xBEEF << 32)
+        want[v] = want.get(v, 0) + 1
+    got = reader.keyed()
+    assert {k - (1 << 64) if k >= 1 << 63 else k: sum(b) for (f, k), b in got.items()
+            if f == 7} == want
+    assert {f for f, _ in got} == {7}
+    assert reader.missed().unkeyed == 0
+    del fn
+    buf.close()
+
+
+def test_keyed_timing_says_how_many_calls_it_could_not_key() -> None:
+    """More keys than the table has places: every call is in a keyed
+    histogram or in the count of calls not keyed, none lost, none twice."""
+    buf, fn, reader = _keyed_timer_here(func=0)
+    calls = 3 * layout.KEYED_HISTS
+    for n in range(calls):
+        fn(n)
+    kept = sum(sum(b) for b in reader.keyed().values())
+    unkeyed = reader.missed().unkeyed
+    assert unkeyed > 0 and kept + unkeyed == calls
+    del fn
+    buf.close()

@@ -103,6 +103,8 @@ class Latencies:
     too_deep: int = 0    # calls beyond a thread's deepest stack of open calls
     unpaired: int = 0    # returns with no entry (begun before the probes, or left)
     abandoned: int = 0   # calls left without returning (longjmp, an exception, a tail call)
+    unkeyed: int = 0     # calls timed by a key (`--by ARG`) that found no place in its table
     untimed: dict[str, str] = field(default_factory=dict)
     depth_limit: int = 0  # open calls a thread's row holds
     row_limit: int = 0    # threads timed at once
+    key_limit: int = 0    # (function, key) histograms a block holds (`--by ARG`)

@@ -108,9 +108,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError("--duration must be at least 0")
     args.svg_file = open_svg(args.svg)
     try:
-        by_task = args.by is None or args.by in TASK_KEYS
         python = any(isinstance(s.target, PyTarget) for s in parse_specs(args.specs))
-        if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe and by_task \
+        if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
                 and not (args.condition or args.comm or args.tid or args.breakdown or python):
             from uprobes.commands.latency_inprog import run_in_program
             lines = [line for spec in parse_specs(args.specs)

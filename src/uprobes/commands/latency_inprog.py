@@ -96,6 +96,10 @@ def _write(args: argparse.Namespace, out: TextIO, lat: Latencies) -> None:
     if lat.unpaired or lat.abandoned:
         sys.stderr.write(f"uprobes: {lat.unpaired} returns without an entry, {lat.abandoned} "
                          "calls never returned\n")
+    if lat.unkeyed:
+        sys.stderr.write(f"uprobes: {lat.unkeyed} calls could not be keyed: the table of "
+                         f"{lat.key_limit} histograms by (function, --by {args.by}) was full "
+                         "where they hashed (fewer distinct keys fit)\n")
     if lat.too_deep or lat.no_row:
         sys.stderr.write(f"uprobes: {lat.too_deep} calls deeper than a thread's "
                          f"{lat.depth_limit} open calls and {lat.no_row} calls of threads beyond "

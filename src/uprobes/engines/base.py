@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from uprobes.analysis.histogram import Latencies
-from uprobes.analysis.keyed import KeyedCounts
+from uprobes.analysis.keyed import TASK_KEYS, KeyedCounts
 from uprobes.engines.choose import pick_engine
 from uprobes.engines.reaper import Watch
 from uprobes.errors import UsageError
@@ -264,6 +264,14 @@ def open_timer(request: Request) -> Timer | None:
     if request.pick() != "ptrace" or not request.trapfree or request.hit_filter is not None \
             or request.stack_bytes:
         return None
+    if request.by is not None and request.by not in TASK_KEYS:
+        from uprobes.engines.ptrace.timed import key_problem
+        why = key_problem(request.probes, request.by)
+        if why is not None:
+            if request.note is not None:
+                request.note(f"--by {request.by} is keyed from events, not in the program ({why}):"
+                             " fetch it from a register or a stack word to key it there")
+            return None
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="time",

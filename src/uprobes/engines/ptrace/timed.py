@@ -13,6 +13,13 @@ function timed by the same code in this process (timing.calibration, once
 per process) gives what is taken off every duration; what it returns says
 how much. A thread's row is summed per function when it exits, so what is
 kept of threads gone does not grow with their number.
+
+`by` a fetcharg's name (`latency --by ARG`): each entry keeps the value
+(a register or a stack word, as `count --by` keys) with its open call, and
+its return adds the duration to the block's histogram of (function,
+value), a bounded table shared by the threads; a pair that finds no place
+is counted (`Latencies.unkeyed`), never dropped unsaid. `key_problem` says
+beforehand why a function's key cannot be read in the program.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ import threading
 from dataclasses import dataclass
 
 from uprobes.analysis.histogram import Histogram, Latencies
+from uprobes.analysis.keyed import TASK_KEYS
 from uprobes.engines.ptrace.state import TracerState
 from uprobes.engines.ptrace.tasks import Thread
 from uprobes.engines.trapfree import timing
 from uprobes.engines.trapfree.fileplan import plan_for, plan_whole
 from uprobes.engines.trapfree.jumppatch import Timed
-from uprobes.engines.trapfree.layout import STACK_DEPTH, TIMED_FUNCS, TIMING_ROWS
+from uprobes.engines.trapfree.keyed import Source, source_of
+from uprobes.engines.trapfree.layout import KEYED_HISTS, STACK_DEPTH, TIMED_FUNCS, TIMING_ROWS
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.registry import Probe
 from uprobes.sys import ptrace
@@ -41,6 +50,7 @@ class CallTimer(TracerState):
         """Give each function named by an entry probe of `probes` (display
         names `names`) its index in the timing blocks."""
         self._timed, self._timed_names, self._untimed = {}, [], {}
+        self._timed_lines: list[ResolvedProbe] = []  # each timed function's entry probe
         self._final: _Rows | None = None  # as read at detach
         self._rows_lock = threading.Lock()  # a release against a read in another thread
         self._released: dict[_Key, dict[int, list[int]]] = {}  # the rows of threads gone,
@@ -56,6 +66,7 @@ class CallTimer(TracerState):
                 continue
             self._timed[(p.key.dev, p.key.ino, p.file_offset)] = len(self._timed_names)
             self._timed_names.append(name)
+            self._timed_lines.append(p)
 
     def _place_timed(self, t: Thread, regs: ptrace.UserRegs, probe: Probe, addr: int,
                      file_offset: int, ident: tuple[int, int] | None) -> None:
@@ -71,6 +82,10 @@ class CallTimer(TracerState):
         name = self._timed_names[index]
         if name in self._untimed:
             return
+        key = self._timing_key(index)
+        if isinstance(key, str):
+            self._untimed[name] = key
+            return
         from uprobes.sys import tsc
         why = tsc.usable()
         path = probe.point.path
@@ -78,7 +93,7 @@ class CallTimer(TracerState):
         if why is None and not isinstance(whole, str):
             if at_ret is not None:
                 return  # the entry's patch covers the whole function and this ret
-            why = self._patch(t, regs, whole, name, addr, timed=Timed(index))
+            why = self._patch(t, regs, whole, name, addr, timed=Timed(index, key=key))
         elif why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
             plan = plan_for(path, ident[0], ident[1], file_offset, others,
@@ -88,9 +103,16 @@ class CallTimer(TracerState):
             else:
                 start = addr - (file_offset - plan.file_offset)
                 why = self._patch(t, regs, plan, name, start,
-                                  timed=Timed(index, ret=at_ret is not None))
+                                  timed=Timed(index, ret=at_ret is not None, key=key))
         if why is not None:
             self._untimed[name] = why
+
+    def _timing_key(self, index: int) -> Source | str | None:
+        """Where timed function `index`'s key is at its entry (`by` a
+        fetcharg), None (no key, or a task's), or why it cannot be read."""
+        if self._by is None or self._by in TASK_KEYS:
+            return None
+        return source_of(self._timed_lines[index], self._by, False)
 
     def _thread_done(self, t: Thread) -> None:
         assert self._jumps is not None
@@ -129,19 +151,31 @@ class CallTimer(TracerState):
             for block in list(self._jumps.timing):
                 for tid, hists in block.by_owner(indices):
                     _add_into(out.keyed, None if self._by is None else self._task_key(tid), hists)
+                for (func, raw), buckets in block.keyed().items():
+                    if func < len(indices):
+                        _add_into(out.keyed, self._shown_key(func, raw), {func: buckets})
                 missed = block.missed()
                 out.missed.no_row += missed.no_row
                 out.missed.too_deep += missed.too_deep
                 out.missed.unpaired += missed.unpaired
                 out.missed.abandoned += missed.abandoned
+                out.missed.unkeyed += missed.unkeyed
         return out
+
+    def _shown_key(self, func: int, raw: int) -> int:
+        """A keyed histogram's raw key as the fetcharg's type reads it."""
+        src = self._timing_key(func)
+        if isinstance(src, Source) and src.signed and raw >= 1 << 63:
+            return raw - (1 << 64)
+        return raw
 
     def _convert(self, rows: _Rows) -> Latencies:
         """Histograms in ns of what `rows` holds."""
         missed = rows.missed
         out = Latencies({}, untimed=dict(self._untimed), depth_limit=STACK_DEPTH,
                         row_limit=TIMING_ROWS, no_row=missed.no_row, too_deep=missed.too_deep,
-                        unpaired=missed.unpaired, abandoned=missed.abandoned)
+                        unpaired=missed.unpaired, abandoned=missed.abandoned,
+                        unkeyed=missed.unkeyed, key_limit=KEYED_HISTS)
         if not rows.placed:
             out.histograms = {n: Histogram() for n in self._timed_names if n not in out.untimed}
             return out
@@ -156,7 +190,7 @@ class CallTimer(TracerState):
                 buckets = rows.keyed.get(None, {}).get(i) or timing.empty_buckets()
                 out.histograms[name] = _histogram(buckets, cal)
                 continue
-            for key, hists in sorted(rows.keyed.items(), key=lambda kv: str(kv[0])):
+            for key, hists in sorted(rows.keyed.items(), key=_key_order):
                 if i in hists:
                     out.histograms[f"{name} {self._by}={key}"] = _histogram(hists[i], cal)
         return out
@@ -184,6 +218,23 @@ class _Rows:
     keyed: dict[_Key, dict[int, list[int]]]
     missed: timing.Missed
     placed: bool  # a timing block was mapped
+
+
+def _key_order(item: tuple[_Key, object]) -> tuple[int, int, str]:
+    """Numbers in numeric order, then names."""
+    key = item[0]
+    return (0, key, "") if isinstance(key, int) else (1, 0, str(key))
+
+
+def key_problem(probes: list[ResolvedProbe], by: str) -> str | None:
+    """Why the timed functions of `probes` (entry and return probe pairs)
+    cannot be keyed by fetcharg `by` in the program, or None."""
+    for p in probes:
+        if not p.is_return:
+            where = source_of(p, by, False)
+            if isinstance(where, str):
+                return where
+    return None
 
 
 def _add_into(into: dict[_Key, dict[int, list[int]]], key: _Key,

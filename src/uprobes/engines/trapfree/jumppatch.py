@@ -248,6 +248,7 @@ class Timed:
 
     func: int
     ret: bool = False
+    key: Source | None = None  # `latency --by ARG`: the value the entry keeps as the key
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,8 @@ class TrapFree:
             size = trampoline.max_size(displaced, recording.prologue_size(record.recipe, tls))
         elif timed is not None:
             space.tls_tid = tls
-            size = trampoline.max_size(displaced, timing.code_size())
+            size = trampoline.max_size(displaced, timing.code_size(
+                None if timed.key is None else keyed.timing_key(timed.key, runtime_addr)))
         elif by is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, keyed.prologue_size(by.value is not None) + (
@@ -375,12 +377,15 @@ class TrapFree:
             rows = self._timing_near(space, area, tid, regs, pid, syscall_addr, held, mem)
             if tls:
                 rows.tls_confirmed()
-            block_addr, func = rows.runtime_addr, timed.func
-            prologue = lambda at: timing.entry_code(at, block_addr)  # noqa: E731
+            block_addr, func, by_key = rows.runtime_addr, timed.func, timed.key is not None
+            key = None if timed.key is None else keyed.timing_key(timed.key, block_addr)
+            prologue = lambda at: timing.entry_code(at, block_addr, key)  # noqa: E731
             if plan.whole:
-                ret_prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
+                ret_prologue = lambda at: timing.return_code(  # noqa: E731
+                    at, block_addr, func, by_key)
             elif timed.ret:
-                prologue = lambda at: timing.return_code(at, block_addr, func)  # noqa: E731
+                prologue = lambda at: timing.return_code(  # noqa: E731
+                    at, block_addr, func, by_key)
         elif trap:
             guards = list(trap)
             prologue = lambda at: pyguard.trap_prologue(at, guards)  # noqa: E731

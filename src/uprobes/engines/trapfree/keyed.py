@@ -50,16 +50,26 @@ from uprobes.engines.trapfree.layout import (
     TABLE_BYTES,
     TABLE_ENTRIES,
     TABLE_OVERFLOW,
+    TIMING_TLS,
 )
 from uprobes.engines.trapfree.recording import needs
 from uprobes.engines.trapfree.sharedmem import most_hits
-from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc, _mem, _tid
+from uprobes.engines.trapfree.timing import (
+    KeyLoad,
+    _Asm,
+    _enter,
+    _leave,
+    _locked_inc,
+    _mem,
+    _tid,
+    claim_entry,
+)
 from uprobes.lang.ast import FetchArg, UsdtTarget
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.abi import lower_fetcharg
 
 _HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: the top bits of key * this
-_READY, _CLAIMED = 2, 1
+_READY = 2  # an entry's state once its key is written (timing.claim_entry claims it)
 _SAVED_AT = {"rdi": 0, "rsi": 8, "rdx": 16, "rcx": 24, "rax": 40}  # after timing._enter
 _REGS: dict[str, Any] = {"rbx": R.RBX, "rbp": R.RBP, **{f"r{n}": getattr(R, f"R{n}")
                                                        for n in range(8, 16)}}
@@ -110,6 +120,14 @@ def load(a: _Asm, src: Source, dst: Any, frame: int, block: int,
     elif src.size == 1:
         a(i.create_reg_reg(Code.MOVSX_R64_RM8 if src.signed else Code.MOVZX_R64_RM8,
                            dst, low[2]))
+
+
+def timing_key(src: Source, block: int) -> KeyLoad:
+    """`src` as the key of a timed call (timing.entry_code), in the timing
+    block at `block`."""
+    def emit(a: _Asm, frame: int) -> None:
+        load(a, src, R.RDX, frame, block, TIMING_TLS)
+    return emit
 
 
 def loadable(reg: str | None, stack: int | None) -> bool:
@@ -176,15 +194,7 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
         a.jump(Code.JE_REL32_64, "found")
         a.jump(Code.JMP_REL32_64, nxt)
         a.label(free)
-        a(i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, KEY_STATE), 0))
-        a.jump(Code.JNE_REL32_64, nxt)  # claimed by another, not ready yet: move on
-        cas = i.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RDI, KEY_STATE), R.RCX)
-        cas.has_lock_prefix = True
-        a(i.create_reg(Code.PUSH_R64, R.RAX),
-          i.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX),
-          i.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, _CLAIMED), cas,
-          i.create_reg(Code.POP_R64, R.RAX))  # pop keeps cmpxchg's ZF
-        a.jump(Code.JNE_REL32_64, nxt)
+        claim_entry(a, KEY_STATE, nxt)
         lo, hi = ((1 << 63) - 1, 1 << 63) if value is not None and value.signed else (_U64, 0)
         a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_KEY), R.RSI),
           i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, lo),

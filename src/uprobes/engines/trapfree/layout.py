@@ -130,6 +130,8 @@ TIMING_UNPAIRED = 128  # returns whose entry is not on the thread's stack
 TIMING_TLS = 192       # 1 once the tracer saw the tid at the thread pointer (glibc's
                        # struct pthread): read there, else by a gettid system call
 TIMING_ABANDONED = 256  # open calls dropped: left by longjmp, an exception or a tail call
+TIMING_UNKEYED = 320   # calls keyed by a fetched value (`latency --by ARG`) whose (function,
+                       # key) found no place in the table of keyed histograms
 TIMING_ROWS_OFFSET = 4096
 TIMING_ROWS = 128      # a power of two
 ROW_PROBES = 8          # rows a thread may claim from its tid on (a dead thread's row is freed
@@ -137,8 +139,10 @@ ROW_PROBES = 8          # rows a thread may claim from its tid on (a dead thread
 ROW_OWNER = 0          # the owning thread's tid (4 bytes), 0: free
 ROW_CLAIMED = 8        # 1 once any thread claimed the row (the reader reads only these)
 ROW_DEPTH = 16         # how many open calls the stack holds
-ROW_STACK = 64         # the open calls, oldest first: (stack pointer, TSC) each
-ENTRY_BYTES = 16
+ROW_STACK = 64         # the open calls, oldest first: (stack pointer, TSC, key, unused) each
+ENTRY_BYTES = 32       # a power of two: a depth to its entry is a shift
+ENTRY_SHIFT = ENTRY_BYTES.bit_length() - 1
+ENTRY_SP, ENTRY_TSC, ENTRY_KEY = 0, 8, 16  # the key: the value fetched at entry (--by ARG)
 STACK_DEPTH = 60
 ROW_HISTS = ROW_STACK + STACK_DEPTH * ENTRY_BYTES  # the row's histograms, one per timed function
 TIMED_FUNCS = 64       # timed functions per block
@@ -147,7 +151,19 @@ HIST_BUCKETS = (40 - HIST_SUB_BITS + 1) << HIST_SUB_BITS  # values up to HIST_MA
 HIST_BYTES = HIST_BUCKETS * 8
 HIST_MAX_TICKS = (1 << 40) - 1  # a longer call counts in the last bucket
 ROW_BYTES = ROW_HISTS + TIMED_FUNCS * HIST_BYTES
-TIMING_BYTES = TIMING_ROWS_OFFSET + TIMING_ROWS * ROW_BYTES
+# The keyed histograms (`latency --by ARG`): one bounded open-addressing table
+# for the block, shared by its threads (so its buckets take `lock inc`). An
+# entry is claimed as a keyed count's (free 0, claimed 1, ready 2) for one
+# (function, key) and holds that pair's histogram.
+TIMING_KEYED_OFFSET = TIMING_ROWS_OFFSET + TIMING_ROWS * ROW_BYTES
+KEYED_HISTS = 1024     # a power of two
+KEYED_HIST_PROBES = 8  # places tried from the pair's hash
+KH_STATE = 0
+KH_FUNC = 8
+KH_KEY = 16
+KH_HIST = 64
+KH_BYTES = KH_HIST + HIST_BYTES
+TIMING_BYTES = TIMING_KEYED_OFFSET + KEYED_HISTS * KH_BYTES
 
 
 def hist_bucket(ticks: int) -> int:

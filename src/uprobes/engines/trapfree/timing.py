@@ -42,7 +42,7 @@ import mmap
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +51,21 @@ from iced_x86 import Register as R
 
 from uprobes.engines.trapfree.layout import (
     ENTRY_BYTES,
+    ENTRY_KEY,
+    ENTRY_SHIFT,
+    ENTRY_SP,
+    ENTRY_TSC,
     HIST_BUCKETS,
     HIST_BYTES,
     HIST_MAX_TICKS,
     HIST_SUB_BITS,
+    KEYED_HIST_PROBES,
+    KEYED_HISTS,
+    KH_BYTES,
+    KH_FUNC,
+    KH_HIST,
+    KH_KEY,
+    KH_STATE,
     ROW_BYTES,
     ROW_CLAIMED,
     ROW_DEPTH,
@@ -67,10 +78,12 @@ from uprobes.engines.trapfree.layout import (
     TIMING_ABANDONED,
     TIMING_BYTES,
     TIMING_DEEP,
+    TIMING_KEYED_OFFSET,
     TIMING_NOROW,
     TIMING_ROWS,
     TIMING_ROWS_OFFSET,
     TIMING_TLS,
+    TIMING_UNKEYED,
     TIMING_UNPAIRED,
     hist_bounds,
 )
@@ -81,6 +94,7 @@ _RED_ZONE = 128
 _NR_GETTID = 186
 _HIST = struct.Struct(f"<{HIST_BUCKETS}Q")
 _ROW_HEAD = struct.Struct("<IIQQ")  # owner, pad, claimed, depth
+_KH_HEAD = struct.Struct("<QQQ")  # a keyed histogram's state, function, key (KH_STATE...)
 
 
 def _mem(base: Any, displ: int = 0, index: Any = R.NONE, scale: int = 1) -> MemoryOperand:
@@ -242,9 +256,15 @@ def _tail(a: _Asm, missed: str, counter: int, block: int) -> None:
     _leave(a)
 
 
-def entry_code(at: int, block: int) -> bytes:
+KeyLoad = Callable[["_Asm", int], None]
+"""Code that puts a call's key in rdx (given the frame's size), clobbering
+nothing else that the entry's code holds (keyed.load)."""
+
+
+def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
     """A timed function's entry, for a trampoline at `at` (the block at
-    `block`, within rel32 reach): open a call on the thread's stack."""
+    `block`, within rel32 reach): open a call on the thread's stack (with
+    `key`: the key the call's duration is kept under, with the call)."""
     i = Instruction
     a = _Asm()
     frame = _enter(a)
@@ -256,8 +276,9 @@ def entry_code(at: int, block: int) -> bytes:
     a(i.create_reg_reg(Code.TEST_RM64_R64, R.RCX, R.RCX))
     a.jump(Code.JE_REL32_64, "push")
     a(i.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RCX),
-      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RAX, 4),
-      i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RDI, ROW_STACK - ENTRY_BYTES, R.RAX)))
+      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RAX, ENTRY_SHIFT),
+      i.create_reg_mem(Code.CMP_R64_RM64, R.RSI,
+                       _mem(R.RDI, ROW_STACK - ENTRY_BYTES + ENTRY_SP, R.RAX)))
     a.jump(Code.JB_REL32_64, "push")  # the top is above us: a live caller
     a(i.create_reg(Code.DEC_RM64, R.RCX), _locked_inc(block + TIMING_ABANDONED))
     a.jump(Code.JMP_REL32_64, "drop")
@@ -265,24 +286,28 @@ def entry_code(at: int, block: int) -> bytes:
     a(i.create_reg_i32(Code.CMP_RM64_IMM32, R.RCX, STACK_DEPTH))
     a.jump(Code.JAE_REL32_64, "deep")
     a(i.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RCX),
-      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RAX, 4),
+      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RAX, ENTRY_SHIFT),
       i.create_reg_reg(Code.ADD_R64_RM64, R.RAX, R.RDI),
-      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RAX, ROW_STACK), R.RSI),
+      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RAX, ROW_STACK + ENTRY_SP), R.RSI),
       i.create_reg(Code.INC_RM64, R.RCX),
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
-      i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
-      i.create(Code.RDTSC),  # the stamp last: the probe's own code is mostly before it
+      i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
+    if key is not None:
+        key(a, frame)
+        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, ROW_STACK + ENTRY_KEY), R.RDX))
+    a(i.create(Code.RDTSC),  # the stamp last: the probe's own code is mostly before it
       i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
       i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
-      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, ROW_STACK + 8), R.RAX))
+      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, ROW_STACK + ENTRY_TSC), R.RAX))
     a.jump(Code.JMP_REL32_64, "done")
     _tail(a, "deep", block + TIMING_DEEP, block)
     return a.encode(at)
 
 
-def return_code(at: int, block: int, func: int) -> bytes:
+def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
     """Right before a timed function's `ret`: close its call, add the
-    duration to the thread's histogram of function `func`."""
+    duration to the thread's histogram of function `func` (`keyed`: to the
+    block's histogram of `func` and the key its entry kept, `_keyed_hist`)."""
     assert 0 <= func < TIMED_FUNCS
     i = Instruction
     a = _Asm()
@@ -298,18 +323,21 @@ def return_code(at: int, block: int, func: int) -> bytes:
     a(i.create_reg_reg(Code.TEST_RM64_R64, R.RCX, R.RCX))
     a.jump(Code.JE_REL32_64, "unpaired")
     a(i.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RCX),
-      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RAX, 4),
+      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RAX, ENTRY_SHIFT),
       i.create_reg_reg(Code.ADD_R64_RM64, R.RAX, R.RDI),
-      i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RAX, ROW_STACK - ENTRY_BYTES)))
+      i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RAX, ROW_STACK - ENTRY_BYTES + ENTRY_SP)))
     a.jump(Code.JBE_REL32_64, "top")  # the top is at or above us
     a(i.create_reg(Code.DEC_RM64, R.RCX),  # a deeper call left by longjmp
       _locked_inc(block + TIMING_ABANDONED))
     a.jump(Code.JMP_REL32_64, "drop")
     a.label("top")
     a.jump(Code.JNE_REL32_64, "unpaired")  # the top is a caller's: no entry of ours
+    top = ROW_STACK - ENTRY_BYTES
     a(i.create_reg(Code.DEC_RM64, R.RCX),
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
-      i.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.RAX, ROW_STACK - ENTRY_BYTES + 8)))
+      *([i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RAX, top + ENTRY_KEY))] if keyed
+        else []),
+      i.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.RAX, top + ENTRY_TSC)))
     a.jump(Code.JAE_REL32_64, "positive")
     a(i.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX))  # another CPU's counter was ahead
     a.label("positive")
@@ -318,8 +346,9 @@ def return_code(at: int, block: int, func: int) -> bytes:
     a.jump(Code.JBE_REL32_64, "bounded")
     a(i.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
     a.label("bounded")
-    a(i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RDI, ROW_HISTS + func * HIST_BYTES)),
-      i.create_reg_i32(Code.CMP_RM64_IMM32, R.RDX, 1 << HIST_SUB_BITS))
+    if not keyed:
+        a(i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RDI, ROW_HISTS + func * HIST_BYTES)))
+    a(i.create_reg_i32(Code.CMP_RM64_IMM32, R.RDX, 1 << HIST_SUB_BITS))
     a.jump(Code.JB_REL32_64, "bucket")
     # bucket = (k << SUB_BITS) + (v >> k), k = bsr(v) - SUB_BITS (layout.hist_bucket)
     a(i.create_reg_reg(Code.BSR_R64_RM64, R.RCX, R.RDX),
@@ -328,19 +357,82 @@ def return_code(at: int, block: int, func: int) -> bytes:
       i.create_reg_i32(Code.SHL_RM64_IMM8, R.RCX, HIST_SUB_BITS),
       i.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RCX))
     a.label("bucket")
-    a(i.create_mem(Code.INC_RM64, _mem(R.RDI, 0, R.RDX, 8)))
+    if keyed:
+        _keyed_hist(a, block, func)
+    else:
+        a(i.create_mem(Code.INC_RM64, _mem(R.RDI, 0, R.RDX, 8)))
     a.jump(Code.JMP_REL32_64, "done")
     _tail(a, "unpaired", block + TIMING_UNPAIRED, block)
     return a.encode(at)
 
 
+_HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: the top bits of key * this
+_FREE, _CLAIMED, _READY = 0, 1, 2
+
+
+def claim_entry(a: _Asm, state: int, taken: str) -> None:
+    """Claim the free hash-table entry at rdi (its state word at `state`)
+    by a compare-and-swap from free to claimed; to `taken` if it is not
+    free or another thread won it (rax kept; rcx clobbered)."""
+    i = Instruction
+    a(i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, state), _FREE))
+    a.jump(Code.JNE_REL32_64, taken)  # claimed by another, not ready yet: move on
+    cas = i.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RDI, state), R.RCX)
+    cas.has_lock_prefix = True
+    a(i.create_reg(Code.PUSH_R64, R.RAX),
+      i.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, _CLAIMED), cas,
+      i.create_reg(Code.POP_R64, R.RAX))  # pop keeps cmpxchg's ZF
+    a.jump(Code.JNE_REL32_64, taken)
+
+
+def _keyed_hist(a: _Asm, block: int, func: int) -> None:
+    """Bucket rdx of the histogram of (`func`, key rsi) in the block's table
+    of keyed histograms, `lock inc`ed (threads share it); the entry is
+    claimed as keyed.py claims one: a compare-and-swap of its state from
+    free, then the pair written, then ready. A pair that finds no place in
+    KEYED_HIST_PROBES tries bumps TIMING_UNKEYED. Clobbers rax, rcx, rdi."""
+    i = Instruction
+    table = block + TIMING_KEYED_OFFSET
+    a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, _HASH),
+      i.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RSI),
+      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 64 - (KEYED_HISTS.bit_length() - 1)))
+    for k in range(KEYED_HIST_PROBES):
+        nxt, free = f"knext{k}", f"kfree{k}"
+        a(i.create_reg_mem(Code.LEA_R32_M, R.ECX, _mem(R.RAX, k + func * 17)),
+          i.create_reg_i32(Code.AND_RM32_IMM32, R.ECX, KEYED_HISTS - 1),
+          i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RCX, R.RCX, KH_BYTES),
+          i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RIP, table)),
+          i.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RCX),
+          i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, KH_STATE), _READY))
+        a.jump(Code.JNE_REL32_64, free)
+        a(i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RDI, KH_KEY)))
+        a.jump(Code.JNE_REL32_64, nxt)
+        a(i.create_mem_i32(Code.CMP_RM64_IMM32, _mem(R.RDI, KH_FUNC), func))
+        a.jump(Code.JE_REL32_64, "kfound")
+        a.jump(Code.JMP_REL32_64, nxt)
+        a.label(free)
+        claim_entry(a, KH_STATE, nxt)
+        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KH_KEY), R.RSI),
+          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, KH_FUNC), func),
+          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, KH_STATE), _READY))
+        a.jump(Code.JMP_REL32_64, "kfound")
+        a.label(nxt)
+    a(_locked_inc(block + TIMING_UNKEYED))
+    a.jump(Code.JMP_REL32_64, "done")
+    a.label("kfound")
+    inc = i.create_mem(Code.INC_RM64, _mem(R.RDI, KH_HIST, R.RDX, 8))
+    inc.has_lock_prefix = True
+    a(inc)
+
+
 _SIZING_AT, _SIZING_BLOCK = 0x10000000, 0x10100000
 
 
-def code_size() -> int:
+def code_size(key: KeyLoad | None = None) -> int:
     """An entry's code and a return's together (what a whole-function patch holds)."""
-    return len(entry_code(_SIZING_AT, _SIZING_BLOCK)) \
-        + len(return_code(_SIZING_AT, _SIZING_BLOCK, TIMED_FUNCS - 1))
+    return len(entry_code(_SIZING_AT, _SIZING_BLOCK, key)) \
+        + len(return_code(_SIZING_AT, _SIZING_BLOCK, TIMED_FUNCS - 1, key is not None))
 
 
 # ---------------------------------------------------------------- reading
@@ -354,6 +446,7 @@ class Missed:
     too_deep: int = 0   # more than STACK_DEPTH calls open at once on a thread
     unpaired: int = 0   # returns whose entry was not on the stack (began before, or left)
     abandoned: int = 0  # open calls dropped: left by longjmp, an exception, a tail call
+    unkeyed: int = 0    # keyed calls whose (function, key) found no place in the table
 
 
 class TimingBlock:
@@ -409,13 +502,37 @@ class TimingBlock:
         """The header's counters (each bounded like a count: else 0 and `corrupt`)."""
         bound = most_hits(time.monotonic() - self.made)
         vals = []
-        for at in (TIMING_NOROW, TIMING_DEEP, TIMING_UNPAIRED, TIMING_ABANDONED):
+        for at in (TIMING_NOROW, TIMING_DEEP, TIMING_UNPAIRED, TIMING_ABANDONED, TIMING_UNKEYED):
             v = struct.unpack_from("<Q", self.view, self._at + at)[0]
             if v > bound:
                 self.corrupt += 1
                 v = 0
             vals.append(v)
         return Missed(*vals)
+
+    def keyed(self) -> dict[tuple[int, int], list[int]]:
+        """The keyed histograms (`return_code(keyed=True)`) by (function,
+        raw key), entries of one pair merged; a histogram whose calls no run
+        can have made since the block was mapped is left out (`corrupt`)."""
+        bound = most_hits(time.monotonic() - self.made)
+        out: dict[tuple[int, int], list[int]] = {}
+        for n in range(KEYED_HISTS):
+            at = self._at + TIMING_KEYED_OFFSET + n * KH_BYTES
+            state, func, key = _KH_HEAD.unpack_from(self.view, at)
+            if state != _READY:
+                continue
+            got = _HIST.unpack_from(self.view, at + KH_HIST)
+            total = sum(got)
+            if not total:
+                continue
+            if total > bound or not 0 <= func < TIMED_FUNCS:
+                self.corrupt += 1
+                continue
+            into = out.setdefault((func, key), empty_buckets())
+            for b, c in enumerate(got):
+                if c:
+                    into[b] += c
+        return out
 
     def tls_confirmed(self) -> None:
         """The tid is at glibc's place in the thread pointer: no more system calls."""
