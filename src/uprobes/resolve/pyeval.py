@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError, ELFParseError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 from iced_x86 import Decoder, FlowControl, Mnemonic, OpKind
 from iced_x86 import Register as R
 
 from uprobes.elf.image import ElfImage
+from uprobes.elf.relocs import relative_addends
 from uprobes.errors import ResolveError
 
 OPCODES = {"RESUME": 151, "RESUME_QUICK": 150, "RETURN_VALUE": 83, "YIELD_VALUE": 86,
@@ -48,7 +48,6 @@ OPCODES = {"RESUME": 151, "RESUME_QUICK": 150, "RETURN_VALUE": 83, "YIELD_VALUE"
 TABLE_WORDS = 256
 AGREE = 0.95
 """The share of the handlers that store `prev_instr` which must agree on the registers."""
-_R_X86_64_RELATIVE = 8
 _FIRST = 7  # instructions of a handler read for the registers it starts with
 _KERNEL_NAMES = {R.RAX: "ax", R.RBX: "bx", R.RCX: "cx", R.RDX: "dx", R.RSI: "si", R.RDI: "di",
                  R.RBP: "bp", R.RSP: "sp",
@@ -155,13 +154,10 @@ def _table(image: ElfImage, table: int) -> list[int]:
     addends: dict[int, int] = {}
     try:
         with image.elffile() as elf:
-            for section in elf.iter_sections():
-                if not isinstance(section, RelocationSection) or not section.is_RELA():
-                    continue
-                for rel in section.iter_relocations():
-                    at = rel["r_offset"] - table
-                    if 0 <= at < 8 * TABLE_WORDS and rel["r_info_type"] == _R_X86_64_RELATIVE:
-                        addends[at // 8] = rel["r_addend"]
+            for addr, addend in relative_addends(elf):
+                at = addr - table
+                if 0 <= at < 8 * TABLE_WORDS:
+                    addends[at // 8] = addend
     except (ELFError, ELFParseError) as e:
         raise ResolveError(f"cannot read the relocations of {image.path}: {e}") from e
     return [addends.get(i, w) for i, w in enumerate(words)]

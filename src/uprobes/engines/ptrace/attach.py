@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import replace
+from typing import Any
 
 from uprobes.engines.ptrace import breakpoints, rendezvous
 from uprobes.engines.ptrace.breakpoints import GuardTrap, PlacementRefused, Site
@@ -275,13 +276,21 @@ class Attach(TracerState):
         """The compiled guards of `probe`'s consumers when each is a `py:`
         function's (of ours) and they can share code: a call none of them
         keeps need not stop."""
-        handlers = [c.ret_handler if ret else c.handler for c in probe.consumers]
-        guards = [g for h in handlers if h is not None and h in self._ours
-                  and (g := self._ours[h].py_guard) is not None]
-        if not guards or len(guards) != len(handlers) \
-                or len({replace(g, alternatives=()) for g in guards}) != 1:
-            return []
-        return guards
+        return [g for _, g in self._consumer_guards(probe, ret, self._ours)]
+
+    def _consumer_guards(self, probe: Probe, ret: bool, among: Container[object],
+                         ) -> list[tuple[Any, PyGuard]]:
+        """(handler, compiled guard) of each consumer of `probe`, when every
+        handler is in `among` and has one, and one piece of code can test them
+        all (the same registers and offsets); else none."""
+        out: list[tuple[Any, PyGuard]] = []
+        for c in probe.consumers:
+            h = c.ret_handler if ret else c.handler
+            guard = self._ours[h].py_guard if h is not None and h in among else None
+            if guard is None:
+                return []
+            out.append((h, guard))
+        return out if len({replace(g, alternatives=()) for _, g in out}) == 1 else []
 
     def _place_guard_trap(self, t: Thread, regs: UserRegs, probe: Probe, addr: int,
                           file_offset: int, ident: tuple[int, int], guards: list[PyGuard],
@@ -361,15 +370,8 @@ class Attach(TracerState):
         (trapfree/pyguard.py); else none."""
         if self._trapfree != "count":
             return []
-        handlers = [c.ret_handler if ret else c.handler for c in probe.consumers]
-        out: list[tuple[str, PyGuard]] = []
-        for h in handlers:
-            guard = self._ours[h].py_guard if h in self._py_count_only else None
-            if guard is None:
-                return []
-            out.append((self._py_count_only[h], guard))  # type: ignore[index]
-        same = {replace(g, alternatives=()) for _, g in out}
-        return out if len(same) == 1 else []
+        return [(self._py_count_only[h], g)
+                for h, g in self._consumer_guards(probe, ret, self._py_count_only)]
 
     def _why_not_trapfree(self, probe: Probe, at_ret: bool, guarded: bool = False) -> str | None:
         """Why `probe` needs a stop at each hit whatever its instructions, or

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError, ELFParseError
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.relocation import RelocationSection
 from iced_x86 import (
     FlowControl,
     Instruction,
@@ -49,12 +48,12 @@ from iced_x86 import (
 )
 
 from uprobes.elf.image import ElfImage
+from uprobes.elf.relocs import relative_addends
 from uprobes.errors import UprobesError
 
 MAX_WORDS = 1 << 20
 _BACK = 8       # instructions looked back from a jump for its register's load
 _BASE_BACK = 64  # and from the load for its table's base
-_R_X86_64_RELATIVE = 8
 _WRITES = (OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE)
 
 
@@ -81,12 +80,8 @@ class FileData:
                     if segment["p_type"] == "PT_GNU_RELRO":
                         self._fixed.append((segment["p_vaddr"],
                                             segment["p_vaddr"] + segment["p_memsz"]))
+                self._by_addr.update(relative_addends(elf))
                 for section in elf.iter_sections():
-                    if isinstance(section, RelocationSection) and section.is_RELA():
-                        self._by_addr.update(
-                            (rel["r_offset"], rel["r_addend"])
-                            for rel in section.iter_relocations()
-                            if rel["r_info_type"] == _R_X86_64_RELATIVE)
                     span = (section["sh_addr"], section["sh_addr"] + section["sh_size"])
                     flags = section["sh_flags"]
                     if flags & SH_FLAGS.SHF_ALLOC and section["sh_type"] == "SHT_PROGBITS":
