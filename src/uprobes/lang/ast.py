@@ -207,13 +207,35 @@ class ValueView:
     at this address), "unsupported" (`note` says why), "elided" (a struct
     deeper than printed) or "int" (a signed integer read as a bitfield).
     `enumerators` are an enum's (value, name) pairs; `type_name` the C type;
-    `sign_bits`: a signed bitfield's width, to sign-extend its value by."""
+    `sign_bits`: a signed bitfield's width, to sign-extend its value by.
+
+    A value made of several fetches names the arguments it takes besides
+    its own in `parts` (they follow it, and print only as part of it):
+    "text" (its own fetch the bytes as u64 words, its part their count: a
+    Rust `&str` or `String`, a `std::string`), "list" (its own fetch the
+    elements, each read by `element`, its part their count) and "variants"
+    (its own fetch a Rust enum's discriminant, its parts the fields of every
+    variant, `variants` saying which belong to which)."""
 
     kind: str
     type_name: str = ""
     enumerators: tuple[tuple[int, str], ...] = ()
     note: str = ""
     sign_bits: int = 0
+    parts: tuple[str, ...] = ()
+    element: ValueView | None = None
+    variants: tuple[Variant, ...] = ()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant of a Rust enum with data: its name, the discriminant that
+    selects it (None: any that selects no other), and its fields as
+    (name, index in its enum's `parts`); tuple fields are named `__0`..."""
+
+    name: str
+    discr: int | None
+    fields: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from uprobes.lang.ast import FetchType
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, row_event, shape_of
 from uprobes.render.rows import RowShape
-from uprobes.render.values import view_json
+from uprobes.render.values import Shown, fold_of, view_json
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -50,8 +50,14 @@ def event_doc(event: Event, info: ProbeInfo | None = None) -> dict[str, object]:
     if event.kind == "r":
         doc["func"] = event.func
     views = {name: t for name, t in info.args if t.view is not None} if info else {}
-    doc["args"] = {name: view_json(v, views[name]) if name in views else v
-                   for name, v in event.args.items()} if views else event.args
+    fold = fold_of(info.args) if info else None
+    if fold is not None and info is not None:
+        values = fold.values([event.args.get(name) for name, _ in info.args])
+        doc["args"] = {name: view_json(v, t) if t.view is not None else v
+                       for (name, t), v in zip(fold.args, values)}
+    else:
+        doc["args"] = {name: view_json(v, views[name]) if name in views else v
+                       for name, v in event.args.items()} if views else event.args
     if event.stack is not None:
         doc["stack"] = [frame.as_dict() for frame in event.stack]
     return doc
@@ -61,7 +67,7 @@ def _is_int(ftype: FetchType) -> bool:
     return not ftype.is_string and ftype.array is None and ftype.view is None
 
 
-def _converter(ftype: FetchType) -> Callable[[ArgValue], object]:
+def _converter(ftype: FetchType) -> Callable[[Shown], object]:
     if _is_int(ftype):
         return lambda v: v
     if ftype.view is not None:
@@ -77,10 +83,12 @@ class _Template:
     def __init__(self, info: ProbeInfo) -> None:
         self.info = info
         self.is_return = info.kind == "r"
+        self.fold = fold_of(info.args)
+        self.args = info.args if self.fold is None else self.fold.args
         self.text = self.line(pid="%d", tid="%d", comm="%s", cpu="%d", ip="%d", func="%s")
-        self.plain = all(_is_int(t) for _, t in info.args)
-        self.converts: list[Callable[[ArgValue], object]] = [
-            _converter(t) for _, t in info.args]
+        self.plain = self.fold is None and all(_is_int(t) for _, t in info.args)
+        self.converts: list[Callable[[Shown], object]] = [
+            _converter(t) for _, t in self.args]
 
     def line(self, *, pid: str, tid: str, comm: str, cpu: str, ip: str, func: str) -> str:
         """The template, with each value before `ts_ns` and the arguments
@@ -92,7 +100,7 @@ class _Template:
                 f'"pid":{pid},"tid":{tid},"comm":{comm},"cpu":{cpu},"ts_ns":%d,"ip":{ip}')
         if self.is_return:
             head += f',"func":{func}'
-        body = ",".join(f"{_dumps(name)}:{'%d' if _is_int(t) else '%s'}" for name, t in info.args)
+        body = ",".join(f"{_dumps(name)}:{'%d' if _is_int(t) else '%s'}" for name, t in self.args)
         return head + ',"args":{' + body + "}}\n"
 
 
@@ -149,7 +157,8 @@ class JsonLinesRenderer:
                 if t.plain and not t.is_return:
                     append(t.text % (pid, tid, c, cpu, ts_ns, ip, *args))
                 else:
-                    values = args if t.plain else [f(v) for f, v in zip(t.converts, args)]
+                    shown = args if t.fold is None else t.fold.values(args)
+                    values = shown if t.plain else [f(v) for f, v in zip(t.converts, shown)]
                     if t.is_return:
                         append(t.text % (pid, tid, c, cpu, ts_ns, ip,
                                          "null" if func is None else func, *values))

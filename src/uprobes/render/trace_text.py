@@ -30,12 +30,12 @@ from uprobes.lang.ast import FetchType
 from uprobes.model.event import ENGINE_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, KernelValue, row_event
 from uprobes.render.rows import RowShape
-from uprobes.render.values import view_text
+from uprobes.render.values import Composed, Shown, fold_of, view_text
 
 
-def format_value(value: ArgValue, ftype: FetchType) -> str:
+def format_value(value: Shown, ftype: FetchType) -> str:
     """One argument as the kernel prints it (by its source type, with a view)."""
-    if ftype.view is not None:
+    if ftype.view is not None or isinstance(value, Composed):
         return view_text(value, ftype)
     if isinstance(value, list):
         return "{" + ",".join(_scalar(v, ftype) for v in value) + "}"
@@ -60,8 +60,13 @@ def _scalar(value: int | str | None, ftype: FetchType) -> str:
 def format_args(event: Event, info: ProbeInfo) -> str:
     """` name=value` for every argument, as trace_probe_print_args() writes
     them (those the engines add for themselves left out: `ENGINE_ARGS`)."""
-    return "".join(f" {name}={format_value(event.args.get(name), ftype)}"
-                   for name, ftype in info.args if name not in ENGINE_ARGS)
+    fold = fold_of(info.args)
+    if fold is None:
+        return "".join(f" {name}={format_value(event.args.get(name), ftype)}"
+                       for name, ftype in info.args if name not in ENGINE_ARGS)
+    values = fold.values([event.args.get(name) for name, _ in info.args])
+    return "".join(f" {name}={format_value(value, ftype)}"
+                   for (name, ftype), value in zip(fold.args, values) if name not in ENGINE_ARGS)
 
 
 def format_location(event: Event) -> str:
@@ -125,12 +130,12 @@ def _fast_code(ftype: FetchType) -> str | None:
 
 
 
-def _as_is(value: ArgValue) -> object:
+def _as_is(value: Shown) -> object:
     """An argument its %-code prints as it comes."""
     return value
 
 
-def _formatter(ftype: FetchType) -> Callable[[ArgValue], str]:
+def _formatter(ftype: FetchType) -> Callable[[Shown], str]:
     """`format_value` for arguments of `ftype`."""
     return lambda value: format_value(value, ftype)
 
@@ -141,11 +146,13 @@ class _Template:
     def __init__(self, info: ProbeInfo) -> None:
         self.info = info
         self.is_return = info.kind == "r"
-        codes = [_fast_code(t) for _, t in info.args]
+        self.fold = fold_of(info.args)
+        self.args = info.args if self.fold is None else self.fold.args
+        codes = [_fast_code(t) for _, t in self.args]
         self.text = self.line(comm="%16s", tid="%-7d", cpu="%03d", ip="0x%x", func="0x%x")
-        self.plain = None not in codes
-        self.converts: list[Callable[[ArgValue], object]] = [
-            _as_is if c else _formatter(t) for (_, t), c in zip(info.args, codes)]
+        self.plain = None not in codes and self.fold is None
+        self.converts: list[Callable[[Shown], object]] = [
+            _as_is if c else _formatter(t) for (_, t), c in zip(self.args, codes)]
 
     def line(self, *, comm: str, tid: str, cpu: str, ip: str, func: str) -> str:
         """The template, with each value but the time and the arguments put
@@ -154,11 +161,11 @@ class _Template:
         info = self.info
         event = info.event.replace("%", "%%")
         where = f"({ip} <- {func})" if self.is_return else f"({ip})"
-        codes = [_fast_code(t) for _, t in info.args]
+        codes = [_fast_code(t) for _, t in self.args]
         return (f"{comm}-{tid} [{cpu}] %5d.%06d: {event}: {where}"
                 + "".join("%.0s" if name in ENGINE_ARGS  # (takes its value, shows none)
                           else f" {name.replace('%', '%%')}={c or '%s'}"
-                          for (name, _), c in zip(info.args, codes)) + "\n")
+                          for (name, _), c in zip(self.args, codes)) + "\n")
 
 
 class TraceTextRenderer:
@@ -214,7 +221,8 @@ class TraceTextRenderer:
                 t = templates[probe] = _Template(self.probes[probe])
             secs, nsec = divmod(ts_ns, 1_000_000_000)
             try:
-                values = args if t.plain else [f(v) for f, v in zip(t.converts, args)]
+                shown = args if t.fold is None else t.fold.values(args)
+                values = shown if t.plain else [f(v) for f, v in zip(t.converts, shown)]
                 if t.is_return:
                     append(t.text % (comm, tid, cpu, secs, nsec // 1000, ip, func or 0, *values))
                 else:

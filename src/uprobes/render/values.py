@@ -5,7 +5,10 @@ JSON values for JSON output."""
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from uprobes.lang.ast import FetchType, ValueView
 from uprobes.model.event import ArgValue
@@ -38,10 +41,172 @@ def _float(value: int, ftype: FetchType) -> float:
     return float(cooked.unpack(raw.pack(value & ((1 << (8 * ftype.size)) - 1)))[0])
 
 
-def view_text(value: ArgValue, ftype: FetchType) -> str:
+@dataclass(frozen=True)
+class Composed:
+    """A value made of several fetches (see `ValueView.parts`): its own, and
+    its parts' with their types."""
+
+    own: ArgValue
+    parts: tuple[tuple[ArgValue, FetchType], ...]
+
+
+Shown = ArgValue | Composed
+
+
+class Fold:
+    """Which of a probe's arguments print, and their values from a hit's:
+    the parts of a composed value go into it (`Composed`)."""
+
+    def __init__(self, args: Sequence[tuple[str, FetchType]]) -> None:
+        index = {name: i for i, (name, _) in enumerate(args)}
+        self.leads: dict[int, tuple[int, ...]] = {}
+        hidden: set[int] = set()
+        for i, (_, t) in enumerate(args):
+            if t.view is not None and t.view.parts:
+                self.leads[i] = tuple(index[p] for p in t.view.parts)
+                hidden.update(self.leads[i])
+        self.types = [t for _, t in args]
+        self.shown = [i for i in range(len(args)) if i not in hidden]
+        self.args = tuple(args[i] for i in self.shown)
+
+    def values(self, values: Sequence[ArgValue]) -> list[Shown]:
+        types = self.types
+        return [Composed(values[i], tuple((values[j], types[j]) for j in self.leads[i]))
+                if i in self.leads else values[i] for i in self.shown]
+
+
+@functools.lru_cache(maxsize=256)
+def fold_of(args: tuple[tuple[str, FetchType], ...]) -> Fold | None:
+    """The `Fold` of a probe with composed values; None for the others (most)."""
+    if not any(t.view is not None and t.view.parts for _, t in args):
+        return None
+    return Fold(args)
+
+
+_ESCAPES = {0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v",
+            0x0C: "\\f", 0x0D: "\\r", 0x1B: "\\033", 0x22: '\\"', 0x5C: "\\\\"}
+
+
+def _text_bytes(c: Composed) -> tuple[bytes, bool]:
+    """A text's bytes (as many as were read) and whether it has more."""
+    words = c.own if isinstance(c.own, list) else []
+    data = b"".join((w if isinstance(w, int) else 0).to_bytes(8, "little") for w in words)
+    count = _count(c)
+    return data[:count], count > len(data)
+
+
+def escape(data: bytes) -> str:
+    """Bytes as gdb prints a string's: UTF-8 text as it is, quotes,
+    backslashes and control characters escaped (`\\t`, `\\000`), other
+    bytes that are not UTF-8 in octal."""
+    out: list[str] = []
+    text = data.decode("utf-8", "surrogateescape")
+    for ch in text:
+        n = ord(ch)
+        if 0xDC80 <= n <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\{n - 0xDC00:03o}")
+        elif n in _ESCAPES:
+            out.append(_ESCAPES[n])
+        elif n < 0x20 or n == 0x7F:
+            out.append(f"\\{n:03o}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _count(value: Composed) -> int:
+    count = value.parts[0][0] if value.parts else 0
+    return count if isinstance(count, int) else 0
+
+
+def _elements(value: Composed, ftype: FetchType) -> tuple[list[ArgValue], FetchType, bool]:
+    """A list's elements (those it has of those read), the type each is read
+    by, and whether it has more than were read."""
+    view = ftype.view
+    assert view is not None
+    got = value.own if isinstance(value.own, list) else []
+    count = _count(value)
+    one = FetchType(ftype.base, ftype.bitfield, None, ftype.explicit, view.element)
+    items: list[ArgValue] = list(got[:count])
+    return items, one, count > len(got)
+
+
+def _variant(value: Composed,
+             ftype: FetchType) -> tuple[str, list[tuple[str, ArgValue, FetchType]]] | None:
+    """The variant a discriminant selects, and its fields' values; None when
+    it selects none."""
+    view = ftype.view
+    assert view is not None
+    raw = value.own if isinstance(value.own, int) else 0
+    discr = raw & ((1 << (ftype.size * 8)) - 1)
+    chosen = next((v for v in view.variants if v.discr is not None
+                   and v.discr & ((1 << (ftype.size * 8)) - 1) == discr), None) \
+        or next((v for v in view.variants if v.discr is None), None)
+    if chosen is None:
+        return None
+    fields = [(name, value.parts[i][0], value.parts[i][1]) for name, i in chosen.fields]
+    return chosen.name, fields
+
+
+def _composed_text(value: Composed, ftype: FetchType) -> str:
+    view = ftype.view
+    assert view is not None
+    if view.kind == "text":
+        data, more = _text_bytes(value)
+        return f'"{escape(data)}"' + ("..." if more else "")
+    if view.kind == "list":
+        items, one, more = _elements(value, ftype)
+        text = [view_text(v, one) if one.view is not None else str(v) for v in items]
+        return "{" + ",".join(text + (["..."] if more else [])) + "}"
+    got = _variant(value, ftype)
+    if got is None:
+        return f"<discriminant {value.own}>"
+    name, fields = got
+    if not fields:
+        return name
+    shown = [(f, _field_text(v, t)) for f, v, t in fields]
+    if all(f.startswith("__") for f, _ in shown):  # a tuple variant, as gdb shows it
+        return f"{name}({', '.join(v for _, v in shown)})"
+    return name + "{" + ", ".join(f"{f}: {v}" for f, v in shown) + "}"
+
+
+def _field_text(value: Shown, ftype: FetchType) -> str:
+    if ftype.view is not None:
+        return view_text(value, ftype)
+    if isinstance(value, int) and ftype.base.startswith("s"):
+        return str(_signed(value, ftype.size * 8))
+    return str(value)
+
+
+def _composed_json(value: Composed, ftype: FetchType) -> object:
+    """Text as a string (bytes not UTF-8 as U+FFFD), a list as a list, a
+    variant as serde writes it: `"None"`, `{"Some": 5}`, `{"Circle": {"r": 1.5}}`."""
+    view = ftype.view
+    assert view is not None
+    if view.kind == "text":
+        data, _ = _text_bytes(value)
+        return data.decode("utf-8", "replace")
+    if view.kind == "list":
+        items, one, _ = _elements(value, ftype)
+        return [view_json(v, one) if one.view is not None else v for v in items]
+    got = _variant(value, ftype)
+    if got is None:
+        return None
+    name, fields = got
+    if not fields:
+        return name
+    values = [(f, view_json(v, t) if t.view is not None else v) for f, v, t in fields]
+    if all(f.startswith("__") for f, _ in values):
+        return {name: values[0][1] if len(values) == 1 else [v for _, v in values]}
+    return {name: dict(values)}
+
+
+def view_text(value: Shown, ftype: FetchType) -> str:
     """One value as text (a list as `{a,b}`, like the kernel's arrays)."""
     view = ftype.view
     assert view is not None
+    if isinstance(value, Composed):
+        return _composed_text(value, ftype)
     if isinstance(value, list):
         one = FetchType(ftype.base, ftype.bitfield, None, ftype.explicit, view)
         return "{" + ",".join(view_text(v, one) for v in value) + "}"
@@ -73,11 +238,13 @@ def view_text(value: ArgValue, ftype: FetchType) -> str:
     return str(n)
 
 
-def view_json(value: ArgValue, ftype: FetchType) -> object:
+def view_json(value: Shown, ftype: FetchType) -> object:
     """One value as JSON: enums by name, bools, floats as numbers, pointers
     and chars as numbers, values not there as null."""
     view = ftype.view
     assert view is not None
+    if isinstance(value, Composed):
+        return _composed_json(value, ftype)
     if isinstance(value, list):
         one = FetchType(ftype.base, ftype.bitfield, None, ftype.explicit, view)
         return [view_json(v, one) for v in value]

@@ -34,7 +34,7 @@ from uprobes.elf.dwarf.location import (
     register_name,
     unsupported,
 )
-from uprobes.elf.dwarf.types import CType, Member
+from uprobes.elf.dwarf.types import Counted, CType, Member
 from uprobes.elf.ehframe import EhFrameTable
 from uprobes.elf.image import ElfImage
 from uprobes.errors import ResolveError
@@ -48,6 +48,7 @@ from uprobes.lang.ast import (
     RetVal,
     ValueView,
     Variable,
+    Variant,
 )
 from uprobes.lang.fetchargs import MAX_ARG_NAME_LEN, MAX_ARRAY_LEN
 from uprobes.lang.render import render_expr, render_variable
@@ -56,6 +57,9 @@ from uprobes.resolve.debugdwarf import dwarf_if_any
 MAX_DEPTH = 2
 """How deep structs are printed member by member (`s->in.x` is depth 2);
 deeper ones print `{...}`, as gdb's `set print max-depth`."""
+TEXT_BYTES = 200
+"""How much of a counted string (`&str`, `String`, `std::string`) is read:
+gdb's `print elements` default; read as 25 u64 words, one kernel array."""
 _NAMED_SCALARS = frozenset(("base", "enum", "pointer", "reference"))
 
 
@@ -391,14 +395,11 @@ class _Access:
         if t.kind == "reference":  # a C++ reference reads as what it refers to, as gdb shows
             return self.leaves(Item(self.pointee(item, 0, text), t.target), name, depth,
                                lenient=lenient, text=text)
-        data = t.string_data
-        if data is not None:  # a std::string reads as its text, as gdb's printer shows it
-            return self.leaves(Item(_part(item.place, data.offset), data.type), name, depth,
-                               lenient=lenient, text=text)
+        counted = t.counted
+        if counted is not None:
+            return self.counted(item, counted, name, lenient=lenient, text=text)
         if t.has_variants:
-            why = unsupported(f"a {t.name} holds one of several variants, known only at run "
-                              "time")
-            return [_marker(name, why, t, text, lenient or depth > 0)]
+            return self.variants(item, name, depth, lenient=lenient, text=text)
         if t.kind in ("struct", "union"):
             if depth >= MAX_DEPTH:
                 return [FetchArg(name, Immediate(0), FetchType("u8", view=_view("elided", t)))]
@@ -413,6 +414,80 @@ class _Access:
             if not lenient:
                 raise
             return [_marker(name, unsupported(str(exc)), t, text, lenient)]
+
+    def counted(self, item: Item, counted: Counted, name: str, *, lenient: bool,
+                text: str) -> list[FetchArg]:
+        """A string or list that a pointer and a count give (`&str`, `String`,
+        `Vec<T>`, `std::string`): its first elements, as many as one kernel
+        array holds, and the count, which says how many of them are its
+        (the text is not NUL-terminated: a Rust `&str` points into other text)."""
+        t, elem = item.type, counted.element
+        length = _member(item, counted.length)
+        data = _member(item, counted.data)
+        for got in (data, length):
+            if got.place.kind in ("optimized_out", "unsupported"):
+                return [_marker(name, got.place, t, text, lenient)]
+        part = f"{name}__len"
+        try:
+            first = self.pointee(data, 0, text)
+            if first.kind != "memory":
+                raise ResolveError(f"{text}: its data pointer {first.note or first.kind}")
+            size_expr, size_type = self.fetch(length, FetchType("u64"), text)
+            if counted.text:
+                ftype = FetchType("u64", array=TEXT_BYTES // 8,
+                                  view=_view("text", t, parts=(part,)))
+            elif elem.kind in _NAMED_SCALARS and elem.size in (1, 2, 4, 8):
+                one = _fetch_type(elem)
+                ftype = replace(one, array=MAX_ARRAY_LEN,
+                                view=_view("list", t, parts=(part,), element=one.view))
+            else:
+                raise ResolveError(f"{text}: a {t.name} of {elem.name} has no fetch type "
+                                   f"(index its elements)")
+        except ResolveError as exc:
+            if not lenient:
+                raise
+            return [_marker(name, unsupported(str(exc)), t, text, lenient)]
+        return [FetchArg(name, self.read(first), ftype),
+                FetchArg(part, size_expr, size_type)]
+
+    def variants(self, item: Item, name: str, depth: int, *, lenient: bool,
+                 text: str) -> list[FetchArg]:
+        """A Rust enum with data: its discriminant, and each variant's fields
+        (where they would be), of which the discriminant picks the ones shown."""
+        t = item.type
+        layout = t.variant_part
+        why = "" if layout is not None else f"{t.name}: its variants' DWARF is not read here"
+        discr = layout.discriminant if layout is not None else None
+        if discr is not None and (discr.type.kind not in ("base", "enum")
+                                  or discr.type.size not in (1, 2, 4, 8)):
+            why = f"{t.name}: a discriminant of {discr.type.size} bytes"
+        if layout is None or discr is None or why:
+            return [_marker(name, unsupported(why), t, text, lenient or depth > 0)]
+        parts: list[FetchArg] = []
+        variants: list[Variant] = []
+        for value, member in layout.variants:
+            fields: list[tuple[str, int]] = []
+            for f in member.type.members:
+                at = _member(Item(_part(item.place, member.offset), member.type), f)
+                label = f"{name}_{_identifier(member.name)}_{_identifier(f.name)}"
+                got = self.leaves(at, label, MAX_DEPTH, lenient=True,
+                                  text=f"{text}.{member.name}.{f.name}")
+                if len(got) != 1 or got[0].type.view is not None and got[0].type.view.parts:
+                    got = [FetchArg(label, Immediate(0),
+                                    FetchType("u8", view=_view("elided", f.type)))]
+                fields.append((f.name, len(parts)))
+                parts += got
+            variants.append(Variant(member.name, value, tuple(fields)))
+        try:
+            expr, ftype = self.fetch(_member(item, discr), FetchType(
+                f"u{discr.type.size * 8}"), text)
+        except ResolveError as exc:
+            if not lenient:
+                raise
+            return [_marker(name, unsupported(str(exc)), t, text, lenient)]
+        view = _view("variants", t, parts=tuple(p.name for p in parts),
+                     variants=tuple(variants))
+        return [FetchArg(name, expr, replace(ftype, view=view)), *parts]
 
     def scalar(self, item: Item, text: str) -> tuple[FetchExpr, FetchType]:
         t = item.type
@@ -534,9 +609,10 @@ def _explicit(leaves: list[FetchArg], arg: FetchArg, item: Item) -> FetchArg:
 
 
 def _unique(args: list[FetchArg]) -> list[FetchArg]:
-    """Argument names the kernel takes: at most 32 characters, each once."""
+    """Argument names the kernel takes: at most 32 characters, each once (a
+    value's `parts`, which follow it, renamed with them)."""
     used: set[str] = set()
-    out = []
+    names = []
     for a in args:
         name, n = a.name[:MAX_ARG_NAME_LEN], 1
         while name in used:
@@ -544,6 +620,14 @@ def _unique(args: list[FetchArg]) -> list[FetchArg]:
             name = a.name[:MAX_ARG_NAME_LEN - len(suffix)] + suffix
             n += 1
         used.add(name)
+        names.append(name)
+    out = []
+    for i, (a, name) in enumerate(zip(args, names)):
+        view = a.type.view
+        if view is not None and view.parts:
+            renamed = tuple(names[i + 1:i + 1 + len(view.parts)])
+            if renamed != view.parts:
+                a = replace(a, type=replace(a.type, view=replace(view, parts=renamed)))
         out.append(a if name == a.name else replace(a, name=name))
     return out
 

@@ -33,6 +33,28 @@ class Member:
     """For a bitfield: bits from the start of the struct (DW_AT_data_bit_offset)."""
 
 
+@dataclass(frozen=True)
+class Counted:
+    """A value that points to `element`s and counts them: the members
+    holding its pointer and its count (offsets from the value's start);
+    `text` when the elements are a string's bytes."""
+
+    data: Member
+    length: Member
+    element: CType
+    text: bool
+
+
+@dataclass(frozen=True)
+class VariantPart:
+    """A Rust enum: the member holding its discriminant, and its variants,
+    each selected by a discriminant value (None: by none of the others'),
+    as a member whose type holds the variant's fields."""
+
+    discriminant: Member
+    variants: tuple[tuple[int | None, Member], ...]
+
+
 class CType:
     """One C type with typedefs and qualifiers stripped (`name` keeps the
     spelling the source used). `kind`: base, pointer, reference, struct,
@@ -161,21 +183,47 @@ class CType:
             and self.size == 1
 
     @property
-    def string_data(self) -> Member | None:
-        """For libstdc++'s `std::string`: where in the object the pointer to
-        its characters is (`_M_dataplus._M_p`), whose text ends at a NUL (the
-        library keeps one after the last character, for `c_str()`). None for
-        any other type."""
-        if self.kind != "struct" or not (die_name(self.die) or "").startswith(
-                "basic_string<char,"):
+    def counted(self) -> Counted | None:
+        """Where a run of elements that the value points to and counts is:
+        Rust's `&str`, `&[T]`, `String` and `Vec<T>`, libstdc++'s
+        `std::string`. None for any other type."""
+        if self.kind != "struct":
             return None
-        hider = next((m for m in self.members if m.name == "_M_dataplus"), None)
-        if hider is None or not any(m.name == "_M_string_length" for m in self.members):
+        name = die_name(self.die) or ""
+        members = {m.name: m for m in self.members}
+        if self.in_rust:
+            if name.startswith(("&", "*")) and {"data_ptr", "length"} <= members.keys():
+                data, length = members["data_ptr"], members["length"]
+                return Counted(data, length, data.type.target, name.endswith("str"))
+            if name == "String" and "vec" in members:
+                vec = members["vec"]
+                inner = vec.type.counted
+                return None if inner is None else Counted(
+                    _moved(inner.data, vec.offset), _moved(inner.length, vec.offset),
+                    inner.element, True)
+            if name.startswith("Vec<") and {"buf", "len"} <= members.keys():
+                buf = _first_pointer(members["buf"])
+                elem = self.template_param("T")
+                if buf is None or elem is None:
+                    return None
+                return Counted(buf, members["len"], elem, False)
+            return None
+        if not name.startswith("basic_string<char,"):
+            return None
+        hider, size = members.get("_M_dataplus"), members.get("_M_string_length")
+        if hider is None or size is None:
             return None
         ptr = next((m for m in hider.type.members if m.name == "_M_p"), None)
         if ptr is None or ptr.type.kind != "pointer" or not ptr.type.target.is_char:
             return None
-        return Member("_M_p", hider.offset + ptr.offset, ptr.type)
+        return Counted(_moved(ptr, hider.offset), size, ptr.type.target, True)
+
+    def template_param(self, name: str) -> CType | None:
+        """The type a generic type's parameter `name` stands for."""
+        if self.die is None:
+            return None
+        return next((CType.of(c) for c in self.die.iter_children()
+                     if c.tag == "DW_TAG_template_type_param" and die_name(c) == name), None)
 
     @property
     def has_variants(self) -> bool:
@@ -183,6 +231,39 @@ class CType:
         struct whose members depend on a discriminant (DW_TAG_variant_part)."""
         return self.die is not None and any(c.tag == "DW_TAG_variant_part"
                                             for c in self.die.iter_children())
+
+    @property
+    def variant_part(self) -> VariantPart | None:
+        """A Rust enum's discriminant and variants (DW_TAG_variant_part);
+        None when it has none, or uses what this does not read (a
+        DW_AT_discr_list of ranges, a discriminant with no member)."""
+        if self.die is None:
+            return None
+        part = next((c for c in self.die.iter_children() if c.tag == "DW_TAG_variant_part"),
+                    None)
+        if part is None or "DW_AT_discr" not in part.attributes:
+            return None
+        discr = part.get_DIE_from_attribute("DW_AT_discr")
+        where = discr.attributes.get("DW_AT_data_member_location")
+        if where is None or not isinstance(where.value, int):
+            return None
+        variants: list[tuple[int | None, Member]] = []
+        for v in part.iter_children():
+            if v.tag != "DW_TAG_variant":
+                continue
+            if "DW_AT_discr_list" in v.attributes:
+                return None
+            value = v.attributes.get("DW_AT_discr_value")
+            member = next((m for m in v.iter_children() if m.tag == "DW_TAG_member"), None)
+            if member is None:
+                continue
+            at = member.attributes.get("DW_AT_data_member_location")
+            variants.append((None if value is None else int(value.value),
+                             Member(die_name(member) or "?",
+                                    at.value if at is not None and isinstance(at.value, int)
+                                    else 0, CType.of(member))))
+        return VariantPart(Member("<discriminant>", where.value, CType.of(discr)),
+                           tuple(variants))
 
     @property
     def in_rust(self) -> bool:
@@ -196,6 +277,25 @@ DW_LANG_RUST = 0x1C
 def is_rust_unit(cu: Any) -> bool:
     attr = cu.get_top_DIE().attributes.get("DW_AT_language")
     return attr is not None and attr.value == DW_LANG_RUST
+
+
+def _moved(m: Member, by: int) -> Member:
+    return Member(m.name, m.offset + by, m.type)
+
+
+def _first_pointer(m: Member, depth: int = 0) -> Member | None:
+    """The first pointer in member `m`, looking into members in order (at
+    offsets from the start of `m`'s struct): where Rust's `RawVec` keeps its
+    buffer, however deep its wrappers (`inner.ptr.pointer.pointer`) go."""
+    if m.type.kind == "pointer":
+        return m
+    if m.type.kind != "struct" or depth > 6:
+        return None
+    for inner in m.type.members:
+        found = _first_pointer(_moved(inner, m.offset), depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _spell(die: Any | None, depth: int = 0) -> str:
