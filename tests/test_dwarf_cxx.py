@@ -1,6 +1,7 @@
 """C++ arguments by name from DWARF, named by demangled names: the instances
 of a function template and overloads told apart, a template's name alone
-listing its instances and globbed, std::string read as its text; on both
+listing its instances and globbed, std::string read as its text (all its
+size() bytes, a NUL among them); on both
 engines, against the values tests/fixtures/dwarf_args.cc passes and against
 gdb stopped at the same address of the same build, at -O0 and -O2."""
 
@@ -31,7 +32,7 @@ CASES: dict[str, dict[str, Any]] = {
     "larger<double>": {"p.first": 2.5, "p.second": -1.0, "bias": 2},
     "area(long)": {"side": 6},
     "area(double, double)": {"w": 1.5, "h": 4.0},
-    "greet": {"who": "world", "title": "Doctor of Philosophy", "times": 2},
+    "greet": {"who": "wo\0rld", "title": "Doctor\0of Philosophy", "times": 2},
 }
 """Each function as a probe names it, and the value of each expression there."""
 LABELS = {"larger<long>": "larger<long>(Pair<long> const&, int)",
@@ -115,7 +116,8 @@ def _gdb_normal(text: str) -> str:
 @pytest.mark.root
 def test_gdb_prints_the_same(build: tuple[Path, str]) -> None:
     """gdb stopped at each probe's address prints what we print (a
-    std::string by libstdc++'s printer: its text); at -O0 gdb's `break FUNC`
+    std::string by libstdc++'s printer: its text, past a NUL to its size);
+    at -O0 gdb's `break FUNC`
     is where the probe is, after the prologue (a one-line function's too)."""
     exe, level = build
     need(shutil.which("gdb") is not None, "gdb")
@@ -128,7 +130,7 @@ def test_gdb_prints_the_same(build: tuple[Path, str]) -> None:
         assert main(["trace", "-e", "ptrace", _probe(exe, func), "--", str(exe)], out=out) == 0
         line = next(ln for ln in out.getvalue().splitlines() if f"{LABELS[func]}: " in ln)
         ours = dict(re.findall(r' (\w+)=("[^"]*"|\S+)', line.split(LABELS[func], 1)[1]))
-        values = _gdb(exe, ["set print null-stop on", f"break *{addrs[-1]:#x}", "run",
+        values = _gdb(exe, [f"break *{addrs[-1]:#x}", "run",
                             *[f"print {e}" for e in exprs]], r"^\$\d+ = (.*)$")
         assert len(values) == len(exprs)
         for expr, value in zip(exprs, values):

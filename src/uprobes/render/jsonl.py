@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from uprobes.lang.ast import FetchType
-from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, row_event, shape_of
 from uprobes.render.rows import RowShape
 from uprobes.render.values import Shown, fold_of, view_json

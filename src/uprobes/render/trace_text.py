@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import TextIO
 
 from uprobes.lang.ast import FetchType
-from uprobes.model.event import ENGINE_ARGS, ArgValue, Event, Hit, ProbeInfo, hit_event
+from uprobes.model.event import ENGINE_ARGS, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, KernelValue, row_event
 from uprobes.render.rows import RowShape
 from uprobes.render.values import Composed, Shown, fold_of, view_text
