@@ -180,3 +180,20 @@ def test_gdb_prints_the_same(build: tuple[Path, bool]) -> None:
         for (name, expr), (value, gone) in zip(exprs.items(), values):
             want = "<optimized out>" if gone else _gdb_normal(value)
             assert _pointers(ours[name]) == want, (func, expr, ours[name], value)
+
+
+@pytest.mark.root
+def test_chrome_json_shows_each_value_whole(compile_rust: RustCompiler) -> None:
+    """Outputs that take plain values get a string's text and an enum's
+    variant as one argument, not the fetches they are made of."""
+    exe = compile_rust("dwarf_values.rs", "-C", "opt-level=0")
+    out = io.StringIO()
+    assert main(["trace", "-e", "ptrace", "--format", "chrome-json",
+                 _probe(exe, "dwarf_values::texts"), _probe(exe, "dwarf_values::shapes"),
+                 "--", str(exe)], out=out) == 0
+    doc = json.loads(out.getvalue())
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    args = {k: v for e in events if e.get("cat", "").startswith("uprobes/")
+            for k, v in e["args"].items()}
+    assert args == {"s": "hello", "long": LONG[:200], "owned": JSON["owned"],
+                    "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty"}

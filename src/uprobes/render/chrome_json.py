@@ -31,6 +31,7 @@ from typing import TextIO
 from uprobes.analysis.calls import CallPairer
 from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, row_event
+from uprobes.render.values import plain_args
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -91,18 +92,20 @@ class ChromeJsonRenderer:
             self._instant(ev)
 
     def _slice(self, start: Event, end: Event) -> None:
-        args: dict[str, object] = dict(start.args)
+        info = self.probes[start.probe]
+        args: dict[str, object] = dict(plain_args(start.args, info.args))
         if start.stack is not None:
             args["stack"] = [str(frame) for frame in start.stack]
         if end.args:
-            args["return"] = end.args
+            end_info = self.probes.get(end.probe)
+            args["return"] = plain_args(end.args, end_info.args) if end_info else end.args
         self._write({"ph": "X", "name": self.probes[start.probe].event, "cat": start.probe,
                      "pid": start.pid, "tid": start.tid, "ts": _us(start.ts_ns),
                      "dur": _us(end.ts_ns - start.ts_ns), "args": args})
 
     def _instant(self, ev: Event) -> None:
         info = self.probes.get(ev.probe)
-        args: dict[str, object] = dict(ev.args)
+        args: dict[str, object] = dict(plain_args(ev.args, info.args) if info else ev.args)
         if ev.stack is not None:
             args["stack"] = [str(frame) for frame in ev.stack]
         self._write({"ph": "i", "s": "t", "name": info.event if info else ev.probe,

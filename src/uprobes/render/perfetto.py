@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 from uprobes.analysis.calls import CallPairer
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, KernelValue, row_event
+from uprobes.render.values import plain_args
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 SEQUENCE_ID = 1
@@ -191,13 +192,17 @@ class PerfettoRenderer:
             self._track_event(start.ts_ns, track, "TYPE_SLICE_BEGIN",
                               self.probes[start.probe].event, self._hit_args(start))
             self._track_event(ev.ts_ns, track, "TYPE_SLICE_END", None,
-                              [(f"return.{k}", v) for k, v in ev.args.items()],
+                              [(f"return.{k}", v) for k, v in self._args(ev).items()],
                               self._count(start.pid, start.probe, "calls"))
         elif not start:
             self._instant(ev)
 
+    def _args(self, ev: Event) -> dict[str, ArgValue]:
+        info = self.probes.get(ev.probe)
+        return plain_args(ev.args, info.args) if info else ev.args
+
     def _hit_args(self, ev: Event) -> list[tuple[str, ArgValue | KernelValue]]:
-        args: list[tuple[str, ArgValue | KernelValue]] = list(ev.args.items())
+        args: list[tuple[str, ArgValue | KernelValue]] = list(self._args(ev).items())
         if ev.stack is not None:
             frames: list[str | None] = [str(frame) for frame in ev.stack]
             args.append(("stack", frames))

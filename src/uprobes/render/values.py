@@ -83,6 +83,25 @@ def fold_of(args: tuple[tuple[str, FetchType], ...]) -> Fold | None:
     return Fold(args)
 
 
+def plain_args(args: dict[str, ArgValue],
+               info_args: tuple[tuple[str, FetchType], ...]) -> dict[str, ArgValue]:
+    """An event's arguments for outputs that take plain values (Chrome's
+    JSON, Perfetto): a composed value as one, its text (a string's own)."""
+    fold = fold_of(info_args)
+    if fold is None:
+        return args
+    values = fold.values([args.get(name) for name, _ in info_args])
+    out: dict[str, ArgValue] = {}
+    for (name, t), v in zip(fold.args, values):
+        if not isinstance(v, Composed):
+            out[name] = v
+        elif t.view is not None and t.view.kind == "text":
+            out[name] = _text_bytes(v)[0].decode("utf-8", "replace")
+        else:
+            out[name] = view_text(v, t)
+    return out
+
+
 _ESCAPES = {0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v",
             0x0C: "\\f", 0x0D: "\\r", 0x1B: "\\033", 0x22: '\\"', 0x5C: "\\\\"}
 
