@@ -344,8 +344,9 @@ def test_sighup_keeps_the_tracers_counts(caller_exe: Path, tmp_path: Path) -> No
 def test_a_reload_with_a_probe_that_cannot_be_resolved_keeps_the_old_probes(
         caller_exe: Path, tmp_path: Path) -> None:
     """The ptrace engine resolves a config's probes as it starts following:
-    one that names no function is refused at a reload, and the probes
-    before it are followed on (the agent does not end)."""
+    one that names no function is refused at a reload before the probes
+    before it are taken out, so they are followed on without a gap (the
+    same tracer) and the agent does not end."""
     port = free_port()
     config = tmp_path / "agent.toml"
     head = _config(config, caller_exe, port)
@@ -354,10 +355,12 @@ def test_a_reload_with_a_probe_that_cannot_be_resolved_keeps_the_old_probes(
     try:
         agent.ready()
         caller.round()
+        tracer = tracer_of(caller.proc.pid)
         config.write_text(head + f'[[probe]]\nline = "{caller_exe}:no_such_function"\n')
         agent.proc.send_signal(signal.SIGHUP)
-        agent.wait_said("reload refused")
-        agent.ready()  # the probes before it, in place again
+        agent.wait_said("reload refused, the probes stay as they were")
+        # refused before the probes were taken out: the same tracer, no gap
+        assert tracer_of(caller.proc.pid) == tracer != 0
         caller.round()
         assert _calls(agent.metrics(port), caller) == 2 * CALLS_PER_ROUND
         err = _stopped(agent)
@@ -380,9 +383,10 @@ def test_a_waited_for_file_whose_probe_cannot_be_resolved_is_left_out(
     agent = Agent("--config", str(config))
     try:
         agent.ready()
+        tracer = tracer_of(caller.proc.pid)
         shutil.copy(caller_exe, later)
         agent.wait_said("not placed, the others run on")
-        agent.ready()
+        assert tracer_of(caller.proc.pid) == tracer != 0  # the others never taken out
         caller.round()
         assert _calls(agent.metrics(port), caller) == CALLS_PER_ROUND
         _stopped(agent)

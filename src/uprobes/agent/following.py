@@ -40,7 +40,7 @@ from uprobes.analysis.histogram import Histogram
 from uprobes.elf.image import ElfImage
 from uprobes.engines.base import Request, Timer, open_orphan_watch, open_timer
 from uprobes.engines.ptrace.permissions import tracer_of
-from uprobes.errors import EngineError, UprobesError, UsageError
+from uprobes.errors import EngineError, ProcessError, UprobesError, UsageError
 from uprobes.lang.ast import ProbeSpec
 from uprobes.model.event import display_names
 from uprobes.model.probe import ResolvedProbe
@@ -169,6 +169,40 @@ class _Process:
     counted: dict[str, AgentProbe] = field(default_factory=dict)  # display name -> line
 
 
+def _targets(config: AgentConfig) -> list[_Target]:
+    functions, counted = _plan(config)
+    return [_Target(f.entry, f) for f in functions] + [_Target(line, None) for line in counted]
+
+
+def check(config: AgentConfig) -> None:
+    """Raise what following `config` would raise, with nothing placed: a line
+    the engine refuses, or one that does not resolve in a process running its
+    executable now (where each tracer resolves its lines; with none running,
+    only the first). So a reload that would fail is refused while the probes
+    before it run on, not after they were taken out."""
+    targets = _targets(config)
+    for name in os.listdir("/proc"):
+        if not targets:
+            return
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            st = os.stat(f"/proc/{name}/exe")
+            with open(f"/proc/{name}/comm") as f:
+                comm = f.read().rstrip("\n")
+        except OSError:
+            continue  # gone, or a kernel thread
+        here = [t for t in targets if t.ident == (st.st_dev, st.st_ino)
+                and (not t.comm or comm in t.comm)]
+        if here:
+            try:
+                Resolver(pid=int(name), uretprobe=False).resolve_all(
+                    [s for t in here for s in t.specs])
+            except ProcessError:
+                continue  # it ended meanwhile: another process may tell
+            targets = [t for t in targets if t not in here]
+
+
 class Following:
     """The processes of the probed executables, followed while running (the
     interface of counting.CountRun: `placed`, `ended`, `error`, `lost`,
@@ -183,9 +217,7 @@ class Following:
         self.error: BaseException | None = None
         self.placed = False
         self.lost = 0
-        functions, counted = _plan(config)
-        self._targets = [_Target(f.entry, f) for f in functions] + [
-            _Target(line, None) for line in counted]
+        self._targets = _targets(config)
         self._lock = threading.Lock()  # the live processes against a scrape
         self._live: dict[int, _Process] = {}
         self._hits: _Hits = {}  # of processes gone

@@ -12,9 +12,11 @@ moment the probes were being replaced (hits then are not seen).
 
 A probe whose file does not exist yet is waited for: the others run, and
 when the file appears (looked for once a second) the session is replaced
-by one with it, as on a reload. Where the new probes cannot be placed
-(on the ptrace engine they are resolved as the run starts, in the main
-thread), one line says so and the probes before run again.
+by one with it, as on a reload. On the ptrace engine the new probes are
+resolved before the running ones are taken out (`following.check`, in the
+processes running their executables now): where they cannot be, one line
+says so and the probes before run on untouched. (What fails only in a
+process started afterwards fails that process alone: following.py.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from uprobes.model.event import Event
 
 from .config import AgentConfig, AgentProbe
 from .counting import CountRun
-from .following import RESCAN_S, Following
+from .following import RESCAN_S, Following, check
 from .metrics import Metrics
 from .probes import Executables, OnCall, build_session, missing_file
 from .processes import ProcessWatch
@@ -163,6 +165,13 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
         return _Run(replace(config, probes=present), metrics, executables, note, on_ready, lost,
                     on_call, on_stack)
 
+    def precheck(config: AgentConfig) -> None:
+        """On the ptrace engine, raise what starting `config` would, before
+        the running probes are taken out (the kernel engine's session
+        resolves its probes as it starts, in its own thread)."""
+        if config.engine == "ptrace":
+            check(replace(config, probes=_split(config.probes)[0]))
+
     def stop(run: _Run | CountRun | Following | None) -> None:
         nonlocal lost
         following.clear()
@@ -227,6 +236,11 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
                         note(f"reloaded {new.source}: the probes are unchanged, left in place")
                         config = new
                         continue
+                    try:
+                        precheck(new)
+                    except UprobesError as e:
+                        note(f"reload refused, the probes stay as they were: {e}")
+                        continue
                     old, old_probes, old_waiting = config, running, waiting
                     stop(run)
                     run = None
@@ -242,6 +256,13 @@ def serve(config: AgentConfig, metrics: Metrics, reload: Callable[[], AgentConfi
                 if waiting and any(os.path.exists(p) for p in set(waiting.values())):
                     old_probes, old_waiting = running, waiting
                     appeared = {p for p in waiting.values() if os.path.exists(p)}
+                    try:
+                        precheck(config)
+                    except UprobesError as e:
+                        note(f"the probes on {', '.join(sorted(appeared))} not placed, "
+                             f"the others run on: {e}")
+                        waiting = {line: p for line, p in waiting.items() if p not in appeared}
+                        continue
                     stop(run)
                     run = None
                     # Refused, the file is waited for no more (it exists): its
