@@ -2,7 +2,8 @@
 rustc at -O and at opt-level 0): `&str` and `String` as their text (exactly
 their length, escaped, at most 200 bytes), a slice and a `Vec` as lists,
 enums with data by their active variant (a tagged `Shape`, `Option<i64>`,
-and niche-optimized `Option<&T>` and `Option<Box<T>>`); on both engines,
+and niche-optimized `Option<&T>`, `Option<Box<T>>` and `Option<String>`,
+variants holding a struct or a string); on both engines,
 and against gdb (with Rust's pretty-printers) stopped at the same address
 of the same build."""
 
@@ -33,6 +34,7 @@ PROBES = {
     "dwarf_values::lists": {"sl": "sl", "v": "*v", "empty": "empty"},
     "dwarf_values::shapes": {"a": "*a", "b": "*b", "c": "*c"},
     "dwarf_values::options": {"n": "*n", "none": "*none", "p": "p", "q": "q", "bx": "*bx"},
+    "dwarf_values::nested": {"pt": "*pt", "nm": "*name", "os": "*owned", "gone": "*gone"},
 }
 """Each function, and its arguments by name and expression (gdb's too)."""
 TEXT = {
@@ -40,15 +42,17 @@ TEXT = {
     "long": f'"{LONG[:200]}"...', "sl": "{1,-2,3}", "v": "{7,8,9,10}",
     "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty",
     "n": "Some(5)", "none": "None", "p": "Some(0x…)", "q": "None", "bx": "Some(0x…)",
+    "pt": "Some(Point {x: 5, y: -6})", "nm": 'Some("hi")', "os": 'Some("mine")', "gone": "None",
 }
 """What each prints, pointers aside."""
 JSON = {
     "s": "hello", "owned": 'tab\there "q" \u00e9\0end', "empty": "", "long": LONG[:200],
     "sl": [1, -2, 3], "v": [7, 8, 9, 10], "a": {"Circle": {"r": 1.5}},
     "b": {"Rect": {"w": 2, "h": -3}}, "c": "Empty", "n": {"Some": 5}, "none": "None",
-    "q": "None",
+    "q": "None", "pt": {"Some": {"x": 5, "y": -6}}, "nm": {"Some": "hi"}, "os": {"Some": "mine"},
+    "gone": "None",
 }
-OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx"}
+OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm"}
 """What rustc -O's DWARF gives no place for at the functions' entries (gdb agrees)."""
 
 
@@ -132,6 +136,7 @@ def _gdb_normal(text: str) -> str:
     symbol it points to, a list as `{a,b}` without its size."""
     text = re.sub(r" <[^>]*>", "", text)
     text = re.sub(r"^[\w:]+(?:<.*?>)?::(\w+)(?=[({]|$)", r"\1", text)
+    text = re.sub(r"\b(?:\w+::)+(?=\w)", "", text)  # a struct's path inside
     m = re.match(r"^(?:Vec|&\[\w+\])\(size=\d+\) = \{(.*)\}$", text)
     if m:
         return "{" + m.group(1).replace(" ", "") + "}"

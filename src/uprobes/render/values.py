@@ -10,7 +10,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from uprobes.lang.ast import FetchType, ValueView
+from uprobes.lang.ast import FetchType, ValueView, Variant
 from uprobes.model.event import ArgValue
 
 _FLOAT = {4: (struct.Struct("<I"), struct.Struct("<f"), ".9g"),
@@ -47,7 +47,7 @@ class Composed:
     its parts' with their types."""
 
     own: ArgValue
-    parts: tuple[tuple[ArgValue, FetchType], ...]
+    parts: tuple[tuple[Shown, FetchType], ...]
 
 
 Shown = ArgValue | Composed
@@ -70,9 +70,13 @@ class Fold:
         self.args = tuple(args[i] for i in self.shown)
 
     def values(self, values: Sequence[ArgValue]) -> list[Shown]:
-        types = self.types
-        return [Composed(values[i], tuple((values[j], types[j]) for j in self.leads[i]))
-                if i in self.leads else values[i] for i in self.shown]
+        return [self._value(i, values) for i in self.shown]
+
+    def _value(self, i: int, values: Sequence[ArgValue]) -> Shown:
+        if i not in self.leads:
+            return values[i]
+        return Composed(values[i], tuple((self._value(j, values), self.types[j])
+                                         for j in self.leads[i]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -151,20 +155,22 @@ def _elements(value: Composed, ftype: FetchType) -> tuple[list[ArgValue], FetchT
 
 
 def _variant(value: Composed,
-             ftype: FetchType) -> tuple[str, list[tuple[str, ArgValue, FetchType]]] | None:
-    """The variant a discriminant selects, and its fields' values; None when
-    it selects none."""
+             ftype: FetchType) -> tuple[str, list[tuple[str, Shown, FetchType]]] | None:
+    """The variant a discriminant selects (a struct's one), and its fields'
+    values; None when it selects none."""
     view = ftype.view
     assert view is not None
-    raw = value.own if isinstance(value.own, int) else 0
-    discr = raw & ((1 << (ftype.size * 8)) - 1)
-    chosen = next((v for v in view.variants if v.discr is not None
-                   and v.discr & ((1 << (ftype.size * 8)) - 1) == discr), None) \
-        or next((v for v in view.variants if v.discr is None), None)
+    chosen: Variant | None = view.variants[0] if view.variants else None
+    if view.kind != "struct":
+        mask = (1 << (ftype.size * 8)) - 1
+        discr = (value.own if isinstance(value.own, int) else 0) & mask
+        found = next((v for v in view.variants
+                      if v.discr is not None and v.discr & mask == discr), None)
+        chosen = found or next((v for v in view.variants if v.discr is None), None)
     if chosen is None:
         return None
-    fields = [(name, value.parts[i][0], value.parts[i][1]) for name, i in chosen.fields]
-    return chosen.name, fields
+    return chosen.name, [(name, value.parts[i][0], value.parts[i][1])
+                         for name, i in chosen.fields]
 
 
 def _composed_text(value: Composed, ftype: FetchType) -> str:
@@ -181,16 +187,18 @@ def _composed_text(value: Composed, ftype: FetchType) -> str:
     if got is None:
         return f"<discriminant {value.own}>"
     name, fields = got
+    # gdb writes a struct `Point {x: 1}`, a variant `Circle{r: 1.5}`
+    name = name + " " if view.kind == "struct" else name
     if not fields:
-        return name
+        return name.strip()
     shown = [(f, _field_text(v, t)) for f, v, t in fields]
-    if all(f.startswith("__") for f, _ in shown):  # a tuple variant, as gdb shows it
-        return f"{name}({', '.join(v for _, v in shown)})"
+    if all(f.startswith("__") for f, _ in shown):  # a tuple variant or struct
+        return f"{name.strip()}({', '.join(v for _, v in shown)})"
     return name + "{" + ", ".join(f"{f}: {v}" for f, v in shown) + "}"
 
 
 def _field_text(value: Shown, ftype: FetchType) -> str:
-    if ftype.view is not None:
+    if ftype.view is not None or isinstance(value, Composed):
         return view_text(value, ftype)
     if isinstance(value, int) and ftype.base.startswith("s"):
         return str(_signed(value, ftype.size * 8))
@@ -199,7 +207,8 @@ def _field_text(value: Shown, ftype: FetchType) -> str:
 
 def _composed_json(value: Composed, ftype: FetchType) -> object:
     """Text as a string (bytes not UTF-8 as U+FFFD), a list as a list, a
-    variant as serde writes it: `"None"`, `{"Some": 5}`, `{"Circle": {"r": 1.5}}`."""
+    variant as serde writes it: `"None"`, `{"Some": 5}`, `{"Circle": {"r": 1.5}}`;
+    a struct as an object."""
     view = ftype.view
     assert view is not None
     if view.kind == "text":
@@ -212,12 +221,14 @@ def _composed_json(value: Composed, ftype: FetchType) -> object:
     if got is None:
         return None
     name, fields = got
-    if not fields:
-        return name
-    values = [(f, view_json(v, t) if t.view is not None else v) for f, v, t in fields]
-    if all(f.startswith("__") for f, _ in values):
-        return {name: values[0][1] if len(values) == 1 else [v for _, v in values]}
-    return {name: dict(values)}
+    values = [(f, view_json(v, t) if t.view is not None or isinstance(v, Composed) else v)
+              for f, v, t in fields]
+    tuple_like = bool(values) and all(f.startswith("__") for f, _ in values)
+    inner: object = ([v for _, v in values] if len(values) > 1 else values[0][1]) \
+        if tuple_like else dict(values)
+    if view.kind == "struct":
+        return inner
+    return {name: inner} if values else name
 
 
 def view_text(value: Shown, ftype: FetchType) -> str:

@@ -465,17 +465,15 @@ class _Access:
             return [_marker(name, unsupported(why), t, text, lenient or depth > 0)]
         parts: list[FetchArg] = []
         variants: list[Variant] = []
+        shown: list[str] = []
         for value, member in layout.variants:
             fields: list[tuple[str, int]] = []
             for f in member.type.members:
                 at = _member(Item(_part(item.place, member.offset), member.type), f)
-                label = f"{name}_{_identifier(member.name)}_{_identifier(f.name)}"
-                got = self.leaves(at, label, MAX_DEPTH, lenient=True,
-                                  text=f"{text}.{member.name}.{f.name}")
-                if len(got) != 1 or got[0].type.view is not None and got[0].type.view.parts:
-                    got = [FetchArg(label, Immediate(0),
-                                    FetchType("u8", view=_view("elided", f.type)))]
-                fields.append((f.name, len(parts)))
+                got = self.one_value(at, f"{name}_{_identifier(member.name)}_{_identifier(f.name)}",
+                                     depth + 1, f"{text}.{member.name}.{f.name}")
+                fields.append((f.name, len(shown)))
+                shown.append(got[0].name)
                 parts += got
             variants.append(Variant(member.name, value, tuple(fields)))
         try:
@@ -485,9 +483,32 @@ class _Access:
             if not lenient:
                 raise
             return [_marker(name, unsupported(str(exc)), t, text, lenient)]
-        view = _view("variants", t, parts=tuple(p.name for p in parts),
-                     variants=tuple(variants))
+        view = _view("variants", t, parts=tuple(shown), variants=tuple(variants))
         return [FetchArg(name, expr, replace(ftype, view=view)), *parts]
+
+    def one_value(self, item: Item, name: str, depth: int, text: str) -> list[FetchArg]:
+        """The fetches of one value that prints as one (a variant's field):
+        the value first, then the parts it is made of. A struct is one too,
+        its members its parts, to a depth."""
+        t = item.type
+        if t.kind not in ("struct", "union") or t.counted is not None or t.has_variants \
+                or depth >= MAX_DEPTH or item.place.kind in ("optimized_out", "unsupported"):
+            got = self.leaves(item, name, depth, lenient=True, text=text)
+            if len(got) == 1 or (got[0].type.view is not None and got[0].type.view.parts):
+                return got
+            return [FetchArg(name, Immediate(0), FetchType("u8", view=_view("elided", t)))]
+        fields: list[tuple[str, int]] = []
+        shown: list[str] = []
+        parts: list[FetchArg] = []
+        for m in t.members:
+            got = self.one_value(_member(item, m), f"{name}_{_identifier(m.name)}", depth + 1,
+                                 f"{text}.{m.name}")
+            fields.append((m.name, len(shown)))
+            shown.append(got[0].name)
+            parts += got
+        view = _view("struct", t, parts=tuple(shown), variants=(Variant(t.name, None,
+                                                                        tuple(fields)),))
+        return [FetchArg(name, Immediate(0), FetchType("u8", view=view)), *parts]
 
     def scalar(self, item: Item, text: str) -> tuple[FetchExpr, FetchType]:
         t = item.type
@@ -625,7 +646,9 @@ def _unique(args: list[FetchArg]) -> list[FetchArg]:
     for i, (a, name) in enumerate(zip(args, names)):
         view = a.type.view
         if view is not None and view.parts:
-            renamed = tuple(names[i + 1:i + 1 + len(view.parts)])
+            # each part is the first argument after its value with its name
+            renamed = tuple(next(names[j] for j in range(i + 1, len(args))
+                                 if args[j].name == p) for p in view.parts)
             if renamed != view.parts:
                 a = replace(a, type=replace(a.type, view=replace(view, parts=renamed)))
         out.append(a if name == a.name else replace(a, name=name))
