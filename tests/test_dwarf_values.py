@@ -31,15 +31,15 @@ LONG = "0123456789" * 30
 
 PROBES = {
     "dwarf_values::texts": {"s": "s", "long": "long", "owned": "*owned"},
-    "dwarf_values::lists": {"sl": "sl", "v": "*v", "empty": "empty"},
-    "dwarf_values::shapes": {"a": "*a", "b": "*b", "c": "*c"},
+    "dwarf_values::lists": {"sl": "sl", "v": "*v", "fl": "fl"},
+    "dwarf_values::shapes": {"a": "*a", "b": "*b", "c": "*c", "empty": "empty"},
     "dwarf_values::options": {"n": "*n", "none": "*none", "p": "p", "q": "q", "bx": "*bx"},
     "dwarf_values::nested": {"pt": "*pt", "nm": "*name", "os": "*owned", "gone": "*gone"},
 }
 """Each function, and its arguments by name and expression (gdb's too)."""
 TEXT = {
     "s": '"hello"', "owned": '"tab\\there \\"q\\" \u00e9\\000end"', "empty": '""',
-    "long": f'"{LONG[:200]}"...', "sl": "{1,-2,3}", "v": "{7,8,9,10}",
+    "long": f'"{LONG[:200]}"...', "sl": "{1,-2,3}", "v": "{7,8,9,10}", "fl": "{1.5,-0.25}",
     "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty",
     "n": "Some(5)", "none": "None", "p": "Some(0x…)", "q": "None", "bx": "Some(0x…)",
     "pt": "Some(Point {x: 5, y: -6})", "nm": 'Some("hi")', "os": 'Some("mine")', "gone": "None",
@@ -47,7 +47,7 @@ TEXT = {
 """What each prints, pointers aside."""
 JSON = {
     "s": "hello", "owned": 'tab\there "q" \u00e9\0end', "empty": "", "long": LONG[:200],
-    "sl": [1, -2, 3], "v": [7, 8, 9, 10], "a": {"Circle": {"r": 1.5}},
+    "sl": [1, -2, 3], "v": [7, 8, 9, 10], "fl": [1.5, -0.25], "a": {"Circle": {"r": 1.5}},
     "b": {"Rect": {"w": 2, "h": -3}}, "c": "Empty", "n": {"Some": 5}, "none": "None",
     "q": "None", "pt": {"Some": {"x": 5, "y": -6}}, "nm": {"Some": "hi"}, "os": {"Some": "mine"},
     "gone": "None",
@@ -201,4 +201,5 @@ def test_chrome_json_shows_each_value_whole(compile_rust: RustCompiler) -> None:
     args = {k: v for e in events if e.get("cat", "").startswith("uprobes/")
             for k, v in e["args"].items()}
     assert args == {"s": "hello", "long": LONG[:200], "owned": JSON["owned"],
-                    "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty"}
+                    "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty",
+                    "empty": ""}
