@@ -118,3 +118,16 @@ def test_comm_is_tested_before_the_key(timed: Path) -> None:
     assert "not counted" not in run.stderr, run.stderr
     assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == \
         {i: 1 for i in range(1000) if (i // 70) % 2 == 1}
+
+
+def test_by_comm_is_the_name_at_each_hit(timed: Path) -> None:
+    """`--by comm` while the thread renames itself every 70 calls (by prctl
+    and by /proc in turn): each hit is keyed by the name it has then,
+    asked of the kernel at the hit; with `--comm odd` only those are kept."""
+    evens = sum(1 for i in range(3000) if (i // 70) % 2 == 0)
+    argv = [f"{timed}:tiny", "--", str(timed), "renames", "3000", "70"]
+    _, doc = _count("--by", "comm", *argv)
+    assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == \
+        {"even": evens, "odd": 3000 - evens}
+    _, doc = _count("--by", "comm", "--comm", "odd", *argv)
+    assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == {"odd": 3000 - evens}

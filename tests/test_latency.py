@@ -195,6 +195,24 @@ def test_by_thread_the_same_on_both_engines(engine: str, tracefs: Path,
             assert list(doc) == [f"uprobes/tiny comm={exe.name[:15]}"]
 
 
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_by_comm_is_the_name_at_each_call(engine: str, compile_c: Compiler) -> None:
+    """`--by comm` while the thread renames itself every 70 calls (by prctl
+    and by /proc in turn): each call goes to the histogram of the name it
+    was made under, on both engines (in the program: asked of the kernel
+    at each entry and kept with the open call)."""
+    exe = compile_c("timed.c", "-pthread")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine, "--json",
+                           "--by", "comm", f"{exe}:tiny", "--", str(exe), "renames", "3000",
+                           "70"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    evens = sum(1 for i in range(3000) if (i // 70) % 2 == 0)
+    assert {k: h["count"] for k, h in doc.items()} == {"uprobes/tiny comm=even": evens,
+                                                        "uprobes/tiny comm=odd": 3000 - evens}
+    assert all(("subtracted_ns" in h) == (engine == "ptrace") for h in doc.values())
+
+
 @pytest.mark.parametrize("how", [("kernel",), ("ptrace",), ("ptrace", "--if", "tid > 0")],
                          ids=["kernel", "ptrace-in-program", "ptrace-events"])
 def test_by_a_fetched_argument(how: tuple[str, ...], latency_exe: Path,

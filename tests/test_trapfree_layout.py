@@ -14,6 +14,7 @@ from iced_x86 import Code, Decoder, Instruction, OpKind, Register
 
 from uprobes.engines.trapfree import layout
 from uprobes.engines.trapfree.recording import Recipe, Waits, prologue, shape_for
+from uprobes.engines.trapfree.keyed import COMM, Source, comm_name
 from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import counting_prologue
 
@@ -168,8 +169,8 @@ def test_keyed_code_uses_the_table_layout() -> None:
     assert rip_relative == {base + layout.TABLE_OVERFLOW, base + layout.TABLE_ENTRIES}
     fields = {i.memory_displacement for i in memory if i.memory_base == Register.RDI}
     assert fields == {layout.KEY_STATE, layout.KEY_KEY, layout.KEY_COUNT, layout.KEY_SUM,
-                      layout.KEY_MIN, layout.KEY_MAX}
-    assert layout.KEY_MAX + 8 <= layout.KEY_ENTRY_BYTES
+                      layout.KEY_MIN, layout.KEY_MAX, layout.KEY_KEY2}
+    assert layout.KEY_KEY2 + 8 <= layout.KEY_ENTRY_BYTES
 
 
 def test_keyed_code_and_reader_agree_when_run() -> None:
@@ -212,23 +213,20 @@ def test_the_commit_check_expects_consecutive_sequence_words() -> None:
         assert _counting(first, n) == array("Q", range(first, first + n)).tobytes()
 
 
-def _keyed_timer_here(func: int) -> tuple[mmap.mmap, Callable[[int], None], TimingBlock]:
+def _keyed_timer_here(func: int, key_source: Source | None = None
+                      ) -> tuple[mmap.mmap, Callable[[int], None], TimingBlock]:
     """A null function timed with a key (`latency --by a=%di:s32`): the
     timing entry with the key loaded from rdi, the keyed return, `ret`; run
     in this process. (the mapping, the function, the block's reader)."""
     import ctypes
 
-    from iced_x86 import Register as R
-
-    from uprobes.engines.trapfree.keyed import Source, load
-    from uprobes.engines.trapfree.timing import _Asm, entry_code, return_code
+    from uprobes.engines.trapfree.keyed import timing_key
+    from uprobes.engines.trapfree.timing import entry_code, return_code
     page = mmap.PAGESIZE
     buf = mmap.mmap(-1, page + layout.TIMING_BYTES, prot=7)
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     block = base + page
-
-    def key(a: _Asm, frame: int) -> None:
-        load(a, Source("rdi", size=4, signed=True), R.RDX, frame, block, layout.TIMING_TLS)
+    key = timing_key(key_source or Source("rdi", size=4, signed=True), block)
     code = entry_code(base, block, key)
     code += return_code(base + len(code), block, func, keyed=True) + b"\xc3"
     buf[:len(code)] = code
@@ -269,5 +267,28 @@ def test_keyed_timing_says_how_many_calls_it_could_not_key() -> None:
     kept = sum(sum(b) for b in reader.keyed().values())
     unkeyed = reader.missed().unkeyed
     assert unkeyed > 0 and kept + unkeyed == calls
+    del fn
+    buf.close()
+
+
+def test_timing_keyed_by_the_name_at_each_call() -> None:
+    """Calls keyed by the thread's name (`latency --by comm`): a thread of
+    ours renames itself between calls; each call is under the name it had."""
+    import ctypes
+    import threading
+    buf, fn, reader = _keyed_timer_here(func=3, key_source=COMM)
+    libc = ctypes.CDLL(None, use_errno=True)
+    names = [b"first", b"second-name-15b", b"first"]
+
+    def calls() -> None:
+        for n, name in enumerate(names):
+            assert libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0) == 0  # PR_SET_NAME
+            for _ in range(10 * (n + 1)):
+                fn(0)
+    t = threading.Thread(target=calls)
+    t.start()
+    t.join()
+    got = {comm_name(k): sum(b) for (f, k), b in reader.keyed().items()}
+    assert got == {"first": 40, "second-name-15b": 20}
     del fn
     buf.close()

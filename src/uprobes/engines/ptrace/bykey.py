@@ -2,8 +2,9 @@
 
 Each probe's jump patch looks its key up in a bounded hash table in shared
 memory and adds the hit there (engines/trapfree/keyed.py): the thread's tid
-(for `--by tid`, `pid` and `comm`, which the tids become at the end: this
-tracer knows every thread's process and name), or a fetcharg's value (a
+(for `--by tid` and `pid`, which the tids become at the end: this tracer
+knows every thread's process), the thread's name at the hit (`--by comm`:
+asked of the kernel, since a thread may be renamed at any time), or a fetcharg's value (a
 register or a stack word, as trap-free recording reads them). `--value ARG`
 adds the sum, min and max of a fetcharg's value per key. `--if`, `--tid`
 and `--comm` are compiled into the same code, before the key is looked up (filtercode.py).
@@ -20,7 +21,7 @@ from uprobes.engines.ptrace.tasks import Thread
 from uprobes.engines.trapfree.fileplan import plan_for
 from uprobes.engines.trapfree.filtercode import compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed
-from uprobes.engines.trapfree.keyed import TID, Source, source_of
+from uprobes.engines.trapfree.keyed import COMM, TID, Source, comm_name, source_of
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Probe
 from uprobes.sys import ptrace
@@ -40,8 +41,6 @@ class KeyCounter(TracerState):
 
     def _place_keyed(self, t: Thread, regs: ptrace.UserRegs, probe: Probe, addr: int,
                      file_offset: int, ident: tuple[int, int] | None) -> None:
-        if self._by == "comm":
-            t.comm  # noqa: B018 (read now: its threads inherit it, and it outlives them)
         at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
         handlers = [c.ret_handler if at_ret is not None else c.handler for c in probe.consumers]
         lines = [self._ours[h] for h in handlers if h in self._ours]
@@ -67,7 +66,7 @@ class KeyCounter(TracerState):
 
     def _keyed_source(self, line: ResolvedProbe, ret: bool) -> Keyed | str:
         assert self._by is not None
-        key = TID if self._by in TASK_KEYS else source_of(line, self._by, ret)
+        key = self._key_source(line, ret)
         if isinstance(key, str):
             return key
         check = None
@@ -91,7 +90,7 @@ class KeyCounter(TracerState):
         for name, line in zip(self._names_by_line, self.probes):
             if name in out.uncounted or name in out.keys:
                 continue
-            key_src = None if self._by in TASK_KEYS else source_of(line, self._by, False)
+            key_src = self._key_source(line, False)
             val_src = None if self._by_value is None else source_of(line, self._by_value, False)
             signed = isinstance(val_src, Source) and val_src.signed
             raw, overflow = self._jumps.by_key(name, signed)
@@ -102,8 +101,18 @@ class KeyCounter(TracerState):
             out.overflow[name] = overflow
         return out
 
+    def _key_source(self, line: ResolvedProbe, ret: bool) -> Source | str:
+        """What the probe keys by: the tid (for tid and pid), the thread's
+        name at the hit, or a fetcharg (or why it cannot)."""
+        assert self._by is not None
+        if self._by == "comm":
+            return COMM
+        return TID if self._by in TASK_KEYS else source_of(line, self._by, ret)
+
     def _show_key(self, raw: int, src: Source | str | None) -> int | str:
-        if src is None:  # a tid
+        if src is COMM:
+            return comm_name(raw)
+        if src is TID:
             if self._by == "tid":
                 return raw
             t = self.threads.get(raw)

@@ -34,7 +34,7 @@ from uprobes.engines.ptrace.tasks import Thread
 from uprobes.engines.trapfree import timing
 from uprobes.engines.trapfree.fileplan import plan_for, plan_whole
 from uprobes.engines.trapfree.jumppatch import Timed
-from uprobes.engines.trapfree.keyed import Source, source_of
+from uprobes.engines.trapfree.keyed import COMM, Source, comm_name, source_of
 from uprobes.engines.trapfree.layout import KEYED_HISTS, STACK_DEPTH, TIMED_FUNCS, TIMING_ROWS
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.registry import Probe
@@ -72,8 +72,6 @@ class CallTimer(TracerState):
                      file_offset: int, ident: tuple[int, int] | None) -> None:
         if ident is None:
             return
-        if self._by == "comm":
-            t.comm  # noqa: B018 (read now: its threads inherit it, and it outlives them)
         at_ret = self._ret_sites.get(probe.key)  # type: ignore[arg-type]
         func_offset = file_offset - (at_ret or 0)
         index = self._timed.get((ident[0], ident[1], func_offset))
@@ -109,7 +107,10 @@ class CallTimer(TracerState):
 
     def _timing_key(self, index: int) -> Source | str | None:
         """Where timed function `index`'s key is at its entry (`by` a
-        fetcharg), None (no key, or a task's), or why it cannot be read."""
+        fetcharg, or the thread's name then: `comm`), None (no key, or the
+        thread's row's tid), or why it cannot be read."""
+        if self._by == "comm":
+            return COMM
         if self._by is None or self._by in TASK_KEYS:
             return None
         return source_of(self._timed_lines[index], self._by, False)
@@ -162,9 +163,11 @@ class CallTimer(TracerState):
                 out.missed.unkeyed += missed.unkeyed
         return out
 
-    def _shown_key(self, func: int, raw: int) -> int:
-        """A keyed histogram's raw key as the fetcharg's type reads it."""
+    def _shown_key(self, func: int, raw: int) -> int | str:
+        """A keyed histogram's raw key as the fetcharg's type reads it (or a name)."""
         src = self._timing_key(func)
+        if src is COMM:
+            return comm_name(raw)
         if isinstance(src, Source) and src.signed and raw >= 1 << 63:
             return raw - (1 << 64)
         return raw

@@ -33,13 +33,18 @@ from iced_x86 import Register as R
 
 from uprobes.engines.trapfree.keyed import TID, Source, load
 from uprobes.engines.trapfree.layout import COUNTER_TLS
-from uprobes.engines.trapfree.timing import _Asm, _enter, _leave, _locked_inc, _mem
+from uprobes.engines.trapfree.timing import (
+    COMM_BYTES,
+    _Asm,
+    _enter,
+    _leave,
+    _locked_inc,
+    _mem,
+    comm_into,
+)
 from uprobes.lang.condition import Compare, Logic, Node, Not
 
 _U64 = (1 << 64) - 1
-_NR_PRCTL = 157  # x86-64
-_PR_GET_NAME = 16
-COMM_BYTES = 16  # TASK_COMM_LEN: the name and its NUL fit, padded with NULs
 _JUMPS = {  # op -> (signed jcc, unsigned jcc) taken when the comparison holds
     "==": (Code.JE_REL32_64, Code.JE_REL32_64), "!=": (Code.JNE_REL32_64, Code.JNE_REL32_64),
     "<": (Code.JL_REL32_64, Code.JB_REL32_64), "<=": (Code.JLE_REL32_64, Code.JBE_REL32_64),
@@ -170,19 +175,16 @@ def _names_comm(node: Node) -> bool:
 
 
 def _comm_equals(a: _Asm, name: str) -> None:
-    """ZF = the thread's name is `name`: prctl(PR_GET_NAME) into 16 bytes
+    """ZF = the thread's name is `name`: asked of the kernel into 16 bytes
     below the frame, compared 8 bytes at a time. Clobbers rax, rcx, rdi,
     rsi (every fetcharg is read from where _enter saved it); r11 kept."""
     i = Instruction
     want = name.encode().ljust(COMM_BYTES, b"\0")
     differ = a.fresh("comm_differs")
     a(i.create_reg(Code.PUSH_R64, R.R11),
-      i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)),
-      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_PRCTL),
-      i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, _PR_GET_NAME),
-      i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
-      i.create(Code.SYSCALL),
-      i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
+      i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)))
+    comm_into(a, R.RSP, 0)
+    a(i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
     a.jump(Code.JNE_REL32_64, differ)  # no name (a sandbox refused the call): not this one
     for half in (0, 8):
         a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX,

@@ -35,10 +35,12 @@ from iced_x86 import Register as R
 
 from uprobes.analysis.keyed import Aggregate
 from uprobes.engines.trapfree.layout import (
+    ENTRY_KEY,
     KEY_COUNT,
     KEY_ENTRIES,
     KEY_ENTRY_BYTES,
     KEY_KEY,
+    KEY_KEY2,
     KEY_MAX,
     KEY_MIN,
     KEY_PROBES,
@@ -47,6 +49,7 @@ from uprobes.engines.trapfree.layout import (
     KEYED_TABLES,
     KEYED_TABLES_OFFSET,
     KEYED_TLS,
+    ROW_STACK,
     TABLE_BYTES,
     TABLE_ENTRIES,
     TABLE_OVERFLOW,
@@ -55,6 +58,7 @@ from uprobes.engines.trapfree.layout import (
 from uprobes.engines.trapfree.recording import needs
 from uprobes.engines.trapfree.sharedmem import most_hits
 from uprobes.engines.trapfree.timing import (
+    COMM_BYTES,
     KeyLoad,
     _Asm,
     _enter,
@@ -63,17 +67,20 @@ from uprobes.engines.trapfree.timing import (
     _mem,
     _tid,
     claim_entry,
+    comm_into,
+    key_hash,
+    key_matches,
+    key_store,
 )
 from uprobes.lang.ast import FetchArg, UsdtTarget
 from uprobes.model.probe import ResolvedProbe
 from uprobes.resolve.abi import lower_fetcharg
 
-_HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: the top bits of key * this
 _READY = 2  # an entry's state once its key is written (timing.claim_entry claims it)
 _SAVED_AT = {"rdi": 0, "rsi": 8, "rdx": 16, "rcx": 24, "rax": 40}  # after timing._enter
 _REGS: dict[str, Any] = {"rbx": R.RBX, "rbp": R.RBP, **{f"r{n}": getattr(R, f"R{n}")
                                                        for n in range(8, 16)}}
-_ENTRY = struct.Struct("<QQQqqq")  # state, key, count, sum, min, max (sum/min/max raw)
+_ENTRY = struct.Struct("<QQQqqqQ")  # state, key, count, sum, min, max (raw), key's 2nd word
 _U64 = (1 << 64) - 1
 
 
@@ -90,6 +97,10 @@ class Source:
 
 
 TID = Source("tid", size=4)
+COMM = Source("comm", size=16)
+"""The thread's name at the hit, asked of the kernel (timing.comm_into): a
+16-byte key. A name changes at any time (filtercode.py says how), so the
+hit's own is the one to key by, not the one uprobes last saw."""
 
 
 def load(a: _Asm, src: Source, dst: Any, frame: int, block: int,
@@ -122,11 +133,26 @@ def load(a: _Asm, src: Source, dst: Any, frame: int, block: int,
                            dst, low[2]))
 
 
+def comm_name(raw: int) -> str:
+    """A COMM key (its 16 bytes as a little-endian number) as the name."""
+    return raw.to_bytes(COMM_BYTES, "little").split(b"\0", 1)[0].decode(errors="replace")
+
+
 def timing_key(src: Source, block: int) -> KeyLoad:
     """`src` as the key of a timed call (timing.entry_code), in the timing
     block at `block`."""
+    i = Instruction
+    at = ROW_STACK + ENTRY_KEY
+
     def emit(a: _Asm, frame: int) -> None:
+        if src is COMM:
+            a(i.create_reg(Code.PUSH_R64, R.RCX), i.create_reg(Code.PUSH_R64, R.R11))
+            comm_into(a, R.RCX, at)
+            a(i.create_reg(Code.POP_R64, R.R11), i.create_reg(Code.POP_R64, R.RCX))
+            return
         load(a, src, R.RDX, frame, block, TIMING_TLS)
+        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, at), R.RDX),
+          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, at + 8), 0))
     return emit
 
 
@@ -176,11 +202,18 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
         guard(a, frame)
     if value is not None:
         load(a, value, R.RDX, frame, block)
-    load(a, key, R.RSI, frame, block)
+    # The key's second word on the stack (the rest of a comm, else 0), popped at "kdone".
+    if key is COMM:
+        a(i.create_reg(Code.PUSH_R64, R.R11),
+          i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)))
+        comm_into(a, R.RSP, 0)  # the system call keeps rdx, the value
+        a(i.create_reg(Code.POP_R64, R.RSI))
+    else:
+        load(a, key, R.RSI, frame, block)
+        a(i.create_i32(Code.PUSHQ_IMM32, 0))
+    second = _mem(R.RSP, 0)
     entries = block + KEYED_TABLES_OFFSET + table * TABLE_BYTES + TABLE_ENTRIES
-    a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, _HASH),
-      i.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RSI),
-      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 64 - (KEY_ENTRIES.bit_length() - 1)))
+    key_hash(a, second, KEY_ENTRIES)
     for k in range(KEY_PROBES):
         nxt, free = f"next{k}", f"free{k}"
         a(i.create_reg_mem(Code.LEA_R32_M, R.ECX, _mem(R.RAX, k)),
@@ -190,14 +223,13 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
           i.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RCX),
           i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, KEY_STATE), _READY))
         a.jump(Code.JNE_REL32_64, free)
-        a(i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RDI, KEY_KEY)))
-        a.jump(Code.JE_REL32_64, "found")
-        a.jump(Code.JMP_REL32_64, nxt)
+        key_matches(a, (KEY_KEY, KEY_KEY2), second, nxt)
+        a.jump(Code.JMP_REL32_64, "found")
         a.label(free)
         claim_entry(a, KEY_STATE, nxt)
         lo, hi = ((1 << 63) - 1, 1 << 63) if value is not None and value.signed else (_U64, 0)
-        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_KEY), R.RSI),
-          i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, lo),
+        key_store(a, (KEY_KEY, KEY_KEY2), second)
+        a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, lo),
           i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_MIN), R.RCX),
           i.create_reg_u64(Code.MOV_R64_IMM64, R.RCX, hi),
           i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KEY_MAX), R.RCX),
@@ -205,7 +237,7 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
         a.jump(Code.JMP_REL32_64, "found")
         a.label(nxt)
     a(_locked_inc(block + KEYED_TABLES_OFFSET + table * TABLE_BYTES + TABLE_OVERFLOW))
-    a.jump(Code.JMP_REL32_64, "done")
+    a.jump(Code.JMP_REL32_64, "kdone")
     a.label("found")
     inc = i.create_mem(Code.INC_RM64, _mem(R.RDI, KEY_COUNT))
     inc.has_lock_prefix = True
@@ -226,14 +258,19 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
             a(cas)  # rax reloaded with what is there when another thread won
             a.jump(Code.JNE_REL32_64, name)
             a.label(f"{name}_kept")
+    a.label("kdone")
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 8)))  # the key's second word
+    if key is COMM:
+        a(i.create_reg(Code.POP_R64, R.R11))
     _leave(a)
     return a.encode(at)
 
 
 def prologue_size(value: bool) -> int:
     worst = Source("rdi", size=1, signed=True)
-    return len(prologue(0x10000000, 0x10100000, KEYED_TABLES - 1, worst,
-                        worst if value else None)) + 64  # the tid path is longer
+    return max(len(prologue(0x10000000, 0x10100000, KEYED_TABLES - 1, key,
+                            worst if value else None)) for key in (worst, COMM)) \
+        + 64  # the tid path is longer
 
 
 class KeyedBlock:
@@ -256,7 +293,8 @@ class KeyedBlock:
         self.view[KEYED_TLS] = 1
 
     def read(self, table: int, signed: bool) -> tuple[dict[int, Aggregate], int]:
-        """Table `table`'s entries by raw key, and its overflow count."""
+        """Table `table`'s entries by raw key (its 16 bytes as a
+        little-endian number), and its overflow count."""
         bound = most_hits(time.monotonic() - self.made)
         base = KEYED_TABLES_OFFSET + table * TABLE_BYTES
         overflow = struct.unpack_from("<Q", self.view, base + TABLE_OVERFLOW)[0]
@@ -265,8 +303,9 @@ class KeyedBlock:
             overflow = 0
         out: dict[int, Aggregate] = {}
         for n in range(KEY_ENTRIES):
-            state, key, count, total, lo, hi = _ENTRY.unpack_from(
+            state, low, count, total, lo, hi, high = _ENTRY.unpack_from(
                 self.view, base + TABLE_ENTRIES + n * KEY_ENTRY_BYTES)
+            key = low | high << 64
             if state != _READY or not count:
                 continue
             if count > bound:

@@ -142,7 +142,8 @@ ROW_DEPTH = 16         # how many open calls the stack holds
 ROW_STACK = 64         # the open calls, oldest first: (stack pointer, TSC, key, unused) each
 ENTRY_BYTES = 32       # a power of two: a depth to its entry is a shift
 ENTRY_SHIFT = ENTRY_BYTES.bit_length() - 1
-ENTRY_SP, ENTRY_TSC, ENTRY_KEY = 0, 8, 16  # the key: the value fetched at entry (--by ARG)
+ENTRY_SP, ENTRY_TSC, ENTRY_KEY = 0, 8, 16  # the key (--by): 16 bytes, a value fetched at
+                                           # entry and 0, or the thread's name (comm)
 STACK_DEPTH = 60
 ROW_HISTS = ROW_STACK + STACK_DEPTH * ENTRY_BYTES  # the row's histograms, one per timed function
 TIMED_FUNCS = 64       # timed functions per block
@@ -160,7 +161,7 @@ KEYED_HISTS = 1024     # a power of two
 KEYED_HIST_PROBES = 8  # places tried from the pair's hash
 KH_STATE = 0
 KH_FUNC = 8
-KH_KEY = 16
+KH_KEY = 16            # 16 bytes, as ENTRY_KEY
 KH_HIST = 64
 KH_BYTES = KH_HIST + HIST_BYTES
 TIMING_BYTES = TIMING_KEYED_OFFSET + KEYED_HISTS * KH_BYTES
@@ -187,7 +188,8 @@ def hist_bounds(bucket: int) -> tuple[int, int]:
 # A keyed block (keyed.py): a header page (KEYED_TLS as TIMING_TLS, so the
 # same code reads the tid), then KEYED_TABLES tables, one per keyed probe:
 # an overflow counter on its own line, then KEY_ENTRIES entries of one cache
-# line each. An entry is free (state 0), claimed (1) or ready (2).
+# line each. An entry is free (state 0), claimed (1) or ready (2). A key is
+# 16 bytes (KEY_KEY, KEY_KEY2): a value and 0, or a thread's name.
 
 KEYED_TLS = TIMING_TLS
 KEYED_TABLES_OFFSET = 4096
@@ -203,5 +205,6 @@ KEY_COUNT = 16
 KEY_SUM = 24
 KEY_MIN = 32
 KEY_MAX = 40
+KEY_KEY2 = 48          # the key's second word: the rest of a comm (`--by comm`), else 0
 TABLE_BYTES = TABLE_ENTRIES + KEY_ENTRIES * KEY_ENTRY_BYTES
 KEYED_BYTES = KEYED_TABLES_OFFSET + KEYED_TABLES * TABLE_BYTES

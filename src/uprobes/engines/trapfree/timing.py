@@ -94,7 +94,7 @@ _RED_ZONE = 128
 _NR_GETTID = 186
 _HIST = struct.Struct(f"<{HIST_BUCKETS}Q")
 _ROW_HEAD = struct.Struct("<IIQQ")  # owner, pad, claimed, depth
-_KH_HEAD = struct.Struct("<QQQ")  # a keyed histogram's state, function, key (KH_STATE...)
+_KH_HEAD = struct.Struct("<QQQQ")  # a keyed histogram's state, function, key (2 words)
 
 
 def _mem(base: Any, displ: int = 0, index: Any = R.NONE, scale: int = 1) -> MemoryOperand:
@@ -257,8 +257,26 @@ def _tail(a: _Asm, missed: str, counter: int, block: int) -> None:
 
 
 KeyLoad = Callable[["_Asm", int], None]
-"""Code that puts a call's key in rdx (given the frame's size), clobbering
-nothing else that the entry's code holds (keyed.load)."""
+"""Code that writes a call's key, 16 bytes, at [rcx + ROW_STACK + ENTRY_KEY]
+(given the frame's size), keeping rcx (keyed.timing_key)."""
+
+_NR_PRCTL = 157  # x86-64
+_PR_GET_NAME = 16
+COMM_BYTES = 16  # TASK_COMM_LEN: the name and its NUL fit, padded with NULs
+
+
+def comm_into(a: _Asm, base: Any, displ: int) -> None:
+    """The thread's name, asked of the kernel (prctl(PR_GET_NAME)), into
+    the 16 bytes at [base+displ], zeroed first (a call a sandbox refuses
+    leaves them so); eax = the call's result. Clobbers rax, rcx, rdi, rsi
+    and r11."""
+    i = Instruction
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(base, displ)),
+      i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 0), 0),
+      i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 8), 0),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_PRCTL),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, _PR_GET_NAME),
+      i.create(Code.SYSCALL))
 
 
 def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
@@ -294,7 +312,6 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
       i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
     if key is not None:
         key(a, frame)
-        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, ROW_STACK + ENTRY_KEY), R.RDX))
     a(i.create(Code.RDTSC),  # the stamp last: the probe's own code is mostly before it
       i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
       i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
@@ -335,8 +352,9 @@ def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
     top = ROW_STACK - ENTRY_BYTES
     a(i.create_reg(Code.DEC_RM64, R.RCX),
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
-      *([i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RAX, top + ENTRY_KEY))] if keyed
-        else []),
+      # keyed: the key's first word in rsi, its second pushed (_keyed_hist pops it)
+      *([i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RAX, top + ENTRY_KEY)),
+         i.create_mem(Code.PUSH_RM64, _mem(R.RAX, top + ENTRY_KEY + 8))] if keyed else []),
       i.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.RAX, top + ENTRY_TSC)))
     a.jump(Code.JAE_REL32_64, "positive")
     a(i.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX))  # another CPU's counter was ahead
@@ -386,17 +404,47 @@ def claim_entry(a: _Asm, state: int, taken: str) -> None:
     a.jump(Code.JNE_REL32_64, taken)
 
 
+def key_hash(a: _Asm, second: MemoryOperand, entries: int) -> None:
+    """eax = the slot a 16-byte key (rsi, then the word at `second`) hashes
+    to among `entries` (a power of two). Clobbers rcx."""
+    i = Instruction
+    a(i.create_reg_mem(Code.MOV_R64_RM64, R.RCX, second),
+      i.create_reg_reg(Code.XOR_R64_RM64, R.RCX, R.RSI),
+      i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, _HASH),
+      i.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RCX),
+      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 64 - (entries.bit_length() - 1)))
+
+
+def key_matches(a: _Asm, fields: tuple[int, int], second: MemoryOperand, other: str) -> None:
+    """To `other` unless the entry at rdi holds the key: rsi in its first
+    word (at `fields[0]`), the word at `second` in its second. Clobbers rcx."""
+    i = Instruction
+    a(i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RDI, fields[0])))
+    a.jump(Code.JNE_REL32_64, other)
+    a(i.create_reg_mem(Code.MOV_R64_RM64, R.RCX, second),
+      i.create_reg_mem(Code.CMP_R64_RM64, R.RCX, _mem(R.RDI, fields[1])))
+    a.jump(Code.JNE_REL32_64, other)
+
+
+def key_store(a: _Asm, fields: tuple[int, int], second: MemoryOperand) -> None:
+    """The key (rsi, the word at `second`) into the entry at rdi's `fields`. Clobbers rcx."""
+    i = Instruction
+    a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, fields[0]), R.RSI),
+      i.create_reg_mem(Code.MOV_R64_RM64, R.RCX, second),
+      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, fields[1]), R.RCX))
+
+
 def _keyed_hist(a: _Asm, block: int, func: int) -> None:
-    """Bucket rdx of the histogram of (`func`, key rsi) in the block's table
-    of keyed histograms, `lock inc`ed (threads share it); the entry is
-    claimed as keyed.py claims one: a compare-and-swap of its state from
-    free, then the pair written, then ready. A pair that finds no place in
-    KEYED_HIST_PROBES tries bumps TIMING_UNKEYED. Clobbers rax, rcx, rdi."""
+    """Bucket rdx of the histogram of (`func`, the key: rsi and the word
+    pushed last, which it pops) in the block's table of keyed histograms,
+    `lock inc`ed (threads share it); the entry is claimed as keyed.py claims
+    one: a compare-and-swap of its state from free, then the pair written,
+    then ready. A pair that finds no place in KEYED_HIST_PROBES tries bumps
+    TIMING_UNKEYED. Clobbers rax, rcx, rdi."""
     i = Instruction
     table = block + TIMING_KEYED_OFFSET
-    a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, _HASH),
-      i.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RSI),
-      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 64 - (KEYED_HISTS.bit_length() - 1)))
+    second = _mem(R.RSP, 0)
+    key_hash(a, second, KEYED_HISTS)
     for k in range(KEYED_HIST_PROBES):
         nxt, free = f"knext{k}", f"kfree{k}"
         a(i.create_reg_mem(Code.LEA_R32_M, R.ECX, _mem(R.RAX, k + func * 17)),
@@ -406,24 +454,25 @@ def _keyed_hist(a: _Asm, block: int, func: int) -> None:
           i.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RCX),
           i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RDI, KH_STATE), _READY))
         a.jump(Code.JNE_REL32_64, free)
-        a(i.create_reg_mem(Code.CMP_R64_RM64, R.RSI, _mem(R.RDI, KH_KEY)))
-        a.jump(Code.JNE_REL32_64, nxt)
+        key_matches(a, (KH_KEY, KH_KEY + 8), second, nxt)
         a(i.create_mem_i32(Code.CMP_RM64_IMM32, _mem(R.RDI, KH_FUNC), func))
         a.jump(Code.JE_REL32_64, "kfound")
         a.jump(Code.JMP_REL32_64, nxt)
         a.label(free)
         claim_entry(a, KH_STATE, nxt)
-        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, KH_KEY), R.RSI),
-          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, KH_FUNC), func),
+        key_store(a, (KH_KEY, KH_KEY + 8), second)
+        a(i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, KH_FUNC), func),
           i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, KH_STATE), _READY))
         a.jump(Code.JMP_REL32_64, "kfound")
         a.label(nxt)
     a(_locked_inc(block + TIMING_UNKEYED))
-    a.jump(Code.JMP_REL32_64, "done")
+    a.jump(Code.JMP_REL32_64, "kdone")
     a.label("kfound")
     inc = i.create_mem(Code.INC_RM64, _mem(R.RDI, KH_HIST, R.RDX, 8))
     inc.has_lock_prefix = True
     a(inc)
+    a.label("kdone")
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 8)))  # the key's second word
 
 
 _SIZING_AT, _SIZING_BLOCK = 0x10000000, 0x10100000
@@ -512,13 +561,15 @@ class TimingBlock:
 
     def keyed(self) -> dict[tuple[int, int], list[int]]:
         """The keyed histograms (`return_code(keyed=True)`) by (function,
-        raw key), entries of one pair merged; a histogram whose calls no run
-        can have made since the block was mapped is left out (`corrupt`)."""
+        raw key: its 16 bytes as a little-endian number), entries of one
+        pair merged; a histogram whose calls no run can have made since the
+        block was mapped is left out (`corrupt`)."""
         bound = most_hits(time.monotonic() - self.made)
         out: dict[tuple[int, int], list[int]] = {}
         for n in range(KEYED_HISTS):
             at = self._at + TIMING_KEYED_OFFSET + n * KH_BYTES
-            state, func, key = _KH_HEAD.unpack_from(self.view, at)
+            state, func, low, high = _KH_HEAD.unpack_from(self.view, at)
+            key = low | high << 64
             if state != _READY:
                 continue
             got = _HIST.unpack_from(self.view, at + KH_HIST)
