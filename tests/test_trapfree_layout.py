@@ -13,8 +13,8 @@ import pytest
 from iced_x86 import Code, Decoder, Instruction, OpKind, Register
 
 from uprobes.engines.trapfree import layout
-from uprobes.engines.trapfree.recording import Recipe, Waits, prologue, shape_for
 from uprobes.engines.trapfree.keyed import COMM, Source, comm_name
+from uprobes.engines.trapfree.recording import Recipe, Waits, prologue, shape_for
 from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import counting_prologue
 
@@ -280,11 +280,11 @@ def test_timing_keyed_by_the_name_at_each_call() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     names = [b"first", b"second-name-15b", b"first"]
 
-    def calls() -> None:
+    def calls(call: Callable[[int], None] = fn) -> None:
         for n, name in enumerate(names):
             assert libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0) == 0  # PR_SET_NAME
             for _ in range(10 * (n + 1)):
-                fn(0)
+                call(0)
     t = threading.Thread(target=calls)
     t.start()
     t.join()
