@@ -1,4 +1,5 @@
-"""What reading a hit's Python frames adds to the time a thread stays stopped.
+"""What reading a hit's Python frames adds to the time a thread stays stopped,
+and what stacks cost the program with no stop (trap-free).
 
     python -m bench.python_stacks [--calls 3000] [--depth 10] [--python /usr/bin/python3.11]
 
@@ -11,12 +12,21 @@ alone; medians and 90th percentiles in µs, the reads of the program's
 memory (system calls) per hit for the Python part, and the hits per second
 the run delivered. The first hit of a run (the interpreter found, its layout read or
 compiled) is left out.
+
+Each case runs in one go, side by side: native stacks at an int3 (`--no-trapfree`),
+native stacks recorded by the jump's code (trap-free: no stop; "capture" is
+then the reader's work per record, not time the program waits), and
+`--python` (at an int3). The program times its own loop: its µs per call,
+and what that is above the same loop untraced ("cost/hit": what a hit
+costs the program, stop or not).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,14 +36,24 @@ from uprobes.engines.ptrace.tracer import PtraceTracer
 from uprobes.unwind.cpython.reader import PythonStacks
 
 PROGRAM = """
-import os, sys
+import os, sys, time
 def deep(n, calls):
     if n:
         return deep(n - 1, calls)
+    t = time.perf_counter()
     for _ in range(calls):
         os.getpid()
+    with open(sys.argv[3], "w") as f:
+        f.write(str(time.perf_counter() - t))
 deep(int(sys.argv[1]), int(sys.argv[2]))
 """
+
+
+def untraced(python: str, depth: int, calls: int) -> float:
+    """The program's loop, untraced: seconds."""
+    with tempfile.NamedTemporaryFile("r") as out:
+        subprocess.run([python, "-c", PROGRAM, str(depth), str(calls), out.name], check=True)
+        return float(out.read())
 
 
 def _timed(store: list[int], fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,7 +66,8 @@ def _timed(store: list[int], fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def run_once(python: str, depth: int, calls: int, with_python: bool) -> dict[str, float]:
+def run_once(python: str, depth: int, calls: int, with_python: bool,
+             trapfree: bool = False) -> dict[str, float]:
     captures: list[int] = []
     py_reads: list[int] = []
     orig_capture, orig_py = PtraceTracer._capture, PythonStacks.capture
@@ -60,12 +81,15 @@ def run_once(python: str, depth: int, calls: int, with_python: bool) -> dict[str
         return orig_py(self, pid, tid, counting)
     PythonStacks.capture = _timed(py_reads, counted)  # type: ignore[method-assign]
     try:
-        s = uprobes.Session(engine="ptrace", stack_bytes=8192, python=with_python)
+        s = uprobes.Session(engine="ptrace", stack_bytes=8192, python=with_python,
+                            trapfree=trapfree)
         frames: list[int] = []
         s.probe("libc:getpid", lambda ev: frames.append(sum(f.python for f in ev.stack or ())))
         start = time.perf_counter()
-        status = s.spawn([python, "-c", PROGRAM, str(depth), str(calls)])
-        wall = time.perf_counter() - start
+        with tempfile.NamedTemporaryFile("r") as out:
+            status = s.spawn([python, "-c", PROGRAM, str(depth), str(calls), out.name])
+            wall = time.perf_counter() - start
+            loop = float(out.read())
     finally:
         PtraceTracer._capture = orig_capture  # type: ignore[method-assign]
         PythonStacks.capture = orig_py  # type: ignore[method-assign]
@@ -77,7 +101,7 @@ def run_once(python: str, depth: int, calls: int, with_python: bool) -> dict[str
     return {"capture_p50": us(captures, 0.5), "capture_p90": us(captures, 0.9),
             "python_p50": us(py_reads, 0.5), "python_p90": us(py_reads, 0.9),
             "py_frames": statistics.median(frames), "hits_per_s": calls / wall,
-            "reads": len(reads) / calls}
+            "reads": len(reads) / calls, "per_call": loop / calls * 1e6}
 
 
 def main() -> None:
@@ -87,13 +111,18 @@ def main() -> None:
     ap.add_argument("--python", default="/usr/bin/python3.11")
     args = ap.parse_args()
     print(f"{args.python}: {args.calls} hits, {args.depth} nested functions")
-    print(f"{'':12} {'capture p50':>12} {'p90':>8} {'python p50':>11} {'p90':>8} "
-          f"{'py frames':>9} {'reads/hit':>9} {'hits/s':>8}")
-    for with_python in (False, True):
-        r = run_once(args.python, args.depth, args.calls, with_python)
-        print(f"{'--python' if with_python else 'native':12} {r['capture_p50']:>10.1f}µs "
+    base = untraced(args.python, args.depth, args.calls) / args.calls * 1e6
+    print(f"untraced: {base:.2f}µs per call")
+    print(f"{'':18} {'capture p50':>12} {'p90':>8} {'python p50':>11} {'p90':>8} "
+          f"{'py frames':>9} {'reads/hit':>9} {'hits/s':>8} {'µs/call':>8} {'cost/hit':>8}")
+    for name, with_python, trapfree in (("native int3", False, False),
+                                        ("native trap-free", False, True),
+                                        ("--python int3", True, False)):
+        r = run_once(args.python, args.depth, args.calls, with_python, trapfree)
+        print(f"{name:18} {r['capture_p50']:>10.1f}µs "
               f"{r['capture_p90']:>6.1f}µs {r['python_p50']:>9.1f}µs {r['python_p90']:>6.1f}µs "
-              f"{r['py_frames']:>9.0f} {r['reads']:>9.1f} {r['hits_per_s']:>8.0f}")
+              f"{r['py_frames']:>9.0f} {r['reads']:>9.1f} {r['hits_per_s']:>8.0f} "
+              f"{r['per_call']:>6.1f}µs {r['per_call'] - base:>6.1f}µs")
 
 
 if __name__ == "__main__":

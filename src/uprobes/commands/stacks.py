@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     counter = StackCounter()
     session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
                       ring_pages=args.ring_pages, stack_bytes=args.stack_bytes,
-                      python=args.python)
+                      python=args.python, trapfree=not args.no_trapfree)
     filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)
     for spec in parse_specs(args.specs):
         session.probe(render(spec), counter.add, **filters)

@@ -89,6 +89,15 @@ class AddressSpaces:
         if pid not in self._procs:
             self._procs[pid] = _Process(pid)
 
+    def reread(self, pid: int) -> None:
+        """Read `pid`'s maps now (again if known): a stack copied into a ring
+        is walked later, maybe once the process is gone."""
+        proc = self._procs.get(pid)
+        if proc is None:
+            self._procs[pid] = _Process(pid)
+        else:
+            proc.refresh()
+
     def mapped(self, pid: int, m: procfs.Mapping) -> None:
         """Process `pid` mapped `m` (a PERF_RECORD_MMAP2): known even once
         the process has exited. Its maps are read first if it is new."""

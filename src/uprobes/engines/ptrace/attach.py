@@ -110,6 +110,10 @@ class Attach(TracerState):
             maps = procfs.maps(mm.pid)
         except UprobesError:
             return
+        if self._symbolizer is not None and self._trapfree == "record":
+            # Stacks recorded in a ring are walked later, maybe once the
+            # process is gone: its maps as they are at each change.
+            self._symbolizer.spaces.reread(mm.pid)
         regs = ptrace.getregs(t.tid, UserRegs())
         vdso = [p for p in self.registry if isinstance(p.key, VdsoKey)]
         unknown: set[str] = set()
@@ -389,7 +393,9 @@ class Attach(TracerState):
             return "a handler runs at each hit"
         if not guarded and any(h is not None and self._ours[h].guard for h in handlers):
             return "its hits are told apart by strings (a py: function's)"
-        if self.stack_bytes:
+        if self._pystacks is not None:
+            return "its Python frames are read at each hit"
+        if self.stack_bytes and self._trapfree != "record":
             return "its stack is copied at each hit"
         return None
 
@@ -402,7 +408,7 @@ class Attach(TracerState):
         ret = func is not None
         lines = [self._ours[h] for c in probe.consumers
                  for h in (c.ret_handler if ret else c.handler,) if h is not None]
-        recipe = recipe_for(lines, ret)
+        recipe = recipe_for(lines, ret, self.stack_bytes)
         if isinstance(recipe, str):
             return recipe, None
         if self._recorder is None:
@@ -414,7 +420,7 @@ class Attach(TracerState):
             self._ring_shape = shape_for(self._recipes())
             self._undo.callback(self._abandon_rings)
         direct: Direct | None = None
-        if name is not None and self.hit_filter is None:
+        if name is not None and self.hit_filter is None and not recipe.copy:
             make = direct_hit(self._ours[probe.ret_dispatch if ret else probe.dispatch], recipe,
                               addr, func)
             if make is not None:
@@ -434,7 +440,7 @@ class Attach(TracerState):
             for ret in (False, True):
                 lines = [self._ours[h] for c in probe.consumers
                          for h in (c.ret_handler if ret else c.handler,) if h in self._ours]
-                recipe = recipe_for(lines, ret) if lines else None
+                recipe = recipe_for(lines, ret, self.stack_bytes) if lines else None
                 if isinstance(recipe, Recipe):
                     out.append(recipe)
         return out

@@ -48,6 +48,8 @@ class ThreadLife(TracerState):
                 mm = parent.mm.fork_copy(tid)
                 if self._jumps is not None:
                     self._jumps.fork(parent.mm, mm)  # the child has the jumps too
+                    if self._symbolizer is not None and self._recorder is not None:
+                        self._symbolizer.spaces.reread(tid)  # (recorded stacks: walked later)
                 self._orphans.forked(parent.mm, mm)
                 self._taken_by_fork(parent.mm, mm)
             new = Thread(tid, tid, mm)

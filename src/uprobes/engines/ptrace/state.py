@@ -32,6 +32,8 @@ from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.refusal import Refusals
 from uprobes.model.registry import Probe, Registry, TaskLike, prepare_dispatch
 from uprobes.sys import procfs, ptrace
+from uprobes.unwind.capture import Symbolizer
+from uprobes.unwind.cpython.reader import PythonStacks
 
 SIGTRAP = int(signal.SIGTRAP)
 FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
@@ -63,6 +65,8 @@ class TracerState:
     _counting: dict[Callable[[TaskLike], None], str]
     _infos: dict[str, ProbeInfo]
     _capturing: bool
+    _pystacks: PythonStacks | None  # Python frames read at each hit (`stacks --python`)
+    _symbolizer: Symbolizer | None  # walks and names the stacks (`stack_bytes`)
     # The traced tasks.
     threads: dict[int, Thread]
     _pending_new: dict[int, ptrace.WaitStatus]  # first stops of tasks not yet announced

@@ -149,6 +149,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._capturing = False
         self._note = note or (lambda _: None)
         self._pystacks = PythonStacks(self._note) if python and stack_bytes else None
+        self._symbolizer = Symbolizer() if stack_bytes else None
         self.registry = Registry()
         self.counts: dict[str, int] = {}
         # Our handlers that, when no events are built, only count (no filter):
@@ -306,11 +307,15 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
 
     def _capture(self, hit: PtraceHit) -> StackCapture:
         """Registers and the top of the stack of the stopped thread (a return
-        hit's registers are already the caller's: rip the return address)."""
+        hit's registers are already the caller's: rip the return address), or
+        of a recorded hit, as its probe's code copied them."""
         r = hit.regs
         regs = {0: r.rax, 1: r.rdx, 2: r.rcx, 3: r.rbx, 4: r.rsi, 5: r.rdi, 6: r.rbp,
                 7: r.rsp, 8: r.r8, 9: r.r9, 10: r.r10, 11: r.r11, 12: r.r12, 13: r.r13,
                 14: r.r14, 15: r.r15, 16: hit.ip}
+        copied = getattr(hit, "copied", None)  # a RecordedHit's, its code copied at the hit
+        if copied is not None:
+            return StackCapture(regs, StackCopy(r.rsp, copied))
         mem = hit.thread.mm.mem
         data = mem.read_upto(r.rsp, self.stack_bytes)
         py = None if self._pystacks is None else self._pystacks.capture(hit.pid, hit.tid, mem.read)
@@ -388,7 +393,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
             # Walked at the hit, while the maps are the ones the stack was built on.
             self._capturing = True
             try:
-                self.run_hits(stack_delivery(infos, on_event, Symbolizer()), duration)
+                assert self._symbolizer is not None
+                self.run_hits(stack_delivery(infos, on_event, self._symbolizer), duration)
             finally:
                 self._capturing = False
             return

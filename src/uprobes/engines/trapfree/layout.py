@@ -31,7 +31,10 @@ The recording ring (one per fork family, MAP_SHARED):
 A ring has long slots (SLOT_BYTES, SLOTS of them: `LONG`) or short ones
 (half the size, twice as many, 4 words each: `SHORT`), for probes that
 record little: a record's bytes are what the reader copies to disk, and
-what the program's cache writes back.
+what the program's cache writes back. A run that copies stacks (`STACKS`)
+has big slots: STACK_WORDS words, then from SLOT_COPY to the slot's end
+the bytes copied from the stack pointer up (the reader takes them as one
+bytes value; how many were copied is the last of the words).
 
 A counter block (trap-free counting) holds COUNTER_BLOCK_BYTES of 8-byte
 counters, one every COUNTER_STRIDE bytes; the first line is its header
@@ -81,6 +84,7 @@ class RingShape:
     in RING_BYTES whatever their size."""
 
     slot_bytes: int
+    copy: int = 0  # bytes at the slot's end that hold a copy of memory (SLOT_COPY on)
 
     @property
     def slots(self) -> int:
@@ -94,18 +98,27 @@ class RingShape:
     @property
     def words(self) -> int:
         """The values a record holds."""
-        return (self.slot_bytes - SLOT_VALUES) // 8
+        return (self.slot_bytes - SLOT_VALUES - self.copy) // 8
+
+    @property
+    def copy_offset(self) -> int:
+        """Where in a slot its copy of memory starts."""
+        return self.slot_bytes - self.copy
 
     @property
     def record(self) -> struct.Struct:
-        """A slot as the reader unpacks it (RECORD's fields, `words` values)."""
+        """A slot as the reader unpacks it (RECORD's fields, `words` values,
+        then the copy as one bytes value if the slots hold one)."""
+        copy = f"{self.copy}s" if self.copy else ""
         return RECORD if self.slot_bytes == SLOT_BYTES else struct.Struct(
-            f"<QQIIII{self.words}Q")
+            f"<QQIIII{self.words}Q{copy}")
 
 
 LONG = RingShape(SLOT_BYTES)
 SHORT = RingShape(SLOT_BYTES // 2)
-SHAPES = {shape.slot_bytes: shape for shape in (LONG, SHORT)}
+STACK_WORDS = 28  # the registers (16) and a probe's own values, then the count copied
+STACKS = RingShape(16384, 16384 - SLOT_VALUES - 8 * STACK_WORDS)
+SHAPES = {shape.slot_bytes: shape for shape in (LONG, SHORT)}  # what `record` writes
 
 CPU_BITS = 12  # TSC_AUX as Linux sets it: the NUMA node above the cpu's 12 bits
 CPU_MASK = (1 << CPU_BITS) - 1

@@ -181,6 +181,18 @@ class RecordedHit:
     kind: str = "p"
     func: int | None = None
     changed: bool = field(default=False)
+    copied: bytes | None = None  # the stack from regs.rsp up, when the probe copies it
+
+
+def copied_stack(recipe: Recipe, rec: tuple[int, ...]) -> bytes | None:
+    """The stack bytes a record of `recipe` holds (None: it copies none;
+    empty: none could be copied), as many as the program's code says it
+    copied, never more than it was asked to."""
+    if not recipe.copy:
+        return None
+    n = rec[REC_VALUES + recipe.words - 1]
+    data = cast(bytes, rec[-1])  # (the slot's copy area, unpacked as one value)
+    return data[:n] if 0 < n <= recipe.copy else b""
 
 
 def regs_of(site: RecordedSite, values: tuple[int, ...]) -> tuple[UserRegs, StackWindow]:
@@ -372,7 +384,7 @@ class Recorder:
                 site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
                     site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
                     rec[REC_AUX] & CPU_MASK,
-                    site.ip, site.file_base, ts))
+                    site.ip, site.file_base, ts, copied=copied_stack(site.recipe, rec)))
             else:
                 site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
                     site.probe, regs, window, owner[0], rec[REC_TID], owner[1],

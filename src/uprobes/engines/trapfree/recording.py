@@ -57,6 +57,15 @@ the int3 path: a fault in the trampoline would be the program's crash. The
 stack at the probe is always mapped up to STACK_MAX bytes above the stack
 pointer (the caller's frame and its return address lie there).
 
+A probe that gives stacks (`stacks`, `trace --stack`, native frames only)
+records every general register and copies `copy` bytes of the stack from
+the stack pointer up into its slot's copy area (layout.STACKS) by one
+process_vm_readv(2) of its own thread: the kernel copies up to the first
+unmapped byte (the top of the thread's stack may be nearer than `copy`)
+and returns how many it copied, never faulting the program, which a copy
+by loads could. The count goes in the record's last word (negative: none
+copied); the reader walks that copy as the int3 path walks its read.
+
 Values are raw registers and stack words. A probe whose only consumer is
 the tracer's own, unfiltered, becomes its hit tuple by one generated
 function (`direct_hit`: ArgFetcher's conversions written out); the rest
@@ -89,6 +98,7 @@ from uprobes.engines.trapfree.layout import (
     SLOT_TID,
     SLOT_TSC,
     SLOT_VALUES,
+    STACKS,
     STALLED,
     TAIL,
     WAITERS,
@@ -115,6 +125,11 @@ _SAVED = ("r11", "rsi", "rdx", "rcx", "rax", "eflags")  # from rsp up, after the
 _FRAME = 8 * len(_SAVED) + _RED_ZONE  # rsp + _FRAME = the stack pointer at the probe
 _NR_GETTID = 186
 _NR_FUTEX = 202
+_NR_PROCESS_VM_READV = 310
+STACK_REGS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp",
+              *(f"r{n}" for n in range(8, 16)))
+"""What a stack-copying probe records: the registers an unwinder may read, in
+DWARF order (the ip is the probe's address)."""
 WAIT_S = 3.0  # how long a hit waits for room in a full ring before the ring is "stalled"
 GIVE_UP_S = 10.0  # the longest one hit waits for room, even with a live reader
 SKEW_S = 0.001  # how far apart two CPUs' time-stamp counters may be
@@ -138,17 +153,24 @@ class Recipe:
     regs: tuple[str, ...]
     stack: tuple[int, int] | None
     ret: bool = False
+    copy: int = 0  # bytes of stack copied from the stack pointer up (STACKS slots)
 
     @property
     def words(self) -> int:
         lo_hi = self.stack
-        return len(self.regs) + (0 if lo_hi is None else (lo_hi[1] - lo_hi[0]) // 8)
+        return len(self.regs) + (0 if lo_hi is None else (lo_hi[1] - lo_hi[0]) // 8) \
+            + (1 if self.copy else 0)  # (the count copied, last)
 
 
-def recipe_for(points: list[ResolvedProbe], ret: bool = False) -> Recipe | str:
+def recipe_for(points: list[ResolvedProbe], ret: bool = False, copy: int = 0) -> Recipe | str:
     """What one probed instruction must record for every probe line on it
     (`points`, one per consumer) to be fetched from a ring, or why it cannot.
-    `ret`: the instruction is a `ret` and the lines are return probes."""
+    `ret`: the instruction is a `ret` and the lines are return probes.
+    `copy`: bytes of the stack to copy at each hit (the stack's frames)."""
+    if copy and ret:
+        return "a return probe's stack is copied at its int3"
+    if copy > STACKS.copy:
+        return f"its stack copy of {copy} bytes is more than a record holds ({STACKS.copy})"
     regs: list[str] = ["rip"] if ret else []
     lo, hi = STACK_MAX, 0
     for probe in points:
@@ -171,9 +193,12 @@ def recipe_for(points: list[ResolvedProbe], ret: bool = False) -> Recipe | str:
         stack = (lo, hi)
         if "rsp" not in regs:  # the window's addresses
             regs.append("rsp")
-    recipe = Recipe(tuple(regs), stack, ret)
-    if recipe.words > MAX_WORDS:
-        return f"it fetches {recipe.words} words; a record holds {MAX_WORDS}"
+    if copy:
+        regs += [r for r in STACK_REGS if r not in regs]
+    recipe = Recipe(tuple(regs), stack, ret, copy)
+    most = STACKS.words if copy else MAX_WORDS
+    if recipe.words > most:
+        return f"it fetches {recipe.words} words; a record holds {most}"
     return recipe
 
 
@@ -254,6 +279,9 @@ def shape_for(recipes: Iterable[Recipe]) -> RingShape:
     """The slots of a run's rings: short if every record fits. One shape for
     the run, so an address space has one ring and its records one order
     (the reader merges rings by time stamp only within a read)."""
+    recipes = list(recipes)
+    if any(r.copy for r in recipes):
+        return STACKS
     return SHORT if all(r.words <= SHORT.words for r in recipes) else LONG
 
 
@@ -262,7 +290,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     """The recording code for a trampoline at `at` whose ring (of `shape`) is
     at `ring_addr` (within rel32 reach); it falls through to the displaced
     instructions."""
-    assert recipe.words <= shape.words
+    assert recipe.words <= shape.words and recipe.copy <= shape.copy
     slots = shape.slots
     head, tail, lost, data = (ring_addr + HEAD, ring_addr + TAIL, ring_addr + LOST,
                               ring_addr + DATA_OFFSET)
@@ -336,6 +364,8 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         else:  # a word on our stack: a saved register or the program's stack
             code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, offset)))
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
+    if recipe.copy:
+        code += _stack_copy(recipe, shape)
     # The commit, counted (a locked add: stores before it are seen before it);
     # then jmp done.
     counted = i.create_mem(Code.INC_RM64, _mem(R.RIP, ring_addr + COMMITTED))
@@ -414,6 +444,33 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     return bytes(enc.encode(at))
 
 
+def _stack_copy(recipe: Recipe, shape: RingShape) -> list[Instruction]:
+    """process_vm_readv(tid in esi, {slot copy area, copy}, 1, {probe's sp,
+    copy}, 1, 0) into the slot at rcx, its result in the record's last word;
+    every register it changes put back (rdx: the commit's sequence word)."""
+    i = Instruction
+    saved = (R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11)
+    count_at = SLOT_VALUES + 8 * (recipe.words - 1)
+    return [
+        *(i.create_reg(Code.PUSH_R64, r) for r in saved),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RSP, 8 * len(saved) + _FRAME)),
+        i.create_i32(Code.PUSHQ_IMM32, recipe.copy), i.create_reg(Code.PUSH_R64, R.RAX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RCX, shape.copy_offset)),
+        i.create_i32(Code.PUSHQ_IMM32, recipe.copy), i.create_reg(Code.PUSH_R64, R.RAX),
+        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.ESI),   # the thread: its tid
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),   # local iovec
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RSP, 16)),  # remote iovec
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R8D, 1),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_PROCESS_VM_READV),
+        i.create(Code.SYSCALL),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 32)),
+        *(i.create_reg(Code.POP_R64, r) for r in reversed(saved)),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, count_at), R.RAX),
+    ]
+
+
 _REGS: dict[str, Any] = {"rax": R.RAX, "rbx": R.RBX, "rcx": R.RCX, "rdx": R.RDX, "rsi": R.RSI,
                          "rdi": R.RDI, "rbp": R.RBP,
                          **{f"r{n}": getattr(R, f"R{n}") for n in range(8, 16)}}
@@ -442,7 +499,8 @@ def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
 
 def prologue_size(recipe: Recipe, tls_tid: bool) -> int:
     """`prologue`'s length (its encoding does not depend on the addresses or the waits)."""
-    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS, LONG))
+    shape = STACKS if recipe.copy else LONG
+    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS, shape))
 
 
 _SIZING_WAITS = Waits(1 << 40, 1 << 40, 1 << 20)

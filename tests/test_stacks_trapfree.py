@@ -1,0 +1,136 @@
+"""Stacks with no stop per hit (engines/trapfree/recording.py, `copy`): on
+`-e ptrace`, `stacks` and `trace --stack` record each hit's registers and a
+copy of its stack into the ring, by the jump's code. The int3 path is the
+oracle: the same program gives the same stacks, counted the same; and the
+program's output is its own, also when uprobes is killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import Compiler
+
+UPROBES = [sys.executable, "-m", "uprobes"]
+TRAPFREE = re.compile(r"uprobes: note: (\d+) of (\d+) probes trap-free")
+PYTHON = "/usr/bin/python3.11"
+GETPIDS = """
+import os, sys
+def leaf(n):
+    for _ in range(n):
+        os.getpid()
+def mid(n):
+    leaf(n)
+mid(int(sys.argv[1]))
+print("done")
+"""
+
+
+@pytest.fixture(scope="module")
+def callers(compile_c: Compiler) -> Path:
+    return compile_c("callers.c", "-O2", "-fomit-frame-pointer")
+
+
+@pytest.fixture(scope="module")
+def recording(compile_c: Compiler) -> Path:
+    return compile_c("recording.c", "-pthread")
+
+
+def stacks(*argv: str, status: int = 0) -> tuple[Counter[str], str, str]:
+    """`uprobes stacks --folded -e ptrace ARGV`: (the folded stacks, the
+    program's output, uprobes' stderr)."""
+    run = subprocess.run([*UPROBES, "stacks", "--folded", "-e", "ptrace", *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == status, run.stderr
+    # The folded lines follow the program's own output on the same stdout.
+    folded: Counter[str] = Counter()
+    own = []
+    for line in run.stdout.splitlines():
+        path, _, count = line.rpartition(" ")
+        if ";" in path and count.isdigit():
+            folded[path] += int(count)
+        else:
+            own.append(line)
+    return folded, "\n".join(own), run.stderr
+
+
+def trapfree(stderr: str) -> tuple[int, int]:
+    found = TRAPFREE.search(stderr)
+    return (0, 0) if found is None else (int(found[1]), int(found[2]))
+
+
+def test_recorded_stacks_are_the_int3_stacks(callers: Path) -> None:
+    free, out, err = stacks(f"{callers}:hot", "--", str(callers), status=7)
+    assert trapfree(err) == (1, 1), err
+    int3, out3, err3 = stacks("--no-trapfree", f"{callers}:hot", "--", str(callers), status=7)
+    assert "trap-free" not in err3
+    assert out == out3 == "sink 36"
+    assert free == int3
+    assert sorted(free.values()) == [3, 5]
+    assert all(";main;" in p and p.split(";")[1] == "_start" for p in free)
+
+
+@pytest.mark.parametrize("mode", ["threads", "fork"])
+def test_threads_and_forks_record_their_own_stacks(recording: Path, mode: str) -> None:
+    """Threads (their stacks are not the main one's) and a forked child (its
+    own pid, the same ring): every call counted, on the int3 path's stacks."""
+    argv = ("--", str(recording), mode, "300")
+    free, out, err = stacks(f"{recording}:work", *argv)
+    assert trapfree(err) == (1, 1), err
+    int3, out3, _ = stacks("--no-trapfree", f"{recording}:work", *argv)
+    assert out == out3
+    assert free == int3
+    assert sum(free.values()) == (1200 if mode == "threads" else 600)
+    if mode == "threads":
+        assert all(";thread_main;run;work" in p for p in free)
+
+
+def test_python_native_stacks_without_stops(tmp_path: Path) -> None:
+    """A Python program's native stacks (the interpreter's C frames), every
+    call counted; `--python` still reads the Python frames at an int3."""
+    if not os.path.exists(PYTHON):
+        pytest.skip(f"{PYTHON} is not installed")
+    script = tmp_path / "getpids.py"
+    script.write_text(GETPIDS)
+    argv = ("libc:getpid", "--", PYTHON, str(script), "500")
+    free, out, err = stacks(*argv)
+    assert trapfree(err) == (1, 1), err
+    int3, out3, _ = stacks("--no-trapfree", *argv)
+    assert out == out3 == "done"
+    assert free == int3
+    ((path, n),) = free.items()
+    assert n == 500 and "_PyEval_EvalFrameDefault" in path and path.endswith("getpid")
+    py, out_py, err_py = stacks("--python", *argv)
+    assert trapfree(err_py)[0] == 0 and out_py == "done"
+    ((path, n),) = py.items()
+    assert n == 500 and "mid (getpids.py:7);leaf (getpids.py:5);" in path
+
+
+def test_a_copy_bigger_than_a_record_keeps_the_int3(callers: Path) -> None:
+    free, out, err = stacks("--stack-bytes", "32768", f"{callers}:hot", "--", str(callers),
+                            status=7)
+    assert trapfree(err)[0] == 0
+    assert sorted(free.values()) == [3, 5] and out == "sink 36"
+
+
+def test_kill_9_of_uprobes_leaves_the_program_running(recording: Path) -> None:
+    """uprobes killed while the program records stacks: its hits wait for room
+    a while, then are dropped, and the program ends as it does untraced."""
+    plain = subprocess.run([str(recording), "loop", "1000000"], capture_output=True, text=True,
+                           check=True, timeout=120)
+    proc = subprocess.Popen([*UPROBES, "stacks", "-e", "ptrace", f"{recording}:work", "--",
+                             str(recording), "loop", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and proc.stdout is not None
+    line = proc.stderr.readline()  # placed: the program runs its calls
+    assert "trap-free" in line, line
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # The program is now an orphan: wait for it by its output on the pipe.
+    assert proc.stdout.read() == plain.stdout
