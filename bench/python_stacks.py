@@ -18,7 +18,9 @@ native stacks recorded by the jump's code (trap-free: no stop; "capture" is
 then the reader's work per record, not time the program waits), and
 `--python` (at an int3). The program times its own loop: its µs per call,
 and what that is above the same loop untraced ("cost/hit": what a hit
-costs the program, stop or not).
+costs the program, stop or not: with more calls than the ring holds, 256,
+the trap-free program runs at the reader's pace, "reader/hit"; fewer show
+the jump's own cost).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import uprobes
 from uprobes.engines.ptrace.tracer import PtraceTracer
+from uprobes.engines.trapfree.reader import Recorder
 from uprobes.unwind.cpython.reader import PythonStacks
 
 PROGRAM = """
@@ -80,6 +83,9 @@ def run_once(python: str, depth: int, calls: int, with_python: bool,
             return read(addr, n)  # type: ignore[no-any-return]
         return orig_py(self, pid, tid, counting)
     PythonStacks.capture = _timed(py_reads, counted)  # type: ignore[method-assign]
+    drains: list[int] = []
+    orig_drain = Recorder._drain_once
+    Recorder._drain_once = _timed(drains, orig_drain)  # type: ignore[method-assign]
     try:
         s = uprobes.Session(engine="ptrace", stack_bytes=8192, python=with_python,
                             trapfree=trapfree)
@@ -93,6 +99,7 @@ def run_once(python: str, depth: int, calls: int, with_python: bool,
     finally:
         PtraceTracer._capture = orig_capture  # type: ignore[method-assign]
         PythonStacks.capture = orig_py  # type: ignore[method-assign]
+        Recorder._drain_once = orig_drain  # type: ignore[method-assign]
     assert status == 0 and len(frames) == calls, (status, len(frames))
 
     def us(xs: list[int], q: float) -> float:
@@ -101,7 +108,10 @@ def run_once(python: str, depth: int, calls: int, with_python: bool,
     return {"capture_p50": us(captures, 0.5), "capture_p90": us(captures, 0.9),
             "python_p50": us(py_reads, 0.5), "python_p90": us(py_reads, 0.9),
             "py_frames": statistics.median(frames), "hits_per_s": calls / wall,
-            "reads": len(reads) / calls, "per_call": loop / calls * 1e6}
+            "reads": len(reads) / calls, "per_call": loop / calls * 1e6,
+            # The reader's time per record (trap-free), the first read (the
+            # files' symbols and CFI loaded) left out as the first hit is above.
+            "reader": sum(sorted(drains)[:-1]) / calls / 1000 if trapfree else 0.0}
 
 
 def main() -> None:
@@ -114,7 +124,8 @@ def main() -> None:
     base = untraced(args.python, args.depth, args.calls) / args.calls * 1e6
     print(f"untraced: {base:.2f}µs per call")
     print(f"{'':18} {'capture p50':>12} {'p90':>8} {'python p50':>11} {'p90':>8} "
-          f"{'py frames':>9} {'reads/hit':>9} {'hits/s':>8} {'µs/call':>8} {'cost/hit':>8}")
+          f"{'py frames':>9} {'reads/hit':>9} {'hits/s':>8} {'µs/call':>8} {'cost/hit':>8} "
+          f"{'reader/hit':>10}")
     for name, with_python, trapfree in (("native int3", False, False),
                                         ("native trap-free", False, True),
                                         ("--python int3", True, False)):
@@ -122,7 +133,7 @@ def main() -> None:
         print(f"{name:18} {r['capture_p50']:>10.1f}µs "
               f"{r['capture_p90']:>6.1f}µs {r['python_p50']:>9.1f}µs {r['python_p90']:>6.1f}µs "
               f"{r['py_frames']:>9.0f} {r['reads']:>9.1f} {r['hits_per_s']:>8.0f} "
-              f"{r['per_call']:>6.1f}µs {r['per_call'] - base:>6.1f}µs")
+              f"{r['per_call']:>6.1f}µs {r['per_call'] - base:>6.1f}µs {r['reader']:>8.1f}µs")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, wait_until
+
+from uprobes.engines.trapfree.layout import HEAD
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 TRAPFREE = re.compile(r"uprobes: note: (\d+) of (\d+) probes trap-free")
@@ -76,6 +78,16 @@ def test_recorded_stacks_are_the_int3_stacks(callers: Path) -> None:
     assert all(";main;" in p and p.split(";")[1] == "_start" for p in free)
 
 
+def test_one_place_two_paths(compile_c: Compiler) -> None:
+    """Hits at one ip and stack pointer by two paths: a walk remembered for
+    one (the reader's memo) does not stand for the other."""
+    exe = compile_c("same_sp.c", "-O2", "-fomit-frame-pointer")
+    free, out, err = stacks(f"{exe}:hot", "--", str(exe))
+    assert trapfree(err) == (1, 1), err
+    tails = {p.rsplit(";main;", 1)[1]: n for p, n in free.items()}
+    assert tails == {"left;hot": 3, "right;hot": 5}
+
+
 @pytest.mark.parametrize("mode", ["threads", "fork"])
 def test_threads_and_forks_record_their_own_stacks(recording: Path, mode: str) -> None:
     """Threads (their stacks are not the main one's) and a forked child (its
@@ -119,6 +131,28 @@ def test_a_copy_bigger_than_a_record_keeps_the_int3(callers: Path) -> None:
     assert sorted(free.values()) == [3, 5] and out == "sink 36"
 
 
+def recorded(parent: int) -> int:
+    """The hits recorded so far by the program uprobes (`parent`) runs: its
+    ring's `head` (layout.HEAD), 0 before there is one."""
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return 0
+    for child in children:  # (the program, and uprobes' own helpers)
+        try:
+            maps = Path(f"/proc/{child}/maps").read_text().splitlines()
+            start = next((int(m.split("-")[0], 16) for m in maps if "uprobes-counters" in m
+                          and m.split()[1].startswith("rw")), None)
+            if start is None:
+                continue
+            with open(f"/proc/{child}/mem", "rb") as mem:
+                mem.seek(start + HEAD)
+                return int.from_bytes(mem.read(8), "little")
+        except OSError:
+            continue
+    return 0
+
+
 def test_kill_9_of_uprobes_leaves_the_program_running(recording: Path) -> None:
     """uprobes killed while the program records stacks: its hits wait for room
     a while, then are dropped, and the program ends as it does untraced."""
@@ -128,9 +162,12 @@ def test_kill_9_of_uprobes_leaves_the_program_running(recording: Path) -> None:
                              str(recording), "loop", "1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None and proc.stdout is not None
-    line = proc.stderr.readline()  # placed: the program runs its calls
-    assert "trap-free" in line, line
-    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        line = proc.stderr.readline()
+        assert "trap-free" in line, line
+        wait_until(lambda: recorded(proc.pid) >= 1000, "1000 hits recorded")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # The program is now an orphan: wait for it by its output on the pipe.
     assert proc.stdout.read() == plain.stdout

@@ -20,7 +20,7 @@ from uprobes.model.event import Event, Frame, Hit, ProbeInfo, hit_event
 from uprobes.unwind.cfi import CfiTable
 from uprobes.unwind.cpython.reader import PyGroups, interleave
 from uprobes.unwind.space import AddressSpaces
-from uprobes.unwind.stack import StackCopy, unwind
+from uprobes.unwind.stack import Reads, SameWalk, StackCopy, unwind
 
 DEFAULT_STACK_BYTES = 8192  # as perf record --call-graph dwarf: most C stacks fit
 # A perf sample is at most 64 KiB (its header's u16 size), the copy included;
@@ -61,8 +61,16 @@ class Symbolizer:
     """Walks captures and names their frames, for a run over many processes
     (maps and per-file tables are cached across hits)."""
 
+    MEMO_MAX = 4096  # places (pid, ip, sp) whose walks are remembered
+    WALKS_PER_PLACE = 4
+
     def __init__(self) -> None:
         self.spaces = AddressSpaces()
+        # (pid, ip, sp) -> the walks from there: what each read and the
+        # frames it found. A hot probe hit from the same places reads the
+        # same words each time: checking them costs a fraction of a walk.
+        self._walks: dict[tuple[int, int, int], list[tuple[int, SameWalk, tuple[Frame, ...]]]] = {}
+        self.walked = self.remembered = 0  # walks made, walks found in the memo
 
     def preload(self, paths: Iterable[str]) -> None:
         """Read the CFI and symbols of files every stack will start in (the
@@ -79,10 +87,32 @@ class Symbolizer:
     def frames(self, pid: int, capture: StackCapture) -> tuple[Frame, ...]:
         """The frames of `capture` in process `pid`, innermost first: the
         hit's ip, then each caller (named by its call)."""
-        spaces = self.spaces
-        addrs = unwind(capture.regs, capture.stack, spaces.rule_finder(pid))
-        native = tuple(spaces.frame(pid, a, return_address=i > 0) for i, a in enumerate(addrs))
+        native = self._native(pid, capture)
         return native if capture.python is None else interleave(native, capture.python)
+
+    def _native(self, pid: int, capture: StackCapture) -> tuple[Frame, ...]:
+        spaces = self.spaces
+        regs, stack = capture.regs, capture.stack
+        generation = spaces.generation(pid)
+        key = (pid, regs[RA], regs.get(RSP, 0))
+        walks = self._walks.get(key)
+        if walks is not None:
+            for seen, walk, native in walks:
+                if seen == generation and walk.same(regs, stack):
+                    self.remembered += 1
+                    return native
+        reads: Reads = []
+        addrs = unwind(regs, stack, spaces.rule_finder(pid), reads=reads)
+        native = tuple(spaces.frame(pid, a, return_address=i > 0) for i, a in enumerate(addrs))
+        self.walked += 1
+        if walks is None:
+            if len(self._walks) >= self.MEMO_MAX:
+                del self._walks[next(iter(self._walks))]
+            walks = self._walks[key] = []
+        if len(walks) >= self.WALKS_PER_PLACE:
+            del walks[0]
+        walks.append((generation, SameWalk.of(reads, stack), native))
+        return native
 
 
 def stack_delivery(infos: dict[str, ProbeInfo], on_event: Callable[[Event], None],

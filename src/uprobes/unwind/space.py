@@ -35,6 +35,7 @@ class _Process:
         # frame uncached costs several times a cached one (docs/benchmarks.md).
         self.rules: dict[int, FrameRule | None | LookupError] = {}
         self.named: dict[tuple[int, bool], Frame] = {}
+        self.generation = 0  # one more at each change of the maps
         self.refresh()
 
     def refresh(self) -> None:
@@ -59,6 +60,7 @@ class _Process:
 
     def _set(self, maps: list[procfs.Mapping]) -> None:
         self.maps = maps
+        self.generation += 1
         self.starts = [x.start for x in maps]
         self.rules.clear()
         self.named.clear()
@@ -88,6 +90,11 @@ class AddressSpaces:
         the process lives: a hit may be walked after it exited)."""
         if pid not in self._procs:
             self._procs[pid] = _Process(pid)
+
+    def generation(self, pid: int) -> int:
+        """A number that changes when `pid`'s maps do (walks and names found
+        before stand no more)."""
+        return self._process(pid).generation
 
     def reread(self, pid: int) -> None:
         """Read `pid`'s maps now (again if known): a stack copied into a ring

@@ -22,7 +22,7 @@ from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
 from uprobes.engines.trapfree.filtercode import Check, compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
-from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit
+from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
 from uprobes.engines.trapfree.recording import Recipe, recipe_for, shape_for, waits
 from uprobes.errors import KernelError, ProcessError, UprobesError
 from uprobes.model.probe import VdsoKey
@@ -420,9 +420,11 @@ class Attach(TracerState):
             self._ring_shape = shape_for(self._recipes())
             self._undo.callback(self._abandon_rings)
         direct: Direct | None = None
-        if name is not None and self.hit_filter is None and not recipe.copy:
+        if name is not None and self.hit_filter is None:
             make = direct_hit(self._ours[probe.ret_dispatch if ret else probe.dispatch], recipe,
                               addr, func)
+            if make is not None and recipe.copy:
+                make = stack_hit(make, recipe, addr)
             if make is not None:
                 direct = (name, make)
         if recipe.words > self._ring_shape.words:  # (a probe added after the run began)

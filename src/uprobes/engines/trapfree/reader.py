@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, cast, runtime_checkable
 
+from uprobes.elf.framerule import RA
 from uprobes.engines.tracee.fetch import REGISTER_FIELDS, converter, split_derefs
 from uprobes.engines.trapfree.layout import (
     CPU_BITS,
@@ -30,7 +31,7 @@ from uprobes.engines.trapfree.layout import (
     REC_TSC,
     REC_VALUES,
 )
-from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, Recipe
+from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, STACK_REGS, Recipe
 from uprobes.engines.trapfree.ring import RAW_TAKE_MAX, TAKE_MAX, Ring
 from uprobes.engines.trapfree.sharedmem import CPUS
 from uprobes.lang.ast import (
@@ -51,6 +52,8 @@ from uprobes.resolve.abi import lower_fetcharg
 from uprobes.sys import tsc
 from uprobes.sys.procmem import MemoryFault
 from uprobes.sys.ptrace import UserRegs
+from uprobes.unwind.capture import StackCapture
+from uprobes.unwind.stack import StackCopy
 
 DRAIN_S = 0.05                      # the longest a drain keeps reading (unless final)
 _NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
@@ -129,6 +132,21 @@ def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) 
               f"{probe.name!r}, "
               f"owner[1], {where}, {func!r}, {args})")
     return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
+
+
+def stack_hit(make: Make, recipe: Recipe, ip: int) -> Make:
+    """`make` (a `direct_hit`) for a probe that copies the stack: its hit
+    with the `StackCapture` after it, as the int3 path's `run()` hands on
+    (the registers by DWARF number, the ip the probe's, the copy)."""
+    where = [REC_VALUES + recipe.regs.index(name) for name in STACK_REGS]  # DWARF 0..15
+    sp_at = REC_VALUES + recipe.regs.index("rsp")
+
+    def hit(rec: tuple[int, ...], ts: int, owner: tuple[int, str]) -> Hit:
+        regs = {n: rec[at] for n, at in enumerate(where)}
+        regs[RA] = ip
+        copy = StackCopy(rec[sp_at], copied_stack(recipe, rec) or b"")
+        return (*make(rec, ts, owner), StackCapture(regs, copy))  # type: ignore[return-value]
+    return hit
 
 
 def _converted(raw: str, t: FetchType) -> str:
