@@ -472,3 +472,18 @@ def test_a_timer_counts_the_lines_it_is_told_to_count(compile_c: Compiler) -> No
                 assert "uprobes/nanosleep" not in got.histograms  # counted, not timed
         proc.stdin.close()
         assert proc.wait(60) == 0
+
+
+def test_a_signal_handlers_timed_call_in_the_middle_of_anothers_probe(
+        compile_c: Compiler) -> None:
+    """sigtimed.c: a timer's handler calls f(99) every 100 us while the main
+    loop calls f(1), so handler calls land inside the instructions of the
+    main call's entry and return code. Each call keeps its own slot: every
+    call is under its own key, none unpaired (the return read its entry's
+    key and stamp after freeing the slot, and a handler's call took them)."""
+    exe = compile_c("sigtimed.c")
+    doc, said = _json(_latency("--json", "--by", "k", f"{exe}:f k=%di:s64", "--", str(exe),
+                               "3000"))
+    counts = {name: h["count"] for name, h in doc.items()}
+    assert counts == {"uprobes/f k=1": int(said["k1"]), "uprobes/f k=99": int(said["k99"])}, \
+        (counts, said)

@@ -309,6 +309,9 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RAX, ROW_STACK + ENTRY_SP), R.RSI),
       i.create_reg(Code.INC_RM64, R.RCX),
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
+      # again: a signal handler's timed call between the first write and the
+      # depth's took this same slot (the depth did not cover it yet)
+      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RAX, ROW_STACK + ENTRY_SP), R.RSI),
       i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
     if key is not None:
         key(a, frame)
@@ -350,12 +353,14 @@ def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
     a.label("top")
     a.jump(Code.JNE_REL32_64, "unpaired")  # the top is a caller's: no entry of ours
     top = ROW_STACK - ENTRY_BYTES
+    # The entry's key and stamp are read before the depth lets go of their
+    # slot: a signal handler's timed call after that would write its own there.
     a(i.create_reg(Code.DEC_RM64, R.RCX),
-      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
       # keyed: the key's first word in rsi, its second pushed (_keyed_hist pops it)
       *([i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RAX, top + ENTRY_KEY)),
          i.create_mem(Code.PUSH_RM64, _mem(R.RAX, top + ENTRY_KEY + 8))] if keyed else []),
-      i.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.RAX, top + ENTRY_TSC)))
+      i.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.RAX, top + ENTRY_TSC)),
+      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX))  # (flags kept)
     a.jump(Code.JAE_REL32_64, "positive")
     a(i.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX))  # another CPU's counter was ahead
     a.label("positive")
