@@ -18,7 +18,9 @@ row once per repeat, in turn. Rows:
   in the program, a histogram per thread); `latency --by ra` and `--by a`
   (keyed by a value fetched at entry and kept with the open call: the
   return address, one key; the argument, a new key each call, so the table
-  of keyed histograms fills and the rest are counted as not keyed); `record` (entry `a=%di` and
+  of keyed histograms fills and the rest are counted as not keyed); `count
+  --by comm` and `latency --by comm` (the thread's name asked of the kernel
+  at each hit); `record` (entry `a=%di` and
   return into the shared ring, slots copied to disk as they are); `trace`
   (the same ring, each record rendered in Python) for reference;
 - uftrace `record -P work_c` (entry and exit, to disk; the build's nops
@@ -190,6 +192,12 @@ def rows() -> list[Row]:
             "count", "-e", "ptrace", "--json", "--by", "tid", spec, count=_keyed)),
         Row("uprobes latency -e ptrace", "entry+return, histogram", _uprobes(
             "latency", "-e", "ptrace", "--json", spec, count=_latency)),
+        Row("uprobes count -e ptrace --by comm", "entry, counted per thread name (asked at "
+            "each hit)", _uprobes("count", "-e", "ptrace", "--json", "--by", "comm", spec,
+                                  count=_keyed)),
+        Row("uprobes latency -e ptrace --by comm", "entry+return, a histogram per thread name "
+            "(asked at each entry)", _uprobes("latency", "-e", "ptrace", "--json", "--by",
+                                              "comm", spec, count=_keyed_latency)),
         Row("uprobes latency -e ptrace --by ra", "entry+return, a histogram per return "
             "address (one key)", _uprobes("latency", "-e", "ptrace", "--json", "--by", "ra",
                                           f"{spec} ra=+0(%sp):u64", count=_keyed_latency)),
