@@ -202,6 +202,32 @@ def test_a_seccomp_filter_that_kills_memfd_create_keeps_the_int3s(
         proc.wait()
 
 
+def test_a_seccomp_filter_that_kills_process_vm_readv_keeps_stacks_on_int3s(
+        seccomp_exe: Path, tracefs: Path) -> None:
+    """A trap-free stack is copied by a process_vm_readv the program's own
+    code makes at each hit: with a filter that kills it, the probe takes an
+    int3 instead (one note says why), and the program ends as untraced with
+    every call's stack counted."""
+    proc = _filtered(seccomp_exe, "process_vm_readv", "kill_process")
+    try:
+        run = subprocess.Popen([*UPROBES, "stacks", "--folded", "-e", "ptrace", "-p",
+                                str(proc.pid), f"{seccomp_exe}:work"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        assert run.stderr is not None
+        first = _wait_for(run, "probes trap-free")  # placed
+        _finish(proc)
+        out, err = run.communicate(timeout=RUN_S)  # it ends with the program
+        err = first + err
+        assert run.returncode == 0, err
+        assert "seccomp filter would kill the process on the stack copy's " \
+            "process_vm_readv()" in err, err
+        counts = [int(line.rpartition(" ")[2]) for line in out.splitlines() if ";work " in line]
+        assert sum(counts) == LOOPS, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("how", [[], ["--no-trapfree"]])
 def test_a_seccomp_filter_that_kills_mmap_is_refused_in_one_line(
         how: list[str], seccomp_exe: Path, tracefs: Path) -> None:

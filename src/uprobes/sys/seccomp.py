@@ -41,7 +41,8 @@ _ACTION_FULL = 0xFFFF0000
 _SAFE = frozenset({RET_ERRNO, RET_TRACE, RET_LOG, RET_ALLOW})
 _WHAT = {RET_KILL_PROCESS: "kill the process", RET_KILL_THREAD: "kill the thread",
          RET_TRAP: "send it SIGSYS", RET_USER_NOTIF: "hand the call to its supervisor"}
-_NAMES = {3: "close", 9: "mmap", 13: "rt_sigaction", 319: "memfd_create"}  # x86-64 numbers
+_NAMES = {3: "close", 9: "mmap", 13: "rt_sigaction", 157: "prctl", 186: "gettid",
+          310: "process_vm_readv", 319: "memfd_create"}  # x86-64 numbers
 
 _MAX_FILTERS = 64  # past this many, the stack is not one a program installs on purpose
 _MAX_INSNS = 4096  # BPF_MAXINSNS: the kernel refuses longer filters
@@ -208,10 +209,12 @@ def action(progs: Sequence[Sequence[Insn]], data: bytes) -> int:
     return min((run(p, data) & _ACTION_FULL for p in progs), key=_signed, default=RET_ALLOW)
 
 
-def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int) -> str | None:
+def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int,
+            what: str = "an injected") -> str | None:
     """Why thread `tid` (in a ptrace stop of ours) must not run system call
     `nr(*args)` from `instruction_pointer` (the address after its `syscall`),
-    or None when its seccomp state lets the call return."""
+    or None when its seccomp state lets the call return. `what` says whose
+    call it is, for the reason's words."""
     name = _NAMES.get(nr, f"system call {nr}")
     m = mode(tid)
     if m == 0:
@@ -220,9 +223,9 @@ def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int) ->
         return f"it runs in seccomp strict mode, which kills it for {name}()"
     progs = filters(tid)
     if isinstance(progs, str):
-        return progs + f"; an injected {name}() could kill it"
+        return progs + f"; {what} {name}() could kill it"
     act = action(progs, seccomp_data(nr, args, instruction_pointer))
     if act in _SAFE:
         return None
-    return (f"its seccomp filter would {_WHAT.get(act, f'act {act:#x}')} on an injected "
+    return (f"its seccomp filter would {_WHAT.get(act, f'act {act:#x}')} on {what} "
             f"{name}()")

@@ -23,12 +23,18 @@ from uprobes.engines.trapfree.filtercode import Check, compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
-from uprobes.engines.trapfree.recording import Recipe, recipe_for, shape_for, waits
+from uprobes.engines.trapfree.recording import (
+    NR_PROCESS_VM_READV,
+    Recipe,
+    recipe_for,
+    shape_for,
+    waits,
+)
 from uprobes.errors import KernelError, ProcessError, UprobesError
 from uprobes.model.probe import VdsoKey
 from uprobes.model.pyguard import PyGuard
 from uprobes.model.registry import Probe
-from uprobes.sys import procfs, ptrace
+from uprobes.sys import procfs, ptrace, seccomp
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.sys.ptrace import UserRegs
 
@@ -258,7 +264,7 @@ class Attach(TracerState):
             check, name = self._compiled_filter(probe, at_ret is not None)
         if why is None and not py and check is None \
                 and (self._trapfree == "record" or name is None):
-            why, record = self._recording(probe, name, addr, addr - file_offset,
+            why, record = self._recording(t.tid, probe, name, addr, addr - file_offset,
                                           None if at_ret is None else addr - at_ret)
         if why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
@@ -399,18 +405,25 @@ class Attach(TracerState):
             return "its stack is copied at each hit"
         return None
 
-    def _recording(self, probe: Probe, name: str | None, addr: int, file_base: int,
+    def _recording(self, tid: int, probe: Probe, name: str | None, addr: int, file_base: int,
                    func: int | None) -> tuple[str | None, Record | None]:
         """(None, how) for a probe that records into a ring, else (why not, None).
-        `name`: what its count goes under when its only consumer is ours and
-        unfiltered (`_count_only`). `func`: the function's address, for a
-        return probe on a ret at `addr`."""
+        `tid`: the thread placing it, stopped. `name`: what its count goes
+        under when its only consumer is ours and unfiltered (`_count_only`).
+        `func`: the function's address, for a return probe on a ret at `addr`."""
         ret = func is not None
         lines = [self._ours[h] for c in probe.consumers
                  for h in (c.ret_handler if ret else c.handler,) if h is not None]
         recipe = recipe_for(lines, ret, self.stack_bytes)
         if isinstance(recipe, str):
             return recipe, None
+        if recipe.copy:
+            # The copy is a system call the program makes at each hit: one its
+            # seccomp filter kills or traps must stay with the int3 path.
+            why = seccomp.refusal(tid, NR_PROCESS_VM_READV, (tid, 0, 1, 0, 1, 0), addr,
+                                  "the stack copy's")
+            if why is not None:
+                return why, None
         if self._recorder is None:
             from uprobes.sys import tsc
             why = tsc.usable()

@@ -125,7 +125,7 @@ _SAVED = ("r11", "rsi", "rdx", "rcx", "rax", "eflags")  # from rsp up, after the
 _FRAME = 8 * len(_SAVED) + _RED_ZONE  # rsp + _FRAME = the stack pointer at the probe
 _NR_GETTID = 186
 _NR_FUTEX = 202
-_NR_PROCESS_VM_READV = 310
+NR_PROCESS_VM_READV = 310
 STACK_REGS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp",
               *(f"r{n}" for n in range(8, 16)))
 """What a stack-copying probe records: the registers an unwinder may read, in
@@ -463,7 +463,7 @@ def _stack_copy(recipe: Recipe, shape: RingShape) -> list[Instruction]:
         i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RSP, 16)),  # remote iovec
         i.create_reg_u32(Code.MOV_R32_IMM32, R.R8D, 1),
         i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_PROCESS_VM_READV),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
         i.create(Code.SYSCALL),
         i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 32)),
         *(i.create_reg(Code.POP_R64, r) for r in reversed(saved)),
