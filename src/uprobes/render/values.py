@@ -6,6 +6,7 @@ JSON values for JSON output."""
 from __future__ import annotations
 
 import functools
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,31 +111,40 @@ _ESCAPES = {0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v",
             0x0C: "\\f", 0x0D: "\\r", 0x1B: "\\033", 0x22: '\\"', 0x5C: "\\\\"}
 
 
+_WORDS = [struct.Struct(f"<{n}Q") for n in range(65)]
+
+
 def _text_bytes(c: Composed) -> tuple[bytes, bool]:
     """A text's bytes (as many as were read) and whether it has more."""
     words = c.own if isinstance(c.own, list) else []
-    data = b"".join((w if isinstance(w, int) else 0).to_bytes(8, "little") for w in words)
+    try:
+        data = _WORDS[len(words)].pack(*words)
+    except struct.error:  # not all numbers: none of ours
+        data = _WORDS[len(words)].pack(*(w if isinstance(w, int) else 0 for w in words))
     count = _count(c)
     return data[:count], count > len(data)
+
+
+_ESCAPED = re.compile("[\x00-\x1f\x7f\"\\\\\udc80-\udcff]")
+"""What `escape` changes."""
+_PLAIN_NOT = bytes([*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100)])
+"""Bytes other than printable ASCII save the quote and the backslash."""
+
+
+def _escape_one(m: re.Match[str]) -> str:
+    n = ord(m.group())
+    if n >= 0xDC80:  # a byte that is not UTF-8
+        return f"\\{n - 0xDC00:03o}"
+    return _ESCAPES.get(n) or f"\\{n:03o}"
 
 
 def escape(data: bytes) -> str:
     """Bytes as gdb prints a string's: UTF-8 text as it is, quotes,
     backslashes and control characters escaped (`\\t`, `\\000`), other
     bytes that are not UTF-8 in octal."""
-    out: list[str] = []
-    text = data.decode("utf-8", "surrogateescape")
-    for ch in text:
-        n = ord(ch)
-        if 0xDC80 <= n <= 0xDCFF:  # a byte that is not UTF-8
-            out.append(f"\\{n - 0xDC00:03o}")
-        elif n in _ESCAPES:
-            out.append(_ESCAPES[n])
-        elif n < 0x20 or n == 0x7F:
-            out.append(f"\\{n:03o}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    if len(data.translate(None, _PLAIN_NOT)) == len(data):
+        return data.decode("ascii")  # most text: printable ASCII, nothing to escape
+    return _ESCAPED.sub(_escape_one, data.decode("utf-8", "surrogateescape"))
 
 
 def _count(value: Composed) -> int:
