@@ -4,7 +4,9 @@ the fixture's calls (timed.c `keys N K`: tiny(i % K) for i < N) must give."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -125,3 +127,14 @@ def test_a_name_no_thread_can_have_is_said(timed: Path) -> None:
     cannot test it; the run says so and filters the records instead."""
     got, stderr = _count(timed, "tiny", "--comm", "x" * 16, mode=("tiny", "300"))
     assert got == 0 and "recording" in stderr, stderr
+
+
+def test_a_name_that_is_not_utf8_is_its_bytes(timed: Path, tmp_path: Path) -> None:
+    """A thread's name is bytes: `--comm` with one that is not UTF-8 (the
+    command line's bytes) matches the program named so, on both engines."""
+    exe = tmp_path / os.fsdecode(b"t\xffx")
+    shutil.copy(timed, exe)
+    got, stderr = _count(exe, "tiny", "--comm", exe.name, mode=("tiny", "300"))
+    assert COUNTER_NOTE in stderr, stderr
+    assert got == 300
+    assert _kernel_count(exe, "--comm", exe.name, mode=("tiny", "300")) == 300

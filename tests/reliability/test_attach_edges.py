@@ -228,6 +228,35 @@ def test_a_seccomp_filter_that_kills_process_vm_readv_keeps_stacks_on_int3s(
         proc.wait()
 
 
+@pytest.mark.parametrize("how", [[], ["--by", "comm"]])
+def test_a_seccomp_filter_that_kills_prctl_keeps_comm_out_of_the_program(
+        how: list[str], seccomp_exe: Path, tracefs: Path) -> None:
+    """`--comm` in the counting code asks for the thread's name (prctl) at
+    each hit: with a filter that kills the process for prctl, the name is
+    tested elsewhere, the program lives and every call is counted."""
+    proc = _filtered(seccomp_exe, "prctl", "kill_process")
+    try:
+        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", *how, "--comm",
+                                seccomp_exe.name[:15], "-p", str(proc.pid),
+                                f"{seccomp_exe}:work"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        assert run.stderr is not None
+        first = _wait_for(run, "Ctrl-C to stop")
+        _finish(proc)
+        out, err = run.communicate(timeout=RUN_S)
+        err = first + err
+        _one_line(err)
+        assert run.returncode == 0, err
+        assert "seccomp filter would kill the process on prctl()" in err + out, err
+        if "--by" in how:
+            assert "its filter cannot be tested in the program (thread" in err + out, (out, err)
+        else:
+            assert out.split() == ["PROBE", "COUNT", "uprobes/work", str(LOOPS)], out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("how", [[], ["--no-trapfree"]])
 def test_a_seccomp_filter_that_kills_mmap_is_refused_in_one_line(
         how: list[str], seccomp_exe: Path, tracefs: Path) -> None:
@@ -412,6 +441,10 @@ def test_seccomp_filters_are_read_and_run_on_the_very_call(seccomp_exe: Path,
         assert why == "its seccomp filter would kill the thread on an injected mmap()"
         assert seccomp.refusal(proc.pid, 9, (0, 4096, 0x3, 0x22, -1, 0), 0x1000) is None
         assert seccomp.refusal(proc.pid, 319, (0, 1), 0x1000) is None  # memfd_create passes
+        # a call whose third argument is not known: its answer is not known
+        assert seccomp.action_anywhere(progs, 9, (0, 4096)) is None
+        assert seccomp.action_anywhere(progs, 9, (0, 4096, 0x3)) == seccomp.RET_ALLOW
+        assert seccomp.action_anywhere(progs, 157, (16,)) == seccomp.RET_ALLOW  # only nr read
         ptrace.detach(proc.pid)
         _finish(proc)
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import mmap
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -150,8 +151,9 @@ class Condition:
                           "(the kernel's strings have no escapes)")
         # Both ways in (the tracefs `filter` file and PERF_EVENT_IOC_SET_FILTER)
         # take less than a page, the ending newline or NUL counted.
-        if len(text.encode()) + 1 >= mmap.PAGESIZE:
-            return None, (f"the filter is {len(text.encode()):,} bytes in the kernel's spelling "
+        size = len(os.fsencode(text))  # a name from the command line as its bytes
+        if size + 1 >= mmap.PAGESIZE:
+            return None, (f"the filter is {size:,} bytes in the kernel's spelling "
                           f"and the kernel takes at most {mmap.PAGESIZE - 2:,}")
         return text, ""
 

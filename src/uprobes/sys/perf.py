@@ -213,7 +213,7 @@ class PerfEvent:
 
     def set_filter(self, expr: str) -> None:
         """PERF_EVENT_IOC_SET_FILTER: an ftrace filter expression on a tracepoint event."""
-        buf = ctypes.create_string_buffer(expr.encode())
+        buf = ctypes.create_string_buffer(os.fsencode(expr))
         self._ioctl(PERF_EVENT_IOC_SET_FILTER, ctypes.addressof(buf), "setting perf filter")
 
     def read_count(self) -> int:

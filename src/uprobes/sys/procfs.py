@@ -216,7 +216,7 @@ def thread_pending(tid: int) -> int:
 def _status_field(pid: int, key: str) -> str | None:
     """One field of /proc/PID/status, stripped; None if it cannot be read."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", errors="surrogateescape") as f:  # Name: bytes
             for line in f:
                 if line.startswith(key + ":"):
                     return line[len(key) + 1:].strip()

@@ -22,7 +22,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from uprobes.errors import KernelError, UprobesError
 from uprobes.sys import procfs, ptrace
@@ -131,10 +131,11 @@ def seccomp_data(nr: int, args: Sequence[int], instruction_pointer: int) -> byte
     return struct.pack("<iIQ6Q", nr, AUDIT_ARCH_X86_64, instruction_pointer, *words)
 
 
-def run(prog: Sequence[Insn], data: bytes) -> int:
+def run(prog: Sequence[Insn], data: bytes, loaded: set[int] | None = None) -> int:
     """Run one classic BPF seccomp filter on `data` (seccomp_data): its
     return value. The instructions are the ones the kernel's seccomp_check_filter
-    accepts; anything else, or a jump out of the program, counts as a kill."""
+    accepts; anything else, or a jump out of the program, counts as a kill.
+    `loaded` gets the offsets of the words of `data` the run read."""
     a = x = 0
     mem = [0] * 16
     pc = 0
@@ -147,6 +148,8 @@ def run(prog: Sequence[Insn], data: bytes) -> int:
             mode_ = code & 0xE0
             if mode_ == 0x20 and code & 0x18 == 0x00 and k % 4 == 0 and k + 4 <= len(data):
                 a = struct.unpack_from("<I", data, k)[0]  # BPF_W | BPF_ABS
+                if loaded is not None:
+                    loaded.add(k)
             elif mode_ == 0x80:  # BPF_LEN
                 a = len(data)
             elif mode_ == 0x00:  # BPF_IMM
@@ -209,12 +212,41 @@ def action(progs: Sequence[Sequence[Insn]], data: bytes) -> int:
     return min((run(p, data) & _ACTION_FULL for p in progs), key=_signed, default=RET_ALLOW)
 
 
+def action_anywhere(progs: Sequence[Sequence[Insn]], nr: int, args: Sequence[int]
+                    ) -> int | None:
+    """`action` on call `nr(*args)` whatever its other arguments and its
+    address; None when the filters' answer may depend on them."""
+    data = seccomp_data(nr, args, 0)
+    known = {0, 4} | {16 + 8 * n + half for n in range(len(args)) for half in (0, 4)}
+    loaded: set[int] = set()
+    act = min((run(p, data, loaded) & _ACTION_FULL for p in progs), key=_signed,
+              default=RET_ALLOW)
+    return act if loaded <= known else None
+
+
+def refusal_anywhere(tid: int, nr: int, args: Sequence[int]) -> str | None:
+    """As `refusal`, for a call made from code not placed yet, whose
+    arguments past `args` are whatever the registers hold then: the filters
+    are run once, and their answer holds only if they read nothing but the
+    number, the architecture and `args` (a filter's run is a function of
+    the words it reads)."""
+    return _refusal(tid, nr, "", lambda progs: action_anywhere(progs, nr, args))
+
+
 def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int,
             what: str = "an injected") -> str | None:
     """Why thread `tid` (in a ptrace stop of ours) must not run system call
     `nr(*args)` from `instruction_pointer` (the address after its `syscall`),
     or None when its seccomp state lets the call return. `what` says whose
     call it is, for the reason's words."""
+    return _refusal(tid, nr, what + " ",
+                    lambda progs: action(progs, seccomp_data(nr, args, instruction_pointer)))
+
+
+def _refusal(tid: int, nr: int, how: str,
+             act_of: Callable[[list[list[Insn]]], int | None]) -> str | None:
+    """Why `tid` must not make call `nr` (`how`: whose call, "an injected ", or ""),
+    `act_of` its filters' action on it (None: not known)."""
     name = _NAMES.get(nr, f"system call {nr}")
     m = mode(tid)
     if m == 0:
@@ -223,9 +255,10 @@ def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int,
         return f"it runs in seccomp strict mode, which kills it for {name}()"
     progs = filters(tid)
     if isinstance(progs, str):
-        return progs + f"; {what} {name}() could kill it"
-    act = action(progs, seccomp_data(nr, args, instruction_pointer))
+        return progs + f"; {how or 'a '}{name}() could kill it"
+    act = act_of(progs)
+    if act is None:
+        return f"its seccomp filter looks at more of a {name}() call than uprobes can know"
     if act in _SAFE:
         return None
-    return (f"its seccomp filter would {_WHAT.get(act, f'act {act:#x}')} on {what} "
-            f"{name}()")
+    return f"its seccomp filter would {_WHAT.get(act, f'act {act:#x}')} on {how}{name}()"

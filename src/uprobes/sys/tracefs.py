@@ -162,7 +162,7 @@ class Tracefs:
         with kernel_errors(f"opening {path}", _WRITE_HINTS):
             fd = os.open(path, flags)
         try:
-            data = text.encode()
+            data = os.fsencode(text)  # a name from the command line as its bytes
             while data:  # a long list of lines may take more than one write
                 data = data[os.write(fd, data):]
         finally:

@@ -19,7 +19,7 @@ from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
-from uprobes.engines.trapfree.filtercode import Check, compile_check
+from uprobes.engines.trapfree.filtercode import Check, compile_check, seccomp_refusal
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
@@ -261,7 +261,7 @@ class Attach(TracerState):
                                               guards, at_ret is not None)
         why = self._why_not_trapfree(probe, at_ret is not None, guarded=bool(py))
         if why is None and not py and self._trapfree == "count" and name is None:
-            check, name = self._compiled_filter(probe, at_ret is not None)
+            check, name = self._compiled_filter(t, probe, at_ret is not None)
         if why is None and not py and check is None \
                 and (self._trapfree == "record" or name is None):
             why, record = self._recording(t.tid, probe, name, addr, addr - file_offset,
@@ -325,7 +325,8 @@ class Attach(TracerState):
             jumps.decide(point.name, why)
         return why is None
 
-    def _compiled_filter(self, probe: Probe, ret: bool) -> tuple[Check | None, str | None]:
+    def _compiled_filter(self, t: Thread, probe: Probe, ret: bool
+                         ) -> tuple[Check | None, str | None]:
         """(the run's filter as the counting code can test it, the display
         name it counts under), or (None, None): the probe records instead."""
         handlers = [c.ret_handler if ret else c.handler for c in probe.consumers]
@@ -337,7 +338,26 @@ class Attach(TracerState):
                               lambda field: source_of(line, field, ret))
         if isinstance(check, str):
             return None, None
+        why = self._comm_refused(t, check)
+        if why is not None:
+            return None, None
         return check, next(n for n, p in zip(self._names_by_line, self.probes) if p is line)
+
+    def _comm_refused(self, t: Thread, check: Check) -> str | None:
+        """Why `check`, which may ask for the thread's name, must not run in
+        `t`'s process (its seccomp state would not let the call come back);
+        the first time, a note says so."""
+        mm = t.mm
+        mine = [o for o in self.threads.values() if o.mm is mm]
+        if any(not o.stopped and seccomp.mode(o.tid) != 0 for o in mine):
+            self._hold_all(mm)  # a filter is read only in a stop (released once placed)
+            mine = [o for o in self.threads.values() if o.mm is mm]
+        why = seccomp_refusal(check, [o.tid for o in mine])
+        if why is not None and mm.pid not in self._comm_refused_in:
+            self._comm_refused_in.add(mm.pid)
+            self._note(f"process {mm.pid}: the thread's name is not asked for in the "
+                       f"program's code: {why}")
+        return why
 
     def _patch(self, t: Thread, regs: UserRegs, plan: FilePlan, name: str, start: int,
                record: Record | None = None, timed: Timed | None = None,

@@ -462,7 +462,7 @@ def _disposition(pid: int) -> str | None:
     """Whether process `pid` catches or ignores SIGTRAP ("catches"/"ignores"), else None."""
     bit = 1 << (_SIGTRAP - 1)
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", errors="surrogateescape") as f:  # Name: bytes
             fields = dict(line.split(":\t", 1) for line in f if ":\t" in line)
     except OSError:
         return None

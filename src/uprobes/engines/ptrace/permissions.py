@@ -25,7 +25,7 @@ def ptrace_scope() -> int | None:
 def tracer_of(pid: int) -> int:
     """TracerPid from /proc/PID/status (0: not traced)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", errors="surrogateescape") as f:  # Name: bytes
             for line in f:
                 if line.startswith("TracerPid:"):
                     return int(line.split()[1])

@@ -103,6 +103,7 @@ class TracerState:
     _on_hits: Callable[[list[Hit]], None] | None
     _done: bool
     _placed_once: bool
+    _comm_refused_in: set[int]  # processes told their seccomp state keeps --comm out
     _quiescing: bool
     _vanished: bool
     _stack: ExitStack
@@ -124,6 +125,10 @@ class TracerState:
                record: Record | None = None, timed: Timed | None = None,
                by: Keyed | None = None, check: Check | None = None) -> str | None:
         """attach.py: place a jump patch (every thread of the space stopped); why not."""
+        raise NotImplementedError
+
+    def _comm_refused(self, t: Thread, check: Check) -> str | None:
+        """attach.py: why `check` may not ask for the thread's name in `t`'s process."""
         raise NotImplementedError
 
     def _place_keyed(self, t: Thread, regs: ptrace.UserRegs, probe: Probe, addr: int,

@@ -220,6 +220,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._pending_new: dict[int, ptrace.WaitStatus] = {}
         self._done = False
         self._placed_once = False
+        self._comm_refused_in = set()
         self._quiescing = False
         self._stack = ExitStack()
         self._undo = ExitStack()

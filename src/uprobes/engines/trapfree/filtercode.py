@@ -23,7 +23,8 @@ tests already decide makes none.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -35,6 +36,8 @@ from uprobes.engines.trapfree.keyed import TID, Source, load
 from uprobes.engines.trapfree.layout import COUNTER_TLS
 from uprobes.engines.trapfree.timing import (
     COMM_BYTES,
+    NR_PRCTL,
+    PR_GET_NAME,
     _Asm,
     _enter,
     _leave,
@@ -43,6 +46,7 @@ from uprobes.engines.trapfree.timing import (
     comm_into,
 )
 from uprobes.lang.condition import Compare, Logic, Node, Not
+from uprobes.sys import seccomp
 
 _U64 = (1 << 64) - 1
 _JUMPS = {  # op -> (signed jcc, unsigned jcc) taken when the comparison holds
@@ -151,6 +155,20 @@ def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], fr
     a.jump(Code.JMP_REL32_64, no)
 
 
+def seccomp_refusal(check: Check, tids: Iterable[int]) -> str | None:
+    """Why `check` must not run in threads `tids` (each in a ptrace stop of
+    ours): it asks for the thread's name and a thread's seccomp state
+    would not let that call come back; else None. A filter installed
+    later is not seen (docs/filters.md)."""
+    if not _names_comm(check.root):
+        return None
+    for tid in tids:
+        why = seccomp.refusal_anywhere(tid, NR_PRCTL, (PR_GET_NAME,))
+        if why is not None:
+            return f"thread {tid}: {why}"
+    return None
+
+
 def prologue_size(check: Check) -> int:
     return len(counting_prologue(0x10000000, 0x10100000, 0x10100000, check))
 
@@ -159,7 +177,7 @@ def _comm_why_not(node: Compare) -> str | None:
     if node.op not in ("==", "!=") or not isinstance(node.value, str):
         return (f"comm {node.op} {node.value!r}: only comm == and != a name are tested in "
                 "the program (use --comm NAME or comm == \"NAME\")")
-    if len(node.value.encode()) >= COMM_BYTES or "\0" in node.value:
+    if len(os.fsencode(node.value)) >= COMM_BYTES or "\0" in node.value:
         return (f"comm == {node.value!r}: a thread's name is at most {COMM_BYTES - 1} bytes "
                 "(the kernel cuts longer ones: name its first 15)")
     return None
@@ -179,7 +197,7 @@ def _comm_equals(a: _Asm, name: str) -> None:
     below the frame, compared 8 bytes at a time. Clobbers rax, rcx, rdi,
     rsi (every fetcharg is read from where _enter saved it); r11 kept."""
     i = Instruction
-    want = name.encode().ljust(COMM_BYTES, b"\0")
+    want = os.fsencode(name).ljust(COMM_BYTES, b"\0")
     differ = a.fresh("comm_differs")
     a(i.create_reg(Code.PUSH_R64, R.R11),
       i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)))

@@ -260,8 +260,8 @@ KeyLoad = Callable[["_Asm", int], None]
 """Code that writes a call's key, 16 bytes, at [rcx + ROW_STACK + ENTRY_KEY]
 (given the frame's size), keeping rcx (keyed.timing_key)."""
 
-_NR_PRCTL = 157  # x86-64
-_PR_GET_NAME = 16
+NR_PRCTL = 157  # x86-64
+PR_GET_NAME = 16
 COMM_BYTES = 16  # TASK_COMM_LEN: the name and its NUL fit, padded with NULs
 
 
@@ -274,8 +274,8 @@ def comm_into(a: _Asm, base: Any, displ: int) -> None:
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(base, displ)),
       i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 0), 0),
       i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 8), 0),
-      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, _NR_PRCTL),
-      i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, _PR_GET_NAME),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PRCTL),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, PR_GET_NAME),
       i.create(Code.SYSCALL))
 
 
