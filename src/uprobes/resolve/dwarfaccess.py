@@ -58,13 +58,16 @@ class Item:
 
 def _part(place: Place, offset: int) -> Place:
     """The place `offset` bytes into a value: memory moves; in pieces, the
-    piece that holds it; in a register, the register with the bit offset
-    noted (`bits@N`)."""
+    pieces from the one that holds it on (a field further in is in a later
+    piece); in a register, the register with the bit offset noted (`bits@N`)."""
     if place.kind == "pieces":
         at = 0
-        for size, piece in place.pieces:
+        for i, (size, piece) in enumerate(place.pieces):
             if at <= offset < at + size:
-                return _part(piece, offset - at)
+                if piece.kind in ("optimized_out", "unsupported"):
+                    return piece
+                return Place("pieces", pieces=((at + size - offset, _part(piece, offset - at)),
+                                               *place.pieces[i + 1:]))
             at += size
         return OPTIMIZED_OUT
     if place.kind == "memory":
@@ -75,6 +78,18 @@ def _part(place: Place, offset: int) -> Place:
         held = int(place.note[5:]) if place.note.startswith("bits@") else 0
         return replace(place, note=f"bits@{held + offset * 8}")
     return place
+
+
+def _first(place: Place, size: int) -> Place:
+    """The place of a value of `size` bytes that starts at `place`: in pieces,
+    the first, which must hold all of it (a value split over two registers
+    has no one fetch)."""
+    if place.kind != "pieces":
+        return place
+    held, piece = place.pieces[0]
+    if size > held:
+        return unsupported(f"a value of {size} bytes split over pieces of {held}")
+    return piece
 
 
 class Access:
@@ -126,7 +141,7 @@ class Access:
 
     def pointer_value(self, item: Item, text: str) -> tuple[FetchExpr | None, int, bool] | Place:
         """A pointer's value as (base, offset, link); a Place when it has none."""
-        place = _part(item.place, 0) if item.place.kind == "pieces" else item.place
+        place = _first(item.place, item.type.size)
         if item.bits is not None or place.note.startswith("bits@"):
             return unsupported(f"{text}: a pointer in part of a register")
         if place.kind == "memory":
@@ -236,8 +251,9 @@ class Access:
                 parts += got
             variants.append(Variant(member.name, value, tuple(fields)))
         try:
+            sign = "s" if discr.type.encoding.startswith("signed") else "u"
             expr, ftype = self.fetch(_member(item, discr), FetchType(
-                f"u{discr.type.size * 8}"), text)
+                f"{sign}{discr.type.size * 8}"), text)
         except ResolveError as exc:
             if not lenient:
                 raise
@@ -286,11 +302,14 @@ class Access:
 
     def fetch(self, item: Item, ftype: FetchType, text: str) -> tuple[FetchExpr, FetchType]:
         """The fetch of a scalar `item` read as `ftype`."""
-        place = _part(item.place, 0) if item.place.kind == "pieces" else item.place
+        place = _first(item.place, item.type.size)
         in_register = int(place.note[5:]) if place.note.startswith("bits@") else 0
         bits = item.bits
         if place.kind == "value" and (in_register or place.width):
             size = min(item.type.size * 8, place.width or 64)
+            if in_register + size > 64:
+                raise ResolveError(f"{text}: bits {in_register}..{in_register + size} of a "
+                                   "64-bit register")
             bits = (size, in_register, 64) if bits is None \
                 else (min(bits[0], size), in_register + bits[1], 64)
         if bits is not None:

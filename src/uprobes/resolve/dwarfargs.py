@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from uprobes.elf.dwarf.index import DwarfFile, die_attr, die_name
-from uprobes.elf.dwarf.location import Frame, Place, location_at, register_name
+from uprobes.elf.dwarf.location import Frame, Place, listed_at, location_at, register_name
 from uprobes.elf.dwarf.types import CType
 from uprobes.elf.ehframe import EhFrameTable
 from uprobes.elf.image import ElfImage
@@ -304,7 +304,7 @@ def after_prologue(df: DwarfFile, entry: int) -> int | None:
     scopes = [s for s in df.scopes_at(entry) if s.tag == "DW_TAG_subprogram"]
     if not scopes:
         return None
-    if not producer.startswith("GNU ") and _entry_is_right(scopes[-1]):
+    if not producer.startswith("GNU ") and _entry_is_right(df, scopes[-1], entry):
         return None  # LLVM (clang, rustc) records no -O: its locations tell
     end = max(hi for lo, hi in df.ranges(scopes[-1]) if lo <= entry < hi)
     rows = sorted((r for r in df.line_rows(cu)
@@ -312,27 +312,35 @@ def after_prologue(df: DwarfFile, entry: int) -> int | None:
                   key=lambda r: r.address)
     if not rows or rows[0].address != entry:
         return None
-    first = rows[0].line
+    first = (rows[0].file, rows[0].line)
     later = [r for r in rows if r.address > entry and r.is_stmt]
     # A function on one line (`long area(long s) { return s * s; }`) has no
     # second line: its body starts at the line's next row, as gdb breaks there.
-    return next((r.address for r in later if r.line != first),
+    # A line of another file is a callee inlined there, not the second line.
+    return next((r.address for r in later if r.file == first[0] and r.line != first[1]),
                 later[0].address if later else None)
 
 
 _LOCATION_LISTS = frozenset(("DW_FORM_sec_offset", "DW_FORM_loclistx", "DW_FORM_data4",
                              "DW_FORM_data8"))
 _DW_OP_REG0, _DW_OP_REG31, _DW_OP_REGX = 0x50, 0x6F, 0x90
+_DW_OP_BREG0, _DW_OP_BREG31, _DW_OP_FBREG = 0x70, 0x8F, 0x91
+_FRAME_REGISTERS = frozenset((6, 7))  # rbp, rsp: DWARF's x86-64 numbers
 
 
-def _entry_is_right(function: Any) -> bool:
+def _entry_is_right(df: DwarfFile, function: Any, entry: int) -> bool:
     """Whether a function's entry already shows what a probe there reads:
     its parameters and variables are where optimized code keeps them (in
-    registers, or by location lists) rather than in frame slots that the
-    prologue fills, or it has no parameter with a location at all (none, or
-    all optimized out), so no prologue stores one. Nothing else in LLVM's
-    DWARF tells -O from -O0 for such a function: its producer records no
-    flags, and with frame pointers both set up the same frame."""
+    registers, or by location lists that hold at the entry) rather than in
+    frame slots that the prologue fills, or it has no parameter with a
+    location at all (none, or all optimized out), so no prologue stores one.
+    A parameter that another register points to (`DW_OP_breg5`: passed by
+    reference) is right at the entry too; only the frame's own registers
+    (and the frame base) address a slot the prologue fills. Nothing else in
+    LLVM's DWARF tells -O from -O0 for such a function: its producer records
+    no flags, and with frame pointers both set up the same frame. A location
+    list is no sign of -O by itself: rustc gives one to a parameter passed
+    by reference at -O0 too, which starts after the prologue."""
     stored = False
     for child in function.iter_children():
         if child.tag not in ("DW_TAG_formal_parameter", "DW_TAG_variable"):
@@ -341,9 +349,18 @@ def _entry_is_right(function: Any) -> bool:
         if attr is None:
             continue
         if attr.form in _LOCATION_LISTS:
-            return True
+            if listed_at(df, child, entry):
+                return True
+            stored = stored or child.tag == "DW_TAG_formal_parameter"
+            continue
         ops = attr.value if isinstance(attr.value, list) else []
-        if ops and (_DW_OP_REG0 <= ops[0] <= _DW_OP_REG31 or ops[0] == _DW_OP_REGX):
+        if not ops:
+            continue
+        op = ops[0]
+        if _DW_OP_REG0 <= op <= _DW_OP_REG31 or op == _DW_OP_REGX:
             return True
-        stored = stored or child.tag == "DW_TAG_formal_parameter"
+        if _DW_OP_BREG0 <= op <= _DW_OP_BREG31 and op - _DW_OP_BREG0 not in _FRAME_REGISTERS:
+            return True
+        if op == _DW_OP_FBREG or _DW_OP_BREG0 <= op <= _DW_OP_BREG31:
+            stored = stored or child.tag == "DW_TAG_formal_parameter"
     return not stored

@@ -253,9 +253,29 @@ def location_at(df: Any, die: Any, link_addr: int, frame: Frame,
         loc = df.location_parser().parse_from_attribute(attr, cu.header["version"], die)
     except (ValueError, NotImplementedError) as exc:
         return unsupported(f"a location list pyelftools cannot read ({exc})")
-    parser = df.expr_parser(cu)
     if hasattr(loc, "loc_expr") and not isinstance(loc, list):
-        return evaluate(parser.parse_expr(loc.loc_expr), frame)
+        return evaluate(df.expr_parser(cu).parse_expr(loc.loc_expr), frame)
+    expr = _listed(loc, cu, link_addr)
+    return OPTIMIZED_OUT if expr is None else evaluate(df.expr_parser(cu).parse_expr(expr), frame)
+
+
+def listed_at(df: Any, die: Any, link_addr: int) -> bool:
+    """Whether the location list of `die` has an entry for `link_addr` (a
+    single expression: whether it has one at all)."""
+    attr = die.attributes.get("DW_AT_location")
+    if attr is None:
+        return False
+    try:
+        loc = df.location_parser().parse_from_attribute(attr, die.cu.header["version"], die)
+    except (ValueError, NotImplementedError):
+        return False
+    if hasattr(loc, "loc_expr") and not isinstance(loc, list):
+        return True
+    return _listed(loc, die.cu, link_addr) is not None
+
+
+def _listed(loc: list[Any], cu: Any, link_addr: int) -> Any | None:
+    """The expression a location list gives for `link_addr`, None if none."""
     top = cu.get_top_DIE().attributes.get("DW_AT_low_pc")
     base = top.value if top is not None else 0
     for entry in loc:
@@ -264,9 +284,9 @@ def location_at(df: Any, die: Any, link_addr: int, frame: Frame,
         elif hasattr(entry, "loc_expr"):
             lo, hi = entry.begin_offset, entry.end_offset
             if lo == -1:  # DW_LLE_default_location
-                return evaluate(parser.parse_expr(entry.loc_expr), frame)
+                return entry.loc_expr
             if not entry.is_absolute:
                 lo, hi = lo + base, hi + base
             if lo <= link_addr < hi:
-                return evaluate(parser.parse_expr(entry.loc_expr), frame)
-    return OPTIMIZED_OUT
+                return entry.loc_expr
+    return None

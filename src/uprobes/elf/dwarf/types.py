@@ -248,6 +248,7 @@ class CType:
         if where is None or not isinstance(where.value, int):
             return None
         variants: list[tuple[int | None, Member]] = []
+        kind = CType.of(discr)
         for v in part.iter_children():
             if v.tag != "DW_TAG_variant":
                 continue
@@ -258,11 +259,11 @@ class CType:
             if member is None:
                 continue
             at = member.attributes.get("DW_AT_data_member_location")
-            variants.append((None if value is None else int(value.value),
+            variants.append((None if value is None else _discr_value(value, kind),
                              Member(die_name(member) or "?",
                                     at.value if at is not None and isinstance(at.value, int)
                                     else 0, CType.of(member))))
-        return VariantPart(Member("<discriminant>", where.value, CType.of(discr)),
+        return VariantPart(Member("<discriminant>", where.value, kind),
                            tuple(variants))
 
     @property
@@ -330,3 +331,17 @@ def _spell(die: Any | None, depth: int = 0) -> str:
     if tag == "DW_TAG_subroutine_type":
         return "function"
     return prefix + (name or "<anonymous>")
+
+
+_DATA_BYTES = {"DW_FORM_data1": 1, "DW_FORM_data2": 2, "DW_FORM_data4": 4, "DW_FORM_data8": 8}
+
+
+def _discr_value(attr: Any, discr: CType) -> int:
+    """A variant's DW_AT_discr_value as the discriminant's value: a fixed-size
+    form holds it in as few bytes as fit (rustc writes an i32's -5 as the
+    byte 251), so a signed discriminant's value is sign-extended from them."""
+    value = int(attr.value)
+    size = _DATA_BYTES.get(attr.form)
+    if size is not None and discr.encoding.startswith("signed") and value >> (size * 8 - 1):
+        value -= 1 << (size * 8)
+    return value
