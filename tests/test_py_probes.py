@@ -376,3 +376,43 @@ def test_text_lines_leave_the_engines_own_fields_out(engine: str) -> None:
                              f'qualname="Job.run" file="{FIXTURE}" line=26')
     assert lines[1].endswith(f'qualname="Job.run" file="{FIXTURE}" type="int"')
     assert "__" not in lines[0].split(": ", 2)[2] + lines[1].split(": ", 2)[2]
+
+
+SWITCHES = """
+import sys
+def other():
+    pass
+def target(i):
+    return i
+for i in range(50000):
+    other()
+for i in range(10):
+    target(i)
+status = open("/proc/self/status").read().splitlines()
+switches = sum(int(line.split()[1]) for line in status if line.endswith("ctxt_switches")
+               or "ctxt_switches:" in line)
+open(sys.argv[1], "w").write(str(switches))
+"""
+
+
+def test_a_session_handler_stops_only_the_functions_calls(tmp_path: Path) -> None:
+    """A Session's handler on a py: function runs while the thread is
+    stopped (`ev.hit`), at each of the function's calls, and at no other
+    Python call: the guard is tested in the program (a stop per Python call
+    before: 50,000 calls of another function were 50,000 stops, which the
+    program's own count of its context switches shows)."""
+    import uprobes
+
+    out = tmp_path / "switches"
+    seen: list[int] = []
+    s = uprobes.Session(engine="ptrace")
+
+    @s.probe("py:__main__.target")
+    def on_target(ev: uprobes.Event) -> None:
+        assert ev.hit is not None  # stopped: its registers are there
+        seen.append(ev.hit.regs.rip)
+
+    status = s.spawn(["/usr/bin/python3.11", "-c", SWITCHES, str(out)])
+    assert status == 0
+    assert len(seen) == 10
+    assert int(out.read_text()) < 10000, out.read_text()

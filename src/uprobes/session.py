@@ -337,6 +337,7 @@ class Session:
             self.probes, self.engine_used, pid=pid, child=child, force=self.force,
             note=self._note, stack_bytes=self.stack_bytes,
             prefilter=lambda p: conditions[id(p.spec)], trapfree=self.trapfree,
+            guard_traps=True,
             ring_pages=self.ring_pages, python=self.python))
         return self._tracer
 

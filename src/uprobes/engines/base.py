@@ -167,6 +167,10 @@ class Request:
     a condition the kernel may test so that failing hits make no record (the
     caller still filters what arrives). `trapfree`: the ptrace engine may
     place probes as jumps into in-process code, no stop per hit.
+    `guard_traps` (without `trapfree`): every hit still stops the thread, but
+    the ptrace engine may test a `py:` function's guard in the program, so a
+    call of another function does not stop (a jump whose code stops at an
+    int3 of its own only for the calls it keeps: a hit as an int3's).
     `ring_pages`: data pages of each of the kernel engine's per-CPU rings
     (None: its default, larger with stacks). `python`: stacks hold the
     Python frames of a CPython program (the ptrace engine reads them).
@@ -190,6 +194,7 @@ class Request:
     hit_filter: HitFilter | None = None
     prefilter: Callable[[ResolvedProbe], Condition | None] | None = None
     trapfree: bool = False
+    guard_traps: bool = False
     ring_pages: int | None = None
     by: str | None = None
     value: str | None = None
@@ -213,7 +218,8 @@ def open_tracer(request: Request) -> Tracer:
         return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                             force=request.force, note=request.note,
                             stack_bytes=request.stack_bytes, hit_filter=request.hit_filter,
-                            trapfree="record" if request.trapfree else False,
+                            trapfree="record" if request.trapfree
+                            else "guards" if request.guard_traps else False,
                             python=request.python, orphans=request.orphans)
     from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, STACK_RING_PAGES
     from uprobes.engines.kernel.tracer import KernelTracer

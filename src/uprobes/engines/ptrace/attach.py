@@ -259,6 +259,8 @@ class Attach(TracerState):
             if guards:
                 return self._place_guard_trap(t, regs, probe, addr, file_offset, ident,
                                               guards, at_ret is not None)
+        if self._trapfree == "guards":  # every other hit stops at an int3
+            return False
         why = self._why_not_trapfree(probe, at_ret is not None, guarded=bool(py))
         if why is None and not py and self._trapfree == "count" and name is None:
             check, name = self._compiled_filter(t, probe, at_ret is not None)

@@ -55,7 +55,7 @@ class TracerState:
     hit_filter: HitFilter | None
     registry: Registry
     _note: Callable[[str], object]
-    _trapfree: str | None  # None, "count", "record" or "time"
+    _trapfree: str | None  # None, "count", "record", "time" or "guards" (py: guards only)
     _refusals: Refusals
     _ret_sites: dict[InodeKey, int]  # a ret's key -> its offset in the function
     # Our consumers: event handlers, those that only count, the probe line of each.

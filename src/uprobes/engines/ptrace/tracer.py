@@ -126,8 +126,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                  counted: frozenset[str] = frozenset(), int3s: bool = True,
                  let_go: Callable[[int], bool] | None = None) -> None:
         ptrace.ensure_x86_64()
-        if trapfree not in (False, True, "count", "record", "time"):
-            raise ValueError(f"trapfree must be False, 'count', 'record' or 'time', "
+        if trapfree not in (False, True, "count", "record", "time", "guards"):
+            raise ValueError(f"trapfree must be False, 'count', 'record', 'time' or 'guards', "
                              f"not {trapfree!r}")
         self._trapfree = "count" if trapfree is True else trapfree or None
         self._jumps = TrapFree() if trapfree else None
