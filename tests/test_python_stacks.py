@@ -31,7 +31,8 @@ from uprobes.resolve.pylayout import (
 )
 from uprobes.resolve.pyversions import CHANGED, minor
 from uprobes.unwind.cpython import linetable
-from uprobes.unwind.cpython.linetable import line_at
+from uprobes.unwind.cpython.linetable import LineTable, line_at
+from uprobes.unwind.cpython.reader import MAX_PY_FRAMES
 
 INTERPRETERS = CPYTHONS + LATER_CPYTHONS
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")
@@ -299,3 +300,127 @@ def test_debug_offsets_agree_with_the_dwarf(runtime: str) -> None:
     shared = {k for k in described if k in fields}
     assert len(shared) > 30
     assert {k: described[k] for k in shared} == {k: fields[k] for k in shared}
+
+
+EDGES = str(Path(__file__).parent / "fixtures" / "py_edges.py")
+
+
+def _edge_stacks(python: str, case: str, capfd: pytest.CaptureFixture[str]
+                 ) -> tuple[Counter[Frames], Counter[Frames]]:
+    """(the program's own stacks at its calls, the Python frames uprobes read
+    there) of a py_edges.py case."""
+    out = io.StringIO()
+    status = main(["stacks", "-e", "ptrace", "--python", "--json", "libc:getpid", "--",
+                   python, EDGES, case], out=out)
+    assert status == 0
+    expected = _calls(capfd.readouterr().out)
+    (probe,) = json.loads(out.getvalue()).values()
+    got: Counter[Frames] = Counter()
+    for stack in probe["stacks"]:
+        frames = tuple((str(f["symbol"]), str(f["file"]), f["line"])
+                       for f in reversed(stack["frames"]) if f.get("python"))
+        if frames or case != "reexec":
+            got[frames] += stack["count"]  # type: ignore[index]
+    return expected, got
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+@pytest.mark.parametrize("case", ["reexec", "big", "name"])
+def test_edge_cases_give_the_programs_own_frames(python: str, case: str,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """After an exec of the same interpreter (the main thread keeps its id),
+    in a module whose location table is megabytes long, and in a function
+    named with control characters: the program's own frames."""
+    expected, got = _edge_stacks(python, case, capfd)
+    assert sum(expected.values()) == (2 if case == "reexec" else 1)
+    assert got == expected
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_a_subinterpreter_on_the_same_thread(python: str,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    """The thread's state in the interpreter it runs, not the first with its
+    thread id: a subinterpreter's, idle once it returned, or the main one's
+    while the subinterpreter runs."""
+    has = subprocess.run([python, "-c", "import _xxsubinterpreters"], capture_output=True,
+                         timeout=60).returncode == 0 or \
+        subprocess.run([python, "-c", "import _interpreters"], capture_output=True,
+                       timeout=60).returncode == 0
+    if not has:
+        pytest.skip(f"{python} has no subinterpreter module")
+    expected, got = _edge_stacks(python, "subinterp", capfd)
+    assert sum(expected.values()) == 3
+    assert got == expected
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_frames_beyond_the_limit_are_marked(python: str,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """A stack deeper than MAX_PY_FRAMES: its innermost frames (entry frames
+    not counted), then `...` where it was cut."""
+    expected, got = _edge_stacks(python, "deep", capfd)
+    ((own, n),) = expected.items()
+    ((frames, m),) = got.items()
+    assert n == m == 1 and len(own) > MAX_PY_FRAMES
+    assert frames[0] == ("...", "None", None)
+    assert frames[1:] == own[-MAX_PY_FRAMES:]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_control_characters_in_names_stay_on_one_line(
+        python: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """Text and folded output escape a newline or tab in a qualified name or
+    a file name (JSON keeps them as they are)."""
+    for form in ("--folded", "--text"):
+        out = io.StringIO()
+        args = ["stacks", "-e", "ptrace", "--python", "libc:getpid", "--",
+                python, EDGES, "name"]
+        if form == "--folded":
+            args.insert(3, form)
+        assert main(args, out=out) == 0
+        capfd.readouterr()
+        text = out.getvalue()
+        if form == "--folded":
+            (line,) = text.splitlines()
+            assert ";odd\\n\\tname (a\\nfile.py:" in line
+        else:
+            lines = text.splitlines()
+            assert any(x.strip().startswith("odd\\n\\tname (a\\nfile.py:") for x in lines)
+            assert not any(x.strip().startswith(("name", "file.py")) for x in lines)
+
+
+@pytest.mark.root
+def test_the_init_shim_is_no_frame(capfd: pytest.CaptureFixture[str]) -> None:
+    """3.13's frame that runs after a class's `__init__` (its code has no
+    traceable instruction) is never shown, innermost or not."""
+    pythons = [p for p in LATER_CPYTHONS if "3.13" in p]
+    if not pythons:
+        pytest.skip("no CPython 3.13 here")
+    program = ("import os\nclass C:\n    def __init__(self):\n        big = [0] * 1000\n"
+               "def main():\n    for i in range(50):\n        C()\nmain()\n")
+    out = io.StringIO()
+    assert main(["stacks", "-e", "ptrace", "--python", "--folded", "libc:free", "--",
+                 pythons[0], "-c", program], out=out) == 0
+    capfd.readouterr()
+    text = out.getvalue()
+    assert "main (<string>:" in text
+    assert "(__init__:" not in text
+
+
+def test_line_table_decodes_each_entry_once() -> None:
+    """Lookups over a big table decode each entry at most once, whatever
+    their order, and give what code.co_lines() gives."""
+    code = compile("x = 1\n" * 20000, "big.py", "exec")
+    table = LineTable(code.co_linetable, code.co_firstlineno)
+    units = [(at // 2, line) for start, end, line in code.co_lines()
+             for at in range(start, end, 2)]
+    decoded = 0
+    for index, line in units[::-1] + units[::7]:
+        got, used = table.line(index)
+        decoded += used
+        assert got == line
+    assert len(table.ends) <= decoded <= 5 * len(table.ends) and len(table.ends) <= len(units)

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from uprobes.model.event import Event, Frame
+from uprobes.model.event import Event, Frame, printable
 
 FrameKey = tuple[str | None, str | None, int]
 
@@ -42,9 +42,11 @@ def folded_name(frame: Frame) -> str:
     `[file]` (perf's habit for code no symbol covers); never a `;`, which
     separates frames. A Python frame is `qualname (file.py:LINE)`, as
     py-spy folds them, so a flame graph shows lines."""
-    if frame.python:
+    if frame.python and frame.path is None:
+        name = str(frame.symbol)
+    elif frame.python:
         line = "?" if frame.line is None else frame.line
-        name = f"{frame.symbol} ({os.path.basename(frame.path or '?')}:{line})"
+        name = printable(f"{frame.symbol} ({os.path.basename(frame.path or '?')}:{line})")
     elif frame.symbol is not None:
         name = frame.symbol.split("@", 1)[0]  # malloc@@GLIBC_2.2.5: one malloc
     elif frame.path:

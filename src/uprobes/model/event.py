@@ -7,6 +7,7 @@ CLOCK_MONOTONIC, so events line up with other sources on the machine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,15 @@ ArgValue = int | str | None | list[int] | list[str | None]
 faulted (the kernel prints `(fault)`), or a list for `TYPE[N]`."""
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (a newline would end a line of
+    output, and start another that looks like a frame) as Python escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 @dataclass(frozen=True)
 class Frame:
     """One code address, named: `symbol+offset (path)`; unknown parts None.
@@ -57,8 +67,11 @@ class Frame:
     python: bool = False
 
     def __str__(self) -> str:
+        if self.python and self.path is None:  # no code object: where frames were cut
+            return str(self.symbol)
         if self.python:
-            return f"{self.symbol} ({self.path}:{'?' if self.line is None else self.line})"
+            return printable(f"{self.symbol} ({self.path}:"
+                             f"{'?' if self.line is None else self.line})")
         where = f" ({self.path})" if self.path else ""
         if self.symbol is None:
             return f"0x{self.runtime_addr:x}{where}"

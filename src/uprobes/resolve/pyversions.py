@@ -29,6 +29,7 @@ _CHANGED_312: dict[str, Member] = {
     "frame_is_entry": None,
     "owned_by_cstack": ("enum", "FRAME_OWNED_BY_CSTACK"),
     "interp_modules": ("interp", "imports.modules"),
+    "tstate_status": ("tstate", "_status"),  # whose `active` bit says which state runs
 }
 CHANGED: dict[tuple[int, int], dict[str, Member]] = {
     (3, 11): {},

@@ -21,14 +21,29 @@ from uprobes.errors import UprobesError
 from uprobes.model.event import Frame
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, version_text
 from uprobes.resolve.pyprocess import Interpreter, Pages, Read, find_interpreter, read_str
-from uprobes.unwind.cpython.linetable import line_at
+from uprobes.unwind.cpython.linetable import LineTable
 
 PyGroups = tuple[tuple[Frame, ...], ...]
 """Python frames innermost first, in groups: one per eval-loop call."""
 
 MAX_PY_FRAMES = 256
+"""Python frames shown per stack; a longer one ends in CUT (its outermost)."""
 _MAX_THREADS = 4096
 _MAX_INTERPRETERS = 64
+# What one capture may cost, whatever the memory it reads says: bytes read
+# and line-table entries decoded (a real stack needs a tiny part of either;
+# a big module's table is read once, then kept with its code object).
+_BUDGET_BYTES = 32 << 20
+_BUDGET_ENTRIES = 1 << 19
+# A location table entry covers at least one code unit and is at most 1 +
+# 4 varints of 5 bytes: a table longer than this per unit is not a real one.
+_TABLE_BYTES_PER_UNIT = 21
+_ACTIVE = 1 << 4
+"""`_status.active` (3.12, 3.13): the thread state its thread runs now."""
+
+CUT = Frame(0, None, "...", python=True)
+"""Where a stack's Python frames were cut: over MAX_PY_FRAMES, or over what
+one capture may read."""
 
 
 def _u64(data: bytes, at: int) -> int:
@@ -55,18 +70,41 @@ class _Code:
     qualname: str
     firstlineno: int
     firsttraceable: int
-    table: bytes
+    units: int
+    table: LineTable
     addr: int
     frames: dict[int, Frame]
 
-    def frame(self, index: int) -> Frame:
+    def frame(self, index: int, budget: _Budget) -> Frame:
         """The frame running code unit `index` (made once per unit)."""
         frame = self.frames.get(index)
         if frame is None:
-            frame = self.frames[index] = Frame(
-                self.addr, self.filename, self.qualname,
-                line=line_at(self.table, self.firstlineno, index), python=True)
+            line, used = self.table.line(index, max(budget.entries, 0))
+            budget.entries -= used
+            if line is None and budget.entries <= 0 and 0 <= index < self.units:
+                raise _OverBudget  # undecided: not kept
+            frame = self.frames[index] = Frame(self.addr, self.filename, self.qualname,
+                                               line=line, python=True)
         return frame
+
+
+class _OverBudget(UprobesError):
+    """A capture read or decoded what it may."""
+
+
+class _Budget:
+    """What is left of one capture's reads (bytes) and decoding (entries),
+    its reads counted on the way."""
+
+    def __init__(self, read: Read) -> None:
+        self._read = read
+        self.bytes, self.entries = _BUDGET_BYTES, _BUDGET_ENTRIES
+
+    def __call__(self, addr: int, n: int) -> bytes:
+        if n > self.bytes:
+            raise _OverBudget
+        self.bytes -= n
+        return self._read(addr, n)
 
 
 class PythonStacks:
@@ -78,7 +116,7 @@ class PythonStacks:
     def __init__(self, note: Callable[[str], object]) -> None:
         self._note = note
         self._interps: dict[int, Interpreter | None] = {}
-        self._tstates: dict[tuple[int, int], int] = {}
+        self._tstates: dict[tuple[int, int], tuple[int, int]] = {}  # -> (head, tstate)
         self._codes: dict[tuple[int, int], _Code] = {}
         self._noted: set[int] = set()
         self._exes: dict[int, tuple[int, int] | None] = {}  # the program each was looked in
@@ -112,8 +150,9 @@ class PythonStacks:
                             "read: its stacks are native only")
         else:
             self._noted.discard(pid)
-        for key in [k for k in self._codes if k[0] == pid]:
-            del self._codes[key]
+        for cache in (self._codes, self._tstates):  # the old program's
+            for key in [k for k in cache if k[0] == pid]:
+                del cache[key]
         return interp
 
     def _tell(self, pid: int, line: str) -> None:
@@ -127,35 +166,70 @@ class PythonStacks:
         interp = self._interpreter(pid, read)
         if interp is None:
             return ()
+        budget = _Budget(read)
         try:
-            return self._frames(pid, tid, Pages(read), interp)
+            return self._frames(pid, tid, Pages(budget), interp, budget)
         except UprobesError:
             return ()  # a chain being changed under us, or a thread just gone
 
     def _tstate(self, pid: int, tid: int, read: Read, interp: Interpreter) -> int | None:
         lay = interp.layout
         tid_at, span = lay.tstate_native_thread_id, lay.tstate_size
-        known = self._tstates.get((pid, tid))
-        if known is not None and _u64(read(known + tid_at, 8), 0) == tid:
-            return known
         head = _u64(read(interp.runtime_addr + lay.runtime_interpreters_head, 8), 0)
-        for _ in range(_MAX_INTERPRETERS):
-            if not head:
-                break
-            blob = read(head, max(lay.interp_next, lay.interp_threads_head) + 8)
+        known = self._tstates.get((pid, tid))
+        # Kept while the process has the one interpreter it had then (a new
+        # one is put at the head): with more, a thread has a state in each
+        # it entered, and which one runs changes.
+        if known is not None and known[0] == head:
+            try:
+                if _u64(read(known[1] + tid_at, 8), 0) == tid:
+                    return known[1]
+            except UprobesError:
+                pass  # freed, its memory unmapped: look again
+        self._tstates.pop((pid, tid), None)
+        found: list[tuple[int, bytes]] = []
+        interps, at = 0, head
+        while at and interps < _MAX_INTERPRETERS:
+            interps += 1
+            blob = read(at, max(lay.interp_next, lay.interp_threads_head) + 8)
             ts = _u64(blob, lay.interp_threads_head)
             for _ in range(_MAX_THREADS):
                 if not ts:
                     break
                 state = read(ts, span)
                 if _u64(state, tid_at) == tid:
-                    self._tstates[(pid, tid)] = ts
-                    return ts
+                    found.append((ts, state))
                 ts = _u64(state, lay.tstate_next)
-            head = _u64(blob, lay.interp_next)
-        return None
+            at = _u64(blob, lay.interp_next)
+        if not found:
+            return None
+        if interps == 1 and len(found) == 1:
+            self._tstates[(pid, tid)] = (head, found[0][0])
+            return found[0][0]
+        return self._running(found, read, lay)
 
-    def _frames(self, pid: int, tid: int, read: Read, interp: Interpreter) -> PyGroups:
+    @staticmethod
+    def _running(found: list[tuple[int, bytes]], read: Read, lay: Layout) -> int:
+        """Of a thread's states (one per interpreter it entered), the one it
+        runs: the active one (3.12 on, while it holds its interpreter), else
+        the first with frames (an idle one has none)."""
+        status_at = lay.fields.get("tstate_status")
+        if status_at is not None:
+            for ts, state in found:
+                if _u64(state, status_at) & _ACTIVE:
+                    return ts
+        for ts, _ in found:
+            frame = ts
+            for hop in lay.current_frame_hops():
+                frame = _u64(read(frame + hop, 8), 0)
+                if not frame:
+                    break
+            else:
+                return ts
+        return found[0][0]
+
+    def _frames(self, pid: int, tid: int, read: Read, interp: Interpreter,
+                budget: _Budget) -> PyGroups:
         lay = interp.layout
         ts = self._tstate(pid, tid, read, interp)
         if ts is None:
@@ -168,6 +242,7 @@ class PythonStacks:
         groups: list[tuple[Frame, ...]] = []
         group: list[Frame] = []
         seen: set[int] = set()
+        shown = 0
         size, code_at, prev_at = lay.frame_size, lay.frame_code, lay.frame_previous
         instr_at, owner_at = lay.frame_prev_instr, lay.frame_owner
         generator, code_start = lay.owned_by_generator, lay.code_code
@@ -181,46 +256,62 @@ class PythonStacks:
         named = (lay.code_firstlineno, lay.code_filename, lay.code_qualname, lay.code_linetable)
         fp_lo, fp_hi = min(named), max(named) + 8
         codes = self._codes
-        while frame and frame not in seen and len(seen) < MAX_PY_FRAMES:
-            seen.add(frame)
-            blob = read(frame, size)
-            if apart and blob[owner_at] == entry_at:
-                groups.append(tuple(group))
-                group = []
+        try:
+            # The C stack's entry frames are not counted as shown, but are
+            # bounded too: no more than one per Python frame.
+            while frame and frame not in seen and shown < MAX_PY_FRAMES \
+                    and len(seen) < 2 * MAX_PY_FRAMES + 1:
+                seen.add(frame)
+                blob = read(frame, size)
+                if apart and blob[owner_at] == entry_at:
+                    groups.append(tuple(group))
+                    group = []
+                    frame = _u64(blob, prev_at)
+                    continue
+                code_addr = _u64(blob, code_at)
+                head = read(code_addr, code_start)
+                code = codes.get((pid, code_addr))
+                if code is None or code.fingerprint != head[fp_lo:fp_hi]:
+                    code = codes[(pid, code_addr)] = self._code(
+                        code_addr, head, head[fp_lo:fp_hi], read, lay)
+                index = (_u64(blob, instr_at) - (code_addr + code_start)) // 2
+                # A frame being set up has not reached its first traceable
+                # instruction; CPython leaves it out of tracebacks too. But the
+                # innermost one at a py: function's entry (the eval loop's
+                # RESUME) is the function being called: shown at its first
+                # line. Not a shim (3.13's `__init__` cleanup), whose code
+                # has no traceable instruction at all.
+                if blob[owner_at] == generator or index >= code.firsttraceable:
+                    group.append(code.frame(index, budget))
+                    shown += 1
+                elif not group and not groups and code.firsttraceable < code.units:
+                    group.append(code.frame(code.firsttraceable, budget))
+                    shown += 1
+                if not apart and blob[entry_at]:
+                    groups.append(tuple(group))
+                    group = []
                 frame = _u64(blob, prev_at)
-                continue
-            code_addr = _u64(blob, code_at)
-            head = read(code_addr, code_start)
-            code = codes.get((pid, code_addr))
-            if code is None or code.fingerprint != head[fp_lo:fp_hi]:
-                code = codes[(pid, code_addr)] = self._code(code_addr, head, head[fp_lo:fp_hi],
-                                                            read, lay)
-            index = (_u64(blob, instr_at) - (code_addr + code_start)) // 2
-            # A frame being set up has not reached its first traceable
-            # instruction; CPython leaves it out of tracebacks too. But the
-            # innermost one at a py: function's entry (the eval loop's RESUME)
-            # is the function being called: shown at its first line.
-            if blob[owner_at] == generator or index >= code.firsttraceable:
-                group.append(code.frame(index))
-            elif not group and not groups:
-                group.append(code.frame(code.firsttraceable))
-            if not apart and blob[entry_at]:
-                groups.append(tuple(group))
-                group = []
-            frame = _u64(blob, prev_at)
+            cut = bool(frame) and frame not in seen
+        except _OverBudget:
+            cut = True
+        if cut:
+            group.append(CUT)
         if group:
             groups.append(tuple(group))
         return tuple(groups)
 
     @staticmethod
     def _code(addr: int, blob: bytes, fp: bytes, read: Read, lay: Layout) -> _Code:
+        units = _u64(blob, lay.var_size)  # a code object's size: its code units
         table_addr = _u64(blob, lay.code_linetable)
         head = read(table_addr, lay.bytes_data)
-        n = min(_u64(head, lay.var_size), 1 << 20)
+        n = min(_u64(head, lay.var_size), units * _TABLE_BYTES_PER_UNIT)
+        firstlineno = _i32(blob, lay.code_firstlineno)
         return _Code(fp, read_str(read, _u64(blob, lay.code_filename), lay),
                      read_str(read, _u64(blob, lay.code_qualname), lay),
-                     _i32(blob, lay.code_firstlineno), _i32(blob, lay.code_firsttraceable),
-                     read(table_addr + lay.bytes_data, n) if n else b"", addr, {})
+                     firstlineno, _i32(blob, lay.code_firsttraceable), units,
+                     LineTable(read(table_addr + lay.bytes_data, n) if n else b"", firstlineno),
+                     addr, {})
 
 
 def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]:
@@ -240,4 +331,4 @@ def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]
     return tuple(out)
 
 
-__all__ = ["PyGroups", "PythonStacks", "interleave", "version_text"]
+__all__ = ["CUT", "PyGroups", "PythonStacks", "interleave", "version_text"]
