@@ -46,7 +46,8 @@ TEXT = {
 }
 """What each prints, pointers aside."""
 JSON = {
-    "s": "hello", "owned": 'tab\there "q" \u00e9\0end', "empty": "", "long": LONG[:200],
+    "s": "hello", "owned": 'tab\there "q" \u00e9\0end', "empty": "",
+    "long": {"truncated": LONG[:200], "length": 300},
     "sl": [1, -2, 3], "v": [7, 8, 9, 10], "fl": [1.5, -0.25], "a": {"Circle": {"r": 1.5}},
     "b": {"Rect": {"w": 2, "h": -3}}, "c": "Empty", "n": {"Some": 5}, "none": "None",
     "q": "None", "pt": {"Some": {"x": 5, "y": -6}}, "nm": {"Some": "hi"}, "os": {"Some": "mine"},

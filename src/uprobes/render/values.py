@@ -218,15 +218,20 @@ def _field_text(value: Shown, ftype: FetchType) -> str:
 def _composed_json(value: Composed, ftype: FetchType) -> object:
     """Text as a string (bytes not UTF-8 as U+FFFD), a list as a list, a
     variant as serde writes it: `"None"`, `{"Some": 5}`, `{"Circle": {"r": 1.5}}`;
-    a struct as an object."""
+    a struct as an object. Text or a list longer than was read is
+    `{"truncated": what was read, "length": its whole length}`, so that no
+    reader takes the first 200 bytes for all of it."""
     view = ftype.view
     assert view is not None
-    if view.kind == "text":
-        data, _ = _text_bytes(value)
-        return data.decode("utf-8", "replace")
-    if view.kind == "list":
-        items, one, _ = _elements(value, ftype)
-        return [view_json(v, one) if one.view is not None else v for v in items]
+    if view.kind in ("text", "list"):
+        got: object
+        if view.kind == "text":
+            data, more = _text_bytes(value)
+            got = data.decode("utf-8", "replace")
+        else:
+            items, one, more = _elements(value, ftype)
+            got = [view_json(v, one) if one.view is not None else v for v in items]
+        return {"truncated": got, "length": _count(value)} if more else got
     got = _variant(value, ftype)
     if got is None:
         return None
