@@ -240,15 +240,21 @@ class Access:
         parts: list[FetchArg] = []
         variants: list[Variant] = []
         shown: list[str] = []
+        # Variants often hold the same field at the same place (24 variants of
+        # one String): it is fetched once, for each of them, so that the probe
+        # stays within what the kernel takes in one event.
+        fetched: dict[tuple[object, ...], str] = {}
         for value, member in layout.variants:
             fields: list[tuple[str, int]] = []
             for f in member.type.members:
                 at = _member(Item(_part(item.place, member.offset), member.type), f)
                 got = self.one_value(at, f"{name}_{_identifier(member.name)}_{_identifier(f.name)}",
                                      depth + 1, f"{text}.{member.name}.{f.name}")
+                first = fetched.setdefault(_fetches(got), got[0].name)
                 fields.append((f.name, len(shown)))
-                shown.append(got[0].name)
-                parts += got
+                shown.append(first)
+                if first == got[0].name:
+                    parts += got
             variants.append(Variant(member.name, value, tuple(fields)))
         try:
             sign = "s" if discr.type.encoding.startswith("signed") else "u"
@@ -354,6 +360,22 @@ def _member(item: Item, m: Member) -> Item:
     if shift + m.bit_size > container:
         return Item(unsupported(f"bitfield {m.name} straddles its storage unit"), m.type)
     return Item(_part(item.place, unit), m.type, (m.bit_size, shift, container))
+
+
+def _fetches(got: list[FetchArg]) -> tuple[object, ...]:
+    """What a value's fetches read, whatever they are named: equal for the
+    same field at the same place."""
+    lead = got[0].name
+
+    def own(n: str) -> str:
+        return n[len(lead):] if n.startswith(lead) else n
+    out: list[object] = []
+    for a in got:
+        view = a.type.view
+        if view is not None and view.parts:
+            view = replace(view, parts=tuple(own(p) for p in view.parts))
+        out.append((own(a.name), render_expr(a.expr), replace(a.type, view=view)))
+    return tuple(out)
 
 
 def _marker(name: str, place: Place, t: CType, text: str, lenient: bool) -> FetchArg:

@@ -34,7 +34,7 @@ from uprobes.engines.kernel.records import (
 from uprobes.engines.kernel.stacks import USER_REGS_MASK, with_capture
 from uprobes.engines.kernel.streams import DEFAULT_RING_PAGES, CpuStreams
 from uprobes.engines.signals import StopSignals
-from uprobes.errors import KernelError, ProcessError, ResolveError
+from uprobes.errors import EngineError, KernelError, ProcessError, ResolveError
 from uprobes.lang.condition import Condition
 from uprobes.lang.condition import Event as CondEvent
 from uprobes.model.event import COMM_FIELD, Event, Hit, ProbeInfo, hit_event
@@ -193,8 +193,8 @@ class KernelTracer:
                         group.add(event_line(kp, event))
                         added.append(kp)
                     except KernelError as e:
-                        self._refusals.refuse(kp.probe, kp.info.name, _reason(e), e,
-                                              skippable=_partial_ok(kp))
+                        self._refusals.refuse(kp.probe, kp.info.name, _reason(e),
+                                              _too_big(kp, e), skippable=_partial_ok(kp))
             if not added:
                 return
             fmt = tfs.event_format(group.name, event)
@@ -223,7 +223,7 @@ class KernelTracer:
             # A glob places what the kernel accepts (some libc entry points
             # start with instructions uprobes refuse: ENOTSUPP) and names the rest.
             kp = (added or members)[0]
-            self._refusals.refuse(kp.probe, kp.info.name, _reason(e), e,
+            self._refusals.refuse(kp.probe, kp.info.name, _reason(e), _too_big(kp, e),
                                   skippable=_partial_ok(kp))
             if added:
                 group.remove(event)
@@ -488,6 +488,19 @@ def _partial_ok(kp: KernelProbe) -> bool:
     """Whether `kp` may be left out alone: a return probe on its rets is
     placed whole or not at all (see `Refusals`)."""
     return kp.func_delta is None
+
+
+_TOO_BIG = ("Event too big", "Line length is too long", "Too many arguments")
+"""The kernel's words for a probe of more fetchargs than one event takes."""
+
+
+def _too_big(kp: KernelProbe, e: KernelError) -> KernelError | EngineError:
+    """The kernel's refusal, or for a probe too big for it (a Rust enum of
+    many variants, each field a fetch) one line that says what to do."""
+    if isinstance(e, ProbeRejected) and e.kernel_message.startswith(_TOO_BIG):
+        return EngineError(f"{kp.info.name}: its {len(kp.info.args)} fetches are more than "
+                           f"one kernel event takes ({e.kernel_message}); -e ptrace reads them")
+    return e
 
 
 def _reason(e: KernelError) -> str:
