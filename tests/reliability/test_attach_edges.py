@@ -257,6 +257,56 @@ def test_a_seccomp_filter_that_kills_prctl_keeps_comm_out_of_the_program(
         proc.wait()
 
 
+def _count_attached(exe: Path, proc: subprocess.Popen[str], *argv: str) -> tuple[str, str]:
+    """`count -e ptrace ARGV -p` the waiting `proc`: its output and notes."""
+    run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", *argv, "-p", str(proc.pid),
+                            f"{exe}:work"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    first = _wait_for(run, "Ctrl-C to stop")
+    _finish(proc)
+    out, err = run.communicate(timeout=RUN_S)
+    _one_line(first + err)
+    assert run.returncode == 0, first + err
+    return out, first + err
+
+
+@pytest.mark.parametrize("cond", ['comm != "nobody"', 'comm == "nobody"'])
+def test_a_name_that_cannot_be_read_decides_nothing(cond: str, seccomp_exe: Path,
+                                                    tracefs: Path) -> None:
+    """A filter that fails prctl with an error: a compiled name test cannot
+    tell the thread's name, so the hit counts neither as `==` nor as `!=`
+    (`!=` held for every hit before); one line says how many."""
+    proc = _filtered(seccomp_exe, "prctl", "errno")
+    try:
+        out, err = _count_attached(seccomp_exe, proc, "--if", cond)
+        assert "uprobes/work" not in out, out
+        assert f"{LOOPS} hits whose thread name could not be read" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_name_is_read_once_per_hit(seccomp_exe: Path, tracefs: Path) -> None:
+    """Four `--comm` terms, none the thread's: each hit asks for the name
+    once (a prctl system call each, counted by the kernel's tracepoint),
+    not once per term."""
+    from uprobes.sys import perf
+    event = tracefs / "events/syscalls/sys_enter_prctl/id"
+    if not event.exists():
+        pytest.skip("no syscall tracepoints in this kernel")
+    proc = _filtered(seccomp_exe, "rt_sigaction", "errno")  # a filter that lets prctl by
+    try:
+        with perf.open_counting(int(event.read_text()), pid=proc.pid) as calls:
+            calls.enable()
+            out, err = _count_attached(seccomp_exe, proc, "--comm", "a", "--comm", "b",
+                                       "--comm", "c", "--comm", "d")
+            assert "1 of 1 probes trap-free (a jump to an in-process counter" in err, err
+            assert calls.read_count() == LOOPS
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("how", [[], ["--no-trapfree"]])
 def test_a_seccomp_filter_that_kills_mmap_is_refused_in_one_line(
         how: list[str], seccomp_exe: Path, tracefs: Path) -> None:

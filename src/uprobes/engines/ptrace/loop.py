@@ -57,6 +57,10 @@ class RunLoop(TracerState):
             self._note(f"the traced program overwrote the memory it shares with uprobes "
                        f"(memfd:uprobes-counters): {records} records and {words} counter "
                        "values that it cannot have made are left out")
+        unnamed = self._jumps.unnamed if self._jumps is not None else 0
+        if unnamed:
+            self._note(f"{unnamed} hits whose thread name could not be read (a seccomp "
+                       "filter failed prctl(PR_GET_NAME)) are not counted")
 
     def _deliver_recorded(self, hits: list[Hit]) -> None:
         """Hits of direct sites (counted by the recorder already)."""

@@ -33,7 +33,7 @@ from iced_x86 import Code, Instruction
 from iced_x86 import Register as R
 
 from uprobes.engines.trapfree.keyed import TID, Source, load
-from uprobes.engines.trapfree.layout import COUNTER_TLS
+from uprobes.engines.trapfree.layout import COUNTER_TLS, COUNTER_UNNAMED
 from uprobes.engines.trapfree.timing import (
     COMM_BYTES,
     NR_PRCTL,
@@ -95,52 +95,84 @@ def compile_check(root: Node, source: Callable[[str], Source | str]) -> Check | 
 def counting_prologue(at: int, counter: int, block: int, check: Check) -> bytes:
     """The counting code for a trampoline at `at`: the counter at `counter`
     goes up only when `check` holds (the counter block at `block` holds the
-    tid's TLS flag)."""
+    tid's TLS flag and the count of hits whose name could not be read)."""
     a = _Asm()
     frame = _enter(a)
-    sources = dict(check.sources)
-    labels = count()
-    _emit(a, check.root, "pass", "done", sources, frame, block, labels)
+    _emit_check(a, check, "pass", frame, block, COUNTER_TLS, block + COUNTER_UNNAMED)
     a.label("pass")
     a(_locked_inc(counter))
     _leave(a)
     return a.encode(at)
 
 
-def guard(check: Check, block: int, flag: int) -> Callable[[_Asm, int], None]:
+def guard(check: Check, block: int, flag: int, unnamed: int) -> Callable[[_Asm, int], None]:
     """`check` as the first part of other counting code (keyed.py's `guard`):
     a hit it fails goes to "done"; `flag`: where in the block at `block` the
-    tid's TLS flag is."""
+    tid's TLS flag is; `unnamed`: the address of the count of hits whose
+    name could not be read."""
     def emit(a: _Asm, frame: int) -> None:
-        _emit(a, check.root, "kept", "done", dict(check.sources), frame, block, count(), flag)
+        _emit_check(a, check, "kept", frame, block, flag, unnamed)
         a.label("kept")
     return emit
 
 
+_NAME = 16  # the frame's name: 16 bytes, then whether they were read
+_NAME_BYTES = COMM_BYTES + 8
+
+
+def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: int,
+                unnamed: int) -> None:
+    """Branch to `yes` when `check` holds, else to "done". With a name
+    test, the thread's name is asked for once per hit, at the first test
+    that needs it, into the frame; a hit whose name cannot be read (a
+    seccomp filter fails the call) is decided neither way: it bumps the
+    count at `unnamed` and goes to "done"."""
+    i = Instruction
+    sources, labels = dict(check.sources), count()
+    if not _names_comm(check.root):
+        _emit(a, check.root, yes, "done", sources, frame, block, labels, flag)
+        return
+    held, dropped, lost = a.fresh("named"), a.fresh("unnamed_no"), a.fresh("unnamed")
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -_NAME_BYTES)),
+      i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSP, _NAME), 0))
+    _emit(a, check.root, held, dropped, sources, frame + _NAME_BYTES, block, labels, flag,
+          lost)
+    a.label(lost)
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)), _locked_inc(unnamed))
+    a.jump(Code.JMP_REL32_64, "done")
+    a.label(dropped)
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)))
+    a.jump(Code.JMP_REL32_64, "done")
+    a.label(held)
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)))
+    a.jump(Code.JMP_REL32_64, yes)
+
+
 def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], frame: int,
-          block: int, labels: Any, flag: int = COUNTER_TLS) -> None:
-    """Branch to `yes` when `node` holds, else to `no`."""
+          block: int, labels: Any, flag: int, lost: str = "") -> None:
+    """Branch to `yes` when `node` holds, else to `no` (to `lost` when a
+    name test cannot read the name: `_emit_check`'s frame)."""
     i = Instruction
     if isinstance(node, Not):
-        _emit(a, node.operand, no, yes, sources, frame, block, labels, flag)
+        _emit(a, node.operand, no, yes, sources, frame, block, labels, flag, lost)
         return
     if isinstance(node, Logic):
         operands = sorted(node.operands, key=_names_comm)  # the system calls last
         for n, operand in enumerate(operands):
             if n == len(operands) - 1:
-                _emit(a, operand, yes, no, sources, frame, block, labels, flag)
+                _emit(a, operand, yes, no, sources, frame, block, labels, flag, lost)
                 continue
             nxt = f"l{next(labels)}"
             if node.op == "&&":
-                _emit(a, operand, nxt, no, sources, frame, block, labels, flag)
+                _emit(a, operand, nxt, no, sources, frame, block, labels, flag, lost)
             else:
-                _emit(a, operand, yes, nxt, sources, frame, block, labels, flag)
+                _emit(a, operand, yes, nxt, sources, frame, block, labels, flag, lost)
             a.label(nxt)
         return
     assert isinstance(node, Compare)
     if node.field == "comm":
         assert isinstance(node.value, str)
-        _comm_equals(a, node.value)
+        _comm_equals(a, node.value, lost)
         a.jump(Code.JE_REL32_64 if node.op == "==" else Code.JNE_REL32_64, yes)
         a.jump(Code.JMP_REL32_64, no)
         return
@@ -192,18 +224,23 @@ def _names_comm(node: Node) -> bool:
     return any(_names_comm(n) for n in node.operands)
 
 
-def _comm_equals(a: _Asm, name: str) -> None:
-    """ZF = the thread's name is `name`: asked of the kernel into 16 bytes
-    below the frame, compared 8 bytes at a time. Clobbers rax, rcx, rdi,
-    rsi (every fetcharg is read from where _enter saved it); r11 kept."""
+def _comm_equals(a: _Asm, name: str, lost: str) -> None:
+    """ZF = the thread's name is `name`: the name in `_emit_check`'s frame
+    (at rsp), asked of the kernel the first time (to `lost` if the call
+    fails), compared 8 bytes at a time. Clobbers rax, rcx, rdi, rsi (every
+    fetcharg is read from where _enter saved it); r11 kept."""
     i = Instruction
     want = os.fsencode(name).ljust(COMM_BYTES, b"\0")
-    differ = a.fresh("comm_differs")
-    a(i.create_reg(Code.PUSH_R64, R.R11),
-      i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)))
-    comm_into(a, R.RSP, 0)
-    a(i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
-    a.jump(Code.JNE_REL32_64, differ)  # no name (a sandbox refused the call): not this one
+    held, differ = a.fresh("comm_held"), a.fresh("comm_differs")
+    a(i.create_mem_i32(Code.CMP_RM64_IMM32, _mem(R.RSP, _NAME), 0))
+    a.jump(Code.JNE_REL32_64, held)
+    a(i.create_reg(Code.PUSH_R64, R.R11))
+    comm_into(a, R.RSP, 8)
+    a(i.create_reg(Code.POP_R64, R.R11),
+      i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
+    a.jump(Code.JNE_REL32_64, lost)  # no name (a seccomp filter failed the call)
+    a(i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSP, _NAME), 1))
+    a.label(held)
     for half in (0, 8):
         a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX,
                            int.from_bytes(want[half:half + 8], "little")),
@@ -211,5 +248,3 @@ def _comm_equals(a: _Asm, name: str) -> None:
         if half == 0:
             a.jump(Code.JNE_REL32_64, differ)
     a.label(differ)
-    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, COMM_BYTES)),  # lea: ZF kept
-      i.create_reg(Code.POP_R64, R.R11))

@@ -56,8 +56,10 @@ from uprobes.engines.trapfree.layout import (
     COUNTER_BLOCK_BYTES,
     COUNTER_STRIDE,
     COUNTER_TLS,
+    COUNTER_UNNAMED,
     KEYED_BYTES,
     KEYED_TLS,
+    KEYED_UNNAMED,
     LONG,
     RING_BYTES,
     TIMING_BYTES,
@@ -370,7 +372,8 @@ class TrapFree:
             if tls:
                 table[0].tls_confirmed()
             block_at, slot = table[0].runtime_addr, table[1]
-            guard = None if by.check is None else filtercode.guard(by.check, block_at, KEYED_TLS)
+            guard = None if by.check is None else filtercode.guard(
+                by.check, block_at, KEYED_TLS, block_at + KEYED_UNNAMED)
             prologue = lambda at: keyed.prologue(  # noqa: E731
                 at, block_at, slot, by.key, by.value, guard)
         elif timed is not None:
@@ -609,6 +612,16 @@ class TrapFree:
         tables = {id(b): b for where in self._keyed.values() for b, _ in where}
         return sum(b.corrupt for b in blocks.values()) + sum(b.corrupt for b in self.timing) \
             + sum(b.corrupt for b in tables.values())
+
+    @property
+    def unnamed(self) -> int:
+        """Hits a compiled name test could not decide: the thread's name
+        could not be read (filtercode._emit_check)."""
+        blocks = {id(b): b for where in self._counters.values() for b, _ in where}
+        tables = {id(b): b for where in self._keyed.values() for b, _ in where}
+        return sum(int(struct.unpack_from("<Q", b.view, COUNTER_UNNAMED)[0])
+                   for b in blocks.values()) \
+            + sum(int(struct.unpack_from("<Q", b.view, KEYED_UNNAMED)[0]) for b in tables.values())
 
     def report(self, note: Callable[[str], object]) -> None:
         """One note on the decisions not yet reported: how many trap-free, why not the rest."""

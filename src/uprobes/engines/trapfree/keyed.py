@@ -59,6 +59,7 @@ from uprobes.engines.trapfree.recording import needs
 from uprobes.engines.trapfree.sharedmem import most_hits
 from uprobes.engines.trapfree.timing import (
     COMM_BYTES,
+    ENTER_FRAME,
     KeyLoad,
     _Asm,
     _enter,
@@ -117,7 +118,9 @@ def load(a: _Asm, src: Source, dst: Any, frame: int, block: int,
     elif src.reg == "rsp":
         a(i.create_reg_mem(Code.LEA_R64_M, dst, _mem(R.RSP, frame)))
     elif src.reg in _SAVED_AT:
-        a(i.create_reg_mem(Code.MOV_R64_RM64, dst, _mem(R.RSP, _SAVED_AT[src.reg])))
+        # (a frame larger than _enter's: the code keeps more below it)
+        saved = _SAVED_AT[src.reg] + frame - ENTER_FRAME
+        a(i.create_reg_mem(Code.MOV_R64_RM64, dst, _mem(R.RSP, saved)))
     else:
         assert src.reg is not None
         a(i.create_reg_reg(Code.MOV_R64_RM64, dst, _REGS[src.reg]))

@@ -128,6 +128,7 @@ CPU_MASK = (1 << CPU_BITS) - 1
 COUNTER_BLOCK_BYTES = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
 COUNTER_TLS = 0      # in the header line, counter index 0 (never a counter)
+COUNTER_UNNAMED = 8  # hits a compiled `--comm` could not decide: no name (lock inc)
 
 # ---------------------------------------------------------------- timing (latency in the program)
 # A timing block (timing.py): a header page of counters that writers bump
@@ -205,6 +206,7 @@ def hist_bounds(bucket: int) -> tuple[int, int]:
 # 16 bytes (KEY_KEY, KEY_KEY2): a value and 0, or a thread's name.
 
 KEYED_TLS = TIMING_TLS
+KEYED_UNNAMED = 256  # as COUNTER_UNNAMED, for the keyed counts
 KEYED_TABLES_OFFSET = 4096
 KEYED_TABLES = 16
 TABLE_OVERFLOW = 0     # hits whose key found no place (writers: lock inc)

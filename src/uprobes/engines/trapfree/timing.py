@@ -147,6 +147,7 @@ class _Asm:
 
 
 _SAVED = (R.RCX, R.RDX, R.RSI, R.RDI)  # and r11 around the gettid system call
+ENTER_FRAME = _RED_ZONE + 8 * (2 + len(_SAVED))  # what `_enter` puts below the probe's rsp
 
 
 def _enter(a: _Asm) -> int:
@@ -158,7 +159,7 @@ def _enter(a: _Asm) -> int:
       i.create(Code.LAHF), i.create_reg(Code.PUSH_R64, R.RAX))
     for reg in _SAVED:
         a(i.create_reg(Code.PUSH_R64, reg))
-    return _RED_ZONE + 8 * (2 + len(_SAVED))
+    return ENTER_FRAME
 
 
 def _leave(a: _Asm, label: str | None = "done") -> None:
