@@ -123,7 +123,8 @@ def test_ptrace_sees_what_the_kernel_sees(python: str) -> None:
     assert len(kernel) == 2 * own["Job.run"] + own["pyfuncs_pkg.geometry.area"], kernel
     assert ptrace == kernel
     run = next(args for probe, kind, _, args in kernel if kind == "p" and "run" in probe)
-    assert dict(run) == {"qualname": "Job.run", "file": FIXTURE, "line": 26}
+    assert dict(run) == {"qualname": "Job.run", "file": FIXTURE, "line": 26,
+                         "args": "(self=<Job>, k=0)"}
     ret = next(args for probe, kind, _, args in kernel if kind == "r")
     assert dict(ret) == {"qualname": "Job.run", "file": FIXTURE, "type": "int"}
     area = next(args for probe, kind, _, args in kernel if "area" in probe)
@@ -373,7 +374,8 @@ def test_text_lines_leave_the_engines_own_fields_out(engine: str) -> None:
     lines = [line for line in done.stdout.splitlines() if ": __main__.Job.run" in line]
     assert len(lines) == 2, done.stdout
     assert lines[0].endswith(f'(0x{lines[0].split("(0x")[1].split(")")[0]}) '
-                             f'qualname="Job.run" file="{FIXTURE}" line=26')
+                             f'qualname="Job.run" file="{FIXTURE}" line=26 '
+                             'args=(self=<Job>, k=0)')
     assert lines[1].endswith(f'qualname="Job.run" file="{FIXTURE}" type="int"')
     assert "__" not in lines[0].split(": ", 2)[2] + lines[1].split(": ", 2)[2]
 

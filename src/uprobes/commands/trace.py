@@ -42,6 +42,7 @@ from uprobes.model.probe import ResolvedProbe
 from uprobes.render.chrome_json import ChromeJsonRenderer
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
+from uprobes.render.pyargs import PyArgsRenderer, shown_infos
 from uprobes.render.timeline import Timeline
 from uprobes.render.trace_text import TraceTextRenderer
 from uprobes.resolve.resolver import Resolver
@@ -169,7 +170,8 @@ def _format(args: argparse.Namespace) -> str:
     return fmt
 
 
-Output = TraceTextRenderer | JsonLinesRenderer | ChromeJsonRenderer | PerfettoRenderer
+Output = (TraceTextRenderer | JsonLinesRenderer | ChromeJsonRenderer | PerfettoRenderer
+          | PyArgsRenderer)
 if TYPE_CHECKING:  # `record`'s renderer: imported by `record` alone
     from uprobes.record.writer import RecordWriter
 
@@ -182,6 +184,15 @@ def make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None
                   clocks: tuple[ClockSnapshot, ClockSnapshot] | None = None) -> Output:
     """The renderer of `args.format`; `calls`: see `call_entries`. `clocks`:
     the run's clocks at start and end (a replay's), else read at start and end."""
+    infos, converts = shown_infos(infos)
+    if converts:
+        return PyArgsRenderer(_make_renderer(args, out, binary, infos, calls, clocks), converts)
+    return _make_renderer(args, out, binary, infos, calls, clocks)
+
+
+def _make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
+                   infos: dict[str, ProbeInfo], calls: set[str],
+                   clocks: tuple[ClockSnapshot, ClockSnapshot] | None) -> Output:
     start = None if clocks is None else clocks[0]
     out_r: Output
     if args.format == "perfetto":

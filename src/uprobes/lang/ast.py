@@ -205,7 +205,9 @@ class ValueView:
     its DWARF type): `kind` is one of "bool", "char", "enum", "float",
     "pointer", "string" (a `char *` or `char[N]`), "optimized_out" (no value
     at this address), "unsupported" (`note` says why), "elided" (a struct
-    deeper than printed) or "int" (a signed integer read as a bitfield).
+    deeper than printed), "int" (a signed integer read as a bitfield) or
+    "text" (a string made in user space, printed as it is: a `py:` entry's
+    `args`).
     `enumerators` are an enum's (value, name) pairs; `type_name` the C type;
     `sign_bits`: a signed bitfield's width, to sign-extend its value by.
 

@@ -256,6 +256,8 @@ def view_text(value: Shown, ftype: FetchType) -> str:
         one = FetchType(ftype.base, ftype.bitfield, None, ftype.explicit, view)
         return "{" + ",".join(view_text(v, one) for v in value) + "}"
     kind = view.kind
+    if kind == "text":
+        return str(value)
     if kind == "optimized_out":
         return "<optimized out>"
     if kind == "unsupported":

@@ -50,6 +50,16 @@ from uprobes.lang.grammar import parse_args
 from uprobes.lang.names import c_identifier
 from uprobes.model.event import FRAME_ARG, PY_OPARG_ARG
 from uprobes.model.probe import InodeKey, ResolvedProbe
+from uprobes.model.pyargs import (
+    ARGCOUNT,
+    FLAGS,
+    KWONLY,
+    NAME_BYTES,
+    SLOTS,
+    TEXT_BYTES,
+    TYPE_BYTES,
+    slot_fields,
+)
 from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
 from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
@@ -337,6 +347,35 @@ def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
                    oparg=loop.next_instr if entry else None)
 
 
+def argument_fetches(lay: Layout, frame: str) -> list[str]:
+    """The fetchargs of a `py:` entry's arguments (model/pyargs.py): the
+    code's counts, and per slot of `localsplus` the object, its type's name,
+    an int's size and first two digits, a str's compact-and-ASCII bits and
+    first bytes, the slot's name. None where the build keeps an int or a
+    str otherwise than CPython 3.11 does."""
+    compact = lay.str_compact_mask
+    if lay.hexversion >> 16 != 0x030B or lay.str_ascii_mask != compact << 1 or not compact:
+        return []
+    shift = compact.bit_length() - 1
+    code = f"+{lay.frame_code}(%{frame})"
+    out = [f"{ARGCOUNT}=+{lay.code_argcount}({code}):s32",
+           f"{KWONLY}=+{lay.code_kwonlyargcount}({code}):s32",
+           f"{FLAGS}=+{lay.code_flags}({code}):s32"]
+    for i in range(SLOTS):
+        f = slot_fields(i)
+        obj = f"+{lay.frame_size + 8 * i}(%{frame})"
+        name = f"+{lay.tuple_items + 8 * i}(+{lay.code_localsplusnames}({code}))"
+        out += [f"{f['ptr']}={obj}:x64",
+                f"{f['type']}=+0(+{lay.type_name}(+{lay.object_type}({obj}))):u8[{TYPE_BYTES}]",
+                f"{f['size']}=+{lay.var_size}({obj}):s64",
+                # (3.11's int: its 30-bit digits in 32-bit words after ob_size)
+                f"{f['word']}=+{lay.var_size + 8}({obj}):u64",
+                f"{f['str']}=+{lay.str_state}({obj}):b2@{shift}/32",
+                f"{f['text']}=+{lay.str_ascii_data}({obj}):u8[{TEXT_BYTES}]",
+                f"{f['name']}=+{lay.str_ascii_data}({name}):u8[{NAME_BYTES}]"]
+    return out
+
+
 def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -369,7 +408,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         guard = names
     else:
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
-                          f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8"]
+                          f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8",
+                          *argument_fetches(lay, loop.frame)]
         handlers = ENTRY_HANDLERS
         guard = f"{PY_OPARG_ARG} == 0 && ({names})"
     args: tuple[FetchArg, ...] = parse_args(fetch)

@@ -1,0 +1,127 @@
+"""A `py:` entry's arguments: the raw fields both engines fetch, and the
+text they read as.
+
+At a Python function's first instruction its arguments are the first
+slots of the frame's `localsplus` (positional, then keyword-only, then
+`*args`, then `**kwargs`; `co_argcount`, `co_kwonlyargcount` and two bits
+of `co_flags` say how many), their names the first items of the code's
+`co_localsplusnames`. For each of the first `SLOTS` slots an entry probe
+fetches the object's pointer, its type's name, and the words an int or a
+str keeps its value in; which of them mean something is decided here, in
+user space, from the type's name, so the kernel and the ptrace engine
+fetch the same fields and give the same text. Every read is of a fixed
+size (arrays, never `:string`): a slot past the arguments holds whatever
+the value stack held, and a string read through it could be a page long.
+
+    args=(self=<Job>, k=3, name="x", flag=True, rest=<list>)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from uprobes.model.event import ArgValue
+
+SLOTS = 8
+"""Arguments shown; more are counted (`+3 more`)."""
+NAME_BYTES = 32
+TYPE_BYTES = 40
+TEXT_BYTES = 32
+"""Bytes of a name, a type's name and a str's text fetched (longer: cut, `...`)."""
+CO_VARARGS = 0x4
+CO_VARKEYWORDS = 0x8
+DIGIT_BITS = 30
+"""CPython's int digits: 30 bits in a 32-bit word (PYLONG_BITS_IN_DIGIT)."""
+
+ARGS_FIELD = "args"
+"""The field the raw ones are read into (render/pyargs.py)."""
+ARGCOUNT = "__py_argc"
+KWONLY = "__py_kwonly"
+FLAGS = "__py_flags"
+
+
+def slot_fields(i: int) -> dict[str, str]:
+    """The raw fields of argument slot `i`, by role."""
+    return {role: f"__py_{role}{i}" for role in ("ptr", "size", "word", "str", "text",
+                                                 "type", "name")}
+
+
+RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS}
+                       | {f for i in range(SLOTS) for f in slot_fields(i).values()})
+
+
+def has_args(names: list[str]) -> bool:
+    """Whether a probe with these fields fetches a `py:` entry's arguments."""
+    return ARGCOUNT in names
+
+
+def _int(value: ArgValue) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _text(value: ArgValue) -> str | None:
+    """Bytes fetched as `u8[N]` up to their first NUL, if all are ASCII."""
+    if not isinstance(value, list):
+        return None
+    raw = bytes(v & 0xFF for v in value if isinstance(v, int))
+    text = raw.split(b"\0", 1)[0]
+    return text.decode() if text.isascii() else None
+
+
+def _quoted(text: str) -> str:
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif " " <= c <= "~":
+            out.append(c)
+        else:
+            out.append(f"\\x{ord(c):02x}")
+    return '"' + "".join(out) + '"'
+
+
+def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
+    """One argument as text: a small int, a compact ASCII str, None, a bool
+    by value; anything else by its type's name."""
+    if not _int(values.get(f["ptr"])):
+        return "<unbound>"
+    type_name = _text(values.get(f["type"]))
+    if not type_name:
+        return "<?>"
+    size, word = _int(values.get(f["size"])), _int(values.get(f["word"]))
+    if type_name == "NoneType":
+        return "None"
+    if type_name in ("int", "bool"):
+        if size < 0:
+            size = -size
+            sign = -1
+        else:
+            sign = 1
+        if size > 2:
+            return f"<{type_name}>"  # more digits than a machine word holds
+        mask = (1 << DIGIT_BITS) - 1
+        digits = [(word >> (32 * k)) & mask for k in range(size)]
+        n = sign * sum(d << (DIGIT_BITS * k) for k, d in enumerate(digits))
+        return ("True" if n else "False") if type_name == "bool" else str(n)
+    if type_name == "str" and _int(values.get(f["str"])) == 3:  # compact and ASCII
+        text = values.get(f["text"])
+        if isinstance(text, list):
+            shown = bytes(v & 0xFF for v in text[:min(size, TEXT_BYTES)] if isinstance(v, int))
+            if shown.isascii():
+                return _quoted(shown.decode()) + ("..." if size > TEXT_BYTES else "")
+    return f"<{type_name}>"
+
+
+def args_text(values: Mapping[str, ArgValue]) -> str:
+    """`(name=value, ...)` of a `py:` entry's raw fields."""
+    flags = _int(values.get(FLAGS))
+    count = _int(values.get(ARGCOUNT)) + _int(values.get(KWONLY)) \
+        + bool(flags & CO_VARARGS) + bool(flags & CO_VARKEYWORDS)
+    parts = []
+    for i in range(min(count, SLOTS)):
+        f = slot_fields(i)
+        name = _text(values.get(f["name"])) or f"arg{i}"
+        parts.append(f"{name}={_value(values, f)}")
+    if count > SLOTS:
+        parts.append(f"+{count - SLOTS} more")
+    return "(" + ", ".join(parts) + ")"

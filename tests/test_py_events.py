@@ -1,0 +1,54 @@
+"""What a `py:` probe shows of a call (docs/python.md): its arguments at
+entry, a return by exception, a generator's or coroutine's suspensions.
+
+Oracles: the fixture (tests/fixtures/py_args.py) records each call's
+arguments from its own frame as they are to be shown, and counts what it
+does; the kernel engine and the ptrace engine give the same text, value
+for value, on every CPython 3.11 build here."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CPYTHONS as INTERPRETERS
+
+pytestmark = pytest.mark.root  # the kernel engine
+FIXTURE = str(Path(__file__).parent / "fixtures" / "py_args.py")
+UPROBES = [sys.executable, "-m", "uprobes"]
+
+
+def _trace(engine: str, python: str, *specs: str, rounds: int = 14) -> str:
+    done = subprocess.run([*UPROBES, "trace", "-e", engine, *specs, "--", python, FIXTURE,
+                           str(rounds)], capture_output=True, text=True, timeout=240,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_arguments_at_entry_are_the_programs_own(python: str) -> None:
+    """ints (a machine word's, bigger ones by type), strs (compact ASCII,
+    cut at 32 characters, escaped; others by type), None, bools, objects by
+    type; `*args` and `**kwargs` counted; the ninth on counted, not shown."""
+    shown = {}
+    for engine in ("kernel", "ptrace"):
+        out = _trace(engine, python, "py:__main__.mixed", "py:__main__.small",
+                     "py:__main__.Shape.scale")
+        own = [line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("ARGS ")]
+        seen = [(m[1], m[2]) for m in re.finditer(r": __main__\.\S+: .* qualname=\"(\S+)\""
+                                                  r" .* args=(.*)$", out, re.M)]
+        assert len(own) == 4 * 14
+        assert seen == [(qualname, args) for qualname, args in own]
+        shown[engine] = seen
+    assert shown["kernel"] == shown["ptrace"]
+    texts = {args for _, args in shown["kernel"]}
+    # (the cases the fixture goes through, as its own rules show them)
+    for words in ['n=1152921504606846975,', "n=<int>,", 'name="say \\"hi\\"\\\\"',
+                  'name="tab\\x09here"', 'name="' + "b" * 32 + '"...', "name=<str>",
+                  "rest=<list>", "nothing=None", "flag=False", "+3 more", "y=<float>",
+                  "(self=<Shape>, by=True)", "n=-1152921504606846975,"]:
+        assert any(words in t for t in texts), words
