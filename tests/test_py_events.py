@@ -21,24 +21,27 @@ FIXTURE = str(Path(__file__).parent / "fixtures" / "py_args.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
 
 
-def _trace(engine: str, python: str, *specs: str, rounds: int = 14) -> str:
+def _trace(engine: str, python: str, tmp_path: Path, *specs: str,
+           rounds: int = 14) -> tuple[str, list[str]]:
+    """(uprobes' output, the fixture's own lines)."""
+    own = tmp_path / f"own-{engine}"
     done = subprocess.run([*UPROBES, "trace", "-e", engine, *specs, "--", python, FIXTURE,
-                           str(rounds)], capture_output=True, text=True, timeout=240,
-                          check=False)
+                           str(rounds), str(own)], capture_output=True, text=True,
+                          timeout=240, check=False)
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    return done.stdout, own.read_text().splitlines()
 
 
 @pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
-def test_arguments_at_entry_are_the_programs_own(python: str) -> None:
+def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) -> None:
     """ints (a machine word's, bigger ones by type), strs (compact ASCII,
     cut at 32 characters, escaped; others by type), None, bools, objects by
     type; `*args` and `**kwargs` counted; the ninth on counted, not shown."""
     shown = {}
     for engine in ("kernel", "ptrace"):
-        out = _trace(engine, python, "py:__main__.mixed", "py:__main__.small",
-                     "py:__main__.Shape.scale")
-        own = [line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith("ARGS ")]
+        out, lines = _trace(engine, python, tmp_path, "py:__main__.mixed", "py:__main__.small",
+                            "py:__main__.Shape.scale")
+        own = [line.split(" ", 2)[1:] for line in lines if line.startswith("ARGS ")]
         seen = [(m[1], m[2]) for m in re.finditer(r": __main__\.\S+: .* qualname=\"(\S+)\""
                                                   r" .* args=(.*)$", out, re.M)]
         assert len(own) == 4 * 14
