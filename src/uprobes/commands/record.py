@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
                          "--json DIR)")
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe,
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe, py_args=True,
                         argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:

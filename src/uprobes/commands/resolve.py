@@ -47,7 +47,7 @@ def parse_specs(texts: list[str]) -> list[ProbeSpec]:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe,
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe, py_args=True,
                         argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(args.specs))
     for p in probes:

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.duration is not None and args.duration < 0:
         raise UsageError("--duration must be at least 0")
     check_stack_bytes(args.stack_bytes)
-    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe,
+    resolver = Resolver(pid=args.pid, force=args.force, uretprobe=args.uretprobe, py_args=True,
                         argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(args.specs))
     args.hit_filter = hit_filter(args, probes)

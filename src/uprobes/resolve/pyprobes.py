@@ -381,8 +381,10 @@ def _quoted(text: str) -> str:
 
 
 def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
-              script: str | None, note: str | None = None) -> list[ResolvedProbe]:
-    """The probes of `spec` (a `py:` target) in `interp`."""
+              script: str | None, note: str | None = None,
+              with_args: bool = False) -> list[ResolvedProbe]:
+    """The probes of `spec` (a `py:` target) in `interp`; an entry fetches
+    the call's arguments `with_args`."""
     if not t.name.isascii():
         raise ResolveError(f"py:{t.name}: only ASCII names can be matched (the names are "
                            "read as compact ASCII strings)")
@@ -409,7 +411,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     else:
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
                           f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8",
-                          *argument_fetches(lay, loop.frame)]
+                          *(argument_fetches(lay, loop.frame) if with_args else ())]
         handlers = ENTRY_HANDLERS
         guard = f"{PY_OPARG_ARG} == 0 && ({names})"
     args: tuple[FetchArg, ...] = parse_args(fetch)

@@ -64,6 +64,10 @@ class Resolver:
     force: bool = False
     uretprobe: bool = False
     debug_dirs: tuple[str, ...] | None = None
+    py_args: bool = False
+    """A `py:` entry fetches its call's arguments (model/pyargs.py): for the
+    commands that show them; the others would pay for the fetches at every
+    Python call (the ptrace engine reads them at each stop)."""
     argv: tuple[str, ...] | None = None
     """The command the run starts (`-- CMD`), if it starts one: a `py:`
     probe's interpreter and main script when nothing else names them."""
@@ -353,7 +357,8 @@ class Resolver:
             pid = self.pid  # an interpreter named by its file, in the process of -p
         argv = self.argv if t.where is None or by_file else None  # (or the command's)
         note = wrapper_note(self.argv, ref) if t.where is None and pid is None else None
-        return py_probes(spec, t, self._interpreters[key], main_script(pid, argv), note)
+        return py_probes(spec, t, self._interpreters[key], main_script(pid, argv), note,
+                         with_args=self.py_args)
 
     def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:
         image = read_vdso(self.pid, t.image)
