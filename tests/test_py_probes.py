@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -97,12 +98,15 @@ def test_a_glob_in_the_name(spec: str, trapfree: bool) -> None:
 
 
 def _events(engine: str, python: str) -> tuple[list[tuple[object, ...]], str]:
-    done = _uprobes("trace", "-e", engine, "--json", "py:__main__.Job.run",
-                    "r py:__main__.Job.run", "py:pyfuncs_pkg.geometry.area",
-                    "--", python, FIXTURE, "12")
-    assert done.returncode == 0, done.stderr
+    # (-o: uprobes writes its stdout in blocks, which may cut the fixture's lines)
+    with tempfile.NamedTemporaryFile("r") as traced:
+        done = _uprobes("trace", "-e", engine, "--json", "-o", traced.name,
+                        "py:__main__.Job.run", "r py:__main__.Job.run",
+                        "py:pyfuncs_pkg.geometry.area", "--", python, FIXTURE, "12")
+        assert done.returncode == 0, done.stderr
+        lines = traced.read().splitlines()
     events = []
-    for line in done.stdout.splitlines():
+    for line in lines:
         if not line.startswith("{"):
             continue
         ev = json.loads(line)
