@@ -41,7 +41,8 @@ def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) ->
     for engine in ("kernel", "ptrace"):
         out, lines = _trace(engine, python, tmp_path, "py:__main__.mixed", "py:__main__.small",
                             "py:__main__.Shape.scale")
-        own = [line.split(" ", 2)[1:] for line in lines if line.startswith("ARGS ")]
+        own = [line.split(" ", 2)[1:] for line in lines if line.startswith("ARGS ")
+               and line.split()[1] in ("mixed", "small", "Shape.scale")]
         seen = [(m[1], m[2]) for m in re.finditer(r": __main__\.\S+: .* qualname=\"(\S+)\""
                                                   r" .* args=(.*)$", out, re.M)]
         assert len(own) == 4 * 14
@@ -55,3 +56,23 @@ def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) ->
                   "rest=<list>", "nothing=None", "flag=False", "+3 more", "y=<float>",
                   "(self=<Shape>, by=True)", "n=-1152921504606846975,"]:
         assert any(words in t for t in texts), words
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_a_call_left_by_an_exception_returns_raised(python: str, tmp_path: Path) -> None:
+    """`fails` raises (its exit is the eval loop's unwinding, exit_unwind);
+    `catches` calls it and catches the exception (an exception inside a
+    frame that handles it is no exit): every call of each gives one return,
+    `(raised)` for `fails` alone, on both engines alike."""
+    shown = {}
+    for engine in ("kernel", "ptrace"):
+        out, lines = _trace(engine, python, tmp_path, "r py:__main__.fails",
+                            "r py:__main__.catches")
+        own = {line.split()[1]: int(line.split()[2]) for line in lines
+               if line.startswith("COUNT ")}
+        returns = re.findall(r": __main__\.(\w+)%return: .* type=(\S+)$", out, re.M)
+        assert own["fails"] == own["catches"] > 0
+        assert sorted(returns) == sorted([("catches", '"int"')] * own["catches"]
+                                         + [("fails", '"(raised)"')] * own["fails"])
+        shown[engine] = returns
+    assert shown["kernel"] == shown["ptrace"]

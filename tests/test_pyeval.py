@@ -24,6 +24,7 @@ from uprobes.elf.image import ElfImage
 from uprobes.errors import ResolveError
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import OPCODES, find_eval_loop
+from uprobes.resolve.pyexits import eval_labels
 from uprobes.resolve.pylayout import layout_for
 
 PYENV = Path("/root/.pyenv/versions/3.11.7")
@@ -38,25 +39,6 @@ def _interpreter(program: str, code: str) -> str:
                           check=True).stdout
 
 
-def _labels(debug: str, function: int) -> dict[str, int]:
-    """The DWARF labels (DW_TAG_label) inside the eval function's subprogram."""
-    with open(debug, "rb") as f:
-        dwarf = ELFFile(f).get_dwarf_info()
-        cu = dwarf.get_CU_at(dwarf.get_aranges().cu_offset_at_addr(function))
-        out: dict[str, int] = {}
-        for die in cu.iter_DIEs():
-            if die.tag != "DW_TAG_label" or "DW_AT_low_pc" not in die.attributes:
-                continue
-            named = die  # (an LTO build's labels name their abstract origin)
-            while "DW_AT_name" not in named.attributes \
-                    and "DW_AT_abstract_origin" in named.attributes:
-                named = named.get_DIE_from_attribute("DW_AT_abstract_origin")
-            if "DW_AT_name" in named.attributes:
-                out[named.attributes["DW_AT_name"].value.decode()] = \
-                    die.attributes["DW_AT_low_pc"].value
-        return out
-
-
 @pytest.mark.parametrize(("path", "program"), BUILDS, ids=[Path(p).name for p, _ in BUILDS])
 def test_the_eval_loop_of_each_build(path: str, program: str) -> None:
     got = _interpreter(program, "import dis, sys; print(sys.hexversion, *(dis._all_opmap[n] "
@@ -69,7 +51,7 @@ def test_the_eval_loop_of_each_build(path: str, program: str) -> None:
         evals = _eval_address(debug)
         layout = layout_for(image, path, hexversion, evals)
         loop = find_eval_loop(image, debug, layout.frame_prev_instr)
-        labels = _labels(debug, loop.function)
+        labels = eval_labels(debug, loop.function)
         for name, addr in loop.handlers.items():
             assert labels[f"TARGET_{name}"] == addr, name
         # RESUME reads frame->f_code through the frame register, early on.

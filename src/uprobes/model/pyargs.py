@@ -35,6 +35,11 @@ DIGIT_BITS = 30
 
 ARGS_FIELD = "args"
 """The field the raw ones are read into (render/pyargs.py)."""
+RAISED_FIELD = "__py_raised"
+"""1 in a `py:` return left by an exception (0: returned), whose `type`
+then reads `RAISED` (the fetch there has no value to give one)."""
+RAISED = "(raised)"
+TYPE_FIELD = "type"
 ARGCOUNT = "__py_argc"
 KWONLY = "__py_kwonly"
 FLAGS = "__py_flags"
@@ -46,13 +51,19 @@ def slot_fields(i: int) -> dict[str, str]:
                                                  "type", "name")}
 
 
-RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS}
+RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS, RAISED_FIELD}
                        | {f for i in range(SLOTS) for f in slot_fields(i).values()})
 
 
 def has_args(names: list[str]) -> bool:
     """Whether a probe with these fields fetches a `py:` entry's arguments."""
     return ARGCOUNT in names
+
+
+def is_shown_otherwise(names: list[str]) -> bool:
+    """Whether these fields are a `py:` probe's raw ones (its arguments, or
+    a return's mark of an exception), shown as text instead."""
+    return ARGCOUNT in names or RAISED_FIELD in names
 
 
 def _int(value: ArgValue) -> int:

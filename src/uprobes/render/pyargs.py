@@ -11,7 +11,16 @@ from typing import Any
 
 from uprobes.lang.ast import FetchType, ValueView
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo
-from uprobes.model.pyargs import ARGS_FIELD, RAW_FIELDS, args_text, has_args
+from uprobes.model.pyargs import (
+    ARGS_FIELD,
+    RAISED,
+    RAISED_FIELD,
+    RAW_FIELDS,
+    TYPE_FIELD,
+    args_text,
+    has_args,
+    is_shown_otherwise,
+)
 
 _TEXT = FetchType("string", view=ValueView("text"))
 Convert = Callable[[tuple[ArgValue, ...]], tuple[ArgValue, ...]]
@@ -20,11 +29,19 @@ Convert = Callable[[tuple[ArgValue, ...]], tuple[ArgValue, ...]]
 def _converter(info: ProbeInfo) -> tuple[ProbeInfo, Convert]:
     names = [name for name, _ in info.args]
     keep = [i for i, name in enumerate(names) if name not in RAW_FIELDS]
+    with_args = has_args(names)
+    raised = names.index(RAISED_FIELD) if RAISED_FIELD in names else None
+    typed = names.index(TYPE_FIELD) if TYPE_FIELD in names else None
 
     def convert(values: tuple[ArgValue, ...]) -> tuple[ArgValue, ...]:
-        return (*(values[i] for i in keep), args_text(dict(zip(names, values))))
+        shown = [values[i] for i in keep]
+        if raised is not None and typed is not None and values[raised]:
+            shown[keep.index(typed)] = RAISED
+        if with_args:
+            shown.append(args_text(dict(zip(names, values))))
+        return tuple(shown)
 
-    shown = tuple(info.args[i] for i in keep) + ((ARGS_FIELD, _TEXT),)
+    shown = tuple(info.args[i] for i in keep) + (((ARGS_FIELD, _TEXT),) if with_args else ())
     return replace(info, args=shown), convert
 
 
@@ -33,7 +50,7 @@ def shown_infos(infos: dict[str, ProbeInfo]) -> tuple[dict[str, ProbeInfo], dict
     `args`), and per probe that has them, how its values are turned."""
     out, converts = dict(infos), {}
     for name, info in infos.items():
-        if has_args([n for n, _ in info.args]):
+        if is_shown_otherwise([n for n, _ in info.args]):
             out[name], converts[name] = _converter(info)
     return out, converts
 
@@ -61,7 +78,8 @@ class PyArgsRenderer:
         if event.probe in self.converts:
             args = event.args
             values = self.converts[event.probe](tuple(args.values()))
-            shown = [n for n in args if n not in RAW_FIELDS] + [ARGS_FIELD]
+            shown = [n for n in args if n not in RAW_FIELDS]
+            shown += [ARGS_FIELD] if has_args(list(args)) else []
             event = replace(event, args=dict(zip(shown, values)))
         self.inner.event(event)
 

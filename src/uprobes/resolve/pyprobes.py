@@ -25,10 +25,11 @@ a pid, `-- CMD`), any file otherwise. Names are read as compact ASCII
 strings (what identifiers and most paths are): a function whose name is
 not ASCII is refused.
 
-What a return probe does not see: a function left by an exception (it
-leaves the frame through the loop's unwinding, not RETURN_VALUE), and a
-generator's yields (its RESUME with oparg 0 is its first `next()`, its
-RETURN_VALUE its end).
+A function left by an exception leaves its frame through the loop's
+unwinding (`exit_unwind`, pyexits.py), not RETURN_VALUE: a return probe is
+placed there too where the build's DWARF names it, its `type` shown as
+`(raised)`. What a return probe does not see: a generator's yields (its
+RESUME with oparg 0 is its first `next()`, its RETURN_VALUE its end).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 from elftools.common.exceptions import ELFError, ELFParseError
 from elftools.elf.dynamic import DynamicSection
@@ -55,6 +57,8 @@ from uprobes.model.pyargs import (
     FLAGS,
     KWONLY,
     NAME_BYTES,
+    RAISED,
+    RAISED_FIELD,
     SLOTS,
     TEXT_BYTES,
     TYPE_BYTES,
@@ -64,6 +68,7 @@ from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
 from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
+from uprobes.resolve.pyexits import UnwindExit, find_unwind_exit
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for, version_text
 from uprobes.resolve.pyversions import minor
 from uprobes.sys import procfs
@@ -88,6 +93,12 @@ class Interpreter:
     image: ElfImage
     loop: EvalLoop
     layout: Layout
+
+    @cached_property
+    def unwind_exit(self) -> UnwindExit | None:
+        """Where the eval loop leaves a frame by an exception (read when a
+        return probe first needs it: seconds, once per build)."""
+        return find_unwind_exit(self.image, self.loop.function, self.layout.frame_is_entry)
 
 
 def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str] | None,
@@ -393,10 +404,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
                            "file, line; type on return); give no fetchargs")
     loop, lay = interp.loop, interp.layout
     code = f"+{lay.frame_code}(%{loop.frame})"
-    text = f"+{lay.str_ascii_data}"
-    common = [f"qualname={text}(+{lay.code_qualname}({code})):string",
-              f"file={text}(+{lay.code_filename}({code})):string",
-              f"{FRAME_ARG}=%{loop.frame}:x64"]
+    common = _common_fetches(lay, loop.frame)
     names = name_guard(t.name, script)
     if len(names) > MAX_GUARD:
         raise ResolveError(f"py:{t.name}: too many ways to split the name into a module and "
@@ -404,10 +412,20 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
                            f"{MAX_GUARD}): name fewer levels")
     alias = f"{GROUP}/{t.name}" if spec.event is None else \
         f"{spec.group or GROUP}/{spec.event}"
+    unwind: UnwindExit | None = None
+    notes_ret: tuple[str, ...] = ()
     if spec.is_return:
         fetch = common + [f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(-8(%{loop.stack})))):string"]
         handlers: tuple[str, ...] = (RETURN_HANDLER,)
+        unwind = interp.unwind_exit
+        if unwind is not None:
+            fetch.append(f"{RAISED_FIELD}=\\0:u8")
         guard = names
+        if unwind is None:
+            notes_ret = (
+                f"py:{t.name}%return: {interp.ref.display} has no DWARF that names its eval "
+                "loop's exit_unwind (nor a debug file by its build-id): a call left by an "
+                "exception gives no return event",)
     else:
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
                           f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8",
@@ -417,7 +435,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     args: tuple[FetchArg, ...] = parse_args(fetch)
     parse_condition(guard).check_fields(spec.text or t.name, {a.name: a.type for a in args})
     event = c_identifier(t.name.replace(".", "_"))[:48] + ("__return" if spec.is_return else "")
-    notes: tuple[str, ...] = (note,) if note else ()
+    notes: tuple[str, ...] = ((note,) if note else ()) + notes_ret
     if script is None and t.name.startswith("__main__."):
         notes += (f"py:{t.name}: the main script is not known (no process or command, or "
                   "code from -c, -m or stdin): __main__ matches the name in any file",)
@@ -436,4 +454,25 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             link_addr=link_addr, guard=guard, py_guard=compiled, computed_gotos=(loop.table,),
             alias=alias + ("%return" if spec.is_return else ""),
             notes=() if out else notes))
+    if unwind is not None:
+        # A call left by an exception: the same fields, through the register
+        # that holds the frame there; its `type` (no value: the fetch of an
+        # immediate string faults on a uprobe) is shown as RAISED.
+        raised = parse_args(_common_fetches(lay, unwind.frame)
+                            + [f'type=\\"{RAISED}"', f"{RAISED_FIELD}=\\1:u8"])
+        file_offset = interp.image.link_to_file_offset(unwind.link_addr)
+        out.append(replace(
+            out[0], key=InodeKey(interp.ref.dev, interp.ref.ino, file_offset),
+            file_offset=file_offset, ret_sites=(file_offset,), args=raised,
+            link_addr=unwind.link_addr, notes=(),
+            py_guard=None if compiled is None else replace(compiled, frame=unwind.frame)))
     return out
+
+
+def _common_fetches(lay: Layout, frame: str) -> list[str]:
+    """What every `py:` probe fetches of the frame in register `frame`."""
+    code = f"+{lay.frame_code}(%{frame})"
+    text = f"+{lay.str_ascii_data}"
+    return [f"qualname={text}(+{lay.code_qualname}({code})):string",
+            f"file={text}(+{lay.code_filename}({code})):string",
+            f"{FRAME_ARG}=%{frame}:x64"]

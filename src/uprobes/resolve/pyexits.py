@@ -1,0 +1,114 @@
+"""Where CPython 3.11's eval loop leaves a frame by an exception.
+
+A function that returns passes RETURN_VALUE; one left by an exception
+passes `exit_unwind` instead: the unwinding found no handler in the frame,
+popped its value stack and goes there, which counts the recursion back and
+tests `frame->is_entry` (an entry frame returns NULL to its C caller, any
+other is popped and its caller resumed with the error). Every such exit
+passes it, and nothing else does. It is a label, not a handler: the
+dispatch table does not give it, nor any symbol; the build's DWARF names it
+(DW_TAG_label in `_PyEval_EvalFrameDefault`), so a build without DWARF (and
+no debug file) has none, and a `py:` return probe there sees returns only.
+The register that holds the frame there is the one that tests `is_entry`.
+
+Reading the labels takes seconds (the eval loop's unit is large): the
+answer is cached per build-id beside the layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from elftools.common.exceptions import DWARFError, ELFError, ELFParseError
+from elftools.elf.elffile import ELFFile
+from iced_x86 import Decoder, Mnemonic, OpKind
+from iced_x86 import Register as R
+
+from uprobes.elf.image import ElfImage
+from uprobes.errors import ResolveError
+from uprobes.resolve.pydwarf import debug_file_for
+from uprobes.resolve.pyeval import _KERNEL_NAMES as KERNEL_NAMES
+from uprobes.resolve.pylayout import _cache_dir as cache_dir
+
+LABEL = "exit_unwind"
+_FIRST = 12  # instructions after the label in which `is_entry` is tested
+
+
+@dataclass(frozen=True)
+class UnwindExit:
+    """The `exit_unwind` label's link address, and the register (the
+    kernel's name) holding the frame there."""
+
+    link_addr: int
+    frame: str
+
+
+def eval_labels(debug: str, function: int) -> dict[str, int]:
+    """The DWARF labels (DW_TAG_label) of the unit holding `function` (the
+    eval loop's link address) in `debug`, by name."""
+    with open(debug, "rb") as f:
+        dwarf = ELFFile(f).get_dwarf_info()
+        aranges = dwarf.get_aranges()
+        if aranges is None:
+            return {}
+        at = aranges.cu_offset_at_addr(function)
+        if at is None:
+            return {}
+        cu = dwarf.get_CU_at(at)
+        out: dict[str, int] = {}
+        for die in cu.iter_DIEs():
+            if die.tag != "DW_TAG_label" or "DW_AT_low_pc" not in die.attributes:
+                continue
+            named = die  # (an LTO build's labels name their abstract origin)
+            while "DW_AT_name" not in named.attributes \
+                    and "DW_AT_abstract_origin" in named.attributes:
+                named = named.get_DIE_from_attribute("DW_AT_abstract_origin")
+            if "DW_AT_name" in named.attributes:
+                out[named.attributes["DW_AT_name"].value.decode()] = \
+                    die.attributes["DW_AT_low_pc"].value
+        return out
+
+
+def _frame_register(image: ElfImage, link_addr: int, is_entry: int) -> str | None:
+    """The register `cmp byte [REG+is_entry], 0` reads, soon after the label."""
+    try:
+        code = image.read_link(link_addr, 96)
+    except ResolveError:
+        return None
+    for insn in list(Decoder(64, code, ip=link_addr))[:_FIRST]:
+        if insn.mnemonic == Mnemonic.CMP and insn.op0_kind == OpKind.MEMORY \
+                and insn.memory_displacement == is_entry and insn.memory_index == R.NONE \
+                and insn.op1_kind == OpKind.IMMEDIATE8 and insn.immediate8 == 0:
+            return KERNEL_NAMES.get(insn.memory_base)
+    return None
+
+
+def find_unwind_exit(image: ElfImage, function: int, is_entry: int) -> UnwindExit | None:
+    """`exit_unwind` in the eval loop at `function` of `image`, or None when
+    the build has no DWARF that names it (or its code is not as described)."""
+    cached = os.path.join(cache_dir(), f"{image.build_id}.{LABEL}.json") \
+        if image.build_id else None
+    link_addr: int | None = None
+    try:
+        with open(cached or "") as f:
+            link_addr = json.load(f)["link_addr"]
+    except (OSError, ValueError, KeyError, TypeError):
+        debug = debug_file_for(image.path, image.build_id)
+        try:
+            link_addr = eval_labels(debug, function).get(LABEL) if debug else None
+        except (OSError, ELFError, ELFParseError, DWARFError):
+            link_addr = None
+        if cached:
+            try:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                with open(cached + ".tmp", "w") as f:
+                    json.dump({"link_addr": link_addr}, f)
+                os.replace(cached + ".tmp", cached)
+            except OSError:
+                pass  # (found again next time)
+    if not isinstance(link_addr, int):
+        return None
+    frame = _frame_register(image, link_addr, is_entry)
+    return UnwindExit(link_addr, frame) if frame else None
