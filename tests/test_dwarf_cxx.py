@@ -1,7 +1,7 @@
 """C++ arguments by name from DWARF, named by demangled names: the instances
 of a function template and overloads told apart, a template's name alone
-listing its instances and globbed, std::string read as its text (all its
-size() bytes, a NUL among them); on both
+listing its instances and globbed, std::string and std::string_view read as
+their text (all their size() bytes, a NUL among them); on both
 engines, against the values tests/fixtures/dwarf_args.cc passes and against
 gdb stopped at the same address of the same build, at -O0 and -O2."""
 
@@ -33,12 +33,13 @@ CASES: dict[str, dict[str, Any]] = {
     "area(long)": {"side": 6},
     "area(double, double)": {"w": 1.5, "h": 4.0},
     "greet": {"who": "wo\0rld", "title": "Doctor\0of Philosophy", "times": 2},
+    "viewed": {"v": "view\0x"},
 }
 """Each function as a probe names it, and the value of each expression there."""
 LABELS = {"larger<long>": "larger<long>(Pair<long> const&, int)",
           "larger<double>": "larger<double>(Pair<double> const&, int)",
           "area(long)": "area(long)", "area(double, double)": "area(double, double)",
-          "greet": GREET}
+          "greet": GREET, "viewed": "viewed(std::basic_string_view<char, std::char_traits<char> >)"}
 IN_SSE = ("area(double, double)",)
 """At -O2 its doubles are in xmm registers, which the kernel's fetchargs cannot read."""
 

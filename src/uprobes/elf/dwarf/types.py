@@ -208,6 +208,12 @@ class CType:
                     return None
                 return Counted(buf, members["len"], elem, False)
             return None
+        if name.startswith("basic_string_view<char,"):  # a pointer and a length, as &str
+            text, count = members.get("_M_str"), members.get("_M_len")
+            if text is None or count is None or text.type.kind != "pointer" \
+                    or not text.type.target.is_char:
+                return None
+            return Counted(text, count, text.type.target, True)
         if not name.startswith("basic_string<char,"):
             return None
         hider, size = members.get("_M_dataplus"), members.get("_M_string_length")
