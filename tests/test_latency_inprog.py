@@ -126,6 +126,19 @@ def _untimed_calls(stderr: str) -> int:
     return int(found[1]) if found else 0
 
 
+def test_calls_of_threads_without_a_row_are_counted_once(timed: Path) -> None:
+    """200 threads alive at once, one call each, 128 rows: the calls of the
+    threads left without a row are said once (their return code found no
+    row either, and counted them again before)."""
+    from uprobes.engines.trapfree.layout import TIMING_ROWS
+    run = _latency("--json", f"{timed}:tiny", "--", str(timed), "crowd", "200")
+    doc, said = _json(run)
+    assert said["calls"] == "200"
+    untimed = _untimed_calls(run.stderr)
+    assert untimed >= 200 - TIMING_ROWS, run.stderr
+    assert doc["uprobes/tiny"]["count"] + untimed == 200, run.stderr
+
+
 def test_a_static_program_is_timed_by_its_tids_from_the_kernel(compile_c: Compiler) -> None:
     """A static program never runs the dynamic linker's rendezvous, where
     uprobes checks that the tid sits in glibc's thread descriptor: its
@@ -159,6 +172,8 @@ def test_a_deeper_chain_than_a_row_holds_is_said(timed: Path) -> None:
     assert doc["uprobes/nest"]["count"] == STACK_DEPTH
     assert f"{100 - STACK_DEPTH} calls deeper than a thread's {STACK_DEPTH} open calls" \
         in run.stderr
+    # their returns are those calls': not said again as returns without an entry
+    assert not re.search(r"[1-9]\d* returns without an entry", run.stderr), run.stderr
 
 
 def test_a_function_that_cannot_be_timed_is_named_with_why(compile_c: Compiler) -> None:

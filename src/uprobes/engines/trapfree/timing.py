@@ -244,15 +244,18 @@ def _locked_inc(addr: int) -> Instruction:
     return inc
 
 
-def _tail(a: _Asm, missed: str, counter: int, block: int) -> None:
+def _tail(a: _Asm, missed: str, counter: int, block: int, entry: bool) -> None:
     """The ways out that time nothing: `missed` (the depth in rcx stored, the
-    header's `counter` bumped), `norow`; then `done`, all restored."""
+    header's `counter` bumped), `norow` (counted by the `entry` code only: a
+    thread with no row at a call's entry has none at its return); then
+    `done`, all restored."""
     a.label(missed)
     a(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
       _locked_inc(counter))
     a.jump(Code.JMP_REL32_64, "done")
     a.label("norow")
-    a(_locked_inc(block + TIMING_NOROW))
+    if entry:
+        a(_locked_inc(block + TIMING_NOROW))
     a.jump(Code.JMP_REL32_64, "done")
     _leave(a)
 
@@ -321,7 +324,7 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
       i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, ROW_STACK + ENTRY_TSC), R.RAX))
     a.jump(Code.JMP_REL32_64, "done")
-    _tail(a, "deep", block + TIMING_DEEP, block)
+    _tail(a, "deep", block + TIMING_DEEP, block, entry=True)
     return a.encode(at)
 
 
@@ -352,7 +355,13 @@ def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
       _locked_inc(block + TIMING_ABANDONED))
     a.jump(Code.JMP_REL32_64, "drop")
     a.label("top")
-    a.jump(Code.JNE_REL32_64, "unpaired")  # the top is a caller's: no entry of ours
+    a.jump(Code.JE_REL32_64, "paired")
+    # The top is a caller's: on a full stack, this is a call too deep to be
+    # kept (counted as such at its entry); else one with no entry of ours.
+    a(i.create_reg_i32(Code.CMP_RM64_IMM32, R.RCX, STACK_DEPTH))
+    a.jump(Code.JAE_REL32_64, "done")
+    a.jump(Code.JMP_REL32_64, "unpaired")
+    a.label("paired")
     top = ROW_STACK - ENTRY_BYTES
     # The entry's key and stamp are read before the depth lets go of their
     # slot: a signal handler's timed call after that would write its own there.
@@ -386,7 +395,7 @@ def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
     else:
         a(i.create_mem(Code.INC_RM64, _mem(R.RDI, 0, R.RDX, 8)))
     a.jump(Code.JMP_REL32_64, "done")
-    _tail(a, "unpaired", block + TIMING_UNPAIRED, block)
+    _tail(a, "unpaired", block + TIMING_UNPAIRED, block, entry=False)
     return a.encode(at)
 
 
