@@ -171,3 +171,16 @@ def test_kill_9_of_uprobes_leaves_the_program_running(recording: Path) -> None:
     proc.wait()
     # The program is now an orphan: wait for it by its output on the pipe.
     assert proc.stdout.read() == plain.stdout
+
+
+def test_a_raw_fork_childs_stack_is_its_own(compile_c: Compiler) -> None:
+    """rawfork_stacks.c: a child of syscall(SYS_fork), where glibc's cached
+    tid is still the parent's, hits target() while the parent waits at the
+    same depth. The copy is of the child's own stack (the process asked of
+    the kernel at the hit), as the int3 path reads it (before: the parent's
+    frames, copied from the parent's memory at the child's stack pointer)."""
+    exe = compile_c("rawfork_stacks.c", "-O2")
+    free, _, _ = stacks(f"{exe}:target", "--", str(exe))
+    int3s, _, _ = stacks("--no-trapfree", f"{exe}:target", "--", str(exe))
+    assert free == int3s, (free, int3s)
+    assert sum(free.values()) == 5 and all(";child_b;child_a;target" in p for p in free), free

@@ -219,8 +219,8 @@ def test_a_seccomp_filter_that_kills_process_vm_readv_keeps_stacks_on_int3s(
         out, err = run.communicate(timeout=RUN_S)  # it ends with the program
         err = first + err
         assert run.returncode == 0, err
-        assert "seccomp filter would kill the process on the stack copy's " \
-            "process_vm_readv()" in err, err
+        assert "its stack is copied by a system call in the program, and its seccomp " \
+            "filter would kill the process on process_vm_readv()" in err, err
         counts = [int(line.rpartition(" ")[2]) for line in out.splitlines() if ";work " in line]
         assert sum(counts) == LOOPS, out
     finally:
@@ -302,6 +302,41 @@ def test_the_name_is_read_once_per_hit(seccomp_exe: Path, tracefs: Path) -> None
                                        "--comm", "c", "--comm", "d")
             assert "1 of 1 probes trap-free (a jump to an in-process counter" in err, err
             assert calls.read_count() == LOOPS
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("mode", ["thread", "args"])
+def test_stack_copies_are_judged_by_every_threads_filter_and_their_arguments(
+        mode: str, compile_c: Compiler, tracefs: Path) -> None:
+    """stack_seccomp.c: `thread`, a filter in the second thread only (the
+    placing thread has none); `args`, one that lets process_vm_readv through
+    only with the right pid. Neither can be judged safe from the placing
+    thread with made-up arguments: the probes keep the int3 path, and the
+    program ends normally with every call's stack counted (before: killed
+    by SIGSYS at the second thread's first hit, or at any hit)."""
+    exe = compile_c("stack_seccomp.c", "-O2", "-pthread")
+    calls = 50
+    proc = subprocess.Popen([str(exe), mode, str(calls)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("ready")
+        run = subprocess.Popen([*UPROBES, "stacks", "--folded", "-e", "ptrace", "-p",
+                                str(proc.pid), f"{exe}:target"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        first = _wait_for(run, "probes trap-free")  # placed
+        out, err = proc.communicate("go\n", timeout=RUN_S)
+        assert proc.returncode == 0, (proc.returncode, err)
+        assert out == f"calls target={2 * calls}\n"
+        out, err = run.communicate(timeout=RUN_S)  # it ends with the program
+        err = first + err
+        assert run.returncode == 0, err
+        assert "its stack is copied by a system call in the program, and its seccomp" in err, err
+        counts = [int(line.rpartition(" ")[2]) for line in out.splitlines()
+                  if line.endswith(f";outer;target {line.rpartition(' ')[2]}")]
+        assert sum(counts) == 2 * calls, out
     finally:
         proc.kill()
         proc.wait()

@@ -39,9 +39,10 @@ RET_LOG = 0x7FFC0000
 RET_ALLOW = 0x7FFF0000
 _ACTION_FULL = 0xFFFF0000
 _SAFE = frozenset({RET_ERRNO, RET_TRACE, RET_LOG, RET_ALLOW})
+_SUCCEEDS = frozenset({RET_LOG, RET_ALLOW})  # the call does what it was asked
 _WHAT = {RET_KILL_PROCESS: "kill the process", RET_KILL_THREAD: "kill the thread",
          RET_TRAP: "send it SIGSYS", RET_USER_NOTIF: "hand the call to its supervisor"}
-_NAMES = {3: "close", 9: "mmap", 13: "rt_sigaction", 157: "prctl", 186: "gettid",
+_NAMES = {3: "close", 9: "mmap", 13: "rt_sigaction", 39: "getpid", 157: "prctl", 186: "gettid",
           310: "process_vm_readv", 319: "memfd_create"}  # x86-64 numbers
 
 _MAX_FILTERS = 64  # past this many, the stack is not one a program installs on purpose
@@ -224,13 +225,16 @@ def action_anywhere(progs: Sequence[Sequence[Insn]], nr: int, args: Sequence[int
     return act if loaded <= known else None
 
 
-def refusal_anywhere(tid: int, nr: int, args: Sequence[int]) -> str | None:
+def refusal_anywhere(tid: int, nr: int, args: Sequence[int], *,
+                     must_succeed: bool = False) -> str | None:
     """As `refusal`, for a call made from code not placed yet, whose
     arguments past `args` are whatever the registers hold then: the filters
     are run once, and their answer holds only if they read nothing but the
     number, the architecture and `args` (a filter's run is a function of
-    the words it reads)."""
-    return _refusal(tid, nr, "", lambda progs: action_anywhere(progs, nr, args))
+    the words it reads). `must_succeed`: a call whose failure would go
+    unseen (ERRNO, TRACE) is refused too: only ALLOW and LOG pass."""
+    return _refusal(tid, nr, "", lambda progs: action_anywhere(progs, nr, args),
+                    _SUCCEEDS if must_succeed else _SAFE)
 
 
 def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int,
@@ -244,7 +248,8 @@ def refusal(tid: int, nr: int, args: Sequence[int], instruction_pointer: int,
 
 
 def _refusal(tid: int, nr: int, how: str,
-             act_of: Callable[[list[list[Insn]]], int | None]) -> str | None:
+             act_of: Callable[[list[list[Insn]]], int | None],
+             safe: frozenset[int] = _SAFE) -> str | None:
     """Why `tid` must not make call `nr` (`how`: whose call, "an injected ", or ""),
     `act_of` its filters' action on it (None: not known)."""
     name = _NAMES.get(nr, f"system call {nr}")
@@ -259,6 +264,8 @@ def _refusal(tid: int, nr: int, how: str,
     act = act_of(progs)
     if act is None:
         return f"its seccomp filter looks at more of a {name}() call than uprobes can know"
-    if act in _SAFE:
+    if act in safe:
         return None
+    if act in _SAFE:
+        return f"its seccomp filter would fail {how}{name}() (act {act:#x})"
     return f"its seccomp filter would {_WHAT.get(act, f'act {act:#x}')} on {how}{name}()"

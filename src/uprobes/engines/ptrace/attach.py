@@ -24,6 +24,7 @@ from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
 from uprobes.engines.trapfree.recording import (
+    NR_GETPID,
     NR_PROCESS_VM_READV,
     Recipe,
     recipe_for,
@@ -440,10 +441,7 @@ class Attach(TracerState):
         if isinstance(recipe, str):
             return recipe, None
         if recipe.copy:
-            # The copy is a system call the program makes at each hit: one its
-            # seccomp filter kills or traps must stay with the int3 path.
-            why = seccomp.refusal(tid, NR_PROCESS_VM_READV, (tid, 0, 1, 0, 1, 0), addr,
-                                  "the stack copy's")
+            why = self._copy_refused(tid)
             if why is not None:
                 return why, None
         if self._recorder is None:
@@ -469,6 +467,23 @@ class Attach(TracerState):
                                                     func))
         return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks),
                             self._ring_shape)
+
+    def _copy_refused(self, tid: int) -> str | None:
+        """Why the stack copy's system calls (getpid, process_vm_readv, made
+        by the program at each hit) must not be placed in `tid`'s process:
+        a thread's seccomp filter would kill, trap or fail them (each thread
+        has its own filters; a thread born later inherits its creator's).
+        A filter that reads their arguments or address cannot be judged
+        ahead of the hit: refused too. Asked once per process."""
+        pid = self.threads[tid].pid
+        if pid not in self._copy_checked:
+            why = None
+            for t in [t for t in self.threads.values() if t.pid == pid]:
+                for nr in (NR_GETPID, NR_PROCESS_VM_READV):
+                    why = why or seccomp.refusal_anywhere(t.tid, nr, (), must_succeed=True)
+            self._copy_checked[pid] = None if why is None else f"its stack is copied by a " \
+                f"system call in the program, and {why}"
+        return self._copy_checked[pid]
 
     def _recipes(self) -> list[Recipe]:
         """What each probed instruction of the run would record, if it records."""

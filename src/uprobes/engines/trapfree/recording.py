@@ -126,6 +126,7 @@ _FRAME = 8 * len(_SAVED) + _RED_ZONE  # rsp + _FRAME = the stack pointer at the 
 _NR_GETTID = 186
 _NR_FUTEX = 202
 NR_PROCESS_VM_READV = 310
+NR_GETPID = 39
 STACK_REGS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp",
               *(f"r{n}" for n in range(8, 16)))
 """What a stack-copying probe records: the registers an unwinder may read, in
@@ -445,7 +446,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
 
 
 def _stack_copy(recipe: Recipe, shape: RingShape) -> list[Instruction]:
-    """process_vm_readv(tid in esi, {slot copy area, copy}, 1, {probe's sp,
+    """process_vm_readv(getpid(), {slot copy area, copy}, 1, {probe's sp,
     copy}, 1, 0) into the slot at rcx, its result in the record's last word;
     every register it changes put back (rdx: the commit's sequence word)."""
     i = Instruction
@@ -457,7 +458,11 @@ def _stack_copy(recipe: Recipe, shape: RingShape) -> list[Instruction]:
         i.create_i32(Code.PUSHQ_IMM32, recipe.copy), i.create_reg(Code.PUSH_R64, R.RAX),
         i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RCX, shape.copy_offset)),
         i.create_i32(Code.PUSHQ_IMM32, recipe.copy), i.create_reg(Code.PUSH_R64, R.RAX),
-        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.ESI),   # the thread: its tid
+        # The process as the kernel names it to this thread, asked: glibc's
+        # cached tid (esi) is the parent's in a child of a raw fork or clone.
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_GETPID),
+        i.create(Code.SYSCALL),                               # (rcx, r11: saved)
+        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.EAX),
         i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),   # local iovec
         i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
         i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RSP, 16)),  # remote iovec
