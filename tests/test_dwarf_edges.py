@@ -5,7 +5,8 @@ passed by reference (`DW_OP_breg5`: probed at the entry at -O, after the
 prologue at opt-level 0, where rustc gives them a location list), a negative
 discriminant that DWARF holds in one byte, a function on one line whose
 next line-table row is an inlined callee's, enums of many variants (a field
-they share fetched once; too many fields for the kernel refused in one line)."""
+they share fetched once; too many fields for the kernel refused in one line),
+`Box<str>` as its text and `Box<[u16]>` as a list."""
 
 from __future__ import annotations
 
@@ -25,22 +26,25 @@ from uprobes.commands.resolve import parse_specs
 from uprobes.resolve.resolver import Resolver
 
 PROBES = {"o64": "x", "ou32": "x y", "of": "x", "sh": "s", "ei32": "*x", "res": "x",
-          "ownstr": "s", "ovec": "v", "same": "*m", "apart": "*m"}
+          "ownstr": "s", "ovec": "v", "same": "*m", "apart": "*m",
+          "boxed": "*a *b"}
 """Each function and what it prints."""
 CALLS = {"o64": ["x=Some(5)", "x=None"], "ou32": ["x=Some(5) y=Some(250)", "x=None y=None"],
          "of": ["x=Some(1.25)", "x=None"],
          "sh": ["s=Circle{r: 0.5}", "s=Sq(2.5, 7)", "s=Nothing"],
          "ei32": ["x_deref=Neg(4)", "x_deref=Pos(500)", "x_deref=Zero"],
          "res": ["x=Ok(9)", 'x=Err("bad")'], "ownstr": ['s="owned"'], "ovec": ["v={1,2,3,4,5}"],
-         "same": ['m_deref=S3("three")'], "apart": ["m_deref=A2([4, 5])"]}
+         "same": ['m_deref=S3("three")'], "apart": ["m_deref=A2([4, 5])"],
+         "boxed": ['a_deref="boxed" b_deref={1,2}']}
 """What `main` passes each, call by call (gdb at the same address agrees,
 and so must a probe where gdb, there, would print `<optimized out>`)."""
 SSE = {"of"}
 """What the kernel engine cannot read (an f64 in an SSE register)."""
 TOO_BIG = {"apart"}
 """What no kernel event holds: 40 variants, each field a fetch of its own."""
-UNOPTIMIZED = {"same", "apart"}
-"""What is probed at opt-level 0 only (at -O rustc keeps `m` nowhere at the entry)."""
+UNOPTIMIZED = {"same", "apart", "boxed"}
+"""What is probed at opt-level 0 only (at -O rustc's DWARF keeps these
+parameters nowhere at the entry: gdb says `<optimized out>` too)."""
 REGISTERS = {"o64": [("x", "$rdi & 1", "$rsi")],
              "ou32": [("x", "$rdi & 1", "$rsi & 0xffffffff"), ("y", "$rdx & 1", "$rcx & 0xff")],
              "of": [("x", "$rdi & 1", "$xmm0.v2_double[0]")]}
@@ -106,8 +110,20 @@ def _gdb(exe: Path, optimized: bool, funcs: list[str], tmp: Path) -> dict[str, l
             values = [f"Neg({values[2]})"]
         names = [n.lstrip("*") + ("_deref" if n.startswith("*") else "")
                  for n in PROBES[func].split()]
-        got[func].append(" ".join(f"{n}={_gdb_normal(v)}" for n, v in zip(names, values)))
+        got[func].append(" ".join(f"{n}={_gdb_normal(_boxed(v))}"
+                                  for n, v in zip(names, values)))
     return got
+
+
+def _boxed(value: str) -> str:
+    """gdb's `Box<str> [98, 111]` as text, a `Box<[u16]> [1, 2]` as a list."""
+    m = re.match(r"^alloc::boxed::Box<(str|\[\w+\]), [\w:]+> \[(.*)\]$", value)
+    if m is None:
+        return value
+    items = [int(x) for x in m.group(2).split(", ")] if m.group(2) else []
+    if m.group(1) == "str":
+        return '"' + bytes(items).decode() + '"'
+    return "{" + ",".join(map(str, items)) + "}"
 
 
 @pytest.mark.root

@@ -192,9 +192,13 @@ class CType:
         name = die_name(self.die) or ""
         members = {m.name: m for m in self.members}
         if self.in_rust:
-            if name.startswith(("&", "*")) and {"data_ptr", "length"} <= members.keys():
+            boxed = name.removeprefix("alloc::boxed::").startswith("Box<")
+            if (boxed or name.startswith(("&", "*"))) and {"data_ptr", "length"} <= members.keys():
+                # a slice's pointer and length: `&str`, `&[T]`, `Box<str>`, `Box<[T]>`
                 data, length = members["data_ptr"], members["length"]
-                return Counted(data, length, data.type.target, name.endswith("str"))
+                is_text = name.removeprefix("alloc::boxed::").startswith("Box<str") if boxed \
+                    else name.endswith("str")
+                return Counted(data, length, data.type.target, is_text)
             if name == "String" and "vec" in members:
                 vec = members["vec"]
                 inner = vec.type.counted
