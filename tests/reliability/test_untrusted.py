@@ -39,7 +39,9 @@ CORRUPT = re.compile(r"uprobes: note: the traced program overwrote the memory it
 def exe(compile_c: Compiler) -> Path:
     ring = {"RING_HEADER": layout.DATA_OFFSET, **{name: getattr(layout, name) for name in (
         "RING_BYTES", "SLOT_SIZE", "HEAD", "TAIL", "LOST", "STALLED", "HEARTBEAT", "SLOT_SEQ",
-        "SLOT_TSC", "SLOT_TID", "SLOT_PROBE", "SLOT_VALUES")}}
+        "SLOT_TSC", "SLOT_TID", "SLOT_PROBE", "SLOT_VALUES", "TIMING_BYTES",
+        "TIMING_ROWS_OFFSET", "TIMING_ROWS", "ROW_BYTES", "ROW_OWNER", "ROW_HISTS",
+        "TIMED_FUNCS", "HIST_BYTES")}}
     return compile_c("untrusted.c", "-pthread", *(f"-D{k}={v}" for k, v in ring.items()))
 
 
@@ -110,6 +112,20 @@ def test_overwritten_timing_rows_show_no_impossible_latencies(exe: Path, mode: s
     assert 0 <= json.loads(hists).get("uprobes/work", {"count": 0})["count"] <= 2 * CALLS
     found = CORRUPT.findall(run.stderr)
     assert len(found) == 1 and int(found[0][1]) >= 1, run.stderr
+
+
+def test_rows_written_by_the_program_are_no_key_of_latency_by_a_value(exe: Path) -> None:
+    """`latency --by ARG` keeps its histograms in the keyed table, never in
+    a thread's row: rows the program fills with owners and plausible counts
+    are not read as a histogram (they showed as a key `a=?`)."""
+    run = _run("latency", "--json", "-e", "ptrace", "--by", "a", f"{exe}:work a=%di:s64",
+               "--", str(exe), "rows", "200")
+    assert run.returncode == 0, run.stderr
+    done, traced, hists = run.stdout.splitlines()
+    assert done.startswith("done ") and traced == "traced yes"
+    doc = json.loads(hists)
+    assert doc and not [name for name in doc if not re.fullmatch(r"uprobes/work a=\d+", name)]
+    assert sum(h["count"] for h in doc.values()) <= 2 * 200, doc
 
 
 @pytest.mark.parametrize("mode", ["words", "counters"])

@@ -115,9 +115,16 @@ class CallTimer(TracerState):
             return None
         return source_of(self._timed_lines[index], self._by, False)
 
+    def _row_funcs(self) -> list[int]:
+        """The timed functions whose calls go to the thread's row (by thread,
+        or all calls): a function keyed by a value or a name has its
+        histograms in the block's keyed table, and what its row slots hold
+        can only be the program's writing."""
+        return [i for i in range(len(self._timed_names)) if self._timing_key(i) is None]
+
     def _thread_done(self, t: Thread) -> None:
         assert self._jumps is not None
-        funcs = range(len(self._timed_names)) if self._trapfree == "time" else ()
+        funcs = self._row_funcs() if self._trapfree == "time" else []
         key = None if self._by is None else self._key_of(t.tid, t.pid, t.comm)
         # Taking the row out and adding it to the sum is one step for a reader
         # in another thread: else it could see the row in both or in neither.
@@ -145,12 +152,13 @@ class CallTimer(TracerState):
         those of the live ones, by key (`by`; None without it)."""
         assert self._jumps is not None
         indices = list(range(len(self._timed_names)))
+        rowed = self._row_funcs()
         out = _Rows({}, timing.Missed(), bool(self._jumps.timing))
         with self._rows_lock:
             for key, hists in self._released.items():
                 _add_into(out.keyed, key, hists)
             for block in list(self._jumps.timing):
-                for tid, hists in block.by_owner(indices):
+                for tid, hists in block.by_owner(rowed):
                     _add_into(out.keyed, None if self._by is None else self._task_key(tid), hists)
                 for (func, raw), buckets in block.keyed().items():
                     if func < len(indices):
