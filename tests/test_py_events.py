@@ -8,6 +8,7 @@ for value, on every CPython 3.11 build here."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -76,3 +77,33 @@ def test_a_call_left_by_an_exception_returns_raised(python: str, tmp_path: Path)
                                          + [("fails", '"(raised)"')] * own["fails"])
         shown[engine] = returns
     assert shown["kernel"] == shown["ptrace"]
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_yields_and_resumptions_are_the_programs_own(python: str, tmp_path: Path) -> None:
+    """`%yield`: a generator's yield, a coroutine's await (its frame yields
+    what the awaited yields); `%resume`: the next() or send() after one. The
+    fixture counts each suspension, and each is resumed once."""
+    specs = [f"py:__main__.{f}%{point}" for f in ("counter", "waiter")
+             for point in ("yield", "resume")]
+    for engine in ("kernel", "ptrace"):
+        own_file = tmp_path / f"own-{engine}"
+        done = subprocess.run([*UPROBES, "count", "--json", "-e", engine, *specs, "--", python,
+                               FIXTURE, "14", str(own_file)], capture_output=True, text=True,
+                              timeout=240, check=False)
+        assert done.returncode == 0, done.stderr
+        own = {line.split()[1]: int(line.split()[2])
+               for line in own_file.read_text().splitlines() if line.startswith("COUNT ")}
+        assert own["counter%yield"] > 0 and own["waiter%yield"] > 0
+        assert json.loads(done.stdout.splitlines()[-1]) == {
+            f"py/__main__.{f}%{point}": own[f"{f}%yield"]
+            for f in ("counter", "waiter") for point in ("yield", "resume")}
+
+
+@pytest.mark.parametrize("spec", ["r py:python3.11:m.gen%yield", "py:python3.11:m.gen%yield%return",
+                                  "py:python3.11:m.gen%resumed"])
+def test_a_yield_is_no_return(spec: str) -> None:
+    done = subprocess.run([*UPROBES, "trace", spec, "--", "/bin/true"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("uprobes: error:")

@@ -73,6 +73,9 @@ class PyTarget:
 
     name: str
     where: str | None = None
+    at: str = ""
+    """`yield` (`%yield`: a generator or coroutine suspended by a yield or an
+    await), `resume` (`%resume`: resumed after one), "": its call."""
 
 
 Target = FileTarget | UsdtTarget | VdsoTarget | PyTarget

@@ -60,6 +60,7 @@ NO_PLACE = ("Probe point is not specified (PATH:OFFSET, PATH:SYMBOL, usdt:PATH:P
             "or :vdso:SYMBOL)")
 BAD_PLACE = "Probe point must be PATH:OFFSET or PATH:SYMBOL[+OFFSET]"
 NO_PATH = "Path is missing before ':'"
+PY_POINT_RETURN = "%yield and %resume are points of their own, not returns: drop the r or %return"
 BAD_PY_NAME = "A Python function is MODULE.QUALNAME (json.dumps, __main__.Job.run)"
 QUOTE_NOT_CLOSED = "Quoted path is not closed with '\"'"
 QUOTED_PATH = "A quoted path must be followed by ':'"

@@ -21,7 +21,9 @@ Forms, tried in this order:
   `ns::f(int)` stays a symbol. `+OFF` is split off at the last '+' only if
   a number follows (`operator+` stays whole).
 
-* `py:[WHERE:]MODULE.QUALNAME[%return]`: a Python function (WHERE: the
+* `py:[WHERE:]MODULE.QUALNAME[%return|%yield|%resume]`: a Python function
+  (its call, return, a generator's or coroutine's suspension or its
+  resumption after one; WHERE: the
   interpreter's file or a process id; MODULE.QUALNAME a dotted name,
   globs allowed, split into module and qualified name by resolution).
 
@@ -145,18 +147,26 @@ _PY_NAME = re.compile(r"[A-Za-z_*?\[][\w.*?\[\]<>-]*")
 """(no `!`: a kernel glob reads a leading one as "not", fnmatch as itself)"""
 
 
+PY_POINTS = ("yield", "resume")
+"""`py:NAME%yield`, `py:NAME%resume`: a generator's or coroutine's suspension, resumption."""
+
+
 def _parse_python(token: str) -> tuple[Target, bool]:
     """`py:[WHERE:]NAME[%return]`: WHERE is everything before the last ':'."""
     rest = token[len(PY_PREFIX):]
     where, colon, name = rest.rpartition(":")
     at = len(PY_PREFIX) + len(where) + len(colon)
+    point = next((p for p in PY_POINTS if name.endswith("%" + p)), "")
+    name = name[:len(name) - len(point) - 1] if point else name
     name, is_return = _split_return(name, at)
     if colon and not where:
         raise TokenError(msg.NO_PATH, len(PY_PREFIX))
     if not _PY_NAME.fullmatch(name) or "." not in name or name.startswith(".") \
             or name.endswith(".") or ".." in name:
         raise TokenError(msg.BAD_PY_NAME, at)
-    return PyTarget(name, _unquote(where) if where else None), is_return
+    if point and is_return:
+        raise TokenError(msg.PY_POINT_RETURN, at)
+    return PyTarget(name, _unquote(where) if where else None, point), is_return
 
 
 def _parse_vdso(token: str) -> tuple[Target, bool]:

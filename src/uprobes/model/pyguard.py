@@ -63,3 +63,6 @@ class PyGuard:
     oparg: str | None = None
     """An entry's: the register holding `next_instr`, whose oparg byte (at
     +1) must be 0 (a call starts, not a generator resumes)."""
+    resumed: bool = False
+    """With `oparg`: the oparg must not be 0 instead (a generator or
+    coroutine resumed after a yield or an await: `%resume`)."""

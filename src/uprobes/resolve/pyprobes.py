@@ -76,6 +76,7 @@ from uprobes.sys import procfs
 GROUP = "py"
 ENTRY_HANDLERS = ("RESUME", "RESUME_QUICK")
 RETURN_HANDLER = "RETURN_VALUE"
+YIELD_HANDLER = "YIELD_VALUE"
 MAX_GUARD = 3000
 """Bytes of a guard: the kernel takes a filter of at most a page."""
 _TYPE_NAME = 0x18
@@ -334,11 +335,12 @@ def _text_test(glob: str) -> TextTest | None:
 
 
 def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
-             entry: bool) -> PyGuard | None:
-    """`name_guard` as the program's code can test it (model/pyguard.py), or
+             handlers: tuple[str, ...], resumed: bool = False) -> PyGuard | None:
+    """`name_guard` as the program's code can test it (model/pyguard.py) at
+    `handlers` (RESUME's: its oparg 0 tested too, or not 0 if `resumed`), or
     None when a glob in the name is more than one prefix or suffix, or a
     handler's own code does not show where the frame is."""
-    handlers = ENTRY_HANDLERS if entry else (RETURN_HANDLER,)
+    entry = handlers == ENTRY_HANDLERS
     if not set(handlers) <= loop.shown:
         return None
     alternatives = []
@@ -355,7 +357,7 @@ def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
                    str_state_mask=lay.str_compact_mask | lay.str_ascii_mask,
                    str_length=lay.str_length, str_data=lay.str_ascii_data,
                    alternatives=tuple(alternatives),
-                   oparg=loop.next_instr if entry else None)
+                   oparg=loop.next_instr if entry else None, resumed=resumed)
 
 
 def argument_fetches(lay: Layout, frame: str) -> list[str]:
@@ -414,9 +416,21 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         f"{spec.group or GROUP}/{spec.event}"
     unwind: UnwindExit | None = None
     notes_ret: tuple[str, ...] = ()
-    if spec.is_return:
-        fetch = common + [f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(-8(%{loop.stack})))):string"]
-        handlers: tuple[str, ...] = (RETURN_HANDLER,)
+    if t.at and spec.is_return:
+        raise ResolveError(f"py:{t.name}%{t.at}: {t.at} is a point of its own, not a "
+                           "return: drop the r")
+    # (the value returned or yielded is the top of the value stack)
+    top_type = f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(-8(%{loop.stack})))):string"
+    oparg = f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8"
+    handlers: tuple[str, ...]
+    if t.at == "yield":
+        fetch, handlers, guard = common + [top_type], (YIELD_HANDLER,), names
+    elif t.at == "resume":
+        fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32", oparg]
+        handlers, guard = ENTRY_HANDLERS, f"{PY_OPARG_ARG} != 0 && ({names})"
+    elif spec.is_return:
+        fetch = common + [top_type]
+        handlers = (RETURN_HANDLER,)
         unwind = interp.unwind_exit
         if unwind is not None:
             fetch.append(f"{RAISED_FIELD}=\\0:u8")
@@ -428,18 +442,19 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
                 "exception gives no return event",)
     else:
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
-                          f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8",
+                          oparg,
                           *(argument_fetches(lay, loop.frame) if with_args else ())]
         handlers = ENTRY_HANDLERS
         guard = f"{PY_OPARG_ARG} == 0 && ({names})"
     args: tuple[FetchArg, ...] = parse_args(fetch)
     parse_condition(guard).check_fields(spec.text or t.name, {a.name: a.type for a in args})
-    event = c_identifier(t.name.replace(".", "_"))[:48] + ("__return" if spec.is_return else "")
+    point = f"%{t.at}" if t.at else "%return" if spec.is_return else ""
+    event = c_identifier(t.name.replace(".", "_"))[:48] + point.replace("%", "__")
     notes: tuple[str, ...] = ((note,) if note else ()) + notes_ret
     if script is None and t.name.startswith("__main__."):
         notes += (f"py:{t.name}: the main script is not known (no process or command, or "
                   "code from -c, -m or stdin): __main__ matches the name in any file",)
-    compiled = py_guard(t.name, script, loop, lay, not spec.is_return)
+    compiled = py_guard(t.name, script, loop, lay, handlers, resumed=t.at == "resume")
     out: list[ResolvedProbe] = []
     for handler in handlers:
         link_addr = loop.handlers[handler]
@@ -452,7 +467,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             ret_sites=(file_offset,) if spec.is_return else None,
             group=spec.group or GROUP, event=spec.event or event, args=args,
             link_addr=link_addr, guard=guard, py_guard=compiled, computed_gotos=(loop.table,),
-            alias=alias + ("%return" if spec.is_return else ""),
+            alias=alias + point,
             notes=() if out else notes))
     if unwind is not None:
         # A call left by an exception: the same fields, through the register

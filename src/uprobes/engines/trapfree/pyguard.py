@@ -87,12 +87,13 @@ TRAP_FROM_END = 2
 
 def _code_object(a: _Asm, guard: PyGuard, frame: int) -> None:
     """rsi = the frame's code object, rdi = its qualname; a resumed
-    generator or coroutine (RESUME's argument not 0) goes to "done"."""
+    generator or coroutine (RESUME's argument not 0) goes to "done" (a
+    call does, for a guard that keeps resumptions)."""
     i = Instruction
     if guard.oparg is not None:
         load(a, _reg(guard.oparg), R.RDX, frame, 0)
         a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RDX, 1), 0))
-        a.jump(Code.JNE_REL32_64, "done")
+        a.jump(Code.JE_REL32_64 if guard.resumed else Code.JNE_REL32_64, "done")
     load(a, _reg(guard.frame), R.RSI, frame, 0)
     a(i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RSI, guard.frame_code)),
       i.create_reg_mem(Code.MOV_R64_RM64, R.RDI, _mem(R.RSI, guard.code_qualname)))
