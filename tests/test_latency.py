@@ -299,3 +299,4 @@ def test_keys_beyond_the_table_are_counted_and_said(compile_c: Compiler) -> None
     doc = json.loads(proc.stdout.splitlines()[-1])
     assert all(h["count"] == 1 for h in doc.values())
     assert 0 < int(said[0]) and len(doc) + int(said[0]) == 3000
+    assert {h["unkeyed_calls"] for h in doc.values()} == {int(said[0])}  # in --json too

@@ -78,9 +78,12 @@ def _write(args: argparse.Namespace, out: TextIO, lat: Latencies) -> None:
     sink = open(args.output, "w") if args.output else out
     try:
         if args.json:
-            write_histograms_json(sink, lat.histograms, extra={
+            run_wide: dict[str, object] = {  # the run's, with each histogram
                 "subtracted_ns": round(lat.subtracted_ns, 1),
-                "clock_step_ns": round(lat.tsc_step_ns, 1)})
+                "clock_step_ns": round(lat.tsc_step_ns, 1)}
+            if args.by is not None:
+                run_wide["unkeyed_calls"] = lat.unkeyed  # the table of keys was full
+            write_histograms_json(sink, lat.histograms, extra=run_wide)
         else:
             write_histograms(sink, lat.histograms, args.unit)
             sink.write(f"probe cost subtracted: {lat.subtracted_ns:.1f} ns a call (the mean "
