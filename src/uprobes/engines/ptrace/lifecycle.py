@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from uprobes.engines.ptrace import retprobes
+from uprobes.engines.ptrace import killpoint, retprobes
 from uprobes.engines.ptrace.state import SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
 from uprobes.errors import KernelError, UprobesError
@@ -94,6 +94,7 @@ class ThreadLife(TracerState):
             t.let_go = True
             return
         self._place_all(t)
+        killpoint.reached("exec-placed")
 
     def _settle(self, t: Thread) -> None:
         """Take a thread stopped inside a system call (an exec event) to the

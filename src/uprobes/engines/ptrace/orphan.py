@@ -21,7 +21,12 @@ SIGTRAP. Two things prevent it:
   the stop of a tracer that died between moving rip (an emulated
   instruction, a return) and resuming: the work is done, the handler
   returns (the tracer peeks at stops without consuming them, so such a
-  stop still carries its SIGTRAP: see ptrace.peek_any). A program that
+  stop still carries its SIGTRAP: see ptrace.peek_any). So does a
+  dead tracer's single-step stop (at an exec, after each remote call, a
+  stepped slot), whose SIGTRAP is TRAP_BRKPT or TRAP_TRACE: the kernel
+  cleared the step's TF before the signal frame was saved, so with no TF
+  there the handler returns and the thread runs on; a TF in the frame is
+  the program's own stepping, which gets what it would untraced. A program that
   handles or ignores SIGTRAP itself keeps its disposition: no handler is
   installed, one note says so, and only the reaper protects it.
 - **A reaper** (uprobes.engines.reaper: a watcher process on a pipe, orphan_reaper.py): the
@@ -83,6 +88,9 @@ _SI_KERNEL = 0x80
 _SA_SIGINFO, _SA_RESTART, _SA_RESTORER = 0x4, 0x10000000, 0x04000000
 _UC_RIP = 168            # offsetof(ucontext_t, uc_mcontext.rip) on x86-64
 _UC_RSP = 160            # offsetof(ucontext_t, uc_mcontext.rsp)
+_UC_EFLAGS = 176         # offsetof(ucontext_t, uc_mcontext.eflags)
+_EFLAGS_TF = 0x100
+_TRAP_BRKPT, _TRAP_TRACE = 1, 2  # a SIGTRAP's si_code after a ptrace single-step
 _SI_CODE = 8             # offsetof(siginfo_t, si_code)
 _NR_RT_SIGRETURN, _NR_RT_SIGACTION, _NR_GETPID, _NR_GETTID = 15, 13, 39, 186
 _NR_RT_TGSIGQUEUEINFO, _NR_MMAP = 297, 9
@@ -110,7 +118,7 @@ def handler_code() -> tuple[bytes, int]:
     prog: list[Instruction | str | tuple[str, str]] = [
         # An int3 gives SIGTRAP with si_code SI_KERNEL; raise(), kill() do not.
         I.create_mem_i32(Code.CMP_RM32_IMM32, m(r.RSI, displ=_SI_CODE), _SI_KERNEL),
-        ("jne", "foreign"),
+        ("jne", "stepped"),
         I.create_reg_mem(Code.MOV_R64_RM64, r.R8, m(r.RDX, displ=_UC_RIP)),
         I.create_reg_mem(Code.LEA_R64_M, r.R9, m(r.R8, displ=-1)),  # trap addr
         I.create_reg_reg(Code.MOV_R64_RM64, r.RAX, r.R9),
@@ -183,6 +191,15 @@ def handler_code() -> tuple[bytes, int]:
         ("je", "foreign"),  # a real int3, not ours
         "done",  # a dead tracer's stop: it moved rip and did the work
         I.create(Code.RETNQ),
+        "stepped",  # a single-step's report (TRAP_BRKPT, TRAP_TRACE) of a dead tracer?
+        I.create_mem_i32(Code.CMP_RM32_IMM32, m(r.RSI, displ=_SI_CODE), _TRAP_TRACE),
+        ("ja", "foreign"),
+        I.create_mem_i32(Code.CMP_RM32_IMM32, m(r.RSI, displ=_SI_CODE), _TRAP_BRKPT),
+        ("jb", "foreign"),
+        # The kernel cleared a tracer's TF before saving the flags; a TF of the
+        # program's own is still there: its steps are its own business.
+        I.create_mem_i32(Code.TEST_RM32_IMM32, m(r.RDX, displ=_UC_EFLAGS), _EFLAGS_TF),
+        ("je", "done"),
         "foreign",  # as untraced: SIG_DFL, then the same signal and siginfo again
         I.create_reg_reg(Code.MOV_R64_RM64, r.R12, r.RSI),
         I.create_reg_reg(Code.MOV_R32_RM32, r.R13D, r.EDI),
@@ -208,7 +225,7 @@ def handler_code() -> tuple[bytes, int]:
         I.create(Code.SYSCALL),
     ]
     branches = {"jne": Code.JNE_REL32_64, "je": Code.JE_REL32_64, "jmp": Code.JMP_REL32_64,
-                "jb": Code.JB_REL32_64, "jae": Code.JAE_REL32_64}
+                "jb": Code.JB_REL32_64, "jae": Code.JAE_REL32_64, "ja": Code.JA_REL32_64}
     labels: dict[str, int] = {}
     for final in (False, True):  # sizes do not depend on targets: rel32 forms only
         code = bytearray()
