@@ -24,10 +24,12 @@ from uprobes.model.event import ArgValue
 
 SLOTS = 8
 """Arguments shown; more are counted (`+3 more`)."""
-NAME_BYTES = 32
-TYPE_BYTES = 40
+NAME_BYTES = 24
+TYPE_BYTES = 32
 TEXT_BYTES = 32
-"""Bytes of a name, a type's name and a str's text fetched (longer: cut, `...`)."""
+"""Bytes of a name, a type's name and a str's text fetched (longer: cut,
+`...`), as 8-byte words (`u64[N]`): the kernel reads an array element by
+element, and 1-byte elements made a call with arguments cost ~200 us."""
 CO_VARARGS = 0x4
 CO_VARKEYWORDS = 0x8
 DIGIT_BITS = 30
@@ -70,12 +72,19 @@ def _int(value: ArgValue) -> int:
     return value if isinstance(value, int) else 0
 
 
+def _bytes(value: ArgValue) -> bytes:
+    """The bytes of words fetched as `u64[N]`."""
+    if not isinstance(value, list):
+        return b""
+    return b"".join((v & (1 << 64) - 1).to_bytes(8, "little")
+                    for v in value if isinstance(v, int))
+
+
 def _text(value: ArgValue) -> str | None:
-    """Bytes fetched as `u8[N]` up to their first NUL, if all are ASCII."""
+    """Words fetched as `u64[N]`, as bytes up to their first NUL, if all are ASCII."""
     if not isinstance(value, list):
         return None
-    raw = bytes(v & 0xFF for v in value if isinstance(v, int))
-    text = raw.split(b"\0", 1)[0]
+    text = _bytes(value).split(b"\0", 1)[0]
     return text.decode() if text.isascii() else None
 
 
@@ -117,7 +126,7 @@ def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
     if type_name == "str" and _int(values.get(f["str"])) == 3:  # compact and ASCII
         text = values.get(f["text"])
         if isinstance(text, list):
-            shown = bytes(v & 0xFF for v in text[:min(size, TEXT_BYTES)] if isinstance(v, int))
+            shown = _bytes(text)[:min(size, TEXT_BYTES)]
             if shown.isascii():
                 return _quoted(shown.decode()) + ("..." if size > TEXT_BYTES else "")
     return f"<{type_name}>"

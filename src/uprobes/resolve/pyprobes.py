@@ -379,13 +379,14 @@ def argument_fetches(lay: Layout, frame: str) -> list[str]:
         obj = f"+{lay.frame_size + 8 * i}(%{frame})"
         name = f"+{lay.tuple_items + 8 * i}(+{lay.code_localsplusnames}({code}))"
         out += [f"{f['ptr']}={obj}:x64",
-                f"{f['type']}=+0(+{lay.type_name}(+{lay.object_type}({obj}))):u8[{TYPE_BYTES}]",
+                f"{f['type']}=+0(+{lay.type_name}(+{lay.object_type}({obj}))):"
+                f"u64[{TYPE_BYTES // 8}]",
                 f"{f['size']}=+{lay.var_size}({obj}):s64",
                 # (3.11's int: its 30-bit digits in 32-bit words after ob_size)
                 f"{f['word']}=+{lay.var_size + 8}({obj}):u64",
                 f"{f['str']}=+{lay.str_state}({obj}):b2@{shift}/32",
-                f"{f['text']}=+{lay.str_ascii_data}({obj}):u8[{TEXT_BYTES}]",
-                f"{f['name']}=+{lay.str_ascii_data}({name}):u8[{NAME_BYTES}]"]
+                f"{f['text']}=+{lay.str_ascii_data}({obj}):u64[{TEXT_BYTES // 8}]",
+                f"{f['name']}=+{lay.str_ascii_data}({name}):u64[{NAME_BYTES // 8}]"]
     return out
 
 
