@@ -346,10 +346,11 @@ class Attach(TracerState):
             return None, None
         return check, next(n for n, p in zip(self._names_by_line, self.probes) if p is line)
 
-    def _comm_refused(self, t: Thread, check: Check) -> str | None:
-        """Why `check`, which may ask for the thread's name, must not run in
-        `t`'s process (its seccomp state would not let the call come back);
-        the first time, a note says so."""
+    def _comm_refused(self, t: Thread, check: Check | None) -> str | None:
+        """Why `check`, which may ask for the thread's name (None: code keyed
+        by the name, which always asks), must not run in `t`'s process (its
+        seccomp state would not let the call come back); the first time, a
+        note says so."""
         mm = t.mm
         mine = [o for o in self.threads.values() if o.mm is mm]
         if any(not o.stopped and seccomp.mode(o.tid) != 0 for o in mine):

@@ -53,10 +53,10 @@ class KeyCounter(TracerState):
         how = self._keyed_source(line, at_ret is not None)
         if ident is None:
             how = "the vDSO is not counted by key"
-        if not isinstance(how, str) and how.check is not None:
-            refused = self._comm_refused(t, how.check)
+        if not isinstance(how, str) and (how.check is not None or how.key is COMM):
+            refused = self._comm_refused(t, None if how.key is COMM else how.check)
             if refused is not None:
-                how = f"its filter cannot be tested in the program ({refused})"
+                how = f"the thread's name cannot be asked for in the program ({refused})"
         if isinstance(how, str) or ident is None:
             self._uncounted[name] = str(how)
             return

@@ -128,7 +128,7 @@ class TracerState:
         """attach.py: place a jump patch (every thread of the space stopped); why not."""
         raise NotImplementedError
 
-    def _comm_refused(self, t: Thread, check: Check) -> str | None:
+    def _comm_refused(self, t: Thread, check: Check | None) -> str | None:
         """attach.py: why `check` may not ask for the thread's name in `t`'s process."""
         raise NotImplementedError
 

@@ -81,6 +81,10 @@ class CallTimer(TracerState):
         if name in self._untimed:
             return
         key = self._timing_key(index)
+        if key is COMM:
+            refused = self._comm_refused(t, None)
+            if refused is not None:
+                key = f"the thread's name cannot be asked for in the program ({refused})"
         if isinstance(key, str):
             self._untimed[name] = key
             return

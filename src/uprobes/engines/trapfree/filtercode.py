@@ -187,12 +187,13 @@ def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], fr
     a.jump(Code.JMP_REL32_64, no)
 
 
-def seccomp_refusal(check: Check, tids: Iterable[int]) -> str | None:
-    """Why `check` must not run in threads `tids` (each in a ptrace stop of
-    ours): it asks for the thread's name and a thread's seccomp state
-    would not let that call come back; else None. A filter installed
-    later is not seen (docs/filters.md)."""
-    if not _names_comm(check.root):
+def seccomp_refusal(check: Check | None, tids: Iterable[int]) -> str | None:
+    """Why `check` (None: code keyed by the thread's name) must not run in
+    threads `tids` (each in a ptrace stop of ours): it asks for the
+    thread's name and a thread's seccomp state would not let that call
+    come back; else None. A filter installed later is not seen
+    (docs/filters.md)."""
+    if check is not None and not _names_comm(check.root):
         return None
     for tid in tids:
         why = seccomp.refusal_anywhere(tid, NR_PRCTL, (PR_GET_NAME,))
