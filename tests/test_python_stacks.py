@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CPYTHONS, LATER_CPYTHONS, Compiler, killed_after, read_fd_until, wait_until
@@ -129,6 +130,26 @@ def test_stacks_give_the_programs_own_python_frames(python: str,
                                next(i for i, n in enumerate(names)
                                     if n.startswith("builtin_sorted")), names.index("outer"))
             assert lam < sort < out_, names
+    assert got == expected
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS[:1] + LATER_CPYTHONS)
+def test_session_events_carry_the_python_frames(python: str,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """`Session(python=True)`: each event's stack has the Python frames the
+    program itself saw at the call."""
+    import uprobes
+    session = uprobes.Session(python=True)
+    got: Counter[Frames] = Counter()
+
+    @session.probe("libc:getpid")
+    def on_getpid(ev: Any) -> None:
+        got[tuple((f.symbol, f.path, f.line) for f in reversed(ev.stack) if f.python)] += 1
+
+    session.spawn([python, FIXTURE])
+    expected = _calls(capfd.readouterr().out)
+    assert sum(expected.values()) == 5
     assert got == expected
 
 
