@@ -23,28 +23,34 @@ storing `next_instr` into `frame->prev_instr` (`mov [FRAME+prev_instr],
 NEXT`), and reads the top of the value stack as `[STACK-8]`. The pair most
 handlers agree on is taken, and refused below AGREE of them.
 
-Opcode numbers are CPython 3.11's (Include/opcode.h; the tests check them
-against the interpreter's own `dis`).
+Opcode numbers are each version's (pyversions.py; the tests check them
+against the interpreter's own `dis`). From 3.12 RETURN_CONST returns a
+constant of the code, `co_consts[oparg]`, which no fetch can index: the
+handler's own load of it (`mov REG, [CONSTS + OPARG*8 + ob_item]`, before
+its first branch) shows the register that holds it, and a return probe
+there goes right after that load.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError, ELFParseError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
-from iced_x86 import Decoder, FlowControl, Mnemonic, OpKind
+from iced_x86 import Decoder, FlowControl, Mnemonic, OpKind, RegisterExt
 from iced_x86 import Register as R
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.relocs import relative_addends
 from uprobes.errors import ResolveError
+from uprobes.resolve.pyversions import ENTRY_HANDLERS, RETURN_HANDLERS
+from uprobes.resolve.pyversions import OPCODES as VERSION_OPCODES
 
-OPCODES = {"RESUME": 151, "RESUME_QUICK": 150, "RETURN_VALUE": 83, "YIELD_VALUE": 86,
-           "RETURN_GENERATOR": 75}
-"""CPython 3.11's numbers of the opcodes whose handlers matter here."""
+OPCODES = VERSION_OPCODES[(3, 11)]
+"""CPython 3.11's numbers of the opcodes whose handlers matter here (each
+version's: pyversions.OPCODES)."""
 TABLE_WORDS = 256
 AGREE = 0.95
 """The share of the handlers that store `prev_instr` which must agree on the registers."""
@@ -73,17 +79,26 @@ class EvalLoop:
     `next_instr` into the frame through these registers: where code in the
     program may read through them (trapfree/pyguard.py), not only the
     tracer, whose reads cannot crash the program."""
+    entries: tuple[str, ...] = ENTRY_HANDLERS[(3, 11)]
+    """The handlers (of `handlers`) where a Python call starts."""
+    returns: tuple[str, ...] = RETURN_HANDLERS[(3, 11)]
+    """The handlers where a Python call returns."""
+    loaded: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Return handlers whose value is not on the stack (RETURN_CONST): the
+    link address right after the handler loads it, and the register there."""
 
 
-def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int) -> EvalLoop:
+def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int,
+                   version: tuple[int, int] = (3, 11), tuple_items: int = 0x18) -> EvalLoop:
     """The eval loop of `image` (the interpreter, or libpython), with its
     symbols read from `symbols_path` (the file itself, or its debug file);
-    `prev_instr`: offsetof(_PyInterpreterFrame, prev_instr) in this build
-    (resolve/pylayout.py). A ResolveError, in one line, when the build
-    cannot be read this way."""
+    `prev_instr`: offsetof(_PyInterpreterFrame, prev_instr) (3.13's
+    `instr_ptr`) in this build (resolve/pylayout.py), `version` its
+    CPython's, `tuple_items`: offsetof(PyTupleObject, ob_item). A
+    ResolveError, in one line, when the build cannot be read this way."""
     (function, size), cold, table = _symbols(image.path, symbols_path)
     words = _table(image, table)
-    handlers = {name: words[op] for name, op in OPCODES.items()}
+    handlers = {name: words[op] for name, op in VERSION_OPCODES[version].items()}
     for name, addr in handlers.items():
         if not (function <= addr < function + size
                 or cold is not None and cold[0] <= addr < cold[0] + cold[1]):
@@ -92,8 +107,38 @@ def find_eval_loop(image: ElfImage, symbols_path: str, prev_instr: int) -> EvalL
     frame, next_instr, stack = _registers(image, set(words), prev_instr)
     shown = frozenset(name for name, addr in handlers.items()
                       if _stores(image, addr, prev_instr) == (frame, next_instr))
+    returns = RETURN_HANDLERS[version]
+    loaded = {}
+    for name in (n for n in returns if n.endswith("RETURN_CONST")):
+        found = _const_load(image, handlers[name], tuple_items, {frame, stack})
+        if found is None:
+            raise ResolveError(f"{image.path}: its eval loop's {name} handler does not show "
+                               "where it loads the constant it returns")
+        loaded[name] = found
     return EvalLoop(image.path, function, size, table, handlers, frame, next_instr, stack,
-                    shown)
+                    shown, ENTRY_HANDLERS[version], returns, loaded)
+
+
+def _const_load(image: ElfImage, addr: int, tuple_items: int,
+                kept: set[str]) -> tuple[int, str] | None:
+    """(the link address after the load, its register) of the handler at
+    `addr` loading `co_consts[oparg]` (`mov REG, [BASE + INDEX*8 +
+    ob_item]`) before its first branch, with the registers of `kept` not
+    written before it; None if it does not."""
+    try:
+        code = image.read_link(addr, 160)
+    except ResolveError:
+        return None
+    for insn in Decoder(64, code, ip=addr):
+        written = _KERNEL_NAMES.get(RegisterExt.full_register(insn.op0_register)) \
+            if insn.op_count and insn.op0_kind == OpKind.REGISTER else None
+        if insn.mnemonic == Mnemonic.MOV and insn.op1_kind == OpKind.MEMORY \
+                and insn.memory_index != R.NONE and insn.memory_index_scale == 8 \
+                and insn.memory_displacement == tuple_items and written:
+            return insn.next_ip, written
+        if insn.flow_control != FlowControl.NEXT or (written in kept):
+            return None
+    return None
 
 
 def _stores(image: ElfImage, addr: int, prev_instr: int) -> tuple[str, str] | None:

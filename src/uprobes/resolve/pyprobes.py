@@ -3,7 +3,10 @@
 Every Python function of CPython 3.11 starts in the eval loop's RESUME
 handler (RESUME_QUICK once its code is warm: each call passes exactly one
 of the two) and returns through RETURN_VALUE (pyeval.py finds them, and the
-register that holds the frame there). So a `py:` function is a probe on
+register that holds the frame there); 3.12 and 3.13 have more of each
+(pyversions.ENTRY_HANDLERS, RETURN_HANDLERS: the instrumented forms,
+RETURN_CONST), the same fetches on each, and RETURN_CONST's value read from
+the register its handler loads it into. So a `py:` function is a probe on
 each of those handlers, fetching what the frame's code object says of
 itself (its qualified name and file, as strings), with a `guard` that
 keeps the hits of the function asked for: any engine can place it, and the
@@ -69,14 +72,13 @@ from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
 from uprobes.resolve.pyexits import UnwindExit, find_unwind_exit
-from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for, version_text
+from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
 from uprobes.resolve.pyversions import minor
 from uprobes.sys import procfs
 
 GROUP = "py"
-ENTRY_HANDLERS = ("RESUME", "RESUME_QUICK")
-RETURN_HANDLER = "RETURN_VALUE"
-YIELD_HANDLER = "YIELD_VALUE"
+YIELD_HANDLERS = ("YIELD_VALUE", "INSTRUMENTED_YIELD_VALUE")
+"""Where a generator or coroutine suspends (the instrumented form from 3.12)."""
 MAX_GUARD = 3000
 """Bytes of a guard: the kernel takes a filter of at most a page."""
 _TYPE_NAME = 0x18
@@ -99,6 +101,8 @@ class Interpreter:
     def unwind_exit(self) -> UnwindExit | None:
         """Where the eval loop leaves a frame by an exception (read when a
         return probe first needs it: seconds, once per build)."""
+        if "frame_is_entry" not in self.layout.fields:
+            return None  # (read from 3.11's eval loop only, by its is_entry test)
         return find_unwind_exit(self.image, self.loop.function, self.layout.frame_is_entry)
 
 
@@ -197,15 +201,13 @@ def read_interpreter(ref: FileRef, image: ElfImage) -> Interpreter:
     if not version or not evals:
         raise ResolveError(f"{ref.display}: not a CPython 3.11 or later (no Py_Version)")
     hexversion = int.from_bytes(image.read_link(version[0].link_addr, 4), "little")
-    if minor(hexversion) != (3, 11):
-        raise ResolveError(f"{ref.display}: Python {version_text(hexversion)}: py: probes "
-                           "need CPython 3.11 (its eval loop's opcodes)")
     try:
         layout = layout_for(image, ref.display, hexversion, evals[0].link_addr)
     except PythonLayoutError as e:
         raise ResolveError(str(e)) from None
     symbols_path = debug_file_for(image.path, image.build_id) or image.path
-    loop = find_eval_loop(image, symbols_path, layout.frame_prev_instr)
+    loop = find_eval_loop(image, symbols_path, layout.frame_prev_instr, minor(hexversion),
+                          layout.tuple_items)
     return Interpreter(ref, image, loop, layout)
 
 
@@ -340,7 +342,7 @@ def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
     `handlers` (RESUME's: its oparg 0 tested too, or not 0 if `resumed`), or
     None when a glob in the name is more than one prefix or suffix, or a
     handler's own code does not show where the frame is."""
-    entry = handlers == ENTRY_HANDLERS
+    entry = handlers == loop.entries
     if not set(handlers) <= loop.shown:
         return None
     alternatives = []
@@ -425,18 +427,22 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     oparg = f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8"
     handlers: tuple[str, ...]
     if t.at == "yield":
-        fetch, handlers, guard = common + [top_type], (YIELD_HANDLER,), names
+        yields = tuple(h for h in YIELD_HANDLERS if h in loop.handlers)
+        fetch, handlers, guard = common + [top_type], yields, names
     elif t.at == "resume":
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32", oparg]
-        handlers, guard = ENTRY_HANDLERS, f"{PY_OPARG_ARG} != 0 && ({names})"
+        handlers, guard = loop.entries, f"{PY_OPARG_ARG} != 0 && ({names})"
     elif spec.is_return:
         fetch = common + [top_type]
-        handlers = (RETURN_HANDLER,)
+        handlers = loop.returns
         unwind = interp.unwind_exit
         if unwind is not None:
             fetch.append(f"{RAISED_FIELD}=\\0:u8")
         guard = names
-        if unwind is None:
+        if unwind is None and "frame_is_entry" not in lay.fields:
+            notes_ret = (f"py:{t.name}%return: a call left by an exception gives no return "
+                         "event on CPython 3.12 and later (its exit_unwind is not read yet)",)
+        elif unwind is None:
             notes_ret = (
                 f"py:{t.name}%return: {interp.ref.display} has no DWARF that names its eval "
                 "loop's exit_unwind (nor a debug file by its build-id): a call left by an "
@@ -445,10 +451,15 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
                           oparg,
                           *(argument_fetches(lay, loop.frame) if with_args else ())]
-        handlers = ENTRY_HANDLERS
+        handlers = loop.entries
         guard = f"{PY_OPARG_ARG} == 0 && ({names})"
     args: tuple[FetchArg, ...] = parse_args(fetch)
     parse_condition(guard).check_fields(spec.text or t.name, {a.name: a.type for a in args})
+    # (RETURN_CONST's value is in a register after its load, not on the stack)
+    loaded_args = {name: parse_args(common + [
+        f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(%{reg}))):string",
+        *([f"{RAISED_FIELD}=\\0:u8"] if unwind is not None else [])])
+        for name, (_, reg) in loop.loaded.items()}
     point = f"%{t.at}" if t.at else "%return" if spec.is_return else ""
     event = c_identifier(t.name.replace(".", "_"))[:48] + point.replace("%", "__")
     notes: tuple[str, ...] = ((note,) if note else ()) + notes_ret
@@ -459,6 +470,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     out: list[ResolvedProbe] = []
     for handler in handlers:
         link_addr = loop.handlers[handler]
+        if spec.is_return and handler in loop.loaded:
+            link_addr = loop.loaded[handler][0]
         file_offset = interp.image.link_to_file_offset(link_addr)
         # A return is placed where RETURN_VALUE starts, as a return probe on
         # a function's own `ret`s is (resolve/retsites.py).
@@ -466,7 +479,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             spec=spec, key=InodeKey(interp.ref.dev, interp.ref.ino, file_offset),
             path=interp.ref.path, file_offset=file_offset, kind=spec.kind,
             ret_sites=(file_offset,) if spec.is_return else None,
-            group=spec.group or GROUP, event=spec.event or event, args=args,
+            group=spec.group or GROUP, event=spec.event or event,
+            args=loaded_args[handler] if spec.is_return and handler in loaded_args else args,
             link_addr=link_addr, guard=guard, py_guard=compiled, computed_gotos=(loop.table,),
             alias=alias + point,
             notes=() if out else notes))

@@ -83,3 +83,41 @@ DEBUG_NAMES: dict[tuple[int, int], tuple[str, ...]] = {
 """Per version, the uint64 words of `_Py_DebugOffsets` after its cookie,
 named as layout fields where a layout has the field (others are named for
 their place only)."""
+
+
+OPCODES: dict[tuple[int, int], dict[str, int]] = {
+    (3, 11): {"RESUME": 151, "RESUME_QUICK": 150, "RETURN_VALUE": 83, "YIELD_VALUE": 86,
+              "RETURN_GENERATOR": 75},
+    (3, 12): {"RESUME": 151, "INSTRUMENTED_RESUME": 240, "RETURN_VALUE": 83,
+              "INSTRUMENTED_RETURN_VALUE": 242, "RETURN_CONST": 121,
+              "INSTRUMENTED_RETURN_CONST": 247, "YIELD_VALUE": 150,
+              "INSTRUMENTED_YIELD_VALUE": 243, "RETURN_GENERATOR": 75},
+    (3, 13): {"RESUME": 149, "RESUME_CHECK": 207, "INSTRUMENTED_RESUME": 236,
+              "RETURN_VALUE": 36, "INSTRUMENTED_RETURN_VALUE": 239, "RETURN_CONST": 103,
+              "INSTRUMENTED_RETURN_CONST": 240, "YIELD_VALUE": 118,
+              "INSTRUMENTED_YIELD_VALUE": 241, "RETURN_GENERATOR": 35},
+}
+"""Per version, the numbers of the opcodes whose handlers `py:` probes use
+(each version's Include/opcode.h or opcode_ids.h; the tests check them
+against the interpreter's own `dis`)."""
+
+ENTRY_HANDLERS: dict[tuple[int, int], tuple[str, ...]] = {
+    (3, 11): ("RESUME", "RESUME_QUICK"),
+    (3, 12): ("RESUME", "INSTRUMENTED_RESUME"),
+    (3, 13): ("RESUME", "RESUME_CHECK", "INSTRUMENTED_RESUME"),
+}
+"""Where a Python call starts: RESUME, its quickened form once the code is
+warm (3.11, 3.13), and its instrumented form while sys.monitoring (or, from
+3.12, sys.settrace or sys.setprofile) watches the code; each call passes
+exactly one of them. Its argument is 0 at a function's start in every
+version (3.12 adds where a generator resumes in its low two bits, 3.13 a
+depth bit above them: both only after a yield or await)."""
+RETURN_HANDLERS: dict[tuple[int, int], tuple[str, ...]] = {
+    (3, 11): ("RETURN_VALUE",),
+    (3, 12): ("RETURN_VALUE", "INSTRUMENTED_RETURN_VALUE", "RETURN_CONST",
+              "INSTRUMENTED_RETURN_CONST"),
+    (3, 13): ("RETURN_VALUE", "INSTRUMENTED_RETURN_VALUE", "RETURN_CONST",
+              "INSTRUMENTED_RETURN_CONST"),
+}
+"""Where a Python call returns: RETURN_VALUE pops the value from the stack;
+RETURN_CONST (3.12 on) returns `co_consts[oparg]`, loaded in the handler."""
