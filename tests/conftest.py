@@ -66,6 +66,24 @@ LATER_CPYTHONS = _later_cpythons()
 """CPython 3.12 and 3.13 where installed (pyenv's here, shared libpython with DWARF)."""
 
 
+def over_installed(argname: str, values: list[str]
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any] | None]:
+    """Parametrize a test by `argname` over `values`, things installed here
+    (pyenv's later CPythons, ...); where there are none (no pyenv, or another
+    user, whose home has none) the test is not defined at all: a parametrize
+    over nothing fails collection (the suite's rule), and this is a test of
+    what is installed."""
+    def decorate(test: Callable[..., Any]) -> Callable[..., Any] | None:
+        if not values:
+            return None
+        return pytest.mark.parametrize(argname, values,
+                                       ids=[Path(v).name for v in values])(test)
+    return decorate
+
+
+over_later_cpythons = over_installed("python", LATER_CPYTHONS)
+
+
 def need(condition: bool, why: str) -> None:
     """Skip unless `condition`; under UPROBES_REQUIRE_KERNEL=1, fail instead."""
     if condition:

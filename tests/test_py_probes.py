@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import CPYTHONS, LATER_CPYTHONS, killed_after, read_fd_until
+from conftest import CPYTHONS, LATER_CPYTHONS, killed_after, over_later_cpythons, read_fd_until
 
 from uprobes.sys import procfs
 
@@ -194,9 +194,9 @@ def test_attach_to_a_running_program(python: str) -> None:
     assert counted["py/py_funcs_lib.work"] == own["py_funcs_lib.work"]
 
 
+@over_later_cpythons
 @pytest.mark.parametrize("monitored", [False, True], ids=["plain", "monitored"])
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("python", LATER_CPYTHONS, ids=[Path(p).name for p in LATER_CPYTHONS])
 def test_returns_of_constants_and_monitored_code(python: str, engine: str,
                                                  monitored: bool) -> None:
     """From 3.12 a function returning a constant (here None) returns through

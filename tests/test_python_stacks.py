@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CPYTHONS, LATER_CPYTHONS, Compiler, killed_after, read_fd_until, wait_until
+from conftest import (
+    CPYTHONS,
+    LATER_CPYTHONS,
+    Compiler,
+    killed_after,
+    over_installed,
+    over_later_cpythons,
+    read_fd_until,
+    wait_until,
+)
 
 from uprobes.commands import main
 from uprobes.elf.image import ElfImage
@@ -79,7 +88,7 @@ def test_line_table_gives_the_lines_cpython_gives() -> None:
     assert checked > 10000
 
 
-@pytest.mark.parametrize("python", LATER_CPYTHONS)
+@over_later_cpythons
 def test_line_table_of_later_versions(python: str) -> None:
     """3.12's and 3.13's location tables are read the same way: the module
     run by that interpreter on its own code objects, against co_lines()."""
@@ -312,7 +321,7 @@ def test_dwarf_and_headers_give_one_layout(runtime: str, include: str) -> None:
     assert fields == compute_layout(include, hexversion).fields
 
 
-@pytest.mark.parametrize("runtime", [r for r, _ in _with_dwarf() if "3.13" in r])
+@over_installed("runtime", [r for r, _ in _with_dwarf() if "3.13" in r])
 def test_debug_offsets_agree_with_the_dwarf(runtime: str) -> None:
     """What 3.13 describes about itself, read by pyversions.py's order of
     `_Py_DebugOffsets`, gives the offsets its DWARF gives."""
