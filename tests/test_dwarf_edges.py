@@ -136,6 +136,7 @@ def test_every_call_prints_as_gdb_does(build: tuple[Path, bool], tmp_path: Path)
     assert ours == _gdb(exe, optimized, funcs, tmp_path)
 
 
+@pytest.mark.root  # rustc here is rustup's under /root/.cargo, which nobody cannot run
 def test_optimized_code_is_probed_at_its_entry(compile_rust: RustCompiler) -> None:
     """A parameter that a register points to (`DW_OP_breg5`) is there at the
     entry: no prologue is skipped, which could land past a branch."""

@@ -195,7 +195,7 @@ def test_by_thread_the_same_on_both_engines(engine: str, tracefs: Path,
             assert list(doc) == [f"uprobes/tiny comm={exe.name[:15]}"]
 
 
-@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+@pytest.mark.parametrize("engine", [pytest.param("kernel", marks=pytest.mark.root), "ptrace"])
 def test_by_comm_is_the_name_at_each_call(engine: str, compile_c: Compiler) -> None:
     """`--by comm` while the thread renames itself every 70 calls (by prctl
     and by /proc in turn): each call goes to the histogram of the name it

@@ -193,15 +193,18 @@ def _tid(a: _Asm, block: int, flag: int = TIMING_TLS) -> None:
     a.label(done)
 
 
-def _row(a: _Asm, block: int) -> None:
-    """rdi = the thread's row (tid in esi), claimed if need be; else to `norow`.
+def _row(a: _Asm, block: int, claim: bool = True) -> None:
+    """rdi = the thread's row (tid in esi), claimed if need be (`claim`: an
+    entry's; a return never claims one: a thread with no row at its call's
+    entry has that call counted in `norow` already, and a row claimed at its
+    return would make it a return without an entry); else to `norow`.
     Clobbers rax and rcx."""
     i = Instruction
     rows = block + TIMING_ROWS_OFFSET
     a(i.create_reg_reg(Code.TEST_RM32_R32, R.ESI, R.ESI))
     a.jump(Code.JE_REL32_64, "norow")  # no tid: never take the free rows' owner 0
     for k in range(ROW_PROBES):
-        claim, nxt = f"claim{k}", f"next{k}"
+        claim_at, nxt = f"claim{k}", f"next{k}"
         a(i.create_reg_mem(Code.LEA_R32_M, R.ECX, _mem(R.RSI, k)),
           i.create_reg_i32(Code.AND_RM32_IMM32, R.ECX, TIMING_ROWS - 1),
           i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RCX, R.RCX, ROW_BYTES),
@@ -210,10 +213,12 @@ def _row(a: _Asm, block: int) -> None:
           i.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _mem(R.RDI, ROW_OWNER)),
           i.create_reg_reg(Code.CMP_R32_RM32, R.EAX, R.ESI))
         a.jump(Code.JE_REL32_64, "row")
+        if not claim:  # ours may be further on: a row before it freed since
+            continue
         a(i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
-        a.jump(Code.JE_REL32_64, claim)
+        a.jump(Code.JE_REL32_64, claim_at)
         a.jump(Code.JMP_REL32_64, nxt)
-        a.label(claim)
+        a.label(claim_at)
         cas = i.create_mem_reg(Code.CMPXCHG_RM32_R32, _mem(R.RDI, ROW_OWNER), R.ESI)
         cas.has_lock_prefix = True
         a(cas)
@@ -340,7 +345,7 @@ def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
       i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDX, 32),
       i.create_reg_reg(Code.OR_R64_RM64, R.RDX, R.RAX))
     _tid(a, block)
-    _row(a, block)
+    _row(a, block, claim=False)
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSP, frame)))
     _depth(a)
     a.label("drop")
