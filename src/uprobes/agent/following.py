@@ -174,6 +174,20 @@ def _targets(config: AgentConfig) -> list[_Target]:
     return [_Target(f.entry, f) for f in functions] + [_Target(line, None) for line in counted]
 
 
+def _running(pid: int, targets: list[_Target]) -> tuple[str, str, list[_Target]] | None:
+    """(executable, comm, the targets it runs) of process `pid`; None if it
+    is gone or a kernel thread."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+        exe = os.readlink(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().rstrip("\n")
+    except OSError:
+        return None
+    return exe, comm, [t for t in targets if t.ident == (st.st_dev, st.st_ino)
+                       and (not t.comm or comm in t.comm)]
+
+
 def check(config: AgentConfig) -> None:
     """Raise what following `config` would raise, with nothing placed: a line
     the engine refuses, or one that does not resolve in a process running its
@@ -186,14 +200,8 @@ def check(config: AgentConfig) -> None:
             return
         if not name.isdigit() or int(name) == os.getpid():
             continue
-        try:
-            st = os.stat(f"/proc/{name}/exe")
-            with open(f"/proc/{name}/comm") as f:
-                comm = f.read().rstrip("\n")
-        except OSError:
-            continue  # gone, or a kernel thread
-        here = [t for t in targets if t.ident == (st.st_dev, st.st_ino)
-                and (not t.comm or comm in t.comm)]
+        running = _running(int(name), targets)
+        here = running[2] if running is not None else []
         if here:
             try:
                 Resolver(pid=int(name), uretprobe=False).resolve_all(
@@ -296,17 +304,10 @@ class Following:
         if followed is not None:
             self._recheck(followed)
             return
-        try:
-            st = os.stat(f"/proc/{pid}/exe")
-            exe = os.readlink(f"/proc/{pid}/exe")
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().rstrip("\n")
-        except OSError:
-            return  # gone, or a kernel thread
-        targets = [t for t in self._targets if t.ident == (st.st_dev, st.st_ino)
-                   and (not t.comm or comm in t.comm)]
-        if not targets:
-            return
+        running = _running(pid, self._targets)
+        if running is None or not running[2]:
+            return  # gone, a kernel thread, or none of ours
+        exe, comm, targets = running
         tracer = tracer_of(pid)
         if tracer:  # a fork that a tracer of ours follows already, or someone else's
             if not os.path.exists(f"/proc/self/task/{tracer}"):
