@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 
-from uprobes.engines.ptrace import killpoint, retprobes
+from uprobes.engines.ptrace import retprobes
 from uprobes.engines.ptrace.state import SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.engines.tracee import killpoint
 from uprobes.errors import KernelError, UprobesError
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory

@@ -44,10 +44,15 @@ SIGTRAP. Two things prevent it:
   up in the process's return table (rettable.py, mapped with the area
   where such probes exist) and resume there.
 
+- **Injected system calls** (xol.remote_syscall): a thread whose tracer
+  dies inside one resumes with the call's registers. Once the area is
+  mapped, calls run at its own `syscall`, followed by a landing that loads
+  the registers the tracer saved in the area before the call (xol.LandedSyscall).
+
 Not covered: a thread that blocks SIGTRAP (the kernel then resets the
 handler to SIG_DFL for an int3 or a single-step: glibc blocks every signal
-around the clone of pthread_create), and the few instructions of a remote
-call at a process's set-up.
+around the clone of pthread_create), and the two `mmap`s that map a
+process's XOL and orphan areas (before the landing exists).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
 from uprobes.engines import reaper
 from uprobes.engines.ptrace import rettable
-from uprobes.engines.tracee.xol import remote_syscall
+from uprobes.engines.tracee.xol import LANDING_REGS, LANDING_SIZE, LandedSyscall, remote_syscall
 from uprobes.errors import UprobesError
 from uprobes.sys import ptrace
 
@@ -76,6 +81,7 @@ ACT_OFF = 0x800          # struct kernel_sigaction {handler, flags, restorer, ma
 SIG_DFL_OFF = 0x840      # 32 zero bytes: the SIG_DFL action the handler restores
 RETURNS_OFF = 0x860      # the return table's address (rettable.py), 0: none
 NAME_OFF = 0x880         # the return table's memfd name
+LANDING_OFF = 0x900      # the registers a thread leaves an injected call with (xol.py)
 TABLE_OFF = 0x1000
 TABLE_BITS = 15          # 32,768 entries of (trap address, slot address): 512 KiB
 TABLE_ENTRIES = 1 << TABLE_BITS
@@ -105,15 +111,28 @@ def table_index(trap_addr: int) -> int:
 
 
 @functools.cache
-def handler_code() -> tuple[bytes, int]:
+def handler_code() -> tuple[bytes, int, int]:
     """The SIGTRAP handler and its sa_restorer, position-independent (the
     table and the SIG_DFL action are found rip-relative, at the start of the
-    area): (code, offset of the restorer). Called as handler(sig=rdi,
-    info=rsi, uc=rdx) on the kernel's signal frame, all signals blocked
-    (sa_mask); every register it changes is restored by rt_sigreturn from
-    the frame, except rip in the ucontext, which is the point."""
+    area), then the `syscall` of injected calls and its landing: (code,
+    offset of the restorer, offset of the `syscall`). The handler is called
+    as handler(sig=rdi, info=rsi, uc=rdx) on the kernel's signal frame, all
+    signals blocked (sa_mask); every register it changes is restored by
+    rt_sigreturn from the frame, except rip in the ucontext, which is the
+    point.
+
+    While uprobes lives, an injected call stops right after its `syscall`
+    (a single-step) and the tracer gives the thread its registers back.
+    A thread whose tracer died inside the call runs on from there instead,
+    with the call's registers: the landing loads the registers saved at
+    LANDING_OFF (xol.LandedSyscall) and jumps to the saved rip. The flags
+    go through the thread's own stack, below its red zone, as a signal
+    frame would."""
     base = 0
     r, m = Register, MemoryOperand
+    saved = {name: base + LANDING_OFF + 8 * i for i, name in enumerate(LANDING_REGS)}
+    gprs = {name: getattr(r, name.upper()) for name in LANDING_REGS
+            if name not in ("rsp", "rip", "eflags")}
     I = Instruction  # noqa: E741
     prog: list[Instruction | str | tuple[str, str]] = [
         # An int3 gives SIGTRAP with si_code SI_KERNEL; raise(), kill() do not.
@@ -223,6 +242,17 @@ def handler_code() -> tuple[bytes, int]:
         "restorer",
         I.create_reg_u32(Code.MOV_R32_IMM32, r.EAX, _NR_RT_SIGRETURN),
         I.create(Code.SYSCALL),
+        "inject",  # an injected call's `syscall` (the byte before it is not an int3)
+        I.create(Code.SYSCALL),
+        # Reached only by a thread whose tracer died in the call: its own registers.
+        I.create_reg_mem(Code.MOV_R64_RM64, r.RSP, m(r.RIP, displ=saved["rsp"])),
+        I.create_reg_mem(Code.LEA_R64_M, r.RSP, m(r.RSP, displ=-128)),
+        I.create_mem(Code.PUSH_RM64, m(r.RIP, displ=saved["eflags"])),
+        I.create(Code.POPFQ),
+        I.create_reg_mem(Code.LEA_R64_M, r.RSP, m(r.RSP, displ=128)),  # lea keeps the flags
+        *[I.create_reg_mem(Code.MOV_R64_RM64, reg, m(r.RIP, displ=saved[name]))
+          for name, reg in gprs.items()],
+        I.create_mem(Code.JMP_RM64, m(r.RIP, displ=saved["rip"])),
     ]
     branches = {"jne": Code.JNE_REL32_64, "je": Code.JE_REL32_64, "jmp": Code.JMP_REL32_64,
                 "jb": Code.JB_REL32_64, "jae": Code.JAE_REL32_64, "ja": Code.JA_REL32_64}
@@ -240,7 +270,8 @@ def handler_code() -> tuple[bytes, int]:
                 item = Instruction.create_branch(branches[item[0]], target)
             enc.encode(item, here)
             code += enc.take_buffer()
-    return bytes(code), labels["restorer"] - base
+    assert len(code) <= LANDING_OFF - base and LANDING_OFF + LANDING_SIZE <= TABLE_OFF
+    return bytes(code), labels["restorer"] - base, labels["inject"] - base
 
 
 @dataclass
@@ -314,11 +345,14 @@ class OrphanGuard:
                 held: list[int] = []
                 got = self._map(t, regs, syscall_addr, held)
                 if got > 0:
-                    code, restorer = handler_code()
+                    code, restorer, inject = handler_code()
                     mm.mem.write(got, code)
                     mm.mem.write(got + ACT_OFF, struct.pack(
                         "<QQQQ", got, _SA_SIGINFO | _SA_RESTART | _SA_RESTORER,
                         got + restorer, 2**64 - 1))
+                    # From now on every injected call lands safely (a kill -9 in it).
+                    syscall_addr = mm.syscall_addr = LandedSyscall(got + inject,
+                                                                   got + LANDING_OFF)
                     if remote_syscall(t.tid, regs, syscall_addr, _NR_RT_SIGACTION,
                                       (_SIGTRAP, got + ACT_OFF, 0, 8), held) == 0:
                         start = got

@@ -17,11 +17,14 @@ thread may be inside one) and are left behind at detach (a few KiB).
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import signal
+import struct
 import time
 from dataclasses import dataclass, field
 
+from uprobes.engines.tracee import killpoint
 from uprobes.engines.tracee.relocate import SLOT_SIZE
 from uprobes.errors import EngineError, UprobesError
 from uprobes.sys import procfs, ptrace, seccomp
@@ -35,6 +38,7 @@ _NR_MMAP = 9
 _MAP_FIXED_NOREPLACE = 0x100000
 _REACH = 2**31 - AREA_SIZE - 2 * 1024 * 1024  # keep rel32 targets comfortably in range
 _MMAP_MIN = 0x10000
+_INJECTED = itertools.count(1)  # the calls injected so far (killpoint.py's points)
 
 
 @dataclass
@@ -68,6 +72,47 @@ class XolArea:
 
     def contains(self, runtime_addr: int) -> bool:
         return self.start <= runtime_addr < self.start + self.size
+
+
+# A landing (see LandedSyscall): the registers a thread resumes with, in this order.
+LANDING_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                "r12", "r13", "r14", "r15", "rsp", "rip", "eflags")
+LANDING_SIZE = 8 * len(LANDING_REGS)
+_LANDING = struct.Struct(f"<{len(LANDING_REGS)}Q")
+# A thread stopped inside an interrupted system call resumes by restarting
+# it (the kernel's restart logic, with no signal to deliver): these results.
+_ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+_NR_RESTART_SYSCALL = 219
+
+
+class LandedSyscall(int):
+    """The address of a `syscall` instruction of ours (the orphan area's,
+    engines/ptrace/orphan.py) whose next instructions load the registers
+    saved at `landing` and jump to the saved rip. `remote_syscall` saves
+    there the registers the thread resumes with before each call, so a
+    thread whose tracer is killed inside the call (the kernel then resumes
+    it with the call's registers) runs on where it was, not from the call's
+    `syscall` onwards with the call's registers."""
+
+    landing: int
+
+    def __new__(cls, addr: int, landing: int) -> LandedSyscall:
+        self = super().__new__(cls, addr)
+        self.landing = landing
+        return self
+
+
+def _land(tid: int, regs: ptrace.UserRegs, landing: int) -> None:
+    """Save at `landing` the registers thread `tid` resumes with from `regs`:
+    those of a restarted system call where its resume would restart one."""
+    resume = regs.copy()
+    if regs.orig_rax < 2**63:  # stopped inside a system call of its own
+        err = 2**64 - regs.rax
+        if err in (_ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ERESTART_RESTARTBLOCK):
+            resume.rax = regs.orig_rax if err != _ERESTART_RESTARTBLOCK else _NR_RESTART_SYSCALL
+            resume.rip = regs.rip - 2
+    with ProcessMemory(tid) as mem:
+        mem.write(landing, _LANDING.pack(*(getattr(resume, name) for name in LANDING_REGS)))
 
 
 class InjectionRefused(EngineError):
@@ -141,7 +186,12 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
     call.orig_rax = 2**64 - 1  # not in a syscall: no restart logic on this resume
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(call, name, value & (2**64 - 1))
+    landing = syscall_addr.landing if isinstance(syscall_addr, LandedSyscall) else 0
+    if landing:
+        _land(tid, regs, landing)
     ptrace.setregs(tid, call)
+    n = next(_INJECTED)
+    killpoint.reached(f"injecting-{n}")
     finished_own = False
     try:
         while True:
@@ -162,6 +212,7 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
                 continue
             done = ptrace.getregs(tid, ptrace.UserRegs())
             if done.rip == syscall_addr + 2:
+                killpoint.reached(f"injected-{n}")
                 result = done.rax
                 return result - 2**64 if result >= 2**63 else result
             if done.rip == syscall_addr and not finished_own and regs.orig_rax < 2**63 \
@@ -171,6 +222,8 @@ def remote_syscall(tid: int, regs: ptrace.UserRegs, syscall_addr: int, nr: int,
                 # of its own that was pending would not be, and rax is then ours.
                 finished_own = True
                 regs.rax = done.rax
+                if landing:
+                    _land(tid, regs, landing)
                 ptrace.setregs(tid, call)
                 continue
             raise EngineError(f"thread {tid}: the injected system call stopped at "
