@@ -290,6 +290,33 @@ def test_a_name_that_cannot_be_read_decides_nothing(cond: str, seccomp_exe: Path
         proc.wait()
 
 
+@pytest.mark.parametrize("command", ["count", "latency"])
+def test_a_name_that_cannot_be_read_is_keyed_as_unknown(command: str, seccomp_exe: Path,
+                                                        tracefs: Path) -> None:
+    """`--by comm` with a filter that fails prctl with an error: every hit
+    is keyed under `[unknown]`, not under the empty name (which a thread
+    may have: prctl(PR_SET_NAME, ""))."""
+    proc = _filtered(seccomp_exe, "prctl", "errno")
+    try:
+        run = subprocess.Popen([*UPROBES, command, "-e", "ptrace", "--by", "comm", "-p",
+                                str(proc.pid), f"{seccomp_exe}:work"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        first = _wait_for(run, "Ctrl-C to stop")
+        _finish(proc)
+        out, err = run.communicate(timeout=RUN_S)
+        _one_line(first + err)
+        assert run.returncode == 0, first + err
+        rows = [line.split() for line in out.splitlines()]
+        if command == "count":
+            assert ["[unknown]", str(LOOPS)] in rows, out
+        else:
+            assert out.splitlines()[0] == "uprobes/work comm=[unknown]", out
+            assert f"count {LOOPS} " in out, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_the_name_is_read_once_per_hit(seccomp_exe: Path, tracefs: Path) -> None:
     """Four `--comm` terms, none the thread's: each hit asks for the name
     once (a prctl system call each, counted by the kernel's tracepoint),

@@ -60,6 +60,7 @@ from uprobes.engines.trapfree.sharedmem import most_hits
 from uprobes.engines.trapfree.timing import (
     COMM_BYTES,
     ENTER_FRAME,
+    UNREAD_MARK,
     KeyLoad,
     _Asm,
     _enter,
@@ -136,9 +137,17 @@ def load(a: _Asm, src: Source, dst: Any, frame: int, block: int,
                            dst, low[2]))
 
 
+UNKNOWN_COMM = "[unknown]"
+"""The key of hits whose thread name could not be read (a seccomp filter
+failed the prctl): comm_into's UNREAD_MARK."""
+
+
 def comm_name(raw: int) -> str:
     """A COMM key (its 16 bytes as a little-endian number) as the name."""
-    return raw.to_bytes(COMM_BYTES, "little").split(b"\0", 1)[0].decode(errors="replace")
+    got = raw.to_bytes(COMM_BYTES, "little")
+    if got[-1] == UNREAD_MARK:
+        return UNKNOWN_COMM
+    return got.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def timing_key(src: Source, block: int) -> KeyLoad:

@@ -274,18 +274,28 @@ PR_GET_NAME = 16
 COMM_BYTES = 16  # TASK_COMM_LEN: the name and its NUL fit, padded with NULs
 
 
+UNREAD_MARK = 0xFF
+"""The last of the 16 bytes when the name could not be read: no name has
+it (the kernel keeps 15 bytes and a NUL), so the key is not any name's."""
+
+
 def comm_into(a: _Asm, base: Any, displ: int) -> None:
     """The thread's name, asked of the kernel (prctl(PR_GET_NAME)), into
-    the 16 bytes at [base+displ], zeroed first (a call a sandbox refuses
-    leaves them so); eax = the call's result. Clobbers rax, rcx, rdi, rsi
-    and r11."""
+    the 16 bytes at [base+displ], zeroed first; a call a sandbox refuses
+    leaves them zero but the last, UNREAD_MARK. eax = the call's result.
+    Clobbers rax, rcx, rdi, rsi, r11 and the flags."""
     i = Instruction
+    read = a.fresh("comm_read")
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(base, displ)),
       i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 0), 0),
       i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 8), 0),
       i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PRCTL),
       i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, PR_GET_NAME),
-      i.create(Code.SYSCALL))
+      i.create(Code.SYSCALL),  # (keeps rsi)
+      i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
+    a.jump(Code.JE_REL32_64, read)
+    a(i.create_mem_u32(Code.MOV_RM8_IMM8, _mem(R.RSI, COMM_BYTES - 1), UNREAD_MARK))
+    a.label(read)
 
 
 def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
