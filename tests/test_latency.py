@@ -113,7 +113,7 @@ def test_filters_apply_to_calls(latency_exe: Path) -> None:
 def test_the_ptrace_engine_pairs_the_same_calls(compile_c: Compiler) -> None:
     exe = compile_c("latency.c")
     status, out = run_latency("-e", "ptrace", "--json", f"{exe}:fib", f"{exe}:leap",
-                              "--if", "tid > 0", "--", str(exe))
+                              "--if", "pid > 0", "--", str(exe))
     assert status == 0
     doc = json.loads(out.splitlines()[-1])
     _, calls = untraced(exe)
@@ -213,7 +213,7 @@ def test_by_comm_is_the_name_at_each_call(engine: str, compile_c: Compiler) -> N
     assert all(("subtracted_ns" in h) == (engine == "ptrace") for h in doc.values())
 
 
-@pytest.mark.parametrize("how", [("kernel",), ("ptrace",), ("ptrace", "--if", "tid > 0")],
+@pytest.mark.parametrize("how", [("kernel",), ("ptrace",), ("ptrace", "--if", "pid > 0")],
                          ids=["kernel", "ptrace-in-program", "ptrace-events"])
 def test_by_a_fetched_argument(how: tuple[str, ...], latency_exe: Path,
                                compile_c: Compiler) -> None:
@@ -223,7 +223,8 @@ def test_by_a_fetched_argument(how: tuple[str, ...], latency_exe: Path,
     recursive calls gives each n its count in the call tree. The same on
     the kernel engine (events paired here), on the ptrace engine timed in
     the program (the entry keeps the key with its open call; `subtracted_ns`
-    shows it was timed there) and from its recorded events (a filter).
+    shows it was timed there) and from its recorded events (a filter on
+    `pid`, which the program's code cannot test).
     In the program, `nap` is left out: it ends in `leave; ret` right after a
     call, where no jump fits (its answer is the other two's)."""
     in_program = how == ("ptrace",)

@@ -502,3 +502,48 @@ def test_a_signal_handlers_timed_call_in_the_middle_of_anothers_probe(
     counts = {name: h["count"] for name, h in doc.items()}
     assert counts == {"uprobes/f k=1": int(said["k1"]), "uprobes/f k=99": int(said["k99"])}, \
         (counts, said)
+
+
+@pytest.mark.parametrize(("flt", "expect"), [
+    (("--comm", "even"), "evens"), (("--comm", "odd"), "odds"),
+    (("--if", 'comm != "even"'), "odds"), (("--if", "tid == 1"), "none"),
+    (("--if", "tid > 0"), "all")])
+def test_filters_are_decided_at_the_entry_in_the_program(timed: Path, flt: tuple[str, str],
+                                                         expect: str) -> None:
+    """`--comm`, `--if` on the comm or the tid: decided by the entry's code
+    (no records: `subtracted_ns` says the calls were timed in the program),
+    while the thread renames itself every 70 calls (by prctl and by
+    /proc in turn). The counts are the program's own, exactly; a rejected
+    call's return is neither timed nor counted as a return without an
+    entry."""
+    run = _latency("--json", *flt, f"{timed}:tiny", "--", str(timed), "renames", "3000", "70")
+    doc, said = _json(run)
+    evens = int(said["even"])
+    want = {"evens": evens, "odds": 3000 - evens, "none": 0, "all": 3000}[expect]
+    assert said["calls"] == "3000"
+    assert doc["uprobes/tiny"]["count"] == want, (doc, run.stderr)
+    assert "subtracted_ns" in doc["uprobes/tiny"], doc
+    assert "returns without an entry" not in run.stderr and "not timed" not in run.stderr, \
+        run.stderr
+
+
+def test_a_filter_on_the_key_is_decided_in_the_program(timed: Path) -> None:
+    """`--by k --if 'k < 3'` over tiny(i % 10): only keys 0, 1 and 2, each
+    with its 100 calls, timed in the program."""
+    doc, said = _json(_latency("--json", "--by", "k", "--if", "k < 3", f"{timed}:tiny k=%di:s64",
+                               "--", str(timed), "keys", "1000", "10"))
+    assert said["calls"] == "1000"
+    assert {k: h["count"] for k, h in doc.items()} == {
+        f"uprobes/tiny k={k}": 100 for k in range(3)}, doc
+    assert all("subtracted_ns" in h for h in doc.values()), doc
+
+
+def test_a_filter_the_program_cannot_test_pairs_events(timed: Path) -> None:
+    """`--if 'pid > 0'` (the pid is not known to the probe's code): one
+    note says why, and the calls are paired from events, all of them."""
+    run = _latency("--json", "--if", "pid > 0", f"{timed}:tiny", "--", str(timed), "tiny",
+                   "500")
+    doc, said = _json(run)
+    assert "the filter is tested on events, not in the program (pid is not known" in \
+        run.stderr, run.stderr
+    assert doc["uprobes/tiny"]["count"] == 500 and "subtracted_ns" not in doc["uprobes/tiny"]

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         python = any(isinstance(s.target, PyTarget) for s in parse_specs(args.specs))
         if args.engine == "ptrace" and not args.no_trapfree and not args.uretprobe \
-                and not (args.condition or args.comm or args.tid or args.breakdown or python):
+                and not (args.breakdown or python):
             from uprobes.commands.latency_inprog import run_in_program
             lines = [line for spec in parse_specs(args.specs)
                      for line in probe_pair(spec, fetch=False, by=args.by)]

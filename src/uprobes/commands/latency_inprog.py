@@ -16,7 +16,7 @@ from typing import TextIO
 
 from uprobes.analysis.histogram import Latencies
 from uprobes.commands.resolve import parse_specs
-from uprobes.commands.selection import command_argv
+from uprobes.commands.selection import command_argv, hit_filter
 from uprobes.engines.base import Request, Timer, open_timer
 from uprobes.engines.launch import finish, launch
 from uprobes.render.histogram import write_histograms, write_histograms_json
@@ -30,13 +30,15 @@ def run_in_program(args: argparse.Namespace, out: TextIO, lines: list[str]) -> i
     resolver = Resolver(pid=args.pid, force=args.force, uretprobe=False,
                         argv=command_argv(args))
     probes = resolver.resolve_all(parse_specs(lines))
+    # The filter is decided at each call's entry (its return has the entry's verdict).
+    flt = hit_filter(args, [p for p in probes if not p.is_return])
     launched = launch(args.argv_command) if args.argv_command else None
     timer: Timer | None = None
     try:
         timer = open_timer(Request(probes, args.engine, pid=args.pid,
                                    child=launched.pid if launched else None,
                                    force=args.force, note=_note, trapfree=True,
-                                   by=args.by))
+                                   by=args.by, hit_filter=flt))
         if timer is None:
             if launched is not None:
                 launched.abort()

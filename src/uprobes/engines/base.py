@@ -266,10 +266,19 @@ def open_timer(request: Request) -> Timer | None:
     """A timer for `request`, whose probes are entry and return probe pairs
     (an entry names the function, its return's rets come with it): the
     ptrace engine's trap-free timing, when it is the engine picked and
-    nothing asks for events (no filter, no stacks); else None."""
-    if request.pick() != "ptrace" or not request.trapfree or request.hit_filter is not None \
-            or request.stack_bytes:
+    nothing asks for events (no stacks, a filter the entries' code can
+    test); else None."""
+    if request.pick() != "ptrace" or not request.trapfree or request.stack_bytes:
         return None
+    if request.hit_filter is not None:
+        from uprobes.engines.ptrace.timed import filter_problem
+        why = filter_problem(request.probes, request.hit_filter)
+        if why is not None:
+            if request.note is not None:
+                request.note(f"the filter is tested on events, not in the program ({why}): "
+                             "filter on the tid, the comm (== or !=) or on fetchargs that "
+                             "are registers or stack words to test it there")
+            return None
     if request.by is not None and request.by not in TASK_KEYS:
         from uprobes.engines.ptrace.timed import key_problem
         why = key_problem(request.probes, request.by)
@@ -281,7 +290,8 @@ def open_timer(request: Request) -> Timer | None:
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="time",
-                        by=request.by, orphans=request.orphans, counted=request.counted,
+                        by=request.by, hit_filter=request.hit_filter,
+                        orphans=request.orphans, counted=request.counted,
                         int3s=request.int3s, let_go=request.let_go)
 
 

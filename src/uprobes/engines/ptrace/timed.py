@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 from uprobes.analysis.histogram import Histogram, Latencies
 from uprobes.analysis.keyed import TASK_KEYS
@@ -33,9 +34,11 @@ from uprobes.engines.ptrace.state import TracerState
 from uprobes.engines.ptrace.tasks import Thread
 from uprobes.engines.trapfree import timing
 from uprobes.engines.trapfree.fileplan import plan_for, plan_whole
+from uprobes.engines.trapfree.filtercode import Check, compile_check
 from uprobes.engines.trapfree.jumppatch import Timed
 from uprobes.engines.trapfree.keyed import COMM, Source, comm_name, source_of
 from uprobes.engines.trapfree.layout import KEYED_HISTS, STACK_DEPTH, TIMED_FUNCS, TIMING_ROWS
+from uprobes.model.filters import HitFilter
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.registry import Probe
 from uprobes.sys import ptrace
@@ -81,8 +84,12 @@ class CallTimer(TracerState):
         if name in self._untimed:
             return
         key = self._timing_key(index)
-        if key is COMM:
-            refused = self._comm_refused(t, None)
+        compiled = self._timing_check(index)
+        check = None if isinstance(compiled, str) else compiled
+        if isinstance(compiled, str):
+            key = f"its filter cannot be tested in the program ({compiled})"
+        elif key is COMM or check is not None:
+            refused = self._comm_refused(t, None if key is COMM else check)
             if refused is not None:
                 key = f"the thread's name cannot be asked for in the program ({refused})"
         if isinstance(key, str):
@@ -95,7 +102,8 @@ class CallTimer(TracerState):
         if why is None and not isinstance(whole, str):
             if at_ret is not None:
                 return  # the entry's patch covers the whole function and this ret
-            why = self._patch(t, regs, whole, name, addr, timed=Timed(index, key=key))
+            why = self._patch(t, regs, whole, name, addr, timed=Timed(index, key=key,
+                                                                      check=check))
         elif why is None:
             others = [p.point.file_offset for p in self.registry.in_inode(*ident)]
             plan = plan_for(path, ident[0], ident[1], file_offset, others,
@@ -105,7 +113,8 @@ class CallTimer(TracerState):
             else:
                 start = addr - (file_offset - plan.file_offset)
                 why = self._patch(t, regs, plan, name, start,
-                                  timed=Timed(index, ret=at_ret is not None, key=key))
+                                  timed=Timed(index, ret=at_ret is not None, key=key,
+                                              check=check))
         if why is not None:
             self._untimed[name] = why
 
@@ -118,6 +127,14 @@ class CallTimer(TracerState):
         if self._by is None or self._by in TASK_KEYS:
             return None
         return source_of(self._timed_lines[index], self._by, False)
+
+    def _timing_check(self, index: int) -> Check | str | None:
+        """The run's filter as timed function `index`'s entry code tests it
+        (None: no filter), or why it cannot (open_timer asked beforehand)."""
+        if self.hit_filter is None:
+            return None
+        return compile_check(self.hit_filter.combined.root,
+                             partial(_entry_source, self._timed_lines[index]))
 
     def _row_funcs(self) -> list[int]:
         """The timed functions whose calls go to the thread's row (by thread,
@@ -239,6 +256,21 @@ def _key_order(item: tuple[_Key, object]) -> tuple[int, int, str]:
     """Numbers in numeric order, then names."""
     key = item[0]
     return (0, key, "") if isinstance(key, int) else (1, 0, str(key))
+
+
+def filter_problem(probes: list[ResolvedProbe], hit_filter: HitFilter) -> str | None:
+    """Why `hit_filter` cannot be tested at the entries of the timed
+    functions of `probes` (entry and return probe pairs), or None."""
+    for p in probes:
+        if not p.is_return:
+            got = compile_check(hit_filter.combined.root, partial(_entry_source, p))
+            if isinstance(got, str):
+                return got
+    return None
+
+
+def _entry_source(line: ResolvedProbe, field: str) -> Source | str:
+    return source_of(line, field, False)
 
 
 def key_problem(probes: list[ResolvedProbe], by: str) -> str | None:

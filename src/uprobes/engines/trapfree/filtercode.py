@@ -105,13 +105,14 @@ def counting_prologue(at: int, counter: int, block: int, check: Check) -> bytes:
     return a.encode(at)
 
 
-def guard(check: Check, block: int, flag: int, unnamed: int) -> Callable[[_Asm, int], None]:
-    """`check` as the first part of other counting code (keyed.py's `guard`):
-    a hit it fails goes to "done"; `flag`: where in the block at `block` the
-    tid's TLS flag is; `unnamed`: the address of the count of hits whose
-    name could not be read."""
+def guard(check: Check, block: int, flag: int, unnamed: int,
+          no: str = "done") -> Callable[[_Asm, int], None]:
+    """`check` as a part of other code (keyed.py's and timing.py's
+    `guard`): a hit it fails goes to `no`, one it keeps goes on; `flag`:
+    where in the block at `block` the tid's TLS flag is; `unnamed`: the
+    address of the count of hits whose name could not be read."""
     def emit(a: _Asm, frame: int) -> None:
-        _emit_check(a, check, "kept", frame, block, flag, unnamed)
+        _emit_check(a, check, "kept", frame, block, flag, unnamed, no)
         a.label("kept")
     return emit
 
@@ -121,16 +122,16 @@ _NAME_BYTES = COMM_BYTES + 8
 
 
 def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: int,
-                unnamed: int) -> None:
-    """Branch to `yes` when `check` holds, else to "done". With a name
+                unnamed: int, no: str = "done") -> None:
+    """Branch to `yes` when `check` holds, else to `no`. With a name
     test, the thread's name is asked for once per hit, at the first test
     that needs it, into the frame; a hit whose name cannot be read (a
     seccomp filter fails the call) is decided neither way: it bumps the
-    count at `unnamed` and goes to "done"."""
+    count at `unnamed` and goes to `no`."""
     i = Instruction
     sources, labels = dict(check.sources), count()
     if not _names_comm(check.root):
-        _emit(a, check.root, yes, "done", sources, frame, block, labels, flag)
+        _emit(a, check.root, yes, no, sources, frame, block, labels, flag)
         return
     held, dropped, lost = a.fresh("named"), a.fresh("unnamed_no"), a.fresh("unnamed")
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -_NAME_BYTES)),
@@ -139,10 +140,10 @@ def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: i
           lost)
     a.label(lost)
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)), _locked_inc(unnamed))
-    a.jump(Code.JMP_REL32_64, "done")
+    a.jump(Code.JMP_REL32_64, no)
     a.label(dropped)
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)))
-    a.jump(Code.JMP_REL32_64, "done")
+    a.jump(Code.JMP_REL32_64, no)
     a.label(held)
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)))
     a.jump(Code.JMP_REL32_64, yes)

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from uprobes.analysis.keyed import Aggregate
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
@@ -63,6 +64,8 @@ from uprobes.engines.trapfree.layout import (
     LONG,
     RING_BYTES,
     TIMING_BYTES,
+    TIMING_TLS,
+    TIMING_UNNAMED,
     RingShape,
 )
 from uprobes.engines.trapfree.recording import Recipe, Waits
@@ -199,6 +202,11 @@ def _tid_at_thread_pointer(mem: ProcessMemory, fs_base: int, tid: int) -> bool:
     return int.from_bytes(got, "little") == tid
 
 
+def _entry_guard(check: Check, block: int) -> timing.EntryGuard:
+    """`check` at a timed call's entry, in the timing block at `block`."""
+    return filtercode.guard(check, block, TIMING_TLS, block + TIMING_UNNAMED, "rejected")
+
+
 def _reaches(runtime_addr: int, size: int, area: XolArea) -> bool:
     """Whether code in `area` reaches all of `size` bytes at `runtime_addr`
     with rel32 displacements."""
@@ -251,6 +259,7 @@ class Timed:
     func: int
     ret: bool = False
     key: Source | None = None  # `latency --by ARG`: the value the entry keeps as the key
+    check: Check | None = None  # --if/--tid/--comm, decided at the entry
 
 
 @dataclass(frozen=True)
@@ -348,7 +357,8 @@ class TrapFree:
         elif timed is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, timing.code_size(
-                None if timed.key is None else keyed.timing_key(timed.key, runtime_addr)))
+                None if timed.key is None else keyed.timing_key(timed.key, runtime_addr),
+                None if timed.check is None else partial(_entry_guard, timed.check)))
         elif by is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, keyed.prologue_size(by.value is not None) + (
@@ -382,13 +392,16 @@ class TrapFree:
                 rows.tls_confirmed()
             block_addr, func, by_key = rows.runtime_addr, timed.func, timed.key is not None
             key = None if timed.key is None else keyed.timing_key(timed.key, block_addr)
-            prologue = lambda at: timing.entry_code(at, block_addr, key)  # noqa: E731
+            entry_guard = None if timed.check is None else _entry_guard(timed.check, block_addr)
+            filtered = entry_guard is not None
+            prologue = lambda at: timing.entry_code(  # noqa: E731
+                at, block_addr, key, entry_guard)
             if plan.whole:
                 ret_prologue = lambda at: timing.return_code(  # noqa: E731
-                    at, block_addr, func, by_key)
+                    at, block_addr, func, by_key, filtered)
             elif timed.ret:
                 prologue = lambda at: timing.return_code(  # noqa: E731
-                    at, block_addr, func, by_key)
+                    at, block_addr, func, by_key, filtered)
         elif trap:
             guards = list(trap)
             prologue = lambda at: pyguard.trap_prologue(at, guards)  # noqa: E731
@@ -621,7 +634,9 @@ class TrapFree:
         tables = {id(b): b for where in self._keyed.values() for b, _ in where}
         return sum(int(struct.unpack_from("<Q", b.view, COUNTER_UNNAMED)[0])
                    for b in blocks.values()) \
-            + sum(int(struct.unpack_from("<Q", b.view, KEYED_UNNAMED)[0]) for b in tables.values())
+            + sum(int(struct.unpack_from("<Q", b.view, KEYED_UNNAMED)[0])
+                  for b in tables.values()) \
+            + sum(b.unnamed() for b in self.timing)
 
     def report(self, note: Callable[[str], object]) -> None:
         """One note on the decisions not yet reported: how many trap-free, why not the rest."""

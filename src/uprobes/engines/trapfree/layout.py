@@ -146,6 +146,7 @@ TIMING_TLS = 192       # 1 once the tracer saw the tid at the thread pointer (gl
 TIMING_ABANDONED = 256  # open calls dropped: left by longjmp, an exception or a tail call
 TIMING_UNKEYED = 320   # calls keyed by a fetched value (`latency --by ARG`) whose (function,
                        # key) found no place in the table of keyed histograms
+TIMING_UNNAMED = 384   # calls a compiled `--comm` could not decide at entry: no name
 TIMING_ROWS_OFFSET = 4096
 TIMING_ROWS = 128      # a power of two
 ROW_PROBES = 8          # rows a thread may claim from its tid on (a dead thread's row is freed

@@ -84,6 +84,7 @@ from uprobes.engines.trapfree.layout import (
     TIMING_ROWS_OFFSET,
     TIMING_TLS,
     TIMING_UNKEYED,
+    TIMING_UNNAMED,
     TIMING_UNPAIRED,
     hist_bounds,
 )
@@ -298,10 +299,22 @@ def comm_into(a: _Asm, base: Any, displ: int) -> None:
     a.label(read)
 
 
-def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
+EntryGuard = Callable[["_Asm", int], None]
+"""Code that goes on for a call to time and to "rejected" for one not to
+(given the frame's size): a filter (filtercode.guard)."""
+
+REJECTED = 0
+"""An open call's stamp when its entry failed the filter: its return drops
+it and counts nothing (a TSC read is never 0 after boot)."""
+
+
+def entry_code(at: int, block: int, key: KeyLoad | None = None,
+               guard: EntryGuard | None = None) -> bytes:
     """A timed function's entry, for a trampoline at `at` (the block at
     `block`, within rel32 reach): open a call on the thread's stack (with
-    `key`: the key the call's duration is kept under, with the call)."""
+    `key`: the key the call's duration is kept under, with the call). With
+    `guard`, a call it rejects is opened too, stamped REJECTED, so that
+    its return knows it for its own and lets it go untimed."""
     i = Instruction
     a = _Asm()
     frame = _enter(a)
@@ -332,6 +345,16 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
       # depth's took this same slot (the depth did not cover it yet)
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RAX, ROW_STACK + ENTRY_SP), R.RSI),
       i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
+    if guard is not None:  # decided here, at entry; the slot (rcx) kept across
+        a(i.create_reg(Code.PUSH_R64, R.RCX))
+        guard(a, frame + 8)
+        a(i.create_reg(Code.POP_R64, R.RCX))
+        a.jump(Code.JMP_REL32_64, "kept_call")
+        a.label("rejected")
+        a(i.create_reg(Code.POP_R64, R.RCX),
+          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, ROW_STACK + ENTRY_TSC), REJECTED))
+        a.jump(Code.JMP_REL32_64, "done")
+        a.label("kept_call")
     if key is not None:
         key(a, frame)
     a(i.create(Code.RDTSC),  # the stamp last: the probe's own code is mostly before it
@@ -343,10 +366,12 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None) -> bytes:
     return a.encode(at)
 
 
-def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
+def return_code(at: int, block: int, func: int, keyed: bool = False,
+                filtered: bool = False) -> bytes:
     """Right before a timed function's `ret`: close its call, add the
     duration to the thread's histogram of function `func` (`keyed`: to the
-    block's histogram of `func` and the key its entry kept, `_keyed_hist`)."""
+    block's histogram of `func` and the key its entry kept, `_keyed_hist`;
+    `filtered`: a call its entry rejected, stamped REJECTED, adds nothing)."""
     assert 0 <= func < TIMED_FUNCS
     i = Instruction
     a = _Asm()
@@ -378,6 +403,13 @@ def return_code(at: int, block: int, func: int, keyed: bool = False) -> bytes:
     a.jump(Code.JMP_REL32_64, "unpaired")
     a.label("paired")
     top = ROW_STACK - ENTRY_BYTES
+    if filtered:  # a call the filter rejected at its entry: let it go
+        a(i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RAX, top + ENTRY_TSC), REJECTED))
+        a.jump(Code.JNE_REL32_64, "timed")
+        a(i.create_reg(Code.DEC_RM64, R.RCX),
+          i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX))
+        a.jump(Code.JMP_REL32_64, "done")
+        a.label("timed")
     # The entry's key and stamp are read before the depth lets go of their
     # slot: a signal handler's timed call after that would write its own there.
     a(i.create_reg(Code.DEC_RM64, R.RCX),
@@ -508,10 +540,14 @@ def _keyed_hist(a: _Asm, block: int, func: int) -> None:
 _SIZING_AT, _SIZING_BLOCK = 0x10000000, 0x10100000
 
 
-def code_size(key: KeyLoad | None = None) -> int:
-    """An entry's code and a return's together (what a whole-function patch holds)."""
-    return len(entry_code(_SIZING_AT, _SIZING_BLOCK, key)) \
-        + len(return_code(_SIZING_AT, _SIZING_BLOCK, TIMED_FUNCS - 1, key is not None))
+def code_size(key: KeyLoad | None = None,
+              guard_for: Callable[[int], EntryGuard] | None = None) -> int:
+    """An entry's code and a return's together (what a whole-function patch
+    holds); `guard_for`: the entry's guard for a block at a given address."""
+    guard = None if guard_for is None else guard_for(_SIZING_BLOCK)
+    return len(entry_code(_SIZING_AT, _SIZING_BLOCK, key, guard)) \
+        + len(return_code(_SIZING_AT, _SIZING_BLOCK, TIMED_FUNCS - 1, key is not None,
+                          guard is not None))
 
 
 # ---------------------------------------------------------------- reading
@@ -618,6 +654,10 @@ class TimingBlock:
     def tls_confirmed(self) -> None:
         """The tid is at glibc's place in the thread pointer: no more system calls."""
         self.view[self._at + TIMING_TLS] = 1
+
+    def unnamed(self) -> int:
+        """Calls whose entry's `--comm` test could not read the thread's name."""
+        return int(struct.unpack_from("<Q", self.view, self._at + TIMING_UNNAMED)[0])
 
     def release(self, tid: int, funcs: Sequence[int] = ()) -> dict[int, list[int]]:
         """Free the row of a thread that exited (its tid may come back for
