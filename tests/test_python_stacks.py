@@ -10,9 +10,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,52 +195,17 @@ def test_other_threads_and_after_exec(how: str, capfd: pytest.CaptureFixture[str
 def test_running_process_against_py_spy(python: str, tmp_path: Path) -> None:
     if PY_SPY is None:
         pytest.skip("py-spy is not installed (pip install py-spy)")
-    prog = subprocess.Popen([python, FIXTURE, "wait"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    tracer = None
-    try:
-        with killed_after(prog):
-            assert prog.stdin is not None and prog.stdout is not None
-            assert prog.stdout.readline() == "ready\n"
-            tracer = subprocess.Popen(
-                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json",
-                 "-o", str(tmp_path / "hits.jsonl"), "-p", str(prog.pid),
-                 "libc:getpid", "libc:clock_nanosleep"], stderr=subprocess.PIPE)
-            assert tracer.stderr is not None
-            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
-            assert "Ctrl-C to stop" in said, said
-            prog.stdin.write("go\n")
-            prog.stdin.flush()
-            lines = []
-            while (line := prog.stdout.readline()) not in ("napping\n", ""):
-                lines.append(line)
-            expected = _calls("".join(lines))
-            assert "calls 5\n" in lines and sum(expected.values()) == 5
-
-            # In the sleep (after the hit): clock_nanosleep is x86-64 syscall 230.
-            wait_until(lambda: Path(f"/proc/{prog.pid}/syscall").read_text().split()[0] == "230",
-                       "the program's sleep")
-            dump = subprocess.run([PY_SPY, "dump", "--nonblocking", "--json", "--pid",
-                                   str(prog.pid)], capture_output=True, text=True,
-                                  timeout=120, check=True).stdout
-            prog.kill()
-            assert tracer.wait(timeout=120) == 0
-            hits = [json.loads(x) for x in (tmp_path / "hits.jsonl").read_text().splitlines()
-                    if '"probe"' in x]
-            got = Counter(_python_frames(h["stack"]) for h in hits
-                          if h["probe"].endswith("getpid"))
-            assert got == expected
-            (nap,) = [_python_frames(h["stack"]) for h in hits
-                      if h["probe"].endswith("clock_nanosleep")]
-            (thread,) = json.loads(dump)
-            spy = tuple((f["name"], f["filename"], f["line"]) for f in reversed(thread["frames"]))
-            assert nap == spy and nap[-1][0] == "Sleeper.nap"
-            assert nap[-1][0] == "Sleeper.nap"
-    finally:
-        prog.kill()
-        prog.wait()
-        if tracer is not None:
-            tracer.wait(timeout=120)
+    assert PY_SPY is not None
+    spy = PY_SPY
+    dumps: list[str] = []
+    expected, nap, stacks, _ = _traced_run(python, tmp_path, during=lambda pid: dumps.append(
+        subprocess.run([spy, "dump", "--nonblocking", "--json", "--pid", str(pid)],
+                       capture_output=True, text=True, timeout=120, check=True).stdout))
+    assert sum(expected.values()) == 5
+    assert Counter(_python_frames(s) for s in stacks) == expected
+    (thread,) = json.loads(dumps[0])
+    dumped = tuple((f["name"], f["filename"], f["line"]) for f in reversed(thread["frames"]))
+    assert nap == dumped and nap[-1][0] == "Sleeper.nap"
 
 
 @pytest.mark.root
@@ -454,3 +421,74 @@ def test_line_table_decodes_each_entry_once() -> None:
         decoded += used
         assert got == line
     assert len(table.ends) <= decoded <= 5 * len(table.ends) and len(table.ends) <= len(units)
+
+
+def _traced_run(python: str, tmp_path: Path, *flags: str,
+                during: Callable[[int], object] | None = None,
+                ) -> tuple[Counter[Frames], Frames, list[Any], str]:
+    """The fixture (`wait`) traced by `trace --python -p` at getpid and its
+    sleep: (its own stacks at the calls, the Python frames of its sleep,
+    the getpid hits' whole stacks, uprobes' stderr). `during(pid)` runs
+    while it sleeps, traced."""
+    prog = subprocess.Popen([python, FIXTURE, "wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    out = tmp_path / f"hits{len(flags)}.jsonl"
+    tracer = None
+    try:
+        with killed_after(prog):
+            assert prog.stdin is not None and prog.stdout is not None
+            assert prog.stdout.readline() == "ready\n"
+            tracer = subprocess.Popen(
+                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", *flags,
+                 "-o", str(out), "-p", str(prog.pid), "libc:getpid", "libc:clock_nanosleep"],
+                stderr=subprocess.PIPE)
+            assert tracer.stderr is not None
+            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
+            assert "Ctrl-C to stop" in said, said
+            prog.stdin.write("go\n")
+            prog.stdin.flush()
+            lines = []
+            while (line := prog.stdout.readline()) not in ("napping\n", ""):
+                lines.append(line)
+            assert "calls 5\n" in lines
+            # In the sleep (after the hit): clock_nanosleep is x86-64 syscall 230.
+            wait_until(lambda: Path(f"/proc/{prog.pid}/syscall").read_text().split()[0] == "230",
+                       "the program's sleep")
+            if during is not None:
+                during(prog.pid)
+            # Stopped before the program ends: a code object first seen in a
+            # recorded hit is named from the live process.
+            tracer.send_signal(signal.SIGINT)
+            assert tracer.wait(timeout=120) == 0
+            prog.kill()
+            hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
+            (nap,) = [_python_frames(h["stack"]) for h in hits
+                      if h["probe"].endswith("clock_nanosleep")]
+            stacks = [h["stack"] for h in hits if h["probe"].endswith("getpid")]
+            return _calls("".join(lines)), nap, stacks, said
+    finally:
+        prog.kill()
+        prog.wait()
+        if tracer is not None:
+            tracer.wait(timeout=120)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS)
+def test_trapfree_python_frames_are_the_int3_paths(python: str, tmp_path: Path) -> None:
+    """With -p, each hit's Python frames are copied by the probe's code (no
+    stop: both probes placed trap-free), also in a sleep that released the
+    GIL; the same frames as the program's own extract_stack() and as the
+    int3 path's, native frames and all."""
+    expected, nap, stacks, said = _traced_run(python, tmp_path)
+    assert "2 of 2 probes trap-free" in said, said
+    got = Counter(_python_frames(s) for s in stacks)
+    assert got == expected and sum(got.values()) == 5
+    assert nap[-1][0] == "Sleeper.nap" and nap[0][0] == "<module>"
+    expected3, nap3, stacks3, said3 = _traced_run(python, tmp_path, "--no-trapfree")
+    assert "trap-free" not in said3
+    assert expected3 == expected and nap3 == nap
+
+    def whole(s: list[dict[str, object]]) -> tuple[tuple[object, ...], ...]:
+        return tuple((f.get("symbol"), f.get("offset"), f.get("file"), f.get("line")) for f in s)
+    assert Counter(map(whole, stacks)) == Counter(map(whole, stacks3))

@@ -11,6 +11,8 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import replace
 from typing import Any
 
+from uprobes.elf.image import ElfImage
+from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.ptrace import breakpoints, rendezvous
 from uprobes.engines.ptrace.breakpoints import GuardTrap, PlacementRefused, Site
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
@@ -22,6 +24,8 @@ from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
 from uprobes.engines.trapfree.filtercode import Check, compile_check, seccomp_refusal
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
+from uprobes.engines.trapfree.layout import STACKS
+from uprobes.engines.trapfree.pywalk import CALLED, PyWalk, copied, py_walk
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
 from uprobes.engines.trapfree.recording import (
     NR_GETPID,
@@ -38,6 +42,7 @@ from uprobes.model.registry import Probe
 from uprobes.sys import procfs, ptrace, seccomp
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.sys.ptrace import UserRegs
+from uprobes.unwind.cpython.reader import PyGroups
 
 
 class Attach(TracerState):
@@ -423,8 +428,6 @@ class Attach(TracerState):
             return "a handler runs at each hit"
         if not guarded and any(h is not None and self._ours[h].guard for h in handlers):
             return "its hits are told apart by strings (a py: function's)"
-        if self._pystacks is not None:
-            return "its Python frames are read at each hit"
         if self.stack_bytes and self._trapfree != "record":
             return "its stack is copied at each hit"
         return None
@@ -445,6 +448,13 @@ class Attach(TracerState):
             why = self._copy_refused(tid)
             if why is not None:
                 return why, None
+        python = None
+        if self._pystacks is not None:
+            walk = self._py_walk(tid, probe, recipe)
+            if isinstance(walk, str):
+                return walk, None
+            recipe = replace(recipe, py=walk)
+            python = self._py_groups(walk)
         if self._recorder is None:
             from uprobes.sys import tsc
             why = tsc.usable()
@@ -458,16 +468,70 @@ class Attach(TracerState):
             make = direct_hit(self._ours[probe.ret_dispatch if ret else probe.dispatch], recipe,
                               addr, func)
             if make is not None and recipe.copy:
-                make = stack_hit(make, recipe, addr)
+                make = stack_hit(make, recipe, addr, python)
             if make is not None:
                 direct = (name, make)
         if recipe.words > self._ring_shape.words:  # (a probe added after the run began)
             return f"it fetches {recipe.words} words; the run's rings hold " \
                    f"{self._ring_shape.words}", None
         probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
-                                                    func))
+                                                    func, python))
         return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks),
                             self._ring_shape)
+
+    def _py_walk(self, tid: int, probe: Probe, recipe: Recipe) -> PyWalk | str:
+        """How the probe's code copies the Python frames of `tid`'s process
+        (pywalk.py), or why it cannot (its hits then stop at an int3, where
+        they are read)."""
+        assert self._pystacks is not None
+        t = self.threads[tid]
+        why = "its Python frames are read at each hit"
+        if self.child is not None:
+            # The reader names a code object some milliseconds after the hit;
+            # a command frees its own as it ends (its `<module>` first), so
+            # its last hits would lose them: only a running process (-p).
+            return f"{why} (a command's code objects are freed as it ends: the trap-free " \
+                   "Python frames are for -p)"
+        interp = self._pystacks.interpreter(t.pid, t.mm.mem.read)
+        if interp is None:
+            return f"{why} (no interpreter whose layout is known in process {t.pid} yet)"
+        try:
+            image = ElfImage.open(interp.path)
+            symbols = SymbolTable.load(image)
+            runtime, func = (symbols.lookup(n) for n in ("_PyRuntime", CALLED[0]))
+            at = SymbolTable.load(ElfImage.open(probe.point.path)).containing(
+                ElfImage.open(probe.point.path).file_to_link_addr(probe.point.file_offset))
+        except UprobesError:
+            return why
+        if not runtime or not func:
+            return f"{why} ({interp.path} has no {CALLED[0]})"
+        if at is not None and (at.name in CALLED or at.name.startswith(CALLED[-2])):
+            return f"{why} (the probe is in {at.name}, which its code calls)"
+        walk = py_walk(interp.runtime_addr - runtime[0].link_addr + func[0].link_addr,
+                       interp.layout, recipe.copy, STACKS.copy)
+        return walk if walk is not None else f"{why} (its stack copy leaves no room for them)"
+
+    def _py_groups(self, walk: PyWalk) -> Callable[[int, bytes], PyGroups]:
+        """(pid, a record's copy area) -> the Python frames the walk copied."""
+        stacks = self._pystacks
+        assert stacks is not None
+
+        def groups(pid: int, area: bytes) -> PyGroups:
+            got = copied(walk, area)
+            if got is None:
+                return ()
+            return stacks.recorded(pid, got.first, got.blobs, got.heads, self._live_read(pid))
+        return groups
+
+    def _live_read(self, pid: int) -> Callable[[int, int], bytes]:
+        """Reads `pid`'s memory now (its code objects, seen first)."""
+        for t in self.threads.values():
+            if t.pid == pid:
+                return t.mm.mem.read
+
+        def gone(addr: int, n: int) -> bytes:
+            raise ProcessError(f"process {pid} is not traced")
+        return gone
 
     def _copy_refused(self, tid: int) -> str | None:
         """Why the stack copy's system calls (getpid, process_vm_readv, made

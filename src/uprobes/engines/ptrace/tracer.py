@@ -317,7 +317,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
                 14: r.r14, 15: r.r15, 16: hit.ip}
         copied = getattr(hit, "copied", None)  # a RecordedHit's, its code copied at the hit
         if copied is not None:
-            return StackCapture(regs, StackCopy(r.rsp, copied))
+            return StackCapture(regs, StackCopy(r.rsp, copied), getattr(hit, "python", None))
         mem = hit.thread.mm.mem
         data = mem.read_upto(r.rsp, self.stack_bytes)
         py = None if self._pystacks is None else self._pystacks.capture(hit.pid, hit.tid, mem.read)

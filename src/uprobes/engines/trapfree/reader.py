@@ -53,6 +53,7 @@ from uprobes.sys import tsc
 from uprobes.sys.procmem import MemoryFault
 from uprobes.sys.ptrace import UserRegs
 from uprobes.unwind.capture import StackCapture
+from uprobes.unwind.cpython.reader import PyGroups
 from uprobes.unwind.stack import StackCopy
 
 DRAIN_S = 0.05                      # the longest a drain keeps reading (unless final)
@@ -63,6 +64,8 @@ _NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
 
 
 Make = Callable[[tuple[int, ...], int, tuple[int, str]], Hit]
+PyFrames = Callable[[int, bytes], PyGroups]
+"""(pid, a record's copy area) -> the Python frames its probe's code copied."""
 Direct = tuple[str, Make]
 """The name a probe's count goes under, and (its record, its time stamp,
 (pid, comm) of its thread) -> its `Hit`: built straight from the record,
@@ -80,6 +83,7 @@ class RecordedSite:
     file_base: int
     direct: Direct | None = None
     func: int | None = None  # a return probe's function (its ip is the return address)
+    python: PyFrames | None = None  # its records' Python frames (pywalk.py)
 
 
 def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) -> Make | None:
@@ -134,10 +138,11 @@ def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) 
     return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
 
 
-def stack_hit(make: Make, recipe: Recipe, ip: int) -> Make:
+def stack_hit(make: Make, recipe: Recipe, ip: int, python: PyFrames | None = None) -> Make:
     """`make` (a `direct_hit`) for a probe that copies the stack: its hit
     with the `StackCapture` after it, as the int3 path's `run()` hands on
-    (the registers by DWARF number, the ip the probe's, the copy)."""
+    (the registers by DWARF number, the ip the probe's, the copy; with
+    `python`, the Python frames its code copied too)."""
     where = [REC_VALUES + recipe.regs.index(name) for name in STACK_REGS]  # DWARF 0..15
     sp_at = REC_VALUES + recipe.regs.index("rsp")
 
@@ -145,7 +150,8 @@ def stack_hit(make: Make, recipe: Recipe, ip: int) -> Make:
         regs = {n: rec[at] for n, at in enumerate(where)}
         regs[RA] = ip
         copy = StackCopy(rec[sp_at], copied_stack(recipe, rec) or b"")
-        return (*make(rec, ts, owner), StackCapture(regs, copy))  # type: ignore[return-value]
+        py = None if python is None else python(owner[0], cast(bytes, rec[-1]))
+        return (*make(rec, ts, owner), StackCapture(regs, copy, py))  # type: ignore[return-value]
     return hit
 
 
@@ -200,6 +206,7 @@ class RecordedHit:
     func: int | None = None
     changed: bool = field(default=False)
     copied: bytes | None = None  # the stack from regs.rsp up, when the probe copies it
+    python: PyGroups | None = None  # the Python frames its code copied (pywalk.py)
 
 
 def copied_stack(recipe: Recipe, rec: tuple[int, ...]) -> bytes | None:
@@ -402,7 +409,9 @@ class Recorder:
                 site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
                     site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
                     rec[REC_AUX] & CPU_MASK,
-                    site.ip, site.file_base, ts, copied=copied_stack(site.recipe, rec)))
+                    site.ip, site.file_base, ts, copied=copied_stack(site.recipe, rec),
+                    python=None if site.python is None
+                    else site.python(owner[0], cast(bytes, rec[-1]))))
             else:
                 site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
                     site.probe, regs, window, owner[0], rec[REC_TID], owner[1],

@@ -104,6 +104,7 @@ from uprobes.engines.trapfree.layout import (
     WAITERS,
     RingShape,
 )
+from uprobes.engines.trapfree.pywalk import PyWalk, walk_block
 from uprobes.lang.ast import (
     Comm,
     FetchArg,
@@ -155,6 +156,7 @@ class Recipe:
     stack: tuple[int, int] | None
     ret: bool = False
     copy: int = 0  # bytes of stack copied from the stack pointer up (STACKS slots)
+    py: PyWalk | None = None  # and then the Python frames (pywalk.py)
 
     @property
     def words(self) -> int:
@@ -367,6 +369,8 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
     if recipe.copy:
         code += _stack_copy(recipe, shape)
+    if recipe.py is not None:
+        code += walk_block(recipe.py, shape.copy_offset)
     # The commit, counted (a locked add: stores before it are seen before it);
     # then jmp done.
     counted = i.create_mem(Code.INC_RM64, _mem(R.RIP, ring_addr + COMMITTED))

@@ -133,6 +133,10 @@ class PythonStacks:
             return None  # none in it, and no exec since
         return self.prepare(pid)
 
+    def interpreter(self, pid: int, read: Read) -> Interpreter | None:
+        """`pid`'s interpreter (found once, and again after an exec)."""
+        return self._interpreter(pid, read)
+
     def prepare(self, pid: int) -> Interpreter | None:
         """Find `pid`'s interpreter and its layout now (before its threads
         are stopped at hits: the first time costs seconds on a big build)."""
@@ -239,12 +243,77 @@ class PythonStacks:
             frame = _u64(read(frame + hop, 8), 0)
             if not frame:
                 return ()
+        blobs: list[bytes] = []
+        seen: set[int] = set()
+        size, prev_at = lay.frame_size, lay.frame_previous
+        try:
+            # The C stack's entry frames (3.12 on) are not shown, but are
+            # bounded too: no more than one per Python frame.
+            while frame and frame not in seen and len(blobs) < 2 * MAX_PY_FRAMES + 1:
+                seen.add(frame)
+                blobs.append(read(frame, size))
+                frame = _u64(blobs[-1], prev_at)
+            cut = bool(frame) and frame not in seen
+        except _OverBudget:
+            cut = True
+        return self._grouped(pid, lay, blobs, cut, read, budget,
+                             lambda addr, _: read(addr, lay.code_code))
+
+    def recorded(self, pid: int, first: int, blobs: list[bytes], heads: list[bytes | None],
+                 read: Read) -> PyGroups:
+        """The groups of the Python frames a probe's code copied at a hit
+        (trap-free stacks, trapfree/pywalk.py): `first` the thread's
+        current frame, `blobs` each frame's header from there by
+        `previous` (as many as it could copy), `heads` the part of each
+        one's code object a code is told by (`fingerprint`, None: not
+        copied). A code object is read (`read`: the live process) only the
+        first time it is seen; one whose fingerprint there is not the
+        copied one (freed and another made where it was, since the hit)
+        ends the stack."""
+        # (the one seen while the probes went in: the process may be gone)
+        interp = self._interps.get(pid) or self._interpreter(pid, read)
+        if interp is None:
+            return ()
+        lay = interp.layout
+        fp_lo, fp_hi = fingerprint(lay)
+        chain: list[bytes] = []
+        seen, frame = {first}, first
+        for blob in blobs:
+            chain.append(blob)
+            frame = _u64(blob, lay.frame_previous)
+            if frame in seen:
+                frame = 0
+                break
+            seen.add(frame)
+        at = {_u64(b, lay.frame_code): h for b, h in zip(blobs, heads, strict=True)
+              if h is not None}
+
+        def head(addr: int, cached: _Code | None) -> bytes:
+            copied = at.get(addr)
+            if copied is None:
+                raise _OverBudget  # (not copied: the stack ends here)
+            if cached is not None and cached.fingerprint == copied:
+                return b"\0" * fp_lo + copied  # the fingerprint is all a cached one is checked by
+            live = read(addr, lay.code_code)
+            if live[fp_lo:fp_hi] != copied:
+                raise _OverBudget
+            return live
+        budget = _Budget(read)
+        try:
+            return self._grouped(pid, lay, chain, bool(frame), budget, budget, head)
+        except UprobesError:
+            return ((CUT,),)
+
+    def _grouped(self, pid: int, lay: Layout, blobs: list[bytes], cut: bool, read: Read,
+                 budget: _Budget, head_of: Callable[[int, _Code | None], bytes]) -> PyGroups:
+        """`blobs` (frame headers, innermost first; `cut`: the chain goes on
+        past them) as frames in eval-loop groups; `head_of(code address,
+        its cached code)` reads a code object's fields up to its code, `read`
+        the rest of a code object seen first."""
         groups: list[tuple[Frame, ...]] = []
         group: list[Frame] = []
-        seen: set[int] = set()
         shown = 0
-        size, code_at, prev_at = lay.frame_size, lay.frame_code, lay.frame_previous
-        instr_at, owner_at = lay.frame_prev_instr, lay.frame_owner
+        code_at, instr_at, owner_at = lay.frame_code, lay.frame_prev_instr, lay.frame_owner
         generator, code_start = lay.owned_by_generator, lay.code_code
         # 3.11 flags the outermost Python frame of an eval-loop call; from
         # 3.12 a frame of the C stack's own sits below it (no code to name).
@@ -253,24 +322,20 @@ class PythonStacks:
         # The code object's fields we name it by, which never change once it
         # is made: read at each hit, they tell a cached code object from a
         # new one made where a freed one was.
-        named = (lay.code_firstlineno, lay.code_filename, lay.code_qualname, lay.code_linetable)
-        fp_lo, fp_hi = min(named), max(named) + 8
+        fp_lo, fp_hi = fingerprint(lay)
         codes = self._codes
         try:
-            # The C stack's entry frames are not counted as shown, but are
-            # bounded too: no more than one per Python frame.
-            while frame and frame not in seen and shown < MAX_PY_FRAMES \
-                    and len(seen) < 2 * MAX_PY_FRAMES + 1:
-                seen.add(frame)
-                blob = read(frame, size)
+            for blob in blobs:
+                if shown >= MAX_PY_FRAMES:
+                    cut = True
+                    break
                 if apart and blob[owner_at] == entry_at:
                     groups.append(tuple(group))
                     group = []
-                    frame = _u64(blob, prev_at)
                     continue
                 code_addr = _u64(blob, code_at)
-                head = read(code_addr, code_start)
                 code = codes.get((pid, code_addr))
+                head = head_of(code_addr, code)
                 if code is None or code.fingerprint != head[fp_lo:fp_hi]:
                     code = codes[(pid, code_addr)] = self._code(
                         code_addr, head, head[fp_lo:fp_hi], read, lay)
@@ -290,8 +355,6 @@ class PythonStacks:
                 if not apart and blob[entry_at]:
                     groups.append(tuple(group))
                     group = []
-                frame = _u64(blob, prev_at)
-            cut = bool(frame) and frame not in seen
         except _OverBudget:
             cut = True
         if cut:
@@ -314,6 +377,14 @@ class PythonStacks:
                      addr, {})
 
 
+def fingerprint(lay: Layout) -> tuple[int, int]:
+    """The span of a code object's fields (from its start) it is told by:
+    its first line, file, qualified name and line table, which never
+    change once it is made."""
+    named = (lay.code_firstlineno, lay.code_filename, lay.code_qualname, lay.code_linetable)
+    return min(named), max(named) + 8
+
+
 def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]:
     """`native` (innermost first) with each `_PyEval_EvalFrameDefault` frame
     replaced by the Python frames it runs, group by group; groups left over
@@ -331,4 +402,4 @@ def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]
     return tuple(out)
 
 
-__all__ = ["CUT", "PyGroups", "PythonStacks", "interleave", "version_text"]
+__all__ = ["CUT", "PyGroups", "PythonStacks", "fingerprint", "interleave", "version_text"]

@@ -1,0 +1,288 @@
+"""Python frames copied by a recording probe's code: `stacks --python` with no stop.
+
+A probe that copies the stack (recording.py) can also copy what the tracer
+reads to name the hitting thread's Python frames (unwind/cpython/reader.py),
+so `--python` needs no int3 either. After the stack copy its code:
+
+    calls PyGILState_GetThisThreadState()   ; the thread's own state (a
+                                            ; pthread key CPython keeps per
+                                            ; thread, GIL held or not), or 0
+    follows the thread state to its current frame (3.11, 3.12: cframe ->
+      current_frame; 3.13: current_frame), 8 bytes a hop
+    copies each frame's header (the layout's frame_size bytes) by
+      `previous`, up to `frames` of them
+    copies each one's code object's fingerprint (reader.fingerprint: its
+      first line, file, qualified name and line table) by one call with
+      an iovec per frame
+
+Every copy is a process_vm_readv(2) of the program's own process (getpid,
+as the stack copy): the program's memory is untrusted, and a pointer to
+nothing gives a short copy, never a fault. The function called only reads
+a pthread key (no lock, no allocation: CPython's faulthandler calls it from
+a signal handler); a probe in it, or in what it calls, keeps the int3
+path (`CALLED`). Offsets come from the interpreter's layout
+(resolve/pylayout.py), as for the int3 path's reads.
+
+The Python area, in the slot's copy area after the stack copy (`at`):
+
+    +0   the thread state (0: none, no Python frames)
+    +8   frame headers copied
+    +16  bytes of fingerprints copied (the call's result: < 0, none)
+    +24  the current frame's address
+    +32  one word: each hop's read
+    +40  `frames` frame headers, `header` bytes each
+    then `frames` iovecs (the fingerprints' sources), then `frames`
+    fingerprints of `fp_len` bytes
+
+The reader (reader.py's `python` of a site) gives these to
+`PythonStacks.recorded`, which names them as the int3 path names the
+frames it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
+from iced_x86 import Register as R
+
+from uprobes.resolve.pylayout import Layout
+from uprobes.unwind.cpython.reader import MAX_PY_FRAMES, fingerprint
+
+NR_PROCESS_VM_READV = 310
+NR_GETPID = 39
+HEADER = 40  # the area's words before the frames
+CALLED = ("PyGILState_GetThisThreadState", "pthread_getspecific", "__pthread_getspecific",
+          "_dl_runtime_resolve", "_dl_fixup")
+"""Functions the walk's code may run (a lazily bound call passes through the
+dynamic linker once): a probe in one keeps the int3 path."""
+_SAVED = (R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11, R.RBX, R.RBP,
+          R.R12, R.R13, R.R14, R.R15)
+
+
+def _up8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass(frozen=True)
+class PyWalk:
+    """What one process's walk copies: `func` the run-time address of
+    PyGILState_GetThisThreadState, `hops` the offsets from a thread state
+    to its current frame, a frame's `header` bytes (its `previous` and
+    code object at `previous` and `code`), each code object's fingerprint
+    (`fp_at`, `fp_len` bytes), at most `frames` frames, into the slot's
+    copy area from `at`."""
+
+    func: int
+    hops: tuple[int, ...]
+    header: int
+    previous: int
+    code: int
+    fp_at: int
+    fp_len: int
+    frames: int
+    at: int
+
+    @property
+    def stride(self) -> int:
+        return _up8(self.header)
+
+    @property
+    def iovs(self) -> int:
+        return self.at + HEADER + self.frames * self.stride
+
+    @property
+    def fps(self) -> int:
+        return self.iovs + 16 * self.frames
+
+    @property
+    def end(self) -> int:
+        return self.fps + self.frames * self.fp_len
+
+
+def py_walk(func: int, lay: Layout, copy: int, room: int) -> PyWalk | None:
+    """The walk for an interpreter of layout `lay` whose
+    PyGILState_GetThisThreadState is at `func`, after a stack copy of `copy`
+    bytes in a copy area of `room`; None: not a frame fits."""
+    fp_lo, fp_hi = fingerprint(lay)
+    header, fp_len = lay.frame_size, fp_hi - fp_lo
+    at = _up8(copy)
+    per = _up8(header) + 16 + fp_len
+    frames = min(MAX_PY_FRAMES * 2, (room - at - HEADER) // per)
+    if frames < 1:
+        return None
+    return PyWalk(func, lay.current_frame_hops(), header, lay.frame_previous, lay.frame_code,
+                  fp_lo, fp_len, frames, at)
+
+
+@dataclass(frozen=True)
+class Copied:
+    """A record's Python area, as the reader takes it."""
+
+    first: int
+    blobs: list[bytes]
+    heads: list[bytes | None]
+
+
+def copied(walk: PyWalk, area: bytes) -> Copied | None:
+    """The frames a record's copy area holds (None: the thread had none)."""
+    base = walk.at
+    if len(area) < walk.end:
+        return None
+    word = [int.from_bytes(area[base + 8 * k:base + 8 * k + 8], "little", signed=True)
+            for k in range(4)]
+    tstate, n, fp_bytes, first = word
+    if not tstate or not first:
+        return None
+    n = max(0, min(n, walk.frames))
+    at, stride = base + HEADER, walk.stride
+    blobs = [area[at + stride * k:at + stride * k + walk.header] for k in range(n)]
+    heads: list[bytes | None] = []
+    for k in range(n):
+        lo = walk.fps + walk.fp_len * k
+        heads.append(area[lo:lo + walk.fp_len] if fp_bytes >= walk.fp_len * (k + 1) else None)
+    return Copied(first & ((1 << 64) - 1), blobs, heads)
+
+
+def _mem(base: Any, displ: int = 0) -> MemoryOperand:
+    return MemoryOperand(base, displ=displ)
+
+
+def _readv(local: Any, remote: Any, n: int) -> list[Instruction]:
+    """process_vm_readv(r12d, {local, n}, 1, {remote, n}, 1, 0); rax: its result."""
+    i = Instruction
+    return [
+        i.create_i32(Code.PUSHQ_IMM32, n), i.create_reg(Code.PUSH_R64, remote),
+        i.create_i32(Code.PUSHQ_IMM32, n), i.create_reg(Code.PUSH_R64, local),
+        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.R12D),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RSP, 16)),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R8D, 1),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
+        i.create(Code.SYSCALL),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 32)),
+    ]
+
+
+def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
+    """The walk's code for the slot at rcx (its copy area at `copy_offset`),
+    as `db` instructions: its branches are its own and it reads nothing
+    relative to rip, so its bytes go anywhere. Every register it changes is
+    put back but rax."""
+    i = Instruction
+    area = copy_offset + walk.at
+    code: list[Instruction | None] = [i.create_reg(Code.PUSH_R64, r) for r in _SAVED]
+    jumps: list[tuple[int, Any, str]] = []
+
+    def branch(kind: Any, label: str) -> None:
+        jumps.append((len(code), kind, label))
+        code.append(None)
+    code += [
+        i.create_reg_mem(Code.LEA_R64_M, R.RBX, _mem(R.RCX, area)),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 0), 0),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 8), 0),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 16), -1),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 24), 0),
+        # The call, on a 16-byte aligned stack.
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RBP, R.RSP),
+        i.create_reg_i32(Code.AND_RM64_IMM8, R.RSP, -16),
+        i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, walk.func),
+        i.create_reg(Code.CALL_RM64, R.RAX),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RSP, R.RBP),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 0), R.RAX),
+        i.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX),
+    ]
+    branch(Code.JE_REL32_64, "done")
+    code += [
+        i.create_reg_reg(Code.MOV_R64_RM64, R.R13, R.RAX),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_GETPID),
+        i.create(Code.SYSCALL),
+        i.create_reg_reg(Code.MOV_R32_RM32, R.R12D, R.EAX),
+        i.create_reg_mem(Code.LEA_R64_M, R.R15, _mem(R.RBX, 32)),
+    ]
+    for hop in walk.hops:
+        code += [i.create_reg_mem(Code.LEA_R64_M, R.R14, _mem(R.R13, hop)),
+                 *_readv(R.R15, R.R14, 8),
+                 i.create_reg_i32(Code.CMP_RM64_IMM8, R.RAX, 8)]
+        branch(Code.JNE_REL32_64, "done")
+        code += [i.create_reg_mem(Code.MOV_R64_RM64, R.R13, _mem(R.RBX, 32)),
+                 i.create_reg_reg(Code.TEST_RM64_R64, R.R13, R.R13)]
+        branch(Code.JE_REL32_64, "done")
+    code += [
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 24), R.R13),
+        i.create_reg_reg(Code.XOR_R32_RM32, R.R14D, R.R14D),
+        i.create_reg_mem(Code.LEA_R64_M, R.R15, _mem(R.RBX, HEADER)),
+    ]
+    loop = len(code)
+    code += [*_readv(R.R15, R.R13, walk.header),
+             i.create_reg_i32(Code.CMP_RM64_IMM32, R.RAX, walk.header)]
+    branch(Code.JNE_REL32_64, "fps")
+    code += [
+        i.create_reg(Code.INC_RM64, R.R14),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 8), R.R14),
+        i.create_reg_mem(Code.MOV_R64_RM64, R.R13, _mem(R.R15, walk.previous)),
+        i.create_reg_mem(Code.LEA_R64_M, R.R15, _mem(R.R15, walk.stride)),
+        i.create_reg_reg(Code.TEST_RM64_R64, R.R13, R.R13),
+    ]
+    branch(Code.JE_REL32_64, "fps")
+    code.append(i.create_reg_i32(Code.CMP_RM64_IMM32, R.R14, walk.frames))
+    jumps.append((len(code), Code.JB_REL32_64, "loop"))
+    code.append(None)
+    fps = len(code)
+    code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.R14, R.R14))
+    branch(Code.JE_REL32_64, "done")
+    # The fingerprints' iovecs: {code object + fp_at, fp_len} per frame.
+    code += [
+        i.create_reg_reg(Code.XOR_R32_RM32, R.ECX, R.ECX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RBX, HEADER)),
+        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RBX, walk.iovs - walk.at)),
+    ]
+    iov = len(code)
+    code += [
+        i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI, walk.code)),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, walk.fp_at)),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 0), R.RAX),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, 8), walk.fp_len),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, walk.stride)),
+        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RDI, 16)),
+        i.create_reg(Code.INC_RM64, R.RCX),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R14),
+    ]
+    jumps.append((len(code), Code.JB_REL32_64, "iov"))
+    code.append(None)
+    code += [
+        i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RAX, R.R14, walk.fp_len),
+        i.create_reg(Code.PUSH_R64, R.RAX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RBX, walk.fps - walk.at)),
+        i.create_reg(Code.PUSH_R64, R.RAX),
+        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.R12D),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RBX, walk.iovs - walk.at)),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.R14),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
+        i.create(Code.SYSCALL),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 16)),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 16), R.RAX),
+    ]
+    done = len(code)
+    code += [i.create_reg(Code.POP_R64, r) for r in reversed(_SAVED)]
+    labels = {"done": done, "fps": fps, "loop": loop, "iov": iov}
+    for at, kind, name in jumps:
+        code[at] = i.create_branch(kind, 1 + labels[name])
+    final: list[Instruction] = []
+    for n, insn in enumerate(code):
+        assert insn is not None
+        insn.ip = 1 + n  # ips as labels
+        final.append(insn)
+    enc = BlockEncoder(64)
+    enc.add_many(final)
+    raw = bytes(enc.encode(0x1000))
+    return [i.create_declare_byte(raw[k:k + 16]) for k in range(0, len(raw), 16)]
+
+
+__all__ = ["CALLED", "Copied", "PyWalk", "copied", "py_walk", "walk_block"]
