@@ -15,7 +15,8 @@ row once per repeat, in turn. Rows:
   nobody` (every hit rejected by the thread's name, asked of the kernel at
   each hit); `count --by
   tid` (a hash table in shared memory); `latency` (entry and return timed
-  in the program, a histogram per thread); `latency --by ra` and `--by a`
+  in the program, a histogram per thread); `latency --if 'tid == 1'` (every
+  call rejected by the entry's code, its return let go); `latency --by ra` and `--by a`
   (keyed by a value fetched at entry and kept with the open call: the
   return address, one key; the argument, a new key each call, so the table
   of keyed histograms fills and the rest are counted as not keyed); `count
@@ -192,6 +193,9 @@ def rows() -> list[Row]:
             "count", "-e", "ptrace", "--json", "--by", "tid", spec, count=_keyed)),
         Row("uprobes latency -e ptrace", "entry+return, histogram", _uprobes(
             "latency", "-e", "ptrace", "--json", spec, count=_latency)),
+        Row("uprobes latency -e ptrace --if 'tid == 1'", "entry+return, every call rejected "
+            "at its entry", _uprobes("latency", "-e", "ptrace", "--json", "--if", "tid == 1",
+                                     spec, count=_latency)),
         Row("uprobes count -e ptrace --by comm", "entry, counted per thread name (asked at "
             "each hit)", _uprobes("count", "-e", "ptrace", "--json", "--by", "comm", spec,
                                   count=_keyed)),
