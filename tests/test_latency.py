@@ -262,6 +262,36 @@ def test_by_a_fetched_argument(how: tuple[str, ...], latency_exe: Path,
     assert fibs == {f"uprobes/fib n={n}": c for n, c in calls.items()}
 
 
+def _fib_calls(top: int) -> dict[int, int]:
+    calls = {n: 0 for n in range(top + 1)}
+
+    def fib(n: int) -> None:
+        calls[n] += 1
+        if n >= 2:
+            fib(n - 1)
+            fib(n - 2)
+    fib(top)
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_by_a_dwarf_parameter_at_O0(engine: str, tracefs: Path, compile_c: Compiler) -> None:
+    """`--by n 'fib n'` at -O0: the entry probe goes after fib's prologue,
+    where n is stored, and still pairs with its returns (the return address
+    read at the CFA there, the call known by its function's address): each
+    n its count in fib(10)'s call tree, no return left unpaired."""
+    exe = compile_c("latency.c", "-O0")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine, "--json",
+                           "--by", "n", f"{exe}:fib n", "--", str(exe)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "probed after its prologue" in proc.stderr
+    assert "returns without an entry" not in proc.stderr, proc.stderr
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    assert {k: h["count"] for k, h in doc.items()} == {
+        f"uprobes/fib n={n}": c for n, c in _fib_calls(10).items()}
+
+
 def test_by_an_argument_the_spec_does_not_fetch_is_one_line(latency_exe: Path,
                                                             capsys: pytest.CaptureFixture[str]
                                                             ) -> None:

@@ -44,8 +44,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from uprobes.model.event import FRAME_ARG, RA_ARG, SP_ARG, Event
+from uprobes.model.probe import ResolvedProbe
 
-__all__ = ["RA_ARG", "SP_ARG", "CallPairer"]
+__all__ = ["RA_ARG", "SP_ARG", "CallPairer", "past_entry"]
+
+
+def past_entry(probes: list[ResolvedProbe]) -> dict[str, int]:
+    """`CallPairer.past_entry` of resolved probes: the entry probes of a
+    function that sit past its first instruction, by name."""
+    return {p.name: p.symbol_offset for p in probes
+            if not p.is_return and p.symbol_offset and p.symbol is not None}
 
 
 def _sp(ev: Event) -> int | None:
@@ -73,6 +81,10 @@ class CallPairer:
     _open: dict[tuple[int, int, int], list[Event]] = field(default_factory=dict)
     _frames: dict[tuple[int, int], Event] = field(default_factory=dict)
     """Calls paired by frame: (pid, frame) -> the open call's entry."""
+    past_entry: dict[str, int] = field(default_factory=dict)
+    """Entry probes placed past their function's first instruction (after an
+    unoptimized function's prologue, where its arguments are): probe name
+    -> bytes past it. Their returns name the function's first address."""
 
     def entry(self, ev: Event) -> None:
         frame = _frame(ev)
@@ -81,7 +93,8 @@ class CallPairer:
                 self.abandoned += 1  # its frame is another call's now
             self._frames[(ev.pid, frame)] = ev
             return
-        stack = self._open.setdefault((ev.pid, ev.tid, ev.ip), [])
+        func = ev.ip - self.past_entry.get(ev.probe, 0)
+        stack = self._open.setdefault((ev.pid, ev.tid, func), [])
         sp = _sp(ev)
         if sp is not None:
             while stack and (_sp(stack[-1]) or 0) <= sp:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TextIO
 
 from uprobes.analysis.breakdown import Call, breakdowns
-from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
+from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer, past_entry
 from uprobes.analysis.histogram import Histogram
 from uprobes.analysis.keyed import TASK_KEYS
 from uprobes.commands.resolve import parse_specs
@@ -137,9 +137,14 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
             return f"{ev.probe} {args.by}={getattr(ev, args.by)}"
         return f"{ev.probe} {args.by}={ev.args.get(args.by)}"
 
+    placed: list[bool] = []
+
     def on_entry(ev: Event) -> None:
         if args.by is None and ev.probe not in histograms:
             histograms[ev.probe] = Histogram()
+        if not placed:  # the probes are placed by the first hit
+            placed.append(True)
+            pairer.past_entry.update(past_entry(session.probes))
         pairer.entry(ev)
 
     calls: list[Call] = []

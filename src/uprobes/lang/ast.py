@@ -220,7 +220,14 @@ class ValueView:
     Rust `&str` or `String`, a `std::string`), "list" (its own fetch the
     elements, each read by `element`, its part their count) and "variants"
     (its own fetch a Rust enum's discriminant, its parts the fields of every
-    variant, `variants` saying which belong to which)."""
+    variant, `variants` saying which belong to which).
+
+    `guards` name hidden string fetches (`uprobes.resolve.dwarfguards`): a
+    witness (`$comm`), then one per memory read the value's fetch makes
+    through a pointer, of the address that read reads. A guard that faulted,
+    its witness not, says the value is unreadable, which prints `(fault)`
+    (JSON null), never the zeros or stale bytes a faulting numeric fetch
+    leaves."""
 
     kind: str
     type_name: str = ""
@@ -230,6 +237,7 @@ class ValueView:
     parts: tuple[str, ...] = ()
     element: ValueView | None = None
     variants: tuple[Variant, ...] = ()
+    guards: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,15 @@ class Fold:
     def __init__(self, args: Sequence[tuple[str, FetchType]]) -> None:
         index = {name: i for i, (name, _) in enumerate(args)}
         self.leads: dict[int, tuple[int, ...]] = {}
+        self.guards: dict[int, tuple[int, ...]] = {}
         hidden: set[int] = set()
         for i, (_, t) in enumerate(args):
             if t.view is not None and t.view.parts:
                 self.leads[i] = tuple(index[p] for p in t.view.parts)
                 hidden.update(self.leads[i])
+            if t.view is not None and t.view.guards:
+                self.guards[i] = tuple(index[g] for g in t.view.guards)
+                hidden.update(self.guards[i])
         self.types = [t for _, t in args]
         self.shown = [i for i in range(len(args)) if i not in hidden]
         self.args = tuple(args[i] for i in self.shown)
@@ -75,15 +79,30 @@ class Fold:
 
     def _value(self, i: int, values: Sequence[ArgValue]) -> Shown:
         if i not in self.leads:
-            return values[i]
-        return Composed(values[i], tuple((self._value(j, values), self.types[j])
-                                         for j in self.leads[i]))
+            return None if self._faulted(i, values) else values[i]
+        parts = tuple((self._value(j, values), self.types[j]) for j in self.leads[i])
+        view = self.types[i].view
+        if view is not None and view.kind in ("text", "list"):
+            count = parts[0][0]
+            if count is None:
+                return None  # its count could not be read
+            if count == 0:  # nothing to read: its data pointer may dangle
+                return Composed(values[i], parts)
+        return None if self._faulted(i, values) else Composed(values[i], parts)
+
+    def _faulted(self, i: int, values: Sequence[ArgValue]) -> bool:
+        """Whether a guard of value `i` faulted, its witness not (see
+        uprobes.resolve.dwarfguards)."""
+        guards = self.guards.get(i)
+        return guards is not None and values[guards[0]] is not None \
+            and any(values[g] is None for g in guards[1:])
 
 
 @functools.lru_cache(maxsize=256)
 def fold_of(args: tuple[tuple[str, FetchType], ...]) -> Fold | None:
-    """The `Fold` of a probe with composed values; None for the others (most)."""
-    if not any(t.view is not None and t.view.parts for _, t in args):
+    """The `Fold` of a probe with composed or guarded values; None for the
+    others (most)."""
+    if not any(t.view is not None and (t.view.parts or t.view.guards) for _, t in args):
         return None
     return Fold(args)
 

@@ -24,11 +24,13 @@ from uprobes.elf.dwarf.types import CType
 from uprobes.elf.ehframe import EhFrameTable
 from uprobes.elf.image import ElfImage
 from uprobes.errors import ResolveError
-from uprobes.lang.ast import FetchArg, FetchExpr, Register, RetVal, Variable
+from uprobes.lang.ast import Deref, FetchArg, FetchExpr, Register, RetVal, StackPointer, Variable
 from uprobes.lang.fetchargs import MAX_ARG_NAME_LEN
 from uprobes.lang.render import render_variable
+from uprobes.model.event import RA_ARG, SP_ARG
 from uprobes.resolve.debugdwarf import dwarf_if_any
 from uprobes.resolve.dwarfaccess import Access, Item
+from uprobes.resolve.dwarfguards import guard_faults
 
 
 @dataclass
@@ -118,8 +120,10 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
     """`args` with every `Variable` replaced by the fetches of its value."""
     access = Access(scope.frame.delta)
     out: list[FetchArg] = []
+    typed: set[int] = set()  # the fetches the user typed (`s->flags:x32`, `p:string`)
     for arg in args:
         if not isinstance(arg.expr, Variable):
+            typed.add(len(out))
             out.append(arg)
             continue
         var = arg.expr
@@ -143,14 +147,35 @@ def lower_variables(args: tuple[FetchArg, ...], scope: Scope) -> tuple[FetchArg,
             item = access.step(item, step.op, step.field, step.index, text)
         if arg.type.is_string and item.type.kind in ("pointer", "reference"):
             # `p:string`: the string a pointer of any type points to, as perf probe reads it
+            typed.add(len(out))
             out.append(FetchArg(arg.name, access.read(access.pointee(item, 0, text)),
                                 replace(arg.type, view=None), arg.text))
             continue
         leaves = access.leaves(item, arg.name, 0, lenient=False, text=text)
         if arg.type.explicit:
             leaves = [_explicit(leaves, arg, item)]
+            typed.add(len(out))
         out += leaves
-    return tuple(_unique(out))
+    cfa = scope.frame.cfa()
+    frame = {"sp", cfa[0]} if cfa is not None else {"sp"}
+    if scope.link_addr != scope.entry and cfa is not None:
+        out = [_entry_frame(a, cfa) for a in out]
+    return guard_faults(_unique(out), set(range(len(out))) - typed, frame)
+
+
+def _entry_frame(arg: FetchArg, cfa: tuple[str, int]) -> FetchArg:
+    """The stack pointer and return address a call's entry fetches to pair
+    it with its return (`latency`: `__sp=%sp`, `__ra=+0(%sp)`), where the
+    probe is past the function's first instruction (after an unoptimized
+    function's prologue): the return address is at the CFA - 8 there, and
+    the stack pointer is read as the CFA's register (the entry's stack
+    pointer less a constant of the probe's, which is what pairing compares)."""
+    reg, off = cfa
+    if arg.name == SP_ARG and (arg.expr == Register("sp") or isinstance(arg.expr, StackPointer)):
+        return replace(arg, expr=Register(reg))
+    if arg.name == RA_ARG and arg.expr == Deref(0, Register("sp")):
+        return replace(arg, expr=Deref(off - 8, Register(reg)))
+    return arg
 
 
 def typed_return(args: tuple[FetchArg, ...], image: ElfImage,

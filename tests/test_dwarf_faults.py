@@ -1,0 +1,100 @@
+"""Values behind pointers that cannot be read print `(fault)` on both
+engines, where gdb says `Cannot access memory`, never the zeros a faulting
+kernel fetch leaves (see uprobes.resolve.dwarfguards). The fixture calls
+look() with a node whose `in` and `name` point into an unmapped page, with
+NULL and with the unmapped page itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Compiler, need
+
+from uprobes.commands import main
+from uprobes.commands.resolve import parse_specs
+from uprobes.resolve.resolver import Resolver
+
+EXPRS = {"p_id": "p->id", "p_in_x": "p->in->x", "p_next_in_y": "p->next->in->y",
+         "p_name": "p->name", "p_deref_id": "p->id", "p_deref_name": "p->name",
+         "p_deref_in": "p->in", "p_deref_next": "p->next", "p_deref_vals": "p->vals"}
+PROBE = "look p->id p->in->x p->next->in->y p->name *p n"
+HITS = 3
+
+
+def _gdb(exe: Path, offset: int) -> list[dict[str, str]]:
+    """gdb's print of each expression at each of the hits, as our trace text
+    writes it: `(fault)` where gdb cannot access the memory."""
+    exprs = list(dict.fromkeys(EXPRS.values()))
+    cmds = ["set pagination off", "set print pretty off", "starti",
+            f"break *((char *)&look + {offset})"]
+    for _ in range(HITS):
+        cmds.append("continue")
+        for e in exprs:
+            cmds += ["echo <<\\n", f"print {e}", "echo >>\\n"]
+    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    blocks = re.findall(r"^<<\n(.*?)^>>$", run.stdout, re.M | re.S)
+    assert len(blocks) == HITS * len(exprs), run.stdout + run.stderr
+    hits = []
+    for h in range(HITS):
+        got = {}
+        for i, e in enumerate(exprs):
+            text = blocks[h * len(exprs) + i].strip()
+            m = re.fullmatch(r"\$\d+ = (.*)", text)
+            if m is None or "Cannot access memory" in text:
+                got[e] = "(fault)"
+                continue
+            value = m.group(1)
+            s = re.fullmatch(r'0x[0-9a-f]+ (".*")', value)
+            value = s.group(1) if s else re.sub(r"^\(.*?\) | <\w+>$", "", value)
+            got[e] = _pointer(value.replace(" ", "") if value.startswith("{") else value)
+        hits.append(got)
+    return hits
+
+
+def _pointer(value: str) -> str:
+    """A pointer's value as compared: ASLR moves it between runs."""
+    return "0x..." if re.fullmatch(r"0x[0-9a-f]*[1-9a-f][0-9a-f]*", value) else value
+
+
+def _ours(engine: str, exe: Path) -> tuple[list[dict[str, str]], list[dict[str, object]]]:
+    probe = f"{exe}:{PROBE}"
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["trace", "-e", engine, probe, "--", str(exe)], out=out, err=err) == 0, \
+        err.getvalue()
+    lines = [ln for ln in out.getvalue().splitlines() if " look: " in ln]
+    text = [{k: _pointer(v) for k, v in re.findall(r' (\w+)=("[^"]*"|\{[^}]*\}|\S+)', ln)}
+            for ln in lines]
+    out = io.StringIO()
+    assert main(["trace", "-e", engine, "--json", probe, "--", str(exe)], out=out) == 0
+    docs = [json.loads(ln)["args"] for ln in out.getvalue().splitlines() if '"probe"' in ln]
+    return text, docs
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("level", ["-O0", "-O2"])
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_unreadable_memory_prints_fault_as_gdb(compile_c: Compiler, engine: str,
+                                               level: str) -> None:
+    need(shutil.which("gdb") is not None, "gdb")
+    if engine == "kernel":
+        need(Path("/sys/kernel/tracing/uprobe_events").exists(), "tracefs")
+    exe = compile_c("dwarf_faults.c", level)
+    (resolved,) = Resolver().resolve_all(parse_specs([f"{exe}:{PROBE}"]))
+    text, docs = _ours(engine, exe)
+    assert [t["n"] for t in text] == ["1", "2", "3"]
+    for ours, gdb, doc in zip(text, _gdb(exe, resolved.symbol_offset), docs):
+        for name, expr in EXPRS.items():
+            assert ours[name] == gdb[expr], (engine, level, ours["n"], name, ours[name], gdb[expr])
+            assert (doc[name] is None) == (gdb[expr] == "(fault)"), (name, doc)
+        assert not any(k.startswith("__guard") for k in (*ours, *doc))
+    # the first node: its own fields read, what its pointers point to does not
+    assert (text[0]["p_id"], text[0]["p_in_x"], text[0]["p_name"]) == ("1", "(fault)", "(fault)")
+    assert text[0]["p_next_in_y"] == "-6"
+    assert all(v == "(fault)" for t in text[1:] for k, v in t.items() if k != "n")
