@@ -166,3 +166,16 @@ def test_a_probe_too_big_for_the_kernel_is_refused_in_one_line(
     (line,) = [ln for ln in err.getvalue().splitlines() if "note:" not in ln]
     assert line.startswith("uprobes: error: uprobes/dwarf_edges::apart: its 41 fetches ")
     assert line.endswith("; -e ptrace reads them")
+
+
+@pytest.mark.root
+def test_auto_takes_ptrace_for_a_probe_too_big_for_the_kernel(
+        compile_rust: RustCompiler, capsys: pytest.CaptureFixture[str]) -> None:
+    """`-e auto` on a probe the kernel refuses as too big (40 variants of
+    arrays apart: 6572 bytes of fields with the name, where a kernel event takes 3072)
+    takes the ptrace engine, with a note saying why, and prints the value."""
+    exe = compile_rust("dwarf_edges.rs", "-C", "opt-level=0")
+    assert _trace("auto", exe, ["apart"]) == {"apart": CALLS["apart"]}
+    err = capsys.readouterr().err
+    assert "uprobes/dwarf_edges::apart: its fetches take 6572 bytes of one event, more than " \
+           "the kernel's 3072: -e auto takes the ptrace engine" in err, err

@@ -324,7 +324,7 @@ class Session:
             for text in p.notes:
                 self._note(text)
         self.engine_used = pick_engine(self.engine, self.probes, has_target=has_target,
-                                       python=self.python)
+                                       python=self.python, note=self._note)
 
     def _open(self, *, pid: int | None = None, child: int | None = None) -> Tracer:
         """The engine's tracer for the resolved probes, to be entered. An

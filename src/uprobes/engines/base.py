@@ -204,16 +204,18 @@ class Request:
     int3s: bool = True
     let_go: Callable[[int], bool] | None = None
 
-    def pick(self) -> str:
-        """The engine that serves this request: `kernel` or `ptrace`."""
+    def pick(self, noted: bool = False) -> str:
+        """The engine that serves this request: `kernel` or `ptrace` (`noted`:
+        with a note of why `auto` takes the ptrace engine, if the kernel
+        cannot express a probe)."""
         return pick_engine(self.engine, self.probes,
                            has_target=self.pid is not None or self.child is not None,
-                           python=self.python)
+                           python=self.python, note=self.note if noted else None)
 
 
 def open_tracer(request: Request) -> Tracer:
     """The tracer for `request`, on the engine it picks; enter it to place the probes."""
-    if request.pick() == "ptrace":
+    if request.pick(noted=True) == "ptrace":
         from uprobes.engines.ptrace.tracer import PtraceTracer
         return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                             force=request.force, note=request.note,

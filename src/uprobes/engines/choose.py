@@ -3,16 +3,24 @@
 `auto` takes the kernel (system-wide, cheapest per hit) unless it cannot
 serve: a vDSO probe (no file, so no inode for the kernel to name), a file
 whose path has whitespace (uprobe_events cannot name it), an argument in
-an SSE register (a float from DWARF, which no fetcharg reads), or no
-usable tracefs and kernel uprobes (not root, lockdown, no CONFIG_UPROBES).
-Then the ptrace engine, which needs a process or a command to trace.
+an SSE register (a float from DWARF, which no fetcharg reads), a probe
+too big for one kernel event (more than 128 fetchargs, 3072 bytes of
+fields or a 4094-byte `uprobe_events` line: a struct or a Rust enum of many
+fields), or no usable tracefs and kernel uprobes (not root, lockdown, no
+CONFIG_UPROBES). Then the ptrace engine, which needs a process or a
+command to trace; for a probe the kernel cannot express (an SSE register,
+too big) a note says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from uprobes.engines.kernel.probe_line import kernel_can_name, kernel_cannot_read
+from uprobes.engines.kernel.probe_line import (
+    kernel_can_name,
+    kernel_cannot_read,
+    kernel_cannot_take,
+)
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe, VdsoKey
 
@@ -20,9 +28,10 @@ ENGINES = ("auto", "kernel", "ptrace")
 
 
 def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: bool,
-                python: bool = False) -> str:
+                python: bool = False, note: Callable[[str], object] | None = None) -> str:
     """The engine for `probes`; `has_target`: a process or a command is
-    given; `python`: stacks with Python frames are asked for."""
+    given; `python`: stacks with Python frames are asked for; `note` gets
+    why `auto` takes the ptrace engine for a probe the kernel cannot express."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     if python:
@@ -63,9 +72,15 @@ def pick_engine(engine: str, probes: Sequence[ResolvedProbe], *, has_target: boo
                "kernel's fetchargs cannot")
     elif not features().kernel_engine_usable:
         why = features().tracefs_why or "the kernel's uprobes are not usable here"
+    expressible = why is not None and vector is None
     if why is None:
-        return "kernel"
+        big = next(((p, r) for p in probes if (r := kernel_cannot_take(p)) is not None), None)
+        if big is None:
+            return "kernel"
+        why = f"{big[0].name}: {big[1]}"
     if not has_target:
         raise UsageError(f"{why}; the ptrace engine can, in a process or a command: "
                          "give -p PID or -- CMD")
+    if note is not None and not expressible:
+        note(f"{why}: -e auto takes the ptrace engine, which reads it")
     return "ptrace"
