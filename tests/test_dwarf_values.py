@@ -35,6 +35,7 @@ PROBES = {
     "dwarf_values::shapes": {"a": "*a", "b": "*b", "c": "*c", "empty": "empty"},
     "dwarf_values::options": {"n": "*n", "none": "*none", "p": "p", "q": "q", "bx": "*bx"},
     "dwarf_values::nested": {"pt": "*pt", "nm": "*name", "os": "*owned", "gone": "*gone"},
+    "dwarf_values::records": {"pts": "*pts", "nopts": "*nopts"},
 }
 """Each function, and its arguments by name and expression (gdb's too)."""
 TEXT = {
@@ -43,6 +44,7 @@ TEXT = {
     "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty",
     "n": "Some(5)", "none": "None", "p": "Some(0x…)", "q": "None", "bx": "Some(0x…)",
     "pt": "Some(Point {x: 5, y: -6})", "nm": 'Some("hi")', "os": 'Some("mine")', "gone": "None",
+    "pts": "{Point {x: 1, y: -2},Point {x: 3, y: 4}}", "nopts": "{}",
 }
 """What each prints, pointers aside."""
 JSON = {
@@ -51,9 +53,9 @@ JSON = {
     "sl": [1, -2, 3], "v": [7, 8, 9, 10], "fl": [1.5, -0.25], "a": {"Circle": {"r": 1.5}},
     "b": {"Rect": {"w": 2, "h": -3}}, "c": "Empty", "n": {"Some": 5}, "none": "None",
     "q": "None", "pt": {"Some": {"x": 5, "y": -6}}, "nm": {"Some": "hi"}, "os": {"Some": "mine"},
-    "gone": "None",
+    "gone": "None", "pts": [{"x": 1, "y": -2}, {"x": 3, "y": 4}], "nopts": [],
 }
-OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm"}
+OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm", "pts", "nopts"}
 """What rustc -O's DWARF gives no place for at the functions' entries (gdb agrees)."""
 
 
@@ -138,9 +140,9 @@ def _gdb_normal(text: str) -> str:
     text = re.sub(r" <[^>]*>", "", text)
     text = re.sub(r"^[\w:]+(?:<.*?>)?::(\w+)(?=[({]|$)", r"\1", text)
     text = re.sub(r"\b(?:\w+::)+(?=\w)", "", text)  # a struct's path inside
-    m = re.match(r"^(?:Vec|&\[\w+\])\(size=\d+\) = \{(.*)\}$", text)
-    if m:
-        return "{" + m.group(1).replace(" ", "") + "}"
+    m = re.match(r"^(?:Vec|&\[\w+\])\(size=\d+\)(?: = \{(.*)\})?$", text)
+    if m:  # elements as each prints, between them "," (as the kernel's arrays)
+        return "{" + re.sub(r", (?![^{]*\})", ",", m.group(1) or "") + "}"
     return _pointers(text)
 
 

@@ -227,7 +227,11 @@ class ValueView:
     through a pointer, of the address that read reads. A guard that faulted,
     its witness not, says the value is unreadable, which prints `(fault)`
     (JSON null), never the zeros or stale bytes a faulting numeric fetch
-    leaves."""
+    leaves.
+
+    A "list" whose `element` has a `layout` holds structs (a Rust `Vec` of
+    them): its own fetch is the raw bytes as u64 words, each element
+    `stride` bytes, each member (name, byte offset, type) read from them."""
 
     kind: str
     type_name: str = ""
@@ -238,6 +242,8 @@ class ValueView:
     element: ValueView | None = None
     variants: tuple[Variant, ...] = ()
     guards: tuple[str, ...] = ()
+    layout: tuple[tuple[str, int, FetchType], ...] = ()
+    stride: int = 0
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,24 @@ def _count(value: Composed) -> int:
     return count if isinstance(count, int) else 0
 
 
+def _records(value: Composed, view: ValueView) -> tuple[list[list[tuple[str, int, FetchType]]],
+                                                          bool]:
+    """A list of structs' elements (those it has of those read), each its
+    members' (name, value, type), and whether it has more than were read."""
+    words = value.own if isinstance(value.own, list) else []
+    data = _WORDS[len(words)].pack(*(w if isinstance(w, int) else 0 for w in words))
+    stride = view.stride
+    count = _count(value)
+    shown = min(count, len(data) // stride)
+    out = []
+    for i in range(shown):
+        at = i * stride
+        out.append([(name, int.from_bytes(data[at + off:at + off + t.size], "little",
+                                          signed=t.signed), t)
+                    for name, off, t in view.layout])
+    return out, count > shown
+
+
 def _elements(value: Composed, ftype: FetchType) -> tuple[list[ArgValue], FetchType, bool]:
     """A list's elements (those it has of those read), the type each is read
     by, and whether it has more than were read."""
@@ -208,6 +226,12 @@ def _composed_text(value: Composed, ftype: FetchType) -> str:
     if view.kind == "text":
         data, more = _text_bytes(value)
         return f'"{escape(data)}"' + ("..." if more else "")
+    if view.kind == "list" and view.element is not None and view.element.layout:
+        records, more = _records(value, view.element)
+        name = view.element.type_name
+        text = [f"{name} {{" + ", ".join(f"{f}: {_field_text(v, t)}" for f, v, t in r) + "}"
+                for r in records]
+        return "{" + ",".join(text + (["..."] if more else [])) + "}"
     if view.kind == "list":
         items, one, more = _elements(value, ftype)
         text = [view_text(v, one) if one.view is not None else str(v) for v in items]
@@ -247,6 +271,10 @@ def _composed_json(value: Composed, ftype: FetchType) -> object:
         if view.kind == "text":
             data, more = _text_bytes(value)
             got = data.decode("utf-8", "replace")
+        elif view.element is not None and view.element.layout:
+            records, more = _records(value, view.element)
+            got = [{f: view_json(v, t) if t.view is not None else v for f, v, t in r}
+                   for r in records]
         else:
             items, one, more = _elements(value, ftype)
             got = [view_json(v, one) if one.view is not None else v for v in items]

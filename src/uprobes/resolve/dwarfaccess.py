@@ -214,6 +214,10 @@ class Access:
                 one = _fetch_type(elem)
                 ftype = replace(one, array=MAX_ARRAY_LEN,
                                 view=_view("list", t, parts=(part,), element=one.view))
+            elif _records(elem) is not None:
+                ftype = FetchType("u64", array=MAX_ARRAY_LEN, view=_view(
+                    "list", t, parts=(part,), element=ValueView(
+                        "struct", elem.name, layout=_records(elem) or (), stride=elem.size)))
             else:
                 raise ResolveError(f"{text}: a {t.name} of {elem.name} has no fetch type "
                                    f"(index its elements)")
@@ -348,6 +352,21 @@ class Access:
                 or elem.size not in (1, 2, 4, 8):
             raise ResolveError(f"{text}: a {t.name} has no fetch type (index it: {text}[0])")
         return self.read(item.place), replace(_fetch_type(elem), array=count)
+
+
+def _records(t: CType) -> tuple[tuple[str, int, FetchType], ...] | None:
+    """A struct of scalars as a list's element: each member's name, offset
+    and type; None for another type (a member that is no scalar, a bitfield)."""
+    if t.kind != "struct" or t.counted is not None or t.has_variants or not t.members \
+            or not 0 < t.size <= MAX_ARRAY_LEN * 8:
+        return None
+    out = []
+    for m in t.members:
+        if m.bit_size is not None or m.type.kind not in _NAMED_SCALARS \
+                or m.type.size not in (1, 2, 4, 8):
+            return None
+        out.append((m.name, m.offset, _fetch_type(m.type)))
+    return tuple(out)
 
 
 def _member(item: Item, m: Member) -> Item:
