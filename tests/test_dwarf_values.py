@@ -35,7 +35,7 @@ PROBES = {
     "dwarf_values::shapes": {"a": "*a", "b": "*b", "c": "*c", "empty": "empty"},
     "dwarf_values::options": {"n": "*n", "none": "*none", "p": "p", "q": "q", "bx": "*bx"},
     "dwarf_values::nested": {"pt": "*pt", "nm": "*name", "os": "*owned", "gone": "*gone"},
-    "dwarf_values::records": {"pts": "*pts", "nopts": "*nopts"},
+    "dwarf_values::records": {"pts": "*pts", "nopts": "*nopts", "rc": "*rc", "arc": "*arc"},
 }
 """Each function, and its arguments by name and expression (gdb's too)."""
 TEXT = {
@@ -45,6 +45,8 @@ TEXT = {
     "n": "Some(5)", "none": "None", "p": "Some(0x…)", "q": "None", "bx": "Some(0x…)",
     "pt": "Some(Point {x: 5, y: -6})", "nm": 'Some("hi")', "os": 'Some("mine")', "gone": "None",
     "pts": "{Point {x: 1, y: -2},Point {x: 3, y: 4}}", "nopts": "{}",
+    "rc": 'Rc(strong=2, weak=0) = {value = "shared", strong = 2, weak = 0}',
+    "arc": 'Arc(strong=1, weak=1) = {value = "atomic", strong = 1, weak = 1}',
 }
 """What each prints, pointers aside."""
 JSON = {
@@ -54,8 +56,10 @@ JSON = {
     "b": {"Rect": {"w": 2, "h": -3}}, "c": "Empty", "n": {"Some": 5}, "none": "None",
     "q": "None", "pt": {"Some": {"x": 5, "y": -6}}, "nm": {"Some": "hi"}, "os": {"Some": "mine"},
     "gone": "None", "pts": [{"x": 1, "y": -2}, {"x": 3, "y": 4}], "nopts": [],
+    "rc": {"value": "shared", "strong": 2, "weak": 0},
+    "arc": {"value": "atomic", "strong": 1, "weak": 1},
 }
-OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm", "pts", "nopts"}
+OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm", "pts", "nopts", "rc", "arc"}
 """What rustc -O's DWARF gives no place for at the functions' entries (gdb agrees)."""
 
 
@@ -187,7 +191,12 @@ def test_gdb_prints_the_same(build: tuple[Path, bool]) -> None:
         assert len(values) == len(exprs), out
         for (name, expr), (value, gone) in zip(exprs.items(), values):
             want = "<optimized out>" if gone else _gdb_normal(value)
-            assert _pointers(ours[name]) == want, (func, expr, ours[name], value)
+            mine = ours[name]
+            first = re.match(r'(?:Rc|Arc)\(.*\{value = "(.)', mine)
+            if first and re.search(r"\{value = \d+, ", want):
+                # gdb's printer shows an Rc<str>'s value as its first byte
+                mine = re.sub(r'value = ".*?", ', f"value = {ord(first.group(1))}, ", mine)
+            assert _pointers(mine) == want, (func, expr, ours[name], value)
 
 
 @pytest.mark.root

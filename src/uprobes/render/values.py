@@ -166,6 +166,15 @@ def escape(data: bytes) -> str:
     return _ESCAPED.sub(_escape_one, data.decode("utf-8", "surrogateescape"))
 
 
+def _shared_counts(value: Composed, view: ValueView) -> tuple[Shown, Shown] | None:
+    """An `Rc<str>`'s or `Arc<str>`'s strong and weak counts as gdb's printer
+    shows them (the weak one less the one the strong ones hold together)."""
+    if not view.note or len(value.parts) < 3:
+        return None
+    strong, weak = value.parts[1][0], value.parts[2][0]
+    return strong, weak - 1 if isinstance(weak, int) else weak
+
+
 def _count(value: Composed) -> int:
     count = value.parts[0][0] if value.parts else 0
     return count if isinstance(count, int) else 0
@@ -225,7 +234,13 @@ def _composed_text(value: Composed, ftype: FetchType) -> str:
     assert view is not None
     if view.kind == "text":
         data, more = _text_bytes(value)
-        return f'"{escape(data)}"' + ("..." if more else "")
+        quoted = f'"{escape(data)}"' + ("..." if more else "")
+        counts = _shared_counts(value, view)
+        if counts is None:
+            return quoted
+        strong, weak = counts
+        return (f"{view.note}(strong={strong}, weak={weak}) = "
+                f"{{value = {quoted}, strong = {strong}, weak = {weak}}}")
     if view.kind == "list" and view.element is not None and view.element.layout:
         records, more = _records(value, view.element)
         name = view.element.type_name
@@ -271,6 +286,9 @@ def _composed_json(value: Composed, ftype: FetchType) -> object:
         if view.kind == "text":
             data, more = _text_bytes(value)
             got = data.decode("utf-8", "replace")
+            counts = _shared_counts(value, view)
+            if counts is not None:
+                got = {"value": got, "strong": counts[0], "weak": counts[1]}
         elif view.element is not None and view.element.layout:
             records, more = _records(value, view.element)
             got = [{f: view_json(v, t) if t.view is not None else v for f, v, t in r}

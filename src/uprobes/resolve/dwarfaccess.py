@@ -202,14 +202,18 @@ class Access:
             if got.place.kind in ("optimized_out", "unsupported"):
                 return [_marker(name, got.place, t, text, lenient)]
         part = f"{name}__len"
+        counts: list[FetchArg] = []
         try:
-            first = self.pointee(data, 0, text)
+            first = self.pointee(data, counted.skip, text)
             if first.kind != "memory":
                 raise ResolveError(f"{text}: its data pointer {first.note or first.kind}")
             size_expr, size_type = self.fetch(length, FetchType("u64"), text)
+            if counted.shared:  # Rc<str>, Arc<str>: the counts before the text
+                counts = [FetchArg(f"{name}__{c}", self.read(self.pointee(data, off, text)),
+                                   FetchType("u64")) for c, off in (("strong", 0), ("weak", 8))]
             if counted.text:
-                ftype = FetchType("u64", array=TEXT_BYTES // 8,
-                                  view=_view("text", t, parts=(part,)))
+                ftype = FetchType("u64", array=TEXT_BYTES // 8, view=_view(
+                    "text", t, parts=(part, *(c.name for c in counts)), note=counted.shared))
             elif elem.kind in _NAMED_SCALARS and elem.size in (1, 2, 4, 8):
                 one = _fetch_type(elem)
                 ftype = replace(one, array=MAX_ARRAY_LEN,
@@ -226,7 +230,7 @@ class Access:
                 raise
             return [_marker(name, unsupported(str(exc)), t, text, lenient)]
         return [FetchArg(name, self.read(first), ftype),
-                FetchArg(part, size_expr, size_type)]
+                FetchArg(part, size_expr, size_type), *counts]
 
     def variants(self, item: Item, name: str, depth: int, *, lenient: bool,
                  text: str) -> list[FetchArg]:

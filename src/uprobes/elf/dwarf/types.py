@@ -43,6 +43,11 @@ class Counted:
     length: Member
     element: CType
     text: bool
+    skip: int = 0
+    """Bytes past where `data` points at which the elements start."""
+    shared: str = ""
+    """`Rc` or `Arc` for Rust's `Rc<str>` and `Arc<str>`: `data` points at
+    their counts (strong, weak; each a usize), the text `skip` bytes on."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,9 @@ class CType:
                 is_text = name.removeprefix("alloc::boxed::").startswith("Box<str") if boxed \
                     else name.endswith("str")
                 return Counted(data, length, data.type.target, is_text)
+            shared = _shared_text(name, members)
+            if shared is not None:
+                return shared
             if name == "String" and "vec" in members:
                 vec = members["vec"]
                 inner = vec.type.counted
@@ -288,6 +296,32 @@ DW_LANG_RUST = 0x1C
 def is_rust_unit(cu: Any) -> bool:
     attr = cu.get_top_DIE().attributes.get("DW_AT_language")
     return attr is not None and attr.value == DW_LANG_RUST
+
+
+def _shared_text(name: str, members: dict[str, Member]) -> Counted | None:
+    """Rust's `Rc<str>` or `Arc<str>`: a fat pointer (`ptr.pointer`: its
+    `data_ptr` and `length`) to the counts, then the text (`value`, in an
+    `Arc` `data`)."""
+    short = name.removeprefix("alloc::rc::").removeprefix("alloc::sync::")
+    kind = "Rc" if short.startswith("Rc<str") else "Arc" if short.startswith("Arc<str") else ""
+    if not kind or "ptr" not in members or members["ptr"].type.kind != "struct":
+        return None
+    nonnull = members["ptr"]
+    fat = next((m for m in nonnull.type.members if m.name == "pointer"), None)
+    if fat is None or fat.type.kind != "struct":
+        return None
+    parts = {m.name: m for m in fat.type.members}
+    data, length = parts.get("data_ptr"), parts.get("length")
+    if data is None or length is None or data.type.kind != "pointer":
+        return None
+    inner = {m.name: m for m in data.type.target.members}
+    value = inner.get("value") or inner.get("data")  # RcInner's, ArcInner's
+    if value is None or inner.get("strong") is None or inner.get("weak") is None \
+            or (inner["strong"].offset, inner["weak"].offset) != (0, 8):
+        return None
+    at = nonnull.offset + fat.offset
+    return Counted(_moved(data, at), _moved(length, at), value.type, True,
+                   skip=value.offset, shared=kind)
 
 
 def _moved(m: Member, by: int) -> Member:
