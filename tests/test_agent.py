@@ -16,6 +16,7 @@ from agent_support import (
     KINDS,
     Agent,
     Caller,
+    Series,
     free_port,
     our_groups,
     pick,
@@ -29,20 +30,32 @@ def caller_exe(tracefs: Path, compile_c: Compiler) -> Path:
     return compile_c("agent_calls.c")
 
 
+def _one_round(exe: Path, *argv: str) -> tuple[Agent, Caller, dict[str, str], Series]:
+    """An agent started with `argv` (served on a free port), and its metrics
+    once one round of the caller's calls has returned."""
+    port = free_port()
+    agent = Agent("--prometheus", f"127.0.0.1:{port}", *argv)
+    try:
+        agent.ready()
+        caller = Caller(exe)
+        caller.round()
+        who = {"executable": str(exe), "comm": caller.comm}
+        got = wait_for_count(agent, port, "uprobes_hits_total", CALLS_PER_ROUND,
+                             probe="uprobes/handle__return", **who)
+    except BaseException:
+        agent.kill()
+        raise
+    return agent, caller, who, got
+
+
 def test_quick_start_counts_times_and_labels_then_removes_every_probe(caller_exe: Path) -> None:
     """Hits per probe, executable, comm and fetched `kind` (bounded by
     --max-series, the rest in the overflow metric), a histogram of the
     calls' durations; SIGTERM ends it with status 0 and no probe left."""
-    port = free_port()
-    agent = Agent("--prometheus", f"127.0.0.1:{port}", "--label", "kind", "--max-series", "3",
-                  f"{caller_exe}:handle kind=%di:s32", f"r {caller_exe}:handle")
+    agent, caller, who, got = _one_round(caller_exe, "--label", "kind", "--max-series", "3",
+                                         f"{caller_exe}:handle kind=%di:s32",
+                                         f"r {caller_exe}:handle")
     try:
-        agent.ready()
-        caller = Caller(caller_exe)
-        caller.round()
-        who = {"executable": str(caller_exe), "comm": caller.comm}
-        got = wait_for_count(agent, port, "uprobes_hits_total", CALLS_PER_ROUND,
-                             probe="uprobes/handle__return", **who)
         entries = pick(got, "uprobes_hits_total", probe="uprobes/handle", **who)
         per_kind = CALLS_PER_ROUND // KINDS
         # kinds 0, 1, 2 came first and got the 3 series; 3 and 4 overflowed
@@ -161,3 +174,21 @@ def test_the_service_unit_never_signals_the_watchers() -> None:
     modes = [line.split("=", 1)[1].strip() for line in unit.read_text().splitlines()
              if line.startswith("KillMode=")]
     assert modes == ["process"], modes
+
+
+def test_a_dwarf_label_at_O0_times_its_calls(tracefs: Path, compile_c: Compiler) -> None:
+    """`handle kind` by its DWARF name at -O0: the entry goes after the
+    prologue, where `kind` is stored, and still pairs with its return (the
+    return address read at the CFA there): a duration per kind, each call."""
+    exe = compile_c("agent_calls.c", "-O0")
+    agent, caller, who, got = _one_round(exe, "--label", "kind", f"{exe}:handle kind",
+                                         f"r {exe}:handle")
+    try:
+        counts = pick(got, "uprobes_call_duration_seconds_count", probe="uprobes/handle", **who)
+        assert sorted((dict(lb)["kind"], n) for lb, n in counts.items()) == [
+            (str(k), CALLS_PER_ROUND // KINDS) for k in range(KINDS)]
+        caller.end()
+        status, err = agent.stop(signal.SIGTERM)
+    finally:
+        agent.kill()
+    assert status == 0, err

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
+from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer, past_entry
 from uprobes.lang.ast import ProbeKind, ProbeSpec, PyTarget
 from uprobes.lang.render import render
 from uprobes.model.event import Event
@@ -124,12 +124,29 @@ def build_session(config: AgentConfig, metrics: Metrics, executables: Executable
             line += f" {SP_ARG}=%sp:u64 {RA_ARG}=+0(%sp):x64"
         handler = _handler(probe, metrics, executables, pairer, timed_entry,
                            entries[fkey] if timed_return else None, on_call)
+        if timed_entry:
+            handler = _placed_first(handler, pairer, session)
         if probe.stacks and on_stack is not None:
             handler = _and_stack(handler, on_stack)
         if probe.executable is not None:
             handler = _only_in(probe.executable, handler, executables, metrics)
         session.probe(line, handler, comm=list(probe.comm) or None)
     return session
+
+
+def _placed_first(handler: Callable[[Event], None], pairer: CallPairer,
+                  session: Session) -> Callable[[Event], None]:
+    """`handler` for a timed entry, which first tells `pairer` where the
+    probes were placed (an entry after an unoptimized function's prologue,
+    where its DWARF arguments are, pairs by its function's address)."""
+    placed: list[bool] = []
+
+    def placed_first(ev: Event) -> None:
+        if not placed:  # the probes are placed by the first hit
+            placed.append(True)
+            pairer.past_entry.update(past_entry(session.probes))
+        handler(ev)
+    return placed_first
 
 
 def _and_stack(handler: Callable[[Event], None],
