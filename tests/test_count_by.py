@@ -131,3 +131,29 @@ def test_by_comm_is_the_name_at_each_hit(timed: Path) -> None:
         {"even": evens, "odd": 3000 - evens}
     _, doc = _count("--by", "comm", "--comm", "odd", *argv)
     assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == {"odd": 3000 - evens}
+
+
+@pytest.mark.parametrize("how", ["raw", "glibc"])
+@pytest.mark.parametrize("command", ["count", "latency"])
+def test_a_raw_fork_childs_hits_are_its_own(how: str, command: str,
+                                            compile_c: Compiler) -> None:
+    """A child forked by the fork system call itself keeps its parent's tid
+    in its thread block (where the in-program code reads the tid); its 300
+    calls are still under its own tid, the parent's 200 under the parent's
+    (before: all 500 under the parent's), counted and timed in the program.
+    glibc's fork (the kernel writes the child's tid there) the same."""
+    exe = compile_c("rawfork.c")
+    run = subprocess.run([*UPROBES, command, "-e", "ptrace", "--json", "--by", "tid",
+                          f"{exe}:work", "--", str(exe), how], capture_output=True, text=True,
+                         timeout=300)
+    assert "Traceback" not in run.stderr and run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    said = dict(ln.split("=", 1) for ln in lines if ln.startswith(("child=", "parent=")))
+    doc = json.loads(lines[-1])
+    if command == "count":
+        got = {r["key"]: r["count"] for r in doc["uprobes/work"]["keys"]}
+    else:
+        got = {int(k.rsplit("=", 1)[1]): h["count"] for k, h in doc.items()}
+    assert got == {int(said["parent"]): 200, int(said["child"]): 300}, (got, run.stderr)
+    assert ("leaves its parent's tid in its thread block" in run.stderr) == (how == "raw"), \
+        run.stderr

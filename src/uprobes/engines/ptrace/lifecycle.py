@@ -57,12 +57,30 @@ class ThreadLife(TracerState):
             # Its stack holds the same trampolines.
             new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
+        new.tls_check = new.mm is not parent.mm and self._jumps is not None
         self.threads[tid] = new
         status = self._pending_new.pop(tid, None)
         if status is not None:  # its first stop came before this event
             new.stopped = True
+            self._check_fork_tls(new)
             if not self._quiescing:
                 self._resume(new)
+
+    def _check_fork_tls(self, t: Thread) -> None:
+        """At a fork child's first stop (before its first instruction; the
+        kernel has written the tid glibc's fork asks for by then): whether
+        its thread block holds its own tid (jumppatch.check_fork_tls)."""
+        if not t.tls_check or self._jumps is None:
+            return
+        t.tls_check = False
+        try:
+            fs_base = ptrace.getregs(t.tid, t.regs).fs_base
+        except UprobesError:
+            return  # gone meanwhile
+        if self._jumps.check_fork_tls(t.mm, t.mm.mem, fs_base, t.ns_tid):
+            self._note(f"process {t.pid} was forked by a system call that leaves its parent's "
+                       "tid in its thread block: its family's in-program code asks the kernel "
+                       "for the tid from now on")
 
     def _exec(self, t: Thread, former: int) -> None:
         if t.comm_cached:

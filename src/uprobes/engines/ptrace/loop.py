@@ -92,6 +92,8 @@ class RunLoop(TracerState):
             self._gone(t, status)
             return
         t.stopped = True
+        if t.tls_check:
+            self._check_fork_tls(t)
         sig = status.signal
         event = t.stop_event = status.event
         if event == 0:

@@ -157,6 +157,10 @@ class TracerState:
         """lifecycle.py: a clone, fork, vfork or exec event of `t`."""
         raise NotImplementedError
 
+    def _check_fork_tls(self, t: Thread) -> None:
+        """lifecycle.py: at a fork child's first stop, whether its thread block holds its tid."""
+        raise NotImplementedError
+
     def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
         """lifecycle.py: `t` exited or was killed."""
         raise NotImplementedError

@@ -63,6 +63,7 @@ from uprobes.engines.trapfree.layout import (
     KEYED_UNNAMED,
     LONG,
     RING_BYTES,
+    RING_TLS,
     TIMING_BYTES,
     TIMING_TLS,
     TIMING_UNNAMED,
@@ -238,6 +239,8 @@ class _Space:
     keyed: list[KeyedBlock] = field(default_factory=list)     # each near one XOL area
     name_addr: int | None = None
     tls_tid: bool | None = None  # recording: the tid at fs:GLIBC_TID_OFFSET in every thread
+    tls_never: bool = False  # a fork family with a child whose thread block holds
+    # another's tid (a raw fork): the tid is asked of the kernel for good (withdraw_tls)
 
 
 @dataclass(frozen=True)
@@ -518,8 +521,8 @@ class TrapFree:
         from now on (a command's probes go in at its exec, before the
         dynamic linker sets the thread pointer up)."""
         space = self._spaces.get(mm)
-        if space is None or space.tls_tid or not (space.timing or space.keyed or space.blocks
-                                                  or space.rings):
+        if space is None or space.tls_tid or space.tls_never \
+                or not (space.timing or space.keyed or space.blocks or space.rings):
             return
         if _tid_at_thread_pointer(mem, fs_base, tid):
             space.tls_tid = True
@@ -531,6 +534,36 @@ class TrapFree:
                 tables.tls_confirmed()
             for counters in space.blocks:
                 counters.tls_confirmed()
+
+    def check_fork_tls(self, mm: object, mem: ProcessMemory, fs_base: int, tid: int) -> bool:
+        """A forked child `mm`, stopped before its first instruction, whose
+        only thread is `tid` (as it sees itself) with thread pointer
+        `fs_base`: if glibc's tid there is not its own (a raw fork or clone
+        system call leaves the parent's; glibc's fork has the kernel write
+        the child's), the code its family shares with it must not read the
+        tid there: the shared blocks' flags go to 0 and stay so, and every
+        process of the family asks the kernel (gettid) from now on. Code
+        that records into a ring, placed once the tid was seen there, reads
+        it with no flag and keeps doing so. True if withdrawn."""
+        space = self._spaces.get(mm)
+        if space is None or space.tls_never or not space.tls_tid:
+            return False
+        if _tid_at_thread_pointer(mem, fs_base, tid):
+            return False
+        shared = {id(b) for b in (*space.blocks, *space.rings, *space.timing, *space.keyed)}
+        for other in self._spaces.values():
+            mine = (*other.blocks, *other.rings, *other.timing, *other.keyed)
+            if other is space or any(id(b) in shared for b in mine):
+                other.tls_tid, other.tls_never = False, True
+        for counters in space.blocks:
+            counters.view[COUNTER_TLS] = 0
+        for ring in space.rings:
+            ring.words[RING_TLS // 8] = 0
+        for rows in space.timing:
+            rows.tls_withdrawn()
+        for tables in space.keyed:
+            tables.view[KEYED_TLS] = 0
+        return True
 
     def release_thread(self, mm: object, tid: int,
                        funcs: Sequence[int] = ()) -> list[dict[int, list[int]]]:
@@ -579,7 +612,8 @@ class TrapFree:
         if space is not None:
             self._spaces[child] = _Space(dict(space.patches), list(space.blocks),
                                          list(space.rings), list(space.timing),
-                                         list(space.keyed), space.name_addr, space.tls_tid)
+                                         list(space.keyed), space.name_addr, space.tls_tid,
+                                         space.tls_never)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""

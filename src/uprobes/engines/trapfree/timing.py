@@ -655,6 +655,10 @@ class TimingBlock:
         """The tid is at glibc's place in the thread pointer: no more system calls."""
         self.view[self._at + TIMING_TLS] = 1
 
+    def tls_withdrawn(self) -> None:
+        """The tid is not to be read at the thread pointer (jumppatch.check_fork_tls)."""
+        self.view[self._at + TIMING_TLS] = 0
+
     def unnamed(self) -> int:
         """Calls whose entry's `--comm` test could not read the thread's name."""
         return int(struct.unpack_from("<Q", self.view, self._at + TIMING_UNNAMED)[0])
