@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Compiler, need
+from gdb_support import gdb_batch
 
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
@@ -140,8 +141,7 @@ def _gdb_values(exe: Path, func: str, offset: int, exprs: list[str]) -> dict[str
     cmds = ["set pagination off", "set print pretty off", "set print null-stop on",
             "starti", f"break *((char *)&{func} + {offset})", "continue"]
     cmds += [f"print {e}" for e in exprs]
-    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    out = gdb_batch(exe, cmds)
     values = re.findall(r"^\$\d+ = (.*)$", out, re.M)
     assert len(values) == len(exprs), out
     return dict(zip(exprs, values))
@@ -242,8 +242,7 @@ def test_gdb_stops_at_the_same_line_sites(compile_c: Compiler) -> None:
     line = _fixture_line("return v > hi ? hi : v;")
     cmds = ["set pagination off", f"break dwarf_args.c:{line}", "run", "print v", "print hi",
             "continue", "print v", "print hi"]
-    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
-    gdb = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    gdb = gdb_batch(exe, cmds)
     assert "2 locations" in gdb, gdb
     values = [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)$", gdb, re.M)]
     events, _ = _events("ptrace", exe, [f"dwarf_args.c:{line} v hi"])
@@ -315,8 +314,7 @@ def test_cpp_members_bases_references_as_gdb(compile_c: Compiler, level: str) ->
     cmds = ["set pagination off", "set print null-stop on",
             f"break *{GDB_PIE_BASE + resolved.link_addr:#x}", "run",
             *[f"print {e}" for e in exprs.values()]]
-    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
-    gdb_out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    gdb_out = gdb_batch(exe, cmds)
     values = re.findall(r"^\$\d+ = (.*)$", gdb_out, re.M)
     assert len(values) == len(exprs), gdb_out
     for (name, expr), value in zip(exprs.items(), values):
@@ -378,8 +376,7 @@ def _gdb_returns(exe: Path, funcs: list[str]) -> dict[str, str]:
     cmds = ["set pagination off", "set print pretty off", "starti"]
     for fn in funcs:
         cmds += [f"break {fn}", "continue", "finish", "delete"]
-    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    out = gdb_batch(exe, cmds)
     values = re.findall(r"^Value returned is \$\d+ = (.*)$", out, re.M)
     assert len(values) == len(funcs), out
     return dict(zip(funcs, values))

@@ -11,12 +11,12 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Compiler, need
+from gdb_support import gdb_batch
 
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
@@ -144,9 +144,7 @@ def test_gdb_prints_the_same(build: tuple[Path, str]) -> None:
 
 def _gdb(exe: Path, cmds: list[str], pattern: str) -> list[str]:
     """What gdb running `cmds` on `exe` prints that `pattern` captures, line by line."""
-    argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off",
-            *[a for c in cmds for a in ("-ex", c)], str(exe)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    out = gdb_batch(exe, ["set pagination off", *cmds])
     found = re.findall(pattern, out, re.M)
     assert found, out
     return found

@@ -11,7 +11,6 @@ they share fetched once; too many fields for the kernel refused in one line),
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RustCompiler, need
+from gdb_support import gdb_batch
 from test_dwarf_values import GDB_PIE_BASE, _gdb_normal, _rust_printers, _select_frame
 
 from uprobes.commands import main
@@ -94,9 +94,8 @@ def _gdb(exe: Path, optimized: bool, funcs: list[str], tmp: Path) -> dict[str, l
                    _select_frame(f"dwarf_edges::{func}"), f'echo @@{func}\\n',
                    *[f"print {e}" for e in prints], "continue", "end"]
     (tmp / "gdb.cmds").write_text("\n".join([*script, "run", ""]))
-    out = subprocess.run(["gdb", "-nx", "-batch", *_rust_printers(), "-x", str(tmp / "gdb.cmds"),
-                          str(exe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=180, env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout
+    out = gdb_batch(exe, [], options=[*_rust_printers(), "-x", str(tmp / "gdb.cmds")],
+                    merged=True, timeout=180)
     got: dict[str, list[str]] = {f: [] for f in funcs}
     for hit in out.split("@@")[1:]:
         func = hit.split("\n", 1)[0]

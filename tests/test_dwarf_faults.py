@@ -10,11 +10,11 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import Compiler, need
+from gdb_support import gdb_batch
 
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
@@ -37,10 +37,9 @@ def _gdb(exe: Path, offset: int) -> list[dict[str, str]]:
         cmds.append("continue")
         for e in exprs:
             cmds += ["echo <<\\n", f"print {e}", "echo >>\\n"]
-    argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    blocks = re.findall(r"^<<\n(.*?)^>>$", run.stdout, re.M | re.S)
-    assert len(blocks) == HITS * len(exprs), run.stdout + run.stderr
+    out = gdb_batch(exe, cmds, merged=True)
+    blocks = re.findall(r"^<<\n(.*?)^>>$", out, re.M | re.S)
+    assert len(blocks) == HITS * len(exprs), out
     hits = []
     for h in range(HITS):
         got = {}

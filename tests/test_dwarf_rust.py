@@ -9,12 +9,12 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import RustCompiler, need
+from gdb_support import gdb_batch
 
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
@@ -160,8 +160,7 @@ def test_gdb_prints_the_same(build: tuple[Path, bool]) -> None:
         ours = dict(re.findall(r" (\w+)=(\{[^}]*\}|-?\d+ '[^']*'|\S+)", line))
         cmds = ["set pagination off", f"break *{GDB_PIE_BASE + resolved.link_addr:#x}", "run",
                 *[f"print {e}" for e in exprs.values()]]
-        argv = ["gdb", "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)], str(exe)]
-        gdb_out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+        gdb_out = gdb_batch(exe, cmds)
         values = re.findall(r"^\$\d+ = (.*)$", gdb_out, re.M)
         assert len(values) == len(exprs), gdb_out
         for (name, expr), value in zip(exprs.items(), values):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import RustCompiler, need
+from gdb_support import gdb_batch
 
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
@@ -182,11 +182,8 @@ def test_gdb_prints_the_same(build: tuple[Path, bool]) -> None:
                 f"break *{GDB_PIE_BASE + resolved.link_addr:#x}", "run",
                 # -O inlines callees at the entry: read in the function's own frame
                 _select_frame(func), *[f"print {e}" for e in exprs.values()]]
-        argv = ["gdb", "-nx", "-batch", *_rust_printers(),
-                *[a for c in cmds for a in ("-ex", c)], str(exe)]
         # one pipe: gdb's errors (optimized out) in order with its values
-        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             timeout=120, env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout
+        out = gdb_batch(exe, cmds, options=_rust_printers(), merged=True)
         values = re.findall(r"^(?:\$\d+ = (.*)|(value has been optimized out))$", out, re.M)
         assert len(values) == len(exprs), out
         for (name, expr), (value, gone) in zip(exprs.items(), values):
