@@ -48,7 +48,12 @@ def deep(n, calls):
         os.getpid()
     with open(sys.argv[3], "w") as f:
         f.write(str(time.perf_counter() - t))
+wait = sys.argv[4:] == ["wait"]
+if wait:
+    sys.stdin.readline()  # the probes are in
 deep(int(sys.argv[1]), int(sys.argv[2]))
+if wait:
+    sys.stdin.readline()  # every hit read: its code objects were alive until then
 """
 
 
@@ -57,6 +62,13 @@ def untraced(python: str, depth: int, calls: int) -> float:
     with tempfile.NamedTemporaryFile("r") as out:
         subprocess.run([python, "-c", PROGRAM, str(depth), str(calls), out.name], check=True)
         return float(out.read())
+
+
+def tell(prog: subprocess.Popen[str] | None) -> None:
+    """A line to the waiting program (it goes on)."""
+    if prog is not None and prog.stdin is not None:
+        prog.stdin.write("go\n")
+        prog.stdin.flush()
 
 
 def _timed(store: list[int], fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,7 +82,7 @@ def _timed(store: list[int], fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_once(python: str, depth: int, calls: int, with_python: bool,
-             trapfree: bool = False) -> dict[str, float]:
+             trapfree: bool = False, attach: bool = False) -> dict[str, float]:
     captures: list[int] = []
     py_reads: list[int] = []
     orig_capture, orig_py = PtraceTracer._capture, PythonStacks.capture
@@ -90,10 +102,22 @@ def run_once(python: str, depth: int, calls: int, with_python: bool,
         s = uprobes.Session(engine="ptrace", stack_bytes=8192, python=with_python,
                             trapfree=trapfree)
         frames: list[int] = []
-        s.probe("libc:getpid", lambda ev: frames.append(sum(f.python for f in ev.stack or ())))
+        prog: subprocess.Popen[str] | None = None
+
+        def hit(ev: uprobes.Event) -> None:
+            frames.append(sum(f.python for f in ev.stack or ()))
+            if prog is not None and len(frames) == calls:
+                tell(prog)
+        s.probe("libc:getpid", hit)
         start = time.perf_counter()
         with tempfile.NamedTemporaryFile("r") as out:
-            status = s.spawn([python, "-c", PROGRAM, str(depth), str(calls), out.name])
+            argv = [python, "-c", PROGRAM, str(depth), str(calls), out.name]
+            if attach:  # -p: a running process (Python frames are trap-free there)
+                prog = subprocess.Popen([*argv, "wait"], stdin=subprocess.PIPE, text=True)
+                s.attach(prog.pid, ready=lambda: tell(prog))
+                status = prog.wait()
+            else:
+                status = s.spawn(argv)
             wall = time.perf_counter() - start
             loop = float(out.read())
     finally:
@@ -123,14 +147,16 @@ def main() -> None:
     print(f"{args.python}: {args.calls} hits, {args.depth} nested functions")
     base = untraced(args.python, args.depth, args.calls) / args.calls * 1e6
     print(f"untraced: {base:.2f}µs per call")
-    print(f"{'':18} {'capture p50':>12} {'p90':>8} {'python p50':>11} {'p90':>8} "
+    print(f"{'':21} {'capture p50':>12} {'p90':>8} {'python p50':>11} {'p90':>8} "
           f"{'py frames':>9} {'reads/hit':>9} {'hits/s':>8} {'µs/call':>8} {'cost/hit':>8} "
           f"{'reader/hit':>10}")
-    for name, with_python, trapfree in (("native int3", False, False),
-                                        ("native trap-free", False, True),
-                                        ("--python int3", True, False)):
-        r = run_once(args.python, args.depth, args.calls, with_python, trapfree)
-        print(f"{name:18} {r['capture_p50']:>10.1f}µs "
+    for name, with_python, trapfree, attach in (("native int3", False, False, False),
+                                                ("native trap-free", False, True, False),
+                                                ("--python int3", True, False, False),
+                                                ("-p --python int3", True, False, True),
+                                                ("-p --python trap-free", True, True, True)):
+        r = run_once(args.python, args.depth, args.calls, with_python, trapfree, attach)
+        print(f"{name:21} {r['capture_p50']:>10.1f}µs "
               f"{r['capture_p90']:>6.1f}µs {r['python_p50']:>9.1f}µs {r['python_p90']:>6.1f}µs "
               f"{r['py_frames']:>9.0f} {r['reads']:>9.1f} {r['hits_per_s']:>8.0f} "
               f"{r['per_call']:>6.1f}µs {r['per_call'] - base:>6.1f}µs {r['reader']:>8.1f}µs")

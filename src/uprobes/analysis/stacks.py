@@ -77,8 +77,16 @@ class ProbeStacks:
 class StackCounter:
     """Counts each event's stack under its probe; feed it `add`."""
 
+    MEMO_MAX = 4096  # stacks whose keys are remembered
+
     def __init__(self) -> None:
         self.probes: dict[str, ProbeStacks] = {}
+        # (id of a stack tuple, comm) -> (the tuple, its key, its folded
+        # path): a walk remembered by the symbolizer hands on the same tuple
+        # for the same stack, so a hot stack is keyed once, not per hit
+        # (the tuple is kept here, so its id is not reused meanwhile).
+        self._keys: dict[tuple[int, str], tuple[tuple[Frame, ...], tuple[FrameKey, ...], str]] \
+            = {}
 
     def add(self, ev: Event) -> None:
         stacks = self.probes.get(ev.probe)
@@ -88,12 +96,19 @@ class StackCounter:
         if not ev.stack:
             stacks.unwalked += 1
             return
-        key = tuple(frame_key(f) for f in ev.stack)
+        known = self._keys.get((id(ev.stack), ev.comm))
+        if known is not None and known[0] is ev.stack:
+            _, key, path = known
+        else:
+            key = tuple(frame_key(f) for f in ev.stack)
+            path = ";".join([ev.comm.replace(";", ":") or "[unknown]",
+                             *(folded_name(f) for f in reversed(ev.stack))])
+            if len(self._keys) >= self.MEMO_MAX:
+                del self._keys[next(iter(self._keys))]
+            self._keys[(id(ev.stack), ev.comm)] = (ev.stack, key, path)
         if key not in stacks.frames:
             stacks.frames[key] = ev.stack
         stacks.counts[key] += 1
-        path = ";".join([ev.comm.replace(";", ":") or "[unknown]",
-                         *(folded_name(f) for f in reversed(ev.stack))])
         stacks.folded[path] += 1
 
     def folded(self) -> Iterator[tuple[str, int]]:

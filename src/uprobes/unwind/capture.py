@@ -71,6 +71,8 @@ class Symbolizer:
         # same words each time: checking them costs a fraction of a walk.
         self._walks: dict[tuple[int, int, int], list[tuple[int, SameWalk, tuple[Frame, ...]]]] = {}
         self.walked = self.remembered = 0  # walks made, walks found in the memo
+        self._mixed: dict[tuple[int, int], tuple[tuple[Frame, ...], PyGroups, tuple[Frame, ...]]] \
+            = {}
 
     def preload(self, paths: Iterable[str]) -> None:
         """Read the CFI and symbols of files every stack will start in (the
@@ -88,7 +90,20 @@ class Symbolizer:
         """The frames of `capture` in process `pid`, innermost first: the
         hit's ip, then each caller (named by its call)."""
         native = self._native(pid, capture)
-        return native if capture.python is None else interleave(native, capture.python)
+        py = capture.python
+        if py is None:
+            return native
+        # Remembered walks and Python frames are handed on as the same
+        # tuples: so is their interleaving (both kept, so their ids stay theirs).
+        key = (id(native), id(py))
+        mixed = self._mixed.get(key)
+        if mixed is not None and mixed[0] is native and mixed[1] is py:
+            return mixed[2]
+        frames = interleave(native, py)
+        if len(self._mixed) >= self.MEMO_MAX:
+            del self._mixed[next(iter(self._mixed))]
+        self._mixed[key] = (native, py, frames)
+        return frames
 
     def _native(self, pid: int, capture: StackCapture) -> tuple[Frame, ...]:
         spaces = self.spaces

@@ -25,7 +25,7 @@ from uprobes.engines.trapfree.filtercode import Check, compile_check, seccomp_re
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.layout import STACKS
-from uprobes.engines.trapfree.pywalk import CALLED, PyWalk, copied, py_walk
+from uprobes.engines.trapfree.pywalk import CALLED, PyWalk, copied, copied_key, py_walk
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
 from uprobes.engines.trapfree.recording import (
     NR_GETPID,
@@ -43,6 +43,8 @@ from uprobes.sys import procfs, ptrace, seccomp
 from uprobes.sys.procmem import MemoryFault, ProcessMemory
 from uprobes.sys.ptrace import UserRegs
 from uprobes.unwind.cpython.reader import PyGroups
+
+_PY_MEMO_MAX = 4096  # distinct Python areas whose frames are remembered
 
 
 class Attach(TracerState):
@@ -516,11 +518,22 @@ class Attach(TracerState):
         stacks = self._pystacks
         assert stacks is not None
 
+        # A record copied as an earlier one (the same frames at the same
+        # instructions, the same code objects) has its frames: named once.
+        memo: dict[tuple[int, bytes], PyGroups] = {}
+
         def groups(pid: int, area: bytes) -> PyGroups:
+            key = (pid, copied_key(walk, area))
+            known = memo.get(key)
+            if known is not None:
+                return known
             got = copied(walk, area)
-            if got is None:
-                return ()
-            return stacks.recorded(pid, got.first, got.blobs, got.heads, self._live_read(pid))
+            found = () if got is None else stacks.recorded(pid, got.first, got.blobs, got.heads,
+                                                           self._live_read(pid))
+            if len(memo) >= _PY_MEMO_MAX:
+                del memo[next(iter(memo))]
+            memo[key] = found
+            return found
         return groups
 
     def _live_read(self, pid: int) -> Callable[[int, int], bytes]:

@@ -53,6 +53,10 @@ from uprobes.unwind.cpython.reader import MAX_PY_FRAMES, fingerprint
 NR_PROCESS_VM_READV = 310
 NR_GETPID = 39
 HEADER = 40  # the area's words before the frames
+WINDOW = 2048
+"""Bytes of the program's memory read at once below a frame (in its page):
+its callers' frames sit there, side by side in the thread's data stack, so
+most hops cost no system call."""
 CALLED = ("PyGILState_GetThisThreadState", "pthread_getspecific", "__pthread_getspecific",
           "_dl_runtime_resolve", "_dl_fixup")
 """Functions the walk's code may run (a lazily bound call passes through the
@@ -100,6 +104,11 @@ class PyWalk:
     def end(self) -> int:
         return self.fps + self.frames * self.fp_len
 
+    @property
+    def window(self) -> int:
+        """Where the window of the program's memory is kept (WINDOW bytes)."""
+        return self.end
+
 
 def py_walk(func: int, lay: Layout, copy: int, room: int) -> PyWalk | None:
     """The walk for an interpreter of layout `lay` whose
@@ -109,7 +118,7 @@ def py_walk(func: int, lay: Layout, copy: int, room: int) -> PyWalk | None:
     header, fp_len = lay.frame_size, fp_hi - fp_lo
     at = _up8(copy)
     per = _up8(header) + 16 + fp_len
-    frames = min(MAX_PY_FRAMES * 2, (room - at - HEADER) // per)
+    frames = min(MAX_PY_FRAMES * 2, (room - at - HEADER - WINDOW) // per)
     if frames < 1:
         return None
     return PyWalk(func, lay.current_frame_hops(), header, lay.frame_previous, lay.frame_code,
@@ -143,6 +152,16 @@ def copied(walk: PyWalk, area: bytes) -> Copied | None:
         lo = walk.fps + walk.fp_len * k
         heads.append(area[lo:lo + walk.fp_len] if fp_bytes >= walk.fp_len * (k + 1) else None)
     return Copied(first & ((1 << 64) - 1), blobs, heads)
+
+
+def copied_key(walk: PyWalk, area: bytes) -> bytes:
+    """What of a record's Python area its frames are made of: the header,
+    the frames copied, their fingerprints (equal bytes, equal frames)."""
+    base = walk.at
+    n = max(0, min(int.from_bytes(area[base + 8:base + 16], "little", signed=True),
+                   walk.frames))
+    return area[base:base + HEADER + walk.stride * n] + \
+        area[walk.fps:walk.fps + walk.fp_len * n]
 
 
 def _mem(base: Any, displ: int = 0) -> MemoryOperand:
@@ -216,10 +235,52 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
         i.create_reg_reg(Code.XOR_R32_RM32, R.R14D, R.R14D),
         i.create_reg_mem(Code.LEA_R64_M, R.R15, _mem(R.RBX, HEADER)),
     ]
+    # rbp: where the window starts in the program (none yet: past any frame).
+    code += [i.create_reg_i32(Code.MOV_RM64_IMM32, R.RBP, -1), i.create(Code.CLD)]
     loop = len(code)
-    code += [*_readv(R.R15, R.R13, walk.header),
+    code += [
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.R13),
+        i.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.RBP),
+        i.create_reg_i32(Code.CMP_RM64_IMM32, R.RAX, WINDOW - walk.header),
+    ]
+    branch(Code.JA_REL32_64, "miss")
+    hit = len(code)  # the header from the window: rep movsb
+    code += [
+        i.create_reg_mem(Code.LEA_R64_M, R.RSI, MemoryOperand(
+            base=R.RBX, index=R.RAX, scale=1, displ=walk.window - walk.at, displ_size=8)),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.R15),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, walk.header),
+        i.create_rep_movsb(64),
+    ]
+    branch(Code.JMP_REL32_64, "got")
+    # A new window: the WINDOW bytes that end at the header's end, or from
+    # the frame's page (a mapped address's page is mapped), one read.
+    miss = len(code)
+    code += [
+        i.create_reg_mem(Code.LEA_R64_M, R.RBP, _mem(R.R13, walk.header - WINDOW)),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.R13),
+        i.create_reg_i32(Code.AND_RM64_IMM32, R.RDX, -4096),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.RBP, R.RDX),
+        i.create_reg_reg(Code.CMOVB_R64_RM64, R.RBP, R.RDX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RBX, walk.window - walk.at)),
+        *_readv(R.RSI, R.RBP, WINDOW),
+        i.create_reg_i32(Code.CMP_RM64_IMM32, R.RAX, WINDOW),
+    ]
+    branch(Code.JNE_REL32_64, "direct")
+    code += [
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.R13),
+        i.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.RBP),
+    ]
+    jumps.append((len(code), Code.JMP_REL32_64, "hit"))
+    code.append(None)
+    # The window ran into unmapped memory (the header crosses into the next
+    # page): no window; the header alone.
+    direct = len(code)
+    code += [i.create_reg_i32(Code.MOV_RM64_IMM32, R.RBP, -1),
+             *_readv(R.R15, R.R13, walk.header),
              i.create_reg_i32(Code.CMP_RM64_IMM32, R.RAX, walk.header)]
     branch(Code.JNE_REL32_64, "fps")
+    got = len(code)
     code += [
         i.create_reg(Code.INC_RM64, R.R14),
         i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 8), R.R14),
@@ -271,7 +332,8 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     ]
     done = len(code)
     code += [i.create_reg(Code.POP_R64, r) for r in reversed(_SAVED)]
-    labels = {"done": done, "fps": fps, "loop": loop, "iov": iov}
+    labels = {"done": done, "fps": fps, "loop": loop, "iov": iov, "hit": hit, "miss": miss,
+              "direct": direct, "got": got}
     for at, kind, name in jumps:
         code[at] = i.create_branch(kind, 1 + labels[name])
     final: list[Instruction] = []
@@ -285,4 +347,4 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     return [i.create_declare_byte(raw[k:k + 16]) for k in range(0, len(raw), 16)]
 
 
-__all__ = ["CALLED", "Copied", "PyWalk", "copied", "py_walk", "walk_block"]
+__all__ = ["CALLED", "Copied", "PyWalk", "copied", "copied_key", "py_walk", "walk_block"]
