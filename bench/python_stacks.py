@@ -2,6 +2,8 @@
 and what stacks cost the program with no stop (trap-free).
 
     python -m bench.python_stacks [--calls 3000] [--depth 10] [--python /usr/bin/python3.11]
+                                  [--repeat 1]
+    python -m bench.python_stacks --rate SECONDS [--python ...]
 
 A Python program calls os.getpid() (libc's getpid) `--calls` times from
 `--depth` nested Python functions; `uprobes.Session(engine="ptrace")` probes
@@ -16,7 +18,18 @@ compiled) is left out.
 Each case runs in one go, side by side: native stacks at an int3 (`--no-trapfree`),
 native stacks recorded by the jump's code (trap-free: no stop; "capture" is
 then the reader's work per record, not time the program waits), and
-`--python` (at an int3). The program times its own loop: its µs per call,
+`--python`: at an int3 for a command, and for a running process (`-p`,
+`Session.attach`) at an int3 and trap-free (the jump's code copies the
+Python frames too). `--repeat N` runs each case N times and shows the run
+whose loop took the median time.
+
+`--rate SECONDS`: the sustained rate instead. A running process calls
+getpid in a loop for SECONDS under `uprobes stacks --json -e ptrace -p PID
+libc:getpid`, native or `--python`, trap-free or not (`--no-trapfree`):
+its calls per second (every call a hit: a trap-free hit that finds the
+ring full waits for the reader, so this is the rate uprobes keeps up
+with), µs per hit above the untraced loop, and its calls against the hits
+uprobes counted (none lost: the same). The program times its own loop: its µs per call,
 and what that is above the same loop untraced ("cost/hit": what a hit
 costs the program, stop or not: with more calls than the ring holds, 256,
 the trap-free program runs at the reader's pace, "reader/hit"; fewer show
@@ -26,8 +39,11 @@ the jump's own cost).
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +71,70 @@ deep(int(sys.argv[1]), int(sys.argv[2]))
 if wait:
     sys.stdin.readline()  # every hit read: its code objects were alive until then
 """
+
+
+RATE_PROGRAM = """
+import ctypes, os, sys, time
+at = ctypes.cast(ctypes.CDLL("libc.so.6").getpid, ctypes.c_void_p).value
+if sys.argv[2:] == ["traced"]:  # until getpid starts with a jump or an int3 (bounded)
+    give_up = time.monotonic() + 120
+    while ctypes.string_at(at, 1) not in (b"\\xe9", b"\\xcc") and time.monotonic() < give_up:
+        time.sleep(0.01)
+def leaf(until):
+    n = 0
+    while time.perf_counter() < until:
+        os.getpid()
+        n += 1
+    return n
+def mid(until):
+    return leaf(until)
+t = time.perf_counter()
+n = mid(t + float(sys.argv[1]))
+print(n, time.perf_counter() - t, flush=True)
+sys.stdin.readline()  # every hit read: its code objects were alive until then
+"""
+
+
+def rate(python: str, seconds: float, flags: list[str] | None) -> tuple[float, int, int]:
+    """A loop calling getpid for `seconds`, untraced (`flags` None) or under
+    `uprobes stacks --json -e ptrace FLAGS -p PID libc:getpid`: (its calls
+    per second, its calls, the hits uprobes counted)."""
+    prog = subprocess.Popen([python, "-c", RATE_PROGRAM, str(seconds),
+                             *(["traced"] if flags is not None else [])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert prog.stdin is not None and prog.stdout is not None
+    tracer = None
+    with tempfile.NamedTemporaryFile("r") as out:
+        try:
+            if flags is not None:
+                tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "stacks", "--json",
+                                           "-e", "ptrace", *flags, "-o", out.name,
+                                           "-p", str(prog.pid), "libc:getpid"])
+            calls, took = prog.stdout.readline().split()
+            hits = 0
+            if tracer is not None:
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=300)
+                hits = sum(p["hits"] for p in json.loads(out.read() or "{}").values())
+        finally:
+            prog.stdin.write("\n")
+            prog.stdin.close()
+            prog.wait(timeout=60)
+            if tracer is not None and tracer.poll() is None:
+                tracer.kill()
+    return int(calls) / float(took), int(calls), hits
+
+
+def rates(python: str, seconds: float) -> None:
+    base = rate(python, seconds, None)[0]
+    print(f"{python}: getpid in a loop for {seconds:g} s, -p, each call a hit")
+    print(f"untraced: {base:,.0f} calls/s")
+    print(f"{'':26} {'hits/s':>8} {'µs/hit':>8} {'calls':>8} {'counted':>8}")
+    for name, flags in (("native trap-free", []), ("--python trap-free", ["--python"]),
+                        ("native int3", ["--no-trapfree"]),
+                        ("--python int3", ["--python", "--no-trapfree"])):
+        per_s, calls, hits = rate(python, seconds, flags)
+        print(f"{name:26} {per_s:>8,.0f} {1e6 / per_s - 1e6 / base:>6.1f}µs {calls:>8} {hits:>8}")
 
 
 def untraced(python: str, depth: int, calls: int) -> float:
@@ -143,7 +223,13 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--python", default="/usr/bin/python3.11")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per case; the median's shown")
+    ap.add_argument("--rate", type=float, metavar="SECONDS",
+                    help="instead: the hits per second `stacks -p` sustains, each case")
     args = ap.parse_args()
+    if args.rate:
+        rates(args.python, args.rate)
+        return
     print(f"{args.python}: {args.calls} hits, {args.depth} nested functions")
     base = untraced(args.python, args.depth, args.calls) / args.calls * 1e6
     print(f"untraced: {base:.2f}µs per call")
@@ -155,7 +241,10 @@ def main() -> None:
                                                 ("--python int3", True, False, False),
                                                 ("-p --python int3", True, False, True),
                                                 ("-p --python trap-free", True, True, True)):
-        r = run_once(args.python, args.depth, args.calls, with_python, trapfree, attach)
+        runs = [run_once(args.python, args.depth, args.calls, with_python, trapfree, attach)
+                for _ in range(args.repeat)]
+        # The run whose loop took its median time (load on the machine varies).
+        r = sorted(runs, key=lambda x: x["per_call"])[len(runs) // 2]
         print(f"{name:21} {r['capture_p50']:>10.1f}µs "
               f"{r['capture_p90']:>6.1f}µs {r['python_p50']:>9.1f}µs {r['python_p90']:>6.1f}µs "
               f"{r['py_frames']:>9.0f} {r['reads']:>9.1f} {r['hits_per_s']:>8.0f} "
