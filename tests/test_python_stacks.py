@@ -48,6 +48,7 @@ from uprobes.unwind.cpython.reader import MAX_PY_FRAMES
 
 INTERPRETERS = CPYTHONS + LATER_CPYTHONS
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_stacks.py")
+PYTHON311 = "/usr/bin/python3.11"
 UPROBES = [sys.executable, "-m", "uprobes"]
 PY_SPY = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
 
@@ -492,3 +493,53 @@ def test_trapfree_python_frames_are_the_int3_paths(python: str, tmp_path: Path) 
     def whole(s: list[dict[str, object]]) -> tuple[tuple[object, ...], ...]:
         return tuple((f.get("symbol"), f.get("offset"), f.get("file"), f.get("line")) for f in s)
     assert Counter(map(whole, stacks)) == Counter(map(whole, stacks3))
+
+
+CALLS_ITS_OWN = """
+import ctypes, sys
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(3):
+    ctypes.pythonapi.PyGILState_GetThisThreadState()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.root
+def test_a_probe_in_what_the_walk_calls_keeps_the_int3(tmp_path: Path) -> None:
+    """The trap-free walk calls PyGILState_GetThisThreadState: a probe there
+    takes the int3 path (its code would call itself without end), says why,
+    and the program's calls are seen with their Python frames."""
+    prog = subprocess.Popen([PYTHON311, "-c", CALLS_ITS_OWN], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "hits.jsonl"
+    tracer = None
+    try:
+        with killed_after(prog):
+            assert prog.stdin is not None and prog.stdout is not None
+            assert prog.stdout.readline() == "ready\n"
+            tracer = subprocess.Popen(
+                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", "-o", str(out),
+                 "-p", str(prog.pid), f"{PYTHON311}:PyGILState_GetThisThreadState"],
+                stderr=subprocess.PIPE)
+            assert tracer.stderr is not None
+            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
+            assert "which its code calls" in said and "0 of 1 probes trap-free" in said, said
+            prog.stdin.write("go\n")
+            prog.stdin.flush()
+            assert prog.stdout.readline() == "done\n"
+            tracer.send_signal(signal.SIGINT)
+            assert tracer.wait(timeout=120) == 0
+            prog.stdin.write("end\n")
+            prog.stdin.flush()
+            assert prog.wait(timeout=60) == 0
+        hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
+        ours = [h for h in hits if any(f.get("python") and f["symbol"] == "<module>"
+                                       for f in h["stack"])]
+        assert len(ours) == 3, hits
+    finally:
+        prog.kill()
+        prog.wait()
+        if tracer is not None:
+            tracer.wait(timeout=120)
