@@ -25,11 +25,17 @@ from uprobes.engines.trapfree.filtercode import Check, compile_check, seccomp_re
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
 from uprobes.engines.trapfree.layout import STACKS
-from uprobes.engines.trapfree.pywalk import CALLED, PyWalk, copied, copied_key, py_walk
-from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
-from uprobes.engines.trapfree.recording import (
+from uprobes.engines.trapfree.pywalk import (
+    CALLED,
     NR_GETPID,
     NR_PROCESS_VM_READV,
+    PyWalk,
+    copied,
+    copied_key,
+    py_walk,
+)
+from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
+from uprobes.engines.trapfree.recording import (
     Recipe,
     recipe_for,
     shape_for,
@@ -446,15 +452,14 @@ class Attach(TracerState):
         recipe = recipe_for(lines, ret, self.stack_bytes)
         if isinstance(recipe, str):
             return recipe, None
-        if recipe.copy:
-            why = self._copy_refused(tid)
-            if why is not None:
-                return why, None
         python = None
         if self._pystacks is not None:
             walk = self._py_walk(tid, probe, recipe)
             if isinstance(walk, str):
                 return walk, None
+            why = self._walk_refused(tid)
+            if why is not None:
+                return why, None
             recipe = replace(recipe, py=walk)
             python = self._py_groups(walk)
         if self._recorder is None:
@@ -546,22 +551,23 @@ class Attach(TracerState):
             raise ProcessError(f"process {pid} is not traced")
         return gone
 
-    def _copy_refused(self, tid: int) -> str | None:
-        """Why the stack copy's system calls (getpid, process_vm_readv, made
-        by the program at each hit) must not be placed in `tid`'s process:
-        a thread's seccomp filter would kill, trap or fail them (each thread
-        has its own filters; a thread born later inherits its creator's).
-        A filter that reads their arguments or address cannot be judged
-        ahead of the hit: refused too. Asked once per process."""
+    def _walk_refused(self, tid: int) -> str | None:
+        """Why the Python walk's system calls (getpid, process_vm_readv, made
+        by the program at each hit: pywalk.py) must not be placed in `tid`'s
+        process: a thread's seccomp filter would kill, trap or fail them
+        (each thread has its own filters; a thread born later inherits its
+        creator's). A filter that reads their arguments or address cannot
+        be judged ahead of the hit: refused too. Asked once per process. (A
+        filter installed later is not seen: docs/reliability.md#seccomp.)"""
         pid = self.threads[tid].pid
-        if pid not in self._copy_checked:
+        if pid not in self._walk_checked:
             why = None
             for t in [t for t in self.threads.values() if t.pid == pid]:
                 for nr in (NR_GETPID, NR_PROCESS_VM_READV):
                     why = why or seccomp.refusal_anywhere(t.tid, nr, (), must_succeed=True)
-            self._copy_checked[pid] = None if why is None else f"its stack is copied by a " \
-                f"system call in the program, and {why}"
-        return self._copy_checked[pid]
+            self._walk_checked[pid] = None if why is None else f"its Python frames are " \
+                f"copied by system calls in the program, and {why}"
+        return self._walk_checked[pid]
 
     def _recipes(self) -> list[Recipe]:
         """What each probed instruction of the run would record, if it records."""

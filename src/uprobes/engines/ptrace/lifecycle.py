@@ -5,6 +5,7 @@ end of a run).
 
 from __future__ import annotations
 
+import struct
 import time
 
 from uprobes.engines.ptrace import retprobes
@@ -41,6 +42,10 @@ class ThreadLife(TracerState):
             tgid = parent.pid if event == ptrace.EVENT_CLONE else tid
         if tgid == parent.pid:
             new = Thread(tid, parent.pid, parent.mm)
+            if self._jumps is not None:
+                sp = _clone_stack(parent.tid, parent.mm.mem)
+                if sp is not None:
+                    self._jumps.thread_born(parent.mm, parent.mm.mem, parent.pid, tid, sp)
         else:
             if event == ptrace.EVENT_VFORK:
                 mm = parent.mm  # shared until the child execs or exits
@@ -165,6 +170,7 @@ class ThreadLife(TracerState):
         self._forget(t)
         if self._jumps is not None:
             self._thread_done(t)
+            self._jumps.thread_gone(t.mm, t.mm.mem, t.tid)
 
     def _gone(self, t: Thread, status: ptrace.WaitStatus) -> None:
         self._release(t)
@@ -274,3 +280,25 @@ class ThreadLife(TracerState):
         zombie never will (a leader's exit waits for its other threads)."""
         return [t for t in self.threads.values()
                 if not t.stopped and procfs.state(t.tid) not in (None, "Z", "X")]
+
+
+_NR_CLONE, _NR_CLONE3 = 56, 435
+_CLONE_ARGS_STACK = struct.Struct("<QQ")  # struct clone_args: stack, stack_size at 40
+
+
+def _clone_stack(tid: int, mem: ProcessMemory) -> int | None:
+    """The stack pointer the thread just made by thread `tid`'s clone (stopped
+    at its clone event) starts with: the call's stack argument (the caller's
+    own stack pointer if it gave none); None if it cannot be read."""
+    try:
+        regs = ptrace.getregs(tid, ptrace.UserRegs())
+        if regs.orig_rax == _NR_CLONE:
+            sp = regs.rsi
+        elif regs.orig_rax == _NR_CLONE3:
+            stack, size = _CLONE_ARGS_STACK.unpack(mem.read(regs.rdi + 40, 16))
+            sp = stack + size if stack else 0
+        else:
+            return None
+    except UprobesError:
+        return None
+    return sp or regs.rsp

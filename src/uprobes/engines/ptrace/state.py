@@ -58,7 +58,6 @@ class TracerState:
     _trapfree: str | None  # None, "count", "record", "time" or "guards" (py: guards only)
     _refusals: Refusals
     _ret_sites: dict[InodeKey, int]  # a ret's key -> its offset in the function
-    _copy_checked: dict[int, str | None]  # pid -> why no stack copy there (seccomp)
     # Our consumers: event handlers, those that only count, the probe line of each.
     _ours: dict[Callable[[TaskLike], object], ResolvedProbe]
     _count_only: dict[Callable[[TaskLike], None], str]
@@ -105,6 +104,7 @@ class TracerState:
     _done: bool
     _placed_once: bool
     _comm_refused_in: set[int]  # processes told their seccomp state keeps --comm out
+    _walk_checked: dict[int, str | None]  # pid -> why no Python walk there (seccomp)
     _quiescing: bool
     _vanished: bool
     _stack: ExitStack

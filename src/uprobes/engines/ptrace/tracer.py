@@ -162,7 +162,6 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._infos: dict[str, ProbeInfo] = {}
         self._refusals = Refusals(probes, self._note)
         self._ret_sites: dict[InodeKey, int] = {}  # a ret's key -> its offset in the function
-        self._copy_checked: dict[int, str | None] = {}  # pid -> why no stack copy there
         self._refused_early = False  # a precheck failed because the process had ended
         names = display_names(probes)
         # With "time": the probes named in `counted` are counted, the others timed.
@@ -222,6 +221,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._done = False
         self._placed_once = False
         self._comm_refused_in = set()
+        self._walk_checked: dict[int, str | None] = {}  # pid -> why no Python walk there
         self._quiescing = False
         self._stack = ExitStack()
         self._undo = ExitStack()

@@ -48,8 +48,16 @@ from functools import partial
 
 from uprobes.analysis.keyed import Aggregate
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
-from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates
-from uprobes.engines.trapfree import filtercode, keyed, pyguard, recording, timing, trampoline
+from uprobes.engines.tracee.xol import InjectionRefused, XolArea, candidates, remote_syscall
+from uprobes.engines.trapfree import (
+    filtercode,
+    keyed,
+    pyguard,
+    recording,
+    stackbounds,
+    timing,
+    trampoline,
+)
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.keyed import KeyedBlock, Source
@@ -83,6 +91,7 @@ _INT3 = b"\xcc"
 _NOP = b"\x90"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 _MASK64 = (1 << 64) - 1
+_NR_MMAP = 9
 
 
 # ---------------------------------------------------------------- counters
@@ -241,6 +250,7 @@ class _Space:
     tls_tid: bool | None = None  # recording: the tid at fs:GLIBC_TID_OFFSET in every thread
     tls_never: bool = False  # a fork family with a child whose thread block holds
     # another's tid (a raw fork): the tid is asked of the kernel for good (withdraw_tls)
+    bounds: stackbounds.StackBounds | None = None  # the threads' stacks (stack copies)
 
 
 @dataclass(frozen=True)
@@ -448,8 +458,10 @@ class TrapFree:
                 self.rings.append(ring)
             ring.probe_ids.add(record.probe_id)
             ring_addr, how = ring.runtime_addr, record
+            bounds = 0 if not record.recipe.copy else self._bounds(
+                space, mem, pid, tid, regs, threads, syscall_addr, held).addr
             prologue = lambda at: recording.prologue(  # noqa: E731
-                at, ring_addr, how.recipe, how.probe_id, tls, how.waits, shape)
+                at, ring_addr, how.recipe, how.probe_id, tls, how.waits, shape, bounds)
         at = area.alloc(size)
         if at is None:
             raise NotTrapFree("the XOL area is full")
@@ -514,6 +526,59 @@ class TrapFree:
                 mine = out.setdefault(key, Aggregate())
                 mine.merge(agg)
         return out, overflow
+
+    @staticmethod
+    def _bounds(space: _Space, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
+                threads: list[tuple[int, bool]], syscall_addr: Callable[[], int],
+                held: list[int]) -> stackbounds.StackBounds:
+        """The address space's stack table (stackbounds.py), mapped (an
+        injected mmap, read-only there) and filled with the stacks of its
+        threads (all stopped) the first time."""
+        if space.bounds is not None:
+            return space.bounds
+        try:
+            addr = remote_syscall(tid, regs, syscall_addr(), _NR_MMAP, (
+                0, stackbounds.SIZE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0),
+                held)
+        except InjectionRefused as e:
+            raise NotTrapFree(str(e)) from None
+        if addr < 0:
+            raise NotTrapFree(f"no memory for the table of its threads' stacks (errno {-addr})")
+        space.bounds = bounds = stackbounds.StackBounds(addr)
+        maps = procfs.maps(pid)
+        for other, _ in threads:
+            try:
+                sp = (regs if other == tid else ptrace.getregs(other, ptrace.UserRegs())).rsp
+            except UprobesError:
+                continue  # gone meanwhile
+            span = stackbounds.stack_span(pid, other, sp, maps)
+            if span is not None:
+                bounds.set(mem, other, span)
+        return bounds
+
+    def thread_born(self, mm: object, mem: ProcessMemory, pid: int, tid: int, sp: int) -> None:
+        """A new thread `tid` of `mm` (not yet run) whose stack pointer starts
+        at `sp`: its stack goes in the table, if the space has one."""
+        space = self._spaces.get(mm)
+        if space is None or space.bounds is None:
+            return
+        span = stackbounds.stack_span(pid, tid, sp)
+        try:
+            if span is not None:
+                space.bounds.set(mem, tid, span)
+            else:
+                space.bounds.drop(mem, tid)
+        except UprobesError:
+            pass  # the process is gone
+
+    def thread_gone(self, mm: object, mem: ProcessMemory, tid: int) -> None:
+        """Thread `tid` of `mm` ended: its stack leaves the table."""
+        space = self._spaces.get(mm)
+        if space is not None and space.bounds is not None:
+            try:
+                space.bounds.drop(mem, tid)
+            except UprobesError:
+                pass  # the process is gone
 
     def confirm_tls(self, mm: object, mem: ProcessMemory, fs_base: int, tid: int) -> None:
         """A stopped thread `tid` of `mm` whose thread pointer is `fs_base`: if
@@ -613,7 +678,8 @@ class TrapFree:
             self._spaces[child] = _Space(dict(space.patches), list(space.blocks),
                                          list(space.rings), list(space.timing),
                                          list(space.keyed), space.name_addr, space.tls_tid,
-                                         space.tls_never)
+                                         space.tls_never,
+                                         None if space.bounds is None else space.bounds.copy())
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""

@@ -15,9 +15,14 @@ so `--python` needs no int3 either. After the stack copy its code:
       first line, file, qualified name and line table) by one call with
       an iovec per frame
 
-Every copy is a process_vm_readv(2) of the program's own process (getpid,
-as the stack copy): the program's memory is untrusted, and a pointer to
-nothing gives a short copy, never a fault. The function called only reads
+Every copy is a process_vm_readv(2) of the program's own process (named by
+getpid: glibc's cached tid is the parent's in a child of a raw fork): the
+program's memory is untrusted, and a pointer to nothing gives a short copy,
+never a fault. (The stack copy before it makes no system call: it is
+bounded by the thread's stack, stackbounds.py; these pointers have no such
+bound.) The two calls are judged against every thread's seccomp filters at
+placement; a filter installed later is not seen (docs/reliability.md).
+The function called only reads
 a pthread key (no lock, no allocation: CPython's faulthandler calls it from
 a signal handler); a probe in it, or in what it calls, keeps the int3
 path (`CALLED`). Offsets come from the interpreter's layout

@@ -59,12 +59,12 @@ pointer (the caller's frame and its return address lie there).
 
 A probe that gives stacks (`stacks`, `trace --stack`, native frames only)
 records every general register and copies `copy` bytes of the stack from
-the stack pointer up into its slot's copy area (layout.STACKS) by one
-process_vm_readv(2) of its own thread: the kernel copies up to the first
-unmapped byte (the top of the thread's stack may be nearer than `copy`)
-and returns how many it copied, never faulting the program, which a copy
-by loads could. The count goes in the record's last word (negative: none
-copied); the reader walks that copy as the int3 path walks its read.
+the stack pointer up into its slot's copy area (layout.STACKS), with no
+system call (a seccomp filter installed later could kill the program for
+one), never past the end of the thread's stack as the tracer's table gives
+it (stackbounds.py), so the copy never faults. The count goes in the
+record's last word (0: none copied); the reader walks that copy as the
+int3 path walks its read.
 
 Values are raw registers and stack words. A probe whose only consumer is
 the tracer's own, unfiltered, becomes its hit tuple by one generated
@@ -79,10 +79,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
+from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, RepPrefixKind
 from iced_x86 import Register as R
 
 from uprobes.engines.tracee.fetch import REGISTER_FIELDS, split_derefs
+from uprobes.engines.trapfree import stackbounds
 from uprobes.engines.trapfree.layout import (
     COMMITTED,
     DATA_OFFSET,
@@ -126,8 +127,6 @@ _SAVED = ("r11", "rsi", "rdx", "rcx", "rax", "eflags")  # from rsp up, after the
 _FRAME = 8 * len(_SAVED) + _RED_ZONE  # rsp + _FRAME = the stack pointer at the probe
 _NR_GETTID = 186
 _NR_FUTEX = 202
-NR_PROCESS_VM_READV = 310
-NR_GETPID = 39
 STACK_REGS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp",
               *(f"r{n}" for n in range(8, 16)))
 """What a stack-copying probe records: the registers an unwinder may read, in
@@ -289,10 +288,11 @@ def shape_for(recipes: Iterable[Recipe]) -> RingShape:
 
 
 def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bool,
-             waits: Waits, shape: RingShape = LONG) -> bytes:
+             waits: Waits, shape: RingShape = LONG, bounds: int = 0) -> bytes:
     """The recording code for a trampoline at `at` whose ring (of `shape`) is
     at `ring_addr` (within rel32 reach); it falls through to the displaced
-    instructions."""
+    instructions. `bounds`: the address space's stack table (stackbounds.py),
+    for a recipe that copies the stack."""
     assert recipe.words <= shape.words and recipe.copy <= shape.copy
     slots = shape.slots
     head, tail, lost, data = (ring_addr + HEAD, ring_addr + TAIL, ring_addr + LOST,
@@ -368,7 +368,7 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
             code.append(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, offset)))
         code.append(i.create_mem_reg(Code.MOV_RM64_R64, dest, R.RAX))
     if recipe.copy:
-        code += _stack_copy(recipe, shape)
+        code += _stack_copy(recipe, shape, bounds, len(code))
     if recipe.py is not None:
         code += walk_block(recipe.py, shape.copy_offset)
     # The commit, counted (a locked add: stores before it are seen before it);
@@ -449,35 +449,63 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     return bytes(enc.encode(at))
 
 
-def _stack_copy(recipe: Recipe, shape: RingShape) -> list[Instruction]:
-    """process_vm_readv(getpid(), {slot copy area, copy}, 1, {probe's sp,
-    copy}, 1, 0) into the slot at rcx, its result in the record's last word;
-    every register it changes put back (rdx: the commit's sequence word)."""
+def _stack_copy(recipe: Recipe, shape: RingShape, bounds: int, base: int) -> list[Instruction]:
+    """Copy up to `recipe.copy` bytes from the probe's stack pointer up into
+    the slot at rcx, never past the end of the range that holds the stack
+    pointer in the table at `bounds` (stackbounds.py), the count in the
+    record's last word (0: in no range, nothing copied). No system call: a
+    seccomp filter the program installs later cannot make it kill the
+    program. `base`: the index of its first instruction in the prologue's
+    list (its branches' labels). Every register it changes is put back
+    (rdx: the commit's sequence word), the flags by the prologue."""
     i = Instruction
     saved = (R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11)
     count_at = SLOT_VALUES + 8 * (recipe.words - 1)
-    return [
+    code: list[Instruction | tuple[Any, str]] = [  # (a branch's Code, its label)
         *(i.create_reg(Code.PUSH_R64, r) for r in saved),
-        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RSP, 8 * len(saved) + _FRAME)),
-        i.create_i32(Code.PUSHQ_IMM32, recipe.copy), i.create_reg(Code.PUSH_R64, R.RAX),
-        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RCX, shape.copy_offset)),
-        i.create_i32(Code.PUSHQ_IMM32, recipe.copy), i.create_reg(Code.PUSH_R64, R.RAX),
-        # The process as the kernel names it to this thread, asked: glibc's
-        # cached tid (esi) is the parent's in a child of a raw fork or clone.
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_GETPID),
-        i.create(Code.SYSCALL),                               # (rcx, r11: saved)
-        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.EAX),
-        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),   # local iovec
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
-        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RSP, 16)),  # remote iovec
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.R8D, 1),
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
-        i.create(Code.SYSCALL),
-        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 32)),
+        i.create_reg_mem(Code.LEA_R64_M, R.R8, _mem(R.RSP, 8 * len(saved) + _FRAME)),
+        i.create_reg_u64(Code.MOV_R64_IMM64, R.R9, bounds),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R10D, stackbounds.SLOTS),
+        i.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX),
+    ]
+    labels = {"scan": len(code)}
+    code += [
+        i.create_reg_mem(Code.MOV_R64_RM64, R.R11, _mem(R.R9)),  # seq: odd while written
+        i.create_reg_i32(Code.TEST_RM32_IMM32, R.R11D, 1),
+        (Code.JNE_REL32_64, "next"),
+        i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.R9, 8)),   # start
+        i.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.R9, 16)),  # end
+        i.create_reg_mem(Code.CMP_R64_RM64, R.R11, _mem(R.R9)),  # rewritten meanwhile?
+        (Code.JNE_REL32_64, "next"),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.R8, R.RSI),
+        (Code.JB_REL32_64, "next"),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.R8, R.RDX),
+        (Code.JAE_REL32_64, "next"),
+        i.create_reg_reg(Code.SUB_R64_RM64, R.RDX, R.R8),  # bytes to the range's end
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, recipe.copy),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.RDX, R.RAX),
+        i.create_reg_reg(Code.CMOVB_R64_RM64, R.RAX, R.RDX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RCX, shape.copy_offset)),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R8),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
+        i.create(Code.CLD),
+        i.create_movsb(64, R.NONE, RepPrefixKind.REPE),  # rep movsb
+        (Code.JMP_REL32_64, "done"),
+    ]
+    labels["next"] = len(code)
+    code += [
+        i.create_reg_i32(Code.ADD_RM64_IMM8, R.R9, stackbounds.ENTRY),
+        i.create_reg_i32(Code.SUB_RM32_IMM8, R.R10D, 1),
+        (Code.JNE_REL32_64, "scan"),
+    ]
+    labels["done"] = len(code)
+    code += [
         *(i.create_reg(Code.POP_R64, r) for r in reversed(saved)),
         i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, count_at), R.RAX),
     ]
+    # The prologue's labels are its list's indices + 1 (see `prologue`).
+    return [i.create_branch(c[0], 1 + base + labels[c[1]]) if isinstance(c, tuple) else c
+            for c in code]
 
 
 _REGS: dict[str, Any] = {"rax": R.RAX, "rbx": R.RBX, "rcx": R.RCX, "rdx": R.RDX, "rsi": R.RSI,
