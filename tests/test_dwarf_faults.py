@@ -97,3 +97,25 @@ def test_unreadable_memory_prints_fault_as_gdb(compile_c: Compiler, engine: str,
     assert (text[0]["p_id"], text[0]["p_in_x"], text[0]["p_name"]) == ("1", "(fault)", "(fault)")
     assert text[0]["p_next_in_y"] == "-6"
     assert all(v == "(fault)" for t in text[1:] for k, v in t.items() if k != "n")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_session_events_show_dwarf_values_as_json_does(compile_c: Compiler, engine: str) -> None:
+    """A Session's events have the user's names only (no hidden guard
+    fetches) and None for a value that faulted, as `--json` has them."""
+    if engine == "kernel":
+        need(Path("/sys/kernel/tracing/uprobe_events").exists(), "tracefs")
+    import uprobes
+    exe = compile_c("dwarf_faults.c", "-O2")
+    seen: list[uprobes.Event] = []
+    s = uprobes.Session(engine=engine)
+    s.probe(f"{exe}:{PROBE}", seen.append)
+    assert s.spawn([str(exe)]) == 0
+    _, docs = _ours(engine, exe)
+    norm = [{k: _pointer(hex(v)) if k in ("p_deref_in", "p_deref_next") and v else v
+             for k, v in args.items()} for args in (*(ev.args for ev in seen), *docs)]
+    assert norm[:HITS] == norm[HITS:]
+    assert [a["n"] for a in norm[:HITS]] == [1, 2, 3]
+    assert (norm[0]["p_id"], norm[0]["p_in_x"], norm[0]["p_name"]) == (1, None, None)
+    assert all(v is None for a in norm[1:HITS] for k, v in a.items() if k != "n")

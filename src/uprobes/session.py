@@ -70,6 +70,7 @@ from uprobes.model.kevent import KernelEvent, KernelRow, row_event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Consumer, prepare_dispatch
 from uprobes.render.timeline import Timeline
+from uprobes.render.values import shown_args
 from uprobes.resolve.resolver import Resolver
 from uprobes.unwind.capture import DEFAULT_STACK_BYTES, check_stack_bytes
 
@@ -364,6 +365,9 @@ class Session:
             dispatch[p.name] = prepare_dispatch(
                 [(c.filter, c.handler) for c in line.consumers if c.handler is not None])
         table = dispatch.get
+        # Probes with DWARF values: their events show them as `--json` does.
+        viewed = {name: info.args for name, info in tracer.infos.items()
+                  if any(t.view is not None for _, t in info.args)}
 
         def deliver(ev: Event) -> None:
             call = table(ev.probe)
@@ -372,6 +376,9 @@ class Session:
             hit = tracer.current_hit
             if hit is not None:  # an engine that stops the thread: handlers see it
                 ev = replace(ev, hit=hit)
+            info_args = viewed.get(ev.probe)
+            if info_args is not None:
+                ev = replace(ev, args=shown_args(ev.args, info_args))
             call(ev)
 
         self.kernel_filters = dict(tracer.kernel_filters)

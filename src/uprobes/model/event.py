@@ -110,7 +110,10 @@ class Event:
     `kind` is "p" (entry) or "r" (return). `ip` is the probed instruction's
     run-time address for "p" and the address returned to for "r"; `func`
     (return probes only) is the function's entry address. `args` maps each
-    fetcharg name to its value, in the probe's order.
+    fetcharg name to its value, in the probe's order: an `ArgValue` as the
+    engines record it; in a Session's events a value with a DWARF type is
+    shown as `--json` shows it (`uprobes.render.values.shown_args`: floats,
+    enums by name, structs as dicts, None where it could not be read).
 
     `stack`: with stacks asked for (`trace --stack`), the user stack at the
     hit, innermost first (the probed function, then its callers); None
@@ -130,7 +133,7 @@ class Event:
     ts_ns: int
     ip: int
     func: int | None = None
-    args: dict[str, ArgValue] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     stack: tuple[Frame, ...] | None = None
     hit: Any = field(default=None, compare=False, repr=False)
 

@@ -28,7 +28,7 @@ from uprobes.lang.ast import FetchType
 from uprobes.model.event import Event, Hit, ProbeInfo, hit_event
 from uprobes.model.kevent import KernelEvent, KernelRow, row_event, shape_of
 from uprobes.render.rows import RowShape
-from uprobes.render.values import Shown, fold_of, view_json
+from uprobes.render.values import Shown, fold_of, shown_args, view_json
 from uprobes.sys.clocks import ClockSnapshot, snapshot
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -49,15 +49,7 @@ def event_doc(event: Event, info: ProbeInfo | None = None) -> dict[str, object]:
     }
     if event.kind == "r":
         doc["func"] = event.func
-    views = {name: t for name, t in info.args if t.view is not None} if info else {}
-    fold = fold_of(info.args) if info else None
-    if fold is not None and info is not None:
-        values = fold.values([event.args.get(name) for name, _ in info.args])
-        doc["args"] = {name: view_json(v, t) if t.view is not None else v
-                       for (name, t), v in zip(fold.args, values)}
-    else:
-        doc["args"] = {name: view_json(v, views[name]) if name in views else v
-                       for name, v in event.args.items()} if views else event.args
+    doc["args"] = shown_args(event.args, info.args) if info else event.args
     if event.stack is not None:
         doc["stack"] = [frame.as_dict() for frame in event.stack]
     return doc

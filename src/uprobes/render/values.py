@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from uprobes.lang.ast import FetchType, ValueView, Variant
@@ -105,6 +105,24 @@ def fold_of(args: tuple[tuple[str, FetchType], ...]) -> Fold | None:
     if not any(t.view is not None and (t.view.parts or t.view.guards) for _, t in args):
         return None
     return Fold(args)
+
+
+def shown_args(args: Mapping[str, ArgValue],
+               info_args: tuple[tuple[str, FetchType], ...]) -> dict[str, object]:
+    """An event's arguments as `--json` and a Session's events give them:
+    the user's names only (the parts and guards of a DWARF value go into
+    it), each with a DWARF view as the view gives it (`view_json`: enums by
+    name, floats, structs as dicts), None for one that could not be read."""
+    fold = fold_of(info_args)
+    if fold is not None:
+        values = fold.values([args.get(name) for name, _ in info_args])
+        return {name: view_json(v, t) if t.view is not None else v
+                for (name, t), v in zip(fold.args, values)}
+    views = {name: t for name, t in info_args if t.view is not None}
+    if not views:
+        return dict(args)
+    return {name: view_json(v, views[name]) if name in views else v
+            for name, v in args.items()}
 
 
 def plain_args(args: dict[str, ArgValue],
