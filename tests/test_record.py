@@ -348,7 +348,7 @@ def test_report_pairs_recursion_as_the_event_pairer(compile_c: Compiler, tmp_pat
     hits = [h for batch in recording.batches() for h in batch]
     calls = frozenset(recording.calls)
     fast, slow = {"uprobes/fib": Histogram()}, {"uprobes/fib": Histogram()}
-    _Stacks().pair(hits, calls, frozenset({"uprobes/fib__return"}), fast)
+    _Stacks({}).pair(hits, calls, frozenset({"uprobes/fib__return"}), fast)
     pairer = CallPairer()
     for h in hits:
         ev = hit_event(h, recording.infos[h[4]])
@@ -357,3 +357,22 @@ def test_report_pairs_recursion_as_the_event_pairer(compile_c: Compiler, tmp_pat
             slow[start.probe].add(ev.ts_ns - start.ts_ns)
     assert (fast["uprobes/fib"].count, fast["uprobes/fib"].mean) == \
         (slow["uprobes/fib"].count, slow["uprobes/fib"].mean)
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_report_pairs_calls_probed_past_an_unoptimized_prologue(
+        compile_c: Compiler, tmp_path: Path, marked: bool) -> None:
+    """`fib n` at -O0 is probed after fib's prologue (where n is stored),
+    its return at fib's ret: report times every call, and replay's slices
+    are the calls (they were instants, and no latency at all), with or
+    without the stack pointer and return address to pair by."""
+    exe = compile_c("latency.c", "-O0")
+    rec = tmp_path / "rec"
+    entry = f"{exe}:fib n" + (" __sp=%sp __ra=+0(%sp)" if marked else "")
+    uprobes("record", "-e", "ptrace", "-o", str(rec), entry, f"r {exe}:fib", "--", str(exe))
+    doc = json.loads(uprobes("report", "--json", str(rec)).stdout)
+    assert doc["latency"]["uprobes/fib"]["count"] == 177, doc
+    assert doc["unpaired_returns"] == 0 and doc["never_returned"] == 0
+    chrome = json.loads(uprobes("replay", "--format", "chrome-json", str(rec)).stdout)
+    slices = [e for e in chrome["traceEvents"] if e["ph"] == "X"]
+    assert len(slices) == 177 and {e["args"]["n"] for e in slices} == set(range(11))

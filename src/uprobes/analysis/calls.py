@@ -40,20 +40,30 @@ counted and skipped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from uprobes.lang.ast import FileTarget
 from uprobes.model.event import FRAME_ARG, RA_ARG, SP_ARG, Event
 from uprobes.model.probe import ResolvedProbe
 
-__all__ = ["RA_ARG", "SP_ARG", "CallPairer", "past_entry"]
+__all__ = ["RA_ARG", "SP_ARG", "CallPairer", "past_entry", "past_prologue"]
 
 
-def past_entry(probes: list[ResolvedProbe]) -> dict[str, int]:
+def past_entry(probes: Iterable[ResolvedProbe]) -> dict[str, int]:
     """`CallPairer.past_entry` of resolved probes: the entry probes of a
     function that sit past its first instruction, by name."""
     return {p.name: p.symbol_offset for p in probes
             if not p.is_return and p.symbol_offset and p.symbol is not None}
+
+
+def past_prologue(p: ResolvedProbe) -> bool:
+    """Whether entry probe `p` names a function and was placed past its
+    prologue (DWARF names at -O0: the resolver moves it to where the
+    arguments are stored); its calls return as the function's."""
+    t = p.spec.target
+    return not p.is_return and p.symbol_offset > 0 and isinstance(t, FileTarget) \
+        and t.symbol is not None and t.symbol_offset == 0 and t.line is None
 
 
 def _sp(ev: Event) -> int | None:

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     events = 0
     with ExitStack() as stack:
         out, binary = trace.open_output(args, out, stack)
-        renderer = trace.make_renderer(args, out, binary, rec.infos, rec.calls, rec.clocks)
+        renderer = trace.make_renderer(args, out, binary, rec.infos, rec.probes, rec.calls,
+                                       rec.clocks)
         for batch in rec.batches(keep):
             events += len(batch)
             renderer.hits(batch)

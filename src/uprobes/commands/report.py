@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from typing import TextIO
 
-from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer
+from uprobes.analysis.calls import RA_ARG, SP_ARG, CallPairer, past_entry
 from uprobes.analysis.histogram import Histogram
 from uprobes.commands.replay import open_recording, report_damage
 from uprobes.commands.selection import add_filter_arguments
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     infos, calls = rec.infos, frozenset(rec.calls)
     marked = any(n in (SP_ARG, RA_ARG, FRAME_ARG) for info in infos.values()
                  for n, _ in info.args)
-    pairer: CallPairer | _Stacks = CallPairer() if marked else _Stacks()
+    past = {name: n for name, n in past_entry(rec.probes).items() if name in calls}
+    pairer: CallPairer | _Stacks = CallPairer(past_entry=past) if marked else _Stacks(past)
     returns = frozenset(name for name, info in infos.items() if info.kind == "r")
     for batch in rec.batches(keep):
         counts.update(hit[4] for hit in batch)
@@ -93,7 +94,8 @@ class _Stacks:
     (process, thread, function), a return closing the newest, on the hit
     tuples themselves (a tenth of the time of building events)."""
 
-    def __init__(self) -> None:
+    def __init__(self, past: dict[str, int]) -> None:
+        self.past = past  # entries past their function's first instruction
         self.unpaired_returns = 0
         self.abandoned = 0
         self._open: dict[tuple[int, int, int], list[tuple[int, str]]] = {}
@@ -104,10 +106,11 @@ class _Stacks:
 
     def pair(self, hits: list[Hit], calls: frozenset[str], returns: frozenset[str],
              histograms: dict[str, Histogram]) -> None:
-        stacks = self._open
+        stacks, past = self._open, self.past
         for ts, pid, tid, _, probe, _, ip, func, _ in hits:
             if probe in calls:
-                stacks.setdefault((pid, tid, ip), []).append((ts, probe))
+                at = ip - past[probe] if past and probe in past else ip
+                stacks.setdefault((pid, tid, at), []).append((ts, probe))
             elif probe in returns:
                 stack = stacks.get((pid, tid, ip if func is None else func))
                 if stack:

@@ -18,8 +18,10 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import TYPE_CHECKING, BinaryIO, TextIO, cast
 
+from uprobes.analysis.calls import past_entry, past_prologue
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
     add_duration_argument,
@@ -38,7 +40,7 @@ from uprobes.engines.kevents.source import KernelEvents
 from uprobes.engines.launch import Launched, finish, launch
 from uprobes.errors import UsageError
 from uprobes.model.event import ProbeInfo
-from uprobes.model.probe import ResolvedProbe
+from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.render.chrome_json import ChromeJsonRenderer
 from uprobes.render.jsonl import JsonLinesRenderer
 from uprobes.render.perfetto import PerfettoRenderer
@@ -180,26 +182,27 @@ if TYPE_CHECKING:  # `record`'s renderer: imported by `record` alone
 
 
 def make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
-                  infos: dict[str, ProbeInfo], calls: set[str],
+                  infos: dict[str, ProbeInfo], probes: list[ResolvedProbe], calls: set[str],
                   clocks: tuple[ClockSnapshot, ClockSnapshot] | None = None) -> Output:
-    """The renderer of `args.format`; `calls`: see `call_entries`. `clocks`:
-    the run's clocks at start and end (a replay's), else read at start and end."""
+    """The renderer of `args.format` for `probes`; `calls`: see `call_entries`.
+    `clocks`: the run's clocks at start and end (a replay's), else read at
+    start and end."""
     infos, converts = shown_infos(infos)
-    if converts:
-        return PyArgsRenderer(_make_renderer(args, out, binary, infos, calls, clocks), converts)
-    return _make_renderer(args, out, binary, infos, calls, clocks)
+    past = {name: n for name, n in past_entry(probes).items() if name in calls}
+    made = _make_renderer(args, out, binary, infos, calls, past, clocks)
+    return PyArgsRenderer(made, converts) if converts else made
 
 
 def _make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
-                   infos: dict[str, ProbeInfo], calls: set[str],
+                   infos: dict[str, ProbeInfo], calls: set[str], past: dict[str, int],
                    clocks: tuple[ClockSnapshot, ClockSnapshot] | None) -> Output:
     start = None if clocks is None else clocks[0]
     out_r: Output
     if args.format == "perfetto":
         assert binary is not None
-        out_r = PerfettoRenderer(binary, infos, calls, clock_start=start)
+        out_r = PerfettoRenderer(binary, infos, calls, clock_start=start, past_entry=past)
     elif args.format == "chrome-json":
-        out_r = ChromeJsonRenderer(out, infos, calls, clock_start=start)
+        out_r = ChromeJsonRenderer(out, infos, calls, clock_start=start, past_entry=past)
     elif args.format == "jsonl":
         out_r = JsonLinesRenderer(out, infos, clock_start=start)
     else:
@@ -217,6 +220,8 @@ def call_entries(probes: list[ResolvedProbe]) -> set[str]:
     named = {p.name for p in probes if p.is_return and p.alias is not None}
     return {p.name for p in probes if not p.is_return and (
         p.key in returns and p.symbol_offset == 0
+        or past_prologue(p) and isinstance(p.key, InodeKey) and replace(
+            p.key, file_offset=p.key.file_offset - p.symbol_offset) in returns
         or p.alias is not None and f"{p.name}%return" in named)}
 
 
@@ -245,7 +250,8 @@ def run_trace(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,
             if make is not None:  # `record`: no kernel events, no stacks
                 renderer = make(tracer.infos)
             else:
-                output = make_renderer(args, out, binary, tracer.infos, call_entries(probes))
+                output = make_renderer(args, out, binary, tracer.infos, probes,
+                                       call_entries(probes))
                 renderer = output if kevents is None else Timeline(output, kevents)
             if child is not None:
                 child.release()

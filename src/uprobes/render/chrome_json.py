@@ -25,7 +25,7 @@ the switch out to the switch back in, anything else an instant (`cat`
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TextIO
 
 from uprobes.analysis.calls import CallPairer
@@ -45,16 +45,18 @@ class ChromeJsonRenderer:
     """Writes one JSON document; `summary()` closes it.
 
     `calls`: names of the entry probes that have a return probe on the same
-    function; their hits wait for the return to become slices. (Hits of any
+    function; their hits wait for the return to become slices. `past_entry`:
+    those placed past their function's first instruction (`CallPairer.past_entry`). (Hits of any
     other entry probe are instants at once, so nothing piles up.)
     """
 
     def __init__(self, out: TextIO, probes: dict[str, ProbeInfo],
-                 calls: Iterable[str] = (), clock_start: ClockSnapshot | None = None) -> None:
+                 calls: Iterable[str] = (), clock_start: ClockSnapshot | None = None,
+                 past_entry: Mapping[str, int] | None = None) -> None:
         self.out = out
         self.probes = probes
         self.calls = frozenset(calls)
-        self._pairer = CallPairer()
+        self._pairer = CallPairer(past_entry=dict(past_entry or {}))
         self._threads: set[int] = set()
         self._processes: set[int] = set()
         self._first = True

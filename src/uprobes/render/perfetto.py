@@ -30,7 +30,7 @@ around each packet). What goes in:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, BinaryIO
 
 from uprobes.analysis.calls import CallPairer
@@ -67,16 +67,18 @@ class PerfettoRenderer:
     """Writes TracePackets to `out` (binary) as events come; `summary()` ends the trace.
 
     `calls`: names of the entry probes that have a return probe on the same
-    function; their hits wait for the return to become slices.
+    function; their hits wait for the return to become slices. `past_entry`:
+    those placed past their function's first instruction (`CallPairer.past_entry`).
     """
 
     def __init__(self, out: BinaryIO, probes: dict[str, ProbeInfo],
-                 calls: Iterable[str] = (), clock_start: ClockSnapshot | None = None) -> None:
+                 calls: Iterable[str] = (), clock_start: ClockSnapshot | None = None,
+                 past_entry: Mapping[str, int] | None = None) -> None:
         self.pb = _pb()
         self.out = out
         self.probes = probes
         self.calls = frozenset(calls)
-        self._pairer = CallPairer()
+        self._pairer = CallPairer(past_entry=dict(past_entry or {}))
         self._tracks: set[int] = set()
         self._in_syscall: set[int] = set()  # threads whose syscall entry was written
         self._counts: dict[tuple[int, str], tuple[int, int]] = {}  # (pid, probe) -> (uuid, n)
