@@ -115,3 +115,27 @@ def test_sigkill_inside_an_injected_call_with_p(tracefs: Path, orphan_exe: Path,
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("specs", [["{exe}:tick"], ["--no-trapfree", "{exe}:tick"]])
+def test_sigkill_inside_an_injected_call_lent_by_a_sleeping_thread(
+        tracefs: Path, compile_c: Compiler, specs: list[str]) -> None:
+    # The thread is inside nanosleep (-ERESTART_RESTARTBLOCK): killed in the
+    # call that installs the SIGTRAP handler (3), it must go on sleeping
+    # through restart_syscall, as it would have once resumed, not return
+    # the kernel's internal error or wake early.
+    exe = compile_c("sleeper.c")
+    proc = subprocess.Popen([str(exe), "3000"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("ready")
+        run = subprocess.run([*UPROBES, "count", "-e", "ptrace", "-o", os.devnull, "-p",
+                              str(proc.pid), *[s.format(exe=exe) for s in specs]],
+                             capture_output=True, timeout=120,
+                             env={**os.environ, killpoint.ENV: "injected-3"})
+        assert run.returncode == -signal.SIGKILL, run.stderr.decode()
+        assert proc.stdout.readline() == "rc=0 slept=1\n"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()

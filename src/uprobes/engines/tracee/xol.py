@@ -82,7 +82,6 @@ _LANDING = struct.Struct(f"<{len(LANDING_REGS)}Q")
 # A thread stopped inside an interrupted system call resumes by restarting
 # it (the kernel's restart logic, with no signal to deliver): these results.
 _ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ERESTART_RESTARTBLOCK = 512, 513, 514, 516
-_NR_RESTART_SYSCALL = 219
 
 
 class LandedSyscall(int):
@@ -104,12 +103,21 @@ class LandedSyscall(int):
 
 def _land(tid: int, regs: ptrace.UserRegs, landing: int) -> None:
     """Save at `landing` the registers thread `tid` resumes with from `regs`:
-    those of a restarted system call where its resume would restart one."""
+    those of a restarted system call where its resume would restart one.
+
+    The kernel resumes a call interrupted with -ERESTART_RESTARTBLOCK (a
+    relative sleep, a timed futex wait) by `restart_syscall`, which goes on
+    from a record in the task. Here the call is made anew with its own
+    arguments instead (its timeout counted again from now: a later return,
+    never an early one or an error): a thread whose tracer died inside an
+    injected call is still single-stepped once, and that step's SIGTRAP runs
+    our handler (orphan.py), whose rt_sigreturn clears the record, so
+    `restart_syscall` would fail the call with EINTR."""
     resume = regs.copy()
     if regs.orig_rax < 2**63:  # stopped inside a system call of its own
         err = 2**64 - regs.rax
         if err in (_ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ERESTART_RESTARTBLOCK):
-            resume.rax = regs.orig_rax if err != _ERESTART_RESTARTBLOCK else _NR_RESTART_SYSCALL
+            resume.rax = regs.orig_rax
             resume.rip = regs.rip - 2
     with ProcessMemory(tid) as mem:
         mem.write(landing, _LANDING.pack(*(getattr(resume, name) for name in LANDING_REGS)))
