@@ -77,9 +77,19 @@ def _refused_in_one_line(timed: Path, argv: list[str], words: str) -> None:
 
 
 @pytest.mark.root
-def test_the_kernel_engine_refuses_keys_in_one_line(timed: Path) -> None:
-    """As root, `-e auto` takes the kernel engine, which keys nothing in the program."""
-    _refused_in_one_line(timed, ["--by", "tid", f"{timed}:tiny"], "give -e ptrace")
+def test_the_kernel_engine_counts_by_key_from_events(timed: Path) -> None:
+    """As root, `-e auto` takes the kernel engine, which has no program code
+    to count in: it counts by key from its events, as the ptrace engine
+    counts in the program (it refused, saying `give -e ptrace`)."""
+    argv = ["--json", "--by", "a", "--value", "a", f"{timed}:tiny a=%di:s32", "--",
+            str(timed), "keys", "1000", "10"]
+    kernel = subprocess.run([*UPROBES, "count", *argv], capture_output=True, text=True,
+                            timeout=300)
+    assert kernel.returncode == 0 and "Traceback" not in kernel.stderr, kernel.stderr
+    _, doc = _count(*argv[1:])
+    assert json.loads(kernel.stdout.splitlines()[-1]) == doc
+    assert {r["key"]: r["count"] for r in doc["uprobes/tiny"]["keys"]} == \
+        {k: 100 for k in range(10)}
 
 
 def test_what_cannot_be_keyed_is_one_line(timed: Path) -> None:

@@ -16,6 +16,9 @@ class Aggregate:
     sum: int = 0
     min: int | None = None
     max: int | None = None
+    unread: int = 0
+    """Hits counted whose value could not be read (a DWARF value that
+    faulted): in `count`, not in the sum, min, max and mean."""
 
     def add(self, count: int, total: int, lo: int, hi: int) -> None:
         self.count += count
@@ -25,13 +28,16 @@ class Aggregate:
 
     def merge(self, other: Aggregate) -> None:
         """Add `other`'s hits (another entry, table or key shown alike)."""
-        if other.count:
+        self.count += other.unread
+        self.unread += other.unread
+        if other.count > other.unread:
             assert other.min is not None and other.max is not None
-            self.add(other.count, other.sum, other.min, other.max)
+            self.add(other.count - other.unread, other.sum, other.min, other.max)
 
     @property
     def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
+        valued = self.count - self.unread
+        return self.sum / valued if valued else 0.0
 
 
 @dataclass

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import TextIO
 
-from uprobes.analysis.keyed import TASK_KEYS, KeyedCounts
+from uprobes.analysis.keyed import TASK_KEYS, Aggregate, KeyedCounts
 from uprobes.commands.resolve import parse_specs
 from uprobes.commands.selection import (
     add_duration_argument,
@@ -16,11 +17,19 @@ from uprobes.commands.selection import (
     check_selection,
     command_argv,
     hit_filter,
+    run_selected,
     uretprobe_note,
 )
-from uprobes.engines.base import Counter, Request, open_counter, open_keyed_counter
+from uprobes.engines.base import (
+    Counter,
+    Request,
+    keyed_problem,
+    open_counter,
+    open_keyed_counter,
+)
 from uprobes.engines.launch import finish, launch
 from uprobes.errors import UsageError
+from uprobes.model.event import Event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.render.counts import (
     write_count_json,
@@ -29,6 +38,7 @@ from uprobes.render.counts import (
     write_keyed_table,
 )
 from uprobes.resolve.resolver import Resolver
+from uprobes.session import Session
 
 NAME = "count"
 HELP = "count hits per probe (system-wide, in a process, or in a command it starts)"
@@ -52,10 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--interval", type=float, metavar="SECONDS",
                    help="also print the counts of each interval of SECONDS")
     p.add_argument("--by", metavar="KEY",
-                   help="-e ptrace: count per KEY, in the program: tid, pid, comm, or the name "
-                        "of a fetcharg every SPEC has (a register or stack value, e.g. "
-                        "'libc:malloc size=%%di:u64' --by size); at most 4096 keys a probe, "
-                        "hits beyond are counted and said")
+                   help="count per KEY: tid, pid, comm, or the name of a fetcharg every SPEC "
+                        "has (e.g. 'libc:malloc size=%%di:u64' --by size); -e ptrace counts "
+                        "in the program a register or stack value (at most 4096 keys a probe, "
+                        "hits beyond are counted and said), other keys from events")
     p.add_argument("--value", metavar="ARG",
                    help="with --by: also the sum, min, max and mean of fetcharg ARG per key")
     add_duration_argument(p)
@@ -86,10 +96,20 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"uprobes: note: ... and {len(notes) - 3} more notes "
                          "(`uprobes resolve` shows them all)\n")
     uretprobe_note(probes, sys.stderr)
+    from_events = False
     if args.by is not None:
         _check_keys(args, probes)
+        why = keyed_problem(Request(probes, args.engine, pid=args.pid,
+                                    child=0 if args.argv_command else None,
+                                    trapfree=not args.no_trapfree, by=args.by,
+                                    value=args.value))
+        if why is not None and "kernel engine" not in why:
+            _note(f"--by {args.by} is counted from events, not in the program ({why})")
+        from_events = why is not None
     sink = open(args.output, "w") if args.output else out
     try:
+        if from_events:
+            return _count_events(args, sink, notes)
         return _count(args, probes, sink)
     finally:
         if sink is not out:
@@ -135,6 +155,47 @@ def _count(args: argparse.Namespace, probes: list[ResolvedProbe], sink: TextIO) 
         if launched is not None:
             launched.failed(counter.child_status if counter is not None else None)
         raise
+
+
+def _count_events(args: argparse.Namespace, sink: TextIO, said_notes: list[str]) -> int:
+    """`--by` from events, where the program's code cannot count (the kernel
+    engine; a key or value read from memory, a DWARF value): each hit's key
+    and value as a Session's event has them."""
+    counts = KeyedCounts(args.by, args.value)
+
+    def on_hit(ev: Event) -> None:
+        key = getattr(ev, args.by) if args.by in TASK_KEYS else _key(ev.args.get(args.by))
+        agg = counts.keys.setdefault(ev.probe, {}).setdefault(key, Aggregate())
+        value = ev.args.get(args.value) if args.value is not None else 0
+        if isinstance(value, int):
+            agg.add(1, value, value, value)
+        else:  # its value could not be read
+            agg.count += 1
+            agg.unread += 1
+
+    said = set(said_notes)  # the resolver's, said once already
+
+    def note(text: str) -> None:
+        if text not in said:
+            _note(text)
+
+    session = Session(args.engine, force=args.force, uretprobe=args.uretprobe,
+                      trapfree=not args.no_trapfree, note=note)
+    for spec in args.specs:
+        session.probe(spec, on_hit, condition=args.condition, comm=args.comm, tid=args.tid)
+    status = run_selected(session, args, "counting")
+    for p in session.probes:
+        counts.keys.setdefault(p.name, {})
+    _final(args, sink, counts)
+    return status
+
+
+def _key(value: object) -> int | str:
+    """A fetched value as a key: a number, a string, `(fault)` where it
+    could not be read, else its JSON text (a float, a struct)."""
+    if isinstance(value, (int, str)):
+        return int(value) if isinstance(value, bool) else value
+    return "(fault)" if value is None else json.dumps(value)
 
 
 def _check_keys(args: argparse.Namespace, probes: list[ResolvedProbe]) -> None:

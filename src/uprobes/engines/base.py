@@ -264,6 +264,19 @@ def open_keyed_counter(request: Request) -> KeyedCounter:
                         orphans=request.orphans)
 
 
+def keyed_problem(request: Request) -> str | None:
+    """Why the probes of `request` (`by` set) cannot be counted by key in the
+    program (then the caller counts them from events), or None: the kernel
+    engine has no program code to count in, and the ptrace engine's code
+    reads keys and values from registers and stack words only."""
+    if request.pick() != "ptrace":
+        return "the kernel engine counts per probe only"
+    if not request.trapfree:
+        return None  # open_keyed_counter says what to change
+    from uprobes.engines.ptrace.bykey import key_problem
+    return key_problem(request.probes, request.by, request.value)
+
+
 def open_timer(request: Request) -> Timer | None:
     """A timer for `request`, whose probes are entry and return probe pairs
     (an entry names the function, its return's rets come with it): the

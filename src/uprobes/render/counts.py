@@ -48,7 +48,8 @@ def write_keyed_table(out: TextIO, counts: KeyedCounts) -> None:
         for key, agg in _keyed_rows(keys):
             row = [str(key), str(agg.count)]
             if counts.value is not None:
-                row += [str(agg.sum), str(agg.min), str(agg.max), f"{agg.mean:.1f}"]
+                row += [str(agg.sum), *("-" if m is None else str(m) for m in (agg.min, agg.max)),
+                        f"{agg.mean:.1f}"]
             rows.append(row)
         write_table(out, head, rows, title=name, right=list(range(1, len(head))))
         if counts.overflow.get(name):

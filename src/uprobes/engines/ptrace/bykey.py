@@ -10,7 +10,8 @@ adds the sum, min and max of a fetcharg's value per key. `--if`, `--tid`
 and `--comm` are compiled into the same code, before the key is looked up (filtercode.py).
 A probe whose key, value or filter cannot be read there, or whose site no
 jump can cover, is not counted, and `by_key()` says why: no int3 stands in,
-since its counts would be of another kind.
+since its counts would be of another kind. (A key or value no probe's code
+can read, `key_problem`, is counted from events by the caller instead.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ from uprobes.model.registry import Probe
 from uprobes.sys import ptrace
 
 _U64 = 1 << 64
+
+
+def key_problem(probes: list[ResolvedProbe], by: str | None, value: str | None) -> str | None:
+    """Why the key `by` or the value `value` of one of `probes` cannot be
+    read by the program's code, or None."""
+    for p in probes:
+        for name in (None if by in TASK_KEYS else by, value):
+            where = None if name is None else source_of(p, name, p.is_return)
+            if isinstance(where, str):
+                return where
+    return None
 
 
 class KeyCounter(TracerState):
