@@ -184,3 +184,22 @@ def test_a_raw_fork_childs_stack_is_its_own(compile_c: Compiler) -> None:
     int3s, _, _ = stacks("--no-trapfree", f"{exe}:target", "--", str(exe))
     assert free == int3s, (free, int3s)
     assert sum(free.values()) == 5 and all(";child_b;child_a;target" in p for p in free), free
+
+
+def test_more_threads_than_the_stack_table_holds(tracefs: Path, compile_c: Compiler) -> None:
+    """The table of stacks holds 64 (trapfree/stackbounds.py): with 80 threads
+    alive at once, the main thread and 63 others copy their stacks, the
+    other 17 copy none (a hit with its probed function alone), and one note
+    says so; every hit is counted and the program's output is its own."""
+    exe = compile_c("many_threads.c", "-O2", "-pthread")
+    run = subprocess.run([*UPROBES, "stacks", "--folded", "-e", "ptrace", f"{exe}:target",
+                          "--", str(exe), "80"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("has more than 64 threads: the trap-free stack copies") == 1, \
+        run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "calls target=80"
+    # Each folded line: the comm (15 bytes of the name), frames, count.
+    counts = {line.rpartition(" ")[0].partition(";")[2]: int(line.rpartition(" ")[2])
+              for line in lines[1:]}
+    assert counts == {"clone3;start_thread;worker;outer;target": 63, "target": 17}, run.stdout

@@ -46,6 +46,7 @@ class ThreadLife(TracerState):
                 sp = _clone_stack(parent.tid, parent.mm.mem)
                 if sp is not None:
                     self._jumps.thread_born(parent.mm, parent.mm.mem, parent.pid, tid, sp)
+                    self._jumps.report(self._note)
         else:
             if event == ptrace.EVENT_VFORK:
                 mm = parent.mm  # shared until the child execs or exits

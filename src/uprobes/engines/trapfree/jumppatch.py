@@ -300,6 +300,7 @@ class TrapFree:
         self._frames: dict[tuple[int, int, int], list[int]] = {}  # see _interrupted
         self.decisions: dict[str, str | None] = {}  # probe name -> why not (None: trap-free)
         self._reported: set[str] = set()
+        self._notes: list[str] = []  # said at the next `report`
         self._folding = threading.Lock()  # a fold against a peek in another thread
 
     def decide(self, name: str, why_not: str | None) -> None:
@@ -527,8 +528,7 @@ class TrapFree:
                 mine.merge(agg)
         return out, overflow
 
-    @staticmethod
-    def _bounds(space: _Space, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
+    def _bounds(self, space: _Space, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
                 threads: list[tuple[int, bool]], syscall_addr: Callable[[], int],
                 held: list[int]) -> stackbounds.StackBounds:
         """The address space's stack table (stackbounds.py), mapped (an
@@ -551,10 +551,21 @@ class TrapFree:
                 sp = (regs if other == tid else ptrace.getregs(other, ptrace.UserRegs())).rsp
             except UprobesError:
                 continue  # gone meanwhile
-            span = stackbounds.stack_span(pid, other, sp, maps)
-            if span is not None:
-                bounds.set(mem, other, span)
+            self._track(bounds, mem, pid, other, stackbounds.stack_span(pid, other, sp, maps))
         return bounds
+
+    def _track(self, bounds: stackbounds.StackBounds, mem: ProcessMemory, pid: int, tid: int,
+               span: tuple[int, int] | None) -> None:
+        """Thread `tid`'s stack `span` into the table (None: it copies none);
+        a full table is said once (`report`)."""
+        if span is None:
+            bounds.drop(mem, tid)
+        elif not bounds.set(mem, tid, span) and not bounds.full_noted:
+            bounds.full_noted = True
+            self._notes.append(
+                f"process {pid} has more than {stackbounds.SLOTS} threads: the trap-free stack "
+                "copies of the threads past them copy nothing (their stacks show the probed "
+                "function alone); --no-trapfree copies every thread's")
 
     def thread_born(self, mm: object, mem: ProcessMemory, pid: int, tid: int, sp: int) -> None:
         """A new thread `tid` of `mm` (not yet run) whose stack pointer starts
@@ -562,12 +573,8 @@ class TrapFree:
         space = self._spaces.get(mm)
         if space is None or space.bounds is None:
             return
-        span = stackbounds.stack_span(pid, tid, sp)
         try:
-            if span is not None:
-                space.bounds.set(mem, tid, span)
-            else:
-                space.bounds.drop(mem, tid)
+            self._track(space.bounds, mem, pid, tid, stackbounds.stack_span(pid, tid, sp))
         except UprobesError:
             pass  # the process is gone
 
@@ -739,7 +746,11 @@ class TrapFree:
             + sum(b.unnamed() for b in self.timing)
 
     def report(self, note: Callable[[str], object]) -> None:
-        """One note on the decisions not yet reported: how many trap-free, why not the rest."""
+        """One note on the decisions not yet reported: how many trap-free, why not
+        the rest; and any other note of the trap-free probes (`_notes`)."""
+        for text in self._notes:
+            note(text)
+        self._notes.clear()
         new = {n: why for n, why in self.decisions.items() if n not in self._reported}
         if not new:
             return
