@@ -285,6 +285,15 @@ def open_timer(request: Request) -> Timer | None:
     test); else None."""
     if request.pick() != "ptrace" or not request.trapfree or request.stack_bytes:
         return None
+    moved = next((p for p in request.probes if not p.is_return and p.symbol_offset), None)
+    if moved is not None:
+        # Its code pairs a return with the entry whose stack pointer is the
+        # return's; past the prologue the stack pointer is lower than that.
+        if request.note is not None:
+            request.note(f"{moved.name} is probed past its function's first instruction "
+                         "(after an unoptimized function's prologue, for its variables): "
+                         "calls are paired from events, not timed in the program")
+        return None
     if request.hit_filter is not None:
         from uprobes.engines.ptrace.timed import filter_problem
         why = filter_problem(request.probes, request.hit_filter)
