@@ -227,7 +227,8 @@ class ValueView:
     through a pointer, of the address that read reads. A guard that faulted,
     its witness not, says the value is unreadable, which prints `(fault)`
     (JSON null), never the zeros or stale bytes a faulting numeric fetch
-    leaves.
+    leaves; the guard of the value's own read (`own_guard`) only when the
+    value read as zeros too.
 
     A "list" whose `element` has a `layout` holds structs (a Rust `Vec` of
     them): its own fetch is the raw bytes as u64 words, each element
@@ -244,6 +245,9 @@ class ValueView:
     guards: tuple[str, ...] = ()
     layout: tuple[tuple[str, int, FetchType], ...] = ()
     stride: int = 0
+    own_guard: bool = False
+    """The last of `guards` is of the value's own read: its fault says the
+    value is unreadable only where the value read as zeros."""
 
 
 @dataclass(frozen=True)

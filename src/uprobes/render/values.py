@@ -94,8 +94,22 @@ class Fold:
         """Whether a guard of value `i` faulted, its witness not (see
         uprobes.resolve.dwarfguards)."""
         guards = self.guards.get(i)
-        return guards is not None and values[guards[0]] is not None \
-            and any(values[g] is None for g in guards[1:])
+        if guards is None or values[guards[0]] is None:
+            return False
+        view = self.types[i].view
+        reads = guards[1:-1] if view is not None and view.own_guard else guards[1:]
+        if any(values[g] is None for g in reads):
+            return True
+        return len(reads) < len(guards) - 1 and values[guards[-1]] is None \
+            and _zeros(values[i])
+
+
+def _zeros(value: ArgValue) -> bool:
+    """Whether a fetched value is all zero bytes (what a read that faulted
+    leaves)."""
+    if isinstance(value, list):
+        return all(_zeros(v) for v in value)
+    return value == 0 or value is None
 
 
 @functools.lru_cache(maxsize=256)

@@ -8,7 +8,17 @@ say so: one whose address faults is recorded with length 0, which prints
 `(fault)`. So each read a DWARF value's fetch makes through a pointer gets
 a hidden companion, the string at the address that read reads (the same
 `+OFF(...)` chain typed `:string`): a guard that faults says the read
-faults. Checked in order this is exact: the first guard's chain has no
+faults. A string fetch also faults where its bytes are readable but run,
+with no NUL, into memory that is not (a value at the end of a mapping), so
+a guard's fault is taken for the read's own in two cases where that cannot
+be. A pointer's read: a user-space pointer's top byte is 0 (x86-64 user
+addresses are below 2**56), so a guard over the pointer's 8 readable bytes
+ends in them; one without a 0 byte is no user address and the read through
+it faults anyway. The value's own read (`ValueView.own_guard`): it counts
+only where the value read as zeros, which a faulting read leaves (the kernel
+zero-fills what copy_from_user could not copy); a readable first byte that
+is 0 ends the guard's string there, and one that is not makes the value
+nonzero. Checked in order this is exact: the first guard's chain has no
 dereference that can fault before it, so it is right, and each later one is
 right when the ones before it read. A string value's own last read reports
 itself; reads of the function's frame (off the stack pointer, or off the
@@ -25,7 +35,9 @@ as the kernel gives them). The witness is the first name of each value's
 
 The ptrace engine evaluates the same guards as the kernel does, so both
 print `(fault)` for the same values. What a guard cannot see: a number whose
-first byte is readable and whose last is on the next, unmapped, page; a
+first byte is readable and whose last is on the next, unmapped, page (it
+reads with its unreadable bytes as zeros); a bitfield that reads as 0 at the
+end of a mapping, whose storage unit's other bits are not (`(fault)`); a
 counted text or list (`&str`, `Vec`) of no elements is not read, so its
 data pointer (often dangling) is not judged. Guards are added while the
 probe stays within the kernel's 128 fetchargs, one `uprobe_events` line
@@ -63,7 +75,8 @@ strings share what is left of 4096."""
 
 def _reads(expr: FetchExpr, is_string: bool, frame: Collection[str]) -> list[Deref]:
     """The dereferences of `expr` that read through a pointer, innermost
-    first (a string's own last read left out: it reports its own fault)."""
+    first (a string's own last read left out: it reports its own fault);
+    the last is `expr` itself when its own read is one of them."""
     out: list[Deref] = []
     node = expr
     while isinstance(node, Deref):
@@ -93,7 +106,8 @@ def guard_faults(args: Sequence[FetchArg], dwarf: Collection[int],
     for i in sorted(dwarf):
         a = args[i]
         names: list[str] = []
-        for node in _reads(a.expr, a.type.is_string, frame):
+        reads = _reads(a.expr, a.type.is_string, frame)
+        for node in reads:
             key = render_expr(node)
             if key not in guards:
                 guard = FetchArg(_fresh(f"{GUARD_PREFIX}{len(guards) + 1}", used), node,
@@ -110,7 +124,9 @@ def guard_faults(args: Sequence[FetchArg], dwarf: Collection[int],
         if names:
             view = a.type.view or ValueView("int", "")
             named = (witness.name, *names)
-            out[i] = replace(a, type=replace(a.type, view=replace(view, guards=named)))
+            own = reads[-1] is a.expr
+            out[i] = replace(a, type=replace(a.type, view=replace(view, guards=named,
+                                                                  own_guard=own)))
     used_guards = {n for a in out if a.type.view is not None for n in a.type.view.guards}
     if not used_guards:
         return tuple(out)
