@@ -474,3 +474,17 @@ def test_corrupt_debug_info_is_one_line(compile_c: Compiler, tmp_path: Path, fla
     assert err.getvalue().count("\n") == 1, err.getvalue()
     assert err.getvalue().startswith(f"uprobes: error: {bad}: cannot read its DWARF"), \
         err.getvalue()
+
+
+@pytest.mark.kernel
+def test_count_auto_notes_why_it_takes_ptrace(compile_c: Compiler, tracefs: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`count -e auto --if` on a float in xmm0 takes the ptrace engine, with
+    the note `trace` gives (it switched without one) and the right count."""
+    exe = compile_c("dwarf_args.c", "-O2")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["count", "-e", "auto", "--json", "--if", "f > 1", f"{exe}:floats f", "--",
+                 str(exe)], out=out, err=err) == 0, err.getvalue()
+    said = err.getvalue() + capsys.readouterr().err
+    assert "an SSE register (a float), which the kernel's fetchargs cannot: -e auto takes " \
+           "the ptrace engine" in said, said

@@ -178,3 +178,16 @@ def test_auto_takes_ptrace_for_a_probe_too_big_for_the_kernel(
     err = capsys.readouterr().err
     assert "uprobes/dwarf_edges::apart: its fetches take 6572 bytes of one event, more than " \
            "the kernel's 3072: -e auto takes the ptrace engine" in err, err
+
+
+@pytest.mark.kernel
+def test_count_auto_counts_a_probe_too_big_to_record_in_the_kernel(
+        compile_rust: RustCompiler, tracefs: Path) -> None:
+    """A count fetches only what its filter tests, so `count -e auto` on
+    `apart` (too big for one kernel event's record) counts in the kernel,
+    system-wide (it was refused: the ptrace engine needs -p PID or -- CMD)."""
+    exe = compile_rust("dwarf_edges.rs", "-C", "opt-level=0")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["count", "-e", "auto", "--duration", "0.1", _spec(exe, "apart")],
+                out=out, err=err) == 0, err.getvalue()
+    assert "ptrace" not in err.getvalue(), err.getvalue()

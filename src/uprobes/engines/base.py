@@ -21,7 +21,7 @@ an engine's class. The ptrace engine is imported only when it is picked:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -32,7 +32,7 @@ from uprobes.engines.reaper import Watch
 from uprobes.errors import UsageError
 from uprobes.lang.condition import Condition
 from uprobes.model.event import Event, Hit, ProbeInfo
-from uprobes.model.filters import HitFilter
+from uprobes.model.filters import HitFilter, counted_fields
 from uprobes.model.probe import ResolvedProbe
 from uprobes.render.protocol import HitRenderer
 
@@ -204,11 +204,17 @@ class Request:
     int3s: bool = True
     let_go: Callable[[int], bool] | None = None
 
-    def pick(self, noted: bool = False) -> str:
+    def pick(self, noted: bool = False, counting: bool = False) -> str:
         """The engine that serves this request: `kernel` or `ptrace` (`noted`:
         with a note of why `auto` takes the ptrace engine, if the kernel
-        cannot express a probe)."""
-        return pick_engine(self.engine, self.probes,
+        cannot express a probe; `counting`: the probes fetch only what the
+        filter tests, as a count's do)."""
+        probes = self.probes
+        if counting:
+            probes = [replace(p, args=tuple(a for a in p.args if a.name in counted))
+                      for p, counted in ((p, counted_fields(self.hit_filter, p))
+                                         for p in probes)]
+        return pick_engine(self.engine, probes,
                            has_target=self.pid is not None or self.child is not None,
                            python=self.python, note=self.note if noted else None)
 
@@ -234,7 +240,7 @@ def open_tracer(request: Request) -> Tracer:
 
 def open_counter(request: Request) -> Counter:
     """The counter for `request`, on the engine it picks; enter it to place the probes."""
-    if request.pick() == "ptrace":
+    if request.pick(noted=True, counting=True) == "ptrace":
         from uprobes.engines.ptrace.tracer import PtraceTracer
         return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                             force=request.force, note=request.note,
@@ -311,6 +317,7 @@ def open_timer(request: Request) -> Timer | None:
                 request.note(f"--by {request.by} is keyed from events, not in the program ({why}):"
                              " fetch it from a register or a stack word to key it there")
             return None
+    request.pick(noted=True)  # why the ptrace engine, if it is for a probe the kernel cannot take
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,
                         force=request.force, note=request.note, trapfree="time",

@@ -7,7 +7,8 @@ an SSE register (a float from DWARF, which no fetcharg reads), a probe
 too big for one kernel event (more than 128 fetchargs, 3072 bytes of
 fields or a 4094-byte `uprobe_events` line: a struct or a Rust enum of many
 fields), or no usable tracefs and kernel uprobes (not root, lockdown, no
-CONFIG_UPROBES). Then the ptrace engine, which needs a process or a
+CONFIG_UPROBES). A count is judged by what it fetches: only what its
+filter tests (it writes no record). Then the ptrace engine, which needs a process or a
 command to trace; for a probe the kernel cannot express (an SSE register,
 too big) a note says so.
 """

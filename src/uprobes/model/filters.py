@@ -151,6 +151,13 @@ def _guard(text: str) -> Condition:
     return parse_condition(text)
 
 
+def counted_fields(flt: HitFilter | None, probe: ResolvedProbe) -> set[str]:
+    """The fetchargs of `probe` a count of its hits fetches: those `flt`
+    and the probe's guard test (counting writes no record)."""
+    guard = with_guard(None, probe)
+    return (flt.arg_fields if flt else set()) | (guard.fields if guard else set())
+
+
 def with_guard(cond: Condition | None, probe: ResolvedProbe) -> Condition | None:
     """`cond` (None: no condition) and `probe`'s guard, both."""
     if probe.guard is None:

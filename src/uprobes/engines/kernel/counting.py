@@ -69,7 +69,7 @@ from uprobes.engines.kernel.records import PAGE_MASK
 from uprobes.engines.signals import StopSignals
 from uprobes.errors import EngineError, KernelError, ProcessError, UprobesError
 from uprobes.model.event import COMM_FIELD, display_names
-from uprobes.model.filters import HitFilter, with_guard
+from uprobes.model.filters import HitFilter, counted_fields, with_guard
 from uprobes.model.probe import ResolvedProbe, VdsoKey
 from uprobes.sys import procfs
 from uprobes.sys.perf import online_cpus, open_counting
@@ -225,8 +225,7 @@ class KernelCounter:
         the place (and the USDT semaphore, `(0xREF)`, so the kernel sets it)."""
         assert self.group is not None
         flt = self.hit_filter
-        guard = with_guard(None, site.whole)
-        fields = (flt.arg_fields if flt else set()) | (guard.fields if guard else set())
+        fields = counted_fields(flt, site.whole)
         if not fields and not (flt and flt.needs_comm):
             return kernel_line(replace(site.probe, group=self.group.name, event="e", args=()))
         kept = tuple(a for a in site.whole.args if a.name in fields)
