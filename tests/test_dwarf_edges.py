@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import RustCompiler, need
+from conftest import Compiler, RustCompiler, need
 from gdb_support import gdb_batch
 from test_dwarf_values import GDB_PIE_BASE, _gdb_normal, _rust_printers, _select_frame
 
@@ -191,3 +191,29 @@ def test_count_auto_counts_a_probe_too_big_to_record_in_the_kernel(
     assert main(["count", "-e", "auto", "--duration", "0.1", _spec(exe, "apart")],
                 out=out, err=err) == 0, err.getvalue()
     assert "ptrace" not in err.getvalue(), err.getvalue()
+
+
+@pytest.mark.kernel
+def test_auto_measures_the_line_the_kernel_engine_writes(compile_c: Compiler,
+                                                         tracefs: Path) -> None:
+    """A probe whose uprobe_events line is just short of the kernel's 4094
+    bytes in the group `uprobes`, but not in the group the kernel engine
+    writes (`uprobes_PID`, with ` __uprobes_comm=$comm` added): `-e auto`
+    takes the ptrace engine for it, with the note (it took the kernel,
+    which refused the line)."""
+    from uprobes.engines.kernel.probe_line import kernel_line
+    exe = compile_c("dwarf_faults.c", "-O2")
+    (one,) = Resolver().resolve_all(parse_specs([f"{exe}:look a=%di:u64"]))
+    start = len(kernel_line(one)) - len(" a=%di:u64")
+    names, left = [], 4094 - 6 - start  # each ` NAME=%di:u64`: len(NAME) + 9 bytes
+    while left > 80:
+        names.append(f"a{len(names):03d}".ljust(31, "x"))
+        left -= 40
+    for part in (left // 2, left - left // 2):
+        names.append(f"a{len(names):03d}".ljust(part - 9, "x"))
+    spec = f"{exe}:look " + " ".join(f"{n}=%di:u64" for n in names)
+    (probe,) = Resolver().resolve_all(parse_specs([spec]))
+    assert 4094 - 12 <= len(kernel_line(probe)) < 4094
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["trace", "-e", "auto", spec, "--", str(exe)], out=out, err=err) == 0, \
+        err.getvalue()

@@ -120,9 +120,19 @@ def kernel_cannot_take(probe: ResolvedProbe) -> str | None:
     if size > MAX_PROBE_EVENT_SIZE:
         return (f"its fetches take {size} bytes of one event, more than the kernel's "
                 f"{MAX_PROBE_EVENT_SIZE}")
+    # The lines the engine writes, parsed as the kernel parses them: in the
+    # longest group a run can have (its pid's), with the thread's name and,
+    # on a `ret`, the return address added.
+    from uprobes.engines.kernel.groups import run_group
+    from uprobes.engines.kernel.records import kernel_probes
     try:
-        kernel_line(probe)  # parsed as the kernel parses it
+        for kp in kernel_probes([probe], run_group(_PID_MAX_LIMIT)):
+            parse(kp.line)
     except SpecError as e:
         if e.message.startswith(_TOO_LONG):
             return f"its uprobe_events line is too long for the kernel ({e.message})"
     return None
+
+
+_PID_MAX_LIMIT = 4194304
+"""The largest pid the kernel gives on 64 bits (the longest run group name)."""
