@@ -17,11 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from uprobes.engines.kernel.probe_line import (
-    kernel_can_name,
-    kernel_cannot_read,
-    kernel_cannot_take,
-)
+from uprobes.engines.kernel.fits import kernel_cannot_take
+from uprobes.engines.kernel.probe_line import kernel_can_name, kernel_cannot_read
 from uprobes.errors import UsageError
 from uprobes.model.probe import ResolvedProbe, VdsoKey
 
