@@ -157,3 +157,21 @@ def test_count_by_a_dwarf_value_counts_from_events(compile_c: Compiler, level: s
         assert docs[0] == docs[1], docs
         keys = docs[0]["uprobes/look"]
         assert isinstance(keys, dict) and keys["keys"] == want, keys
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_a_string_too_long_for_the_record_leaves_the_guards_on(compile_c: Compiler,
+                                                               engine: str) -> None:
+    """`big` (a `char *` to 5999 bytes) takes all of a record's 4096 bytes of
+    strings: the guards, and their witness, go before it in the record, so
+    `p->in->x` still prints `(fault)` where it cannot be read (it printed 0:
+    the witness was cut, which turned the guards off)."""
+    if engine == "kernel":
+        need(Path("/sys/kernel/tracing/uprobe_events").exists(), "tracefs")
+    exe = compile_c("dwarf_faults.c", "-O2")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["trace", "-e", engine, f"{exe}:look big p->in->x n", "--", str(exe)],
+                out=out, err=err) == 0, err.getvalue()
+    got = re.findall(r" p_in_x=(\S+) n=(\d+)$", out.getvalue(), re.M)
+    assert got == [("(fault)", "1"), ("(fault)", "2"), ("(fault)", "3"), ("286331153", "4")]

@@ -26,11 +26,12 @@ register the CFA is kept in there) and of statics are not guarded.
 
 A guard copies the bytes at its address up to a NUL into the record, whose
 strings share what is left of 4096 bytes: when that runs out, the strings
-after are recorded empty too, as if they faulted. So the guards go after
-the probe's own arguments and end with a witness, `$comm` (the kernel
-copies the thread's name, which never faults): a witness recorded empty
-means the space ran out, and the guards say nothing then (the values read
-as the kernel gives them). The witness is the first name of each value's
+after are recorded empty too, as if they faulted. So the guards go before
+the probe's own arguments (whose strings may take all of it: a `char *` of
+4096 bytes) and end with a witness, `$comm` (the kernel copies the
+thread's name, which never faults): a witness recorded empty means the
+space ran out, and the guards say nothing then (the values read as the
+kernel gives them). The witness is the first name of each value's
 `ValueView.guards`.
 
 The ptrace engine evaluates the same guards as the kernel does, so both
@@ -130,7 +131,9 @@ def guard_faults(args: Sequence[FetchArg], dwarf: Collection[int],
     used_guards = {n for a in out if a.type.view is not None for n in a.type.view.guards}
     if not used_guards:
         return tuple(out)
-    return (*out, *(g for g in guards.values() if g.name in used_guards), witness)
+    # First in the record: a string of the probe's own (a `char *` of 4096
+    # bytes) takes the strings' space before the guards could.
+    return (*(g for g in guards.values() if g.name in used_guards), witness, *out)
 
 
 def _fresh(name: str, used: set[str]) -> str:
