@@ -33,6 +33,19 @@ def _trace(engine: str, python: str, tmp_path: Path, *specs: str,
     return done.stdout, own.read_text().splitlines()
 
 
+def _counts(engine: str, python: str, tmp_path: Path, *specs: str) -> tuple[dict[str, int],
+                                                                               dict[str, int]]:
+    """(uprobes' counts by probe, the fixture's own COUNT lines)."""
+    own_file = tmp_path / f"own-{engine}"
+    done = subprocess.run([*UPROBES, "count", "--json", "-e", engine, *specs, "--", python,
+                           FIXTURE, "14", str(own_file)], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    own = {line.split()[1]: int(line.split()[2])
+           for line in own_file.read_text().splitlines() if line.startswith("COUNT ")}
+    return json.loads(done.stdout.splitlines()[-1]), own
+
+
 @pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
 def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) -> None:
     """ints (a machine word's, bigger ones by type), strs (compact ASCII,
@@ -64,17 +77,18 @@ def test_a_call_left_by_an_exception_returns_raised(python: str, tmp_path: Path)
     """`fails` raises (its exit is the eval loop's unwinding, exit_unwind);
     `catches` calls it and catches the exception (an exception inside a
     frame that handles it is no exit): every call of each gives one return,
-    `(raised)` for `fails` alone, on both engines alike."""
+    `(raised KeyError)` for `fails` alone (the exception's type), on both
+    engines alike."""
     shown = {}
     for engine in ("kernel", "ptrace"):
         out, lines = _trace(engine, python, tmp_path, "r py:__main__.fails",
                             "r py:__main__.catches")
         own = {line.split()[1]: int(line.split()[2]) for line in lines
                if line.startswith("COUNT ")}
-        returns = re.findall(r": __main__\.(\w+)%return: .* type=(\S+)$", out, re.M)
+        returns = re.findall(r": __main__\.(\w+)%return: .* type=(\".*\")$", out, re.M)
         assert own["fails"] == own["catches"] > 0
         assert sorted(returns) == sorted([("catches", '"int"')] * own["catches"]
-                                         + [("fails", '"(raised)"')] * own["fails"])
+                                         + [("fails", '"(raised KeyError)"')] * own["fails"])
         shown[engine] = returns
     assert shown["kernel"] == shown["ptrace"]
 
@@ -87,17 +101,10 @@ def test_yields_and_resumptions_are_the_programs_own(python: str, tmp_path: Path
     specs = [f"py:__main__.{f}%{point}" for f in ("counter", "waiter")
              for point in ("yield", "resume")]
     for engine in ("kernel", "ptrace"):
-        own_file = tmp_path / f"own-{engine}"
-        done = subprocess.run([*UPROBES, "count", "--json", "-e", engine, *specs, "--", python,
-                               FIXTURE, "14", str(own_file)], capture_output=True, text=True,
-                              timeout=240, check=False)
-        assert done.returncode == 0, done.stderr
-        own = {line.split()[1]: int(line.split()[2])
-               for line in own_file.read_text().splitlines() if line.startswith("COUNT ")}
+        got, own = _counts(engine, python, tmp_path, *specs)
         assert own["counter%yield"] > 0 and own["waiter%yield"] > 0
-        assert json.loads(done.stdout.splitlines()[-1]) == {
-            f"py/__main__.{f}%{point}": own[f"{f}%yield"]
-            for f in ("counter", "waiter") for point in ("yield", "resume")}
+        assert got == {f"py/__main__.{f}%{point}": own[f"{f}%yield"]
+                       for f in ("counter", "waiter") for point in ("yield", "resume")}
 
 
 @pytest.mark.parametrize("spec", ["r py:python3.11:m.gen%yield", "py:python3.11:m.gen%yield%return",
@@ -107,3 +114,40 @@ def test_a_yield_is_no_return(spec: str) -> None:
                           text=True, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.startswith("uprobes: error:")
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_a_frame_that_never_ran_gives_no_return(python: str, tmp_path: Path) -> None:
+    """At the recursion limit the last call's frame is pushed and left by
+    RecursionError before it runs (no entry), and a generator thrown into
+    before its first next() ends so too: neither gives a `(raised)` return,
+    so calls and returns pair exactly, as many as the fixture counts."""
+    for engine in ("kernel", "ptrace"):
+        got, own = _counts(engine, python, tmp_path, "py:__main__.deep", "r py:__main__.deep",
+                           "py:__main__.relay", "r py:__main__.relay")
+        assert own["deep"] > 100
+        assert got == {"py/__main__.deep": own["deep"], "py/__main__.deep%return": own["deep"],
+                       "py/__main__.relay": own["relay"],
+                       "py/__main__.relay%return": own["relay"]}
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_throw_and_close_resume_a_generator(python: str, tmp_path: Path) -> None:
+    """`relay` is resumed by send(), by throw() (which it catches) and by
+    close() (GeneratorExit, which ends it): each is a `%resume`; its close
+    is its `(raised)` return."""
+    specs = [f"py:__main__.relay%{point}" for point in ("yield", "resume")]
+    for engine in ("kernel", "ptrace"):
+        got, own = _counts(engine, python, tmp_path, *specs)
+        assert own["relay%resume"] == own["relay%yield"] > 0
+        assert got == {f"py/__main__.relay%{point}": own[f"relay%{point}"]
+                       for point in ("yield", "resume")}
+    shown = {}
+    for engine in ("kernel", "ptrace"):
+        out, _ = _trace(engine, python, tmp_path, *specs, "r py:__main__.relay", rounds=2)
+        shown[engine] = re.findall(r": __main__\.relay(%\w+): .*?(?:type=(\".*\"))?$", out, re.M)
+        assert shown[engine] == [("%yield", '"NoneType"'), ("%resume", ""),
+                                 ("%yield", '"NoneType"'), ("%resume", ""),
+                                 ("%yield", '"NoneType"'), ("%resume", ""),
+                                 ("%return", '"(raised GeneratorExit)"')] * 2
+    assert shown["kernel"] == shown["ptrace"]

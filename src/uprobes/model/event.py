@@ -25,10 +25,17 @@ return both fetch (a `py:` function's interpreter frame): they pair by it
 (analysis/calls.py)."""
 PY_OPARG_ARG = "__py_oparg"
 """A `py:` entry's RESUME argument (0: a call starts), which its guard tests."""
+PY_OP_ARG = "__py_op"
+"""At the eval loop's exits and resumptions by an exception, the opcode of
+the frame's last instruction (0: the frame never ran), which the guard tests."""
+PY_FOBJ_ARG = "__py_fobj"
+"""At the eval loop's exit by an exception, the frame's object (0: the
+frame never ran: every frame that ran and raised has one, made for its
+traceback entry)."""
 SP_ARG = "__sp"
 RA_ARG = "__ra"
 """An entry's stack pointer and return address, which `latency` pairs calls by."""
-ENGINE_ARGS = frozenset({FRAME_ARG, PY_OPARG_ARG, SP_ARG, RA_ARG})
+ENGINE_ARGS = frozenset({FRAME_ARG, PY_OPARG_ARG, PY_OP_ARG, PY_FOBJ_ARG, SP_ARG, RA_ARG})
 """Fetchargs the engines and commands add for themselves: `--json` has
 them, text lines leave them out."""
 MAX_ARGS = 128  # fetchargs per probe: MAX_TRACE_ARGS in kernel/trace/trace_probe.h

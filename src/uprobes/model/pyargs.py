@@ -39,7 +39,7 @@ ARGS_FIELD = "args"
 """The field the raw ones are read into (render/pyargs.py)."""
 RAISED_FIELD = "__py_raised"
 """1 in a `py:` return left by an exception (0: returned), whose `type`
-then reads `RAISED` (the fetch there has no value to give one)."""
+then is the exception's type's name, shown as `(raised NAME)`."""
 RAISED = "(raised)"
 TYPE_FIELD = "type"
 ARGCOUNT = "__py_argc"
@@ -66,6 +66,12 @@ def is_shown_otherwise(names: list[str]) -> bool:
     """Whether these fields are a `py:` probe's raw ones (its arguments, or
     a return's mark of an exception), shown as text instead."""
     return ARGCOUNT in names or RAISED_FIELD in names
+
+
+def raised_text(exc_type: ArgValue) -> str:
+    """A return by an exception's `type`, from the name of the exception's
+    type fetched (`(raised)` alone if it could not be read)."""
+    return f"(raised {exc_type})" if isinstance(exc_type, str) and exc_type else RAISED
 
 
 def _int(value: ArgValue) -> int:

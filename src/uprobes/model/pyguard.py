@@ -66,3 +66,13 @@ class PyGuard:
     resumed: bool = False
     """With `oparg`: the oparg must not be 0 instead (a generator or
     coroutine resumed after a yield or an await: `%resume`)."""
+    prev_instr: int | None = None
+    """Where the eval loop is left or resumed with an exception (pyexits.py):
+    the offset of the frame's `prev_instr`, whose opcode (the byte it
+    points to) `prev_ops` tests."""
+    prev_ops: tuple[int, ...] = ()
+    prev_kept: bool = False
+    """True: the opcode must be one of `prev_ops`; False: none of them."""
+    code_start: int | None = None
+    """With `prev_instr`: the offset of the code's first instruction in its
+    code object; a frame whose `prev_instr` is just before it never ran."""

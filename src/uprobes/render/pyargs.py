@@ -13,13 +13,13 @@ from uprobes.lang.ast import FetchType, ValueView
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo
 from uprobes.model.pyargs import (
     ARGS_FIELD,
-    RAISED,
     RAISED_FIELD,
     RAW_FIELDS,
     TYPE_FIELD,
     args_text,
     has_args,
     is_shown_otherwise,
+    raised_text,
 )
 
 _TEXT = FetchType("string", view=ValueView("text"))
@@ -36,7 +36,7 @@ def _converter(info: ProbeInfo) -> tuple[ProbeInfo, Convert]:
     def convert(values: tuple[ArgValue, ...]) -> tuple[ArgValue, ...]:
         shown = [values[i] for i in keep]
         if raised is not None and typed is not None and values[raised]:
-            shown[keep.index(typed)] = RAISED
+            shown[keep.index(typed)] = raised_text(values[typed])
         if with_args:
             shown.append(args_text(dict(zip(names, values))))
         return tuple(shown)

@@ -76,6 +76,9 @@ _OFFSETS = {
     "classmethod_callable": ("classmethod", "cm_callable"),
     "property_get": ("property", "prop_get"), "property_set": ("property", "prop_set"),
     "property_del": ("property", "prop_del"),
+    "runtime_tstate_current": ("runtime", "gilstate.tstate_current"),
+    "frame_frame_obj": ("frame", "frame_obj"),
+    "tstate_curexc_type": ("tstate", "curexc_type"),
 }
 _SIZES = {"tstate_size": "tstate", "str_ascii_data": "ascii", "str_compact_data": "compact",
           "dict_entry_size": "entry", "dict_unicode_entry_size": "unicode_entry"}

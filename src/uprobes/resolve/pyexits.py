@@ -11,6 +11,15 @@ dispatch table does not give it, nor any symbol; the build's DWARF names it
 no debug file) has none, and a `py:` return probe there sees returns only.
 The register that holds the frame there is the one that tests `is_entry`.
 
+A generator or coroutine resumed by `throw()` or `close()` does not pass
+RESUME either: the eval loop starts it at `resume_with_error` (another
+label), with the exception set, as if the yield it is suspended at had
+raised. The unwinding of a frame into its caller goes there too (the
+caller resumes with the error); a suspended frame is told apart by the
+instruction it last ran, a YIELD_VALUE (a caller's is a call). The
+register that holds the frame there is the one the label's code first
+reads `prev_instr` through.
+
 Reading the labels takes seconds (the eval loop's unit is large): the
 answer is cached per build-id beside the layouts.
 """
@@ -19,11 +28,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from elftools.common.exceptions import DWARFError, ELFError, ELFParseError
 from elftools.elf.elffile import ELFFile
-from iced_x86 import Decoder, Mnemonic, OpKind
+from iced_x86 import Decoder, Mnemonic, OpKind, RegisterExt
 from iced_x86 import Register as R
 
 from uprobes.elf.image import ElfImage
@@ -33,7 +43,8 @@ from uprobes.resolve.pyeval import _KERNEL_NAMES as KERNEL_NAMES
 from uprobes.resolve.pylayout import _cache_dir as cache_dir
 
 LABEL = "exit_unwind"
-_FIRST = 12  # instructions after the label in which `is_entry` is tested
+THROWN = "resume_with_error"
+_FIRST = 12  # instructions after a label in which the frame's register shows
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,50 @@ def _frame_register(image: ElfImage, link_addr: int, is_entry: int) -> str | Non
     return None
 
 
+def _read_register(image: ElfImage, link_addr: int, field: int) -> str | None:
+    """The register the first read of `[REG+field]` after the label goes
+    through, if no instruction before it writes that register."""
+    try:
+        code = image.read_link(link_addr, 96)
+    except ResolveError:
+        return None
+    written: set[int] = set()
+    for insn in list(Decoder(64, code, ip=link_addr))[:_FIRST]:
+        if insn.mnemonic == Mnemonic.MOV and insn.op1_kind == OpKind.MEMORY \
+                and insn.memory_displacement == field and insn.memory_index == R.NONE \
+                and insn.memory_base not in written:
+            return KERNEL_NAMES.get(insn.memory_base)
+        if insn.op0_kind == OpKind.REGISTER:
+            written.add(insn.op0_register)
+            written.add(RegisterExt.full_register(insn.op0_register))
+        if insn.mnemonic == Mnemonic.CALL:
+            return None
+    return None
+
+
 def find_unwind_exit(image: ElfImage, function: int, is_entry: int) -> UnwindExit | None:
     """`exit_unwind` in the eval loop at `function` of `image`, or None when
     the build has no DWARF that names it (or its code is not as described)."""
-    cached = os.path.join(cache_dir(), f"{image.build_id}.{LABEL}.json") \
+    return _at_label(image, function, LABEL, lambda at: _frame_register(image, at, is_entry))
+
+
+def find_thrown_resume(image: ElfImage, function: int, prev_instr: int) -> UnwindExit | None:
+    """`resume_with_error` in the eval loop at `function` of `image` (where a
+    generator resumed by `throw()` starts), as `find_unwind_exit`."""
+    return _at_label(image, function, THROWN, lambda at: _read_register(image, at, prev_instr))
+
+
+def _at_label(image: ElfImage, function: int, label: str,
+              frame_at: Callable[[int], str | None]) -> UnwindExit | None:
+    link_addr = _label(image, function, label)
+    frame = None if link_addr is None else frame_at(link_addr)
+    return UnwindExit(link_addr, frame) if link_addr is not None and frame else None
+
+
+def _label(image: ElfImage, function: int, label: str) -> int | None:
+    """The link address of `label` in the eval loop, from the build's DWARF
+    (cached by build-id), or None."""
+    cached = os.path.join(cache_dir(), f"{image.build_id}.{label}.json") \
         if image.build_id else None
     link_addr: int | None = None
     try:
@@ -97,7 +148,7 @@ def find_unwind_exit(image: ElfImage, function: int, is_entry: int) -> UnwindExi
     except (OSError, ValueError, KeyError, TypeError):
         debug = debug_file_for(image.path, image.build_id)
         try:
-            link_addr = eval_labels(debug, function).get(LABEL) if debug else None
+            link_addr = eval_labels(debug, function).get(label) if debug else None
         except (OSError, ELFError, ELFParseError, DWARFError):
             link_addr = None
         if cached:
@@ -108,7 +159,4 @@ def find_unwind_exit(image: ElfImage, function: int, is_entry: int) -> UnwindExi
                 os.replace(cached + ".tmp", cached)
             except OSError:
                 pass  # (found again next time)
-    if not isinstance(link_addr, int):
-        return None
-    frame = _frame_register(image, link_addr, is_entry)
-    return UnwindExit(link_addr, frame) if frame else None
+    return link_addr if isinstance(link_addr, int) else None

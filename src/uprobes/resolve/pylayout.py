@@ -123,6 +123,11 @@ _FIELDS = {
     "property_get": "offsetof(propertyobject, prop_get)",
     "property_set": "offsetof(propertyobject, prop_set)",
     "property_del": "offsetof(propertyobject, prop_del)",
+    # What a py: return by an exception reads (3.11): whether its frame has
+    # an object, the thread that holds the GIL and its exception's type.
+    "frame_frame_obj": "offsetof(_PyInterpreterFrame, frame_obj)",
+    "runtime_tstate_current": "offsetof(_PyRuntimeState, gilstate.tstate_current)",
+    "tstate_curexc_type": "offsetof(PyThreadState, curexc_type)",
 }
 # Bit fields have no offsetof: set one in a zeroed struct and print the word.
 _MASKS = {"str_kind_mask": "kind = 7", "str_compact_mask": "compact = 1",

@@ -30,9 +30,11 @@ not ASCII is refused.
 
 A function left by an exception leaves its frame through the loop's
 unwinding (`exit_unwind`, pyexits.py), not RETURN_VALUE: a return probe is
-placed there too where the build's DWARF names it, its `type` shown as
-`(raised)`. What a return probe does not see: a generator's yields (its
-RESUME with oparg 0 is its first `next()`, its RETURN_VALUE its end).
+placed there too where the build's DWARF names it, its `type` the
+exception's, shown as `(raised NAME)`; a generator resumed by `throw()` or
+`close()` passes another label of it (`%resume`). What a return probe
+does not see: a generator's yields (its RESUME with oparg 0 is its first
+`next()`, its RETURN_VALUE its end).
 """
 
 from __future__ import annotations
@@ -53,14 +55,13 @@ from uprobes.lang.ast import FetchArg, ProbeSpec, PyTarget
 from uprobes.lang.condition import parse_condition
 from uprobes.lang.grammar import parse_args
 from uprobes.lang.names import c_identifier
-from uprobes.model.event import FRAME_ARG, PY_OPARG_ARG
+from uprobes.model.event import FRAME_ARG, PY_FOBJ_ARG, PY_OP_ARG, PY_OPARG_ARG
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.pyargs import (
     ARGCOUNT,
     FLAGS,
     KWONLY,
     NAME_BYTES,
-    RAISED,
     RAISED_FIELD,
     SLOTS,
     TEXT_BYTES,
@@ -71,9 +72,9 @@ from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
 from uprobes.resolve.paths import FileRef, is_elf
 from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
-from uprobes.resolve.pyexits import UnwindExit, find_unwind_exit
+from uprobes.resolve.pyexits import UnwindExit, find_thrown_resume, find_unwind_exit
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
-from uprobes.resolve.pyversions import minor
+from uprobes.resolve.pyversions import OPCODES, minor
 from uprobes.sys import procfs
 
 GROUP = "py"
@@ -104,6 +105,14 @@ class Interpreter:
         if "frame_is_entry" not in self.layout.fields:
             return None  # (read from 3.11's eval loop only, by its is_entry test)
         return find_unwind_exit(self.image, self.loop.function, self.layout.frame_is_entry)
+
+    @cached_property
+    def thrown_resume(self) -> UnwindExit | None:
+        """Where a generator resumed by `throw()` or `close()` starts (3.11:
+        read with `unwind_exit`, as it is)."""
+        if "frame_is_entry" not in self.layout.fields:
+            return None
+        return find_thrown_resume(self.image, self.loop.function, self.layout.frame_prev_instr)
 
 
 def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str] | None,
@@ -426,18 +435,22 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     top_type = f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(-8(%{loop.stack})))):string"
     oparg = f"{PY_OPARG_ARG}=+1(%{loop.next_instr}):u8"
     handlers: tuple[str, ...]
+    thrown: UnwindExit | None = None
     if t.at == "yield":
         yields = tuple(h for h in YIELD_HANDLERS if h in loop.handlers)
         fetch, handlers, guard = common + [top_type], yields, names
     elif t.at == "resume":
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32", oparg]
         handlers, guard = loop.entries, f"{PY_OPARG_ARG} != 0 && ({names})"
+        thrown = interp.thrown_resume
+        if thrown is not None:
+            fetch.append(f"{PY_OP_ARG}=\\0:u8")
     elif spec.is_return:
         fetch = common + [top_type]
         handlers = loop.returns
         unwind = interp.unwind_exit
         if unwind is not None:
-            fetch.append(f"{RAISED_FIELD}=\\0:u8")
+            fetch += _not_raised()
         guard = names
         if unwind is None and "frame_is_entry" not in lay.fields:
             notes_ret = (f"py:{t.name}%return: a call left by an exception gives no return "
@@ -458,7 +471,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     # (RETURN_CONST's value is in a register after its load, not on the stack)
     loaded_args = {name: parse_args(common + [
         f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(%{reg}))):string",
-        *([f"{RAISED_FIELD}=\\0:u8"] if unwind is not None else [])])
+        *(_not_raised() if unwind is not None else [])])
         for name, (_, reg) in loop.loaded.items()}
     point = f"%{t.at}" if t.at else "%return" if spec.is_return else ""
     event = c_identifier(t.name.replace(".", "_"))[:48] + point.replace("%", "__")
@@ -484,19 +497,79 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             link_addr=link_addr, guard=guard, py_guard=compiled, computed_gotos=(loop.table,),
             alias=alias + point,
             notes=() if out else notes))
+    ops = OPCODES[(3, 11)]  # (exit_unwind and resume_with_error: read on 3.11 only)
     if unwind is not None:
         # A call left by an exception: the same fields, through the register
-        # that holds the frame there; its `type` (no value: the fetch of an
-        # immediate string faults on a uprobe) is shown as RAISED.
-        raised = parse_args(_common_fetches(lay, unwind.frame)
-                            + [f'type=\\"{RAISED}"', f"{RAISED_FIELD}=\\1:u8"])
-        file_offset = interp.image.link_to_file_offset(unwind.link_addr)
-        out.append(replace(
-            out[0], key=InodeKey(interp.ref.dev, interp.ref.ino, file_offset),
-            file_offset=file_offset, ret_sites=(file_offset,), args=raised,
-            link_addr=unwind.link_addr, notes=(),
-            py_guard=None if compiled is None else replace(compiled, frame=unwind.frame)))
+        # that holds the frame there; its `type` is the exception's (the
+        # thread's, which holds the GIL: `_PyRuntime`'s current one), shown
+        # as `(raised NAME)` (model/pyargs.py). A frame that never ran has
+        # had no entry, and gives no return: one pushed at the recursion
+        # limit (left at once, its `prev_instr` just before its code, which
+        # the kernel's filter cannot compare with the code's address: it
+        # has no frame object either, which every frame that ran and raised
+        # has, made for its traceback entry at the eval loop's `error`), or
+        # a generator thrown into before its first next() (its last
+        # instruction RETURN_GENERATOR).
+        tstate = _current_thread(interp, unwind.link_addr)
+        raised = parse_args(_common_fetches(lay, unwind.frame) + [
+            f"type=+0(+{_TYPE_NAME}(+{lay.tstate_curexc_type}({tstate}))):string",
+            f"{RAISED_FIELD}=\\1:u8", _last_op(lay, unwind.frame),
+            f"{PY_FOBJ_ARG}=+{lay.frame_frame_obj}(%{unwind.frame}):x64"])
+        out.append(_at_label(out[0], interp, unwind, raised, compiled,
+                             (ops["RETURN_GENERATOR"],), False,
+                             f"{PY_FOBJ_ARG} != 0 && {PY_OP_ARG} != "
+                             f"{ops['RETURN_GENERATOR']} && ({names})"))
+    if thrown is not None:
+        # A generator resumed by throw() or close(): its last instruction is
+        # the YIELD_VALUE it is suspended at (a caller resumed with an
+        # error, the label's other way in, has a call there), the next one
+        # the RESUME it would have run.
+        prev = f"+{lay.frame_prev_instr}(%{thrown.frame})"
+        resumed = parse_args(_common_fetches(lay, thrown.frame) + [
+            f"line=+{lay.code_firstlineno}(+{lay.frame_code}(%{thrown.frame})):s32",
+            f"{PY_OPARG_ARG}=+3({prev}):u8", _last_op(lay, thrown.frame)])
+        out.append(_at_label(out[0], interp, thrown, resumed, compiled, (ops["YIELD_VALUE"],),
+                             True, f"{PY_OP_ARG} == {ops['YIELD_VALUE']} && ({names})"))
     return out
+
+
+def _current_thread(interp: Interpreter, link_addr: int) -> str:
+    """The fetch of the thread state that holds the GIL, from a probe at
+    `link_addr` (`@+` is relative to the probed segment)."""
+    runtime = SymbolTable.load(interp.image).lookup("_PyRuntime")
+    if not runtime:
+        raise ResolveError(f"{interp.ref.display}: no _PyRuntime symbol")
+    delta = link_addr - interp.image.link_to_file_offset(link_addr)
+    at = runtime[0].link_addr + interp.layout.runtime_tstate_current - delta
+    return f"@+0x{at:x}"
+
+
+def _not_raised() -> list[str]:
+    """What an ordinary return fetches where a raised one is probed too."""
+    return [f"{RAISED_FIELD}=\\0:u8", f"{PY_OP_ARG}=\\0:u8", f"{PY_FOBJ_ARG}=\\0:x64"]
+
+
+def _last_op(lay: Layout, frame: str) -> str:
+    """The fetch of the opcode of the frame's last instruction."""
+    return f"{PY_OP_ARG}=+0(+{lay.frame_prev_instr}(%{frame})):u8"
+
+
+def _at_label(first: ResolvedProbe, interp: Interpreter, label: UnwindExit,
+              args: tuple[FetchArg, ...], compiled: PyGuard | None, ops: tuple[int, ...],
+              kept: bool, guard: str) -> ResolvedProbe:
+    """`first` moved to one of the eval loop's labels (pyexits.py), its
+    frame in another register there, and the frame's last opcode tested (in
+    the program, a frame that never ran (its `prev_instr` just before its
+    code) is told by that, exactly)."""
+    file_offset = interp.image.link_to_file_offset(label.link_addr)
+    return replace(
+        first, key=InodeKey(interp.ref.dev, interp.ref.ino, file_offset),
+        file_offset=file_offset, ret_sites=(file_offset,) if first.is_return else None,
+        args=args, link_addr=label.link_addr, notes=(), guard=guard,
+        py_guard=None if compiled is None else replace(
+            compiled, frame=label.frame, oparg=None, resumed=False,
+            prev_instr=interp.layout.frame_prev_instr, prev_ops=ops, prev_kept=kept,
+            code_start=None if kept else interp.layout.code_code))
 
 
 def _common_fetches(lay: Layout, frame: str) -> list[str]:

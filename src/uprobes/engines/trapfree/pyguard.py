@@ -5,6 +5,8 @@ The code it jumps to tests the guard (model/pyguard.py) and counts the
 calls that pass:
 
     (entry) rdx = NEXT;  cmp byte [rdx+1], 0;  jne done   ; a call, not a resume
+    (exit_unwind, resume_with_error) rdx = [FRAME+prev_instr];
+        cmp byte [rdx], OP; je/jne done                     ; the frame's last opcode
     rsi = FRAME;  rsi = [rsi+f_code]
     rdi = [rsi+co_qualname]
     for each reading of MODULE.QUALNAME:
@@ -94,6 +96,23 @@ def _code_object(a: _Asm, guard: PyGuard, frame: int) -> None:
         load(a, _reg(guard.oparg), R.RDX, frame, 0)
         a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RDX, 1), 0))
         a.jump(Code.JE_REL32_64 if guard.resumed else Code.JNE_REL32_64, "done")
+    if guard.prev_instr is not None:
+        # (the opcode of the frame's last instruction: rdx = frame->prev_instr)
+        load(a, _reg(guard.frame), R.RDX, frame, 0)
+        a(i.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.RDX, guard.prev_instr)))
+        if guard.code_start is not None:  # prev_instr == code + code_start - 2: never ran
+            load(a, _reg(guard.frame), R.RSI, frame, 0)
+            a(i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RSI, guard.frame_code)),
+              i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, guard.code_start - 2)),
+              i.create_reg_reg(Code.CMP_R64_RM64, R.RDX, R.RSI))
+            a.jump(Code.JE_REL32_64, "done")
+        kept = a.fresh("op")
+        for op in guard.prev_ops:
+            a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RDX, 0), op))
+            a.jump(Code.JE_REL32_64, kept if guard.prev_kept else "done")
+        if guard.prev_kept:
+            a.jump(Code.JMP_REL32_64, "done")
+        a.label(kept)
     load(a, _reg(guard.frame), R.RSI, frame, 0)
     a(i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RSI, guard.frame_code)),
       i.create_reg_mem(Code.MOV_R64_RM64, R.RDI, _mem(R.RSI, guard.code_qualname)))
