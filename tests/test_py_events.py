@@ -50,16 +50,19 @@ def _counts(engine: str, python: str, tmp_path: Path, *specs: str) -> tuple[dict
 def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) -> None:
     """ints (a machine word's, bigger ones by type), strs (compact ASCII,
     cut at 32 characters, escaped; others by type), None, bools, objects by
-    type; `*args` and `**kwargs` counted; the ninth on counted, not shown."""
+    type (the program's own classes named as those builtins too); `*args`
+    and `**kwargs` counted; the ninth on counted, not shown; names cut at 24
+    characters, a non-ASCII one marked."""
     shown = {}
     for engine in ("kernel", "ptrace"):
         out, lines = _trace(engine, python, tmp_path, "py:__main__.mixed", "py:__main__.small",
-                            "py:__main__.Shape.scale")
+                            "py:__main__.Shape.scale", "py:__main__.lookalikes",
+                            "py:__main__.named")
         own = [line.split(" ", 2)[1:] for line in lines if line.startswith("ARGS ")
-               and line.split()[1] in ("mixed", "small", "Shape.scale")]
+               and line.split()[1] in ("mixed", "small", "Shape.scale", "lookalikes", "named")]
         seen = [(m[1], m[2]) for m in re.finditer(r": __main__\.\S+: .* qualname=\"(\S+)\""
                                                   r" .* args=(.*)$", out, re.M)]
-        assert len(own) == 4 * 14
+        assert len(own) == 6 * 14
         assert seen == [(qualname, args) for qualname, args in own]
         shown[engine] = seen
     assert shown["kernel"] == shown["ptrace"]
@@ -68,7 +71,11 @@ def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) ->
     for words in ['n=1152921504606846975,', "n=<int>,", 'name="say \\"hi\\"\\\\"',
                   'name="tab\\x09here"', 'name="' + "b" * 32 + '"...', "name=<str>",
                   "rest=<list>", "nothing=None", "flag=False", "+3 more", "y=<float>",
-                  "(self=<Shape>, by=True)", "n=-1152921504606846975,"]:
+                  "(self=<Shape>, by=True)", "n=-1152921504606846975,",
+                  # (the program's classes named int, str, bool, NoneType: by
+                  # their type's address, not its name; names cut, not ASCII)
+                  "(a=<int>, b=<str>, c=<bool>, d=<NoneType>)",
+                  "(a_very_long_argument_nam...=0, <non-ASCII>=\"\", short=None)"]:
         assert any(words in t for t in texts), words
 
 

@@ -8,7 +8,9 @@ of `co_flags` say how many), their names the first items of the code's
 `co_localsplusnames`. For each of the first `SLOTS` slots an entry probe
 fetches the object's pointer, its type's name, and the words an int or a
 str keeps its value in; which of them mean something is decided here, in
-user space, from the type's name, so the kernel and the ptrace engine
+user space, from the type's address (int, bool, str and None's types:
+their link addresses and where PyLong_Type is in the process, fetched
+with the rest), so the kernel and the ptrace engine
 fetch the same fields and give the same text. Every read is of a fixed
 size (arrays, never `:string`): a slot past the arguments holds whatever
 the value stack held, and a string read through it could be a page long.
@@ -27,8 +29,8 @@ SLOTS = 8
 NAME_BYTES = 24
 TYPE_BYTES = 32
 TEXT_BYTES = 32
-"""Bytes of a name, a type's name and a str's text fetched (longer: cut,
-`...`), as 8-byte words (`u64[N]`): the kernel reads an array element by
+"""Bytes of a name, a type's name and a str's text fetched (a longer name
+or text: cut, `...`), as 8-byte words (`u64[N]`): the kernel reads an array element by
 element, and 1-byte elements made a call with arguments cost ~200 us."""
 CO_VARARGS = 0x4
 CO_VARKEYWORDS = 0x8
@@ -45,15 +47,20 @@ TYPE_FIELD = "type"
 ARGCOUNT = "__py_argc"
 KWONLY = "__py_kwonly"
 FLAGS = "__py_flags"
+TYPES_ANCHOR = "__py_tanchor"
+"""PyLong_Type's address in the process (PyBool_Type's `tp_base`)."""
+BUILTIN_TYPES = {"__py_tint": "PyLong_Type", "__py_tbool": "PyBool_Type",
+                 "__py_tstr": "PyUnicode_Type", "__py_tnone": "_PyNone_Type"}
+"""The fields holding each builtin type's link address, and its symbol."""
 
 
 def slot_fields(i: int) -> dict[str, str]:
     """The raw fields of argument slot `i`, by role."""
-    return {role: f"__py_{role}{i}" for role in ("ptr", "size", "word", "str", "text",
-                                                 "type", "name")}
+    return {role: f"__py_{role}{i}" for role in ("ptr", "tptr", "size", "word", "str", "text",
+                                                 "type", "name", "nlen")}
 
 
-RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS, RAISED_FIELD}
+RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS, RAISED_FIELD, TYPES_ANCHOR, *BUILTIN_TYPES}
                        | {f for i in range(SLOTS) for f in slot_fields(i).values()})
 
 
@@ -106,6 +113,23 @@ def _quoted(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def _builtin(values: Mapping[str, ArgValue], f: dict[str, str], type_name: str) -> str:
+    """Which builtin the argument's type is ("int", "bool", "str",
+    "NoneType"), by its address, or "" for any other type. Fields fetched
+    without the types' addresses (a recording made before them) go by the
+    type's name."""
+    anchor = _int(values.get(TYPES_ANCHOR))
+    if not anchor or not _int(values.get("__py_tint")):
+        return type_name if type_name in ("int", "bool", "str", "NoneType") else ""
+    bias = anchor - _int(values.get("__py_tint"))
+    at = _int(values.get(f["tptr"]))
+    for field, name in (("__py_tint", "int"), ("__py_tbool", "bool"), ("__py_tstr", "str"),
+                        ("__py_tnone", "NoneType")):
+        if at == _int(values.get(field)) + bias:
+            return name
+    return ""
+
+
 def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
     """One argument as text: a small int, a compact ASCII str, None, a bool
     by value; anything else by its type's name."""
@@ -115,9 +139,10 @@ def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
     if not type_name:
         return "<?>"
     size, word = _int(values.get(f["size"])), _int(values.get(f["word"]))
-    if type_name == "NoneType":
+    kind = _builtin(values, f, type_name)
+    if kind == "NoneType":
         return "None"
-    if type_name in ("int", "bool"):
+    if kind in ("int", "bool"):
         if size < 0:
             size = -size
             sign = -1
@@ -128,14 +153,28 @@ def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
         mask = (1 << DIGIT_BITS) - 1
         digits = [(word >> (32 * k)) & mask for k in range(size)]
         n = sign * sum(d << (DIGIT_BITS * k) for k, d in enumerate(digits))
-        return ("True" if n else "False") if type_name == "bool" else str(n)
-    if type_name == "str" and _int(values.get(f["str"])) == 3:  # compact and ASCII
+        return ("True" if n else "False") if kind == "bool" else str(n)
+    if kind == "str" and _int(values.get(f["str"])) == 3:  # compact and ASCII
         text = values.get(f["text"])
         if isinstance(text, list):
             shown = _bytes(text)[:min(size, TEXT_BYTES)]
             if shown.isascii():
                 return _quoted(shown.decode()) + ("..." if size > TEXT_BYTES else "")
     return f"<{type_name}>"
+
+
+def _name(values: Mapping[str, ArgValue], f: dict[str, str], i: int) -> str:
+    """Argument `i`'s name: its first NAME_BYTES characters (`...` after a
+    longer one); `<non-ASCII>` for one that is not ASCII (read as compact
+    ASCII only: its bytes are elsewhere in the object); `argI` where the
+    fields are missing."""
+    length = _int(values.get(f["nlen"]))
+    text = _text(values.get(f["name"]))
+    if f["nlen"] not in values:  # (a recording made before the names' lengths)
+        return text or f"arg{i}"
+    if text is None or len(text) != min(length, NAME_BYTES) or not length:
+        return "<non-ASCII>"
+    return text + ("..." if length > NAME_BYTES else "")
 
 
 def args_text(values: Mapping[str, ArgValue]) -> str:
@@ -146,7 +185,7 @@ def args_text(values: Mapping[str, ArgValue]) -> str:
     parts = []
     for i in range(min(count, SLOTS)):
         f = slot_fields(i)
-        name = _text(values.get(f["name"])) or f"arg{i}"
+        name = _name(values, f, i)
         parts.append(f"{name}={_value(values, f)}")
     if count > SLOTS:
         parts.append(f"+{count - SLOTS} more")

@@ -59,6 +59,7 @@ from uprobes.model.event import FRAME_ARG, PY_FOBJ_ARG, PY_OP_ARG, PY_OPARG_ARG
 from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.pyargs import (
     ARGCOUNT,
+    BUILTIN_TYPES,
     FLAGS,
     KWONLY,
     NAME_BYTES,
@@ -66,6 +67,7 @@ from uprobes.model.pyargs import (
     SLOTS,
     TEXT_BYTES,
     TYPE_BYTES,
+    TYPES_ANCHOR,
     slot_fields,
 )
 from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
@@ -371,12 +373,15 @@ def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
                    oparg=loop.next_instr if entry else None, resumed=resumed)
 
 
-def argument_fetches(lay: Layout, frame: str) -> list[str]:
+def argument_fetches(lay: Layout, frame: str,
+                     builtins: list[str] | None = None) -> list[str]:
     """The fetchargs of a `py:` entry's arguments (model/pyargs.py): the
-    code's counts, and per slot of `localsplus` the object, its type's name,
-    an int's size and first two digits, a str's compact-and-ASCII bits and
-    first bytes, the slot's name. None where the build keeps an int or a
-    str otherwise than CPython 3.11 does."""
+    code's counts, where the builtin types are (`builtins`, from
+    `_builtin_types`), and per slot of `localsplus` the object, its type and
+    its type's name, an int's size and first two digits, a str's
+    compact-and-ASCII bits and first bytes, the slot's name and its length.
+    None where the build keeps an int or a str otherwise than CPython 3.11
+    does."""
     compact = lay.str_compact_mask
     if lay.hexversion >> 16 != 0x030B or lay.str_ascii_mask != compact << 1 or not compact:
         return []
@@ -384,12 +389,13 @@ def argument_fetches(lay: Layout, frame: str) -> list[str]:
     code = f"+{lay.frame_code}(%{frame})"
     out = [f"{ARGCOUNT}=+{lay.code_argcount}({code}):s32",
            f"{KWONLY}=+{lay.code_kwonlyargcount}({code}):s32",
-           f"{FLAGS}=+{lay.code_flags}({code}):s32"]
+           f"{FLAGS}=+{lay.code_flags}({code}):s32", *(builtins or ())]
     for i in range(SLOTS):
         f = slot_fields(i)
         obj = f"+{lay.frame_size + 8 * i}(%{frame})"
         name = f"+{lay.tuple_items + 8 * i}(+{lay.code_localsplusnames}({code}))"
         out += [f"{f['ptr']}={obj}:x64",
+                f"{f['tptr']}=+{lay.object_type}({obj}):x64",
                 f"{f['type']}=+0(+{lay.type_name}(+{lay.object_type}({obj}))):"
                 f"u64[{TYPE_BYTES // 8}]",
                 f"{f['size']}=+{lay.var_size}({obj}):s64",
@@ -397,8 +403,27 @@ def argument_fetches(lay: Layout, frame: str) -> list[str]:
                 f"{f['word']}=+{lay.var_size + 8}({obj}):u64",
                 f"{f['str']}=+{lay.str_state}({obj}):b2@{shift}/32",
                 f"{f['text']}=+{lay.str_ascii_data}({obj}):u64[{TEXT_BYTES // 8}]",
-                f"{f['name']}=+{lay.str_ascii_data}({name}):u64[{NAME_BYTES // 8}]"]
+                f"{f['name']}=+{lay.str_ascii_data}({name}):u64[{NAME_BYTES // 8}]",
+                f"{f['nlen']}=+{lay.str_length}({name}):s64"]
     return out
+
+
+def _builtin_types(interp: Interpreter) -> list[str]:
+    """The fetches that say where int, bool, str and None's types are in the
+    process: what PyBool_Type's `tp_base` holds (PyLong_Type's address
+    there), and each type's link address, all in one file. An argument's
+    kind is decided by its type's address, never by its name (a class of
+    the program may be named `int`). None of them where a symbol is missing."""
+    symbols = SymbolTable.load(interp.image)
+    found = {name: symbols.lookup(name) for name in BUILTIN_TYPES.values()}
+    if not all(found.values()):
+        return []
+    at = interp.loop.handlers[interp.loop.entries[0]]
+    delta = at - interp.image.link_to_file_offset(at)
+    base = found["PyBool_Type"][0].link_addr + interp.layout.type_base - delta
+    return [f"{TYPES_ANCHOR}=@+0x{base:x}:x64"] + [
+        f"{field}=\\0x{found[symbol][0].link_addr:x}:x64"
+        for field, symbol in BUILTIN_TYPES.items()]
 
 
 def _quoted(text: str) -> str:
@@ -463,7 +488,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     else:
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32",
                           oparg,
-                          *(argument_fetches(lay, loop.frame) if with_args else ())]
+                          *(argument_fetches(lay, loop.frame, _builtin_types(interp))
+                            if with_args else ())]
         handlers = loop.entries
         guard = f"{PY_OPARG_ARG} == 0 && ({names})"
     args: tuple[FetchArg, ...] = parse_args(fetch)
