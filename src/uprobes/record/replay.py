@@ -31,6 +31,7 @@ from uprobes.engines.trapfree.layout import (
 )
 from uprobes.engines.trapfree.reader import (
     Make,
+    Owner,
     RecordedSite,
     direct_hit,
     regs_of,
@@ -151,11 +152,11 @@ class Recording:
         info = self.infos[line.name]
         fetcher = ArgFetcher(line)
 
-        def make(rec: tuple[int, ...], ts: int, owner: tuple[int, str]) -> Hit:
+        def make(rec: tuple[int, ...], ts: int, owner: Owner) -> Hit:
             regs, window = regs_of(site, rec[REC_VALUES:])
             got = fetcher.fetch(regs, window, FetchContext(owner[1], site.file_base))
             ip = site.ip if site.func is None else regs.rip
-            return (ts, owner[0], rec[REC_TID], rec[REC_AUX] & CPU_MASK, line.name, owner[1],
+            return (ts, owner[0], owner[2], rec[REC_AUX] & CPU_MASK, line.name, owner[1],
                     ip, site.func, tuple(got.get(n) for n, _ in info.args))
         return make
 
@@ -167,11 +168,11 @@ class Recording:
         it passes. A stream cut short ends early and sets `truncated`."""
         test = _hit_test(keep, self.infos)
         path = str(self.directory / EVENTS)
-        owners: dict[int, tuple[int, str]] = {}
+        owners: dict[int, Owner] = {}
         # The current read's ring records, each with its thread's owner as the
         # run knew it then (an OWNR chunk in the middle of a read updates the
         # owners of what follows it, not of what came before).
-        pending: list[tuple[tuple[int, ...], tuple[int, str]]] = []
+        pending: list[tuple[tuple[int, ...], Owner]] = []
         rings_seen: set[int] = set()
         read = -1
         try:
@@ -200,7 +201,10 @@ class Recording:
                                 if owner is None:
                                     owners.pop(int(tid), None)
                                 else:
-                                    owners[int(tid)] = (int(owner[0]), str(owner[1]))
+                                    # (pid, comm[, tid]): a thread in a pid namespace
+                                    # records its tid there; the host's follows.
+                                    owners[int(tid)] = (int(owner[0]), str(owner[1]),
+                                                        int(owner[2] if owner[2:] else tid))
                             continue
                         hits = [self._hit(h) for h in _json(payload, path)]
                     except (TypeError, ValueError, KeyError, OverflowError) as e:
@@ -212,10 +216,10 @@ class Recording:
         if pending:
             yield self._filtered(self._ring_hits(pending, rings_seen), test)
 
-    def _valid(self, payload: bytes, created: int, now: int, owners: dict[int, tuple[int, str]]
-               ) -> list[tuple[tuple[int, ...], tuple[int, str]]]:
+    def _valid(self, payload: bytes, created: int, now: int, owners: dict[int, Owner]
+               ) -> list[tuple[tuple[int, ...], Owner]]:
         """The records of a RING chunk that the probes' code can have written,
-        each with its thread's (pid, comm)."""
+        each with its thread's `Owner`."""
         if self._rate is None:
             raise RecordingError(f"{self.directory}: ring records but no clock to read them by")
         skew = int(SKEW_S * 1e9 / self._rate[0])  # ticks, as the live reader's clock.ticks
@@ -234,7 +238,7 @@ class Recording:
                                  f"its ring's slots of {slot_bytes} bytes hold")
         return [(rec, owners[rec[REC_TID]]) for rec in good]
 
-    def _ring_hits(self, records: list[tuple[tuple[int, ...], tuple[int, str]]],
+    def _ring_hits(self, records: list[tuple[tuple[int, ...], Owner]],
                    rings: set[int]) -> list[Hit]:
         """The hits of one read's records: in each ring's order, merged by
         time stamp when several rings gave some (as the live reader does)."""

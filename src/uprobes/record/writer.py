@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from uprobes.engines.trapfree.reader import RawSite
+from uprobes.engines.trapfree.reader import Owner, RawSite
 from uprobes.engines.trapfree.sharedmem import CPUS
 from uprobes.errors import UsageError
 from uprobes.model.event import Hit, ProbeInfo
@@ -86,7 +86,7 @@ class RecordWriter:
     # ------------------------------------------------------------ RawSink
 
     def raw(self, created: int, now: int, read: int, slot_bytes: int, data: memoryview,
-            owners: dict[int, tuple[int, str] | None]) -> None:
+            owners: dict[int, Owner | None]) -> None:
         if owners:
             self._out.write(stream.OWNERS, stream.dumps(list(owners.items())))
         self._out.write(stream.RING, stream.RING_HEAD.pack(created, now, read, slot_bytes), data)

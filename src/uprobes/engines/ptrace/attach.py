@@ -17,7 +17,7 @@ from uprobes.engines.ptrace import breakpoints, rendezvous
 from uprobes.engines.ptrace.breakpoints import GuardTrap, PlacementRefused, Site
 from uprobes.engines.ptrace.permissions import check_attach, explain_refusal, tracer_of
 from uprobes.engines.ptrace.state import NO_HANDLER, TracerState, ended
-from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.engines.ptrace.tasks import AddressSpace, Thread, admit
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.xol import XolArea, find_syscall_insn, map_area
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
@@ -62,11 +62,12 @@ class Attach(TracerState):
         except KernelError as e:
             raise ProcessError(f"cannot trace the command: {e}") from None
         mm = AddressSpace(pid, ProcessMemory(pid), held=True)
-        self.threads[pid] = Thread(pid, pid, mm)
+        admit(self.threads, self._nested, Thread(pid, pid, mm), procfs.ns_pid(pid))
 
     def _attach(self, pid: int) -> None:
         check_attach(pid)
         mm = AddressSpace(pid, ProcessMemory(pid))
+        nested = procfs.ns_pid(pid) != pid  # (its threads: in its pid namespace)
         followed: set[int] = set()  # born of a clone of a thread seized here: ours already
         while True:
             try:
@@ -91,7 +92,8 @@ class Attach(TracerState):
                             continue
                         raise ProcessError(explain_refusal(pid)) from None
                     raise
-                self.threads[tid] = Thread(tid, pid, mm)
+                admit(self.threads, self._nested, Thread(tid, pid, mm),
+                      procfs.ns_pid(tid) if nested else tid)
         self._quiesce(interrupt=False)
         if not self.threads:
             raise ProcessError(f"process {pid} ended while attaching")

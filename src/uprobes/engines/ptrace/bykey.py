@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from uprobes.analysis.keyed import TASK_KEYS, Aggregate, KeyedCounts
 from uprobes.engines.ptrace.state import TracerState
-from uprobes.engines.ptrace.tasks import Thread
+from uprobes.engines.ptrace.tasks import Thread, owner_of
 from uprobes.engines.trapfree.fileplan import plan_for
 from uprobes.engines.trapfree.filtercode import compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed
@@ -129,11 +129,8 @@ class KeyCounter(TracerState):
         if src is COMM:
             return comm_name(raw)
         if src is TID:
-            if self._by == "tid":
-                return raw
-            t = self.threads.get(raw)
-            pid, comm = (t.pid, t.comm) if t is not None else self._former_tasks.get(raw, (0, "?"))
-            return pid if self._by == "pid" else comm
+            pid, comm, tid = owner_of(self.threads, self._nested, self._former_tasks, raw)
+            return tid if self._by == "tid" else pid if self._by == "pid" else comm
         if isinstance(src, Source) and src.signed and raw >= 1 << 63:
             return raw - _U64
         return raw

@@ -10,7 +10,7 @@ import time
 
 from uprobes.engines.ptrace import retprobes
 from uprobes.engines.ptrace.state import SIGTRAP, TracerState
-from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+from uprobes.engines.ptrace.tasks import AddressSpace, Thread, admit, dismiss
 from uprobes.engines.tracee import killpoint
 from uprobes.errors import KernelError, UprobesError
 from uprobes.sys import procfs, ptrace
@@ -42,6 +42,8 @@ class ThreadLife(TracerState):
             tgid = parent.pid if event == ptrace.EVENT_CLONE else tid
         if tgid == parent.pid:
             new = Thread(tid, parent.pid, parent.mm)
+            # A thread is in its process's pid namespace.
+            ns_tid = tid if parent.ns_tid == parent.tid else procfs.ns_pid(tid)
             if self._jumps is not None:
                 sp = _clone_stack(parent.tid, parent.mm.mem)
                 if sp is not None:
@@ -60,11 +62,12 @@ class ThreadLife(TracerState):
                 self._orphans.forked(parent.mm, mm)
                 self._taken_by_fork(parent.mm, mm)
             new = Thread(tid, tid, mm)
+            ns_tid = new.ns_tid  # (a child of unshare(CLONE_NEWPID): a namespace of its own)
             # Its stack holds the same trampolines.
             new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
         new.tls_check = new.mm is not parent.mm and self._jumps is not None
-        self.threads[tid] = new
+        admit(self.threads, self._nested, new, ns_tid)
         status = self._pending_new.pop(tid, None)
         if status is not None:  # its first stop came before this event
             new.stopped = True
@@ -164,10 +167,11 @@ class ThreadLife(TracerState):
             # Its keys are shown by pid or comm at the end; and known before
             # it leaves `threads`, since a read in another thread keys its
             # row (still owned until _thread_done) by what it finds here.
-            self._former_tasks[t.tid] = (t.pid, t.comm)
+            self._former_tasks[t.ns_tid] = (t.pid, t.comm, t.tid)
         self.threads.pop(t.tid, None)
+        dismiss(self._nested, t)
         if self._recorder is not None:  # its last records may still be in a ring
-            self._recorder.former(t.tid, t.pid, t.comm)
+            self._recorder.former(t.ns_tid, (t.pid, t.comm, t.tid))
         self._forget(t)
         if self._jumps is not None:
             self._thread_done(t)

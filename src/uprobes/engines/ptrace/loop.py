@@ -12,7 +12,8 @@ from uprobes.engines.ptrace import retprobes
 from uprobes.engines.ptrace.breakpoints import GuardTrap, Site
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.state import FAULTS, NO_HANDLER, SIGTRAP, TracerState
-from uprobes.engines.ptrace.tasks import Thread, roster
+from uprobes.engines.ptrace.tasks import Thread, by_own_tid, roster
+from uprobes.engines.trapfree.reader import Owner
 from uprobes.engines.trapfree.ring import Ring
 from uprobes.errors import KernelError
 from uprobes.model.event import Hit
@@ -28,11 +29,11 @@ class RunLoop(TracerState):
         True if it stopped with more to read (to handle stops meanwhile)."""
         recorder = self._recorder
         assert recorder is not None
-        threads = self.threads
+        threads, nested = self.threads, self._nested
 
-        def who(tid: int) -> tuple[int, str] | None:
-            t = threads.get(tid)
-            return None if t is None else (t.pid, t.comm)
+        def who(tid: int) -> Owner | None:
+            t = by_own_tid(threads, nested, tid)
+            return None if t is None else (t.pid, t.comm, t.tid)
         if self._raw is not None:  # `uprobes record`: the records as they are
             before = recorder.raw_records
             behind = recorder.dump(rings, self._roster, self._raw, final)
@@ -43,8 +44,8 @@ class RunLoop(TracerState):
         self._corrupt_rings = sum(r.corrupt for r in rings)
         return behind
 
-    def _roster(self) -> list[tuple[int, tuple[int, str]]]:
-        """(tid, (pid, comm)) of the traced threads (tasks.roster)."""
+    def _roster(self) -> list[tuple[int, Owner]]:
+        """(own tid, (pid, comm, tid)) of the traced threads (tasks.roster)."""
         out, self._roster_turn = roster(self.threads, self._roster_turn)
         return out
 

@@ -25,7 +25,7 @@ from uprobes.engines.trapfree.fileplan import FilePlan
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
 from uprobes.engines.trapfree.layout import RingShape
-from uprobes.engines.trapfree.reader import RawSink, Recorder, ShapedLines
+from uprobes.engines.trapfree.reader import Owner, RawSink, Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
 from uprobes.model.probe import InodeKey, ResolvedProbe
@@ -69,6 +69,7 @@ class TracerState:
     _symbolizer: Symbolizer | None  # walks and names the stacks (`stack_bytes`)
     # The traced tasks.
     threads: dict[int, Thread]
+    _nested: dict[int, Thread]  # those in a pid namespace, by their own tid (tasks.admit)
     _pending_new: dict[int, ptrace.WaitStatus]  # first stops of tasks not yet announced
     _held: tuple[AddressSpace, list[int]] | None  # stopped to place jumps
     _orphans: OrphanGuard
@@ -88,7 +89,7 @@ class TracerState:
     _int3s: bool  # False: a probe that cannot be trap-free is left out, no int3
     _let_go: Callable[[int], bool] | None  # a fork child's exec: detach it?
     _by: str | None  # count --by: tid, pid, comm or a fetcharg's name (bykey.py)
-    _former_tasks: dict[int, tuple[int, str]]  # tid -> (pid, comm) of threads gone
+    _former_tasks: dict[int, Owner]  # own tid (tasks.admit) -> owner of threads gone
     _timed: dict[tuple[int, int, int], int]
     _timed_names: list[str]
     _untimed: dict[str, str]

@@ -19,6 +19,7 @@ from uprobes.engines.ptrace.breakpoints import GuardTrap, Site
 from uprobes.engines.ptrace.retprobes import ReturnInstance
 from uprobes.engines.ptrace.rettable import ReturnTable
 from uprobes.engines.tracee.xol import XolArea
+from uprobes.engines.trapfree.reader import Owner
 from uprobes.sys import procfs, ptrace
 from uprobes.sys.procmem import ProcessMemory
 
@@ -103,6 +104,10 @@ class Thread:
             self._ns_tid = procfs.ns_pid(self.tid)
         return self._ns_tid
 
+    @ns_tid.setter
+    def ns_tid(self, value: int) -> None:
+        self._ns_tid = value
+
     @property
     def comm(self) -> str:
         now = time.monotonic_ns()
@@ -140,8 +145,44 @@ class Thread:
             self._stat_fd = -1
 
 
-def roster(threads: dict[int, Thread], turn: int) -> tuple[list[tuple[int, tuple[int, str]]], int]:
-    """(tid, (pid, comm)) of every thread of `threads`, and the next `turn`.
+def admit(threads: dict[int, Thread], nested: dict[int, Thread], t: Thread, ns_tid: int) -> None:
+    """`t` traced from now on; `ns_tid`: its tid in its own pid namespace,
+    what the program's own code reads (gettid, glibc's cached tid) and so
+    what trap-free code records. `nested` keeps, by that tid, the threads
+    where it is not the host's (a process in a PID namespace: a container,
+    `unshare -p`)."""
+    t.ns_tid = ns_tid
+    threads[t.tid] = t
+    if ns_tid != t.tid:
+        nested[ns_tid] = t
+
+
+def dismiss(nested: dict[int, Thread], t: Thread) -> None:
+    """`t` is gone: out of `nested` (the host's `threads` are the caller's)."""
+    if nested.get(t.ns_tid) is t:
+        del nested[t.ns_tid]
+
+
+def by_own_tid(threads: dict[int, Thread], nested: dict[int, Thread], tid: int) -> Thread | None:
+    """The traced thread that calls itself `tid` (the tid a record of
+    trap-free code holds: see `admit`), if any."""
+    t = threads.get(tid)
+    if t is not None and t.ns_tid == tid:
+        return t
+    return nested.get(tid)
+
+
+def owner_of(threads: dict[int, Thread], nested: dict[int, Thread],
+             former: dict[int, Owner], tid: int) -> Owner:
+    """The `Owner` of the thread that calls itself `tid` (`by_own_tid`), or
+    of one gone (`former`, by that tid); (0, "?", tid) if neither."""
+    t = by_own_tid(threads, nested, tid)
+    return (t.pid, t.comm, t.tid) if t is not None else former.get(tid, (0, "?", tid))
+
+
+def roster(threads: dict[int, Thread], turn: int) -> tuple[list[tuple[int, Owner]], int]:
+    """(own tid, (pid, comm, tid)) of every thread of `threads` (own tid:
+    `Thread.ns_tid`, what its records hold), and the next `turn`.
     A comm never read is read; of the others, at most COMM_READS whose
     cached comm is COMM_TTL_NS old are read again (/proc), the threads
     taking turns from `turn` on: a program of thousands of threads costs a
@@ -162,5 +203,5 @@ def roster(threads: dict[int, Thread], turn: int) -> tuple[list[tuple[int, tuple
             comm = t.comm
         else:
             comm = t.comm_cached
-        out.append((tid, (t.pid, comm)))
+        out.append((t.ns_tid, (t.pid, comm, tid)))
     return out, start + COMM_READS

@@ -59,7 +59,7 @@ class Teardown(TracerState):
         dead: list[int] = []
         for t in list(self.threads.values()):
             if self._by is not None:  # its rows are read (and keyed) after `threads` is emptied
-                self._former_tasks[t.tid] = (t.pid, t.comm)
+                self._former_tasks[t.ns_tid] = (t.pid, t.comm, t.tid)
             try:
                 ptrace.detach(t.tid, t.resume_sig)
             except KernelError:

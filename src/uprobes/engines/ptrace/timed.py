@@ -31,7 +31,7 @@ from functools import partial
 from uprobes.analysis.histogram import Histogram, Latencies
 from uprobes.analysis.keyed import TASK_KEYS
 from uprobes.engines.ptrace.state import TracerState
-from uprobes.engines.ptrace.tasks import Thread
+from uprobes.engines.ptrace.tasks import Thread, owner_of
 from uprobes.engines.trapfree import timing
 from uprobes.engines.trapfree.fileplan import plan_for, plan_whole
 from uprobes.engines.trapfree.filtercode import Check, compile_check
@@ -150,7 +150,7 @@ class CallTimer(TracerState):
         # Taking the row out and adding it to the sum is one step for a reader
         # in another thread: else it could see the row in both or in neither.
         with self._rows_lock:
-            for hists in self._jumps.release_thread(t.mm, t.tid, funcs):
+            for hists in self._jumps.release_thread(t.mm, t.ns_tid, funcs):
                 _add_into(self._released, key, hists)
 
     def _time_snapshot(self) -> None:
@@ -230,12 +230,11 @@ class CallTimer(TracerState):
     def _key_of(self, tid: int, pid: int, comm: str) -> int | str:
         return tid if self._by == "tid" else pid if self._by == "pid" else comm
 
-    def _task_key(self, tid: int) -> int | str:
-        """A thread's tid, pid or comm, as `by` asks (threads gone: as they were)."""
-        if self._by == "tid":
-            return tid
-        t = self.threads.get(tid)
-        pid, comm = (t.pid, t.comm) if t is not None else self._former_tasks.get(tid, (0, "?"))
+    def _task_key(self, own_tid: int) -> int | str:
+        """The tid, pid or comm, as `by` asks, of the thread that calls itself
+        `own_tid` (what the program's code reads: tasks.admit); threads
+        gone: as they were."""
+        pid, comm, tid = owner_of(self.threads, self._nested, self._former_tasks, own_tid)
         return self._key_of(tid, pid, comm)
 
 

@@ -208,6 +208,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         if not self.counts and not self._vanished:
             raise EngineError("no probe can be placed")
         self.threads: dict[int, Thread] = {}
+        self._nested: dict[int, Thread] = {}
         self.events = 0
         self.lost = 0
         self._corrupt_rings = 0  # ring words put back (Ring.corrupt), at the last read

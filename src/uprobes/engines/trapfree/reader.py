@@ -63,12 +63,16 @@ _NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
 # ---------------------------------------------------------------- records as hits
 
 
-Make = Callable[[tuple[int, ...], int, tuple[int, str]], Hit]
+Owner = tuple[int, str, int]
+"""(pid, comm, tid) of the thread that wrote a record, as the host numbers
+it (what a hit shows): the record holds the tid as the thread's own pid
+namespace numbers it (what gettid says there, what glibc caches)."""
+Make = Callable[[tuple[int, ...], int, Owner], Hit]
 PyFrames = Callable[[int, bytes], PyGroups]
 """(pid, a record's copy area) -> the Python frames its probe's code copied."""
 Direct = tuple[str, Make]
 """The name a probe's count goes under, and (its record, its time stamp,
-(pid, comm) of its thread) -> its `Hit`: built straight from the record,
+the `Owner` of its thread) -> its `Hit`: built straight from the record,
 with no RecordedHit and no dispatch."""
 
 
@@ -87,8 +91,8 @@ class RecordedSite:
 
 
 def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) -> Make | None:
-    """(A record as unpacked: values from index 6, its time stamp, (pid,
-    comm) of its thread) -> the probe's `Hit`, for probes whose arguments
+    """(A record as unpacked: values from index 6, its time stamp, the
+    `Owner` of its thread) -> the probe's `Hit`, for probes whose arguments
     are registers, `$stack`, `$stackN`, `+OFF(%sp)`, immediates or `$comm`,
     valued as `ArgFetcher` values them (its `converter` arithmetic, written
     out); None for the rest. `func`: a return probe's function (its hit's
@@ -132,7 +136,7 @@ def direct_hit(probe: ResolvedProbe, recipe: Recipe, ip: int, func: int | None) 
         exprs.append(_converted(raw, t))
     args = f"({', '.join(exprs)}{',' if exprs else ''})"
     where = repr(ip) if func is None else f"rec[{REC_VALUES}]"  # a return: rip, recorded first
-    source = (f"lambda rec, ts, owner: (ts, owner[0], rec[{REC_TID}], rec[{REC_AUX}] & {CPU_MASK}, "
+    source = (f"lambda rec, ts, owner: (ts, owner[0], owner[2], rec[{REC_AUX}] & {CPU_MASK}, "
               f"{probe.name!r}, "
               f"owner[1], {where}, {func!r}, {args})")
     return eval(compile(source, f"<{probe.name} record>", "eval"))  # type: ignore[no-any-return]
@@ -146,7 +150,7 @@ def stack_hit(make: Make, recipe: Recipe, ip: int, python: PyFrames | None = Non
     where = [REC_VALUES + recipe.regs.index(name) for name in STACK_REGS]  # DWARF 0..15
     sp_at = REC_VALUES + recipe.regs.index("rsp")
 
-    def hit(rec: tuple[int, ...], ts: int, owner: tuple[int, str]) -> Hit:
+    def hit(rec: tuple[int, ...], ts: int, owner: Owner) -> Hit:
         regs = {n: rec[at] for n, at in enumerate(where)}
         regs[RA] = ip
         copy = StackCopy(rec[sp_at], copied_stack(recipe, rec) or b"")
@@ -255,12 +259,12 @@ class RawSink(Protocol):
     """Where `uprobes record` keeps ring records as they are (record/writer.py)."""
 
     def raw(self, created: int, now: int, read: int, slot_bytes: int, data: memoryview,
-            owners: dict[int, tuple[int, str] | None]) -> None:
+            owners: dict[int, Owner | None]) -> None:
         """Whole slots (`slot_bytes` each) of one ring (made at TSC `created`), taken at TSC `now`
         by read number `read` (a read takes from every ring; the live reader
         merges a read's records by time stamp when several rings gave some),
-        as a view of the ring valid during the call only; `owners`: (pid,
-        comm) of the traced threads, by tid, that changed since the last
+        as a view of the ring valid during the call only; `owners`: the
+        `Owner` of the traced threads, by tid, that changed since the last
         call (None: a tid no longer ours)."""
 
     def sites(self, sites: list[RawSite], rate: tuple[float, int, int]) -> None:
@@ -279,11 +283,11 @@ class Recorder:
         self.sites: list[RecordedSite] = []
         self.clock = TscClock()
         self._skew = self.clock.ticks(SKEW_S)
-        self._former: dict[int, tuple[int, str]] = {}
+        self._former: dict[int, Owner] = {}
         self.corrupt = 0  # records no probe's code can have written (see `_valid`)
         self.raw_records = 0  # records handed to a RawSink (`dump`)
-        self._told: dict[int, tuple[int, str] | None] = {}  # tid -> what `dump` said
-        self._gone: dict[int, tuple[int, str]] = {}  # threads gone since `dump` last told
+        self._told: dict[int, Owner | None] = {}  # tid -> what `dump` said
+        self._gone: dict[int, Owner] = {}  # threads gone since `dump` last told
         self._reads = 0  # `dump`'s reads so far
 
     def site(self, site: RecordedSite) -> int:
@@ -291,34 +295,34 @@ class Recorder:
         self.sites.append(site)
         return len(self.sites) - 1
 
-    def former(self, tid: int, pid: int, comm: str) -> None:
-        """Thread `tid` (of process `pid`, named `comm`) is gone; records it
+    def former(self, tid: int, owner: Owner) -> None:
+        """The thread whose records hold `tid` (`owner`) is gone; records it
         left may still be in a ring."""
         if len(self._former) >= self.FORMER_MAX:
             del self._former[next(iter(self._former))]
-        self._former[tid] = (pid, comm)
+        self._former[tid] = owner
         if len(self._gone) >= self.FORMER_MAX:  # (`dump` is not reading)
             del self._gone[next(iter(self._gone))]
-        self._gone[tid] = (pid, comm)
+        self._gone[tid] = owner
 
-    def drain(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+    def drain(self, rings: list[Ring], who: Callable[[int], Owner | None],
               deliver: Callable[[list[Hit]], None], final: bool = False) -> bool:
         """Deliver every committed record of `rings`, oldest first across
         rings: hit tuples of direct sites to `deliver` in batches, the others
-        as a RecordedHit to their probe's dispatch. `who(tid)`: (pid, comm)
-        of a live traced thread. True if it stopped after DRAIN_S with more
-        to read."""
+        as a RecordedHit to their probe's dispatch. `who(tid)`: the `Owner`
+        of the live traced thread whose records hold `tid`. True if it
+        stopped after DRAIN_S with more to read."""
         until = time.monotonic() + DRAIN_S
         while self._drain_once(rings, who, deliver, final) >= TAKE_MAX:
             if not final and time.monotonic() >= until:
                 return True  # the tracer has stops to handle too; it comes back at once
         return False
 
-    def dump(self, rings: list[Ring], roster: Callable[[], Iterable[tuple[int, tuple[int, str]]]],
+    def dump(self, rings: list[Ring], roster: Callable[[], Iterable[tuple[int, Owner]]],
              sink: RawSink, final: bool = False) -> bool:
         """`drain`, the records kept as they are: each run of a ring's committed
         slots goes to `sink` as a view of the ring; the first of a read with
-        (pid, comm) of the traced threads (`roster()`: tid, owner) and of
+        the `Owner` of the traced threads (`roster()`: tid, owner) and of
         those gone since, where the sink was not told them yet. No work per
         record here: which thread wrote a record, whether a probe's code can
         have made it, and the hits, wait for the replay. True if it stopped
@@ -345,14 +349,14 @@ class Recorder:
             if not final and time.monotonic() >= until:
                 return True
 
-    def _owners_changed(self, roster: Callable[[], Iterable[tuple[int, tuple[int, str]]]]
-                        ) -> dict[int, tuple[int, str] | None]:
-        """(pid, comm) of each thread whose owner `dump` has not told yet: the
+    def _owners_changed(self, roster: Callable[[], Iterable[tuple[int, Owner]]]
+                        ) -> dict[int, Owner | None]:
+        """The `Owner` of each thread whose owner `dump` has not told yet: the
         threads gone since the last call (a thread may have started, recorded
         and exited between two reads), then the live ones, whose word counts
         where a tid was reused (as `who` counts in `drain`)."""
         told = self._told
-        changed: dict[int, tuple[int, str] | None] = {}
+        changed: dict[int, Owner | None] = {}
         gone, self._gone = self._gone, {}
         for tid, owner in gone.items():
             if told.pop(tid, None) != owner:  # (told once: the replay keeps it)
@@ -362,7 +366,7 @@ class Recorder:
                 changed[tid] = told[tid] = owner
         return changed
 
-    def _drain_once(self, rings: list[Ring], who: Callable[[int], tuple[int, str] | None],
+    def _drain_once(self, rings: list[Ring], who: Callable[[int], Owner | None],
                     deliver: Callable[[list[Hit]], None], final: bool) -> int:
         before = sum(r.tail for r in rings)
         batches = [(r, r.take(final)) for r in rings]
@@ -370,14 +374,14 @@ class Recorder:
         if not taken:
             return 0
         now = tsc.read()
-        seen: dict[int, tuple[int, str] | None] = {}
+        seen: dict[int, Owner | None] = {}
         records: list[tuple[int, ...]] = []
         for ring, got in batches:
             if got:
                 records += self._valid(ring, got, who, seen, now)
         if not records:
             return taken
-        owners = cast(dict[int, tuple[int, str]], seen)  # None only for records left out
+        owners = cast(dict[int, Owner], seen)  # None only for records left out
         if sum(1 for _, b in batches if b) > 1:
             records.sort(key=lambda rec: rec[REC_TSC])
         clock = self.clock
@@ -407,14 +411,14 @@ class Recorder:
             func = site.func
             if func is None:
                 site.probe.dispatch(RecordedHit(  # type: ignore[attr-defined]
-                    site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
+                    site.probe, regs, window, owner[0], owner[2], owner[1],
                     rec[REC_AUX] & CPU_MASK,
                     site.ip, site.file_base, ts, copied=copied_stack(site.recipe, rec),
                     python=None if site.python is None
                     else site.python(owner[0], cast(bytes, rec[-1]))))
             else:
                 site.probe.ret_dispatch(RecordedHit(  # type: ignore[attr-defined]
-                    site.probe, regs, window, owner[0], rec[REC_TID], owner[1],
+                    site.probe, regs, window, owner[0], owner[2], owner[1],
                     rec[REC_AUX] & CPU_MASK,
                     regs.rip, site.file_base, ts, "r", func))
         if batch:
@@ -422,11 +426,11 @@ class Recorder:
         return taken
 
     def _valid(self, ring: Ring, batch: list[tuple[int, ...]],
-               who: Callable[[int], tuple[int, str] | None],
-               owners: dict[int, tuple[int, str] | None], now: int) -> list[tuple[int, ...]]:
+               who: Callable[[int], Owner | None],
+               owners: dict[int, Owner | None], now: int) -> list[tuple[int, ...]]:
         """`valid_records` of `batch`, read from `ring` at `now` (TSC ticks):
         a probe id of this ring, a thread we trace (or traced). The rest are
-        counted in `corrupt`. `owners` gets (pid, comm) of each tid seen."""
+        counted in `corrupt`. `owners` gets the `Owner` of each tid seen."""
         former = self._former
         for tid in set(map(operator.itemgetter(REC_TID), batch)) - owners.keys():
             owners[tid] = who(tid) or former.get(tid)
@@ -437,7 +441,7 @@ class Recorder:
 
 
 def valid_records(records: list[tuple[int, ...]], probe_ids: AbstractSet[int], cpus: int,
-                  owners: Mapping[int, tuple[int, str] | None], lo: int, hi: int
+                  owners: Mapping[int, Owner | None], lo: int, hi: int
                   ) -> list[tuple[int, ...]]:
     """The records (as RECORD unpacks them) that the probes' code can have
     written, the program being able to write its ring too: a probe id of
