@@ -203,3 +203,16 @@ def test_more_threads_than_the_stack_table_holds(tracefs: Path, compile_c: Compi
     counts = {line.rpartition(" ")[0].partition(";")[2]: int(line.rpartition(" ")[2])
               for line in lines[1:]}
     assert counts == {"clone3;start_thread;worker;outer;target": 63, "target": 17}, run.stdout
+
+
+def test_stacks_recorded_before_an_exec_keep_their_frames(compile_c: Compiler) -> None:
+    """timed.c execs: three threads call tiny() 3000 times each, then the
+    program execs itself for 3000 more. The records still in the ring at
+    the exec are walked by the old image's maps, read before (before: by
+    the new image's, which map nothing there: `timed;[unknown]`)."""
+    exe = compile_c("timed.c", "-pthread", "-O2")
+    free, out, err = stacks(f"{exe}:tiny", "--", str(exe), "execs", "3000", "2", "0")
+    assert "before_exec=9000" in out and "calls=3000" in out, out
+    assert trapfree(err) == (1, 1), err
+    assert sum(free.values()) == 12000, free
+    assert all(path.endswith(";tiny") and "[unknown]" not in path for path in free), free

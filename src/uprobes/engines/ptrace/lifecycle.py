@@ -96,6 +96,12 @@ class ThreadLife(TracerState):
             # /proc has the new image's comm already: what the old image left
             # under `t`'s tid is keyed by the comm read before (read anew below).
             t.comm_at = time.monotonic_ns()
+        if self._jumps is not None and self._recorder is not None:
+            # What the old image recorded is its: its hits named by that comm,
+            # its stacks walked and named by the maps known of it, before they
+            # give way to the new image's.
+            while self._drain(self._jumps.rings):
+                pass
         # The exec ended every other thread of the process. A thread other
         # than the leader that exec'd took the leader's tid (`t`): no exit is
         # reported for its former tid; the others' exits came before this

@@ -25,6 +25,7 @@ from uprobes.engines.trapfree.fileplan import FilePlan
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
 from uprobes.engines.trapfree.layout import RingShape
+from uprobes.engines.trapfree.ring import Ring
 from uprobes.engines.trapfree.reader import Owner, RawSink, Recorder, ShapedLines
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
@@ -148,6 +149,10 @@ class TracerState:
 
     def _resume(self, t: Thread) -> None:
         """loop.py: let a stopped thread go on, with what its stop left to deliver."""
+        raise NotImplementedError
+
+    def _drain(self, rings: list[Ring], final: bool = False) -> bool:
+        """loop.py: deliver what the rings hold; True if more is waiting."""
         raise NotImplementedError
 
     def _quiesce(self, interrupt: bool = True) -> None:
