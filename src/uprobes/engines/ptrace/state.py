@@ -25,8 +25,8 @@ from uprobes.engines.trapfree.fileplan import FilePlan
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
 from uprobes.engines.trapfree.layout import RingShape
-from uprobes.engines.trapfree.ring import Ring
 from uprobes.engines.trapfree.reader import Owner, RawSink, Recorder, ShapedLines
+from uprobes.engines.trapfree.ring import Ring
 from uprobes.model.event import Hit, ProbeInfo
 from uprobes.model.filters import HitFilter
 from uprobes.model.probe import InodeKey, ResolvedProbe
