@@ -364,3 +364,23 @@ def test_a_signal_handler_interrupted_inside_the_bytes_keeps_its_int3(compile_c:
             tracer.kill()
             tracer.wait()
         proc.wait()
+
+
+@pytest.mark.parametrize("how", ["vfork"])
+def test_a_childs_recorded_hits_are_its_own(compile_c: Compiler, how: str) -> None:
+    """child_hits.c: a child that reads its parent's tid where glibc caches
+    it (a vfork child runs on its parent's thread pointer) calls target()
+    3 times between the parent's 2 and 2. `trace` gives each hit to the
+    process that made it, as the program's own getpid says (before: all 7
+    to the parent)."""
+    exe = compile_c("child_hits.c")
+    run = subprocess.run([*UPROBES, "trace", "-e", "ptrace", "--json", f"{exe}:target", "--",
+                          str(exe), how], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert NOTE_FREE.search(run.stderr).groups() == ("1", "1"), run.stderr  # type: ignore[union-attr]
+    said = re.search(r"parent (\d+) child (\d+)", run.stdout)
+    assert said is not None, run.stdout
+    parent, child = int(said[1]), int(said[2])
+    hits = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"probe"')]
+    assert [(h["pid"], h["tid"]) for h in hits] == \
+        [(parent, parent)] * 2 + [(child, child)] * 3 + [(parent, parent)] * 2, hits

@@ -13,7 +13,7 @@ from uprobes.engines.ptrace.state import SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread, admit, dismiss
 from uprobes.engines.tracee import killpoint
 from uprobes.errors import KernelError, UprobesError
-from uprobes.sys import procfs, ptrace
+from uprobes.sys import procfs, ptrace, tsc
 from uprobes.sys.procmem import ProcessMemory
 
 # How long stopping every thread may take (a PTRACE_INTERRUPT is answered as
@@ -34,6 +34,8 @@ class ThreadLife(TracerState):
             self._new_task(t, ptrace.geteventmsg(t.tid), event)
         elif event == ptrace.EVENT_EXEC:
             self._exec(t, ptrace.geteventmsg(t.tid))
+        elif event == ptrace.EVENT_VFORK_DONE and self._recorder is not None:
+            self._recorder.vforks.returned(t.ns_tid, tsc.read())
 
     def _new_task(self, parent: Thread, tid: int, event: int) -> None:
         try:
@@ -63,6 +65,9 @@ class ThreadLife(TracerState):
                 self._taken_by_fork(parent.mm, mm)
             new = Thread(tid, tid, mm)
             ns_tid = new.ns_tid  # (a child of unshare(CLONE_NEWPID): a namespace of its own)
+            if event == ptrace.EVENT_VFORK and self._recorder is not None:
+                # (The child is held before its first instruction, its parent at the event.)
+                self._recorder.vforks.lent(parent.ns_tid, ns_tid, tsc.read())
             # Its stack holds the same trampolines.
             new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
@@ -178,6 +183,7 @@ class ThreadLife(TracerState):
         dismiss(self._nested, t)
         if self._recorder is not None:  # its last records may still be in a ring
             self._recorder.former(t.ns_tid, (t.pid, t.comm, t.tid))
+            self._recorder.vforks.returned(t.ns_tid, tsc.read())
         self._forget(t)
         if self._jumps is not None:
             self._thread_done(t)

@@ -32,8 +32,9 @@ from uprobes.engines.trapfree.layout import (
     REC_VALUES,
 )
 from uprobes.engines.trapfree.recording import CONSTANT_FIELDS, SKEW_S, STACK_REGS, Recipe
-from uprobes.engines.trapfree.ring import RAW_TAKE_MAX, TAKE_MAX, Ring
+from uprobes.engines.trapfree.ring import RAW_TAKE_MAX, STUCK_S, TAKE_MAX, Ring
 from uprobes.engines.trapfree.sharedmem import CPUS
+from uprobes.engines.trapfree.vforks import VforkWindows
 from uprobes.lang.ast import (
     Comm,
     FetchType,
@@ -289,6 +290,7 @@ class Recorder:
         self._told: dict[int, Owner | None] = {}  # tid -> what `dump` said
         self._gone: dict[int, Owner] = {}  # threads gone since `dump` last told
         self._reads = 0  # `dump`'s reads so far
+        self.vforks = VforkWindows()  # whose records a vfork child's are
 
     def site(self, site: RecordedSite) -> int:
         """A new probe id for `site`."""
@@ -313,9 +315,12 @@ class Recorder:
         of the live traced thread whose records hold `tid`. True if it
         stopped after DRAIN_S with more to read."""
         until = time.monotonic() + DRAIN_S
+        began = tsc.read()
         while self._drain_once(rings, who, deliver, final) >= TAKE_MAX:
             if not final and time.monotonic() >= until:
                 return True  # the tracer has stops to handle too; it comes back at once
+        if self.vforks:  # (a slot reserved then is committed or lost STUCK_S later)
+            self.vforks.settled(began - self.clock.ticks(2 * STUCK_S))
         return False
 
     def dump(self, rings: list[Ring], roster: Callable[[], Iterable[tuple[int, Owner]]],
@@ -432,7 +437,11 @@ class Recorder:
         a probe id of this ring, a thread we trace (or traced). The rest are
         counted in `corrupt`. `owners` gets the `Owner` of each tid seen."""
         former = self._former
-        for tid in set(map(operator.itemgetter(REC_TID), batch)) - owners.keys():
+        tids = set(map(operator.itemgetter(REC_TID), batch))
+        if self.vforks:
+            batch = self.vforks.retag(batch, tids)
+            tids = set(map(operator.itemgetter(REC_TID), batch))
+        for tid in tids - owners.keys():
             owners[tid] = who(tid) or former.get(tid)
         good = valid_records(batch, ring.probe_ids, CPUS, owners,
                              ring.created - self._skew, now + self._skew)
