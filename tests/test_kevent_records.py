@@ -245,3 +245,41 @@ def test_rings_shrink_under_a_locked_memory_limit(tracefs: Path, compile_c: Comp
     calls = sum(1 for d in docs if d.get("name") == "getppid")
     assert calls == 2 * 200, run.stderr
     assert [d["args"]["n"] for d in docs if d.get("probe") == "uprobes/mark"] == [1, 2]
+
+
+RENAMES = """
+import ctypes, os, sys, time
+prctl = ctypes.CDLL(None).prctl
+prctl(15, b"alpha", 0, 0, 0)  # PR_SET_NAME
+end = time.monotonic() + 1.0
+while time.monotonic() < end:
+    time.sleep(0.001)
+prctl(15, b"beta", 0, 0, 0)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.001)
+"""
+
+
+def test_a_thread_that_renames_itself_is_named_anew(tracefs: Path, tmp_path: Path) -> None:
+    """A program that names itself "alpha" for a second, then "beta": its
+    system calls read while it is "beta" are named so (a comm is read again
+    once 100 ms old; before, the first one read stayed for the thread's
+    life)."""
+    from conftest import wait_until
+
+    from uprobes.engines.launch import launch
+    stop = tmp_path / "stop"
+    with KernelEvents(CALLS) as events:
+        child = launch(["/usr/bin/python3.11", "-c", RENAMES, str(stop)])
+        try:
+            events.open(child=child.pid)
+            child.release()
+            names: set[str] = set()
+
+            def renamed() -> bool:
+                names.update(str(row[4]) for row in events.read_rows() if row[1] == child.pid)
+                return "beta" in names
+            wait_until(renamed, "a system call named beta", timeout=30)
+        finally:
+            stop.touch()
+            assert child.wait() == 0

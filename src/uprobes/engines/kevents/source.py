@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from bisect import bisect_right
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -66,6 +67,7 @@ read in pieces)."""
 # loop, which reads these rings with its hits, bounds the latency.
 _WAKEUP_BYTES = 64 * 1024
 _MAX_ABOUT = 64  # tasks named in one kernel filter
+COMM_TTL_NS = 100_000_000  # a comm read is read again after 100 ms (a thread renamed)
 _MAX_ABOUT_BATCHES = 64  # batches of `about` events for threads born later (per CPU each)
 
 
@@ -90,7 +92,9 @@ class KernelEvents:
                                   "tracepoint events, which are for root only here: run as "
                                   "root (or leave --kernel out)", e.errno) from e
         self.points: list[Tracepoint] = resolve(tracefs, names)
-        self._comms: dict[int, str] = {}
+        self._comms: dict[int, str] = {}  # tid -> comm, read since `_refresh_comms` last ran
+        self._stale: dict[int, str] = {}  # ... read before: for threads gone since
+        self._comms_read = time.monotonic_ns()
         self._own_pid = os.getpid()
         self.records = Records(Decoders(tracefs, self.points, self._comms), self._comm,
                                self._own_pid, {tp.format.id for tp in self.points
@@ -259,6 +263,7 @@ class KernelEvents:
         are handed over (the others wait for the next read, so that none
         handed over later is older than one handed over now), and
         `drained` is False."""
+        self._refresh_comms()
         out: list[KernelRow] = []
         marks: list[int] = []  # a cut ring's last stamp read
         # Every ring is taken before any is decoded: what a CPU records while
@@ -315,14 +320,25 @@ class KernelEvents:
         return [new for row in rows if (new := get(id(row), row)) is not None]
 
     def _comm(self, tid: int) -> str:
-        comm = self._comms.get(tid)
-        if comm is None:
-            try:
-                comm = procfs.comm(tid)
-            except (ProcessError, KernelError):
-                comm = "<...>"  # gone already: what the kernel's trace prints
-            self._comms[tid] = comm
+        """The thread's comm, read when a row needs it and `_comms` has none
+        (`_refresh_comms`); a thread gone keeps the last one read."""
+        try:
+            comm = procfs.comm(tid)
+        except (ProcessError, KernelError):
+            comm = self._stale.get(tid, "<...>")  # "<...>": what the kernel's trace prints
+        self._comms[tid] = comm
         return comm
+
+    def _refresh_comms(self) -> None:
+        """Every COMM_TTL_NS, the comms known are read again as rows need
+        them: a thread that renamed itself (prctl(PR_SET_NAME)) is seen so
+        (the sched_switch rows name their threads themselves, anew each time)."""
+        now = time.monotonic_ns()
+        if now - self._comms_read < COMM_TTL_NS:
+            return
+        self._comms_read = now
+        self._stale.update(self._comms)
+        self._comms.clear()
 
     @property
     def lost(self) -> int:
