@@ -6,6 +6,7 @@ program's output is its own, also when uprobes is killed mid-run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import Compiler, wait_until
 
-from uprobes.engines.trapfree.layout import HEAD
+from uprobes.engines.trapfree.layout import HEAD, LOST
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 TRAPFREE = re.compile(r"uprobes: note: (\d+) of (\d+) probes trap-free")
@@ -129,11 +130,16 @@ def test_a_copy_bigger_than_a_record_keeps_the_int3(callers: Path) -> None:
                             status=7)
     assert trapfree(err)[0] == 0
     assert sorted(free.values()) == [3, 5] and out == "sink 36"
+    # No jump: the note says why, and says of no jump what it would be (it
+    # called the stack probe "a jump to an in-process counter").
+    assert "0 of 1 probes trap-free; with an int3 trap per hit" in err, err
+    assert "counter" not in err, err
 
 
-def recorded(parent: int) -> int:
+def recorded(parent: int, word: int = HEAD) -> int:
     """The hits recorded so far by the program uprobes (`parent`) runs: its
-    ring's `head` (layout.HEAD), 0 before there is one."""
+    ring's `head` (layout.HEAD; or another `word` of its ring), 0 before
+    there is one."""
     try:
         children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     except OSError:
@@ -146,7 +152,7 @@ def recorded(parent: int) -> int:
             if start is None:
                 continue
             with open(f"/proc/{child}/mem", "rb") as mem:
-                mem.seek(start + HEAD)
+                mem.seek(start + word)
                 return int.from_bytes(mem.read(8), "little")
         except OSError:
             continue
@@ -216,3 +222,40 @@ def test_stacks_recorded_before_an_exec_keep_their_frames(compile_c: Compiler) -
     assert trapfree(err) == (1, 1), err
     assert sum(free.values()) == 12000, free
     assert all(path.endswith(";tiny") and "[unknown]" not in path for path in free), free
+
+
+def test_records_lost_while_uprobes_stood_still_are_said(recording: Path,
+                                                         tmp_path: Path) -> None:
+    """uprobes stopped (SIGSTOP) while recording.c calls work() in a loop:
+    the ring fills, its hits wait WAIT_S, then are dropped. At the end the note
+    says how many stacks that lost, with advice for this engine (it named
+    --ring-pages, the kernel engine's perf rings)."""
+    said = tmp_path / "stderr"
+    with open(said, "w") as err_file:  # (the program, left running, keeps a pipe open)
+        proc = subprocess.Popen([*UPROBES, "stacks", "--folded", "-e", "ptrace",
+                                 f"{recording}:work", "--", str(recording), "loop",
+                                 "1000000000"],
+                                stdout=subprocess.DEVNULL, stderr=err_file)
+    program = 0
+    try:
+        wait_until(lambda: recorded(proc.pid) > 0, "the first hits recorded")
+        program = next(int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                       .read_text().split()
+                       if "uprobes-counters" in Path(f"/proc/{c}/maps").read_text())
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: recorded(proc.pid, LOST) > 0, "hits dropped (after WAIT_S)")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, signal.SIGINT)  # as Ctrl-C: the program gets it too
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+        if program:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(program, signal.SIGKILL)
+    err = said.read_text()
+    lost = re.search(r"uprobes: (\d+) records lost \(their stacks are not counted\); (.*)", err)
+    assert lost is not None and int(lost[1]) > 0, err
+    assert lost[2] == "a smaller --stack-bytes loses fewer", err

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if svg is not None:
             svg.close()
     if session.lost:
+        # (--ring-pages sizes the kernel's perf rings; the ptrace engine's are its own)
+        rings = "a bigger --ring-pages or " if session.engine_used == "kernel" else ""
         sys.stderr.write(f"uprobes: {session.lost} records lost (their stacks are not "
-                         "counted); a bigger --ring-pages or a smaller --stack-bytes loses "
-                         "fewer\n")
+                         f"counted); {rings}a smaller --stack-bytes loses fewer\n")
     return status

@@ -760,7 +760,9 @@ class TrapFree:
         how = "an in-process counter" if not self.rings else (
             "in-process code recording each hit into a shared ring" if not self._counters
             else "an in-process counter or recording")
-        text = f"{len(free)} of {len(new)} probes trap-free (a jump to {how}, no stop per hit)"
+        text = f"{len(free)} of {len(new)} probes trap-free"
+        if free:  # (none: no jump says what it would have been)
+            text += f" (a jump to {how}, no stop per hit)"
         if traps:
             shown = "; ".join(f"{n}: {why}" for n, why in traps[:3])
             more = f"; and {len(traps) - 3} more" if len(traps) > 3 else ""
