@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,9 +186,10 @@ def threads_exe(compile_c: Compiler) -> Path:
     return compile_c("threads.c", "-pthread")
 
 
-def _in_pid_namespace(exe: Path) -> list[str]:
+def _in_pid_namespace(exe: Path, *args: str) -> list[str]:
+    """`exe ARGS` (default: NS_CALLS) in a PID namespace of its own."""
     need(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
-    return ["unshare", "--pid", "--fork", str(exe), str(NS_CALLS)]
+    return ["unshare", "--pid", "--fork", str(exe), *(args or [str(NS_CALLS)])]
 
 
 def _uprobes(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -247,3 +249,21 @@ def test_a_pid_namespace_s_stacks_and_counts_by_task(threads_exe: Path, tracefs:
         assert len(rows) == keys, (by, rows)
         assert all(row["key"] > 5 for row in rows), (by, rows)
         assert sum(row["count"] for row in rows) == 4 * NS_CALLS, (by, rows)
+
+
+@pytest.mark.root  # PID namespaces
+def test_a_pid_namespace_s_hits_read_the_tid_without_a_system_call(
+        compile_c: Compiler, tracefs: Path, tmp_path: Path) -> None:
+    """recording.c in `unshare --pid --fork`: glibc keeps the namespace's
+    tid at the thread pointer, and the tracer compares it with that tid, so
+    a recorded hit reads it there, with no gettid (before: it compared the
+    host's tid, never found it, and every hit made a system call). The
+    kernel's syscall events of the traced program are the oracle."""
+    exe = compile_c("recording.c", "-pthread")
+    out = tmp_path / "t.jsonl"
+    _uprobes("trace", "-e", "ptrace", "--json", "--kernel", "syscalls", "-o", str(out),
+             f"{exe}:work a=%di", "--", *_in_pid_namespace(exe, "loop", "2000"))
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    calls = Counter(d["name"] for d in docs if str(d.get("kernel")).startswith("syscall"))
+    assert sum(1 for d in docs if "probe" in d) == 2000
+    assert calls["gettid"] == 0 and sum(calls.values()) < 1000, calls

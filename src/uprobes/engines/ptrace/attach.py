@@ -176,7 +176,7 @@ class Attach(TracerState):
                                    f"probed: {e}")
         self._placed_once = True
         if self._jumps is not None:
-            self._jumps.confirm_tls(mm, mm.mem, regs.fs_base, t.tid)
+            self._jumps.confirm_tls(mm, mm.mem, regs.fs_base, t.ns_tid)
             self._jumps.report(self._note)
             self._release_held(mm)
 
@@ -390,8 +390,8 @@ class Attach(TracerState):
         mm = t.mm
         if any(not o.stopped for o in self.threads.values() if o.mm is mm):
             self._hold_all(mm)  # a library loaded while other threads run
-        threads = [(o.tid, o.stopped) for o in self.threads.values() if o.mm is mm]
-        threads += [(tid, True) for tid in self._pending_new]
+        threads = [(o.tid, o.stopped, o.ns_tid) for o in self.threads.values() if o.mm is mm]
+        threads += [(tid, True, tid) for tid in self._pending_new]  # (its own tid: unknown yet)
 
         def syscall_addr() -> int:
             if mm.syscall_addr is None:

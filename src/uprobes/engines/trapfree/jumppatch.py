@@ -316,7 +316,7 @@ class TrapFree:
 
     def place(self, mm: object, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
               plan: FilePlan, name: str, runtime_addr: int, taken: Iterable[int],
-              threads: list[tuple[int, bool]], area_for: AreaFor,
+              threads: list[tuple[int, bool, int]], area_for: AreaFor,
               syscall_addr: Callable[[], int], held: list[int],
               record: Record | None = None, timed: Timed | None = None,
               by: Keyed | None = None, check: Check | None = None,
@@ -325,7 +325,8 @@ class TrapFree:
         """Patch `plan` in at `runtime_addr` of `mm` (process `pid`; `tid` is
         its stopped thread lending itself to remote calls, `regs` its
         registers). `taken`: addresses of int3s there; `threads`: (tid,
-        stopped) of every thread of the process. `record`: the trampoline
+        stopped, the tid it calls itself: in a PID namespace, another) of
+        every thread of the process. `record`: the trampoline
         records into a ring (recording.py); `timed`: it times a function
         (timing.py); `by`: it counts by key under `name` (keyed.py); else it
         counts under `name`, the hits that pass `check` if given
@@ -348,7 +349,7 @@ class TrapFree:
         except UprobesError:
             raise NotTrapFree("the code is not readable") from None
         tls = space.tls_tid is not False
-        for other, stopped in threads:
+        for other, stopped, own in threads:
             if not stopped:
                 raise NotTrapFree("threads of the process were running")
             try:
@@ -363,7 +364,7 @@ class TrapFree:
                                       "it interrupted is inside the bytes a jump would replace")
             if (record, timed, by, check) != (None, None, None, None) and tls \
                     and space.tls_tid is None:
-                tls = _tid_at_thread_pointer(mem, r.fs_base, other)
+                tls = _tid_at_thread_pointer(mem, r.fs_base, own)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
         if record is not None:
             space.tls_tid = tls
@@ -529,7 +530,7 @@ class TrapFree:
         return out, overflow
 
     def _bounds(self, space: _Space, mem: ProcessMemory, pid: int, tid: int, regs: ptrace.UserRegs,
-                threads: list[tuple[int, bool]], syscall_addr: Callable[[], int],
+                threads: list[tuple[int, bool, int]], syscall_addr: Callable[[], int],
                 held: list[int]) -> stackbounds.StackBounds:
         """The address space's stack table (stackbounds.py), mapped (an
         injected mmap, read-only there) and filled with the stacks of its
@@ -546,7 +547,7 @@ class TrapFree:
             raise NotTrapFree(f"no memory for the table of its threads' stacks (errno {-addr})")
         space.bounds = bounds = stackbounds.StackBounds(addr)
         maps = procfs.maps(pid)
-        for other, _ in threads:
+        for other, _, _ in threads:
             try:
                 sp = (regs if other == tid else ptrace.getregs(other, ptrace.UserRegs())).rsp
             except UprobesError:
@@ -588,8 +589,9 @@ class TrapFree:
                 pass  # the process is gone
 
     def confirm_tls(self, mm: object, mem: ProcessMemory, fs_base: int, tid: int) -> None:
-        """A stopped thread `tid` of `mm` whose thread pointer is `fs_base`: if
-        its tid is at glibc's place there, `mm`'s timing and recording code reads it there
+        """A stopped thread of `mm` that calls itself `tid` (its pid
+        namespace's numbering) whose thread pointer is `fs_base`: if that
+        tid is at glibc's place there, `mm`'s timing and recording code reads it there
         from now on (a command's probes go in at its exec, before the
         dynamic linker sets the thread pointer up)."""
         space = self._spaces.get(mm)
