@@ -366,13 +366,14 @@ def test_a_signal_handler_interrupted_inside_the_bytes_keeps_its_int3(compile_c:
         proc.wait()
 
 
-@pytest.mark.parametrize("how", ["vfork"])
+@pytest.mark.parametrize("how", ["vfork", "fork", "clone"])
 def test_a_childs_recorded_hits_are_its_own(compile_c: Compiler, how: str) -> None:
     """child_hits.c: a child that reads its parent's tid where glibc caches
-    it (a vfork child runs on its parent's thread pointer) calls target()
-    3 times between the parent's 2 and 2. `trace` gives each hit to the
-    process that made it, as the program's own getpid says (before: all 7
-    to the parent)."""
+    it (a vfork child runs on its parent's thread pointer; one made by the
+    fork or clone system call has a copy of it, never updated) calls
+    target() 3 times between the parent's 2 and 2. `trace` gives each hit
+    to the process that made it, as the program's own getpid says (before:
+    all 7 to the parent)."""
     exe = compile_c("child_hits.c")
     run = subprocess.run([*UPROBES, "trace", "-e", "ptrace", "--json", f"{exe}:target", "--",
                           str(exe), how], capture_output=True, text=True, timeout=120)
