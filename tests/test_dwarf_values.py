@@ -36,6 +36,7 @@ PROBES = {
     "dwarf_values::options": {"n": "*n", "none": "*none", "p": "p", "q": "q", "bx": "*bx"},
     "dwarf_values::nested": {"pt": "*pt", "nm": "*name", "os": "*owned", "gone": "*gone"},
     "dwarf_values::records": {"pts": "*pts", "nopts": "*nopts", "rc": "*rc", "arc": "*arc"},
+    "dwarf_values::tuples": {"tups": "*tups", "pairs": "*pairs"},
 }
 """Each function, and its arguments by name and expression (gdb's too)."""
 TEXT = {
@@ -45,6 +46,7 @@ TEXT = {
     "n": "Some(5)", "none": "None", "p": "Some(0x…)", "q": "None", "bx": "Some(0x…)",
     "pt": "Some(Point {x: 5, y: -6})", "nm": 'Some("hi")', "os": 'Some("mine")', "gone": "None",
     "pts": "{Point {x: 1, y: -2},Point {x: 3, y: 4}}", "nopts": "{}",
+    "tups": "{Tup (5, -6)}", "pairs": "{(1, 2)}",
     "rc": 'Rc(strong=2, weak=0) = {value = "shared", strong = 2, weak = 0}',
     "arc": 'Arc(strong=1, weak=1) = {value = "atomic", strong = 1, weak = 1}',
 }
@@ -56,10 +58,12 @@ JSON = {
     "b": {"Rect": {"w": 2, "h": -3}}, "c": "Empty", "n": {"Some": 5}, "none": "None",
     "q": "None", "pt": {"Some": {"x": 5, "y": -6}}, "nm": {"Some": "hi"}, "os": {"Some": "mine"},
     "gone": "None", "pts": [{"x": 1, "y": -2}, {"x": 3, "y": 4}], "nopts": [],
+    "tups": [[5, -6]], "pairs": [[1, 2]],
     "rc": {"value": "shared", "strong": 2, "weak": 0},
     "arc": {"value": "atomic", "strong": 1, "weak": 1},
 }
-OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm", "pts", "nopts", "rc", "arc"}
+OPTIMIZED_OUT = {"owned", "v", "n", "none", "bx", "nm", "pts", "nopts", "rc", "arc", "tups",
+                 "pairs"}
 """What rustc -O's DWARF gives no place for at the functions' entries (gdb agrees)."""
 
 
@@ -146,8 +150,23 @@ def _gdb_normal(text: str) -> str:
     text = re.sub(r"\b(?:\w+::)+(?=\w)", "", text)  # a struct's path inside
     m = re.match(r"^(?:Vec|&\[\w+\])\(size=\d+\)(?: = \{(.*)\})?$", text)
     if m:  # elements as each prints, between them "," (as the kernel's arrays)
-        return "{" + re.sub(r", (?![^{]*\})", ",", m.group(1) or "") + "}"
+        return "{" + _top_level_commas(m.group(1) or "") + "}"
     return _pointers(text)
+
+
+def _top_level_commas(text: str) -> str:
+    """`text` with each `, ` between elements (outside any `{}` or `()`) as `,`."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        c = text[i]
+        depth += (c in "({") - (c in ")}")
+        if text.startswith(", ", i) and depth == 0:
+            out.append(",")
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _rust_printers() -> list[str]:

@@ -275,9 +275,7 @@ def _composed_text(value: Composed, ftype: FetchType) -> str:
                 f"{{value = {quoted}, strong = {strong}, weak = {weak}}}")
     if view.kind == "list" and view.element is not None and view.element.layout:
         records, more = _records(value, view.element)
-        name = view.element.type_name
-        text = [f"{name} {{" + ", ".join(f"{f}: {_field_text(v, t)}" for f, v, t in r) + "}"
-                for r in records]
+        text = [_record_text(r, view.element.type_name) for r in records]
         return "{" + ",".join(text + (["..."] if more else [])) + "}"
     if view.kind == "list":
         items, one, more = _elements(value, ftype)
@@ -295,6 +293,21 @@ def _composed_text(value: Composed, ftype: FetchType) -> str:
     if all(f.startswith("__") for f, _ in shown):  # a tuple variant or struct
         return f"{name.strip()}({', '.join(v for _, v in shown)})"
     return name + "{" + ", ".join(f"{f}: {v}" for f, v in shown) + "}"
+
+
+def _tuple_like(fields: Sequence[tuple[str, object, object]]) -> bool:
+    """Whether fields are a tuple's or a tuple struct's (`__0`, `__1`...)."""
+    return bool(fields) and all(f.startswith("__") for f, _, _ in fields)
+
+
+def _record_text(fields: list[tuple[str, int, FetchType]], name: str) -> str:
+    """One struct of a list, as gdb prints it: `Point {x: 1, y: 2}`, a tuple
+    struct `Tup (5, -6)`, a tuple `(1, 2)`."""
+    values = [_field_text(v, t) for _, v, t in fields]
+    if _tuple_like(fields):
+        inner = "(" + ", ".join(values) + ")"
+        return inner if name.startswith("(") else f"{name} {inner}"
+    return f"{name} {{" + ", ".join(f"{f}: {v}" for (f, _, _), v in zip(fields, values)) + "}"
 
 
 def _field_text(value: Shown, ftype: FetchType) -> str:
@@ -323,7 +336,9 @@ def _composed_json(value: Composed, ftype: FetchType) -> object:
                 got = {"value": got, "strong": counts[0], "weak": counts[1]}
         elif view.element is not None and view.element.layout:
             records, more = _records(value, view.element)
-            got = [{f: view_json(v, t) if t.view is not None else v for f, v, t in r}
+            got = [[view_json(v, t) if t.view is not None else v for _, v, t in r]
+                   if _tuple_like(r) else
+                   {f: view_json(v, t) if t.view is not None else v for f, v, t in r}
                    for r in records]
         else:
             items, one, more = _elements(value, ftype)
