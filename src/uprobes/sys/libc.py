@@ -24,9 +24,12 @@ T = TypeVar("T")
 # System call numbers per architecture (`platform.machine()`), from each
 # arch's unistd table. Only the calls the kernel interfaces need.
 SYSCALL_NUMBERS: Mapping[str, Mapping[str, int]] = {
-    "x86_64": {"perf_event_open": 298, "pidfd_open": 434, "gettid": 186, "futex": 202},
-    "aarch64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98},
-    "riscv64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98},
+    "x86_64": {"perf_event_open": 298, "pidfd_open": 434, "gettid": 186, "futex": 202,
+               "bpf": 321},
+    "aarch64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98,
+                "bpf": 280},
+    "riscv64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98,
+                "bpf": 280},
 }
 
 # ctypes declarations as a table: name -> (restype, argtypes). `syscall` is
