@@ -33,6 +33,8 @@ PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 
 # Helpers by number (the kernel's FUNC_MAPPER order).
 HELPER_MAP_LOOKUP_ELEM = 1
+HELPER_MAP_UPDATE_ELEM = 2
+HELPER_MAP_DELETE_ELEM = 3
 HELPER_GET_CURRENT_PID_TGID = 14
 
 _ATTR_BYTES = 144  # up to attach_btf_id and beyond; the kernel wants the rest zero
@@ -72,6 +74,18 @@ def atomic_add_u64(base: int, off: int, src: int) -> bytes:
 
 def jump_if_zero(reg: int, skip: int) -> bytes:
     return insn(0x15, reg, off=skip)                 # BPF_JMP | BPF_JEQ | BPF_K, imm 0
+
+
+def jump_if_not_zero(reg: int, skip: int) -> bytes:
+    return insn(0x55, reg, off=skip)                 # BPF_JMP | BPF_JNE | BPF_K, imm 0
+
+
+def load_imm64(dst: int, value: int) -> bytes:
+    """dst = a 64-bit constant: two slots."""
+    value &= (1 << 64) - 1
+    low, high = value & 0xFFFFFFFF, value >> 32
+    return insn(0x18, dst, imm=low - (1 << 32) if low >> 31 else low) + \
+        insn(0, imm=high - (1 << 32) if high >> 31 else high)
 
 
 def call(helper: int) -> bytes:

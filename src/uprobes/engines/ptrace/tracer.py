@@ -329,6 +329,8 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
     def __enter__(self) -> PtraceTracer:
         try:
             self._signals = self._stack.enter_context(StopSignals())
+            if self._jumps is not None:
+                self._stack.callback(self._jumps.close)  # the BPF rename word, last
             self._stack.callback(self._report_corrupt)  # after the detach's last reads
             self._stack.callback(self._detach_all)
             if self.child is not None:

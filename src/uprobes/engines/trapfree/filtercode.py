@@ -43,6 +43,7 @@ from uprobes.engines.trapfree.timing import (
     _leave,
     _locked_inc,
     _mem,
+    _tid,
     comm_into,
 )
 from uprobes.lang.condition import Compare, Logic, Node, Not
@@ -58,11 +59,36 @@ _JUMPS = {  # op -> (signed jcc, unsigned jcc) taken when the comparison holds
 
 
 @dataclass(frozen=True)
+class CommCache:
+    """Where a name test keeps its verdicts (renames.py): the address of
+    the rename word in the process, and per `comm` comparison of the check
+    (in `comm_tests` order) a table of COMM_SLOTS verdicts, 8 bytes each."""
+
+    word: int
+    tables: tuple[int, ...]
+
+
+COMM_SLOTS = 64  # a power of two: threads whose tids share a slot ask the kernel more often
+COMM_TABLE_BYTES = 8 * COMM_SLOTS
+
+
+@dataclass(frozen=True)
 class Check:
-    """A filter the code can test: its tree, and where each field it names is."""
+    """A filter the code can test: its tree, where each field it names is,
+    and (once placed, if the kernel moves a rename word) its name cache."""
 
     root: Node
     sources: tuple[tuple[str, Source], ...]
+    cache: CommCache | None = None
+
+
+def comm_tests(node: Node) -> list[Compare]:
+    """The `comm` comparisons of `node`, in the order CommCache.tables follows."""
+    if isinstance(node, Compare):
+        return [node] if node.field == "comm" else []
+    if isinstance(node, Not):
+        return comm_tests(node.operand)
+    return [c for n in node.operands for c in comm_tests(n)]
 
 
 def compile_check(root: Node, source: Callable[[str], Source | str]) -> Check | str:
@@ -117,8 +143,9 @@ def guard(check: Check, block: int, flag: int, unnamed: int,
     return emit
 
 
-_NAME = 16  # the frame's name: 16 bytes, then whether they were read
-_NAME_BYTES = COMM_BYTES + 8
+_NAME = 16  # the frame's name: 16 bytes, then whether they were read,
+_WORD = 24  # then the rename word as the hit found it (CommCache)
+_NAME_BYTES = COMM_BYTES + 16
 
 
 def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: int,
@@ -136,8 +163,16 @@ def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: i
     held, dropped, lost = a.fresh("named"), a.fresh("unnamed_no"), a.fresh("unnamed")
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -_NAME_BYTES)),
       i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSP, _NAME), 0))
+    tables: dict[int, int] = {}
+    if check.cache is not None:
+        # The word before any name is read: a rename that ends after the
+        # read moves it after its copy, so a verdict kept under it is redone.
+        a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, check.cache.word),
+          i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RAX)),
+          i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RSP, _WORD), R.RAX))
+        tables = {id(n): t for n, t in zip(comm_tests(check.root), check.cache.tables)}
     _emit(a, check.root, held, dropped, sources, frame + _NAME_BYTES, block, labels, flag,
-          lost)
+          lost, tables)
     a.label(lost)
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, _NAME_BYTES)), _locked_inc(unnamed))
     a.jump(Code.JMP_REL32_64, no)
@@ -150,30 +185,36 @@ def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: i
 
 
 def _emit(a: _Asm, node: Node, yes: str, no: str, sources: dict[str, Source], frame: int,
-          block: int, labels: Any, flag: int, lost: str = "") -> None:
+          block: int, labels: Any, flag: int, lost: str = "",
+          tables: dict[int, int] | None = None) -> None:
     """Branch to `yes` when `node` holds, else to `no` (to `lost` when a
-    name test cannot read the name: `_emit_check`'s frame)."""
+    name test cannot read the name: `_emit_check`'s frame; `tables`: the
+    verdict table of each name test, by id, if kept)."""
     i = Instruction
     if isinstance(node, Not):
-        _emit(a, node.operand, no, yes, sources, frame, block, labels, flag, lost)
+        _emit(a, node.operand, no, yes, sources, frame, block, labels, flag, lost, tables)
         return
     if isinstance(node, Logic):
         operands = sorted(node.operands, key=_names_comm)  # the system calls last
         for n, operand in enumerate(operands):
             if n == len(operands) - 1:
-                _emit(a, operand, yes, no, sources, frame, block, labels, flag, lost)
+                _emit(a, operand, yes, no, sources, frame, block, labels, flag, lost, tables)
                 continue
             nxt = f"l{next(labels)}"
             if node.op == "&&":
-                _emit(a, operand, nxt, no, sources, frame, block, labels, flag, lost)
+                _emit(a, operand, nxt, no, sources, frame, block, labels, flag, lost, tables)
             else:
-                _emit(a, operand, yes, nxt, sources, frame, block, labels, flag, lost)
+                _emit(a, operand, yes, nxt, sources, frame, block, labels, flag, lost, tables)
             a.label(nxt)
         return
     assert isinstance(node, Compare)
     if node.field == "comm":
         assert isinstance(node.value, str)
-        _comm_equals(a, node.value, lost)
+        table = (tables or {}).get(id(node))
+        if table is None:
+            _comm_equals(a, node.value, lost)
+        else:
+            _kept_comm_equals(a, node.value, lost, table, block, flag)
         a.jump(Code.JE_REL32_64 if node.op == "==" else Code.JNE_REL32_64, yes)
         a.jump(Code.JMP_REL32_64, no)
         return
@@ -226,27 +267,78 @@ def _names_comm(node: Node) -> bool:
     return any(_names_comm(n) for n in node.operands)
 
 
-def _comm_equals(a: _Asm, name: str, lost: str) -> None:
+def _comm_equals(a: _Asm, name: str, lost: str, extra: int = 0) -> None:
     """ZF = the thread's name is `name`: the name in `_emit_check`'s frame
-    (at rsp), asked of the kernel the first time (to `lost` if the call
-    fails), compared 8 bytes at a time. Clobbers rax, rcx, rdi, rsi (every
-    fetcharg is read from where _enter saved it); r11 kept."""
+    (at rsp + `extra`), asked of the kernel the first time (to `lost` if
+    the call fails), compared 8 bytes at a time. Clobbers rax, rcx, rdi,
+    rsi (every fetcharg is read from where _enter saved it); r11 kept."""
     i = Instruction
     want = os.fsencode(name).ljust(COMM_BYTES, b"\0")
     held, differ = a.fresh("comm_held"), a.fresh("comm_differs")
-    a(i.create_mem_i32(Code.CMP_RM64_IMM32, _mem(R.RSP, _NAME), 0))
+    a(i.create_mem_i32(Code.CMP_RM64_IMM32, _mem(R.RSP, extra + _NAME), 0))
     a.jump(Code.JNE_REL32_64, held)
     a(i.create_reg(Code.PUSH_R64, R.R11))
-    comm_into(a, R.RSP, 8)
+    comm_into(a, R.RSP, extra + 8)
     a(i.create_reg(Code.POP_R64, R.R11),
       i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
     a.jump(Code.JNE_REL32_64, lost)  # no name (a seccomp filter failed the call)
-    a(i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSP, _NAME), 1))
+    a(i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSP, extra + _NAME), 1))
     a.label(held)
     for half in (0, 8):
         a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX,
                            int.from_bytes(want[half:half + 8], "little")),
-          i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RSP, half)))
+          i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RSP, extra + half)))
         if half == 0:
             a.jump(Code.JNE_REL32_64, differ)
     a.label(differ)
+
+
+def _kept_comm_equals(a: _Asm, name: str, lost: str, table: int, block: int,
+                      flag: int) -> None:
+    """`_comm_equals` through the thread's kept verdict: a slot of `table`
+    (by tid) holds tid << 32 | generation (31 bits) << 1 | verdict; it
+    answers while no rename is pending and the generation is the one in
+    the frame's word (read before any name, `_emit_check`). Else the name
+    is asked and compared, and the verdict kept under that generation.
+    While a rename is pending, nothing is kept. Same clobbers."""
+    i = Instruction
+    asked, miss, done, dropped = (a.fresh(n) for n in ("comm_asked", "comm_miss",
+                                                       "comm_kept", "comm_lost"))
+    a(i.create_mem_i32(Code.CMP_RM32_IMM32, _mem(R.RSP, _WORD), 0))
+    a.jump(Code.JNE_REL32_64, asked)  # a rename under way: ask, keep nothing
+    _tid(a, block, flag)  # esi (clobbers rax, rcx)
+    a(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, _WORD)),
+      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 32),
+      i.create_reg_i32(Code.AND_RM32_IMM32, R.EAX, 0x7FFFFFFF),
+      i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.ESI),
+      i.create_reg_i32(Code.AND_RM32_IMM32, R.EDI, COMM_SLOTS - 1),
+      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RSI, 31),
+      i.create_reg_reg(Code.OR_R64_RM64, R.RSI, R.RAX),  # the key: tid, generation
+      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RDI, 3),
+      i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, table),
+      i.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RAX),  # the slot's address
+      i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDI)),
+      i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX),
+      i.create_reg_i32(Code.SHR_RM64_IMM8, R.RCX, 1),
+      i.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.RSI))
+    a.jump(Code.JNE_REL32_64, miss)
+    a(i.create_reg_i32(Code.AND_RM32_IMM32, R.EAX, 1),
+      i.create_reg_i32(Code.CMP_RM32_IMM8, R.EAX, 1))  # ZF = the kept verdict
+    a.jump(Code.JMP_REL32_64, done)
+    a.label(miss)
+    a(i.create_reg(Code.PUSH_R64, R.RSI), i.create_reg(Code.PUSH_R64, R.RDI))
+    _comm_equals(a, name, dropped, 16)
+    a(i.create_reg(Code.POP_R64, R.RDI), i.create_reg(Code.POP_R64, R.RSI),
+      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, 0),  # (the flags kept)
+      i.create_reg(Code.SETE_RM8, R.AL),
+      i.create_reg_i32(Code.SHL_RM64_IMM8, R.RSI, 1),
+      i.create_reg_reg(Code.OR_R64_RM64, R.RSI, R.RAX),
+      i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI), R.RSI),
+      i.create_reg_i32(Code.CMP_RM32_IMM8, R.EAX, 1))
+    a.jump(Code.JMP_REL32_64, done)
+    a.label(dropped)
+    a(i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 16)))
+    a.jump(Code.JMP_REL32_64, lost)
+    a.label(asked)
+    _comm_equals(a, name, lost)
+    a.label(done)

@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from uprobes.analysis.keyed import Aggregate
@@ -59,7 +59,7 @@ from uprobes.engines.trapfree import (
     trampoline,
 )
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
-from uprobes.engines.trapfree.filtercode import Check
+from uprobes.engines.trapfree.filtercode import Check, CommCache, comm_tests
 from uprobes.engines.trapfree.keyed import KeyedBlock, Source
 from uprobes.engines.trapfree.layout import (
     COUNTER_BLOCK_BYTES,
@@ -78,6 +78,7 @@ from uprobes.engines.trapfree.layout import (
     RingShape,
 )
 from uprobes.engines.trapfree.recording import Recipe, Waits
+from uprobes.engines.trapfree.renames import SCRATCH_BYTES, RenameWatch
 from uprobes.engines.trapfree.ring import Ring
 from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
 from uprobes.engines.trapfree.timing import TimingBlock
@@ -116,6 +117,16 @@ class CounterBlock:
         self.used += 1
         self._seen.append((0, time.monotonic()))  # a new memfd's bytes are 0
         return self.used - 1
+
+    def alloc_run(self, n: int) -> int | None:
+        """The first of `n` fresh counters in a row (memory for a name test's
+        verdicts, filtercode.CommCache), None when they do not fit."""
+        if (self.used + n) * COUNTER_STRIDE > len(self.view):
+            return None
+        first = self.used
+        for _ in range(n):
+            self.alloc()
+        return first
 
     def addr(self, index: int) -> int:
         return self.runtime_addr + index * COUNTER_STRIDE
@@ -251,6 +262,7 @@ class _Space:
     tls_never: bool = False  # a fork family with a child whose thread block holds
     # another's tid (a raw fork): the tid is asked of the kernel for good (withdraw_tls)
     bounds: stackbounds.StackBounds | None = None  # the threads' stacks (stack copies)
+    rename_word: int | None = None  # where the rename word is mapped (renames.py)
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,16 @@ class Keyed:
 AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> area
 
 
+def _with_cache(check: Check | None, timed: Timed | None, by: Keyed | None,
+                cache: CommCache | None) -> tuple[Check | None, Timed | None, Keyed | None]:
+    """The placement's checks, each keeping its name tests' verdicts in `cache`."""
+    def kept(c: Check | None) -> Check | None:
+        return c if c is None or not comm_tests(c.root) else replace(c, cache=cache)
+    return (kept(check) if check is not None else None,
+            replace(timed, check=kept(timed.check)) if timed is not None else None,
+            replace(by, check=kept(by.check)) if by is not None else None)
+
+
 class TrapFree:
     """The tracer's trap-free probes: placement per address space, counts over all,
     the rings of recording probes."""
@@ -302,6 +324,8 @@ class TrapFree:
         self._reported: set[str] = set()
         self._notes: list[str] = []  # said at the next `report`
         self._folding = threading.Lock()  # a fold against a peek in another thread
+        self._renames: RenameWatch | str | None = None  # None: not needed yet; str: why not
+        self._renames_told = False
 
     def decide(self, name: str, why_not: str | None) -> None:
         """One place of probe `name` is trap-free (None) or not (why): a
@@ -366,6 +390,9 @@ class TrapFree:
                     and space.tls_tid is None:
                 tls = _tid_at_thread_pointer(mem, r.fs_base, own)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
+        kept = self._keeps_verdicts(check, timed, by)
+        if kept:  # sized with a cache; the real one once the area is known
+            check, timed, by = _with_cache(check, timed, by, CommCache(0, (0,) * kept))
         if record is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, recording.prologue_size(record.recipe, tls))
@@ -388,6 +415,9 @@ class TrapFree:
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
+        if kept:
+            check, timed, by = _with_cache(check, timed, by, self._comm_cache(
+                space, area, kept, tid, regs, pid, syscall_addr, held, mem))
         prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
         counters: list[tuple[str, CounterBlock, int]] = []
         ret_prologue: Callable[[int], bytes] | None = None
@@ -484,6 +514,53 @@ class TrapFree:
             self._counters.setdefault(counted, []).append((block, index))
         if table is not None:
             self._keyed.setdefault(name, []).append(table)
+
+    def _keeps_verdicts(self, *parts: Check | Timed | Keyed | None) -> int:
+        """How many name tests the placed code asks for (0 if none, or if
+        the kernel will not move a rename word: then each hit asks)."""
+        tests = 0
+        for part in parts:
+            c = part if isinstance(part, Check) or part is None else part.check
+            tests = max(tests, 0 if c is None else len(comm_tests(c.root)))
+        if tests and self._renames is None:
+            self._renames = RenameWatch.open()
+        return tests if isinstance(self._renames, RenameWatch) else 0
+
+    def _comm_cache(self, space: _Space, area: XolArea, tests: int, tid: int,
+                    regs: ptrace.UserRegs, pid: int, syscall_addr: Callable[[], int],
+                    held: list[int], mem: ProcessMemory) -> CommCache | None:
+        """The rename word mapped in the process (once per address space)
+        and a verdict table per name test; None (each hit asks the kernel)
+        if the word cannot be handed over."""
+        assert isinstance(self._renames, RenameWatch)
+        per = filtercode.COMM_TABLE_BYTES // COUNTER_STRIDE
+        need = tests * per + (SCRATCH_BYTES + COUNTER_STRIDE - 1) // COUNTER_STRIDE
+        block = next((b for b in space.blocks if area.reaches(b.runtime_addr)
+                      and (b.used + need) * COUNTER_STRIDE <= len(b.view)), None)
+        if block is None:
+            block = map_counters(tid, regs, pid, syscall_addr(),
+                                 self._name(space, area, mem), area.start, held)
+            space.blocks.append(block)
+        first = block.alloc_run(need)
+        assert first is not None
+        if space.rename_word is None:
+            scratch = block.addr(first + tests * per)
+            try:
+                space.rename_word = self._renames.hand_over(
+                    tid, regs, pid, syscall_addr(), scratch, mem.write, mem.read, held)
+            except (EngineError, OSError) as e:
+                self._renames = f"the rename word could not be mapped in process {pid}: {e}"
+                return None
+            finally:
+                mem.write(scratch, bytes(SCRATCH_BYTES))
+        return CommCache(space.rename_word,
+                         tuple(block.addr(first + n * per) for n in range(tests)))
+
+    def close(self) -> None:
+        """Stop the kernel's rename word (after the detach: no code reads it)."""
+        if isinstance(self._renames, RenameWatch):
+            self._renames.close()
+            self._renames = "closed"
 
     def _timing_near(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs,
                      pid: int, syscall_addr: Callable[[], int], held: list[int],
@@ -688,7 +765,8 @@ class TrapFree:
                                          list(space.rings), list(space.timing),
                                          list(space.keyed), space.name_addr, space.tls_tid,
                                          space.tls_never,
-                                         None if space.bounds is None else space.bounds.copy())
+                                         None if space.bounds is None else space.bounds.copy(),
+                                         space.rename_word)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""
@@ -753,6 +831,10 @@ class TrapFree:
         for text in self._notes:
             note(text)
         self._notes.clear()
+        if isinstance(self._renames, str) and not self._renames_told:
+            self._renames_told = True
+            note("--comm asks the kernel for the thread's name at each hit (a system call, "
+                 f"~1 us): no kernel-kept rename word: {self._renames}")
         new = {n: why for n, why in self.decisions.items() if n not in self._reported}
         if not new:
             return
