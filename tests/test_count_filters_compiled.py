@@ -10,10 +10,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from conftest import Compiler
+
+from uprobes.sys.perf import online_cpus, open_counting
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 COUNTER_NOTE = "1 of 1 probes trap-free (a jump to an in-process counter, no stop per hit)"
@@ -103,6 +106,39 @@ def test_comm_is_asked_at_each_hit(timed: Path, name: str) -> None:
     want = _evens() if name == "even" else 3000 - _evens()
     assert got == want
     assert _kernel_count(timed, "--comm", name, mode=RENAMES) == want
+
+
+def test_a_fork_child_renaming_itself_is_counted_by_its_names(timed: Path) -> None:
+    """The parent's calls under its own name, then a fork child's, renaming
+    itself every 70 calls (prctl and /proc in turn): the child inherits the
+    rename word's mapping and the kept verdicts' tables, and each hit is
+    counted by the name it has then."""
+    evens = _evens()
+    for name, want in (("even", evens), ("odd", 3000 - evens), (timed.name, 3000)):
+        got, stderr = _count(timed, "tiny", "--comm", name, mode=("forkrenames", "3000", "70"))
+        assert COUNTER_NOTE in stderr and "--comm asks the kernel" not in stderr, stderr
+        assert got == want, name
+
+
+def test_a_kept_verdict_is_not_asked_again_at_each_hit(timed: Path, tmp_path: Path) -> None:
+    """With the kernel's rename word, a thread asks its name once and then
+    only when the word moves (a rename or a new thread anywhere on the
+    machine): counted by the kernel at each prctl entry of the program (a
+    copy named uniquely, for the tracepoint's comm filter). Before, each of
+    the 100,000 rejected hits made one."""
+    exe = tmp_path / f"kept{os.getpid() % 100000}"
+    shutil.copy(timed, exe)
+    event_id = int(Path("/sys/kernel/tracing/events/syscalls/sys_enter_prctl/id").read_text())
+    with ExitStack() as stack:
+        events = [stack.enter_context(open_counting(event_id, cpu=cpu)) for cpu in online_cpus()]
+        for event in events:
+            event.set_filter(f'comm == "{exe.name}"')
+            event.enable()
+        got, stderr = _count(exe, "tiny", "--comm", "nobody", mode=("tiny", "100000"))
+        asked = sum(event.read_count() for event in events)
+    assert COUNTER_NOTE in stderr and "--comm asks the kernel" not in stderr, stderr
+    assert got == 0
+    assert asked < 1000, asked
 
 
 def test_comm_with_other_tests(timed: Path) -> None:

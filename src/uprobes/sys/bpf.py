@@ -39,6 +39,7 @@ HELPER_GET_CURRENT_PID_TGID = 14
 
 _ATTR_BYTES = 144  # up to attach_btf_id and beyond; the kernel wants the rest zero
 _LOG_BYTES = 1 << 16
+_TRIES = 20  # loads a signal interrupts (EAGAIN) before giving up
 _HINTS = {errno.EPERM: "loading BPF programs needs root (CAP_BPF and CAP_PERFMON)",
           errno.EACCES: "the verifier refused the program"}
 
@@ -177,17 +178,30 @@ class Program:
         license_ = ctypes.create_string_buffer(b"GPL")
         log = ctypes.create_string_buffer(_LOG_BYTES)
         attr = bytearray(_ATTR_BYTES)
-        struct.pack_into("<IIQQIIQ", attr, 0, kind, len(joined) // 8, ctypes.addressof(text),
-                         ctypes.addressof(license_), 1, _LOG_BYTES, ctypes.addressof(log))
+        struct.pack_into("<IIQQ", attr, 0, kind, len(joined) // 8, ctypes.addressof(text),
+                         ctypes.addressof(license_))
         struct.pack_into("16s", attr, 48, name.encode()[:15])
-        try:
-            self.fd = _bpf(BPF_PROG_LOAD, attr, f"loading BPF program {name}")
-        except KernelError as e:
-            said = [line for line in log.value.decode(errors="replace").splitlines()
-                    if line and not line.startswith("processed ")]
-            if said:
-                raise KernelError(f"{e}: the verifier says: {said[-1]}", e.errno) from None
-            raise
+        what = f"loading BPF program {name}"
+        for _ in range(_TRIES):
+            try:
+                self.fd = _bpf(BPF_PROG_LOAD, attr, what)
+                break
+            except KernelError as e:
+                # EAGAIN: a signal came during the verifier's run (our interval
+                # timers): it gave up, and runs again. Any other refusal runs
+                # again with the verifier's log on, for its complaint.
+                if e.errno == errno.EAGAIN:
+                    continue
+                if struct.unpack_from("<I", attr, 24)[0]:
+                    said = [line for line in log.value.decode(errors="replace").splitlines()
+                            if line and not line.startswith("processed ")]
+                    if said:
+                        raise KernelError(f"{e}: the verifier says: {said[-1]}",
+                                          e.errno) from None
+                    raise
+                struct.pack_into("<IIQ", attr, 24, 1, _LOG_BYTES, ctypes.addressof(log))
+        else:
+            raise KernelError(f"{what}: interrupted {_TRIES} times", errno.EAGAIN)
         self.name = name
 
     def attach_to_tracepoint(self, event_id: int) -> perf.PerfEvent:

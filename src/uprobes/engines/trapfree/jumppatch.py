@@ -390,9 +390,9 @@ class TrapFree:
                     and space.tls_tid is None:
                 tls = _tid_at_thread_pointer(mem, r.fs_base, own)
         displaced = [Displaced(runtime_addr + off, raw) for off, raw in plan.displaced]
-        kept = self._keeps_verdicts(check, timed, by)
-        if kept:  # sized with a cache; the real one once the area is known
-            check, timed, by = _with_cache(check, timed, by, CommCache(0, (0,) * kept))
+        named = self._keeps_verdicts(check, timed, by)
+        if named:  # sized with a cache; the real one once the area is known
+            check, timed, by = _with_cache(check, timed, by, CommCache(0, (0,) * named))
         if record is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, recording.prologue_size(record.recipe, tls))
@@ -415,9 +415,9 @@ class TrapFree:
         else:
             size = trampoline.max_size(displaced)
         area = area_for(runtime_addr, size)
-        if kept:
+        if named:
             check, timed, by = _with_cache(check, timed, by, self._comm_cache(
-                space, area, kept, tid, regs, pid, syscall_addr, held, mem))
+                space, area, named, tid, regs, pid, syscall_addr, held, mem))
         prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
         counters: list[tuple[str, CounterBlock, int]] = []
         ret_prologue: Callable[[int], bytes] | None = None
