@@ -10,15 +10,15 @@ only a hit that passes does the `lock inc` of its counter. A hit that fails
 costs the compare and nothing else. What cannot be compiled (`pid`,
 strings, memory behind a pointer) keeps the recording path.
 
-`comm == "NAME"` (and `--comm`) asks the kernel for the thread's name at
-the hit (`prctl(PR_GET_NAME)`, 16 bytes padded with NULs) and compares
-the 16 bytes with the name's: a copy kept in the program could not be
-trusted, since any thread of the process may rename any other at any
-time, by `prctl(PR_SET_NAME)` or by a `write` to /proc/PID/task/TID/comm
-(glibc's pthread_setname_np for another thread), and no code of ours
-runs at such a write. A system call is dearer than a compare, so the
-operands of `&&` and `||` are tested cheapest first: a hit the other
-tests already decide makes none.
+`comm == "NAME"` (and `--comm`) asks the kernel for the thread's name
+(`prctl(PR_GET_NAME)`, 16 bytes padded with NULs) and compares the 16
+bytes with the name's. Any thread of the process may rename any other at
+any time (`prctl(PR_SET_NAME)`, a `write` to /proc/PID/task/TID/comm), and
+no code of ours runs then: a verdict is kept per thread (CommCache) only
+while a word the kernel moves at each rename stays put (renames.py,
+docs/filters.md); without it, each hit asks. A system call is dearer than
+a compare, so the operands of `&&` and `||` are tested cheapest first: a
+hit the other tests already decide makes none.
 """
 
 from __future__ import annotations
