@@ -158,3 +158,17 @@ def test_throw_and_close_resume_a_generator(python: str, tmp_path: Path) -> None
                                  ("%yield", '"NoneType"'), ("%resume", ""),
                                  ("%return", '"(raised GeneratorExit)"')] * 2
     assert shown["kernel"] == shown["ptrace"]
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_an_async_generators_yield_shows_the_value(python: str, tmp_path: Path) -> None:
+    """An async generator's `yield` gives up its value wrapped (what its
+    asend() unwraps): `%yield` shows the wrapped value's type (the wrapper
+    told by its type's address), as the fixture saw it, on both engines."""
+    shown = {}
+    for engine in ("kernel", "ptrace"):
+        out, lines = _trace(engine, python, tmp_path, "py:__main__.agen%yield")
+        own = [line.split()[2] for line in lines if line.startswith("YIELDED agen ")]
+        shown[engine] = re.findall(r": __main__\.agen%yield: .* type=\"(\w+)\"$", out, re.M)
+        assert own and shown[engine] == own
+    assert shown["kernel"] == shown["ptrace"]

@@ -52,6 +52,13 @@ TYPES_ANCHOR = "__py_tanchor"
 BUILTIN_TYPES = {"__py_tint": "PyLong_Type", "__py_tbool": "PyBool_Type",
                  "__py_tstr": "PyUnicode_Type", "__py_tnone": "_PyNone_Type"}
 """The fields holding each builtin type's link address, and its symbol."""
+WRAPPER_TYPE = ("__py_twrap", "_PyAsyncGenWrappedValue_Type")
+"""What an async generator's `yield` gives up (the value wrapped, which its
+`asend()` unwraps): the field holding its type's link address, and its symbol."""
+YIELD_TPTR = "__py_ytype"
+WRAPPED_FIELD = "__py_wrapped"
+"""At a yield, the address of the value's type, and (if that is the
+wrapper) the name of the wrapped value's type."""
 
 
 def slot_fields(i: int) -> dict[str, str]:
@@ -60,7 +67,8 @@ def slot_fields(i: int) -> dict[str, str]:
                                                  "type", "name", "nlen")}
 
 
-RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS, RAISED_FIELD, TYPES_ANCHOR, *BUILTIN_TYPES}
+RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS, RAISED_FIELD, TYPES_ANCHOR, *BUILTIN_TYPES,
+                        WRAPPER_TYPE[0], YIELD_TPTR, WRAPPED_FIELD}
                        | {f for i in range(SLOTS) for f in slot_fields(i).values()})
 
 
@@ -72,7 +80,18 @@ def has_args(names: list[str]) -> bool:
 def is_shown_otherwise(names: list[str]) -> bool:
     """Whether these fields are a `py:` probe's raw ones (its arguments, or
     a return's mark of an exception), shown as text instead."""
-    return ARGCOUNT in names or RAISED_FIELD in names
+    return ARGCOUNT in names or RAISED_FIELD in names or YIELD_TPTR in names
+
+
+def yielded_type(values: Mapping[str, ArgValue]) -> str | None:
+    """An async generator's yield: the name of the type of the value its
+    wrapper holds (the wrapper told by its type's address), else None."""
+    anchor, tint = _int(values.get(TYPES_ANCHOR)), _int(values.get("__py_tint"))
+    wrapper = _int(values.get(WRAPPER_TYPE[0]))
+    if not (anchor and tint and wrapper) \
+            or _int(values.get(YIELD_TPTR)) != wrapper + anchor - tint:
+        return None
+    return _text(values.get(WRAPPED_FIELD))
 
 
 def raised_text(exc_type: ArgValue) -> str:

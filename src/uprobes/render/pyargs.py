@@ -16,10 +16,12 @@ from uprobes.model.pyargs import (
     RAISED_FIELD,
     RAW_FIELDS,
     TYPE_FIELD,
+    YIELD_TPTR,
     args_text,
     has_args,
     is_shown_otherwise,
     raised_text,
+    yielded_type,
 )
 
 _TEXT = FetchType("string", view=ValueView("text"))
@@ -32,11 +34,16 @@ def _converter(info: ProbeInfo) -> tuple[ProbeInfo, Convert]:
     with_args = has_args(names)
     raised = names.index(RAISED_FIELD) if RAISED_FIELD in names else None
     typed = names.index(TYPE_FIELD) if TYPE_FIELD in names else None
+    wrapped = YIELD_TPTR in names
 
     def convert(values: tuple[ArgValue, ...]) -> tuple[ArgValue, ...]:
         shown = [values[i] for i in keep]
         if raised is not None and typed is not None and values[raised]:
             shown[keep.index(typed)] = raised_text(values[typed])
+        if wrapped and typed is not None:
+            inner = yielded_type(dict(zip(names, values)))
+            if inner is not None:
+                shown[keep.index(typed)] = inner
         if with_args:
             shown.append(args_text(dict(zip(names, values))))
         return tuple(shown)

@@ -68,6 +68,9 @@ from uprobes.model.pyargs import (
     TEXT_BYTES,
     TYPE_BYTES,
     TYPES_ANCHOR,
+    WRAPPED_FIELD,
+    WRAPPER_TYPE,
+    YIELD_TPTR,
     slot_fields,
 )
 from uprobes.model.pyguard import Alternative, Match, PyGuard, TextTest
@@ -414,16 +417,37 @@ def _builtin_types(interp: Interpreter) -> list[str]:
     there), and each type's link address, all in one file. An argument's
     kind is decided by its type's address, never by its name (a class of
     the program may be named `int`). None of them where a symbol is missing."""
+    return _types_at(interp, BUILTIN_TYPES)
+
+
+def _types_at(interp: Interpreter, types: dict[str, str]) -> list[str]:
+    """The fetches of PyLong_Type's address in the process (`TYPES_ANCHOR`)
+    and of `types`' link addresses (field: symbol), or none if a symbol is
+    missing."""
     symbols = SymbolTable.load(interp.image)
-    found = {name: symbols.lookup(name) for name in BUILTIN_TYPES.values()}
+    found = {name: symbols.lookup(name) for name in ("PyBool_Type", *types.values())}
     if not all(found.values()):
         return []
     at = interp.loop.handlers[interp.loop.entries[0]]
     delta = at - interp.image.link_to_file_offset(at)
     base = found["PyBool_Type"][0].link_addr + interp.layout.type_base - delta
     return [f"{TYPES_ANCHOR}=@+0x{base:x}:x64"] + [
-        f"{field}=\\0x{found[symbol][0].link_addr:x}:x64"
-        for field, symbol in BUILTIN_TYPES.items()]
+        f"{field}=\\0x{found[symbol][0].link_addr:x}:x64" for field, symbol in types.items()]
+
+
+def _yield_fetches(interp: Interpreter) -> list[str]:
+    """What a yield fetches to see through an async generator's wrapper of
+    the value (model/pyargs.py `yielded_type`): the value's type, and the
+    type's name of what follows its header (the wrapped value, in a
+    wrapper), as fixed-size words (in another object it is any word)."""
+    top = f"-8(%{interp.loop.stack})"
+    types = _types_at(interp, {"__py_tint": "PyLong_Type", WRAPPER_TYPE[0]: WRAPPER_TYPE[1]})
+    if not types:
+        return []
+    held = f"+{_OB_TYPE + 8}({top})"  # (PyObject_HEAD, then the value)
+    return types + [f"{YIELD_TPTR}=+{_OB_TYPE}({top}):x64",
+                    f"{WRAPPED_FIELD}=+0(+{_TYPE_NAME}(+{_OB_TYPE}({held}))):"
+                    f"u64[{TYPE_BYTES // 8}]"]
 
 
 def _quoted(text: str) -> str:
@@ -463,7 +487,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     thrown: UnwindExit | None = None
     if t.at == "yield":
         yields = tuple(h for h in YIELD_HANDLERS if h in loop.handlers)
-        fetch, handlers, guard = common + [top_type], yields, names
+        fetch, handlers, guard = common + [top_type, *_yield_fetches(interp)], yields, names
     elif t.at == "resume":
         fetch = common + [f"line=+{lay.code_firstlineno}({code}):s32", oparg]
         handlers, guard = loop.entries, f"{PY_OPARG_ARG} != 0 && ({names})"
