@@ -488,3 +488,25 @@ def test_count_auto_notes_why_it_takes_ptrace(compile_c: Compiler, tracefs: Path
     said = err.getvalue() + capsys.readouterr().err
     assert "an SSE register (a float), which the kernel's fetchargs cannot: -e auto takes " \
            "the ptrace engine" in said, said
+
+
+@pytest.mark.root
+def test_chrome_json_and_perfetto_show_values_by_their_type(compile_c: Compiler,
+                                                            tmp_path: Path) -> None:
+    """Outputs that take plain values (Chrome's JSON, Perfetto) get a float
+    and an enum as the trace line prints them, not the raw bits of the
+    double or the enum's number (as they were)."""
+    exe = compile_c("dwarf_args.c", "-O2")
+    probes = [f"{exe}:floats f d k", f"{exe}:kinds col b ch str"]
+    out = io.StringIO()
+    assert main(["trace", "-e", "ptrace", "--format", "chrome-json", *probes, "--", str(exe)],
+                out=out) == 0
+    doc = json.loads(out.getvalue())
+    args = {e["name"]: e["args"] for e in doc["traceEvents"] if e["ph"] == "i"}
+    assert args == {"floats": {"f": "2.5", "d": "-0.125", "k": 3},
+                    "kinds": {"col": "BLUE", "b": 1, "ch": 122, "str": "hello"}}
+    pf = tmp_path / "t.perfetto-trace"
+    assert main(["trace", "-e", "ptrace", "--format", "perfetto", "-o", str(pf), *probes,
+                 "--", str(exe)], out=io.StringIO()) == 0
+    data = pf.read_bytes()
+    assert b"-0.125" in data and b"BLUE" in data

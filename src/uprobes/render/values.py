@@ -142,20 +142,38 @@ def shown_args(args: Mapping[str, ArgValue],
 def plain_args(args: dict[str, ArgValue],
                info_args: tuple[tuple[str, FetchType], ...]) -> dict[str, ArgValue]:
     """An event's arguments for outputs that take plain values (Chrome's
-    JSON, Perfetto): a composed value as one, its text (a string's own)."""
+    JSON, Perfetto): a composed value as one, its text (a string's own); a
+    value with a DWARF view as a number where it is one (signed, a bool 0
+    or 1), else as its text (an enum's name, a float), None where it could
+    not be read."""
     fold = fold_of(info_args)
     if fold is None:
-        return args
+        if not any(t.view is not None for _, t in info_args):
+            return args
+        fold = Fold(info_args)
     values = fold.values([args.get(name) for name, _ in info_args])
     out: dict[str, ArgValue] = {}
     for (name, t), v in zip(fold.args, values):
-        if not isinstance(v, Composed):
-            out[name] = v
-        elif t.view is not None and t.view.kind == "text":
+        if t.view is None:
+            out[name] = v if not isinstance(v, Composed) else view_text(v, t)
+        elif isinstance(v, Composed) and t.view.kind == "text":
             out[name] = _text_bytes(v)[0].decode("utf-8", "replace")
-        else:
+        elif isinstance(v, Composed):
             out[name] = view_text(v, t)
+        else:
+            out[name] = _plain(v, t)
     return out
+
+
+def _plain(v: ArgValue, t: FetchType) -> ArgValue:
+    """A value with a view, not composed: as JSON where that is an
+    `ArgValue` (a bool as 0 or 1), else its text."""
+    shown = view_json(v, t)
+    if isinstance(shown, list) and all(isinstance(x, int) for x in shown):
+        return [int(x) for x in shown]
+    if isinstance(shown, int):
+        return int(shown)
+    return shown if shown is None or isinstance(shown, str) else view_text(v, t)
 
 
 _ESCAPES = {0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v",
