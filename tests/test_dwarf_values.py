@@ -231,3 +231,21 @@ def test_chrome_json_shows_each_value_whole(compile_rust: RustCompiler) -> None:
     assert args == {"s": "hello", "long": LONG[:200], "owned": JSON["owned"],
                     "a": "Circle{r: 1.5}", "b": "Rect{w: 2, h: -3}", "c": "Empty",
                     "empty": ""}
+
+
+def test_a_list_of_structs_it_cannot_print_is_one_line_naming_the_member(
+        compile_rust: RustCompiler) -> None:
+    """A Vec of structs prints when their members are numbers; one with a
+    nested struct or a String is refused in one line that names the member
+    (it said `has no fetch type (index its elements)`, and a Vec cannot be
+    indexed)."""
+    exe = compile_rust("dwarf_vec_nested.rs", "-C", "opt-level=0")
+    for expr, words in (("*o", "Outer's member inner is Inner, a struct"),
+                        ("*n", "Named's member name is String, a struct")):
+        err = io.StringIO()
+        assert main(["resolve", f"{exe}:dwarf_vec_nested::look {expr}"], out=io.StringIO(),
+                    err=err) == 2
+        lines = err.getvalue().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("uprobes: error: "), lines
+        assert "prints elements that are numbers or structs of numbers only" in lines[0] \
+            and words in lines[0], lines[0]

@@ -223,8 +223,8 @@ class Access:
                     "list", t, parts=(part,), element=ValueView(
                         "struct", elem.name, layout=_records(elem) or (), stride=elem.size)))
             else:
-                raise ResolveError(f"{text}: a {t.name} of {elem.name} has no fetch type "
-                                   f"(index its elements)")
+                raise ResolveError(f"{text}: a {t.name} prints elements that are numbers "
+                                   f"or structs of numbers only: {_not_record(elem)}")
         except ResolveError as exc:
             if not lenient:
                 raise
@@ -371,6 +371,20 @@ def _records(t: CType) -> tuple[tuple[str, int, FetchType], ...] | None:
             return None
         out.append((m.name, m.offset, _fetch_type(m.type)))
     return tuple(out)
+
+
+def _not_record(t: CType) -> str:
+    """Why `_records` takes no `t`, in words."""
+    if t.kind != "struct" or t.counted is not None or t.has_variants or not t.members:
+        return f"{t.name} is not a plain struct"
+    if not 0 < t.size <= MAX_ARRAY_LEN * 8:
+        return f"{t.name} is {t.size} bytes"
+    for m in t.members:
+        if m.bit_size is not None:
+            return f"{t.name}'s member {m.name} is a bitfield"
+        if m.type.kind not in _NAMED_SCALARS or m.type.size not in (1, 2, 4, 8):
+            return f"{t.name}'s member {m.name} is {m.type.name}, a {m.type.kind}"
+    return f"{t.name} is not one"
 
 
 def _member(item: Item, m: Member) -> Item:
