@@ -259,3 +259,58 @@ def test_records_lost_while_uprobes_stood_still_are_said(recording: Path,
     lost = re.search(r"uprobes: (\d+) records lost \(their stacks are not counted\); (.*)", err)
     assert lost is not None and int(lost[1]) > 0, err
     assert lost[2] == "a smaller --stack-bytes loses fewer", err
+
+
+@pytest.mark.parametrize("mode", ["setstack", "guard0"])
+def test_a_freed_neighbour_of_a_threads_stack_is_not_copied(compile_c: Compiler,
+                                                            mode: str) -> None:
+    """stack_neighbours.c: a thread's stack mapping, merged by the kernel with
+    a neighbour (another pthread_attr_setstack stack; glibc's stacks without
+    a guard page) that is unmapped while the thread lives. The copy ends at
+    the thread's own top, from its clone (before: at the mapping's end, in
+    the freed pages: the program died of SIGSEGV)."""
+    exe = compile_c("stack_neighbours.c", "-O1", "-pthread")
+    free, out, err = stacks(f"{exe}:probed", "--", str(exe), mode)
+    assert trapfree(err) == (1, 1), err
+    int3, out3, _ = stacks("--no-trapfree", f"{exe}:probed", "--", str(exe), mode)
+    assert out == out3
+    if mode == "setstack":
+        assert out == "adjacent=1\nsum=504450"  # side by side: one mapping
+    assert free == int3
+    assert sum(n for p, n in free.items() if p.endswith(";start_thread;second;probed")) == 1000
+
+
+def test_a_freed_neighbour_of_a_threads_stack_is_not_copied_with_p(compile_c: Compiler,
+                                                                   tmp_path: Path) -> None:
+    """The same with -p: both threads exist when the probe is placed, and the
+    range of each ends at its thread pointer (glibc's thread block, at the
+    top of its stack), not at the merged mapping's end."""
+    exe = compile_c("stack_neighbours.c", "-O1", "-pthread", "-no-pie")
+    nm = subprocess.run(["nm", str(exe)], capture_output=True, text=True, check=True).stdout
+    probed = int(next(ln.split()[0] for ln in nm.splitlines() if ln.endswith(" probed")), 16)
+    go = tmp_path / "go"
+    prog = subprocess.Popen([str(exe), "attach", str(go)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert prog.stdout is not None
+        assert prog.stdout.readline() == "adjacent=1\n"
+        assert prog.stdout.readline() == "ready\n"
+        up = subprocess.Popen([*UPROBES, "stacks", "--folded", "-e", "ptrace", "-p",
+                               str(prog.pid), f"{exe}:probed"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        with open(f"/proc/{prog.pid}/mem", "rb", buffering=0) as mem:
+            def placed() -> bool:
+                mem.seek(probed)
+                return mem.read(1) == b"\xe9"
+            wait_until(placed, "the probe's jump")
+        go.touch()
+        assert prog.wait(timeout=120) == 0
+        assert prog.stdout.read() == "sum=504450\n"
+        out, err = up.communicate(timeout=120)
+    finally:
+        prog.kill()
+        prog.wait()
+    assert up.returncode == 0, err
+    assert trapfree(err) == (1, 1), err
+    folded = {ln.rpartition(" ")[0]: int(ln.rpartition(" ")[2]) for ln in out.splitlines()}
+    assert folded == {f"{exe.name[:15]};clone3;start_thread;{fn};probed": n
+                      for fn, n in (("first", 100), ("second", 1000))}, out

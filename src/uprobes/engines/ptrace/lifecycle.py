@@ -47,9 +47,9 @@ class ThreadLife(TracerState):
             # A thread is in its process's pid namespace.
             ns_tid = tid if parent.ns_tid == parent.tid else procfs.ns_pid(tid)
             if self._jumps is not None:
-                sp = _clone_stack(parent.tid, parent.mm.mem)
-                if sp is not None:
-                    self._jumps.thread_born(parent.mm, parent.mm.mem, parent.pid, tid, sp)
+                stack = _clone_stack(parent.tid, parent.mm.mem)
+                if stack is not None:
+                    self._jumps.thread_born(parent.mm, parent.mm.mem, parent.pid, tid, *stack)
                     self._jumps.report(self._note)
         else:
             if event == ptrace.EVENT_VFORK:
@@ -303,19 +303,18 @@ _NR_CLONE, _NR_CLONE3 = 56, 435
 _CLONE_ARGS_STACK = struct.Struct("<QQ")  # struct clone_args: stack, stack_size at 40
 
 
-def _clone_stack(tid: int, mem: ProcessMemory) -> int | None:
+def _clone_stack(tid: int, mem: ProcessMemory) -> tuple[int, int | None] | None:
     """The stack pointer the thread just made by thread `tid`'s clone (stopped
-    at its clone event) starts with: the call's stack argument (the caller's
-    own stack pointer if it gave none); None if it cannot be read."""
+    at its clone event) starts with, the call's stack argument (the caller's
+    own stack pointer if it gave none), and the stack's base where the call
+    says it (clone3); None if it cannot be read."""
     try:
         regs = ptrace.getregs(tid, ptrace.UserRegs())
         if regs.orig_rax == _NR_CLONE:
-            sp = regs.rsi
-        elif regs.orig_rax == _NR_CLONE3:
+            return (regs.rsi or regs.rsp), None
+        if regs.orig_rax == _NR_CLONE3:
             stack, size = _CLONE_ARGS_STACK.unpack(mem.read(regs.rdi + 40, 16))
-            sp = stack + size if stack else 0
-        else:
-            return None
+            return (stack + size, stack) if stack else (regs.rsp, None)
     except UprobesError:
-        return None
-    return sp or regs.rsp
+        pass
+    return None

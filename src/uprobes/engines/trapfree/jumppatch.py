@@ -624,12 +624,18 @@ class TrapFree:
             raise NotTrapFree(f"no memory for the table of its threads' stacks (errno {-addr})")
         space.bounds = bounds = stackbounds.StackBounds(addr)
         maps = procfs.maps(pid)
+        now: dict[int, ptrace.UserRegs] = {}
         for other, _, _ in threads:
             try:
-                sp = (regs if other == tid else ptrace.getregs(other, ptrace.UserRegs())).rsp
+                now[other] = regs if other == tid else ptrace.getregs(other, ptrace.UserRegs())
             except UprobesError:
                 continue  # gone meanwhile
-            self._track(bounds, mem, pid, other, stackbounds.stack_span(pid, other, sp, maps))
+        # Stacks do not overlap: a thread's stack starts above the next top below its own.
+        tops = sorted(r.fs_base for r in now.values())
+        for other, r in now.items():
+            below = [t for t in tops if t < r.fs_base]
+            self._track(bounds, mem, pid, other, stackbounds.stack_span(
+                pid, other, r.rsp, maps, top=r.fs_base, base=below[-1] if below else None))
         return bounds
 
     def _track(self, bounds: stackbounds.StackBounds, mem: ProcessMemory, pid: int, tid: int,
@@ -645,14 +651,17 @@ class TrapFree:
                 "copies of the threads past them copy nothing (their stacks show the probed "
                 "function alone); --no-trapfree copies every thread's")
 
-    def thread_born(self, mm: object, mem: ProcessMemory, pid: int, tid: int, sp: int) -> None:
+    def thread_born(self, mm: object, mem: ProcessMemory, pid: int, tid: int, sp: int,
+                    base: int | None) -> None:
         """A new thread `tid` of `mm` (not yet run) whose stack pointer starts
-        at `sp`: its stack goes in the table, if the space has one."""
+        at `sp`, the top of its stack (from `base`, if its clone said): its
+        stack goes in the table, if the space has one."""
         space = self._spaces.get(mm)
         if space is None or space.bounds is None:
             return
         try:
-            self._track(space.bounds, mem, pid, tid, stackbounds.stack_span(pid, tid, sp))
+            self._track(space.bounds, mem, pid, tid,
+                        stackbounds.stack_span(pid, tid, sp, top=sp, base=base))
         except UprobesError:
             pass  # the process is gone
 

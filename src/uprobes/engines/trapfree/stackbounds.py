@@ -21,11 +21,20 @@ again; the code takes a range only if it read the same even seq before and
 after it (each word is one aligned store, and x86 keeps loads in order and
 stores in order).
 
-A thread's range is its stack mapping (the one holding its stack pointer
-when it is first seen: at placement, or at its clone, from the stack the
-call gave it). The process's main stack grows down: its range starts where
-the stack may grow to (its limit, at most 8 MiB, and never within the
-kernel's guard gap above the mapping below it).
+A thread's range lies in its stack mapping (the one holding its stack
+pointer when it is first seen: at placement, or at its clone, from the stack
+the call gave it). The process's main stack grows down: its range starts
+where the stack may grow to (its limit, at most 8 MiB, and never within the
+kernel's guard gap above the mapping below it). Any other thread's mapping
+may be more than its stack: the kernel merges neighbouring anonymous
+mappings of the same flags (stacks of `pthread_attr_setstack`, glibc's
+stacks without a guard page), and a neighbour can be unmapped while the
+thread lives. So its range ends at the thread's own top (the stack its
+clone was given; at placement, glibc's thread block, which sits at the top
+of the thread's stack: its thread pointer) and starts at its clone's stack
+base where the call says it (clone3), at placement above the next thread's
+top below it (stacks do not overlap), and at most 8 MiB below its top; a
+thread whose top is not known copies nothing.
 """
 
 from __future__ import annotations
@@ -86,14 +95,16 @@ class StackBounds:
         return StackBounds(self.addr, dict(self.slots), list(self.seqs), self.full_noted)
 
 
-def stack_span(pid: int, tid: int, sp: int,
-               maps: list[procfs.Mapping] | None = None) -> tuple[int, int] | None:
+def stack_span(pid: int, tid: int, sp: int, maps: list[procfs.Mapping] | None = None, *,
+               top: int | None = None, base: int | None = None,
+               ) -> tuple[int, int] | None:
     """The range thread `tid` of process `pid` with stack pointer `sp` may copy
-    from: its stack mapping (for the main stack, down to where it may grow);
-    None if the stack below `sp` (a new thread's `sp` is the top of its
-    stack: the mapping's end or below) is in no anonymous read-write
-    mapping or the main stack (a signal stack in the heap may shrink with
-    it: not taken)."""
+    from: the main stack's mapping, down to where it may grow; for another
+    thread, from `base` (at most 8 MiB below its top) up to `top`, its stack's
+    top (a clone's stack argument, or its thread pointer), within the
+    mapping holding `sp`. None if that is no anonymous read-write mapping or
+    the main stack (a signal stack in the heap may shrink with it: not
+    taken), or if a thread's top is not in it."""
     try:
         maps = procfs.maps(pid) if maps is None else maps
     except UprobesError:
@@ -103,11 +114,13 @@ def stack_span(pid: int, tid: int, sp: int,
         if m.start < sp <= m.end:
             if not m.perms.startswith("rw") or m.path not in ("", "[stack]"):
                 return None  # not a stack: the heap (a signal stack there), a file
-            start = m.start
             if m.path == "[stack]":
                 below = ordered[i - 1].end if i else 0
-                start = min(start, max(below + _GUARD_GAP, m.end - _stack_limit(pid)))
-            return start, m.end
+                return min(m.start, max(below + _GUARD_GAP, m.end - _stack_limit(pid))), m.end
+            if top is None or not sp <= top <= m.end:
+                return None  # the mapping's end may be a neighbour's, freed any time
+            low = max(top - _MAIN_GROWTH, base if base is not None and base < top else 0)
+            return max(m.start, low), top
     return None
 
 
