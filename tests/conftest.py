@@ -298,7 +298,7 @@ def _our_uprobe_events(basetemp: Path) -> list[str]:
     if root is None:
         return []
     _SESSION_PIDS.update(_descendants(os.getpid()))
-    lines = Path(root, "uprobe_events").read_text().splitlines()
+    lines = Path(root, "uprobe_events").read_text(errors="surrogateescape").splitlines()
     return [ln for ln in lines if ln[2:].startswith("uprobes_") and _ours(ln, basetemp)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -348,3 +349,24 @@ print fmt: "(%lx) sa={\\"%s\\",\\"%s\\",\\"%s\\"}", REC->__probe_ip, __get_str(s
     raw[24:28] = ((4 << 16) | 30).to_bytes(4, "little")
     raw[28:34] = b"a\0bcd\0"
     assert sa.decode(bytes(raw)) == ("a", None, "bcd")
+
+
+def test_another_tools_probe_on_a_path_that_is_not_utf8(tfs: Tracefs, group: str, target: Path,
+                                                        tmp_path: Path) -> None:
+    """A probe of another tool's on a file whose name is not UTF-8 (any bytes
+    but / and NUL) is read past, and ours are added and listed beside it
+    (before: a UnicodeDecodeError traceback for every kernel-engine run)."""
+    odd = tmp_path / os.fsdecode(b"odd\xffname")
+    odd.write_bytes(target.read_bytes())
+    foreign = f"{group}_foreign"
+    events = os.open(tfs.root / "uprobe_events", os.O_WRONLY | os.O_APPEND)
+    os.write(events, b"p:%s/odd %s:0x10\n" % (foreign.encode(), os.fsencode(odd)))
+    try:
+        with ProbeGroup(tfs, group) as pg:
+            pg.add(f"p:{group}/add {target}:0x10")
+            listed = tfs.list_events()
+            assert any(os.fsencode(odd) in os.fsencode(ln) for ln in listed), listed
+            assert tfs.events_of_group(group) == ["add"]
+    finally:
+        os.write(events, b"-:%s/odd\n" % foreign.encode())
+        os.close(events)

@@ -180,7 +180,7 @@ def _running(pid: int, targets: list[_Target]) -> tuple[str, str, list[_Target]]
     try:
         st = os.stat(f"/proc/{pid}/exe")
         exe = os.readlink(f"/proc/{pid}/exe")
-        with open(f"/proc/{pid}/comm") as f:
+        with open(f"/proc/{pid}/comm", errors="surrogateescape") as f:
             comm = f.read().rstrip("\n")
     except OSError:
         return None

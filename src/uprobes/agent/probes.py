@@ -51,7 +51,7 @@ class Executables:
         """Process `pid` has just exec'd: note what it runs."""
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
-            with open(f"/proc/{pid}/comm") as f:
+            with open(f"/proc/{pid}/comm", errors="surrogateescape") as f:
                 comm = f.read().rstrip("\n")
         except OSError:
             return

@@ -154,7 +154,7 @@ class Tracefs:
     def _read(self, *parts: str) -> str:
         path = self._path(*parts)
         with kernel_errors(f"reading {path}", _WRITE_HINTS):
-            return path.read_text()
+            return path.read_text(errors="surrogateescape")  # others' paths: any bytes
 
     def _write(self, text: str, *parts: str, append: bool = True) -> None:
         path = self._path(*parts)
@@ -170,7 +170,7 @@ class Tracefs:
 
     def _error_log(self) -> list[ErrorLogEntry]:
         try:
-            return parse_error_log(self._path("error_log").read_text())
+            return parse_error_log(self._path("error_log").read_text(errors="surrogateescape"))
         except OSError:
             return []  # kernels before 5.4 have no error_log; we fall back to errno
 

@@ -357,7 +357,7 @@ def _string_at(data: bytes, raw_at: int, loc: int) -> str | None:
 def _proc_comm(tid: int) -> str:
     """Fallback when a probe has no room for the hidden `$comm` (128 args)."""
     try:
-        with open(f"/proc/{tid}/comm") as f:
+        with open(f"/proc/{tid}/comm", errors="surrogateescape") as f:
             return f.read().strip()
     except OSError:
         return "<...>"

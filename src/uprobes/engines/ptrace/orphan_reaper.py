@@ -49,7 +49,7 @@ def restore(pid: int, proc: _Process) -> int:
         return 0
     if proc.area:
         try:
-            with open(f"/proc/{pid}/maps") as f:
+            with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
                 if not any(line.startswith(f"{proc.area:x}-") for line in f):
                     return 0  # it exec'd: what we placed went with its old image
         except OSError:
