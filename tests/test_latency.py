@@ -336,3 +336,20 @@ def test_keys_beyond_the_table_are_counted_and_said(compile_c: Compiler) -> None
     assert all(h["count"] == 1 for h in doc.values())
     assert 0 < int(said[0]) and len(doc) + int(said[0]) == 3000
     assert {h["unkeyed_calls"] for h in doc.values()} == {int(said[0])}  # in --json too
+
+
+@pytest.mark.parametrize("engine", ["kernel", "ptrace"])
+def test_by_a_dwarf_value_that_faulted(engine: str, tracefs: Path,
+                                       compile_c: Compiler) -> None:
+    """`--by p_in_x 'look p->in->x'` where p->in points into an unmapped
+    page, or p is NULL or unmapped (its first 3 calls): keyed `(fault)`, as the
+    trace line prints the value (they were keyed by the raw 0, then None)."""
+    exe = compile_c("dwarf_faults.c", "-O0")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "latency", "-e", engine, "--json",
+                           "--by", "p_in_x", f"{exe}:look p->in->x", "--", str(exe)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    counts = {k: h["count"] for k, h in doc.items()}
+    assert counts["uprobes/look p_in_x=(fault)"] == 3, counts
+    assert not any(k.endswith(("=None", "=0")) for k in counts), counts

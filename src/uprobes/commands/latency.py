@@ -135,7 +135,8 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
             return ev.probe
         if args.by in TASK_KEYS:
             return f"{ev.probe} {args.by}={getattr(ev, args.by)}"
-        return f"{ev.probe} {args.by}={ev.args.get(args.by)}"
+        value = ev.args.get(args.by)
+        return f"{ev.probe} {args.by}={'(fault)' if value is None else value}"
 
     placed: list[bool] = []
 
