@@ -547,3 +547,36 @@ def test_a_filter_the_program_cannot_test_pairs_events(timed: Path) -> None:
     assert "the filter is tested on events, not in the program (pid is not known" in \
         run.stderr, run.stderr
     assert doc["uprobes/tiny"]["count"] == 500 and "subtracted_ns" not in doc["uprobes/tiny"]
+
+
+def test_rejected_calls_take_no_place_on_the_stack_of_open_calls(timed: Path) -> None:
+    """nest(100) down to nest(1), `--if 'n < 4'`: the 97 rejected calls
+    above are not kept open (the 60-deep stack would be full before the
+    three accepted ones), nor said as deeper, nor as never returned."""
+    run = _latency("--json", "--by", "n", "--if", "n < 4", f"{timed}:nest n=%di:s64", "--",
+                   str(timed), "deep", "100")
+    doc, _ = _json(run)
+    assert {k: h["count"] for k, h in doc.items()} == {
+        f"uprobes/nest n={n}": 1 for n in (1, 2, 3)}, (doc, run.stderr)
+    assert "not timed" not in run.stderr and "never returned" not in run.stderr, run.stderr
+
+
+def test_a_filter_that_rejects_every_call_says_nothing_was_lost(timed: Path) -> None:
+    """`--tid 1` on a chain of 100 nested calls: none is timed, and none is
+    said to be deeper than a row holds or to have never returned."""
+    run = _latency("--json", "--tid", "1", f"{timed}:nest", "--", str(timed), "deep", "100")
+    doc, _ = _json(run)
+    assert doc["uprobes/nest"]["count"] == 0, doc
+    assert "not timed" not in run.stderr and "never returned" not in run.stderr \
+        and "returns without an entry" not in run.stderr, run.stderr
+
+
+def test_threads_the_filter_rejects_claim_no_timing_row(timed: Path) -> None:
+    """200 threads alive at once, one call each (tiny(i), thread i), 128
+    rows: with `--if 'k >= 190'` the 190 rejected threads claim no row, so
+    each of the 10 selected ones is timed."""
+    doc, said = _json(_latency("--json", "--by", "k", "--if", "k >= 190",
+                               f"{timed}:tiny k=%di:s64", "--", str(timed), "crowd", "200"))
+    assert said["calls"] == "200"
+    assert {k: h["count"] for k, h in doc.items()} == {
+        f"uprobes/tiny k={k}": 1 for k in range(190, 200)}, doc

@@ -194,11 +194,12 @@ def _tid(a: _Asm, block: int, flag: int = TIMING_TLS) -> None:
     a.label(done)
 
 
-def _row(a: _Asm, block: int, claim: bool = True) -> None:
+def _row(a: _Asm, block: int, claim: bool = True, verdict: bool = False) -> None:
     """rdi = the thread's row (tid in esi), claimed if need be (`claim`: an
     entry's; a return never claims one: a thread with no row at its call's
     entry has that call counted in `norow` already, and a row claimed at its
-    return would make it a return without an entry); else to `norow`.
+    return would make it a return without an entry; `verdict`: only when
+    edx is not 0, a call the filter kept); else to `norow`.
     Clobbers rax and rcx."""
     i = Instruction
     rows = block + TIMING_ROWS_OFFSET
@@ -216,6 +217,9 @@ def _row(a: _Asm, block: int, claim: bool = True) -> None:
         a.jump(Code.JE_REL32_64, "row")
         if not claim:  # ours may be further on: a row before it freed since
             continue
+        if verdict:  # a rejected call's thread claims no row
+            a(i.create_reg_reg(Code.TEST_RM32_R32, R.EDX, R.EDX))
+            a.jump(Code.JE_REL32_64, nxt)
         a(i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
         a.jump(Code.JE_REL32_64, claim_at)
         a.jump(Code.JMP_REL32_64, nxt)
@@ -250,17 +254,23 @@ def _locked_inc(addr: int) -> Instruction:
     return inc
 
 
-def _tail(a: _Asm, missed: str, counter: int, block: int, entry: bool) -> None:
+def _tail(a: _Asm, missed: str, counter: int | None, block: int, entry: bool,
+          verdict: bool = False) -> None:
     """The ways out that time nothing: `missed` (the depth in rcx stored, the
-    header's `counter` bumped), `norow` (counted by the `entry` code only: a
-    thread with no row at a call's entry has none at its return); then
+    header's `counter` bumped, if one), `norow` (counted by the `entry` code
+    only: a thread with no row at a call's entry has none at its return;
+    `verdict`: and only for a call the filter kept, edx not 0); then
     `done`, all restored."""
     a.label(missed)
-    a(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX),
-      _locked_inc(counter))
+    a(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX))
+    if counter is not None:
+        a(_locked_inc(counter))
     a.jump(Code.JMP_REL32_64, "done")
     a.label("norow")
     if entry:
+        if verdict:
+            a(Instruction.create_reg_reg(Code.TEST_RM32_R32, R.EDX, R.EDX))
+            a.jump(Code.JE_REL32_64, "done")
         a(_locked_inc(block + TIMING_NOROW))
     a.jump(Code.JMP_REL32_64, "done")
     _leave(a)
@@ -303,23 +313,27 @@ EntryGuard = Callable[["_Asm", int], None]
 """Code that goes on for a call to time and to "rejected" for one not to
 (given the frame's size): a filter (filtercode.guard)."""
 
-REJECTED = 0
-"""An open call's stamp when its entry failed the filter: its return drops
-it and counts nothing (a TSC read is never 0 after boot)."""
-
 
 def entry_code(at: int, block: int, key: KeyLoad | None = None,
                guard: EntryGuard | None = None) -> bytes:
     """A timed function's entry, for a trampoline at `at` (the block at
     `block`, within rel32 reach): open a call on the thread's stack (with
     `key`: the key the call's duration is kept under, with the call). With
-    `guard`, a call it rejects is opened too, stamped REJECTED, so that
-    its return knows it for its own and lets it go untimed."""
+    `guard`, decided first: a call it rejects opens nothing, claims no row
+    and counts nothing; it only drops the calls its thread left at or below
+    its stack pointer (its return, finding no entry of its own, lets it go)."""
     i = Instruction
     a = _Asm()
     frame = _enter(a)
+    if guard is not None:  # edx = the verdict, kept through the code below
+        guard(a, frame)
+        a(i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1))
+        a.jump(Code.JMP_REL32_64, "verdict")
+        a.label("rejected")
+        a(i.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX))
+        a.label("verdict")
     _tid(a, block)
-    _row(a, block)
+    _row(a, block, verdict=guard is not None)
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSP, frame)))  # the probe's stack pointer
     _depth(a)
     a.label("drop")  # open calls at or below us were left without returning
@@ -333,6 +347,9 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None,
     a(i.create_reg(Code.DEC_RM64, R.RCX), _locked_inc(block + TIMING_ABANDONED))
     a.jump(Code.JMP_REL32_64, "drop")
     a.label("push")
+    if guard is not None:  # rejected: the depth the drops left, stored; nothing pushed
+        a(i.create_reg_reg(Code.TEST_RM32_R32, R.EDX, R.EDX))
+        a.jump(Code.JE_REL32_64, "let_go")
     a(i.create_reg_i32(Code.CMP_RM64_IMM32, R.RCX, STACK_DEPTH))
     a.jump(Code.JAE_REL32_64, "deep")
     a(i.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RCX),
@@ -345,16 +362,6 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None,
       # depth's took this same slot (the depth did not cover it yet)
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RAX, ROW_STACK + ENTRY_SP), R.RSI),
       i.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
-    if guard is not None:  # decided here, at entry; the slot (rcx) kept across
-        a(i.create_reg(Code.PUSH_R64, R.RCX))
-        guard(a, frame + 8)
-        a(i.create_reg(Code.POP_R64, R.RCX))
-        a.jump(Code.JMP_REL32_64, "kept_call")
-        a.label("rejected")
-        a(i.create_reg(Code.POP_R64, R.RCX),
-          i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RCX, ROW_STACK + ENTRY_TSC), REJECTED))
-        a.jump(Code.JMP_REL32_64, "done")
-        a.label("kept_call")
     if key is not None:
         key(a, frame)
     a(i.create(Code.RDTSC),  # the stamp last: the probe's own code is mostly before it
@@ -362,7 +369,11 @@ def entry_code(at: int, block: int, key: KeyLoad | None = None,
       i.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX),
       i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, ROW_STACK + ENTRY_TSC), R.RAX))
     a.jump(Code.JMP_REL32_64, "done")
-    _tail(a, "deep", block + TIMING_DEEP, block, entry=True)
+    if guard is not None:
+        a.label("let_go")
+        a(i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX))
+        a.jump(Code.JMP_REL32_64, "done")
+    _tail(a, "deep", block + TIMING_DEEP, block, entry=True, verdict=guard is not None)
     return a.encode(at)
 
 
@@ -371,7 +382,8 @@ def return_code(at: int, block: int, func: int, keyed: bool = False,
     """Right before a timed function's `ret`: close its call, add the
     duration to the thread's histogram of function `func` (`keyed`: to the
     block's histogram of `func` and the key its entry kept, `_keyed_hist`;
-    `filtered`: a call its entry rejected, stamped REJECTED, adds nothing)."""
+    `filtered`: a return with no entry of its own is a call the filter
+    rejected at its entry, let go uncounted)."""
     assert 0 <= func < TIMED_FUNCS
     i = Instruction
     a = _Asm()
@@ -403,13 +415,6 @@ def return_code(at: int, block: int, func: int, keyed: bool = False,
     a.jump(Code.JMP_REL32_64, "unpaired")
     a.label("paired")
     top = ROW_STACK - ENTRY_BYTES
-    if filtered:  # a call the filter rejected at its entry: let it go
-        a(i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RAX, top + ENTRY_TSC), REJECTED))
-        a.jump(Code.JNE_REL32_64, "timed")
-        a(i.create_reg(Code.DEC_RM64, R.RCX),
-          i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, ROW_DEPTH), R.RCX))
-        a.jump(Code.JMP_REL32_64, "done")
-        a.label("timed")
     # The entry's key and stamp are read before the depth lets go of their
     # slot: a signal handler's timed call after that would write its own there.
     a(i.create_reg(Code.DEC_RM64, R.RCX),
@@ -442,7 +447,7 @@ def return_code(at: int, block: int, func: int, keyed: bool = False,
     else:
         a(i.create_mem(Code.INC_RM64, _mem(R.RDI, 0, R.RDX, 8)))
     a.jump(Code.JMP_REL32_64, "done")
-    _tail(a, "unpaired", block + TIMING_UNPAIRED, block, entry=False)
+    _tail(a, "unpaired", None if filtered else block + TIMING_UNPAIRED, block, entry=False)
     return a.encode(at)
 
 
