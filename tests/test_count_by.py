@@ -167,3 +167,36 @@ def test_a_raw_fork_childs_hits_are_its_own(how: str, command: str,
     assert got == {int(said["parent"]): 200, int(said["child"]): 300}, (got, run.stderr)
     assert ("leaves its parent's tid in its thread block" in run.stderr) == (how == "raw"), \
         run.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("by", ["x", "comm"])
+def test_a_probe_no_jump_can_cover_is_counted_by_key_from_its_int3s(
+        compile_c: Compiler, by: str) -> None:
+    """short4 is 4 bytes, too short for a jump: its hits take an int3 each
+    and are counted by key from events, beside longer's (trap-free), in one
+    table, as the kernel engine counts them; one note says which probe traps
+    and why. (Its hits were left out with a note, and the table empty.)"""
+    exe = compile_c("short_func.c")
+    argv = ["--json", "--by", by, f"{exe}:short4 x=%di:s32", f"{exe}:longer x=%di:s32",
+            "--", str(exe), "12"]
+    docs = {}
+    for engine in ("kernel", "ptrace"):
+        run = subprocess.run([*UPROBES, "count", "-e", engine, *argv], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        assert run.stdout.startswith("short4=12 longer=6 "), run.stdout
+        docs[engine] = json.loads(run.stdout.splitlines()[-1])
+        if engine == "ptrace":
+            assert "not counted" not in run.stderr, run.stderr
+            assert "int3 trap per hit: uprobes/short4: short4 ends 4 bytes after it" \
+                in run.stderr, run.stderr
+    assert docs["ptrace"] == docs["kernel"]
+    if by == "x":
+        assert [(r["key"], r["count"]) for r in docs["ptrace"]["uprobes/short4"]["keys"]] == \
+            [(0, 4), (1, 4), (2, 4)]
+        assert [(r["key"], r["count"]) for r in docs["ptrace"]["uprobes/longer"]["keys"]] == \
+            [(0, 3), (2, 3)]
+    else:
+        assert docs["ptrace"]["uprobes/short4"]["keys"] == [{"key": exe.name[:15], "count": 12}]
+        assert docs["ptrace"]["uprobes/longer"]["keys"] == [{"key": exe.name[:15], "count": 6}]

@@ -580,3 +580,36 @@ def test_threads_the_filter_rejects_claim_no_timing_row(timed: Path) -> None:
     assert said["calls"] == "200"
     assert {k: h["count"] for k, h in doc.items()} == {
         f"uprobes/tiny k={k}": 1 for k in range(190, 200)}, doc
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("by", [None, "x"])
+def test_a_function_no_jump_can_cover_is_paired_from_its_int3s(
+        compile_c: Compiler, by: str | None) -> None:
+    """short4 is 4 bytes, too short for a jump: its calls are paired from
+    events (an int3 at its entry and its ret), beside longer's, in one
+    answer with the calls the program made and the kernel engine's counts;
+    a note says why. (Its calls were left untimed: `no calls seen`.)"""
+    exe = compile_c("short_func.c")
+    fetch = "" if by is None else " x=%di:s32"
+    argv = ["--json", *(["--by", by] if by else []), f"{exe}:short4{fetch}",
+            f"{exe}:longer{fetch}", "--", str(exe), "12"]
+    counts = {}
+    for engine in ("kernel", "ptrace"):
+        run = subprocess.run([*UPROBES, "latency", "-e", engine, *argv], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        assert run.stdout.startswith("short4=12 longer=6 "), run.stdout
+        doc = json.loads(run.stdout.splitlines()[-1])
+        counts[engine] = {name: h["count"] for name, h in doc.items()}
+        if engine == "ptrace":
+            assert "is not timed" not in run.stderr, run.stderr
+            assert "calls are paired from events, not timed in the program " \
+                "(uprobes/short4 can be no jump)" in run.stderr, run.stderr
+    assert counts["ptrace"] == counts["kernel"]
+    if by is None:
+        assert counts["ptrace"] == {"uprobes/short4": 12, "uprobes/longer": 6}
+    else:
+        assert counts["ptrace"] == {"uprobes/short4 x=0": 4, "uprobes/short4 x=1": 4,
+                                    "uprobes/short4 x=2": 4, "uprobes/longer x=0": 3,
+                                    "uprobes/longer x=2": 3}

@@ -317,6 +317,13 @@ def open_timer(request: Request) -> Timer | None:
                 request.note(f"--by {request.by} is keyed from events, not in the program ({why}):"
                              " fetch it from a register or a stack word to key it there")
             return None
+    if request.int3s:
+        from uprobes.engines.ptrace.bykey import jump_problem
+        why = jump_problem(request.probes, whole=True)
+        if why is not None:
+            if request.note is not None:
+                request.note(f"calls are paired from events, not timed in the program ({why})")
+            return None
     request.pick(noted=True)  # why the ptrace engine, if it is for a probe the kernel cannot take
     from uprobes.engines.ptrace.tracer import PtraceTracer
     return PtraceTracer(request.probes, pid=request.pid, child=request.child,

@@ -19,11 +19,11 @@ from __future__ import annotations
 from uprobes.analysis.keyed import TASK_KEYS, Aggregate, KeyedCounts
 from uprobes.engines.ptrace.state import TracerState
 from uprobes.engines.ptrace.tasks import Thread, owner_of
-from uprobes.engines.trapfree.fileplan import plan_for
+from uprobes.engines.trapfree.fileplan import plan_for, plan_whole
 from uprobes.engines.trapfree.filtercode import compile_check
 from uprobes.engines.trapfree.jumppatch import Keyed
 from uprobes.engines.trapfree.keyed import COMM, TID, Source, comm_name, source_of
-from uprobes.model.probe import ResolvedProbe
+from uprobes.model.probe import InodeKey, ResolvedProbe
 from uprobes.model.registry import Probe
 from uprobes.sys import ptrace
 
@@ -32,12 +32,38 @@ _U64 = 1 << 64
 
 def key_problem(probes: list[ResolvedProbe], by: str | None, value: str | None) -> str | None:
     """Why the key `by` or the value `value` of one of `probes` cannot be
-    read by the program's code, or None."""
+    read by the program's code, or why a site of one can be no jump (the
+    caller counts from events then: that probe's hits an int3 trap each), or None."""
     for p in probes:
         for name in (None if by in TASK_KEYS else by, value):
             where = None if name is None else source_of(p, name, p.is_return)
             if isinstance(where, str):
                 return where
+    return jump_problem(probes)
+
+
+def jump_problem(probes: list[ResolvedProbe], whole: bool = False) -> str | None:
+    """Why a site of one of `probes` (an entry's, or a return's `ret`s) can
+    be no jump, as the placement would find it, said before anything runs
+    (its name; the tracer says why when it places it), or None. `whole` (timing): a function one
+    patch covers whole needs no other. The vDSO is left to the placement."""
+    sites: dict[tuple[int, int], list[int]] = {}
+    for p in probes:
+        if isinstance(p.key, InodeKey):
+            offsets = p.ret_sites if p.is_return and p.ret_sites else (p.file_offset,)
+            sites.setdefault((p.key.dev, p.key.ino), []).extend(offsets)
+    for p in probes:
+        if not isinstance(p.key, InodeKey):
+            continue
+        dev, ino = p.key.dev, p.key.ino
+        if whole and not isinstance(plan_whole(p.path, dev, ino, p.file_offset), str):
+            continue
+        rets = p.is_return and bool(p.ret_sites)
+        for offset in p.ret_sites if rets and p.ret_sites else (p.file_offset,):
+            plan = plan_for(p.path, dev, ino, offset, sites[(dev, ino)], at_return=rets,
+                            tables=p.computed_gotos)
+            if isinstance(plan, str):  # the tracer's note says why
+                return f"{p.name} can be no jump"
     return None
 
 
