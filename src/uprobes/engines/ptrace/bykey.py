@@ -11,7 +11,8 @@ and `--comm` are compiled into the same code, before the key is looked up (filte
 A probe whose key, value or filter cannot be read there, or whose site no
 jump can cover, is not counted, and `by_key()` says why: no int3 stands in,
 since its counts would be of another kind. (A key or value no probe's code
-can read, `key_problem`, is counted from events by the caller instead.)
+can read, or a site no jump can cover as the file says beforehand,
+`key_problem`, is counted from events by the caller instead.)
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ entry's and its ret's would overlap) gets one patch of all of it
 (fileplan.plan_whole). A site that cannot be patched leaves its function
 untimed, with the reason (`Latencies.untimed`): no int3 is placed, since a
 function timed at some sites and not others would give wrong durations.
+(A site the file already says no jump can cover, `bykey.jump_problem`,
+leaves the run to events beforehand: `open_timer` gives None.)
 
 `latencies()` reads the blocks (at the end: as read at detach), and a null
 function timed by the same code in this process (timing.calibration, once
