@@ -71,7 +71,9 @@ class ThreadLife(TracerState):
             # Its stack holds the same trampolines.
             new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at
-        new.tls_check = new.mm is not parent.mm and self._jumps is not None
+        # A fork child, and a thread too: one made by clone() without
+        # CLONE_SETTLS shares its parent's thread block (and tid there).
+        new.tls_check = self._jumps is not None
         admit(self.threads, self._nested, new, ns_tid)
         status = self._pending_new.pop(tid, None)
         if status is not None:  # its first stop came before this event
@@ -81,9 +83,10 @@ class ThreadLife(TracerState):
                 self._resume(new)
 
     def _check_fork_tls(self, t: Thread) -> None:
-        """At a fork child's first stop (before its first instruction; the
-        kernel has written the tid glibc's fork asks for by then): whether
-        its thread block holds its own tid (jumppatch.check_fork_tls)."""
+        """At a new task's first stop (before its first instruction; the
+        kernel has written the tid glibc's fork and pthread_create ask for
+        by then): whether its thread block holds its own tid
+        (jumppatch.check_fork_tls)."""
         if not t.tls_check or self._jumps is None:
             return
         t.tls_check = False
@@ -91,7 +94,13 @@ class ThreadLife(TracerState):
             fs_base = ptrace.getregs(t.tid, t.regs).fs_base
         except UprobesError:
             return  # gone meanwhile
-        if self._jumps.check_fork_tls(t.mm, t.mm.mem, fs_base, t.ns_tid):
+        if not self._jumps.check_fork_tls(t.mm, t.mm.mem, fs_base, t.ns_tid):
+            return
+        if t.tid != t.pid:
+            self._note(f"thread {t.tid} of process {t.pid} was made by a clone system call "
+                       "that leaves its parent's tid in its thread block (no CLONE_SETTLS): "
+                       "its family's in-program code asks the kernel for the tid from now on")
+        else:
             self._note(f"process {t.pid} was forked by a system call that leaves its parent's "
                        "tid in its thread block: its family's in-program code asks the kernel "
                        "for the tid from now on")

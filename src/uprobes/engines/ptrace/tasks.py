@@ -90,7 +90,7 @@ class Thread:
     resume_sig: int = 0
     group_stop: bool = False
     let_go: bool = False  # nothing of ours in its process: detach at its resume
-    tls_check: bool = False  # a fork child: its thread block's tid checked at its first stop
+    tls_check: bool = False  # a new task: its thread block's tid checked at its first stop
     returns: list[ReturnInstance] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # signals held back, to deliver
     regs: ptrace.UserRegs = field(default_factory=ptrace.UserRegs)
