@@ -108,6 +108,7 @@ def test_comm_is_asked_at_each_hit(timed: Path, name: str) -> None:
     assert _kernel_count(timed, "--comm", name, mode=RENAMES) == want
 
 
+@pytest.mark.root  # the rename word's BPF programs
 def test_a_fork_child_renaming_itself_is_counted_by_its_names(timed: Path) -> None:
     """The parent's calls under its own name, then a fork child's, renaming
     itself every 70 calls (prctl and /proc in turn): the child inherits the
@@ -120,6 +121,7 @@ def test_a_fork_child_renaming_itself_is_counted_by_its_names(timed: Path) -> No
         assert got == want, name
 
 
+@pytest.mark.root  # the rename word's BPF programs
 def test_a_kept_verdict_is_not_asked_again_at_each_hit(timed: Path, tmp_path: Path) -> None:
     """With the kernel's rename word, a thread asks its name once and then
     only when the word moves (a rename or a new thread anywhere on the

@@ -152,15 +152,15 @@ def test_dump_tells_every_threads_owner_gone_ones_too() -> None:
         me = threading.get_native_id()
         for v in range(5):
             record(v)
-        recorder.former(me, 1, "gone")  # exited before the read
-        recorder.dump([ring], lambda: [(2, (1, "live"))], sink)
-        assert sink.pieces == [(5, {me: (1, "gone"), 2: (1, "live")})]
+        recorder.former(me, (1, "gone", me))  # exited before the read
+        recorder.dump([ring], lambda: [(2, (1, "live", 2))], sink)
+        assert sink.pieces == [(5, {me: (1, "gone", me), 2: (1, "live", 2)})]
         record(5)
-        recorder.dump([ring], lambda: [(2, (1, "live"))], sink)
+        recorder.dump([ring], lambda: [(2, (1, "live", 2))], sink)
         assert sink.pieces[-1] == (1, {})  # nothing new to tell
         record(6)
-        recorder.dump([ring], lambda: [(2, (1, "renamed")), (me, (1, "reused"))], sink)
-        assert sink.pieces[-1] == (1, {2: (1, "renamed"), me: (1, "reused")})
+        recorder.dump([ring], lambda: [(2, (1, "renamed", 2)), (me, (1, "reused", me))], sink)
+        assert sink.pieces[-1] == (1, {2: (1, "renamed", 2), me: (1, "reused", me)})
         assert recorder.raw_records == 7
 
 
@@ -192,14 +192,14 @@ def test_the_roster_rereads_a_few_comms_a_call_taking_turns() -> None:
             Path(f"/proc/{pid}/task/{tid}/comm").write_text(f"before{k}")
         threads = {tid: Thread(tid, pid, mm) for tid in tids}
         got, turn = roster(threads, 0)  # every name read for the first time
-        assert dict(got) == {tid: (pid, f"before{k}") for k, tid in enumerate(tids)}
+        assert dict(got) == {tid: (pid, f"before{k}", tid) for k, tid in enumerate(tids)}
         for k, tid in enumerate(tids):
             Path(f"/proc/{pid}/task/{tid}/comm").write_text(f"after{k}")
             threads[tid].comm_at -= COMM_TTL_NS + 1  # (as if read long ago)
         seen: list[int] = []
         for _ in range(-(-n // COMM_READS)):
             got, turn = roster(threads, turn)
-            renamed = [tid for tid, (_, comm) in got if comm.startswith("after")]
+            renamed = [tid for tid, (_, comm, _) in got if comm.startswith("after")]
             assert len(renamed) - len(seen) == min(COMM_READS, n - len(seen))
             seen = renamed
         assert len(seen) == n
