@@ -6,6 +6,7 @@ the XOL areas they need, the dynamic linker's rendezvous).
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from collections.abc import Callable, Container, Sequence
 from dataclasses import replace
@@ -34,6 +35,7 @@ from uprobes.engines.trapfree.pywalk import (
     copied_key,
     py_walk,
 )
+from uprobes.engines.trapfree.reach import Span, holds, reach
 from uprobes.engines.trapfree.reader import Direct, RecordedSite, Recorder, direct_hit, stack_hit
 from uprobes.engines.trapfree.recording import (
     Recipe,
@@ -507,18 +509,32 @@ class Attach(TracerState):
         try:
             image = ElfImage.open(interp.path)
             symbols = SymbolTable.load(image)
-            runtime, func = (symbols.lookup(n) for n in ("_PyRuntime", CALLED[0]))
-            at = SymbolTable.load(ElfImage.open(probe.point.path)).containing(
-                ElfImage.open(probe.point.path).file_to_link_addr(probe.point.file_offset))
+            runtime, func = (symbols.lookup(n) for n in ("_PyRuntime", CALLED))
         except UprobesError:
             return why
         if not runtime or not func:
-            return f"{why} ({interp.path} has no {CALLED[0]})"
-        if at is not None and (at.name in CALLED or at.name.startswith(CALLED[-2])):
-            return f"{why} (the probe is in {at.name}, which its code calls)"
+            return f"{why} ({interp.path} has no {CALLED})"
+        spans = self._walk_reach(t.pid, interp.path, func[0].link_addr)
+        if isinstance(spans, str):
+            return f"{why} ({spans})"
+        if holds(spans, probe.point.path, probe.point.file_offset):
+            return f"{why} (the probe is in the code its call to {CALLED} runs)"
         walk = py_walk(interp.runtime_addr - runtime[0].link_addr + func[0].link_addr,
                        interp.layout, recipe.copy, STACKS.copy)
         return walk if walk is not None else f"{why} (its stack copy leaves no room for them)"
+
+    def _walk_reach(self, pid: int, path: str, func: int) -> list[Span] | str:
+        """The code the walk's call runs in `pid` (reach.py), found once per process."""
+        known = self._walk_spans.get(pid)
+        if known is None:
+            try:
+                loaded = list(dict.fromkeys(m.path for m in procfs.maps(pid)
+                                            if m.executable and m.path.startswith("/")))
+            except ProcessError as e:
+                return str(e)
+            linker = next((p for p in loaded if os.path.basename(p).startswith("ld-")), None)
+            known = self._walk_spans[pid] = reach(path, func, loaded, linker)
+        return known
 
     def _py_groups(self, walk: PyWalk) -> Callable[[int, bytes], PyGroups]:
         """(pid, a record's copy area) -> the Python frames the walk copied."""

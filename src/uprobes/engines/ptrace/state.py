@@ -25,6 +25,7 @@ from uprobes.engines.trapfree.fileplan import FilePlan
 from uprobes.engines.trapfree.filtercode import Check
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed, TrapFree
 from uprobes.engines.trapfree.layout import RingShape
+from uprobes.engines.trapfree.reach import Span
 from uprobes.engines.trapfree.reader import Owner, RawSink, Recorder, ShapedLines
 from uprobes.engines.trapfree.ring import Ring
 from uprobes.model.event import Hit, ProbeInfo
@@ -107,6 +108,7 @@ class TracerState:
     _placed_once: bool
     _comm_refused_in: set[int]  # processes told their seccomp state keeps --comm out
     _walk_checked: dict[int, str | None]  # pid -> why no Python walk there (seccomp)
+    _walk_spans: dict[int, list[Span] | str]  # pid -> the code the walk's call runs
     _quiescing: bool
     _vanished: bool
     _stack: ExitStack

@@ -59,6 +59,7 @@ from uprobes.engines.signals import WAKE_SIGNAL, StopSignals, wake_handler_insta
 from uprobes.engines.tracee import relocate
 from uprobes.engines.tracee.fetch import ArgFetcher, FetchContext
 from uprobes.engines.trapfree.jumppatch import TrapFree
+from uprobes.engines.trapfree.reach import Span
 from uprobes.engines.trapfree.reader import RawSink, RawSite, Recorder, ShapedLines
 from uprobes.errors import EngineError, KernelError, UprobesError, UsageError
 from uprobes.model.event import ArgValue, Event, Hit, ProbeInfo, display_names, hit_event
@@ -223,6 +224,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._placed_once = False
         self._comm_refused_in = set()
         self._walk_checked: dict[int, str | None] = {}  # pid -> why no Python walk there
+        self._walk_spans: dict[int, list[Span] | str] = {}  # pid -> the code its call runs
         self._quiescing = False
         self._stack = ExitStack()
         self._undo = ExitStack()

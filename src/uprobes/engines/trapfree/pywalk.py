@@ -24,8 +24,9 @@ bound.) The two calls are judged against every thread's seccomp filters at
 placement; a filter installed later is not seen (docs/reliability.md).
 The function called only reads
 a pthread key (no lock, no allocation: CPython's faulthandler calls it from
-a signal handler); a probe in it, or in what it calls, keeps the int3
-path (`CALLED`). Offsets come from the interpreter's layout
+a signal handler); a probe in it, or in what it runs (its branches
+followed through PLT stubs to the definitions they bind: reach.py), keeps
+the int3 path. Offsets come from the interpreter's layout
 (resolve/pylayout.py), as for the int3 path's reads.
 
 The Python area, in the slot's copy area after the stack copy (`at`):
@@ -62,10 +63,10 @@ WINDOW = 2048
 """Bytes of the program's memory read at once below a frame (in its page):
 its callers' frames sit there, side by side in the thread's data stack, so
 most hops cost no system call."""
-CALLED = ("PyGILState_GetThisThreadState", "pthread_getspecific", "__pthread_getspecific",
-          "_dl_runtime_resolve", "_dl_fixup")
-"""Functions the walk's code may run (a lazily bound call passes through the
-dynamic linker once): a probe in one keeps the int3 path."""
+CALLED = "PyGILState_GetThisThreadState"
+"""The function the walk's code calls: a probe in the code it runs (found
+by following its branches, PLT stubs and the dynamic linker included:
+reach.py) keeps the int3 path."""
 _SAVED = (R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11, R.RBX, R.RBP,
           R.R12, R.R13, R.R14, R.R15)
 
