@@ -40,6 +40,7 @@ _OFFSETS = {
     "runtime_interpreters_head": ("runtime", "interpreters.head"),
     "interp_next": ("interp", "next"), "interp_threads_head": ("interp", "threads.head"),
     "tstate_next": ("tstate", "next"), "tstate_native_thread_id": ("tstate", "native_thread_id"),
+    "tstate_thread_id": ("tstate", "thread_id"),
     "tstate_cframe": ("tstate", "cframe"), "cframe_current_frame": ("cframe", "current_frame"),
     "frame_code": ("frame", "f_code"), "frame_previous": ("frame", "previous"),
     "frame_prev_instr": ("frame", "prev_instr"), "frame_is_entry": ("frame", "is_entry"),

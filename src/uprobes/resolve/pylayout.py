@@ -58,6 +58,7 @@ _FIELDS = {
     "interp_threads_head": "offsetof(PyInterpreterState, threads.head)",
     "tstate_next": "offsetof(PyThreadState, next)",
     "tstate_native_thread_id": "offsetof(PyThreadState, native_thread_id)",
+    "tstate_thread_id": "offsetof(PyThreadState, thread_id)",
     "tstate_cframe": "offsetof(PyThreadState, cframe)",
     "tstate_size": "sizeof(PyThreadState)",
     "cframe_current_frame": "offsetof(_PyCFrame, current_frame)",

@@ -30,6 +30,8 @@ _CHANGED_312: dict[str, Member] = {
     "owned_by_cstack": ("enum", "FRAME_OWNED_BY_CSTACK"),
     "interp_modules": ("interp", "imports.modules"),
     "tstate_status": ("tstate", "_status"),  # whose `active` bit says which state runs
+    # 3.11's state holding the GIL (a py: return by an exception, and the
+    # trap-free walk's, pywalk.py); later ones keep it per thread.
     "runtime_tstate_current": None,
     "tstate_curexc_type": None,  # (read at 3.11's exit_unwind only)
 }

@@ -520,7 +520,7 @@ class Attach(TracerState):
         if holds(spans, probe.point.path, probe.point.file_offset):
             return f"{why} (the probe is in the code its call to {CALLED} runs)"
         walk = py_walk(interp.runtime_addr - runtime[0].link_addr + func[0].link_addr,
-                       interp.layout, recipe.copy, STACKS.copy)
+                       interp.layout, recipe.copy, STACKS.copy, interp.runtime_addr)
         return walk if walk is not None else f"{why} (its stack copy leaves no room for them)"
 
     def _walk_reach(self, pid: int, path: str, func: int) -> list[Span] | str:

@@ -58,6 +58,8 @@ from uprobes.unwind.cpython.reader import MAX_PY_FRAMES, fingerprint
 
 NR_PROCESS_VM_READV = 310
 NR_GETPID = 39
+PTHREAD_SELF = 0x10
+"""%fs:0x10: the thread's pthread_self (x86-64 glibc's TCB header, `self`)."""
 HEADER = 40  # the area's words before the frames
 WINDOW = 2048
 """Bytes of the program's memory read at once below a frame (in its page):
@@ -93,6 +95,11 @@ class PyWalk:
     fp_len: int
     frames: int
     at: int
+    current: int = 0
+    """3.11: the run-time address of `_PyRuntime.gilstate.tstate_current`,
+    the state holding the GIL (0: later versions)."""
+    thread_id: int = 0
+    """3.11: the offset of a thread state's `thread_id` (its thread's pthread_self)."""
 
     @property
     def stride(self) -> int:
@@ -116,10 +123,11 @@ class PyWalk:
         return self.end
 
 
-def py_walk(func: int, lay: Layout, copy: int, room: int) -> PyWalk | None:
+def py_walk(func: int, lay: Layout, copy: int, room: int, runtime: int) -> PyWalk | None:
     """The walk for an interpreter of layout `lay` whose
-    PyGILState_GetThisThreadState is at `func`, after a stack copy of `copy`
-    bytes in a copy area of `room`; None: not a frame fits."""
+    PyGILState_GetThisThreadState is at `func` and `_PyRuntime` at
+    `runtime`, after a stack copy of `copy` bytes in a copy area of `room`;
+    None: not a frame fits."""
     fp_lo, fp_hi = fingerprint(lay)
     header, fp_len = lay.frame_size, fp_hi - fp_lo
     at = _up8(copy)
@@ -127,8 +135,10 @@ def py_walk(func: int, lay: Layout, copy: int, room: int) -> PyWalk | None:
     frames = min(MAX_PY_FRAMES * 2, (room - at - HEADER - WINDOW) // per)
     if frames < 1:
         return None
+    tc = lay.fields.get("runtime_tstate_current")
     return PyWalk(func, lay.current_frame_hops(), header, lay.frame_previous, lay.frame_code,
-                  fp_lo, fp_len, frames, at)
+                  fp_lo, fp_len, frames, at, 0 if tc is None else runtime + tc,
+                  lay.fields.get("tstate_thread_id", 0))
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,27 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
         i.create_reg_reg(Code.MOV_R32_RM32, R.R12D, R.EAX),
         i.create_reg_mem(Code.LEA_R64_M, R.R15, _mem(R.RBX, 32)),
     ]
+    if walk.current:
+        # 3.11: a subinterpreter's code runs on another state of the thread
+        # than the GILState one (the thread's first): the state holding the
+        # GIL is the one running, when its thread is this one.
+        code += [
+            i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, walk.current),
+            i.create_reg_mem(Code.MOV_R64_RM64, R.RBP, _mem(R.RAX)),
+            i.create_reg_reg(Code.TEST_RM64_R64, R.RBP, R.RBP),
+        ]
+        branch(Code.JE_REL32_64, "mine")
+        code += [i.create_reg_mem(Code.LEA_R64_M, R.R14, _mem(R.RBP, walk.thread_id)),
+                 *_readv(R.R15, R.R14, 8),
+                 i.create_reg_i32(Code.CMP_RM64_IMM8, R.RAX, 8)]
+        branch(Code.JNE_REL32_64, "mine")
+        code += [i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RBX, 32)),
+                 i.create_reg_mem(Code.CMP_R64_RM64, R.RAX,
+                                  MemoryOperand(R.NONE, displ=PTHREAD_SELF, seg=R.FS))]
+        branch(Code.JNE_REL32_64, "mine")
+        code += [i.create_reg_reg(Code.MOV_R64_RM64, R.R13, R.RBP),
+                 i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 0), R.R13)]
+    mine = len(code)
     for hop in walk.hops:
         code += [i.create_reg_mem(Code.LEA_R64_M, R.R14, _mem(R.R13, hop)),
                  *_readv(R.R15, R.R14, 8),
@@ -338,8 +369,8 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     ]
     done = len(code)
     code += [i.create_reg(Code.POP_R64, r) for r in reversed(_SAVED)]
-    labels = {"done": done, "fps": fps, "loop": loop, "iov": iov, "hit": hit, "miss": miss,
-              "direct": direct, "got": got}
+    labels = {"done": done, "mine": mine, "fps": fps, "loop": loop, "iov": iov, "hit": hit,
+              "miss": miss, "direct": direct, "got": got}
     for at, kind, name in jumps:
         code[at] = i.create_branch(kind, 1 + labels[name])
     final: list[Instruction] = []

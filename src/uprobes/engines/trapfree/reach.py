@@ -8,7 +8,8 @@ bound: every loaded file's definition of the symbol its relocation names
 (a superset of the one the dynamic linker picks), the stub itself, and,
 lazily bound, the dynamic linker (the whole file). Any other indirect branch,
 a target no symbol holds, or an IFUNC leaves the code unknown: the caller
-refuses. Ranges are file offsets, so a probe is compared by its file.
+refuses. A function that ends the process (`ENDS`: a debug build's failed
+assertion) is not followed. Ranges are file offsets, so a probe is compared by its file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
 from uprobes.errors import UprobesError
 
+ENDS = frozenset({"__assert_fail", "__assert_perror_fail", "abort", "__stack_chk_fail",
+                  "__fortify_fail", "__chk_fail", "Py_FatalError", "_Py_FatalErrorFunc",
+                  "_Py_FatalErrorFormat"})
+"""Functions that end the process (a failed assertion of a debug build):
+not followed, a probe there meets a program that was dying anyway."""
 MAX_FUNCS = 64
 MAX_FUNC_BYTES = 1 << 16
 _PLTS = (".plt", ".plt.sec", ".plt.got")
@@ -112,6 +118,8 @@ def _reach(start_path: str, start: int, loaded: Sequence[str], linker: str | Non
                     and insn.is_ip_rel_memory_operand):
                 return f"the PLT stub at {addr:#x} of {path} is not a jump through the GOT"
             name = f.slots().get(insn.ip_rel_memory_address)
+            if name in ENDS:
+                continue
             if name is None:
                 return f"the PLT stub at {addr:#x} of {path} binds no symbol"
             spans.append(f.span(addr, addr + _STUB))
@@ -130,7 +138,7 @@ def _reach(start_path: str, start: int, loaded: Sequence[str], linker: str | Non
         held = f.symbols.containing(addr)
         if held is None or not held.size or held.size > MAX_FUNC_BYTES:
             return f"no symbol of {path} holds {addr:#x}"
-        if (path, held.link_addr) in seen:
+        if (path, held.link_addr) in seen or held.name in ENDS:
             continue
         seen.add((path, held.link_addr))
         if len(seen) > MAX_FUNCS:

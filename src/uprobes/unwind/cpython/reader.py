@@ -44,6 +44,9 @@ _ACTIVE = 1 << 4
 CUT = Frame(0, None, "...", python=True)
 """Where a stack's Python frames were cut: over MAX_PY_FRAMES, or over what
 one capture may read."""
+GONE = Frame(0, None, "<freed code>", python=True)
+"""A trap-free hit's frame whose code object was freed (or its process
+ended) before it was named: its callers are still shown."""
 
 
 def _u64(data: bytes, at: int) -> int:
@@ -90,6 +93,11 @@ class _Code:
 
 class _OverBudget(UprobesError):
     """A capture read or decoded what it may."""
+
+
+class _Gone(UprobesError):
+    """A frame's code object, copied at the hit, cannot be named now (freed
+    since, or its process gone): the frame is GONE, its callers go on."""
 
 
 class _Budget:
@@ -268,8 +276,9 @@ class PythonStacks:
         one's code object a code is told by (`fingerprint`, None: not
         copied). A code object is read (`read`: the live process) only the
         first time it is seen; one whose fingerprint there is not the
-        copied one (freed and another made where it was, since the hit)
-        ends the stack."""
+        copied one (freed and another made where it was, since the hit),
+        or that cannot be read (its process gone), is GONE, and its callers
+        are named on."""
         # (the one seen while the probes went in: the process may be gone)
         interp = self._interps.get(pid) or self._interpreter(pid, read)
         if interp is None:
@@ -294,9 +303,12 @@ class PythonStacks:
                 raise _OverBudget  # (not copied: the stack ends here)
             if cached is not None and cached.fingerprint == copied:
                 return b"\0" * fp_lo + copied  # the fingerprint is all a cached one is checked by
-            live = read(addr, lay.code_code)
+            try:
+                live = read(addr, lay.code_code)
+            except UprobesError:
+                raise _Gone from None
             if live[fp_lo:fp_hi] != copied:
-                raise _OverBudget
+                raise _Gone
             return live
         budget = _Budget(read)
         try:
@@ -335,10 +347,20 @@ class PythonStacks:
                     continue
                 code_addr = _u64(blob, code_at)
                 code = codes.get((pid, code_addr))
-                head = head_of(code_addr, code)
-                if code is None or code.fingerprint != head[fp_lo:fp_hi]:
-                    code = codes[(pid, code_addr)] = self._code(
-                        code_addr, head, head[fp_lo:fp_hi], read, lay)
+                try:
+                    head = head_of(code_addr, code)
+                    if code is None or code.fingerprint != head[fp_lo:fp_hi]:
+                        code = codes[(pid, code_addr)] = self._code(
+                            code_addr, head, head[fp_lo:fp_hi], read, lay)
+                except _OverBudget:
+                    raise
+                except UprobesError:  # (_Gone, or its strings unreadable now)
+                    group.append(GONE)
+                    shown += 1
+                    if not apart and blob[entry_at]:
+                        groups.append(tuple(group))
+                        group = []
+                    continue
                 index = (_u64(blob, instr_at) - (code_addr + code_start)) // 2
                 # A frame being set up has not reached its first traceable
                 # instruction; CPython leaves it out of tracebacks too. But the
