@@ -673,3 +673,64 @@ def test_trapfree_callers_of_a_freed_code_object_are_named(tmp_path: Path) -> No
         prog.wait()
         if tracer is not None:
             tracer.wait(timeout=120)
+
+
+FORKS = """
+import os, sys
+def child_leaf():
+    os.getpid()
+def main():
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            child_leaf()
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print("done", flush=True)
+    sys.stdin.readline()
+main()
+"""
+
+
+@pytest.mark.root
+def test_trapfree_frames_of_a_fork_child_that_ended(tmp_path: Path) -> None:
+    """With -p, a fork child's hits (trap-free: it has the jumps too) are
+    named after it has ended, from its parent's code objects, with no note
+    that it runs no interpreter (before: no Python frame, and that note)."""
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS)
+    prog = subprocess.Popen([PYTHON311, str(script)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "hits.jsonl"
+    tracer = None
+    try:
+        with killed_after(prog):
+            assert prog.stdin is not None and prog.stdout is not None
+            assert prog.stdout.readline() == "ready\n"
+            tracer = subprocess.Popen(
+                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", "-o", str(out),
+                 "-p", str(prog.pid), "libc:getpid"], stderr=subprocess.PIPE)
+            assert tracer.stderr is not None
+            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
+            assert "1 of 1 probes trap-free" in said, said
+            prog.stdin.write("go\n")
+            prog.stdin.flush()
+            assert prog.stdout.readline() == "done\n"
+            tracer.send_signal(signal.SIGINT)
+            _, err = tracer.communicate(timeout=120)
+            assert tracer.returncode == 0
+            prog.stdin.write("end\n")
+            prog.stdin.flush()
+            assert prog.wait(timeout=60) == 0
+        assert b"runs no CPython" not in err, err
+        hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
+        stacks = Counter(tuple(str(f["symbol"]) for f in reversed(h["stack"]) if f.get("python"))
+                         for h in hits if h["pid"] != prog.pid)
+        assert stacks[("<module>", "main", "child_leaf")] == 5, stacks
+    finally:
+        prog.kill()
+        prog.wait()
+        if tracer is not None:
+            tracer.wait(timeout=120)

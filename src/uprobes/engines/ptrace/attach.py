@@ -560,14 +560,24 @@ class Attach(TracerState):
         return groups
 
     def _live_read(self, pid: int) -> Callable[[int, int], bytes]:
-        """Reads `pid`'s memory now (its code objects, seen first)."""
-        for t in self.threads.values():
-            if t.pid == pid:
-                return t.mm.mem.read
+        """Reads `pid`'s memory now (its code objects, seen first); a fork
+        child that has ended, its parent's (the fingerprints tell)."""
+        parents = {} if self._pystacks is None else self._pystacks.parents
+        reads: list[Callable[[int, int], bytes]] = []
+        seen = set()
+        while pid not in seen:  # (a child ending as it is read: its parent's too)
+            seen.add(pid)
+            reads += [t.mm.mem.read for t in self.threads.values() if t.pid == pid][:1]
+            pid = parents.get(pid, pid)
 
-        def gone(addr: int, n: int) -> bytes:
+        def read(addr: int, n: int) -> bytes:
+            for r in reads:
+                try:
+                    return r(addr, n)
+                except UprobesError:
+                    continue
             raise ProcessError(f"process {pid} is not traced")
-        return gone
+        return read
 
     def _walk_refused(self, tid: int) -> str | None:
         """Why the Python walk's system calls (getpid, process_vm_readv, made

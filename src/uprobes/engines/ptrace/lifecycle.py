@@ -68,6 +68,8 @@ class ThreadLife(TracerState):
             if event == ptrace.EVENT_VFORK and self._recorder is not None:
                 # (The child is held before its first instruction, its parent at the event.)
                 self._recorder.vforks.lent(parent.ns_tid, ns_tid, tsc.read())
+            if self._pystacks is not None:
+                self._pystacks.forked(parent.pid, tid)
             # Its stack holds the same trampolines.
             new.returns = retprobes.inherit(parent.returns, mm.ret_table, new.ns_tid, mm.mem)
         new.comm_cached, new.comm_at = parent.comm_cached, parent.comm_at

@@ -128,6 +128,16 @@ class PythonStacks:
         self._codes: dict[tuple[int, int], _Code] = {}
         self._noted: set[int] = set()
         self._exes: dict[int, tuple[int, int] | None] = {}  # the program each was looked in
+        self.parents: dict[int, int] = {}  # a fork child -> the process it was forked from
+
+    def forked(self, parent: int, child: int) -> None:
+        """`child` was forked from `parent`: the same interpreter at the same
+        addresses (its hits are named even after it has ended, from its
+        parent's code objects where their fingerprints agree)."""
+        if parent in self._interps:
+            self._interps[child] = self._interps[parent]
+            self._exes[child] = self._exes.get(parent)
+        self.parents[child] = parent
 
     def _interpreter(self, pid: int, read: Read) -> Interpreter | None:
         interp = self._interps.get(pid)
@@ -157,7 +167,9 @@ class PythonStacks:
             interp = None
         self._interps[pid] = interp
         self._exes[pid] = _exe(pid)
-        if interp is None:
+        if interp is None and not os.path.exists(f"/proc/{pid}"):
+            pass  # (ended before it was looked in: nothing to say of what it ran)
+        elif interp is None:
             self._tell(pid, f"process {pid} runs no CPython interpreter that uprobes can "
                             "read: its stacks are native only")
         else:
