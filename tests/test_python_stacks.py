@@ -497,6 +497,41 @@ def test_trapfree_python_frames_are_the_int3_paths(python: str, tmp_path: Path) 
     assert Counter(map(whole, stacks)) == Counter(map(whole, stacks3))
 
 
+def _go_done_end(argv: list[str], tmp_path: Path, spec: str
+                 ) -> tuple[list[dict[str, Any]], str, str, int]:
+    """`trace --python -p` of a program that prints "ready", runs at "go",
+    prints "done" and waits for "end": (its hits, what uprobes said by
+    placement, what it said after, its pid)."""
+    prog = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    out = tmp_path / "hits.jsonl"
+    tracer = None
+    try:
+        with killed_after(prog):
+            assert prog.stdin is not None and prog.stdout is not None
+            assert prog.stdout.readline() == "ready\n"
+            tracer = subprocess.Popen(
+                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", "-o", str(out),
+                 "-p", str(prog.pid), spec], stderr=subprocess.PIPE)
+            assert tracer.stderr is not None
+            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
+            prog.stdin.write("go\n")
+            prog.stdin.flush()
+            assert prog.stdout.readline() == "done\n"
+            tracer.send_signal(signal.SIGINT)
+            _, err = tracer.communicate(timeout=120)
+            assert tracer.returncode == 0
+            prog.stdin.write("end\n")
+            prog.stdin.flush()
+            assert prog.wait(timeout=60) == 0
+        hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
+        return hits, said, err.decode(), prog.pid
+    finally:
+        prog.kill()
+        prog.wait()
+        if tracer is not None:
+            tracer.wait(timeout=120)
+
+
 CALLS_ITS_OWN = """
 import ctypes, sys
 print("ready", flush=True)
@@ -530,39 +565,12 @@ def test_a_probe_in_what_the_walk_calls_keeps_the_int3(python: str, spec: str,
     code that runs (followed through its jumps and PLT stubs) takes the int3
     path (its code would call itself without end), says why, and the
     program's calls are seen with their Python frames."""
-    prog = subprocess.Popen([python, "-c", CALLS_ITS_OWN], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    out = tmp_path / "hits.jsonl"
-    tracer = None
-    try:
-        with killed_after(prog):
-            assert prog.stdin is not None and prog.stdout is not None
-            assert prog.stdout.readline() == "ready\n"
-            tracer = subprocess.Popen(
-                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", "-o", str(out),
-                 "-p", str(prog.pid), spec],
-                stderr=subprocess.PIPE)
-            assert tracer.stderr is not None
-            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
-            assert "in the code its call to PyGILState_GetThisThreadState runs" in said \
-                and "0 of 1 probes trap-free" in said, said
-            prog.stdin.write("go\n")
-            prog.stdin.flush()
-            assert prog.stdout.readline() == "done\n"
-            tracer.send_signal(signal.SIGINT)
-            assert tracer.wait(timeout=120) == 0
-            prog.stdin.write("end\n")
-            prog.stdin.flush()
-            assert prog.wait(timeout=60) == 0
-        hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
-        ours = [h for h in hits if any(f.get("python") and f["symbol"] == "<module>"
-                                       for f in h["stack"])]
-        assert len(ours) >= 3, hits
-    finally:
-        prog.kill()
-        prog.wait()
-        if tracer is not None:
-            tracer.wait(timeout=120)
+    hits, said, _, _ = _go_done_end([python, "-c", CALLS_ITS_OWN], tmp_path, spec)
+    assert "in the code its call to PyGILState_GetThisThreadState runs" in said \
+        and "0 of 1 probes trap-free" in said, said
+    ours = [h for h in hits if any(f.get("python") and f["symbol"] == "<module>"
+                                   for f in h["stack"])]
+    assert len(ours) >= 3, hits
 
 
 @pytest.mark.root
@@ -636,43 +644,17 @@ def test_trapfree_callers_of_a_freed_code_object_are_named(tmp_path: Path) -> No
     the stack ended there: 225 of 300 calls had no Python frame)."""
     script = tmp_path / "frees.py"
     script.write_text(FREES_ITS_CODE)
-    prog = subprocess.Popen([PYTHON311, str(script)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    out = tmp_path / "hits.jsonl"
-    tracer = None
-    try:
-        with killed_after(prog):
-            assert prog.stdin is not None and prog.stdout is not None
-            assert prog.stdout.readline() == "ready\n"
-            tracer = subprocess.Popen(
-                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", "-o", str(out),
-                 "-p", str(prog.pid), "libc:getpid"], stderr=subprocess.PIPE)
-            assert tracer.stderr is not None
-            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
-            assert "1 of 1 probes trap-free" in said, said
-            prog.stdin.write("go\n")
-            prog.stdin.flush()
-            assert prog.stdout.readline() == "done\n"
-            tracer.send_signal(signal.SIGINT)
-            assert tracer.wait(timeout=120) == 0
-            prog.stdin.write("end\n")
-            prog.stdin.flush()
-            assert prog.wait(timeout=60) == 0
-        hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
-        stacks = [[str(f["symbol"]) for f in reversed(h["stack"]) if f.get("python")]
-                  for h in hits]
-        ours = [s for s in stacks if s and s[0] == "<module>"]
-        assert len(ours) == 300, Counter(s[-1] if s else "none" for s in stacks)
-        # (Not checked: which f_N. A code object made where a freed one was,
-        # its strings where the freed one's were, has the same fingerprint:
-        # docs/python.md says so.)
-        assert all(s[:2] == ["<module>", "main"] and len(s) == 3 and
-                   (s[2].startswith("f_") or s[2] == "<freed code>") for s in ours), ours
-    finally:
-        prog.kill()
-        prog.wait()
-        if tracer is not None:
-            tracer.wait(timeout=120)
+    hits, said, _, _ = _go_done_end([PYTHON311, str(script)], tmp_path, "libc:getpid")
+    assert "1 of 1 probes trap-free" in said, said
+    stacks = [[str(f["symbol"]) for f in reversed(h["stack"]) if f.get("python")]
+              for h in hits]
+    ours = [s for s in stacks if s and s[0] == "<module>"]
+    assert len(ours) == 300, Counter(s[-1] if s else "none" for s in stacks)
+    # (Not checked: which f_N. A code object made where a freed one was,
+    # its strings where the freed one's were, has the same fingerprint:
+    # docs/python.md says so.)
+    assert all(s[:2] == ["<module>", "main"] and len(s) == 3 and
+               (s[2].startswith("f_") or s[2] == "<freed code>") for s in ours), ours
 
 
 FORKS = """
@@ -701,36 +683,9 @@ def test_trapfree_frames_of_a_fork_child_that_ended(tmp_path: Path) -> None:
     that it runs no interpreter (before: no Python frame, and that note)."""
     script = tmp_path / "forks.py"
     script.write_text(FORKS)
-    prog = subprocess.Popen([PYTHON311, str(script)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    out = tmp_path / "hits.jsonl"
-    tracer = None
-    try:
-        with killed_after(prog):
-            assert prog.stdin is not None and prog.stdout is not None
-            assert prog.stdout.readline() == "ready\n"
-            tracer = subprocess.Popen(
-                [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", "-o", str(out),
-                 "-p", str(prog.pid), "libc:getpid"], stderr=subprocess.PIPE)
-            assert tracer.stderr is not None
-            said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
-            assert "1 of 1 probes trap-free" in said, said
-            prog.stdin.write("go\n")
-            prog.stdin.flush()
-            assert prog.stdout.readline() == "done\n"
-            tracer.send_signal(signal.SIGINT)
-            _, err = tracer.communicate(timeout=120)
-            assert tracer.returncode == 0
-            prog.stdin.write("end\n")
-            prog.stdin.flush()
-            assert prog.wait(timeout=60) == 0
-        assert b"runs no CPython" not in err, err
-        hits = [json.loads(x) for x in out.read_text().splitlines() if '"probe"' in x]
-        stacks = Counter(tuple(str(f["symbol"]) for f in reversed(h["stack"]) if f.get("python"))
-                         for h in hits if h["pid"] != prog.pid)
-        assert stacks[("<module>", "main", "child_leaf")] == 5, stacks
-    finally:
-        prog.kill()
-        prog.wait()
-        if tracer is not None:
-            tracer.wait(timeout=120)
+    hits, said, err, pid = _go_done_end([PYTHON311, str(script)], tmp_path, "libc:getpid")
+    assert "1 of 1 probes trap-free" in said, said
+    assert "runs no CPython" not in err, err
+    stacks = Counter(tuple(str(f["symbol"]) for f in reversed(h["stack"]) if f.get("python"))
+                     for h in hits if h["pid"] != pid)
+    assert stacks[("<module>", "main", "child_leaf")] == 5, stacks
