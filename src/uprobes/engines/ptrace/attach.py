@@ -524,8 +524,9 @@ class Attach(TracerState):
         return walk if walk is not None else f"{why} (its stack copy leaves no room for them)"
 
     def _walk_reach(self, pid: int, path: str, func: int) -> list[Span] | str:
-        """The code the walk's call runs in `pid` (reach.py), found once per process."""
-        known = self._walk_spans.get(pid)
+        """The code the walk's call runs in `pid` (reach.py), found once per
+        process and interpreter (another after an exec)."""
+        known = self._walk_spans.get((pid, path, func))
         if known is None:
             try:
                 loaded = list(dict.fromkeys(m.path for m in procfs.maps(pid)
@@ -533,7 +534,7 @@ class Attach(TracerState):
             except ProcessError as e:
                 return str(e)
             linker = next((p for p in loaded if os.path.basename(p).startswith("ld-")), None)
-            known = self._walk_spans[pid] = reach(path, func, loaded, linker)
+            known = self._walk_spans[(pid, path, func)] = reach(path, func, loaded, linker)
         return known
 
     def _py_groups(self, walk: PyWalk) -> Callable[[int, bytes], PyGroups]:

@@ -108,7 +108,7 @@ class TracerState:
     _placed_once: bool
     _comm_refused_in: set[int]  # processes told their seccomp state keeps --comm out
     _walk_checked: dict[int, str | None]  # pid -> why no Python walk there (seccomp)
-    _walk_spans: dict[int, list[Span] | str]  # pid -> the code the walk's call runs
+    _walk_spans: dict[tuple[int, str, int], list[Span] | str]  # the code the walk's call runs
     _quiescing: bool
     _vanished: bool
     _stack: ExitStack

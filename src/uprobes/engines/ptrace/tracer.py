@@ -224,7 +224,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self._placed_once = False
         self._comm_refused_in = set()
         self._walk_checked: dict[int, str | None] = {}  # pid -> why no Python walk there
-        self._walk_spans: dict[int, list[Span] | str] = {}  # pid -> the code its call runs
+        self._walk_spans: dict[tuple[int, str, int], list[Span] | str] = {}  # (reach.py)
         self._quiescing = False
         self._stack = ExitStack()
         self._undo = ExitStack()
