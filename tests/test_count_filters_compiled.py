@@ -176,3 +176,22 @@ def test_a_name_that_is_not_utf8_is_its_bytes(timed: Path, tmp_path: Path) -> No
     assert COUNTER_NOTE in stderr, stderr
     assert got == 300
     assert _kernel_count(exe, "--comm", exe.name, mode=("tiny", "300")) == 300
+
+
+@pytest.mark.root  # pid namespaces; the rename word's BPF programs
+def test_a_family_across_pid_namespaces_keeps_no_verdict_by_tid(compile_c: Compiler) -> None:
+    """pidns_comm.c under `unshare -p -f`: a parent and its child, each pid 1
+    of its own namespace, share the kept verdicts' tables. Keyed by tid,
+    the child's verdict was taken for the parent's hits (before: 1000 for
+    parentx, 100001 for kidx); the family now asks the kernel at each test,
+    and a note says why."""
+    exe = compile_c("pidns_comm.c", "-O1")
+    for name, want in (("parentx", 101000), ("kidx", 1)):
+        run = subprocess.run([*UPROBES, "count", "-e", "ptrace", "--comm", name, f"{exe}:f",
+                              "--", "unshare", "-p", "-f", str(exe), "100000"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        assert "parent 101000, child 1" in run.stdout
+        assert "is in a pid namespace of its own" in run.stderr, run.stderr
+        found = re.search(r"^uprobes/f\s+(\d+)$", run.stdout, re.M)
+        assert found is not None and int(found[1]) == want, (name, run.stdout)

@@ -235,6 +235,13 @@ def ns_pid(pid: int) -> int:
         return pid
 
 
+def ns_depth(pid: int) -> int:
+    """How many pid namespaces deep process `pid` is (1: the initial one):
+    the count of NSpid in /proc/PID/status; 0 if that cannot be read."""
+    value = _status_field(pid, "NSpid")
+    return len(value.split()) if value else 0
+
+
 def comm(pid: int) -> str:
     """The task's comm (at most 15 bytes, what the kernel prints in traces)."""
     text = _read(pid, "comm")

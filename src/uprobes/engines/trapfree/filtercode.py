@@ -33,7 +33,7 @@ from iced_x86 import Code, Instruction
 from iced_x86 import Register as R
 
 from uprobes.engines.trapfree.keyed import TID, Source, load
-from uprobes.engines.trapfree.layout import COUNTER_TLS, COUNTER_UNNAMED
+from uprobes.engines.trapfree.layout import COUNTER_TLS, COUNTER_UNNAMED, NO_KEPT_VERDICTS
 from uprobes.engines.trapfree.timing import (
     COMM_BYTES,
     NR_PRCTL,
@@ -300,12 +300,16 @@ def _kept_comm_equals(a: _Asm, name: str, lost: str, table: int, block: int,
     answers while no rename is pending and the generation is the one in
     the frame's word (read before any name, `_emit_check`). Else the name
     is asked and compared, and the verdict kept under that generation.
-    While a rename is pending, nothing is kept. Same clobbers."""
+    While a rename is pending, nothing is kept; nor once the tracer set the
+    byte after the tid flag (NO_KEPT_VERDICTS: the family has processes in
+    two pid namespaces, whose tids may be the same). Same clobbers."""
     i = Instruction
     asked, miss, done, dropped = (a.fresh(n) for n in ("comm_asked", "comm_miss",
                                                        "comm_kept", "comm_lost"))
     a(i.create_mem_i32(Code.CMP_RM32_IMM32, _mem(R.RSP, _WORD), 0))
     a.jump(Code.JNE_REL32_64, asked)  # a rename under way: ask, keep nothing
+    a(i.create_mem_i32(Code.CMP_RM8_IMM8, _mem(R.RIP, block + flag + NO_KEPT_VERDICTS), 0))
+    a.jump(Code.JNE_REL32_64, asked)  # a family across pid namespaces: tids are not unique
     _tid(a, block, flag)  # esi (clobbers rax, rcx)
     a(i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSP, _WORD)),
       i.create_reg_i32(Code.SHR_RM64_IMM8, R.RAX, 32),

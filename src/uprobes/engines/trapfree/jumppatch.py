@@ -70,6 +70,7 @@ from uprobes.engines.trapfree.layout import (
     KEYED_TLS,
     KEYED_UNNAMED,
     LONG,
+    NO_KEPT_VERDICTS,
     RING_BYTES,
     RING_TLS,
     TIMING_BYTES,
@@ -133,6 +134,9 @@ class CounterBlock:
 
     def tls_confirmed(self) -> None:
         self.view[COUNTER_TLS] = 1
+
+    def no_kept_verdicts(self) -> None:
+        self.view[COUNTER_TLS + NO_KEPT_VERDICTS] = 1
 
     def read(self, index: int) -> int:
         return int(struct.unpack_from("<Q", self.view, index * COUNTER_STRIDE)[0])
@@ -263,6 +267,7 @@ class _Space:
     # another's tid (a raw fork): the tid is asked of the kernel for good (withdraw_tls)
     bounds: stackbounds.StackBounds | None = None  # the threads' stacks (stack copies)
     rename_word: int | None = None  # where the rename word is mapped (renames.py)
+    verdicts_withdrawn: bool = False  # its family spans pid namespaces (span_pid_namespaces)
 
 
 @dataclass(frozen=True)
@@ -723,6 +728,28 @@ class TrapFree:
             rows.tls_withdrawn()
         for tables in space.keyed:
             tables.view[KEYED_TLS] = 0
+        return True
+
+    def span_pid_namespaces(self, mm: object) -> bool:
+        """The family of `mm` now has processes in two pid namespaces (a
+        child, not yet run, in a namespace of its own), where two threads
+        may have one tid: a --comm verdict kept by tid could be another
+        process's, so its shared code keeps none from now on (each hit asks
+        the kernel). True the first time for that family."""
+        space = self._spaces.get(mm)
+        if space is None or space.verdicts_withdrawn:
+            return False
+        shared = {id(b) for b in (*space.blocks, *space.timing, *space.keyed)}
+        for other in self._spaces.values():
+            if other is space or any(id(b) in shared
+                                     for b in (*other.blocks, *other.timing, *other.keyed)):
+                other.verdicts_withdrawn = True
+        for counters in space.blocks:
+            counters.no_kept_verdicts()
+        for rows in space.timing:
+            rows.no_kept_verdicts()
+        for tables in space.keyed:
+            tables.no_kept_verdicts()
         return True
 
     def release_thread(self, mm: object, tid: int,

@@ -49,6 +49,7 @@ from uprobes.engines.trapfree.layout import (
     KEYED_TABLES,
     KEYED_TABLES_OFFSET,
     KEYED_TLS,
+    NO_KEPT_VERDICTS,
     ROW_STACK,
     TABLE_BYTES,
     TABLE_ENTRIES,
@@ -303,6 +304,9 @@ class KeyedBlock:
 
     def tls_confirmed(self) -> None:
         self.view[KEYED_TLS] = 1
+
+    def no_kept_verdicts(self) -> None:
+        self.view[KEYED_TLS + NO_KEPT_VERDICTS] = 1
 
     def read(self, table: int, signed: bool) -> tuple[dict[int, Aggregate], int]:
         """Table `table`'s entries by raw key (its 16 bytes as a

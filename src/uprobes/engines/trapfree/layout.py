@@ -128,6 +128,8 @@ CPU_MASK = (1 << CPU_BITS) - 1
 COUNTER_BLOCK_BYTES = 64 * 1024
 COUNTER_STRIDE = 64  # one cache line per counter: threads on different probes share none
 COUNTER_TLS = 0      # in the header line, counter index 0 (never a counter)
+NO_KEPT_VERDICTS = 1  # the byte after each block's tid flag: 1 once the tracer saw the
+# family span two pid namespaces (a --comm verdict is kept by tid: not unique there)
 COUNTER_UNNAMED = 8  # hits a compiled `--comm` could not decide: no name (lock inc)
 
 # ---------------------------------------------------------------- timing (latency in the program)

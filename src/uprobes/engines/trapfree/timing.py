@@ -66,6 +66,7 @@ from uprobes.engines.trapfree.layout import (
     KH_HIST,
     KH_KEY,
     KH_STATE,
+    NO_KEPT_VERDICTS,
     ROW_BYTES,
     ROW_CLAIMED,
     ROW_DEPTH,
@@ -659,6 +660,10 @@ class TimingBlock:
     def tls_confirmed(self) -> None:
         """The tid is at glibc's place in the thread pointer: no more system calls."""
         self.view[self._at + TIMING_TLS] = 1
+
+    def no_kept_verdicts(self) -> None:
+        """A --comm verdict is not kept by tid (filtercode.NO_KEPT_VERDICTS)."""
+        self.view[self._at + TIMING_TLS + NO_KEPT_VERDICTS] = 1
 
     def tls_withdrawn(self) -> None:
         """The tid is not to be read at the thread pointer (jumppatch.check_fork_tls)."""
