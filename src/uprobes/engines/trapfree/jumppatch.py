@@ -715,11 +715,8 @@ class TrapFree:
             return False
         if _tid_at_thread_pointer(mem, fs_base, tid):
             return False
-        shared = {id(b) for b in (*space.blocks, *space.rings, *space.timing, *space.keyed)}
-        for other in self._spaces.values():
-            mine = (*other.blocks, *other.rings, *other.timing, *other.keyed)
-            if other is space or any(id(b) in shared for b in mine):
-                other.tls_tid, other.tls_never = False, True
+        for other in self._family(space):
+            other.tls_tid, other.tls_never = False, True
         for counters in space.blocks:
             counters.view[COUNTER_TLS] = 0
         for ring in space.rings:
@@ -730,6 +727,15 @@ class TrapFree:
             tables.view[KEYED_TLS] = 0
         return True
 
+    def _family(self, space: _Space) -> list[_Space]:
+        """`space` and every address space sharing a block with it (a fork
+        family: the children map their parent's shared memory)."""
+        def blocks(s: _Space) -> tuple[object, ...]:
+            return (*s.blocks, *s.rings, *s.timing, *s.keyed)
+        shared = {id(b) for b in blocks(space)}
+        return [other for other in self._spaces.values()
+                if other is space or any(id(b) in shared for b in blocks(other))]
+
     def span_pid_namespaces(self, mm: object) -> bool:
         """The family of `mm` now has processes in two pid namespaces (a
         child, not yet run, in a namespace of its own), where two threads
@@ -739,11 +745,8 @@ class TrapFree:
         space = self._spaces.get(mm)
         if space is None or space.verdicts_withdrawn:
             return False
-        shared = {id(b) for b in (*space.blocks, *space.timing, *space.keyed)}
-        for other in self._spaces.values():
-            if other is space or any(id(b) in shared
-                                     for b in (*other.blocks, *other.timing, *other.keyed)):
-                other.verdicts_withdrawn = True
+        for other in self._family(space):
+            other.verdicts_withdrawn = True
         for counters in space.blocks:
             counters.no_kept_verdicts()
         for rows in space.timing:
