@@ -316,9 +316,11 @@ def test_a_name_that_cannot_be_read_is_keyed_as_unknown(command: str, seccomp_ex
 
 
 def test_the_name_is_read_once_per_hit(seccomp_exe: Path, tracefs: Path) -> None:
-    """Four `--comm` terms, none the thread's: each hit asks for the name
-    once (a prctl system call each, counted by the kernel's tracepoint),
-    not once per term."""
+    """Four `--comm` terms, none the thread's: a hit asks for the name at
+    most once (a prctl system call each, counted by the kernel's
+    tracepoint), not once per term; with the verdict kept under the
+    kernel's rename word (filters.md), once in all unless a rename or a new
+    task anywhere on the machine moves the word meanwhile."""
     from uprobes.sys import perf
     event = tracefs / "events/syscalls/sys_enter_prctl/id"
     if not event.exists():
@@ -330,7 +332,7 @@ def test_the_name_is_read_once_per_hit(seccomp_exe: Path, tracefs: Path) -> None
             out, err = _count_attached(seccomp_exe, proc, "--comm", "a", "--comm", "b",
                                        "--comm", "c", "--comm", "d")
             assert "1 of 1 probes trap-free (a jump to an in-process counter" in err, err
-            assert calls.read_count() == LOOPS
+            assert 1 <= calls.read_count() <= LOOPS
     finally:
         proc.kill()
         proc.wait()
