@@ -65,8 +65,7 @@ class ThreadLife(TracerState):
                 self._taken_by_fork(parent.mm, mm)
             new = Thread(tid, tid, mm)
             ns_tid = new.ns_tid  # (a child of unshare(CLONE_NEWPID): a namespace of its own)
-            if (self._jumps is not None and procfs.ns_depth(tid) != procfs.ns_depth(parent.pid)
-                    and self._jumps.span_pid_namespaces(mm)):
+            if self._jumps is not None and self._jumps.span_pid_namespaces(mm, tid, parent.pid):
                 self._note(f"process {tid} is in a pid namespace of its own, where its tids may "
                            f"be another process's: process {parent.pid}'s family asks the kernel "
                            "for the thread's name at each --comm test from now on")

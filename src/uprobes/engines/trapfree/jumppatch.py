@@ -736,14 +736,16 @@ class TrapFree:
         return [other for other in self._spaces.values()
                 if other is space or any(id(b) in shared for b in blocks(other))]
 
-    def span_pid_namespaces(self, mm: object) -> bool:
-        """The family of `mm` now has processes in two pid namespaces (a
-        child, not yet run, in a namespace of its own), where two threads
-        may have one tid: a --comm verdict kept by tid could be another
-        process's, so its shared code keeps none from now on (each hit asks
-        the kernel). True the first time for that family."""
+    def span_pid_namespaces(self, mm: object, child: int, parent: int) -> bool:
+        """Whether fork child `child` (of `mm`, not yet run) is in another pid
+        namespace than `parent`: its family then has two, where two threads
+        may have one tid, so a --comm verdict kept by tid could be another
+        process's, and its shared code keeps none from now on (each hit asks
+        the kernel). True the first time for a family that keeps verdicts
+        (only then are the namespaces read)."""
         space = self._spaces.get(mm)
-        if space is None or space.verdicts_withdrawn:
+        if space is None or space.rename_word is None or space.verdicts_withdrawn \
+                or procfs.ns_depth(child) == procfs.ns_depth(parent):
             return False
         for other in self._family(space):
             other.verdicts_withdrawn = True
