@@ -650,11 +650,12 @@ def test_trapfree_callers_of_a_freed_code_object_are_named(tmp_path: Path) -> No
               for h in hits]
     ours = [s for s in stacks if s and s[0] == "<module>"]
     assert len(ours) == 300, Counter(s[-1] if s else "none" for s in stacks)
-    # (Not checked: which f_N. A code object made where a freed one was,
-    # its strings where the freed one's were, has the same fingerprint:
-    # docs/python.md says so.)
-    assert all(s[:2] == ["<module>", "main"] and len(s) == 3 and
-               (s[2].startswith("f_") or s[2] == "<freed code>") for s in ours), ours
+    # (Not checked: the third frame's name. A code object made where a freed
+    # one was, its strings where the freed one's were, has the same
+    # fingerprint and is named as the new one, which need not be an f_N:
+    # `os` was seen once in a full run. docs/python.md says so.)
+    assert all(s[:2] == ["<module>", "main"] and len(s) == 3 for s in ours), ours
+    assert any(s[2] == "<freed code>" or s[2].startswith("f_") for s in ours), ours
 
 
 FORKS = """
