@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
@@ -30,7 +31,9 @@ from uprobes.commands.selection import (
     run_selected,
 )
 from uprobes.errors import SpecError, UsageError
+from uprobes.lang import parse
 from uprobes.lang.ast import FileTarget, ProbeKind, ProbeSpec, PyTarget
+from uprobes.lang.condition import parse_condition
 from uprobes.lang.render import render
 from uprobes.model.event import Event
 from uprobes.render.breakdown import part_histograms, write_breakdowns, write_breakdowns_json
@@ -123,6 +126,21 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             args.svg_file.close()
 
 
+def entry_condition(condition: str | None, specs: list[str],
+                    by: str | None) -> Callable[[Event], bool] | None:
+    """`--if COND` as a test of a call's entry event (None: no `--if`),
+    its fields checked against each function's entry probe (SpecError
+    naming the probe's fields otherwise)."""
+    if condition is None:
+        return None
+    cond = parse_condition(condition)
+    for spec in parse_specs(specs):
+        entry = parse(probe_pair(spec, fetch=False, by=by)[0])
+        assert isinstance(entry, ProbeSpec)
+        cond.check_fields(render(entry), {a.name: a.type for a in entry.args})
+    return cond.predicate()
+
+
 def run_paired(args: argparse.Namespace, out: TextIO) -> int:
     """`latency` from events: every entry and return paired per thread here."""
     pairer = CallPairer()
@@ -149,10 +167,16 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
         pairer.entry(ev)
 
     calls: list[Call] = []
+    # `--if` is decided at the entry, where its fields are (a return fetches
+    # nothing), as the program's own code decides it: every entry is paired,
+    # and a call whose entry fails it is left out. Tested on the entries
+    # alone, the returns of the calls it rejects would close the calls it
+    # keeps (a recursive call returns where its caller does).
+    keep = entry_condition(args.condition, args.specs, args.by)
 
     def on_return(ev: Event) -> None:
         start = pairer.ret(ev)
-        if start is not None:
+        if start is not None and (keep is None or keep(start)):
             histograms.setdefault(key(start), Histogram()).add(ev.ts_ns - start.ts_ns)
             if args.breakdown:
                 calls.append(Call(start.probe, ev.tid, start.ts_ns, ev.ts_ns))
@@ -161,7 +185,7 @@ def run_paired(args: argparse.Namespace, out: TextIO) -> int:
                       trapfree=not args.no_trapfree)
     for spec in parse_specs(args.specs):
         entry, ret = probe_pair(spec, by=args.by)
-        filters = dict(condition=args.condition, comm=args.comm, tid=args.tid)
+        filters = dict(comm=args.comm, tid=args.tid)
         session.probe(entry, on_entry, **filters)
         session.probe(ret, on_return, **filters)
     sink = open(args.output, "w") if args.output else out
