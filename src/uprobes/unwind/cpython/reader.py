@@ -42,8 +42,13 @@ _ACTIVE = 1 << 4
 """`_status.active` (3.12, 3.13): the thread state its thread runs now."""
 
 CUT = Frame(0, None, "...", python=True)
-"""Where a stack's Python frames were cut: over MAX_PY_FRAMES, or over what
-one capture may read."""
+"""Where a stack's Python frames were cut: over MAX_PY_FRAMES, over what
+one capture may read, or where the chain cannot be followed (a `previous`
+that cannot be read, or that leads back into the chain: a loop)."""
+BAD = Frame(0, None, "<bad frame>", python=True)
+"""A frame whose code object cannot be read at the hit, or claims sizes no
+code object has (a program writing over its interpreter's state): its
+callers are still shown."""
 GONE = Frame(0, None, "<freed code>", python=True)
 """A trap-free hit's frame whose code object was freed (or its process
 ended) before it was named: its callers are still shown."""
@@ -93,6 +98,11 @@ class _Code:
 
 class _OverBudget(UprobesError):
     """A capture read or decoded what it may."""
+
+
+class _Bad(UprobesError):
+    """A code object that claims what none has (a line table longer than a
+    whole capture may read): the frame is BAD, its callers go on."""
 
 
 class _Gone(UprobesError):
@@ -259,10 +269,13 @@ class PythonStacks:
         if ts is None:
             return ()
         frame = ts
-        for hop in lay.current_frame_hops():
-            frame = _u64(read(frame + hop, 8), 0)
-            if not frame:
-                return ()
+        try:
+            for hop in lay.current_frame_hops():
+                frame = _u64(read(frame + hop, 8), 0)
+                if not frame:
+                    return ()
+        except UprobesError:  # (the state's frame pointer leads nowhere)
+            return ((CUT,),)
         blobs: list[bytes] = []
         seen: set[int] = set()
         size, prev_at = lay.frame_size, lay.frame_previous
@@ -273,11 +286,11 @@ class PythonStacks:
                 seen.add(frame)
                 blobs.append(read(frame, size))
                 frame = _u64(blobs[-1], prev_at)
-            cut = bool(frame) and frame not in seen
-        except _OverBudget:
+            cut = bool(frame)  # (a frame seen: a loop)
+        except UprobesError:  # (over budget, or a `previous` into nothing)
             cut = True
         return self._grouped(pid, lay, blobs, cut, read, budget,
-                             lambda addr, _: read(addr, lay.code_code))
+                             lambda addr, _: read(addr, lay.code_code), BAD)
 
     def recorded(self, pid: int, first: int, blobs: list[bytes], heads: list[bytes | None],
                  read: Read) -> PyGroups:
@@ -302,8 +315,7 @@ class PythonStacks:
         for blob in blobs:
             chain.append(blob)
             frame = _u64(blob, lay.frame_previous)
-            if frame in seen:
-                frame = 0
+            if frame in seen:  # (a loop: cut)
                 break
             seen.add(frame)
         at = {_u64(b, lay.frame_code): h for b, h in zip(blobs, heads, strict=True)
@@ -324,16 +336,19 @@ class PythonStacks:
             return live
         budget = _Budget(read)
         try:
-            return self._grouped(pid, lay, chain, bool(frame), budget, budget, head)
+            return self._grouped(pid, lay, chain, bool(frame), budget, budget, head, GONE)
         except UprobesError:
             return ((CUT,),)
 
     def _grouped(self, pid: int, lay: Layout, blobs: list[bytes], cut: bool, read: Read,
-                 budget: _Budget, head_of: Callable[[int, _Code | None], bytes]) -> PyGroups:
+                 budget: _Budget, head_of: Callable[[int, _Code | None], bytes],
+                 unreadable: Frame) -> PyGroups:
         """`blobs` (frame headers, innermost first; `cut`: the chain goes on
         past them) as frames in eval-loop groups; `head_of(code address,
         its cached code)` reads a code object's fields up to its code, `read`
-        the rest of a code object seen first."""
+        the rest of a code object seen first; a frame whose code object
+        cannot be read is `unreadable` (BAD at the hit, GONE after it), one
+        whose code object claims absurd sizes BAD."""
         groups: list[tuple[Frame, ...]] = []
         group: list[Frame] = []
         shown = 0
@@ -366,8 +381,8 @@ class PythonStacks:
                             code_addr, head, head[fp_lo:fp_hi], read, lay)
                 except _OverBudget:
                     raise
-                except UprobesError:  # (_Gone, or its strings unreadable now)
-                    group.append(GONE)
+                except UprobesError as e:  # (_Gone, _Bad, or its strings unreadable)
+                    group.append(BAD if isinstance(e, _Bad) else unreadable)
                     shown += 1
                     if not apart and blob[entry_at]:
                         groups.append(tuple(group))
@@ -403,6 +418,8 @@ class PythonStacks:
         table_addr = _u64(blob, lay.code_linetable)
         head = read(table_addr, lay.bytes_data)
         n = min(_u64(head, lay.var_size), units * _TABLE_BYTES_PER_UNIT)
+        if n > _BUDGET_BYTES:
+            raise _Bad  # (more than a whole capture may read: no real table)
         firstlineno = _i32(blob, lay.code_firstlineno)
         return _Code(fp, read_str(read, _u64(blob, lay.code_filename), lay),
                      read_str(read, _u64(blob, lay.code_qualname), lay),
@@ -436,4 +453,4 @@ def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]
     return tuple(out)
 
 
-__all__ = ["CUT", "PyGroups", "PythonStacks", "fingerprint", "interleave", "version_text"]
+__all__ = ["BAD", "CUT", "PyGroups", "PythonStacks", "fingerprint", "interleave", "version_text"]
