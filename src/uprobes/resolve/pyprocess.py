@@ -22,7 +22,7 @@ from uprobes.sys import procfs
 Read = Callable[[int, int], bytes]
 """Read `n` bytes of the process at a runtime address (raises UprobesError)."""
 
-_MAX_STR = 4096
+MAX_STR = 4096
 _CANDIDATE = re.compile(r"(lib)?python\d+\.\d+[a-z]*(\.so[.\d]*)?$")
 
 
@@ -130,7 +130,7 @@ def read_str(read: Read, addr: int, lay: Layout) -> str:
     """A str object's text (compact strings, as code objects' names are)."""
     head = read(addr, lay.str_compact_data)
     state = int.from_bytes(head[lay.str_state:lay.str_state + 4], "little")
-    length = min(_u64(head, lay.str_length), _MAX_STR)
+    length = min(_u64(head, lay.str_length), MAX_STR)
     if not state & lay.str_compact_mask:
         return "?"
     if state & lay.str_ascii_mask:

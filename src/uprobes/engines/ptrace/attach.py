@@ -553,7 +553,7 @@ class Attach(TracerState):
                 return known
             got = copied(walk, area)
             found = () if got is None else stacks.recorded(pid, got.first, got.blobs, got.heads,
-                                                           self._live_read(pid))
+                                                           self._live_read(pid), got.names)
             if len(memo) >= _PY_MEMO_MAX:
                 del memo[next(iter(memo))]
             memo[key] = found

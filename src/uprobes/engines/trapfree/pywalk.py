@@ -14,6 +14,12 @@ so `--python` needs no int3 either. After the stack copy its code:
     copies each one's code object's fingerprint (reader.fingerprint: its
       first line, file, qualified name and line table) by one call with
       an iovec per frame
+    copies, from each fingerprint copied, the head of its qualified name's
+      and its file's str objects (`NAME` bytes from their length: length,
+      hash, state, then an ASCII string's text) by one call with two
+      iovecs per frame: what the reader tells the code object by (its
+      fingerprint holds addresses, which a replacement can share), and
+      names it by once it is gone
 
 Every copy is a process_vm_readv(2) of the program's own process (named by
 getpid: glibc's cached tid is the parent's in a child of a raw fork): the
@@ -36,9 +42,12 @@ The Python area, in the slot's copy area after the stack copy (`at`):
     +16  bytes of fingerprints copied (the call's result: < 0, none)
     +24  the current frame's address
     +32  one word: each hop's read
-    +40  `frames` frame headers, `header` bytes each
-    then `frames` iovecs (the fingerprints' sources), then `frames`
-    fingerprints of `fp_len` bytes
+    +40  bytes of names copied (the call's result: < 0, none)
+    +48  `frames` frame headers, `header` bytes each
+    then 2 * `frames` iovecs (the fingerprints' sources, then the names'),
+    then `frames` fingerprints of `fp_len` bytes, then the window, whose
+    bytes the names take once the frames are copied: per frame, `NAME`
+    bytes of its qualified name, `NAME` of its file
 
 The reader (reader.py's `python` of a site) gives these to
 `PythonStacks.recorded`, which names them as the int3 path names the
@@ -60,7 +69,11 @@ NR_PROCESS_VM_READV = 310
 NR_GETPID = 39
 PTHREAD_SELF = 0x10
 """%fs:0x10: the thread's pthread_self (x86-64 glibc's TCB header, `self`)."""
-HEADER = 40  # the area's words before the frames
+HEADER = 48  # the area's words before the frames
+NAME = 64
+"""Bytes copied of each frame's qualified name and of its file, from the
+str's `length` field: 3.11's ASCII text starts 32 bytes in (32 characters
+copied), 3.12's and 3.13's 24 (40)."""
 WINDOW = 2048
 """Bytes of the program's memory read at once below a frame (in its page):
 its callers' frames sit there, side by side in the thread's data stack, so
@@ -100,6 +113,14 @@ class PyWalk:
     the state holding the GIL (0: later versions)."""
     thread_id: int = 0
     """3.11: the offset of a thread state's `thread_id` (its thread's pthread_self)."""
+    qualname: int = 0
+    filename: int = 0
+    """Where a fingerprint holds its code object's qualified name and file (pointers)."""
+    str_length: int = 0
+    """The offset of a str's `length`: where a name's copy starts."""
+    state: int = 0
+    text: int = 0
+    """Where a name's copy holds its str's state and an ASCII one's text."""
 
     @property
     def stride(self) -> int:
@@ -111,16 +132,21 @@ class PyWalk:
 
     @property
     def fps(self) -> int:
-        return self.iovs + 16 * self.frames
-
-    @property
-    def end(self) -> int:
-        return self.fps + self.frames * self.fp_len
+        return self.iovs + 32 * self.frames
 
     @property
     def window(self) -> int:
-        """Where the window of the program's memory is kept (WINDOW bytes)."""
-        return self.end
+        """Where the window of the program's memory is kept (WINDOW bytes),
+        and then the names."""
+        return self.fps + self.frames * self.fp_len
+
+    @property
+    def names(self) -> int:
+        return self.window
+
+    @property
+    def end(self) -> int:
+        return self.window + max(WINDOW, 2 * NAME * self.frames)
 
 
 def py_walk(func: int, lay: Layout, copy: int, room: int, runtime: int) -> PyWalk | None:
@@ -131,14 +157,20 @@ def py_walk(func: int, lay: Layout, copy: int, room: int, runtime: int) -> PyWal
     fp_lo, fp_hi = fingerprint(lay)
     header, fp_len = lay.frame_size, fp_hi - fp_lo
     at = _up8(copy)
-    per = _up8(header) + 16 + fp_len
-    frames = min(MAX_PY_FRAMES * 2, (room - at - HEADER - WINDOW) // per)
+    per = _up8(header) + 32 + fp_len
+    left = room - at - HEADER
+    frames = min(MAX_PY_FRAMES * 2, left // per)
+    # The names share the window's bytes, and take more once they outgrow it.
+    while frames > 0 and frames * per + max(WINDOW, 2 * NAME * frames) > left:
+        frames -= 1
     if frames < 1:
         return None
     tc = lay.fields.get("runtime_tstate_current")
     return PyWalk(func, lay.current_frame_hops(), header, lay.frame_previous, lay.frame_code,
                   fp_lo, fp_len, frames, at, 0 if tc is None else runtime + tc,
-                  lay.fields.get("tstate_thread_id", 0))
+                  lay.fields.get("tstate_thread_id", 0), lay.code_qualname - fp_lo,
+                  lay.code_filename - fp_lo, lay.str_length, lay.str_state - lay.str_length,
+                  lay.str_ascii_data - lay.str_length)
 
 
 @dataclass(frozen=True)
@@ -148,6 +180,9 @@ class Copied:
     first: int
     blobs: list[bytes]
     heads: list[bytes | None]
+    names: list[tuple[bytes, bytes] | None]
+    """Each frame's qualified name and file as copied (`NAME` bytes each,
+    from the str's `length`; None: not copied)."""
 
 
 def copied(walk: PyWalk, area: bytes) -> Copied | None:
@@ -156,8 +191,8 @@ def copied(walk: PyWalk, area: bytes) -> Copied | None:
     if len(area) < walk.end:
         return None
     word = [int.from_bytes(area[base + 8 * k:base + 8 * k + 8], "little", signed=True)
-            for k in range(4)]
-    tstate, n, fp_bytes, first = word
+            for k in range(6)]
+    tstate, n, fp_bytes, first, _, name_bytes = word
     if not tstate or not first:
         return None
     n = max(0, min(n, walk.frames))
@@ -167,17 +202,28 @@ def copied(walk: PyWalk, area: bytes) -> Copied | None:
     for k in range(n):
         lo = walk.fps + walk.fp_len * k
         heads.append(area[lo:lo + walk.fp_len] if fp_bytes >= walk.fp_len * (k + 1) else None)
-    return Copied(first & ((1 << 64) - 1), blobs, heads)
+    names: list[tuple[bytes, bytes] | None] = []
+    for k in range(n):
+        lo = walk.names + 2 * NAME * k
+        names.append((area[lo:lo + NAME], area[lo + NAME:lo + 2 * NAME])
+                     if name_bytes >= 2 * NAME * (k + 1) else None)
+    return Copied(first & ((1 << 64) - 1), blobs, heads, names)
 
 
 def copied_key(walk: PyWalk, area: bytes) -> bytes:
     """What of a record's Python area its frames are made of: the header,
-    the frames copied, their fingerprints (equal bytes, equal frames)."""
+    the frames copied, their fingerprints and names (equal bytes, equal
+    frames)."""
     base = walk.at
     n = max(0, min(int.from_bytes(area[base + 8:base + 16], "little", signed=True),
                    walk.frames))
-    return area[base:base + HEADER + walk.stride * n] + \
-        area[walk.fps:walk.fps + walk.fp_len * n]
+    key = [area[base:base + HEADER + walk.stride * n], area[walk.fps:walk.fps + walk.fp_len * n]]
+    for k in range(2 * n):  # a name's length, state and text, not what follows the str
+        name = area[walk.names + NAME * k:walk.names + NAME * (k + 1)]
+        length = int.from_bytes(name[:8], "little")
+        key += [name[:8], name[walk.state:walk.state + 4],
+                name[walk.text:walk.text + min(length, NAME)]]
+    return b"".join(key)
 
 
 def _mem(base: Any, displ: int = 0) -> MemoryOperand:
@@ -202,6 +248,29 @@ def _readv(local: Any, remote: Any, n: int) -> list[Instruction]:
     ]
 
 
+def _gather(walk: PyWalk, n: Any, per: int, into: int, count: Instruction,
+            result: int) -> list[Instruction]:
+    """process_vm_readv(r12d, {rbx + into, n * per}, 1, the iovecs, r8, 0)
+    (`count` sets r8: how many iovecs), its result to rbx + `result`."""
+    i = Instruction
+    return [
+        i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RAX, n, per),
+        i.create_reg(Code.PUSH_R64, R.RAX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RBX, into - walk.at)),
+        i.create_reg(Code.PUSH_R64, R.RAX),
+        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.R12D),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RBX, walk.iovs - walk.at)),
+        count,
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
+        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
+        i.create(Code.SYSCALL),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 16)),
+        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, result), R.RAX),
+    ]
+
+
 def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     """The walk's code for the slot at rcx (its copy area at `copy_offset`),
     as `db` instructions: its branches are its own and it reads nothing
@@ -221,6 +290,7 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 8), 0),
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 16), -1),
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 24), 0),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 40), -1),
         # The call, on a 16-byte aligned stack.
         i.create_reg_reg(Code.MOV_R64_RM64, R.RBP, R.RSP),
         i.create_reg_i32(Code.AND_RM64_IMM8, R.RSP, -16),
@@ -351,26 +421,48 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     ]
     jumps.append((len(code), Code.JB_REL32_64, "iov"))
     code.append(None)
+    code += _gather(walk, R.R14, walk.fp_len, walk.fps,
+                    i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.R14), 16)
+    # The names' iovecs, from the fingerprints copied whole (rax bytes):
+    # {qualname + str_length, NAME}, {filename + str_length, NAME} per frame.
     code += [
-        i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RAX, R.R14, walk.fp_len),
-        i.create_reg(Code.PUSH_R64, R.RAX),
-        i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RBX, walk.fps - walk.at)),
-        i.create_reg(Code.PUSH_R64, R.RAX),
-        i.create_reg_reg(Code.MOV_R32_RM32, R.EDI, R.R12D),
-        i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
-        i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RBX, walk.iovs - walk.at)),
-        i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.R14),
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
-        i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
-        i.create(Code.SYSCALL),
-        i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, 16)),
-        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 16), R.RAX),
+        i.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX),
     ]
+    branch(Code.JLE_REL32_64, "done")
+    code += [
+        i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX),
+        i.create_reg_reg(Code.XOR_R32_RM32, R.ECX, R.ECX),
+        i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RBX, walk.fps - walk.at)),
+        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RBX, walk.iovs - walk.at)),
+    ]
+    names = len(code)
+    code.append(i.create_reg_i32(Code.CMP_RM64_IMM32, R.R8, walk.fp_len))
+    branch(Code.JB_REL32_64, "named")
+    for field, at in ((walk.qualname, 0), (walk.filename, 16)):
+        code += [
+            i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI, field)),
+            i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, walk.str_length)),
+            i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, at), R.RAX),
+            i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, at + 8), NAME),
+        ]
+    code += [
+        i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, walk.fp_len)),
+        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RDI, 32)),
+        i.create_reg_i32(Code.SUB_RM64_IMM32, R.R8, walk.fp_len),
+        i.create_reg(Code.INC_RM64, R.RCX),
+        i.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R14),
+    ]
+    jumps.append((len(code), Code.JB_REL32_64, "names"))
+    code.append(None)
+    named = len(code)
+    code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.RCX, R.RCX))
+    branch(Code.JE_REL32_64, "done")
+    code += _gather(walk, R.RCX, 2 * NAME, walk.names,
+                    i.create_reg_mem(Code.LEA_R64_M, R.R8, MemoryOperand(R.RCX, R.RCX, 1)), 40)
     done = len(code)
     code += [i.create_reg(Code.POP_R64, r) for r in reversed(_SAVED)]
     labels = {"done": done, "mine": mine, "fps": fps, "loop": loop, "iov": iov, "hit": hit,
-              "miss": miss, "direct": direct, "got": got}
+              "miss": miss, "direct": direct, "got": got, "names": names, "named": named}
     for at, kind, name in jumps:
         code[at] = i.create_branch(kind, 1 + labels[name])
     final: list[Instruction] = []

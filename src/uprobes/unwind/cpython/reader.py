@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from uprobes.errors import UprobesError
 from uprobes.model.event import Frame
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, version_text
-from uprobes.resolve.pyprocess import Interpreter, Pages, Read, find_interpreter, read_str
+from uprobes.resolve.pyprocess import (
+    MAX_STR,
+    Interpreter,
+    Pages,
+    Read,
+    find_interpreter,
+    read_str,
+)
 from uprobes.unwind.cpython.linetable import LineTable
 
 PyGroups = tuple[tuple[Frame, ...], ...]
@@ -293,7 +300,7 @@ class PythonStacks:
                              lambda addr, _: read(addr, lay.code_code), BAD)
 
     def recorded(self, pid: int, first: int, blobs: list[bytes], heads: list[bytes | None],
-                 read: Read) -> PyGroups:
+                 read: Read, names: list[tuple[bytes, bytes] | None] | None = None) -> PyGroups:
         """The groups of the Python frames a probe's code copied at a hit
         (trap-free stacks, trapfree/pywalk.py): `first` the thread's
         current frame, `blobs` each frame's header from there by
@@ -303,7 +310,13 @@ class PythonStacks:
         first time it is seen; one whose fingerprint there is not the
         copied one (freed and another made where it was, since the hit),
         or that cannot be read (its process gone), is GONE, and its callers
-        are named on."""
+        are named on. `names`: each frame's qualified name and file as
+        copied at the hit (the head of each str from its `length`; None:
+        not copied): a code object, cached or read, whose names are not
+        these is a replacement made where the hit's was (the fingerprint,
+        addresses, cannot tell), not named as it; the hit's is then named
+        from the copy (line unknown) when both names were copied whole,
+        else GONE."""
         # (the one seen while the probes went in: the process may be gone)
         interp = self._interps.get(pid) or self._interpreter(pid, read)
         if interp is None:
@@ -320,13 +333,27 @@ class PythonStacks:
             seen.add(frame)
         at = {_u64(b, lay.frame_code): h for b, h in zip(blobs, heads, strict=True)
               if h is not None}
+        told = {_u64(b, lay.frame_code): n for b, n in zip(blobs, names or [], strict=False)
+                if n is not None}
+
+        def same(addr: int, code: _Code) -> bool:
+            copy = told.get(addr)
+            return copy is None or (_told(code.qualname, copy[0], lay)
+                                    and _told(code.filename, copy[1], lay))
+
+        def lost(addr: int) -> Frame:
+            copy = told.get(addr)
+            texts = None if copy is None else (_text(copy[0], lay), _text(copy[1], lay))
+            if texts is None or texts[0] is None or texts[1] is None:
+                return GONE
+            return Frame(addr, texts[1], texts[0], python=True)
 
         def head(addr: int, cached: _Code | None) -> bytes:
             copied = at.get(addr)
             if copied is None:
                 raise _OverBudget  # (not copied: the stack ends here)
-            if cached is not None and cached.fingerprint == copied:
-                return b"\0" * fp_lo + copied  # the fingerprint is all a cached one is checked by
+            if cached is not None and cached.fingerprint == copied and same(addr, cached):
+                return b"\0" * fp_lo + copied  # a cached one is checked by these
             try:
                 live = read(addr, lay.code_code)
             except UprobesError:
@@ -336,19 +363,24 @@ class PythonStacks:
             return live
         budget = _Budget(read)
         try:
-            return self._grouped(pid, lay, chain, bool(frame), budget, budget, head, GONE)
+            return self._grouped(pid, lay, chain, bool(frame), budget, budget, head, GONE,
+                                 same, lost)
         except UprobesError:
             return ((CUT,),)
 
     def _grouped(self, pid: int, lay: Layout, blobs: list[bytes], cut: bool, read: Read,
                  budget: _Budget, head_of: Callable[[int, _Code | None], bytes],
-                 unreadable: Frame) -> PyGroups:
+                 unreadable: Frame,
+                 same: Callable[[int, _Code], bool] = lambda _a, _c: True,
+                 lost: Callable[[int], Frame] | None = None) -> PyGroups:
         """`blobs` (frame headers, innermost first; `cut`: the chain goes on
         past them) as frames in eval-loop groups; `head_of(code address,
         its cached code)` reads a code object's fields up to its code, `read`
         the rest of a code object seen first; a frame whose code object
         cannot be read is `unreadable` (BAD at the hit, GONE after it), one
-        whose code object claims absurd sizes BAD."""
+        whose code object claims absurd sizes BAD; `same(code address,
+        code)`: whether the code is the frame's, else the frame is
+        `lost(code address)` (or `unreadable`)."""
         groups: list[tuple[Frame, ...]] = []
         group: list[Frame] = []
         shown = 0
@@ -376,13 +408,17 @@ class PythonStacks:
                 code = codes.get((pid, code_addr))
                 try:
                     head = head_of(code_addr, code)
-                    if code is None or code.fingerprint != head[fp_lo:fp_hi]:
+                    if code is None or code.fingerprint != head[fp_lo:fp_hi] or \
+                            not same(code_addr, code):
                         code = codes[(pid, code_addr)] = self._code(
                             code_addr, head, head[fp_lo:fp_hi], read, lay)
+                        if not same(code_addr, code):
+                            raise _Gone  # (a replacement: kept, for its own hits)
                 except _OverBudget:
                     raise
                 except UprobesError as e:  # (_Gone, _Bad, or its strings unreadable)
-                    group.append(BAD if isinstance(e, _Bad) else unreadable)
+                    group.append(BAD if isinstance(e, _Bad) else
+                                 lost(code_addr) if lost is not None else unreadable)
                     shown += 1
                     if not apart and blob[entry_at]:
                         groups.append(tuple(group))
@@ -426,6 +462,39 @@ class PythonStacks:
                      firstlineno, _i32(blob, lay.code_firsttraceable), units,
                      LineTable(read(table_addr + lay.bytes_data, n) if n else b"", firstlineno),
                      addr, {})
+
+
+def _told(text: str, copy: bytes, lay: Layout) -> bool:
+    """Whether `text` (a name read with read_str) can be the str whose head
+    `copy` is (from its `length`): its length, and an ASCII one's text as
+    far as copied (other kinds: their length)."""
+    if len(copy) < lay.str_state - lay.str_length + 4:
+        return True  # (nothing to tell by)
+    length = _u64(copy, 0)
+    state = int.from_bytes(copy[lay.str_state - lay.str_length:][:4], "little")
+    if not state & lay.str_compact_mask:
+        return True  # (read_str does not read it: "?")
+    if min(length, MAX_STR) != len(text):
+        return False
+    if not state & lay.str_ascii_mask:
+        return True
+    data = copy[lay.str_ascii_data - lay.str_length:]
+    k = min(length, len(data))
+    return text[:k] == data[:k].decode("latin-1")
+
+
+def _text(copy: bytes, lay: Layout) -> str | None:
+    """The text of an ASCII str whose head `copy` is (from its `length`),
+    when all of it was copied (None: not so)."""
+    if len(copy) < lay.str_state - lay.str_length + 4:
+        return None
+    length = _u64(copy, 0)
+    state = int.from_bytes(copy[lay.str_state - lay.str_length:][:4], "little")
+    data = copy[lay.str_ascii_data - lay.str_length:]
+    if not (state & lay.str_compact_mask and state & lay.str_ascii_mask) or length >= len(data) \
+            or data[length] != 0:
+        return None
+    return data[:length].decode("latin-1")
 
 
 def fingerprint(lay: Layout) -> tuple[int, int]:
