@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 from conftest import CPYTHONS as INTERPRETERS
-from conftest import over_later_cpythons
+from conftest import LATER_CPYTHONS, over_later_cpythons
 
 pytestmark = pytest.mark.root  # the kernel engine
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_args.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
+EVERY = INTERPRETERS + LATER_CPYTHONS
+"""3.11's builds and the later versions (3.12, 3.13) where installed."""
 
 
 def _trace(engine: str, python: str, tmp_path: Path, *specs: str,
@@ -80,7 +82,7 @@ def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) ->
         assert any(words in t for t in texts), words
 
 
-@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+@pytest.mark.parametrize("python", EVERY, ids=[Path(p).name for p in EVERY])
 def test_a_call_left_by_an_exception_returns_raised(python: str, tmp_path: Path) -> None:
     """`fails` raises (its exit is the eval loop's unwinding, exit_unwind);
     `catches` calls it and catches the exception (an exception inside a
@@ -111,9 +113,8 @@ def test_yields_and_resumptions_are_the_programs_own(python: str, tmp_path: Path
 
 @over_later_cpythons
 def test_yields_and_resumptions_on_later_cpythons(python: str, tmp_path: Path) -> None:
-    """The same on 3.12 and 3.13 (their YIELD_VALUE and RESUME forms). A
-    throw() or close() gives no `%resume` there (resume_with_error is read
-    from 3.11's eval loop only), so `relay` is not counted."""
+    """The same on 3.12 and 3.13 (their YIELD_VALUE and RESUME forms);
+    throw() and close() are test_throw_and_close_resume_a_generator's."""
     _yields_and_resumptions(python, tmp_path)
 
 
@@ -136,7 +137,7 @@ def test_a_yield_is_no_return(spec: str) -> None:
     assert "Traceback" not in done.stderr and done.stderr.startswith("uprobes: error:")
 
 
-@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+@pytest.mark.parametrize("python", EVERY, ids=[Path(p).name for p in EVERY])
 def test_a_frame_that_never_ran_gives_no_return(python: str, tmp_path: Path) -> None:
     """At the recursion limit the last call's frame is pushed and left by
     RecursionError before it runs (no entry), and a generator thrown into
@@ -151,7 +152,7 @@ def test_a_frame_that_never_ran_gives_no_return(python: str, tmp_path: Path) -> 
                        "py/__main__.relay%return": own["relay"]}
 
 
-@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+@pytest.mark.parametrize("python", EVERY, ids=[Path(p).name for p in EVERY])
 def test_throw_and_close_resume_a_generator(python: str, tmp_path: Path) -> None:
     """`relay` is resumed by send(), by throw() (which it catches) and by
     close() (GeneratorExit, which ends it): each is a `%resume`; its close

@@ -74,5 +74,6 @@ class PyGuard:
     prev_kept: bool = False
     """True: the opcode must be one of `prev_ops`; False: none of them."""
     code_start: int | None = None
-    """With `prev_instr`: the offset of the code's first instruction in its
-    code object; a frame whose `prev_instr` is just before it never ran."""
+    """With `prev_instr`: the offset in its code object that a frame's
+    `prev_instr` points to before it ran (just before the code's first
+    instruction; 3.13's `instr_ptr`: at it)."""

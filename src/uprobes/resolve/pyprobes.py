@@ -79,7 +79,7 @@ from uprobes.resolve.pydwarf import debug_file_for
 from uprobes.resolve.pyeval import EvalLoop, find_eval_loop
 from uprobes.resolve.pyexits import UnwindExit, find_thrown_resume, find_unwind_exit
 from uprobes.resolve.pylayout import Layout, PythonLayoutError, layout_for
-from uprobes.resolve.pyversions import OPCODES, minor
+from uprobes.resolve.pyversions import ENTRY_HANDLERS, OPCODES, minor
 from uprobes.sys import procfs
 
 GROUP = "py"
@@ -107,17 +107,26 @@ class Interpreter:
     def unwind_exit(self) -> UnwindExit | None:
         """Where the eval loop leaves a frame by an exception (read when a
         return probe first needs it: seconds, once per build)."""
-        if "frame_is_entry" not in self.layout.fields:
-            return None  # (read from 3.11's eval loop only, by its is_entry test)
-        return find_unwind_exit(self.image, self.loop.function, self.layout.frame_is_entry)
+        lay = self.layout
+        if "frame_is_entry" in lay.fields:  # (3.11: told by its is_entry test)
+            return find_unwind_exit(self.image, self.loop.function, lay.frame_is_entry)
+        if "tstate_current_exception" not in lay.fields:
+            return None
+        return find_unwind_exit(self.image, self.loop.function, None, lay.frame_previous)
 
     @cached_property
     def thrown_resume(self) -> UnwindExit | None:
-        """Where a generator resumed by `throw()` or `close()` starts (3.11:
-        read with `unwind_exit`, as it is)."""
-        if "frame_is_entry" not in self.layout.fields:
-            return None
-        return find_thrown_resume(self.image, self.loop.function, self.layout.frame_prev_instr)
+        """Where a generator resumed by `throw()` or `close()` starts."""
+        lay = self.layout
+        return find_thrown_resume(self.image, self.loop.function, lay.frame_prev_instr,
+                                  None if "frame_is_entry" in lay.fields else lay.frame_size)
+
+    @property
+    def instr_running(self) -> bool:
+        """Whether the frame's instruction pointer is the instruction running
+        (3.13's `instr_ptr`: after a yield, the RESUME that follows it), not
+        the last one run (`prev_instr`: the yield itself)."""
+        return minor(self.layout.hexversion) >= (3, 13)
 
 
 def find_interpreter_file(where: str | None, pid: int | None, argv: Sequence[str] | None,
@@ -501,10 +510,7 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         if unwind is not None:
             fetch += _not_raised()
         guard = names
-        if unwind is None and "frame_is_entry" not in lay.fields:
-            notes_ret = (f"py:{t.name}%return: a call left by an exception gives no return "
-                         "event on CPython 3.12 and later (its exit_unwind is not read yet)",)
-        elif unwind is None:
+        if unwind is None:
             notes_ret = (
                 f"py:{t.name}%return: {interp.ref.display} has no DWARF that names its eval "
                 "loop's exit_unwind (nor a debug file by its build-id): a call left by an "
@@ -547,40 +553,58 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
             link_addr=link_addr, guard=guard, py_guard=compiled, computed_gotos=(loop.table,),
             alias=alias + point,
             notes=() if out else notes))
-    ops = OPCODES[(3, 11)]  # (exit_unwind and resume_with_error: read on 3.11 only)
+    ops = OPCODES[minor(lay.hexversion)]
     if unwind is not None:
         # A call left by an exception: the same fields, through the register
         # that holds the frame there; its `type` is the exception's (the
-        # thread's, which holds the GIL: `_PyRuntime`'s current one), shown
-        # as `(raised NAME)` (model/pyargs.py). A frame that never ran has
-        # had no entry, and gives no return: one pushed at the recursion
-        # limit (left at once, its `prev_instr` just before its code, which
-        # the kernel's filter cannot compare with the code's address: it
-        # has no frame object either, which every frame that ran and raised
-        # has, made for its traceback entry at the eval loop's `error`), or
-        # a generator thrown into before its first next() (its last
-        # instruction RETURN_GENERATOR).
-        tstate = _current_thread(interp, unwind.link_addr)
+        # thread's: 3.11's, which holds the GIL, `_PyRuntime`'s current one;
+        # from 3.12 the state the label's own call is given), shown as
+        # `(raised NAME)` (model/pyargs.py). A frame that never ran has had
+        # no entry, and gives no return: one pushed at the recursion limit
+        # (left at once, its `prev_instr` just before its code, which the
+        # kernel's filter cannot compare with the code's address: it has no
+        # frame object either, which every frame that ran and raised has,
+        # made for its traceback entry at the eval loop's `error`), or a
+        # generator thrown into before its first next() (its last
+        # instruction RETURN_GENERATOR; 3.13's `instr_ptr` is past it, at
+        # the POP_TOP that follows, which never raises).
+        never = ops["POP_TOP"] if interp.instr_running else ops["RETURN_GENERATOR"]
         raised = parse_args(_common_fetches(lay, unwind.frame) + [
-            f"type=+0(+{_TYPE_NAME}(+{lay.tstate_curexc_type}({tstate}))):string",
-            f"{RAISED_FIELD}=\\1:u8", _last_op(lay, unwind.frame),
+            _raised_type(interp, unwind), f"{RAISED_FIELD}=\\1:u8", _last_op(lay, unwind.frame),
             f"{PY_FOBJ_ARG}=+{lay.frame_frame_obj}(%{unwind.frame}):x64"])
-        out.append(_at_label(out[0], interp, unwind, raised, compiled,
-                             (ops["RETURN_GENERATOR"],), False,
-                             f"{PY_FOBJ_ARG} != 0 && {PY_OP_ARG} != "
-                             f"{ops['RETURN_GENERATOR']} && ({names})"))
+        out.append(_at_label(out[0], interp, unwind, raised, compiled, (never,), False,
+                             f"{PY_FOBJ_ARG} != 0 && {PY_OP_ARG} != {never} && ({names})"))
     if thrown is not None:
         # A generator resumed by throw() or close(): its last instruction is
         # the YIELD_VALUE it is suspended at (a caller resumed with an
         # error, the label's other way in, has a call there), the next one
-        # the RESUME it would have run.
+        # the RESUME it would have run; 3.13's `instr_ptr` is that RESUME.
         prev = f"+{lay.frame_prev_instr}(%{thrown.frame})"
+        kept = tuple(ops[h] for h in (loop_entries(interp) if interp.instr_running
+                                      else YIELD_HANDLERS) if h in ops)
         resumed = parse_args(_common_fetches(lay, thrown.frame) + [
             f"line=+{lay.code_firstlineno}(+{lay.frame_code}(%{thrown.frame})):s32",
-            f"{PY_OPARG_ARG}=+3({prev}):u8", _last_op(lay, thrown.frame)])
-        out.append(_at_label(out[0], interp, thrown, resumed, compiled, (ops["YIELD_VALUE"],),
-                             True, f"{PY_OP_ARG} == {ops['YIELD_VALUE']} && ({names})"))
+            f"{PY_OPARG_ARG}=+{1 if interp.instr_running else 3}({prev}):u8",
+            _last_op(lay, thrown.frame)])
+        either = " || ".join(f"{PY_OP_ARG} == {op}" for op in kept)
+        out.append(_at_label(out[0], interp, thrown, resumed, compiled, kept,
+                             True, f"({either}) && ({names})"))
     return out
+
+
+def loop_entries(interp: Interpreter) -> tuple[str, ...]:
+    """The names of the opcodes a call starts at (RESUME and its forms)."""
+    return ENTRY_HANDLERS[minor(interp.layout.hexversion)]
+
+
+def _raised_type(interp: Interpreter, unwind: UnwindExit) -> str:
+    """The fetch of the name of the raised exception's type at `unwind`."""
+    lay = interp.layout
+    if unwind.tstate is not None:  # (3.12 on: the exception object itself)
+        exc = f"+{lay.tstate_current_exception}({unwind.tstate})"
+        return f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}({exc}))):string"
+    tstate = _current_thread(interp, unwind.link_addr)
+    return f"type=+0(+{_TYPE_NAME}(+{lay.tstate_curexc_type}({tstate}))):string"
 
 
 def _current_thread(interp: Interpreter, link_addr: int) -> str:
@@ -619,7 +643,8 @@ def _at_label(first: ResolvedProbe, interp: Interpreter, label: UnwindExit,
         py_guard=None if compiled is None else replace(
             compiled, frame=label.frame, oparg=None, resumed=False,
             prev_instr=interp.layout.frame_prev_instr, prev_ops=ops, prev_kept=kept,
-            code_start=None if kept else interp.layout.code_code))
+            code_start=None if kept else
+            interp.layout.code_code - (0 if interp.instr_running else 2)))
 
 
 def _common_fetches(lay: Layout, frame: str) -> list[str]:

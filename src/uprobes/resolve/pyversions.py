@@ -33,7 +33,9 @@ _CHANGED_312: dict[str, Member] = {
     # 3.11's state holding the GIL (a py: return by an exception, and the
     # trap-free walk's, pywalk.py); later ones keep it per thread.
     "runtime_tstate_current": None,
-    "tstate_curexc_type": None,  # (read at 3.11's exit_unwind only)
+    "tstate_curexc_type": None,
+    # (3.12 keeps the exception itself, whose type is its ob_type)
+    "tstate_current_exception": ("tstate", "current_exception"),
 }
 CHANGED: dict[tuple[int, int], dict[str, Member]] = {
     (3, 11): {},
@@ -91,15 +93,15 @@ their place only)."""
 
 OPCODES: dict[tuple[int, int], dict[str, int]] = {
     (3, 11): {"RESUME": 151, "RESUME_QUICK": 150, "RETURN_VALUE": 83, "YIELD_VALUE": 86,
-              "RETURN_GENERATOR": 75},
+              "RETURN_GENERATOR": 75, "POP_TOP": 1},
     (3, 12): {"RESUME": 151, "INSTRUMENTED_RESUME": 240, "RETURN_VALUE": 83,
               "INSTRUMENTED_RETURN_VALUE": 242, "RETURN_CONST": 121,
               "INSTRUMENTED_RETURN_CONST": 247, "YIELD_VALUE": 150,
-              "INSTRUMENTED_YIELD_VALUE": 243, "RETURN_GENERATOR": 75},
+              "INSTRUMENTED_YIELD_VALUE": 243, "RETURN_GENERATOR": 75, "POP_TOP": 1},
     (3, 13): {"RESUME": 149, "RESUME_CHECK": 207, "INSTRUMENTED_RESUME": 236,
               "RETURN_VALUE": 36, "INSTRUMENTED_RETURN_VALUE": 239, "RETURN_CONST": 103,
               "INSTRUMENTED_RETURN_CONST": 240, "YIELD_VALUE": 118,
-              "INSTRUMENTED_YIELD_VALUE": 241, "RETURN_GENERATOR": 35},
+              "INSTRUMENTED_YIELD_VALUE": 241, "RETURN_GENERATOR": 35, "POP_TOP": 32},
 }
 """Per version, the numbers of the opcodes whose handlers `py:` probes use
 (each version's Include/opcode.h or opcode_ids.h; the tests check them

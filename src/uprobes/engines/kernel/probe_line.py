@@ -82,7 +82,9 @@ def kernel_line(probe: ResolvedProbe, ret_site: int | None = None, *,
         raise SpecError(f"{vector.name} is in register {_register_of(vector)}: the kernel's "
                         "uprobe fetchargs read the general registers only", probe.spec.text, 0,
                         "use -e ptrace, which reads SSE registers")
-    if ret_site is not None:
+    if ret_site is not None and probe.guard is None:
+        # (a py: function's return sites are no `ret`s: what is fetched there
+        # is the state before it, as the ptrace engine's probe sees it)
         lowered = [_at_ret_site_arg(a, probe.spec.text) for a in lowered]
     kind = "r" if probe.is_return and ret_site is None else "p"
     head = f"{kind}:{probe.group}/{kernel_event_name(probe.event)}"

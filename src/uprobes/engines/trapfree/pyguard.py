@@ -100,10 +100,10 @@ def _code_object(a: _Asm, guard: PyGuard, frame: int) -> None:
         # (the opcode of the frame's last instruction: rdx = frame->prev_instr)
         load(a, _reg(guard.frame), R.RDX, frame, 0)
         a(i.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.RDX, guard.prev_instr)))
-        if guard.code_start is not None:  # prev_instr == code + code_start - 2: never ran
+        if guard.code_start is not None:  # prev_instr == code + code_start: never ran
             load(a, _reg(guard.frame), R.RSI, frame, 0)
             a(i.create_reg_mem(Code.MOV_R64_RM64, R.RSI, _mem(R.RSI, guard.frame_code)),
-              i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, guard.code_start - 2)),
+              i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, guard.code_start)),
               i.create_reg_reg(Code.CMP_R64_RM64, R.RDX, R.RSI))
             a.jump(Code.JE_REL32_64, "done")
         kept = a.fresh("op")
