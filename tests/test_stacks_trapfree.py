@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Compiler, wait_until
+from gdb_support import gdb_batch
 
 from uprobes.engines.trapfree.layout import HEAD, LOST
 
@@ -190,6 +191,28 @@ def test_a_raw_fork_childs_stack_is_its_own(compile_c: Compiler) -> None:
     int3s, _, _ = stacks("--no-trapfree", f"{exe}:target", "--", str(exe))
     assert free == int3s, (free, int3s)
     assert sum(free.values()) == 5 and all(";child_b;child_a;target" in p for p in free), free
+
+
+def test_a_raw_clone_childs_own_stack_is_copied(compile_c: Compiler) -> None:
+    """rawclone_stacks.c: a fork-like child of glibc's clone(fn, stack,
+    SIGCHLD) runs on a stack the parent mmap'd, which is in none of the
+    ranges of the table it copied. Its stack goes in the table at the fork
+    event (the call's stack argument), so its five hits copy their frames,
+    the same as the int3 path reads them and as gdb (following the child)
+    walks them: clone, child_main, child_b, child_a, target (before: the
+    probed function alone, nothing copied)."""
+    exe = compile_c("rawclone_stacks.c", "-O2")
+    free, out, _ = stacks(f"{exe}:target", "--", str(exe))
+    int3s, _, _ = stacks("--no-trapfree", f"{exe}:target", "--", str(exe))
+    assert out.splitlines() == ["child 71", "parent 15"], out
+    assert free == int3s, (free, int3s)
+    child = [p for p in free if ";child_main;" in p]
+    assert len(child) == 1 and free[child[0]] == 5, free
+    frames = gdb_batch(exe, ["set follow-fork-mode child", "break target", "run", "bt"])
+    walked = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+) \(", frames, re.M)
+    ours = child[0].split(";")[1:]  # (after the comm)
+    assert walked[-1] in ("clone", "__clone") and ours[0] in ("clone", "__clone"), frames
+    assert ours[1:] == list(reversed(walked[:-1])), (child, frames)
 
 
 def test_more_threads_than_the_stack_table_holds(tracefs: Path, compile_c: Compiler) -> None:

@@ -5,6 +5,7 @@ end of a run).
 
 from __future__ import annotations
 
+import mmap
 import struct
 import time
 
@@ -59,6 +60,12 @@ class ThreadLife(TracerState):
                 mm = parent.mm.fork_copy(tid)
                 if self._jumps is not None:
                     self._jumps.fork(parent.mm, mm)  # the child has the jumps too
+                    # A fork-like clone() given a stack of its own runs on none
+                    # of the stacks in the table it copied: its own goes in.
+                    stack = _clone_stack(parent.tid, parent.mm.mem, given_only=True)
+                    if stack is not None:
+                        self._jumps.thread_born(mm, mm.mem, tid, tid, *stack)
+                        self._jumps.report(self._note)
                     if self._symbolizer is not None and self._recorder is not None:
                         self._symbolizer.spaces.reread(tid)  # (recorded stacks: walked later)
                 self._orphans.forked(parent.mm, mm)
@@ -315,21 +322,31 @@ class ThreadLife(TracerState):
 
 
 _NR_CLONE, _NR_CLONE3 = 56, 435
-_CLONE_ARGS_STACK = struct.Struct("<QQ")  # struct clone_args: stack, stack_size at 40
+_CLONE_ARGS_STACK = struct.Struct("<QQ")
+_PAGE = mmap.PAGESIZE  # struct clone_args: stack, stack_size at 40
 
 
-def _clone_stack(tid: int, mem: ProcessMemory) -> tuple[int, int | None] | None:
-    """The stack pointer the thread just made by thread `tid`'s clone (stopped
-    at its clone event) starts with, the call's stack argument (the caller's
-    own stack pointer if it gave none), and the stack's base where the call
-    says it (clone3); None if it cannot be read."""
+def _clone_stack(tid: int, mem: ProcessMemory, given_only: bool = False
+                 ) -> tuple[int, int | None] | None:
+    """The stack pointer the task just made by thread `tid`'s clone (stopped
+    at its clone or fork event) starts with, the call's stack argument (the
+    caller's own stack pointer if it gave none), and the stack's base where
+    the call says it (clone3); None if it cannot be read, or (`given_only`)
+    if the call gave no stack (fork, vfork: the caller's is copied)."""
     try:
         regs = ptrace.getregs(tid, ptrace.UserRegs())
-        if regs.orig_rax == _NR_CLONE:
-            return (regs.rsi or regs.rsp), None
+        if regs.orig_rax == _NR_CLONE and regs.rsi:
+            # glibc's clone() stores the function and its argument at the top
+            # of the stack it was given and passes what is below them: the
+            # stack reaches up to the end of that page (which is its own).
+            return -(-regs.rsi // _PAGE) * _PAGE, None
+        if regs.orig_rax == _NR_CLONE and not given_only:
+            return regs.rsp, None
         if regs.orig_rax == _NR_CLONE3:
             stack, size = _CLONE_ARGS_STACK.unpack(mem.read(regs.rdi + 40, 16))
-            return (stack + size, stack) if stack else (regs.rsp, None)
+            if stack:
+                return stack + size, stack
+            return None if given_only else (regs.rsp, None)
     except UprobesError:
         pass
     return None

@@ -15,7 +15,9 @@ nothing, and the record says so (its count is 0).
 The table is private anonymous memory, read-only in the program, written by
 the tracer through /proc/PID/mem: a fork child gets its own copy (its
 thread runs on the copy of the forking thread's stack, whose range is
-there), not the parent's later changes. Each entry is (seq, start, end), a
+there), not the parent's later changes; a fork-like clone() given a stack
+of its own (glibc's clone(fn, stack, SIGCHLD, arg)) runs on none of those,
+and its stack goes into its copy at its fork event. Each entry is (seq, start, end), a
 sequence lock: the tracer makes seq odd, writes the range, makes seq even
 again; the code takes a range only if it read the same even seq before and
 after it (each word is one aligned store, and x86 keeps loads in order and
