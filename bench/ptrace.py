@@ -33,6 +33,8 @@ trap-free) time the workload's own loop instead of the whole run.  Rows:
 - `uprobes record -e ptrace 'FUNCTION a=%di'`: the same ring as trace's, its
   slots written to disk as they are (no work per record), timed whole and
   by the loop: every hit kept, at the speed of a copy;
+- `uprobes count -e ptrace --no-trapfree --comm NAME` (the workload's
+  name: every hit kept): the name judged at each int3 hit;
 - `uprobes count -e kernel`, the same probes, for reference.
 
 A tool that is missing (or our engine before it is built) is skipped with the
@@ -253,6 +255,12 @@ def tools(workload: Workload) -> list[Tool]:
     rows += [Tool("uprobes latency -e ptrace", "entry+return (timed in the program)", f,
                   latency(f), _latency_count, hits=(100_000, 3_000_000), loop_timed=True,
                   ours=True) for f in (emulated, boosted)]
+    # --comm on the int3 path: the thread's name at each hit (the kernel's
+    # rename word read from our mapping of it; re-read only when it moved).
+    comm = ("--comm", workload.exe.name[:15])
+    rows += [Tool("uprobes count -e ptrace --no-trapfree --comm", "entry, the name at each "
+                  "hit (int3)", boosted, uprobes("ptrace", boosted, "", ("--no-trapfree", *comm)),
+                  _uprobes_count, hits=(2000, 20000), ours=True)]
     rows += [
         Tool("uprobes trace -e ptrace --no-trapfree", "entry a=%di", boosted,
              trace(boosted, "--no-trapfree"), _trace_count, ours=True),

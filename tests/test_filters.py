@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -213,3 +215,77 @@ def test_count_says_when_the_kernel_cannot_filter(condition: str, why: str, exe:
                            "--", str(exe), "3"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and why in proc.stderr, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr  # the command never ran
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", [("kernel",), ("ptrace",), ("ptrace", "--no-trapfree")],
+                         ids=["kernel", "ptrace", "ptrace-no-trapfree"])
+def test_the_name_at_each_int3_hit(how: tuple[str, ...], compile_c: Compiler) -> None:
+    """short4 is 4 bytes: no jump fits, every hit of it is an int3 (the
+    ptrace engine's trap-free run falls back to one). The calling thread is
+    named "even" or "odd" every 25 calls, in turn by itself (prctl) and by
+    another thread (pthread_setname_np: a /proc write), between two hits.
+    `--comm even`, `--comm odd` and `comm != "even"` count exactly the calls
+    the program made under each name, as the kernel engine does: short4
+    alone (the name read at each hit), and beside pad, a jump whose code
+    keeps its verdict under the kernel's rename word, which short4's int3
+    hits then read too. (A name kept for 100 ms judged most hits by a
+    former name: 2000 or 772 of the 1000 calls as "even".)"""
+    exe = compile_c("renamed_short.c", "-pthread")
+    for flt, want in ((("--comm", "even"), "even"), (("--comm", "odd"), "odd"),
+                      (("--if", 'comm != "even"'), "odd")):
+        for funcs in (("short4",), ("short4", "pad")):
+            proc = subprocess.run([*UPROBES, "count", "-e", *how, "--json", *flt,
+                                   *(f"{exe}:{f}" for f in funcs), "--", str(exe), "2000", "25"],
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            said = dict(kv.split("=") for kv in proc.stdout.splitlines()[0].split())
+            assert said["calls"] == "2000"
+            doc = json.loads(proc.stdout.splitlines()[-1])
+            assert doc == {f"uprobes/{f}": int(said[want]) for f in funcs}, \
+                (flt, doc, said, proc.stderr)
+            if how == ("ptrace",):
+                assert "with an int3 trap per hit: uprobes/short4" in proc.stderr, proc.stderr
+
+
+def test_a_stopped_threads_name_is_read_again_after_a_rename() -> None:
+    """`Thread.comm_now` (the name at an int3 hit): without a rename word
+    it reads the name at each ask; with one, it keeps the name while the
+    word is the one it was read under, and reads it again when the word
+    moves or has a rename under way (the low half)."""
+    from uprobes.engines.ptrace.tasks import AddressSpace, Thread
+    from uprobes.sys.procmem import ProcessMemory
+
+    pid = os.getpid()
+    done = threading.Event()
+    tids: list[int] = []
+    ready = threading.Barrier(2)
+
+    def park() -> None:
+        tids.append(threading.get_native_id())
+        ready.wait(timeout=60)
+        done.wait(timeout=120)
+    worker = threading.Thread(target=park)
+    worker.start()
+    mm = AddressSpace(pid, ProcessMemory(pid))
+    try:
+        ready.wait(timeout=60)
+        comm = Path(f"/proc/{pid}/task/{tids[0]}/comm")
+        t = Thread(tids[0], pid, mm)
+        for name in ("first", "second"):
+            comm.write_text(name)
+            assert t.comm_now(None) == name  # no word: read at each ask
+        gen = 7 << 32
+        assert t.comm_now(gen) == "second"
+        comm.write_text("third")
+        assert t.comm_now(gen) == "second"  # (the word did not move: kept)
+        assert t.comm_now(gen + (1 << 32)) == "third"  # it moved: read again
+        comm.write_text("fourth")
+        assert t.comm_now(gen + (2 << 32) + 1) == "fourth"  # a rename under way: read,
+        comm.write_text("fifth")
+        assert t.comm_now(gen + (2 << 32) + 1) == "fifth"  # and not kept under it
+        t.close()
+    finally:
+        done.set()
+        worker.join(timeout=60)
+        mm.mem.close()

@@ -19,6 +19,7 @@ return value; setting it changes what the caller gets.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from uprobes.sys.ptrace import UserRegs
@@ -33,11 +34,14 @@ class PtraceHit:
     """One probe hit of one stopped thread."""
 
     __slots__ = ("thread", "regs", "probe", "kind", "ip", "func", "file_base", "ts_ns",
-                 "changed")
+                 "changed", "renames")
 
     def __init__(self, thread: Thread, regs: UserRegs, probe: Probe, kind: str, ip: int,
-                 func: int | None, file_base: int) -> None:
+                 func: int | None, file_base: int,
+                 renames: Callable[[], int | None] | None = None) -> None:
+        """`renames`: the kernel's rename word now, or None (`Thread.comm_now`)."""
         self.thread = thread
+        self.renames = renames
         self.regs = regs
         self.probe = probe
         self.kind = kind
@@ -57,7 +61,8 @@ class PtraceHit:
 
     @property
     def comm(self) -> str:
-        return self.thread.comm
+        """The thread's name at this hit (not a name kept from before it)."""
+        return self.thread.comm_now(None if self.renames is None else self.renames())
 
     @property
     def cpu(self) -> int:

@@ -145,7 +145,7 @@ class ThreadLife(TracerState):
         self._orphans.released(t.mm)
         t.mm = AddressSpace(t.pid, ProcessMemory(t.pid))
         t.returns.clear()
-        t.comm_at = 0
+        t.forget_comm()
         self._settle(t)
         # A fork child that the caller no longer wants followed for what it
         # runs now: nothing placed, detached at its resume (a tracer would

@@ -200,7 +200,8 @@ class RunLoop(TracerState):
                     if name is not None:
                         self.counts[name] += 1
                     else:
-                        dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base))
+                        dispatch(PtraceHit(t, regs, probe, "p", bp, None, site.file_base,
+                                           self._rename_word))
                 if site.ret_func is not None and not site.ret_in_place \
                         and site.plan.emulate(regs, mm.mem):
                     # A probe on a ret: handlers see the state after it, as a uretprobe's.
@@ -209,7 +210,8 @@ class RunLoop(TracerState):
                         self.counts[name] += 1
                     else:
                         probe.ret_dispatch(PtraceHit(t, regs, probe, "r", regs.rip,
-                                                     site.ret_func, site.file_base))
+                                                     site.ret_func, site.file_base,
+                                                     self._rename_word))
                     ptrace.setregs(tid, regs)
                     self._resume(t)
                     return
@@ -222,7 +224,7 @@ class RunLoop(TracerState):
                         self.counts[name] += 1
                     else:
                         probe.ret_dispatch(PtraceHit(t, regs, probe, "r", bp, site.ret_func,
-                                                     site.file_base))
+                                                     site.file_base, self._rename_word))
                 elif probe.ret_dispatch is not NO_HANDLER and site.ret_func is None \
                         and mm.areas:
                     area = mm.area_of(site.slot_addr) or mm.areas[0]
@@ -270,9 +272,11 @@ class RunLoop(TracerState):
         probe = trap.probe
         try:
             if trap.ret:
-                probe.ret_dispatch(PtraceHit(t, regs, probe, "r", at, at, trap.file_base))
+                probe.ret_dispatch(PtraceHit(t, regs, probe, "r", at, at, trap.file_base,
+                                             self._rename_word))
             else:
-                probe.dispatch(PtraceHit(t, regs, probe, "p", at, None, trap.file_base))
+                probe.dispatch(PtraceHit(t, regs, probe, "p", at, None, trap.file_base,
+                                         self._rename_word))
         except BaseException:
             ptrace.getregs(t.tid, regs)  # as trapped: a handler's changes are dropped
             raise
@@ -324,7 +328,7 @@ class RunLoop(TracerState):
                     self.counts[name] += 1
                 else:
                     ri.probe.ret_dispatch(PtraceHit(t, regs, ri.probe, "r", ri.orig_ret,
-                                                    ri.func, ri.file_base))
+                                                    ri.func, ri.file_base, self._rename_word))
         finally:
             ptrace.setregs(t.tid, regs)
             retprobes.release(done, table)  # rip is off the trampoline: not before

@@ -117,6 +117,10 @@ class TracerState:
 
     # ------------------------------------------------ steps one part takes from another
 
+    def _rename_word(self) -> int | None:
+        """tracer.py: the kernel's rename word now, or None (`Thread.comm_now`)."""
+        raise NotImplementedError
+
     def _place_all(self, t: Thread) -> None:
         """attach.py: place what the mappings of `t`'s address space call for."""
         raise NotImplementedError

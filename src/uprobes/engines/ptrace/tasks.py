@@ -26,7 +26,8 @@ from uprobes.sys.procmem import ProcessMemory
 Feature = Literal["orphan handler", "int3s", "jumps", "semaphores", "returns"]
 """What a session changes an address space by, each undone at detach (teardown.py)."""
 
-COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (prctl/pthread_setname_np)
+COMM_TTL_NS = 100_000_000  # a cached comm is re-read after 100 ms (records read later)
+RENAMES_PENDING = 0xFFFF_FFFF  # the rename word's low half: renames under way (renames.py)
 COMM_READS = 16  # comms `roster` re-reads a call, at most (threads read for the first time aside)
 
 
@@ -85,6 +86,7 @@ class Thread:
     mm: AddressSpace
     comm_cached: str = ""
     comm_at: int = 0
+    comm_word: int = -1  # the rename word `comm_cached` was read under (-1: none, re-read)
     stopped: bool = False
     stop_event: int = 0
     resume_sig: int = 0
@@ -95,6 +97,7 @@ class Thread:
     pending: list[int] = field(default_factory=list)  # signals held back, to deliver
     regs: ptrace.UserRegs = field(default_factory=ptrace.UserRegs)
     _stat_fd: int = -1
+    _comm_fd: int = -1
     _ns_tid: int = 0
 
     @property
@@ -110,15 +113,50 @@ class Thread:
 
     @property
     def comm(self) -> str:
+        """The name as read at most COMM_TTL_NS ago: what names the records
+        read from rings, later than their hits (`comm_now` at a stop)."""
         now = time.monotonic_ns()
         if now - self.comm_at > COMM_TTL_NS:
-            try:
-                with open(f"/proc/{self.pid}/task/{self.tid}/comm", "rb") as f:
-                    self.comm_cached = f.read().rstrip(b"\n").decode(errors="replace")
-            except OSError:
-                pass
-            self.comm_at = now
+            self._read_comm(now)
         return self.comm_cached
+
+    def comm_now(self, word: int | None) -> str:
+        """The name now, at a stop of this thread (an int3 hit): any thread
+        may rename any other at any time (prctl, /proc, pthread_setname_np),
+        so a kept name is only used while the kernel's rename word (`word`,
+        read now from our own mapping of it: trapfree/renames.py) is the one
+        it was read under, with no rename under way; else, and without a
+        word, it is read again (one pread of its /proc comm)."""
+        if word is not None and word == self.comm_word:
+            return self.comm_cached
+        self._read_comm(time.monotonic_ns(), keep_open=True)
+        # The word read before the name: a rename after it moves the word.
+        self.comm_word = -1 if word is None or word & RENAMES_PENDING else word
+        return self.comm_cached
+
+    def _read_comm(self, now: int, keep_open: bool = False) -> None:
+        """`keep_open`: through a file kept open (a thread stopped at a hit
+        is alive; `close` closes it), else opened for this read."""
+        fd = self._comm_fd
+        try:
+            if fd < 0:
+                fd = os.open(f"/proc/{self.pid}/task/{self.tid}/comm",
+                             os.O_RDONLY | os.O_CLOEXEC)
+                if keep_open:
+                    self._comm_fd = fd
+            self.comm_cached = os.pread(fd, 64, 0).rstrip(b"\n").decode(errors="replace")
+        except OSError:
+            pass
+        finally:
+            if fd >= 0 and fd != self._comm_fd:
+                os.close(fd)
+        self.comm_at = now
+
+    def forget_comm(self) -> None:
+        """An exec: the image's name is another, its /proc file may be too."""
+        self.close()
+        self.comm_at = 0
+        self.comm_word = -1
 
     def cpu(self) -> int:
         """The CPU the (stopped) thread last ran on, i.e. where it trapped:
@@ -143,6 +181,9 @@ class Thread:
         if self._stat_fd >= 0:
             os.close(self._stat_fd)
             self._stat_fd = -1
+        if self._comm_fd >= 0:
+            os.close(self._comm_fd)
+            self._comm_fd = -1
 
 
 def admit(threads: dict[int, Thread], nested: dict[int, Thread], t: Thread, ns_tid: int) -> None:

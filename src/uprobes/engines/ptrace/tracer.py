@@ -326,6 +326,14 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         py = None if self._pystacks is None else self._pystacks.capture(hit.pid, hit.tid, mem.read)
         return StackCapture(regs, StackCopy(r.rsp, data), py)
 
+    def _rename_word(self) -> int | None:
+        """The kernel's rename word now (trapfree/renames.py), read from our
+        own mapping of it, where the jumps' code keeps --comm verdicts under
+        it: an int3 hit's name is read again only when it moved
+        (`Thread.comm_now`). None without one: each hit reads the name (a
+        pread, ~2 us; a word of our own would cost ~1 s to close)."""
+        return None if self._jumps is None else self._jumps.rename_word()
+
     # ------------------------------------------------------------ set-up
 
     def __enter__(self) -> PtraceTracer:

@@ -561,6 +561,12 @@ class TrapFree:
         return CommCache(space.rename_word,
                          tuple(block.addr(first + n * per) for n in range(tests)))
 
+    def rename_word(self) -> int | None:
+        """The rename word now, read from our own mapping of it (no system
+        call), for the names of int3 hits (ptrace/tasks.py `comm_now`);
+        None if no placed code keeps verdicts under one."""
+        return self._renames.value() if isinstance(self._renames, RenameWatch) else None
+
     def close(self) -> None:
         """Stop the kernel's rename word (after the detach: no code reads it)."""
         if isinstance(self._renames, RenameWatch):
