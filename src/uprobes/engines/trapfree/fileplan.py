@@ -2,20 +2,23 @@
 places it into processes): the whole instructions covering the 5 bytes of a
 `jmp rel32`, inside one function symbol with a size, with no branch of the
 file into them and no other probe among them, each movable by the
-trampoline (trampoline.py). Files are decoded once and plans are cached.
+trampoline (trampoline.py). Files are decoded once and plans are cached,
+for the life of the process (the agent's: many runs, and processes, come and
+go): by the file's version, read by the path the latest caller gave.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from iced_x86 import Decoder, FlowControl, Instruction, Mnemonic, OpKind, Register
 
-from uprobes.elf.image import ElfImage
+from uprobes.elf.image import ElfImage, FileIdentity
 from uprobes.elf.symbols import SymbolTable
 from uprobes.engines.tracee.relocate import UnsupportedInstruction
 from uprobes.engines.trapfree import trampoline
@@ -53,6 +56,9 @@ class _FileCode:
     targets: list[int]  # sorted
     arrivals: Counter[int]  # how many direct branches land at each target
     data: FileData | None = None  # read when a function with indirect jumps is planned
+    plans: dict[tuple[int, tuple[int, ...], bool, tuple[int, ...]], FilePlan | str] = \
+        field(default_factory=dict)  # plan_for's, by its arguments
+    wholes: dict[int, FilePlan | str] = field(default_factory=dict)  # plan_whole's
 
     def targets_between(self, lo: int, hi: int) -> list[int]:
         """Branch targets t with lo < t < hi."""
@@ -61,14 +67,22 @@ class _FileCode:
 
 
 _files: dict[tuple[int, int], _FileCode] = {}
-_plans: dict[tuple[int, int, int, tuple[int, ...], bool, tuple[int, ...]],
-             FilePlan | str] = {}
 
 
 def _file_code(path: str, dev: int, ino: int) -> _FileCode:
+    """File `path`'s code, decoded once per version of the file (its dev and
+    inode as resolved, the size and times it has now)."""
     key = (dev, ino)
+    try:
+        now = FileIdentity.of(os.stat(path))
+    except OSError as e:
+        raise NotTrapFree(f"cannot read {path}: {e.strerror}") from None
     found = _files.get(key)
-    if found is not None:
+    if found is not None and found.image.identity == now:
+        # Read by this path from now on: the first caller's may be gone (a
+        # /proc/PID/root/... of a process that has exited). Every read checks
+        # the file is still this version.
+        found.image.path = path
         return found
     image = ElfImage.open(path)
     if image.identity is None or (image.identity.dev, image.identity.ino) != key:
@@ -110,22 +124,32 @@ def plan_for(path: str, dev: int, ino: int, file_offset: int,
     `tables`: the dispatch tables the function's computed gotos read, as
     resolution found them (ResolvedProbe.computed_gotos)."""
     others = tuple(sorted(o for o in other_probes if o != file_offset))
-    return _cached(_plans, (dev, ino, file_offset, others, at_return, tables),
+    return _cached(path, dev, ino, False, (file_offset, others, at_return, tables),
                    lambda: _plan(path, dev, ino, file_offset, others, at_return, tables))
 
 
-def _cached(cache: dict[Any, FilePlan | str], key: Any,
+def _cached(path: str, dev: int, ino: int, whole: bool, key: Any,
             make: Callable[[], FilePlan]) -> FilePlan | str:
-    """`make()`'s plan, or why there is none, made once per key."""
-    found = cache.get(key)
+    """`make()`'s plan, or why there is none, made once per key and version
+    of the file (kept with the file's code, apart for `whole` plans). A
+    file that could not be read is not kept as a reason: the next caller's
+    path may read it."""
+    try:
+        code = _file_code(path, dev, ino)
+        kept: dict[Any, FilePlan | str] = code.wholes if whole else code.plans
+    except NotTrapFree as e:
+        return str(e)
+    except UprobesError as e:
+        return f"cannot read the function: {e}"
+    found = kept.get(key)
     if found is None:
         try:
             found = make()
         except NotTrapFree as e:
             found = str(e)
         except UprobesError as e:
-            found = f"cannot read the function: {e}"
-        cache[key] = found
+            return f"cannot read the function: {e}"
+        kept[key] = found
     return found
 
 
@@ -244,16 +268,13 @@ def _plan(path: str, dev: int, ino: int, file_offset: int, others: tuple[int, ..
     return FilePlan(start_offset, bytes(raw), displaced, at_return)
 
 
-_wholes: dict[tuple[int, int, int], FilePlan | str] = {}
-
-
 def plan_whole(path: str, dev: int, ino: int, file_offset: int) -> FilePlan | str:
     """A patch of the whole function starting at `file_offset`, or why there
     is none: a function too short for a patch at its entry and another at
     its ret (they would overlap) is timed by one patch of all of it. It must
     run straight through: no branch, call or other ret before its one `ret`
     at the end, and no branch from elsewhere into it."""
-    return _cached(_wholes, (dev, ino, file_offset),
+    return _cached(path, dev, ino, True, file_offset,
                    lambda: _whole(path, dev, ino, file_offset))
 
 
