@@ -121,9 +121,13 @@ def test_inherit_per_cpu_follows_threads_and_forks(tfs: Tracefs, group: str,
     threads and forked children, and pthread_create keeps working, unlike the
     uprobe PMU with inherit (see test_sys_pmu).
 
-    Threads are exact. The forked child is seen, but in about 1 run in 8 on
-    6.18 part of its samples never arrive (uprobe_profile counts all 5000
-    hits, no PERF_RECORD_LOST): so its count is not asserted exactly here.
+    Every hit is there, the forked child's too. The rings, read only once
+    the program is done, hold all 5000 hits on one CPU (1 MiB: 16,383 such
+    records; 64 pages held 4,095): a CPU busy with other work leaves the
+    five tasks to the other, and a full ring drops the rest with no
+    PERF_RECORD_LOST (none comes until a read frees room). That was the
+    forked child's "missing samples" in 1 run in 8, which had let its count
+    go unchecked.
     """
     off = file_offset(threads_exe, "add")
     with ProbeGroup(tfs, group) as pg:
@@ -135,7 +139,7 @@ def test_inherit_per_cpu_follows_threads_and_forks(tfs: Tracefs, group: str,
                 for cpu in online_cpus():
                     ev = stack.enter_context(open_tracepoint(
                         tfs.event_id(group, "add"), pid=child.pid, cpu=cpu, inherit=True))
-                    rings.append(stack.enter_context(RingBuffer(ev, 64)))
+                    rings.append(stack.enter_context(RingBuffer(ev, 256)))
                     ev.enable()
                 out = child.release()
                 per_task = collections.Counter((s.pid, s.tid) for r in rings for s in r.read())
@@ -149,7 +153,7 @@ def test_inherit_per_cpu_follows_threads_and_forks(tfs: Tracefs, group: str,
     assert len(threads) == 4 and child.pid not in threads
     assert sorted(threads.values()) == [1000] * 4
     forked = {pid: n for (pid, tid), n in per_task.items() if pid != child.pid}
-    assert len(forked) == 1 and 0 < sum(forked.values()) <= 1000, per_task
+    assert list(forked.values()) == [1000], per_task
 
 
 def test_set_output_refuses_cross_cpu(tfs: Tracefs, group: str, target: Path) -> None:
