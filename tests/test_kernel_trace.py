@@ -302,10 +302,14 @@ def test_bad_specs_are_one_line_errors(target: Path) -> None:
 def test_output_is_in_time_order_across_cpus(tracefs: Path, compile_c: Compiler) -> None:
     """Two threads pinned to two CPUs hit one probe, interleaved in time:
     their records go to two rings read one after the other, yet the output
-    is one sequence in time order (hits are held back a read round)."""
+    is one sequence in time order (hits are held back a read round). The
+    rings are small, so the reader reads many rounds as the hits come, yet
+    hold more than 1,000 records each (1,638 of these: a reader that a
+    loaded machine stalls for the whole run still has more than 1,000 from
+    each CPU; 16 pages held 819)."""
     need(len(os.sched_getaffinity(0)) >= 2, "needs two CPUs")
     exe = compile_c("pinned.c", "-pthread")
-    status, docs = trace_json(["--ring-pages", "16", f"{exe}:tick cpu=%di:s64 i=%si:s64",
+    status, docs = trace_json(["--ring-pages", "32", f"{exe}:tick cpu=%di:s64 i=%si:s64",
                                "--", str(exe), "20000"])
     assert status == 0
     *hits, summary = docs
