@@ -317,8 +317,15 @@ def test_reads_in_another_thread_while_threads_come_and_go(timed: Path) -> None:
         with killed_after(rounds.proc), rounds.timer as timer:
             reader.start()
             try:
-                for _ in range(8):
+                deadline = time.monotonic() + 120
+                for round_ in range(8):
                     made[0] = rounds.round()
+                    # Reads in every round, made sure of (a loaded machine
+                    # may give the reader few turns): the tracer handles
+                    # exits on meanwhile, as the reads race with them.
+                    while reads[0] <= 2 * (round_ + 1) and not failed:
+                        assert time.monotonic() < deadline, f"{reads[0]} reads in 120 s"
+                        rounds.timer.count(0.02)
             finally:
                 done.set()
                 reader.join(120)
