@@ -38,7 +38,7 @@ def _walk(exe: Path, probe: str) -> list[str]:
         def go() -> None:
             proc.stdin.write("go\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
-        s.attach(proc.pid, duration=3, ready=go)
+        s.attach(proc.pid, duration=60, ready=go)  # the hit stops it: the bound is for no hit
         proc.stdout.readline()  # its result: the calls are made
         assert hits, "no hit"
         ev = hits[0]
