@@ -137,27 +137,32 @@ def test_a_port_in_use_is_a_runtime_error(tracefs: Path) -> None:
 def test_a_scrape_is_answered_while_hits_pour_in(tracefs: Path, compile_c: Compiler) -> None:
     """The endpoint answers while the probing thread is flooded: no lock the
     probing thread takes per hit may starve it (it did: a scrape waited for
-    as long as the flood lasted)."""
+    as long as the flood lasted). The flood is killed once the scrapes are
+    done and may last 300 s: with 20 s, a loaded machine's slow agent start
+    and scrapes ate into the margin of "the flood outlasts the scrapes". A
+    starved scrape still fails: it would wait past urlopen's 30 s."""
     load = compile_c("agent_load.c")
     port = free_port()
     agent = Agent("--prometheus", f"127.0.0.1:{port}", f"{load}:hit")
     try:
         agent.ready()
-        flood = subprocess.Popen([str(load), "0", "20"], stdin=subprocess.PIPE,
+        flood = subprocess.Popen([str(load), "0", "300"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
-        assert flood.stdout is not None and flood.stdin is not None
-        assert flood.stdout.readline().strip() == "ready"
-        flood.stdin.write("go\n")
-        flood.stdin.flush()
-        wait_for_count(agent, port, "uprobes_hits_total", 1000, probe="uprobes/hit")
-        took = []
-        for _ in range(3):
-            started = time.monotonic()
-            agent.metrics(port)
-            took.append(time.monotonic() - started)
-        assert flood.poll() is None, "the flood ended before the scrapes did"
-        flood.kill()
-        flood.communicate(timeout=60)
+        try:
+            assert flood.stdout is not None and flood.stdin is not None
+            assert flood.stdout.readline().strip() == "ready"
+            flood.stdin.write("go\n")
+            flood.stdin.flush()
+            wait_for_count(agent, port, "uprobes_hits_total", 1000, probe="uprobes/hit")
+            took = []
+            for _ in range(3):
+                started = time.monotonic()
+                agent.metrics(port)
+                took.append(time.monotonic() - started)
+            assert flood.poll() is None, "the flood ended before the scrapes did"
+        finally:
+            flood.kill()
+            flood.communicate(timeout=60)
         status, err = agent.stop()
     finally:
         agent.kill()
