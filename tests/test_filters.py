@@ -72,7 +72,7 @@ class Rounds(FiltersTarget):
     def close(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        assert self.proc.wait(timeout=30) == 0
+        assert self.proc.wait(timeout=120) == 0
 
 
 def key(doc: dict[str, Any]) -> tuple[object, ...]:

@@ -246,7 +246,7 @@ def test_sigterm_removes_probes_and_command_runs_on(target: Path, tmp_path: Path
         assert proc.stdout.readline().startswith("ready ")  # released: probes in place
         assert _our_group_lines(proc.pid)
         proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while _our_group_lines(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not _our_group_lines(proc.pid)
@@ -254,7 +254,7 @@ def test_sigterm_removes_probes_and_command_runs_on(target: Path, tmp_path: Path
         proc.stdin.write("go\n")
         proc.stdin.close()
         assert calls(proc.stdout.read())["add"] == 3
-        assert proc.wait(30) == 0
+        assert proc.wait(120) == 0
         assert proc.stderr is not None and "uprobes: 0 events, 0 lost" in proc.stderr.read()
     finally:
         proc.kill()

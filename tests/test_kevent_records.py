@@ -279,7 +279,7 @@ def test_a_thread_that_renames_itself_is_named_anew(tracefs: Path, tmp_path: Pat
             def renamed() -> bool:
                 names.update(str(row[4]) for row in events.read_rows() if row[1] == child.pid)
                 return "beta" in names
-            wait_until(renamed, "a system call named beta", timeout=30)
+            wait_until(renamed, "a system call named beta", timeout=120)
         finally:
             stop.touch()
             assert child.wait() == 0

@@ -215,7 +215,7 @@ def test_sigterm_mid_run_and_the_command_finishes(threads_exe: Path, tmp_path: P
             assert line, f"uprobes ended before a table showed hits: {seen!r}"
             seen += line
         proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while traced_by(child) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert traced_by(child) == 0

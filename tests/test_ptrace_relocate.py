@@ -62,7 +62,7 @@ def _calls(output: list[str]) -> dict[str, int]:
 
 def run_untraced(exe: Path) -> Run:
     proc, _, _ = _start(exe)
-    out, _ = proc.communicate("go\n", timeout=30)
+    out, _ = proc.communicate("go\n", timeout=120)
     return Run(out.splitlines(), proc.returncode)
 
 

@@ -102,7 +102,7 @@ def test_kill_9_of_uprobes_leaves_the_program_running(threads_exe: Path) -> None
         pid = int(ready.split()[1])
         assert "memfd:uprobes-counters" in Path(f"/proc/{pid}/maps").read_text()
         proc.kill()
-        assert proc.wait(30) == -signal.SIGKILL
+        assert proc.wait(120) == -signal.SIGKILL
         proc.stdin.write("go\n")
         proc.stdin.close()
         rest = proc.stdout.read()  # until the shell and the program are gone

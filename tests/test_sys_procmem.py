@@ -25,7 +25,7 @@ class MemoryTarget:
     addrs: dict[str, int]
 
     def finish(self) -> str:
-        out, _ = self.proc.communicate("go\n", timeout=30)
+        out, _ = self.proc.communicate("go\n", timeout=120)
         assert self.proc.returncode == 0
         return out
 

@@ -54,7 +54,7 @@ def _walk(exe: Path, probe: str) -> list[str]:
         if proc.poll() is None:
             proc.stdin.write("done\n")
             proc.stdin.flush()
-            proc.wait(timeout=10)
+            proc.wait(timeout=120)
 
 
 @pytest.mark.parametrize("flags", [("-O2", "-fomit-frame-pointer"),

@@ -38,7 +38,7 @@ def _state(pid: int) -> str:
 
 
 def _wait_state(pid: int, states: str) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while _state(pid) not in states and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _state(pid) in states, (pid, _state(pid))

@@ -28,7 +28,7 @@ def our_group_lines(pid: int) -> list[str]:
 
 def wait_placed(pid: int) -> None:
     """Until run `pid` has its probes in tracefs (it is mid-run from then on)."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while not our_group_lines(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert our_group_lines(pid), "the run never placed its probes"

@@ -277,7 +277,7 @@ def test_a_clean_detach_gives_sigtrap_its_default_action_back(running_process: o
     assert not _catches_sigtrap(pid)
     proc.stdin.write("still here\n")  # type: ignore[attr-defined]
     proc.stdin.close()  # type: ignore[attr-defined]
-    assert proc.wait(timeout=30) == 0  # type: ignore[attr-defined]
+    assert proc.wait(timeout=120) == 0  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- kill -9, returns pending

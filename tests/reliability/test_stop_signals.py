@@ -23,7 +23,7 @@ from test_faults_support import (  # noqa: F401 (threads_exe: a fixture)
 
 def _wait_traced(pid: int) -> None:
     """Until run `pid` (the ptrace engine) traces its command."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
