@@ -78,7 +78,11 @@ def test_agent_bench_ptrace_mode_runs_and_counts_the_calls() -> None:
     """`bench.agent_idle --mode ptrace`: the agent follows a program started
     before it and one after, and the calls it counts are the programs' (the
     share of the rate is a figure, bounded loosely: none counted twice, and
-    most counted even on a loaded machine)."""
+    most counted even on a loaded machine). The window's calls are the
+    rate's give or take a program's lag at each end (it catches up on the
+    calls it owes): 99.9% measured at load 5, and one program 70 ms later
+    at the first scrape than at the last would make it more than 101% (the
+    bound was 101); a process counted twice would make it 150%."""
     proc = run_in_session([sys.executable, "-m", "bench.agent_idle", "--mode", "ptrace",
                            "--seconds", "3", "--scrape", "1", "--rate", "20000",
                            "--processes", "2"], 300, cwd=ROOT)
@@ -87,4 +91,4 @@ def test_agent_bench_ptrace_mode_runs_and_counts_the_calls() -> None:
                        r"of 1 series over \d+ s; the agent's CPU [\d.]+ s = [\d.]+% of a core "
                        r"\(watchers [\d.]+ s\); the programs' [\d.]+%\n", proc.stdout)
     assert got, proc.stdout
-    assert 50 <= float(got.group(1)) <= 101, proc.stdout
+    assert 50 <= float(got.group(1)) <= 110, proc.stdout
