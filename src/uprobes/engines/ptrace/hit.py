@@ -34,7 +34,7 @@ class PtraceHit:
     """One probe hit of one stopped thread."""
 
     __slots__ = ("thread", "regs", "probe", "kind", "ip", "func", "file_base", "ts_ns",
-                 "changed", "renames")
+                 "changed", "renames", "_comm")
 
     def __init__(self, thread: Thread, regs: UserRegs, probe: Probe, kind: str, ip: int,
                  func: int | None, file_base: int,
@@ -42,6 +42,7 @@ class PtraceHit:
         """`renames`: the kernel's rename word now, or None (`Thread.comm_now`)."""
         self.thread = thread
         self.renames = renames
+        self._comm: str | None = None
         self.regs = regs
         self.probe = probe
         self.kind = kind
@@ -61,8 +62,11 @@ class PtraceHit:
 
     @property
     def comm(self) -> str:
-        """The thread's name at this hit (not a name kept from before it)."""
-        return self.thread.comm_now(None if self.renames is None else self.renames())
+        """The thread's name at this hit (not a name kept from before it),
+        asked once a hit."""
+        if self._comm is None:
+            self._comm = self.thread.comm_now(None if self.renames is None else self.renames())
+        return self._comm
 
     @property
     def cpu(self) -> int:
