@@ -131,7 +131,7 @@ def test_truncated_at_every_interesting_length(small_elf: bytes, tmp_path: Path)
 
 
 @settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.data())
 def test_truncated_anywhere(small_elf: bytes, data: st.DataObject) -> None:
     n = data.draw(st.integers(0, len(small_elf)))
