@@ -69,6 +69,18 @@ def store_u32(base: int, off: int, src: int) -> bytes:
     return insn(0x63, base, src, off)                # BPF_STX | BPF_MEM | BPF_W
 
 
+def store_u64(base: int, off: int, src: int) -> bytes:
+    return insn(0x7B, base, src, off)                # BPF_STX | BPF_MEM | BPF_DW
+
+
+def store_imm_u64(base: int, off: int, imm: int) -> bytes:
+    return insn(0x7A, base, off=off, imm=imm)        # BPF_ST | BPF_MEM | BPF_DW
+
+
+def load_u32(dst: int, base: int, off: int) -> bytes:
+    return insn(0x61, dst, base, off)                # BPF_LDX | BPF_MEM | BPF_W
+
+
 def atomic_add_u64(base: int, off: int, src: int) -> bytes:
     return insn(0xDB, base, src, off, imm=0x00)      # BPF_STX | BPF_ATOMIC | BPF_DW, BPF_ADD
 
@@ -79,6 +91,14 @@ def jump_if_zero(reg: int, skip: int) -> bytes:
 
 def jump_if_not_zero(reg: int, skip: int) -> bytes:
     return insn(0x55, reg, off=skip)                 # BPF_JMP | BPF_JNE | BPF_K, imm 0
+
+
+def jump_if_not_equal(reg: int, imm: int, skip: int) -> bytes:
+    return insn(0x55, reg, off=skip, imm=imm)        # BPF_JMP | BPF_JNE | BPF_K
+
+
+def jump_if_above(reg: int, imm: int, skip: int) -> bytes:
+    return insn(0x25, reg, off=skip, imm=imm)        # BPF_JMP | BPF_JGT | BPF_K (unsigned)
 
 
 def load_imm64(dst: int, value: int) -> bytes:

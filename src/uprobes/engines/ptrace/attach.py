@@ -586,11 +586,14 @@ class Attach(TracerState):
         process: a thread's seccomp filter would kill, trap or fail them
         (each thread has its own filters; a thread born later inherits its
         creator's). A filter that reads their arguments or address cannot
-        be judged ahead of the hit: refused too. Asked once per process. (A
-        filter installed later is not seen: docs/reliability.md#seccomp.)"""
+        be judged ahead of the hit: refused too. Asked once per process. A
+        filter installed later is seen by the seccomp word the walk reads
+        before each call (sandboxes.py), which follows the process first:
+        where there can be none, the walk is refused."""
         pid = self.threads[tid].pid
         if pid not in self._walk_checked:
-            why = None
+            assert self._jumps is not None
+            why = self._jumps.guard_syscalls(pid)
             for t in [t for t in self.threads.values() if t.pid == pid]:
                 for nr in (NR_GETPID, NR_PROCESS_VM_READV):
                     why = why or seccomp.refusal_anywhere(t.tid, nr, (), must_succeed=True)

@@ -70,6 +70,8 @@ class ThreadLife(TracerState):
                         self._symbolizer.spaces.reread(tid)  # (recorded stacks: walked later)
                 self._orphans.forked(parent.mm, mm)
                 self._taken_by_fork(parent.mm, mm)
+            if self._jumps is not None:
+                self._jumps.forked(tid)  # (its seccomp calls guard the code it shares)
             new = Thread(tid, tid, mm)
             ns_tid = new.ns_tid  # (a child of unshare(CLONE_NEWPID): a namespace of its own)
             if self._jumps is not None and self._jumps.span_pid_namespaces(mm, tid, parent.pid):

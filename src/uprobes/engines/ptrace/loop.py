@@ -58,6 +58,13 @@ class RunLoop(TracerState):
             self._note(f"the traced program overwrote the memory it shares with uprobes "
                        f"(memfd:uprobes-counters): {records} records and {words} counter "
                        "values that it cannot have made are left out")
+        sealed, by = self._jumps.sealed if self._jumps is not None else (0, 0)
+        if sealed:
+            self._note(f"{sealed} hits are recorded without their Python frames: process "
+                       f"{by} entered seccomp() or prctl(PR_SET_SECCOMP) after the probes were "
+                       "placed, and the in-program code copies the frames by system calls "
+                       "(getpid, process_vm_readv) that a new filter could kill it for; "
+                       "--no-trapfree reads them at a stop")
         unnamed = self._jumps.unnamed if self._jumps is not None else 0
         if unnamed:
             self._note(f"{unnamed} hits whose thread name could not be read (a seccomp "

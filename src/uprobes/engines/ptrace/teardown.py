@@ -10,6 +10,7 @@ from collections.abc import Callable
 from uprobes.engines.ptrace import breakpoints, retprobes
 from uprobes.engines.ptrace.state import TracerState
 from uprobes.engines.ptrace.tasks import AddressSpace, Feature, Thread
+from uprobes.engines.tracee.xol import remote_syscall
 from uprobes.errors import KernelError, UprobesError
 from uprobes.sys import procfs, ptrace
 
@@ -103,9 +104,7 @@ class Teardown(TracerState):
     def _close_rings(self) -> None:
         """Our views of the rings (the programs keep theirs)."""
         if self._jumps is not None:
-            for ring in self._jumps.rings:
-                ring.close()
-            self._jumps.rings.clear()
+            self._jumps.close_rings()
 
     def _threads_of(self, mm: AddressSpace) -> list[Thread]:
         return [t for t in self.threads.values() if t.mm is mm]
@@ -145,9 +144,21 @@ class Teardown(TracerState):
         mm.sites.clear()
 
     def _remove_jumps(self, mm: AddressSpace) -> None:
-        """The original bytes back where our jumps are (jumppatch.py)."""
-        if self._jumps is not None:
+        """The original bytes back where our jumps are (jumppatch.py), and the
+        kernel's words retired, through a thread that can lend itself."""
+        if self._jumps is None:
+            return
+        lender = next((t for t in self._threads_of(mm) if t.can_lend), None)
+        syscall_addr = mm.syscall_addr
+        if lender is None or syscall_addr is None:
             self._jumps.remove(mm, mm.mem)
+            return
+        tid, held = lender.tid, lender.pending
+
+        def call(nr: int, args: tuple[int, ...]) -> int:
+            regs = ptrace.getregs(tid, ptrace.UserRegs())
+            return remote_syscall(tid, regs, syscall_addr, nr, args, held)
+        self._jumps.remove(mm, mm.mem, call)
 
     def _lower_semaphores(self, mm: AddressSpace) -> None:
         """Each USDT semaphore we raised lowered by what we added."""

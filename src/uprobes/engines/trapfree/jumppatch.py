@@ -60,6 +60,7 @@ from uprobes.engines.trapfree import (
 )
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
 from uprobes.engines.trapfree.filtercode import Check, CommCache, comm_tests
+from uprobes.engines.trapfree.kernelmaps import SCRATCH_BYTES, Call, hand_over, retire
 from uprobes.engines.trapfree.keyed import KeyedBlock, Source
 from uprobes.engines.trapfree.layout import (
     COUNTER_BLOCK_BYTES,
@@ -79,8 +80,9 @@ from uprobes.engines.trapfree.layout import (
     RingShape,
 )
 from uprobes.engines.trapfree.recording import Recipe, Waits
-from uprobes.engines.trapfree.renames import SCRATCH_BYTES, RenameWatch
+from uprobes.engines.trapfree.renames import RenameWatch
 from uprobes.engines.trapfree.ring import Ring
+from uprobes.engines.trapfree.sandboxes import SeccompWatch
 from uprobes.engines.trapfree.sharedmem import map_shared, most_hits
 from uprobes.engines.trapfree.timing import TimingBlock
 from uprobes.engines.trapfree.trampoline import Displaced
@@ -94,6 +96,7 @@ _NOP = b"\x90"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 _MASK64 = (1 << 64) - 1
 _NR_MMAP = 9
+_SCRATCH_COUNTERS = (SCRATCH_BYTES + COUNTER_STRIDE - 1) // COUNTER_STRIDE
 
 
 # ---------------------------------------------------------------- counters
@@ -267,6 +270,7 @@ class _Space:
     # another's tid (a raw fork): the tid is asked of the kernel for good (withdraw_tls)
     bounds: stackbounds.StackBounds | None = None  # the threads' stacks (stack copies)
     rename_word: int | None = None  # where the rename word is mapped (renames.py)
+    seccomp_word: int | None = None  # where the seccomp word is mapped (sandboxes.py)
     verdicts_withdrawn: bool = False  # its family spans pid namespaces (span_pid_namespaces)
 
 
@@ -331,6 +335,9 @@ class TrapFree:
         self._folding = threading.Lock()  # a fold against a peek in another thread
         self._renames: RenameWatch | str | None = None  # None: not needed yet; str: why not
         self._renames_told = False
+        self._seccomp: SeccompWatch | str | None = None  # as _renames
+        self._sealed, self._sealed_by = 0, 0  # see `sealed`
+        self._words_left = False  # a word's mapping could not be retired (said once)
 
     def decide(self, name: str, why_not: str | None) -> None:
         """One place of probe `name` is trap-free (None) or not (why): a
@@ -497,8 +504,10 @@ class TrapFree:
             ring_addr, how = ring.runtime_addr, record
             bounds = 0 if not record.recipe.copy else self._bounds(
                 space, mem, pid, tid, regs, threads, syscall_addr, held).addr
+            seal = 0 if record.recipe.py is None else self._seal(
+                space, area, tid, regs, pid, syscall_addr, held, mem)
             prologue = lambda at: recording.prologue(  # noqa: E731
-                at, ring_addr, how.recipe, how.probe_id, tls, how.waits, shape, bounds)
+                at, ring_addr, how.recipe, how.probe_id, tls, how.waits, shape, bounds, seal)
         at = area.alloc(size)
         if at is None:
             raise NotTrapFree("the XOL area is full")
@@ -539,15 +548,8 @@ class TrapFree:
         if the word cannot be handed over."""
         assert isinstance(self._renames, RenameWatch)
         per = filtercode.COMM_TABLE_BYTES // COUNTER_STRIDE
-        need = tests * per + (SCRATCH_BYTES + COUNTER_STRIDE - 1) // COUNTER_STRIDE
-        block = next((b for b in space.blocks if area.reaches(b.runtime_addr)
-                      and (b.used + need) * COUNTER_STRIDE <= len(b.view)), None)
-        if block is None:
-            block = map_counters(tid, regs, pid, syscall_addr(),
-                                 self._name(space, area, mem), area.start, held)
-            space.blocks.append(block)
-        first = block.alloc_run(need)
-        assert first is not None
+        block, first = self._counter_run(space, area, tid, regs, pid, syscall_addr, held, mem,
+                                          tests * per + _SCRATCH_COUNTERS)
         if space.rename_word is None:
             scratch = block.addr(first + tests * per)
             try:
@@ -567,11 +569,85 @@ class TrapFree:
         None if no placed code keeps verdicts under one."""
         return self._renames.value() if isinstance(self._renames, RenameWatch) else None
 
+    def _counter_run(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs,
+                     pid: int, syscall_addr: Callable[[], int], held: list[int],
+                     mem: ProcessMemory, need: int) -> tuple[CounterBlock, int]:
+        """`need` fresh counters in a row within reach of `area` (a new block
+        if need be): (the block, the first's index)."""
+        block = next((b for b in space.blocks if area.reaches(b.runtime_addr)
+                      and (b.used + need) * COUNTER_STRIDE <= len(b.view)), None)
+        if block is None:
+            block = map_counters(tid, regs, pid, syscall_addr(),
+                                 self._name(space, area, mem), area.start, held)
+            space.blocks.append(block)
+        first = block.alloc_run(need)
+        assert first is not None
+        return block, first
+
+    def guard_syscalls(self, pid: int) -> str | None:
+        """Code that makes system calls in process `pid` is about to be
+        judged against its seccomp filters (it is stopped): from now on its
+        calls that may install a filter move the seccomp word (sandboxes.py),
+        which that code reads before each call. Why it cannot be, if so."""
+        if self._seccomp is None:
+            self._seccomp = SeccompWatch.start()
+        if isinstance(self._seccomp, str):
+            return f"no kernel-kept seccomp word guards them ({self._seccomp})"
+        self._seccomp.follow(pid)
+        return None
+
+    def forked(self, pid: int) -> None:
+        """A new process `pid` (a fork or vfork child, before its first
+        instruction) runs our code: its seccomp calls move the word too."""
+        if isinstance(self._seccomp, SeccompWatch):
+            self._seccomp.follow(pid)
+
+    def _seal(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs, pid: int,
+              syscall_addr: Callable[[], int], held: list[int], mem: ProcessMemory) -> int:
+        """The seccomp word's address in the process (mapped once per address
+        space: `guard_syscalls` was asked first); NotTrapFree if it cannot be."""
+        if space.seccomp_word is None:
+            if not isinstance(self._seccomp, SeccompWatch):
+                raise NotTrapFree("its system calls in the program have no seccomp word to "
+                                  "guard them")
+            block, first = self._counter_run(space, area, tid, regs, pid, syscall_addr, held,
+                                              mem, _SCRATCH_COUNTERS)
+            scratch = block.addr(first)
+            try:
+                space.seccomp_word = hand_over(self._seccomp.words, "seccomp", tid, regs, pid,
+                                               syscall_addr(), scratch, mem.write, mem.read,
+                                               held)
+            except (EngineError, OSError) as e:
+                raise NotTrapFree(f"the seccomp word that guards its system calls in the "
+                                  f"program could not be mapped: {e}") from None
+            finally:
+                mem.write(scratch, bytes(SCRATCH_BYTES))
+        return space.seccomp_word
+
+    @property
+    def sealed(self) -> tuple[int, int]:
+        """(Hits recorded without their Python frames because the seccomp
+        word had moved, the pid that last moved it)."""
+        if isinstance(self._seccomp, SeccompWatch):
+            self._sealed_by = self._seccomp.last()
+        return self._sealed + sum(r.sealed() for r in self.rings), self._sealed_by
+
+    def close_rings(self) -> None:
+        """Our views of the rings closed (the programs keep theirs); what
+        they counted kept."""
+        self._sealed = self.sealed[0]
+        for ring in self.rings:
+            ring.close()
+        self.rings.clear()
+
     def close(self) -> None:
         """Stop the kernel's rename word (after the detach: no code reads it)."""
         if isinstance(self._renames, RenameWatch):
             self._renames.close()
             self._renames = "closed"
+        if isinstance(self._seccomp, SeccompWatch):
+            self._seccomp.close()
+            self._seccomp = "closed"
 
     def _timing_near(self, space: _Space, area: XolArea, tid: int, regs: ptrace.UserRegs,
                      pid: int, syscall_addr: Callable[[], int], held: list[int],
@@ -813,14 +889,16 @@ class TrapFree:
                                          list(space.keyed), space.name_addr, space.tls_tid,
                                          space.tls_never,
                                          None if space.bounds is None else space.bounds.copy(),
-                                         space.rename_word)
+                                         space.rename_word, space.seccomp_word)
 
     def forget(self, mm: object) -> None:
         """An address space that is gone (exec, exit); its counts stay."""
         self._spaces.pop(mm, None)
 
-    def remove(self, mm: object, mem: ProcessMemory) -> None:
-        """Put the original bytes back where our jumps still are (all threads stopped)."""
+    def remove(self, mm: object, mem: ProcessMemory, call: Call | None = None) -> None:
+        """Put the original bytes back where our jumps still are (all threads
+        stopped); then, with `call` (the process's injected system calls),
+        the kernel's words it maps retired (kernelmaps.retire)."""
         space = self._spaces.pop(mm, None)
         if space is None:
             return
@@ -833,6 +911,29 @@ class TrapFree:
                     mem.write(p.trap, _NOP)
             except UprobesError:
                 pass  # unmapped meanwhile, or the process is gone
+        if call is not None:
+            self._retire_words(space, call)
+
+    def _retire_words(self, space: _Space, call: Call) -> None:
+        """The space's mappings of the rename and seccomp words replaced by
+        zeros (after its jumps are out: only a thread still in a trampoline
+        reads them). A word that stays mapped (an injected call refused or
+        failed) is harmless: it is said once."""
+        mapped = [(space.rename_word, self._renames), (space.seccomp_word, self._seccomp)]
+        for addr, watch in mapped:
+            if addr is None:
+                continue
+            words = watch.word if isinstance(watch, RenameWatch) else \
+                watch.words if isinstance(watch, SeccompWatch) else None
+            try:
+                done = words is not None and retire(call, addr, words)
+            except UprobesError:
+                done = False
+            if not done and not self._words_left:
+                self._words_left = True
+                self._notes.append(f"a kernel word's mapping (anon_inode:bpf-map at {addr:#x}) "
+                                   "stays in the program after detach")
+        space.rename_word = space.seccomp_word = None
 
     def fold_into(self, counts: dict[str, int]) -> None:
         """Add what the counters gained since the last fold to `counts`

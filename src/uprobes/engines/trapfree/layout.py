@@ -21,6 +21,8 @@ The recording ring (one per fork family, MAP_SHARED):
       RING_TLS     1 once the tracer saw each thread's tid at glibc's place in its
                    thread pointer: hits read it there, not by a gettid system call
       SLOT_SIZE    the ring's slot size (its `RingShape`), written once by the tracer
+      PY_SEALED    hits recorded without their Python frames: the seccomp word had
+                   moved (pywalk.Seal, sandboxes.py; writers: lock inc)
     DATA_OFFSET  SLOTS slots of SLOT_BYTES, slot i at DATA_OFFSET + (i % SLOTS) * SLOT_BYTES:
       SLOT_SEQ     i + 1 once the slot is written (stored last: the commit)
       SLOT_TSC     rdtscp at the hit
@@ -57,7 +59,13 @@ COMMITTED = 320
 HEARTBEAT = 384
 RING_TLS = 448  # 1 once the tracer saw the tid at the thread pointer (as TIMING_TLS)
 SLOT_SIZE = 512
+PY_SEALED = 576  # hits whose Python walk made no system call: the seccomp word moved
 DATA_OFFSET = 4096  # the header's page
+
+SECCOMP_OPEN = 1
+"""The seccomp word (sandboxes.py) while code in the program may make its
+system calls; any other value (0 once a traced process entered a call that
+may install a filter, or the zero page left at detach) closes them."""
 
 # ---------------------------------------------------------------- a slot
 

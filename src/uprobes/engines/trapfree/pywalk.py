@@ -27,7 +27,11 @@ program's memory is untrusted, and a pointer to nothing gives a short copy,
 never a fault. (The stack copy before it makes no system call: it is
 bounded by the thread's stack, stackbounds.py; these pointers have no such
 bound.) The two calls are judged against every thread's seccomp filters at
-placement; a filter installed later is not seen (docs/reliability.md).
+placement, and each is guarded at the hit by the seccomp word
+(sandboxes.py: its `Seal`): once a traced process has entered seccomp()
+or prctl(PR_SET_SECCOMP), the walk makes no more system calls; it leaves
+the record without Python frames (a thread state of 0) and counts the hit
+at `Seal.sealed` (the tracer says how many, after the run).
 The function called only reads
 a pthread key (no lock, no allocation: CPython's faulthandler calls it from
 a signal handler); a probe in it, or in what it runs (its branches
@@ -62,6 +66,7 @@ from typing import Any
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
 from iced_x86 import Register as R
 
+from uprobes.engines.trapfree.layout import SECCOMP_OPEN
 from uprobes.resolve.pylayout import Layout
 from uprobes.unwind.cpython.reader import MAX_PY_FRAMES, fingerprint
 
@@ -226,6 +231,17 @@ def copied_key(walk: PyWalk, area: bytes) -> bytes:
     return b"".join(key)
 
 
+@dataclass(frozen=True)
+class Seal:
+    """Where the walk's guard is, in the program: `word` the seccomp word
+    (sandboxes.py: SECCOMP_OPEN while no traced process has entered a call that
+    may install a filter), `sealed` a counter of the hits it kept from the
+    walk's system calls."""
+
+    word: int
+    sealed: int
+
+
 def _mem(base: Any, displ: int = 0) -> MemoryOperand:
     return MemoryOperand(base, displ=displ)
 
@@ -271,11 +287,12 @@ def _gather(walk: PyWalk, n: Any, per: int, into: int, count: Instruction,
     ]
 
 
-def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
+def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list[Instruction]:
     """The walk's code for the slot at rcx (its copy area at `copy_offset`),
     as `db` instructions: its branches are its own and it reads nothing
     relative to rip, so its bytes go anywhere. Every register it changes is
-    put back but rax."""
+    put back but rax. With `seal`, each system call is made only while the
+    seccomp word is SECCOMP_OPEN."""
     i = Instruction
     area = copy_offset + walk.at
     code: list[Instruction | None] = [i.create_reg(Code.PUSH_R64, r) for r in _SAVED]
@@ -284,6 +301,12 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     def branch(kind: Any, label: str) -> None:
         jumps.append((len(code), kind, label))
         code.append(None)
+
+    def guard() -> None:  # (clobbers rax; the stack as at the start)
+        if seal is not None:
+            code.extend([i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, seal.word),
+                         i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RAX), SECCOMP_OPEN)])
+            branch(Code.JNE_REL32_64, "sealed")
     code += [
         i.create_reg_mem(Code.LEA_R64_M, R.RBX, _mem(R.RCX, area)),
         i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 0), 0),
@@ -301,8 +324,9 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
         i.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX),
     ]
     branch(Code.JE_REL32_64, "done")
+    code.append(i.create_reg_reg(Code.MOV_R64_RM64, R.R13, R.RAX))
+    guard()
     code += [
-        i.create_reg_reg(Code.MOV_R64_RM64, R.R13, R.RAX),
         i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_GETPID),
         i.create(Code.SYSCALL),
         i.create_reg_reg(Code.MOV_R32_RM32, R.R12D, R.EAX),
@@ -318,8 +342,9 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
             i.create_reg_reg(Code.TEST_RM64_R64, R.RBP, R.RBP),
         ]
         branch(Code.JE_REL32_64, "mine")
-        code += [i.create_reg_mem(Code.LEA_R64_M, R.R14, _mem(R.RBP, walk.thread_id)),
-                 *_readv(R.R15, R.R14, 8),
+        code.append(i.create_reg_mem(Code.LEA_R64_M, R.R14, _mem(R.RBP, walk.thread_id)))
+        guard()
+        code += [*_readv(R.R15, R.R14, 8),
                  i.create_reg_i32(Code.CMP_RM64_IMM8, R.RAX, 8)]
         branch(Code.JNE_REL32_64, "mine")
         code += [i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RBX, 32)),
@@ -330,6 +355,7 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
                  i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RBX, 0), R.R13)]
     mine = len(code)
     for hop in walk.hops:
+        guard()
         code += [i.create_reg_mem(Code.LEA_R64_M, R.R14, _mem(R.R13, hop)),
                  *_readv(R.R15, R.R14, 8),
                  i.create_reg_i32(Code.CMP_RM64_IMM8, R.RAX, 8)]
@@ -363,6 +389,7 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     # A new window: the WINDOW bytes that end at the header's end, or from
     # the frame's page (a mapped address's page is mapped), one read.
     miss = len(code)
+    guard()
     code += [
         i.create_reg_mem(Code.LEA_R64_M, R.RBP, _mem(R.R13, walk.header - WINDOW)),
         i.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.R13),
@@ -383,6 +410,7 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     # The window ran into unmapped memory (the header crosses into the next
     # page): no window; the header alone.
     direct = len(code)
+    guard()
     code += [i.create_reg_i32(Code.MOV_RM64_IMM32, R.RBP, -1),
              *_readv(R.R15, R.R13, walk.header),
              i.create_reg_i32(Code.CMP_RM64_IMM32, R.RAX, walk.header)]
@@ -421,6 +449,7 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     ]
     jumps.append((len(code), Code.JB_REL32_64, "iov"))
     code.append(None)
+    guard()
     code += _gather(walk, R.R14, walk.fp_len, walk.fps,
                     i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.R14), 16)
     # The names' iovecs, from the fingerprints copied whole (rax bytes):
@@ -457,12 +486,24 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     named = len(code)
     code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.RCX, R.RCX))
     branch(Code.JE_REL32_64, "done")
+    guard()
     code += _gather(walk, R.RCX, 2 * NAME, walk.names,
                     i.create_reg_mem(Code.LEA_R64_M, R.R8, MemoryOperand(R.RCX, R.RCX, 1)), 40)
+    sealed = len(code)
+    if seal is not None:  # a traced process may have a new filter: no frames, counted
+        jumps.append((len(code), Code.JMP_REL32_64, "done"))
+        code.append(None)
+        sealed = len(code)
+        counted = i.create_mem(Code.INC_RM64, _mem(R.RAX))
+        counted.has_lock_prefix = True
+        code += [i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, seal.sealed), counted,
+                 i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 0), 0),
+                 i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RBX, 8), 0)]
     done = len(code)
     code += [i.create_reg(Code.POP_R64, r) for r in reversed(_SAVED)]
     labels = {"done": done, "mine": mine, "fps": fps, "loop": loop, "iov": iov, "hit": hit,
-              "miss": miss, "direct": direct, "got": got, "names": names, "named": named}
+              "miss": miss, "direct": direct, "got": got, "names": names, "named": named,
+              "sealed": sealed}
     for at, kind, name in jumps:
         code[at] = i.create_branch(kind, 1 + labels[name])
     final: list[Instruction] = []
@@ -476,4 +517,4 @@ def walk_block(walk: PyWalk, copy_offset: int) -> list[Instruction]:
     return [i.create_declare_byte(raw[k:k + 16]) for k in range(0, len(raw), 16)]
 
 
-__all__ = ["CALLED", "Copied", "PyWalk", "copied", "copied_key", "py_walk", "walk_block"]
+__all__ = ["CALLED", "Copied", "PyWalk", "Seal", "copied", "copied_key", "py_walk", "walk_block"]

@@ -92,6 +92,7 @@ from uprobes.engines.trapfree.layout import (
     LONG,
     LOST,
     MAX_WORDS,
+    PY_SEALED,
     RING_TLS,
     SHORT,
     SLOT_PROBE,
@@ -105,7 +106,7 @@ from uprobes.engines.trapfree.layout import (
     WAITERS,
     RingShape,
 )
-from uprobes.engines.trapfree.pywalk import PyWalk, walk_block
+from uprobes.engines.trapfree.pywalk import PyWalk, Seal, walk_block
 from uprobes.lang.ast import (
     Comm,
     FetchArg,
@@ -288,11 +289,13 @@ def shape_for(recipes: Iterable[Recipe]) -> RingShape:
 
 
 def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bool,
-             waits: Waits, shape: RingShape = LONG, bounds: int = 0) -> bytes:
+             waits: Waits, shape: RingShape = LONG, bounds: int = 0, seal: int = 0) -> bytes:
     """The recording code for a trampoline at `at` whose ring (of `shape`) is
     at `ring_addr` (within rel32 reach); it falls through to the displaced
     instructions. `bounds`: the address space's stack table (stackbounds.py),
-    for a recipe that copies the stack."""
+    for a recipe that copies the stack. `seal`: the seccomp word
+    (sandboxes.py) that guards the Python walk's system calls, if any (the
+    hits it keeps from them counted at the ring's PY_SEALED)."""
     assert recipe.words <= shape.words and recipe.copy <= shape.copy
     slots = shape.slots
     head, tail, lost, data = (ring_addr + HEAD, ring_addr + TAIL, ring_addr + LOST,
@@ -370,7 +373,8 @@ def prologue(at: int, ring_addr: int, recipe: Recipe, probe_id: int, tls_tid: bo
     if recipe.copy:
         code += _stack_copy(recipe, shape, bounds, len(code))
     if recipe.py is not None:
-        code += walk_block(recipe.py, shape.copy_offset)
+        code += walk_block(recipe.py, shape.copy_offset,
+                           Seal(seal, ring_addr + PY_SEALED) if seal else None)
     # The commit, counted (a locked add: stores before it are seen before it);
     # then jmp done.
     counted = i.create_mem(Code.INC_RM64, _mem(R.RIP, ring_addr + COMMITTED))
@@ -537,7 +541,8 @@ def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
 def prologue_size(recipe: Recipe, tls_tid: bool) -> int:
     """`prologue`'s length (its encoding does not depend on the addresses or the waits)."""
     shape = STACKS if recipe.copy else LONG
-    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS, shape))
+    return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS, shape,
+                        seal=0x10200000))
 
 
 _SIZING_WAITS = Waits(1 << 40, 1 << 40, 1 << 20)

@@ -22,37 +22,22 @@ from then on, slower, never wrong. The programs count every process on
 the machine: a rename anywhere costs each traced thread one prctl.
 
 The word is a BPF array map (BPF_F_MMAPABLE) that each traced address
-space maps read-only: its fd is handed over through a unix socket
-(SCM_RIGHTS: injected socket, connect and recvmsg), mapped, and closed
-there. A fork child inherits the mapping.
+space maps read-only (kernelmaps.py). A fork child inherits the mapping.
 """
 
 from __future__ import annotations
 
-import array
-import os
-import socket
-import struct
 from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 
-from uprobes.engines.tracee.xol import remote_syscall
-from uprobes.errors import EngineError, UprobesError
+from uprobes.engines.trapfree.kernelmaps import attach_program, event_id, hand_over
+from uprobes.errors import UprobesError
 from uprobes.sys import bpf, ptrace
 
 GENERATION = 1 << 32  # the word: generations in the high 32 bits, renames pending in the low
 _RENAME_EXITS = ("prctl", "write", "pwrite64", "writev", "pwritev", "pwritev2",
                  "io_uring_enter", "execve", "execveat")
 _MARKS = 4096  # threads renaming at once (a full map: the rename stays pending, safe)
-_NR_SOCKET, _NR_CONNECT, _NR_RECVMSG, _NR_MMAP, _NR_CLOSE = 41, 42, 47, 9, 3
-_MSG_CMSG_CLOEXEC = 0x40000000
-_PROT_READ, _MAP_SHARED = 1, 1
-SCRATCH_BYTES = 384  # the tracee memory `hand_over` writes its messages into
-
-
-def _event_id(name: str) -> int:
-    return int(Path(f"/sys/kernel/tracing/events/{name}/id").read_text())
 
 
 def _tid_key(code: list[bytes]) -> None:
@@ -74,6 +59,10 @@ class RenameWatch:
         try:
             self.word = bpf.BpfMap.shared_words(1)
             self._stack.callback(self.word.close)
+            # Generation 1 from the start: no verdict is kept under 0, the
+            # zero page's (kernelmaps.retire).
+            assert self.word.memory is not None
+            self.word.memory[:8] = GENERATION.to_bytes(8, "little")
             marks = bpf.BpfMap(bpf.BPF_MAP_TYPE_HASH, 4, 4, _MARKS)
             self._stack.callback(marks.close)
             renamed: list[bytes] = []
@@ -90,21 +79,16 @@ class RenameWatch:
             _bump(done, self.word, GENERATION - 1)
             born: list[bytes] = []
             _bump(born, self.word, GENERATION)
-            self._attach(renamed, "comm_renamed", "task/task_rename")
-            self._attach(born, "comm_born", "task/task_newtask")
+            attach_program(self._stack, renamed, "comm_renamed", "task/task_rename")
+            attach_program(self._stack, born, "comm_born", "task/task_newtask")
             exits = bpf.Program(bpf.BPF_PROG_TYPE_TRACEPOINT, done, "comm_done")
             self._stack.callback(exits.close)
             for name in _RENAME_EXITS:
                 self._stack.enter_context(
-                    exits.attach_to_tracepoint(_event_id(f"syscalls/sys_exit_{name}")))
+                    exits.attach_to_tracepoint(event_id(f"syscalls/sys_exit_{name}")))
         except BaseException:
             self._stack.close()
             raise
-
-    def _attach(self, code: list[bytes], name: str, event: str) -> None:
-        program = bpf.Program(bpf.BPF_PROG_TYPE_TRACEPOINT, code, name)
-        self._stack.callback(program.close)
-        self._stack.enter_context(program.attach_to_tracepoint(_event_id(event)))
 
     @classmethod
     def open(cls) -> RenameWatch | str:
@@ -120,50 +104,10 @@ class RenameWatch:
     def hand_over(self, tid: int, regs: ptrace.UserRegs, pid: int, syscall_addr: int,
                   scratch: int, write: Callable[[int, bytes], None],
                   read: Callable[[int, int], bytes], held: list[int]) -> int:
-        """Map the word read-only in process `pid` (through its stopped
-        thread `tid`); `scratch`: SCRATCH_BYTES of its memory we may write
-        (`write`/`read`: its memory at an address). Its address there;
-        EngineError if it cannot be made."""
-        def call(nr: int, *args: int) -> int:
-            return remote_syscall(tid, regs, syscall_addr, nr, args, held)
-        name = b"\0uprobes-comm-" + os.urandom(8).hex().encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as lsn:
-            lsn.bind(name)
-            lsn.listen(1)
-            lsn.settimeout(5.0)  # connect was queued before accept: it never waits
-            there = call(_NR_SOCKET, socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC, 0)
-            if there < 0:
-                raise EngineError(f"process {pid}: socket failed (errno {-there})")
-            try:
-                sockaddr = struct.pack("<H", socket.AF_UNIX) + name
-                write(scratch, sockaddr)
-                got = call(_NR_CONNECT, there, scratch, len(sockaddr))
-                if got < 0:
-                    raise EngineError(f"process {pid}: connect failed (errno {-got})")
-                conn, _ = lsn.accept()
-                with conn:
-                    conn.sendmsg([b"w"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", [self.word.fd]))])
-                iov, data, cmsg, msg = scratch + 128, scratch + 144, scratch + 160, scratch + 224
-                write(iov, struct.pack("<QQ", data, 1))
-                write(cmsg, bytes(64))
-                write(msg, struct.pack("<QI4xQQQQi4x", 0, 0, iov, 1, cmsg, 64, 0))
-                got = call(_NR_RECVMSG, there, msg, _MSG_CMSG_CLOEXEC)
-                length, level, kind, fd = struct.unpack("<QiiI", read(cmsg, 20))
-                if got != 1 or (level, kind) != (socket.SOL_SOCKET, socket.SCM_RIGHTS) \
-                        or length != 20:
-                    raise EngineError(f"process {pid}: the word's file did not arrive "
-                                      f"(recvmsg {got})")
-                try:
-                    at = call(_NR_MMAP, 0, len(self.word.memory or b""), _PROT_READ,
-                              _MAP_SHARED, fd, 0)
-                finally:
-                    call(_NR_CLOSE, fd)
-                if at < 0 and at > -4096:
-                    raise EngineError(f"process {pid}: mmap of the word failed (errno {-at})")
-                return at & ((1 << 64) - 1)
-            finally:
-                call(_NR_CLOSE, there)
+        """Map the word read-only in process `pid` (kernelmaps.hand_over):
+        its address there; EngineError if it cannot be made."""
+        return hand_over(self.word, "comm", tid, regs, pid, syscall_addr, scratch, write, read,
+                         held)
 
     def close(self) -> None:
         self._stack.close()

@@ -21,6 +21,7 @@ from uprobes.engines.trapfree.layout import (
     HEARTBEAT,
     LONG,
     LOST,
+    PY_SEALED,
     RING_TLS,
     SLOT_SEQ,
     SLOT_SIZE,
@@ -221,6 +222,11 @@ class Ring:
         """The reader is alive: a hit waiting for room goes on waiting while
         this is less than WAIT_S old."""
         self.words[HEARTBEAT // 8] = tsc.read()
+
+    def sealed(self) -> int:
+        """Hits recorded without their Python frames because the seccomp word
+        had moved (layout.PY_SEALED: the program can write it; a note's count)."""
+        return int(self.words[PY_SEALED // 8])
 
     def tls_confirmed(self) -> None:
         """The tid is at glibc's place in the thread pointer: hits of code placed
