@@ -694,3 +694,30 @@ def test_trapfree_frames_of_a_fork_child_that_ended(tmp_path: Path) -> None:
     stacks = Counter(tuple(str(f["symbol"]) for f in reversed(h["stack"]) if f.get("python"))
                      for h in hits if h["pid"] != pid)
     assert stacks[("<module>", "main", "child_leaf")] == 5, stacks
+
+
+def test_a_records_python_area_is_parsed_whatever_it_holds() -> None:
+    """The Python area of a trap-free record is written by the program's
+    code into memory it shares with us: whatever its words say (counts,
+    pointers, name lengths), `copied` and `copied_key` stay in its bounds
+    and never raise."""
+    import random
+
+    from uprobes.engines.trapfree.pywalk import HEADER, NAME, PyWalk, copied, copied_key
+    walk = PyWalk(func=0, hops=(8,), header=72, previous=8, code=32, fp_at=72, fp_len=72,
+                  frames=25, at=4096, qualname=56, filename=40, str_length=16, state=16,
+                  text=32)
+    rng = random.Random(18)
+    words = [0, 1, 25, 26, 1 << 40, -1, -(1 << 63), (1 << 63) - 1, NAME * 7, NAME * 50]
+    for _ in range(300):
+        area = bytearray(rng.randbytes(walk.end))
+        for at in range(walk.at, walk.at + HEADER, 8):
+            area[at:at + 8] = rng.choice(words).to_bytes(8, "little", signed=True)
+        for k in range(rng.randrange(2 * walk.frames)):  # lengths of names: any
+            lo = walk.names + NAME * k
+            area[lo:lo + 8] = rng.choice([0, 3, NAME, 1 << 62]).to_bytes(8, "little")
+        got = copied(walk, bytes(area))
+        copied_key(walk, bytes(area))
+        if got is not None:
+            assert len(got.blobs) == len(got.heads) == len(got.names) <= walk.frames
+            assert all(n is None or (len(n[0]), len(n[1])) == (NAME, NAME) for n in got.names)

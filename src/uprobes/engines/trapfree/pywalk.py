@@ -50,8 +50,9 @@ The Python area, in the slot's copy area after the stack copy (`at`):
     +48  `frames` frame headers, `header` bytes each
     then 2 * `frames` iovecs (the fingerprints' sources, then the names'),
     then `frames` fingerprints of `fp_len` bytes, then the window, whose
-    bytes the names take once the frames are copied: per frame, `NAME`
-    bytes of its qualified name, `NAME` of its file
+    bytes the names take once the frames are copied: `NAME` bytes of each
+    str named (each frame's qualified name, then its file), each str once,
+    in the order met
 
 The reader (reader.py's `python` of a site) gives these to
 `PythonStacks.recorded`, which names them as the int3 path names the
@@ -207,11 +208,21 @@ def copied(walk: PyWalk, area: bytes) -> Copied | None:
     for k in range(n):
         lo = walk.fps + walk.fp_len * k
         heads.append(area[lo:lo + walk.fp_len] if fp_bytes >= walk.fp_len * (k + 1) else None)
+    # The names as the code copied them: each str once, in the order met.
+    slots: dict[int, int] = {}
     names: list[tuple[bytes, bytes] | None] = []
-    for k in range(n):
-        lo = walk.names + 2 * NAME * k
-        names.append((area[lo:lo + NAME], area[lo + NAME:lo + 2 * NAME])
-                     if name_bytes >= 2 * NAME * (k + 1) else None)
+    for head in heads:
+        if head is None:
+            names.append(None)
+            continue
+        got = []
+        for field in (walk.qualname, walk.filename):
+            src = (int.from_bytes(head[field:field + 8], "little") + walk.str_length) \
+                & ((1 << 64) - 1)
+            k = slots.setdefault(src, len(slots))
+            got.append(area[walk.names + NAME * k:walk.names + NAME * (k + 1)]
+                       if name_bytes >= NAME * (k + 1) else None)
+        names.append((got[0], got[1]) if got[0] is not None and got[1] is not None else None)
     return Copied(first & ((1 << 64) - 1), blobs, heads, names)
 
 
@@ -223,7 +234,9 @@ def copied_key(walk: PyWalk, area: bytes) -> bytes:
     n = max(0, min(int.from_bytes(area[base + 8:base + 16], "little", signed=True),
                    walk.frames))
     key = [area[base:base + HEADER + walk.stride * n], area[walk.fps:walk.fps + walk.fp_len * n]]
-    for k in range(2 * n):  # a name's length, state and text, not what follows the str
+    copied = int.from_bytes(area[base + 40:base + 48], "little", signed=True) // NAME
+    # Of each name, its length, state and text, not what follows the str.
+    for k in range(max(0, min(copied, 2 * n))):
         name = area[walk.names + NAME * k:walk.names + NAME * (k + 1)]
         length = int.from_bytes(name[:8], "little")
         key += [name[:8], name[walk.state:walk.state + 4],
@@ -264,13 +277,13 @@ def _readv(local: Any, remote: Any, n: int) -> list[Instruction]:
     ]
 
 
-def _gather(walk: PyWalk, n: Any, per: int, into: int, count: Instruction,
-            result: int) -> list[Instruction]:
-    """process_vm_readv(r12d, {rbx + into, n * per}, 1, the iovecs, r8, 0)
-    (`count` sets r8: how many iovecs), its result to rbx + `result`."""
+def _gather(walk: PyWalk, n: Any, per: int, into: int, result: int) -> list[Instruction]:
+    """process_vm_readv(r12d, {rbx + into, n * per}, 1, the `n` iovecs, n, 0),
+    its result to rbx + `result`."""
     i = Instruction
     return [
-        i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RAX, n, per),
+        i.create_reg_reg(Code.MOV_R64_RM64, R.R8, n),
+        i.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R.RAX, R.R8, per),
         i.create_reg(Code.PUSH_R64, R.RAX),
         i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RBX, into - walk.at)),
         i.create_reg(Code.PUSH_R64, R.RAX),
@@ -278,7 +291,6 @@ def _gather(walk: PyWalk, n: Any, per: int, into: int, count: Instruction,
         i.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.RSP),
         i.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1),
         i.create_reg_mem(Code.LEA_R64_M, R.R10, _mem(R.RBX, walk.iovs - walk.at)),
-        count,
         i.create_reg_u32(Code.MOV_R32_IMM32, R.R9D, 0),
         i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PROCESS_VM_READV),
         i.create(Code.SYSCALL),
@@ -297,6 +309,7 @@ def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list
     area = copy_offset + walk.at
     code: list[Instruction | None] = [i.create_reg(Code.PUSH_R64, r) for r in _SAVED]
     jumps: list[tuple[int, Any, str]] = []
+    extra: dict[str, int] = {}
 
     def branch(kind: Any, label: str) -> None:
         jumps.append((len(code), kind, label))
@@ -450,33 +463,49 @@ def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list
     jumps.append((len(code), Code.JB_REL32_64, "iov"))
     code.append(None)
     guard()
-    code += _gather(walk, R.R14, walk.fp_len, walk.fps,
-                    i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.R14), 16)
+    code += _gather(walk, R.R14, walk.fp_len, walk.fps, 16)
     # The names' iovecs, from the fingerprints copied whole (rax bytes):
-    # {qualname + str_length, NAME}, {filename + str_length, NAME} per frame.
-    code += [
-        i.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX),
-    ]
+    # {str + str_length, NAME} for each frame's qualname, then its filename,
+    # each str once (an iovec costs the kernel a page pin: most frames
+    # share their file, a recursion its name), in the order first met.
+    code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
     branch(Code.JLE_REL32_64, "done")
     code += [
         i.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX),
         i.create_reg_reg(Code.XOR_R32_RM32, R.ECX, R.ECX),
+        i.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX),
         i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RBX, walk.fps - walk.at)),
-        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RBX, walk.iovs - walk.at)),
+        i.create_reg_mem(Code.LEA_R64_M, R.R11, _mem(R.RBX, walk.iovs - walk.at)),
     ]
     names = len(code)
     code.append(i.create_reg_i32(Code.CMP_RM64_IMM32, R.R8, walk.fp_len))
     branch(Code.JB_REL32_64, "named")
-    for field, at in ((walk.qualname, 0), (walk.filename, 16)):
+    for field in ("qualname", "filename"):
         code += [
-            i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI, field)),
+            i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI, getattr(walk, field))),
             i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, walk.str_length)),
-            i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, at), R.RAX),
-            i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, at + 8), NAME),
+            i.create_reg_reg(Code.XOR_R32_RM32, R.R9D, R.R9D),
         ]
+        extra[f"search_{field}"] = len(code)  # iovecs [0, rdx): one from rax already?
+        code.append(i.create_reg_reg(Code.CMP_R64_RM64, R.R9, R.RDX))
+        branch(Code.JAE_REL32_64, f"add_{field}")
+        code += [
+            i.create_reg_mem(Code.LEA_R64_M, R.R10, MemoryOperand(R.R9, R.R9, 1)),
+            i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, MemoryOperand(R.R11, R.R10, 8)),
+        ]
+        branch(Code.JE_REL32_64, f"skip_{field}")
+        code.append(i.create_reg(Code.INC_RM64, R.R9))
+        branch(Code.JMP_REL32_64, f"search_{field}")
+        extra[f"add_{field}"] = len(code)
+        code += [
+            i.create_reg_mem(Code.LEA_R64_M, R.R10, MemoryOperand(R.RDX, R.RDX, 1)),
+            i.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(R.R11, R.R10, 8), R.RAX),
+            i.create_mem_i32(Code.MOV_RM64_IMM32, MemoryOperand(R.R11, R.R10, 8, 8, 1), NAME),
+            i.create_reg(Code.INC_RM64, R.RDX),
+        ]
+        extra[f"skip_{field}"] = len(code)
     code += [
         i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, walk.fp_len)),
-        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RDI, 32)),
         i.create_reg_i32(Code.SUB_RM64_IMM32, R.R8, walk.fp_len),
         i.create_reg(Code.INC_RM64, R.RCX),
         i.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R14),
@@ -484,11 +513,10 @@ def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list
     jumps.append((len(code), Code.JB_REL32_64, "names"))
     code.append(None)
     named = len(code)
-    code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.RCX, R.RCX))
+    code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.RDX, R.RDX))
     branch(Code.JE_REL32_64, "done")
     guard()
-    code += _gather(walk, R.RCX, 2 * NAME, walk.names,
-                    i.create_reg_mem(Code.LEA_R64_M, R.R8, MemoryOperand(R.RCX, R.RCX, 1)), 40)
+    code += _gather(walk, R.RDX, NAME, walk.names, 40)
     sealed = len(code)
     if seal is not None:  # a traced process may have a new filter: no frames, counted
         jumps.append((len(code), Code.JMP_REL32_64, "done"))
@@ -503,7 +531,7 @@ def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list
     code += [i.create_reg(Code.POP_R64, r) for r in reversed(_SAVED)]
     labels = {"done": done, "mine": mine, "fps": fps, "loop": loop, "iov": iov, "hit": hit,
               "miss": miss, "direct": direct, "got": got, "names": names, "named": named,
-              "sealed": sealed}
+              "sealed": sealed, **extra}
     for at, kind, name in jumps:
         code[at] = i.create_branch(kind, 1 + labels[name])
     final: list[Instruction] = []
