@@ -133,9 +133,11 @@ def test_corrupt_frames_in_stacks(compile_c: Compiler, tmp_path: Path) -> None:
     assert folded[next(s for s in folded if "<bad frame>" in s)] == 3
 
 
-def _attached(argv: list[str], flags: list[str], tmp_path: Path) -> tuple[str, str, str]:
-    """`trace --python -p` of the fixture, running: (its stdout, uprobes'
-    stderr, the hits)."""
+def attached(argv: list[str], flags: list[str], tmp_path: Path, spec: str = "libc:getppid"
+             ) -> tuple[str, str, str]:
+    """`trace --python -p ... SPEC` of a program (argv) that prints "ready",
+    runs at a line on stdin, prints "done" and exits 0 at another line:
+    (its stdout to "done", uprobes' stderr, the hits as JSON lines)."""
     prog = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     out = tmp_path / "hits.jsonl"
     tracer: subprocess.Popen[bytes] | None = None
@@ -145,7 +147,7 @@ def _attached(argv: list[str], flags: list[str], tmp_path: Path) -> tuple[str, s
             lines = [prog.stdout.readline()]
             tracer = subprocess.Popen(
                 [*UPROBES, "trace", "-e", "ptrace", "--python", "--json", *flags, "-o",
-                 str(out), "-p", str(prog.pid), "libc:getppid"], stderr=subprocess.PIPE)
+                 str(out), "-p", str(prog.pid), spec], stderr=subprocess.PIPE)
             assert tracer.stderr is not None
             said = read_fd_until(tracer.stderr.fileno(), "Ctrl-C to stop")
             assert "Ctrl-C to stop" in said, said
@@ -177,7 +179,7 @@ def test_corrupt_frames_of_a_running_process(python: str, trapfree: bool,
     `--no-trapfree`: read at an int3): each case's readable frames and its
     marker, the program's own output and exit status."""
     argv = _argv(python, compile_c)
-    stdout, said, hits = _attached(argv, [] if trapfree else ["--no-trapfree"], tmp_path)
+    stdout, said, hits = attached(argv, [] if trapfree else ["--no-trapfree"], tmp_path)
     assert ("1 of 1 probes trap-free" in said) == trapfree, said
     assert stdout == _untraced(argv)
     _judge(_stacks(hits), TRAPFREE if trapfree else INT3)

@@ -25,7 +25,7 @@ from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree, plan_for
 from uprobes.engines.trapfree.filtercode import Check, compile_check, seccomp_refusal
 from uprobes.engines.trapfree.jumppatch import Keyed, Record, Timed
 from uprobes.engines.trapfree.keyed import source_of
-from uprobes.engines.trapfree.layout import STACKS
+from uprobes.engines.trapfree.layout import PY_STACKS
 from uprobes.engines.trapfree.pywalk import (
     CALLED,
     NR_GETPID,
@@ -472,7 +472,7 @@ class Attach(TracerState):
             if why is not None:
                 return why, None
             self._recorder = Recorder(self.counts)
-            self._ring_shape = shape_for(self._recipes())
+            self._ring_shape = shape_for(self._recipes(), self._pystacks is not None)
             self._undo.callback(self._abandon_rings)
         direct: Direct | None = None
         if name is not None and self.hit_filter is None:
@@ -485,6 +485,8 @@ class Attach(TracerState):
         if recipe.words > self._ring_shape.words:  # (a probe added after the run began)
             return f"it fetches {recipe.words} words; the run's rings hold " \
                    f"{self._ring_shape.words}", None
+        if recipe.py is not None and recipe.py.end > self._ring_shape.copy:
+            return "its Python frames are more than the run's records hold", None
         probe_id = self._recorder.site(RecordedSite(probe, recipe, addr, file_base, direct,
                                                     func, python))
         return None, Record(recipe, probe_id, waits(self._recorder.clock.ticks),
@@ -520,7 +522,7 @@ class Attach(TracerState):
         if holds(spans, probe.point.path, probe.point.file_offset):
             return f"{why} (the probe is in the code its call to {CALLED} runs)"
         walk = py_walk(interp.runtime_addr - runtime[0].link_addr + func[0].link_addr,
-                       interp.layout, recipe.copy, STACKS.copy, interp.runtime_addr)
+                       interp.layout, recipe.copy, PY_STACKS.copy, interp.runtime_addr)
         return walk if walk is not None else f"{why} (its stack copy leaves no room for them)"
 
     def _walk_reach(self, pid: int, path: str, func: int) -> list[Span] | str:

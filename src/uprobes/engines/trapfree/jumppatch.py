@@ -72,7 +72,6 @@ from uprobes.engines.trapfree.layout import (
     KEYED_UNNAMED,
     LONG,
     NO_KEPT_VERDICTS,
-    RING_BYTES,
     RING_TLS,
     TIMING_BYTES,
     TIMING_TLS,
@@ -492,11 +491,11 @@ class TrapFree:
         else:
             shape = record.shape
             ring = next((r for r in space.rings if r.shape == shape
-                         and _reaches(r.runtime_addr, RING_BYTES, area)), None)
+                         and _reaches(r.runtime_addr, shape.ring_bytes, area)), None)
             if ring is None:
                 view, addr = map_near(tid, regs, pid, syscall_addr(),
                                       self._name(space, area, mem), area.start, held,
-                                      RING_BYTES, populate=True)
+                                      shape.ring_bytes, populate=True)
                 ring = Ring(view, addr, shape)
                 space.rings.append(ring)
                 self.rings.append(ring)

@@ -62,6 +62,7 @@ frames it reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
@@ -128,29 +129,29 @@ class PyWalk:
     text: int = 0
     """Where a name's copy holds its str's state and an ASCII one's text."""
 
-    @property
+    @cached_property
     def stride(self) -> int:
         return _up8(self.header)
 
-    @property
+    @cached_property
     def iovs(self) -> int:
         return self.at + HEADER + self.frames * self.stride
 
-    @property
+    @cached_property
     def fps(self) -> int:
         return self.iovs + 32 * self.frames
 
-    @property
+    @cached_property
     def window(self) -> int:
         """Where the window of the program's memory is kept (WINDOW bytes),
         and then the names."""
         return self.fps + self.frames * self.fp_len
 
-    @property
+    @cached_property
     def names(self) -> int:
         return self.window
 
-    @property
+    @cached_property
     def end(self) -> int:
         return self.window + max(WINDOW, 2 * NAME * self.frames)
 

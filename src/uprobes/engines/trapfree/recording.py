@@ -93,6 +93,7 @@ from uprobes.engines.trapfree.layout import (
     LOST,
     MAX_WORDS,
     PY_SEALED,
+    PY_STACKS,
     RING_TLS,
     SHORT,
     SLOT_PROBE,
@@ -278,13 +279,14 @@ def _since_hit(w: Waits) -> list[Instruction]:
     ]
 
 
-def shape_for(recipes: Iterable[Recipe]) -> RingShape:
-    """The slots of a run's rings: short if every record fits. One shape for
+def shape_for(recipes: Iterable[Recipe], python: bool = False) -> RingShape:
+    """The slots of a run's rings: short if every record fits; `python`: its
+    stack copies are followed by Python frames (PY_STACKS). One shape for
     the run, so an address space has one ring and its records one order
     (the reader merges rings by time stamp only within a read)."""
     recipes = list(recipes)
     if any(r.copy for r in recipes):
-        return STACKS
+        return PY_STACKS if python else STACKS
     return SHORT if all(r.words <= SHORT.words for r in recipes) else LONG
 
 
@@ -540,7 +542,7 @@ def _word_sources(recipe: Recipe) -> list[tuple[str | None, int | None]]:
 
 def prologue_size(recipe: Recipe, tls_tid: bool) -> int:
     """`prologue`'s length (its encoding does not depend on the addresses or the waits)."""
-    shape = STACKS if recipe.copy else LONG
+    shape = PY_STACKS if recipe.py else STACKS if recipe.copy else LONG
     return len(prologue(0x10000000, 0x10100000, recipe, 0, tls_tid, _SIZING_WAITS, shape,
                         seal=0x10200000))
 
