@@ -67,9 +67,17 @@ def _layout(python: str) -> str:
         prog.wait()
 
 
+def _lib(compile_c: Compiler) -> Path:
+    return compile_c("py_corrupt.c", "-shared", "-fPIC", name="py_corrupt.so")
+
+
 def _argv(python: str, compile_c: Compiler) -> list[str]:
-    lib = compile_c("py_corrupt.c", "-shared", "-fPIC", name="py_corrupt.so")
-    return [python, FIXTURE, _layout(python), str(lib)]
+    return [python, FIXTURE, _layout(python), str(_lib(compile_c))]
+
+
+def _spec(argv: list[str]) -> str:
+    """The probe point: the fixture library's probe_point."""
+    return f"{argv[-1]}:probe_point"
 
 
 def _untraced(argv: list[str]) -> str:
@@ -96,12 +104,12 @@ INTERPRETERS = CPYTHONS + LATER_CPYTHONS
 
 
 def _of_command(argv: list[str], command: list[str], tmp_path: Path) -> str:
-    """What `uprobes COMMAND --python ... -- ARGV` at getppid writes (at an
+    """What `uprobes COMMAND --python ... -- ARGV` at probe_point writes (at an
     int3), once it ended within the bound, with no traceback, the program's
     output its untraced one."""
     out = tmp_path / "out"
     done = subprocess.run([*UPROBES, command[0], "-e", "ptrace", "--python", *command[1:], "-o",
-                           str(out), "libc:getppid", "--", *argv], stdin=subprocess.DEVNULL,
+                           str(out), _spec(argv), "--", *argv], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=BOUND_S)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout == _untraced(argv)
@@ -133,7 +141,7 @@ def test_corrupt_frames_in_stacks(compile_c: Compiler, tmp_path: Path) -> None:
     assert folded[next(s for s in folded if "<bad frame>" in s)] == 3
 
 
-def attached(argv: list[str], flags: list[str], tmp_path: Path, spec: str = "libc:getppid"
+def attached(argv: list[str], flags: list[str], tmp_path: Path, spec: str
              ) -> tuple[str, str, str]:
     """`trace --python -p ... SPEC` of a program (argv) that prints "ready",
     runs at a line on stdin, prints "done" and exits 0 at another line:
@@ -179,7 +187,8 @@ def test_corrupt_frames_of_a_running_process(python: str, trapfree: bool,
     `--no-trapfree`: read at an int3): each case's readable frames and its
     marker, the program's own output and exit status."""
     argv = _argv(python, compile_c)
-    stdout, said, hits = attached(argv, [] if trapfree else ["--no-trapfree"], tmp_path)
+    stdout, said, hits = attached(argv, [] if trapfree else ["--no-trapfree"], tmp_path,
+                                  _spec(argv))
     assert ("1 of 1 probes trap-free" in said) == trapfree, said
     assert stdout == _untraced(argv)
     _judge(_stacks(hits), TRAPFREE if trapfree else INT3)
