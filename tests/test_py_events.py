@@ -18,6 +18,8 @@ import pytest
 from conftest import CPYTHONS as INTERPRETERS
 from conftest import LATER_CPYTHONS, over_later_cpythons
 
+import uprobes
+
 pytestmark = pytest.mark.root  # the kernel engine
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_args.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -186,3 +188,61 @@ def test_an_async_generators_yield_shows_the_value(python: str, tmp_path: Path) 
         shown[engine] = re.findall(r": __main__\.agen%yield: .* type=\"(\w+)\"$", out, re.M)
         assert own and shown[engine] == own
     assert shown["kernel"] == shown["ptrace"]
+
+
+@pytest.mark.parametrize("python", INTERPRETERS, ids=[Path(p).name for p in INTERPRETERS])
+def test_a_sessions_py_events_give_values(python: str, tmp_path: Path) -> None:
+    """`Session(py_args=True)`: a `py:` entry's `args` is a dict of the
+    values the fixture saw in its own frame (ints, bools, None and short
+    ASCII strs by value, their Python types kept; anything else `Shown`, as
+    `trace` shows it), whose `str()` is `trace`'s text; a return's `value`
+    is what the function returned (`mixed` its `n`, `small` its `x`,
+    `catches` 1), `raised` the exception's type for `fails` alone; on both
+    engines alike."""
+    funcs = ("mixed", "small", "Shape.scale", "lookalikes", "named", "fails", "catches")
+    seen = {}
+    for engine in ("kernel", "ptrace"):
+        events: list[uprobes.Event] = []
+        s = uprobes.Session(engine=engine, py_args=True, note=lambda text: None)
+        for f in funcs:
+            s.probe(f"py:__main__.{f}", events.append)
+            s.probe(f"r py:__main__.{f}", events.append)
+        own_file = tmp_path / f"own-{engine}"
+        assert s.spawn([python, FIXTURE, "14", str(own_file)]) == 0
+        lines = own_file.read_text().splitlines()
+        own_text = [line.split(" ", 2)[2] for line in lines if line.startswith("ARGS ")
+                    and line.split()[1] in funcs]
+        own_values = [json.loads(line.split(" ", 2)[2]) for line in lines
+                      if line.startswith("VALUES ") and line.split()[1] in funcs]
+        entries = [ev for ev in events if ev.kind == "p"]
+        assert len(entries) == len(own_values) > 6 * 14
+        for ev, text, values in zip(entries, own_text, own_values):
+            args = ev.args["args"]
+            assert isinstance(args, uprobes.PyArguments) and str(args) == text
+            assert len(args.pairs) == len(values)
+            for (name, got), (own_name, kind, value) in zip(args.pairs, values):
+                assert name == own_name
+                if kind == "s":
+                    assert isinstance(got, uprobes.Shown) and got == value
+                else:
+                    assert type(got) is type(value) and got == value, (name, got, value)
+        calls = {}  # (a frame's address is reused by a later call: in time order)
+        returns = []
+        for ev in events:
+            if ev.kind == "p":
+                calls[ev.args["__frame"]] = ev.args["qualname"], ev.args["args"]
+                continue
+            qualname, args = calls.pop(ev.args["__frame"])
+            want = {"mixed": args.get("n"), "small": args.get("x"), "Shape.scale": True,
+                    "catches": 1}.get(qualname)
+            if qualname == "fails":
+                assert (ev.args["value"], ev.args["raised"]) == (None, "KeyError")
+                assert ev.args["type"] == "(raised KeyError)"
+            else:
+                assert ev.args["raised"] is None
+                assert type(ev.args["value"]) is type(want) and ev.args["value"] == want, \
+                    (qualname, ev.args, args)
+            returns.append((qualname, ev.args["value"], ev.args["raised"]))
+        assert not calls
+        seen[engine] = [(ev.args["qualname"], str(ev.args["args"])) for ev in entries], returns
+    assert seen["kernel"] == seen["ptrace"]

@@ -69,6 +69,7 @@ from uprobes.model.filters import HitFilter, pushdown
 from uprobes.model.kevent import KernelEvent, KernelRow, row_event
 from uprobes.model.probe import ResolvedProbe
 from uprobes.model.registry import Consumer, prepare_dispatch
+from uprobes.render.pyargs import shown_event_args, shown_infos
 from uprobes.render.timeline import Timeline
 from uprobes.render.values import shown_args
 from uprobes.resolve.resolver import Resolver
@@ -108,13 +109,19 @@ class Session:
     frames of a CPython program, each eval-loop frame replaced by the
     Python functions it runs (`Frame.python`; the ptrace engine reads them,
     so `auto` takes it; stacks of `DEFAULT_STACK_BYTES` unless
-    `stack_bytes` says).
+    `stack_bytes` says). `py_args`: a `py:` entry's event has the call's
+    arguments, `args`, a `PyArguments` (name -> int, bool, str, None, or
+    a `Shown` text for anything else), and a return's the value returned,
+    `value` (CPython 3.11), besides `raised` (the exception's type's name,
+    or None), which every `py:` return has; the kernel engine pays for
+    reading them at every Python call of the process (docs/python.md).
     """
 
     def __init__(self, engine: str = "auto", *, force: bool = False, uretprobe: bool = False,
                  ring_pages: int | None = None, stack_bytes: int = 0,
                  note: Callable[[str], object] | None = None, trapfree: bool = False,
-                 python: bool = False, kernel: str | Sequence[str] | None = None) -> None:
+                 python: bool = False, kernel: str | Sequence[str] | None = None,
+                 py_args: bool = False) -> None:
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
         if python and not stack_bytes:
@@ -122,6 +129,7 @@ class Session:
         if stack_bytes:
             check_stack_bytes(stack_bytes, "stack_bytes (0: no stacks)")
         self.python = python
+        self.py_args = py_args
         self.engine_used: str | None = None
         """The engine the run took (`auto` decides when the run starts)."""
         self.engine = engine
@@ -319,6 +327,7 @@ class Session:
             raise UsageError("no probes: add some with Session.probe() first")
         self._ran = True
         self.probes = Resolver(pid=pid, force=self.force, uretprobe=self.uretprobe,
+                               py_args=self.py_args, py_values=self.py_args,
                                argv=tuple(argv) if argv else None).resolve_all(
             [line.spec for line in self._lines.values()])
         for p in self.probes:
@@ -368,6 +377,8 @@ class Session:
         # Probes with DWARF values: their events show them as `--json` does.
         viewed = {name: info.args for name, info in tracer.infos.items()
                   if any(t.view is not None for _, t in info.args)}
+        # `py:` probes: their raw fields as values (render/pyargs.py).
+        py_infos, py_converts = shown_infos(tracer.infos, structured=True)
 
         def deliver(ev: Event) -> None:
             call = table(ev.probe)
@@ -379,6 +390,9 @@ class Session:
             info_args = viewed.get(ev.probe)
             if info_args is not None:
                 ev = replace(ev, args=shown_args(ev.args, info_args))
+            convert = py_converts.get(ev.probe)
+            if convert is not None:
+                ev = replace(ev, args=shown_event_args(ev.args, py_infos[ev.probe], convert))
             call(ev)
 
         self.kernel_filters = dict(tracer.kernel_filters)

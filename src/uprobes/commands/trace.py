@@ -190,7 +190,7 @@ def make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None
     infos, converts = shown_infos(infos)
     past = {name: n for name, n in past_entry(probes).items() if name in calls}
     made = _make_renderer(args, out, binary, infos, calls, past, clocks)
-    return PyArgsRenderer(made, converts) if converts else made
+    return PyArgsRenderer(made, converts, infos) if converts else made
 
 
 def _make_renderer(args: argparse.Namespace, out: TextIO, binary: BinaryIO | None,

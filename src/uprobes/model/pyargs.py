@@ -61,15 +61,67 @@ WRAPPED_FIELD = "__py_wrapped"
 wrapper) the name of the wrapped value's type."""
 
 
-def slot_fields(i: int) -> dict[str, str]:
-    """The raw fields of argument slot `i`, by role."""
-    return {role: f"__py_{role}{i}" for role in ("ptr", "tptr", "size", "word", "str", "text",
-                                                 "type", "name", "nlen")}
+RETURNED = "ret"
+"""The slot name of a `py:` return's value (`slot_fields(RETURNED)`), which
+a Session's return probes fetch (`uprobes.Session(py_args=True)`)."""
+VALUE_ROLES = ("ptr", "tptr", "size", "word", "str", "text", "type")
+"""The raw fields of one object's value; an argument adds its name's."""
+
+
+def slot_fields(i: int | str) -> dict[str, str]:
+    """The raw fields of argument slot `i` (or of the value returned,
+    `RETURNED`), by role."""
+    return {role: f"__py_{role}{i}" for role in (*VALUE_ROLES, "name", "nlen")}
 
 
 RAW_FIELDS = frozenset({ARGCOUNT, KWONLY, FLAGS, RAISED_FIELD, TYPES_ANCHOR, *BUILTIN_TYPES,
                         WRAPPER_TYPE[0], YIELD_TPTR, WRAPPED_FIELD}
-                       | {f for i in range(SLOTS) for f in slot_fields(i).values()})
+                       | {f for i in (*range(SLOTS), RETURNED)
+                          for f in slot_fields(i).values()})
+
+
+class Shown(str):
+    """An argument or value given as the text `trace` shows for it, not as
+    the value itself: an object by its type's name (`<list>`, `<int>` for
+    one bigger than a machine word, `<str>` for a str not stored as compact
+    ASCII), a str cut at its first 32 characters (`"abc..."...`, quoted as
+    `trace` quotes it). A str value is a plain `str`, never a `Shown`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Shown({str.__repr__(self)})"
+
+
+PyValue = int | bool | str | None
+"""An argument's value in a Session's event: an int, bool, str or None by
+value, anything else a `Shown` (a str subclass)."""
+
+
+class PyArguments(dict[str, PyValue]):
+    """A `py:` call's arguments by name, in order (the first `SLOTS`);
+    `more`: how many more it was given (not read). `str()` of it is the
+    text `trace` shows, `(n=1, name="x", +3 more)`."""
+
+    more: int = 0
+    pairs: tuple[tuple[str, PyValue], ...] = ()
+    """(name, value) of each, in order: two names shown alike (cut at the
+    same 24 characters, or not ASCII) are one key of the dict, its last."""
+
+    def __str__(self) -> str:
+        parts = [f"{name}={shown_text(value)}" for name, value in self.pairs]
+        if self.more:
+            parts.append(f"+{self.more} more")
+        return "(" + ", ".join(parts) + ")"
+
+
+def shown_text(value: PyValue) -> str:
+    """A value as `trace` shows it."""
+    if isinstance(value, Shown):
+        return str(value)
+    if isinstance(value, str):
+        return _quoted(value)
+    return str(value)
 
 
 def has_args(names: list[str]) -> bool:
@@ -80,7 +132,8 @@ def has_args(names: list[str]) -> bool:
 def is_shown_otherwise(names: list[str]) -> bool:
     """Whether these fields are a `py:` probe's raw ones (its arguments, or
     a return's mark of an exception), shown as text instead."""
-    return ARGCOUNT in names or RAISED_FIELD in names or YIELD_TPTR in names
+    return ARGCOUNT in names or RAISED_FIELD in names or YIELD_TPTR in names \
+        or slot_fields(RETURNED)["ptr"] in names
 
 
 def yielded_type(values: Mapping[str, ArgValue]) -> str | None:
@@ -149,18 +202,19 @@ def _builtin(values: Mapping[str, ArgValue], f: dict[str, str], type_name: str) 
     return ""
 
 
-def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
-    """One argument as text: a small int, a compact ASCII str, None, a bool
-    by value; anything else by its type's name."""
+def value_of(values: Mapping[str, ArgValue], f: dict[str, str]) -> PyValue:
+    """One object's value (the raw fields `f` of its slot): a small int, a
+    compact ASCII str of at most 32 characters, None, a bool by value;
+    anything else `Shown` by its type's name (a longer str by its start)."""
     if not _int(values.get(f["ptr"])):
-        return "<unbound>"
+        return Shown("<unbound>")
     type_name = _text(values.get(f["type"]))
     if not type_name:
-        return "<?>"
+        return Shown("<?>")
     size, word = _int(values.get(f["size"])), _int(values.get(f["word"]))
     kind = _builtin(values, f, type_name)
     if kind == "NoneType":
-        return "None"
+        return None
     if kind in ("int", "bool"):
         if size < 0:
             size = -size
@@ -168,18 +222,20 @@ def _value(values: Mapping[str, ArgValue], f: dict[str, str]) -> str:
         else:
             sign = 1
         if size > 2:
-            return f"<{type_name}>"  # more digits than a machine word holds
+            return Shown(f"<{type_name}>")  # more digits than a machine word holds
         mask = (1 << DIGIT_BITS) - 1
         digits = [(word >> (32 * k)) & mask for k in range(size)]
         n = sign * sum(d << (DIGIT_BITS * k) for k, d in enumerate(digits))
-        return ("True" if n else "False") if kind == "bool" else str(n)
+        return bool(n) if kind == "bool" else n
     if kind == "str" and _int(values.get(f["str"])) == 3:  # compact and ASCII
         text = values.get(f["text"])
         if isinstance(text, list):
             shown = _bytes(text)[:min(size, TEXT_BYTES)]
+            if shown.isascii() and size > TEXT_BYTES:
+                return Shown(_quoted(shown.decode()) + "...")
             if shown.isascii():
-                return _quoted(shown.decode()) + ("..." if size > TEXT_BYTES else "")
-    return f"<{type_name}>"
+                return shown.decode()
+    return Shown(f"<{type_name}>")
 
 
 def _name(values: Mapping[str, ArgValue], f: dict[str, str], i: int) -> str:
@@ -196,16 +252,36 @@ def _name(values: Mapping[str, ArgValue], f: dict[str, str], i: int) -> str:
     return text + ("..." if length > NAME_BYTES else "")
 
 
-def args_text(values: Mapping[str, ArgValue]) -> str:
-    """`(name=value, ...)` of a `py:` entry's raw fields."""
+def arguments(values: Mapping[str, ArgValue]) -> PyArguments:
+    """A `py:` entry's arguments from its raw fields."""
     flags = _int(values.get(FLAGS))
     count = _int(values.get(ARGCOUNT)) + _int(values.get(KWONLY)) \
         + bool(flags & CO_VARARGS) + bool(flags & CO_VARKEYWORDS)
-    parts = []
-    for i in range(min(count, SLOTS)):
-        f = slot_fields(i)
-        name = _name(values, f, i)
-        parts.append(f"{name}={_value(values, f)}")
-    if count > SLOTS:
-        parts.append(f"+{count - SLOTS} more")
-    return "(" + ", ".join(parts) + ")"
+    pairs = tuple((_name(values, slot_fields(i), i), value_of(values, slot_fields(i)))
+                  for i in range(min(count, SLOTS)))
+    out = PyArguments(pairs)
+    out.pairs, out.more = pairs, max(count - SLOTS, 0)
+    return out
+
+
+def args_text(values: Mapping[str, ArgValue]) -> str:
+    """`(name=value, ...)` of a `py:` entry's raw fields."""
+    return str(arguments(values))
+
+
+def returned(values: Mapping[str, ArgValue]) -> PyValue:
+    """A `py:` return's value (None too where it was left by an exception,
+    or its value was not fetched)."""
+    f = slot_fields(RETURNED)
+    if _int(values.get(RAISED_FIELD)) or f["ptr"] not in values:
+        return None
+    return value_of(values, f)
+
+
+def raised_type(values: Mapping[str, ArgValue]) -> str | None:
+    """The name of the exception's type a `py:` return was left by (`""`:
+    it could not be read), or None: it returned."""
+    if not _int(values.get(RAISED_FIELD)):
+        return None
+    exc_type = values.get(TYPE_FIELD)
+    return exc_type if isinstance(exc_type, str) else ""

@@ -15,59 +15,95 @@ from uprobes.model.pyargs import (
     ARGS_FIELD,
     RAISED_FIELD,
     RAW_FIELDS,
+    RETURNED,
     TYPE_FIELD,
     YIELD_TPTR,
     args_text,
+    arguments,
     has_args,
     is_shown_otherwise,
     raised_text,
+    raised_type,
+    returned,
+    slot_fields,
     yielded_type,
 )
 
 _TEXT = FetchType("string", view=ValueView("text"))
-Convert = Callable[[tuple[ArgValue, ...]], tuple[ArgValue, ...]]
+RAISED_KEY = "raised"
+VALUE_KEY = "value"
+"""A Session's `py:` return: the name of the exception's type it was left by
+(None: it returned), and the value it returned (model/pyargs.py `returned`)."""
+Convert = Callable[[tuple[ArgValue, ...]], tuple[Any, ...]]
 
 
-def _converter(info: ProbeInfo) -> tuple[ProbeInfo, Convert]:
+def _converter(info: ProbeInfo, structured: bool) -> tuple[ProbeInfo, Convert]:
     names = [name for name, _ in info.args]
     keep = [i for i, name in enumerate(names) if name not in RAW_FIELDS]
     with_args = has_args(names)
     raised = names.index(RAISED_FIELD) if RAISED_FIELD in names else None
     typed = names.index(TYPE_FIELD) if TYPE_FIELD in names else None
     wrapped = YIELD_TPTR in names
+    extra: list[str] = [ARGS_FIELD] if with_args else []
+    if structured:
+        extra += [RAISED_KEY] if raised is not None else []
+        extra += [VALUE_KEY] if slot_fields(RETURNED)["ptr"] in names else []
 
-    def convert(values: tuple[ArgValue, ...]) -> tuple[ArgValue, ...]:
-        shown = [values[i] for i in keep]
+    def convert(values: tuple[ArgValue, ...]) -> tuple[Any, ...]:
+        shown: list[Any] = [values[i] for i in keep]
         if raised is not None and typed is not None and values[raised]:
             shown[keep.index(typed)] = raised_text(values[typed])
         if wrapped and typed is not None:
             inner = yielded_type(dict(zip(names, values)))
             if inner is not None:
                 shown[keep.index(typed)] = inner
-        if with_args:
-            shown.append(args_text(dict(zip(names, values))))
+        if extra:
+            shown += _extras(dict(zip(names, values)), extra, structured)
         return tuple(shown)
 
-    shown = tuple(info.args[i] for i in keep) + (((ARGS_FIELD, _TEXT),) if with_args else ())
+    shown = tuple(info.args[i] for i in keep) + tuple((key, _TEXT) for key in extra)
     return replace(info, args=shown), convert
 
 
-def shown_infos(infos: dict[str, ProbeInfo]) -> tuple[dict[str, ProbeInfo], dict[str, Convert]]:
+def _extras(raw: dict[str, ArgValue], keys: list[str], structured: bool) -> list[Any]:
+    """The values of `keys` (ARGS_FIELD, RAISED_KEY, VALUE_KEY) from a hit's raw fields."""
+    out: list[Any] = []
+    for key in keys:
+        if key == ARGS_FIELD:
+            out.append(arguments(raw) if structured else args_text(raw))
+        else:
+            out.append(raised_type(raw) if key == RAISED_KEY else returned(raw))
+    return out
+
+
+def shown_infos(infos: dict[str, ProbeInfo], structured: bool = False
+                ) -> tuple[dict[str, ProbeInfo], dict[str, Convert]]:
     """The probes as they are shown (a `py:` entry's raw fields replaced by
-    `args`), and per probe that has them, how its values are turned."""
+    `args`), and per probe that has them, how its values are turned.
+    `structured` (a Session's events): `args` is a `PyArguments` (a dict of
+    the values), and a return adds `raised` and, where fetched, `value`."""
     out, converts = dict(infos), {}
     for name, info in infos.items():
         if is_shown_otherwise([n for n, _ in info.args]):
-            out[name], converts[name] = _converter(info)
+            out[name], converts[name] = _converter(info, structured)
     return out, converts
+
+
+def shown_event_args(args: dict[str, Any], info: ProbeInfo, convert: Convert
+                     ) -> dict[str, Any]:
+    """An event's `args` (the raw fields, by name) as `shown_infos`' probe
+    `info` shows them."""
+    return dict(zip((n for n, _ in info.args), convert(tuple(args.values()))))
 
 
 class PyArgsRenderer:
     """`inner` (made with `shown_infos`'s probes), fed hits as they are shown."""
 
-    def __init__(self, inner: Any, converts: dict[str, Convert]) -> None:
+    def __init__(self, inner: Any, converts: dict[str, Convert],
+                 infos: dict[str, ProbeInfo]) -> None:
         self.inner = inner
         self.converts = converts
+        self.infos = infos
 
     def _hits(self, hits: list[Hit]) -> list[Hit]:
         converts = self.converts
@@ -83,18 +119,15 @@ class PyArgsRenderer:
 
     def event(self, event: Event) -> None:
         if event.probe in self.converts:
-            args = event.args
-            values = self.converts[event.probe](tuple(args.values()))
-            shown = [n for n in args if n not in RAW_FIELDS]
-            shown += [ARGS_FIELD] if has_args(list(args)) else []
-            event = replace(event, args=dict(zip(shown, values)))
+            event = replace(event, args=shown_event_args(
+                event.args, self.infos[event.probe], self.converts[event.probe]))
         self.inner.event(event)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("inner", "converts"):
+        if name in ("inner", "converts", "infos"):
             object.__setattr__(self, name, value)
         else:  # (clock_end and the like: the inner renderer's)
             setattr(self.inner, name, value)

@@ -64,6 +64,7 @@ from uprobes.model.pyargs import (
     KWONLY,
     NAME_BYTES,
     RAISED_FIELD,
+    RETURNED,
     SLOTS,
     TEXT_BYTES,
     TYPE_BYTES,
@@ -385,39 +386,62 @@ def py_guard(name: str, script: str | None, loop: EvalLoop, lay: Layout,
                    oparg=loop.next_instr if entry else None, resumed=resumed)
 
 
+def _value_shift(lay: Layout) -> int | None:
+    """The bit of a str's `state` its compact bit is (ascii is the next),
+    or None where the build keeps an int or a str otherwise than CPython
+    3.11 does (then no value is read)."""
+    compact = lay.str_compact_mask
+    if lay.hexversion >> 16 != 0x030B or lay.str_ascii_mask != compact << 1 or not compact:
+        return None
+    return compact.bit_length() - 1
+
+
+def _object_fetches(lay: Layout, obj: str, f: dict[str, str], shift: int) -> list[str]:
+    """The raw fields (model/pyargs.py, roles `f`) of the object `obj` points
+    to: itself, its type and its type's name, an int's size and first two
+    digits, a str's compact-and-ASCII bits and first bytes."""
+    return [f"{f['ptr']}={obj}:x64",
+            f"{f['tptr']}=+{lay.object_type}({obj}):x64",
+            f"{f['type']}=+0(+{lay.type_name}(+{lay.object_type}({obj}))):"
+            f"u64[{TYPE_BYTES // 8}]",
+            f"{f['size']}=+{lay.var_size}({obj}):s64",
+            # (3.11's int: its 30-bit digits in 32-bit words after ob_size)
+            f"{f['word']}=+{lay.var_size + 8}({obj}):u64",
+            f"{f['str']}=+{lay.str_state}({obj}):b2@{shift}/32",
+            f"{f['text']}=+{lay.str_ascii_data}({obj}):u64[{TEXT_BYTES // 8}]"]
+
+
 def argument_fetches(lay: Layout, frame: str,
                      builtins: list[str] | None = None) -> list[str]:
     """The fetchargs of a `py:` entry's arguments (model/pyargs.py): the
     code's counts, where the builtin types are (`builtins`, from
-    `_builtin_types`), and per slot of `localsplus` the object, its type and
-    its type's name, an int's size and first two digits, a str's
-    compact-and-ASCII bits and first bytes, the slot's name and its length.
-    None where the build keeps an int or a str otherwise than CPython 3.11
-    does."""
-    compact = lay.str_compact_mask
-    if lay.hexversion >> 16 != 0x030B or lay.str_ascii_mask != compact << 1 or not compact:
+    `_builtin_types`), and per slot of `localsplus` the object's fields
+    (`_object_fetches`), the slot's name and its length. None where the
+    build keeps an int or a str otherwise than CPython 3.11 does."""
+    shift = _value_shift(lay)
+    if shift is None:
         return []
-    shift = compact.bit_length() - 1
     code = f"+{lay.frame_code}(%{frame})"
     out = [f"{ARGCOUNT}=+{lay.code_argcount}({code}):s32",
            f"{KWONLY}=+{lay.code_kwonlyargcount}({code}):s32",
            f"{FLAGS}=+{lay.code_flags}({code}):s32", *(builtins or ())]
     for i in range(SLOTS):
         f = slot_fields(i)
-        obj = f"+{lay.frame_size + 8 * i}(%{frame})"
         name = f"+{lay.tuple_items + 8 * i}(+{lay.code_localsplusnames}({code}))"
-        out += [f"{f['ptr']}={obj}:x64",
-                f"{f['tptr']}=+{lay.object_type}({obj}):x64",
-                f"{f['type']}=+0(+{lay.type_name}(+{lay.object_type}({obj}))):"
-                f"u64[{TYPE_BYTES // 8}]",
-                f"{f['size']}=+{lay.var_size}({obj}):s64",
-                # (3.11's int: its 30-bit digits in 32-bit words after ob_size)
-                f"{f['word']}=+{lay.var_size + 8}({obj}):u64",
-                f"{f['str']}=+{lay.str_state}({obj}):b2@{shift}/32",
-                f"{f['text']}=+{lay.str_ascii_data}({obj}):u64[{TEXT_BYTES // 8}]",
+        out += [*_object_fetches(lay, f"+{lay.frame_size + 8 * i}(%{frame})", f, shift),
                 f"{f['name']}=+{lay.str_ascii_data}({name}):u64[{NAME_BYTES // 8}]",
                 f"{f['nlen']}=+{lay.str_length}({name}):s64"]
     return out
+
+
+def _returned_fetches(interp: Interpreter, obj: str) -> list[str]:
+    """The fetchargs of a `py:` return's value `obj` (model/pyargs.py
+    `returned`), none where it cannot be read as 3.11's."""
+    shift = _value_shift(interp.layout)
+    builtins = _builtin_types(interp) if shift is not None else []
+    if shift is None or not builtins:
+        return []
+    return builtins + _object_fetches(interp.layout, obj, slot_fields(RETURNED), shift)
 
 
 def _builtin_types(interp: Interpreter) -> list[str]:
@@ -465,9 +489,9 @@ def _quoted(text: str) -> str:
 
 def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
               script: str | None, note: str | None = None,
-              with_args: bool = False) -> list[ResolvedProbe]:
+              with_args: bool = False, with_value: bool = False) -> list[ResolvedProbe]:
     """The probes of `spec` (a `py:` target) in `interp`; an entry fetches
-    the call's arguments `with_args`."""
+    the call's arguments `with_args`, a return the value `with_value`."""
     if not t.name.isascii():
         raise ResolveError(f"py:{t.name}: only ASCII names can be matched (the names are "
                            "read as compact ASCII strings)")
@@ -509,6 +533,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         unwind = interp.unwind_exit
         if unwind is not None:
             fetch += _not_raised()
+        if with_value:
+            fetch += _returned_fetches(interp, f"-8(%{loop.stack})")
         guard = names
         if unwind is None:
             notes_ret = (
@@ -527,7 +553,8 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
     # (RETURN_CONST's value is in a register after its load, not on the stack)
     loaded_args = {name: parse_args(common + [
         f"type=+0(+{_TYPE_NAME}(+{_OB_TYPE}(%{reg}))):string",
-        *(_not_raised() if unwind is not None else [])])
+        *(_not_raised() if unwind is not None else []),
+        *(_returned_fetches(interp, f"%{reg}") if with_value else [])])
         for name, (_, reg) in loop.loaded.items()}
     point = f"%{t.at}" if t.at else "%return" if spec.is_return else ""
     event = c_identifier(t.name.replace(".", "_"))[:48] + point.replace("%", "__")
@@ -571,7 +598,9 @@ def py_probes(spec: ProbeSpec, t: PyTarget, interp: Interpreter,
         never = ops["POP_TOP"] if interp.instr_running else ops["RETURN_GENERATOR"]
         raised = parse_args(_common_fetches(lay, unwind.frame) + [
             _raised_type(interp, unwind), f"{RAISED_FIELD}=\\1:u8", _last_op(lay, unwind.frame),
-            f"{PY_FOBJ_ARG}=+{lay.frame_frame_obj}(%{unwind.frame}):x64"])
+            f"{PY_FOBJ_ARG}=+{lay.frame_frame_obj}(%{unwind.frame}):x64",
+            # (no value: the same fields as a return's, through the frame, unread)
+            *(_returned_fetches(interp, f"%{unwind.frame}") if with_value else [])])
         out.append(_at_label(out[0], interp, unwind, raised, compiled, (never,), False,
                              f"{PY_FOBJ_ARG} != 0 && {PY_OP_ARG} != {never} && ({names})"))
     if thrown is not None:

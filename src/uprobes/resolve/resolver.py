@@ -68,6 +68,8 @@ class Resolver:
     """A `py:` entry fetches its call's arguments (model/pyargs.py): for the
     commands that show them; the others would pay for the fetches at every
     Python call (the ptrace engine reads them at each stop)."""
+    py_values: bool = False
+    """A `py:` return fetches the value returned too (a Session's, asked for)."""
     argv: tuple[str, ...] | None = None
     """The command the run starts (`-- CMD`), if it starts one: a `py:`
     probe's interpreter and main script when nothing else names them."""
@@ -358,7 +360,7 @@ class Resolver:
         argv = self.argv if t.where is None or by_file else None  # (or the command's)
         note = wrapper_note(self.argv, ref) if t.where is None and pid is None else None
         return py_probes(spec, t, self._interpreters[key], main_script(pid, argv), note,
-                         with_args=self.py_args)
+                         with_args=self.py_args, with_value=self.py_values)
 
     def _resolve_vdso(self, spec: ProbeSpec, t: VdsoTarget) -> list[ResolvedProbe]:
         image = read_vdso(self.pid, t.image)
