@@ -323,7 +323,7 @@ def test_reads_in_another_thread_while_threads_come_and_go(timed: Path) -> None:
                     # Reads in every round, made sure of (a loaded machine
                     # may give the reader few turns): the tracer handles
                     # exits on meanwhile, as the reads race with them.
-                    while reads[0] <= 2 * (round_ + 1) and not failed:
+                    while reads[0] <= 2 * (round_ + 1) and not failed and reader.is_alive():
                         assert time.monotonic() < deadline, f"{reads[0]} reads in 120 s"
                         rounds.timer.count(0.02)
             finally:

@@ -246,7 +246,7 @@ def test_live_counts_in_another_thread_only_grow(compile_c: Compiler) -> None:
                     # The reader's share of the run, made sure of: a loaded
                     # machine may give it few turns in a round. The tracer
                     # counts (and folds) on meanwhile, as the reads race.
-                    while len(seen) <= 26 * (round_ + 1):
+                    while len(seen) <= 26 * (round_ + 1) and reader.is_alive():
                         assert time.monotonic() < deadline, f"{len(seen)} reads in 200 s"
                         tracer.count(0.005)
                 proc.stdin.close()
