@@ -1,6 +1,8 @@
-"""fileplan.py's caches live as long as the process that plans (the agent's,
-with runs and traced processes coming and going; a test session's): a file
-is decoded once per version, and read by the path its latest caller gave."""
+"""The engines' caches of what a probed file holds (fileplan.py's decoded
+files and plans, breakpoints.py's original bytes) live as long as the
+process that places probes (the agent's, with runs and traced processes
+coming and going; a test session's): kept per version of the file, and read
+by the path the latest caller gave."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from conftest import Compiler
 
 from uprobes.elf.image import ElfImage
 from uprobes.elf.symbols import SymbolTable
+from uprobes.engines.ptrace.breakpoints import INSN_MAX, original_bytes
 from uprobes.engines.trapfree.fileplan import FilePlan, plan_for, plan_whole
 
 
@@ -71,3 +74,21 @@ def test_a_file_changed_in_place_is_planned_anew(compile_c: Compiler, tmp_path: 
     now = os.stat(exe)  # (times may not move within a clock tick; the size does here)
     assert (now.st_ino, now.st_size != st.st_size) == (st.st_ino, True)
     assert not isinstance(plan_whole(str(exe), st.st_dev, st.st_ino, tiny), FilePlan)
+
+
+def test_an_inode_rewritten_gives_its_new_bytes(compile_c: Compiler, tmp_path: Path) -> None:
+    """The bytes an int3 replaces, read for one version of a file, are not
+    those of the next one in the same inode (they were: the cache key was
+    the inode, and placement then refused a probe whose memory did not hold
+    the bytes of a file that no longer was)."""
+    exe = tmp_path / "timed"
+    shutil.copy(compile_c("timed.c", "-pthread"), exe)
+    st = os.stat(exe)
+    tiny = _offset(exe, "tiny")
+
+    def held() -> bytes:
+        return exe.read_bytes()[tiny:tiny + INSN_MAX]
+    assert original_bytes(str(exe), st.st_dev, st.st_ino, tiny) == held()
+    shutil.copyfile(compile_c("target.c"), exe)
+    assert os.stat(exe).st_ino == st.st_ino
+    assert original_bytes(str(exe), st.st_dev, st.st_ino, tiny) == held()

@@ -66,26 +66,27 @@ class PlacementRefused(EngineError):
     """This probe cannot go at this address in this process (the reason says why)."""
 
 
-_file_bytes: dict[tuple[int, int, int], bytes] = {}
+_file_bytes: dict[tuple[int, int, int, int, int, int], bytes] = {}
 
 
 def original_bytes(path: str, dev: int, ino: int, file_offset: int) -> bytes:
-    """INSN_MAX bytes of the file at `file_offset` (cached per inode and offset)."""
-    key = (dev, ino, file_offset)
-    data = _file_bytes.get(key)
-    if data is None:
+    """INSN_MAX bytes of the file at `file_offset` (cached per version of the
+    file and offset: an inode rewritten, or reused by another file, is read
+    again, not taken for the bytes it held)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != (dev, ino):
-                    raise PlacementRefused(f"{path} was replaced since it was resolved")
-                data = os.pread(fd, INSN_MAX, file_offset)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise PlacementRefused(f"cannot read {path}: {e.strerror}") from None
-        _file_bytes[key] = data
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise PlacementRefused(f"{path} was replaced since it was resolved")
+            key = (dev, ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, file_offset)
+            data = _file_bytes.get(key)
+            if data is None:
+                data = _file_bytes[key] = os.pread(fd, INSN_MAX, file_offset)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise PlacementRefused(f"cannot read {path}: {e.strerror}") from None
     return data
 
 
