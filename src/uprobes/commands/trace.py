@@ -74,9 +74,9 @@ EXAMPLES = [
     "  # the system calls and CPU switches of the command between the hits, in time order",
     "uprobes trace --kernel 'syscalls:sys_enter_openat' 'libc:malloc' -- /bin/true"
     "  # any tracepoint by name (see /sys/kernel/tracing/available_events)",
-    "uprobes trace --duration 6 'libc:getppid' & python3 -c 'import os, time; "
-    "[(os.getppid(), time.sleep(0.1)) for _ in range(50)]'; wait"
-    "  # system-wide, for 6 s once placed: calls made before then are not seen",
+    "uprobes trace --duration 8 'libc:getppid' & python3 -c 'import os, time; "
+    "[(os.getppid(), time.sleep(0.1)) for _ in range(100)]'; wait"
+    "  # system-wide, for 8 s once placed: calls made before then are not seen",
     "uprobes trace --python -e ptrace 'libc:getpid' -- /usr/bin/python3.11 -c "
     "'import os; os.getpid()'  # each hit's stack with its Python frames",
 ]
