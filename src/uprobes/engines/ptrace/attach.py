@@ -369,6 +369,8 @@ class Attach(TracerState):
         seccomp state would not let the call come back); the first time, a
         note says so."""
         mm = t.mm
+        if self._jumps is not None:  # its calls after placement: the seccomp word
+            self._jumps.guard_syscalls(mm.pid)  # (none: unguarded, as the notes say)
         mine = [o for o in self.threads.values() if o.mm is mm]
         if any(not o.stopped and seccomp.mode(o.tid) != 0 for o in mine):
             self._hold_all(mm)  # a filter is read only in a stop (released once placed)

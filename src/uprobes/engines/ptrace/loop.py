@@ -68,7 +68,8 @@ class RunLoop(TracerState):
         unnamed = self._jumps.unnamed if self._jumps is not None else 0
         if unnamed:
             self._note(f"{unnamed} hits whose thread name could not be read (a seccomp "
-                       "filter failed prctl(PR_GET_NAME)) are not counted")
+                       "filter failed prctl(PR_GET_NAME), or the program entered seccomp() "
+                       "after placement and the name was not asked for) are not counted")
 
     def _deliver_recorded(self, hits: list[Hit]) -> None:
         """Hits of direct sites (counted by the recorder already)."""

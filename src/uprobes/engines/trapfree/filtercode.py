@@ -80,6 +80,7 @@ class Check:
     root: Node
     sources: tuple[tuple[str, Source], ...]
     cache: CommCache | None = None
+    seal: int = 0  # the seccomp word guarding its prctl (timing.comm_into), 0: none
 
 
 def comm_tests(node: Node) -> list[Compare]:
@@ -156,6 +157,7 @@ def _emit_check(a: _Asm, check: Check, yes: str, frame: int, block: int, flag: i
     seccomp filter fails the call) is decided neither way: it bumps the
     count at `unnamed` and goes to `no`."""
     i = Instruction
+    a.seal = check.seal
     sources, labels = dict(check.sources), count()
     if not _names_comm(check.root):
         _emit(a, check.root, yes, no, sources, frame, block, labels, flag)

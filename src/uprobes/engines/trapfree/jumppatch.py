@@ -61,7 +61,7 @@ from uprobes.engines.trapfree import (
 from uprobes.engines.trapfree.fileplan import FilePlan, NotTrapFree
 from uprobes.engines.trapfree.filtercode import Check, CommCache, comm_tests
 from uprobes.engines.trapfree.kernelmaps import SCRATCH_BYTES, Call, hand_over, retire
-from uprobes.engines.trapfree.keyed import KeyedBlock, Source
+from uprobes.engines.trapfree.keyed import COMM, KeyedBlock, Source
 from uprobes.engines.trapfree.layout import (
     COUNTER_BLOCK_BYTES,
     COUNTER_STRIDE,
@@ -95,6 +95,7 @@ _NOP = b"\x90"
 _MEMFD_NAME = b"uprobes-counters\0"  # the counters' and the rings' memfd
 _MASK64 = (1 << 64) - 1
 _NR_MMAP = 9
+_SIZING_SEAL = 1 << 40  # any address: the guard's code is the same size for all
 _SCRATCH_COUNTERS = (SCRATCH_BYTES + COUNTER_STRIDE - 1) // COUNTER_STRIDE
 
 
@@ -308,10 +309,15 @@ AreaFor = Callable[[int, int], XolArea]  # (near runtime_addr, bytes needed) -> 
 
 
 def _with_cache(check: Check | None, timed: Timed | None, by: Keyed | None,
-                cache: CommCache | None) -> tuple[Check | None, Timed | None, Keyed | None]:
-    """The placement's checks, each keeping its name tests' verdicts in `cache`."""
+                cache: CommCache | None = None, seal: int | None = None
+                ) -> tuple[Check | None, Timed | None, Keyed | None]:
+    """The placement's checks, each with name tests keeping its verdicts in
+    `cache` (if given) and guarded by the seccomp word at `seal` (if given)."""
     def kept(c: Check | None) -> Check | None:
-        return c if c is None or not comm_tests(c.root) else replace(c, cache=cache)
+        if c is None or not comm_tests(c.root):
+            return c
+        c = c if cache is None else replace(c, cache=cache)
+        return c if seal is None else replace(c, seal=seal)
     return (kept(check) if check is not None else None,
             replace(timed, check=kept(timed.check)) if timed is not None else None,
             replace(by, check=kept(by.check)) if by is not None else None)
@@ -404,13 +410,16 @@ class TrapFree:
         named = self._keeps_verdicts(check, timed, by)
         if named:  # sized with a cache; the real one once the area is known
             check, timed, by = _with_cache(check, timed, by, CommCache(0, (0,) * named))
+        seal = _SIZING_SEAL if self._asks_names(check, timed, by) else 0
+        if seal:  # (likewise)
+            check, timed, by = _with_cache(check, timed, by, seal=seal)
         if record is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, recording.prologue_size(record.recipe, tls))
         elif timed is not None:
             space.tls_tid = tls
             size = trampoline.max_size(displaced, timing.code_size(
-                None if timed.key is None else keyed.timing_key(timed.key, runtime_addr),
+                None if timed.key is None else keyed.timing_key(timed.key, runtime_addr, seal),
                 None if timed.check is None else partial(_entry_guard, timed.check)))
         elif by is not None:
             space.tls_tid = tls
@@ -429,6 +438,9 @@ class TrapFree:
         if named:
             check, timed, by = _with_cache(check, timed, by, self._comm_cache(
                 space, area, named, tid, regs, pid, syscall_addr, held, mem))
+        if seal:
+            seal = self._seal(space, area, tid, regs, pid, syscall_addr, held, mem)
+            check, timed, by = _with_cache(check, timed, by, seal=seal)
         prologue: Callable[[int], bytes]  # the trampoline's address -> its first part
         counters: list[tuple[str, CounterBlock, int]] = []
         ret_prologue: Callable[[int], bytes] | None = None
@@ -441,13 +453,13 @@ class TrapFree:
             guard = None if by.check is None else filtercode.guard(
                 by.check, block_at, KEYED_TLS, block_at + KEYED_UNNAMED)
             prologue = lambda at: keyed.prologue(  # noqa: E731
-                at, block_at, slot, by.key, by.value, guard)
+                at, block_at, slot, by.key, by.value, guard, seal)
         elif timed is not None:
             rows = self._timing_near(space, area, tid, regs, pid, syscall_addr, held, mem)
             if tls:
                 rows.tls_confirmed()
             block_addr, func, by_key = rows.runtime_addr, timed.func, timed.key is not None
-            key = None if timed.key is None else keyed.timing_key(timed.key, block_addr)
+            key = None if timed.key is None else keyed.timing_key(timed.key, block_addr, seal)
             entry_guard = None if timed.check is None else _entry_guard(timed.check, block_addr)
             filtered = entry_guard is not None
             prologue = lambda at: timing.entry_code(  # noqa: E731
@@ -527,6 +539,19 @@ class TrapFree:
             self._counters.setdefault(counted, []).append((block, index))
         if table is not None:
             self._keyed.setdefault(name, []).append(table)
+
+    def _asks_names(self, *parts: Check | Timed | Keyed | None) -> bool:
+        """Whether the placed code asks for the thread's name (a `comm` test,
+        a name key) and a seccomp word can guard its prctl (`guard_syscalls`
+        was asked when its process was judged: no word, no guard, as before)."""
+        if not isinstance(self._seccomp, SeccompWatch):
+            return False
+        for part in parts:
+            c = part if isinstance(part, Check) or part is None else part.check
+            if c is not None and comm_tests(c.root) or \
+                    not isinstance(part, Check) and part is not None and part.key is COMM:
+                return True
+        return False
 
     def _keeps_verdicts(self, *parts: Check | Timed | Keyed | None) -> int:
         """How many name tests the placed code asks for (0 if none, or if
@@ -981,7 +1006,8 @@ class TrapFree:
         if isinstance(self._renames, str) and not self._renames_told:
             self._renames_told = True
             note("--comm asks the kernel for the thread's name at each hit (a system call, "
-                 f"~1 us): no kernel-kept rename word: {self._renames}")
+                 f"~1 us), unguarded against a seccomp filter the program installs later: no "
+                 f"kernel-kept rename word: {self._renames}")
         new = {n: why for n, why in self.decisions.items() if n not in self._reported}
         if not new:
             return

@@ -151,14 +151,15 @@ def comm_name(raw: int) -> str:
     return got.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def timing_key(src: Source, block: int) -> KeyLoad:
+def timing_key(src: Source, block: int, seal: int = 0) -> KeyLoad:
     """`src` as the key of a timed call (timing.entry_code), in the timing
-    block at `block`."""
+    block at `block`; `seal`: the seccomp word guarding a name's prctl."""
     i = Instruction
     at = ROW_STACK + ENTRY_KEY
 
     def emit(a: _Asm, frame: int) -> None:
         if src is COMM:
+            a.seal = seal
             a(i.create_reg(Code.PUSH_R64, R.RCX), i.create_reg(Code.PUSH_R64, R.R11))
             comm_into(a, R.RCX, at)
             a(i.create_reg(Code.POP_R64, R.R11), i.create_reg(Code.POP_R64, R.RCX))
@@ -203,10 +204,11 @@ a filter compiled by filtercode.py."""
 
 
 def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
-             guard: Guard | None = None) -> bytes:
+             guard: Guard | None = None, seal: int = 0) -> bytes:
     """The keyed count for a trampoline at `at`: table `table` of the keyed
     block at `block` (within rel32 reach); a hit `guard` turns away costs
-    its test and nothing else."""
+    its test and nothing else. `seal`: the seccomp word guarding a name
+    key's prctl (timing.comm_into)."""
     assert 0 <= table < KEYED_TABLES
     i = Instruction
     a = _Asm()
@@ -217,6 +219,7 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
         load(a, value, R.RDX, frame, block)
     # The key's second word on the stack (the rest of a comm, else 0), popped at "kdone".
     if key is COMM:
+        a.seal = seal
         a(i.create_reg(Code.PUSH_R64, R.R11),
           i.create_reg_mem(Code.LEA_R64_M, R.RSP, _mem(R.RSP, -COMM_BYTES)))
         comm_into(a, R.RSP, 0)  # the system call keeps rdx, the value
@@ -282,7 +285,8 @@ def prologue(at: int, block: int, table: int, key: Source, value: Source | None,
 def prologue_size(value: bool) -> int:
     worst = Source("rdi", size=1, signed=True)
     return max(len(prologue(0x10000000, 0x10100000, KEYED_TABLES - 1, key,
-                            worst if value else None)) for key in (worst, COMM)) \
+                            worst if value else None, seal=0x10200000))
+               for key in (worst, COMM)) \
         + 64  # the tid path is longer
 
 

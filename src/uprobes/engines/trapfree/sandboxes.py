@@ -2,7 +2,8 @@
 of the system calls our code makes inside the program.
 
 Code we place in a program that makes system calls of its own (the Python
-walk's getpid and process_vm_readv, pywalk.py) is judged against the
+walk's getpid and process_vm_readv, pywalk.py; a name test's prctl,
+timing.comm_into) is judged against the
 program's seccomp filters when it is placed. A filter the program installs
 later is judged by no one: one that kills on process_vm_readv would kill
 the program at its next hit. So BPF programs on the entries of `seccomp`
@@ -20,13 +21,14 @@ instruction: at placement and at each fork's first stop):
     word 1   the pid of the last one
 
 The code reads word 0 before each of its system calls and, unless it is
-open, makes none (pywalk.py: the hit is recorded without its Python frames,
-and counted). Closed is 0 so that the zero page that takes the map's place
-at detach (kernelmaps.retire) keeps a thread still in our code from
-calling. What is left: a thread that read the word open and is about to
-enter its call while another thread of its process installs a filter with
-TSYNC in between (a few instructions, unless it is preempted there) is
-judged by the new filter. A 32-bit `int 0x80` seccomp call is not seen
+open, makes none (pywalk.py: the hit is recorded without its Python
+frames, and counted; comm_into: the name is not read, as if the call
+failed). Closed is 0 so that the zero page that takes the map's place at
+detach (kernelmaps.retire) keeps a thread still in our code from calling.
+What is left: a thread that read the word open and is about to enter its
+call while another thread of its process installs a filter with TSYNC in
+between (a few instructions, unless it is preempted there) is judged by
+the new filter. A 32-bit `int 0x80` seccomp call is not seen
 (the `syscalls` tracepoints skip compat calls).
 """
 

@@ -74,6 +74,7 @@ from uprobes.engines.trapfree.layout import (
     ROW_OWNER,
     ROW_PROBES,
     ROW_STACK,
+    SECCOMP_OPEN,
     STACK_DEPTH,
     TIMED_FUNCS,
     TIMING_ABANDONED,
@@ -109,6 +110,9 @@ class _Asm:
     def __init__(self) -> None:
         self.items: list[Instruction | tuple[str, Any]] = []
         self._made = 0
+        self.seal = 0
+        """The seccomp word (sandboxes.py) that guards the code's prctl
+        (`comm_into`): its address in the program, 0 for none."""
 
     def fresh(self, name: str) -> str:
         """A label name not used before in this code (for parts emitted more than once)."""
@@ -295,17 +299,28 @@ def comm_into(a: _Asm, base: Any, displ: int) -> None:
     """The thread's name, asked of the kernel (prctl(PR_GET_NAME)), into
     the 16 bytes at [base+displ], zeroed first; a call a sandbox refuses
     leaves them zero but the last, UNREAD_MARK. eax = the call's result.
+    With `a.seal`, the call is made only while the seccomp word is open
+    (a traced process that entered seccomp() may have a filter that kills
+    on prctl): else no call, eax = -1 (EPERM) and the mark, as refused.
     Clobbers rax, rcx, rdi, rsi, r11 and the flags."""
     i = Instruction
-    read = a.fresh("comm_read")
+    read, unread, ask = a.fresh("comm_read"), a.fresh("comm_unread"), a.fresh("comm_ask")
     a(i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(base, displ)),
       i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 0), 0),
-      i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 8), 0),
-      i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PRCTL),
+      i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RSI, 8), 0))
+    if a.seal:
+        a(i.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, a.seal),
+          i.create_mem_i32(Code.CMP_RM64_IMM8, _mem(R.RAX), SECCOMP_OPEN))
+        a.jump(Code.JE_REL32_64, ask)
+        a(i.create_reg_i32(Code.MOV_RM64_IMM32, R.RAX, -1))
+        a.jump(Code.JMP_REL32_64, unread)
+    a.label(ask)
+    a(i.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, NR_PRCTL),
       i.create_reg_u32(Code.MOV_R32_IMM32, R.EDI, PR_GET_NAME),
       i.create(Code.SYSCALL),  # (keeps rsi)
       i.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
     a.jump(Code.JE_REL32_64, read)
+    a.label(unread)
     a(i.create_mem_u32(Code.MOV_RM8_IMM8, _mem(R.RSI, COMM_BYTES - 1), UNREAD_MARK))
     a.label(read)
 
