@@ -98,3 +98,44 @@ def test_a_refused_program_names_the_verifiers_complaint() -> None:
     need(os.geteuid() == 0, "BPF programs need root")
     with pytest.raises(KernelError, match="the verifier says: R2 !read_ok"):
         bpf.Program(bpf.BPF_PROG_TYPE_TRACEPOINT, [bpf.mov_reg(0, 2), bpf.exit_()], "bad")
+
+
+def test_the_kernel_words_programs_hide_no_event_from_perf() -> None:
+    """A tracepoint program's result decides whether perf gets the hit, for
+    every perf event of that tracepoint (0: none). The programs that move
+    `--comm`'s rename word and the seccomp word (trapfree/renames.py,
+    sandboxes.py) pass every hit on: another tool counting these
+    tracepoints for a process, while uprobes runs, counts its renames,
+    prctl calls and forks (all were 0 when they returned 0)."""
+    need(os.geteuid() == 0, "BPF programs need root")
+    from uprobes.engines.trapfree.renames import RenameWatch
+    from uprobes.engines.trapfree.sandboxes import SeccompWatch
+    from uprobes.sys import perf
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # renames itself by prctl, then forks a child that ends at once
+        os.read(go_r, 1)
+        libc().function("prctl")(PR_SET_NAME, b"bpf-counted", 0, 0, 0)
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        os._exit(0)
+    os.close(go_r)
+    watches = [RenameWatch(), SeccompWatch()]
+    events = ("task/task_rename", "task/task_newtask", "syscalls/sys_enter_prctl",
+              "syscalls/sys_exit_prctl")
+    try:
+        with ExitStack() as stack:
+            counters = [stack.enter_context(perf.open_counting(_event_id(e), pid=pid))
+                        for e in events]
+            for c in counters:
+                c.enable()
+            os.write(go_w, b"g")
+            assert os.waitpid(pid, 0)[1] == 0
+            assert {e: c.read_count() >= 1 for e, c in zip(events, counters)} == \
+                dict.fromkeys(events, True)
+    finally:
+        os.close(go_w)
+        for w in watches:
+            w.close()

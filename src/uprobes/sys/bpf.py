@@ -29,6 +29,10 @@ BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 2, 
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY = 1, 2
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_F_MMAPABLE = 1 << 10
+PASS = 1
+"""What a tracepoint program returns to leave the event to perf: 0 drops the
+hit for every perf event of that tracepoint (trace_call_bpf), another
+tool's counter of it included."""
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 
 # Helpers by number (the kernel's FUNC_MAPPER order).

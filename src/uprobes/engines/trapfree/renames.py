@@ -46,9 +46,9 @@ def _tid_key(code: list[bytes]) -> None:
 
 
 def _bump(code: list[bytes], word: bpf.BpfMap, by: int) -> None:
-    """Atomically add `by` to the word; r0 = 0; exit."""
+    """Atomically add `by` to the word; exit, the event passed on (bpf.PASS)."""
     code += [bpf.load_map_value(1, word.fd, 0), bpf.load_imm64(2, by),
-             bpf.atomic_add_u64(1, 0, 2), bpf.mov_imm(0, 0), bpf.exit_()]
+             bpf.atomic_add_u64(1, 0, 2), bpf.mov_imm(0, bpf.PASS), bpf.exit_()]
 
 
 class RenameWatch:
@@ -75,7 +75,7 @@ class RenameWatch:
             _tid_key(done)
             done += [bpf.load_map_fd(1, marks.fd), bpf.mov_reg(2, 10), bpf.add_imm(2, -4),
                      bpf.call(bpf.HELPER_MAP_DELETE_ELEM),
-                     bpf.jump_if_not_zero(0, 5)]  # not marked: to the bump's r0 = 0
+                     bpf.jump_if_not_zero(0, 5)]  # not marked: to the bump's exit
             _bump(done, self.word, GENERATION - 1)
             born: list[bytes] = []
             _bump(born, self.word, GENERATION)

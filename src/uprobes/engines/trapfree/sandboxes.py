@@ -85,7 +85,7 @@ class SeccompWatch:
             bpf.store_u64(1, 8, 6),
         ]
         slots = sum(len(i) // 8 for i in tail)
-        return [bpf.load_u32(2, 1, _ARG0), skip_unless(slots), *tail, bpf.mov_imm(0, 0),
+        return [bpf.load_u32(2, 1, _ARG0), skip_unless(slots), *tail, bpf.mov_imm(0, bpf.PASS),
                 bpf.exit_()]
 
     @classmethod
