@@ -13,11 +13,12 @@ so `--python` needs no int3 either. After the stack copy its code:
       `previous`, up to `frames` of them
     copies each one's code object's fingerprint (reader.fingerprint: its
       first line, file, qualified name and line table) by one call with
-      an iovec per frame
+      an iovec per code object (once, however many frames run it: a
+      recursion's share one)
     copies, from each fingerprint copied, the head of its qualified name's
       and its file's str objects (`NAME` bytes from their length: length,
-      hash, state, then an ASCII string's text) by one call with two
-      iovecs per frame: what the reader tells the code object by (its
+      hash, state, then an ASCII string's text) by one call with an iovec
+      per str (once): what the reader tells the code object by (its
       fingerprint holds addresses, which a replacement can share), and
       names it by once it is gone
 
@@ -49,7 +50,8 @@ The Python area, in the slot's copy area after the stack copy (`at`):
     +40  bytes of names copied (the call's result: < 0, none)
     +48  `frames` frame headers, `header` bytes each
     then 2 * `frames` iovecs (the fingerprints' sources, then the names'),
-    then `frames` fingerprints of `fp_len` bytes, then the window, whose
+    then up to `frames` fingerprints of `fp_len` bytes (each code object's
+    once, in the order its frames are met), then the window, whose
     bytes the names take once the frames are copied: `NAME` bytes of each
     str named (each frame's qualified name, then its file), each str once,
     in the order met
@@ -205,8 +207,12 @@ def copied(walk: PyWalk, area: bytes) -> Copied | None:
     n = max(0, min(n, walk.frames))
     at, stride = base + HEADER, walk.stride
     blobs = [area[at + stride * k:at + stride * k + walk.header] for k in range(n)]
+    # The fingerprints as the code copied them: each code object's once,
+    # in the order met.
+    codes: dict[int, int] = {}
     heads: list[bytes | None] = []
-    for k in range(n):
+    for blob in blobs:
+        k = codes.setdefault(int.from_bytes(blob[walk.code:walk.code + 8], "little"), len(codes))
         lo = walk.fps + walk.fp_len * k
         heads.append(area[lo:lo + walk.fp_len] if fp_bytes >= walk.fp_len * (k + 1) else None)
     # The names as the code copied them: each str once, in the order met.
@@ -234,7 +240,9 @@ def copied_key(walk: PyWalk, area: bytes) -> bytes:
     base = walk.at
     n = max(0, min(int.from_bytes(area[base + 8:base + 16], "little", signed=True),
                    walk.frames))
-    key = [area[base:base + HEADER + walk.stride * n], area[walk.fps:walk.fps + walk.fp_len * n]]
+    fp_bytes = int.from_bytes(area[base + 16:base + 24], "little", signed=True)
+    key = [area[base:base + HEADER + walk.stride * n],
+           area[walk.fps:walk.fps + max(0, min(fp_bytes, walk.fp_len * n))]]
     copied = int.from_bytes(area[base + 40:base + 48], "little", signed=True) // NAME
     # Of each name, its length, state and text, not what follows the str.
     for k in range(max(0, min(copied, 2 * n))):
@@ -444,27 +452,51 @@ def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list
     fps = len(code)
     code.append(i.create_reg_reg(Code.TEST_RM64_R64, R.R14, R.R14))
     branch(Code.JE_REL32_64, "done")
-    # The fingerprints' iovecs: {code object + fp_at, fp_len} per frame.
+    # The fingerprints' iovecs: {code object + fp_at, fp_len} for each code
+    # object once, in the order first met (an iovec costs the kernel a page
+    # pin: a recursion's frames share theirs); rdx counts them.
     code += [
         i.create_reg_reg(Code.XOR_R32_RM32, R.ECX, R.ECX),
+        i.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX),
         i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RBX, HEADER)),
-        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RBX, walk.iovs - walk.at)),
+        i.create_reg_mem(Code.LEA_R64_M, R.R11, _mem(R.RBX, walk.iovs - walk.at)),
     ]
     iov = len(code)
     code += [
         i.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI, walk.code)),
         i.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, walk.fp_at)),
-        i.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 0), R.RAX),
-        i.create_mem_i32(Code.MOV_RM64_IMM32, _mem(R.RDI, 8), walk.fp_len),
+        i.create_reg_reg(Code.XOR_R32_RM32, R.R9D, R.R9D),
+    ]
+    extra["search_code"] = len(code)  # iovecs [0, rdx): one from rax already?
+    code.append(i.create_reg_reg(Code.CMP_R64_RM64, R.R9, R.RDX))
+    branch(Code.JAE_REL32_64, "add_code")
+    code += [
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, MemoryOperand(R.R9, R.R9, 1)),
+        i.create_reg_mem(Code.CMP_R64_RM64, R.RAX, MemoryOperand(R.R11, R.R10, 8)),
+    ]
+    branch(Code.JE_REL32_64, "skip_code")
+    code.append(i.create_reg(Code.INC_RM64, R.R9))
+    branch(Code.JMP_REL32_64, "search_code")
+    extra["add_code"] = len(code)
+    code += [
+        i.create_reg_mem(Code.LEA_R64_M, R.R10, MemoryOperand(R.RDX, R.RDX, 1)),
+        i.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(R.R11, R.R10, 8), R.RAX),
+        i.create_mem_i32(Code.MOV_RM64_IMM32, MemoryOperand(R.R11, R.R10, 8, 8, 1),
+                         walk.fp_len),
+        i.create_reg(Code.INC_RM64, R.RDX),
+    ]
+    extra["skip_code"] = len(code)
+    code += [
         i.create_reg_mem(Code.LEA_R64_M, R.RSI, _mem(R.RSI, walk.stride)),
-        i.create_reg_mem(Code.LEA_R64_M, R.RDI, _mem(R.RDI, 16)),
         i.create_reg(Code.INC_RM64, R.RCX),
         i.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R14),
     ]
     jumps.append((len(code), Code.JB_REL32_64, "iov"))
     code.append(None)
     guard()
-    code += _gather(walk, R.R14, walk.fp_len, walk.fps, 16)
+    code += _gather(walk, R.RDX, walk.fp_len, walk.fps, 16)
+    # From here r14 counts the fingerprints (r8 keeps it over the call).
+    code.append(i.create_reg_reg(Code.MOV_R64_RM64, R.R14, R.R8))
     # The names' iovecs, from the fingerprints copied whole (rax bytes):
     # {str + str_length, NAME} for each frame's qualname, then its filename,
     # each str once (an iovec costs the kernel a page pin: most frames
