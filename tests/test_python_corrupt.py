@@ -22,6 +22,8 @@ import pytest
 from conftest import CPYTHONS, LATER_CPYTHONS, Compiler, killed_after, read_fd_until
 
 from uprobes.resolve.pyprocess import find_interpreter
+from uprobes.unwind.cpython import reader
+from uprobes.unwind.cpython.linetable import LineTable
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "py_corrupt.py")
 UPROBES = [sys.executable, "-m", "uprobes"]
@@ -200,3 +202,15 @@ def test_the_fixture_restores_what_it_corrupts(compile_c: Compiler) -> None:
     out = _untraced(_argv("/usr/bin/python3.11", compile_c)).splitlines()
     assert out == ["ready", *(f"{case} ok" for case in INT3), "done"]
 
+
+
+def test_frames_kept_per_code_object_are_bounded() -> None:
+    """The code unit a frame runs at is the program's word: one that names a
+    new unit at each hit (a `prev_instr` written over) no longer grows what
+    is kept for its code object without bound (before: a frame per unit
+    ever named, 20,000 here)."""
+    code = reader._Code(b"", "f.py", "f", 1, 0, 1 << 40, LineTable(b"", 1), 0, {})
+    budget = reader._Budget(lambda addr, n: b"\0" * n)
+    for unit in range(20000):
+        assert code.frame(unit, budget).symbol == "f"
+    assert len(code.frames) <= 4096  # (reader._MAX_CODE_FRAMES)

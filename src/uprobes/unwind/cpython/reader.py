@@ -45,6 +45,10 @@ _BUDGET_ENTRIES = 1 << 19
 # A location table entry covers at least one code unit and is at most 1 +
 # 4 varints of 5 bytes: a table longer than this per unit is not a real one.
 _TABLE_BYTES_PER_UNIT = 21
+_MAX_CODE_FRAMES = 4096
+"""Frames kept per code object, one per code unit hits ran at: what a
+program says its frames run at is untrusted (each hit could name a new
+unit), so past this they are made at each hit and not kept."""
 _ACTIVE = 1 << 4
 """`_status.active` (3.12, 3.13): the thread state its thread runs now."""
 
@@ -98,8 +102,9 @@ class _Code:
             budget.entries -= used
             if line is None and budget.entries <= 0 and 0 <= index < self.units:
                 raise _OverBudget  # undecided: not kept
-            frame = self.frames[index] = Frame(self.addr, self.filename, self.qualname,
-                                               line=line, python=True)
+            frame = Frame(self.addr, self.filename, self.qualname, line=line, python=True)
+            if len(self.frames) < _MAX_CODE_FRAMES:
+                self.frames[index] = frame
         return frame
 
 
