@@ -617,16 +617,13 @@ def test_trapfree_frames_of_a_subinterpreter(python: str, tmp_path: Path) -> Non
             tracer.wait(timeout=120)
 
 
-FREES_ITS_CODE = """
+MAKES_AND_FREES = """
 import os, sys
-def make(i):
-    ns = {}
-    exec(compile("import os\\ndef f_%d():\\n    os.getpid()\\n" % i, "gen.py", "exec"), ns)
-    return ns.pop("f_%d" % i)
+{make}
 def main():
     print("ready", flush=True)
     sys.stdin.readline()
-    for i in range(300):
+    for i in range({calls}):
         f = make(i)
         f()
         del f
@@ -634,6 +631,27 @@ def main():
     sys.stdin.readline()
 main()
 """
+"""A program that makes a function by `exec`, calls it and frees it, `calls` times."""
+FREES_ITS_CODE = MAKES_AND_FREES.format(calls=300, make="""
+def make(i):
+    ns = {}
+    exec(compile("import os\\ndef f_%d():\\n    os.getpid()\\n" % i, "gen.py", "exec"), ns)
+    return ns.pop("f_%d" % i)""")
+
+
+def _made_and_freed(python: str, program: str, tmp_path: Path,
+                    calls: int) -> list[list[tuple[str, Any, Any]]]:
+    """The Python frames (outermost first) of each of `calls` hits of a
+    MAKES_AND_FREES `program`, traced trap-free with -p."""
+    script = tmp_path / "frees.py"
+    script.write_text(program)
+    hits, said, _, _ = _go_done_end([python, str(script)], tmp_path, "libc:getpid")
+    assert "1 of 1 probes trap-free" in said, said
+    stacks = [[(str(f["symbol"]), f["file"], f["line"]) for f in reversed(h["stack"])
+               if f.get("python")] for h in hits]
+    ours = [s for s in stacks if s and s[0][0] == "<module>"]
+    assert len(ours) == calls, Counter(s[-1] if s else "none" for s in stacks)
+    return ours
 
 
 @pytest.mark.root
@@ -646,20 +664,45 @@ def test_trapfree_callers_of_a_freed_code_object_are_named(tmp_path: Path) -> No
     where the freed one's were, has the freed one's fingerprint (addresses):
     it is told apart by the names copied, never named for the freed one
     (before: 74 of 300 calls named after a later function, one `os`)."""
-    script = tmp_path / "frees.py"
-    script.write_text(FREES_ITS_CODE)
-    hits, said, _, _ = _go_done_end([PYTHON311, str(script)], tmp_path, "libc:getpid")
-    assert "1 of 1 probes trap-free" in said, said
-    stacks = [[(str(f["symbol"]), f["file"], f["line"]) for f in reversed(h["stack"])
-               if f.get("python")] for h in hits]
-    ours = [s for s in stacks if s and s[0][0] == "<module>"]
-    assert len(ours) == 300, Counter(s[-1] if s else "none" for s in stacks)
+    ours = _made_and_freed(PYTHON311, FREES_ITS_CODE, tmp_path, 300)
     assert all([f[0] for f in s[:2]] == ["<module>", "main"] and len(s) == 3 for s in ours), ours
     # Call i's own function, f_i, line 3 (read from the live code object),
     # or unknown (named from the copy: its code object was gone).
     wrong = [(i, s[2]) for i, s in enumerate(ours)
              if s[2][:2] != (f"f_{i}", "gen.py") or s[2][2] not in (3, None)]
     assert not wrong, f"{len(wrong)} of 300 misnamed: {wrong[:5]}"
+
+
+REPLACES_ITS_CODE = MAKES_AND_FREES.format(calls=400, make="""
+KINDS = ["f_" + "x" * 60 + "_", "f\\u00e9_", "f\\u4e2d_", "f\\U00020000_"]
+def make(i):
+    name = KINDS[i // 100] + "%04d" % i
+    ns = {}
+    exec(compile("import os, json, traceback\\ndef %s():\\n    json.dumps([[f.name, f.lineno] for f"
+                 " in traceback.extract_stack()]); os.getpid()\\n" % name, "gen.py", "exec"), ns)
+    return ns.pop(name)""")
+KINDS = ["f_" + "x" * 60 + "_", "f\u00e9_", "f\u4e2d_", "f\U00020000_"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("python", INTERPRETERS[:1] + LATER_CPYTHONS)
+def test_trapfree_a_freed_code_objects_replacement_is_told_by_its_text(
+        python: str, tmp_path: Path) -> None:
+    """A code object made where a freed one was, its names of the freed
+    one's length, is told apart by their text as copied at the hit: names
+    of 67 characters that differ in their last 4 (before, 3.11's copy held
+    32 characters: 48 of 300 named after another function), and names of
+    1, 2 and 4 bytes a character (before, a non-ASCII name was told by its
+    length alone: 149-240 of 300 misnamed on 3.11). Each call's frame is
+    its own function, line 3, or, its code object gone, named from the
+    copy (line unknown); never another's."""
+    ours = _made_and_freed(python, REPLACES_ITS_CODE, tmp_path, 400)
+    assert all(len(s) == 3 for s in ours), ours
+    wrong = [(i, s[2]) for i, s in enumerate(ours)
+             if s[2][:2] != (f"{KINDS[i // 100]}{i:04d}", "gen.py") or s[2][2] not in (3, None)]
+    others = Counter(KINDS[i // 100] for i, f in wrong if f[0] != "<freed code>")
+    assert not wrong, f"named for another function: {others}; " \
+        f"{len(wrong) - others.total()} <freed code>: {wrong[:3]}"
 
 
 FORKS = """
@@ -704,9 +747,10 @@ def test_a_records_python_area_is_parsed_whatever_it_holds() -> None:
     import random
 
     from uprobes.engines.trapfree.pywalk import HEADER, NAME, PyWalk, copied, copied_key
+    from uprobes.unwind.cpython.reader import StrHead
     walk = PyWalk(func=0, hops=(8,), header=72, previous=8, code=32, fp_at=72, fp_len=72,
-                  frames=25, at=4096, qualname=56, filename=40, str_length=16, state=16,
-                  text=32)
+                  frames=25, at=4096, qualname=56, filename=40, str_length=16,
+                  strs=StrHead(16, 32, 56, 28, 32, 64))
     rng = random.Random(18)
     words = [0, 1, 25, 26, 1 << 40, -1, -(1 << 63), (1 << 63) - 1, NAME * 7, NAME * 50]
     for _ in range(300):

@@ -132,7 +132,7 @@ PY_STACKS = RingShape(65536, 65536 - SLOT_VALUES - 8 * STACK_WORDS,
                       DATA_OFFSET + STACKS.slots * 65536)
 """A run that copies Python frames too (pywalk.py): after a stack copy of
 8 KiB (the default), room for 185 frames (3.12, 3.13; 187 on 3.11: each a
-header, a fingerprint and the heads of two names); as many slots as
+header, a fingerprint and the head of a name); as many slots as
 STACKS has (a ring of 16 MiB: with 64 slots to 4 MiB, the program waited
 for the reader 3 times as often, at 4,000 hits/s against 12,800)."""
 SHAPES = {shape.slot_bytes: shape for shape in (LONG, SHORT)}  # what `record` writes

@@ -17,7 +17,7 @@ so `--python` needs no int3 either. After the stack copy its code:
       recursion's share one)
     copies, from each fingerprint copied, the head of its qualified name's
       and its file's str objects (`NAME` bytes from their length: length,
-      hash, state, then an ASCII string's text) by one call with an iovec
+      hash, state, then the text, of any kind) by one call with an iovec
       per str (once): what the reader tells the code object by (its
       fingerprint holds addresses, which a replacement can share), and
       names it by once it is gone
@@ -54,7 +54,7 @@ The Python area, in the slot's copy area after the stack copy (`at`):
     once, in the order its frames are met), then the window, whose
     bytes the names take once the frames are copied: `NAME` bytes of each
     str named (each frame's qualified name, then its file), each str once,
-    in the order met
+    in the order met, the first `frames` of them
 
 The reader (reader.py's `python` of a site) gives these to
 `PythonStacks.recorded`, which names them as the int3 path names the
@@ -72,17 +72,22 @@ from iced_x86 import Register as R
 
 from uprobes.engines.trapfree.layout import SECCOMP_OPEN
 from uprobes.resolve.pylayout import Layout
-from uprobes.unwind.cpython.reader import MAX_PY_FRAMES, fingerprint
+from uprobes.unwind.cpython.reader import MAX_PY_FRAMES, StrHead, fingerprint
 
 NR_PROCESS_VM_READV = 310
 NR_GETPID = 39
 PTHREAD_SELF = 0x10
 """%fs:0x10: the thread's pthread_self (x86-64 glibc's TCB header, `self`)."""
 HEADER = 48  # the area's words before the frames
-NAME = 64
+NAME = 128
 """Bytes copied of each frame's qualified name and of its file, from the
-str's `length` field: 3.11's ASCII text starts 32 bytes in (32 characters
-copied), 3.12's and 3.13's 24 (40)."""
+str's `length` field: 3.11's ASCII text starts 32 bytes in (96 characters
+copied), its other kinds' 56 (72 bytes: 72, 36 or 18 characters); 3.12's
+and 3.13's 24 (104) and 40 (88). A piece costs the kernel a page pin
+whatever its size, so a hit costs about what 64 bytes cost. The area has
+room for `frames` strs (each copied once: most frames share their file),
+the bytes two 64-byte heads a frame took: a stack naming more distinct
+strs than it has frames copies the first `frames` of them."""
 WINDOW = 2048
 """Bytes of the program's memory read at once below a frame (in its page):
 its callers' frames sit there, side by side in the thread's data stack, so
@@ -127,9 +132,8 @@ class PyWalk:
     """Where a fingerprint holds its code object's qualified name and file (pointers)."""
     str_length: int = 0
     """The offset of a str's `length`: where a name's copy starts."""
-    state: int = 0
-    text: int = 0
-    """Where a name's copy holds its str's state and an ASCII one's text."""
+    strs: StrHead = StrHead()
+    """Where a name's copy holds its str's state and text."""
 
     @cached_property
     def stride(self) -> int:
@@ -155,7 +159,7 @@ class PyWalk:
 
     @cached_property
     def end(self) -> int:
-        return self.window + max(WINDOW, 2 * NAME * self.frames)
+        return self.window + max(WINDOW, NAME * self.frames)
 
 
 def py_walk(func: int, lay: Layout, copy: int, room: int, runtime: int) -> PyWalk | None:
@@ -170,7 +174,7 @@ def py_walk(func: int, lay: Layout, copy: int, room: int, runtime: int) -> PyWal
     left = room - at - HEADER
     frames = min(MAX_PY_FRAMES * 2, left // per)
     # The names share the window's bytes, and take more once they outgrow it.
-    while frames > 0 and frames * per + max(WINDOW, 2 * NAME * frames) > left:
+    while frames > 0 and frames * per + max(WINDOW, NAME * frames) > left:
         frames -= 1
     if frames < 1:
         return None
@@ -178,8 +182,7 @@ def py_walk(func: int, lay: Layout, copy: int, room: int, runtime: int) -> PyWal
     return PyWalk(func, lay.current_frame_hops(), header, lay.frame_previous, lay.frame_code,
                   fp_lo, fp_len, frames, at, 0 if tc is None else runtime + tc,
                   lay.fields.get("tstate_thread_id", 0), lay.code_qualname - fp_lo,
-                  lay.code_filename - fp_lo, lay.str_length, lay.str_state - lay.str_length,
-                  lay.str_ascii_data - lay.str_length)
+                  lay.code_filename - fp_lo, lay.str_length, StrHead.of(lay))
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ def copied(walk: PyWalk, area: bytes) -> Copied | None:
                 & ((1 << 64) - 1)
             k = slots.setdefault(src, len(slots))
             got.append(area[walk.names + NAME * k:walk.names + NAME * (k + 1)]
-                       if name_bytes >= NAME * (k + 1) else None)
+                       if name_bytes >= NAME * (k + 1) and k < walk.frames else None)
         names.append((got[0], got[1]) if got[0] is not None and got[1] is not None else None)
     return Copied(first & ((1 << 64) - 1), blobs, heads, names)
 
@@ -244,12 +247,14 @@ def copied_key(walk: PyWalk, area: bytes) -> bytes:
     key = [area[base:base + HEADER + walk.stride * n],
            area[walk.fps:walk.fps + max(0, min(fp_bytes, walk.fp_len * n))]]
     copied = int.from_bytes(area[base + 40:base + 48], "little", signed=True) // NAME
-    # Of each name, its length, state and text, not what follows the str.
+    # Of each name, its length, state, text and NUL, not what follows the str.
     for k in range(max(0, min(copied, 2 * n))):
         name = area[walk.names + NAME * k:walk.names + NAME * (k + 1)]
-        length = int.from_bytes(name[:8], "little")
-        key += [name[:8], name[walk.state:walk.state + 4],
-                name[walk.text:walk.text + min(length, NAME)]]
+        span = walk.strs.span(name)
+        key += [name[:8], name[walk.strs.state:walk.strs.state + 4]]
+        if span is not None:
+            length, lo, width = span
+            key.append(name[lo:lo + min(length + 1, NAME) * width])
     return b"".join(key)
 
 
@@ -529,7 +534,9 @@ def walk_block(walk: PyWalk, copy_offset: int, seal: Seal | None = None) -> list
         branch(Code.JE_REL32_64, f"skip_{field}")
         code.append(i.create_reg(Code.INC_RM64, R.R9))
         branch(Code.JMP_REL32_64, f"search_{field}")
-        extra[f"add_{field}"] = len(code)
+        extra[f"add_{field}"] = len(code)  # (room for `frames` strs: more are not copied)
+        code.append(i.create_reg_i32(Code.CMP_RM64_IMM32, R.RDX, walk.frames))
+        branch(Code.JAE_REL32_64, f"skip_{field}")
         code += [
             i.create_reg_mem(Code.LEA_R64_M, R.R10, MemoryOperand(R.RDX, R.RDX, 1)),
             i.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(R.R11, R.R10, 8), R.RAX),

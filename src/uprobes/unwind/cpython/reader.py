@@ -338,17 +338,18 @@ class PythonStacks:
             seen.add(frame)
         at = {_u64(b, lay.frame_code): h for b, h in zip(blobs, heads, strict=True)
               if h is not None}
+        strs = StrHead.of(lay)
         told = {_u64(b, lay.frame_code): n for b, n in zip(blobs, names or [], strict=False)
                 if n is not None}
 
         def same(addr: int, code: _Code) -> bool:
             copy = told.get(addr)
-            return copy is None or (_told(code.qualname, copy[0], lay)
-                                    and _told(code.filename, copy[1], lay))
+            return copy is None or (_told(code.qualname, copy[0], strs)
+                                    and _told(code.filename, copy[1], strs))
 
         def lost(addr: int) -> Frame:
             copy = told.get(addr)
-            texts = None if copy is None else (_text(copy[0], lay), _text(copy[1], lay))
+            texts = None if copy is None else (_text(copy[0], strs), _text(copy[1], strs))
             if texts is None or texts[0] is None or texts[1] is None:
                 return GONE
             return Frame(addr, texts[1], texts[0], python=True)
@@ -469,37 +470,72 @@ class PythonStacks:
                      addr, {})
 
 
-def _told(text: str, copy: bytes, lay: Layout) -> bool:
+@dataclass(frozen=True)
+class StrHead:
+    """Where the head of a str, copied from its `length`, holds its state
+    (`state`) and text: an ASCII one's at `ascii`, another compact one's
+    (1, 2 or 4 bytes a character: the state's `kinds` bits) at `wide`."""
+
+    state: int = 0
+    ascii: int = 0
+    wide: int = 0
+    kinds: int = 0
+    compact_mask: int = 0
+    ascii_mask: int = 0
+
+    @classmethod
+    def of(cls, lay: Layout) -> StrHead:
+        return cls(lay.str_state - lay.str_length, lay.str_ascii_data - lay.str_length,
+                   lay.str_compact_data - lay.str_length, lay.str_kind_mask,
+                   lay.str_compact_mask, lay.str_ascii_mask)
+
+    def span(self, copy: bytes) -> tuple[int, int, int] | None:
+        """The str's length, where its text starts in `copy` and its bytes
+        a character; None: the copy holds no state, or the str is not one
+        read_str reads (not compact, or of no known kind)."""
+        if len(copy) < self.state + 4:
+            return None
+        state = int.from_bytes(copy[self.state:self.state + 4], "little")
+        if not state & self.compact_mask or not self.kinds:
+            return None
+        if state & self.ascii_mask:
+            return _u64(copy, 0), self.ascii, 1
+        width = (state & self.kinds) >> ((self.kinds & -self.kinds).bit_length() - 1)
+        return (_u64(copy, 0), self.wide, width) if width in _CODECS else None
+
+    def text(self, copy: bytes) -> tuple[int, str, bool] | None:
+        """The str's length, its text as far as `copy` holds it (decoded as
+        read_str does) and whether that is all of it (its NUL after it)."""
+        span = self.span(copy)
+        if span is None:
+            return None
+        length, lo, width = span
+        data = copy[lo:]
+        held = min(length, len(data) // width)
+        whole = held == length and data[length * width:(length + 1) * width] == \
+            b"\0" * width
+        return length, data[:held * width].decode(_CODECS[width], "replace"), whole
+
+
+_CODECS = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}
+
+
+def _told(text: str, copy: bytes, strs: StrHead) -> bool:
     """Whether `text` (a name read with read_str) can be the str whose head
-    `copy` is (from its `length`): its length, and an ASCII one's text as
-    far as copied (other kinds: their length)."""
-    if len(copy) < lay.str_state - lay.str_length + 4:
-        return True  # (nothing to tell by)
-    length = _u64(copy, 0)
-    state = int.from_bytes(copy[lay.str_state - lay.str_length:][:4], "little")
-    if not state & lay.str_compact_mask:
-        return True  # (read_str does not read it: "?")
-    if min(length, MAX_STR) != len(text):
-        return False
-    if not state & lay.str_ascii_mask:
-        return True
-    data = copy[lay.str_ascii_data - lay.str_length:]
-    k = min(length, len(data))
-    return text[:k] == data[:k].decode("latin-1")
+    `copy` is (from its `length`): its length, and its text as far as
+    copied, whatever its kind (a str read_str does not read: True)."""
+    got = strs.text(copy)
+    if got is None:
+        return True  # (nothing to tell by, or read_str says "?")
+    length, prefix, _ = got
+    return min(length, MAX_STR) == len(text) and text.startswith(prefix)
 
 
-def _text(copy: bytes, lay: Layout) -> str | None:
-    """The text of an ASCII str whose head `copy` is (from its `length`),
-    when all of it was copied (None: not so)."""
-    if len(copy) < lay.str_state - lay.str_length + 4:
-        return None
-    length = _u64(copy, 0)
-    state = int.from_bytes(copy[lay.str_state - lay.str_length:][:4], "little")
-    data = copy[lay.str_ascii_data - lay.str_length:]
-    if not (state & lay.str_compact_mask and state & lay.str_ascii_mask) or length >= len(data) \
-            or data[length] != 0:
-        return None
-    return data[:length].decode("latin-1")
+def _text(copy: bytes, strs: StrHead) -> str | None:
+    """The text of the str whose head `copy` is (from its `length`), when
+    all of it was copied (None: not so)."""
+    got = strs.text(copy)
+    return got[1] if got is not None and got[2] else None
 
 
 def fingerprint(lay: Layout) -> tuple[int, int]:
@@ -527,4 +563,5 @@ def interleave(native: tuple[Frame, ...], groups: PyGroups) -> tuple[Frame, ...]
     return tuple(out)
 
 
-__all__ = ["BAD", "CUT", "PyGroups", "PythonStacks", "fingerprint", "interleave", "version_text"]
+__all__ = ["BAD", "CUT", "PyGroups", "PythonStacks", "StrHead", "fingerprint", "interleave",
+           "version_text"]
