@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import Compiler
+from gdb_support import gdb_batch
 
 from uprobes.commands import main
 
@@ -105,3 +108,47 @@ def _offset(exe: Path, symbol: str) -> str:
     out = io.StringIO()
     assert main(["resolve", f"{exe}:{symbol}"], out=out) == 0
     return out.getvalue().split()[1].rsplit(":", 1)[1]
+
+
+def _folded(engine: str, probe: str, *argv: str) -> tuple[dict[str, int], str]:
+    """`uprobes stacks --folded -e ENGINE PROBE -- ARGV`: (folded stacks, the
+    program's own output)."""
+    run = subprocess.run([sys.executable, "-m", "uprobes", "stacks", "--folded",
+                          *engine.split(), probe, "--", *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    folded, own = {}, []
+    for line in run.stdout.splitlines():
+        path, _, count = line.rpartition(" ")
+        if ";" in path and count.isdigit():
+            folded[path] = int(count)
+        else:
+            own.append(line)
+    return folded, "\n".join(own)
+
+
+def test_a_short_lived_fork_childs_frames_are_named(tracefs: Path,
+                                                    compile_c: Compiler) -> None:
+    """fork_quick_stacks.c: a fork child hits target three times and exits at
+    once, before its maps can be read. Its frames are named from its
+    parent's maps as the kernel's PERF_RECORD_FORK copies them (before:
+    `[unknown]`), the same as the ptrace engine (int3s) and gdb (following
+    the child) walk them; a library the child dlopen()s after the fork is
+    named from the child's own PERF_RECORD_MMAP2, and the frames below it
+    from the copy (before: `[unknown]` under the library's)."""
+    exe = compile_c("fork_quick_stacks.c", "-O2", "-ldl")
+    lib = compile_c("fork_quick_lib.c", "-O2", "-shared", "-fPIC")
+    kernel, out = _folded("-e kernel", f"{exe}:target", str(exe))
+    ptrace, _ = _folded("-e ptrace --no-trapfree", f"{exe}:target", str(exe))
+    assert out == "parent 13"
+    assert kernel == ptrace, (kernel, ptrace)
+    child = [p for p, n in kernel.items() if n == 3]
+    assert len(child) == 1 and child[0].endswith(";main;c_b;c_a;target"), kernel
+    frames = gdb_batch(exe, ["set follow-fork-mode child", "break target", "run", "bt"])
+    walked = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+) \(", frames, re.M)
+    ours = child[0].split(";")
+    assert ours[ours.index("main"):] == list(reversed(walked)), (child, frames)  # gdb: to main
+    kernel, _ = _folded("-e kernel", f"{lib}:lib_target", str(exe), str(lib))
+    ptrace, _ = _folded("-e ptrace --no-trapfree", f"{lib}:lib_target", str(exe), str(lib))
+    assert kernel == ptrace and list(kernel.values()) == [2], (kernel, ptrace)
+    assert next(iter(kernel)).endswith(";main;lib_entry;lib_mid;lib_target"), kernel

@@ -17,6 +17,7 @@ from uprobes.errors import KernelError
 from uprobes.sys.libc import kernel_errors
 from uprobes.sys.perf import (
     PAGE_SIZE,
+    PERF_RECORD_FORK,
     PERF_RECORD_LOST,
     PERF_RECORD_MMAP2,
     PERF_RECORD_SAMPLE,
@@ -95,6 +96,18 @@ _LOST = struct.Struct("<QQ")  # PERF_RECORD_LOST: id, lost
 # PERF_RECORD_MMAP2: pid, tid, addr, len, pgoff, maj, min, ino, ino_generation,
 # prot, flags, then the NUL-terminated file name.
 _MMAP2 = struct.Struct("<IIQQQIIQQII")
+_FORK = struct.Struct("<IIIIQ")  # PERF_RECORD_FORK: pid, ppid, tid, ptid, time
+
+
+@dataclass(frozen=True)
+class ForkRecord:
+    """A PERF_RECORD_FORK of a new process (not a thread): `pid`'s address
+    space starts as a copy of `ppid`'s, mappings included; `time` as the
+    samples' (the event's clock)."""
+
+    pid: int
+    ppid: int
+    time: int
 
 
 @dataclass(frozen=True)
@@ -189,7 +202,8 @@ class RingBuffer:
         self._sample = struct.Struct("<" + self.layout.code)
         self.lost = 0
         self.samples = 0
-        self.mmaps: list[MmapRecord] = []  # PERF_RECORD_MMAP2s read, for the owner to take
+        # PERF_RECORD_MMAP2s and process FORKs read, in order, for the owner to take
+        self.mmaps: list[MmapRecord | ForkRecord] = []
         size = (1 + data_pages) * PAGE_SIZE
         with kernel_errors(f"mapping the ring buffer of {event.what}", {
                 errno.EINVAL: "a per-task event with inherit cannot be mmapped: "
@@ -272,11 +286,16 @@ class RingBuffer:
 
     def account(self, rtype: int, data: bytes, pos: int, size: int) -> None:
         """A record other than a sample, at `pos` in `data`: PERF_RECORD_LOST
-        adds to `lost`, PERF_RECORD_MMAP2 is kept in `mmaps`."""
+        adds to `lost`, PERF_RECORD_MMAP2 and a new process's
+        PERF_RECORD_FORK are kept in `mmaps`."""
         if rtype == PERF_RECORD_LOST:
             self.lost += _LOST.unpack_from(data, pos + 8)[1]
         elif rtype == PERF_RECORD_MMAP2:
             self.mmaps.append(MmapRecord.parse(data[pos + 8:pos + size]))
+        elif rtype == PERF_RECORD_FORK:
+            pid, ppid, _tid, _ptid, when = _FORK.unpack_from(data, pos + 8)
+            if pid != ppid:
+                self.mmaps.append(ForkRecord(pid, ppid, when))
 
     def read(self) -> Iterator[Sample]:
         """The samples the kernel has written since the last read, as
@@ -322,4 +341,4 @@ class RingBuffer:
         self.close()
 
 
-__all__ = ["MmapRecord", "RingBuffer", "Sample", "SampleLayout", "user_tail"]
+__all__ = ["ForkRecord", "MmapRecord", "RingBuffer", "Sample", "SampleLayout", "user_tail"]

@@ -58,6 +58,10 @@ class _Process:
         keep = [old for old in self.maps if old.end <= m.start or old.start >= m.end]
         self._set(sorted([*keep, m], key=lambda x: x.start))
 
+    def replace(self, maps: list[procfs.Mapping]) -> None:
+        """These maps (sorted) in place of the ones known."""
+        self._set(list(maps))
+
     def _set(self, maps: list[procfs.Mapping]) -> None:
         self.maps = maps
         self.generation += 1
@@ -109,6 +113,21 @@ class AddressSpaces:
         """Process `pid` mapped `m` (a PERF_RECORD_MMAP2): known even once
         the process has exited. Its maps are read first if it is new."""
         self._process(pid).add(m)
+
+    def forked(self, ppid: int, pid: int) -> None:
+        """Process `pid` was forked from `ppid` (a PERF_RECORD_FORK): its maps
+        start as a copy of the parent's as known now, so the frames of a
+        child that exits before its maps are read are still named. A child
+        whose maps were read while it ran keeps them; what a child mapped
+        itself (its PERF_RECORD_MMAP2s, read first) stays on top."""
+        parent = self._process(ppid)
+        child = self._process(pid)
+        if child.alive:
+            return
+        own = child.maps
+        child.replace(parent.maps)
+        for m in own:
+            child.add(m)
 
     def locate(self, pid: int, runtime_addr: int) -> tuple[ElfImage, int, str] | None:
         """(image, link address, display path) of the code at `runtime_addr`."""

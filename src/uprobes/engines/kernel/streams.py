@@ -19,7 +19,7 @@ from uprobes.engines.kernel.batches import read_batch, read_runs
 from uprobes.errors import KernelError
 from uprobes.sys import procfs
 from uprobes.sys.perf import PerfEvent, online_cpus, open_tracepoint, raise_fd_limit
-from uprobes.sys.perf_ring import MmapRecord, RingBuffer, Sample
+from uprobes.sys.perf_ring import ForkRecord, MmapRecord, RingBuffer, Sample
 
 DEFAULT_RING_PAGES = 256
 """1 MiB per CPU. Bigger rings absorb longer waits of the reader for a CPU,
@@ -123,9 +123,10 @@ class CpuStreams:
         """One `read_runs` per CPU: (bytes, runs of alike samples)."""
         return [read_runs(ring, alike, periods) for ring in self.rings.values()]
 
-    def take_mmaps(self) -> list[MmapRecord]:
-        """The PERF_RECORD_MMAP2s read since the last call."""
-        out: list[MmapRecord] = []
+    def take_mmaps(self) -> list[MmapRecord | ForkRecord]:
+        """The PERF_RECORD_MMAP2s and process FORKs read since the last call
+        (in order within a ring)."""
+        out: list[MmapRecord | ForkRecord] = []
         for ring in self.rings.values():
             if ring.mmaps:
                 out += ring.mmaps

@@ -43,6 +43,7 @@ from uprobes.model.probe import ResolvedProbe
 from uprobes.model.refusal import Refusals
 from uprobes.render.protocol import HitRenderer, LineRenderer
 from uprobes.sys import procfs
+from uprobes.sys.perf_ring import ForkRecord
 from uprobes.sys.pidfd import has_ended, watch_process
 from uprobes.sys.tracefs import ProbeGroup, ProbeRejected, Tracefs
 from uprobes.unwind.capture import Symbolizer, stack_delivery
@@ -439,12 +440,20 @@ class KernelTracer:
         symbolizer = self.symbolizer
         if symbolizer is not None:
             # Mappings as the samples were taken (a process may have exited
-            # since), then the maps of each process still running.
+            # since), then the maps of each process still running. Forks
+            # last, in time order: the rings are read one after another, and
+            # a parent's mappings (its exec's, on another CPU) come first.
             spaces = symbolizer.spaces
+            forks: list[ForkRecord] = []
             for m in streams.take_mmaps():
+                if isinstance(m, ForkRecord):
+                    forks.append(m)
+                    continue
                 spaces.mapped(m.pid, procfs.Mapping(
                     m.start, m.start + m.length, "r-xp", m.file_offset, m.dev_major,
                     m.dev_minor, m.inode, m.path))
+            for f in sorted(forks, key=lambda f: f.time):
+                spaces.forked(f.ppid, f.pid)
             for h in held:
                 spaces.seen(h[1])
         # Each ring is in time order: sorting merges a few sorted runs.
