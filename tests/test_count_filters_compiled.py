@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, wait_until
 
 from uprobes.sys.perf import online_cpus, open_counting
 
@@ -141,6 +142,51 @@ def test_a_kept_verdict_is_not_asked_again_at_each_hit(timed: Path, tmp_path: Pa
     assert COUNTER_NOTE in stderr and "--comm asks the kernel" not in stderr, stderr
     assert got == 0
     assert asked < 1000, asked
+
+
+def _bpf_fds(pid: int) -> tuple[int, list[tuple[int, ...]]]:
+    """Process `pid`'s BPF programs (how many) and maps (type, key size,
+    value size, entries) by its open fds."""
+    progs, maps = 0, []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        if target == "anon_inode:bpf-prog":
+            progs += 1
+        elif target == "anon_inode:bpf-map":
+            fields = dict(re.findall(r"^(\w+):\s+(\S+)$", info, re.M))
+            maps.append(tuple(int(fields[k]) for k in
+                              ("map_type", "key_size", "value_size", "max_entries")))
+    return progs, maps
+
+
+@pytest.mark.root  # the rename word's BPF programs
+def test_a_rename_word_not_handed_over_is_detached(timed: Path, tmp_path: Path) -> None:
+    """The program may hold 4 files (`ulimit -n 4`): the rename word's file
+    cannot arrive, so each hit asks its name; the rename watch is closed
+    then, its 3 BPF programs and its map of marks (a hash of 4096 4-byte
+    keys) gone from uprobes while the program runs on (they stayed attached
+    until uprobes exited before). Interrupted, the program runs to its end."""
+    err = tmp_path / "stderr"
+    with err.open("w") as stderr:
+        run = subprocess.Popen([*UPROBES, "count", "-e", "ptrace", "--comm", "nobody",
+                                f"{timed}:tiny", "--", "sh", "-c",
+                                f"ulimit -n 4; exec {timed} tiny 3000000000"],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            wait_until(lambda: "no kernel-kept rename word" in err.read_text(),
+                       "the note that the rename word could not be mapped")
+            progs, maps = _bpf_fds(run.pid)
+        finally:
+            run.send_signal(signal.SIGINT)
+            out, _ = run.communicate(timeout=300)
+    assert "the word's file did not arrive" in err.read_text(), err.read_text()
+    assert (1, 4, 4, 4096) not in maps, maps
+    assert progs <= 2, progs  # the seccomp watch's, which stays for the run
+    assert "calls=3000000000" in out and run.returncode == 0, (out, err.read_text())
 
 
 def test_comm_with_other_tests(timed: Path) -> None:

@@ -340,6 +340,9 @@ class TrapFree:
         self._folding = threading.Lock()  # a fold against a peek in another thread
         self._renames: RenameWatch | str | None = None  # None: not needed yet; str: why not
         self._renames_told = False
+        # The watch a failed hand-over left open: spaces mapped before still
+        # read its word (their kept verdicts), so it runs until `close`.
+        self._renames_kept: RenameWatch | None = None
         self._seccomp: SeccompWatch | str | None = None  # as _renames
         self._sealed, self._sealed_by = 0, 0  # see `sealed`
         self._words_left = False  # a word's mapping could not be retired (said once)
@@ -580,12 +583,25 @@ class TrapFree:
                 space.rename_word = self._renames.hand_over(
                     tid, regs, pid, syscall_addr(), scratch, mem.write, mem.read, held)
             except (EngineError, OSError) as e:
-                self._renames = f"the rename word could not be mapped in process {pid}: {e}"
+                self._give_up_renames(f"the rename word could not be mapped in process {pid}: "
+                                      f"{e}")
                 return None
             finally:
                 mem.write(scratch, bytes(SCRATCH_BYTES))
         return CommCache(space.rename_word,
                          tuple(block.addr(first + n * per) for n in range(tests)))
+
+    def _give_up_renames(self, why: str) -> None:
+        """No more kept verdicts (each hit asks): the watch is closed now
+        (its BPF programs detached) unless a space already reads its word,
+        then at `close`."""
+        watch = self._renames
+        assert isinstance(watch, RenameWatch)
+        self._renames = why
+        if any(space.rename_word is not None for space in self._spaces.values()):
+            self._renames_kept = watch
+        else:
+            watch.close()
 
     def rename_word(self) -> int | None:
         """The rename word now, read from our own mapping of it (no system
@@ -669,6 +685,9 @@ class TrapFree:
         if isinstance(self._renames, RenameWatch):
             self._renames.close()
             self._renames = "closed"
+        if self._renames_kept is not None:
+            self._renames_kept.close()
+            self._renames_kept = None
         if isinstance(self._seccomp, SeccompWatch):
             self._seccomp.close()
             self._seccomp = "closed"
@@ -943,7 +962,8 @@ class TrapFree:
         zeros (after its jumps are out: only a thread still in a trampoline
         reads them). A word that stays mapped (an injected call refused or
         failed) is harmless: it is said once."""
-        mapped = [(space.rename_word, self._renames), (space.seccomp_word, self._seccomp)]
+        mapped = [(space.rename_word, self._renames_kept or self._renames),
+                  (space.seccomp_word, self._seccomp)]
         for addr, watch in mapped:
             if addr is None:
                 continue
