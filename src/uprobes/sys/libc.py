@@ -25,11 +25,11 @@ T = TypeVar("T")
 # arch's unistd table. Only the calls the kernel interfaces need.
 SYSCALL_NUMBERS: Mapping[str, Mapping[str, int]] = {
     "x86_64": {"perf_event_open": 298, "pidfd_open": 434, "gettid": 186, "futex": 202,
-               "bpf": 321},
+               "bpf": 321, "kcmp": 312},
     "aarch64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98,
-                "bpf": 280},
+                "bpf": 280, "kcmp": 272},
     "riscv64": {"perf_event_open": 241, "pidfd_open": 434, "gettid": 178, "futex": 98,
-                "bpf": 280},
+                "bpf": 280, "kcmp": 272},
 }
 
 # ctypes declarations as a table: name -> (restype, argtypes). `syscall` is

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from uprobes.errors import ProcessError
+from uprobes.errors import KernelError, ProcessError
+from uprobes.sys.libc import syscall
 
 AT_NULL = 0
 AT_SYSINFO_EHDR = 33
@@ -255,6 +256,27 @@ def tids(pid: int) -> list[int]:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError as e:
         raise _proc_error(pid, "task", e) from e
+
+
+KCMP_VM = 1  # kcmp(2): do two processes share one address space (mm)?
+
+
+def mm_sharers(pid: int) -> list[int]:
+    """The other processes (thread groups) that share `pid`'s address space:
+    children of clone(CLONE_VM) without CLONE_THREAD, or a vfork child not
+    yet exec'd. Compared by kcmp(2) KCMP_VM; a process that ends or may not
+    be compared meanwhile is left out."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (pid, os.getpid()):
+            continue
+        try:
+            if syscall("kcmp", pid, int(name), KCMP_VM, 0, 0, what="kcmp") == 0:
+                found.append(int(name))
+        except KernelError as e:
+            if e.errno == errno.ENOSYS:
+                return []  # (a kernel without kcmp: CONFIG_KCMP off)
+    return sorted(found)
 
 
 def root(pid: int) -> Path:

@@ -68,6 +68,14 @@ class Attach(TracerState):
 
     def _attach(self, pid: int) -> None:
         check_attach(pid)
+        for other in procfs.mm_sharers(pid):
+            # Its tasks would run into our int3s and jumps untraced (SIGTRAP
+            # kills them) and write into our ring as writers we do not know.
+            raise ProcessError(
+                f"process {other} shares process {pid}'s memory (clone CLONE_VM, or a vfork "
+                "child before its exec); the ptrace engine cannot place probes in memory a "
+                "process it does not trace runs: start the program under uprobes (`-- CMD`) "
+                "or use `-e kernel`")
         mm = AddressSpace(pid, ProcessMemory(pid))
         nested = procfs.ns_pid(pid) != pid  # (its threads: in its pid namespace)
         followed: set[int] = set()  # born of a clone of a thread seized here: ours already
