@@ -367,3 +367,34 @@ def test_detach_puts_usdt_semaphores_back(running_process: object) -> None:
     with ProcessMemory(pid) as mem:
         assert [int.from_bytes(mem.read(a, 2), "little") for a in semaphores] == \
             [0] * len(semaphores)
+
+
+@pytest.mark.parametrize("command", [
+    ["count", "-e", "ptrace", "--no-trapfree", "--duration", "1"],  # int3: SIGTRAP killed it
+    ["trace", "-e", "ptrace", "--duration", "0.3"],  # trap-free ring: uprobes never ended
+])
+def test_a_process_sharing_the_targets_memory_is_refused_before_any_probe(
+        compile_c: Compiler, command: list[str]) -> None:
+    # A clone(CLONE_VM|SIGCHLD) sibling made before `-p` attaches runs the
+    # same code untraced: our int3s would kill it and our ring would have a
+    # writer we do not know. uprobes refuses in one line, before placing any.
+    exe = compile_c("clone_vm.c")
+    prog = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert prog.stdin is not None and prog.stdout is not None
+    try:
+        sibling = int(prog.stdout.readline().split()[1])
+        start = time.monotonic()
+        proc = subprocess.run([*UPROBES, *command, "-p", str(prog.pid), f"{exe}:work"],
+                              capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - start < 60
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[-1].startswith(
+            f"uprobes: error: process {sibling} shares process {prog.pid}'s memory")
+        prog.stdin.write("\n")
+        prog.stdin.close()
+        assert prog.stdout.read() == "sibling status=0 called=1\n"  # as untraced
+        assert prog.wait(60) == 0
+    finally:
+        prog.kill()
+        prog.wait()
