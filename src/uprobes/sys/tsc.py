@@ -6,8 +6,8 @@ the CPU number comes along (Linux keeps `cpu | node << 12` in TSC_AUX).
 The reader turns those counts into the same clock the int3 path stamps
 with (`time.monotonic_ns()`), so trap-free and trapped hits interleave.
 
-Reading the TSC from Python takes a machine-code function: 11 bytes
-(`rdtscp; shl rdx,32; or rax,rdx; ret`) in an executable anonymous
+Reading the TSC from Python takes a machine-code function: 13 bytes
+(`rdtscp; shl rdx,32; or rax,rdx; mov [rdi],ecx; ret`) in an executable anonymous
 mapping, called through ctypes. `TscClock` pairs TSC readings with
 CLOCK_MONOTONIC at its creation and again at each `to_ns` batch, and
 converts by the slope between the first pair and the newest: a hit is
@@ -23,8 +23,8 @@ import ctypes
 import mmap
 import time
 
-_RDTSCP_FN = bytes.fromhex("0f01f9" "48c1e220" "4809d0" "c3")
-"""rdtscp; shl rdx,32; or rax,rdx; ret"""
+_RDTSCP_FN = bytes.fromhex("0f01f9" "48c1e220" "4809d0" "890f" "c3")
+"""rdtscp; shl rdx,32; or rax,rdx; mov [rdi],ecx; ret"""
 _NEEDED_FLAGS = ("rdtscp", "constant_tsc", "nonstop_tsc")
 
 _fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
@@ -47,14 +47,20 @@ def usable() -> str | None:
 
 def read() -> int:
     """The TSC of the CPU this thread runs on, now."""
+    return read_aux()[0]
+
+
+def read_aux() -> tuple[int, int]:
+    """(the TSC now, TSC_AUX: `cpu | node << 12` of the CPU this thread runs on)."""
     global _fn, _code
     if _fn is None:
         _code = mmap.mmap(-1, mmap.PAGESIZE,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         _code.write(_RDTSCP_FN)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(_code))
-        _fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
-    return int(_fn())
+        _fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)(addr)
+    aux = ctypes.c_uint32()
+    return int(_fn(ctypes.byref(aux))), aux.value
 
 
 def _pair() -> tuple[int, int]:

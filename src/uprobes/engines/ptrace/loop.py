@@ -17,8 +17,11 @@ from uprobes.engines.trapfree.reader import Owner
 from uprobes.engines.trapfree.ring import Ring
 from uprobes.errors import KernelError
 from uprobes.model.event import Hit
-from uprobes.sys import ptrace
+from uprobes.sys import ptrace, tsc
 from uprobes.sys.ptrace import UserRegs
+
+_RDTSC = b"\x0f\x31"
+_RDTSCP = b"\x0f\x01\xf9"
 
 
 class RunLoop(TracerState):
@@ -65,6 +68,7 @@ class RunLoop(TracerState):
                        "placed, and the in-program code copies the frames by system calls "
                        "(getpid, process_vm_readv) that a new filter could kill it for; "
                        "--no-trapfree reads them at a stop")
+        self._report_tsc_traps()
         unnamed = self._jumps.unnamed if self._jumps is not None else 0
         if unnamed:
             self._note(f"{unnamed} hits whose thread name could not be read (a seccomp "
@@ -109,6 +113,9 @@ class RunLoop(TracerState):
             if sig == SIGTRAP:
                 self._trap(t)
                 return
+            if sig == signal.SIGSEGV and self._emulate_tsc(t):
+                self._resume(t)
+                return
             if sig in FAULTS:
                 self._fault_in_our_code(t, sig)
             t.resume_sig = sig  # delivered exactly as untraced
@@ -117,6 +124,47 @@ class RunLoop(TracerState):
         elif event != ptrace.EVENT_STOP:
             self._task_event(t, event)
         self._resume(t)
+
+    def _emulate_tsc(self, t: Thread) -> bool:
+        """A SIGSEGV at one of our own `rdtsc`/`rdtscp` (the program turned
+        the time-stamp counter off: prctl(PR_SET_TSC, PR_TSC_SIGSEGV), or
+        seccomp strict mode): do what the instruction would have done, with
+        our own reading of the counter (one counter for every process of an
+        invariant TSC), and the program never sees the signal. True if so."""
+        try:
+            regs = ptrace.getregs(t.tid, t.regs)
+        except KernelError:
+            return False
+        rip = regs.rip
+        if not any(a.contains(rip) for a in t.mm.areas):
+            return False
+        code = t.mm.mem.read_upto(rip, 3)
+        if code[:2] == _RDTSC:
+            size = 2
+        elif code == _RDTSCP:
+            size = 3
+        else:
+            return False
+        now, aux = tsc.read_aux()
+        regs.rax, regs.rdx = now & 0xFFFF_FFFF, now >> 32
+        if size == 3:
+            regs.rcx = aux
+        regs.rip = rip + size
+        try:
+            ptrace.setregs(t.tid, regs)
+        except KernelError:
+            return False
+        self._tsc_traps[t.pid] = self._tsc_traps.get(t.pid, 0) + 1
+        return True
+
+    def _report_tsc_traps(self) -> None:
+        """One line per process whose trap-free hits took a trap each for
+        reading a time-stamp counter it had turned off."""
+        for pid, n in sorted(self._tsc_traps.items()):
+            self._note(f"process {pid} turned the time-stamp counter off "
+                       "(prctl(PR_SET_TSC) or seccomp strict mode): uprobes read it for "
+                       f"the program's trap-free probe code {n} times, each a trap (which "
+                       "latency's durations include: tens of microseconds)")
 
     def _fault_in_our_code(self, t: Thread, sig: int) -> None:
         """A fault about to be delivered: if it is in our trap-free code (the

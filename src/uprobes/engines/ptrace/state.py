@@ -76,6 +76,7 @@ class TracerState:
     _held: tuple[AddressSpace, list[int]] | None  # stopped to place jumps
     _orphans: OrphanGuard
     _faulted: set[int]  # processes told of a fault in our code
+    _tsc_traps: dict[int, int]  # by pid: our rdtsc(p)s emulated (the program turned the TSC off)
     # The trap-free engine this session drives.
     _jumps: TrapFree | None
     _recorder: Recorder | None

@@ -214,6 +214,7 @@ class PtraceTracer(Attach, RunLoop, ThreadLife, Teardown, CallTimer, KeyCounter)
         self.lost = 0
         self._corrupt_rings = 0  # ring words put back (Ring.corrupt), at the last read
         self._faulted: set[int] = set()  # processes told of a fault in our code
+        self._tsc_traps: dict[int, int] = {}  # by pid: rdtsc(p)s of our code emulated
         self.signal: int | None = None
         self.target_exited = False
         self.child_status: int | None = None
