@@ -20,6 +20,7 @@ from uprobes.model.event import Hit
 from uprobes.sys import ptrace, tsc
 from uprobes.sys.ptrace import UserRegs
 
+_SI_KERNEL = 0x80  # the si_code of the #GP an rdtsc(p) raises with the TSC off
 _RDTSC = b"\x0f\x31"
 _RDTSCP = b"\x0f\x01\xf9"
 
@@ -133,6 +134,8 @@ class RunLoop(TracerState):
         invariant TSC), and the program never sees the signal. True if so."""
         try:
             regs = ptrace.getregs(t.tid, t.regs)
+            if ptrace.getsiginfo(t.tid).si_code != _SI_KERNEL:  # a kill(), not the fault
+                return False
         except KernelError:
             return False
         rip = regs.rip
