@@ -56,18 +56,21 @@ def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) ->
     """ints (a machine word's, bigger ones by type), strs (compact ASCII,
     cut at 32 characters, escaped; others by type), None, bools, objects by
     type (the program's own classes named as those builtins too); `*args`
-    and `**kwargs` counted; the ninth on counted, not shown; names cut at 24
-    characters, a non-ASCII one marked."""
+    and `**kwargs` counted, all shown in the signature's order (`*args`
+    before the keyword-only ones, as the frame does not keep them); the
+    ninth on counted, not shown; names cut at 24 characters, a non-ASCII
+    one marked."""
     shown = {}
     for engine in ("kernel", "ptrace"):
         out, lines = _trace(engine, python, tmp_path, "py:__main__.mixed", "py:__main__.small",
                             "py:__main__.Shape.scale", "py:__main__.lookalikes",
-                            "py:__main__.named")
+                            "py:__main__.named", "py:__main__.ordered")
         own = [line.split(" ", 2)[1:] for line in lines if line.startswith("ARGS ")
-               and line.split()[1] in ("mixed", "small", "Shape.scale", "lookalikes", "named")]
+               and line.split()[1] in ("mixed", "small", "Shape.scale", "lookalikes", "named",
+                                       "ordered")]
         seen = [(m[1], m[2]) for m in re.finditer(r": __main__\.\S+: .* qualname=\"(\S+)\""
                                                   r" .* args=(.*)$", out, re.M)]
-        assert len(own) == 6 * 14
+        assert len(own) == 7 * 14
         assert seen == [(qualname, args) for qualname, args in own]
         shown[engine] = seen
     assert shown["kernel"] == shown["ptrace"]
@@ -76,7 +79,8 @@ def test_arguments_at_entry_are_the_programs_own(python: str, tmp_path: Path) ->
     for words in ['n=1152921504606846975,', "n=<int>,", 'name="say \\"hi\\"\\\\"',
                   'name="tab\\x09here"', 'name="' + "b" * 32 + '"...', "name=<str>",
                   "rest=<list>", "nothing=None", "flag=False", "+3 more", "y=<float>",
-                  "(self=<Shape>, by=True)", "n=-1152921504606846975,",
+                  "(self=<Shape>, by=True)", 'b="x", rest=<tuple>, k=None, kw=<dict>)',
+                  "n=-1152921504606846975,",
                   # (the program's classes named int, str, bool, NoneType: by
                   # their type's address, not its name; names cut, not ASCII)
                   "(a=<int>, b=<str>, c=<bool>, d=<NoneType>)",
@@ -199,7 +203,8 @@ def test_a_sessions_py_events_give_values(python: str, tmp_path: Path) -> None:
     is what the function returned (`mixed` its `n`, `small` its `x`,
     `catches` 1), `raised` the exception's type for `fails` alone; on both
     engines alike."""
-    funcs = ("mixed", "small", "Shape.scale", "lookalikes", "named", "fails", "catches")
+    funcs = ("mixed", "small", "Shape.scale", "lookalikes", "named", "ordered", "fails",
+             "catches")
     seen = {}
     for engine in ("kernel", "ptrace"):
         events: list[uprobes.Event] = []
@@ -233,7 +238,8 @@ def test_a_sessions_py_events_give_values(python: str, tmp_path: Path) -> None:
                 calls[ev.args["__frame"]] = ev.args["qualname"], ev.args["args"]
                 continue
             qualname, args = calls.pop(ev.args["__frame"])
-            want = {"mixed": args.get("n"), "small": args.get("x"), "Shape.scale": True,
+            want = {"mixed": args.get("n"), "small": args.get("x"), "ordered": args.get("a"),
+                    "Shape.scale": True,
                     "catches": 1}.get(qualname)
             if qualname == "fails":
                 assert (ev.args["value"], ev.args["raised"]) == (None, "KeyError")

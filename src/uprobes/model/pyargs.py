@@ -4,7 +4,8 @@ text they read as.
 At a Python function's first instruction its arguments are the first
 slots of the frame's `localsplus` (positional, then keyword-only, then
 `*args`, then `**kwargs`; `co_argcount`, `co_kwonlyargcount` and two bits
-of `co_flags` say how many), their names the first items of the code's
+of `co_flags` say how many; they are shown in the signature's order,
+`*args` before the keyword-only ones), their names the first items of the code's
 `co_localsplusnames`. For each of the first `SLOTS` slots an entry probe
 fetches the object's pointer, its type's name, and the words an int or a
 str keeps its value in; which of them mean something is decided here, in
@@ -255,10 +256,15 @@ def _name(values: Mapping[str, ArgValue], f: dict[str, str], i: int) -> str:
 def arguments(values: Mapping[str, ArgValue]) -> PyArguments:
     """A `py:` entry's arguments from its raw fields."""
     flags = _int(values.get(FLAGS))
-    count = _int(values.get(ARGCOUNT)) + _int(values.get(KWONLY)) \
-        + bool(flags & CO_VARARGS) + bool(flags & CO_VARKEYWORDS)
+    positional, kwonly = _int(values.get(ARGCOUNT)), _int(values.get(KWONLY))
+    varargs = [positional + kwonly] if flags & CO_VARARGS else []
+    count = positional + kwonly + len(varargs) + bool(flags & CO_VARKEYWORDS)
+    # (the slots are positional, keyword-only, *args, **kwargs; shown in
+    # the signature's order: positional, *args, keyword-only, **kwargs)
+    order = [*range(positional), *varargs, *range(positional, positional + kwonly),
+             *range(positional + kwonly + len(varargs), count)]
     pairs = tuple((_name(values, slot_fields(i), i), value_of(values, slot_fields(i)))
-                  for i in range(min(count, SLOTS)))
+                  for i in order if i < SLOTS)
     out = PyArguments(pairs)
     out.pairs, out.more = pairs, max(count - SLOTS, 0)
     return out
