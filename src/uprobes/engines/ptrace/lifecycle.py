@@ -6,6 +6,7 @@ end of a run).
 from __future__ import annotations
 
 import mmap
+import signal
 import struct
 import time
 
@@ -313,6 +314,8 @@ class ThreadLife(TracerState):
                 else:
                     regs.rip -= 1  # at the trampoline: _unwind puts it right
                     ptrace.setregs(t.tid, regs)
+            elif sig == signal.SIGSEGV and self._emulate_tsc(t):
+                pass  # our own rdtsc(p) with the TSC off, done: the thread stays stopped
             else:
                 t.resume_sig = sig
 

@@ -158,6 +158,10 @@ class TracerState:
         """loop.py: let a stopped thread go on, with what its stop left to deliver."""
         raise NotImplementedError
 
+    def _emulate_tsc(self, t: Thread) -> bool:
+        """loop.py: a SIGSEGV at our own rdtsc(p) (the TSC is off) done for the thread."""
+        raise NotImplementedError
+
     def _drain(self, rings: list[Ring], final: bool = False) -> bool:
         """loop.py: deliver what the rings hold; True if more is waiting."""
         raise NotImplementedError
