@@ -398,3 +398,41 @@ def test_a_process_sharing_the_targets_memory_is_refused_before_any_probe(
     finally:
         prog.kill()
         prog.wait()
+
+
+def test_a_ring_writer_we_do_not_know_does_not_keep_the_run_from_ending(
+        compile_c: Compiler) -> None:
+    # Another process maps the trap-free ring (root: /proc/PID/map_files)
+    # and commits records faster than we read: the final drain reads for a
+    # bounded time, counts the rest lost and the run ends as --duration says.
+    from uprobes.engines.trapfree import layout
+    exe = writer_exe = compile_c("ring_writer.c")
+    prog = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
+    assert prog.stdout is not None
+    writer = None
+    try:
+        assert prog.stdout.readline().startswith("ready")
+        run = subprocess.Popen([*UPROBES, "trace", "-e", "ptrace", "-p", str(prog.pid),
+                                "--duration", "5", f"{exe}:work"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            [str(writer_exe), str(prog.pid), *(str(o) for o in (
+                layout.HEAD, layout.TAIL, layout.COMMITTED, layout.SLOT_SIZE,
+                layout.DATA_OFFSET))], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "writing\n"
+        start = time.monotonic()
+        try:
+            _, err = run.communicate(timeout=60)
+        finally:
+            run.kill()
+        assert time.monotonic() - start < 60
+        assert run.returncode == 0, err
+        assert "still filling" in err
+        assert prog.poll() is None  # untouched: it runs on
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+        prog.kill()
+        prog.wait()

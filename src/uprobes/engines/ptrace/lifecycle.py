@@ -14,6 +14,7 @@ from uprobes.engines.ptrace import retprobes
 from uprobes.engines.ptrace.state import SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import AddressSpace, Thread, admit, dismiss
 from uprobes.engines.tracee import killpoint
+from uprobes.engines.trapfree.reader import FINAL_S
 from uprobes.errors import KernelError, UprobesError
 from uprobes.sys import procfs, ptrace, tsc
 from uprobes.sys.procmem import ProcessMemory
@@ -130,7 +131,8 @@ class ThreadLife(TracerState):
             # What the old image recorded is its: its hits named by that comm,
             # its stacks walked and named by the maps known of it, before they
             # give way to the new image's.
-            while self._drain(self._jumps.rings):
+            until = time.monotonic() + FINAL_S  # (its other processes write on meanwhile)
+            while self._drain(self._jumps.rings) and time.monotonic() < until:
                 pass
         # The exec ended every other thread of the process. A thread other
         # than the leader that exec'd took the leader's tid (`t`): no exit is

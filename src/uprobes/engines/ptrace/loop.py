@@ -13,7 +13,7 @@ from uprobes.engines.ptrace.breakpoints import GuardTrap, Site
 from uprobes.engines.ptrace.hit import PtraceHit
 from uprobes.engines.ptrace.state import FAULTS, NO_HANDLER, SIGTRAP, TracerState
 from uprobes.engines.ptrace.tasks import Thread, by_own_tid, roster
-from uprobes.engines.trapfree.reader import Owner
+from uprobes.engines.trapfree.reader import FINAL_S, Owner
 from uprobes.engines.trapfree.ring import Ring
 from uprobes.errors import KernelError
 from uprobes.model.event import Hit
@@ -93,7 +93,10 @@ class RunLoop(TracerState):
         assert self._jumps is not None
         if self.threads and not self.target_exited:
             self._quiesce()
-        self._drain(self._jumps.rings, final=True)
+        if self._drain(self._jumps.rings, final=True):
+            self._note(f"the rings were still filling after {FINAL_S:g} s of reading with "
+                       "every traced thread stopped (a process uprobes does not trace writes "
+                       "into them); what they held then is counted lost")
 
     def _handle(self, tid: int, raw: int) -> None:
         status = ptrace.decode(raw)

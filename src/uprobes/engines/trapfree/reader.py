@@ -58,6 +58,7 @@ from uprobes.unwind.cpython.reader import PyGroups
 from uprobes.unwind.stack import StackCopy
 
 DRAIN_S = 0.05                      # the longest a drain keeps reading (unless final)
+FINAL_S = 5.0                       # ... and a final one: a writer we do not stop refills forever
 _NODES_MAX = 1024  # NUMA nodes (TSC_AUX keeps the node above the cpu's 12 bits)
 
 
@@ -314,10 +315,12 @@ class Recorder:
         as a RecordedHit to their probe's dispatch. `who(tid)`: the `Owner`
         of the live traced thread whose records hold `tid`. True if it
         stopped after DRAIN_S with more to read."""
-        until = time.monotonic() + DRAIN_S
+        until = time.monotonic() + (FINAL_S if final else DRAIN_S)
         began = tsc.read()
         while self._drain_once(rings, who, deliver, final) >= TAKE_MAX:
-            if not final and time.monotonic() >= until:
+            if time.monotonic() >= until:
+                if final:
+                    _give_up(rings)
                 return True  # the tracer has stops to handle too; it comes back at once
         if self.vforks:  # (a slot reserved then is committed or lost STUCK_S later)
             self.vforks.settled(began - self.clock.ticks(2 * STUCK_S))
@@ -332,7 +335,7 @@ class Recorder:
         record here: which thread wrote a record, whether a probe's code can
         have made it, and the hits, wait for the replay. True if it stopped
         after DRAIN_S with more to read."""
-        until = time.monotonic() + DRAIN_S
+        until = time.monotonic() + (FINAL_S if final else DRAIN_S)
         while True:
             taken = 0
             self._reads += 1
@@ -351,7 +354,9 @@ class Recorder:
                 taken += ring.tail - before
             if taken < RAW_TAKE_MAX:
                 return False
-            if not final and time.monotonic() >= until:
+            if time.monotonic() >= until:
+                if final:
+                    _give_up(rings)
                 return True
 
     def _owners_changed(self, roster: Callable[[], Iterable[tuple[int, Owner]]]
@@ -515,3 +520,11 @@ class ShapedLines:
 
 
 _UNSET = object()
+
+
+def _give_up(rings: list[Ring]) -> None:
+    """A final drain that ran FINAL_S and still found rings full: a writer
+    we did not stop keeps filling them. What they hold is counted lost, and
+    its hits from now on drop their records (no reader waits for them)."""
+    for ring in rings:
+        ring.give_up()

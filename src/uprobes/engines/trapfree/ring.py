@@ -239,6 +239,13 @@ class Ring:
         self.words[STALLED // 8] = 1
         futex.wake(self._tail_addr)
 
+    def give_up(self) -> None:
+        """No more reads: what is reserved and unread counts as lost, and
+        hits that find the ring full drop their record (`abandon`)."""
+        head = int(self.words[HEAD // 8])
+        self.skipped += min((head - self.tail) & _MASK64, self.shape.slots)
+        self.abandon()
+
     def close(self) -> None:
         if not self.view.closed:
             self.words.release()
