@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Compiler, without_clocks
+from conftest import Compiler, need, without_clocks
 
 from uprobes.commands import main
 from uprobes.commands.resolve import parse_specs
@@ -400,8 +400,10 @@ def test_a_process_sharing_the_targets_memory_is_refused_before_any_probe(
         prog.wait()
 
 
+@pytest.mark.root
 def test_a_ring_writer_we_do_not_know_does_not_keep_the_run_from_ending(
         compile_c: Compiler) -> None:
+    need(os.geteuid() == 0, "mapping another process's ring takes root")
     # Another process maps the trap-free ring (root: /proc/PID/map_files)
     # and commits records faster than we read: the final drain reads for a
     # bounded time, counts the rest lost and the run ends as --duration says.

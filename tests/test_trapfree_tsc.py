@@ -63,7 +63,8 @@ def test_a_program_without_its_tsc_runs_as_untraced(tsc_off: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize("mode", ["tsc", "strict"])
-def test_the_hits_are_the_kernel_engines(tsc_off: Path, tmp_path: Path, mode: str) -> None:
+def test_the_hits_are_the_kernel_engines(tsc_off: Path, tmp_path: Path, mode: str,
+                                         tracefs: Path) -> None:
     kernel_run, kernel = _hits("trace", "kernel", tsc_off, mode, tmp_path)
     run, ours = _hits("trace", "ptrace", tsc_off, mode, tmp_path)
     assert run.stdout == kernel_run.stdout

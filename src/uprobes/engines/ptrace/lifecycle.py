@@ -24,6 +24,7 @@ from uprobes.sys.procmem import ProcessMemory
 # execs): past it, the threads that never stopped are left running.
 _QUIESCE_S = 5.0
 _SIGTRAP_BIT = 1 << (SIGTRAP - 1)
+_SIGSEGV_BIT = 1 << (signal.SIGSEGV - 1)
 _POLL_MIN_S, _POLL_MAX_S = 0.00005, 0.005  # polling back-off while waiting for stops
 
 
@@ -285,7 +286,12 @@ class ThreadLife(TracerState):
             t.stop_event = event
             if event == ptrace.EVENT_STOP:
                 t.group_stop = status.group_stop
-                if not t.group_stop and procfs.thread_pending(t.tid) & _SIGTRAP_BIT:
+                if (not t.group_stop
+                        and procfs.thread_pending(t.tid) & (_SIGTRAP_BIT | _SIGSEGV_BIT)):
+                    # The same for a SIGSEGV queued by our own rdtsc(p) in a
+                    # program that turned its TSC off: taken now, it is
+                    # emulated below; a fault of the program's own is kept
+                    # for it (resume_sig), as untraced.
                     # Our interrupt is reported before a SIGTRAP the thread
                     # already has queued (an int3 it hit: the kernel reports
                     # job-control traps first). Left queued, it would be
