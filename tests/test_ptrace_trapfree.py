@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Compiler, killed_after
+from conftest import Compiler, killed_after, read_fd_until
 from test_kernel_trace import symbol_link_addr
 
 from uprobes.commands import main
@@ -352,10 +352,8 @@ def test_a_signal_handler_interrupted_inside_the_bytes_keeps_its_int3(compile_c:
                                    str(proc.pid), f"{exe}:poke+{offset:#x}"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert tracer.stderr is not None
-        notes = []
-        while not notes or "counting" not in notes[-1]:
-            notes.append(tracer.stderr.readline())
-            assert notes[-1], "".join(notes)
+        notes = read_fd_until(tracer.stderr.fileno(), "counting")
+        assert "counting" in notes, notes
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.stdout.read() == "done 168 handled 1\n"
@@ -363,7 +361,7 @@ def test_a_signal_handler_interrupted_inside_the_bytes_keeps_its_int3(compile_c:
         out, err = tracer.communicate(timeout=60)
         assert tracer.returncode == 0, err
         assert json.loads(out.split("\n")[-2]) == {"uprobes/poke": 3}
-        assert "a signal handler of thread" in "".join(notes), notes
+        assert "a signal handler of thread" in notes, notes
     finally:
         proc.kill()
         if tracer is not None:

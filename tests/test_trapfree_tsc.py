@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Compiler
+from conftest import Compiler, read_fd_until
 
 UPROBES = [sys.executable, "-m", "uprobes"]
 AFTER = 3000  # calls after the counter is off (100 before)
@@ -84,10 +84,8 @@ def test_attached_to_a_program_without_its_tsc(tsc_off: Path, tmp_path: Path) ->
                                    "-p", str(proc.pid), f"{tsc_off}:work"],
                                   stderr=subprocess.PIPE, text=True)
         assert tracer.stderr is not None
-        notes = []
-        while not notes or "tracing" not in notes[-1]:
-            notes.append(tracer.stderr.readline())
-            assert notes[-1], "".join(notes)
+        notes = read_fd_until(tracer.stderr.fileno(), "tracing")
+        assert "tracing" in notes, notes
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.stdout.read() == f"calls {100 + AFTER} sum " + _sum() + "\n"
